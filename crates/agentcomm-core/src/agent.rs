@@ -1,0 +1,428 @@
+//! Agents: the long-running parts of a system, with declared contracts.
+//!
+//! `#[agent(receives = [A, B], sends = [C])]` on a struct implements [`Agent`] and [`Sends<C>`]; each
+//! received type needs an `impl Handle<A> for TheAgent`. Sending a type that is not declared, or
+//! receiving one without a handler, does not compile:
+//!
+//! ```
+//! use agentcomm_core::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Serialize, Deserialize, Message)]
+//! #[message(direction = "request")]
+//! struct PaymentRequest { amount: f64, user_id: String }
+//!
+//! #[derive(Debug, Serialize, Deserialize, Message)]
+//! #[message(direction = "response")]
+//! struct PaymentResponse { success: bool, transaction_id: String }
+//!
+//! #[agent(receives = [PaymentRequest], sends = [PaymentResponse])]
+//! struct PaymentAgent;
+//!
+//! impl Handle<PaymentRequest> for PaymentAgent {
+//!     async fn handle(&self, request: PaymentRequest, ctx: &Context<Self>) -> HandlerResult {
+//!         ctx.reply(PaymentResponse { success: request.amount > 0.0, transaction_id: "TXN1".into() }).await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! assert_eq!(PaymentAgent::RECEIVES, &["PaymentRequest"]);
+//! assert_eq!(PaymentAgent::SENDS, &["PaymentResponse"]);
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use crate::bus::Bus;
+use crate::channel::{Channel, ChannelPattern, RESPONSE_DIRECTION, parse_channel};
+use crate::envelope::{Envelope, MessageId};
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::router::{BoxFuture, PublishOutcome};
+
+/// An agent: a declared set of received and sent message types. Implemented by `#[agent(...)]`.
+pub trait Agent: Send + Sync + Sized + 'static {
+    /// The agent's name, used as its default group and in logs.
+    const NAME: &'static str;
+    /// The classes it receives.
+    const RECEIVES: &'static [&'static str];
+    /// The classes it sends.
+    const SENDS: &'static [&'static str];
+
+    /// The patterns the agent subscribes to, for one session or all. Generated; not for direct use.
+    #[doc(hidden)]
+    fn __receive_patterns(session: Option<&str>) -> Result<Vec<ChannelPattern>>;
+
+    /// Decodes the envelope in `ctx` as the declared type of its class and starts its handler.
+    /// Generated; not for direct use.
+    #[doc(hidden)]
+    fn __dispatch<'a>(
+        &'a self,
+        ctx: &'a Context<Self>,
+    ) -> Result<BoxFuture<'a, HandlerResult>, Rejection>;
+}
+
+/// Marks that agent `Self` declares it sends `M`. Implemented by `#[agent(sends = [...])]`.
+#[diagnostic::on_unimplemented(
+    message = "agent `{Self}` does not declare that it sends `{M}`",
+    label = "`{M}` is not in the `sends` list of `{Self}`",
+    note = "add it to the agent's declaration: `#[agent(sends = [..., {M}])]` on `{Self}`"
+)]
+pub trait Sends<M: Message>: Agent {}
+
+/// Handles one received message type. Implement it for every type in `receives`.
+#[diagnostic::on_unimplemented(
+    message = "agent `{Self}` receives `{M}` but has no handler for it",
+    label = "`{Self}` has no `impl Handle<{M}>`",
+    note = "add `impl Handle<{M}> for {Self} {{ async fn handle(&self, message: {M}, ctx: &Context<Self>) -> HandlerResult {{ .. }} }}`, or remove `{M}` from `receives`"
+)]
+pub trait Handle<M: Message>: Agent {
+    /// Handles one message. `Ok` acknowledges it; an error retries it with backoff up to the agent's
+    /// maximum attempts, then dead-letters it ([`HandlerError::permanent`] dead-letters at once).
+    fn handle(&self, message: M, ctx: &Context<Self>)
+    -> impl Future<Output = HandlerResult> + Send;
+}
+
+/// What a handler returns.
+pub type HandlerResult = std::result::Result<(), HandlerError>;
+
+/// A handler's failure: any error, and whether retrying could help.
+///
+/// `?` converts any `std::error::Error` into it (as a transient failure, retried).
+pub struct HandlerError {
+    error: Box<dyn std::error::Error + Send + Sync>,
+    permanent: bool,
+}
+
+impl HandlerError {
+    /// A transient failure with a message: the message is retried.
+    pub fn msg(message: impl fmt::Display) -> Self {
+        HandlerError {
+            error: message.to_string().into(),
+            permanent: false,
+        }
+    }
+
+    /// A failure that retrying cannot fix: the message is dead-lettered at once.
+    pub fn permanent(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandlerError {
+            error: error.into(),
+            permanent: true,
+        }
+    }
+
+    /// Whether the failure is permanent.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    /// The underlying error.
+    pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.error
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        HandlerError {
+            error: Box::new(error),
+            permanent: false,
+        }
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("error", &self.error)
+            .field("permanent", &self.permanent)
+            .finish()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)?;
+        let mut source = self.error.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// Why a delivery was refused before any handler ran: it is dead-lettered at once, never retried.
+#[derive(Debug)]
+pub struct Rejection {
+    /// One of the `REASON_*` values of [`crate::envelope::headers`].
+    pub reason: &'static str,
+    /// What went wrong.
+    pub error: Error,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.error)
+    }
+}
+
+/// What a handler gets besides the message: where it came from, and how to publish, send and reply
+/// within the agent's declared contract.
+pub struct Context<A: Agent> {
+    envelope: Envelope,
+    bus: Bus,
+    _agent: PhantomData<fn() -> A>,
+}
+
+impl<A: Agent> Context<A> {
+    pub(crate) fn new(envelope: Envelope, bus: Bus) -> Self {
+        Context {
+            envelope,
+            bus,
+            _agent: PhantomData,
+        }
+    }
+
+    /// The envelope of the message being handled.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// The session of the message being handled.
+    pub fn session(&self) -> &str {
+        self.envelope.session()
+    }
+
+    /// The id of the message being handled.
+    pub fn message_id(&self) -> MessageId {
+        self.envelope.id()
+    }
+
+    /// Which delivery attempt this is, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.envelope.attempt()
+    }
+
+    /// The name of the agent.
+    pub fn agent(&self) -> &'static str {
+        A::NAME
+    }
+
+    fn correlation(&self) -> String {
+        self.envelope
+            .correlation_id()
+            .map(str::to_string)
+            .unwrap_or_else(|| self.envelope.id().to_string())
+    }
+
+    /// Publishes `message` to the current session, in `M`'s default direction.
+    pub async fn publish<M: Message>(&self, message: M) -> Result<PublishOutcome>
+    where
+        A: Sends<M>,
+    {
+        self.publish_to(M::DIRECTION, self.session(), message).await
+    }
+
+    /// Sends `message` to another session, in `M`'s default direction.
+    pub async fn send_to<M: Message>(&self, session: &str, message: M) -> Result<PublishOutcome>
+    where
+        A: Sends<M>,
+    {
+        self.publish_to(M::DIRECTION, session, message).await
+    }
+
+    /// Publishes `message` with an explicit direction and session.
+    pub async fn publish_to<M: Message>(
+        &self,
+        direction: &str,
+        session: &str,
+        message: M,
+    ) -> Result<PublishOutcome>
+    where
+        A: Sends<M>,
+    {
+        let channel = Channel::for_message::<M>(direction, session)?;
+        let envelope = self
+            .bus
+            .envelope(channel, &message)?
+            .with_correlation_id(self.correlation());
+        self.bus.publish_envelope(envelope, Some(A::NAME)).await
+    }
+
+    /// Replies to the message being handled: to its `reply_to` when it has one (a request), otherwise to
+    /// `M`'s channel in direction `response` on the same session. The reply's correlation id is the
+    /// request's id.
+    pub async fn reply<M: Message>(&self, message: M) -> Result<PublishOutcome>
+    where
+        A: Sends<M>,
+    {
+        let channel = match self.envelope.reply_to() {
+            Some(reply_to) => {
+                let target = parse_channel(reply_to)?;
+                if target.class() != M::CLASS {
+                    return Err(Error::UnexpectedReply {
+                        expected: target.class().to_string(),
+                        got: M::CLASS.to_string(),
+                        reply_to: reply_to.to_string(),
+                    });
+                }
+                Channel::for_message::<M>(target.direction(), target.session())?
+            }
+            None => Channel::for_message::<M>(RESPONSE_DIRECTION, self.session())?,
+        };
+        let envelope = self
+            .bus
+            .envelope(channel, &message)?
+            .with_correlation_id(self.envelope.id().to_string());
+        self.bus.publish_envelope(envelope, Some(A::NAME)).await
+    }
+
+    /// Sends a request to `session` and waits up to `timeout` for the correlated reply.
+    pub async fn request<Req: Message, Resp: Message>(
+        &self,
+        session: &str,
+        message: Req,
+        timeout: Duration,
+    ) -> Result<Resp>
+    where
+        A: Sends<Req>,
+    {
+        self.bus
+            .request_as::<Req, Resp>(session, &message, timeout, Some(A::NAME))
+            .await
+    }
+}
+
+impl<A: Agent> fmt::Debug for Context<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("agent", &A::NAME)
+            .field("envelope", &self.envelope)
+            .finish()
+    }
+}
+
+/// Publishes on behalf of agent `A` from outside a handler (a client, a test, a timer), within `A`'s
+/// declared `sends`. Get one from [`crate::runtime::Runtime::publisher`].
+pub struct Publisher<A: Agent> {
+    bus: Bus,
+    _agent: PhantomData<fn() -> A>,
+}
+
+impl<A: Agent> Clone for Publisher<A> {
+    fn clone(&self) -> Self {
+        Publisher {
+            bus: self.bus.clone(),
+            _agent: PhantomData,
+        }
+    }
+}
+
+impl<A: Agent> Publisher<A> {
+    pub(crate) fn new(bus: Bus) -> Self {
+        Publisher {
+            bus,
+            _agent: PhantomData,
+        }
+    }
+
+    /// Publishes `message` to `session` in `M`'s default direction.
+    pub async fn publish<M: Message>(&self, session: &str, message: M) -> Result<PublishOutcome>
+    where
+        A: Sends<M>,
+    {
+        self.publish_to(M::DIRECTION, session, message).await
+    }
+
+    /// Publishes `message` with an explicit direction and session.
+    pub async fn publish_to<M: Message>(
+        &self,
+        direction: &str,
+        session: &str,
+        message: M,
+    ) -> Result<PublishOutcome>
+    where
+        A: Sends<M>,
+    {
+        let channel = Channel::for_message::<M>(direction, session)?;
+        let envelope = self.bus.envelope(channel, &message)?;
+        self.bus.publish_envelope(envelope, Some(A::NAME)).await
+    }
+
+    /// Publishes several messages to `session` in one batch (pipelined by the backend).
+    pub async fn publish_batch<M: Message>(
+        &self,
+        session: &str,
+        messages: Vec<M>,
+    ) -> Vec<Result<PublishOutcome>>
+    where
+        A: Sends<M>,
+    {
+        let mut envelopes = Vec::with_capacity(messages.len());
+        let mut early = Vec::new();
+        for (index, message) in messages.iter().enumerate() {
+            match Channel::for_message::<M>(M::DIRECTION, session)
+                .and_then(|c| self.bus.envelope(c, message))
+            {
+                Ok(envelope) => envelopes.push(envelope),
+                Err(error) => early.push((index, error)),
+            }
+        }
+        if !early.is_empty() {
+            // Nothing is published when any message is invalid: the batch is all or nothing up front.
+            let mut results: Vec<Result<PublishOutcome>> = (0..messages.len())
+                .map(|_| {
+                    Err(Error::Closed {
+                        what: "batch",
+                        hint: "not published because another message of the batch is invalid",
+                    })
+                })
+                .collect();
+            for (index, error) in early {
+                results[index] = Err(error);
+            }
+            return results;
+        }
+        self.bus.publish_envelopes(envelopes, Some(A::NAME)).await
+    }
+
+    /// Sends a request and waits for the reply, up to the runtime's request timeout.
+    pub async fn request<Req: Message, Resp: Message>(
+        &self,
+        session: &str,
+        message: Req,
+    ) -> Result<Resp>
+    where
+        A: Sends<Req>,
+    {
+        let timeout = self.bus.request_timeout();
+        self.request_timeout::<Req, Resp>(session, message, timeout)
+            .await
+    }
+
+    /// Sends a request and waits up to `timeout` for the reply.
+    pub async fn request_timeout<Req: Message, Resp: Message>(
+        &self,
+        session: &str,
+        message: Req,
+        timeout: Duration,
+    ) -> Result<Resp>
+    where
+        A: Sends<Req>,
+    {
+        self.bus
+            .request_as::<Req, Resp>(session, &message, timeout, Some(A::NAME))
+            .await
+    }
+}
+
+impl<A: Agent> fmt::Debug for Publisher<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publisher")
+            .field("agent", &A::NAME)
+            .finish()
+    }
+}

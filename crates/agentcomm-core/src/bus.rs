@@ -1,0 +1,314 @@
+//! The publishing side shared by contexts, publishers, tests and tools: envelopes, logging of publishes,
+//! and request/reply.
+//!
+//! [`Bus`] has no agent contract: it publishes any message. Agents publish through [`crate::Context`]
+//! and clients through [`crate::Publisher`], which add the compile-time check of what an agent sends.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::channel::{Channel, ChannelPattern, REPLY_DIRECTION};
+use crate::codec::Codec;
+use crate::envelope::Envelope;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::router::{PublishOutcome, SharedRouter, SubscribeOptions};
+
+/// The default time a request waits for its reply.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Publishes messages on a router, and waits for replies.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<BusInner>,
+}
+
+struct BusInner {
+    router: SharedRouter,
+    codec: Codec,
+    request_timeout: Duration,
+    inbox: Inbox,
+}
+
+impl Bus {
+    /// A bus on `router`, encoding with `codec`.
+    pub fn new(router: SharedRouter, codec: Codec, request_timeout: Duration) -> Self {
+        Bus {
+            inner: Arc::new(BusInner {
+                router,
+                codec,
+                request_timeout,
+                inbox: Inbox::new(),
+            }),
+        }
+    }
+
+    /// The router.
+    pub fn router(&self) -> &SharedRouter {
+        &self.inner.router
+    }
+
+    /// The codec messages are encoded with.
+    pub fn codec(&self) -> Codec {
+        self.inner.codec
+    }
+
+    /// How long a request waits for its reply unless told otherwise.
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
+    /// Validates and encodes `message` into a new envelope on `channel`.
+    pub fn envelope<M: Message>(&self, channel: Channel, message: &M) -> Result<Envelope> {
+        message.validate().map_err(|source| Error::Validation {
+            class: M::CLASS.to_string(),
+            source,
+        })?;
+        let payload = self.inner.codec.encode(M::CLASS, message)?;
+        Ok(Envelope::with_class(
+            M::CLASS,
+            channel,
+            self.inner.codec.content_type(),
+            payload,
+        ))
+    }
+
+    /// Publishes `message` to `session` in its default direction.
+    pub async fn publish<M: Message>(&self, session: &str, message: &M) -> Result<PublishOutcome> {
+        let channel = Channel::for_message::<M>(M::DIRECTION, session)?;
+        self.publish_envelope(self.envelope(channel, message)?, None)
+            .await
+    }
+
+    /// Publishes `message` on `direction` and `session`.
+    pub async fn publish_to<M: Message>(
+        &self,
+        direction: &str,
+        session: &str,
+        message: &M,
+    ) -> Result<PublishOutcome> {
+        let channel = Channel::for_message::<M>(direction, session)?;
+        self.publish_envelope(self.envelope(channel, message)?, None)
+            .await
+    }
+
+    /// Publishes a ready envelope, logging it for `agent`.
+    pub async fn publish_envelope(
+        &self,
+        envelope: Envelope,
+        agent: Option<&str>,
+    ) -> Result<PublishOutcome> {
+        let (id, class, session) = (
+            envelope.id(),
+            envelope.class().to_string(),
+            envelope.session().to_string(),
+        );
+        let result = self.inner.router.publish(envelope).await;
+        log_publish(&result, &id.to_string(), &class, &session, agent);
+        result
+    }
+
+    /// Publishes ready envelopes in one batch.
+    pub async fn publish_envelopes(
+        &self,
+        envelopes: Vec<Envelope>,
+        agent: Option<&str>,
+    ) -> Vec<Result<PublishOutcome>> {
+        let keys: Vec<(String, String, String)> = envelopes
+            .iter()
+            .map(|e| {
+                (
+                    e.id().to_string(),
+                    e.class().to_string(),
+                    e.session().to_string(),
+                )
+            })
+            .collect();
+        let results = self.inner.router.publish_batch(envelopes).await;
+        for (result, (id, class, session)) in results.iter().zip(&keys) {
+            log_publish(result, id, class, session, agent);
+        }
+        results
+    }
+
+    /// Sends `message` as a request to `session` and waits up to `timeout` for the reply of type `Resp`.
+    pub async fn request<Req: Message, Resp: Message>(
+        &self,
+        session: &str,
+        message: &Req,
+        timeout: Duration,
+    ) -> Result<Resp> {
+        self.request_as::<Req, Resp>(session, message, timeout, None)
+            .await
+    }
+
+    pub(crate) async fn request_as<Req: Message, Resp: Message>(
+        &self,
+        session: &str,
+        message: &Req,
+        timeout: Duration,
+        agent: Option<&str>,
+    ) -> Result<Resp> {
+        let inbox = &self.inner.inbox;
+        let reply_channel = inbox.listen::<Resp>(&self.inner.router).await?;
+        let channel = Channel::for_message::<Req>(Req::DIRECTION, session)?;
+        let envelope = self
+            .envelope(channel, message)?
+            .with_reply_to(reply_channel.canonical());
+        let request_id = envelope.id().to_string();
+        let channel_name = envelope.channel().name().to_string();
+        let waiter = inbox.expect(request_id.clone());
+        let outcome = match self.publish_envelope(envelope, agent).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                inbox.forget(&request_id);
+                return Err(error);
+            }
+        };
+        if outcome.is_unroutable() {
+            inbox.forget(&request_id);
+            return Err(Error::NoAgentFound {
+                class: Req::CLASS.to_string(),
+                channel: channel_name,
+            });
+        }
+        let reply = match tokio::time::timeout(timeout, waiter).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => {
+                return Err(Error::Closed {
+                    what: "the reply inbox",
+                    hint: "the router closed while the request was waiting",
+                });
+            }
+            Err(_) => {
+                inbox.forget(&request_id);
+                return Err(Error::Timeout {
+                    operation: format!(
+                        "the {} reply to {} {request_id} on '{channel_name}' (is an agent that receives {} running and replying?)",
+                        Resp::CLASS,
+                        Req::CLASS,
+                        Req::CLASS
+                    ),
+                    after: timeout,
+                });
+            }
+        };
+        crate::runtime::decode_message::<Resp>(&reply).map_err(|rejection| rejection.error)
+    }
+
+    /// Replies that arrived for no waiting request (late, after a timeout, or unknown).
+    pub fn unmatched_replies(&self) -> u64 {
+        self.inner.inbox.unmatched.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for Bus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bus")
+            .field("backend", &self.inner.router.backend())
+            .field("codec", &self.inner.codec)
+            .field("inbox", &self.inner.inbox.id)
+            .finish()
+    }
+}
+
+fn log_publish(
+    result: &Result<PublishOutcome>,
+    id: &str,
+    class: &str,
+    session: &str,
+    agent: Option<&str>,
+) {
+    let agent = agent.unwrap_or("-");
+    match result {
+        Ok(PublishOutcome::Unroutable) => tracing::warn!(
+            message_id = id,
+            class,
+            session,
+            agent,
+            "published, but no subscriber matched and the broker did not keep it"
+        ),
+        Ok(_) => tracing::debug!(message_id = id, class, session, agent, "published"),
+        Err(error) => {
+            tracing::error!(message_id = id, class, session, agent, error = %error, "publish failed")
+        }
+    }
+}
+
+/// Where this bus's requests get their replies: one fan-out subscription per reply class, on
+/// `<ReplyClass>:reply:<inbox id>`.
+struct Inbox {
+    id: String,
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Envelope>>>>,
+    listeners: tokio::sync::Mutex<HashMap<&'static str, Channel>>,
+    unmatched: Arc<AtomicU64>,
+}
+
+impl Inbox {
+    fn new() -> Self {
+        Inbox {
+            id: format!("inbox-{}", uuid::Uuid::now_v7().simple()),
+            pending: Arc::default(),
+            listeners: tokio::sync::Mutex::default(),
+            unmatched: Arc::default(),
+        }
+    }
+
+    /// Makes sure replies of class `Resp` reach this inbox; returns the channel they go to.
+    async fn listen<Resp: Message>(&self, router: &SharedRouter) -> Result<Channel> {
+        let mut listeners = self.listeners.lock().await;
+        if let Some(channel) = listeners.get(Resp::CLASS) {
+            return Ok(channel.clone());
+        }
+        let channel = Channel::for_message::<Resp>(REPLY_DIRECTION, &self.id)?;
+        let pattern = ChannelPattern::for_message::<Resp>(Some(REPLY_DIRECTION), Some(&self.id))?;
+        let mut subscription = router.subscribe(SubscribeOptions::new(pattern)).await?;
+        let pending = self.pending.clone();
+        let unmatched = self.unmatched.clone();
+        tokio::spawn(async move {
+            while let Some(delivery) = subscription.next().await {
+                let envelope = delivery.envelope().clone();
+                let waiter = envelope
+                    .correlation_id()
+                    .and_then(|id| pending.lock().expect("inbox lock").remove(id));
+                match waiter {
+                    Some(waiter) => {
+                        let _ = waiter.send(envelope);
+                    }
+                    None => {
+                        unmatched.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            message_id = %envelope.id(),
+                            class = envelope.class(),
+                            correlation_id = envelope.correlation_id().unwrap_or("-"),
+                            "a reply arrived for no waiting request (it came after its request timed out, or was never asked for); dropped"
+                        );
+                    }
+                }
+                if let Err(error) = delivery.ack().await {
+                    tracing::warn!(error = %error, "could not acknowledge a reply");
+                }
+            }
+        });
+        listeners.insert(Resp::CLASS, channel.clone());
+        Ok(channel)
+    }
+
+    fn expect(&self, request_id: String) -> oneshot::Receiver<Envelope> {
+        let (sender, receiver) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("inbox lock")
+            .insert(request_id, sender);
+        receiver
+    }
+
+    fn forget(&self, request_id: &str) {
+        self.pending.lock().expect("inbox lock").remove(request_id);
+    }
+}

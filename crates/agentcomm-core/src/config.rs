@@ -1,0 +1,366 @@
+//! Configuration from the environment (and an optional `.env` file).
+//!
+//! | variable | values | default |
+//! |---|---|---|
+//! | `MESSAGING_BACKEND` | `memory`, `redis`, `rabbitmq` | `memory` |
+//! | `REDIS_URL` | `redis://`, `rediss://`, `redis-sentinel://`, `redis-cluster://` URL | `redis://127.0.0.1:6379` |
+//! | `RABBITMQ_URL` | `amqp://` or `amqps://` URL | `amqp://guest:guest@127.0.0.1:5672/%2f` |
+//! | `LOG_LEVEL` | `TRACE`, `DEBUG`, `INFO`, `WARNING`, `ERROR` | `INFO` |
+//!
+//! ```
+//! use agentcomm_core::config::{Backend, Config};
+//!
+//! let config = Config::from_lookup(|name| match name {
+//!     "MESSAGING_BACKEND" => Some("redis".to_string()),
+//!     "REDIS_URL" => Some("redis://:secret@10.0.0.5:6379/0".to_string()),
+//!     _ => None,
+//! })?;
+//! assert_eq!(config.backend(), Backend::Redis);
+//! assert!(!format!("{config:?}").contains("secret"));
+//!
+//! let error = Config::from_lookup(|name| (name == "MESSAGING_BACKEND").then(|| "kafka".to_string())).unwrap_err();
+//! assert_eq!(
+//!     error.to_string(),
+//!     "MESSAGING_BACKEND='kafka' is not valid: accepted values are memory, redis, rabbitmq"
+//! );
+//! # Ok::<(), agentcomm_core::Error>(())
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use tracing_subscriber::filter::LevelFilter;
+
+use crate::error::{Error, Result, redact_url};
+use crate::logging;
+
+/// `MESSAGING_BACKEND`.
+pub const BACKEND_VAR: &str = "MESSAGING_BACKEND";
+/// `REDIS_URL`.
+pub const REDIS_URL_VAR: &str = "REDIS_URL";
+/// `RABBITMQ_URL`.
+pub const RABBITMQ_URL_VAR: &str = "RABBITMQ_URL";
+/// The Redis URL used when `REDIS_URL` is not set.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// The RabbitMQ URL used when `RABBITMQ_URL` is not set.
+pub const DEFAULT_RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Which broker to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Backend {
+    /// The in-memory router (no broker).
+    #[default]
+    Memory,
+    /// Redis, through `agentcomm-redis`.
+    Redis,
+    /// RabbitMQ, through `agentcomm-amqp`.
+    RabbitMq,
+}
+
+impl Backend {
+    /// The accepted values of `MESSAGING_BACKEND`.
+    pub const ACCEPTED: &'static str = "memory, redis, rabbitmq";
+
+    /// Parses a backend name (case-insensitive; `rabbit` and `amqp` are read as `rabbitmq`).
+    pub fn parse(value: &str) -> Result<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "memory" | "in-memory" | "inmemory" => Ok(Backend::Memory),
+            "redis" => Ok(Backend::Redis),
+            "rabbitmq" | "rabbit" | "amqp" => Ok(Backend::RabbitMq),
+            _ => Err(Error::Config {
+                variable: BACKEND_VAR.into(),
+                value: value.into(),
+                expected: format!("accepted values are {}", Self::ACCEPTED),
+            }),
+        }
+    }
+
+    /// The name as written in `MESSAGING_BACKEND`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            Backend::Redis => "redis",
+            Backend::RabbitMq => "rabbitmq",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The configuration read from the environment. `Debug` hides passwords.
+#[derive(Clone, PartialEq)]
+pub struct Config {
+    backend: Backend,
+    redis_url: String,
+    rabbitmq_url: String,
+    log_level: LevelFilter,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("backend", &self.backend)
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("rabbitmq_url", &redact_url(&self.rabbitmq_url))
+            .field("log_level", &self.log_level)
+            .finish()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend: Backend::Memory,
+            redis_url: DEFAULT_REDIS_URL.into(),
+            rabbitmq_url: DEFAULT_RABBITMQ_URL.into(),
+            log_level: LevelFilter::INFO,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads `.env` in the current directory (if there is one), with the process environment taking
+    /// precedence over it.
+    pub fn load() -> Result<Self> {
+        Self::load_with_file(Path::new(".env"))
+    }
+
+    /// Reads an env file (if it exists), with the process environment taking precedence over it.
+    pub fn load_with_file(path: &Path) -> Result<Self> {
+        let file = match std::fs::read_to_string(path) {
+            Ok(text) => parse_env_file(&text),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(error) => {
+                return Err(Error::Config {
+                    variable: path.display().to_string(),
+                    value: String::new(),
+                    expected: format!("a readable env file ({error})"),
+                });
+            }
+        };
+        Self::from_lookup(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))
+    }
+
+    /// Reads the variables through `lookup` (for tests and other sources).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let non_empty = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let backend = match non_empty(BACKEND_VAR) {
+            Some(value) => Backend::parse(&value)?,
+            None => Backend::Memory,
+        };
+        let redis_url = non_empty(REDIS_URL_VAR).unwrap_or_else(|| DEFAULT_REDIS_URL.into());
+        check_url(
+            REDIS_URL_VAR,
+            &redis_url,
+            &["redis", "rediss", "redis-sentinel", "redis-cluster", "unix"],
+            "redis://[:password@]host:port[/db], rediss://, redis-sentinel:// or redis-cluster://",
+        )?;
+        let rabbitmq_url =
+            non_empty(RABBITMQ_URL_VAR).unwrap_or_else(|| DEFAULT_RABBITMQ_URL.into());
+        check_url(
+            RABBITMQ_URL_VAR,
+            &rabbitmq_url,
+            &["amqp", "amqps"],
+            "amqp://user:password@host:port/vhost or amqps://",
+        )?;
+        let log_level = match lookup(logging::LOG_LEVEL_ENV) {
+            Some(value) => logging::parse_level(&value)?,
+            None => LevelFilter::INFO,
+        };
+        Ok(Config {
+            backend,
+            redis_url,
+            rabbitmq_url,
+            log_level,
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The Redis URL (may contain a password: do not log it; use [`redact_url`]).
+    pub fn redis_url(&self) -> &str {
+        &self.redis_url
+    }
+
+    /// The RabbitMQ URL (may contain a password: do not log it; use [`redact_url`]).
+    pub fn rabbitmq_url(&self) -> &str {
+        &self.rabbitmq_url
+    }
+
+    /// The log level.
+    pub fn log_level(&self) -> LevelFilter {
+        self.log_level
+    }
+
+    /// Sets the backend.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+}
+
+/// Checks that `url` has one of `schemes` and a host; the error names the variable and the accepted forms.
+pub fn check_url(variable: &str, url: &str, schemes: &[&str], accepted: &str) -> Result<()> {
+    let fail = |why: &str| Error::Config {
+        variable: variable.into(),
+        value: redact_url(url),
+        expected: format!("{why}; accepted: {accepted}"),
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(fail("it is not a URL (no '://')"));
+    };
+    if !schemes.contains(&scheme.to_ascii_lowercase().as_str()) {
+        return Err(fail(&format!("the scheme '{scheme}' is not supported")));
+    }
+    if scheme == "unix" {
+        return if rest.is_empty() {
+            Err(fail("the socket path is empty"))
+        } else {
+            Ok(())
+        };
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host_port.is_empty() || host_port.starts_with(':') {
+        return Err(fail("the host is missing"));
+    }
+    // Sentinel and cluster URLs may list several hosts.
+    for host in host_port.split(',') {
+        let port = match host.strip_prefix('[') {
+            Some(ipv6) => ipv6.split_once("]:").map(|(_, port)| port),
+            None => host.rsplit_once(':').map(|(_, port)| port),
+        };
+        if let Some(port) = port.filter(|port| port.parse::<u16>().is_err()) {
+            return Err(fail(&format!(
+                "the port '{port}' is not a number from 0 to 65535"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `KEY=value` lines; `#` starts a comment, `export ` is allowed, values may be quoted.
+pub fn parse_env_file(text: &str) -> HashMap<String, String> {
+    let mut values = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim();
+        let value = if let Some(inner) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+            inner.to_string()
+        } else if let Some(inner) = value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+            inner.to_string()
+        } else {
+            value.split(" #").next().unwrap_or("").trim().to_string()
+        };
+        values.insert(key.trim().to_string(), value);
+    }
+    values
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    #[test]
+    fn defaults_need_no_environment() {
+        let config = Config::from_lookup(lookup(&[])).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.backend(), Backend::Memory);
+    }
+
+    #[test]
+    fn reads_every_variable() {
+        let config = Config::from_lookup(lookup(&[
+            ("MESSAGING_BACKEND", "RabbitMQ"),
+            ("REDIS_URL", "rediss://:pw@cache.internal:6380/2"),
+            ("RABBITMQ_URL", "amqps://app:pw@mq.internal:5671/prod"),
+            ("LOG_LEVEL", "warning"),
+        ]))
+        .unwrap();
+        assert_eq!(config.backend(), Backend::RabbitMq);
+        assert_eq!(config.redis_url(), "rediss://:pw@cache.internal:6380/2");
+        assert_eq!(config.log_level(), LevelFilter::WARN);
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("pw"), "{debug}");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_accepted_values() {
+        let cases = [
+            (
+                ("MESSAGING_BACKEND", "kafka"),
+                "MESSAGING_BACKEND='kafka' is not valid: accepted values are memory, redis, rabbitmq",
+            ),
+            (
+                ("REDIS_URL", "localhost:6379"),
+                "REDIS_URL='localhost:6379' is not valid: it is not a URL (no '://'); accepted: redis://",
+            ),
+            (
+                ("REDIS_URL", "http://localhost"),
+                "REDIS_URL='http://localhost' is not valid: the scheme 'http' is not supported",
+            ),
+            (
+                ("REDIS_URL", "redis://:pw@:6379"),
+                "REDIS_URL='redis://:***@:6379' is not valid: the host is missing",
+            ),
+            (
+                ("RABBITMQ_URL", "amqp://u:pw@host:56x2/"),
+                "RABBITMQ_URL='amqp://u:***@host:56x2/' is not valid: the port '56x2'",
+            ),
+            (
+                ("LOG_LEVEL", "loud"),
+                "LOG_LEVEL='loud' is not a log level. Accepted values: TRACE, DEBUG, INFO, WARNING (or WARN), ERROR",
+            ),
+        ];
+        for ((name, value), expected) in cases {
+            let error = Config::from_lookup(lookup(&[(name, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.starts_with(expected), "{name}={value}: {error}");
+            assert!(!error.contains("pw"), "{error}");
+        }
+    }
+
+    #[test]
+    fn env_files_are_read_with_comments_quotes_and_export() {
+        let values = parse_env_file(
+            "# comment\nMESSAGING_BACKEND=redis\nexport REDIS_URL=\"redis://h:1\"\nLOG_LEVEL='DEBUG'\nX=1 # trailing\n\nnot a pair\n",
+        );
+        assert_eq!(values["MESSAGING_BACKEND"], "redis");
+        assert_eq!(values["REDIS_URL"], "redis://h:1");
+        assert_eq!(values["LOG_LEVEL"], "DEBUG");
+        assert_eq!(values["X"], "1");
+        assert_eq!(values.len(), 4);
+    }
+}

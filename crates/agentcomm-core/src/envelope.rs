@@ -1,0 +1,589 @@
+//! The envelope every message travels in, and its wire frame.
+//!
+//! The frame format is specified in `docs/wire-format.md`: a MessagePack map (or, for JSON payloads, a
+//! JSON object) with the keys `v`, `id`, `class`, `channel`, `direction`, `session`, `content_type`,
+//! `timestamp`, `correlation_id`, `reply_to`, `attempt`, `headers` and `payload`.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+use crate::channel::Channel;
+use crate::codec::{BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE};
+use crate::error::{Error, Result};
+
+/// The version of the frame format this crate writes and reads.
+pub const FRAME_VERSION: u32 = 1;
+
+/// The class of the dead letter made of a frame that could not be decoded at all.
+pub const MALFORMED_CLASS: &str = "agentcomm.Malformed";
+
+/// Header names agentcomm sets. All start with `agentcomm-`; the prefix is reserved.
+pub mod headers {
+    /// Why a message was dead-lettered: one of the `REASON_*` values.
+    pub const DEAD_LETTER_REASON: &str = "agentcomm-dead-letter-reason";
+    /// The error that made the last attempt fail.
+    pub const ERROR: &str = "agentcomm-error";
+    /// How many attempts were made before the message was dead-lettered.
+    pub const ATTEMPTS: &str = "agentcomm-attempts";
+    /// The agent that dead-lettered the message.
+    pub const AGENT: &str = "agentcomm-agent";
+    /// The id of the message before it was dead-lettered.
+    pub const ORIGINAL_ID: &str = "agentcomm-original-id";
+    /// The channel the message was on before it was dead-lettered.
+    pub const ORIGINAL_CHANNEL: &str = "agentcomm-original-channel";
+    /// Where a malformed frame was read (a channel or a stream key).
+    pub const SOURCE: &str = "agentcomm-source";
+
+    /// The handler failed on every attempt.
+    pub const REASON_HANDLER_FAILED: &str = "handler-failed";
+    /// The handler said the failure is permanent: no retry.
+    pub const REASON_REJECTED: &str = "rejected";
+    /// The payload could not be decoded as the message class.
+    pub const REASON_UNDECODABLE: &str = "undecodable";
+    /// The message failed its validation rules.
+    pub const REASON_INVALID: &str = "invalid";
+    /// The agent does not declare the message class.
+    pub const REASON_UNDECLARED_CLASS: &str = "undeclared-class";
+    /// The frame itself could not be decoded.
+    pub const REASON_MALFORMED_FRAME: &str = "malformed-frame";
+}
+
+/// A message id: a UUID, version 7 (time-ordered) when agentcomm makes it.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId(Uuid);
+
+impl MessageId {
+    /// A new time-ordered id (UUID v7).
+    pub fn new() -> Self {
+        MessageId(Uuid::now_v7())
+    }
+
+    /// The UUID.
+    pub fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+
+    /// Parses the hyphenated form.
+    pub fn parse(text: &str) -> Result<Self> {
+        Uuid::try_parse(text)
+            .map(MessageId)
+            .map_err(|e| Error::decode("message id", format!("'{text}' is not a UUID: {e}")))
+    }
+}
+
+impl Default for MessageId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl From<Uuid> for MessageId {
+    fn from(uuid: Uuid) -> Self {
+        MessageId(uuid)
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({})", self.0.hyphenated())
+    }
+}
+
+/// String headers of an envelope.
+pub type Headers = BTreeMap<String, String>;
+
+/// A message in transit: metadata and the encoded payload.
+///
+/// ```
+/// use agentcomm_core::channel::parse_channel;
+/// use agentcomm_core::envelope::Envelope;
+///
+/// let channel = parse_channel("PaymentRequest:request:s1")?;
+/// let envelope = Envelope::new(channel, "application/json", br#"{"amount":10.0}"#.to_vec())
+///     .with_header("tenant", "acme")
+///     .with_correlation_id("order-7");
+/// let frame = envelope.to_frame()?;
+/// let back = agentcomm_core::envelope::Envelope::from_frame(&frame)?;
+/// assert_eq!(back, envelope);
+/// # Ok::<(), agentcomm_core::Error>(())
+/// ```
+#[derive(Clone, PartialEq)]
+pub struct Envelope {
+    id: MessageId,
+    class: Cow<'static, str>,
+    channel: Channel,
+    content_type: Cow<'static, str>,
+    timestamp_ms: u64,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    attempt: u32,
+    headers: Headers,
+    payload: Bytes,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Envelope {
+    /// A new envelope for `channel`, with a fresh id, the current time, attempt 1, and the channel's
+    /// class as the message class.
+    pub fn new(
+        channel: Channel,
+        content_type: impl Into<Cow<'static, str>>,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        let class = Cow::Owned(channel.class().to_string());
+        Self::with_class(class, channel, content_type, payload)
+    }
+
+    /// A new envelope whose message class is given (a dead letter keeps the class of the message it
+    /// carries while travelling on a `DeadLetter` channel).
+    pub fn with_class(
+        class: impl Into<Cow<'static, str>>,
+        channel: Channel,
+        content_type: impl Into<Cow<'static, str>>,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Envelope {
+            id: MessageId::new(),
+            class: class.into(),
+            channel,
+            content_type: content_type.into(),
+            timestamp_ms: now_ms(),
+            correlation_id: None,
+            reply_to: None,
+            attempt: 1,
+            headers: Headers::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// The dead letter of a frame that could not be decoded: the raw bytes as payload, the reason in
+    /// headers, on `DeadLetter:agentcomm.Malformed:unknown`. Backends publish it when a frame is unreadable.
+    pub fn malformed(raw: impl Into<Bytes>, source: &str, error: &str) -> Self {
+        let channel = Channel::new(MALFORMED_CLASS, "frame", "unknown")
+            .expect("the malformed channel is valid")
+            .dead_letter();
+        Envelope::with_class(MALFORMED_CLASS, channel, BINARY_CONTENT_TYPE, raw)
+            .with_header(headers::DEAD_LETTER_REASON, headers::REASON_MALFORMED_FRAME)
+            .with_header(headers::ERROR, error)
+            .with_header(headers::SOURCE, source)
+    }
+
+    /// The message id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// The message class of the payload.
+    pub fn class(&self) -> &str {
+        &self.class
+    }
+
+    /// The channel the message is published on.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The session of the channel.
+    pub fn session(&self) -> &str {
+        self.channel.session()
+    }
+
+    /// The content type of the payload (`application/msgpack`, `application/json`, ...).
+    pub fn content_type(&self) -> &str {
+        &self.content_type
+    }
+
+    /// When the message was first published, in milliseconds since the Unix epoch.
+    pub fn timestamp_ms(&self) -> u64 {
+        self.timestamp_ms
+    }
+
+    /// The id of the message this one answers or belongs with.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+
+    /// Where a reply should go: a channel in canonical form.
+    pub fn reply_to(&self) -> Option<&str> {
+        self.reply_to.as_deref()
+    }
+
+    /// Which delivery attempt this is, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// One header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// The headers, to change.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
+    /// The encoded payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Sets the message id.
+    pub fn with_id(mut self, id: MessageId) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// Sets the timestamp.
+    pub fn with_timestamp_ms(mut self, timestamp_ms: u64) -> Self {
+        self.timestamp_ms = timestamp_ms;
+        self
+    }
+
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, correlation_id: impl Into<String>) -> Self {
+        self.correlation_id = Some(correlation_id.into());
+        self
+    }
+
+    /// Sets where replies go (a channel in canonical form).
+    pub fn with_reply_to(mut self, reply_to: impl Into<String>) -> Self {
+        self.reply_to = Some(reply_to.into());
+        self
+    }
+
+    /// Sets the attempt number (from 1).
+    pub fn with_attempt(mut self, attempt: u32) -> Self {
+        self.attempt = attempt.max(1);
+        self
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Moves the envelope to another channel (used for dead letters).
+    pub fn with_channel(mut self, channel: Channel) -> Self {
+        self.channel = channel;
+        self
+    }
+
+    /// The same message, as the next delivery attempt.
+    pub fn next_attempt(&self) -> Self {
+        let mut next = self.clone();
+        next.attempt = self.attempt.saturating_add(1);
+        next
+    }
+
+    /// Encodes the envelope as a wire frame: a MessagePack map, or a JSON object when the payload is JSON.
+    pub fn to_frame(&self) -> Result<Vec<u8>> {
+        if self.content_type == JSON_CONTENT_TYPE {
+            let text = std::str::from_utf8(&self.payload).map_err(|e| {
+                Error::encode("envelope", format!("the JSON payload is not UTF-8: {e}"))
+            })?;
+            let payload: &serde_json::value::RawValue =
+                serde_json::from_str(text).map_err(|e| {
+                    Error::encode(
+                        "envelope",
+                        format!("the JSON payload is not valid JSON: {e}"),
+                    )
+                })?;
+            serde_json::to_vec(&self.wire(payload)).map_err(|e| Error::encode("envelope", e))
+        } else {
+            let mut buffer = Vec::with_capacity(160 + self.payload.len());
+            self.wire(Bin(Cow::Borrowed(&self.payload[..])))
+                .serialize(&mut rmp_serde::Serializer::new(&mut buffer).with_struct_map())
+                .map_err(|e| Error::encode("envelope", e))?;
+            Ok(buffer)
+        }
+    }
+
+    /// Decodes a wire frame (either form; a JSON frame starts with `{`).
+    pub fn from_frame(frame: &[u8]) -> Result<Self> {
+        let first = frame.iter().copied().find(|b| !b.is_ascii_whitespace());
+        if first == Some(b'{') {
+            let wire: Wire<'_, &serde_json::value::RawValue> =
+                serde_json::from_slice(frame).map_err(|e| Error::decode("envelope", e))?;
+            let payload = Bytes::copy_from_slice(wire.payload.get().as_bytes());
+            Self::from_wire(wire, payload)
+        } else {
+            let wire: Wire<'_, Bin<'_>> =
+                rmp_serde::from_slice(frame).map_err(|e| Error::decode("envelope", e))?;
+            let payload = Bytes::copy_from_slice(&wire.payload.0);
+            Self::from_wire(wire, payload)
+        }
+    }
+
+    fn wire<P>(&self, payload: P) -> Wire<'_, P> {
+        Wire {
+            v: FRAME_VERSION,
+            id: WireId::Id(self.id),
+            class: Cow::Borrowed(&self.class),
+            channel: Cow::Borrowed(self.channel.name()),
+            direction: Cow::Borrowed(self.channel.direction()),
+            session: Cow::Borrowed(self.channel.session()),
+            channel_class: (self.channel.class() != self.class)
+                .then(|| Cow::Borrowed(self.channel.class())),
+            content_type: Cow::Borrowed(&self.content_type),
+            timestamp: self.timestamp_ms,
+            correlation_id: self.correlation_id.as_deref().map(Cow::Borrowed),
+            reply_to: self.reply_to.as_deref().map(Cow::Borrowed),
+            attempt: self.attempt,
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
+                .collect(),
+            payload,
+        }
+    }
+
+    fn from_wire<P>(header: Wire<'_, P>, payload: Bytes) -> Result<Self> {
+        if header.v != FRAME_VERSION {
+            return Err(Error::decode(
+                "envelope",
+                format!(
+                    "frame version {} is not supported (this build reads version {FRAME_VERSION}); upgrade agentcomm",
+                    header.v
+                ),
+            ));
+        }
+        let id = match header.id {
+            WireId::Id(id) => id,
+            WireId::Text(text) => MessageId::parse(&text)?,
+        };
+        let channel_class = header.channel_class.as_deref().unwrap_or(&header.class);
+        let channel = Channel::from_wire(
+            channel_class,
+            &header.direction,
+            &header.session,
+            &header.channel,
+        )
+        .map_err(|e| Error::decode("envelope", format!("invalid channel: {e}")))?;
+        if header.attempt == 0 {
+            return Err(Error::decode(
+                "envelope",
+                "attempt is 0; attempts count from 1",
+            ));
+        }
+        Ok(Envelope {
+            id,
+            class: Cow::Owned(header.class.into_owned()),
+            channel,
+            content_type: Cow::Owned(header.content_type.into_owned()),
+            timestamp_ms: header.timestamp,
+            correlation_id: header.correlation_id.map(Cow::into_owned),
+            reply_to: header.reply_to.map(Cow::into_owned),
+            attempt: header.attempt,
+            headers: header
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+            payload,
+        })
+    }
+}
+
+impl fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Envelope")
+            .field("id", &self.id)
+            .field("class", &self.class)
+            .field("channel", &self.channel)
+            .field("content_type", &self.content_type)
+            .field("timestamp_ms", &self.timestamp_ms)
+            .field("correlation_id", &self.correlation_id)
+            .field("reply_to", &self.reply_to)
+            .field("attempt", &self.attempt)
+            .field("headers", &self.headers)
+            .field("payload_len", &self.payload.len())
+            .finish()
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The frame: every field in one flat map, the payload last.
+#[derive(Serialize, Deserialize)]
+struct Wire<'a, P> {
+    #[serde(default = "one")]
+    v: u32,
+    id: WireId<'a>,
+    #[serde(borrow)]
+    class: Cow<'a, str>,
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+    #[serde(borrow)]
+    direction: Cow<'a, str>,
+    #[serde(borrow)]
+    session: Cow<'a, str>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    channel_class: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    content_type: Cow<'a, str>,
+    timestamp: u64,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    reply_to: Option<Cow<'a, str>>,
+    #[serde(default = "one")]
+    attempt: u32,
+    #[serde(borrow, default)]
+    headers: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    payload: P,
+}
+
+/// The id as text on the wire.
+enum WireId<'a> {
+    Id(MessageId),
+    Text(Cow<'a, str>),
+}
+
+impl Serialize for WireId<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            WireId::Id(id) => {
+                serializer.serialize_str(id.0.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+            }
+            WireId::Text(text) => serializer.serialize_str(text),
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for WireId<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        Cow::<'a, str>::deserialize(deserializer).map(WireId::Text)
+    }
+}
+
+/// Bytes written as MessagePack `bin`.
+struct Bin<'a>(Cow<'a, [u8]>);
+
+impl Serialize for Bin<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Bin<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        serde_bytes::deserialize::<Cow<'a, [u8]>, D>(deserializer).map(Bin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::parse_channel;
+    use crate::codec::MSGPACK_CONTENT_TYPE;
+
+    fn sample(content_type: &'static str, payload: &'static [u8]) -> Envelope {
+        Envelope::new(
+            parse_channel("PaymentRequest:request:s1").unwrap(),
+            content_type,
+            payload,
+        )
+        .with_correlation_id("corr-1")
+        .with_reply_to("PaymentResponse:reply:inbox-1")
+        .with_attempt(3)
+        .with_header("tenant", "acme")
+        .with_header("trace", "é \"quoted\"\n")
+    }
+
+    #[test]
+    fn msgpack_frames_round_trip_every_field() {
+        let envelope = sample(
+            MSGPACK_CONTENT_TYPE,
+            b"\x81\xa6amount\xcb\x40\x24\x00\x00\x00\x00\x00\x00",
+        );
+        let back = Envelope::from_frame(&envelope.to_frame().unwrap()).unwrap();
+        assert_eq!(back, envelope);
+        assert_eq!(back.attempt(), 3);
+        assert_eq!(back.header("trace"), Some("é \"quoted\"\n"));
+    }
+
+    #[test]
+    fn json_frames_carry_the_payload_inline() {
+        let envelope = sample(JSON_CONTENT_TYPE, br#"{"amount":10.0,"user_id":"u1"}"#);
+        let frame = envelope.to_frame().unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(value["payload"]["user_id"], "u1");
+        assert_eq!(value["class"], "PaymentRequest");
+        assert_eq!(value["session"], "s1");
+        assert_eq!(Envelope::from_frame(&frame).unwrap(), envelope);
+    }
+
+    #[test]
+    fn dead_letters_keep_the_message_class_off_their_channel() {
+        let envelope = sample(MSGPACK_CONTENT_TYPE, b"\x80");
+        let dead = envelope
+            .clone()
+            .with_channel(envelope.channel().dead_letter());
+        let back = Envelope::from_frame(&dead.to_frame().unwrap()).unwrap();
+        assert_eq!(back.class(), "PaymentRequest");
+        assert_eq!(back.channel().class(), "DeadLetter");
+        assert_eq!(back.channel().name(), "DeadLetter:PaymentRequest:s1");
+    }
+
+    #[test]
+    fn frames_from_other_writers_are_read_and_garbage_is_refused() {
+        let foreign = br#"{"id":"0192f5e4-8a3b-7c4d-9e5f-0a1b2c3d4e5f","class":"Ping","channel":"Ping:event:s9",
+            "direction":"event","session":"s9","content_type":"application/json","timestamp":1,"payload":{}}"#;
+        let envelope = Envelope::from_frame(foreign).unwrap();
+        assert_eq!((envelope.attempt(), envelope.session()), (1, "s9"));
+        assert!(envelope.headers().is_empty());
+
+        for garbage in [&b"\xc1\xc1"[..], b"{not json", b"", br#"{"id":"x"}"#] {
+            let error = Envelope::from_frame(garbage).unwrap_err();
+            assert!(
+                error.to_string().starts_with("could not decode envelope"),
+                "{error}"
+            );
+        }
+        let bad_session = br#"{"id":"0192f5e4-8a3b-7c4d-9e5f-0a1b2c3d4e5f","class":"Ping","channel":"x",
+            "direction":"event","session":"a:b","content_type":"application/json","timestamp":1,"payload":{}}"#;
+        assert!(
+            Envelope::from_frame(bad_session)
+                .unwrap_err()
+                .to_string()
+                .contains("invalid channel")
+        );
+    }
+
+    #[test]
+    fn message_ids_are_time_ordered() {
+        let first = MessageId::new();
+        let second = MessageId::new();
+        assert!(first < second);
+        assert_eq!(first.as_uuid().get_version_num(), 7);
+        assert_eq!(MessageId::parse(&first.to_string()).unwrap(), first);
+    }
+}

@@ -1,0 +1,137 @@
+//! # agentcomm-core
+//!
+//! Typed, reliable messaging between agents. Derive [`Message`] on your message types, declare each
+//! agent with the messages it receives and sends (`#[agent(receives = [..], sends = [..])]`), run the
+//! agents on a [`Runtime`] over a router — [`MemoryRouter`] here, Redis or RabbitMQ from their own
+//! crates — and the compiler refuses an agent that sends what it did not declare.
+//!
+//! ```
+//! use std::time::Duration;
+//! use agentcomm_core::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Serialize, Deserialize, Message)]
+//! #[message(direction = "request")]
+//! struct PaymentRequest { amount: f64, user_id: String }
+//!
+//! #[derive(Debug, Serialize, Deserialize, Message)]
+//! #[message(direction = "response")]
+//! struct PaymentResponse { success: bool, transaction_id: String }
+//!
+//! #[agent(receives = [PaymentRequest], sends = [PaymentResponse])]
+//! struct PaymentAgent;
+//!
+//! impl Handle<PaymentRequest> for PaymentAgent {
+//!     async fn handle(&self, request: PaymentRequest, ctx: &Context<Self>) -> HandlerResult {
+//!         let transaction_id = format!("TXN-{}", ctx.message_id());
+//!         ctx.reply(PaymentResponse { success: request.amount > 0.0, transaction_id }).await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! #[agent(sends = [PaymentRequest])]
+//! struct PaymentClient;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> agentcomm_core::Result<()> {
+//! let runtime = Runtime::new(MemoryRouter::new());
+//! runtime.spawn(PaymentAgent).await?;
+//! let client = runtime.publisher::<PaymentClient>();
+//! let response: PaymentResponse = client
+//!     .request("session456", PaymentRequest { amount: 100.0, user_id: "user123".into() })
+//!     .await?;
+//! assert!(response.success);
+//! runtime.shutdown(Duration::from_secs(5)).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The modules follow the concepts: [`message`], [`channel`], [`envelope`], [`codec`], [`router`] (the
+//! contract backends implement), [`memory`], [`agent`], [`runtime`], [`bus`], [`logging`], [`config`],
+//! [`error`].
+
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+// Lets the derive macros' `::agentcomm_core::...` paths resolve inside this crate's own tests.
+#[allow(unused_extern_crates)]
+extern crate self as agentcomm_core;
+
+pub mod agent;
+pub mod backoff;
+pub mod bus;
+pub mod channel;
+pub mod codec;
+pub mod config;
+pub mod envelope;
+pub mod error;
+pub mod logging;
+pub mod memory;
+pub mod message;
+pub mod router;
+pub mod runtime;
+
+pub use agent::{Agent, Context, Handle, HandlerError, HandlerResult, Publisher, Sends};
+pub use bus::Bus;
+pub use channel::{Channel, ChannelPattern, parse_channel};
+pub use codec::Codec;
+pub use envelope::{Envelope, MessageId};
+pub use error::{Error, Result};
+pub use memory::MemoryRouter;
+pub use message::{Message, ValidationError};
+pub use router::{Capabilities, Router};
+pub use runtime::{AgentHandle, AgentOptions, Runtime};
+
+/// `#[derive(Message)]`: see [`message`].
+#[cfg(feature = "derive")]
+pub use agentcomm_derive::Message;
+/// `#[agent(receives = [..], sends = [..])]`: see [`agent`].
+#[cfg(feature = "derive")]
+pub use agentcomm_derive::agent;
+
+/// What most users need, in one import: `use agentcomm_core::prelude::*;`.
+pub mod prelude {
+    pub use crate::agent::{Agent, Context, Handle, HandlerError, HandlerResult, Publisher, Sends};
+    pub use crate::channel::{Channel, ChannelPattern, parse_channel};
+    pub use crate::codec::Codec;
+    pub use crate::envelope::Envelope;
+    pub use crate::error::{Error, Result};
+    pub use crate::memory::MemoryRouter;
+    pub use crate::message::{Message, ValidationError};
+    pub use crate::router::Router;
+    pub use crate::runtime::{AgentOptions, Runtime};
+    #[cfg(feature = "derive")]
+    pub use agentcomm_derive::{Message, agent};
+}
+
+/// Paths the derive macros generate code against. Not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::agent::{Agent, Context, Handle, HandlerResult, Rejection, Sends};
+    pub use crate::channel::{ChannelPattern, ChannelTemplate, TemplatePart};
+    pub use crate::error::Result;
+    pub use crate::message::{Message, ValidationError, rules};
+    pub use crate::router::BoxFuture;
+    pub use crate::runtime::decode_message;
+    pub use std::boxed::Box;
+    pub use std::option::Option::{self, None, Some};
+    pub use std::result::Result::{Err, Ok};
+    pub use std::vec::Vec;
+
+    /// The error of a delivered class the agent does not declare.
+    pub fn undeclared(agent: &'static str, class: &str) -> Rejection {
+        Rejection {
+            reason: crate::envelope::headers::REASON_UNDECLARED_CLASS,
+            error: crate::error::Error::MessageClassNotRegistered {
+                class: class.to_string(),
+                registry: format!("agent '{agent}' (it does not declare this class in `receives`)"),
+            },
+        }
+    }
+
+    /// Fails to compile unless `M` is a message.
+    pub const fn assert_message<M: Message>() {}
+
+    /// Fails to compile unless `A` handles `M`.
+    pub const fn assert_handles<A: Handle<M>, M: Message>() {}
+}

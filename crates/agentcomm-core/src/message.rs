@@ -1,0 +1,220 @@
+//! Messages: the typed payloads agents exchange.
+//!
+//! Derive [`Message`] on a serde type; the derive gives it a class name (the type's name unless
+//! `#[message(name = "...")]` says otherwise), a channel template (checked when it compiles), a default
+//! direction and optional validation rules:
+//!
+//! ```
+//! use agentcomm_core::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, Serialize, Deserialize, Message)]
+//! #[message(direction = "request", validate = Self::check)]
+//! struct PaymentRequest {
+//!     #[message(min = 0.01)]
+//!     amount: f64,
+//!     #[message(non_empty)]
+//!     user_id: String,
+//! }
+//!
+//! impl PaymentRequest {
+//!     fn check(&self) -> Result<(), ValidationError> {
+//!         if self.amount > 10_000.0 && self.user_id.starts_with("guest") {
+//!             return Err(ValidationError::new("amount", "guest_limit").with_detail("guests pay at most 10000"));
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! assert_eq!(PaymentRequest::CLASS, "PaymentRequest");
+//! let bad = PaymentRequest { amount: 0.0, user_id: "u1".into() };
+//! let error = bad.validate().unwrap_err();
+//! assert_eq!((error.field(), error.rule()), ("amount", "min"));
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::channel::{Channel, ChannelPattern, ChannelTemplate};
+use crate::error::Result;
+
+/// A typed message. Derive it with `#[derive(Message)]`; do not implement it by hand unless you know
+/// the class name and template rules (the derive checks them when your crate compiles).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an agentcomm Message",
+    label = "not a Message",
+    note = "derive it: `#[derive(Serialize, Deserialize, Message)]` on `{Self}`"
+)]
+pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The class name: stable, unique in the system, and the first component of the channel.
+    const CLASS: &'static str;
+
+    /// How channels of this message are named on the broker.
+    const TEMPLATE: ChannelTemplate = ChannelTemplate::DEFAULT;
+
+    /// The direction used when a message is published without one (`#[message(direction = "...")]`).
+    const DIRECTION: &'static str = "event";
+
+    /// Checks the message's own rules. Run before every publish and after every decode; a message that
+    /// fails is never published and never reaches a handler.
+    fn validate(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+
+    /// The channel of this message type for `direction` and `session`.
+    fn channel(direction: &str, session: &str) -> Result<Channel>
+    where
+        Self: Sized,
+    {
+        Channel::for_message::<Self>(direction, session)
+    }
+
+    /// The pattern matching every channel of this message type (any direction, any session).
+    fn pattern() -> ChannelPattern
+    where
+        Self: Sized,
+    {
+        ChannelPattern::for_message::<Self>(None, None)
+            .expect("a pattern with only the class fixed is valid for a derived message")
+    }
+}
+
+/// A message that broke one of its rules: which field, which rule, and optionally why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationError {
+    field: Cow<'static, str>,
+    rule: Cow<'static, str>,
+    detail: Option<String>,
+}
+
+impl ValidationError {
+    /// `field` broke `rule`.
+    pub fn new(field: impl Into<Cow<'static, str>>, rule: impl Into<Cow<'static, str>>) -> Self {
+        ValidationError {
+            field: field.into(),
+            rule: rule.into(),
+            detail: None,
+        }
+    }
+
+    /// Adds an explanation for the user.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// The field that broke the rule.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// The rule that was broken.
+    pub fn rule(&self) -> &str {
+        &self.rule
+    }
+
+    /// The explanation, if any.
+    pub fn detail(&self) -> Option<&str> {
+        self.detail.as_deref()
+    }
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "field `{}` breaks rule `{}`", self.field, self.rule)?;
+        if let Some(detail) = &self.detail {
+            write!(f, ": {detail}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ValidationError {}
+
+/// Checks used by the derive's field rules. Not for direct use.
+#[doc(hidden)]
+pub mod rules {
+    use super::ValidationError;
+
+    /// A value that can be empty.
+    pub trait IsEmpty {
+        /// Whether it is empty.
+        fn rule_is_empty(&self) -> bool;
+    }
+    impl IsEmpty for String {
+        fn rule_is_empty(&self) -> bool {
+            self.trim().is_empty()
+        }
+    }
+    impl IsEmpty for str {
+        fn rule_is_empty(&self) -> bool {
+            self.trim().is_empty()
+        }
+    }
+    impl<T> IsEmpty for Vec<T> {
+        fn rule_is_empty(&self) -> bool {
+            self.is_empty()
+        }
+    }
+    impl<K, V> IsEmpty for std::collections::HashMap<K, V> {
+        fn rule_is_empty(&self) -> bool {
+            self.is_empty()
+        }
+    }
+    impl<K, V> IsEmpty for std::collections::BTreeMap<K, V> {
+        fn rule_is_empty(&self) -> bool {
+            self.is_empty()
+        }
+    }
+    impl<T: IsEmpty> IsEmpty for Option<T> {
+        fn rule_is_empty(&self) -> bool {
+            self.as_ref().is_none_or(IsEmpty::rule_is_empty)
+        }
+    }
+
+    /// `non_empty`.
+    pub fn non_empty<T: IsEmpty + ?Sized>(
+        field: &'static str,
+        value: &T,
+    ) -> Result<(), ValidationError> {
+        if value.rule_is_empty() {
+            Err(ValidationError::new(field, "non_empty").with_detail("must not be empty"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `min = bound`.
+    pub fn min<T: PartialOrd + std::fmt::Debug>(
+        field: &'static str,
+        value: &T,
+        bound: T,
+    ) -> Result<(), ValidationError> {
+        // `!(value >= bound)` so that NaN fails too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        if !(*value >= bound) {
+            Err(ValidationError::new(field, "min")
+                .with_detail(format!("must be at least {bound:?}, got {value:?}")))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `max = bound`.
+    pub fn max<T: PartialOrd + std::fmt::Debug>(
+        field: &'static str,
+        value: &T,
+        bound: T,
+    ) -> Result<(), ValidationError> {
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        if !(*value <= bound) {
+            Err(ValidationError::new(field, "max")
+                .with_detail(format!("must be at most {bound:?}, got {value:?}")))
+        } else {
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,994 @@
+//! The agent runtime: subscribes agents to what they receive, decodes, validates and dispatches,
+//! acknowledges, retries with backoff, dead-letters, and shuts down gracefully.
+//!
+//! ```
+//! use std::time::Duration;
+//! use agentcomm_core::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Serialize, Deserialize, Message)]
+//! #[message(direction = "request")]
+//! struct Ping { n: u32 }
+//!
+//! #[derive(Debug, Serialize, Deserialize, Message)]
+//! struct Pong { n: u32 }
+//!
+//! #[agent(receives = [Ping], sends = [Pong])]
+//! struct Echo;
+//!
+//! impl Handle<Ping> for Echo {
+//!     async fn handle(&self, ping: Ping, ctx: &Context<Self>) -> HandlerResult {
+//!         ctx.reply(Pong { n: ping.n }).await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! #[agent(sends = [Ping])]
+//! struct Client;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> agentcomm_core::Result<()> {
+//! let runtime = Runtime::new(MemoryRouter::new());
+//! runtime.spawn(Echo).await?;
+//! let pong: Pong = runtime.publisher::<Client>().request("session-1", Ping { n: 7 }).await?;
+//! assert_eq!(pong.n, 7);
+//! runtime.shutdown(Duration::from_secs(5)).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::hash_map::DefaultHasher;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::agent::{Agent, Context, HandlerError, Publisher, Rejection};
+use crate::backoff::Backoff;
+use crate::bus::{Bus, DEFAULT_REQUEST_TIMEOUT};
+use crate::codec::Codec;
+use crate::envelope::{Envelope, MessageId, headers};
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::router::{
+    Delivery, Distribution, Health, HealthStatus, NackAction, Router, SharedRouter,
+    SubscribeOptions, Subscription, SubscriptionCloser,
+};
+
+/// Decodes and validates the payload of `envelope` as `M`. A failure is a [`Rejection`]: the message is
+/// dead-lettered at once.
+pub fn decode_message<M: Message>(envelope: &Envelope) -> Result<M, Rejection> {
+    let codec = Codec::from_content_type(envelope.content_type()).ok_or_else(|| Rejection {
+        reason: headers::REASON_UNDECODABLE,
+        error: Error::decode(
+            M::CLASS,
+            format!(
+                "content type '{}' is not one agentcomm reads (application/msgpack, application/json)",
+                envelope.content_type()
+            ),
+        ),
+    })?;
+    let message: M = codec
+        .decode(M::CLASS, envelope.payload())
+        .map_err(|error| Rejection {
+            reason: headers::REASON_UNDECODABLE,
+            error,
+        })?;
+    message.validate().map_err(|source| Rejection {
+        reason: headers::REASON_INVALID,
+        error: Error::Validation {
+            class: M::CLASS.to_string(),
+            source,
+        },
+    })?;
+    Ok(message)
+}
+
+/// How one agent runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AgentOptions {
+    /// Receive only this session's messages (all sessions when `None`).
+    pub session: Option<String>,
+    /// Fan-out or a named group; `None` is a group named after the agent, so that instances of one
+    /// agent share the work and different agents each get every message.
+    pub distribution: Option<Distribution>,
+    /// How many messages are handled at once. Messages of one session are always handled in order.
+    pub concurrency: usize,
+    /// How many deliveries may wait unsettled.
+    pub prefetch: usize,
+    /// Attempts before a failing message is dead-lettered (at least 1).
+    pub max_attempts: u32,
+    /// Delay between attempts.
+    pub backoff: Backoff,
+    /// A handler running longer than this fails (and is retried); `None` lets it run forever.
+    pub handler_timeout: Option<Duration>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            session: None,
+            distribution: None,
+            concurrency: 1,
+            prefetch: SubscribeOptions::DEFAULT_PREFETCH,
+            max_attempts: 5,
+            backoff: Backoff::default(),
+            handler_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl AgentOptions {
+    /// The defaults: all sessions, a group named after the agent, one message at a time, prefetch 256,
+    /// 5 attempts with backoff from 100 ms to 30 s, handlers limited to 60 s.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Receives only `session`'s messages.
+    pub fn session(mut self, session: impl Into<String>) -> Self {
+        self.session = Some(session.into());
+        self
+    }
+
+    /// Every instance gets a copy of every message (no group).
+    pub fn fan_out(mut self) -> Self {
+        self.distribution = Some(Distribution::FanOut);
+        self
+    }
+
+    /// Joins the named group instead of the agent's own.
+    pub fn group(mut self, name: impl Into<String>) -> Self {
+        self.distribution = Some(Distribution::Group(name.into()));
+        self
+    }
+
+    /// Handles up to `concurrency` messages at once (at least 1); one session's stay in order.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Sets the prefetch (at least 1).
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// Sets the number of attempts before dead-lettering (at least 1).
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
+    }
+
+    /// Sets the backoff between attempts.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Sets the handler time limit (`None`: no limit).
+    pub fn handler_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.handler_timeout = timeout;
+        self
+    }
+}
+
+/// Builds a [`Runtime`].
+pub struct RuntimeBuilder {
+    router: SharedRouter,
+    codec: Codec,
+    request_timeout: Duration,
+}
+
+impl fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("backend", &self.router.backend())
+            .field("codec", &self.codec)
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
+impl RuntimeBuilder {
+    /// Encodes payloads with `codec` (MessagePack by default). Receivers read either.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// How long requests wait for replies unless told otherwise (30 s by default).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Builds the runtime.
+    pub fn build(self) -> Runtime {
+        Runtime {
+            inner: Arc::new(RuntimeInner {
+                bus: Bus::new(self.router, self.codec, self.request_timeout),
+                agents: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+}
+
+/// Runs agents on a router.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+struct RuntimeInner {
+    bus: Bus,
+    agents: Mutex<Vec<AgentHandle>>,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("bus", &self.inner.bus)
+            .field(
+                "agents",
+                &self.inner.agents.lock().expect("runtime lock").len(),
+            )
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// A runtime on `router` with the defaults (MessagePack, 30 s request timeout).
+    pub fn new(router: impl Router) -> Self {
+        Self::builder(router).build()
+    }
+
+    /// A runtime builder on `router`.
+    pub fn builder(router: impl Router) -> RuntimeBuilder {
+        Self::builder_shared(Arc::new(router))
+    }
+
+    /// A runtime builder on a router already shared.
+    pub fn builder_shared(router: SharedRouter) -> RuntimeBuilder {
+        RuntimeBuilder {
+            router,
+            codec: Codec::default(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+
+    /// The bus: publishes any message, without an agent's contract (for tests and tools).
+    pub fn bus(&self) -> &Bus {
+        &self.inner.bus
+    }
+
+    /// The router.
+    pub fn router(&self) -> &SharedRouter {
+        self.inner.bus.router()
+    }
+
+    /// Publishes on behalf of agent `A`, within what `A` declares it sends.
+    pub fn publisher<A: Agent>(&self) -> Publisher<A> {
+        Publisher::new(self.inner.bus.clone())
+    }
+
+    /// Starts `agent` with the default options.
+    pub async fn spawn<A: Agent>(&self, agent: A) -> Result<AgentHandle> {
+        self.spawn_with(agent, AgentOptions::default()).await
+    }
+
+    /// Starts `agent`: subscribes it to every class it receives, then dispatches what arrives.
+    pub async fn spawn_with<A: Agent>(
+        &self,
+        agent: A,
+        options: AgentOptions,
+    ) -> Result<AgentHandle> {
+        if A::RECEIVES.is_empty() {
+            return Err(Error::InvalidAgent {
+                agent: A::NAME.to_string(),
+                reason:
+                    "it receives nothing, so there is nothing to run: declare `receives = [...]`, \
+                         or use `runtime.publisher::<Agent>()` to only send"
+                        .into(),
+            });
+        }
+        if let Some((index, class)) = A::RECEIVES
+            .iter()
+            .enumerate()
+            .find(|(index, class)| A::RECEIVES[..*index].contains(class))
+        {
+            let _ = index;
+            return Err(Error::InvalidAgent {
+                agent: A::NAME.to_string(),
+                reason: format!(
+                    "two received types have the class name '{class}', so a delivery could not be told apart;                      give one of them another name with #[message(name = \"...\")]"
+                ),
+            });
+        }
+        let router = self.router();
+        let distribution = options
+            .distribution
+            .clone()
+            .unwrap_or_else(|| Distribution::Group(A::NAME.to_string()));
+        if matches!(distribution, Distribution::Group(_)) && !router.capabilities().consumer_groups
+        {
+            return Err(Error::Unsupported {
+                backend: router.backend().to_string(),
+                feature: "consumer groups",
+                fix: "spawn the agent with `AgentOptions::new().fan_out()` (every instance then gets every message), \
+                      or use a backend with consumer groups",
+            });
+        }
+        let patterns = A::__receive_patterns(options.session.as_deref())?;
+        let mut subscribe = SubscribeOptions::patterns(patterns).prefetch(options.prefetch);
+        subscribe.distribution = distribution;
+        let subscription = router.subscribe(subscribe).await?;
+        let stats = Arc::new(AgentStats::default());
+        let (phase_sender, phase) = watch::channel(Phase::Running);
+        tracing::info!(
+            agent = A::NAME,
+            receives = ?A::RECEIVES,
+            sends = ?A::SENDS,
+            subscription = subscription.description(),
+            concurrency = options.concurrency,
+            "agent started"
+        );
+        let description = subscription.description().to_string();
+        let closer = subscription.closer();
+        let shared = Arc::new(AgentShared {
+            agent,
+            bus: self.inner.bus.clone(),
+            options,
+            stats: stats.clone(),
+        });
+        let task = tokio::spawn(run(shared, subscription, phase));
+        let handle = AgentHandle {
+            inner: Arc::new(AgentHandleInner {
+                name: A::NAME,
+                receives: A::RECEIVES,
+                sends: A::SENDS,
+                subscription: description,
+                stats,
+                closer,
+                phase: phase_sender,
+                task: tokio::sync::Mutex::new(Some(task)),
+            }),
+        };
+        self.inner
+            .agents
+            .lock()
+            .expect("runtime lock")
+            .push(handle.clone());
+        Ok(handle)
+    }
+
+    /// The handles of the agents started on this runtime.
+    pub fn agents(&self) -> Vec<AgentHandle> {
+        self.inner.agents.lock().expect("runtime lock").clone()
+    }
+
+    /// The health of the router and of every agent.
+    pub async fn health(&self) -> RuntimeHealth {
+        let router = self.router().health().await;
+        let agents: Vec<AgentHealth> = self.agents().iter().map(AgentHandle::health).collect();
+        let status = agents
+            .iter()
+            .map(|a| a.status)
+            .chain([router.status])
+            .max()
+            .unwrap_or(HealthStatus::Healthy);
+        RuntimeHealth {
+            status,
+            router,
+            agents,
+        }
+    }
+
+    /// Stops every agent (each stops taking messages, finishes what it holds within `deadline`, and
+    /// acknowledges it), then closes the router.
+    pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
+        let agents = self.agents();
+        let reports =
+            futures::future::join_all(agents.iter().map(|agent| agent.stop(deadline))).await;
+        let mut total = ShutdownReport::default();
+        for report in reports {
+            total.add(&report);
+        }
+        self.router().close().await?;
+        tracing::info!(
+            handled = total.handled,
+            requeued = total.requeued,
+            aborted = total.aborted,
+            "runtime shut down"
+        );
+        Ok(total)
+    }
+}
+
+/// The health of a runtime: the router's and each agent's.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RuntimeHealth {
+    /// The worst of all.
+    pub status: HealthStatus,
+    /// The router's.
+    pub router: Health,
+    /// Each agent's.
+    pub agents: Vec<AgentHealth>,
+}
+
+/// What a graceful stop did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Messages handled while stopping (taken before the stop, finished before the deadline).
+    pub handled: u64,
+    /// Messages given back to the backend unhandled (buffered when the deadline came).
+    pub requeued: u64,
+    /// Handlers cut off by the deadline (their messages are given back to the backend).
+    pub aborted: u64,
+}
+
+impl ShutdownReport {
+    fn add(&mut self, other: &ShutdownReport) {
+        self.handled += other.handled;
+        self.requeued += other.requeued;
+        self.aborted += other.aborted;
+    }
+}
+
+/// Where an agent is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AgentState {
+    /// Taking and handling messages.
+    Running,
+    /// Finishing what it holds before stopping.
+    Stopping,
+    /// Stopped.
+    Stopped,
+}
+
+/// An agent's health: its state and counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AgentHealth {
+    /// The agent's name.
+    pub name: &'static str,
+    /// Healthy while running; degraded when stopping or when its subscription ended on its own;
+    /// unhealthy when stopped.
+    pub status: HealthStatus,
+    /// Its state.
+    pub state: AgentState,
+    /// The classes it receives.
+    pub receives: &'static [&'static str],
+    /// The classes it sends.
+    pub sends: &'static [&'static str],
+    /// Its subscription.
+    pub subscription: String,
+    /// Deliveries received.
+    pub received: u64,
+    /// Messages handled successfully (acknowledged).
+    pub handled: u64,
+    /// Handler failures (errors, panics, timeouts), each attempt counted.
+    pub failed: u64,
+    /// Of those, panics.
+    pub panicked: u64,
+    /// Retries scheduled.
+    pub retried: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Dead letters the backend did not keep (nothing subscribed to them on a non-persistent backend).
+    pub dead_letters_unkept: u64,
+    /// Messages refused before their handler (undecodable, invalid, undeclared class).
+    pub rejected: u64,
+    /// Acknowledgements that failed (the broker may deliver those messages again).
+    pub ack_failures: u64,
+    /// Handlers running now.
+    pub in_flight: u64,
+}
+
+#[derive(Debug, Default)]
+struct AgentStats {
+    received: AtomicU64,
+    handled: AtomicU64,
+    failed: AtomicU64,
+    panicked: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    dead_letters_unkept: AtomicU64,
+    rejected: AtomicU64,
+    ack_failures: AtomicU64,
+    in_flight: AtomicU64,
+    state: AtomicU8,
+    ended_on_its_own: std::sync::atomic::AtomicBool,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Controls a running agent.
+#[derive(Clone)]
+pub struct AgentHandle {
+    inner: Arc<AgentHandleInner>,
+}
+
+struct AgentHandleInner {
+    name: &'static str,
+    receives: &'static [&'static str],
+    sends: &'static [&'static str],
+    subscription: String,
+    stats: Arc<AgentStats>,
+    closer: SubscriptionCloser,
+    phase: watch::Sender<Phase>,
+    task: tokio::sync::Mutex<Option<JoinHandle<ShutdownReport>>>,
+}
+
+impl fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentHandle")
+            .field("name", &self.inner.name)
+            .field("subscription", &self.inner.subscription)
+            .finish()
+    }
+}
+
+const STATE_RUNNING: u8 = 0;
+const STATE_STOPPING: u8 = 1;
+const STATE_STOPPED: u8 = 2;
+
+impl AgentHandle {
+    /// The agent's name.
+    pub fn name(&self) -> &'static str {
+        self.inner.name
+    }
+
+    /// The agent's health.
+    pub fn health(&self) -> AgentHealth {
+        let stats = &self.inner.stats;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let state = match stats.state.load(Ordering::Acquire) {
+            STATE_RUNNING => AgentState::Running,
+            STATE_STOPPING => AgentState::Stopping,
+            _ => AgentState::Stopped,
+        };
+        let status = match state {
+            AgentState::Running if stats.ended_on_its_own.load(Ordering::Acquire) => {
+                HealthStatus::Unhealthy
+            }
+            AgentState::Running => HealthStatus::Healthy,
+            AgentState::Stopping => HealthStatus::Degraded,
+            AgentState::Stopped => HealthStatus::Unhealthy,
+        };
+        AgentHealth {
+            name: self.inner.name,
+            status,
+            state,
+            receives: self.inner.receives,
+            sends: self.inner.sends,
+            subscription: self.inner.subscription.clone(),
+            received: load(&stats.received),
+            handled: load(&stats.handled),
+            failed: load(&stats.failed),
+            panicked: load(&stats.panicked),
+            retried: load(&stats.retried),
+            dead_lettered: load(&stats.dead_lettered),
+            dead_letters_unkept: load(&stats.dead_letters_unkept),
+            rejected: load(&stats.rejected),
+            ack_failures: load(&stats.ack_failures),
+            in_flight: load(&stats.in_flight),
+        }
+    }
+
+    /// Stops the agent gracefully: it stops taking messages, finishes the ones it holds (handlers
+    /// running and deliveries already buffered) until `deadline`, acknowledges them, and gives back to
+    /// the backend whatever is left when the deadline comes. Stopping twice is harmless.
+    pub async fn stop(&self, deadline: Duration) -> ShutdownReport {
+        let inner = &self.inner;
+        let Some(task) = inner.task.lock().await.take() else {
+            return ShutdownReport::default();
+        };
+        inner.stats.state.store(STATE_STOPPING, Ordering::Release);
+        let until = Instant::now() + deadline;
+        let _ = inner.phase.send(Phase::Draining { until });
+        tracing::info!(agent = inner.name, deadline = ?deadline, "agent stopping");
+        if let Err(error) = inner.closer.close().await {
+            tracing::warn!(agent = inner.name, error = %error, "could not close the subscription cleanly");
+        }
+        // The task itself stops at the deadline; the margin covers settling what it still holds.
+        let abort = task.abort_handle();
+        let report = match tokio::time::timeout_at(until + Duration::from_secs(5), task).await {
+            Ok(Ok(report)) => report,
+            Ok(Err(error)) => {
+                tracing::error!(agent = inner.name, error = %error, "the agent task failed while stopping");
+                ShutdownReport::default()
+            }
+            Err(_) => {
+                abort.abort();
+                tracing::error!(
+                    agent = inner.name,
+                    "the agent did not stop in time and was aborted"
+                );
+                ShutdownReport {
+                    aborted: inner.stats.in_flight.load(Ordering::Relaxed),
+                    ..ShutdownReport::default()
+                }
+            }
+        };
+        inner.stats.state.store(STATE_STOPPED, Ordering::Release);
+        tracing::info!(
+            agent = inner.name,
+            handled = report.handled,
+            requeued = report.requeued,
+            aborted = report.aborted,
+            "agent stopped"
+        );
+        report
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining { until: Instant },
+}
+
+/// Completes when the agent is stopping and its deadline has passed.
+async fn deadline_passed(phase: &mut watch::Receiver<Phase>) {
+    loop {
+        let current = *phase.borrow_and_update();
+        match current {
+            Phase::Draining { until } => {
+                tokio::time::sleep_until(until).await;
+                return;
+            }
+            Phase::Running => {
+                if phase.changed().await.is_err() {
+                    // Nobody can stop this agent any more; it runs until its subscription ends.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+}
+
+fn is_stopping(phase: &watch::Receiver<Phase>) -> bool {
+    matches!(*phase.borrow(), Phase::Draining { .. })
+}
+
+struct AgentShared<A: Agent> {
+    agent: A,
+    bus: Bus,
+    options: AgentOptions,
+    stats: Arc<AgentStats>,
+}
+
+enum Outcome {
+    Handled,
+    Rejected(Rejection),
+    Failed(HandlerError),
+    Panicked(String),
+    TimedOut(Duration),
+}
+
+async fn run<A: Agent>(
+    shared: Arc<AgentShared<A>>,
+    mut subscription: Subscription,
+    phase: watch::Receiver<Phase>,
+) -> ShutdownReport {
+    let report = if shared.options.concurrency <= 1 {
+        let mut report = ShutdownReport::default();
+        let mut phase = phase;
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = deadline_passed(&mut phase) => break,
+                next = subscription.next() => next,
+            };
+            let Some(delivery) = next else { break };
+            if !shared
+                .process_until_deadline(delivery, &mut phase, &mut report)
+                .await
+            {
+                break;
+            }
+        }
+        report.requeued += give_back(&mut subscription);
+        report
+    } else {
+        run_workers(shared.clone(), &mut subscription, phase).await
+    };
+    if shared.stats.state.load(Ordering::Acquire) == STATE_RUNNING {
+        shared.stats.ended_on_its_own.store(true, Ordering::Release);
+        tracing::error!(
+            agent = A::NAME,
+            "the agent's subscription ended without a stop (the router was closed); the agent no longer receives"
+        );
+    }
+    report
+}
+
+/// Hands back what is still buffered: dropping a delivery unsettled gives it to the backend, which
+/// redelivers it where it can.
+fn give_back(subscription: &mut Subscription) -> u64 {
+    let mut count = 0;
+    while let Some(delivery) = subscription.try_next() {
+        drop(delivery);
+        count += 1;
+    }
+    count
+}
+
+async fn run_workers<A: Agent>(
+    shared: Arc<AgentShared<A>>,
+    subscription: &mut Subscription,
+    mut phase: watch::Receiver<Phase>,
+) -> ShutdownReport {
+    let workers = shared.options.concurrency;
+    let per_worker = (shared.options.prefetch / workers).max(1);
+    let mut senders = Vec::with_capacity(workers);
+    let mut tasks = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (sender, mut receiver) = mpsc::channel::<Delivery>(per_worker);
+        senders.push(sender);
+        let shared = shared.clone();
+        let mut phase = phase.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut report = ShutdownReport::default();
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = deadline_passed(&mut phase) => break,
+                    next = receiver.recv() => next,
+                };
+                let Some(delivery) = next else { break };
+                if !shared
+                    .process_until_deadline(delivery, &mut phase, &mut report)
+                    .await
+                {
+                    break;
+                }
+            }
+            receiver.close();
+            while let Ok(delivery) = receiver.try_recv() {
+                drop(delivery);
+                report.requeued += 1;
+            }
+            report
+        }));
+    }
+    let mut report = ShutdownReport::default();
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = deadline_passed(&mut phase) => break,
+            next = subscription.next() => next,
+        };
+        let Some(delivery) = next else { break };
+        let mut hasher = DefaultHasher::new();
+        delivery.envelope().session().hash(&mut hasher);
+        let worker = (hasher.finish() % workers as u64) as usize;
+        let sent = tokio::select! {
+            biased;
+            () = deadline_passed(&mut phase) => {
+                report.requeued += 1;
+                break;
+            }
+            sent = senders[worker].send(delivery) => sent,
+        };
+        if sent.is_err() {
+            break;
+        }
+    }
+    report.requeued += give_back(subscription);
+    drop(senders);
+    for task in tasks {
+        match task.await {
+            Ok(worker_report) => report.add(&worker_report),
+            Err(error) => {
+                tracing::error!(agent = A::NAME, error = %error, "an agent worker failed")
+            }
+        }
+    }
+    report
+}
+
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<A: Agent> AgentShared<A> {
+    /// Processes one delivery unless the stop deadline passes first; returns whether to go on.
+    async fn process_until_deadline(
+        &self,
+        delivery: Delivery,
+        phase: &mut watch::Receiver<Phase>,
+        report: &mut ShutdownReport,
+    ) -> bool {
+        let stopping = is_stopping(phase);
+        tokio::select! {
+            biased;
+            () = self.process(delivery) => {
+                if stopping || is_stopping(phase) {
+                    report.handled += 1;
+                }
+                true
+            }
+            () = deadline_passed(phase) => {
+                // Dropping the processing future drops the delivery unsettled: the backend gets it back.
+                report.aborted += 1;
+                tracing::warn!(agent = A::NAME, "stop deadline reached with a handler still running; its message is given back");
+                false
+            }
+        }
+    }
+
+    async fn process(&self, delivery: Delivery) {
+        let stats = &self.stats;
+        bump(&stats.received);
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&stats.in_flight);
+        let envelope = delivery.envelope();
+        let span = tracing::info_span!(
+            "message",
+            message_id = %envelope.id(),
+            class = envelope.class(),
+            session = envelope.session(),
+            agent = A::NAME,
+            attempt = envelope.attempt(),
+        );
+        async move {
+            tracing::debug!("received");
+            let outcome = self.run_handler(delivery.envelope().clone()).await;
+            self.settle(delivery, outcome).await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn run_handler(&self, envelope: Envelope) -> Outcome {
+        let context = Context::<A>::new(envelope, self.bus.clone());
+        let dispatched =
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.agent.__dispatch(&context)));
+        let handler = match dispatched {
+            Ok(Ok(handler)) => handler,
+            Ok(Err(rejection)) => return Outcome::Rejected(rejection),
+            Err(panic) => return Outcome::Panicked(panic_text(panic.as_ref())),
+        };
+        let guarded = AssertUnwindSafe(handler).catch_unwind();
+        let result = match self.options.handler_timeout {
+            Some(limit) => match tokio::time::timeout(limit, guarded).await {
+                Ok(result) => result,
+                Err(_) => return Outcome::TimedOut(limit),
+            },
+            None => guarded.await,
+        };
+        match result {
+            Ok(Ok(())) => Outcome::Handled,
+            Ok(Err(error)) => Outcome::Failed(error),
+            Err(panic) => Outcome::Panicked(panic_text(panic.as_ref())),
+        }
+    }
+
+    async fn settle(&self, delivery: Delivery, outcome: Outcome) {
+        let stats = &self.stats;
+        let error = match outcome {
+            Outcome::Handled => {
+                bump(&stats.handled);
+                if let Err(error) = delivery.ack().await {
+                    bump(&stats.ack_failures);
+                    tracing::warn!(error = %error, "handled, but the acknowledgement failed; the broker may deliver the message again");
+                }
+                return;
+            }
+            Outcome::Rejected(rejection) => {
+                bump(&stats.rejected);
+                self.dead_letter(delivery, rejection.reason, &rejection.error.to_string())
+                    .await;
+                return;
+            }
+            Outcome::Failed(error) if error.is_permanent() => {
+                bump(&stats.failed);
+                self.dead_letter(delivery, headers::REASON_REJECTED, &error.to_string())
+                    .await;
+                return;
+            }
+            Outcome::Failed(error) => error.to_string(),
+            Outcome::Panicked(text) => {
+                bump(&stats.panicked);
+                tracing::error!(panic = %text, "the handler panicked; handled as a failure");
+                format!("handler panicked: {text}")
+            }
+            Outcome::TimedOut(limit) => format!("handler timed out after {limit:?}"),
+        };
+        bump(&stats.failed);
+        let attempt = delivery.envelope().attempt();
+        let max_attempts = self.options.max_attempts;
+        if attempt < max_attempts {
+            let delay = self.options.backoff.delay(attempt);
+            bump(&stats.retried);
+            tracing::warn!(
+                error = %error,
+                attempt,
+                max_attempts,
+                retry_in_ms = delay.as_millis() as u64,
+                "handler failed; retrying"
+            );
+            if let Err(nack_error) = delivery.nack(NackAction::Retry { delay }).await {
+                tracing::error!(error = %nack_error, "could not schedule the retry; the broker keeps the message only if it is persistent");
+            }
+        } else {
+            self.dead_letter(delivery, headers::REASON_HANDLER_FAILED, &error)
+                .await;
+        }
+    }
+
+    async fn dead_letter(&self, delivery: Delivery, reason: &'static str, error: &str) {
+        let original = delivery.envelope();
+        let dead = original
+            .clone()
+            .with_id(MessageId::new())
+            .with_channel(original.channel().dead_letter())
+            .with_header(headers::DEAD_LETTER_REASON, reason)
+            .with_header(headers::ERROR, error)
+            .with_header(headers::ATTEMPTS, original.attempt().to_string())
+            .with_header(headers::AGENT, A::NAME)
+            .with_header(headers::ORIGINAL_ID, original.id().to_string())
+            .with_header(headers::ORIGINAL_CHANNEL, original.channel().name());
+        tracing::error!(
+            reason,
+            error,
+            attempts = original.attempt(),
+            dead_letter_channel = dead.channel().name(),
+            "dead-lettered"
+        );
+        match self.bus.router().publish(dead).await {
+            Ok(outcome) => {
+                bump(&self.stats.dead_lettered);
+                if outcome.is_unroutable() {
+                    bump(&self.stats.dead_letters_unkept);
+                    tracing::warn!(
+                        "the dead letter was not kept: nothing subscribes to DeadLetter channels and this backend does not store them"
+                    );
+                }
+                if let Err(error) = delivery.ack().await {
+                    bump(&self.stats.ack_failures);
+                    tracing::warn!(error = %error, "dead-lettered, but the acknowledgement failed; the broker may deliver the message again");
+                }
+            }
+            Err(publish_error) => {
+                // Never lose it: give it back for a later attempt rather than acknowledging.
+                let delay = self.options.backoff.delay(delivery.envelope().attempt());
+                tracing::error!(error = %publish_error, retry_in_ms = delay.as_millis() as u64, "could not publish the dead letter; the message is given back");
+                if let Err(error) = delivery.nack(NackAction::Retry { delay }).await {
+                    tracing::error!(error = %error, "could not give the message back either");
+                }
+            }
+        }
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a non-string panic payload".to_string()
+    }
+}

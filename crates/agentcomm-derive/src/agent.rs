@@ -1,0 +1,167 @@
+//! `#[agent(receives = [..], sends = [..])]`.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::parse::{ParseStream, Parser};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Item, LitStr, Token, Type};
+
+use crate::message::path_text;
+use crate::names::component_problem;
+
+#[derive(Default)]
+struct AgentArgs {
+    receives: Vec<Type>,
+    sends: Vec<Type>,
+    name: Option<LitStr>,
+}
+
+fn parse_args(input: ParseStream<'_>) -> syn::Result<AgentArgs> {
+    let mut args = AgentArgs::default();
+    let mut seen: Vec<String> = Vec::new();
+    while !input.is_empty() {
+        let key: syn::Path = input.parse()?;
+        let key_text = path_text(&key);
+        if seen.contains(&key_text) {
+            return Err(syn::Error::new(
+                key.span(),
+                format!("`{key_text}` is given twice"),
+            ));
+        }
+        input.parse::<Token![=]>()?;
+        match key_text.as_str() {
+            "receives" | "sends" => {
+                let content;
+                syn::bracketed!(content in input);
+                let types: Punctuated<Type, Token![,]> = Punctuated::parse_terminated(&content)?;
+                let list: Vec<Type> = types.into_iter().collect();
+                check_unique(&list, &key_text)?;
+                if key_text == "receives" {
+                    args.receives = list;
+                } else {
+                    args.sends = list;
+                }
+            }
+            "name" => args.name = Some(input.parse()?),
+            other => {
+                let hint = match other {
+                    "receive" | "recieves" | "recv" | "handles" | "messages" => {
+                        " (did you mean `receives`?)"
+                    }
+                    "send" | "sending_messages" | "publishes" | "emits" => {
+                        " (did you mean `sends`?)"
+                    }
+                    _ => "",
+                };
+                return Err(syn::Error::new(
+                    key.span(),
+                    format!(
+                        "unknown key `{other}` in #[agent(...)]{hint}; the keys are `receives = [..]`, `sends = [..]` and `name = \"..\"`"
+                    ),
+                ));
+            }
+        }
+        seen.push(key_text);
+        if !input.is_empty() {
+            input.parse::<Token![,]>()?;
+        }
+    }
+    Ok(args)
+}
+
+fn check_unique(types: &[Type], list: &str) -> syn::Result<()> {
+    for (index, ty) in types.iter().enumerate() {
+        let text = quote!(#ty).to_string();
+        if types[..index]
+            .iter()
+            .any(|earlier| quote!(#earlier).to_string() == text)
+        {
+            return Err(syn::Error::new(
+                ty.span(),
+                format!("`{}` is listed twice in `{list}`", text.replace(' ', "")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
+    let args = parse_args.parse2(args)?;
+    let Item::Struct(structure) = &item else {
+        return Err(syn::Error::new(
+            Span::call_site(),
+            "#[agent(...)] goes on a struct: the agent's state (use a unit struct `struct MyAgent;` when it has none)",
+        ));
+    };
+    let ident = &structure.ident;
+    let (impl_generics, type_generics, where_clause) = structure.generics.split_for_impl();
+    let name = match &args.name {
+        Some(name) => {
+            if let Some(problem) = component_problem(&name.value()) {
+                return Err(syn::Error::new(
+                    name.span(),
+                    format!("`{}` cannot be an agent name: {problem}", name.value()),
+                ));
+            }
+            name.value()
+        }
+        None => ident.to_string(),
+    };
+    let core = quote!(::agentcomm_core::__private);
+
+    let receives = &args.receives;
+    let sends = &args.sends;
+    let received_classes = receives
+        .iter()
+        .map(|ty| quote_spanned!(ty.span()=> <#ty as #core::Message>::CLASS));
+    let sent_classes = sends
+        .iter()
+        .map(|ty| quote_spanned!(ty.span()=> <#ty as #core::Message>::CLASS));
+    let patterns = receives.iter().map(|ty| {
+        quote_spanned!(ty.span()=> #core::ChannelPattern::for_message::<#ty>(#core::None, session)?)
+    });
+    let dispatch_arms = receives.iter().map(|ty| {
+        quote_spanned! {ty.span()=>
+            if class == <#ty as #core::Message>::CLASS {
+                let message = #core::decode_message::<#ty>(ctx.envelope())?;
+                return #core::Ok(#core::Box::pin(<Self as #core::Handle<#ty>>::handle(self, message, ctx)));
+            }
+        }
+    });
+    let sends_impls = sends.iter().map(|ty| {
+        quote_spanned! {ty.span()=>
+            #[automatically_derived]
+            impl #impl_generics #core::Sends<#ty> for #ident #type_generics #where_clause {}
+        }
+    });
+
+    Ok(quote! {
+        #item
+
+        #[automatically_derived]
+        impl #impl_generics #core::Agent for #ident #type_generics #where_clause {
+            const NAME: &'static str = #name;
+            const RECEIVES: &'static [&'static str] = &[#(#received_classes),*];
+            const SENDS: &'static [&'static str] = &[#(#sent_classes),*];
+
+            fn __receive_patterns(
+                session: #core::Option<&str>,
+            ) -> #core::Result<#core::Vec<#core::ChannelPattern>> {
+                let _ = session;
+                #core::Ok(::std::vec![#(#patterns),*])
+            }
+
+            fn __dispatch<'a>(
+                &'a self,
+                ctx: &'a #core::Context<Self>,
+            ) -> #core::Result<#core::BoxFuture<'a, #core::HandlerResult>, #core::Rejection> {
+                let class = ctx.envelope().class();
+                #(#dispatch_arms)*
+                #core::Err(#core::undeclared(<Self as #core::Agent>::NAME, class))
+            }
+        }
+
+        #(#sends_impls)*
+    })
+}

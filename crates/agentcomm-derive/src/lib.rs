@@ -1,0 +1,36 @@
+//! Procedural macros of agentcomm: `#[derive(Message)]` and `#[agent(...)]`.
+//!
+//! Use them through `agentcomm-core` (`use agentcomm_core::prelude::*;`), which re-exports them and
+//! whose documentation describes them. This crate is a thin shell: the logic lives in plain functions
+//! (`message`, `agent`, `template`) that unit tests call directly.
+
+#![deny(missing_docs)]
+
+mod agent;
+mod message;
+mod names;
+mod template;
+
+use proc_macro::TokenStream;
+
+/// Derives `agentcomm_core::Message`.
+///
+/// Container attributes: `#[message(name = "Class", channel = "template", direction = "request",
+/// validate = path::to::fn)]`. Field attributes: `#[message(non_empty)]`, `#[message(min = 0)]`,
+/// `#[message(max = 100)]`.
+#[proc_macro_derive(Message, attributes(message))]
+pub fn derive_message(input: TokenStream) -> TokenStream {
+    let input = syn::parse_macro_input!(input as syn::DeriveInput);
+    message::expand(input)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Declares an agent: `#[agent(receives = [A, B], sends = [C], name = "Optional")]` on a struct.
+#[proc_macro_attribute]
+pub fn agent(args: TokenStream, item: TokenStream) -> TokenStream {
+    let item = syn::parse_macro_input!(item as syn::Item);
+    agent::expand(args.into(), item)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}

@@ -1,0 +1,216 @@
+//! `#[derive(Message)]`.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Data, DeriveInput, Expr, Fields, LitStr, Path};
+
+use crate::names::{class_problem, component_problem};
+use crate::template::{self, Part};
+
+#[derive(Default)]
+struct ContainerOptions {
+    name: Option<LitStr>,
+    channel: Option<LitStr>,
+    direction: Option<LitStr>,
+    validate: Option<Path>,
+}
+
+enum FieldRule {
+    NonEmpty,
+    Min(Expr),
+    Max(Expr),
+}
+
+pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
+    let ident = &input.ident;
+    if !input.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            input.generics.span(),
+            "a Message cannot be generic: every instantiation would share one class name; \
+             define one concrete type per message",
+        ));
+    }
+    let options = container_options(&input)?;
+
+    let class = match &options.name {
+        Some(name) => name.value(),
+        None => ident.to_string(),
+    };
+    let class_span = options.name.as_ref().map_or(ident.span(), LitStr::span);
+    if let Some(problem) = class_problem(&class) {
+        let fix = if options.name.is_some() {
+            "choose another name"
+        } else {
+            "set one with #[message(name = \"...\")]"
+        };
+        return Err(syn::Error::new(
+            class_span,
+            format!("`{class}` cannot be a message class: {problem}; {fix}"),
+        ));
+    }
+
+    let template = match &options.channel {
+        Some(literal) => {
+            let parts = template::parse(&literal.value())
+                .map_err(|message| syn::Error::new(literal.span(), message))?;
+            let parts = parts.iter().map(|part| match part {
+                Part::Literal(text) => {
+                    quote!(::agentcomm_core::__private::TemplatePart::Literal(#text))
+                }
+                Part::Class => quote!(::agentcomm_core::__private::TemplatePart::Class),
+                Part::Direction => quote!(::agentcomm_core::__private::TemplatePart::Direction),
+                Part::Session => quote!(::agentcomm_core::__private::TemplatePart::Session),
+            });
+            quote! {
+                const TEMPLATE: ::agentcomm_core::__private::ChannelTemplate =
+                    ::agentcomm_core::__private::ChannelTemplate::__from_checked_parts(#literal, &[#(#parts),*]);
+            }
+        }
+        None => TokenStream::new(),
+    };
+
+    let direction = match &options.direction {
+        Some(literal) => {
+            if let Some(problem) = component_problem(&literal.value()) {
+                return Err(syn::Error::new(
+                    literal.span(),
+                    format!("`{}` cannot be a direction: {problem}", literal.value()),
+                ));
+            }
+            quote!(const DIRECTION: &'static str = #literal;)
+        }
+        None => TokenStream::new(),
+    };
+
+    let mut checks = field_checks(&input)?;
+    if let Some(path) = &options.validate {
+        checks.push(quote_spanned! {path.span()=>
+            {
+                let check: fn(&Self) -> ::agentcomm_core::__private::Result<(), ::agentcomm_core::__private::ValidationError> = #path;
+                check(self)?;
+            }
+        });
+    }
+    let validate = if checks.is_empty() {
+        TokenStream::new()
+    } else {
+        quote! {
+            fn validate(&self) -> ::agentcomm_core::__private::Result<(), ::agentcomm_core::__private::ValidationError> {
+                #(#checks)*
+                ::agentcomm_core::__private::Ok(())
+            }
+        }
+    };
+
+    Ok(quote! {
+        #[automatically_derived]
+        impl ::agentcomm_core::__private::Message for #ident {
+            const CLASS: &'static str = #class;
+            #template
+            #direction
+            #validate
+        }
+    })
+}
+
+fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
+    let mut options = ContainerOptions::default();
+    for attribute in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
+        attribute.parse_nested_meta(|meta| {
+            let set_once = |slot: &mut Option<LitStr>, meta: &syn::meta::ParseNestedMeta<'_>| -> syn::Result<()> {
+                if slot.is_some() {
+                    return Err(meta.error("this key is given twice"));
+                }
+                *slot = Some(meta.value()?.parse()?);
+                Ok(())
+            };
+            if meta.path.is_ident("name") {
+                set_once(&mut options.name, &meta)
+            } else if meta.path.is_ident("channel") {
+                set_once(&mut options.channel, &meta)
+            } else if meta.path.is_ident("direction") {
+                set_once(&mut options.direction, &meta)
+            } else if meta.path.is_ident("validate") {
+                options.validate = Some(meta.value()?.parse()?);
+                Ok(())
+            } else {
+                Err(meta.error(format!(
+                    "unknown key `{}` in #[message(...)]; the keys are `name`, `channel`, `direction` and `validate`",
+                    path_text(&meta.path)
+                )))
+            }
+        })?;
+    }
+    Ok(options)
+}
+
+fn field_checks(input: &DeriveInput) -> syn::Result<Vec<TokenStream>> {
+    let mut checks = Vec::new();
+    let fields = match &input.data {
+        Data::Struct(data) => match &data.fields {
+            Fields::Named(named) => named.named.iter().collect::<Vec<_>>(),
+            other => {
+                if let Some(field) = other
+                    .iter()
+                    .find(|f| f.attrs.iter().any(|a| a.path().is_ident("message")))
+                {
+                    return Err(syn::Error::new(
+                        field.span(),
+                        "field rules need named fields: use a struct with named fields",
+                    ));
+                }
+                Vec::new()
+            }
+        },
+        _ => Vec::new(),
+    };
+    for field in fields {
+        let ident = field.ident.as_ref().expect("named fields have names");
+        let name = ident.to_string();
+        for rule in field_rules(field)? {
+            checks.push(match rule {
+                FieldRule::NonEmpty => quote_spanned! {ident.span()=>
+                    ::agentcomm_core::__private::rules::non_empty(#name, &self.#ident)?;
+                },
+                FieldRule::Min(bound) => quote_spanned! {bound.span()=>
+                    ::agentcomm_core::__private::rules::min(#name, &self.#ident, #bound)?;
+                },
+                FieldRule::Max(bound) => quote_spanned! {bound.span()=>
+                    ::agentcomm_core::__private::rules::max(#name, &self.#ident, #bound)?;
+                },
+            });
+        }
+    }
+    Ok(checks)
+}
+
+fn field_rules(field: &syn::Field) -> syn::Result<Vec<FieldRule>> {
+    let mut rules = Vec::new();
+    for attribute in field.attrs.iter().filter(|a| a.path().is_ident("message")) {
+        attribute.parse_nested_meta(|meta| {
+            if meta.path.is_ident("non_empty") {
+                rules.push(FieldRule::NonEmpty);
+            } else if meta.path.is_ident("min") {
+                rules.push(FieldRule::Min(meta.value()?.parse()?));
+            } else if meta.path.is_ident("max") {
+                rules.push(FieldRule::Max(meta.value()?.parse()?));
+            } else {
+                return Err(meta.error(format!(
+                    "unknown field rule `{}`; the rules are `non_empty`, `min = ..` and `max = ..`",
+                    path_text(&meta.path)
+                )));
+            }
+            Ok(())
+        })?;
+    }
+    Ok(rules)
+}
+
+pub fn path_text(path: &Path) -> String {
+    path.segments
+        .iter()
+        .map(|s| s.ident.to_string())
+        .collect::<Vec<_>>()
+        .join("::")
+}

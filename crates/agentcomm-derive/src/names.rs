@@ -1,0 +1,56 @@
+//! Checks of class names and directions, the same rules the runtime applies to channel components.
+
+/// The longest component, as in `agentcomm_core::channel::MAX_COMPONENT_LEN`.
+const MAX_COMPONENT_LEN: usize = 80;
+
+/// Why `value` cannot be a channel component, if it cannot.
+pub fn component_problem(value: &str) -> Option<String> {
+    if value.is_empty() {
+        return Some("it is empty".into());
+    }
+    if value.contains('*') {
+        return Some("'*' is the pattern wildcard".into());
+    }
+    if value.contains(':') {
+        return Some("':' separates channel components".into());
+    }
+    if let Some(c) = value.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Some(format!("it contains {c:?}"));
+    }
+    if value.len() > MAX_COMPONENT_LEN {
+        return Some(format!("it is longer than {MAX_COMPONENT_LEN} bytes"));
+    }
+    None
+}
+
+/// Why `class` cannot be a message class, if it cannot.
+pub fn class_problem(class: &str) -> Option<String> {
+    if let Some(problem) = component_problem(class) {
+        return Some(problem);
+    }
+    if class == "DeadLetter" {
+        return Some("`DeadLetter` is the class of dead-letter channels".into());
+    }
+    if class.starts_with("agentcomm.") {
+        return Some("the `agentcomm.` prefix is reserved".into());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_match_the_runtime() {
+        assert_eq!(component_problem("PaymentRequest"), None);
+        assert_eq!(component_problem("billing.v2"), None);
+        assert!(component_problem("").is_some());
+        assert!(component_problem("a:b").is_some());
+        assert!(component_problem("a*").is_some());
+        assert!(component_problem("a b").is_some());
+        assert!(component_problem(&"x".repeat(81)).is_some());
+        assert!(class_problem("DeadLetter").is_some());
+        assert!(class_problem("agentcomm.Thing").is_some());
+    }
+}

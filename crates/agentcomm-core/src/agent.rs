@@ -218,33 +218,50 @@ impl<A: Agent> Context<A> {
             .unwrap_or_else(|| self.envelope.id().to_string())
     }
 
+    // The public methods below check the contract in their bounds and return the boxed future of an
+    // unbounded private method: with `async fn` (or `impl Future`) the compiler would report a missing
+    // `Sends` three times per call (argument, call, await) instead of once.
+
     /// Publishes `message` to the current session, in `M`'s default direction.
-    pub async fn publish<M: Message>(&self, message: M) -> Result<PublishOutcome>
+    pub fn publish<M: Message>(&self, message: M) -> BoxFuture<'_, Result<PublishOutcome>>
     where
         A: Sends<M>,
     {
-        self.publish_to(M::DIRECTION, self.session(), message).await
+        Box::pin(self.publish_unchecked(M::DIRECTION, self.session().to_string(), message))
     }
 
     /// Sends `message` to another session, in `M`'s default direction.
-    pub async fn send_to<M: Message>(&self, session: &str, message: M) -> Result<PublishOutcome>
+    pub fn send_to<M: Message>(
+        &self,
+        session: &str,
+        message: M,
+    ) -> BoxFuture<'_, Result<PublishOutcome>>
     where
         A: Sends<M>,
     {
-        self.publish_to(M::DIRECTION, session, message).await
+        Box::pin(self.publish_unchecked(M::DIRECTION, session.to_string(), message))
     }
 
     /// Publishes `message` with an explicit direction and session.
-    pub async fn publish_to<M: Message>(
-        &self,
-        direction: &str,
+    pub fn publish_to<'a, M: Message>(
+        &'a self,
+        direction: &'a str,
         session: &str,
         message: M,
-    ) -> Result<PublishOutcome>
+    ) -> BoxFuture<'a, Result<PublishOutcome>>
     where
         A: Sends<M>,
     {
-        let channel = Channel::for_message::<M>(direction, session)?;
+        Box::pin(self.publish_unchecked(direction, session.to_string(), message))
+    }
+
+    async fn publish_unchecked<M: Message>(
+        &self,
+        direction: &str,
+        session: String,
+        message: M,
+    ) -> Result<PublishOutcome> {
+        let channel = Channel::for_message::<M>(direction, &session)?;
         let envelope = self
             .bus
             .envelope(channel, &message)?
@@ -255,10 +272,14 @@ impl<A: Agent> Context<A> {
     /// Replies to the message being handled: to its `reply_to` when it has one (a request), otherwise to
     /// `M`'s channel in direction `response` on the same session. The reply's correlation id is the
     /// request's id.
-    pub async fn reply<M: Message>(&self, message: M) -> Result<PublishOutcome>
+    pub fn reply<M: Message>(&self, message: M) -> BoxFuture<'_, Result<PublishOutcome>>
     where
         A: Sends<M>,
     {
+        Box::pin(self.reply_unchecked(message))
+    }
+
+    async fn reply_unchecked<M: Message>(&self, message: M) -> Result<PublishOutcome> {
         let channel = match self.envelope.reply_to() {
             Some(reply_to) => {
                 let target = parse_channel(reply_to)?;
@@ -281,18 +302,21 @@ impl<A: Agent> Context<A> {
     }
 
     /// Sends a request to `session` and waits up to `timeout` for the correlated reply.
-    pub async fn request<Req: Message, Resp: Message>(
+    pub fn request<Req: Message, Resp: Message>(
         &self,
         session: &str,
         message: Req,
         timeout: Duration,
-    ) -> Result<Resp>
+    ) -> BoxFuture<'_, Result<Resp>>
     where
         A: Sends<Req>,
     {
-        self.bus
-            .request_as::<Req, Resp>(session, &message, timeout, Some(A::NAME))
-            .await
+        Box::pin(self.bus.request_owned::<Req, Resp>(
+            session.to_string(),
+            message,
+            timeout,
+            Some(A::NAME),
+        ))
     }
 }
 
@@ -330,92 +354,119 @@ impl<A: Agent> Publisher<A> {
     }
 
     /// Publishes `message` to `session` in `M`'s default direction.
-    pub async fn publish<M: Message>(&self, session: &str, message: M) -> Result<PublishOutcome>
+    pub fn publish<M: Message>(
+        &self,
+        session: &str,
+        message: M,
+    ) -> BoxFuture<'_, Result<PublishOutcome>>
     where
         A: Sends<M>,
     {
-        self.publish_to(M::DIRECTION, session, message).await
+        Box::pin(self.publish_unchecked(M::DIRECTION, session.to_string(), message))
     }
 
     /// Publishes `message` with an explicit direction and session.
-    pub async fn publish_to<M: Message>(
-        &self,
-        direction: &str,
+    pub fn publish_to<'a, M: Message>(
+        &'a self,
+        direction: &'a str,
         session: &str,
         message: M,
-    ) -> Result<PublishOutcome>
+    ) -> BoxFuture<'a, Result<PublishOutcome>>
     where
         A: Sends<M>,
     {
-        let channel = Channel::for_message::<M>(direction, session)?;
+        Box::pin(self.publish_unchecked(direction, session.to_string(), message))
+    }
+
+    async fn publish_unchecked<M: Message>(
+        &self,
+        direction: &str,
+        session: String,
+        message: M,
+    ) -> Result<PublishOutcome> {
+        let channel = Channel::for_message::<M>(direction, &session)?;
         let envelope = self.bus.envelope(channel, &message)?;
         self.bus.publish_envelope(envelope, Some(A::NAME)).await
     }
 
-    /// Publishes several messages to `session` in one batch (pipelined by the backend).
-    pub async fn publish_batch<M: Message>(
+    /// Publishes several messages to `session` in one batch (pipelined by the backend). When any message
+    /// is invalid, none is published.
+    pub fn publish_batch<M: Message>(
         &self,
         session: &str,
         messages: Vec<M>,
-    ) -> Vec<Result<PublishOutcome>>
+    ) -> BoxFuture<'_, Vec<Result<PublishOutcome>>>
     where
         A: Sends<M>,
     {
-        let mut envelopes = Vec::with_capacity(messages.len());
-        let mut early = Vec::new();
-        for (index, message) in messages.iter().enumerate() {
-            match Channel::for_message::<M>(M::DIRECTION, session)
-                .and_then(|c| self.bus.envelope(c, message))
-            {
-                Ok(envelope) => envelopes.push(envelope),
-                Err(error) => early.push((index, error)),
-            }
-        }
-        if !early.is_empty() {
-            // Nothing is published when any message is invalid: the batch is all or nothing up front.
-            let mut results: Vec<Result<PublishOutcome>> = (0..messages.len())
-                .map(|_| {
-                    Err(Error::Closed {
-                        what: "batch",
-                        hint: "not published because another message of the batch is invalid",
-                    })
+        Box::pin(self.publish_batch_unchecked(session.to_string(), messages))
+    }
+
+    async fn publish_batch_unchecked<M: Message>(
+        &self,
+        session: String,
+        messages: Vec<M>,
+    ) -> Vec<Result<PublishOutcome>> {
+        let prepared: Vec<Result<Envelope>> = messages
+            .iter()
+            .map(|message| {
+                Channel::for_message::<M>(M::DIRECTION, &session)
+                    .and_then(|channel| self.bus.envelope(channel, message))
+            })
+            .collect();
+        if prepared.iter().any(Result::is_err) {
+            return prepared
+                .into_iter()
+                .map(|prepared| match prepared {
+                    Ok(_) => Err(Error::Closed {
+                        what: "this batch",
+                        hint: "nothing was published because another message of the batch is invalid",
+                    }),
+                    Err(error) => Err(error),
                 })
                 .collect();
-            for (index, error) in early {
-                results[index] = Err(error);
-            }
-            return results;
         }
+        let envelopes = prepared
+            .into_iter()
+            .map(|prepared| prepared.expect("checked above"))
+            .collect();
         self.bus.publish_envelopes(envelopes, Some(A::NAME)).await
     }
 
     /// Sends a request and waits for the reply, up to the runtime's request timeout.
-    pub async fn request<Req: Message, Resp: Message>(
+    pub fn request<Req: Message, Resp: Message>(
         &self,
         session: &str,
         message: Req,
-    ) -> Result<Resp>
+    ) -> BoxFuture<'_, Result<Resp>>
     where
         A: Sends<Req>,
     {
         let timeout = self.bus.request_timeout();
-        self.request_timeout::<Req, Resp>(session, message, timeout)
-            .await
+        Box::pin(self.bus.request_owned::<Req, Resp>(
+            session.to_string(),
+            message,
+            timeout,
+            Some(A::NAME),
+        ))
     }
 
     /// Sends a request and waits up to `timeout` for the reply.
-    pub async fn request_timeout<Req: Message, Resp: Message>(
+    pub fn request_timeout<Req: Message, Resp: Message>(
         &self,
         session: &str,
         message: Req,
         timeout: Duration,
-    ) -> Result<Resp>
+    ) -> BoxFuture<'_, Result<Resp>>
     where
         A: Sends<Req>,
     {
-        self.bus
-            .request_as::<Req, Resp>(session, &message, timeout, Some(A::NAME))
-            .await
+        Box::pin(self.bus.request_owned::<Req, Resp>(
+            session.to_string(),
+            message,
+            timeout,
+            Some(A::NAME),
+        ))
     }
 }
 

@@ -147,6 +147,17 @@ impl Bus {
             .await
     }
 
+    pub(crate) async fn request_owned<Req: Message, Resp: Message>(
+        &self,
+        session: String,
+        message: Req,
+        timeout: Duration,
+        agent: Option<&'static str>,
+    ) -> Result<Resp> {
+        self.request_as::<Req, Resp>(&session, &message, timeout, agent)
+            .await
+    }
+
     pub(crate) async fn request_as<Req: Message, Resp: Message>(
         &self,
         session: &str,

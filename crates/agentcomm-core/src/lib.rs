@@ -129,6 +129,23 @@ pub mod __private {
         }
     }
 
+    /// A message type no value can have: every agent "sends" it so that `Sends` never has a single impl
+    /// (see the agent macro).
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    pub enum NeverSent {}
+
+    impl Message for NeverSent {
+        const CLASS: &'static str = "agentcomm.NeverSent";
+    }
+
+    /// The second of the two (one would again be a single impl when `sends` is empty).
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    pub enum NeverSentEither {}
+
+    impl Message for NeverSentEither {
+        const CLASS: &'static str = "agentcomm.NeverSentEither";
+    }
+
     /// Fails to compile unless `M` is a message.
     pub const fn assert_message<M: Message>() {}
 

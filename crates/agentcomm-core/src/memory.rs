@@ -139,19 +139,14 @@ impl Queue {
         };
         router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
         let delivery = self.delivery(envelope).redelivered(true);
-        if delay.is_zero() {
-            match self.sender.try_send(delivery) {
-                Ok(()) => return,
-                Err(async_channel::TrySendError::Closed(delivery)) => {
-                    self.lost(&router, delivery);
-                    return;
-                }
-                Err(async_channel::TrySendError::Full(delivery)) => {
-                    self.requeue_later(delivery, delay)
-                }
-            }
-        } else {
+        if !delay.is_zero() {
             self.requeue_later(delivery, delay);
+            return;
+        }
+        match self.sender.try_send(delivery) {
+            Ok(()) => {}
+            Err(async_channel::TrySendError::Closed(delivery)) => self.lost(&router, delivery),
+            Err(async_channel::TrySendError::Full(delivery)) => self.requeue_later(delivery, delay),
         }
     }
 
@@ -167,10 +162,10 @@ impl Queue {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            if let Err(async_channel::SendError(delivery)) = queue.sender.send(delivery).await {
-                if let Some(router) = queue.router.upgrade() {
-                    queue.lost(&router, delivery);
-                }
+            if let Err(async_channel::SendError(delivery)) = queue.sender.send(delivery).await
+                && let Some(router) = queue.router.upgrade()
+            {
+                queue.lost(&router, delivery);
             }
         });
     }

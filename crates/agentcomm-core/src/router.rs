@@ -210,14 +210,14 @@ impl SubscribeOptions {
                 reason: "a subscription needs at least one pattern".into(),
             });
         }
-        if let Distribution::Group(name) = &self.distribution {
-            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(Error::Config {
-                    variable: "group".into(),
-                    value: name.clone(),
-                    expected: "a non-empty group name without whitespace".into(),
-                });
-            }
+        if let Distribution::Group(name) = &self.distribution
+            && (name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(Error::Config {
+                variable: "group".into(),
+                value: name.clone(),
+                expected: "a non-empty group name without whitespace".into(),
+            });
         }
         Ok(())
     }

@@ -118,8 +118,17 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
     let sent_classes = sends
         .iter()
         .map(|ty| quote_spanned!(ty.span()=> <#ty as #core::Message>::CLASS));
+    // Every use of a listed type goes through a projection `<T as Message>::..` with the type's span, so
+    // that a type which is not a Message yields one error (identical diagnostics are merged), not one per use.
     let patterns = receives.iter().map(|ty| {
-        quote_spanned!(ty.span()=> #core::ChannelPattern::for_message::<#ty>(#core::None, session)?)
+        quote_spanned! {ty.span()=>
+            #core::ChannelPattern::with_template(
+                <#ty as #core::Message>::TEMPLATE,
+                #core::Some(<#ty as #core::Message>::CLASS),
+                #core::None,
+                session,
+            )?
+        }
     });
     let dispatch_arms = receives.iter().map(|ty| {
         quote_spanned! {ty.span()=>
@@ -132,9 +141,20 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
     let sends_impls = sends.iter().map(|ty| {
         quote_spanned! {ty.span()=>
             #[automatically_derived]
-            impl #impl_generics #core::Sends<#ty> for #ident #type_generics #where_clause {}
+            impl #impl_generics ::agentcomm_core::__private::Sends<#ty> for #ident #type_generics #where_clause {}
         }
     });
+    // Two impls that can never be used keep `Sends` from having a single impl, from which the compiler
+    // would infer the message type of `ctx.publish(..)` and report "mismatched types" instead of
+    // "agent `X` does not declare that it sends `Y`".
+    let guard_impls = quote! {
+        #[automatically_derived]
+        #[diagnostic::do_not_recommend]
+        impl #impl_generics #core::Sends<#core::NeverSent> for #ident #type_generics #where_clause {}
+        #[automatically_derived]
+        #[diagnostic::do_not_recommend]
+        impl #impl_generics #core::Sends<#core::NeverSentEither> for #ident #type_generics #where_clause {}
+    };
 
     Ok(quote! {
         #item
@@ -163,5 +183,6 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
         }
 
         #(#sends_impls)*
+        #guard_impls
     })
 }

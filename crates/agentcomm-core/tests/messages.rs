@@ -1,0 +1,197 @@
+//! What `#[derive(Message)]` gives a message type: class, channels, direction and validation.
+
+use agentcomm_core::channel::TemplatePart;
+use agentcomm_core::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(direction = "request")]
+struct PaymentRequest {
+    #[message(min = 0.01, max = 1_000_000.0)]
+    amount: f64,
+    #[message(non_empty)]
+    user_id: String,
+    payment_method: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(
+    name = "payments.Refund",
+    channel = "payments.{direction}.{session_id}"
+)]
+struct Refund {
+    #[message(min = 1)]
+    cents: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(validate = Self::check)]
+struct Transfer {
+    from: String,
+    to: String,
+}
+
+impl Transfer {
+    fn check(&self) -> Result<(), ValidationError> {
+        if self.from == self.to {
+            return Err(ValidationError::new("to", "differs_from_sender")
+                .with_detail("cannot transfer to yourself"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+enum GameEvent {
+    Joined { player: String },
+    Left { player: String },
+}
+
+#[test]
+fn the_class_is_the_type_name_unless_renamed() {
+    assert_eq!(PaymentRequest::CLASS, "PaymentRequest");
+    assert_eq!(Refund::CLASS, "payments.Refund");
+    assert_eq!(GameEvent::CLASS, "GameEvent");
+}
+
+#[test]
+fn the_default_channel_is_class_direction_session() {
+    let channel = PaymentRequest::channel("request", "session456").unwrap();
+    assert_eq!(channel.name(), "PaymentRequest:request:session456");
+    let parsed = parse_channel(channel.name()).unwrap();
+    assert_eq!(
+        (parsed.class(), parsed.direction(), parsed.session()),
+        ("PaymentRequest", "request", "session456")
+    );
+    assert_eq!(PaymentRequest::DIRECTION, "request");
+    assert_eq!(Transfer::DIRECTION, "event");
+    assert_eq!(PaymentRequest::pattern().to_string(), "PaymentRequest:*:*");
+}
+
+#[test]
+fn a_custom_template_names_the_channel_and_is_checked_when_compiled() {
+    assert_eq!(
+        Refund::TEMPLATE.source(),
+        "payments.{direction}.{session_id}"
+    );
+    assert_eq!(
+        Refund::TEMPLATE.parts(),
+        &[
+            TemplatePart::Literal("payments."),
+            TemplatePart::Direction,
+            TemplatePart::Literal("."),
+            TemplatePart::Session
+        ]
+    );
+    let channel = Refund::channel("request", "s1").unwrap();
+    assert_eq!(channel.name(), "payments.request.s1");
+    assert_eq!(channel.canonical(), "payments.Refund:request:s1");
+    // The pattern of the type renders with its template for brokers that match names.
+    assert_eq!(
+        Refund::pattern().render("*", |s| s.to_string()),
+        "payments.*.*"
+    );
+    let error = Refund::channel("re.quest", "s1").unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("'.' separates it from the next component"),
+        "{error}"
+    );
+}
+
+#[test]
+fn field_rules_name_the_field_and_the_rule() {
+    let valid = PaymentRequest {
+        amount: 10.0,
+        user_id: "u1".into(),
+        payment_method: "card".into(),
+    };
+    assert_eq!(valid.validate(), Ok(()));
+
+    let cases = [
+        (
+            PaymentRequest {
+                amount: 0.0,
+                ..valid.clone()
+            },
+            "amount",
+            "min",
+        ),
+        (
+            PaymentRequest {
+                amount: f64::NAN,
+                ..valid.clone()
+            },
+            "amount",
+            "min",
+        ),
+        (
+            PaymentRequest {
+                amount: 2e6,
+                ..valid.clone()
+            },
+            "amount",
+            "max",
+        ),
+        (
+            PaymentRequest {
+                user_id: "  ".into(),
+                ..valid.clone()
+            },
+            "user_id",
+            "non_empty",
+        ),
+    ];
+    for (message, field, rule) in cases {
+        let error = message.validate().unwrap_err();
+        assert_eq!((error.field(), error.rule()), (field, rule), "{message:?}");
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("field `{field}` breaks rule `{rule}`")),
+            "{error}"
+        );
+    }
+    assert_eq!(Refund { cents: 0 }.validate().unwrap_err().rule(), "min");
+}
+
+#[test]
+fn a_validation_hook_runs_with_the_field_rules() {
+    let error = Transfer {
+        from: "a".into(),
+        to: "a".into(),
+    }
+    .validate()
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "field `to` breaks rule `differs_from_sender`: cannot transfer to yourself"
+    );
+    assert!(
+        Transfer {
+            from: "a".into(),
+            to: "b".into()
+        }
+        .validate()
+        .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn invalid_messages_are_refused_before_publishing_with_field_and_rule() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let message = PaymentRequest {
+        amount: -5.0,
+        user_id: "u1".into(),
+        payment_method: "card".into(),
+    };
+    let error = runtime.bus().publish("s1", &message).await.unwrap_err();
+    assert!(matches!(error, Error::Validation { .. }), "{error:?}");
+    assert_eq!(
+        error.to_string(),
+        "invalid PaymentRequest: field `amount` breaks rule `min`: must be at least 0.01, got -5.0"
+    );
+    let health = runtime.router().health().await;
+    assert_eq!(health.get("published"), 0, "nothing may reach the router");
+}

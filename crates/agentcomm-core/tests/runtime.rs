@@ -1,0 +1,1010 @@
+//! The agent runtime on the in-memory router: dispatch, ack, retry, dead letters, panics, request/reply,
+//! concurrency with per-session order, graceful shutdown and health.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use agentcomm_core::backoff::Backoff;
+use agentcomm_core::envelope::headers;
+use agentcomm_core::prelude::*;
+use agentcomm_core::router::{Capabilities, Delivery, SubscribeOptions, Subscription};
+use agentcomm_core::runtime::AgentState;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, Notify, mpsc};
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(direction = "request")]
+struct PaymentRequest {
+    #[message(min = 0.0)]
+    amount: f64,
+    user_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(direction = "response")]
+struct PaymentResponse {
+    success: bool,
+    transaction_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Job {
+    id: u32,
+    behaviour: Behaviour,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+enum Behaviour {
+    Succeed,
+    FailTimes(u32),
+    FailForever,
+    FailPermanently,
+    Panic,
+    PanicOnce,
+    Sleep(u64),
+}
+
+fn fast_retries(max_attempts: u32) -> AgentOptions {
+    AgentOptions::new()
+        .max_attempts(max_attempts)
+        .backoff(Backoff::new(Duration::from_millis(5), Duration::from_millis(20)).jitter(0.0))
+}
+
+#[agent(receives = [PaymentRequest], sends = [PaymentResponse])]
+struct PaymentAgent;
+
+impl Handle<PaymentRequest> for PaymentAgent {
+    async fn handle(&self, request: PaymentRequest, ctx: &Context<Self>) -> HandlerResult {
+        ctx.reply(PaymentResponse {
+            success: request.amount > 0.0,
+            transaction_id: format!("TXN-{}-{}", request.user_id, ctx.session()),
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+#[agent(sends = [PaymentRequest, Job])]
+struct Client;
+
+/// Runs jobs as they say, and reports each attempt.
+#[agent(receives = [Job])]
+struct Worker {
+    attempts: mpsc::UnboundedSender<(u32, u32)>,
+    seen: Arc<std::sync::Mutex<std::collections::HashMap<u32, u32>>>,
+}
+
+impl Worker {
+    fn new() -> (Self, mpsc::UnboundedReceiver<(u32, u32)>) {
+        let (attempts, receiver) = mpsc::unbounded_channel();
+        (
+            Worker {
+                attempts,
+                seen: Arc::default(),
+            },
+            receiver,
+        )
+    }
+}
+
+impl Handle<Job> for Worker {
+    async fn handle(&self, job: Job, ctx: &Context<Self>) -> HandlerResult {
+        let count = {
+            let mut seen = self.seen.lock().unwrap();
+            let count = seen.entry(job.id).or_default();
+            *count += 1;
+            *count
+        };
+        let _ = self.attempts.send((job.id, ctx.attempt()));
+        match job.behaviour {
+            Behaviour::Succeed => Ok(()),
+            Behaviour::FailTimes(n) if count <= n => {
+                Err(HandlerError::msg(format!("failure {count} of {n}")))
+            }
+            Behaviour::FailTimes(_) => Ok(()),
+            Behaviour::FailForever => Err(std::io::Error::other("the disk is full").into()),
+            Behaviour::FailPermanently => Err(HandlerError::permanent("card number is invalid")),
+            Behaviour::Panic => panic!("handler bug for job {}", job.id),
+            Behaviour::PanicOnce if count == 1 => panic!("first attempt of job {} panics", job.id),
+            Behaviour::PanicOnce => Ok(()),
+            Behaviour::Sleep(ms) => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn dead_letters(router: &SharedRouterHandle) -> Subscription {
+    router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("DeadLetter:*:*").unwrap(),
+        ))
+        .await
+        .unwrap()
+}
+
+type SharedRouterHandle = agentcomm_core::router::SharedRouter;
+
+async fn next(subscription: &mut Subscription) -> Delivery {
+    timeout(WAIT, subscription.next())
+        .await
+        .expect("a delivery within 5 s")
+        .expect("the subscription is open")
+}
+
+async fn recv<T>(receiver: &mut mpsc::UnboundedReceiver<T>) -> T {
+    timeout(WAIT, receiver.recv())
+        .await
+        .expect("within 5 s")
+        .expect("channel open")
+}
+
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 5 s waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn request_reply_round_trip_with_correlation() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    runtime.spawn(PaymentAgent).await.unwrap();
+    let client = runtime.publisher::<Client>();
+    let response: PaymentResponse = client
+        .request(
+            "session456",
+            PaymentRequest {
+                amount: 100.0,
+                user_id: "user123".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        response,
+        PaymentResponse {
+            success: true,
+            transaction_id: "TXN-user123-session456".into()
+        }
+    );
+    // Many concurrent requests each get their own answer.
+    let answers = futures::future::join_all((0..50).map(|i| {
+        let client = client.clone();
+        async move {
+            client
+                .request::<PaymentRequest, PaymentResponse>(
+                    &format!("s{i}"),
+                    PaymentRequest {
+                        amount: i as f64,
+                        user_id: format!("u{i}"),
+                    },
+                )
+                .await
+        }
+    }))
+    .await;
+    for (i, answer) in answers.into_iter().enumerate() {
+        let answer = answer.unwrap();
+        assert_eq!(answer.transaction_id, format!("TXN-u{i}-s{i}"));
+        assert_eq!(answer.success, i > 0);
+    }
+}
+
+#[tokio::test]
+async fn a_plain_publish_is_answered_on_the_response_direction_of_its_session() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    runtime.spawn(PaymentAgent).await.unwrap();
+    let mut responses = runtime
+        .router()
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("PaymentResponse:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let published = runtime
+        .publisher::<Client>()
+        .publish(
+            "s9",
+            PaymentRequest {
+                amount: 1.0,
+                user_id: "u".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        published,
+        agentcomm_core::router::PublishOutcome::Delivered(1)
+    );
+    let delivery = next(&mut responses).await;
+    let envelope = delivery.envelope();
+    assert_eq!(envelope.channel().name(), "PaymentResponse:response:s9");
+    assert!(envelope.correlation_id().is_some());
+}
+
+#[tokio::test]
+async fn a_request_nobody_receives_fails_at_once_and_a_silent_agent_times_out() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let client = runtime.publisher::<Client>();
+    let error = client
+        .request::<PaymentRequest, PaymentResponse>(
+            "s1",
+            PaymentRequest {
+                amount: 1.0,
+                user_id: "u".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::NoAgentFound { .. }), "{error:?}");
+    assert!(
+        error
+            .to_string()
+            .contains("No agent found for message class 'PaymentRequest'"),
+        "{error}"
+    );
+
+    // Something receives but never replies: the request times out with a message that helps.
+    let _silent = runtime
+        .router()
+        .subscribe(SubscribeOptions::new(PaymentRequest::pattern()))
+        .await
+        .unwrap();
+    let error = client
+        .request_timeout::<PaymentRequest, PaymentResponse>(
+            "s1",
+            PaymentRequest {
+                amount: 1.0,
+                user_id: "u".into(),
+            },
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    let text = error.to_string();
+    assert!(
+        text.starts_with(
+            "timed out after 50ms waiting for the PaymentResponse reply to PaymentRequest"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn failures_are_retried_with_backoff_then_succeed() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (worker, mut attempts) = Worker::new();
+    let agent = runtime.spawn_with(worker, fast_retries(5)).await.unwrap();
+    runtime
+        .publisher::<Client>()
+        .publish(
+            "s1",
+            Job {
+                id: 1,
+                behaviour: Behaviour::FailTimes(2),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut attempts).await, (1, 1));
+    assert_eq!(recv(&mut attempts).await, (1, 2));
+    assert_eq!(recv(&mut attempts).await, (1, 3));
+    wait_until("the job is handled", || agent.health().handled == 1).await;
+    let health = agent.health();
+    assert_eq!(
+        (health.failed, health.retried, health.dead_lettered),
+        (2, 2, 0)
+    );
+}
+
+#[tokio::test]
+async fn after_max_attempts_a_message_is_dead_lettered_with_the_reason_in_headers() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    let (worker, mut attempts) = Worker::new();
+    let agent = runtime.spawn_with(worker, fast_retries(3)).await.unwrap();
+    runtime
+        .publisher::<Client>()
+        .publish(
+            "s7",
+            Job {
+                id: 9,
+                behaviour: Behaviour::FailForever,
+            },
+        )
+        .await
+        .unwrap();
+    for attempt in 1..=3 {
+        assert_eq!(recv(&mut attempts).await, (9, attempt));
+    }
+    let delivery = next(&mut dead).await;
+    let letter = delivery.envelope();
+    assert_eq!(letter.channel().name(), "DeadLetter:Job:s7");
+    assert_eq!(letter.class(), "Job");
+    assert_eq!(
+        letter.header(headers::DEAD_LETTER_REASON),
+        Some(headers::REASON_HANDLER_FAILED)
+    );
+    assert_eq!(letter.header(headers::ATTEMPTS), Some("3"));
+    assert_eq!(letter.header(headers::ERROR), Some("the disk is full"));
+    assert_eq!(letter.header(headers::AGENT), Some("Worker"));
+    assert_eq!(
+        letter.header(headers::ORIGINAL_CHANNEL),
+        Some("Job:event:s7")
+    );
+    // The dead letter still carries the message, decodable as its class.
+    let job: Job = agentcomm_core::runtime::decode_message(letter).unwrap();
+    assert_eq!(job.id, 9);
+    wait_until("the dead letter is counted", || {
+        agent.health().dead_lettered == 1
+    })
+    .await;
+    // And no fourth attempt comes.
+    assert!(
+        timeout(Duration::from_millis(100), attempts.recv())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_permanent_error_is_dead_lettered_without_retry() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    let (worker, mut attempts) = Worker::new();
+    runtime.spawn_with(worker, fast_retries(5)).await.unwrap();
+    runtime
+        .publisher::<Client>()
+        .publish(
+            "s1",
+            Job {
+                id: 3,
+                behaviour: Behaviour::FailPermanently,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut attempts).await, (3, 1));
+    let delivery = next(&mut dead).await;
+    assert_eq!(
+        delivery.envelope().header(headers::DEAD_LETTER_REASON),
+        Some(headers::REASON_REJECTED)
+    );
+    assert_eq!(delivery.envelope().header(headers::ATTEMPTS), Some("1"));
+    assert!(
+        timeout(Duration::from_millis(100), attempts.recv())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_caught_retried_and_the_agent_keeps_running() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    let (worker, mut attempts) = Worker::new();
+    let agent = runtime.spawn_with(worker, fast_retries(2)).await.unwrap();
+    let client = runtime.publisher::<Client>();
+    client
+        .publish(
+            "s1",
+            Job {
+                id: 1,
+                behaviour: Behaviour::PanicOnce,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut attempts).await, (1, 1));
+    assert_eq!(recv(&mut attempts).await, (1, 2));
+    client
+        .publish(
+            "s1",
+            Job {
+                id: 2,
+                behaviour: Behaviour::Panic,
+            },
+        )
+        .await
+        .unwrap();
+    let delivery = next(&mut dead).await;
+    assert_eq!(
+        delivery.envelope().header(headers::ERROR),
+        Some("handler panicked: handler bug for job 2")
+    );
+    client
+        .publish(
+            "s1",
+            Job {
+                id: 3,
+                behaviour: Behaviour::Succeed,
+            },
+        )
+        .await
+        .unwrap();
+    wait_until("the agent handled jobs 1 and 3", || {
+        agent.health().handled == 2
+    })
+    .await;
+    let health = agent.health();
+    assert_eq!(health.panicked, 3, "{health:?}");
+    assert_eq!(health.state, AgentState::Running);
+}
+
+#[tokio::test]
+async fn undecodable_invalid_and_undeclared_messages_are_dead_lettered_at_once() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    let (worker, mut attempts) = Worker::new();
+    let agent = runtime.spawn_with(worker, fast_retries(5)).await.unwrap();
+    let router = runtime.router();
+    let channel = Job::channel("event", "s1").unwrap();
+
+    let garbage = Envelope::new(
+        channel.clone(),
+        "application/msgpack",
+        &b"\xc1\xc1 not msgpack"[..],
+    );
+    router.publish(garbage).await.unwrap();
+    let letter = next(&mut dead).await;
+    assert_eq!(
+        letter.envelope().header(headers::DEAD_LETTER_REASON),
+        Some(headers::REASON_UNDECODABLE)
+    );
+    assert!(
+        letter
+            .envelope()
+            .header(headers::ERROR)
+            .unwrap()
+            .starts_with("could not decode Job")
+    );
+
+    let unknown_type = Envelope::new(channel.clone(), "text/plain", &b"hello"[..]);
+    router.publish(unknown_type).await.unwrap();
+    let letter = next(&mut dead).await;
+    assert!(
+        letter
+            .envelope()
+            .header(headers::ERROR)
+            .unwrap()
+            .contains("content type 'text/plain'")
+    );
+
+    // A class the agent does not declare, delivered on a channel it listens to.
+    let stranger = Envelope::with_class("Stranger", channel, "application/json", &b"{}"[..]);
+    router.publish(stranger).await.unwrap();
+    let letter = next(&mut dead).await;
+    assert_eq!(
+        letter.envelope().header(headers::DEAD_LETTER_REASON),
+        Some(headers::REASON_UNDECLARED_CLASS)
+    );
+    assert_eq!(
+        letter.envelope().header(headers::ERROR),
+        Some(
+            "Message class 'Stranger' is not registered with agent 'Worker' (it does not declare this class in `receives`). \
+             Derive `Message` for the type and list it in `#[agent(receives = [...])]`"
+        )
+    );
+
+    // Nothing reached the handler, nothing was retried, and the agent still works.
+    runtime
+        .publisher::<Client>()
+        .publish(
+            "s1",
+            Job {
+                id: 5,
+                behaviour: Behaviour::Succeed,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut attempts).await, (5, 1));
+    wait_until("job 5 is handled", || agent.health().handled == 1).await;
+    let health = agent.health();
+    assert_eq!(
+        (health.rejected, health.retried, health.dead_lettered),
+        (3, 0, 3)
+    );
+}
+
+#[tokio::test]
+async fn a_message_invalid_on_arrival_is_dead_lettered_as_invalid() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    runtime.spawn(PaymentAgent).await.unwrap();
+    // Another program (or an older version) published a negative amount, bypassing our validation.
+    let payload = Codec::Json
+        .encode(
+            "PaymentRequest",
+            &serde_json::json!({"amount": -1.0, "user_id": "u"}),
+        )
+        .unwrap();
+    let envelope = Envelope::new(
+        PaymentRequest::channel("request", "s1").unwrap(),
+        "application/json",
+        payload,
+    );
+    runtime.router().publish(envelope).await.unwrap();
+    let letter = next(&mut dead).await;
+    assert_eq!(
+        letter.envelope().header(headers::DEAD_LETTER_REASON),
+        Some(headers::REASON_INVALID)
+    );
+    assert!(
+        letter
+            .envelope()
+            .header(headers::ERROR)
+            .unwrap()
+            .contains("field `amount` breaks rule `min`")
+    );
+}
+
+#[tokio::test]
+async fn handlers_that_run_too_long_fail_and_are_retried() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    let (worker, mut attempts) = Worker::new();
+    let options = fast_retries(2).handler_timeout(Some(Duration::from_millis(30)));
+    runtime.spawn_with(worker, options).await.unwrap();
+    runtime
+        .publisher::<Client>()
+        .publish(
+            "s1",
+            Job {
+                id: 4,
+                behaviour: Behaviour::Sleep(10_000),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut attempts).await, (4, 1));
+    assert_eq!(recv(&mut attempts).await, (4, 2));
+    let letter = next(&mut dead).await;
+    assert_eq!(
+        letter.envelope().header(headers::ERROR),
+        Some("handler timed out after 30ms")
+    );
+}
+
+/// Records the order of jobs per session; a job of session "slow" waits until a job of another session
+/// has started, which can only happen if sessions run concurrently.
+#[agent(receives = [Job])]
+struct Ordered {
+    log: Arc<Mutex<Vec<(String, u32)>>>,
+    other_started: Arc<Notify>,
+}
+
+impl Handle<Job> for Ordered {
+    async fn handle(&self, job: Job, ctx: &Context<Self>) -> HandlerResult {
+        if ctx.session() == "slow" && job.id == 0 {
+            timeout(WAIT, self.other_started.notified())
+                .await
+                .map_err(|_| HandlerError::permanent("sessions did not run concurrently"))?;
+        } else if ctx.session() != "slow" {
+            self.other_started.notify_one();
+        }
+        tokio::task::yield_now().await;
+        self.log
+            .lock()
+            .await
+            .push((ctx.session().to_string(), job.id));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_runs_sessions_in_parallel_and_keeps_each_sessions_order() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let agent = Ordered {
+        log: log.clone(),
+        other_started: Arc::new(Notify::new()),
+    };
+    let handle = runtime
+        .spawn_with(agent, AgentOptions::new().concurrency(8))
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    let sessions = ["slow", "a", "b", "c", "d", "e", "f", "g"];
+    for id in 0..50 {
+        for session in sessions {
+            client
+                .publish(
+                    session,
+                    Job {
+                        id,
+                        behaviour: Behaviour::Succeed,
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    }
+    wait_until("all 400 jobs are handled", || {
+        handle.health().handled == 400
+    })
+    .await;
+    let log = log.lock().await;
+    for session in sessions {
+        let ids: Vec<u32> = log
+            .iter()
+            .filter(|(s, _)| s == session)
+            .map(|(_, id)| *id)
+            .collect();
+        assert_eq!(
+            ids,
+            (0..50).collect::<Vec<_>>(),
+            "order of session {session}"
+        );
+    }
+    assert_eq!(handle.health().dead_lettered, 0);
+}
+
+#[tokio::test]
+async fn an_agent_can_listen_to_one_session_only() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (worker, mut attempts) = Worker::new();
+    runtime
+        .spawn_with(worker, AgentOptions::new().session("mine"))
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    let outcome = client
+        .publish(
+            "other",
+            Job {
+                id: 1,
+                behaviour: Behaviour::Succeed,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(outcome.is_unroutable());
+    client
+        .publish(
+            "mine",
+            Job {
+                id: 2,
+                behaviour: Behaviour::Succeed,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut attempts).await, (2, 1));
+}
+
+#[tokio::test]
+async fn instances_of_one_agent_share_work_and_fan_out_instances_each_get_a_copy() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (first, mut first_attempts) = Worker::new();
+    let (second, mut second_attempts) = Worker::new();
+    let a = runtime.spawn(first).await.unwrap();
+    let b = runtime.spawn(second).await.unwrap();
+    let client = runtime.publisher::<Client>();
+    for id in 0..100 {
+        client
+            .publish(
+                "s1",
+                Job {
+                    id,
+                    behaviour: Behaviour::Sleep(1),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    wait_until("the group handled 100 jobs", || {
+        a.health().handled + b.health().handled == 100
+    })
+    .await;
+    let mut total = 0;
+    while let Ok((_, _)) = first_attempts.try_recv() {
+        total += 1;
+    }
+    while let Ok((_, _)) = second_attempts.try_recv() {
+        total += 1;
+    }
+    assert_eq!(total, 100, "each job once across the group");
+    assert!(
+        a.health().handled > 0 && b.health().handled > 0,
+        "both members worked"
+    );
+
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (first, _) = Worker::new();
+    let (second, _) = Worker::new();
+    let a = runtime
+        .spawn_with(first, AgentOptions::new().fan_out())
+        .await
+        .unwrap();
+    let b = runtime
+        .spawn_with(second, AgentOptions::new().fan_out())
+        .await
+        .unwrap();
+    for id in 0..20 {
+        runtime
+            .publisher::<Client>()
+            .publish(
+                "s1",
+                Job {
+                    id,
+                    behaviour: Behaviour::Succeed,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    wait_until("each fan-out instance handled 20", || {
+        a.health().handled == 20 && b.health().handled == 20
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_handlers_and_acknowledges_them() {
+    let router = MemoryRouter::new();
+    let runtime = Runtime::new(router.clone());
+    let (worker, mut attempts) = Worker::new();
+    let agent = runtime
+        .spawn_with(worker, AgentOptions::new().concurrency(4))
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    for id in 0..4 {
+        client
+            .publish(
+                &format!("s{id}"),
+                Job {
+                    id,
+                    behaviour: Behaviour::Sleep(200),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    // At least one handler is running (sessions that hash to one worker wait their turn).
+    recv(&mut attempts).await;
+    let report = runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        report.handled >= 1,
+        "the running handler finished during the stop: {report:?}"
+    );
+    assert_eq!((report.requeued, report.aborted), (0, 0), "{report:?}");
+    let health = agent.health();
+    assert_eq!(
+        (health.handled, health.in_flight, health.state),
+        (4, 0, AgentState::Stopped)
+    );
+    assert!(
+        router
+            .publish(Envelope::new(
+                parse_channel("Job:event:s").unwrap(),
+                "application/json",
+                &b"{}"[..]
+            ))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_handler_past_the_deadline_is_cut_off_and_its_message_given_back() {
+    let router = MemoryRouter::new();
+    let runtime = Runtime::new(router.clone());
+    let (worker, mut attempts) = Worker::new();
+    let agent = runtime.spawn(worker).await.unwrap();
+    let client = runtime.publisher::<Client>();
+    client
+        .publish(
+            "s1",
+            Job {
+                id: 1,
+                behaviour: Behaviour::Sleep(60_000),
+            },
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            "s1",
+            Job {
+                id: 2,
+                behaviour: Behaviour::Succeed,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut attempts).await, (1, 1));
+    let report = agent.stop(Duration::from_millis(100)).await;
+    assert_eq!(report.aborted, 1, "{report:?}");
+    // Both messages are back in the agent's group queue: a new instance gets them.
+    let (replacement, mut replacement_attempts) = Worker::new();
+    runtime
+        .spawn_with(
+            replacement,
+            AgentOptions::new().handler_timeout(Some(Duration::from_millis(10))),
+        )
+        .await
+        .unwrap();
+    let mut ids = vec![
+        recv(&mut replacement_attempts).await.0,
+        recv(&mut replacement_attempts).await.0,
+    ];
+    ids.sort();
+    assert_eq!(ids, vec![1, 2]);
+}
+
+#[tokio::test]
+async fn health_shows_router_and_agents() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (worker, _) = Worker::new();
+    runtime.spawn(worker).await.unwrap();
+    let health = runtime.health().await;
+    assert_eq!(health.status, agentcomm_core::router::HealthStatus::Healthy);
+    assert_eq!(health.router.backend, "memory");
+    assert_eq!(health.agents.len(), 1);
+    let agent = &health.agents[0];
+    assert_eq!(
+        (agent.name, agent.receives, agent.sends),
+        ("Worker", &["Job"][..], &[][..])
+    );
+    assert_eq!(agent.subscription, "group 'Worker' on Job:*:*");
+    runtime.router().close().await.unwrap();
+    wait_until("the agent notices its subscription ended", || {
+        runtime.agents()[0].health().status == agentcomm_core::router::HealthStatus::Unhealthy
+    })
+    .await;
+}
+
+/// A router that declares no consumer groups, like Redis pub/sub.
+struct NoGroups(MemoryRouter);
+
+impl Router for NoGroups {
+    fn backend(&self) -> &str {
+        "no-groups"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities().consumer_groups(false)
+    }
+    fn publish(
+        &self,
+        envelope: Envelope,
+    ) -> agentcomm_core::router::BoxFuture<'_, Result<agentcomm_core::router::PublishOutcome>> {
+        self.0.publish(envelope)
+    }
+    fn subscribe(
+        &self,
+        options: SubscribeOptions,
+    ) -> agentcomm_core::router::BoxFuture<'_, Result<Subscription>> {
+        self.0.subscribe(options)
+    }
+    fn health(&self) -> agentcomm_core::router::BoxFuture<'_, agentcomm_core::router::Health> {
+        self.0.health()
+    }
+    fn close(&self) -> agentcomm_core::router::BoxFuture<'_, Result<()>> {
+        self.0.close()
+    }
+}
+
+#[tokio::test]
+async fn agents_refuse_what_they_cannot_do_with_a_fix() {
+    let runtime = Runtime::new(NoGroups(MemoryRouter::new()));
+    let (worker, _) = Worker::new();
+    let error = runtime.spawn(worker).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "no-groups does not support consumer groups: spawn the agent with `AgentOptions::new().fan_out()` \
+         (every instance then gets every message), or use a backend with consumer groups"
+    );
+    let (worker, _) = Worker::new();
+    runtime
+        .spawn_with(worker, AgentOptions::new().fan_out())
+        .await
+        .unwrap();
+
+    let error = runtime.spawn(Client).await.unwrap_err();
+    assert!(matches!(error, Error::InvalidAgent { .. }));
+    assert!(
+        error
+            .to_string()
+            .starts_with("Invalid agent 'Client': it receives nothing"),
+        "{error}"
+    );
+}
+
+static REPLIES: AtomicUsize = AtomicUsize::new(0);
+
+#[derive(Debug, Serialize, Deserialize, Message)]
+struct Unexpected {
+    note: String,
+}
+
+#[agent(receives = [PaymentRequest], sends = [Unexpected])]
+struct WrongReplier;
+
+impl Handle<PaymentRequest> for WrongReplier {
+    async fn handle(&self, _: PaymentRequest, ctx: &Context<Self>) -> HandlerResult {
+        REPLIES.fetch_add(1, Ordering::SeqCst);
+        match ctx
+            .reply(Unexpected {
+                note: "oops".into(),
+            })
+            .await
+        {
+            Err(Error::UnexpectedReply { expected, got, .. }) => {
+                assert_eq!(
+                    (expected.as_str(), got.as_str()),
+                    ("PaymentResponse", "Unexpected")
+                );
+                Err(HandlerError::permanent("replied with the wrong type"))
+            }
+            other => panic!("expected UnexpectedReply, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn replying_with_another_type_than_the_requester_waits_for_is_an_error() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    runtime.spawn(WrongReplier).await.unwrap();
+    let error = runtime
+        .publisher::<Client>()
+        .request_timeout::<PaymentRequest, PaymentResponse>(
+            "s1",
+            PaymentRequest {
+                amount: 1.0,
+                user_id: "u".into(),
+            },
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Timeout { .. }));
+    assert_eq!(REPLIES.load(Ordering::SeqCst), 1);
+}
+
+static JSON_SEEN: AtomicU32 = AtomicU32::new(0);
+
+#[agent(receives = [PaymentRequest])]
+struct JsonReader;
+
+impl Handle<PaymentRequest> for JsonReader {
+    async fn handle(&self, request: PaymentRequest, ctx: &Context<Self>) -> HandlerResult {
+        assert_eq!(ctx.envelope().content_type(), "application/json");
+        JSON_SEEN.store(request.amount as u32, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_runtime_can_speak_json_and_receivers_read_either_codec() {
+    let router = MemoryRouter::new();
+    let json = Runtime::builder(router.clone()).codec(Codec::Json).build();
+    let msgpack = Runtime::new(router.clone());
+    msgpack.spawn(JsonReader).await.unwrap();
+    json.bus()
+        .publish(
+            "s1",
+            &PaymentRequest {
+                amount: 42.0,
+                user_id: "u".into(),
+            },
+        )
+        .await
+        .unwrap();
+    wait_until("the JSON message is read", || {
+        JSON_SEEN.load(Ordering::SeqCst) == 42
+    })
+    .await;
+}

@@ -1,0 +1,6 @@
+use agentcomm_core::prelude::*;
+
+#[agent(sends = [String])]
+struct Announcer;
+
+fn main() {}

@@ -1,0 +1,8 @@
+use agentcomm_core::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Message)]
+#[message(channel = "{class}{session_id}")]
+struct PaymentRequest { amount: f64 }
+
+fn main() {}

@@ -35,7 +35,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use crate::bus::Bus;
+use crate::bus::{Bus, channel_of};
 use crate::channel::{Channel, ChannelPattern, RESPONSE_DIRECTION, parse_channel};
 use crate::envelope::{Envelope, MessageId};
 use crate::error::{Error, Result};
@@ -261,7 +261,7 @@ impl<A: Agent> Context<A> {
         session: String,
         message: M,
     ) -> Result<PublishOutcome> {
-        let channel = Channel::for_message::<M>(direction, &session)?;
+        let channel = channel_of::<M>(direction, &session)?;
         let envelope = self
             .bus
             .envelope(channel, &message)?
@@ -384,7 +384,7 @@ impl<A: Agent> Publisher<A> {
         session: String,
         message: M,
     ) -> Result<PublishOutcome> {
-        let channel = Channel::for_message::<M>(direction, &session)?;
+        let channel = channel_of::<M>(direction, &session)?;
         let envelope = self.bus.envelope(channel, &message)?;
         self.bus.publish_envelope(envelope, Some(A::NAME)).await
     }
@@ -410,7 +410,7 @@ impl<A: Agent> Publisher<A> {
         let prepared: Vec<Result<Envelope>> = messages
             .iter()
             .map(|message| {
-                Channel::for_message::<M>(M::DIRECTION, &session)
+                channel_of::<M>(M::DIRECTION, &session)
                     .and_then(|channel| self.bus.envelope(channel, message))
             })
             .collect();

@@ -80,7 +80,7 @@ impl Bus {
 
     /// Publishes `message` to `session` in its default direction.
     pub async fn publish<M: Message>(&self, session: &str, message: &M) -> Result<PublishOutcome> {
-        let channel = Channel::for_message::<M>(M::DIRECTION, session)?;
+        let channel = channel_of::<M>(M::DIRECTION, session)?;
         self.publish_envelope(self.envelope(channel, message)?, None)
             .await
     }
@@ -92,7 +92,7 @@ impl Bus {
         session: &str,
         message: &M,
     ) -> Result<PublishOutcome> {
-        let channel = Channel::for_message::<M>(direction, session)?;
+        let channel = channel_of::<M>(direction, session)?;
         self.publish_envelope(self.envelope(channel, message)?, None)
             .await
     }
@@ -103,13 +103,9 @@ impl Bus {
         envelope: Envelope,
         agent: Option<&str>,
     ) -> Result<PublishOutcome> {
-        let (id, class, session) = (
-            envelope.id(),
-            envelope.class().to_string(),
-            envelope.session().to_string(),
-        );
+        let key = LogKey::of(&envelope);
         let result = self.inner.router.publish(envelope).await;
-        log_publish(&result, &id.to_string(), &class, &session, agent);
+        key.log(&result, agent);
         result
     }
 
@@ -119,19 +115,10 @@ impl Bus {
         envelopes: Vec<Envelope>,
         agent: Option<&str>,
     ) -> Vec<Result<PublishOutcome>> {
-        let keys: Vec<(String, String, String)> = envelopes
-            .iter()
-            .map(|e| {
-                (
-                    e.id().to_string(),
-                    e.class().to_string(),
-                    e.session().to_string(),
-                )
-            })
-            .collect();
+        let keys: Vec<LogKey> = envelopes.iter().map(LogKey::of).collect();
         let results = self.inner.router.publish_batch(envelopes).await;
-        for (result, (id, class, session)) in results.iter().zip(&keys) {
-            log_publish(result, id, class, session, agent);
+        for (result, key) in results.iter().zip(keys) {
+            key.log(result, agent);
         }
         results
     }
@@ -228,27 +215,83 @@ impl fmt::Debug for Bus {
     }
 }
 
-fn log_publish(
-    result: &Result<PublishOutcome>,
-    id: &str,
-    class: &str,
-    session: &str,
-    agent: Option<&str>,
-) {
-    let agent = agent.unwrap_or("-");
-    match result {
-        Ok(PublishOutcome::Unroutable) => tracing::warn!(
-            message_id = id,
+/// What a publish is logged with; cheap to take (a copy and two reference counts), formatted only when
+/// the log line is written.
+struct LogKey {
+    id: crate::envelope::MessageId,
+    channel: Channel,
+    /// Only when it differs from the channel's class (dead letters): rare, so a copy is fine.
+    class: Option<String>,
+}
+
+impl LogKey {
+    fn of(envelope: &Envelope) -> Self {
+        let channel = envelope.channel().clone();
+        let class = (envelope.class() != channel.class()).then(|| envelope.class().to_string());
+        LogKey {
+            id: envelope.id(),
+            channel,
             class,
-            session,
-            agent,
-            "published, but no subscriber matched and the broker did not keep it"
-        ),
-        Ok(_) => tracing::debug!(message_id = id, class, session, agent, "published"),
-        Err(error) => {
-            tracing::error!(message_id = id, class, session, agent, error = %error, "publish failed")
         }
     }
+
+    fn log(&self, result: &Result<PublishOutcome>, agent: Option<&str>) {
+        let agent = agent.unwrap_or("-");
+        let class = self
+            .class
+            .as_deref()
+            .unwrap_or_else(|| self.channel.class());
+        let (id, session) = (&self.id, self.channel.session());
+        match result {
+            Ok(PublishOutcome::Unroutable) => tracing::warn!(
+                message_id = %id,
+                class,
+                session,
+                agent,
+                channel = self.channel.name(),
+                "published, but no subscriber matched and the broker did not keep it"
+            ),
+            Ok(_) => tracing::debug!(message_id = %id, class, session, agent, "published"),
+            Err(error) => tracing::error!(
+                message_id = %id,
+                class,
+                session,
+                agent,
+                error = %error,
+                "publish failed"
+            ),
+        }
+    }
+}
+
+thread_local! {
+    /// The channel last published to on this thread: a publisher usually sends many messages to one
+    /// channel, and building a channel checks and allocates.
+    static RECENT_CHANNEL: std::cell::RefCell<Option<(usize, Channel)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `Channel::for_message::<M>(direction, session)`, reusing the last one built on this thread when it is
+/// the same.
+pub(crate) fn channel_of<M: Message>(direction: &str, session: &str) -> Result<Channel> {
+    let template = M::TEMPLATE.source().as_ptr() as usize;
+    let reused = RECENT_CHANNEL.with(|recent| {
+        recent
+            .borrow()
+            .as_ref()
+            .and_then(|(recent_template, channel)| {
+                (*recent_template == template
+                    && channel.class() == M::CLASS
+                    && channel.direction() == direction
+                    && channel.session() == session)
+                    .then(|| channel.clone())
+            })
+    });
+    if let Some(channel) = reused {
+        return Ok(channel);
+    }
+    let channel = Channel::for_message::<M>(direction, session)?;
+    RECENT_CHANNEL.with(|recent| *recent.borrow_mut() = Some((template, channel.clone())));
+    Ok(channel)
 }
 
 /// Where this bus's requests get their replies: one fan-out subscription per reply class, on

@@ -198,12 +198,13 @@ impl fmt::Display for ChannelTemplate {
     }
 }
 
+/// The four strings of a channel in one allocation: `class`, `direction`, `session`, then the name.
 #[derive(PartialEq, Eq, Hash)]
 struct ChannelInner {
-    class: Box<str>,
-    direction: Box<str>,
-    session: Box<str>,
-    name: Box<str>,
+    text: Box<str>,
+    class_end: usize,
+    direction_end: usize,
+    session_end: usize,
 }
 
 /// A channel: class, direction and session, and the name it has on the broker.
@@ -264,11 +265,20 @@ impl Channel {
         session: &str,
         name: String,
     ) -> Self {
+        let mut text =
+            String::with_capacity(class.len() + direction.len() + session.len() + name.len());
+        text.push_str(class);
+        let class_end = text.len();
+        text.push_str(direction);
+        let direction_end = text.len();
+        text.push_str(session);
+        let session_end = text.len();
+        text.push_str(&name);
         Channel(Arc::new(ChannelInner {
-            class: class.into(),
-            direction: direction.into(),
-            session: session.into(),
-            name: name.into_boxed_str(),
+            text: text.into_boxed_str(),
+            class_end,
+            direction_end,
+            session_end,
         }))
     }
 
@@ -294,29 +304,31 @@ impl Channel {
 
     /// The message class component.
     pub fn class(&self) -> &str {
-        &self.0.class
+        &self.0.text[..self.0.class_end]
     }
 
     /// The direction component.
     pub fn direction(&self) -> &str {
-        &self.0.direction
+        &self.0.text[self.0.class_end..self.0.direction_end]
     }
 
     /// The session component.
     pub fn session(&self) -> &str {
-        &self.0.session
+        &self.0.text[self.0.direction_end..self.0.session_end]
     }
 
     /// The name on the broker (the template's rendering).
     pub fn name(&self) -> &str {
-        &self.0.name
+        &self.0.text[self.0.session_end..]
     }
 
     /// The canonical form `class:direction:session`, whatever the template.
     pub fn canonical(&self) -> String {
         format!(
             "{}{SEPARATOR}{}{SEPARATOR}{}",
-            self.0.class, self.0.direction, self.0.session
+            self.class(),
+            self.direction(),
+            self.session()
         )
     }
 
@@ -329,13 +341,13 @@ impl Channel {
 
 impl fmt::Display for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0.name)
+        f.write_str(self.name())
     }
 }
 
 impl fmt::Debug for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Channel({:?})", &*self.0.name)
+        write!(f, "Channel({:?})", self.name())
     }
 }
 

@@ -122,7 +122,8 @@ pub type Headers = BTreeMap<String, String>;
 #[derive(Clone, PartialEq)]
 pub struct Envelope {
     id: MessageId,
-    class: Cow<'static, str>,
+    /// The message class when it differs from the channel's class (dead letters); `None` otherwise.
+    class: Option<Cow<'static, str>>,
     channel: Channel,
     content_type: Cow<'static, str>,
     timestamp_ms: u64,
@@ -148,8 +149,18 @@ impl Envelope {
         content_type: impl Into<Cow<'static, str>>,
         payload: impl Into<Bytes>,
     ) -> Self {
-        let class = Cow::Owned(channel.class().to_string());
-        Self::with_class(class, channel, content_type, payload)
+        Envelope {
+            id: MessageId::new(),
+            class: None,
+            channel,
+            content_type: content_type.into(),
+            timestamp_ms: now_ms(),
+            correlation_id: None,
+            reply_to: None,
+            attempt: 1,
+            headers: Headers::new(),
+            payload: payload.into(),
+        }
     }
 
     /// A new envelope whose message class is given (a dead letter keeps the class of the message it
@@ -160,17 +171,11 @@ impl Envelope {
         content_type: impl Into<Cow<'static, str>>,
         payload: impl Into<Bytes>,
     ) -> Self {
+        let class = class.into();
+        let class = (class != channel.class()).then_some(class);
         Envelope {
-            id: MessageId::new(),
-            class: class.into(),
-            channel,
-            content_type: content_type.into(),
-            timestamp_ms: now_ms(),
-            correlation_id: None,
-            reply_to: None,
-            attempt: 1,
-            headers: Headers::new(),
-            payload: payload.into(),
+            class,
+            ..Self::new(channel, content_type, payload)
         }
     }
 
@@ -193,7 +198,9 @@ impl Envelope {
 
     /// The message class of the payload.
     pub fn class(&self) -> &str {
-        &self.class
+        self.class
+            .as_deref()
+            .unwrap_or_else(|| self.channel.class())
     }
 
     /// The channel the message is published on.
@@ -287,8 +294,13 @@ impl Envelope {
         self
     }
 
-    /// Moves the envelope to another channel (used for dead letters).
+    /// Moves the envelope to another channel (used for dead letters); the message class stays.
     pub fn with_channel(mut self, channel: Channel) -> Self {
+        if self.class.is_none() && channel.class() != self.channel.class() {
+            self.class = Some(Cow::Owned(self.channel.class().to_string()));
+        } else if self.class.as_deref() == Some(channel.class()) {
+            self.class = None;
+        }
         self.channel = channel;
         self
     }
@@ -323,18 +335,30 @@ impl Envelope {
         }
     }
 
-    /// Decodes a wire frame (either form; a JSON frame starts with `{`).
+    /// Decodes a wire frame (either form; a JSON frame starts with `{`). The payload is copied out.
     pub fn from_frame(frame: &[u8]) -> Result<Self> {
+        Self::decode_frame(frame, Bytes::copy_from_slice)
+    }
+
+    /// Decodes a wire frame held in `Bytes`: the payload is a view into the frame, not a copy.
+    pub fn from_frame_bytes(frame: Bytes) -> Result<Self> {
+        Self::decode_frame(&frame, |payload| frame.slice_ref(payload))
+    }
+
+    fn decode_frame(frame: &[u8], payload_of: impl Fn(&[u8]) -> Bytes) -> Result<Self> {
         let first = frame.iter().copied().find(|b| !b.is_ascii_whitespace());
         if first == Some(b'{') {
             let wire: Wire<'_, &serde_json::value::RawValue> =
                 serde_json::from_slice(frame).map_err(|e| Error::decode("envelope", e))?;
-            let payload = Bytes::copy_from_slice(wire.payload.get().as_bytes());
+            let payload = payload_of(wire.payload.get().as_bytes());
             Self::from_wire(wire, payload)
         } else {
             let wire: Wire<'_, Bin<'_>> =
                 rmp_serde::from_slice(frame).map_err(|e| Error::decode("envelope", e))?;
-            let payload = Bytes::copy_from_slice(&wire.payload.0);
+            let payload = match &wire.payload.0 {
+                Cow::Borrowed(bytes) => payload_of(bytes),
+                Cow::Owned(bytes) => Bytes::copy_from_slice(bytes),
+            };
             Self::from_wire(wire, payload)
         }
     }
@@ -343,11 +367,13 @@ impl Envelope {
         Wire {
             v: FRAME_VERSION,
             id: WireId::Id(self.id),
-            class: Cow::Borrowed(&self.class),
+            class: Cow::Borrowed(self.class()),
             channel: Cow::Borrowed(self.channel.name()),
             direction: Cow::Borrowed(self.channel.direction()),
             session: Cow::Borrowed(self.channel.session()),
-            channel_class: (self.channel.class() != self.class)
+            channel_class: self
+                .class
+                .is_some()
                 .then(|| Cow::Borrowed(self.channel.class())),
             content_type: Cow::Borrowed(&self.content_type),
             timestamp: self.timestamp_ms,
@@ -393,9 +419,12 @@ impl Envelope {
         }
         Ok(Envelope {
             id,
-            class: Cow::Owned(header.class.into_owned()),
+            class: (header.class != channel.class()).then(|| Cow::Owned(header.class.into_owned())),
             channel,
-            content_type: Cow::Owned(header.content_type.into_owned()),
+            content_type: known_content_type(&header.content_type).map_or_else(
+                || Cow::Owned(header.content_type.into_owned()),
+                Cow::Borrowed,
+            ),
             timestamp_ms: header.timestamp,
             correlation_id: header.correlation_id.map(Cow::into_owned),
             reply_to: header.reply_to.map(Cow::into_owned),
@@ -410,11 +439,21 @@ impl Envelope {
     }
 }
 
+fn known_content_type(content_type: &str) -> Option<&'static str> {
+    [
+        crate::codec::MSGPACK_CONTENT_TYPE,
+        JSON_CONTENT_TYPE,
+        BINARY_CONTENT_TYPE,
+    ]
+    .into_iter()
+    .find(|known| *known == content_type)
+}
+
 impl fmt::Debug for Envelope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Envelope")
             .field("id", &self.id)
-            .field("class", &self.class)
+            .field("class", &self.class())
             .field("channel", &self.channel)
             .field("content_type", &self.content_type)
             .field("timestamp_ms", &self.timestamp_ms)
@@ -528,6 +567,23 @@ mod tests {
         assert_eq!(back, envelope);
         assert_eq!(back.attempt(), 3);
         assert_eq!(back.header("trace"), Some("é \"quoted\"\n"));
+    }
+
+    #[test]
+    fn frames_in_bytes_are_read_without_copying_the_payload() {
+        let envelope = sample(MSGPACK_CONTENT_TYPE, b"\x81\xa1a\x01");
+        let frame = Bytes::from(envelope.to_frame().unwrap());
+        let back = Envelope::from_frame_bytes(frame.clone()).unwrap();
+        assert_eq!(back, envelope);
+        let inside = frame.as_ptr_range();
+        assert!(
+            inside.contains(&back.payload().as_ptr()),
+            "the payload is a view into the frame"
+        );
+
+        let json = sample(JSON_CONTENT_TYPE, br#"{"a":1}"#);
+        let back = Envelope::from_frame_bytes(Bytes::from(json.to_frame().unwrap())).unwrap();
+        assert_eq!(back, json);
     }
 
     #[test]

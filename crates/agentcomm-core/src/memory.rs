@@ -38,7 +38,7 @@ use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::router::{
     Acknowledge, BoxFuture, Capabilities, Delivery, Distribution, Health, HealthStatus, NackAction,
-    PublishOutcome, Router, SubscribeOptions, Subscription, SubscriptionControl,
+    PublishOutcome, Router, SubscribeOptions, Subscription, SubscriptionControl, ready_ok,
 };
 
 /// Settings of a [`MemoryRouter`].
@@ -191,7 +191,7 @@ struct MemoryAck {
 
 impl Acknowledge for MemoryAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
-        Box::pin(async { Ok(()) })
+        ready_ok()
     }
 
     fn nack(
@@ -204,7 +204,7 @@ impl Acknowledge for MemoryAck {
             _ => Duration::ZERO,
         };
         self.queue.requeue(envelope, delay);
-        Box::pin(async { Ok(()) })
+        ready_ok()
     }
 
     fn abandon(self: Box<Self>, envelope: Envelope) {
@@ -235,7 +235,7 @@ impl SubscriptionControl for MemoryControl {
             }
             self.queue.sender.close();
         }
-        Box::pin(async { Ok(()) })
+        ready_ok()
     }
 }
 
@@ -271,92 +271,61 @@ impl MemoryRouter {
         }
     }
 
-    fn targets(&self, envelope: &Envelope) -> Vec<Arc<Queue>> {
-        let routes = self.inner.routes.read().expect("routes lock");
-        routes
-            .fan_outs
-            .iter()
-            .chain(routes.groups.values())
-            .filter(|queue| queue.matches(envelope))
-            .cloned()
-            .collect()
-    }
-
     async fn publish_one(&self, envelope: Envelope) -> Result<PublishOutcome> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(Self::closed_error());
         }
         inner.counters.published.fetch_add(1, Ordering::Relaxed);
-        let targets = self.targets(&envelope);
-        if targets.is_empty() {
-            inner.counters.unroutable.fetch_add(1, Ordering::Relaxed);
-            return Ok(PublishOutcome::Unroutable);
-        }
-        let mut delivered = 0;
-        let last = targets.len() - 1;
-        let mut envelope = Some(envelope);
-        for (index, queue) in targets.iter().enumerate() {
-            let copy = if index == last {
-                envelope
-                    .take()
-                    .expect("the envelope is moved into the last target only")
-            } else {
-                envelope
-                    .as_ref()
-                    .expect("present until the last target")
-                    .clone()
-            };
-            let delivery = queue.delivery(copy);
-            let sent = match queue.sender.try_send(delivery) {
-                Ok(()) => true,
-                Err(async_channel::TrySendError::Closed(delivery)) => {
-                    // Closed between routing and sending: it was never delivered.
-                    delivery.discard();
-                    false
+        let mut delivered = 0usize;
+        // Queues that are full: waited on after the routes lock is released.
+        let mut full: Vec<(Arc<Queue>, Delivery)> = Vec::new();
+        {
+            let routes = inner.routes.read().expect("routes lock");
+            for queue in routes.fan_outs.iter().chain(routes.groups.values()) {
+                if !queue.matches(&envelope) {
+                    continue;
                 }
-                Err(async_channel::TrySendError::Full(delivery)) => {
-                    inner
-                        .counters
-                        .backpressure_waits
-                        .fetch_add(1, Ordering::Relaxed);
-                    match tokio::time::timeout(
-                        inner.config.publish_timeout,
-                        queue.sender.send(delivery),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => true,
-                        Ok(Err(async_channel::SendError(delivery))) => {
-                            delivery.discard();
-                            false
-                        }
-                        Err(_) => {
-                            return Err(Error::Timeout {
-                                operation: format!(
-                                    "room in the full queue of {} (capacity {}): its consumer is not keeping up",
-                                    queue.name, inner.config.queue_capacity
-                                ),
-                                after: inner.config.publish_timeout,
-                            });
-                        }
+                match queue.sender.try_send(queue.delivery(envelope.clone())) {
+                    Ok(()) => delivered += 1,
+                    Err(async_channel::TrySendError::Full(delivery)) => {
+                        full.push((queue.clone(), delivery))
                     }
+                    // Closed between routing and sending: it was never delivered.
+                    Err(async_channel::TrySendError::Closed(delivery)) => delivery.discard(),
                 }
-            };
-            if sent {
-                delivered += 1;
+            }
+        }
+        for (queue, delivery) in full {
+            inner
+                .counters
+                .backpressure_waits
+                .fetch_add(1, Ordering::Relaxed);
+            match tokio::time::timeout(inner.config.publish_timeout, queue.sender.send(delivery))
+                .await
+            {
+                Ok(Ok(())) => delivered += 1,
+                Ok(Err(async_channel::SendError(delivery))) => delivery.discard(),
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        operation: format!(
+                            "room in the full queue of {} (capacity {}): its consumer is not keeping up",
+                            queue.name, inner.config.queue_capacity
+                        ),
+                        after: inner.config.publish_timeout,
+                    });
+                }
             }
         }
         inner
             .counters
             .delivered
             .fetch_add(delivered as u64, Ordering::Relaxed);
-        Ok(if delivered == 0 {
+        if delivered == 0 {
             inner.counters.unroutable.fetch_add(1, Ordering::Relaxed);
-            PublishOutcome::Unroutable
-        } else {
-            PublishOutcome::Delivered(delivered)
-        })
+            return Ok(PublishOutcome::Unroutable);
+        }
+        Ok(PublishOutcome::Delivered(delivered))
     }
 
     async fn subscribe_now(&self, options: SubscribeOptions) -> Result<Subscription> {

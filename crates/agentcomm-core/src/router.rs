@@ -41,6 +41,19 @@ use crate::error::{Error, Result};
 /// A boxed, sendable future: what the object-safe router methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A future that is already `Ok(())`. Zero-sized, so boxing it does not allocate: for acknowledgements
+/// that have nothing to send.
+pub fn ready_ok() -> BoxFuture<'static, Result<()>> {
+    struct ReadyOk;
+    impl Future for ReadyOk {
+        type Output = Result<()>;
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+    Box::pin(ReadyOk)
+}
+
 /// A shared router, as the runtime holds it.
 pub type SharedRouter = Arc<dyn Router>;
 

@@ -870,13 +870,17 @@ impl<A: Agent> AgentShared<A> {
             Ok(Err(rejection)) => return Outcome::Rejected(rejection),
             Err(panic) => return Outcome::Panicked(panic_text(panic.as_ref())),
         };
-        let guarded = AssertUnwindSafe(handler).catch_unwind();
-        let result = match self.options.handler_timeout {
-            Some(limit) => match tokio::time::timeout(limit, guarded).await {
-                Ok(result) => result,
-                Err(_) => return Outcome::TimedOut(limit),
+        let mut guarded = std::pin::pin!(AssertUnwindSafe(handler).catch_unwind());
+        // Most handlers finish at their first poll; the timer is only set up for those that do not.
+        let result = match futures::poll!(guarded.as_mut()) {
+            std::task::Poll::Ready(result) => result,
+            std::task::Poll::Pending => match self.options.handler_timeout {
+                Some(limit) => match tokio::time::timeout(limit, guarded).await {
+                    Ok(result) => result,
+                    Err(_) => return Outcome::TimedOut(limit),
+                },
+                None => guarded.await,
             },
-            None => guarded.await,
         };
         match result {
             Ok(Ok(())) => Outcome::Handled,

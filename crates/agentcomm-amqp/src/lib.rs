@@ -1,2 +1,475 @@
-//! Placeholder.
+//! # agentcomm-amqp
+//!
+//! The RabbitMQ backend of agentcomm, on [amqprs]: an [`AmqpRouter`] implements
+//! [`Router`](agentcomm_core::Router) with durable, confirmed publishing and reconnection.
+//!
+//! ```no_run
+//! use agentcomm_amqp::AmqpRouter;
+//! use agentcomm_core::prelude::*;
+//!
+//! # async fn run() -> agentcomm_core::Result<()> {
+//! // RABBITMQ_URL, or amqp://guest:guest@127.0.0.1:5672/%2f
+//! let router = AmqpRouter::from_env().await?;
+//! let runtime = Runtime::new(router);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What it does
+//! - **Topology**: one durable topic exchange; a channel `class:direction:session` is the routing key
+//!   `class.direction.session` (components escaped, see [`topology`]); a pattern is a binding key with
+//!   `*` wildcards. A fan-out subscription gets its own queue; a group shares one durable queue
+//!   `<exchange>.group.<name>` (competing consumers), bound to the union of its members' patterns.
+//! - **Publishing**: persistent messages, published mandatory on a channel in confirm mode; a publish
+//!   resolves with [`PublishOutcome::Accepted`](agentcomm_core::router::PublishOutcome) once the broker
+//!   confirms it, [`Unroutable`](agentcomm_core::router::PublishOutcome::Unroutable) when no queue was
+//!   bound (basic.return), an error on basic.nack or when no confirm comes within the confirm timeout.
+//!   Batches pipeline their confirms.
+//! - **Consuming**: manual acknowledgement with the subscription's prefetch; requeue; delayed retry
+//!   through TTL queues that dead-letter back to the originating queue only; a dead-letter exchange and
+//!   durable queue; frames that are not agentcomm envelopes are dead-lettered and counted (`malformed`).
+//! - **Reconnection**: a lost connection is detected (I/O error, heartbeat, broker close), reopened
+//!   with exponential backoff and jitter, the topology declared again, every consumer restored, and every
+//!   publish not yet confirmed sent again. A publish during an outage waits up to
+//!   `publish_outage_timeout`, then fails with an error that says so. Deliveries from a lost channel
+//!   are stale: settling them fails instead of settling another message on the new channel.
+//! - **Health** reports the connection state and counters; **close** cancels consumers, lets handlers
+//!   settle what they hold, waits for outstanding confirms, then closes channels and the connection.
+//!
+//! See `docs/rabbitmq.md` in the repository for the full design.
+//!
+//! [amqprs]: https://docs.rs/amqprs
+
 #![deny(missing_docs)]
+
+mod builder;
+mod consumer;
+mod link;
+mod publisher;
+#[cfg(feature = "tls")]
+mod tls;
+pub mod topology;
+mod url;
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use amqprs::channel::ExchangeDeclareArguments;
+use tokio::time::Instant;
+
+use agentcomm_core::envelope::Envelope;
+use agentcomm_core::error::{Error, Result};
+use agentcomm_core::router::{
+    BoxFuture, Capabilities, Distribution, Health, HealthStatus, PublishOutcome, Router,
+    SubscribeOptions, Subscription,
+};
+
+pub use builder::{AmqpRouterBuilder, DEFAULT_EXCHANGE, DeadLetterSettings, QueueType};
+
+use consumer::{AckState, Control, QueueKind, QueueSpec, SubShared};
+use link::{BACKEND, Inner, LinkState, OpChannel};
+use publisher::Outgoing;
+
+/// The most publishes of one batch waiting for their confirm at once.
+const BATCH_IN_FLIGHT: usize = 1024;
+
+/// A [`Router`] on RabbitMQ. Cheap to clone: clones share the connection. `Debug` shows the URL
+/// without its password.
+#[derive(Clone)]
+pub struct AmqpRouter {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for AmqpRouter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &*self.inner.state.borrow() {
+            LinkState::Connected(live) => format!("connected (generation {})", live.generation),
+            LinkState::Connecting { attempt, .. } => format!("reconnecting (attempt {attempt})"),
+            LinkState::Closed => "closed".to_string(),
+        };
+        f.debug_struct("AmqpRouter")
+            .field("url", &self.inner.settings.url.redacted)
+            .field("exchange", &self.inner.settings.exchange)
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AmqpRouter {
+    /// A builder for the broker at `url` (`amqp://` or `amqps://`).
+    pub fn builder(url: impl Into<String>) -> AmqpRouterBuilder {
+        AmqpRouterBuilder::new(url)
+    }
+
+    /// Connects to `url` with the default settings.
+    pub async fn connect(url: impl Into<String>) -> Result<Self> {
+        Self::builder(url).connect().await
+    }
+
+    /// Connects to `RABBITMQ_URL` (or `amqp://guest:guest@127.0.0.1:5672/%2f` when unset) with the
+    /// default settings.
+    pub async fn from_env() -> Result<Self> {
+        AmqpRouterBuilder::from_env().connect().await
+    }
+
+    pub(crate) async fn start(settings: builder::Settings) -> Result<Self> {
+        let inner = Arc::new(Inner::new(settings));
+        link::start(&inner).await?;
+        tracing::info!(
+            url = %inner.settings.url.redacted,
+            exchange = %inner.settings.exchange,
+            "connected to RabbitMQ"
+        );
+        Ok(AmqpRouter { inner })
+    }
+
+    /// The exchange messages are published to.
+    pub fn exchange(&self) -> &str {
+        &self.inner.settings.exchange
+    }
+
+    /// The dead-letter queue, when one is kept.
+    pub fn dead_letter_queue(&self) -> Option<&str> {
+        self.inner.settings.dead_letter_queue.as_deref()
+    }
+
+    /// The URL, without its password.
+    pub fn url(&self) -> &str {
+        &self.inner.settings.url.redacted
+    }
+
+    /// Whether the connection is up now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.connected.load(Ordering::Acquire) != 0
+    }
+
+    async fn publish_one(&self, envelope: Envelope) -> Result<PublishOutcome> {
+        if self.inner.is_closing() {
+            return Err(Inner::closed_error());
+        }
+        let routing_key = topology::routing_key(envelope.channel())?;
+        let message = Outgoing::new(&envelope, &self.inner.settings.exchange, routing_key)?;
+        self.inner.publish_outgoing(&message).await
+    }
+
+    async fn subscribe_now(&self, options: SubscribeOptions) -> Result<Subscription> {
+        options.check()?;
+        let inner = &self.inner;
+        if inner.is_closing() {
+            return Err(Inner::closed_error());
+        }
+        let mut bindings = Vec::with_capacity(options.patterns.len());
+        for pattern in &options.patterns {
+            let key = topology::binding_key(pattern)?;
+            if !bindings.contains(&key) {
+                bindings.push(key);
+            }
+        }
+        let settings = &inner.settings;
+        let (name, kind) = match &options.distribution {
+            Distribution::Group(group) => {
+                topology::check_group_name(group)?;
+                (
+                    topology::group_queue(&settings.exchange, group),
+                    QueueKind::Group,
+                )
+            }
+            _ => (
+                topology::fan_out_queue(&settings.exchange),
+                QueueKind::FanOut,
+            ),
+        };
+        let prefetch = if options.prefetch == SubscribeOptions::DEFAULT_PREFETCH {
+            settings
+                .prefetch
+                .unwrap_or(SubscribeOptions::DEFAULT_PREFETCH as u16)
+        } else {
+            options.prefetch.clamp(1, usize::from(u16::MAX)) as u16
+        };
+        let (sender, receiver) = async_channel::bounded(usize::from(prefetch));
+        let id = inner.next_subscription.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(SubShared {
+            id,
+            spec: QueueSpec {
+                name: name.clone(),
+                kind,
+                bindings: bindings.clone(),
+                prefetch,
+            },
+            state: Arc::new(AckState {
+                inner: inner.clone(),
+                queue: name.clone(),
+                generation: Default::default(),
+                outstanding: Default::default(),
+            }),
+            sender,
+            receiver: receiver.clone(),
+            consumer: tokio::sync::Mutex::new(None),
+            closed: Default::default(),
+            stop: tokio::sync::watch::Sender::new(false),
+        });
+        {
+            let mut subscriptions = inner.subscriptions.lock().expect("subscriptions lock");
+            subscriptions.retain(|sub| sub.strong_count() > 0);
+            subscriptions.push(Arc::downgrade(&shared));
+        }
+        let (ready_sender, ready) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(consumer::run(shared.clone(), ready_sender));
+        {
+            let mut tasks = inner.tasks.lock().expect("tasks lock");
+            tasks.retain(|task| !task.is_finished());
+            tasks.push(task);
+        }
+        let bound = settings.publish_outage_timeout
+            + settings.operation_timeout * (5 + bindings.len() as u32);
+        match tokio::time::timeout(bound, ready).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => return Err(error),
+            Ok(Err(_)) => {
+                return Err(
+                    inner.backend_error("the subscription stopped before its consumer was live")
+                );
+            }
+            Err(_) => {
+                let _ = shared.close().await;
+                return Err(Error::Timeout {
+                    operation: format!("the consumer on queue '{name}' to start"),
+                    after: bound,
+                });
+            }
+        }
+        tracing::info!(queue = %name, bindings = ?bindings, prefetch, "subscribed");
+        let control = Arc::new(Control(shared));
+        Ok(Subscription::new(receiver, control, &options))
+    }
+
+    fn live_subscriptions(&self) -> Vec<Arc<SubShared>> {
+        self.inner
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|sub| !sub.is_closed())
+            .collect()
+    }
+
+    async fn unconfirmed(&self) -> u64 {
+        match tokio::time::timeout(Duration::from_secs(1), self.inner.publisher.lock()).await {
+            Ok(slot) => slot
+                .as_ref()
+                .map_or(0, |publisher| publisher.confirms.unconfirmed() as u64),
+            Err(_) => 0,
+        }
+    }
+
+    async fn round_trip(&self) -> Option<Duration> {
+        let inner = &self.inner;
+        let probe = inner.with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
+            let started = Instant::now();
+            let mut passive = ExchangeDeclareArguments::new(&inner.settings.exchange, "topic");
+            passive.passive(true);
+            inner
+                .operation(
+                    "checking the exchange",
+                    &op.reason,
+                    op.channel.exchange_declare(passive),
+                )
+                .await?;
+            Ok(started.elapsed())
+        });
+        match tokio::time::timeout(Duration::from_secs(2), probe).await {
+            Ok(Ok(elapsed)) => Some(elapsed),
+            _ => None,
+        }
+    }
+
+    async fn health_now(&self) -> Health {
+        let inner = &self.inner;
+        let state = inner.state.borrow().clone();
+        let subscriptions = self.live_subscriptions();
+        let unconfirmed = self.unconfirmed().await;
+        let blocked = inner.blocked.lock().expect("blocked lock").clone();
+        let (status, connected, detail) = match &state {
+            LinkState::Closed => (HealthStatus::Unhealthy, false, "closed".to_string()),
+            LinkState::Connecting {
+                attempt,
+                last_error,
+                since,
+            } => {
+                let down = since.elapsed();
+                let status = if down > inner.settings.publish_outage_timeout {
+                    HealthStatus::Unhealthy
+                } else {
+                    HealthStatus::Degraded
+                };
+                (
+                    status,
+                    false,
+                    format!(
+                        "disconnected for {down:.1?}, reconnecting (attempt {attempt}; last error: {last_error}); check that RabbitMQ at {} is running",
+                        inner.settings.url.redacted
+                    ),
+                )
+            }
+            LinkState::Connected(live) if !live.connection.is_open() => (
+                HealthStatus::Degraded,
+                false,
+                "the connection was just lost; reconnecting".to_string(),
+            ),
+            LinkState::Connected(_) => match &blocked {
+                Some(reason) => (
+                    HealthStatus::Degraded,
+                    true,
+                    format!(
+                        "RabbitMQ blocks publishing on this connection ({reason}): free memory or disk on the broker"
+                    ),
+                ),
+                None => (HealthStatus::Healthy, true, "ok".to_string()),
+            },
+        };
+        let counters = &inner.counters;
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        let mut health = Health::new(BACKEND, status)
+            .connected(connected)
+            .detail(detail)
+            .counter("unconfirmed", unconfirmed)
+            .counter("published", load(&counters.published))
+            .counter("confirmed", load(&counters.confirmed))
+            .counter("publish_nacks", load(&counters.publish_nacks))
+            .counter("unroutable", load(&counters.unroutable))
+            .counter("returned", load(&counters.returned))
+            .counter("resent", load(&counters.resent))
+            .counter("confirm_timeouts", load(&counters.confirm_timeouts))
+            .counter("publish_failures", load(&counters.publish_failures))
+            .counter("connection_losses", load(&counters.connection_losses))
+            .counter("reconnects", load(&counters.reconnects))
+            .counter("connect_failures", load(&counters.connect_failures))
+            .counter("delivered", load(&counters.delivered))
+            .counter("acked", load(&counters.acked))
+            .counter("requeued", load(&counters.requeued))
+            .counter("retried", load(&counters.retried))
+            .counter("abandoned", load(&counters.abandoned))
+            .counter("stale", load(&counters.stale))
+            .counter("stale_discarded", load(&counters.stale_discarded))
+            .counter("malformed", load(&counters.malformed))
+            .counter("consumers_restored", load(&counters.consumers_restored))
+            .counter("fan_out_queues_lost", load(&counters.fan_out_queues_lost))
+            .counter("subscriptions", subscriptions.len() as u64)
+            .counter(
+                "in_flight",
+                subscriptions.iter().map(|sub| sub.in_hand()).sum::<u64>(),
+            )
+            .counter(
+                "buffered",
+                subscriptions
+                    .iter()
+                    .map(|sub| sub.receiver.len() as u64)
+                    .sum::<u64>(),
+            )
+            .counter("blocked", u64::from(blocked.is_some()));
+        if connected && let Some(round_trip) = self.round_trip().await {
+            health = health.round_trip(round_trip);
+        }
+        health
+    }
+
+    async fn close_now(&self) -> Result<()> {
+        let inner = &self.inner;
+        if inner.closing.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let settings = &inner.settings;
+        tracing::info!(url = %settings.url.redacted, "closing the RabbitMQ router");
+        let subscriptions: Vec<Arc<SubShared>> = inner
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        futures::future::join_all(subscriptions.iter().map(|sub| sub.close())).await;
+        // Each subscription's task lets its handlers settle (up to the close timeout), closes its
+        // channel and deletes its fan-out queue.
+        let tasks = std::mem::take(&mut *inner.tasks.lock().expect("tasks lock"));
+        let bound = settings.close_timeout + settings.operation_timeout * 2;
+        if tokio::time::timeout(bound, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!("some subscriptions did not finish closing in time");
+        }
+        let deadline = Instant::now() + settings.close_timeout;
+        while self.unconfirmed().await > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.unconfirmed().await;
+        if left > 0 {
+            tracing::warn!(
+                unconfirmed = left,
+                "closing with publishes still waiting for their confirm; their callers get an error"
+            );
+        }
+        inner.stop.send_replace(true);
+        if let Some(publisher) = inner.publisher.lock().await.take() {
+            publisher.close(settings.operation_timeout).await;
+        }
+        if let Some(op) = inner.topology.lock().await.take() {
+            let _ = tokio::time::timeout(settings.operation_timeout, op.channel.close()).await;
+        }
+        let previous = inner.state.send_replace(LinkState::Closed);
+        inner.connected.store(0, Ordering::Release);
+        if let LinkState::Connected(live) = previous {
+            let _ = tokio::time::timeout(settings.operation_timeout, live.connection.close()).await;
+        }
+        tracing::info!(url = %settings.url.redacted, "RabbitMQ router closed");
+        Ok(())
+    }
+}
+
+impl Router for AmqpRouter {
+    fn backend(&self) -> &str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+            .persistent(true)
+            .ordered_per_channel(true)
+            .consumer_groups(true)
+            .redelivery(true)
+            .publish_confirms(true)
+            .reports_unroutable(true)
+    }
+
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        Box::pin(self.publish_one(envelope))
+    }
+
+    fn publish_batch(
+        &self,
+        envelopes: Vec<Envelope>,
+    ) -> BoxFuture<'_, Vec<Result<PublishOutcome>>> {
+        use futures::StreamExt;
+        Box::pin(
+            futures::stream::iter(envelopes)
+                .map(|envelope| self.publish_one(envelope))
+                .buffered(BATCH_IN_FLIGHT)
+                .collect(),
+        )
+    }
+
+    fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
+        Box::pin(self.subscribe_now(options))
+    }
+
+    fn health(&self) -> BoxFuture<'_, Health> {
+        Box::pin(self.health_now())
+    }
+
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.close_now())
+    }
+}

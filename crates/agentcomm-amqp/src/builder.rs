@@ -1,0 +1,413 @@
+//! [`AmqpRouterBuilder`]: every setting of the RabbitMQ router, with safe defaults.
+
+use std::fmt;
+use std::time::Duration;
+
+use agentcomm_core::backoff::Backoff;
+use agentcomm_core::config::{DEFAULT_RABBITMQ_URL, RABBITMQ_URL_VAR};
+use agentcomm_core::error::{Error, Result, redact_url};
+
+use crate::AmqpRouter;
+use crate::topology::{check_exchange_name, check_queue_name};
+use crate::url::AmqpUrl;
+
+/// The kind of queue groups share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum QueueType {
+    /// Classic queues (`x-queue-type=classic`): one node, fastest.
+    #[default]
+    Classic,
+    /// Quorum queues (`x-queue-type=quorum`): replicated (Raft), for clusters. RabbitMQ 3.8 or later.
+    Quorum,
+}
+
+impl QueueType {
+    /// The value of `x-queue-type`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+/// Where dead letters are kept.
+///
+/// Two routes lead to the dead-letter queue: the runtime publishes messages that failed every attempt
+/// (or could not be decoded) on `DeadLetter:<class>:<session>` channels, which the queue is bound to on
+/// the main exchange (`DeadLetter.*.*`); and every agentcomm queue names the dead-letter exchange as its
+/// `x-dead-letter-exchange`, so what the broker itself drops (a quorum queue's delivery limit, a
+/// rejected frame that could not be republished) lands there too, with RabbitMQ's `x-death` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetterSettings {
+    /// The dead-letter exchange (fanout); `None`: `<exchange>.dlx`.
+    pub exchange: Option<String>,
+    /// The durable dead-letter queue; `None`: `<exchange>.dead-letters`.
+    pub queue: Option<String>,
+    /// Whether to declare the queue and its bindings. When `false`, dead letters are kept only if
+    /// something else subscribes to them (the runtime then reports them as not kept).
+    pub keep: bool,
+    /// Quorum queues only: deliveries of one message before RabbitMQ dead-letters it
+    /// (`x-delivery-limit`); `None` leaves RabbitMQ's default.
+    pub delivery_limit: Option<u32>,
+}
+
+impl Default for DeadLetterSettings {
+    fn default() -> Self {
+        DeadLetterSettings {
+            exchange: None,
+            queue: None,
+            keep: true,
+            delivery_limit: None,
+        }
+    }
+}
+
+/// Builds an [`AmqpRouter`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use agentcomm_core::backoff::Backoff;
+/// use agentcomm_amqp::{AmqpRouter, QueueType};
+///
+/// # async fn run() -> agentcomm_core::Result<()> {
+/// let router = AmqpRouter::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+///     .exchange("payments")
+///     .prefetch(64)
+///     .confirm_timeout(Duration::from_secs(5))
+///     .reconnect(Backoff::new(Duration::from_millis(100), Duration::from_secs(5)))
+///     .publish_outage_timeout(Duration::from_secs(20))
+///     .queue_type(QueueType::Quorum)
+///     .dead_letter_queue("payments.dead-letters")
+///     .connect()
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct AmqpRouterBuilder {
+    pub(crate) url: String,
+    pub(crate) url_variable: &'static str,
+    pub(crate) exchange: String,
+    pub(crate) prefetch: Option<u16>,
+    pub(crate) confirm_timeout: Duration,
+    pub(crate) operation_timeout: Duration,
+    pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) publish_outage_timeout: Duration,
+    pub(crate) close_timeout: Duration,
+    pub(crate) reconnect: Backoff,
+    pub(crate) heartbeat: Option<Duration>,
+    pub(crate) queue_type: QueueType,
+    pub(crate) dead_letters: DeadLetterSettings,
+    pub(crate) fan_out_expiry: Duration,
+    pub(crate) connection_name: Option<String>,
+}
+
+impl fmt::Debug for AmqpRouterBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpRouterBuilder")
+            .field("url", &redact_url(&self.url))
+            .field("exchange", &self.exchange)
+            .field("prefetch", &self.prefetch)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("publish_outage_timeout", &self.publish_outage_timeout)
+            .field("reconnect", &self.reconnect)
+            .field("queue_type", &self.queue_type)
+            .field("dead_letters", &self.dead_letters)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The exchange used when none is set.
+pub const DEFAULT_EXCHANGE: &str = "agentcomm";
+
+impl AmqpRouterBuilder {
+    /// A builder for the broker at `url` with the defaults: exchange `agentcomm`, classic queues,
+    /// confirms within 15 s, publishes waiting up to 30 s through an outage, reconnects from 100 ms
+    /// doubling to 10 s with jitter, heartbeats every 20 s, a dead-letter queue kept.
+    pub fn new(url: impl Into<String>) -> Self {
+        AmqpRouterBuilder {
+            url: url.into(),
+            url_variable: "RabbitMQ URL",
+            exchange: DEFAULT_EXCHANGE.to_string(),
+            prefetch: None,
+            confirm_timeout: Duration::from_secs(15),
+            operation_timeout: Duration::from_secs(10),
+            connect_timeout: None,
+            publish_outage_timeout: Duration::from_secs(30),
+            close_timeout: Duration::from_secs(10),
+            reconnect: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            heartbeat: None,
+            queue_type: QueueType::Classic,
+            dead_letters: DeadLetterSettings::default(),
+            fan_out_expiry: Duration::from_secs(60),
+            connection_name: None,
+        }
+    }
+
+    /// A builder for the URL in `RABBITMQ_URL`, or `amqp://guest:guest@127.0.0.1:5672/%2f` when unset.
+    pub fn from_env() -> Self {
+        let url = std::env::var(RABBITMQ_URL_VAR)
+            .ok()
+            .filter(|url| !url.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_RABBITMQ_URL.to_string());
+        AmqpRouterBuilder {
+            url_variable: RABBITMQ_URL_VAR,
+            ..Self::new(url)
+        }
+    }
+
+    /// The topic exchange every message goes through (default `agentcomm`). Queue names start with it.
+    pub fn exchange(mut self, name: impl Into<String>) -> Self {
+        self.exchange = name.into();
+        self
+    }
+
+    /// The prefetch of subscriptions that keep the default
+    /// ([`SubscribeOptions::DEFAULT_PREFETCH`](agentcomm_core::router::SubscribeOptions::DEFAULT_PREFETCH));
+    /// a subscription asking for another value gets that value. From 1 to 65535.
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = Some(prefetch.max(1));
+        self
+    }
+
+    /// How long a publish waits for the broker's confirm once sent (default 15 s); past it the
+    /// publish fails with [`Error::Timeout`].
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// How long a declaration, binding, cancel or acknowledgement may take (default 10 s).
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// How long opening a connection may take (default: the URL's `connection_timeout`, else 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// How long a publish (or a subscribe) waits for the connection to come back during an outage
+    /// before failing (default 30 s).
+    pub fn publish_outage_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_outage_timeout = timeout;
+        self
+    }
+
+    /// How long [`close`](agentcomm_core::Router::close) waits for handlers to settle what they hold and
+    /// for outstanding confirms (default 10 s).
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// The delays between reconnection attempts (exponential backoff with jitter).
+    pub fn reconnect(mut self, backoff: Backoff) -> Self {
+        self.reconnect = backoff;
+        self
+    }
+
+    /// The AMQP heartbeat (default: the URL's `heartbeat`, else 20 s; at least 2 s). A connection that
+    /// stays silent for two heartbeats is taken as lost.
+    pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = Some(heartbeat);
+        self
+    }
+
+    /// The type of the durable queues groups share (default classic).
+    pub fn queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// All dead-letter settings at once.
+    pub fn dead_letters(mut self, settings: DeadLetterSettings) -> Self {
+        self.dead_letters = settings;
+        self
+    }
+
+    /// The dead-letter queue (default `<exchange>.dead-letters`).
+    pub fn dead_letter_queue(mut self, name: impl Into<String>) -> Self {
+        self.dead_letters.queue = Some(name.into());
+        self.dead_letters.keep = true;
+        self
+    }
+
+    /// The dead-letter exchange (default `<exchange>.dlx`).
+    pub fn dead_letter_exchange(mut self, name: impl Into<String>) -> Self {
+        self.dead_letters.exchange = Some(name.into());
+        self
+    }
+
+    /// Does not declare a dead-letter queue: dead letters are kept only by their own subscribers.
+    pub fn without_dead_letter_queue(mut self) -> Self {
+        self.dead_letters.keep = false;
+        self
+    }
+
+    /// Quorum queues only: how many deliveries of one message before RabbitMQ dead-letters it.
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.dead_letters.delivery_limit = Some(limit);
+        self
+    }
+
+    /// How long a fan-out subscription's queue outlives a lost connection (default 60 s): messages
+    /// published during a shorter outage are delivered after the reconnect.
+    pub fn fan_out_expiry(mut self, expiry: Duration) -> Self {
+        self.fan_out_expiry = expiry;
+        self
+    }
+
+    /// The connection name shown in the RabbitMQ management UI (default `agentcomm-<pid>`).
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = Some(name.into());
+        self
+    }
+
+    /// Checks every setting and connects; fails when the broker cannot be reached or the topology
+    /// cannot be declared, with the URL (without its password) in the error.
+    pub async fn connect(self) -> Result<AmqpRouter> {
+        let settings = self.settings()?;
+        AmqpRouter::start(settings).await
+    }
+
+    pub(crate) fn settings(self) -> Result<Settings> {
+        let url = AmqpUrl::parse(self.url_variable, &self.url)?;
+        check_exchange_name(&self.exchange)?;
+        let dead_letter_exchange = self
+            .dead_letters
+            .exchange
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlx", self.exchange));
+        check_exchange_name(&dead_letter_exchange).map_err(|error| match error {
+            Error::Config {
+                value, expected, ..
+            } => Error::Config {
+                variable: "dead_letter_exchange".into(),
+                value,
+                expected,
+            },
+            other => other,
+        })?;
+        let dead_letter_queue = self
+            .dead_letters
+            .queue
+            .clone()
+            .unwrap_or_else(|| format!("{}.dead-letters", self.exchange));
+        check_queue_name("dead_letter_queue", &dead_letter_queue)?;
+        let positive = |name: &str, value: Duration| {
+            if value.is_zero() {
+                Err(Error::Config {
+                    variable: name.to_string(),
+                    value: "0s".into(),
+                    expected: "a duration above zero".into(),
+                })
+            } else {
+                Ok(value)
+            }
+        };
+        let heartbeat = self
+            .heartbeat
+            .map(|d| d.as_secs())
+            .or(url.heartbeat.map(u64::from))
+            .unwrap_or(20)
+            // amqprs sends heartbeats every heartbeat/2 whole seconds: below 2 it would spin.
+            .clamp(2, u64::from(u16::MAX)) as u16;
+        Ok(Settings {
+            connect_timeout: positive(
+                "connect_timeout",
+                self.connect_timeout
+                    .or(url.connection_timeout)
+                    .unwrap_or(Duration::from_secs(10)),
+            )?,
+            url,
+            exchange: self.exchange,
+            prefetch: self.prefetch,
+            confirm_timeout: positive("confirm_timeout", self.confirm_timeout)?,
+            operation_timeout: positive("operation_timeout", self.operation_timeout)?,
+            publish_outage_timeout: self.publish_outage_timeout,
+            close_timeout: self.close_timeout,
+            reconnect: self.reconnect,
+            heartbeat,
+            queue_type: self.queue_type,
+            dead_letter_exchange,
+            dead_letter_queue: self.dead_letters.keep.then_some(dead_letter_queue),
+            delivery_limit: self.dead_letters.delivery_limit,
+            fan_out_expiry: positive("fan_out_expiry", self.fan_out_expiry)?,
+            connection_name: self
+                .connection_name
+                .unwrap_or_else(|| format!("agentcomm-{}", std::process::id())),
+        })
+    }
+}
+
+/// The checked settings a router runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub url: AmqpUrl,
+    pub exchange: String,
+    pub prefetch: Option<u16>,
+    pub confirm_timeout: Duration,
+    pub operation_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub publish_outage_timeout: Duration,
+    pub close_timeout: Duration,
+    pub reconnect: Backoff,
+    pub heartbeat: u16,
+    pub queue_type: QueueType,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: Option<String>,
+    pub delivery_limit: Option<u32>,
+    pub fan_out_expiry: Duration,
+    pub connection_name: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_safe_and_checked() {
+        let settings = AmqpRouterBuilder::new("amqp://guest:guest@127.0.0.1:5672/%2f")
+            .settings()
+            .unwrap();
+        assert_eq!(settings.exchange, "agentcomm");
+        assert_eq!(settings.dead_letter_exchange, "agentcomm.dlx");
+        assert_eq!(
+            settings.dead_letter_queue.as_deref(),
+            Some("agentcomm.dead-letters")
+        );
+        assert_eq!(settings.heartbeat, 20);
+        assert_eq!(settings.queue_type, QueueType::Classic);
+
+        let error = AmqpRouterBuilder::new("amqp://u:pw@h")
+            .exchange("amq.topic")
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("reserved by RabbitMQ"), "{error}");
+        let error = AmqpRouterBuilder::new("amqp://u:pw@h")
+            .confirm_timeout(Duration::ZERO)
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("confirm_timeout="), "{error}");
+        let settings = AmqpRouterBuilder::new("amqp://u:pw@h/?heartbeat=1")
+            .settings()
+            .unwrap();
+        assert_eq!(settings.heartbeat, 2);
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let builder = AmqpRouterBuilder::new("amqp://app:s3cret@mq:5672/prod");
+        let debug = format!("{builder:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(debug.contains("amqp://app:***@mq:5672/prod"), "{debug}");
+    }
+}

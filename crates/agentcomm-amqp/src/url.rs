@@ -1,0 +1,298 @@
+//! Parsing `amqp://` and `amqps://` URLs (the RabbitMQ URI spec), with percent-decoding.
+//!
+//! `amqp[s]://[user[:password]@]host[:port][/vhost][?heartbeat=S&connection_timeout=MS&cacertfile=PATH&certfile=PATH&keyfile=PATH&server_name_indication=NAME]`
+//!
+//! amqprs's own URI parser (feature `urispec`) neither percent-decodes the virtual host (so the usual
+//! `/%2f` would name a vhost called `%2f`) nor survives a query parameter without `=`; this one does both.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentcomm_core::config::check_url;
+use agentcomm_core::error::{Error, Result, redact_url};
+
+/// The accepted URL forms, for error messages.
+pub(crate) const ACCEPTED: &str =
+    "amqp://user:password@host:port/vhost or amqps://... (vhost '/' is written %2f)";
+
+/// A parsed broker URL. `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct AmqpUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub vhost: String,
+    pub user: String,
+    pub password: String,
+    pub heartbeat: Option<u16>,
+    pub connection_timeout: Option<Duration>,
+    pub ca_cert: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub server_name: Option<String>,
+    /// The URL as given, with the password replaced by `***`.
+    pub redacted: String,
+}
+
+impl std::fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+fn invalid(variable: &str, url: &str, why: impl Into<String>) -> Error {
+    Error::Config {
+        variable: variable.to_string(),
+        value: redact_url(url),
+        expected: format!("{}; accepted: {ACCEPTED}", why.into()),
+    }
+}
+
+/// Decodes `%XX` escapes.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = text.get(index + 1..index + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            out.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+impl AmqpUrl {
+    /// Parses `url`; errors name `variable` and never show the password.
+    pub(crate) fn parse(variable: &str, url: &str) -> Result<Self> {
+        check_url(variable, url, &["amqp", "amqps"], ACCEPTED)?;
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid(variable, url, "it is not a URL"))?;
+        let tls = scheme.eq_ignore_ascii_case("amqps");
+        let (rest, query) = match rest.split_once('?') {
+            Some((rest, query)) => (rest, Some(query)),
+            None => (rest, None),
+        };
+        let rest = rest.split('#').next().unwrap_or("");
+        let (authority, path) = match rest.find('/') {
+            Some(index) => (&rest[..index], Some(&rest[index + 1..])),
+            None => (rest, None),
+        };
+        let (userinfo, host_port) = match authority.rsplit_once('@') {
+            Some((userinfo, host_port)) => (Some(userinfo), host_port),
+            None => (None, authority),
+        };
+        let decode = |part: &str, what: &str| {
+            percent_decode(part)
+                .ok_or_else(|| invalid(variable, url, format!("the {what} has a bad %-escape")))
+        };
+        let (user, password) = match userinfo {
+            Some(userinfo) => match userinfo.split_once(':') {
+                Some((user, password)) => (decode(user, "user")?, decode(password, "password")?),
+                None => (decode(userinfo, "user")?, String::new()),
+            },
+            None => ("guest".to_string(), "guest".to_string()),
+        };
+        let (host, port) = if let Some(ipv6) = host_port.strip_prefix('[') {
+            let (host, after) = ipv6
+                .split_once(']')
+                .ok_or_else(|| invalid(variable, url, "the IPv6 host has no closing ']'"))?;
+            (host.to_string(), after.strip_prefix(':'))
+        } else {
+            match host_port.rsplit_once(':') {
+                Some((host, port)) => (host.to_string(), Some(port)),
+                None => (host_port.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(invalid(variable, url, "the host is missing"));
+        }
+        let port = match port {
+            Some(port) => port.parse::<u16>().map_err(|_| {
+                invalid(
+                    variable,
+                    url,
+                    format!("the port '{port}' is not a number from 0 to 65535"),
+                )
+            })?,
+            None if tls => 5671,
+            None => 5672,
+        };
+        let vhost = match path {
+            None | Some("") => "/".to_string(),
+            Some(path) => {
+                if path.contains('/') {
+                    return Err(invalid(
+                        variable,
+                        url,
+                        "the virtual host must be one path segment (write '/' as %2f)",
+                    ));
+                }
+                decode(path, "virtual host")?
+            }
+        };
+        let mut parsed = AmqpUrl {
+            tls,
+            host,
+            port,
+            vhost,
+            user,
+            password,
+            heartbeat: None,
+            connection_timeout: None,
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+            server_name: None,
+            redacted: redact_url(url),
+        };
+        for pair in query
+            .unwrap_or("")
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+        {
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                invalid(
+                    variable,
+                    url,
+                    format!("the query parameter '{pair}' has no '=value'"),
+                )
+            })?;
+            let value = decode(value, key)?;
+            match key {
+                "heartbeat" => {
+                    parsed.heartbeat = Some(value.parse().map_err(|_| {
+                        invalid(
+                            variable,
+                            url,
+                            "heartbeat must be a number of seconds (0 to 65535)",
+                        )
+                    })?)
+                }
+                "connection_timeout" => {
+                    let ms: u64 = value.parse().map_err(|_| {
+                        invalid(
+                            variable,
+                            url,
+                            "connection_timeout must be a number of milliseconds",
+                        )
+                    })?;
+                    parsed.connection_timeout = Some(Duration::from_millis(ms));
+                }
+                "cacertfile" => parsed.ca_cert = Some(PathBuf::from(value)),
+                "certfile" => parsed.client_cert = Some(PathBuf::from(value)),
+                "keyfile" => parsed.client_key = Some(PathBuf::from(value)),
+                "server_name_indication" => parsed.server_name = Some(value),
+                // Other clients' parameters (channel_max, auth_mechanism, verify, ...) are accepted and
+                // ignored, so that one URL serves every client of the system.
+                _ => tracing::debug!(
+                    parameter = key,
+                    "ignoring an AMQP URL parameter this client does not use"
+                ),
+            }
+        }
+        if !tls && (parsed.ca_cert.is_some() || parsed.client_cert.is_some()) {
+            return Err(invalid(
+                variable,
+                url,
+                "cacertfile/certfile only apply to amqps:// URLs",
+            ));
+        }
+        if parsed.client_cert.is_some() != parsed.client_key.is_some() {
+            return Err(invalid(
+                variable,
+                url,
+                "certfile and keyfile must be given together",
+            ));
+        }
+        Ok(parsed)
+    }
+
+    /// Replaces the password in `text` (an error from the client) by `***`.
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        if self.password.len() >= 3 {
+            text.replace(&self.password, "***")
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_default_url() {
+        let url = AmqpUrl::parse("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(
+            (url.tls, url.host.as_str(), url.port, url.vhost.as_str()),
+            (false, "127.0.0.1", 5672, "/")
+        );
+        assert_eq!(
+            (url.user.as_str(), url.password.as_str()),
+            ("guest", "guest")
+        );
+        assert_eq!(url.redacted, "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert!(!format!("{url:?}").contains("guest@"));
+    }
+
+    #[test]
+    fn decodes_credentials_vhost_and_parameters() {
+        let url = AmqpUrl::parse(
+            "url",
+            "amqps://app%40corp:p%3Ass@[::1]/prod%2Fa?heartbeat=5&connection_timeout=2500&cacertfile=/ca.pem&verify=verify_peer",
+        )
+        .unwrap();
+        assert!(url.tls);
+        assert_eq!((url.host.as_str(), url.port), ("::1", 5671));
+        assert_eq!(
+            (url.user.as_str(), url.password.as_str()),
+            ("app@corp", "p:ss")
+        );
+        assert_eq!(url.vhost, "prod/a");
+        assert_eq!(url.heartbeat, Some(5));
+        assert_eq!(url.connection_timeout, Some(Duration::from_millis(2500)));
+        assert_eq!(
+            url.ca_cert.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
+        assert_eq!(AmqpUrl::parse("url", "amqp://h").unwrap().vhost, "/");
+        assert_eq!(AmqpUrl::parse("url", "amqp://h/").unwrap().vhost, "/");
+        assert_eq!(AmqpUrl::parse("url", "amqp://h/v").unwrap().vhost, "v");
+    }
+
+    #[test]
+    fn bad_urls_are_refused_without_their_password() {
+        for (url, expected) in [
+            ("http://u:secret@h", "the scheme 'http' is not supported"),
+            ("amqp://u:secret@h:99999/", "the port '99999'"),
+            ("amqp://u:secret@h/a/b", "one path segment"),
+            ("amqp://u:secret@h/?heartbeat", "has no '=value'"),
+            (
+                "amqp://u:secret@h/?heartbeat=x",
+                "heartbeat must be a number",
+            ),
+            ("amqp://u:secret@h/%zz", "bad %-escape"),
+            ("amqp://u:secret@h/?cacertfile=/x", "only apply to amqps://"),
+            ("amqps://u:secret@h/?certfile=/x", "must be given together"),
+            ("amqp://u:secret@:5672", "the host is missing"),
+        ] {
+            let error = AmqpUrl::parse("RABBITMQ_URL", url).unwrap_err().to_string();
+            assert!(error.contains(expected), "{url}: {error}");
+            assert!(error.starts_with("RABBITMQ_URL="), "{error}");
+            assert!(!error.contains("secret"), "{error}");
+        }
+    }
+
+    #[test]
+    fn scrubs_passwords_from_client_errors() {
+        let url = AmqpUrl::parse("url", "amqp://u:hunter2@h").unwrap();
+        assert_eq!(url.scrub("login hunter2 refused"), "login *** refused");
+    }
+}

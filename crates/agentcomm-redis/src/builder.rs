@@ -1,0 +1,378 @@
+//! [`RedisRouterBuilder`]: every setting of a [`RedisRouter`], with safe defaults.
+
+use std::fmt;
+use std::time::Duration;
+
+use agentcomm_core::backoff::Backoff;
+use agentcomm_core::config::{DEFAULT_REDIS_URL, REDIS_URL_VAR, check_url};
+use agentcomm_core::error::{Error, Result, redact_url};
+
+use crate::router::RedisRouter;
+
+/// The environment variable that chooses the delivery mode: `streams` (the default) or `pubsub`.
+pub const DELIVERY_MODE_VAR: &str = "REDIS_DELIVERY_MODE";
+
+/// The URL forms a [`RedisRouter`] accepts.
+pub const ACCEPTED_URLS: &str = "redis://[[user]:password@]host[:port][/db], rediss:// (TLS), \
+     redis-sentinel://host:port/db?sentinelServiceName=name[&node=host:port], \
+     redis-cluster://host:port[?node=host:port], or unix:///path/to/redis.sock";
+
+/// How messages travel through Redis. Both modes implement the same [`agentcomm_core::Router`]
+/// contract; they differ in what they guarantee (see [`agentcomm_core::router::Capabilities`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum DeliveryMode {
+    /// Redis Streams: durable, at-least-once, consumer groups, redelivery of failed and abandoned
+    /// messages, dead letters after too many deliveries. The default.
+    #[default]
+    Streams,
+    /// Redis pub/sub: fan-out, at-most-once, the lowest latency. Nothing is kept for a subscriber that is
+    /// not connected; losses are counted in health. Dead letters are still kept in a stream.
+    PubSub,
+}
+
+impl DeliveryMode {
+    /// Parses `streams` or `pubsub` (also `pub/sub`, `pub-sub`; any case).
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "streams" | "stream" => Ok(DeliveryMode::Streams),
+            "pubsub" | "pub/sub" | "pub-sub" | "pub_sub" => Ok(DeliveryMode::PubSub),
+            _ => Err(Error::Config {
+                variable: DELIVERY_MODE_VAR.into(),
+                value: text.into(),
+                expected: "accepted values are streams (durable, the default) and pubsub (at-most-once)"
+                    .into(),
+            }),
+        }
+    }
+
+    /// `streams` or `pubsub`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DeliveryMode::Streams => "streams",
+            DeliveryMode::PubSub => "pubsub",
+        }
+    }
+}
+
+impl fmt::Display for DeliveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Every setting of a router. Built by [`RedisRouterBuilder`].
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub(crate) url: String,
+    pub(crate) mode: DeliveryMode,
+    pub(crate) prefix: String,
+    pub(crate) pool_size: usize,
+    pub(crate) reconnect: Backoff,
+    pub(crate) max_reconnect_attempts: u32,
+    pub(crate) max_command_attempts: u32,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) command_timeout: Duration,
+    pub(crate) close_timeout: Duration,
+    pub(crate) stream_max_len: u64,
+    pub(crate) claim_idle: Duration,
+    pub(crate) max_deliveries: u32,
+    pub(crate) read_block: Duration,
+    pub(crate) read_batch: usize,
+    pub(crate) discovery_interval: Duration,
+    pub(crate) idempotent_publish: bool,
+    pub(crate) pubsub_buffer: usize,
+    pub(crate) broadcast_capacity: usize,
+    pub(crate) reorder_window: Duration,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("url", &redact_url(&self.url))
+            .field("mode", &self.mode)
+            .field("prefix", &self.prefix)
+            .field("pool_size", &self.pool_size)
+            .field("reconnect", &self.reconnect)
+            .field("max_reconnect_attempts", &self.max_reconnect_attempts)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("stream_max_len", &self.stream_max_len)
+            .field("claim_idle", &self.claim_idle)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("idempotent_publish", &self.idempotent_publish)
+            .field("pubsub_buffer", &self.pubsub_buffer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    fn new(url: String) -> Self {
+        Settings {
+            url,
+            mode: DeliveryMode::Streams,
+            prefix: "agentcomm".into(),
+            pool_size: 2,
+            reconnect: Backoff::new(Duration::from_millis(50), Duration::from_secs(10)),
+            max_reconnect_attempts: 0,
+            max_command_attempts: 20,
+            connect_timeout: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(30),
+            close_timeout: Duration::from_secs(10),
+            stream_max_len: 1_000_000,
+            claim_idle: Duration::from_secs(30),
+            max_deliveries: 10,
+            read_block: Duration::from_secs(5),
+            read_batch: 128,
+            discovery_interval: Duration::from_secs(1),
+            idempotent_publish: true,
+            pubsub_buffer: 16_384,
+            broadcast_capacity: 65_536,
+            reorder_window: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Builds a [`RedisRouter`]. Every default is safe for production: reconnect forever with exponential
+/// backoff and jitter, bounded timeouts, durable Streams delivery.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use agentcomm_core::backoff::Backoff;
+/// use agentcomm_redis::{DeliveryMode, RedisRouter};
+///
+/// # async fn run() -> agentcomm_core::Result<()> {
+/// let router = RedisRouter::builder("redis://127.0.0.1:6379")
+///     .mode(DeliveryMode::Streams)
+///     .pool_size(4)
+///     .reconnect(Backoff::new(Duration::from_millis(100), Duration::from_secs(5)))
+///     .command_timeout(Duration::from_secs(10))
+///     .claim_idle(Duration::from_secs(60))
+///     .max_deliveries(8)
+///     .connect()
+///     .await?;
+/// # let _ = router; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `.connect().await`"]
+pub struct RedisRouterBuilder {
+    settings: Settings,
+}
+
+impl RedisRouterBuilder {
+    pub(crate) fn new(url: impl Into<String>) -> Self {
+        RedisRouterBuilder {
+            settings: Settings::new(url.into()),
+        }
+    }
+
+    /// Reads `REDIS_URL` (default `redis://127.0.0.1:6379`) and `REDIS_DELIVERY_MODE` (`streams`, the
+    /// default, or `pubsub`).
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`RedisRouterBuilder::from_env`], reading variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let non_empty = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let url = non_empty(REDIS_URL_VAR).unwrap_or_else(|| DEFAULT_REDIS_URL.to_string());
+        check_url(
+            REDIS_URL_VAR,
+            &url,
+            &["redis", "rediss", "redis-sentinel", "redis-cluster", "unix"],
+            ACCEPTED_URLS,
+        )?;
+        let mut builder = Self::new(url);
+        if let Some(mode) = non_empty(DELIVERY_MODE_VAR) {
+            builder = builder.mode(DeliveryMode::parse(&mode)?);
+        }
+        Ok(builder)
+    }
+
+    /// Chooses pub/sub or Streams delivery (default: [`DeliveryMode::Streams`]).
+    pub fn mode(mut self, mode: DeliveryMode) -> Self {
+        self.settings.mode = mode;
+        self
+    }
+
+    /// The prefix of every key and channel (default `agentcomm`). Routers see each other's messages only
+    /// when they share it.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.settings.prefix = prefix.into();
+        self
+    }
+
+    /// How many connections publish and acknowledge (default 2). Each subscription reads on a
+    /// connection of its own besides.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.settings.pool_size = size.clamp(1, 64);
+        self
+    }
+
+    /// How to wait between reconnection attempts (default: 50 ms doubling up to 10 s, with jitter).
+    pub fn reconnect(mut self, backoff: Backoff) -> Self {
+        self.settings.reconnect = backoff;
+        self
+    }
+
+    /// Gives up reconnecting after this many attempts in a row (default: never gives up).
+    pub fn max_reconnect_attempts(mut self, attempts: Option<u32>) -> Self {
+        self.settings.max_reconnect_attempts = attempts.unwrap_or(0);
+        self
+    }
+
+    /// How often a command is written again after its connection dropped before it fails (default 20).
+    pub fn max_command_attempts(mut self, attempts: u32) -> Self {
+        self.settings.max_command_attempts = attempts.max(1);
+        self
+    }
+
+    /// The limit on opening a connection, TLS handshake included (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.connect_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The limit on every command, waiting for a reconnection included (default 30 s). A publish that
+    /// cannot be confirmed in time fails with [`Error::Timeout`].
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.command_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long [`agentcomm_core::Router::close`] waits for delivered messages to be settled
+    /// (default 10 s).
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.close_timeout = timeout;
+        self
+    }
+
+    /// Streams: the approximate number of entries each stream keeps (`XADD MAXLEN ~`, default
+    /// 1,000,000). Entries trimmed before a group read them are lost: size it for your slowest consumer.
+    pub fn stream_max_len(mut self, max_len: u64) -> Self {
+        self.settings.stream_max_len = max_len.max(1);
+        self
+    }
+
+    /// Streams: how long an entry may stay unacknowledged by a consumer that stopped renewing it before
+    /// another member of its group takes it over (default 30 s). Live consumers renew what they hold,
+    /// so slow handlers are not robbed.
+    pub fn claim_idle(mut self, idle: Duration) -> Self {
+        self.settings.claim_idle = idle.max(Duration::from_millis(100));
+        self
+    }
+
+    /// Streams: after this many deliveries an entry is moved to its dead-letter channel instead of being
+    /// delivered again (default 10). This catches messages that crash their consumers; ordinary handler
+    /// failures are dead-lettered earlier by the runtime's `max_attempts`.
+    pub fn max_deliveries(mut self, deliveries: u32) -> Self {
+        self.settings.max_deliveries = deliveries.max(1);
+        self
+    }
+
+    /// Streams: how long one blocking read waits for new entries (default 5 s). Closing a subscription
+    /// interrupts it.
+    pub fn read_block(mut self, block: Duration) -> Self {
+        self.settings.read_block = block.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Streams: the most entries one read asks for (default 128; never more than the prefetch allows).
+    pub fn read_batch(mut self, batch: usize) -> Self {
+        self.settings.read_batch = batch.max(1);
+        self
+    }
+
+    /// Streams: how often subscriptions with a wildcard class look for streams of new classes
+    /// (default 1 s). A stream found late is read from its first entry, so nothing is missed.
+    pub fn discovery_interval(mut self, interval: Duration) -> Self {
+        self.settings.discovery_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Streams: whether a publish retried after a lost connection is stored once (default `true`). It
+    /// runs `XADD` in a script that remembers each publisher's recent sequence numbers in a small
+    /// bitmap; turn it off only if you accept duplicate entries after reconnects.
+    pub fn idempotent_publish(mut self, on: bool) -> Self {
+        self.settings.idempotent_publish = on;
+        self
+    }
+
+    /// Pub/sub: how many messages one subscription buffers before further ones are dropped (counted
+    /// in health as `dropped`, and logged). Default 16,384, and never less than the prefetch.
+    pub fn pubsub_buffer(mut self, capacity: usize) -> Self {
+        self.settings.pubsub_buffer = capacity.max(1);
+        self
+    }
+
+    /// Pub/sub: the capacity of the client's message channel, which absorbs bursts while messages are
+    /// sorted to subscriptions (default 65,536; fred's own default of 32 loses messages on bursts).
+    /// Overruns are counted as `lagged`.
+    pub fn broadcast_capacity(mut self, capacity: usize) -> Self {
+        self.settings.broadcast_capacity = capacity.max(32);
+        self
+    }
+
+    /// Pub/sub: how long a gap in a publisher's sequence may stay open (the message arriving out of
+    /// order) before it is counted as `lost` (default 500 ms).
+    pub fn reorder_window(mut self, window: Duration) -> Self {
+        self.settings.reorder_window = window;
+        self
+    }
+
+    /// The settings so far.
+    #[cfg(test)]
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Connects. Fails with [`Error::Config`] for a URL that cannot be used and with
+    /// [`Error::Connection`] (the URL without its password) when Redis cannot be reached in time.
+    pub async fn connect(self) -> Result<RedisRouter> {
+        RedisRouter::connect_with(self.settings).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_modes_parse_and_name_the_accepted_values() {
+        assert_eq!(DeliveryMode::parse("PubSub").unwrap(), DeliveryMode::PubSub);
+        assert_eq!(
+            DeliveryMode::parse(" streams ").unwrap(),
+            DeliveryMode::Streams
+        );
+        let error = DeliveryMode::parse("kafka").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "REDIS_DELIVERY_MODE='kafka' is not valid: accepted values are streams (durable, the default) and pubsub (at-most-once)"
+        );
+    }
+
+    #[test]
+    fn the_environment_chooses_url_and_mode_and_hides_the_password() {
+        let builder = RedisRouterBuilder::from_lookup(|name| match name {
+            "REDIS_URL" => Some("redis://:hunter2@10.1.2.3:6380/2".into()),
+            "REDIS_DELIVERY_MODE" => Some("pubsub".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(builder.settings().mode, DeliveryMode::PubSub);
+        let debug = format!("{builder:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("10.1.2.3:6380"), "{debug}");
+
+        let defaults = RedisRouterBuilder::from_lookup(|_| None).unwrap();
+        assert_eq!(defaults.settings().url, DEFAULT_REDIS_URL);
+        assert_eq!(defaults.settings().mode, DeliveryMode::Streams);
+
+        let error = RedisRouterBuilder::from_lookup(|name| {
+            (name == "REDIS_URL").then(|| "http://:pw@host".to_string())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.starts_with("REDIS_URL='http://:***@host' is not valid"), "{error}");
+    }
+}

@@ -1,0 +1,135 @@
+//! The counters a router reports in its [`Health`](agentcomm_core::router::Health).
+//!
+//! | counter | meaning |
+//! |---|---|
+//! | `published` | publishes Redis confirmed |
+//! | `publish_errors` | publishes that failed (the caller got the error) |
+//! | `unroutable` | pub/sub: publishes no subscriber received |
+//! | `delivered` | deliveries handed to subscriptions |
+//! | `acked`, `nacked` | settlements |
+//! | `redelivered` | deliveries handed out again (nack, abandon, recovery after a reconnect) |
+//! | `reclaimed` | streams: entries taken over from a consumer that stopped renewing them |
+//! | `dead_lettered` | streams: entries moved to their dead-letter channel after `max_deliveries` |
+//! | `malformed` | frames that could not be decoded; moved to `DeadLetter:agentcomm.Malformed:unknown` |
+//! | `filtered` | streams: entries of a class stream no pattern of the group wanted (acknowledged) |
+//! | `dropped` | messages lost for a known local reason (a full pub/sub buffer, a closed subscription, an entry trimmed before it was read) |
+//! | `lagged` | pub/sub: messages the client's channel overran (also counted in `lost` when their sequence is known) |
+//! | `lost` | pub/sub: messages missing from a publisher's sequence (disconnections, overruns) |
+//! | `duplicates` | pub/sub: copies discarded (a publish retried after a reconnect, overlapping patterns) |
+//! | `reconnects`, `connection_errors` | connection events of all the router's clients |
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long after a loss or a connection error the router reports itself degraded.
+pub(crate) const TROUBLE_MEMORY: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) published: AtomicU64,
+    pub(crate) publish_errors: AtomicU64,
+    pub(crate) unroutable: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) acked: AtomicU64,
+    pub(crate) nacked: AtomicU64,
+    pub(crate) redelivered: AtomicU64,
+    pub(crate) reclaimed: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) malformed: AtomicU64,
+    pub(crate) filtered: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) lagged: AtomicU64,
+    pub(crate) lost: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) connection_errors: AtomicU64,
+    last_trouble: Mutex<Option<Instant>>,
+}
+
+impl Counters {
+    pub(crate) fn bump(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add(&self, counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+
+    /// Remembers that something went wrong just now (a loss, a connection error).
+    pub(crate) fn mark_trouble(&self) {
+        *self.last_trouble.lock().expect("counters lock") = Some(Instant::now());
+    }
+
+    /// Counts a loss and remembers it.
+    pub(crate) fn lose(&self, counter: &AtomicU64, by: u64) {
+        if by > 0 {
+            self.add(counter, by);
+            self.mark_trouble();
+        }
+    }
+
+    /// Whether something went wrong within [`TROUBLE_MEMORY`].
+    pub(crate) fn recent_trouble(&self) -> bool {
+        self.last_trouble
+            .lock()
+            .expect("counters lock")
+            .is_some_and(|at| at.elapsed() < TROUBLE_MEMORY)
+    }
+
+    /// Every counter with its name.
+    pub(crate) fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("published", load(&self.published)),
+            ("publish_errors", load(&self.publish_errors)),
+            ("unroutable", load(&self.unroutable)),
+            ("delivered", load(&self.delivered)),
+            ("acked", load(&self.acked)),
+            ("nacked", load(&self.nacked)),
+            ("redelivered", load(&self.redelivered)),
+            ("reclaimed", load(&self.reclaimed)),
+            ("dead_lettered", load(&self.dead_lettered)),
+            ("malformed", load(&self.malformed)),
+            ("filtered", load(&self.filtered)),
+            ("dropped", load(&self.dropped)),
+            ("lagged", load(&self.lagged)),
+            ("lost", load(&self.lost)),
+            ("duplicates", load(&self.duplicates)),
+            ("reconnects", load(&self.reconnects)),
+            ("connection_errors", load(&self.connection_errors)),
+        ]
+    }
+}
+
+/// Logs at most one warning per `every` for a repeated problem, saying how many were not logged.
+pub(crate) struct LogLimiter {
+    every: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimiter {
+    pub(crate) fn new(every: Duration) -> Self {
+        LogLimiter {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(number suppressed since the last log)` when this occurrence should be logged.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock().expect("log limiter lock");
+        let now = Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = state.1;
+                *state = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! How agentcomm names things in Redis. Every name starts with the router's prefix (`agentcomm` by
+//! default), so that several systems, or tests, can share one Redis without seeing each other.
+//!
+//! | what | name |
+//! |---|---|
+//! | pub/sub channel | `<prefix>:<channel name>` (the name the message type's template renders) |
+//! | stream of one message class | `<prefix>:stream:{<class>}` |
+//! | publisher de-duplication bitmap | `<prefix>:dedup:{<class>}:<publisher id>` |
+//! | registry of the classes that have a stream | `<prefix>:streams` |
+//! | patterns of a consumer group | `<prefix>:group:<group>:patterns` |
+//!
+//! The braces are Redis Cluster hash tags: a class's stream and its de-duplication bitmap hash to the same
+//! slot, so the publish script may touch both; different classes spread over the cluster.
+
+use agentcomm_core::channel::{Channel, ChannelPattern};
+
+/// The names of one router's keys and channels.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The pub/sub channel a message on `channel` is published to.
+    pub(crate) fn pubsub_channel(&self, channel: &Channel) -> String {
+        format!("{}:{}", self.prefix, channel.name())
+    }
+
+    /// What to subscribe to for `pattern`: an exact channel, or a glob.
+    ///
+    /// A pattern with a wildcard class cannot know the templates of the classes it will match, so it
+    /// subscribes to everything under the prefix; what arrives is filtered with
+    /// [`ChannelPattern::matches`] in any case.
+    pub(crate) fn pubsub_subscription(&self, pattern: &ChannelPattern) -> RedisSubscription {
+        if let (Some(class), Some(direction), Some(session)) =
+            (pattern.class(), pattern.direction(), pattern.session())
+        {
+            let name = pattern.template().render(class, direction, session);
+            return RedisSubscription::Channel(format!("{}:{name}", self.prefix));
+        }
+        let prefix = glob_escape(&self.prefix);
+        if pattern.class().is_none() {
+            return RedisSubscription::Pattern(format!("{prefix}:*"));
+        }
+        RedisSubscription::Pattern(format!("{prefix}:{}", pattern.render("*", glob_escape)))
+    }
+
+    /// The stream of message class `class`.
+    pub(crate) fn stream(&self, class: &str) -> String {
+        format!("{}:stream:{{{class}}}", self.prefix)
+    }
+
+    /// The de-duplication bitmap of one publisher on the stream of `class`.
+    pub(crate) fn dedup(&self, class: &str, publisher: &str) -> String {
+        format!("{}:dedup:{{{class}}}:{publisher}", self.prefix)
+    }
+
+    /// The set of classes that have a stream.
+    pub(crate) fn registry(&self) -> String {
+        format!("{}:streams", self.prefix)
+    }
+
+    /// The set of patterns the members of `group` subscribed with.
+    pub(crate) fn group_patterns(&self, group: &str) -> String {
+        format!("{}:group:{group}:patterns", self.prefix)
+    }
+}
+
+/// One Redis-level subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum RedisSubscription {
+    /// `SUBSCRIBE` to one channel.
+    Channel(String),
+    /// `PSUBSCRIBE` to a glob.
+    Pattern(String),
+}
+
+/// Escapes the characters Redis globs give a meaning to.
+pub(crate) fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentcomm_core::channel::parse_channel;
+
+    #[test]
+    fn names_carry_the_prefix_and_hash_tags() {
+        let keys = Keys::new("test-1");
+        let channel = parse_channel("PaymentRequest:request:s1").unwrap();
+        assert_eq!(
+            keys.pubsub_channel(&channel),
+            "test-1:PaymentRequest:request:s1"
+        );
+        assert_eq!(keys.stream("PaymentRequest"), "test-1:stream:{PaymentRequest}");
+        assert_eq!(
+            keys.dedup("PaymentRequest", "ab12"),
+            "test-1:dedup:{PaymentRequest}:ab12"
+        );
+    }
+
+    #[test]
+    fn patterns_become_channels_or_globs() {
+        let keys = Keys::new("a*b");
+        let exact = ChannelPattern::parse("Ping:event:s1").unwrap();
+        assert_eq!(
+            keys.pubsub_subscription(&exact),
+            RedisSubscription::Channel("a*b:Ping:event:s1".into())
+        );
+        let by_class = ChannelPattern::parse("Ping:*:s[1]").unwrap();
+        assert_eq!(
+            keys.pubsub_subscription(&by_class),
+            RedisSubscription::Pattern("a\\*b:Ping:*:s\\[1\\]".into())
+        );
+        let any_class = ChannelPattern::parse("*:request:s1").unwrap();
+        assert_eq!(
+            keys.pubsub_subscription(&any_class),
+            RedisSubscription::Pattern("a\\*b:*".into())
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! Sequence numbers that let pub/sub count exactly what it lost.
+//!
+//! Redis pub/sub forgets a message the moment it is sent: one published while a subscriber reconnects,
+//! or still in a socket buffer when a connection is cut, is gone without a trace. So every agentcomm
+//! publisher numbers its messages per channel (header [`SEQUENCE_HEADER`], `<publisher id>/<number>`),
+//! and every subscriber follows each publisher's numbers: a number that never arrives is counted as
+//! `lost`, a number that arrives twice (a publish that fred wrote again after a reconnect, or a message
+//! matched by two overlapping Redis patterns) is discarded and counted as a duplicate.
+//!
+//! Publishes of one channel may overtake each other on their way (concurrent publishes), so a gap is
+//! counted as lost only when it stays open longer than the reorder window.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+/// The header that carries a pub/sub message's sequence number. Removed before delivery.
+pub const SEQUENCE_HEADER: &str = "agentcomm-seq";
+
+/// How many channels a publisher numbers before it starts afresh under a new publisher id.
+const MAX_PUBLISHER_CHANNELS: usize = 100_000;
+/// A subscriber forgets a publisher's channel after this long without a message from it.
+const TRACK_IDLE: Duration = Duration::from_secs(300);
+/// Arrivals held past a gap before the gap is settled regardless of the window.
+const MAX_AHEAD: usize = 4096;
+
+/// The publisher side: the next number of each channel.
+pub(crate) struct PublisherSequences {
+    id: String,
+    next: HashMap<String, u64>,
+}
+
+impl PublisherSequences {
+    pub(crate) fn new() -> Self {
+        PublisherSequences {
+            id: new_publisher_id(),
+            next: HashMap::new(),
+        }
+    }
+
+    /// The header value for the next message on `channel`.
+    pub(crate) fn next(&mut self, channel: &str) -> String {
+        if !self.next.contains_key(channel) && self.next.len() >= MAX_PUBLISHER_CHANNELS {
+            // Numbering restarts under a new id, so that subscribers never see a number go backwards.
+            self.next.clear();
+            self.id = new_publisher_id();
+        }
+        let slot = self.next.entry(channel.to_string()).or_insert(0);
+        *slot += 1;
+        format!("{}/{}", self.id, slot)
+    }
+}
+
+pub(crate) fn new_publisher_id() -> String {
+    let uuid = uuid::Uuid::new_v4().simple().to_string();
+    uuid[..16].to_string()
+}
+
+/// What a subscriber makes of an arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Not seen before: deliver it.
+    New,
+    /// Seen before: discard it.
+    Duplicate,
+}
+
+struct Track {
+    /// Every number below this one arrived or was counted as lost.
+    base: u64,
+    /// Numbers at or above `base` that arrived.
+    ahead: BTreeSet<u64>,
+    /// Since when the gap below the first of `ahead` is open.
+    gap_since: Option<Instant>,
+    /// The first number seen, and when: numbers just below it may still arrive out of order.
+    first: u64,
+    started: Instant,
+    early: BTreeSet<u64>,
+    last_seen: Instant,
+}
+
+/// The subscriber side: follows every (publisher, channel) sequence seen.
+pub(crate) struct SequenceTracker {
+    window: Duration,
+    tracks: HashMap<(String, String), Track>,
+    last_sweep: Instant,
+}
+
+impl SequenceTracker {
+    pub(crate) fn new(window: Duration) -> Self {
+        SequenceTracker {
+            window,
+            tracks: HashMap::new(),
+            last_sweep: Instant::now(),
+        }
+    }
+
+    /// Records the arrival of `header` (a [`SEQUENCE_HEADER`] value) on `channel`. Returns the verdict and
+    /// how many messages this arrival proved lost.
+    pub(crate) fn observe(&mut self, channel: &str, header: &str, now: Instant) -> (Verdict, u64) {
+        let Some((publisher, number)) = header.rsplit_once('/') else {
+            return (Verdict::New, 0);
+        };
+        let Ok(seq) = number.parse::<u64>() else {
+            return (Verdict::New, 0);
+        };
+        let key = (publisher.to_string(), channel.to_string());
+        let Some(track) = self.tracks.get_mut(&key) else {
+            self.tracks.insert(
+                key,
+                Track {
+                    base: seq + 1,
+                    ahead: BTreeSet::new(),
+                    gap_since: None,
+                    first: seq,
+                    started: now,
+                    early: BTreeSet::new(),
+                    last_seen: now,
+                },
+            );
+            return (Verdict::New, 0);
+        };
+        track.last_seen = now;
+        let verdict = if seq < track.base {
+            // Below the first number seen and soon after it: an earlier message overtaken by a later one.
+            if seq < track.first
+                && now.duration_since(track.started) < self.window
+                && track.early.insert(seq)
+            {
+                Verdict::New
+            } else {
+                Verdict::Duplicate
+            }
+        } else if seq == track.base {
+            track.base += 1;
+            while track.ahead.remove(&track.base) {
+                track.base += 1;
+            }
+            if track.ahead.is_empty() {
+                track.gap_since = None;
+            }
+            Verdict::New
+        } else if track.ahead.insert(seq) {
+            track.gap_since.get_or_insert(now);
+            Verdict::New
+        } else {
+            Verdict::Duplicate
+        };
+        let lost = settle(track, now, self.window);
+        (verdict, lost)
+    }
+
+    /// Settles every gap older than the window and forgets idle sequences; returns how many messages were
+    /// proved lost.
+    pub(crate) fn sweep(&mut self, now: Instant) -> u64 {
+        self.last_sweep = now;
+        let window = self.window;
+        let mut lost = 0;
+        self.tracks.retain(|_, track| {
+            lost += settle(track, now, window);
+            now.duration_since(track.last_seen) < TRACK_IDLE
+        });
+        lost
+    }
+}
+
+/// Closes the gap of `track` if it stayed open longer than `window` (or too much arrived past it).
+fn settle(track: &mut Track, now: Instant, window: Duration) -> u64 {
+    let mut lost = 0;
+    while let Some(since) = track.gap_since {
+        if now.duration_since(since) < window && track.ahead.len() < MAX_AHEAD {
+            break;
+        }
+        let Some(&first) = track.ahead.first() else {
+            track.gap_since = None;
+            break;
+        };
+        lost += first - track.base;
+        track.base = first;
+        while track.ahead.remove(&track.base) {
+            track.base += 1;
+        }
+        track.gap_since = if track.ahead.is_empty() {
+            None
+        } else {
+            Some(now)
+        };
+    }
+    lost
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(publisher: &str, seq: u64) -> String {
+        format!("{publisher}/{seq}")
+    }
+
+    #[test]
+    fn in_order_arrivals_lose_nothing_and_repeats_are_duplicates() {
+        let mut tracker = SequenceTracker::new(Duration::from_millis(100));
+        let now = Instant::now();
+        for seq in 1..=5 {
+            assert_eq!(tracker.observe("c", &header("p", seq), now), (Verdict::New, 0));
+        }
+        assert_eq!(
+            tracker.observe("c", &header("p", 3), now),
+            (Verdict::Duplicate, 0)
+        );
+        assert_eq!(tracker.sweep(now + Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn a_gap_is_lost_only_after_the_window() {
+        let window = Duration::from_millis(100);
+        let mut tracker = SequenceTracker::new(window);
+        let t0 = Instant::now();
+        tracker.observe("c", &header("p", 1), t0);
+        // 2 and 3 overtaken by 4: not lost yet.
+        assert_eq!(tracker.observe("c", &header("p", 4), t0), (Verdict::New, 0));
+        assert_eq!(tracker.observe("c", &header("p", 2), t0), (Verdict::New, 0));
+        assert_eq!(tracker.sweep(t0 + window / 2), 0);
+        // 3 never comes.
+        assert_eq!(tracker.sweep(t0 + window * 2), 1);
+        assert_eq!(
+            tracker.observe("c", &header("p", 3), t0 + window * 3),
+            (Verdict::Duplicate, 0)
+        );
+        // A later gap is counted when the next arrival finds it old.
+        tracker.observe("c", &header("p", 10), t0 + window * 3);
+        assert_eq!(
+            tracker.observe("c", &header("p", 11), t0 + window * 5),
+            (Verdict::New, 5)
+        );
+    }
+
+    #[test]
+    fn publishers_and_channels_are_followed_apart() {
+        let mut tracker = SequenceTracker::new(Duration::ZERO);
+        let now = Instant::now();
+        tracker.observe("a", &header("p", 1), now);
+        tracker.observe("b", &header("p", 7), now);
+        tracker.observe("a", &header("q", 3), now);
+        assert_eq!(tracker.observe("a", &header("p", 2), now), (Verdict::New, 0));
+        assert_eq!(tracker.observe("b", &header("p", 8), now), (Verdict::New, 0));
+        assert_eq!(tracker.observe("a", &header("q", 4), now), (Verdict::New, 0));
+        // Numbers just below the first seen, soon after: overtaken, not duplicates.
+        let mut tracker = SequenceTracker::new(Duration::from_secs(1));
+        tracker.observe("a", &header("p", 5), now);
+        assert_eq!(tracker.observe("a", &header("p", 4), now), (Verdict::New, 0));
+        assert_eq!(
+            tracker.observe("a", &header("p", 4), now),
+            (Verdict::Duplicate, 0)
+        );
+    }
+
+    #[test]
+    fn publishers_number_each_channel_from_one() {
+        let mut sequences = PublisherSequences::new();
+        let first = sequences.next("a");
+        assert!(first.ends_with("/1"), "{first}");
+        assert!(sequences.next("a").ends_with("/2"));
+        assert!(sequences.next("b").ends_with("/1"));
+    }
+}

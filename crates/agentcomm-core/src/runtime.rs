@@ -98,8 +98,9 @@ pub fn decode_message<M: Message>(envelope: &Envelope) -> Result<M, Rejection> {
 pub struct AgentOptions {
     /// Receive only this session's messages (all sessions when `None`).
     pub session: Option<String>,
-    /// Fan-out or a named group; `None` is a group named after the agent, so that instances of one
-    /// agent share the work and different agents each get every message.
+    /// Fan-out or a named group; `None` is a group named after the agent (`Agent.session` when the agent
+    /// listens to one session), so that instances of one agent share the work and different agents each
+    /// get every message.
     pub distribution: Option<Distribution>,
     /// How many messages are handled at once. Messages of one session are always handled in order.
     pub concurrency: usize,
@@ -316,10 +317,14 @@ impl Runtime {
             });
         }
         let router = self.router();
-        let distribution = options
-            .distribution
-            .clone()
-            .unwrap_or_else(|| Distribution::Group(A::NAME.to_string()));
+        // The default group is the agent's name, per session when the agent listens to one session:
+        // instances for different sessions must not share one queue.
+        let distribution = options.distribution.clone().unwrap_or_else(|| {
+            Distribution::Group(match &options.session {
+                Some(session) => format!("{}.{session}", A::NAME),
+                None => A::NAME.to_string(),
+            })
+        });
         if matches!(distribution, Distribution::Group(_)) && !router.capabilities().consumer_groups
         {
             return Err(Error::Unsupported {

@@ -685,6 +685,52 @@ async fn an_agent_can_listen_to_one_session_only() {
 }
 
 #[tokio::test]
+async fn one_agent_type_spawned_per_session_keeps_each_sessions_messages_apart() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (alice, mut alice_attempts) = Worker::new();
+    let (bob, mut bob_attempts) = Worker::new();
+    let a = runtime
+        .spawn_with(alice, AgentOptions::new().session("alice"))
+        .await
+        .unwrap();
+    runtime
+        .spawn_with(bob, AgentOptions::new().session("bob"))
+        .await
+        .unwrap();
+    assert_eq!(
+        a.health().subscription,
+        "group 'Worker.alice' on Job:*:alice"
+    );
+    let client = runtime.publisher::<Client>();
+    for id in 0..10 {
+        client
+            .publish(
+                "alice",
+                Job {
+                    id,
+                    behaviour: Behaviour::Succeed,
+                },
+            )
+            .await
+            .unwrap();
+        client
+            .publish(
+                "bob",
+                Job {
+                    id: 100 + id,
+                    behaviour: Behaviour::Succeed,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    for id in 0..10 {
+        assert_eq!(recv(&mut alice_attempts).await, (id, 1));
+        assert_eq!(recv(&mut bob_attempts).await, (100 + id, 1));
+    }
+}
+
+#[tokio::test]
 async fn instances_of_one_agent_share_work_and_fan_out_instances_each_get_a_copy() {
     let runtime = Runtime::new(MemoryRouter::new());
     let (first, mut first_attempts) = Worker::new();

@@ -234,14 +234,21 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
     cleanup(&shared, last_consumer).await;
 }
 
-/// After the subscription stopped: end the stream, let handlers settle what they hold, close the
-/// channel and delete a fan-out queue.
+/// After the subscription stopped: let the application settle what it holds and what is buffered
+/// (up to the close timeout), close the channel, delete a fan-out queue, then end the stream.
 async fn cleanup(shared: &SubShared, consumer: Option<LiveConsumer>) {
     let inner = &shared.state.inner;
-    shared.sender.close();
     let deadline = Instant::now() + inner.settings.close_timeout;
-    while shared.in_hand() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    while shared.state.outstanding.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let unsettled = shared.state.outstanding.load(Ordering::Acquire);
+    if unsettled > 0 {
+        tracing::warn!(
+            queue = %shared.spec.name,
+            unsettled,
+            "closing a subscription with deliveries still unsettled; RabbitMQ delivers them again"
+        );
     }
     if let Some(consumer) = consumer {
         let _ =
@@ -265,6 +272,7 @@ async fn cleanup(shared: &SubShared, consumer: Option<LiveConsumer>) {
             tracing::debug!(queue = %shared.spec.name, error = %error, "could not delete a fan-out queue; it expires by itself");
         }
     }
+    shared.sender.close();
     tracing::debug!(queue = %shared.spec.name, "subscription closed");
 }
 

@@ -1,0 +1,825 @@
+//! The RabbitMQ router against a real broker (RABBITMQ_URL): what a user checks.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use agentcomm_amqp::{AmqpRouter, topology};
+use agentcomm_core::envelope::{Envelope, headers};
+use agentcomm_core::router::{NackAction, PublishOutcome, Router, SubscribeOptions, Subscription};
+use agentcomm_core::{ChannelPattern, Error, parse_channel};
+
+use common::{Raw, STEP, broker_available, builder, unique, within};
+
+fn envelope(channel: &str, n: u32) -> Envelope {
+    Envelope::new(
+        parse_channel(channel).expect("channel"),
+        "application/json",
+        format!(r#"{{"n":{n}}}"#).into_bytes(),
+    )
+}
+
+fn pattern(text: &str) -> ChannelPattern {
+    ChannelPattern::parse(text).expect("pattern")
+}
+
+fn number(envelope: &Envelope) -> u32 {
+    let text = std::str::from_utf8(envelope.payload()).expect("utf-8");
+    text.trim_start_matches(r#"{"n":"#)
+        .trim_end_matches('}')
+        .parse()
+        .expect("a number")
+}
+
+/// Reads `count` deliveries, acknowledging each; returns their numbers in arrival order.
+async fn take(subscription: &mut Subscription, count: usize) -> Vec<u32> {
+    let mut numbers = Vec::with_capacity(count);
+    while numbers.len() < count {
+        let delivery = within("a delivery", subscription.next())
+            .await
+            .expect("the stream ended early");
+        numbers.push(number(delivery.envelope()));
+        within("an ack", delivery.ack()).await.expect("ack");
+    }
+    numbers
+}
+
+/// Asserts nothing more arrives within `quiet`.
+async fn assert_quiet(subscription: &mut Subscription, quiet: Duration) {
+    if let Ok(Some(delivery)) = tokio::time::timeout(quiet, subscription.next()).await {
+        panic!("unexpected delivery: {:?}", delivery.envelope());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_delivers_every_message_with_its_metadata_in_order() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-fanout");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut first = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    .unwrap();
+    let mut second = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("*:event:s1"))),
+    )
+    .await
+    .unwrap();
+    let sample = envelope("Ping:event:s1", 0)
+        .with_correlation_id("order-7")
+        .with_reply_to("Pong:reply:inbox-1")
+        .with_header("tenant", "acme")
+        .with_attempt(3);
+    assert_eq!(
+        within("publish", router.publish(sample.clone()))
+            .await
+            .unwrap(),
+        PublishOutcome::Accepted
+    );
+    for subscription in [&mut first, &mut second] {
+        let delivery = within("a delivery", subscription.next()).await.unwrap();
+        assert_eq!(delivery.envelope(), &sample, "the envelope arrives intact");
+        assert!(!delivery.is_redelivered());
+        within("ack", delivery.ack()).await.unwrap();
+    }
+    for n in 1..=100 {
+        let outcome = within("publish", router.publish(envelope("Ping:event:s1", n)))
+            .await
+            .unwrap();
+        assert_eq!(outcome, PublishOutcome::Accepted);
+    }
+    let expected: Vec<u32> = (1..=100).collect();
+    assert_eq!(
+        take(&mut first, 100).await,
+        expected,
+        "one channel stays in order"
+    );
+    assert_eq!(take(&mut second, 100).await, expected);
+
+    // Messages on other channels are not delivered to either.
+    within("publish", router.publish(envelope("Other:event:s2", 0)))
+        .await
+        .unwrap();
+    assert_quiet(&mut first, Duration::from_millis(300)).await;
+    let health = within("health", router.health()).await;
+    assert!(health.connected);
+    assert_eq!(health.get("delivered"), 202, "{health:?}");
+    assert_eq!(health.get("acked"), 202, "{health:?}");
+    assert!(health.round_trip.is_some());
+    within("close", router.close()).await.unwrap();
+    let raw = Raw::open().await;
+    raw.cleanup(&exchange, &[]).await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_publishes_are_reported_and_dead_letters_are_kept() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-unroutable");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let outcome = within("publish", router.publish(envelope("Nobody:request:s1", 1)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Unroutable);
+    // A batch mixing both: each result in order.
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Somebody:*:*"))),
+    )
+    .await
+    .unwrap();
+    let batch = vec![
+        envelope("Somebody:request:s1", 1),
+        envelope("Nobody:request:s1", 2),
+        envelope("Somebody:request:s1", 3),
+    ];
+    let results: Vec<PublishOutcome> = within("a batch", router.publish_batch(batch))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        results,
+        [
+            PublishOutcome::Accepted,
+            PublishOutcome::Unroutable,
+            PublishOutcome::Accepted
+        ]
+    );
+    assert_eq!(take(&mut subscription, 2).await, [1, 3]);
+
+    // Dead letters go to the durable dead-letter queue even with nobody subscribed.
+    let original = envelope("Somebody:request:s9", 42);
+    let dead = original
+        .clone()
+        .with_channel(original.channel().dead_letter())
+        .with_header(headers::DEAD_LETTER_REASON, headers::REASON_HANDLER_FAILED);
+    let outcome = within("publish a dead letter", router.publish(dead.clone()))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Accepted);
+    let raw = Raw::open().await;
+    let queue = router.dead_letter_queue().unwrap().to_string();
+    let (properties, body) = raw.get(&queue).await.expect("the dead letter is kept");
+    let kept = Envelope::from_frame(&body).unwrap();
+    assert_eq!(kept, dead);
+    assert_eq!(properties.message_id(), Some(&dead.id().to_string()));
+    assert_eq!(properties.delivery_mode(), Some(2), "persistent");
+    assert_eq!(
+        properties.content_type().map(String::as_str),
+        Some("application/json")
+    );
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("unroutable"), 2, "{health:?}");
+    within("close", router.close()).await.unwrap();
+    raw.cleanup(&exchange, &[]).await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_compete_and_every_group_gets_everything() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-groups");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let workers = |prefetch| {
+        SubscribeOptions::new(pattern("Job:*:*"))
+            .group("workers")
+            .prefetch(prefetch)
+    };
+    let mut a = within("subscribe", router.subscribe(workers(5)))
+        .await
+        .unwrap();
+    let mut b = within("subscribe", router.subscribe(workers(5)))
+        .await
+        .unwrap();
+    // A member with another pattern widens the group's bindings (union).
+    let mut c = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(pattern("Task:*:*"))
+                .group("workers")
+                .prefetch(5),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut auditors = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Job:*:*")).group("auditors")),
+    )
+    .await
+    .unwrap();
+    let batch: Vec<Envelope> = (0..300)
+        .map(|n| {
+            envelope(
+                if n % 3 == 0 {
+                    "Task:request:s1"
+                } else {
+                    "Job:request:s1"
+                },
+                n,
+            )
+        })
+        .collect();
+    for result in within("a batch", router.publish_batch(batch)).await {
+        result.unwrap();
+    }
+    let mut seen = BTreeMap::<u32, usize>::new();
+    let mut per_member = [0usize; 3];
+    let deadline = Instant::now() + STEP;
+    while seen.len() < 300 && Instant::now() < deadline {
+        for (index, member) in [&mut a, &mut b, &mut c].into_iter().enumerate() {
+            while let Some(delivery) = member.try_next() {
+                *seen.entry(number(delivery.envelope())).or_default() += 1;
+                per_member[index] += 1;
+                delivery.ack().await.unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(seen.len(), 300, "every message reached the group");
+    assert!(seen.values().all(|count| *count == 1), "each exactly once");
+    assert!(
+        per_member.iter().all(|count| *count > 0),
+        "the members shared the work: {per_member:?}"
+    );
+    let audited = take(&mut auditors, 200).await;
+    assert_eq!(audited.len(), 200, "the other group got every Job");
+    assert_quiet(&mut auditors, Duration::from_millis(300)).await;
+    within("close", router.close()).await.unwrap();
+    let raw = Raw::open().await;
+    raw.cleanup(
+        &exchange,
+        &[
+            topology::group_queue(&exchange, "workers"),
+            topology::group_queue(&exchange, "auditors"),
+        ],
+    )
+    .await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_queue_keeps_messages_while_no_member_is_connected() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-persist");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let options = SubscribeOptions::new(pattern("Order:*:*")).group("billing");
+    let subscription = within("subscribe", router.subscribe(options.clone()))
+        .await
+        .unwrap();
+    within("close", subscription.close()).await.unwrap();
+    drop(subscription);
+    within("close", router.close()).await.unwrap();
+
+    // Another process publishes while nobody consumes.
+    let publisher = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    for n in 0..50 {
+        let outcome = within(
+            "publish",
+            publisher.publish(envelope("Order:request:s1", n)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            outcome,
+            PublishOutcome::Accepted,
+            "the durable queue takes it"
+        );
+    }
+    within("close", publisher.close()).await.unwrap();
+
+    let consumer = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut subscription = within("subscribe", consumer.subscribe(options))
+        .await
+        .unwrap();
+    assert_eq!(
+        take(&mut subscription, 50).await,
+        (0..50).collect::<Vec<_>>()
+    );
+    within("close", consumer.close()).await.unwrap();
+    let raw = Raw::open().await;
+    raw.cleanup(&exchange, &[topology::group_queue(&exchange, "billing")])
+        .await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacked_and_abandoned_deliveries_come_back() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-nack");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope("Ping:event:s1", 7)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", subscription.next()).await.unwrap();
+    within("nack", delivery.nack(NackAction::Requeue))
+        .await
+        .unwrap();
+    let again = within("a redelivery", subscription.next()).await.unwrap();
+    assert_eq!(number(again.envelope()), 7);
+    assert!(again.is_redelivered());
+    drop(again); // abandoned: dropped unsettled
+    let third = within("a redelivery", subscription.next()).await.unwrap();
+    assert_eq!(number(third.envelope()), 7);
+    assert!(third.is_redelivered());
+    within("ack", third.ack()).await.unwrap();
+    assert_quiet(&mut subscription, Duration::from_millis(300)).await;
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("requeued"), 2, "{health:?}");
+    assert_eq!(health.get("abandoned"), 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
+    let raw = Raw::open().await;
+    raw.cleanup(&exchange, &[topology::group_queue(&exchange, "g")])
+        .await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_retry_returns_to_its_own_queue_only_after_the_delay() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-retry");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut workers = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("workers")),
+    )
+    .await
+    .unwrap();
+    let mut others = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("others")),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    assert_eq!(take(&mut others, 1).await, [1]);
+    let delivery = within("a delivery", workers.next()).await.unwrap();
+    assert_eq!(delivery.envelope().attempt(), 1);
+    let id = delivery.envelope().id();
+    let nacked_at = Instant::now();
+    within(
+        "retry",
+        delivery.nack(NackAction::Retry {
+            delay: Duration::from_millis(500),
+        }),
+    )
+    .await
+    .unwrap();
+    let retried = within("the retry", workers.next()).await.unwrap();
+    let waited = nacked_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the retry came after {waited:?}"
+    );
+    assert_eq!(retried.envelope().id(), id);
+    assert_eq!(
+        retried.envelope().attempt(),
+        2,
+        "the attempt count survives"
+    );
+    within("ack", retried.ack()).await.unwrap();
+    assert_quiet(&mut others, Duration::from_millis(300)).await;
+    assert_quiet(&mut workers, Duration::from_millis(300)).await;
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("retried"), 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
+    let raw = Raw::open().await;
+    let workers_queue = topology::group_queue(&exchange, "workers");
+    raw.cleanup(
+        &exchange,
+        &[
+            topology::retry_queue(&workers_queue, 500),
+            workers_queue,
+            topology::group_queue(&exchange, "others"),
+        ],
+    )
+    .await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_that_are_not_envelopes_are_dead_lettered_and_counted() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-malformed");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    .unwrap();
+    let mut dead_letters = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("DeadLetter:*:*"))),
+    )
+    .await
+    .unwrap();
+    let raw = Raw::open().await;
+    raw.publish(&exchange, "Ping.event.s1", b"\xc1 not a frame")
+        .await;
+    within("publish", router.publish(envelope("Ping:event:s1", 2)))
+        .await
+        .unwrap();
+    assert_eq!(
+        take(&mut subscription, 1).await,
+        [2],
+        "the garbage never reaches the handler"
+    );
+    let dead = within("the dead letter", dead_letters.next())
+        .await
+        .unwrap();
+    let envelope = dead.envelope();
+    assert_eq!(envelope.class(), agentcomm_core::envelope::MALFORMED_CLASS);
+    assert_eq!(envelope.payload().as_ref(), b"\xc1 not a frame");
+    assert_eq!(
+        envelope.header(headers::DEAD_LETTER_REASON),
+        Some(headers::REASON_MALFORMED_FRAME)
+    );
+    assert!(
+        envelope
+            .header(headers::SOURCE)
+            .unwrap()
+            .contains("Ping.event.s1")
+    );
+    within("ack", dead.ack()).await.unwrap();
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("malformed"), 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
+    raw.cleanup(&exchange, &[]).await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_with_amqp_wildcards_route_exactly() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-escape");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut dotted = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("billing.Invoice:*:s#1"))),
+    )
+    .await
+    .unwrap();
+    let mut plain = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("billing:*:*"))),
+    )
+    .await
+    .unwrap();
+    within(
+        "publish",
+        router.publish(envelope("billing.Invoice:event:s#1", 1)),
+    )
+    .await
+    .unwrap();
+    within(
+        "publish",
+        router.publish(envelope("billing.Invoice:event:s2", 2)),
+    )
+    .await
+    .unwrap();
+    within(
+        "publish",
+        router.publish(envelope("billing:Invoice.event:s#1", 3)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(take(&mut dotted, 1).await, [1]);
+    assert_eq!(take(&mut plain, 1).await, [3]);
+    assert_quiet(&mut dotted, Duration::from_millis(300)).await;
+    assert_quiet(&mut plain, Duration::from_millis(100)).await;
+    within("close", router.close()).await.unwrap();
+    let raw = Raw::open().await;
+    raw.cleanup(&exchange, &[]).await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_ends_streams_after_what_they_buffered_and_refuses_new_work() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-close");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).prefetch(10)),
+    )
+    .await
+    .unwrap();
+    let batch: Vec<Envelope> = (0..5).map(|n| envelope("Ping:event:s1", n)).collect();
+    for result in within("a batch", router.publish_batch(batch)).await {
+        assert_eq!(result.unwrap(), PublishOutcome::Accepted);
+    }
+    let first = within("a delivery", subscription.next()).await.unwrap();
+    // Wait until the other four are buffered.
+    let deadline = Instant::now() + STEP;
+    while subscription.buffered() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    within("close the subscription", subscription.close())
+        .await
+        .unwrap();
+    within("ack after close", first.ack()).await.unwrap();
+    let rest = take(&mut subscription, 4).await;
+    assert_eq!(
+        rest,
+        [1, 2, 3, 4],
+        "buffered deliveries stay readable and settle"
+    );
+    assert!(
+        within("the end", subscription.next()).await.is_none(),
+        "then the stream ends"
+    );
+    // Now nothing matches: the fan-out queue is gone.
+    let outcome = within("publish", router.publish(envelope("Ping:event:s1", 9)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Unroutable);
+
+    let mut other = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Pong:*:*"))),
+    )
+    .await
+    .unwrap();
+    within("close the router", router.close()).await.unwrap();
+    assert!(within("the end", other.next()).await.is_none());
+    let error = within(
+        "publish after close",
+        router.publish(envelope("Ping:event:s1", 1)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error}");
+    let error = within(
+        "subscribe after close",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error}");
+    let health = within("health", router.health()).await;
+    assert!(!health.connected);
+    assert_eq!(health.detail, "closed");
+    let raw = Raw::open().await;
+    raw.cleanup(&exchange, &[]).await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_name_the_url_without_its_password() {
+    if !broker_available().await {
+        return;
+    }
+    // Nothing listens on port 1.
+    let error = within(
+        "a refused connection",
+        AmqpRouter::connect("amqp://app:hunter2@127.0.0.1:1/%2f"),
+    )
+    .await
+    .unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, Error::Connection { .. }), "{text}");
+    assert!(text.contains("amqp://app:***@127.0.0.1:1/%2f"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+
+    let address = common::broker_address();
+    let error = within(
+        "a wrong password",
+        AmqpRouter::connect(format!("amqp://guest:wrong-pass-123@{address}/%2f")),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(!error.contains("wrong-pass-123"), "{error}");
+    assert!(error.contains("cannot reach rabbitmq"), "{error}");
+
+    let error = within(
+        "TLS to a plain port",
+        AmqpRouter::builder(format!("amqps://guest:guest-tls@{address}/%2f"))
+            .connect_timeout(Duration::from_secs(5))
+            .connect(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("amqps://guest:***@"), "{error}");
+
+    let error = within("a bad URL", AmqpRouter::connect("http://x:pw123@h"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("the scheme 'http' is not supported"),
+        "{error}"
+    );
+    assert!(!error.contains("pw123"), "{error}");
+
+    let exchange = unique("t-errors");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let debug = format!("{router:?}");
+    assert!(debug.contains("connected"), "{debug}");
+    if let Some((_, password)) = common::url()
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+    {
+        assert!(!debug.contains(&format!(":{password}@")), "{debug}");
+    }
+    within("close", router.close()).await.unwrap();
+    let raw = Raw::open().await;
+    raw.cleanup(&exchange, &[]).await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_runs_agents_on_rabbitmq() {
+    use agentcomm_core::prelude::*;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Serialize, Deserialize, Message)]
+    #[message(direction = "request")]
+    struct Charge {
+        amount: f64,
+    }
+
+    #[derive(Debug, Serialize, Deserialize, Message)]
+    #[message(direction = "response")]
+    struct Charged {
+        ok: bool,
+    }
+
+    #[agent(receives = [Charge], sends = [Charged])]
+    struct Biller;
+
+    impl Handle<Charge> for Biller {
+        async fn handle(&self, charge: Charge, ctx: &Context<Self>) -> HandlerResult {
+            if charge.amount < 0.0 {
+                return Err(HandlerError::permanent("negative amount"));
+            }
+            ctx.reply(Charged {
+                ok: charge.amount > 0.0,
+            })
+            .await?;
+            Ok(())
+        }
+    }
+
+    #[agent(sends = [Charge])]
+    struct Shop;
+
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-runtime");
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let runtime = Runtime::new(router.clone());
+    within("spawn", runtime.spawn(Biller)).await.unwrap();
+    let shop = runtime.publisher::<Shop>();
+    let reply: Charged = within("a request", shop.request("s1", Charge { amount: 10.0 }))
+        .await
+        .unwrap();
+    assert!(reply.ok);
+    // A permanent failure is dead-lettered into the dead-letter queue.
+    within("publish", shop.publish("s1", Charge { amount: -1.0 }))
+        .await
+        .unwrap();
+    let raw = Raw::open().await;
+    let (_, body) = raw
+        .get(router.dead_letter_queue().unwrap())
+        .await
+        .expect("a dead letter");
+    let dead = Envelope::from_frame(&body).unwrap();
+    assert_eq!(dead.class(), "Charge");
+    assert_eq!(
+        dead.header(headers::DEAD_LETTER_REASON),
+        Some(headers::REASON_REJECTED)
+    );
+    let report = within("shutdown", runtime.shutdown(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(report.aborted, 0);
+    raw.cleanup(&exchange, &[topology::group_queue(&exchange, "Biller")])
+        .await;
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_groups_work_and_mismatched_queues_fail_clearly() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-quorum");
+    let router = within(
+        "connect",
+        builder(&exchange)
+            .queue_type(agentcomm_amqp::QueueType::Quorum)
+            .delivery_limit(5)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let options = SubscribeOptions::new(pattern("Ping:*:*")).group("q");
+    let mut subscription = within("subscribe", router.subscribe(options.clone()))
+        .await
+        .unwrap();
+    within("publish", router.publish(envelope("Ping:event:s1", 5)))
+        .await
+        .unwrap();
+    assert_eq!(take(&mut subscription, 1).await, [5]);
+    within("close", router.close()).await.unwrap();
+
+    // The same group queue, declared as classic by a misconfigured process, is refused clearly.
+    // (The first router's dead-letter queue is quorum: this one names its own.)
+    let classic = within(
+        "connect",
+        builder(&exchange)
+            .dead_letter_queue(unique("dlq"))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let error = within("subscribe", classic.subscribe(options))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("inequivalent"), "{error}");
+    assert!(
+        error.contains("already exists with other settings"),
+        "{error}"
+    );
+    // The router still works after the broker closed that channel.
+    let outcome = within("publish", classic.publish(envelope("Ping:event:s1", 6)))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        PublishOutcome::Accepted,
+        "the quorum group queue takes it"
+    );
+    let dead_letter_queue = classic.dead_letter_queue().unwrap().to_string();
+    within("close", classic.close()).await.unwrap();
+    let raw = Raw::open().await;
+    raw.cleanup(
+        &exchange,
+        &[topology::group_queue(&exchange, "q"), dead_letter_queue],
+    )
+    .await;
+    raw.close().await;
+}

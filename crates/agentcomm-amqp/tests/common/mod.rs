@@ -1,0 +1,194 @@
+//! Shared by the broker tests: finding RabbitMQ (skip or fail as the workspace rules say), unique
+//! names, raw amqprs access, and cleanup of what a test declared.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use agentcomm_amqp::{AmqpRouter, AmqpRouterBuilder};
+use agentcomm_core::config::{DEFAULT_RABBITMQ_URL, RABBITMQ_URL_VAR};
+use amqprs::channel::{
+    BasicGetArguments, BasicPublishArguments, Channel, ExchangeDeleteArguments,
+    QueueDeleteArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+
+/// Bounds every await of a test that could hang.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// `RABBITMQ_URL`, or the default.
+pub fn url() -> String {
+    std::env::var(RABBITMQ_URL_VAR)
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_RABBITMQ_URL.to_string())
+}
+
+/// `host:port` of the broker URL.
+pub fn broker_address() -> String {
+    let url = url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host_port.contains(':') {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:5672")
+    }
+}
+
+/// Whether RabbitMQ answers; when it does not, prints the one skip line, or panics when
+/// `AGENTCOMM_REQUIRE_BROKERS=1`.
+pub async fn broker_available() -> bool {
+    let address = broker_address();
+    let reachable = matches!(
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect(&address)
+        )
+        .await,
+        Ok(Ok(_))
+    );
+    if reachable {
+        return true;
+    }
+    let redacted = agentcomm_core::error::redact_url(&url());
+    if std::env::var("AGENTCOMM_REQUIRE_BROKERS").as_deref() == Ok("1") {
+        panic!("AGENTCOMM_REQUIRE_BROKERS=1 but no RabbitMQ at {redacted}");
+    }
+    println!("skipped: no RabbitMQ at {redacted}");
+    false
+}
+
+/// A name no other test uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A builder on the test broker with a unique exchange and short timeouts.
+pub fn builder(exchange: &str) -> AmqpRouterBuilder {
+    AmqpRouter::builder(url())
+        .exchange(exchange)
+        .confirm_timeout(Duration::from_secs(10))
+        .publish_outage_timeout(Duration::from_secs(15))
+        .close_timeout(Duration::from_secs(5))
+}
+
+/// Awaits `future` within [`STEP`], failing the test with `what` otherwise.
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(STEP, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {STEP:?} waiting for {what}"),
+    }
+}
+
+/// A plain amqprs connection to the test broker, for what agentcomm does not do.
+pub struct Raw {
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl Raw {
+    pub async fn open() -> Raw {
+        let url = url();
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+        let (user, password) = match authority.rsplit_once('@') {
+            Some((userinfo, _)) => userinfo
+                .split_once(':')
+                .map(|(u, p)| (u.to_string(), p.to_string()))
+                .unwrap_or((userinfo.to_string(), String::new())),
+            None => ("guest".to_string(), "guest".to_string()),
+        };
+        let address = broker_address();
+        let (host, port) = address.rsplit_once(':').expect("host:port");
+        let arguments =
+            OpenConnectionArguments::new(host, port.parse().expect("port"), &user, &password);
+        let connection = within("a raw connection", Connection::open(&arguments))
+            .await
+            .expect("raw connection");
+        let channel = within("a raw channel", connection.open_channel(None))
+            .await
+            .expect("raw channel");
+        Raw {
+            connection,
+            channel,
+        }
+    }
+
+    /// Publishes raw bytes (no confirm needed: a get or a consumer follows).
+    pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8]) {
+        self.channel
+            .basic_publish(
+                amqprs::BasicProperties::default(),
+                body.to_vec(),
+                BasicPublishArguments::new(exchange, routing_key),
+            )
+            .await
+            .expect("raw publish");
+    }
+
+    /// Takes one message from `queue` (acknowledged), waiting up to [`STEP`] for one to arrive.
+    pub async fn get(&self, queue: &str) -> Option<(amqprs::BasicProperties, Vec<u8>)> {
+        let deadline = tokio::time::Instant::now() + STEP;
+        while tokio::time::Instant::now() < deadline {
+            let mut arguments = BasicGetArguments::new(queue);
+            arguments.no_ack = true;
+            if let Some((_, properties, body)) =
+                within("basic.get", self.channel.basic_get(arguments))
+                    .await
+                    .expect("basic.get")
+            {
+                return Some((properties, body));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    /// How many messages `queue` holds (passive declare), `None` when it does not exist.
+    pub async fn count(&self, queue: &str) -> Option<u32> {
+        let channel = within("a raw channel", self.connection.open_channel(None))
+            .await
+            .ok()?;
+        let mut arguments = amqprs::channel::QueueDeclareArguments::new(queue);
+        arguments.passive(true);
+        let result = within("a passive declare", channel.queue_declare(arguments)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), channel.close()).await;
+        result.ok().flatten().map(|(_, count, _)| count)
+    }
+
+    /// Deletes queues and the exchange's topology (`<exchange>`, `.dlx`, `.dead-letters`).
+    pub async fn cleanup(&self, exchange: &str, queues: &[String]) {
+        let mut all: Vec<String> = queues.to_vec();
+        all.push(format!("{exchange}.dead-letters"));
+        for queue in all {
+            let channel = match within("a raw channel", self.connection.open_channel(None)).await {
+                Ok(channel) => channel,
+                Err(_) => continue,
+            };
+            let _ = within(
+                "deleting a queue",
+                channel.queue_delete(QueueDeleteArguments::new(&queue)),
+            )
+            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), channel.close()).await;
+        }
+        for name in [exchange.to_string(), format!("{exchange}.dlx")] {
+            let channel = match within("a raw channel", self.connection.open_channel(None)).await {
+                Ok(channel) => channel,
+                Err(_) => continue,
+            };
+            let _ = within(
+                "deleting an exchange",
+                channel.exchange_delete(ExchangeDeleteArguments::new(&name)),
+            )
+            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), channel.close()).await;
+        }
+    }
+
+    pub async fn close(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.connection.close()).await;
+    }
+}

@@ -93,12 +93,18 @@ impl Handle<JoinLobby> for LobbyAgent {
     }
 }
 
+/// A match waiting for its players: who plays, and who is ready.
+#[derive(Debug, Default)]
+struct OpenMatch {
+    players: Vec<String>,
+    ready: Vec<String>,
+}
+
 /// Opens matches and starts them when every player is ready.
 #[agent(receives = [MatchRequest, PlayerReady], sends = [MatchFound, GameStarted])]
 #[derive(Debug, Default)]
 pub struct MatchmakerAgent {
-    /// Each match's players and those of them who are ready.
-    matches: Mutex<HashMap<String, (Vec<String>, Vec<String>)>>,
+    matches: Mutex<HashMap<String, OpenMatch>>,
     opened: std::sync::atomic::AtomicU64,
 }
 
@@ -109,10 +115,13 @@ impl Handle<MatchRequest> for MatchmakerAgent {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
         let match_id = format!("match-{number}");
-        self.matches
-            .lock()
-            .expect("matchmaker lock")
-            .insert(match_id.clone(), (request.players.clone(), Vec::new()));
+        self.matches.lock().expect("matchmaker lock").insert(
+            match_id.clone(),
+            OpenMatch {
+                players: request.players.clone(),
+                ready: Vec::new(),
+            },
+        );
         for player in &request.players {
             let found = MatchFound {
                 match_id: match_id.clone(),

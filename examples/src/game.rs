@@ -137,16 +137,16 @@ impl Handle<PlayerReady> for MatchmakerAgent {
     async fn handle(&self, ready: PlayerReady, ctx: &Context<Self>) -> HandlerResult {
         let start = {
             let mut matches = self.matches.lock().expect("matchmaker lock");
-            let Some((players, ready_players)) = matches.get_mut(&ready.match_id) else {
+            let Some(open) = matches.get_mut(&ready.match_id) else {
                 return Err(HandlerError::permanent(format!(
                     "no match {}",
                     ready.match_id
                 )));
             };
-            if !ready_players.contains(&ready.player) {
-                ready_players.push(ready.player);
+            if !open.ready.contains(&ready.player) {
+                open.ready.push(ready.player);
             }
-            (ready_players.len() == players.len()).then(|| players.clone())
+            (open.ready.len() == open.players.len()).then(|| open.players.clone())
         };
         if let Some(players) = start {
             for player in &players {

@@ -152,3 +152,8 @@ pub mod __private {
     /// Fails to compile unless `A` handles `M`.
     pub const fn assert_handles<A: Handle<M>, M: Message>() {}
 }
+
+/// The README's Rust examples compile and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+mod readme {}

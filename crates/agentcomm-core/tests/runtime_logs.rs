@@ -1,0 +1,139 @@
+//! The runtime logs publish, receive, retry and dead-letter as JSON Lines carrying the message id,
+//! class, session and agent.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentcomm_core::backoff::Backoff;
+use agentcomm_core::logging::json_layer;
+use agentcomm_core::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tracing_subscriber::layer::SubscriberExt;
+
+#[derive(Debug, Serialize, Deserialize, Message)]
+struct Charge {
+    fail: bool,
+}
+
+#[agent(receives = [Charge])]
+struct Biller;
+
+impl Handle<Charge> for Biller {
+    async fn handle(&self, charge: Charge, _ctx: &Context<Self>) -> HandlerResult {
+        if charge.fail {
+            return Err(HandlerError::msg("the bank is down"));
+        }
+        tracing::info!(amount_cents = 1200, "charged");
+        Ok(())
+    }
+}
+
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buffer {
+    type Writer = Buffer;
+    fn make_writer(&'a self) -> Buffer {
+        self.clone()
+    }
+}
+
+#[test]
+fn publish_receive_retry_and_dead_letter_are_logged_with_their_context() {
+    let buffer = Buffer::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::DEBUG)
+        .with(json_layer(buffer.clone()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let agents = Runtime::new(MemoryRouter::new());
+            let options = AgentOptions::new().max_attempts(2).backoff(
+                Backoff::new(Duration::from_millis(1), Duration::from_millis(1)).jitter(0.0),
+            );
+            let biller = agents.spawn_with(Biller, options).await.unwrap();
+            agents
+                .bus()
+                .publish("s-ok", &Charge { fail: false })
+                .await
+                .unwrap();
+            agents
+                .bus()
+                .publish("s-bad", &Charge { fail: true })
+                .await
+                .unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while biller.health().dead_lettered < 1 || biller.health().handled < 1 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the agent did not finish: {:?}",
+                    biller.health()
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            agents.shutdown(Duration::from_secs(1)).await.unwrap();
+        })
+    });
+    let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect(line))
+        .collect();
+    let find = |message: &str, session: &str| {
+        lines
+            .iter()
+            .find(|line| line["message"] == message && line["session"] == session)
+            .unwrap_or_else(|| panic!("no '{message}' line for session {session} in:\n{text}"))
+    };
+    for (message, session) in [
+        ("published", "s-ok"),
+        ("received", "s-ok"),
+        ("received", "s-bad"),
+        ("handler failed; retrying", "s-bad"),
+        ("dead-lettered", "s-bad"),
+    ] {
+        let line = find(message, session);
+        assert_eq!(line["class"], "Charge", "{line}");
+        assert!(
+            line["message_id"].as_str().is_some_and(|id| id.len() == 36),
+            "{line}"
+        );
+        assert!(
+            line["timestamp"].is_string() && line["level"].is_string(),
+            "{line}"
+        );
+        assert!(line["file"].is_string() && line["line"].is_u64(), "{line}");
+        if message != "published" {
+            assert_eq!(line["agent"], "Biller", "{line}");
+        }
+    }
+    let retry = find("handler failed; retrying", "s-bad");
+    assert_eq!(
+        (retry["level"].as_str(), retry["attempt"].as_u64()),
+        (Some("WARN"), Some(1))
+    );
+    assert_eq!(retry["error"], "the bank is down");
+    let dead = find("dead-lettered", "s-bad");
+    assert_eq!(dead["reason"], "handler-failed");
+    // A handler's own log lines carry the message's context too.
+    let charged = find("charged", "s-ok");
+    assert_eq!(
+        (charged["agent"].as_str(), charged["amount_cents"].as_u64()),
+        (Some("Biller"), Some(1200))
+    );
+}

@@ -73,7 +73,8 @@ pub(crate) struct Shared {
 
 /// A [`Router`] on Redis, in pub/sub or Streams mode ([`DeliveryMode`]).
 ///
-/// Cheap to clone: clones share the connections and subscriptions. `Debug` never shows the password.
+/// Cheap to clone: clones share the connections and subscriptions. Dropping the last clone closes it
+/// (in the background; call [`Router::close`] to wait for it). `Debug` never shows the password.
 ///
 /// ```no_run
 /// use agentcomm_core::prelude::*;
@@ -88,6 +89,26 @@ pub(crate) struct Shared {
 #[derive(Clone)]
 pub struct RedisRouter {
     shared: Arc<Shared>,
+    _last_clone: Arc<CloseOnDrop>,
+}
+
+/// Closes the router when the last clone of it is dropped, so that its connections and tasks end.
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if self.0.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let shared = self.0.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = shared.close().await {
+                    tracing::debug!(error = %error, "closing a dropped router failed");
+                }
+            });
+        }
+    }
 }
 
 impl fmt::Debug for RedisRouter {
@@ -208,7 +229,10 @@ impl RedisRouter {
             prefix = shared.keys.prefix(),
             "connected to Redis"
         );
-        Ok(RedisRouter { shared })
+        Ok(RedisRouter {
+            _last_clone: Arc::new(CloseOnDrop(shared.clone())),
+            shared,
+        })
     }
 }
 

@@ -976,13 +976,19 @@ async fn reclaim(subscription: Arc<StreamSubscription>) {
     };
     let settings = &subscription.shared.settings;
     let idle_ms = settings.claim_idle.as_millis() as u64;
-    let every = (settings.claim_idle / 2).max(Duration::from_millis(50));
+    // Entries given back by a closing member are marked idle at once: look often enough to pick them up
+    // quickly. The query is cheap (one XPENDING per stream).
+    let every = (settings.claim_idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut stop = subscription.stop.subscribe();
+    let mut first = true;
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = stopped(&mut stop) => return,
+        if !first {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stopped(&mut stop) => return,
+            }
         }
+        first = false;
         let keys: Vec<Arc<str>> = subscription
             .known
             .lock()

@@ -1,0 +1,96 @@
+//! Helpers shared by the Redis integration tests.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use agentcomm_core::config::{DEFAULT_REDIS_URL, REDIS_URL_VAR};
+use agentcomm_core::router::{Delivery, Subscription};
+use agentcomm_redis::{DeliveryMode, RedisRouter, RedisRouterBuilder};
+
+/// `REDIS_URL`, or the default.
+pub fn redis_url() -> String {
+    std::env::var(REDIS_URL_VAR)
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_REDIS_URL.to_string())
+}
+
+/// A prefix no other test uses.
+pub fn unique_prefix() -> String {
+    format!("agentcomm-test-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Whether Redis answers; prints the one `skipped:` line (or fails with AGENTCOMM_REQUIRE_BROKERS=1)
+/// when it does not.
+pub async fn redis_available() -> bool {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let url = redis_url();
+    let probe = RedisRouter::builder(&url)
+        .connect_timeout(Duration::from_secs(2))
+        .prefix(unique_prefix())
+        .connect();
+    match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Ok(Ok(router)) => {
+            let _ = agentcomm_core::Router::close(&router).await;
+            true
+        }
+        _ => {
+            let reason = format!("no Redis at {}", agentcomm_core::error::redact_url(&url));
+            if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
+                panic!("AGENTCOMM_REQUIRE_BROKERS=1, but {reason}");
+            }
+            println!("skipped: {reason}");
+            false
+        }
+    }
+}
+
+/// A builder on `REDIS_URL` with quick test settings.
+pub fn builder(mode: DeliveryMode, prefix: &str) -> RedisRouterBuilder {
+    RedisRouter::builder(redis_url())
+        .mode(mode)
+        .prefix(prefix)
+        .read_block(Duration::from_millis(500))
+        .discovery_interval(Duration::from_millis(100))
+        .reorder_window(Duration::from_millis(200))
+}
+
+/// Bounds a future: panics with `what` when it takes longer than `limit`.
+pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// The next delivery within 10 s.
+pub async fn next(subscription: &mut Subscription) -> Delivery {
+    within(Duration::from_secs(10), "a delivery", subscription.next())
+        .await
+        .expect("the subscription ended early")
+}
+
+/// Asserts that nothing arrives within `quiet`.
+pub async fn assert_quiet(subscription: &mut Subscription, quiet: Duration) {
+    if let Ok(Some(delivery)) = tokio::time::timeout(quiet, subscription.next()).await {
+        panic!("expected nothing, got {:?}", delivery.envelope());
+    }
+}
+
+/// Waits until `condition` holds, checking every 20 ms, up to `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if condition().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

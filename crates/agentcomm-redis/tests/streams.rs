@@ -1,0 +1,365 @@
+//! Streams mode against a real Redis (REDIS_URL, default redis://127.0.0.1:6379).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use agentcomm_core::envelope::{Envelope, MALFORMED_CLASS, headers};
+use agentcomm_core::prelude::*;
+use agentcomm_core::router::{HealthStatus, NackAction, PublishOutcome, SubscribeOptions};
+use agentcomm_redis::{DeliveryMode, RedisRouter};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn envelope(channel: &str, n: u32) -> Envelope {
+    Envelope::new(
+        parse_channel(channel).unwrap(),
+        "application/json",
+        format!("{{\"n\":{n}}}").into_bytes(),
+    )
+}
+
+fn number(delivery: &agentcomm_core::router::Delivery) -> u32 {
+    let text = std::str::from_utf8(delivery.envelope().payload()).unwrap();
+    text.trim_start_matches("{\"n\":")
+        .trim_end_matches('}')
+        .parse()
+        .unwrap()
+}
+
+async fn connect(prefix: &str) -> RedisRouter {
+    within(WAIT, "connecting", builder(DeliveryMode::Streams, prefix).connect())
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_share_work_fan_out_gets_copies_and_acks_stick() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let router = connect(&prefix).await;
+    let pattern = ChannelPattern::parse("Job:*:*").unwrap();
+    let mut first = router
+        .subscribe(SubscribeOptions::new(pattern.clone()).group("workers"))
+        .await
+        .unwrap();
+    let mut second = router
+        .subscribe(SubscribeOptions::new(pattern.clone()).group("workers"))
+        .await
+        .unwrap();
+    let mut watcher = router
+        .subscribe(SubscribeOptions::new(pattern))
+        .await
+        .unwrap();
+    for n in 0..20 {
+        let outcome = router.publish(envelope("Job:request:s1", n)).await.unwrap();
+        assert_eq!(outcome, PublishOutcome::Accepted);
+    }
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        let delivery = next(&mut watcher).await;
+        seen.push(number(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(seen, (0..20).collect::<Vec<_>>(), "fan-out keeps the order");
+    let mut shared = HashSet::new();
+    let mut counts = [0, 0];
+    while shared.len() < 20 {
+        let (index, delivery) = tokio::select! {
+            d = next(&mut first) => (0, d),
+            d = next(&mut second) => (1, d),
+        };
+        counts[index] += 1;
+        assert!(shared.insert(number(&delivery)), "a group member got a duplicate");
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(counts[0] + counts[1], 20);
+    assert_quiet(&mut first, Duration::from_millis(300)).await;
+    assert_quiet(&mut second, Duration::from_millis(300)).await;
+    let health = router.health().await;
+    assert_eq!(health.backend, "redis-streams");
+    assert!(health.connected, "{health:?}");
+    assert!(health.round_trip.is_some());
+    assert_eq!(health.get("acked"), 40);
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_wait_for_a_group_and_a_restarted_consumer_resumes() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let router = connect(&prefix).await;
+    let options = SubscribeOptions::new(ChannelPattern::parse("Order:*:*").unwrap()).group("billing");
+    let subscription = router.subscribe(options.clone()).await.unwrap();
+    subscription.close().await.unwrap();
+    drop(subscription);
+    for n in 0..5 {
+        router.publish(envelope("Order:event:s1", n)).await.unwrap();
+    }
+    // Another connection (a restarted process) joins the group: it gets what was published meanwhile.
+    let other = connect(&prefix).await;
+    let mut resumed = other.subscribe(options).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let delivery = next(&mut resumed).await;
+        got.push(number(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    // The closed member may have taken the first one just before it closed: it gave it back, and it
+    // comes after the others.
+    got.sort();
+    assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    assert_quiet(&mut resumed, Duration::from_millis(300)).await;
+    router.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_class_pattern_sees_classes_created_after_it_subscribed() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let router = connect(&prefix).await;
+    router.publish(envelope("Early:event:s1", 0)).await.unwrap();
+    let mut group = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("*:event:s1").unwrap()).group("audit"))
+        .await
+        .unwrap();
+    let mut fan_out = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("*:*:s1").unwrap()))
+        .await
+        .unwrap();
+    // A class that did not exist when they subscribed, and one that did.
+    router.publish(envelope("Late:event:s1", 1)).await.unwrap();
+    router.publish(envelope("Early:event:s1", 2)).await.unwrap();
+    router.publish(envelope("Late:event:s2", 3)).await.unwrap();
+    for subscription in [&mut group, &mut fan_out] {
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let delivery = next(subscription).await;
+            got.push(number(&delivery));
+            delivery.ack().await.unwrap();
+        }
+        got.sort();
+        assert_eq!(got, vec![1, 2]);
+        assert_quiet(subscription, Duration::from_millis(300)).await;
+    }
+    let health = router.health().await;
+    assert!(health.get("filtered") >= 1, "the s2 entry was filtered: {health:?}");
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nack_retry_carries_the_attempt_and_abandon_redelivers() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Task:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    router.publish(envelope("Task:request:s1", 7)).await.unwrap();
+    let first = next(&mut subscription).await;
+    assert_eq!(first.envelope().attempt(), 1);
+    first
+        .nack(NackAction::Retry {
+            delay: Duration::from_millis(200),
+        })
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let second = next(&mut subscription).await;
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert_eq!((number(&second), second.envelope().attempt()), (7, 2));
+    assert!(second.is_redelivered());
+    drop(second);
+    let third = next(&mut subscription).await;
+    assert_eq!((number(&third), third.envelope().attempt()), (7, 2));
+    third.ack().await.unwrap();
+    assert_quiet(&mut subscription, Duration::from_millis(300)).await;
+    router.close().await.unwrap();
+}
+
+/// A raw fred client, standing in for a consumer that takes entries and then dies.
+async fn raw_client() -> fred::prelude::Client {
+    use fred::prelude::ClientLike;
+    let client = fred::prelude::Builder::from_config(
+        fred::prelude::Config::from_url(&redis_url()).unwrap(),
+    )
+    .build()
+    .unwrap();
+    within(WAIT, "a raw connection", client.init()).await.unwrap();
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
+    use fred::prelude::{ClientLike, StreamsInterface};
+    use fred::types::Value;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let survivor = within(
+        WAIT,
+        "connecting",
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .max_deliveries(2)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let options = SubscribeOptions::new(ChannelPattern::parse("Poison:*:*").unwrap()).group("g");
+    let member = survivor.subscribe(options.clone()).await.unwrap();
+    let mut dead_letters = survivor
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("DeadLetter:Poison:*").unwrap()))
+        .await
+        .unwrap();
+    // Pause the live member so that the dead one takes the entries.
+    member.close().await.unwrap();
+    drop(member);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    survivor.publish(envelope("Poison:request:s1", 1)).await.unwrap();
+    survivor.publish(envelope("Poison:request:s1", 2)).await.unwrap();
+    let key = format!("{prefix}:stream:{{Poison}}");
+    let raw = raw_client().await;
+    let taken: Value = raw
+        .xreadgroup("g", "dead-1", Some(2), None, false, key.as_str(), ">")
+        .await
+        .unwrap();
+    assert!(!taken.is_null(), "the dead consumer took the entries");
+    // A second dead consumer claimed entry 2 as well: it was delivered twice already.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let pending: Value = raw
+        .xrange(key.as_str(), "-", "+", None)
+        .await
+        .unwrap();
+    let second_id = pending.into_array()[1].clone().into_array()[0].as_string().unwrap();
+    let _: Value = raw
+        .xclaim(key.as_str(), "g", "dead-2", 0, second_id.as_str(), None, None, None, false, false)
+        .await
+        .unwrap();
+    let mut heir = survivor.subscribe(options).await.unwrap();
+    // Entry 1: delivered once before, reclaimed as attempt 2.
+    let reclaimed = next(&mut heir).await;
+    assert!(reclaimed.is_redelivered());
+    assert_eq!((number(&reclaimed), reclaimed.envelope().attempt()), (1, 2));
+    reclaimed.ack().await.unwrap();
+    // Entry 2: its third delivery would pass max_deliveries = 2, so it is dead-lettered instead.
+    let dead = next(&mut dead_letters).await;
+    let envelope = dead.envelope();
+    assert_eq!(envelope.channel().name(), "DeadLetter:Poison:s1");
+    assert_eq!(number(&dead), 2);
+    assert_eq!(
+        envelope.header(headers::DEAD_LETTER_REASON),
+        Some(headers::REASON_HANDLER_FAILED)
+    );
+    assert_eq!(envelope.header(headers::ATTEMPTS), Some("3"));
+    assert!(envelope.header(headers::ERROR).unwrap().contains("max_deliveries"));
+    dead.ack().await.unwrap();
+    assert_quiet(&mut heir, Duration::from_millis(700)).await;
+    let health = survivor.health().await;
+    assert_eq!(health.get("reclaimed"), 2, "{health:?}");
+    assert_eq!(health.get("dead_lettered"), 1, "{health:?}");
+    let _ = raw.quit().await;
+    survivor.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_entries_are_dead_lettered_and_reading_goes_on() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Raw:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    let mut malformed = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse(&format!("DeadLetter:{MALFORMED_CLASS}:*")).unwrap(),
+        ))
+        .await
+        .unwrap();
+    // A foreign client writes garbage into the stream.
+    let raw = fred::prelude::Builder::from_config(
+        fred::prelude::Config::from_url(&redis_url()).unwrap(),
+    )
+    .build()
+    .unwrap();
+    use fred::prelude::{ClientLike, StreamsInterface};
+    raw.init().await.unwrap();
+    let _: String = raw
+        .xadd(format!("{prefix}:stream:{{Raw}}"), false, None, "*", vec![("f", "not a frame")])
+        .await
+        .unwrap();
+    router.publish(envelope("Raw:event:s1", 5)).await.unwrap();
+    let good = next(&mut subscription).await;
+    assert_eq!(number(&good), 5);
+    good.ack().await.unwrap();
+    let dead = next(&mut malformed).await;
+    assert_eq!(dead.envelope().payload().as_ref(), b"not a frame");
+    assert!(dead.envelope().header(headers::SOURCE).unwrap().contains("Raw"));
+    dead.ack().await.unwrap();
+    assert_eq!(router.health().await.get("malformed"), 1);
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_pipelined_and_close_refuses_further_use() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Batch:*:*").unwrap()))
+        .await
+        .unwrap();
+    let batch: Vec<Envelope> = (0..300).map(|n| envelope("Batch:event:s1", n)).collect();
+    let results = router.publish_batch(batch).await;
+    assert_eq!(results.len(), 300);
+    assert!(results.iter().all(|r| matches!(r, Ok(PublishOutcome::Accepted))));
+    for n in 0..300 {
+        let delivery = next(&mut subscription).await;
+        assert_eq!(number(&delivery), n);
+        delivery.ack().await.unwrap();
+    }
+    assert!(router.publish_batch(Vec::new()).await.is_empty());
+    router.close().await.unwrap();
+    assert!(within(WAIT, "the stream to end", subscription.next()).await.is_none());
+    let error = router.publish(envelope("Batch:event:s1", 1)).await.unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error}");
+    assert_eq!(router.health().await.status, HealthStatus::Unhealthy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_name_the_url_without_the_password() {
+    // No Redis listens on port 1.
+    let error = RedisRouter::builder("redis://:s3cret@127.0.0.1:1/0")
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, Error::Connection { .. }), "{text}");
+    assert!(text.contains("redis://:***@127.0.0.1:1/0"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+    let error = RedisRouter::connect("redis://:s3cret@127.0.0.1:notaport")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!error.contains("s3cret"), "{error}");
+}

@@ -162,6 +162,13 @@ impl PubSubHub {
             }
             *counts.entry(subscription.clone()).or_insert(0) += 1;
         }
+        // fred resolves SUBSCRIBE when it is written, not when Redis confirms it. Redis answers the
+        // commands of one connection in order, so once this PING is answered the subscriptions are live.
+        let _: fred::types::Value = self
+            .client
+            .ping(None)
+            .await
+            .map_err(|error| map_error(&error, url, "confirming a subscription (PING)"))?;
         Ok(())
     }
 

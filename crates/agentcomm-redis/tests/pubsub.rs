@@ -1,0 +1,250 @@
+//! Pub/sub mode against a real Redis (REDIS_URL, default redis://127.0.0.1:6379).
+
+mod common;
+
+use std::time::Duration;
+
+use agentcomm_core::envelope::{Envelope, headers};
+use agentcomm_core::prelude::*;
+use agentcomm_core::router::{NackAction, PublishOutcome, SubscribeOptions};
+use agentcomm_redis::{DeliveryMode, RedisRouter};
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn envelope(channel: &str, n: u32) -> Envelope {
+    Envelope::new(
+        parse_channel(channel).unwrap(),
+        "application/json",
+        format!("{{\"n\":{n}}}").into_bytes(),
+    )
+}
+
+fn number(delivery: &agentcomm_core::router::Delivery) -> u32 {
+    let text = std::str::from_utf8(delivery.envelope().payload()).unwrap();
+    text.trim_start_matches("{\"n\":")
+        .trim_end_matches('}')
+        .parse()
+        .unwrap()
+}
+
+async fn connect(prefix: &str) -> RedisRouter {
+    within(WAIT, "connecting", builder(DeliveryMode::PubSub, prefix).connect())
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_patterns_unroutable_and_intact_envelopes() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let router = connect(&prefix).await;
+    let nobody = router.publish(envelope("Ping:event:s1", 0)).await.unwrap();
+    assert_eq!(nobody, PublishOutcome::Unroutable);
+    let mut by_class = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Ping:*:*").unwrap()))
+        .await
+        .unwrap();
+    let mut exact = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Ping:event:s2").unwrap()))
+        .await
+        .unwrap();
+    let mut any_class = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("*:event:s2").unwrap()))
+        .await
+        .unwrap();
+    let sent = envelope("Ping:event:s2", 1)
+        .with_header("tenant", "acme")
+        .with_correlation_id("c-1")
+        .with_reply_to("Pong:reply:inbox-1");
+    let outcome = router.publish(sent.clone()).await.unwrap();
+    assert!(matches!(outcome, PublishOutcome::Delivered(n) if n >= 3), "{outcome:?}");
+    for subscription in [&mut by_class, &mut exact, &mut any_class] {
+        let delivery = next(subscription).await;
+        // The sequence header is removed: what arrives equals what was sent.
+        assert_eq!(delivery.envelope(), &sent);
+        delivery.ack().await.unwrap();
+    }
+    router.publish(envelope("Ping:event:s3", 2)).await.unwrap();
+    assert_eq!(number(&next(&mut by_class).await), 2);
+    assert_quiet(&mut exact, Duration::from_millis(200)).await;
+    assert_quiet(&mut any_class, Duration::from_millis(200)).await;
+    let health = router.health().await;
+    assert_eq!(health.backend, "redis-pubsub");
+    assert_eq!(health.get("unroutable"), 1);
+    // Redis sends one copy per matching Redis subscription (a channel and two globs matched s2, two
+    // globs matched s3); the sequence numbers keep one.
+    assert_eq!(health.get("duplicates"), 3, "{health:?}");
+    assert_eq!(health.get("delivered"), 4, "{health:?}");
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_refused_with_the_fix() {
+    if !redis_available().await {
+        return;
+    }
+    let router = connect(&unique_prefix()).await;
+    assert!(!router.capabilities().consumer_groups);
+    let error = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Ping:*:*").unwrap()).group("g"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("fan_out()") && error.contains("Streams"), "{error}");
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacked_messages_come_back_from_memory() {
+    if !redis_available().await {
+        return;
+    }
+    let router = connect(&unique_prefix()).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Job:*:*").unwrap()))
+        .await
+        .unwrap();
+    router.publish(envelope("Job:request:s1", 9)).await.unwrap();
+    let first = next(&mut subscription).await;
+    first
+        .nack(NackAction::Retry {
+            delay: Duration::from_millis(100),
+        })
+        .await
+        .unwrap();
+    let second = next(&mut subscription).await;
+    assert_eq!((number(&second), second.envelope().attempt()), (9, 2));
+    assert!(second.is_redelivered());
+    drop(second);
+    let third = next(&mut subscription).await;
+    assert_eq!(third.envelope().attempt(), 2);
+    third.ack().await.unwrap();
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_drops_and_counts_instead_of_stalling() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let router = within(
+        WAIT,
+        "connecting",
+        builder(DeliveryMode::PubSub, &prefix)
+            .pubsub_buffer(10)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut slow = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Burst:*:*").unwrap()).prefetch(1))
+        .await
+        .unwrap();
+    let mut fast = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Burst:*:*").unwrap()).prefetch(1))
+        .await
+        .unwrap();
+    let batch: Vec<Envelope> = (0..50).map(|n| envelope("Burst:event:s1", n)).collect();
+    for result in router.publish_batch(batch).await {
+        assert!(matches!(result, Ok(PublishOutcome::Delivered(_))), "{result:?}");
+    }
+    // The fast one reads as it goes; the slow one reads nothing until the burst is over.
+    let mut fast_got = 0;
+    while fast_got < 10 {
+        next(&mut fast).await.ack().await.unwrap();
+        fast_got += 1;
+    }
+    let dropped_at_least = 50 - 10 - 10;
+    eventually(WAIT, "the drops are counted", async || {
+        router.health().await.get("dropped") >= dropped_at_least
+    })
+    .await;
+    let mut slow_got = 0;
+    while let Some(delivery) = slow.try_next() {
+        delivery.ack().await.unwrap();
+        slow_got += 1;
+    }
+    let mut fast_rest = 0;
+    while let Ok(Some(delivery)) =
+        tokio::time::timeout(Duration::from_millis(200), fast.next()).await
+    {
+        delivery.ack().await.unwrap();
+        fast_rest += 1;
+    }
+    let health = router.health().await;
+    assert_eq!(
+        slow_got + fast_got + fast_rest + health.get("dropped"),
+        100,
+        "every copy is either delivered or counted as dropped: {health:?}"
+    );
+    assert_eq!(slow_got, 10, "the slow subscription kept its buffer's worth");
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_kept_in_a_stream_even_in_pubsub_mode() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let router = connect(&prefix).await;
+    let dead = envelope("Job:request:s1", 3)
+        .with_channel(parse_channel("Job:request:s1").unwrap().dead_letter())
+        .with_header(headers::DEAD_LETTER_REASON, headers::REASON_HANDLER_FAILED);
+    let outcome = router.publish(dead.clone()).await.unwrap();
+    assert_eq!(outcome, PublishOutcome::Accepted, "kept although nobody listens");
+    router.close().await.unwrap();
+    // A Streams router on the same prefix reads it: it was not lost.
+    let streams = within(WAIT, "connecting", builder(DeliveryMode::Streams, &prefix).connect())
+        .await
+        .unwrap();
+    let key = format!("{prefix}:stream:{{DeadLetter}}");
+    use fred::prelude::{ClientLike, StreamsInterface};
+    let raw = fred::prelude::Builder::from_config(
+        fred::prelude::Config::from_url(&redis_url()).unwrap(),
+    )
+    .build()
+    .unwrap();
+    raw.init().await.unwrap();
+    let length: u64 = raw.xlen(key.as_str()).await.unwrap();
+    assert_eq!(length, 1);
+    let _ = raw.quit().await;
+    streams.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_are_dead_lettered_and_the_subscriber_goes_on() {
+    use fred::prelude::{ClientLike, PubsubInterface};
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Raw:*:*").unwrap()))
+        .await
+        .unwrap();
+    let raw = fred::prelude::Builder::from_config(
+        fred::prelude::Config::from_url(&redis_url()).unwrap(),
+    )
+    .build()
+    .unwrap();
+    raw.init().await.unwrap();
+    let _: i64 = raw
+        .publish(format!("{prefix}:Raw:event:s1"), "garbage")
+        .await
+        .unwrap();
+    router.publish(envelope("Raw:event:s1", 4)).await.unwrap();
+    assert_eq!(number(&next(&mut subscription).await), 4);
+    eventually(WAIT, "the malformed frame is counted", async || {
+        router.health().await.get("malformed") == 1
+    })
+    .await;
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}

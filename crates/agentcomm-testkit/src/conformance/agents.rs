@@ -1,0 +1,110 @@
+//! The messages and agents of the scenarios that go through the runtime. Class names start with
+//! `Conformance` so that they are recognisable on a shared broker.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use agentcomm_core::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+/// A unit of work: `run` and `seq` identify it, `label` must not be empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(name = "ConformanceWork", direction = "task")]
+pub struct Work {
+    pub run: String,
+    pub seq: u64,
+    #[message(non_empty)]
+    pub label: String,
+}
+
+/// A message type with its own channel template (no class in the name, dots between parts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(
+    name = "ConformanceTemplated",
+    channel = "conformance.{direction}.{session_id}"
+)]
+pub struct Templated {
+    pub seq: u64,
+}
+
+/// A request the echo agent answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(name = "ConformanceEchoRequest", direction = "request")]
+pub struct EchoRequest {
+    pub run: String,
+    pub seq: u64,
+}
+
+/// The echo agent's reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(name = "ConformanceEchoResponse", direction = "response")]
+pub struct EchoResponse {
+    pub run: String,
+    pub seq: u64,
+}
+
+/// Fails every attempt, counting attempts per message.
+#[agent(name = "ConformanceFailingAgent", receives = [Work])]
+pub struct FailingAgent {
+    pub calls: Arc<Mutex<HashMap<u64, u32>>>,
+}
+
+impl Handle<Work> for FailingAgent {
+    async fn handle(&self, work: Work, _ctx: &Context<Self>) -> HandlerResult {
+        *self
+            .calls
+            .lock()
+            .expect("calls lock")
+            .entry(work.seq)
+            .or_default() += 1;
+        Err(HandlerError::msg(
+            "conformance: this handler fails on purpose",
+        ))
+    }
+}
+
+/// Handles work and reports each handled sequence number.
+#[agent(name = "ConformanceWorker", receives = [Work])]
+pub struct Worker {
+    pub handled: watch::Sender<Vec<u64>>,
+}
+
+impl Handle<Work> for Worker {
+    async fn handle(&self, work: Work, _ctx: &Context<Self>) -> HandlerResult {
+        self.handled.send_modify(|handled| handled.push(work.seq));
+        Ok(())
+    }
+}
+
+/// Says when a handler starts, waits for the gate, then records that it finished.
+#[agent(name = "ConformanceGatedAgent", receives = [Work])]
+pub struct GatedAgent {
+    pub started: mpsc::UnboundedSender<u64>,
+    pub gate: Arc<Semaphore>,
+    pub finished: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Handle<Work> for GatedAgent {
+    async fn handle(&self, work: Work, _ctx: &Context<Self>) -> HandlerResult {
+        let _ = self.started.send(work.seq);
+        let _permit = self.gate.acquire().await?;
+        self.finished.lock().expect("finished lock").push(work.seq);
+        Ok(())
+    }
+}
+
+/// Replies to each request with the same run and sequence number.
+#[agent(name = "ConformanceEchoAgent", receives = [EchoRequest], sends = [EchoResponse])]
+pub struct EchoAgent;
+
+impl Handle<EchoRequest> for EchoAgent {
+    async fn handle(&self, request: EchoRequest, ctx: &Context<Self>) -> HandlerResult {
+        ctx.reply(EchoResponse {
+            run: request.run,
+            seq: request.seq,
+        })
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,2271 @@
+//! The scenarios. Each returns a one-line summary of what it checked, or a failure that says what was
+//! lost, duplicated, reordered or wrong.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentcomm_core::backoff::Backoff;
+use agentcomm_core::channel::{Channel, ChannelPattern};
+use agentcomm_core::codec::{BINARY_CONTENT_TYPE, Codec, JSON_CONTENT_TYPE, MSGPACK_CONTENT_TYPE};
+use agentcomm_core::envelope::{Envelope, MALFORMED_CLASS, headers};
+use agentcomm_core::error::Error;
+use agentcomm_core::message::Message;
+use agentcomm_core::router::{
+    Delivery, HealthStatus, NackAction, PublishOutcome, SharedRouter, SubscribeOptions,
+    Subscription,
+};
+use agentcomm_core::runtime::{AgentOptions, AgentState, Runtime};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
+
+use super::Scenario;
+use super::agents::{
+    EchoAgent, EchoRequest, EchoResponse, FailingAgent, GatedAgent, Templated, Work, Worker,
+};
+use super::support::{
+    Context, During, Failure, Feeder, Outcome, RUN_HEADER, SEQ_HEADER, STREAM_HEADER, Settle, Sink,
+    bounded, describe_capabilities, fail, failures, key_of, pattern_bytes,
+};
+use crate::tally::{Tally, TallyReport};
+
+/// How long to listen after the expected messages arrived, for late duplicates and leaks.
+const SETTLE: Duration = Duration::from_millis(200);
+
+pub async fn run(scenario: Scenario, ctx: &Context<'_>) -> Outcome {
+    match scenario {
+        Scenario::DeclaredCapabilities => declared_capabilities(ctx).await,
+        Scenario::EnvelopeFields => envelope_fields(ctx).await,
+        Scenario::PatternSubscriptions => pattern_subscriptions(ctx).await,
+        Scenario::CustomTemplates => custom_templates(ctx).await,
+        Scenario::Isolation => isolation(ctx).await,
+        Scenario::ConcurrentPublishers => concurrent_publishers(ctx).await,
+        Scenario::ManyChannels => many_channels(ctx).await,
+        Scenario::OrderPerChannel => order_per_channel(ctx).await,
+        Scenario::NackRedelivery => nack_redelivery(ctx).await,
+        Scenario::DeadLetterAfterMaxAttempts => dead_letter_after_max_attempts(ctx).await,
+        Scenario::GroupSplitsWork => group_splits_work(ctx).await,
+        Scenario::TwoGroups => two_groups(ctx).await,
+        Scenario::CloseWhileInFlight => close_while_in_flight(ctx).await,
+        Scenario::ResubscribeLoops => resubscribe_loops(ctx).await,
+        Scenario::PublisherClose => publisher_close(ctx).await,
+        Scenario::LargePayloads => large_payloads(ctx).await,
+        Scenario::BatchPublish => batch_publish(ctx).await,
+        Scenario::MalformedPayloads => malformed_payloads(ctx).await,
+        Scenario::MalformedFrames => malformed_frames(ctx).await,
+        Scenario::GracefulShutdown => graceful_shutdown(ctx).await,
+        Scenario::RequestReply => request_reply(ctx).await,
+        Scenario::PersistentWithoutConsumer => persistent_without_consumer(ctx).await,
+        Scenario::Unroutable => unroutable(ctx).await,
+        Scenario::CloseRefusesFurtherUse => close_refuses_further_use(ctx).await,
+    }
+}
+
+// ----- helpers -----------------------------------------------------------------------------------
+
+fn pattern(text: &str) -> Outcome<ChannelPattern> {
+    ChannelPattern::parse(text).during(format!("parsing the pattern {text}"))
+}
+
+fn exact(channel: &Channel) -> Outcome<ChannelPattern> {
+    ChannelPattern::with_template(
+        agentcomm_core::channel::ChannelTemplate::DEFAULT,
+        Some(channel.class()),
+        Some(channel.direction()),
+        Some(channel.session()),
+    )
+    .during(format!("building the pattern of {channel}"))
+}
+
+async fn subscribe(
+    ctx: &Context<'_>,
+    connection: &SharedRouter,
+    options: SubscribeOptions,
+) -> Outcome<Subscription> {
+    let what = format!(
+        "subscribing ({:?} on {})",
+        options.distribution,
+        options
+            .patterns
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    bounded(ctx.wait, &what, connection.subscribe(options))
+        .await?
+        .during(&what)
+}
+
+/// Subscribes and feeds the deliveries into `sink` as `member`.
+async fn feed(
+    ctx: &Context<'_>,
+    connection: &SharedRouter,
+    options: SubscribeOptions,
+    sink: &Arc<Sink>,
+    member: usize,
+    settle: Settle,
+) -> Outcome<Feeder> {
+    let subscription = subscribe(ctx, connection, options).await?;
+    Ok(Feeder::start(subscription, sink, member, settle))
+}
+
+async fn publish_one(
+    ctx: &Context<'_>,
+    connection: &SharedRouter,
+    envelope: Envelope,
+) -> Outcome<PublishOutcome> {
+    let what = format!("publishing to {}", envelope.channel());
+    bounded(ctx.wait, &what, connection.publish(envelope))
+        .await?
+        .during(&what)
+}
+
+/// Publishes each batch in its own task, its messages one after the other (each publish awaited, so
+/// a batch's order is its publisher's order). Every publish must succeed and be routable.
+fn spawn_publishers(
+    connection: &SharedRouter,
+    batches: Vec<Vec<Envelope>>,
+    limit: Duration,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    let connection = connection.clone();
+    tokio::spawn(async move {
+        let tasks: Vec<_> = batches
+            .into_iter()
+            .enumerate()
+            .map(|(publisher, batch)| {
+                let connection = connection.clone();
+                tokio::spawn(async move {
+                    for envelope in batch {
+                        let channel = envelope.channel().to_string();
+                        match tokio::time::timeout(limit, connection.publish(envelope)).await {
+                            Ok(Ok(outcome)) if outcome.is_unroutable() => {
+                                return Err(format!(
+                                    "publisher {publisher}: a publish to {channel} was reported unroutable \
+                                     although a subscription matches it"
+                                ));
+                            }
+                            Ok(Ok(_)) => {}
+                            Ok(Err(error)) => {
+                                return Err(format!(
+                                    "publisher {publisher}: publishing to {channel} failed: {error}"
+                                ));
+                            }
+                            Err(_) => {
+                                return Err(format!(
+                                    "publisher {publisher}: a publish to {channel} did not finish within {limit:?}"
+                                ));
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut problems = Vec::new();
+        for task in tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(problem)) => problems.push(problem),
+                Err(error) => problems.push(format!("a publisher task failed: {error}")),
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            let shown = problems.len().min(3);
+            Err(format!(
+                "{} of the publishers failed; {}",
+                problems.len(),
+                problems[..shown].join("; ")
+            ))
+        }
+    })
+}
+
+async fn publish_all(
+    ctx: &Context<'_>,
+    connection: &SharedRouter,
+    batches: Vec<Vec<Envelope>>,
+) -> Outcome<()> {
+    let task = spawn_publishers(connection, batches, ctx.wait);
+    match task.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(problem)) => Err(Failure::Failed(problem)),
+        Err(error) => Err(Failure::Failed(format!("the publishers failed: {error}"))),
+    }
+}
+
+fn agent_options(ctx: &Context<'_>, session: &str, group: &str) -> AgentOptions {
+    let options = AgentOptions::new().session(session);
+    if ctx.capabilities.consumer_groups {
+        options.group(ctx.unique(group))
+    } else {
+        options.fan_out()
+    }
+}
+
+/// A [`Work`] envelope with this run's headers, encoded by the runtime's bus.
+fn work_envelope(
+    runtime: &Runtime,
+    ctx: &Context<'_>,
+    session: &str,
+    seq: u64,
+) -> Outcome<Envelope> {
+    let channel = Work::channel(Work::DIRECTION, session).during("building the work channel")?;
+    let work = Work {
+        run: ctx.run.clone(),
+        seq,
+        label: format!("work {seq}"),
+    };
+    Ok(runtime
+        .bus()
+        .envelope(channel, &work)
+        .during("encoding work")?
+        .with_header(RUN_HEADER, ctx.run.clone())
+        .with_header(STREAM_HEADER, "0")
+        .with_header(SEQ_HEADER, seq.to_string()))
+}
+
+fn expected_streams(label: &'static str, streams: u32, per_stream: u64) -> Tally {
+    let mut tally = Tally::new(label);
+    for stream in 0..streams {
+        tally.expect_stream(stream, per_stream);
+    }
+    tally
+}
+
+/// Sums the counts of several reports for a summary.
+fn totals(reports: &[TallyReport]) -> String {
+    let sum = |f: fn(&TallyReport) -> usize| reports.iter().map(f).sum::<usize>();
+    format!(
+        "lost {}, duplicated {}, reordered {}",
+        sum(TallyReport::lost),
+        sum(TallyReport::duplicated),
+        sum(TallyReport::reordered)
+    )
+}
+
+/// A summary for deliveries whose order means nothing (a group's members, dead letters).
+fn unordered(report: &TallyReport) -> String {
+    format!(
+        "lost {} of {}, duplicated {}",
+        report.lost(),
+        report.expected(),
+        report.duplicated()
+    )
+}
+
+// ----- scenarios ---------------------------------------------------------------------------------
+
+async fn declared_capabilities(ctx: &Context<'_>) -> Outcome {
+    let connection = ctx.connect().await?;
+    if connection.backend().trim().is_empty() {
+        fail!("Router::backend() is empty: name the backend (`redis-streams`, `rabbitmq`, ...)");
+    }
+    let health = bounded(ctx.wait, "health()", connection.health()).await?;
+    if !health.connected || health.status == HealthStatus::Unhealthy {
+        fail!(
+            "a new connection reports status {:?}, connected {}: {}",
+            health.status,
+            health.connected,
+            health.detail
+        );
+    }
+    if health.backend.trim().is_empty() {
+        fail!("Health::backend is empty");
+    }
+    Ok(format!(
+        "backend {:?} claims {}; a new connection is {:?}",
+        connection.backend(),
+        describe_capabilities(&ctx.capabilities),
+        health.status
+    ))
+}
+
+fn rich_envelope(ctx: &Context<'_>, channel: &Channel, reply_to: &str, seq: u64) -> Envelope {
+    let (content_type, payload): (&'static str, Vec<u8>) = match seq % 3 {
+        0 => (BINARY_CONTENT_TYPE, (0..=255u8).cycle().skip(seq as usize % 256).take(300).collect()),
+        1 => (
+            JSON_CONTENT_TYPE,
+            format!(r#"{{"seq":{seq},"text":"h\u00e9llo \"x\" ✓","list":[1,2.5,null,true],"nested":{{"a":[]}}}}"#)
+                .into_bytes(),
+        ),
+        _ => (
+            MSGPACK_CONTENT_TYPE,
+            Codec::MessagePack
+                .encode("ConformanceFields", &(seq, "héllo", vec![0u8, 255, 7]))
+                .map(|bytes| bytes.to_vec())
+                .unwrap_or_default(),
+        ),
+    };
+    Envelope::new(channel.clone(), content_type, payload)
+        .with_correlation_id(format!("corr-{seq}-é"))
+        .with_reply_to(reply_to.to_string())
+        .with_attempt(1 + (seq % 3) as u32)
+        .with_timestamp_ms(1_700_000_000_000 + seq)
+        .with_header("tenant", "acme")
+        .with_header("text", "é ✓ \"quoted\" \\ back\nnew line\ttab")
+        .with_header("empty", "")
+        .with_header("long", "x".repeat(1000))
+        .with_header(RUN_HEADER, ctx.run.clone())
+        .with_header(STREAM_HEADER, "0")
+        .with_header(SEQ_HEADER, seq.to_string())
+}
+
+/// Names each field that differs between what was sent and what arrived.
+fn difference(sent: &Envelope, got: &Envelope) -> String {
+    let mut differences = Vec::new();
+    let mut compare = |field: &str, a: String, b: String| {
+        if a != b {
+            differences.push(format!("{field} {a:?} arrived as {b:?}"));
+        }
+    };
+    compare("id", sent.id().to_string(), got.id().to_string());
+    compare("class", sent.class().into(), got.class().into());
+    compare(
+        "channel",
+        sent.channel().name().into(),
+        got.channel().name().into(),
+    );
+    compare(
+        "canonical channel",
+        sent.channel().canonical(),
+        got.channel().canonical(),
+    );
+    compare(
+        "content type",
+        sent.content_type().into(),
+        got.content_type().into(),
+    );
+    compare(
+        "timestamp",
+        sent.timestamp_ms().to_string(),
+        got.timestamp_ms().to_string(),
+    );
+    compare(
+        "correlation id",
+        format!("{:?}", sent.correlation_id()),
+        format!("{:?}", got.correlation_id()),
+    );
+    compare(
+        "reply_to",
+        format!("{:?}", sent.reply_to()),
+        format!("{:?}", got.reply_to()),
+    );
+    compare(
+        "attempt",
+        sent.attempt().to_string(),
+        got.attempt().to_string(),
+    );
+    for (name, value) in sent.headers() {
+        match got.header(name) {
+            None => differences.push(format!("header {name:?} is missing")),
+            Some(other) if other != value => {
+                differences.push(format!("header {name:?} {value:?} arrived as {other:?}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for name in got.headers().keys() {
+        if sent.header(name).is_none() {
+            differences.push(format!("header {name:?} was added"));
+        }
+    }
+    if sent.payload() != got.payload() {
+        let at = sent
+            .payload()
+            .iter()
+            .zip(got.payload().iter())
+            .position(|(a, b)| a != b)
+            .unwrap_or(sent.payload().len().min(got.payload().len()));
+        differences.push(format!(
+            "payload of {} bytes arrived as {} bytes, first difference at byte {at}",
+            sent.payload().len(),
+            got.payload().len()
+        ));
+    }
+    if differences.is_empty() {
+        "equal".into()
+    } else {
+        differences.join(", ")
+    }
+}
+
+async fn envelope_fields(ctx: &Context<'_>) -> Outcome {
+    let count = ctx.size(100) as u64;
+    let class = ctx.class("Fields");
+    let session = ctx.unique("fields");
+    let channel = ctx.channel(&class, "event", &session)?;
+    let reply_to = format!("{class}:reply:{session}");
+    let subscriber = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let sink = Sink::new(&ctx.run);
+    let _feeder = feed(
+        ctx,
+        &subscriber,
+        SubscribeOptions::new(pattern(&format!("{class}:*:{session}"))?),
+        &sink,
+        0,
+        Settle::Ack,
+    )
+    .await?;
+    let mut sent = Vec::new();
+    for seq in 0..count {
+        let envelope = rich_envelope(ctx, &channel, &reply_to, seq);
+        sent.push(envelope.clone());
+        let outcome = publish_one(ctx, &publisher, envelope).await?;
+        if outcome.is_unroutable() {
+            fail!("message {seq} was reported unroutable although a subscription matches it");
+        }
+    }
+    let (_, waited) = sink.wait_distinct(count as usize, ctx.wait).await;
+    sink.settle(SETTLE).await;
+    let report = sink.tally(&expected_streams("publisher", 1, count), None);
+    let mut problems: Vec<String> = ctx
+        .judge("the subscriber", &report, waited, true)
+        .into_iter()
+        .collect();
+    let changed: Vec<String> = sink
+        .arrivals()
+        .iter()
+        .filter(|arrival| arrival.envelope != sent[arrival.key.1 as usize])
+        .map(|arrival| {
+            format!(
+                "message {}: {}",
+                arrival.key.1,
+                difference(&sent[arrival.key.1 as usize], &arrival.envelope)
+            )
+        })
+        .collect();
+    if !changed.is_empty() {
+        problems.push(format!(
+            "{} of {} messages arrived changed; first: {}",
+            changed.len(),
+            report.received(),
+            changed[0]
+        ));
+    }
+    failures(problems)?;
+    Ok(format!(
+        "{count} messages with every field set (binary, JSON and MessagePack payloads, unicode headers): \
+         all equal; {report}"
+    ))
+}
+
+async fn pattern_subscriptions(ctx: &Context<'_>) -> Outcome {
+    let per_channel = ctx.size(3) as u64;
+    let (a, b) = (ctx.class("PatA"), ctx.class("PatB"));
+    let (dx, dy) = (ctx.unique("dx"), ctx.unique("dy"));
+    let (sx, sy) = (ctx.unique("sx"), ctx.unique("sy"));
+    let mut channels = Vec::new();
+    for class in [&a, &b] {
+        for direction in [&dx, &dy] {
+            for session in [&sx, &sy] {
+                channels.push(ctx.channel(class, direction, session)?);
+            }
+        }
+    }
+    let subscriptions: Vec<Vec<String>> = vec![
+        vec![format!("{a}:*:*")],
+        vec![format!("*:{dx}:*")],
+        vec![format!("*:*:{sx}")],
+        vec![format!("{a}:{dx}:*")],
+        vec![format!("{a}:*:{sx}")],
+        vec![format!("*:{dx}:{sx}")],
+        vec![format!("{a}:{dx}:{sx}")],
+        // Two patterns in one subscription; a message matching both comes once.
+        vec![
+            format!("{b}:*:{sy}"),
+            format!("*:{dx}:{sx}"),
+            format!("{a}:{dx}:{sx}"),
+        ],
+    ];
+    let subscriber = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let mut watched = Vec::new();
+    for texts in &subscriptions {
+        let patterns = texts
+            .iter()
+            .map(|t| pattern(t))
+            .collect::<Outcome<Vec<_>>>()?;
+        let mut expected = Tally::new("channel");
+        for (index, channel) in channels.iter().enumerate() {
+            if patterns.iter().any(|p| p.matches(channel)) {
+                expected.expect_stream(index as u32, per_channel);
+            }
+        }
+        let sink = Sink::new(&ctx.run);
+        let feeder = feed(
+            ctx,
+            &subscriber,
+            SubscribeOptions::patterns(patterns),
+            &sink,
+            0,
+            Settle::Ack,
+        )
+        .await?;
+        watched.push((texts.join(" + "), expected, sink, feeder));
+    }
+    let batches = channels
+        .iter()
+        .enumerate()
+        .map(|(index, channel)| {
+            (0..per_channel)
+                .map(|seq| ctx.numbered(channel, index as u32, seq))
+                .collect()
+        })
+        .collect();
+    publish_all(ctx, &publisher, batches).await?;
+    let mut problems = Vec::new();
+    let mut reports = Vec::new();
+    for (name, expected, sink, _) in &watched {
+        let (_, waited) = sink.wait_distinct(expected.expected(), ctx.wait).await;
+        sink.settle(SETTLE).await;
+        let report = sink.tally(expected, None);
+        if let Some(problem) = ctx.judge(&format!("subscription {name}"), &report, waited, true) {
+            problems.push(problem);
+        }
+        reports.push(report);
+    }
+    if !problems.is_empty() {
+        let legend: Vec<String> = channels
+            .iter()
+            .enumerate()
+            .map(|(index, channel)| format!("channel {index} = {channel}"))
+            .collect();
+        fail!("{} ({})", problems.join("; "), legend.join(", "));
+    }
+    Ok(format!(
+        "{} subscriptions over {} channels, {} deliveries: {}",
+        subscriptions.len(),
+        channels.len(),
+        reports.iter().map(TallyReport::received).sum::<usize>(),
+        totals(&reports)
+    ))
+}
+
+async fn custom_templates(ctx: &Context<'_>) -> Outcome {
+    let per_channel = ctx.size(3) as u64;
+    let (first, second) = (ctx.unique("tpl1"), ctx.unique("tpl2"));
+    let channels = [
+        Templated::channel("alpha", &first).during("building a templated channel")?,
+        Templated::channel("beta", &first).during("building a templated channel")?,
+        Templated::channel("alpha", &second).during("building a templated channel")?,
+    ];
+    let expected_name = format!("conformance.alpha.{first}");
+    if channels[0].name() != expected_name {
+        fail!(
+            "the template renders {:?}, expected {expected_name:?}",
+            channels[0].name()
+        );
+    }
+    let for_template = |direction: Option<&str>, session: &str| {
+        ChannelPattern::for_message::<Templated>(direction, Some(session))
+            .during("building a templated pattern")
+    };
+    let subscriptions = [
+        (
+            "ConformanceTemplated:*:tpl1",
+            for_template(None, &first)?,
+            vec![0, 1],
+        ),
+        (
+            "ConformanceTemplated:alpha:tpl1",
+            for_template(Some("alpha"), &first)?,
+            vec![0],
+        ),
+        (
+            "ConformanceTemplated:*:tpl2",
+            for_template(None, &second)?,
+            vec![2],
+        ),
+    ];
+    let subscriber = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let mut watched = Vec::new();
+    for (name, pattern, streams) in subscriptions {
+        let mut expected = Tally::new("channel");
+        for stream in streams {
+            expected.expect_stream(stream, per_channel);
+        }
+        let sink = Sink::new(&ctx.run);
+        let feeder = feed(
+            ctx,
+            &subscriber,
+            SubscribeOptions::new(pattern),
+            &sink,
+            0,
+            Settle::Ack,
+        )
+        .await?;
+        watched.push((name, expected, sink, feeder));
+    }
+    let batches = channels
+        .iter()
+        .enumerate()
+        .map(|(index, channel)| {
+            (0..per_channel)
+                .map(|seq| ctx.numbered(channel, index as u32, seq))
+                .collect()
+        })
+        .collect();
+    publish_all(ctx, &publisher, batches).await?;
+    let mut problems = Vec::new();
+    let mut reports = Vec::new();
+    for (name, expected, sink, _) in &watched {
+        let (_, waited) = sink.wait_distinct(expected.expected(), ctx.wait).await;
+        sink.settle(SETTLE).await;
+        let report = sink.tally(expected, None);
+        if let Some(problem) = ctx.judge(&format!("subscription {name}"), &report, waited, true) {
+            problems.push(problem);
+        }
+        for arrival in sink.arrivals() {
+            let sent = &channels[arrival.key.0 as usize];
+            if arrival.envelope.channel() != sent {
+                problems.push(format!(
+                    "a message sent on {:?} ({}) arrived on {:?} ({})",
+                    sent.name(),
+                    sent.canonical(),
+                    arrival.envelope.channel().name(),
+                    arrival.envelope.channel().canonical()
+                ));
+                break;
+            }
+        }
+        reports.push(report);
+    }
+    if !problems.is_empty() {
+        fail!(
+            "{} (channel 0 = {}, 1 = {}, 2 = {}, template \"conformance.{{direction}}.{{session_id}}\")",
+            problems.join("; "),
+            channels[0].name(),
+            channels[1].name(),
+            channels[2].name()
+        );
+    }
+    Ok(format!(
+        "3 templated channels named like {:?}, 3 subscriptions: {}",
+        channels[0].name(),
+        totals(&reports)
+    ))
+}
+
+async fn isolation(ctx: &Context<'_>) -> Outcome {
+    let per_channel = ctx.size(3) as u64;
+    let run = &ctx.run;
+    let class = ctx.class("Iso");
+    let direction = ctx.unique("d");
+    let session = ctx.unique("iso");
+    // Characters that are wildcards or escapes in Redis globs ('?', '[', ']', '\'), AMQP topics ('#',
+    // '.') and MQTT ('+'), and Redis Cluster hash tags ('{', '}'): legal in a session, and a backend
+    // must not let them match anything else.
+    let special = format!("g?[x]#.+{{y}}\\_{run}");
+    let mains = [
+        ctx.channel(&class, &direction, &session)?,
+        ctx.channel(&class, &direction, &special)?,
+    ];
+    let lookalikes = [
+        ctx.channel(&class, &direction, &format!("{session}x"))?,
+        ctx.channel(&class, &direction, &session[..session.len() - 1])?,
+        ctx.channel(&class, &format!("{direction}x"), &session)?,
+        ctx.channel(&class, &format!("{direction}.extra"), &session)?,
+        ctx.channel(&format!("{class}x"), &direction, &session)?,
+        ctx.channel(&class[..class.len() - 1], &direction, &session)?,
+        ctx.channel(&class, &direction, &format!("gZx#.+{{y}}\\_{run}"))?,
+        ctx.channel(&class, &direction, &format!("g?[x]a.b+{{y}}\\_{run}"))?,
+        ctx.channel(&class, &direction, &format!("g?[x]#.Z{{y}}\\_{run}"))?,
+        ctx.channel(&class, &direction, &format!("g?[x]#.+{{z}}\\_{run}"))?,
+        ctx.channel(&class, &direction, &format!("g?[x]#.+{{y}}_{run}"))?,
+    ];
+    let all: Vec<&Channel> = mains.iter().chain(lookalikes.iter()).collect();
+    let subscriber = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let mut watched = Vec::new();
+    for (index, channel) in mains.iter().enumerate() {
+        let sink = Sink::new(&ctx.run);
+        let feeder = feed(
+            ctx,
+            &subscriber,
+            SubscribeOptions::new(exact(channel)?),
+            &sink,
+            0,
+            Settle::Ack,
+        )
+        .await?;
+        let mut expected = Tally::new("channel");
+        expected.expect_stream(index as u32, per_channel);
+        watched.push((channel.clone(), expected, sink, feeder));
+    }
+    // The witness receives the look-alikes, so the test knows they were delivered before it judges.
+    let witness = Sink::new(&ctx.run);
+    let witness_patterns = lookalikes.iter().map(exact).collect::<Outcome<Vec<_>>>()?;
+    let _witness_feeder = feed(
+        ctx,
+        &subscriber,
+        SubscribeOptions::patterns(witness_patterns),
+        &witness,
+        0,
+        Settle::Ack,
+    )
+    .await?;
+    let batches = all
+        .iter()
+        .enumerate()
+        .map(|(index, channel)| {
+            (0..per_channel)
+                .map(|seq| ctx.numbered(channel, index as u32, seq))
+                .collect()
+        })
+        .collect();
+    publish_all(ctx, &publisher, batches).await?;
+    let (witnessed, _) = witness
+        .wait_distinct(lookalikes.len() * per_channel as usize, ctx.wait)
+        .await;
+    let mut problems = Vec::new();
+    if !witnessed {
+        problems.push(format!(
+            "only {} of the {} look-alike messages reached their own exact subscriptions",
+            witness.distinct(),
+            lookalikes.len() * per_channel as usize
+        ));
+    }
+    let mut reports = Vec::new();
+    for (channel, expected, sink, _) in &watched {
+        let (_, waited) = sink.wait_distinct(expected.expected(), ctx.wait).await;
+        sink.settle(SETTLE).await;
+        let report = sink.tally(expected, None);
+        if let Some(problem) = ctx.judge(
+            &format!("the exact subscription on {channel}"),
+            &report,
+            waited,
+            true,
+        ) {
+            problems.push(problem);
+        }
+        reports.push(report);
+    }
+    if !problems.is_empty() {
+        let legend: Vec<String> = all
+            .iter()
+            .enumerate()
+            .map(|(index, channel)| format!("channel {index} = {channel}"))
+            .collect();
+        fail!("{} ({})", problems.join("; "), legend.join(", "));
+    }
+    Ok(format!(
+        "2 exact subscriptions, {} look-alike channels: {}, leaked 0",
+        lookalikes.len(),
+        totals(&reports)
+    ))
+}
+
+async fn concurrent_publishers(ctx: &Context<'_>) -> Outcome {
+    let publishers = 50u32;
+    let subscribers = 5;
+    let per_publisher = (ctx.size(5000) / publishers as usize) as u64;
+    let total = per_publisher as usize * publishers as usize;
+    let channel = ctx.channel(&ctx.class("Concurrent"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let connections = [ctx.connect().await?, ctx.connect().await?];
+    let publisher = ctx.connect().await?;
+    let mut sinks = Vec::new();
+    for index in 0..subscribers {
+        let sink = Sink::new(&ctx.run);
+        let feeder = feed(
+            ctx,
+            &connections[index % 2],
+            SubscribeOptions::new(exact(&channel)?),
+            &sink,
+            0,
+            Settle::Ack,
+        )
+        .await?;
+        sinks.push((sink, feeder));
+    }
+    let batches = (0..publishers)
+        .map(|p| {
+            (0..per_publisher)
+                .map(|seq| ctx.numbered(&channel, p, seq))
+                .collect()
+        })
+        .collect();
+    let started = Instant::now();
+    publish_all(ctx, &publisher, batches).await?;
+    let expected = expected_streams("publisher", publishers, per_publisher);
+    let mut problems = Vec::new();
+    let mut reports = Vec::new();
+    for (index, (sink, _)) in sinks.iter().enumerate() {
+        let (_, waited) = sink.wait_distinct(total, ctx.wait).await;
+        sink.settle(SETTLE).await;
+        let report = sink.tally(&expected, None);
+        if let Some(problem) = ctx.judge(&format!("subscriber {index}"), &report, waited, true) {
+            problems.push(problem);
+        }
+        reports.push(report);
+    }
+    failures(problems)?;
+    Ok(format!(
+        "{total} messages from {publishers} concurrent publishers to {subscribers} subscribers in {:.2?}: {}",
+        started.elapsed(),
+        totals(&reports)
+    ))
+}
+
+async fn many_channels(ctx: &Context<'_>) -> Outcome {
+    let channel_count = ctx.size(64);
+    let per_channel = 20u64;
+    let class = ctx.class("Many");
+    let direction = ctx.unique("d");
+    let subscriber = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let mut channels = Vec::new();
+    let mut watched = Vec::new();
+    for index in 0..channel_count {
+        let channel = ctx.channel(&class, &direction, &format!("ch{index}_{}", ctx.run))?;
+        let sink = Sink::new(&ctx.run);
+        let feeder = feed(
+            ctx,
+            &subscriber,
+            SubscribeOptions::new(exact(&channel)?),
+            &sink,
+            0,
+            Settle::Ack,
+        )
+        .await?;
+        let mut expected = Tally::new("channel");
+        expected.expect_stream(index as u32, per_channel);
+        watched.push((expected, sink, feeder));
+        channels.push(channel);
+    }
+    let batches = channels
+        .iter()
+        .enumerate()
+        .map(|(index, channel)| {
+            (0..per_channel)
+                .map(|seq| ctx.numbered(channel, index as u32, seq))
+                .collect()
+        })
+        .collect();
+    publish_all(ctx, &publisher, batches).await?;
+    let mut problems = Vec::new();
+    let mut reports = Vec::new();
+    for (index, (expected, sink, _)) in watched.iter().enumerate() {
+        let (_, waited) = sink.wait_distinct(expected.expected(), ctx.wait).await;
+        let report = sink.tally(expected, None);
+        if let Some(problem) = ctx.judge(&format!("channel {index}"), &report, waited, true) {
+            problems.push(problem);
+        }
+        reports.push(report);
+    }
+    for (_, sink, _) in &watched {
+        sink.settle(SETTLE).await;
+    }
+    for (index, (expected, sink, _)) in watched.iter().enumerate() {
+        let report = sink.tally(expected, None);
+        if report.unexpected() > 0
+            && !problems
+                .iter()
+                .any(|p| p.starts_with(&format!("channel {index}:")))
+        {
+            problems.push(format!(
+                "channel {index}: {report} (messages of other channels leaked in)"
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        let shown = problems.len().min(5);
+        fail!(
+            "{} of {channel_count} channels went wrong; {}",
+            problems.len(),
+            problems[..shown].join("; ")
+        );
+    }
+    Ok(format!(
+        "{channel_count} channels × {per_channel} messages, each with its own subscription: {}",
+        totals(&reports)
+    ))
+}
+
+async fn order_per_channel(ctx: &Context<'_>) -> Outcome {
+    let sessions = 16u32;
+    let total = ctx.size(1000) as u64;
+    let class = ctx.class("Order");
+    let direction = ctx.unique("d");
+    let channels = (0..sessions)
+        .map(|index| ctx.channel(&class, &direction, &format!("o{index}_{}", ctx.run)))
+        .collect::<Outcome<Vec<_>>>()?;
+    let mut batches: Vec<Vec<Envelope>> = vec![Vec::new(); sessions as usize];
+    let mut expected = Tally::new("session");
+    for message in 0..total {
+        let session = (message % sessions as u64) as u32;
+        let seq = message / sessions as u64;
+        batches[session as usize].push(ctx.numbered(&channels[session as usize], session, seq));
+        expected.expect(session, seq);
+    }
+    let subscriber = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let all_sessions = pattern(&format!("{class}:{direction}:*"))?;
+    let mut watched = Vec::new();
+    let sink = Sink::new(&ctx.run);
+    let feeder = feed(
+        ctx,
+        &subscriber,
+        SubscribeOptions::new(all_sessions.clone()),
+        &sink,
+        0,
+        Settle::Ack,
+    )
+    .await?;
+    watched.push(("the fan-out subscriber".to_string(), sink, feeder));
+    if ctx.capabilities.consumer_groups {
+        let sink = Sink::new(&ctx.run);
+        let options = SubscribeOptions::new(all_sessions).group(ctx.unique("order"));
+        let feeder = feed(ctx, &subscriber, options, &sink, 0, Settle::Ack).await?;
+        watched.push(("the only member of a group".to_string(), sink, feeder));
+    }
+    publish_all(ctx, &publisher, batches).await?;
+    let mut problems = Vec::new();
+    let mut reports = Vec::new();
+    for (who, sink, _) in &watched {
+        let (_, waited) = sink.wait_distinct(total as usize, ctx.wait).await;
+        sink.settle(SETTLE).await;
+        let report = sink.tally(&expected, None);
+        if let Some(problem) = ctx.judge(who, &report, waited, true) {
+            problems.push(problem);
+        }
+        reports.push(report);
+    }
+    failures(problems)?;
+    Ok(format!(
+        "{total} messages over {sessions} sessions, {} consumer(s): {}",
+        watched.len(),
+        totals(&reports)
+    ))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NackPlan {
+    RetryNow,
+    Requeue,
+    Abandon,
+    RetryLater,
+}
+
+const RETRY_DELAY: Duration = Duration::from_millis(300);
+
+impl NackPlan {
+    fn of(seq: u64) -> Self {
+        match seq % 4 {
+            0 => NackPlan::RetryNow,
+            1 => NackPlan::Requeue,
+            2 => NackPlan::Abandon,
+            _ => NackPlan::RetryLater,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            NackPlan::RetryNow => "nack(Retry { delay: 0 })",
+            NackPlan::Requeue => "nack(Requeue)",
+            NackPlan::Abandon => "dropped unsettled",
+            NackPlan::RetryLater => "nack(Retry { delay: 300ms })",
+        }
+    }
+
+    async fn apply(self, delivery: Delivery) -> agentcomm_core::Result<()> {
+        match self {
+            NackPlan::RetryNow => {
+                delivery
+                    .nack(NackAction::Retry {
+                        delay: Duration::ZERO,
+                    })
+                    .await
+            }
+            NackPlan::Requeue => delivery.nack(NackAction::Requeue).await,
+            NackPlan::Abandon => {
+                drop(delivery);
+                Ok(())
+            }
+            NackPlan::RetryLater => {
+                delivery
+                    .nack(NackAction::Retry { delay: RETRY_DELAY })
+                    .await
+            }
+        }
+    }
+}
+
+async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
+    let count = ctx.size(12) as u64;
+    let channel = ctx.channel(&ctx.class("Nack"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let subscriber = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let mut options = SubscribeOptions::new(exact(&channel)?).prefetch(16);
+    if ctx.capabilities.consumer_groups {
+        options = options.group(ctx.unique("nack"));
+    }
+    let mut subscription = subscribe(ctx, &subscriber, options).await?;
+    let mut sent = HashMap::new();
+    for seq in 0..count {
+        let envelope = ctx.numbered(&channel, 0, seq);
+        sent.insert(seq, envelope.clone());
+        publish_one(ctx, &publisher, envelope).await?;
+    }
+    // For each message: (attempt, when) of every delivery, and when it was given back.
+    let mut deliveries: BTreeMap<u64, Vec<(u32, Instant, Envelope)>> = BTreeMap::new();
+    let mut given_back: HashMap<u64, Instant> = HashMap::new();
+    let mut problems = Vec::new();
+    let mut foreign = 0;
+    let deadline = Instant::now() + ctx.wait;
+    let mut quiet_until: Option<Instant> = None;
+    loop {
+        let done = deliveries.len() as u64 == count && deliveries.values().all(|d| d.len() >= 2);
+        if done && quiet_until.is_none() {
+            quiet_until = Some(Instant::now() + SETTLE);
+        }
+        let until = quiet_until.unwrap_or(deadline).min(deadline);
+        let next = match tokio::time::timeout_at(until, subscription.next()).await {
+            Ok(Some(delivery)) => delivery,
+            Ok(None) => {
+                problems.push("the subscription ended on its own".to_string());
+                break;
+            }
+            Err(_) => break,
+        };
+        let envelope = next.envelope().clone();
+        let Some((_, seq)) = key_of(&envelope, &ctx.run) else {
+            foreign += 1;
+            next.ack().await.during("acknowledging a foreign message")?;
+            continue;
+        };
+        let entry = deliveries.entry(seq).or_default();
+        entry.push((envelope.attempt(), Instant::now(), envelope.clone()));
+        if entry.len() == 1 {
+            given_back.insert(seq, Instant::now());
+            bounded(ctx.wait, "nack", NackPlan::of(seq).apply(next))
+                .await?
+                .during(format!("{} of message {seq}", NackPlan::of(seq).describe()))?;
+        } else {
+            bounded(ctx.wait, "ack", next.ack())
+                .await?
+                .during(format!("acknowledging the redelivery of message {seq}"))?;
+        }
+    }
+    let mut not_redelivered = Vec::new();
+    let mut extra = 0;
+    for seq in 0..count {
+        let plan = NackPlan::of(seq);
+        let Some(list) = deliveries.get(&seq) else {
+            not_redelivered.push(format!("message {seq} never arrived"));
+            continue;
+        };
+        if list.len() < 2 {
+            not_redelivered.push(format!(
+                "message {seq} ({}) did not come back",
+                plan.describe()
+            ));
+            continue;
+        }
+        extra += list.len() - 2;
+        let (first_attempt, _, first) = &list[0];
+        let (attempt, at, again) = &list[1];
+        if again.id() != first.id()
+            || again.payload() != first.payload()
+            || again.channel() != first.channel()
+        {
+            problems.push(format!(
+                "message {seq} ({}) came back changed: {}",
+                plan.describe(),
+                difference(first, again)
+            ));
+        }
+        match plan {
+            NackPlan::RetryNow | NackPlan::RetryLater if *attempt != first_attempt + 1 => {
+                problems.push(format!(
+                    "message {seq}: {} of attempt {first_attempt} came back as attempt {attempt}, expected {} \
+                     (deliver the envelope given with the nack: the runtime counts attempts with it)",
+                    plan.describe(),
+                    first_attempt + 1
+                ));
+            }
+            NackPlan::Requeue | NackPlan::Abandon if attempt < first_attempt => {
+                problems.push(format!(
+                    "message {seq}: {} of attempt {first_attempt} came back as attempt {attempt}",
+                    plan.describe()
+                ));
+            }
+            _ => {}
+        }
+        if plan == NackPlan::RetryLater {
+            let after = at.duration_since(given_back[&seq]);
+            if after < RETRY_DELAY / 2 {
+                problems.push(format!(
+                    "message {seq} came back {after:?} after nack(Retry {{ delay: 300ms }}): the delay was not respected"
+                ));
+            }
+        }
+        let _ = sent.get(&seq);
+    }
+    if !not_redelivered.is_empty() {
+        problems.insert(
+            0,
+            format!(
+                "lost {} of {count} redeliveries within {:?} (first: {})",
+                not_redelivered.len(),
+                ctx.wait,
+                not_redelivered[0]
+            ),
+        );
+    }
+    if extra > 0 && ctx.duplicates_fail() {
+        problems.push(format!(
+            "{extra} deliveries came back after they were acknowledged (the backend claims no_duplicates)"
+        ));
+    }
+    if foreign > 0 {
+        problems.push(format!(
+            "{foreign} deliveries without this run's headers arrived"
+        ));
+    }
+    failures(problems)?;
+    Ok(format!(
+        "{count} messages nacked (retry, requeue, dropped, retry after 300ms) each came back once with the right \
+         attempt; {extra} came back after their ack"
+    ))
+}
+
+async fn dead_letter_after_max_attempts(ctx: &Context<'_>) -> Outcome {
+    let count = ctx.size(5) as u64;
+    let max_attempts = 3u32;
+    let session = ctx.unique("dlq");
+    let connection = ctx.connect().await?;
+    let observer = ctx.connect().await?;
+    let dead_letters = Sink::new(&ctx.run);
+    let dead_channel = Work::channel(Work::DIRECTION, &session)
+        .during("building the work channel")?
+        .dead_letter();
+    let _feeder = feed(
+        ctx,
+        &observer,
+        SubscribeOptions::new(exact(&dead_channel)?),
+        &dead_letters,
+        0,
+        Settle::Ack,
+    )
+    .await?;
+    let runtime = Runtime::builder_shared(connection.clone()).build();
+    let calls = Arc::new(Mutex::new(HashMap::new()));
+    let agent = runtime
+        .spawn_with(
+            FailingAgent {
+                calls: calls.clone(),
+            },
+            agent_options(ctx, &session, "dlq")
+                .max_attempts(max_attempts)
+                .backoff(
+                    Backoff::new(Duration::from_millis(10), Duration::from_millis(40)).jitter(0.0),
+                ),
+        )
+        .await
+        .during("spawning the failing agent")?;
+    let mut sent = HashMap::new();
+    for seq in 0..count {
+        let envelope = work_envelope(&runtime, ctx, &session, seq)?;
+        sent.insert(seq, envelope.clone());
+        publish_one(ctx, &connection, envelope).await?;
+    }
+    let (_, waited) = dead_letters.wait_distinct(count as usize, ctx.wait).await;
+    dead_letters.settle(SETTLE).await;
+    let report = dead_letters.tally(&expected_streams("work", 1, count), None);
+    let mut problems: Vec<String> = ctx
+        .judge("dead letters", &report, waited, false)
+        .into_iter()
+        .collect();
+    for arrival in dead_letters.arrivals() {
+        let seq = arrival.key.1;
+        let original = &sent[&seq];
+        let dead = &arrival.envelope;
+        let checks = [
+            (
+                "reason",
+                dead.header(headers::DEAD_LETTER_REASON),
+                Some(headers::REASON_HANDLER_FAILED.to_string()),
+            ),
+            (
+                "attempts",
+                dead.header(headers::ATTEMPTS),
+                Some(max_attempts.to_string()),
+            ),
+            (
+                "agent",
+                dead.header(headers::AGENT),
+                Some("ConformanceFailingAgent".to_string()),
+            ),
+            (
+                "original id",
+                dead.header(headers::ORIGINAL_ID),
+                Some(original.id().to_string()),
+            ),
+            (
+                "original channel",
+                dead.header(headers::ORIGINAL_CHANNEL),
+                Some(original.channel().name().to_string()),
+            ),
+        ];
+        for (what, got, want) in checks {
+            if got.map(str::to_string) != want {
+                problems.push(format!(
+                    "the dead letter of message {seq} has {what} {got:?}, expected {want:?}"
+                ));
+            }
+        }
+        if dead.class() != Work::CLASS || dead.payload() != original.payload() {
+            problems.push(format!(
+                "the dead letter of message {seq} does not carry the original message (class {:?}, {} payload bytes)",
+                dead.class(),
+                dead.payload().len()
+            ));
+        }
+        if problems.len() > 5 {
+            break;
+        }
+    }
+    let calls = calls.lock().expect("calls lock").clone();
+    for seq in 0..count {
+        let made = calls.get(&seq).copied().unwrap_or(0);
+        if made != max_attempts {
+            problems.push(format!(
+                "message {seq} was handled {made} time(s), expected exactly {max_attempts} (max_attempts)"
+            ));
+        }
+    }
+    agent.stop(Duration::from_secs(5)).await;
+    failures(problems)?;
+    Ok(format!(
+        "{count} messages failed {max_attempts} attempts each and were dead-lettered with reason, attempts, agent \
+         and original id: {}",
+        unordered(&report)
+    ))
+}
+
+async fn group_splits_work(ctx: &Context<'_>) -> Outcome {
+    let total = ctx.size(300);
+    let publishers = 10u32;
+    let per_publisher = (total / publishers as usize) as u64;
+    let total = per_publisher as usize * publishers as usize;
+    let channel = ctx.channel(&ctx.class("Group"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let group = ctx.unique("workers");
+    let connections = [ctx.connect().await?, ctx.connect().await?];
+    let publisher = ctx.connect().await?;
+    let members = 3;
+    let group_sink = Sink::new(&ctx.run);
+    let mut feeders = Vec::new();
+    for member in 0..members {
+        let options = SubscribeOptions::new(exact(&channel)?)
+            .group(group.clone())
+            .prefetch(8);
+        // A little work per message, so that no member takes everything before the others start.
+        feeders.push(
+            feed(
+                ctx,
+                &connections[member % 2],
+                options,
+                &group_sink,
+                member,
+                Settle::AckAfter(Duration::from_millis(1)),
+            )
+            .await?,
+        );
+    }
+    let mut fan_outs = Vec::new();
+    for connection in &connections {
+        let sink = Sink::new(&ctx.run);
+        let feeder = feed(
+            ctx,
+            connection,
+            SubscribeOptions::new(exact(&channel)?),
+            &sink,
+            0,
+            Settle::Ack,
+        )
+        .await?;
+        fan_outs.push((sink, feeder));
+    }
+    let batches = (0..publishers)
+        .map(|p| {
+            (0..per_publisher)
+                .map(|seq| ctx.numbered(&channel, p, seq))
+                .collect()
+        })
+        .collect();
+    publish_all(ctx, &publisher, batches).await?;
+    let expected = expected_streams("publisher", publishers, per_publisher);
+    let mut problems = Vec::new();
+    let (_, waited) = group_sink.wait_distinct(total, ctx.wait).await;
+    let mut reports = Vec::new();
+    for (index, (sink, _)) in fan_outs.iter().enumerate() {
+        let (_, waited) = sink.wait_distinct(total, ctx.wait).await;
+        sink.settle(SETTLE).await;
+        let report = sink.tally(&expected, None);
+        if let Some(problem) = ctx.judge(
+            &format!("fan-out subscriber {index}"),
+            &report,
+            waited,
+            true,
+        ) {
+            problems.push(problem);
+        }
+        reports.push(report);
+    }
+    group_sink.settle(SETTLE).await;
+    let group_report = group_sink.tally(&expected, None);
+    if let Some(problem) = ctx.judge(
+        &format!("group {group} (all members)"),
+        &group_report,
+        waited,
+        false,
+    ) {
+        problems.push(problem);
+    }
+    let shares: Vec<usize> = (0..members)
+        .map(|m| group_sink.keys(Some(m)).len())
+        .collect();
+    if let Some(idle) = shares.iter().position(|share| *share == 0) {
+        problems.push(format!(
+            "member {idle} of group {group} got none of {total} messages (shares {shares:?}): the group does not \
+             share the work between its members"
+        ));
+    }
+    failures(problems)?;
+    Ok(format!(
+        "{total} messages: group of {members} shared them {shares:?} ({}); 2 fan-out subscribers each \
+         got all ({})",
+        unordered(&group_report),
+        totals(&reports)
+    ))
+}
+
+async fn two_groups(ctx: &Context<'_>) -> Outcome {
+    let total = ctx.size(200) as u64;
+    let channel = ctx.channel(&ctx.class("TwoGroups"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let connection = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let mut groups = Vec::new();
+    for name in ["first", "second"] {
+        let group = ctx.unique(name);
+        let sink = Sink::new(&ctx.run);
+        let mut feeders = Vec::new();
+        for member in 0..2 {
+            let options = SubscribeOptions::new(exact(&channel)?)
+                .group(group.clone())
+                .prefetch(8);
+            feeders.push(feed(ctx, &connection, options, &sink, member, Settle::Ack).await?);
+        }
+        groups.push((group, sink, feeders));
+    }
+    publish_all(
+        ctx,
+        &publisher,
+        vec![
+            (0..total)
+                .map(|seq| ctx.numbered(&channel, 0, seq))
+                .collect(),
+        ],
+    )
+    .await?;
+    let expected = expected_streams("publisher", 1, total);
+    let mut problems = Vec::new();
+    let mut reports = Vec::new();
+    for (group, sink, _) in &groups {
+        let (_, waited) = sink.wait_distinct(total as usize, ctx.wait).await;
+        sink.settle(SETTLE).await;
+        let report = sink.tally(&expected, None);
+        if let Some(problem) = ctx.judge(&format!("group {group}"), &report, waited, false) {
+            problems.push(problem);
+        }
+        reports.push(report);
+    }
+    failures(problems)?;
+    Ok(format!(
+        "{total} messages, 2 groups of 2 members: each group got all ({})",
+        reports.iter().map(unordered).collect::<Vec<_>>().join("; ")
+    ))
+}
+
+async fn close_while_in_flight(ctx: &Context<'_>) -> Outcome {
+    let publishers = 10u32;
+    let per_publisher = (ctx.size(1000) / publishers as usize) as u64;
+    let total = per_publisher as usize * publishers as usize;
+    let channel = ctx.channel(&ctx.class("InFlight"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let group = ctx.unique("inflight");
+    let first = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let sink = Sink::new(&ctx.run);
+    let options = SubscribeOptions::new(exact(&channel)?)
+        .group(group.clone())
+        .prefetch(16);
+    let first_feeder = feed(
+        ctx,
+        &first,
+        options.clone(),
+        &sink,
+        0,
+        Settle::AckAfter(Duration::from_millis(1)),
+    )
+    .await?;
+    let batches = (0..publishers)
+        .map(|p| {
+            (0..per_publisher)
+                .map(|seq| ctx.numbered(&channel, p, seq))
+                .collect()
+        })
+        .collect();
+    let publishing = spawn_publishers(&publisher, batches, ctx.wait);
+    let (started, _) = sink.wait_acked(total / 4, ctx.wait).await;
+    if !started {
+        fail!(
+            "the first member acknowledged only {} of {total} messages within {:?}",
+            sink.distinct(),
+            ctx.wait
+        );
+    }
+    bounded(
+        ctx.wait,
+        "closing the first member's connection",
+        first.close(),
+    )
+    .await?
+    .during("closing the first member's connection")?;
+    let acked_before = sink.keys(Some(0)).len();
+    let second = ctx.connect().await?;
+    let _second_feeder = feed(ctx, &second, options, &sink, 1, Settle::Ack).await?;
+    match publishing.await {
+        Ok(Ok(())) => {}
+        Ok(Err(problem)) => fail!("{problem}"),
+        Err(error) => fail!("the publishers failed: {error}"),
+    }
+    let (_, waited) = sink.wait_acked(total, ctx.wait).await;
+    sink.settle(SETTLE).await;
+    drop(first_feeder);
+    let mut expected = expected_streams("publisher", publishers, per_publisher);
+    expected.record_all(
+        sink.arrivals()
+            .into_iter()
+            .filter(|arrival| arrival.acked)
+            .map(|arrival| arrival.key),
+    );
+    let report = expected.report();
+    if let Some(problem) = ctx.judge(&format!("group {group}"), &report, waited, false) {
+        fail!(
+            "{problem} (acknowledged: {acked_before} by the member whose connection closed, the rest by the next; \
+             {} acknowledgements failed)",
+            sink.ack_failures.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+    Ok(format!(
+        "{total} messages; the first member acknowledged {acked_before} before its connection closed mid-stream, \
+         the next member got the rest: {}",
+        unordered(&report)
+    ))
+}
+
+async fn resubscribe_loops(ctx: &Context<'_>) -> Outcome {
+    let rounds = ctx.size(20) as u64;
+    let channel = ctx.channel(&ctx.class("Loop"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let shared = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let mut tally = Tally::new("round");
+    tally.expect_stream(0, rounds);
+    let mut problems = Vec::new();
+    let mut fresh_connections = 0;
+    for round in 0..rounds {
+        let fresh = round % 5 == 4;
+        let connection = if fresh {
+            fresh_connections += 1;
+            ctx.connect().await?
+        } else {
+            shared.clone()
+        };
+        let mut subscription =
+            subscribe(ctx, &connection, SubscribeOptions::new(exact(&channel)?)).await?;
+        publish_one(ctx, &publisher, ctx.numbered(&channel, 0, round)).await?;
+        let deadline = Instant::now() + ctx.wait;
+        loop {
+            match tokio::time::timeout_at(deadline, subscription.next()).await {
+                Ok(Some(delivery)) => {
+                    let key = key_of(delivery.envelope(), &ctx.run);
+                    bounded(ctx.wait, "ack", delivery.ack())
+                        .await?
+                        .during("acknowledging")?;
+                    if let Some((stream, seq)) = key {
+                        tally.record(stream, seq);
+                        if seq == round {
+                            break;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    problems.push(format!(
+                        "round {round}: the subscription ended before its message arrived"
+                    ));
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        bounded(ctx.wait, "closing the subscription", subscription.close())
+            .await?
+            .during(format!("round {round}: closing the subscription"))?;
+        let deadline = Instant::now() + ctx.wait;
+        loop {
+            match tokio::time::timeout_at(deadline, subscription.next()).await {
+                Ok(Some(delivery)) => {
+                    if let Some((stream, seq)) = key_of(delivery.envelope(), &ctx.run) {
+                        tally.record(stream, seq);
+                    }
+                    let _ = delivery.ack().await;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    problems.push(format!(
+                        "round {round}: the subscription's stream did not end within {:?} after close()",
+                        ctx.wait
+                    ));
+                    break;
+                }
+            }
+        }
+        if fresh {
+            bounded(ctx.wait, "closing a connection", connection.close())
+                .await?
+                .during(format!("round {round}: closing the connection"))?;
+        }
+        if problems.len() >= 3 {
+            break;
+        }
+    }
+    let report = tally.report();
+    if let Some(problem) = ctx.judge("the rounds", &report, ctx.wait, false) {
+        problems.insert(
+            0,
+            format!("{problem} (a duplicate here is a message of an earlier round)"),
+        );
+    }
+    failures(problems)?;
+    Ok(format!(
+        "{rounds} rounds of subscribe, receive, close ({fresh_connections} on a fresh connection), every stream ended: \
+         {report}"
+    ))
+}
+
+async fn publisher_close(ctx: &Context<'_>) -> Outcome {
+    let publishers = 20u32;
+    let per_publisher = (ctx.size(10_000) / publishers as usize) as u64;
+    let total = per_publisher as usize * publishers as usize;
+    let channel = ctx.channel(
+        &ctx.class("PublisherClose"),
+        &ctx.unique("d"),
+        &ctx.unique("s"),
+    )?;
+    let subscriber = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let sink = Sink::new(&ctx.run);
+    let _feeder = feed(
+        ctx,
+        &subscriber,
+        SubscribeOptions::new(exact(&channel)?),
+        &sink,
+        0,
+        Settle::Ack,
+    )
+    .await?;
+    let batches = (0..publishers)
+        .map(|p| {
+            (0..per_publisher)
+                .map(|seq| ctx.numbered(&channel, p, seq))
+                .collect()
+        })
+        .collect();
+    publish_all(ctx, &publisher, batches).await?;
+    let closing = Instant::now();
+    bounded(ctx.wait, "closing the publisher", publisher.close())
+        .await?
+        .during("closing the publisher right after its last publish")?;
+    let closed_in = closing.elapsed();
+    let (_, waited) = sink.wait_distinct(total, ctx.wait).await;
+    sink.settle(SETTLE).await;
+    let report = sink.tally(
+        &expected_streams("publisher", publishers, per_publisher),
+        None,
+    );
+    if let Some(problem) = ctx.judge("the subscriber", &report, waited, true) {
+        fail!("{problem} after the publisher closed");
+    }
+    Ok(format!(
+        "{total} messages from {publishers} publishers, publisher closed in {closed_in:.2?} right after: {report}"
+    ))
+}
+
+async fn large_payloads(ctx: &Context<'_>) -> Outcome {
+    const MEBIBYTE: usize = 1 << 20;
+    let count = ctx.size(4) as u64;
+    let channel = ctx.channel(&ctx.class("Large"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let subscriber = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let sink = Sink::new(&ctx.run);
+    let _feeder = feed(
+        ctx,
+        &subscriber,
+        SubscribeOptions::new(exact(&channel)?),
+        &sink,
+        0,
+        Settle::Ack,
+    )
+    .await?;
+    for seq in 0..count {
+        let envelope = Envelope::new(
+            channel.clone(),
+            BINARY_CONTENT_TYPE,
+            pattern_bytes(seq, MEBIBYTE),
+        )
+        .with_header(RUN_HEADER, ctx.run.clone())
+        .with_header(STREAM_HEADER, "0")
+        .with_header(SEQ_HEADER, seq.to_string());
+        publish_one(ctx, &publisher, envelope).await?;
+    }
+    let (_, waited) = sink.wait_distinct(count as usize, ctx.wait).await;
+    sink.settle(SETTLE).await;
+    let report = sink.tally(&expected_streams("publisher", 1, count), None);
+    let mut problems: Vec<String> = ctx
+        .judge("the subscriber", &report, waited, true)
+        .into_iter()
+        .collect();
+    for arrival in sink.arrivals() {
+        let want = pattern_bytes(arrival.key.1, MEBIBYTE);
+        let got = arrival.envelope.payload();
+        if got[..] != want[..] {
+            let at = want
+                .iter()
+                .zip(got.iter())
+                .position(|(a, b)| a != b)
+                .unwrap_or(want.len().min(got.len()));
+            problems.push(format!(
+                "message {}: a payload of {MEBIBYTE} bytes arrived as {} bytes, first difference at byte {at}",
+                arrival.key.1,
+                got.len()
+            ));
+            break;
+        }
+    }
+    failures(problems)?;
+    Ok(format!(
+        "{count} payloads of 1 MiB arrived byte for byte: {report}"
+    ))
+}
+
+async fn batch_publish(ctx: &Context<'_>) -> Outcome {
+    let count = ctx.size(500) as u64;
+    let channel = ctx.channel(&ctx.class("Batch"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let subscriber = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let sink = Sink::new(&ctx.run);
+    let _feeder = feed(
+        ctx,
+        &subscriber,
+        SubscribeOptions::new(exact(&channel)?),
+        &sink,
+        0,
+        Settle::Ack,
+    )
+    .await?;
+    let empty = bounded(
+        ctx.wait,
+        "publishing an empty batch",
+        publisher.publish_batch(Vec::new()),
+    )
+    .await?;
+    if !empty.is_empty() {
+        fail!("an empty batch gave {} results, expected none", empty.len());
+    }
+    let envelopes: Vec<Envelope> = (0..count)
+        .map(|seq| ctx.numbered(&channel, 0, seq))
+        .collect();
+    let results = bounded(
+        ctx.wait,
+        "publishing a batch",
+        publisher.publish_batch(envelopes),
+    )
+    .await?;
+    if results.len() as u64 != count {
+        fail!(
+            "a batch of {count} gave {} results: publish_batch must give one per envelope, in order",
+            results.len()
+        );
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(index, result)| match result {
+            Ok(outcome) if outcome.is_unroutable() => {
+                Some(format!("message {index} was reported unroutable"))
+            }
+            Ok(_) => None,
+            Err(error) => Some(format!("message {index}: {error}")),
+        })
+        .collect();
+    if !failed.is_empty() {
+        fail!(
+            "{} of the batch's {count} publishes failed; first: {}",
+            failed.len(),
+            failed[0]
+        );
+    }
+    let (_, waited) = sink.wait_distinct(count as usize, ctx.wait).await;
+    sink.settle(SETTLE).await;
+    let report = sink.tally(&expected_streams("publisher", 1, count), None);
+    if let Some(problem) = ctx.judge("the subscriber", &report, waited, true) {
+        fail!("{problem}");
+    }
+    Ok(format!(
+        "a batch of {count} gave {count} results and delivered: {report}; an empty batch gave none"
+    ))
+}
+
+async fn malformed_payloads(ctx: &Context<'_>) -> Outcome {
+    let valid_after = ctx.size(10) as u64;
+    let session = ctx.unique("malformed");
+    let connection = ctx.connect().await?;
+    let observer = ctx.connect().await?;
+    let dead_letters = Sink::new(&ctx.run);
+    let channel = Work::channel(Work::DIRECTION, &session).during("building the work channel")?;
+    let _feeder = feed(
+        ctx,
+        &observer,
+        SubscribeOptions::new(exact(&channel.dead_letter())?),
+        &dead_letters,
+        0,
+        Settle::Ack,
+    )
+    .await?;
+    let runtime = Runtime::builder_shared(connection.clone()).build();
+    let (handled_sender, mut handled) = watch::channel(Vec::<u64>::new());
+    let agent = runtime
+        .spawn_with(
+            Worker {
+                handled: handled_sender,
+            },
+            agent_options(ctx, &session, "malformed"),
+        )
+        .await
+        .during("spawning the worker")?;
+    let mark = |envelope: Envelope, stream: u32, seq: u64| {
+        envelope
+            .with_header(RUN_HEADER, ctx.run.clone())
+            .with_header(STREAM_HEADER, stream.to_string())
+            .with_header(SEQ_HEADER, seq.to_string())
+    };
+    publish_one(ctx, &connection, work_envelope(&runtime, ctx, &session, 0)?).await?;
+    // Not MessagePack at all.
+    let undecodable = Envelope::with_class(
+        Work::CLASS,
+        channel.clone(),
+        MSGPACK_CONTENT_TYPE,
+        vec![0xc1u8, 0xc1],
+    );
+    publish_one(ctx, &connection, mark(undecodable, 1, 1)).await?;
+    // Decodes, but breaks the message's own rule (an empty label).
+    let invalid_payload = Codec::MessagePack
+        .encode(
+            Work::CLASS,
+            &Work {
+                run: ctx.run.clone(),
+                seq: 2,
+                label: String::new(),
+            },
+        )
+        .during("encoding an invalid message")?;
+    let invalid = Envelope::with_class(
+        Work::CLASS,
+        channel.clone(),
+        MSGPACK_CONTENT_TYPE,
+        invalid_payload,
+    );
+    publish_one(ctx, &connection, mark(invalid, 1, 2)).await?;
+    let valid: Vec<u64> = std::iter::once(0).chain(3..3 + valid_after).collect();
+    for &seq in &valid[1..] {
+        publish_one(
+            ctx,
+            &connection,
+            work_envelope(&runtime, ctx, &session, seq)?,
+        )
+        .await?;
+    }
+    let all_handled = tokio::time::timeout(
+        ctx.wait,
+        handled.wait_for(|seen| valid.iter().all(|seq| seen.contains(seq))),
+    )
+    .await
+    .is_ok();
+    let (_, waited) = dead_letters.wait_distinct(2, ctx.wait).await;
+    dead_letters.settle(SETTLE).await;
+    let mut problems = Vec::new();
+    let seen = handled.borrow().clone();
+    if !all_handled {
+        let missing: Vec<u64> = valid
+            .iter()
+            .copied()
+            .filter(|seq| !seen.contains(seq))
+            .collect();
+        problems.push(format!(
+            "the agent did not handle {} of the {} valid messages within {:?} (first missing: {:?}): a malformed \
+             message stopped it",
+            missing.len(),
+            valid.len(),
+            ctx.wait,
+            missing.first()
+        ));
+    }
+    if seen.iter().any(|seq| *seq == 1 || *seq == 2) {
+        problems.push("a malformed message reached the handler".into());
+    }
+    let duplicates = seen.len().saturating_sub(valid.len());
+    if duplicates > 0 && ctx.duplicates_fail() {
+        problems.push(format!(
+            "{duplicates} valid messages were handled twice (the backend claims no_duplicates)"
+        ));
+    }
+    let mut expected = Tally::new("malformed");
+    expected.expect(1, 1);
+    expected.expect(1, 2);
+    let report = dead_letters.tally(&expected, None);
+    if let Some(problem) = ctx.judge("dead letters", &report, waited, false) {
+        problems.push(problem);
+    }
+    for arrival in dead_letters.arrivals() {
+        let want = if arrival.key.1 == 1 {
+            headers::REASON_UNDECODABLE
+        } else {
+            headers::REASON_INVALID
+        };
+        let got = arrival.envelope.header(headers::DEAD_LETTER_REASON);
+        if got != Some(want) {
+            problems.push(format!(
+                "the dead letter of message {} has reason {got:?}, expected {want:?}",
+                arrival.key.1
+            ));
+        }
+    }
+    let health = agent.health();
+    if health.state != AgentState::Running || health.rejected != 2 {
+        problems.push(format!(
+            "after the malformed messages the agent is {:?} with {} rejected, expected Running with 2",
+            health.state, health.rejected
+        ));
+    }
+    agent.stop(Duration::from_secs(5)).await;
+    failures(problems)?;
+    Ok(format!(
+        "an undecodable and an invalid payload were dead-lettered (undecodable, invalid) and the agent handled all {} \
+         valid messages around them",
+        valid.len()
+    ))
+}
+
+async fn malformed_frames(ctx: &Context<'_>) -> Outcome {
+    let channel = ctx.channel(&ctx.class("Frames"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let subscriber = ctx.connect().await?;
+    let observer = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let sink = Sink::new(&ctx.run);
+    let _feeder = feed(
+        ctx,
+        &subscriber,
+        SubscribeOptions::new(exact(&channel)?),
+        &sink,
+        0,
+        Settle::Ack,
+    )
+    .await?;
+    let malformed_channel = Channel::new(MALFORMED_CLASS, "frame", "unknown")
+        .during("building the malformed channel")?
+        .dead_letter();
+    // The dead letters of every malformed frame go to one channel: this run's is told by its bytes.
+    let mut dead_letters = subscribe(
+        ctx,
+        &observer,
+        SubscribeOptions::new(exact(&malformed_channel)?),
+    )
+    .await?;
+    publish_one(ctx, &publisher, ctx.numbered(&channel, 0, 0)).await?;
+    let garbage = format!("not a frame {}", ctx.run).into_bytes();
+    if !ctx.publish_raw(&channel, garbage.clone()).await? {
+        return Err(Failure::NotApplicable(
+            "the backend cannot inject raw frames (ConformanceBackend::publish_raw returns false)"
+                .into(),
+        ));
+    }
+    for seq in 1..3 {
+        publish_one(ctx, &publisher, ctx.numbered(&channel, 0, seq)).await?;
+    }
+    let (_, waited) = sink.wait_distinct(3, ctx.wait).await;
+    let report = sink.tally(&expected_streams("publisher", 1, 3), None);
+    let mut problems: Vec<String> = ctx
+        .judge(
+            "the subscriber, around a malformed frame",
+            &report,
+            waited,
+            true,
+        )
+        .into_iter()
+        .collect();
+    let deadline = Instant::now() + ctx.wait;
+    let mut found = None;
+    while found.is_none() {
+        match tokio::time::timeout_at(deadline, dead_letters.next()).await {
+            Ok(Some(delivery)) => {
+                if delivery.envelope().payload()[..] == garbage[..] {
+                    found = Some(delivery.envelope().clone());
+                }
+                let _ = delivery.ack().await;
+            }
+            _ => break,
+        }
+    }
+    match found {
+        None => problems.push(format!(
+            "no dead letter of the malformed frame reached {malformed_channel} within {:?}",
+            ctx.wait
+        )),
+        Some(dead) => {
+            if dead.header(headers::DEAD_LETTER_REASON) != Some(headers::REASON_MALFORMED_FRAME)
+                || dead.header(headers::SOURCE).is_none_or(str::is_empty)
+            {
+                problems.push(format!(
+                    "the malformed frame's dead letter has reason {:?} and source {:?}: build it with Envelope::malformed",
+                    dead.header(headers::DEAD_LETTER_REASON),
+                    dead.header(headers::SOURCE)
+                ));
+            }
+        }
+    }
+    failures(problems)?;
+    Ok(format!(
+        "a malformed frame was dead-lettered and the subscriber got the 3 messages around it: {report}"
+    ))
+}
+
+async fn graceful_shutdown(ctx: &Context<'_>) -> Outcome {
+    let session = ctx.unique("shutdown");
+    let connection = ctx.connect().await?;
+    let runtime = Runtime::builder_shared(connection.clone()).build();
+    let (started_sender, mut started) = mpsc::unbounded_channel();
+    let gate = Arc::new(Semaphore::new(0));
+    let finished = Arc::new(Mutex::new(Vec::new()));
+    let options = agent_options(ctx, &session, "shutdown");
+    let agent = runtime
+        .spawn_with(
+            GatedAgent {
+                started: started_sender,
+                gate: gate.clone(),
+                finished: finished.clone(),
+            },
+            options.clone(),
+        )
+        .await
+        .during("spawning the gated agent")?;
+    publish_one(ctx, &connection, work_envelope(&runtime, ctx, &session, 0)?).await?;
+    match tokio::time::timeout(ctx.wait, started.recv()).await {
+        Ok(Some(0)) => {}
+        _ => fail!("the handler did not start within {:?}", ctx.wait),
+    }
+    let stopping = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.stop(Duration::from_secs(20)).await }
+    });
+    // Give the stop time to return early if it is going to (this sleep creates the condition).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if stopping.is_finished() {
+        fail!(
+            "AgentHandle::stop returned while a handler was still running: it must wait for in-flight handlers"
+        );
+    }
+    gate.add_permits(1);
+    let report = match tokio::time::timeout(ctx.wait, stopping).await {
+        Ok(Ok(report)) => report,
+        Ok(Err(error)) => fail!("stopping the agent failed: {error}"),
+        Err(_) => fail!(
+            "the agent did not stop within {:?} after its handler was released",
+            ctx.wait
+        ),
+    };
+    let done = finished.lock().expect("finished lock").clone();
+    let mut problems = Vec::new();
+    if done != [0] {
+        problems.push(format!(
+            "the handler finished {done:?} before stop returned, expected [0]"
+        ));
+    }
+    if report.handled != 1 || report.aborted != 0 {
+        problems.push(format!(
+            "the stop report says {report:?}, expected 1 handled and none aborted"
+        ));
+    }
+    // The message was acknowledged: another instance must not get it again.
+    if ctx.capabilities.redelivery && ctx.capabilities.consumer_groups {
+        let (sender, mut again) = mpsc::unbounded_channel();
+        let next = runtime
+            .spawn_with(
+                GatedAgent {
+                    started: sender,
+                    gate: Arc::new(Semaphore::new(100)),
+                    finished: Arc::new(Mutex::new(Vec::new())),
+                },
+                options,
+            )
+            .await
+            .during("spawning a second instance")?;
+        if let Ok(Some(seq)) = tokio::time::timeout(SETTLE * 2, again.recv()).await {
+            problems.push(format!(
+                "message {seq} was delivered again after the stopped agent handled it: it was not acknowledged"
+            ));
+        }
+        next.stop(Duration::from_secs(5)).await;
+    }
+    failures(problems)?;
+    Ok("stop waited for the running handler, which finished and acknowledged its message".into())
+}
+
+async fn request_reply(ctx: &Context<'_>) -> Outcome {
+    let count = ctx.size(20) as u64;
+    let session = ctx.unique("echo");
+    let connection = ctx.connect().await?;
+    let runtime = Runtime::builder_shared(connection.clone()).build();
+    let agent = runtime
+        .spawn_with(EchoAgent, agent_options(ctx, &session, "echo"))
+        .await
+        .during("spawning the echo agent")?;
+    let bus = runtime.bus();
+    let replies = futures::future::join_all((0..count).map(|seq| {
+        let request = EchoRequest {
+            run: ctx.run.clone(),
+            seq,
+        };
+        let session = session.clone();
+        async move {
+            bus.request::<EchoRequest, EchoResponse>(&session, &request, ctx.wait)
+                .await
+        }
+    }))
+    .await;
+    let mut problems = Vec::new();
+    for (seq, reply) in replies.into_iter().enumerate() {
+        match reply {
+            Ok(reply) if reply.seq == seq as u64 && reply.run == ctx.run => {}
+            Ok(reply) => problems.push(format!(
+                "request {seq} got the reply to request {} of run {}",
+                reply.seq, reply.run
+            )),
+            Err(error) => problems.push(format!("request {seq}: {error}")),
+        }
+    }
+    agent.stop(Duration::from_secs(5)).await;
+    if !problems.is_empty() {
+        fail!(
+            "{} of {count} requests went wrong; first: {}",
+            problems.len(),
+            problems[0]
+        );
+    }
+    Ok(format!(
+        "{count} concurrent requests each got their own reply"
+    ))
+}
+
+async fn persistent_without_consumer(ctx: &Context<'_>) -> Outcome {
+    let count = ctx.size(100) as u64;
+    let channel = ctx.channel(&ctx.class("Offline"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let group = ctx.unique("offline");
+    let options = SubscribeOptions::new(exact(&channel)?)
+        .group(group.clone())
+        .prefetch(16);
+    // The group exists once a member has subscribed; then nobody is connected.
+    let first = ctx.connect().await?;
+    let subscription = subscribe(ctx, &first, options.clone()).await?;
+    drop(subscription);
+    bounded(
+        ctx.wait,
+        "closing the only member's connection",
+        first.close(),
+    )
+    .await?
+    .during("closing the only member's connection")?;
+    let publisher = ctx.connect().await?;
+    for seq in 0..count {
+        let outcome = publish_one(ctx, &publisher, ctx.numbered(&channel, 0, seq)).await?;
+        if outcome.is_unroutable() {
+            fail!(
+                "message {seq}, published while the group had no member connected, was reported unroutable: it is lost"
+            );
+        }
+    }
+    let second = ctx.connect().await?;
+    let sink = Sink::new(&ctx.run);
+    let _feeder = feed(ctx, &second, options, &sink, 0, Settle::Ack).await?;
+    let (_, waited) = sink.wait_distinct(count as usize, ctx.wait).await;
+    sink.settle(SETTLE).await;
+    let report = sink.tally(&expected_streams("publisher", 1, count), None);
+    if let Some(problem) = ctx.judge(
+        &format!("the member of group {group} that connected later"),
+        &report,
+        waited,
+        true,
+    ) {
+        fail!("{problem}");
+    }
+    Ok(format!(
+        "{count} messages published with no consumer connected reached the group's next member: {report}"
+    ))
+}
+
+async fn unroutable(ctx: &Context<'_>) -> Outcome {
+    let channel = ctx.channel(&ctx.class("Unroutable"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let publisher = ctx.connect().await?;
+    let subscriber = ctx.connect().await?;
+    let outcome = publish_one(ctx, &publisher, ctx.numbered(&channel, 0, 0)).await?;
+    if !outcome.is_unroutable() {
+        fail!(
+            "a publish to {channel}, which no subscription matches, was reported {outcome:?}, expected Unroutable"
+        );
+    }
+    let mut subscription =
+        subscribe(ctx, &subscriber, SubscribeOptions::new(exact(&channel)?)).await?;
+    let outcome = publish_one(ctx, &publisher, ctx.numbered(&channel, 0, 1)).await?;
+    if outcome.is_unroutable() {
+        fail!("a publish to {channel}, which a live subscription matches, was reported Unroutable");
+    }
+    match bounded(
+        ctx.wait,
+        "receiving the routable message",
+        subscription.next(),
+    )
+    .await?
+    {
+        Some(delivery) if key_of(delivery.envelope(), &ctx.run) == Some((0, 1)) => {
+            delivery.ack().await.during("acknowledging")?;
+        }
+        Some(delivery) => fail!(
+            "the subscription got {:?} instead of the routable message (seq 1); the unroutable one must not be kept",
+            key_of(delivery.envelope(), &ctx.run)
+        ),
+        None => fail!("the subscription ended before the routable message arrived"),
+    }
+    Ok(format!(
+        "no subscriber: {:?}; one subscriber: delivered",
+        PublishOutcome::Unroutable
+    ))
+}
+
+async fn close_refuses_further_use(ctx: &Context<'_>) -> Outcome {
+    let channel = ctx.channel(&ctx.class("Close"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let closing = ctx.connect().await?;
+    let publisher = ctx.connect().await?;
+    let mut subscriptions = vec![(
+        "the fan-out subscription",
+        subscribe(ctx, &closing, SubscribeOptions::new(exact(&channel)?)).await?,
+    )];
+    if ctx.capabilities.consumer_groups {
+        let options = SubscribeOptions::new(exact(&channel)?).group(ctx.unique("close"));
+        subscriptions.push(("the group member", subscribe(ctx, &closing, options).await?));
+    }
+    for seq in 0..3 {
+        publish_one(ctx, &publisher, ctx.numbered(&channel, 0, seq)).await?;
+    }
+    for (name, subscription) in &mut subscriptions {
+        match bounded(ctx.wait, format!("{name} receiving"), subscription.next()).await? {
+            Some(delivery) => delivery.ack().await.during("acknowledging")?,
+            None => fail!("{name} ended before its connection closed"),
+        }
+    }
+    bounded(ctx.wait, "close()", closing.close())
+        .await?
+        .during("close()")?;
+    let mut problems = Vec::new();
+    for (name, subscription) in &mut subscriptions {
+        let deadline = Instant::now() + ctx.wait;
+        let mut buffered = 0;
+        loop {
+            match tokio::time::timeout_at(deadline, subscription.next()).await {
+                Ok(Some(delivery)) => {
+                    buffered += 1;
+                    delivery.discard();
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    problems.push(format!(
+                        "{name}'s stream did not end within {:?} after its connection closed ({buffered} buffered \
+                         deliveries read meanwhile)",
+                        ctx.wait
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    let is_closed =
+        |result: &agentcomm_core::Result<()>| matches!(result, Err(Error::Closed { .. }));
+    let published = bounded(
+        ctx.wait,
+        "publish after close",
+        closing.publish(ctx.numbered(&channel, 0, 99)),
+    )
+    .await?
+    .map(|_| ());
+    if !is_closed(&published) {
+        problems.push(format!(
+            "publish after close() gave {published:?}, expected Err(Error::Closed)"
+        ));
+    }
+    let subscribed = bounded(
+        ctx.wait,
+        "subscribe after close",
+        closing.subscribe(SubscribeOptions::new(exact(&channel)?)),
+    )
+    .await?
+    .map(|_| ());
+    if !is_closed(&subscribed) {
+        problems.push(format!(
+            "subscribe after close() gave {subscribed:?}, expected Err(Error::Closed)"
+        ));
+    }
+    let health = bounded(ctx.wait, "health after close", closing.health()).await?;
+    if health.connected {
+        problems.push(format!(
+            "health() after close() says connected ({:?}: {})",
+            health.status, health.detail
+        ));
+    }
+    bounded(ctx.wait, "a second close()", closing.close())
+        .await?
+        .ok();
+    // The other connections go on.
+    let other = ctx.connect().await?;
+    let mut subscription = subscribe(ctx, &other, SubscribeOptions::new(exact(&channel)?)).await?;
+    publish_one(ctx, &publisher, ctx.numbered(&channel, 1, 0)).await?;
+    match bounded(
+        ctx.wait,
+        "receiving on another connection",
+        subscription.next(),
+    )
+    .await?
+    {
+        Some(delivery) => delivery.ack().await.during("acknowledging")?,
+        None => problems
+            .push("another connection's subscription ended when one connection closed".into()),
+    }
+    failures(problems)?;
+    Ok(format!(
+        "close() ended {} subscription stream(s); publish and subscribe then failed with Error::Closed; other \
+         connections kept working",
+        subscriptions.len()
+    ))
+}

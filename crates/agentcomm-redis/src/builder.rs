@@ -40,8 +40,9 @@ impl DeliveryMode {
             _ => Err(Error::Config {
                 variable: DELIVERY_MODE_VAR.into(),
                 value: text.into(),
-                expected: "accepted values are streams (durable, the default) and pubsub (at-most-once)"
-                    .into(),
+                expected:
+                    "accepted values are streams (durable, the default) and pubsub (at-most-once)"
+                        .into(),
             }),
         }
     }
@@ -373,6 +374,9 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(error.starts_with("REDIS_URL='http://:***@host' is not valid"), "{error}");
+        assert!(
+            error.starts_with("REDIS_URL='http://:***@host' is not valid"),
+            "{error}"
+        );
     }
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use agentcomm_core::error::{Error, redact_url};
 use fred::error::ErrorKind;
 use fred::interfaces::{ClientLike, EventInterface};
-use fred::types::config::{Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy};
 use fred::types::Builder;
+use fred::types::config::{Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy};
 
 use crate::builder::{ACCEPTED_URLS, Settings};
 use crate::counters::Counters;
@@ -53,7 +53,8 @@ pub(crate) fn fred_builder(settings: &Settings, config: Config) -> Builder {
     };
     // A connection that stops answering (a network black hole) is closed and reconnected instead of
     // waiting forever; blocking reads are excluded by fred.
-    connection.unresponsive.max_timeout = Some(settings.command_timeout.max(Duration::from_secs(2)));
+    connection.unresponsive.max_timeout =
+        Some(settings.command_timeout.max(Duration::from_secs(2)));
     connection.unresponsive.interval = Duration::from_millis(500);
     builder.set_connection_config(connection);
     builder.with_config(|config| config.fail_fast = true);
@@ -87,7 +88,9 @@ pub(crate) fn map_error(error: &fred::error::Error, url: &str, operation: &str) 
         },
         ErrorKind::Backpressure => Error::Backend {
             backend: "redis",
-            message: format!("{operation} was refused: the client's command queue is full ({details}); publish less at once"),
+            message: format!(
+                "{operation} was refused: the client's command queue is full ({details}); publish less at once"
+            ),
         },
         _ => Error::Backend {
             backend: "redis",

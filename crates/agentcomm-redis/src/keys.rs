@@ -110,7 +110,10 @@ mod tests {
             keys.pubsub_channel(&channel),
             "test-1:PaymentRequest:request:s1"
         );
-        assert_eq!(keys.stream("PaymentRequest"), "test-1:stream:{PaymentRequest}");
+        assert_eq!(
+            keys.stream("PaymentRequest"),
+            "test-1:stream:{PaymentRequest}"
+        );
         assert_eq!(
             keys.dedup("PaymentRequest", "ab12"),
             "test-1:dedup:{PaymentRequest}:ab12"

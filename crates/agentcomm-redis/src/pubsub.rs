@@ -54,9 +54,10 @@ impl PubSubHub {
     /// Connects the subscriber client and starts sorting what it receives.
     pub(crate) async fn start(shared: &Arc<Shared>) -> Result<Arc<Self>> {
         let settings = &shared.settings;
-        let client = shared.fred_builder().build_subscriber_client().map_err(|error| {
-            map_error(&error, &settings.url, "creating the pub/sub subscriber")
-        })?;
+        let client = shared
+            .fred_builder()
+            .build_subscriber_client()
+            .map_err(|error| map_error(&error, &settings.url, "creating the pub/sub subscriber"))?;
         let connect = tokio::time::timeout(settings.connect_timeout * 2, client.init()).await;
         match connect {
             Ok(Ok(_task)) => {}
@@ -257,8 +258,8 @@ async fn dispatch(hub: Arc<PubSubHub>, shared: std::sync::Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             break;
         };
-        let tracker = tracker
-            .get_or_insert_with(|| SequenceTracker::new(shared.settings.reorder_window));
+        let tracker =
+            tracker.get_or_insert_with(|| SequenceTracker::new(shared.settings.reorder_window));
         match message {
             Ok(message) => {
                 let raw = message.value.as_bytes().unwrap_or_default();
@@ -367,7 +368,8 @@ impl PubSubAck {
             }
             shared.counters.bump(&shared.counters.redelivered);
             let delivery = subscription.delivery(&shared, envelope).redelivered(true);
-            if let Err(async_channel::SendError(delivery)) = subscription.sender.send(delivery).await
+            if let Err(async_channel::SendError(delivery)) =
+                subscription.sender.send(delivery).await
             {
                 lost_on_close(&shared, delivery.envelope());
                 delivery.discard();

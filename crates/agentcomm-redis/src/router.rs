@@ -23,7 +23,9 @@ use fred::types::config::Config;
 use fred::types::{Builder, ClusterHash, CustomCommand, Value};
 
 use crate::builder::{DeliveryMode, RedisRouterBuilder, Settings};
-use crate::connection::{fred_builder, fred_config, is_noscript, map_error_with_timeout, watch_client};
+use crate::connection::{
+    fred_builder, fred_config, is_noscript, map_error_with_timeout, watch_client,
+};
 use crate::counters::{Counters, LogLimiter};
 use crate::keys::Keys;
 use crate::pubsub::PubSubHub;
@@ -338,8 +340,9 @@ impl Shared {
                 .map_err(|e| map_error_with_timeout(&e, &self.settings, "XADD"));
         }
         let (keys, args) = self.stream_command(class, frame);
-        let result: std::result::Result<Value, _> =
-            client.evalsha(self.script_sha.as_str(), keys.clone(), args.clone()).await;
+        let result: std::result::Result<Value, _> = client
+            .evalsha(self.script_sha.as_str(), keys.clone(), args.clone())
+            .await;
         match result {
             Ok(_) => Ok(()),
             Err(error) if is_noscript(&error) => client
@@ -373,7 +376,10 @@ impl Shared {
     pub(crate) async fn publish_envelope(&self, envelope: Envelope) -> Result<PublishOutcome> {
         self.check_open()?;
         let result = match self.settings.mode {
-            DeliveryMode::Streams => self.stream_add(&envelope).await.map(|()| PublishOutcome::Accepted),
+            DeliveryMode::Streams => self
+                .stream_add(&envelope)
+                .await
+                .map(|()| PublishOutcome::Accepted),
             DeliveryMode::PubSub => self.pubsub_publish(envelope).await,
         };
         self.count_publish(&result);
@@ -409,7 +415,10 @@ impl Shared {
     /// Publishes several envelopes in one pipeline per connection.
     async fn publish_pipelined(&self, envelopes: Vec<Envelope>) -> Vec<Result<PublishOutcome>> {
         if let Err(error) = self.check_open() {
-            return envelopes.iter().map(|_| Err(closed_error_like(&error))).collect();
+            return envelopes
+                .iter()
+                .map(|_| Err(closed_error_like(&error)))
+                .collect();
         }
         let keep_any = envelopes
             .iter()
@@ -440,7 +449,11 @@ impl Shared {
                     }
                 }
                 DeliveryMode::PubSub => self.pubsub_frame(envelope).map(|(channel, frame)| {
-                    (channel.clone(), vec![channel], vec![Value::Bytes(Bytes::from(frame))])
+                    (
+                        channel.clone(),
+                        vec![channel],
+                        vec![Value::Bytes(Bytes::from(frame))],
+                    )
                 }),
             };
             match encoded {
@@ -456,7 +469,10 @@ impl Shared {
                 .iter()
                 .position(|c| std::ptr::eq(c, client))
                 .unwrap_or(0);
-            by_client.entry(position).or_default().push((index, keys, args));
+            by_client
+                .entry(position)
+                .or_default()
+                .push((index, keys, args));
         }
         let batches = by_client.into_iter().map(|(position, batch)| {
             let client = &clients[position];
@@ -510,9 +526,7 @@ impl Shared {
                         .await
                 }
             } else {
-                pipeline
-                    .publish(keys[0].as_str(), args[0].clone())
-                    .await
+                pipeline.publish(keys[0].as_str(), args[0].clone()).await
             };
             let _ = queued;
         }
@@ -529,7 +543,9 @@ impl Shared {
                     .eval::<Value, _, _, _>(PUBLISH_SCRIPT, keys, args)
                     .await
                     .map(|_| PublishOutcome::Accepted)
-                    .map_err(|e| map_error_with_timeout(&e, &self.settings, "publishing to a stream")),
+                    .map_err(|e| {
+                        map_error_with_timeout(&e, &self.settings, "publishing to a stream")
+                    }),
                 Err(error) => Err(map_error_with_timeout(&error, &self.settings, "publishing")),
             };
             results.push((index, result));
@@ -539,7 +555,12 @@ impl Shared {
 
     /// Moves a frame that cannot be decoded to `DeadLetter:agentcomm.Malformed:unknown`; returns whether
     /// it was published (the raw entry may then be removed).
-    pub(crate) async fn dead_letter_malformed(&self, raw: Bytes, source: &str, error: &Error) -> bool {
+    pub(crate) async fn dead_letter_malformed(
+        &self,
+        raw: Bytes,
+        source: &str,
+        error: &Error,
+    ) -> bool {
         self.counters.bump(&self.counters.malformed);
         self.counters.mark_trouble();
         if let Some(suppressed) = self.malformed_log.allow() {
@@ -648,7 +669,8 @@ impl Shared {
             .collect();
         let deadline = self.settings.close_timeout;
         futures::future::join_all(streams.iter().map(|s| s.finish(deadline))).await;
-        let quit = tokio::time::timeout(deadline.max(Duration::from_secs(1)), self.pool.quit()).await;
+        let quit =
+            tokio::time::timeout(deadline.max(Duration::from_secs(1)), self.pool.quit()).await;
         if !matches!(quit, Ok(Ok(()))) {
             tracing::debug!("the connection pool did not quit cleanly");
         }

@@ -201,7 +201,10 @@ mod tests {
         let mut tracker = SequenceTracker::new(Duration::from_millis(100));
         let now = Instant::now();
         for seq in 1..=5 {
-            assert_eq!(tracker.observe("c", &header("p", seq), now), (Verdict::New, 0));
+            assert_eq!(
+                tracker.observe("c", &header("p", seq), now),
+                (Verdict::New, 0)
+            );
         }
         assert_eq!(
             tracker.observe("c", &header("p", 3), now),
@@ -241,13 +244,25 @@ mod tests {
         tracker.observe("a", &header("p", 1), now);
         tracker.observe("b", &header("p", 7), now);
         tracker.observe("a", &header("q", 3), now);
-        assert_eq!(tracker.observe("a", &header("p", 2), now), (Verdict::New, 0));
-        assert_eq!(tracker.observe("b", &header("p", 8), now), (Verdict::New, 0));
-        assert_eq!(tracker.observe("a", &header("q", 4), now), (Verdict::New, 0));
+        assert_eq!(
+            tracker.observe("a", &header("p", 2), now),
+            (Verdict::New, 0)
+        );
+        assert_eq!(
+            tracker.observe("b", &header("p", 8), now),
+            (Verdict::New, 0)
+        );
+        assert_eq!(
+            tracker.observe("a", &header("q", 4), now),
+            (Verdict::New, 0)
+        );
         // Numbers just below the first seen, soon after: overtaken, not duplicates.
         let mut tracker = SequenceTracker::new(Duration::from_secs(1));
         tracker.observe("a", &header("p", 5), now);
-        assert_eq!(tracker.observe("a", &header("p", 4), now), (Verdict::New, 0));
+        assert_eq!(
+            tracker.observe("a", &header("p", 4), now),
+            (Verdict::New, 0)
+        );
         assert_eq!(
             tracker.observe("a", &header("p", 4), now),
             (Verdict::Duplicate, 0)

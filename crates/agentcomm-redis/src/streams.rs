@@ -285,7 +285,12 @@ impl StreamSubscription {
     }
 
     async fn quit_readers(&self) {
-        let readers: Vec<_> = self.readers.lock().expect("readers lock").drain(..).collect();
+        let readers: Vec<_> = self
+            .readers
+            .lock()
+            .expect("readers lock")
+            .drain(..)
+            .collect();
         for reader in readers {
             let _ = reader.client.quit().await;
         }
@@ -353,7 +358,11 @@ impl StreamSubscription {
                 .await;
             if matches!(&pending, Ok(value) if value.clone().into_array().is_empty()) {
                 let _ = client
-                    .xgroup_delconsumer::<Value, _, _, _>(key.as_ref(), group, self.consumer.as_str())
+                    .xgroup_delconsumer::<Value, _, _, _>(
+                        key.as_ref(),
+                        group,
+                        self.consumer.as_str(),
+                    )
                     .await;
             }
         }
@@ -370,7 +379,9 @@ impl StreamSubscription {
         };
         let fresh = {
             let union = self.union.lock().expect("union lock");
-            union.1.is_some_and(|at| at.elapsed() < Duration::from_secs(2))
+            union
+                .1
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(2))
         };
         if !fresh {
             let members: Result<Vec<String>, _> = self
@@ -527,7 +538,10 @@ impl StreamSubscription {
             return;
         };
         let client = self.shared.client_for(key);
-        if let Err(error) = client.xack::<Value, _, _, _>(key.as_ref(), group.as_str(), id).await {
+        if let Err(error) = client
+            .xack::<Value, _, _, _>(key.as_ref(), group.as_str(), id)
+            .await
+        {
             tracing::warn!(error = %error, stream = key.as_ref(), entry = id, "could not acknowledge an entry; it will come back");
         }
     }
@@ -671,13 +685,43 @@ impl StreamSubscription {
                     break;
                 }
                 from = entries.last().expect("not empty").0.clone();
-                for (id, frame) in entries {
-                    let is_held = self
-                        .held
-                        .lock()
-                        .expect("held lock")
-                        .contains(&(key.clone(), Arc::from(id.as_str())));
-                    if is_held {
+                let candidates: Vec<Entry> = {
+                    let held = self.held.lock().expect("held lock");
+                    entries
+                        .into_iter()
+                        .filter(|(id, _)| !held.contains(&(key.clone(), Arc::from(id.as_str()))))
+                        .collect()
+                };
+                if candidates.is_empty() {
+                    continue;
+                }
+                // The list above may be stale: an entry acknowledged since was unheld after its XACK
+                // succeeded. Claiming them again (without counting a delivery) returns only those still
+                // pending, so nothing acknowledged is delivered again.
+                let ids: Vec<&str> = candidates.iter().map(|(id, _)| id.as_str()).collect();
+                let still: Value = reader
+                    .client
+                    .xclaim(
+                        key.as_ref(),
+                        group.as_str(),
+                        self.consumer.as_str(),
+                        0,
+                        ids,
+                        None,
+                        None,
+                        None,
+                        false,
+                        true,
+                    )
+                    .await
+                    .map_err(|e| map_error(&e, self.url(), "confirming pending entries"))?;
+                let still: HashSet<String> = still
+                    .into_array()
+                    .into_iter()
+                    .filter_map(|id| id.as_string())
+                    .collect();
+                for (id, frame) in candidates {
+                    if !still.contains(&id) {
                         continue;
                     }
                     let Some(permit) = self.acquire().await else {
@@ -712,7 +756,10 @@ async fn create_group(
     start: &str,
     url: &str,
 ) -> Result<()> {
-    match client.xgroup_create::<Value, _, _, _>(key, group, start, true).await {
+    match client
+        .xgroup_create::<Value, _, _, _>(key, group, start, true)
+        .await
+    {
         Ok(_) => Ok(()),
         Err(error) if error.details().starts_with("BUSYGROUP") => Ok(()),
         Err(error) => Err(map_error(&error, url, "creating a consumer group")),
@@ -1104,7 +1151,10 @@ async fn reclaim_key(
 fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
     let parse = |id: &str| {
         let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-        (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
     };
     parse(a).cmp(&parse(b))
 }
@@ -1186,7 +1236,11 @@ impl Acknowledge for StreamAck {
                 if let Err(error) = result {
                     // Still held: the lease keeps it ours until the subscription ends.
                     subscription.unhold(&this.key, &this.id);
-                    return Err(map_error(&error, &shared.settings.url, "acknowledging (XACK)"));
+                    return Err(map_error(
+                        &error,
+                        &shared.settings.url,
+                        "acknowledging (XACK)",
+                    ));
                 }
             }
             shared.counters.bump(&shared.counters.acked);
@@ -1253,7 +1307,10 @@ mod tests {
             Value::Array(vec![
                 Value::Array(vec![
                     Value::from("1-0"),
-                    Value::Array(vec![Value::from("f"), Value::Bytes(Bytes::from_static(b"\x80"))]),
+                    Value::Array(vec![
+                        Value::from("f"),
+                        Value::Bytes(Bytes::from_static(b"\x80")),
+                    ]),
                 ]),
                 Value::Array(vec![Value::from("2-0"), Value::Null]),
                 Value::Array(vec![

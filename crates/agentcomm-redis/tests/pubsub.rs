@@ -29,9 +29,13 @@ fn number(delivery: &agentcomm_core::router::Delivery) -> u32 {
 }
 
 async fn connect(prefix: &str) -> RedisRouter {
-    within(WAIT, "connecting", builder(DeliveryMode::PubSub, prefix).connect())
-        .await
-        .expect("connect")
+    within(
+        WAIT,
+        "connecting",
+        builder(DeliveryMode::PubSub, prefix).connect(),
+    )
+    .await
+    .expect("connect")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,15 +48,21 @@ async fn fan_out_patterns_unroutable_and_intact_envelopes() {
     let nobody = router.publish(envelope("Ping:event:s1", 0)).await.unwrap();
     assert_eq!(nobody, PublishOutcome::Unroutable);
     let mut by_class = router
-        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Ping:*:*").unwrap()))
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Ping:*:*").unwrap(),
+        ))
         .await
         .unwrap();
     let mut exact = router
-        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Ping:event:s2").unwrap()))
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Ping:event:s2").unwrap(),
+        ))
         .await
         .unwrap();
     let mut any_class = router
-        .subscribe(SubscribeOptions::new(ChannelPattern::parse("*:event:s2").unwrap()))
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("*:event:s2").unwrap(),
+        ))
         .await
         .unwrap();
     let sent = envelope("Ping:event:s2", 1)
@@ -60,7 +70,10 @@ async fn fan_out_patterns_unroutable_and_intact_envelopes() {
         .with_correlation_id("c-1")
         .with_reply_to("Pong:reply:inbox-1");
     let outcome = router.publish(sent.clone()).await.unwrap();
-    assert!(matches!(outcome, PublishOutcome::Delivered(n) if n >= 3), "{outcome:?}");
+    assert!(
+        matches!(outcome, PublishOutcome::Delivered(n) if n >= 3),
+        "{outcome:?}"
+    );
     for subscription in [&mut by_class, &mut exact, &mut any_class] {
         let delivery = next(subscription).await;
         // The sequence header is removed: what arrives equals what was sent.
@@ -94,7 +107,10 @@ async fn groups_are_refused_with_the_fix() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(error.contains("fan_out()") && error.contains("Streams"), "{error}");
+    assert!(
+        error.contains("fan_out()") && error.contains("Streams"),
+        "{error}"
+    );
     router.close().await.unwrap();
 }
 
@@ -105,7 +121,9 @@ async fn nacked_messages_come_back_from_memory() {
     }
     let router = connect(&unique_prefix()).await;
     let mut subscription = router
-        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Job:*:*").unwrap()))
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Job:*:*").unwrap(),
+        ))
         .await
         .unwrap();
     router.publish(envelope("Job:request:s1", 9)).await.unwrap();
@@ -151,7 +169,10 @@ async fn a_full_buffer_drops_and_counts_instead_of_stalling() {
         .unwrap();
     let batch: Vec<Envelope> = (0..50).map(|n| envelope("Burst:event:s1", n)).collect();
     for result in router.publish_batch(batch).await {
-        assert!(matches!(result, Ok(PublishOutcome::Delivered(_))), "{result:?}");
+        assert!(
+            matches!(result, Ok(PublishOutcome::Delivered(_))),
+            "{result:?}"
+        );
     }
     // The fast one reads as it goes; the slow one reads nothing until the burst is over.
     let mut fast_got = 0;
@@ -182,7 +203,10 @@ async fn a_full_buffer_drops_and_counts_instead_of_stalling() {
         100,
         "every copy is either delivered or counted as dropped: {health:?}"
     );
-    assert_eq!(slow_got, 10, "the slow subscription kept its buffer's worth");
+    assert_eq!(
+        slow_got, 10,
+        "the slow subscription kept its buffer's worth"
+    );
     router.close().await.unwrap();
 }
 
@@ -197,19 +221,26 @@ async fn dead_letters_are_kept_in_a_stream_even_in_pubsub_mode() {
         .with_channel(parse_channel("Job:request:s1").unwrap().dead_letter())
         .with_header(headers::DEAD_LETTER_REASON, headers::REASON_HANDLER_FAILED);
     let outcome = router.publish(dead.clone()).await.unwrap();
-    assert_eq!(outcome, PublishOutcome::Accepted, "kept although nobody listens");
+    assert_eq!(
+        outcome,
+        PublishOutcome::Accepted,
+        "kept although nobody listens"
+    );
     router.close().await.unwrap();
     // A Streams router on the same prefix reads it: it was not lost.
-    let streams = within(WAIT, "connecting", builder(DeliveryMode::Streams, &prefix).connect())
-        .await
-        .unwrap();
+    let streams = within(
+        WAIT,
+        "connecting",
+        builder(DeliveryMode::Streams, &prefix).connect(),
+    )
+    .await
+    .unwrap();
     let key = format!("{prefix}:stream:{{DeadLetter}}");
     use fred::prelude::{ClientLike, StreamsInterface};
-    let raw = fred::prelude::Builder::from_config(
-        fred::prelude::Config::from_url(&redis_url()).unwrap(),
-    )
-    .build()
-    .unwrap();
+    let raw =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
+            .build()
+            .unwrap();
     raw.init().await.unwrap();
     let length: u64 = raw.xlen(key.as_str()).await.unwrap();
     assert_eq!(length, 1);
@@ -226,14 +257,15 @@ async fn malformed_frames_are_dead_lettered_and_the_subscriber_goes_on() {
     let prefix = unique_prefix();
     let router = connect(&prefix).await;
     let mut subscription = router
-        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Raw:*:*").unwrap()))
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Raw:*:*").unwrap(),
+        ))
         .await
         .unwrap();
-    let raw = fred::prelude::Builder::from_config(
-        fred::prelude::Config::from_url(&redis_url()).unwrap(),
-    )
-    .build()
-    .unwrap();
+    let raw =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
+            .build()
+            .unwrap();
     raw.init().await.unwrap();
     let _: i64 = raw
         .publish(format!("{prefix}:Raw:event:s1"), "garbage")

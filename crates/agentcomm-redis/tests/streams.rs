@@ -30,9 +30,13 @@ fn number(delivery: &agentcomm_core::router::Delivery) -> u32 {
 }
 
 async fn connect(prefix: &str) -> RedisRouter {
-    within(WAIT, "connecting", builder(DeliveryMode::Streams, prefix).connect())
-        .await
-        .expect("connect")
+    within(
+        WAIT,
+        "connecting",
+        builder(DeliveryMode::Streams, prefix).connect(),
+    )
+    .await
+    .expect("connect")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +78,10 @@ async fn groups_share_work_fan_out_gets_copies_and_acks_stick() {
             d = next(&mut second) => (1, d),
         };
         counts[index] += 1;
-        assert!(shared.insert(number(&delivery)), "a group member got a duplicate");
+        assert!(
+            shared.insert(number(&delivery)),
+            "a group member got a duplicate"
+        );
         delivery.ack().await.unwrap();
     }
     assert_eq!(counts[0] + counts[1], 20);
@@ -95,7 +102,8 @@ async fn messages_wait_for_a_group_and_a_restarted_consumer_resumes() {
     }
     let prefix = unique_prefix();
     let router = connect(&prefix).await;
-    let options = SubscribeOptions::new(ChannelPattern::parse("Order:*:*").unwrap()).group("billing");
+    let options =
+        SubscribeOptions::new(ChannelPattern::parse("Order:*:*").unwrap()).group("billing");
     let subscription = router.subscribe(options.clone()).await.unwrap();
     subscription.close().await.unwrap();
     drop(subscription);
@@ -129,11 +137,15 @@ async fn a_wildcard_class_pattern_sees_classes_created_after_it_subscribed() {
     let router = connect(&prefix).await;
     router.publish(envelope("Early:event:s1", 0)).await.unwrap();
     let mut group = router
-        .subscribe(SubscribeOptions::new(ChannelPattern::parse("*:event:s1").unwrap()).group("audit"))
+        .subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("*:event:s1").unwrap()).group("audit"),
+        )
         .await
         .unwrap();
     let mut fan_out = router
-        .subscribe(SubscribeOptions::new(ChannelPattern::parse("*:*:s1").unwrap()))
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("*:*:s1").unwrap(),
+        ))
         .await
         .unwrap();
     // A class that did not exist when they subscribed, and one that did.
@@ -152,7 +164,10 @@ async fn a_wildcard_class_pattern_sees_classes_created_after_it_subscribed() {
         assert_quiet(subscription, Duration::from_millis(300)).await;
     }
     let health = router.health().await;
-    assert!(health.get("filtered") >= 1, "the s2 entry was filtered: {health:?}");
+    assert!(
+        health.get("filtered") >= 1,
+        "the s2 entry was filtered: {health:?}"
+    );
     router.close().await.unwrap();
 }
 
@@ -167,7 +182,10 @@ async fn nack_retry_carries_the_attempt_and_abandon_redelivers() {
         .subscribe(SubscribeOptions::new(ChannelPattern::parse("Task:*:*").unwrap()).group("g"))
         .await
         .unwrap();
-    router.publish(envelope("Task:request:s1", 7)).await.unwrap();
+    router
+        .publish(envelope("Task:request:s1", 7))
+        .await
+        .unwrap();
     let first = next(&mut subscription).await;
     assert_eq!(first.envelope().attempt(), 1);
     first
@@ -192,12 +210,13 @@ async fn nack_retry_carries_the_attempt_and_abandon_redelivers() {
 /// A raw fred client, standing in for a consumer that takes entries and then dies.
 async fn raw_client() -> fred::prelude::Client {
     use fred::prelude::ClientLike;
-    let client = fred::prelude::Builder::from_config(
-        fred::prelude::Config::from_url(&redis_url()).unwrap(),
-    )
-    .build()
-    .unwrap();
-    within(WAIT, "a raw connection", client.init()).await.unwrap();
+    let client =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
+            .build()
+            .unwrap();
+    within(WAIT, "a raw connection", client.init())
+        .await
+        .unwrap();
     client
 }
 
@@ -222,15 +241,23 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
     let options = SubscribeOptions::new(ChannelPattern::parse("Poison:*:*").unwrap()).group("g");
     let member = survivor.subscribe(options.clone()).await.unwrap();
     let mut dead_letters = survivor
-        .subscribe(SubscribeOptions::new(ChannelPattern::parse("DeadLetter:Poison:*").unwrap()))
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("DeadLetter:Poison:*").unwrap(),
+        ))
         .await
         .unwrap();
     // Pause the live member so that the dead one takes the entries.
     member.close().await.unwrap();
     drop(member);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    survivor.publish(envelope("Poison:request:s1", 1)).await.unwrap();
-    survivor.publish(envelope("Poison:request:s1", 2)).await.unwrap();
+    survivor
+        .publish(envelope("Poison:request:s1", 1))
+        .await
+        .unwrap();
+    survivor
+        .publish(envelope("Poison:request:s1", 2))
+        .await
+        .unwrap();
     let key = format!("{prefix}:stream:{{Poison}}");
     let raw = raw_client().await;
     let taken: Value = raw
@@ -240,13 +267,23 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
     assert!(!taken.is_null(), "the dead consumer took the entries");
     // A second dead consumer claimed entry 2 as well: it was delivered twice already.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let pending: Value = raw
-        .xrange(key.as_str(), "-", "+", None)
-        .await
+    let pending: Value = raw.xrange(key.as_str(), "-", "+", None).await.unwrap();
+    let second_id = pending.into_array()[1].clone().into_array()[0]
+        .as_string()
         .unwrap();
-    let second_id = pending.into_array()[1].clone().into_array()[0].as_string().unwrap();
     let _: Value = raw
-        .xclaim(key.as_str(), "g", "dead-2", 0, second_id.as_str(), None, None, None, false, false)
+        .xclaim(
+            key.as_str(),
+            "g",
+            "dead-2",
+            0,
+            second_id.as_str(),
+            None,
+            None,
+            None,
+            false,
+            false,
+        )
         .await
         .unwrap();
     let mut heir = survivor.subscribe(options).await.unwrap();
@@ -265,7 +302,12 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
         Some(headers::REASON_HANDLER_FAILED)
     );
     assert_eq!(envelope.header(headers::ATTEMPTS), Some("3"));
-    assert!(envelope.header(headers::ERROR).unwrap().contains("max_deliveries"));
+    assert!(
+        envelope
+            .header(headers::ERROR)
+            .unwrap()
+            .contains("max_deliveries")
+    );
     dead.ack().await.unwrap();
     assert_quiet(&mut heir, Duration::from_millis(700)).await;
     let health = survivor.health().await;
@@ -293,15 +335,20 @@ async fn malformed_entries_are_dead_lettered_and_reading_goes_on() {
         .await
         .unwrap();
     // A foreign client writes garbage into the stream.
-    let raw = fred::prelude::Builder::from_config(
-        fred::prelude::Config::from_url(&redis_url()).unwrap(),
-    )
-    .build()
-    .unwrap();
+    let raw =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
+            .build()
+            .unwrap();
     use fred::prelude::{ClientLike, StreamsInterface};
     raw.init().await.unwrap();
     let _: String = raw
-        .xadd(format!("{prefix}:stream:{{Raw}}"), false, None, "*", vec![("f", "not a frame")])
+        .xadd(
+            format!("{prefix}:stream:{{Raw}}"),
+            false,
+            None,
+            "*",
+            vec![("f", "not a frame")],
+        )
         .await
         .unwrap();
     router.publish(envelope("Raw:event:s1", 5)).await.unwrap();
@@ -310,7 +357,12 @@ async fn malformed_entries_are_dead_lettered_and_reading_goes_on() {
     good.ack().await.unwrap();
     let dead = next(&mut malformed).await;
     assert_eq!(dead.envelope().payload().as_ref(), b"not a frame");
-    assert!(dead.envelope().header(headers::SOURCE).unwrap().contains("Raw"));
+    assert!(
+        dead.envelope()
+            .header(headers::SOURCE)
+            .unwrap()
+            .contains("Raw")
+    );
     dead.ack().await.unwrap();
     assert_eq!(router.health().await.get("malformed"), 1);
     let _ = raw.quit().await;
@@ -325,13 +377,19 @@ async fn batches_are_pipelined_and_close_refuses_further_use() {
     let prefix = unique_prefix();
     let router = connect(&prefix).await;
     let mut subscription = router
-        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Batch:*:*").unwrap()))
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Batch:*:*").unwrap(),
+        ))
         .await
         .unwrap();
     let batch: Vec<Envelope> = (0..300).map(|n| envelope("Batch:event:s1", n)).collect();
     let results = router.publish_batch(batch).await;
     assert_eq!(results.len(), 300);
-    assert!(results.iter().all(|r| matches!(r, Ok(PublishOutcome::Accepted))));
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Ok(PublishOutcome::Accepted)))
+    );
     for n in 0..300 {
         let delivery = next(&mut subscription).await;
         assert_eq!(number(&delivery), n);
@@ -339,8 +397,15 @@ async fn batches_are_pipelined_and_close_refuses_further_use() {
     }
     assert!(router.publish_batch(Vec::new()).await.is_empty());
     router.close().await.unwrap();
-    assert!(within(WAIT, "the stream to end", subscription.next()).await.is_none());
-    let error = router.publish(envelope("Batch:event:s1", 1)).await.unwrap_err();
+    assert!(
+        within(WAIT, "the stream to end", subscription.next())
+            .await
+            .is_none()
+    );
+    let error = router
+        .publish(envelope("Batch:event:s1", 1))
+        .await
+        .unwrap_err();
     assert!(matches!(error, Error::Closed { .. }), "{error}");
     assert_eq!(router.health().await.status, HealthStatus::Unhealthy);
 }

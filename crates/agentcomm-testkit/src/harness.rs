@@ -648,10 +648,10 @@ impl TestHarness {
         if !unmatched.is_empty() {
             let mut text = format!(
                 "expected nothing else to be published, but {} that no expectation matched \
-                 (checked after {:?} of quiet, {:.2?} after the assertion started):\n",
+                 (checked after {:?} of quiet, {} after the assertion started):\n",
                 count(unmatched.len(), "message arrived", "messages arrived"),
                 self.quiet_period,
-                started.elapsed(),
+                human(started.elapsed()),
             );
             list_records(&mut text, &unmatched, &BTreeMap::new());
             text.push_str(
@@ -671,8 +671,8 @@ impl TestHarness {
             let unmatched = self.unmatched();
             if !unmatched.is_empty() {
                 let mut text = format!(
-                    "expected nothing more within {duration:?}, but after {:.2?} {} that no expectation matched:\n",
-                    started.elapsed(),
+                    "expected nothing more within {duration:?}, but after {} {} that no expectation matched:\n",
+                    human(started.elapsed()),
                     count(
                         unmatched.len(),
                         "message had arrived",
@@ -1427,8 +1427,10 @@ impl TestHarness {
         notes: &BTreeMap<usize, String>,
     ) -> String {
         let seen = self.published();
-        let mut text =
-            format!("expected {what} within {within:?}, but {outcome} (waited {waited:.2?}).\n");
+        let mut text = format!(
+            "expected {what} within {within:?}, but {outcome} (waited {}).\n",
+            human(waited)
+        );
         if seen.is_empty() {
             text.push_str(
                 "Nothing was published at all: is an agent that handles what the test sent spawned on this harness, \
@@ -1443,6 +1445,15 @@ impl TestHarness {
             list_records(&mut text, &seen, notes);
         }
         text
+    }
+}
+
+/// `250ms`, `1.25s`: short and exact enough for a failure message.
+fn human(duration: Duration) -> String {
+    if duration < Duration::from_secs(1) {
+        format!("{}ms", duration.as_millis())
+    } else {
+        format!("{:.2}s", duration.as_secs_f64())
     }
 }
 

@@ -74,6 +74,13 @@ pub trait ConformanceBackend: Send + Sync + 'static {
         format!("the {} broker is unreachable", self.name())
     }
 
+    /// How long a scenario waits for a message before it counts it as lost (times `AGENTCOMM_SOAK`).
+    /// 30 s by default: generous for a broker on a loaded machine. Every wait of the suite is bounded
+    /// by it, and waits that overlap share one such window.
+    fn max_wait(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
     /// Puts raw bytes on `channel` as if a foreign client had published them, for the malformed-frame
     /// scenario. `Ok(false)` (the default) means the backend cannot do this, and that scenario does not
     /// apply.
@@ -257,7 +264,7 @@ pub enum ScenarioOutcome {
     Failed(String),
 }
 
-/// The longest one scenario may run before it fails, at soak factor 1.
+/// The longest one scenario may run before it fails, at soak factor 1 (or 4 × `max_wait`, if longer).
 const SCENARIO_LIMIT: Duration = Duration::from_secs(120);
 
 /// Runs one scenario and prints its outcome line (`ok: ...`, `not applicable: ...`, `skipped: ...`);
@@ -286,7 +293,7 @@ pub async fn try_run<B: ConformanceBackend + ?Sized>(
         return ScenarioOutcome::NotApplicable(format!("{scenario} on {}: {why}", backend.name()));
     }
     let soak = soak_factor();
-    let limit = SCENARIO_LIMIT * soak;
+    let limit = SCENARIO_LIMIT.max(backend.max_wait() * 4) * soak;
     let started = Instant::now();
     let context = support::Context::new(backend, declared, soak as usize);
     let result = tokio::time::timeout(limit, scenarios::run(scenario, &context)).await;

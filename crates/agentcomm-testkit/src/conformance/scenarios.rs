@@ -519,8 +519,11 @@ async fn pattern_subscriptions(ctx: &Context<'_>) -> Outcome {
     publish_all(ctx, &publisher, batches).await?;
     let mut problems = Vec::new();
     let mut reports = Vec::new();
+    let window = ctx.window();
     for (name, expected, sink, _) in &watched {
-        let (_, waited) = sink.wait_distinct(expected.expected(), ctx.wait).await;
+        sink.wait_distinct(expected.expected(), window.remaining())
+            .await;
+        let waited = window.elapsed();
         sink.settle(SETTLE).await;
         let report = sink.tally(expected, None);
         if let Some(problem) = ctx.judge(&format!("subscription {name}"), &report, waited, true) {
@@ -613,8 +616,11 @@ async fn custom_templates(ctx: &Context<'_>) -> Outcome {
     publish_all(ctx, &publisher, batches).await?;
     let mut problems = Vec::new();
     let mut reports = Vec::new();
+    let window = ctx.window();
     for (name, expected, sink, _) in &watched {
-        let (_, waited) = sink.wait_distinct(expected.expected(), ctx.wait).await;
+        sink.wait_distinct(expected.expected(), window.remaining())
+            .await;
+        let waited = window.elapsed();
         sink.settle(SETTLE).await;
         let report = sink.tally(expected, None);
         if let Some(problem) = ctx.judge(&format!("subscription {name}"), &report, waited, true) {
@@ -731,8 +737,11 @@ async fn isolation(ctx: &Context<'_>) -> Outcome {
         ));
     }
     let mut reports = Vec::new();
+    let window = ctx.window();
     for (channel, expected, sink, _) in &watched {
-        let (_, waited) = sink.wait_distinct(expected.expected(), ctx.wait).await;
+        sink.wait_distinct(expected.expected(), window.remaining())
+            .await;
+        let waited = window.elapsed();
         sink.settle(SETTLE).await;
         let report = sink.tally(expected, None);
         if let Some(problem) = ctx.judge(
@@ -794,8 +803,10 @@ async fn concurrent_publishers(ctx: &Context<'_>) -> Outcome {
     let expected = expected_streams("publisher", publishers, per_publisher);
     let mut problems = Vec::new();
     let mut reports = Vec::new();
+    let window = ctx.window();
     for (index, (sink, _)) in sinks.iter().enumerate() {
-        let (_, waited) = sink.wait_distinct(total, ctx.wait).await;
+        sink.wait_distinct(total, window.remaining()).await;
+        let waited = window.elapsed();
         sink.settle(SETTLE).await;
         let report = sink.tally(&expected, None);
         if let Some(problem) = ctx.judge(&format!("subscriber {index}"), &report, waited, true) {
@@ -849,8 +860,11 @@ async fn many_channels(ctx: &Context<'_>) -> Outcome {
     publish_all(ctx, &publisher, batches).await?;
     let mut problems = Vec::new();
     let mut reports = Vec::new();
+    let window = ctx.window();
     for (index, (expected, sink, _)) in watched.iter().enumerate() {
-        let (_, waited) = sink.wait_distinct(expected.expected(), ctx.wait).await;
+        sink.wait_distinct(expected.expected(), window.remaining())
+            .await;
+        let waited = window.elapsed();
         let report = sink.tally(expected, None);
         if let Some(problem) = ctx.judge(&format!("channel {index}"), &report, waited, true) {
             problems.push(problem);
@@ -926,8 +940,10 @@ async fn order_per_channel(ctx: &Context<'_>) -> Outcome {
     publish_all(ctx, &publisher, batches).await?;
     let mut problems = Vec::new();
     let mut reports = Vec::new();
+    let window = ctx.window();
     for (who, sink, _) in &watched {
-        let (_, waited) = sink.wait_distinct(total as usize, ctx.wait).await;
+        sink.wait_distinct(total as usize, window.remaining()).await;
+        let waited = window.elapsed();
         sink.settle(SETTLE).await;
         let report = sink.tally(&expected, None);
         if let Some(problem) = ctx.judge(who, &report, waited, true) {
@@ -1301,10 +1317,13 @@ async fn group_splits_work(ctx: &Context<'_>) -> Outcome {
     publish_all(ctx, &publisher, batches).await?;
     let expected = expected_streams("publisher", publishers, per_publisher);
     let mut problems = Vec::new();
-    let (_, waited) = group_sink.wait_distinct(total, ctx.wait).await;
+    let window = ctx.window();
+    group_sink.wait_distinct(total, window.remaining()).await;
+    let waited = window.elapsed();
     let mut reports = Vec::new();
     for (index, (sink, _)) in fan_outs.iter().enumerate() {
-        let (_, waited) = sink.wait_distinct(total, ctx.wait).await;
+        sink.wait_distinct(total, window.remaining()).await;
+        let waited = window.elapsed();
         sink.settle(SETTLE).await;
         let report = sink.tally(&expected, None);
         if let Some(problem) = ctx.judge(
@@ -1376,8 +1395,10 @@ async fn two_groups(ctx: &Context<'_>) -> Outcome {
     let expected = expected_streams("publisher", 1, total);
     let mut problems = Vec::new();
     let mut reports = Vec::new();
+    let window = ctx.window();
     for (group, sink, _) in &groups {
-        let (_, waited) = sink.wait_distinct(total as usize, ctx.wait).await;
+        sink.wait_distinct(total as usize, window.remaining()).await;
+        let waited = window.elapsed();
         sink.settle(SETTLE).await;
         let report = sink.tally(&expected, None);
         if let Some(problem) = ctx.judge(&format!("group {group}"), &report, waited, false) {

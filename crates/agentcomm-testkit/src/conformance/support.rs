@@ -107,8 +107,17 @@ impl<'a> Context<'a> {
             // The tail of a v7 UUID is random.
             run: id[id.len() - 12..].to_string(),
             soak,
-            wait: Duration::from_secs(30) * soak as u32,
+            wait: backend.max_wait() * soak as u32,
             connections: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A window of one `wait` starting now, shared by several waits that overlap (sinks filled at
+    /// the same time), so that together they wait no longer than one.
+    pub fn window(&self) -> Window {
+        Window {
+            started: Instant::now(),
+            deadline: Instant::now() + self.wait,
         }
     }
 
@@ -227,6 +236,24 @@ impl<'a> Context<'a> {
         } else {
             None
         }
+    }
+}
+
+/// See [`Context::window`].
+pub struct Window {
+    started: Instant,
+    deadline: Instant,
+}
+
+impl Window {
+    /// What is left of the window.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// How long since the window opened.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
     }
 }
 

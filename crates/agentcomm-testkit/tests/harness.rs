@@ -1,0 +1,537 @@
+//! The test harness: what a user's agent test looks like, and how its failures read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcomm_core::backoff::Backoff;
+use agentcomm_core::codec::MSGPACK_CONTENT_TYPE;
+use agentcomm_core::envelope::{Envelope, headers};
+use agentcomm_core::prelude::*;
+use agentcomm_testkit::TestHarness;
+use agentcomm_testkit::memory::MemoryConnection;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(direction = "request")]
+struct PaymentRequest {
+    amount: f64,
+    user_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(direction = "response")]
+struct PaymentResponse {
+    success: bool,
+    transaction_id: String,
+}
+
+/// Published on big payments, besides the response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct AuditEvent {
+    amount: f64,
+}
+
+/// A message type named with its own channel template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(channel = "ledger.{direction}.{session_id}")]
+struct LedgerEntry {
+    amount: f64,
+}
+
+#[agent(receives = [PaymentRequest], sends = [PaymentResponse, AuditEvent, LedgerEntry])]
+struct PaymentAgent;
+
+impl Handle<PaymentRequest> for PaymentAgent {
+    async fn handle(&self, request: PaymentRequest, ctx: &Context<Self>) -> HandlerResult {
+        if request.amount > 1000.0 {
+            ctx.publish(AuditEvent {
+                amount: request.amount,
+            })
+            .await?;
+        }
+        if request.user_id == "ledger" {
+            ctx.publish(LedgerEntry {
+                amount: request.amount,
+            })
+            .await?;
+        }
+        ctx.reply(PaymentResponse {
+            success: request.amount > 0.0,
+            transaction_id: format!("TXN-{}", request.user_id),
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Job {
+    id: u32,
+}
+
+#[agent(receives = [Job])]
+struct AlwaysFails;
+
+impl Handle<Job> for AlwaysFails {
+    async fn handle(&self, _job: Job, _ctx: &Context<Self>) -> HandlerResult {
+        Err(HandlerError::msg("the job service is down"))
+    }
+}
+
+/// Publishes its event a while after the request, to show late arrivals.
+#[agent(receives = [Job], sends = [AuditEvent])]
+struct LateAuditor;
+
+impl Handle<Job> for LateAuditor {
+    async fn handle(&self, job: Job, ctx: &Context<Self>) -> HandlerResult {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        ctx.publish(AuditEvent {
+            amount: f64::from(job.id),
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+fn payment(amount: f64, user: &str) -> PaymentRequest {
+    PaymentRequest {
+        amount,
+        user_id: user.into(),
+    }
+}
+
+/// The panic message of a future that is expected to panic.
+async fn panic_text<F>(future: F) -> String
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let outcome = tokio::time::timeout(Duration::from_secs(10), tokio::spawn(future))
+        .await
+        .expect("the assertion finishes in time");
+    let panic = outcome
+        .expect_err("the assertion should have failed")
+        .into_panic();
+    match panic.downcast::<String>() {
+        Ok(text) => *text,
+        Err(panic) => (*panic.downcast::<&str>().expect("a text panic")).to_string(),
+    }
+}
+
+/// A user's test, written once and run on two routers.
+async fn payment_flow(h: TestHarness) {
+    h.spawn(PaymentAgent).await;
+    let request = h.send("session456", payment(100.0, "user123")).await;
+    let response = h
+        .expect::<PaymentResponse>()
+        .session("session456")
+        .matching(|response| response.success)
+        .within(Duration::from_secs(1))
+        .await;
+    assert_eq!(response.transaction_id, "TXN-user123");
+    let request_id = request.id().to_string();
+    assert_eq!(
+        response.envelope.correlation_id(),
+        Some(request_id.as_str())
+    );
+    assert_eq!(response.envelope.channel().direction(), "response");
+    h.assert_nothing_else_published().await;
+    h.shutdown().await.expect("the harness shuts down");
+}
+
+#[tokio::test]
+async fn an_agent_test_in_a_few_lines() {
+    payment_flow(TestHarness::new().await).await;
+}
+
+#[tokio::test]
+async fn the_same_test_runs_unchanged_on_another_router() {
+    let connection = MemoryConnection::new(MemoryRouter::new());
+    let h = TestHarness::with_router(connection)
+        .await
+        .expect("a harness on the connection");
+    payment_flow(h).await;
+}
+
+#[tokio::test]
+async fn requests_get_their_reply_and_it_is_not_counted_as_unexpected() {
+    let h = TestHarness::new().await;
+    h.spawn(PaymentAgent).await;
+    let reply = h
+        .request::<PaymentRequest, PaymentResponse>("s1", payment(5.0, "u1"))
+        .await;
+    assert!(reply.success);
+    assert_eq!(reply.envelope.channel().direction(), "reply");
+    assert!(h.unmatched().is_empty(), "{:?}", h.unmatched());
+    h.assert_nothing_else_published().await;
+}
+
+#[tokio::test]
+async fn published_lists_everything_in_order_with_envelopes() {
+    let h = TestHarness::new().await;
+    h.spawn(PaymentAgent).await;
+    h.send("s1", payment(5000.0, "big")).await;
+    h.expect::<PaymentResponse>().session("s1").await;
+    let traffic = h.published();
+    assert_eq!(
+        traffic.channels(),
+        [
+            "PaymentRequest:request:s1",
+            "AuditEvent:event:s1",
+            "PaymentResponse:response:s1"
+        ]
+    );
+    assert!(traffic[0].sent_by_test());
+    assert_eq!(
+        traffic.from_agents().classes(),
+        ["AuditEvent", "PaymentResponse"]
+    );
+    assert_eq!(traffic.of::<AuditEvent>(), [AuditEvent { amount: 5000.0 }]);
+    assert_eq!(
+        traffic[1].envelope().correlation_id(),
+        Some(traffic[0].envelope().id().to_string().as_str())
+    );
+    // The audit event was not expected yet.
+    assert_eq!(h.unmatched().classes(), ["AuditEvent"]);
+    let audit = h.expect::<AuditEvent>().await;
+    assert!(audit.position() < h.published()[2].position());
+    h.assert_nothing_else_published().await;
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_expected_with_their_reason() {
+    let h = TestHarness::new().await;
+    h.spawn_with(
+        AlwaysFails,
+        AgentOptions::new().max_attempts(2).backoff(Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(10),
+        )),
+    )
+    .await;
+    let sent = h.send("s1", Job { id: 7 }).await;
+    let dead = h
+        .expect_dead_letter::<Job>()
+        .session("s1")
+        .reason(headers::REASON_HANDLER_FAILED)
+        .await;
+    assert_eq!(dead.message(), Some(&Job { id: 7 }));
+    assert_eq!(dead.attempts(), Some(2));
+    assert_eq!(dead.agent(), Some("AlwaysFails"));
+    assert_eq!(dead.error(), Some("the job service is down"));
+    assert_eq!(dead.original_id(), Some(sent.id().to_string().as_str()));
+    assert_eq!(dead.envelope.channel().canonical(), "DeadLetter:Job:s1");
+    h.assert_nothing_else_published().await;
+}
+
+#[tokio::test]
+async fn a_broken_payload_is_dead_lettered_as_undecodable() {
+    let h = TestHarness::new().await;
+    h.spawn(PaymentAgent).await;
+    let channel = PaymentRequest::channel("request", "s1").unwrap();
+    h.send_envelope(Envelope::with_class(
+        PaymentRequest::CLASS,
+        channel,
+        MSGPACK_CONTENT_TYPE,
+        vec![0xc1],
+    ))
+    .await;
+    let dead = h
+        .expect_dead_letter::<PaymentRequest>()
+        .reason(headers::REASON_UNDECODABLE)
+        .await;
+    assert!(dead.message().is_none());
+    assert!(
+        dead.error().unwrap().contains("PaymentRequest"),
+        "{:?}",
+        dead.error()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_expectation_says_what_arrived_instead() {
+    let h = TestHarness::new().await;
+    h.spawn(PaymentAgent).await;
+    h.send("s1", payment(10.0, "u1")).await;
+    let failure = h
+        .expect::<PaymentResponse>()
+        .session("s2")
+        .within(Duration::from_millis(200))
+        .result()
+        .await
+        .expect_err("the response went to s1");
+    let text = failure.to_string();
+    assert!(
+        text.starts_with(
+            "expected a PaymentResponse on session \"s2\" within 200ms, but it did not arrive (waited 20"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("Seen instead (2 messages, oldest first):\n"),
+        "{text}"
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[2].starts_with("  #1 +"), "{text}");
+    assert!(
+        lines[2].contains(" PaymentRequest:request:s1 id ")
+            && lines[2].ends_with("[sent by the test]"),
+        "{text}"
+    );
+    assert!(
+        lines[3].contains(" PaymentResponse:response:s1 id ")
+            && lines[3].contains(" correlation ")
+            && lines[3].ends_with("<- session is \"s1\", not \"s2\""),
+        "{text}"
+    );
+    assert_eq!(lines.len(), 4, "{text}");
+}
+
+#[tokio::test]
+async fn a_failed_predicate_is_named_in_the_failure() {
+    let h = TestHarness::new().await;
+    h.spawn(PaymentAgent).await;
+    h.send("s1", payment(-1.0, "u1")).await;
+    let text = h
+        .expect::<PaymentResponse>()
+        .matching(|response| response.success)
+        .described_as("a successful payment")
+        .within(Duration::from_millis(100))
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.starts_with("expected a successful payment within 100ms, but it did not arrive"),
+        "{text}"
+    );
+    assert!(
+        text.contains("PaymentResponse:response:s1")
+            && text.contains("<- it is not a successful payment"),
+        "{text}"
+    );
+
+    let text = h
+        .expect::<PaymentResponse>()
+        .matching(|response| response.transaction_id == "nope")
+        .within(Duration::from_millis(50))
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.starts_with("expected a PaymentResponse matching the predicate within 50ms"),
+        "{text}"
+    );
+    assert!(text.contains("<- it did not match the predicate"), "{text}");
+}
+
+#[tokio::test]
+async fn when_nothing_was_published_the_failure_says_so() {
+    let h = TestHarness::new().await;
+    let text = h
+        .expect::<PaymentResponse>()
+        .within(Duration::from_millis(50))
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.starts_with("expected a PaymentResponse within 50ms, but it did not arrive"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "Nothing was published at all: is an agent that handles what the test sent spawned"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn awaiting_a_failed_expectation_panics_with_the_same_text() {
+    let h = Arc::new(TestHarness::new().await);
+    let expected = h
+        .expect::<AuditEvent>()
+        .within(Duration::from_millis(50))
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    let panicked = panic_text({
+        let h = h.clone();
+        async move {
+            h.expect::<AuditEvent>()
+                .within(Duration::from_millis(50))
+                .await;
+        }
+    })
+    .await;
+    // The waited time differs; everything else is the same.
+    let strip = |text: &str| text.split(" (waited").next().unwrap().to_string();
+    assert_eq!(strip(&panicked), strip(&expected));
+}
+
+#[tokio::test]
+async fn each_message_matches_one_expectation_only() {
+    let h = TestHarness::new().await;
+    h.spawn(PaymentAgent).await;
+    h.send("s1", payment(1.0, "a")).await;
+    h.send("s1", payment(2.0, "b")).await;
+    let first = h.expect::<PaymentResponse>().await;
+    let second = h.expect::<PaymentResponse>().await;
+    assert_ne!(first.envelope.id(), second.envelope.id());
+    assert!(first.position() < second.position());
+    let text = h
+        .expect::<PaymentResponse>()
+        .within(Duration::from_millis(50))
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        text.matches("<- already matched by an earlier expectation")
+            .count(),
+        2,
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn anything_unexpected_fails_the_nothing_else_assertion() {
+    let h = Arc::new(TestHarness::new().await);
+    h.spawn(PaymentAgent).await;
+    h.send("s1", payment(2000.0, "big")).await;
+    h.expect::<PaymentResponse>().await;
+    let text = panic_text({
+        let h = h.clone();
+        async move { h.assert_nothing_else_published().await }
+    })
+    .await;
+    assert!(
+        text.starts_with(
+            "expected nothing else to be published, but 1 message arrived that no expectation matched (checked after 100ms of quiet"
+        ),
+        "{text}"
+    );
+    assert!(text.contains(" AuditEvent:event:s1 id "), "{text}");
+    assert!(
+        text.ends_with(
+            "Match each with `expect::<T>()` or `expect_dead_letter::<T>()` before this assertion."
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn no_more_within_fails_on_a_late_arrival_and_passes_on_silence() {
+    let h = Arc::new(TestHarness::new().await);
+    h.spawn(LateAuditor).await;
+    h.assert_no_more_within(Duration::from_millis(20)).await;
+    h.send("s1", Job { id: 3 }).await;
+    let text = panic_text({
+        let h = h.clone();
+        async move { h.assert_no_more_within(Duration::from_secs(2)).await }
+    })
+    .await;
+    assert!(
+        text.starts_with("expected nothing more within 2s, but after "),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 message had arrived that no expectation matched")
+            && text.contains("AuditEvent:event:s1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn types_with_their_own_channel_template_are_watched_and_named() {
+    let h = TestHarness::new().await;
+    h.observe::<LedgerEntry>().await;
+    h.spawn(PaymentAgent).await;
+    h.send("s1", payment(3.0, "ledger")).await;
+    let entry = h.expect::<LedgerEntry>().session("s1").await;
+    assert_eq!(entry.envelope.channel().name(), "ledger.event.s1");
+    let text = h
+        .expect::<LedgerEntry>()
+        .within(Duration::from_millis(20))
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("LedgerEntry:event:s1 (named \"ledger.event.s1\")"),
+        "{text}"
+    );
+    h.expect::<PaymentResponse>().await;
+    h.assert_nothing_else_published().await;
+}
+
+#[tokio::test]
+async fn a_harness_limited_to_its_sessions_ignores_other_traffic() {
+    let router = MemoryRouter::new();
+    let h = TestHarness::builder()
+        .router(MemoryConnection::new(router.clone()))
+        .only_sessions(["mine"])
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let session = h.unique_session("s1");
+    assert!(session.starts_with("s1-") && session.len() > 4);
+    h.spawn_with(PaymentAgent, AgentOptions::new().session("mine"))
+        .await;
+    // Another test on the same bus.
+    let other = TestHarness::with_router(MemoryConnection::new(router.clone()))
+        .await
+        .unwrap();
+    other.send("theirs", AuditEvent { amount: 1.0 }).await;
+    h.send("mine", payment(1.0, "u")).await;
+    h.expect::<PaymentResponse>().session("mine").await;
+    assert_eq!(
+        h.published().channels(),
+        [
+            "PaymentRequest:request:mine",
+            "PaymentResponse:response:mine"
+        ]
+    );
+    h.assert_nothing_else_published().await;
+    // The other harness saw everything, including this one's traffic.
+    assert!(other.published().len() >= 3);
+}
+
+#[tokio::test]
+async fn send_refuses_invalid_messages_with_the_reason() {
+    #[derive(Debug, Serialize, Deserialize, Message)]
+    struct Strict {
+        #[message(non_empty)]
+        name: String,
+    }
+    let h = TestHarness::new().await;
+    let error = h
+        .try_send_to("event", "s1", Strict { name: " ".into() })
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("field `name` breaks rule `non_empty`"),
+        "{error}"
+    );
+    let text = panic_text(async move {
+        h.send(
+            "s1",
+            Strict {
+                name: String::new(),
+            },
+        )
+        .await;
+    })
+    .await;
+    assert!(
+        text.starts_with(
+            "could not send Strict to session \"s1\" (direction \"event\"): invalid Strict"
+        ),
+        "{text}"
+    );
+}

@@ -21,7 +21,6 @@ use agentcomm_core::router::{
 
 use crate::builder::QueueType;
 use crate::link::{Inner, Live, OpChannel, Reason, bump};
-use crate::publisher::Outgoing;
 use crate::topology::{retry_bucket_ms, retry_queue};
 
 /// How a subscription's queue is shared.
@@ -56,7 +55,8 @@ pub(crate) struct AckState {
 /// The live consumer of a subscription.
 #[derive(Clone)]
 pub(crate) struct LiveConsumer {
-    pub channel: Channel,
+    /// Shared with every delivery's handle (one reference count instead of amqprs's several).
+    pub channel: Arc<Channel>,
     pub tag: String,
     pub reason: Reason,
 }
@@ -205,7 +205,7 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
                         stop.wait_for(|stop| *stop),
                     )
                     .await;
-                    let channel = consumer.channel.clone();
+                    let channel = Channel::clone(&consumer.channel);
                     tokio::spawn(async move {
                         let _ = tokio::time::timeout(Duration::from_secs(5), channel.close()).await;
                     });
@@ -251,8 +251,8 @@ async fn cleanup(shared: &SubShared, consumer: Option<LiveConsumer>) {
         );
     }
     if let Some(consumer) = consumer {
-        let _ =
-            tokio::time::timeout(inner.settings.operation_timeout, consumer.channel.close()).await;
+        let channel = Channel::clone(&consumer.channel);
+        let _ = tokio::time::timeout(inner.settings.operation_timeout, channel.close()).await;
     }
     if shared.spec.kind == QueueKind::FanOut {
         let name = shared.spec.name.clone();
@@ -346,7 +346,7 @@ async fn setup(
     match result {
         Ok((tag, generation, receiver)) => Ok((
             LiveConsumer {
-                channel: op.channel,
+                channel: Arc::new(op.channel),
                 tag,
                 reason: op.reason,
             },
@@ -431,11 +431,15 @@ async fn forward(
             tag,
         };
         let delivery = Delivery::new(envelope, Box::new(handle)).redelivered(deliver.redelivered());
+        // The buffer holds the prefetch, so it is rarely full: try without waiting first.
+        let delivery = match shared.sender.try_send(delivery) {
+            Ok(()) => continue,
+            Err(async_channel::TrySendError::Full(delivery)) => delivery,
+            // The subscription is gone: dropping the delivery gives it back.
+            Err(async_channel::TrySendError::Closed(_)) => continue,
+        };
         if *stop.borrow() {
-            // Closing: keep what fits in the buffer, give the rest back to the broker.
-            if let Err(error) = shared.sender.try_send(delivery) {
-                drop(error.into_inner());
-            }
+            // Closing with a full buffer: give it back to the broker.
             continue;
         }
         tokio::select! {
@@ -469,10 +473,12 @@ async fn dead_letter_malformed(
     );
     let source = format!("rabbitmq queue '{queue}' (routing key '{routing_key}')");
     let dead = Envelope::malformed(content, &source, &error.to_string());
-    let published = match crate::topology::routing_key(dead.channel())
-        .and_then(|key| Outgoing::new(&dead, &inner.settings.exchange, key))
-    {
-        Ok(message) => inner.publish_outgoing(&message).await,
+    let published = match crate::topology::routing_key(dead.channel()) {
+        Ok(key) => {
+            inner
+                .publish_envelope(&dead, &inner.settings.exchange, &key)
+                .await
+        }
         Err(error) => Err(error),
     };
     let settle = match published {
@@ -501,7 +507,7 @@ async fn dead_letter_malformed(
 /// Settles one delivery on the channel it came from.
 struct AmqpAck {
     state: Arc<AckState>,
-    channel: Channel,
+    channel: Arc<Channel>,
     generation: u64,
     tag: u64,
 }
@@ -528,19 +534,18 @@ impl AmqpAck {
         ))
     }
 
+    // basic.ack and basic.nack only queue a frame for the connection's writer: they wait only while
+    // the writer is stalled, and a stalled connection is ended by its heartbeat (the queue then
+    // fails every waiting send). So they need no timer of their own.
     async fn basic_ack(&self) -> Result<()> {
         let inner = &self.state.inner;
-        let consumer_reason = Reason::default();
-        inner
-            .operation(
-                "acknowledging a delivery",
-                &consumer_reason,
-                self.channel
-                    .basic_ack(BasicAckArguments::new(self.tag, false)),
-            )
+        self.channel
+            .basic_ack(BasicAckArguments::new(self.tag, false))
             .await
             .map_err(|error| {
-                inner.backend_error(format!("{error}; RabbitMQ delivers the message again"))
+                inner.backend_error(format!(
+                    "acknowledging the message failed ({error}); RabbitMQ delivers it again"
+                ))
             })?;
         bump(&inner.counters.acked);
         Ok(())
@@ -548,14 +553,14 @@ impl AmqpAck {
 
     async fn basic_requeue(&self) -> Result<()> {
         let inner = &self.state.inner;
-        inner
-            .operation(
-                "requeueing a delivery",
-                &Reason::default(),
-                self.channel
-                    .basic_nack(BasicNackArguments::new(self.tag, false, true)),
-            )
-            .await?;
+        self.channel
+            .basic_nack(BasicNackArguments::new(self.tag, false, true))
+            .await
+            .map_err(|error| {
+                inner.backend_error(format!(
+                    "giving the message back failed ({error}); RabbitMQ delivers it again when the channel closes"
+                ))
+            })?;
         bump(&inner.counters.requeued);
         Ok(())
     }
@@ -660,10 +665,9 @@ impl Inner {
             return self.requeue_now(queue, envelope).await;
         }
         let name = retry_queue(queue, ttl);
-        let message = Outgoing::new(envelope, "", name.clone())?;
         for _ in 0..2 {
             self.ensure_retry_queue(&name, queue, ttl).await?;
-            match self.publish_outgoing(&message).await? {
+            match self.publish_envelope(envelope, "", &name).await? {
                 PublishOutcome::Unroutable => {
                     // The retry queue expired or was deleted since we declared it: declare it again.
                     self.retry_queues.lock().expect("retry lock").remove(&name);
@@ -678,8 +682,7 @@ impl Inner {
 
     /// Sends `envelope` straight back to `queue` (the default exchange routes by queue name).
     pub(crate) async fn requeue_now(&self, queue: &str, envelope: &Envelope) -> Result<()> {
-        let message = Outgoing::new(envelope, "", queue.to_string())?;
-        match self.publish_outgoing(&message).await? {
+        match self.publish_envelope(envelope, "", queue).await? {
             PublishOutcome::Unroutable => Err(self.backend_error(format!(
                 "the queue '{queue}' no longer exists, so the retry has nowhere to go"
             ))),

@@ -70,7 +70,6 @@ pub use builder::{AmqpRouterBuilder, DEFAULT_EXCHANGE, DeadLetterSettings, Queue
 
 use consumer::{AckState, Control, QueueKind, QueueSpec, SubShared};
 use link::{BACKEND, Inner, LinkState, OpChannel};
-use publisher::Outgoing;
 
 /// The most publishes of one batch waiting for their confirm at once.
 const BATCH_IN_FLIGHT: usize = 1024;
@@ -150,8 +149,9 @@ impl AmqpRouter {
             return Err(Inner::closed_error());
         }
         let routing_key = topology::routing_key(envelope.channel())?;
-        let message = Outgoing::new(&envelope, &self.inner.settings.exchange, routing_key)?;
-        self.inner.publish_outgoing(&message).await
+        self.inner
+            .publish_envelope(&envelope, &self.inner.settings.exchange, &routing_key)
+            .await
     }
 
     async fn subscribe_now(&self, options: SubscribeOptions) -> Result<Subscription> {
@@ -256,13 +256,13 @@ impl AmqpRouter {
             .collect()
     }
 
-    async fn unconfirmed(&self) -> u64 {
-        match tokio::time::timeout(Duration::from_secs(1), self.inner.publisher.lock()).await {
-            Ok(slot) => slot
-                .as_ref()
-                .map_or(0, |publisher| publisher.confirms.unconfirmed() as u64),
-            Err(_) => 0,
-        }
+    fn unconfirmed(&self) -> u64 {
+        self.inner
+            .publisher
+            .lock()
+            .expect("publisher lock")
+            .as_ref()
+            .map_or(0, |publisher| publisher.confirms.unconfirmed() as u64)
     }
 
     async fn round_trip(&self) -> Option<Duration> {
@@ -290,7 +290,7 @@ impl AmqpRouter {
         let inner = &self.inner;
         let state = inner.state.borrow().clone();
         let subscriptions = self.live_subscriptions();
-        let unconfirmed = self.unconfirmed().await;
+        let unconfirmed = self.unconfirmed();
         let blocked = inner.blocked.lock().expect("blocked lock").clone();
         let (status, connected, detail) = match &state {
             LinkState::Closed => (HealthStatus::Unhealthy, false, "closed".to_string()),
@@ -402,10 +402,10 @@ impl AmqpRouter {
             tracing::warn!("some subscriptions did not finish closing in time");
         }
         let deadline = Instant::now() + settings.close_timeout;
-        while self.unconfirmed().await > 0 && Instant::now() < deadline {
+        while self.unconfirmed() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let left = self.unconfirmed().await;
+        let left = self.unconfirmed();
         if left > 0 {
             tracing::warn!(
                 unconfirmed = left,
@@ -413,7 +413,8 @@ impl AmqpRouter {
             );
         }
         inner.stop.send_replace(true);
-        if let Some(publisher) = inner.publisher.lock().await.take() {
+        let publisher = inner.publisher.lock().expect("publisher lock").take();
+        if let Some(publisher) = publisher {
             publisher.close(settings.operation_timeout).await;
         }
         if let Some(op) = inner.topology.lock().await.take() {

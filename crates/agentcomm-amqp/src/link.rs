@@ -175,7 +175,10 @@ pub(crate) struct Inner {
     /// The generation of the live connection, 0 while disconnected (read on every publish).
     pub connected: AtomicU64,
     next_generation: AtomicU64,
-    pub publisher: tokio::sync::Mutex<Option<Arc<Publisher>>>,
+    /// The publishing channel of the live connection (read on every publish, so not an async lock).
+    pub publisher: Mutex<Option<Arc<Publisher>>>,
+    /// Held while a publishing channel is being opened.
+    pub opening_publisher: tokio::sync::Mutex<()>,
     pub topology: tokio::sync::Mutex<Option<OpChannel>>,
     /// Retry queues declared on the live connection, with when they were declared.
     pub retry_queues: Mutex<HashMap<String, Instant>>,
@@ -199,7 +202,8 @@ impl Inner {
             }),
             connected: AtomicU64::new(0),
             next_generation: AtomicU64::new(1),
-            publisher: tokio::sync::Mutex::new(None),
+            publisher: Mutex::new(None),
+            opening_publisher: tokio::sync::Mutex::new(()),
             topology: tokio::sync::Mutex::new(None),
             retry_queues: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(Vec::new()),
@@ -530,7 +534,8 @@ impl Inner {
             }
             _ => false,
         });
-        if let Some(publisher) = self.publisher.lock().await.take() {
+        let publisher = self.publisher.lock().expect("publisher lock").take();
+        if let Some(publisher) = publisher {
             publisher.confirms.fail_all(why);
         }
         *self.topology.lock().await = None;

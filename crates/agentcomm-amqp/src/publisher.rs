@@ -2,14 +2,20 @@
 //! to waiters (amqprs has no per-publish future), multiple-acks, nacks and returns.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
 use amqprs::{BasicProperties, CloseChannel};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use agentcomm_core::Envelope;
+use agentcomm_core::error::{Error, Result};
+use agentcomm_core::router::PublishOutcome;
+
+use crate::link::{Inner, LinkState, bump};
 
 /// What the broker said about one publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,17 +26,14 @@ pub(crate) enum Confirmed {
     Nack,
 }
 
-/// A message ready to publish, kept by the publishing call so it can be sent again after a reconnect.
-#[derive(Debug, Clone)]
-pub(crate) struct Outgoing {
-    pub exchange: String,
-    pub routing_key: String,
-    pub properties: BasicProperties,
-    pub body: Vec<u8>,
+/// A message ready for one send: the frame as body and the AMQP properties.
+pub(crate) struct Outgoing<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    properties: BasicProperties,
+    body: Vec<u8>,
     /// The envelope id, as a number, to match basic.return with its publish.
-    pub id: u128,
-    /// The envelope id as text, for errors and logs.
-    pub id_text: String,
+    id: u128,
 }
 
 /// The AMQP `content_type` of an agentcomm frame.
@@ -42,21 +45,20 @@ pub(crate) fn frame_content_type(envelope: &Envelope) -> &'static str {
     }
 }
 
-impl Outgoing {
+impl<'a> Outgoing<'a> {
     /// The message for `envelope`: the frame as body; id, correlation id, timestamp, class and the
     /// frame's content type copied into the AMQP properties for tooling; persistent.
     pub(crate) fn new(
         envelope: &Envelope,
-        exchange: &str,
-        routing_key: String,
-    ) -> agentcomm_core::Result<Self> {
+        exchange: &'a str,
+        routing_key: &'a str,
+    ) -> Result<Self> {
         let body = envelope.to_frame()?;
-        let id_text = envelope.id().to_string();
         let mut properties = BasicProperties::default();
         properties
             .with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT)
             .with_content_type(frame_content_type(envelope))
-            .with_message_id(&id_text)
+            .with_message_id(&envelope.id().to_string())
             .with_timestamp(envelope.timestamp_ms() / 1000)
             .with_app_id("agentcomm");
         // AMQP short strings hold 255 bytes; longer values stay in the frame only.
@@ -67,12 +69,11 @@ impl Outgoing {
             properties.with_correlation_id(correlation_id);
         }
         Ok(Outgoing {
-            exchange: exchange.to_string(),
+            exchange,
             routing_key,
             properties,
             body,
             id: envelope.id().as_uuid().as_u128(),
-            id_text,
         })
     }
 }
@@ -83,22 +84,58 @@ struct Waiting {
     waiter: oneshot::Sender<Confirmed>,
 }
 
+/// The delivery tags of one envelope id: almost always one.
+enum Tags {
+    One(u64),
+    Many(Vec<u64>),
+}
+
 #[derive(Default)]
 struct Pending {
     by_tag: BTreeMap<u64, Waiting>,
     /// Tags by envelope id: a basic.return carries the message, not its delivery tag.
-    by_id: HashMap<u128, Vec<u64>>,
+    by_id: HashMap<u128, Tags>,
 }
 
 impl Pending {
+    fn insert(&mut self, tag: u64, id: u128, waiter: oneshot::Sender<Confirmed>) {
+        self.by_tag.insert(
+            tag,
+            Waiting {
+                id,
+                returned: false,
+                waiter,
+            },
+        );
+        match self.by_id.get_mut(&id) {
+            None => {
+                self.by_id.insert(id, Tags::One(tag));
+            }
+            Some(Tags::One(first)) => {
+                let first = *first;
+                self.by_id.insert(id, Tags::Many(vec![first, tag]));
+            }
+            Some(Tags::Many(tags)) => tags.push(tag),
+        }
+    }
+
+    fn unindex(&mut self, id: u128, tag: u64) {
+        let empty = match self.by_id.get_mut(&id) {
+            Some(Tags::One(only)) => *only == tag,
+            Some(Tags::Many(tags)) => {
+                tags.retain(|t| *t != tag);
+                tags.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            self.by_id.remove(&id);
+        }
+    }
+
     fn remove(&mut self, tag: u64) -> Option<Waiting> {
         let waiting = self.by_tag.remove(&tag)?;
-        if let Some(tags) = self.by_id.get_mut(&waiting.id) {
-            tags.retain(|t| *t != tag);
-            if tags.is_empty() {
-                self.by_id.remove(&waiting.id);
-            }
-        }
+        self.unindex(waiting.id, tag);
         Some(waiting)
     }
 }
@@ -112,43 +149,26 @@ pub(crate) struct Confirms {
 }
 
 impl Confirms {
-    fn insert(&self, tag: u64, id: u128, waiter: oneshot::Sender<Confirmed>) {
-        let mut pending = self.pending.lock().expect("confirms lock");
-        pending.by_tag.insert(
-            tag,
-            Waiting {
-                id,
-                returned: false,
-                waiter,
-            },
-        );
-        pending.by_id.entry(id).or_default().push(tag);
-    }
-
     /// Forgets a publish whose caller gave up (timed out): its confirm, if it comes, is ignored.
     pub(crate) fn forget(&self, tag: u64) {
         self.pending.lock().expect("confirms lock").remove(tag);
     }
 
     fn settle(&self, tag: u64, multiple: bool, ack: bool) {
-        let done: Vec<Waiting> = {
+        let mut done = Vec::new();
+        {
             let mut pending = self.pending.lock().expect("confirms lock");
             if multiple {
                 let later = pending.by_tag.split_off(&(tag + 1));
                 let settled = std::mem::replace(&mut pending.by_tag, later);
-                for (tag, waiting) in &settled {
-                    if let Some(tags) = pending.by_id.get_mut(&waiting.id) {
-                        tags.retain(|t| t != tag);
-                        if tags.is_empty() {
-                            pending.by_id.remove(&waiting.id);
-                        }
-                    }
+                for (tag, waiting) in settled {
+                    pending.unindex(waiting.id, tag);
+                    done.push(waiting);
                 }
-                settled.into_values().collect()
-            } else {
-                pending.remove(tag).into_iter().collect()
+            } else if let Some(waiting) = pending.remove(tag) {
+                done.push(waiting);
             }
-        };
+        }
         for waiting in done {
             let confirmed = if ack {
                 Confirmed::Ack {
@@ -168,8 +188,10 @@ impl Confirms {
         };
         let mut pending = self.pending.lock().expect("confirms lock");
         let Pending { by_tag, by_id } = &mut *pending;
-        let Some(tags) = by_id.get(&id.as_u128()) else {
-            return false;
+        let tags: &[u64] = match by_id.get(&id.as_u128()) {
+            Some(Tags::One(tag)) => std::slice::from_ref(tag),
+            Some(Tags::Many(tags)) => tags,
+            None => return false,
         };
         // Returns come in publish order, before their ack: the first not yet returned is this one.
         for tag in tags {
@@ -206,9 +228,9 @@ impl Confirms {
 }
 
 /// The amqprs callback of a publishing channel.
-pub(crate) struct ConfirmCallback {
-    pub confirms: Arc<Confirms>,
-    pub returns: Arc<std::sync::atomic::AtomicU64>,
+struct ConfirmCallback {
+    confirms: Arc<Confirms>,
+    returns: Arc<AtomicU64>,
 }
 
 #[async_trait::async_trait]
@@ -217,7 +239,7 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
         &mut self,
         _channel: &Channel,
         close: CloseChannel,
-    ) -> Result<(), amqprs::error::Error> {
+    ) -> std::result::Result<(), amqprs::error::Error> {
         let reason = format!(
             "the broker closed the publishing channel: {} {}",
             close.reply_code(),
@@ -232,7 +254,7 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
         &mut self,
         _channel: &Channel,
         _cancel: amqprs::Cancel,
-    ) -> Result<(), amqprs::error::Error> {
+    ) -> std::result::Result<(), amqprs::error::Error> {
         Ok(())
     }
 
@@ -240,7 +262,7 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
         &mut self,
         _channel: &Channel,
         active: bool,
-    ) -> Result<bool, amqprs::error::Error> {
+    ) -> std::result::Result<bool, amqprs::error::Error> {
         Ok(active)
     }
 
@@ -266,8 +288,7 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
         properties: BasicProperties,
         _content: Vec<u8>,
     ) {
-        self.returns
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.returns.fetch_add(1, Ordering::Relaxed);
         if !self.confirms.returned(properties.message_id()) {
             tracing::debug!(
                 routing_key = %ret.routing_key(),
@@ -287,22 +308,14 @@ pub(crate) struct Publisher {
     pub confirms: Arc<Confirms>,
 }
 
-/// Why a send did not reach the broker.
-pub(crate) enum SendFailure {
-    /// The channel or connection is gone: send again on the next one.
-    Lost,
-    /// The frame could not be queued in time (the connection is stalled or blocked).
-    Stalled,
-}
-
 impl Publisher {
     /// Opens a channel on `connection`, puts it in confirm mode and registers the callback.
-    pub(crate) async fn open(
+    async fn open(
         connection: &amqprs::connection::Connection,
         generation: u64,
-        timeout: std::time::Duration,
-        returns: Arc<std::sync::atomic::AtomicU64>,
-    ) -> Result<Arc<Self>, String> {
+        timeout: Duration,
+        returns: Arc<AtomicU64>,
+    ) -> std::result::Result<Arc<Self>, String> {
         let setup = async {
             let channel = connection
                 .open_channel(None)
@@ -337,95 +350,94 @@ impl Publisher {
         !self.confirms.is_dead() && self.channel.is_open() && self.channel.is_connection_open()
     }
 
-    /// Sends `message` (mandatory, so an unroutable one is returned); the receiver resolves with the
-    /// broker's confirm, or fails when the channel is lost first.
-    pub(crate) async fn send(
-        &self,
-        message: &Outgoing,
-        timeout: std::time::Duration,
-    ) -> Result<(u64, oneshot::Receiver<Confirmed>), SendFailure> {
-        let mut next_tag = match tokio::time::timeout(timeout, self.next_tag.lock()).await {
-            Ok(guard) => guard,
-            Err(_) => return Err(SendFailure::Stalled),
-        };
+    /// Sends `message` (mandatory, so an unroutable one is returned). `Some(tag, receiver)`: the
+    /// receiver resolves with the broker's confirm, or fails when the channel is lost first. `None`:
+    /// the channel is gone and nothing was sent.
+    ///
+    /// Unbounded by itself (queuing the frame waits only while the connection's writer is stalled,
+    /// which its heartbeat ends): the caller bounds the whole publish.
+    async fn send(&self, message: Outgoing<'_>) -> Option<(u64, oneshot::Receiver<Confirmed>)> {
+        let mut next_tag = self.next_tag.lock().await;
         if !self.is_alive() {
-            return Err(SendFailure::Lost);
+            return None;
         }
         let tag = *next_tag;
         let (sender, receiver) = oneshot::channel();
         // Registered before sending: the ack may come back before basic_publish returns.
-        self.confirms.insert(tag, message.id, sender);
-        let mut arguments = BasicPublishArguments::new(&message.exchange, &message.routing_key);
+        self.confirms
+            .pending
+            .lock()
+            .expect("confirms lock")
+            .insert(tag, message.id, sender);
+        let mut arguments = BasicPublishArguments::new(message.exchange, message.routing_key);
         arguments.mandatory(true);
-        let sent = tokio::time::timeout(
-            timeout,
-            self.channel
-                .basic_publish(message.properties.clone(), message.body.clone(), arguments),
-        )
-        .await;
-        match sent {
-            Ok(Ok(())) => {
+        // If this future is dropped (the caller's deadline) before the frame is queued, the frame is
+        // not sent and the tag stays unused; the pending entry is forgotten by the caller.
+        match self
+            .channel
+            .basic_publish(message.properties, message.body, arguments)
+            .await
+        {
+            Ok(()) => {
                 *next_tag += 1;
-                Ok((tag, receiver))
+                Some((tag, receiver))
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 self.confirms.forget(tag);
                 self.confirms
                     .fail_all(&format!("the connection failed while publishing: {error}"));
-                Err(SendFailure::Lost)
-            }
-            Err(_) => {
-                // The send future was dropped before the frame was queued, so the tag is unused.
-                self.confirms.forget(tag);
-                Err(SendFailure::Stalled)
+                None
             }
         }
     }
 
     /// Closes the channel (bounded).
-    pub(crate) async fn close(&self, timeout: std::time::Duration) {
+    pub(crate) async fn close(&self, timeout: Duration) {
         self.confirms.fail_all("the router closed");
-        let channel = self.channel.clone();
-        let _ = tokio::time::timeout(timeout, channel.close()).await;
+        let _ = tokio::time::timeout(timeout, self.channel.clone().close()).await;
     }
 }
 
 /// How many times one publish is sent again after losing its channel before it fails.
 const MAX_RESENDS: u32 = 10;
 
-impl crate::link::Inner {
+/// What one attempt of a publish came to.
+enum Attempt {
+    Confirmed(Confirmed),
+    /// The channel was gone before sending: send on the next one.
+    NotSent,
+    /// The channel was lost after sending, before the confirm: send again.
+    Lost,
+    TimedOut,
+}
+
+impl Inner {
     /// The publishing channel of the live connection, opened on demand; during an outage, waits for
     /// the reconnect until `outage_deadline` (set on the first wait of this publish).
-    async fn publisher_for(
-        &self,
-        outage_deadline: &mut Option<tokio::time::Instant>,
-    ) -> agentcomm_core::Result<Arc<Publisher>> {
-        use std::sync::atomic::Ordering;
+    async fn publisher_for(&self, outage_deadline: &mut Option<Instant>) -> Result<Arc<Publisher>> {
         loop {
             let generation = self.connected.load(Ordering::Acquire);
             if generation != 0 {
-                let mut slot = self.publisher.lock().await;
-                if let Some(publisher) = slot.as_ref()
-                    && publisher.generation == generation
-                    && publisher.is_alive()
-                {
-                    return Ok(publisher.clone());
+                if let Some(publisher) = self.current_publisher(generation) {
+                    return Ok(publisher);
+                }
+                let opening = self.opening_publisher.lock().await;
+                // Another publish may have opened it while this one waited.
+                if let Some(publisher) = self.current_publisher(generation) {
+                    return Ok(publisher);
                 }
                 let live = match &*self.state.borrow() {
-                    crate::link::LinkState::Connected(live) if live.generation == generation => {
+                    LinkState::Connected(live) if live.generation == generation => {
                         Some(live.clone())
                     }
                     _ => None,
                 };
                 if let Some(live) = live {
-                    let channel_died = slot
-                        .as_ref()
-                        .is_some_and(|previous| previous.generation == generation);
-                    if channel_died {
+                    let previous = self.publisher.lock().expect("publisher lock").clone();
+                    if let Some(previous) = previous.filter(|p| p.generation == generation) {
                         // The broker closed the channel on a live connection: a deleted exchange
                         // (404) is the usual cause, so declare the topology again first.
-                        let reason = slot.as_ref().and_then(|p| p.confirms.reason());
-                        tracing::warn!(reason = ?reason, "reopening the publishing channel");
+                        tracing::warn!(reason = ?previous.confirms.reason(), "reopening the publishing channel");
                         if let Err(error) = self.redeclare_topology().await {
                             tracing::warn!(error = %error, "could not declare the topology again");
                         }
@@ -439,7 +451,8 @@ impl crate::link::Inner {
                     .await
                     {
                         Ok(publisher) => {
-                            *slot = Some(publisher.clone());
+                            *self.publisher.lock().expect("publisher lock") =
+                                Some(publisher.clone());
                             return Ok(publisher);
                         }
                         Err(error) if live.connection.is_open() => {
@@ -448,111 +461,125 @@ impl crate::link::Inner {
                         Err(_) => {}
                     }
                 }
-                drop(slot);
+                drop(opening);
                 // The connection died and the supervisor has not seen it yet: do not spin.
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let deadline = *outage_deadline.get_or_insert_with(|| {
-                tokio::time::Instant::now() + self.settings.publish_outage_timeout
-            });
+            let deadline = *outage_deadline
+                .get_or_insert_with(|| Instant::now() + self.settings.publish_outage_timeout);
             self.wait_connected(Some(deadline)).await?;
         }
     }
 
-    /// Publishes `message` and waits for the broker's confirm, sending it again on the next channel
-    /// if the channel or connection is lost first.
-    pub(crate) async fn publish_outgoing(
+    fn current_publisher(&self, generation: u64) -> Option<Arc<Publisher>> {
+        self.publisher
+            .lock()
+            .expect("publisher lock")
+            .as_ref()
+            .filter(|p| p.generation == generation && p.is_alive())
+            .cloned()
+    }
+
+    /// One send of `envelope` and the wait for its confirm, all within the confirm timeout.
+    async fn attempt(
         &self,
-        message: &Outgoing,
-    ) -> agentcomm_core::Result<agentcomm_core::router::PublishOutcome> {
-        use crate::link::bump;
-        use agentcomm_core::router::PublishOutcome;
-        let settings = &self.settings;
+        publisher: &Publisher,
+        envelope: &Envelope,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Attempt> {
+        let message = Outgoing::new(envelope, exchange, routing_key)?;
+        let mut sent_tag = None;
+        let confirmed = tokio::time::timeout(self.settings.confirm_timeout, async {
+            let Some((tag, confirm)) = publisher.send(message).await else {
+                return Attempt::NotSent;
+            };
+            sent_tag = Some(tag);
+            match confirm.await {
+                Ok(confirmed) => Attempt::Confirmed(confirmed),
+                Err(_) => Attempt::Lost,
+            }
+        })
+        .await;
+        Ok(match confirmed {
+            Ok(attempt) => attempt,
+            Err(_) => {
+                if let Some(tag) = sent_tag {
+                    publisher.confirms.forget(tag);
+                }
+                Attempt::TimedOut
+            }
+        })
+    }
+
+    /// Publishes `envelope` to `exchange` with `routing_key` and waits for the broker's confirm,
+    /// sending it again on the next channel if the channel or connection is lost first.
+    pub(crate) async fn publish_envelope(
+        &self,
+        envelope: &Envelope,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<PublishOutcome> {
         let mut outage_deadline = None;
         let mut losses = 0u32;
         bump(&self.counters.published);
-        loop {
+        let result = loop {
             let publisher = match self.publisher_for(&mut outage_deadline).await {
                 Ok(publisher) => publisher,
-                Err(error) => {
-                    bump(&self.counters.publish_failures);
-                    return Err(error);
-                }
+                Err(error) => break Err(error),
             };
-            let (tag, confirm) = match publisher.send(message, settings.confirm_timeout).await {
-                Ok(sent) => sent,
-                Err(SendFailure::Lost) => {
-                    losses += 1;
-                    if losses > MAX_RESENDS {
-                        bump(&self.counters.publish_failures);
-                        return Err(self.lost_too_often(message, &publisher));
-                    }
-                    continue;
-                }
-                Err(SendFailure::Stalled) => {
-                    bump(&self.counters.publish_failures);
-                    return Err(agentcomm_core::Error::Timeout {
-                        operation: format!(
-                            "room to send message {} on '{}' (the connection is stalled, or blocked by a RabbitMQ memory or disk alarm)",
-                            message.id_text, message.routing_key
-                        ),
-                        after: settings.confirm_timeout,
-                    });
-                }
-            };
-            match tokio::time::timeout(settings.confirm_timeout, confirm).await {
-                Ok(Ok(Confirmed::Ack { returned })) => {
+            let outcome = self
+                .attempt(&publisher, envelope, exchange, routing_key)
+                .await?;
+            match outcome {
+                Attempt::Confirmed(Confirmed::Ack { returned }) => {
                     bump(&self.counters.confirmed);
                     if returned {
                         bump(&self.counters.unroutable);
-                        return Ok(PublishOutcome::Unroutable);
+                        break Ok(PublishOutcome::Unroutable);
                     }
-                    return Ok(PublishOutcome::Accepted);
+                    break Ok(PublishOutcome::Accepted);
                 }
-                Ok(Ok(Confirmed::Nack)) => {
+                Attempt::Confirmed(Confirmed::Nack) => {
                     bump(&self.counters.publish_nacks);
-                    bump(&self.counters.publish_failures);
-                    return Err(self.backend_error(format!(
-                        "RabbitMQ refused message {} on '{}' (basic.nack: it could not take responsibility for it, e.g. a full queue with overflow=reject-publish or an internal error); publish it again later",
-                        message.id_text, message.routing_key
+                    break Err(self.backend_error(format!(
+                        "RabbitMQ refused message {} on '{routing_key}' (basic.nack: it could not take responsibility for it, e.g. a full queue with overflow=reject-publish or an internal error); publish it again later",
+                        envelope.id()
                     )));
                 }
-                Ok(Err(_)) => {
-                    // The channel was lost before the confirm: the broker may or may not have it, so
-                    // send it again (at-least-once).
+                Attempt::Lost | Attempt::NotSent => {
+                    // The broker may or may not have it: send it again (at-least-once).
                     losses += 1;
-                    bump(&self.counters.resent);
                     if losses > MAX_RESENDS {
-                        bump(&self.counters.publish_failures);
-                        return Err(self.lost_too_often(message, &publisher));
+                        break Err(self.backend_error(format!(
+                            "message {} on '{routing_key}' was not confirmed: its channel was lost {MAX_RESENDS} times ({})",
+                            envelope.id(),
+                            publisher
+                                .confirms
+                                .reason()
+                                .unwrap_or_else(|| "connection lost".to_string())
+                        )));
                     }
-                    tracing::debug!(message_id = %message.id_text, "the publishing channel was lost before the confirm; sending again");
+                    if matches!(outcome, Attempt::Lost) {
+                        bump(&self.counters.resent);
+                    }
+                    tracing::debug!(message_id = %envelope.id(), "the publishing channel was lost before the confirm; sending again");
                 }
-                Err(_) => {
-                    publisher.confirms.forget(tag);
+                Attempt::TimedOut => {
                     bump(&self.counters.confirm_timeouts);
-                    bump(&self.counters.publish_failures);
-                    return Err(agentcomm_core::Error::Timeout {
+                    break Err(Error::Timeout {
                         operation: format!(
-                            "RabbitMQ's confirm of message {} on '{}' (it may or may not have been stored)",
-                            message.id_text, message.routing_key
+                            "RabbitMQ's confirm of message {} on '{routing_key}' (it may or may not have been stored; a stalled connection or a memory/disk alarm delays confirms)",
+                            envelope.id()
                         ),
-                        after: settings.confirm_timeout,
+                        after: self.settings.confirm_timeout,
                     });
                 }
             }
+        };
+        if result.is_err() {
+            bump(&self.counters.publish_failures);
         }
-    }
-
-    fn lost_too_often(&self, message: &Outgoing, publisher: &Publisher) -> agentcomm_core::Error {
-        self.backend_error(format!(
-            "message {} on '{}' was not confirmed: its channel was lost {MAX_RESENDS} times ({})",
-            message.id_text,
-            message.routing_key,
-            publisher
-                .confirms
-                .reason()
-                .unwrap_or_else(|| "connection lost".to_string())
-        ))
+        result
     }
 }

@@ -171,7 +171,7 @@ pub const MAX_RETRY_DELAY: Duration = Duration::from_millis(2_000_000_000);
 /// assert_eq!(retry_bucket_ms(Duration::ZERO), 0);
 /// assert_eq!(retry_bucket_ms(Duration::from_millis(100)), 100);
 /// assert_eq!(retry_bucket_ms(Duration::from_millis(180)), 200);
-/// assert_eq!(retry_bucket_ms(Duration::from_millis(1234)), 1000);
+/// assert_eq!(retry_bucket_ms(Duration::from_millis(1100)), 1000);
 /// assert_eq!(retry_bucket_ms(Duration::from_secs(26)), 30_000);
 /// ```
 pub fn retry_bucket_ms(delay: Duration) -> u64 {

@@ -1,0 +1,111 @@
+//! The testkit's conformance suite, in both delivery modes, against a real Redis (REDIS_URL, default
+//! redis://127.0.0.1:6379). Each mode declares exactly what its router claims.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentcomm_core::channel::Channel;
+use agentcomm_core::error::{Error, Result, redact_url};
+use agentcomm_core::router::{BoxFuture, Capabilities, SharedRouter};
+use agentcomm_redis::{DeliveryMode, RedisRouter};
+use agentcomm_testkit::conformance::ConformanceBackend;
+use fred::prelude::{ClientLike, PubsubInterface, StreamsInterface};
+
+struct Redis {
+    mode: DeliveryMode,
+    url: String,
+    /// Every connection of one scenario shares it; scenarios do not see each other.
+    prefix: String,
+}
+
+impl Redis {
+    fn new(mode: DeliveryMode) -> Self {
+        Redis {
+            mode,
+            url: common::redis_url(),
+            prefix: common::unique_prefix(),
+        }
+    }
+}
+
+impl ConformanceBackend for Redis {
+    fn name(&self) -> &str {
+        match self.mode {
+            DeliveryMode::Streams => "redis-streams",
+            _ => "redis-pubsub",
+        }
+    }
+
+    fn declared_capabilities(&self) -> Capabilities {
+        match self.mode {
+            DeliveryMode::Streams => Capabilities::none()
+                .persistent(true)
+                .ordered_per_channel(true)
+                .consumer_groups(true)
+                .redelivery(true)
+                .publish_confirms(true),
+            _ => Capabilities::none()
+                .ordered_per_channel(true)
+                .redelivery(true)
+                .publish_confirms(true)
+                .reports_unroutable(true)
+                .no_duplicates(true),
+        }
+    }
+
+    fn connect(&self) -> BoxFuture<'_, Option<SharedRouter>> {
+        Box::pin(async move {
+            let connecting = RedisRouter::builder(&self.url)
+                .mode(self.mode)
+                .prefix(&self.prefix)
+                .connect_timeout(Duration::from_secs(3))
+                .read_block(Duration::from_millis(500))
+                .discovery_interval(Duration::from_millis(100))
+                .reorder_window(Duration::from_millis(200))
+                .connect();
+            match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+                Ok(Ok(router)) => Some(Arc::new(router) as SharedRouter),
+                _ => None,
+            }
+        })
+    }
+
+    fn unreachable(&self) -> String {
+        format!("no Redis at {}", redact_url(&self.url))
+    }
+
+    fn publish_raw(&self, channel: &Channel, frame: Vec<u8>) -> BoxFuture<'_, Result<bool>> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            let fail = |error: fred::error::Error| Error::Backend {
+                backend: "redis",
+                message: error.to_string(),
+            };
+            let config = fred::prelude::Config::from_url(&self.url).map_err(fail)?;
+            let client = fred::prelude::Builder::from_config(config)
+                .build()
+                .map_err(fail)?;
+            client.init().await.map_err(fail)?;
+            match self.mode {
+                DeliveryMode::Streams => {
+                    let key = format!("{}:stream:{{{}}}", self.prefix, channel.class());
+                    let _: String = client
+                        .xadd(key, false, None, "*", vec![("f", frame)])
+                        .await
+                        .map_err(fail)?;
+                }
+                _ => {
+                    let name = format!("{}:{}", self.prefix, channel.name());
+                    let _: i64 = client.publish(name, frame).await.map_err(fail)?;
+                }
+            }
+            let _ = client.quit().await;
+            Ok(true)
+        })
+    }
+}
+
+agentcomm_testkit::conformance_tests!(mod streams, Redis::new(DeliveryMode::Streams));
+agentcomm_testkit::conformance_tests!(mod pubsub, Redis::new(DeliveryMode::PubSub));

@@ -633,6 +633,15 @@ pub(crate) async fn supervise(inner: Weak<Inner>, mut live: Live, mut stop: watc
             }
             attempt = attempt.saturating_add(1);
             match strong.establish().await {
+                Ok(new_live) if strong.is_closing() => {
+                    // Closed while this attempt was connecting: do not come back to life.
+                    let _ = tokio::time::timeout(
+                        strong.settings.operation_timeout,
+                        new_live.connection.close(),
+                    )
+                    .await;
+                    return;
+                }
                 Ok(new_live) => {
                     bump(&strong.counters.reconnects);
                     tracing::info!(

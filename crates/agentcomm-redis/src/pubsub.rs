@@ -283,21 +283,28 @@ async fn dispatch(hub: Arc<PubSubHub>, shared: std::sync::Weak<Shared>) {
                         continue;
                     }
                 }
-                let targets: Vec<Arc<PubSubSubscription>> = hub
-                    .subscriptions
-                    .read()
-                    .expect("subscriptions lock")
+                let subscriptions = hub.subscriptions.read().expect("subscriptions lock");
+                let mut remaining = subscriptions
                     .iter()
                     .filter(|subscription| subscription.matches(&envelope))
-                    .cloned()
-                    .collect();
-                let last = targets.len().saturating_sub(1);
+                    .count();
                 let mut envelope = Some(envelope);
-                for (index, subscription) in targets.iter().enumerate() {
-                    let copy = if index == last {
-                        envelope.take().expect("moved into the last target only")
+                for subscription in subscriptions.iter() {
+                    if remaining == 0 {
+                        break;
+                    }
+                    let Some(current) = envelope.as_ref() else {
+                        break;
+                    };
+                    if !subscription.matches(current) {
+                        continue;
+                    }
+                    remaining -= 1;
+                    // The last target takes the envelope itself; the others get copies.
+                    let copy = if remaining == 0 {
+                        envelope.take().expect("present until the last target")
                     } else {
-                        envelope.clone().expect("present until the last target")
+                        current.clone()
                     };
                     let delivery = subscription.delivery(&shared, copy);
                     match subscription.sender.try_send(delivery) {

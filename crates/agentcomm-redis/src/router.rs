@@ -54,6 +54,9 @@ const DEDUP_BITS: i64 = 65_536;
 /// How long an idle publisher's bitmap is kept.
 const DEDUP_TTL_MS: i64 = 3_600_000;
 
+/// One publish of a batch: its index in the batch, its keys (or channel) and its arguments.
+type PipelinedCommand = (usize, Vec<String>, Vec<Value>);
+
 /// The state every clone of a router, and every subscription, shares.
 pub(crate) struct Shared {
     pub(crate) settings: Settings,
@@ -461,7 +464,7 @@ impl Shared {
                 Err(error) => results[index] = Some(Err(error)),
             }
         }
-        let mut by_client: HashMap<usize, Vec<(usize, Vec<String>, Vec<Value>)>> = HashMap::new();
+        let mut by_client: HashMap<usize, Vec<PipelinedCommand>> = HashMap::new();
         let clients = self.pool.clients();
         for (index, route, keys, args) in commands {
             let client = self.client_for(&route);
@@ -496,7 +499,7 @@ impl Shared {
     async fn run_pipeline(
         &self,
         client: &Client,
-        batch: Vec<(usize, Vec<String>, Vec<Value>)>,
+        batch: Vec<PipelinedCommand>,
     ) -> Vec<(usize, Result<PublishOutcome>)> {
         let pipeline = client.pipeline();
         let streams = self.settings.mode == DeliveryMode::Streams;

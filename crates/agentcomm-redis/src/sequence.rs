@@ -39,14 +39,17 @@ impl PublisherSequences {
 
     /// The header value for the next message on `channel`.
     pub(crate) fn next(&mut self, channel: &str) -> String {
-        if !self.next.contains_key(channel) && self.next.len() >= MAX_PUBLISHER_CHANNELS {
+        if let Some(slot) = self.next.get_mut(channel) {
+            *slot += 1;
+            return format!("{}/{}", self.id, slot);
+        }
+        if self.next.len() >= MAX_PUBLISHER_CHANNELS {
             // Numbering restarts under a new id, so that subscribers never see a number go backwards.
             self.next.clear();
             self.id = new_publisher_id();
         }
-        let slot = self.next.entry(channel.to_string()).or_insert(0);
-        *slot += 1;
-        format!("{}/{}", self.id, slot)
+        self.next.insert(channel.to_string(), 1);
+        format!("{}/1", self.id)
     }
 }
 
@@ -81,7 +84,8 @@ struct Track {
 /// The subscriber side: follows every (publisher, channel) sequence seen.
 pub(crate) struct SequenceTracker {
     window: Duration,
-    tracks: HashMap<(String, String), Track>,
+    /// By publisher, then channel: looked up with `&str`, without allocating.
+    tracks: HashMap<String, HashMap<String, Track>>,
     last_sweep: Instant,
 }
 
@@ -103,10 +107,13 @@ impl SequenceTracker {
         let Ok(seq) = number.parse::<u64>() else {
             return (Verdict::New, 0);
         };
-        let key = (publisher.to_string(), channel.to_string());
-        let Some(track) = self.tracks.get_mut(&key) else {
-            self.tracks.insert(
-                key,
+        let channels = match self.tracks.get_mut(publisher) {
+            Some(channels) => channels,
+            None => self.tracks.entry(publisher.to_string()).or_default(),
+        };
+        let Some(track) = channels.get_mut(channel) else {
+            channels.insert(
+                channel.to_string(),
                 Track {
                     base: seq + 1,
                     ahead: BTreeSet::new(),
@@ -155,9 +162,12 @@ impl SequenceTracker {
         self.last_sweep = now;
         let window = self.window;
         let mut lost = 0;
-        self.tracks.retain(|_, track| {
-            lost += settle(track, now, window);
-            now.duration_since(track.last_seen) < TRACK_IDLE
+        self.tracks.retain(|_, channels| {
+            channels.retain(|_, track| {
+                lost += settle(track, now, window);
+                now.duration_since(track.last_seen) < TRACK_IDLE
+            });
+            !channels.is_empty()
         });
         lost
     }

@@ -234,15 +234,27 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
     cleanup(&shared, last_consumer).await;
 }
 
-/// After the subscription stopped: let the application settle what it holds and what is buffered
-/// (up to the close timeout), close the channel, delete a fan-out queue, then end the stream.
+/// After the subscription stopped: let the application settle what it holds (up to the close
+/// timeout), close the channel, delete a fan-out queue, then end the stream.
+///
+/// A subscription closed on its own (an agent stopping) also waits for what is buffered: its reader
+/// drains the stream and settles each delivery while the channel is still open. When the whole router
+/// closes, only deliveries already in a handler's hands are waited for; buffered ones stay readable,
+/// but can no longer be settled, and RabbitMQ delivers them again.
 async fn cleanup(shared: &SubShared, consumer: Option<LiveConsumer>) {
     let inner = &shared.state.inner;
     let deadline = Instant::now() + inner.settings.close_timeout;
-    while shared.state.outstanding.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+    let unsettled = || {
+        if inner.is_closing() {
+            shared.in_hand()
+        } else {
+            shared.state.outstanding.load(Ordering::Acquire)
+        }
+    };
+    while unsettled() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let unsettled = shared.state.outstanding.load(Ordering::Acquire);
+    let unsettled = unsettled();
     if unsettled > 0 {
         tracing::warn!(
             queue = %shared.spec.name,
@@ -312,6 +324,9 @@ async fn setup(
                 channel.queue_declare(declare),
             )
             .await?;
+        if spec.kind == QueueKind::Group {
+            inner.remember_queue(&spec.name);
+        }
         for key in &spec.bindings {
             inner
                 .operation(
@@ -733,6 +748,7 @@ impl Inner {
             .lock()
             .expect("retry lock")
             .insert(name.to_string(), Instant::now());
+        self.remember_queue(name);
         Ok(())
     }
 }

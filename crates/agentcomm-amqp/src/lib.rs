@@ -139,6 +139,23 @@ impl AmqpRouter {
         &self.inner.settings.url.redacted
     }
 
+    /// The durable queues this router declared so far: its dead-letter queue, the queues of the groups
+    /// it subscribed, their retry queues. For tools and for tests that clean up after themselves.
+    pub fn declared_queues(&self) -> Vec<String> {
+        self.inner
+            .declared_queues
+            .lock()
+            .expect("declared lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The dead-letter exchange.
+    pub fn dead_letter_exchange(&self) -> &str {
+        &self.inner.settings.dead_letter_exchange
+    }
+
     /// Whether the connection is up now.
     pub fn is_connected(&self) -> bool {
         self.inner.connected.load(Ordering::Acquire) != 0

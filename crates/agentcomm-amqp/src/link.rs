@@ -183,6 +183,8 @@ pub(crate) struct Inner {
     /// Retry queues declared on the live connection, with when they were declared.
     pub retry_queues: Mutex<HashMap<String, Instant>>,
     pub subscriptions: Mutex<Vec<Weak<crate::consumer::SubShared>>>,
+    /// Durable queues this router declared (dead-letter, group and retry queues).
+    pub declared_queues: Mutex<std::collections::BTreeSet<String>>,
     pub tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub next_subscription: AtomicU64,
     pub counters: Counters,
@@ -207,6 +209,7 @@ impl Inner {
             topology: tokio::sync::Mutex::new(None),
             retry_queues: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(Vec::new()),
+            declared_queues: Mutex::new(std::collections::BTreeSet::new()),
             tasks: Mutex::new(Vec::new()),
             next_subscription: AtomicU64::new(1),
             counters: Counters::default(),
@@ -433,6 +436,7 @@ impl Inner {
                 op.channel.queue_declare(declare),
             )
             .await?;
+            self.remember_queue(queue);
             for (exchange, key) in [
                 (settings.dead_letter_exchange.as_str(), ""),
                 (settings.exchange.as_str(), DEAD_LETTER_BINDING),
@@ -540,6 +544,14 @@ impl Inner {
         }
         *self.topology.lock().await = None;
         self.retry_queues.lock().expect("retry lock").clear();
+    }
+
+    /// Records a durable queue this router declared.
+    pub(crate) fn remember_queue(&self, queue: &str) {
+        let mut declared = self.declared_queues.lock().expect("declared lock");
+        if !declared.contains(queue) {
+            declared.insert(queue.to_string());
+        }
     }
 
     fn on_connected(&self, live: &Live) {

@@ -13,11 +13,7 @@ use agentcomm_core::backoff::Backoff;
 use agentcomm_core::envelope::{Envelope, MessageId};
 use agentcomm_core::router::{PublishOutcome, Router, SubscribeOptions};
 use agentcomm_core::{ChannelPattern, Error, parse_channel};
-// TEMPORARY while agentcomm-testkit is being written (it does not build yet): its committed proxy.
-#[path = "../../agentcomm-testkit/src/proxy.rs"]
-#[allow(dead_code, missing_docs, unreachable_pub)]
-mod proxy;
-use proxy::FaultProxy;
+use agentcomm_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
 
 use common::{Raw, STEP, broker_address, broker_available, unique, within};

@@ -90,6 +90,13 @@ pub struct Raw {
 
 impl Raw {
     pub async fn open() -> Raw {
+        Self::try_open()
+            .await
+            .expect("a raw connection to RabbitMQ")
+    }
+
+    /// A raw connection, or `None` when it cannot be opened within a few seconds.
+    pub async fn try_open() -> Option<Raw> {
         let url = url();
         let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
         let authority = rest.split(['/', '?']).next().unwrap_or(rest);
@@ -104,16 +111,19 @@ impl Raw {
         let (host, port) = address.rsplit_once(':').expect("host:port");
         let arguments =
             OpenConnectionArguments::new(host, port.parse().expect("port"), &user, &password);
-        let connection = within("a raw connection", Connection::open(&arguments))
+        let bound = Duration::from_secs(5);
+        let connection = tokio::time::timeout(bound, Connection::open(&arguments))
             .await
-            .expect("raw connection");
-        let channel = within("a raw channel", connection.open_channel(None))
+            .ok()?
+            .ok()?;
+        let channel = tokio::time::timeout(bound, connection.open_channel(None))
             .await
-            .expect("raw channel");
-        Raw {
+            .ok()?
+            .ok()?;
+        Some(Raw {
             connection,
             channel,
-        }
+        })
     }
 
     /// Publishes raw bytes (no confirm needed: a get or a consumer follows).
@@ -158,33 +168,37 @@ impl Raw {
         result.ok().flatten().map(|(_, count, _)| count)
     }
 
-    /// Deletes queues and the exchange's topology (`<exchange>`, `.dlx`, `.dead-letters`).
+    /// Deletes queues and the exchange's topology (`<exchange>`, `.dlx`, `.dead-letters`). Best effort,
+    /// bounded, never panics (it also runs from `Drop`).
     pub async fn cleanup(&self, exchange: &str, queues: &[String]) {
+        let bound = Duration::from_secs(5);
         let mut all: Vec<String> = queues.to_vec();
         all.push(format!("{exchange}.dead-letters"));
         for queue in all {
-            let channel = match within("a raw channel", self.connection.open_channel(None)).await {
-                Ok(channel) => channel,
-                Err(_) => continue,
+            let Ok(Ok(channel)) =
+                tokio::time::timeout(bound, self.connection.open_channel(None)).await
+            else {
+                continue;
             };
-            let _ = within(
-                "deleting a queue",
+            let _ = tokio::time::timeout(
+                bound,
                 channel.queue_delete(QueueDeleteArguments::new(&queue)),
             )
             .await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), channel.close()).await;
+            let _ = tokio::time::timeout(bound, channel.close()).await;
         }
         for name in [exchange.to_string(), format!("{exchange}.dlx")] {
-            let channel = match within("a raw channel", self.connection.open_channel(None)).await {
-                Ok(channel) => channel,
-                Err(_) => continue,
+            let Ok(Ok(channel)) =
+                tokio::time::timeout(bound, self.connection.open_channel(None)).await
+            else {
+                continue;
             };
-            let _ = within(
-                "deleting an exchange",
+            let _ = tokio::time::timeout(
+                bound,
                 channel.exchange_delete(ExchangeDeleteArguments::new(&name)),
             )
             .await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), channel.close()).await;
+            let _ = tokio::time::timeout(bound, channel.close()).await;
         }
     }
 

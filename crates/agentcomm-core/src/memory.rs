@@ -379,8 +379,15 @@ impl MemoryRouter {
             group,
             stop: stop_sender,
         });
-        Ok(Subscription::new(queue.receiver.clone(), control, &options)
-            .with_stop_signal(stop_receiver))
+        let subscription = Subscription::new(queue.receiver.clone(), control, &options);
+        // A fan-out queue is this subscription's own: closing it lets its buffer drain, then ends the
+        // stream. A group member reads the group's shared queue, which stays open for the others: the
+        // stop signal ends its stream.
+        Ok(if group {
+            subscription.with_stop_signal(stop_receiver)
+        } else {
+            subscription
+        })
     }
 }
 

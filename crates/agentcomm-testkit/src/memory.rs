@@ -306,4 +306,33 @@ mod tests {
         assert_eq!(delivery.envelope().session(), "s1");
         assert!(second.health().await.connected);
     }
+
+    /// Regression: the in-memory router ended a closed fan-out subscription's stream at once, dropping
+    /// what it had buffered, although the router contract (and its own docs) say buffered deliveries
+    /// stay readable. Fixed in `agentcomm-core/src/memory.rs`.
+    #[tokio::test]
+    async fn a_closed_fan_out_subscription_still_yields_what_it_buffered() {
+        let router = MemoryRouter::new();
+        let mut subscription = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:*:*").unwrap(),
+            ))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            router.publish(ping("s1")).await.unwrap();
+        }
+        assert_eq!(subscription.buffered(), 3);
+        subscription.close().await.unwrap();
+        let mut read = 0;
+        while let Some(delivery) = tokio::time::timeout(Duration::from_secs(1), subscription.next())
+            .await
+            .expect("the stream ends")
+        {
+            delivery.ack().await.unwrap();
+            read += 1;
+        }
+        assert_eq!(read, 3);
+        assert_eq!(router.health().await.get("dropped"), 0);
+    }
 }

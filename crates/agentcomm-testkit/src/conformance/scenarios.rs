@@ -2207,29 +2207,54 @@ async fn close_refuses_further_use(ctx: &Context<'_>) -> Outcome {
             None => fail!("{name} ended before its connection closed"),
         }
     }
+    let mut problems = Vec::new();
+    // The fan-out subscription holds the other two messages, unread, when its connection closes.
+    // `buffered()` has no notification, so this polls it (bounded).
+    let held = {
+        let deadline = Instant::now() + ctx.wait;
+        loop {
+            let held = subscriptions[0].1.buffered();
+            if held >= 2 || Instant::now() >= deadline {
+                break held;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    if held < 2 {
+        problems.push(format!(
+            "only {held} of 2 published messages reached the fan-out subscription's buffer within {:?}",
+            ctx.wait
+        ));
+    }
     bounded(ctx.wait, "close()", closing.close())
         .await?
         .during("close()")?;
-    let mut problems = Vec::new();
-    for (name, subscription) in &mut subscriptions {
+    for (index, (name, subscription)) in subscriptions.iter_mut().enumerate() {
         let deadline = Instant::now() + ctx.wait;
-        let mut buffered = 0;
+        let mut read = 0;
         loop {
             match tokio::time::timeout_at(deadline, subscription.next()).await {
                 Ok(Some(delivery)) => {
-                    buffered += 1;
+                    read += 1;
                     delivery.discard();
                 }
                 Ok(None) => break,
                 Err(_) => {
                     problems.push(format!(
-                        "{name}'s stream did not end within {:?} after its connection closed ({buffered} buffered \
+                        "{name}'s stream did not end within {:?} after its connection closed ({read} buffered \
                          deliveries read meanwhile)",
                         ctx.wait
                     ));
                     break;
                 }
             }
+        }
+        if index == 0 && read < held {
+            problems.push(format!(
+                "closing the connection discarded {} of the {held} deliveries {name} had already buffered: they \
+                 must stay readable, then the stream ends",
+                held - read
+            ));
         }
     }
     let is_closed =
@@ -2285,8 +2310,8 @@ async fn close_refuses_further_use(ctx: &Context<'_>) -> Outcome {
     }
     failures(problems)?;
     Ok(format!(
-        "close() ended {} subscription stream(s); publish and subscribe then failed with Error::Closed; other \
-         connections kept working",
+        "close() ended {} subscription stream(s) after what they held ({held} buffered in the fan-out one); publish and subscribe then \
+         failed with Error::Closed; other connections kept working",
         subscriptions.len()
     ))
 }

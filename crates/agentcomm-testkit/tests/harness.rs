@@ -255,14 +255,14 @@ async fn a_failed_expectation_says_what_arrived_instead() {
     let failure = h
         .expect::<PaymentResponse>()
         .session("s2")
-        .within(Duration::from_millis(200))
+        .within(Duration::from_millis(500))
         .result()
         .await
         .expect_err("the response went to s1");
     let text = failure.to_string();
     assert!(
         text.starts_with(
-            "expected a PaymentResponse on session \"s2\" within 200ms, but it did not arrive (waited 20"
+            "expected a PaymentResponse on session \"s2\" within 500ms, but it did not arrive (waited 5"
         ),
         "{text}"
     );
@@ -295,13 +295,13 @@ async fn a_failed_predicate_is_named_in_the_failure() {
         .expect::<PaymentResponse>()
         .matching(|response| response.success)
         .described_as("a successful payment")
-        .within(Duration::from_millis(100))
+        .within(Duration::from_millis(500))
         .result()
         .await
         .unwrap_err()
         .to_string();
     assert!(
-        text.starts_with("expected a successful payment within 100ms, but it did not arrive"),
+        text.starts_with("expected a successful payment within 500ms, but it did not arrive"),
         "{text}"
     );
     assert!(

@@ -993,7 +993,8 @@ pub struct Received<M> {
 }
 
 impl<M> Received<M> {
-    /// Its place in arrival order, from 1: compare two to assert an order.
+    /// Its place in arrival order, from 1: compare two to assert an order (on a broker, only two of
+    /// the same channel: brokers order each channel, not channels between them).
     pub fn position(&self) -> usize {
         self.position
     }

@@ -449,7 +449,7 @@ async fn main() {
     let rounds: usize = std::env::var("AGENTCOMM_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(7);
     // AGENTCOMM_BENCH_PROFILE=agentcomm|plain: run only that side, 64 in flight, for a profiler.
     if let Ok(side) = std::env::var("AGENTCOMM_BENCH_PROFILE") {
         for _ in 0..rounds {
@@ -460,6 +460,7 @@ async fn main() {
             };
             println!("{side}: {sample:?}");
         }
+        cleanup(&exchange).await;
         return;
     }
     let configs = [
@@ -470,13 +471,13 @@ async fn main() {
     let _ = agentcomm_round(&exchange, 500, 16).await;
     let _ = plain_round(&exchange, 500, 16).await;
     println!(
-        "\nTyped PaymentRequest on RabbitMQ ({}), persistent + confirmed + manual ack, prefetch {PREFETCH}, median of {rounds} rounds\n",
+        "\nTyped PaymentRequest on RabbitMQ ({}), persistent + confirmed + manual ack, prefetch {PREFETCH}, {rounds} rounds alternating plain and agentcomm; medians (ratios: median of the per-round ratios)\n",
         agentcomm_core::error::redact_url(&url())
     );
     println!(
-        "| in flight | messages | plain amqprs msg/s | agentcomm msg/s | ratio | plain p50 | agentcomm p50 | plain p99 | agentcomm p99 |"
+        "| in flight | messages | plain amqprs msg/s | agentcomm msg/s | throughput ratio | plain p50 | agentcomm p50 | p50 difference | plain p99 | agentcomm p99 |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (in_flight, total) in configs {
         let mut plain = Vec::new();
         let mut ours = Vec::new();
@@ -490,24 +491,42 @@ async fn main() {
                 plain.push(plain_round(&exchange, total, in_flight).await);
             }
         }
+        // The machine is shared: compare each round's pair, then take the median of those ratios.
+        let mut ratios: Vec<f64> = plain
+            .iter()
+            .zip(&ours)
+            .map(|(plain, ours)| ours.throughput / plain.throughput)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let mut p50_ratios: Vec<f64> = plain
+            .iter()
+            .zip(&ours)
+            .map(|(plain, ours)| ours.p50.as_secs_f64() / plain.p50.as_secs_f64())
+            .collect();
+        p50_ratios.sort_by(f64::total_cmp);
         let plain = median(&mut plain);
         let ours = median(&mut ours);
         println!(
-            "| {in_flight} | {total} | {:.0} | {:.0} | {:.1}% | {} | {} | {} | {} |",
+            "| {in_flight} | {total} | {:.0} | {:.0} | {:.1}% | {} | {} | {:+.1}% | {} | {} |",
             plain.throughput,
             ours.throughput,
-            100.0 * ours.throughput / plain.throughput,
+            100.0 * ratios[ratios.len() / 2],
             ms(plain.p50),
             ms(ours.p50),
+            100.0 * (p50_ratios[p50_ratios.len() / 2] - 1.0),
             ms(plain.p99),
             ms(ours.p99),
         );
     }
-    // Clean up what the bench declared.
+    cleanup(&exchange).await;
+}
+
+/// Deletes what the bench declared.
+async fn cleanup(exchange: &str) {
     if let Ok(connection) = Connection::open(&open_arguments()).await {
         if let Ok(channel) = connection.open_channel(None).await {
             for queue in [
-                topology::group_queue(&exchange, "bench"),
+                topology::group_queue(exchange, "bench"),
                 format!("{exchange}.dead-letters"),
             ] {
                 let _ = channel
@@ -515,9 +534,9 @@ async fn main() {
                     .await;
             }
             for name in [
-                exchange.clone(),
+                exchange.to_string(),
                 format!("{exchange}.dlx"),
-                plain_exchange(&exchange),
+                plain_exchange(exchange),
             ] {
                 let _ = channel
                     .exchange_delete(ExchangeDeleteArguments::new(&name))

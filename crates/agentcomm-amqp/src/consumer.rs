@@ -154,7 +154,7 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
         };
         match setup(&shared, &live, ready.is_none()).await {
             Ok((consumer, generation, receiver)) => {
-                failures = 0;
+                let consuming_since = Instant::now();
                 *shared.consumer.lock().await = Some(consumer.clone());
                 last_consumer = Some(consumer.clone());
                 match ready.take() {
@@ -197,9 +197,15 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
                     discarded,
                     "consumer lost; restoring it (unacknowledged messages are redelivered by RabbitMQ)"
                 );
+                // A consumer that lived a while starts its backoff over; one that keeps dying at once
+                // backs off further each time.
+                failures = if consuming_since.elapsed() > Duration::from_secs(10) {
+                    1
+                } else {
+                    failures.saturating_add(1)
+                };
                 if consumer.channel.is_connection_open() {
-                    // Only the channel died (or the consumer was cancelled): do not spin.
-                    failures += 1;
+                    // Only the channel died (or the consumer was cancelled): wait before restoring.
                     let _ = tokio::time::timeout(
                         inner.settings.reconnect.delay(failures),
                         stop.wait_for(|stop| *stop),

@@ -54,13 +54,13 @@ impl<'a> Outgoing<'a> {
         routing_key: &'a str,
     ) -> Result<Self> {
         let body = envelope.to_frame()?;
+        let mut id = uuid::Uuid::encode_buffer();
         let mut properties = BasicProperties::default();
         properties
             .with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT)
             .with_content_type(frame_content_type(envelope))
-            .with_message_id(&envelope.id().to_string())
-            .with_timestamp(envelope.timestamp_ms() / 1000)
-            .with_app_id("agentcomm");
+            .with_message_id(envelope.id().as_uuid().hyphenated().encode_lower(&mut id))
+            .with_timestamp(envelope.timestamp_ms() / 1000);
         // AMQP short strings hold 255 bytes; longer values stay in the frame only.
         if envelope.class().len() <= 255 {
             properties.with_message_type(envelope.class());

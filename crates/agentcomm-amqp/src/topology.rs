@@ -45,20 +45,26 @@ pub const DEAD_LETTER_BINDING: &str = "DeadLetter.*.*";
 /// `*` → `%2A`, `#` → `%23`; every other character is kept. The mapping is injective (percent-encoding
 /// of a set that includes `%`), so two different components never share a key.
 pub fn escape_component(component: &str) -> String {
-    if !component.contains(['%', '.', '*', '#']) {
-        return component.to_string();
-    }
     let mut escaped = String::with_capacity(component.len() + 8);
+    push_escaped(&mut escaped, component);
+    escaped
+}
+
+/// Appends `component`, escaped, to `key`.
+fn push_escaped(key: &mut String, component: &str) {
+    if !component.contains(['%', '.', '*', '#']) {
+        key.push_str(component);
+        return;
+    }
     for c in component.chars() {
         match c {
-            '%' => escaped.push_str("%25"),
-            '.' => escaped.push_str("%2E"),
-            '*' => escaped.push_str("%2A"),
-            '#' => escaped.push_str("%23"),
-            other => escaped.push(other),
+            '%' => key.push_str("%25"),
+            '.' => key.push_str("%2E"),
+            '*' => key.push_str("%2A"),
+            '#' => key.push_str("%23"),
+            other => key.push(other),
         }
     }
-    escaped
 }
 
 /// Reverses [`escape_component`]; `None` when `escaped` is not the output of it.
@@ -102,12 +108,13 @@ fn check_key_len(key: String, what: &str, source: &str) -> Result<String> {
 /// The routing key a channel is published with: `class.direction.session`, each component escaped.
 /// Fails when the escaped key would exceed 255 bytes.
 pub fn routing_key(channel: &Channel) -> Result<String> {
-    let key = format!(
-        "{}.{}.{}",
-        escape_component(channel.class()),
-        escape_component(channel.direction()),
-        escape_component(channel.session())
-    );
+    let (class, direction, session) = (channel.class(), channel.direction(), channel.session());
+    let mut key = String::with_capacity(class.len() + direction.len() + session.len() + 2);
+    push_escaped(&mut key, class);
+    key.push('.');
+    push_escaped(&mut key, direction);
+    key.push('.');
+    push_escaped(&mut key, session);
     check_key_len(key, "routing key", channel.name())
 }
 

@@ -173,8 +173,13 @@ async fn ten_thousand_messages_survive_five_cuts_through_a_group_queue() {
         if handled >= (cuts + 1) * total / (cuts_wanted + 1) {
             proxy.cut_all();
             cuts += 1;
-            // Let it reconnect before the next cut, so that every cut interrupts a live flow.
-            wait_until("the reconnect", async || router.is_connected()).await;
+            // Let it reconnect and restore both consumers before the next cut, so that every cut
+            // interrupts a live flow.
+            let restored = cuts * members as u64;
+            wait_until("the reconnect and the consumers", async || {
+                router.is_connected() && router.health().await.get("consumers_restored") >= restored
+            })
+            .await;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -10,7 +10,7 @@ use agentcomm_core::envelope::{Envelope, headers};
 use agentcomm_core::router::{NackAction, PublishOutcome, Router, SubscribeOptions, Subscription};
 use agentcomm_core::{ChannelPattern, Error, parse_channel};
 
-use common::{Raw, STEP, broker_available, builder, unique, within};
+use common::{Cleanup, Raw, STEP, broker_available, builder, unique, within};
 
 fn envelope(channel: &str, n: u32) -> Envelope {
     Envelope::new(
@@ -58,6 +58,7 @@ async fn fan_out_delivers_every_message_with_its_metadata_in_order() {
         return;
     }
     let exchange = unique("t-fanout");
+    let _cleanup = Cleanup::new(&exchange, &[]);
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -115,9 +116,6 @@ async fn fan_out_delivers_every_message_with_its_metadata_in_order() {
     assert_eq!(health.get("acked"), 202, "{health:?}");
     assert!(health.round_trip.is_some());
     within("close", router.close()).await.unwrap();
-    let raw = Raw::open().await;
-    raw.cleanup(&exchange, &[]).await;
-    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,6 +124,7 @@ async fn unroutable_publishes_are_reported_and_dead_letters_are_kept() {
         return;
     }
     let exchange = unique("t-unroutable");
+    let _cleanup = Cleanup::new(&exchange, &[]);
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -184,7 +183,7 @@ async fn unroutable_publishes_are_reported_and_dead_letters_are_kept() {
     let health = within("health", router.health()).await;
     assert_eq!(health.get("unroutable"), 2, "{health:?}");
     within("close", router.close()).await.unwrap();
-    raw.cleanup(&exchange, &[]).await;
+
     raw.close().await;
 }
 
@@ -194,6 +193,13 @@ async fn group_members_compete_and_every_group_gets_everything() {
         return;
     }
     let exchange = unique("t-groups");
+    let _cleanup = Cleanup::new(
+        &exchange,
+        &[
+            topology::group_queue(&exchange, "workers"),
+            topology::group_queue(&exchange, "auditors"),
+        ],
+    );
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -263,16 +269,6 @@ async fn group_members_compete_and_every_group_gets_everything() {
     assert_eq!(audited.len(), 200, "the other group got every Job");
     assert_quiet(&mut auditors, Duration::from_millis(300)).await;
     within("close", router.close()).await.unwrap();
-    let raw = Raw::open().await;
-    raw.cleanup(
-        &exchange,
-        &[
-            topology::group_queue(&exchange, "workers"),
-            topology::group_queue(&exchange, "auditors"),
-        ],
-    )
-    .await;
-    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,6 +277,7 @@ async fn a_group_queue_keeps_messages_while_no_member_is_connected() {
         return;
     }
     let exchange = unique("t-persist");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "billing")]);
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -322,10 +319,6 @@ async fn a_group_queue_keeps_messages_while_no_member_is_connected() {
         (0..50).collect::<Vec<_>>()
     );
     within("close", consumer.close()).await.unwrap();
-    let raw = Raw::open().await;
-    raw.cleanup(&exchange, &[topology::group_queue(&exchange, "billing")])
-        .await;
-    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,6 +327,7 @@ async fn nacked_and_abandoned_deliveries_come_back() {
         return;
     }
     let exchange = unique("t-nack");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -363,10 +357,6 @@ async fn nacked_and_abandoned_deliveries_come_back() {
     assert_eq!(health.get("requeued"), 2, "{health:?}");
     assert_eq!(health.get("abandoned"), 1, "{health:?}");
     within("close", router.close()).await.unwrap();
-    let raw = Raw::open().await;
-    raw.cleanup(&exchange, &[topology::group_queue(&exchange, "g")])
-        .await;
-    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,6 +365,15 @@ async fn a_delayed_retry_returns_to_its_own_queue_only_after_the_delay() {
         return;
     }
     let exchange = unique("t-retry");
+    let workers_queue = topology::group_queue(&exchange, "workers");
+    let _cleanup = Cleanup::new(
+        &exchange,
+        &[
+            topology::retry_queue(&workers_queue, 500),
+            workers_queue,
+            topology::group_queue(&exchange, "others"),
+        ],
+    );
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -424,18 +423,6 @@ async fn a_delayed_retry_returns_to_its_own_queue_only_after_the_delay() {
     let health = within("health", router.health()).await;
     assert_eq!(health.get("retried"), 1, "{health:?}");
     within("close", router.close()).await.unwrap();
-    let raw = Raw::open().await;
-    let workers_queue = topology::group_queue(&exchange, "workers");
-    raw.cleanup(
-        &exchange,
-        &[
-            topology::retry_queue(&workers_queue, 500),
-            workers_queue,
-            topology::group_queue(&exchange, "others"),
-        ],
-    )
-    .await;
-    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,6 +431,7 @@ async fn frames_that_are_not_envelopes_are_dead_lettered_and_counted() {
         return;
     }
     let exchange = unique("t-malformed");
+    let _cleanup = Cleanup::new(&exchange, &[]);
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -490,7 +478,7 @@ async fn frames_that_are_not_envelopes_are_dead_lettered_and_counted() {
     let health = within("health", router.health()).await;
     assert_eq!(health.get("malformed"), 1, "{health:?}");
     within("close", router.close()).await.unwrap();
-    raw.cleanup(&exchange, &[]).await;
+
     raw.close().await;
 }
 
@@ -500,6 +488,7 @@ async fn components_with_amqp_wildcards_route_exactly() {
         return;
     }
     let exchange = unique("t-escape");
+    let _cleanup = Cleanup::new(&exchange, &[]);
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -538,9 +527,6 @@ async fn components_with_amqp_wildcards_route_exactly() {
     assert_quiet(&mut dotted, Duration::from_millis(300)).await;
     assert_quiet(&mut plain, Duration::from_millis(100)).await;
     within("close", router.close()).await.unwrap();
-    let raw = Raw::open().await;
-    raw.cleanup(&exchange, &[]).await;
-    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,6 +535,7 @@ async fn closing_ends_streams_after_what_they_buffered_and_refuses_new_work() {
         return;
     }
     let exchange = unique("t-close");
+    let _cleanup = Cleanup::new(&exchange, &[]);
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -613,9 +600,6 @@ async fn closing_ends_streams_after_what_they_buffered_and_refuses_new_work() {
     let health = within("health", router.health()).await;
     assert!(!health.connected);
     assert_eq!(health.detail, "closed");
-    let raw = Raw::open().await;
-    raw.cleanup(&exchange, &[]).await;
-    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -668,6 +652,7 @@ async fn connection_errors_name_the_url_without_its_password() {
     assert!(!error.contains("pw123"), "{error}");
 
     let exchange = unique("t-errors");
+    let _cleanup = Cleanup::new(&exchange, &[]);
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -681,9 +666,6 @@ async fn connection_errors_name_the_url_without_its_password() {
         assert!(!debug.contains(&format!(":{password}@")), "{debug}");
     }
     within("close", router.close()).await.unwrap();
-    let raw = Raw::open().await;
-    raw.cleanup(&exchange, &[]).await;
-    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -726,6 +708,7 @@ async fn the_runtime_runs_agents_on_rabbitmq() {
         return;
     }
     let exchange = unique("t-runtime");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "Biller")]);
     let router = within("connect", builder(&exchange).connect())
         .await
         .unwrap();
@@ -755,8 +738,7 @@ async fn the_runtime_runs_agents_on_rabbitmq() {
         .await
         .unwrap();
     assert_eq!(report.aborted, 0);
-    raw.cleanup(&exchange, &[topology::group_queue(&exchange, "Biller")])
-        .await;
+
     raw.close().await;
 }
 
@@ -766,6 +748,14 @@ async fn quorum_groups_work_and_mismatched_queues_fail_clearly() {
         return;
     }
     let exchange = unique("t-quorum");
+    let second_dead_letter_queue = unique("dlq");
+    let _cleanup = Cleanup::new(
+        &exchange,
+        &[
+            topology::group_queue(&exchange, "q"),
+            second_dead_letter_queue.clone(),
+        ],
+    );
     let router = within(
         "connect",
         builder(&exchange)
@@ -790,7 +780,7 @@ async fn quorum_groups_work_and_mismatched_queues_fail_clearly() {
     let classic = within(
         "connect",
         builder(&exchange)
-            .dead_letter_queue(unique("dlq"))
+            .dead_letter_queue(&second_dead_letter_queue)
             .connect(),
     )
     .await
@@ -813,13 +803,9 @@ async fn quorum_groups_work_and_mismatched_queues_fail_clearly() {
         PublishOutcome::Accepted,
         "the quorum group queue takes it"
     );
-    let dead_letter_queue = classic.dead_letter_queue().unwrap().to_string();
+    assert_eq!(
+        classic.dead_letter_queue(),
+        Some(second_dead_letter_queue.as_str())
+    );
     within("close", classic.close()).await.unwrap();
-    let raw = Raw::open().await;
-    raw.cleanup(
-        &exchange,
-        &[topology::group_queue(&exchange, "q"), dead_letter_queue],
-    )
-    .await;
-    raw.close().await;
 }

@@ -16,7 +16,7 @@ use agentcomm_core::{ChannelPattern, Error, parse_channel};
 use agentcomm_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
 
-use common::{Raw, STEP, broker_address, broker_available, unique, within};
+use common::{Cleanup, Raw, STEP, broker_address, broker_available, unique, within};
 
 fn soak() -> usize {
     std::env::var("AGENTCOMM_SOAK")
@@ -98,6 +98,7 @@ async fn ten_thousand_messages_survive_five_cuts_through_a_group_queue() {
     let publishers = 16usize;
     let proxy = start_proxy().await;
     let exchange = unique("t-cuts");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "payments")]);
     let router = proxied_router(&proxy, &exchange).await;
     let tally = Arc::new(Tally::default());
     let mut consumers = Vec::new();
@@ -251,8 +252,7 @@ async fn ten_thousand_messages_survive_five_cuts_through_a_group_queue() {
         Some(0),
         "nothing left in the queue"
     );
-    raw.cleanup(&exchange, &[topology::group_queue(&exchange, "payments")])
-        .await;
+
     raw.close().await;
 }
 
@@ -263,6 +263,7 @@ async fn a_publish_during_an_outage_waits_for_the_reconnect_or_fails_clearly() {
     }
     let proxy = start_proxy().await;
     let exchange = unique("t-outage");
+    let _cleanup = Cleanup::new(&exchange, &[]);
     let router = proxied_router(&proxy, &exchange).await;
     let mut subscription = within(
         "subscribe",
@@ -341,9 +342,6 @@ async fn a_publish_during_an_outage_waits_for_the_reconnect_or_fails_clearly() {
     assert!(health.get("publish_failures") >= 1, "{health:?}");
     within("close", impatient.close()).await.unwrap();
     within("close", router.close()).await.unwrap();
-    let raw = Raw::open().await;
-    raw.cleanup(&exchange, &[]).await;
-    raw.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,6 +351,7 @@ async fn a_delivery_from_a_lost_channel_is_never_settled_on_the_new_one() {
     }
     let proxy = start_proxy().await;
     let exchange = unique("t-stale");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "stale")]);
     let router = proxied_router(&proxy, &exchange).await;
     let mut subscription = within(
         "subscribe",
@@ -402,8 +401,7 @@ async fn a_delivery_from_a_lost_channel_is_never_settled_on_the_new_one() {
         Some(0),
         "both were settled exactly once on the new channel"
     );
-    raw.cleanup(&exchange, &[topology::group_queue(&exchange, "stale")])
-        .await;
+
     raw.close().await;
 }
 
@@ -414,6 +412,7 @@ async fn a_silent_broker_is_a_confirm_timeout_then_a_reconnect() {
     }
     let proxy = start_proxy().await;
     let exchange = unique("t-silent");
+    let _cleanup = Cleanup::new(&exchange, &[]);
     let router = within(
         "connect",
         AmqpRouter::builder(proxied_url(&proxy))
@@ -467,7 +466,4 @@ async fn a_silent_broker_is_a_confirm_timeout_then_a_reconnect() {
     let health = within("health", router.health()).await;
     assert_eq!(health.get("confirm_timeouts"), 1, "{health:?}");
     within("close", router.close()).await.unwrap();
-    let raw = Raw::open().await;
-    raw.cleanup(&exchange, &[]).await;
-    raw.close().await;
 }

@@ -206,3 +206,42 @@ impl Raw {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.connection.close()).await;
     }
 }
+
+/// Deletes a test's exchange topology and durable queues when dropped, also when the test fails
+/// halfway (Drop runs while unwinding). Runs on a thread with its own runtime, since it is dropped
+/// inside the test's.
+pub struct Cleanup {
+    exchange: String,
+    queues: Vec<String>,
+}
+
+impl Cleanup {
+    pub fn new(exchange: &str, queues: &[String]) -> Self {
+        Cleanup {
+            exchange: exchange.to_string(),
+            queues: queues.to_vec(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let exchange = std::mem::take(&mut self.exchange);
+        let queues = std::mem::take(&mut self.queues);
+        let cleaning = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                if let Some(raw) = Raw::try_open().await {
+                    raw.cleanup(&exchange, &queues).await;
+                    raw.close().await;
+                }
+            });
+        });
+        let _ = cleaning.join();
+    }
+}

@@ -1,7 +1,7 @@
 //! # agentcomm-amqp
 //!
 //! The RabbitMQ backend of agentcomm, on [amqprs]: an [`AmqpRouter`] implements
-//! [`Router`](agentcomm_core::Router) with durable, confirmed publishing and reconnection.
+//! [`Router`] with durable, confirmed publishing and reconnection.
 //!
 //! ```no_run
 //! use agentcomm_amqp::AmqpRouter;
@@ -282,25 +282,26 @@ impl AmqpRouter {
             .map_or(0, |publisher| publisher.confirms.unconfirmed() as u64)
     }
 
+    /// A passive declaration of the exchange, timed. Its own deadline is inside the operation, so that
+    /// a slow answer fails the operation (and retires the channel) instead of being left for the next
+    /// request on that channel.
     async fn round_trip(&self) -> Option<Duration> {
+        const PROBE_LIMIT: Duration = Duration::from_secs(2);
         let inner = &self.inner;
         let probe = inner.with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
             let started = Instant::now();
             let mut passive = ExchangeDeclareArguments::new(&inner.settings.exchange, "topic");
             passive.passive(true);
-            inner
-                .operation(
-                    "checking the exchange",
-                    &op.reason,
-                    op.channel.exchange_declare(passive),
-                )
-                .await?;
-            Ok(started.elapsed())
+            match tokio::time::timeout(PROBE_LIMIT, op.channel.exchange_declare(passive)).await {
+                Ok(Ok(())) => Ok(started.elapsed()),
+                Ok(Err(error)) => Err(inner.backend_error(error.to_string())),
+                Err(_) => Err(Error::Timeout {
+                    operation: "RabbitMQ to answer the health probe".into(),
+                    after: PROBE_LIMIT,
+                }),
+            }
         });
-        match tokio::time::timeout(Duration::from_secs(2), probe).await {
-            Ok(Ok(elapsed)) => Some(elapsed),
-            _ => None,
-        }
+        probe.await.ok()
     }
 
     async fn health_now(&self) -> Health {

@@ -809,3 +809,57 @@ async fn quorum_groups_work_and_mismatched_queues_fail_clearly() {
     );
     within("close", classic.close()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_refuses_is_an_error_not_silence() {
+    use amqprs::channel::{QueueBindArguments, QueueDeclareArguments};
+
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-nacked");
+    let full = format!("{exchange}.full");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&full));
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    // A queue that holds one message and refuses the next: RabbitMQ nacks the publish.
+    let raw = Raw::open().await;
+    let mut arguments = amqprs::FieldTable::new();
+    arguments.insert("x-max-length".try_into().unwrap(), amqprs::FieldValue::l(1));
+    arguments.insert(
+        "x-overflow".try_into().unwrap(),
+        amqprs::FieldValue::from("reject-publish"),
+    );
+    let mut declare = QueueDeclareArguments::durable_client_named(&full);
+    declare.arguments(arguments);
+    within("declare", raw.channel.queue_declare(declare))
+        .await
+        .unwrap();
+    within(
+        "bind",
+        raw.channel
+            .queue_bind(QueueBindArguments::new(&full, &exchange, "Full.*.*")),
+    )
+    .await
+    .unwrap();
+    let first = within("publish", router.publish(envelope("Full:event:s1", 1)))
+        .await
+        .unwrap();
+    assert_eq!(first, PublishOutcome::Accepted);
+    let error = within(
+        "publish into a full queue",
+        router.publish(envelope("Full:event:s1", 2)),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("RabbitMQ refused message"), "{error}");
+    assert!(error.contains("basic.nack"), "{error}");
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("publish_nacks"), 1, "{health:?}");
+    assert_eq!(health.get("publish_failures"), 1, "{health:?}");
+    assert_eq!(raw.count(&full).await, Some(1));
+    within("close", router.close()).await.unwrap();
+    raw.close().await;
+}

@@ -65,6 +65,8 @@ pub(crate) struct StreamSubscription {
     known: Mutex<HashSet<Arc<str>>>,
     running: AtomicU64,
     done: tokio::sync::Notify,
+    /// Read loops still running (a subset of `running`).
+    reading: AtomicU64,
 }
 
 /// A connection that reads some of a subscription's streams with blocking reads.
@@ -106,6 +108,7 @@ impl StreamSubscription {
             known: Mutex::new(HashSet::new()),
             running: AtomicU64::new(0),
             done: tokio::sync::Notify::new(),
+            reading: AtomicU64::new(0),
         });
         if let Err(error) = subscription.setup().await {
             subscription.stop_now();
@@ -246,7 +249,13 @@ impl StreamSubscription {
             .lock()
             .expect("readers lock")
             .push(reader.clone());
-        self.spawn(read_loop(self.clone(), reader));
+        self.reading.fetch_add(1, Ordering::AcqRel);
+        let subscription = self.clone();
+        self.spawn(async move {
+            read_loop(subscription.clone(), reader).await;
+            subscription.reading.fetch_sub(1, Ordering::AcqRel);
+            subscription.done.notify_waiters();
+        });
         Ok(())
     }
 
@@ -271,7 +280,7 @@ impl StreamSubscription {
             return;
         }
         self.sender.close();
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
         let readers = self.readers.lock().expect("readers lock").clone();
         for reader in readers {
             // Interrupts a blocking read as if it timed out, so that no entry it took is lost.
@@ -300,34 +309,121 @@ impl StreamSubscription {
     pub(crate) async fn finish(self: &Arc<Self>, deadline: Duration) {
         self.stop_now();
         let until = tokio::time::Instant::now() + deadline;
+        // First the readers: what their last read took is given back before anything else ends.
+        self.wait_until(until, || self.reading.load(Ordering::Acquire) == 0)
+            .await;
+        // Then what was handed out: handlers finish and settle. Deliveries still in the buffer stay
+        // readable (the contract), but nobody is working on them, so closing does not wait for them;
+        // in a group their entries stay pending and go to another member after `claim_idle`.
         loop {
             let settled = self.settled.notified();
-            if self.held.lock().expect("held lock").is_empty() {
+            let handed_out = self
+                .held
+                .lock()
+                .expect("held lock")
+                .len()
+                .saturating_sub(self.sender.len());
+            if handed_out == 0 {
                 break;
             }
             if tokio::time::timeout_at(until, settled).await.is_err() {
-                let left = self.held.lock().expect("held lock").len();
                 tracing::warn!(
-                    left,
+                    handed_out,
                     "closing with deliveries still unsettled; their entries stay pending and are \
                      delivered again to another consumer of the group"
                 );
                 break;
             }
         }
-        let _ = self.stop.send(true);
-        loop {
-            let done = self.done.notified();
-            if self.running.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(until, done).await.is_err() {
-                break;
-            }
-        }
+        self.settled.notify_waiters();
+        // The lease renewer must be gone first: a renewal after the release would make the entries
+        // look fresh again for another `claim_idle`.
+        self.wait_until(until, || self.running.load(Ordering::Acquire) == 0)
+            .await;
+        self.release_all_pending().await;
         self.quit_readers().await;
         if let Some(group) = &self.group {
             self.leave_group(group).await;
+        }
+    }
+
+    /// Gives every entry still pending for this consumer back to the group, marked idle so that
+    /// another member claims it at once: entries of deliveries still buffered (they stay readable in the
+    /// closed subscription, but can no longer be acknowledged once the router is closed), and any other
+    /// this consumer still owns. Asks Redis rather than trusting local bookkeeping, so that nothing
+    /// waits for `claim_idle` after a clean close.
+    async fn release_all_pending(&self) {
+        let Some(group) = &self.group else {
+            return;
+        };
+        self.held.lock().expect("held lock").clear();
+        self.settled.notify_waiters();
+        let keys: Vec<Arc<str>> = self
+            .known
+            .lock()
+            .expect("known streams lock")
+            .iter()
+            .cloned()
+            .collect();
+        let idle = self.shared.settings.claim_idle.as_millis() as u64;
+        for key in keys {
+            let client = self.shared.client_for(&key);
+            let pending: Result<Value, _> = client
+                .custom(
+                    CustomCommand::new_static("XPENDING", ClusterHash::FirstKey, false),
+                    vec![
+                        Value::from(key.as_ref()),
+                        Value::from(group.as_str()),
+                        Value::from("-"),
+                        Value::from("+"),
+                        Value::from(10_000),
+                        Value::from(self.consumer.as_str()),
+                    ],
+                )
+                .await;
+            let ids: Vec<String> = match pending {
+                Ok(value) => value
+                    .into_array()
+                    .into_iter()
+                    .filter_map(|item| item.into_array().into_iter().next()?.as_string())
+                    .collect(),
+                Err(error) => {
+                    tracing::debug!(error = %error, "could not list pending entries to give back; they are claimed after claim_idle");
+                    continue;
+                }
+            };
+            for chunk in ids.chunks(500) {
+                let result: Result<Value, _> = client
+                    .xclaim(
+                        key.as_ref(),
+                        group.as_str(),
+                        self.consumer.as_str(),
+                        0,
+                        chunk.to_vec(),
+                        Some(idle),
+                        None,
+                        None,
+                        false,
+                        true,
+                    )
+                    .await;
+                if let Err(error) = result {
+                    tracing::debug!(error = %error, "could not give pending entries back; they are claimed after claim_idle");
+                }
+            }
+        }
+    }
+
+    /// Waits for `condition`, checked each time a task ends, up to `until`.
+    async fn wait_until(&self, until: tokio::time::Instant, condition: impl Fn() -> bool) {
+        loop {
+            let done = self.done.notified();
+            if condition() {
+                return;
+            }
+            if tokio::time::timeout_at(until, done).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -484,7 +580,13 @@ impl StreamSubscription {
     async fn send(self: &Arc<Self>, delivery: Delivery, key: &Arc<str>, id: &Arc<str>) {
         match self.sender.send(delivery).await {
             Ok(()) => self.shared.counters.bump(&self.shared.counters.delivered),
-            Err(async_channel::SendError(delivery)) if self.is_group() => drop(delivery),
+            Err(async_channel::SendError(delivery)) if self.is_group() => {
+                // Given back now (not through `abandon`, which would do it in the background), so
+                // that closing waits for it.
+                let envelope = delivery.envelope().clone();
+                delivery.discard();
+                self.release(key, id, &envelope).await;
+            }
             Err(async_channel::SendError(delivery)) => {
                 delivery.discard();
                 self.unhold(key, id);
@@ -550,7 +652,7 @@ impl StreamSubscription {
     fn unhold(&self, key: &Arc<str>, id: &Arc<str>) {
         let mut held = self.held.lock().expect("held lock");
         held.remove(&(key.clone(), id.clone()));
-        if held.is_empty() {
+        if held.is_empty() || self.is_closed() {
             self.settled.notify_waiters();
         }
     }
@@ -977,10 +1079,20 @@ async fn renew_leases(subscription: Arc<StreamSubscription>) {
             () = tokio::time::sleep(every) => {}
             () = stopped(&mut stop) => {
                 // Keep renewing while deliveries handed out are being finished.
-                if subscription.held.lock().expect("held lock").is_empty() {
+                let settled = subscription.settled.notified();
+                let handed_out = subscription
+                    .held
+                    .lock()
+                    .expect("held lock")
+                    .len()
+                    .saturating_sub(subscription.sender.len());
+                if handed_out == 0 {
                     return;
                 }
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = settled => continue,
+                }
             }
         }
         let mut by_key: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
@@ -1099,15 +1211,17 @@ async fn reclaim_key(
     if counts.is_empty() {
         return Ok(());
     }
-    let mut permits = Vec::new();
+    // Wait for a prefetch slot in line with the reader (the semaphore is fair): taking only free slots
+    // would starve reclaiming while new entries keep the prefetch full.
+    let Some(first) = subscription.acquire().await else {
+        return Ok(());
+    };
+    let mut permits = vec![first];
     while permits.len() < counts.len() {
         match subscription.permits.clone().try_acquire_owned() {
             Ok(permit) => permits.push(permit),
             Err(_) => break,
         }
-    }
-    if permits.is_empty() {
-        return Ok(());
     }
     let ids: Vec<String> = counts.keys().take(permits.len()).cloned().collect();
     let claimed: Value = client

@@ -22,6 +22,10 @@ struct Redis {
 
 impl Redis {
     fn new(mode: DeliveryMode) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         Redis {
             mode,
             url: common::redis_url(),

@@ -54,6 +54,9 @@ pub(crate) struct StreamSubscription {
     union: Mutex<(Vec<ChannelPattern>, Option<Instant>)>,
     sender: async_channel::Sender<Delivery>,
     permits: Arc<Semaphore>,
+    /// How many prefetch slots must be free before the reader reads again: reading one entry per
+    /// settled delivery would cost a read per message once the prefetch is full.
+    refill: usize,
     /// Entries delivered and not settled yet, by stream key and id.
     held: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
     settled: tokio::sync::Notify,
@@ -99,6 +102,9 @@ impl StreamSubscription {
             union: Mutex::new((options.patterns.clone(), None)),
             sender,
             permits: Arc::new(Semaphore::new(options.prefetch)),
+            refill: (options.prefetch / 4)
+                .clamp(1, shared.settings.read_batch)
+                .min(options.prefetch),
             held: Mutex::new(HashSet::new()),
             settled: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
@@ -836,6 +842,22 @@ impl StreamSubscription {
         Ok(())
     }
 
+    /// `count` prefetch slots (waiting in line for them), or `None` once the subscription stops.
+    async fn acquire_many(&self, count: usize) -> Option<Vec<OwnedSemaphorePermit>> {
+        let mut stop = self.stop.subscribe();
+        let count = u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+        let mut bulk = tokio::select! {
+            permit = self.permits.clone().acquire_many_owned(count) => permit.ok()?,
+            () = stopped(&mut stop) => return None,
+        };
+        let mut permits = Vec::with_capacity(count as usize);
+        while bulk.num_permits() > 1 {
+            permits.push(bulk.split(1).expect("more than one permit left"));
+        }
+        permits.push(bulk);
+        Some(permits)
+    }
+
     /// One prefetch slot, or `None` once the subscription stops.
     async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
         let mut stop = self.stop.subscribe();
@@ -965,10 +987,9 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 }
             }
         }
-        let Some(first) = subscription.acquire().await else {
+        let Some(mut permits) = subscription.acquire_many(subscription.refill).await else {
             break;
         };
-        let mut permits = vec![first];
         while permits.len() < settings.read_batch {
             match subscription.permits.clone().try_acquire_owned() {
                 Ok(permit) => permits.push(permit),

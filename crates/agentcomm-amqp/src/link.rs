@@ -589,6 +589,17 @@ fn describe_open_error(error: &amqprs::error::Error) -> String {
         )
     } else if text.contains("NOT_ALLOWED") || text.contains("530") {
         format!("{text} (the virtual host does not exist or the user may not open it)")
+    } else if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        format!(
+            "{text} (the port does not answer TLS: use amqp:// for a plain AMQP port, or the broker's TLS port, usually 5671)"
+        )
+    } else if text.contains("reset by peer")
+        || text.contains("unexpected end of file")
+        || text.contains("early eof")
+    {
+        format!(
+            "{text} (the broker dropped the connection during the handshake: RabbitMQ does that on a failed login,              so check the user name and password; or the port speaks TLS and the URL is amqp://)"
+        )
     } else {
         text
     }

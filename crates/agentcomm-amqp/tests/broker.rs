@@ -629,6 +629,10 @@ async fn connection_errors_name_the_url_without_its_password() {
     .to_string();
     assert!(!error.contains("wrong-pass-123"), "{error}");
     assert!(error.contains("cannot reach rabbitmq"), "{error}");
+    assert!(
+        error.contains("check the user name and password"),
+        "{error}"
+    );
 
     let error = within(
         "TLS to a plain port",
@@ -640,6 +644,7 @@ async fn connection_errors_name_the_url_without_its_password() {
     .unwrap_err()
     .to_string();
     assert!(error.contains("amqps://guest:***@"), "{error}");
+    assert!(error.contains("does not answer TLS"), "{error}");
 
     let error = within("a bad URL", AmqpRouter::connect("http://x:pw123@h"))
         .await

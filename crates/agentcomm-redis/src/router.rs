@@ -33,18 +33,23 @@ use crate::sequence::{PublisherSequences, SEQUENCE_HEADER, new_publisher_id};
 use crate::streams::{FRAME_FIELD, StreamSubscription};
 
 /// Adds a frame to a class stream once per publisher sequence number, even when fred writes the command
-/// again after a reconnect. KEYS: stream, dedup bitmap. ARGV: sequence number, bitmap size in bits, bitmap
-/// time-to-live in ms, approximate maximum length, frame.
+/// again after a reconnect. KEYS: stream, dedup bitmap. ARGV: sequence number (counted per stream),
+/// bitmap size in bits, bitmap time-to-live in ms, approximate maximum length, frame.
+///
+/// `SETBIT` answers the bit's previous value: set means this number was stored already. Every 64th number
+/// (1, 65, 129, ...) clears the 64-bit word half the bitmap ahead, so that bits are reused, and refreshes
+/// the bitmap's time-to-live.
 const PUBLISH_SCRIPT: &str = r#"
 local seq = tonumber(ARGV[1])
 local size = tonumber(ARGV[2])
 local bit = seq % size
-if redis.call('GETBIT', KEYS[2], bit) == 1 then
+if redis.call('SETBIT', KEYS[2], bit, 1) == 1 then
   return false
 end
-redis.call('SETBIT', KEYS[2], bit, 1)
-redis.call('SETBIT', KEYS[2], math.floor((seq + size / 2) % size), 0)
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if bit % 64 == 1 then
+  redis.call('BITFIELD', KEYS[2], 'SET', 'i64', math.floor((bit - 1 + size / 2) % size), 0)
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'f', ARGV[5])
 "#;
 
@@ -66,7 +71,9 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<Counters>,
     closed: AtomicBool,
     publisher_id: String,
-    stream_sequence: AtomicU64,
+    /// The next sequence number of each class stream: each bitmap must see every number of its own
+    /// sequence, or the words ahead would not be cleared.
+    stream_sequences: Mutex<HashMap<String, u64>>,
     pubsub_sequences: Mutex<PublisherSequences>,
     registered: RwLock<HashSet<String>>,
     script_sha: String,
@@ -208,7 +215,7 @@ impl RedisRouter {
             counters,
             closed: AtomicBool::new(false),
             publisher_id: new_publisher_id(),
-            stream_sequence: AtomicU64::new(0),
+            stream_sequences: Mutex::new(HashMap::new()),
             pubsub_sequences: Mutex::new(PublisherSequences::new()),
             registered: RwLock::new(HashSet::new()),
             script_sha,
@@ -307,7 +314,19 @@ impl Shared {
 
     /// The arguments of one stream publish: keys and script arguments.
     fn stream_command(&self, class: &str, frame: Vec<u8>) -> (Vec<String>, Vec<Value>) {
-        let sequence = self.stream_sequence.fetch_add(1, Ordering::Relaxed) + 1;
+        let sequence = {
+            let mut sequences = self.stream_sequences.lock().expect("sequences lock");
+            match sequences.get_mut(class) {
+                Some(next) => {
+                    *next += 1;
+                    *next
+                }
+                None => {
+                    sequences.insert(class.to_string(), 1);
+                    1
+                }
+            }
+        };
         let keys = vec![
             self.keys.stream(class),
             self.keys.dedup(class, &self.publisher_id),

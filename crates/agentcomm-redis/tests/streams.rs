@@ -428,3 +428,39 @@ async fn connection_errors_name_the_url_without_the_password() {
         .to_string();
     assert!(!error.contains("s3cret"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_publishing_never_mistakes_a_new_message_for_a_retry() {
+    use fred::prelude::{ClientLike, StreamsInterface};
+    if !redis_available().await {
+        return;
+    }
+    // More publishes to one stream than the de-duplication bitmap has bits (65,536), interleaved with
+    // another stream's: every sequence number is new, so every message must be stored.
+    let prefix = unique_prefix();
+    let router = connect(&prefix).await;
+    let (mut big, mut small) = (0u32, 0u32);
+    for round in 0..70u32 {
+        let batch: Vec<Envelope> = (0..1000)
+            .map(|n| {
+                if (round * 1000 + n) % 16 == 0 {
+                    small += 1;
+                    envelope("Small:event:s1", n)
+                } else {
+                    big += 1;
+                    envelope("Big:event:s1", n)
+                }
+            })
+            .collect();
+        for result in router.publish_batch(batch).await {
+            result.unwrap();
+        }
+    }
+    assert!(big > 65_536, "{big}");
+    let raw = raw_client().await;
+    let stored_big: u64 = raw.xlen(format!("{prefix}:stream:{{Big}}")).await.unwrap();
+    let stored_small: u64 = raw.xlen(format!("{prefix}:stream:{{Small}}")).await.unwrap();
+    assert_eq!((stored_big, stored_small), (u64::from(big), u64::from(small)));
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}

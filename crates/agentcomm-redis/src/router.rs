@@ -793,3 +793,77 @@ impl Router for RedisRouter {
         Box::pin(self.shared.close())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fred::interfaces::KeysInterface;
+
+    /// The publish script against a real Redis (REDIS_URL); skipped when there is none.
+    #[tokio::test]
+    async fn the_publish_script_stores_each_sequence_number_once() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let client = Builder::from_config(Config::from_url(&url).unwrap())
+            .build()
+            .unwrap();
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(3), client.init()).await,
+            Ok(Ok(_))
+        ) {
+            if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
+                panic!(
+                    "AGENTCOMM_REQUIRE_BROKERS=1, but there is no Redis at {}",
+                    redact_url(&url)
+                );
+            }
+            println!("skipped: no Redis at {}", redact_url(&url));
+            return;
+        }
+        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+        let keys = vec![
+            format!("{prefix}:stream:{{A}}"),
+            format!("{prefix}:dedup:{{A}}:p"),
+        ];
+        let run = |seq: i64| {
+            let args = vec![
+                Value::Integer(seq),
+                Value::Integer(DEDUP_BITS),
+                Value::Integer(DEDUP_TTL_MS),
+                Value::Integer(1000),
+                Value::from("frame"),
+            ];
+            client.eval::<Value, _, _, _>(PUBLISH_SCRIPT, keys.clone(), args)
+        };
+        assert!(!run(1).await.unwrap().is_null(), "first publish stored");
+        assert!(
+            run(1).await.unwrap().is_null(),
+            "the same number again is a retry"
+        );
+        assert!(!run(2).await.unwrap().is_null());
+        // Number 65 clears the word half the bitmap ahead: bits 32,832 .. 32,895 become usable again.
+        let bits = |command: &'static str, args: Vec<Value>| {
+            client.custom::<i64, Value>(
+                CustomCommand::new_static(command, ClusterHash::FirstKey, false),
+                args,
+            )
+        };
+        let key = Value::from(keys[1].as_str());
+        bits(
+            "SETBIT",
+            vec![key.clone(), Value::Integer(32_840), Value::Integer(1)],
+        )
+        .await
+        .unwrap();
+        assert!(!run(65).await.unwrap().is_null());
+        let bit = bits("GETBIT", vec![key, Value::Integer(32_840)])
+            .await
+            .unwrap();
+        assert_eq!(bit, 0);
+        let length: i64 = client.xlen(&keys[0]).await.unwrap();
+        assert_eq!(length, 3);
+        let ttl: i64 = client.pttl(&keys[1]).await.unwrap();
+        assert!(ttl > 0, "the bitmap expires when idle");
+        let _: i64 = client.del(keys.clone()).await.unwrap();
+        let _ = client.quit().await;
+    }
+}

@@ -459,8 +459,14 @@ async fn idempotent_publishing_never_mistakes_a_new_message_for_a_retry() {
     assert!(big > 65_536, "{big}");
     let raw = raw_client().await;
     let stored_big: u64 = raw.xlen(format!("{prefix}:stream:{{Big}}")).await.unwrap();
-    let stored_small: u64 = raw.xlen(format!("{prefix}:stream:{{Small}}")).await.unwrap();
-    assert_eq!((stored_big, stored_small), (u64::from(big), u64::from(small)));
+    let stored_small: u64 = raw
+        .xlen(format!("{prefix}:stream:{{Small}}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (stored_big, stored_small),
+        (u64::from(big), u64::from(small))
+    );
     let _ = raw.quit().await;
     router.close().await.unwrap();
 }

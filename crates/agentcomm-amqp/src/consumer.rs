@@ -321,7 +321,9 @@ async fn setup(
         };
         let mut declare = QueueDeclareArguments::new(&spec.name);
         declare
-            .durable(spec.kind == QueueKind::Group)
+            // Fan-out queues too: RabbitMQ 4 deprecates transient non-exclusive queues, and their
+            // `x-expires` (plus the delete at close) already bounds their life.
+            .durable(true)
             .arguments(inner.queue_arguments(queue_type, expires));
         inner
             .operation(

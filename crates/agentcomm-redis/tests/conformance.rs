@@ -18,6 +18,7 @@ struct Redis {
     url: String,
     /// Every connection of one scenario shares it; scenarios do not see each other.
     prefix: String,
+    _cleanup: common::RemoveKeysOnDrop,
 }
 
 impl Redis {
@@ -26,10 +27,12 @@ impl Redis {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
+        let prefix = common::unique_prefix();
         Redis {
             mode,
             url: common::redis_url(),
-            prefix: common::unique_prefix(),
+            _cleanup: common::RemoveKeysOnDrop(prefix.clone()),
+            prefix,
         }
     }
 }

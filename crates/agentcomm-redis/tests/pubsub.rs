@@ -44,6 +44,7 @@ async fn fan_out_patterns_unroutable_and_intact_envelopes() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
     let nobody = router.publish(envelope("Ping:event:s1", 0)).await.unwrap();
     assert_eq!(nobody, PublishOutcome::Unroutable);
@@ -100,7 +101,9 @@ async fn groups_are_refused_with_the_fix() {
     if !redis_available().await {
         return;
     }
-    let router = connect(&unique_prefix()).await;
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
     assert!(!router.capabilities().consumer_groups);
     let error = router
         .subscribe(SubscribeOptions::new(ChannelPattern::parse("Ping:*:*").unwrap()).group("g"))
@@ -119,7 +122,9 @@ async fn nacked_messages_come_back_from_memory() {
     if !redis_available().await {
         return;
     }
-    let router = connect(&unique_prefix()).await;
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
     let mut subscription = router
         .subscribe(SubscribeOptions::new(
             ChannelPattern::parse("Job:*:*").unwrap(),
@@ -150,6 +155,7 @@ async fn a_full_buffer_drops_and_counts_instead_of_stalling() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = within(
         WAIT,
         "connecting",
@@ -216,6 +222,7 @@ async fn dead_letters_are_kept_in_a_stream_even_in_pubsub_mode() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
     let dead = envelope("Job:request:s1", 3)
         .with_channel(parse_channel("Job:request:s1").unwrap().dead_letter())
@@ -255,6 +262,7 @@ async fn malformed_frames_are_dead_lettered_and_the_subscriber_goes_on() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
     let mut subscription = router
         .subscribe(SubscribeOptions::new(

@@ -67,6 +67,7 @@ async fn streams_lose_nothing_and_duplicate_nothing_across_cuts() {
     };
     let total = 10_000 * soak();
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let consumer: RedisRouter = within(
         Duration::from_secs(10),
         "connecting through the proxy",
@@ -184,6 +185,7 @@ async fn pubsub_counts_exactly_what_it_lost_and_resumes_after_each_cut() {
     };
     let total = 10_000 * soak();
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     // The subscriber goes through the proxy; the publisher does not, so it goes on publishing while
     // the subscriber reconnects, and those messages are lost to it.
     let subscriber = within(

@@ -45,6 +45,7 @@ async fn groups_share_work_fan_out_gets_copies_and_acks_stick() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
     let pattern = ChannelPattern::parse("Job:*:*").unwrap();
     let mut first = router
@@ -101,6 +102,7 @@ async fn messages_wait_for_a_group_and_a_restarted_consumer_resumes() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
     let options =
         SubscribeOptions::new(ChannelPattern::parse("Order:*:*").unwrap()).group("billing");
@@ -134,6 +136,7 @@ async fn a_wildcard_class_pattern_sees_classes_created_after_it_subscribed() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
     router.publish(envelope("Early:event:s1", 0)).await.unwrap();
     let mut group = router
@@ -177,6 +180,7 @@ async fn nack_retry_carries_the_attempt_and_abandon_redelivers() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
     let mut subscription = router
         .subscribe(SubscribeOptions::new(ChannelPattern::parse("Task:*:*").unwrap()).group("g"))
@@ -228,6 +232,7 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let survivor = within(
         WAIT,
         "connecting",
@@ -323,6 +328,7 @@ async fn malformed_entries_are_dead_lettered_and_reading_goes_on() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
     let mut subscription = router
         .subscribe(SubscribeOptions::new(ChannelPattern::parse("Raw:*:*").unwrap()).group("g"))
@@ -375,6 +381,7 @@ async fn batches_are_pipelined_and_close_refuses_further_use() {
         return;
     }
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
     let mut subscription = router
         .subscribe(SubscribeOptions::new(
@@ -438,6 +445,7 @@ async fn idempotent_publishing_never_mistakes_a_new_message_for_a_retry() {
     // More publishes to one stream than the de-duplication bitmap has bits (65,536), interleaved with
     // another stream's: every sequence number is new, so every message must be stored.
     let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
     let (mut big, mut small) = (0u32, 0u32);
     for round in 0..70u32 {

@@ -123,3 +123,52 @@ pub fn through(url: &str, address: std::net::SocketAddr) -> String {
         .unwrap_or_default();
     format!("redis://{credentials}{address}{tail}")
 }
+
+/// Deletes every key under `prefix` (tests share one Redis with other people's tests).
+pub async fn remove_keys(prefix: &str) {
+    use fred::prelude::{ClientLike, KeysInterface};
+    use fred::types::scan::Scanner;
+    use futures::TryStreamExt;
+    let Ok(config) = fred::prelude::Config::from_url(&redis_url()) else {
+        return;
+    };
+    let Ok(client) = fred::prelude::Builder::from_config(config).build() else {
+        return;
+    };
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(3), client.init()).await,
+        Ok(Ok(_))
+    ) {
+        return;
+    }
+    let pattern = format!("{}:*", prefix.replace(['*', '?', '[', ']'], "?"));
+    let mut pages = client.scan(pattern, Some(500), None);
+    let mut keys: Vec<fred::types::Key> = Vec::new();
+    while let Ok(Some(mut page)) = pages.try_next().await {
+        if let Some(found) = page.take_results() {
+            keys.extend(found);
+        }
+    }
+    for chunk in keys.chunks(200) {
+        let _: Result<i64, _> = client.del(chunk.to_vec()).await;
+    }
+    let _ = client.quit().await;
+}
+
+/// Removes the keys under `prefix` when dropped, from a thread of its own (drop cannot wait).
+pub struct RemoveKeysOnDrop(pub String);
+
+impl Drop for RemoveKeysOnDrop {
+    fn drop(&mut self) {
+        let prefix = std::mem::take(&mut self.0);
+        let _ = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(remove_keys(&prefix));
+            }
+        })
+        .join();
+    }
+}

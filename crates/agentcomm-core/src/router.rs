@@ -366,12 +366,13 @@ pub trait SubscriptionControl: Send + Sync + 'static {
 
 /// A live subscription: a stream of [`Delivery`] values.
 ///
-/// The backend pushes deliveries into a bounded channel (capacity = prefetch) and stops reading from the
-/// broker while it is full. The stream ends (`None`) once the subscription is closed and drained, or the
-/// router is closed.
+/// Either the backend pushes deliveries into a bounded channel (capacity = prefetch) and stops reading
+/// from the broker while it is full ([`Subscription::new`]), or it hands over a stream that turns what
+/// the broker client delivers into deliveries as the subscriber polls it, with no task in between
+/// ([`Subscription::from_stream`]; the broker's prefetch is then the bound). The stream ends (`None`) once
+/// the subscription is closed and drained, or the router is closed.
 pub struct Subscription {
-    // Boxed because the receivers are not `Unpin`; this keeps `Subscription` easy to poll and move.
-    receiver: Pin<Box<async_channel::Receiver<Delivery>>>,
+    source: Source,
     stop: Option<Pin<Box<async_channel::Receiver<()>>>>,
     control: Arc<dyn SubscriptionControl>,
     description: Arc<str>,
@@ -390,11 +391,26 @@ impl Subscription {
             Distribution::Group(group) => format!("group '{group}' on {}", patterns.join(", ")),
         };
         Subscription {
-            receiver: Box::pin(receiver),
+            // Boxed because the receivers are not `Unpin`; this keeps `Subscription` easy to poll and move.
+            source: Source::Channel(Box::pin(receiver)),
             stop: None,
             control,
             description: description.into(),
         }
+    }
+
+    /// Wraps a stream of deliveries produced where the subscriber polls (for example a broker client's
+    /// own receiver, mapped to [`Delivery`] values), and its control. The stream must end after the
+    /// control closed the subscription and what was buffered was read.
+    pub fn from_stream(
+        stream: impl Stream<Item = Delivery> + Send + 'static,
+        control: Arc<dyn SubscriptionControl>,
+        options: &SubscribeOptions,
+    ) -> Self {
+        let (_, unused) = async_channel::bounded(1);
+        let mut subscription = Self::new(unused, control, options);
+        subscription.source = Source::Stream(Box::pin(stream));
+        subscription
     }
 
     /// Ends the stream as soon as `stop` is closed, even if `receiver` is shared with other
@@ -414,7 +430,12 @@ impl Subscription {
         if self.stop.as_ref().is_some_and(|stop| stop.is_closed()) {
             return None;
         }
-        self.receiver.try_recv().ok()
+        match &mut self.source {
+            Source::Channel(receiver) => receiver.try_recv().ok(),
+            Source::Stream(stream) => {
+                futures::FutureExt::now_or_never(futures::StreamExt::next(stream)).flatten()
+            }
+        }
     }
 
     /// Stops new deliveries; buffered ones can still be read until the stream ends.
@@ -432,10 +453,18 @@ impl Subscription {
         &self.description
     }
 
-    /// How many deliveries are waiting to be read.
+    /// How many deliveries are waiting to be read (for a stream source, its lower size hint).
     pub fn buffered(&self) -> usize {
-        self.receiver.len()
+        match &self.source {
+            Source::Channel(receiver) => receiver.len(),
+            Source::Stream(stream) => stream.size_hint().0,
+        }
     }
+}
+
+enum Source {
+    Channel(Pin<Box<async_channel::Receiver<Delivery>>>),
+    Stream(Pin<Box<dyn Stream<Item = Delivery> + Send>>),
 }
 
 impl Drop for Subscription {
@@ -463,7 +492,10 @@ impl Stream for Subscription {
                 return Poll::Ready(None);
             }
         }
-        this.receiver.as_mut().poll_next(cx)
+        match &mut this.source {
+            Source::Channel(receiver) => receiver.as_mut().poll_next(cx),
+            Source::Stream(stream) => stream.as_mut().poll_next(cx),
+        }
     }
 }
 
@@ -471,7 +503,7 @@ impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
             .field("description", &self.description)
-            .field("buffered", &self.receiver.len())
+            .field("buffered", &self.buffered())
             .finish()
     }
 }
@@ -628,5 +660,65 @@ impl<R: Router + ?Sized> Router for Arc<R> {
     }
     fn close(&self) -> BoxFuture<'_, Result<()>> {
         (**self).close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::parse_channel;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct CountingAck(Arc<AtomicUsize>);
+
+    impl Acknowledge for CountingAck {
+        fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            ready_ok()
+        }
+        fn nack(self: Box<Self>, _: Envelope, _: NackAction) -> BoxFuture<'static, Result<()>> {
+            ready_ok()
+        }
+    }
+
+    struct NoControl;
+
+    impl SubscriptionControl for NoControl {
+        fn close(&self) -> BoxFuture<'static, Result<()>> {
+            ready_ok()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_subscription_can_read_a_backends_own_stream() {
+        let acked = Arc::new(AtomicUsize::new(0));
+        let channel = parse_channel("Ping:event:s1").unwrap();
+        let deliveries: Vec<Delivery> = (0..3)
+            .map(|i| {
+                let envelope = Envelope::new(
+                    channel.clone(),
+                    "application/json",
+                    format!("{i}").into_bytes(),
+                );
+                Delivery::new(envelope, Box::new(CountingAck(acked.clone())))
+            })
+            .collect();
+        let options = SubscribeOptions::new(ChannelPattern::parse("Ping:*:*").unwrap());
+        let mut subscription = Subscription::from_stream(
+            futures::stream::iter(deliveries),
+            Arc::new(NoControl),
+            &options,
+        );
+        assert_eq!(subscription.buffered(), 3);
+        let first = subscription.next().await.unwrap();
+        assert_eq!(&first.envelope().payload()[..], b"0");
+        first.ack().await.unwrap();
+        let second = subscription.try_next().unwrap();
+        assert_eq!(&second.envelope().payload()[..], b"1");
+        second.ack().await.unwrap();
+        subscription.next().await.unwrap().ack().await.unwrap();
+        assert!(subscription.next().await.is_none(), "the stream ended");
+        assert_eq!(acked.load(Ordering::SeqCst), 3);
+        assert_eq!(subscription.description(), "fan-out on Ping:*:*");
     }
 }

@@ -1,23 +1,28 @@
 //! The router named by the environment: `MESSAGING_BACKEND` = `memory` (default), `redis` or `rabbitmq`,
-//! with `REDIS_URL` / `RABBITMQ_URL` (see `.env.example`).
+//! with `REDIS_URL` (and `REDIS_DELIVERY_MODE`) or `RABBITMQ_URL` (see `.env.example`).
 
 use std::sync::Arc;
 
 use agentcomm_core::config::{Backend, Config};
 use agentcomm_core::router::SharedRouter;
+use agentcomm_core::runtime::AgentOptions;
 use agentcomm_core::{MemoryRouter, Result};
+use agentcomm_redis::{DeliveryMode, RedisRouter};
 
 /// Connects to the router the configuration names.
 pub async fn router_from_config(config: &Config) -> Result<SharedRouter> {
     Ok(match config.backend() {
-        Backend::Memory => Arc::new(MemoryRouter::new()),
-        other => {
-            return Err(agentcomm_core::Error::Config {
-                variable: agentcomm_core::config::BACKEND_VAR.into(),
-                value: other.to_string(),
-                expected: format!("accepted values are {}", Backend::ACCEPTED),
-            });
+        Backend::Redis => {
+            let mut builder = RedisRouter::builder(config.redis_url());
+            if let Some(mode) = config.var(agentcomm_redis::DELIVERY_MODE_VAR) {
+                builder = builder.mode(DeliveryMode::parse(&mode)?);
+            }
+            Arc::new(builder.connect().await?)
         }
+        Backend::RabbitMq => {
+            Arc::new(agentcomm_amqp::AmqpRouter::connect(config.rabbitmq_url()).await?)
+        }
+        _ => Arc::new(MemoryRouter::new()),
     })
 }
 
@@ -26,4 +31,14 @@ pub async fn router_from_env() -> Result<(Config, SharedRouter)> {
     let config = Config::load()?;
     let router = router_from_config(&config).await?;
     Ok((config, router))
+}
+
+/// Agent options for `router`: the defaults, or fan-out where the backend has no consumer groups
+/// (Redis pub/sub), so that the examples run on every backend.
+pub fn options_for(router: &SharedRouter) -> AgentOptions {
+    if router.capabilities().consumer_groups {
+        AgentOptions::new()
+    } else {
+        AgentOptions::new().fan_out()
+    }
 }

@@ -230,15 +230,16 @@ pub async fn run(
     out: &mut (dyn Write + Send),
 ) -> Result<Arc<Scoreboard>> {
     let backend = router.backend().to_string();
-    let runtime = Runtime::new(router);
+    let options = crate::backend::options_for(&router);
+    let runtime = Runtime::builder_shared(router).build();
     // The lobby and the matchmaker listen to their own sessions; each player to its own.
     runtime
-        .spawn_with(LobbyAgent::default(), AgentOptions::new().session(LOBBY))
+        .spawn_with(LobbyAgent::default(), options.clone().session(LOBBY))
         .await?;
     runtime
         .spawn_with(
             MatchmakerAgent::default(),
-            AgentOptions::new().session(MATCHMAKING),
+            options.clone().session(MATCHMAKING),
         )
         .await?;
     let scoreboard = Arc::new(Scoreboard::default());
@@ -249,7 +250,7 @@ pub async fn run(
             scoreboard: scoreboard.clone(),
         };
         runtime
-            .spawn_with(player, AgentOptions::new().session(name.as_str()))
+            .spawn_with(player, options.clone().session(name.as_str()))
             .await?;
     }
     writeln!(

@@ -108,10 +108,11 @@ fn request(amount: f64, user_id: &str, payment_method: &str) -> PaymentRequest {
 /// Runs the example on `router`, printing to `out`.
 pub async fn run(router: SharedRouter, out: &mut (dyn Write + Send)) -> Result<PaymentSummary> {
     let backend = router.backend().to_string();
+    let options = crate::backend::options_for(&router);
     let runtime = Runtime::builder_shared(router)
         .request_timeout(Duration::from_secs(10))
         .build();
-    let agent = runtime.spawn(PaymentAgent::default()).await?;
+    let agent = runtime.spawn_with(PaymentAgent::default(), options).await?;
     let client = runtime.publisher::<PaymentClient>();
     writeln!(out, "agentcomm payment example on the {backend} router").ok();
 
@@ -158,6 +159,9 @@ pub async fn run(router: SharedRouter, out: &mut (dyn Write + Send)) -> Result<P
             .unwrap_or(()),
     }
 
+    // Stop first: a handler's reply reaches the client before the handler's own acknowledgement, so
+    // the counts are final only once the agent has stopped.
+    let report = runtime.shutdown(Duration::from_secs(5)).await?;
     let health = agent.health();
     summary.handled = health.handled;
     summary.dead_lettered = health.dead_lettered;
@@ -167,7 +171,6 @@ pub async fn run(router: SharedRouter, out: &mut (dyn Write + Send)) -> Result<P
         health.name, health.handled, health.failed, health.dead_lettered
     )
     .ok();
-    let report = runtime.shutdown(Duration::from_secs(5)).await?;
     writeln!(
         out,
         "shut down cleanly (finished while stopping: {}, given back: {})",

@@ -100,6 +100,8 @@ pub struct Config {
     redis_url: String,
     rabbitmq_url: String,
     log_level: LevelFilter,
+    /// What the env file said, for variables other crates read (`REDIS_DELIVERY_MODE`, ...).
+    file: HashMap<String, String>,
 }
 
 impl fmt::Debug for Config {
@@ -120,6 +122,7 @@ impl Default for Config {
             redis_url: DEFAULT_REDIS_URL.into(),
             rabbitmq_url: DEFAULT_RABBITMQ_URL.into(),
             log_level: LevelFilter::INFO,
+            file: HashMap::new(),
         }
     }
 }
@@ -149,7 +152,10 @@ impl Config {
                 });
             }
         };
-        Self::from_lookup(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))
+        let mut config =
+            Self::from_lookup(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))?;
+        config.file = file;
+        Ok(config)
     }
 
     /// Reads the variables through `lookup` (for tests and other sources).
@@ -183,6 +189,7 @@ impl Config {
             redis_url,
             rabbitmq_url,
             log_level,
+            file: HashMap::new(),
         })
     }
 
@@ -204,6 +211,14 @@ impl Config {
     /// The log level.
     pub fn log_level(&self) -> LevelFilter {
         self.log_level
+    }
+
+    /// Any other variable (such as `REDIS_DELIVERY_MODE`): the process environment first, then the env
+    /// file this configuration was loaded with.
+    pub fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name)
+            .ok()
+            .or_else(|| self.file.get(name).cloned())
     }
 
     /// Sets the backend.
@@ -350,6 +365,24 @@ mod tests {
             assert!(error.starts_with(expected), "{name}={value}: {error}");
             assert!(!error.contains("pw"), "{error}");
         }
+    }
+
+    #[test]
+    fn other_variables_come_from_the_env_file_too() {
+        let path =
+            std::env::temp_dir().join(format!("agentcomm-config-{}.env", std::process::id()));
+        std::fs::write(
+            &path,
+            "MESSAGING_BACKEND=redis\nAGENTCOMM_TEST_ONLY_VARIABLE=pubsub\n",
+        )
+        .unwrap();
+        let config = Config::load_with_file(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            config.var("AGENTCOMM_TEST_ONLY_VARIABLE").as_deref(),
+            Some("pubsub")
+        );
+        assert_eq!(config.var("AGENTCOMM_TEST_ABSENT_VARIABLE"), None);
     }
 
     #[test]

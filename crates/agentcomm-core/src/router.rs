@@ -409,7 +409,7 @@ impl Subscription {
     ) -> Self {
         let (_, unused) = async_channel::bounded(1);
         let mut subscription = Self::new(unused, control, options);
-        subscription.source = Source::Stream(Box::pin(stream));
+        subscription.source = Source::Stream(std::sync::Mutex::new(Box::pin(stream)));
         subscription
     }
 
@@ -433,6 +433,9 @@ impl Subscription {
         match &mut self.source {
             Source::Channel(receiver) => receiver.try_recv().ok(),
             Source::Stream(stream) => {
+                let stream = stream
+                    .get_mut()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 futures::FutureExt::now_or_never(futures::StreamExt::next(stream)).flatten()
             }
         }
@@ -457,14 +460,22 @@ impl Subscription {
     pub fn buffered(&self) -> usize {
         match &self.source {
             Source::Channel(receiver) => receiver.len(),
-            Source::Stream(stream) => stream.size_hint().0,
+            Source::Stream(stream) => {
+                stream
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .size_hint()
+                    .0
+            }
         }
     }
 }
 
 enum Source {
     Channel(Pin<Box<async_channel::Receiver<Delivery>>>),
-    Stream(Pin<Box<dyn Stream<Item = Delivery> + Send>>),
+    // The mutex only makes `Subscription` `Sync` for streams that are not; polling goes through
+    // `get_mut`, which takes no lock.
+    Stream(std::sync::Mutex<Pin<Box<dyn Stream<Item = Delivery> + Send>>>),
 }
 
 impl Drop for Subscription {
@@ -494,7 +505,11 @@ impl Stream for Subscription {
         }
         match &mut this.source {
             Source::Channel(receiver) => receiver.as_mut().poll_next(cx),
-            Source::Stream(stream) => stream.as_mut().poll_next(cx),
+            Source::Stream(stream) => stream
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_mut()
+                .poll_next(cx),
         }
     }
 }

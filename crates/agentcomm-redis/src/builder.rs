@@ -82,7 +82,6 @@ pub(crate) struct Settings {
     pub(crate) read_batch: usize,
     pub(crate) discovery_interval: Duration,
     pub(crate) idempotent_publish: bool,
-    pub(crate) pubsub_buffer: usize,
     pub(crate) broadcast_capacity: usize,
     pub(crate) reorder_window: Duration,
 }
@@ -102,7 +101,6 @@ impl fmt::Debug for Settings {
             .field("claim_idle", &self.claim_idle)
             .field("max_deliveries", &self.max_deliveries)
             .field("idempotent_publish", &self.idempotent_publish)
-            .field("pubsub_buffer", &self.pubsub_buffer)
             .finish_non_exhaustive()
     }
 }
@@ -127,7 +125,6 @@ impl Settings {
             read_batch: 128,
             discovery_interval: Duration::from_secs(1),
             idempotent_publish: true,
-            pubsub_buffer: 16_384,
             broadcast_capacity: 65_536,
             reorder_window: Duration::from_millis(500),
         }
@@ -299,16 +296,9 @@ impl RedisRouterBuilder {
         self
     }
 
-    /// Pub/sub: how many messages one subscription buffers before further ones are dropped (counted
-    /// in health as `dropped`, and logged). Default 16,384, and never less than the prefetch.
-    pub fn pubsub_buffer(mut self, capacity: usize) -> Self {
-        self.settings.pubsub_buffer = capacity.max(1);
-        self
-    }
-
-    /// Pub/sub: the capacity of the client's message channel, which absorbs bursts while messages are
-    /// sorted to subscriptions (default 65,536; fred's own default of 32 loses messages on bursts).
-    /// Overruns are counted as `lagged`.
+    /// Pub/sub: the capacity of the client's message channel, the buffer every subscription reads from
+    /// (default 65,536; fred's own default of 32 loses messages on bursts). A subscription that falls
+    /// further behind loses the oldest messages: counted as `lagged` (and `lost`), and logged.
     pub fn broadcast_capacity(mut self, capacity: usize) -> Self {
         self.settings.broadcast_capacity = capacity.max(32);
         self

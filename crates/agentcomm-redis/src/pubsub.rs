@@ -1,18 +1,23 @@
-//! Pub/sub delivery: one subscriber connection per router, sorted to local subscriptions.
+//! Pub/sub delivery: one subscriber connection per router; each subscription reads the client's own
+//! message channel, with no task in between.
 //!
 //! - fred's `SubscriberClient` restores every `SUBSCRIBE`/`PSUBSCRIBE` after each reconnect.
-//! - One task reads the client's message channel (sized for bursts, [`Settings::broadcast_capacity`]),
-//!   decodes each frame once, checks its sequence number ([`crate::sequence`]) and hands a copy to every
-//!   local subscription whose patterns match ([`ChannelPattern::matches`], the one matcher).
-//! - It never waits for a slow subscription (that would stall all of them and overrun the client's
-//!   channel): each subscription has a buffer of its own ([`Settings::pubsub_buffer`]); a message that
-//!   finds it full is dropped, counted (`dropped`) and logged.
+//! - The client's message channel is a broadcast ring sized for bursts
+//!   ([`Settings::broadcast_capacity`], 65,536 instead of fred's 32); every subscription has its own
+//!   cursor in it, so a slow subscription never holds up the others. A subscription that falls more
+//!   than the ring behind loses the oldest messages: counted as `lagged` (and as `lost`), and logged.
+//! - As the subscriber polls, its subscription skips messages on Redis channels none of its own Redis
+//!   subscriptions cover (without decoding them), decodes the rest, checks sequence numbers
+//!   ([`crate::sequence`]: gaps counted as `lost`, repeats discarded as `duplicates`) and keeps what
+//!   its patterns match ([`ChannelPattern::matches`], the one matcher).
 //! - A nacked or abandoned delivery is delivered again to its subscription, from memory (no broker
 //!   redelivery exists in pub/sub).
+//!
+//! [`Settings::broadcast_capacity`]: crate::builder::Settings
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use agentcomm_core::channel::ChannelPattern;
@@ -24,10 +29,10 @@ use agentcomm_core::router::{
 };
 use fred::clients::SubscriberClient;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
-use tokio::sync::broadcast::error::RecvError;
+use fred::types::Message;
+use tokio::sync::broadcast::{self, error::TryRecvError};
 
 use crate::connection::{map_error, watch_client};
-use crate::counters::LogLimiter;
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
 use crate::sequence::{SEQUENCE_HEADER, SequenceTracker, Verdict};
@@ -35,23 +40,25 @@ use crate::sequence::{SEQUENCE_HEADER, SequenceTracker, Verdict};
 /// The subscriber side of a pub/sub router.
 pub(crate) struct PubSubHub {
     client: SubscriberClient,
-    subscriptions: RwLock<Vec<Arc<PubSubSubscription>>>,
     /// How many local subscriptions use each Redis subscription.
     redis: tokio::sync::Mutex<HashMap<RedisSubscription, usize>>,
+    open: AtomicU64,
     next_id: AtomicU64,
-    dropped_log: LogLimiter,
+    subscriptions: std::sync::Mutex<HashMap<u64, Arc<PubSubSubscription>>>,
 }
 
 pub(crate) struct PubSubSubscription {
     id: u64,
-    patterns: Vec<ChannelPattern>,
     redis: Vec<RedisSubscription>,
-    sender: async_channel::Sender<Delivery>,
     closed: AtomicBool,
+    /// Deliveries given back (nack, abandon), delivered again before new messages.
+    again: async_channel::Sender<Delivery>,
+    /// Wakes the stream when the subscription closes.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl PubSubHub {
-    /// Connects the subscriber client and starts sorting what it receives.
+    /// Connects the subscriber client.
     pub(crate) async fn start(shared: &Arc<Shared>) -> Result<Arc<Self>> {
         let settings = &shared.settings;
         let client = shared
@@ -87,15 +94,13 @@ impl PubSubHub {
             &settings.url,
             || {},
         );
-        let hub = Arc::new(PubSubHub {
+        Ok(Arc::new(PubSubHub {
             client,
-            subscriptions: RwLock::new(Vec::new()),
             redis: tokio::sync::Mutex::new(HashMap::new()),
+            open: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
-            dropped_log: LogLimiter::new(Duration::from_secs(5)),
-        });
-        tokio::spawn(dispatch(hub.clone(), Arc::downgrade(shared)));
-        Ok(hub)
+            subscriptions: std::sync::Mutex::new(HashMap::new()),
+        }))
     }
 
     pub(crate) fn is_connected(&self) -> bool {
@@ -103,7 +108,7 @@ impl PubSubHub {
     }
 
     pub(crate) fn subscription_count(&self) -> usize {
-        self.subscriptions.read().expect("subscriptions lock").len()
+        self.open.load(Ordering::Relaxed) as usize
     }
 
     pub(crate) async fn subscribe(
@@ -126,29 +131,52 @@ impl PubSubHub {
             .collect();
         redis.sort();
         redis.dedup();
-        let capacity = shared.settings.pubsub_buffer.max(options.prefetch);
-        let (sender, receiver) = async_channel::bounded(capacity);
+        // The receivers exist before Redis confirms, so nothing arriving right after is missed.
+        let messages = Arc::new(std::sync::Mutex::new(self.client.message_rx()));
+        let wake = self.client.message_rx();
+        let (again, again_receiver) = async_channel::unbounded();
+        let (stop, stop_receiver) = tokio::sync::watch::channel(false);
         let subscription = Arc::new(PubSubSubscription {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            patterns: options.patterns.clone(),
             redis: redis.clone(),
-            sender,
             closed: AtomicBool::new(false),
+            again,
+            stop,
         });
-        // Registered before Redis confirms, so that nothing arriving right after the confirmation is missed.
+        self.add_redis(&redis, &shared.settings.url).await?;
+        self.open.fetch_add(1, Ordering::Relaxed);
         self.subscriptions
-            .write()
+            .lock()
             .expect("subscriptions lock")
-            .push(subscription.clone());
-        if let Err(error) = self.add_redis(&redis, &shared.settings.url).await {
-            self.remove(&subscription).await;
-            return Err(error);
-        }
+            .insert(subscription.id, subscription.clone());
+        let reader = Reader {
+            messages: messages.clone(),
+            wake,
+            again: again_receiver.clone(),
+            stop: stop_receiver,
+            subscription: subscription.clone(),
+            patterns: options.patterns.clone(),
+            shared: Arc::downgrade(shared),
+            tracker: SequenceTracker::new(shared.settings.reorder_window),
+            last_sweep: Instant::now(),
+            done: false,
+            last: None,
+        };
         let control = Arc::new(PubSubControl {
             hub: Arc::downgrade(self),
-            subscription: subscription.clone(),
+            subscription,
         });
-        Ok(Subscription::new(receiver, control, &options))
+        let deliveries = futures::stream::unfold(reader, |mut reader| async move {
+            let delivery = reader.next().await?;
+            Some((delivery, reader))
+        });
+        let stream = PubSubStream {
+            // Fused: the runtime may poll again after the end.
+            deliveries: Box::pin(futures::StreamExt::fuse(deliveries)),
+            messages,
+            again: Box::new(again_receiver),
+        };
+        Ok(Subscription::from_stream(stream, control, &options))
     }
 
     async fn add_redis(&self, wanted: &[RedisSubscription], url: &str) -> Result<()> {
@@ -173,17 +201,19 @@ impl PubSubHub {
         Ok(())
     }
 
-    /// Takes a subscription out: no more messages are sorted to it; Redis subscriptions nobody uses any
-    /// more are dropped.
+    /// Takes a subscription out: its stream ends after what it already received; Redis subscriptions
+    /// nobody uses any more are dropped.
     async fn remove(&self, subscription: &Arc<PubSubSubscription>) {
         if subscription.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        subscription.stop.send_replace(true);
+        subscription.again.close();
+        self.open.fetch_sub(1, Ordering::Relaxed);
         self.subscriptions
-            .write()
+            .lock()
             .expect("subscriptions lock")
-            .retain(|s| s.id != subscription.id);
-        subscription.sender.close();
+            .remove(&subscription.id);
         let mut counts = self.redis.lock().await;
         for redis in &subscription.redis {
             let Some(count) = counts.get_mut(redis) else {
@@ -206,12 +236,14 @@ impl PubSubHub {
 
     /// Ends every subscription and disconnects.
     pub(crate) async fn close(&self) {
-        let subscriptions: Vec<_> = self
+        let open: Vec<Arc<PubSubSubscription>> = self
             .subscriptions
-            .read()
+            .lock()
             .expect("subscriptions lock")
-            .clone();
-        for subscription in &subscriptions {
+            .values()
+            .cloned()
+            .collect();
+        for subscription in &open {
             self.remove(subscription).await;
         }
         if let Err(error) = self.client.quit().await {
@@ -221,125 +253,215 @@ impl PubSubHub {
 }
 
 impl PubSubSubscription {
-    fn matches(&self, envelope: &Envelope) -> bool {
-        self.patterns
-            .iter()
-            .any(|pattern| pattern.matches(envelope.channel()))
-    }
-
-    fn delivery(self: &Arc<Self>, shared: &Arc<Shared>, envelope: Envelope) -> Delivery {
-        Delivery::new(
-            envelope,
-            Box::new(PubSubAck {
-                subscription: self.clone(),
-                shared: Arc::downgrade(shared),
-            }),
-        )
+    /// Whether one of this subscription's Redis subscriptions covers `channel` (without decoding).
+    fn covers(&self, channel: &str) -> bool {
+        self.redis.iter().any(|redis| match redis {
+            RedisSubscription::Channel(name) => name == channel,
+            RedisSubscription::Pattern(glob) => glob_matches(glob.as_bytes(), channel.as_bytes()),
+        })
     }
 }
 
-/// Reads the subscriber client's messages and sorts them to subscriptions until the client quits.
-async fn dispatch(hub: Arc<PubSubHub>, shared: std::sync::Weak<Shared>) {
-    let mut messages = hub.client.message_rx();
-    let mut tracker = None;
-    let mut sweep = tokio::time::interval(Duration::from_millis(100));
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let message = tokio::select! {
-            message = messages.recv() => message,
-            _ = sweep.tick() => {
-                let Some(shared) = shared.upgrade() else { break };
-                let tracker = tracker.get_or_insert_with(|| SequenceTracker::new(shared.settings.reorder_window));
-                let lost = tracker.sweep(Instant::now());
-                report_lost(&shared, lost);
+/// Whether `text` matches a Redis glob made by [`crate::keys`]: `*` and `\`-escapes (`?` and `[..]`
+/// are only ever escaped there, but are handled as Redis does for safety).
+fn glob_matches(glob: &[u8], text: &[u8]) -> bool {
+    match glob.first() {
+        None => text.is_empty(),
+        Some(b'*') => {
+            let rest = &glob[1..];
+            (0..=text.len()).any(|skip| glob_matches(rest, &text[skip..]))
+        }
+        Some(b'?') => !text.is_empty() && glob_matches(&glob[1..], &text[1..]),
+        Some(b'\\') if glob.len() > 1 => {
+            text.first() == Some(&glob[1]) && glob_matches(&glob[2..], &text[1..])
+        }
+        Some(c) => text.first() == Some(c) && glob_matches(&glob[1..], &text[1..]),
+    }
+}
+
+/// The state of one subscription's stream, advanced as the subscriber polls.
+struct Reader {
+    /// This subscription's cursor in the client's message channel, read with `try_recv` only (so that
+    /// [`PubSubStream::size_hint`] can count what waits in it).
+    messages: Arc<std::sync::Mutex<broadcast::Receiver<Message>>>,
+    /// A second cursor, only to be woken when a message arrives.
+    wake: broadcast::Receiver<Message>,
+    again: async_channel::Receiver<Delivery>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    subscription: Arc<PubSubSubscription>,
+    patterns: Vec<ChannelPattern>,
+    shared: Weak<Shared>,
+    tracker: SequenceTracker,
+    last_sweep: Instant,
+    done: bool,
+    /// The last message taken, when it carried a sequence number: Redis sends one copy per matching
+    /// Redis subscription of the connection, one right after the other, and those copies are skipped
+    /// without counting them as duplicates.
+    last: Option<(fred::types::Value, String)>,
+}
+
+impl Reader {
+    async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let shared = self.shared.upgrade()?;
+            // Given-back deliveries first.
+            if let Ok(delivery) = self.again.try_recv() {
+                return Some(delivery);
+            }
+            let received = self.messages.lock().expect("messages lock").try_recv();
+            match received {
+                Ok(message) => {
+                    if let Some(delivery) = self.accept(&shared, message) {
+                        return Some(delivery);
+                    }
+                    continue;
+                }
+                Err(TryRecvError::Lagged(missed)) => {
+                    self.lagged(&shared, missed);
+                    continue;
+                }
+                Err(TryRecvError::Closed) => {
+                    self.done = true;
+                    return None;
+                }
+                Err(TryRecvError::Empty) => {}
+            }
+            if *self.stop.borrow() {
+                // Closed, and what already arrived is read: the stream ends.
+                self.done = true;
+                return None;
+            }
+            // Nothing waits: forget what the wake-up cursor saw (the messages cursor has it), then sleep
+            // until something new arrives, is given back, the subscription closes, or gaps are due.
+            while let Ok(_) | Err(TryRecvError::Lagged(_)) = self.wake.try_recv() {}
+            if !self.messages.lock().expect("messages lock").is_empty() {
                 continue;
             }
-        };
-        let Some(shared) = shared.upgrade() else {
-            break;
-        };
-        let tracker =
-            tracker.get_or_insert_with(|| SequenceTracker::new(shared.settings.reorder_window));
-        match message {
-            Ok(message) => {
-                let raw = message.value.as_bytes().unwrap_or_default();
-                let mut envelope = match Envelope::from_frame(raw) {
-                    Ok(envelope) => envelope,
-                    Err(error) => {
-                        shared.malformed(
-                            bytes::Bytes::copy_from_slice(raw),
-                            &message.channel,
-                            &error,
-                        );
-                        continue;
-                    }
-                };
-                if let Some(sequence) = envelope.headers_mut().remove(SEQUENCE_HEADER) {
-                    let (verdict, lost) =
-                        tracker.observe(envelope.channel().name(), &sequence, Instant::now());
+            let sweep = self.last_sweep
+                + shared
+                    .settings
+                    .reorder_window
+                    .max(Duration::from_millis(50));
+            drop(shared);
+            tokio::select! {
+                biased;
+                delivery = self.again.recv() => match delivery {
+                    Ok(delivery) => return Some(delivery),
+                    // Closed with the subscription: read what already arrived.
+                    Err(_) => { let _ = self.stop.wait_for(|stopped| *stopped).await; }
+                },
+                _ = self.wake.recv() => {}
+                _ = self.stop.changed() => {}
+                () = tokio::time::sleep_until(sweep.into()) => {
+                    let shared = self.shared.upgrade()?;
+                    self.last_sweep = Instant::now();
+                    let lost = self.tracker.sweep(self.last_sweep);
                     report_lost(&shared, lost);
-                    if verdict == Verdict::Duplicate {
-                        shared.counters.bump(&shared.counters.duplicates);
-                        continue;
-                    }
-                }
-                let subscriptions = hub.subscriptions.read().expect("subscriptions lock");
-                let mut remaining = subscriptions
-                    .iter()
-                    .filter(|subscription| subscription.matches(&envelope))
-                    .count();
-                let mut envelope = Some(envelope);
-                for subscription in subscriptions.iter() {
-                    if remaining == 0 {
-                        break;
-                    }
-                    let Some(current) = envelope.as_ref() else {
-                        break;
-                    };
-                    if !subscription.matches(current) {
-                        continue;
-                    }
-                    remaining -= 1;
-                    // The last target takes the envelope itself; the others get copies.
-                    let copy = if remaining == 0 {
-                        envelope.take().expect("present until the last target")
-                    } else {
-                        current.clone()
-                    };
-                    let delivery = subscription.delivery(&shared, copy);
-                    match subscription.sender.try_send(delivery) {
-                        Ok(()) => shared.counters.bump(&shared.counters.delivered),
-                        Err(async_channel::TrySendError::Full(delivery)) => {
-                            shared.counters.lose(&shared.counters.dropped, 1);
-                            if let Some(suppressed) = hub.dropped_log.allow() {
-                                tracing::warn!(
-                                    message_id = %delivery.envelope().id(),
-                                    channel = delivery.envelope().channel().name(),
-                                    buffer = subscription.sender.capacity().unwrap_or(0),
-                                    suppressed,
-                                    "a pub/sub subscription's buffer is full: the message was dropped \
-                                     (its consumer is too slow; raise `pubsub_buffer`, add consumers, \
-                                     or use DeliveryMode::Streams)"
-                                );
-                            }
-                            delivery.discard();
-                        }
-                        Err(async_channel::TrySendError::Closed(delivery)) => delivery.discard(),
-                    }
                 }
             }
-            Err(RecvError::Lagged(missed)) => {
-                shared.counters.lose(&shared.counters.lagged, missed);
-                tracing::warn!(
-                    missed,
-                    capacity = shared.settings.broadcast_capacity,
-                    "the pub/sub message channel overran: messages were lost before they could be \
-                     sorted (raise `broadcast_capacity`)"
-                );
-            }
-            Err(RecvError::Closed) => break,
         }
     }
+
+    /// Turns one Redis message into a delivery for this subscription, or `None` when it is not for it
+    /// (another subscription's channel, a pattern mismatch, a repeat, an undecodable frame).
+    fn accept(&mut self, shared: &Arc<Shared>, message: Message) -> Option<Delivery> {
+        if !self.subscription.covers(&message.channel) {
+            return None;
+        }
+        if let Some((value, channel)) = &self.last
+            && *channel == *message.channel
+            && *value == message.value
+        {
+            return None;
+        }
+        let raw = message.value.as_bytes().unwrap_or_default();
+        let mut envelope = match Envelope::from_frame(raw) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                shared.malformed(bytes::Bytes::copy_from_slice(raw), &message.channel, &error);
+                return None;
+            }
+        };
+        self.last = None;
+        if let Some(sequence) = envelope.headers_mut().remove(SEQUENCE_HEADER) {
+            self.last = Some((message.value.clone(), message.channel.to_string()));
+            let (verdict, lost) =
+                self.tracker
+                    .observe(envelope.channel().name(), &sequence, Instant::now());
+            report_lost(shared, lost);
+            if verdict == Verdict::Duplicate {
+                shared.counters.bump(&shared.counters.duplicates);
+                return None;
+            }
+        }
+        if !self
+            .patterns
+            .iter()
+            .any(|pattern| pattern.matches(envelope.channel()))
+        {
+            return None;
+        }
+        shared.counters.bump(&shared.counters.delivered);
+        Some(delivery(&self.subscription, shared, envelope))
+    }
+
+    fn lagged(&mut self, shared: &Shared, missed: u64) {
+        shared.counters.lose(&shared.counters.lagged, missed);
+        // The overrun messages are counted here, exactly; following the sequences afresh keeps them
+        // from being counted again as `lost`.
+        self.tracker = SequenceTracker::new(shared.settings.reorder_window);
+        self.last = None;
+        tracing::warn!(
+            missed,
+            capacity = shared.settings.broadcast_capacity,
+            "a pub/sub subscription fell behind the client's message channel and lost its oldest \
+             messages (its consumer is too slow; raise `broadcast_capacity`, consume faster, or use \
+             DeliveryMode::Streams)"
+        );
+    }
+}
+
+/// A subscription's deliveries, produced as the subscriber polls; knows how many messages wait.
+struct PubSubStream {
+    deliveries: std::pin::Pin<Box<dyn futures::Stream<Item = Delivery> + Send>>,
+    messages: Arc<std::sync::Mutex<broadcast::Receiver<Message>>>,
+    // Boxed to keep the stream `Unpin`.
+    again: Box<async_channel::Receiver<Delivery>>,
+}
+
+impl futures::Stream for PubSubStream {
+    type Item = Delivery;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Delivery>> {
+        self.get_mut().deliveries.as_mut().poll_next(cx)
+    }
+
+    /// What waits in the client's channel for this subscription's cursor (messages of the router's
+    /// other subscriptions included), and given-back deliveries.
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let waiting = self.messages.lock().map(|r| r.len()).unwrap_or(0) + self.again.len();
+        (waiting, None)
+    }
+}
+
+fn delivery(
+    subscription: &Arc<PubSubSubscription>,
+    shared: &Arc<Shared>,
+    envelope: Envelope,
+) -> Delivery {
+    Delivery::new(
+        envelope,
+        Box::new(PubSubAck {
+            subscription: subscription.clone(),
+            shared: Arc::downgrade(shared),
+        }),
+    )
 }
 
 fn report_lost(shared: &Shared, lost: u64) {
@@ -348,15 +470,15 @@ fn report_lost(shared: &Shared, lost: u64) {
         tracing::warn!(
             lost,
             "pub/sub messages were lost (missing from their publisher's sequence: published while \
-             this subscriber was disconnected, or cut off in transit); use DeliveryMode::Streams for \
-             durable delivery"
+             this subscriber was disconnected, cut off in transit, or overrun); use \
+             DeliveryMode::Streams for durable delivery"
         );
     }
 }
 
 struct PubSubAck {
     subscription: Arc<PubSubSubscription>,
-    shared: std::sync::Weak<Shared>,
+    shared: Weak<Shared>,
 }
 
 impl PubSubAck {
@@ -365,22 +487,27 @@ impl PubSubAck {
             return;
         };
         let subscription = self.subscription;
+        let give = move |shared: Arc<Shared>, subscription: Arc<PubSubSubscription>, envelope| {
+            shared.counters.bump(&shared.counters.redelivered);
+            let delivery = delivery(&subscription, &shared, envelope).redelivered(true);
+            if let Err(async_channel::TrySendError::Closed(delivery)) =
+                subscription.again.try_send(delivery)
+            {
+                lost_on_close(&shared, delivery.envelope());
+                delivery.discard();
+            }
+        };
+        if delay.is_zero() {
+            give(shared, subscription, envelope);
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             lost_on_close(&shared, &envelope);
             return;
         };
         runtime.spawn(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            shared.counters.bump(&shared.counters.redelivered);
-            let delivery = subscription.delivery(&shared, envelope).redelivered(true);
-            if let Err(async_channel::SendError(delivery)) =
-                subscription.sender.send(delivery).await
-            {
-                lost_on_close(&shared, delivery.envelope());
-                delivery.discard();
-            }
+            tokio::time::sleep(delay).await;
+            give(shared, subscription, envelope);
         });
     }
 }
@@ -424,21 +551,50 @@ impl Acknowledge for PubSubAck {
 }
 
 struct PubSubControl {
-    hub: std::sync::Weak<PubSubHub>,
+    hub: Weak<PubSubHub>,
     subscription: Arc<PubSubSubscription>,
 }
 
 impl SubscriptionControl for PubSubControl {
     fn close(&self) -> BoxFuture<'static, Result<()>> {
-        // Stop sorting to it at once; Redis-side unsubscribing may wait for the connection.
-        self.subscription.sender.close();
         let hub = self.hub.clone();
         let subscription = self.subscription.clone();
         Box::pin(async move {
             if let Some(hub) = hub.upgrade() {
                 hub.remove(&subscription).await;
+            } else {
+                subscription.closed.store(true, Ordering::Release);
+                subscription.stop.send_replace(true);
+                subscription.again.close();
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_matches;
+
+    #[test]
+    fn globs_match_like_redis_for_the_patterns_agentcomm_makes() {
+        let cases = [
+            ("p:*", "p:A:b:c", true),
+            ("p:A:*:s1", "p:A:request:s1", true),
+            ("p:A:*:s1", "p:A:request:s2", false),
+            ("p:A:*:s1", "p:AB:request:s1", false),
+            ("a\\*b:*", "a*b:x", true),
+            ("a\\*b:*", "aXb:x", false),
+            ("p:s\\[1\\]", "p:s[1]", true),
+            ("p:?", "p:x", true),
+            ("p:*:*:*", "p:a:b", false),
+        ];
+        for (glob, text, expected) in cases {
+            assert_eq!(
+                glob_matches(glob.as_bytes(), text.as_bytes()),
+                expected,
+                "{glob} vs {text}"
+            );
+        }
     }
 }

@@ -12,10 +12,10 @@
 //! | `dead_lettered` | streams: entries moved to their dead-letter channel after `max_deliveries` |
 //! | `malformed` | frames that could not be decoded; moved to `DeadLetter:agentcomm.Malformed:unknown` |
 //! | `filtered` | streams: entries of a class stream no pattern of the group wanted (acknowledged) |
-//! | `dropped` | messages lost for a known local reason (a full pub/sub buffer, a closed subscription, an entry trimmed before it was read) |
-//! | `lagged` | pub/sub: messages the client's channel overran (also counted in `lost` when their sequence is known) |
-//! | `lost` | pub/sub: messages missing from a publisher's sequence (disconnections, overruns) |
-//! | `duplicates` | pub/sub: copies discarded (a publish retried after a reconnect, overlapping patterns) |
+//! | `dropped` | messages lost for a known local reason (given back after their pub/sub subscription closed, a stream entry trimmed before it was handled) |
+//! | `lagged` | pub/sub: messages a subscription lost because it fell more than `broadcast_capacity` behind |
+//! | `lost` | pub/sub: messages missing from a publisher's sequence (published while disconnected, cut off in transit) |
+//! | `duplicates` | pub/sub: repeats discarded (a publish fred wrote again after a reconnect) |
 //! | `reconnects`, `connection_errors` | connection events of all the router's clients |
 
 use std::sync::Mutex;

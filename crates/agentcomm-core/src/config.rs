@@ -248,10 +248,9 @@ pub fn check_url(variable: &str, url: &str, schemes: &[&str], accepted: &str) ->
             Ok(())
         };
     }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host_port = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
+    // The host starts after the last '@' (a password may contain '/' when not percent-encoded).
+    let after_userinfo = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let host_port = after_userinfo.split(['/', '?', '#']).next().unwrap_or("");
     if host_port.is_empty() || host_port.starts_with(':') {
         return Err(fail("the host is missing"));
     }
@@ -261,10 +260,9 @@ pub fn check_url(variable: &str, url: &str, schemes: &[&str], accepted: &str) ->
             Some(ipv6) => ipv6.split_once("]:").map(|(_, port)| port),
             None => host.rsplit_once(':').map(|(_, port)| port),
         };
-        if let Some(port) = port.filter(|port| port.parse::<u16>().is_err()) {
-            return Err(fail(&format!(
-                "the port '{port}' is not a number from 0 to 65535"
-            )));
+        if port.is_some_and(|port| port.parse::<u16>().is_err()) {
+            // The port text is not shown: a mangled URL may have put part of a password there.
+            return Err(fail("the port is not a number from 0 to 65535"));
         }
     }
     Ok(())
@@ -351,7 +349,11 @@ mod tests {
             ),
             (
                 ("RABBITMQ_URL", "amqp://u:pw@host:56x2/"),
-                "RABBITMQ_URL='amqp://u:***@host:56x2/' is not valid: the port '56x2'",
+                "RABBITMQ_URL='amqp://u:***@host:56x2/' is not valid: the port is not a number",
+            ),
+            (
+                ("REDIS_URL", "redis://app:Xy/9pw@cache:x/0"),
+                "REDIS_URL='redis://app:***@cache:x/0' is not valid: the port is not a number",
             ),
             (
                 ("LOG_LEVEL", "loud"),

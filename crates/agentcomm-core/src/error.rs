@@ -232,12 +232,12 @@ pub fn redact_url(url: &str) -> String {
         return url.to_string();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
+    // The userinfo ends at the last '@': a password may itself contain '/', '?', '#' or '@' when it was
+    // not percent-encoded, and must be hidden all the same.
+    let Some(at) = rest.rfind('@') else {
         return url.to_string();
     };
-    let userinfo = &authority[..at];
+    let userinfo = &rest[..at];
     let redacted_userinfo = match userinfo.find(':') {
         Some(colon) => format!("{}:***", &userinfo[..colon]),
         // A lone user part may itself be a token (`redis://token@host`): hide it too.
@@ -245,11 +245,10 @@ pub fn redact_url(url: &str) -> String {
         None => "***".to_string(),
     };
     format!(
-        "{}{}@{}{}",
+        "{}{}{}",
         &url[..scheme_end + 3],
         redacted_userinfo,
-        &authority[at + 1..],
-        &rest[authority_end..]
+        &rest[at..]
     )
 }
 
@@ -263,6 +262,15 @@ mod tests {
         assert_eq!(redact_url("redis://token@h"), "redis://***@h");
         assert_eq!(redact_url("not a url"), "not a url");
         assert_eq!(redact_url("amqp://u:p@ss@h/v"), "amqp://u:***@h/v");
+        // Passwords that were not percent-encoded and contain URL delimiters.
+        assert_eq!(
+            redact_url("amqp://app:Xy/9ab@mq/prod"),
+            "amqp://app:***@mq/prod"
+        );
+        assert_eq!(
+            redact_url("redis://:a?b#c@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
     }
 
     #[test]

@@ -297,7 +297,7 @@ struct Reader {
     /// The last message taken, when it carried a sequence number: Redis sends one copy per matching
     /// Redis subscription of the connection, one right after the other, and those copies are skipped
     /// without counting them as duplicates.
-    last: Option<(fred::types::Value, String)>,
+    last: Option<(fred::types::Value, fred::bytes_utils::Str)>,
 }
 
 impl Reader {
@@ -372,7 +372,7 @@ impl Reader {
             return None;
         }
         if let Some((value, channel)) = &self.last
-            && *channel == *message.channel
+            && *channel == message.channel
             && *value == message.value
         {
             return None;
@@ -387,7 +387,7 @@ impl Reader {
         };
         self.last = None;
         if let Some(sequence) = envelope.headers_mut().remove(SEQUENCE_HEADER) {
-            self.last = Some((message.value.clone(), message.channel.to_string()));
+            self.last = Some((message.value.clone(), message.channel.clone()));
             let (verdict, lost) =
                 self.tracker
                     .observe(envelope.channel().name(), &sequence, Instant::now());

@@ -1,6 +1,6 @@
 //! [`RedisRouter`]: the [`Router`] implementation.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,12 +15,13 @@ use agentcomm_core::router::{
     Subscription,
 };
 use bytes::Bytes;
+use fred::bytes_utils::Str;
 use fred::clients::{Client, Pool};
 use fred::interfaces::{
     ClientLike, LuaInterface, PubsubInterface, SetsInterface, StreamsInterface,
 };
 use fred::types::config::Config;
-use fred::types::{Builder, ClusterHash, CustomCommand, Value};
+use fred::types::{Builder, ClusterHash, CustomCommand, Key, Value};
 
 use crate::builder::{DeliveryMode, RedisRouterBuilder, Settings};
 use crate::connection::{
@@ -60,7 +61,16 @@ const DEDUP_BITS: i64 = 65_536;
 const DEDUP_TTL_MS: i64 = 3_600_000;
 
 /// One publish of a batch: its index in the batch, its keys (or channel) and its arguments.
-type PipelinedCommand = (usize, Vec<String>, Vec<Value>);
+type PipelinedCommand = (usize, Vec<Key>, Vec<Value>);
+
+/// Where one class's messages go, computed once per router: its keys, the pool connection that writes
+/// them (always the same, so that a stream's publishes stay in order), and its next sequence number.
+struct StreamTarget {
+    stream: Key,
+    dedup: Key,
+    client: usize,
+    next: AtomicU64,
+}
 
 /// The state every clone of a router, and every subscription, shares.
 pub(crate) struct Shared {
@@ -71,11 +81,11 @@ pub(crate) struct Shared {
     pub(crate) counters: Arc<Counters>,
     closed: AtomicBool,
     publisher_id: String,
-    /// The next sequence number of each class stream: each bitmap must see every number of its own
-    /// sequence, or the words ahead would not be cleared.
-    stream_sequences: Mutex<HashMap<String, u64>>,
-    pubsub_sequences: Mutex<PublisherSequences>,
-    registered: RwLock<HashSet<String>>,
+    /// Each class stream this router publishes to. Each has its own sequence: a de-duplication bitmap
+    /// must see every number of its sequence, or the words ahead would not be cleared.
+    targets: RwLock<HashMap<String, Arc<StreamTarget>>>,
+    /// Sequence numbers by channel, with each channel's Redis name and pool connection.
+    pubsub_sequences: Mutex<PublisherSequences<(Str, usize)>>,
     script_sha: String,
     hub: tokio::sync::Mutex<Option<Arc<PubSubHub>>>,
     streams: Mutex<HashMap<u64, Arc<StreamSubscription>>>,
@@ -215,9 +225,8 @@ impl RedisRouter {
             counters,
             closed: AtomicBool::new(false),
             publisher_id: new_publisher_id(),
-            stream_sequences: Mutex::new(HashMap::new()),
+            targets: RwLock::new(HashMap::new()),
             pubsub_sequences: Mutex::new(PublisherSequences::new()),
-            registered: RwLock::new(HashSet::new()),
             script_sha,
             hub: tokio::sync::Mutex::new(None),
             streams: Mutex::new(HashMap::new()),
@@ -263,10 +272,14 @@ impl Shared {
     /// The pool connection for `key`: always the same one, so that commands on one stream or channel
     /// stay in order.
     pub(crate) fn client_for(&self, key: &str) -> &Client {
-        let clients = self.pool.clients();
+        &self.pool.clients()[self.client_index(key)]
+    }
+
+    /// The index in the pool of [`Shared::client_for`].
+    fn client_index(&self, key: &str) -> usize {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut hasher);
-        &clients[(hasher.finish() % clients.len() as u64) as usize]
+        (hasher.finish() % self.pool.clients().len() as u64) as usize
     }
 
     pub(crate) fn forget_stream(&self, id: u64) {
@@ -282,26 +295,32 @@ impl Shared {
             .map_err(|e| map_error_with_timeout(&e, &self.settings, "reading the stream registry"))
     }
 
-    /// Lists `class` in the registry (once per router), so that wildcard subscriptions find its stream.
-    async fn ensure_registered(&self, class: &str) -> Result<()> {
-        if self
-            .registered
-            .read()
-            .expect("registry lock")
-            .contains(class)
-        {
-            return Ok(());
+    /// The target of `class`. The first time, lists the class in the registry (so that wildcard
+    /// subscriptions find its stream) before anything is written to the stream.
+    async fn target(&self, class: &str) -> Result<Arc<StreamTarget>> {
+        if let Some(target) = self.targets.read().expect("targets lock").get(class) {
+            return Ok(target.clone());
         }
         self.pool
             .next()
             .sadd::<i64, _, _>(self.keys.registry(), class)
             .await
             .map_err(|e| map_error_with_timeout(&e, &self.settings, "registering a stream"))?;
-        self.registered
+        let stream = self.keys.stream(class);
+        let client = self.client_index(&stream);
+        let target = Arc::new(StreamTarget {
+            dedup: Key::from(self.keys.dedup(class, &self.publisher_id)),
+            stream: Key::from(stream),
+            client,
+            next: AtomicU64::new(1),
+        });
+        Ok(self
+            .targets
             .write()
-            .expect("registry lock")
-            .insert(class.to_string());
-        Ok(())
+            .expect("targets lock")
+            .entry(class.to_string())
+            .or_insert(target)
+            .clone())
     }
 
     fn check_open(&self) -> Result<()> {
@@ -312,30 +331,15 @@ impl Shared {
         }
     }
 
-    /// The arguments of one stream publish: keys and script arguments.
-    fn stream_command(&self, class: &str, frame: Vec<u8>) -> (Vec<String>, Vec<Value>) {
-        let sequence = {
-            let mut sequences = self.stream_sequences.lock().expect("sequences lock");
-            match sequences.get_mut(class) {
-                Some(next) => {
-                    *next += 1;
-                    *next
-                }
-                None => {
-                    sequences.insert(class.to_string(), 1);
-                    1
-                }
-            }
-        };
-        let keys = vec![
-            self.keys.stream(class),
-            self.keys.dedup(class, &self.publisher_id),
-        ];
+    /// The keys and script arguments of one stream publish.
+    fn stream_command(&self, target: &StreamTarget, frame: Vec<u8>) -> (Vec<Key>, Vec<Value>) {
+        let sequence = target.next.fetch_add(1, Ordering::Relaxed);
+        let keys = vec![target.stream.clone(), target.dedup.clone()];
         let args = vec![
             Value::Integer(sequence as i64),
             Value::Integer(DEDUP_BITS),
             Value::Integer(DEDUP_TTL_MS),
-            Value::Integer(self.settings.stream_max_len as i64),
+            Value::Integer(i64::try_from(self.settings.stream_max_len).unwrap_or(i64::MAX)),
             Value::Bytes(Bytes::from(frame)),
         ];
         (keys, args)
@@ -343,11 +347,9 @@ impl Shared {
 
     /// Appends `envelope` to its class stream.
     async fn stream_add(&self, envelope: &Envelope) -> Result<()> {
-        let class = envelope.channel().class();
-        self.ensure_registered(class).await?;
+        let target = self.target(envelope.channel().class()).await?;
         let frame = envelope.to_frame()?;
-        let key = self.keys.stream(class);
-        let client = self.client_for(&key);
+        let client = &self.pool.clients()[target.client];
         if !self.settings.idempotent_publish {
             let fields = vec![(FRAME_FIELD, Value::Bytes(Bytes::from(frame)))];
             let cap = (
@@ -356,12 +358,12 @@ impl Shared {
                 i64::try_from(self.settings.stream_max_len).unwrap_or(i64::MAX),
             );
             return client
-                .xadd::<Value, _, _, _, _>(key.as_str(), false, cap, "*", fields)
+                .xadd::<Value, _, _, _, _>(target.stream.clone(), false, cap, "*", fields)
                 .await
                 .map(drop)
                 .map_err(|e| map_error_with_timeout(&e, &self.settings, "XADD"));
         }
-        let (keys, args) = self.stream_command(class, frame);
+        let (keys, args) = self.stream_command(&target, frame);
         let result: std::result::Result<Value, _> = client
             .evalsha(self.script_sha.as_str(), keys.clone(), args.clone())
             .await;
@@ -380,18 +382,22 @@ impl Shared {
         }
     }
 
-    /// Numbers and encodes a pub/sub message; returns the channel and frame.
-    fn pubsub_frame(&self, mut envelope: Envelope) -> Result<(String, Vec<u8>)> {
-        let channel = self.keys.pubsub_channel(envelope.channel());
-        let sequence = self
+    /// Numbers and encodes a pub/sub message; returns the Redis channel, the pool connection for it and
+    /// the frame.
+    fn pubsub_frame(&self, mut envelope: Envelope) -> Result<(Str, usize, Vec<u8>)> {
+        let (sequence, (channel, client)) = self
             .pubsub_sequences
             .lock()
             .expect("sequences lock")
-            .next(envelope.channel().name());
+            .next(envelope.channel().name(), || {
+                let channel = self.keys.pubsub_channel(envelope.channel());
+                let client = self.client_index(&channel);
+                (Str::from(channel), client)
+            });
         envelope
             .headers_mut()
             .insert(SEQUENCE_HEADER.to_string(), sequence);
-        Ok((channel, envelope.to_frame()?))
+        Ok((channel, client, envelope.to_frame()?))
     }
 
     /// Publishes one envelope in this router's mode; dead letters are always also kept in their stream.
@@ -413,10 +419,9 @@ impl Shared {
         if keep {
             self.stream_add(&envelope).await?;
         }
-        let (channel, frame) = self.pubsub_frame(envelope)?;
-        let receivers: i64 = self
-            .client_for(&channel)
-            .publish(channel.as_str(), Bytes::from(frame))
+        let (channel, client, frame) = self.pubsub_frame(envelope)?;
+        let receivers: i64 = self.pool.clients()[client]
+            .publish(channel, Bytes::from(frame))
             .await
             .map_err(|e| map_error_with_timeout(&e, &self.settings, "PUBLISH"))?;
         Ok(outcome_of(receivers, keep))
@@ -456,46 +461,35 @@ impl Shared {
         let mut results: Vec<Option<Result<PublishOutcome>>> = Vec::new();
         results.resize_with(envelopes.len(), || None);
         // Encode first: an envelope that cannot be encoded fails alone.
-        let mut commands: Vec<(usize, String, Vec<String>, Vec<Value>)> = Vec::new();
+        let mut by_client: HashMap<usize, Vec<PipelinedCommand>> = HashMap::new();
         for (index, envelope) in envelopes.into_iter().enumerate() {
             let encoded = match self.settings.mode {
-                DeliveryMode::Streams => {
-                    let class = envelope.channel().class().to_string();
-                    match self.ensure_registered(&class).await {
-                        Err(error) => Err(error),
-                        Ok(()) => envelope.to_frame().map(|frame| {
-                            let key = self.keys.stream(&class);
-                            let (keys, args) = self.stream_command(&class, frame);
-                            (key, keys, args)
-                        }),
-                    }
+                DeliveryMode::Streams => match self.target(envelope.channel().class()).await {
+                    Err(error) => Err(error),
+                    Ok(target) => envelope.to_frame().map(|frame| {
+                        let (keys, args) = self.stream_command(&target, frame);
+                        (target.client, keys, args)
+                    }),
+                },
+                DeliveryMode::PubSub => {
+                    self.pubsub_frame(envelope).map(|(channel, client, frame)| {
+                        (
+                            client,
+                            vec![Key::from(channel)],
+                            vec![Value::Bytes(Bytes::from(frame))],
+                        )
+                    })
                 }
-                DeliveryMode::PubSub => self.pubsub_frame(envelope).map(|(channel, frame)| {
-                    (
-                        channel.clone(),
-                        vec![channel],
-                        vec![Value::Bytes(Bytes::from(frame))],
-                    )
-                }),
             };
             match encoded {
-                Ok((route, keys, args)) => commands.push((index, route, keys, args)),
+                Ok((client, keys, args)) => by_client
+                    .entry(client)
+                    .or_default()
+                    .push((index, keys, args)),
                 Err(error) => results[index] = Some(Err(error)),
             }
         }
-        let mut by_client: HashMap<usize, Vec<PipelinedCommand>> = HashMap::new();
         let clients = self.pool.clients();
-        for (index, route, keys, args) in commands {
-            let client = self.client_for(&route);
-            let position = clients
-                .iter()
-                .position(|c| std::ptr::eq(c, client))
-                .unwrap_or(0);
-            by_client
-                .entry(position)
-                .or_default()
-                .push((index, keys, args));
-        }
         let batches = by_client.into_iter().map(|(position, batch)| {
             let client = &clients[position];
             self.run_pipeline(client, batch)
@@ -528,7 +522,7 @@ impl Shared {
                     let mut command: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
                     command.push(Value::from(self.script_sha.as_str()));
                     command.push(Value::Integer(keys.len() as i64));
-                    command.extend(keys.iter().map(|k| Value::from(k.as_str())));
+                    command.extend(keys.iter().map(|k| Value::from(k.as_bytes())));
                     command.extend(args.iter().cloned());
                     pipeline
                         .custom(
@@ -544,11 +538,13 @@ impl Shared {
                         i64::try_from(self.settings.stream_max_len).unwrap_or(i64::MAX),
                     );
                     pipeline
-                        .xadd(keys[0].as_str(), false, cap, "*", fields)
+                        .xadd(keys[0].clone(), false, cap, "*", fields)
                         .await
                 }
             } else {
-                pipeline.publish(keys[0].as_str(), args[0].clone()).await
+                pipeline
+                    .publish(keys[0].as_str().unwrap_or_default(), args[0].clone())
+                    .await
             };
             let _ = queued;
         }

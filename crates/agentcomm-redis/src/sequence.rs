@@ -24,12 +24,13 @@ const TRACK_IDLE: Duration = Duration::from_secs(300);
 const MAX_AHEAD: usize = 4096;
 
 /// The publisher side: the next number of each channel.
-pub(crate) struct PublisherSequences {
+pub(crate) struct PublisherSequences<R> {
     id: String,
-    next: HashMap<String, u64>,
+    /// By channel: the last number, and where its messages go (computed once).
+    next: HashMap<String, (u64, R)>,
 }
 
-impl PublisherSequences {
+impl<R: Clone> PublisherSequences<R> {
     pub(crate) fn new() -> Self {
         PublisherSequences {
             id: new_publisher_id(),
@@ -37,19 +38,21 @@ impl PublisherSequences {
         }
     }
 
-    /// The header value for the next message on `channel`.
-    pub(crate) fn next(&mut self, channel: &str) -> String {
-        if let Some(slot) = self.next.get_mut(channel) {
+    /// The header value for the next message on `channel`, and where it goes (`route` is asked the
+    /// first time only).
+    pub(crate) fn next(&mut self, channel: &str, route: impl FnOnce() -> R) -> (String, R) {
+        if let Some((slot, target)) = self.next.get_mut(channel) {
             *slot += 1;
-            return format!("{}/{}", self.id, slot);
+            return (format!("{}/{}", self.id, slot), target.clone());
         }
         if self.next.len() >= MAX_PUBLISHER_CHANNELS {
             // Numbering restarts under a new id, so that subscribers never see a number go backwards.
             self.next.clear();
             self.id = new_publisher_id();
         }
-        self.next.insert(channel.to_string(), 1);
-        format!("{}/1", self.id)
+        let target = route();
+        self.next.insert(channel.to_string(), (1, target.clone()));
+        (format!("{}/1", self.id), target)
     }
 }
 
@@ -282,9 +285,12 @@ mod tests {
     #[test]
     fn publishers_number_each_channel_from_one() {
         let mut sequences = PublisherSequences::new();
-        let first = sequences.next("a");
+        let (first, route) = sequences.next("a", || "route-a");
         assert!(first.ends_with("/1"), "{first}");
-        assert!(sequences.next("a").ends_with("/2"));
-        assert!(sequences.next("b").ends_with("/1"));
+        assert_eq!(route, "route-a");
+        let (second, route) = sequences.next("a", || unreachable!("computed once"));
+        assert!(second.ends_with("/2"));
+        assert_eq!(route, "route-a");
+        assert!(sequences.next("b", || "route-b").0.ends_with("/1"));
     }
 }

@@ -171,6 +171,25 @@ fn envelope_codec(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    let envelope = bus.envelope(channel.clone(), &message).unwrap();
+    group.bench_function("frame_encode_only", |b| {
+        b.iter(|| std::hint::black_box(envelope.to_frame().unwrap()))
+    });
+    group.bench_function("frame_decode_only", |b| {
+        b.iter(|| std::hint::black_box(Envelope::from_frame_bytes(frame.clone()).unwrap()))
+    });
+    group.bench_function("payload_encode_decode_only", |b| {
+        b.iter(|| {
+            let payload = Codec::MessagePack
+                .encode("PaymentRequest", &message)
+                .unwrap();
+            std::hint::black_box(
+                Codec::MessagePack
+                    .decode::<PaymentRequest>("PaymentRequest", &payload)
+                    .unwrap(),
+            )
+        })
+    });
     group.finish();
 }
 

@@ -327,10 +327,8 @@ impl Envelope {
                 })?;
             serde_json::to_vec(&self.wire(payload)).map_err(|e| Error::encode("envelope", e))
         } else {
-            let mut buffer = Vec::with_capacity(160 + self.payload.len());
-            self.wire(Bin(Cow::Borrowed(&self.payload[..])))
-                .serialize(&mut rmp_serde::Serializer::new(&mut buffer).with_struct_map())
-                .map_err(|e| Error::encode("envelope", e))?;
+            let mut buffer = Vec::with_capacity(192 + self.payload.len());
+            crate::frame_msgpack::write(&self.wire(&self.payload[..]), &mut buffer);
             Ok(buffer)
         }
     }
@@ -353,12 +351,9 @@ impl Envelope {
             let payload = payload_of(wire.payload.get().as_bytes());
             Self::from_wire(wire, payload)
         } else {
-            let wire: Wire<'_, Bin<'_>> =
-                rmp_serde::from_slice(frame).map_err(|e| Error::decode("envelope", e))?;
-            let payload = match &wire.payload.0 {
-                Cow::Borrowed(bytes) => payload_of(bytes),
-                Cow::Owned(bytes) => Bytes::copy_from_slice(bytes),
-            };
+            let wire =
+                crate::frame_msgpack::read(frame).map_err(|e| Error::decode("envelope", e))?;
+            let payload = payload_of(wire.payload);
             Self::from_wire(wire, payload)
         }
     }
@@ -472,36 +467,36 @@ fn one() -> u32 {
 
 /// The frame: every field in one flat map, the payload last.
 #[derive(Serialize, Deserialize)]
-struct Wire<'a, P> {
+pub(crate) struct Wire<'a, P> {
     #[serde(default = "one")]
-    v: u32,
-    id: WireId<'a>,
+    pub(crate) v: u32,
+    pub(crate) id: WireId<'a>,
     #[serde(borrow)]
-    class: Cow<'a, str>,
+    pub(crate) class: Cow<'a, str>,
     #[serde(borrow)]
-    channel: Cow<'a, str>,
+    pub(crate) channel: Cow<'a, str>,
     #[serde(borrow)]
-    direction: Cow<'a, str>,
+    pub(crate) direction: Cow<'a, str>,
     #[serde(borrow)]
-    session: Cow<'a, str>,
+    pub(crate) session: Cow<'a, str>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    channel_class: Option<Cow<'a, str>>,
+    pub(crate) channel_class: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    content_type: Cow<'a, str>,
-    timestamp: u64,
+    pub(crate) content_type: Cow<'a, str>,
+    pub(crate) timestamp: u64,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    correlation_id: Option<Cow<'a, str>>,
+    pub(crate) correlation_id: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
-    reply_to: Option<Cow<'a, str>>,
+    pub(crate) reply_to: Option<Cow<'a, str>>,
     #[serde(default = "one")]
-    attempt: u32,
+    pub(crate) attempt: u32,
     #[serde(borrow, default)]
-    headers: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
-    payload: P,
+    pub(crate) headers: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    pub(crate) payload: P,
 }
 
 /// The id as text on the wire.
-enum WireId<'a> {
+pub(crate) enum WireId<'a> {
     Id(MessageId),
     Text(Cow<'a, str>),
 }
@@ -523,24 +518,118 @@ impl<'de: 'a, 'a> Deserialize<'de> for WireId<'a> {
     }
 }
 
-/// Bytes written as MessagePack `bin`.
-struct Bin<'a>(Cow<'a, [u8]>);
-
-impl Serialize for Bin<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(&self.0)
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Bin<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        serde_bytes::deserialize::<Cow<'a, [u8]>, D>(deserializer).map(Bin)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes written as MessagePack `bin`.
+    pub(crate) struct Bin<'a>(Cow<'a, [u8]>);
+
+    impl Serialize for Bin<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+            serializer.serialize_bytes(&self.0)
+        }
+    }
+
+    impl<'de: 'a, 'a> Deserialize<'de> for Bin<'a> {
+        fn deserialize<D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> std::result::Result<Self, D::Error> {
+            serde_bytes::deserialize::<Cow<'a, [u8]>, D>(deserializer).map(Bin)
+        }
+    }
+
+    /// The frame as `rmp_serde` writes the frame struct in map form: the reference the hand-written
+    /// codec must match.
+    fn serde_frame(envelope: &Envelope) -> Vec<u8> {
+        let mut buffer = Vec::new();
+        envelope
+            .wire(Bin(Cow::Borrowed(&envelope.payload()[..])))
+            .serialize(&mut rmp_serde::Serializer::new(&mut buffer).with_struct_map())
+            .unwrap();
+        buffer
+    }
+
+    #[test]
+    fn the_hand_written_codec_matches_rmp_serde_both_ways() {
+        let envelopes = [
+            sample(MSGPACK_CONTENT_TYPE, b"\x81\xa1a\x01"),
+            Envelope::new(
+                parse_channel("A:b:c").unwrap(),
+                MSGPACK_CONTENT_TYPE,
+                vec![7u8; 70_000],
+            )
+            .with_attempt(300)
+            .with_timestamp_ms(u64::MAX),
+            sample(MSGPACK_CONTENT_TYPE, b"")
+                .with_channel(parse_channel("X:y:z").unwrap().dead_letter()),
+        ];
+        for envelope in envelopes {
+            let ours = envelope.to_frame().unwrap();
+            assert_eq!(
+                ours,
+                serde_frame(&envelope),
+                "byte for byte what rmp_serde writes"
+            );
+            let by_serde: Wire<'_, Bin<'_>> = rmp_serde::from_slice(&ours).unwrap();
+            assert_eq!(by_serde.payload.0.len(), envelope.payload().len());
+            assert_eq!(
+                Envelope::from_frame(&serde_frame(&envelope)).unwrap(),
+                envelope
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_fields_of_newer_writers_are_skipped() {
+        let envelope = sample(MSGPACK_CONTENT_TYPE, b"\x80");
+        let frame = envelope.to_frame().unwrap();
+        // Add three fields: a nested map with an array, a float and an ext value.
+        let fields = frame[0] & 0x0f;
+        assert!(
+            frame[0] & 0xf0 == 0x80 && fields + 3 > 15,
+            "a fixmap that needs map16 once extended"
+        );
+        let mut extended = vec![0xde, 0, fields + 3];
+        extended.extend_from_slice(&frame[1..]);
+        extended.extend_from_slice(b"\xa5extra\x81\xa1k\x93\x01\xcb\x3f\xf0\0\0\0\0\0\0\xc0");
+        extended.extend_from_slice(b"\xa5float\xca\x3f\x80\0\0");
+        extended.extend_from_slice(b"\xa3ext\xd6\x05\x01\x02\x03\x04");
+        assert_eq!(Envelope::from_frame(&extended).unwrap(), envelope);
+    }
+
+    #[test]
+    fn truncated_deep_or_random_frames_are_errors_not_panics() {
+        let frame = sample(MSGPACK_CONTENT_TYPE, b"\x81\xa1a\x01")
+            .to_frame()
+            .unwrap();
+        for cut in 0..frame.len() {
+            assert!(Envelope::from_frame(&frame[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut deep = vec![0x81, 0xa1, b'x'];
+        deep.extend(std::iter::repeat_n(0x91u8, 10_000));
+        deep.push(0xc0);
+        let error = Envelope::from_frame(&deep).unwrap_err();
+        assert!(error.to_string().contains("nested deeper"), "{error}");
+        // A cheap generator is enough to shake out panics on arbitrary input.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let len = (state % 64) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            let _ = Envelope::from_frame(&bytes);
+            let mut mutated = frame.clone();
+            let at = (state as usize) % mutated.len();
+            mutated[at] ^= (state >> 8) as u8 | 1;
+            let _ = Envelope::from_frame(&mutated);
+        }
+    }
     use crate::channel::parse_channel;
     use crate::codec::MSGPACK_CONTENT_TYPE;
 

@@ -65,6 +65,7 @@ pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+mod frame_msgpack;
 pub mod logging;
 pub mod memory;
 pub mod message;

@@ -261,12 +261,10 @@ impl<A: Agent> Context<A> {
         session: String,
         message: M,
     ) -> Result<PublishOutcome> {
-        let channel = channel_of::<M>(direction, &session)?;
-        let envelope = self
-            .bus
-            .envelope(channel, &message)?
-            .with_correlation_id(self.correlation());
-        self.bus.publish_envelope(envelope, Some(A::NAME)).await
+        let correlation = Some(self.correlation());
+        self.bus
+            .publish_as(direction, &session, &message, correlation, A::NAME)
+            .await
     }
 
     /// Replies to the message being handled: to its `reply_to` when it has one (a request), otherwise to
@@ -384,9 +382,9 @@ impl<A: Agent> Publisher<A> {
         session: String,
         message: M,
     ) -> Result<PublishOutcome> {
-        let channel = channel_of::<M>(direction, &session)?;
-        let envelope = self.bus.envelope(channel, &message)?;
-        self.bus.publish_envelope(envelope, Some(A::NAME)).await
+        self.bus
+            .publish_as(direction, &session, &message, None, A::NAME)
+            .await
     }
 
     /// Publishes several messages to `session` in one batch (pipelined by the backend). When any message

@@ -97,6 +97,23 @@ impl Bus {
             .await
     }
 
+    /// Publishes `message` on behalf of `agent` (the contract was checked by the caller's bounds).
+    pub(crate) async fn publish_as<M: Message>(
+        &self,
+        direction: &str,
+        session: &str,
+        message: &M,
+        correlation_id: Option<String>,
+        agent: &str,
+    ) -> Result<PublishOutcome> {
+        let channel = channel_of::<M>(direction, session)?;
+        let mut envelope = self.envelope(channel, message)?;
+        if let Some(correlation_id) = correlation_id {
+            envelope = envelope.with_correlation_id(correlation_id);
+        }
+        self.publish_envelope(envelope, Some(agent)).await
+    }
+
     /// Publishes a ready envelope, logging it for `agent`.
     pub async fn publish_envelope(
         &self,

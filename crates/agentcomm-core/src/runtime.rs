@@ -39,6 +39,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::fmt;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -694,22 +695,7 @@ async fn run<A: Agent>(
 ) -> ShutdownReport {
     let report = if shared.options.concurrency <= 1 {
         let mut report = ShutdownReport::default();
-        let mut phase = phase;
-        loop {
-            let next = tokio::select! {
-                biased;
-                () = deadline_passed(&mut phase) => break,
-                next = subscription.next() => next,
-            };
-            let Some(delivery) = next else { break };
-            if !shared
-                .process_until_deadline(delivery, &mut phase, &mut report)
-                .await
-            {
-                break;
-            }
-        }
-        report.requeued += give_back(&mut subscription);
+        shared.serve(&mut subscription, phase, &mut report).await;
         report
     } else {
         run_workers(shared.clone(), &mut subscription, phase).await
@@ -724,15 +710,35 @@ async fn run<A: Agent>(
     report
 }
 
-/// Hands back what is still buffered: dropping a delivery unsettled gives it to the backend, which
-/// redelivers it where it can.
-fn give_back(subscription: &mut Subscription) -> u64 {
-    let mut count = 0;
-    while let Some(delivery) = subscription.try_next() {
-        drop(delivery);
-        count += 1;
+/// Where an agent loop takes its deliveries from: the subscription, or a worker's queue.
+trait DeliverySource: Send {
+    /// The next delivery, or `None` when the source has ended.
+    fn next_delivery(&mut self) -> impl Future<Output = Option<Delivery>> + Send;
+    /// Takes nothing new from now on (what is buffered stays readable).
+    fn stop_taking(&mut self) {}
+    /// A delivery already waiting, without waiting.
+    fn try_next_delivery(&mut self) -> Option<Delivery>;
+}
+
+impl DeliverySource for Subscription {
+    fn next_delivery(&mut self) -> impl Future<Output = Option<Delivery>> + Send {
+        self.next()
     }
-    count
+    fn try_next_delivery(&mut self) -> Option<Delivery> {
+        self.try_next()
+    }
+}
+
+impl DeliverySource for mpsc::Receiver<Delivery> {
+    fn next_delivery(&mut self) -> impl Future<Output = Option<Delivery>> + Send {
+        self.recv()
+    }
+    fn stop_taking(&mut self) {
+        self.close();
+    }
+    fn try_next_delivery(&mut self) -> Option<Delivery> {
+        self.try_recv().ok()
+    }
 }
 
 async fn run_workers<A: Agent>(
@@ -748,28 +754,10 @@ async fn run_workers<A: Agent>(
         let (sender, mut receiver) = mpsc::channel::<Delivery>(per_worker);
         senders.push(sender);
         let shared = shared.clone();
-        let mut phase = phase.clone();
+        let phase = phase.clone();
         tasks.push(tokio::spawn(async move {
             let mut report = ShutdownReport::default();
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    () = deadline_passed(&mut phase) => break,
-                    next = receiver.recv() => next,
-                };
-                let Some(delivery) = next else { break };
-                if !shared
-                    .process_until_deadline(delivery, &mut phase, &mut report)
-                    .await
-                {
-                    break;
-                }
-            }
-            receiver.close();
-            while let Ok(delivery) = receiver.try_recv() {
-                drop(delivery);
-                report.requeued += 1;
-            }
+            shared.serve(&mut receiver, phase, &mut report).await;
             report
         }));
     }
@@ -796,7 +784,12 @@ async fn run_workers<A: Agent>(
             break;
         }
     }
-    report.requeued += give_back(subscription);
+    subscription.stop_taking();
+    while let Some(delivery) = subscription.try_next_delivery() {
+        // Dropping a delivery unsettled gives it back to the backend, which redelivers it where it can.
+        drop(delivery);
+        report.requeued += 1;
+    }
     drop(senders);
     for task in tasks {
         match task.await {
@@ -818,6 +811,36 @@ impl Drop for InFlight<'_> {
 }
 
 impl<A: Agent> AgentShared<A> {
+    /// Takes deliveries from `source` one at a time until it ends or the stop deadline passes, then
+    /// gives back what is still buffered (dropping a delivery unsettled hands it to the backend, which
+    /// redelivers it where it can).
+    async fn serve(
+        &self,
+        source: &mut impl DeliverySource,
+        mut phase: watch::Receiver<Phase>,
+        report: &mut ShutdownReport,
+    ) {
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = deadline_passed(&mut phase) => break,
+                next = source.next_delivery() => next,
+            };
+            let Some(delivery) = next else { break };
+            if !self
+                .process_until_deadline(delivery, &mut phase, report)
+                .await
+            {
+                break;
+            }
+        }
+        source.stop_taking();
+        while let Some(delivery) = source.try_next_delivery() {
+            drop(delivery);
+            report.requeued += 1;
+        }
+    }
+
     /// Processes one delivery unless the stop deadline passes first; returns whether to go on.
     async fn process_until_deadline(
         &self,

@@ -113,13 +113,10 @@ impl AmqpUrl {
             return Err(invalid(variable, url, "the host is missing"));
         }
         let port = match port {
-            Some(port) => port.parse::<u16>().map_err(|_| {
-                invalid(
-                    variable,
-                    url,
-                    format!("the port '{port}' is not a number from 0 to 65535"),
-                )
-            })?,
+            // The port text is not shown: a mangled URL may have put part of a password there.
+            Some(port) => port
+                .parse::<u16>()
+                .map_err(|_| invalid(variable, url, "the port is not a number from 0 to 65535"))?,
             None if tls => 5671,
             None => 5672,
         };
@@ -213,13 +210,30 @@ impl AmqpUrl {
         Ok(parsed)
     }
 
-    /// Replaces the password in `text` (an error from the client) by `***`.
+    /// Replaces the password in `text` (an error from the client) by `***`, however short it is. A
+    /// password of fewer than 4 characters is replaced only where it stands alone (not inside a longer
+    /// run of letters and digits), so that a one-letter password does not garble every word.
     pub(crate) fn scrub(&self, text: &str) -> String {
-        if self.password.len() >= 3 {
-            text.replace(&self.password, "***")
-        } else {
-            text.to_string()
+        let password = self.password.as_str();
+        if password.is_empty() {
+            return text.to_string();
         }
+        if password.chars().count() >= 4 {
+            return text.replace(password, "***");
+        }
+        let word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+        let mut scrubbed = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find(password) {
+            let (before, after) = (&rest[..at], &rest[at + password.len()..]);
+            scrubbed.push_str(before);
+            let inside_a_word = (word(before.chars().next_back()) && word(password.chars().next()))
+                || (word(after.chars().next()) && word(password.chars().next_back()));
+            scrubbed.push_str(if inside_a_word { password } else { "***" });
+            rest = after;
+        }
+        scrubbed.push_str(rest);
+        scrubbed
     }
 }
 
@@ -271,7 +285,7 @@ mod tests {
     fn bad_urls_are_refused_without_their_password() {
         for (url, expected) in [
             ("http://u:secret@h", "the scheme 'http' is not supported"),
-            ("amqp://u:secret@h:99999/", "the port '99999'"),
+            ("amqp://u:secret@h:99999/", "the port is not a number"),
             ("amqp://u:secret@h/a/b", "one path segment"),
             ("amqp://u:secret@h/?heartbeat", "has no '=value'"),
             (
@@ -294,5 +308,17 @@ mod tests {
     fn scrubs_passwords_from_client_errors() {
         let url = AmqpUrl::parse("url", "amqp://u:hunter2@h").unwrap();
         assert_eq!(url.scrub("login hunter2 refused"), "login *** refused");
+        // Short passwords are scrubbed too, where they stand alone.
+        let url = AmqpUrl::parse("url", "amqp://u:pw@h").unwrap();
+        assert_eq!(
+            url.scrub("amqp://u:pw@h refused pw; powerful pwned"),
+            "amqp://u:***@h refused ***; powerful pwned"
+        );
+        let url = AmqpUrl::parse("url", "amqp://u:%21@h").unwrap();
+        assert_eq!(url.scrub("u:!@h said hi!"), "u:***@h said hi***");
+        let url = AmqpUrl::parse("url", "amqp://u:ab1@h").unwrap();
+        assert_eq!(url.scrub("ab1 ab12 xab1"), "*** ab12 xab1");
+        let url = AmqpUrl::parse("url", "amqp://u@h").unwrap();
+        assert_eq!(url.scrub("no password"), "no password");
     }
 }

@@ -1,8 +1,16 @@
-//! Subscriptions: one consumer channel each, restored after every reconnect; deliveries with manual
-//! acknowledgement, requeue, delayed retry through TTL queues, and stale-delivery protection.
+//! Subscriptions: one consumer channel each, on the consuming connection, restored after every loss.
+//!
+//! The subscription's stream reads amqprs's own receiver of the live consumer and turns each message
+//! into a [`Delivery`] as the subscriber polls, with no task in between; the broker's prefetch bounds
+//! what waits there. A task per subscription sets the consumer up, notices when it is lost (channel
+//! closed or consumer cancelled by the broker, connection lost), installs the next one, and cleans up
+//! after close. Deliveries carry the generation of their consumer: one from a lost consumer is never
+//! settled, since its delivery tag would name another message on the next channel.
 
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use amqprs::channel::{
@@ -10,7 +18,8 @@ use amqprs::channel::{
     BasicQosArguments, BasicRejectArguments, Channel, ConsumerMessage, QueueBindArguments,
     QueueDeclareArguments, QueueDeleteArguments,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use futures::Stream;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use agentcomm_core::envelope::Envelope;
@@ -20,7 +29,7 @@ use agentcomm_core::router::{
 };
 
 use crate::builder::QueueType;
-use crate::link::{Inner, Live, OpChannel, Reason, bump};
+use crate::link::{Inner, Live, OpChannel, Reason, Role, bump};
 use crate::topology::{retry_bucket_ms, retry_queue};
 
 /// How a subscription's queue is shared.
@@ -41,77 +50,226 @@ pub(crate) struct QueueSpec {
     pub prefetch: u16,
 }
 
-/// What each delivery's acknowledgement handle needs (no reference to the subscription's buffer, so
-/// buffered deliveries never keep their subscription alive).
+/// What every delivery's acknowledgement handle needs (no reference to the subscription, so
+/// deliveries in a handler's hands never keep it alive).
 pub(crate) struct AckState {
     pub inner: Arc<Inner>,
     pub queue: String,
-    /// Bumped each time the consumer's channel is replaced or lost: older deliveries are stale.
+    /// Bumped each time a consumer is set up or lost: deliveries of older consumers are stale.
     pub generation: AtomicU64,
-    /// Deliveries made and not yet settled or dropped.
+    /// Deliveries handed out (and malformed frames being dead-lettered) not yet settled or dropped.
     pub outstanding: AtomicU64,
+    /// Set while a closing subscription waits for `outstanding` to reach 0, so that only then does
+    /// the last settlement pay for a wake-up.
+    draining: AtomicBool,
+    idle: Notify,
 }
 
-/// The live consumer of a subscription.
-#[derive(Clone)]
-pub(crate) struct LiveConsumer {
-    /// Shared with every delivery's handle (one reference count instead of amqprs's several).
-    pub channel: Arc<Channel>,
+impl AckState {
+    fn release(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.draining.load(Ordering::SeqCst)
+        {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+/// One consumer of a subscription (one channel), shared by the deliveries it made.
+pub(crate) struct ConsumerHandle {
+    pub state: Arc<AckState>,
+    pub channel: Channel,
+    /// The subscription's generation when this consumer was set up.
+    pub generation: u64,
     pub tag: String,
     pub reason: Reason,
+    /// Signalled when the broker closes the channel or cancels the consumer, or the stream sees the
+    /// consumer's receiver end.
+    pub ended: Arc<Notify>,
 }
 
-/// A subscription, shared by its task and its control.
+impl ConsumerHandle {
+    /// Whether a delivery of this consumer can still be settled: the consumer is the subscription's
+    /// current one and its channel is open. Checked right before every settlement is sent.
+    fn is_current(&self) -> bool {
+        self.state.generation.load(Ordering::Acquire) == self.generation
+            && self.channel.is_open()
+            && self.channel.is_connection_open()
+    }
+}
+
+/// What the subscription's stream reads.
+#[derive(Default)]
+struct Feed {
+    /// amqprs's receiver of the live consumer; `None` between consumers and after the end.
+    receiver: Option<mpsc::UnboundedReceiver<ConsumerMessage>>,
+    /// The consumer the receiver belongs to.
+    consumer: Option<Arc<ConsumerHandle>>,
+    /// No receiver will come any more: the stream ends once the current one is empty.
+    finished: bool,
+    /// The subscription was dropped: nobody will read what is buffered.
+    reader_gone: bool,
+    /// The stream's task, woken when a receiver is installed or the feed finishes.
+    waker: Option<Waker>,
+}
+
+impl Feed {
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn buffered(&self) -> usize {
+        self.receiver.as_ref().map_or(0, |receiver| receiver.len())
+    }
+
+    /// Whether the reader has taken everything it will take.
+    fn drained(&self) -> bool {
+        self.reader_gone || self.receiver.is_none() || (self.finished && self.buffered() == 0)
+    }
+}
+
+/// A subscription, shared by its task, its stream and its control.
 pub(crate) struct SubShared {
     pub id: u64,
     pub spec: QueueSpec,
     pub state: Arc<AckState>,
-    pub sender: async_channel::Sender<Delivery>,
-    pub receiver: async_channel::Receiver<Delivery>,
-    pub consumer: tokio::sync::Mutex<Option<LiveConsumer>>,
-    pub closed: AtomicBool,
-    pub stop: watch::Sender<bool>,
+    feed: Mutex<Feed>,
+    /// Signalled when the feed drains or its reader goes, and when the router starts closing.
+    pub feed_changed: Notify,
+    /// The live consumer, for cancelling it.
+    live: Mutex<Option<Arc<ConsumerHandle>>>,
+    closed: AtomicBool,
+    stop: watch::Sender<bool>,
 }
 
 impl SubShared {
+    pub(crate) fn new(id: u64, spec: QueueSpec, inner: Arc<Inner>) -> Self {
+        SubShared {
+            id,
+            state: Arc::new(AckState {
+                inner,
+                queue: spec.name.clone(),
+                generation: AtomicU64::new(0),
+                outstanding: AtomicU64::new(0),
+                draining: AtomicBool::new(false),
+                idle: Notify::new(),
+            }),
+            spec,
+            feed: Mutex::new(Feed::default()),
+            feed_changed: Notify::new(),
+            live: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            stop: watch::Sender::new(false),
+        }
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn feed(&self) -> std::sync::MutexGuard<'_, Feed> {
+        self.feed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Deliveries handed to the application and not settled yet.
     pub(crate) fn in_hand(&self) -> u64 {
-        self.state
-            .outstanding
-            .load(Ordering::Acquire)
-            .saturating_sub(self.receiver.len() as u64)
+        self.state.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Deliveries received from the broker and not read yet.
+    pub(crate) fn buffered(&self) -> usize {
+        self.feed().buffered()
     }
 
     /// Stops the subscription: basic.cancel, then the stream ends after what it buffered.
     pub(crate) async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        let consumer = self.consumer.lock().await.clone();
+        let consumer = self.live.lock().expect("live lock").clone();
         if let Some(consumer) = consumer {
-            cancel(&self.state.inner, &consumer).await;
+            self.stop_consumer(&consumer).await;
         }
         self.stop.send_replace(true);
         Ok(())
     }
-}
 
-async fn cancel(inner: &Inner, consumer: &LiveConsumer) {
-    let arguments = BasicCancelArguments::new(&consumer.tag);
-    if let Err(error) = inner
-        .operation(
-            &format!("cancelling consumer {}", consumer.tag),
-            &consumer.reason,
-            consumer.channel.basic_cancel(arguments),
-        )
-        .await
-    {
-        // The channel or connection is gone: the broker has dropped the consumer already.
-        tracing::debug!(error = %error, "cancelling a consumer failed");
+    /// basic.cancel: amqprs then drops its sender, and the receiver ends after what it buffered.
+    /// A cancel that fails may leave the consumer registered in amqprs, so the channel is closed
+    /// (which also ends the receiver), and the stream is told to end once its buffer is read.
+    async fn stop_consumer(&self, consumer: &Arc<ConsumerHandle>) {
+        let inner = &self.state.inner;
+        let cancelled = inner
+            .operation(
+                &format!("cancelling consumer {}", consumer.tag),
+                &consumer.reason,
+                consumer
+                    .channel
+                    .basic_cancel(BasicCancelArguments::new(&consumer.tag)),
+            )
+            .await;
+        if let Err(error) = cancelled {
+            tracing::debug!(queue = %self.spec.name, error = %error, "cancelling a consumer failed; closing its channel");
+            inner.close_channel(consumer.channel.clone()).await;
+            let mut feed = self.feed();
+            if feed
+                .consumer
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, consumer))
+            {
+                feed.finished = true;
+                feed.wake();
+            }
+        }
+    }
+
+    /// Makes `consumer` the one the stream reads.
+    fn install(
+        &self,
+        consumer: &Arc<ConsumerHandle>,
+        receiver: mpsc::UnboundedReceiver<ConsumerMessage>,
+    ) {
+        *self.live.lock().expect("live lock") = Some(consumer.clone());
+        let mut feed = self.feed();
+        feed.receiver = Some(receiver);
+        feed.consumer = Some(consumer.clone());
+        feed.wake();
+    }
+
+    /// Takes a lost consumer's receiver away from the stream; returns how many of its deliveries were
+    /// still buffered (RabbitMQ delivers them again).
+    fn retire(&self, consumer: &Arc<ConsumerHandle>) -> u64 {
+        let mut live = self.live.lock().expect("live lock");
+        if live
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, consumer))
+        {
+            *live = None;
+        }
+        drop(live);
+        let mut feed = self.feed();
+        if !feed
+            .consumer
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, consumer))
+        {
+            return 0;
+        }
+        feed.consumer = None;
+        feed.receiver
+            .take()
+            .map_or(0, |receiver| receiver.len() as u64)
+    }
+
+    /// Whether a closing subscription can let go of its channel: nothing in a handler's hands and,
+    /// unless the whole router is closing, nothing buffered that its reader may still settle.
+    fn settled(&self) -> bool {
+        self.state.outstanding.load(Ordering::SeqCst) == 0
+            && (self.state.inner.is_closing() || self.feed().drained())
     }
 }
 
@@ -125,22 +283,127 @@ impl SubscriptionControl for Control {
     }
 }
 
-/// Runs a subscription: sets up its consumer, forwards deliveries, restores it after every loss,
-/// and cleans up when it is closed. `ready` gets the result of the first setup.
+/// The stream handed to [`agentcomm_core::router::Subscription::from_stream`].
+pub(crate) struct DeliveryStream(pub Arc<SubShared>);
+
+impl Stream for DeliveryStream {
+    type Item = Delivery;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let shared = &self.0;
+        loop {
+            let (message, consumer) = {
+                let mut feed = shared.feed();
+                let polled = feed
+                    .receiver
+                    .as_mut()
+                    .map(|receiver| receiver.poll_recv(cx));
+                match polled {
+                    Some(Poll::Ready(Some(message))) => {
+                        let consumer = feed.consumer.clone().expect("a receiver has its consumer");
+                        (message, consumer)
+                    }
+                    Some(Poll::Ready(None)) => {
+                        // The consumer ended (cancelled, channel or connection closed) and everything
+                        // it delivered was read.
+                        feed.receiver = None;
+                        if let Some(consumer) = feed.consumer.take() {
+                            consumer.ended.notify_one();
+                        }
+                        drop(feed);
+                        shared.feed_changed.notify_waiters();
+                        continue;
+                    }
+                    Some(Poll::Pending) | None => {
+                        if feed.finished {
+                            return Poll::Ready(None);
+                        }
+                        if !feed.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            feed.waker = Some(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            };
+            if let Some(delivery) = deliver(shared, message, consumer) {
+                return Poll::Ready(Some(delivery));
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.0.buffered(), None)
+    }
+}
+
+impl Drop for DeliveryStream {
+    /// The subscription was dropped: what is buffered will not be read. Dropping it leaves those
+    /// messages unacknowledged on a channel about to close, so RabbitMQ delivers them again, and the
+    /// task closing the subscription has nothing to wait for.
+    fn drop(&mut self) {
+        let mut feed = self.0.feed();
+        feed.reader_gone = true;
+        feed.receiver = None;
+        feed.consumer = None;
+        drop(feed);
+        self.0.feed_changed.notify_waiters();
+    }
+}
+
+/// Turns one message of `consumer` into a delivery; `None` when it is not one to hand out (a
+/// malformed frame, dead-lettered in the background; a leftover of a lost consumer).
+fn deliver(
+    shared: &SubShared,
+    message: ConsumerMessage,
+    consumer: Arc<ConsumerHandle>,
+) -> Option<Delivery> {
+    let inner = &shared.state.inner;
+    let Some(deliver) = message.deliver else {
+        // amqprs promises every message has its method; one without cannot even be settled.
+        bump(&inner.counters.malformed);
+        tracing::error!(
+            queue = %shared.spec.name,
+            "amqprs handed over a message without its basic.deliver; it cannot be settled, RabbitMQ delivers it again when the channel closes"
+        );
+        return None;
+    };
+    if consumer.generation != shared.state.generation.load(Ordering::Acquire) {
+        // Read in the instant between the loss of its consumer and the retirement of its receiver.
+        bump(&inner.counters.stale_discarded);
+        return None;
+    }
+    let content = message.content.unwrap_or_default();
+    let redelivered = deliver.redelivered();
+    let handle = AmqpAck::new(consumer, deliver.delivery_tag());
+    match Envelope::from_frame(&content) {
+        Ok(envelope) => {
+            bump(&inner.counters.delivered);
+            Some(Delivery::new(envelope, Box::new(handle)).redelivered(redelivered))
+        }
+        Err(error) => {
+            let routing_key = deliver.routing_key().clone();
+            tokio::spawn(dead_letter_malformed(handle, content, routing_key, error));
+            None
+        }
+    }
+}
+
+/// Runs a subscription: sets up its consumer, waits for it to end, restores it after every loss,
+/// and cleans up when the subscription is closed. `ready` gets the result of the first setup.
 pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()>>) {
     let inner = shared.state.inner.clone();
     let mut ready = Some(ready);
     let mut failures = 0u32;
     let mut stop = shared.stop.subscribe();
     let first_deadline = Instant::now() + inner.settings.publish_outage_timeout;
-    let mut last_consumer: Option<LiveConsumer> = None;
+    let mut last_consumer: Option<Arc<ConsumerHandle>> = None;
     loop {
         if shared.is_closed() {
             break;
         }
         let deadline = ready.is_some().then_some(first_deadline);
         let live = tokio::select! {
-            live = inner.wait_connected(deadline) => live,
+            live = inner.wait_connected(Role::Consuming, deadline) => live,
             _ = stop.wait_for(|stop| *stop) => break,
         };
         let live = match live {
@@ -152,77 +415,15 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
                 break;
             }
         };
-        match setup(&shared, &live, ready.is_none()).await {
-            Ok((consumer, generation, receiver)) => {
-                let consuming_since = Instant::now();
-                *shared.consumer.lock().await = Some(consumer.clone());
-                last_consumer = Some(consumer.clone());
-                match ready.take() {
-                    Some(ready) => {
-                        let _ = ready.send(Ok(()));
-                    }
-                    None => {
-                        bump(&inner.counters.consumers_restored);
-                        tracing::info!(queue = %shared.spec.name, "consumer restored after a reconnect");
-                    }
-                }
-                if shared.is_closed() {
-                    // Closed while it was being set up: cancel what was just made.
-                    cancel(&inner, &consumer).await;
-                }
-                forward(&shared, &consumer, generation, receiver).await;
-                if shared.is_closed() {
-                    break;
-                }
-                // The channel or connection died: what it delivered can no longer be settled there.
-                shared.state.generation.fetch_add(1, Ordering::AcqRel);
-                let mut discarded = 0u64;
-                while let Ok(delivery) = shared.receiver.try_recv() {
-                    delivery.discard();
-                    discarded += 1;
-                }
-                inner
-                    .counters
-                    .stale_discarded
-                    .fetch_add(discarded, Ordering::Relaxed);
-                let reason = consumer
-                    .reason
-                    .lock()
-                    .expect("reason lock")
-                    .clone()
-                    .unwrap_or_else(|| "the connection was lost".to_string());
-                tracing::warn!(
-                    queue = %shared.spec.name,
-                    reason = %reason,
-                    discarded,
-                    "consumer lost; restoring it (unacknowledged messages are redelivered by RabbitMQ)"
-                );
-                // A consumer that lived a while starts its backoff over; one that keeps dying at once
-                // backs off further each time.
-                failures = if consuming_since.elapsed() > Duration::from_secs(10) {
-                    1
-                } else {
-                    failures.saturating_add(1)
-                };
-                if consumer.channel.is_connection_open() {
-                    // Only the channel died (or the consumer was cancelled): wait before restoring.
-                    let _ = tokio::time::timeout(
-                        inner.settings.reconnect.delay(failures),
-                        stop.wait_for(|stop| *stop),
-                    )
-                    .await;
-                    let channel = Channel::clone(&consumer.channel);
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), channel.close()).await;
-                    });
-                }
-            }
+        let (consumer, receiver) = match setup(&shared, &live, ready.is_none()).await {
+            Ok(set_up) => set_up,
             Err(error) => {
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(Err(error));
                     break;
                 }
                 failures = failures.saturating_add(1);
+                bump(&inner.counters.consumer_failures);
                 let delay = inner.settings.reconnect.delay(failures);
                 tracing::warn!(
                     queue = %shared.spec.name,
@@ -231,9 +432,68 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
                     "restoring a consumer failed"
                 );
                 tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
+                    () = tokio::time::sleep(delay) => continue,
                     _ = stop.wait_for(|stop| *stop) => break,
                 }
+            }
+        };
+        let consuming_since = Instant::now();
+        shared.install(&consumer, receiver);
+        last_consumer = Some(consumer.clone());
+        match ready.take() {
+            Some(ready) => {
+                let _ = ready.send(Ok(()));
+            }
+            None => {
+                bump(&inner.counters.consumers_restored);
+                tracing::info!(queue = %shared.spec.name, "consumer restored after a loss");
+            }
+        }
+        if shared.is_closed() {
+            // Closed while it was being set up: stop what was just made.
+            shared.stop_consumer(&consumer).await;
+        }
+        let lost = tokio::select! {
+            () = consumer.ended.notified() => true,
+            () = inner.consuming.gone(live.generation) => true,
+            _ = stop.wait_for(|stop| *stop) => false,
+        };
+        if !lost || shared.is_closed() {
+            break;
+        }
+        // The channel or connection died, or the broker cancelled the consumer: what it delivered can
+        // no longer be settled there.
+        shared.state.generation.fetch_add(1, Ordering::AcqRel);
+        let discarded = shared.retire(&consumer);
+        inner
+            .counters
+            .stale_discarded
+            .fetch_add(discarded, Ordering::Relaxed);
+        let reason = consumer
+            .reason
+            .lock()
+            .expect("reason lock")
+            .clone()
+            .unwrap_or_else(|| "the connection was lost".to_string());
+        tracing::warn!(
+            queue = %shared.spec.name,
+            reason = %reason,
+            discarded,
+            "consumer lost; restoring it (unacknowledged messages are redelivered by RabbitMQ)"
+        );
+        // A consumer that lived a while starts its backoff over; one that keeps dying at once backs
+        // off further each time.
+        failures = if consuming_since.elapsed() > Duration::from_secs(10) {
+            1
+        } else {
+            failures.saturating_add(1)
+        };
+        if consumer.channel.is_connection_open() {
+            // Only the channel died (or the consumer was cancelled): close it, wait, restore.
+            inner.close_channel_later(consumer.channel.clone());
+            tokio::select! {
+                () = tokio::time::sleep(inner.settings.reconnect.delay(failures)) => {}
+                _ = stop.wait_for(|stop| *stop) => break,
             }
         }
     }
@@ -241,57 +501,109 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
 }
 
 /// After the subscription stopped: let the application settle what it holds (up to the close
-/// timeout), close the channel, delete a fan-out queue, then end the stream.
+/// timeout), close the channel, delete a fan-out queue and its retry queues, then end the stream.
 ///
 /// A subscription closed on its own (an agent stopping) also waits for what is buffered: its reader
 /// drains the stream and settles each delivery while the channel is still open. When the whole router
 /// closes, only deliveries already in a handler's hands are waited for; buffered ones stay readable,
-/// but can no longer be settled, and RabbitMQ delivers them again.
-async fn cleanup(shared: &SubShared, consumer: Option<LiveConsumer>) {
+/// but can no longer be settled, and RabbitMQ delivers them again. A dropped subscription has no
+/// reader: its buffer is dropped at once and its channel closed as soon as nothing is in hand.
+async fn cleanup(shared: &SubShared, consumer: Option<Arc<ConsumerHandle>>) {
     let inner = &shared.state.inner;
     let deadline = Instant::now() + inner.settings.close_timeout;
-    let unsettled = || {
-        if inner.is_closing() {
-            shared.in_hand()
-        } else {
-            shared.state.outstanding.load(Ordering::Acquire)
+    shared.state.draining.store(true, Ordering::SeqCst);
+    loop {
+        let idle = shared.state.idle.notified();
+        let fed = shared.feed_changed.notified();
+        tokio::pin!(idle, fed);
+        idle.as_mut().enable();
+        fed.as_mut().enable();
+        if shared.settled() {
+            break;
         }
-    };
-    while unsettled() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let unsettled = unsettled();
-    if unsettled > 0 {
-        tracing::warn!(
-            queue = %shared.spec.name,
-            unsettled,
-            "closing a subscription with deliveries still unsettled; RabbitMQ delivers them again"
-        );
+        let changed = async {
+            tokio::select! {
+                () = idle => {}
+                () = fed => {}
+            }
+        };
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            tracing::warn!(
+                queue = %shared.spec.name,
+                in_hand = shared.in_hand(),
+                buffered = shared.buffered(),
+                "closing a subscription with deliveries still unsettled after the close timeout; RabbitMQ delivers them again"
+            );
+            break;
+        }
     }
     if let Some(consumer) = consumer {
-        let channel = Channel::clone(&consumer.channel);
-        let _ = tokio::time::timeout(inner.settings.operation_timeout, channel.close()).await;
+        inner.close_channel(consumer.channel.clone()).await;
     }
     if shared.spec.kind == QueueKind::FanOut {
-        let name = shared.spec.name.clone();
-        let deleted = inner
-            .with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
-                inner
+        delete_fan_out_queue(inner, &shared.spec.name).await;
+    }
+    let mut feed = shared.feed();
+    feed.finished = true;
+    feed.wake();
+    drop(feed);
+    tracing::debug!(queue = %shared.spec.name, "subscription closed");
+}
+
+/// Deletes a closed fan-out subscription's queue and the retry queues this router declared for it:
+/// retries still waiting there have nowhere to go back to (counted in `retries_dropped`).
+async fn delete_fan_out_queue(inner: &Inner, name: &str) {
+    let retry_prefix = format!("{name}.retry.");
+    let retry_queues: Vec<String> = inner
+        .declared_queues
+        .lock()
+        .expect("declared lock")
+        .iter()
+        .filter(|queue| queue.starts_with(&retry_prefix))
+        .cloned()
+        .collect();
+    let deleted = inner
+        .with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
+            let mut dropped = 0u64;
+            for queue in retry_queues.iter().map(String::as_str).chain([name]) {
+                let left = inner
                     .operation(
-                        &format!("deleting fan-out queue '{name}'"),
+                        &format!("deleting queue '{queue}'"),
                         &op.reason,
-                        op.channel.queue_delete(QueueDeleteArguments::new(&name)),
+                        op.channel.queue_delete(QueueDeleteArguments::new(queue)),
                     )
-                    .await
-                    .map(|_| ())
-            })
-            .await;
-        if let Err(error) = deleted {
-            tracing::debug!(queue = %shared.spec.name, error = %error, "could not delete a fan-out queue; it expires by itself");
+                    .await?;
+                if queue != name {
+                    dropped += u64::from(left.unwrap_or(0));
+                }
+            }
+            Ok(dropped)
+        })
+        .await;
+    match deleted {
+        Ok(dropped) => {
+            let mut declared = inner.declared_queues.lock().expect("declared lock");
+            for queue in &retry_queues {
+                declared.remove(queue);
+                inner.retry_queues.lock().expect("retry lock").remove(queue);
+            }
+            drop(declared);
+            if dropped > 0 {
+                inner
+                    .counters
+                    .retries_dropped
+                    .fetch_add(dropped, Ordering::Relaxed);
+                tracing::warn!(
+                    queue = name,
+                    dropped,
+                    "a closed fan-out subscription still had delayed retries waiting; they were dropped with its queue"
+                );
+            }
+        }
+        Err(error) => {
+            tracing::debug!(queue = name, error = %error, "could not delete a fan-out queue; it expires by itself");
         }
     }
-    shared.sender.close();
-    tracing::debug!(queue = %shared.spec.name, "subscription closed");
 }
 
 /// Opens a channel, sets the prefetch, declares and binds the queue and starts consuming.
@@ -299,7 +611,10 @@ async fn setup(
     shared: &SubShared,
     live: &Live,
     restoring: bool,
-) -> Result<(LiveConsumer, u64, mpsc::UnboundedReceiver<ConsumerMessage>)> {
+) -> Result<(
+    Arc<ConsumerHandle>,
+    mpsc::UnboundedReceiver<ConsumerMessage>,
+)> {
     let inner = &shared.state.inner;
     let spec = &shared.spec;
     if restoring && spec.kind == QueueKind::FanOut {
@@ -368,19 +683,18 @@ async fn setup(
     .await;
     match result {
         Ok((tag, generation, receiver)) => Ok((
-            LiveConsumer {
-                channel: Arc::new(op.channel),
+            Arc::new(ConsumerHandle {
+                state: shared.state.clone(),
+                channel: op.channel,
+                generation,
                 tag,
                 reason: op.reason,
-            },
-            generation,
+                ended: op.ended,
+            }),
             receiver,
         )),
         Err(error) => {
-            let channel = op.channel;
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), channel.close()).await;
-            });
+            inner.close_channel(op.channel).await;
             Err(error)
         }
     }
@@ -415,81 +729,23 @@ async fn check_fan_out_queue_survived(inner: &Inner, name: &str) {
     }
 }
 
-/// Hands deliveries to the subscription until the consumer ends (cancelled, channel or connection lost).
-async fn forward(
-    shared: &SubShared,
-    consumer: &LiveConsumer,
-    generation: u64,
-    mut receiver: mpsc::UnboundedReceiver<ConsumerMessage>,
-) {
-    let inner = &shared.state.inner;
-    let mut stop = shared.stop.subscribe();
-    while let Some(message) = receiver.recv().await {
-        let (Some(deliver), Some(content)) = (message.deliver, message.content) else {
-            continue;
-        };
-        let tag = deliver.delivery_tag();
-        let envelope = match Envelope::from_frame(&content) {
-            Ok(envelope) => envelope,
-            Err(error) => {
-                dead_letter_malformed(
-                    inner,
-                    consumer,
-                    tag,
-                    content,
-                    &shared.spec.name,
-                    deliver.routing_key(),
-                    &error,
-                )
-                .await;
-                continue;
-            }
-        };
-        bump(&inner.counters.delivered);
-        shared.state.outstanding.fetch_add(1, Ordering::AcqRel);
-        let handle = AmqpAck {
-            state: shared.state.clone(),
-            channel: consumer.channel.clone(),
-            generation,
-            tag,
-        };
-        let delivery = Delivery::new(envelope, Box::new(handle)).redelivered(deliver.redelivered());
-        // The buffer holds the prefetch, so it is rarely full: try without waiting first.
-        let delivery = match shared.sender.try_send(delivery) {
-            Ok(()) => continue,
-            Err(async_channel::TrySendError::Full(delivery)) => delivery,
-            // The subscription is gone: dropping the delivery gives it back.
-            Err(async_channel::TrySendError::Closed(_)) => continue,
-        };
-        if *stop.borrow() {
-            // Closing with a full buffer: give it back to the broker.
-            continue;
-        }
-        tokio::select! {
-            // A failed send returns the delivery, and dropping it gives it back (abandon).
-            _ = shared.sender.send(delivery) => {}
-            // Stopped while the buffer was full: the delivery in the dropped send is given back.
-            _ = stop.wait_for(|stop| *stop) => {}
-        }
-    }
-}
-
 /// A frame that is not an agentcomm envelope: published as `Envelope::malformed` to the dead-letter
-/// channel, then acknowledged; if that fails, rejected without requeue (the queue's dead-letter
-/// exchange keeps it). Counted and logged either way.
+/// channel, then acknowledged. If that publish fails or reaches no queue (no dead-letter queue is
+/// declared and nobody subscribes to dead letters), the frame is rejected without requeue: the queue's
+/// dead-letter exchange keeps it if something is bound there, and otherwise RabbitMQ drops it.
+/// Counted (`malformed`) and logged either way.
 async fn dead_letter_malformed(
-    inner: &Arc<Inner>,
-    consumer: &LiveConsumer,
-    tag: u64,
+    handle: AmqpAck,
     content: Vec<u8>,
-    queue: &str,
-    routing_key: &str,
-    error: &Error,
+    routing_key: String,
+    error: Error,
 ) {
+    let inner = handle.consumer.state.inner.clone();
+    let queue = handle.consumer.state.queue.clone();
     bump(&inner.counters.malformed);
     tracing::error!(
-        queue,
-        routing_key,
+        queue = %queue,
+        routing_key = %routing_key,
         bytes = content.len(),
         error = %error,
         "a message that is not an agentcomm frame arrived; dead-lettering it"
@@ -504,107 +760,134 @@ async fn dead_letter_malformed(
         }
         Err(error) => Err(error),
     };
-    let settle = match published {
+    let settled = match published {
         Ok(PublishOutcome::Unroutable) | Err(_) => {
-            tracing::warn!(
-                queue,
-                "the malformed frame could not be published as a dead letter; rejecting it to the queue's dead-letter exchange"
-            );
-            consumer
-                .channel
-                .basic_reject(BasicRejectArguments::new(tag, false))
+            if inner.settings.dead_letter_queue.is_some() {
+                tracing::warn!(
+                    queue = %queue,
+                    "the malformed frame could not be published as a dead letter; rejecting it to the queue's dead-letter exchange"
+                );
+            } else {
+                tracing::warn!(
+                    queue = %queue,
+                    "the malformed frame reached no dead-letter queue (none is declared: without_dead_letter_queue); rejecting it, so RabbitMQ drops it unless something is bound to the dead-letter exchange"
+                );
+            }
+            handle
+                .settle(
+                    "rejecting",
+                    handle
+                        .consumer
+                        .channel
+                        .basic_reject(BasicRejectArguments::new(handle.tag, false)),
+                )
                 .await
         }
-        Ok(_) => {
-            consumer
-                .channel
-                .basic_ack(BasicAckArguments::new(tag, false))
-                .await
-        }
+        Ok(_) => handle.basic_ack().await,
     };
-    if let Err(error) = settle {
+    if let Err(error) = settled {
         tracing::warn!(error = %error, "could not settle a malformed frame; RabbitMQ delivers it again");
     }
 }
 
-/// Settles one delivery on the channel it came from.
+/// Settles one delivery on the channel it came from. Counts as outstanding until dropped.
 struct AmqpAck {
-    state: Arc<AckState>,
-    channel: Arc<Channel>,
-    generation: u64,
+    consumer: Arc<ConsumerHandle>,
     tag: u64,
+}
+
+impl AmqpAck {
+    fn new(consumer: Arc<ConsumerHandle>, tag: u64) -> Self {
+        consumer.state.outstanding.fetch_add(1, Ordering::SeqCst);
+        AmqpAck { consumer, tag }
+    }
 }
 
 impl Drop for AmqpAck {
     fn drop(&mut self) {
-        self.state.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.consumer.state.release();
     }
 }
 
 impl AmqpAck {
-    /// Whether the delivery can still be settled: same consumer channel, still open. A delivery tag
-    /// on another channel would name another message, so a stale one is never settled.
-    fn is_current(&self) -> bool {
-        self.state.generation.load(Ordering::Acquire) == self.generation
-            && self.channel.is_open()
-            && self.channel.is_connection_open()
+    fn inner(&self) -> &Inner {
+        &self.consumer.state.inner
     }
 
     fn stale(&self, what: &str) -> Error {
-        bump(&self.state.inner.counters.stale);
-        self.state.inner.backend_error(format!(
+        bump(&self.inner().counters.stale);
+        self.inner().backend_error(format!(
             "cannot {what} the message: the channel it was delivered on is gone (connection lost, consumer restored or router closed); RabbitMQ delivers it again"
         ))
     }
 
-    // basic.ack and basic.nack only queue a frame for the connection's writer: they wait only while
-    // the writer is stalled, and a stalled connection is ended by its heartbeat (the queue then
-    // fails every waiting send). So they need no timer of their own.
+    /// Sends one settlement frame, if the delivery's consumer is still the current one (checked right
+    /// before sending: a delivery tag on another channel would name another message). Bounded by the
+    /// operation timeout: the frame waits only while the connection's writer is stalled.
+    async fn settle(
+        &self,
+        what: &str,
+        frame: impl Future<Output = std::result::Result<(), amqprs::error::Error>>,
+    ) -> Result<()> {
+        if !self.consumer.is_current() {
+            return Err(self.stale(what));
+        }
+        let inner = self.inner();
+        let timeout = inner.settings.operation_timeout;
+        match tokio::time::timeout(timeout, frame).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                bump(&inner.counters.settle_failures);
+                Err(inner.backend_error(format!(
+                    "{what} the message failed ({error}); RabbitMQ delivers it again"
+                )))
+            }
+            Err(_) => {
+                bump(&inner.counters.settle_failures);
+                Err(Error::Timeout {
+                    operation: format!(
+                        "{what} the message (the connection is stalled; RabbitMQ delivers it again once the connection is lost)"
+                    ),
+                    after: timeout,
+                })
+            }
+        }
+    }
+
     async fn basic_ack(&self) -> Result<()> {
-        let inner = &self.state.inner;
-        self.channel
-            .basic_ack(BasicAckArguments::new(self.tag, false))
-            .await
-            .map_err(|error| {
-                inner.backend_error(format!(
-                    "acknowledging the message failed ({error}); RabbitMQ delivers it again"
-                ))
-            })?;
-        bump(&inner.counters.acked);
+        let channel = &self.consumer.channel;
+        self.settle(
+            "acknowledge",
+            channel.basic_ack(BasicAckArguments::new(self.tag, false)),
+        )
+        .await?;
+        bump(&self.inner().counters.acked);
         Ok(())
     }
 
     async fn basic_requeue(&self) -> Result<()> {
-        let inner = &self.state.inner;
-        self.channel
-            .basic_nack(BasicNackArguments::new(self.tag, false, true))
-            .await
-            .map_err(|error| {
-                inner.backend_error(format!(
-                    "giving the message back failed ({error}); RabbitMQ delivers it again when the channel closes"
-                ))
-            })?;
-        bump(&inner.counters.requeued);
+        let channel = &self.consumer.channel;
+        self.settle(
+            "give back",
+            channel.basic_nack(BasicNackArguments::new(self.tag, false, true)),
+        )
+        .await?;
+        bump(&self.inner().counters.requeued);
         Ok(())
     }
 
     async fn retry(&self, envelope: Envelope, delay: Duration) -> Result<()> {
-        let inner = &self.state.inner;
-        let scheduled = match inner
-            .schedule_retry(&self.state.queue, &envelope, delay)
-            .await
-        {
+        let inner = self.inner();
+        let queue = &self.consumer.state.queue;
+        let scheduled = match inner.schedule_retry(queue, &envelope, delay).await {
             Ok(()) => Ok(()),
             Err(error) => {
                 tracing::warn!(
-                    queue = %self.state.queue,
+                    queue = %queue,
                     error = %error,
                     "could not schedule a delayed retry; sending the message back to its queue at once"
                 );
-                inner
-                    .requeue_now(&self.state.queue, &envelope)
-                    .await
-                    .map_err(|_| error)
+                inner.requeue_now(queue, &envelope).await.map_err(|_| error)
             }
         };
         match scheduled {
@@ -628,12 +911,7 @@ impl AmqpAck {
 
 impl Acknowledge for AmqpAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
-        Box::pin(async move {
-            if !self.is_current() {
-                return Err(self.stale("acknowledge"));
-            }
-            self.basic_ack().await
-        })
+        Box::pin(async move { self.basic_ack().await })
     }
 
     fn nack(
@@ -642,7 +920,9 @@ impl Acknowledge for AmqpAck {
         action: NackAction,
     ) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
-            if !self.is_current() {
+            // Checked before scheduling a retry too: a retry of a stale delivery would be a
+            // duplicate of its redelivery.
+            if !self.consumer.is_current() {
                 return Err(self.stale("give back"));
             }
             match action {
@@ -653,11 +933,11 @@ impl Acknowledge for AmqpAck {
     }
 
     fn abandon(self: Box<Self>, _envelope: Envelope) {
-        if !self.is_current() {
+        if !self.consumer.is_current() {
             // Its channel is gone, so the broker has put it back already.
             return;
         }
-        bump(&self.state.inner.counters.abandoned);
+        bump(&self.inner().counters.abandoned);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {

@@ -68,8 +68,8 @@ use agentcomm_core::router::{
 
 pub use builder::{AmqpRouterBuilder, DEFAULT_EXCHANGE, DeadLetterSettings, QueueType};
 
-use consumer::{AckState, Control, QueueKind, QueueSpec, SubShared};
-use link::{BACKEND, Inner, LinkState, OpChannel};
+use consumer::{Control, DeliveryStream, QueueKind, QueueSpec, SubShared};
+use link::{BACKEND, Inner, Link, LinkState, OpChannel};
 
 /// The most publishes of one batch waiting for their confirm at once.
 const BATCH_IN_FLIGHT: usize = 1024;
@@ -83,7 +83,7 @@ pub struct AmqpRouter {
 
 impl fmt::Debug for AmqpRouter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &*self.inner.state.borrow() {
+        let state = |link: &link::Link| match &*link.state.borrow() {
             LinkState::Connected(live) => format!("connected (generation {})", live.generation),
             LinkState::Connecting { attempt, .. } => format!("reconnecting (attempt {attempt})"),
             LinkState::Closed => "closed".to_string(),
@@ -91,7 +91,8 @@ impl fmt::Debug for AmqpRouter {
         f.debug_struct("AmqpRouter")
             .field("url", &self.inner.settings.url.redacted)
             .field("exchange", &self.inner.settings.exchange)
-            .field("state", &state)
+            .field("publishing", &state(&self.inner.publishing))
+            .field("consuming", &state(&self.inner.consuming))
             .finish_non_exhaustive()
     }
 }
@@ -156,13 +157,13 @@ impl AmqpRouter {
         &self.inner.settings.dead_letter_exchange
     }
 
-    /// Whether the connection is up now.
+    /// Whether both connections (publishing and consuming) are up now.
     pub fn is_connected(&self) -> bool {
-        self.inner.connected.load(Ordering::Acquire) != 0
+        self.inner.publishing.is_connected() && self.inner.consuming.is_connected()
     }
 
     async fn publish_one(&self, envelope: Envelope) -> Result<PublishOutcome> {
-        if self.inner.is_closing() {
+        if self.inner.publishing_closed.load(Ordering::Acquire) {
             return Err(Inner::closed_error());
         }
         let routing_key = topology::routing_key(envelope.channel())?;
@@ -205,28 +206,14 @@ impl AmqpRouter {
         } else {
             options.prefetch.clamp(1, usize::from(u16::MAX)) as u16
         };
-        let (sender, receiver) = async_channel::bounded(usize::from(prefetch));
         let id = inner.next_subscription.fetch_add(1, Ordering::Relaxed);
-        let shared = Arc::new(SubShared {
-            id,
-            spec: QueueSpec {
-                name: name.clone(),
-                kind,
-                bindings: bindings.clone(),
-                prefetch,
-            },
-            state: Arc::new(AckState {
-                inner: inner.clone(),
-                queue: name.clone(),
-                generation: Default::default(),
-                outstanding: Default::default(),
-            }),
-            sender,
-            receiver: receiver.clone(),
-            consumer: tokio::sync::Mutex::new(None),
-            closed: Default::default(),
-            stop: tokio::sync::watch::Sender::new(false),
-        });
+        let spec = QueueSpec {
+            name: name.clone(),
+            kind,
+            bindings: bindings.clone(),
+            prefetch,
+        };
+        let shared = Arc::new(SubShared::new(id, spec, inner.clone()));
         {
             let mut subscriptions = inner.subscriptions.lock().expect("subscriptions lock");
             subscriptions.retain(|sub| sub.strong_count() > 0);
@@ -258,8 +245,12 @@ impl AmqpRouter {
             }
         }
         tracing::info!(queue = %name, bindings = ?bindings, prefetch, "subscribed");
-        let control = Arc::new(Control(shared));
-        Ok(Subscription::new(receiver, control, &options))
+        let control = Arc::new(Control(shared.clone()));
+        Ok(Subscription::from_stream(
+            DeliveryStream(shared),
+            control,
+            &options,
+        ))
     }
 
     fn live_subscriptions(&self) -> Vec<Arc<SubShared>> {
@@ -304,14 +295,12 @@ impl AmqpRouter {
         probe.await.ok()
     }
 
-    async fn health_now(&self) -> Health {
+    /// What is wrong with one connection, if anything: its status and a sentence.
+    fn link_problem(&self, link: &Link) -> Option<(HealthStatus, String)> {
         let inner = &self.inner;
-        let state = inner.state.borrow().clone();
-        let subscriptions = self.live_subscriptions();
-        let unconfirmed = self.unconfirmed();
-        let blocked = inner.blocked.lock().expect("blocked lock").clone();
-        let (status, connected, detail) = match &state {
-            LinkState::Closed => (HealthStatus::Unhealthy, false, "closed".to_string()),
+        let role = link.role.as_str();
+        match &*link.state.borrow() {
+            LinkState::Closed => Some((HealthStatus::Unhealthy, "closed".to_string())),
             LinkState::Connecting {
                 attempt,
                 last_error,
@@ -323,30 +312,58 @@ impl AmqpRouter {
                 } else {
                     HealthStatus::Degraded
                 };
-                (
+                Some((
                     status,
-                    false,
                     format!(
-                        "disconnected for {down:.1?}, reconnecting (attempt {attempt}; last error: {last_error}); check that RabbitMQ at {} is running",
+                        "the {role} connection is down for {down:.1?}, reconnecting (attempt {attempt}; last error: {last_error}); check that RabbitMQ at {} is running",
                         inner.settings.url.redacted
                     ),
-                )
+                ))
             }
-            LinkState::Connected(live) if !live.connection.is_open() => (
+            LinkState::Connected(live) if !live.connection.is_open() => Some((
                 HealthStatus::Degraded,
-                false,
-                "the connection was just lost; reconnecting".to_string(),
-            ),
-            LinkState::Connected(_) => match &blocked {
-                Some(reason) => (
-                    HealthStatus::Degraded,
-                    true,
-                    format!(
-                        "RabbitMQ blocks publishing on this connection ({reason}): free memory or disk on the broker"
-                    ),
-                ),
-                None => (HealthStatus::Healthy, true, "ok".to_string()),
-            },
+                format!("the {role} connection was just lost; reconnecting"),
+            )),
+            LinkState::Connected(_) => {
+                let blocked = link.blocked.lock().expect("blocked lock").clone();
+                blocked.map(|reason| {
+                    (
+                        HealthStatus::Degraded,
+                        format!(
+                            "RabbitMQ blocks the {role} connection ({reason}): free memory or disk on the broker"
+                        ),
+                    )
+                })
+            }
+        }
+    }
+
+    async fn health_now(&self) -> Health {
+        let inner = &self.inner;
+        let subscriptions = self.live_subscriptions();
+        let unconfirmed = self.unconfirmed();
+        let connected = self.is_connected();
+        let problems: Vec<(HealthStatus, String)> = [&inner.publishing, &inner.consuming]
+            .into_iter()
+            .filter_map(|link| self.link_problem(link))
+            .collect();
+        let blocked = [&inner.publishing, &inner.consuming]
+            .iter()
+            .any(|link| link.blocked.lock().expect("blocked lock").is_some());
+        let (status, detail) = if problems.iter().all(|(_, detail)| detail == "closed")
+            && !problems.is_empty()
+        {
+            (HealthStatus::Unhealthy, "closed".to_string())
+        } else if problems.is_empty() {
+            (HealthStatus::Healthy, "ok".to_string())
+        } else {
+            let status = problems
+                .iter()
+                .map(|(status, _)| *status)
+                .max()
+                .unwrap_or(HealthStatus::Degraded);
+            let detail: Vec<&str> = problems.iter().map(|(_, detail)| detail.as_str()).collect();
+            (status, detail.join("; "))
         };
         let counters = &inner.counters;
         let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
@@ -370,11 +387,14 @@ impl AmqpRouter {
             .counter("requeued", load(&counters.requeued))
             .counter("retried", load(&counters.retried))
             .counter("abandoned", load(&counters.abandoned))
+            .counter("settle_failures", load(&counters.settle_failures))
             .counter("stale", load(&counters.stale))
             .counter("stale_discarded", load(&counters.stale_discarded))
             .counter("malformed", load(&counters.malformed))
             .counter("consumers_restored", load(&counters.consumers_restored))
+            .counter("consumer_failures", load(&counters.consumer_failures))
             .counter("fan_out_queues_lost", load(&counters.fan_out_queues_lost))
+            .counter("retries_dropped", load(&counters.retries_dropped))
             .counter("subscriptions", subscriptions.len() as u64)
             .counter(
                 "in_flight",
@@ -384,16 +404,20 @@ impl AmqpRouter {
                 "buffered",
                 subscriptions
                     .iter()
-                    .map(|sub| sub.receiver.len() as u64)
+                    .map(|sub| sub.buffered() as u64)
                     .sum::<u64>(),
             )
-            .counter("blocked", u64::from(blocked.is_some()));
+            .counter("blocked", u64::from(blocked));
         if connected && let Some(round_trip) = self.round_trip().await {
             health = health.round_trip(round_trip);
         }
         health
     }
 
+    /// Closes in two phases: new subscriptions are refused at once, while publishes stay allowed
+    /// until every subscription has drained, so that a handler finishing its message during the drain
+    /// can still publish its reply; then publishes are refused, the ones under way are awaited, and
+    /// the connections close.
     async fn close_now(&self) -> Result<()> {
         let inner = &self.inner;
         if inner.closing.swap(true, Ordering::AcqRel) {
@@ -408,6 +432,10 @@ impl AmqpRouter {
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
+        // Subscriptions closed earlier and still draining now wait only for what is in hand.
+        for sub in &subscriptions {
+            sub.feed_changed.notify_waiters();
+        }
         futures::future::join_all(subscriptions.iter().map(|sub| sub.close())).await;
         // Each subscription's task lets its handlers settle (up to the close timeout), closes its
         // channel and deletes its fan-out queue.
@@ -419,14 +447,13 @@ impl AmqpRouter {
         {
             tracing::warn!("some subscriptions did not finish closing in time");
         }
-        let deadline = Instant::now() + settings.close_timeout;
-        while self.unconfirmed() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let left = self.unconfirmed();
+        inner.publishing_closed.store(true, Ordering::Release);
+        let left = inner
+            .publishes_finished(Instant::now() + settings.close_timeout)
+            .await;
         if left > 0 {
             tracing::warn!(
-                unconfirmed = left,
+                publishes = left,
                 "closing with publishes still waiting for their confirm; their callers get an error"
             );
         }
@@ -436,12 +463,14 @@ impl AmqpRouter {
             publisher.close(settings.operation_timeout).await;
         }
         if let Some(op) = inner.topology.lock().await.take() {
-            let _ = tokio::time::timeout(settings.operation_timeout, op.channel.close()).await;
+            inner.close_channel(op.channel).await;
         }
-        let previous = inner.state.send_replace(LinkState::Closed);
-        inner.connected.store(0, Ordering::Release);
-        if let LinkState::Connected(live) = previous {
-            let _ = tokio::time::timeout(settings.operation_timeout, live.connection.close()).await;
+        for link in [&inner.publishing, &inner.consuming] {
+            let previous = link.state.send_replace(LinkState::Closed);
+            link.connected.store(0, Ordering::Release);
+            if let LinkState::Connected(live) = previous {
+                inner.close_connection(&live.connection).await;
+            }
         }
         tracing::info!(url = %settings.url.redacted, "RabbitMQ router closed");
         Ok(())

@@ -1,5 +1,11 @@
-//! The connection and what hangs on it: opening (with TLS), declaring the topology, watching for a
+//! The connections and what hangs on them: opening (with TLS), declaring the topology, watching for a
 //! lost connection, reconnecting with backoff, and the shared state every publish and consumer reads.
+//!
+//! A router keeps two connections, as RabbitMQ advises: during a memory or disk alarm RabbitMQ blocks
+//! a connection that publishes and stops reading from it, so acknowledgements sent on that connection
+//! would wait until the alarm clears, while the consumers that could drain the queues stand still.
+//! Consumers, their acknowledgements and the declarations therefore use a connection that never
+//! publishes; publishes (retries and dead letters included) use the other.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,7 +18,7 @@ use amqprs::channel::{
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::security::SecurityCredentials;
 use amqprs::{FieldTable, FieldValue};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use agentcomm_core::error::{Error, Result};
@@ -24,7 +30,25 @@ use crate::topology::DEAD_LETTER_BINDING;
 /// The backend name in errors, logs and health.
 pub(crate) const BACKEND: &str = "rabbitmq";
 
-/// Where the connection is.
+/// What a connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Publishes with confirms: the connection RabbitMQ may block during an alarm.
+    Publishing,
+    /// Consumers, their acknowledgements, and declarations.
+    Consuming,
+}
+
+impl Role {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Role::Publishing => "publishing",
+            Role::Consuming => "consuming",
+        }
+    }
+}
+
+/// Where a connection is.
 #[derive(Clone)]
 pub(crate) enum LinkState {
     /// Not connected; `attempt` reconnection attempts failed so far.
@@ -39,11 +63,62 @@ pub(crate) enum LinkState {
     Closed,
 }
 
-/// A live connection and its generation (1 for the first, +1 per reconnect).
+/// A live connection and its generation (unique across both connections of a router, +1 per
+/// connection opened).
 #[derive(Clone)]
 pub(crate) struct Live {
     pub connection: Connection,
     pub generation: u64,
+}
+
+/// One of the router's two connections, as it comes and goes.
+pub(crate) struct Link {
+    pub role: Role,
+    pub state: watch::Sender<LinkState>,
+    /// The generation of the live connection, 0 while disconnected (read on every publish).
+    pub connected: AtomicU64,
+    /// Why RabbitMQ blocks this connection (a memory or disk alarm), while it does.
+    pub blocked: Arc<Mutex<Option<String>>>,
+}
+
+impl Link {
+    fn new(role: Role) -> Self {
+        Link {
+            role,
+            state: watch::Sender::new(LinkState::Connecting {
+                attempt: 0,
+                last_error: Arc::from("not connected yet"),
+                since: Instant::now(),
+            }),
+            connected: AtomicU64::new(0),
+            blocked: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire) != 0
+    }
+
+    /// The live connection if it is still the one of `generation`.
+    pub(crate) fn live(&self, generation: u64) -> Option<Live> {
+        match &*self.state.borrow() {
+            LinkState::Connected(live) if live.generation == generation => Some(live.clone()),
+            _ => None,
+        }
+    }
+
+    /// Completes once the connection of `generation` is no longer the live one (lost or closed).
+    pub(crate) async fn gone(&self, generation: u64) {
+        let mut state = self.state.subscribe();
+        let _ = state
+            .wait_for(|state| !matches!(state, LinkState::Connected(live) if live.generation == generation))
+            .await;
+    }
+
+    fn on_connected(&self, live: &Live) {
+        self.connected.store(live.generation, Ordering::Release);
+        self.state.send_replace(LinkState::Connected(live.clone()));
+    }
 }
 
 /// Every counter the router reports in its health.
@@ -65,32 +140,37 @@ pub(crate) struct Counters {
     pub requeued: AtomicU64,
     pub retried: AtomicU64,
     pub abandoned: AtomicU64,
+    pub settle_failures: AtomicU64,
     pub stale: AtomicU64,
     pub stale_discarded: AtomicU64,
     pub malformed: AtomicU64,
     pub consumers_restored: AtomicU64,
+    pub consumer_failures: AtomicU64,
     pub fan_out_queues_lost: AtomicU64,
+    pub retries_dropped: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A channel used for declarations, bindings and deletions, with the reason the broker gave if it
-/// closed it.
+/// A channel used for declarations, bindings, deletions or a consumer, with the reason the broker gave
+/// if it closed the channel (or cancelled its consumer), and a signal when it did.
 pub(crate) struct OpChannel {
     pub channel: Channel,
     pub generation: u64,
     pub reason: Reason,
+    pub ended: Arc<Notify>,
 }
 
 /// The reason a channel was closed or a consumer cancelled by the broker, recorded by its callback.
 pub(crate) type Reason = Arc<Mutex<Option<String>>>;
 
 /// The callback of channels that do not publish: records why the broker closed the channel or
-/// cancelled its consumer.
-pub(crate) struct ReasonCallback {
-    pub reason: Reason,
+/// cancelled its consumer, and signals `ended`.
+struct ReasonCallback {
+    reason: Reason,
+    ended: Arc<Notify>,
 }
 
 #[async_trait::async_trait]
@@ -102,6 +182,7 @@ impl amqprs::callbacks::ChannelCallback for ReasonCallback {
     ) -> std::result::Result<(), amqprs::error::Error> {
         *self.reason.lock().expect("reason lock") =
             Some(format!("{} {}", close.reply_code(), close.reply_text()));
+        self.ended.notify_one();
         Ok(())
     }
 
@@ -114,6 +195,7 @@ impl amqprs::callbacks::ChannelCallback for ReasonCallback {
             "the broker cancelled consumer {} (its queue was deleted?)",
             cancel.consumer_tag()
         ));
+        self.ended.notify_one();
         Ok(())
     }
 
@@ -139,8 +221,10 @@ impl amqprs::callbacks::ChannelCallback for ReasonCallback {
     }
 }
 
-/// The connection callback: records blocked/unblocked notifications (memory or disk alarms).
+/// The connection callback: logs a close by the broker, records blocked/unblocked notifications
+/// (memory or disk alarms).
 struct LinkCallback {
+    role: Role,
     blocked: Arc<Mutex<Option<String>>>,
 }
 
@@ -151,17 +235,24 @@ impl amqprs::callbacks::ConnectionCallback for LinkCallback {
         _connection: &Connection,
         close: amqprs::Close,
     ) -> std::result::Result<(), amqprs::error::Error> {
-        tracing::warn!(reason = %close, "RabbitMQ closed the connection");
+        tracing::warn!(connection = self.role.as_str(), reason = %close, "RabbitMQ closed the connection");
         Ok(())
     }
 
     async fn blocked(&mut self, _connection: &Connection, reason: String) {
-        tracing::warn!(reason = %reason, "RabbitMQ blocked the connection: publishes wait until it is unblocked");
+        tracing::warn!(
+            connection = self.role.as_str(),
+            reason = %reason,
+            "RabbitMQ blocked the connection (memory or disk alarm): publishes wait until it is unblocked"
+        );
         *self.blocked.lock().expect("blocked lock") = Some(reason);
     }
 
     async fn unblocked(&mut self, _connection: &Connection) {
-        tracing::info!("RabbitMQ unblocked the connection");
+        tracing::info!(
+            connection = self.role.as_str(),
+            "RabbitMQ unblocked the connection"
+        );
         *self.blocked.lock().expect("blocked lock") = None;
     }
 
@@ -171,16 +262,17 @@ impl amqprs::callbacks::ConnectionCallback for LinkCallback {
 /// The shared state of a router.
 pub(crate) struct Inner {
     pub settings: Settings,
-    pub state: watch::Sender<LinkState>,
-    /// The generation of the live connection, 0 while disconnected (read on every publish).
-    pub connected: AtomicU64,
+    pub publishing: Link,
+    pub consuming: Link,
     next_generation: AtomicU64,
-    /// The publishing channel of the live connection (read on every publish, so not an async lock).
+    /// The publishing channel of the live publishing connection (read on every publish, so not an
+    /// async lock).
     pub publisher: Mutex<Option<Arc<Publisher>>>,
     /// Held while a publishing channel is being opened.
     pub opening_publisher: tokio::sync::Mutex<()>,
+    /// The declaration channel, on the consuming connection.
     pub topology: tokio::sync::Mutex<Option<OpChannel>>,
-    /// Retry queues declared on the live connection, with when they were declared.
+    /// Retry queues declared on the live consuming connection, with when they were declared.
     pub retry_queues: Mutex<HashMap<String, Instant>>,
     pub subscriptions: Mutex<Vec<Weak<crate::consumer::SubShared>>>,
     /// Durable queues this router declared (dead-letter, group and retry queues).
@@ -188,21 +280,23 @@ pub(crate) struct Inner {
     pub tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub next_subscription: AtomicU64,
     pub counters: Counters,
+    /// Set first by close: no new subscriptions.
     pub closing: AtomicBool,
+    /// Set by close once its subscriptions are drained: no new publishes (handlers finishing during
+    /// the drain may still reply).
+    pub publishing_closed: AtomicBool,
+    /// Publishes started and not finished (close waits for them).
+    pub publishes_in_flight: AtomicU64,
+    pub publishes_done: Notify,
     pub stop: watch::Sender<bool>,
-    pub blocked: Arc<Mutex<Option<String>>>,
 }
 
 impl Inner {
     pub(crate) fn new(settings: Settings) -> Self {
         Inner {
             settings,
-            state: watch::Sender::new(LinkState::Connecting {
-                attempt: 0,
-                last_error: Arc::from("not connected yet"),
-                since: Instant::now(),
-            }),
-            connected: AtomicU64::new(0),
+            publishing: Link::new(Role::Publishing),
+            consuming: Link::new(Role::Consuming),
             next_generation: AtomicU64::new(1),
             publisher: Mutex::new(None),
             opening_publisher: tokio::sync::Mutex::new(()),
@@ -214,8 +308,17 @@ impl Inner {
             next_subscription: AtomicU64::new(1),
             counters: Counters::default(),
             closing: AtomicBool::new(false),
+            publishing_closed: AtomicBool::new(false),
+            publishes_in_flight: AtomicU64::new(0),
+            publishes_done: Notify::new(),
             stop: watch::Sender::new(false),
-            blocked: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub(crate) fn link(&self, role: Role) -> &Link {
+        match role {
+            Role::Publishing => &self.publishing,
+            Role::Consuming => &self.consuming,
         }
     }
 
@@ -247,9 +350,14 @@ impl Inner {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// The live connection; while reconnecting, waits until `deadline` (forever when `None`).
-    pub(crate) async fn wait_connected(&self, deadline: Option<Instant>) -> Result<Live> {
-        let mut state = self.state.subscribe();
+    /// The live connection of `role`; while reconnecting, waits until `deadline` (forever when
+    /// `None`).
+    pub(crate) async fn wait_connected(
+        &self,
+        role: Role,
+        deadline: Option<Instant>,
+    ) -> Result<Live> {
+        let mut state = self.link(role).state.subscribe();
         loop {
             let last = match &*state.borrow_and_update() {
                 LinkState::Connected(live) => return Ok(live.clone()),
@@ -267,7 +375,8 @@ impl Inner {
                     Err(_) => {
                         let (attempt, last_error, since) = last;
                         return Err(self.connection_error(format!(
-                            "no connection for {:.1?} (reconnecting: {attempt} attempts failed, last: {last_error}); gave up after {:?}",
+                            "no {} connection for {:.1?} (reconnecting: {attempt} attempts failed, last: {last_error}); gave up after {:?}",
+                            role.as_str(),
                             since.elapsed(),
                             self.settings.publish_outage_timeout
                         )));
@@ -281,16 +390,18 @@ impl Inner {
         }
     }
 
-    /// Opens a connection and declares the topology; returns it with its generation.
-    pub(crate) async fn establish(&self) -> Result<Live> {
+    /// Opens the connection of `role` (the consuming one also declares the topology); returns it
+    /// with its generation.
+    pub(crate) async fn establish(&self, role: Role) -> Result<Live> {
         let settings = &self.settings;
         let url = &settings.url;
+        let name = format!("{} ({})", settings.connection_name, role.as_str());
         let mut arguments =
             OpenConnectionArguments::new(&url.host, url.port, &url.user, &url.password);
         arguments
             .virtual_host(&url.vhost)
             .heartbeat(settings.heartbeat)
-            .connection_name(&settings.connection_name)
+            .connection_name(&name)
             .credentials(SecurityCredentials::new_plain(&url.user, &url.password));
         if url.tls {
             #[cfg(feature = "tls")]
@@ -314,45 +425,50 @@ impl Inner {
             Ok(Err(error)) => return Err(self.connection_error(describe_open_error(&error))),
             Err(_) => {
                 return Err(self.connection_error(format!(
-                    "the connection did not open within {:?}",
+                    "the {} connection did not open within {:?}",
+                    role.as_str(),
                     settings.connect_timeout
                 )));
             }
         };
-        connection
-            .register_callback(LinkCallback {
-                blocked: self.blocked.clone(),
-            })
-            .await
-            .map_err(|e| self.connection_error(e.to_string()))?;
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let live = Live {
             connection,
-            generation,
+            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
         };
-        let declared = async {
-            let topology = self.open_op_channel(&live).await?;
-            self.declare_topology(&topology).await?;
-            *self.topology.lock().await = Some(topology);
+        let prepared = async {
+            live.connection
+                .register_callback(LinkCallback {
+                    role,
+                    blocked: self.link(role).blocked.clone(),
+                })
+                .await
+                .map_err(|e| self.connection_error(e.to_string()))?;
+            if role == Role::Consuming {
+                let topology = self.open_op_channel(&live).await?;
+                self.declare_topology(&topology).await?;
+                *self.topology.lock().await = Some(topology);
+            }
             Ok::<_, Error>(())
         }
         .await;
-        if let Err(error) = declared {
-            let connection = live.connection.clone();
-            let _ = tokio::time::timeout(settings.operation_timeout, connection.close()).await;
+        if let Err(error) = prepared {
+            self.close_connection(&live.connection).await;
             return Err(error);
         }
         Ok(live)
     }
 
-    /// Opens a channel for declarations on `live`.
+    /// Opens a channel on `live` (a consuming connection) with a callback recording why the broker
+    /// closes it.
     pub(crate) async fn open_op_channel(&self, live: &Live) -> Result<OpChannel> {
         let reason: Reason = Arc::default();
+        let ended = Arc::new(Notify::new());
         let open = async {
             let channel = live.connection.open_channel(None).await?;
             channel
                 .register_callback(ReasonCallback {
                     reason: reason.clone(),
+                    ended: ended.clone(),
                 })
                 .await?;
             Ok::<_, amqprs::error::Error>(channel)
@@ -362,6 +478,7 @@ impl Inner {
                 channel,
                 generation: live.generation,
                 reason,
+                ended,
             }),
             Ok(Err(error)) => {
                 Err(self.connection_error(format!("could not open a channel: {error}")))
@@ -396,6 +513,30 @@ impl Inner {
                 after: self.settings.operation_timeout,
             }),
         }
+    }
+
+    /// Closes `channel`, waiting at most the operation timeout. A channel the broker already closed
+    /// (or whose connection is gone) is left as it is.
+    pub(crate) async fn close_channel(&self, channel: Channel) {
+        let why = match tokio::time::timeout(self.settings.operation_timeout, channel.close()).await
+        {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no answer within {:?}", self.settings.operation_timeout),
+        };
+        tracing::debug!(error = %why, "closing a channel failed; it ends with its connection");
+    }
+
+    /// [`close_channel`](Self::close_channel) in the background, for paths that must not wait.
+    pub(crate) fn close_channel_later(self: &Arc<Self>, channel: Channel) {
+        let inner = self.clone();
+        tokio::spawn(async move { inner.close_channel(channel).await });
+    }
+
+    /// Closes `connection`, waiting at most the operation timeout.
+    pub(crate) async fn close_connection(&self, connection: &Connection) {
+        let _ =
+            tokio::time::timeout(self.settings.operation_timeout, connection.clone().close()).await;
     }
 
     /// Declares the exchange, and the dead-letter exchange and queue with their bindings.
@@ -462,14 +603,15 @@ impl Inner {
         .await
     }
 
-    /// Runs `f` with the declaration channel of the live connection, opening one if needed. A failed
-    /// operation closes the channel (the broker does, on errors), so the next call opens a new one.
+    /// Runs `f` with the declaration channel of the live consuming connection, opening one if needed.
+    /// A failed operation closes the channel (the broker does, on errors), so the next call opens a
+    /// new one.
     pub(crate) async fn with_op_channel<T>(
         &self,
         deadline: Option<Instant>,
         f: impl AsyncFnOnce(&OpChannel) -> Result<T>,
     ) -> Result<T> {
-        let live = self.wait_connected(deadline).await?;
+        let live = self.wait_connected(Role::Consuming, deadline).await?;
         let mut slot = self.topology.lock().await;
         let usable = slot
             .as_ref()
@@ -521,13 +663,21 @@ impl Inner {
         arguments
     }
 
-    /// Marks the connection as lost: fails the confirms waiting on it (their publishes are sent again
-    /// after the reconnect) and forgets channels of that connection.
-    pub(crate) async fn on_lost(&self, live: &Live, why: &str) {
-        if self.connected.load(Ordering::Acquire) == live.generation {
-            self.connected.store(0, Ordering::Release);
-        }
-        let _ = self.state.send_if_modified(|state| match state {
+    /// Marks the connection of `role` as lost. Publishing: fails the confirms waiting on it (their
+    /// publishes are sent again after the reconnect). Consuming: forgets its declaration channel and
+    /// which retry queues were declared (consumers notice the loss themselves).
+    pub(crate) async fn on_lost(&self, role: Role, live: &Live, why: &str) {
+        let link = self.link(role);
+        // `connected` is cleared before the publisher slot is taken: a publisher opened on the lost
+        // connection either lands in the slot first (and is failed here) or sees the change and is
+        // failed by whoever opened it.
+        let _ = link.connected.compare_exchange(
+            live.generation,
+            0,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        let _ = link.state.send_if_modified(|state| match state {
             LinkState::Connected(current) if current.generation == live.generation => {
                 *state = LinkState::Connecting {
                     attempt: 0,
@@ -538,12 +688,35 @@ impl Inner {
             }
             _ => false,
         });
-        let publisher = self.publisher.lock().expect("publisher lock").take();
-        if let Some(publisher) = publisher {
-            publisher.confirms.fail_all(why);
+        match role {
+            Role::Publishing => {
+                let publisher = {
+                    let mut slot = self.publisher.lock().expect("publisher lock");
+                    if slot
+                        .as_ref()
+                        .is_some_and(|p| p.generation == live.generation)
+                    {
+                        slot.take()
+                    } else {
+                        None
+                    }
+                };
+                if let Some(publisher) = publisher {
+                    publisher.confirms.fail_all(why);
+                }
+            }
+            Role::Consuming => {
+                let mut slot = self.topology.lock().await;
+                if slot
+                    .as_ref()
+                    .is_some_and(|op| op.generation == live.generation)
+                {
+                    *slot = None;
+                }
+                drop(slot);
+                self.retry_queues.lock().expect("retry lock").clear();
+            }
         }
-        *self.topology.lock().await = None;
-        self.retry_queues.lock().expect("retry lock").clear();
     }
 
     /// Records a durable queue this router declared.
@@ -552,11 +725,6 @@ impl Inner {
         if !declared.contains(queue) {
             declared.insert(queue.to_string());
         }
-    }
-
-    fn on_connected(&self, live: &Live) {
-        self.connected.store(live.generation, Ordering::Release);
-        self.state.send_replace(LinkState::Connected(live.clone()));
     }
 }
 
@@ -598,7 +766,8 @@ fn describe_open_error(error: &amqprs::error::Error) -> String {
         || text.contains("early eof")
     {
         format!(
-            "{text} (the broker dropped the connection during the handshake: RabbitMQ does that on a failed login,              so check the user name and password; or the port speaks TLS and the URL is amqp://)"
+            "{text} (the broker dropped the connection during the handshake: RabbitMQ does that on a failed login, \
+             so check the user name and password; or the port speaks TLS and the URL is amqp://)"
         )
     } else {
         text
@@ -623,8 +792,14 @@ async fn connection_lost(connection: &Connection) {
     }
 }
 
-/// Watches the connection and reconnects with backoff until the router is closed or dropped.
-pub(crate) async fn supervise(inner: Weak<Inner>, mut live: Live, mut stop: watch::Receiver<bool>) {
+/// Watches the connection of `role` and reconnects with backoff until the router is closed or
+/// dropped.
+pub(crate) async fn supervise(
+    inner: Weak<Inner>,
+    role: Role,
+    mut live: Live,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let lost = tokio::select! {
             () = connection_lost(&live.connection) => true,
@@ -641,10 +816,11 @@ pub(crate) async fn supervise(inner: Weak<Inner>, mut live: Live, mut stop: watc
             bump(&inner.counters.connection_losses);
             tracing::warn!(
                 url = %inner.settings.url.redacted,
+                connection = role.as_str(),
                 generation = live.generation,
-                "lost the connection to RabbitMQ; reconnecting"
+                "lost a connection to RabbitMQ; reconnecting"
             );
-            inner.on_lost(&live, "the connection was lost").await;
+            inner.on_lost(role, &live, "the connection was lost").await;
         }
         let mut attempt = 0u32;
         live = loop {
@@ -655,50 +831,45 @@ pub(crate) async fn supervise(inner: Weak<Inner>, mut live: Live, mut stop: watc
                 return;
             }
             attempt = attempt.saturating_add(1);
-            match strong.establish().await {
+            match strong.establish(role).await {
                 Ok(new_live) if strong.is_closing() => {
                     // Closed while this attempt was connecting: do not come back to life.
-                    let _ = tokio::time::timeout(
-                        strong.settings.operation_timeout,
-                        new_live.connection.close(),
-                    )
-                    .await;
+                    strong.close_connection(&new_live.connection).await;
                     return;
                 }
                 Ok(new_live) => {
                     bump(&strong.counters.reconnects);
                     tracing::info!(
                         url = %strong.settings.url.redacted,
+                        connection = role.as_str(),
                         attempt,
                         generation = new_live.generation,
                         "reconnected to RabbitMQ"
                     );
-                    strong.on_connected(&new_live);
+                    strong.link(role).on_connected(&new_live);
                     break new_live;
                 }
                 Err(error) => {
                     bump(&strong.counters.connect_failures);
                     let delay = strong.settings.reconnect.delay(attempt);
                     tracing::warn!(
+                        connection = role.as_str(),
                         error = %error,
                         attempt,
                         retry_in_ms = delay.as_millis() as u64,
                         "reconnecting to RabbitMQ failed"
                     );
-                    let _ = strong.state.send_if_modified(|state| match state {
-                        LinkState::Connecting { .. } => {
-                            let since = match state {
-                                LinkState::Connecting { since, .. } => *since,
-                                _ => Instant::now(),
-                            };
-                            *state = LinkState::Connecting {
-                                attempt,
-                                last_error: Arc::from(error.to_string()),
-                                since,
-                            };
-                            true
-                        }
-                        _ => false,
+                    strong.link(role).state.send_if_modified(|state| {
+                        let LinkState::Connecting { since, .. } = state else {
+                            return false;
+                        };
+                        let since = *since;
+                        *state = LinkState::Connecting {
+                            attempt,
+                            last_error: Arc::from(error.to_string()),
+                            since,
+                        };
+                        true
                     });
                     drop(strong);
                     tokio::select! {
@@ -711,13 +882,22 @@ pub(crate) async fn supervise(inner: Weak<Inner>, mut live: Live, mut stop: watc
     }
 }
 
-/// Starts the router's connection: the first connection is made here (its failure is the caller's
-/// error); reconnections run in the background.
+/// Starts the router's connections: the first ones are made here (their failure is the caller's
+/// error; the consuming one declares the topology, so a misconfiguration shows at once);
+/// reconnections run in the background.
 pub(crate) async fn start(inner: &Arc<Inner>) -> Result<()> {
-    let live = inner.establish().await?;
-    inner.on_connected(&live);
-    let stop = inner.stop.subscribe();
-    let weak = Arc::downgrade(inner);
-    tokio::spawn(supervise(weak, live, stop));
+    let consuming = inner.establish(Role::Consuming).await?;
+    let publishing = match inner.establish(Role::Publishing).await {
+        Ok(live) => live,
+        Err(error) => {
+            inner.close_connection(&consuming.connection).await;
+            return Err(error);
+        }
+    };
+    for (role, live) in [(Role::Consuming, consuming), (Role::Publishing, publishing)] {
+        inner.link(role).on_connected(&live);
+        let weak = Arc::downgrade(inner);
+        tokio::spawn(supervise(weak, role, live, inner.stop.subscribe()));
+    }
     Ok(())
 }

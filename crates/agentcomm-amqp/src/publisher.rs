@@ -15,7 +15,7 @@ use agentcomm_core::Envelope;
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::PublishOutcome;
 
-use crate::link::{Inner, LinkState, bump};
+use crate::link::{Inner, Role, bump};
 
 /// What the broker said about one publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +26,8 @@ pub(crate) enum Confirmed {
     Nack,
 }
 
-/// A message ready for one send: the frame as body and the AMQP properties.
+/// A message ready to send: the frame as body and the AMQP properties, built once per publish and
+/// sent as often as its channel is lost.
 pub(crate) struct Outgoing<'a> {
     exchange: &'a str,
     routing_key: &'a str,
@@ -95,6 +96,9 @@ struct Pending {
     by_tag: BTreeMap<u64, Waiting>,
     /// Tags by envelope id: a basic.return carries the message, not its delivery tag.
     by_id: HashMap<u128, Tags>,
+    /// The channel is gone: nothing may wait here any more. Kept under the same lock as the waiters,
+    /// so that a publish never registers after [`Confirms::fail_all`] emptied the map.
+    dead: bool,
 }
 
 impl Pending {
@@ -144,6 +148,7 @@ impl Pending {
 #[derive(Default)]
 pub(crate) struct Confirms {
     pending: Mutex<Pending>,
+    /// A copy of `Pending::dead` for the lock-free check on every publish.
     dead: AtomicBool,
     reason: Mutex<Option<String>>,
 }
@@ -187,7 +192,7 @@ impl Confirms {
             return false;
         };
         let mut pending = self.pending.lock().expect("confirms lock");
-        let Pending { by_tag, by_id } = &mut *pending;
+        let Pending { by_tag, by_id, .. } = &mut *pending;
         let tags: &[u64] = match by_id.get(&id.as_u128()) {
             Some(Tags::One(tag)) => std::slice::from_ref(tag),
             Some(Tags::Many(tags)) => tags,
@@ -203,15 +208,31 @@ impl Confirms {
         false
     }
 
-    /// The channel is gone: every waiter learns it by its sender being dropped, and sends again.
+    /// Registers the waiter of delivery tag `tag`, unless the channel is gone.
+    fn register(&self, tag: u64, id: u128, waiter: oneshot::Sender<Confirmed>) -> bool {
+        let mut pending = self.pending.lock().expect("confirms lock");
+        if pending.dead {
+            return false;
+        }
+        pending.insert(tag, id, waiter);
+        true
+    }
+
+    /// The channel is gone: every waiter learns it by its sender being dropped, and sends again; later
+    /// publishes find the channel dead and use the next one.
     pub(crate) fn fail_all(&self, reason: &str) {
-        self.dead.store(true, Ordering::Release);
         self.reason
             .lock()
             .expect("confirms lock")
             .get_or_insert_with(|| reason.to_string());
-        let pending = std::mem::take(&mut *self.pending.lock().expect("confirms lock"));
-        drop(pending);
+        let waiting = {
+            let mut pending = self.pending.lock().expect("confirms lock");
+            pending.dead = true;
+            self.dead.store(true, Ordering::Release);
+            pending.by_id.clear();
+            std::mem::take(&mut pending.by_tag)
+        };
+        drop(waiting);
     }
 
     pub(crate) fn is_dead(&self) -> bool {
@@ -356,7 +377,7 @@ impl Publisher {
     ///
     /// Unbounded by itself (queuing the frame waits only while the connection's writer is stalled,
     /// which its heartbeat ends): the caller bounds the whole publish.
-    async fn send(&self, message: Outgoing<'_>) -> Option<(u64, oneshot::Receiver<Confirmed>)> {
+    async fn send(&self, message: &Outgoing<'_>) -> Option<(u64, oneshot::Receiver<Confirmed>)> {
         let mut next_tag = self.next_tag.lock().await;
         if !self.is_alive() {
             return None;
@@ -364,18 +385,16 @@ impl Publisher {
         let tag = *next_tag;
         let (sender, receiver) = oneshot::channel();
         // Registered before sending: the ack may come back before basic_publish returns.
-        self.confirms
-            .pending
-            .lock()
-            .expect("confirms lock")
-            .insert(tag, message.id, sender);
+        if !self.confirms.register(tag, message.id, sender) {
+            return None;
+        }
         let mut arguments = BasicPublishArguments::new(message.exchange, message.routing_key);
         arguments.mandatory(true);
         // If this future is dropped (the caller's deadline) before the frame is queued, the frame is
         // not sent and the tag stays unused; the pending entry is forgotten by the caller.
         match self
             .channel
-            .basic_publish(message.properties, message.body, arguments)
+            .basic_publish(message.properties.clone(), message.body.clone(), arguments)
             .await
         {
             Ok(()) => {
@@ -411,63 +430,115 @@ enum Attempt {
     TimedOut,
 }
 
+/// Counts a publish as in flight until dropped (finished or cancelled): close waits for them.
+struct InFlight<'a>(&'a Inner);
+
+impl<'a> InFlight<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        inner.publishes_in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(inner)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.publishes_in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.publishes_done.notify_waiters();
+        }
+    }
+}
+
 impl Inner {
-    /// The publishing channel of the live connection, opened on demand; during an outage, waits for
-    /// the reconnect until `outage_deadline` (set on the first wait of this publish).
+    /// The publishing channel of the live publishing connection, opened on demand. Anything but the
+    /// fast path (a live channel) is bounded by `outage_deadline`, set on the first wait of this
+    /// publish to `publish_outage_timeout` from then: reconnecting, reopening a channel the broker
+    /// closed, declaring the topology again.
     async fn publisher_for(&self, outage_deadline: &mut Option<Instant>) -> Result<Arc<Publisher>> {
+        let generation = self.publishing.connected.load(Ordering::Acquire);
+        if generation != 0
+            && let Some(publisher) = self.current_publisher(generation)
+        {
+            return Ok(publisher);
+        }
+        let outage = self.settings.publish_outage_timeout;
+        let deadline = *outage_deadline.get_or_insert_with(|| Instant::now() + outage);
+        match tokio::time::timeout_at(deadline, self.open_publisher(deadline)).await {
+            Ok(result) => result,
+            Err(_) => Err(self.connection_error(format!(
+                "no publishing channel could be opened within {outage:?} (the connection is up but RabbitMQ does not answer in time)"
+            ))),
+        }
+    }
+
+    async fn open_publisher(&self, deadline: Instant) -> Result<Arc<Publisher>> {
+        let link = &self.publishing;
         loop {
-            let generation = self.connected.load(Ordering::Acquire);
-            if generation != 0 {
-                if let Some(publisher) = self.current_publisher(generation) {
-                    return Ok(publisher);
-                }
-                let opening = self.opening_publisher.lock().await;
-                // Another publish may have opened it while this one waited.
-                if let Some(publisher) = self.current_publisher(generation) {
-                    return Ok(publisher);
-                }
-                let live = match &*self.state.borrow() {
-                    LinkState::Connected(live) if live.generation == generation => {
-                        Some(live.clone())
-                    }
-                    _ => None,
-                };
-                if let Some(live) = live {
-                    let previous = self.publisher.lock().expect("publisher lock").clone();
-                    if let Some(previous) = previous.filter(|p| p.generation == generation) {
-                        // The broker closed the channel on a live connection: a deleted exchange
-                        // (404) is the usual cause, so declare the topology again first.
-                        tracing::warn!(reason = ?previous.confirms.reason(), "reopening the publishing channel");
-                        if let Err(error) = self.redeclare_topology().await {
-                            tracing::warn!(error = %error, "could not declare the topology again");
-                        }
-                    }
-                    match Publisher::open(
-                        &live.connection,
-                        generation,
+            let generation = link.connected.load(Ordering::Acquire);
+            if generation == 0 {
+                self.wait_connected(Role::Publishing, Some(deadline))
+                    .await?;
+                continue;
+            }
+            if let Some(publisher) = self.current_publisher(generation) {
+                return Ok(publisher);
+            }
+            let opening = self.opening_publisher.lock().await;
+            // Another publish may have opened it while this one waited.
+            if let Some(publisher) = self.current_publisher(generation) {
+                return Ok(publisher);
+            }
+            if let Some(live) = link.live(generation) {
+                let previous = self.publisher.lock().expect("publisher lock").clone();
+                if let Some(previous) = previous.filter(|p| p.generation == generation) {
+                    // The broker closed the channel on a live connection: a deleted exchange
+                    // (404) is the usual cause, so declare the topology again first.
+                    tracing::warn!(reason = ?previous.confirms.reason(), "reopening the publishing channel");
+                    match tokio::time::timeout(
                         self.settings.operation_timeout,
-                        self.counters.returned.clone(),
+                        self.redeclare_topology(),
                     )
                     .await
                     {
-                        Ok(publisher) => {
-                            *self.publisher.lock().expect("publisher lock") =
-                                Some(publisher.clone());
-                            return Ok(publisher);
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => {
+                            tracing::warn!(error = %error, "could not declare the topology again")
                         }
-                        Err(error) if live.connection.is_open() => {
-                            return Err(self.backend_error(error));
-                        }
-                        Err(_) => {}
+                        Err(_) => tracing::warn!("declaring the topology again took too long"),
                     }
                 }
-                drop(opening);
-                // The connection died and the supervisor has not seen it yet: do not spin.
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                match Publisher::open(
+                    &live.connection,
+                    generation,
+                    self.settings.operation_timeout,
+                    self.counters.returned.clone(),
+                )
+                .await
+                {
+                    Ok(publisher) => {
+                        let mut slot = self.publisher.lock().expect("publisher lock");
+                        // Stored only while its connection is still the live one, under the lock
+                        // `on_lost` takes after clearing `connected`: no publisher outlives its
+                        // connection without its waiters being failed.
+                        if link.connected.load(Ordering::Acquire) == generation {
+                            if let Some(replaced) = slot.replace(publisher.clone()) {
+                                replaced
+                                    .confirms
+                                    .fail_all("the publishing channel was replaced");
+                            }
+                            return Ok(publisher);
+                        }
+                        drop(slot);
+                        publisher.confirms.fail_all("the connection was lost");
+                    }
+                    Err(error) if live.connection.is_open() => {
+                        return Err(self.backend_error(error));
+                    }
+                    Err(_) => {}
+                }
             }
-            let deadline = *outage_deadline
-                .get_or_insert_with(|| Instant::now() + self.settings.publish_outage_timeout);
-            self.wait_connected(Some(deadline)).await?;
+            drop(opening);
+            // The connection died and the supervisor has not seen it yet: do not spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -480,15 +551,8 @@ impl Inner {
             .cloned()
     }
 
-    /// One send of `envelope` and the wait for its confirm, all within the confirm timeout.
-    async fn attempt(
-        &self,
-        publisher: &Publisher,
-        envelope: &Envelope,
-        exchange: &str,
-        routing_key: &str,
-    ) -> Result<Attempt> {
-        let message = Outgoing::new(envelope, exchange, routing_key)?;
+    /// One send of `message` and the wait for its confirm, all within the confirm timeout.
+    async fn attempt(&self, publisher: &Publisher, message: &Outgoing<'_>) -> Attempt {
         let mut sent_tag = None;
         let confirmed = tokio::time::timeout(self.settings.confirm_timeout, async {
             let Some((tag, confirm)) = publisher.send(message).await else {
@@ -501,7 +565,7 @@ impl Inner {
             }
         })
         .await;
-        Ok(match confirmed {
+        match confirmed {
             Ok(attempt) => attempt,
             Err(_) => {
                 if let Some(tag) = sent_tag {
@@ -509,40 +573,53 @@ impl Inner {
                 }
                 Attempt::TimedOut
             }
-        })
+        }
     }
 
     /// Publishes `envelope` to `exchange` with `routing_key` and waits for the broker's confirm,
-    /// sending it again on the next channel if the channel or connection is lost first.
+    /// sending it again on the next channel if the channel or connection is lost first. Every
+    /// failure is counted in `publish_failures`.
     pub(crate) async fn publish_envelope(
         &self,
         envelope: &Envelope,
         exchange: &str,
         routing_key: &str,
     ) -> Result<PublishOutcome> {
+        let _in_flight = InFlight::new(self);
+        bump(&self.counters.published);
+        let result = self
+            .publish_confirmed(envelope, exchange, routing_key)
+            .await;
+        if result.is_err() {
+            bump(&self.counters.publish_failures);
+        }
+        result
+    }
+
+    async fn publish_confirmed(
+        &self,
+        envelope: &Envelope,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<PublishOutcome> {
+        let message = Outgoing::new(envelope, exchange, routing_key)?;
         let mut outage_deadline = None;
         let mut losses = 0u32;
-        bump(&self.counters.published);
-        let result = loop {
-            let publisher = match self.publisher_for(&mut outage_deadline).await {
-                Ok(publisher) => publisher,
-                Err(error) => break Err(error),
-            };
-            let outcome = self
-                .attempt(&publisher, envelope, exchange, routing_key)
-                .await?;
+        loop {
+            let publisher = self.publisher_for(&mut outage_deadline).await?;
+            let outcome = self.attempt(&publisher, &message).await;
             match outcome {
                 Attempt::Confirmed(Confirmed::Ack { returned }) => {
                     bump(&self.counters.confirmed);
                     if returned {
                         bump(&self.counters.unroutable);
-                        break Ok(PublishOutcome::Unroutable);
+                        return Ok(PublishOutcome::Unroutable);
                     }
-                    break Ok(PublishOutcome::Accepted);
+                    return Ok(PublishOutcome::Accepted);
                 }
                 Attempt::Confirmed(Confirmed::Nack) => {
                     bump(&self.counters.publish_nacks);
-                    break Err(self.backend_error(format!(
+                    return Err(self.backend_error(format!(
                         "RabbitMQ refused message {} on '{routing_key}' (basic.nack: it could not take responsibility for it, e.g. a full queue with overflow=reject-publish or an internal error); publish it again later",
                         envelope.id()
                     )));
@@ -551,7 +628,7 @@ impl Inner {
                     // The broker may or may not have it: send it again (at-least-once).
                     losses += 1;
                     if losses > MAX_RESENDS {
-                        break Err(self.backend_error(format!(
+                        return Err(self.backend_error(format!(
                             "message {} on '{routing_key}' was not confirmed: its channel was lost {MAX_RESENDS} times ({})",
                             envelope.id(),
                             publisher
@@ -567,7 +644,7 @@ impl Inner {
                 }
                 Attempt::TimedOut => {
                     bump(&self.counters.confirm_timeouts);
-                    break Err(Error::Timeout {
+                    return Err(Error::Timeout {
                         operation: format!(
                             "RabbitMQ's confirm of message {} on '{routing_key}' (it may or may not have been stored; a stalled connection or a memory/disk alarm delays confirms)",
                             envelope.id()
@@ -576,10 +653,22 @@ impl Inner {
                     });
                 }
             }
-        };
-        if result.is_err() {
-            bump(&self.counters.publish_failures);
         }
-        result
+    }
+
+    /// Waits until no publish is in flight, or `deadline`; returns how many still are.
+    pub(crate) async fn publishes_finished(&self, deadline: Instant) -> u64 {
+        loop {
+            let done = self.publishes_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let left = self.publishes_in_flight.load(Ordering::Acquire);
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                return self.publishes_in_flight.load(Ordering::Acquire);
+            }
+        }
     }
 }

@@ -416,9 +416,9 @@ impl<A: Agent> Publisher<A> {
             return prepared
                 .into_iter()
                 .map(|prepared| match prepared {
-                    Ok(_) => Err(Error::Closed {
-                        what: "this batch",
-                        hint: "nothing was published because another message of the batch is invalid",
+                    Ok(_) => Err(Error::NotPublished {
+                        reason: "another message of the batch is invalid, so none was published"
+                            .into(),
                     }),
                     Err(error) => Err(error),
                 })

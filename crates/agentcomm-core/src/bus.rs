@@ -170,38 +170,34 @@ impl Bus {
         agent: Option<&str>,
     ) -> Result<Resp> {
         let inbox = &self.inner.inbox;
-        let reply_channel = inbox.listen::<Resp>(&self.inner.router).await?;
+        let reply_channel = Channel::for_message::<Resp>(REPLY_DIRECTION, &inbox.id)?;
         let channel = Channel::for_message::<Req>(Req::DIRECTION, session)?;
         let envelope = self
             .envelope(channel, message)?
             .with_reply_to(reply_channel.canonical());
         let request_id = envelope.id().to_string();
         let channel_name = envelope.channel().name().to_string();
-        let waiter = inbox.expect(request_id.clone());
-        let outcome = match self.publish_envelope(envelope, agent).await {
-            Ok(outcome) => outcome,
-            Err(error) => {
-                inbox.forget(&request_id);
-                return Err(error);
-            }
-        };
-        if outcome.is_unroutable() {
-            inbox.forget(&request_id);
-            return Err(Error::NoAgentFound {
-                class: Req::CLASS.to_string(),
-                channel: channel_name,
-            });
-        }
-        let reply = match tokio::time::timeout(timeout, waiter).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => {
-                return Err(Error::Closed {
-                    what: "the reply inbox",
-                    hint: "the router closed while the request was waiting",
+        // The timeout bounds everything: subscribing the inbox, publishing and waiting for the reply.
+        let asking = async {
+            inbox.listen::<Resp>(&self.inner.router).await?;
+            // Registered before publishing, so a quick reply finds its waiter; forgotten on every way
+            // out, including this future being dropped.
+            let (waiter, _registration) = inbox.expect(request_id.clone(), Resp::CLASS);
+            let outcome = self.publish_envelope(envelope, agent).await?;
+            if outcome.is_unroutable() {
+                return Err(Error::NoAgentFound {
+                    class: Req::CLASS.to_string(),
+                    channel: channel_name.clone(),
                 });
             }
+            waiter.await.map_err(|_| Error::Closed {
+                what: "the reply inbox",
+                hint: "its subscription ended (the router closed or lost it) while the request was waiting; send the request again",
+            })
+        };
+        let reply = match tokio::time::timeout(timeout, asking).await {
+            Ok(reply) => reply?,
             Err(_) => {
-                inbox.forget(&request_id);
                 return Err(Error::Timeout {
                     operation: format!(
                         "the {} reply to {} {request_id} on '{channel_name}' (is an agent that receives {} running and replying?)",
@@ -214,6 +210,11 @@ impl Bus {
             }
         };
         crate::runtime::decode_message::<Resp>(&reply).map_err(|rejection| rejection.error)
+    }
+
+    /// Requests waiting for their reply now.
+    pub fn pending_requests(&self) -> usize {
+        self.inner.inbox.pending.lock().expect("inbox lock").len()
     }
 
     /// Replies that arrived for no waiting request (late, after a timeout, or unknown).
@@ -315,9 +316,34 @@ pub(crate) fn channel_of<M: Message>(direction: &str, session: &str) -> Result<C
 /// `<ReplyClass>:reply:<inbox id>`.
 struct Inbox {
     id: String,
-    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Envelope>>>>,
-    listeners: tokio::sync::Mutex<HashMap<&'static str, Channel>>,
+    pending: Arc<Mutex<HashMap<String, Waiting>>>,
+    listeners: Arc<Mutex<HashMap<&'static str, Listener>>>,
     unmatched: Arc<AtomicU64>,
+}
+
+/// A reply class's subscription, made once by the first request of that class.
+type Listener = Arc<tokio::sync::OnceCell<()>>;
+
+/// A request waiting for its reply.
+struct Waiting {
+    class: &'static str,
+    reply: oneshot::Sender<Envelope>,
+}
+
+/// Forgets a request when dropped (answered, failed, timed out or cancelled).
+struct Registration<'a> {
+    inbox: &'a Inbox,
+    request_id: String,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.inbox
+            .pending
+            .lock()
+            .expect("inbox lock")
+            .remove(&self.request_id);
+    }
 }
 
 impl Inbox {
@@ -325,31 +351,41 @@ impl Inbox {
         Inbox {
             id: format!("inbox-{}", uuid::Uuid::now_v7().simple()),
             pending: Arc::default(),
-            listeners: tokio::sync::Mutex::default(),
+            listeners: Arc::default(),
             unmatched: Arc::default(),
         }
     }
 
-    /// Makes sure replies of class `Resp` reach this inbox; returns the channel they go to.
-    async fn listen<Resp: Message>(&self, router: &SharedRouter) -> Result<Channel> {
-        let mut listeners = self.listeners.lock().await;
-        if let Some(channel) = listeners.get(Resp::CLASS) {
-            return Ok(channel.clone());
-        }
-        let channel = Channel::for_message::<Resp>(REPLY_DIRECTION, &self.id)?;
+    /// Makes sure replies of class `Resp` reach this inbox. The first request of a class subscribes;
+    /// the others wait for that subscription (only requests of that class wait).
+    async fn listen<Resp: Message>(&self, router: &SharedRouter) -> Result<()> {
+        let cell = self
+            .listeners
+            .lock()
+            .expect("inbox lock")
+            .entry(Resp::CLASS)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| self.subscribe::<Resp>(router))
+            .await?;
+        Ok(())
+    }
+
+    async fn subscribe<Resp: Message>(&self, router: &SharedRouter) -> Result<()> {
         let pattern = ChannelPattern::for_message::<Resp>(Some(REPLY_DIRECTION), Some(&self.id))?;
         let mut subscription = router.subscribe(SubscribeOptions::new(pattern)).await?;
         let pending = self.pending.clone();
+        let listeners = self.listeners.clone();
         let unmatched = self.unmatched.clone();
         tokio::spawn(async move {
             while let Some(delivery) = subscription.next().await {
                 let envelope = delivery.envelope().clone();
-                let waiter = envelope
+                let waiting = envelope
                     .correlation_id()
                     .and_then(|id| pending.lock().expect("inbox lock").remove(id));
-                match waiter {
-                    Some(waiter) => {
-                        let _ = waiter.send(envelope);
+                match waiting {
+                    Some(waiting) => {
+                        let _ = waiting.reply.send(envelope);
                     }
                     None => {
                         unmatched.fetch_add(1, Ordering::Relaxed);
@@ -365,21 +401,33 @@ impl Inbox {
                     tracing::warn!(error = %error, "could not acknowledge a reply");
                 }
             }
+            // The subscription ended: the next request of this class subscribes again, and the ones
+            // waiting now are told at once instead of waiting out their timeout.
+            listeners.lock().expect("inbox lock").remove(Resp::CLASS);
+            pending
+                .lock()
+                .expect("inbox lock")
+                .retain(|_, waiting| waiting.class != Resp::CLASS);
         });
-        listeners.insert(Resp::CLASS, channel.clone());
-        Ok(channel)
+        Ok(())
     }
 
-    fn expect(&self, request_id: String) -> oneshot::Receiver<Envelope> {
-        let (sender, receiver) = oneshot::channel();
+    fn expect(
+        &self,
+        request_id: String,
+        class: &'static str,
+    ) -> (oneshot::Receiver<Envelope>, Registration<'_>) {
+        let (reply, receiver) = oneshot::channel();
         self.pending
             .lock()
             .expect("inbox lock")
-            .insert(request_id, sender);
-        receiver
-    }
-
-    fn forget(&self, request_id: &str) {
-        self.pending.lock().expect("inbox lock").remove(request_id);
+            .insert(request_id.clone(), Waiting { class, reply });
+        (
+            receiver,
+            Registration {
+                inbox: self,
+                request_id,
+            },
+        )
     }
 }

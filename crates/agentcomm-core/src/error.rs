@@ -140,6 +140,13 @@ pub enum Error {
         after: Duration,
     },
 
+    /// A message was not published because of something else (another message of its batch was invalid).
+    #[error("not published: {reason}")]
+    NotPublished {
+        /// Why.
+        reason: String,
+    },
+
     /// The router, subscription or runtime was closed.
     #[error("{what} is closed: {hint}")]
     Closed {

@@ -4,11 +4,15 @@
 //! bounded queues with backpressure, and close. It is not persistent: what is queued is lost when the
 //! process ends.
 //!
-//! - Every subscription and every group has a bounded queue (`queue_capacity`). A publish into a full
-//!   queue waits (backpressure) up to `publish_timeout`, then fails with [`Error::Timeout`]; nothing is
-//!   dropped silently.
+//! - Every subscription and every group has a bounded queue: at most `queue_capacity` messages (or the
+//!   subscription's prefetch, if larger) queued or handed out and not yet acknowledged. A publish waits
+//!   for room in every queue it goes to (backpressure) up to `publish_timeout`, then fails with
+//!   [`Error::Timeout`] and is delivered nowhere: a publish is all or nothing.
 //! - A group outlives its members, like a durable queue: messages for it wait until a member comes.
+//!   [`MemoryRouter::remove_group`] deletes one; health counts `groups_without_members`.
 //! - A delivery dropped unsettled, or nacked, goes back to its queue.
+//! - Messages that can no longer be delivered (a subscription dropped with messages unread, group
+//!   queues when the router closes) are counted in health as `dropped` and logged.
 //!
 //! ```
 //! use agentcomm_core::prelude::*;
@@ -29,9 +33,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::channel::ChannelPattern;
 use crate::envelope::Envelope;
@@ -45,7 +51,8 @@ use crate::router::{
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct MemoryConfig {
-    /// The capacity of each queue (fan-out subscription or group); at least the subscription's prefetch.
+    /// How many messages each queue (fan-out subscription or group) holds, queued or handed out and not
+    /// yet acknowledged; a subscription with a larger prefetch gets that instead.
     pub queue_capacity: usize,
     /// How long a publish waits for room in a full queue before failing.
     pub publish_timeout: Duration,
@@ -105,12 +112,20 @@ struct Routes {
 }
 
 /// A queue: a fan-out subscription's own, or a group's shared one.
+///
+/// The channel itself is unbounded; `room` bounds it: a message takes a permit when it is published and
+/// gives it back when it is acknowledged (or dropped for good), so the bound covers messages queued and
+/// messages handed out. A nacked message keeps its permit on its way back into the queue.
 struct Queue {
     id: u64,
     name: String,
+    group: Option<String>,
+    capacity: usize,
     patterns: RwLock<Vec<ChannelPattern>>,
     sender: async_channel::Sender<Delivery>,
     receiver: async_channel::Receiver<Delivery>,
+    room: Arc<Semaphore>,
+    members: AtomicUsize,
     router: Weak<MemoryInner>,
 }
 
@@ -123,74 +138,123 @@ impl Queue {
             .any(|pattern| pattern.matches(envelope.channel()))
     }
 
-    fn delivery(self: &Arc<Self>, envelope: Envelope) -> Delivery {
+    fn delivery(self: &Arc<Self>, envelope: Envelope, permit: OwnedSemaphorePermit) -> Delivery {
         Delivery::new(
             envelope,
             Box::new(MemoryAck {
                 queue: self.clone(),
+                permit,
             }),
         )
     }
 
     /// Puts a message back, now or after `delay`, without blocking the caller.
-    fn requeue(self: &Arc<Self>, envelope: Envelope, delay: Duration) {
-        let Some(router) = self.router.upgrade() else {
-            return;
-        };
-        router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
-        let delivery = self.delivery(envelope).redelivered(true);
-        if !delay.is_zero() {
-            self.requeue_later(delivery, delay);
+    fn requeue(
+        self: &Arc<Self>,
+        envelope: Envelope,
+        permit: OwnedSemaphorePermit,
+        delay: Duration,
+    ) {
+        let delivery = self.delivery(envelope, permit).redelivered(true);
+        if delay.is_zero() {
+            self.put_back(delivery);
             return;
         }
-        match self.sender.try_send(delivery) {
-            Ok(()) => {}
-            Err(async_channel::TrySendError::Closed(delivery)) => self.lost(&router, delivery),
-            Err(async_channel::TrySendError::Full(delivery)) => self.requeue_later(delivery, delay),
-        }
-    }
-
-    fn requeue_later(self: &Arc<Self>, delivery: Delivery, delay: Duration) {
-        let queue = self.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            if let Some(router) = self.router.upgrade() {
-                self.lost(&router, delivery);
-            }
+            self.lost(delivery, "no Tokio runtime to wait for its retry delay");
             return;
         };
+        let queue = self.clone();
         runtime.spawn(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            if let Err(async_channel::SendError(delivery)) = queue.sender.send(delivery).await
-                && let Some(router) = queue.router.upgrade()
-            {
-                queue.lost(&router, delivery);
-            }
+            tokio::time::sleep(delay).await;
+            queue.put_back(delivery);
         });
     }
 
-    fn lost(&self, router: &MemoryInner, delivery: Delivery) {
-        router.counters.dropped.fetch_add(1, Ordering::Relaxed);
+    fn put_back(&self, delivery: Delivery) {
+        // The channel is unbounded (the permit already holds the message's room): only a closed queue
+        // refuses.
+        match self.sender.try_send(delivery) {
+            Ok(()) => {
+                if let Some(router) = self.router.upgrade() {
+                    router.counters.redelivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(error) => self.lost(error.into_inner(), "its subscription is closed"),
+        }
+    }
+
+    fn lost(&self, delivery: Delivery, why: &str) {
+        if let Some(router) = self.router.upgrade() {
+            router.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
         let envelope = delivery.envelope();
         tracing::warn!(
             message_id = %envelope.id(),
             class = envelope.class(),
             session = envelope.session(),
             queue = %self.name,
-            "a message given back to a closed subscription was dropped (the in-memory router is not persistent)"
+            "a message given back was dropped: {why} (the in-memory router is not persistent)"
         );
-        // Discard it so that dropping it does not try to requeue it again.
+        // Discarded, so that dropping it does not try to requeue it again.
         delivery.discard();
+    }
+
+    /// Stops taking messages: publishers waiting for room give up, the buffer stays readable.
+    fn close(&self) {
+        self.sender.close();
+        self.room.close();
+    }
+
+    /// Drops what is still queued, counting and logging it; returns how many.
+    fn drain_lost(&self, why: &str) -> usize {
+        let mut count = 0;
+        while let Ok(delivery) = self.receiver.try_recv() {
+            delivery.discard();
+            count += 1;
+        }
+        if count > 0 {
+            if let Some(router) = self.router.upgrade() {
+                router
+                    .counters
+                    .dropped
+                    .fetch_add(count as u64, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                queue = %self.name,
+                dropped = count,
+                "{count} queued messages were dropped: {why} (the in-memory router is not persistent)"
+            );
+        }
+        count
+    }
+
+    fn full_error(&self, after: Duration) -> Error {
+        let why = match &self.group {
+            Some(group) if self.members.load(Ordering::Acquire) == 0 => format!(
+                "the group has no member (were its agents stopped?): start one, or delete the group with \
+                 MemoryRouter::remove_group(\"{group}\")"
+            ),
+            _ => "its consumer is not keeping up".to_string(),
+        };
+        Error::Timeout {
+            operation: format!(
+                "room in the full queue of {} (capacity {}): {why}",
+                self.name, self.capacity
+            ),
+            after,
+        }
     }
 }
 
 struct MemoryAck {
     queue: Arc<Queue>,
+    permit: OwnedSemaphorePermit,
 }
 
 impl Acknowledge for MemoryAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        // Dropping the permit frees the message's room in the queue.
         ready_ok()
     }
 
@@ -203,39 +267,63 @@ impl Acknowledge for MemoryAck {
             NackAction::Retry { delay } => delay,
             _ => Duration::ZERO,
         };
-        self.queue.requeue(envelope, delay);
+        let MemoryAck { queue, permit } = *self;
+        queue.requeue(envelope, permit, delay);
         ready_ok()
     }
 
     fn abandon(self: Box<Self>, envelope: Envelope) {
-        self.queue.requeue(envelope, Duration::ZERO);
+        let MemoryAck { queue, permit } = *self;
+        queue.requeue(envelope, permit, Duration::ZERO);
     }
 }
 
 /// Stops one subscription: a fan-out queue is removed and closed (its buffer drains, then the stream
-/// ends); a group member only leaves (the group's queue stays for the other members).
+/// ends; what is left unread when the subscription is dropped is counted as dropped); a group member
+/// only leaves (the group's queue stays for the other members).
 struct MemoryControl {
     router: Weak<MemoryInner>,
     queue: Arc<Queue>,
-    group: bool,
     stop: async_channel::Sender<()>,
+    closed: AtomicBool,
+}
+
+impl MemoryControl {
+    fn leave(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.stop.close();
+        if self.queue.group.is_some() {
+            self.queue.members.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        if let Some(router) = self.router.upgrade() {
+            router
+                .routes
+                .write()
+                .expect("routes lock")
+                .fan_outs
+                .retain(|queue| queue.id != self.queue.id);
+        }
+        self.queue.close();
+    }
 }
 
 impl SubscriptionControl for MemoryControl {
     fn close(&self) -> BoxFuture<'static, Result<()>> {
-        self.stop.close();
-        if !self.group {
-            if let Some(router) = self.router.upgrade() {
-                router
-                    .routes
-                    .write()
-                    .expect("routes lock")
-                    .fan_outs
-                    .retain(|queue| queue.id != self.queue.id);
-            }
-            self.queue.sender.close();
-        }
+        self.leave();
         ready_ok()
+    }
+}
+
+impl Drop for MemoryControl {
+    fn drop(&mut self) {
+        self.leave();
+        if self.queue.group.is_none() {
+            self.queue
+                .drain_lost("the subscription was dropped before reading them");
+        }
     }
 }
 
@@ -271,50 +359,70 @@ impl MemoryRouter {
         }
     }
 
+    /// Deletes a group and drops what is queued for it (counted and logged as dropped); returns how
+    /// many messages were dropped, or `None` when there is no such group. Members still subscribed see
+    /// their stream end.
+    pub fn remove_group(&self, name: &str) -> Option<usize> {
+        let queue = self
+            .inner
+            .routes
+            .write()
+            .expect("routes lock")
+            .groups
+            .remove(name)?;
+        queue.close();
+        Some(queue.drain_lost(&format!("group '{name}' was removed")))
+    }
+
     async fn publish_one(&self, envelope: Envelope) -> Result<PublishOutcome> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return Err(Self::closed_error());
         }
         inner.counters.published.fetch_add(1, Ordering::Relaxed);
-        let mut delivered = 0usize;
-        // Queues that are full: waited on after the routes lock is released.
-        let mut full: Vec<(Arc<Queue>, Delivery)> = Vec::new();
+        // First room in every queue the message goes to, then the sends: a publish that times out
+        // waiting for room is delivered nowhere.
+        let mut targets: Vec<(Arc<Queue>, Option<OwnedSemaphorePermit>)> = Vec::new();
         {
             let routes = inner.routes.read().expect("routes lock");
             for queue in routes.fan_outs.iter().chain(routes.groups.values()) {
-                if !queue.matches(&envelope) {
-                    continue;
-                }
-                match queue.sender.try_send(queue.delivery(envelope.clone())) {
-                    Ok(()) => delivered += 1,
-                    Err(async_channel::TrySendError::Full(delivery)) => {
-                        full.push((queue.clone(), delivery))
-                    }
-                    // Closed between routing and sending: it was never delivered.
-                    Err(async_channel::TrySendError::Closed(delivery)) => delivery.discard(),
+                if queue.matches(&envelope) {
+                    let permit = queue.room.clone().try_acquire_owned().ok();
+                    targets.push((queue.clone(), permit));
                 }
             }
         }
-        for (queue, delivery) in full {
+        if targets.iter().any(|(_, permit)| permit.is_none()) {
             inner
                 .counters
                 .backpressure_waits
                 .fetch_add(1, Ordering::Relaxed);
-            match tokio::time::timeout(inner.config.publish_timeout, queue.sender.send(delivery))
-                .await
-            {
-                Ok(Ok(())) => delivered += 1,
-                Ok(Err(async_channel::SendError(delivery))) => delivery.discard(),
-                Err(_) => {
-                    return Err(Error::Timeout {
-                        operation: format!(
-                            "room in the full queue of {} (capacity {}): its consumer is not keeping up",
-                            queue.name, inner.config.queue_capacity
-                        ),
-                        after: inner.config.publish_timeout,
-                    });
+            let wait = inner.config.publish_timeout;
+            let deadline = tokio::time::Instant::now() + wait;
+            for (queue, permit) in targets.iter_mut().filter(|(_, permit)| permit.is_none()) {
+                match tokio::time::timeout_at(deadline, queue.room.clone().acquire_owned()).await {
+                    Ok(Ok(acquired)) => *permit = Some(acquired),
+                    // The queue closed meanwhile: it is skipped.
+                    Ok(Err(_)) => {}
+                    Err(_) => return Err(queue.full_error(wait)),
                 }
+            }
+        }
+        let last = targets.iter().rposition(|(_, permit)| permit.is_some());
+        let mut envelope = Some(envelope);
+        let mut delivered = 0usize;
+        for (index, (queue, permit)) in targets.into_iter().enumerate() {
+            let Some(permit) = permit else { continue };
+            let copy = if Some(index) == last {
+                envelope.take()
+            } else {
+                envelope.clone()
+            }
+            .expect("the envelope is moved into the last target only");
+            match queue.sender.try_send(queue.delivery(copy, permit)) {
+                Ok(()) => delivered += 1,
+                // Closed between routing and sending: it was never delivered there.
+                Err(error) => error.into_inner().discard(),
             }
         }
         inner
@@ -335,25 +443,29 @@ impl MemoryRouter {
             return Err(Self::closed_error());
         }
         let capacity = inner.config.queue_capacity.max(options.prefetch);
-        let make_queue = |name: String| {
-            let (sender, receiver) = async_channel::bounded(capacity);
+        let make_queue = |name: String, group: Option<String>| {
+            let (sender, receiver) = async_channel::unbounded();
             Arc::new(Queue {
                 id: inner.next_id.fetch_add(1, Ordering::Relaxed),
                 name,
+                group,
+                capacity,
                 patterns: RwLock::new(options.patterns.clone()),
                 sender,
                 receiver,
+                room: Arc::new(Semaphore::new(capacity)),
+                members: AtomicUsize::new(0),
                 router: Arc::downgrade(&self.inner),
             })
         };
         let (stop_sender, stop_receiver) = async_channel::bounded(1);
         let mut routes = inner.routes.write().expect("routes lock");
-        let (queue, group) = match &options.distribution {
+        let queue = match &options.distribution {
             Distribution::Group(name) => {
                 let queue = routes
                     .groups
                     .entry(name.clone())
-                    .or_insert_with(|| make_queue(format!("group '{name}'")))
+                    .or_insert_with(|| make_queue(format!("group '{name}'"), Some(name.clone())))
                     .clone();
                 let mut patterns = queue.patterns.write().expect("queue patterns lock");
                 for pattern in &options.patterns {
@@ -362,22 +474,27 @@ impl MemoryRouter {
                     }
                 }
                 drop(patterns);
-                (queue, true)
+                queue
             }
             _ => {
                 let patterns: Vec<String> =
                     options.patterns.iter().map(ToString::to_string).collect();
-                let queue = make_queue(format!("fan-out subscription on {}", patterns.join(", ")));
+                let queue = make_queue(
+                    format!("fan-out subscription on {}", patterns.join(", ")),
+                    None,
+                );
                 routes.fan_outs.push(queue.clone());
-                (queue, false)
+                queue
             }
         };
+        queue.members.fetch_add(1, Ordering::AcqRel);
         drop(routes);
+        let group = queue.group.is_some();
         let control = Arc::new(MemoryControl {
             router: Arc::downgrade(&self.inner),
             queue: queue.clone(),
-            group,
             stop: stop_sender,
+            closed: AtomicBool::new(false),
         });
         let subscription = Subscription::new(queue.receiver.clone(), control, &options);
         // A fan-out queue is this subscription's own: closing it lets its buffer drain, then ends the
@@ -435,8 +552,13 @@ impl Router for MemoryRouter {
             .fan_outs
             .iter()
             .chain(routes.groups.values())
-            .map(|q| q.sender.len())
+            .map(|q| q.receiver.len())
             .sum();
+        let idle_groups = routes
+            .groups
+            .values()
+            .filter(|q| q.members.load(Ordering::Acquire) == 0)
+            .count();
         let health = Health::new(
             "memory",
             if closed {
@@ -455,6 +577,7 @@ impl Router for MemoryRouter {
         .counter("queued", queued as u64)
         .counter("subscriptions", routes.fan_outs.len() as u64)
         .counter("groups", routes.groups.len() as u64)
+        .counter("groups_without_members", idle_groups as u64)
         .detail(if closed { "closed" } else { "ok" });
         Box::pin(async move { health })
     }
@@ -463,8 +586,13 @@ impl Router for MemoryRouter {
         Box::pin(async move {
             self.inner.closed.store(true, Ordering::Release);
             let routes = std::mem::take(&mut *self.inner.routes.write().expect("routes lock"));
-            for queue in routes.fan_outs.iter().chain(routes.groups.values()) {
-                queue.sender.close();
+            for queue in &routes.fan_outs {
+                // Subscribers read what they have buffered, then their streams end.
+                queue.close();
+            }
+            for queue in routes.groups.values() {
+                queue.close();
+                queue.drain_lost("the router closed");
             }
             Ok(())
         })

@@ -167,7 +167,8 @@ pub struct SubscribeOptions {
     /// Fan-out or a group.
     pub distribution: Distribution,
     /// How many deliveries may wait unsettled in the subscription (the broker prefetch, or the local
-    /// buffer). The backend stops reading when it is full: that is the backpressure.
+    /// buffer). The backend stops reading when it is full: that is the backpressure. (The in-memory
+    /// router bounds each queue by its `queue_capacity`, or by this when it is larger.)
     pub prefetch: usize,
 }
 
@@ -333,7 +334,10 @@ impl Delivery {
     pub async fn nack(mut self, action: NackAction) -> Result<()> {
         let (envelope, handle) = self.take();
         let envelope = match action {
-            NackAction::Retry { .. } => envelope.next_attempt(),
+            NackAction::Retry { .. } => {
+                let next = envelope.attempt().saturating_add(1);
+                envelope.with_attempt(next)
+            }
             _ => envelope,
         };
         handle.nack(envelope, action).await

@@ -103,7 +103,10 @@ pub struct AgentOptions {
     /// listens to one session), so that instances of one agent share the work and different agents each
     /// get every message.
     pub distribution: Option<Distribution>,
-    /// How many messages are handled at once. Messages of one session are always handled in order.
+    /// How many messages are handled at once. Messages of one session are always handled in order: each
+    /// session is served by one worker, so a message waits while its session's worker is busy and, when
+    /// that worker's queue is full, the agent stops taking new messages until it has room (the
+    /// backpressure reaches the broker).
     pub concurrency: usize,
     /// How many deliveries may wait unsettled.
     pub prefetch: usize,
@@ -304,16 +307,16 @@ impl Runtime {
                         .into(),
             });
         }
-        if let Some((index, class)) = A::RECEIVES
+        let duplicate = A::RECEIVES
             .iter()
             .enumerate()
-            .find(|(index, class)| A::RECEIVES[..*index].contains(class))
-        {
-            let _ = index;
+            .find_map(|(index, class)| A::RECEIVES[..index].contains(class).then_some(*class));
+        if let Some(class) = duplicate {
             return Err(Error::InvalidAgent {
                 agent: A::NAME.to_string(),
                 reason: format!(
-                    "two received types have the class name '{class}', so a delivery could not be told apart;                      give one of them another name with #[message(name = \"...\")]"
+                    "two received types have the class name '{class}', so a delivery could not be told \
+                     apart; give one of them another name with #[message(name = \"...\")]"
                 ),
             });
         }
@@ -368,6 +371,7 @@ impl Runtime {
                 closer,
                 phase: phase_sender,
                 task: tokio::sync::Mutex::new(Some(task)),
+                done: watch::Sender::new(None),
             }),
         };
         self.inner
@@ -500,6 +504,12 @@ pub struct AgentHealth {
     pub rejected: u64,
     /// Acknowledgements that failed (the broker may deliver those messages again).
     pub ack_failures: u64,
+    /// Nacks that failed: retries that could not be scheduled. On a backend that is not persistent
+    /// those messages are lost.
+    pub nack_failures: u64,
+    /// Deliveries that were retries (attempt above 1). `retried - retries_received` is how many
+    /// scheduled retries have not come back yet.
+    pub retries_received: u64,
     /// Handlers running now.
     pub in_flight: u64,
 }
@@ -515,6 +525,8 @@ struct AgentStats {
     dead_letters_unkept: AtomicU64,
     rejected: AtomicU64,
     ack_failures: AtomicU64,
+    nack_failures: AtomicU64,
+    retries_received: AtomicU64,
     in_flight: AtomicU64,
     state: AtomicU8,
     ended_on_its_own: std::sync::atomic::AtomicBool,
@@ -539,6 +551,8 @@ struct AgentHandleInner {
     closer: SubscriptionCloser,
     phase: watch::Sender<Phase>,
     task: tokio::sync::Mutex<Option<JoinHandle<ShutdownReport>>>,
+    /// The report of the stop, once it is done, for every caller of `stop`.
+    done: watch::Sender<Option<ShutdownReport>>,
 }
 
 impl fmt::Debug for AgentHandle {
@@ -593,6 +607,8 @@ impl AgentHandle {
             dead_letters_unkept: load(&stats.dead_letters_unkept),
             rejected: load(&stats.rejected),
             ack_failures: load(&stats.ack_failures),
+            nack_failures: load(&stats.nack_failures),
+            retries_received: load(&stats.retries_received),
             in_flight: load(&stats.in_flight),
         }
     }
@@ -603,14 +619,24 @@ impl AgentHandle {
     pub async fn stop(&self, deadline: Duration) -> ShutdownReport {
         let inner = &self.inner;
         let Some(task) = inner.task.lock().await.take() else {
-            return ShutdownReport::default();
+            // Another stop is under way or done: wait for its report rather than return early.
+            let mut done = inner.done.subscribe();
+            let report = done.wait_for(Option::is_some).await.map(|report| *report);
+            return report.ok().flatten().unwrap_or_default();
         };
         inner.stats.state.store(STATE_STOPPING, Ordering::Release);
         let until = Instant::now() + deadline;
         let _ = inner.phase.send(Phase::Draining { until });
         tracing::info!(agent = inner.name, deadline = ?deadline, "agent stopping");
-        if let Err(error) = inner.closer.close().await {
-            tracing::warn!(agent = inner.name, error = %error, "could not close the subscription cleanly");
+        match tokio::time::timeout_at(until, inner.closer.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(agent = inner.name, error = %error, "could not close the subscription cleanly")
+            }
+            Err(_) => tracing::warn!(
+                agent = inner.name,
+                "closing the subscription did not finish before the deadline; the agent stops anyway"
+            ),
         }
         // The task itself stops at the deadline; the margin covers settling what it still holds.
         let abort = task.abort_handle();
@@ -640,6 +666,7 @@ impl AgentHandle {
             aborted = report.aborted,
             "agent stopped"
         );
+        inner.done.send_replace(Some(report));
         report
     }
 }
@@ -704,7 +731,7 @@ async fn run<A: Agent>(
         shared.stats.ended_on_its_own.store(true, Ordering::Release);
         tracing::error!(
             agent = A::NAME,
-            "the agent's subscription ended without a stop (the router was closed); the agent no longer receives"
+            "the agent's subscription ended without a stop (the router was closed, or a worker failed); the agent no longer receives"
         );
     }
     report
@@ -780,7 +807,15 @@ async fn run_workers<A: Agent>(
             }
             sent = senders[worker].send(delivery) => sent,
         };
-        if sent.is_err() {
+        if let Err(unsent) = sent {
+            // The worker is gone (its task failed): the delivery goes back to the backend.
+            drop(unsent.0);
+            report.requeued += 1;
+            tracing::error!(
+                agent = A::NAME,
+                worker,
+                "an agent worker stopped unexpectedly; the agent stops taking messages"
+            );
             break;
         }
     }
@@ -872,6 +907,9 @@ impl<A: Agent> AgentShared<A> {
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&stats.in_flight);
         let envelope = delivery.envelope();
+        if envelope.attempt() > 1 {
+            bump(&stats.retries_received);
+        }
         let span = tracing::info_span!(
             "message",
             message_id = %envelope.id(),
@@ -962,6 +1000,7 @@ impl<A: Agent> AgentShared<A> {
                 "handler failed; retrying"
             );
             if let Err(nack_error) = delivery.nack(NackAction::Retry { delay }).await {
+                bump(&stats.nack_failures);
                 tracing::error!(error = %nack_error, "could not schedule the retry; the broker keeps the message only if it is persistent");
             }
         } else {
@@ -1008,7 +1047,8 @@ impl<A: Agent> AgentShared<A> {
                 let delay = self.options.backoff.delay(delivery.envelope().attempt());
                 tracing::error!(error = %publish_error, retry_in_ms = delay.as_millis() as u64, "could not publish the dead letter; the message is given back");
                 if let Err(error) = delivery.nack(NackAction::Retry { delay }).await {
-                    tracing::error!(error = %error, "could not give the message back either");
+                    bump(&self.stats.nack_failures);
+                    tracing::error!(error = %error, "could not give the message back either; the broker keeps it only if it is persistent");
                 }
             }
         }

@@ -282,6 +282,83 @@ async fn a_request_nobody_receives_fails_at_once_and_a_silent_agent_times_out() 
 }
 
 #[tokio::test]
+async fn a_request_is_told_at_once_when_its_inbox_closes_and_never_leaks_its_registration() {
+    let router = MemoryRouter::new();
+    let runtime = Runtime::new(router.clone());
+    // Something receives the requests but never answers.
+    let _silent = runtime
+        .router()
+        .subscribe(SubscribeOptions::new(PaymentRequest::pattern()))
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    let request = || PaymentRequest {
+        amount: 1.0,
+        user_id: "u".into(),
+    };
+
+    // Cancelled by the caller: nothing stays registered.
+    let cancelled = timeout(
+        Duration::from_millis(50),
+        client.request_timeout::<PaymentRequest, PaymentResponse>("s1", request(), WAIT),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the caller gave up first");
+    assert_eq!(runtime.bus().pending_requests(), 0);
+
+    // The router closes while a request waits: it fails at once with Closed, not after its timeout.
+    let started = tokio::time::Instant::now();
+    let (answer, ()) = tokio::join!(
+        client.request_timeout::<PaymentRequest, PaymentResponse>(
+            "s1",
+            request(),
+            Duration::from_secs(30)
+        ),
+        async {
+            wait_until("the request is waiting", || {
+                runtime.bus().pending_requests() == 1
+            })
+            .await;
+            router.close().await.unwrap();
+        }
+    );
+    let error = answer.unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error:?}");
+    assert!(
+        started.elapsed() < WAIT,
+        "told within {:?}",
+        started.elapsed()
+    );
+    assert_eq!(runtime.bus().pending_requests(), 0);
+}
+
+#[tokio::test]
+async fn stopping_twice_waits_for_the_first_stop_and_gives_its_report() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (worker, mut attempts) = Worker::new();
+    let agent = runtime.spawn(worker).await.unwrap();
+    runtime
+        .publisher::<Client>()
+        .publish(
+            "s1",
+            Job {
+                id: 1,
+                behaviour: Behaviour::Sleep(300),
+            },
+        )
+        .await
+        .unwrap();
+    recv(&mut attempts).await;
+    let (first, second) = tokio::join!(agent.stop(WAIT), async {
+        tokio::task::yield_now().await;
+        agent.stop(WAIT).await
+    });
+    assert_eq!(first.handled, 1, "{first:?}");
+    assert_eq!(second, first, "the second caller waited for the same stop");
+    assert_eq!(agent.health().state, AgentState::Stopped);
+}
+
+#[tokio::test]
 async fn failures_are_retried_with_backoff_then_succeed() {
     let runtime = Runtime::new(MemoryRouter::new());
     let (worker, mut attempts) = Worker::new();

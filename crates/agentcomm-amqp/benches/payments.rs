@@ -3,7 +3,7 @@
 //! publishes in flight, alternating the two in every round on the same broker.
 //!
 //! `cargo bench -p agentcomm-amqp --bench payments` (RABBITMQ_URL, default amqp://guest:guest@127.0.0.1:5672/%2f).
-//! AGENTCOMM_BENCH_FACTOR=<n> multiplies the message counts; AGENTCOMM_BENCH_ROUNDS sets the rounds (3).
+//! AGENTCOMM_BENCH_FACTOR=<n> multiplies the message counts; AGENTCOMM_BENCH_ROUNDS sets the rounds (7).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -50,7 +50,8 @@ pub struct DeadLetterSettings {
     /// something else subscribes to them (the runtime then reports them as not kept).
     pub keep: bool,
     /// Quorum queues only: deliveries of one message before RabbitMQ dead-letters it
-    /// (`x-delivery-limit`); `None` leaves RabbitMQ's default.
+    /// (`x-delivery-limit`); `None` leaves RabbitMQ's default. Set with classic queues, `connect`
+    /// fails with [`Error::Config`](agentcomm_core::Error::Config).
     pub delivery_limit: Option<u32>,
 }
 
@@ -123,6 +124,10 @@ impl fmt::Debug for AmqpRouterBuilder {
 /// The exchange used when none is set.
 pub const DEFAULT_EXCHANGE: &str = "agentcomm";
 
+/// The longest connection name: each of the router's two connections appends its role to it, and
+/// the result must fit an AMQP short string.
+const MAX_CONNECTION_NAME_LEN: usize = 240;
+
 impl AmqpRouterBuilder {
     /// A builder for the broker at `url` with the defaults: exchange `agentcomm`, classic queues,
     /// confirms within 15 s, publishes waiting up to 30 s through an outage, reconnects from 100 ms
@@ -166,8 +171,11 @@ impl AmqpRouterBuilder {
     }
 
     /// The prefetch of subscriptions that keep the default
-    /// ([`SubscribeOptions::DEFAULT_PREFETCH`](agentcomm_core::router::SubscribeOptions::DEFAULT_PREFETCH));
-    /// a subscription asking for another value gets that value. From 1 to 65535.
+    /// ([`SubscribeOptions::DEFAULT_PREFETCH`](agentcomm_core::router::SubscribeOptions::DEFAULT_PREFETCH),
+    /// 256); a subscription asking for another value gets that value. From 1 to 65535.
+    ///
+    /// `SubscribeOptions` cannot tell an explicit 256 from the default, so a subscription asking for
+    /// exactly 256 also gets this value.
     pub fn prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = Some(prefetch.max(1));
         self
@@ -212,8 +220,10 @@ impl AmqpRouterBuilder {
         self
     }
 
-    /// The AMQP heartbeat (default: the URL's `heartbeat`, else 20 s; at least 2 s). A connection that
-    /// stays silent for two heartbeats is taken as lost.
+    /// The AMQP heartbeat (default: the URL's `heartbeat`, else 20 s), in whole seconds. A connection
+    /// that stays silent for two heartbeats is taken as lost. At least 2 s: a smaller value, including
+    /// 0 (which AMQP reads as "no heartbeats"), is raised to 2 s with a warning, since without
+    /// heartbeats a silent broker would go unnoticed.
     pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
         self.heartbeat = Some(heartbeat);
         self
@@ -250,7 +260,8 @@ impl AmqpRouterBuilder {
         self
     }
 
-    /// Quorum queues only: how many deliveries of one message before RabbitMQ dead-letters it.
+    /// How many deliveries of one message before RabbitMQ dead-letters it (`x-delivery-limit`).
+    /// Quorum queues only: with classic queues (the default `queue_type`), `connect` refuses it.
     pub fn delivery_limit(mut self, limit: u32) -> Self {
         self.dead_letters.delivery_limit = Some(limit);
         self
@@ -263,7 +274,8 @@ impl AmqpRouterBuilder {
         self
     }
 
-    /// The connection name shown in the RabbitMQ management UI (default `agentcomm-<pid>`).
+    /// The name shown in the RabbitMQ management UI (default `agentcomm-<pid>`; at most 240 bytes):
+    /// the router's two connections show it followed by ` (publishing)` and ` (consuming)`.
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = Some(name.into());
         self
@@ -311,13 +323,42 @@ impl AmqpRouterBuilder {
                 Ok(value)
             }
         };
-        let heartbeat = self
+        let asked = self
             .heartbeat
             .map(|d| d.as_secs())
             .or(url.heartbeat.map(u64::from))
-            .unwrap_or(20)
-            // amqprs sends heartbeats every heartbeat/2 whole seconds: below 2 it would spin.
-            .clamp(2, u64::from(u16::MAX)) as u16;
+            .unwrap_or(20);
+        // amqprs sends heartbeats every heartbeat/2 whole seconds: below 2 it would spin. And 0, which
+        // AMQP reads as "no heartbeats", would leave a silent broker unnoticed for ever.
+        let heartbeat = asked.clamp(2, u64::from(u16::MAX)) as u16;
+        if asked < 2 {
+            tracing::warn!(
+                asked,
+                used = heartbeat,
+                "a RabbitMQ heartbeat below 2 s (0 = none) is not supported: using 2 s, so that a dead connection is noticed"
+            );
+        }
+        if let Some(limit) = self.dead_letters.delivery_limit
+            && self.queue_type != QueueType::Quorum
+        {
+            return Err(Error::Config {
+                variable: "delivery_limit".into(),
+                value: limit.to_string(),
+                expected: "RabbitMQ applies x-delivery-limit only to quorum queues: use queue_type(QueueType::Quorum), or remove the limit for classic queues".into(),
+            });
+        }
+        let connection_name = self
+            .connection_name
+            .unwrap_or_else(|| format!("agentcomm-{}", std::process::id()));
+        if connection_name.len() > MAX_CONNECTION_NAME_LEN {
+            return Err(Error::Config {
+                variable: "connection_name".into(),
+                value: connection_name,
+                expected: format!(
+                    "at most {MAX_CONNECTION_NAME_LEN} bytes (AMQP short string, with ' (publishing)' or ' (consuming)' appended)"
+                ),
+            });
+        }
         Ok(Settings {
             connect_timeout: positive(
                 "connect_timeout",
@@ -339,9 +380,7 @@ impl AmqpRouterBuilder {
             dead_letter_queue: self.dead_letters.keep.then_some(dead_letter_queue),
             delivery_limit: self.dead_letters.delivery_limit,
             fan_out_expiry: positive("fan_out_expiry", self.fan_out_expiry)?,
-            connection_name: self
-                .connection_name
-                .unwrap_or_else(|| format!("agentcomm-{}", std::process::id())),
+            connection_name,
         })
     }
 }
@@ -397,10 +436,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.starts_with("confirm_timeout="), "{error}");
-        let settings = AmqpRouterBuilder::new("amqp://u:pw@h/?heartbeat=1")
+        for url in ["amqp://u:pw@h/?heartbeat=1", "amqp://u:pw@h/?heartbeat=0"] {
+            let settings = AmqpRouterBuilder::new(url).settings().unwrap();
+            assert_eq!(settings.heartbeat, 2, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_delivery_limit_needs_quorum_queues() {
+        let error = AmqpRouterBuilder::new("amqp://u:pw@h")
+            .delivery_limit(5)
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("delivery_limit='5'"), "{error}");
+        assert!(error.contains("only to quorum queues"), "{error}");
+        let settings = AmqpRouterBuilder::new("amqp://u:pw@h")
+            .queue_type(QueueType::Quorum)
+            .delivery_limit(5)
             .settings()
             .unwrap();
-        assert_eq!(settings.heartbeat, 2);
+        assert_eq!(settings.delivery_limit, Some(5));
+    }
+
+    #[test]
+    fn connection_names_must_fit_amqp() {
+        let error = AmqpRouterBuilder::new("amqp://u:pw@h")
+            .connection_name("n".repeat(241))
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("at most 240 bytes"), "{error}");
+        assert!(
+            AmqpRouterBuilder::new("amqp://u:pw@h")
+                .connection_name("n".repeat(240))
+                .settings()
+                .is_ok()
+        );
     }
 
     #[test]

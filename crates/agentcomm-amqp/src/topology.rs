@@ -93,7 +93,7 @@ pub fn unescape_component(escaped: &str) -> Option<String> {
 fn check_key_len(key: String, what: &str, source: &str) -> Result<String> {
     if key.len() > MAX_NAME_LEN {
         return Err(Error::Backend {
-            backend: "rabbitmq",
+            backend: crate::link::BACKEND,
             message: format!(
                 "the {what} of '{source}' would be {} bytes once escaped, more than the {MAX_NAME_LEN} AMQP allows \
                  (each '.', '#' or '%' in a component takes 3 bytes, components may be {MAX_COMPONENT_LEN} bytes); \

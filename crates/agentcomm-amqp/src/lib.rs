@@ -460,7 +460,7 @@ impl AmqpRouter {
         inner.stop.send_replace(true);
         let publisher = inner.publisher.lock().expect("publisher lock").take();
         if let Some(publisher) = publisher {
-            publisher.close(settings.operation_timeout).await;
+            publisher.close(inner).await;
         }
         if let Some(op) = inner.topology.lock().await.take() {
             inner.close_channel(op.channel).await;

@@ -518,9 +518,13 @@ impl Inner {
     /// Closes `channel`, waiting at most the operation timeout. A channel the broker already closed
     /// (or whose connection is gone) is left as it is.
     pub(crate) async fn close_channel(&self, channel: Channel) {
-        let why = match tokio::time::timeout(self.settings.operation_timeout, channel.close()).await
-        {
-            Ok(Ok(())) => return,
+        // The handshake runs to its end in a task of its own: amqprs's dispatcher panics on a
+        // close-ok whose waiter was dropped, so a slow close is left to finish (or to end with its
+        // connection) instead of being cancelled.
+        let closing = tokio::spawn(channel.close());
+        let why = match tokio::time::timeout(self.settings.operation_timeout, closing).await {
+            Ok(Ok(Ok(()))) => return,
+            Ok(Ok(Err(error))) => error.to_string(),
             Ok(Err(error)) => error.to_string(),
             Err(_) => format!("no answer within {:?}", self.settings.operation_timeout),
         };

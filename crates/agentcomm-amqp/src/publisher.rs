@@ -410,10 +410,10 @@ impl Publisher {
         }
     }
 
-    /// Closes the channel (bounded).
-    pub(crate) async fn close(&self, timeout: Duration) {
+    /// Fails what still waits for a confirm and closes the channel (bounded).
+    pub(crate) async fn close(&self, inner: &Inner) {
         self.confirms.fail_all("the router closed");
-        let _ = tokio::time::timeout(timeout, self.channel.clone().close()).await;
+        inner.close_channel(self.channel.clone()).await;
     }
 }
 

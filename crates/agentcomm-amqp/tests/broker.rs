@@ -254,7 +254,7 @@ async fn group_members_compete_and_every_group_gets_everything() {
             while let Some(delivery) = member.try_next() {
                 *seen.entry(number(delivery.envelope())).or_default() += 1;
                 per_member[index] += 1;
-                delivery.ack().await.unwrap();
+                within("ack", delivery.ack()).await.unwrap();
             }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -356,6 +356,55 @@ async fn nacked_and_abandoned_deliveries_come_back() {
     let health = within("health", router.health()).await;
     assert_eq!(health.get("requeued"), 2, "{health:?}");
     assert_eq!(health.get("abandoned"), 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscription_gives_back_what_it_buffered_at_once() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-dropped");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
+    // A close timeout far above the bound asserted below: the buffer must not wait for it.
+    let router = within(
+        "connect",
+        builder(&exchange)
+            .close_timeout(Duration::from_secs(15))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let options = SubscribeOptions::new(pattern("Ping:*:*"))
+        .group("g")
+        .prefetch(10);
+    let mut first = within("subscribe", router.subscribe(options.clone()))
+        .await
+        .unwrap();
+    for n in 0..5 {
+        within("publish", router.publish(envelope("Ping:event:s1", n)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(take(&mut first, 1).await, [0]);
+    let deadline = Instant::now() + STEP;
+    while first.buffered() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(first.buffered(), 4, "the rest waits in the buffer");
+    let dropped_at = Instant::now();
+    drop(first);
+    let mut second = within("subscribe", router.subscribe(options))
+        .await
+        .unwrap();
+    assert_eq!(take(&mut second, 4).await, [1, 2, 3, 4]);
+    let waited = dropped_at.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "the buffered messages came back after {waited:?}: nobody can read them once the subscription is dropped"
+    );
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("acked"), 5, "{health:?}");
     within("close", router.close()).await.unwrap();
 }
 

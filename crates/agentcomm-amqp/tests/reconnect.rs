@@ -11,12 +11,12 @@ use std::time::Duration;
 use agentcomm_amqp::{AmqpRouter, topology};
 use agentcomm_core::backoff::Backoff;
 use agentcomm_core::envelope::{Envelope, MessageId};
-use agentcomm_core::router::{PublishOutcome, Router, SubscribeOptions};
+use agentcomm_core::router::{NackAction, PublishOutcome, Router, SubscribeOptions};
 use agentcomm_core::{ChannelPattern, Error, parse_channel};
 use agentcomm_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
 
-use common::{Cleanup, Raw, STEP, broker_address, broker_available, unique, within};
+use common::{Cleanup, Raw, STEP, broker_address, broker_available, builder, unique, within};
 
 fn soak() -> usize {
     std::env::var("AGENTCOMM_SOAK")
@@ -368,6 +368,11 @@ async fn a_delivery_from_a_lost_channel_is_never_settled_on_the_new_one() {
     let exchange = unique("t-stale");
     let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "stale")]);
     let router = proxied_router(&proxy, &exchange).await;
+    assert_eq!(
+        proxy.stats().live,
+        2,
+        "one connection publishes, the other consumes (a blocked publisher must not hold acks back)"
+    );
     let mut subscription = within(
         "subscribe",
         router.subscribe(
@@ -481,4 +486,244 @@ async fn a_silent_broker_is_a_confirm_timeout_then_a_reconnect() {
     let health = within("health", router.health()).await;
     assert_eq!(health.get("confirm_timeouts"), 1, "{health:?}");
     within("close", router.close()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_after_a_slow_retry_never_goes_to_a_replaced_channel() {
+    use amqprs::channel::QueueDeleteArguments;
+
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-late-ack");
+    let queue = topology::group_queue(&exchange, "late");
+    let retry_delay = Duration::from_secs(2);
+    let _cleanup = Cleanup::new(
+        &exchange,
+        &[
+            queue.clone(),
+            topology::retry_queue(&queue, topology::retry_bucket_ms(retry_delay)),
+        ],
+    );
+    let router = proxied_router(&proxy, &exchange).await;
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap())
+                .group("late")
+                .prefetch(10),
+        ),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", subscription.next()).await.unwrap();
+    // Every exchange with the broker now takes 300 ms more: the retry below (declaring its queue,
+    // then a confirmed publish) takes over 600 ms after its delivery was checked.
+    proxy.set_latency(Duration::from_millis(150));
+    // Meanwhile an operator deletes the group queue: RabbitMQ cancels the consumer, whose channel
+    // is closed and replaced while the retry is under way.
+    let raw = Raw::open().await;
+    within(
+        "deleting the queue",
+        raw.channel.queue_delete(QueueDeleteArguments::new(&queue)),
+    )
+    .await
+    .unwrap();
+    let error = within(
+        "the retry",
+        delivery.nack(NackAction::Retry { delay: retry_delay }),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("the original could not be acknowledged"),
+        "{error}"
+    );
+    proxy.set_latency(Duration::ZERO);
+    wait_until("the consumer to be restored", async || {
+        router.health().await.get("consumers_restored") >= 1
+    })
+    .await;
+    // The retry comes back once the restored consumer declared the queue again.
+    let retried = within("the retry", subscription.next()).await.unwrap();
+    assert_eq!(retried.envelope().attempt(), 2);
+    within("ack", retried.ack()).await.unwrap();
+    // An ack sent on the closed channel would have made RabbitMQ close the connection (504
+    // CHANNEL_ERROR), or the new channel (406, unknown delivery tag).
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("connection_losses"), 0, "{health:?}");
+    assert_eq!(health.get("consumer_failures"), 0, "{health:?}");
+    assert_eq!(health.get("consumers_restored"), 1, "{health:?}");
+    assert_eq!(health.get("stale"), 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
+    raw.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_subscription_ends_its_stream_even_when_the_broker_stops_answering() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-mute");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "mute")]);
+    // Heartbeats far apart: the silence below is not noticed as a lost connection during the test,
+    // so only close itself can end the stream.
+    let router = within(
+        "connect",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .heartbeat(Duration::from_secs(60))
+            .operation_timeout(Duration::from_millis(500))
+            .close_timeout(Duration::from_secs(2))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap()).group("mute"),
+        ),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", subscription.next()).await.unwrap();
+    within("ack", delivery.ack()).await.unwrap();
+    proxy.blackhole(true);
+    let started = Instant::now();
+    within("close", subscription.close()).await.unwrap();
+    assert!(
+        within("the end of the stream", subscription.next())
+            .await
+            .is_none()
+    );
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the stream ended after {took:?}"
+    );
+    proxy.blackhole(false);
+    within("close", router.close()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_lets_handlers_reply_and_settle_and_waits_for_confirms() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-close-drain");
+    let queue = topology::group_queue(&exchange, "server");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    let router = proxied_router(&proxy, &exchange).await;
+    fn pong(n: u64) -> Envelope {
+        Envelope::new(
+            parse_channel("Pong:reply:s1").expect("channel"),
+            "application/json",
+            format!(r#"{{"n":{n}}}"#).into_bytes(),
+        )
+    }
+    // The replies are read through another router, straight to the broker.
+    let listener = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut replies = within(
+        "subscribe",
+        listener.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Pong:*:*").unwrap(),
+        )),
+    )
+    .await
+    .unwrap();
+    let mut requests = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap()).group("server"),
+        ),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    let request = within("a request", requests.next()).await.unwrap();
+
+    // Confirms now take at least 600 ms: health counts the publishes waiting for theirs.
+    proxy.set_latency(Duration::from_millis(300));
+    let batch = |from: u64| (from..from + 50).map(pong).collect::<Vec<Envelope>>();
+    let first = tokio::spawn({
+        let router = router.clone();
+        async move { router.publish_batch(batch(100)).await }
+    });
+    let samples = futures::future::join_all((0..10u64).map(|i| {
+        let router = router.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(40 * i)).await;
+            router.health().await.get("unconfirmed")
+        }
+    }))
+    .await;
+    assert!(
+        samples.iter().any(|unconfirmed| *unconfirmed > 0),
+        "health never counted a publish waiting for its confirm: {samples:?}"
+    );
+    for result in within("the first batch", first).await.unwrap() {
+        assert_eq!(result.unwrap(), PublishOutcome::Accepted);
+    }
+
+    // Close while publishes wait for their confirm and a handler holds a request.
+    let second = tokio::spawn({
+        let router = router.clone();
+        async move { router.publish_batch(batch(200)).await }
+    });
+    let closing = tokio::spawn({
+        let router = router.clone();
+        async move { router.close().await }
+    });
+    wait_until("close to stop the subscriptions", async || {
+        router.health().await.get("subscriptions") == 0
+    })
+    .await;
+    // The handler finishes during the drain: its reply goes out, its ack lands.
+    let outcome = within("the reply during close", router.publish(pong(1)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Accepted);
+    within("the ack during close", request.ack()).await.unwrap();
+    within("close", closing).await.unwrap().unwrap();
+    // Everything published before close was confirmed, none failed.
+    for result in within("the second batch", second).await.unwrap() {
+        assert_eq!(result.unwrap(), PublishOutcome::Accepted);
+    }
+    let error = within("a publish after close", router.publish(pong(2)))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error}");
+    let mut numbers = Vec::new();
+    while numbers.len() < 101 {
+        let delivery = within("a reply", replies.next()).await.unwrap();
+        numbers.push(delivery.envelope().payload().to_vec());
+        within("ack", delivery.ack()).await.unwrap();
+    }
+    assert!(
+        numbers.contains(&br#"{"n":1}"#.to_vec()),
+        "the reply arrived"
+    );
+    let raw = Raw::open().await;
+    assert_eq!(
+        raw.count(&queue).await,
+        Some(0),
+        "the request was acknowledged, not given back"
+    );
+    within("close", listener.close()).await.unwrap();
+    raw.close().await;
 }

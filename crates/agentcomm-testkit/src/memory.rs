@@ -25,17 +25,22 @@
 //! # }
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
+use std::pin::Pin;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+
+use futures::Stream;
 
 use agentcomm_core::envelope::Envelope;
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::memory::{MemoryConfig, MemoryRouter};
 use agentcomm_core::router::{
-    BoxFuture, Capabilities, Health, HealthStatus, PublishOutcome, Router, SharedRouter,
-    SubscribeOptions, Subscription, SubscriptionCloser,
+    BoxFuture, Capabilities, Delivery, Health, HealthStatus, PublishOutcome, Router, SharedRouter,
+    SubscribeOptions, Subscription, SubscriptionCloser, SubscriptionControl,
 };
 
 use crate::conformance::ConformanceBackend;
@@ -44,7 +49,10 @@ use crate::conformance::ConformanceBackend;
 pub struct MemoryConnection {
     bus: MemoryRouter,
     closed: AtomicBool,
-    subscriptions: Mutex<Vec<SubscriptionCloser>>,
+    /// The open subscriptions made through this connection, so that `close()` can stop them. Each
+    /// leaves the map when it is closed or dropped, so subscribe/close loops do not grow it.
+    subscriptions: Arc<Mutex<HashMap<u64, SubscriptionCloser>>>,
+    next_subscription: AtomicU64,
 }
 
 impl MemoryConnection {
@@ -53,8 +61,14 @@ impl MemoryConnection {
         MemoryConnection {
             bus,
             closed: AtomicBool::new(false),
-            subscriptions: Mutex::new(Vec::new()),
+            subscriptions: Arc::default(),
+            next_subscription: AtomicU64::new(0),
         }
+    }
+
+    /// How many subscriptions made through this connection are open (neither closed nor dropped).
+    pub fn open_subscriptions(&self) -> usize {
+        self.subscriptions.lock().expect("connection lock").len()
     }
 
     /// The bus this connection is on.
@@ -64,13 +78,56 @@ impl MemoryConnection {
 
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
-            Err(Error::Closed {
-                what: "this in-memory connection",
-                hint: "it was closed; open another with MemoryConnection::new (the bus itself is still open)",
-            })
+            Err(closed_error())
         } else {
             Ok(())
         }
+    }
+}
+
+fn closed_error() -> Error {
+    Error::Closed {
+        what: "this in-memory connection",
+        hint: "it was closed; open another with MemoryConnection::new (the bus itself is still open)",
+    }
+}
+
+/// A subscription of the bus, seen through its connection: it reports how much it holds, and its
+/// closing (or dropping) takes it off the connection's list.
+struct ConnectionSubscription {
+    inner: Subscription,
+}
+
+impl Stream for ConnectionSubscription {
+    type Item = Delivery;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        Pin::new(&mut self.get_mut().inner).poll_next(cx)
+    }
+
+    /// What the bus subscription holds, so that `Subscription::buffered` stays exact.
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.inner.buffered(), None)
+    }
+}
+
+struct ConnectionControl {
+    id: u64,
+    closer: SubscriptionCloser,
+    subscriptions: Weak<Mutex<HashMap<u64, SubscriptionCloser>>>,
+}
+
+impl SubscriptionControl for ConnectionControl {
+    fn close(&self) -> BoxFuture<'static, Result<()>> {
+        // Taken off the list now, not when the future runs: `Subscription`'s drop may not await it.
+        if let Some(subscriptions) = self.subscriptions.upgrade() {
+            subscriptions
+                .lock()
+                .expect("connection lock")
+                .remove(&self.id);
+        }
+        let closer = self.closer.clone();
+        Box::pin(async move { closer.close().await })
     }
 }
 
@@ -108,17 +165,8 @@ impl Router for MemoryConnection {
         envelopes: Vec<Envelope>,
     ) -> BoxFuture<'_, Vec<Result<PublishOutcome>>> {
         Box::pin(async move {
-            if let Err(error) = self.check_open() {
-                let text = error.to_string();
-                return envelopes
-                    .iter()
-                    .map(|_| {
-                        Err(Error::Backend {
-                            backend: "memory",
-                            message: text.clone(),
-                        })
-                    })
-                    .collect();
+            if self.check_open().is_err() {
+                return envelopes.iter().map(|_| Err(closed_error())).collect();
             }
             self.bus.publish_batch(envelopes).await
         })
@@ -127,18 +175,29 @@ impl Router for MemoryConnection {
     fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
         Box::pin(async move {
             self.check_open()?;
-            let subscription = self.bus.subscribe(options).await?;
+            let subscription = self.bus.subscribe(options.clone()).await?;
+            let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
             {
                 let mut subscriptions = self.subscriptions.lock().expect("connection lock");
                 // Re-checked under the lock: a close that ran meanwhile must not miss this subscription.
                 if !self.closed.load(Ordering::Acquire) {
-                    subscriptions.push(subscription.closer());
-                    return Ok(subscription);
+                    subscriptions.insert(id, subscription.closer());
+                    let control = ConnectionControl {
+                        id,
+                        closer: subscription.closer(),
+                        subscriptions: Arc::downgrade(&self.subscriptions),
+                    };
+                    return Ok(Subscription::from_stream(
+                        ConnectionSubscription {
+                            inner: subscription,
+                        },
+                        Arc::new(control),
+                        &options,
+                    ));
                 }
             }
             subscription.close().await?;
-            self.check_open()?;
-            Ok(subscription)
+            Err(closed_error())
         })
     }
 
@@ -164,10 +223,14 @@ impl Router for MemoryConnection {
                 self.closed.store(true, Ordering::Release);
                 std::mem::take(&mut *subscriptions)
             };
-            for closer in closers {
-                closer.close().await?;
+            // Every subscription is stopped even when one fails to; the first failure is reported.
+            let mut first_error = None;
+            for (_, closer) in closers {
+                if let Err(error) = closer.close().await {
+                    first_error.get_or_insert(error);
+                }
             }
-            Ok(())
+            first_error.map_or(Ok(()), Err)
         })
     }
 }
@@ -305,6 +368,58 @@ mod tests {
             .expect("the other connection still receives");
         assert_eq!(delivery.envelope().session(), "s1");
         assert!(second.health().await.connected);
+    }
+
+    #[tokio::test]
+    async fn closed_and_dropped_subscriptions_leave_the_connection() {
+        let connection = MemoryConnection::new(MemoryRouter::new());
+        let pattern = ChannelPattern::parse("Ping:*:*").unwrap();
+        for round in 0..50 {
+            let subscription = connection
+                .subscribe(SubscribeOptions::new(pattern.clone()))
+                .await
+                .unwrap();
+            if round % 2 == 0 {
+                subscription.close().await.unwrap();
+            }
+            drop(subscription);
+        }
+        assert_eq!(connection.open_subscriptions(), 0);
+        let _kept = connection
+            .subscribe(SubscribeOptions::new(pattern))
+            .await
+            .unwrap();
+        assert_eq!(connection.open_subscriptions(), 1);
+        assert_eq!(connection.bus().health().await.get("subscriptions"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_subscription_through_a_connection_reports_what_it_buffers() {
+        let connection = MemoryConnection::new(MemoryRouter::new());
+        let mut subscription = connection
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:*:*").unwrap(),
+            ))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            connection.publish(ping("s1")).await.unwrap();
+        }
+        assert_eq!(subscription.buffered(), 3);
+        subscription.next().await.unwrap().ack().await.unwrap();
+        assert_eq!(subscription.buffered(), 2);
+        assert_eq!(subscription.description(), "fan-out on Ping:*:*");
+    }
+
+    #[tokio::test]
+    async fn a_batch_after_close_is_refused_as_closed() {
+        let connection = MemoryConnection::new(MemoryRouter::new());
+        connection.close().await.unwrap();
+        let results = connection.publish_batch(vec![ping("s1"), ping("s2")]).await;
+        assert_eq!(results.len(), 2);
+        for result in results {
+            assert!(matches!(result, Err(Error::Closed { .. })), "{result:?}");
+        }
     }
 
     /// Regression: the in-memory router ended a closed fan-out subscription's stream at once, dropping

@@ -62,7 +62,7 @@ use agentcomm_core::bus::Bus;
 use agentcomm_core::channel::{Channel, ChannelPattern, DEAD_LETTER_CLASS, REPLY_DIRECTION};
 use agentcomm_core::codec::Codec;
 use agentcomm_core::envelope::{Envelope, MessageId, headers};
-use agentcomm_core::error::Result;
+use agentcomm_core::error::{Error, Result};
 use agentcomm_core::memory::MemoryRouter;
 use agentcomm_core::message::Message;
 use agentcomm_core::router::{BoxFuture, Router, SharedRouter, SubscribeOptions, Subscription};
@@ -70,6 +70,10 @@ use agentcomm_core::runtime::{AgentHandle, AgentOptions, Runtime, ShutdownReport
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+mod activity;
+
+use activity::{Activity, Busy, TrackedRouter};
 
 /// How long an expectation waits unless told otherwise ([`HarnessBuilder::timeout`]).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -170,7 +174,11 @@ impl HarnessBuilder {
             Some(router) => router,
             None => Arc::new(MemoryRouter::new()),
         };
-        let runtime = Runtime::builder_shared(router)
+        // The runtime runs on the router counted, so that the harness knows what its agents hold
+        // and what waits to be retried; the observer reads the router itself.
+        let activity = Arc::new(Activity::default());
+        let tracked: SharedRouter = Arc::new(TrackedRouter::new(router.clone(), activity.clone()));
+        let runtime = Runtime::builder_shared(tracked)
             .codec(self.codec)
             .request_timeout(self.timeout)
             .build();
@@ -178,8 +186,10 @@ impl HarnessBuilder {
         let harness = TestHarness {
             // The last characters of a v7 UUID are random: short, and unique enough per test run.
             id: id[id.len() - 12..].to_string(),
+            router,
             runtime,
-            recorder: Arc::new(Recorder::new()),
+            recorder: Arc::new(Recorder::new(activity.clone())),
+            activity,
             observing: tokio::sync::Mutex::new(Observing {
                 everything: self.sessions.is_none(),
                 sessions: Vec::new(),
@@ -214,8 +224,10 @@ impl HarnessBuilder {
 /// [`Expectation::result`] return the error instead.
 pub struct TestHarness {
     id: String,
+    router: SharedRouter,
     runtime: Runtime,
     recorder: Arc<Recorder>,
+    activity: Arc<Activity>,
     observing: tokio::sync::Mutex<Observing>,
     agents: Mutex<Vec<AgentHandle>>,
     timeout: Duration,
@@ -236,7 +248,7 @@ impl fmt::Debug for TestHarness {
         let state = self.recorder.state.lock().expect("recorder lock");
         f.debug_struct("TestHarness")
             .field("id", &self.id)
-            .field("backend", &self.runtime.router().backend())
+            .field("backend", &self.router.backend())
             .field("seen", &state.records.len())
             .field("timeout", &self.timeout)
             .finish()
@@ -244,12 +256,29 @@ impl fmt::Debug for TestHarness {
 }
 
 impl Drop for TestHarness {
+    /// Stops watching, and stops the agents still running (in the background, within a second):
+    /// a harness dropped without [`shutdown`](TestHarness::shutdown) leaves no agent taking messages.
+    /// The router stays open (it may be shared); durable group queues a broker made for the agents
+    /// stay too, since the `Router` trait cannot delete them: see `docs/testing.md` for cleaning up.
     fn drop(&mut self) {
         self.recorder.stopping();
         if let Ok(observing) = self.observing.try_lock() {
             for task in &observing.tasks {
                 task.abort();
             }
+        }
+        let agents = self.runtime.agents();
+        if !agents.is_empty()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                futures::future::join_all(
+                    agents
+                        .iter()
+                        .map(|agent| agent.stop(Duration::from_secs(1))),
+                )
+                .await;
+            });
         }
     }
 }
@@ -284,9 +313,10 @@ impl TestHarness {
         &self.runtime
     }
 
-    /// The router.
+    /// The router the harness was built on. (The runtime's [`Runtime::router`] is the same router
+    /// counted by the harness, so that it knows what the agents hold and what waits to be retried.)
     pub fn router(&self) -> &SharedRouter {
-        self.runtime.router()
+        &self.router
     }
 
     /// The bus the harness publishes through.
@@ -341,7 +371,17 @@ impl TestHarness {
         if let Some(session) = &options.session {
             self.try_observe_session(session).await?;
         }
-        let handle = self.runtime.spawn_with(agent, options).await?;
+        let handle = self
+            .bounded(
+                || {
+                    format!(
+                        "agent {} to start (subscribing to what it receives)",
+                        A::NAME
+                    )
+                },
+                self.runtime.spawn_with(agent, options),
+            )
+            .await??;
         self.agents
             .lock()
             .expect("agents lock")
@@ -407,10 +447,27 @@ impl TestHarness {
     pub async fn try_send_envelope(&self, envelope: Envelope) -> Result<Envelope> {
         self.try_observe_session(envelope.session()).await?;
         self.recorder.mark_sent(envelope.id());
-        self.bus()
-            .publish_envelope(envelope.clone(), Some("test"))
-            .await?;
+        let channel = envelope.channel().canonical();
+        self.bounded(
+            || format!("the publish to {channel}"),
+            self.bus().publish_envelope(envelope.clone(), Some("test")),
+        )
+        .await??;
         Ok(envelope)
+    }
+
+    /// Awaits `future` at most the harness timeout; past it, an `Error::Timeout` naming `what`.
+    async fn bounded<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        future: impl std::future::Future<Output = T>,
+    ) -> Result<T> {
+        tokio::time::timeout(self.timeout, future)
+            .await
+            .map_err(|_| Error::Timeout {
+                operation: format!("{} on {}", what(), self.router.backend()),
+                after: self.timeout,
+            })
     }
 
     /// Sends `message` as a request to `session` and waits (up to the harness timeout) for the reply,
@@ -472,9 +529,10 @@ impl TestHarness {
         }
     }
 
-    async fn try_observe<M: Message>(&self) -> Result<()> {
+    /// Whether this made a new subscription (so anything published earlier may have been missed).
+    async fn try_observe<M: Message>(&self) -> Result<bool> {
         if M::TEMPLATE.is_default() {
-            return Ok(());
+            return Ok(false);
         }
         let pattern_for: PatternFor = pattern_of::<M>;
         let patterns = {
@@ -484,7 +542,7 @@ impl TestHarness {
                 .iter()
                 .any(|(class, _)| *class == M::CLASS)
             {
-                return Ok(());
+                return Ok(false);
             }
             observing.templated.push((M::CLASS, pattern_for));
             if observing.everything {
@@ -508,11 +566,12 @@ impl TestHarness {
         }
     }
 
-    async fn try_observe_session(&self, session: &str) -> Result<()> {
+    /// Whether this made a new subscription (so anything published earlier was missed).
+    async fn try_observe_session(&self, session: &str) -> Result<bool> {
         let patterns = {
             let mut observing = self.observing.lock().await;
             if observing.everything || observing.sessions.iter().any(|known| known == session) {
-                return Ok(());
+                return Ok(false);
             }
             observing.sessions.push(session.to_string());
             let mut patterns = vec![ChannelPattern::with_template(
@@ -537,24 +596,33 @@ impl TestHarness {
         }
     }
 
-    async fn observe_patterns(&self, patterns: Vec<ChannelPattern>) -> Result<()> {
+    /// Subscribes the observer to the patterns not watched yet; whether it did.
+    async fn observe_patterns(&self, patterns: Vec<ChannelPattern>) -> Result<bool> {
         let mut observing = self.observing.lock().await;
         let fresh: Vec<ChannelPattern> = patterns
             .into_iter()
             .filter(|pattern| !observing.patterns.contains(pattern))
             .collect();
         if fresh.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
+        let listed = fresh
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let subscription = self
-            .router()
-            .subscribe(SubscribeOptions::patterns(fresh.clone()))
-            .await?;
+            .bounded(
+                || format!("the harness's subscription to {listed}"),
+                self.router
+                    .subscribe(SubscribeOptions::patterns(fresh.clone())),
+            )
+            .await??;
         observing.patterns.extend(fresh);
         observing
             .tasks
             .push(tokio::spawn(observe(subscription, self.recorder.clone())));
-        Ok(())
+        Ok(true)
     }
 
     // ----- expectations -------------------------------------------------------------------------
@@ -575,6 +643,7 @@ impl TestHarness {
                         message,
                         envelope: envelope.clone(),
                         position: record.position,
+                        publish_order: record.publish_order,
                         at: record.at,
                     }),
                     Err(rejection) => Check::Near(format!(
@@ -585,7 +654,7 @@ impl TestHarness {
                 }
             }),
         )
-        .observing_type(observe_type_of::<M>)
+        .observing_type(M::CLASS, observe_type_of::<M>)
     }
 
     /// Expects the dead letter of a message of type `M` (on `DeadLetter:<M's class>:<session>`).
@@ -602,6 +671,7 @@ impl TestHarness {
                     message: decode_message::<M>(envelope).ok(),
                     envelope: envelope.clone(),
                     position: record.position,
+                    publish_order: record.publish_order,
                     at: record.at,
                 })
             }),
@@ -638,13 +708,33 @@ impl TestHarness {
         )
     }
 
-    /// Waits until things are quiet (nothing new for the quiet period and no handler of a spawned
-    /// agent running; at most the harness timeout), then fails if anything was seen that no
-    /// expectation matched, listing it.
+    /// Waits until things are quiet, then fails if anything was seen that no expectation matched,
+    /// listing it. Quiet means: nothing new seen for the quiet period (100 ms by default), no handler
+    /// of any agent of the runtime running, no delivery taken by an agent and not settled, none
+    /// waiting in an agent's subscription, and no retry waiting out its backoff in the router. When
+    /// things are still not quiet after the harness timeout, it fails and says what is still going
+    /// on: more may be published, so "nothing else" cannot be asserted.
     pub async fn assert_nothing_else_published(&self) {
         let started = Instant::now();
-        self.wait_for_quiet().await;
+        let still_busy = self.wait_for_quiet().await;
         let unmatched = self.unmatched();
+        if let Some(busy) = still_busy {
+            let mut text = format!(
+                "expected nothing else to be published, but things were not quiet after {} (the harness \
+                 timeout): {busy}; more may be published. Expect what the agents still do, stop them, or \
+                 raise the harness timeout.\n",
+                human(started.elapsed()),
+            );
+            if !unmatched.is_empty() {
+                let _ = writeln!(
+                    text,
+                    "Meanwhile {} that no expectation matched:",
+                    count(unmatched.len(), "message arrived", "messages arrived")
+                );
+                list_records(&mut text, &unmatched, &BTreeMap::new());
+            }
+            panic!("{text}");
+        }
         if !unmatched.is_empty() {
             let mut text = format!(
                 "expected nothing else to be published, but {} that no expectation matched \
@@ -689,37 +779,77 @@ impl TestHarness {
         }
     }
 
-    async fn wait_for_quiet(&self) {
+    /// Waits, at most the harness timeout, until nothing new has been seen for the quiet period and
+    /// the runtime is idle; `None` when it got there, otherwise what was still going on.
+    async fn wait_for_quiet(&self) -> Option<String> {
         let deadline = Instant::now() + self.timeout;
         let mut changes = self.recorder.version.subscribe();
         changes.borrow_and_update();
-        loop {
-            match tokio::time::timeout(self.quiet_period, changes.changed()).await {
+        let mut last_arrival = Instant::now();
+        let mut look_from = last_arrival + self.quiet_period;
+        while Instant::now() < deadline {
+            match tokio::time::timeout_at(look_from.min(deadline), changes.changed()).await {
                 Ok(Ok(())) => {
                     changes.borrow_and_update();
+                    last_arrival = Instant::now();
+                    look_from = last_arrival + self.quiet_period;
                 }
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    let busy = self
-                        .agents()
-                        .iter()
-                        .any(|agent| agent.health().in_flight > 0);
-                    if !busy {
-                        return;
+                Ok(Err(_)) => return None,
+                Err(_) if Instant::now() >= look_from => {
+                    if self.busy().is_idle() {
+                        return None;
                     }
+                    // Busy without news: look again a quiet period later.
+                    look_from = Instant::now() + self.quiet_period;
                 }
+                Err(_) => {}
             }
-            if Instant::now() >= deadline {
-                return;
-            }
+        }
+        let busy = self.busy();
+        if !busy.is_idle() {
+            Some(busy.to_string())
+        } else if last_arrival.elapsed() < self.quiet_period {
+            Some(format!(
+                "messages kept arriving (the last {} ago)",
+                human(last_arrival.elapsed())
+            ))
+        } else {
+            None
         }
     }
 
+    /// What keeps the runtime busy: handlers of any of its agents, and what its subscriptions hold.
+    fn busy(&self) -> Busy {
+        let mut busy = self.activity.busy();
+        busy.handlers = self
+            .runtime
+            .agents()
+            .iter()
+            .map(AgentHandle::health)
+            .filter(|health| health.in_flight > 0)
+            .map(|health| (health.name, health.in_flight))
+            .collect();
+        busy
+    }
+
     /// Stops every agent (each finishes what it holds, within the harness timeout) and closes the
-    /// router.
+    /// router, like [`Runtime::shutdown`]. Bounded: an agent that does not stop is aborted by the
+    /// runtime shortly after the timeout, and a router whose `close()` takes longer than the timeout
+    /// gives `Error::Timeout`.
     pub async fn shutdown(self) -> Result<ShutdownReport> {
         self.recorder.stopping();
-        self.runtime.shutdown(self.timeout).await
+        let agents = self.runtime.agents();
+        let reports =
+            futures::future::join_all(agents.iter().map(|agent| agent.stop(self.timeout))).await;
+        let mut total = ShutdownReport::default();
+        for report in reports {
+            total.handled += report.handled;
+            total.requeued += report.requeued;
+            total.aborted += report.aborted;
+        }
+        self.bounded(|| "the router to close".to_string(), self.router.close())
+            .await??;
+        Ok(total)
     }
 }
 
@@ -729,7 +859,7 @@ fn pattern_of<M: Message>(session: Option<&str>) -> Result<ChannelPattern> {
     ChannelPattern::for_message::<M>(None, session)
 }
 
-fn observe_type_of<M: Message>(harness: &TestHarness) -> BoxFuture<'_, Result<()>> {
+fn observe_type_of<M: Message>(harness: &TestHarness) -> BoxFuture<'_, Result<bool>> {
     Box::pin(harness.try_observe::<M>())
 }
 
@@ -752,6 +882,7 @@ struct Recorder {
     started: Instant,
     state: Mutex<RecorderState>,
     version: watch::Sender<u64>,
+    activity: Arc<Activity>,
 }
 
 #[derive(Default)]
@@ -767,6 +898,7 @@ struct RecorderState {
 struct Record {
     envelope: Envelope,
     position: usize,
+    publish_order: Option<u64>,
     at: Duration,
     sent_by_test: bool,
     matched: bool,
@@ -777,6 +909,7 @@ impl Record {
         Seen {
             envelope: self.envelope.clone(),
             position: self.position,
+            publish_order: self.publish_order,
             at: self.at,
             sent_by_test: self.sent_by_test,
             matched: self.matched,
@@ -785,11 +918,12 @@ impl Record {
 }
 
 impl Recorder {
-    fn new() -> Self {
+    fn new(activity: Arc<Activity>) -> Self {
         Recorder {
             started: Instant::now(),
             state: Mutex::default(),
             version: watch::Sender::new(0),
+            activity,
         }
     }
 
@@ -805,9 +939,12 @@ impl Recorder {
         }
         let sent_by_test = state.sent.contains(&envelope.id());
         let position = state.records.len() + 1;
+        // Numbered when the publish was made, before it reached the broker: already known here.
+        let publish_order = self.activity.publish_order(&envelope.id());
         state.records.push(Record {
             envelope,
             position,
+            publish_order,
             at: self.started.elapsed(),
             sent_by_test,
             matched: false,
@@ -838,6 +975,7 @@ impl Recorder {
 pub struct Seen {
     envelope: Envelope,
     position: usize,
+    publish_order: Option<u64>,
     at: Duration,
     sent_by_test: bool,
     matched: bool,
@@ -849,9 +987,17 @@ impl Seen {
         &self.envelope
     }
 
-    /// Its place in arrival order, from 1.
+    /// Its place in arrival order (the order the harness saw), from 1.
     pub fn position(&self) -> usize {
         self.position
+    }
+
+    /// Its place among the publishes made through the harness's runtime (its agents, their replies
+    /// and dead letters, and the test's own sends), from 1, numbered when each publish was made: the
+    /// order they were published in, on every backend. `None` for a message published by something
+    /// else (another process, or the router directly).
+    pub fn publish_order(&self) -> Option<u64> {
+        self.publish_order
     }
 
     /// When it was seen, from the start of the harness.
@@ -906,6 +1052,21 @@ impl Traffic {
             .iter()
             .map(|seen| seen.envelope.class().to_string())
             .collect()
+    }
+
+    /// The messages published through the harness's runtime, in the order they were published
+    /// ([`Seen::publish_order`]), whatever order they arrived in; messages published by something
+    /// else are left out. `h.published().from_agents().in_publish_order().channels()` is what the
+    /// agents published, in order.
+    pub fn in_publish_order(&self) -> Traffic {
+        let mut ordered: Vec<Seen> = self
+            .0
+            .iter()
+            .filter(|seen| seen.publish_order.is_some())
+            .cloned()
+            .collect();
+        ordered.sort_by_key(|seen| seen.publish_order);
+        Traffic(ordered)
     }
 
     /// Without the test's own sends: what the system under test published.
@@ -989,14 +1150,22 @@ pub struct Received<M> {
     /// Its envelope.
     pub envelope: Envelope,
     position: usize,
+    publish_order: Option<u64>,
     at: Duration,
 }
 
 impl<M> Received<M> {
-    /// Its place in arrival order, from 1: compare two to assert an order (on a broker, only two of
-    /// the same channel: brokers order each channel, not channels between them).
+    /// Its place in arrival order, from 1 (on a broker, arrival order holds only within one channel:
+    /// brokers order each channel, not channels between them).
     pub fn position(&self) -> usize {
         self.position
+    }
+
+    /// Its place among the publishes made through the harness's runtime, from 1 (see
+    /// [`Seen::publish_order`]): compare two to assert the order an agent published them in, on any
+    /// backend and across channels. `None` when something else published it.
+    pub fn publish_order(&self) -> Option<u64> {
+        self.publish_order
     }
 
     /// When it was seen, from the start of the harness.
@@ -1035,6 +1204,7 @@ pub struct DeadLetter<M> {
     pub envelope: Envelope,
     message: Option<M>,
     position: usize,
+    publish_order: Option<u64>,
     at: Duration,
 }
 
@@ -1078,6 +1248,12 @@ impl<M> DeadLetter<M> {
     /// Its place in arrival order, from 1.
     pub fn position(&self) -> usize {
         self.position
+    }
+
+    /// Its place among the publishes made through the harness's runtime, from 1 (see
+    /// [`Seen::publish_order`]).
+    pub fn publish_order(&self) -> Option<u64> {
+        self.publish_order
     }
 
     /// When it was seen, from the start of the harness.
@@ -1134,7 +1310,7 @@ enum Check<T> {
 type Extract<T> = Box<dyn Fn(&Record) -> Check<T> + Send + Sync>;
 type Predicate<T> = Box<dyn Fn(&T) -> bool + Send + Sync>;
 type EnvelopePredicate = Box<dyn Fn(&Envelope) -> bool + Send + Sync>;
-type ObserveType = fn(&TestHarness) -> BoxFuture<'_, Result<()>>;
+type ObserveType = fn(&TestHarness) -> BoxFuture<'_, Result<bool>>;
 
 /// A pending expectation: narrow it, then `.await` it (panics on failure) or call
 /// [`result`](Self::result).
@@ -1151,7 +1327,7 @@ pub struct Expectation<'h, T> {
     predicate: Option<Predicate<T>>,
     description: Option<String>,
     within: Duration,
-    observe_type: Option<ObserveType>,
+    observe_type: Option<(&'static str, ObserveType)>,
 }
 
 impl<T> fmt::Debug for Expectation<'_, T> {
@@ -1181,8 +1357,8 @@ impl<'h, T> Expectation<'h, T> {
         }
     }
 
-    fn observing_type(mut self, observe: ObserveType) -> Self {
-        self.observe_type = Some(observe);
+    fn observing_type(mut self, class: &'static str, observe: ObserveType) -> Self {
+        self.observe_type = Some((class, observe));
         self
     }
 
@@ -1304,23 +1480,43 @@ impl<'h, T> Expectation<'h, T> {
     pub async fn result(self) -> std::result::Result<T, ExpectationFailed> {
         let harness = self.harness;
         let what = self.describe();
-        if let Some(observe) = self.observe_type
-            && let Err(error) = observe(harness).await
-        {
-            return Err(ExpectationFailed {
-                message: format!(
-                    "expected {what}, but the harness could not watch for it: {error}"
-                ),
-            });
+        // What this expectation had to start watching itself: anything published there before was
+        // not seen, and a failure must say so rather than "it did not arrive".
+        let mut watched_late = Vec::new();
+        if let Some((class, observe)) = self.observe_type {
+            match observe(harness).await {
+                Ok(true) => watched_late.push(format!(
+                    "{class} has its own channel template and was only watched with its own subscription from \
+                     when this expectation started: what was published before may have been missed (on a \
+                     broker `*:*:*` does not cover its channel names). Call `h.observe::<{class}>().await` \
+                     before the agents publish it."
+                )),
+                Ok(false) => {}
+                Err(error) => {
+                    return Err(ExpectationFailed {
+                        message: format!(
+                            "expected {what}, but the harness could not watch for it: {error}"
+                        ),
+                    });
+                }
+            }
         }
-        if let Some(session) = &self.session
-            && let Err(error) = harness.try_observe_session(session).await
-        {
-            return Err(ExpectationFailed {
-                message: format!(
-                    "expected {what}, but the harness could not watch session {session:?}: {error}"
-                ),
-            });
+        if let Some(session) = &self.session {
+            match harness.try_observe_session(session).await {
+                Ok(true) => watched_late.push(format!(
+                    "session {session:?} was only watched from when this expectation started (the harness \
+                     watches only some sessions): what was published to it before was missed. Name it in \
+                     `only_sessions(..)` or call `h.observe_session({session:?}).await` before the agents publish."
+                )),
+                Ok(false) => {}
+                Err(error) => {
+                    return Err(ExpectationFailed {
+                        message: format!(
+                            "expected {what}, but the harness could not watch session {session:?}: {error}"
+                        ),
+                    });
+                }
+            }
         }
         let started = Instant::now();
         let deadline = started + self.within;
@@ -1367,15 +1563,12 @@ impl<'h, T> Expectation<'h, T> {
                 },
             };
             if let Some(outcome) = outcome {
-                return Err(ExpectationFailed {
-                    message: harness.failure_text(
-                        &what,
-                        self.within,
-                        started.elapsed(),
-                        &outcome,
-                        &notes,
-                    ),
-                });
+                let mut message =
+                    harness.failure_text(&what, self.within, started.elapsed(), &outcome, &notes);
+                for note in &watched_late {
+                    let _ = writeln!(message, "Note: {note}");
+                }
+                return Err(ExpectationFailed { message });
             }
         }
     }

@@ -7,6 +7,10 @@ use agentcomm_core::backoff::Backoff;
 use agentcomm_core::codec::MSGPACK_CONTENT_TYPE;
 use agentcomm_core::envelope::{Envelope, headers};
 use agentcomm_core::prelude::*;
+use agentcomm_core::router::{
+    BoxFuture, Capabilities, Health, PublishOutcome, SubscribeOptions, Subscription,
+};
+use agentcomm_core::runtime::AgentState;
 use agentcomm_testkit::TestHarness;
 use agentcomm_testkit::memory::MemoryConnection;
 use serde::{Deserialize, Serialize};
@@ -534,4 +538,374 @@ async fn send_refuses_invalid_messages_with_the_reason() {
         ),
         "{text}"
     );
+}
+
+/// Fails its first attempt; the retry publishes an event.
+#[agent(receives = [Job], sends = [AuditEvent])]
+struct FailsOnce {
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Handle<Job> for FailsOnce {
+    async fn handle(&self, job: Job, ctx: &Context<Self>) -> HandlerResult {
+        if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(HandlerError::msg("the first attempt fails"));
+        }
+        ctx.publish(AuditEvent {
+            amount: f64::from(job.id),
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// Regression: the quiet check only looked at running handlers, so a retry waiting out a backoff
+/// longer than the quiet period let `assert_nothing_else_published` pass before the retry published.
+#[tokio::test]
+async fn a_retry_waiting_out_its_backoff_is_waited_for() {
+    let h = Arc::new(TestHarness::new().await);
+    h.spawn_with(
+        FailsOnce {
+            failed: false.into(),
+        },
+        AgentOptions::new().backoff(
+            Backoff::new(Duration::from_millis(250), Duration::from_millis(250)).jitter(0.0),
+        ),
+    )
+    .await;
+    h.send("s1", Job { id: 4 }).await;
+    let text = panic_text({
+        let h = h.clone();
+        async move { h.assert_nothing_else_published().await }
+    })
+    .await;
+    assert!(
+        text.starts_with(
+            "expected nothing else to be published, but 1 message arrived that no expectation matched"
+        ),
+        "{text}"
+    );
+    assert!(text.contains(" AuditEvent:event:s1 id "), "{text}");
+    let [agent] = &h.agents()[..] else {
+        panic!("one agent")
+    };
+    assert_eq!(agent.health().retried, 1);
+}
+
+/// Blocks every handler until the test ends.
+#[agent(receives = [Job])]
+struct Stuck;
+
+impl Handle<Job> for Stuck {
+    async fn handle(&self, _job: Job, _ctx: &Context<Self>) -> HandlerResult {
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_harness_that_never_gets_quiet_fails_the_nothing_else_assertion_and_says_why() {
+    let h = Arc::new(
+        TestHarness::builder()
+            .timeout(Duration::from_millis(600))
+            .build()
+            .await
+            .unwrap(),
+    );
+    // Started on the runtime directly, not through the harness: still counted.
+    h.runtime()
+        .spawn_with(Stuck, AgentOptions::new().fan_out())
+        .await
+        .unwrap();
+    h.send("s1", Job { id: 1 }).await;
+    let text = panic_text({
+        let h = h.clone();
+        async move { h.assert_nothing_else_published().await }
+    })
+    .await;
+    assert!(
+        text.starts_with(
+            "expected nothing else to be published, but things were not quiet after 6"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("(the harness timeout): 1 handler(s) running (Stuck: 1), 1 deliveries taken by agents and not settled yet; more may be published."),
+        "{text}"
+    );
+}
+
+/// A router whose operations can be made to hang, to show that the harness bounds each.
+struct Hanging {
+    inner: MemoryRouter,
+    subscribe: std::sync::atomic::AtomicBool,
+    publish: std::sync::atomic::AtomicBool,
+    close: std::sync::atomic::AtomicBool,
+}
+
+impl Hanging {
+    fn hangs(flag: &std::sync::atomic::AtomicBool) -> bool {
+        flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Router for Hanging {
+    fn backend(&self) -> &str {
+        "hanging-memory"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, agentcomm_core::Result<PublishOutcome>> {
+        if Self::hangs(&self.publish) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.publish(envelope)
+    }
+    fn subscribe(
+        &self,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'_, agentcomm_core::Result<Subscription>> {
+        if Self::hangs(&self.subscribe) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.subscribe(options)
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.inner.health()
+    }
+    fn close(&self) -> BoxFuture<'_, agentcomm_core::Result<()>> {
+        if Self::hangs(&self.close) {
+            return Box::pin(std::future::pending());
+        }
+        self.inner.close()
+    }
+}
+
+#[tokio::test]
+async fn every_harness_operation_on_a_hanging_router_fails_within_the_timeout() {
+    let router = Arc::new(Hanging {
+        inner: MemoryRouter::new(),
+        subscribe: false.into(),
+        publish: false.into(),
+        close: false.into(),
+    });
+    let h = TestHarness::builder()
+        .shared_router(router.clone())
+        .only_sessions(["s1"])
+        .timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let step = Duration::from_secs(5);
+    router
+        .subscribe
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let error = tokio::time::timeout(step, h.try_spawn_with(PaymentAgent, AgentOptions::new()))
+        .await
+        .expect("bounded")
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "timed out after 200ms waiting for agent PaymentAgent to start (subscribing to what it receives) on hanging-memory"
+    );
+    let failure = tokio::time::timeout(
+        step,
+        h.expect::<PaymentResponse>()
+            .session("s2")
+            .within(Duration::from_millis(50))
+            .result(),
+    )
+    .await
+    .expect("bounded")
+    .unwrap_err();
+    assert!(
+        failure.to_string().starts_with(
+            "expected a PaymentResponse on session \"s2\", but the harness could not watch session \"s2\": \
+             timed out after 200ms waiting for the harness's subscription to *:*:s2 on hanging-memory"
+        ),
+        "{failure}"
+    );
+    router
+        .subscribe
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    router
+        .publish
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let error = tokio::time::timeout(step, h.try_send_to("request", "s1", payment(1.0, "u")))
+        .await
+        .expect("bounded")
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "timed out after 200ms waiting for the publish to PaymentRequest:request:s1 on hanging-memory"
+    );
+    router
+        .close
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let error = tokio::time::timeout(step, h.shutdown())
+        .await
+        .expect("bounded")
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "timed out after 200ms waiting for the router to close on hanging-memory"
+    );
+}
+
+#[tokio::test]
+async fn an_expectation_that_had_to_start_watching_says_what_it_may_have_missed() {
+    let router = MemoryRouter::new();
+    let h = TestHarness::builder()
+        .router(MemoryConnection::new(router.clone()))
+        .only_sessions(["mine"])
+        .build()
+        .await
+        .unwrap();
+    // Published to a session the harness does not watch yet, by another client.
+    let early = Envelope::new(
+        AuditEvent::channel("event", "late").unwrap(),
+        "application/json",
+        &br#"{"amount":1.0}"#[..],
+    );
+    router.publish(early).await.unwrap();
+    let text = h
+        .expect::<AuditEvent>()
+        .session("late")
+        .within(Duration::from_millis(100))
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.starts_with(
+            "expected a AuditEvent on session \"late\" within 100ms, but it did not arrive"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            "Note: session \"late\" was only watched from when this expectation started (the harness watches \
+             only some sessions): what was published to it before was missed. Name it in `only_sessions(..)` \
+             or call `h.observe_session(\"late\").await` before the agents publish.\n"
+        ),
+        "{text}"
+    );
+    // From now on the session is watched, and a second expectation has nothing to note.
+    router
+        .publish(Envelope::new(
+            AuditEvent::channel("event", "late").unwrap(),
+            "application/json",
+            &br#"{"amount":2.0}"#[..],
+        ))
+        .await
+        .unwrap();
+    let seen = h.expect::<AuditEvent>().session("late").await;
+    assert_eq!(seen.amount, 2.0);
+    let text = h
+        .expect::<AuditEvent>()
+        .session("late")
+        .within(Duration::from_millis(20))
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!text.contains("Note:"), "{text}");
+}
+
+/// Publishes an audit event, then a response, for each job.
+#[agent(receives = [Job], sends = [AuditEvent, PaymentResponse])]
+struct Announcer;
+
+impl Handle<Job> for Announcer {
+    async fn handle(&self, job: Job, ctx: &Context<Self>) -> HandlerResult {
+        ctx.publish(AuditEvent {
+            amount: f64::from(job.id),
+        })
+        .await?;
+        ctx.publish(PaymentResponse {
+            success: true,
+            transaction_id: job.id.to_string(),
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// Delivers audit events 100 ms late, so they arrive after what was published after them.
+struct SlowAudits(MemoryRouter);
+
+impl Router for SlowAudits {
+    fn backend(&self) -> &str {
+        "slow-audits"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, agentcomm_core::Result<PublishOutcome>> {
+        if envelope.class() != AuditEvent::CLASS {
+            return self.0.publish(envelope);
+        }
+        let bus = self.0.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = bus.publish(envelope).await;
+        });
+        Box::pin(async { Ok(PublishOutcome::Accepted) })
+    }
+    fn subscribe(
+        &self,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'_, agentcomm_core::Result<Subscription>> {
+        self.0.subscribe(options)
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.0.health()
+    }
+    fn close(&self) -> BoxFuture<'_, agentcomm_core::Result<()>> {
+        self.0.close()
+    }
+}
+
+#[tokio::test]
+async fn what_agents_published_can_be_read_in_the_order_they_published_it() {
+    let h = TestHarness::with_router(SlowAudits(MemoryRouter::new()))
+        .await
+        .unwrap();
+    h.spawn(Announcer).await;
+    let job = h.send("s1", Job { id: 9 }).await;
+    let response = h.expect::<PaymentResponse>().await;
+    let audit = h.expect::<AuditEvent>().await;
+    // Seen in the other order...
+    assert!(audit.position() > response.position());
+    assert_eq!(
+        h.published().from_agents().channels(),
+        ["PaymentResponse:response:s1", "AuditEvent:event:s1"]
+    );
+    // ...but published audit first.
+    assert!(audit.publish_order() < response.publish_order());
+    assert_eq!(
+        h.published().from_agents().in_publish_order().channels(),
+        ["AuditEvent:event:s1", "PaymentResponse:response:s1"]
+    );
+    let published = h.published().in_publish_order();
+    assert_eq!(published[0].envelope().id(), job.id());
+    assert_eq!(published[0].publish_order(), Some(1));
+    h.assert_nothing_else_published().await;
+}
+
+#[tokio::test]
+async fn dropping_the_harness_stops_its_agents() {
+    let h = TestHarness::new().await;
+    let agent = h.spawn(PaymentAgent).await;
+    drop(h);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while agent.health().state != AgentState::Stopped {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent of a dropped harness still runs: {:?}",
+            agent.health()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -70,12 +70,13 @@ pub(crate) struct Settings {
     pub(crate) prefix: String,
     pub(crate) pool_size: usize,
     pub(crate) reconnect: Backoff,
-    pub(crate) max_reconnect_attempts: u32,
+    pub(crate) max_reconnect_attempts: Option<u32>,
     pub(crate) max_command_attempts: u32,
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
     pub(crate) close_timeout: Duration,
     pub(crate) stream_max_len: u64,
+    pub(crate) dead_letter_max_len: Option<u64>,
     pub(crate) claim_idle: Duration,
     pub(crate) max_deliveries: u32,
     pub(crate) read_block: Duration,
@@ -84,6 +85,8 @@ pub(crate) struct Settings {
     pub(crate) idempotent_publish: bool,
     pub(crate) broadcast_capacity: usize,
     pub(crate) reorder_window: Duration,
+    pub(crate) replies_over_pubsub: bool,
+    pub(crate) tls: Option<fred::types::config::TlsConnector>,
 }
 
 impl fmt::Debug for Settings {
@@ -101,11 +104,19 @@ impl fmt::Debug for Settings {
             .field("claim_idle", &self.claim_idle)
             .field("max_deliveries", &self.max_deliveries)
             .field("idempotent_publish", &self.idempotent_publish)
+            .field("replies_over_pubsub", &self.replies_over_pubsub)
+            .field("custom_tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Settings {
+    /// The defaults for `url`.
+    #[cfg(test)]
+    pub(crate) fn for_tests(url: &str) -> Self {
+        Self::new(url.to_string())
+    }
+
     fn new(url: String) -> Self {
         Settings {
             url,
@@ -113,12 +124,13 @@ impl Settings {
             prefix: "agentcomm".into(),
             pool_size: 2,
             reconnect: Backoff::new(Duration::from_millis(50), Duration::from_secs(10)),
-            max_reconnect_attempts: 0,
+            max_reconnect_attempts: None,
             max_command_attempts: 20,
             connect_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(10),
             stream_max_len: 1_000_000,
+            dead_letter_max_len: None,
             claim_idle: Duration::from_secs(30),
             max_deliveries: 10,
             read_block: Duration::from_secs(5),
@@ -127,6 +139,8 @@ impl Settings {
             idempotent_publish: true,
             broadcast_capacity: 65_536,
             reorder_window: Duration::from_millis(500),
+            replies_over_pubsub: true,
+            tls: None,
         }
     }
 }
@@ -207,15 +221,27 @@ impl RedisRouterBuilder {
         self
     }
 
-    /// How to wait between reconnection attempts (default: 50 ms doubling up to 10 s, with jitter).
+    /// How to wait between reconnection attempts (default: 50 ms doubling up to 10 s). fred's policy
+    /// takes the first and longest delay from `backoff`, its multiplier rounded to a whole number (at
+    /// least 1), and adds a random jitter of up to a fifth of the first delay.
     pub fn reconnect(mut self, backoff: Backoff) -> Self {
         self.settings.reconnect = backoff;
         self
     }
 
-    /// Gives up reconnecting after this many attempts in a row (default: never gives up).
+    /// Gives up reconnecting after this many attempts in a row (default `None`: never gives up).
+    /// `Some(0)` never reconnects: the first lost connection is final.
     pub fn max_reconnect_attempts(mut self, attempts: Option<u32>) -> Self {
-        self.settings.max_reconnect_attempts = attempts.unwrap_or(0);
+        self.settings.max_reconnect_attempts = attempts;
+        self
+    }
+
+    /// TLS with your own settings (custom CA, client certificate), for `rediss://` URLs: a rustls
+    /// `ClientConfig` converts into a connector (`TlsConnector::from(config)`). Without it, `rediss://`
+    /// uses the system's root certificates. If the application installed no rustls crypto provider, ring's
+    /// is installed.
+    pub fn tls_connector(mut self, connector: fred::types::config::TlsConnector) -> Self {
+        self.settings.tls = Some(connector);
         self
     }
 
@@ -246,9 +272,27 @@ impl RedisRouterBuilder {
     }
 
     /// Streams: the approximate number of entries each stream keeps (`XADD MAXLEN ~`, default
-    /// 1,000,000). Entries trimmed before a group read them are lost: size it for your slowest consumer.
+    /// 1,000,000). Entries trimmed before a subscription read them are lost: they are counted as
+    /// `trimmed` and logged. Size it for your slowest consumer.
     pub fn stream_max_len(mut self, max_len: u64) -> Self {
         self.settings.stream_max_len = max_len.max(1);
+        self
+    }
+
+    /// Streams: the approximate number of entries the dead-letter stream keeps (default `None`: it is
+    /// never trimmed, dead letters are rare and each one matters).
+    pub fn dead_letter_max_len(mut self, max_len: Option<u64>) -> Self {
+        self.settings.dead_letter_max_len = max_len.map(|len| len.max(1));
+        self
+    }
+
+    /// Streams: whether channels of the `reply` direction (request/reply answers) travel over pub/sub
+    /// (default `true`). A reply is only useful to a requester that is waiting for it, and every
+    /// requester's inbox would otherwise read the whole reply stream of its class: traffic growing with
+    /// the square of the number of requesters. Over pub/sub, a reply published while nobody waits is
+    /// `Unroutable` and not kept. `false` keeps replies in their class stream like everything else.
+    pub fn replies_over_pubsub(mut self, on: bool) -> Self {
+        self.settings.replies_over_pubsub = on;
         self
     }
 
@@ -281,24 +325,28 @@ impl RedisRouterBuilder {
         self
     }
 
-    /// Streams: how often subscriptions with a wildcard class look for streams of new classes
-    /// (default 1 s). A stream found late is read from its first entry, so nothing is missed.
+    /// Streams: how often subscriptions with a wildcard class look for streams of new classes, and every
+    /// subscription checks whether entries it had not read yet were trimmed (default 1 s). A stream found
+    /// late is read from its first entry, so nothing is missed.
     pub fn discovery_interval(mut self, interval: Duration) -> Self {
         self.settings.discovery_interval = interval.max(Duration::from_millis(10));
         self
     }
 
-    /// Streams: whether a publish retried after a lost connection is stored once (default `true`). It
-    /// runs `XADD` in a script that remembers each publisher's recent sequence numbers in a small
-    /// bitmap; turn it off only if you accept duplicate entries after reconnects.
+    /// Streams: whether a publish that fred writes again after a lost connection is stored once
+    /// (default `true`). Each publish then runs `XADD` in a small script that keeps the publisher's
+    /// highest sequence number per stream (a few bytes, expiring after an hour idle): a number not above
+    /// it is a repeat. Turn it off only if you accept duplicate entries after reconnects.
     pub fn idempotent_publish(mut self, on: bool) -> Self {
         self.settings.idempotent_publish = on;
         self
     }
 
-    /// Pub/sub: the capacity of the client's message channel, the buffer every subscription reads from
-    /// (default 65,536; fred's own default of 32 loses messages on bursts). A subscription that falls
-    /// further behind loses the oldest messages: counted as `lagged` (and `lost`), and logged.
+    /// Pub/sub: the capacity of the subscriber client's message channel, the buffer every subscription
+    /// reads from (default 65,536; fred's own default of 32 loses messages on bursts). A subscription
+    /// that falls further behind skips the oldest messages of the channel (counted as `lagged`, messages
+    /// of every subscription of the router); what each subscription lost of agentcomm publishers'
+    /// messages is counted exactly as `lost`, and logged.
     pub fn broadcast_capacity(mut self, capacity: usize) -> Self {
         self.settings.broadcast_capacity = capacity.max(32);
         self

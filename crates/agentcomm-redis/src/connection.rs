@@ -1,13 +1,14 @@
 //! Building fred clients with agentcomm's settings, and turning fred's errors into agentcomm's.
 //!
 //! fred's defaults lose messages silently; here every client gets a reconnect policy, a command
-//! timeout, bounded retries of commands cut off by a lost connection, a large pub/sub channel, and a task
-//! that counts and logs its reconnections and errors.
+//! timeout, bounded retries of commands cut off by a lost connection, and a task that counts and logs its
+//! reconnections and errors. Only the pub/sub subscriber gets a large message channel: fred preallocates
+//! every broadcast channel of a client at that size.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentcomm_core::error::{Error, redact_url};
+use agentcomm_core::error::Error;
 use fred::error::ErrorKind;
 use fred::interfaces::{ClientLike, EventInterface};
 use fred::types::Builder;
@@ -22,28 +23,99 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
         Some(path) => format!("redis+unix://{path}"),
         None => settings.url.clone(),
     };
-    Config::from_url(&url).map_err(|error| Error::Config {
+    let mut config = Config::from_url(&url).map_err(|error| Error::Config {
         variable: "Redis URL".into(),
-        value: redact_url(&settings.url),
+        value: redact(&settings.url),
         expected: format!("{}; accepted: {ACCEPTED_URLS}", error.details()),
-    })
+    })?;
+    if let Some(connector) = &settings.tls {
+        config.tls = Some(connector.clone().into());
+    }
+    if config.tls.is_some() {
+        install_crypto_provider();
+    }
+    Ok(config)
 }
 
-/// A fred builder with every safety setting applied.
-pub(crate) fn fred_builder(settings: &Settings, config: Config) -> Builder {
-    let mut builder = Builder::from_config(config);
+/// Installs ring as rustls's process-wide crypto provider unless the application installed one: rustls
+/// panics on the first TLS connection when it cannot choose a provider (an application that also pulls
+/// in aws-lc-rs has two and must pick).
+pub(crate) fn install_crypto_provider() {
+    use fred::rustls::crypto::CryptoProvider;
+    if CryptoProvider::get_default().is_none() {
+        // Losing a race with another installer is fine: a provider is installed either way.
+        let _ = fred::rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// `url` for logs and errors: its password, and a sentinel password in its query, replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
+    let redacted = agentcomm_core::error::redact_url(url);
+    let Some((base, query)) = redacted.split_once('?') else {
+        return redacted;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if name.eq_ignore_ascii_case("sentinelPassword") => {
+                format!("{name}=***")
+            }
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", query.join("&"))
+}
+
+/// Which kind of client is built: only a pub/sub subscriber needs a large message channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Pool connections and stream readers: fred's small default channels (they carry only connection
+    /// events here).
+    Commands,
+    /// The pub/sub subscriber: its message channel is the buffer every subscription reads.
+    Subscriber,
+}
+
+/// The reconnect policy for `settings`: fred's exponential policy takes a whole-number multiplier and a
+/// jitter in milliseconds that it adds; the builder's `Backoff` multiplier is rounded (at least 1, which
+/// makes the delay constant) and the jitter is a fifth of the first delay.
+pub(crate) fn reconnect_policy(settings: &Settings) -> Option<ReconnectPolicy> {
+    if settings.max_reconnect_attempts == Some(0) {
+        return None;
+    }
     let backoff = settings.reconnect;
     let initial_ms = backoff.initial().as_millis().clamp(1, u32::MAX as u128) as u32;
     let max_ms = backoff.max().as_millis().clamp(1, u32::MAX as u128) as u32;
-    // fred adds up to `jitter` ms to every delay; a tenth of the first delay spreads reconnecting clients.
-    let mut policy =
-        ReconnectPolicy::new_exponential(settings.max_reconnect_attempts, initial_ms, max_ms, 2);
-    policy.set_jitter((initial_ms / 10).max(1));
-    builder.set_policy(policy);
+    let exact = backoff.jitter(0.0);
+    let first = exact.delay(1).as_secs_f64();
+    let multiplier = if first > 0.0 && exact.delay(2) < backoff.max() {
+        (exact.delay(2).as_secs_f64() / first)
+            .round()
+            .clamp(1.0, 1000.0) as u32
+    } else {
+        2
+    };
+    // fred counts 0 as "forever".
+    let attempts = settings.max_reconnect_attempts.unwrap_or(0);
+    let mut policy = ReconnectPolicy::new_exponential(attempts, initial_ms, max_ms, multiplier);
+    policy.set_jitter((initial_ms / 5).max(1));
+    Some(policy)
+}
+
+/// A fred builder with every safety setting applied.
+pub(crate) fn fred_builder(settings: &Settings, config: Config, role: Role) -> Builder {
+    let mut builder = Builder::from_config(config);
+    if let Some(policy) = reconnect_policy(settings) {
+        builder.set_policy(policy);
+    }
+    let defaults = PerformanceConfig::default();
     builder.set_performance_config(PerformanceConfig {
         default_command_timeout: settings.command_timeout,
-        broadcast_channel_capacity: settings.broadcast_capacity,
-        ..PerformanceConfig::default()
+        broadcast_channel_capacity: match role {
+            Role::Subscriber => settings.broadcast_capacity,
+            Role::Commands => defaults.broadcast_channel_capacity,
+        },
+        ..defaults
     });
     let mut connection = ConnectionConfig {
         connection_timeout: settings.connect_timeout,
@@ -61,8 +133,9 @@ pub(crate) fn fred_builder(settings: &Settings, config: Config) -> Builder {
     builder
 }
 
-/// The error for a fred failure of `operation`.
-pub(crate) fn map_error(error: &fred::error::Error, url: &str, operation: &str) -> Error {
+/// The error for a fred failure of `operation` (a timeout names the command timeout).
+pub(crate) fn map_error(error: &fred::error::Error, settings: &Settings, operation: &str) -> Error {
+    let url = &settings.url;
     let details = error.details();
     match error.kind() {
         ErrorKind::IO
@@ -72,19 +145,19 @@ pub(crate) fn map_error(error: &fred::error::Error, url: &str, operation: &str) 
         | ErrorKind::Cluster
         | ErrorKind::Routing => Error::Connection {
             backend: "redis",
-            url: redact_url(url),
+            url: redact(url),
             message: format!("{operation} failed: {details}"),
         },
         ErrorKind::Auth => Error::Connection {
             backend: "redis",
-            url: redact_url(url),
+            url: redact(url),
             message: format!(
                 "{operation} was refused ({details}); check the user and password in the URL"
             ),
         },
         ErrorKind::Timeout => Error::Timeout {
-            operation: format!("Redis to answer {operation} at {}", redact_url(url)),
-            after: Duration::ZERO,
+            operation: format!("Redis to answer {operation} at {}", redact(url)),
+            after: settings.command_timeout,
         },
         ErrorKind::Backpressure => Error::Backend {
             backend: "redis",
@@ -96,21 +169,6 @@ pub(crate) fn map_error(error: &fred::error::Error, url: &str, operation: &str) 
             backend: "redis",
             message: format!("{operation} failed: {details}"),
         },
-    }
-}
-
-/// Like [`map_error`], with the real timeout in timeout errors.
-pub(crate) fn map_error_with_timeout(
-    error: &fred::error::Error,
-    settings: &Settings,
-    operation: &str,
-) -> Error {
-    match map_error(error, &settings.url, operation) {
-        Error::Timeout { operation, .. } => Error::Timeout {
-            operation,
-            after: settings.command_timeout,
-        },
-        other => other,
     }
 }
 
@@ -135,7 +193,7 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
 ) {
     let mut reconnects = client.reconnect_rx();
     let mut errors = client.error_rx();
-    let url = redact_url(url);
+    let url = redact(url);
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -145,7 +203,11 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
                         on_reconnect();
                         tracing::info!(role, url = %url, server = %server, "reconnected to Redis");
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    // Missed reconnection events (fred's small channel overran): still reconnected.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        counters.add(&counters.reconnects, missed);
+                        on_reconnect();
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
                 event = errors.recv() => match event {
@@ -160,10 +222,54 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
                             "Redis connection problem; reconnecting with backoff"
                         );
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        counters.add(&counters.connection_errors, missed);
+                        counters.mark_trouble();
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentcomm_core::backoff::Backoff;
+
+    #[test]
+    fn sentinel_passwords_are_redacted_too() {
+        let url =
+            "redis-sentinel://u:pw1@h:26379/0?sentinelServiceName=m&sentinelPassword=pw2&node=h2:1";
+        let shown = redact(url);
+        assert!(!shown.contains("pw1") && !shown.contains("pw2"), "{shown}");
+        assert!(
+            shown.contains("sentinelServiceName=m") && shown.contains("node=h2:1"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_reconnect_policy_follows_the_backoff() {
+        let mut settings = Settings::for_tests("redis://127.0.0.1:6379");
+        settings.reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+            .multiplier(3.0)
+            .jitter(0.0);
+        let mut policy = reconnect_policy(&settings).expect("reconnects");
+        let delays: Vec<u64> = (0..5).map(|_| policy.next_delay().unwrap()).collect();
+        // 100, 300, 900, 2,700 then capped, each plus up to 20 ms of jitter.
+        for (delay, expected) in delays.iter().zip([100u64, 300, 900, 2_700, 5_000]) {
+            assert!(*delay >= expected && *delay <= expected + 20, "{delays:?}");
+        }
+        settings.max_reconnect_attempts = Some(0);
+        assert!(
+            reconnect_policy(&settings).is_none(),
+            "Some(0): never reconnect"
+        );
+        settings.max_reconnect_attempts = Some(2);
+        let mut policy = reconnect_policy(&settings).unwrap();
+        assert!(policy.next_delay().is_some() && policy.next_delay().is_some());
+        assert!(policy.next_delay().is_none(), "gives up after 2 attempts");
+    }
 }

@@ -3,6 +3,7 @@
 //! | counter | meaning |
 //! |---|---|
 //! | `published` | publishes Redis confirmed |
+//! | `publish_duplicates` | streams: publishes fred wrote again after a reconnect, found stored already and not stored twice |
 //! | `publish_errors` | publishes that failed (the caller got the error) |
 //! | `unroutable` | pub/sub: publishes no subscriber received |
 //! | `delivered` | deliveries handed to subscriptions |
@@ -11,10 +12,11 @@
 //! | `reclaimed` | streams: entries taken over from a consumer that stopped renewing them |
 //! | `dead_lettered` | streams: entries moved to their dead-letter channel after `max_deliveries` |
 //! | `malformed` | frames that could not be decoded; moved to `DeadLetter:agentcomm.Malformed:unknown` |
-//! | `filtered` | streams: entries of a class stream no pattern of the group wanted (acknowledged) |
-//! | `dropped` | messages lost for a known local reason (given back after their pub/sub subscription closed, a stream entry trimmed before it was handled) |
-//! | `lagged` | pub/sub: messages a subscription lost because it fell more than `broadcast_capacity` behind |
-//! | `lost` | pub/sub: messages missing from a publisher's sequence (published while disconnected, cut off in transit) |
+//! | `filtered` | streams: entries of a class stream no pattern of the group wanted (acknowledged, logged) |
+//! | `trimmed` | streams: entries trimmed (`stream_max_len`) before a subscription read them, or while pending |
+//! | `dropped` | messages given back after their subscription closed (pub/sub, fan-out streams) |
+//! | `lagged` | pub/sub: messages a subscription skipped in the subscriber's channel because it fell more than `broadcast_capacity` behind (every channel of the router: what it lost of its own channels is in `lost`) |
+//! | `lost` | pub/sub: messages missing from a publisher's sequence (published while disconnected, cut off in transit, skipped by a subscription that fell behind) |
 //! | `duplicates` | pub/sub: repeats discarded (a publish fred wrote again after a reconnect) |
 //! | `reconnects`, `connection_errors` | connection events of all the router's clients |
 
@@ -28,6 +30,7 @@ pub(crate) const TROUBLE_MEMORY: Duration = Duration::from_secs(60);
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) published: AtomicU64,
+    pub(crate) publish_duplicates: AtomicU64,
     pub(crate) publish_errors: AtomicU64,
     pub(crate) unroutable: AtomicU64,
     pub(crate) delivered: AtomicU64,
@@ -38,6 +41,7 @@ pub(crate) struct Counters {
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) malformed: AtomicU64,
     pub(crate) filtered: AtomicU64,
+    pub(crate) trimmed: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) lagged: AtomicU64,
     pub(crate) lost: AtomicU64,
@@ -82,6 +86,7 @@ impl Counters {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
             ("published", load(&self.published)),
+            ("publish_duplicates", load(&self.publish_duplicates)),
             ("publish_errors", load(&self.publish_errors)),
             ("unroutable", load(&self.unroutable)),
             ("delivered", load(&self.delivered)),
@@ -92,6 +97,7 @@ impl Counters {
             ("dead_lettered", load(&self.dead_lettered)),
             ("malformed", load(&self.malformed)),
             ("filtered", load(&self.filtered)),
+            ("trimmed", load(&self.trimmed)),
             ("dropped", load(&self.dropped)),
             ("lagged", load(&self.lagged)),
             ("lost", load(&self.lost)),

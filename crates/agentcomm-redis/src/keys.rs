@@ -5,11 +5,12 @@
 //! |---|---|
 //! | pub/sub channel | `<prefix>:<channel name>` (the name the message type's template renders) |
 //! | stream of one message class | `<prefix>:stream:{<class>}` |
-//! | publisher de-duplication bitmap | `<prefix>:dedup:{<class>}:<publisher id>` |
+//! | a publisher's highest sequence number on a stream | `<prefix>:dedup:{<class>}:<publisher id>` |
 //! | registry of the classes that have a stream | `<prefix>:streams` |
-//! | patterns of a consumer group | `<prefix>:group:<group>:patterns` |
+//! | patterns of each member of a consumer group | `<prefix>:group:<group>:members` (a hash) |
+//! | marker of a malformed frame already dead-lettered | `<prefix>:malformed:<hash>` (1 h) |
 //!
-//! The braces are Redis Cluster hash tags: a class's stream and its de-duplication bitmap hash to the same
+//! The braces are Redis Cluster hash tags: a class's stream and its publishers' marks hash to the same
 //! slot, so the publish script may touch both; different classes spread over the cluster.
 
 use agentcomm_core::channel::{Channel, ChannelPattern};
@@ -60,7 +61,7 @@ impl Keys {
         format!("{}:stream:{{{class}}}", self.prefix)
     }
 
-    /// The de-duplication bitmap of one publisher on the stream of `class`.
+    /// The highest sequence number one publisher stored on the stream of `class`.
     pub(crate) fn dedup(&self, class: &str, publisher: &str) -> String {
         format!("{}:dedup:{{{class}}}:{publisher}", self.prefix)
     }
@@ -70,9 +71,14 @@ impl Keys {
         format!("{}:streams", self.prefix)
     }
 
-    /// The set of patterns the members of `group` subscribed with.
-    pub(crate) fn group_patterns(&self, group: &str) -> String {
-        format!("{}:group:{group}:patterns", self.prefix)
+    /// The patterns each member of `group` subscribed with (a hash: consumer name to patterns).
+    pub(crate) fn group_members(&self, group: &str) -> String {
+        format!("{}:group:{group}:members", self.prefix)
+    }
+
+    /// The marker saying a malformed frame was dead-lettered already.
+    pub(crate) fn malformed_marker(&self, hash: &str) -> String {
+        format!("{}:malformed:{hash}", self.prefix)
     }
 }
 

@@ -6,7 +6,8 @@
 //! - **Streams** (the default): durable, at-least-once. One Redis stream per message class, consumer
 //!   groups for groups of agents, `XACK` on success, redelivery of failed and abandoned entries, entries
 //!   of dead consumers claimed by the others, a dead-letter channel after too many deliveries, trimming,
-//!   and publishes made idempotent across reconnects.
+//!   and publishes made idempotent across reconnects. Replies (the `reply` direction) are also
+//!   published over pub/sub, where reply inboxes listen.
 //! - **Pub/sub**: fan-out, at-most-once, the lowest latency. Subscriptions are restored after every
 //!   reconnect; every message a subscriber misses is counted (`lost`, `dropped`, `lagged` in health),
 //!   never silently gone.
@@ -45,6 +46,9 @@ mod pubsub;
 mod router;
 pub mod sequence;
 mod streams;
+
+/// The fred crate this backend is built on, for its types in the builder (`TlsConnector`).
+pub use fred;
 
 pub use builder::{ACCEPTED_URLS, DELIVERY_MODE_VAR, DeliveryMode, RedisRouterBuilder};
 pub use router::RedisRouter;

@@ -1,11 +1,16 @@
 //! Pub/sub delivery: one subscriber connection per router; each subscription reads the client's own
 //! message channel, with no task in between.
 //!
-//! - fred's `SubscriberClient` restores every `SUBSCRIBE`/`PSUBSCRIBE` after each reconnect.
+//! - After each reconnect of the subscriber, a task of this module subscribes again to every Redis
+//!   channel and glob in use and confirms with a `PING`, retrying with backoff until it succeeds; health
+//!   says `Degraded` meanwhile (fred's own `manage_subscriptions` only logs a failure, and stops for good
+//!   when it misses a reconnection event).
 //! - The client's message channel is a broadcast ring sized for bursts
 //!   ([`Settings::broadcast_capacity`], 65,536 instead of fred's 32); every subscription has its own
 //!   cursor in it, so a slow subscription never holds up the others. A subscription that falls more
-//!   than the ring behind loses the oldest messages: counted as `lagged` (and as `lost`), and logged.
+//!   than the ring behind skips the oldest messages of the ring (all channels of the router): that is
+//!   counted as `lagged`, and what the subscription lost of its own channels shows as gaps in the
+//!   publishers' sequences, counted exactly as `lost`.
 //! - As the subscriber polls, its subscription skips messages on Redis channels none of its own Redis
 //!   subscriptions cover (without decoding them), decodes the rest, checks sequence numbers
 //!   ([`crate::sequence`]: gaps counted as `lost`, repeats discarded as `duplicates`) and keeps what
@@ -27,17 +32,19 @@ use agentcomm_core::router::{
     Acknowledge, BoxFuture, Delivery, Distribution, NackAction, SubscribeOptions, Subscription,
     SubscriptionControl,
 };
+use bytes::Bytes;
+use fred::bytes_utils::Str;
 use fred::clients::SubscriberClient;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::types::Message;
-use tokio::sync::broadcast::{self, error::TryRecvError};
+use tokio::sync::broadcast::{self, error::RecvError};
 
-use crate::connection::{map_error, watch_client};
+use crate::connection::{Role, map_error, redact, watch_client};
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
 use crate::sequence::{SEQUENCE_HEADER, SequenceTracker, Verdict};
 
-/// The subscriber side of a pub/sub router.
+/// The subscriber side of a router.
 pub(crate) struct PubSubHub {
     client: SubscriberClient,
     /// How many local subscriptions use each Redis subscription.
@@ -45,6 +52,10 @@ pub(crate) struct PubSubHub {
     open: AtomicU64,
     next_id: AtomicU64,
     subscriptions: std::sync::Mutex<HashMap<u64, Arc<PubSubSubscription>>>,
+    /// Set from a reconnection until every Redis subscription is confirmed again.
+    resubscribing: Arc<AtomicBool>,
+    /// Ends the resubscribing task.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 pub(crate) struct PubSubSubscription {
@@ -62,23 +73,24 @@ impl PubSubHub {
     pub(crate) async fn start(shared: &Arc<Shared>) -> Result<Arc<Self>> {
         let settings = &shared.settings;
         let client = shared
-            .fred_builder()
+            .fred_builder(Role::Subscriber)
             .build_subscriber_client()
-            .map_err(|error| map_error(&error, &settings.url, "creating the pub/sub subscriber"))?;
+            .map_err(|error| map_error(&error, settings, "creating the pub/sub subscriber"))?;
         let connect = tokio::time::timeout(settings.connect_timeout * 2, client.init()).await;
         match connect {
             Ok(Ok(_task)) => {}
             Ok(Err(error)) => {
                 return Err(map_error(
                     &error,
-                    &settings.url,
+                    settings,
                     "connecting the pub/sub subscriber",
                 ));
             }
             Err(_) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), client.quit()).await;
                 return Err(Error::Connection {
                     backend: "redis",
-                    url: agentcomm_core::error::redact_url(&settings.url),
+                    url: redact(&settings.url),
                     message: format!(
                         "the pub/sub subscriber could not connect within {:?}",
                         settings.connect_timeout * 2
@@ -86,25 +98,47 @@ impl PubSubHub {
                 });
             }
         }
-        let _resubscriber = client.manage_subscriptions();
-        watch_client(
-            &client,
-            "pub/sub subscriber",
-            shared.counters.clone(),
-            &settings.url,
-            || {},
-        );
-        Ok(Arc::new(PubSubHub {
+        let resubscribing = Arc::new(AtomicBool::new(false));
+        let (reconnected, reconnections) = tokio::sync::watch::channel(0u64);
+        {
+            let flag = resubscribing.clone();
+            watch_client(
+                &client,
+                "pub/sub subscriber",
+                shared.counters.clone(),
+                &settings.url,
+                move || {
+                    flag.store(true, Ordering::Release);
+                    reconnected.send_modify(|count| *count += 1);
+                },
+            );
+        }
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let hub = Arc::new(PubSubHub {
             client,
             redis: tokio::sync::Mutex::new(HashMap::new()),
             open: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             subscriptions: std::sync::Mutex::new(HashMap::new()),
-        }))
+            resubscribing,
+            stop,
+        });
+        tokio::spawn(resubscribe_after_reconnects(
+            Arc::downgrade(&hub),
+            reconnections,
+            stopped,
+            settings.reconnect,
+            settings.command_timeout,
+        ));
+        Ok(hub)
     }
 
     pub(crate) fn is_connected(&self) -> bool {
         self.client.is_connected()
+    }
+
+    pub(crate) fn is_resubscribing(&self) -> bool {
+        self.resubscribing.load(Ordering::Acquire)
     }
 
     pub(crate) fn subscription_count(&self) -> usize {
@@ -131,9 +165,8 @@ impl PubSubHub {
             .collect();
         redis.sort();
         redis.dedup();
-        // The receivers exist before Redis confirms, so nothing arriving right after is missed.
-        let messages = Arc::new(std::sync::Mutex::new(self.client.message_rx()));
-        let wake = self.client.message_rx();
+        // The receiver exists before Redis confirms, so nothing arriving right after is missed.
+        let messages = Arc::new(tokio::sync::Mutex::new(self.client.message_rx()));
         let (again, again_receiver) = async_channel::unbounded();
         let (stop, stop_receiver) = tokio::sync::watch::channel(false);
         let subscription = Arc::new(PubSubSubscription {
@@ -143,7 +176,17 @@ impl PubSubHub {
             again,
             stop,
         });
-        self.add_redis(&redis, &shared.settings.url).await?;
+        let adding = self.add_redis(&redis, &shared.settings);
+        match tokio::time::timeout(shared.settings.command_timeout, adding).await {
+            Ok(result) => result?,
+            Err(_) => {
+                self.drop_redis(&redis).await;
+                return Err(Error::Timeout {
+                    operation: "Redis to confirm a pub/sub subscription".into(),
+                    after: shared.settings.command_timeout,
+                });
+            }
+        }
         self.open.fetch_add(1, Ordering::Relaxed);
         self.subscriptions
             .lock()
@@ -151,7 +194,6 @@ impl PubSubHub {
             .insert(subscription.id, subscription.clone());
         let reader = Reader {
             messages: messages.clone(),
-            wake,
             again: again_receiver.clone(),
             stop: stop_receiver,
             subscription: subscription.clone(),
@@ -179,26 +221,45 @@ impl PubSubHub {
         Ok(Subscription::from_stream(stream, control, &options))
     }
 
-    async fn add_redis(&self, wanted: &[RedisSubscription], url: &str) -> Result<()> {
+    /// Subscribes to what `wanted` needs and is not subscribed yet, then confirms with a `PING`. On a
+    /// failure nothing stays counted.
+    async fn add_redis(
+        &self,
+        wanted: &[RedisSubscription],
+        settings: &crate::builder::Settings,
+    ) -> Result<()> {
         let mut counts = self.redis.lock().await;
-        for subscription in wanted {
+        for (done, subscription) in wanted.iter().enumerate() {
             if counts.get(subscription).copied().unwrap_or(0) == 0 {
                 let result = match subscription {
                     RedisSubscription::Channel(name) => self.client.subscribe(name.as_str()).await,
                     RedisSubscription::Pattern(glob) => self.client.psubscribe(glob.as_str()).await,
                 };
-                result.map_err(|error| map_error(&error, url, "subscribing"))?;
+                if let Err(error) = result {
+                    release_counts(&mut counts, &wanted[..done]);
+                    return Err(map_error(&error, settings, "subscribing"));
+                }
             }
             *counts.entry(subscription.clone()).or_insert(0) += 1;
         }
         // fred resolves SUBSCRIBE when it is written, not when Redis confirms it. Redis answers the
         // commands of one connection in order, so once this PING is answered the subscriptions are live.
-        let _: fred::types::Value = self
-            .client
-            .ping(None)
-            .await
-            .map_err(|error| map_error(&error, url, "confirming a subscription (PING)"))?;
+        let confirmed: std::result::Result<fred::types::Value, _> = self.client.ping(None).await;
+        if let Err(error) = confirmed {
+            release_counts(&mut counts, wanted);
+            return Err(map_error(
+                &error,
+                settings,
+                "confirming a subscription (PING)",
+            ));
+        }
         Ok(())
+    }
+
+    /// Forgets the counts a subscribe that timed out may have left.
+    async fn drop_redis(&self, wanted: &[RedisSubscription]) {
+        let mut counts = self.redis.lock().await;
+        release_counts(&mut counts, wanted);
     }
 
     /// Takes a subscription out: its stream ends after what it already received; Redis subscriptions
@@ -234,8 +295,9 @@ impl PubSubHub {
         }
     }
 
-    /// Ends every subscription and disconnects.
-    pub(crate) async fn close(&self) {
+    /// Ends every subscription and disconnects, by `until` at the latest.
+    pub(crate) async fn close(&self, until: tokio::time::Instant) {
+        self.stop.send_replace(true);
         let open: Vec<Arc<PubSubSubscription>> = self
             .subscriptions
             .lock()
@@ -243,11 +305,103 @@ impl PubSubHub {
             .values()
             .cloned()
             .collect();
+        // Each stream ends now; unsubscribing is only manners, bounded by the deadline.
         for subscription in &open {
-            self.remove(subscription).await;
+            subscription.stop.send_replace(true);
         }
-        if let Err(error) = self.client.quit().await {
-            tracing::debug!(error = %error, "the pub/sub subscriber did not quit cleanly");
+        let removing = async {
+            for subscription in &open {
+                self.remove(subscription).await;
+            }
+        };
+        let _ = tokio::time::timeout_at(until, removing).await;
+        for subscription in &open {
+            subscription.closed.store(true, Ordering::Release);
+            subscription.again.close();
+        }
+        let quit = tokio::time::timeout(Duration::from_secs(1), self.client.quit()).await;
+        if !matches!(quit, Ok(Ok(()))) {
+            tracing::debug!("the pub/sub subscriber did not quit cleanly");
+        }
+    }
+
+    /// Subscribes again to every Redis channel and glob in use, then confirms with a `PING`.
+    async fn resubscribe(&self) -> std::result::Result<(), fred::error::Error> {
+        let counts = self.redis.lock().await;
+        let mut channels: Vec<&str> = Vec::new();
+        let mut patterns: Vec<&str> = Vec::new();
+        for redis in counts.keys() {
+            match redis {
+                RedisSubscription::Channel(name) => channels.push(name),
+                RedisSubscription::Pattern(glob) => patterns.push(glob),
+            }
+        }
+        if !channels.is_empty() {
+            self.client.subscribe(channels).await?;
+        }
+        if !patterns.is_empty() {
+            self.client.psubscribe(patterns).await?;
+        }
+        let _: fred::types::Value = self.client.ping(None).await?;
+        Ok(())
+    }
+}
+
+fn release_counts(counts: &mut HashMap<RedisSubscription, usize>, wanted: &[RedisSubscription]) {
+    for subscription in wanted {
+        if let Some(count) = counts.get_mut(subscription) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(subscription);
+            }
+        }
+    }
+}
+
+/// After each reconnection of the subscriber: subscribe again to everything and confirm, retrying with
+/// backoff until that succeeds (or the hub closes).
+async fn resubscribe_after_reconnects(
+    hub: Weak<PubSubHub>,
+    mut reconnections: tokio::sync::watch::Receiver<u64>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+    backoff: agentcomm_core::backoff::Backoff,
+    command_timeout: Duration,
+) {
+    loop {
+        tokio::select! {
+            changed = reconnections.changed() => if changed.is_err() { return },
+            _ = stopped.wait_for(|stopped| *stopped) => return,
+        }
+        let mut failures = 0u32;
+        loop {
+            let Some(hub) = hub.upgrade() else { return };
+            let result = tokio::time::timeout(command_timeout, hub.resubscribe()).await;
+            match result {
+                Ok(Ok(())) => {
+                    // A reconnection that came while resubscribing is served by the next round.
+                    hub.resubscribing.store(false, Ordering::Release);
+                    if failures > 0 {
+                        tracing::info!(failures, "pub/sub subscriptions restored");
+                    }
+                    break;
+                }
+                Ok(Err(error)) => {
+                    failures += 1;
+                    tracing::warn!(error = %error, failures, "could not restore the pub/sub subscriptions after a reconnect; retrying");
+                }
+                Err(_) => {
+                    failures += 1;
+                    tracing::warn!(
+                        failures,
+                        "restoring the pub/sub subscriptions after a reconnect timed out; retrying"
+                    );
+                }
+            }
+            drop(hub);
+            tokio::select! {
+                () = tokio::time::sleep(backoff.delay(failures)) => {}
+                _ = stopped.wait_for(|stopped| *stopped) => return,
+            }
         }
     }
 }
@@ -281,11 +435,9 @@ fn glob_matches(glob: &[u8], text: &[u8]) -> bool {
 
 /// The state of one subscription's stream, advanced as the subscriber polls.
 struct Reader {
-    /// This subscription's cursor in the client's message channel, read with `try_recv` only (so that
-    /// [`PubSubStream::size_hint`] can count what waits in it).
-    messages: Arc<std::sync::Mutex<broadcast::Receiver<Message>>>,
-    /// A second cursor, only to be woken when a message arrives.
-    wake: broadcast::Receiver<Message>,
+    /// This subscription's cursor in the client's message channel. Locked while the reader waits on it,
+    /// so [`PubSubStream::size_hint`] counts only what waits while the reader is busy.
+    messages: Arc<tokio::sync::Mutex<broadcast::Receiver<Message>>>,
     again: async_channel::Receiver<Delivery>,
     stop: tokio::sync::watch::Receiver<bool>,
     subscription: Arc<PubSubSubscription>,
@@ -294,10 +446,20 @@ struct Reader {
     tracker: SequenceTracker,
     last_sweep: Instant,
     done: bool,
-    /// The last message taken, when it carried a sequence number: Redis sends one copy per matching
-    /// Redis subscription of the connection, one right after the other, and those copies are skipped
-    /// without counting them as duplicates.
-    last: Option<(fred::types::Value, fred::bytes_utils::Str)>,
+    /// The frame and channel of the last message taken, when it carried a sequence number: Redis sends
+    /// one copy per matching Redis subscription of the connection, one right after the other, and those
+    /// copies are skipped without counting them as duplicates.
+    last: Option<(Bytes, Str)>,
+}
+
+/// What waiting for the next message produced.
+enum Next {
+    Message(Message),
+    Lagged(u64),
+    Again(Delivery),
+    Sweep,
+    Stopped,
+    Closed,
 }
 
 impl Reader {
@@ -306,61 +468,81 @@ impl Reader {
             if self.done {
                 return None;
             }
-            let shared = self.shared.upgrade()?;
             // Given-back deliveries first.
             if let Ok(delivery) = self.again.try_recv() {
                 return Some(delivery);
             }
-            let received = self.messages.lock().expect("messages lock").try_recv();
-            match received {
-                Ok(message) => {
+            let next = {
+                let mut messages = self.messages.lock().await;
+                match messages.try_recv() {
+                    Ok(message) => Next::Message(message),
+                    Err(broadcast::error::TryRecvError::Lagged(missed)) => Next::Lagged(missed),
+                    Err(broadcast::error::TryRecvError::Closed) => Next::Closed,
+                    Err(broadcast::error::TryRecvError::Empty) if *self.stop.borrow() => {
+                        // Closed, and what already arrived is read: the stream ends.
+                        Next::Stopped
+                    }
+                    Err(broadcast::error::TryRecvError::Empty) => {
+                        let window = match self.shared.upgrade() {
+                            Some(shared) => shared.settings.reorder_window,
+                            None => return None,
+                        };
+                        let sweep = self.last_sweep + window.max(Duration::from_millis(50));
+                        tokio::select! {
+                            biased;
+                            delivery = self.again.recv() => match delivery {
+                                Ok(delivery) => Next::Again(delivery),
+                                // Closed with the subscription: read what already arrived.
+                                Err(_) => Next::Stopped,
+                            },
+                            received = messages.recv() => match received {
+                                Ok(message) => Next::Message(message),
+                                Err(RecvError::Lagged(missed)) => Next::Lagged(missed),
+                                Err(RecvError::Closed) => Next::Closed,
+                            },
+                            _ = self.stop.changed() => Next::Sweep,
+                            () = tokio::time::sleep_until(sweep.into()) => Next::Sweep,
+                        }
+                    }
+                }
+            };
+            let shared = self.shared.upgrade()?;
+            match next {
+                Next::Message(message) => {
                     if let Some(delivery) = self.accept(&shared, message) {
                         return Some(delivery);
                     }
-                    continue;
                 }
-                Err(TryRecvError::Lagged(missed)) => {
-                    self.lagged(&shared, missed);
-                    continue;
-                }
-                Err(TryRecvError::Closed) => {
-                    self.done = true;
-                    return None;
-                }
-                Err(TryRecvError::Empty) => {}
-            }
-            if *self.stop.borrow() {
-                // Closed, and what already arrived is read: the stream ends.
-                self.done = true;
-                return None;
-            }
-            // Nothing waits: forget what the wake-up cursor saw (the messages cursor has it), then sleep
-            // until something new arrives, is given back, the subscription closes, or gaps are due.
-            while let Ok(_) | Err(TryRecvError::Lagged(_)) = self.wake.try_recv() {}
-            if !self.messages.lock().expect("messages lock").is_empty() {
-                continue;
-            }
-            let sweep = self.last_sweep
-                + shared
-                    .settings
-                    .reorder_window
-                    .max(Duration::from_millis(50));
-            drop(shared);
-            tokio::select! {
-                biased;
-                delivery = self.again.recv() => match delivery {
-                    Ok(delivery) => return Some(delivery),
-                    // Closed with the subscription: read what already arrived.
-                    Err(_) => { let _ = self.stop.wait_for(|stopped| *stopped).await; }
-                },
-                _ = self.wake.recv() => {}
-                _ = self.stop.changed() => {}
-                () = tokio::time::sleep_until(sweep.into()) => {
-                    let shared = self.shared.upgrade()?;
+                Next::Lagged(missed) => self.lagged(&shared, missed),
+                Next::Again(delivery) => return Some(delivery),
+                Next::Sweep => {
                     self.last_sweep = Instant::now();
                     let lost = self.tracker.sweep(self.last_sweep);
                     report_lost(&shared, lost);
                 }
+                Next::Stopped => {
+                    if *self.stop.borrow() && self.messages.lock().await.is_empty() {
+                        self.done = true;
+                        return None;
+                    }
+                    if !*self.stop.borrow() {
+                        let _ = self.stop.wait_for(|stopped| *stopped).await;
+                    }
+                }
+                Next::Closed => {
+                    self.done = true;
+                    return None;
+                }
+            }
+            if self.last_sweep.elapsed()
+                > shared
+                    .settings
+                    .reorder_window
+                    .max(Duration::from_millis(50))
+            {
+                self.last_sweep = Instant::now();
+                let lost = self.tracker.sweep(self.last_sweep);
+                report_lost(&shared, lost);
             }
         }
     }
@@ -371,23 +553,23 @@ impl Reader {
         if !self.subscription.covers(&message.channel) {
             return None;
         }
-        if let Some((value, channel)) = &self.last
+        let raw = message.value.into_bytes().unwrap_or_default();
+        if let Some((frame, channel)) = &self.last
             && *channel == message.channel
-            && *value == message.value
+            && *frame == raw
         {
             return None;
         }
-        let raw = message.value.as_bytes().unwrap_or_default();
-        let mut envelope = match Envelope::from_frame(raw) {
+        let mut envelope = match Envelope::from_frame_bytes(raw.clone()) {
             Ok(envelope) => envelope,
             Err(error) => {
-                shared.malformed(bytes::Bytes::copy_from_slice(raw), &message.channel, &error);
+                shared.malformed(raw, &message.channel, &error);
                 return None;
             }
         };
         self.last = None;
         if let Some(sequence) = envelope.headers_mut().remove(SEQUENCE_HEADER) {
-            self.last = Some((message.value.clone(), message.channel.clone()));
+            self.last = Some((raw, message.channel));
             let (verdict, lost) =
                 self.tracker
                     .observe(envelope.channel().name(), &sequence, Instant::now());
@@ -409,17 +591,16 @@ impl Reader {
     }
 
     fn lagged(&mut self, shared: &Shared, missed: u64) {
+        // The skipped messages belong to every channel of the router; the sequences (kept, not reset)
+        // count exactly what this subscription lost of its own as `lost`.
         shared.counters.lose(&shared.counters.lagged, missed);
-        // The overrun messages are counted here, exactly; following the sequences afresh keeps them
-        // from being counted again as `lost`.
-        self.tracker = SequenceTracker::new(shared.settings.reorder_window);
         self.last = None;
         tracing::warn!(
             missed,
             capacity = shared.settings.broadcast_capacity,
-            "a pub/sub subscription fell behind the client's message channel and lost its oldest \
+            "a pub/sub subscription fell behind the subscriber's message channel and skipped its oldest \
              messages (its consumer is too slow; raise `broadcast_capacity`, consume faster, or use \
-             DeliveryMode::Streams)"
+             DeliveryMode::Streams); its own losses are counted as `lost`"
         );
     }
 }
@@ -427,7 +608,7 @@ impl Reader {
 /// A subscription's deliveries, produced as the subscriber polls; knows how many messages wait.
 struct PubSubStream {
     deliveries: std::pin::Pin<Box<dyn futures::Stream<Item = Delivery> + Send>>,
-    messages: Arc<std::sync::Mutex<broadcast::Receiver<Message>>>,
+    messages: Arc<tokio::sync::Mutex<broadcast::Receiver<Message>>>,
     // Boxed to keep the stream `Unpin`.
     again: Box<async_channel::Receiver<Delivery>>,
 }
@@ -443,9 +624,10 @@ impl futures::Stream for PubSubStream {
     }
 
     /// What waits in the client's channel for this subscription's cursor (messages of the router's
-    /// other subscriptions included), and given-back deliveries.
+    /// other subscriptions included), and given-back deliveries. While the reader waits for a message
+    /// (it holds the cursor), nothing waits.
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let waiting = self.messages.lock().map(|r| r.len()).unwrap_or(0) + self.again.len();
+        let waiting = self.messages.try_lock().map(|r| r.len()).unwrap_or(0) + self.again.len();
         (waiting, None)
     }
 }
@@ -526,7 +708,7 @@ impl Acknowledge for PubSubAck {
         if let Some(shared) = self.shared.upgrade() {
             shared.counters.bump(&shared.counters.acked);
         }
-        Box::pin(async { Ok(()) })
+        agentcomm_core::router::ready_ok()
     }
 
     fn nack(
@@ -542,7 +724,7 @@ impl Acknowledge for PubSubAck {
             shared.counters.bump(&shared.counters.nacked);
         }
         self.give_back(envelope, delay);
-        Box::pin(async { Ok(()) })
+        agentcomm_core::router::ready_ok()
     }
 
     fn abandon(self: Box<Self>, envelope: Envelope) {

@@ -2,14 +2,18 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fmt::Write as _;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use agentcomm_core::channel::DEAD_LETTER_CLASS;
+use agentcomm_core::channel::{Channel, DEAD_LETTER_CLASS, REPLY_DIRECTION};
 use agentcomm_core::envelope::Envelope;
-use agentcomm_core::error::{Error, Result, redact_url};
+use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::{
     BoxFuture, Capabilities, Health, HealthStatus, PublishOutcome, Router, SubscribeOptions,
     Subscription,
@@ -18,58 +22,98 @@ use bytes::Bytes;
 use fred::bytes_utils::Str;
 use fred::clients::{Client, Pool};
 use fred::interfaces::{
-    ClientLike, LuaInterface, PubsubInterface, SetsInterface, StreamsInterface,
+    ClientLike, KeysInterface, LuaInterface, PubsubInterface, SetsInterface, StreamsInterface,
 };
 use fred::types::config::Config;
-use fred::types::{Builder, ClusterHash, CustomCommand, Key, Value};
+use fred::types::streams::XCap;
+use fred::types::{Builder, ClusterHash, CustomCommand, Expiration, Key, SetOptions, Value};
 
 use crate::builder::{DeliveryMode, RedisRouterBuilder, Settings};
 use crate::connection::{
-    fred_builder, fred_config, is_noscript, map_error_with_timeout, watch_client,
+    Role, fred_builder, fred_config, is_noscript, map_error, redact, watch_client,
 };
 use crate::counters::{Counters, LogLimiter};
 use crate::keys::Keys;
 use crate::pubsub::PubSubHub;
-use crate::sequence::{PublisherSequences, SEQUENCE_HEADER, new_publisher_id};
+use crate::sequence::{SEQUENCE_HEADER, new_publisher_id};
 use crate::streams::{FRAME_FIELD, StreamSubscription};
 
 /// Adds a frame to a class stream once per publisher sequence number, even when fred writes the command
-/// again after a reconnect. KEYS: stream, dedup bitmap. ARGV: sequence number (counted per stream),
-/// bitmap size in bits, bitmap time-to-live in ms, approximate maximum length, frame.
+/// again after a reconnect. KEYS: stream, the publisher's high-water mark on that stream. ARGV: sequence
+/// number, mark time-to-live in ms, approximate maximum length (0: no trimming), frame, pub/sub channel
+/// to publish the frame to as well ('' for none).
 ///
-/// `SETBIT` answers the bit's previous value: set means this number was stored already. Every 64th number
-/// (1, 65, 129, ...) clears the 64-bit word half the bitmap ahead, so that bits are reused, and refreshes
-/// the bitmap's time-to-live.
+/// A publisher hands its publishes of one stream to one connection in the order of their numbers (see
+/// [`Shared::in_order`]), and Redis runs a connection's commands in order, replays included: so a number
+/// not above the mark was run already, and this run is a replay. Numbers that never reach Redis (a
+/// command fred gave up on) leave nothing behind. Returns false for a replay, else the number of pub/sub
+/// receivers.
 const PUBLISH_SCRIPT: &str = r#"
 local seq = tonumber(ARGV[1])
-local size = tonumber(ARGV[2])
-local bit = seq % size
-if redis.call('SETBIT', KEYS[2], bit, 1) == 1 then
+local last = redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2], 'GET')
+if last and tonumber(last) >= seq then
+  redis.call('SET', KEYS[2], last, 'PX', ARGV[2])
   return false
 end
-if bit % 64 == 1 then
-  redis.call('BITFIELD', KEYS[2], 'SET', 'i64', math.floor((bit - 1 + size / 2) % size), 0)
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if ARGV[3] == '0' then
+  redis.call('XADD', KEYS[1], '*', 'f', ARGV[4])
+else
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'f', ARGV[4])
 end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'f', ARGV[5])
+if ARGV[5] ~= '' then
+  return redis.call('PUBLISH', ARGV[5], ARGV[4])
+end
+return 0
 "#;
 
-/// Bits of a publisher's de-duplication bitmap (8 KiB); a retried publish is recognised while fewer
-/// than half this many later publishes of the same publisher came in between.
-const DEDUP_BITS: i64 = 65_536;
-/// How long an idle publisher's bitmap is kept.
+/// How long an idle publisher's high-water mark is kept. Replays come within a command timeout.
 const DEDUP_TTL_MS: i64 = 3_600_000;
-
-/// One publish of a batch: its index in the batch, its keys (or channel) and its arguments.
-type PipelinedCommand = (usize, Vec<Key>, Vec<Value>);
+/// How often a publisher lists its classes in the registry again (a Redis restart without persistence,
+/// or `FLUSHDB`, would otherwise hide them from wildcard subscriptions for good).
+const REGISTRY_REFRESH: Duration = Duration::from_secs(60);
+/// How many channels a publisher numbers before it starts afresh under a new publisher id.
+const MAX_PUBLISHER_CHANNELS: usize = 100_000;
+/// How long a malformed frame's marker keeps other subscriptions from dead-lettering it again.
+const MALFORMED_MARKER_TTL_MS: i64 = 3_600_000;
 
 /// Where one class's messages go, computed once per router: its keys, the pool connection that writes
 /// them (always the same, so that a stream's publishes stay in order), and its next sequence number.
 struct StreamTarget {
+    class: String,
     stream: Key,
     dedup: Key,
     client: usize,
+    /// `MAXLEN ~` of the stream, 0 for none.
+    max_len: i64,
+    /// The next sequence number; taken under the connection's order lock.
     next: AtomicU64,
+    /// The registry generation the class was last listed in, and when (ms since the router started).
+    registered_generation: AtomicU64,
+    registered_at_ms: AtomicU64,
+}
+
+impl StreamTarget {
+    /// The `MAXLEN ~` of an `XADD` to this stream.
+    fn cap(&self) -> XCap {
+        if self.max_len > 0 {
+            XCap::try_from(("MAXLEN", "~", self.max_len)).unwrap_or_else(|_| XCap::from(None))
+        } else {
+            XCap::from(None)
+        }
+    }
+}
+
+/// Where one pub/sub channel's messages go, and the last sequence number used on it.
+pub(crate) struct ChannelRoute {
+    pub(crate) channel: Str,
+    pub(crate) client: usize,
+    next: AtomicU64,
+}
+
+/// The publisher's numbering of pub/sub channels: `<publisher id>/` and each channel's route.
+struct PubSubRoutes {
+    publisher: String,
+    channels: HashMap<String, Arc<ChannelRoute>>,
 }
 
 /// The state every clone of a router, and every subscription, shares.
@@ -80,17 +124,24 @@ pub(crate) struct Shared {
     pub(crate) pool: Pool,
     pub(crate) counters: Arc<Counters>,
     closed: AtomicBool,
+    started: Instant,
     publisher_id: String,
-    /// Each class stream this router publishes to. Each has its own sequence: a de-duplication bitmap
-    /// must see every number of its sequence, or the words ahead would not be cleared.
+    /// Each class stream this router publishes to.
     targets: RwLock<HashMap<String, Arc<StreamTarget>>>,
-    /// Sequence numbers by channel, with each channel's Redis name and pool connection.
-    pubsub_sequences: Mutex<PublisherSequences<(Str, usize)>>,
-    script_sha: String,
+    /// One lock per pool connection: sequence numbers of idempotent publishes are taken, and their
+    /// commands handed to fred, under it, so that they reach Redis in the order of their numbers.
+    order: Vec<Mutex<()>>,
+    /// Bumped when a pool connection reconnects: every class is listed in the registry again.
+    registry_generation: Arc<AtomicU64>,
+    pubsub_routes: RwLock<PubSubRoutes>,
+    script_sha: Str,
     hub: tokio::sync::Mutex<Option<Arc<PubSubHub>>>,
     streams: Mutex<HashMap<u64, Arc<StreamSubscription>>>,
     next_subscription: AtomicU64,
     malformed_log: LogLimiter,
+    duplicate_log: LogLimiter,
+    /// Entries of each (stream, group) known trimmed before the group read them, as counted so far.
+    group_trimmed: Mutex<HashMap<(Arc<str>, String), u64>>,
 }
 
 /// A [`Router`] on Redis, in pub/sub or Streams mode ([`DeliveryMode`]).
@@ -137,7 +188,7 @@ impl fmt::Debug for RedisRouter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let shared = &self.shared;
         f.debug_struct("RedisRouter")
-            .field("url", &redact_url(&shared.settings.url))
+            .field("url", &redact(&shared.settings.url))
             .field("mode", &shared.settings.mode)
             .field("prefix", &shared.keys.prefix())
             .field("pool_size", &shared.settings.pool_size)
@@ -176,17 +227,17 @@ impl RedisRouter {
 
     pub(crate) async fn connect_with(settings: Settings) -> Result<Self> {
         let config = fred_config(&settings)?;
-        let builder = fred_builder(&settings, config.clone());
+        let builder = fred_builder(&settings, config.clone(), Role::Commands);
         let pool = builder
             .build_pool(settings.pool_size)
-            .map_err(|e| map_error_with_timeout(&e, &settings, "creating the connection pool"))?;
+            .map_err(|e| map_error(&e, &settings, "creating the connection pool"))?;
         let limit = settings.connect_timeout * 2;
         match tokio::time::timeout(limit, pool.init()).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
                 return Err(Error::Connection {
                     backend: "redis",
-                    url: redact_url(&settings.url),
+                    url: redact(&settings.url),
                     message: error.details().to_string(),
                 });
             }
@@ -194,58 +245,78 @@ impl RedisRouter {
                 let _ = tokio::time::timeout(Duration::from_secs(1), pool.quit()).await;
                 return Err(Error::Connection {
                     backend: "redis",
-                    url: redact_url(&settings.url),
+                    url: redact(&settings.url),
                     message: format!("no connection within {limit:?}"),
                 });
             }
         }
         let counters = Arc::new(Counters::default());
+        let registry_generation = Arc::new(AtomicU64::new(1));
         for client in pool.clients() {
-            watch_client(client, "pool", counters.clone(), &settings.url, || {});
+            let generation = registry_generation.clone();
+            watch_client(client, "pool", counters.clone(), &settings.url, move || {
+                generation.fetch_add(1, Ordering::AcqRel);
+            });
         }
         let script_sha = {
             let client = pool.next();
-            let loaded: std::result::Result<String, _> = client.script_load(PUBLISH_SCRIPT).await;
+            let loaded = tokio::time::timeout(
+                settings.command_timeout,
+                client.script_load::<String, _>(PUBLISH_SCRIPT),
+            )
+            .await;
             match loaded {
-                Ok(sha) => sha,
-                Err(error) => {
-                    let _ = pool.quit().await;
-                    return Err(map_error_with_timeout(
+                Ok(Ok(sha)) => Str::from(sha),
+                Ok(Err(error)) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), pool.quit()).await;
+                    return Err(map_error(
                         &error,
                         &settings,
                         "loading the publish script (SCRIPT LOAD)",
                     ));
                 }
+                Err(_) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), pool.quit()).await;
+                    return Err(Error::Timeout {
+                        operation: "Redis to load the publish script (SCRIPT LOAD)".into(),
+                        after: settings.command_timeout,
+                    });
+                }
             }
         };
+        let order = (0..pool.size()).map(|_| Mutex::new(())).collect();
         let shared = Arc::new(Shared {
             keys: Keys::new(&settings.prefix),
             config,
             pool,
             counters,
             closed: AtomicBool::new(false),
+            started: Instant::now(),
             publisher_id: new_publisher_id(),
             targets: RwLock::new(HashMap::new()),
-            pubsub_sequences: Mutex::new(PublisherSequences::new()),
+            order,
+            registry_generation,
+            pubsub_routes: RwLock::new(PubSubRoutes {
+                publisher: format!("{}/", new_publisher_id()),
+                channels: HashMap::new(),
+            }),
             script_sha,
             hub: tokio::sync::Mutex::new(None),
             streams: Mutex::new(HashMap::new()),
             next_subscription: AtomicU64::new(1),
             malformed_log: LogLimiter::new(Duration::from_secs(5)),
+            duplicate_log: LogLimiter::new(Duration::from_secs(5)),
+            group_trimmed: Mutex::new(HashMap::new()),
             settings,
         });
-        if shared.settings.mode == DeliveryMode::PubSub {
-            let hub = match PubSubHub::start(&shared).await {
-                Ok(hub) => hub,
-                Err(error) => {
-                    let _ = shared.pool.quit().await;
-                    return Err(error);
-                }
-            };
-            *shared.hub.lock().await = Some(hub);
+        if shared.settings.mode == DeliveryMode::PubSub
+            && let Err(error) = shared.hub().await
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(1), shared.pool.quit()).await;
+            return Err(error);
         }
         tracing::info!(
-            url = %redact_url(&shared.settings.url),
+            url = %redact(&shared.settings.url),
             mode = %shared.settings.mode,
             prefix = shared.keys.prefix(),
             "connected to Redis"
@@ -265,8 +336,8 @@ fn closed_error() -> Error {
 }
 
 impl Shared {
-    pub(crate) fn fred_builder(&self) -> Builder {
-        fred_builder(&self.settings, self.config.clone())
+    pub(crate) fn fred_builder(&self, role: Role) -> Builder {
+        fred_builder(&self.settings, self.config.clone(), role)
     }
 
     /// The pool connection for `key`: always the same one, so that commands on one stream or channel
@@ -286,145 +357,341 @@ impl Shared {
         self.streams.lock().expect("streams lock").remove(&id);
     }
 
+    /// Records that `total` entries of `stream` were trimmed before `group` read them (since the group was
+    /// created); returns how many of those were not counted yet by this router.
+    pub(crate) fn trimmed_for_group(&self, stream: &Arc<str>, group: &str, total: u64) -> u64 {
+        let mut counted = self.group_trimmed.lock().expect("trimmed lock");
+        let counted = counted
+            .entry((stream.clone(), group.to_string()))
+            .or_insert(0);
+        let new = total.saturating_sub(*counted);
+        *counted = (*counted).max(total);
+        new
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// The pub/sub subscriber, connected on first use (in Streams mode, for reply inboxes).
+    pub(crate) async fn hub(self: &Arc<Self>) -> Result<Arc<PubSubHub>> {
+        let mut hub = self.hub.lock().await;
+        if let Some(hub) = hub.as_ref() {
+            return Ok(hub.clone());
+        }
+        self.check_open()?;
+        let started = PubSubHub::start(self).await?;
+        *hub = Some(started.clone());
+        Ok(started)
+    }
+
+    /// Whether messages on `channel` travel over pub/sub: everything in pub/sub mode; in Streams mode the
+    /// `reply` direction is also published there (and still stored), for reply inboxes.
+    fn publishes_to_channel(&self, channel: &Channel) -> bool {
+        self.settings.mode == DeliveryMode::PubSub
+            || (self.settings.replies_over_pubsub && channel.direction() == REPLY_DIRECTION)
+    }
+
+    /// Whether a subscription with these options is served by pub/sub: in Streams mode, a fan-out
+    /// subscription whose every pattern names the `reply` direction (a reply inbox).
+    pub(crate) fn serves_over_pubsub(&self, options: &SubscribeOptions) -> bool {
+        match self.settings.mode {
+            DeliveryMode::PubSub => true,
+            DeliveryMode::Streams => {
+                self.settings.replies_over_pubsub
+                    && matches!(
+                        options.distribution,
+                        agentcomm_core::router::Distribution::FanOut
+                    )
+                    && options
+                        .patterns
+                        .iter()
+                        .all(|pattern| pattern.direction() == Some(REPLY_DIRECTION))
+            }
+        }
+    }
+
     /// The classes that have a stream.
     pub(crate) async fn registered_classes(&self) -> Result<Vec<String>> {
         self.pool
             .next()
             .smembers(self.keys.registry())
             .await
-            .map_err(|e| map_error_with_timeout(&e, &self.settings, "reading the stream registry"))
+            .map_err(|e| map_error(&e, &self.settings, "reading the stream registry"))
     }
 
-    /// The target of `class`. The first time, lists the class in the registry (so that wildcard
-    /// subscriptions find its stream) before anything is written to the stream.
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The target of `class`. Lists the class in the registry (so that wildcard subscriptions find its
+    /// stream) before anything is written to the stream, and again after a reconnect and every
+    /// [`REGISTRY_REFRESH`].
     async fn target(&self, class: &str) -> Result<Arc<StreamTarget>> {
-        if let Some(target) = self.targets.read().expect("targets lock").get(class) {
-            return Ok(target.clone());
-        }
-        self.pool
-            .next()
-            .sadd::<i64, _, _>(self.keys.registry(), class)
-            .await
-            .map_err(|e| map_error_with_timeout(&e, &self.settings, "registering a stream"))?;
-        let stream = self.keys.stream(class);
-        let client = self.client_index(&stream);
-        let target = Arc::new(StreamTarget {
-            dedup: Key::from(self.keys.dedup(class, &self.publisher_id)),
-            stream: Key::from(stream),
-            client,
-            next: AtomicU64::new(1),
-        });
-        Ok(self
+        let found = self
             .targets
-            .write()
+            .read()
             .expect("targets lock")
-            .entry(class.to_string())
-            .or_insert(target)
-            .clone())
+            .get(class)
+            .cloned();
+        let target = match found {
+            Some(target) => target,
+            None => {
+                let stream = self.keys.stream(class);
+                let client = self.client_index(&stream);
+                let max_len = if class == DEAD_LETTER_CLASS {
+                    self.settings.dead_letter_max_len.unwrap_or(0)
+                } else {
+                    self.settings.stream_max_len
+                };
+                let target = Arc::new(StreamTarget {
+                    class: class.to_string(),
+                    dedup: Key::from(self.keys.dedup(class, &self.publisher_id)),
+                    stream: Key::from(stream),
+                    client,
+                    max_len: i64::try_from(max_len).unwrap_or(i64::MAX),
+                    next: AtomicU64::new(1),
+                    registered_generation: AtomicU64::new(0),
+                    registered_at_ms: AtomicU64::new(0),
+                });
+                self.targets
+                    .write()
+                    .expect("targets lock")
+                    .entry(class.to_string())
+                    .or_insert(target)
+                    .clone()
+            }
+        };
+        let generation = self.registry_generation.load(Ordering::Acquire);
+        let due = target.registered_generation.load(Ordering::Acquire) != generation
+            || self
+                .elapsed_ms()
+                .saturating_sub(target.registered_at_ms.load(Ordering::Relaxed))
+                > REGISTRY_REFRESH.as_millis() as u64;
+        if due {
+            self.pool
+                .next()
+                .sadd::<i64, _, _>(self.keys.registry(), target.class.as_str())
+                .await
+                .map_err(|e| map_error(&e, &self.settings, "registering a stream"))?;
+            target
+                .registered_at_ms
+                .store(self.elapsed_ms(), Ordering::Relaxed);
+            target
+                .registered_generation
+                .store(generation, Ordering::Release);
+        }
+        Ok(target)
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
+        if self.is_closed() {
             Err(closed_error())
         } else {
             Ok(())
         }
     }
 
-    /// The keys and script arguments of one stream publish.
-    fn stream_command(&self, target: &StreamTarget, frame: Vec<u8>) -> (Vec<Key>, Vec<Value>) {
-        let sequence = target.next.fetch_add(1, Ordering::Relaxed);
-        let keys = vec![target.stream.clone(), target.dedup.clone()];
-        let args = vec![
-            Value::Integer(sequence as i64),
-            Value::Integer(DEDUP_BITS),
-            Value::Integer(DEDUP_TTL_MS),
-            Value::Integer(i64::try_from(self.settings.stream_max_len).unwrap_or(i64::MAX)),
-            Value::Bytes(Bytes::from(frame)),
-        ];
-        (keys, args)
+    /// Takes the next sequence number of `target` and hands the command `make` builds with it to fred,
+    /// under the order lock of the target's connection: fred sends a connection's commands in the order
+    /// it was given them (replays after a reconnect included), so they reach Redis in the order of their
+    /// numbers, which is what [`PUBLISH_SCRIPT`] relies on. fred's command futures hand the command over
+    /// on their first poll, which happens here, under the lock.
+    async fn in_order<T, F, Fut>(&self, target: &StreamTarget, make: F) -> T
+    where
+        F: FnOnce(u64) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let lock = &self.order[target.client];
+        let mut make = Some(make);
+        let mut started: Option<Pin<Box<Fut>>> = None;
+        let first = std::future::poll_fn(|cx| {
+            let _order = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let sequence = target.next.fetch_add(1, Ordering::Relaxed);
+            let make = make.take().expect("the command is built once");
+            let mut future = Box::pin(make(sequence));
+            let poll = future.as_mut().poll(cx);
+            started = Some(future);
+            Poll::Ready(poll)
+        })
+        .await;
+        match first {
+            Poll::Ready(value) => value,
+            Poll::Pending => started.expect("the command was started").await,
+        }
     }
 
-    /// Appends `envelope` to its class stream.
-    async fn stream_add(&self, envelope: &Envelope) -> Result<()> {
-        let target = self.target(envelope.channel().class()).await?;
-        let frame = envelope.to_frame()?;
+    /// The script arguments of one stream publish.
+    fn script_args(
+        target: &StreamTarget,
+        sequence: u64,
+        frame: &Bytes,
+        channel: Option<&Str>,
+    ) -> Vec<Value> {
+        vec![
+            Value::Integer(sequence as i64),
+            Value::Integer(DEDUP_TTL_MS),
+            Value::Integer(target.max_len),
+            Value::Bytes(frame.clone()),
+            match channel {
+                Some(channel) => Value::String(channel.clone()),
+                None => Value::from_static_str(""),
+            },
+        ]
+    }
+
+    /// What the publish script's reply says: `Null` is a replay fred wrote again after a reconnect, stored
+    /// by its first run.
+    fn script_outcome(&self, target: &StreamTarget, reply: Value) -> PublishOutcome {
+        match reply {
+            Value::Null => {
+                self.counters.bump(&self.counters.publish_duplicates);
+                if let Some(suppressed) = self.duplicate_log.allow() {
+                    tracing::info!(
+                        class = target.class.as_str(),
+                        suppressed,
+                        "a publish written again after a reconnect was already stored; not stored twice"
+                    );
+                }
+                PublishOutcome::Accepted
+            }
+            value => outcome_of(value.as_i64().unwrap_or(0), true),
+        }
+    }
+
+    /// Appends `frame` to the stream of `target` (and publishes it to `channel`, for replies).
+    async fn stream_publish(
+        &self,
+        target: &StreamTarget,
+        frame: Bytes,
+        channel: Option<Str>,
+    ) -> Result<PublishOutcome> {
         let client = &self.pool.clients()[target.client];
         if !self.settings.idempotent_publish {
-            let fields = vec![(FRAME_FIELD, Value::Bytes(Bytes::from(frame)))];
-            let cap = (
-                "MAXLEN",
-                "~",
-                i64::try_from(self.settings.stream_max_len).unwrap_or(i64::MAX),
-            );
-            return client
-                .xadd::<Value, _, _, _, _>(target.stream.clone(), false, cap, "*", fields)
+            let fields = vec![(FRAME_FIELD, Value::Bytes(frame.clone()))];
+            let added: std::result::Result<Value, _> = client
+                .xadd(target.stream.clone(), false, target.cap(), "*", fields)
+                .await;
+            added.map_err(|e| map_error(&e, &self.settings, "XADD"))?;
+            let Some(channel) = channel else {
+                return Ok(PublishOutcome::Accepted);
+            };
+            let receivers: i64 = client
+                .publish(channel, frame)
                 .await
-                .map(drop)
-                .map_err(|e| map_error_with_timeout(&e, &self.settings, "XADD"));
+                .map_err(|e| map_error(&e, &self.settings, "PUBLISH"))?;
+            return Ok(outcome_of(receivers, true));
         }
-        let (keys, args) = self.stream_command(&target, frame);
-        let result: std::result::Result<Value, _> = client
-            .evalsha(self.script_sha.as_str(), keys.clone(), args.clone())
+        let keys = || vec![target.stream.clone(), target.dedup.clone()];
+        let reply = self
+            .in_order(target, |sequence| {
+                client.evalsha::<Value, _, _, _>(
+                    self.script_sha.clone(),
+                    keys(),
+                    Self::script_args(target, sequence, &frame, channel.as_ref()),
+                )
+            })
             .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(error) if is_noscript(&error) => client
-                .eval::<Value, _, _, _>(PUBLISH_SCRIPT, keys, args)
+        let reply = match reply {
+            Err(error) if is_noscript(&error) => {
+                // Redis lost its script cache (a restart, another cluster node). Nothing was stored; the
+                // publish goes again with the script's text, under a fresh number (its old one may be
+                // below the mark by now).
+                self.in_order(target, |sequence| {
+                    client.eval::<Value, _, _, _>(
+                        PUBLISH_SCRIPT,
+                        keys(),
+                        Self::script_args(target, sequence, &frame, channel.as_ref()),
+                    )
+                })
                 .await
-                .map(drop)
-                .map_err(|e| map_error_with_timeout(&e, &self.settings, "publishing to a stream")),
-            Err(error) => Err(map_error_with_timeout(
-                &error,
-                &self.settings,
-                "publishing to a stream",
-            )),
-        }
+            }
+            other => other,
+        };
+        reply
+            .map(|reply| self.script_outcome(target, reply))
+            .map_err(|e| map_error(&e, &self.settings, "publishing to a stream"))
     }
 
-    /// Numbers and encodes a pub/sub message; returns the Redis channel, the pool connection for it and
-    /// the frame.
-    fn pubsub_frame(&self, mut envelope: Envelope) -> Result<(Str, usize, Vec<u8>)> {
-        let (sequence, (channel, client)) = self
-            .pubsub_sequences
-            .lock()
-            .expect("sequences lock")
-            .next(envelope.channel().name(), || {
-                let channel = self.keys.pubsub_channel(envelope.channel());
-                let client = self.client_index(&channel);
-                (Str::from(channel), client)
-            });
+    /// The route of `channel` and the sequence header of its next message.
+    fn pubsub_route(&self, channel: &Channel) -> (Arc<ChannelRoute>, String) {
+        let header = |routes: &PubSubRoutes, route: &ChannelRoute| {
+            let number = route.next.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut header = String::with_capacity(routes.publisher.len() + 20);
+            header.push_str(&routes.publisher);
+            let _ = write!(header, "{number}");
+            header
+        };
+        {
+            let routes = self.pubsub_routes.read().expect("routes lock");
+            if let Some(route) = routes.channels.get(channel.name()) {
+                return (route.clone(), header(&routes, route));
+            }
+        }
+        let mut routes = self.pubsub_routes.write().expect("routes lock");
+        if !routes.channels.contains_key(channel.name())
+            && routes.channels.len() >= MAX_PUBLISHER_CHANNELS
+        {
+            // Numbering restarts under a new id, so that subscribers never see a number go backwards.
+            routes.channels.clear();
+            routes.publisher = format!("{}/", new_publisher_id());
+        }
+        let name = self.keys.pubsub_channel(channel);
+        let client = self.client_index(&name);
+        let route = routes
+            .channels
+            .entry(channel.name().to_string())
+            .or_insert_with(|| {
+                Arc::new(ChannelRoute {
+                    channel: Str::from(name),
+                    client,
+                    next: AtomicU64::new(0),
+                })
+            })
+            .clone();
+        let header = header(&routes, &route);
+        (route, header)
+    }
+
+    /// Numbers and encodes a message for pub/sub; returns its route and frame.
+    fn pubsub_frame(&self, mut envelope: Envelope) -> Result<(Arc<ChannelRoute>, Bytes)> {
+        let (route, sequence) = self.pubsub_route(envelope.channel());
         envelope
             .headers_mut()
             .insert(SEQUENCE_HEADER.to_string(), sequence);
-        Ok((channel, client, envelope.to_frame()?))
+        Ok((route, Bytes::from(envelope.to_frame()?)))
     }
 
     /// Publishes one envelope in this router's mode; dead letters are always also kept in their stream.
     pub(crate) async fn publish_envelope(&self, envelope: Envelope) -> Result<PublishOutcome> {
         self.check_open()?;
-        let result = match self.settings.mode {
-            DeliveryMode::Streams => self
-                .stream_add(&envelope)
-                .await
-                .map(|()| PublishOutcome::Accepted),
-            DeliveryMode::PubSub => self.pubsub_publish(envelope).await,
-        };
+        let result = self.publish_one(envelope).await;
         self.count_publish(&result);
         result
     }
 
-    async fn pubsub_publish(&self, envelope: Envelope) -> Result<PublishOutcome> {
-        let keep = envelope.channel().class() == DEAD_LETTER_CLASS;
-        if keep {
-            self.stream_add(&envelope).await?;
+    async fn publish_one(&self, envelope: Envelope) -> Result<PublishOutcome> {
+        let class = envelope.channel().class();
+        let stored = self.settings.mode == DeliveryMode::Streams || class == DEAD_LETTER_CLASS;
+        if !self.publishes_to_channel(envelope.channel()) {
+            let target = self.target(class).await?;
+            let frame = Bytes::from(envelope.to_frame()?);
+            return self.stream_publish(&target, frame, None).await;
         }
-        let (channel, client, frame) = self.pubsub_frame(envelope)?;
-        let receivers: i64 = self.pool.clients()[client]
-            .publish(channel, Bytes::from(frame))
+        if stored {
+            // Published and stored with one script: replies in Streams mode, dead letters in pub/sub mode.
+            let target = self.target(class).await?;
+            let (route, frame) = self.pubsub_frame(envelope)?;
+            return self
+                .stream_publish(&target, frame, Some(route.channel.clone()))
+                .await;
+        }
+        let (route, frame) = self.pubsub_frame(envelope)?;
+        let receivers: i64 = self.pool.clients()[route.client]
+            .publish(route.channel.clone(), frame)
             .await
-            .map_err(|e| map_error_with_timeout(&e, &self.settings, "PUBLISH"))?;
-        Ok(outcome_of(receivers, keep))
+            .map_err(|e| map_error(&e, &self.settings, "PUBLISH"))?;
+        Ok(outcome_of(receivers, false))
     }
 
     fn count_publish(&self, result: &Result<PublishOutcome>) {
@@ -441,17 +708,17 @@ impl Shared {
 
     /// Publishes several envelopes in one pipeline per connection.
     async fn publish_pipelined(&self, envelopes: Vec<Envelope>) -> Vec<Result<PublishOutcome>> {
-        if let Err(error) = self.check_open() {
-            return envelopes
-                .iter()
-                .map(|_| Err(closed_error_like(&error)))
-                .collect();
+        if self.check_open().is_err() {
+            return envelopes.iter().map(|_| Err(closed_error())).collect();
         }
-        let keep_any = envelopes
-            .iter()
-            .any(|e| e.channel().class() == DEAD_LETTER_CLASS);
-        if self.settings.mode == DeliveryMode::PubSub && keep_any {
-            // Dead letters take the careful path (stream and channel).
+        let careful = envelopes.iter().any(|e| {
+            let stored = self.settings.mode == DeliveryMode::Streams
+                || e.channel().class() == DEAD_LETTER_CLASS;
+            stored && self.publishes_to_channel(e.channel())
+        });
+        if careful {
+            // Dead letters in pub/sub mode and replies in Streams mode go to a stream and a channel:
+            // the rare path, one by one.
             let mut results = Vec::with_capacity(envelopes.len());
             for envelope in envelopes {
                 results.push(self.publish_envelope(envelope).await);
@@ -461,39 +728,35 @@ impl Shared {
         let mut results: Vec<Option<Result<PublishOutcome>>> = Vec::new();
         results.resize_with(envelopes.len(), || None);
         // Encode first: an envelope that cannot be encoded fails alone.
-        let mut by_client: HashMap<usize, Vec<PipelinedCommand>> = HashMap::new();
+        let mut by_client: HashMap<usize, Vec<Pending>> = HashMap::new();
         for (index, envelope) in envelopes.into_iter().enumerate() {
-            let encoded = match self.settings.mode {
+            let pending = match self.settings.mode {
                 DeliveryMode::Streams => match self.target(envelope.channel().class()).await {
                     Err(error) => Err(error),
-                    Ok(target) => envelope.to_frame().map(|frame| {
-                        let (keys, args) = self.stream_command(&target, frame);
-                        (target.client, keys, args)
+                    Ok(target) => envelope.to_frame().map(|frame| Pending {
+                        index,
+                        client: target.client,
+                        target: Some(target),
+                        channel: None,
+                        frame: Bytes::from(frame),
                     }),
                 },
-                DeliveryMode::PubSub => {
-                    self.pubsub_frame(envelope).map(|(channel, client, frame)| {
-                        (
-                            client,
-                            vec![Key::from(channel)],
-                            vec![Value::Bytes(Bytes::from(frame))],
-                        )
-                    })
-                }
+                DeliveryMode::PubSub => self.pubsub_frame(envelope).map(|(route, frame)| Pending {
+                    index,
+                    client: route.client,
+                    target: None,
+                    channel: Some(route.channel.clone()),
+                    frame,
+                }),
             };
-            match encoded {
-                Ok((client, keys, args)) => by_client
-                    .entry(client)
-                    .or_default()
-                    .push((index, keys, args)),
+            match pending {
+                Ok(pending) => by_client.entry(pending.client).or_default().push(pending),
                 Err(error) => results[index] = Some(Err(error)),
             }
         }
-        let clients = self.pool.clients();
-        let batches = by_client.into_iter().map(|(position, batch)| {
-            let client = &clients[position];
-            self.run_pipeline(client, batch)
-        });
+        let batches = by_client
+            .into_iter()
+            .map(|(client, batch)| self.run_pipeline(client, batch));
         for batch in futures::future::join_all(batches).await {
             for (index, result) in batch {
                 results[index] = Some(result);
@@ -501,7 +764,14 @@ impl Shared {
         }
         let results: Vec<Result<PublishOutcome>> = results
             .into_iter()
-            .map(|r| r.expect("every envelope has a result"))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(Error::Backend {
+                        backend: "redis",
+                        message: "the publish got no reply from its pipeline".into(),
+                    })
+                })
+            })
             .collect();
         for result in &results {
             self.count_publish(result);
@@ -509,78 +779,174 @@ impl Shared {
         results
     }
 
+    /// Sends one connection's share of a batch as one pipeline. Numbers are taken and the pipeline is
+    /// handed to fred under the connection's order lock (see [`Shared::in_order`]).
     async fn run_pipeline(
         &self,
-        client: &Client,
-        batch: Vec<PipelinedCommand>,
+        position: usize,
+        batch: Vec<Pending>,
     ) -> Vec<(usize, Result<PublishOutcome>)> {
+        let client = &self.pool.clients()[position];
         let pipeline = client.pipeline();
-        let streams = self.settings.mode == DeliveryMode::Streams;
-        for (_, keys, args) in &batch {
-            let queued: std::result::Result<(), _> = if streams {
-                if self.settings.idempotent_publish {
-                    let mut command: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
-                    command.push(Value::from(self.script_sha.as_str()));
-                    command.push(Value::Integer(keys.len() as i64));
-                    command.extend(keys.iter().map(|k| Value::from(k.as_bytes())));
-                    command.extend(args.iter().cloned());
-                    pipeline
-                        .custom(
-                            CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false),
-                            command,
-                        )
-                        .await
-                } else {
-                    let fields = vec![(FRAME_FIELD, args[4].clone())];
-                    let cap = (
-                        "MAXLEN",
-                        "~",
-                        i64::try_from(self.settings.stream_max_len).unwrap_or(i64::MAX),
-                    );
-                    pipeline
-                        .xadd(keys[0].clone(), false, cap, "*", fields)
-                        .await
+        let idempotent = self.settings.idempotent_publish;
+        // Which envelopes made it into the pipeline: the replies belong to those, in order.
+        let mut queued: Vec<usize> = Vec::with_capacity(batch.len());
+        let mut results: Vec<(usize, Result<PublishOutcome>)> = Vec::with_capacity(batch.len());
+        let lock = &self.order[position];
+        let mut started = None;
+        let first = std::future::poll_fn(|cx| {
+            let _order = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            for (slot, pending) in batch.iter().enumerate() {
+                let queuing: Option<std::result::Result<(), fred::error::Error>> =
+                    match (&pending.target, &pending.channel) {
+                        (Some(target), _) if idempotent => {
+                            let sequence = target.next.fetch_add(1, Ordering::Relaxed);
+                            let mut command = Vec::with_capacity(9);
+                            command.push(Value::String(self.script_sha.clone()));
+                            command.push(Value::Integer(2));
+                            command.push(Value::Bytes(target.stream.inner().clone()));
+                            command.push(Value::Bytes(target.dedup.inner().clone()));
+                            command.extend(Self::script_args(
+                                target,
+                                sequence,
+                                &pending.frame,
+                                None,
+                            ));
+                            futures::FutureExt::now_or_never(tokio::task::unconstrained(
+                                pipeline.custom(
+                                    CustomCommand::new_static(
+                                        "EVALSHA",
+                                        ClusterHash::Offset(2),
+                                        false,
+                                    ),
+                                    command,
+                                ),
+                            ))
+                        }
+                        (Some(target), _) => futures::FutureExt::now_or_never(
+                            tokio::task::unconstrained(pipeline.xadd(
+                                target.stream.clone(),
+                                false,
+                                target.cap(),
+                                "*",
+                                vec![(FRAME_FIELD, Value::Bytes(pending.frame.clone()))],
+                            )),
+                        ),
+                        (None, Some(channel)) => {
+                            futures::FutureExt::now_or_never(tokio::task::unconstrained(
+                                pipeline.publish(channel.clone(), pending.frame.clone()),
+                            ))
+                        }
+                        (None, None) => continue,
+                    };
+                match queuing {
+                    // A pipeline takes a command synchronously and answers at once; `None` (the answer not
+                    // seen yet) still means the command is in the pipeline.
+                    Some(Ok(())) | None => queued.push(slot),
+                    Some(Err(error)) => results.push((
+                        pending.index,
+                        Err(map_error(&error, &self.settings, "queuing a publish")),
+                    )),
                 }
-            } else {
-                pipeline
-                    .publish(keys[0].as_str().unwrap_or_default(), args[0].clone())
-                    .await
-            };
-            let _ = queued;
+            }
+            let mut sending = Box::pin(pipeline.try_all::<Value>());
+            let poll = sending.as_mut().poll(cx);
+            started = Some(sending);
+            Poll::Ready(poll)
+        })
+        .await;
+        let replies = match first {
+            Poll::Ready(replies) => replies,
+            Poll::Pending => started.expect("the pipeline was started").await,
+        };
+        if queued.is_empty() {
+            return results;
         }
-        let replies: Vec<std::result::Result<Value, fred::error::Error>> = pipeline.try_all().await;
-        let mut results = Vec::with_capacity(batch.len());
-        for ((index, keys, args), reply) in batch.into_iter().zip(replies) {
-            let result = match reply {
-                Ok(value) if streams => {
-                    let _ = value;
-                    Ok(PublishOutcome::Accepted)
-                }
-                Ok(value) => Ok(outcome_of(value.as_i64().unwrap_or(0), false)),
-                Err(error) if streams && is_noscript(&error) => client
-                    .eval::<Value, _, _, _>(PUBLISH_SCRIPT, keys, args)
-                    .await
-                    .map(|_| PublishOutcome::Accepted)
-                    .map_err(|e| {
-                        map_error_with_timeout(&e, &self.settings, "publishing to a stream")
-                    }),
-                Err(error) => Err(map_error_with_timeout(&error, &self.settings, "publishing")),
+        let replies: Vec<std::result::Result<Value, fred::error::Error>> =
+            if replies.len() == queued.len() {
+                replies
+            } else {
+                // The whole pipeline failed (fred answers one error for all): each publish gets it.
+                let counts = (replies.len(), queued.len());
+                let error = replies
+                    .into_iter()
+                    .find_map(|reply| reply.err())
+                    .unwrap_or_else(|| {
+                        fred::error::Error::new(
+                            fred::error::ErrorKind::Unknown,
+                            format!(
+                                "the pipeline's {} replies do not match its {} commands",
+                                counts.0, counts.1
+                            ),
+                        )
+                    });
+                queued.iter().map(|_| Err(error.clone())).collect()
             };
-            results.push((index, result));
+        let streams = self.settings.mode == DeliveryMode::Streams;
+        for (slot, reply) in queued.into_iter().zip(replies) {
+            let pending = &batch[slot];
+            let result = match (reply, &pending.target) {
+                (Ok(reply), Some(target)) if idempotent => Ok(self.script_outcome(target, reply)),
+                (Ok(_), _) if streams => Ok(PublishOutcome::Accepted),
+                (Ok(reply), _) => Ok(outcome_of(reply.as_i64().unwrap_or(0), false)),
+                (Err(error), Some(target)) if idempotent && is_noscript(&error) => {
+                    // Not stored: again, alone, with the script's text and a fresh number.
+                    self.in_order(target, |sequence| {
+                        client.eval::<Value, _, _, _>(
+                            PUBLISH_SCRIPT,
+                            vec![target.stream.clone(), target.dedup.clone()],
+                            Self::script_args(target, sequence, &pending.frame, None),
+                        )
+                    })
+                    .await
+                    .map(|reply| self.script_outcome(target, reply))
+                    .map_err(|e| map_error(&e, &self.settings, "publishing to a stream"))
+                }
+                (Err(error), _) => Err(map_error(&error, &self.settings, "publishing")),
+            };
+            results.push((pending.index, result));
         }
         results
     }
 
     /// Moves a frame that cannot be decoded to `DeadLetter:agentcomm.Malformed:unknown`; returns whether
-    /// it was published (the raw entry may then be removed).
+    /// it is dealt with (the raw entry may then be removed). `identity` names the frame (a stream entry,
+    /// or a channel and the frame's bytes): the first subscription to find it publishes the dead letter,
+    /// others (fan-out copies, other groups, other routers) only count it.
     pub(crate) async fn dead_letter_malformed(
         &self,
         raw: Bytes,
         source: &str,
+        identity: &str,
         error: &Error,
     ) -> bool {
         self.counters.bump(&self.counters.malformed);
         self.counters.mark_trouble();
+        let marker = self.keys.malformed_marker(&stable_hash(identity));
+        let first: std::result::Result<Value, _> = self
+            .pool
+            .next()
+            .set(
+                marker.as_str(),
+                1,
+                Some(Expiration::PX(MALFORMED_MARKER_TTL_MS)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await;
+        match first {
+            Ok(Value::Null) => {
+                tracing::debug!(
+                    source,
+                    "a malformed frame another subscription dead-lettered already"
+                );
+                return true;
+            }
+            Ok(_) => {}
+            Err(marker_error) => {
+                tracing::debug!(error = %marker_error, "could not mark a malformed frame; dead-lettering it anyway");
+            }
+        }
         if let Some(suppressed) = self.malformed_log.allow() {
             tracing::error!(
                 source,
@@ -594,6 +960,8 @@ impl Shared {
         match self.publish_envelope(dead).await {
             Ok(_) => true,
             Err(publish_error) => {
+                // Let the next attempt publish it.
+                let _: std::result::Result<i64, _> = self.pool.next().del(marker.as_str()).await;
                 tracing::error!(error = %publish_error, source, "could not publish the dead letter of a malformed frame");
                 false
             }
@@ -601,19 +969,24 @@ impl Shared {
     }
 
     /// Like [`Shared::dead_letter_malformed`], in the background (pub/sub: nothing to remove).
-    pub(crate) fn malformed(self: &Arc<Self>, raw: Bytes, source: &str, error: &Error) {
+    pub(crate) fn malformed(self: &Arc<Self>, raw: Bytes, channel: &str, error: &Error) {
         let shared = self.clone();
-        let source = source.to_string();
+        let source = channel.to_string();
+        let mut identity = String::with_capacity(channel.len() + 17);
+        identity.push_str(channel);
+        let _ = write!(identity, " {:016x}", stable_hash_bytes(&raw));
         let error = Error::decode("envelope", error);
         tokio::spawn(async move {
-            shared.dead_letter_malformed(raw, &source, &error).await;
+            shared
+                .dead_letter_malformed(raw, &source, &identity, &error)
+                .await;
         });
     }
 
     async fn health(&self) -> Health {
         let settings = &self.settings;
         let backend = backend_name(settings.mode);
-        let closed = self.closed.load(Ordering::Acquire);
+        let closed = self.is_closed();
         let started = Instant::now();
         let ping = tokio::time::timeout(
             Duration::from_secs(2).min(settings.command_timeout),
@@ -624,6 +997,7 @@ impl Shared {
         let pool_connected = self.pool.clients().iter().all(|c| c.is_connected());
         let hub = self.hub.lock().await.clone();
         let subscriber_connected = hub.as_ref().is_none_or(|hub| hub.is_connected());
+        let resubscribing = hub.as_ref().is_some_and(|hub| hub.is_resubscribing());
         let streams: Vec<Arc<StreamSubscription>> = self
             .streams
             .lock()
@@ -640,13 +1014,18 @@ impl Shared {
                 HealthStatus::Unhealthy,
                 format!(
                     "Redis at {} does not answer; reconnecting with backoff (check that it is running and reachable)",
-                    redact_url(&settings.url)
+                    redact(&settings.url)
                 ),
             )
         } else if !pool_connected || !subscriber_connected {
             (
                 HealthStatus::Degraded,
                 "some connections are reconnecting".to_string(),
+            )
+        } else if resubscribing {
+            (
+                HealthStatus::Degraded,
+                "the pub/sub subscriber reconnected and is restoring its subscriptions".to_string(),
             )
         } else if self.counters.recent_trouble() {
             (
@@ -674,10 +1053,9 @@ impl Shared {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        // One deadline for all the cleanup: with Redis gone, every command would wait its own timeout.
+        let until = tokio::time::Instant::now() + self.settings.close_timeout;
         let hub = self.hub.lock().await.take();
-        if let Some(hub) = hub {
-            hub.close().await;
-        }
         let streams: Vec<Arc<StreamSubscription>> = self
             .streams
             .lock()
@@ -685,26 +1063,45 @@ impl Shared {
             .drain()
             .map(|(_, s)| s)
             .collect();
-        let deadline = self.settings.close_timeout;
-        futures::future::join_all(streams.iter().map(|s| s.finish(deadline))).await;
-        let quit =
-            tokio::time::timeout(deadline.max(Duration::from_secs(1)), self.pool.quit()).await;
+        let closing_hub = async {
+            if let Some(hub) = hub {
+                hub.close(until).await;
+            }
+        };
+        let finishing = futures::future::join_all(streams.iter().map(|s| s.finish(until)));
+        let _ = tokio::time::timeout_at(
+            until + Duration::from_millis(200),
+            futures::future::join(closing_hub, finishing),
+        )
+        .await;
+        let quit = tokio::time::timeout(Duration::from_secs(1), self.pool.quit()).await;
         if !matches!(quit, Ok(Ok(()))) {
             tracing::debug!("the connection pool did not quit cleanly");
         }
-        tracing::info!(url = %redact_url(&self.settings.url), "Redis router closed");
+        tracing::info!(url = %redact(&self.settings.url), "Redis router closed");
         Ok(())
     }
 }
 
-fn closed_error_like(error: &Error) -> Error {
-    match error {
-        Error::Closed { what, hint } => Error::Closed { what, hint },
-        other => Error::Backend {
-            backend: "redis",
-            message: other.to_string(),
-        },
-    }
+/// One publish of a batch, encoded.
+struct Pending {
+    index: usize,
+    client: usize,
+    target: Option<Arc<StreamTarget>>,
+    channel: Option<Str>,
+    frame: Bytes,
+}
+
+/// A hash that is the same in every process of one build (for markers other routers must find).
+fn stable_hash(text: &str) -> String {
+    format!("{:016x}", stable_hash_bytes(text.as_bytes()))
+}
+
+fn stable_hash_bytes(bytes: &[u8]) -> u64 {
+    // `DefaultHasher::new()` uses fixed keys: the same value in every process.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn outcome_of(receivers: i64, stored: bool) -> PublishOutcome {
@@ -735,12 +1132,13 @@ impl Router for RedisRouter {
                 .consumer_groups(true)
                 .redelivery(true)
                 .publish_confirms(true),
+            // `reports_unroutable` is not claimed: a subscription with a wildcard class listens to every
+            // channel under the prefix, so while one exists anywhere, a message no pattern matches is
+            // still reported as delivered (and a cluster counts only the receivers of one node).
             DeliveryMode::PubSub => Capabilities::none()
                 .ordered_per_channel(true)
                 .redelivery(true)
                 .publish_confirms(true)
-                // A cluster counts only the receivers on the node that took the PUBLISH.
-                .reports_unroutable(!self.shared.config.server.is_clustered())
                 .no_duplicates(true),
         }
     }
@@ -761,23 +1159,18 @@ impl Router for RedisRouter {
             options.check()?;
             let shared = &self.shared;
             shared.check_open()?;
-            match shared.settings.mode {
-                DeliveryMode::PubSub => {
-                    let hub = shared.hub.lock().await.clone().ok_or_else(closed_error)?;
-                    hub.subscribe(shared, options).await
-                }
-                DeliveryMode::Streams => {
-                    let id = shared.next_subscription.fetch_add(1, Ordering::Relaxed);
-                    let (subscription, handle) =
-                        StreamSubscription::start(shared, options, id).await?;
-                    shared
-                        .streams
-                        .lock()
-                        .expect("streams lock")
-                        .insert(id, subscription);
-                    Ok(handle)
-                }
+            if shared.serves_over_pubsub(&options) {
+                let hub = shared.hub().await?;
+                return hub.subscribe(shared, options).await;
             }
+            let id = shared.next_subscription.fetch_add(1, Ordering::Relaxed);
+            let (subscription, handle) = StreamSubscription::start(shared, options, id).await?;
+            shared
+                .streams
+                .lock()
+                .expect("streams lock")
+                .insert(id, subscription);
+            Ok(handle)
         })
     }
 
@@ -793,7 +1186,6 @@ impl Router for RedisRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fred::interfaces::KeysInterface;
 
     /// The publish script against a real Redis (REDIS_URL); skipped when there is none.
     #[tokio::test]
@@ -809,10 +1201,10 @@ mod tests {
             if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
                 panic!(
                     "AGENTCOMM_REQUIRE_BROKERS=1, but there is no Redis at {}",
-                    redact_url(&url)
+                    redact(&url)
                 );
             }
-            println!("skipped: no Redis at {}", redact_url(&url));
+            println!("skipped: no Redis at {}", redact(&url));
             return;
         }
         let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
@@ -820,45 +1212,43 @@ mod tests {
             format!("{prefix}:stream:{{A}}"),
             format!("{prefix}:dedup:{{A}}:p"),
         ];
-        let run = |seq: i64| {
+        let run = |seq: i64, channel: &'static str| {
             let args = vec![
                 Value::Integer(seq),
-                Value::Integer(DEDUP_BITS),
                 Value::Integer(DEDUP_TTL_MS),
                 Value::Integer(1000),
                 Value::from("frame"),
+                Value::from(channel),
             ];
             client.eval::<Value, _, _, _>(PUBLISH_SCRIPT, keys.clone(), args)
         };
-        assert!(!run(1).await.unwrap().is_null(), "first publish stored");
+        assert_eq!(run(1, "").await.unwrap(), Value::Integer(0), "stored");
         assert!(
-            run(1).await.unwrap().is_null(),
-            "the same number again is a retry"
+            run(1, "").await.unwrap().is_null(),
+            "the same number again is a replay"
         );
-        assert!(!run(2).await.unwrap().is_null());
-        // Number 65 clears the word half the bitmap ahead: bits 32,832 .. 32,895 become usable again.
-        let bits = |command: &'static str, args: Vec<Value>| {
-            client.custom::<i64, Value>(
-                CustomCommand::new_static(command, ClusterHash::FirstKey, false),
-                args,
-            )
-        };
-        let key = Value::from(keys[1].as_str());
-        bits(
-            "SETBIT",
-            vec![key.clone(), Value::Integer(32_840), Value::Integer(1)],
-        )
-        .await
-        .unwrap();
-        assert!(!run(65).await.unwrap().is_null());
-        let bit = bits("GETBIT", vec![key, Value::Integer(32_840)])
-            .await
-            .unwrap();
-        assert_eq!(bit, 0);
+        // Numbers that never reached Redis (3 to 99) leave nothing behind: every later number is new,
+        // however many come after (the old bitmap design lost messages 65,536 numbers later).
+        assert!(!run(2, "").await.unwrap().is_null());
+        assert!(!run(100, "").await.unwrap().is_null());
+        assert!(
+            run(99, "").await.unwrap().is_null(),
+            "below the mark: a replay"
+        );
+        assert!(!run(100_000, "").await.unwrap().is_null());
+        assert!(!run(100_001, "").await.unwrap().is_null());
+        // A replay left the mark where it was.
+        let mark: String = client.get(&keys[1]).await.unwrap();
+        assert_eq!(mark, "100001");
+        // Published to a channel too (replies): the reply is the receiver count.
+        assert_eq!(
+            run(100_002, "nobody-listens").await.unwrap(),
+            Value::Integer(0)
+        );
         let length: i64 = client.xlen(&keys[0]).await.unwrap();
-        assert_eq!(length, 3);
+        assert_eq!(length, 6);
         let ttl: i64 = client.pttl(&keys[1]).await.unwrap();
-        assert!(ttl > 0, "the bitmap expires when idle");
+        assert!(ttl > 0, "the mark expires when idle");
         let _: i64 = client.del(keys.clone()).await.unwrap();
         let _ = client.quit().await;
     }

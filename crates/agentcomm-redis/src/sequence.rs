@@ -16,45 +16,12 @@ use std::time::{Duration, Instant};
 /// The header that carries a pub/sub message's sequence number. Removed before delivery.
 pub const SEQUENCE_HEADER: &str = "agentcomm-seq";
 
-/// How many channels a publisher numbers before it starts afresh under a new publisher id.
-const MAX_PUBLISHER_CHANNELS: usize = 100_000;
-/// A subscriber forgets a publisher's channel after this long without a message from it.
+/// A subscriber forgets a publisher's channel after this long without a message from it. A publish fred
+/// writes again after a reconnect comes within the publisher's command timeout (30 s by default), long
+/// before.
 const TRACK_IDLE: Duration = Duration::from_secs(300);
 /// Arrivals held past a gap before the gap is settled regardless of the window.
 const MAX_AHEAD: usize = 4096;
-
-/// The publisher side: the next number of each channel.
-pub(crate) struct PublisherSequences<R> {
-    id: String,
-    /// By channel: the last number, and where its messages go (computed once).
-    next: HashMap<String, (u64, R)>,
-}
-
-impl<R: Clone> PublisherSequences<R> {
-    pub(crate) fn new() -> Self {
-        PublisherSequences {
-            id: new_publisher_id(),
-            next: HashMap::new(),
-        }
-    }
-
-    /// The header value for the next message on `channel`, and where it goes (`route` is asked the
-    /// first time only).
-    pub(crate) fn next(&mut self, channel: &str, route: impl FnOnce() -> R) -> (String, R) {
-        if let Some((slot, target)) = self.next.get_mut(channel) {
-            *slot += 1;
-            return (format!("{}/{}", self.id, slot), target.clone());
-        }
-        if self.next.len() >= MAX_PUBLISHER_CHANNELS {
-            // Numbering restarts under a new id, so that subscribers never see a number go backwards.
-            self.next.clear();
-            self.id = new_publisher_id();
-        }
-        let target = route();
-        self.next.insert(channel.to_string(), (1, target.clone()));
-        (format!("{}/1", self.id), target)
-    }
-}
 
 pub(crate) fn new_publisher_id() -> String {
     let uuid = uuid::Uuid::new_v4().simple().to_string();
@@ -280,17 +247,5 @@ mod tests {
             tracker.observe("a", &header("p", 4), now),
             (Verdict::Duplicate, 0)
         );
-    }
-
-    #[test]
-    fn publishers_number_each_channel_from_one() {
-        let mut sequences = PublisherSequences::new();
-        let (first, route) = sequences.next("a", || "route-a");
-        assert!(first.ends_with("/1"), "{first}");
-        assert_eq!(route, "route-a");
-        let (second, route) = sequences.next("a", || unreachable!("computed once"));
-        assert!(second.ends_with("/2"));
-        assert_eq!(route, "route-a");
-        assert!(sequences.next("b", || "route-b").0.ends_with("/1"));
     }
 }

@@ -9,15 +9,21 @@
 //! - each subscription reads on a connection of its own with blocking reads, at most `prefetch`
 //!   unsettled entries at a time (a semaphore), and renews the entries it holds so that nobody takes
 //!   them over while its handlers work;
-//! - ack is `XACK`; a nack keeps the entry pending and delivers it again after the delay, with its
-//!   delivery counter set to the new attempt (`XCLAIM .. RETRYCOUNT`), so a crash does not reset it;
+//! - ack is `XACK`, several at once when they come together; a nack keeps the entry pending and
+//!   delivers it again after the delay, with its delivery counter set to the new attempt
+//!   (`XCLAIM .. RETRYCOUNT`), so a crash does not reset it;
 //! - entries left pending by a consumer that stopped (crashed, or cut off) are claimed by the others after
-//!   `claim_idle`; an entry delivered more than `max_deliveries` times goes to its dead-letter channel.
+//!   `claim_idle`; an entry delivered more than `max_deliveries` times goes to its dead-letter channel;
+//! - entries trimmed before a subscription read them are counted (`trimmed`) and logged.
+//!
+//! Every command that takes or touches an entry of this consumer (renewal, recovery, retry count,
+//! release) goes through [`CLAIM_OWNED_SCRIPT`], which checks first that this consumer still owns it:
+//! an entry another member reclaimed is never taken back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agentcomm_core::channel::ChannelPattern;
 use agentcomm_core::envelope::{Envelope, MessageId, headers};
@@ -28,20 +34,138 @@ use agentcomm_core::router::{
 };
 use bytes::Bytes;
 use fred::clients::Client;
-use fred::interfaces::{ClientInterface, ClientLike, SetsInterface, StreamsInterface};
+use fred::interfaces::{
+    ClientInterface, ClientLike, HashesInterface, LuaInterface, StreamsInterface,
+};
+use fred::types::Value;
 use fred::types::config::Options;
-use fred::types::{ClusterHash, CustomCommand, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::connection::{is_nogroup, map_error, watch_client};
+use crate::connection::{Role, is_nogroup, map_error, redact, watch_client};
+use crate::counters::LogLimiter;
 use crate::router::Shared;
+use crate::sequence::SEQUENCE_HEADER;
 
 /// The field of a stream entry that holds the frame.
 pub(crate) const FRAME_FIELD: &str = "f";
 
+/// Takes entries this consumer still owns: for each id, only if it is pending for this consumer and its
+/// entry still exists, `XCLAIM .. JUSTID` (which does not count a delivery), with `IDLE` and
+/// `RETRYCOUNT` when given. KEYS: stream. ARGV: group, consumer, idle ms or '', retry count or '', ids.
+/// Returns the ids taken.
+const CLAIM_OWNED_SCRIPT: &str = r#"
+local taken = {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #pending > 0 and pending[1][2] == ARGV[2] and #redis.call('XRANGE', KEYS[1], id, id) > 0 then
+    local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id}
+    if ARGV[3] ~= '' then table.insert(claim, 'IDLE'); table.insert(claim, ARGV[3]) end
+    if ARGV[4] ~= '' then table.insert(claim, 'RETRYCOUNT'); table.insert(claim, ARGV[4]) end
+    table.insert(claim, 'JUSTID')
+    if #redis.call(unpack(claim)) > 0 then table.insert(taken, id) end
+  end
+end
+return taken
+"#;
+
+/// Claims entries idle for at least ARGV[3] ms: those whose entry was trimmed meanwhile are acknowledged
+/// and reported instead (Redis 7 would drop them from the pending list without a word). KEYS: stream.
+/// ARGV: group, consumer, min idle ms, ids. Returns {claimed entries, trimmed ids}.
+const RECLAIM_SCRIPT: &str = r#"
+local claimed, trimmed = {}, {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
+    local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], id, id, 1)
+    if #pending > 0 then
+      redis.call('XACK', KEYS[1], ARGV[1], id)
+      table.insert(trimmed, id)
+    end
+  else
+    local entry = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], id)
+    if #entry > 0 then table.insert(claimed, entry[1]) end
+  end
+end
+return {claimed, trimmed}
+"#;
+
+/// Removes a consumer from its group only if it holds nothing pending, atomically (a read landing
+/// between a check and `XGROUP DELCONSUMER` would otherwise lose its entries). KEYS: stream. ARGV:
+/// group, consumer. Returns the number of pending entries it would have lost (0: removed).
+const LEAVE_SCRIPT: &str = r#"
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending > 0 then return #pending end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 0
+"#;
+
+/// Creates a consumer group with an exact read counter (`ENTRIESREAD`, Redis 7), so that entries
+/// trimmed before the group read them can be counted: at the end of the stream (`$`, the entries so far
+/// count as read) or at its start (`0`). KEYS: stream. ARGV: group, '$' or '0'.
+const CREATE_GROUP_SCRIPT: &str = r#"
+local added = 0
+if ARGV[2] == '$' and redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'entries-added' then added = info[i + 1] end
+  end
+end
+return redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], ARGV[2], 'MKSTREAM', 'ENTRIESREAD', added)
+"#;
+
+/// Where a stream stands, and a group's position in it (Redis 7): {length, entries added, first entry
+/// id, last generated id, group's last delivered id, group's entries read}. KEYS: stream. ARGV: group
+/// or ''. An empty array when the stream does not exist.
+const POSITION_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local length, added, first, last = 0, false, '0-0', '0-0'
+for i = 1, #info, 2 do
+  local name = info[i]
+  if name == 'length' then length = info[i + 1]
+  elseif name == 'entries-added' then added = info[i + 1]
+  elseif name == 'recorded-first-entry-id' then first = info[i + 1]
+  elseif name == 'last-generated-id' then last = info[i + 1] end
+end
+local delivered, read = '', false
+if ARGV[1] ~= '' then
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local name, group_last, group_read = nil, nil, false
+    for i = 1, #group, 2 do
+      if group[i] == 'name' then name = group[i + 1]
+      elseif group[i] == 'last-delivered-id' then group_last = group[i + 1]
+      elseif group[i] == 'entries-read' then group_read = group[i + 1] end
+    end
+    if name == ARGV[1] then delivered, read = group_last, group_read end
+  end
+end
+return {length, added, first, last, delivered, read}
+"#;
+
+/// A stream entry id (`<ms>-<seq>`), ordered numerically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct EntryId(u64, u64);
+
+impl EntryId {
+    fn parse(text: &str) -> Option<Self> {
+        let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
+        Some(EntryId(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
 /// One entry as read from a stream: its id and frame (`None` when the entry was deleted or trimmed while
 /// it was pending).
 type Entry = (String, Option<Bytes>);
+
+/// A held entry: its stream key and id.
+type Held = (Arc<str>, EntryId);
 
 pub(crate) struct StreamSubscription {
     pub(crate) id: u64,
@@ -50,26 +174,38 @@ pub(crate) struct StreamSubscription {
     consumer: String,
     patterns: Vec<ChannelPattern>,
     wildcard_class: bool,
-    /// The patterns of every member of the group, and when they were read.
-    union: Mutex<(Vec<ChannelPattern>, Option<Instant>)>,
+    /// The patterns of every member of the group.
+    union: Mutex<Vec<ChannelPattern>>,
     sender: async_channel::Sender<Delivery>,
+    /// A receiver of our own, to give back what waits in the buffer once the subscriber dropped its
+    /// subscription (nobody will read it).
+    drain: async_channel::Receiver<Delivery>,
     permits: Arc<Semaphore>,
     /// How many prefetch slots must be free before the reader reads again: reading one entry per
     /// settled delivery would cost a read per message once the prefetch is full.
     refill: usize,
-    /// Entries delivered and not settled yet, by stream key and id.
-    held: Mutex<HashSet<(Arc<str>, Arc<str>)>>,
+    /// Entries read and not settled yet (delivered, buffered, or waiting for a prefetch slot).
+    held: Mutex<HashSet<Held>>,
     settled: tokio::sync::Notify,
     closed: AtomicBool,
+    /// Set when closing gives the entries still held back to the group: their acks then fail, since
+    /// another member may already have them.
+    released: AtomicBool,
     stop: watch::Sender<bool>,
     readers: Mutex<Vec<Arc<Reader>>>,
     /// Fan-out: where each stream was read up to.
-    cursors: Mutex<HashMap<Arc<str>, String>>,
+    cursors: Mutex<HashMap<Arc<str>, EntryId>>,
+    /// Fan-out: per stream, entries added before the subscription started, and entries read since.
+    counted: Mutex<HashMap<Arc<str>, (u64, u64)>>,
+    /// Entries known trimmed before they were read, as reported so far (per stream).
+    trim_reported: Mutex<HashMap<Arc<str>, u64>>,
     known: Mutex<HashSet<Arc<str>>>,
     running: AtomicU64,
     done: tokio::sync::Notify,
     /// Read loops still running (a subset of `running`).
     reading: AtomicU64,
+    acks: AckBatcher,
+    filtered_log: LogLimiter,
 }
 
 /// A connection that reads some of a subscription's streams with blocking reads.
@@ -77,6 +213,26 @@ struct Reader {
     client: Client,
     keys: Mutex<Vec<Arc<str>>>,
     rescan: Arc<AtomicBool>,
+}
+
+/// An acknowledgement waiting for its `XACK`.
+type AckWaiter = (EntryId, tokio::sync::oneshot::Sender<Result<()>>);
+
+/// Acknowledgements waiting, by stream; `closed` once nothing is sent any more.
+#[derive(Default)]
+struct AckQueue {
+    closed: bool,
+    waiting: HashMap<Arc<str>, Vec<AckWaiter>>,
+}
+
+/// Acknowledgements waiting to be sent: one `XACK` per stream for all that came together.
+#[derive(Default)]
+struct AckBatcher {
+    queue: Mutex<AckQueue>,
+    wake: tokio::sync::Notify,
+    /// Held (read) while a batch is sent; closing takes it (write) to stop acknowledgements before it
+    /// gives entries back.
+    gate: tokio::sync::RwLock<()>,
 }
 
 impl StreamSubscription {
@@ -99,8 +255,9 @@ impl StreamSubscription {
             consumer,
             wildcard_class: options.patterns.iter().any(|p| p.class().is_none()),
             patterns: options.patterns.clone(),
-            union: Mutex::new((options.patterns.clone(), None)),
+            union: Mutex::new(options.patterns.clone()),
             sender,
+            drain: receiver.clone(),
             permits: Arc::new(Semaphore::new(options.prefetch)),
             refill: (options.prefetch / 4)
                 .clamp(1, shared.settings.read_batch)
@@ -108,17 +265,24 @@ impl StreamSubscription {
             held: Mutex::new(HashSet::new()),
             settled: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             stop,
             readers: Mutex::new(Vec::new()),
             cursors: Mutex::new(HashMap::new()),
+            counted: Mutex::new(HashMap::new()),
+            trim_reported: Mutex::new(HashMap::new()),
             known: Mutex::new(HashSet::new()),
             running: AtomicU64::new(0),
             done: tokio::sync::Notify::new(),
             reading: AtomicU64::new(0),
+            acks: AckBatcher::default(),
+            filtered_log: LogLimiter::new(Duration::from_secs(5)),
         });
         if let Err(error) = subscription.setup().await {
             subscription.stop_now();
-            subscription.quit_readers().await;
+            subscription
+                .quit_readers(tokio::time::Instant::now() + Duration::from_secs(1))
+                .await;
             return Err(error);
         }
         let control = Arc::new(StreamControl {
@@ -128,12 +292,12 @@ impl StreamSubscription {
         Ok((subscription, handle))
     }
 
-    fn url(&self) -> &str {
-        &self.shared.settings.url
-    }
-
     fn is_group(&self) -> bool {
         self.group.is_some()
+    }
+
+    fn settings(&self) -> &crate::builder::Settings {
+        &self.shared.settings
     }
 
     /// Creates groups or cursors, connects the readers and starts the tasks. Once it returns, every
@@ -152,11 +316,21 @@ impl StreamSubscription {
         classes.dedup();
         if let Some(group) = &self.group {
             let patterns: Vec<String> = self.patterns.iter().map(ToString::to_string).collect();
-            let client = shared.pool.next();
-            client
-                .sadd::<i64, _, _>(shared.keys.group_patterns(group), patterns)
+            shared
+                .pool
+                .next()
+                .hset::<i64, _, _>(
+                    shared.keys.group_members(group),
+                    (self.consumer.as_str(), patterns.join("\n")),
+                )
                 .await
-                .map_err(|e| map_error(&e, self.url(), "registering the group's patterns"))?;
+                .map_err(|e| {
+                    map_error(
+                        &e,
+                        self.settings(),
+                        "registering the group member's patterns",
+                    )
+                })?;
         }
         let keys: Vec<Arc<str>> = classes
             .iter()
@@ -173,6 +347,8 @@ impl StreamSubscription {
         } else {
             self.add_reader(keys).await?;
         }
+        self.spawn(send_acks(self.clone()));
+        self.spawn(watch_trimming(self.clone()));
         if self.is_group() {
             self.spawn(renew_leases(self.clone()));
             self.spawn(reclaim(self.clone()));
@@ -189,50 +365,49 @@ impl StreamSubscription {
         let client = self.shared.pool.next();
         if let Some(group) = &self.group {
             let start = if found_later { "0" } else { "$" };
-            create_group(client, key, group, start, self.url()).await?;
+            create_group(client, key, group, start, self.settings()).await?;
         } else {
-            let start = if found_later {
-                "0-0".to_string()
+            let (start, added) = if found_later {
+                (EntryId(0, 0), 0)
             } else {
-                let last: Value = client
-                    .xrevrange(key.as_ref(), "+", "-", Some(1))
+                let position = stream_position(client, key, None)
                     .await
-                    .map_err(|e| map_error(&e, self.url(), "reading the end of a stream"))?;
-                last.into_array()
-                    .into_iter()
-                    .next()
-                    .and_then(|entry| entry.into_array().into_iter().next())
-                    .and_then(|id| id.as_string())
-                    .unwrap_or_else(|| "0-0".to_string())
+                    .map_err(|e| map_error(&e, self.settings(), "reading the end of a stream"))?;
+                position.map_or((EntryId(0, 0), 0), |p| (p.last, p.added.unwrap_or(0)))
             };
             self.cursors
                 .lock()
                 .expect("cursors lock")
                 .insert(key.clone(), start);
+            self.counted
+                .lock()
+                .expect("counted lock")
+                .insert(key.clone(), (added, 0));
         }
-        self.known
-            .lock()
-            .expect("known streams lock")
-            .insert(key.clone());
         Ok(())
     }
 
     async fn add_reader(self: &Arc<Self>, keys: Vec<Arc<str>>) -> Result<()> {
         let shared = &self.shared;
         let client = shared
-            .fred_builder()
+            .fred_builder(Role::Commands)
             .build()
-            .map_err(|e| map_error(&e, self.url(), "creating a stream reader"))?;
+            .map_err(|e| map_error(&e, self.settings(), "creating a stream reader"))?;
         let timeout = shared.settings.connect_timeout * 2;
         match tokio::time::timeout(timeout, client.init()).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => {
-                return Err(map_error(&error, self.url(), "connecting a stream reader"));
+                return Err(map_error(
+                    &error,
+                    self.settings(),
+                    "connecting a stream reader",
+                ));
             }
             Err(_) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), client.quit()).await;
                 return Err(Error::Connection {
                     backend: "redis",
-                    url: agentcomm_core::error::redact_url(self.url()),
+                    url: redact(&self.settings().url),
                     message: format!("a stream reader could not connect within {timeout:?}"),
                 });
             }
@@ -243,9 +418,13 @@ impl StreamSubscription {
             &client,
             "stream reader",
             shared.counters.clone(),
-            self.url(),
+            &self.settings().url,
             move || flag.store(true, Ordering::Release),
         );
+        self.known
+            .lock()
+            .expect("known streams lock")
+            .extend(keys.iter().cloned());
         let reader = Arc::new(Reader {
             client,
             keys: Mutex::new(keys),
@@ -270,9 +449,8 @@ impl StreamSubscription {
         let subscription = self.clone();
         tokio::spawn(async move {
             task.await;
-            if subscription.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-                subscription.done.notify_waiters();
-            }
+            subscription.running.fetch_sub(1, Ordering::AcqRel);
+            subscription.done.notify_waiters();
         });
     }
 
@@ -287,137 +465,127 @@ impl StreamSubscription {
         }
         self.sender.close();
         self.stop.send_replace(true);
+        self.acks.wake.notify_one();
         let readers = self.readers.lock().expect("readers lock").clone();
         for reader in readers {
             // Interrupts a blocking read as if it timed out, so that no entry it took is lost.
             tokio::spawn(async move {
-                let _ = reader
-                    .client
-                    .unblock_self(Some(fred::types::ClientUnblockFlag::Timeout))
-                    .await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    reader
+                        .client
+                        .unblock_self(Some(fred::types::ClientUnblockFlag::Timeout)),
+                )
+                .await;
             });
         }
     }
 
-    async fn quit_readers(&self) {
+    async fn quit_readers(&self, until: tokio::time::Instant) {
         let readers: Vec<_> = self
             .readers
             .lock()
             .expect("readers lock")
             .drain(..)
             .collect();
-        for reader in readers {
-            let _ = reader.client.quit().await;
-        }
+        let quitting = futures::future::join_all(readers.iter().map(|reader| reader.client.quit()));
+        let _ = tokio::time::timeout_at(
+            until.max(tokio::time::Instant::now() + Duration::from_millis(500)),
+            quitting,
+        )
+        .await;
     }
 
-    /// Waits until every delivered entry is settled and the tasks have ended, up to `deadline`.
-    pub(crate) async fn finish(self: &Arc<Self>, deadline: Duration) {
+    fn held_count(&self) -> usize {
+        self.held.lock().expect("held lock").len()
+    }
+
+    /// Stops, waits until every entry read is settled (delivered ones, and those still in the
+    /// subscription's buffer, which stay readable), gives back what is left, and leaves the group; all
+    /// by `until`.
+    pub(crate) async fn finish(self: &Arc<Self>, until: tokio::time::Instant) {
         self.stop_now();
-        let until = tokio::time::Instant::now() + deadline;
-        // First the readers: what their last read took is given back before anything else ends.
+        // First the readers: what their last read took is held before anything else ends.
         self.wait_until(until, || self.reading.load(Ordering::Acquire) == 0)
             .await;
-        // Then what was handed out: handlers finish and settle. Deliveries still in the buffer stay
-        // readable (the contract), but nobody is working on them, so closing does not wait for them;
-        // in a group their entries stay pending and go to another member after `claim_idle`.
         loop {
             let settled = self.settled.notified();
-            let handed_out = self
-                .held
-                .lock()
-                .expect("held lock")
-                .len()
-                .saturating_sub(self.sender.len());
-            if handed_out == 0 {
+            if self.sender.receiver_count() <= 1 {
+                // The subscription was dropped: what waits in its buffer is given back (dropping an
+                // unsettled delivery releases its entry).
+                while let Ok(delivery) = self.drain.try_recv() {
+                    drop(delivery);
+                }
+            }
+            let held = self.held_count();
+            if held == 0 {
                 break;
             }
             if tokio::time::timeout_at(until, settled).await.is_err() {
                 tracing::warn!(
-                    handed_out,
-                    "closing with deliveries still unsettled; their entries stay pending and are \
-                     delivered again to another consumer of the group"
+                    held,
+                    "closing with deliveries still unsettled; their entries go back to the group (to \
+                     another member, or this group's next consumer) and acknowledging them now fails"
                 );
                 break;
             }
         }
+        // From here an acknowledgement could race another member that reclaims the entry: they fail.
+        {
+            let _no_more_acks = self.acks.gate.write().await;
+            self.released.store(true, Ordering::Release);
+        }
+        self.acks.wake.notify_one();
         self.settled.notify_waiters();
         // The lease renewer must be gone first: a renewal after the release would make the entries
         // look fresh again for another `claim_idle`.
-        self.wait_until(until, || self.running.load(Ordering::Acquire) == 0)
+        let grace = until.max(tokio::time::Instant::now() + Duration::from_millis(500));
+        self.wait_until(grace, || self.running.load(Ordering::Acquire) == 0)
             .await;
-        self.release_all_pending().await;
-        self.quit_readers().await;
+        let _ = tokio::time::timeout_at(grace, self.release_all_pending()).await;
+        self.quit_readers(until).await;
         if let Some(group) = &self.group {
-            self.leave_group(group).await;
+            let _ = tokio::time::timeout_at(grace, self.leave_group(group)).await;
         }
     }
 
     /// Gives every entry still pending for this consumer back to the group, marked idle so that
-    /// another member claims it at once: entries of deliveries still buffered (they stay readable in the
-    /// closed subscription, but can no longer be acknowledged once the router is closed), and any other
-    /// this consumer still owns. Asks Redis rather than trusting local bookkeeping, so that nothing
-    /// waits for `claim_idle` after a clean close.
+    /// another member claims it at once. Asks Redis rather than trusting local bookkeeping, so that
+    /// nothing waits for `claim_idle` after a clean close.
     async fn release_all_pending(&self) {
         let Some(group) = &self.group else {
             return;
         };
         self.held.lock().expect("held lock").clear();
         self.settled.notify_waiters();
-        let keys: Vec<Arc<str>> = self
-            .known
-            .lock()
-            .expect("known streams lock")
-            .iter()
-            .cloned()
-            .collect();
-        let idle = self.shared.settings.claim_idle.as_millis() as u64;
-        for key in keys {
+        let idle = self.settings().claim_idle.as_millis().to_string();
+        for key in self.known_keys() {
             let client = self.shared.client_for(&key);
-            let pending: Result<Value, _> = client
-                .custom(
-                    CustomCommand::new_static("XPENDING", ClusterHash::FirstKey, false),
-                    vec![
-                        Value::from(key.as_ref()),
-                        Value::from(group.as_str()),
-                        Value::from("-"),
-                        Value::from("+"),
-                        Value::from(10_000),
-                        Value::from(self.consumer.as_str()),
-                    ],
-                )
-                .await;
-            let ids: Vec<String> = match pending {
-                Ok(value) => value
-                    .into_array()
-                    .into_iter()
-                    .filter_map(|item| item.into_array().into_iter().next()?.as_string())
-                    .collect(),
+            let ids = match pending_of(client, &key, group, &self.consumer, 10_000).await {
+                Ok(ids) => ids,
                 Err(error) => {
                     tracing::debug!(error = %error, "could not list pending entries to give back; they are claimed after claim_idle");
                     continue;
                 }
             };
             for chunk in ids.chunks(500) {
-                let result: Result<Value, _> = client
-                    .xclaim(
-                        key.as_ref(),
-                        group.as_str(),
-                        self.consumer.as_str(),
-                        0,
-                        chunk.to_vec(),
-                        Some(idle),
-                        None,
-                        None,
-                        false,
-                        true,
-                    )
-                    .await;
-                if let Err(error) = result {
+                let ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
+                if let Err(error) =
+                    claim_owned(client, &key, group, &self.consumer, Some(&idle), None, ids).await
+                {
                     tracing::debug!(error = %error, "could not give pending entries back; they are claimed after claim_idle");
                 }
             }
         }
+    }
+
+    fn known_keys(&self) -> Vec<Arc<str>> {
+        self.known
+            .lock()
+            .expect("known streams lock")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Waits for `condition`, checked each time a task ends, up to `until`.
@@ -433,82 +601,83 @@ impl StreamSubscription {
         }
     }
 
-    /// Removes this consumer from its group when it holds nothing pending, so groups do not collect
-    /// dead consumers.
+    /// Removes this consumer from its group when it holds nothing pending (atomically), so groups do
+    /// not collect dead consumers, and takes its patterns out of the group's union.
     async fn leave_group(&self, group: &str) {
-        let keys: Vec<Arc<str>> = self
-            .known
-            .lock()
-            .expect("known streams lock")
-            .iter()
-            .cloned()
-            .collect();
         let client = self.shared.pool.next();
-        for key in keys {
-            let pending: Result<Value, _> = client
-                .custom(
-                    CustomCommand::new_static("XPENDING", ClusterHash::FirstKey, false),
-                    vec![
-                        Value::from(key.as_ref()),
-                        Value::from(group),
-                        Value::from("-"),
-                        Value::from("+"),
-                        Value::from(1),
-                        Value::from(self.consumer.as_str()),
-                    ],
+        for key in self.known_keys() {
+            let left: std::result::Result<i64, _> = client
+                .eval(
+                    LEAVE_SCRIPT,
+                    vec![key.as_ref()],
+                    vec![group, self.consumer.as_str()],
                 )
                 .await;
-            if matches!(&pending, Ok(value) if value.clone().into_array().is_empty()) {
-                let _ = client
-                    .xgroup_delconsumer::<Value, _, _, _>(
-                        key.as_ref(),
-                        group,
-                        self.consumer.as_str(),
-                    )
-                    .await;
+            match left {
+                Ok(0) => {}
+                Ok(pending) => tracing::debug!(
+                    stream = key.as_ref(),
+                    pending,
+                    "the consumer stays in its group: it still has pending entries (claimed by others later)"
+                ),
+                Err(error) => tracing::debug!(error = %error, "could not leave the consumer group"),
             }
         }
+        let _: std::result::Result<i64, _> = client
+            .hdel(
+                self.shared.keys.group_members(group),
+                self.consumer.as_str(),
+            )
+            .await;
+    }
+
+    /// Reads the patterns of every member of the group again.
+    async fn refresh_union(&self, group: &str) -> std::result::Result<(), fred::error::Error> {
+        let members: Vec<String> = self
+            .shared
+            .pool
+            .next()
+            .hvals(self.shared.keys.group_members(group))
+            .await?;
+        let mut patterns: Vec<ChannelPattern> = members
+            .iter()
+            .flat_map(|text| text.split('\n'))
+            .filter_map(|text| ChannelPattern::parse(text).ok())
+            .collect();
+        patterns.extend(self.patterns.iter().cloned());
+        *self.union.lock().expect("union lock") = patterns;
+        Ok(())
     }
 
     /// Whether an entry on this channel is for this subscription: its patterns match, or, for a group,
-    /// those of another member do (a group receives the union of its members' patterns).
-    async fn wants(&self, envelope: &Envelope) -> bool {
+    /// those of another member do (a group receives the union of its members' patterns). `fresh` says
+    /// whether the union was read after the entry was: a member that joined before the entry was
+    /// published is then in it. `None`: the union could not be read, so nothing may be filtered.
+    async fn wants(&self, envelope: &Envelope, fresh: &mut bool) -> Option<bool> {
         if self.patterns.iter().any(|p| p.matches(envelope.channel())) {
-            return true;
+            return Some(true);
         }
         let Some(group) = &self.group else {
-            return false;
+            return Some(false);
         };
-        let fresh = {
-            let union = self.union.lock().expect("union lock");
-            union
-                .1
-                .is_some_and(|at| at.elapsed() < Duration::from_secs(2))
-        };
-        if !fresh {
-            let members: Result<Vec<String>, _> = self
-                .shared
-                .pool
-                .next()
-                .smembers(self.shared.keys.group_patterns(group))
-                .await;
-            if let Ok(members) = members {
-                let patterns = members
-                    .iter()
-                    .filter_map(|text| ChannelPattern::parse(text).ok())
-                    .collect();
-                *self.union.lock().expect("union lock") = (patterns, Some(Instant::now()));
-            }
+        let matches =
+            |union: &Vec<ChannelPattern>| union.iter().any(|p| p.matches(envelope.channel()));
+        if matches(&self.union.lock().expect("union lock")) {
+            return Some(true);
         }
-        self.union
-            .lock()
-            .expect("union lock")
-            .0
-            .iter()
-            .any(|p| p.matches(envelope.channel()))
+        if !*fresh {
+            if let Err(error) = self.refresh_union(group).await {
+                tracing::warn!(error = %error, "could not read the group's patterns; the entry stays pending and is tried again");
+                return None;
+            }
+            *fresh = true;
+        }
+        Some(matches(&self.union.lock().expect("union lock")))
     }
 
-    /// Delivers one entry read from `key`, or settles it when it cannot be delivered.
+    /// Delivers one entry read from `key`, or settles it when it cannot be delivered. `fresh`: see
+    /// [`StreamSubscription::wants`].
+    #[allow(clippy::too_many_arguments)]
     async fn handle_entry(
         self: &Arc<Self>,
         key: &Arc<str>,
@@ -517,73 +686,109 @@ impl StreamSubscription {
         deliveries: Option<u64>,
         redelivered: bool,
         permit: OwnedSemaphorePermit,
+        fresh: &mut bool,
     ) {
         let shared = &self.shared;
+        let Some(entry_id) = EntryId::parse(&id) else {
+            tracing::warn!(
+                stream = key.as_ref(),
+                entry = id,
+                "an entry id that is not <ms>-<seq>; skipped"
+            );
+            return;
+        };
         if !self.is_group() {
             self.cursors
                 .lock()
                 .expect("cursors lock")
-                .insert(key.clone(), id.clone());
+                .insert(key.clone(), entry_id);
+            if let Some(counted) = self.counted.lock().expect("counted lock").get_mut(key) {
+                counted.1 += 1;
+            }
         }
         let Some(frame) = frame else {
-            shared.counters.lose(&shared.counters.dropped, 1);
+            shared.counters.lose(&shared.counters.trimmed, 1);
             tracing::warn!(
                 stream = key.as_ref(),
                 entry = id,
                 "a pending entry was trimmed from its stream before it was handled (raise \
                  `stream_max_len`, or consume faster)"
             );
-            self.ack_entry(key, &id).await;
+            self.ack_entry(key, entry_id).await;
             return;
         };
-        let envelope = match Envelope::from_frame(&frame) {
+        let mut envelope = match Envelope::from_frame_bytes(frame.clone()) {
             Ok(envelope) => envelope,
             Err(error) => {
                 let source = format!("{key} {id}");
-                if shared.dead_letter_malformed(frame, &source, &error).await {
-                    self.ack_entry(key, &id).await;
+                if shared
+                    .dead_letter_malformed(frame, &source, &source, &error)
+                    .await
+                {
+                    self.ack_entry(key, entry_id).await;
+                } else {
+                    self.unhold(key, entry_id);
                 }
                 return;
             }
         };
-        if !self.wants(&envelope).await {
-            if self.is_group() {
-                shared.counters.bump(&shared.counters.filtered);
-                self.ack_entry(key, &id).await;
+        // Replies are stored with the sequence number they carry over pub/sub.
+        if !envelope.headers().is_empty() {
+            envelope.headers_mut().remove(SEQUENCE_HEADER);
+        }
+        match self.wants(&envelope, fresh).await {
+            Some(true) => {}
+            Some(false) => {
+                if self.is_group() {
+                    shared.counters.bump(&shared.counters.filtered);
+                    if let Some(suppressed) = self.filtered_log.allow() {
+                        tracing::info!(
+                            channel = envelope.channel().name(),
+                            group = self.group.as_deref().unwrap_or_default(),
+                            suppressed,
+                            "an entry no member of the group subscribed to was acknowledged without delivery"
+                        );
+                    }
+                    self.ack_entry(key, entry_id).await;
+                }
+                return;
             }
-            return;
+            None => {
+                // Left pending: reclaimed after claim_idle, when the patterns can be read again.
+                self.unhold(key, entry_id);
+                return;
+            }
         }
         let deliveries = deliveries.unwrap_or(1);
         if deliveries > u64::from(shared.settings.max_deliveries) {
-            self.dead_letter(key, &id, envelope, deliveries).await;
+            self.dead_letter(key, entry_id, envelope, deliveries).await;
             return;
         }
         let attempt = envelope
             .attempt()
             .max(u32::try_from(deliveries).unwrap_or(u32::MAX));
         let envelope = envelope.with_attempt(attempt);
-        let entry_id: Arc<str> = Arc::from(id);
         self.held
             .lock()
             .expect("held lock")
-            .insert((key.clone(), entry_id.clone()));
+            .insert((key.clone(), entry_id));
         let ack = StreamAck {
             subscription: self.clone(),
             key: key.clone(),
-            id: entry_id.clone(),
+            id: entry_id,
             _permit: Some(permit),
         };
         if redelivered {
             shared.counters.bump(&shared.counters.redelivered);
         }
         let delivery = Delivery::new(envelope, Box::new(ack)).redelivered(redelivered);
-        self.send(delivery, key, &entry_id).await;
+        self.send(delivery, key, entry_id).await;
     }
 
     /// Hands a delivery to the subscription. If it has closed meanwhile, a group gets the entry back
     /// (dropping the delivery abandons it, which releases the entry); a fan-out subscription, which
     /// asked for nothing more, just forgets it.
-    async fn send(self: &Arc<Self>, delivery: Delivery, key: &Arc<str>, id: &Arc<str>) {
+    async fn send(self: &Arc<Self>, delivery: Delivery, key: &Arc<str>, id: EntryId) {
         match self.sender.send(delivery).await {
             Ok(()) => self.shared.counters.bump(&self.shared.counters.delivered),
             Err(async_channel::SendError(delivery)) if self.is_group() => {
@@ -600,7 +805,7 @@ impl StreamSubscription {
         }
     }
 
-    async fn dead_letter(&self, key: &Arc<str>, id: &str, envelope: Envelope, deliveries: u64) {
+    async fn dead_letter(&self, key: &Arc<str>, id: EntryId, envelope: Envelope, deliveries: u64) {
         let shared = &self.shared;
         let max = shared.settings.max_deliveries;
         let error = format!(
@@ -632,57 +837,54 @@ impl StreamSubscription {
                 );
                 self.ack_entry(key, id).await;
             }
-            Err(error) => tracing::error!(
-                error = %error,
-                message_id = %envelope.id(),
-                "could not publish a dead letter; the entry stays pending and is tried again"
-            ),
+            Err(error) => {
+                tracing::error!(
+                    error = %error,
+                    message_id = %envelope.id(),
+                    "could not publish a dead letter; the entry stays pending and is tried again"
+                );
+                self.unhold(key, id);
+            }
         }
     }
 
     /// Acknowledges an entry that is not delivered (filtered, malformed, dead-lettered).
-    async fn ack_entry(&self, key: &Arc<str>, id: &str) {
-        let Some(group) = &self.group else {
-            return;
-        };
-        let client = self.shared.client_for(key);
-        if let Err(error) = client
-            .xack::<Value, _, _, _>(key.as_ref(), group.as_str(), id)
-            .await
-        {
-            tracing::warn!(error = %error, stream = key.as_ref(), entry = id, "could not acknowledge an entry; it will come back");
+    async fn ack_entry(&self, key: &Arc<str>, id: EntryId) {
+        if let Some(group) = &self.group {
+            let client = self.shared.client_for(key);
+            if let Err(error) = client
+                .xack::<Value, _, _, _>(key.as_ref(), group.as_str(), id.to_string())
+                .await
+            {
+                tracing::warn!(error = %error, stream = key.as_ref(), entry = %id, "could not acknowledge an entry; it will come back");
+            }
         }
+        self.unhold(key, id);
     }
 
     /// Forgets a held entry.
-    fn unhold(&self, key: &Arc<str>, id: &Arc<str>) {
+    fn unhold(&self, key: &Arc<str>, id: EntryId) {
         let mut held = self.held.lock().expect("held lock");
-        held.remove(&(key.clone(), id.clone()));
+        held.remove(&(key.clone(), id));
         if held.is_empty() || self.is_closed() {
             self.settled.notify_waiters();
         }
     }
 
     /// Gives a held entry back to the group: marked idle, so another member claims it at once.
-    async fn release(&self, key: &Arc<str>, id: &Arc<str>, envelope: &Envelope) {
+    async fn release(&self, key: &Arc<str>, id: EntryId, envelope: &Envelope) {
         if let Some(group) = &self.group {
-            let idle = self.shared.settings.claim_idle.as_millis() as u64;
-            let result: Result<Value, _> = self
-                .shared
-                .client_for(key)
-                .xclaim(
-                    key.as_ref(),
-                    group.as_str(),
-                    self.consumer.as_str(),
-                    0,
-                    id.as_ref(),
-                    Some(idle),
-                    None,
-                    None,
-                    false,
-                    true,
-                )
-                .await;
+            let idle = self.settings().claim_idle.as_millis().to_string();
+            let result = claim_owned(
+                self.shared.client_for(key),
+                key,
+                group,
+                &self.consumer,
+                Some(&idle),
+                None,
+                vec![id.to_string()],
+            )
+            .await;
             if let Err(error) = result {
                 tracing::debug!(error = %error, "could not mark a given-back entry idle; it is claimed after claim_idle");
             }
@@ -716,28 +918,23 @@ impl StreamSubscription {
                 }
             }
             if subscription.is_closed() {
-                subscription.release(&ack.key, &ack.id, &envelope).await;
+                subscription.release(&ack.key, ack.id, &envelope).await;
                 drop(ack);
                 return;
             }
             if let (Some(group), Some(count)) = (&subscription.group, retry_count) {
                 // The attempt number survives a crash: it becomes the entry's delivery counter.
-                let result: Result<Value, _> = subscription
-                    .shared
-                    .client_for(&ack.key)
-                    .xclaim(
-                        ack.key.as_ref(),
-                        group.as_str(),
-                        subscription.consumer.as_str(),
-                        0,
-                        ack.id.as_ref(),
-                        None,
-                        None,
-                        Some(u64::from(count)),
-                        false,
-                        true,
-                    )
-                    .await;
+                let count = count.to_string();
+                let result = claim_owned(
+                    subscription.shared.client_for(&ack.key),
+                    &ack.key,
+                    group,
+                    &subscription.consumer,
+                    None,
+                    Some(&count),
+                    vec![ack.id.to_string()],
+                )
+                .await;
                 if let Err(error) = result {
                     tracing::debug!(error = %error, "could not record the attempt on the entry");
                 }
@@ -746,9 +943,9 @@ impl StreamSubscription {
                 .shared
                 .counters
                 .bump(&subscription.shared.counters.redelivered);
-            let (key, id) = (ack.key.clone(), ack.id.clone());
+            let (key, id) = (ack.key.clone(), ack.id);
             let delivery = Delivery::new(envelope, Box::new(ack)).redelivered(true);
-            subscription.send(delivery, &key, &id).await;
+            subscription.send(delivery, &key, id).await;
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
@@ -761,7 +958,7 @@ impl StreamSubscription {
     }
 
     /// Reads this consumer's own pending entries that it does not hold: entries whose delivery was lost
-    /// with a connection.
+    /// with a connection. They come before anything new, in their order.
     async fn recover_pending(self: &Arc<Self>, reader: &Reader, keys: &[Arc<str>]) -> Result<()> {
         let Some(group) = &self.group else {
             return Ok(());
@@ -777,14 +974,14 @@ impl StreamSubscription {
                     .xreadgroup(
                         group.as_str(),
                         self.consumer.as_str(),
-                        Some(self.shared.settings.read_batch as u64),
+                        Some(self.settings().read_batch as u64),
                         None,
                         false,
                         key.as_ref(),
                         from.as_str(),
                     )
                     .await
-                    .map_err(|e| map_error(&e, self.url(), "reading pending entries"))?;
+                    .map_err(|e| map_error(&e, self.settings(), "reading pending entries"))?;
                 let entries: Vec<Entry> = parse_read_reply(reply)
                     .into_iter()
                     .flat_map(|(_, entries)| entries)
@@ -793,41 +990,51 @@ impl StreamSubscription {
                     break;
                 }
                 from = entries.last().expect("not empty").0.clone();
-                let candidates: Vec<Entry> = {
+                let mut candidates: Vec<(String, Bytes)> = Vec::new();
+                {
                     let held = self.held.lock().expect("held lock");
-                    entries
-                        .into_iter()
-                        .filter(|(id, _)| !held.contains(&(key.clone(), Arc::from(id.as_str()))))
-                        .collect()
-                };
+                    for (id, frame) in entries {
+                        let Some(entry_id) = EntryId::parse(&id) else {
+                            continue;
+                        };
+                        if held.contains(&(key.clone(), entry_id)) {
+                            continue;
+                        }
+                        match frame {
+                            Some(frame) => candidates.push((id, frame)),
+                            None => {
+                                // Trimmed while pending: gone before anyone handled it.
+                                self.shared.counters.lose(&self.shared.counters.trimmed, 1);
+                                tracing::warn!(
+                                    stream = key.as_ref(),
+                                    entry = id,
+                                    "a pending entry was trimmed before it was handled (raise `stream_max_len`, or consume faster)"
+                                );
+                                let client = self.shared.client_for(key).clone();
+                                let (key, group) = (key.clone(), group.clone());
+                                tokio::spawn(async move {
+                                    let _: std::result::Result<Value, _> = client
+                                        .xack(key.as_ref(), group.as_str(), id.as_str())
+                                        .await;
+                                });
+                            }
+                        }
+                    }
+                }
                 if candidates.is_empty() {
                     continue;
                 }
-                // The list above may be stale: an entry acknowledged since was unheld after its XACK
-                // succeeded. Claiming them again (without counting a delivery) returns only those still
-                // pending, so nothing acknowledged is delivered again.
-                let ids: Vec<&str> = candidates.iter().map(|(id, _)| id.as_str()).collect();
-                let still: Value = reader
-                    .client
-                    .xclaim(
-                        key.as_ref(),
-                        group.as_str(),
-                        self.consumer.as_str(),
-                        0,
-                        ids,
-                        None,
-                        None,
-                        None,
-                        false,
-                        true,
-                    )
-                    .await
-                    .map_err(|e| map_error(&e, self.url(), "confirming pending entries"))?;
-                let still: HashSet<String> = still
-                    .into_array()
-                    .into_iter()
-                    .filter_map(|id| id.as_string())
-                    .collect();
+                // The list above may be stale: an entry acknowledged since, or claimed by another member,
+                // is not this consumer's any more. Taking back only what it still owns (without counting a
+                // delivery) keeps both from being delivered again.
+                let ids: Vec<String> = candidates.iter().map(|(id, _)| id.clone()).collect();
+                let still: HashSet<String> =
+                    claim_owned(&reader.client, key, group, &self.consumer, None, None, ids)
+                        .await
+                        .map_err(|e| map_error(&e, self.settings(), "confirming pending entries"))?
+                        .into_iter()
+                        .collect();
+                let mut fresh = false;
                 for (id, frame) in candidates {
                     if !still.contains(&id) {
                         continue;
@@ -835,7 +1042,8 @@ impl StreamSubscription {
                     let Some(permit) = self.acquire().await else {
                         return Ok(());
                     };
-                    self.handle_entry(key, id, frame, None, true, permit).await;
+                    self.handle_entry(key, id, Some(frame), None, true, permit, &mut fresh)
+                        .await;
                 }
             }
         }
@@ -866,6 +1074,66 @@ impl StreamSubscription {
             () = stopped(&mut stop) => None,
         }
     }
+
+    /// Compares what Redis says about `key` with what this subscription read: entries trimmed before it
+    /// read them are counted (once) and logged.
+    async fn check_trimming(&self, key: &Arc<str>) -> std::result::Result<(), fred::error::Error> {
+        let client = self.shared.client_for(key);
+        let Some(position) = stream_position(client, key, self.group.as_deref()).await? else {
+            return Ok(());
+        };
+        let Some(added) = position.added else {
+            return Ok(());
+        };
+        // What the subscription has read (or counted as read at its start), and where it stands.
+        let (read, at) = match &self.group {
+            Some(_) => match (position.read, position.delivered) {
+                (Some(read), Some(at)) => (read, at),
+                _ => return Ok(()),
+            },
+            None => {
+                let counted = self.counted.lock().expect("counted lock").get(key).copied();
+                let cursor = self.cursors.lock().expect("cursors lock").get(key).copied();
+                match (counted, cursor) {
+                    (Some((base, read)), Some(at)) => (base + read, at),
+                    _ => return Ok(()),
+                }
+            }
+        };
+        // Entries gone unread: knowable when the subscription read everything (nothing after it) or
+        // stands before the first entry left (everything it read is gone too).
+        let gone_unread = if at == position.last {
+            added.saturating_sub(read)
+        } else if at < position.first {
+            added.saturating_sub(position.length).saturating_sub(read)
+        } else {
+            return Ok(());
+        };
+        let new = match &self.group {
+            // Every member of the group in this router sees the group's losses: counted once per router.
+            Some(group) => self.shared.trimmed_for_group(key, group, gone_unread),
+            None => {
+                let mut reported = self.trim_reported.lock().expect("trim lock");
+                let reported = reported.entry(key.clone()).or_insert(0);
+                let new = gone_unread.saturating_sub(*reported);
+                *reported = (*reported).max(gone_unread);
+                new
+            }
+        };
+        if new > 0 {
+            self.shared
+                .counters
+                .lose(&self.shared.counters.trimmed, new);
+            tracing::error!(
+                stream = key.as_ref(),
+                group = self.group.as_deref().unwrap_or("-"),
+                lost = new,
+                "entries were trimmed from the stream before this subscription read them: they are \
+                 lost to it (raise `stream_max_len`, or consume faster)"
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Completes once the subscription stops.
@@ -878,16 +1146,108 @@ async fn create_group(
     key: &str,
     group: &str,
     start: &str,
-    url: &str,
+    settings: &crate::builder::Settings,
 ) -> Result<()> {
+    let created: std::result::Result<Value, _> = client
+        .eval(CREATE_GROUP_SCRIPT, vec![key], vec![group, start])
+        .await;
+    let error = match created {
+        Ok(_) => return Ok(()),
+        Err(error) if error.details().contains("BUSYGROUP") => return Ok(()),
+        Err(error) => error,
+    };
+    // Before Redis 7 (no ENTRIESREAD): a plain group; trimming losses are then not counted.
+    tracing::debug!(error = %error, "creating the group with an exact read counter failed; creating it plainly");
     match client
         .xgroup_create::<Value, _, _, _>(key, group, start, true)
         .await
     {
         Ok(_) => Ok(()),
         Err(error) if error.details().starts_with("BUSYGROUP") => Ok(()),
-        Err(error) => Err(map_error(&error, url, "creating a consumer group")),
+        Err(error) => Err(map_error(&error, settings, "creating a consumer group")),
     }
+}
+
+/// What [`POSITION_SCRIPT`] says about a stream.
+struct Position {
+    length: u64,
+    /// `None` before Redis 7.
+    added: Option<u64>,
+    first: EntryId,
+    last: EntryId,
+    /// The group's last delivered id and read counter, when asked and known.
+    delivered: Option<EntryId>,
+    read: Option<u64>,
+}
+
+async fn stream_position(
+    client: &Client,
+    key: &str,
+    group: Option<&str>,
+) -> std::result::Result<Option<Position>, fred::error::Error> {
+    let reply: Value = client
+        .eval(POSITION_SCRIPT, vec![key], vec![group.unwrap_or("")])
+        .await?;
+    let items = reply.into_array();
+    if items.len() < 6 {
+        return Ok(None);
+    }
+    let id = |value: &Value| value.as_str().and_then(|text| EntryId::parse(&text));
+    let number = |value: &Value| value.as_u64();
+    Ok(Some(Position {
+        length: number(&items[0]).unwrap_or(0),
+        added: number(&items[1]),
+        first: id(&items[2]).unwrap_or(EntryId(0, 0)),
+        last: id(&items[3]).unwrap_or(EntryId(0, 0)),
+        delivered: id(&items[4]),
+        read: number(&items[5]),
+    }))
+}
+
+/// The ids pending for `consumer` (up to `count`).
+async fn pending_of(
+    client: &Client,
+    key: &str,
+    group: &str,
+    consumer: &str,
+    count: u64,
+) -> std::result::Result<Vec<EntryId>, fred::error::Error> {
+    let pending: Value = client
+        .xpending(key, group, ("-", "+", count, consumer))
+        .await?;
+    Ok(pending
+        .into_array()
+        .into_iter()
+        .filter_map(|item| {
+            let id = item.into_array().into_iter().next()?.as_string()?;
+            EntryId::parse(&id)
+        })
+        .collect())
+}
+
+/// Runs [`CLAIM_OWNED_SCRIPT`]: the ids among `ids` this consumer still owns, taken (renewed, marked
+/// idle, or given a delivery count).
+async fn claim_owned(
+    client: &Client,
+    key: &str,
+    group: &str,
+    consumer: &str,
+    idle_ms: Option<&str>,
+    retry_count: Option<&str>,
+    ids: Vec<String>,
+) -> std::result::Result<Vec<String>, fred::error::Error> {
+    let mut args: Vec<String> = Vec::with_capacity(4 + ids.len());
+    args.push(group.to_string());
+    args.push(consumer.to_string());
+    args.push(idle_ms.unwrap_or("").to_string());
+    args.push(retry_count.unwrap_or("").to_string());
+    args.extend(ids);
+    let taken: Value = client.eval(CLAIM_OWNED_SCRIPT, vec![key], args).await?;
+    Ok(taken
+        .into_array()
+        .into_iter()
+        .filter_map(|id| id.as_string())
+        .collect())
 }
 
 /// Splits an `XREAD`/`XREADGROUP`/`XCLAIM` reply into (stream, entries).
@@ -957,6 +1317,9 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
     let block_ms = settings.read_block.as_millis().max(1) as u64;
     let options = Options {
         timeout: Some(settings.read_block + settings.command_timeout),
+        // A read cut off by a lost connection fails instead of being written again by fred: the entries
+        // Redis handed out in the lost reply are recovered first, in order, before anything newer.
+        max_attempts: Some(1),
         ..Options::default()
     };
     let mut recover = true;
@@ -1018,7 +1381,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 let ids: Vec<String> = {
                     let cursors = subscription.cursors.lock().expect("cursors lock");
                     keys.iter()
-                        .map(|k| cursors.get(k).cloned().unwrap_or_else(|| "0-0".into()))
+                        .map(|k| cursors.get(k).copied().unwrap_or(EntryId(0, 0)).to_string())
                         .collect()
                 };
                 client
@@ -1029,38 +1392,72 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
         match result {
             Ok(reply) => {
                 failures = 0;
+                let mut batch: Vec<(Arc<str>, String, Option<Bytes>)> = Vec::new();
                 for (key, entries) in parse_read_reply(reply) {
                     let Some(key) = keys.iter().find(|k| k.as_ref() == key).cloned() else {
                         continue;
                     };
-                    for (id, frame) in entries {
-                        let permit = match permits.pop() {
+                    batch.extend(
+                        entries
+                            .into_iter()
+                            .map(|(id, frame)| (key.clone(), id, frame)),
+                    );
+                }
+                // COUNT applies per stream: a read over several streams may return more entries than
+                // slots. All of them are held at once (their leases renewed) while the extra ones wait
+                // for a slot, so no other member takes them over meanwhile.
+                if subscription.is_group() && batch.len() > permits.len() {
+                    let mut held = subscription.held.lock().expect("held lock");
+                    for (key, id, _) in &batch {
+                        if let Some(id) = EntryId::parse(id) {
+                            held.insert((key.clone(), id));
+                        }
+                    }
+                }
+                let mut fresh = false;
+                let mut entries = batch.into_iter();
+                for (key, id, frame) in entries.by_ref() {
+                    let permit = match permits.pop() {
+                        Some(permit) => permit,
+                        None => match subscription.acquire().await {
                             Some(permit) => permit,
-                            None => match subscription.acquire().await {
-                                Some(permit) => permit,
-                                None => return,
-                            },
-                        };
-                        subscription
-                            .handle_entry(&key, id, frame, None, false, permit)
-                            .await;
+                            None => {
+                                // Closing: the rest stays pending and is given back by `finish`.
+                                if let Some(id) = EntryId::parse(&id) {
+                                    subscription.unhold(&key, id);
+                                }
+                                break;
+                            }
+                        },
+                    };
+                    subscription
+                        .handle_entry(&key, id, frame, None, false, permit, &mut fresh)
+                        .await;
+                }
+                for (key, id, _) in entries {
+                    if let Some(id) = EntryId::parse(&id) {
+                        subscription.unhold(&key, id);
                     }
                 }
             }
             Err(error) if is_nogroup(&error) && !subscription.is_closed() => {
-                // The stream or its group was deleted (or Redis restarted empty): create them again.
-                tracing::warn!(error = %error, "a consumer group is missing; creating it again");
+                // The stream or its group was deleted (or Redis restarted empty): create them again, from
+                // the stream's start so that nothing in it is skipped.
+                tracing::error!(error = %error, "a consumer group is missing (deleted, or Redis restarted empty); creating it again from the start of its stream");
+                let mut recreated = Ok(());
                 if let Some(group) = &subscription.group {
                     for key in &keys {
-                        let _ = create_group(
-                            subscription.shared.pool.next(),
-                            key,
-                            group,
-                            "0",
-                            subscription.url(),
-                        )
-                        .await;
+                        if let Err(error) =
+                            create_group(subscription.shared.pool.next(), key, group, "0", settings)
+                                .await
+                        {
+                            recreated = Err(error);
+                        }
                     }
+                }
+                match recreated {
+                    Ok(()) => failures = 0,
+                    Err(error) => backoff(&subscription, &mut failures, &error).await,
                 }
             }
             Err(error) => {
@@ -1068,7 +1465,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                     break;
                 }
                 recover = true;
-                let error = map_error(&error, subscription.url(), "reading a stream");
+                let error = map_error(&error, settings, "reading a stream");
                 backoff(&subscription, &mut failures, &error).await;
             }
         }
@@ -1088,7 +1485,69 @@ async fn backoff(subscription: &StreamSubscription, failures: &mut u32, error: &
     }
 }
 
-/// Keeps the entries this consumer holds from being claimed by others: resets their idle time.
+/// Sends the acknowledgements that came together, one `XACK` per stream, until the subscription is
+/// closed and nothing waits any more.
+async fn send_acks(subscription: Arc<StreamSubscription>) {
+    let Some(group) = subscription.group.clone() else {
+        return;
+    };
+    loop {
+        let woken = subscription.acks.wake.notified();
+        let batch = {
+            let mut queue = subscription.acks.queue.lock().expect("acks lock");
+            let batch = std::mem::take(&mut queue.waiting);
+            if batch.is_empty() && subscription.released.load(Ordering::Acquire) {
+                queue.closed = true;
+                return;
+            }
+            batch
+        };
+        if batch.is_empty() {
+            woken.await;
+            continue;
+        }
+        let gate = subscription.acks.gate.read().await;
+        let released = subscription.released.load(Ordering::Acquire);
+        let sends = batch.into_iter().map(|(key, waiting)| {
+            let subscription = &subscription;
+            let group = &group;
+            async move {
+                let result = if released {
+                    Err(Error::Backend {
+                        backend: "redis",
+                        message:
+                            "the subscription closed and gave its unsettled entries back to the \
+                                  group before this acknowledgement: the entry is delivered again"
+                                .into(),
+                    })
+                } else {
+                    let ids: Vec<String> = waiting.iter().map(|(id, _)| id.to_string()).collect();
+                    subscription
+                        .shared
+                        .client_for(&key)
+                        .xack::<Value, _, _, _>(key.as_ref(), group.as_str(), ids)
+                        .await
+                        .map(drop)
+                        .map_err(|e| map_error(&e, subscription.settings(), "acknowledging (XACK)"))
+                };
+                for (_, done) in waiting {
+                    let _ = done.send(match &result {
+                        Ok(()) => Ok(()),
+                        Err(error) => Err(Error::Backend {
+                            backend: "redis",
+                            message: error.to_string(),
+                        }),
+                    });
+                }
+            }
+        });
+        futures::future::join_all(sends).await;
+        drop(gate);
+    }
+}
+
+/// Keeps the entries this consumer holds from being claimed by others: resets their idle time, for those
+/// it still owns.
 async fn renew_leases(subscription: Arc<StreamSubscription>) {
     let Some(group) = subscription.group.clone() else {
         return;
@@ -1096,53 +1555,62 @@ async fn renew_leases(subscription: Arc<StreamSubscription>) {
     let every = subscription.shared.settings.claim_idle / 3;
     let mut stop = subscription.stop.subscribe();
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = stopped(&mut stop) => {
-                // Keep renewing while deliveries handed out are being finished.
-                let settled = subscription.settled.notified();
-                let handed_out = subscription
-                    .held
-                    .lock()
-                    .expect("held lock")
-                    .len()
-                    .saturating_sub(subscription.sender.len());
-                if handed_out == 0 {
-                    return;
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(every) => {}
-                    () = settled => continue,
-                }
-            }
-        }
-        let mut by_key: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
-        for (key, id) in subscription.held.lock().expect("held lock").iter() {
-            by_key.entry(key.clone()).or_default().push(id.clone());
-        }
-        if by_key.is_empty() && subscription.is_closed() {
+        let settled = subscription.settled.notified();
+        if subscription.released.load(Ordering::Acquire) {
             return;
         }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stopped(&mut stop), if !subscription.is_closed() => continue,
+            () = settled, if subscription.is_closed() => continue,
+        }
+        if subscription.released.load(Ordering::Acquire) {
+            return;
+        }
+        let mut by_key: HashMap<Arc<str>, Vec<EntryId>> = HashMap::new();
+        for (key, id) in subscription.held.lock().expect("held lock").iter() {
+            by_key.entry(key.clone()).or_default().push(*id);
+        }
         for (key, ids) in by_key {
-            let ids: Vec<&str> = ids.iter().map(|id| id.as_ref()).collect();
-            let result: Result<Value, _> = subscription
-                .shared
-                .client_for(&key)
-                .xclaim(
-                    key.as_ref(),
-                    group.as_str(),
-                    subscription.consumer.as_str(),
-                    0,
-                    ids,
-                    None,
-                    None,
-                    None,
-                    false,
-                    true,
-                )
-                .await;
-            if let Err(error) = result {
-                tracing::debug!(error = %error, "could not renew held entries");
+            let asked: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            let result = claim_owned(
+                subscription.shared.client_for(&key),
+                &key,
+                &group,
+                &subscription.consumer,
+                None,
+                None,
+                asked.clone(),
+            )
+            .await;
+            match result {
+                Ok(renewed) if renewed.len() < asked.len() => {
+                    let renewed: HashSet<String> = renewed.into_iter().collect();
+                    for (id, text) in ids.iter().zip(&asked) {
+                        if renewed.contains(text) {
+                            continue;
+                        }
+                        // Acknowledged meanwhile, trimmed, or claimed by another member after this one
+                        // could not renew it for claim_idle (cut off): no longer this consumer's to renew.
+                        let still_held = subscription
+                            .held
+                            .lock()
+                            .expect("held lock")
+                            .contains(&(key.clone(), *id));
+                        if still_held {
+                            tracing::warn!(
+                                stream = key.as_ref(),
+                                entry = text,
+                                "an entry this consumer holds is no longer its own (another member claimed \
+                                 it after this one was out of reach for claim_idle, or it was trimmed); it \
+                                 may be handled twice"
+                            );
+                            subscription.unhold(&key, *id);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => tracing::debug!(error = %error, "could not renew held entries"),
             }
         }
     }
@@ -1169,14 +1637,7 @@ async fn reclaim(subscription: Arc<StreamSubscription>) {
             }
         }
         first = false;
-        let keys: Vec<Arc<str>> = subscription
-            .known
-            .lock()
-            .expect("known streams lock")
-            .iter()
-            .cloned()
-            .collect();
-        for key in keys {
+        for key in subscription.known_keys() {
             if let Err(error) = reclaim_key(&subscription, &group, &key, idle_ms).await {
                 tracing::debug!(error = %error, stream = key.as_ref(), "reclaiming pending entries failed; trying again later");
             }
@@ -1191,22 +1652,15 @@ async fn reclaim_key(
     idle_ms: u64,
 ) -> Result<()> {
     let client = subscription.shared.client_for(key);
-    let url = subscription.url();
+    let settings = subscription.settings();
     let pending: Value = client
-        .custom(
-            CustomCommand::new_static("XPENDING", ClusterHash::FirstKey, false),
-            vec![
-                Value::from(key.as_ref()),
-                Value::from(group),
-                Value::from("IDLE"),
-                Value::from(idle_ms as i64),
-                Value::from("-"),
-                Value::from("+"),
-                Value::from(subscription.shared.settings.read_batch as i64),
-            ],
+        .xpending(
+            key.as_ref(),
+            group,
+            (idle_ms, "-", "+", settings.read_batch as u64),
         )
         .await
-        .map_err(|e| map_error(&e, url, "listing pending entries"))?;
+        .map_err(|e| map_error(&e, settings, "listing pending entries"))?;
     let mut counts: HashMap<String, u64> = HashMap::new();
     for item in pending.into_array() {
         let mut parts = item.into_array().into_iter();
@@ -1218,12 +1672,15 @@ async fn reclaim_key(
         let (Some(id), Some(consumer)) = (id.as_string(), consumer.as_string()) else {
             continue;
         };
+        let Some(entry_id) = EntryId::parse(&id) else {
+            continue;
+        };
         if consumer == subscription.consumer
             && subscription
                 .held
                 .lock()
                 .expect("held lock")
-                .contains(&(key.clone(), Arc::from(id.as_str())))
+                .contains(&(key.clone(), entry_id))
         {
             continue;
         }
@@ -1244,24 +1701,37 @@ async fn reclaim_key(
             Err(_) => break,
         }
     }
-    let ids: Vec<String> = counts.keys().take(permits.len()).cloned().collect();
-    let claimed: Value = client
-        .xclaim(
-            key.as_ref(),
-            group,
-            subscription.consumer.as_str(),
-            idle_ms,
-            ids,
-            None,
-            None,
-            None,
-            false,
-            false,
-        )
+    let mut ids: Vec<String> = counts.keys().cloned().collect();
+    ids.sort_by_key(|id| EntryId::parse(id));
+    ids.truncate(permits.len());
+    let mut args: Vec<String> = vec![
+        group.to_string(),
+        subscription.consumer.clone(),
+        idle_ms.to_string(),
+    ];
+    args.extend(ids);
+    let reply: Value = client
+        .eval(RECLAIM_SCRIPT, vec![key.as_ref()], args)
         .await
-        .map_err(|e| map_error(&e, url, "claiming pending entries"))?;
+        .map_err(|e| map_error(&e, settings, "claiming pending entries"))?;
+    let mut parts = reply.into_array().into_iter();
+    let claimed = parts.next().unwrap_or(Value::Null);
+    let trimmed = parts.next().unwrap_or(Value::Null).into_array();
+    if !trimmed.is_empty() {
+        subscription
+            .shared
+            .counters
+            .lose(&subscription.shared.counters.trimmed, trimmed.len() as u64);
+        tracing::warn!(
+            stream = key.as_ref(),
+            entries = trimmed.len(),
+            "entries left pending by a stopped consumer were trimmed before anyone handled them (raise \
+             `stream_max_len`, or consume faster)"
+        );
+    }
     let mut entries = parse_entries(claimed);
-    entries.sort_by(|a, b| compare_ids(&a.0, &b.0));
+    entries.sort_by_key(|(id, _)| EntryId::parse(id));
+    let mut fresh = false;
     for (id, frame) in entries {
         let Some(permit) = permits.pop() else { break };
         let deliveries = counts.get(&id).copied().unwrap_or(1) + 1;
@@ -1276,22 +1746,27 @@ async fn reclaim_key(
             "claimed an entry another consumer left pending"
         );
         subscription
-            .handle_entry(key, id, frame, Some(deliveries), true, permit)
+            .handle_entry(key, id, frame, Some(deliveries), true, permit, &mut fresh)
             .await;
     }
     Ok(())
 }
 
-/// Orders stream ids (`<ms>-<seq>`) numerically.
-fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
-    let parse = |id: &str| {
-        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-        (
-            ms.parse::<u64>().unwrap_or(0),
-            seq.parse::<u64>().unwrap_or(0),
-        )
-    };
-    parse(a).cmp(&parse(b))
+/// Looks for entries trimmed before this subscription read them, every `discovery_interval`.
+async fn watch_trimming(subscription: Arc<StreamSubscription>) {
+    let every = subscription.shared.settings.discovery_interval;
+    let mut stop = subscription.stop.subscribe();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stopped(&mut stop) => return,
+        }
+        for key in subscription.known_keys() {
+            if let Err(error) = subscription.check_trimming(&key).await {
+                tracing::debug!(error = %error, stream = key.as_ref(), "could not check the stream for trimmed entries; trying again later");
+            }
+        }
+    }
 }
 
 /// Finds streams of classes that appeared after a wildcard-class subscription started.
@@ -1326,8 +1801,9 @@ async fn discover(subscription: Arc<StreamSubscription>) {
             }
             tracing::debug!(stream = key.as_ref(), "found the stream of a new class");
             if subscription.shared.config.server.is_clustered() {
+                // Known only once its reader runs: a failure is tried again at the next round.
                 if let Err(error) = subscription.add_reader(vec![key]).await {
-                    tracing::warn!(error = %error, "could not start a reader for a new stream");
+                    tracing::warn!(error = %error, "could not start a reader for a new stream; trying again later");
                 }
             } else {
                 let reader = subscription
@@ -1337,11 +1813,19 @@ async fn discover(subscription: Arc<StreamSubscription>) {
                     .first()
                     .cloned();
                 if let Some(reader) = reader {
+                    subscription
+                        .known
+                        .lock()
+                        .expect("known streams lock")
+                        .insert(key.clone());
                     reader.keys.lock().expect("reader keys lock").push(key);
-                    let _ = reader
-                        .client
-                        .unblock_self(Some(fred::types::ClientUnblockFlag::Timeout))
-                        .await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        reader
+                            .client
+                            .unblock_self(Some(fred::types::ClientUnblockFlag::Timeout)),
+                    )
+                    .await;
                 }
             }
         }
@@ -1352,35 +1836,53 @@ async fn discover(subscription: Arc<StreamSubscription>) {
 struct StreamAck {
     subscription: Arc<StreamSubscription>,
     key: Arc<str>,
-    id: Arc<str>,
+    id: EntryId,
     /// Held until the delivery is settled: one prefetch slot.
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Acknowledge for StreamAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
-        Box::pin(async move {
-            let this = *self;
-            let subscription = &this.subscription;
-            let shared = &subscription.shared;
-            if let Some(group) = &subscription.group {
-                let result = shared
-                    .client_for(&this.key)
-                    .xack::<Value, _, _, _>(this.key.as_ref(), group.as_str(), this.id.as_ref())
-                    .await;
-                if let Err(error) = result {
-                    // Still held: the lease keeps it ours until the subscription ends.
-                    subscription.unhold(&this.key, &this.id);
-                    return Err(map_error(
-                        &error,
-                        &shared.settings.url,
-                        "acknowledging (XACK)",
-                    ));
-                }
+        let this = *self;
+        let subscription = this.subscription.clone();
+        if !subscription.is_group() {
+            subscription
+                .shared
+                .counters
+                .bump(&subscription.shared.counters.acked);
+            subscription.unhold(&this.key, this.id);
+            return agentcomm_core::router::ready_ok();
+        }
+        let (done, result) = tokio::sync::oneshot::channel();
+        {
+            let mut queue = subscription.acks.queue.lock().expect("acks lock");
+            if !queue.closed {
+                queue
+                    .waiting
+                    .entry(this.key.clone())
+                    .or_default()
+                    .push((this.id, done));
             }
-            shared.counters.bump(&shared.counters.acked);
-            subscription.unhold(&this.key, &this.id);
-            Ok(())
+            // When closed, `done` is dropped here and the acknowledgement fails below.
+        }
+        subscription.acks.wake.notify_one();
+        Box::pin(async move {
+            let result = result.await.unwrap_or(Err(Error::Closed {
+                what: "the Redis stream subscription",
+                hint: "it closed and gave its unsettled entries back to the group before this \
+                           acknowledgement; the entry is delivered again",
+            }));
+            // Whether it worked or not, the entry is no longer this delivery's: when XACK failed, the
+            // entry stays pending without renewal and is delivered again after claim_idle.
+            subscription.unhold(&this.key, this.id);
+            if result.is_ok() {
+                subscription
+                    .shared
+                    .counters
+                    .bump(&subscription.shared.counters.acked);
+            }
+            drop(this);
+            result
         })
     }
 
@@ -1400,7 +1902,7 @@ impl Acknowledge for StreamAck {
             _ => (Duration::ZERO, None),
         };
         subscription.redeliver(this, envelope, delay, retry_count);
-        Box::pin(async { Ok(()) })
+        agentcomm_core::router::ready_ok()
     }
 
     fn abandon(self: Box<Self>, envelope: Envelope) {
@@ -1422,8 +1924,8 @@ impl SubscriptionControl for StreamControl {
             // Finishing (waiting for settlements, leaving the group) goes on in the background.
             let finishing = subscription.clone();
             tokio::spawn(async move {
-                let deadline = finishing.shared.settings.close_timeout;
-                finishing.finish(deadline).await;
+                let until = tokio::time::Instant::now() + finishing.shared.settings.close_timeout;
+                finishing.finish(until).await;
                 finishing.shared.forget_stream(finishing.id);
             });
             Ok(())
@@ -1470,8 +1972,11 @@ mod tests {
     }
 
     #[test]
-    fn ids_order_numerically() {
-        assert_eq!(compare_ids("9-1", "10-0"), std::cmp::Ordering::Less);
-        assert_eq!(compare_ids("10-2", "10-10"), std::cmp::Ordering::Less);
+    fn ids_order_numerically_and_print_back() {
+        let parse = |text| EntryId::parse(text).unwrap();
+        assert!(parse("9-1") < parse("10-0"));
+        assert!(parse("10-2") < parse("10-10"));
+        assert_eq!(parse("1700000000000-7").to_string(), "1700000000000-7");
+        assert_eq!(EntryId::parse("x-1"), None);
     }
 }

@@ -53,11 +53,11 @@ impl ConformanceBackend for Redis {
                 .consumer_groups(true)
                 .redelivery(true)
                 .publish_confirms(true),
+            // Not `reports_unroutable`: a wildcard-class subscriber anywhere receives every message.
             _ => Capabilities::none()
                 .ordered_per_channel(true)
                 .redelivery(true)
                 .publish_confirms(true)
-                .reports_unroutable(true)
                 .no_duplicates(true),
         }
     }

@@ -911,6 +911,23 @@ impl AmqpAck {
 
 impl Acknowledge for AmqpAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        // The frame is queued at once while the connection's writer keeps up: then nothing needs
+        // a future of its own. When there is no room yet, the attempt is dropped unsent (a bounded
+        // channel's send that has not completed queues nothing) and the ack waits below.
+        if self.consumer.is_current() {
+            let queued = {
+                let frame = self
+                    .consumer
+                    .channel
+                    .basic_ack(BasicAckArguments::new(self.tag, false));
+                let frame = std::pin::pin!(frame);
+                frame.poll(&mut Context::from_waker(Waker::noop()))
+            };
+            if let Poll::Ready(Ok(())) = queued {
+                bump(&self.inner().counters.acked);
+                return agentcomm_core::router::ready_ok();
+            }
+        }
         Box::pin(async move { self.basic_ack().await })
     }
 

@@ -26,16 +26,16 @@ pub(crate) enum Confirmed {
     Nack,
 }
 
-/// A message ready to send: the frame as body and the AMQP properties, built once per publish and
-/// sent as often as its channel is lost.
+/// Where a message goes, and its id (to match basic.return with its publish).
 pub(crate) struct Outgoing<'a> {
     exchange: &'a str,
     routing_key: &'a str,
-    properties: BasicProperties,
-    body: Vec<u8>,
-    /// The envelope id, as a number, to match basic.return with its publish.
     id: u128,
 }
+
+/// What one send of a message carries: its AMQP properties and the frame as body. Built once per
+/// publish and moved into its first send; built again only for a resend after a lost channel.
+type Content = (BasicProperties, Vec<u8>);
 
 /// The AMQP `content_type` of an agentcomm frame.
 pub(crate) fn frame_content_type(envelope: &Envelope) -> &'static str {
@@ -46,37 +46,25 @@ pub(crate) fn frame_content_type(envelope: &Envelope) -> &'static str {
     }
 }
 
-impl<'a> Outgoing<'a> {
-    /// The message for `envelope`: the frame as body; id, correlation id, timestamp, class and the
-    /// frame's content type copied into the AMQP properties for tooling; persistent.
-    pub(crate) fn new(
-        envelope: &Envelope,
-        exchange: &'a str,
-        routing_key: &'a str,
-    ) -> Result<Self> {
-        let body = envelope.to_frame()?;
-        let mut id = uuid::Uuid::encode_buffer();
-        let mut properties = BasicProperties::default();
-        properties
-            .with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT)
-            .with_content_type(frame_content_type(envelope))
-            .with_message_id(envelope.id().as_uuid().hyphenated().encode_lower(&mut id))
-            .with_timestamp(envelope.timestamp_ms() / 1000);
-        // AMQP short strings hold 255 bytes; longer values stay in the frame only.
-        if envelope.class().len() <= 255 {
-            properties.with_message_type(envelope.class());
-        }
-        if let Some(correlation_id) = envelope.correlation_id().filter(|id| id.len() <= 255) {
-            properties.with_correlation_id(correlation_id);
-        }
-        Ok(Outgoing {
-            exchange,
-            routing_key,
-            properties,
-            body,
-            id: envelope.id().as_uuid().as_u128(),
-        })
+/// The frame as body; id, correlation id, timestamp, class and the frame's content type copied into
+/// the AMQP properties for tooling; persistent.
+fn content(envelope: &Envelope) -> Result<Content> {
+    let body = envelope.to_frame()?;
+    let mut id = uuid::Uuid::encode_buffer();
+    let mut properties = BasicProperties::default();
+    properties
+        .with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT)
+        .with_content_type(frame_content_type(envelope))
+        .with_message_id(envelope.id().as_uuid().hyphenated().encode_lower(&mut id))
+        .with_timestamp(envelope.timestamp_ms() / 1000);
+    // AMQP short strings hold 255 bytes; longer values stay in the frame only.
+    if envelope.class().len() <= 255 {
+        properties.with_message_type(envelope.class());
     }
+    if let Some(correlation_id) = envelope.correlation_id().filter(|id| id.len() <= 255) {
+        properties.with_correlation_id(correlation_id);
+    }
+    Ok((properties, body))
 }
 
 struct Waiting {
@@ -377,7 +365,11 @@ impl Publisher {
     ///
     /// Unbounded by itself (queuing the frame waits only while the connection's writer is stalled,
     /// which its heartbeat ends): the caller bounds the whole publish.
-    async fn send(&self, message: &Outgoing<'_>) -> Option<(u64, oneshot::Receiver<Confirmed>)> {
+    async fn send(
+        &self,
+        message: &Outgoing<'_>,
+        (properties, body): Content,
+    ) -> Option<(u64, oneshot::Receiver<Confirmed>)> {
         let mut next_tag = self.next_tag.lock().await;
         if !self.is_alive() {
             return None;
@@ -394,7 +386,7 @@ impl Publisher {
         // not sent and the tag stays unused; the pending entry is forgotten by the caller.
         match self
             .channel
-            .basic_publish(message.properties.clone(), message.body.clone(), arguments)
+            .basic_publish(properties, body, arguments)
             .await
         {
             Ok(()) => {
@@ -462,7 +454,10 @@ impl Inner {
         }
         let outage = self.settings.publish_outage_timeout;
         let deadline = *outage_deadline.get_or_insert_with(|| Instant::now() + outage);
-        match tokio::time::timeout_at(deadline, self.open_publisher(deadline)).await {
+        // Boxed: the slow path's state is large, and would otherwise make every publish's future
+        // (moved into a box per publish by the Router trait) as large.
+        let opening = Box::pin(self.open_publisher(deadline));
+        match tokio::time::timeout_at(deadline, opening).await {
             Ok(result) => result,
             Err(_) => Err(self.connection_error(format!(
                 "no publishing channel could be opened within {outage:?} (the connection is up but RabbitMQ does not answer in time)"
@@ -552,10 +547,15 @@ impl Inner {
     }
 
     /// One send of `message` and the wait for its confirm, all within the confirm timeout.
-    async fn attempt(&self, publisher: &Publisher, message: &Outgoing<'_>) -> Attempt {
+    async fn attempt(
+        &self,
+        publisher: &Publisher,
+        message: &Outgoing<'_>,
+        content: Content,
+    ) -> Attempt {
         let mut sent_tag = None;
         let confirmed = tokio::time::timeout(self.settings.confirm_timeout, async {
-            let Some((tag, confirm)) = publisher.send(message).await else {
+            let Some((tag, confirm)) = publisher.send(message, content).await else {
                 return Attempt::NotSent;
             };
             sent_tag = Some(tag);
@@ -602,12 +602,21 @@ impl Inner {
         exchange: &str,
         routing_key: &str,
     ) -> Result<PublishOutcome> {
-        let message = Outgoing::new(envelope, exchange, routing_key)?;
+        let message = Outgoing {
+            exchange,
+            routing_key,
+            id: envelope.id().as_uuid().as_u128(),
+        };
+        let mut first = Some(content(envelope)?);
         let mut outage_deadline = None;
         let mut losses = 0u32;
         loop {
             let publisher = self.publisher_for(&mut outage_deadline).await?;
-            let outcome = self.attempt(&publisher, &message).await;
+            let content = match first.take() {
+                Some(content) => content,
+                None => content(envelope)?,
+            };
+            let outcome = self.attempt(&publisher, &message, content).await;
             match outcome {
                 Attempt::Confirmed(Confirmed::Ack { returned }) => {
                     bump(&self.counters.confirmed);

@@ -1,6 +1,7 @@
 //! Typed PaymentRequest throughput and latency on RabbitMQ: agentcomm against plain amqprs doing the
-//! same work (MessagePack, persistent, publisher confirms, durable queue, manual ack), with 1 and 64
-//! publishes in flight, alternating the two in every round on the same broker.
+//! same work (MessagePack, persistent, publisher confirms, durable queue, manual ack, one connection
+//! for publishing and one for consuming), with 1 and 64 publishes in flight, alternating the two in
+//! every round on the same broker.
 //!
 //! `cargo bench -p agentcomm-amqp --bench payments` (RABBITMQ_URL, default amqp://guest:guest@127.0.0.1:5672/%2f).
 //! AGENTCOMM_BENCH_FACTOR=<n> multiplies the message counts; AGENTCOMM_BENCH_ROUNDS sets the rounds (7).
@@ -335,7 +336,9 @@ async fn plain_round(exchange: &str, total: u64, in_flight: usize) -> Sample {
         })
     };
 
-    let publisher = connection.open_channel(None).await.unwrap();
+    // A connection of its own for publishing, as agentcomm does (and RabbitMQ advises).
+    let publishing = Connection::open(&open_arguments()).await.expect("connect");
+    let publisher = publishing.open_channel(None).await.unwrap();
     let confirms = Arc::new(Confirms {
         waiters: Mutex::new(HashMap::new()),
     });
@@ -356,11 +359,20 @@ async fn plain_round(exchange: &str, total: u64, in_flight: usize) -> Sample {
             let confirms = confirms.clone();
             let next_tag = next_tag.clone();
             async move {
-                let body = rmp_serde::to_vec_named(&request(seq)).unwrap();
+                let mut body = rmp_serde::to_vec_named(&request(seq)).unwrap();
                 let mut properties = amqprs::BasicProperties::default();
                 properties
                     .with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT)
                     .with_content_type("application/msgpack");
+                if same_size() {
+                    // As many bytes as agentcomm's frame, and its properties: what is left of the
+                    // difference is the work on the client.
+                    body.resize(body.len() + FRAME_OVERHEAD, 0);
+                    properties
+                        .with_message_id(&uuid::Uuid::now_v7().to_string())
+                        .with_message_type("PaymentRequest")
+                        .with_timestamp(1_700_000_000);
+                }
                 let (sender, receiver) = oneshot::channel();
                 {
                     let mut tag = next_tag.lock().await;
@@ -390,8 +402,20 @@ async fn plain_round(exchange: &str, total: u64, in_flight: usize) -> Sample {
         .queue_delete(QueueDeleteArguments::new(&queue))
         .await
         .unwrap();
+    let _ = publishing.close().await;
     let _ = connection.close().await;
     summarize(&clock, elapsed)
+}
+
+/// How many bytes agentcomm's frame adds to the PaymentRequest payload (envelope fields).
+const FRAME_OVERHEAD: usize = 215;
+
+/// AGENTCOMM_BENCH_PLAIN_SIZE=agentcomm: plain amqprs pads its body to agentcomm's frame size and
+/// sets the same AMQP properties, to tell the cost of the bytes (broker, network) from the cost of
+/// the work in the client.
+fn same_size() -> bool {
+    static SAME: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SAME.get_or_init(|| std::env::var("AGENTCOMM_BENCH_PLAIN_SIZE").as_deref() == Ok("agentcomm"))
 }
 
 fn plain_exchange(exchange: &str) -> String {
@@ -450,13 +474,20 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(7);
-    // AGENTCOMM_BENCH_PROFILE=agentcomm|plain: run only that side, 64 in flight, for a profiler.
+    // AGENTCOMM_BENCH_PROFILE=agentcomm|plain: run only that side (AGENTCOMM_BENCH_IN_FLIGHT
+    // publishes in flight, default 64), for a profiler.
     if let Ok(side) = std::env::var("AGENTCOMM_BENCH_PROFILE") {
+        let in_flight: usize = std::env::var("AGENTCOMM_BENCH_IN_FLIGHT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| *n >= 1)
+            .unwrap_or(64);
+        let total = if in_flight == 1 { 600 } else { 10_000 } * factor() as u64;
         for _ in 0..rounds {
             let sample = if side == "plain" {
-                plain_round(&exchange, 10_000 * factor() as u64, 64).await
+                plain_round(&exchange, total, in_flight).await
             } else {
-                agentcomm_round(&exchange, 10_000 * factor() as u64, 64).await
+                agentcomm_round(&exchange, total, in_flight).await
             };
             println!("{side}: {sample:?}");
         }
@@ -474,6 +505,11 @@ async fn main() {
         "\nTyped PaymentRequest on RabbitMQ ({}), persistent + confirmed + manual ack, prefetch {PREFETCH}, {rounds} rounds alternating plain and agentcomm; medians (ratios: median of the per-round ratios)\n",
         agentcomm_core::error::redact_url(&url())
     );
+    if same_size() {
+        println!(
+            "(AGENTCOMM_BENCH_PLAIN_SIZE=agentcomm: plain amqprs sends as many bytes as agentcomm, with the same AMQP properties)\n"
+        );
+    }
     println!(
         "| in flight | messages | plain amqprs msg/s | agentcomm msg/s | throughput ratio | plain p50 | agentcomm p50 | p50 difference | plain p99 | agentcomm p99 |"
     );

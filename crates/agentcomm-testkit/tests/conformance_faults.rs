@@ -5,20 +5,25 @@
 //! scenario made to catch it fails with a message that counts the damage.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentcomm_core::MemoryRouter;
+use agentcomm_core::channel::{ChannelPattern, ChannelTemplate};
 use agentcomm_core::envelope::Envelope;
-use agentcomm_core::error::Result;
+use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::{
-    BoxFuture, Capabilities, Health, PublishOutcome, Router, SharedRouter, SubscribeOptions,
-    Subscription,
+    Acknowledge, BoxFuture, Capabilities, Delivery, Health, NackAction, PublishOutcome, Router,
+    SharedRouter, SubscribeOptions, Subscription, SubscriptionCloser, SubscriptionControl,
 };
 use agentcomm_testkit::conformance::{ConformanceBackend, Scenario, ScenarioOutcome, try_run};
 use agentcomm_testkit::memory::{MemoryBackend, MemoryConnection};
 use agentcomm_testkit::require_brokers;
+use futures::stream::BoxStream;
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fault {
@@ -30,10 +35,31 @@ enum Fault {
     SwapPairs,
     /// Drops the header `text`.
     DropHeader,
+    /// Drops the header naming the conformance run.
+    DropRunHeader,
     /// Keeps accepting publishes after close.
     PublishAfterClose,
     /// Reports other capabilities than declared.
     MisreportCapabilities,
+    /// Says a publish is done at once and delivers it 50 ms later, unless the connection closed.
+    ConfirmsTooEarly,
+    /// An exact session matches every session that starts with it (a glob without escaping).
+    PrefixSessions,
+    /// Group members each get every message.
+    FanOutGroups,
+    /// `nack(Retry)` puts the original back (the attempt count does not grow, the delay is ignored).
+    RetryAsRequeue,
+    /// A closed subscription's stream never ends.
+    EndlessStreams,
+    /// Reads ahead into a buffer of 16, which a closing connection throws away with what it has not
+    /// acknowledged.
+    LoseBufferOnClose,
+    /// An acknowledgement is not sent: the message comes back 100 ms later.
+    AckIgnored,
+    /// A delivery dropped unsettled is lost instead of handed back.
+    AbandonLoses,
+    /// Every retry is delivered twice (an at-least-once broker after a hiccup).
+    DuplicateRetries,
 }
 
 struct FaultyConnection {
@@ -43,6 +69,7 @@ struct FaultyConnection {
     capabilities: Capabilities,
     published: AtomicU64,
     held: Mutex<HashMap<String, Envelope>>,
+    closed: Arc<AtomicBool>,
 }
 
 fn seq_of(envelope: &Envelope) -> Option<u64> {
@@ -80,8 +107,187 @@ impl FaultyConnection {
                 envelope.headers_mut().remove("text");
                 self.inner.publish(envelope).await
             }
+            Fault::DropRunHeader => {
+                envelope.headers_mut().remove("conformance-run");
+                self.inner.publish(envelope).await
+            }
             Fault::PublishAfterClose => self.bus.publish(envelope).await,
+            Fault::ConfirmsTooEarly => {
+                let (bus, closed) = (self.bus.clone(), self.closed.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if !closed.load(Ordering::SeqCst) {
+                        let _ = bus.publish(envelope).await;
+                    }
+                });
+                Ok(PublishOutcome::Delivered(1))
+            }
             _ => self.inner.publish(envelope).await,
+        }
+    }
+
+    /// Subscribes with the subscribe-side faults; other faults get the bus's own subscription.
+    async fn faulty_subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
+        let mut asked = options.clone();
+        match self.fault {
+            Fault::FanOutGroups => asked = asked.fan_out(),
+            Fault::PrefixSessions => {
+                asked.patterns = options
+                    .patterns
+                    .iter()
+                    .map(|pattern| {
+                        ChannelPattern::with_template(
+                            ChannelTemplate::DEFAULT,
+                            pattern.class(),
+                            pattern.direction(),
+                            None,
+                        )
+                        .unwrap()
+                    })
+                    .collect();
+            }
+            Fault::RetryAsRequeue
+            | Fault::EndlessStreams
+            | Fault::LoseBufferOnClose
+            | Fault::AckIgnored
+            | Fault::AbandonLoses
+            | Fault::DuplicateRetries => {}
+            _ => return self.inner.subscribe(options).await,
+        }
+        let subscription = self.inner.subscribe(asked).await?;
+        let closer = subscription.closer();
+        let stream: BoxStream<'static, Delivery> = match self.fault {
+            Fault::PrefixSessions => {
+                let patterns = options.patterns.clone();
+                subscription
+                    .filter_map(move |delivery| {
+                        let channel = delivery.envelope().channel();
+                        let leaks = patterns.iter().any(|pattern| {
+                            pattern.class().is_none_or(|c| c == channel.class())
+                                && pattern.direction().is_none_or(|d| d == channel.direction())
+                                && pattern
+                                    .session()
+                                    .is_none_or(|s| channel.session().starts_with(s))
+                        });
+                        if leaks {
+                            futures::future::ready(Some(delivery))
+                        } else {
+                            delivery.discard();
+                            futures::future::ready(None)
+                        }
+                    })
+                    .boxed()
+            }
+            Fault::EndlessStreams => subscription.chain(futures::stream::pending()).boxed(),
+            Fault::LoseBufferOnClose => {
+                let (mut buffer, buffered) = futures::channel::mpsc::channel(16);
+                tokio::spawn(async move {
+                    let mut subscription = subscription;
+                    while let Some(delivery) = subscription.next().await {
+                        if buffer.send(delivery).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let closed = self.closed.clone();
+                buffered
+                    .filter_map(move |delivery: Delivery| {
+                        if closed.load(Ordering::SeqCst) {
+                            delivery.discard();
+                            futures::future::ready(None)
+                        } else {
+                            futures::future::ready(Some(delivery))
+                        }
+                    })
+                    .boxed()
+            }
+            _ => subscription.boxed(),
+        };
+        let (fault, closed, bus) = (self.fault, self.closed.clone(), self.bus.clone());
+        let stream = stream.map(move |delivery| {
+            let envelope = delivery.envelope().clone();
+            let ack = FaultyAck {
+                delivery,
+                fault,
+                closed: closed.clone(),
+                bus: bus.clone(),
+            };
+            Delivery::new(envelope, Box::new(ack))
+        });
+        Ok(Subscription::from_stream(
+            stream,
+            Arc::new(Closer(closer)),
+            &options,
+        ))
+    }
+}
+
+struct Closer(SubscriptionCloser);
+
+impl SubscriptionControl for Closer {
+    fn close(&self) -> BoxFuture<'static, Result<()>> {
+        let closer = self.0.clone();
+        Box::pin(async move { closer.close().await })
+    }
+}
+
+/// Settles a delivery of the bus with the settle-side faults.
+struct FaultyAck {
+    delivery: Delivery,
+    fault: Fault,
+    closed: Arc<AtomicBool>,
+    bus: MemoryRouter,
+}
+
+impl Acknowledge for FaultyAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        let FaultyAck {
+            delivery,
+            fault,
+            closed,
+            ..
+        } = *self;
+        match fault {
+            Fault::AckIgnored => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    drop(delivery);
+                });
+                Box::pin(async { Ok(()) })
+            }
+            Fault::LoseBufferOnClose if closed.load(Ordering::SeqCst) => {
+                delivery.discard();
+                Box::pin(async {
+                    Err(Error::Closed {
+                        what: "this faulty connection",
+                        hint: "it was closed",
+                    })
+                })
+            }
+            _ => Box::pin(delivery.ack()),
+        }
+    }
+
+    fn nack(
+        self: Box<Self>,
+        envelope: Envelope,
+        action: NackAction,
+    ) -> BoxFuture<'static, Result<()>> {
+        match (self.fault, action) {
+            (Fault::RetryAsRequeue, NackAction::Retry { .. }) => {
+                Box::pin(self.delivery.nack(NackAction::Requeue))
+            }
+            (Fault::DuplicateRetries, action @ NackAction::Retry { .. }) => Box::pin(async move {
+                self.bus.publish(envelope).await?;
+                self.delivery.nack(action).await
+            }),
+            (_, action) => Box::pin(self.delivery.nack(action)),
+        }
+    }
+
+    fn abandon(self: Box<Self>, _: Envelope) {
+        if self.fault == Fault::AbandonLoses {
+            self.delivery.discard();
         }
     }
 }
@@ -97,12 +303,13 @@ impl Router for FaultyConnection {
         Box::pin(self.faulty_publish(envelope))
     }
     fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
-        self.inner.subscribe(options)
+        Box::pin(self.faulty_subscribe(options))
     }
     fn health(&self) -> BoxFuture<'_, Health> {
         self.inner.health()
     }
     fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.closed.store(true, Ordering::SeqCst);
         self.inner.close()
     }
 }
@@ -111,6 +318,9 @@ struct FaultyBackend {
     memory: MemoryBackend,
     fault: Fault,
     declared: Capabilities,
+    max_wait: Duration,
+    settle: Duration,
+    limit: Option<Duration>,
 }
 
 impl FaultyBackend {
@@ -121,11 +331,30 @@ impl FaultyBackend {
             memory,
             fault,
             declared,
+            // Everything arrives at once in memory: what is missing after 1 s is lost.
+            max_wait: Duration::from_secs(1),
+            settle: Duration::from_millis(200),
+            limit: None,
         }
     }
 
     fn declaring(mut self, declared: Capabilities) -> Self {
         self.declared = declared;
+        self
+    }
+
+    fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
+
+    fn settle_time(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
+    }
+
+    fn scenario_limit(mut self, limit: Duration) -> Self {
+        self.limit = Some(limit);
         self
     }
 }
@@ -135,8 +364,13 @@ impl ConformanceBackend for FaultyBackend {
         "faulty-memory"
     }
     fn max_wait(&self) -> Duration {
-        // Everything arrives at once in memory: what is missing after 2 s is lost.
-        Duration::from_secs(2)
+        self.max_wait
+    }
+    fn settle_time(&self) -> Duration {
+        self.settle
+    }
+    fn scenario_limit(&self) -> Duration {
+        self.limit.unwrap_or(Duration::from_secs(120))
     }
     fn declared_capabilities(&self) -> Capabilities {
         self.declared
@@ -154,8 +388,9 @@ impl ConformanceBackend for FaultyBackend {
             capabilities,
             published: AtomicU64::new(0),
             held: Mutex::default(),
+            closed: Arc::default(),
         };
-        Box::pin(async move { Some(std::sync::Arc::new(connection) as SharedRouter) })
+        Box::pin(async move { Some(Arc::new(connection) as SharedRouter) })
     }
 }
 
@@ -166,6 +401,13 @@ async fn failure(scenario: Scenario, backend: &FaultyBackend) -> String {
             "{scenario} should have failed on {:?}, got {other:?}",
             backend.fault
         ),
+    }
+}
+
+async fn failure_of(scenario: Scenario, backend: &impl ConformanceBackend) -> String {
+    match try_run(scenario, backend).await {
+        ScenarioOutcome::Failed(text) => text,
+        other => panic!("{scenario} should have failed, got {other:?}"),
     }
 }
 
@@ -380,9 +622,384 @@ async fn an_unreachable_broker_is_skipped_unless_brokers_are_required() {
 #[test]
 fn every_scenario_has_a_distinct_test_name() {
     let mut names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
-    assert_eq!(names.len(), 24);
+    assert_eq!(names.len(), 25);
     names.sort_unstable();
     names.dedup();
-    assert_eq!(names.len(), 24);
+    assert_eq!(names.len(), 25);
     assert!(names.contains(&"concurrent_publishers_lose_nothing"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_drops_the_run_header_is_told_so_not_only_that_messages_were_lost() {
+    let backend = FaultyBackend::new(Fault::DropRunHeader).max_wait(Duration::from_millis(500));
+    let text = failure(Scenario::BatchPublish, &backend).await;
+    assert!(
+        text.starts_with("the subscriber: lost 500 of 500 (first lost: publisher 0 seq 0), duplicated 0, reordered 0 within "),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            ", and 500 deliveries without this run's conformance-run/conformance-stream/conformance-seq headers \
+             (headers dropped or changed by the backend, or another run's messages leaking in)"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_resolves_before_the_broker_has_the_message_fails_the_confirms_scenario() {
+    let text = failure(
+        Scenario::PublishConfirms,
+        &FaultyBackend::new(Fault::ConfirmsTooEarly).max_wait(Duration::from_millis(500)),
+    )
+    .await;
+    assert!(
+        text.starts_with("the subscriber: lost 20 of 20 (first lost: check 0 seq 0)"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("(every one of these publishes had resolved Ok: the broker had them)"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistence_claimed_without_groups_fails_the_persistence_scenarios() {
+    let claims = Capabilities::none().persistent(true).redelivery(true);
+    for scenario in [
+        Scenario::PersistentWithoutConsumer,
+        Scenario::CloseWhileInFlight,
+    ] {
+        let backend = FaultyBackend::new(Fault::MisreportCapabilities).declaring(claims);
+        // The connection must report what is declared; MisreportCapabilities only drops
+        // no_duplicates, which these claims do not have.
+        let text = failure(scenario, &backend).await;
+        assert!(
+            text.starts_with("the backend claims persistent but not consumer_groups: "),
+            "{scenario}: {text}"
+        );
+    }
+}
+
+/// A handler that fails an attempt of a message twice (a duplicate delivery) is fine for an
+/// at-least-once backend: it must be tried at least max_attempts times, not exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_attempts_fail_the_dead_letter_scenario_only_where_no_duplicates_is_claimed() {
+    let text = failure(
+        Scenario::DeadLetterAfterMaxAttempts,
+        &FaultyBackend::new(Fault::DuplicateRetries),
+    )
+    .await;
+    assert!(
+        text.starts_with("dead letters: lost 0 of 5, duplicated 15 (first duplicate: work 0 seq "),
+        "{text}"
+    );
+    assert!(
+        text.contains("message 0 was handled 7 time(s), expected exactly 3 (max_attempts)"),
+        "{text}"
+    );
+    let at_least_once = MemoryBackend::new()
+        .declared_capabilities()
+        .no_duplicates(false);
+    let backend = FaultyBackend::new(Fault::DuplicateRetries).declaring(at_least_once);
+    match try_run(Scenario::DeadLetterAfterMaxAttempts, &backend).await {
+        ScenarioOutcome::Passed { summary, .. } => {
+            assert!(summary.contains("lost 0 of 5, duplicated 15"), "{summary}")
+        }
+        other => panic!("an at-least-once backend may deliver an attempt twice: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_that_leaks_look_alike_sessions_fails_isolation() {
+    let text = failure(
+        Scenario::Isolation,
+        &FaultyBackend::new(Fault::PrefixSessions),
+    )
+    .await;
+    assert!(text.starts_with("the exact subscription on "), "{text}");
+    assert!(
+        text.contains(": lost 0 of 3, duplicated 0, reordered 0, unexpected 3 (first unexpected: channel 2 seq 0)"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_fans_out_fails_even_where_duplicates_are_allowed() {
+    let at_least_once = MemoryBackend::new()
+        .declared_capabilities()
+        .no_duplicates(false);
+    let backend = FaultyBackend::new(Fault::FanOutGroups).declaring(at_least_once);
+    let text = failure(Scenario::GroupSplitsWork, &backend).await;
+    assert!(
+        text.starts_with("300 of 300 messages went to more than one member of group workers_"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            ": a group gives each message to one of its members, not to each (that is fan-out)"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_comes_back_as_the_original_fails_nack_redelivery() {
+    let text = failure(
+        Scenario::NackRedelivery,
+        &FaultyBackend::new(Fault::RetryAsRequeue),
+    )
+    .await;
+    assert!(
+        text.starts_with(
+            "message 0: nack(Retry { delay: 0 }) of attempt 1 came back as attempt 1, expected 2 (deliver the \
+             envelope given with the nack: the runtime counts attempts with it)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("message 3 came back ")
+            && text.contains("after nack(Retry { delay: 300ms }): the delay was not respected"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_subscription_whose_stream_never_ends_fails_the_resubscribe_loops() {
+    let text = failure(
+        Scenario::ResubscribeLoops,
+        &FaultyBackend::new(Fault::EndlessStreams).max_wait(Duration::from_millis(300)),
+    )
+    .await;
+    assert_eq!(
+        text,
+        "round 0: the subscription's stream did not end within 300ms after close(); round 1: the subscription's \
+         stream did not end within 300ms after close(); round 2: the subscription's stream did not end within \
+         300ms after close() (the scenario stopped after 3 of 20 rounds)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_closing_connection_throws_away_its_buffer_fails_close_while_in_flight() {
+    let durable = MemoryBackend::new()
+        .declared_capabilities()
+        .persistent(true);
+    let backend = FaultyBackend::new(Fault::LoseBufferOnClose).declaring(durable);
+    let text = failure(Scenario::CloseWhileInFlight, &backend).await;
+    assert!(text.starts_with("group inflight_"), "{text}");
+    assert!(
+        text.contains(": lost ") && !text.contains(": lost 0 of"),
+        "{text}"
+    );
+    assert!(
+        text.contains("by the member whose connection closed, the rest by the next"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ignored_acknowledgement_fails_graceful_shutdown_when_the_settle_time_covers_it() {
+    // The message comes back 100 ms after its acknowledgement: listening 300 ms catches it.
+    let backend = FaultyBackend::new(Fault::AckIgnored).settle_time(Duration::from_millis(300));
+    let text = failure(Scenario::GracefulShutdown, &backend).await;
+    assert!(
+        text.contains(
+            "were delivered again after the stopped agent handled them: they were not acknowledged"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_stopping_agent_gives_back_must_come_back() {
+    let text = failure(
+        Scenario::GracefulShutdown,
+        &FaultyBackend::new(Fault::AbandonLoses).max_wait(Duration::from_millis(500)),
+    )
+    .await;
+    assert!(
+        text.contains(
+            " messages the stopped instances did not handle never reached the next instance within 500ms"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scenario_out_of_time_says_what_it_was_doing_and_what_had_arrived() {
+    let backend = FaultyBackend::new(Fault::LoseEveryHundredth)
+        .max_wait(Duration::from_secs(10))
+        .scenario_limit(Duration::from_secs(1));
+    let text = failure(Scenario::EnvelopeFields, &backend).await;
+    assert!(
+        text.starts_with(
+            "the scenario did not finish within 1s (ConformanceBackend::scenario_limit) while waiting for the \
+             published messages to arrive (for "
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            "; received so far: the subscriber: 99 distinct of 99 deliveries, 99 acknowledged"
+        ),
+        "{text}"
+    );
+}
+
+// ----- publish confirms through the fault proxy --------------------------------------------------
+
+/// A broker stand-in on loopback: it reads frames (a 4-byte length, then `Envelope::to_frame`),
+/// publishes each to the bus, and answers each with one byte.
+async fn frame_broker(bus: MemoryRouter) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut length = [0u8; 4];
+                    if stream.read_exact(&mut length).await.is_err() {
+                        return;
+                    }
+                    let mut frame = vec![0; u32::from_be_bytes(length) as usize];
+                    if stream.read_exact(&mut frame).await.is_err() {
+                        return;
+                    }
+                    if let Ok(envelope) = Envelope::from_frame(&frame) {
+                        let _ = bus.publish(envelope).await;
+                    }
+                    if stream.write_all(&[1]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// Publishes to the stand-in over TCP, subscribes on the bus. With `confirms` a publish waits for
+/// the stand-in's answer; without, it resolves once its bytes are written.
+struct TcpPublisher {
+    stream: tokio::sync::Mutex<tokio::net::TcpStream>,
+    bus: MemoryConnection,
+    confirms: bool,
+}
+
+impl TcpPublisher {
+    async fn send(&self, envelope: Envelope) -> Result<PublishOutcome> {
+        let fail = |error: std::io::Error| Error::Backend {
+            backend: "tcp-memory",
+            message: error.to_string(),
+        };
+        let frame = envelope.to_frame()?;
+        let mut stream = self.stream.lock().await;
+        stream
+            .write_all(&(frame.len() as u32).to_be_bytes())
+            .await
+            .map_err(fail)?;
+        stream.write_all(&frame).await.map_err(fail)?;
+        if self.confirms {
+            let mut answer = [0u8; 1];
+            stream.read_exact(&mut answer).await.map_err(fail)?;
+        }
+        Ok(PublishOutcome::Accepted)
+    }
+}
+
+impl Router for TcpPublisher {
+    fn backend(&self) -> &str {
+        "tcp-memory"
+    }
+    fn capabilities(&self) -> Capabilities {
+        MemoryBackend::new().declared_capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        Box::pin(self.send(envelope))
+    }
+    fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
+        self.bus.subscribe(options)
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.bus.health()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.bus.close()
+    }
+}
+
+struct TcpBackend {
+    bus: MemoryRouter,
+    broker: SocketAddr,
+    confirms: bool,
+}
+
+impl TcpBackend {
+    async fn new(confirms: bool) -> Self {
+        let bus = MemoryRouter::new();
+        let broker = frame_broker(bus.clone()).await;
+        TcpBackend {
+            bus,
+            broker,
+            confirms,
+        }
+    }
+}
+
+impl ConformanceBackend for TcpBackend {
+    fn name(&self) -> &str {
+        "tcp-memory"
+    }
+    fn max_wait(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn declared_capabilities(&self) -> Capabilities {
+        MemoryBackend::new().declared_capabilities()
+    }
+    fn connect(&self) -> BoxFuture<'_, Option<SharedRouter>> {
+        self.connect_through(self.broker)
+    }
+    fn broker_address(&self) -> Option<SocketAddr> {
+        Some(self.broker)
+    }
+    fn connect_through(&self, address: SocketAddr) -> BoxFuture<'_, Option<SharedRouter>> {
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(address).await.ok()?;
+            Some(Arc::new(TcpPublisher {
+                stream: tokio::sync::Mutex::new(stream),
+                bus: MemoryConnection::new(self.bus.clone()),
+                confirms: self.confirms,
+            }) as SharedRouter)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_does_not_wait_for_the_broker_is_caught_through_the_proxy() {
+    let (lying, waiting) = (TcpBackend::new(false).await, TcpBackend::new(true).await);
+    let (text, outcome) = tokio::join!(
+        failure_of(Scenario::PublishConfirms, &lying),
+        try_run(Scenario::PublishConfirms, &waiting)
+    );
+    // Its publishes resolve before their bytes left the machine: holding the bytes back does not stop
+    // one from resolving. (Cutting the connection right after a publish may lose it too, or not,
+    // depending on whether the proxy had forwarded it yet.)
+    assert!(
+        text.contains(
+            "a publish resolved Ok(Accepted) while the fault proxy held back every byte between the connection \
+             and the broker: it did not wait for the broker (the backend claims publish_confirms)"
+        ),
+        "{text}"
+    );
+    match outcome {
+        ScenarioOutcome::Passed { summary, .. } => assert!(
+            summary.contains(
+                "through the fault proxy, a message whose publish resolved arrived although the connection was \
+                 cut at once, and a publish whose bytes were held back had not resolved after 500ms"
+            ),
+            "{summary}"
+        ),
+        other => panic!("a backend that waits for the broker passes: {other:?}"),
+    }
 }

@@ -77,9 +77,11 @@ impl Handle<Work> for Worker {
     }
 }
 
-/// Says when a handler starts, waits for the gate, then records that it finished.
+/// Says when a handler starts, waits for the gate, then records that it finished. Work of another
+/// run (a backend whose names leak between runs) is acknowledged at once and not recorded.
 #[agent(name = "ConformanceGatedAgent", receives = [Work])]
 pub struct GatedAgent {
+    pub run: String,
     pub started: mpsc::UnboundedSender<u64>,
     pub gate: Arc<Semaphore>,
     pub finished: Arc<Mutex<Vec<u64>>>,
@@ -87,6 +89,9 @@ pub struct GatedAgent {
 
 impl Handle<Work> for GatedAgent {
     async fn handle(&self, work: Work, _ctx: &Context<Self>) -> HandlerResult {
+        if work.run != self.run {
+            return Ok(());
+        }
         let _ = self.started.send(work.seq);
         let _permit = self.gate.acquire().await?;
         self.finished.lock().expect("finished lock").push(work.seq);

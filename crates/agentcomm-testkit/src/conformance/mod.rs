@@ -45,6 +45,7 @@ mod scenarios;
 mod support;
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use agentcomm_core::channel::Channel;
@@ -87,6 +88,38 @@ pub trait ConformanceBackend: Send + Sync + 'static {
     fn publish_raw(&self, channel: &Channel, frame: Vec<u8>) -> BoxFuture<'_, Result<bool>> {
         let _ = (channel, frame);
         Box::pin(async { Ok(false) })
+    }
+
+    /// How long a scenario keeps listening after the messages it expects arrived, for late
+    /// duplicates and leaks (times `AGENTCOMM_SOAK`). 200 ms by default, which suits a backend that
+    /// delivers at once. A duplicate that arrives later than this cannot fail a scenario: for the
+    /// duplicate checks to mean something on a broker, make it at least the time your backend takes
+    /// to deliver an unacknowledged message again (a claim idle time, a redelivery delay), at the
+    /// cost of that much time per scenario.
+    fn settle_time(&self) -> Duration {
+        Duration::from_millis(200)
+    }
+
+    /// The longest one scenario may run before it fails (times `AGENTCOMM_SOAK`): by default 120 s,
+    /// or 4 × [`max_wait`](Self::max_wait) when that is longer. A scenario that runs out of it fails
+    /// with what it was doing and what its subscribers had received.
+    fn scenario_limit(&self) -> Duration {
+        SCENARIO_LIMIT.max(self.max_wait() * 4)
+    }
+
+    /// The broker's own address, on loopback, for the checks that put the fault proxy
+    /// ([`crate::proxy::FaultProxy`]) between a connection and the broker. `None` (the default)
+    /// leaves those checks out (the scenario says so in its summary).
+    fn broker_address(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    /// A **new** connection to the broker made through `address` (the fault proxy's) instead of
+    /// [`broker_address`](Self::broker_address), otherwise configured like [`connect`](Self::connect).
+    /// `None` (the default) when the backend cannot.
+    fn connect_through(&self, address: SocketAddr) -> BoxFuture<'_, Option<SharedRouter>> {
+        let _ = address;
+        Box::pin(async { None })
     }
 }
 
@@ -208,6 +241,11 @@ scenarios! {
     /// Closing a connection ends its subscriptions' streams, refuses further operations with
     /// `Error::Closed`, and leaves other connections working.
     CloseRefusesFurtherUse => close_ends_subscriptions_and_refuses_further_operations,
+    /// A publish resolves only once the broker has the message: a message whose publish resolved
+    /// reaches its subscriber even when the publisher's connection closes or is cut right after;
+    /// through the fault proxy, a publish whose bytes are held back does not resolve `Ok` (backends
+    /// that claim publish_confirms).
+    PublishConfirms => publish_resolves_only_once_the_broker_has_the_message,
 }
 
 impl Scenario {
@@ -224,12 +262,12 @@ impl Scenario {
             Scenario::GroupSplitsWork | Scenario::TwoGroups if !c.consumer_groups => {
                 Some("the backend does not claim consumer_groups")
             }
-            Scenario::CloseWhileInFlight | Scenario::PersistentWithoutConsumer
-                if !(c.persistent && c.consumer_groups) =>
-            {
-                Some(
-                    "persistence is tested through a consumer group, and the backend does not claim both persistent and consumer_groups",
-                )
+            // Claiming persistent without consumer_groups runs them too, and they fail: see there.
+            Scenario::CloseWhileInFlight | Scenario::PersistentWithoutConsumer if !c.persistent => {
+                Some("the backend does not claim persistent")
+            }
+            Scenario::PublishConfirms if !c.publish_confirms => {
+                Some("the backend does not claim publish_confirms")
             }
             Scenario::Unroutable if !c.reports_unroutable => {
                 Some("the backend does not claim reports_unroutable")
@@ -293,10 +331,12 @@ pub async fn try_run<B: ConformanceBackend + ?Sized>(
         return ScenarioOutcome::NotApplicable(format!("{scenario} on {}: {why}", backend.name()));
     }
     let soak = soak_factor();
-    let limit = SCENARIO_LIMIT.max(backend.max_wait() * 4) * soak;
+    let limit = backend.scenario_limit() * soak;
     let started = Instant::now();
     let context = support::Context::new(backend, declared, soak as usize);
     let result = tokio::time::timeout(limit, scenarios::run(scenario, &context)).await;
+    // Read before closing: closing ends the subscriptions that fill the sinks.
+    let progress = context.progress();
     context.close_all().await;
     match result {
         Ok(Ok(summary)) => ScenarioOutcome::Passed {
@@ -316,7 +356,7 @@ pub async fn try_run<B: ConformanceBackend + ?Sized>(
         }
         Ok(Err(support::Failure::Failed(text))) => ScenarioOutcome::Failed(text),
         Err(_) => ScenarioOutcome::Failed(format!(
-            "the scenario did not finish within {limit:?}: something waited without a bound"
+            "the scenario did not finish within {limit:?} (ConformanceBackend::scenario_limit) {progress}"
         )),
     }
 }

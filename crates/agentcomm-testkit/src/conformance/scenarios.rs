@@ -1,7 +1,8 @@
 //! The scenarios. Each returns a one-line summary of what it checked, or a failure that says what was
 //! lost, duplicated, reordered or wrong.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,10 +28,7 @@ use super::support::{
     Context, During, Failure, Feeder, Outcome, RUN_HEADER, SEQ_HEADER, STREAM_HEADER, Settle, Sink,
     bounded, describe_capabilities, fail, failures, key_of, pattern_bytes,
 };
-use crate::tally::{Tally, TallyReport};
-
-/// How long to listen after the expected messages arrived, for late duplicates and leaks.
-const SETTLE: Duration = Duration::from_millis(200);
+use crate::tally::{Key, Tally, TallyReport};
 
 pub async fn run(scenario: Scenario, ctx: &Context<'_>) -> Outcome {
     match scenario {
@@ -58,6 +56,7 @@ pub async fn run(scenario: Scenario, ctx: &Context<'_>) -> Outcome {
         Scenario::PersistentWithoutConsumer => persistent_without_consumer(ctx).await,
         Scenario::Unroutable => unroutable(ctx).await,
         Scenario::CloseRefusesFurtherUse => close_refuses_further_use(ctx).await,
+        Scenario::PublishConfirms => publish_confirms(ctx).await,
     }
 }
 
@@ -92,6 +91,7 @@ async fn subscribe(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    ctx.phase(&what);
     bounded(ctx.wait, &what, connection.subscribe(options))
         .await?
         .during(&what)
@@ -116,25 +116,27 @@ async fn publish_one(
     envelope: Envelope,
 ) -> Outcome<PublishOutcome> {
     let what = format!("publishing to {}", envelope.channel());
+    ctx.phase(&what);
     bounded(ctx.wait, &what, connection.publish(envelope))
         .await?
         .during(&what)
 }
 
 /// Publishes each batch in its own task, its messages one after the other (each publish awaited, so
-/// a batch's order is its publisher's order). Every publish must succeed and be routable.
+/// a batch's order is its publisher's order); publisher `i` uses connection `i % connections.len()`.
+/// Every publish must succeed and be routable.
 fn spawn_publishers(
-    connection: &SharedRouter,
+    connections: &[SharedRouter],
     batches: Vec<Vec<Envelope>>,
     limit: Duration,
 ) -> tokio::task::JoinHandle<Result<(), String>> {
-    let connection = connection.clone();
+    let connections = connections.to_vec();
     tokio::spawn(async move {
         let tasks: Vec<_> = batches
             .into_iter()
             .enumerate()
             .map(|(publisher, batch)| {
-                let connection = connection.clone();
+                let connection = connections[publisher % connections.len()].clone();
                 tokio::spawn(async move {
                     for envelope in batch {
                         let channel = envelope.channel().to_string();
@@ -188,7 +190,21 @@ async fn publish_all(
     connection: &SharedRouter,
     batches: Vec<Vec<Envelope>>,
 ) -> Outcome<()> {
-    let task = spawn_publishers(connection, batches, ctx.wait);
+    publish_all_over(ctx, std::slice::from_ref(connection), batches).await
+}
+
+/// [`publish_all`] with the publishers spread over several connections.
+async fn publish_all_over(
+    ctx: &Context<'_>,
+    connections: &[SharedRouter],
+    batches: Vec<Vec<Envelope>>,
+) -> Outcome<()> {
+    ctx.phase(format!(
+        "publishing {} messages from {} concurrent publishers",
+        batches.iter().map(Vec::len).sum::<usize>(),
+        batches.len()
+    ));
+    let task = spawn_publishers(connections, batches, ctx.wait);
     match task.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(problem)) => Err(Failure::Failed(problem)),
@@ -400,7 +416,7 @@ async fn envelope_fields(ctx: &Context<'_>) -> Outcome {
     let reply_to = format!("{class}:reply:{session}");
     let subscriber = ctx.connect().await?;
     let publisher = ctx.connect().await?;
-    let sink = Sink::new(&ctx.run);
+    let sink = ctx.sink("the subscriber");
     let _feeder = feed(
         ctx,
         &subscriber,
@@ -419,11 +435,12 @@ async fn envelope_fields(ctx: &Context<'_>) -> Outcome {
             fail!("message {seq} was reported unroutable although a subscription matches it");
         }
     }
+    ctx.phase("waiting for the published messages to arrive");
     let (_, waited) = sink.wait_distinct(count as usize, ctx.wait).await;
-    sink.settle(SETTLE).await;
+    sink.settle(ctx.settle).await;
     let report = sink.tally(&expected_streams("publisher", 1, count), None);
     let mut problems: Vec<String> = ctx
-        .judge("the subscriber", &report, waited, true)
+        .judge("the subscriber", &report, sink.foreign(), waited, true)
         .into_iter()
         .collect();
     let changed: Vec<String> = sink
@@ -495,7 +512,7 @@ async fn pattern_subscriptions(ctx: &Context<'_>) -> Outcome {
                 expected.expect_stream(index as u32, per_channel);
             }
         }
-        let sink = Sink::new(&ctx.run);
+        let sink = ctx.sink(format!("subscription {}", texts.join(" + ")));
         let feeder = feed(
             ctx,
             &subscriber,
@@ -524,9 +541,15 @@ async fn pattern_subscriptions(ctx: &Context<'_>) -> Outcome {
         sink.wait_distinct(expected.expected(), window.remaining())
             .await;
         let waited = window.elapsed();
-        sink.settle(SETTLE).await;
+        sink.settle(ctx.settle).await;
         let report = sink.tally(expected, None);
-        if let Some(problem) = ctx.judge(&format!("subscription {name}"), &report, waited, true) {
+        if let Some(problem) = ctx.judge(
+            &format!("subscription {name}"),
+            &report,
+            sink.foreign(),
+            waited,
+            true,
+        ) {
             problems.push(problem);
         }
         reports.push(report);
@@ -592,7 +615,7 @@ async fn custom_templates(ctx: &Context<'_>) -> Outcome {
         for stream in streams {
             expected.expect_stream(stream, per_channel);
         }
-        let sink = Sink::new(&ctx.run);
+        let sink = ctx.sink(name);
         let feeder = feed(
             ctx,
             &subscriber,
@@ -621,9 +644,15 @@ async fn custom_templates(ctx: &Context<'_>) -> Outcome {
         sink.wait_distinct(expected.expected(), window.remaining())
             .await;
         let waited = window.elapsed();
-        sink.settle(SETTLE).await;
+        sink.settle(ctx.settle).await;
         let report = sink.tally(expected, None);
-        if let Some(problem) = ctx.judge(&format!("subscription {name}"), &report, waited, true) {
+        if let Some(problem) = ctx.judge(
+            &format!("subscription {name}"),
+            &report,
+            sink.foreign(),
+            waited,
+            true,
+        ) {
             problems.push(problem);
         }
         for arrival in sink.arrivals() {
@@ -689,7 +718,7 @@ async fn isolation(ctx: &Context<'_>) -> Outcome {
     let publisher = ctx.connect().await?;
     let mut watched = Vec::new();
     for (index, channel) in mains.iter().enumerate() {
-        let sink = Sink::new(&ctx.run);
+        let sink = ctx.sink(format!("the exact subscription on {channel}"));
         let feeder = feed(
             ctx,
             &subscriber,
@@ -704,7 +733,7 @@ async fn isolation(ctx: &Context<'_>) -> Outcome {
         watched.push((channel.clone(), expected, sink, feeder));
     }
     // The witness receives the look-alikes, so the test knows they were delivered before it judges.
-    let witness = Sink::new(&ctx.run);
+    let witness = ctx.sink("the look-alike witness");
     let witness_patterns = lookalikes.iter().map(exact).collect::<Outcome<Vec<_>>>()?;
     let _witness_feeder = feed(
         ctx,
@@ -725,6 +754,7 @@ async fn isolation(ctx: &Context<'_>) -> Outcome {
         })
         .collect();
     publish_all(ctx, &publisher, batches).await?;
+    ctx.phase("waiting for the published messages to arrive");
     let (witnessed, _) = witness
         .wait_distinct(lookalikes.len() * per_channel as usize, ctx.wait)
         .await;
@@ -742,11 +772,12 @@ async fn isolation(ctx: &Context<'_>) -> Outcome {
         sink.wait_distinct(expected.expected(), window.remaining())
             .await;
         let waited = window.elapsed();
-        sink.settle(SETTLE).await;
+        sink.settle(ctx.settle).await;
         let report = sink.tally(expected, None);
         if let Some(problem) = ctx.judge(
             &format!("the exact subscription on {channel}"),
             &report,
+            sink.foreign(),
             waited,
             true,
         ) {
@@ -769,6 +800,9 @@ async fn isolation(ctx: &Context<'_>) -> Outcome {
     ))
 }
 
+/// The connections the concurrent publishers share (several, as several services would).
+const PUBLISHER_CONNECTIONS: usize = 5;
+
 async fn concurrent_publishers(ctx: &Context<'_>) -> Outcome {
     let publishers = 50u32;
     let subscribers = 5;
@@ -776,10 +810,13 @@ async fn concurrent_publishers(ctx: &Context<'_>) -> Outcome {
     let total = per_publisher as usize * publishers as usize;
     let channel = ctx.channel(&ctx.class("Concurrent"), &ctx.unique("d"), &ctx.unique("s"))?;
     let connections = [ctx.connect().await?, ctx.connect().await?];
-    let publisher = ctx.connect().await?;
+    let mut publishing = Vec::new();
+    for _ in 0..PUBLISHER_CONNECTIONS {
+        publishing.push(ctx.connect().await?);
+    }
     let mut sinks = Vec::new();
     for index in 0..subscribers {
-        let sink = Sink::new(&ctx.run);
+        let sink = ctx.sink(format!("subscriber {index}"));
         let feeder = feed(
             ctx,
             &connections[index % 2],
@@ -799,7 +836,7 @@ async fn concurrent_publishers(ctx: &Context<'_>) -> Outcome {
         })
         .collect();
     let started = Instant::now();
-    publish_all(ctx, &publisher, batches).await?;
+    publish_all_over(ctx, &publishing, batches).await?;
     let expected = expected_streams("publisher", publishers, per_publisher);
     let mut problems = Vec::new();
     let mut reports = Vec::new();
@@ -807,16 +844,23 @@ async fn concurrent_publishers(ctx: &Context<'_>) -> Outcome {
     for (index, (sink, _)) in sinks.iter().enumerate() {
         sink.wait_distinct(total, window.remaining()).await;
         let waited = window.elapsed();
-        sink.settle(SETTLE).await;
+        sink.settle(ctx.settle).await;
         let report = sink.tally(&expected, None);
-        if let Some(problem) = ctx.judge(&format!("subscriber {index}"), &report, waited, true) {
+        if let Some(problem) = ctx.judge(
+            &format!("subscriber {index}"),
+            &report,
+            sink.foreign(),
+            waited,
+            true,
+        ) {
             problems.push(problem);
         }
         reports.push(report);
     }
     failures(problems)?;
     Ok(format!(
-        "{total} messages from {publishers} concurrent publishers to {subscribers} subscribers in {:.2?}: {}",
+        "{total} messages from {publishers} concurrent publishers on {PUBLISHER_CONNECTIONS} connections to \
+         {subscribers} subscribers on 2 connections in {:.2?}: {}",
         started.elapsed(),
         totals(&reports)
     ))
@@ -833,7 +877,7 @@ async fn many_channels(ctx: &Context<'_>) -> Outcome {
     let mut watched = Vec::new();
     for index in 0..channel_count {
         let channel = ctx.channel(&class, &direction, &format!("ch{index}_{}", ctx.run))?;
-        let sink = Sink::new(&ctx.run);
+        let sink = ctx.sink(format!("channel {index}"));
         let feeder = feed(
             ctx,
             &subscriber,
@@ -861,30 +905,28 @@ async fn many_channels(ctx: &Context<'_>) -> Outcome {
     let mut problems = Vec::new();
     let mut reports = Vec::new();
     let window = ctx.window();
-    for (index, (expected, sink, _)) in watched.iter().enumerate() {
+    let mut waits = Vec::new();
+    for (expected, sink, _) in &watched {
         sink.wait_distinct(expected.expected(), window.remaining())
             .await;
-        let waited = window.elapsed();
+        waits.push(window.elapsed());
+    }
+    // Judged once everything settled, so that late duplicates and leaks count too.
+    for (_, sink, _) in &watched {
+        sink.settle(ctx.settle).await;
+    }
+    for (index, ((expected, sink, _), waited)) in watched.iter().zip(waits).enumerate() {
         let report = sink.tally(expected, None);
-        if let Some(problem) = ctx.judge(&format!("channel {index}"), &report, waited, true) {
+        if let Some(problem) = ctx.judge(
+            &format!("channel {index}"),
+            &report,
+            sink.foreign(),
+            waited,
+            true,
+        ) {
             problems.push(problem);
         }
         reports.push(report);
-    }
-    for (_, sink, _) in &watched {
-        sink.settle(SETTLE).await;
-    }
-    for (index, (expected, sink, _)) in watched.iter().enumerate() {
-        let report = sink.tally(expected, None);
-        if report.unexpected() > 0
-            && !problems
-                .iter()
-                .any(|p| p.starts_with(&format!("channel {index}:")))
-        {
-            problems.push(format!(
-                "channel {index}: {report} (messages of other channels leaked in)"
-            ));
-        }
     }
     if !problems.is_empty() {
         let shown = problems.len().min(5);
@@ -920,7 +962,7 @@ async fn order_per_channel(ctx: &Context<'_>) -> Outcome {
     let publisher = ctx.connect().await?;
     let all_sessions = pattern(&format!("{class}:{direction}:*"))?;
     let mut watched = Vec::new();
-    let sink = Sink::new(&ctx.run);
+    let sink = ctx.sink("the fan-out subscriber");
     let feeder = feed(
         ctx,
         &subscriber,
@@ -932,7 +974,7 @@ async fn order_per_channel(ctx: &Context<'_>) -> Outcome {
     .await?;
     watched.push(("the fan-out subscriber".to_string(), sink, feeder));
     if ctx.capabilities.consumer_groups {
-        let sink = Sink::new(&ctx.run);
+        let sink = ctx.sink("the only member of a group");
         let options = SubscribeOptions::new(all_sessions).group(ctx.unique("order"));
         let feeder = feed(ctx, &subscriber, options, &sink, 0, Settle::Ack).await?;
         watched.push(("the only member of a group".to_string(), sink, feeder));
@@ -944,9 +986,9 @@ async fn order_per_channel(ctx: &Context<'_>) -> Outcome {
     for (who, sink, _) in &watched {
         sink.wait_distinct(total as usize, window.remaining()).await;
         let waited = window.elapsed();
-        sink.settle(SETTLE).await;
+        sink.settle(ctx.settle).await;
         let report = sink.tally(&expected, None);
-        if let Some(problem) = ctx.judge(who, &report, waited, true) {
+        if let Some(problem) = ctx.judge(who, &report, sink.foreign(), waited, true) {
             problems.push(problem);
         }
         reports.push(report);
@@ -1021,12 +1063,10 @@ async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
         options = options.group(ctx.unique("nack"));
     }
     let mut subscription = subscribe(ctx, &subscriber, options).await?;
-    let mut sent = HashMap::new();
     for seq in 0..count {
-        let envelope = ctx.numbered(&channel, 0, seq);
-        sent.insert(seq, envelope.clone());
-        publish_one(ctx, &publisher, envelope).await?;
+        publish_one(ctx, &publisher, ctx.numbered(&channel, 0, seq)).await?;
     }
+    ctx.phase("receiving, giving back and receiving again");
     // For each message: (attempt, when) of every delivery, and when it was given back.
     let mut deliveries: BTreeMap<u64, Vec<(u32, Instant, Envelope)>> = BTreeMap::new();
     let mut given_back: HashMap<u64, Instant> = HashMap::new();
@@ -1037,7 +1077,7 @@ async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
     loop {
         let done = deliveries.len() as u64 == count && deliveries.values().all(|d| d.len() >= 2);
         if done && quiet_until.is_none() {
-            quiet_until = Some(Instant::now() + SETTLE);
+            quiet_until = Some(Instant::now() + ctx.settle);
         }
         let until = quiet_until.unwrap_or(deadline).min(deadline);
         let next = match tokio::time::timeout_at(until, subscription.next()).await {
@@ -1120,7 +1160,6 @@ async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
                 ));
             }
         }
-        let _ = sent.get(&seq);
     }
     if !not_redelivered.is_empty() {
         problems.insert(
@@ -1156,7 +1195,7 @@ async fn dead_letter_after_max_attempts(ctx: &Context<'_>) -> Outcome {
     let session = ctx.unique("dlq");
     let connection = ctx.connect().await?;
     let observer = ctx.connect().await?;
-    let dead_letters = Sink::new(&ctx.run);
+    let dead_letters = ctx.sink("dead letters");
     let dead_channel = Work::channel(Work::DIRECTION, &session)
         .during("building the work channel")?
         .dead_letter();
@@ -1190,11 +1229,18 @@ async fn dead_letter_after_max_attempts(ctx: &Context<'_>) -> Outcome {
         sent.insert(seq, envelope.clone());
         publish_one(ctx, &connection, envelope).await?;
     }
+    ctx.phase("waiting for the published messages to arrive");
     let (_, waited) = dead_letters.wait_distinct(count as usize, ctx.wait).await;
-    dead_letters.settle(SETTLE).await;
+    dead_letters.settle(ctx.settle).await;
     let report = dead_letters.tally(&expected_streams("work", 1, count), None);
     let mut problems: Vec<String> = ctx
-        .judge("dead letters", &report, waited, false)
+        .judge(
+            "dead letters",
+            &report,
+            dead_letters.foreign(),
+            waited,
+            false,
+        )
         .into_iter()
         .collect();
     for arrival in dead_letters.arrivals() {
@@ -1249,9 +1295,15 @@ async fn dead_letter_after_max_attempts(ctx: &Context<'_>) -> Outcome {
     let calls = calls.lock().expect("calls lock").clone();
     for seq in 0..count {
         let made = calls.get(&seq).copied().unwrap_or(0);
-        if made != max_attempts {
+        // An at-least-once backend may deliver an attempt twice; it must never skip one.
+        if made < max_attempts || (ctx.duplicates_fail() && made != max_attempts) {
+            let expected = if ctx.duplicates_fail() {
+                "exactly"
+            } else {
+                "at least"
+            };
             problems.push(format!(
-                "message {seq} was handled {made} time(s), expected exactly {max_attempts} (max_attempts)"
+                "message {seq} was handled {made} time(s), expected {expected} {max_attempts} (max_attempts)"
             ));
         }
     }
@@ -1274,7 +1326,7 @@ async fn group_splits_work(ctx: &Context<'_>) -> Outcome {
     let connections = [ctx.connect().await?, ctx.connect().await?];
     let publisher = ctx.connect().await?;
     let members = 3;
-    let group_sink = Sink::new(&ctx.run);
+    let group_sink = ctx.sink(format!("group {group}"));
     let mut feeders = Vec::new();
     for member in 0..members {
         let options = SubscribeOptions::new(exact(&channel)?)
@@ -1295,7 +1347,7 @@ async fn group_splits_work(ctx: &Context<'_>) -> Outcome {
     }
     let mut fan_outs = Vec::new();
     for connection in &connections {
-        let sink = Sink::new(&ctx.run);
+        let sink = ctx.sink(format!("fan-out subscriber {}", fan_outs.len()));
         let feeder = feed(
             ctx,
             connection,
@@ -1324,11 +1376,12 @@ async fn group_splits_work(ctx: &Context<'_>) -> Outcome {
     for (index, (sink, _)) in fan_outs.iter().enumerate() {
         sink.wait_distinct(total, window.remaining()).await;
         let waited = window.elapsed();
-        sink.settle(SETTLE).await;
+        sink.settle(ctx.settle).await;
         let report = sink.tally(&expected, None);
         if let Some(problem) = ctx.judge(
             &format!("fan-out subscriber {index}"),
             &report,
+            sink.foreign(),
             waited,
             true,
         ) {
@@ -1336,11 +1389,12 @@ async fn group_splits_work(ctx: &Context<'_>) -> Outcome {
         }
         reports.push(report);
     }
-    group_sink.settle(SETTLE).await;
+    group_sink.settle(ctx.settle).await;
     let group_report = group_sink.tally(&expected, None);
     if let Some(problem) = ctx.judge(
         &format!("group {group} (all members)"),
         &group_report,
+        group_sink.foreign(),
         waited,
         false,
     ) {
@@ -1349,6 +1403,25 @@ async fn group_splits_work(ctx: &Context<'_>) -> Outcome {
     let shares: Vec<usize> = (0..members)
         .map(|m| group_sink.keys(Some(m)).len())
         .collect();
+    // An at-least-once group may deliver a message again, even to another member, after a failure;
+    // nothing fails here, so a group that hands most messages to several members is fanning out.
+    let mut members_of: HashMap<Key, BTreeSet<usize>> = HashMap::new();
+    for arrival in group_sink.arrivals() {
+        members_of
+            .entry(arrival.key)
+            .or_default()
+            .insert(arrival.member);
+    }
+    let spread = members_of
+        .values()
+        .filter(|members| members.len() > 1)
+        .count();
+    if spread * 2 >= total {
+        problems.push(format!(
+            "{spread} of {total} messages went to more than one member of group {group}: a group gives each \
+             message to one of its members, not to each (that is fan-out)"
+        ));
+    }
     if let Some(idle) = shares.iter().position(|share| *share == 0) {
         problems.push(format!(
             "member {idle} of group {group} got none of {total} messages (shares {shares:?}): the group does not \
@@ -1372,7 +1445,7 @@ async fn two_groups(ctx: &Context<'_>) -> Outcome {
     let mut groups = Vec::new();
     for name in ["first", "second"] {
         let group = ctx.unique(name);
-        let sink = Sink::new(&ctx.run);
+        let sink = ctx.sink(format!("group {group}"));
         let mut feeders = Vec::new();
         for member in 0..2 {
             let options = SubscribeOptions::new(exact(&channel)?)
@@ -1399,9 +1472,15 @@ async fn two_groups(ctx: &Context<'_>) -> Outcome {
     for (group, sink, _) in &groups {
         sink.wait_distinct(total as usize, window.remaining()).await;
         let waited = window.elapsed();
-        sink.settle(SETTLE).await;
+        sink.settle(ctx.settle).await;
         let report = sink.tally(&expected, None);
-        if let Some(problem) = ctx.judge(&format!("group {group}"), &report, waited, false) {
+        if let Some(problem) = ctx.judge(
+            &format!("group {group}"),
+            &report,
+            sink.foreign(),
+            waited,
+            false,
+        ) {
             problems.push(problem);
         }
         reports.push(report);
@@ -1413,7 +1492,21 @@ async fn two_groups(ctx: &Context<'_>) -> Outcome {
     ))
 }
 
+/// Persistence is checked, and usable, only through a consumer group.
+fn persistence_needs_groups(ctx: &Context<'_>) -> Outcome<()> {
+    if !ctx.capabilities.consumer_groups {
+        fail!(
+            "the backend claims persistent but not consumer_groups: a consumer group is the only subscription the \
+             Router contract lets outlive its consumer (a fan-out subscription gets only what is published after it \
+             subscribed), so persistence can be neither used nor checked; claim consumer_groups too, or do not \
+             claim persistent"
+        );
+    }
+    Ok(())
+}
+
 async fn close_while_in_flight(ctx: &Context<'_>) -> Outcome {
+    persistence_needs_groups(ctx)?;
     let publishers = 10u32;
     let per_publisher = (ctx.size(1000) / publishers as usize) as u64;
     let total = per_publisher as usize * publishers as usize;
@@ -1421,7 +1514,7 @@ async fn close_while_in_flight(ctx: &Context<'_>) -> Outcome {
     let group = ctx.unique("inflight");
     let first = ctx.connect().await?;
     let publisher = ctx.connect().await?;
-    let sink = Sink::new(&ctx.run);
+    let sink = ctx.sink(format!("group {group}"));
     let options = SubscribeOptions::new(exact(&channel)?)
         .group(group.clone())
         .prefetch(16);
@@ -1441,7 +1534,8 @@ async fn close_while_in_flight(ctx: &Context<'_>) -> Outcome {
                 .collect()
         })
         .collect();
-    let publishing = spawn_publishers(&publisher, batches, ctx.wait);
+    let publishing = spawn_publishers(std::slice::from_ref(&publisher), batches, ctx.wait);
+    ctx.phase("waiting for the messages to be acknowledged");
     let (started, _) = sink.wait_acked(total / 4, ctx.wait).await;
     if !started {
         fail!(
@@ -1465,8 +1559,9 @@ async fn close_while_in_flight(ctx: &Context<'_>) -> Outcome {
         Ok(Err(problem)) => fail!("{problem}"),
         Err(error) => fail!("the publishers failed: {error}"),
     }
+    ctx.phase("waiting for the messages to be acknowledged");
     let (_, waited) = sink.wait_acked(total, ctx.wait).await;
-    sink.settle(SETTLE).await;
+    sink.settle(ctx.settle).await;
     drop(first_feeder);
     let mut expected = expected_streams("publisher", publishers, per_publisher);
     expected.record_all(
@@ -1476,7 +1571,13 @@ async fn close_while_in_flight(ctx: &Context<'_>) -> Outcome {
             .map(|arrival| arrival.key),
     );
     let report = expected.report();
-    if let Some(problem) = ctx.judge(&format!("group {group}"), &report, waited, false) {
+    if let Some(problem) = ctx.judge(
+        &format!("group {group}"),
+        &report,
+        sink.foreign(),
+        waited,
+        false,
+    ) {
         fail!(
             "{problem} (acknowledged: {acked_before} by the member whose connection closed, the rest by the next; \
              {} acknowledgements failed)",
@@ -1496,10 +1597,14 @@ async fn resubscribe_loops(ctx: &Context<'_>) -> Outcome {
     let shared = ctx.connect().await?;
     let publisher = ctx.connect().await?;
     let mut tally = Tally::new("round");
-    tally.expect_stream(0, rounds);
     let mut problems = Vec::new();
     let mut fresh_connections = 0;
+    let mut foreign = 0;
+    let mut ran = 0;
     for round in 0..rounds {
+        ctx.phase(format!("round {round} of {rounds}"));
+        ran += 1;
+        tally.expect(0, round);
         let fresh = round % 5 == 4;
         let connection = if fresh {
             fresh_connections += 1;
@@ -1518,11 +1623,14 @@ async fn resubscribe_loops(ctx: &Context<'_>) -> Outcome {
                     bounded(ctx.wait, "ack", delivery.ack())
                         .await?
                         .during("acknowledging")?;
-                    if let Some((stream, seq)) = key {
-                        tally.record(stream, seq);
-                        if seq == round {
-                            break;
+                    match key {
+                        Some((stream, seq)) => {
+                            tally.record(stream, seq);
+                            if seq == round {
+                                break;
+                            }
                         }
+                        None => foreign += 1,
                     }
                 }
                 Ok(None) => {
@@ -1541,10 +1649,12 @@ async fn resubscribe_loops(ctx: &Context<'_>) -> Outcome {
         loop {
             match tokio::time::timeout_at(deadline, subscription.next()).await {
                 Ok(Some(delivery)) => {
-                    if let Some((stream, seq)) = key_of(delivery.envelope(), &ctx.run) {
-                        tally.record(stream, seq);
+                    match key_of(delivery.envelope(), &ctx.run) {
+                        Some((stream, seq)) => tally.record(stream, seq),
+                        None => foreign += 1,
                     }
-                    let _ = delivery.ack().await;
+                    // The subscription is closed: its acknowledgement may fail; the count is what matters.
+                    let _ = bounded(ctx.wait, "ack", delivery.ack()).await?;
                 }
                 Ok(None) => break,
                 Err(_) => {
@@ -1566,10 +1676,17 @@ async fn resubscribe_loops(ctx: &Context<'_>) -> Outcome {
         }
     }
     let report = tally.report();
-    if let Some(problem) = ctx.judge("the rounds", &report, ctx.wait, false) {
+    if let Some(problem) = ctx.judge("the rounds", &report, foreign, ctx.wait, false) {
         problems.insert(
             0,
             format!("{problem} (a duplicate here is a message of an earlier round)"),
+        );
+    }
+    if ran < rounds {
+        let last = problems.len() - 1;
+        let _ = write!(
+            problems[last],
+            " (the scenario stopped after {ran} of {rounds} rounds)"
         );
     }
     failures(problems)?;
@@ -1590,7 +1707,7 @@ async fn publisher_close(ctx: &Context<'_>) -> Outcome {
     )?;
     let subscriber = ctx.connect().await?;
     let publisher = ctx.connect().await?;
-    let sink = Sink::new(&ctx.run);
+    let sink = ctx.sink("the subscriber");
     let _feeder = feed(
         ctx,
         &subscriber,
@@ -1613,13 +1730,14 @@ async fn publisher_close(ctx: &Context<'_>) -> Outcome {
         .await?
         .during("closing the publisher right after its last publish")?;
     let closed_in = closing.elapsed();
+    ctx.phase("waiting for the published messages to arrive");
     let (_, waited) = sink.wait_distinct(total, ctx.wait).await;
-    sink.settle(SETTLE).await;
+    sink.settle(ctx.settle).await;
     let report = sink.tally(
         &expected_streams("publisher", publishers, per_publisher),
         None,
     );
-    if let Some(problem) = ctx.judge("the subscriber", &report, waited, true) {
+    if let Some(problem) = ctx.judge("the subscriber", &report, sink.foreign(), waited, true) {
         fail!("{problem} after the publisher closed");
     }
     Ok(format!(
@@ -1633,7 +1751,7 @@ async fn large_payloads(ctx: &Context<'_>) -> Outcome {
     let channel = ctx.channel(&ctx.class("Large"), &ctx.unique("d"), &ctx.unique("s"))?;
     let subscriber = ctx.connect().await?;
     let publisher = ctx.connect().await?;
-    let sink = Sink::new(&ctx.run);
+    let sink = ctx.sink("the subscriber");
     let _feeder = feed(
         ctx,
         &subscriber,
@@ -1654,11 +1772,12 @@ async fn large_payloads(ctx: &Context<'_>) -> Outcome {
         .with_header(SEQ_HEADER, seq.to_string());
         publish_one(ctx, &publisher, envelope).await?;
     }
+    ctx.phase("waiting for the published messages to arrive");
     let (_, waited) = sink.wait_distinct(count as usize, ctx.wait).await;
-    sink.settle(SETTLE).await;
+    sink.settle(ctx.settle).await;
     let report = sink.tally(&expected_streams("publisher", 1, count), None);
     let mut problems: Vec<String> = ctx
-        .judge("the subscriber", &report, waited, true)
+        .judge("the subscriber", &report, sink.foreign(), waited, true)
         .into_iter()
         .collect();
     for arrival in sink.arrivals() {
@@ -1689,7 +1808,7 @@ async fn batch_publish(ctx: &Context<'_>) -> Outcome {
     let channel = ctx.channel(&ctx.class("Batch"), &ctx.unique("d"), &ctx.unique("s"))?;
     let subscriber = ctx.connect().await?;
     let publisher = ctx.connect().await?;
-    let sink = Sink::new(&ctx.run);
+    let sink = ctx.sink("the subscriber");
     let _feeder = feed(
         ctx,
         &subscriber,
@@ -1741,10 +1860,11 @@ async fn batch_publish(ctx: &Context<'_>) -> Outcome {
             failed[0]
         );
     }
+    ctx.phase("waiting for the published messages to arrive");
     let (_, waited) = sink.wait_distinct(count as usize, ctx.wait).await;
-    sink.settle(SETTLE).await;
+    sink.settle(ctx.settle).await;
     let report = sink.tally(&expected_streams("publisher", 1, count), None);
-    if let Some(problem) = ctx.judge("the subscriber", &report, waited, true) {
+    if let Some(problem) = ctx.judge("the subscriber", &report, sink.foreign(), waited, true) {
         fail!("{problem}");
     }
     Ok(format!(
@@ -1757,7 +1877,7 @@ async fn malformed_payloads(ctx: &Context<'_>) -> Outcome {
     let session = ctx.unique("malformed");
     let connection = ctx.connect().await?;
     let observer = ctx.connect().await?;
-    let dead_letters = Sink::new(&ctx.run);
+    let dead_letters = ctx.sink("dead letters");
     let channel = Work::channel(Work::DIRECTION, &session).during("building the work channel")?;
     let _feeder = feed(
         ctx,
@@ -1827,8 +1947,9 @@ async fn malformed_payloads(ctx: &Context<'_>) -> Outcome {
     )
     .await
     .is_ok();
+    ctx.phase("waiting for the published messages to arrive");
     let (_, waited) = dead_letters.wait_distinct(2, ctx.wait).await;
-    dead_letters.settle(SETTLE).await;
+    dead_letters.settle(ctx.settle).await;
     let mut problems = Vec::new();
     let seen = handled.borrow().clone();
     if !all_handled {
@@ -1859,7 +1980,13 @@ async fn malformed_payloads(ctx: &Context<'_>) -> Outcome {
     expected.expect(1, 1);
     expected.expect(1, 2);
     let report = dead_letters.tally(&expected, None);
-    if let Some(problem) = ctx.judge("dead letters", &report, waited, false) {
+    if let Some(problem) = ctx.judge(
+        "dead letters",
+        &report,
+        dead_letters.foreign(),
+        waited,
+        false,
+    ) {
         problems.push(problem);
     }
     for arrival in dead_letters.arrivals() {
@@ -1897,7 +2024,7 @@ async fn malformed_frames(ctx: &Context<'_>) -> Outcome {
     let subscriber = ctx.connect().await?;
     let observer = ctx.connect().await?;
     let publisher = ctx.connect().await?;
-    let sink = Sink::new(&ctx.run);
+    let sink = ctx.sink("the subscriber");
     let _feeder = feed(
         ctx,
         &subscriber,
@@ -1928,12 +2055,14 @@ async fn malformed_frames(ctx: &Context<'_>) -> Outcome {
     for seq in 1..3 {
         publish_one(ctx, &publisher, ctx.numbered(&channel, 0, seq)).await?;
     }
+    ctx.phase("waiting for the published messages to arrive");
     let (_, waited) = sink.wait_distinct(3, ctx.wait).await;
     let report = sink.tally(&expected_streams("publisher", 1, 3), None);
     let mut problems: Vec<String> = ctx
         .judge(
             "the subscriber, around a malformed frame",
             &report,
+            sink.foreign(),
             waited,
             true,
         )
@@ -1975,85 +2104,252 @@ async fn malformed_frames(ctx: &Context<'_>) -> Outcome {
     ))
 }
 
+/// Each phase of the graceful-shutdown scenario publishes this many messages per session.
+const SHUTDOWN_PER_SESSION: u64 = 3;
+
+/// One instance of the gated agent, for the graceful-shutdown scenario.
+struct GatedInstance {
+    agent: agentcomm_core::runtime::AgentHandle,
+    started: mpsc::UnboundedReceiver<u64>,
+    /// The handlers seen starting so far.
+    seen_started: Vec<u64>,
+    gate: Arc<Semaphore>,
+    finished: Arc<Mutex<Vec<u64>>>,
+}
+
+impl GatedInstance {
+    async fn spawn(
+        ctx: &Context<'_>,
+        runtime: &Runtime,
+        options: &AgentOptions,
+        permits: usize,
+    ) -> Outcome<Self> {
+        let (started_sender, started) = mpsc::unbounded_channel();
+        let gate = Arc::new(Semaphore::new(permits));
+        let finished = Arc::new(Mutex::new(Vec::new()));
+        ctx.phase("spawning an instance of the gated agent");
+        let agent = bounded(
+            ctx.wait,
+            "spawning the gated agent",
+            runtime.spawn_with(
+                GatedAgent {
+                    run: ctx.run.clone(),
+                    started: started_sender,
+                    gate: gate.clone(),
+                    finished: finished.clone(),
+                },
+                options.clone(),
+            ),
+        )
+        .await?
+        .during("spawning the gated agent")?;
+        Ok(GatedInstance {
+            agent,
+            started,
+            seen_started: Vec::new(),
+            gate,
+            finished,
+        })
+    }
+
+    /// Waits until a handler has started.
+    async fn wait_started(&mut self, ctx: &Context<'_>) -> Outcome<()> {
+        ctx.phase("waiting for a handler to start");
+        match tokio::time::timeout(ctx.wait, self.started.recv()).await {
+            Ok(Some(seq)) => {
+                self.seen_started.push(seq);
+                Ok(())
+            }
+            _ => fail!("no handler started within {:?}", ctx.wait),
+        }
+    }
+
+    /// Every handler that has started so far. (How many run at once depends on how the runtime
+    /// spreads the two sessions over its two workers: both may share one.)
+    fn all_started(&mut self) -> Vec<u64> {
+        while let Ok(seq) = self.started.try_recv() {
+            self.seen_started.push(seq);
+        }
+        self.seen_started.clone()
+    }
+
+    fn finished(&self) -> Vec<u64> {
+        self.finished.lock().expect("finished lock").clone()
+    }
+}
+
+/// Publishes [`SHUTDOWN_PER_SESSION`] messages to each session, alternating, numbered from `first`.
+async fn publish_work(
+    ctx: &Context<'_>,
+    runtime: &Runtime,
+    connection: &SharedRouter,
+    sessions: &[String],
+    first: u64,
+) -> Outcome<Vec<u64>> {
+    let mut seqs = Vec::new();
+    for round in 0..SHUTDOWN_PER_SESSION {
+        for (index, session) in sessions.iter().enumerate() {
+            let seq = first + round * sessions.len() as u64 + index as u64;
+            publish_one(ctx, connection, work_envelope(runtime, ctx, session, seq)?).await?;
+            seqs.push(seq);
+        }
+    }
+    Ok(seqs)
+}
+
 async fn graceful_shutdown(ctx: &Context<'_>) -> Outcome {
-    let session = ctx.unique("shutdown");
+    let sessions = [ctx.unique("shutdown_a"), ctx.unique("shutdown_b")];
     let connection = ctx.connect().await?;
     let runtime = Runtime::builder_shared(connection.clone()).build();
-    let (started_sender, mut started) = mpsc::unbounded_channel();
-    let gate = Arc::new(Semaphore::new(0));
-    let finished = Arc::new(Mutex::new(Vec::new()));
-    let options = agent_options(ctx, &session, "shutdown");
-    let agent = runtime
-        .spawn_with(
-            GatedAgent {
-                started: started_sender,
-                gate: gate.clone(),
-                finished: finished.clone(),
-            },
-            options.clone(),
-        )
-        .await
-        .during("spawning the gated agent")?;
-    publish_one(ctx, &connection, work_envelope(&runtime, ctx, &session, 0)?).await?;
-    match tokio::time::timeout(ctx.wait, started.recv()).await {
-        Ok(Some(0)) => {}
-        _ => fail!("the handler did not start within {:?}", ctx.wait),
-    }
+    // Two sessions, two workers: a handler runs for each while the others wait in the buffers.
+    let options = AgentOptions::new().concurrency(2).prefetch(16);
+    let options = if ctx.capabilities.consumer_groups {
+        options.group(ctx.unique("shutdown"))
+    } else {
+        options.fan_out()
+    };
+    let mut problems = Vec::new();
+
+    // 1. Stop while handlers run and more messages are buffered: stop waits for all of them.
+    let mut first = GatedInstance::spawn(ctx, &runtime, &options, 0).await?;
+    let first_batch = publish_work(ctx, &runtime, &connection, &sessions, 0).await?;
+    first.wait_started(ctx).await?;
     let stopping = tokio::spawn({
-        let agent = agent.clone();
+        let agent = first.agent.clone();
         async move { agent.stop(Duration::from_secs(20)).await }
     });
+    ctx.phase("checking that stop waits for the running handlers");
     // Give the stop time to return early if it is going to (this sleep creates the condition).
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // The gate is closed: every handler that started is still running.
+    let running = first.all_started();
     if stopping.is_finished() {
         fail!(
-            "AgentHandle::stop returned while a handler was still running: it must wait for in-flight handlers"
+            "AgentHandle::stop returned while handlers of messages {running:?} were still running: it must wait \
+             for in-flight handlers"
         );
     }
-    gate.add_permits(1);
-    let report = match tokio::time::timeout(ctx.wait, stopping).await {
+    first.gate.add_permits(first_batch.len());
+    ctx.phase("waiting for the first instance to stop once its handlers were released");
+    let drained = match tokio::time::timeout(ctx.wait, stopping).await {
         Ok(Ok(report)) => report,
         Ok(Err(error)) => fail!("stopping the agent failed: {error}"),
         Err(_) => fail!(
-            "the agent did not stop within {:?} after its handler was released",
+            "the agent did not stop within {:?} after its handlers were released",
             ctx.wait
         ),
     };
-    let done = finished.lock().expect("finished lock").clone();
-    let mut problems = Vec::new();
-    if done != [0] {
+    let handled_first = first.finished();
+    if let Some(cut) = running.iter().find(|seq| !handled_first.contains(seq)) {
         problems.push(format!(
-            "the handler finished {done:?} before stop returned, expected [0]"
+            "the handler of message {cut} was running when stop was called, but did not finish before stop \
+             returned (finished: {handled_first:?})"
         ));
     }
-    if report.handled != 1 || report.aborted != 0 {
+    if drained.aborted != 0 || drained.handled != handled_first.len() as u64 {
         problems.push(format!(
-            "the stop report says {report:?}, expected 1 handled and none aborted"
+            "with a 20 s deadline the stop report says {drained:?}, expected {} handled (every handler that \
+             finished) and none aborted",
+            handled_first.len()
         ));
     }
-    // The message was acknowledged: another instance must not get it again.
+
+    // 2. Stop with handlers stuck past a short deadline: they are cut off, and what the instance
+    //    held goes back to the backend.
+    let mut second = GatedInstance::spawn(ctx, &runtime, &options, 0).await?;
+    let second_batch = publish_work(
+        ctx,
+        &runtime,
+        &connection,
+        &sessions,
+        first_batch.len() as u64,
+    )
+    .await?;
+    second.wait_started(ctx).await?;
+    ctx.phase("stopping the second instance with its handlers stuck past a 300 ms deadline");
+    let cut_off = bounded(
+        ctx.wait,
+        "stopping the second instance",
+        second.agent.stop(Duration::from_millis(300)),
+    )
+    .await?;
+    // Nothing starts once stop has returned: these are all the handlers the deadline cut off.
+    let stuck = second.all_started();
+    if cut_off.aborted != stuck.len() as u64 || !second.finished().is_empty() {
+        problems.push(format!(
+            "with the handlers of messages {stuck:?} stuck past the deadline the stop report says {cut_off:?} \
+             (finished {:?}), expected {} aborted",
+            second.finished(),
+            stuck.len()
+        ));
+    }
+
+    // 3. The next instance gets exactly what was not handled: what was cut off, given back or never
+    //    taken, and nothing that was handled and acknowledged.
+    let mut summary = format!(
+        "stop waited for {} running handler(s) and {} buffered message(s) ({drained:?}); a 300 ms deadline cut \
+         off {} stuck handler(s) ({cut_off:?})",
+        running.len(),
+        handled_first.len().saturating_sub(running.len()),
+        stuck.len()
+    );
     if ctx.capabilities.redelivery && ctx.capabilities.consumer_groups {
-        let (sender, mut again) = mpsc::unbounded_channel();
-        let next = runtime
-            .spawn_with(
-                GatedAgent {
-                    started: sender,
-                    gate: Arc::new(Semaphore::new(100)),
-                    finished: Arc::new(Mutex::new(Vec::new())),
-                },
-                options,
-            )
-            .await
-            .during("spawning a second instance")?;
-        if let Ok(Some(seq)) = tokio::time::timeout(SETTLE * 2, again.recv()).await {
+        let expected: BTreeSet<u64> = first_batch
+            .iter()
+            .filter(|seq| !handled_first.contains(seq))
+            .chain(&second_batch)
+            .copied()
+            .collect();
+        let third = GatedInstance::spawn(ctx, &runtime, &options, expected.len() + 100).await?;
+        ctx.phase(format!(
+            "waiting for the {} messages the stopped instances did not handle to reach the next one",
+            expected.len()
+        ));
+        let deadline = Instant::now() + ctx.wait;
+        while !expected.iter().all(|seq| third.finished().contains(seq))
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ctx.phase("listening for messages delivered again");
+        tokio::time::sleep(ctx.settle).await;
+        let handled_third = third.finished();
+        let lost: Vec<u64> = expected
+            .iter()
+            .filter(|seq| !handled_third.contains(seq))
+            .copied()
+            .collect();
+        if !lost.is_empty() {
             problems.push(format!(
-                "message {seq} was delivered again after the stopped agent handled it: it was not acknowledged"
+                "{} of the {} messages the stopped instances did not handle never reached the next instance \
+                 within {:?} (first: {}): what a stopping agent gives back must be delivered again",
+                lost.len(),
+                expected.len(),
+                ctx.wait,
+                lost[0]
             ));
         }
-        next.stop(Duration::from_secs(5)).await;
+        let again: Vec<u64> = handled_third
+            .iter()
+            .filter(|seq| handled_first.contains(seq))
+            .copied()
+            .collect();
+        if !again.is_empty() {
+            problems.push(format!(
+                "messages {again:?} were delivered again after the stopped agent handled them: they were not \
+                 acknowledged"
+            ));
+        }
+        third.agent.stop(Duration::from_secs(5)).await;
+        let _ = write!(
+            summary,
+            "; the next instance got the {} messages not handled and none of the {} handled",
+            expected.len(),
+            handled_first.len()
+        );
     }
     failures(problems)?;
-    Ok("stop waited for the running handler, which finished and acknowledged its message".into())
+    Ok(summary)
 }
 
 async fn request_reply(ctx: &Context<'_>) -> Outcome {
@@ -2103,6 +2399,7 @@ async fn request_reply(ctx: &Context<'_>) -> Outcome {
 }
 
 async fn persistent_without_consumer(ctx: &Context<'_>) -> Outcome {
+    persistence_needs_groups(ctx)?;
     let count = ctx.size(100) as u64;
     let channel = ctx.channel(&ctx.class("Offline"), &ctx.unique("d"), &ctx.unique("s"))?;
     let group = ctx.unique("offline");
@@ -2130,14 +2427,16 @@ async fn persistent_without_consumer(ctx: &Context<'_>) -> Outcome {
         }
     }
     let second = ctx.connect().await?;
-    let sink = Sink::new(&ctx.run);
+    let sink = ctx.sink("the member that connected later");
     let _feeder = feed(ctx, &second, options, &sink, 0, Settle::Ack).await?;
+    ctx.phase("waiting for the published messages to arrive");
     let (_, waited) = sink.wait_distinct(count as usize, ctx.wait).await;
-    sink.settle(SETTLE).await;
+    sink.settle(ctx.settle).await;
     let report = sink.tally(&expected_streams("publisher", 1, count), None);
     if let Some(problem) = ctx.judge(
         &format!("the member of group {group} that connected later"),
         &report,
+        sink.foreign(),
         waited,
         true,
     ) {
@@ -2313,5 +2612,136 @@ async fn close_refuses_further_use(ctx: &Context<'_>) -> Outcome {
         "close() ended {} subscription stream(s) after what they held ({held} buffered in the fan-out one); publish and subscribe then \
          failed with Error::Closed; other connections kept working",
         subscriptions.len()
+    ))
+}
+
+/// How long a publish whose bytes the fault proxy holds back is given: one that resolves `Ok` within
+/// it claimed a confirmation the broker could not have sent.
+const HELD_PUBLISH: Duration = Duration::from_millis(500);
+
+/// The stream of the message published while the proxy holds every byte: it may or may not arrive
+/// later (a backend may send it again after reconnecting), so it is not counted.
+const HELD_STREAM: u32 = 2;
+
+async fn publish_confirms(ctx: &Context<'_>) -> Outcome {
+    let count = ctx.size(20) as u64;
+    let channel = ctx.channel(&ctx.class("Confirms"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let subscriber = ctx.connect().await?;
+    let sink = ctx.sink("the subscriber");
+    let _feeder = feed(
+        ctx,
+        &subscriber,
+        SubscribeOptions::new(exact(&channel)?),
+        &sink,
+        0,
+        Settle::Ack,
+    )
+    .await?;
+    let mut expected = Tally::new("check");
+    let mut problems = Vec::new();
+
+    // 1. A publisher that closes right after its publishes resolved: all of them were the broker's.
+    let publisher = ctx.connect().await?;
+    for seq in 0..count {
+        publish_one(ctx, &publisher, ctx.numbered(&channel, 0, seq)).await?;
+    }
+    ctx.phase("closing the publisher right after its last publish resolved");
+    bounded(ctx.wait, "closing the publisher", publisher.close())
+        .await?
+        .during("closing the publisher right after its last publish")?;
+    expected.expect_stream(0, count);
+
+    // 2. Through the fault proxy: a publish that resolved survives its connection being cut at once,
+    //    and a publish whose bytes are held back does not resolve Ok.
+    let proxied = match ctx.broker_address() {
+        None => None,
+        Some(address) => {
+            ctx.phase("starting the fault proxy");
+            let proxy = bounded(
+                ctx.wait,
+                "starting the fault proxy",
+                crate::proxy::FaultProxy::start(address),
+            )
+            .await?
+            .during(format!("starting the fault proxy to {address}"))?;
+            ctx.connect_through(proxy.local_addr())
+                .await?
+                .map(|first| (proxy, first))
+        }
+    };
+    let proxy_checked = proxied.is_some();
+    let through_proxy = match proxied {
+        None => "not checked through the fault proxy (the backend does not implement \
+                 ConformanceBackend::broker_address and connect_through)"
+            .to_string(),
+        Some((proxy, first)) => {
+            publish_one(ctx, &first, ctx.numbered(&channel, 1, 0)).await?;
+            proxy.cut_all();
+            expected.expect(1, 0);
+            let second = ctx
+                .connect_through(proxy.local_addr())
+                .await?
+                .ok_or_else(|| {
+                    Failure::Failed("connect_through() gave None the second time".into())
+                })?;
+            // A round trip first, so that the connection is up before its bytes are held.
+            publish_one(ctx, &second, ctx.numbered(&channel, 1, 1)).await?;
+            expected.expect(1, 1);
+            proxy.blackhole(true);
+            ctx.phase("publishing while the fault proxy holds every byte");
+            let held = tokio::time::timeout(
+                HELD_PUBLISH,
+                second.publish(ctx.numbered(&channel, HELD_STREAM, 0)),
+            )
+            .await;
+            // What was held is discarded with the connection.
+            proxy.cut_all();
+            proxy.blackhole(false);
+            let held = match held {
+                Ok(Ok(outcome)) => {
+                    problems.push(format!(
+                        "a publish resolved Ok({outcome:?}) while the fault proxy held back every byte between the \
+                         connection and the broker: it did not wait for the broker (the backend claims \
+                         publish_confirms)"
+                    ));
+                    "resolved Ok".to_string()
+                }
+                Ok(Err(error)) => format!("failed ({error})"),
+                Err(_) => format!("had not resolved after {HELD_PUBLISH:?}"),
+            };
+            format!(
+                "through the fault proxy, a message whose publish resolved arrived although the connection was cut \
+                 at once, and a publish whose bytes were held back {held}"
+            )
+        }
+    };
+
+    let mut wanted: Vec<Key> = (0..count).map(|seq| (0, seq)).collect();
+    if proxy_checked {
+        wanted.extend([(1, 0), (1, 1)]);
+    }
+    let window = ctx.window();
+    sink.wait_keys(&wanted, window.remaining()).await;
+    let waited = window.elapsed();
+    sink.settle(ctx.settle).await;
+    let mut tally = expected.clone();
+    tally.record_all(
+        sink.keys(None)
+            .into_iter()
+            .filter(|(stream, _)| *stream != HELD_STREAM),
+    );
+    let report = tally.report();
+    if let Some(problem) = ctx.judge("the subscriber", &report, sink.foreign(), waited, false) {
+        problems.insert(
+            0,
+            format!(
+                "{problem} (every one of these publishes had resolved Ok: the broker had them)"
+            ),
+        );
+    }
+    failures(problems)?;
+    Ok(format!(
+        "{count} messages whose publish resolved arrived although the publisher closed right after; {through_proxy}: \
+         {report}"
     ))
 }

@@ -2,7 +2,7 @@
 //! and sinks that collect deliveries from several subscriptions.
 
 use std::collections::HashSet;
-use std::fmt::Display;
+use std::fmt::{Display, Write as _};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,7 +57,8 @@ impl<T, E: Display> During<T> for Result<T, E> {
     }
 }
 
-/// One scenario run: its connections, unique names and sizes.
+/// One scenario run: its connections, unique names and sizes, and what it is doing (for a failure
+/// that has to say where a scenario got stuck).
 pub struct Context<'a> {
     backend: Box<dyn ConformanceBackendDyn + 'a>,
     pub capabilities: Capabilities,
@@ -65,7 +66,11 @@ pub struct Context<'a> {
     pub soak: usize,
     /// The bound on each wait for messages.
     pub wait: Duration,
+    /// How long to listen after the expected messages arrived, for late duplicates and leaks.
+    pub settle: Duration,
     connections: Mutex<Vec<SharedRouter>>,
+    phase: Mutex<(String, Instant)>,
+    sinks: Mutex<Vec<(String, Arc<Sink>)>>,
 }
 
 /// Object-safe view of a backend whatever its type (`?Sized` ones included).
@@ -76,6 +81,11 @@ pub trait ConformanceBackendDyn: Send + Sync {
         channel: &Channel,
         frame: Vec<u8>,
     ) -> agentcomm_core::router::BoxFuture<'_, agentcomm_core::Result<bool>>;
+    fn broker_address_dyn(&self) -> Option<std::net::SocketAddr>;
+    fn connect_through_dyn(
+        &self,
+        address: std::net::SocketAddr,
+    ) -> agentcomm_core::router::BoxFuture<'_, Option<SharedRouter>>;
 }
 
 /// A reference to a backend of any type, `dyn` ones included.
@@ -91,6 +101,15 @@ impl<B: ConformanceBackend + ?Sized> ConformanceBackendDyn for BackendRef<'_, B>
         frame: Vec<u8>,
     ) -> agentcomm_core::router::BoxFuture<'_, agentcomm_core::Result<bool>> {
         self.0.publish_raw(channel, frame)
+    }
+    fn broker_address_dyn(&self) -> Option<std::net::SocketAddr> {
+        self.0.broker_address()
+    }
+    fn connect_through_dyn(
+        &self,
+        address: std::net::SocketAddr,
+    ) -> agentcomm_core::router::BoxFuture<'_, Option<SharedRouter>> {
+        self.0.connect_through(address)
     }
 }
 
@@ -108,13 +127,100 @@ impl<'a> Context<'a> {
             run: id[id.len() - 12..].to_string(),
             soak,
             wait: backend.max_wait() * soak as u32,
+            settle: backend.settle_time() * soak as u32,
             connections: Mutex::new(Vec::new()),
+            phase: Mutex::new(("starting".into(), Instant::now())),
+            sinks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Notes what the scenario does now, for the failure of a scenario that runs out of time.
+    pub fn phase(&self, what: impl Into<String>) {
+        *self.phase.lock().expect("context lock") = (what.into(), Instant::now());
+    }
+
+    /// A sink for this run's messages, named in the progress report.
+    pub fn sink(&self, label: impl Into<String>) -> Arc<Sink> {
+        let sink = Sink::new(&self.run);
+        self.sinks
+            .lock()
+            .expect("context lock")
+            .push((label.into(), sink.clone()));
+        sink
+    }
+
+    /// Where the scenario is: its phase and what each sink has received.
+    pub fn progress(&self) -> String {
+        let (phase, since) = self.phase.lock().expect("context lock").clone();
+        let mut text = format!("while {phase} (for {:.1?})", since.elapsed());
+        let sinks = self.sinks.lock().expect("context lock");
+        if !sinks.is_empty() {
+            let counts: Vec<String> = sinks
+                .iter()
+                .map(|(label, sink)| {
+                    let mut count = format!(
+                        "{label}: {} distinct of {} deliveries, {} acknowledged",
+                        sink.distinct(),
+                        sink.deliveries(),
+                        sink.acked()
+                    );
+                    if sink.foreign() > 0 {
+                        let _ = write!(count, ", {} foreign", sink.foreign());
+                    }
+                    count
+                })
+                .collect();
+            let _ = write!(text, "; received so far: {}", counts.join("; "));
+        }
+        text
+    }
+
+    /// The broker's address and a connection through `address` instead, when the backend offers
+    /// both (see [`ConformanceBackend::connect_through`]).
+    pub fn broker_address(&self) -> Option<std::net::SocketAddr> {
+        self.backend.broker_address_dyn()
+    }
+
+    /// A new connection through `address`, checked like [`connect`](Self::connect); `None` when
+    /// the backend cannot connect through another address.
+    pub async fn connect_through(
+        &self,
+        address: std::net::SocketAddr,
+    ) -> Outcome<Option<SharedRouter>> {
+        let connection = bounded(
+            self.wait,
+            "connect_through()",
+            self.backend.connect_through_dyn(address),
+        )
+        .await?;
+        let Some(connection) = connection else {
+            return Ok(None);
+        };
+        self.connections
+            .lock()
+            .expect("context lock")
+            .push(connection.clone());
+        self.check_capabilities(&connection)?;
+        Ok(Some(connection))
+    }
+
+    fn check_capabilities(&self, connection: &SharedRouter) -> Outcome<()> {
+        let reported = connection.capabilities();
+        if reported != self.capabilities {
+            fail!(
+                "the backend declares {} but its connection reports {}: make declared_capabilities() and \
+                 Router::capabilities() agree",
+                describe_capabilities(&self.capabilities),
+                describe_capabilities(&reported)
+            );
+        }
+        Ok(())
     }
 
     /// A window of one `wait` starting now, shared by several waits that overlap (sinks filled at
     /// the same time), so that together they wait no longer than one.
     pub fn window(&self) -> Window {
+        self.phase("waiting for the published messages to arrive");
         Window {
             started: Instant::now(),
             deadline: Instant::now() + self.wait,
@@ -123,6 +229,7 @@ impl<'a> Context<'a> {
 
     /// A new connection, checked to report the declared capabilities; closed when the scenario ends.
     pub async fn connect(&self) -> Outcome<SharedRouter> {
+        self.phase("connecting");
         let connection = tokio::time::timeout(self.wait, self.backend.connect_dyn())
             .await
             .map_err(|_| {
@@ -133,15 +240,7 @@ impl<'a> Context<'a> {
             .lock()
             .expect("context lock")
             .push(connection.clone());
-        let reported = connection.capabilities();
-        if reported != self.capabilities {
-            fail!(
-                "the backend declares {} but its connection reports {}: make declared_capabilities() and \
-                 Router::capabilities() agree",
-                describe_capabilities(&self.capabilities),
-                describe_capabilities(&reported)
-            );
-        }
+        self.check_capabilities(&connection)?;
         Ok(connection)
     }
 
@@ -209,20 +308,30 @@ impl<'a> Context<'a> {
         self.capabilities.no_duplicates
     }
 
-    /// Judges a tally: lost and unexpected messages always fail; duplicates where `no_duplicates` is
-    /// claimed; reordering where `ordered_per_channel` is claimed and `order_matters`.
+    /// Judges a tally: lost and unexpected messages always fail, and so do `foreign` deliveries
+    /// (without this run's headers: another run's messages leaking in, or a backend that drops
+    /// headers); duplicates where `no_duplicates` is claimed; reordering where `ordered_per_channel`
+    /// is claimed and `order_matters`.
     pub fn judge(
         &self,
         who: &str,
         report: &TallyReport,
+        foreign: usize,
         waited: Duration,
         order_matters: bool,
     ) -> Option<String> {
         let duplicates = self.capabilities.no_duplicates && report.duplicated() > 0;
         let reordered =
             order_matters && self.capabilities.ordered_per_channel && report.reordered() > 0;
-        if report.lost() > 0 || report.unexpected() > 0 || duplicates || reordered {
+        if report.lost() > 0 || report.unexpected() > 0 || foreign > 0 || duplicates || reordered {
             let mut text = format!("{who}: {report} within {waited:.1?}");
+            if foreign > 0 {
+                let _ = write!(
+                    text,
+                    ", and {foreign} deliveries without this run's {RUN_HEADER}/{STREAM_HEADER}/{SEQ_HEADER} \
+                     headers (headers dropped or changed by the backend, or another run's messages leaking in)"
+                );
+            }
             if duplicates {
                 text.push_str(" (the backend claims no_duplicates)");
             }
@@ -372,6 +481,13 @@ impl Sink {
         self.changed.send_modify(|version| *version += 1);
     }
 
+    /// A delivery without this run's headers: counted, and activity for [`settle`](Self::settle).
+    fn foreign_arrived(&self) {
+        self.foreign.fetch_add(1, Ordering::Relaxed);
+        self.state.lock().expect("sink lock").last_activity = Some(Instant::now());
+        self.changed.send_modify(|version| *version += 1);
+    }
+
     /// Waits until `condition` holds on the state, at most `limit`; returns whether it did and how
     /// long it waited.
     async fn wait_until(
@@ -398,6 +514,14 @@ impl Sink {
     pub async fn wait_distinct(&self, count: usize, limit: Duration) -> (bool, Duration) {
         self.wait_until(limit, |state| state.distinct.len() >= count)
             .await
+    }
+
+    /// Waits until every one of `keys` arrived.
+    pub async fn wait_keys(&self, keys: &[Key], limit: Duration) -> (bool, Duration) {
+        self.wait_until(limit, |state| {
+            keys.iter().all(|key| state.distinct.contains(key))
+        })
+        .await
     }
 
     /// Waits until `count` distinct messages were acknowledged.
@@ -431,6 +555,20 @@ impl Sink {
 
     pub fn distinct(&self) -> usize {
         self.state.lock().expect("sink lock").distinct.len()
+    }
+
+    /// Every delivery of this run's messages, duplicates included.
+    pub fn deliveries(&self) -> usize {
+        self.state.lock().expect("sink lock").arrivals.len()
+    }
+
+    pub fn acked(&self) -> usize {
+        self.state.lock().expect("sink lock").acked.len()
+    }
+
+    /// Deliveries without this run's headers.
+    pub fn foreign(&self) -> usize {
+        self.foreign.load(Ordering::Relaxed)
     }
 
     /// The keys that arrived through `member` (all members when `None`), in arrival order.
@@ -472,7 +610,7 @@ impl Feeder {
             while let Some(delivery) = subscription.next().await {
                 let envelope = delivery.envelope().clone();
                 let Some(key) = key_of(&envelope, &sink.run) else {
-                    sink.foreign.fetch_add(1, Ordering::Relaxed);
+                    sink.foreign_arrived();
                     let _ = delivery.ack().await;
                     continue;
                 };

@@ -5,12 +5,17 @@
 //! RabbitMQ broker started for the test). Between the client under test and
 //! the broker it can inject faults on command:
 //!
-//! | method                          | effect                                                          |
-//! |---------------------------------|-----------------------------------------------------------------|
-//! | [`cut_all`](FaultProxy::cut_all)       | closes every live connection at once                     |
-//! | [`refuse_for`](FaultProxy::refuse_for) | closes new connections right after accepting them        |
-//! | [`set_latency`](FaultProxy::set_latency) | delays every forwarded chunk, both directions          |
-//! | [`blackhole`](FaultProxy::blackhole)   | holds all bytes in both directions without closing       |
+//! | method                                   | effect                                                            |
+//! |------------------------------------------|-------------------------------------------------------------------|
+//! | [`cut_all`](FaultProxy::cut_all)         | closes every live connection at once, cleanly (FIN: the client reads EOF) |
+//! | [`reset_all`](FaultProxy::reset_all)     | resets every live connection at once (RST: the client gets "connection reset") |
+//! | [`reject_for`](FaultProxy::reject_for)   | stops listening for a while: new connects are refused (`ECONNREFUSED`) |
+//! | [`refuse_for`](FaultProxy::refuse_for)   | accepts new connections and closes them at once (connect succeeds, then EOF) |
+//! | [`set_latency`](FaultProxy::set_latency) | delays every forwarded chunk, both directions                     |
+//! | [`blackhole`](FaultProxy::blackhole)     | holds all bytes in both directions without closing                |
+//!
+//! A broker that is stopped cleanly closes with FIN; one whose process or host dies, or a firewall
+//! in between, shows as a reset or as silence (a blackhole); a broker that is down refuses connects.
 //!
 //! Only loopback targets (`127.0.0.0/8`, `::1`) are accepted; this is a
 //! safety rule of the project so that tests can never proxy to, or disturb,
@@ -66,10 +71,13 @@ pub struct ProxyStats {
     /// Connections currently open through the proxy (including those still
     /// connecting to the target).
     pub live: u64,
-    /// Number of [`FaultProxy::cut_all`] calls.
+    /// Number of [`FaultProxy::cut_all`] and [`FaultProxy::reset_all`] calls.
     pub cuts: u64,
-    /// Connections closed by [`FaultProxy::cut_all`].
+    /// Connections closed by [`FaultProxy::cut_all`] or reset by [`FaultProxy::reset_all`].
     pub connections_cut: u64,
+    /// Times the proxy could not listen again on its port after [`FaultProxy::reject_for`] (it
+    /// retries every 50 ms until it can).
+    pub relisten_failures: u64,
     /// Payload bytes written to the target (client → target).
     pub bytes_to_target: u64,
     /// Payload bytes written to clients (target → client).
@@ -79,12 +87,15 @@ pub struct ProxyStats {
 /// Fault settings shared with every task through a `watch` channel.
 #[derive(Debug, Clone, Default)]
 struct Control {
-    /// Bumped by `cut_all`; a connection ends when it differs from the value
-    /// it saw when it was accepted.
+    /// Bumped by `cut_all` and `reset_all`; a connection ends when it differs
+    /// from the value it saw when it was accepted.
     cut_generation: u64,
+    /// Whether the latest cut resets connections instead of closing them.
+    cut_resets: bool,
     latency: Duration,
     blackhole: bool,
     refuse_until: Option<Instant>,
+    reject_until: Option<Instant>,
     shutdown: bool,
 }
 
@@ -96,6 +107,7 @@ struct Counters {
     live: AtomicU64,
     cuts: AtomicU64,
     connections_cut: AtomicU64,
+    relisten_failures: AtomicU64,
     bytes_to_target: AtomicU64,
     bytes_to_client: AtomicU64,
 }
@@ -197,6 +209,7 @@ impl FaultProxyBuilder {
         });
         let accept_task = tokio::spawn(accept_loop(
             listener,
+            local_addr,
             Arc::from(targets.as_slice()),
             self.connect_timeout,
             Arc::clone(&shared),
@@ -215,7 +228,8 @@ impl FaultProxyBuilder {
 ///
 /// Put it between a client and a broker: start it with the broker's address,
 /// point the client at [`local_addr`](Self::local_addr), then break things
-/// with [`cut_all`](Self::cut_all), [`refuse_for`](Self::refuse_for),
+/// with [`cut_all`](Self::cut_all), [`reset_all`](Self::reset_all),
+/// [`reject_for`](Self::reject_for), [`refuse_for`](Self::refuse_for),
 /// [`set_latency`](Self::set_latency) and [`blackhole`](Self::blackhole).
 /// Fault methods take effect immediately and may be called from any thread.
 ///
@@ -297,21 +311,51 @@ impl FaultProxy {
     /// queue is not cut. Tests should exchange data (or otherwise observe the
     /// connection through the proxy) before cutting it.
     pub fn cut_all(&self) {
+        self.cut(false);
+    }
+
+    /// Like [`cut_all`](Self::cut_all), but each connection is reset (TCP RST,
+    /// with `SO_LINGER` 0) instead of closed: the client's next read or write
+    /// fails with "connection reset", as when a broker's process or host dies
+    /// with data in flight, rather than seeing a clean end of stream.
+    pub fn reset_all(&self) {
+        self.cut(true);
+    }
+
+    fn cut(&self, reset: bool) {
         bump(&self.shared.counters.cuts, 1);
-        self.shared
-            .control
-            .send_modify(|c| c.cut_generation = c.cut_generation.wrapping_add(1));
+        self.shared.control.send_modify(|c| {
+            c.cut_generation = c.cut_generation.wrapping_add(1);
+            c.cut_resets = reset;
+        });
         info!(
             proxy = %self.local_addr,
             live = self.shared.counters.live.load(Ordering::Relaxed),
+            reset,
             "fault proxy: cutting all live connections"
         );
     }
 
-    /// For `duration` from now, new connections are accepted and immediately
-    /// closed (the client sees EOF or a reset). Live connections are
-    /// untouched. Replaces any earlier window; `Duration::ZERO` ends the
-    /// window at once.
+    /// For `duration` from now, the proxy does not listen at all: a client's
+    /// connect fails at once with "connection refused", as when the broker is
+    /// down. Live connections are untouched. When the window ends the proxy
+    /// listens again on the same address (should another socket have taken
+    /// the port meanwhile, it retries every 50 ms and counts
+    /// [`ProxyStats::relisten_failures`]). Replaces any earlier window;
+    /// `Duration::ZERO` ends the window at once.
+    pub fn reject_for(&self, duration: Duration) {
+        let until = (!duration.is_zero()).then(|| deadline_after(duration));
+        self.shared.control.send_modify(|c| c.reject_until = until);
+        info!(proxy = %self.local_addr, ?duration, "fault proxy: not listening");
+    }
+
+    /// For `duration` from now, new connections are **accepted** and closed
+    /// at once: the client's connect succeeds, and its first read sees EOF
+    /// (or a write fails with a reset), as with a broker that accepts and
+    /// then drops the connection during its handshake. For connects that are
+    /// refused outright use [`reject_for`](Self::reject_for). Live
+    /// connections are untouched. Replaces any earlier window;
+    /// `Duration::ZERO` ends the window at once.
     pub fn refuse_for(&self, duration: Duration) {
         let until = (!duration.is_zero()).then(|| deadline_after(duration));
         self.shared.control.send_modify(|c| c.refuse_until = until);
@@ -350,6 +394,7 @@ impl FaultProxy {
             live: get(&c.live),
             cuts: get(&c.cuts),
             connections_cut: get(&c.connections_cut),
+            relisten_failures: get(&c.relisten_failures),
             bytes_to_target: get(&c.bytes_to_target),
             bytes_to_client: get(&c.bytes_to_client),
         }
@@ -384,15 +429,54 @@ impl Drop for FaultProxy {
 
 async fn accept_loop(
     listener: TcpListener,
+    local_addr: SocketAddr,
     targets: Arc<[SocketAddr]>,
     connect_timeout: Duration,
     shared: Arc<Shared>,
 ) {
     let mut control = shared.control.subscribe();
     let mut connections = JoinSet::new();
+    let mut listener = Some(listener);
+    let rejecting = |c: &Control| c.reject_until.is_some_and(|until| Instant::now() < until);
     loop {
+        let reject_until = {
+            let c = control.borrow_and_update();
+            if c.shutdown {
+                break;
+            }
+            c.reject_until.filter(|until| Instant::now() < *until)
+        };
+        if let Some(until) = reject_until {
+            if listener.take().is_some() {
+                info!(proxy = %local_addr, "fault proxy: stopped listening");
+            }
+            tokio::select! {
+                _ = sleep_until(until) => {}
+                // A new window, its end, or shutdown.
+                _ = control.changed() => {}
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+            continue;
+        }
+        let Some(active) = &listener else {
+            match TcpListener::bind(local_addr).await {
+                Ok(bound) => {
+                    info!(proxy = %local_addr, "fault proxy: listening again");
+                    listener = Some(bound);
+                }
+                Err(error) => {
+                    bump(&shared.counters.relisten_failures, 1);
+                    warn!(proxy = %local_addr, %error, "fault proxy: cannot listen again yet; retrying");
+                    tokio::select! {
+                        _ = sleep(ACCEPT_BACKOFF) => {}
+                        _ = control.changed() => {}
+                    }
+                }
+            }
+            continue;
+        };
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = active.accept() => match accepted {
                 Ok((client, peer)) => {
                     bump(&shared.counters.accepted, 1);
                     let (refusing, generation) = {
@@ -423,7 +507,7 @@ async fn accept_loop(
             },
             // Reap finished connection tasks so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = wait_for(&mut control, |c| c.shutdown) => break,
+            _ = wait_for(&mut control, |c| c.shutdown || rejecting(c)) => {}
         }
     }
     drop(listener);
@@ -467,33 +551,78 @@ async fn run_connection(
 ) {
     let _live = LiveGuard::new(&shared);
     let mut control = shared.control.subscribe();
-    let work = async {
-        let upstream = match connect_target(&targets, connect_timeout).await {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                bump(&shared.counters.target_failures, 1);
-                warn!(%peer, %error, "fault proxy: cannot reach target; closing client");
-                return Ok(());
-            }
-        };
-        forward(client, upstream, &shared).await
+    let ends = |c: &Control| c.shutdown || c.cut_generation != generation;
+    let upstream = tokio::select! {
+        upstream = connect_target(&targets, connect_timeout) => upstream,
+        stop = wait_for(&mut control, ends) => {
+            note_stop(&shared, peer, stop, generation);
+            return;
+        }
+    };
+    let upstream = match upstream {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            bump(&shared.counters.target_failures, 1);
+            warn!(%peer, %error, "fault proxy: cannot reach target; closing client");
+            return;
+        }
+    };
+    // Small request/response protocols should not wait on Nagle.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+    let forwarding = async {
+        tokio::try_join!(
+            pump(
+                &mut client_read,
+                &mut upstream_write,
+                &shared,
+                &shared.counters.bytes_to_target
+            ),
+            pump(
+                &mut upstream_read,
+                &mut client_write,
+                &shared,
+                &shared.counters.bytes_to_client
+            ),
+        )
     };
     tokio::select! {
-        result = work => match result {
-            Ok(()) => debug!(%peer, "fault proxy: connection closed"),
+        result = forwarding => match result {
+            Ok(_) => debug!(%peer, "fault proxy: connection closed"),
             Err(error) => debug!(%peer, %error, "fault proxy: connection ended with error"),
         },
-        stop = wait_for(&mut control, |c| c.shutdown || c.cut_generation != generation) => {
-            let cut = stop.is_some_and(|c| c.cut_generation != generation);
-            if cut {
-                bump(&shared.counters.connections_cut, 1);
-                debug!(%peer, "fault proxy: connection cut");
-            } else {
-                debug!(%peer, "fault proxy: connection closed by shutdown");
+        stop = wait_for(&mut control, ends) => {
+            let reset = stop
+                .as_ref()
+                .is_some_and(|c| c.cut_generation != generation && c.cut_resets);
+            note_stop(&shared, peer, stop, generation);
+            if reset {
+                // Whole again, so that dropping does not first shut the write half down (a FIN);
+                // closing a socket whose linger is zero then sends RST. A zero linger never blocks
+                // on drop, which is why tokio deprecated only the general setter.
+                for (read, write) in [(client_read, client_write), (upstream_read, upstream_write)] {
+                    if let Ok(socket) = read.reunite(write) {
+                        #[allow(deprecated)]
+                        let _ = socket.set_linger(Some(Duration::ZERO));
+                    }
+                }
             }
         }
     }
-    // Both sockets were owned by `work`, which is dropped by now: closed.
+    // Otherwise the sockets close here, when the halves are dropped.
+}
+
+/// Counts and logs a connection ended by a cut or by shutdown.
+fn note_stop(shared: &Shared, peer: SocketAddr, stop: Option<Control>, generation: u64) {
+    match stop {
+        Some(c) if c.cut_generation != generation => {
+            bump(&shared.counters.connections_cut, 1);
+            debug!(%peer, reset = c.cut_resets, "fault proxy: connection cut");
+        }
+        _ => debug!(%peer, "fault proxy: connection closed by shutdown"),
+    }
 }
 
 async fn connect_target(
@@ -518,29 +647,6 @@ async fn connect_target(
     })
 }
 
-async fn forward(client: TcpStream, upstream: TcpStream, shared: &Shared) -> io::Result<()> {
-    // Small request/response protocols should not wait on Nagle.
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    let (client_read, client_write) = client.into_split();
-    let (upstream_read, upstream_write) = upstream.into_split();
-    tokio::try_join!(
-        pump(
-            client_read,
-            upstream_write,
-            shared,
-            &shared.counters.bytes_to_target
-        ),
-        pump(
-            upstream_read,
-            client_write,
-            shared,
-            &shared.counters.bytes_to_client
-        ),
-    )?;
-    Ok(())
-}
-
 struct Chunk {
     data: Vec<u8>,
     /// When the chunk may be written (`None` = no latency).
@@ -552,8 +658,8 @@ struct Chunk {
 /// latency does not limit throughput and order is preserved. EOF is passed on
 /// as a write shutdown (half-close).
 async fn pump(
-    mut reader: OwnedReadHalf,
-    mut writer: OwnedWriteHalf,
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
     shared: &Shared,
     forwarded: &AtomicU64,
 ) -> io::Result<()> {

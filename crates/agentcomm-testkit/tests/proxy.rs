@@ -168,6 +168,94 @@ async fn cut_all_ends_live_connections_and_new_ones_work() {
 }
 
 #[tokio::test]
+async fn cut_all_closes_cleanly_and_reset_all_resets() {
+    let proxy = start_proxy().await;
+    let mut closed = connect(&proxy).await;
+    echo_ok(&mut closed, b"hello").await;
+    proxy.cut_all();
+    let mut buf = [0u8; 8];
+    let read = within("read after cut", closed.read(&mut buf)).await;
+    assert!(matches!(read, Ok(0)), "a cut ends with EOF: {read:?}");
+
+    let mut reset = connect(&proxy).await;
+    echo_ok(&mut reset, b"hello").await;
+    proxy.reset_all();
+    let read = within("read after reset", reset.read(&mut buf)).await;
+    assert_eq!(
+        read.map_err(|error| error.kind()),
+        Err(io::ErrorKind::ConnectionReset),
+        "a reset ends with ECONNRESET"
+    );
+    wait_until("both counted as cut", || proxy.stats().connections_cut == 2).await;
+    assert_eq!(proxy.stats().cuts, 2);
+
+    let mut after = connect(&proxy).await;
+    echo_ok(&mut after, b"after the reset").await;
+}
+
+#[tokio::test]
+async fn reject_for_refuses_connects_during_the_window_and_listens_again_after() {
+    const WINDOW: Duration = Duration::from_millis(300);
+    let proxy = start_proxy().await;
+    let mut live = connect(&proxy).await;
+    echo_ok(&mut live, b"before").await;
+
+    let started = Instant::now();
+    proxy.reject_for(WINDOW);
+    // The listener closes in the proxy's task: wait for the first refused connect. (A connect
+    // caught in the listener's backlog as it closes is reset instead.)
+    let deadline = Instant::now() + STEP;
+    loop {
+        match within("connect", TcpStream::connect(proxy.local_addr())).await {
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "connects are not refused during the window: {other:?}"
+                );
+                sleep(POLL).await;
+            }
+        }
+    }
+    assert!(
+        started.elapsed() < WINDOW,
+        "refusing began too late to check"
+    );
+    // The live connection is untouched.
+    echo_ok(&mut live, b"still alive").await;
+
+    // Connects work again once the window is over, on the same address.
+    let deadline = Instant::now() + STEP;
+    let mut back = loop {
+        if let Ok(stream) = TcpStream::connect(proxy.local_addr()).await {
+            break stream;
+        }
+        assert!(Instant::now() < deadline, "the proxy never listened again");
+        sleep(POLL).await;
+    };
+    assert!(
+        started.elapsed() >= WINDOW,
+        "a connect worked inside the window"
+    );
+    echo_ok(&mut back, b"back").await;
+    assert_eq!(proxy.stats().relisten_failures, 0);
+
+    // A window can be ended early.
+    proxy.reject_for(Duration::from_secs(60));
+    let deadline = Instant::now() + STEP;
+    while TcpStream::connect(proxy.local_addr()).await.is_ok() {
+        assert!(Instant::now() < deadline, "the proxy still accepts");
+        sleep(POLL).await;
+    }
+    proxy.reject_for(Duration::ZERO);
+    let deadline = Instant::now() + STEP;
+    while TcpStream::connect(proxy.local_addr()).await.is_err() {
+        assert!(Instant::now() < deadline, "the window did not end");
+        sleep(POLL).await;
+    }
+}
+
+#[tokio::test]
 async fn refuse_for_rejects_new_connections_during_the_window_only() {
     const WINDOW: Duration = Duration::from_millis(400);
     let proxy = start_proxy().await;

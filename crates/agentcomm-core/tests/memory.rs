@@ -1,0 +1,173 @@
+//! The in-memory router's own promises: bounded queues with all-or-nothing publishes, no message lost
+//! without being counted, groups that outlive their members.
+
+use std::time::Duration;
+
+use agentcomm_core::memory::MemoryConfig;
+use agentcomm_core::prelude::*;
+use agentcomm_core::router::{NackAction, PublishOutcome, SubscribeOptions, Subscription};
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn ping(session: &str) -> Envelope {
+    Envelope::new(
+        parse_channel(&format!("Ping:event:{session}")).unwrap(),
+        "application/json",
+        &b"{}"[..],
+    )
+}
+
+fn small(capacity: usize) -> MemoryRouter {
+    MemoryRouter::with_config(
+        MemoryConfig::default()
+            .queue_capacity(capacity)
+            .publish_timeout(Duration::from_millis(100)),
+    )
+}
+
+async fn subscribe(router: &MemoryRouter, options: SubscribeOptions) -> Subscription {
+    router.subscribe(options).await.unwrap()
+}
+
+fn pings() -> SubscribeOptions {
+    SubscribeOptions::new(ChannelPattern::parse("Ping:*:*").unwrap()).prefetch(1)
+}
+
+#[tokio::test]
+async fn a_publish_that_times_out_is_delivered_nowhere() {
+    let router = small(2);
+    let mut slow = subscribe(&router, pings()).await;
+    let mut fast = subscribe(&router, pings()).await;
+    for n in 0..2 {
+        router.publish(ping(&format!("s{n}"))).await.unwrap();
+    }
+    // The fast subscriber keeps up; the slow one reads nothing, so its queue is full.
+    for _ in 0..2 {
+        timeout(WAIT, fast.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .ack()
+            .await
+            .unwrap();
+    }
+    let error = router.publish(ping("late")).await.unwrap_err();
+    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("its consumer is not keeping up"),
+        "{error}"
+    );
+    // Room comes back; the timed-out message must not appear anywhere.
+    for _ in 0..2 {
+        timeout(WAIT, slow.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .ack()
+            .await
+            .unwrap();
+    }
+    router.publish(ping("after")).await.unwrap();
+    for subscription in [&mut slow, &mut fast] {
+        let delivery = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
+        assert_eq!(delivery.envelope().session(), "after");
+        delivery.ack().await.unwrap();
+        assert!(subscription.try_next().is_none());
+    }
+    assert_eq!(router.health().await.get("backpressure_waits"), 1);
+}
+
+#[tokio::test]
+async fn room_is_held_until_acknowledged_and_kept_across_a_nack() {
+    let router = small(1);
+    let mut subscription = subscribe(&router, pings()).await;
+    router.publish(ping("a")).await.unwrap();
+    let delivery = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
+    // Handed out but not acknowledged: the queue is still full.
+    assert!(router.publish(ping("b")).await.is_err());
+    delivery.nack(NackAction::Requeue).await.unwrap();
+    let again = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
+    assert!(again.is_redelivered());
+    assert_eq!(again.envelope().attempt(), 1);
+    again.ack().await.unwrap();
+    assert_eq!(
+        router.publish(ping("c")).await.unwrap(),
+        PublishOutcome::Delivered(1)
+    );
+    assert_eq!(router.health().await.get("redelivered"), 1);
+}
+
+#[tokio::test]
+async fn messages_left_unread_in_a_dropped_subscription_are_counted() {
+    let router = MemoryRouter::new();
+    let subscription = subscribe(&router, pings()).await;
+    for n in 0..5 {
+        router.publish(ping(&format!("s{n}"))).await.unwrap();
+    }
+    drop(subscription);
+    let health = router.health().await;
+    assert_eq!((health.get("dropped"), health.get("subscriptions")), (5, 0));
+    assert!(router.publish(ping("after")).await.unwrap().is_unroutable());
+}
+
+#[tokio::test]
+async fn a_group_keeps_messages_without_members_and_says_so_when_full() {
+    let router = small(2);
+    let member = subscribe(&router, pings().group("billing")).await;
+    drop(member);
+    for n in 0..2 {
+        assert_eq!(
+            router.publish(ping(&format!("s{n}"))).await.unwrap(),
+            PublishOutcome::Delivered(1)
+        );
+    }
+    assert_eq!(router.health().await.get("groups_without_members"), 1);
+    let error = router.publish(ping("s2")).await.unwrap_err();
+    assert!(
+        error.to_string().contains("the group has no member")
+            && error.to_string().contains("remove_group(\"billing\")"),
+        "{error}"
+    );
+    // A new member gets what waited.
+    let mut member = subscribe(&router, pings().group("billing")).await;
+    for n in 0..2 {
+        let delivery = timeout(WAIT, member.next()).await.unwrap().unwrap();
+        assert_eq!(delivery.envelope().session(), format!("s{n}"));
+        delivery.ack().await.unwrap();
+    }
+    drop(member);
+    router.publish(ping("s3")).await.unwrap();
+    assert_eq!(router.remove_group("billing"), Some(1));
+    assert_eq!(router.remove_group("billing"), None);
+    let health = router.health().await;
+    assert_eq!((health.get("dropped"), health.get("groups")), (1, 0));
+}
+
+#[tokio::test]
+async fn closing_the_router_counts_what_groups_still_held() {
+    let router = MemoryRouter::new();
+    let mut fan_out = subscribe(&router, pings()).await;
+    let member = subscribe(&router, pings().group("audit")).await;
+    drop(member);
+    for n in 0..3 {
+        router.publish(ping(&format!("s{n}"))).await.unwrap();
+    }
+    router.close().await.unwrap();
+    assert_eq!(router.health().await.get("dropped"), 3, "the group's three");
+    // A fan-out subscriber still reads what it had, then its stream ends.
+    for _ in 0..3 {
+        timeout(WAIT, fan_out.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .ack()
+            .await
+            .unwrap();
+    }
+    assert!(timeout(WAIT, fan_out.next()).await.unwrap().is_none());
+    assert!(matches!(
+        router.publish(ping("x")).await.unwrap_err(),
+        Error::Closed { .. }
+    ));
+}

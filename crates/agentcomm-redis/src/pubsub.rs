@@ -563,6 +563,8 @@ impl Reader {
         let mut envelope = match Envelope::from_frame_bytes(raw.clone()) {
             Ok(envelope) => envelope,
             Err(error) => {
+                // Its copies for the connection's other matching Redis subscriptions follow: skipped.
+                self.last = Some((raw.clone(), message.channel.clone()));
                 shared.malformed(raw, &message.channel, &error);
                 return None;
             }

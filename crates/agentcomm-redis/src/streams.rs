@@ -1554,19 +1554,22 @@ async fn renew_leases(subscription: Arc<StreamSubscription>) {
     };
     let every = subscription.shared.settings.claim_idle / 3;
     let mut stop = subscription.stop.subscribe();
+    // A fixed schedule: waking up to notice the end must not postpone the next renewal.
+    let mut due = tokio::time::Instant::now() + every;
     loop {
         let settled = subscription.settled.notified();
         if subscription.released.load(Ordering::Acquire) {
             return;
         }
         tokio::select! {
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep_until(due) => {}
             () = stopped(&mut stop), if !subscription.is_closed() => continue,
             () = settled, if subscription.is_closed() => continue,
         }
         if subscription.released.load(Ordering::Acquire) {
             return;
         }
+        due = tokio::time::Instant::now() + every;
         let mut by_key: HashMap<Arc<str>, Vec<EntryId>> = HashMap::new();
         for (key, id) in subscription.held.lock().expect("held lock").iter() {
             by_key.entry(key.clone()).or_default().push(*id);

@@ -254,7 +254,10 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
     // Pause the live member so that the dead one takes the entries.
     member.close().await.unwrap();
     drop(member);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(WAIT, "the member to have left", async || {
+        survivor.health().await.get("subscriptions") == 1
+    })
+    .await;
     survivor
         .publish(envelope("Poison:request:s1", 1))
         .await
@@ -271,7 +274,6 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
         .unwrap();
     assert!(!taken.is_null(), "the dead consumer took the entries");
     // A second dead consumer claimed entry 2 as well: it was delivered twice already.
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let pending: Value = raw.xrange(key.as_str(), "-", "+", None).await.unwrap();
     let second_id = pending.into_array()[1].clone().into_array()[0]
         .as_string()
@@ -475,6 +477,309 @@ async fn idempotent_publishing_never_mistakes_a_new_message_for_a_retry() {
         (stored_big, stored_small),
         (u64::from(big), u64::from(small))
     );
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_closing_with_a_full_buffer_hands_nothing_out_twice() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let quick = || {
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .connect()
+    };
+    let first_router = within(WAIT, "connecting", quick()).await.unwrap();
+    let second_router = within(WAIT, "connecting", quick()).await.unwrap();
+    let options = SubscribeOptions::new(ChannelPattern::parse("Buf:*:*").unwrap())
+        .group("g")
+        .prefetch(50);
+    let mut first = first_router.subscribe(options.clone()).await.unwrap();
+    for n in 0..20 {
+        first_router
+            .publish(envelope("Buf:event:s1", n))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "the first member to buffer everything", async || {
+        first.buffered() == 20
+    })
+    .await;
+    let mut second = second_router.subscribe(options).await.unwrap();
+    // The first member stops (as an agent does: close, then handle what is buffered, slowly).
+    let closer = first.closer();
+    let handled: std::sync::Arc<std::sync::Mutex<Vec<u32>>> = Default::default();
+    let draining = {
+        let handled = handled.clone();
+        tokio::spawn(async move {
+            closer.close().await.unwrap();
+            while let Ok(Some(delivery)) =
+                tokio::time::timeout(Duration::from_secs(5), first.next()).await
+            {
+                handled.lock().unwrap().push(number(&delivery));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = delivery.ack().await;
+            }
+        })
+    };
+    // The other member must get none of them: they are being handled.
+    let mut stolen = Vec::new();
+    while let Ok(Some(delivery)) =
+        tokio::time::timeout(Duration::from_millis(2_500), second.next()).await
+    {
+        stolen.push(number(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    within(WAIT, "the first member to drain", draining)
+        .await
+        .unwrap();
+    let mut handled = handled.lock().unwrap().clone();
+    handled.sort();
+    assert_eq!(stolen, Vec::<u32>::new(), "handled twice");
+    assert_eq!(handled, (0..20).collect::<Vec<_>>());
+    first_router.close().await.unwrap();
+    second_router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_trimmed_before_they_were_read_are_counted() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let publisher = within(
+        WAIT,
+        "connecting",
+        builder(DeliveryMode::Streams, &prefix)
+            .stream_max_len(100)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let group_router = connect(&prefix).await;
+    let fan_out_router = connect(&prefix).await;
+    let pattern = ChannelPattern::parse("Trim:*:*").unwrap();
+    let mut group = group_router
+        .subscribe(
+            SubscribeOptions::new(pattern.clone())
+                .group("g")
+                .prefetch(1),
+        )
+        .await
+        .unwrap();
+    let mut fan_out = fan_out_router
+        .subscribe(SubscribeOptions::new(pattern).prefetch(1))
+        .await
+        .unwrap();
+    // Neither reads while far more than the stream keeps is published.
+    const TOTAL: u64 = 1_000;
+    for start in (0..TOTAL as u32).step_by(250) {
+        let batch: Vec<Envelope> = (start..start + 250)
+            .map(|n| envelope("Trim:event:s1", n))
+            .collect();
+        for result in publisher.publish_batch(batch).await {
+            result.unwrap();
+        }
+    }
+    for (router, subscription) in [(&group_router, &mut group), (&fan_out_router, &mut fan_out)] {
+        let mut received = 0u64;
+        let mut last = None;
+        while let Ok(Some(delivery)) =
+            tokio::time::timeout(Duration::from_millis(500), subscription.next()).await
+        {
+            let n = number(&delivery);
+            assert!(last.is_none_or(|last| n > last), "in order");
+            last = Some(n);
+            received += 1;
+            delivery.ack().await.unwrap();
+        }
+        assert_eq!(last, Some(TOTAL as u32 - 1), "the newest arrived");
+        assert!(received < TOTAL, "the cap trimmed some: {received}");
+        eventually(
+            WAIT,
+            "every message to be received or counted",
+            async || received + router.health().await.get("trimmed") >= TOTAL,
+        )
+        .await;
+        let health = router.health().await;
+        assert_eq!(received + health.get("trimmed"), TOTAL, "{health:?}");
+    }
+    for router in [publisher, group_router, fan_out_router] {
+        router.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_just_joined_gets_its_messages_from_a_member_that_knew_the_group_before() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut requests = router
+        .subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Foo:request:*").unwrap()).group("g"),
+        )
+        .await
+        .unwrap();
+    // An entry nobody wants: the member reads the group's patterns and acknowledges it.
+    router.publish(envelope("Foo:other:s1", 0)).await.unwrap();
+    eventually(WAIT, "the unwanted entry to be filtered", async || {
+        router.health().await.get("filtered") == 1
+    })
+    .await;
+    let mut events = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Foo:event:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    for n in 1..=20 {
+        router.publish(envelope("Foo:event:s1", n)).await.unwrap();
+    }
+    // Each goes to one member (the group's patterns are the union of its members').
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        let delivery = tokio::select! {
+            d = next(&mut requests) => d,
+            d = next(&mut events) => d,
+        };
+        got.push(number(&delivery));
+        delivery.ack().await.unwrap();
+    }
+    got.sort();
+    assert_eq!(got, (1..=20).collect::<Vec<_>>());
+    assert_eq!(router.health().await.get("filtered"), 1);
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_another_member_claimed_is_never_taken_back() {
+    use fred::prelude::{ClientLike, StreamsInterface};
+    use fred::types::Value;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    // Leases are renewed every 100 ms.
+    let router = within(
+        WAIT,
+        "connecting",
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Own:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    router.publish(envelope("Own:event:s1", 1)).await.unwrap();
+    let held = next(&mut subscription).await;
+    let key = format!("{prefix}:stream:{{Own}}");
+    let raw = raw_client().await;
+    let ids: Value = raw.xrange(key.as_str(), "-", "+", None).await.unwrap();
+    let id = ids.into_array()[0].clone().into_array()[0]
+        .as_string()
+        .unwrap();
+    // Another member takes it over (as it would from a consumer out of reach for claim_idle), and
+    // renews it as a live member does, while the old holder's renewals go on.
+    for round in 0..6 {
+        if round > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let pending: Value = raw
+                .xpending(key.as_str(), "g", ("-", "+", 10))
+                .await
+                .unwrap();
+            let owner = pending.into_array()[0].clone().into_array()[1]
+                .as_string()
+                .unwrap();
+            assert_eq!(owner, "other", "round {round}: the old holder took it back");
+        }
+        let _: Value = raw
+            .xclaim(
+                key.as_str(),
+                "g",
+                "other",
+                0,
+                id.as_str(),
+                None,
+                None,
+                None,
+                false,
+                true,
+            )
+            .await
+            .unwrap();
+    }
+    held.ack().await.unwrap();
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_go_to_waiting_inboxes_over_pubsub_and_stay_in_their_stream() {
+    use fred::prelude::{ClientLike, StreamsInterface};
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut inbox = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Resp:reply:inbox-1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let mut auditors = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Resp:*:*").unwrap()).group("audit"))
+        .await
+        .unwrap();
+    let outcome = router
+        .publish(envelope("Resp:reply:inbox-1", 1))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Delivered(1), "one inbox listens");
+    let reply = next(&mut inbox).await;
+    assert_eq!(number(&reply), 1);
+    assert!(
+        reply.envelope().headers().is_empty(),
+        "{:?}",
+        reply.envelope()
+    );
+    reply.ack().await.unwrap();
+    let audited = next(&mut auditors).await;
+    assert_eq!(number(&audited), 1);
+    assert!(audited.envelope().headers().is_empty());
+    audited.ack().await.unwrap();
+    // The inbox does not read the stream: an entry written there directly does not reach it.
+    let raw = raw_client().await;
+    let frame = envelope("Resp:reply:inbox-1", 2).to_frame().unwrap();
+    let _: String = raw
+        .xadd(
+            format!("{prefix}:stream:{{Resp}}"),
+            false,
+            None,
+            "*",
+            vec![("f", frame)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(number(&next(&mut auditors).await), 2);
+    assert_quiet(&mut inbox, Duration::from_millis(300)).await;
+    // Nobody waiting: still stored, so `Accepted`.
+    let outcome = router
+        .publish(envelope("Resp:reply:inbox-2", 3))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Accepted);
     let _ = raw.quit().await;
     router.close().await.unwrap();
 }

@@ -333,7 +333,8 @@ impl FaultyBackend {
             declared,
             // Everything arrives at once in memory: what is missing after 1 s is lost.
             max_wait: Duration::from_secs(1),
-            settle: Duration::from_millis(200),
+            // Nothing comes late in memory unless a fault makes it.
+            settle: Duration::from_millis(100),
             limit: None,
         }
     }

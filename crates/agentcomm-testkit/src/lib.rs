@@ -27,3 +27,9 @@ pub use env::{
     REQUIRE_BROKERS_VAR, SOAK_VAR, broker_unavailable, require_brokers, scaled, soak_factor,
 };
 pub use harness::{DeadLetter, Expectation, ExpectationFailed, Received, TestHarness};
+
+/// `docs/testing.md`, whose Rust examples compile (and run, where they do not need a broker) as
+/// doctests of this crate, so that the guide cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/testing.md")]
+pub struct TestingGuide;

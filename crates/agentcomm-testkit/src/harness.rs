@@ -618,6 +618,8 @@ impl TestHarness {
                     .subscribe(SubscribeOptions::patterns(fresh.clone())),
             )
             .await??;
+        // Live now: what is published there from here on will be seen.
+        self.activity.observing(&fresh);
         observing.patterns.extend(fresh);
         observing
             .tasks
@@ -711,7 +713,8 @@ impl TestHarness {
     /// Waits until things are quiet, then fails if anything was seen that no expectation matched,
     /// listing it. Quiet means: nothing new seen for the quiet period (100 ms by default), no handler
     /// of any agent of the runtime running, no delivery taken by an agent and not settled, none
-    /// waiting in an agent's subscription, and no retry waiting out its backoff in the router. When
+    /// waiting in an agent's subscription, no retry waiting out its backoff in the router, and
+    /// nothing published through the runtime on a watched channel that the harness has not seen. When
     /// things are still not quiet after the harness timeout, it fails and says what is still going
     /// on: more may be published, so "nothing else" cannot be asserted.
     pub async fn assert_nothing_else_published(&self) {
@@ -932,6 +935,7 @@ impl Recorder {
     }
 
     fn record(&self, envelope: Envelope) {
+        self.activity.seen(&envelope.id());
         let mut state = self.state.lock().expect("recorder lock");
         // Several observer subscriptions can match one message; it was published once.
         if !state.ids.insert(envelope.id()) {

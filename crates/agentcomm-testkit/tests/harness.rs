@@ -832,8 +832,8 @@ impl Handle<Job> for Announcer {
     }
 }
 
-/// Delivers audit events 100 ms late, so they arrive after what was published after them.
-struct SlowAudits(MemoryRouter);
+/// Delivers audit events late, so they arrive after what was published after them.
+struct SlowAudits(MemoryRouter, Duration);
 
 impl Router for SlowAudits {
     fn backend(&self) -> &str {
@@ -846,9 +846,9 @@ impl Router for SlowAudits {
         if envelope.class() != AuditEvent::CLASS {
             return self.0.publish(envelope);
         }
-        let bus = self.0.clone();
+        let (bus, delay) = (self.0.clone(), self.1);
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(delay).await;
             let _ = bus.publish(envelope).await;
         });
         Box::pin(async { Ok(PublishOutcome::Accepted) })
@@ -869,7 +869,7 @@ impl Router for SlowAudits {
 
 #[tokio::test]
 async fn what_agents_published_can_be_read_in_the_order_they_published_it() {
-    let h = TestHarness::with_router(SlowAudits(MemoryRouter::new()))
+    let h = TestHarness::with_router(SlowAudits(MemoryRouter::new(), Duration::from_millis(100)))
         .await
         .unwrap();
     h.spawn(Announcer).await;
@@ -908,4 +908,30 @@ async fn dropping_the_harness_stops_its_agents() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Regression: a message published but still on its way to the harness's observer (a broker, or a
+/// starved observer task, slower than the quiet period) let `assert_nothing_else_published` pass.
+#[tokio::test]
+async fn a_publish_still_on_its_way_to_the_harness_is_waited_for() {
+    let h = Arc::new(
+        TestHarness::with_router(SlowAudits(MemoryRouter::new(), Duration::from_millis(400)))
+            .await
+            .unwrap(),
+    );
+    h.spawn(Announcer).await;
+    h.send("s1", Job { id: 2 }).await;
+    h.expect::<PaymentResponse>().await;
+    let text = panic_text({
+        let h = h.clone();
+        async move { h.assert_nothing_else_published().await }
+    })
+    .await;
+    assert!(
+        text.starts_with(
+            "expected nothing else to be published, but 1 message arrived that no expectation matched"
+        ),
+        "{text}"
+    );
+    assert!(text.contains(" AuditEvent:event:s1 id "), "{text}");
 }

@@ -1,11 +1,12 @@
 //! What the harness's runtime does that its observer cannot see, counted at the router: deliveries
 //! handed to agents and not settled yet, deliveries waiting in the agents' subscriptions, retries
-//! waiting out their backoff inside the router, and the order in which publishes were made.
+//! waiting out their backoff inside the router, publishes the observer should see and has not seen
+//! yet, and the order in which publishes were made.
 //!
 //! The runtime of a harness runs on a [`TrackedRouter`] that wraps the real one; the harness's own
 //! observer subscribes to the real router directly, so none of this counts its work.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use agentcomm_core::channel::{Channel, ChannelPattern};
 use agentcomm_core::envelope::{Envelope, MessageId};
 use agentcomm_core::error::Result;
 use agentcomm_core::router::{
@@ -44,6 +46,10 @@ struct ActivityState {
     retries: Vec<PendingRetry>,
     publish_order: HashMap<MessageId, u64>,
     next_publish: u64,
+    /// The observer's patterns, once its subscriptions are live.
+    observed: Vec<ChannelPattern>,
+    /// Published through the runtime on an observed channel, and not seen by the observer yet.
+    unseen: HashSet<MessageId>,
 }
 
 /// Where a retry comes back: to the group, or to the one fan-out subscription that gave it back.
@@ -84,6 +90,8 @@ pub(crate) struct Busy {
     pub buffered: u64,
     /// Retries waiting out their backoff, each with the time until it is due.
     pub retries: Vec<Duration>,
+    /// Messages published through the runtime on a watched channel that the observer has not seen.
+    pub unseen: u64,
 }
 
 impl Busy {
@@ -92,6 +100,7 @@ impl Busy {
             && self.unsettled == 0
             && self.buffered == 0
             && self.retries.is_empty()
+            && self.unseen == 0
     }
 }
 
@@ -130,6 +139,12 @@ impl fmt::Display for Busy {
                 soonest.as_millis()
             ));
         }
+        if self.unseen > 0 {
+            parts.push(format!(
+                "{} published messages not seen by the harness yet",
+                self.unseen
+            ));
+        }
         if parts.is_empty() {
             f.write_str("nothing running")
         } else {
@@ -145,9 +160,13 @@ impl Activity {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Numbers a publish made through the runtime, at the moment it is made.
+    /// Numbers a publish made through the runtime, at the moment it is made, and notes whether the
+    /// observer should see it.
     fn publishing(&self, envelope: &Envelope) {
         let mut state = self.lock();
+        if observes(&state.observed, envelope.channel()) {
+            state.unseen.insert(envelope.id());
+        }
         let next = state.next_publish + 1;
         if let std::collections::hash_map::Entry::Vacant(entry) =
             state.publish_order.entry(envelope.id())
@@ -155,6 +174,22 @@ impl Activity {
             entry.insert(next);
             state.next_publish = next;
         }
+    }
+
+    /// A publish that failed or reached nobody: the observer will not see it.
+    fn not_published(&self, id: &MessageId) {
+        self.lock().unseen.remove(id);
+    }
+
+    /// The observer saw the message.
+    pub fn seen(&self, id: &MessageId) {
+        self.lock().unseen.remove(id);
+    }
+
+    /// The observer's subscriptions on `patterns` are live: what is published there from now on
+    /// will be seen.
+    pub fn observing(&self, patterns: &[ChannelPattern]) {
+        self.lock().observed.extend_from_slice(patterns);
     }
 
     /// The place of a message among the publishes made through the runtime, from 1.
@@ -223,13 +258,28 @@ impl Activity {
                     .buffered() as u64
             })
             .sum();
+        let unseen = self.lock().unseen.len() as u64;
         Busy {
             handlers: Vec::new(),
             unsettled: self.unsettled.load(Ordering::Acquire),
             buffered,
             retries,
+            unseen,
         }
     }
+}
+
+/// Whether the observer, subscribed on `patterns`, receives a message on `channel`: a pattern must
+/// match it and be of the channel's template (on a broker, `*:*:*` does not cover a channel named
+/// by another template, whatever its components).
+fn observes(patterns: &[ChannelPattern], channel: &Channel) -> bool {
+    patterns.iter().any(|pattern| {
+        pattern.matches(channel)
+            && pattern
+                .template()
+                .render(channel.class(), channel.direction(), channel.session())
+                == channel.name()
+    })
 }
 
 /// The router the harness's runtime runs on: the real one, counted.
@@ -255,7 +305,14 @@ impl Router for TrackedRouter {
 
     fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
         self.activity.publishing(&envelope);
-        self.inner.publish(envelope)
+        let id = envelope.id();
+        Box::pin(async move {
+            let outcome = self.inner.publish(envelope).await;
+            if !matches!(&outcome, Ok(done) if !done.is_unroutable()) {
+                self.activity.not_published(&id);
+            }
+            outcome
+        })
     }
 
     fn publish_batch(
@@ -265,7 +322,16 @@ impl Router for TrackedRouter {
         for envelope in &envelopes {
             self.activity.publishing(envelope);
         }
-        self.inner.publish_batch(envelopes)
+        let ids: Vec<MessageId> = envelopes.iter().map(Envelope::id).collect();
+        Box::pin(async move {
+            let outcomes = self.inner.publish_batch(envelopes).await;
+            for (id, outcome) in ids.iter().zip(&outcomes) {
+                if !matches!(outcome, Ok(done) if !done.is_unroutable()) {
+                    self.activity.not_published(id);
+                }
+            }
+            outcomes
+        })
     }
 
     fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {

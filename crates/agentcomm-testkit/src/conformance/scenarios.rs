@@ -2671,8 +2671,8 @@ async fn publish_confirms(ctx: &Context<'_>) -> Outcome {
     };
     let proxy_checked = proxied.is_some();
     let through_proxy = match proxied {
-        None => "not checked through the fault proxy (the backend does not implement \
-                 ConformanceBackend::broker_address and connect_through)"
+        None => "not checked through the fault proxy (ConformanceBackend::broker_address or \
+                 connect_through gave None)"
             .to_string(),
         Some((proxy, first)) => {
             publish_one(ctx, &first, ctx.numbered(&channel, 1, 0)).await?;

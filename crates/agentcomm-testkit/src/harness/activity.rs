@@ -401,7 +401,7 @@ impl Stream for WatchedStream {
                 let handle = TrackedAck {
                     delivery,
                     route: this.watched.route.clone(),
-                    _unsettled: Unsettled(this.activity.clone()),
+                    unsettled: Unsettled(this.activity.clone()),
                 };
                 Poll::Ready(Some(
                     Delivery::new(envelope, Box::new(handle)).redelivered(redelivered),
@@ -440,23 +440,26 @@ impl Drop for Unsettled {
     }
 }
 
-/// Settles the real delivery, noting retries on the way.
+/// Settles the real delivery, noting retries on the way. Counted as unsettled until the real
+/// settlement is done (or, dropped unsettled, handed back).
 struct TrackedAck {
     delivery: Delivery,
     route: Route,
-    _unsettled: Unsettled,
+    unsettled: Unsettled,
 }
 
 impl Acknowledge for TrackedAck {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        let TrackedAck {
+            delivery,
+            unsettled,
+            ..
+        } = *self;
         // Still unsettled until the broker has the acknowledgement.
         Box::pin(async move {
-            let TrackedAck {
-                delivery,
-                _unsettled,
-                ..
-            } = *self;
-            delivery.ack().await
+            let result = delivery.ack().await;
+            drop(unsettled);
+            result
         })
     }
 
@@ -468,16 +471,16 @@ impl Acknowledge for TrackedAck {
         let TrackedAck {
             delivery,
             route,
-            _unsettled,
+            unsettled,
         } = *self;
         if let NackAction::Retry { delay } = &action {
-            _unsettled.0.retry_scheduled(envelope.id(), route, *delay);
+            unsettled.0.retry_scheduled(envelope.id(), route, *delay);
         }
         // The real delivery makes the same next attempt from the same envelope.
         drop(envelope);
         Box::pin(async move {
             let result = delivery.nack(action).await;
-            drop(_unsettled);
+            drop(unsettled);
             result
         })
     }

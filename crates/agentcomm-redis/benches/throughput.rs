@@ -2,13 +2,18 @@
 //! and through plain fred doing the same work, with 1 and 64 publishes in flight, in both modes.
 //!
 //! `cargo bench -p agentcomm-redis --bench throughput` (REDIS_URL, default redis://127.0.0.1:6379;
-//! BENCH_MESSAGES scales the message counts, default 15000 at 64 in flight and 3000 at 1; each
-//! configuration runs 3 times, interleaved, and the median run is reported).
+//! BENCH_MESSAGES scales the message counts, default 40,000 at 64 in flight and 3,000 at 1;
+//! BENCH_ROUNDS rounds, default 5, each running every client once, back to back: the figures are the
+//! medians over the rounds, and the ratios the medians of each round's ratio to plain fred;
+//! BENCH_CASES picks cases, e.g. `streams-64`).
 //!
-//! The same work on both sides: the publisher encodes a PaymentRequest with MessagePack and publishes
-//! it (PUBLISH, or XADD into a stream); the subscriber receives it, decodes it, and (Streams) reads it
-//! with a consumer group and XACKs it. agentcomm adds its envelope, sequence numbers, pattern matching,
-//! idempotent publishing (Streams) and delivery accounting.
+//! The same work on both sides, as a user of plain fred would write it: the publisher encodes a
+//! PaymentRequest with MessagePack and publishes it (PUBLISH, or XADD into a stream); the subscriber
+//! receives it and decodes it, and that is the moment of receipt on both sides; (Streams) it reads with
+//! a consumer group and acknowledges off the read loop (plain fred: a task that XACKs what came
+//! together; agentcomm: the ack futures run while the next message is read). agentcomm adds its
+//! envelope, sequence numbers, pattern matching and delivery accounting; a third row (Streams) adds
+//! idempotent publishing (`idempotent_publish(true)`, off by default).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,8 +90,6 @@ impl Clock {
 
 struct Row {
     mode: &'static str,
-    in_flight: usize,
-    client: &'static str,
     messages: usize,
     per_second: f64,
     p50: Duration,
@@ -108,10 +111,9 @@ fn summarize(
             .copied()
             .unwrap_or_default()
     };
+    let _ = (in_flight, client);
     Row {
         mode,
-        in_flight,
-        client,
         messages: latencies.len(),
         per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
         p50: pick(0.50),
@@ -165,11 +167,27 @@ async fn agentcomm_run(
     let reader = {
         let clock = clock.clone();
         tokio::spawn(async move {
-            while let Some(delivery) = subscription.next().await {
-                let request: PaymentRequest =
-                    agentcomm_core::runtime::decode_message(delivery.envelope()).expect("decode");
-                clock.received(index_of(&request));
-                delivery.ack().await.expect("ack");
+            let mut acks = futures::stream::FuturesUnordered::<
+                agentcomm_core::router::BoxFuture<'static, agentcomm_core::Result<()>>,
+            >::new();
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(acked) = acks.next(), if !acks.is_empty() => acked.expect("ack"),
+                    delivery = subscription.next() => match delivery {
+                        Some(delivery) => {
+                            let request: PaymentRequest =
+                                agentcomm_core::runtime::decode_message(delivery.envelope())
+                                    .expect("decode");
+                            clock.received(index_of(&request));
+                            acks.push(Box::pin(delivery.ack()));
+                        }
+                        None => break,
+                    },
+                }
+            }
+            while let Some(acked) = acks.next().await {
+                acked.expect("ack");
             }
         })
     };
@@ -207,7 +225,6 @@ struct Clock2(Arc<Clock>);
 
 async fn fred_client(url: &str) -> Client {
     let client = Builder::from_config(Config::from_url(url).unwrap())
-        .with_performance_config(|perf| perf.broadcast_channel_capacity = 65_536)
         .build()
         .unwrap();
     client.init().await.unwrap();
@@ -281,6 +298,21 @@ async fn fred_streams_run(url: &str, in_flight: usize, total: usize) -> (Clock2,
         .await
         .unwrap();
     let clock = Clock::new(total);
+    // Acknowledged off the read loop: a task sends what came together in one XACK.
+    let (to_ack, mut acks) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let acking = {
+        let key = key.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while acks.recv_many(&mut ids, 1024).await > 0 {
+                let _: i64 = acker
+                    .xack(key.as_str(), "payments", std::mem::take(&mut ids))
+                    .await
+                    .unwrap();
+            }
+            let _ = acker.quit().await;
+        })
+    };
     let reader = {
         let clock = clock.clone();
         let key = key.clone();
@@ -310,11 +342,8 @@ async fn fred_streams_run(url: &str, in_flight: usize, total: usize) -> (Clock2,
                         let fields = entry.next().unwrap().into_array();
                         let request: PaymentRequest =
                             rmp_serde::from_slice(fields[1].as_bytes().unwrap()).unwrap();
-                        let _: i64 = acker
-                            .xack(key.as_str(), "payments", id.as_str())
-                            .await
-                            .unwrap();
                         clock.received(index_of(&request));
+                        to_ack.send(id).unwrap();
                     }
                 }
                 if clock.received.load(Ordering::Acquire) >= clock.total as u64 {
@@ -350,6 +379,7 @@ async fn fred_streams_run(url: &str, in_flight: usize, total: usize) -> (Clock2,
     wait_all(&clock, "plain fred streams").await;
     let elapsed = started.elapsed();
     let _ = reader.await;
+    let _ = acking.await;
     let _: i64 = publisher.del(key.as_str()).await.unwrap();
     let _ = publisher.quit().await;
     (Clock2(clock), elapsed)
@@ -371,6 +401,49 @@ async fn cleanup(url: &str, prefix: &str) {
     let _ = client.quit().await;
 }
 
+/// One measured configuration.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    PlainFred,
+    Agentcomm,
+    AgentcommIdempotent,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::PlainFred => "plain fred",
+            Side::Agentcomm => "agentcomm",
+            Side::AgentcommIdempotent => "agentcomm (idempotent publish)",
+        }
+    }
+}
+
+async fn run_once(
+    url: &str,
+    mode: DeliveryMode,
+    client: Side,
+    in_flight: usize,
+    total: usize,
+) -> Row {
+    let label = match mode {
+        DeliveryMode::PubSub => "pub/sub",
+        _ => "streams",
+    };
+    let (clock, elapsed) = match (mode, client) {
+        (DeliveryMode::PubSub, Side::PlainFred) => fred_pubsub_run(url, in_flight, total).await,
+        (_, Side::PlainFred) => fred_streams_run(url, in_flight, total).await,
+        (mode, Side::Agentcomm) => agentcomm_run(url, mode, false, in_flight, total).await,
+        (mode, Side::AgentcommIdempotent) => agentcomm_run(url, mode, true, in_flight, total).await,
+    };
+    summarize(label, in_flight, client.name(), &clock.0, elapsed)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -381,7 +454,19 @@ fn main() {
     let scale: f64 = std::env::var("BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
-        .map_or(1.0, |n| n / 15_000.0);
+        .map_or(1.0, |n| n / 40_000.0);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    // Which cases: pubsub-1, pubsub-64, streams-1, streams-64 (default all); BENCH_CLIENTS=agentcomm
+    // runs agentcomm only (for a profiler).
+    let cases = std::env::var("BENCH_CASES")
+        .unwrap_or_else(|_| "pubsub-1,pubsub-64,streams-1,streams-64".into());
+    let only_agentcomm = std::env::var("BENCH_CLIENTS").is_ok_and(|v| v == "agentcomm");
+    let only_plain = std::env::var("BENCH_CLIENTS").is_ok_and(|v| v == "plain");
+    let only_idempotent = std::env::var("BENCH_CLIENTS").is_ok_and(|v| v == "idempotent");
     runtime.block_on(async {
         if tokio::time::timeout(Duration::from_secs(3), fred_client(&url))
             .await
@@ -390,70 +475,72 @@ fn main() {
             println!("skipped: no Redis at {}", agentcomm_core::error::redact_url(&url));
             return;
         }
-        // Each configuration runs REPEATS times, interleaved with the others; the row reported is the
-        // run with the median throughput (this machine is shared and noisy).
-        const REPEATS: usize = 3;
-        let mut runs: Vec<Vec<Row>> = Vec::new();
-        for in_flight in [1usize, 64] {
-            let total = ((if in_flight == 1 { 3_000.0 } else { 15_000.0 }) * scale).max(100.0) as usize;
-            // Warm-up (connections, script cache, allocator), not recorded.
-            let _ = fred_pubsub_run(&url, in_flight, total / 10).await;
-            let _ = agentcomm_run(&url, DeliveryMode::PubSub, true, in_flight, total / 10).await;
-            let _ = agentcomm_run(&url, DeliveryMode::Streams, true, in_flight, total / 10).await;
-            let first = runs.len();
-            runs.extend((0..5).map(|_| Vec::new()));
-            for _ in 0..REPEATS {
-                let (clock, elapsed) = fred_pubsub_run(&url, in_flight, total).await;
-                runs[first].push(summarize("pub/sub", in_flight, "plain fred", &clock.0, elapsed));
-                let (clock, elapsed) =
-                    agentcomm_run(&url, DeliveryMode::PubSub, true, in_flight, total).await;
-                runs[first + 1].push(summarize("pub/sub", in_flight, "agentcomm", &clock.0, elapsed));
-                let (clock, elapsed) = fred_streams_run(&url, in_flight, total).await;
-                runs[first + 2].push(summarize("streams", in_flight, "plain fred", &clock.0, elapsed));
-                let (clock, elapsed) =
-                    agentcomm_run(&url, DeliveryMode::Streams, true, in_flight, total).await;
-                runs[first + 3].push(summarize("streams", in_flight, "agentcomm", &clock.0, elapsed));
-                let (clock, elapsed) =
-                    agentcomm_run(&url, DeliveryMode::Streams, false, in_flight, total).await;
-                runs[first + 4].push(summarize(
-                    "streams",
-                    in_flight,
-                    "agentcomm (idempotent off)",
-                    &clock.0,
-                    elapsed,
-                ));
-            }
-        }
-        let rows: Vec<Row> = runs
-            .into_iter()
-            .map(|mut repeats| {
-                repeats.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
-                repeats.remove(repeats.len() / 2)
-            })
-            .collect();
-        println!();
         println!(
             "| mode | in flight | client | messages | msg/s | p50 | p99 | msg/s vs fred | p50 vs fred | p99 vs fred |"
         );
         println!("|---|---|---|---|---|---|---|---|---|---|");
-        for row in &rows {
-            let base = rows
-                .iter()
-                .find(|r| r.mode == row.mode && r.in_flight == row.in_flight && r.client == "plain fred")
-                .unwrap();
-            println!(
-                "| {} | {} | {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.1}% | {:.1}% | {:.1}% |",
-                row.mode,
-                row.in_flight,
-                row.client,
-                row.messages,
-                row.per_second,
-                row.p50.as_secs_f64() * 1e6,
-                row.p99.as_secs_f64() * 1e6,
-                100.0 * row.per_second / base.per_second,
-                100.0 * row.p50.as_secs_f64() / base.p50.as_secs_f64(),
-                100.0 * row.p99.as_secs_f64() / base.p99.as_secs_f64(),
-            );
+        for case in cases.split(',') {
+            let (mode, in_flight) = match case.trim() {
+                "pubsub-1" => (DeliveryMode::PubSub, 1),
+                "pubsub-64" => (DeliveryMode::PubSub, 64),
+                "streams-1" => (DeliveryMode::Streams, 1),
+                "streams-64" => (DeliveryMode::Streams, 64),
+                other => panic!("unknown case {other}"),
+            };
+            let total =
+                ((if in_flight == 1 { 3_000.0 } else { 40_000.0 }) * scale).max(100.0) as usize;
+            let mut clients = vec![Side::PlainFred, Side::Agentcomm];
+            if mode == DeliveryMode::Streams {
+                clients.push(Side::AgentcommIdempotent);
+            }
+            if only_agentcomm {
+                clients.retain(|c| *c == Side::Agentcomm);
+            }
+            if only_plain {
+                clients.retain(|c| *c == Side::PlainFred);
+            }
+            if only_idempotent {
+                clients.retain(|c| *c == Side::AgentcommIdempotent);
+            }
+            // Warm-up (connections, script cache, allocator), not recorded.
+            for client in &clients {
+                let _ = run_once(&url, mode, *client, in_flight, total / 10).await;
+            }
+            // Rounds of one run per client, back to back: each round's ratios compare runs made under
+            // the same conditions on this shared machine; the median round is reported.
+            let mut rows: Vec<Vec<Row>> = clients.iter().map(|_| Vec::new()).collect();
+            for _ in 0..rounds {
+                for (index, client) in clients.iter().enumerate() {
+                    rows[index].push(run_once(&url, mode, *client, in_flight, total).await);
+                }
+            }
+            for (index, client) in clients.iter().enumerate() {
+                let runs = &rows[index];
+                let ratio = |value: &dyn Fn(&Row) -> f64| {
+                    if only_agentcomm || only_plain || only_idempotent {
+                        return f64::NAN;
+                    }
+                    median(
+                        runs.iter()
+                            .zip(&rows[0])
+                            .map(|(run, base)| 100.0 * value(run) / value(base))
+                            .collect(),
+                    )
+                };
+                println!(
+                    "| {} | {} | {} | {} | {:.0} | {:.0} µs | {:.0} µs | {:.1}% | {:.1}% | {:.1}% |",
+                    runs[0].mode,
+                    in_flight,
+                    client.name(),
+                    runs[0].messages,
+                    median(runs.iter().map(|r| r.per_second).collect()),
+                    median(runs.iter().map(|r| r.p50.as_secs_f64() * 1e6).collect()),
+                    median(runs.iter().map(|r| r.p99.as_secs_f64() * 1e6).collect()),
+                    ratio(&|r| r.per_second),
+                    ratio(&|r| r.p50.as_secs_f64()),
+                    ratio(&|r| r.p99.as_secs_f64()),
+                );
+            }
         }
     });
 }

@@ -90,6 +90,9 @@ struct StreamTarget {
     /// The registry generation the class was last listed in, and when (ms since the router started).
     registered_generation: AtomicU64,
     registered_at_ms: AtomicU64,
+    registering: tokio::sync::Mutex<()>,
+    /// Publishes so far (when to look at the clock again).
+    publishes: AtomicU64,
 }
 
 impl StreamTarget {
@@ -426,8 +429,38 @@ impl Shared {
 
     /// The target of `class`. Lists the class in the registry (so that wildcard subscriptions find its
     /// stream) before anything is written to the stream, and again after a reconnect and every
-    /// [`REGISTRY_REFRESH`].
+    /// [`REGISTRY_REFRESH`]. Without an await on the common path: a publish's future stays small.
     async fn target(&self, class: &str) -> Result<Arc<StreamTarget>> {
+        match self.registered_target(class) {
+            Some(target) => Ok(target),
+            None => Box::pin(self.register_target(class)).await,
+        }
+    }
+
+    /// The target of `class` when it exists and needs no registration now.
+    fn registered_target(&self, class: &str) -> Option<Arc<StreamTarget>> {
+        let target = self
+            .targets
+            .read()
+            .expect("targets lock")
+            .get(class)
+            .cloned()?;
+        let generation = self.registry_generation.load(Ordering::Acquire);
+        // The clock is read once every 256 publishes, not on each.
+        let due = target.registered_generation.load(Ordering::Acquire) != generation
+            || (target.publishes.fetch_add(1, Ordering::Relaxed) % 256 == 0
+                && self.registration_stale(&target));
+        (!due).then_some(target)
+    }
+
+    fn registration_stale(&self, target: &StreamTarget) -> bool {
+        self.elapsed_ms()
+            .saturating_sub(target.registered_at_ms.load(Ordering::Relaxed))
+            > REGISTRY_REFRESH.as_millis() as u64
+    }
+
+    /// Creates the target of `class` if needed and lists the class in the registry.
+    async fn register_target(&self, class: &str) -> Result<Arc<StreamTarget>> {
         let found = self
             .targets
             .read()
@@ -453,6 +486,8 @@ impl Shared {
                     next: AtomicU64::new(1),
                     registered_generation: AtomicU64::new(0),
                     registered_at_ms: AtomicU64::new(0),
+                    registering: tokio::sync::Mutex::new(()),
+                    publishes: AtomicU64::new(1),
                 });
                 self.targets
                     .write()
@@ -462,13 +497,13 @@ impl Shared {
                     .clone()
             }
         };
+        // One registration at a time; the others wait for it (nothing is written to the stream before
+        // its class is listed).
+        let registering = target.registering.lock().await;
         let generation = self.registry_generation.load(Ordering::Acquire);
-        let due = target.registered_generation.load(Ordering::Acquire) != generation
-            || self
-                .elapsed_ms()
-                .saturating_sub(target.registered_at_ms.load(Ordering::Relaxed))
-                > REGISTRY_REFRESH.as_millis() as u64;
-        if due {
+        if target.registered_generation.load(Ordering::Acquire) != generation
+            || self.registration_stale(&target)
+        {
             self.pool
                 .next()
                 .sadd::<i64, _, _>(self.keys.registry(), target.class.as_str())
@@ -481,6 +516,7 @@ impl Shared {
                 .registered_generation
                 .store(generation, Ordering::Release);
         }
+        drop(registering);
         Ok(target)
     }
 

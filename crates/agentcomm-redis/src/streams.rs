@@ -1050,20 +1050,15 @@ impl StreamSubscription {
         Ok(())
     }
 
-    /// `count` prefetch slots (waiting in line for them), or `None` once the subscription stops.
-    async fn acquire_many(&self, count: usize) -> Option<Vec<OwnedSemaphorePermit>> {
+    /// `count` prefetch slots in one permit (waiting in line for them), or `None` once the subscription
+    /// stops. Split one slot off per entry as entries come.
+    async fn acquire_slots(&self, count: usize) -> Option<OwnedSemaphorePermit> {
         let mut stop = self.stop.subscribe();
         let count = u32::try_from(count.max(1)).unwrap_or(u32::MAX);
-        let mut bulk = tokio::select! {
-            permit = self.permits.clone().acquire_many_owned(count) => permit.ok()?,
-            () = stopped(&mut stop) => return None,
-        };
-        let mut permits = Vec::with_capacity(count as usize);
-        while bulk.num_permits() > 1 {
-            permits.push(bulk.split(1).expect("more than one permit left"));
+        tokio::select! {
+            permit = self.permits.clone().acquire_many_owned(count) => permit.ok(),
+            () = stopped(&mut stop) => None,
         }
-        permits.push(bulk);
-        Some(permits)
     }
 
     /// One prefetch slot, or `None` once the subscription stops.
@@ -1350,16 +1345,22 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 }
             }
         }
-        let Some(mut permits) = subscription.acquire_many(subscription.refill).await else {
+        let Some(mut permits) = subscription.acquire_slots(subscription.refill).await else {
             break;
         };
-        while permits.len() < settings.read_batch {
-            match subscription.permits.clone().try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
-            }
+        let more = subscription
+            .permits
+            .available_permits()
+            .min(settings.read_batch.saturating_sub(permits.num_permits()));
+        if more > 0
+            && let Ok(extra) = subscription
+                .permits
+                .clone()
+                .try_acquire_many_owned(more as u32)
+        {
+            permits.merge(extra);
         }
-        let count = permits.len() as u64;
+        let count = permits.num_permits() as u64;
         let client = reader.client.with_options(&options);
         let key_names: Vec<&str> = keys.iter().map(|k| k.as_ref()).collect();
         let result: std::result::Result<Value, fred::error::Error> = match &subscription.group {
@@ -1406,7 +1407,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 // COUNT applies per stream: a read over several streams may return more entries than
                 // slots. All of them are held at once (their leases renewed) while the extra ones wait
                 // for a slot, so no other member takes them over meanwhile.
-                if subscription.is_group() && batch.len() > permits.len() {
+                if subscription.is_group() && batch.len() > permits.num_permits() {
                     let mut held = subscription.held.lock().expect("held lock");
                     for (key, id, _) in &batch {
                         if let Some(id) = EntryId::parse(id) {
@@ -1417,7 +1418,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 let mut fresh = false;
                 let mut entries = batch.into_iter();
                 for (key, id, frame) in entries.by_ref() {
-                    let permit = match permits.pop() {
+                    let permit = match permits.split(1) {
                         Some(permit) => permit,
                         None => match subscription.acquire().await {
                             Some(permit) => permit,

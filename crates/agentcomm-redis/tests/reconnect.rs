@@ -82,7 +82,10 @@ async fn streams_lose_nothing_and_duplicate_nothing_across_cuts() {
     let publisher: RedisRouter = within(
         Duration::from_secs(10),
         "connecting through the proxy",
-        RedisRouter::builder(proxied).prefix(&prefix).connect(),
+        RedisRouter::builder(proxied)
+            .prefix(&prefix)
+            .idempotent_publish(true)
+            .connect(),
     )
     .await
     .unwrap();
@@ -331,7 +334,10 @@ async fn a_stream_publish_fred_writes_again_after_a_cut_is_stored_once() {
     let publisher = within(
         Duration::from_secs(10),
         "connecting through the proxy",
-        RedisRouter::builder(proxied).prefix(&prefix).connect(),
+        RedisRouter::builder(proxied)
+            .prefix(&prefix)
+            .idempotent_publish(true)
+            .connect(),
     )
     .await
     .unwrap();
@@ -503,6 +509,7 @@ async fn publish_numbers_that_never_reached_redis_never_turn_new_messages_into_r
         "connecting through the proxy",
         RedisRouter::builder(proxied)
             .prefix(&prefix)
+            .idempotent_publish(true)
             .command_timeout(Duration::from_millis(400))
             .connect(),
     )

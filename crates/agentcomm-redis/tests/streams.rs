@@ -448,7 +448,15 @@ async fn idempotent_publishing_never_mistakes_a_new_message_for_a_retry() {
     // another stream's: every sequence number is new, so every message must be stored.
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = connect(&prefix).await;
+    let router = within(
+        WAIT,
+        "connecting",
+        builder(DeliveryMode::Streams, &prefix)
+            .idempotent_publish(true)
+            .connect(),
+    )
+    .await
+    .unwrap();
     let (mut big, mut small) = (0u32, 0u32);
     for round in 0..70u32 {
         let batch: Vec<Envelope> = (0..1000)

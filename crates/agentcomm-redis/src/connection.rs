@@ -251,6 +251,24 @@ mod tests {
     }
 
     #[test]
+    fn a_tls_url_gets_a_crypto_provider_and_a_custom_connector() {
+        let mut settings = Settings::for_tests("rediss://:pw@127.0.0.1:6380");
+        let config = fred_config(&settings).unwrap();
+        assert!(config.tls.is_some());
+        assert!(fred::rustls::crypto::CryptoProvider::get_default().is_some());
+        let roots = fred::rustls::RootCertStore::empty();
+        let client = fred::rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        settings.url = "redis://127.0.0.1:6379".into();
+        settings.tls = Some(fred::types::config::TlsConnector::from(client));
+        assert!(
+            fred_config(&settings).unwrap().tls.is_some(),
+            "the connector is used"
+        );
+    }
+
+    #[test]
     fn the_reconnect_policy_follows_the_backoff() {
         let mut settings = Settings::for_tests("redis://127.0.0.1:6379");
         settings.reconnect = Backoff::new(Duration::from_millis(100), Duration::from_secs(5))

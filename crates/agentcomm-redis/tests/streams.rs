@@ -791,3 +791,61 @@ async fn replies_go_to_waiting_inboxes_over_pubsub_and_stay_in_their_stream() {
     let _ = raw.quit().await;
     router.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_a_read_returned_beyond_the_free_slots_stay_this_members() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let quick = || {
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .connect()
+    };
+    let first_router = within(WAIT, "connecting", quick()).await.unwrap();
+    let options = SubscribeOptions::patterns(vec![
+        ChannelPattern::parse("X:*:*").unwrap(),
+        ChannelPattern::parse("Y:*:*").unwrap(),
+    ])
+    .group("g")
+    .prefetch(2);
+    let mut first = first_router.subscribe(options.clone()).await.unwrap();
+    first_router
+        .publish(envelope("X:event:s1", 1))
+        .await
+        .unwrap();
+    first_router
+        .publish(envelope("X:event:s1", 2))
+        .await
+        .unwrap();
+    let one = next(&mut first).await;
+    let two = next(&mut first).await;
+    // Both slots taken; then one entry on each stream.
+    first_router
+        .publish(envelope("X:event:s1", 3))
+        .await
+        .unwrap();
+    first_router
+        .publish(envelope("Y:event:s1", 4))
+        .await
+        .unwrap();
+    // One slot frees: the next read asks for one entry per stream (COUNT applies per stream) and gets
+    // two; the second waits for a slot.
+    one.ack().await.unwrap();
+    let three = next(&mut first).await;
+    assert_eq!(number(&three), 3);
+    // Another member joins: the waiting entry must not look abandoned to it.
+    let second_router = within(WAIT, "connecting", quick()).await.unwrap();
+    let mut second = second_router.subscribe(options).await.unwrap();
+    assert_quiet(&mut second, Duration::from_millis(1_000)).await;
+    two.ack().await.unwrap();
+    three.ack().await.unwrap();
+    let four = next(&mut first).await;
+    assert_eq!(number(&four), 4);
+    four.ack().await.unwrap();
+    assert_quiet(&mut second, Duration::from_millis(300)).await;
+    first_router.close().await.unwrap();
+    second_router.close().await.unwrap();
+}

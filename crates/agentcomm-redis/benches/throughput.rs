@@ -164,6 +164,7 @@ async fn agentcomm_run(
     .prefetch(1024);
     let mut subscription = subscriber.subscribe(options).await.expect("subscribe");
     let clock = Clock::new(total);
+    let pubsub = mode == DeliveryMode::PubSub;
     let reader = {
         let clock = clock.clone();
         tokio::spawn(async move {
@@ -180,7 +181,12 @@ async fn agentcomm_run(
                                 agentcomm_core::runtime::decode_message(delivery.envelope())
                                     .expect("decode");
                             clock.received(index_of(&request));
-                            acks.push(Box::pin(delivery.ack()));
+                            if pubsub {
+                                // Nothing to send: the ack is ready at once.
+                                delivery.ack().await.expect("ack");
+                            } else {
+                                acks.push(Box::pin(delivery.ack()));
+                            }
                         }
                         None => break,
                     },

@@ -6,8 +6,8 @@
 //! - **Streams** (the default): durable, at-least-once. One Redis stream per message class, consumer
 //!   groups for groups of agents, `XACK` on success, redelivery of failed and abandoned entries, entries
 //!   of dead consumers claimed by the others, a dead-letter channel after too many deliveries, trimming,
-//!   and, on request (`idempotent_publish(true)`), publishes stored once across reconnects. Replies (the `reply` direction) are also
-//!   published over pub/sub, where reply inboxes listen.
+//!   and, on request (`idempotent_publish(true)`), publishes stored once across reconnects. Replies
+//!   (the `reply` direction) are also published over pub/sub, where reply inboxes listen.
 //! - **Pub/sub**: fan-out, at-most-once, the lowest latency. Subscriptions are restored after every
 //!   reconnect; every message a subscriber misses is counted (`lost`, `dropped`, `lagged` in health),
 //!   never silently gone.

@@ -203,6 +203,7 @@ impl PubSubHub {
             last_sweep: Instant::now(),
             done: false,
             last: None,
+            covered: None,
         };
         let control = Arc::new(PubSubControl {
             hub: Arc::downgrade(self),
@@ -450,6 +451,8 @@ struct Reader {
     /// one copy per matching Redis subscription of the connection, one right after the other, and those
     /// copies are skipped without counting them as duplicates.
     last: Option<(Bytes, Str)>,
+    /// The last Redis channel seen, and whether this subscription's Redis subscriptions cover it.
+    covered: Option<(Str, bool)>,
 }
 
 /// What waiting for the next message produced.
@@ -550,7 +553,16 @@ impl Reader {
     /// Turns one Redis message into a delivery for this subscription, or `None` when it is not for it
     /// (another subscription's channel, a pattern mismatch, a repeat, an undecodable frame).
     fn accept(&mut self, shared: &Arc<Shared>, message: Message) -> Option<Delivery> {
-        if !self.subscription.covers(&message.channel) {
+        // Most messages come on the channel of the one before: its answer is kept.
+        let covered = match &self.covered {
+            Some((channel, covered)) if *channel == message.channel => *covered,
+            _ => {
+                let covered = self.subscription.covers(&message.channel);
+                self.covered = Some((message.channel.clone(), covered));
+                covered
+            }
+        };
+        if !covered {
             return None;
         }
         let raw = message.value.into_bytes().unwrap_or_default();

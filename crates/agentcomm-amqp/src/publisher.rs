@@ -1,7 +1,7 @@
 //! Publishing with confirms: one channel in confirm mode per connection, our own map of delivery tags
 //! to waiters (amqprs has no per-publish future), multiple-acks, nacks and returns.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,90 +46,43 @@ pub(crate) fn frame_content_type(envelope: &Envelope) -> &'static str {
     }
 }
 
-/// The frame as body; id, correlation id, timestamp, class and the frame's content type copied into
-/// the AMQP properties for tooling; persistent.
-fn content(envelope: &Envelope) -> Result<Content> {
+/// The frame as body and the AMQP properties: persistent, the frame's content type, and with
+/// `envelope_properties` the envelope's id, class, timestamp and correlation id for tooling.
+fn content(envelope: &Envelope, envelope_properties: bool) -> Result<Content> {
     let body = envelope.to_frame()?;
-    let mut id = uuid::Uuid::encode_buffer();
     let mut properties = BasicProperties::default();
     properties
         .with_delivery_mode(amqprs::DELIVERY_MODE_PERSISTENT)
-        .with_content_type(frame_content_type(envelope))
-        .with_message_id(envelope.id().as_uuid().hyphenated().encode_lower(&mut id))
-        .with_timestamp(envelope.timestamp_ms() / 1000);
-    // AMQP short strings hold 255 bytes; longer values stay in the frame only.
-    if envelope.class().len() <= 255 {
-        properties.with_message_type(envelope.class());
-    }
-    if let Some(correlation_id) = envelope.correlation_id().filter(|id| id.len() <= 255) {
-        properties.with_correlation_id(correlation_id);
+        .with_content_type(frame_content_type(envelope));
+    if envelope_properties {
+        let mut id = uuid::Uuid::encode_buffer();
+        properties
+            .with_message_id(envelope.id().as_uuid().hyphenated().encode_lower(&mut id))
+            .with_timestamp(envelope.timestamp_ms() / 1000);
+        // AMQP short strings hold 255 bytes; longer values stay in the frame only.
+        if envelope.class().len() <= 255 {
+            properties.with_message_type(envelope.class());
+        }
+        if let Some(correlation_id) = envelope.correlation_id().filter(|id| id.len() <= 255) {
+            properties.with_correlation_id(correlation_id);
+        }
     }
     Ok((properties, body))
 }
 
 struct Waiting {
+    /// The envelope id, to match a basic.return (which carries the message, not its delivery tag).
     id: u128,
     returned: bool,
     waiter: oneshot::Sender<Confirmed>,
 }
 
-/// The delivery tags of one envelope id: almost always one.
-enum Tags {
-    One(u64),
-    Many(Vec<u64>),
-}
-
 #[derive(Default)]
 struct Pending {
     by_tag: BTreeMap<u64, Waiting>,
-    /// Tags by envelope id: a basic.return carries the message, not its delivery tag.
-    by_id: HashMap<u128, Tags>,
     /// The channel is gone: nothing may wait here any more. Kept under the same lock as the waiters,
     /// so that a publish never registers after [`Confirms::fail_all`] emptied the map.
     dead: bool,
-}
-
-impl Pending {
-    fn insert(&mut self, tag: u64, id: u128, waiter: oneshot::Sender<Confirmed>) {
-        self.by_tag.insert(
-            tag,
-            Waiting {
-                id,
-                returned: false,
-                waiter,
-            },
-        );
-        match self.by_id.get_mut(&id) {
-            None => {
-                self.by_id.insert(id, Tags::One(tag));
-            }
-            Some(Tags::One(first)) => {
-                let first = *first;
-                self.by_id.insert(id, Tags::Many(vec![first, tag]));
-            }
-            Some(Tags::Many(tags)) => tags.push(tag),
-        }
-    }
-
-    fn unindex(&mut self, id: u128, tag: u64) {
-        let empty = match self.by_id.get_mut(&id) {
-            Some(Tags::One(only)) => *only == tag,
-            Some(Tags::Many(tags)) => {
-                tags.retain(|t| *t != tag);
-                tags.is_empty()
-            }
-            None => false,
-        };
-        if empty {
-            self.by_id.remove(&id);
-        }
-    }
-
-    fn remove(&mut self, tag: u64) -> Option<Waiting> {
-        let waiting = self.by_tag.remove(&tag)?;
-        self.unindex(waiting.id, tag);
-        Some(waiting)
-    }
 }
 
 /// The confirm state of one publishing channel, shared with its amqprs callback.
@@ -144,7 +97,11 @@ pub(crate) struct Confirms {
 impl Confirms {
     /// Forgets a publish whose caller gave up (timed out): its confirm, if it comes, is ignored.
     pub(crate) fn forget(&self, tag: u64) {
-        self.pending.lock().expect("confirms lock").remove(tag);
+        self.pending
+            .lock()
+            .expect("confirms lock")
+            .by_tag
+            .remove(&tag);
     }
 
     fn settle(&self, tag: u64, multiple: bool, ack: bool) {
@@ -154,11 +111,8 @@ impl Confirms {
             if multiple {
                 let later = pending.by_tag.split_off(&(tag + 1));
                 let settled = std::mem::replace(&mut pending.by_tag, later);
-                for (tag, waiting) in settled {
-                    pending.unindex(waiting.id, tag);
-                    done.push(waiting);
-                }
-            } else if let Some(waiting) = pending.remove(tag) {
+                done.extend(settled.into_values());
+            } else if let Some(waiting) = pending.by_tag.remove(&tag) {
                 done.push(waiting);
             }
         }
@@ -175,25 +129,22 @@ impl Confirms {
         }
     }
 
-    fn returned(&self, message_id: Option<&String>) -> bool {
-        let Some(id) = message_id.and_then(|id| uuid::Uuid::try_parse(id).ok()) else {
-            return false;
-        };
+    /// Marks the publish of envelope `id` as returned (no queue was bound). Returns come rarely, in
+    /// publish order and before their ack: the first waiting publish of that id not yet returned is
+    /// this one. (A scan of what waits, rather than an index kept on every publish.)
+    fn returned(&self, id: u128) -> bool {
         let mut pending = self.pending.lock().expect("confirms lock");
-        let Pending { by_tag, by_id, .. } = &mut *pending;
-        let tags: &[u64] = match by_id.get(&id.as_u128()) {
-            Some(Tags::One(tag)) => std::slice::from_ref(tag),
-            Some(Tags::Many(tags)) => tags,
-            None => return false,
-        };
-        // Returns come in publish order, before their ack: the first not yet returned is this one.
-        for tag in tags {
-            if let Some(waiting) = by_tag.get_mut(tag).filter(|w| !w.returned) {
+        match pending
+            .by_tag
+            .values_mut()
+            .find(|waiting| waiting.id == id && !waiting.returned)
+        {
+            Some(waiting) => {
                 waiting.returned = true;
-                return true;
+                true
             }
+            None => false,
         }
-        false
     }
 
     /// Registers the waiter of delivery tag `tag`, unless the channel is gone.
@@ -202,7 +153,14 @@ impl Confirms {
         if pending.dead {
             return false;
         }
-        pending.insert(tag, id, waiter);
+        pending.by_tag.insert(
+            tag,
+            Waiting {
+                id,
+                returned: false,
+                waiter,
+            },
+        );
         true
     }
 
@@ -217,7 +175,6 @@ impl Confirms {
             let mut pending = self.pending.lock().expect("confirms lock");
             pending.dead = true;
             self.dead.store(true, Ordering::Release);
-            pending.by_id.clear();
             std::mem::take(&mut pending.by_tag)
         };
         drop(waiting);
@@ -295,10 +252,20 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
         _channel: &Channel,
         ret: amqprs::Return,
         properties: BasicProperties,
-        _content: Vec<u8>,
+        content: Vec<u8>,
     ) {
         self.returns.fetch_add(1, Ordering::Relaxed);
-        if !self.confirms.returned(properties.message_id()) {
+        // The envelope id: from the message id property, else from the frame itself.
+        let id = properties
+            .message_id()
+            .and_then(|id| uuid::Uuid::try_parse(id).ok())
+            .map(|id| id.as_u128())
+            .or_else(|| {
+                Envelope::from_frame(&content)
+                    .ok()
+                    .map(|envelope| envelope.id().as_uuid().as_u128())
+            });
+        if !id.is_some_and(|id| self.confirms.returned(id)) {
             tracing::debug!(
                 routing_key = %ret.routing_key(),
                 reply = %ret.reply_text(),
@@ -607,14 +574,15 @@ impl Inner {
             routing_key,
             id: envelope.id().as_uuid().as_u128(),
         };
-        let mut first = Some(content(envelope)?);
+        let full = self.settings.envelope_properties;
+        let mut first = Some(content(envelope, full)?);
         let mut outage_deadline = None;
         let mut losses = 0u32;
         loop {
             let publisher = self.publisher_for(&mut outage_deadline).await?;
             let content = match first.take() {
                 Some(content) => content,
-                None => content(envelope)?,
+                None => content(envelope, full)?,
             };
             let outcome = self.attempt(&publisher, &message, content).await;
             match outcome {

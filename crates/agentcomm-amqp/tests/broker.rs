@@ -174,15 +174,43 @@ async fn unroutable_publishes_are_reported_and_dead_letters_are_kept() {
     let (properties, body) = raw.get(&queue).await.expect("the dead letter is kept");
     let kept = Envelope::from_frame(&body).unwrap();
     assert_eq!(kept, dead);
-    assert_eq!(properties.message_id(), Some(&dead.id().to_string()));
     assert_eq!(properties.delivery_mode(), Some(2), "persistent");
     assert_eq!(
         properties.content_type().map(String::as_str),
         Some("application/json")
     );
+    assert_eq!(properties.message_id(), None, "not copied by default");
     let health = within("health", router.health()).await;
     assert_eq!(health.get("unroutable"), 2, "{health:?}");
     within("close", router.close()).await.unwrap();
+
+    // Copied into the AMQP properties on request, for tooling; returns still match.
+    let tooled = within(
+        "connect",
+        builder(&exchange).envelope_properties(true).connect(),
+    )
+    .await
+    .unwrap();
+    let outcome = within("publish", tooled.publish(envelope("Nobody:request:s1", 3)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Unroutable);
+    let replied = dead.clone().with_correlation_id("order-7");
+    within("publish a dead letter", tooled.publish(replied.clone()))
+        .await
+        .unwrap();
+    let (properties, _) = raw.get(&queue).await.expect("the dead letter is kept");
+    assert_eq!(properties.message_id(), Some(&replied.id().to_string()));
+    assert_eq!(
+        properties.message_type().map(String::as_str),
+        Some("Somebody")
+    );
+    assert_eq!(
+        properties.correlation_id().map(String::as_str),
+        Some("order-7")
+    );
+    assert_eq!(properties.timestamp(), Some(replied.timestamp_ms() / 1000));
+    within("close", tooled.close()).await.unwrap();
 
     raw.close().await;
 }

@@ -52,7 +52,11 @@ pub fn escape_component(component: &str) -> String {
 
 /// Appends `component`, escaped, to `key`.
 fn push_escaped(key: &mut String, component: &str) {
-    if !component.contains(['%', '.', '*', '#']) {
+    // A byte scan: the four characters are ASCII, and this runs for every publish.
+    if !component
+        .bytes()
+        .any(|b| matches!(b, b'%' | b'.' | b'*' | b'#'))
+    {
         key.push_str(component);
         return;
     }

@@ -57,7 +57,7 @@ pub fn require_brokers() -> bool {
 /// Call when a test cannot reach its broker: prints exactly one line `skipped: <reason>` and returns,
 /// or fails the test when `AGENTCOMM_REQUIRE_BROKERS=1`.
 ///
-/// ```
+/// ```no_run
 /// # fn connect() -> Option<()> { None }
 /// let Some(_client) = connect() else {
 ///     agentcomm_testkit::broker_unavailable("no Redis at redis://127.0.0.1:6379");

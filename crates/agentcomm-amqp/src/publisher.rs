@@ -24,6 +24,8 @@ pub(crate) enum Confirmed {
     Ack { returned: bool },
     /// basic.nack: the broker could not take responsibility for the message.
     Nack,
+    /// No confirm within the confirm timeout (told by the publisher's sweeper).
+    TimedOut,
 }
 
 /// Where a message goes, and its id (to match basic.return with its publish).
@@ -74,6 +76,8 @@ struct Waiting {
     /// The envelope id, to match a basic.return (which carries the message, not its delivery tag).
     id: u128,
     returned: bool,
+    /// When the publish times out if no confirm came.
+    deadline: Instant,
     waiter: oneshot::Sender<Confirmed>,
 }
 
@@ -95,13 +99,22 @@ pub(crate) struct Confirms {
 }
 
 impl Confirms {
-    /// Forgets a publish whose caller gave up (timed out): its confirm, if it comes, is ignored.
-    pub(crate) fn forget(&self, tag: u64) {
-        self.pending
-            .lock()
-            .expect("confirms lock")
-            .by_tag
-            .remove(&tag);
+    /// Tells every publish waiting past its deadline that it timed out. Tags are registered in send
+    /// order with the same timeout, so the expired ones are the first ones.
+    fn expire(&self, now: Instant) {
+        let mut expired = Vec::new();
+        {
+            let mut pending = self.pending.lock().expect("confirms lock");
+            while let Some(first) = pending.by_tag.first_entry() {
+                if first.get().deadline > now {
+                    break;
+                }
+                expired.push(first.remove());
+            }
+        }
+        for waiting in expired {
+            let _ = waiting.waiter.send(Confirmed::TimedOut);
+        }
     }
 
     fn settle(&self, tag: u64, multiple: bool, ack: bool) {
@@ -124,7 +137,7 @@ impl Confirms {
             } else {
                 Confirmed::Nack
             };
-            // The caller may have given up (timeout): nobody to tell.
+            // The caller may have gone (its future dropped): nobody to tell.
             let _ = waiting.waiter.send(confirmed);
         }
     }
@@ -148,7 +161,13 @@ impl Confirms {
     }
 
     /// Registers the waiter of delivery tag `tag`, unless the channel is gone.
-    fn register(&self, tag: u64, id: u128, waiter: oneshot::Sender<Confirmed>) -> bool {
+    fn register(
+        &self,
+        tag: u64,
+        id: u128,
+        deadline: Instant,
+        waiter: oneshot::Sender<Confirmed>,
+    ) -> bool {
         let mut pending = self.pending.lock().expect("confirms lock");
         if pending.dead {
             return false;
@@ -158,6 +177,7 @@ impl Confirms {
             Waiting {
                 id,
                 returned: false,
+                deadline,
                 waiter,
             },
         );
@@ -279,17 +299,21 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
 pub(crate) struct Publisher {
     channel: Channel,
     pub generation: u64,
+    confirm_timeout: Duration,
     /// The next delivery tag; the lock keeps tag order and send order the same.
     next_tag: tokio::sync::Mutex<u64>,
     pub confirms: Arc<Confirms>,
 }
 
 impl Publisher {
-    /// Opens a channel on `connection`, puts it in confirm mode and registers the callback.
+    /// Opens a channel on `connection`, puts it in confirm mode, registers the callback and starts
+    /// the sweeper that times out publishes waiting longer than `confirm_timeout` for their confirm
+    /// (checked every eighth of it, between 10 ms and 1 s: one timer per channel, not per publish).
     async fn open(
         connection: &amqprs::connection::Connection,
         generation: u64,
         timeout: Duration,
+        confirm_timeout: Duration,
         returns: Arc<AtomicU64>,
     ) -> std::result::Result<Arc<Self>, String> {
         let setup = async {
@@ -312,13 +336,31 @@ impl Publisher {
             Ok::<_, String>(Arc::new(Publisher {
                 channel,
                 generation,
+                confirm_timeout,
                 next_tag: tokio::sync::Mutex::new(1),
                 confirms,
             }))
         };
-        tokio::time::timeout(timeout, setup)
+        let publisher = tokio::time::timeout(timeout, setup)
             .await
-            .map_err(|_| format!("opening a publishing channel took more than {timeout:?}"))?
+            .map_err(|_| format!("opening a publishing channel took more than {timeout:?}"))??;
+        let confirms = Arc::downgrade(&publisher.confirms);
+        let every = (confirm_timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(confirms) = confirms.upgrade() else {
+                    return;
+                };
+                if confirms.is_dead() {
+                    return;
+                }
+                confirms.expire(Instant::now());
+            }
+        });
+        Ok(publisher)
     }
 
     /// Whether the channel can still be used.
@@ -344,13 +386,15 @@ impl Publisher {
         let tag = *next_tag;
         let (sender, receiver) = oneshot::channel();
         // Registered before sending: the ack may come back before basic_publish returns.
-        if !self.confirms.register(tag, message.id, sender) {
+        let deadline = Instant::now() + self.confirm_timeout;
+        if !self.confirms.register(tag, message.id, deadline, sender) {
             return None;
         }
         let mut arguments = BasicPublishArguments::new(message.exchange, message.routing_key);
         arguments.mandatory(true);
         // If this future is dropped (the caller's deadline) before the frame is queued, the frame is
-        // not sent and the tag stays unused; the pending entry is forgotten by the caller.
+        // not sent and the tag stays unused: the next publish registers it again, replacing this
+        // entry (whose waiter is gone).
         match self
             .channel
             .basic_publish(properties, body, arguments)
@@ -361,7 +405,6 @@ impl Publisher {
                 Some((tag, receiver))
             }
             Err(error) => {
-                self.confirms.forget(tag);
                 self.confirms
                     .fail_all(&format!("the connection failed while publishing: {error}"));
                 None
@@ -472,6 +515,7 @@ impl Inner {
                     &live.connection,
                     generation,
                     self.settings.operation_timeout,
+                    self.settings.confirm_timeout,
                     self.counters.returned.clone(),
                 )
                 .await
@@ -513,33 +557,31 @@ impl Inner {
             .cloned()
     }
 
-    /// One send of `message` and the wait for its confirm, all within the confirm timeout.
+    /// One send of `message` and the wait for its confirm. The send is bounded by the confirm timeout
+    /// (a timer only when it cannot complete at once: the writer is stalled or other sends queue),
+    /// the confirm by the publisher's sweeper.
     async fn attempt(
         &self,
         publisher: &Publisher,
         message: &Outgoing<'_>,
         content: Content,
     ) -> Attempt {
-        let mut sent_tag = None;
-        let confirmed = tokio::time::timeout(self.settings.confirm_timeout, async {
-            let Some((tag, confirm)) = publisher.send(message, content).await else {
-                return Attempt::NotSent;
-            };
-            sent_tag = Some(tag);
-            match confirm.await {
-                Ok(confirmed) => Attempt::Confirmed(confirmed),
-                Err(_) => Attempt::Lost,
-            }
-        })
+        let sent = tokio::time::timeout(
+            self.settings.confirm_timeout,
+            publisher.send(message, content),
+        )
         .await;
-        match confirmed {
-            Ok(attempt) => attempt,
-            Err(_) => {
-                if let Some(tag) = sent_tag {
-                    publisher.confirms.forget(tag);
-                }
-                Attempt::TimedOut
-            }
+        let confirm = match sent {
+            Ok(Some((_, confirm))) => confirm,
+            Ok(None) => return Attempt::NotSent,
+            // Not queued: the send was dropped before its frame went to the writer. A waiter it
+            // registered is left to the sweeper.
+            Err(_) => return Attempt::TimedOut,
+        };
+        match confirm.await {
+            Ok(Confirmed::TimedOut) => Attempt::TimedOut,
+            Ok(confirmed) => Attempt::Confirmed(confirmed),
+            Err(_) => Attempt::Lost,
         }
     }
 
@@ -594,7 +636,7 @@ impl Inner {
                     }
                     return Ok(PublishOutcome::Accepted);
                 }
-                Attempt::Confirmed(Confirmed::Nack) => {
+                Attempt::Confirmed(Confirmed::Nack | Confirmed::TimedOut) => {
                     bump(&self.counters.publish_nacks);
                     return Err(self.backend_error(format!(
                         "RabbitMQ refused message {} on '{routing_key}' (basic.nack: it could not take responsibility for it, e.g. a full queue with overflow=reject-publish or an internal error); publish it again later",

@@ -677,8 +677,9 @@ enum Phase {
     Draining { until: Instant },
 }
 
-/// Completes when the agent is stopping and its deadline has passed.
-async fn deadline_passed(phase: &mut watch::Receiver<Phase>) {
+/// Completes when the agent is stopping and its deadline has passed. Made once per loop and polled
+/// again and again (making one per message would register a waiter on the watch each time).
+async fn deadline_passed(mut phase: watch::Receiver<Phase>) {
     loop {
         let current = *phase.borrow_and_update();
         match current {
@@ -694,10 +695,6 @@ async fn deadline_passed(phase: &mut watch::Receiver<Phase>) {
             }
         }
     }
-}
-
-fn is_stopping(phase: &watch::Receiver<Phase>) -> bool {
-    matches!(*phase.borrow(), Phase::Draining { .. })
 }
 
 struct AgentShared<A: Agent> {
@@ -771,7 +768,7 @@ impl DeliverySource for mpsc::Receiver<Delivery> {
 async fn run_workers<A: Agent>(
     shared: Arc<AgentShared<A>>,
     subscription: &mut Subscription,
-    mut phase: watch::Receiver<Phase>,
+    phase: watch::Receiver<Phase>,
 ) -> ShutdownReport {
     let workers = shared.options.concurrency;
     let per_worker = (shared.options.prefetch / workers).max(1);
@@ -789,10 +786,12 @@ async fn run_workers<A: Agent>(
         }));
     }
     let mut report = ShutdownReport::default();
+    let deadline = deadline_passed(phase);
+    tokio::pin!(deadline);
     loop {
         let next = tokio::select! {
             biased;
-            () = deadline_passed(&mut phase) => break,
+            () = &mut deadline => break,
             next = subscription.next() => next,
         };
         let Some(delivery) = next else { break };
@@ -801,7 +800,7 @@ async fn run_workers<A: Agent>(
         let worker = (hasher.finish() % workers as u64) as usize;
         let sent = tokio::select! {
             biased;
-            () = deadline_passed(&mut phase) => {
+            () = &mut deadline => {
                 report.requeued += 1;
                 break;
             }
@@ -852,18 +851,20 @@ impl<A: Agent> AgentShared<A> {
     async fn serve(
         &self,
         source: &mut impl DeliverySource,
-        mut phase: watch::Receiver<Phase>,
+        phase: watch::Receiver<Phase>,
         report: &mut ShutdownReport,
     ) {
+        let deadline = deadline_passed(phase);
+        tokio::pin!(deadline);
         loop {
             let next = tokio::select! {
                 biased;
-                () = deadline_passed(&mut phase) => break,
+                () = &mut deadline => break,
                 next = source.next_delivery() => next,
             };
             let Some(delivery) = next else { break };
             if !self
-                .process_until_deadline(delivery, &mut phase, report)
+                .process_until_deadline(delivery, deadline.as_mut(), report)
                 .await
             {
                 break;
@@ -876,23 +877,27 @@ impl<A: Agent> AgentShared<A> {
         }
     }
 
+    fn is_stopping(&self) -> bool {
+        self.stats.state.load(Ordering::Acquire) != STATE_RUNNING
+    }
+
     /// Processes one delivery unless the stop deadline passes first; returns whether to go on.
     async fn process_until_deadline(
         &self,
         delivery: Delivery,
-        phase: &mut watch::Receiver<Phase>,
+        deadline: std::pin::Pin<&mut impl Future<Output = ()>>,
         report: &mut ShutdownReport,
     ) -> bool {
-        let stopping = is_stopping(phase);
+        let stopping = self.is_stopping();
         tokio::select! {
             biased;
             () = self.process(delivery) => {
-                if stopping || is_stopping(phase) {
+                if stopping || self.is_stopping() {
                     report.handled += 1;
                 }
                 true
             }
-            () = deadline_passed(phase) => {
+            () = deadline => {
                 // Dropping the processing future drops the delivery unsettled: the backend gets it back.
                 report.aborted += 1;
                 tracing::warn!(agent = A::NAME, "stop deadline reached with a handler still running; its message is given back");
@@ -955,6 +960,8 @@ impl<A: Agent> AgentShared<A> {
         }
     }
 
+    // The rare paths (dead letters) are boxed: their futures are large, and every message's processing
+    // future would otherwise carry (and copy) their size.
     async fn settle(&self, delivery: Delivery, outcome: Outcome) {
         let stats = &self.stats;
         let error = match outcome {
@@ -968,13 +975,17 @@ impl<A: Agent> AgentShared<A> {
             }
             Outcome::Rejected(rejection) => {
                 bump(&stats.rejected);
-                self.dead_letter(delivery, rejection.reason, &rejection.error.to_string())
-                    .await;
+                Box::pin(self.dead_letter(
+                    delivery,
+                    rejection.reason,
+                    &rejection.error.to_string(),
+                ))
+                .await;
                 return;
             }
             Outcome::Failed(error) if error.is_permanent() => {
                 bump(&stats.failed);
-                self.dead_letter(delivery, headers::REASON_REJECTED, &error.to_string())
+                Box::pin(self.dead_letter(delivery, headers::REASON_REJECTED, &error.to_string()))
                     .await;
                 return;
             }
@@ -1004,8 +1015,7 @@ impl<A: Agent> AgentShared<A> {
                 tracing::error!(error = %nack_error, "could not schedule the retry; the broker keeps the message only if it is persistent");
             }
         } else {
-            self.dead_letter(delivery, headers::REASON_HANDLER_FAILED, &error)
-                .await;
+            Box::pin(self.dead_letter(delivery, headers::REASON_HANDLER_FAILED, &error)).await;
         }
     }
 

@@ -186,6 +186,11 @@ impl<A: Agent> Context<A> {
         }
     }
 
+    /// Gives the envelope back (the runtime lends it to the handler's context for the call).
+    pub(crate) fn into_envelope(self) -> Envelope {
+        self.envelope
+    }
+
     /// The envelope of the message being handled.
     pub fn envelope(&self) -> &Envelope {
         &self.envelope

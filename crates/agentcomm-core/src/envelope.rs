@@ -64,6 +64,13 @@ impl MessageId {
         MessageId(Uuid::now_v7())
     }
 
+    /// The milliseconds since the Unix epoch that a time-ordered (v7) id carries; `None` for other
+    /// UUID versions.
+    pub fn unix_ms(&self) -> Option<u64> {
+        let (seconds, nanos) = self.0.get_timestamp()?.to_unix();
+        Some(seconds * 1000 + u64::from(nanos) / 1_000_000)
+    }
+
     /// The UUID.
     pub fn as_uuid(&self) -> &Uuid {
         &self.0
@@ -149,12 +156,16 @@ impl Envelope {
         content_type: impl Into<Cow<'static, str>>,
         payload: impl Into<Bytes>,
     ) -> Self {
+        let id = MessageId::new();
+        // The id's own time (UUID v7 carries milliseconds since the epoch): one clock read, not two,
+        // and the id and the timestamp always agree.
+        let timestamp_ms = id.unix_ms().unwrap_or_else(now_ms);
         Envelope {
-            id: MessageId::new(),
+            id,
             class: None,
             channel,
             content_type: content_type.into(),
-            timestamp_ms: now_ms(),
+            timestamp_ms,
             correlation_id: None,
             reply_to: None,
             attempt: 1,
@@ -548,6 +559,26 @@ mod tests {
             .serialize(&mut rmp_serde::Serializer::new(&mut buffer).with_struct_map())
             .unwrap();
         buffer
+    }
+
+    #[test]
+    fn a_new_envelope_is_stamped_with_the_time_its_id_carries() {
+        let before = now_ms();
+        let envelope = Envelope::new(
+            parse_channel("A:b:c").unwrap(),
+            MSGPACK_CONTENT_TYPE,
+            Vec::new(),
+        );
+        let after = now_ms();
+        assert_eq!(Some(envelope.timestamp_ms()), envelope.id().unix_ms());
+        // v7 ids may run a millisecond ahead when many are made within one.
+        assert!(
+            (before..=after + 1).contains(&envelope.timestamp_ms()),
+            "{before} <= {} <= {after} + 1",
+            envelope.timestamp_ms()
+        );
+        let v4 = MessageId::from(Uuid::from_u128(0x1234_5678_9abc_4def_8123_4567_89ab_cdef));
+        assert_eq!(v4.unix_ms(), None);
     }
 
     #[test]

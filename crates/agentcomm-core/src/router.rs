@@ -316,6 +316,20 @@ impl Delivery {
             .expect("a delivery holds its envelope until settled")
     }
 
+    /// Takes the envelope out for a while (the runtime lends it to the handler's context instead of
+    /// copying it); [`Delivery::restore`] must put it back before the delivery is settled or dropped.
+    pub(crate) fn lend(&mut self) -> Envelope {
+        self.envelope
+            .take()
+            .expect("a delivery holds its envelope until settled")
+    }
+
+    /// Puts back the envelope [`Delivery::lend`] took.
+    pub(crate) fn restore(&mut self, envelope: Envelope) {
+        debug_assert!(self.envelope.is_none(), "restored an envelope never lent");
+        self.envelope = Some(envelope);
+    }
+
     fn take(&mut self) -> (Envelope, Box<dyn Acknowledge>) {
         (
             self.envelope.take().expect("a delivery is settled once"),

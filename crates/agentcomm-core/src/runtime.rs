@@ -697,6 +697,45 @@ async fn deadline_passed(mut phase: watch::Receiver<Phase>) {
     }
 }
 
+/// A delivery whose envelope is lent to a handler's context. Dropped before [`Loan::end`], it puts the
+/// envelope back first, so the delivery's own drop hands the whole message back to the backend.
+struct Loan<A: Agent> {
+    delivery: Option<Delivery>,
+    context: Option<Context<A>>,
+}
+
+impl<A: Agent> Loan<A> {
+    fn new(mut delivery: Delivery, bus: Bus) -> Self {
+        let envelope = delivery.lend();
+        Loan {
+            delivery: Some(delivery),
+            context: Some(Context::new(envelope, bus)),
+        }
+    }
+
+    fn context(&self) -> &Context<A> {
+        self.context.as_ref().expect("the loan is running")
+    }
+
+    /// The delivery, whole again.
+    fn end(mut self) -> Delivery {
+        self.give_back();
+        self.delivery.take().expect("the loan ends once")
+    }
+
+    fn give_back(&mut self) {
+        if let (Some(context), Some(delivery)) = (self.context.take(), self.delivery.as_mut()) {
+            delivery.restore(context.into_envelope());
+        }
+    }
+}
+
+impl<A: Agent> Drop for Loan<A> {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
 struct AgentShared<A: Agent> {
     agent: A,
     bus: Bus,
@@ -925,17 +964,20 @@ impl<A: Agent> AgentShared<A> {
         );
         async move {
             tracing::debug!("received");
-            let outcome = self.run_handler(delivery.envelope().clone()).await;
-            self.settle(delivery, outcome).await;
+            // The handler's context borrows the delivery's envelope instead of a copy of it; the loan
+            // ends before settling, or when this future is dropped (the stop deadline), so a delivery
+            // given back to the backend always has its envelope.
+            let loan = Loan::new(delivery, self.bus.clone());
+            let outcome = self.run_handler(loan.context()).await;
+            self.settle(loan.end(), outcome).await;
         }
         .instrument(span)
         .await
     }
 
-    async fn run_handler(&self, envelope: Envelope) -> Outcome {
-        let context = Context::<A>::new(envelope, self.bus.clone());
+    async fn run_handler(&self, context: &Context<A>) -> Outcome {
         let dispatched =
-            std::panic::catch_unwind(AssertUnwindSafe(|| self.agent.__dispatch(&context)));
+            std::panic::catch_unwind(AssertUnwindSafe(|| self.agent.__dispatch(context)));
         let handler = match dispatched {
             Ok(Ok(handler)) => handler,
             Ok(Err(rejection)) => return Outcome::Rejected(rejection),

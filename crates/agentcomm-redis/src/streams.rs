@@ -1306,10 +1306,107 @@ pub(crate) fn parse_entries(entries: Value) -> Vec<Entry> {
         .collect()
 }
 
+/// The reply of a stream read.
+type ReadReply = std::result::Result<Value, fred::error::Error>;
+
+/// A read written to Redis ahead, while the entries of the read before it are handled.
+struct ReadAhead {
+    read: std::pin::Pin<Box<dyn Future<Output = ReadReply> + Send>>,
+    permits: OwnedSemaphorePermit,
+    keys: Vec<Arc<str>>,
+}
+
+impl StreamSubscription {
+    /// Up to `read_batch` prefetch slots: at least `refill`, waiting in line for them, or `None` once
+    /// the subscription stops.
+    async fn slots_for_read(&self) -> Option<OwnedSemaphorePermit> {
+        let mut permits = self.acquire_slots(self.refill).await?;
+        self.top_up(&mut permits);
+        Some(permits)
+    }
+
+    /// Up to `read_batch` prefetch slots when at least `refill` are free now, without waiting.
+    fn free_slots_for_read(&self) -> Option<OwnedSemaphorePermit> {
+        let count = u32::try_from(self.refill.max(1)).unwrap_or(u32::MAX);
+        let mut permits = self.permits.clone().try_acquire_many_owned(count).ok()?;
+        self.top_up(&mut permits);
+        Some(permits)
+    }
+
+    /// Adds the free slots to `permits`, up to `read_batch` in all.
+    fn top_up(&self, permits: &mut OwnedSemaphorePermit) {
+        let more = self.permits.available_permits().min(
+            self.settings()
+                .read_batch
+                .saturating_sub(permits.num_permits()),
+        );
+        if more > 0
+            && let Ok(extra) = self.permits.clone().try_acquire_many_owned(more as u32)
+        {
+            permits.merge(extra);
+        }
+    }
+
+    /// Writes a blocking read of `keys` for as many entries as `permits` holds. Fan-out reads go on
+    /// from the cursors, or from `read_up_to` for the streams whose entries are still being handled.
+    /// The command is handed to fred when the future is first polled.
+    fn start_read(
+        &self,
+        reader: &Reader,
+        options: &Options,
+        keys: &[Arc<str>],
+        permits: &OwnedSemaphorePermit,
+        read_up_to: &HashMap<Arc<str>, EntryId>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ReadReply> + Send>> {
+        let count = permits.num_permits() as u64;
+        let block_ms = self.settings().read_block.as_millis().max(1) as u64;
+        let client = reader.client.with_options(options);
+        let names: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        match &self.group {
+            Some(group) => {
+                let (group, consumer) = (group.clone(), self.consumer.clone());
+                Box::pin(async move {
+                    let ids = vec![">"; names.len()];
+                    client
+                        .xreadgroup(
+                            group.as_str(),
+                            consumer.as_str(),
+                            Some(count),
+                            Some(block_ms),
+                            false,
+                            names,
+                            ids,
+                        )
+                        .await
+                })
+            }
+            None => {
+                let ids: Vec<String> = {
+                    let cursors = self.cursors.lock().expect("cursors lock");
+                    keys.iter()
+                        .map(|k| {
+                            read_up_to
+                                .get(k)
+                                .or_else(|| cursors.get(k))
+                                .copied()
+                                .unwrap_or(EntryId(0, 0))
+                                .to_string()
+                        })
+                        .collect()
+                };
+                Box::pin(async move { client.xread(Some(count), Some(block_ms), names, ids).await })
+            }
+        }
+    }
+}
+
 /// Reads new entries until the subscription stops.
+///
+/// When a read brings entries and enough prefetch slots are free, the next read is written before they
+/// are handled: Redis then holds a blocked read for the next entry while this one is delivered (one
+/// round trip less in the latency of a lone message, and Redis fills the next batch meanwhile).
 async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
     let settings = &subscription.shared.settings;
-    let block_ms = settings.read_block.as_millis().max(1) as u64;
     let options = Options {
         timeout: Some(settings.read_block + settings.command_timeout),
         // A read cut off by a lost connection fails instead of being written again by fred: the entries
@@ -1319,75 +1416,49 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
     };
     let mut recover = true;
     let mut failures = 0u32;
+    let mut ahead: Option<ReadAhead> = None;
     loop {
         if subscription.is_closed() {
+            // A read written ahead is dropped unread: what it took stays pending for this consumer, and
+            // closing gives every pending entry back to the group (`release_all_pending`).
             break;
         }
-        let keys = reader.keys.lock().expect("reader keys lock").clone();
-        if keys.is_empty() {
-            // A wildcard subscription before any class stream exists: discovery adds keys and wakes us.
-            let mut stop = subscription.stop.subscribe();
-            tokio::select! {
-                () = tokio::time::sleep(settings.discovery_interval) => {}
-                () = stopped(&mut stop) => {}
-            }
-            continue;
-        }
-        if reader.rescan.swap(false, Ordering::AcqRel) {
-            recover = true;
-        }
-        if recover && subscription.is_group() {
-            match subscription.recover_pending(&reader, &keys).await {
-                Ok(()) => recover = false,
-                Err(error) => {
-                    backoff(&subscription, &mut failures, &error).await;
+        let (result, mut permits, keys) = match ahead.take() {
+            Some(ReadAhead {
+                read,
+                permits,
+                keys,
+            }) => (read.await, permits, keys),
+            None => {
+                let keys = reader.keys.lock().expect("reader keys lock").clone();
+                if keys.is_empty() {
+                    // A wildcard subscription before any class stream exists: discovery adds keys and
+                    // wakes us.
+                    let mut stop = subscription.stop.subscribe();
+                    tokio::select! {
+                        () = tokio::time::sleep(settings.discovery_interval) => {}
+                        () = stopped(&mut stop) => {}
+                    }
                     continue;
                 }
-            }
-        }
-        let Some(mut permits) = subscription.acquire_slots(subscription.refill).await else {
-            break;
-        };
-        let more = subscription
-            .permits
-            .available_permits()
-            .min(settings.read_batch.saturating_sub(permits.num_permits()));
-        if more > 0
-            && let Ok(extra) = subscription
-                .permits
-                .clone()
-                .try_acquire_many_owned(more as u32)
-        {
-            permits.merge(extra);
-        }
-        let count = permits.num_permits() as u64;
-        let client = reader.client.with_options(&options);
-        let key_names: Vec<&str> = keys.iter().map(|k| k.as_ref()).collect();
-        let result: std::result::Result<Value, fred::error::Error> = match &subscription.group {
-            Some(group) => {
-                let ids = vec![">"; keys.len()];
-                client
-                    .xreadgroup(
-                        group.as_str(),
-                        subscription.consumer.as_str(),
-                        Some(count),
-                        Some(block_ms),
-                        false,
-                        key_names,
-                        ids,
-                    )
-                    .await
-            }
-            None => {
-                let ids: Vec<String> = {
-                    let cursors = subscription.cursors.lock().expect("cursors lock");
-                    keys.iter()
-                        .map(|k| cursors.get(k).copied().unwrap_or(EntryId(0, 0)).to_string())
-                        .collect()
+                if reader.rescan.swap(false, Ordering::AcqRel) {
+                    recover = true;
+                }
+                if recover && subscription.is_group() {
+                    match subscription.recover_pending(&reader, &keys).await {
+                        Ok(()) => recover = false,
+                        Err(error) => {
+                            backoff(&subscription, &mut failures, &error).await;
+                            continue;
+                        }
+                    }
+                }
+                let Some(permits) = subscription.slots_for_read().await else {
+                    break;
                 };
-                client
-                    .xread(Some(count), Some(block_ms), key_names, ids)
-                    .await
+                let read =
+                    subscription.start_read(&reader, &options, &keys, &permits, &HashMap::new());
+                (read.await, permits, keys)
             }
         };
         match result {
@@ -1407,12 +1478,59 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 // COUNT applies per stream: a read over several streams may return more entries than
                 // slots. All of them are held at once (their leases renewed) while the extra ones wait
                 // for a slot, so no other member takes them over meanwhile.
-                if subscription.is_group() && batch.len() > permits.num_permits() {
+                let overflow = batch.len() > permits.num_permits();
+                if subscription.is_group() && overflow {
                     let mut held = subscription.held.lock().expect("held lock");
                     for (key, id, _) in &batch {
                         if let Some(id) = EntryId::parse(id) {
                             held.insert((key.clone(), id));
                         }
+                    }
+                }
+                // The slots this read did not fill are free for the next one.
+                let unused = permits.num_permits().saturating_sub(batch.len());
+                if unused > 0 {
+                    drop(permits.split(unused));
+                }
+                // The next read goes out now, before these entries are handled, when it needs no wait:
+                // it brought entries (not a quiet stream's timeout), every entry has its slot, enough
+                // slots are free, and no reconnect asks for pending entries to be recovered first.
+                if !batch.is_empty()
+                    && !overflow
+                    && !subscription.is_closed()
+                    && !reader.rescan.load(Ordering::Acquire)
+                {
+                    let next_keys = reader.keys.lock().expect("reader keys lock").clone();
+                    if !next_keys.is_empty()
+                        && let Some(next_permits) = subscription.free_slots_for_read()
+                    {
+                        let mut read_up_to = HashMap::new();
+                        if !subscription.is_group() {
+                            for (key, id, _) in &batch {
+                                if let Some(id) = EntryId::parse(id) {
+                                    read_up_to.insert(key.clone(), id);
+                                }
+                            }
+                        }
+                        let mut read = subscription.start_read(
+                            &reader,
+                            &options,
+                            &next_keys,
+                            &next_permits,
+                            &read_up_to,
+                        );
+                        // Polled once: fred writes the command now.
+                        let read = match futures::poll!(read.as_mut()) {
+                            std::task::Poll::Ready(reply) => {
+                                Box::pin(std::future::ready(reply)) as std::pin::Pin<Box<_>>
+                            }
+                            std::task::Poll::Pending => read,
+                        };
+                        ahead = Some(ReadAhead {
+                            read,
+                            permits: next_permits,
+                            keys: next_keys,
+                        });
                     }
                 }
                 let mut fresh = false;
@@ -1442,8 +1560,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                     }
                 }
                 // With few entries per read (a quiet stream), let the subscriber take what was just
-                // handed to it before the next read is written (a system call): that is the latency of
-                // each delivery. Busy, reading on at once keeps the batches large.
+                // handed to it before going on. Busy, going on at once keeps the batches large.
                 if delivered_now <= 4 {
                     tokio::task::yield_now().await;
                 }

@@ -1400,6 +1400,37 @@ impl StreamSubscription {
     }
 }
 
+impl StreamSubscription {
+    /// The reply of `read`. When the subscription stops meanwhile, the blocking read is interrupted
+    /// (as if it timed out, so no entry it took is lost) until it ends: the `CLIENT UNBLOCK` sent by
+    /// [`StreamSubscription::stop_now`] misses a read that reaches Redis after it, which would then
+    /// hold closing for the whole `read_block`.
+    async fn finish_read(
+        &self,
+        reader: &Reader,
+        mut read: std::pin::Pin<Box<dyn Future<Output = ReadReply> + Send>>,
+    ) -> ReadReply {
+        let mut stop = self.stop.subscribe();
+        tokio::select! {
+            reply = read.as_mut() => return reply,
+            () = stopped(&mut stop) => {}
+        }
+        loop {
+            tokio::select! {
+                reply = read.as_mut() => return reply,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                reader
+                    .client
+                    .unblock_self(Some(fred::types::ClientUnblockFlag::Timeout)),
+            )
+            .await;
+        }
+    }
+}
+
 /// Reads new entries until the subscription stops.
 ///
 /// When a read brings entries and enough prefetch slots are free, the next read is written before they
@@ -1418,17 +1449,15 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
     let mut failures = 0u32;
     let mut ahead: Option<ReadAhead> = None;
     loop {
-        if subscription.is_closed() {
-            // A read written ahead is dropped unread: what it took stays pending for this consumer, and
-            // closing gives every pending entry back to the group (`release_all_pending`).
-            break;
-        }
         let (result, mut permits, keys) = match ahead.take() {
+            // Even when closing: a read left blocked in Redis would take entries published later for a
+            // consumer that is gone (they would wait `claim_idle`). What it brings is given back below.
             Some(ReadAhead {
                 read,
                 permits,
                 keys,
-            }) => (read.await, permits, keys),
+            }) => (subscription.finish_read(&reader, read).await, permits, keys),
+            None if subscription.is_closed() => break,
             None => {
                 let keys = reader.keys.lock().expect("reader keys lock").clone();
                 if keys.is_empty() {
@@ -1458,7 +1487,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 };
                 let read =
                     subscription.start_read(&reader, &options, &keys, &permits, &HashMap::new());
-                (read.await, permits, keys)
+                (subscription.finish_read(&reader, read).await, permits, keys)
             }
         };
         match result {

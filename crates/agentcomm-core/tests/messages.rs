@@ -195,3 +195,44 @@ async fn invalid_messages_are_refused_before_publishing_with_field_and_rule() {
     let health = runtime.router().health().await;
     assert_eq!(health.get("published"), 0, "nothing may reach the router");
 }
+
+#[agent(sends = [PaymentRequest])]
+struct Checkout;
+
+#[tokio::test]
+async fn one_invalid_message_keeps_its_whole_batch_from_being_published() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let request = |amount: f64| PaymentRequest {
+        amount,
+        user_id: "u1".into(),
+        payment_method: "card".into(),
+    };
+    let results = runtime
+        .publisher::<Checkout>()
+        .publish_batch("s1", vec![request(5.0), request(-1.0), request(7.0)])
+        .await;
+    assert_eq!(results.len(), 3);
+    assert!(
+        matches!(&results[1], Err(Error::Validation { .. })),
+        "{:?}",
+        results[1]
+    );
+    for at in [0, 2] {
+        let error = results[at].as_ref().unwrap_err();
+        assert!(matches!(error, Error::NotPublished { .. }), "{error:?}");
+        assert!(
+            error
+                .to_string()
+                .contains("another message of the batch is invalid"),
+            "{error}"
+        );
+    }
+    assert_eq!(runtime.router().health().await.get("published"), 0);
+
+    let results = runtime
+        .publisher::<Checkout>()
+        .publish_batch("s1", vec![request(5.0), request(7.0)])
+        .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(runtime.router().health().await.get("published"), 2);
+}

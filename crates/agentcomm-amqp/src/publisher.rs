@@ -295,6 +295,19 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
     }
 }
 
+/// Fails a channel's waiters when dropped (see the sweeper in [`Publisher::open`]).
+struct FailOnDrop(std::sync::Weak<Confirms>);
+
+impl Drop for FailOnDrop {
+    fn drop(&mut self) {
+        if let Some(confirms) = self.0.upgrade() {
+            confirms.fail_all(
+                "the task that times out confirms stopped (the runtime that opened the channel shut down)",
+            );
+        }
+    }
+}
+
 /// A publishing channel in confirm mode, for one connection generation.
 pub(crate) struct Publisher {
     channel: Channel,
@@ -347,6 +360,10 @@ impl Publisher {
         let confirms = Arc::downgrade(&publisher.confirms);
         let every = (confirm_timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
         tokio::spawn(async move {
+            // The sweeper is all that bounds a wait for a confirm: if it stops for any reason but
+            // the channel's end (its runtime shut down, with amqprs's dispatcher for this channel),
+            // the channel is failed, so its waiters resend on a new one instead of waiting forever.
+            let _fail_on_exit = FailOnDrop(confirms.clone());
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

@@ -945,3 +945,53 @@ async fn a_message_the_broker_refuses_is_an_error_not_silence() {
     within("close", router.close()).await.unwrap();
     raw.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_goes_on_after_the_runtime_of_the_first_publish_shut_down() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-runtimes");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect",
+        builder(&exchange)
+            .confirm_timeout(Duration::from_secs(2))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    .unwrap();
+    // The first publish opens the publishing channel (and its tasks) on a short-lived runtime, as a
+    // `block_on` helper or another test's runtime would.
+    let elsewhere = router.clone();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(elsewhere.publish(envelope("Ping:event:s1", 1)))
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    // That runtime is gone, and with it the tasks that read this channel's confirms and time them
+    // out: the channel must be given up at once, not used for a publish whose confirm nobody reads
+    // (which then waits, is resent on a new channel, and arrives twice).
+    for n in 2..=3 {
+        let outcome = within("a publish after the other runtime shut down", async {
+            router.publish(envelope("Ping:event:s1", n)).await
+        })
+        .await;
+        assert!(
+            matches!(&outcome, Ok(accepted) if !accepted.is_unroutable()),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(take(&mut subscription, 3).await, vec![1, 2, 3]);
+}

@@ -781,6 +781,30 @@ trait DeliverySource: Send {
     fn stop_taking(&mut self) {}
     /// A delivery already waiting, without waiting.
     fn try_next_delivery(&mut self) -> Option<Delivery>;
+
+    /// Takes nothing new and gives back what is buffered (dropping a delivery unsettled hands it to
+    /// the backend, which redelivers it where it can); returns how many were given back.
+    fn give_back_buffered(&mut self) -> u64 {
+        self.stop_taking();
+        let mut given_back = 0;
+        while let Some(delivery) = self.try_next_delivery() {
+            drop(delivery);
+            given_back += 1;
+        }
+        given_back
+    }
+}
+
+/// The next delivery from `source`, or `None` when it ends or the stop deadline passes first.
+async fn next_before_deadline(
+    source: &mut impl DeliverySource,
+    deadline: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<Delivery> {
+    tokio::select! {
+        biased;
+        () = deadline => None,
+        next = source.next_delivery() => next,
+    }
 }
 
 impl DeliverySource for Subscription {
@@ -827,13 +851,7 @@ async fn run_workers<A: Agent>(
     let mut report = ShutdownReport::default();
     let deadline = deadline_passed(phase);
     tokio::pin!(deadline);
-    loop {
-        let next = tokio::select! {
-            biased;
-            () = &mut deadline => break,
-            next = subscription.next() => next,
-        };
-        let Some(delivery) = next else { break };
+    while let Some(delivery) = next_before_deadline(subscription, deadline.as_mut()).await {
         let mut hasher = DefaultHasher::new();
         delivery.envelope().session().hash(&mut hasher);
         let worker = (hasher.finish() % workers as u64) as usize;
@@ -857,12 +875,7 @@ async fn run_workers<A: Agent>(
             break;
         }
     }
-    subscription.stop_taking();
-    while let Some(delivery) = subscription.try_next_delivery() {
-        // Dropping a delivery unsettled gives it back to the backend, which redelivers it where it can.
-        drop(delivery);
-        report.requeued += 1;
-    }
+    report.requeued += subscription.give_back_buffered();
     drop(senders);
     for task in tasks {
         match task.await {
@@ -895,13 +908,7 @@ impl<A: Agent> AgentShared<A> {
     ) {
         let deadline = deadline_passed(phase);
         tokio::pin!(deadline);
-        loop {
-            let next = tokio::select! {
-                biased;
-                () = &mut deadline => break,
-                next = source.next_delivery() => next,
-            };
-            let Some(delivery) = next else { break };
+        while let Some(delivery) = next_before_deadline(source, deadline.as_mut()).await {
             if !self
                 .process_until_deadline(delivery, deadline.as_mut(), report)
                 .await
@@ -909,11 +916,7 @@ impl<A: Agent> AgentShared<A> {
                 break;
             }
         }
-        source.stop_taking();
-        while let Some(delivery) = source.try_next_delivery() {
-            drop(delivery);
-            report.requeued += 1;
-        }
+        report.requeued += source.give_back_buffered();
     }
 
     fn is_stopping(&self) -> bool {

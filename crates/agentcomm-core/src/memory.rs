@@ -538,19 +538,6 @@ impl Router for MemoryRouter {
         Box::pin(self.publish_one(envelope))
     }
 
-    fn publish_batch(
-        &self,
-        envelopes: Vec<Envelope>,
-    ) -> BoxFuture<'_, Vec<Result<PublishOutcome>>> {
-        Box::pin(async move {
-            let mut results = Vec::with_capacity(envelopes.len());
-            for envelope in envelopes {
-                results.push(self.publish_one(envelope).await);
-            }
-            results
-        })
-    }
-
     fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
         Box::pin(self.subscribe_now(options))
     }

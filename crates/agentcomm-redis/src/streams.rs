@@ -215,6 +215,19 @@ struct Reader {
     rescan: Arc<AtomicBool>,
 }
 
+impl Reader {
+    /// Interrupts this reader's blocking read as if it timed out (`CLIENT UNBLOCK .. TIMEOUT`), so no
+    /// entry it took is lost; waits at most 2 s for Redis to answer.
+    async fn interrupt(&self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.client
+                .unblock_self(Some(fred::types::ClientUnblockFlag::Timeout)),
+        )
+        .await;
+    }
+}
+
 /// An acknowledgement waiting for its `XACK`.
 type AckWaiter = (EntryId, tokio::sync::oneshot::Sender<Result<()>>);
 
@@ -469,15 +482,7 @@ impl StreamSubscription {
         let readers = self.readers.lock().expect("readers lock").clone();
         for reader in readers {
             // Interrupts a blocking read as if it timed out, so that no entry it took is lost.
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    reader
-                        .client
-                        .unblock_self(Some(fred::types::ClientUnblockFlag::Timeout)),
-                )
-                .await;
-            });
+            tokio::spawn(async move { reader.interrupt().await });
         }
     }
 
@@ -1420,13 +1425,7 @@ impl StreamSubscription {
                 reply = read.as_mut() => return reply,
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                reader
-                    .client
-                    .unblock_self(Some(fred::types::ClientUnblockFlag::Timeout)),
-            )
-            .await;
+            reader.interrupt().await;
         }
     }
 }

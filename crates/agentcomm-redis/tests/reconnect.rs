@@ -41,6 +41,17 @@ fn number(envelope: &Envelope) -> usize {
     usize::from_le_bytes(bytes)
 }
 
+/// Connects `builder` (pointed at the proxy), failing the test after 10 s.
+async fn connect_through_proxy(builder: agentcomm_redis::RedisRouterBuilder) -> RedisRouter {
+    within(
+        Duration::from_secs(10),
+        "connecting through the proxy",
+        builder.connect(),
+    )
+    .await
+    .unwrap()
+}
+
 /// Starts a proxy to the Redis of REDIS_URL, or says why the test cannot run.
 async fn proxy() -> Option<(FaultProxy, String)> {
     if !redis_available().await {
@@ -68,27 +79,19 @@ async fn streams_lose_nothing_and_duplicate_nothing_across_cuts() {
     let total = 10_000 * soak();
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let consumer: RedisRouter = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
+    let consumer: RedisRouter = connect_through_proxy(
         RedisRouter::builder(proxied.clone())
             .prefix(&prefix)
             .read_block(Duration::from_millis(500))
-            .claim_idle(Duration::from_secs(1))
-            .connect(),
+            .claim_idle(Duration::from_secs(1)),
     )
-    .await
-    .unwrap();
-    let publisher: RedisRouter = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
+    .await;
+    let publisher: RedisRouter = connect_through_proxy(
         RedisRouter::builder(proxied)
             .prefix(&prefix)
-            .idempotent_publish(true)
-            .connect(),
+            .idempotent_publish(true),
     )
-    .await
-    .unwrap();
+    .await;
     let mut subscription = consumer
         .subscribe(SubscribeOptions::new(ChannelPattern::parse("Flow:*:*").unwrap()).group("sink"))
         .await
@@ -191,17 +194,13 @@ async fn pubsub_counts_exactly_what_it_lost_and_resumes_after_each_cut() {
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
     // The subscriber goes through the proxy; the publisher does not, so it goes on publishing while
     // the subscriber reconnects, and those messages are lost to it.
-    let subscriber = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
+    let subscriber = connect_through_proxy(
         RedisRouter::builder(proxied)
             .mode(DeliveryMode::PubSub)
             .prefix(&prefix)
-            .reorder_window(Duration::from_millis(200))
-            .connect(),
+            .reorder_window(Duration::from_millis(200)),
     )
-    .await
-    .unwrap();
+    .await;
     let publisher = within(
         Duration::from_secs(10),
         "connecting",
@@ -331,16 +330,12 @@ async fn a_stream_publish_fred_writes_again_after_a_cut_is_stored_once() {
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let publisher = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
+    let publisher = connect_through_proxy(
         RedisRouter::builder(proxied)
             .prefix(&prefix)
-            .idempotent_publish(true)
-            .connect(),
+            .idempotent_publish(true),
     )
-    .await
-    .unwrap();
+    .await;
     let channel = parse_channel("Replay:event:s1").unwrap();
     publisher.publish(message(&channel, 0)).await.unwrap();
     let raw = raw_client().await;
@@ -385,16 +380,12 @@ async fn a_pubsub_publish_fred_writes_again_after_a_cut_is_delivered_once() {
     )
     .await
     .unwrap();
-    let publisher = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
+    let publisher = connect_through_proxy(
         RedisRouter::builder(proxied)
             .mode(DeliveryMode::PubSub)
-            .prefix(&prefix)
-            .connect(),
+            .prefix(&prefix),
     )
-    .await
-    .unwrap();
+    .await;
     let mut subscription = subscriber
         .subscribe(SubscribeOptions::new(
             ChannelPattern::parse("Echo:*:*").unwrap(),
@@ -460,17 +451,13 @@ async fn a_batch_published_during_an_outage_fails_publish_by_publish() {
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
     for mode in [DeliveryMode::Streams, DeliveryMode::PubSub] {
-        let router = within(
-            Duration::from_secs(10),
-            "connecting through the proxy",
+        let router = connect_through_proxy(
             RedisRouter::builder(proxied.clone())
                 .mode(mode)
                 .prefix(&prefix)
-                .command_timeout(Duration::from_millis(500))
-                .connect(),
+                .command_timeout(Duration::from_millis(500)),
         )
-        .await
-        .unwrap();
+        .await;
         let channel = parse_channel("Outage:event:s1").unwrap();
         router.publish(message(&channel, 0)).await.unwrap();
         proxy.blackhole(true);
@@ -504,17 +491,13 @@ async fn publish_numbers_that_never_reached_redis_never_turn_new_messages_into_r
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
+    let router = connect_through_proxy(
         RedisRouter::builder(proxied)
             .prefix(&prefix)
             .idempotent_publish(true)
-            .command_timeout(Duration::from_millis(400))
-            .connect(),
+            .command_timeout(Duration::from_millis(400)),
     )
-    .await
-    .unwrap();
+    .await;
     let channel = parse_channel("Big:event:s1").unwrap();
     let mut stored = 0u64;
     let publish_thousands = async |count: usize, stored: &mut u64| {
@@ -575,16 +558,12 @@ async fn entries_lost_with_a_cut_read_come_back_first_and_in_order() {
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let consumer = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
+    let consumer = connect_through_proxy(
         RedisRouter::builder(proxied)
             .prefix(&prefix)
-            .read_block(Duration::from_secs(5))
-            .connect(),
+            .read_block(Duration::from_secs(5)),
     )
-    .await
-    .unwrap();
+    .await;
     let publisher = within(
         Duration::from_secs(10),
         "connecting",
@@ -636,17 +615,13 @@ async fn closing_is_bounded_when_redis_stops_answering() {
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
     for mode in [DeliveryMode::Streams, DeliveryMode::PubSub] {
-        let router = within(
-            Duration::from_secs(10),
-            "connecting through the proxy",
+        let router = connect_through_proxy(
             RedisRouter::builder(proxied.clone())
                 .mode(mode)
                 .prefix(&prefix)
-                .close_timeout(Duration::from_secs(1))
-                .connect(),
+                .close_timeout(Duration::from_secs(1)),
         )
-        .await
-        .unwrap();
+        .await;
         let options = SubscribeOptions::new(ChannelPattern::parse("Gone:*:*").unwrap());
         let options = match mode {
             DeliveryMode::Streams => options.group("g"),
@@ -676,13 +651,7 @@ async fn a_lost_registry_is_written_again_after_a_reconnect() {
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
-        RedisRouter::builder(proxied).prefix(&prefix).connect(),
-    )
-    .await
-    .unwrap();
+    let router = connect_through_proxy(RedisRouter::builder(proxied).prefix(&prefix)).await;
     let channel = parse_channel("Listed:event:s1").unwrap();
     router.publish(message(&channel, 1)).await.unwrap();
     let raw = raw_client().await;

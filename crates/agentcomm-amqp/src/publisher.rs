@@ -596,7 +596,6 @@ impl Inner {
             Err(_) => return Attempt::TimedOut,
         };
         match confirm.await {
-            Ok(Confirmed::TimedOut) => Attempt::TimedOut,
             Ok(confirmed) => Attempt::Confirmed(confirmed),
             Err(_) => Attempt::Lost,
         }
@@ -653,7 +652,7 @@ impl Inner {
                     }
                     return Ok(PublishOutcome::Accepted);
                 }
-                Attempt::Confirmed(Confirmed::Nack | Confirmed::TimedOut) => {
+                Attempt::Confirmed(Confirmed::Nack) => {
                     bump(&self.counters.publish_nacks);
                     return Err(self.backend_error(format!(
                         "RabbitMQ refused message {} on '{routing_key}' (basic.nack: it could not take responsibility for it, e.g. a full queue with overflow=reject-publish or an internal error); publish it again later",
@@ -678,7 +677,8 @@ impl Inner {
                     }
                     tracing::debug!(message_id = %envelope.id(), "the publishing channel was lost before the confirm; sending again");
                 }
-                Attempt::TimedOut => {
+                // The send could not be queued in time, or the sweeper found no confirm in time.
+                Attempt::TimedOut | Attempt::Confirmed(Confirmed::TimedOut) => {
                     bump(&self.counters.confirm_timeouts);
                     return Err(Error::Timeout {
                         operation: format!(

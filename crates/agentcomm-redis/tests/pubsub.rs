@@ -29,13 +29,7 @@ fn number(delivery: &agentcomm_core::router::Delivery) -> u32 {
 }
 
 async fn connect(prefix: &str) -> RedisRouter {
-    within(
-        WAIT,
-        "connecting",
-        builder(DeliveryMode::PubSub, prefix).connect(),
-    )
-    .await
-    .expect("connect")
+    connected(builder(DeliveryMode::PubSub, prefix)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,15 +150,7 @@ async fn a_subscription_that_falls_behind_counts_what_it_lost_and_does_not_stall
     }
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = within(
-        WAIT,
-        "connecting",
-        builder(DeliveryMode::PubSub, &prefix)
-            .broadcast_capacity(64)
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let router = connected(builder(DeliveryMode::PubSub, &prefix).broadcast_capacity(64)).await;
     let mut slow = router
         .subscribe(SubscribeOptions::new(
             ChannelPattern::parse("Burst:*:*").unwrap(),
@@ -306,13 +292,7 @@ async fn dead_letters_are_kept_in_a_stream_even_in_pubsub_mode() {
     );
     router.close().await.unwrap();
     // A Streams router on the same prefix reads it: it was not lost.
-    let streams = within(
-        WAIT,
-        "connecting",
-        builder(DeliveryMode::Streams, &prefix).connect(),
-    )
-    .await
-    .unwrap();
+    let streams = connected(builder(DeliveryMode::Streams, &prefix)).await;
     let key = format!("{prefix}:stream:{{DeadLetter}}");
     use fred::prelude::{ClientLike, StreamsInterface};
     let raw =

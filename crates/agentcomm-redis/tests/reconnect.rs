@@ -201,13 +201,7 @@ async fn pubsub_counts_exactly_what_it_lost_and_resumes_after_each_cut() {
             .reorder_window(Duration::from_millis(200)),
     )
     .await;
-    let publisher = within(
-        Duration::from_secs(10),
-        "connecting",
-        builder(DeliveryMode::PubSub, &prefix).connect(),
-    )
-    .await
-    .unwrap();
+    let publisher = connected(builder(DeliveryMode::PubSub, &prefix)).await;
     let mut subscription = subscriber
         .subscribe(SubscribeOptions::new(
             ChannelPattern::parse("Tick:*:*").unwrap(),
@@ -373,13 +367,7 @@ async fn a_pubsub_publish_fred_writes_again_after_a_cut_is_delivered_once() {
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
     // The subscriber is direct; the publisher goes through the proxy.
-    let subscriber = within(
-        Duration::from_secs(10),
-        "connecting",
-        builder(DeliveryMode::PubSub, &prefix).connect(),
-    )
-    .await
-    .unwrap();
+    let subscriber = connected(builder(DeliveryMode::PubSub, &prefix)).await;
     let publisher = connect_through_proxy(
         RedisRouter::builder(proxied)
             .mode(DeliveryMode::PubSub)
@@ -564,13 +552,7 @@ async fn entries_lost_with_a_cut_read_come_back_first_and_in_order() {
             .read_block(Duration::from_secs(5)),
     )
     .await;
-    let publisher = within(
-        Duration::from_secs(10),
-        "connecting",
-        builder(DeliveryMode::Streams, &prefix).connect(),
-    )
-    .await
-    .unwrap();
+    let publisher = connected(builder(DeliveryMode::Streams, &prefix)).await;
     let mut subscription = consumer
         .subscribe(SubscribeOptions::new(ChannelPattern::parse("Ord:*:*").unwrap()).group("g"))
         .await

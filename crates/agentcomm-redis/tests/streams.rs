@@ -30,13 +30,7 @@ fn number(delivery: &agentcomm_core::router::Delivery) -> u32 {
 }
 
 async fn connect(prefix: &str) -> RedisRouter {
-    within(
-        WAIT,
-        "connecting",
-        builder(DeliveryMode::Streams, prefix).connect(),
-    )
-    .await
-    .expect("connect")
+    connected(builder(DeliveryMode::Streams, prefix)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,16 +227,12 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
     }
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let survivor = within(
-        WAIT,
-        "connecting",
+    let survivor = connected(
         builder(DeliveryMode::Streams, &prefix)
             .claim_idle(Duration::from_millis(300))
-            .max_deliveries(2)
-            .connect(),
+            .max_deliveries(2),
     )
-    .await
-    .unwrap();
+    .await;
     let options = SubscribeOptions::new(ChannelPattern::parse("Poison:*:*").unwrap()).group("g");
     let member = survivor.subscribe(options.clone()).await.unwrap();
     let mut dead_letters = survivor
@@ -448,15 +438,7 @@ async fn idempotent_publishing_never_mistakes_a_new_message_for_a_retry() {
     // another stream's: every sequence number is new, so every message must be stored.
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = within(
-        WAIT,
-        "connecting",
-        builder(DeliveryMode::Streams, &prefix)
-            .idempotent_publish(true)
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let router = connected(builder(DeliveryMode::Streams, &prefix).idempotent_publish(true)).await;
     let (mut big, mut small) = (0u32, 0u32);
     for round in 0..70u32 {
         let batch: Vec<Envelope> = (0..1000)
@@ -560,15 +542,7 @@ async fn entries_trimmed_before_they_were_read_are_counted() {
     }
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let publisher = within(
-        WAIT,
-        "connecting",
-        builder(DeliveryMode::Streams, &prefix)
-            .stream_max_len(100)
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let publisher = connected(builder(DeliveryMode::Streams, &prefix).stream_max_len(100)).await;
     let group_router = connect(&prefix).await;
     let fan_out_router = connect(&prefix).await;
     let pattern = ChannelPattern::parse("Trim:*:*").unwrap();
@@ -675,15 +649,9 @@ async fn an_entry_another_member_claimed_is_never_taken_back() {
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
     // Leases are renewed every 100 ms.
-    let router = within(
-        WAIT,
-        "connecting",
-        builder(DeliveryMode::Streams, &prefix)
-            .claim_idle(Duration::from_millis(300))
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let router =
+        connected(builder(DeliveryMode::Streams, &prefix).claim_idle(Duration::from_millis(300)))
+            .await;
     let mut subscription = router
         .subscribe(SubscribeOptions::new(ChannelPattern::parse("Own:*:*").unwrap()).group("g"))
         .await

@@ -59,6 +59,13 @@ pub fn builder(mode: DeliveryMode, prefix: &str) -> RedisRouterBuilder {
         .reorder_window(Duration::from_millis(200))
 }
 
+/// Connects `builder`, failing the test when that takes more than 10 s.
+pub async fn connected(builder: RedisRouterBuilder) -> RedisRouter {
+    within(Duration::from_secs(10), "connecting", builder.connect())
+        .await
+        .expect("connect")
+}
+
 /// Bounds a future: panics with `what` when it takes longer than `limit`.
 pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
     match tokio::time::timeout(limit, future).await {

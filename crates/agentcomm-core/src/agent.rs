@@ -410,34 +410,29 @@ impl<A: Agent> Publisher<A> {
         session: String,
         messages: Vec<M>,
     ) -> Vec<Result<PublishOutcome>> {
-        // One channel for the whole batch (same type, same session), and one pass that stops at the
-        // first invalid message; only then is every message's own result worked out.
-        let prepared = channel_of::<M>(M::DIRECTION, &session).and_then(|channel| {
-            messages
-                .iter()
-                .map(|message| self.bus.envelope(channel.clone(), message))
-                .collect::<Result<Vec<Envelope>>>()
-        });
-        let envelopes = match prepared {
-            Ok(envelopes) => envelopes,
-            Err(_) => {
-                return messages
-                    .iter()
-                    .map(|message| {
-                        match channel_of::<M>(M::DIRECTION, &session)
-                            .and_then(|channel| self.bus.envelope(channel, message))
-                        {
-                            Ok(_) => Err(Error::NotPublished {
-                                reason:
-                                    "another message of the batch is invalid, so none was published"
-                                        .into(),
-                            }),
-                            Err(error) => Err(error),
-                        }
-                    })
-                    .collect();
-            }
-        };
+        let prepared: Vec<Result<Envelope>> = messages
+            .iter()
+            .map(|message| {
+                channel_of::<M>(M::DIRECTION, &session)
+                    .and_then(|channel| self.bus.envelope(channel, message))
+            })
+            .collect();
+        if prepared.iter().any(Result::is_err) {
+            return prepared
+                .into_iter()
+                .map(|prepared| match prepared {
+                    Ok(_) => Err(Error::NotPublished {
+                        reason: "another message of the batch is invalid, so none was published"
+                            .into(),
+                    }),
+                    Err(error) => Err(error),
+                })
+                .collect();
+        }
+        let envelopes = prepared
+            .into_iter()
+            .map(|prepared| prepared.expect("checked above"))
+            .collect();
         self.bus.publish_envelopes(envelopes, Some(A::NAME)).await
     }
 

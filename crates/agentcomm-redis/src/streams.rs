@@ -867,6 +867,15 @@ impl StreamSubscription {
         self.unhold(key, id);
     }
 
+    /// Holds every entry a read's `reply` brought from one of `keys` (the streams read): their leases
+    /// are renewed from now on.
+    fn hold_read(&self, reply: &Value, keys: &[Arc<str>]) {
+        let entries = read_reply_entries(reply, keys);
+        if !entries.is_empty() {
+            self.held.lock().expect("held lock").extend(entries);
+        }
+    }
+
     /// Forgets a held entry.
     fn unhold(&self, key: &Arc<str>, id: EntryId) {
         let mut held = self.held.lock().expect("held lock");
@@ -1275,6 +1284,46 @@ pub(crate) fn parse_read_reply(reply: Value) -> Vec<(String, Vec<Entry>)> {
     streams
 }
 
+/// Every entry of an `XREADGROUP` reply from one of `keys` (the streams read), read without taking the
+/// reply apart (it is parsed when its batch is handled).
+fn read_reply_entries(reply: &Value, keys: &[Arc<str>]) -> Vec<Held> {
+    let mut out = Vec::new();
+    let mut add = |key: &[u8], entries: &Value| {
+        let (Some(key), Value::Array(entries)) =
+            (keys.iter().find(|k| k.as_bytes() == key), entries)
+        else {
+            return;
+        };
+        for entry in entries {
+            if let Value::Array(parts) = entry
+                && let Some(id) = parts.first().and_then(Value::as_str)
+                && let Some(id) = EntryId::parse(&id)
+            {
+                out.push((key.clone(), id));
+            }
+        }
+    };
+    match reply {
+        Value::Array(streams) => {
+            for stream in streams {
+                if let Value::Array(parts) = stream
+                    && let [key, entries, ..] = parts.as_slice()
+                    && let Some(key) = key.as_bytes()
+                {
+                    add(key, entries);
+                }
+            }
+        }
+        Value::Map(map) => {
+            for (key, entries) in map.iter() {
+                add(key.as_bytes(), entries);
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
 /// Parses `[[id, [field, value, ...]], ...]`.
 pub(crate) fn parse_entries(entries: Value) -> Vec<Entry> {
     entries
@@ -1561,31 +1610,55 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                         });
                     }
                 }
-                let mut fresh = false;
                 let delivered_now = batch.len();
-                let mut entries = batch.into_iter();
-                for (key, id, frame) in entries.by_ref() {
-                    let permit = match permits.split(1) {
-                        Some(permit) => permit,
-                        None => match subscription.acquire().await {
+                let handling = async {
+                    let mut fresh = false;
+                    let mut entries = batch.into_iter();
+                    for (key, id, frame) in entries.by_ref() {
+                        let permit = match permits.split(1) {
                             Some(permit) => permit,
-                            None => {
-                                // Closing: the rest stays pending and is given back by `finish`.
-                                if let Some(id) = EntryId::parse(&id) {
-                                    subscription.unhold(&key, id);
+                            None => match subscription.acquire().await {
+                                Some(permit) => permit,
+                                None => {
+                                    // Closing: the rest stays pending and is given back by `finish`.
+                                    if let Some(id) = EntryId::parse(&id) {
+                                        subscription.unhold(&key, id);
+                                    }
+                                    break;
                                 }
-                                break;
-                            }
-                        },
-                    };
-                    subscription
-                        .handle_entry(&key, id, frame, None, false, permit, &mut fresh)
-                        .await;
-                }
-                for (key, id, _) in entries {
-                    if let Some(id) = EntryId::parse(&id) {
-                        subscription.unhold(&key, id);
+                            },
+                        };
+                        subscription
+                            .handle_entry(&key, id, frame, None, false, permit, &mut fresh)
+                            .await;
                     }
+                    for (key, id, _) in entries {
+                        if let Some(id) = EntryId::parse(&id) {
+                            subscription.unhold(&key, id);
+                        }
+                    }
+                };
+                match ahead.as_mut() {
+                    // Redis makes a read's entries pending for this consumer when it answers, and their
+                    // leases are renewed only once they are held. When the read-ahead's reply arrives
+                    // while this batch is still being handled (a command made for it is slow), its
+                    // entries are held at once: otherwise, after `claim_idle`, another member could
+                    // claim them and both would handle them.
+                    Some(next) if subscription.is_group() => {
+                        let mut handling = std::pin::pin!(handling);
+                        tokio::select! {
+                            biased;
+                            () = &mut handling => {}
+                            reply = next.read.as_mut() => {
+                                if let Ok(reply) = &reply {
+                                    subscription.hold_read(reply, &next.keys);
+                                }
+                                next.read = Box::pin(std::future::ready(reply));
+                                handling.await;
+                            }
+                        }
+                    }
+                    _ => handling.await,
                 }
                 // With few entries per read (a quiet stream), let the subscriber take what was just
                 // handed to it before going on. Busy, going on at once keeps the batches large.
@@ -2125,6 +2198,51 @@ mod tests {
             ]
         );
         assert!(parse_read_reply(Value::Null).is_empty());
+    }
+
+    #[test]
+    fn a_read_ahead_reply_names_the_entries_to_hold_without_being_taken_apart() {
+        let entry = |id: &str| Value::Array(vec![Value::from(id), Value::Null]);
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::from("p:stream:{A}"),
+                Value::Array(vec![entry("1-0"), entry("1-1")]),
+            ]),
+            // A stream this read did not ask for, and an entry whose id is not <ms>-<seq>: not held.
+            Value::Array(vec![
+                Value::from("p:stream:{Other}"),
+                Value::Array(vec![entry("5-0")]),
+            ]),
+            Value::Array(vec![
+                Value::Bytes(Bytes::from_static(b"p:stream:{B}")),
+                Value::Array(vec![entry("2-0"), entry("not-an-id")]),
+            ]),
+        ]);
+        let keys: Vec<Arc<str>> = vec!["p:stream:{A}".into(), "p:stream:{B}".into()];
+        let parse = |text| EntryId::parse(text).unwrap();
+        assert_eq!(
+            read_reply_entries(&reply, &keys),
+            vec![
+                (keys[0].clone(), parse("1-0")),
+                (keys[0].clone(), parse("1-1")),
+                (keys[1].clone(), parse("2-0")),
+            ]
+        );
+        // The reply is still whole for its batch.
+        let streams = parse_read_reply(reply);
+        assert_eq!(streams.len(), 3);
+        assert_eq!(streams[0].1.len(), 2);
+        // RESP3 answers with a map.
+        let mut map = fred::types::Map::new();
+        map.insert(
+            fred::types::Key::from("p:stream:{B}"),
+            Value::Array(vec![entry("7-0")]),
+        );
+        assert_eq!(
+            read_reply_entries(&Value::Map(map), &keys),
+            vec![(keys[1].clone(), parse("7-0"))]
+        );
+        assert!(read_reply_entries(&Value::Null, &keys).is_empty());
     }
 
     #[test]

@@ -241,7 +241,7 @@ impl RedisRouter {
                 return Err(Error::Connection {
                     backend: "redis",
                     url: redact(&settings.url),
-                    message: error.details().to_string(),
+                    message: connect_failure(&error),
                 });
             }
             Err(_) => {
@@ -328,6 +328,20 @@ impl RedisRouter {
             _last_clone: Arc::new(CloseOnDrop(shared.clone())),
             shared,
         })
+    }
+}
+
+/// What a failed first connection says, with the fix when TLS refused the server's certificate.
+fn connect_failure(error: &fred::error::Error) -> String {
+    let details = error.details();
+    if details.contains("InvalidCertificate") || details.contains("certificate") {
+        format!(
+            "{details} (the server's TLS certificate is not trusted: for a private certificate \
+             authority, give the builder `tls_connector(..)` with a rustls config that trusts it, \
+             or add it to the system's roots)"
+        )
+    } else {
+        details.to_string()
     }
 }
 

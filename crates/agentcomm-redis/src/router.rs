@@ -386,6 +386,11 @@ impl Shared {
         new
     }
 
+    /// Whether the router talks to a Redis Cluster.
+    fn clustered(&self) -> bool {
+        self.config.server.is_clustered()
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -605,7 +610,7 @@ impl Shared {
                 }
                 PublishOutcome::Accepted
             }
-            value => outcome_of(value.as_i64().unwrap_or(0), true),
+            value => outcome_of(value.as_i64().unwrap_or(0), true, self.clustered()),
         }
     }
 
@@ -630,7 +635,7 @@ impl Shared {
                 .publish(channel, frame)
                 .await
                 .map_err(|e| map_error(&e, &self.settings, "PUBLISH"))?;
-            return Ok(outcome_of(receivers, true));
+            return Ok(outcome_of(receivers, true, self.clustered()));
         }
         let keys = || vec![target.stream.clone(), target.dedup.clone()];
         let reply = self
@@ -741,7 +746,7 @@ impl Shared {
             .publish(route.channel.clone(), frame)
             .await
             .map_err(|e| map_error(&e, &self.settings, "PUBLISH"))?;
-        Ok(outcome_of(receivers, false))
+        Ok(outcome_of(receivers, false, self.clustered()))
     }
 
     fn count_publish(&self, result: &Result<PublishOutcome>) {
@@ -938,7 +943,11 @@ impl Shared {
             let result = match (reply, &pending.target) {
                 (Ok(reply), Some(target)) if idempotent => Ok(self.script_outcome(target, reply)),
                 (Ok(_), _) if streams => Ok(PublishOutcome::Accepted),
-                (Ok(reply), _) => Ok(outcome_of(reply.as_i64().unwrap_or(0), false)),
+                (Ok(reply), _) => Ok(outcome_of(
+                    reply.as_i64().unwrap_or(0),
+                    false,
+                    self.clustered(),
+                )),
                 (Err(error), Some(target)) if idempotent && is_noscript(&error) => {
                     // Not stored: again, alone, with the script's text and a fresh number.
                     self.in_order(target, |sequence| {
@@ -1154,10 +1163,13 @@ fn stable_hash_bytes(bytes: &[u8]) -> u64 {
     hasher.finish()
 }
 
-fn outcome_of(receivers: i64, stored: bool) -> PublishOutcome {
+/// What a publish that `PUBLISH` counted `receivers` for is. In a cluster, `PUBLISH` counts only the
+/// receivers on the node that took it (the message still reaches subscribers on every node), so none
+/// there proves nothing: `Accepted`, not `Unroutable`.
+fn outcome_of(receivers: i64, stored: bool, clustered: bool) -> PublishOutcome {
     match receivers {
         n if n > 0 => PublishOutcome::Delivered(n as usize),
-        _ if stored => PublishOutcome::Accepted,
+        _ if stored || clustered => PublishOutcome::Accepted,
         _ => PublishOutcome::Unroutable,
     }
 }

@@ -1,9 +1,10 @@
 //! The testkit's conformance suite, in both delivery modes, against a real Redis (REDIS_URL, default
-//! redis://127.0.0.1:6379). Each mode declares exactly what its router claims.
+//! redis://127.0.0.1:6379), and again on a three-node Redis Cluster this binary starts on loopback
+//! (`common::servers`). Each mode declares exactly what its router claims.
 
 mod common;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use agentcomm_core::channel::Channel;
@@ -18,11 +19,36 @@ struct Redis {
     url: String,
     /// Every connection of one scenario shares it; scenarios do not see each other.
     prefix: String,
-    _cleanup: common::RemoveKeysOnDrop,
+    /// On the shared Redis: its keys are removed after the scenario.
+    _cleanup: Option<common::RemoveKeysOnDrop>,
+    /// Why there is no server to connect to (a cluster that could not be started).
+    unreachable: Option<String>,
 }
 
 impl Redis {
     fn new(mode: DeliveryMode) -> Self {
+        let mut redis = Self::at(mode, common::redis_url());
+        redis._cleanup = Some(common::RemoveKeysOnDrop(redis.prefix.clone()));
+        redis
+    }
+
+    /// On a three-node Redis Cluster this test binary starts for itself (once, for all its tests).
+    fn on_cluster(mode: DeliveryMode) -> Self {
+        static CLUSTER: OnceLock<Result<common::servers::Cluster, String>> = OnceLock::new();
+        let cluster = CLUSTER.get_or_init(|| match common::servers::missing_tools() {
+            Some(reason) => Err(reason),
+            None => Ok(common::servers::start_cluster()),
+        });
+        match cluster {
+            Ok(cluster) => Self::at(mode, cluster.url()),
+            Err(reason) => Redis {
+                unreachable: Some(reason.clone()),
+                ..Self::at(mode, "redis-cluster://127.0.0.1:1".into())
+            },
+        }
+    }
+
+    fn at(mode: DeliveryMode, url: String) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -30,9 +56,11 @@ impl Redis {
         let prefix = common::unique_prefix();
         Redis {
             mode,
-            url: common::redis_url(),
-            _cleanup: common::RemoveKeysOnDrop(prefix.clone()),
+            // The cluster's keys go with it.
+            _cleanup: None,
+            url,
             prefix,
+            unreachable: None,
         }
     }
 }
@@ -80,7 +108,9 @@ impl ConformanceBackend for Redis {
     }
 
     fn unreachable(&self) -> String {
-        format!("no Redis at {}", redact_url(&self.url))
+        self.unreachable
+            .clone()
+            .unwrap_or_else(|| format!("no Redis at {}", redact_url(&self.url)))
     }
 
     fn publish_raw(&self, channel: &Channel, frame: Vec<u8>) -> BoxFuture<'_, Result<bool>> {
@@ -116,3 +146,5 @@ impl ConformanceBackend for Redis {
 
 agentcomm_testkit::conformance_tests!(mod streams, Redis::new(DeliveryMode::Streams));
 agentcomm_testkit::conformance_tests!(mod pubsub, Redis::new(DeliveryMode::PubSub));
+agentcomm_testkit::conformance_tests!(mod cluster_streams, Redis::on_cluster(DeliveryMode::Streams));
+agentcomm_testkit::conformance_tests!(mod cluster_pubsub, Redis::on_cluster(DeliveryMode::PubSub));

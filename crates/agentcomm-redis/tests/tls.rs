@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use agentcomm_core::envelope::Envelope;
@@ -17,89 +15,16 @@ use agentcomm_core::router::{PublishOutcome, SubscribeOptions};
 use agentcomm_redis::{DeliveryMode, RedisRouter};
 use common::*;
 
-/// A `redis-server` with only a TLS port, on 127.0.0.1; killed when dropped.
-struct TlsRedis {
-    child: Child,
-    port: u16,
-    /// The server's certificate (self-signed, for 127.0.0.1), DER.
-    certificate: Vec<u8>,
-    dir: PathBuf,
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Starts a TLS Redis, or says why it cannot (no `redis-server`): prints the `skipped:` line, or fails
-/// with AGENTCOMM_REQUIRE_BROKERS=1.
-async fn start_tls_redis() -> Option<TlsRedis> {
-    let missing = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .map(|status| !status.success())
-        .unwrap_or(true);
-    if missing {
-        let reason =
-            "no redis-server binary to start a TLS Redis with (apt-get install redis-server)";
-        if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
-            panic!("AGENTCOMM_REQUIRE_BROKERS=1, but {reason}");
-        }
-        println!("skipped: {reason}");
+/// A TLS Redis of the test's own, or `None` (with the `skipped:` line) when none can be started.
+fn tls_redis() -> Option<servers::TlsRedis> {
+    if let Some(reason) = servers::missing_tools() {
+        servers::skip(&reason);
         return None;
     }
-    let rcgen::CertifiedKey { cert, signing_key } =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
-    let dir = std::env::temp_dir().join(format!("agentcomm-tls-{}", uuid::Uuid::now_v7().simple()));
-    std::fs::create_dir_all(&dir).expect("temporary directory");
-    let cert_file = dir.join("redis.crt");
-    let key_file = dir.join("redis.key");
-    std::fs::write(&cert_file, cert.pem()).expect("write the certificate");
-    std::fs::write(&key_file, signing_key.serialize_pem()).expect("write the key");
-    // A port the system just handed out; free again when the listener is dropped.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port();
-    let child = Command::new("redis-server")
-        .args(["--port", "0", "--bind", "127.0.0.1"])
-        .args(["--tls-port", &port.to_string()])
-        .arg("--tls-cert-file")
-        .arg(&cert_file)
-        .arg("--tls-key-file")
-        .arg(&key_file)
-        .arg("--tls-ca-cert-file")
-        .arg(&cert_file)
-        .args(["--tls-auth-clients", "no"])
-        .args(["--requirepass", "tls-secret"])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start redis-server");
-    let server = TlsRedis {
-        child,
-        port,
-        certificate: cert.der().to_vec(),
-        dir,
-    };
-    eventually(
-        Duration::from_secs(10),
-        "the TLS Redis to listen",
-        async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        },
-    )
-    .await;
-    Some(server)
+    Some(servers::start_tls(PASSWORD))
 }
+
+const PASSWORD: &str = "tls-secret";
 
 /// A rustls connector that trusts only `certificate`.
 fn trusting(certificate: &[u8]) -> fred::types::config::TlsConnector {
@@ -118,10 +43,10 @@ fn trusting(certificate: &[u8]) -> fred::types::config::TlsConnector {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rediss_url_carries_messages_over_tls_in_both_modes() {
-    let Some(server) = start_tls_redis().await else {
+    let Some(server) = tls_redis() else {
         return;
     };
-    let url = format!("rediss://:tls-secret@127.0.0.1:{}", server.port);
+    let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}", server.server.port);
     for mode in [DeliveryMode::PubSub, DeliveryMode::Streams] {
         let router = connected(
             RedisRouter::builder(&url)
@@ -181,10 +106,10 @@ async fn a_rediss_url_carries_messages_over_tls_in_both_modes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_untrusted_certificate_is_a_clear_error_without_the_password() {
-    let Some(server) = start_tls_redis().await else {
+    let Some(server) = tls_redis() else {
         return;
     };
-    let url = format!("rediss://:tls-secret@127.0.0.1:{}", server.port);
+    let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}", server.server.port);
     // The system's roots, which do not include the test's self-signed certificate.
     let error = within(
         Duration::from_secs(20),
@@ -199,10 +124,10 @@ async fn an_untrusted_certificate_is_a_clear_error_without_the_password() {
     let text = error.to_string();
     println!("refused as expected: {text}");
     assert!(
-        text.contains(&format!("127.0.0.1:{}", server.port)),
+        text.contains(&format!("127.0.0.1:{}", server.server.port)),
         "the error names the server: {text}"
     );
-    assert!(!text.contains("tls-secret"), "the password leaked: {text}");
+    assert!(!text.contains(PASSWORD), "the password leaked: {text}");
     assert!(
         text.contains("TLS certificate is not trusted") && text.contains("tls_connector"),
         "the error says what is wrong and how to fix it: {text}"

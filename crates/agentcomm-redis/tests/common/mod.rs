@@ -1,6 +1,8 @@
 //! Helpers shared by the Redis integration tests.
 #![allow(dead_code)]
 
+pub mod servers;
+
 use std::future::Future;
 use std::time::Duration;
 

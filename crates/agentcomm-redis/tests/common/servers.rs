@@ -1,0 +1,234 @@
+//! Redis servers a test starts for itself, on loopback, when it needs what the shared Redis is not
+//! (TLS, a cluster): `redis-server` and `redis-cli` from the machine (Debian's redis-server package).
+//!
+//! Each server runs under a small shell that kills it and removes its directory when the test process
+//! ends (its standard input, held by the test process, closes), so a server outlives neither a passing
+//! nor a failing test binary.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `redis-server`; stopped when dropped, or when the test process ends.
+pub struct Spawned {
+    child: Child,
+    /// Held open: the shell stops the server when it closes.
+    _lifeline: Option<ChildStdin>,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // Closing the lifeline makes the shell stop the server and clean up; wait for that.
+        self._lifeline.take();
+        let _ = self.child.wait();
+    }
+}
+
+/// Why servers cannot be started here (`redis-server` or `redis-cli` missing), if they cannot.
+pub fn missing_tools() -> Option<String> {
+    for tool in ["redis-server", "redis-cli"] {
+        let found = Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !found {
+            return Some(format!(
+                "no {tool} binary to start a Redis of the test's own (apt-get install redis-server)"
+            ));
+        }
+    }
+    None
+}
+
+/// Prints the one `skipped:` line for `reason`, or fails with AGENTCOMM_REQUIRE_BROKERS=1.
+pub fn skip(reason: &str) {
+    if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
+        panic!("AGENTCOMM_REQUIRE_BROKERS=1, but {reason}");
+    }
+    println!("skipped: {reason}");
+}
+
+/// `count` loopback ports the system just handed out (free again once returned).
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("its address").port())
+        .collect()
+}
+
+/// A fresh directory for one server's files.
+pub fn server_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "agentcomm-{name}-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    dir
+}
+
+/// Starts `redis-server` in `dir` with `args` (no persistence, loopback only), and waits until `port`
+/// accepts connections.
+pub fn start(dir: PathBuf, port: u16, args: &[String]) -> Spawned {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(
+            r#"dir="$1"; shift
+redis-server "$@" &
+server=$!
+cat >/dev/null
+kill "$server" 2>/dev/null
+wait "$server"
+rm -rf "$dir""#,
+        )
+        .arg("sh")
+        .arg(&dir)
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    let lifeline = child.stdin.take();
+    let spawned = Spawned {
+        child,
+        _lifeline: lifeline,
+        port,
+        dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the redis-server started on port {port} did not listen within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    spawned
+}
+
+/// A `redis-server` with only a TLS port (no plain one) and a self-signed certificate for 127.0.0.1.
+pub struct TlsRedis {
+    pub server: Spawned,
+    /// The server's certificate, DER: the one root a client must trust.
+    pub certificate: Vec<u8>,
+}
+
+/// Starts a TLS Redis with `password`.
+pub fn start_tls(password: &str) -> TlsRedis {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+    let dir = server_dir("tls");
+    let cert_file = dir.join("redis.crt");
+    let key_file = dir.join("redis.key");
+    std::fs::write(&cert_file, cert.pem()).expect("write the certificate");
+    std::fs::write(&key_file, signing_key.serialize_pem()).expect("write the key");
+    let port = free_ports(1)[0];
+    let path = |p: &PathBuf| p.display().to_string();
+    let args: Vec<String> = [
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &path(&cert_file),
+        "--tls-key-file",
+        &path(&key_file),
+        "--tls-ca-cert-file",
+        &path(&cert_file),
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        password,
+    ]
+    .map(String::from)
+    .to_vec();
+    TlsRedis {
+        server: start(dir, port, &args),
+        certificate: cert.der().to_vec(),
+    }
+}
+
+/// A Redis Cluster of three primaries, no replicas, every slot assigned.
+pub struct Cluster {
+    pub nodes: Vec<Spawned>,
+}
+
+impl Cluster {
+    /// `redis-cluster://` for it, naming every node.
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port);
+        for (index, node) in self.nodes.iter().enumerate().skip(1) {
+            url.push(if index == 1 { '?' } else { '&' });
+            url.push_str(&format!("node=127.0.0.1:{}", node.port));
+        }
+        url
+    }
+}
+
+/// Starts three cluster nodes (each with its bus on a port of its own), joins them with
+/// `redis-cli --cluster create`, and waits until every node says the cluster is ok.
+pub fn start_cluster() -> Cluster {
+    let ports = free_ports(6);
+    let nodes: Vec<Spawned> = (0..3)
+        .map(|index| {
+            let dir = server_dir("cluster");
+            let args: Vec<String> = [
+                "--port",
+                &ports[index].to_string(),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &ports[index + 3].to_string(),
+                "--cluster-config-file",
+                &dir.join("nodes.conf").display().to_string(),
+                "--cluster-node-timeout",
+                "5000",
+            ]
+            .map(String::from)
+            .to_vec();
+            start(dir, ports[index], &args)
+        })
+        .collect();
+    let created = Command::new("redis-cli")
+        .arg("--cluster")
+        .arg("create")
+        .args(nodes.iter().map(|node| format!("127.0.0.1:{}", node.port)))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run redis-cli --cluster create");
+    assert!(
+        created.status.success(),
+        "redis-cli --cluster create failed: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in &nodes {
+        loop {
+            let info = Command::new("redis-cli")
+                .args(["-p", &node.port.to_string(), "cluster", "info"])
+                .output()
+                .expect("run redis-cli cluster info");
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster was not ok within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Cluster { nodes }
+}

@@ -6,7 +6,7 @@
 //! nor a failing test binary.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,11 @@ pub fn server_dir(name: &str) -> PathBuf {
 /// Starts `redis-server` in `dir` with `args` (no persistence, loopback only), and waits until `port`
 /// accepts connections.
 pub fn start(dir: PathBuf, port: u16, args: &[String]) -> Spawned {
+    start_from(None, dir, port, args)
+}
+
+/// [`start`], reading the configuration file `config` first (which must come before any option).
+pub fn start_from(config: Option<&Path>, dir: PathBuf, port: u16, args: &[String]) -> Spawned {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(
@@ -90,6 +95,7 @@ rm -rf "$dir""#,
         )
         .arg("sh")
         .arg(&dir)
+        .args(config)
         .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .arg("--dir")
         .arg(&dir)
@@ -231,4 +237,71 @@ pub fn start_cluster() -> Cluster {
         }
     }
     Cluster { nodes }
+}
+
+/// A Redis with a Sentinel that monitors it as `SENTINEL_SERVICE`.
+pub struct Sentinel {
+    pub primary: Spawned,
+    pub sentinel: Spawned,
+}
+
+/// The service name the Sentinel knows the primary by.
+pub const SENTINEL_SERVICE: &str = "agentcomm-primary";
+
+impl Sentinel {
+    /// `redis-sentinel://` for it.
+    pub fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName={SENTINEL_SERVICE}",
+            self.sentinel.port
+        )
+    }
+}
+
+/// Starts a Redis and a Sentinel monitoring it, and waits until the Sentinel names it.
+pub fn start_sentinel() -> Sentinel {
+    let ports = free_ports(2);
+    let primary = start(
+        server_dir("sentinel-primary"),
+        ports[0],
+        &["--port".to_string(), ports[0].to_string()],
+    );
+    let dir = server_dir("sentinel");
+    // Sentinel rewrites its configuration file: it lives in the server's directory.
+    let config = dir.join("sentinel.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {} 1\n",
+            ports[0]
+        ),
+    )
+    .expect("write sentinel.conf");
+    let sentinel = start_from(
+        Some(&config),
+        dir,
+        ports[1],
+        &[
+            "--sentinel".to_string(),
+            "--port".to_string(),
+            ports[1].to_string(),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = Command::new("redis-cli")
+            .args(["-p", &ports[1].to_string()])
+            .args(["sentinel", "get-master-addr-by-name", SENTINEL_SERVICE])
+            .output()
+            .expect("run redis-cli sentinel");
+        if String::from_utf8_lossy(&answer.stdout).contains(&ports[0].to_string()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Sentinel did not name its primary within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Sentinel { primary, sentinel }
 }

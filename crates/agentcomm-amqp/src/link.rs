@@ -324,10 +324,17 @@ impl Inner {
 
     /// An [`Error::Connection`] naming the URL without its password.
     pub(crate) fn connection_error(&self, message: impl AsRef<str>) -> Error {
+        let mut message = self.settings.url.scrub(message.as_ref());
+        if message.contains("invalid peer certificate") {
+            message.push_str(
+                " (the server's TLS certificate is not trusted: for a private certificate authority, \
+                 add `cacertfile=<its PEM file>` to the URL)",
+            );
+        }
         Error::Connection {
             backend: BACKEND,
             url: self.settings.url.redacted.clone(),
-            message: self.settings.url.scrub(message.as_ref()),
+            message,
         }
     }
 

@@ -1,0 +1,157 @@
+//! `amqps://` against a real TLS endpoint: the test runs a TLS terminator on loopback (a certificate made
+//! for the test) in front of the real RabbitMQ (RABBITMQ_URL), so the client's TLS handshake, certificate
+//! check and AMQP over TLS are all real; the shared broker keeps its configuration.
+
+mod common;
+
+use std::time::Duration;
+
+use agentcomm_amqp::AmqpRouter;
+use agentcomm_core::envelope::Envelope;
+use agentcomm_core::prelude::*;
+use agentcomm_core::router::{PublishOutcome, SubscribeOptions};
+use common::*;
+
+/// A TLS listener on 127.0.0.1 that forwards what it decrypts to the broker; stops when dropped.
+struct TlsTerminator {
+    port: u16,
+    /// The listener's certificate (self-signed, for 127.0.0.1), PEM, in a file for `cacertfile`.
+    ca_file: std::path::PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsTerminator {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.ca_file);
+    }
+}
+
+async fn tls_terminator() -> TlsTerminator {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+    let ca_file = std::env::temp_dir().join(format!("{}.pem", unique("agentcomm-amqps-ca")));
+    std::fs::write(&ca_file, cert.pem()).expect("write the certificate");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(signing_key.serialize_der())
+        .expect("the test key");
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .expect("a TLS server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let broker = broker_address();
+    let task = tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends the handshake: nothing to forward.
+                let Ok(mut tls) = acceptor.accept(inbound).await else {
+                    return;
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&broker).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    TlsTerminator {
+        port,
+        ca_file,
+        task,
+    }
+}
+
+/// The test broker's URL as `amqps://` to the terminator, with `query` added.
+fn amqps_url(terminator: &TlsTerminator, query: &str) -> String {
+    let plain = url();
+    let rest = plain.split_once("://").map_or(plain.as_str(), |(_, r)| r);
+    let rest = rest.replacen(
+        &broker_address(),
+        &format!("127.0.0.1:{}", terminator.port),
+        1,
+    );
+    let separator = if rest.contains('?') { '&' } else { '?' };
+    format!("amqps://{rest}{separator}{query}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqps_url_with_its_ca_publishes_and_consumes_over_tls() {
+    if !broker_available().await {
+        return;
+    }
+    let terminator = tls_terminator().await;
+    let exchange = unique("t-tls");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let url = amqps_url(
+        &terminator,
+        &format!("cacertfile={}", terminator.ca_file.display()),
+    );
+    let router = within(
+        "connect over TLS",
+        AmqpRouter::builder(&url)
+            .exchange(&exchange)
+            .confirm_timeout(Duration::from_secs(10))
+            .connect(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("amqps:// with cacertfile: {e}"));
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Payment:*:*").unwrap(),
+        )),
+    )
+    .await
+    .unwrap();
+    let sent = Envelope::new(
+        parse_channel("Payment:request:s1").unwrap(),
+        "application/json",
+        br#"{"amount":3}"#.to_vec(),
+    );
+    let outcome = within("publish", router.publish(sent.clone()))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Accepted);
+    let delivery = within("a delivery", subscription.next())
+        .await
+        .expect("a delivery");
+    assert_eq!(delivery.envelope().id(), sent.id());
+    assert_eq!(delivery.envelope().payload(), sent.payload());
+    within("ack", delivery.ack()).await.unwrap();
+    assert!(within("health", router.health()).await.connected);
+    within("close", router.close()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqps_url_without_the_ca_is_refused_with_a_clear_error() {
+    if !broker_available().await {
+        return;
+    }
+    let terminator = tls_terminator().await;
+    // The system's roots, which do not vouch for the test's certificate.
+    let url = amqps_url(&terminator, "connection_timeout=3000");
+    let error = within(
+        "the refused connection",
+        AmqpRouter::builder(&url)
+            .exchange(unique("t-tls-refused"))
+            .connect(),
+    )
+    .await
+    .expect_err("a certificate nobody vouches for must be refused");
+    let text = error.to_string();
+    println!("refused as expected: {text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", terminator.port)),
+        "the error names the server: {text}"
+    );
+    assert!(!text.contains(":guest@"), "the password is hidden: {text}");
+    assert!(
+        text.contains("TLS certificate is not trusted") && text.contains("cacertfile="),
+        "the error says what is wrong and how to fix it: {text}"
+    );
+}

@@ -245,7 +245,7 @@ impl PubSubHub {
         }
         // fred resolves SUBSCRIBE when it is written, not when Redis confirms it. Redis answers the
         // commands of one connection in order, so once this PING is answered the subscriptions are live.
-        let confirmed: std::result::Result<fred::types::Value, _> = self.client.ping(None).await;
+        let confirmed = self.ping_subscriptions_node().await;
         if let Err(error) = confirmed {
             release_counts(&mut counts, wanted);
             return Err(map_error(
@@ -343,7 +343,24 @@ impl PubSubHub {
         if !patterns.is_empty() {
             self.client.psubscribe(patterns).await?;
         }
-        let _: fred::types::Value = self.client.ping(None).await?;
+        self.ping_subscriptions_node().await?;
+        Ok(())
+    }
+
+    /// A `PING` on the connection that carries the subscriptions. In a cluster fred sends `SUBSCRIBE`
+    /// and `PSUBSCRIBE` to the node of the slot of the client's id; a plain `PING` could go to another
+    /// node and be answered before the subscriptions are registered.
+    async fn ping_subscriptions_node(&self) -> std::result::Result<(), fred::error::Error> {
+        if self.client.is_clustered() {
+            let slot = fred::util::redis_keyslot(self.client.id().as_bytes());
+            let options = fred::types::config::Options {
+                cluster_hash: Some(fred::types::ClusterHash::Custom(slot)),
+                ..Default::default()
+            };
+            let _: fred::types::Value = self.client.with_options(&options).ping(None).await?;
+        } else {
+            let _: fred::types::Value = self.client.ping(None).await?;
+        }
         Ok(())
     }
 }

@@ -82,11 +82,12 @@ impl ConformanceBackend for Redis {
                 .redelivery(true)
                 .publish_confirms(true),
             // Not `reports_unroutable`: a wildcard-class subscriber anywhere receives every message.
+            // Not `no_duplicates` on a cluster (see the router's capabilities).
             _ => Capabilities::none()
                 .ordered_per_channel(true)
                 .redelivery(true)
                 .publish_confirms(true)
-                .no_duplicates(true),
+                .no_duplicates(!self.url.starts_with("redis-cluster://")),
         }
     }
 

@@ -1197,9 +1197,9 @@ impl Router for RedisRouter {
             // `reports_unroutable` is not claimed: a subscription with a wildcard class listens to every
             // channel under the prefix, so while one exists anywhere, a message no pattern matches is
             // still reported as delivered (and a cluster counts only the receivers of one node).
-            // `no_duplicates` is not claimed on a cluster: the conformance suite, run there, saw a
-            // message of a closed subscription arrive again at the next one on the same connection (a
-            // few rounds in 20, in some runs), which one server never does.
+            // `no_duplicates` is not claimed on a cluster: a PUBLISH reaches each node over the cluster
+            // bus at its own time, so a subscription starting on another node just after it may still
+            // get a message an earlier subscription already had (docs/redis.md, "Redis Cluster").
             DeliveryMode::PubSub => Capabilities::none()
                 .ordered_per_channel(true)
                 .redelivery(true)

@@ -876,6 +876,23 @@ impl StreamSubscription {
         }
     }
 
+    /// Holds the entries `ids` (as Redis writes them) of `key`: their leases are renewed from now on.
+    fn hold_ids<'a>(&self, key: &Arc<str>, ids: impl IntoIterator<Item = &'a str>) {
+        let mut held = self.held.lock().expect("held lock");
+        for id in ids {
+            if let Some(id) = EntryId::parse(id) {
+                held.insert((key.clone(), id));
+            }
+        }
+    }
+
+    /// [`StreamSubscription::unhold`] for an id as Redis writes it.
+    fn unhold_text(&self, key: &Arc<str>, id: &str) {
+        if let Some(id) = EntryId::parse(id) {
+            self.unhold(key, id);
+        }
+    }
+
     /// Forgets a held entry.
     fn unhold(&self, key: &Arc<str>, id: EntryId) {
         let mut held = self.held.lock().expect("held lock");
@@ -1048,12 +1065,21 @@ impl StreamSubscription {
                         .map_err(|e| map_error(&e, self.settings(), "confirming pending entries"))?
                         .into_iter()
                         .collect();
+                // Held at once, like a read's entries: none is left unrenewed while one before it is
+                // handled.
+                let owned: Vec<(String, Bytes)> = candidates
+                    .into_iter()
+                    .filter(|(id, _)| still.contains(id))
+                    .collect();
+                self.hold_ids(key, owned.iter().map(|(id, _)| id.as_str()));
                 let mut fresh = false;
-                for (id, frame) in candidates {
-                    if !still.contains(&id) {
-                        continue;
-                    }
+                let mut owned = owned.into_iter();
+                while let Some((id, frame)) = owned.next() {
                     let Some(permit) = self.acquire().await else {
+                        // Closing: the rest stays pending for the group.
+                        for (id, _) in std::iter::once((id, frame)).chain(owned) {
+                            self.unhold_text(key, &id);
+                        }
                         return Ok(());
                     };
                     self.handle_entry(key, id, Some(frame), None, true, permit, &mut fresh)
@@ -1552,11 +1578,13 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                             .map(|(id, frame)| (key.clone(), id, frame)),
                     );
                 }
-                // COUNT applies per stream: a read over several streams may return more entries than
-                // slots. All of them are held at once (their leases renewed) while the extra ones wait
-                // for a slot, so no other member takes them over meanwhile.
+                // Redis made every entry of the reply pending for this consumer: all of them are held
+                // at once (their leases renewed), so that no other member claims one while an entry
+                // before it is handled (a command made for it may be slow) or while it waits for a
+                // slot (COUNT applies per stream: a read over several streams may return more entries
+                // than slots).
                 let overflow = batch.len() > permits.num_permits();
-                if subscription.is_group() && overflow {
+                if subscription.is_group() {
                     let mut held = subscription.held.lock().expect("held lock");
                     for (key, id, _) in &batch {
                         if let Some(id) = EntryId::parse(id) {
@@ -1621,9 +1649,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                                 Some(permit) => permit,
                                 None => {
                                     // Closing: the rest stays pending and is given back by `finish`.
-                                    if let Some(id) = EntryId::parse(&id) {
-                                        subscription.unhold(&key, id);
-                                    }
+                                    subscription.unhold_text(&key, &id);
                                     break;
                                 }
                             },
@@ -1633,9 +1659,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                             .await;
                     }
                     for (key, id, _) in entries {
-                        if let Some(id) = EntryId::parse(&id) {
-                            subscription.unhold(&key, id);
-                        }
+                        subscription.unhold_text(&key, &id);
                     }
                 };
                 match ahead.as_mut() {
@@ -1960,9 +1984,18 @@ async fn reclaim_key(
     }
     let mut entries = parse_entries(claimed);
     entries.sort_by_key(|(id, _)| EntryId::parse(id));
+    // Held at once: none is left unrenewed while one before it is handled.
+    subscription.hold_ids(key, entries.iter().map(|(id, _)| id.as_str()));
     let mut fresh = false;
-    for (id, frame) in entries {
-        let Some(permit) = permits.pop() else { break };
+    let mut entries = entries.into_iter();
+    while let Some((id, frame)) = entries.next() {
+        let Some(permit) = permits.pop() else {
+            // More came back than slots were taken (not expected: as many were asked): left pending.
+            for (id, _) in std::iter::once((id, frame)).chain(entries) {
+                subscription.unhold_text(key, &id);
+            }
+            break;
+        };
         let deliveries = counts.get(&id).copied().unwrap_or(1) + 1;
         subscription
             .shared

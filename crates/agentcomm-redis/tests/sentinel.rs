@@ -64,10 +64,8 @@ async fn a_sentinel_url_finds_the_primary_and_carries_messages_in_both_modes() {
             .unwrap();
     }
     // The messages went to the primary the Sentinel named.
-    let keys = std::process::Command::new("redis-cli")
-        .args(["-p", &servers.primary.port.to_string(), "dbsize"])
-        .output()
-        .expect("redis-cli dbsize");
+    let args = ["-p", &servers.primary.port.to_string(), "dbsize"].map(String::from);
+    let keys = servers::redis_cli(&args, Duration::from_secs(5)).expect("redis-cli dbsize");
     let stored: u64 = String::from_utf8_lossy(&keys.stdout)
         .trim()
         .parse()

@@ -53,6 +53,62 @@ pub fn skip(reason: &str) {
     println!("skipped: {reason}");
 }
 
+/// Runs `redis-cli` with `args`, killed if it has not finished within `limit`.
+pub fn redis_cli(args: &[String], limit: Duration) -> Result<std::process::Output, String> {
+    let mut child = Command::new("redis-cli")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("could not run redis-cli: {e}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => {
+                return child
+                    .wait_with_output()
+                    .map_err(|e| format!("redis-cli: {e}"));
+            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "redis-cli {} did not finish within {limit:?}",
+                    args.join(" ")
+                ));
+            }
+            Err(error) => return Err(format!("redis-cli: {error}")),
+        }
+    }
+}
+
+/// Whether this `redis-server` can run the test cluster (`cluster-port` needs Redis 7), or why not.
+pub fn cluster_unsupported() -> Option<String> {
+    if let Some(reason) = missing_tools() {
+        return Some(reason);
+    }
+    let version = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).to_string())
+        .unwrap_or_default();
+    // "Redis server v=7.0.15 sha=..."
+    let major = version
+        .split("v=")
+        .nth(1)
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|major| major.parse::<u32>().ok());
+    match major {
+        Some(major) if major >= 7 => None,
+        _ => Some(format!(
+            "the test cluster needs redis-server 7 or later (cluster-port); this one says {:?}",
+            version.trim()
+        )),
+    }
+}
+
 /// `count` loopback ports the system just handed out (free again once returned).
 pub fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..count)
@@ -76,12 +132,17 @@ pub fn server_dir(name: &str) -> PathBuf {
 
 /// Starts `redis-server` in `dir` with `args` (no persistence, loopback only), and waits until `port`
 /// accepts connections.
-pub fn start(dir: PathBuf, port: u16, args: &[String]) -> Spawned {
+pub fn start(dir: PathBuf, port: u16, args: &[String]) -> Result<Spawned, String> {
     start_from(None, dir, port, args)
 }
 
 /// [`start`], reading the configuration file `config` first (which must come before any option).
-pub fn start_from(config: Option<&Path>, dir: PathBuf, port: u16, args: &[String]) -> Spawned {
+pub fn start_from(
+    config: Option<&Path>,
+    dir: PathBuf,
+    port: u16,
+    args: &[String],
+) -> Result<Spawned, String> {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(
@@ -103,7 +164,7 @@ rm -rf "$dir""#,
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
-        .expect("start redis-server");
+        .map_err(|e| format!("could not start redis-server: {e}"))?;
     let lifeline = child.stdin.take();
     let spawned = Spawned {
         child,
@@ -113,13 +174,15 @@ rm -rf "$dir""#,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the redis-server started on port {port} did not listen within 10 s"
-        );
+        if Instant::now() > deadline {
+            // Dropping `spawned` stops what did start.
+            return Err(format!(
+                "the redis-server started on port {port} did not listen within 10 s"
+            ));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    spawned
+    Ok(spawned)
 }
 
 /// A `redis-server` with only a TLS port (no plain one) and a self-signed certificate for 127.0.0.1.
@@ -159,7 +222,7 @@ pub fn start_tls(password: &str) -> TlsRedis {
     .map(String::from)
     .to_vec();
     TlsRedis {
-        server: start(dir, port, &args),
+        server: start(dir, port, &args).expect("a TLS redis-server"),
         certificate: cert.der().to_vec(),
     }
 }
@@ -182,8 +245,9 @@ impl Cluster {
 }
 
 /// Starts three cluster nodes (each with its bus on a port of its own), joins them with
-/// `redis-cli --cluster create`, and waits until every node says the cluster is ok.
-pub fn start_cluster() -> Cluster {
+/// `redis-cli --cluster create`, and waits until every node says the cluster is ok; or says why it could
+/// not, within about 40 s.
+pub fn start_cluster() -> Result<Cluster, String> {
     let ports = free_ports(6);
     let nodes: Vec<Spawned> = (0..3)
         .map(|index| {
@@ -204,39 +268,32 @@ pub fn start_cluster() -> Cluster {
             .to_vec();
             start(dir, ports[index], &args)
         })
-        .collect();
-    let created = Command::new("redis-cli")
-        .arg("--cluster")
-        .arg("create")
-        .args(nodes.iter().map(|node| format!("127.0.0.1:{}", node.port)))
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run redis-cli --cluster create");
-    assert!(
-        created.status.success(),
-        "redis-cli --cluster create failed: {}",
-        String::from_utf8_lossy(&created.stderr)
-    );
+        .collect::<Result<_, _>>()?;
+    let mut create: Vec<String> = vec!["--cluster".into(), "create".into()];
+    create.extend(nodes.iter().map(|node| format!("127.0.0.1:{}", node.port)));
+    create.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
+    let created = redis_cli(&create, Duration::from_secs(20))?;
+    if !created.status.success() {
+        return Err(format!(
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stderr)
+        ));
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     for node in &nodes {
         loop {
-            let info = Command::new("redis-cli")
-                .args(["-p", &node.port.to_string(), "cluster", "info"])
-                .output()
-                .expect("run redis-cli cluster info");
+            let args = ["-p", &node.port.to_string(), "cluster", "info"].map(String::from);
+            let info = redis_cli(&args, Duration::from_secs(5))?;
             if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the cluster was not ok within 20 s"
-            );
+            if Instant::now() > deadline {
+                return Err("the test cluster was not ok within 20 s".into());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    Cluster { nodes }
+    Ok(Cluster { nodes })
 }
 
 /// A Redis with a Sentinel that monitors it as `SENTINEL_SERVICE`.
@@ -265,7 +322,8 @@ pub fn start_sentinel() -> Sentinel {
         server_dir("sentinel-primary"),
         ports[0],
         &["--port".to_string(), ports[0].to_string()],
-    );
+    )
+    .expect("the Sentinel's primary");
     let dir = server_dir("sentinel");
     // Sentinel rewrites its configuration file: it lives in the server's directory.
     let config = dir.join("sentinel.conf");
@@ -286,14 +344,19 @@ pub fn start_sentinel() -> Sentinel {
             "--port".to_string(),
             ports[1].to_string(),
         ],
-    );
+    )
+    .expect("the Sentinel");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let answer = Command::new("redis-cli")
-            .args(["-p", &ports[1].to_string()])
-            .args(["sentinel", "get-master-addr-by-name", SENTINEL_SERVICE])
-            .output()
-            .expect("run redis-cli sentinel");
+        let args = [
+            "-p",
+            &ports[1].to_string(),
+            "sentinel",
+            "get-master-addr-by-name",
+            SENTINEL_SERVICE,
+        ]
+        .map(String::from);
+        let answer = redis_cli(&args, Duration::from_secs(5)).expect("asking the Sentinel");
         if String::from_utf8_lossy(&answer.stdout).contains(&ports[0].to_string()) {
             break;
         }

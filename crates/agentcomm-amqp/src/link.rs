@@ -325,11 +325,18 @@ impl Inner {
     /// An [`Error::Connection`] naming the URL without its password.
     pub(crate) fn connection_error(&self, message: impl AsRef<str>) -> Error {
         let mut message = self.settings.url.scrub(message.as_ref());
-        if message.contains("invalid peer certificate") {
-            message.push_str(
+        // Once per message: a reconnect's last error, already hinted, may be wrapped again.
+        if message.contains("invalid peer certificate") && !message.contains("(the server's TLS") {
+            message.push_str(if message.contains("UnknownIssuer") {
                 " (the server's TLS certificate is not trusted: for a private certificate authority, \
-                 add `cacertfile=<its PEM file>` to the URL)",
-            );
+                 add `cacertfile=<its PEM file>` to the URL)"
+            } else if message.contains("not valid for name") || message.contains("NotValidForName") {
+                " (the server's TLS certificate does not name the host in the URL: connect with a name \
+                 it lists, or set `server_name_indication=<that name>`)"
+            } else {
+                " (the server's TLS certificate was refused: check that it is valid now and issued \
+                 by the authority in `cacertfile`)"
+            });
         }
         Error::Connection {
             backend: BACKEND,

@@ -27,10 +27,16 @@ impl Drop for TlsTerminator {
     }
 }
 
+/// A terminator whose certificate names 127.0.0.1.
 async fn tls_terminator() -> TlsTerminator {
+    tls_terminator_for("127.0.0.1").await
+}
+
+/// A terminator whose certificate names only `name`.
+async fn tls_terminator_for(name: &str) -> TlsTerminator {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rcgen::CertifiedKey { cert, signing_key } =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+        rcgen::generate_simple_self_signed(vec![name.to_string()]).expect("certificate");
     let ca_file = std::env::temp_dir().join(format!("{}.pem", unique("agentcomm-amqps-ca")));
     std::fs::write(&ca_file, cert.pem()).expect("write the certificate");
     let key = rustls::pki_types::PrivateKeyDer::try_from(signing_key.serialize_der())
@@ -64,6 +70,34 @@ async fn tls_terminator() -> TlsTerminator {
         ca_file,
         task,
     }
+}
+
+/// Fails unless `text` shows the URL's password as `***` and nowhere in clear.
+fn assert_password_hidden(text: &str) {
+    let plain = url();
+    let authority = plain
+        .split_once("://")
+        .map_or(plain.as_str(), |(_, rest)| rest)
+        .split(['/', '?'])
+        .next()
+        .unwrap_or_default();
+    let password = authority
+        .rsplit_once('@')
+        .and_then(|(credentials, _)| credentials.split_once(':'))
+        .map(|(_, password)| password)
+        .unwrap_or_default();
+    assert!(
+        !password.is_empty(),
+        "the test URL {plain:?} has a password to hide"
+    );
+    assert!(
+        text.contains(":***@"),
+        "the URL is shown with its password masked: {text}"
+    );
+    assert!(
+        !text.contains(&format!(":{password}@")),
+        "the password leaked: {text}"
+    );
 }
 
 /// The test broker's URL as `amqps://` to the terminator, with `query` added.
@@ -149,9 +183,64 @@ async fn an_amqps_url_without_the_ca_is_refused_with_a_clear_error() {
         text.contains(&format!("127.0.0.1:{}", terminator.port)),
         "the error names the server: {text}"
     );
-    assert!(!text.contains(":guest@"), "the password is hidden: {text}");
+    assert_password_hidden(&text);
     assert!(
         text.contains("TLS certificate is not trusted") && text.contains("cacertfile="),
         "the error says what is wrong and how to fix it: {text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_another_name_names_the_fix_and_the_fix_works() {
+    if !broker_available().await {
+        return;
+    }
+    // Trusted (cacertfile), but issued for another name than the URL's host.
+    let terminator = tls_terminator_for("agentcomm.invalid").await;
+    let ca = format!("cacertfile={}", terminator.ca_file.display());
+    let error = within(
+        "the refused connection",
+        AmqpRouter::builder(amqps_url(
+            &terminator,
+            &format!("{ca}&connection_timeout=3000"),
+        ))
+        .exchange(unique("t-tls-name"))
+        .connect(),
+    )
+    .await
+    .expect_err("a certificate for another name must be refused");
+    let text = error.to_string();
+    println!("refused as expected: {text}");
+    assert!(
+        text.contains("does not name the host") && text.contains("server_name_indication"),
+        "the error says the name is wrong and how to connect anyway: {text}"
+    );
+    assert_password_hidden(&text);
+    // The fix it names: verify the certificate against the name it was issued for.
+    let exchange = unique("t-tls-sni");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect with server_name_indication",
+        AmqpRouter::builder(amqps_url(
+            &terminator,
+            &format!("{ca}&server_name_indication=agentcomm.invalid"),
+        ))
+        .exchange(&exchange)
+        .connect(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("amqps:// with server_name_indication: {e}"));
+    let outcome = within(
+        "publish",
+        router.publish(Envelope::new(
+            parse_channel("Payment:request:s1").unwrap(),
+            "application/json",
+            b"{}".to_vec(),
+        )),
+    )
+    .await
+    .unwrap();
+    // No queue is bound: the broker took it and said so.
+    assert_eq!(outcome, PublishOutcome::Unroutable);
+    within("close", router.close()).await.unwrap();
 }

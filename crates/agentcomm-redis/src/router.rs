@@ -334,14 +334,27 @@ impl RedisRouter {
 /// What a failed first connection says, with the fix when TLS refused the server's certificate.
 fn connect_failure(error: &fred::error::Error) -> String {
     let details = error.details();
-    if details.contains("InvalidCertificate") || details.contains("certificate") {
-        format!(
-            "{details} (the server's TLS certificate is not trusted: for a private certificate \
-             authority, give the builder `tls_connector(..)` with a rustls config that trusts it, \
-             or add it to the system's roots)"
+    let hint = if details.contains("UnknownIssuer") {
+        Some(
+            "the server's TLS certificate is not trusted: for a private certificate authority, give \
+             the builder `tls_connector(..)` with a rustls config that trusts it, or add it to the \
+             system's roots",
+        )
+    } else if details.contains("NotValidForName") {
+        Some(
+            "the server's TLS certificate does not name the host in the URL: connect with a name \
+             (or address) the certificate lists",
+        )
+    } else if details.contains("Expired") || details.contains("NotValidYet") {
+        Some(
+            "the server's TLS certificate is outside its validity period (check the clocks, or renew it)",
         )
     } else {
-        details.to_string()
+        None
+    };
+    match hint {
+        Some(hint) => format!("{details} ({hint})"),
+        None => details.to_string(),
     }
 }
 

@@ -41,6 +41,23 @@ fn trusting(certificate: &[u8]) -> fred::types::config::TlsConnector {
     fred::types::config::TlsConnector::from(config)
 }
 
+/// The error of a first connection that TLS must refuse (one attempt, bounded).
+async fn refused(builder: agentcomm_redis::RedisRouterBuilder) -> String {
+    let error = within(
+        Duration::from_secs(20),
+        "the refused connection",
+        builder
+            .connect_timeout(Duration::from_secs(3))
+            .max_reconnect_attempts(Some(0))
+            .connect(),
+    )
+    .await
+    .expect_err("TLS must refuse this server's certificate");
+    let text = error.to_string();
+    println!("refused as expected: {text}");
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rediss_url_carries_messages_over_tls_in_both_modes() {
     let Some(server) = tls_redis() else {
@@ -111,18 +128,7 @@ async fn an_untrusted_certificate_is_a_clear_error_without_the_password() {
     };
     let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}", server.server.port);
     // The system's roots, which do not include the test's self-signed certificate.
-    let error = within(
-        Duration::from_secs(20),
-        "the refused connection",
-        RedisRouter::builder(&url)
-            .connect_timeout(Duration::from_secs(3))
-            .max_reconnect_attempts(Some(0))
-            .connect(),
-    )
-    .await
-    .expect_err("a certificate nobody vouches for must be refused");
-    let text = error.to_string();
-    println!("refused as expected: {text}");
+    let text = refused(RedisRouter::builder(&url)).await;
     assert!(
         text.contains(&format!("127.0.0.1:{}", server.server.port)),
         "the error names the server: {text}"
@@ -142,4 +148,22 @@ async fn an_untrusted_certificate_is_a_clear_error_without_the_password() {
     within(Duration::from_secs(10), "closing", router.close())
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_another_name_is_a_clear_error() {
+    if let Some(reason) = servers::missing_tools() {
+        servers::skip(&reason);
+        return;
+    }
+    // Trusted, but issued for another name than the URL's host.
+    let server = servers::start_tls_for(PASSWORD, "agentcomm.invalid");
+    let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}", server.server.port);
+    let text =
+        refused(RedisRouter::builder(&url).tls_connector(trusting(&server.certificate))).await;
+    assert!(
+        text.contains("does not name the host in the URL") && !text.contains("tls_connector"),
+        "the error says the name is wrong, not that the certificate is untrusted: {text}"
+    );
+    assert!(!text.contains(PASSWORD), "the password leaked: {text}");
 }

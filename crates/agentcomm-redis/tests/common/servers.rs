@@ -192,10 +192,15 @@ pub struct TlsRedis {
     pub certificate: Vec<u8>,
 }
 
-/// Starts a TLS Redis with `password`.
+/// Starts a TLS Redis with `password`, its certificate for 127.0.0.1.
 pub fn start_tls(password: &str) -> TlsRedis {
+    start_tls_for(password, "127.0.0.1")
+}
+
+/// Starts a TLS Redis with `password`, its certificate for `name` only.
+pub fn start_tls_for(password: &str, name: &str) -> TlsRedis {
     let rcgen::CertifiedKey { cert, signing_key } =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+        rcgen::generate_simple_self_signed(vec![name.to_string()]).expect("certificate");
     let dir = server_dir("tls");
     let cert_file = dir.join("redis.crt");
     let key_file = dir.join("redis.key");

@@ -312,7 +312,6 @@ impl Drop for FailOnDrop {
 pub(crate) struct Publisher {
     channel: Channel,
     pub generation: u64,
-    confirm_timeout: Duration,
     /// The next delivery tag; the lock keeps tag order and send order the same.
     next_tag: tokio::sync::Mutex<u64>,
     pub confirms: Arc<Confirms>,
@@ -320,8 +319,9 @@ pub(crate) struct Publisher {
 
 impl Publisher {
     /// Opens a channel on `connection`, puts it in confirm mode, registers the callback and starts
-    /// the sweeper that times out publishes waiting longer than `confirm_timeout` for their confirm
-    /// (checked every eighth of it, between 10 ms and 1 s: one timer per channel, not per publish).
+    /// the sweeper that times out publishes whose confirm has not come by their deadline (checked
+    /// every eighth of `confirm_timeout`, between 10 ms and 1 s: one timer per channel, not per
+    /// publish).
     async fn open(
         connection: &amqprs::connection::Connection,
         generation: u64,
@@ -349,7 +349,6 @@ impl Publisher {
             Ok::<_, String>(Arc::new(Publisher {
                 channel,
                 generation,
-                confirm_timeout,
                 next_tag: tokio::sync::Mutex::new(1),
                 confirms,
             }))
@@ -390,11 +389,13 @@ impl Publisher {
     /// the channel is gone and nothing was sent.
     ///
     /// Unbounded by itself (queuing the frame waits only while the connection's writer is stalled,
-    /// which its heartbeat ends): the caller bounds the whole publish.
+    /// which its heartbeat ends): the caller bounds it by `deadline`, which is also when the sweeper
+    /// gives up on the confirm.
     async fn send(
         &self,
         message: &Outgoing<'_>,
         (properties, body): Content,
+        deadline: Instant,
     ) -> Option<(u64, oneshot::Receiver<Confirmed>)> {
         let mut next_tag = self.next_tag.lock().await;
         if !self.is_alive() {
@@ -403,7 +404,6 @@ impl Publisher {
         let tag = *next_tag;
         let (sender, receiver) = oneshot::channel();
         // Registered before sending: the ack may come back before basic_publish returns.
-        let deadline = Instant::now() + self.confirm_timeout;
         if !self.confirms.register(tag, message.id, deadline, sender) {
             return None;
         }
@@ -574,20 +574,18 @@ impl Inner {
             .cloned()
     }
 
-    /// One send of `message` and the wait for its confirm. The send is bounded by the confirm timeout
-    /// (a timer only when it cannot complete at once: the writer is stalled or other sends queue),
-    /// the confirm by the publisher's sweeper.
+    /// One send of `message` and the wait for its confirm, both within one confirm timeout from now:
+    /// the send by a timer (armed only when it cannot complete at once: the writer is stalled or other
+    /// sends queue), the confirm by the publisher's sweeper, which checks every eighth of the timeout.
     async fn attempt(
         &self,
         publisher: &Publisher,
         message: &Outgoing<'_>,
         content: Content,
     ) -> Attempt {
-        let sent = tokio::time::timeout(
-            self.settings.confirm_timeout,
-            publisher.send(message, content),
-        )
-        .await;
+        let deadline = Instant::now() + self.settings.confirm_timeout;
+        let sent =
+            tokio::time::timeout_at(deadline, publisher.send(message, content, deadline)).await;
         let confirm = match sent {
             Ok(Some((_, confirm))) => confirm,
             Ok(None) => return Attempt::NotSent,

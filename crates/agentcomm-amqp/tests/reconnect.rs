@@ -463,11 +463,19 @@ async fn a_silent_broker_is_a_confirm_timeout_then_a_reconnect() {
     let delivery = within("a delivery", subscription.next()).await.unwrap();
     within("ack", delivery.ack()).await.unwrap();
     proxy.blackhole(true);
+    let started = std::time::Instant::now();
     let error = within("a publish into silence", router.publish(envelope(1)))
         .await
         .unwrap_err();
+    let waited = started.elapsed();
     assert!(matches!(error, Error::Timeout { .. }), "{error}");
     assert!(error.to_string().contains("confirm"), "{error}");
+    // The whole publish, send and confirm, is bounded by one confirm timeout (1.5 s), give or take
+    // the sweeper's tick (an eighth of it) and a loaded machine.
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_millis(2700),
+        "the publish failed after {waited:?}, not about confirm_timeout (1.5 s)"
+    );
     // Missed heartbeats end the connection; then the broker answers again.
     wait_until("the heartbeat to notice", async || !router.is_connected()).await;
     proxy.blackhole(false);

@@ -99,17 +99,24 @@ pub(crate) struct Confirms {
 }
 
 impl Confirms {
-    /// Tells every publish waiting past its deadline that it timed out. Tags are registered in send
-    /// order with the same timeout, so the expired ones are the first ones.
+    /// Tells every publish waiting past its deadline that it timed out. Deadlines mostly follow tag
+    /// order, but not strictly (each is taken when its attempt starts, before it waits for its tag):
+    /// every waiter is checked, which is cheap at one pass per tick.
     fn expire(&self, now: Instant) {
         let mut expired = Vec::new();
         {
             let mut pending = self.pending.lock().expect("confirms lock");
-            while let Some(first) = pending.by_tag.first_entry() {
-                if first.get().deadline > now {
-                    break;
-                }
-                expired.push(first.remove());
+            if pending
+                .by_tag
+                .values()
+                .any(|waiting| waiting.deadline <= now)
+            {
+                let (late, waiting): (BTreeMap<_, _>, BTreeMap<_, _>) =
+                    std::mem::take(&mut pending.by_tag)
+                        .into_iter()
+                        .partition(|(_, waiting)| waiting.deadline <= now);
+                pending.by_tag = waiting;
+                expired.extend(late.into_values());
             }
         }
         for waiting in expired {
@@ -704,5 +711,37 @@ impl Inner {
                 return self.publishes_in_flight.load(Ordering::Acquire);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweeper_times_out_every_waiter_past_its_deadline_whatever_its_tag() {
+        let confirms = Confirms::default();
+        let now = Instant::now();
+        let mut waiters = Vec::new();
+        // Tag 2 started its attempt first (an earlier deadline) but got its tag after tag 1.
+        for (tag, deadline) in [
+            (1, now + Duration::from_secs(5)),
+            (2, now - Duration::from_millis(1)),
+            (3, now + Duration::from_secs(5)),
+            (4, now),
+        ] {
+            let (sender, receiver) = oneshot::channel();
+            assert!(confirms.register(tag, u128::from(tag), deadline, sender));
+            waiters.push((tag, receiver));
+        }
+        confirms.expire(now);
+        for (tag, mut receiver) in waiters {
+            let told = receiver.try_recv().ok();
+            match tag {
+                2 | 4 => assert!(matches!(told, Some(Confirmed::TimedOut)), "tag {tag}"),
+                _ => assert!(told.is_none(), "tag {tag} is still waiting"),
+            }
+        }
+        assert_eq!(confirms.unconfirmed(), 2);
     }
 }

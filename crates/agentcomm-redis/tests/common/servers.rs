@@ -79,7 +79,11 @@ pub fn redis_cli(args: &[String], limit: Duration) -> Result<std::process::Outpu
                     args.join(" ")
                 ));
             }
-            Err(error) => return Err(format!("redis-cli: {error}")),
+            Err(error) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("redis-cli: {error}"));
+            }
         }
     }
 }
@@ -251,7 +255,8 @@ impl Cluster {
 
 /// Starts three cluster nodes (each with its bus on a port of its own), joins them with
 /// `redis-cli --cluster create`, and waits until every node says the cluster is ok; or says why it could
-/// not, within about 40 s.
+/// not, within about 80 s at worst (each step has its own bound). redis-cli's output here is a few
+/// kilobytes, well within what its pipes hold while it runs.
 pub fn start_cluster() -> Result<Cluster, String> {
     let ports = free_ports(6);
     let nodes: Vec<Spawned> = (0..3)

@@ -23,6 +23,8 @@ struct Redis {
     _cleanup: Option<common::RemoveKeysOnDrop>,
     /// Why there is no server to connect to (a cluster that could not be started).
     unreachable: Option<String>,
+    /// Publishes through the publish script (`idempotent_publish(true)`).
+    idempotent: bool,
 }
 
 impl Redis {
@@ -64,6 +66,16 @@ impl Redis {
             url,
             prefix,
             unreachable: None,
+            idempotent: false,
+        }
+    }
+
+    /// [`Redis::on_cluster`] with idempotent publishing: the publish script runs on every node that
+    /// holds a class's stream (loaded there on first use).
+    fn idempotent_on_cluster(mode: DeliveryMode) -> Self {
+        Redis {
+            idempotent: true,
+            ..Self::on_cluster(mode)
         }
     }
 }
@@ -103,6 +115,7 @@ impl ConformanceBackend for Redis {
                 .read_block(Duration::from_millis(500))
                 .discovery_interval(Duration::from_millis(100))
                 .reorder_window(Duration::from_millis(200))
+                .idempotent_publish(self.idempotent)
                 .connect();
             match tokio::time::timeout(Duration::from_secs(10), connecting).await {
                 Ok(Ok(router)) => Some(Arc::new(router) as SharedRouter),
@@ -152,3 +165,7 @@ agentcomm_testkit::conformance_tests!(mod streams, Redis::new(DeliveryMode::Stre
 agentcomm_testkit::conformance_tests!(mod pubsub, Redis::new(DeliveryMode::PubSub));
 agentcomm_testkit::conformance_tests!(mod cluster_streams, Redis::on_cluster(DeliveryMode::Streams));
 agentcomm_testkit::conformance_tests!(mod cluster_pubsub, Redis::on_cluster(DeliveryMode::PubSub));
+agentcomm_testkit::conformance_tests!(
+    mod cluster_streams_idempotent,
+    Redis::idempotent_on_cluster(DeliveryMode::Streams)
+);

@@ -334,7 +334,9 @@ impl RedisRouter {
 /// What a failed first connection says, with the fix when TLS refused the server's certificate.
 fn connect_failure(error: &fred::error::Error) -> String {
     let details = error.details();
-    let hint = if details.contains("UnknownIssuer") {
+    let hint = if !details.contains("InvalidCertificate") {
+        None
+    } else if details.contains("UnknownIssuer") {
         Some(
             "the server's TLS certificate is not trusted: for a private certificate authority, give \
              the builder `tls_connector(..)` with a rustls config that trusts it, or add it to the \

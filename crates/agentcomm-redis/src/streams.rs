@@ -1431,7 +1431,7 @@ impl StreamSubscription {
     /// from the cursors, or from `read_up_to` for the streams whose entries are still being handled.
     /// The command is handed to fred when the future is first polled.
     fn start_read(
-        &self,
+        self: &Arc<Self>,
         reader: &Reader,
         options: &Options,
         keys: &[Arc<str>],
@@ -1445,9 +1445,10 @@ impl StreamSubscription {
         match &self.group {
             Some(group) => {
                 let (group, consumer) = (group.clone(), self.consumer.clone());
+                let (subscription, keys) = (self.clone(), keys.to_vec());
                 Box::pin(async move {
                     let ids = vec![">"; names.len()];
-                    client
+                    let reply = client
                         .xreadgroup(
                             group.as_str(),
                             consumer.as_str(),
@@ -1457,7 +1458,15 @@ impl StreamSubscription {
                             names,
                             ids,
                         )
-                        .await
+                        .await;
+                    // Redis made every entry of the reply pending for this consumer when it answered:
+                    // all are held from now on (their leases renewed), so that no other member claims
+                    // one while the entries before it are handled (a command made for one may be slow),
+                    // while it waits for a slot, or while the batch before this read-ahead is handled.
+                    if let Ok(reply) = &reply {
+                        subscription.hold_read(reply, &keys);
+                    }
+                    reply
                 })
             }
             None => {
@@ -1578,20 +1587,9 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                             .map(|(id, frame)| (key.clone(), id, frame)),
                     );
                 }
-                // Redis made every entry of the reply pending for this consumer: all of them are held
-                // at once (their leases renewed), so that no other member claims one while an entry
-                // before it is handled (a command made for it may be slow) or while it waits for a
-                // slot (COUNT applies per stream: a read over several streams may return more entries
-                // than slots).
+                // COUNT applies per stream: a read over several streams may return more entries than
+                // slots (the read held them all when its reply came).
                 let overflow = batch.len() > permits.num_permits();
-                if subscription.is_group() {
-                    let mut held = subscription.held.lock().expect("held lock");
-                    for (key, id, _) in &batch {
-                        if let Some(id) = EntryId::parse(id) {
-                            held.insert((key.clone(), id));
-                        }
-                    }
-                }
                 // The slots this read did not fill are free for the next one.
                 let unused = permits.num_permits().saturating_sub(batch.len());
                 if unused > 0 {
@@ -1663,20 +1661,14 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                     }
                 };
                 match ahead.as_mut() {
-                    // Redis makes a read's entries pending for this consumer when it answers, and their
-                    // leases are renewed only once they are held. When the read-ahead's reply arrives
-                    // while this batch is still being handled (a command made for it is slow), its
-                    // entries are held at once: otherwise, after `claim_idle`, another member could
-                    // claim them and both would handle them.
+                    // The read-ahead is polled while this batch is handled, so that its reply, should
+                    // it come first (a command made for this batch is slow), holds its entries at once.
                     Some(next) if subscription.is_group() => {
                         let mut handling = std::pin::pin!(handling);
                         tokio::select! {
                             biased;
                             () = &mut handling => {}
                             reply = next.read.as_mut() => {
-                                if let Ok(reply) = &reply {
-                                    subscription.hold_read(reply, &next.keys);
-                                }
                                 next.read = Box::pin(std::future::ready(reply));
                                 handling.await;
                             }

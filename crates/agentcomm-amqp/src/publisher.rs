@@ -106,18 +106,13 @@ impl Confirms {
         let mut expired = Vec::new();
         {
             let mut pending = self.pending.lock().expect("confirms lock");
-            if pending
+            let late: Vec<u64> = pending
                 .by_tag
-                .values()
-                .any(|waiting| waiting.deadline <= now)
-            {
-                let (late, waiting): (BTreeMap<_, _>, BTreeMap<_, _>) =
-                    std::mem::take(&mut pending.by_tag)
-                        .into_iter()
-                        .partition(|(_, waiting)| waiting.deadline <= now);
-                pending.by_tag = waiting;
-                expired.extend(late.into_values());
-            }
+                .iter()
+                .filter(|(_, waiting)| waiting.deadline <= now)
+                .map(|(tag, _)| *tag)
+                .collect();
+            expired.extend(late.iter().filter_map(|tag| pending.by_tag.remove(tag)));
         }
         for waiting in expired {
             let _ = waiting.waiter.send(Confirmed::TimedOut);

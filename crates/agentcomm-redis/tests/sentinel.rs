@@ -8,10 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use agentcomm_core::envelope::Envelope;
-use agentcomm_core::prelude::*;
-use agentcomm_core::router::SubscribeOptions;
-use agentcomm_redis::{DeliveryMode, RedisRouter};
+use agentcomm_redis::RedisRouter;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,47 +19,10 @@ async fn a_sentinel_url_finds_the_primary_and_carries_messages_in_both_modes() {
     }
     let servers = servers::start_sentinel();
     let url = servers.url();
-    for mode in [DeliveryMode::PubSub, DeliveryMode::Streams] {
-        let router = connected(
-            RedisRouter::builder(&url)
-                .mode(mode)
-                .prefix(unique_prefix())
-                .read_block(Duration::from_millis(500)),
-        )
-        .await;
-        let pattern = ChannelPattern::parse("Payment:*:*").unwrap();
-        let options = match mode {
-            DeliveryMode::Streams => SubscribeOptions::new(pattern).group("payments"),
-            _ => SubscribeOptions::new(pattern),
-        };
-        let mut subscription = within(
-            Duration::from_secs(10),
-            "subscribing",
-            router.subscribe(options),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{mode:?}: subscribe through the Sentinel: {e}"));
-        let sent = Envelope::new(
-            parse_channel("Payment:request:s1").unwrap(),
-            "application/json",
-            br#"{"amount":7}"#.to_vec(),
-        );
-        within(
-            Duration::from_secs(10),
-            "publishing",
-            router.publish(sent.clone()),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{mode:?}: publish through the Sentinel: {e}"));
-        let delivery = next(&mut subscription).await;
-        assert_eq!(delivery.envelope().id(), sent.id(), "{mode:?}");
-        within(Duration::from_secs(10), "acking", delivery.ack())
-            .await
-            .unwrap();
-        within(Duration::from_secs(10), "closing", router.close())
-            .await
-            .unwrap();
-    }
+    round_trip_in_both_modes("through the Sentinel", || {
+        RedisRouter::builder(&url).read_block(Duration::from_millis(500))
+    })
+    .await;
     // The messages went to the primary the Sentinel named.
     let args = ["-p", &servers.primary.port.to_string(), "dbsize"].map(String::from);
     let keys = servers::redis_cli(&args, Duration::from_secs(5)).expect("redis-cli dbsize");

@@ -9,10 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use agentcomm_core::envelope::Envelope;
 use agentcomm_core::prelude::*;
-use agentcomm_core::router::{PublishOutcome, SubscribeOptions};
-use agentcomm_redis::{DeliveryMode, RedisRouter};
+use agentcomm_redis::RedisRouter;
 use common::*;
 
 /// A TLS Redis of the test's own, or `None` (with the `skipped:` line) when none can be started.
@@ -64,61 +62,12 @@ async fn a_rediss_url_carries_messages_over_tls_in_both_modes() {
         return;
     };
     let url = format!("rediss://:{PASSWORD}@127.0.0.1:{}", server.server.port);
-    for mode in [DeliveryMode::PubSub, DeliveryMode::Streams] {
-        let router = connected(
-            RedisRouter::builder(&url)
-                .mode(mode)
-                .prefix(unique_prefix())
-                .read_block(Duration::from_millis(500))
-                .tls_connector(trusting(&server.certificate)),
-        )
-        .await;
-        let mut subscription = within(
-            Duration::from_secs(10),
-            "subscribing",
-            router.subscribe(match mode {
-                DeliveryMode::Streams => {
-                    SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap())
-                        .group("payments")
-                }
-                _ => SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap()),
-            }),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{mode:?}: subscribe over TLS: {e}"));
-        let sent = Envelope::new(
-            parse_channel("Payment:request:s1").unwrap(),
-            "application/json",
-            br#"{"amount":12.5}"#.to_vec(),
-        );
-        let outcome = within(
-            Duration::from_secs(10),
-            "publishing",
-            router.publish(sent.clone()),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{mode:?}: publish over TLS: {e}"));
-        // pub/sub counts the subscribers that got it; a stream stores it.
-        assert!(
-            matches!(
-                (mode, outcome),
-                (DeliveryMode::PubSub, PublishOutcome::Delivered(1))
-                    | (DeliveryMode::Streams, PublishOutcome::Accepted)
-            ),
-            "{mode:?}: {outcome:?}"
-        );
-        let delivery = next(&mut subscription).await;
-        assert_eq!(delivery.envelope().id(), sent.id(), "{mode:?}");
-        assert_eq!(delivery.envelope().payload(), sent.payload(), "{mode:?}");
-        within(Duration::from_secs(10), "acking", delivery.ack())
-            .await
-            .unwrap();
-        let health = within(Duration::from_secs(10), "health", router.health()).await;
-        assert!(health.connected, "{mode:?}: {health:?}");
-        within(Duration::from_secs(10), "closing", router.close())
-            .await
-            .unwrap();
-    }
+    round_trip_in_both_modes("over TLS", || {
+        RedisRouter::builder(&url)
+            .read_block(Duration::from_millis(500))
+            .tls_connector(trusting(&server.certificate))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

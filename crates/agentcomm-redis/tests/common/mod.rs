@@ -181,3 +181,63 @@ impl Drop for RemoveKeysOnDrop {
         .join();
     }
 }
+
+/// In each delivery mode, a router from `builder()` subscribes to `Payment:*:*` (a group in Streams
+/// mode), publishes one message to itself and gets it back whole, acks it, is healthy, and closes;
+/// `how` names the connection in failures ("over TLS", ...).
+pub async fn round_trip_in_both_modes(how: &str, builder: impl Fn() -> RedisRouterBuilder) {
+    use agentcomm_core::envelope::Envelope;
+    use agentcomm_core::prelude::*;
+    use agentcomm_core::router::{PublishOutcome, SubscribeOptions};
+    for mode in [DeliveryMode::PubSub, DeliveryMode::Streams] {
+        let router = connected(builder().mode(mode).prefix(unique_prefix())).await;
+        let pattern = ChannelPattern::parse("Payment:*:*").unwrap();
+        let options = match mode {
+            DeliveryMode::Streams => SubscribeOptions::new(pattern).group("payments"),
+            _ => SubscribeOptions::new(pattern),
+        };
+        let mut subscription = within(
+            Duration::from_secs(10),
+            "subscribing",
+            router.subscribe(options),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{mode:?}: subscribe {how}: {e}"));
+        let sent = Envelope::new(
+            parse_channel("Payment:request:s1").unwrap(),
+            "application/json",
+            br#"{"amount":12.5}"#.to_vec(),
+        );
+        let outcome = within(
+            Duration::from_secs(10),
+            "publishing",
+            router.publish(sent.clone()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{mode:?}: publish {how}: {e}"));
+        // pub/sub counts the subscribers that got it; a stream stores it.
+        assert!(
+            matches!(
+                (mode, outcome),
+                (DeliveryMode::PubSub, PublishOutcome::Delivered(1))
+                    | (DeliveryMode::Streams, PublishOutcome::Accepted)
+            ),
+            "{mode:?} {how}: {outcome:?}"
+        );
+        let delivery = next(&mut subscription).await;
+        assert_eq!(delivery.envelope().id(), sent.id(), "{mode:?} {how}");
+        assert_eq!(
+            delivery.envelope().payload(),
+            sent.payload(),
+            "{mode:?} {how}"
+        );
+        within(Duration::from_secs(10), "acking", delivery.ack())
+            .await
+            .unwrap();
+        let health = within(Duration::from_secs(10), "health", router.health()).await;
+        assert!(health.connected, "{mode:?} {how}: {health:?}");
+        within(Duration::from_secs(10), "closing", router.close())
+            .await
+            .unwrap();
+    }
+}

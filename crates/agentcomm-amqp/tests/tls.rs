@@ -138,6 +138,21 @@ fn amqps_url(terminator: &TlsTerminator, query: &str) -> String {
     format!("amqps://{rest}{separator}{query}")
 }
 
+/// The error of connecting to `url`, which TLS must refuse.
+async fn refused(url: &str) -> String {
+    let error = within(
+        "the refused connection",
+        AmqpRouter::builder(url)
+            .exchange(unique("t-tls-refused"))
+            .connect(),
+    )
+    .await
+    .expect_err("TLS must refuse this server's certificate");
+    let text = error.to_string();
+    println!("refused as expected: {text}");
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_amqps_url_with_its_ca_publishes_and_consumes_over_tls() {
     if !broker_available().await {
@@ -194,16 +209,7 @@ async fn an_amqps_url_without_the_ca_is_refused_with_a_clear_error() {
     let terminator = tls_terminator().await;
     // The system's roots, which do not vouch for the test's certificate.
     let url = amqps_url(&terminator, "connection_timeout=3000");
-    let error = within(
-        "the refused connection",
-        AmqpRouter::builder(&url)
-            .exchange(unique("t-tls-refused"))
-            .connect(),
-    )
-    .await
-    .expect_err("a certificate nobody vouches for must be refused");
-    let text = error.to_string();
-    println!("refused as expected: {text}");
+    let text = refused(&url).await;
     assert!(
         text.contains(&format!("127.0.0.1:{}", terminator.port)),
         "the error names the server: {text}"
@@ -223,19 +229,11 @@ async fn a_certificate_for_another_name_names_the_fix_and_the_fix_works() {
     // Trusted (cacertfile), but issued for another name than the URL's host.
     let terminator = tls_terminator_for("agentcomm.invalid").await;
     let ca = format!("cacertfile={}", terminator.ca_file.display());
-    let error = within(
-        "the refused connection",
-        AmqpRouter::builder(amqps_url(
-            &terminator,
-            &format!("{ca}&connection_timeout=3000"),
-        ))
-        .exchange(unique("t-tls-name"))
-        .connect(),
-    )
-    .await
-    .expect_err("a certificate for another name must be refused");
-    let text = error.to_string();
-    println!("refused as expected: {text}");
+    let text = refused(&amqps_url(
+        &terminator,
+        &format!("{ca}&connection_timeout=3000"),
+    ))
+    .await;
     assert!(
         text.contains("does not name the host") && text.contains("server_name_indication"),
         "the error says the name is wrong and how to connect anyway: {text}"

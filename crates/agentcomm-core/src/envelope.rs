@@ -325,6 +325,27 @@ impl Envelope {
 
     /// Encodes the envelope as a wire frame: a MessagePack map, or a JSON object when the payload is JSON.
     pub fn to_frame(&self) -> Result<Vec<u8>> {
+        self.encode_frame(None)
+    }
+
+    /// Encodes the envelope as [`to_frame`](Self::to_frame) does, with one more header (`name` set to
+    /// `value`, replacing a header of that name), without changing the envelope: for a backend's own
+    /// per-publish header, written straight into the frame.
+    ///
+    /// ```
+    /// use agentcomm_core::{Envelope, parse_channel};
+    ///
+    /// let envelope = Envelope::new(parse_channel("A:request:s1")?, "application/msgpack", vec![0x80]);
+    /// let frame = envelope.to_frame_with_header("x-trace", "abc")?;
+    /// assert_eq!(Envelope::from_frame(&frame)?.headers().get("x-trace").map(String::as_str), Some("abc"));
+    /// assert!(envelope.headers().is_empty());
+    /// # Ok::<(), agentcomm_core::Error>(())
+    /// ```
+    pub fn to_frame_with_header(&self, name: &str, value: &str) -> Result<Vec<u8>> {
+        self.encode_frame(Some((name, value)))
+    }
+
+    fn encode_frame(&self, extra: Option<(&str, &str)>) -> Result<Vec<u8>> {
         if self.content_type == JSON_CONTENT_TYPE {
             let text = std::str::from_utf8(&self.payload).map_err(|e| {
                 Error::encode("envelope", format!("the JSON payload is not UTF-8: {e}"))
@@ -336,40 +357,62 @@ impl Envelope {
                         format!("the JSON payload is not valid JSON: {e}"),
                     )
                 })?;
-            serde_json::to_vec(&self.wire(payload)).map_err(|e| Error::encode("envelope", e))
+            let mut wire = self.wire(payload, true);
+            if let Some((name, value)) = extra {
+                wire.headers.retain(|(existing, _)| existing != name);
+                wire.headers
+                    .push((Cow::Borrowed(name), Cow::Borrowed(value)));
+                wire.headers.sort();
+            }
+            serde_json::to_vec(&wire).map_err(|e| Error::encode("envelope", e))
         } else {
             let mut buffer = Vec::with_capacity(192 + self.payload.len());
-            crate::frame_msgpack::write(&self.wire(&self.payload[..]), &mut buffer);
+            crate::frame_msgpack::write(
+                &self.wire(&self.payload[..], false),
+                &self.headers,
+                extra,
+                &mut buffer,
+            );
             Ok(buffer)
         }
     }
 
     /// Decodes a wire frame (either form; a JSON frame starts with `{`). The payload is copied out.
     pub fn from_frame(frame: &[u8]) -> Result<Self> {
-        Self::decode_frame(frame, Bytes::copy_from_slice)
+        Self::decode_frame(frame, Bytes::copy_from_slice, None, None).map(|(envelope, _)| envelope)
     }
 
     /// Decodes a wire frame held in `Bytes`: the payload is a view into the frame, not a copy.
     pub fn from_frame_bytes(frame: Bytes) -> Result<Self> {
-        Self::decode_frame(&frame, |payload| frame.slice_ref(payload))
+        Self::decode_frame(&frame, |payload| frame.slice_ref(payload), None, None)
+            .map(|(envelope, _)| envelope)
     }
 
-    fn decode_frame(frame: &[u8], payload_of: impl Fn(&[u8]) -> Bytes) -> Result<Self> {
+    /// Decodes `frame`. A channel equal to `reuse` (same name and components) is `reuse` itself, not a
+    /// new one; the header named `take`, when there is one, is returned apart instead of kept.
+    fn decode_frame(
+        frame: &[u8],
+        payload_of: impl Fn(&[u8]) -> Bytes,
+        reuse: Option<&Channel>,
+        take: Option<&str>,
+    ) -> Result<(Self, Option<String>)> {
         let first = frame.iter().copied().find(|b| !b.is_ascii_whitespace());
         if first == Some(b'{') {
             let wire: Wire<'_, &serde_json::value::RawValue> =
                 serde_json::from_slice(frame).map_err(|e| Error::decode("envelope", e))?;
             let payload = payload_of(wire.payload.get().as_bytes());
-            Self::from_wire(wire, payload)
+            Self::from_wire(wire, payload, reuse, take)
         } else {
             let wire =
                 crate::frame_msgpack::read(frame).map_err(|e| Error::decode("envelope", e))?;
             let payload = payload_of(wire.payload);
-            Self::from_wire(wire, payload)
+            Self::from_wire(wire, payload, reuse, take)
         }
     }
 
-    fn wire<P>(&self, payload: P) -> Wire<'_, P> {
+    /// The frame's fields; `headers` false leaves the headers out (the MessagePack writer takes them
+    /// from the envelope itself, without building a list).
+    fn wire<P>(&self, payload: P, headers: bool) -> Wire<'_, P> {
         Wire {
             v: FRAME_VERSION,
             id: WireId::Id(self.id),
@@ -386,16 +429,24 @@ impl Envelope {
             correlation_id: self.correlation_id.as_deref().map(Cow::Borrowed),
             reply_to: self.reply_to.as_deref().map(Cow::Borrowed),
             attempt: self.attempt,
-            headers: self
-                .headers
-                .iter()
-                .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
-                .collect(),
+            headers: if headers {
+                self.headers
+                    .iter()
+                    .map(|(k, v)| (Cow::Borrowed(k.as_str()), Cow::Borrowed(v.as_str())))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             payload,
         }
     }
 
-    fn from_wire<P>(header: Wire<'_, P>, payload: Bytes) -> Result<Self> {
+    fn from_wire<P>(
+        header: Wire<'_, P>,
+        payload: Bytes,
+        reuse: Option<&Channel>,
+        take: Option<&str>,
+    ) -> Result<(Self, Option<String>)> {
         if header.v != FRAME_VERSION {
             return Err(Error::decode(
                 "envelope",
@@ -410,20 +461,40 @@ impl Envelope {
             WireId::Text(text) => MessageId::parse(&text)?,
         };
         let channel_class = header.channel_class.as_deref().unwrap_or(&header.class);
-        let channel = Channel::from_wire(
-            channel_class,
-            &header.direction,
-            &header.session,
-            &header.channel,
-        )
-        .map_err(|e| Error::decode("envelope", format!("invalid channel: {e}")))?;
+        let channel = match reuse {
+            // Most frames come on the channel of the one before: the same strings make the same channel.
+            Some(channel)
+                if channel.name() == header.channel
+                    && channel.class() == channel_class
+                    && channel.direction() == header.direction
+                    && channel.session() == header.session =>
+            {
+                channel.clone()
+            }
+            _ => Channel::from_wire(
+                channel_class,
+                &header.direction,
+                &header.session,
+                &header.channel,
+            )
+            .map_err(|e| Error::decode("envelope", format!("invalid channel: {e}")))?,
+        };
         if header.attempt == 0 {
             return Err(Error::decode(
                 "envelope",
                 "attempt is 0; attempts count from 1",
             ));
         }
-        Ok(Envelope {
+        let mut taken = None;
+        let mut headers = Headers::new();
+        for (name, value) in header.headers {
+            if take.is_some_and(|take| take == name) {
+                taken = Some(value.into_owned());
+            } else {
+                headers.insert(name.into_owned(), value.into_owned());
+            }
+        }
+        let envelope = Envelope {
             id,
             class: (header.class != channel.class()).then(|| Cow::Owned(header.class.into_owned())),
             channel,
@@ -435,13 +506,60 @@ impl Envelope {
             correlation_id: header.correlation_id.map(Cow::into_owned),
             reply_to: header.reply_to.map(Cow::into_owned),
             attempt: header.attempt,
-            headers: header
-                .headers
-                .into_iter()
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect(),
+            headers,
             payload,
-        })
+        };
+        Ok((envelope, taken))
+    }
+}
+
+/// Decodes frame after frame of one source (a subscription, a consumer), reusing what frames share: a
+/// frame on the same channel as the one before gets that channel, not a new copy of it.
+///
+/// ```
+/// use agentcomm_core::envelope::FrameDecoder;
+/// use agentcomm_core::{Envelope, parse_channel};
+///
+/// let sent = Envelope::new(parse_channel("A:request:s1")?, "application/msgpack", vec![0x80]);
+/// let frame = bytes::Bytes::from(sent.to_frame_with_header("x-seq", "7")?);
+/// let mut decoder = FrameDecoder::new();
+/// let (received, seq) = decoder.decode_taking(frame, "x-seq")?;
+/// assert_eq!((received.id(), seq.as_deref()), (sent.id(), Some("7")));
+/// assert!(received.headers().is_empty());
+/// # Ok::<(), agentcomm_core::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    last_channel: Option<Channel>,
+}
+
+impl FrameDecoder {
+    /// A decoder that has seen nothing yet.
+    pub fn new() -> Self {
+        FrameDecoder::default()
+    }
+
+    /// Decodes `frame` as [`Envelope::from_frame_bytes`] does.
+    pub fn decode(&mut self, frame: Bytes) -> Result<Envelope> {
+        self.decode_taking(frame, "").map(|(envelope, _)| envelope)
+    }
+
+    /// Decodes `frame`, and returns the header named `header` apart: it is not among the envelope's
+    /// headers. For a backend's own header that the handler must not see.
+    pub fn decode_taking(
+        &mut self,
+        frame: Bytes,
+        header: &str,
+    ) -> Result<(Envelope, Option<String>)> {
+        let take = (!header.is_empty()).then_some(header);
+        let decoded = Envelope::decode_frame(
+            &frame,
+            |payload| frame.slice_ref(payload),
+            self.last_channel.as_ref(),
+            take,
+        )?;
+        self.last_channel = Some(decoded.0.channel().clone());
+        Ok(decoded)
     }
 }
 
@@ -501,9 +619,53 @@ pub(crate) struct Wire<'a, P> {
     pub(crate) reply_to: Option<Cow<'a, str>>,
     #[serde(default = "one")]
     pub(crate) attempt: u32,
-    #[serde(borrow, default)]
-    pub(crate) headers: BTreeMap<Cow<'a, str>, Cow<'a, str>>,
+    #[serde(borrow, default, with = "wire_headers")]
+    pub(crate) headers: WireHeaders<'a>,
     pub(crate) payload: P,
+}
+
+/// The headers of a frame in the order they came: a map on the wire, a list here, so that reading a
+/// frame builds one map (the envelope's), not two.
+pub(crate) type WireHeaders<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
+
+/// Serde for [`WireHeaders`] as a map of string to string.
+mod wire_headers {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use serde::de::{MapAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    use super::WireHeaders;
+
+    pub(super) fn serialize<S: Serializer>(
+        headers: &WireHeaders<'_>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(headers.iter().map(|(name, value)| (name, value)))
+    }
+
+    pub(super) fn deserialize<'de, 'a, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<WireHeaders<'a>, D::Error> {
+        struct Headers;
+        impl<'de> Visitor<'de> for Headers {
+            type Value = WireHeaders<'static>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of string to string")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut headers = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                while let Some((name, value)) = map.next_entry::<String, String>()? {
+                    headers.push((Cow::Owned(name), Cow::Owned(value)));
+                }
+                Ok(headers)
+            }
+        }
+        deserializer.deserialize_map(Headers)
+    }
 }
 
 /// The id as text on the wire.
@@ -555,7 +717,7 @@ mod tests {
     fn serde_frame(envelope: &Envelope) -> Vec<u8> {
         let mut buffer = Vec::new();
         envelope
-            .wire(Bin(Cow::Borrowed(&envelope.payload()[..])))
+            .wire(Bin(Cow::Borrowed(&envelope.payload()[..])), true)
             .serialize(&mut rmp_serde::Serializer::new(&mut buffer).with_struct_map())
             .unwrap();
         buffer
@@ -761,5 +923,83 @@ mod tests {
         assert!(first < second);
         assert_eq!(first.as_uuid().get_version_num(), 7);
         assert_eq!(MessageId::parse(&first.to_string()).unwrap(), first);
+    }
+
+    #[test]
+    fn a_header_written_into_the_frame_reads_back_like_one_set_on_the_envelope() {
+        for content_type in [MSGPACK_CONTENT_TYPE, JSON_CONTENT_TYPE] {
+            let payload: &'static [u8] = if content_type == JSON_CONTENT_TYPE {
+                b"{\"a\":1}"
+            } else {
+                b"\x81\xa1a\x01"
+            };
+            let envelope = sample(content_type, payload);
+            // A new header, and one that replaces the envelope's own of that name.
+            for (name, value) in [("agentcomm-seq", "p/41"), ("tenant", "other")] {
+                let frame = envelope.to_frame_with_header(name, value).unwrap();
+                let expected = envelope.clone().with_header(name, value);
+                // (Not byte for byte: the extra header comes last, and key order is free.)
+                assert_eq!(
+                    Envelope::from_frame(&frame).unwrap(),
+                    expected,
+                    "{content_type}"
+                );
+            }
+            assert_eq!(
+                envelope.headers().len(),
+                2,
+                "the envelope itself is unchanged"
+            );
+        }
+    }
+
+    #[test]
+    fn the_frame_decoder_takes_one_header_apart_and_keeps_the_others() {
+        let mut decoder = FrameDecoder::new();
+        let envelope = sample(MSGPACK_CONTENT_TYPE, b"\x80");
+        let frame = Bytes::from(
+            envelope
+                .to_frame_with_header("agentcomm-seq", "p/7")
+                .unwrap(),
+        );
+        let (decoded, taken) = decoder
+            .decode_taking(frame.clone(), "agentcomm-seq")
+            .unwrap();
+        assert_eq!(taken.as_deref(), Some("p/7"));
+        assert_eq!(decoded, envelope);
+        let (decoded, taken) = decoder.decode_taking(frame.clone(), "absent").unwrap();
+        assert_eq!(taken, None);
+        assert_eq!(
+            decoded.headers().get("agentcomm-seq").map(String::as_str),
+            Some("p/7")
+        );
+        assert_eq!(decoder.decode(frame).unwrap(), decoded);
+    }
+
+    #[test]
+    fn the_frame_decoder_reuses_a_channel_only_when_every_component_is_the_same() {
+        // Two channels with one name on the broker (a template that leaves the session out).
+        let first = Channel::from_wire("A", "b", "s1", "shared-name").unwrap();
+        let second = Channel::from_wire("A", "b", "s2", "shared-name").unwrap();
+        let dead = parse_channel("A:b:s1").unwrap().dead_letter();
+        let mut decoder = FrameDecoder::new();
+        for channel in [&first, &first, &second, &first, &dead, &dead, &second] {
+            let envelope = sample(MSGPACK_CONTENT_TYPE, b"\x80").with_channel(channel.clone());
+            let decoded = decoder
+                .decode(Bytes::from(envelope.to_frame().unwrap()))
+                .unwrap();
+            assert_eq!(decoded.channel(), channel);
+            assert_eq!(decoded.class(), envelope.class());
+            assert_eq!(decoded, envelope);
+        }
+        // A frame that fails leaves the decoder usable.
+        assert!(decoder.decode(Bytes::from_static(b"\x81")).is_err());
+        let envelope = sample(MSGPACK_CONTENT_TYPE, b"\x80");
+        assert_eq!(
+            decoder
+                .decode(Bytes::from(envelope.to_frame().unwrap()))
+                .unwrap(),
+            envelope
+        );
     }
 }

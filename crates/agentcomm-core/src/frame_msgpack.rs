@@ -4,12 +4,17 @@
 //! form; the tests in `envelope.rs` check both directions against `rmp_serde`.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
-use super::envelope::{Wire, WireId};
+use super::envelope::{Headers, Wire, WireId};
 
-/// Writes `wire` (payload as bytes) as a MessagePack map.
-pub(crate) fn write(wire: &Wire<'_, &[u8]>, out: &mut Vec<u8>) {
+/// Writes `wire` (payload as bytes) as a MessagePack map, with `headers` (the envelope's; `wire`'s own
+/// are not read) and `extra`, which replaces a header of its name.
+pub(crate) fn write(
+    wire: &Wire<'_, &[u8]>,
+    headers: &Headers,
+    extra: Option<(&str, &str)>,
+    out: &mut Vec<u8>,
+) {
     let optional = [
         wire.channel_class.as_deref(),
         wire.correlation_id.as_deref(),
@@ -57,8 +62,19 @@ pub(crate) fn write(wire: &Wire<'_, &[u8]>, out: &mut Vec<u8>) {
     write_str(out, "attempt");
     write_uint(out, u64::from(wire.attempt));
     write_str(out, "headers");
-    write_map_len(out, wire.headers.len());
-    for (name, value) in &wire.headers {
+    let replaced = extra.is_some_and(|(name, _)| headers.contains_key(name));
+    write_map_len(
+        out,
+        headers.len() + usize::from(extra.is_some() && !replaced),
+    );
+    for (name, value) in headers {
+        if extra.is_some_and(|(extra, _)| extra == name) {
+            continue;
+        }
+        write_str(out, name);
+        write_str(out, value);
+    }
+    if let Some((name, value)) = extra {
         write_str(out, name);
         write_str(out, value);
     }
@@ -151,7 +167,7 @@ pub(crate) fn read(frame: &[u8]) -> Result<Wire<'_, &[u8]>, String> {
     let mut correlation_id = None;
     let mut reply_to = None;
     let mut attempt = None;
-    let mut headers = BTreeMap::new();
+    let mut headers = Vec::new();
     let mut payload = None;
     for _ in 0..fields {
         // Keys are compared as bytes: an unknown or non-UTF-8 key is skipped like any unknown field.
@@ -171,10 +187,13 @@ pub(crate) fn read(frame: &[u8]) -> Result<Wire<'_, &[u8]>, String> {
             b"attempt" => attempt = Some(reader.uint_u32("attempt")?),
             b"headers" => {
                 headers.clear();
-                for _ in 0..reader.map_len()? {
+                let len = reader.map_len()?;
+                // Bounded by what the frame could hold, not by what a hostile length claims.
+                headers.reserve(len.min(reader.bytes.len() / 2));
+                for _ in 0..len {
                     let name = reader.str()?;
                     let value = reader.str()?;
-                    headers.insert(Cow::Borrowed(name), Cow::Borrowed(value));
+                    headers.push((Cow::Borrowed(name), Cow::Borrowed(value)));
                 }
             }
             b"payload" => payload = Some(reader.bytes()?),

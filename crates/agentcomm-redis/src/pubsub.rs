@@ -26,7 +26,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use agentcomm_core::channel::ChannelPattern;
-use agentcomm_core::envelope::Envelope;
+use agentcomm_core::envelope::{Envelope, FrameDecoder};
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::{
     Acknowledge, BoxFuture, Delivery, Distribution, NackAction, SubscribeOptions, Subscription,
@@ -204,12 +204,14 @@ impl PubSubHub {
             done: false,
             last: None,
             covered: None,
+            decoder: FrameDecoder::new(),
         };
         let control = Arc::new(PubSubControl {
             hub: Arc::downgrade(self),
             subscription,
         });
-        let deliveries = futures::stream::unfold(reader, |mut reader| async move {
+        // Boxed: the stream moves its state in and out for every message.
+        let deliveries = futures::stream::unfold(Box::new(reader), |mut reader| async move {
             let delivery = reader.next().await?;
             Some((delivery, reader))
         });
@@ -470,6 +472,7 @@ struct Reader {
     last: Option<(Bytes, Str)>,
     /// The last Redis channel seen, and whether this subscription's Redis subscriptions cover it.
     covered: Option<(Str, bool)>,
+    decoder: FrameDecoder,
 }
 
 /// What waiting for the next message produced.
@@ -589,8 +592,8 @@ impl Reader {
         {
             return None;
         }
-        let mut envelope = match Envelope::from_frame_bytes(raw.clone()) {
-            Ok(envelope) => envelope,
+        let (envelope, sequence) = match self.decoder.decode_taking(raw.clone(), SEQUENCE_HEADER) {
+            Ok(decoded) => decoded,
             Err(error) => {
                 // Its copies for the connection's other matching Redis subscriptions follow: skipped.
                 self.last = Some((raw.clone(), message.channel.clone()));
@@ -599,7 +602,7 @@ impl Reader {
             }
         };
         self.last = None;
-        if let Some(sequence) = envelope.headers_mut().remove(SEQUENCE_HEADER) {
+        if let Some(sequence) = sequence {
             self.last = Some((raw, message.channel));
             let (verdict, lost) =
                 self.tracker

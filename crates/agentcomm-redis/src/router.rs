@@ -724,12 +724,10 @@ impl Shared {
     }
 
     /// Numbers and encodes a message for pub/sub; returns its route and frame.
-    fn pubsub_frame(&self, mut envelope: Envelope) -> Result<(Arc<ChannelRoute>, Bytes)> {
+    fn pubsub_frame(&self, envelope: &Envelope) -> Result<(Arc<ChannelRoute>, Bytes)> {
         let (route, sequence) = self.pubsub_route(envelope.channel());
-        envelope
-            .headers_mut()
-            .insert(SEQUENCE_HEADER.to_string(), sequence);
-        Ok((route, Bytes::from(envelope.to_frame()?)))
+        let frame = envelope.to_frame_with_header(SEQUENCE_HEADER, &sequence)?;
+        Ok((route, Bytes::from(frame)))
     }
 
     /// Publishes one envelope in this router's mode; dead letters are always also kept in their stream.
@@ -738,6 +736,42 @@ impl Shared {
         let result = self.publish_one(envelope).await;
         self.count_publish(&result);
         result
+    }
+
+    /// Whether `envelope` is only published (pub/sub, not stored): the common case of pub/sub mode.
+    fn only_published(&self, envelope: &Envelope) -> bool {
+        self.settings.mode == DeliveryMode::PubSub
+            && envelope.channel().class() != DEAD_LETTER_CLASS
+    }
+
+    /// [`publish_envelope`](Self::publish_envelope) for an envelope that is [only
+    /// published](Self::only_published): the envelope is numbered and encoded before the future is
+    /// made, so the future holds fred's command and nothing else. (fred's command futures are several
+    /// kilobytes, and a future that holds one among others is copied whole when it is boxed.)
+    fn publish_only(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        if let Err(error) = self.check_open() {
+            return Box::pin(std::future::ready(Err(error)));
+        }
+        let (route, frame) = match self.pubsub_frame(&envelope) {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                let result = Err(error);
+                self.count_publish(&result);
+                return Box::pin(std::future::ready(result));
+            }
+        };
+        drop(envelope);
+        let clustered = self.clustered();
+        Box::pin(futures::FutureExt::map(
+            self.pool.clients()[route.client].publish::<i64, _, _>(route.channel.clone(), frame),
+            move |reply| {
+                let result = reply
+                    .map(|receivers| outcome_of(receivers, false, clustered))
+                    .map_err(|e| map_error(&e, &self.settings, "PUBLISH"));
+                self.count_publish(&result);
+                result
+            },
+        ))
     }
 
     async fn publish_one(&self, envelope: Envelope) -> Result<PublishOutcome> {
@@ -751,12 +785,12 @@ impl Shared {
         if stored {
             // Published and stored with one script: replies in Streams mode, dead letters in pub/sub mode.
             let target = self.target(class).await?;
-            let (route, frame) = self.pubsub_frame(envelope)?;
+            let (route, frame) = self.pubsub_frame(&envelope)?;
             return self
                 .stream_publish(&target, frame, Some(route.channel.clone()))
                 .await;
         }
-        let (route, frame) = self.pubsub_frame(envelope)?;
+        let (route, frame) = self.pubsub_frame(&envelope)?;
         let receivers: i64 = self.pool.clients()[route.client]
             .publish(route.channel.clone(), frame)
             .await
@@ -811,13 +845,15 @@ impl Shared {
                         frame: Bytes::from(frame),
                     }),
                 },
-                DeliveryMode::PubSub => self.pubsub_frame(envelope).map(|(route, frame)| Pending {
-                    index,
-                    client: route.client,
-                    target: None,
-                    channel: Some(route.channel.clone()),
-                    frame,
-                }),
+                DeliveryMode::PubSub => {
+                    self.pubsub_frame(&envelope).map(|(route, frame)| Pending {
+                        index,
+                        client: route.client,
+                        target: None,
+                        channel: Some(route.channel.clone()),
+                        frame,
+                    })
+                }
             };
             match pending {
                 Ok(pending) => by_client.entry(pending.client).or_default().push(pending),
@@ -1224,6 +1260,9 @@ impl Router for RedisRouter {
     }
 
     fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        if self.shared.only_published(&envelope) {
+            return self.shared.publish_only(envelope);
+        }
         Box::pin(self.shared.publish_envelope(envelope))
     }
 

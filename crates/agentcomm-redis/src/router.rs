@@ -738,40 +738,84 @@ impl Shared {
         result
     }
 
-    /// Whether `envelope` is only published (pub/sub, not stored): the common case of pub/sub mode.
-    fn only_published(&self, envelope: &Envelope) -> bool {
-        self.settings.mode == DeliveryMode::PubSub
-            && envelope.channel().class() != DEAD_LETTER_CLASS
-    }
-
-    /// [`publish_envelope`](Self::publish_envelope) for an envelope that is [only
-    /// published](Self::only_published): the envelope is numbered and encoded before the future is
-    /// made, so the future holds fred's command and nothing else. (fred's command futures are several
-    /// kilobytes, and a future that holds one among others is copied whole when it is boxed.)
-    fn publish_only(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+    /// [`publish_envelope`](Self::publish_envelope) for the two common cases that need one command and
+    /// no await before it ([`direct`](Self::direct)): a pub/sub publish (not a dead letter), and a
+    /// Streams append without idempotent publishing to a class already registered. The envelope is
+    /// numbered or encoded before the future is made, so the future holds fred's command and nothing
+    /// else (fred's command futures are several kilobytes, and a future holding one among others is
+    /// copied whole when boxed).
+    fn publish_direct(
+        &self,
+        envelope: Envelope,
+        direct: Direct,
+    ) -> BoxFuture<'_, Result<PublishOutcome>> {
         if let Err(error) = self.check_open() {
             return Box::pin(std::future::ready(Err(error)));
         }
-        let (route, frame) = match self.pubsub_frame(&envelope) {
-            Ok(encoded) => encoded,
-            Err(error) => {
-                let result = Err(error);
-                self.count_publish(&result);
-                return Box::pin(std::future::ready(result));
-            }
+        let finish = move |result: Result<PublishOutcome>| {
+            self.count_publish(&result);
+            result
         };
-        drop(envelope);
-        let clustered = self.clustered();
-        Box::pin(futures::FutureExt::map(
-            self.pool.clients()[route.client].publish::<i64, _, _>(route.channel.clone(), frame),
-            move |reply| {
-                let result = reply
-                    .map(|receivers| outcome_of(receivers, false, clustered))
-                    .map_err(|e| map_error(&e, &self.settings, "PUBLISH"));
-                self.count_publish(&result);
-                result
-            },
-        ))
+        match direct {
+            Direct::Append(target) => {
+                let frame = match envelope.to_frame() {
+                    Ok(frame) => frame,
+                    Err(error) => return Box::pin(std::future::ready(finish(Err(error)))),
+                };
+                drop(envelope);
+                let fields = vec![(FRAME_FIELD, Value::Bytes(Bytes::from(frame)))];
+                Box::pin(futures::FutureExt::map(
+                    self.pool.clients()[target.client].xadd::<Value, _, _, _, _>(
+                        target.stream.clone(),
+                        false,
+                        target.cap(),
+                        "*",
+                        fields,
+                    ),
+                    move |added| {
+                        finish(
+                            added
+                                .map(|_| PublishOutcome::Accepted)
+                                .map_err(|e| map_error(&e, &self.settings, "XADD")),
+                        )
+                    },
+                ))
+            }
+            Direct::Publish => {
+                let (route, frame) = match self.pubsub_frame(&envelope) {
+                    Ok(encoded) => encoded,
+                    Err(error) => return Box::pin(std::future::ready(finish(Err(error)))),
+                };
+                drop(envelope);
+                let clustered = self.clustered();
+                Box::pin(futures::FutureExt::map(
+                    self.pool.clients()[route.client]
+                        .publish::<i64, _, _>(route.channel.clone(), frame),
+                    move |reply| {
+                        finish(
+                            reply
+                                .map(|receivers| outcome_of(receivers, false, clustered))
+                                .map_err(|e| map_error(&e, &self.settings, "PUBLISH")),
+                        )
+                    },
+                ))
+            }
+        }
+    }
+
+    /// Whether `envelope` can be [published directly](Self::publish_direct), and how.
+    fn direct(&self, envelope: &Envelope) -> Option<Direct> {
+        let class = envelope.channel().class();
+        match self.settings.mode {
+            DeliveryMode::PubSub if class != DEAD_LETTER_CLASS => Some(Direct::Publish),
+            DeliveryMode::Streams
+                if !self.settings.idempotent_publish
+                    && !self.publishes_to_channel(envelope.channel()) =>
+            {
+                self.registered_target(class).map(Direct::Append)
+            }
+            _ => None,
+        }
     }
 
     async fn publish_one(&self, envelope: Envelope) -> Result<PublishOutcome> {
@@ -1217,6 +1261,14 @@ fn stable_hash_bytes(bytes: &[u8]) -> u64 {
 /// What a publish that `PUBLISH` counted `receivers` for is. In a cluster, `PUBLISH` counts only the
 /// receivers on the node that took it (the message still reaches subscribers on every node), so none
 /// there proves nothing: `Accepted`, not `Unroutable`.
+/// How a publish that needs one command goes ([`Shared::publish_direct`]).
+enum Direct {
+    /// `PUBLISH` (pub/sub mode).
+    Publish,
+    /// `XADD` to this registered target (Streams mode).
+    Append(Arc<StreamTarget>),
+}
+
 fn outcome_of(receivers: i64, stored: bool, clustered: bool) -> PublishOutcome {
     match receivers {
         n if n > 0 => PublishOutcome::Delivered(n as usize),
@@ -1260,10 +1312,10 @@ impl Router for RedisRouter {
     }
 
     fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
-        if self.shared.only_published(&envelope) {
-            return self.shared.publish_only(envelope);
+        match self.shared.direct(&envelope) {
+            Some(direct) => self.shared.publish_direct(envelope, direct),
+            None => Box::pin(self.shared.publish_envelope(envelope)),
         }
-        Box::pin(self.shared.publish_envelope(envelope))
     }
 
     fn publish_batch(

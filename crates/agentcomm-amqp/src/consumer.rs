@@ -22,11 +22,12 @@ use futures::Stream;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use agentcomm_core::envelope::Envelope;
+use agentcomm_core::envelope::{Envelope, FrameDecoder};
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::{
     Acknowledge, BoxFuture, Delivery, NackAction, PublishOutcome, SubscriptionControl,
 };
+use bytes::Bytes;
 
 use crate::builder::QueueType;
 use crate::link::{Inner, Live, OpChannel, Reason, Role, bump};
@@ -284,13 +285,26 @@ impl SubscriptionControl for Control {
 }
 
 /// The stream handed to [`agentcomm_core::router::Subscription::from_stream`].
-pub(crate) struct DeliveryStream(pub Arc<SubShared>);
+pub(crate) struct DeliveryStream {
+    shared: Arc<SubShared>,
+    /// Reuses the channel of the previous message when the next one has the same.
+    decoder: FrameDecoder,
+}
+
+impl DeliveryStream {
+    pub(crate) fn new(shared: Arc<SubShared>) -> Self {
+        DeliveryStream {
+            shared,
+            decoder: FrameDecoder::new(),
+        }
+    }
+}
 
 impl Stream for DeliveryStream {
     type Item = Delivery;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        let shared = &self.0;
+        let DeliveryStream { shared, decoder } = self.get_mut();
         loop {
             let (message, consumer) = {
                 let mut feed = shared.feed();
@@ -325,14 +339,14 @@ impl Stream for DeliveryStream {
                     }
                 }
             };
-            if let Some(delivery) = deliver(shared, message, consumer) {
+            if let Some(delivery) = deliver(shared, decoder, message, consumer) {
                 return Poll::Ready(Some(delivery));
             }
         }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.0.buffered(), None)
+        (self.shared.buffered(), None)
     }
 }
 
@@ -341,12 +355,12 @@ impl Drop for DeliveryStream {
     /// messages unacknowledged on a channel about to close, so RabbitMQ delivers them again, and the
     /// task closing the subscription has nothing to wait for.
     fn drop(&mut self) {
-        let mut feed = self.0.feed();
+        let mut feed = self.shared.feed();
         feed.reader_gone = true;
         feed.receiver = None;
         feed.consumer = None;
         drop(feed);
-        self.0.feed_changed.notify_waiters();
+        self.shared.feed_changed.notify_waiters();
     }
 }
 
@@ -354,6 +368,7 @@ impl Drop for DeliveryStream {
 /// malformed frame, dead-lettered in the background; a leftover of a lost consumer).
 fn deliver(
     shared: &SubShared,
+    decoder: &mut FrameDecoder,
     message: ConsumerMessage,
     consumer: Arc<ConsumerHandle>,
 ) -> Option<Delivery> {
@@ -372,10 +387,11 @@ fn deliver(
         bump(&inner.counters.stale_discarded);
         return None;
     }
-    let content = message.content.unwrap_or_default();
+    // The payload stays in the message's buffer: the envelope holds a view into it, not a copy.
+    let content = Bytes::from(message.content.unwrap_or_default());
     let redelivered = deliver.redelivered();
     let handle = AmqpAck::new(consumer, deliver.delivery_tag());
-    match Envelope::from_frame(&content) {
+    match decoder.decode(content.clone()) {
         Ok(envelope) => {
             bump(&inner.counters.delivered);
             Some(Delivery::new(envelope, Box::new(handle)).redelivered(redelivered))
@@ -734,12 +750,7 @@ async fn check_fan_out_queue_survived(inner: &Inner, name: &str) {
 /// declared and nobody subscribes to dead letters), the frame is rejected without requeue: the queue's
 /// dead-letter exchange keeps it if something is bound there, and otherwise RabbitMQ drops it.
 /// Counted (`malformed`) and logged either way.
-async fn dead_letter_malformed(
-    handle: AmqpAck,
-    content: Vec<u8>,
-    routing_key: String,
-    error: Error,
-) {
+async fn dead_letter_malformed(handle: AmqpAck, content: Bytes, routing_key: String, error: Error) {
     let inner = handle.consumer.state.inner.clone();
     let queue = handle.consumer.state.queue.clone();
     bump(&inner.counters.malformed);

@@ -247,7 +247,7 @@ impl AmqpRouter {
         tracing::info!(queue = %name, bindings = ?bindings, prefetch, "subscribed");
         let control = Arc::new(Control(shared.clone()));
         Ok(Subscription::from_stream(
-            DeliveryStream(shared),
+            DeliveryStream::new(shared),
             control,
             &options,
         ))

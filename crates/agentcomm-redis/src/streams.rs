@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentcomm_core::channel::ChannelPattern;
-use agentcomm_core::envelope::{Envelope, MessageId, headers};
+use agentcomm_core::envelope::{Envelope, FrameDecoder, MessageId, headers};
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::{
     Acknowledge, BoxFuture, Delivery, Distribution, NackAction, SubscribeOptions, Subscription,
@@ -206,6 +206,8 @@ pub(crate) struct StreamSubscription {
     reading: AtomicU64,
     acks: AckBatcher,
     filtered_log: LogLimiter,
+    /// Reuses the channel of the previous entry when the next one has the same.
+    decoder: Mutex<FrameDecoder>,
 }
 
 /// A connection that reads some of a subscription's streams with blocking reads.
@@ -290,6 +292,7 @@ impl StreamSubscription {
             reading: AtomicU64::new(0),
             acks: AckBatcher::default(),
             filtered_log: LogLimiter::new(Duration::from_secs(5)),
+            decoder: Mutex::new(FrameDecoder::new()),
         });
         if let Err(error) = subscription.setup().await {
             subscription.stop_now();
@@ -722,8 +725,14 @@ impl StreamSubscription {
             self.ack_entry(key, entry_id).await;
             return;
         };
-        let mut envelope = match Envelope::from_frame_bytes(frame.clone()) {
-            Ok(envelope) => envelope,
+        // Replies are stored with the sequence number they carry over pub/sub: taken out.
+        let decoded = self
+            .decoder
+            .lock()
+            .expect("decoder lock")
+            .decode_taking(frame.clone(), SEQUENCE_HEADER);
+        let envelope = match decoded {
+            Ok((envelope, _)) => envelope,
             Err(error) => {
                 let source = format!("{key} {id}");
                 if shared
@@ -737,10 +746,6 @@ impl StreamSubscription {
                 return;
             }
         };
-        // Replies are stored with the sequence number they carry over pub/sub.
-        if !envelope.headers().is_empty() {
-            envelope.headers_mut().remove(SEQUENCE_HEADER);
-        }
         match self.wants(&envelope, fresh).await {
             Some(true) => {}
             Some(false) => {

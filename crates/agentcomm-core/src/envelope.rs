@@ -541,17 +541,25 @@ impl FrameDecoder {
 
     /// Decodes `frame` as [`Envelope::from_frame_bytes`] does.
     pub fn decode(&mut self, frame: Bytes) -> Result<Envelope> {
-        self.decode_taking(frame, "").map(|(envelope, _)| envelope)
+        self.decode_with(frame, None).map(|(envelope, _)| envelope)
     }
 
     /// Decodes `frame`, and returns the header named `header` apart: it is not among the envelope's
-    /// headers. For a backend's own header that the handler must not see.
+    /// headers. For a backend's own header that the handler must not see. When the frame repeats the
+    /// header, the last value counts, as it does for the envelope's headers.
     pub fn decode_taking(
         &mut self,
         frame: Bytes,
         header: &str,
     ) -> Result<(Envelope, Option<String>)> {
-        let take = (!header.is_empty()).then_some(header);
+        self.decode_with(frame, Some(header))
+    }
+
+    fn decode_with(
+        &mut self,
+        frame: Bytes,
+        take: Option<&str>,
+    ) -> Result<(Envelope, Option<String>)> {
         let decoded = Envelope::decode_frame(
             &frame,
             |payload| frame.slice_ref(payload),
@@ -974,23 +982,58 @@ mod tests {
             Some("p/7")
         );
         assert_eq!(decoder.decode(frame).unwrap(), decoded);
+        // JSON frames too.
+        let json = sample(JSON_CONTENT_TYPE, b"{\"a\":1}");
+        let frame = Bytes::from(json.to_frame_with_header("agentcomm-seq", "p/8").unwrap());
+        let (decoded, taken) = decoder.decode_taking(frame, "agentcomm-seq").unwrap();
+        assert_eq!((decoded, taken.as_deref()), (json, Some("p/8")));
+        // A header repeated in the frame (another writer's): the last value counts, taken or kept.
+        let twice = Bytes::from_static(
+            br#"{"id":"0192f5e4-8a3b-7c4d-9e5f-0a1b2c3d4e5f","class":"Ping","channel":"Ping:event:s9",
+            "direction":"event","session":"s9","content_type":"application/json","timestamp":1,
+            "headers":{"x":"1","y":"kept","x":"2"},"payload":{}}"#,
+        );
+        let (decoded, taken) = decoder.decode_taking(twice.clone(), "x").unwrap();
+        assert_eq!(taken.as_deref(), Some("2"));
+        assert_eq!(decoded.headers().len(), 1);
+        let decoded = decoder.decode(twice).unwrap();
+        assert_eq!(decoded.headers().get("x").map(String::as_str), Some("2"));
+        assert_eq!(decoded.headers().get("y").map(String::as_str), Some("kept"));
     }
 
     #[test]
     fn the_frame_decoder_reuses_a_channel_only_when_every_component_is_the_same() {
-        // Two channels with one name on the broker (a template that leaves the session out).
+        // Channels that differ from the first in one part each: with one name on the broker (a
+        // template that leaves a component out) and a session, a direction or a class of their own;
+        // with another name only; and a dead letter, whose channel class differs from its class.
         let first = Channel::from_wire("A", "b", "s1", "shared-name").unwrap();
-        let second = Channel::from_wire("A", "b", "s2", "shared-name").unwrap();
-        let dead = parse_channel("A:b:s1").unwrap().dead_letter();
+        let others = [
+            Channel::from_wire("A", "b", "s2", "shared-name").unwrap(),
+            Channel::from_wire("A", "c", "s1", "shared-name").unwrap(),
+            Channel::from_wire("B", "b", "s1", "shared-name").unwrap(),
+            Channel::from_wire("A", "b", "s1", "other-name").unwrap(),
+            first.dead_letter(),
+        ];
+        let mut sequence = vec![first.clone()];
+        for other in &others {
+            sequence.extend([other.clone(), other.clone(), first.clone()]);
+        }
         let mut decoder = FrameDecoder::new();
-        for channel in [&first, &first, &second, &first, &dead, &dead, &second] {
-            let envelope = sample(MSGPACK_CONTENT_TYPE, b"\x80").with_channel(channel.clone());
-            let decoded = decoder
-                .decode(Bytes::from(envelope.to_frame().unwrap()))
-                .unwrap();
-            assert_eq!(decoded.channel(), channel);
-            assert_eq!(decoded.class(), envelope.class());
-            assert_eq!(decoded, envelope);
+        for content_type in [MSGPACK_CONTENT_TYPE, JSON_CONTENT_TYPE] {
+            let payload: &'static [u8] = if content_type == JSON_CONTENT_TYPE {
+                b"{}"
+            } else {
+                b"\x80"
+            };
+            for channel in &sequence {
+                let envelope = sample(content_type, payload).with_channel(channel.clone());
+                let decoded = decoder
+                    .decode(Bytes::from(envelope.to_frame().unwrap()))
+                    .unwrap();
+                assert_eq!(decoded.channel(), channel, "{content_type}");
+                assert_eq!(decoded.class(), envelope.class(), "{content_type}");
+                assert_eq!(decoded, envelope, "{content_type}");
+            }
         }
         // A frame that fails leaves the decoder usable.
         assert!(decoder.decode(Bytes::from_static(b"\x81")).is_err());

@@ -188,8 +188,9 @@ pub(crate) fn read(frame: &[u8]) -> Result<Wire<'_, &[u8]>, String> {
             b"headers" => {
                 headers.clear();
                 let len = reader.map_len()?;
-                // Bounded by what the frame could hold, not by what a hostile length claims.
-                headers.reserve(len.min(reader.bytes.len() / 2));
+                // Bounded by what is left of the frame (two bytes at least per header) and by a small
+                // cap, not by what a hostile length claims; more headers grow the list as they come.
+                headers.reserve(len.min((reader.bytes.len() - reader.at) / 2).min(64));
                 for _ in 0..len {
                     let name = reader.str()?;
                     let value = reader.str()?;

@@ -87,9 +87,10 @@ struct StreamTarget {
     max_len: i64,
     /// The next sequence number; taken under the connection's order lock.
     next: AtomicU64,
-    /// The registry generation the class was last listed in, and when (ms since the router started).
+    /// The registry generation the class was last listed in, and when it is listed again (ms since the
+    /// router started).
     registered_generation: AtomicU64,
-    registered_at_ms: AtomicU64,
+    refresh_at_ms: AtomicU64,
     registering: tokio::sync::Mutex<()>,
     /// Publishes so far (when to look at the clock again).
     publishes: AtomicU64,
@@ -480,17 +481,21 @@ impl Shared {
             .get(class)
             .cloned()?;
         let generation = self.registry_generation.load(Ordering::Acquire);
-        // The clock is read once every 256 publishes, not on each.
+        // The clock is read once every 256 publishes, not on each. The count moves on only when the
+        // target is handed out: a caller that finds it due leaves the same verdict to the next look
+        // (the full publish path, which then registers it).
         let due = target.registered_generation.load(Ordering::Acquire) != generation
-            || (target.publishes.fetch_add(1, Ordering::Relaxed) % 256 == 0
+            || (target.publishes.load(Ordering::Relaxed) % 256 == 0
                 && self.registration_stale(&target));
-        (!due).then_some(target)
+        if due {
+            return None;
+        }
+        target.publishes.fetch_add(1, Ordering::Relaxed);
+        Some(target)
     }
 
     fn registration_stale(&self, target: &StreamTarget) -> bool {
-        self.elapsed_ms()
-            .saturating_sub(target.registered_at_ms.load(Ordering::Relaxed))
-            > REGISTRY_REFRESH.as_millis() as u64
+        self.elapsed_ms() >= target.refresh_at_ms.load(Ordering::Relaxed)
     }
 
     /// Creates the target of `class` if needed and lists the class in the registry.
@@ -519,7 +524,7 @@ impl Shared {
                     max_len: i64::try_from(max_len).unwrap_or(i64::MAX),
                     next: AtomicU64::new(1),
                     registered_generation: AtomicU64::new(0),
-                    registered_at_ms: AtomicU64::new(0),
+                    refresh_at_ms: AtomicU64::new(0),
                     registering: tokio::sync::Mutex::new(()),
                     publishes: AtomicU64::new(1),
                 });
@@ -543,9 +548,10 @@ impl Shared {
                 .sadd::<i64, _, _>(self.keys.registry(), target.class.as_str())
                 .await
                 .map_err(|e| map_error(&e, &self.settings, "registering a stream"))?;
-            target
-                .registered_at_ms
-                .store(self.elapsed_ms(), Ordering::Relaxed);
+            target.refresh_at_ms.store(
+                self.elapsed_ms() + REGISTRY_REFRESH.as_millis() as u64,
+                Ordering::Relaxed,
+            );
             target
                 .registered_generation
                 .store(generation, Ordering::Release);
@@ -738,20 +744,32 @@ impl Shared {
         result
     }
 
-    /// [`publish_envelope`](Self::publish_envelope) for the two common cases that need one command and
-    /// no await before it ([`direct`](Self::direct)): a pub/sub publish (not a dead letter), and a
-    /// Streams append without idempotent publishing to a class already registered. The envelope is
-    /// numbered or encoded before the future is made, so the future holds fred's command and nothing
-    /// else (fred's command futures are several kilobytes, and a future holding one among others is
-    /// copied whole when boxed).
-    fn publish_direct(
+    /// Publishes `envelope`, as [`publish_envelope`](Self::publish_envelope) does, in a future that stays
+    /// small: nothing happens before its first poll, which chooses the path and boxes the future of that
+    /// path on its own. fred's command futures are several kilobytes, and a future that held one among
+    /// the others would be copied whole into the box the [`Router`] trait asks for: for the two common
+    /// cases that need one command and no await before it ([`direct`](Self::direct)), the inner box holds
+    /// fred's command future and nothing else.
+    fn publish_lazily(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        Box::pin(async move {
+            let command = match self.direct(&envelope) {
+                Some(direct) => {
+                    self.check_open()?;
+                    self.direct_command(&envelope, direct)
+                }
+                None => Box::pin(self.publish_envelope(envelope)),
+            };
+            command.await
+        })
+    }
+
+    /// The command of a [direct](Self::direct) publish: numbered (pub/sub) and encoded now, sent when
+    /// polled; counted when done.
+    fn direct_command(
         &self,
-        envelope: Envelope,
+        envelope: &Envelope,
         direct: Direct,
     ) -> BoxFuture<'_, Result<PublishOutcome>> {
-        if let Err(error) = self.check_open() {
-            return Box::pin(std::future::ready(Err(error)));
-        }
         let finish = move |result: Result<PublishOutcome>| {
             self.count_publish(&result);
             result
@@ -762,7 +780,6 @@ impl Shared {
                     Ok(frame) => frame,
                     Err(error) => return Box::pin(std::future::ready(finish(Err(error)))),
                 };
-                drop(envelope);
                 let fields = vec![(FRAME_FIELD, Value::Bytes(Bytes::from(frame)))];
                 Box::pin(futures::FutureExt::map(
                     self.pool.clients()[target.client].xadd::<Value, _, _, _, _>(
@@ -782,11 +799,10 @@ impl Shared {
                 ))
             }
             Direct::Publish => {
-                let (route, frame) = match self.pubsub_frame(&envelope) {
+                let (route, frame) = match self.pubsub_frame(envelope) {
                     Ok(encoded) => encoded,
                     Err(error) => return Box::pin(std::future::ready(finish(Err(error)))),
                 };
-                drop(envelope);
                 let clustered = self.clustered();
                 Box::pin(futures::FutureExt::map(
                     self.pool.clients()[route.client]
@@ -803,7 +819,9 @@ impl Shared {
         }
     }
 
-    /// Whether `envelope` can be [published directly](Self::publish_direct), and how.
+    /// Whether `envelope` can be published with one command and no await before it: a pub/sub publish
+    /// (not a dead letter), or a Streams append without idempotent publishing to a class registered
+    /// and not due for its refresh (otherwise [`target`](Self::target) registers it first).
     fn direct(&self, envelope: &Envelope) -> Option<Direct> {
         let class = envelope.channel().class();
         match self.settings.mode {
@@ -1258,10 +1276,7 @@ fn stable_hash_bytes(bytes: &[u8]) -> u64 {
     hasher.finish()
 }
 
-/// What a publish that `PUBLISH` counted `receivers` for is. In a cluster, `PUBLISH` counts only the
-/// receivers on the node that took it (the message still reaches subscribers on every node), so none
-/// there proves nothing: `Accepted`, not `Unroutable`.
-/// How a publish that needs one command goes ([`Shared::publish_direct`]).
+/// How a publish that needs one command goes ([`Shared::direct`]).
 enum Direct {
     /// `PUBLISH` (pub/sub mode).
     Publish,
@@ -1269,6 +1284,9 @@ enum Direct {
     Append(Arc<StreamTarget>),
 }
 
+/// What a publish that `PUBLISH` counted `receivers` for is. In a cluster, `PUBLISH` counts only the
+/// receivers on the node that took it (the message still reaches subscribers on every node), so none
+/// there proves nothing: `Accepted`, not `Unroutable`.
 fn outcome_of(receivers: i64, stored: bool, clustered: bool) -> PublishOutcome {
     match receivers {
         n if n > 0 => PublishOutcome::Delivered(n as usize),
@@ -1312,10 +1330,7 @@ impl Router for RedisRouter {
     }
 
     fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
-        match self.shared.direct(&envelope) {
-            Some(direct) => self.shared.publish_direct(envelope, direct),
-            None => Box::pin(self.shared.publish_envelope(envelope)),
-        }
+        self.shared.publish_lazily(envelope)
     }
 
     fn publish_batch(
@@ -1422,5 +1437,71 @@ mod tests {
         assert!(ttl > 0, "the mark expires when idle");
         let _: i64 = client.del(keys.clone()).await.unwrap();
         let _ = client.quit().await;
+    }
+
+    /// A class is listed in the registry again when its refresh is due, also when publishes take the
+    /// direct path (which must leave the due refresh to the full path, not skip it).
+    #[tokio::test]
+    async fn a_due_registry_refresh_lists_the_class_again() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+        let router = match tokio::time::timeout(
+            Duration::from_secs(5),
+            RedisRouter::builder(&url)
+                .mode(DeliveryMode::Streams)
+                .prefix(&prefix)
+                .connect(),
+        )
+        .await
+        {
+            Ok(Ok(router)) => router,
+            _ if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") => {
+                panic!(
+                    "AGENTCOMM_REQUIRE_BROKERS=1, but there is no Redis at {}",
+                    redact(&url)
+                )
+            }
+            _ => {
+                println!("skipped: no Redis at {}", redact(&url));
+                return;
+            }
+        };
+        let shared = router.shared.clone();
+        let registry = shared.keys.registry();
+        let publish = || {
+            router.publish(Envelope::new(
+                agentcomm_core::channel::Channel::new("A", "event", "s1").unwrap(),
+                "application/msgpack",
+                vec![0x80],
+            ))
+        };
+        publish().await.unwrap();
+        let client = shared.pool.next().clone();
+        let listed = |client: Client, registry: String| async move {
+            client.sismember::<bool, _, _>(registry, "A").await.unwrap()
+        };
+        assert!(listed(client.clone(), registry.clone()).await);
+        // The registry loses the class (a restart without persistence, a FLUSHDB)...
+        let _: i64 = client.srem(&registry, "A").await.unwrap();
+        publish().await.unwrap();
+        assert!(
+            !listed(client.clone(), registry.clone()).await,
+            "not due yet: the class is not listed again on every publish"
+        );
+        // ...and its refresh comes due, at a publish that looks at the clock.
+        let target = shared.registered_target("A").expect("registered");
+        target.refresh_at_ms.store(0, Ordering::Relaxed);
+        target.publishes.store(256, Ordering::Relaxed);
+        publish().await.unwrap();
+        assert!(listed(client.clone(), registry.clone()).await);
+        let keys: Vec<String> = client
+            .custom(
+                fred::types::CustomCommand::new_static("KEYS", ClusterHash::Random, false),
+                vec![format!("{prefix}:*")],
+            )
+            .await
+            .unwrap();
+        let _: i64 = client.del(keys).await.unwrap();
+        router.close().await.unwrap();
     }
 }

@@ -367,3 +367,39 @@ async fn malformed_frames_are_dead_lettered_and_the_subscriber_goes_on() {
     let _ = raw.quit().await;
     router.close().await.unwrap();
 }
+
+/// A publish future does nothing until polled: one dropped unpolled sends nothing and takes no sequence
+/// number, so subscribers count no loss for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_dropped_before_it_runs_sends_nothing_and_costs_no_number() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connected(
+        builder(DeliveryMode::PubSub, &prefix).reorder_window(Duration::from_millis(100)),
+    )
+    .await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Lazy:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    // One before, so that the subscriber follows this publisher's numbers from the first.
+    router.publish(envelope("Lazy:event:s1", 1)).await.unwrap();
+    drop(router.publish(envelope("Lazy:event:s1", 2)));
+    router.publish(envelope("Lazy:event:s1", 3)).await.unwrap();
+    for expected in [1, 3] {
+        let delivery = next(&mut subscription).await;
+        assert_eq!(number(&delivery), expected);
+        delivery.ack().await.unwrap();
+    }
+    // Three reorder windows without a message: a gap would have been settled as lost by now.
+    assert_quiet(&mut subscription, Duration::from_millis(300)).await;
+    let health = router.health().await;
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    assert_eq!(health.get("delivered"), 2, "{health:?}");
+    router.close().await.unwrap();
+}

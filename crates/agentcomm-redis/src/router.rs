@@ -635,6 +635,41 @@ impl Shared {
         }
     }
 
+    /// `XADD` of `frame` to the stream of `target` (without idempotence). The future holds fred's
+    /// command and nothing of `target`.
+    fn append<'a>(
+        &'a self,
+        target: &StreamTarget,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<()>> + Send + use<'a> {
+        let fields = vec![(FRAME_FIELD, Value::Bytes(frame))];
+        let added = self.pool.clients()[target.client].xadd::<Value, _, _, _, _>(
+            target.stream.clone(),
+            false,
+            target.cap(),
+            "*",
+            fields,
+        );
+        futures::FutureExt::map(added, move |added| {
+            added
+                .map(drop)
+                .map_err(|e| map_error(&e, &self.settings, "XADD"))
+        })
+    }
+
+    /// `PUBLISH` of `frame` to `channel` on pool connection `client`: how many received it.
+    fn publish_to(
+        &self,
+        client: usize,
+        channel: Str,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<i64>> + Send + '_ {
+        futures::FutureExt::map(
+            self.pool.clients()[client].publish::<i64, _, _>(channel, frame),
+            move |receivers| receivers.map_err(|e| map_error(&e, &self.settings, "PUBLISH")),
+        )
+    }
+
     /// Appends `frame` to the stream of `target` (and publishes it to `channel`, for replies).
     async fn stream_publish(
         &self,
@@ -644,18 +679,11 @@ impl Shared {
     ) -> Result<PublishOutcome> {
         let client = &self.pool.clients()[target.client];
         if !self.settings.idempotent_publish {
-            let fields = vec![(FRAME_FIELD, Value::Bytes(frame.clone()))];
-            let added: std::result::Result<Value, _> = client
-                .xadd(target.stream.clone(), false, target.cap(), "*", fields)
-                .await;
-            added.map_err(|e| map_error(&e, &self.settings, "XADD"))?;
+            self.append(target, frame.clone()).await?;
             let Some(channel) = channel else {
                 return Ok(PublishOutcome::Accepted);
             };
-            let receivers: i64 = client
-                .publish(channel, frame)
-                .await
-                .map_err(|e| map_error(&e, &self.settings, "PUBLISH"))?;
+            let receivers = self.publish_to(target.client, channel, frame).await?;
             return Ok(outcome_of(receivers, true, self.clustered()));
         }
         let keys = || vec![target.stream.clone(), target.dedup.clone()];
@@ -752,68 +780,48 @@ impl Shared {
     /// fred's command future and nothing else.
     fn publish_lazily(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
         Box::pin(async move {
-            let command = match self.direct(&envelope) {
+            match self.direct(&envelope) {
                 Some(direct) => {
                     self.check_open()?;
-                    self.direct_command(&envelope, direct)
+                    let result = self.direct_command(&envelope, direct).await;
+                    self.count_publish(&result);
+                    result
                 }
-                None => Box::pin(self.publish_envelope(envelope)),
-            };
-            command.await
+                None => Box::pin(self.publish_envelope(envelope)).await,
+            }
         })
     }
 
     /// The command of a [direct](Self::direct) publish: numbered (pub/sub) and encoded now, sent when
-    /// polled; counted when done.
+    /// polled.
     fn direct_command(
         &self,
         envelope: &Envelope,
         direct: Direct,
     ) -> BoxFuture<'_, Result<PublishOutcome>> {
-        let finish = move |result: Result<PublishOutcome>| {
-            self.count_publish(&result);
-            result
+        let failed = |error| -> BoxFuture<'_, Result<PublishOutcome>> {
+            Box::pin(std::future::ready(Err(error)))
         };
         match direct {
             Direct::Append(target) => {
                 let frame = match envelope.to_frame() {
-                    Ok(frame) => frame,
-                    Err(error) => return Box::pin(std::future::ready(finish(Err(error)))),
+                    Ok(frame) => Bytes::from(frame),
+                    Err(error) => return failed(error),
                 };
-                let fields = vec![(FRAME_FIELD, Value::Bytes(Bytes::from(frame)))];
                 Box::pin(futures::FutureExt::map(
-                    self.pool.clients()[target.client].xadd::<Value, _, _, _, _>(
-                        target.stream.clone(),
-                        false,
-                        target.cap(),
-                        "*",
-                        fields,
-                    ),
-                    move |added| {
-                        finish(
-                            added
-                                .map(|_| PublishOutcome::Accepted)
-                                .map_err(|e| map_error(&e, &self.settings, "XADD")),
-                        )
-                    },
+                    self.append(&target, frame),
+                    |added| added.map(|()| PublishOutcome::Accepted),
                 ))
             }
             Direct::Publish => {
                 let (route, frame) = match self.pubsub_frame(envelope) {
                     Ok(encoded) => encoded,
-                    Err(error) => return Box::pin(std::future::ready(finish(Err(error)))),
+                    Err(error) => return failed(error),
                 };
                 let clustered = self.clustered();
                 Box::pin(futures::FutureExt::map(
-                    self.pool.clients()[route.client]
-                        .publish::<i64, _, _>(route.channel.clone(), frame),
-                    move |reply| {
-                        finish(
-                            reply
-                                .map(|receivers| outcome_of(receivers, false, clustered))
-                                .map_err(|e| map_error(&e, &self.settings, "PUBLISH")),
-                        )
-                    },
+                    self.publish_to(route.client, route.channel.clone(), frame),
+                    move |receivers| receivers.map(|n| outcome_of(n, false, clustered)),
                 ))
             }
         }
@@ -852,12 +860,7 @@ impl Shared {
                 .stream_publish(&target, frame, Some(route.channel.clone()))
                 .await;
         }
-        let (route, frame) = self.pubsub_frame(&envelope)?;
-        let receivers: i64 = self.pool.clients()[route.client]
-            .publish(route.channel.clone(), frame)
-            .await
-            .map_err(|e| map_error(&e, &self.settings, "PUBLISH"))?;
-        Ok(outcome_of(receivers, false, self.clustered()))
+        self.direct_command(&envelope, Direct::Publish).await
     }
 
     fn count_publish(&self, result: &Result<PublishOutcome>) {

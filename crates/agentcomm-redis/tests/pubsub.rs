@@ -401,5 +401,7 @@ async fn a_publish_dropped_before_it_runs_sends_nothing_and_costs_no_number() {
     let health = router.health().await;
     assert_eq!(health.get("lost"), 0, "{health:?}");
     assert_eq!(health.get("delivered"), 2, "{health:?}");
+    // Each publish that ran is counted once; the dropped one not at all.
+    assert_eq!(health.get("published"), 2, "{health:?}");
     router.close().await.unwrap();
 }

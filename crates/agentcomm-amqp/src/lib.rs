@@ -162,14 +162,25 @@ impl AmqpRouter {
         self.inner.publishing.is_connected() && self.inner.consuming.is_connected()
     }
 
-    async fn publish_one(&self, envelope: Envelope) -> Result<PublishOutcome> {
-        if self.inner.publishing_closed.load(Ordering::Acquire) {
-            return Err(Inner::closed_error());
+    /// One publish. An `async` block rather than an `async fn`, which would copy the envelope into
+    /// a local of its own: the future is moved whole into a box for every publish.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would copy the envelope into a local"
+    )]
+    fn publish_one(
+        &self,
+        envelope: Envelope,
+    ) -> impl Future<Output = Result<PublishOutcome>> + Send + '_ {
+        async move {
+            if self.inner.publishing_closed.load(Ordering::Acquire) {
+                return Err(Inner::closed_error());
+            }
+            let routing_key = topology::routing_key(envelope.channel())?;
+            self.inner
+                .publish_envelope(&envelope, &self.inner.settings.exchange, &routing_key)
+                .await
         }
-        let routing_key = topology::routing_key(envelope.channel())?;
-        self.inner
-            .publish_envelope(&envelope, &self.inner.settings.exchange, &routing_key)
-            .await
     }
 
     async fn subscribe_now(&self, options: SubscribeOptions) -> Result<Subscription> {

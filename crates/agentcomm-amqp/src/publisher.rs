@@ -393,40 +393,50 @@ impl Publisher {
     /// Unbounded by itself (queuing the frame waits only while the connection's writer is stalled,
     /// which its heartbeat ends): the caller bounds it by `deadline`, which is also when the sweeper
     /// gives up on the confirm.
-    async fn send(
-        &self,
-        message: &Outgoing<'_>,
-        (properties, body): Content,
+    ///
+    /// An `async` block rather than an `async fn`: an `async fn` copies its arguments into locals
+    /// of its own, which would hold the message's properties (400 bytes) twice in this future, and
+    /// in every publish's.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold the properties twice"
+    )]
+    fn send<'a>(
+        &'a self,
+        message: &'a Outgoing<'a>,
+        content: Content,
         deadline: Instant,
-    ) -> Option<(u64, oneshot::Receiver<Confirmed>)> {
-        let mut next_tag = self.next_tag.lock().await;
-        if !self.is_alive() {
-            return None;
-        }
-        let tag = *next_tag;
-        let (sender, receiver) = oneshot::channel();
-        // Registered before sending: the ack may come back before basic_publish returns.
-        if !self.confirms.register(tag, message.id, deadline, sender) {
-            return None;
-        }
-        let mut arguments = BasicPublishArguments::new(message.exchange, message.routing_key);
-        arguments.mandatory(true);
-        // If this future is dropped (the caller's deadline) before the frame is queued, the frame is
-        // not sent and the tag stays unused: the next publish registers it again, replacing this
-        // entry (whose waiter is gone).
-        match self
-            .channel
-            .basic_publish(properties, body, arguments)
-            .await
-        {
-            Ok(()) => {
-                *next_tag += 1;
-                Some((tag, receiver))
+    ) -> impl Future<Output = Option<(u64, oneshot::Receiver<Confirmed>)>> + 'a {
+        async move {
+            let mut next_tag = self.next_tag.lock().await;
+            if !self.is_alive() {
+                return None;
             }
-            Err(error) => {
-                self.confirms
-                    .fail_all(&format!("the connection failed while publishing: {error}"));
-                None
+            let tag = *next_tag;
+            let (sender, receiver) = oneshot::channel();
+            // Registered before sending: the ack may come back before basic_publish returns.
+            if !self.confirms.register(tag, message.id, deadline, sender) {
+                return None;
+            }
+            let mut arguments = BasicPublishArguments::new(message.exchange, message.routing_key);
+            arguments.mandatory(true);
+            // If this future is dropped (the caller's deadline) before the frame is queued, the
+            // frame is not sent and the tag stays unused: the next publish registers it again,
+            // replacing this entry (whose waiter is gone).
+            match self
+                .channel
+                .basic_publish(content.0, content.1, arguments)
+                .await
+            {
+                Ok(()) => {
+                    *next_tag += 1;
+                    Some((tag, receiver))
+                }
+                Err(error) => {
+                    self.confirms
+                        .fail_all(&format!("the connection failed while publishing: {error}"));
+                    None
+                }
             }
         }
     }
@@ -449,6 +459,32 @@ enum Attempt {
     /// The channel was lost after sending, before the confirm: send again.
     Lost,
     TimedOut,
+}
+
+impl Attempt {
+    /// The send's result: the confirm to wait for, or what the attempt already came to.
+    fn sent(
+        sent: std::result::Result<
+            Option<(u64, oneshot::Receiver<Confirmed>)>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> std::result::Result<oneshot::Receiver<Confirmed>, Attempt> {
+        match sent {
+            Ok(Some((_, confirm))) => Ok(confirm),
+            Ok(None) => Err(Attempt::NotSent),
+            // Not queued: the send was dropped before its frame went to the writer. A waiter it
+            // registered is left to the sweeper.
+            Err(_) => Err(Attempt::TimedOut),
+        }
+    }
+
+    /// The confirm's result: a sender dropped unanswered means the channel was lost.
+    fn confirmed(confirm: std::result::Result<Confirmed, oneshot::error::RecvError>) -> Attempt {
+        match confirm {
+            Ok(confirmed) => Attempt::Confirmed(confirmed),
+            Err(_) => Attempt::Lost,
+        }
+    }
 }
 
 /// Counts a publish as in flight until dropped (finished or cancelled): close waits for them.
@@ -475,10 +511,7 @@ impl Inner {
     /// publish to `publish_outage_timeout` from then: reconnecting, reopening a channel the broker
     /// closed, declaring the topology again.
     async fn publisher_for(&self, outage_deadline: &mut Option<Instant>) -> Result<Arc<Publisher>> {
-        let generation = self.publishing.connected.load(Ordering::Acquire);
-        if generation != 0
-            && let Some(publisher) = self.current_publisher(generation)
-        {
+        if let Some(publisher) = self.live_publisher() {
             return Ok(publisher);
         }
         let outage = self.settings.publish_outage_timeout;
@@ -567,6 +600,15 @@ impl Inner {
         }
     }
 
+    /// The publishing channel, when the publishing connection is up and its channel open.
+    fn live_publisher(&self) -> Option<Arc<Publisher>> {
+        let generation = self.publishing.connected.load(Ordering::Acquire);
+        if generation == 0 {
+            return None;
+        }
+        self.current_publisher(generation)
+    }
+
     fn current_publisher(&self, generation: u64) -> Option<Arc<Publisher>> {
         self.publisher
             .lock()
@@ -576,34 +618,90 @@ impl Inner {
             .cloned()
     }
 
-    /// One send of `message` and the wait for its confirm, both within one confirm timeout from now:
-    /// the send by a timer (armed only when it cannot complete at once: the writer is stalled or other
-    /// sends queue), the confirm by the publisher's sweeper, which checks every eighth of the timeout.
-    async fn attempt(
+    /// One send of `message`, bounded with its confirm by one confirm timeout from now: the send by
+    /// this timer (armed only when it cannot complete at once: the writer is stalled or other sends
+    /// queue), the confirm by the publisher's sweeper, which checks every eighth of the timeout.
+    /// Awaited where the attempt is made, then the confirm with [`Attempt::sent`] and
+    /// [`Attempt::confirmed`]: no future of its own around both, which would be one more layer
+    /// copied with every publish's future.
+    fn sending<'a>(
         &self,
-        publisher: &Publisher,
-        message: &Outgoing<'_>,
+        publisher: &'a Publisher,
+        message: &'a Outgoing<'a>,
         content: Content,
-    ) -> Attempt {
+    ) -> tokio::time::Timeout<impl Future<Output = Option<(u64, oneshot::Receiver<Confirmed>)>> + 'a>
+    {
         let deadline = Instant::now() + self.settings.confirm_timeout;
-        let sent =
-            tokio::time::timeout_at(deadline, publisher.send(message, content, deadline)).await;
-        let confirm = match sent {
-            Ok(Some((_, confirm))) => confirm,
-            Ok(None) => return Attempt::NotSent,
-            // Not queued: the send was dropped before its frame went to the writer. A waiter it
-            // registered is left to the sweeper.
-            Err(_) => return Attempt::TimedOut,
-        };
-        match confirm.await {
-            Ok(confirmed) => Attempt::Confirmed(confirmed),
-            Err(_) => Attempt::Lost,
+        tokio::time::timeout_at(deadline, publisher.send(message, content, deadline))
+    }
+
+    /// What a publish makes of one attempt: `Some` result when the publish is over, `None` when its
+    /// channel was lost before the confirm and it is to be sent again (at most [`MAX_RESENDS`] times).
+    fn conclude(
+        &self,
+        outcome: Attempt,
+        envelope: &Envelope,
+        routing_key: &str,
+        publisher: &Publisher,
+        losses: &mut u32,
+    ) -> Option<Result<PublishOutcome>> {
+        match outcome {
+            Attempt::Confirmed(Confirmed::Ack { returned }) => {
+                bump(&self.counters.confirmed);
+                if returned {
+                    bump(&self.counters.unroutable);
+                    return Some(Ok(PublishOutcome::Unroutable));
+                }
+                Some(Ok(PublishOutcome::Accepted))
+            }
+            Attempt::Confirmed(Confirmed::Nack) => {
+                bump(&self.counters.publish_nacks);
+                Some(Err(self.backend_error(format!(
+                    "RabbitMQ refused message {} on '{routing_key}' (basic.nack: it could not take responsibility for it, e.g. a full queue with overflow=reject-publish or an internal error); publish it again later",
+                    envelope.id()
+                ))))
+            }
+            Attempt::Lost | Attempt::NotSent => {
+                // The broker may or may not have it: send it again (at-least-once).
+                *losses += 1;
+                if *losses > MAX_RESENDS {
+                    return Some(Err(self.backend_error(format!(
+                        "message {} on '{routing_key}' was not confirmed: its channel was lost {MAX_RESENDS} times ({})",
+                        envelope.id(),
+                        publisher
+                            .confirms
+                            .reason()
+                            .unwrap_or_else(|| "connection lost".to_string())
+                    ))));
+                }
+                if matches!(outcome, Attempt::Lost) {
+                    bump(&self.counters.resent);
+                }
+                tracing::debug!(message_id = %envelope.id(), "the publishing channel was lost before the confirm; sending again");
+                None
+            }
+            // The send could not be queued in time, or the sweeper found no confirm in time.
+            Attempt::TimedOut | Attempt::Confirmed(Confirmed::TimedOut) => {
+                bump(&self.counters.confirm_timeouts);
+                Some(Err(Error::Timeout {
+                    operation: format!(
+                        "RabbitMQ's confirm of message {} on '{routing_key}' (it may or may not have been stored; a stalled connection or a memory/disk alarm delays confirms)",
+                        envelope.id()
+                    ),
+                    after: self.settings.confirm_timeout,
+                }))
+            }
         }
     }
 
     /// Publishes `envelope` to `exchange` with `routing_key` and waits for the broker's confirm,
     /// sending it again on the next channel if the channel or connection is lost first. Every
     /// failure is counted in `publish_failures`.
+    ///
+    /// The usual case (a live channel, one send, its confirm) runs here; anything else (no channel
+    /// yet, an outage, a resend) continues in [`Inner::publish_confirmed`], boxed, so that its large
+    /// and rarely used state is not part of every publish's future, which is moved whole into a box
+    /// by the `Router` trait and again by every layer that awaits it.
     pub(crate) async fn publish_envelope(
         &self,
         envelope: &Envelope,
@@ -612,82 +710,68 @@ impl Inner {
     ) -> Result<PublishOutcome> {
         let _in_flight = InFlight::new(self);
         bump(&self.counters.published);
-        let result = self
-            .publish_confirmed(envelope, exchange, routing_key)
-            .await;
+        let message = Outgoing {
+            exchange,
+            routing_key,
+            id: envelope.id().as_uuid().as_u128(),
+        };
+        let result = 'publish: {
+            let Some(publisher) = self.live_publisher() else {
+                break 'publish Box::pin(self.publish_confirmed(envelope, &message, 0)).await;
+            };
+            let content = match content(envelope, self.settings.envelope_properties) {
+                Ok(content) => content,
+                Err(error) => break 'publish Err(error),
+            };
+            let outcome = match Attempt::sent(self.sending(&publisher, &message, content).await) {
+                Ok(confirm) => Attempt::confirmed(confirm.await),
+                Err(outcome) => outcome,
+            };
+            let mut losses = 0;
+            match self.conclude(outcome, envelope, routing_key, &publisher, &mut losses) {
+                Some(result) => result,
+                None => {
+                    drop(publisher);
+                    Box::pin(self.publish_confirmed(envelope, &message, losses)).await
+                }
+            }
+        };
         if result.is_err() {
             bump(&self.counters.publish_failures);
         }
         result
     }
 
+    /// A publish that found no live channel, or lost its channel `losses` times: waits for a channel
+    /// (bounded by `publish_outage_timeout`), sends, and sends again after each loss.
     async fn publish_confirmed(
         &self,
         envelope: &Envelope,
-        exchange: &str,
-        routing_key: &str,
+        message: &Outgoing<'_>,
+        mut losses: u32,
     ) -> Result<PublishOutcome> {
-        let message = Outgoing {
-            exchange,
-            routing_key,
-            id: envelope.id().as_uuid().as_u128(),
-        };
         let full = self.settings.envelope_properties;
+        // Encoded before waiting for a channel: a message that cannot be encoded fails at once.
         let mut first = Some(content(envelope, full)?);
         let mut outage_deadline = None;
-        let mut losses = 0u32;
         loop {
             let publisher = self.publisher_for(&mut outage_deadline).await?;
             let content = match first.take() {
                 Some(content) => content,
                 None => content(envelope, full)?,
             };
-            let outcome = self.attempt(&publisher, &message, content).await;
-            match outcome {
-                Attempt::Confirmed(Confirmed::Ack { returned }) => {
-                    bump(&self.counters.confirmed);
-                    if returned {
-                        bump(&self.counters.unroutable);
-                        return Ok(PublishOutcome::Unroutable);
-                    }
-                    return Ok(PublishOutcome::Accepted);
-                }
-                Attempt::Confirmed(Confirmed::Nack) => {
-                    bump(&self.counters.publish_nacks);
-                    return Err(self.backend_error(format!(
-                        "RabbitMQ refused message {} on '{routing_key}' (basic.nack: it could not take responsibility for it, e.g. a full queue with overflow=reject-publish or an internal error); publish it again later",
-                        envelope.id()
-                    )));
-                }
-                Attempt::Lost | Attempt::NotSent => {
-                    // The broker may or may not have it: send it again (at-least-once).
-                    losses += 1;
-                    if losses > MAX_RESENDS {
-                        return Err(self.backend_error(format!(
-                            "message {} on '{routing_key}' was not confirmed: its channel was lost {MAX_RESENDS} times ({})",
-                            envelope.id(),
-                            publisher
-                                .confirms
-                                .reason()
-                                .unwrap_or_else(|| "connection lost".to_string())
-                        )));
-                    }
-                    if matches!(outcome, Attempt::Lost) {
-                        bump(&self.counters.resent);
-                    }
-                    tracing::debug!(message_id = %envelope.id(), "the publishing channel was lost before the confirm; sending again");
-                }
-                // The send could not be queued in time, or the sweeper found no confirm in time.
-                Attempt::TimedOut | Attempt::Confirmed(Confirmed::TimedOut) => {
-                    bump(&self.counters.confirm_timeouts);
-                    return Err(Error::Timeout {
-                        operation: format!(
-                            "RabbitMQ's confirm of message {} on '{routing_key}' (it may or may not have been stored; a stalled connection or a memory/disk alarm delays confirms)",
-                            envelope.id()
-                        ),
-                        after: self.settings.confirm_timeout,
-                    });
-                }
+            let outcome = match Attempt::sent(self.sending(&publisher, message, content).await) {
+                Ok(confirm) => Attempt::confirmed(confirm.await),
+                Err(outcome) => outcome,
+            };
+            if let Some(result) = self.conclude(
+                outcome,
+                envelope,
+                message.routing_key,
+                &publisher,
+                &mut losses,
+            ) {
+                return result;
             }
         }
     }

@@ -14,6 +14,9 @@
 //! together; agentcomm: the ack futures run while the next message is read). agentcomm adds its
 //! envelope, sequence numbers, pattern matching and delivery accounting; a third row (Streams) adds
 //! idempotent publishing (`idempotent_publish(true)`, off by default).
+//!
+//! BENCH_PLAIN_SIZE=agentcomm pads plain fred's payload to the size of agentcomm's frame (envelope
+//! and sequence header), to tell the cost of the bytes (Redis, the socket) from the client's work.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +50,27 @@ fn request(n: usize) -> PaymentRequest {
 
 fn index_of(request: &PaymentRequest) -> usize {
     request.user_id[5..].parse().expect("user-<n>")
+}
+
+/// The payload plain fred sends for message `n`: the PaymentRequest, padded with BENCH_PLAIN_SIZE=agentcomm
+/// to as many bytes as agentcomm's frame (MessagePack ignores what follows the value when decoding).
+fn plain_payload(n: usize) -> Vec<u8> {
+    static PADDING: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let mut payload = rmp_serde::to_vec_named(&request(n)).unwrap();
+    let padding = *PADDING.get_or_init(|| {
+        if std::env::var("BENCH_PLAIN_SIZE").as_deref() != Ok("agentcomm") {
+            return 0;
+        }
+        let channel = Channel::for_message::<PaymentRequest>("request", "session-1").unwrap();
+        let envelope = Envelope::new(channel, "application/msgpack", payload.clone());
+        // A publisher id and number as agentcomm-redis writes them (`agentcomm-seq`).
+        let frame = envelope
+            .to_frame_with_header("agentcomm-seq", "0123456789abcdef/12345")
+            .unwrap();
+        frame.len() - payload.len()
+    });
+    payload.resize(payload.len() + padding, 0);
+    payload
 }
 
 /// Send times by message index, and latencies measured at the subscriber.
@@ -278,7 +302,7 @@ async fn fred_pubsub_run(url: &str, in_flight: usize, total: usize) -> (Clock2, 
             let channel = channel.clone();
             async move {
                 clock.sending(n);
-                let payload = rmp_serde::to_vec_named(&request(n)).unwrap();
+                let payload = plain_payload(n);
                 let _: i64 = publisher.publish(channel.as_str(), payload).await.unwrap();
             }
         })
@@ -366,7 +390,7 @@ async fn fred_streams_run(url: &str, in_flight: usize, total: usize) -> (Clock2,
             let key = key.clone();
             async move {
                 clock.sending(n);
-                let payload = rmp_serde::to_vec_named(&request(n)).unwrap();
+                let payload = plain_payload(n);
                 let _: String = publisher
                     .xadd(
                         key.as_str(),

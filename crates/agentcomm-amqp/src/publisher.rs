@@ -636,7 +636,8 @@ impl Inner {
     }
 
     /// What a publish makes of one attempt: `Some` result when the publish is over, `None` when its
-    /// channel was lost before the confirm and it is to be sent again (at most [`MAX_RESENDS`] times).
+    /// channel was lost before the send or before the confirm and it is to be sent again (at most
+    /// [`MAX_RESENDS`] times).
     fn conclude(
         &self,
         outcome: Attempt,
@@ -666,8 +667,9 @@ impl Inner {
                 *losses += 1;
                 if *losses > MAX_RESENDS {
                     return Some(Err(self.backend_error(format!(
-                        "message {} on '{routing_key}' was not confirmed: its channel was lost {MAX_RESENDS} times ({})",
+                        "message {} on '{routing_key}' was not confirmed: its channel was lost {} times ({})",
                         envelope.id(),
+                        *losses,
                         publisher
                             .confirms
                             .reason()
@@ -751,8 +753,14 @@ impl Inner {
         mut losses: u32,
     ) -> Result<PublishOutcome> {
         let full = self.settings.envelope_properties;
-        // Encoded before waiting for a channel: a message that cannot be encoded fails at once.
-        let mut first = Some(content(envelope, full)?);
+        // A first attempt is encoded before waiting for a channel, so that a message that cannot be
+        // encoded fails at once; after a loss (the frame was encoded once already) the frame is
+        // encoded again only when a channel is there, not held through an outage.
+        let mut first = if losses == 0 {
+            Some(content(envelope, full)?)
+        } else {
+            None
+        };
         let mut outage_deadline = None;
         loop {
             let publisher = self.publisher_for(&mut outage_deadline).await?;

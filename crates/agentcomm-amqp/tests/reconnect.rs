@@ -359,6 +359,69 @@ async fn a_publish_during_an_outage_waits_for_the_reconnect_or_fails_clearly() {
     within("close", router.close()).await.unwrap();
 }
 
+/// A publish whose frame was sent but whose confirm never came (the connection was cut first) is sent
+/// again on the new connection, once, and its caller sees it accepted, not failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_cut_off_before_its_confirm_is_sent_again_once_and_accepted() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-resend");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "resend")]);
+    let router = proxied_router(&proxy, &exchange).await;
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap()).group("resend"),
+        ),
+    )
+    .await
+    .unwrap();
+    // A first publish opens the publishing channel: the next one takes the usual path.
+    let outcome = within("a first publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Accepted);
+    let delivery = within("the first delivery", subscription.next())
+        .await
+        .unwrap();
+    within("ack", delivery.ack()).await.unwrap();
+    let before = within("health", router.health()).await;
+
+    // The proxy holds what the client sends: the frame leaves the client, no confirm comes back.
+    proxy.blackhole(true);
+    let publishing = tokio::spawn({
+        let router = router.clone();
+        async move { router.publish(envelope(2)).await }
+    });
+    wait_until("the publish to wait for its confirm", async || {
+        router.health().await.get("unconfirmed") == 1
+    })
+    .await;
+    proxy.cut_all();
+    proxy.blackhole(false);
+    let outcome = within("the publish across the cut", publishing)
+        .await
+        .expect("the publishing task")
+        .expect("accepted after the reconnect");
+    assert_eq!(outcome, PublishOutcome::Accepted);
+    let after = within("health", router.health()).await;
+    let delta = |name: &str| after.get(name) - before.get(name);
+    assert_eq!(delta("resent"), 1, "{after:?}");
+    assert_eq!(delta("published"), 1, "{after:?}");
+    assert_eq!(delta("confirmed"), 1, "{after:?}");
+    assert_eq!(delta("publish_failures"), 0, "{after:?}");
+    assert_eq!(after.get("unconfirmed"), 0, "{after:?}");
+    // The held frame died with the cut connection: the broker got the message once, by the resend.
+    let delivery = within("the resent message", subscription.next())
+        .await
+        .unwrap();
+    assert_eq!(delivery.envelope().payload().as_ref(), br#"{"n":2}"#);
+    within("ack", delivery.ack()).await.unwrap();
+    within("close", router.close()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_from_a_lost_channel_is_never_settled_on_the_new_one() {
     if !broker_available().await {

@@ -313,12 +313,9 @@ impl RedisRouter {
             group_trimmed: Mutex::new(HashMap::new()),
             settings,
         });
-        if shared.settings.mode == DeliveryMode::PubSub
-            && let Err(error) = shared.hub().await
-        {
-            let _ = tokio::time::timeout(Duration::from_secs(1), shared.pool.quit()).await;
-            return Err(error);
-        }
+        // The pub/sub subscriber (a connection of its own, and fred's notification rings: about 51 MB
+        // at the default `broadcast_capacity`) starts with the first subscription, so that a router
+        // that only publishes never holds it. Its connection problems are errors of that subscribe.
         tracing::info!(
             url = %redact(&shared.settings.url),
             mode = %shared.settings.mode,
@@ -411,7 +408,8 @@ impl Shared {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// The pub/sub subscriber, connected on first use (in Streams mode, for reply inboxes).
+    /// The pub/sub subscriber, connected on first use: the first subscription in pub/sub mode, the first
+    /// reply inbox in Streams mode.
     pub(crate) async fn hub(self: &Arc<Self>) -> Result<Arc<PubSubHub>> {
         let mut hub = self.hub.lock().await;
         if let Some(hub) = hub.as_ref() {

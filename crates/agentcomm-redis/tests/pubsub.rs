@@ -405,3 +405,83 @@ async fn a_publish_dropped_before_it_runs_sends_nothing_and_costs_no_number() {
     assert_eq!(health.get("published"), 2, "{health:?}");
     router.close().await.unwrap();
 }
+
+/// A pub/sub router that only publishes holds no subscriber connection (nor its buffers, about 51 MB
+/// at the default capacity); its first subscription opens it, and when that cannot connect, the
+/// subscribe fails naming the server, and a later one opens it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscriber_connection_opens_with_the_first_subscription() {
+    if !redis_available().await {
+        return;
+    }
+    let url = redis_url();
+    let Some(target) = loopback_target(&url) else {
+        println!(
+            "skipped: REDIS_URL is not a loopback redis:// URL, and the fault proxy only targets loopback"
+        );
+        return;
+    };
+    let proxy = agentcomm_testkit::proxy::FaultProxy::start(target.as_str())
+        .await
+        .expect("start the fault proxy");
+    let prefix = unique_prefix();
+    let router = connected(
+        RedisRouter::builder(through(&url, proxy.local_addr()))
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .pool_size(2)
+            .connect_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let channel = "Lazy:event:s1";
+    let outcome = within(WAIT, "publish", router.publish(envelope(channel, 1)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Unroutable);
+    assert_eq!(
+        proxy.stats().live,
+        2,
+        "the pool's two connections, no subscriber"
+    );
+
+    // The first subscription cannot connect its subscriber: it fails, saying where.
+    proxy.refuse_for(Duration::from_secs(3));
+    let error = within(
+        WAIT,
+        "a subscribe while connections are refused",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Lazy:*:*").unwrap(),
+        )),
+    )
+    .await
+    .expect_err("the subscribe fails");
+    assert!(matches!(error, Error::Connection { .. }), "{error}");
+    assert!(error.to_string().contains("pub/sub subscriber"), "{error}");
+    assert!(
+        error.to_string().contains(&proxy.local_addr().to_string()),
+        "{error}"
+    );
+    proxy.refuse_for(Duration::ZERO);
+
+    // The next one opens it, and messages flow.
+    let mut subscription = within(
+        WAIT,
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Lazy:*:*").unwrap(),
+        )),
+    )
+    .await
+    .unwrap();
+    assert_eq!(proxy.stats().live, 3, "the pool and the subscriber");
+    let outcome = within(WAIT, "publish", router.publish(envelope(channel, 2)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Delivered(1));
+    let delivery = within(WAIT, "the delivery", subscription.next())
+        .await
+        .unwrap();
+    assert_eq!(number(&delivery), 2);
+    within(WAIT, "ack", delivery.ack()).await.unwrap();
+    within(WAIT, "close", router.close()).await.unwrap();
+}

@@ -546,6 +546,9 @@ impl Shared {
                 .sadd::<i64, _, _>(self.keys.registry(), target.class.as_str())
                 .await
                 .map_err(|e| map_error(&e, &self.settings, "registering a stream"))?;
+            if self.settings.idempotent_publish {
+                self.load_script_for(&target).await?;
+            }
             target.refresh_at_ms.store(
                 self.elapsed_ms() + REGISTRY_REFRESH.as_millis() as u64,
                 Ordering::Relaxed,
@@ -666,6 +669,33 @@ impl Shared {
             self.pool.clients()[client].publish::<i64, _, _>(channel, frame),
             move |receivers| receivers.map_err(|e| map_error(&e, &self.settings, "PUBLISH")),
         )
+    }
+
+    /// `SCRIPT LOAD` of the publish script on the node that holds `target`'s stream: loaded at connect
+    /// on one node only (a cluster has several; a restarted Redis has none), an `EVALSHA` meeting
+    /// `NOSCRIPT` is sent again after the publishes behind it, out of order. Done whenever the target is
+    /// registered: first use, after every reconnect and every [`REGISTRY_REFRESH`].
+    async fn load_script_for(&self, target: &StreamTarget) -> Result<()> {
+        self.pool.clients()[target.client]
+            .custom::<Value, _>(
+                Self::script_load_command(target),
+                vec!["LOAD", PUBLISH_SCRIPT],
+            )
+            .await
+            .map(drop)
+            .map_err(|e| {
+                map_error(
+                    &e,
+                    &self.settings,
+                    "loading the publish script (SCRIPT LOAD)",
+                )
+            })
+    }
+
+    /// `SCRIPT LOAD`, routed to the node of `target`'s stream (fred would hash the script's text).
+    fn script_load_command(target: &StreamTarget) -> CustomCommand {
+        let slot = fred::util::redis_keyslot(target.stream.as_bytes());
+        CustomCommand::new_static("SCRIPT", ClusterHash::Custom(slot), false)
     }
 
     /// Appends `frame` to the stream of `target` (and publishes it to `channel`, for replies).
@@ -963,8 +993,30 @@ impl Shared {
         let mut results: Vec<(usize, Result<PublishOutcome>)> = Vec::with_capacity(batch.len());
         let lock = &self.order[position];
         let mut started = None;
+        // Idempotent: the script is loaded first on the node of each stream of the batch, in the same
+        // pipeline (a node answers a connection's commands in order), so that no `EVALSHA` of it meets
+        // `NOSCRIPT` and is sent again after those behind it (out of order). Their replies are skipped.
+        let mut script_loads = 0usize;
         let first = std::future::poll_fn(|cx| {
             let _order = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            if idempotent {
+                let mut loaded: Vec<&Key> = Vec::new();
+                for target in batch.iter().filter_map(|pending| pending.target.as_deref()) {
+                    if loaded.contains(&&target.stream) {
+                        continue;
+                    }
+                    loaded.push(&target.stream);
+                    let queuing = futures::FutureExt::now_or_never(tokio::task::unconstrained(
+                        pipeline.custom::<(), _>(
+                            Self::script_load_command(target),
+                            vec!["LOAD", PUBLISH_SCRIPT],
+                        ),
+                    ));
+                    if matches!(queuing, Some(Ok(())) | None) {
+                        script_loads += 1;
+                    }
+                }
+            }
             for (slot, pending) in batch.iter().enumerate() {
                 let queuing: Option<std::result::Result<(), fred::error::Error>> =
                     match (&pending.target, &pending.channel) {
@@ -1032,8 +1084,9 @@ impl Shared {
             return results;
         }
         let replies: Vec<std::result::Result<Value, fred::error::Error>> =
-            if replies.len() == queued.len() {
-                replies
+            if replies.len() == script_loads + queued.len() {
+                // The script loads' replies come first; a failed load shows in the publishes' own.
+                replies.into_iter().skip(script_loads).collect()
             } else {
                 // The whole pipeline failed (fred answers one error for all): each publish gets it.
                 let counts = (replies.len(), queued.len());

@@ -352,8 +352,8 @@ impl RedisRouterBuilder {
     /// of every subscription of the router); what each subscription lost of agentcomm publishers'
     /// messages is counted exactly as `lost`, and logged.
     ///
-    /// Memory: fred sizes all nine of its notification channels (errors, reconnections and the like, not
-    /// only messages) with this capacity, and fills them when the subscriber is created: about 0.7 KB
+    /// Memory: fred sizes all eight of its notification channels (errors, reconnections and the like,
+    /// not only messages) with this capacity, and fills them when the subscriber is created: about 0.7 KB
     /// per unit of capacity. Measured, a pub/sub router's resident memory grows by about 51 MB at the
     /// default, 16 MB at 16,384, 10 MB at 8,192 and 5 MB at 1,024. Lower it where many routers share a
     /// process and bursts stay small; what a smaller ring cannot hold is counted, as above.

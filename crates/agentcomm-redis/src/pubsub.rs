@@ -641,9 +641,9 @@ impl Reader {
     }
 }
 
-/// Makes the subscriber's `QUIT` cheap in memory: fred replaces every one of its notification channels
-/// (nine broadcast rings, each sized like the message channel) with new ones of the configured
-/// capacity when it quits. At `broadcast_capacity` 65,536 that is tens of megabytes allocated and
+/// Makes the subscriber's `QUIT` cheap in memory: when a `QUIT` succeeds, fred replaces seven of its
+/// eight notification channels (broadcast rings, each sized like the message channel) with new ones of
+/// the configured capacity. At `broadcast_capacity` 65,536 that is tens of megabytes allocated and
 /// written just to close; with the capacity set back to fred's default first, a few kilobytes.
 fn quit_small(client: &SubscriberClient) {
     let mut config = client.perf_config();

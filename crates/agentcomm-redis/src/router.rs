@@ -81,6 +81,9 @@ const MALFORMED_MARKER_TTL_MS: i64 = 3_600_000;
 struct StreamTarget {
     class: String,
     stream: Key,
+    /// The cluster hash slot of `stream` (and of `dedup`, which shares its hash tag): where a custom
+    /// command for it must go, since fred routes a custom command by its first argument otherwise.
+    slot: u16,
     dedup: Key,
     client: usize,
     /// `MAXLEN ~` of the stream, 0 for none.
@@ -139,7 +142,10 @@ pub(crate) struct Shared {
     registry_generation: Arc<AtomicU64>,
     pubsub_routes: RwLock<PubSubRoutes>,
     script_sha: Str,
-    hub: tokio::sync::Mutex<Option<Arc<PubSubHub>>>,
+    hub: Mutex<Option<Arc<PubSubHub>>>,
+    /// Held while the subscriber connects, so that one subscription starts it and the others wait for
+    /// it; `hub` itself is never held across an await (health and close read it at once).
+    starting_hub: tokio::sync::Mutex<()>,
     streams: Mutex<HashMap<u64, Arc<StreamSubscription>>>,
     next_subscription: AtomicU64,
     malformed_log: LogLimiter,
@@ -305,7 +311,8 @@ impl RedisRouter {
                 channels: HashMap::new(),
             }),
             script_sha,
-            hub: tokio::sync::Mutex::new(None),
+            hub: Mutex::new(None),
+            starting_hub: tokio::sync::Mutex::new(()),
             streams: Mutex::new(HashMap::new()),
             next_subscription: AtomicU64::new(1),
             malformed_log: LogLimiter::new(Duration::from_secs(5)),
@@ -411,14 +418,34 @@ impl Shared {
     /// The pub/sub subscriber, connected on first use: the first subscription in pub/sub mode, the first
     /// reply inbox in Streams mode.
     pub(crate) async fn hub(self: &Arc<Self>) -> Result<Arc<PubSubHub>> {
-        let mut hub = self.hub.lock().await;
-        if let Some(hub) = hub.as_ref() {
-            return Ok(hub.clone());
+        if let Some(hub) = self.ready_hub() {
+            return Ok(hub);
+        }
+        let _starting = self.starting_hub.lock().await;
+        if let Some(hub) = self.ready_hub() {
+            return Ok(hub);
         }
         self.check_open()?;
         let started = PubSubHub::start(self).await?;
-        *hub = Some(started.clone());
-        Ok(started)
+        {
+            // Installed only while the router is open, checked under the slot's lock: `close` marks
+            // the router closed before it takes the hub, so it either finds this one or this sees
+            // it closed.
+            let mut slot = self.hub.lock().expect("hub lock");
+            if !self.is_closed() {
+                *slot = Some(started.clone());
+                return Ok(started);
+            }
+        }
+        started
+            .close(tokio::time::Instant::now() + Duration::from_secs(1))
+            .await;
+        Err(closed_error())
+    }
+
+    /// The pub/sub subscriber when it is connected.
+    fn ready_hub(&self) -> Option<Arc<PubSubHub>> {
+        self.hub.lock().expect("hub lock").clone()
     }
 
     /// Whether messages on `channel` travel over pub/sub: everything in pub/sub mode; in Streams mode the
@@ -516,6 +543,7 @@ impl Shared {
                 };
                 let target = Arc::new(StreamTarget {
                     class: class.to_string(),
+                    slot: fred::util::redis_keyslot(stream.as_bytes()),
                     dedup: Key::from(self.keys.dedup(class, &self.publisher_id)),
                     stream: Key::from(stream),
                     client,
@@ -546,8 +574,12 @@ impl Shared {
                 .sadd::<i64, _, _>(self.keys.registry(), target.class.as_str())
                 .await
                 .map_err(|e| map_error(&e, &self.settings, "registering a stream"))?;
-            if self.settings.idempotent_publish {
-                self.load_script_for(&target).await?;
+            if self.settings.idempotent_publish
+                && let Err(error) = self.load_script_for(&target).await
+            {
+                // Not fatal: a publish that meets NOSCRIPT still goes with the script's text, only
+                // possibly behind publishes issued after it.
+                tracing::warn!(error = %error, stream = %target.stream.as_str_lossy(), "could not load the publish script on the stream's node; publishes may fall back to EVAL");
             }
             target.refresh_at_ms.store(
                 self.elapsed_ms() + REGISTRY_REFRESH.as_millis() as u64,
@@ -694,8 +726,7 @@ impl Shared {
 
     /// `SCRIPT LOAD`, routed to the node of `target`'s stream (fred would hash the script's text).
     fn script_load_command(target: &StreamTarget) -> CustomCommand {
-        let slot = fred::util::redis_keyslot(target.stream.as_bytes());
-        CustomCommand::new_static("SCRIPT", ClusterHash::Custom(slot), false)
+        CustomCommand::new_static("SCRIPT", ClusterHash::Custom(target.slot), false)
     }
 
     /// Appends `frame` to the stream of `target` (and publishes it to `channel`, for replies).
@@ -1035,9 +1066,13 @@ impl Shared {
                             ));
                             futures::FutureExt::now_or_never(tokio::task::unconstrained(
                                 pipeline.custom(
+                                    // Routed by the stream's slot: fred honours only a
+                                    // custom slot and would hash the script's SHA (the first
+                                    // argument), sending it to another node of a cluster, whose
+                                    // MOVED would make it arrive after later publishes.
                                     CustomCommand::new_static(
                                         "EVALSHA",
-                                        ClusterHash::Offset(2),
+                                        ClusterHash::Custom(target.slot),
                                         false,
                                     ),
                                     command,
@@ -1221,7 +1256,7 @@ impl Shared {
         .await;
         let round_trip = matches!(ping, Ok(Ok(_))).then(|| started.elapsed());
         let pool_connected = self.pool.clients().iter().all(|c| c.is_connected());
-        let hub = self.hub.lock().await.clone();
+        let hub = self.ready_hub();
         let subscriber_connected = hub.as_ref().is_none_or(|hub| hub.is_connected());
         let resubscribing = hub.as_ref().is_some_and(|hub| hub.is_resubscribing());
         let streams: Vec<Arc<StreamSubscription>> = self
@@ -1281,7 +1316,7 @@ impl Shared {
         }
         // One deadline for all the cleanup: with Redis gone, every command would wait its own timeout.
         let until = tokio::time::Instant::now() + self.settings.close_timeout;
-        let hub = self.hub.lock().await.take();
+        let hub = self.hub.lock().expect("hub lock").take();
         let streams: Vec<Arc<StreamSubscription>> = self
             .streams
             .lock()

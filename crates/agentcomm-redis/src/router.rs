@@ -708,11 +708,9 @@ impl Shared {
     /// `NOSCRIPT` is sent again after the publishes behind it, out of order. Done whenever the target is
     /// registered: first use, after every reconnect and every [`REGISTRY_REFRESH`].
     async fn load_script_for(&self, target: &StreamTarget) -> Result<()> {
+        let (command, args) = Self::script_load(target);
         self.pool.clients()[target.client]
-            .custom::<Value, _>(
-                Self::script_load_command(target),
-                vec!["LOAD", PUBLISH_SCRIPT],
-            )
+            .custom::<Value, _>(command, args)
             .await
             .map(drop)
             .map_err(|e| {
@@ -724,9 +722,13 @@ impl Shared {
             })
     }
 
-    /// `SCRIPT LOAD`, routed to the node of `target`'s stream (fred would hash the script's text).
-    fn script_load_command(target: &StreamTarget) -> CustomCommand {
-        CustomCommand::new_static("SCRIPT", ClusterHash::Custom(target.slot), false)
+    /// `SCRIPT LOAD` of the publish script and its arguments, routed to the node of `target`'s stream
+    /// (fred would hash the script's text).
+    fn script_load(target: &StreamTarget) -> (CustomCommand, Vec<&'static str>) {
+        (
+            CustomCommand::new_static("SCRIPT", ClusterHash::Custom(target.slot), false),
+            vec!["LOAD", PUBLISH_SCRIPT],
+        )
     }
 
     /// Appends `frame` to the stream of `target` (and publishes it to `channel`, for replies).
@@ -745,35 +747,46 @@ impl Shared {
             let receivers = self.publish_to(target.client, channel, frame).await?;
             return Ok(outcome_of(receivers, true, self.clustered()));
         }
-        let keys = || vec![target.stream.clone(), target.dedup.clone()];
         let reply = self
             .in_order(target, |sequence| {
                 client.evalsha::<Value, _, _, _>(
                     self.script_sha.clone(),
-                    keys(),
+                    vec![target.stream.clone(), target.dedup.clone()],
                     Self::script_args(target, sequence, &frame, channel.as_ref()),
                 )
             })
             .await;
-        let reply = match reply {
+        match reply {
+            // Redis lost its script cache (a restart, another cluster node): nothing was stored.
             Err(error) if is_noscript(&error) => {
-                // Redis lost its script cache (a restart, another cluster node). Nothing was stored; the
-                // publish goes again with the script's text, under a fresh number (its old one may be
-                // below the mark by now).
-                self.in_order(target, |sequence| {
-                    client.eval::<Value, _, _, _>(
-                        PUBLISH_SCRIPT,
-                        keys(),
-                        Self::script_args(target, sequence, &frame, channel.as_ref()),
-                    )
-                })
-                .await
+                self.publish_with_text(target, &frame, channel.as_ref())
+                    .await
             }
-            other => other,
-        };
-        reply
-            .map(|reply| self.script_outcome(target, reply))
-            .map_err(|e| map_error(&e, &self.settings, "publishing to a stream"))
+            reply => reply
+                .map(|reply| self.script_outcome(target, reply))
+                .map_err(|e| map_error(&e, &self.settings, "publishing to a stream")),
+        }
+    }
+
+    /// An idempotent publish that met `NOSCRIPT`, sent again with the script's text (`EVAL`, which
+    /// loads it) under a fresh number: its old one may be below the mark by now.
+    async fn publish_with_text(
+        &self,
+        target: &StreamTarget,
+        frame: &Bytes,
+        channel: Option<&Str>,
+    ) -> Result<PublishOutcome> {
+        let client = &self.pool.clients()[target.client];
+        self.in_order(target, |sequence| {
+            client.eval::<Value, _, _, _>(
+                PUBLISH_SCRIPT,
+                vec![target.stream.clone(), target.dedup.clone()],
+                Self::script_args(target, sequence, frame, channel),
+            )
+        })
+        .await
+        .map(|reply| self.script_outcome(target, reply))
+        .map_err(|e| map_error(&e, &self.settings, "publishing to a stream"))
     }
 
     /// The route of `channel` and the sequence header of its next message.
@@ -1037,11 +1050,9 @@ impl Shared {
                         continue;
                     }
                     loaded.push(&target.stream);
+                    let (command, args) = Self::script_load(target);
                     let queuing = futures::FutureExt::now_or_never(tokio::task::unconstrained(
-                        pipeline.custom::<(), _>(
-                            Self::script_load_command(target),
-                            vec!["LOAD", PUBLISH_SCRIPT],
-                        ),
+                        pipeline.custom::<(), _>(command, args),
                     ));
                     if matches!(queuing, Some(Ok(())) | None) {
                         script_loads += 1;
@@ -1151,17 +1162,8 @@ impl Shared {
                     self.clustered(),
                 )),
                 (Err(error), Some(target)) if idempotent && is_noscript(&error) => {
-                    // Not stored: again, alone, with the script's text and a fresh number.
-                    self.in_order(target, |sequence| {
-                        client.eval::<Value, _, _, _>(
-                            PUBLISH_SCRIPT,
-                            vec![target.stream.clone(), target.dedup.clone()],
-                            Self::script_args(target, sequence, &pending.frame, None),
-                        )
-                    })
-                    .await
-                    .map(|reply| self.script_outcome(target, reply))
-                    .map_err(|e| map_error(&e, &self.settings, "publishing to a stream"))
+                    // Not stored: again, alone.
+                    self.publish_with_text(target, &pending.frame, None).await
                 }
                 (Err(error), _) => Err(map_error(&error, &self.settings, "publishing")),
             };

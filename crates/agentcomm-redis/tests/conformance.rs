@@ -226,12 +226,7 @@ async fn on_a_cluster_idempotent_batches_and_single_publishes_are_all_stored() {
     }
     let health = router.health().await;
     assert_eq!(health.get("publish_duplicates"), 0, "{health:?}");
-    let raw = fred::prelude::Builder::from_config(
-        fred::prelude::Config::from_url(&cluster.url()).unwrap(),
-    )
-    .build()
-    .unwrap();
-    raw.init().await.unwrap();
+    let raw = common::raw_client_at(&cluster.url()).await;
     let stored: u64 = raw
         .xlen(format!("{prefix}:stream:{{Mixed}}"))
         .await

@@ -295,11 +295,7 @@ async fn dead_letters_are_kept_in_a_stream_even_in_pubsub_mode() {
     let streams = connected(builder(DeliveryMode::Streams, &prefix)).await;
     let key = format!("{prefix}:stream:{{DeadLetter}}");
     use fred::prelude::{ClientLike, StreamsInterface};
-    let raw =
-        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
-            .build()
-            .unwrap();
-    raw.init().await.unwrap();
+    let raw = raw_client().await;
     let length: u64 = raw.xlen(key.as_str()).await.unwrap();
     assert_eq!(length, 1);
     let _ = raw.quit().await;
@@ -328,11 +324,7 @@ async fn malformed_frames_are_dead_lettered_and_the_subscriber_goes_on() {
         ))
         .await
         .unwrap();
-    let raw =
-        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
-            .build()
-            .unwrap();
-    raw.init().await.unwrap();
+    let raw = raw_client().await;
     let _: i64 = raw
         .publish(format!("{prefix}:Raw:event:s1"), "garbage")
         .await
@@ -411,22 +403,12 @@ async fn a_publish_dropped_before_it_runs_sends_nothing_and_costs_no_number() {
 /// subscribe fails naming the server, and a later one opens it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_subscriber_connection_opens_with_the_first_subscription() {
-    if !redis_available().await {
-        return;
-    }
-    let url = redis_url();
-    let Some(target) = loopback_target(&url) else {
-        println!(
-            "skipped: REDIS_URL is not a loopback redis:// URL, and the fault proxy only targets loopback"
-        );
+    let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
-    let proxy = agentcomm_testkit::proxy::FaultProxy::start(target.as_str())
-        .await
-        .expect("start the fault proxy");
     let prefix = unique_prefix();
     let router = connected(
-        RedisRouter::builder(through(&url, proxy.local_addr()))
+        RedisRouter::builder(proxied)
             .mode(DeliveryMode::PubSub)
             .prefix(&prefix)
             .pool_size(2)

@@ -13,7 +13,6 @@ use agentcomm_core::envelope::Envelope;
 use agentcomm_core::prelude::*;
 use agentcomm_core::router::SubscribeOptions;
 use agentcomm_redis::{DeliveryMode, RedisRouter};
-use agentcomm_testkit::proxy::FaultProxy;
 use common::*;
 use futures::StreamExt;
 
@@ -52,28 +51,9 @@ async fn connect_through_proxy(builder: agentcomm_redis::RedisRouterBuilder) -> 
     .unwrap()
 }
 
-/// Starts a proxy to the Redis of REDIS_URL, or says why the test cannot run.
-async fn proxy() -> Option<(FaultProxy, String)> {
-    if !redis_available().await {
-        return None;
-    }
-    let url = redis_url();
-    let Some(target) = loopback_target(&url) else {
-        println!(
-            "skipped: REDIS_URL is not a loopback redis:// URL, and the fault proxy only targets loopback"
-        );
-        return None;
-    };
-    let proxy = FaultProxy::start(target.as_str())
-        .await
-        .expect("start the fault proxy");
-    let proxied = through(&url, proxy.local_addr());
-    Some((proxy, proxied))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_lose_nothing_and_duplicate_nothing_across_cuts() {
-    let Some((proxy, proxied)) = proxy().await else {
+    let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
     let total = 10_000 * soak();
@@ -186,7 +166,7 @@ async fn streams_lose_nothing_and_duplicate_nothing_across_cuts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_counts_exactly_what_it_lost_and_resumes_after_each_cut() {
-    let Some((proxy, proxied)) = proxy().await else {
+    let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
     let total = 10_000 * soak();
@@ -299,19 +279,6 @@ async fn pubsub_counts_exactly_what_it_lost_and_resumes_after_each_cut() {
     let _ = within(Duration::from_secs(10), "the reader to end", reader).await;
 }
 
-/// A raw fred client on REDIS_URL, not through any proxy: it sees what Redis really holds.
-async fn raw_client() -> fred::prelude::Client {
-    use fred::prelude::ClientLike;
-    let client =
-        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
-            .build()
-            .unwrap();
-    within(Duration::from_secs(10), "a raw connection", client.init())
-        .await
-        .unwrap();
-    client
-}
-
 async fn stream_length(raw: &fred::prelude::Client, key: &str) -> u64 {
     use fred::prelude::StreamsInterface;
     raw.xlen(key).await.unwrap()
@@ -319,7 +286,7 @@ async fn stream_length(raw: &fred::prelude::Client, key: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_publish_fred_writes_again_after_a_cut_is_stored_once() {
-    let Some((proxy, proxied)) = proxy().await else {
+    let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
     let prefix = unique_prefix();
@@ -361,7 +328,7 @@ async fn a_stream_publish_fred_writes_again_after_a_cut_is_stored_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pubsub_publish_fred_writes_again_after_a_cut_is_delivered_once() {
-    let Some((proxy, proxied)) = proxy().await else {
+    let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
     let prefix = unique_prefix();
@@ -433,7 +400,7 @@ async fn a_pubsub_publish_fred_writes_again_after_a_cut_is_delivered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_published_during_an_outage_fails_publish_by_publish() {
-    let Some((proxy, proxied)) = proxy().await else {
+    let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
     let prefix = unique_prefix();
@@ -474,7 +441,7 @@ async fn a_batch_published_during_an_outage_fails_publish_by_publish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_numbers_that_never_reached_redis_never_turn_new_messages_into_repeats() {
     use fred::prelude::StreamsInterface;
-    let Some((proxy, proxied)) = proxy().await else {
+    let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
     let prefix = unique_prefix();
@@ -541,7 +508,7 @@ async fn publish_numbers_that_never_reached_redis_never_turn_new_messages_into_r
 async fn entries_lost_with_a_cut_read_come_back_first_and_in_order() {
     use fred::prelude::StreamsInterface;
     use fred::types::Value;
-    let Some((proxy, proxied)) = proxy().await else {
+    let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
     let prefix = unique_prefix();
@@ -591,7 +558,7 @@ async fn entries_lost_with_a_cut_read_come_back_first_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_is_bounded_when_redis_stops_answering() {
-    let Some((proxy, proxied)) = proxy().await else {
+    let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
     let prefix = unique_prefix();
@@ -628,7 +595,7 @@ async fn closing_is_bounded_when_redis_stops_answering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_registry_is_written_again_after_a_reconnect() {
     use fred::prelude::{KeysInterface, SetsInterface};
-    let Some((proxy, proxied)) = proxy().await else {
+    let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
     let prefix = unique_prefix();

@@ -45,11 +45,7 @@ async fn an_idempotent_batch_keeps_its_order_when_the_script_comes_back_mid_batc
     // Another publisher: after the flush, its next publish meets NOSCRIPT and loads the script again
     // (EVAL), at a moment that moves through the batch's flight from round to round.
     let loader = connected(builder(DeliveryMode::Streams, &prefix).idempotent_publish(true)).await;
-    let raw =
-        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
-            .build()
-            .unwrap();
-    within(WAIT, "a raw connection", raw.init()).await.unwrap();
+    let raw = raw_client().await;
     // Both publishers know their streams before the rounds start.
     within(
         WAIT,

@@ -205,19 +205,6 @@ async fn nack_retry_carries_the_attempt_and_abandon_redelivers() {
     router.close().await.unwrap();
 }
 
-/// A raw fred client, standing in for a consumer that takes entries and then dies.
-async fn raw_client() -> fred::prelude::Client {
-    use fred::prelude::ClientLike;
-    let client =
-        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
-            .build()
-            .unwrap();
-    within(WAIT, "a raw connection", client.init())
-        .await
-        .unwrap();
-    client
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
     use fred::prelude::{ClientLike, StreamsInterface};
@@ -333,12 +320,8 @@ async fn malformed_entries_are_dead_lettered_and_reading_goes_on() {
         .await
         .unwrap();
     // A foreign client writes garbage into the stream.
-    let raw =
-        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&redis_url()).unwrap())
-            .build()
-            .unwrap();
+    let raw = raw_client().await;
     use fred::prelude::{ClientLike, StreamsInterface};
-    raw.init().await.unwrap();
     let _: String = raw
         .xadd(
             format!("{prefix}:stream:{{Raw}}"),

@@ -133,6 +133,43 @@ pub fn through(url: &str, address: std::net::SocketAddr) -> String {
     format!("redis://{credentials}{address}{tail}")
 }
 
+/// A fault proxy in front of the Redis of REDIS_URL and the URL through it; `None` (after the one
+/// `skipped:` line) when there is no Redis, or REDIS_URL is not on loopback (the only proxy target).
+pub async fn redis_proxy() -> Option<(agentcomm_testkit::proxy::FaultProxy, String)> {
+    if !redis_available().await {
+        return None;
+    }
+    let url = redis_url();
+    let Some(target) = loopback_target(&url) else {
+        println!(
+            "skipped: REDIS_URL is not a loopback redis:// URL, and the fault proxy only targets loopback"
+        );
+        return None;
+    };
+    let proxy = agentcomm_testkit::proxy::FaultProxy::start(target.as_str())
+        .await
+        .expect("start the fault proxy");
+    let proxied = through(&url, proxy.local_addr());
+    Some((proxy, proxied))
+}
+
+/// A plain fred client on REDIS_URL, not through any proxy: it sees what Redis really holds.
+pub async fn raw_client() -> fred::prelude::Client {
+    raw_client_at(&redis_url()).await
+}
+
+/// A plain fred client on `url` (a cluster's `redis-cluster://` too), connected within 10 s.
+pub async fn raw_client_at(url: &str) -> fred::prelude::Client {
+    use fred::prelude::ClientLike;
+    let client = fred::prelude::Builder::from_config(fred::prelude::Config::from_url(url).unwrap())
+        .build()
+        .unwrap();
+    within(Duration::from_secs(10), "a raw connection", client.init())
+        .await
+        .unwrap();
+    client
+}
+
 /// Deletes every key under `prefix` (tests share one Redis with other people's tests).
 pub async fn remove_keys(prefix: &str) {
     use fred::prelude::{ClientLike, KeysInterface};

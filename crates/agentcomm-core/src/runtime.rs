@@ -382,9 +382,14 @@ impl Runtime {
         Ok(handle)
     }
 
-    /// The handles of the agents started on this runtime.
+    /// The handles of the agents started on this runtime, except those stopped with
+    /// [`AgentHandle::stop`] (which the runtime forgets once their stop is over: replacing or scaling
+    /// down an agent neither leaves the runtime unhealthy nor makes its list grow). An agent whose
+    /// subscription ended on its own stays listed, and unhealthy.
     pub fn agents(&self) -> Vec<AgentHandle> {
-        self.inner.agents.lock().expect("runtime lock").clone()
+        let mut agents = self.inner.agents.lock().expect("runtime lock");
+        agents.retain(|agent| !agent.is_stopped());
+        agents.clone()
     }
 
     /// The health of the router and of every agent.
@@ -404,8 +409,9 @@ impl Runtime {
         }
     }
 
-    /// Stops every agent (each stops taking messages, finishes what it holds within `deadline`, and
-    /// acknowledges it), then closes the router.
+    /// Stops every agent still running (each stops taking messages, finishes what it holds within
+    /// `deadline`, and acknowledges it), then closes the router. The report counts what this stop
+    /// did: agents stopped before are not counted again.
     pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
         let agents = self.agents();
         let reports =
@@ -574,6 +580,11 @@ impl AgentHandle {
         self.inner.name
     }
 
+    /// Whether a stop of this agent is over.
+    fn is_stopped(&self) -> bool {
+        self.inner.stats.state.load(Ordering::Acquire) == STATE_STOPPED
+    }
+
     /// The agent's health.
     pub fn health(&self) -> AgentHealth {
         let stats = &self.inner.stats;
@@ -616,14 +627,53 @@ impl AgentHandle {
     /// Stops the agent gracefully: it stops taking messages, finishes the ones it holds (handlers
     /// running and deliveries already buffered) until `deadline`, acknowledges them, and gives back to
     /// the backend whatever is left when the deadline comes. Stopping twice is harmless.
+    ///
+    /// The stop runs on a task of its own: a caller that stops waiting for it (a timeout around
+    /// `stop`, or a handler of this very agent, dropped at the deadline) does not leave it half done,
+    /// and every caller gets its report.
     pub async fn stop(&self, deadline: Duration) -> ShutdownReport {
-        let inner = &self.inner;
-        let Some(task) = inner.task.lock().await.take() else {
-            // Another stop is under way or done: wait for its report rather than return early.
-            let mut done = inner.done.subscribe();
-            let report = done.wait_for(Option::is_some).await.map(|report| *report);
-            return report.ok().flatten().unwrap_or_default();
-        };
+        let mut done = self.inner.done.subscribe();
+        if let Some(task) = self.inner.task.lock().await.take() {
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                // Should this task end any other way (a panic, its runtime shutting down), the
+                // callers still get a report rather than wait forever.
+                let guard = ReportOnDrop(inner.clone());
+                let report = inner.stop_task(task, deadline).await;
+                inner.done.send_replace(Some(report));
+                drop(guard);
+            });
+        }
+        // Whichever call took the task, the report comes when its stop is over.
+        let report = done.wait_for(Option::is_some).await.map(|report| *report);
+        report.ok().flatten().unwrap_or_default()
+    }
+}
+
+/// Sends an empty report to the waiters of a stop that ended without one.
+struct ReportOnDrop(Arc<AgentHandleInner>);
+
+impl Drop for ReportOnDrop {
+    fn drop(&mut self) {
+        self.0.done.send_if_modified(|report| {
+            if report.is_some() {
+                return false;
+            }
+            self.0.stats.state.store(STATE_STOPPED, Ordering::Release);
+            *report = Some(ShutdownReport::default());
+            true
+        });
+    }
+}
+
+impl AgentHandleInner {
+    /// Stops the agent's task (see [`AgentHandle::stop`]) and returns its report.
+    async fn stop_task(
+        &self,
+        task: JoinHandle<ShutdownReport>,
+        deadline: Duration,
+    ) -> ShutdownReport {
+        let inner = self;
         inner.stats.state.store(STATE_STOPPING, Ordering::Release);
         let until = Instant::now() + deadline;
         let _ = inner.phase.send(Phase::Draining { until });
@@ -666,7 +716,6 @@ impl AgentHandle {
             aborted = report.aborted,
             "agent stopped"
         );
-        inner.done.send_replace(Some(report));
         report
     }
 }

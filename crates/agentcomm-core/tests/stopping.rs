@@ -1,0 +1,145 @@
+//! Stopping agents: a stop whose caller stops waiting, an agent that stops itself, and what the
+//! runtime reports about agents stopped on purpose.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use agentcomm_core::prelude::*;
+use agentcomm_core::router::HealthStatus;
+use agentcomm_core::runtime::{AgentHandle, AgentState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Job {
+    sleep_ms: u64,
+}
+
+#[agent(sends = [Job])]
+struct Client;
+
+#[agent(receives = [Job])]
+struct Worker {
+    started: mpsc::UnboundedSender<()>,
+}
+
+impl Handle<Job> for Worker {
+    async fn handle(&self, job: Job, _ctx: &Context<Self>) -> HandlerResult {
+        let _ = self.started.send(());
+        tokio::time::sleep(Duration::from_millis(job.sleep_ms)).await;
+        Ok(())
+    }
+}
+
+async fn wait_for(what: &str, condition: impl Fn() -> bool) {
+    let waited = timeout(Duration::from_secs(10), async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "waited 10 s for {what}");
+}
+
+#[tokio::test]
+async fn a_stop_whose_caller_gave_up_still_finishes_and_later_stops_get_its_report() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (started, mut started_rx) = mpsc::unbounded_channel();
+    let agent = runtime.spawn(Worker { started }).await.unwrap();
+    runtime
+        .publisher::<Client>()
+        .publish("s1", Job { sleep_ms: 1_000 })
+        .await
+        .unwrap();
+    started_rx.recv().await.unwrap();
+    // The caller bounds its stop by less than the handler takes: its future is dropped mid-stop.
+    let cut_off = timeout(
+        Duration::from_millis(100),
+        agent.stop(Duration::from_secs(5)),
+    )
+    .await;
+    assert!(cut_off.is_err(), "the first stop was cut off by its caller");
+    // The stop goes on without its caller: the handler finishes at about 1 s and is acknowledged.
+    let second = timeout(Duration::from_secs(10), agent.stop(Duration::from_secs(5)))
+        .await
+        .expect("a second stop returns once the first is over");
+    assert_eq!(second.handled, 1, "{second:?}");
+    assert_eq!(agent.health().state, AgentState::Stopped);
+    timeout(
+        Duration::from_secs(10),
+        runtime.shutdown(Duration::from_secs(5)),
+    )
+    .await
+    .expect("shutdown returns")
+    .unwrap();
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Quit {}
+
+#[agent(sends = [Quit])]
+struct Boss;
+
+/// Stops itself when told to quit: its handler waits for a stop that waits for its handler, until the
+/// stop's deadline drops the handler (and, with it, the handler's wait).
+#[agent(receives = [Quit])]
+struct Quitter {
+    me: Arc<OnceLock<AgentHandle>>,
+}
+
+impl Handle<Quit> for Quitter {
+    async fn handle(&self, _quit: Quit, _ctx: &Context<Self>) -> HandlerResult {
+        if let Some(me) = self.me.get() {
+            me.stop(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_agent_that_stops_itself_from_its_handler_stops_and_the_runtime_shuts_down() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let me = Arc::new(OnceLock::new());
+    let handle = runtime.spawn(Quitter { me: me.clone() }).await.unwrap();
+    me.set(handle.clone()).unwrap();
+    runtime
+        .publisher::<Boss>()
+        .publish("s1", Quit {})
+        .await
+        .unwrap();
+    wait_for("the agent to stop itself", || {
+        handle.health().state == AgentState::Stopped
+    })
+    .await;
+    timeout(
+        Duration::from_secs(10),
+        runtime.shutdown(Duration::from_secs(1)),
+    )
+    .await
+    .expect("shutdown returns")
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_stopped_on_purpose_leaves_the_runtime_healthy_and_unlisted() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (started, _old_rx) = mpsc::unbounded_channel();
+    let old = runtime.spawn(Worker { started }).await.unwrap();
+    old.stop(Duration::from_secs(1)).await;
+    assert_eq!(old.health().state, AgentState::Stopped);
+    assert_eq!(
+        old.health().status,
+        HealthStatus::Unhealthy,
+        "its own health says it is stopped"
+    );
+    let (started, _new_rx) = mpsc::unbounded_channel();
+    let _replacement = runtime.spawn(Worker { started }).await.unwrap();
+    let health = runtime.health().await;
+    assert_eq!(health.status, HealthStatus::Healthy, "{health:?}");
+    assert_eq!(health.agents.len(), 1, "only the replacement is listed");
+    assert_eq!(runtime.agents().len(), 1);
+    // Shutdown stops the replacement only; the old agent's stop is not counted again.
+    let report = runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(report.handled, 0, "{report:?}");
+}

@@ -327,6 +327,18 @@ impl Drop for MemoryControl {
     }
 }
 
+impl Drop for MemoryInner {
+    /// A router dropped without `close()`: what its queues still hold is dropped, and logged. (A queued
+    /// message holds its queue through its acknowledger: left queued, both would stay in memory.)
+    fn drop(&mut self) {
+        let routes = std::mem::take(self.routes.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for queue in routes.groups.into_values().chain(routes.fan_outs) {
+            queue.close();
+            queue.drain_lost("the router was dropped without being closed");
+        }
+    }
+}
+
 impl Default for MemoryRouter {
     fn default() -> Self {
         Self::new()
@@ -596,5 +608,40 @@ impl Router for MemoryRouter {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::parse_channel;
+
+    /// A message queued for a group without members, in a router dropped without `close()`: the queue
+    /// and the message go with the router (before, each held the other).
+    #[tokio::test]
+    async fn a_router_dropped_without_close_frees_what_its_queues_held() {
+        let router = MemoryRouter::new();
+        let pattern = ChannelPattern::parse("Ping:*:*").unwrap();
+        let subscription = router
+            .subscribe(SubscribeOptions::new(pattern).group("workers"))
+            .await
+            .unwrap();
+        drop(subscription);
+        let envelope = Envelope::new(
+            parse_channel("Ping:event:s1").unwrap(),
+            "application/json",
+            &b"{}"[..],
+        );
+        router.publish(envelope).await.unwrap();
+        let routes = router.inner.routes.read().unwrap();
+        let queue = Arc::downgrade(routes.groups.get("workers").unwrap());
+        drop(routes);
+        assert_eq!(queue.upgrade().map(|q| q.receiver.len()), Some(1));
+        drop(router);
+        assert!(
+            queue.upgrade().is_none(),
+            "the group's queue outlived its router: {} strong references",
+            queue.strong_count()
+        );
     }
 }

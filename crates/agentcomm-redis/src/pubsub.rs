@@ -21,7 +21,7 @@
 //! [`Settings::broadcast_capacity`]: crate::builder::Settings
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,51 @@ use crate::connection::{Role, map_error, redact, watch_client};
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
 use crate::sequence::{SEQUENCE_HEADER, SequenceTracker, Verdict};
+
+/// Where a subscribe's counting of its Redis subscriptions stands: under way, done (the counts are
+/// held and wait for the subscribe to take them), taken by the subscribe, or given up by it (the
+/// counts, once held, are given back).
+const CLAIM_OPEN: u8 = 0;
+const CLAIM_DONE: u8 = 1;
+const CLAIM_TAKEN: u8 = 2;
+const CLAIM_GIVEN_UP: u8 = 3;
+
+/// A subscribe's claim on the counts its task takes. Dropped before the subscribe took them (it timed
+/// out, failed, or its caller dropped it), it gives them up: the task gives them back when it
+/// finishes, or, if it already has, a task is started to do it.
+struct Claim {
+    state: Arc<AtomicU8>,
+    hub: Arc<PubSubHub>,
+    redis: Vec<RedisSubscription>,
+}
+
+impl Claim {
+    /// Takes the counts, if they are held and not given up.
+    fn take(&self) -> bool {
+        self.state
+            .compare_exchange(CLAIM_DONE, CLAIM_TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let before = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                (state != CLAIM_TAKEN).then_some(CLAIM_GIVEN_UP)
+            });
+        if before == Ok(CLAIM_DONE)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (hub, redis) = (self.hub.clone(), std::mem::take(&mut self.redis));
+            runtime.spawn(async move {
+                let mut counts = hub.redis.lock().await;
+                hub.release(&mut counts, &redis).await;
+            });
+        }
+    }
+}
 
 /// The subscriber side of a router.
 pub(crate) struct PubSubHub {
@@ -177,17 +222,56 @@ impl PubSubHub {
             again,
             stop,
         });
-        let adding = self.add_redis(&redis, &shared.settings);
-        match tokio::time::timeout(shared.settings.command_timeout, adding).await {
-            Ok(result) => result?,
-            Err(_) => {
-                self.drop_redis(&redis).await;
-                return Err(Error::Timeout {
-                    operation: "Redis to confirm a pub/sub subscription".into(),
-                    after: shared.settings.command_timeout,
+        // Counted and confirmed on a task of its own, which this call can give up on (a timeout, or
+        // its caller dropping it) without leaving a count half taken, or held by nobody: see `Claim`.
+        let state = Arc::new(AtomicU8::new(CLAIM_OPEN));
+        let adding = {
+            let (hub, redis, state) = (self.clone(), redis.clone(), state.clone());
+            let settings = shared.settings.clone();
+            tokio::spawn(async move {
+                let result = hub.add_redis(&redis, &settings).await;
+                if result.is_ok()
+                    && state
+                        .compare_exchange(
+                            CLAIM_OPEN,
+                            CLAIM_DONE,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_err()
+                {
+                    // Given up meanwhile: nobody will use them.
+                    let mut counts = hub.redis.lock().await;
+                    hub.release(&mut counts, &redis).await;
+                }
+                result
+            })
+        };
+        let claim = Claim {
+            state,
+            hub: self.clone(),
+            redis: redis.clone(),
+        };
+        let taken = match tokio::time::timeout(shared.settings.command_timeout, adding).await {
+            Ok(Ok(Ok(()))) => claim.take(),
+            Ok(Ok(Err(error))) => return Err(error),
+            Ok(Err(error)) => {
+                return Err(Error::Backend {
+                    backend: "redis",
+                    message: format!("subscribing stopped unexpectedly: {error}"),
                 });
             }
+            // Taken if the task got them just as the time ran out.
+            Err(_) => claim.take(),
+        };
+        if !taken {
+            // Dropping the claim gives the counts up: the task gives them back when it is done.
+            return Err(Error::Timeout {
+                operation: "Redis to confirm a pub/sub subscription".into(),
+                after: shared.settings.command_timeout,
+            });
         }
+        // Nothing waits from here to the subscription's registration, which now owns the counts.
         self.open.fetch_add(1, Ordering::Relaxed);
         self.subscriptions
             .lock()
@@ -226,7 +310,8 @@ impl PubSubHub {
     }
 
     /// Subscribes to what `wanted` needs and is not subscribed yet, then confirms with a `PING`. On a
-    /// failure nothing stays counted.
+    /// failure nothing stays counted, and what this call subscribed is unsubscribed again. Not to be
+    /// cancelled (it runs on a task of its own): a count taken would stay.
     async fn add_redis(
         &self,
         wanted: &[RedisSubscription],
@@ -240,7 +325,7 @@ impl PubSubHub {
                     RedisSubscription::Pattern(glob) => self.client.psubscribe(glob.as_str()).await,
                 };
                 if let Err(error) = result {
-                    release_counts(&mut counts, &wanted[..done]);
+                    self.release(&mut counts, &wanted[..done]).await;
                     return Err(map_error(&error, settings, "subscribing"));
                 }
             }
@@ -250,7 +335,7 @@ impl PubSubHub {
         // commands of one connection in order, so once this PING is answered the subscriptions are live.
         let confirmed = self.ping_subscriptions_node().await;
         if let Err(error) = confirmed {
-            release_counts(&mut counts, wanted);
+            self.release(&mut counts, wanted).await;
             return Err(map_error(
                 &error,
                 settings,
@@ -260,10 +345,29 @@ impl PubSubHub {
         Ok(())
     }
 
-    /// Forgets the counts a subscribe that timed out may have left.
-    async fn drop_redis(&self, wanted: &[RedisSubscription]) {
-        let mut counts = self.redis.lock().await;
-        release_counts(&mut counts, wanted);
+    /// Gives back one count of each of `taken`, and unsubscribes from those nobody uses any more.
+    async fn release(
+        &self,
+        counts: &mut HashMap<RedisSubscription, usize>,
+        taken: &[RedisSubscription],
+    ) {
+        for redis in taken {
+            let Some(count) = counts.get_mut(redis) else {
+                continue;
+            };
+            *count = count.saturating_sub(1);
+            if *count > 0 {
+                continue;
+            }
+            counts.remove(redis);
+            let result = match redis {
+                RedisSubscription::Channel(name) => self.client.unsubscribe(name.as_str()).await,
+                RedisSubscription::Pattern(glob) => self.client.punsubscribe(glob.as_str()).await,
+            };
+            if let Err(error) = result {
+                tracing::debug!(error = %error, "could not unsubscribe; the connection closes anyway");
+            }
+        }
     }
 
     /// Takes a subscription out: its stream ends after what it already received; Redis subscriptions
@@ -280,23 +384,7 @@ impl PubSubHub {
             .expect("subscriptions lock")
             .remove(&subscription.id);
         let mut counts = self.redis.lock().await;
-        for redis in &subscription.redis {
-            let Some(count) = counts.get_mut(redis) else {
-                continue;
-            };
-            *count -= 1;
-            if *count > 0 {
-                continue;
-            }
-            counts.remove(redis);
-            let result = match redis {
-                RedisSubscription::Channel(name) => self.client.unsubscribe(name.as_str()).await,
-                RedisSubscription::Pattern(glob) => self.client.punsubscribe(glob.as_str()).await,
-            };
-            if let Err(error) = result {
-                tracing::debug!(error = %error, "could not unsubscribe; the connection closes anyway");
-            }
-        }
+        self.release(&mut counts, &subscription.redis).await;
     }
 
     /// Ends every subscription and disconnects, by `until` at the latest.
@@ -366,17 +454,6 @@ impl PubSubHub {
             let _: fred::types::Value = self.client.ping(None).await?;
         }
         Ok(())
-    }
-}
-
-fn release_counts(counts: &mut HashMap<RedisSubscription, usize>, wanted: &[RedisSubscription]) {
-    for subscription in wanted {
-        if let Some(count) = counts.get_mut(subscription) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(subscription);
-            }
-        }
     }
 }
 
@@ -678,6 +755,18 @@ impl futures::Stream for PubSubStream {
     }
 }
 
+impl Drop for PubSubStream {
+    /// Deliveries given back and not read again are dropped with the stream: counted and logged as
+    /// `dropped` (each one's abandon finds the channel closed). Left in the channel, they would keep
+    /// the subscription alive through their acknowledgers, uncounted.
+    fn drop(&mut self) {
+        self.again.close();
+        while let Ok(delivery) = self.again.try_recv() {
+            drop(delivery);
+        }
+    }
+}
+
 fn delivery(
     subscription: &Arc<PubSubSubscription>,
     shared: &Arc<Shared>,
@@ -803,6 +892,75 @@ impl SubscriptionControl for PubSubControl {
 #[cfg(test)]
 mod tests {
     use super::glob_matches;
+    use agentcomm_core::channel::{ChannelPattern, parse_channel};
+    use agentcomm_core::envelope::Envelope;
+    use agentcomm_core::router::{Router, SubscribeOptions};
+    use std::time::Duration;
+
+    /// A subscribe that gives up while another holds the subscription counts (a close unsubscribing
+    /// during an outage, a resubscribe) must not take back counts it never took: before, it took one
+    /// of another live subscription's, whose Redis subscription then ended with the next subscriber
+    /// of that channel to close (or was not restored after a reconnect), leaving it open and deaf,
+    /// with nothing counted or logged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribe_that_gives_up_waiting_leaves_the_counts_of_others_alone() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+        let connected = crate::RedisRouter::builder(&url)
+            .mode(crate::DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_millis(300))
+            .connect()
+            .await;
+        let router = match connected {
+            Ok(router) => router,
+            Err(error) => {
+                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
+                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
+                }
+                println!("skipped: no Redis at {}", crate::connection::redact(&url));
+                return;
+            }
+        };
+        let pattern = ChannelPattern::parse("Ping:event:s1").unwrap();
+        let mut first = router
+            .subscribe(SubscribeOptions::new(pattern.clone()))
+            .await
+            .unwrap();
+        let hub = router.shared().hub().await.unwrap();
+        let key = router.shared().keys.pubsub_subscription(&pattern);
+        assert_eq!(hub.redis.lock().await.get(&key).copied(), Some(1));
+        // Something holds the counts for longer than the command timeout; a second subscribe to the
+        // same channel gives up meanwhile, and a third one, once they are free, comes and goes.
+        let held = hub.redis.lock().await;
+        let second = tokio::time::timeout(
+            Duration::from_secs(5),
+            router.subscribe(SubscribeOptions::new(pattern.clone())),
+        )
+        .await
+        .expect("a subscribe gives up by its command timeout, even while the counts are held");
+        assert!(second.is_err(), "the second subscribe timed out");
+        drop(held);
+        let third = router
+            .subscribe(SubscribeOptions::new(pattern.clone()))
+            .await
+            .unwrap();
+        assert_eq!(hub.redis.lock().await.get(&key).copied(), Some(2));
+        third.close().await.unwrap();
+        assert_eq!(hub.redis.lock().await.get(&key).copied(), Some(1));
+        let envelope = Envelope::new(
+            parse_channel("Ping:event:s1").unwrap(),
+            "application/json",
+            b"{}".to_vec(),
+        );
+        let outcome = router.publish(envelope).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), first.next()).await;
+        let _ = router.close().await;
+        assert!(
+            matches!(got, Ok(Some(_))),
+            "the first subscription received nothing; the publish was {outcome:?}"
+        );
+    }
 
     #[test]
     fn globs_match_like_redis_for_the_patterns_agentcomm_makes() {

@@ -175,6 +175,14 @@ pub struct RedisRouter {
     _last_clone: Arc<CloseOnDrop>,
 }
 
+impl RedisRouter {
+    /// The state behind the router, for the crate's own tests.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
 /// Closes the router when the last clone of it is dropped, so that its connections and tasks end.
 struct CloseOnDrop(Arc<Shared>);
 

@@ -467,3 +467,35 @@ async fn the_subscriber_connection_opens_with_the_first_subscription() {
     within(WAIT, "ack", delivery.ack()).await.unwrap();
     within(WAIT, "close", router.close()).await.unwrap();
 }
+
+/// A delivery given back (nack) and not read again before the subscription is dropped: pub/sub keeps
+/// nothing, so it is counted and logged as dropped. Before, it stayed in the subscription's channel
+/// (holding the subscription alive through its acknowledger), neither delivered nor counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_given_back_delivery_still_unread_when_the_subscription_is_dropped_counts_as_dropped() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Ping:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    router.publish(envelope("Ping:event:s1", 1)).await.unwrap();
+    let delivery = next(&mut subscription).await;
+    delivery.nack(NackAction::Requeue).await.unwrap();
+    let before = router.health().await;
+    assert_eq!(before.get("redelivered"), 1, "given back once");
+    drop(subscription);
+    eventually(
+        WAIT,
+        "the given-back delivery is counted as dropped",
+        async || router.health().await.get("dropped") == before.get("dropped") + 1,
+    )
+    .await;
+    within(WAIT, "close", router.close()).await.unwrap();
+}

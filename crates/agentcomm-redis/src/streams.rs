@@ -43,6 +43,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::connection::{Role, is_nogroup, map_error, redact, watch_client};
 use crate::counters::LogLimiter;
+use crate::hashing::FastState;
 use crate::router::Shared;
 use crate::sequence::SEQUENCE_HEADER;
 
@@ -152,6 +153,30 @@ impl EntryId {
         let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
         Some(EntryId(ms.parse().ok()?, seq.parse().ok()?))
     }
+
+    /// The id as Redis writes it, as `to_string` makes it, without the formatting machinery (one per
+    /// acknowledgement).
+    fn text(self) -> String {
+        let mut out = String::with_capacity(41);
+        push_decimal(&mut out, self.0);
+        out.push('-');
+        push_decimal(&mut out, self.1);
+        out
+    }
+}
+
+fn push_decimal(out: &mut String, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
 }
 
 impl std::fmt::Display for EntryId {
@@ -185,7 +210,7 @@ pub(crate) struct StreamSubscription {
     /// settled delivery would cost a read per message once the prefetch is full.
     refill: usize,
     /// Entries read and not settled yet (delivered, buffered, or waiting for a prefetch slot).
-    held: Mutex<HashSet<Held>>,
+    held: Mutex<HashSet<Held, FastState>>,
     settled: tokio::sync::Notify,
     closed: AtomicBool,
     /// Set when closing gives the entries still held back to the group: their acks then fail, since
@@ -237,7 +262,7 @@ type AckWaiter = (EntryId, tokio::sync::oneshot::Sender<Result<()>>);
 #[derive(Default)]
 struct AckQueue {
     closed: bool,
-    waiting: HashMap<Arc<str>, Vec<AckWaiter>>,
+    waiting: HashMap<Arc<str>, Vec<AckWaiter>, FastState>,
 }
 
 /// Acknowledgements waiting to be sent: one `XACK` per stream for all that came together.
@@ -277,7 +302,7 @@ impl StreamSubscription {
             refill: (options.prefetch / 4)
                 .clamp(1, shared.settings.read_batch)
                 .min(options.prefetch),
-            held: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashSet::default()),
             settled: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
             released: AtomicBool::new(false),
@@ -683,7 +708,8 @@ impl StreamSubscription {
         Some(matches(&self.union.lock().expect("union lock")))
     }
 
-    /// Delivers one entry read from `key`, or settles it when it cannot be delivered. `fresh`: see
+    /// Delivers one entry read from `key`, or settles it when it cannot be delivered. A group's entry
+    /// must be held already (by its read, recovery or claim). `fresh`: see
     /// [`StreamSubscription::wants`].
     #[allow(clippy::too_many_arguments)]
     async fn handle_entry(
@@ -778,10 +804,14 @@ impl StreamSubscription {
             .attempt()
             .max(u32::try_from(deliveries).unwrap_or(u32::MAX));
         let envelope = envelope.with_attempt(attempt);
-        self.held
-            .lock()
-            .expect("held lock")
-            .insert((key.clone(), entry_id));
+        // A group's entries were held when their read, recovery or claim came back (every caller
+        // holds them first); a fan-out subscription holds what it delivers from here.
+        if !self.is_group() {
+            self.held
+                .lock()
+                .expect("held lock")
+                .insert((key.clone(), entry_id));
+        }
         let ack = StreamAck {
             subscription: self.clone(),
             key: key.clone(),
@@ -1768,7 +1798,7 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                                 .into(),
                     })
                 } else {
-                    let ids: Vec<String> = waiting.iter().map(|(id, _)| id.to_string()).collect();
+                    let ids: Vec<String> = waiting.iter().map(|(id, _)| id.text()).collect();
                     subscription
                         .shared
                         .client_for(&key)
@@ -2282,5 +2312,14 @@ mod tests {
         assert!(parse("10-2") < parse("10-10"));
         assert_eq!(parse("1700000000000-7").to_string(), "1700000000000-7");
         assert_eq!(EntryId::parse("x-1"), None);
+        for id in [
+            EntryId(0, 0),
+            EntryId(1_764_130_000_000, 9),
+            EntryId(10, 1_000_000),
+            EntryId(u64::MAX, u64::MAX),
+        ] {
+            assert_eq!(id.text(), id.to_string());
+            assert_eq!(EntryId::parse(&id.text()), Some(id));
+        }
     }
 }

@@ -403,8 +403,8 @@ impl Envelope {
             let payload = payload_of(wire.payload.get().as_bytes());
             Self::from_wire(wire, payload, reuse, take)
         } else {
-            let wire =
-                crate::frame_msgpack::read(frame).map_err(|e| Error::decode("envelope", e))?;
+            let wire = crate::frame_msgpack::read(frame, reuse)
+                .map_err(|e| Error::decode("envelope", e))?;
             let payload = payload_of(wire.payload);
             Self::from_wire(wire, payload, reuse, take)
         }
@@ -464,10 +464,10 @@ impl Envelope {
         let channel = match reuse {
             // Most frames come on the channel of the one before: the same strings make the same channel.
             Some(channel)
-                if channel.name() == header.channel
-                    && channel.class() == channel_class
-                    && channel.direction() == header.direction
-                    && channel.session() == header.session =>
+                if same(channel.name(), &header.channel)
+                    && same(channel.class(), channel_class)
+                    && same(channel.direction(), &header.direction)
+                    && same(channel.session(), &header.session) =>
             {
                 channel.clone()
             }
@@ -571,14 +571,23 @@ impl FrameDecoder {
     }
 }
 
+/// Whether two strings are equal; at once when they are the same string (the MessagePack reader
+/// hands out the reused channel's own components when a frame's are equal to them).
+fn same(a: &str, b: &str) -> bool {
+    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
+}
+
+/// The content types agentcomm writes: an envelope keeps them as `&'static str`, not a copy.
+pub(crate) const KNOWN_CONTENT_TYPES: [&str; 3] = [
+    crate::codec::MSGPACK_CONTENT_TYPE,
+    JSON_CONTENT_TYPE,
+    BINARY_CONTENT_TYPE,
+];
+
 fn known_content_type(content_type: &str) -> Option<&'static str> {
-    [
-        crate::codec::MSGPACK_CONTENT_TYPE,
-        JSON_CONTENT_TYPE,
-        BINARY_CONTENT_TYPE,
-    ]
-    .into_iter()
-    .find(|known| *known == content_type)
+    KNOWN_CONTENT_TYPES
+        .into_iter()
+        .find(|known| *known == content_type)
 }
 
 impl fmt::Debug for Envelope {
@@ -1044,5 +1053,50 @@ mod tests {
                 .unwrap(),
             envelope
         );
+    }
+
+    #[test]
+    fn the_frame_decoder_still_checks_strings_that_differ_from_the_channel_before() {
+        let channel = Channel::from_wire("A", "b", "s1", "A:b:s1").unwrap();
+        let envelope = sample(MSGPACK_CONTENT_TYPE, b"\x80").with_channel(channel);
+        let frame = envelope.to_frame().unwrap();
+        let patched = |from: &[u8], to: &[u8]| {
+            let at = frame
+                .windows(from.len())
+                .position(|window| window == from)
+                .expect("the bytes to patch");
+            let mut patched = frame.clone();
+            patched[at..at + to.len()].copy_from_slice(to);
+            Bytes::from(patched)
+        };
+        let mut decoder = FrameDecoder::new();
+        assert_eq!(
+            decoder.decode(Bytes::from(frame.clone())).unwrap(),
+            envelope
+        );
+        // The channel before is A:b:s1: a session of the same length that is not UTF-8 is refused.
+        let error = decoder
+            .decode(patched(b"\xa7session\xa2s1", b"\xa7session\xa2\xff1"))
+            .unwrap_err();
+        assert!(error.to_string().contains("not UTF-8"), "{error}");
+        // An id that is not a UUID is refused, named.
+        let id = envelope.id().to_string();
+        let mut bad_id = id.clone().into_bytes();
+        bad_id[0] = b'g';
+        let error = decoder.decode(patched(id.as_bytes(), &bad_id)).unwrap_err();
+        assert!(error.to_string().contains("is not a UUID"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains(&String::from_utf8(bad_id).unwrap()),
+            "{error}"
+        );
+        // A content type agentcomm does not know is kept as written.
+        let custom = sample("application/x-custom", b"\x80");
+        let decoded = decoder
+            .decode(Bytes::from(custom.to_frame().unwrap()))
+            .unwrap();
+        assert_eq!(decoded.content_type(), "application/x-custom");
+        assert_eq!(decoded, custom);
     }
 }

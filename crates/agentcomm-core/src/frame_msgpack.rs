@@ -5,7 +5,8 @@
 
 use std::borrow::Cow;
 
-use super::envelope::{Headers, Wire, WireId};
+use super::channel::Channel;
+use super::envelope::{Headers, KNOWN_CONTENT_TYPES, MessageId, Wire, WireId};
 
 /// Writes `wire` (payload as bytes) as a MessagePack map, with `headers` (the envelope's; `wire`'s own
 /// are not read) and `extra`, which replaces a header of its name.
@@ -148,8 +149,13 @@ fn write_uint(out: &mut Vec<u8>, value: u64) {
     }
 }
 
-/// Reads a frame; the payload and strings borrow from `frame`.
-pub(crate) fn read(frame: &[u8]) -> Result<Wire<'_, &[u8]>, String> {
+/// Reads a frame; the payload and strings borrow from `frame`, or from `hint`: a string equal to the
+/// hint's component (most frames come on the channel of the frame before) is the hint's own, and is
+/// not checked for UTF-8 again; so is a known content type. The id is parsed here when it is a UUID.
+pub(crate) fn read<'a>(
+    frame: &'a [u8],
+    hint: Option<&'a Channel>,
+) -> Result<Wire<'a, &'a [u8]>, String> {
     let mut reader = Reader {
         bytes: frame,
         at: 0,
@@ -174,13 +180,18 @@ pub(crate) fn read(frame: &[u8]) -> Result<Wire<'_, &[u8]>, String> {
         let key = reader.raw_str()?;
         match key {
             b"v" => v = Some(reader.uint_u32("v")?),
-            b"id" => id = Some(reader.str()?),
-            b"class" => class = Some(reader.str()?),
-            b"channel" => channel = Some(reader.str()?),
-            b"direction" => direction = Some(reader.str()?),
-            b"session" => session = Some(reader.str()?),
-            b"channel_class" => channel_class = reader.optional_str()?,
-            b"content_type" => content_type = Some(reader.str()?),
+            b"id" => id = Some(reader.id()?),
+            b"class" => class = Some(reader.str_like(hint.map(Channel::class))?),
+            b"channel" => channel = Some(reader.str_like(hint.map(Channel::name))?),
+            b"direction" => direction = Some(reader.str_like(hint.map(Channel::direction))?),
+            b"session" => session = Some(reader.str_like(hint.map(Channel::session))?),
+            b"channel_class" => {
+                channel_class = match reader.peek_nil() {
+                    true => reader.optional_str()?,
+                    false => Some(reader.str_like(hint.map(Channel::class))?),
+                }
+            }
+            b"content_type" => content_type = Some(reader.known_str(&KNOWN_CONTENT_TYPES)?),
             b"timestamp" => timestamp = Some(reader.uint()?),
             b"correlation_id" => correlation_id = reader.optional_str()?,
             b"reply_to" => reply_to = reader.optional_str()?,
@@ -210,7 +221,7 @@ pub(crate) fn read(frame: &[u8]) -> Result<Wire<'_, &[u8]>, String> {
     }
     Ok(Wire {
         v: v.unwrap_or(1),
-        id: WireId::Text(Cow::Borrowed(required(id, "id")?)),
+        id: id.ok_or("missing field `id`")?,
         class: Cow::Borrowed(required(class, "class")?),
         channel: Cow::Borrowed(required(channel, "channel")?),
         direction: Cow::Borrowed(required(direction, "direction")?),
@@ -224,6 +235,10 @@ pub(crate) fn read(frame: &[u8]) -> Result<Wire<'_, &[u8]>, String> {
         headers,
         payload: payload.ok_or("missing field `payload`")?,
     })
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, String> {
+    std::str::from_utf8(bytes).map_err(|error| format!("a string is not UTF-8: {error}"))
 }
 
 fn required<'a>(value: Option<&'a str>, name: &str) -> Result<&'a str, String> {
@@ -286,6 +301,47 @@ impl<'a> Reader<'a> {
         }))
     }
 
+    /// A string's bytes (a `str` marker and its length), not checked for UTF-8.
+    fn str_bytes(&mut self) -> Result<&'a [u8], String> {
+        let marker = self.byte()?;
+        let Some(len) = self.str_len(marker)? else {
+            return Err(format!("expected a string, found marker 0x{marker:02x}"));
+        };
+        self.take(len)
+    }
+
+    /// A string, which is `known` itself when it has the same bytes (no UTF-8 check then).
+    fn str_like(&mut self, known: Option<&'a str>) -> Result<&'a str, String> {
+        let bytes = self.str_bytes()?;
+        match known {
+            Some(known) if known.as_bytes() == bytes => Ok(known),
+            _ => utf8(bytes),
+        }
+    }
+
+    /// A string, which is one of `known` when it has the same bytes.
+    fn known_str(&mut self, known: &[&'static str]) -> Result<&'a str, String> {
+        let bytes = self.str_bytes()?;
+        match known.iter().find(|known| known.as_bytes() == bytes) {
+            Some(known) => Ok(known),
+            None => utf8(bytes),
+        }
+    }
+
+    /// The message id: parsed when it is a UUID, else kept as text (the envelope refuses it, naming it).
+    fn id(&mut self) -> Result<WireId<'a>, String> {
+        let bytes = self.str_bytes()?;
+        match uuid::Uuid::try_parse_ascii(bytes) {
+            Ok(uuid) => Ok(WireId::Id(MessageId::from(uuid))),
+            Err(_) => Ok(WireId::Text(Cow::Borrowed(utf8(bytes)?))),
+        }
+    }
+
+    /// Whether the next value is nil (without reading it).
+    fn peek_nil(&self) -> bool {
+        self.bytes.get(self.at) == Some(&0xc0)
+    }
+
     fn str(&mut self) -> Result<&'a str, String> {
         self.optional_str()?
             .ok_or_else(|| "expected a string, found nil".to_string())
@@ -310,10 +366,7 @@ impl<'a> Reader<'a> {
         let Some(len) = self.str_len(marker)? else {
             return Err(format!("expected a string, found marker 0x{marker:02x}"));
         };
-        let bytes = self.take(len)?;
-        std::str::from_utf8(bytes)
-            .map(Some)
-            .map_err(|error| format!("a string is not UTF-8: {error}"))
+        utf8(self.take(len)?).map(Some)
     }
 
     /// Binary data: `bin`, or `str` from writers that predate the `bin` type.

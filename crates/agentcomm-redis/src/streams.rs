@@ -149,9 +149,16 @@ return {length, added, first, last, delivered, read}
 pub(crate) struct EntryId(u64, u64);
 
 impl EntryId {
+    /// Parses `<ms>-<seq>` (or `<ms>`, sequence 0) in one pass over the bytes: ids are parsed once
+    /// or twice for every entry read.
     fn parse(text: &str) -> Option<Self> {
-        let (ms, seq) = text.split_once('-').unwrap_or((text, "0"));
-        Some(EntryId(ms.parse().ok()?, seq.parse().ok()?))
+        let bytes = text.as_bytes();
+        let dash = bytes.iter().position(|b| *b == b'-');
+        let (ms, seq) = match dash {
+            Some(at) => (&bytes[..at], Some(&bytes[at + 1..])),
+            None => (bytes, None),
+        };
+        Some(EntryId(decimal(ms)?, seq.map_or(Some(0), decimal)?))
     }
 
     /// The id as Redis writes it, as `to_string` makes it, without the formatting machinery (one per
@@ -163,6 +170,17 @@ impl EntryId {
         push_decimal(&mut out, self.1);
         out
     }
+}
+
+/// A non-empty run of ASCII digits as a u64, `None` for anything else or an overflow.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |value, digit| {
+        let digit = digit.checked_sub(b'0').filter(|d| *d <= 9)?;
+        value.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 fn push_decimal(out: &mut String, mut value: u64) {
@@ -2312,6 +2330,14 @@ mod tests {
         assert!(parse("10-2") < parse("10-10"));
         assert_eq!(parse("1700000000000-7").to_string(), "1700000000000-7");
         assert_eq!(EntryId::parse("x-1"), None);
+        assert_eq!(EntryId::parse("5"), Some(EntryId(5, 0)));
+        assert_eq!(
+            EntryId::parse("18446744073709551615-18446744073709551615"),
+            Some(EntryId(u64::MAX, u64::MAX))
+        );
+        for bad in ["", "-", "-1", "1-", "1-2-3", "18446744073709551616-0", "1-x", " 1-2", "1 -2"] {
+            assert_eq!(EntryId::parse(bad), None, "{bad:?}");
+        }
         for id in [
             EntryId(0, 0),
             EntryId(1_764_130_000_000, 9),

@@ -295,7 +295,13 @@ impl MemoryControl {
         }
         self.stop.close();
         if self.queue.group.is_some() {
-            self.queue.members.fetch_sub(1, Ordering::AcqRel);
+            let members = self.queue.members.fetch_sub(1, Ordering::AcqRel) - 1;
+            if members == 0 && self.router.upgrade().is_none() {
+                // The last member of a group whose router is gone: nobody can join or read again.
+                self.queue.close();
+                self.queue
+                    .drain_lost("the router was dropped and the group's last member left");
+            }
             return;
         }
         if let Some(router) = self.router.upgrade() {
@@ -328,13 +334,17 @@ impl Drop for MemoryControl {
 }
 
 impl Drop for MemoryInner {
-    /// A router dropped without `close()`: what its queues still hold is dropped, and logged. (A queued
-    /// message holds its queue through its acknowledger: left queued, both would stay in memory.)
+    /// The last handle of a router dropped without `close()`: what its group queues without members
+    /// hold is dropped, and logged, since nobody can read it any more. (A queued message holds its
+    /// queue through its acknowledger: left queued, both would stay in memory.) Queues that still have
+    /// readers keep their messages; the last reader to leave drops what is left.
     fn drop(&mut self) {
         let routes = std::mem::take(self.routes.get_mut().unwrap_or_else(|e| e.into_inner()));
-        for queue in routes.groups.into_values().chain(routes.fan_outs) {
-            queue.close();
-            queue.drain_lost("the router was dropped without being closed");
+        for queue in routes.groups.into_values() {
+            if queue.members.load(Ordering::Acquire) == 0 {
+                queue.close();
+                queue.drain_lost("the router was dropped without being closed");
+            }
         }
     }
 }
@@ -643,5 +653,53 @@ mod tests {
             "the group's queue outlived its router: {} strong references",
             queue.strong_count()
         );
+    }
+
+    /// Subscriptions that outlive every handle of their router still read what was queued for them;
+    /// the queue goes when its last reader does.
+    #[tokio::test]
+    async fn live_subscriptions_read_what_was_queued_after_the_router_is_dropped() {
+        for group in [None, Some("workers")] {
+            let router = MemoryRouter::new();
+            let mut options = SubscribeOptions::new(ChannelPattern::parse("Ping:*:*").unwrap());
+            if let Some(group) = group {
+                options = options.group(group);
+            }
+            let mut subscription = router.subscribe(options).await.unwrap();
+            let envelope = Envelope::new(
+                parse_channel("Ping:event:s1").unwrap(),
+                "application/json",
+                &b"{}"[..],
+            );
+            router.publish(envelope.clone()).await.unwrap();
+            router.publish(envelope).await.unwrap();
+            let queue = {
+                let routes = router.inner.routes.read().unwrap();
+                match group {
+                    Some(group) => Arc::downgrade(routes.groups.get(group).unwrap()),
+                    None => Arc::downgrade(&routes.fan_outs[0]),
+                }
+            };
+            drop(router);
+            let first = tokio::time::timeout(Duration::from_secs(2), subscription.next())
+                .await
+                .expect("a delivery")
+                .expect("the subscription goes on");
+            // Given back after the router is gone: it comes back to the subscriber still there.
+            first.nack(NackAction::Requeue).await.unwrap();
+            for _ in 0..2 {
+                let delivery = tokio::time::timeout(Duration::from_secs(2), subscription.next())
+                    .await
+                    .expect("a delivery")
+                    .expect("the subscription goes on");
+                delivery.ack().await.unwrap();
+            }
+            assert!(queue.upgrade().is_some(), "{group:?}");
+            drop(subscription);
+            assert!(
+                queue.upgrade().is_none(),
+                "{group:?}: the queue outlived its last reader and its router"
+            );
+        }
     }
 }

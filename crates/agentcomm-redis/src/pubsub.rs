@@ -805,13 +805,15 @@ impl PubSubAck {
         };
         let subscription = self.subscription;
         let give = move |shared: Arc<Shared>, subscription: Arc<PubSubSubscription>, envelope| {
-            shared.counters.bump(&shared.counters.redelivered);
             let delivery = delivery(&subscription, &shared, envelope).redelivered(true);
-            if let Err(async_channel::TrySendError::Closed(delivery)) =
-                subscription.again.try_send(delivery)
-            {
-                lost_on_close(&shared, delivery.envelope());
-                delivery.discard();
+            match subscription.again.try_send(delivery) {
+                Ok(()) => shared.counters.bump(&shared.counters.redelivered),
+                // Unbounded: only a closed channel refuses.
+                Err(error) => {
+                    let delivery = error.into_inner();
+                    lost_on_close(&shared, delivery.envelope());
+                    delivery.discard();
+                }
             }
         };
         if delay.is_zero() {

@@ -497,5 +497,7 @@ async fn a_given_back_delivery_still_unread_when_the_subscription_is_dropped_cou
         async || router.health().await.get("dropped") == before.get("dropped") + 1,
     )
     .await;
+    let after = router.health().await;
+    assert_eq!(after.get("redelivered"), 1, "dropped, not delivered again");
     within(WAIT, "close", router.close()).await.unwrap();
 }

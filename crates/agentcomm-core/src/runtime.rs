@@ -410,8 +410,9 @@ impl Runtime {
     }
 
     /// Stops every agent still running (each stops taking messages, finishes what it holds within
-    /// `deadline`, and acknowledges it), then closes the router. The report counts what this stop
-    /// did: agents stopped before are not counted again.
+    /// `deadline`, and acknowledges it), then closes the router. Agents whose stop was over before
+    /// are not counted again; an agent whose stop is under way is waited for, and its report
+    /// counted.
     pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
         let agents = self.agents();
         let reports =

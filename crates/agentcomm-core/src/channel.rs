@@ -199,12 +199,34 @@ impl fmt::Display for ChannelTemplate {
 }
 
 /// The four strings of a channel in one allocation: `class`, `direction`, `session`, then the name.
-#[derive(PartialEq, Eq, Hash)]
 struct ChannelInner {
     text: Box<str>,
     class_end: usize,
     direction_end: usize,
     session_end: usize,
+    /// The channel's four fields as a MessagePack frame writes them, made on first use: written and
+    /// recognised in one piece (most frames come on a channel used before).
+    frame_fields: std::sync::OnceLock<Box<[u8]>>,
+}
+
+impl PartialEq for ChannelInner {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+            && self.class_end == other.class_end
+            && self.direction_end == other.direction_end
+            && self.session_end == other.session_end
+    }
+}
+
+impl Eq for ChannelInner {}
+
+impl std::hash::Hash for ChannelInner {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+        self.class_end.hash(state);
+        self.direction_end.hash(state);
+        self.session_end.hash(state);
+    }
 }
 
 /// A channel: class, direction and session, and the name it has on the broker.
@@ -279,7 +301,16 @@ impl Channel {
             class_end,
             direction_end,
             session_end,
+            frame_fields: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The `class`, `channel`, `direction` and `session` fields of a MessagePack frame on this
+    /// channel (for a message of the channel's class), as the frame writer writes them.
+    pub(crate) fn frame_fields(&self) -> &[u8] {
+        self.0
+            .frame_fields
+            .get_or_init(|| crate::frame_msgpack::channel_fields(self).into_boxed_slice())
     }
 
     /// Rebuilds a channel that arrived in an envelope: components are checked, the name is kept as sent.

@@ -369,6 +369,7 @@ impl Envelope {
             let mut buffer = Vec::with_capacity(192 + self.payload.len());
             crate::frame_msgpack::write(
                 &self.wire(&self.payload[..], false),
+                self.class.is_none().then_some(&self.channel),
                 &self.headers,
                 extra,
                 &mut buffer,

@@ -1,7 +1,9 @@
-//! A fast hasher for the maps that Streams consumption touches once or more per entry (the held
-//! entries, the acknowledgements waiting). The standard SipHash was 1–2% of the reader's time; these
-//! maps hold at most a subscription's prefetch of entries whose ids Redis assigned, so a keyed
-//! multiply-and-rotate hash is enough. Its seed is random per map, as the standard one's is.
+//! A fast hasher for the maps touched once or more per message: Streams' held entries and waiting
+//! acknowledgements, pub/sub's sequence tracks (by publisher, then channel). The standard SipHash was
+//! 1–2% of the client's instructions. A keyed multiply-and-rotate hash is enough here: its seed is
+//! random per map, as the standard one's is, so colliding keys cannot be chosen without knowing it;
+//! the Streams maps hold at most a subscription's prefetch of ids Redis assigned, and the sequence
+//! tracks are forgotten after five idle minutes.
 
 use std::hash::{BuildHasher, Hasher, RandomState};
 

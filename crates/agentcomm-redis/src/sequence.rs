@@ -11,6 +11,8 @@
 //! counted as lost only when it stays open longer than the reorder window.
 
 use std::collections::{BTreeSet, HashMap};
+
+use crate::hashing::FastState;
 use std::time::{Duration, Instant};
 
 /// The header that carries a pub/sub message's sequence number. Removed before delivery.
@@ -54,8 +56,9 @@ struct Track {
 /// The subscriber side: follows every (publisher, channel) sequence seen.
 pub(crate) struct SequenceTracker {
     window: Duration,
-    /// By publisher, then channel: looked up with `&str`, without allocating.
-    tracks: HashMap<String, HashMap<String, Track>>,
+    /// By publisher, then channel: looked up with `&str`, without allocating. Hashed with the keyed
+    /// fast hash: two lookups per message, and SipHash was 1.6% of a pub/sub client's instructions.
+    tracks: HashMap<String, HashMap<String, Track, FastState>, FastState>,
     last_sweep: Instant,
 }
 
@@ -63,7 +66,7 @@ impl SequenceTracker {
     pub(crate) fn new(window: Duration) -> Self {
         SequenceTracker {
             window,
-            tracks: HashMap::new(),
+            tracks: HashMap::default(),
             last_sweep: Instant::now(),
         }
     }

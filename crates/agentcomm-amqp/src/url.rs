@@ -305,6 +305,24 @@ mod tests {
     }
 
     #[test]
+    fn a_key_password_in_the_query_is_hidden() {
+        let url = AmqpUrl::parse(
+            "RABBITMQ_URL",
+            "amqps://app:pw@mq/prod?cacertfile=/ca.pem&certfile=/c.pem&keyfile=/k.pem&password=KeyPassphrase",
+        )
+        .unwrap();
+        assert!(!url.redacted.contains("KeyPassphrase"), "{}", url.redacted);
+        assert!(!format!("{url:?}").contains("KeyPassphrase"), "{url:?}");
+        let error = AmqpUrl::parse(
+            "RABBITMQ_URL",
+            "amqps://app:pw@mq/prod?heartbeat=x&password=KeyPassphrase",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!error.contains("KeyPassphrase"), "{error}");
+    }
+
+    #[test]
     fn scrubs_passwords_from_client_errors() {
         let url = AmqpUrl::parse("url", "amqp://u:hunter2@h").unwrap();
         assert_eq!(url.scrub("login hunter2 refused"), "login *** refused");

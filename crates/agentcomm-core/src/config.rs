@@ -370,6 +370,56 @@ mod tests {
     }
 
     #[test]
+    fn debug_hides_a_sentinel_password_in_the_query() {
+        let config = Config::from_lookup(lookup(&[(
+            "REDIS_URL",
+            "redis-sentinel://sentinel-a:26379,sentinel-b:26379/0?sentinelServiceName=m&sentinelPassword=S3ntinelSecret",
+        )]))
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("S3ntinelSecret"), "{debug}");
+    }
+
+    #[test]
+    fn debug_hides_an_amqps_key_password_in_the_query() {
+        let config = Config::from_lookup(lookup(&[(
+            "RABBITMQ_URL",
+            "amqps://app:pw@mq:5671/prod?certfile=/c.pem&keyfile=/k.pem&password=KeyPassphrase",
+        )]))
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("KeyPassphrase"), "{debug}");
+    }
+
+    #[test]
+    fn config_errors_hide_query_and_malformed_passwords() {
+        let mut leaks = Vec::new();
+        for (name, value, secret) in [
+            // Bad port in the first node: the error shows the whole query.
+            (
+                "REDIS_URL",
+                "redis-sentinel://h:2637x/0?sentinelServiceName=m&sentinelPassword=S3ntinelSecret",
+                "S3ntinelSecret",
+            ),
+            // A typo in the scheme separator: no '://', the URL is shown as given.
+            ("REDIS_URL", "redis:/:TypoSecret@cache:6379/0", "TypoSecret"),
+            (
+                "RABBITMQ_URL",
+                "amqp//app:TypoSecret@mq:5672/prod",
+                "TypoSecret",
+            ),
+        ] {
+            let error = Config::from_lookup(lookup(&[(name, value)]))
+                .unwrap_err()
+                .to_string();
+            if error.contains(secret) {
+                leaks.push(error);
+            }
+        }
+        assert!(leaks.is_empty(), "{leaks:#?}");
+    }
+
+    #[test]
     fn other_variables_come_from_the_env_file_too() {
         let path =
             std::env::temp_dir().join(format!("agentcomm-config-{}.env", std::process::id()));

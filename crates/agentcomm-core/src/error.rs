@@ -226,37 +226,127 @@ impl Error {
     }
 }
 
-/// Replaces the password of a URL (`scheme://user:password@host`) by `***`, for logs and errors.
+/// Hides what a URL may carry of credentials, for logs and errors: the password of its user part
+/// (`scheme://user:password@host`, or a lone token `scheme://token@host`), and the values of query
+/// parameters whose names speak of a password, secret or token (`sentinelPassword=`, `password=`),
+/// names compared percent-decoded and in any case. What cannot be told apart safely is hidden whole:
+/// an `@` after the first `?` that is neither in such a parameter nor preceded by a user part (a
+/// password that contains `?` unencoded) hides everything after `scheme://`; a text without `://`
+/// that contains an `@` shows only what follows its last `@`.
 ///
 /// ```
 /// use agentcomm_core::error::redact_url;
 /// assert_eq!(redact_url("redis://:s3cret@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
 /// assert_eq!(redact_url("amqp://guest:guest@localhost:5672/%2f"), "amqp://guest:***@localhost:5672/%2f");
 /// assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+/// assert_eq!(
+///     redact_url("redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=Pa@ss"),
+///     "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=***"
+/// );
 /// ```
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
+        // Not a URL (a typo): what comes before an '@' may be credentials.
+        return match url.rfind('@') {
+            Some(at) => format!("***{}", &url[at..]),
+            None => url.to_string(),
+        };
     };
-    let rest = &url[scheme_end + 3..];
-    // The userinfo ends at the last '@': a password may itself contain '/', '?', '#' or '@' when it was
-    // not percent-encoded, and must be hidden all the same.
-    let Some(at) = rest.rfind('@') else {
-        return url.to_string();
+    let (head, rest) = url.split_at(scheme_end + 3);
+    let question = rest.find('?');
+    let before_query = &rest[..question.unwrap_or(rest.len())];
+    let (userinfo_end, query_start) = match (before_query.rfind('@'), question) {
+        // The usual shape: a user part (if any) before the query.
+        (Some(at), _) => (Some(at), question),
+        (None, None) => (rest.rfind('@'), None),
+        (None, Some(question)) => match rest[question..].find('@') {
+            None => (None, Some(question)),
+            // An '@' in the query: fine inside a parameter that gets hidden; otherwise the '?' may
+            // belong to a password, and nothing can be shown safely.
+            Some(offset) => {
+                let at = question + offset;
+                let parameter_start = rest[..at].rfind(['?', '&']).map_or(0, |p| p + 1);
+                let parameter = &rest[parameter_start..];
+                let name = parameter.split('=').next().unwrap_or("");
+                if parameter.contains('=') && is_secret_name(name) {
+                    (None, Some(question))
+                } else {
+                    return format!("{head}***");
+                }
+            }
+        },
     };
-    let userinfo = &rest[..at];
-    let redacted_userinfo = match userinfo.find(':') {
-        Some(colon) => format!("{}:***", &userinfo[..colon]),
-        // A lone user part may itself be a token (`redis://token@host`): hide it too.
-        None if userinfo.is_empty() => String::new(),
-        None => "***".to_string(),
+    let mut out = String::from(head);
+    let authority_start = match userinfo_end {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            match userinfo.find(':') {
+                Some(colon) => {
+                    out.push_str(&userinfo[..colon]);
+                    out.push_str(":***");
+                }
+                // A lone user part may itself be a token (`redis://token@host`): hidden too.
+                None if userinfo.is_empty() => {}
+                None => out.push_str("***"),
+            }
+            at
+        }
+        None => 0,
     };
-    format!(
-        "{}{}{}",
-        &url[..scheme_end + 3],
-        redacted_userinfo,
-        &rest[at..]
-    )
+    match query_start {
+        Some(question) if question >= authority_start => {
+            out.push_str(&rest[authority_start..question]);
+            out.push('?');
+            let query = &rest[question + 1..];
+            for (index, parameter) in query.split('&').enumerate() {
+                if index > 0 {
+                    out.push('&');
+                }
+                match parameter.split_once('=') {
+                    Some((name, _)) if is_secret_name(name) => {
+                        out.push_str(name);
+                        out.push_str("=***");
+                    }
+                    _ => out.push_str(parameter),
+                }
+            }
+        }
+        _ => out.push_str(&rest[authority_start..]),
+    }
+    out
+}
+
+/// Whether a query parameter's name (percent-decoded, in any case) speaks of a password, secret or
+/// token.
+fn is_secret_name(name: &str) -> bool {
+    let mut decoded = Vec::with_capacity(name.len());
+    let bytes = name.as_bytes();
+    let mut at = 0;
+    while at < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[at],
+            bytes.get(at + 1).copied(),
+            bytes.get(at + 2).copied(),
+        ) {
+            (b'%', Some(high), Some(low)) if hex(high).is_some() && hex(low).is_some() => {
+                decoded.push((hex(high).unwrap_or(0) * 16 + hex(low).unwrap_or(0)) as u8);
+                at += 3;
+            }
+            (b'+', _, _) => {
+                decoded.push(b' ');
+                at += 1;
+            }
+            (byte, _, _) => {
+                decoded.push(byte);
+                at += 1;
+            }
+        }
+    }
+    let name = String::from_utf8_lossy(&decoded).to_ascii_lowercase();
+    ["password", "passwd", "secret", "token"]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 #[cfg(test)]
@@ -274,10 +364,51 @@ mod tests {
             redact_url("amqp://app:Xy/9ab@mq/prod"),
             "amqp://app:***@mq/prod"
         );
+        // A '?' in a password cannot be told from a query's: everything is hidden.
+        assert_eq!(redact_url("redis://:a?b#c@h:6379/0"), "redis://***");
+        // Credentials in the query, and an '@' inside one.
+        let sentinel = "redis-sentinel://u:pw@s1:26379,s2:26379/0?sentinelServiceName=m&sentinelPassword=S3cret&node=s3:1";
         assert_eq!(
-            redact_url("redis://:a?b#c@h:6379/0"),
-            "redis://:***@h:6379/0"
+            redact_url(sentinel),
+            "redis-sentinel://u:***@s1:26379,s2:26379/0?sentinelServiceName=m&sentinelPassword=***&node=s3:1"
         );
+        assert_eq!(
+            redact_url(
+                "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=Pa@ssTail99"
+            ),
+            "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=***"
+        );
+        assert_eq!(
+            redact_url("redis-sentinel://h:1/0?sentinel%50assword=Encoded&SENTINELPASSWORD=Upper"),
+            "redis-sentinel://h:1/0?sentinel%50assword=***&SENTINELPASSWORD=***"
+        );
+        assert_eq!(
+            redact_url(
+                "amqps://app:pw@mq:5671/prod?cacertfile=/ca.pem&keyfile=/k.pem&password=KeyPass"
+            ),
+            "amqps://app:***@mq:5671/prod?cacertfile=/ca.pem&keyfile=/k.pem&password=***"
+        );
+        assert_eq!(
+            redact_url("amqp://mq/prod?auth_token=T0k&x=y@z"),
+            "amqp://***",
+            "an '@' in a parameter that is not hidden: nothing shown"
+        );
+        // Not URLs at all (typos): what precedes an '@' is hidden.
+        assert_eq!(
+            redact_url("redis:/:TypoSecret@cache:6379/0"),
+            "***@cache:6379/0"
+        );
+        assert_eq!(
+            redact_url("amqp//app:TypoSecret@mq:5672/prod"),
+            "***@mq:5672/prod"
+        );
+        for url in [
+            "redis://[::1]:6379/0",
+            "redis://h:1/0?sentinelServiceName=m",
+            "unix:///tmp/redis.sock",
+        ] {
+            assert_eq!(redact_url(url), url);
+        }
     }
 
     #[test]

@@ -401,6 +401,15 @@ mod tests {
     }
 
     #[test]
+    fn builder_debug_hides_the_sentinel_password() {
+        let builder = RedisRouterBuilder::new(
+            "redis-sentinel://u:pw1@h:26379/0?sentinelServiceName=m&sentinelPassword=S3ntinelSecret&node=h2:26379",
+        );
+        let debug = format!("{builder:?}");
+        assert!(!debug.contains("S3ntinelSecret"), "{debug}");
+    }
+
+    #[test]
     fn the_environment_chooses_url_and_mode_and_hides_the_password() {
         let builder = RedisRouterBuilder::from_lookup(|name| match name {
             "REDIS_URL" => Some("redis://:hunter2@10.1.2.3:6380/2".into()),

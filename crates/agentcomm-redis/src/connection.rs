@@ -48,22 +48,10 @@ pub(crate) fn install_crypto_provider() {
     }
 }
 
-/// `url` for logs and errors: its password, and a sentinel password in its query, replaced by `***`.
+/// `url` for logs and errors: its password, and a sentinel password in its query, replaced by `***`
+/// (see [`agentcomm_core::error::redact_url`]).
 pub(crate) fn redact(url: &str) -> String {
-    let redacted = agentcomm_core::error::redact_url(url);
-    let Some((base, query)) = redacted.split_once('?') else {
-        return redacted;
-    };
-    let query: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if name.eq_ignore_ascii_case("sentinelPassword") => {
-                format!("{name}=***")
-            }
-            _ => pair.to_string(),
-        })
-        .collect();
-    format!("{base}?{}", query.join("&"))
+    agentcomm_core::error::redact_url(url)
 }
 
 /// Which kind of client is built: only a pub/sub subscriber needs a large message channel.
@@ -248,6 +236,27 @@ mod tests {
             shown.contains("sentinelServiceName=m") && shown.contains("node=h2:1"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn sentinel_password_with_an_at_sign_is_redacted_whole() {
+        let shown =
+            redact("redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=Pa@ssTail99");
+        assert!(!shown.contains("ssTail99"), "{shown}");
+    }
+
+    #[test]
+    fn percent_encoded_sentinel_password_name_is_redacted() {
+        // fred reads query names through url's query_pairs, which percent-decodes them.
+        let url =
+            "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinel%50assword=EncodedNameSecret";
+        let config = fred::types::config::Config::from_url(url).unwrap();
+        assert!(
+            format!("{:?}", config.server).contains("EncodedNameSecret"),
+            "fred uses it"
+        );
+        let shown = redact(url);
+        assert!(!shown.contains("EncodedNameSecret"), "{shown}");
     }
 
     #[test]

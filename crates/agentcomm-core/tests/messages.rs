@@ -236,3 +236,33 @@ async fn one_invalid_message_keeps_its_whole_batch_from_being_published() {
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert_eq!(runtime.router().health().await.get("published"), 2);
 }
+
+/// Raw identifiers name classes, agents and fields without their `r#`, as serde names such a field
+/// and as a peer in another language names the class.
+mod raw_identifiers {
+    use agentcomm_core::prelude::*;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[allow(non_camel_case_types)]
+    pub struct r#type {
+        #[message(non_empty)]
+        pub r#ref: String,
+    }
+
+    #[agent(sends = [r#type])]
+    #[allow(non_camel_case_types)]
+    pub struct r#loop;
+
+    #[test]
+    fn names_come_without_the_raw_prefix() {
+        assert_eq!(<r#type as Message>::CLASS, "type");
+        assert_eq!(<r#loop as Agent>::NAME, "loop");
+        let error = r#type {
+            r#ref: String::new(),
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(error.field(), "ref");
+    }
+}

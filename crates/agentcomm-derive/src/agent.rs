@@ -2,6 +2,7 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
+use syn::ext::IdentExt;
 use syn::parse::{ParseStream, Parser};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
@@ -95,6 +96,15 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
         ));
     };
     let ident = &structure.ident;
+    if !structure.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            structure.generics.span(),
+            "an agent cannot be generic or borrow: it runs on its own task for as long as the \
+             runtime does, so it owns its state ('static; use Arc for what it shares), and every \
+             instantiation would share one name and so one consumer group; define one concrete type \
+             per agent",
+        ));
+    }
     let (impl_generics, type_generics, where_clause) = structure.generics.split_for_impl();
     let name = match &args.name {
         Some(name) => {
@@ -106,7 +116,7 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
             }
             name.value()
         }
-        None => ident.to_string(),
+        None => ident.unraw().to_string(),
     };
     let core = quote!(::agentcomm_core::__private);
 

@@ -2,6 +2,7 @@
 
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
+use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Expr, Fields, LitStr, Path};
 
@@ -35,7 +36,8 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
 
     let class = match &options.name {
         Some(name) => name.value(),
-        None => ident.to_string(),
+        // `r#type` is the class `type`, as serde names such a field.
+        None => ident.unraw().to_string(),
     };
     let class_span = options.name.as_ref().map_or(ident.span(), LitStr::span);
     if let Some(problem) = class_problem(&class) {
@@ -132,6 +134,11 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
             } else if meta.path.is_ident("direction") {
                 set_once(&mut options.direction, &meta)
             } else if meta.path.is_ident("validate") {
+                if options.validate.is_some() {
+                    return Err(meta.error(
+                        "this key is given twice; call both checks from one function",
+                    ));
+                }
                 options.validate = Some(meta.value()?.parse()?);
                 Ok(())
             } else {
@@ -163,11 +170,26 @@ fn field_checks(input: &DeriveInput) -> syn::Result<Vec<TokenStream>> {
                 Vec::new()
             }
         },
-        _ => Vec::new(),
+        Data::Enum(data) => {
+            let ruled = data
+                .variants
+                .iter()
+                .flat_map(|variant| variant.fields.iter())
+                .find(|f| f.attrs.iter().any(|a| a.path().is_ident("message")));
+            if let Some(field) = ruled {
+                return Err(syn::Error::new(
+                    field.span(),
+                    "field rules are for the fields of a struct, not of an enum's variants; check \
+                     the variants in a function named by #[message(validate = path)]",
+                ));
+            }
+            Vec::new()
+        }
+        Data::Union(_) => Vec::new(),
     };
     for field in fields {
         let ident = field.ident.as_ref().expect("named fields have names");
-        let name = ident.to_string();
+        let name = ident.unraw().to_string();
         for rule in field_rules(field)? {
             checks.push(match rule {
                 FieldRule::NonEmpty => quote_spanned! {ident.span()=>

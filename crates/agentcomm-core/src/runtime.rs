@@ -674,18 +674,17 @@ impl AgentHandleInner {
         task: JoinHandle<ShutdownReport>,
         deadline: Duration,
     ) -> ShutdownReport {
-        let inner = self;
-        inner.stats.state.store(STATE_STOPPING, Ordering::Release);
+        self.stats.state.store(STATE_STOPPING, Ordering::Release);
         let until = Instant::now() + deadline;
-        let _ = inner.phase.send(Phase::Draining { until });
-        tracing::info!(agent = inner.name, deadline = ?deadline, "agent stopping");
-        match tokio::time::timeout_at(until, inner.closer.close()).await {
+        let _ = self.phase.send(Phase::Draining { until });
+        tracing::info!(agent = self.name, deadline = ?deadline, "agent stopping");
+        match tokio::time::timeout_at(until, self.closer.close()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                tracing::warn!(agent = inner.name, error = %error, "could not close the subscription cleanly")
+                tracing::warn!(agent = self.name, error = %error, "could not close the subscription cleanly")
             }
             Err(_) => tracing::warn!(
-                agent = inner.name,
+                agent = self.name,
                 "closing the subscription did not finish before the deadline; the agent stops anyway"
             ),
         }
@@ -694,24 +693,24 @@ impl AgentHandleInner {
         let report = match tokio::time::timeout_at(until + Duration::from_secs(5), task).await {
             Ok(Ok(report)) => report,
             Ok(Err(error)) => {
-                tracing::error!(agent = inner.name, error = %error, "the agent task failed while stopping");
+                tracing::error!(agent = self.name, error = %error, "the agent task failed while stopping");
                 ShutdownReport::default()
             }
             Err(_) => {
                 abort.abort();
                 tracing::error!(
-                    agent = inner.name,
+                    agent = self.name,
                     "the agent did not stop in time and was aborted"
                 );
                 ShutdownReport {
-                    aborted: inner.stats.in_flight.load(Ordering::Relaxed),
+                    aborted: self.stats.in_flight.load(Ordering::Relaxed),
                     ..ShutdownReport::default()
                 }
             }
         };
-        inner.stats.state.store(STATE_STOPPED, Ordering::Release);
+        self.stats.state.store(STATE_STOPPED, Ordering::Release);
         tracing::info!(
-            agent = inner.name,
+            agent = self.name,
             handled = report.handled,
             requeued = report.requeued,
             aborted = report.aborted,

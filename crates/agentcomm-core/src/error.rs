@@ -228,11 +228,11 @@ impl Error {
 
 /// Hides what a URL may carry of credentials, for logs and errors: the password of its user part
 /// (`scheme://user:password@host`, or a lone token `scheme://token@host`), and the values of query
-/// parameters whose names speak of a password, secret or token (`sentinelPassword=`, `password=`),
-/// names compared percent-decoded and in any case. What cannot be told apart safely is hidden whole:
-/// an `@` after the first `?` that is neither in such a parameter nor preceded by a user part (a
-/// password that contains `?` unencoded) hides everything after `scheme://`; a text without `://`
-/// that contains an `@` shows only what follows its last `@`.
+/// parameters whose names speak of a password, secret, token or auth (`sentinelPassword=`,
+/// `password=`), names compared percent-decoded and in any case. What cannot be told apart safely is
+/// hidden whole: an `@` in the query outside such a parameter, or a `?` right after something that is
+/// not a host (a password with a `?` or `@` in it, unencoded), hides everything after `scheme://`; a
+/// text that is not a URL is hidden whole when it has an `@` or a `?`.
 ///
 /// ```
 /// use agentcomm_core::error::redact_url;
@@ -246,78 +246,98 @@ impl Error {
 /// ```
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        // Not a URL (a typo): what comes before an '@' may be credentials.
-        return match url.rfind('@') {
-            Some(at) => format!("***{}", &url[at..]),
-            None => url.to_string(),
+        // Not a URL (a typo): it may hold credentials anywhere.
+        return if url.contains(['@', '?']) {
+            "***".to_string()
+        } else {
+            url.to_string()
         };
     };
     let (head, rest) = url.split_at(scheme_end + 3);
-    let question = rest.find('?');
-    let before_query = &rest[..question.unwrap_or(rest.len())];
-    let (userinfo_end, query_start) = match (before_query.rfind('@'), question) {
-        // The usual shape: a user part (if any) before the query.
-        (Some(at), _) => (Some(at), question),
-        (None, None) => (rest.rfind('@'), None),
-        (None, Some(question)) => match rest[question..].find('@') {
-            None => (None, Some(question)),
-            // An '@' in the query: fine inside a parameter that gets hidden; otherwise the '?' may
-            // belong to a password, and nothing can be shown safely.
-            Some(offset) => {
-                let at = question + offset;
-                let parameter_start = rest[..at].rfind(['?', '&']).map_or(0, |p| p + 1);
-                let parameter = &rest[parameter_start..];
-                let name = parameter.split('=').next().unwrap_or("");
-                if parameter.contains('=') && is_secret_name(name) {
-                    (None, Some(question))
-                } else {
-                    return format!("{head}***");
-                }
-            }
-        },
+    let hidden = || format!("{head}***");
+    let Some(question) = rest.find('?') else {
+        // The user part ends at the last '@': a password may contain '/', '#' or '@' unencoded.
+        return match rest.rfind('@') {
+            Some(at) => format!("{head}{}{}", redact_userinfo(&rest[..at]), &rest[at..]),
+            None => url.to_string(),
+        };
     };
-    let mut out = String::from(head);
-    let authority_start = match userinfo_end {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            match userinfo.find(':') {
-                Some(colon) => {
-                    out.push_str(&userinfo[..colon]);
-                    out.push_str(":***");
-                }
-                // A lone user part may itself be a token (`redis://token@host`): hidden too.
-                None if userinfo.is_empty() => {}
-                None => out.push_str("***"),
-            }
-            at
-        }
-        None => 0,
-    };
-    match query_start {
-        Some(question) if question >= authority_start => {
-            out.push_str(&rest[authority_start..question]);
-            out.push('?');
-            let query = &rest[question + 1..];
-            for (index, parameter) in query.split('&').enumerate() {
-                if index > 0 {
-                    out.push('&');
-                }
-                match parameter.split_once('=') {
-                    Some((name, _)) if is_secret_name(name) => {
-                        out.push_str(name);
-                        out.push_str("=***");
-                    }
-                    _ => out.push_str(parameter),
-                }
-            }
-        }
-        _ => out.push_str(&rest[authority_start..]),
+    let (query, visible_at) = redact_query(&rest[question + 1..]);
+    if visible_at {
+        // An '@' that no hidden parameter holds: in the query, or in a password with a '?' in it.
+        return hidden();
     }
-    out
+    let before_query = &rest[..question];
+    let (userinfo, after_userinfo) = match before_query.rfind('@') {
+        Some(at) => (redact_userinfo(&before_query[..at]), &before_query[at..]),
+        None => (String::new(), before_query),
+    };
+    if !looks_like_hosts(after_userinfo.trim_start_matches('@')) {
+        // `app:pass?word@host`: what precedes the '?' is a password, not a host.
+        return hidden();
+    }
+    format!("{head}{userinfo}{after_userinfo}?{query}")
 }
 
-/// Whether a query parameter's name (percent-decoded, in any case) speaks of a password, secret or
-/// token.
+/// `user:***`, `***` for a lone token, nothing for nothing.
+fn redact_userinfo(userinfo: &str) -> String {
+    match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        // A lone user part may itself be a token (`redis://token@host`): hidden too.
+        None if userinfo.is_empty() => String::new(),
+        None => "***".to_string(),
+    }
+}
+
+/// The query with the values of secret parameters hidden (and the pieces after them that have no
+/// `=`, which a secret with an `&` in it would leave), and whether an `@` is still shown.
+fn redact_query(query: &str) -> (String, bool) {
+    let mut out = String::with_capacity(query.len());
+    let mut in_secret = false;
+    for (index, parameter) in query.split('&').enumerate() {
+        let shown = match parameter.split_once('=') {
+            Some((name, _)) if is_secret_name(name) => {
+                in_secret = true;
+                format!("{name}=***")
+            }
+            None if in_secret => continue,
+            _ => {
+                in_secret = false;
+                parameter.to_string()
+            }
+        };
+        if index > 0 {
+            out.push('&');
+        }
+        out.push_str(&shown);
+    }
+    let visible_at = out.contains('@');
+    (out, visible_at)
+}
+
+/// Whether `authority` (up to its path) is hosts: names or addresses, each with a numeric port if any
+/// (`h1:26379,h2:26379`, `[::1]:6379`, nothing for `unix:///path`).
+fn looks_like_hosts(authority: &str) -> bool {
+    let hosts = authority.split('/').next().unwrap_or("");
+    hosts.split(',').all(|host| {
+        if let Some(bracketed) = host.strip_prefix('[') {
+            return bracketed
+                .split_once(']')
+                .is_some_and(|(_, port)| port.is_empty() || numeric_port(port.strip_prefix(':')));
+        }
+        match host.rsplit_once(':') {
+            Some((_, port)) => numeric_port(Some(port)),
+            None => true,
+        }
+    })
+}
+
+fn numeric_port(port: Option<&str>) -> bool {
+    port.is_some_and(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether a query parameter's name (percent-decoded, in any case) speaks of a password, secret,
+/// token or auth.
 fn is_secret_name(name: &str) -> bool {
     let mut decoded = Vec::with_capacity(name.len());
     let bytes = name.as_bytes();
@@ -344,7 +364,7 @@ fn is_secret_name(name: &str) -> bool {
         }
     }
     let name = String::from_utf8_lossy(&decoded).to_ascii_lowercase();
-    ["password", "passwd", "secret", "token"]
+    ["pass", "pwd", "secret", "token", "auth"]
         .iter()
         .any(|word| name.contains(word))
 }
@@ -393,21 +413,104 @@ mod tests {
             "amqp://***",
             "an '@' in a parameter that is not hidden: nothing shown"
         );
-        // Not URLs at all (typos): what precedes an '@' is hidden.
+        // Not URLs at all (typos): hidden whole when they may hold credentials.
+        assert_eq!(redact_url("redis:/:TypoSecret@cache:6379/0"), "***");
+        assert_eq!(redact_url("amqp//app:TypoSecret@mq:5672/prod"), "***");
         assert_eq!(
-            redact_url("redis:/:TypoSecret@cache:6379/0"),
-            "***@cache:6379/0"
+            redact_url("redis-sentinel:/s1:26379/0?sentinelServiceName=m&sentinelPassword=S3c"),
+            "***"
+        );
+        assert_eq!(redact_url("localhost:6379"), "localhost:6379");
+        // A password with both '@' and '?' in it, unencoded; one with '?' then `name=`; an '&' in a
+        // secret; other names of secrets.
+        assert_eq!(
+            redact_url("redis://user:Qx@Zk?Wv@cache:6379/0"),
+            "redis://***"
         );
         assert_eq!(
-            redact_url("amqp//app:TypoSecret@mq:5672/prod"),
-            "***@mq:5672/prod"
+            redact_url("amqp://app:ab?token=cd@mq:5672/prod"),
+            "amqp://***"
         );
+        assert_eq!(
+            redact_url(
+                "redis-sentinel://h:1/0?sentinelServiceName=m&sentinelPassword=Qx&ZkWv&node=h2:1"
+            ),
+            "redis-sentinel://h:1/0?sentinelServiceName=m&sentinelPassword=***&node=h2:1"
+        );
+        assert_eq!(
+            redact_url("redis://h/0?pass=a&pwd=b&auth=c&db=1"),
+            "redis://h/0?pass=***&pwd=***&auth=***&db=1"
+        );
+
         for url in [
             "redis://[::1]:6379/0",
             "redis://h:1/0?sentinelServiceName=m",
             "unix:///tmp/redis.sock",
         ] {
             assert_eq!(redact_url(url), url);
+        }
+    }
+
+    #[test]
+    fn no_part_of_a_password_survives_whatever_punctuation_it_holds() {
+        let punctuation: Vec<char> = (b'!'..=b'~')
+            .map(char::from)
+            .filter(|c| c.is_ascii_punctuation())
+            .collect();
+        let in_userinfo = [
+            "redis://user:{}@cache:6379/0",
+            "rediss://user:{}@cache:6380",
+            "redis-sentinel://user:{}@s1:26379,s2:26379/0?sentinelServiceName=m",
+            "amqp://app:{}@mq:5672/prod",
+            "amqps://app:{}@[::1]:5671/prod?heartbeat=10",
+            "unix://user:{}@/tmp/redis.sock",
+        ];
+        let in_query = [
+            "redis-sentinel://s1:26379,s2:26379/0?sentinelServiceName=m&sentinelPassword={}",
+            "amqps://app:pw@mq/prod?password={}&heartbeat=10",
+            "rediss://cache:6380/0?Password={}",
+        ];
+        for first in &punctuation {
+            for second in &punctuation {
+                let password = format!("ZQ1{first}WX2{second}YV3");
+                for template in in_userinfo {
+                    let shown = redact_url(&template.replace("{}", &password));
+                    for piece in ["ZQ1", "WX2", "YV3"] {
+                        assert!(
+                            !shown.contains(piece),
+                            "{password:?} in {template}: {shown}"
+                        );
+                    }
+                }
+                for template in in_query {
+                    let shown = redact_url(&template.replace("{}", &password));
+                    // After an '&', a `name=value` is another parameter to every client too: the
+                    // password they use ends at the '&'.
+                    let split = password
+                        .find('&')
+                        .is_some_and(|amp| password[amp..].contains('='));
+                    let pieces: &[&str] = if split {
+                        &["ZQ1"]
+                    } else {
+                        &["ZQ1", "WX2", "YV3"]
+                    };
+                    for piece in pieces {
+                        assert!(
+                            !shown.contains(piece),
+                            "{password:?} in {template}: {shown}"
+                        );
+                    }
+                }
+            }
+        }
+        // Non-ASCII next to the delimiters does not panic.
+        for url in [
+            "redis://é@?@é",
+            "amqp://ü:é%@h?é=@&%é",
+            "redis://h/0?%é=1",
+            "é@?",
+        ] {
+            let _ = redact_url(url);
         }
     }
 

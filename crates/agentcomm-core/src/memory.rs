@@ -334,15 +334,19 @@ impl Drop for MemoryControl {
 }
 
 impl Drop for MemoryInner {
-    /// The last handle of a router dropped without `close()`: what its group queues without members
-    /// hold is dropped, and logged, since nobody can read it any more. (A queued message holds its
-    /// queue through its acknowledger: left queued, both would stay in memory.) Queues that still have
-    /// readers keep their messages; the last reader to leave drops what is left.
+    /// The last handle of a router dropped without `close()`: nothing can be published any more, so
+    /// every queue is closed. Subscriptions still reading get what was queued for them, then their
+    /// stream ends (a delivery given back after that is dropped, and logged). What group queues
+    /// without members hold is dropped now, and logged: nobody can read it. (A queued message holds
+    /// its queue through its acknowledger: left queued, both would stay in memory.)
     fn drop(&mut self) {
         let routes = std::mem::take(self.routes.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for queue in routes.fan_outs {
+            queue.close();
+        }
         for queue in routes.groups.into_values() {
+            queue.close();
             if queue.members.load(Ordering::Acquire) == 0 {
-                queue.close();
                 queue.drain_lost("the router was dropped without being closed");
             }
         }
@@ -655,10 +659,10 @@ mod tests {
         );
     }
 
-    /// Subscriptions that outlive every handle of their router still read what was queued for them;
-    /// the queue goes when its last reader does.
+    /// Subscriptions that outlive every handle of their router still read what was queued for them,
+    /// then their stream ends (nothing can be published any more); the queue goes with its last reader.
     #[tokio::test]
-    async fn live_subscriptions_read_what_was_queued_after_the_router_is_dropped() {
+    async fn live_subscriptions_read_what_was_queued_then_end_after_the_router_is_dropped() {
         for group in [None, Some("workers")] {
             let router = MemoryRouter::new();
             let mut options = SubscribeOptions::new(ChannelPattern::parse("Ping:*:*").unwrap());
@@ -681,20 +685,17 @@ mod tests {
                 }
             };
             drop(router);
-            let first = tokio::time::timeout(Duration::from_secs(2), subscription.next())
-                .await
-                .expect("a delivery")
-                .expect("the subscription goes on");
-            // Given back after the router is gone: it comes back to the subscriber still there.
-            first.nack(NackAction::Requeue).await.unwrap();
             for _ in 0..2 {
                 let delivery = tokio::time::timeout(Duration::from_secs(2), subscription.next())
                     .await
                     .expect("a delivery")
-                    .expect("the subscription goes on");
+                    .expect("what was queued is still delivered");
                 delivery.ack().await.unwrap();
             }
-            assert!(queue.upgrade().is_some(), "{group:?}");
+            let end = tokio::time::timeout(Duration::from_secs(2), subscription.next())
+                .await
+                .expect("the stream ends instead of waiting forever");
+            assert!(end.is_none(), "{group:?}");
             drop(subscription);
             assert!(
                 queue.upgrade().is_none(),

@@ -273,8 +273,13 @@ impl Reader {
     }
 }
 
-/// An acknowledgement waiting for its `XACK`.
-type AckWaiter = (EntryId, tokio::sync::oneshot::Sender<Result<()>>);
+/// An acknowledgement waiting for its `XACK`: the entry, who waits for the result, and the entry's
+/// prefetch slot (given back with the batch's).
+type AckWaiter = (
+    EntryId,
+    tokio::sync::oneshot::Sender<Result<()>>,
+    Option<OwnedSemaphorePermit>,
+);
 
 /// Acknowledgements waiting, by stream; `closed` once nothing is sent any more.
 #[derive(Default)]
@@ -943,6 +948,17 @@ impl StreamSubscription {
     fn unhold_text(&self, key: &Arc<str>, id: &str) {
         if let Some(id) = EntryId::parse(id) {
             self.unhold(key, id);
+        }
+    }
+
+    /// Forgets held entries of `key`, under one lock.
+    fn unhold_all(&self, key: &Arc<str>, ids: impl IntoIterator<Item = EntryId>) {
+        let mut held = self.held.lock().expect("held lock");
+        for id in ids {
+            held.remove(&(key.clone(), id));
+        }
+        if held.is_empty() || self.is_closed() {
+            self.settled.notify_waiters();
         }
     }
 
@@ -1816,7 +1832,7 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                                 .into(),
                     })
                 } else {
-                    let ids: Vec<String> = waiting.iter().map(|(id, _)| id.text()).collect();
+                    let ids: Vec<String> = waiting.iter().map(|(id, _, _)| id.text()).collect();
                     subscription
                         .shared
                         .client_for(&key)
@@ -1825,7 +1841,23 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                         .map(drop)
                         .map_err(|e| map_error(&e, subscription.settings(), "acknowledging (XACK)"))
                 };
-                for (_, done) in waiting {
+                // Whether it worked or not, the entries are no longer their deliveries': when XACK
+                // failed, they stay pending without renewal and come again after claim_idle. Unheld
+                // and their slots given back together, once per batch.
+                let mut slots: Option<OwnedSemaphorePermit> = None;
+                subscription.unhold_all(&key, waiting.iter().map(|(id, _, _)| *id));
+                if result.is_ok() {
+                    let counters = &subscription.shared.counters;
+                    counters
+                        .acked
+                        .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+                }
+                for (_, done, slot) in waiting {
+                    match (&mut slots, slot) {
+                        (Some(slots), Some(slot)) => slots.merge(slot),
+                        (none @ None, slot) => *none = slot,
+                        (Some(_), None) => {}
+                    }
                     let _ = done.send(match &result {
                         Ok(()) => Ok(()),
                         Err(error) => Err(Error::Backend {
@@ -1834,6 +1866,7 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                         }),
                     });
                 }
+                drop(slots);
             }
         });
         futures::future::join_all(sends).await;
@@ -2161,35 +2194,41 @@ impl Acknowledge for StreamAck {
             return agentcomm_core::router::ready_ok();
         }
         let (done, result) = tokio::sync::oneshot::channel();
-        {
+        let StreamAck {
+            subscription: _,
+            key,
+            id,
+            _permit: slot,
+        } = this;
+        let queued = {
             let mut queue = subscription.acks.queue.lock().expect("acks lock");
-            if !queue.closed {
+            if queue.closed {
+                // Not sent: `done` goes when this returns, and the acknowledgement fails below.
+                drop(slot);
+                false
+            } else {
                 queue
                     .waiting
-                    .entry(this.key.clone())
+                    .entry(key.clone())
                     .or_default()
-                    .push((this.id, done));
+                    .push((id, done, slot));
+                true
             }
-            // When closed, `done` is dropped here and the acknowledgement fails below.
+        };
+        if queued {
+            subscription.acks.wake.notify_one();
         }
-        subscription.acks.wake.notify_one();
         Box::pin(async move {
-            let result = result.await.unwrap_or(Err(Error::Closed {
+            let result = result.await;
+            if !queued || result.is_err() {
+                // Not sent (closed), or the batch went without an answer: nobody else unholds it.
+                subscription.unhold(&key, id);
+            }
+            result.unwrap_or(Err(Error::Closed {
                 what: "the Redis stream subscription",
                 hint: "it closed and gave its unsettled entries back to the group before this \
                            acknowledgement; the entry is delivered again",
-            }));
-            // Whether it worked or not, the entry is no longer this delivery's: when XACK failed, the
-            // entry stays pending without renewal and is delivered again after claim_idle.
-            subscription.unhold(&this.key, this.id);
-            if result.is_ok() {
-                subscription
-                    .shared
-                    .counters
-                    .bump(&subscription.shared.counters.acked);
-            }
-            drop(this);
-            result
+            }))
         })
     }
 

@@ -12,16 +12,27 @@ use super::envelope::{Headers, KNOWN_CONTENT_TYPES, MessageId, Wire, WireId};
 /// its class, in the writer's order.
 pub(crate) fn channel_fields(channel: &Channel) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + channel.name().len() + 2 * channel.class().len());
-    for (key, value) in [
-        ("class", channel.class()),
-        ("channel", channel.name()),
-        ("direction", channel.direction()),
-        ("session", channel.session()),
-    ] {
-        write_str(&mut out, key);
-        write_str(&mut out, value);
-    }
+    write_channel_fields(
+        &mut out,
+        [
+            channel.class(),
+            channel.name(),
+            channel.direction(),
+            channel.session(),
+        ],
+    );
     out
+}
+
+/// Writes the `class`, `channel`, `direction` and `session` fields, in that order.
+fn write_channel_fields(out: &mut Vec<u8>, values: [&str; 4]) {
+    for (key, value) in ["class", "channel", "direction", "session"]
+        .into_iter()
+        .zip(values)
+    {
+        write_str(out, key);
+        write_str(out, value);
+    }
 }
 
 /// Writes `wire` (payload as bytes) as a MessagePack map, with `headers` (the envelope's; `wire`'s own
@@ -56,17 +67,10 @@ pub(crate) fn write(
     }
     match channel {
         Some(channel) => out.extend_from_slice(channel.frame_fields()),
-        None => {
-            for (key, value) in [
-                ("class", &wire.class),
-                ("channel", &wire.channel),
-                ("direction", &wire.direction),
-                ("session", &wire.session),
-            ] {
-                write_str(out, key);
-                write_str(out, value);
-            }
-        }
+        None => write_channel_fields(
+            out,
+            [&wire.class, &wire.channel, &wire.direction, &wire.session],
+        ),
     }
     if let Some(channel_class) = &wire.channel_class {
         write_str(out, "channel_class");
@@ -342,9 +346,14 @@ impl<'a> Reader<'a> {
 
     /// A string's bytes (a `str` marker and its length), not checked for UTF-8.
     fn str_bytes(&mut self) -> Result<&'a [u8], String> {
+        self.string_bytes("a string")
+    }
+
+    /// A string's bytes; `what` names it in the error when something else comes.
+    fn string_bytes(&mut self, what: &str) -> Result<&'a [u8], String> {
         let marker = self.byte()?;
         let Some(len) = self.str_len(marker)? else {
-            return Err(format!("expected a string, found marker 0x{marker:02x}"));
+            return Err(format!("expected {what}, found marker 0x{marker:02x}"));
         };
         self.take(len)
     }
@@ -386,15 +395,9 @@ impl<'a> Reader<'a> {
             .ok_or_else(|| "expected a string, found nil".to_string())
     }
 
-    /// A string's bytes, not checked for UTF-8.
+    /// A key's bytes, not checked for UTF-8.
     fn raw_str(&mut self) -> Result<&'a [u8], String> {
-        let marker = self.byte()?;
-        let Some(len) = self.str_len(marker)? else {
-            return Err(format!(
-                "expected a string key, found marker 0x{marker:02x}"
-            ));
-        };
-        self.take(len)
+        self.string_bytes("a string key")
     }
 
     fn optional_str(&mut self) -> Result<Option<&'a str>, String> {

@@ -48,11 +48,8 @@ pub(crate) fn install_crypto_provider() {
     }
 }
 
-/// `url` for logs and errors: its password, and a sentinel password in its query, replaced by `***`
-/// (see [`agentcomm_core::error::redact_url`]).
-pub(crate) fn redact(url: &str) -> String {
-    agentcomm_core::error::redact_url(url)
-}
+/// `url` for logs and errors, its credentials hidden (a sentinel password in its query too).
+pub(crate) use agentcomm_core::error::redact_url as redact;
 
 /// Which kind of client is built: only a pub/sub subscriber needs a large message channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -81,10 +81,7 @@ impl Drop for Claim {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let (hub, redis) = (self.hub.clone(), std::mem::take(&mut self.redis));
-            runtime.spawn(async move {
-                let mut counts = hub.redis.lock().await;
-                hub.release(&mut counts, &redis).await;
-            });
+            runtime.spawn(async move { hub.give_back(&redis).await });
         }
     }
 }
@@ -241,8 +238,7 @@ impl PubSubHub {
                         .is_err()
                 {
                     // Given up meanwhile: nobody will use them.
-                    let mut counts = hub.redis.lock().await;
-                    hub.release(&mut counts, &redis).await;
+                    hub.give_back(&redis).await;
                 }
                 result
             })
@@ -383,8 +379,13 @@ impl PubSubHub {
             .lock()
             .expect("subscriptions lock")
             .remove(&subscription.id);
+        self.give_back(&subscription.redis).await;
+    }
+
+    /// [`PubSubHub::release`] under the counts' lock.
+    async fn give_back(&self, taken: &[RedisSubscription]) {
         let mut counts = self.redis.lock().await;
-        self.release(&mut counts, &subscription.redis).await;
+        self.release(&mut counts, taken).await;
     }
 
     /// Ends every subscription and disconnects, by `until` at the latest.

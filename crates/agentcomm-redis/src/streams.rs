@@ -964,11 +964,7 @@ impl StreamSubscription {
 
     /// Forgets a held entry.
     fn unhold(&self, key: &Arc<str>, id: EntryId) {
-        let mut held = self.held.lock().expect("held lock");
-        held.remove(&(key.clone(), id));
-        if held.is_empty() || self.is_closed() {
-            self.settled.notify_waiters();
-        }
+        self.unhold_all(key, [id]);
     }
 
     /// Gives a held entry back to the group: marked idle, so another member claims it at once.
@@ -1848,9 +1844,7 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                 subscription.unhold_all(&key, waiting.iter().map(|(id, _, _)| *id));
                 if result.is_ok() {
                     let counters = &subscription.shared.counters;
-                    counters
-                        .acked
-                        .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+                    counters.add(&counters.acked, waiting.len() as u64);
                 }
                 for (_, done, slot) in waiting {
                     match (&mut slots, slot) {
@@ -2220,8 +2214,9 @@ impl Acknowledge for StreamAck {
         }
         Box::pin(async move {
             let result = result.await;
-            if !queued || result.is_err() {
-                // Not sent (closed), or the batch went without an answer: nobody else unholds it.
+            if result.is_err() {
+                // Not sent (closed: `done` was dropped), or the batch went without an answer:
+                // nobody else unholds it.
                 subscription.unhold(&key, id);
             }
             result.unwrap_or(Err(Error::Closed {

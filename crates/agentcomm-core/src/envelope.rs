@@ -612,10 +612,16 @@ fn one() -> u32 {
     1
 }
 
-/// The frame: every field in one flat map, the payload last.
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+fn is_one(value: &u32) -> bool {
+    *value == 1
+}
+
+/// The frame: every field in one flat map, the payload last. `v`, `attempt` and `headers` are left out
+/// when they hold their defaults.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Wire<'a, P> {
-    #[serde(default = "one")]
+    #[serde(default = "one", skip_serializing_if = "is_one")]
     pub(crate) v: u32,
     pub(crate) id: WireId<'a>,
     #[serde(borrow)]
@@ -635,9 +641,14 @@ pub(crate) struct Wire<'a, P> {
     pub(crate) correlation_id: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub(crate) reply_to: Option<Cow<'a, str>>,
-    #[serde(default = "one")]
+    #[serde(default = "one", skip_serializing_if = "is_one")]
     pub(crate) attempt: u32,
-    #[serde(borrow, default, with = "wire_headers")]
+    #[serde(
+        borrow,
+        default,
+        with = "wire_headers",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub(crate) headers: WireHeaders<'a>,
     pub(crate) payload: P,
 }
@@ -792,17 +803,67 @@ mod tests {
     }
 
     #[test]
+    fn fields_holding_their_defaults_are_left_out_and_read_back() {
+        fn keys(frame: &[u8]) -> Vec<String> {
+            let map: std::collections::BTreeMap<String, serde::de::IgnoredAny> = match frame.first()
+            {
+                Some(b'{') => serde_json::from_slice(frame).unwrap(),
+                _ => rmp_serde::from_slice(frame).unwrap(),
+            };
+            map.into_keys().collect()
+        }
+        let required = [
+            "channel",
+            "class",
+            "content_type",
+            "direction",
+            "id",
+            "payload",
+            "session",
+            "timestamp",
+        ];
+        let first = Envelope::new(
+            parse_channel("PaymentRequest:request:s1").unwrap(),
+            MSGPACK_CONTENT_TYPE,
+            b"\x80".as_slice(),
+        );
+        let json = Envelope::new(first.channel().clone(), JSON_CONTENT_TYPE, b"{}".as_slice());
+        for envelope in [&first, &json] {
+            let frame = envelope.to_frame().unwrap();
+            assert_eq!(keys(&frame), required, "no v, attempt or headers");
+            let read = Envelope::from_frame(&frame).unwrap();
+            assert_eq!((read.attempt(), read.headers().len()), (1, 0));
+            assert_eq!(&read, envelope);
+
+            let retried = envelope
+                .clone()
+                .with_attempt(2)
+                .with_header("tenant", "acme");
+            let frame = retried.to_frame().unwrap();
+            let mut expected = required.to_vec();
+            expected.extend(["attempt", "headers"]);
+            expected.sort();
+            assert_eq!(keys(&frame), expected);
+            assert_eq!(Envelope::from_frame(&frame).unwrap(), retried);
+        }
+        // A header added while writing (the Redis backend's sequence number) brings `headers` back.
+        let frame = first.to_frame_with_header("agentcomm-seq", "p/1").unwrap();
+        assert!(keys(&frame).contains(&"headers".to_string()));
+    }
+
+    #[test]
     fn unknown_fields_of_newer_writers_are_skipped() {
         let envelope = sample(MSGPACK_CONTENT_TYPE, b"\x80");
         let frame = envelope.to_frame().unwrap();
-        // Add three fields: a nested map with an array, a float and an ext value.
+        // Add four fields: a nested map with an array, a float, an ext value and a nil.
         let fields = frame[0] & 0x0f;
         assert!(
-            frame[0] & 0xf0 == 0x80 && fields + 3 > 15,
+            frame[0] & 0xf0 == 0x80 && fields + 4 > 15,
             "a fixmap that needs map16 once extended"
         );
-        let mut extended = vec![0xde, 0, fields + 3];
+        let mut extended = vec![0xde, 0, fields + 4];
         extended.extend_from_slice(&frame[1..]);
+        extended.extend_from_slice(b"\xa4none\xc0");
         extended.extend_from_slice(b"\xa5extra\x81\xa1k\x93\x01\xcb\x3f\xf0\0\0\0\0\0\0\xc0");
         extended.extend_from_slice(b"\xa5float\xca\x3f\x80\0\0");
         extended.extend_from_slice(b"\xa3ext\xd6\x05\x01\x02\x03\x04");

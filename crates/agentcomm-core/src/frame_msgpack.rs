@@ -51,10 +51,19 @@ pub(crate) fn write(
         wire.correlation_id.as_deref(),
         wire.reply_to.as_deref(),
     ];
-    let fields = 11 + optional.iter().filter(|field| field.is_some()).count();
+    // `v`, `attempt` and `headers` are left out when they hold their defaults (1, 1, empty), as the
+    // wire format allows: fewer bytes for the broker to store and for every reader to read.
+    let replaced = extra.is_some_and(|(name, _)| headers.contains_key(name));
+    let header_count = headers.len() + usize::from(extra.is_some() && !replaced);
+    let defaults = [wire.v != 1, wire.attempt != 1, header_count != 0];
+    let fields = 8
+        + optional.iter().filter(|field| field.is_some()).count()
+        + defaults.iter().filter(|written| **written).count();
     write_map_len(out, fields);
-    write_str(out, "v");
-    write_uint(out, u64::from(wire.v));
+    if wire.v != 1 {
+        write_str(out, "v");
+        write_uint(out, u64::from(wire.v));
+    }
     write_str(out, "id");
     match &wire.id {
         WireId::Id(id) => write_str(
@@ -88,14 +97,14 @@ pub(crate) fn write(
         write_str(out, "reply_to");
         write_str(out, reply_to);
     }
-    write_str(out, "attempt");
-    write_uint(out, u64::from(wire.attempt));
-    write_str(out, "headers");
-    let replaced = extra.is_some_and(|(name, _)| headers.contains_key(name));
-    write_map_len(
-        out,
-        headers.len() + usize::from(extra.is_some() && !replaced),
-    );
+    if wire.attempt != 1 {
+        write_str(out, "attempt");
+        write_uint(out, u64::from(wire.attempt));
+    }
+    if header_count != 0 {
+        write_str(out, "headers");
+        write_map_len(out, header_count);
+    }
     for (name, value) in headers {
         if extra.is_some_and(|(extra, _)| extra == name) {
             continue;

@@ -39,6 +39,10 @@ pub mod headers {
     pub const ORIGINAL_CHANNEL: &str = "agentcomm-original-channel";
     /// Where a malformed frame was read (a channel or a stream key).
     pub const SOURCE: &str = "agentcomm-source";
+    /// Set on a message given back because publishing its dead letter failed: the reason it is to be
+    /// dead-lettered with. Its next delivery is dead-lettered at once (with the `ERROR` and `ATTEMPTS`
+    /// it carries), without running the handler again.
+    pub const DEAD_LETTER_PENDING: &str = "agentcomm-dead-letter-pending";
 
     /// The handler failed on every attempt.
     pub const REASON_HANDLER_FAILED: &str = "handler-failed";

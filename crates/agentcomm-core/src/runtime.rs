@@ -1016,6 +1016,15 @@ impl<A: Agent> AgentShared<A> {
         );
         async move {
             tracing::debug!("received");
+            if delivery
+                .envelope()
+                .header(headers::DEAD_LETTER_PENDING)
+                .is_some()
+            {
+                // Its dead letter could not be published last time: publish it now, without running
+                // the handler again.
+                return Box::pin(self.dead_letter_pending(delivery)).await;
+            }
             // The handler's context borrows the delivery's envelope instead of a copy of it; the loan
             // ends before settling, or when this future is dropped (the stop deadline), so a delivery
             // given back to the backend always has its envelope.
@@ -1113,22 +1122,57 @@ impl<A: Agent> AgentShared<A> {
         }
     }
 
-    async fn dead_letter(&self, delivery: Delivery, reason: &'static str, error: &str) {
+    /// Dead-letters a delivery given back because publishing its dead letter failed, with the reason,
+    /// error and attempts it was marked with then.
+    async fn dead_letter_pending(&self, delivery: Delivery) {
+        let envelope = delivery.envelope();
+        let reason = envelope
+            .header(headers::DEAD_LETTER_PENDING)
+            .unwrap_or(headers::REASON_HANDLER_FAILED)
+            .to_string();
+        let error = envelope.header(headers::ERROR).unwrap_or("").to_string();
+        let attempts = envelope
+            .header(headers::ATTEMPTS)
+            .and_then(|attempts| attempts.parse().ok())
+            .unwrap_or(envelope.attempt());
+        tracing::warn!(
+            reason,
+            "publishing again the dead letter of a message whose dead letter could not be published"
+        );
+        self.dead_letter_as(delivery, &reason, &error, attempts)
+            .await;
+    }
+
+    async fn dead_letter(&self, delivery: Delivery, reason: &str, error: &str) {
+        let attempts = delivery.envelope().attempt();
+        self.dead_letter_as(delivery, reason, error, attempts).await;
+    }
+
+    /// Publishes the dead letter of `delivery` after `attempts` attempts, then acknowledges it; if the
+    /// publish fails, gives it back marked so that its next delivery is dead-lettered at once.
+    async fn dead_letter_as(
+        &self,
+        mut delivery: Delivery,
+        reason: &str,
+        error: &str,
+        attempts: u32,
+    ) {
         let original = delivery.envelope();
-        let dead = original
+        let mut dead = original
             .clone()
             .with_id(MessageId::new())
             .with_channel(original.channel().dead_letter())
             .with_header(headers::DEAD_LETTER_REASON, reason)
             .with_header(headers::ERROR, error)
-            .with_header(headers::ATTEMPTS, original.attempt().to_string())
+            .with_header(headers::ATTEMPTS, attempts.to_string())
             .with_header(headers::AGENT, A::NAME)
             .with_header(headers::ORIGINAL_ID, original.id().to_string())
             .with_header(headers::ORIGINAL_CHANNEL, original.channel().name());
+        dead.headers_mut().remove(headers::DEAD_LETTER_PENDING);
         tracing::error!(
             reason,
             error,
-            attempts = original.attempt(),
+            attempts,
             dead_letter_channel = dead.channel().name(),
             "dead-lettered"
         );
@@ -1147,9 +1191,16 @@ impl<A: Agent> AgentShared<A> {
                 }
             }
             Err(publish_error) => {
-                // Never lose it: give it back for a later attempt rather than acknowledging.
-                let delay = self.options.backoff.delay(delivery.envelope().attempt());
-                tracing::error!(error = %publish_error, retry_in_ms = delay.as_millis() as u64, "could not publish the dead letter; the message is given back");
+                // Never lose it: give it back rather than acknowledging, marked so that its next
+                // delivery is dead-lettered without running the handler again.
+                let delay = self.options.backoff.delay(attempts);
+                let marked = delivery
+                    .lend()
+                    .with_header(headers::DEAD_LETTER_PENDING, reason)
+                    .with_header(headers::ERROR, error)
+                    .with_header(headers::ATTEMPTS, attempts.to_string());
+                delivery.restore(marked);
+                tracing::error!(error = %publish_error, retry_in_ms = delay.as_millis() as u64, "could not publish the dead letter; the message is given back, to be dead-lettered when it comes again");
                 if let Err(error) = delivery.nack(NackAction::Retry { delay }).await {
                     bump(&self.stats.nack_failures);
                     tracing::error!(error = %error, "could not give the message back either; the broker keeps it only if it is persistent");

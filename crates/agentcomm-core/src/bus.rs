@@ -307,6 +307,16 @@ pub(crate) fn channel_of<M: Message>(direction: &str, session: &str) -> Result<C
     if let Some(channel) = reused {
         return Ok(channel);
     }
+    if direction == REPLY_DIRECTION {
+        return Err(Error::InvalidChannelComponent {
+            component: "direction",
+            value: direction.to_string(),
+            reason: format!(
+                "'{REPLY_DIRECTION}' is reserved for replies routed to a requester's inbox, which agents do not receive; answer a request with `Context::reply`, or publish with another direction"
+            ),
+            forbidden: String::new(),
+        });
+    }
     let channel = Channel::for_message::<M>(direction, session)?;
     RECENT_CHANNEL.with(|recent| *recent.borrow_mut() = Some((template, channel.clone())));
     Ok(channel)

@@ -55,6 +55,7 @@ use tracing::Instrument;
 use crate::agent::{Agent, Context, HandlerError, Publisher, Rejection};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, DEFAULT_REQUEST_TIMEOUT};
+use crate::channel::REPLY_DIRECTION;
 use crate::codec::Codec;
 use crate::envelope::{Envelope, MessageId, headers};
 use crate::error::{Error, Result};
@@ -514,9 +515,12 @@ pub struct AgentHealth {
     /// Nacks that failed: retries that could not be scheduled. On a backend that is not persistent
     /// those messages are lost.
     pub nack_failures: u64,
-    /// Deliveries that were retries (attempt above 1). `retried - retries_received` is how many
+    /// Deliveries that were retries (attempt above 1). `retries_received - retried` is how many
     /// scheduled retries have not come back yet.
     pub retries_received: u64,
+    /// Replies routed to a requester's inbox (`<Class>:reply:<inbox>`) that this agent's patterns
+    /// matched: acknowledged without running the handler, since they are their requester's.
+    pub replies_skipped: u64,
     /// Handlers running now.
     pub in_flight: u64,
 }
@@ -534,6 +538,7 @@ struct AgentStats {
     ack_failures: AtomicU64,
     nack_failures: AtomicU64,
     retries_received: AtomicU64,
+    replies_skipped: AtomicU64,
     in_flight: AtomicU64,
     state: AtomicU8,
     ended_on_its_own: std::sync::atomic::AtomicBool,
@@ -621,6 +626,7 @@ impl AgentHandle {
             ack_failures: load(&stats.ack_failures),
             nack_failures: load(&stats.nack_failures),
             retries_received: load(&stats.retries_received),
+            replies_skipped: load(&stats.replies_skipped),
             in_flight: load(&stats.in_flight),
         }
     }
@@ -999,6 +1005,22 @@ impl<A: Agent> AgentShared<A> {
 
     async fn process(&self, delivery: Delivery) {
         let stats = &self.stats;
+        if delivery.envelope().channel().direction() == REPLY_DIRECTION {
+            // A reply on its way to a requester's inbox, matched by this agent's `<Class>:*:*`: it is
+            // the requester's, not this agent's (and an agent that replies with a class it receives
+            // would otherwise answer its own replies).
+            bump(&stats.replies_skipped);
+            tracing::debug!(
+                agent = A::NAME,
+                channel = delivery.envelope().channel().name(),
+                "a reply to a requester's inbox is not for agents; acknowledged without handling"
+            );
+            if let Err(error) = delivery.ack().await {
+                bump(&stats.ack_failures);
+                tracing::warn!(error = %error, "could not acknowledge a reply meant for a requester; the broker may deliver it again");
+            }
+            return;
+        }
         bump(&stats.received);
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&stats.in_flight);

@@ -168,3 +168,151 @@ async fn a_handler_runs_max_attempts_times_even_when_its_dead_letter_publish_fai
     assert_eq!(letter.header(headers::ATTEMPTS), Some("3"));
     assert_eq!(letter.header(headers::DEAD_LETTER_PENDING), None);
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(direction = "request")]
+struct Ask {
+    n: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Answer {
+    n: u32,
+}
+
+#[agent(sends = [Ask, Answer])]
+struct Asker;
+
+#[agent(receives = [Ask], sends = [Answer])]
+struct Answerer;
+
+impl Handle<Ask> for Answerer {
+    async fn handle(&self, ask: Ask, ctx: &Context<Self>) -> HandlerResult {
+        ctx.reply(Answer { n: ask.n }).await?;
+        Ok(())
+    }
+}
+
+/// Books every Answer published as an event.
+#[agent(receives = [Answer])]
+struct Ledger(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Handle<Answer> for Ledger {
+    async fn handle(&self, answer: Answer, ctx: &Context<Self>) -> HandlerResult {
+        let channel = ctx.envelope().channel().name().to_string();
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{} on {channel}", answer.n));
+        Ok(())
+    }
+}
+
+async fn wait_for_health(
+    runtime: &Runtime,
+    what: &str,
+    condition: impl Fn(&agentcomm_core::runtime::RuntimeHealth) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let health = runtime.health().await;
+        if condition(&health) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reply_goes_to_its_requester_not_to_agents_that_receive_its_class() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    runtime.spawn(Answerer).await.unwrap();
+    let booked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    runtime.spawn(Ledger(booked.clone())).await.unwrap();
+    let asker = runtime.publisher::<Asker>();
+    let answer: Answer = asker.request("s1", Ask { n: 7 }).await.unwrap();
+    assert_eq!(answer.n, 7);
+    // The ledger's pattern matched the reply: it was acknowledged, counted and not handled.
+    wait_for_health(&runtime, "the ledger skipped the reply", |health| {
+        health
+            .agents
+            .iter()
+            .any(|agent| agent.name == "Ledger" && agent.replies_skipped == 1)
+    })
+    .await;
+    // An Answer published as an event still reaches the ledger.
+    asker.publish("s1", Answer { n: 8 }).await.unwrap();
+    wait_for_health(&runtime, "the ledger handled the event", |health| {
+        health
+            .agents
+            .iter()
+            .any(|agent| agent.name == "Ledger" && agent.handled == 1)
+    })
+    .await;
+    assert_eq!(
+        *booked.lock().unwrap(),
+        vec!["8 on Answer:event:s1".to_string()]
+    );
+}
+
+/// Answers every Chat with a Chat: the class it receives is the class it replies with.
+#[agent(receives = [Chat], sends = [Chat])]
+struct Echo(Arc<AtomicUsize>);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Chat {
+    text: String,
+}
+
+#[agent(sends = [Chat])]
+struct Chatter;
+
+impl Handle<Chat> for Echo {
+    async fn handle(&self, chat: Chat, ctx: &Context<Self>) -> HandlerResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        ctx.reply(Chat {
+            text: format!("echo: {}", chat.text),
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+// Multi-threaded: were the agent to answer its own replies, it would do so without end, and the test's
+// timers must still fire to fail it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_replying_with_the_class_it_receives_does_not_answer_its_own_replies() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let runs = Arc::new(AtomicUsize::new(0));
+    runtime.spawn(Echo(runs.clone())).await.unwrap();
+    let reply: Chat = runtime
+        .publisher::<Chatter>()
+        .request("s1", Chat { text: "hi".into() })
+        .await
+        .unwrap();
+    assert_eq!(reply.text, "echo: hi");
+    wait_for_health(&runtime, "the echo skipped its own reply", |health| {
+        health.agents[0].replies_skipped == 1
+    })
+    .await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "one chat, one answer");
+}
+
+#[tokio::test]
+async fn publishing_on_the_reply_direction_is_refused_with_the_way_out() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let error = runtime
+        .bus()
+        .publish_to("reply", "s1", &Answer { n: 1 })
+        .await
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("'reply' is reserved") && text.contains("Context::reply"),
+        "{text}"
+    );
+}

@@ -80,6 +80,12 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
                     format!("`{}` cannot be a direction: {problem}", literal.value()),
                 ));
             }
+            if literal.value() == "reply" {
+                return Err(syn::Error::new(
+                    literal.span(),
+                    "`reply` is reserved for replies routed to a requester's inbox, which agents do not receive; use another direction (replies to requests are sent with `Context::reply`)",
+                ));
+            }
             quote!(const DIRECTION: &'static str = #literal;)
         }
         None => TokenStream::new(),

@@ -102,7 +102,9 @@ pub struct AgentOptions {
     pub session: Option<String>,
     /// Fan-out or a named group; `None` is a group named after the agent (`Agent.session` when the agent
     /// listens to one session), so that instances of one agent share the work and different agents each
-    /// get every message.
+    /// get every message. The name is the struct's unless `#[agent(name = "...")]` says otherwise: a
+    /// runtime refuses a second agent type in a group already used by another, but agents of one name
+    /// in two programs on one broker share their group, so name them apart.
     pub distribution: Option<Distribution>,
     /// How many messages are handled at once. Messages of one session are always handled in order: each
     /// session is served by one worker, so a message waits while its session's worker is busy and, when
@@ -330,6 +332,9 @@ impl Runtime {
                 None => A::NAME.to_string(),
             })
         });
+        if let Distribution::Group(group) = &distribution {
+            self.check_group_is_its_own::<A>(group)?;
+        }
         if matches!(distribution, Distribution::Group(_)) && !router.capabilities().consumer_groups
         {
             return Err(Error::Unsupported {
@@ -340,6 +345,10 @@ impl Runtime {
             });
         }
         let patterns = A::__receive_patterns(options.session.as_deref())?;
+        let subscribe_group = match &distribution {
+            Distribution::Group(group) => Some(group.clone()),
+            _ => None,
+        };
         let mut subscribe = SubscribeOptions::patterns(patterns).prefetch(options.prefetch);
         subscribe.distribution = distribution;
         let subscription = router.subscribe(subscribe).await?;
@@ -365,6 +374,14 @@ impl Runtime {
         let handle = AgentHandle {
             inner: Arc::new(AgentHandleInner {
                 name: A::NAME,
+                group: match &subscribe_group {
+                    Some(group) => Some((
+                        group.clone(),
+                        std::any::TypeId::of::<A>(),
+                        std::any::type_name::<A>(),
+                    )),
+                    None => None,
+                },
                 receives: A::RECEIVES,
                 sends: A::SENDS,
                 subscription: description,
@@ -381,6 +398,29 @@ impl Runtime {
             .expect("runtime lock")
             .push(handle.clone());
         Ok(handle)
+    }
+
+    /// Refuses a group already used by an agent of another type on this runtime: a group's members
+    /// compete for its messages, so two different agents in one group would each get only part of
+    /// them, and each would dead-letter the classes only the other receives. (Two types of one name
+    /// in different modules get the same default group, the name.)
+    fn check_group_is_its_own<A: Agent>(&self, group: &str) -> Result<()> {
+        let other = self.agents().into_iter().find_map(|agent| {
+            let (taken, type_id, type_name) = agent.inner.group.as_ref()?;
+            (taken == group && *type_id != std::any::TypeId::of::<A>()).then_some(*type_name)
+        });
+        match other {
+            None => Ok(()),
+            Some(other) => Err(Error::InvalidAgent {
+                agent: A::NAME.to_string(),
+                reason: format!(
+                    "its group '{group}' is already used by another agent type, {other} (this one is {}): \
+                     the two would share its messages, each getting only part of them. Give one of them \
+                     another name with #[agent(name = \"...\")], or another group with AgentOptions::group",
+                    std::any::type_name::<A>()
+                ),
+            }),
+        }
     }
 
     /// The handles of the agents started on this runtime, except those stopped with
@@ -556,6 +596,8 @@ pub struct AgentHandle {
 
 struct AgentHandleInner {
     name: &'static str,
+    /// Its group, with the agent's type: no other type may join it on this runtime.
+    group: Option<(String, std::any::TypeId, &'static str)>,
     receives: &'static [&'static str],
     sends: &'static [&'static str],
     subscription: String,

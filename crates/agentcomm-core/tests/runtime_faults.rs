@@ -316,3 +316,80 @@ async fn publishing_on_the_reply_direction_is_refused_with_the_way_out() {
         "{text}"
     );
 }
+
+mod billing {
+    use super::*;
+    /// Bills every job.
+    #[agent(receives = [Job])]
+    pub struct Recorder(pub Arc<AtomicUsize>);
+    impl Handle<Job> for Recorder {
+        async fn handle(&self, _: Job, _: &Context<Self>) -> HandlerResult {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+}
+
+mod audit {
+    use super::*;
+    /// Audits every job; its struct has the name of billing's.
+    #[agent(receives = [Job])]
+    pub struct Recorder(pub Arc<AtomicUsize>);
+    impl Handle<Job> for Recorder {
+        async fn handle(&self, _: Job, _: &Context<Self>) -> HandlerResult {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_agent_types_of_one_name_are_not_put_in_one_group() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let billed = Arc::new(AtomicUsize::new(0));
+    let audited = Arc::new(AtomicUsize::new(0));
+    let billing = runtime
+        .spawn(billing::Recorder(billed.clone()))
+        .await
+        .unwrap();
+    // A second instance of the same agent shares the work: allowed.
+    let billing_too = runtime
+        .spawn(billing::Recorder(billed.clone()))
+        .await
+        .unwrap();
+    let error = runtime
+        .spawn(audit::Recorder(audited.clone()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("group 'Recorder' is already used by another agent type")
+            && error.contains("billing::Recorder")
+            && error.contains("audit::Recorder")
+            && error.contains("#[agent(name"),
+        "{error}"
+    );
+    // In a group of its own, the other agent gets every job too.
+    runtime
+        .spawn_with(
+            audit::Recorder(audited.clone()),
+            AgentOptions::new().group("audit"),
+        )
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    for id in 0..10 {
+        client.publish("s1", Job { id }).await.unwrap();
+    }
+    wait_for_health(&runtime, "every job is billed and audited", |_| {
+        billed.load(Ordering::SeqCst) == 10 && audited.load(Ordering::SeqCst) == 10
+    })
+    .await;
+    // Once billing's instances are stopped, the group is free for another type.
+    billing.stop(Duration::from_secs(1)).await;
+    billing_too.stop(Duration::from_secs(1)).await;
+    runtime
+        .spawn(audit::Recorder(audited.clone()))
+        .await
+        .unwrap();
+}

@@ -1152,11 +1152,11 @@ impl<A: Agent> AgentShared<A> {
             }
             Outcome::Failed(error) if error.is_permanent() => {
                 bump(&stats.failed);
-                Box::pin(self.dead_letter(delivery, headers::REASON_REJECTED, &error.to_string()))
+                Box::pin(self.dead_letter(delivery, headers::REASON_REJECTED, &describe(&error)))
                     .await;
                 return;
             }
-            Outcome::Failed(error) => error.to_string(),
+            Outcome::Failed(error) => describe(&error),
             Outcome::Panicked(text) => {
                 bump(&stats.panicked);
                 tracing::error!(panic = %text, "the handler panicked; handled as a failure");
@@ -1272,6 +1272,17 @@ impl<A: Agent> AgentShared<A> {
             }
         }
     }
+}
+
+/// The text of a handler's error. Its `Display` is the user's code, run outside the handler's panic
+/// guard: a panic there must not take the agent's task down with it.
+fn describe(error: &HandlerError) -> String {
+    std::panic::catch_unwind(AssertUnwindSafe(|| error.to_string())).unwrap_or_else(|panic| {
+        format!(
+            "the handler failed, and displaying its error panicked: {}",
+            panic_text(panic.as_ref())
+        )
+    })
 }
 
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {

@@ -393,3 +393,52 @@ async fn two_agent_types_of_one_name_are_not_put_in_one_group() {
         .await
         .unwrap();
 }
+
+/// An error whose `Display` panics: user code the runtime runs when it settles a failed message.
+#[derive(Debug)]
+struct BadDisplay;
+
+impl std::fmt::Display for BadDisplay {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("Display of a user error panicked")
+    }
+}
+
+impl std::error::Error for BadDisplay {}
+
+#[agent(receives = [Job])]
+struct Fragile(Arc<AtomicUsize>);
+
+impl Handle<Job> for Fragile {
+    async fn handle(&self, job: Job, _: &Context<Self>) -> HandlerResult {
+        if job.id == 0 {
+            return Err(BadDisplay.into());
+        }
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_error_whose_display_panics_does_not_take_the_agent_down() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    let handled = Arc::new(AtomicUsize::new(0));
+    runtime
+        .spawn_with(Fragile(handled.clone()), fast_retries(2))
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    client.publish("s1", Job { id: 0 }).await.unwrap();
+    client.publish("s1", Job { id: 1 }).await.unwrap();
+    let letter = timeout(WAIT, dead.next()).await.unwrap().unwrap();
+    let error = letter.envelope().header(headers::ERROR).unwrap_or_default();
+    assert!(
+        error.contains("displaying its error panicked: Display of a user error panicked"),
+        "{error}"
+    );
+    wait_for_health(&runtime, "the next job is handled", |_| {
+        handled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}

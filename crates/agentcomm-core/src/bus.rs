@@ -200,8 +200,9 @@ impl Bus {
             Err(_) => {
                 return Err(Error::Timeout {
                     operation: format!(
-                        "the {} reply to {} {request_id} on '{channel_name}' (is an agent that receives {} running and replying?)",
+                        "the {} reply to {} {request_id} on '{channel_name}' (is an agent that receives {} running and replying? Its handler may also have failed: a dead letter with agentcomm-original-id {request_id} on 'DeadLetter:{}:*' says why)",
                         Resp::CLASS,
+                        Req::CLASS,
                         Req::CLASS,
                         Req::CLASS
                     ),

@@ -276,7 +276,8 @@ async fn a_request_nobody_receives_fails_at_once_and_a_silent_agent_times_out() 
     assert!(
         text.starts_with(
             "timed out after 50ms waiting for the PaymentResponse reply to PaymentRequest"
-        ),
+        ) && text.contains("a dead letter with agentcomm-original-id")
+            && text.contains("'DeadLetter:PaymentRequest:*'"),
         "{text}"
     );
 }

@@ -210,6 +210,15 @@ impl Bus {
                 });
             }
         };
+        if reply.class() != Resp::CLASS {
+            // A frame of another class with this request's correlation id (a replier that did not go
+            // through `Context::reply`, another language's client): not decoded as what it is not.
+            return Err(Error::UnexpectedReply {
+                expected: Resp::CLASS.to_string(),
+                got: reply.class().to_string(),
+                reply_to: reply.channel().name().to_string(),
+            });
+        }
         crate::runtime::decode_message::<Resp>(&reply).map_err(|rejection| rejection.error)
     }
 
@@ -394,19 +403,19 @@ impl Inbox {
                 let waiting = envelope
                     .correlation_id()
                     .and_then(|id| pending.lock().expect("inbox lock").remove(id));
-                match waiting {
-                    Some(waiting) => {
-                        let _ = waiting.reply.send(envelope);
-                    }
-                    None => {
-                        unmatched.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            message_id = %envelope.id(),
-                            class = envelope.class(),
-                            correlation_id = envelope.correlation_id().unwrap_or("-"),
-                            "a reply arrived for no waiting request (it came after its request timed out, or was never asked for); dropped"
-                        );
-                    }
+                // A reply whose requester timed out between the lookup and the send is unmatched too.
+                let unwanted = match waiting {
+                    Some(waiting) => waiting.reply.send(envelope).err(),
+                    None => Some(envelope),
+                };
+                if let Some(envelope) = unwanted {
+                    unmatched.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        message_id = %envelope.id(),
+                        class = envelope.class(),
+                        correlation_id = envelope.correlation_id().unwrap_or("-"),
+                        "a reply arrived for no waiting request (it came after its request timed out, or was never asked for); dropped"
+                    );
                 }
                 if let Err(error) = delivery.ack().await {
                     tracing::warn!(error = %error, "could not acknowledge a reply");

@@ -442,3 +442,35 @@ async fn an_error_whose_display_panics_does_not_take_the_agent_down() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_reply_of_another_class_is_refused_not_decoded_as_the_expected_one() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    // A hand-written replier: answers every Ask with a Job frame on the requester's reply channel.
+    let mut asks = runtime
+        .router()
+        .subscribe(SubscribeOptions::new(Ask::pattern()))
+        .await
+        .unwrap();
+    let router = runtime.router().clone();
+    tokio::spawn(async move {
+        while let Some(delivery) = asks.next().await {
+            let request = delivery.envelope().clone();
+            let reply_to = parse_channel(request.reply_to().unwrap()).unwrap();
+            let payload = Codec::MessagePack.encode("Job", &Job { id: 1 }).unwrap();
+            let reply = Envelope::with_class("Job", reply_to, "application/msgpack", payload)
+                .with_correlation_id(request.id().to_string());
+            router.publish(reply).await.unwrap();
+            delivery.ack().await.unwrap();
+        }
+    });
+    let error = runtime
+        .publisher::<Asker>()
+        .request_timeout::<Ask, Answer>("s1", Ask { n: 1 }, WAIT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::UnexpectedReply { expected, got, .. } if expected == "Answer" && got == "Job"),
+        "{error:?}"
+    );
+}

@@ -616,7 +616,7 @@ fn one() -> u32 {
     1
 }
 
-#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+/// Whether a `v` or `attempt` holds its default, for serde (which passes a reference).
 fn is_one(value: &u32) -> bool {
     *value == 1
 }

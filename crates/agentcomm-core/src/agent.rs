@@ -90,7 +90,10 @@ pub type HandlerResult = std::result::Result<(), HandlerError>;
 
 /// A handler's failure: any error, and whether retrying could help.
 ///
-/// `?` converts any `std::error::Error` into it (as a transient failure, retried).
+/// `?` converts any `std::error::Error` into it as a transient failure, retried; except agentcomm's own
+/// errors that the same message can only meet again (an invalid message or channel, a reply of the
+/// wrong class, a message that cannot be encoded), which are permanent: dead-lettered at once as
+/// `rejected`.
 pub struct HandlerError {
     error: Box<dyn std::error::Error + Send + Sync>,
     permanent: bool,
@@ -126,9 +129,24 @@ impl HandlerError {
 
 impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
     fn from(error: E) -> Self {
+        let permanent = (&error as &dyn std::any::Any)
+            .downcast_ref::<Error>()
+            .is_some_and(|error| {
+                matches!(
+                    error,
+                    Error::Validation { .. }
+                        | Error::UnexpectedReply { .. }
+                        | Error::InvalidChannelFormat { .. }
+                        | Error::InvalidChannelComponent { .. }
+                        | Error::Codec {
+                            operation: "encode",
+                            ..
+                        }
+                )
+            });
         HandlerError {
             error: Box::new(error),
-            permanent: false,
+            permanent,
         }
     }
 }

@@ -474,3 +474,46 @@ async fn a_reply_of_another_class_is_refused_not_decoded_as_the_expected_one() {
         "{error:?}"
     );
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Refund {
+    #[message(min = 0.01)]
+    amount: f64,
+}
+
+/// Refunds every job with an amount its own rules refuse: the publish fails with a validation error,
+/// which `?` passes on.
+#[agent(receives = [Job], sends = [Refund])]
+struct Refunder(Arc<AtomicUsize>);
+
+impl Handle<Job> for Refunder {
+    async fn handle(&self, _: Job, ctx: &Context<Self>) -> HandlerResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        ctx.publish(Refund { amount: 0.0 }).await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn an_agentcomm_error_that_cannot_mend_is_not_retried() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    runtime
+        .spawn_with(Refunder(runs.clone()), fast_retries(5))
+        .await
+        .unwrap();
+    runtime
+        .publisher::<Client>()
+        .publish("s1", Job { id: 1 })
+        .await
+        .unwrap();
+    let letter = timeout(WAIT, dead.next()).await.unwrap().unwrap();
+    assert_eq!(
+        letter.envelope().header(headers::DEAD_LETTER_REASON),
+        Some("rejected")
+    );
+    let error = letter.envelope().header(headers::ERROR).unwrap_or_default();
+    assert!(error.contains("invalid Refund"), "{error}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "not retried");
+}

@@ -55,7 +55,7 @@ use tracing_subscriber::registry::{LookupSpan, Registry};
 pub const LOG_LEVEL_ENV: &str = "LOG_LEVEL";
 
 /// The values [`parse_level`] accepts, as listed in its error message.
-const ACCEPTED_LEVELS: &str = "TRACE, DEBUG, INFO, WARNING (or WARN), ERROR";
+const ACCEPTED_LEVELS: &str = "TRACE, DEBUG, INFO, WARNING (or WARN), ERROR (or CRITICAL)";
 
 /// Suffix (extension) of the log files written by [`LogOutput::File`].
 const FILE_SUFFIX: &str = "jsonl";
@@ -116,7 +116,8 @@ pub enum LoggingError {
 
 /// Parses a level name as used in `LOG_LEVEL`.
 ///
-/// Accepts `TRACE`, `DEBUG`, `INFO`, `WARNING` (or `WARN`) and `ERROR` in any letter case,
+/// Accepts `TRACE`, `DEBUG`, `INFO`, `WARNING` (or `WARN`) and `ERROR` (or `CRITICAL`, Python's
+/// highest level, which has no more severe counterpart here) in any letter case,
 /// ignoring surrounding whitespace. Any other value is a [`LoggingError::InvalidLevel`]
 /// whose message names `LOG_LEVEL` and lists the accepted values.
 ///
@@ -129,11 +130,20 @@ pub fn parse_level(value: &str) -> Result<LevelFilter, LoggingError> {
         "DEBUG" => Ok(LevelFilter::DEBUG),
         "INFO" => Ok(LevelFilter::INFO),
         "WARNING" | "WARN" => Ok(LevelFilter::WARN),
-        "ERROR" => Ok(LevelFilter::ERROR),
+        "ERROR" | "CRITICAL" => Ok(LevelFilter::ERROR),
         _ => Err(LoggingError::InvalidLevel {
             variable: LOG_LEVEL_ENV.to_owned(),
             value: value.to_owned(),
         }),
+    }
+}
+
+/// The `level` written in a line: Python's logging names (`WARNING`, not `WARN`), so that what reads
+/// the logs of the Python library reads these too; `TRACE` has no Python counterpart.
+fn level_name(level: tracing::Level) -> &'static str {
+    match level {
+        tracing::Level::WARN => "WARNING",
+        level => level.as_str(),
     }
 }
 
@@ -530,6 +540,9 @@ pub fn init(config: LogConfig) -> Result<LogGuard, LoggingError> {
     // On failure the guard is dropped here, which stops the unused writer thread.
     tracing::subscriber::set_global_default(subscriber)
         .map_err(|_| LoggingError::AlreadyInitialized)?;
+    // Libraries that log through the `log` crate (fred's connection and reconnection messages) reach
+    // the same lines. Left alone when the program already installed a `log` logger of its own.
+    let _ = tracing_log::LogTracer::init();
     Ok(guard)
 }
 
@@ -649,7 +662,7 @@ where
         buf.extend_from_slice(b"{\"timestamp\":\"");
         write_timestamp(&mut buf, timestamp);
         buf.extend_from_slice(b"\",\"level\":\"");
-        buf.extend_from_slice(metadata.level().as_str().as_bytes());
+        buf.extend_from_slice(level_name(*metadata.level()).as_bytes());
         buf.extend_from_slice(b"\",\"message\":");
         push_json_str(&mut buf, &message);
         buf.extend_from_slice(b",\"target\":");
@@ -943,7 +956,7 @@ mod tests {
             error!("e");
         });
         let levels: Vec<&str> = lines.iter().map(|o| o["level"].as_str().unwrap()).collect();
-        assert_eq!(levels, ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"]);
+        assert_eq!(levels, ["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"]);
     }
 
     #[test]
@@ -1203,6 +1216,8 @@ mod tests {
             ("warn", LevelFilter::WARN),
             ("ERROR", LevelFilter::ERROR),
             ("error", LevelFilter::ERROR),
+            ("CRITICAL", LevelFilter::ERROR),
+            ("critical", LevelFilter::ERROR),
             (" info\n", LevelFilter::INFO),
         ];
         for (text, level) in cases {
@@ -1215,12 +1230,12 @@ mod tests {
         let err = parse_level("loud").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "LOG_LEVEL='loud' is not a log level. Accepted values: TRACE, DEBUG, INFO, WARNING (or WARN), ERROR"
+            "LOG_LEVEL='loud' is not a log level. Accepted values: TRACE, DEBUG, INFO, WARNING (or WARN), ERROR (or CRITICAL)"
         );
         assert!(
             matches!(err, LoggingError::InvalidLevel { ref variable, ref value } if variable == "LOG_LEVEL" && value == "loud")
         );
-        assert!(parse_level("CRITICAL").is_err());
+        assert!(parse_level("FATAL").is_err());
         assert!(parse_level("").is_err());
     }
 

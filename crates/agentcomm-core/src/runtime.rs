@@ -1070,7 +1070,9 @@ impl<A: Agent> AgentShared<A> {
         if envelope.attempt() > 1 {
             bump(&stats.retries_received);
         }
-        let span = tracing::info_span!(
+        // At ERROR level, so that it is on whatever the level filter lets through: a WARN or ERROR line
+        // about this message (a retry, a dead letter) must still say which message it is.
+        let span = tracing::error_span!(
             "message",
             message_id = %envelope.id(),
             class = envelope.class(),

@@ -48,6 +48,8 @@ fn child_process() {
         Ok(guard) => {
             tracing::info!("below the level");
             tracing::warn!(attempt = 3, "shown");
+            log::info!("below the level, from the log crate");
+            log::warn!("from the log crate");
             drop(guard);
         }
         Err(error) => println!("INIT FAILED: {error}"),
@@ -57,8 +59,11 @@ fn child_process() {
 #[test]
 fn try_init_from_env_logs_to_stdout_at_the_log_level() {
     let lines = json_lines(&run_child("warning"));
-    assert_eq!(lines.len(), 1, "{lines:?}");
-    assert_eq!(lines[0]["level"], "WARN");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    // What libraries log through the `log` crate (fred does) comes out the same way.
+    assert_eq!(lines[1]["level"], "WARNING");
+    assert_eq!(lines[1]["message"], "from the log crate");
+    assert_eq!(lines[0]["level"], "WARNING");
     assert_eq!(lines[0]["message"], "shown");
     assert_eq!(lines[0]["attempt"], 3);
     assert!(lines[0]["file"].as_str().unwrap().ends_with("logging.rs"));

@@ -125,7 +125,7 @@ fn publish_receive_retry_and_dead_letter_are_logged_with_their_context() {
     let retry = find("handler failed; retrying", "s-bad");
     assert_eq!(
         (retry["level"].as_str(), retry["attempt"].as_u64()),
-        (Some("WARN"), Some(1))
+        (Some("WARNING"), Some(1))
     );
     assert_eq!(retry["error"], "the bank is down");
     let dead = find("dead-lettered", "s-bad");
@@ -136,4 +136,58 @@ fn publish_receive_retry_and_dead_letter_are_logged_with_their_context() {
         (charged["agent"].as_str(), charged["amount_cents"].as_u64()),
         (Some("Biller"), Some(1200))
     );
+}
+
+/// The same at the level most production deployments use (`LOG_LEVEL=WARNING`,
+/// built the way `LogConfig::level(WARN)` builds its filter). The retry WARN line and the
+/// dead-letter ERROR line must still say which message, session and agent they are about.
+#[test]
+fn warn_and_error_lines_keep_their_context_at_the_warning_level() {
+    let buffer = Buffer::default();
+    let filter = tracing_subscriber::EnvFilter::default()
+        .add_directive(tracing_subscriber::filter::LevelFilter::WARN.into());
+    let subscriber = tracing_subscriber::registry()
+        .with(filter)
+        .with(json_layer(buffer.clone()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let agents = Runtime::new(MemoryRouter::new());
+            let options = AgentOptions::new().max_attempts(2).backoff(
+                Backoff::new(Duration::from_millis(1), Duration::from_millis(1)).jitter(0.0),
+            );
+            let biller = agents.spawn_with(Biller, options).await.unwrap();
+            agents
+                .bus()
+                .publish("s-bad", &Charge { fail: true })
+                .await
+                .unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while biller.health().dead_lettered < 1 {
+                assert!(tokio::time::Instant::now() < deadline);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            agents.shutdown(Duration::from_secs(1)).await.unwrap();
+        })
+    });
+    let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect(line))
+        .collect();
+    for message in ["handler failed; retrying", "dead-lettered"] {
+        let line = lines
+            .iter()
+            .find(|line| line["message"] == message)
+            .unwrap_or_else(|| panic!("no '{message}' line in:\n{text}"));
+        for key in ["session", "agent", "message_id", "class"] {
+            assert!(
+                line.get(key).is_some(),
+                "'{message}' line has no {key}: {line}"
+            );
+        }
+    }
 }

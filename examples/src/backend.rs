@@ -4,10 +4,12 @@
 use std::sync::Arc;
 
 use agentcomm_core::config::{Backend, Config};
+use agentcomm_core::logging::{self, LogConfig, LogGuard, LoggingError};
 use agentcomm_core::router::SharedRouter;
 use agentcomm_core::runtime::AgentOptions;
 use agentcomm_core::{MemoryRouter, Result};
 use agentcomm_redis::{DeliveryMode, RedisRouter};
+use tracing::level_filters::LevelFilter;
 
 /// Connects to the router the configuration names.
 pub async fn router_from_config(config: &Config) -> Result<SharedRouter> {
@@ -24,6 +26,20 @@ pub async fn router_from_config(config: &Config) -> Result<SharedRouter> {
         }
         _ => Arc::new(MemoryRouter::new()),
     })
+}
+
+/// Starts JSON Lines logging at the configuration's `LOG_LEVEL` (from the environment or `.env`), or
+/// at WARNING when neither names one, so that the examples' answers stand out.
+pub fn init_logging(config: &Config) -> std::result::Result<LogGuard, LoggingError> {
+    let named = config
+        .var(logging::LOG_LEVEL_ENV)
+        .is_some_and(|level| !level.trim().is_empty());
+    let level = if named {
+        config.log_level()
+    } else {
+        LevelFilter::WARN
+    };
+    logging::init(LogConfig::new().level(level))
 }
 
 /// Reads `.env` and the environment, and connects.

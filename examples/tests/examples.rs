@@ -55,3 +55,41 @@ async fn the_game_example_starts_a_match_for_every_pair_of_players() {
     assert_eq!(matches.len(), 3, "three matches of two: {text}");
     assert!(text.contains("all 6 players are playing"), "{text}");
 }
+
+/// The payment binary as a user runs it, in a directory whose `.env` sets LOG_LEVEL=INFO: its JSON
+/// Lines logs come out, though the process environment names no level.
+#[test]
+fn the_log_level_in_dot_env_reaches_the_logs() {
+    let dir = std::env::temp_dir().join(format!("agentcomm-dotenv-{}", uuid_like()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(".env"),
+        "LOG_LEVEL=INFO\nMESSAGING_BACKEND=memory\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_payment"))
+        .current_dir(&dir)
+        .env_remove("LOG_LEVEL")
+        .env_remove("MESSAGING_BACKEND")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        stdout.contains("\"level\":\"INFO\"") && stdout.contains("\"message\":\"agent started\""),
+        "{stdout}"
+    );
+}
+
+/// A name of this test run's own, for its temporary directory.
+fn uuid_like() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}

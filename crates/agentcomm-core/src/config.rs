@@ -5,7 +5,7 @@
 //! | `MESSAGING_BACKEND` | `memory`, `redis`, `rabbitmq` | `memory` |
 //! | `REDIS_URL` | `redis://`, `rediss://`, `redis-sentinel://`, `redis-cluster://` URL | `redis://127.0.0.1:6379` |
 //! | `RABBITMQ_URL` | `amqp://` or `amqps://` URL | `amqp://guest:guest@127.0.0.1:5672/%2f` |
-//! | `LOG_LEVEL` | `TRACE`, `DEBUG`, `INFO`, `WARNING`, `ERROR` | `INFO` |
+//! | `LOG_LEVEL` | `TRACE`, `DEBUG`, `INFO`, `WARNING`, `ERROR` (`CRITICAL` is read as `ERROR`) | `INFO` |
 //!
 //! ```
 //! use agentcomm_core::config::{Backend, Config};
@@ -71,7 +71,8 @@ impl Backend {
             "rabbitmq" | "rabbit" | "amqp" => Ok(Backend::RabbitMq),
             _ => Err(Error::Config {
                 variable: BACKEND_VAR.into(),
-                value: value.into(),
+                // A URL put here by mistake may carry a password.
+                value: redact_url(value),
                 expected: format!("accepted values are {}", Self::ACCEPTED),
             }),
         }
@@ -152,8 +153,7 @@ impl Config {
                 });
             }
         };
-        let mut config =
-            Self::from_lookup(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))?;
+        let mut config = Self::from_lookup(|name| process_or_file(name, &file))?;
         config.file = file;
         Ok(config)
     }
@@ -180,7 +180,8 @@ impl Config {
             &["amqp", "amqps"],
             "amqp://user:password@host:port/vhost or amqps://",
         )?;
-        let log_level = match lookup(logging::LOG_LEVEL_ENV) {
+        // Empty means unset here as for every variable (and as for the logging set-up).
+        let log_level = match non_empty(logging::LOG_LEVEL_ENV) {
             Some(value) => logging::parse_level(&value)?,
             None => LevelFilter::INFO,
         };
@@ -216,9 +217,7 @@ impl Config {
     /// Any other variable (such as `REDIS_DELIVERY_MODE`): the process environment first, then the env
     /// file this configuration was loaded with.
     pub fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name)
-            .ok()
-            .or_else(|| self.file.get(name).cloned())
+        process_or_file(name, &self.file)
     }
 
     /// Sets the backend.
@@ -226,6 +225,18 @@ impl Config {
         self.backend = backend;
         self
     }
+}
+
+/// A variable from the process environment, or else from the env file. An empty (or blank) process
+/// variable counts as unset, as everywhere in the configuration: it does not hide the file's value.
+fn process_or_file(name: &str, file: &HashMap<String, String>) -> Option<String> {
+    prefer(std::env::var(name).ok(), file.get(name))
+}
+
+fn prefer(process: Option<String>, file: Option<&String>) -> Option<String> {
+    process
+        .filter(|value| !value.trim().is_empty())
+        .or_else(|| file.cloned())
 }
 
 /// Checks that `url` has one of `schemes` and a host; the error names the variable and the accepted forms.
@@ -271,6 +282,8 @@ pub fn check_url(variable: &str, url: &str, schemes: &[&str], accepted: &str) ->
 /// Parses `KEY=value` lines; `#` starts a comment, `export ` is allowed, values may be quoted.
 pub fn parse_env_file(text: &str) -> HashMap<String, String> {
     let mut values = HashMap::new();
+    // A byte order mark some editors write would otherwise become part of the first name.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -281,12 +294,16 @@ pub fn parse_env_file(text: &str) -> HashMap<String, String> {
             continue;
         };
         let value = value.trim();
-        let value = if let Some(inner) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
-            inner.to_string()
-        } else if let Some(inner) = value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
-            inner.to_string()
-        } else {
-            value.split(" #").next().unwrap_or("").trim().to_string()
+        // A quoted value ends at its closing quote; a comment may follow it.
+        let quoted = |quote: char| {
+            let inner = value.strip_prefix(quote)?;
+            let (inner, rest) = inner.split_once(quote)?;
+            let rest = rest.trim_start();
+            (rest.is_empty() || rest.starts_with('#')).then(|| inner.to_string())
+        };
+        let value = match quoted('"').or_else(|| quoted('\'')) {
+            Some(inner) => inner,
+            None => value.split(" #").next().unwrap_or("").trim().to_string(),
         };
         values.insert(key.trim().to_string(), value);
     }
@@ -296,6 +313,54 @@ pub fn parse_env_file(text: &str) -> HashMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_values_are_unset_and_never_hide_the_env_file() {
+        let config = Config::from_lookup(lookup(&[("LOG_LEVEL", " "), ("MESSAGING_BACKEND", "")]))
+            .expect("empty LOG_LEVEL is INFO, as for logging");
+        assert_eq!(config.log_level(), LevelFilter::INFO);
+        let in_file = "amqp://app@mq:5672/prod".to_string();
+        assert_eq!(
+            prefer(Some(String::new()), Some(&in_file)),
+            Some(in_file.clone())
+        );
+        assert_eq!(
+            prefer(Some(" ".into()), Some(&in_file)),
+            Some(in_file.clone())
+        );
+        assert_eq!(prefer(None, Some(&in_file)), Some(in_file.clone()));
+        assert_eq!(
+            prefer(Some("amqp://other".into()), Some(&in_file)).as_deref(),
+            Some("amqp://other"),
+            "a set process variable still wins"
+        );
+        assert_eq!(prefer(Some(String::new()), None), None);
+    }
+
+    #[test]
+    fn a_url_in_the_backend_variable_is_shown_without_its_password() {
+        let error = Config::from_lookup(lookup(&[(
+            "MESSAGING_BACKEND",
+            "redis://:S3cret@cache:6379/0",
+        )]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            !error.contains("S3cret") && error.contains("MESSAGING_BACKEND"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn env_files_with_a_byte_order_mark_or_comments_after_quotes_are_read() {
+        let values = parse_env_file(
+            "\u{feff}MESSAGING_BACKEND=redis\nREDIS_DELIVERY_MODE=\"pubsub\"  # fan-out\nLOG_LEVEL='DEBUG' # verbose\nX=\"a # b\"\n",
+        );
+        assert_eq!(values["MESSAGING_BACKEND"], "redis");
+        assert_eq!(values["REDIS_DELIVERY_MODE"], "pubsub");
+        assert_eq!(values["LOG_LEVEL"], "DEBUG");
+        assert_eq!(values["X"], "a # b");
+    }
 
     fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs
@@ -357,7 +422,7 @@ mod tests {
             ),
             (
                 ("LOG_LEVEL", "loud"),
-                "LOG_LEVEL='loud' is not a log level. Accepted values: TRACE, DEBUG, INFO, WARNING (or WARN), ERROR",
+                "LOG_LEVEL='loud' is not a log level. Accepted values: TRACE, DEBUG, INFO, WARNING (or WARN), ERROR (or CRITICAL)",
             ),
         ];
         for ((name, value), expected) in cases {

@@ -1,16 +1,20 @@
 //! `cargo run -p agentcomm-examples --bin game`: the multi-agent game on the router named by
 //! `MESSAGING_BACKEND` (the in-memory router when unset).
 
-use agentcomm_core::logging::{self, LogConfig};
-use tracing::level_filters::LevelFilter;
+use agentcomm_core::config::Config;
+use agentcomm_examples::backend;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = match std::env::var_os(logging::LOG_LEVEL_ENV) {
-        Some(_) => LogConfig::from_env(),
-        None => Ok(LogConfig::new().level(LevelFilter::WARN)),
+    // `.env` and the environment; LOG_LEVEL=INFO in either shows the JSON Lines logs (quiet otherwise).
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
     };
-    let _guard = match config.and_then(logging::init) {
+    let _guard = match backend::init_logging(&config) {
         Ok(guard) => guard,
         Err(error) => {
             eprintln!("error: {error}");
@@ -18,7 +22,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let result = async {
-        let (_, router) = agentcomm_examples::backend::router_from_env().await?;
+        let router = backend::router_from_config(&config).await?;
         agentcomm_examples::game::run(router, 6, &mut std::io::stdout()).await
     }
     .await;

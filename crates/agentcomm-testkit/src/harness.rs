@@ -621,9 +621,12 @@ impl TestHarness {
         // Live now: what is published there from here on will be seen.
         self.activity.observing(&fresh);
         observing.patterns.extend(fresh);
-        observing
-            .tasks
-            .push(tokio::spawn(observe(subscription, self.recorder.clone())));
+        let observer = observing.tasks.len();
+        observing.tasks.push(tokio::spawn(observe(
+            subscription,
+            self.recorder.clone(),
+            observer,
+        )));
         Ok(true)
     }
 
@@ -720,6 +723,8 @@ impl TestHarness {
     pub async fn assert_nothing_else_published(&self) {
         let started = Instant::now();
         let still_busy = self.wait_for_quiet().await;
+        self.assert_still_watching("nothing else to be published");
+        self.assert_no_duplicates("nothing else to be published");
         let unmatched = self.unmatched();
         if let Some(busy) = still_busy {
             let mut text = format!(
@@ -757,10 +762,13 @@ impl TestHarness {
     /// Fails as soon as anything that no expectation matched is seen, now or within `duration`.
     pub async fn assert_no_more_within(&self, duration: Duration) {
         let started = Instant::now();
-        let deadline = started + duration;
+        let deadline = later(started, duration);
         let mut changes = self.recorder.version.subscribe();
+        let expected = format!("nothing more within {duration:?}");
         loop {
             changes.borrow_and_update();
+            self.assert_still_watching(&expected);
+            self.assert_no_duplicates(&expected);
             let unmatched = self.unmatched();
             if !unmatched.is_empty() {
                 let mut text = format!(
@@ -782,20 +790,60 @@ impl TestHarness {
         }
     }
 
+    /// Fails when one of the harness's subscriptions has ended: what was published since cannot
+    /// have been seen, so "nothing else" cannot be asserted.
+    fn assert_still_watching(&self, expected: &str) {
+        let ended = self
+            .recorder
+            .state
+            .lock()
+            .expect("recorder lock")
+            .ended
+            .clone();
+        if let Some(reason) = ended {
+            panic!(
+                "expected {expected}, but the harness stopped watching: {reason}; what was published \
+                 since was not seen"
+            );
+        }
+    }
+
+    /// Fails when one of the harness's subscriptions was given the same attempt of a message twice.
+    fn assert_no_duplicates(&self, expected: &str) {
+        let duplicates = self
+            .recorder
+            .state
+            .lock()
+            .expect("recorder lock")
+            .duplicates
+            .clone();
+        if let Some(first) = duplicates.first() {
+            panic!(
+                "expected {expected}, but {} delivered again: the first, {} {} on '{}' (attempt {}), \
+                 came twice",
+                count(duplicates.len(), "message was", "messages were"),
+                first.class(),
+                first.id(),
+                first.channel().name(),
+                first.attempt(),
+            );
+        }
+    }
+
     /// Waits, at most the harness timeout, until nothing new has been seen for the quiet period and
     /// the runtime is idle; `None` when it got there, otherwise what was still going on.
     async fn wait_for_quiet(&self) -> Option<String> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = later(Instant::now(), self.timeout);
         let mut changes = self.recorder.version.subscribe();
         changes.borrow_and_update();
         let mut last_arrival = Instant::now();
-        let mut look_from = last_arrival + self.quiet_period;
+        let mut look_from = later(last_arrival, self.quiet_period);
         while Instant::now() < deadline {
             match tokio::time::timeout_at(look_from.min(deadline), changes.changed()).await {
                 Ok(Ok(())) => {
                     changes.borrow_and_update();
                     last_arrival = Instant::now();
-                    look_from = last_arrival + self.quiet_period;
+                    look_from = later(last_arrival, self.quiet_period);
                 }
                 Ok(Err(_)) => return None,
                 Err(_) if Instant::now() >= look_from => {
@@ -803,7 +851,7 @@ impl TestHarness {
                         return None;
                     }
                     // Busy without news: look again a quiet period later.
-                    look_from = Instant::now() + self.quiet_period;
+                    look_from = later(Instant::now(), self.quiet_period);
                 }
                 Err(_) => {}
             }
@@ -866,10 +914,11 @@ fn observe_type_of<M: Message>(harness: &TestHarness) -> BoxFuture<'_, Result<bo
     Box::pin(harness.try_observe::<M>())
 }
 
-async fn observe(mut subscription: Subscription, recorder: Arc<Recorder>) {
+/// Records what `subscription` delivers; `observer` tells the harness's subscriptions apart.
+async fn observe(mut subscription: Subscription, recorder: Arc<Recorder>, observer: usize) {
     let description = subscription.description().to_string();
     while let Some(delivery) = subscription.next().await {
-        recorder.record(delivery.envelope().clone());
+        recorder.record(delivery.envelope().clone(), observer);
         if let Err(error) = delivery.ack().await {
             tracing::warn!(error = %error, "the test harness could not acknowledge what it observed");
         }
@@ -892,6 +941,11 @@ struct Recorder {
 struct RecorderState {
     records: Vec<Record>,
     ids: HashSet<MessageId>,
+    /// Each delivery by observer, id and attempt: one observer given the same attempt of a message
+    /// twice saw a duplicate (a retry is another attempt).
+    delivered: HashSet<(usize, MessageId, u32)>,
+    /// The second (and later) copies, which no expectation can match.
+    duplicates: Vec<Envelope>,
     sent: HashSet<MessageId>,
     ended: Option<String>,
     stopping: bool,
@@ -934,9 +988,18 @@ impl Recorder {
         self.state.lock().expect("recorder lock").sent.insert(id);
     }
 
-    fn record(&self, envelope: Envelope) {
+    fn record(&self, envelope: Envelope, observer: usize) {
         self.activity.seen(&envelope.id());
         let mut state = self.state.lock().expect("recorder lock");
+        if !state
+            .delivered
+            .insert((observer, envelope.id(), envelope.attempt()))
+        {
+            state.duplicates.push(envelope);
+            drop(state);
+            self.version.send_modify(|version| *version += 1);
+            return;
+        }
         // Several observer subscriptions can match one message; it was published once.
         if !state.ids.insert(envelope.id()) {
             return;
@@ -1523,7 +1586,7 @@ impl<'h, T> Expectation<'h, T> {
             }
         }
         let started = Instant::now();
-        let deadline = started + self.within;
+        let deadline = later(started, self.within);
         let recorder = &harness.recorder;
         let mut changes = recorder.version.subscribe();
         let mut cursor = 0;
@@ -1653,6 +1716,13 @@ fn human(duration: Duration) -> String {
     } else {
         format!("{:.2}s", duration.as_secs_f64())
     }
+}
+
+/// `from` plus `duration`, or some thirty years from `from` when that is past what an `Instant` holds
+/// (`Duration::MAX` for "as long as it takes").
+fn later(from: Instant, duration: Duration) -> Instant {
+    from.checked_add(duration)
+        .unwrap_or_else(|| from + Duration::from_secs(30 * 365 * 24 * 60 * 60))
 }
 
 fn count(n: usize, one: &str, many: &str) -> String {

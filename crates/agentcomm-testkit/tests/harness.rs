@@ -935,3 +935,123 @@ async fn a_publish_still_on_its_way_to_the_harness_is_waited_for() {
     );
     assert!(text.contains(" AuditEvent:event:s1 id "), "{text}");
 }
+
+#[tokio::test]
+async fn a_message_delivered_twice_is_not_hidden_by_nothing_else_published() {
+    let h = TestHarness::new().await;
+    let channel = Channel::for_message::<AuditEvent>(AuditEvent::DIRECTION, "s1").unwrap();
+    let envelope = h
+        .bus()
+        .envelope(channel, &AuditEvent { amount: 1.0 })
+        .unwrap();
+    // The same message twice: a broker redelivering, or a backend resending what it lost track of.
+    h.router().publish(envelope.clone()).await.unwrap();
+    h.router().publish(envelope.clone()).await.unwrap();
+    // Its retry (the same id, the next attempt) is not a duplicate.
+    h.router().publish(envelope.with_attempt(2)).await.unwrap();
+    let event = h.expect::<AuditEvent>().session("s1").await;
+    assert_eq!(event.amount, 1.0);
+    let text = panic_text(async move { h.assert_nothing_else_published().await }).await;
+    assert!(
+        text.contains("1 message was delivered again") && text.contains("(attempt 1), came twice"),
+        "{text}"
+    );
+}
+
+/// A router that lets the test end the harness's own subscription, as a lost connection would.
+struct LosesObserver {
+    inner: MemoryRouter,
+    first: std::sync::Mutex<Option<agentcomm_core::router::SubscriptionCloser>>,
+}
+
+impl Router for LosesObserver {
+    fn backend(&self) -> &str {
+        "loses-observer"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, agentcomm_core::Result<PublishOutcome>> {
+        self.inner.publish(envelope)
+    }
+    fn subscribe(
+        &self,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'_, agentcomm_core::Result<Subscription>> {
+        Box::pin(async move {
+            let subscription = self.inner.subscribe(options).await?;
+            let mut first = self.first.lock().unwrap();
+            if first.is_none() {
+                *first = Some(subscription.closer());
+            }
+            Ok(subscription)
+        })
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.inner.health()
+    }
+    fn close(&self) -> BoxFuture<'_, agentcomm_core::Result<()>> {
+        self.inner.close()
+    }
+}
+
+#[tokio::test]
+async fn nothing_else_cannot_be_asserted_once_the_harness_stopped_watching() {
+    let router = Arc::new(LosesObserver {
+        inner: MemoryRouter::new(),
+        first: std::sync::Mutex::new(None),
+    });
+    let h = Arc::new(
+        TestHarness::builder()
+            .shared_router(router.clone())
+            .timeout(Duration::from_secs(1))
+            .build()
+            .await
+            .unwrap(),
+    );
+    let closer = router.first.lock().unwrap().take().unwrap();
+    closer.close().await.unwrap();
+    // Published after the harness's subscription ended: it cannot have been seen.
+    let channel = Channel::for_message::<AuditEvent>(AuditEvent::DIRECTION, "s1").unwrap();
+    let envelope = h
+        .bus()
+        .envelope(channel, &AuditEvent { amount: 7.0 })
+        .unwrap();
+    router.inner.publish(envelope).await.unwrap();
+    for text in [
+        panic_text({
+            let h = h.clone();
+            async move { h.assert_no_more_within(Duration::from_millis(300)).await }
+        })
+        .await,
+        panic_text({
+            let h = h.clone();
+            async move { h.assert_nothing_else_published().await }
+        })
+        .await,
+    ] {
+        assert!(
+            text.contains("but the harness stopped watching")
+                && text.contains("what was published since was not seen"),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn waits_of_any_length_are_accepted() {
+    let h = TestHarness::builder()
+        .timeout(Duration::MAX)
+        .build()
+        .await
+        .unwrap();
+    h.send("s1", payment(1.0, "u")).await;
+    let channel = Channel::for_message::<AuditEvent>(AuditEvent::DIRECTION, "s1").unwrap();
+    let envelope = h
+        .bus()
+        .envelope(channel, &AuditEvent { amount: 2.0 })
+        .unwrap();
+    h.router().publish(envelope).await.unwrap();
+    let event = h.expect::<AuditEvent>().within(Duration::MAX).await;
+    assert_eq!(event.amount, 2.0);
+}

@@ -398,6 +398,8 @@ struct TrackedWriter<W> {
     inner: W,
     fallback: Box<dyn Write + Send>,
     failed: bool,
+    /// The output ends with part of a line (a write failed part-way).
+    fragment: bool,
     _finished: mpsc::Sender<()>,
 }
 
@@ -408,7 +410,7 @@ impl<W: Write> Write for TrackedWriter<W> {
     }
 
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        if let Err(error) = self.inner.write_all(buf) {
+        if let Err(error) = self.write_line(buf) {
             if !self.failed {
                 self.failed = true;
                 writeln!(
@@ -427,6 +429,34 @@ impl<W: Write> Write for TrackedWriter<W> {
     }
 }
 
+impl<W: Write> TrackedWriter<W> {
+    /// Writes `line` to the output. When a write fails part-way (a full disk takes the first bytes,
+    /// then refuses), the fragment is ended with a newline before the next line, so that only the
+    /// fragment is broken, not the line after it too.
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.fragment {
+            self.inner.write_all(b"\n")?;
+            self.fragment = false;
+        }
+        let mut rest = line;
+        while !rest.is_empty() {
+            match self.inner.write(rest) {
+                Ok(0) => {
+                    self.fragment = rest.len() < line.len();
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                Ok(written) => rest = &rest[written..],
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    self.fragment = rest.len() < line.len();
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Starts the background writer thread for `writer`, lossless (callers block when
 /// 128,000 lines are pending). Lines `writer` fails to take go to `fallback`.
 fn spawn_writer<W: Write + Send + 'static>(
@@ -439,6 +469,7 @@ fn spawn_writer<W: Write + Send + 'static>(
         inner: writer,
         fallback,
         failed: false,
+        fragment: false,
         _finished: finished_tx,
     };
     let (non_blocking, worker) = NonBlockingBuilder::default()
@@ -1474,5 +1505,59 @@ mod tests {
             .map(|o| o["message"].clone())
             .collect();
         assert_eq!(messages, ["first", "second"]);
+    }
+
+    /// Takes the first line whole, 20 bytes of the second, then fails once (a full disk), then takes
+    /// everything again.
+    struct FillsUpOnce {
+        out: Arc<Mutex<Vec<u8>>>,
+        calls: usize,
+    }
+
+    impl Write for FillsUpOnce {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.calls += 1;
+            let taken = match self.calls {
+                2 => 20,
+                3 => return Err(io::Error::other("No space left on device")),
+                _ => buf.len(),
+            };
+            self.out.lock().unwrap().extend_from_slice(&buf[..taken]);
+            Ok(taken)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_cut_by_a_failed_write_does_not_break_the_next_one() {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let fallback = Capture::default();
+        let (writer, guard) = spawn_writer(
+            FillsUpOnce {
+                out: Arc::clone(&out),
+                calls: 0,
+            },
+            Box::new(fallback.make_writer()),
+            Duration::from_secs(10),
+        );
+        let subscriber = Registry::default().with(json_layer(writer));
+        tracing::subscriber::with_default(subscriber, || {
+            info!("one");
+            info!("two");
+            info!("three");
+        });
+        drop(guard);
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        let message =
+            |line: &str| serde_json::from_str::<Value>(line).map(|o| o["message"].clone());
+        assert_eq!(message(lines[0]).unwrap(), "one");
+        assert!(message(lines[1]).is_err(), "the fragment: {}", lines[1]);
+        assert_eq!(message(lines[2]).unwrap(), "three");
+        // The line cut short went to the fallback whole.
+        assert!(fallback.text().contains("\"message\":\"two\""));
     }
 }

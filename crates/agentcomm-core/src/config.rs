@@ -252,7 +252,7 @@ pub fn check_url(variable: &str, url: &str, schemes: &[&str], accepted: &str) ->
     if !schemes.contains(&scheme.to_ascii_lowercase().as_str()) {
         return Err(fail(&format!("the scheme '{scheme}' is not supported")));
     }
-    if scheme == "unix" {
+    if scheme.eq_ignore_ascii_case("unix") {
         return if rest.is_empty() {
             Err(fail("the socket path is empty"))
         } else {
@@ -335,6 +335,16 @@ mod tests {
             "a set process variable still wins"
         );
         assert_eq!(prefer(Some(String::new()), None), None);
+    }
+
+    #[test]
+    fn a_unix_socket_url_is_read_in_any_letter_case() {
+        for url in ["unix:///run/redis.sock", "UNIX:///run/redis.sock"] {
+            assert!(
+                Config::from_lookup(lookup(&[("REDIS_URL", url)])).is_ok(),
+                "{url}"
+            );
+        }
     }
 
     #[test]

@@ -50,11 +50,12 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buffer {
     }
 }
 
-#[test]
-fn publish_receive_retry_and_dead_letter_are_logged_with_their_context() {
+/// Runs a Biller through one good and one failing charge (retried once, then dead-lettered) with
+/// logs at `level`, and returns the log's lines and its text.
+fn charge_and_log(level: tracing_subscriber::filter::LevelFilter) -> (Vec<Value>, String) {
     let buffer = Buffer::default();
     let subscriber = tracing_subscriber::registry()
-        .with(tracing_subscriber::filter::LevelFilter::DEBUG)
+        .with(level)
         .with(json_layer(buffer.clone()));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -90,10 +91,16 @@ fn publish_receive_retry_and_dead_letter_are_logged_with_their_context() {
         })
     });
     let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<Value> = text
+    let lines = text
         .lines()
         .map(|line| serde_json::from_str(line).expect(line))
         .collect();
+    (lines, text)
+}
+
+#[test]
+fn publish_receive_retry_and_dead_letter_are_logged_with_their_context() {
+    let (lines, text) = charge_and_log(tracing_subscriber::filter::LevelFilter::DEBUG);
     let find = |message: &str, session: &str| {
         lines
             .iter()
@@ -138,46 +145,11 @@ fn publish_receive_retry_and_dead_letter_are_logged_with_their_context() {
     );
 }
 
-/// The same at the level most production deployments use (`LOG_LEVEL=WARNING`,
-/// built the way `LogConfig::level(WARN)` builds its filter). The retry WARN line and the
-/// dead-letter ERROR line must still say which message, session and agent they are about.
+/// The same at the level most production deployments use (`LOG_LEVEL=WARNING`): the retry and the
+/// dead-letter lines must still say which message, session and agent they are about.
 #[test]
 fn warn_and_error_lines_keep_their_context_at_the_warning_level() {
-    let buffer = Buffer::default();
-    let filter = tracing_subscriber::EnvFilter::default()
-        .add_directive(tracing_subscriber::filter::LevelFilter::WARN.into());
-    let subscriber = tracing_subscriber::registry()
-        .with(filter)
-        .with(json_layer(buffer.clone()));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let agents = Runtime::new(MemoryRouter::new());
-            let options = AgentOptions::new().max_attempts(2).backoff(
-                Backoff::new(Duration::from_millis(1), Duration::from_millis(1)).jitter(0.0),
-            );
-            let biller = agents.spawn_with(Biller, options).await.unwrap();
-            agents
-                .bus()
-                .publish("s-bad", &Charge { fail: true })
-                .await
-                .unwrap();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while biller.health().dead_lettered < 1 {
-                assert!(tokio::time::Instant::now() < deadline);
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            agents.shutdown(Duration::from_secs(1)).await.unwrap();
-        })
-    });
-    let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<Value> = text
-        .lines()
-        .map(|line| serde_json::from_str(line).expect(line))
-        .collect();
+    let (lines, text) = charge_and_log(tracing_subscriber::filter::LevelFilter::WARN);
     for message in ["handler failed; retrying", "dead-lettered"] {
         let line = lines
             .iter()

@@ -28,6 +28,14 @@ pub async fn router_from_config(config: &Config) -> Result<SharedRouter> {
     })
 }
 
+/// What an example's `main` starts with: the configuration (`.env` and the environment) and its
+/// logging; the error as text for the user.
+pub fn configure() -> std::result::Result<(Config, LogGuard), String> {
+    let config = Config::load().map_err(|error| error.to_string())?;
+    let guard = init_logging(&config).map_err(|error| error.to_string())?;
+    Ok((config, guard))
+}
+
 /// Starts JSON Lines logging at the configuration's `LOG_LEVEL` (from the environment or `.env`), or
 /// at WARNING when neither names one, so that the examples' answers stand out.
 pub fn init_logging(config: &Config) -> std::result::Result<LogGuard, LoggingError> {

@@ -1,21 +1,13 @@
 //! `cargo run -p agentcomm-examples --bin payment`: the payment example on the router named by
 //! `MESSAGING_BACKEND` (the in-memory router when unset).
 
-use agentcomm_core::config::Config;
 use agentcomm_examples::backend;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     // `.env` and the environment; LOG_LEVEL=INFO in either shows the JSON Lines logs (quiet otherwise).
-    let config = match Config::load() {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let _guard = match backend::init_logging(&config) {
-        Ok(guard) => guard,
+    let (config, _guard) = match backend::configure() {
+        Ok(started) => started,
         Err(error) => {
             eprintln!("error: {error}");
             return std::process::ExitCode::FAILURE;

@@ -204,13 +204,13 @@ impl SubShared {
     /// (which also ends the receiver), and the stream is told to end once its buffer is read.
     async fn stop_consumer(&self, consumer: &Arc<ConsumerHandle>) {
         let inner = &self.state.inner;
+        let cancel = BasicCancelArguments::new(&consumer.tag);
         let cancelled = inner
             .operation(
                 &format!("cancelling consumer {}", consumer.tag),
                 &consumer.reason,
-                consumer
-                    .channel
-                    .basic_cancel(BasicCancelArguments::new(&consumer.tag)),
+                &consumer.channel,
+                move |channel| async move { channel.basic_cancel(cancel).await },
             )
             .await;
         if let Err(error) = cancelled {
@@ -582,11 +582,13 @@ async fn delete_fan_out_queue(inner: &Inner, name: &str) {
         .with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
             let mut dropped = 0u64;
             for queue in retry_queues.iter().map(String::as_str).chain([name]) {
+                let delete = QueueDeleteArguments::new(queue);
                 let left = inner
                     .operation(
                         &format!("deleting queue '{queue}'"),
                         &op.reason,
-                        op.channel.queue_delete(QueueDeleteArguments::new(queue)),
+                        &op.channel,
+                        move |channel| async move { channel.queue_delete(delete).await },
                     )
                     .await?;
                 if queue != name {
@@ -639,11 +641,13 @@ async fn setup(
     let op = inner.open_op_channel(live).await?;
     let result = async {
         let channel = &op.channel;
+        let qos = BasicQosArguments::new(0, spec.prefetch, false);
         inner
             .operation(
                 "setting the prefetch",
                 &op.reason,
-                channel.basic_qos(BasicQosArguments::new(0, spec.prefetch, false)),
+                channel,
+                move |channel| async move { channel.basic_qos(qos).await },
             )
             .await?;
         let (queue_type, expires) = match spec.kind {
@@ -660,22 +664,21 @@ async fn setup(
             .operation(
                 &format!("declaring queue '{}'", spec.name),
                 &op.reason,
-                channel.queue_declare(declare),
+                channel,
+                move |channel| async move { channel.queue_declare(declare).await },
             )
             .await?;
         if spec.kind == QueueKind::Group {
             inner.remember_queue(&spec.name);
         }
         for key in &spec.bindings {
+            let bind = QueueBindArguments::new(&spec.name, &inner.settings.exchange, key);
             inner
                 .operation(
                     &format!("binding queue '{}' to '{key}'", spec.name),
                     &op.reason,
-                    channel.queue_bind(QueueBindArguments::new(
-                        &spec.name,
-                        &inner.settings.exchange,
-                        key,
-                    )),
+                    channel,
+                    move |channel| async move { channel.queue_bind(bind).await },
                 )
                 .await?;
         }
@@ -691,7 +694,8 @@ async fn setup(
             .operation(
                 &format!("consuming from queue '{}'", spec.name),
                 &op.reason,
-                channel.basic_consume_rx(consume),
+                channel,
+                move |channel| async move { channel.basic_consume_rx(consume).await },
             )
             .await?;
         Ok((tag, generation, receiver))
@@ -727,7 +731,8 @@ async fn check_fan_out_queue_survived(inner: &Inner, name: &str) {
                 .operation(
                     "checking a fan-out queue",
                     &op.reason,
-                    op.channel.queue_declare(passive),
+                    &op.channel,
+                    move |channel| async move { channel.queue_declare(passive).await },
                 )
                 .await
                 .map(|_| ())
@@ -1054,7 +1059,8 @@ impl Inner {
             self.operation(
                 &format!("declaring retry queue '{name}'"),
                 &op.reason,
-                op.channel.queue_declare(declare),
+                &op.channel,
+                move |channel| async move { channel.queue_declare(declare).await },
             )
             .await
             .map(|_| ())

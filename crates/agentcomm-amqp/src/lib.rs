@@ -294,14 +294,16 @@ impl AmqpRouter {
             let started = Instant::now();
             let mut passive = ExchangeDeclareArguments::new(&inner.settings.exchange, "topic");
             passive.passive(true);
-            match tokio::time::timeout(PROBE_LIMIT, op.channel.exchange_declare(passive)).await {
-                Ok(Ok(())) => Ok(started.elapsed()),
-                Ok(Err(error)) => Err(inner.backend_error(error.to_string())),
-                Err(_) => Err(Error::Timeout {
-                    operation: "RabbitMQ to answer the health probe".into(),
-                    after: PROBE_LIMIT,
-                }),
-            }
+            inner
+                .operation_within(
+                    PROBE_LIMIT,
+                    "the health probe",
+                    &op.reason,
+                    &op.channel,
+                    move |channel| async move { channel.exchange_declare(passive).await },
+                )
+                .await
+                .map(|()| started.elapsed())
         });
         probe.await.ok()
     }

@@ -477,23 +477,29 @@ impl Inner {
     pub(crate) async fn open_op_channel(&self, live: &Live) -> Result<OpChannel> {
         let reason: Reason = Arc::default();
         let ended = Arc::new(Notify::new());
-        let open = async {
-            let channel = live.connection.open_channel(None).await?;
-            channel
-                .register_callback(ReasonCallback {
-                    reason: reason.clone(),
-                    ended: ended.clone(),
-                })
-                .await?;
-            Ok::<_, amqprs::error::Error>(channel)
+        let connection = live.connection.clone();
+        let callback = ReasonCallback {
+            reason: reason.clone(),
+            ended: ended.clone(),
         };
+        // On a task of its own (see `detached`): a channel.open cut short while it registers its
+        // responder panics the connection's reader, which takes the whole connection down. One that
+        // opens after the timeout is dropped by the task, which closes it.
+        let open = detached(async move {
+            let channel = connection.open_channel(None).await?;
+            channel.register_callback(callback).await?;
+            Ok::<_, amqprs::error::Error>(channel)
+        });
         match tokio::time::timeout(self.settings.operation_timeout, open).await {
-            Ok(Ok(channel)) => Ok(OpChannel {
+            Ok(Ok(Ok(channel))) => Ok(OpChannel {
                 channel,
                 generation: live.generation,
                 reason,
                 ended,
             }),
+            Ok(Ok(Err(error))) => {
+                Err(self.connection_error(format!("could not open a channel: {error}")))
+            }
             Ok(Err(error)) => {
                 Err(self.connection_error(format!("could not open a channel: {error}")))
             }
@@ -504,27 +510,55 @@ impl Inner {
         }
     }
 
-    /// Runs one synchronous AMQP operation on `channel`, bounded by the operation timeout; a failure
-    /// carries the reason the broker gave when it closed the channel.
-    pub(crate) async fn operation<T>(
+    /// Runs one synchronous AMQP request on `channel` (`request` gets a clone of it), bounded by the
+    /// operation timeout; a failure carries the reason the broker gave when it closed the channel.
+    /// The request runs on a task of its own (see [`detached`]), so neither this timeout nor a caller
+    /// that gives up can cut it short.
+    pub(crate) async fn operation<T, F>(
         &self,
         what: &str,
         reason: &Reason,
-        operation: impl std::future::Future<Output = std::result::Result<T, amqprs::error::Error>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(self.settings.operation_timeout, operation).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => {
-                let why = reason
-                    .lock()
-                    .expect("reason lock")
-                    .clone()
-                    .unwrap_or_else(|| error.to_string());
-                Err(self.backend_error(format!("{what} failed: {why}{}", hint_for(&why))))
-            }
+        channel: &Channel,
+        request: impl FnOnce(Channel) -> F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = std::result::Result<T, amqprs::error::Error>> + Send + 'static,
+    {
+        self.operation_within(
+            self.settings.operation_timeout,
+            what,
+            reason,
+            channel,
+            request,
+        )
+        .await
+    }
+
+    /// [`operation`](Self::operation) with a time limit of its own.
+    pub(crate) async fn operation_within<T, F>(
+        &self,
+        limit: Duration,
+        what: &str,
+        reason: &Reason,
+        channel: &Channel,
+        request: impl FnOnce(Channel) -> F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = std::result::Result<T, amqprs::error::Error>> + Send + 'static,
+    {
+        let failed = |error: String| {
+            let why = reason.lock().expect("reason lock").clone().unwrap_or(error);
+            self.backend_error(format!("{what} failed: {why}{}", hint_for(&why)))
+        };
+        match tokio::time::timeout(limit, detached(request(channel.clone()))).await {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(error))) => Err(failed(error.to_string())),
+            Ok(Err(error)) => Err(failed(error)),
             Err(_) => Err(Error::Timeout {
                 operation: format!("RabbitMQ to answer: {what}"),
-                after: self.settings.operation_timeout,
+                after: limit,
             }),
         }
     }
@@ -553,8 +587,13 @@ impl Inner {
 
     /// Closes `connection`, waiting at most the operation timeout.
     pub(crate) async fn close_connection(&self, connection: &Connection) {
-        let _ =
-            tokio::time::timeout(self.settings.operation_timeout, connection.clone().close()).await;
+        // On a task of its own (see `detached`): a close handshake cut short by the timeout would
+        // panic the connection's reader.
+        let _ = tokio::time::timeout(
+            self.settings.operation_timeout,
+            detached(connection.clone().close()),
+        )
+        .await;
     }
 
     /// Declares the exchange, and the dead-letter exchange and queue with their bindings.
@@ -565,7 +604,8 @@ impl Inner {
         self.operation(
             &format!("declaring the topic exchange '{}'", settings.exchange),
             &op.reason,
-            op.channel.exchange_declare(exchange),
+            &op.channel,
+            move |channel| async move { channel.exchange_declare(exchange).await },
         )
         .await?;
         let mut dead_letter_exchange =
@@ -577,7 +617,8 @@ impl Inner {
                 settings.dead_letter_exchange
             ),
             &op.reason,
-            op.channel.exchange_declare(dead_letter_exchange),
+            &op.channel,
+            move |channel| async move { channel.exchange_declare(dead_letter_exchange).await },
         )
         .await?;
         if let Some(queue) = &settings.dead_letter_queue {
@@ -592,7 +633,8 @@ impl Inner {
             self.operation(
                 &format!("declaring the dead-letter queue '{queue}'"),
                 &op.reason,
-                op.channel.queue_declare(declare),
+                &op.channel,
+                move |channel| async move { channel.queue_declare(declare).await },
             )
             .await?;
             self.remember_queue(queue);
@@ -600,11 +642,12 @@ impl Inner {
                 (settings.dead_letter_exchange.as_str(), ""),
                 (settings.exchange.as_str(), DEAD_LETTER_BINDING),
             ] {
+                let bind = QueueBindArguments::new(queue, exchange, key);
                 self.operation(
                     &format!("binding the dead-letter queue '{queue}' to '{exchange}'"),
                     &op.reason,
-                    op.channel
-                        .queue_bind(QueueBindArguments::new(queue, exchange, key)),
+                    &op.channel,
+                    move |channel| async move { channel.queue_bind(bind).await },
                 )
                 .await?;
             }
@@ -637,14 +680,18 @@ impl Inner {
         if !usable {
             *slot = Some(self.open_op_channel(&live).await?);
         }
-        let op = slot.as_ref().expect("set above");
+        // Armed until `f` finishes well. A request cut short (its caller gave up, or it timed out)
+        // goes on in its own task, and its reply is still to come: a next request of the same kind
+        // on this channel would take that reply for its own, and its own reply would then find no
+        // waiter, which panics amqprs's dispatcher. Any other failure means the broker closed the
+        // channel, or amqprs lost track of it. Either way the channel is never used again (dropping
+        // its last handle closes it).
+        let mut retire = RetireOnDrop { slot, armed: true };
+        let Some(op) = retire.slot.as_ref() else {
+            return Err(self.backend_error("the declaration channel went missing"));
+        };
         let result = f(op).await;
-        if result.is_err() && !op.channel.is_open() {
-            *slot = None;
-        } else if matches!(result, Err(Error::Timeout { .. })) {
-            // A late answer would be taken for the next request's: never reuse this channel.
-            *slot = None;
-        }
+        retire.armed = result.is_err();
         result
     }
 
@@ -744,6 +791,38 @@ impl Inner {
             declared.insert(queue.to_string());
         }
     }
+}
+
+/// Empties the declaration channel's slot when dropped armed (see `with_op_channel`).
+struct RetireOnDrop<'a> {
+    slot: tokio::sync::MutexGuard<'a, Option<OpChannel>>,
+    armed: bool,
+}
+
+impl Drop for RetireOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            *self.slot = None;
+        }
+    }
+}
+
+/// Runs an amqprs request on a task of its own and waits for its result; an error only when that
+/// task could not finish (the runtime is shutting down).
+///
+/// amqprs's requests are not cancel-safe. One dropped while it registers its responder panics the
+/// channel's dispatcher (or, for a channel.open or connection.close, the connection's reader): the
+/// channel then fails every later request while still reporting itself open. One dropped after it
+/// was sent leaves its reply to the next request of the same kind, whose own reply then panics the
+/// dispatcher. A spawned task runs to its end even when its handle is dropped, so neither a caller's
+/// timeout nor a `select!` can cut a request short. For rare requests only (declarations, cancels,
+/// opening and closing): the ack and publish paths send no request that waits for a reply.
+pub(crate) async fn detached<T: Send + 'static>(
+    request: impl Future<Output = T> + Send + 'static,
+) -> std::result::Result<T, String> {
+    tokio::spawn(request)
+        .await
+        .map_err(|error| format!("the request's task ended early: {error}"))
 }
 
 /// Adds a field to an AMQP table (names are short and static).

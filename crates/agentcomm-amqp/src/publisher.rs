@@ -331,7 +331,11 @@ impl Publisher {
         confirm_timeout: Duration,
         returns: Arc<AtomicU64>,
     ) -> std::result::Result<Arc<Self>, String> {
-        let setup = async {
+        // On a task of its own (see `crate::link::detached`): the publish that opens the channel
+        // may be dropped by its caller, and a channel.open or confirm.select cut short panics
+        // amqprs. A channel that opens after the timeout is dropped by the task, which closes it.
+        let connection = connection.clone();
+        let setup = crate::link::detached(async move {
             let channel = connection
                 .open_channel(None)
                 .await
@@ -354,10 +358,16 @@ impl Publisher {
                 next_tag: tokio::sync::Mutex::new(1),
                 confirms,
             }))
+        });
+        let publisher = match tokio::time::timeout(timeout, setup).await {
+            Ok(Ok(opened)) => opened?,
+            Ok(Err(error)) => return Err(error),
+            Err(_) => {
+                return Err(format!(
+                    "opening a publishing channel took more than {timeout:?}"
+                ));
+            }
         };
-        let publisher = tokio::time::timeout(timeout, setup)
-            .await
-            .map_err(|_| format!("opening a publishing channel took more than {timeout:?}"))??;
         let confirms = Arc::downgrade(&publisher.confirms);
         let every = (confirm_timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
         tokio::spawn(async move {

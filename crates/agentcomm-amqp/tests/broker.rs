@@ -995,3 +995,91 @@ async fn publishing_goes_on_after_the_runtime_of_the_first_publish_shut_down() {
     }
     assert_eq!(take(&mut subscription, 3).await, vec![1, 2, 3]);
 }
+
+/// A `health()` dropped right after its first poll (a liveness endpoint's timeout, a `select!`) used
+/// to drop amqprs's passive declare while it registered its responder: the shared declaration
+/// channel's dispatcher panicked while the channel still said it was open, so every declaration
+/// failed until the next reconnect: no health round trip, and a delayed retry turned into an
+/// immediate requeue. One worker thread: the dispatcher cannot answer between the poll and the drop.
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_health_call_leaves_declarations_working() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-health-drop");
+    let group_queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(
+        &exchange,
+        &[
+            group_queue.clone(),
+            topology::retry_queue(&group_queue, 2000),
+        ],
+    );
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut member = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
+    )
+    .await
+    .unwrap();
+    {
+        let mut probing = std::pin::pin!(router.health());
+        assert!(futures::poll!(&mut probing).is_pending());
+    }
+    let health = within("health", router.health()).await;
+    assert!(health.round_trip.is_some(), "the health probe is gone");
+
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", member.next()).await.unwrap();
+    let nacked_at = tokio::time::Instant::now();
+    within(
+        "nack",
+        delivery.nack(NackAction::Retry {
+            delay: Duration::from_secs(2),
+        }),
+    )
+    .await
+    .unwrap();
+    let again = within("the retry", member.next()).await.unwrap();
+    let waited = nacked_at.elapsed();
+    within("ack", again.ack()).await.unwrap();
+    within("close", router.close()).await.unwrap();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "a 2 s retry came back after {waited:?}"
+    );
+}
+
+/// The same on the ordinary runtime, with a caller's short timeout around each `health()`: a request
+/// cut short after it was sent used to leave its reply to the next probe, whose own reply then found
+/// no waiter and panicked the declaration channel's dispatcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_under_a_callers_short_timeout_keeps_its_round_trip() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-health-timeouts");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut timed_out = 0;
+    for i in 0..500u64 {
+        let limit = Duration::from_micros(20 + (i * 37) % 400);
+        if tokio::time::timeout(limit, router.health()).await.is_err() {
+            timed_out += 1;
+        }
+    }
+    let health = within("health", router.health()).await;
+    within("close", router.close()).await.unwrap();
+    assert!(timed_out > 0, "no health call was cut short");
+    assert!(
+        health.round_trip.is_some(),
+        "the health probe is gone after {timed_out} calls were cut short: {health:?}"
+    );
+    assert_eq!(health.get("connection_losses"), 0, "{health:?}");
+}

@@ -142,7 +142,11 @@ pub(crate) struct SubShared {
     /// The live consumer, for cancelling it.
     live: Mutex<Option<Arc<ConsumerHandle>>>,
     closed: AtomicBool,
+    /// Tells the subscription's task to stop: it alone cancels the consumer and cleans up.
     stop: watch::Sender<bool>,
+    /// Set by the subscription's task once it stopped consuming (its consumer cancelled, or none
+    /// left), or ended: what every `close()` waits for.
+    stopped: watch::Sender<bool>,
 }
 
 impl SubShared {
@@ -163,6 +167,7 @@ impl SubShared {
             live: Mutex::new(None),
             closed: AtomicBool::new(false),
             stop: watch::Sender::new(false),
+            stopped: watch::Sender::new(false),
         }
     }
 
@@ -186,16 +191,29 @@ impl SubShared {
         self.feed().buffered()
     }
 
-    /// Stops the subscription: basic.cancel, then the stream ends after what it buffered.
+    /// Stops the subscription: basic.cancel, then the stream ends after what it buffered. Returns
+    /// once the consumer is cancelled.
+    ///
+    /// The work is the subscription's task's, which `stop` tells: a close cut short (a stop deadline
+    /// around it, a `select!`) still has its consumer cancelled and its channel closed, and every
+    /// close, first or later, waits for that same end. Bounded: the task may be setting a consumer
+    /// up (one operation timeout per step) before it can cancel it.
     pub(crate) async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
-        }
-        let consumer = self.live.lock().expect("live lock").clone();
-        if let Some(consumer) = consumer {
-            self.stop_consumer(&consumer).await;
-        }
+        self.closed.store(true, Ordering::SeqCst);
         self.stop.send_replace(true);
+        let inner = &self.state.inner;
+        let bound = inner.settings.operation_timeout * (8 + self.spec.bindings.len() as u32);
+        let mut stopped = self.stopped.subscribe();
+        if tokio::time::timeout(bound, stopped.wait_for(|stopped| *stopped))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                queue = %self.spec.name,
+                after = ?bound,
+                "the subscription's consumer is not cancelled yet; it is cancelled in the background"
+            );
+        }
         Ok(())
     }
 
@@ -407,6 +425,8 @@ fn deliver(
 /// Runs a subscription: sets up its consumer, waits for it to end, restores it after every loss,
 /// and cleans up when the subscription is closed. `ready` gets the result of the first setup.
 pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()>>) {
+    // However the task ends, a close waiting for it is let go.
+    let _stopped = SignalOnDrop(&shared.stopped);
     let inner = shared.state.inner.clone();
     let mut ready = Some(ready);
     let mut failures = 0u32;
@@ -465,10 +485,6 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
                 tracing::info!(queue = %shared.spec.name, "consumer restored after a loss");
             }
         }
-        if shared.is_closed() {
-            // Closed while it was being set up: stop what was just made.
-            shared.stop_consumer(&consumer).await;
-        }
         let lost = tokio::select! {
             () = consumer.ended.notified() => true,
             () = inner.consuming.gone(live.generation) => true,
@@ -513,7 +529,23 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
             }
         }
     }
+    // The only place a consumer is cancelled (close only asks, through `stop`): so a close cut short
+    // cannot leave it half done, and two cancels never race on one channel.
+    let consumer = shared.live.lock().expect("live lock").clone();
+    if let Some(consumer) = consumer {
+        shared.stop_consumer(&consumer).await;
+    }
+    shared.stopped.send_replace(true);
     cleanup(&shared, last_consumer).await;
+}
+
+/// Sets its flag when dropped.
+struct SignalOnDrop<'a>(&'a watch::Sender<bool>);
+
+impl Drop for SignalOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 /// After the subscription stopped: let the application settle what it holds (up to the close

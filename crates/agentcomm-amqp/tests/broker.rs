@@ -1083,3 +1083,67 @@ async fn health_under_a_callers_short_timeout_keeps_its_round_trip() {
     );
     assert_eq!(health.get("connection_losses"), 0, "{health:?}");
 }
+
+/// A `Subscription::close()` dropped right after its first poll (the runtime's stop deadline around
+/// it, a `select!`) used to drop amqprs's basic.cancel while it registered its responder: the consumer
+/// channel's dispatcher panicked, the consumer was never cancelled, and the next message the broker
+/// delivered to it tore the whole consuming connection down, so another agent's handler could not
+/// acknowledge the message it had finished. And since the close was cut short before it told the
+/// subscription's task to stop, the channel was never closed: the stopped agent kept the group's
+/// next message unacknowledged, out of the other members' reach, until the router closed.
+#[tokio::test(flavor = "current_thread")]
+async fn a_subscription_close_cut_short_leaves_the_other_subscriptions_alone() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-close-cut");
+    let _cleanup = Cleanup::new(
+        &exchange,
+        &[
+            topology::group_queue(&exchange, "g"),
+            topology::group_queue(&exchange, "bystanders"),
+        ],
+    );
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    // Another agent, busy with a message.
+    let mut bystander = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Other:*:*")).group("bystanders")),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope("Other:event:s1", 1)))
+        .await
+        .unwrap();
+    let in_hand = within("a delivery", bystander.next()).await.unwrap();
+
+    let options = SubscribeOptions::new(pattern("Ping:*:*")).group("g");
+    let first = within("subscribe", router.subscribe(options.clone()))
+        .await
+        .unwrap();
+    {
+        let mut closing = std::pin::pin!(first.close());
+        assert!(futures::poll!(&mut closing).is_pending());
+    }
+    drop(first);
+    // A message for the stopped agent's group: the next member gets it.
+    within("publish", router.publish(envelope("Ping:event:s1", 2)))
+        .await
+        .unwrap();
+    let mut next_member = within("subscribe", router.subscribe(options))
+        .await
+        .unwrap();
+    let message = within("the group's message", next_member.next())
+        .await
+        .unwrap();
+    assert_eq!(number(message.envelope()), 2);
+    within("ack", message.ack()).await.unwrap();
+    // The bystander's handler finishes and acknowledges.
+    let acked = within("ack", in_hand.ack()).await;
+    let health = within("health", router.health()).await;
+    within("close", router.close()).await.unwrap();
+    assert!(acked.is_ok(), "the bystander's ack failed: {acked:?}");
+    assert_eq!(health.get("connection_losses"), 0, "{health:?}");
+}

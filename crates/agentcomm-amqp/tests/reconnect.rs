@@ -798,3 +798,55 @@ async fn close_lets_handlers_reply_and_settle_and_waits_for_confirms() {
     within("close", listener.close()).await.unwrap();
     raw.close().await;
 }
+
+/// A `Subscription::close()` cut short after its basic.cancel was sent (the broker answers slower
+/// than the agent's stop deadline) used to leave the subscription stuck: `closed` was set but its
+/// task was never told to stop, so its channel stayed open, closing again did nothing, and what it
+/// had received and not settled stayed unacknowledged, out of the other members' reach, until the
+/// router closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_close_cut_short_still_gives_back_what_it_held() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-close-slow");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
+    let router = proxied_router(&proxy, &exchange).await;
+    let options = SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap())
+        .group("g")
+        .prefetch(10);
+    let first = within("subscribe", router.subscribe(options.clone()))
+        .await
+        .unwrap();
+    for n in 0..5 {
+        within("publish", router.publish(envelope(n)))
+            .await
+            .unwrap();
+    }
+    wait_until(
+        "the five messages in the first member's buffer",
+        async || first.buffered() == 5,
+    )
+    .await;
+    // The broker answers slower than the stop deadline.
+    proxy.set_latency(Duration::from_millis(300));
+    let cut = tokio::time::timeout(Duration::from_millis(100), first.close()).await;
+    assert!(cut.is_err(), "the close was not cut short");
+    proxy.set_latency(Duration::ZERO);
+    within("close again", first.close()).await.unwrap();
+    drop(first);
+    let mut second = within("subscribe", router.subscribe(options))
+        .await
+        .unwrap();
+    let mut got = std::collections::HashSet::new();
+    for _ in 0..5 {
+        let delivery = within("what the first member held", second.next())
+            .await
+            .unwrap();
+        got.insert(delivery.envelope().id());
+        within("ack", delivery.ack()).await.unwrap();
+    }
+    within("close", router.close()).await.unwrap();
+    assert_eq!(got.len(), 5, "a message came twice");
+}

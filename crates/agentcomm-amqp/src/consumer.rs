@@ -246,6 +246,22 @@ impl SubShared {
         }
     }
 
+    /// The `subscribe` call that made this subscription was given up before it returned (a
+    /// caller's timeout, a `select!`): no stream will ever read it, so nothing would ever close it,
+    /// and its consumer would take its share of the queue's messages into a buffer nobody reads. So
+    /// the subscription is closed at once, with no reader to wait for: its consumer is cancelled
+    /// once set up, and what it received goes back to the queue when its channel closes.
+    pub(crate) fn unclaimed(&self) {
+        let mut feed = self.feed();
+        feed.reader_gone = true;
+        feed.receiver = None;
+        feed.consumer = None;
+        drop(feed);
+        self.closed.store(true, Ordering::SeqCst);
+        self.stop.send_replace(true);
+        self.feed_changed.notify_waiters();
+    }
+
     /// Makes `consumer` the one the stream reads.
     fn install(
         &self,

@@ -232,6 +232,9 @@ impl AmqpRouter {
         }
         let (ready_sender, ready) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(consumer::run(shared.clone(), ready_sender));
+        // Closes the subscription on every way out but the one that hands it to the caller,
+        // including this future being dropped while it waits for the consumer.
+        let unclaimed = Unclaimed(Some(shared));
         {
             let mut tasks = inner.tasks.lock().expect("tasks lock");
             tasks.retain(|task| !task.is_finished());
@@ -248,13 +251,15 @@ impl AmqpRouter {
                 );
             }
             Err(_) => {
-                let _ = shared.close().await;
                 return Err(Error::Timeout {
                     operation: format!("the consumer on queue '{name}' to start"),
                     after: bound,
                 });
             }
         }
+        let Some(shared) = unclaimed.claim() else {
+            return Err(inner.backend_error("the subscription went missing"));
+        };
         tracing::info!(queue = %name, bindings = ?bindings, prefetch, "subscribed");
         let control = Arc::new(Control(shared.clone()));
         Ok(Subscription::from_stream(
@@ -487,6 +492,24 @@ impl AmqpRouter {
         }
         tracing::info!(url = %settings.url.redacted, "RabbitMQ router closed");
         Ok(())
+    }
+}
+
+/// A subscription being made, closed when dropped unless [`claim`](Self::claim)ed (see
+/// `SubShared::unclaimed`).
+struct Unclaimed(Option<Arc<SubShared>>);
+
+impl Unclaimed {
+    fn claim(mut self) -> Option<Arc<SubShared>> {
+        self.0.take()
+    }
+}
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.unclaimed();
+        }
     }
 }
 

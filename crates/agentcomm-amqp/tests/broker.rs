@@ -1147,3 +1147,53 @@ async fn a_subscription_close_cut_short_leaves_the_other_subscriptions_alone() {
     assert!(acked.is_ok(), "the bystander's ack failed: {acked:?}");
     assert_eq!(health.get("connection_losses"), 0, "{health:?}");
 }
+
+/// A `subscribe` dropped before it resolved (the caller's own timeout, a `select!` that took another
+/// branch; the Bus's request timeout around its inbox subscribe) used to leave its consumer running
+/// with nobody reading it: it took its round-robin share of the group's messages (up to the
+/// prefetch) and held them unacknowledged, out of the other members' reach, until the router closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_subscribe_leaves_no_hidden_consumer_behind() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-orphan");
+    let queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let raw = Raw::open().await;
+    let options = SubscribeOptions::new(pattern("Ping:*:*")).group("g");
+    // The caller gives up on this subscribe after polling it once (e.g. a short timeout).
+    {
+        let mut pending = router.subscribe(options.clone());
+        assert!(
+            futures::poll!(&mut pending).is_pending(),
+            "the subscribe needs a broker round trip"
+        );
+    }
+    // The caller tries again, and this one succeeds.
+    let mut member = within("subscribe", router.subscribe(options))
+        .await
+        .unwrap();
+    // The member alone consumes (bounded: the given-up consumer may stay, which the reads below
+    // show).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while raw.consumers(&queue).await != Some(1) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in 0..10 {
+        within("publish", router.publish(envelope("Ping:event:s1", n)))
+            .await
+            .unwrap();
+    }
+    let mut got = take(&mut member, 10).await;
+    got.sort_unstable();
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("subscriptions"), 1, "{health:?}");
+    assert_eq!(raw.consumers(&queue).await, Some(1));
+    within("close", router.close()).await.unwrap();
+    raw.close().await;
+}

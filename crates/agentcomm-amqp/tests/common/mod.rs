@@ -168,6 +168,18 @@ impl Raw {
         result.ok().flatten().map(|(_, count, _)| count)
     }
 
+    /// How many consumers `queue` has (passive declare), `None` when it does not exist.
+    pub async fn consumers(&self, queue: &str) -> Option<u32> {
+        let channel = within("a raw channel", self.connection.open_channel(None))
+            .await
+            .ok()?;
+        let mut arguments = amqprs::channel::QueueDeclareArguments::new(queue);
+        arguments.passive(true);
+        let result = within("a passive declare", channel.queue_declare(arguments)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), channel.close()).await;
+        result.ok().flatten().map(|(_, _, consumers)| consumers)
+    }
+
     /// Deletes queues and the exchange's topology (`<exchange>`, `.dlx`, `.dead-letters`). Best effort,
     /// bounded, never panics (it also runs from `Drop`).
     pub async fn cleanup(&self, exchange: &str, queues: &[String]) {

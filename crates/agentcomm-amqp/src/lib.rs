@@ -432,15 +432,40 @@ impl AmqpRouter {
         health
     }
 
-    /// Closes in two phases: new subscriptions are refused at once, while publishes stay allowed
-    /// until every subscription has drained, so that a handler finishing its message during the drain
-    /// can still publish its reply; then publishes are refused, the ones under way are awaited, and
-    /// the connections close.
+    /// Closes, and returns once closed; see [`close_in_background`](Self::close_in_background).
+    ///
+    /// The close runs on a task of its own: one cut short (a shutdown under a timeout, a second
+    /// signal in a `select!`) still finishes, and every call, first or later, waits for that same
+    /// end. Bounded by what the close itself is bounded by.
     async fn close_now(&self) -> Result<()> {
         let inner = &self.inner;
-        if inner.closing.swap(true, Ordering::AcqRel) {
-            return Ok(());
+        let mut closed = inner.closed.subscribe();
+        if !inner.closing.swap(true, Ordering::AcqRel) {
+            let router = self.clone();
+            tokio::spawn(async move {
+                // However the task ends, a close waiting for it is let go.
+                let _closed = ClosedOnDrop(&router.inner.closed);
+                router.close_in_background().await;
+            });
         }
+        let settings = &inner.settings;
+        let bound = settings.close_timeout * 2 + settings.operation_timeout * 10;
+        match tokio::time::timeout(bound, closed.wait_for(|closed| *closed)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::Timeout {
+                operation: "the RabbitMQ router to close (it goes on closing in the background)"
+                    .into(),
+                after: bound,
+            }),
+        }
+    }
+
+    /// Closes in two phases: new subscriptions are refused at once (`closing`, set by the caller),
+    /// while publishes stay allowed until every subscription has drained, so that a handler
+    /// finishing its message during the drain can still publish its reply; then publishes are
+    /// refused, the ones under way are awaited, and the connections close.
+    async fn close_in_background(&self) {
+        let inner = &self.inner;
         let settings = &inner.settings;
         tracing::info!(url = %settings.url.redacted, "closing the RabbitMQ router");
         let subscriptions: Vec<Arc<SubShared>> = inner
@@ -491,7 +516,15 @@ impl AmqpRouter {
             }
         }
         tracing::info!(url = %settings.url.redacted, "RabbitMQ router closed");
-        Ok(())
+    }
+}
+
+/// Sets the router's `closed` flag when dropped.
+struct ClosedOnDrop<'a>(&'a tokio::sync::watch::Sender<bool>);
+
+impl Drop for ClosedOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
     }
 }
 

@@ -289,6 +289,8 @@ pub(crate) struct Inner {
     pub publishes_in_flight: AtomicU64,
     pub publishes_done: Notify,
     pub stop: watch::Sender<bool>,
+    /// Set once close has finished (or its task ended): what every `close()` waits for.
+    pub closed: watch::Sender<bool>,
 }
 
 impl Inner {
@@ -312,6 +314,7 @@ impl Inner {
             publishes_in_flight: AtomicU64::new(0),
             publishes_done: Notify::new(),
             stop: watch::Sender::new(false),
+            closed: watch::Sender::new(false),
         }
     }
 

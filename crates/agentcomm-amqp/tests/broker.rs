@@ -1197,3 +1197,45 @@ async fn a_cancelled_subscribe_leaves_no_hidden_consumer_behind() {
     within("close", router.close()).await.unwrap();
     raw.close().await;
 }
+
+/// A `Router::close()` dropped part-way (a shutdown under a timeout, a second signal in a
+/// `select!`) used to leave the router half closed for good: a later `close()` returned `Ok(())` at
+/// once and did nothing, so the connections stayed open, publishes were still taken, and health
+/// still said connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_close_cut_short_is_finished_by_closing_again() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-close-twice");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut member = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    // A handler holds a message, so the close has to wait for it.
+    let in_hand = within("a delivery", member.next()).await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_millis(300), router.close()).await;
+    assert!(cut.is_err(), "the close did not wait for the handler");
+    drop(in_hand);
+    within("close again", router.close()).await.unwrap();
+    let health = within("health", router.health()).await;
+    assert!(
+        !health.connected,
+        "the router says it is closed, but its connections are still open: {health:?}"
+    );
+    assert_eq!(health.detail, "closed", "{health:?}");
+    let publish = within("publish", router.publish(envelope("Ping:event:s1", 2))).await;
+    assert!(
+        matches!(publish, Err(Error::Closed { .. })),
+        "a closed router took a publish: {publish:?}"
+    );
+}

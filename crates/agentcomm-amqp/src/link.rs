@@ -115,9 +115,19 @@ impl Link {
             .await;
     }
 
-    fn on_connected(&self, live: &Live) {
-        self.connected.store(live.generation, Ordering::Release);
-        self.state.send_replace(LinkState::Connected(live.clone()));
+    /// Makes `live` the connection of this link, unless close already marked the link closed
+    /// (then returns false and the caller closes `live`). Decided under the state's lock, which
+    /// close's own switch to `Closed` also takes, so a reconnect finishing while close shuts the
+    /// connections down never brings the link back to life.
+    fn on_connected(&self, live: &Live) -> bool {
+        self.state.send_if_modified(|state| {
+            if matches!(state, LinkState::Closed) {
+                return false;
+            }
+            self.connected.store(live.generation, Ordering::Release);
+            *state = LinkState::Connected(live.clone());
+            true
+        })
     }
 }
 
@@ -910,7 +920,8 @@ pub(crate) async fn supervise(
         }
         {
             let Some(inner) = inner.upgrade() else { return };
-            if inner.is_closing() {
+            if *stop.borrow() {
+                // Close is past its drain and shuts the connections down itself.
                 return;
             }
             bump(&inner.counters.connection_losses);
@@ -927,12 +938,15 @@ pub(crate) async fn supervise(
             let Some(strong) = inner.upgrade() else {
                 return;
             };
-            if strong.is_closing() {
+            // Reconnects go on while close drains its subscriptions (`closing` is set, `stop` not
+            // yet): publishes are still taken then, so that handlers finishing their messages
+            // can send their replies, and those need a connection after a network blip.
+            if *stop.borrow() {
                 return;
             }
             attempt = attempt.saturating_add(1);
             match strong.establish(role).await {
-                Ok(new_live) if strong.is_closing() => {
+                Ok(new_live) if *stop.borrow() || !strong.link(role).on_connected(&new_live) => {
                     // Closed while this attempt was connecting: do not come back to life.
                     strong.close_connection(&new_live.connection).await;
                     return;
@@ -946,7 +960,6 @@ pub(crate) async fn supervise(
                         generation = new_live.generation,
                         "reconnected to RabbitMQ"
                     );
-                    strong.link(role).on_connected(&new_live);
                     break new_live;
                 }
                 Err(error) => {

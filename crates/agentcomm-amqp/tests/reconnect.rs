@@ -850,3 +850,73 @@ async fn a_subscription_close_cut_short_still_gives_back_what_it_held() {
     within("close", router.close()).await.unwrap();
     assert_eq!(got.len(), 5, "a message came twice");
 }
+
+/// Publishes stay allowed during close's drain so that a handler finishing its message can still
+/// send its reply, but the connection supervisors used to stop as soon as close started, before
+/// even marking a lost connection as lost. A network blip during the drain therefore left the
+/// publishing link "connected" to a dead connection: the handler's reply spun (reopening the
+/// channel every ~10 ms, with two warnings each time) until close gave up on it, and failed, where a
+/// reconnect would have taken a moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_during_the_close_drain_survives_a_network_blip() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-drain-cut");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "server")]);
+    let router = proxied_router(&proxy, &exchange).await;
+    fn pong() -> Envelope {
+        Envelope::new(
+            parse_channel("Pong:reply:s1").expect("channel"),
+            "application/json",
+            br#"{"n":1}"#.to_vec(),
+        )
+    }
+    // The replies are read through another router, straight to the broker.
+    let listener = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut replies = within(
+        "subscribe",
+        listener.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Pong:*:*").unwrap(),
+        )),
+    )
+    .await
+    .unwrap();
+    let mut requests = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap()).group("server"),
+        ),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    let request = within("a request", requests.next()).await.unwrap();
+    let closing = tokio::spawn({
+        let router = router.clone();
+        async move { router.close().await }
+    });
+    wait_until("close to stop the subscriptions", async || {
+        router.health().await.get("subscriptions") == 0
+    })
+    .await;
+    // A network blip during the drain: both connections cut, the broker unreachable for 300 ms.
+    proxy.reject_for(Duration::from_millis(300));
+    proxy.cut_all();
+    let reply = within("the reply during the drain", router.publish(pong())).await;
+    // The handler is done; its delivery came on the lost connection, so RabbitMQ redelivers it.
+    drop(request);
+    within("close", closing).await.unwrap().unwrap();
+    assert!(
+        matches!(reply, Ok(PublishOutcome::Accepted)),
+        "the reply failed: {reply:?}"
+    );
+    let delivery = within("the reply", replies.next()).await.unwrap();
+    within("ack", delivery.ack()).await.unwrap();
+    within("close", listener.close()).await.unwrap();
+}

@@ -147,6 +147,8 @@ pub(crate) struct SubShared {
     /// Set by the subscription's task once it stopped consuming (its consumer cancelled, or none
     /// left), or ended: what every `close()` waits for.
     stopped: watch::Sender<bool>,
+    /// Set once the subscription's task has cleaned up: it holds nothing any more.
+    finished: AtomicBool,
 }
 
 impl SubShared {
@@ -168,11 +170,17 @@ impl SubShared {
             closed: AtomicBool::new(false),
             stop: watch::Sender::new(false),
             stopped: watch::Sender::new(false),
+            finished: AtomicBool::new(false),
         }
     }
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the subscription's task has ended (after its cleanup, when closed).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
     }
 
     fn feed(&self) -> std::sync::MutexGuard<'_, Feed> {
@@ -441,8 +449,8 @@ fn deliver(
 /// Runs a subscription: sets up its consumer, waits for it to end, restores it after every loss,
 /// and cleans up when the subscription is closed. `ready` gets the result of the first setup.
 pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()>>) {
-    // However the task ends, a close waiting for it is let go.
-    let _stopped = SignalOnDrop(&shared.stopped);
+    // However the task ends, a close waiting for it is let go and health stops counting it.
+    let _stopped = SignalOnDrop(&shared);
     let inner = shared.state.inner.clone();
     let mut ready = Some(ready);
     let mut failures = 0u32;
@@ -555,12 +563,14 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
     cleanup(&shared, last_consumer).await;
 }
 
-/// Sets its flag when dropped.
-struct SignalOnDrop<'a>(&'a watch::Sender<bool>);
+/// Marks the subscription's task as ended when dropped: a close waiting for it is let go, and
+/// health stops counting it.
+struct SignalOnDrop<'a>(&'a SubShared);
 
 impl Drop for SignalOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.send_replace(true);
+        self.0.stopped.send_replace(true);
+        self.0.finished.store(true, Ordering::Release);
     }
 }
 

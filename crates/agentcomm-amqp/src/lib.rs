@@ -269,14 +269,16 @@ impl AmqpRouter {
         ))
     }
 
-    fn live_subscriptions(&self) -> Vec<Arc<SubShared>> {
+    /// The subscriptions not finished yet: open ones, and closed ones still waiting for their
+    /// handlers or their reader (what they hold counts in health until they let go of it).
+    fn unfinished_subscriptions(&self) -> Vec<Arc<SubShared>> {
         self.inner
             .subscriptions
             .lock()
             .expect("subscriptions lock")
             .iter()
             .filter_map(Weak::upgrade)
-            .filter(|sub| !sub.is_closed())
+            .filter(|sub| !sub.is_finished())
             .collect()
     }
 
@@ -358,7 +360,8 @@ impl AmqpRouter {
 
     async fn health_now(&self) -> Health {
         let inner = &self.inner;
-        let subscriptions = self.live_subscriptions();
+        let subscriptions = self.unfinished_subscriptions();
+        let open = subscriptions.iter().filter(|sub| !sub.is_closed()).count();
         let unconfirmed = self.unconfirmed();
         let connected = self.is_connected();
         let problems: Vec<(HealthStatus, String)> = [&inner.publishing, &inner.consuming]
@@ -413,7 +416,7 @@ impl AmqpRouter {
             .counter("consumer_failures", load(&counters.consumer_failures))
             .counter("fan_out_queues_lost", load(&counters.fan_out_queues_lost))
             .counter("retries_dropped", load(&counters.retries_dropped))
-            .counter("subscriptions", subscriptions.len() as u64)
+            .counter("subscriptions", open as u64)
             .counter(
                 "in_flight",
                 subscriptions.iter().map(|sub| sub.in_hand()).sum::<u64>(),

@@ -1239,3 +1239,42 @@ async fn a_router_close_cut_short_is_finished_by_closing_again() {
         "a closed router took a publish: {publish:?}"
     );
 }
+
+/// `in_flight` (deliveries held by handlers) used to leave out subscriptions that were closing:
+/// while a close waited for a handler to settle, health said nothing was in hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_counts_what_a_closing_subscription_still_waits_for() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-inflight");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut member = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    let in_hand = within("a delivery", member.next()).await.unwrap();
+    within("close the subscription", member.close())
+        .await
+        .unwrap();
+    let during = within("health", router.health()).await;
+    assert_eq!(during.get("in_flight"), 1, "{during:?}");
+    assert_eq!(during.get("subscriptions"), 0, "{during:?}");
+    within("ack", in_hand.ack()).await.unwrap();
+    assert!(
+        within("the end of the stream", member.next())
+            .await
+            .is_none()
+    );
+    let after = within("health", router.health()).await;
+    assert_eq!(after.get("in_flight"), 0, "{after:?}");
+    within("close", router.close()).await.unwrap();
+}

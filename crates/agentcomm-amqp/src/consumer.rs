@@ -8,7 +8,7 @@
 //! settled, since its delivery tag would name another message on the next channel.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -868,17 +868,74 @@ async fn dead_letter_malformed(handle: AmqpAck, content: Bytes, routing_key: Str
 struct AmqpAck {
     consumer: Arc<ConsumerHandle>,
     tag: u64,
+    /// How far its settlement got: [`PENDING`], [`RETRY_SENT`] or [`DONE`].
+    progress: AtomicU8,
 }
+
+/// Not settled yet.
+const PENDING: u8 = 0;
+/// The retry's copy went out; the original still waits for its ack.
+const RETRY_SENT: u8 = 1;
+/// Settled, or its settlement ended with an error its caller was told about.
+const DONE: u8 = 2;
 
 impl AmqpAck {
     fn new(consumer: Arc<ConsumerHandle>, tag: u64) -> Self {
         consumer.state.outstanding.fetch_add(1, Ordering::SeqCst);
-        AmqpAck { consumer, tag }
+        AmqpAck {
+            consumer,
+            tag,
+            progress: AtomicU8::new(PENDING),
+        }
+    }
+
+    /// Finishes a settlement that was cut short, on a task of its own: acknowledges the message
+    /// when its retry's copy went out already, gives it back otherwise. Counted in `abandoned`.
+    fn finish_in_background(&self, progress: u8) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                "a settlement was cut short outside a Tokio runtime; RabbitMQ redelivers the message when the channel closes"
+            );
+            return;
+        };
+        bump(&self.inner().counters.abandoned);
+        let retried = progress == RETRY_SENT;
+        tracing::warn!(
+            queue = %self.consumer.state.queue,
+            "a settlement was cut short (its future was dropped); {}",
+            if retried {
+                "acknowledging the message, whose retry was already sent"
+            } else {
+                "giving the message back to its queue"
+            }
+        );
+        // A handle of its own keeps the delivery outstanding (close waits for it) until this is
+        // done. It starts as done: should this task be dropped (its runtime shutting down), its
+        // drop does not start another.
+        let handle = AmqpAck::new(self.consumer.clone(), self.tag);
+        handle.progress.store(DONE, Ordering::Relaxed);
+        runtime.spawn(async move {
+            let finished = if retried {
+                handle.basic_ack().await
+            } else {
+                handle.basic_requeue().await
+            };
+            if let Err(error) = finished {
+                tracing::warn!(error = %error, "could not finish a settlement that was cut short");
+            }
+        });
     }
 }
 
 impl Drop for AmqpAck {
+    /// A settlement whose future was dropped part-way (a caller's timeout around a slow
+    /// `nack(Retry)` during a publishing outage, a `select!`) would otherwise leave the message
+    /// unacknowledged on a live channel, held out of everyone's reach until that channel closes.
     fn drop(&mut self) {
+        let progress = self.progress.load(Ordering::Relaxed);
+        if progress != DONE && self.consumer.is_current() {
+            self.finish_in_background(progress);
+        }
         self.consumer.state.release();
     }
 }
@@ -908,7 +965,10 @@ impl AmqpAck {
         }
         let inner = self.inner();
         let timeout = inner.settings.operation_timeout;
-        match tokio::time::timeout(timeout, frame).await {
+        let sent = tokio::time::timeout(timeout, frame).await;
+        // Settled, or failed with an error the caller hears about: nothing is left for `Drop`.
+        self.progress.store(DONE, Ordering::Relaxed);
+        match sent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => {
                 bump(&inner.counters.settle_failures);
@@ -966,6 +1026,7 @@ impl AmqpAck {
         };
         match scheduled {
             Ok(()) => {
+                self.progress.store(RETRY_SENT, Ordering::Relaxed);
                 bump(&inner.counters.retried);
                 self.basic_ack().await.map_err(|error| {
                     inner.backend_error(format!(
@@ -998,6 +1059,7 @@ impl Acknowledge for AmqpAck {
                 frame.poll(&mut Context::from_waker(Waker::noop()))
             };
             if let Poll::Ready(Ok(())) = queued {
+                self.progress.store(DONE, Ordering::Relaxed);
                 bump(&self.inner().counters.acked);
                 return agentcomm_core::router::ready_ok();
             }
@@ -1037,9 +1099,13 @@ impl Acknowledge for AmqpAck {
                     }
                 });
             }
-            Err(_) => tracing::warn!(
-                "a delivery was dropped outside a Tokio runtime; RabbitMQ redelivers it when the channel closes"
-            ),
+            Err(_) => {
+                // Said here once; `Drop` has nothing more to try.
+                self.progress.store(DONE, Ordering::Relaxed);
+                tracing::warn!(
+                    "a delivery was dropped outside a Tokio runtime; RabbitMQ redelivers it when the channel closes"
+                );
+            }
         }
     }
 }

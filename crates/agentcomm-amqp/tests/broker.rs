@@ -1278,3 +1278,52 @@ async fn in_flight_counts_what_a_closing_subscription_still_waits_for() {
     assert_eq!(after.get("in_flight"), 0, "{after:?}");
     within("close", router.close()).await.unwrap();
 }
+
+/// A `nack(Retry)` whose future is dropped part-way (a caller's timeout around it while the retry
+/// queue is declared or the copy published, a `select!`) used to leave the message neither retried
+/// nor given back: unacknowledged on a live channel, out of everyone's reach until that channel
+/// closed, with no count and no log. One worker thread: nothing answers between the poll and the
+/// drop.
+#[tokio::test(flavor = "current_thread")]
+async fn a_settlement_cut_short_gives_the_message_back() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-settle-cut");
+    let group_queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(
+        &exchange,
+        &[
+            group_queue.clone(),
+            topology::retry_queue(&group_queue, 60_000),
+        ],
+    );
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut member = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", member.next()).await.unwrap();
+    {
+        let mut nacking = std::pin::pin!(delivery.nack(NackAction::Retry {
+            delay: Duration::from_secs(60),
+        }));
+        assert!(futures::poll!(&mut nacking).is_pending());
+    }
+    let again = within("the message given back", member.next())
+        .await
+        .unwrap();
+    assert_eq!(number(again.envelope()), 1);
+    assert!(again.is_redelivered(), "not the same message given back");
+    within("ack", again.ack()).await.unwrap();
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("abandoned"), 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
+}

@@ -625,7 +625,9 @@ async fn cleanup(shared: &SubShared, consumer: Option<Arc<ConsumerHandle>>) {
 }
 
 /// Deletes a closed fan-out subscription's queue and the retry queues this router declared for it:
-/// retries still waiting there have nowhere to go back to (counted in `retries_dropped`).
+/// retries still waiting there have nowhere to go back to (counted in `retries_dropped`), and
+/// messages still in the queue (not read, or given back when its channel closed) have nobody to go
+/// to (counted in `fan_out_dropped`).
 async fn delete_fan_out_queue(inner: &Inner, name: &str) {
     let retry_prefix = format!("{name}.retry.");
     let retry_queues: Vec<String> = inner
@@ -638,7 +640,7 @@ async fn delete_fan_out_queue(inner: &Inner, name: &str) {
         .collect();
     let deleted = inner
         .with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
-            let mut dropped = 0u64;
+            let (mut dropped, mut unread) = (0u64, 0u64);
             for queue in retry_queues.iter().map(String::as_str).chain([name]) {
                 let delete = QueueDeleteArguments::new(queue);
                 let left = inner
@@ -649,15 +651,18 @@ async fn delete_fan_out_queue(inner: &Inner, name: &str) {
                         move |channel| async move { channel.queue_delete(delete).await },
                     )
                     .await?;
-                if queue != name {
-                    dropped += u64::from(left.unwrap_or(0));
+                let left = u64::from(left.unwrap_or(0));
+                if queue == name {
+                    unread += left;
+                } else {
+                    dropped += left;
                 }
             }
-            Ok(dropped)
+            Ok((dropped, unread))
         })
         .await;
     match deleted {
-        Ok(dropped) => {
+        Ok((dropped, unread)) => {
             let mut declared = inner.declared_queues.lock().expect("declared lock");
             for queue in &retry_queues {
                 declared.remove(queue);
@@ -673,6 +678,17 @@ async fn delete_fan_out_queue(inner: &Inner, name: &str) {
                     queue = name,
                     dropped,
                     "a closed fan-out subscription still had delayed retries waiting; they were dropped with its queue"
+                );
+            }
+            if unread > 0 {
+                inner
+                    .counters
+                    .fan_out_dropped
+                    .fetch_add(unread, Ordering::Relaxed);
+                tracing::warn!(
+                    queue = name,
+                    dropped = unread,
+                    "a closed fan-out subscription's queue still held messages nobody read; they were dropped with it"
                 );
             }
         }

@@ -416,6 +416,7 @@ impl AmqpRouter {
             .counter("consumer_failures", load(&counters.consumer_failures))
             .counter("fan_out_queues_lost", load(&counters.fan_out_queues_lost))
             .counter("retries_dropped", load(&counters.retries_dropped))
+            .counter("fan_out_dropped", load(&counters.fan_out_dropped))
             .counter("subscriptions", open as u64)
             .counter(
                 "in_flight",

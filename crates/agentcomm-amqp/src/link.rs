@@ -158,6 +158,7 @@ pub(crate) struct Counters {
     pub consumer_failures: AtomicU64,
     pub fan_out_queues_lost: AtomicU64,
     pub retries_dropped: AtomicU64,
+    pub fan_out_dropped: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {

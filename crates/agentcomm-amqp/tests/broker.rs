@@ -1327,3 +1327,39 @@ async fn a_settlement_cut_short_gives_the_message_back() {
     assert_eq!(health.get("abandoned"), 1, "{health:?}");
     within("close", router.close()).await.unwrap();
 }
+
+/// Closing a fan-out subscription deletes its queue with whatever it still holds. That is fan-out's
+/// meaning (nobody else was to get those copies), but it used to happen with neither a count nor a
+/// log, unlike the retries deleted with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_fan_out_queue_counts_what_it_still_held() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-fan-out-dropped");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).prefetch(1)),
+    )
+    .await
+    .unwrap();
+    for n in 0..3 {
+        within("publish", router.publish(envelope("Ping:event:s1", n)))
+            .await
+            .unwrap();
+    }
+    // Dropped unread: one message buffered, two still in the queue.
+    drop(subscription);
+    let deadline = Instant::now() + STEP;
+    let mut health = within("health", router.health()).await;
+    while health.get("fan_out_dropped") < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        health = within("health", router.health()).await;
+    }
+    within("close", router.close()).await.unwrap();
+    assert_eq!(health.get("fan_out_dropped"), 3, "{health:?}");
+}

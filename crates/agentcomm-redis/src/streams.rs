@@ -347,6 +347,19 @@ impl StreamSubscription {
             subscription
                 .quit_readers(tokio::time::Instant::now() + Duration::from_secs(1))
                 .await;
+            if let Some(group) = &subscription.group {
+                // Its patterns would otherwise stay in the group's union, and, with a wildcard class,
+                // make later members start the group at the start of new streams for a member that
+                // never was.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    shared.pool.next().hdel::<i64, _, _>(
+                        shared.keys.group_members(group),
+                        subscription.consumer.as_str(),
+                    ),
+                )
+                .await;
+            }
             return Err(error);
         }
         let control = Arc::new(StreamControl {
@@ -368,16 +381,9 @@ impl StreamSubscription {
     /// message published afterwards reaches this subscription (or its group).
     async fn setup(self: &Arc<Self>) -> Result<()> {
         let shared = &self.shared;
-        let mut classes: Vec<String> = self
-            .patterns
-            .iter()
-            .filter_map(|p| p.class().map(str::to_string))
-            .collect();
-        if self.wildcard_class {
-            classes.extend(shared.registered_classes().await?);
-        }
-        classes.sort();
-        classes.dedup();
+        // A group member registers its patterns before it reads the registry: a member that joins
+        // later and finds this one there knows that every class stream missing from what this one
+        // read holds only entries owed to the group (see `another_wildcard_member`).
         if let Some(group) = &self.group {
             let patterns: Vec<String> = self.patterns.iter().map(ToString::to_string).collect();
             shared
@@ -396,12 +402,28 @@ impl StreamSubscription {
                     )
                 })?;
         }
+        let mut classes: Vec<String> = self
+            .patterns
+            .iter()
+            .filter_map(|p| p.class().map(str::to_string))
+            .collect();
+        if self.wildcard_class {
+            classes.extend(shared.registered_classes().await?);
+        }
+        classes.sort();
+        classes.dedup();
         let keys: Vec<Arc<str>> = classes
             .iter()
             .map(|class| Arc::from(shared.keys.stream(class)))
             .collect();
+        // A group this subscription creates must start where the group's earliest claim on the stream
+        // begins, not at its end: see `another_wildcard_member`.
+        let owed_from_start = match &self.group {
+            Some(group) => self.another_wildcard_member(group).await?,
+            None => false,
+        };
         for key in &keys {
-            self.prepare_key(key, false).await?;
+            self.prepare_key(key, owed_from_start).await?;
         }
         let clustered = shared.config.server.is_clustered();
         if clustered {
@@ -423,15 +445,40 @@ impl StreamSubscription {
         Ok(())
     }
 
-    /// Makes `key` readable: the group exists (created at the end of the stream, or at its start for a
-    /// stream found after subscribing), or the fan-out cursor is set.
-    async fn prepare_key(&self, key: &Arc<str>, found_later: bool) -> Result<()> {
+    /// Whether another member of `group` has a pattern with a wildcard class. Such a member reads every
+    /// class stream in the registry, and a class registers before its first entry: so a stream on which
+    /// the group does not exist yet was not in the registry when that member subscribed (else it would
+    /// have created the group there), and everything in it was published after, and is owed to the
+    /// group. Creating the group at the end of such a stream (`$`) would skip those entries for good
+    /// (that member's discovery, later, finds the group and keeps it); it is created at its start
+    /// instead, as that member's discovery would. Where the group exists already, nothing changes. One
+    /// `HGETALL` per subscribe.
+    async fn another_wildcard_member(&self, group: &str) -> Result<bool> {
+        let members: HashMap<String, String> = self
+            .shared
+            .pool
+            .next()
+            .hgetall(self.shared.keys.group_members(group))
+            .await
+            .map_err(|e| map_error(&e, self.settings(), "reading the group's members"))?;
+        Ok(members.iter().any(|(consumer, patterns)| {
+            consumer != &self.consumer
+                && patterns.split('\n').any(|text| {
+                    ChannelPattern::parse(text).is_ok_and(|pattern| pattern.class().is_none())
+                })
+        }))
+    }
+
+    /// Makes `key` readable: the group exists (created at the end of the stream, or at its start when
+    /// `from_start`: a stream found after subscribing, or whose entries are owed to the group by an
+    /// earlier member), or the fan-out cursor is set (at the stream's start when `from_start`).
+    async fn prepare_key(&self, key: &Arc<str>, from_start: bool) -> Result<()> {
         let client = self.shared.pool.next();
         if let Some(group) = &self.group {
-            let start = if found_later { "0" } else { "$" };
+            let start = if from_start { "0" } else { "$" };
             create_group(client, key, group, start, self.settings()).await?;
         } else {
-            let (start, added) = if found_later {
+            let (start, added) = if from_start {
                 (EntryId(0, 0), 0)
             } else {
                 let position = stream_position(client, key, None)

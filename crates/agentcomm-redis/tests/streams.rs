@@ -800,3 +800,65 @@ async fn entries_a_read_returned_beyond_the_free_slots_stay_this_members() {
     first_router.close().await.unwrap();
     second_router.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joining_gets_what_a_wildcard_member_of_its_group_was_owed_on_a_new_class() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    // The wildcard member's discovery must not find the new class before the second member joins:
+    // that second member is then the one that creates the group on the new class's stream.
+    let wildcard_router = connected(
+        builder(DeliveryMode::Streams, &prefix).discovery_interval(Duration::from_secs(30)),
+    )
+    .await;
+    let joining_router = connect(&prefix).await;
+    // The same agent scaled out (a wildcard class too), and a member that names the class.
+    for (group, class, joining) in [
+        ("scaled", "FreshA", "*:request:*"),
+        ("named", "FreshB", "FreshB:*:*"),
+    ] {
+        let mut first = wildcard_router
+            .subscribe(
+                SubscribeOptions::new(ChannelPattern::parse("*:request:*").unwrap()).group(group),
+            )
+            .await
+            .unwrap();
+        // Published after the first member subscribed: the group's, whoever joins later.
+        wildcard_router
+            .publish(envelope(&format!("{class}:request:s1"), 1))
+            .await
+            .unwrap();
+        let mut second = joining_router
+            .subscribe(SubscribeOptions::new(ChannelPattern::parse(joining).unwrap()).group(group))
+            .await
+            .unwrap();
+        joining_router
+            .publish(envelope(&format!("{class}:request:s1"), 2))
+            .await
+            .unwrap();
+        let mut got = HashSet::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while got.len() < 2 {
+            let delivery = tokio::select! {
+                d = first.next() => d,
+                d = second.next() => d,
+                () = tokio::time::sleep_until(deadline) => None,
+            };
+            let Some(delivery) = delivery else { break };
+            got.insert(number(&delivery));
+            delivery.ack().await.unwrap();
+        }
+        assert_eq!(
+            got,
+            HashSet::from([1, 2]),
+            "group {group}: entry 1 was published after its first member subscribed"
+        );
+        first.close().await.unwrap();
+        second.close().await.unwrap();
+    }
+    wildcard_router.close().await.unwrap();
+    joining_router.close().await.unwrap();
+}

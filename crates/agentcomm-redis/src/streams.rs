@@ -16,9 +16,9 @@
 //!   `claim_idle`; an entry delivered more than `max_deliveries` times goes to its dead-letter channel;
 //! - entries trimmed before a subscription read them are counted (`trimmed`) and logged.
 //!
-//! Every command that takes or touches an entry of this consumer (renewal, recovery, retry count,
-//! release) goes through [`CLAIM_OWNED_SCRIPT`], which checks first that this consumer still owns it:
-//! an entry another member reclaimed is never taken back.
+//! Every command that takes or touches an entry of this consumer (renewal, retry count, release) goes
+//! through [`CLAIM_OWNED_SCRIPT`], and recovery after a reconnect through [`RECOVER_SCRIPT`]; both
+//! check first that this consumer still owns it: an entry another member reclaimed is never taken back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +68,31 @@ for i = 5, #ARGV do
   end
 end
 return taken
+"#;
+
+/// Takes back entries pending for this consumer that it does not hold (their delivery was lost with a
+/// connection), without counting a delivery: a history read (`XREADGROUP .. 0`) would add one to every
+/// pending entry it returns, held ones included. For each id, only if it is still pending for this
+/// consumer: its entry (`XRANGE`), renewed with `XCLAIM .. JUSTID` (which does not count a delivery);
+/// one whose entry was trimmed is acknowledged and counted instead. KEYS: stream. ARGV: group,
+/// consumer, ids. Returns {entries as XRANGE gives them, number trimmed}.
+const RECOVER_SCRIPT: &str = r#"
+local entries, trimmed = {}, 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #pending > 0 and pending[1][2] == ARGV[2] then
+    local entry = redis.call('XRANGE', KEYS[1], id, id)
+    if #entry > 0 then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+      table.insert(entries, entry[1])
+    else
+      redis.call('XACK', KEYS[1], ARGV[1], id)
+      trimmed = trimmed + 1
+    end
+  end
+end
+return {entries, trimmed}
 "#;
 
 /// Claims entries idle for at least ARGV[3] ms: those whose entry was trimmed meanwhile are acknowledged
@@ -664,7 +689,7 @@ impl StreamSubscription {
         let idle = self.settings().claim_idle.as_millis().to_string();
         for key in self.known_keys() {
             let client = self.shared.client_for(&key);
-            let ids = match pending_of(client, &key, group, &self.consumer, 10_000).await {
+            let ids = match pending_of(client, &key, group, &self.consumer, "-", 10_000).await {
                 Ok(ids) => ids,
                 Err(error) => {
                     tracing::debug!(error = %error, "could not list pending entries to give back; they are claimed after claim_idle");
@@ -1101,103 +1126,92 @@ impl StreamSubscription {
     }
 
     /// Reads this consumer's own pending entries that it does not hold: entries whose delivery was lost
-    /// with a connection. They come before anything new, in their order.
+    /// with a connection. They come before anything new, in their order. Lists them (`XPENDING`) and
+    /// takes those it does not hold with [`RECOVER_SCRIPT`], so that no delivery is counted for the
+    /// entries its handlers still have (they would be dead-lettered early, or reach the next member
+    /// with an inflated attempt), nor for the recovered ones, which no handler saw.
     async fn recover_pending(self: &Arc<Self>, reader: &Reader, keys: &[Arc<str>]) -> Result<()> {
         let Some(group) = &self.group else {
             return Ok(());
         };
+        let page = self.settings().read_batch.max(1) as u64;
         for key in keys {
-            let mut from = "0-0".to_string();
+            let mut from = "-".to_string();
             loop {
                 if self.is_closed() {
                     return Ok(());
                 }
-                let reply: Value = reader
-                    .client
-                    .xreadgroup(
-                        group.as_str(),
-                        self.consumer.as_str(),
-                        Some(self.settings().read_batch as u64),
-                        None,
-                        false,
-                        key.as_ref(),
-                        from.as_str(),
-                    )
+                let listed = pending_of(&reader.client, key, group, &self.consumer, &from, page)
                     .await
-                    .map_err(|e| map_error(&e, self.settings(), "reading pending entries"))?;
-                let entries: Vec<Entry> = parse_read_reply(reply)
-                    .into_iter()
-                    .flat_map(|(_, entries)| entries)
-                    .collect();
-                if entries.is_empty() {
+                    .map_err(|e| map_error(&e, self.settings(), "listing pending entries"))?;
+                let Some(last) = listed.last() else {
                     break;
-                }
-                from = entries.last().expect("not empty").0.clone();
-                let mut candidates: Vec<(String, Bytes)> = Vec::new();
+                };
+                from = format!("({last}");
+                let more = listed.len() as u64 >= page;
+                let mut args: Vec<String> = Vec::with_capacity(2 + listed.len());
+                args.push(group.clone());
+                args.push(self.consumer.clone());
                 {
                     let held = self.held.lock().expect("held lock");
-                    for (id, frame) in entries {
-                        let Some(entry_id) = EntryId::parse(&id) else {
-                            continue;
-                        };
-                        if held.contains(&(key.clone(), entry_id)) {
-                            continue;
-                        }
-                        match frame {
-                            Some(frame) => candidates.push((id, frame)),
-                            None => {
-                                // Trimmed while pending: gone before anyone handled it.
-                                self.shared.counters.lose(&self.shared.counters.trimmed, 1);
-                                tracing::warn!(
-                                    stream = key.as_ref(),
-                                    entry = id,
-                                    "a pending entry was trimmed before it was handled (raise `stream_max_len`, or consume faster)"
-                                );
-                                let client = self.shared.client_for(key).clone();
-                                let (key, group) = (key.clone(), group.clone());
-                                tokio::spawn(async move {
-                                    let _: std::result::Result<Value, _> = client
-                                        .xack(key.as_ref(), group.as_str(), id.as_str())
-                                        .await;
-                                });
-                            }
-                        }
-                    }
+                    args.extend(
+                        listed
+                            .iter()
+                            .filter(|id| !held.contains(&(key.clone(), **id)))
+                            .map(|id| id.text()),
+                    );
                 }
-                if candidates.is_empty() {
-                    continue;
+                if args.len() > 2 {
+                    self.recover_entries(reader, key, args).await?;
                 }
-                // The list above may be stale: an entry acknowledged since, or claimed by another member,
-                // is not this consumer's any more. Taking back only what it still owns (without counting a
-                // delivery) keeps both from being delivered again.
-                let ids: Vec<String> = candidates.iter().map(|(id, _)| id.clone()).collect();
-                let still: HashSet<String> =
-                    claim_owned(&reader.client, key, group, &self.consumer, None, None, ids)
-                        .await
-                        .map_err(|e| map_error(&e, self.settings(), "confirming pending entries"))?
-                        .into_iter()
-                        .collect();
-                // Held at once, like a read's entries: none is left unrenewed while one before it is
-                // handled.
-                let owned: Vec<(String, Bytes)> = candidates
-                    .into_iter()
-                    .filter(|(id, _)| still.contains(id))
-                    .collect();
-                self.hold_ids(key, owned.iter().map(|(id, _)| id.as_str()));
-                let mut fresh = false;
-                let mut owned = owned.into_iter();
-                while let Some((id, frame)) = owned.next() {
-                    let Some(permit) = self.acquire().await else {
-                        // Closing: the rest stays pending for the group.
-                        for (id, _) in std::iter::once((id, frame)).chain(owned) {
-                            self.unhold_text(key, &id);
-                        }
-                        return Ok(());
-                    };
-                    self.handle_entry(key, id, Some(frame), None, true, permit, &mut fresh)
-                        .await;
+                if !more {
+                    break;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Runs [`RECOVER_SCRIPT`] (`args`: group, consumer, ids) and delivers what it took back.
+    async fn recover_entries(
+        self: &Arc<Self>,
+        reader: &Reader,
+        key: &Arc<str>,
+        args: Vec<String>,
+    ) -> Result<()> {
+        let reply: Value = reader
+            .client
+            .eval(RECOVER_SCRIPT, vec![key.as_ref()], args)
+            .await
+            .map_err(|e| map_error(&e, self.settings(), "taking back pending entries"))?;
+        let mut parts = reply.into_array().into_iter();
+        let owned = parse_entries(parts.next().unwrap_or(Value::Null));
+        let trimmed = parts.next().and_then(|count| count.as_u64()).unwrap_or(0);
+        if trimmed > 0 {
+            // Pending for this consumer, not held: no handler had them. Gone before anyone handled them.
+            self.shared
+                .counters
+                .lose(&self.shared.counters.trimmed, trimmed);
+            tracing::warn!(
+                stream = key.as_ref(),
+                entries = trimmed,
+                "pending entries were trimmed before they were handled (raise `stream_max_len`, or consume faster)"
+            );
+        }
+        // Held at once, like a read's entries: none is left unrenewed while one before it is handled.
+        self.hold_ids(key, owned.iter().map(|(id, _)| id.as_str()));
+        let mut fresh = false;
+        let mut owned = owned.into_iter();
+        while let Some((id, frame)) = owned.next() {
+            let Some(permit) = self.acquire().await else {
+                // Closing: the rest stays pending for the group.
+                for (id, _) in std::iter::once((id, frame)).chain(owned) {
+                    self.unhold_text(key, &id);
+                }
+                return Ok(());
+            };
+            self.handle_entry(key, id, frame, None, true, permit, &mut fresh)
+                .await;
         }
         Ok(())
     }
@@ -1351,16 +1365,17 @@ async fn stream_position(
     }))
 }
 
-/// The ids pending for `consumer` (up to `count`).
+/// The ids pending for `consumer` (up to `count`), from `from` (`-`, an id, or `(id` for those after it).
 async fn pending_of(
     client: &Client,
     key: &str,
     group: &str,
     consumer: &str,
+    from: &str,
     count: u64,
 ) -> std::result::Result<Vec<EntryId>, fred::error::Error> {
     let pending: Value = client
-        .xpending(key, group, ("-", "+", count, consumer))
+        .xpending(key, group, (from, "+", count, consumer))
         .await?;
     Ok(pending
         .into_array()

@@ -862,3 +862,97 @@ async fn a_member_joining_gets_what_a_wildcard_member_of_its_group_was_owed_on_a
     wildcard_router.close().await.unwrap();
     joining_router.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_counts_no_delivery_for_an_entry_its_member_still_holds() {
+    use fred::prelude::{ClientLike, StreamsInterface};
+    use fred::types::Value;
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let member_router = within(
+        Duration::from_secs(10),
+        "connecting through the proxy",
+        RedisRouter::builder(proxied)
+            .prefix(&prefix)
+            .read_block(Duration::from_millis(500))
+            .claim_idle(Duration::from_millis(600))
+            .max_deliveries(2)
+            .close_timeout(Duration::from_millis(500))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let heir_router = connected(
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(600))
+            .max_deliveries(2),
+    )
+    .await;
+    let mut dead_letters = heir_router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("DeadLetter:Slow:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let options = SubscribeOptions::new(ChannelPattern::parse("Slow:*:*").unwrap()).group("g");
+    let mut member = member_router.subscribe(options.clone()).await.unwrap();
+    heir_router
+        .publish(envelope("Slow:request:s1", 1))
+        .await
+        .unwrap();
+    // Its handler is slow: the entry stays unsettled across a cut of the member's connections.
+    let held = next(&mut member).await;
+    assert_eq!(held.envelope().attempt(), 1);
+    let raw = raw_client().await;
+    let key = format!("{prefix}:stream:{{Slow}}");
+    let delivery_count = async || -> u64 {
+        let pending: Value = raw
+            .xpending(key.as_str(), "g", ("1-0", "+", 10))
+            .await
+            .unwrap();
+        // Entry 1 is the first pending one (its id is the smallest).
+        pending
+            .into_array()
+            .first()
+            .and_then(|e| e.clone().into_array().get(3).and_then(Value::as_u64))
+            .unwrap_or(0)
+    };
+    assert_eq!(delivery_count().await, 1);
+    proxy.cut_all();
+    // The member reconnected and recovered its pending entries once it reads new ones.
+    heir_router
+        .publish(envelope("Slow:request:s1", 2))
+        .await
+        .unwrap();
+    let after = next(&mut member).await;
+    assert_eq!(number(&after), 2);
+    after.ack().await.unwrap();
+    assert_eq!(
+        delivery_count().await,
+        1,
+        "the entry was handed to a handler once"
+    );
+    // The member stops with the entry unsettled: it is given back, and comes to the heir as its
+    // second attempt, not dead-lettered.
+    member_router.close().await.unwrap();
+    drop(held);
+    drop(member);
+    let mut heir = heir_router.subscribe(options).await.unwrap();
+    tokio::select! {
+        d = heir.next() => {
+            let d = d.unwrap();
+            assert_eq!((number(&d), d.envelope().attempt()), (1, 2));
+            d.ack().await.unwrap();
+        }
+        d = dead_letters.next() => panic!(
+            "dead-lettered after {:?} deliveries",
+            d.unwrap().envelope().header(headers::ATTEMPTS).map(str::to_string)
+        ),
+        () = tokio::time::sleep(WAIT) => panic!("the given-back entry never came back"),
+    }
+    let _ = raw.quit().await;
+    heir_router.close().await.unwrap();
+}

@@ -53,21 +53,37 @@ pub(crate) const FRAME_FIELD: &str = "f";
 /// Takes entries this consumer still owns: for each id, only if it is pending for this consumer and its
 /// entry still exists, `XCLAIM .. JUSTID` (which does not count a delivery), with `IDLE` and
 /// `RETRYCOUNT` when given. KEYS: stream. ARGV: group, consumer, idle ms or '', retry count or '', ids.
-/// Returns the ids taken.
+/// Returns {ids taken, ids kept}.
+///
+/// A renewal (neither idle nor retry count) of an entry trimmed from the stream while this consumer
+/// holds it cannot renew it (`XCLAIM` does not take a deleted entry), yet its handler has the frame and
+/// will settle it: such ids are returned as kept, and the consumer's own idle time is reset instead (a
+/// history read past every id, which returns nothing and counts nothing), which is how the reclaim of
+/// other members ([`RECLAIM_SCRIPT`]) tells that its owner is alive and does not count it as lost.
 const CLAIM_OWNED_SCRIPT: &str = r#"
-local taken = {}
+local taken, kept, touched = {}, {}, false
 for i = 5, #ARGV do
   local id = ARGV[i]
   local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if #pending > 0 and pending[1][2] == ARGV[2] and #redis.call('XRANGE', KEYS[1], id, id) > 0 then
-    local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id}
-    if ARGV[3] ~= '' then table.insert(claim, 'IDLE'); table.insert(claim, ARGV[3]) end
-    if ARGV[4] ~= '' then table.insert(claim, 'RETRYCOUNT'); table.insert(claim, ARGV[4]) end
-    table.insert(claim, 'JUSTID')
-    if #redis.call(unpack(claim)) > 0 then table.insert(taken, id) end
+  if #pending > 0 and pending[1][2] == ARGV[2] then
+    if #redis.call('XRANGE', KEYS[1], id, id) > 0 then
+      local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id}
+      if ARGV[3] ~= '' then table.insert(claim, 'IDLE'); table.insert(claim, ARGV[3]) end
+      if ARGV[4] ~= '' then table.insert(claim, 'RETRYCOUNT'); table.insert(claim, ARGV[4]) end
+      table.insert(claim, 'JUSTID')
+      if #redis.call(unpack(claim)) > 0 then table.insert(taken, id) end
+    elseif ARGV[3] == '' and ARGV[4] == '' then
+      table.insert(kept, id)
+      if not touched then
+        -- Not max-max: XREADGROUP reads that id as '>' (new entries).
+        redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1],
+          '18446744073709551615-18446744073709551614')
+        touched = true
+      end
+    end
   end
 end
-return taken
+return {taken, kept}
 "#;
 
 /// Takes back entries pending for this consumer that it does not hold (their delivery was lost with a
@@ -96,17 +112,38 @@ return {entries, trimmed}
 "#;
 
 /// Claims entries idle for at least ARGV[3] ms: those whose entry was trimmed meanwhile are acknowledged
-/// and reported instead (Redis 7 would drop them from the pending list without a word). KEYS: stream.
-/// ARGV: group, consumer, min idle ms, ids. Returns {claimed entries, trimmed ids}.
+/// and reported instead (Redis 7 would drop them from the pending list without a word), unless another
+/// consumer that is alive owns them (its idle time, which it resets while it holds them, is below the
+/// minimum: see [`CLAIM_OWNED_SCRIPT`]): its handler has the frame, settles the entry, and nothing was
+/// lost. The caller leaves out this consumer's own held entries. KEYS: stream. ARGV: group, consumer,
+/// min idle ms, ids. Returns {claimed entries, trimmed ids}.
 const RECLAIM_SCRIPT: &str = r#"
 local claimed, trimmed = {}, {}
+local idle_of = nil
 for i = 4, #ARGV do
   local id = ARGV[i]
   if #redis.call('XRANGE', KEYS[1], id, id) == 0 then
     local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], id, id, 1)
     if #pending > 0 then
-      redis.call('XACK', KEYS[1], ARGV[1], id)
-      table.insert(trimmed, id)
+      local owner, live = pending[1][2], false
+      if owner ~= ARGV[2] then
+        if idle_of == nil then
+          idle_of = {}
+          for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+            local name, idle = nil, nil
+            for j = 1, #consumer, 2 do
+              if consumer[j] == 'name' then name = consumer[j + 1]
+              elseif consumer[j] == 'idle' then idle = consumer[j + 1] end
+            end
+            if name ~= nil then idle_of[name] = idle end
+          end
+        end
+        live = idle_of[owner] ~= nil and idle_of[owner] < tonumber(ARGV[3])
+      end
+      if not live then
+        redis.call('XACK', KEYS[1], ARGV[1], id)
+        table.insert(trimmed, id)
+      end
     end
   else
     local entry = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], id)
@@ -1388,7 +1425,7 @@ async fn pending_of(
 }
 
 /// Runs [`CLAIM_OWNED_SCRIPT`]: the ids among `ids` this consumer still owns, taken (renewed, marked
-/// idle, or given a delivery count).
+/// idle, or given a delivery count), and, for a renewal, those it owns whose entry was trimmed (kept).
 async fn claim_owned(
     client: &Client,
     key: &str,
@@ -1397,19 +1434,26 @@ async fn claim_owned(
     idle_ms: Option<&str>,
     retry_count: Option<&str>,
     ids: Vec<String>,
-) -> std::result::Result<Vec<String>, fred::error::Error> {
+) -> std::result::Result<(Vec<String>, Vec<String>), fred::error::Error> {
     let mut args: Vec<String> = Vec::with_capacity(4 + ids.len());
     args.push(group.to_string());
     args.push(consumer.to_string());
     args.push(idle_ms.unwrap_or("").to_string());
     args.push(retry_count.unwrap_or("").to_string());
     args.extend(ids);
-    let taken: Value = client.eval(CLAIM_OWNED_SCRIPT, vec![key], args).await?;
-    Ok(taken
-        .into_array()
-        .into_iter()
-        .filter_map(|id| id.as_string())
-        .collect())
+    let reply: Value = client.eval(CLAIM_OWNED_SCRIPT, vec![key], args).await?;
+    let mut parts = reply.into_array().into_iter();
+    let mut ids = || -> Vec<String> {
+        parts
+            .next()
+            .map(Value::into_array)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|id| id.as_string())
+            .collect()
+    };
+    let taken = ids();
+    Ok((taken, ids()))
 }
 
 /// Splits an `XREAD`/`XREADGROUP`/`XCLAIM` reply into (stream, entries).
@@ -1971,14 +2015,16 @@ async fn renew_leases(subscription: Arc<StreamSubscription>) {
             )
             .await;
             match result {
-                Ok(renewed) if renewed.len() < asked.len() => {
-                    let renewed: HashSet<String> = renewed.into_iter().collect();
+                // Kept: trimmed while held. The handler has the frame and settles it; the entry stays
+                // held (and the consumer's idle time was reset, so nobody counts it as lost).
+                Ok((renewed, kept)) if renewed.len() + kept.len() < asked.len() => {
+                    let renewed: HashSet<String> = renewed.into_iter().chain(kept).collect();
                     for (id, text) in ids.iter().zip(&asked) {
                         if renewed.contains(text) {
                             continue;
                         }
-                        // Acknowledged meanwhile, trimmed, or claimed by another member after this one
-                        // could not renew it for claim_idle (cut off): no longer this consumer's to renew.
+                        // Acknowledged meanwhile, or claimed by another member after this one could not
+                        // renew it for claim_idle (cut off): no longer this consumer's to renew.
                         let still_held = subscription
                             .held
                             .lock()
@@ -1989,8 +2035,7 @@ async fn renew_leases(subscription: Arc<StreamSubscription>) {
                                 stream = key.as_ref(),
                                 entry = text,
                                 "an entry this consumer holds is no longer its own (another member claimed \
-                                 it after this one was out of reach for claim_idle, or it was trimmed); it \
-                                 may be handled twice"
+                                 it after this one was out of reach for claim_idle); it may be handled twice"
                             );
                             subscription.unhold(&key, *id);
                         }

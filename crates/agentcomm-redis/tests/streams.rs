@@ -956,3 +956,77 @@ async fn a_reconnect_counts_no_delivery_for_an_entry_its_member_still_holds() {
     let _ = raw.quit().await;
     heir_router.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_trimmed_while_its_handler_works_is_not_counted_as_lost() {
+    use fred::prelude::{ClientLike, LuaInterface, StreamsInterface};
+    use fred::types::Value;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    // Leases are renewed every 100 ms; reclaiming looks every 150 ms.
+    let settings =
+        || builder(DeliveryMode::Streams, &prefix).claim_idle(Duration::from_millis(300));
+    let holder_router = connected(settings()).await;
+    let other_router = connected(settings()).await;
+    let raw = raw_client().await;
+    let key = format!("{prefix}:stream:{{Trim}}");
+    // A consumer that takes entry 0 and then dies (it never renews nor settles it).
+    holder_router
+        .publish(envelope("Trim:request:s1", 0))
+        .await
+        .unwrap();
+    let _: Value = raw
+        .eval(
+            "return redis.call('XGROUP', 'CREATE', KEYS[1], 'g', '0', 'ENTRIESREAD', 0)",
+            vec![key.as_str()],
+            Vec::<String>::new(),
+        )
+        .await
+        .unwrap();
+    let _: Value = raw
+        .xreadgroup("g", "dead", Some(1), None, false, key.as_str(), ">")
+        .await
+        .unwrap();
+    let options = SubscribeOptions::new(ChannelPattern::parse("Trim:*:*").unwrap()).group("g");
+    let mut holder = holder_router.subscribe(options.clone()).await.unwrap();
+    holder_router
+        .publish(envelope("Trim:request:s1", 1))
+        .await
+        .unwrap();
+    // Its handler works on entry 1 while the stream is trimmed past both entries.
+    let held = next(&mut holder).await;
+    assert_eq!(number(&held), 1);
+    let _other = other_router.subscribe(options).await.unwrap();
+    let _: Value = raw.xtrim(key.as_str(), ("MAXLEN", 0i64)).await.unwrap();
+    let trimmed = async || {
+        holder_router.health().await.get("trimmed") + other_router.health().await.get("trimmed")
+    };
+    // The dead consumer's entry is lost, and counted once claim_idle passed.
+    eventually(
+        WAIT,
+        "the dead consumer's entry to be counted",
+        async || trimmed().await >= 1,
+    )
+    .await;
+    // Meanwhile, and for several claim_idle more, both members reclaim and the holder renews.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    held.ack().await.unwrap();
+    let health = holder_router.health().await;
+    assert_eq!(health.get("acked"), 1, "{health:?}");
+    assert_eq!(
+        trimmed().await,
+        1,
+        "entry 1 was read, handled and acknowledged: only entry 0 was lost"
+    );
+    let pending: Value = raw.xpending(key.as_str(), "g", ()).await.unwrap();
+    assert_eq!(
+        pending.into_array().first().and_then(Value::as_u64),
+        Some(0)
+    );
+    let _ = raw.quit().await;
+    holder_router.close().await.unwrap();
+    other_router.close().await.unwrap();
+}

@@ -1277,7 +1277,16 @@ impl Shared {
             .cloned()
             .collect();
         let subscriptions = hub.as_ref().map_or(0, |hub| hub.subscription_count()) + streams.len();
-        let connected = !closed && pool_connected && subscriber_connected && round_trip.is_some();
+        let readers_connected = streams.iter().all(|stream| stream.readers_connected());
+        let read_failure = streams
+            .iter()
+            .filter_map(|stream| stream.read_failure())
+            .max_by_key(|(failing_for, _)| *failing_for);
+        let connected = !closed
+            && pool_connected
+            && subscriber_connected
+            && readers_connected
+            && round_trip.is_some();
         let (status, detail) = if closed {
             (HealthStatus::Unhealthy, "closed".to_string())
         } else if round_trip.is_none() {
@@ -1288,7 +1297,7 @@ impl Shared {
                     redact(&settings.url)
                 ),
             )
-        } else if !pool_connected || !subscriber_connected {
+        } else if !pool_connected || !subscriber_connected || !readers_connected {
             (
                 HealthStatus::Degraded,
                 "some connections are reconnecting".to_string(),
@@ -1297,6 +1306,15 @@ impl Shared {
             (
                 HealthStatus::Degraded,
                 "the pub/sub subscriber reconnected and is restoring its subscriptions".to_string(),
+            )
+        } else if let Some((failing_for, error)) = read_failure {
+            (
+                HealthStatus::Degraded,
+                format!(
+                    "a stream subscription's reads have been failing for {:.1} s (it retries with \
+                     backoff); last error: {error}",
+                    failing_for.as_secs_f64()
+                ),
             )
         } else if self.counters.recent_trouble() {
             (

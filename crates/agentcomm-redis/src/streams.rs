@@ -320,9 +320,30 @@ struct Reader {
     client: Client,
     keys: Mutex<Vec<Arc<str>>>,
     rescan: Arc<AtomicBool>,
+    /// Set while its reads fail (cheap to check after every read); `failure` says since when and why.
+    failing: AtomicBool,
+    failure: Mutex<Option<(tokio::time::Instant, String)>>,
 }
 
 impl Reader {
+    /// Records a failed read (or recovery): health reports the subscription degraded until one works.
+    fn failed(&self, error: &Error) {
+        let mut failure = self.failure.lock().expect("failure lock");
+        let since = failure
+            .as_ref()
+            .map_or_else(tokio::time::Instant::now, |(since, _)| *since);
+        *failure = Some((since, error.to_string()));
+        self.failing.store(true, Ordering::Release);
+    }
+
+    /// A read worked: whatever failed before is over.
+    fn succeeded(&self) {
+        if self.failing.load(Ordering::Acquire) {
+            self.failing.store(false, Ordering::Release);
+            *self.failure.lock().expect("failure lock") = None;
+        }
+    }
+
     /// Interrupts this reader's blocking read as if it timed out (`CLIENT UNBLOCK .. TIMEOUT`), so no
     /// entry it took is lost; waits at most 2 s for Redis to answer.
     async fn interrupt(&self) {
@@ -602,6 +623,8 @@ impl StreamSubscription {
             client,
             keys: Mutex::new(keys),
             rescan,
+            failing: AtomicBool::new(false),
+            failure: Mutex::new(None),
         });
         self.readers
             .lock()
@@ -663,6 +686,29 @@ impl StreamSubscription {
 
     fn held_count(&self) -> usize {
         self.held.lock().expect("held lock").len()
+    }
+
+    /// Whether every reading connection is connected (for health).
+    pub(crate) fn readers_connected(&self) -> bool {
+        self.readers
+            .lock()
+            .expect("readers lock")
+            .iter()
+            .all(|reader| reader.client.is_connected())
+    }
+
+    /// For how long reads have been failing, and the last error, for the reader failing longest
+    /// (for health): read failures are otherwise only logged, so a subscription whose every read
+    /// fails (`WRONGTYPE`, `OOM`, `NOPERM`) would look healthy.
+    pub(crate) fn read_failure(&self) -> Option<(Duration, String)> {
+        self.readers
+            .lock()
+            .expect("readers lock")
+            .iter()
+            .filter(|reader| reader.failing.load(Ordering::Acquire))
+            .filter_map(|reader| reader.failure.lock().expect("failure lock").clone())
+            .min_by_key(|(since, _)| *since)
+            .map(|(since, error)| (since.elapsed(), error))
     }
 
     /// Stops, waits until every entry read is settled (delivered ones, and those still in the
@@ -1178,9 +1224,22 @@ impl StreamSubscription {
                 if self.is_closed() {
                     return Ok(());
                 }
-                let listed = pending_of(&reader.client, key, group, &self.consumer, &from, page)
-                    .await
-                    .map_err(|e| map_error(&e, self.settings(), "listing pending entries"))?;
+                let listed =
+                    match pending_of(&reader.client, key, group, &self.consumer, &from, page).await
+                    {
+                        Ok(listed) => listed,
+                        // The stream or its group is gone, and this consumer's pending entries with
+                        // it: nothing to recover. The read that follows meets the same error and
+                        // creates the group again (else recovery would fail forever).
+                        Err(error) if is_nogroup(&error) => break,
+                        Err(error) => {
+                            return Err(map_error(
+                                &error,
+                                self.settings(),
+                                "listing pending entries",
+                            ));
+                        }
+                    };
                 let Some(last) = listed.last() else {
                     break;
                 };
@@ -1731,7 +1790,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                     match subscription.recover_pending(&reader, &keys).await {
                         Ok(()) => recover = false,
                         Err(error) => {
-                            backoff(&subscription, &mut failures, &error).await;
+                            backoff(&subscription, &reader, &mut failures, &error).await;
                             continue;
                         }
                     }
@@ -1747,6 +1806,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
         match result {
             Ok(reply) => {
                 failures = 0;
+                reader.succeeded();
                 let mut batch: Vec<(Arc<str>, String, Option<Bytes>)> = Vec::new();
                 for (key, entries) in parse_read_reply(reply) {
                     let Some(key) = keys.iter().find(|k| k.as_ref() == key).cloned() else {
@@ -1870,7 +1930,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 }
                 match recreated {
                     Ok(()) => failures = 0,
-                    Err(error) => backoff(&subscription, &mut failures, &error).await,
+                    Err(error) => backoff(&subscription, &reader, &mut failures, &error).await,
                 }
             }
             Err(error) => {
@@ -1879,14 +1939,20 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 }
                 recover = true;
                 let error = map_error(&error, settings, "reading a stream");
-                backoff(&subscription, &mut failures, &error).await;
+                backoff(&subscription, &reader, &mut failures, &error).await;
             }
         }
     }
 }
 
-async fn backoff(subscription: &StreamSubscription, failures: &mut u32, error: &Error) {
+async fn backoff(
+    subscription: &StreamSubscription,
+    reader: &Reader,
+    failures: &mut u32,
+    error: &Error,
+) {
     *failures += 1;
+    reader.failed(error);
     let delay = subscription.shared.settings.reconnect.delay(*failures);
     if *failures == 1 || failures.is_power_of_two() {
         tracing::warn!(error = %error, failures = *failures, retry_in_ms = delay.as_millis() as u64, "reading a stream failed; retrying");

@@ -1030,3 +1030,44 @@ async fn an_entry_trimmed_while_its_handler_works_is_not_counted_as_lost() {
     holder_router.close().await.unwrap();
     other_router.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_shows_a_subscription_whose_reads_fail_until_they_work_again() {
+    use fred::prelude::{ClientLike, KeysInterface};
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Bad:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    assert_eq!(router.health().await.status, HealthStatus::Healthy);
+    // Every read now fails, as with `OOM command not allowed` or `NOPERM` after an ACL change.
+    let raw = raw_client().await;
+    let key = format!("{prefix}:stream:{{Bad}}");
+    let _: i64 = raw.del(key.as_str()).await.unwrap();
+    let _: () = raw
+        .set(key.as_str(), "not a stream", None, None, false)
+        .await
+        .unwrap();
+    eventually(WAIT, "health to show the failing reads", async || {
+        let health = router.health().await;
+        health.status == HealthStatus::Degraded && health.detail.contains("WRONGTYPE")
+    })
+    .await;
+    // The key is gone: the group is created again, and reads work again.
+    let _: i64 = raw.del(key.as_str()).await.unwrap();
+    eventually(WAIT, "health to recover", async || {
+        router.health().await.status == HealthStatus::Healthy
+    })
+    .await;
+    router.publish(envelope("Bad:event:s1", 1)).await.unwrap();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(number(&delivery), 1);
+    delivery.ack().await.unwrap();
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}

@@ -615,7 +615,15 @@ async fn cleanup(shared: &SubShared, consumer: Option<Arc<ConsumerHandle>>) {
         inner.close_channel(consumer.channel.clone()).await;
     }
     if shared.spec.kind == QueueKind::FanOut {
-        delete_fan_out_queue(inner, &shared.spec.name).await;
+        // What the reader holds or can still read went back to the queue when the channel closed,
+        // yet it is not lost: it is not counted as dropped with the queue.
+        let readable = {
+            let feed = shared.feed();
+            let buffered = if feed.reader_gone { 0 } else { feed.buffered() };
+            drop(feed);
+            shared.in_hand() + buffered as u64
+        };
+        delete_fan_out_queue(inner, &shared.spec.name, readable).await;
     }
     let mut feed = shared.feed();
     feed.finished = true;
@@ -627,8 +635,8 @@ async fn cleanup(shared: &SubShared, consumer: Option<Arc<ConsumerHandle>>) {
 /// Deletes a closed fan-out subscription's queue and the retry queues this router declared for it:
 /// retries still waiting there have nowhere to go back to (counted in `retries_dropped`), and
 /// messages still in the queue (not read, or given back when its channel closed) have nobody to go
-/// to (counted in `fan_out_dropped`).
-async fn delete_fan_out_queue(inner: &Inner, name: &str) {
+/// to (counted in `fan_out_dropped`), except the `readable` ones its reader holds or can still read.
+async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64) {
     let retry_prefix = format!("{name}.retry.");
     let retry_queues: Vec<String> = inner
         .declared_queues
@@ -658,7 +666,7 @@ async fn delete_fan_out_queue(inner: &Inner, name: &str) {
                     dropped += left;
                 }
             }
-            Ok((dropped, unread))
+            Ok((dropped, unread.saturating_sub(readable)))
         })
         .await;
     match deleted {
@@ -884,16 +892,22 @@ async fn dead_letter_malformed(handle: AmqpAck, content: Bytes, routing_key: Str
 struct AmqpAck {
     consumer: Arc<ConsumerHandle>,
     tag: u64,
-    /// How far its settlement got: [`PENDING`], [`RETRY_SENT`] or [`DONE`].
+    /// How far its settlement got: [`UNSETTLED`], [`REQUEUING`], [`ACKING`], [`RETRY_SENT`] or
+    /// [`DONE`].
     progress: AtomicU8,
 }
 
-/// Not settled yet.
-const PENDING: u8 = 0;
+/// No settlement asked for: dropped like this (`Delivery::discard`), it is left to the broker, which
+/// delivers it again when its channel closes.
+const UNSETTLED: u8 = 0;
+/// Giving it back was asked for (a requeue, a retry not sent yet, or the delivery was abandoned).
+const REQUEUING: u8 = 1;
+/// Its acknowledgement was asked for.
+const ACKING: u8 = 2;
 /// The retry's copy went out; the original still waits for its ack.
-const RETRY_SENT: u8 = 1;
+const RETRY_SENT: u8 = 3;
 /// Settled, or its settlement ended with an error its caller was told about.
-const DONE: u8 = 2;
+const DONE: u8 = 4;
 
 impl AmqpAck {
     fn new(consumer: Arc<ConsumerHandle>, tag: u64) -> Self {
@@ -901,43 +915,47 @@ impl AmqpAck {
         AmqpAck {
             consumer,
             tag,
-            progress: AtomicU8::new(PENDING),
+            progress: AtomicU8::new(UNSETTLED),
         }
     }
 
-    /// Finishes a settlement that was cut short, on a task of its own: acknowledges the message
-    /// when its retry's copy went out already, gives it back otherwise. Counted in `abandoned`.
+    /// Finishes a settlement that was asked for and not completed (its future was dropped, or the
+    /// delivery was abandoned), on a task of its own, as it was asked: acknowledges the message when
+    /// an ack was asked for or its retry's copy went out already, gives it back otherwise (counted in
+    /// `abandoned`).
     fn finish_in_background(&self, progress: u8) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(
-                "a settlement was cut short outside a Tokio runtime; RabbitMQ redelivers the message when the channel closes"
+                "a settlement was left unfinished outside a Tokio runtime; RabbitMQ redelivers the message when the channel closes"
             );
             return;
         };
-        bump(&self.inner().counters.abandoned);
-        let retried = progress == RETRY_SENT;
-        tracing::warn!(
-            queue = %self.consumer.state.queue,
-            "a settlement was cut short (its future was dropped); {}",
-            if retried {
-                "acknowledging the message, whose retry was already sent"
-            } else {
-                "giving the message back to its queue"
-            }
-        );
+        let acknowledge = matches!(progress, ACKING | RETRY_SENT);
+        if acknowledge {
+            tracing::debug!(
+                queue = %self.consumer.state.queue,
+                "an acknowledgement was cut short (its future was dropped); sending it"
+            );
+        } else {
+            bump(&self.inner().counters.abandoned);
+            tracing::warn!(
+                queue = %self.consumer.state.queue,
+                "a delivery was left unsettled (dropped, or its nack cut short); giving the message back to its queue"
+            );
+        }
         // A handle of its own keeps the delivery outstanding (close waits for it) until this is
         // done. It starts as done: should this task be dropped (its runtime shutting down), its
         // drop does not start another.
         let handle = AmqpAck::new(self.consumer.clone(), self.tag);
         handle.progress.store(DONE, Ordering::Relaxed);
         runtime.spawn(async move {
-            let finished = if retried {
+            let finished = if acknowledge {
                 handle.basic_ack().await
             } else {
                 handle.basic_requeue().await
             };
             if let Err(error) = finished {
-                tracing::warn!(error = %error, "could not finish a settlement that was cut short");
+                tracing::warn!(error = %error, "could not finish a settlement that was cut short; RabbitMQ redelivers the message when the channel closes");
             }
         });
     }
@@ -949,7 +967,7 @@ impl Drop for AmqpAck {
     /// unacknowledged on a live channel, held out of everyone's reach until that channel closes.
     fn drop(&mut self) {
         let progress = self.progress.load(Ordering::Relaxed);
-        if progress != DONE && self.consumer.is_current() {
+        if !matches!(progress, UNSETTLED | DONE) && self.consumer.is_current() {
             self.finish_in_background(progress);
         }
         self.consumer.state.release();
@@ -1080,6 +1098,8 @@ impl Acknowledge for AmqpAck {
                 return agentcomm_core::router::ready_ok();
             }
         }
+        // Asked for now: if this future is dropped before it is done, the ack is sent anyway.
+        self.progress.store(ACKING, Ordering::Relaxed);
         Box::pin(async move { self.basic_ack().await })
     }
 
@@ -1088,6 +1108,8 @@ impl Acknowledge for AmqpAck {
         envelope: Envelope,
         action: NackAction,
     ) -> BoxFuture<'static, Result<()>> {
+        // Asked for now: if this future is dropped before it is done, the message is given back.
+        self.progress.store(REQUEUING, Ordering::Relaxed);
         Box::pin(async move {
             // Checked before scheduling a retry too: a retry of a stale delivery would be a
             // duplicate of its redelivery.
@@ -1102,27 +1124,9 @@ impl Acknowledge for AmqpAck {
     }
 
     fn abandon(self: Box<Self>, _envelope: Envelope) {
-        if !self.consumer.is_current() {
-            // Its channel is gone, so the broker has put it back already.
-            return;
-        }
-        bump(&self.inner().counters.abandoned);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    if let Err(error) = self.basic_requeue().await {
-                        tracing::warn!(error = %error, "could not give back an abandoned delivery; RabbitMQ redelivers it when the channel closes");
-                    }
-                });
-            }
-            Err(_) => {
-                // Said here once; `Drop` has nothing more to try.
-                self.progress.store(DONE, Ordering::Relaxed);
-                tracing::warn!(
-                    "a delivery was dropped outside a Tokio runtime; RabbitMQ redelivers it when the channel closes"
-                );
-            }
-        }
+        // Given back by its drop (counted once, there), unless its channel is gone: then the broker
+        // has put it back already.
+        self.progress.store(REQUEUING, Ordering::Relaxed);
     }
 }
 

@@ -1363,3 +1363,184 @@ async fn a_closed_fan_out_queue_counts_what_it_still_held() {
     within("close", router.close()).await.unwrap();
     assert_eq!(health.get("fan_out_dropped"), 3, "{health:?}");
 }
+
+/// `Delivery::discard()` drops a delivery without settling it and without handing it back (the
+/// broker delivers it again when its channel closes): its handle must not requeue it on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discarded_delivery_is_not_handed_back_by_the_client() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-rerev-discard");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut member = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", member.next()).await.unwrap();
+    delivery.discard();
+    let again = tokio::time::timeout(Duration::from_secs(2), member.next()).await;
+    let health = within("health", router.health()).await;
+    let came_back = matches!(again, Ok(Some(_)));
+    drop(again);
+    within("close", router.close()).await.unwrap();
+    assert!(
+        !came_back,
+        "discard() handed the delivery back (abandoned = {})",
+        health.get("abandoned")
+    );
+}
+
+/// On a router close, buffered deliveries stay readable and are read: the fan-out queue deleted with
+/// the subscription must not count them as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_queue_closed_with_the_router_does_not_count_what_its_reader_still_reads() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-rerev-fodrop");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).prefetch(10)),
+    )
+    .await
+    .unwrap();
+    for n in 0..3 {
+        within("publish", router.publish(envelope("Ping:event:s1", n)))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while subscription.buffered() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(subscription.buffered(), 3);
+    within("close", router.close()).await.unwrap();
+    let mut read = 0;
+    while let Some(delivery) = within("read after close", subscription.next()).await {
+        read += 1;
+        let _ = delivery.ack().await;
+    }
+    let health = within("health", router.health()).await;
+    assert_eq!(read, 3, "buffered deliveries stay readable");
+    assert_eq!(
+        health.get("fan_out_dropped"),
+        0,
+        "the reader read all {read} messages, yet they are counted as dropped unread: {health:?}"
+    );
+}
+
+/// A delivery abandoned just before its runtime shuts down (the requeue task never runs) is counted
+/// once in `abandoned`.
+#[test]
+fn a_delivery_abandoned_as_its_runtime_shuts_down_is_counted_once() {
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let exchange = unique("t-rerev-abandon-rt");
+    let router = first.block_on(async {
+        if !broker_available().await {
+            return None;
+        }
+        let router = within("connect", builder(&exchange).connect())
+            .await
+            .unwrap();
+        let mut member = within(
+            "subscribe",
+            router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
+        )
+        .await
+        .unwrap();
+        within("publish", router.publish(envelope("Ping:event:s1", 1)))
+            .await
+            .unwrap();
+        let delivery = within("a delivery", member.next()).await.unwrap();
+        drop(delivery); // abandon: spawns the requeue, not polled before block_on returns
+        std::mem::forget(member);
+        Some(router)
+    });
+    let Some(router) = router else { return };
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let abandoned = second.block_on(async {
+        let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
+        let health = tokio::time::timeout(Duration::from_secs(5), router.health())
+            .await
+            .unwrap();
+        health.get("abandoned")
+    });
+    assert_eq!(
+        abandoned, 1,
+        "one abandoned delivery counted {abandoned} times"
+    );
+}
+
+/// An `ack()` whose future is dropped part-way (here its first poll is Pending because the task's
+/// coop budget ran out; in production a timeout or `select!` around an ack while the writer is
+/// stalled) is finished as an ack: the handled message does not come back.
+#[tokio::test(flavor = "current_thread")]
+async fn an_ack_cut_short_is_finished_as_an_ack() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-rerev-ack-cut");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
+    let router = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut member = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(pattern("Ping:*:*"))
+                .group("g")
+                .prefetch(400),
+        ),
+    )
+    .await
+    .unwrap();
+    let batch: Vec<_> = (0..300).map(|n| envelope("Ping:event:s1", n)).collect();
+    for result in within("publish", router.publish_batch(batch)).await {
+        result.unwrap();
+    }
+    let mut deliveries = Vec::new();
+    while deliveries.len() < 300 {
+        deliveries.push(within("a delivery", member.next()).await.unwrap());
+    }
+    tokio::task::yield_now().await;
+    let mut cut = 0;
+    for delivery in deliveries {
+        let mut acking = std::pin::pin!(delivery.ack());
+        if futures::poll!(&mut acking).is_pending() {
+            cut += 1; // dropped here, part-way
+        }
+    }
+    assert!(cut > 0, "no ack was cut short");
+    let mut again = 0;
+    while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(2), member.next()).await
+    {
+        again += 1;
+        let _ = delivery.ack().await;
+    }
+    let health = within("health", router.health()).await;
+    within("close", router.close()).await.unwrap();
+    assert_eq!(
+        again, 0,
+        "{cut} acks were cut short; {again} of those acknowledged messages came back: {health:?}"
+    );
+}

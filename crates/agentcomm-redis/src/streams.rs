@@ -168,6 +168,10 @@ return 0
 /// count as read) or at its start (`0`). KEYS: stream. ARGV: group, '$' or '0'.
 const CREATE_GROUP_SCRIPT: &str = r#"
 local added = 0
+if ARGV[2] ~= '$' and ARGV[2] ~= '0' then
+  -- From an id inside the stream: how many entries come before it is not known here.
+  return redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], ARGV[2], 'MKSTREAM')
+end
 if ARGV[2] == '$' and redis.call('EXISTS', KEYS[1]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
@@ -175,6 +179,15 @@ if ARGV[2] == '$' and redis.call('EXISTS', KEYS[1]) == 1 then
   end
 end
 return redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], ARGV[2], 'MKSTREAM', 'ENTRIESREAD', added)
+"#;
+
+/// Registers a group member: its entry in the group's members hash is `@<ms>` (Redis's clock when it
+/// registered, the clock stream ids are made of) and its patterns, one per line. KEYS: the members
+/// hash. ARGV: consumer, patterns.
+const REGISTER_MEMBER_SCRIPT: &str = r#"
+local now = redis.call('TIME')
+local ms = string.format('%.0f', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+return redis.call('HSET', KEYS[1], ARGV[1], '@' .. ms .. '\n' .. ARGV[2])
 "#;
 
 /// Where a stream stands, and a group's position in it (Redis 7): {length, entries added, first entry
@@ -235,6 +248,18 @@ impl EntryId {
 }
 
 /// A non-empty run of ASCII digits as a u64, `None` for anything else or an overflow.
+/// Where a subscription starts reading a stream it prepares.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Start {
+    /// After the last entry: what is added from now on.
+    End,
+    /// From the first entry (a stream found after subscribing: everything in it is new).
+    Beginning,
+    /// From entries added at this time on (ms of Redis's clock): what is owed to a group since an
+    /// earlier member registered.
+    After(u64),
+}
+
 fn decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() {
         return None;
@@ -472,9 +497,10 @@ impl StreamSubscription {
             shared
                 .pool
                 .next()
-                .hset::<i64, _, _>(
-                    shared.keys.group_members(group),
-                    (self.consumer.as_str(), patterns.join("\n")),
+                .eval::<Value, _, _, _>(
+                    REGISTER_MEMBER_SCRIPT,
+                    vec![shared.keys.group_members(group)],
+                    vec![self.consumer.clone(), patterns.join("\n")],
                 )
                 .await
                 .map_err(|e| {
@@ -500,13 +526,16 @@ impl StreamSubscription {
             .map(|class| Arc::from(shared.keys.stream(class)))
             .collect();
         // A group this subscription creates must start where the group's earliest claim on the stream
-        // begins, not at its end: see `another_wildcard_member`.
-        let owed_from_start = match &self.group {
-            Some(group) => self.another_wildcard_member(group).await?,
-            None => false,
+        // begins, not at its end: see `wildcard_members_since`.
+        let start = match &self.group {
+            Some(group) => match self.wildcard_members_since(group).await? {
+                Some(ms) => Start::After(ms),
+                None => Start::End,
+            },
+            None => Start::End,
         };
         for key in &keys {
-            self.prepare_key(key, owed_from_start).await?;
+            self.prepare_key(key, start).await?;
         }
         let clustered = shared.config.server.is_clustered();
         if clustered {
@@ -528,15 +557,17 @@ impl StreamSubscription {
         Ok(())
     }
 
-    /// Whether another member of `group` has a pattern with a wildcard class. Such a member reads every
-    /// class stream in the registry, and a class registers before its first entry: so a stream on which
-    /// the group does not exist yet was not in the registry when that member subscribed (else it would
-    /// have created the group there), and everything in it was published after, and is owed to the
-    /// group. Creating the group at the end of such a stream (`$`) would skip those entries for good
-    /// (that member's discovery, later, finds the group and keeps it); it is created at its start
-    /// instead, as that member's discovery would. Where the group exists already, nothing changes. One
-    /// `HGETALL` per subscribe.
-    async fn another_wildcard_member(&self, group: &str) -> Result<bool> {
+    /// When the earliest other member of `group` with a wildcard class registered (Redis's clock, in
+    /// ms), if there is one. Such a member reads every class stream in the registry, and a class
+    /// registers before its first entry: so a stream on which the group does not exist yet was not in
+    /// the registry when that member subscribed (else it would have created the group there), and
+    /// what was added to it since that member registered is owed to the group. Creating the group at
+    /// the end of such a stream (`$`) would skip those entries for good (that member's discovery,
+    /// later, finds the group and keeps it); it is created from that moment instead (stream ids are
+    /// Redis's clock), so nothing older is replayed. A member that left without closing keeps its
+    /// entry: groups then start from when it registered, which delivers more, never less. Where the
+    /// group exists already, nothing changes. One `HGETALL` per subscribe.
+    async fn wildcard_members_since(&self, group: &str) -> Result<Option<u64>> {
         let members: HashMap<String, String> = self
             .shared
             .pool
@@ -544,24 +575,37 @@ impl StreamSubscription {
             .hgetall(self.shared.keys.group_members(group))
             .await
             .map_err(|e| map_error(&e, self.settings(), "reading the group's members"))?;
-        Ok(members.iter().any(|(consumer, patterns)| {
-            consumer != &self.consumer
-                && patterns.split('\n').any(|text| {
-                    ChannelPattern::parse(text).is_ok_and(|pattern| pattern.class().is_none())
-                })
-        }))
+        Ok(members
+            .iter()
+            .filter(|(consumer, _)| **consumer != self.consumer)
+            .filter_map(|(_, entry)| {
+                let mut lines = entry.split('\n');
+                let since = lines.next()?.strip_prefix('@')?.parse::<u64>().ok()?;
+                lines
+                    .any(|text| {
+                        ChannelPattern::parse(text).is_ok_and(|pattern| pattern.class().is_none())
+                    })
+                    .then_some(since)
+            })
+            .min())
     }
 
-    /// Makes `key` readable: the group exists (created at the end of the stream, or at its start when
-    /// `from_start`: a stream found after subscribing, or whose entries are owed to the group by an
-    /// earlier member), or the fan-out cursor is set (at the stream's start when `from_start`).
-    async fn prepare_key(&self, key: &Arc<str>, from_start: bool) -> Result<()> {
+    /// Makes `key` readable: the group exists (created at `start`: the end of the stream, its
+    /// beginning for a stream found after subscribing, or where an earlier member's claim begins),
+    /// or the fan-out cursor is set (at the stream's end, or its beginning).
+    async fn prepare_key(&self, key: &Arc<str>, start: Start) -> Result<()> {
         let client = self.shared.pool.next();
         if let Some(group) = &self.group {
-            let start = if from_start { "0" } else { "$" };
-            create_group(client, key, group, start, self.settings()).await?;
+            let start = match start {
+                Start::End => "$".to_string(),
+                Start::Beginning => "0".to_string(),
+                // Entries from that millisecond on: the id just before its first.
+                Start::After(0) => "0".to_string(),
+                Start::After(ms) => format!("{}-{}", ms - 1, u64::MAX),
+            };
+            create_group(client, key, group, &start, self.settings()).await?;
         } else {
-            let (start, added) = if from_start {
+            let (start, added) = if start == Start::Beginning {
                 (EntryId(0, 0), 0)
             } else {
                 let position = stream_position(client, key, None)
@@ -853,6 +897,7 @@ impl StreamSubscription {
         let mut patterns: Vec<ChannelPattern> = members
             .iter()
             .flat_map(|text| text.split('\n'))
+            .filter(|text| !text.starts_with('@'))
             .filter_map(|text| ChannelPattern::parse(text).ok())
             .collect();
         patterns.extend(self.patterns.iter().cloned());
@@ -2149,18 +2194,62 @@ async fn reclaim_key(
     key: &Arc<str>,
     idle_ms: u64,
 ) -> Result<()> {
+    // Entries no one may take fill a page without being taken: this consumer's own held ones, and
+    // trimmed ones a live member still holds. The next pages are looked at until something is taken,
+    // so that a dead consumer's later entries are not left behind them (bounded per round).
+    let mut from = "-".to_string();
+    for _ in 0..RECLAIM_PAGES {
+        let page = reclaim_page(subscription, group, key, idle_ms, &from).await?;
+        match page.last {
+            Some(last) if !page.progressed && page.full => from = format!("({last}"),
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+/// How many pages of idle pending entries one reclaim round looks at, at most, per stream.
+const RECLAIM_PAGES: usize = 8;
+
+/// What one page of a reclaim round came to.
+struct ReclaimPage {
+    /// The last id listed.
+    last: Option<String>,
+    /// As many were listed as asked: there may be more.
+    full: bool,
+    /// Something was taken or found trimmed (or the subscription is closing): no more pages now.
+    progressed: bool,
+}
+
+/// Lists up to `read_batch` entries idle for at least `idle_ms`, from `from`, and claims those it may.
+async fn reclaim_page(
+    subscription: &Arc<StreamSubscription>,
+    group: &str,
+    key: &Arc<str>,
+    idle_ms: u64,
+    from: &str,
+) -> Result<ReclaimPage> {
     let client = subscription.shared.client_for(key);
     let settings = subscription.settings();
     let pending: Value = client
         .xpending(
             key.as_ref(),
             group,
-            (idle_ms, "-", "+", settings.read_batch as u64),
+            (idle_ms, from, "+", settings.read_batch as u64),
         )
         .await
         .map_err(|e| map_error(&e, settings, "listing pending entries"))?;
+    let pending = pending.into_array();
+    let mut page = ReclaimPage {
+        last: pending
+            .last()
+            .and_then(|item| item.clone().into_array().into_iter().next())
+            .and_then(|id| id.as_string()),
+        full: pending.len() >= settings.read_batch.max(1),
+        progressed: false,
+    };
     let mut counts: HashMap<String, u64> = HashMap::new();
-    for item in pending.into_array() {
+    for item in pending {
         let mut parts = item.into_array().into_iter();
         let (Some(id), Some(consumer), _, Some(count)) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -2185,12 +2274,13 @@ async fn reclaim_key(
         counts.insert(id, count.as_u64().unwrap_or(1));
     }
     if counts.is_empty() {
-        return Ok(());
+        return Ok(page);
     }
     // Wait for a prefetch slot in line with the reader (the semaphore is fair): taking only free slots
     // would starve reclaiming while new entries keep the prefetch full.
     let Some(first) = subscription.acquire().await else {
-        return Ok(());
+        page.progressed = true;
+        return Ok(page);
     };
     let mut permits = vec![first];
     while permits.len() < counts.len() {
@@ -2228,6 +2318,7 @@ async fn reclaim_key(
         );
     }
     let mut entries = parse_entries(claimed);
+    page.progressed = !trimmed.is_empty() || !entries.is_empty();
     entries.sort_by_key(|(id, _)| EntryId::parse(id));
     // Held at once: none is left unrenewed while one before it is handled.
     subscription.hold_ids(key, entries.iter().map(|(id, _)| id.as_str()));
@@ -2256,7 +2347,7 @@ async fn reclaim_key(
             .handle_entry(key, id, frame, Some(deliveries), true, permit, &mut fresh)
             .await;
     }
-    Ok(())
+    Ok(page)
 }
 
 /// Looks for entries trimmed before this subscription read them, every `discovery_interval`.
@@ -2302,7 +2393,7 @@ async fn discover(subscription: Arc<StreamSubscription>) {
             {
                 continue;
             }
-            if let Err(error) = subscription.prepare_key(&key, true).await {
+            if let Err(error) = subscription.prepare_key(&key, Start::Beginning).await {
                 tracing::debug!(error = %error, "could not start reading a new stream; trying again later");
                 continue;
             }

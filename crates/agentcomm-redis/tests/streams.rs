@@ -10,6 +10,8 @@ use agentcomm_core::prelude::*;
 use agentcomm_core::router::{HealthStatus, NackAction, PublishOutcome, SubscribeOptions};
 use agentcomm_redis::{DeliveryMode, RedisRouter};
 use common::*;
+use fred::prelude::{ClientLike, HashesInterface, LuaInterface, StreamsInterface};
+use fred::types::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -1070,4 +1072,234 @@ async fn health_shows_a_subscription_whose_reads_fail_until_they_work_again() {
     delivery.ack().await.unwrap();
     let _ = raw.quit().await;
     router.close().await.unwrap();
+}
+
+/// A class with a history on which group `g` never existed. A wildcard member of `g` that registered
+/// after that history and left without closing keeps its entry in the members hash: a new member of
+/// `g` (naming the class, or with a wildcard class itself) creates `g` from when that member
+/// registered, not at `0`: the history before it is not delivered to a group created now. (An entry
+/// written by an older agentcomm, without a registration time, is not taken as a claim.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leftover_wildcard_member_does_not_make_a_new_member_replay_a_streams_history() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connected(builder(DeliveryMode::Streams, &prefix)).await;
+    let raw = raw_client().await;
+    let mut failures = Vec::new();
+    for (group, joining) in [("named", "Old:*:*"), ("wild", "*:request:*")] {
+        // Old history on the class stream, published long before group `group` had any live member.
+        for n in 1..=5 {
+            router.publish(envelope("Old:request:s1", n)).await.unwrap();
+        }
+        // A crashed wildcard member's leftover, registered now (Redis's clock), and one without a
+        // registration time.
+        let now = next_redis_millisecond(&raw).await;
+        let _: i64 = raw
+            .hset(
+                format!("{prefix}:group:{group}:members"),
+                [
+                    ("c-crashed", format!("@{now}\n*:request:*")),
+                    ("c-older-version", "*:request:*".to_string()),
+                ],
+            )
+            .await
+            .unwrap();
+        let mut member = router
+            .subscribe(SubscribeOptions::new(ChannelPattern::parse(joining).unwrap()).group(group))
+            .await
+            .unwrap();
+        router
+            .publish(envelope("Old:request:s1", 100))
+            .await
+            .unwrap();
+        let first = next(&mut member).await;
+        let n = number(&first);
+        first.ack().await.unwrap();
+        if n != 100 {
+            failures.push(format!(
+                "group {group} (joining with {joining}): created now, its first delivery is entry {n}, \
+                 published before any live member subscribed"
+            ));
+        }
+        member.close().await.unwrap();
+    }
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Two replicas of a new wildcard agent start together (a deploy): each registers, then finds the
+/// other in the members hash, and creates the new group at `0` on every existing class stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_new_wildcard_members_starting_together_do_not_replay_history() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let a_router = connected(builder(DeliveryMode::Streams, &prefix)).await;
+    let b_router = connected(builder(DeliveryMode::Streams, &prefix)).await;
+    for n in 1..=5 {
+        a_router
+            .publish(envelope("Hist:request:s1", n))
+            .await
+            .unwrap();
+    }
+    // Registrations are told apart from entries by the millisecond: the history is older.
+    let raw = raw_client().await;
+    next_redis_millisecond(&raw).await;
+    let _ = raw.quit().await;
+    let mut replayed = 0;
+    let rounds = 5;
+    for round in 0..rounds {
+        let group = format!("fresh{round}");
+        let options =
+            SubscribeOptions::new(ChannelPattern::parse("*:request:*").unwrap()).group(&group);
+        let (a, b) = tokio::join!(
+            a_router.subscribe(options.clone()),
+            b_router.subscribe(options.clone())
+        );
+        let (mut a, mut b) = (a.unwrap(), b.unwrap());
+        a_router
+            .publish(envelope("Hist:request:s1", 100))
+            .await
+            .unwrap();
+        let first = within(WAIT, "a delivery", async {
+            tokio::select! {
+                d = a.next() => d.unwrap(),
+                d = b.next() => d.unwrap(),
+            }
+        })
+        .await;
+        if number(&first) != 100 {
+            replayed += 1;
+        }
+        first.ack().await.unwrap();
+        a.close().await.unwrap();
+        b.close().await.unwrap();
+    }
+    a_router.close().await.unwrap();
+    b_router.close().await.unwrap();
+    assert_eq!(
+        replayed, 0,
+        "{replayed} of {rounds} new groups replayed the stream's history"
+    );
+}
+
+/// A live member holds (in its buffer) more trimmed entries than `read_batch`. They stay pending and
+/// idle (renewal cannot XCLAIM a deleted entry), and reclaiming leaves them alone since their owner is
+/// alive; an entry of a dead consumer that comes after them is still reclaimed: the round looks past
+/// the full page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_entries_a_live_member_holds_do_not_hold_up_reclaiming() {
+    let read_batch = 4;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let settings = || {
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .read_batch(read_batch)
+    };
+    let holder_router = connected(settings()).await;
+    let heir_router = connected(settings()).await;
+    let raw = raw_client().await;
+    let key = format!("{prefix}:stream:{{Starve}}");
+    let options = SubscribeOptions::new(ChannelPattern::parse("Starve:*:*").unwrap()).group("g");
+    // The holder's prefetch is full with 8 entries that its application has not taken yet.
+    let _holder = holder_router
+        .subscribe(options.clone().prefetch(8))
+        .await
+        .unwrap();
+    for n in 1..=8 {
+        holder_router
+            .publish(envelope("Starve:request:s1", n))
+            .await
+            .unwrap();
+    }
+    let pending_count = async || -> u64 {
+        let summary: Value = raw.xpending(key.as_str(), "g", ()).await.unwrap();
+        summary
+            .into_array()
+            .first()
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    // It reads until fewer than its refill (2) slots are free: 7 or 8 entries, then stops.
+    eventually(WAIT, "the holder to fill its prefetch", async || {
+        pending_count().await >= 7
+    })
+    .await;
+    // Entry 9 goes to a consumer that then dies.
+    holder_router
+        .publish(envelope("Starve:request:s1", 9))
+        .await
+        .unwrap();
+    let read: Value = raw
+        .xreadgroup("g", "dead", Some(10), None, false, key.as_str(), ">")
+        .await
+        .unwrap();
+    // The dead consumer took every entry nobody had read (8 and 9, or 9): the first one's id.
+    let last: Value = raw
+        .eval(
+            "local p = redis.call('XPENDING', KEYS[1], 'g', '-', '+', 1, 'dead') return p[1][1]",
+            vec![key.as_str()],
+            Vec::<String>::new(),
+        )
+        .await
+        .unwrap();
+    assert!(!read.is_null(), "the dead consumer read an entry");
+    let last = last.as_string().unwrap();
+    let _: Value = raw
+        .xtrim(key.as_str(), ("MINID", last.as_str()))
+        .await
+        .unwrap();
+    let mut heir = heir_router.subscribe(options).await.unwrap();
+    // The stream is trimmed past the holder's entries; the dead consumer's stays. It exists and its
+    // consumer is dead: claimed after claim_idle (300 ms).
+    let delivery = within(
+        WAIT,
+        "the dead consumer's entry to be reclaimed",
+        heir.next(),
+    )
+    .await
+    .unwrap();
+    assert!(number(&delivery) >= 8);
+    delivery.ack().await.unwrap();
+    let _ = raw.quit().await;
+    holder_router.close().await.unwrap();
+    heir_router.close().await.unwrap();
+}
+
+/// Redis's clock in ms (as stream ids count it), once it has moved on from the millisecond it was in
+/// when called: entries added before are older than anything registered from then on.
+async fn next_redis_millisecond(raw: &fred::clients::Client) -> String {
+    let now = async || -> u64 {
+        let time: Value = raw
+            .eval(
+                "local t = redis.call('TIME') return string.format('%.0f', t[1] * 1000 + math.floor(t[2] / 1000))",
+                Vec::<String>::new(),
+                Vec::<String>::new(),
+            )
+            .await
+            .unwrap();
+        time.as_string().unwrap().parse().unwrap()
+    };
+    let start = now().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ms = now().await;
+        if ms > start {
+            return ms.to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis's clock stands still"
+        );
+    }
 }

@@ -1833,7 +1833,12 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 }
                 if recover && subscription.is_group() {
                     match subscription.recover_pending(&reader, &keys).await {
-                        Ok(()) => recover = false,
+                        Ok(()) => {
+                            recover = false;
+                            // Redis answers again: the failure is over, even if the prefetch that
+                            // recovery filled holds the next read back for a while.
+                            reader.succeeded();
+                        }
                         Err(error) => {
                             backoff(&subscription, &reader, &mut failures, &error).await;
                             continue;

@@ -924,6 +924,12 @@ async fn a_reconnect_counts_no_delivery_for_an_entry_its_member_still_holds() {
     };
     assert_eq!(delivery_count().await, 1);
     proxy.cut_all();
+    // The cut reached the member (its reader among its connections), so recovery runs on the read
+    // after the reconnect.
+    eventually(WAIT, "the member to reconnect", async || {
+        member_router.health().await.get("reconnects") >= 1
+    })
+    .await;
     // The member reconnected and recovered its pending entries once it reads new ones.
     heir_router
         .publish(envelope("Slow:request:s1", 2))

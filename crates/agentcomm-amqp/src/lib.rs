@@ -447,15 +447,26 @@ impl AmqpRouter {
         if !inner.closing.swap(true, Ordering::AcqRel) {
             let router = self.clone();
             tokio::spawn(async move {
-                // However the task ends, a close waiting for it is let go.
+                // However the task ends, a close waiting for it is let go, and told how it ended.
                 let _closed = ClosedOnDrop(&router.inner.closed);
                 router.close_in_background().await;
+                router.inner.closed.send_replace(Some(true));
             });
         }
         let settings = &inner.settings;
-        let bound = settings.close_timeout * 2 + settings.operation_timeout * 10;
-        match tokio::time::timeout(bound, closed.wait_for(|closed| *closed)).await {
-            Ok(_) => Ok(()),
+        // Above the sum of the close's own bounded steps (subscriptions closing, their tasks, the
+        // publishes, the channels and connections), so that a close still within them is not
+        // reported as timed out.
+        let bound = settings.close_timeout * 3 + settings.operation_timeout * 30;
+        let ended = tokio::time::timeout(bound, closed.wait_for(Option::is_some))
+            .await
+            .map(|ended| ended.map(|ended| *ended));
+        match ended {
+            Ok(Ok(Some(true))) => Ok(()),
+            Ok(_) => Err(self.inner.backend_error(
+                "the router's close ended before it finished (its task panicked or its runtime shut \
+                 down); its connections may still be open",
+            )),
             Err(_) => Err(Error::Timeout {
                 operation: "the RabbitMQ router to close (it goes on closing in the background)"
                     .into(),
@@ -523,12 +534,19 @@ impl AmqpRouter {
     }
 }
 
-/// Sets the router's `closed` flag when dropped.
-struct ClosedOnDrop<'a>(&'a tokio::sync::watch::Sender<bool>);
+/// Lets the router's closes go when dropped: as ended before finishing, unless the close task said
+/// it finished.
+struct ClosedOnDrop<'a>(&'a tokio::sync::watch::Sender<Option<bool>>);
 
 impl Drop for ClosedOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.send_replace(true);
+        self.0.send_if_modified(|ended| {
+            if ended.is_some() {
+                return false;
+            }
+            *ended = Some(false);
+            true
+        });
     }
 }
 

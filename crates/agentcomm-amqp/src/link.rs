@@ -300,8 +300,9 @@ pub(crate) struct Inner {
     pub publishes_in_flight: AtomicU64,
     pub publishes_done: Notify,
     pub stop: watch::Sender<bool>,
-    /// Set once close has finished (or its task ended): what every `close()` waits for.
-    pub closed: watch::Sender<bool>,
+    /// Set once close's task has ended: `Some(true)` when it finished, `Some(false)` when it ended
+    /// otherwise (a panic, its runtime shutting down). What every `close()` waits for.
+    pub closed: watch::Sender<Option<bool>>,
 }
 
 impl Inner {
@@ -325,7 +326,7 @@ impl Inner {
             publishes_in_flight: AtomicU64::new(0),
             publishes_done: Notify::new(),
             stop: watch::Sender::new(false),
-            closed: watch::Sender::new(false),
+            closed: watch::Sender::new(None),
         }
     }
 

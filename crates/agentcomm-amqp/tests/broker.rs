@@ -24,6 +24,23 @@ fn pattern(text: &str) -> ChannelPattern {
     ChannelPattern::parse(text).expect("pattern")
 }
 
+/// A router on the test broker with its own exchange.
+async fn connect(exchange: &str) -> AmqpRouter {
+    within("connect", builder(exchange).connect())
+        .await
+        .unwrap()
+}
+
+/// A member of group `g`, subscribed to every `Ping`.
+async fn ping_member(router: &AmqpRouter) -> Subscription {
+    within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
+    )
+    .await
+    .unwrap()
+}
+
 fn number(envelope: &Envelope) -> u32 {
     let text = std::str::from_utf8(envelope.payload()).expect("utf-8");
     text.trim_start_matches(r#"{"n":"#)
@@ -59,9 +76,7 @@ async fn fan_out_delivers_every_message_with_its_metadata_in_order() {
     }
     let exchange = unique("t-fanout");
     let _cleanup = Cleanup::new(&exchange, &[]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let mut first = within(
         "subscribe",
         router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
@@ -125,9 +140,7 @@ async fn unroutable_publishes_are_reported_and_dead_letters_are_kept() {
     }
     let exchange = unique("t-unroutable");
     let _cleanup = Cleanup::new(&exchange, &[]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let outcome = within("publish", router.publish(envelope("Nobody:request:s1", 1)))
         .await
         .unwrap();
@@ -228,9 +241,7 @@ async fn group_members_compete_and_every_group_gets_everything() {
             topology::group_queue(&exchange, "auditors"),
         ],
     );
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let workers = |prefetch| {
         SubscribeOptions::new(pattern("Job:*:*"))
             .group("workers")
@@ -306,9 +317,7 @@ async fn a_group_queue_keeps_messages_while_no_member_is_connected() {
     }
     let exchange = unique("t-persist");
     let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "billing")]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let options = SubscribeOptions::new(pattern("Order:*:*")).group("billing");
     let subscription = within("subscribe", router.subscribe(options.clone()))
         .await
@@ -356,15 +365,8 @@ async fn nacked_and_abandoned_deliveries_come_back() {
     }
     let exchange = unique("t-nack");
     let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
-    let mut subscription = within(
-        "subscribe",
-        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
-    )
-    .await
-    .unwrap();
+    let router = connect(&exchange).await;
+    let mut subscription = ping_member(&router).await;
     within("publish", router.publish(envelope("Ping:event:s1", 7)))
         .await
         .unwrap();
@@ -451,9 +453,7 @@ async fn a_delayed_retry_returns_to_its_own_queue_only_after_the_delay() {
             topology::group_queue(&exchange, "others"),
         ],
     );
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let mut workers = within(
         "subscribe",
         router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("workers")),
@@ -509,9 +509,7 @@ async fn frames_that_are_not_envelopes_are_dead_lettered_and_counted() {
     }
     let exchange = unique("t-malformed");
     let _cleanup = Cleanup::new(&exchange, &[]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let mut subscription = within(
         "subscribe",
         router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
@@ -566,9 +564,7 @@ async fn components_with_amqp_wildcards_route_exactly() {
     }
     let exchange = unique("t-escape");
     let _cleanup = Cleanup::new(&exchange, &[]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let mut dotted = within(
         "subscribe",
         router.subscribe(SubscribeOptions::new(pattern("billing.Invoice:*:s#1"))),
@@ -613,9 +609,7 @@ async fn closing_ends_streams_after_what_they_buffered_and_refuses_new_work() {
     }
     let exchange = unique("t-close");
     let _cleanup = Cleanup::new(&exchange, &[]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let mut subscription = within(
         "subscribe",
         router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).prefetch(10)),
@@ -735,9 +729,7 @@ async fn connection_errors_name_the_url_without_its_password() {
 
     let exchange = unique("t-errors");
     let _cleanup = Cleanup::new(&exchange, &[]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let debug = format!("{router:?}");
     assert!(debug.contains("connected"), "{debug}");
     if let Some((_, password)) = common::url()
@@ -791,9 +783,7 @@ async fn the_runtime_runs_agents_on_rabbitmq() {
     }
     let exchange = unique("t-runtime");
     let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "Biller")]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let runtime = Runtime::new(router.clone());
     within("spawn", runtime.spawn(Biller)).await.unwrap();
     let shop = runtime.publisher::<Shop>();
@@ -902,9 +892,7 @@ async fn a_message_the_broker_refuses_is_an_error_not_silence() {
     let exchange = unique("t-nacked");
     let full = format!("{exchange}.full");
     let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&full));
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     // A queue that holds one message and refuses the next: RabbitMQ nacks the publish.
     let raw = Raw::open().await;
     let mut arguments = amqprs::FieldTable::new();
@@ -1015,15 +1003,8 @@ async fn a_dropped_health_call_leaves_declarations_working() {
             topology::retry_queue(&group_queue, 2000),
         ],
     );
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
-    let mut member = within(
-        "subscribe",
-        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
-    )
-    .await
-    .unwrap();
+    let router = connect(&exchange).await;
+    let mut member = ping_member(&router).await;
     {
         let mut probing = std::pin::pin!(router.health());
         assert!(futures::poll!(&mut probing).is_pending());
@@ -1064,9 +1045,7 @@ async fn health_under_a_callers_short_timeout_keeps_its_round_trip() {
     }
     let exchange = unique("t-health-timeouts");
     let _cleanup = Cleanup::new(&exchange, &[]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let mut timed_out = 0;
     for i in 0..500u64 {
         let limit = Duration::from_micros(20 + (i * 37) % 400);
@@ -1104,9 +1083,7 @@ async fn a_subscription_close_cut_short_leaves_the_other_subscriptions_alone() {
             topology::group_queue(&exchange, "bystanders"),
         ],
     );
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     // Another agent, busy with a message.
     let mut bystander = within(
         "subscribe",
@@ -1160,9 +1137,7 @@ async fn a_cancelled_subscribe_leaves_no_hidden_consumer_behind() {
     let exchange = unique("t-orphan");
     let queue = topology::group_queue(&exchange, "g");
     let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let raw = Raw::open().await;
     let options = SubscribeOptions::new(pattern("Ping:*:*")).group("g");
     // The caller gives up on this subscribe after polling it once (e.g. a short timeout).
@@ -1209,15 +1184,8 @@ async fn a_router_close_cut_short_is_finished_by_closing_again() {
     }
     let exchange = unique("t-close-twice");
     let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
-    let mut member = within(
-        "subscribe",
-        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
-    )
-    .await
-    .unwrap();
+    let router = connect(&exchange).await;
+    let mut member = ping_member(&router).await;
     within("publish", router.publish(envelope("Ping:event:s1", 1)))
         .await
         .unwrap();
@@ -1249,15 +1217,8 @@ async fn in_flight_counts_what_a_closing_subscription_still_waits_for() {
     }
     let exchange = unique("t-inflight");
     let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
-    let mut member = within(
-        "subscribe",
-        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
-    )
-    .await
-    .unwrap();
+    let router = connect(&exchange).await;
+    let mut member = ping_member(&router).await;
     within("publish", router.publish(envelope("Ping:event:s1", 1)))
         .await
         .unwrap();
@@ -1298,15 +1259,8 @@ async fn a_settlement_cut_short_gives_the_message_back() {
             topology::retry_queue(&group_queue, 60_000),
         ],
     );
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
-    let mut member = within(
-        "subscribe",
-        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
-    )
-    .await
-    .unwrap();
+    let router = connect(&exchange).await;
+    let mut member = ping_member(&router).await;
     within("publish", router.publish(envelope("Ping:event:s1", 1)))
         .await
         .unwrap();
@@ -1338,9 +1292,7 @@ async fn a_closed_fan_out_queue_counts_what_it_still_held() {
     }
     let exchange = unique("t-fan-out-dropped");
     let _cleanup = Cleanup::new(&exchange, &[]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let subscription = within(
         "subscribe",
         router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).prefetch(1)),
@@ -1373,15 +1325,8 @@ async fn a_discarded_delivery_is_not_handed_back_by_the_client() {
     }
     let exchange = unique("t-rerev-discard");
     let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
-    let mut member = within(
-        "subscribe",
-        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
-    )
-    .await
-    .unwrap();
+    let router = connect(&exchange).await;
+    let mut member = ping_member(&router).await;
     within("publish", router.publish(envelope("Ping:event:s1", 1)))
         .await
         .unwrap();
@@ -1408,9 +1353,7 @@ async fn a_fan_out_queue_closed_with_the_router_does_not_count_what_its_reader_s
     }
     let exchange = unique("t-rerev-fodrop");
     let _cleanup = Cleanup::new(&exchange, &[]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let mut subscription = within(
         "subscribe",
         router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).prefetch(10)),
@@ -1501,9 +1444,7 @@ async fn an_ack_cut_short_is_finished_as_an_ack() {
     }
     let exchange = unique("t-rerev-ack-cut");
     let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
-    let router = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
+    let router = connect(&exchange).await;
     let mut member = within(
         "subscribe",
         router.subscribe(

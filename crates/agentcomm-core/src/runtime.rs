@@ -555,7 +555,7 @@ pub struct AgentHealth {
     /// Nacks that failed: retries that could not be scheduled. On a backend that is not persistent
     /// those messages are lost.
     pub nack_failures: u64,
-    /// Deliveries that were retries (attempt above 1). `retries_received - retried` is how many
+    /// Deliveries that were retries (attempt above 1). `retried - retries_received` is how many
     /// scheduled retries have not come back yet.
     pub retries_received: u64,
     /// Replies routed to a requester's inbox (`<Class>:reply:<inbox>`) that this agent's patterns

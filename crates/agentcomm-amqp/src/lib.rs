@@ -240,6 +240,12 @@ impl AmqpRouter {
             tasks.retain(|task| !task.is_finished());
             tasks.push(task);
         }
+        // A close that began after the check above may have listed the subscriptions and tasks
+        // before this one was added: then it is closed here (by `unclaimed`), not left running
+        // through the close. (A close that begins later lists it: it is registered already.)
+        if inner.is_closing() {
+            return Err(Inner::closed_error());
+        }
         let bound = settings.publish_outage_timeout
             + settings.operation_timeout * (5 + bindings.len() as u32);
         match tokio::time::timeout(bound, ready).await {

@@ -47,7 +47,7 @@
 //! ```
 //!
 //! The modules follow the concepts: [`message`], [`channel`], [`envelope`], [`codec`], [`router`] (the
-//! contract backends implement), [`memory`], [`agent`], [`runtime`], [`bus`], [`logging`], [`config`],
+//! contract backends implement), [`memory`], [`agent`](mod@agent), [`runtime`], [`bus`], [`logging`], [`config`],
 //! [`error`].
 
 #![deny(missing_docs)]
@@ -86,7 +86,7 @@ pub use runtime::{AgentHandle, AgentOptions, Runtime};
 /// `#[derive(Message)]`: see [`message`].
 #[cfg(feature = "derive")]
 pub use agentcomm_derive::Message;
-/// `#[agent(receives = [..], sends = [..])]`: see [`agent`].
+/// `#[agent(receives = [..], sends = [..])]`: see [`agent`](mod@agent).
 #[cfg(feature = "derive")]
 pub use agentcomm_derive::agent;
 

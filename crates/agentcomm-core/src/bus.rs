@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::channel::{Channel, ChannelPattern, REPLY_DIRECTION};
+use crate::channel::{Channel, ChannelPattern, INBOX_PREFIX, REPLY_DIRECTION};
 use crate::codec::Codec;
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
@@ -369,7 +369,7 @@ impl Drop for Registration<'_> {
 impl Inbox {
     fn new() -> Self {
         Inbox {
-            id: format!("inbox-{}", uuid::Uuid::now_v7().simple()),
+            id: format!("{INBOX_PREFIX}{}", uuid::Uuid::now_v7().simple()),
             pending: Arc::default(),
             listeners: Arc::default(),
             unmatched: Arc::default(),

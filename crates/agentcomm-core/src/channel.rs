@@ -44,6 +44,9 @@ pub const DEAD_LETTER_CLASS: &str = "DeadLetter";
 pub const RESPONSE_DIRECTION: &str = "response";
 /// The direction of replies routed to a requester's inbox.
 pub const REPLY_DIRECTION: &str = "reply";
+/// How the session of a requester's inbox begins (`<ReplyClass>:reply:inbox-<id>`): agents whose
+/// patterns match such a channel leave what arrives there to its requester.
+pub const INBOX_PREFIX: &str = "inbox-";
 
 /// One piece of a [`ChannelTemplate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

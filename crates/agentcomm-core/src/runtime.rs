@@ -55,7 +55,7 @@ use tracing::Instrument;
 use crate::agent::{Agent, Context, HandlerError, Publisher, Rejection};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, DEFAULT_REQUEST_TIMEOUT};
-use crate::channel::REPLY_DIRECTION;
+use crate::channel::{INBOX_PREFIX, REPLY_DIRECTION};
 use crate::codec::Codec;
 use crate::envelope::{Envelope, MessageId, headers};
 use crate::error::{Error, Result};
@@ -1047,10 +1047,11 @@ impl<A: Agent> AgentShared<A> {
 
     async fn process(&self, delivery: Delivery) {
         let stats = &self.stats;
-        if delivery.envelope().channel().direction() == REPLY_DIRECTION {
+        if is_inbox_reply(delivery.envelope()) {
             // A reply on its way to a requester's inbox, matched by this agent's `<Class>:*:*`: it is
             // the requester's, not this agent's (and an agent that replies with a class it receives
-            // would otherwise answer its own replies).
+            // would otherwise answer its own replies). Anything else on direction `reply` (a reply
+            // addressed to an agent's own session, another program's messages) is handled as usual.
             bump(&stats.replies_skipped);
             tracing::debug!(
                 agent = A::NAME,
@@ -1274,6 +1275,15 @@ impl<A: Agent> AgentShared<A> {
             }
         }
     }
+}
+
+/// Whether `envelope` is a reply on its way to a requester's inbox: on direction `reply`, to an inbox
+/// session, answering a request.
+fn is_inbox_reply(envelope: &Envelope) -> bool {
+    let channel = envelope.channel();
+    channel.direction() == REPLY_DIRECTION
+        && channel.session().starts_with(INBOX_PREFIX)
+        && envelope.correlation_id().is_some()
 }
 
 /// The text of a handler's error. Its `Display` is the user's code, run outside the handler's panic

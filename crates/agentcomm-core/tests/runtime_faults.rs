@@ -253,9 +253,41 @@ async fn a_reply_goes_to_its_requester_not_to_agents_that_receive_its_class() {
             .any(|agent| agent.name == "Ledger" && agent.handled == 1)
     })
     .await;
+    // A reply addressed to an agent's own session (a request whose reply_to names it), and another
+    // program's message on direction `reply`: not inbox replies, so handled as usual.
+    for (channel, correlation) in [
+        ("Answer:reply:ledger-session", Some("a-request-id")),
+        ("Answer:reply:s1", None),
+    ] {
+        let payload = Codec::MessagePack
+            .encode("Answer", &Answer { n: 9 })
+            .unwrap();
+        let mut envelope = Envelope::new(
+            parse_channel(channel).unwrap(),
+            "application/msgpack",
+            payload,
+        );
+        if let Some(correlation) = correlation {
+            envelope = envelope.with_correlation_id(correlation);
+        }
+        runtime.router().publish(envelope).await.unwrap();
+    }
+    wait_for_health(&runtime, "the ledger handled both", |health| {
+        health
+            .agents
+            .iter()
+            .any(|agent| agent.name == "Ledger" && agent.handled == 3 && agent.replies_skipped == 1)
+    })
+    .await;
+    let mut booked = booked.lock().unwrap().clone();
+    booked.sort();
     assert_eq!(
-        *booked.lock().unwrap(),
-        vec!["8 on Answer:event:s1".to_string()]
+        booked,
+        vec![
+            "8 on Answer:event:s1".to_string(),
+            "9 on Answer:reply:ledger-session".to_string(),
+            "9 on Answer:reply:s1".to_string()
+        ]
     );
 }
 

@@ -59,7 +59,9 @@ use std::time::Duration;
 
 use agentcomm_core::agent::Agent;
 use agentcomm_core::bus::Bus;
-use agentcomm_core::channel::{Channel, ChannelPattern, DEAD_LETTER_CLASS, REPLY_DIRECTION};
+use agentcomm_core::channel::{
+    Channel, ChannelPattern, DEAD_LETTER_CLASS, INBOX_PREFIX, REPLY_DIRECTION,
+};
 use agentcomm_core::codec::Codec;
 use agentcomm_core::envelope::{Envelope, MessageId, headers};
 use agentcomm_core::error::{Error, Result};
@@ -490,7 +492,7 @@ impl TestHarness {
         session: &str,
         message: Req,
     ) -> std::result::Result<Received<Resp>, ExpectationFailed> {
-        let inbox = format!("harness-{}", self.id);
+        let inbox = format!("{INBOX_PREFIX}harness-{}", self.id);
         let prepare = async {
             self.try_observe::<Resp>().await?;
             self.try_observe_session(&inbox).await?;

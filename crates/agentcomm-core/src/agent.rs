@@ -91,9 +91,9 @@ pub type HandlerResult = std::result::Result<(), HandlerError>;
 /// A handler's failure: any error, and whether retrying could help.
 ///
 /// `?` converts any `std::error::Error` into it as a transient failure, retried; except agentcomm's own
-/// errors that the same message can only meet again (an invalid message or channel, a reply of the
-/// wrong class, a message that cannot be encoded), which are permanent: dead-lettered at once as
-/// `rejected`.
+/// errors about what this handler sends that it can only meet again (an invalid channel, a message
+/// that cannot be encoded), which are permanent: dead-lettered at once as `rejected`. (A validation
+/// error stays transient: it may come from a reply another service sent, which may mend.)
 pub struct HandlerError {
     error: Box<dyn std::error::Error + Send + Sync>,
     permanent: bool,
@@ -134,9 +134,7 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
             .is_some_and(|error| {
                 matches!(
                     error,
-                    Error::Validation { .. }
-                        | Error::UnexpectedReply { .. }
-                        | Error::InvalidChannelFormat { .. }
+                    Error::InvalidChannelFormat { .. }
                         | Error::InvalidChannelComponent { .. }
                         | Error::Codec {
                             operation: "encode",

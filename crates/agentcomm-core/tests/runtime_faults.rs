@@ -513,15 +513,15 @@ struct Refund {
     amount: f64,
 }
 
-/// Refunds every job with an amount its own rules refuse: the publish fails with a validation error,
-/// which `?` passes on.
+/// Refunds every job to a session that cannot be a channel component: the publish fails with an
+/// invalid-channel error, which `?` passes on.
 #[agent(receives = [Job], sends = [Refund])]
 struct Refunder(Arc<AtomicUsize>);
 
 impl Handle<Job> for Refunder {
     async fn handle(&self, _: Job, ctx: &Context<Self>) -> HandlerResult {
         self.0.fetch_add(1, Ordering::SeqCst);
-        ctx.publish(Refund { amount: 0.0 }).await?;
+        ctx.send_to("not a session", Refund { amount: 1.0 }).await?;
         Ok(())
     }
 }
@@ -546,6 +546,6 @@ async fn an_agentcomm_error_that_cannot_mend_is_not_retried() {
         Some("rejected")
     );
     let error = letter.envelope().header(headers::ERROR).unwrap_or_default();
-    assert!(error.contains("invalid Refund"), "{error}");
+    assert!(error.contains("invalid channel session"), "{error}");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "not retried");
 }

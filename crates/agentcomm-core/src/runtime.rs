@@ -1260,7 +1260,8 @@ impl<A: Agent> AgentShared<A> {
             Err(publish_error) => {
                 // Never lose it: give it back rather than acknowledging, marked so that its next
                 // delivery is dead-lettered without running the handler again.
-                let delay = self.options.backoff.delay(attempts);
+                // The envelope's attempt grows with each time it is given back: the delay too.
+                let delay = self.options.backoff.delay(delivery.envelope().attempt());
                 let marked = delivery
                     .lend()
                     .with_header(headers::DEAD_LETTER_PENDING, reason)

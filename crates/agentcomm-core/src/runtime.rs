@@ -723,7 +723,11 @@ impl AgentHandleInner {
         deadline: Duration,
     ) -> ShutdownReport {
         self.stats.state.store(STATE_STOPPING, Ordering::Release);
-        let until = Instant::now() + deadline;
+        // `Duration::MAX` ("as long as it takes") would overflow an instant: some thirty years instead.
+        let now = Instant::now();
+        let until = now
+            .checked_add(deadline)
+            .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 60 * 60));
         let _ = self.phase.send(Phase::Draining { until });
         tracing::info!(agent = self.name, deadline = ?deadline, "agent stopping");
         match tokio::time::timeout_at(until, self.closer.close()).await {

@@ -1055,3 +1055,98 @@ async fn waits_of_any_length_are_accepted() {
     let event = h.expect::<AuditEvent>().within(Duration::MAX).await;
     assert_eq!(event.amount, 2.0);
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Charge {
+    id: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Charged {
+    id: u32,
+}
+
+/// Charges each message id once, however often it comes; counts its runs; takes `pause` per run.
+#[agent(receives = [Charge], sends = [Charged])]
+struct Idempotent {
+    seen: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+    pause: Duration,
+}
+
+impl Idempotent {
+    fn new(pause: Duration) -> (Self, Arc<std::sync::atomic::AtomicUsize>) {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let agent = Idempotent {
+            seen: Arc::default(),
+            runs: runs.clone(),
+            pause,
+        };
+        (agent, runs)
+    }
+}
+
+impl Handle<Charge> for Idempotent {
+    async fn handle(&self, charge: Charge, ctx: &Context<Self>) -> HandlerResult {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(self.pause).await;
+        let id = ctx.envelope().id().to_string();
+        if self.seen.lock().unwrap().insert(id) {
+            ctx.publish(Charged { id: charge.id }).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `runs` reaches `n`, within 5 s.
+async fn runs_reach(runs: &std::sync::atomic::AtomicUsize, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while runs.load(std::sync::atomic::Ordering::SeqCst) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "runs stayed below {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_test_may_send_one_message_twice_without_it_counting_as_a_duplicate() {
+    let h = TestHarness::new().await;
+    let (agent, runs) = Idempotent::new(Duration::ZERO);
+    h.spawn(agent).await;
+    let channel = Channel::for_message::<Charge>(Charge::DIRECTION, "s1").unwrap();
+    let envelope = h.bus().envelope(channel, &Charge { id: 1 }).unwrap();
+    h.send_envelope(envelope.clone()).await;
+    h.send_envelope(envelope).await;
+    h.expect::<Charged>().session("s1").await;
+    runs_reach(&runs, 2).await;
+    h.assert_nothing_else_published().await;
+}
+
+#[tokio::test]
+async fn nothing_else_holds_after_the_test_shut_the_runtime_down_itself() {
+    let h = TestHarness::new().await;
+    let (agent, _) = Idempotent::new(Duration::ZERO);
+    h.spawn(agent).await;
+    h.send("s1", Charge { id: 1 }).await;
+    h.expect::<Charged>().await;
+    let report = h.runtime().shutdown(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(report.aborted, 0);
+    h.assert_nothing_else_published().await;
+}
+
+#[tokio::test]
+async fn a_harness_without_a_time_limit_still_stops_its_agents_gracefully() {
+    let h = TestHarness::builder()
+        .timeout(Duration::MAX)
+        .build()
+        .await
+        .unwrap();
+    let (agent, runs) = Idempotent::new(Duration::from_millis(300));
+    h.spawn(agent).await;
+    h.send("s1", Charge { id: 1 }).await;
+    runs_reach(&runs, 1).await;
+    let report = h.shutdown().await.unwrap();
+    assert_eq!(report.handled, 1, "{report:?}");
+}

@@ -37,6 +37,9 @@ pub(crate) struct Activity {
     /// dropped.
     unsettled: AtomicU64,
     state: Mutex<ActivityState>,
+    /// The router was closed through the harness (by the test, or by the runtime's shutdown): the
+    /// observer's subscriptions end because nothing more can be published.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -182,6 +185,11 @@ impl Activity {
     }
 
     /// The observer saw the message.
+    /// Whether the router was closed through the harness.
+    pub fn router_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn seen(&self, id: &MessageId) {
         self.lock().unseen.remove(id);
     }
@@ -361,6 +369,9 @@ impl Router for TrackedRouter {
     }
 
     fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.activity
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.inner.close()
     }
 }

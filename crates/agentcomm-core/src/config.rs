@@ -227,16 +227,18 @@ impl Config {
     }
 }
 
-/// A variable from the process environment, or else from the env file. An empty (or blank) process
-/// variable counts as unset, as everywhere in the configuration: it does not hide the file's value.
+/// A variable from the process environment, or else from the env file. An empty (or blank) value counts
+/// as unset, as everywhere in the configuration: a blank process variable does not hide the file's
+/// value, and a blank value in the file is no value.
 fn process_or_file(name: &str, file: &HashMap<String, String>) -> Option<String> {
     prefer(std::env::var(name).ok(), file.get(name))
 }
 
 fn prefer(process: Option<String>, file: Option<&String>) -> Option<String> {
+    let set = |value: &String| !value.trim().is_empty();
     process
-        .filter(|value| !value.trim().is_empty())
-        .or_else(|| file.cloned())
+        .filter(set)
+        .or_else(|| file.filter(|value| set(value)).cloned())
 }
 
 /// Checks that `url` has one of `schemes` and a host; the error names the variable and the accepted forms.
@@ -335,6 +337,11 @@ mod tests {
             "a set process variable still wins"
         );
         assert_eq!(prefer(Some(String::new()), None), None);
+        assert_eq!(
+            prefer(None, Some(&" ".to_string())),
+            None,
+            "blank in the file too"
+        );
     }
 
     #[test]

@@ -19,9 +19,14 @@ use crate::counters::Counters;
 
 /// The fred configuration for `settings`, or a configuration error naming the URL without its password.
 pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
-    let url = match settings.url.strip_prefix("unix://") {
-        Some(path) => format!("redis+unix://{path}"),
-        None => settings.url.clone(),
+    // The scheme in any letter case, as the configuration reads it.
+    let unix = settings
+        .url
+        .get(..7)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("unix://"));
+    let url = match unix {
+        true => format!("redis+unix://{}", &settings.url[7..]),
+        false => settings.url.clone(),
     };
     let mut config = Config::from_url(&url).map_err(|error| Error::Config {
         variable: "Redis URL".into(),
@@ -272,6 +277,18 @@ mod tests {
             fred_config(&settings).unwrap().tls.is_some(),
             "the connector is used"
         );
+    }
+
+    #[test]
+    fn a_unix_socket_url_is_read_in_any_letter_case() {
+        for url in ["unix:///run/redis.sock", "UNIX:///run/redis.sock"] {
+            let config = fred_config(&Settings::for_tests(url)).unwrap();
+            assert!(
+                matches!(&config.server, fred::types::config::ServerConfig::Unix { path } if path.to_str() == Some("/run/redis.sock")),
+                "{url}: {:?}",
+                config.server
+            );
+        }
     }
 
     #[test]

@@ -227,6 +227,7 @@ impl RuntimeBuilder {
             inner: Arc::new(RuntimeInner {
                 bus: Bus::new(self.router, self.codec, self.request_timeout),
                 agents: Mutex::new(Vec::new()),
+                claims: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -241,6 +242,31 @@ pub struct Runtime {
 struct RuntimeInner {
     bus: Bus,
     agents: Mutex<Vec<AgentHandle>>,
+    /// Groups taken by spawns still under way (their agents are not listed yet): group, agent type.
+    claims: Mutex<Vec<GroupClaim>>,
+}
+
+/// A group taken by an agent type whose spawn is under way.
+type GroupClaim = (String, std::any::TypeId, &'static str);
+
+/// Gives a spawn's claim on its group back when the spawn is over (its agent is listed by then, or it
+/// failed).
+struct ClaimGuard<'a> {
+    claims: &'a Mutex<Vec<GroupClaim>>,
+    group: String,
+    type_id: std::any::TypeId,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = claims
+            .iter()
+            .position(|(group, type_id, _)| *group == self.group && *type_id == self.type_id)
+        {
+            claims.swap_remove(at);
+        }
+    }
 }
 
 impl fmt::Debug for Runtime {
@@ -332,9 +358,10 @@ impl Runtime {
                 None => A::NAME.to_string(),
             })
         });
-        if let Distribution::Group(group) = &distribution {
-            self.check_group_is_its_own::<A>(group)?;
-        }
+        let _claim = match &distribution {
+            Distribution::Group(group) => Some(self.claim_group::<A>(group)?),
+            _ => None,
+        };
         if matches!(distribution, Distribution::Group(_)) && !router.capabilities().consumer_groups
         {
             return Err(Error::Unsupported {
@@ -403,15 +430,21 @@ impl Runtime {
     /// Refuses a group already used by an agent of another type on this runtime: a group's members
     /// compete for its messages, so two different agents in one group would each get only part of
     /// them, and each would dead-letter the classes only the other receives. (Two types of one name
-    /// in different modules get the same default group, the name.)
-    fn check_group_is_its_own<A: Agent>(&self, group: &str) -> Result<()> {
-        let other = self.agents().into_iter().find_map(|agent| {
+    /// in different modules get the same default group, the name.) Spawns under way count too: the
+    /// claim returned holds the group until the spawn is over.
+    fn claim_group<A: Agent>(&self, group: &str) -> Result<ClaimGuard<'_>> {
+        let this = std::any::TypeId::of::<A>();
+        let mut claims = self.inner.claims.lock().expect("claims lock");
+        let listed = self.agents().into_iter().find_map(|agent| {
             let (taken, type_id, type_name) = agent.inner.group.as_ref()?;
-            (taken == group && *type_id != std::any::TypeId::of::<A>()).then_some(*type_name)
+            (taken == group && *type_id != this).then_some(*type_name)
         });
-        match other {
-            None => Ok(()),
-            Some(other) => Err(Error::InvalidAgent {
+        let under_way = claims
+            .iter()
+            .find(|(taken, type_id, _)| taken == group && *type_id != this)
+            .map(|(_, _, type_name)| *type_name);
+        if let Some(other) = listed.or(under_way) {
+            return Err(Error::InvalidAgent {
                 agent: A::NAME.to_string(),
                 reason: format!(
                     "its group '{group}' is already used by another agent type, {other} (this one is {}): \
@@ -419,8 +452,14 @@ impl Runtime {
                      another name with #[agent(name = \"...\")], or another group with AgentOptions::group",
                     std::any::type_name::<A>()
                 ),
-            }),
+            });
         }
+        claims.push((group.to_string(), this, std::any::type_name::<A>()));
+        Ok(ClaimGuard {
+            claims: &self.inner.claims,
+            group: group.to_string(),
+            type_id: this,
+        })
     }
 
     /// The handles of the agents started on this runtime, except those stopped with

@@ -549,3 +549,60 @@ async fn an_agentcomm_error_that_cannot_mend_is_not_retried() {
     assert!(error.contains("invalid channel session"), "{error}");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "not retried");
 }
+
+/// A memory router whose subscribes take a while, as a broker's do.
+struct SlowSubscribe(MemoryRouter);
+
+impl Router for SlowSubscribe {
+    fn backend(&self) -> &str {
+        "slow-subscribe"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        self.0.publish(envelope)
+    }
+    fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.0.subscribe(options).await
+        })
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.0.health()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.0.close()
+    }
+}
+
+#[tokio::test]
+async fn two_agent_types_of_one_name_spawned_at_once_are_not_put_in_one_group() {
+    let runtime = Runtime::new(SlowSubscribe(MemoryRouter::new()));
+    let (billing, audit) = tokio::join!(
+        runtime.spawn(billing::Recorder(Arc::default())),
+        runtime.spawn(audit::Recorder(Arc::default()))
+    );
+    // One of the two is refused; another instance of the one that started joins it (its claim,
+    // given back when its spawn was over, stands in no one's way).
+    match (billing, audit) {
+        (Ok(_), Err(_)) => drop(
+            runtime
+                .spawn(billing::Recorder(Arc::default()))
+                .await
+                .unwrap(),
+        ),
+        (Err(_), Ok(_)) => drop(
+            runtime
+                .spawn(audit::Recorder(Arc::default()))
+                .await
+                .unwrap(),
+        ),
+        (billing, audit) => panic!(
+            "expected exactly one refused: {:?} / {:?}",
+            billing.map(|agent| agent.name()),
+            audit.map(|agent| agent.name())
+        ),
+    }
+}

@@ -305,7 +305,14 @@ pub fn parse_env_file(text: &str) -> HashMap<String, String> {
         };
         let value = match quoted('"').or_else(|| quoted('\'')) {
             Some(inner) => inner,
-            None => value.split(" #").next().unwrap_or("").trim().to_string(),
+            // Quotes around the whole value (with quotes inside it), as before comments were read.
+            None => match ['"', '\'']
+                .into_iter()
+                .find_map(|q| value.strip_prefix(q).and_then(|v| v.strip_suffix(q)))
+            {
+                Some(inner) => inner.to_string(),
+                None => value.split(" #").next().unwrap_or("").trim().to_string(),
+            },
         };
         values.insert(key.trim().to_string(), value);
     }
@@ -377,6 +384,8 @@ mod tests {
         assert_eq!(values["REDIS_DELIVERY_MODE"], "pubsub");
         assert_eq!(values["LOG_LEVEL"], "DEBUG");
         assert_eq!(values["X"], "a # b");
+        let values = parse_env_file("K=\"a \\\"b\\\" c\"\n");
+        assert_eq!(values["K"], "a \\\"b\\\" c", "quotes inside a quoted value");
     }
 
     fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {

@@ -538,8 +538,10 @@ fn init_error_to_io(error: &tracing_appender::rolling::InitError) -> io::Error {
 /// dropping the line. Keep the returned [`LogGuard`] alive until the program ends; dropping
 /// it writes out and flushes all pending lines.
 ///
-/// This does not capture records of the `log` crate; install `tracing_log::LogTracer`
-/// for that.
+/// Records of the `log` crate (fred logs through it) are written too: `init` installs the
+/// `log`-to-`tracing` bridge, unless the program installed a `log` logger of its own first. The
+/// runtime's per-message span (`message_id`, `class`, `session`, `agent`) is at ERROR level so that
+/// every line about a message carries them whatever the level: other layers you add see it as such.
 ///
 /// # Errors
 ///

@@ -103,8 +103,10 @@ pub struct AgentOptions {
     /// Fan-out or a named group; `None` is a group named after the agent (`Agent.session` when the agent
     /// listens to one session), so that instances of one agent share the work and different agents each
     /// get every message. The name is the struct's unless `#[agent(name = "...")]` says otherwise: a
-    /// runtime refuses a second agent type in a group already used by another, but agents of one name
-    /// in two programs on one broker share their group, so name them apart.
+    /// runtime refuses a second agent type in a group used by another of its agents, but agents of one
+    /// name in two programs on one broker share their group, and on a broker that keeps groups (a
+    /// RabbitMQ queue, a Redis Streams group) a group outlives its agents' stop, with what waits in it:
+    /// name agents apart.
     pub distribution: Option<Distribution>,
     /// How many messages are handled at once. Messages of one session are always handled in order: each
     /// session is served by one worker, so a message waits while its session's worker is busy and, when
@@ -1126,10 +1128,11 @@ impl<A: Agent> AgentShared<A> {
         );
         async move {
             tracing::debug!("received");
-            if delivery
-                .envelope()
-                .header(headers::DEAD_LETTER_PENDING)
-                .is_some()
+            // Honoured only from this agent (it marks with its name): a frame from elsewhere that
+            // carries the reserved header is handled as usual.
+            let envelope = delivery.envelope();
+            if envelope.header(headers::DEAD_LETTER_PENDING).is_some()
+                && envelope.header(headers::AGENT) == Some(A::NAME)
             {
                 // Its dead letter could not be published last time: publish it now, without running
                 // the handler again.
@@ -1309,8 +1312,11 @@ impl<A: Agent> AgentShared<A> {
                     .lend()
                     .with_header(headers::DEAD_LETTER_PENDING, reason)
                     .with_header(headers::ERROR, error)
-                    .with_header(headers::ATTEMPTS, attempts.to_string());
+                    .with_header(headers::ATTEMPTS, attempts.to_string())
+                    .with_header(headers::AGENT, A::NAME);
                 delivery.restore(marked);
+                // A retry scheduled like any other (its redelivery counts in `retries_received`).
+                bump(&self.stats.retried);
                 tracing::error!(error = %publish_error, retry_in_ms = delay.as_millis() as u64, "could not publish the dead letter; the message is given back, to be dead-lettered when it comes again");
                 if let Err(error) = delivery.nack(NackAction::Retry { delay }).await {
                     bump(&self.stats.nack_failures);

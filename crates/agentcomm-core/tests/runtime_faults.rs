@@ -606,3 +606,34 @@ async fn two_agent_types_of_one_name_spawned_at_once_are_not_put_in_one_group() 
         ),
     }
 }
+
+/// Counts the jobs it handles.
+#[agent(receives = [Job])]
+struct Counter(Arc<AtomicUsize>);
+
+impl Handle<Job> for Counter {
+    async fn handle(&self, _: Job, _: &Context<Self>) -> HandlerResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_dead_letter_pending_header_from_elsewhere_is_not_obeyed() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let handled = Arc::new(AtomicUsize::new(0));
+    runtime.spawn(Counter(handled.clone())).await.unwrap();
+    // Another program (or a bridge copying headers) sets the reserved header: not this agent's mark.
+    let payload = Codec::MessagePack.encode("Job", &Job { id: 1 }).unwrap();
+    let envelope = Envelope::new(
+        parse_channel("Job:event:s1").unwrap(),
+        "application/msgpack",
+        payload,
+    )
+    .with_header(headers::DEAD_LETTER_PENDING, "anything at all");
+    runtime.router().publish(envelope).await.unwrap();
+    wait_for_health(&runtime, "the job is handled", |_| {
+        handled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}

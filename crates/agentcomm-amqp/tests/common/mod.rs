@@ -158,18 +158,18 @@ impl Raw {
 
     /// How many messages `queue` holds (passive declare), `None` when it does not exist.
     pub async fn count(&self, queue: &str) -> Option<u32> {
-        let channel = within("a raw channel", self.connection.open_channel(None))
-            .await
-            .ok()?;
-        let mut arguments = amqprs::channel::QueueDeclareArguments::new(queue);
-        arguments.passive(true);
-        let result = within("a passive declare", channel.queue_declare(arguments)).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), channel.close()).await;
-        result.ok().flatten().map(|(_, count, _)| count)
+        self.passive_declare(queue).await.map(|(count, _)| count)
     }
 
     /// How many consumers `queue` has (passive declare), `None` when it does not exist.
     pub async fn consumers(&self, queue: &str) -> Option<u32> {
+        self.passive_declare(queue)
+            .await
+            .map(|(_, consumers)| consumers)
+    }
+
+    /// `queue`'s message and consumer counts, `None` when it does not exist.
+    async fn passive_declare(&self, queue: &str) -> Option<(u32, u32)> {
         let channel = within("a raw channel", self.connection.open_channel(None))
             .await
             .ok()?;
@@ -177,7 +177,10 @@ impl Raw {
         arguments.passive(true);
         let result = within("a passive declare", channel.queue_declare(arguments)).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), channel.close()).await;
-        result.ok().flatten().map(|(_, _, consumers)| consumers)
+        result
+            .ok()
+            .flatten()
+            .map(|(_, count, consumers)| (count, consumers))
     }
 
     /// Deletes queues and the exchange's topology (`<exchange>`, `.dlx`, `.dead-letters`). Best effort,

@@ -943,15 +943,13 @@ struct Recorder {
 struct RecorderState {
     records: Vec<Record>,
     ids: HashSet<MessageId>,
-    /// Each delivery by observer, id and attempt: one observer given the same attempt of a message
-    /// twice saw a duplicate (a retry is another attempt).
-    delivered: HashSet<(usize, MessageId, u32)>,
-    /// The second (and later) copies, which no expectation can match.
+    /// Copies each observer was given of each attempt of a message: more than one, and more than the
+    /// test itself sent, is a duplicate (a retry is another attempt).
+    copies: HashMap<(usize, MessageId, u32), u32>,
+    /// The copies beyond those, which no expectation can match.
     duplicates: Vec<Envelope>,
     /// How many times the test itself sent each message: as many copies of it are no duplicates.
     sent: HashMap<MessageId, u32>,
-    /// Copies each observer was given of each attempt of a message the test sent.
-    copies: HashMap<(usize, MessageId, u32), u32>,
     ended: Option<String>,
     stopping: bool,
 }
@@ -1002,14 +1000,17 @@ impl Recorder {
     fn record(&self, envelope: Envelope, observer: usize) {
         self.activity.seen(&envelope.id());
         let mut state = self.state.lock().expect("recorder lock");
-        let delivery = (observer, envelope.id(), envelope.attempt());
-        if !state.delivered.insert(delivery) {
+        let copies = state
+            .copies
+            .entry((observer, envelope.id(), envelope.attempt()))
+            .or_insert(0);
+        *copies += 1;
+        let copies = *copies;
+        if copies > 1 {
             // One more copy than the test sent is a duplicate; a test sending a message twice (to
             // check that it is handled once) gets two copies and no complaint.
             let sent = state.sent.get(&envelope.id()).copied().unwrap_or(0);
-            let copies = state.copies.entry(delivery).or_insert(1);
-            *copies += 1;
-            if *copies > sent.max(1) {
+            if copies > sent.max(1) {
                 state.duplicates.push(envelope);
                 drop(state);
                 self.version.send_modify(|version| *version += 1);

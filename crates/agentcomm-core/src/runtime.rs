@@ -360,7 +360,7 @@ impl Runtime {
                 None => A::NAME.to_string(),
             })
         });
-        let _claim = match &distribution {
+        let claim = match &distribution {
             Distribution::Group(group) => Some(self.claim_group::<A>(group)?),
             _ => None,
         };
@@ -374,10 +374,6 @@ impl Runtime {
             });
         }
         let patterns = A::__receive_patterns(options.session.as_deref())?;
-        let subscribe_group = match &distribution {
-            Distribution::Group(group) => Some(group.clone()),
-            _ => None,
-        };
         let mut subscribe = SubscribeOptions::patterns(patterns).prefetch(options.prefetch);
         subscribe.distribution = distribution;
         let subscription = router.subscribe(subscribe).await?;
@@ -403,14 +399,13 @@ impl Runtime {
         let handle = AgentHandle {
             inner: Arc::new(AgentHandleInner {
                 name: A::NAME,
-                group: match &subscribe_group {
-                    Some(group) => Some((
-                        group.clone(),
-                        std::any::TypeId::of::<A>(),
+                group: claim.as_ref().map(|claim| {
+                    (
+                        claim.group.clone(),
+                        claim.type_id,
                         std::any::type_name::<A>(),
-                    )),
-                    None => None,
-                },
+                    )
+                }),
                 receives: A::RECEIVES,
                 sends: A::SENDS,
                 subscription: description,

@@ -248,6 +248,20 @@ impl EntryId {
 }
 
 /// A non-empty run of ASCII digits as a u64, `None` for anything else or an overflow.
+/// Reads a group member's entry as [`REGISTER_MEMBER_SCRIPT`] writes it: when it registered (ms of
+/// Redis's clock; `None` for an entry without it, written by an older agentcomm) and its patterns.
+fn member_entry(entry: &str) -> (Option<u64>, impl Iterator<Item = ChannelPattern> + '_) {
+    let since = entry
+        .split('\n')
+        .next()
+        .and_then(|line| line.strip_prefix('@')?.parse().ok());
+    let patterns = entry
+        .split('\n')
+        .filter(|line| !line.starts_with('@'))
+        .filter_map(|line| ChannelPattern::parse(line).ok());
+    (since, patterns)
+}
+
 /// Where a subscription starts reading a stream it prepares.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Start {
@@ -579,13 +593,10 @@ impl StreamSubscription {
             .iter()
             .filter(|(consumer, _)| **consumer != self.consumer)
             .filter_map(|(_, entry)| {
-                let mut lines = entry.split('\n');
-                let since = lines.next()?.strip_prefix('@')?.parse::<u64>().ok()?;
-                lines
-                    .any(|text| {
-                        ChannelPattern::parse(text).is_ok_and(|pattern| pattern.class().is_none())
-                    })
-                    .then_some(since)
+                let (since, mut patterns) = member_entry(entry);
+                patterns
+                    .any(|pattern| pattern.class().is_none())
+                    .then_some(since?)
             })
             .min())
     }
@@ -896,9 +907,7 @@ impl StreamSubscription {
             .await?;
         let mut patterns: Vec<ChannelPattern> = members
             .iter()
-            .flat_map(|text| text.split('\n'))
-            .filter(|text| !text.starts_with('@'))
-            .filter_map(|text| ChannelPattern::parse(text).ok())
+            .flat_map(|entry| member_entry(entry).1)
             .collect();
         patterns.extend(self.patterns.iter().cloned());
         *self.union.lock().expect("union lock") = patterns;

@@ -505,16 +505,16 @@ impl Inner {
             channel.register_callback(callback).await?;
             Ok::<_, amqprs::error::Error>(channel)
         });
-        match tokio::time::timeout(self.settings.operation_timeout, open).await {
-            Ok(Ok(Ok(channel))) => Ok(OpChannel {
+        let opened = tokio::time::timeout(self.settings.operation_timeout, open)
+            .await
+            .map(|opened| opened.and_then(|channel| channel.map_err(|error| error.to_string())));
+        match opened {
+            Ok(Ok(channel)) => Ok(OpChannel {
                 channel,
                 generation: live.generation,
                 reason,
                 ended,
             }),
-            Ok(Ok(Err(error))) => {
-                Err(self.connection_error(format!("could not open a channel: {error}")))
-            }
             Ok(Err(error)) => {
                 Err(self.connection_error(format!("could not open a channel: {error}")))
             }

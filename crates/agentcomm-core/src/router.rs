@@ -272,6 +272,14 @@ pub trait Acknowledge: Send + Sync + 'static {
     fn abandon(self: Box<Self>, envelope: Envelope) {
         let _ = envelope;
     }
+
+    /// The delivery goes back without any handler having seen it (it waited in a buffer when its
+    /// consumer stopped): like [`abandon`](Acknowledge::abandon), but a backend that counts
+    /// deliveries (Redis Streams' delivery counter) should not count this one as an attempt. The
+    /// default abandons it. Must not block.
+    fn give_back(self: Box<Self>, envelope: Envelope) {
+        self.abandon(envelope);
+    }
 }
 
 /// A message delivered by a subscription, to be settled once.
@@ -300,6 +308,16 @@ impl Delivery {
     /// Whether the broker said this message was delivered before.
     pub fn is_redelivered(&self) -> bool {
         self.redelivered
+    }
+
+    /// Hands the delivery back unhandled, before any handler saw it (a consumer stopping with
+    /// deliveries still buffered): it is delivered again where the backend can, and does not count as
+    /// an attempt where the backend counts deliveries. Dropping a delivery unsettled also hands it
+    /// back, but counts as an attempt there (a handler may have started on it).
+    pub fn give_back(mut self) {
+        if let (Some(envelope), Some(handle)) = (self.envelope.take(), self.handle.take()) {
+            handle.give_back(envelope);
+        }
     }
 
     /// Drops the delivery without settling it and without handing it back: for a backend discarding a

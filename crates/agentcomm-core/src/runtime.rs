@@ -919,13 +919,13 @@ trait DeliverySource: Send {
     /// A delivery already waiting, without waiting.
     fn try_next_delivery(&mut self) -> Option<Delivery>;
 
-    /// Takes nothing new and gives back what is buffered (dropping a delivery unsettled hands it to
-    /// the backend, which redelivers it where it can); returns how many were given back.
+    /// Takes nothing new and gives back what is buffered, unhandled (the backend redelivers it where
+    /// it can, without counting an attempt); returns how many were given back.
     fn give_back_buffered(&mut self) -> u64 {
         self.stop_taking();
         let mut given_back = 0;
         while let Some(delivery) = self.try_next_delivery() {
-            drop(delivery);
+            delivery.give_back();
             given_back += 1;
         }
         given_back
@@ -1001,8 +1001,8 @@ async fn run_workers<A: Agent>(
             sent = senders[worker].send(delivery) => sent,
         };
         if let Err(unsent) = sent {
-            // The worker is gone (its task failed): the delivery goes back to the backend.
-            drop(unsent.0);
+            // The worker is gone (its task failed): the delivery goes back to the backend unhandled.
+            unsent.0.give_back();
             report.requeued += 1;
             tracing::error!(
                 agent = A::NAME,
@@ -1035,8 +1035,7 @@ impl Drop for InFlight<'_> {
 
 impl<A: Agent> AgentShared<A> {
     /// Takes deliveries from `source` one at a time until it ends or the stop deadline passes, then
-    /// gives back what is still buffered (dropping a delivery unsettled hands it to the backend, which
-    /// redelivers it where it can).
+    /// gives back what is still buffered, unhandled (the backend redelivers it where it can).
     async fn serve(
         &self,
         source: &mut impl DeliverySource,

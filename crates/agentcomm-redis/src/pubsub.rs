@@ -800,7 +800,7 @@ struct PubSubAck {
 }
 
 impl PubSubAck {
-    fn give_back(self, envelope: Envelope, delay: Duration) {
+    fn hand_back(self, envelope: Envelope, delay: Duration) {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
@@ -861,12 +861,12 @@ impl Acknowledge for PubSubAck {
         if let Some(shared) = self.shared.upgrade() {
             shared.counters.bump(&shared.counters.nacked);
         }
-        self.give_back(envelope, delay);
+        self.hand_back(envelope, delay);
         agentcomm_core::router::ready_ok()
     }
 
     fn abandon(self: Box<Self>, envelope: Envelope) {
-        self.give_back(envelope, Duration::ZERO);
+        self.hand_back(envelope, Duration::ZERO);
     }
 }
 

@@ -52,7 +52,8 @@ pub(crate) const FRAME_FIELD: &str = "f";
 
 /// Takes entries this consumer still owns: for each id, only if it is pending for this consumer and its
 /// entry still exists, `XCLAIM .. JUSTID` (which does not count a delivery), with `IDLE` and
-/// `RETRYCOUNT` when given. KEYS: stream. ARGV: group, consumer, idle ms or '', retry count or '', ids.
+/// `RETRYCOUNT` when given. KEYS: stream. ARGV: group, consumer, idle ms or '', retry count or '' or
+/// 'unread' (one delivery less than the entry has: the read that took it never reached a handler), ids.
 /// Returns {ids taken, ids kept}.
 ///
 /// A renewal (neither idle nor retry count) of an entry trimmed from the stream while this consumer
@@ -69,7 +70,9 @@ for i = 5, #ARGV do
     if #redis.call('XRANGE', KEYS[1], id, id) > 0 then
       local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id}
       if ARGV[3] ~= '' then table.insert(claim, 'IDLE'); table.insert(claim, ARGV[3]) end
-      if ARGV[4] ~= '' then table.insert(claim, 'RETRYCOUNT'); table.insert(claim, ARGV[4]) end
+      local retry = ARGV[4]
+      if retry == 'unread' then retry = tostring(math.max(pending[1][4] - 1, 0)) end
+      if retry ~= '' then table.insert(claim, 'RETRYCOUNT'); table.insert(claim, retry) end
       table.insert(claim, 'JUSTID')
       if #redis.call(unpack(claim)) > 0 then table.insert(taken, id) end
     elseif ARGV[3] == '' and ARGV[4] == '' then
@@ -777,10 +780,9 @@ impl StreamSubscription {
         loop {
             let settled = self.settled.notified();
             if self.sender.receiver_count() <= 1 {
-                // The subscription was dropped: what waits in its buffer is given back (dropping an
-                // unsettled delivery releases its entry).
+                // The subscription was dropped: what waits in its buffer is given back, unhandled.
                 while let Ok(delivery) = self.drain.try_recv() {
-                    drop(delivery);
+                    delivery.give_back();
                 }
             }
             let held = self.held_count();
@@ -1068,7 +1070,7 @@ impl StreamSubscription {
                 // that closing waits for it.
                 let envelope = delivery.envelope().clone();
                 delivery.discard();
-                self.release(key, id, &envelope).await;
+                self.release(key, id, &envelope, Handled::Never).await;
             }
             Err(async_channel::SendError(delivery)) => {
                 delivery.discard();
@@ -1176,17 +1178,20 @@ impl StreamSubscription {
         self.unhold_all(key, [id]);
     }
 
-    /// Gives a held entry back to the group: marked idle, so another member claims it at once.
-    async fn release(&self, key: &Arc<str>, id: EntryId, envelope: &Envelope) {
+    /// Gives a held entry back to the group: marked idle, so another member claims it at once. One that
+    /// no handler saw (`Handled::Never`) gets its delivery counter back as it was before the read that
+    /// took it, so that the next member's claim does not count it as a second attempt.
+    async fn release(&self, key: &Arc<str>, id: EntryId, envelope: &Envelope, handled: Handled) {
         if let Some(group) = &self.group {
             let idle = self.settings().claim_idle.as_millis().to_string();
+            let unread = (handled == Handled::Never).then_some("unread");
             let result = claim_owned(
                 self.shared.client_for(key),
                 key,
                 group,
                 &self.consumer,
                 Some(&idle),
-                None,
+                unread,
                 vec![id.to_string()],
             )
             .await;
@@ -1205,13 +1210,15 @@ impl StreamSubscription {
         self.unhold(key, id);
     }
 
-    /// Delivers a held entry again after `delay` (nack or abandon).
+    /// Delivers a held entry again after `delay` (nack, abandon or give-back); once the subscription
+    /// has closed, gives it back to the group instead.
     fn redeliver(
         self: &Arc<Self>,
         ack: StreamAck,
         envelope: Envelope,
         delay: Duration,
         retry_count: Option<u32>,
+        handled: Handled,
     ) {
         let subscription = self.clone();
         let run = async move {
@@ -1223,7 +1230,9 @@ impl StreamSubscription {
                 }
             }
             if subscription.is_closed() {
-                subscription.release(&ack.key, ack.id, &envelope).await;
+                subscription
+                    .release(&ack.key, ack.id, &envelope, handled)
+                    .await;
                 drop(ack);
                 return;
             }
@@ -2444,6 +2453,15 @@ async fn discover(subscription: Arc<StreamSubscription>) {
     }
 }
 
+/// Whether a handler may have seen an entry given back: if it did, the delivery counts as an attempt.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Handled {
+    /// Handed to the subscriber, which may have started on it.
+    Maybe,
+    /// Never handed to a handler (it waited in a buffer): the read that took it does not count.
+    Never,
+}
+
 /// Settles one stream entry.
 struct StreamAck {
     subscription: Arc<StreamSubscription>,
@@ -2520,14 +2538,20 @@ impl Acknowledge for StreamAck {
             NackAction::Retry { delay } => (delay, Some(envelope.attempt())),
             _ => (Duration::ZERO, None),
         };
-        subscription.redeliver(this, envelope, delay, retry_count);
+        subscription.redeliver(this, envelope, delay, retry_count, Handled::Maybe);
         agentcomm_core::router::ready_ok()
     }
 
     fn abandon(self: Box<Self>, envelope: Envelope) {
         let this = *self;
         let subscription = this.subscription.clone();
-        subscription.redeliver(this, envelope, Duration::ZERO, None);
+        subscription.redeliver(this, envelope, Duration::ZERO, None, Handled::Maybe);
+    }
+
+    fn give_back(self: Box<Self>, envelope: Envelope) {
+        let this = *self;
+        let subscription = this.subscription.clone();
+        subscription.redeliver(this, envelope, Duration::ZERO, None, Handled::Never);
     }
 }
 

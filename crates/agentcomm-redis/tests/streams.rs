@@ -1309,3 +1309,77 @@ async fn next_redis_millisecond(raw: &fred::clients::Client) -> String {
         );
     }
 }
+
+/// A member that stops with entries still in its buffer gives them back unhandled: however often
+/// that happens, the member that finally handles them gets them as their first attempt, so they are
+/// neither dead-lettered early nor given fewer retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_given_back_unhandled_from_a_stopping_members_buffer_count_no_attempt() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let quick = || {
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .max_deliveries(3)
+            .connect()
+    };
+    let options = SubscribeOptions::new(ChannelPattern::parse("Kept:*:*").unwrap())
+        .group("g")
+        .prefetch(50);
+    let publisher = within(WAIT, "connecting", quick()).await.unwrap();
+    // Each stop gives the buffer back its own way: the subscription dropped unread; each delivery
+    // given back (as the agent runtime does); the subscription closed, then given back.
+    for stop in 0..3 {
+        let router = within(WAIT, "connecting", quick()).await.unwrap();
+        let mut member = router.subscribe(options.clone()).await.unwrap();
+        if stop == 0 {
+            for n in 0..5 {
+                publisher
+                    .publish(envelope("Kept:event:s1", n))
+                    .await
+                    .unwrap();
+            }
+        }
+        eventually(WAIT, "the member to buffer all five", async || {
+            member.buffered() == 5
+        })
+        .await;
+        match stop {
+            0 => drop(member),
+            1 => {
+                while let Some(delivery) = member.try_next() {
+                    delivery.give_back();
+                }
+                drop(member);
+            }
+            _ => {
+                member.closer().close().await.unwrap();
+                while let Some(delivery) = member.try_next() {
+                    delivery.give_back();
+                }
+                drop(member);
+            }
+        }
+        router.close().await.unwrap();
+    }
+    let heir_router = within(WAIT, "connecting", quick()).await.unwrap();
+    let mut heir = heir_router.subscribe(options).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let delivery = next(&mut heir).await;
+        seen.push((number(&delivery), delivery.envelope().attempt()));
+        delivery.ack().await.unwrap();
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        (0..5).map(|n| (n, 1)).collect::<Vec<_>>(),
+        "(message, attempt) after three members gave them back unhandled"
+    );
+    assert_eq!(heir_router.health().await.get("dead_lettered"), 0);
+    heir_router.close().await.unwrap();
+    publisher.close().await.unwrap();
+}

@@ -30,7 +30,9 @@
 //!   durable queue; frames that are not agentcomm envelopes are dead-lettered and counted (`malformed`).
 //! - **Reconnection**: a lost connection is detected (I/O error, heartbeat, broker close), reopened
 //!   with exponential backoff and jitter, the topology declared again, every consumer restored, and every
-//!   publish not yet confirmed sent again. A publish during an outage waits up to
+//!   publish not yet confirmed sent again. A connection is also recycled that way before it runs out
+//!   of channel ids (amqprs never frees the id of a channel the broker closed; counted in
+//!   `channel_id_recycles`). A publish during an outage waits up to
 //!   `publish_outage_timeout`, then fails with an error that says so. Deliveries from a lost channel
 //!   are stale: settling them fails instead of settling another message on the new channel.
 //! - **Health** reports the connection state and counters; **close** cancels consumers, lets handlers
@@ -407,6 +409,7 @@ impl AmqpRouter {
             .counter("confirm_timeouts", load(&counters.confirm_timeouts))
             .counter("publish_failures", load(&counters.publish_failures))
             .counter("connection_losses", load(&counters.connection_losses))
+            .counter("channel_id_recycles", load(&counters.channel_id_recycles))
             .counter("reconnects", load(&counters.reconnects))
             .counter("connect_failures", load(&counters.connect_failures))
             .counter("delivered", load(&counters.delivered))

@@ -8,7 +8,7 @@
 //! publishes; publishes (retries and dead letters included) use the other.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -69,6 +69,99 @@ pub(crate) enum LinkState {
 pub(crate) struct Live {
     pub connection: Connection,
     pub generation: u64,
+    /// How many of its channel ids amqprs lost, and whether the connection is to be recycled.
+    pub ids: Arc<ChannelIds>,
+}
+
+/// The channel ids of one connection, which amqprs loses one by one: it frees a channel's id only
+/// when the client closes the channel, never when the broker does (a PRECONDITION_FAILED or NOT_FOUND
+/// on a declare, bind or consume; amqprs 2.1.5, gftea/amqprs#199). Once every id is taken, the next
+/// channel.open panics the connection's reader: the connection still looks open and still sends
+/// heartbeats, so RabbitMQ keeps it (with its consumers and what they hold), but no frame is read
+/// from it any more and no channel opens on it.
+///
+/// So the channels the broker closes are counted, and once they reach half of the connection's ids
+/// the connection is recycled (closed and opened again, as after a loss), while the other half is
+/// still free for the channels in use. A reader found gone anyway (more channels in use than that
+/// half) asks for the same, at once.
+pub(crate) struct ChannelIds {
+    closed_by_broker: AtomicU32,
+    /// How many ids the connection has: its channel_max (amqprs hands out up to 7 more).
+    ids: u32,
+    /// How many channels the broker may close on the connection before it is recycled.
+    limit: u32,
+    /// Why the connection should be replaced, once it should.
+    recycle: watch::Sender<Option<Arc<str>>>,
+    /// amqprs's reader of the connection is gone while the connection still reports itself open.
+    reader_gone: AtomicBool,
+}
+
+impl ChannelIds {
+    /// For a connection that negotiated `channel_max` (0: no limit, so amqprs's 65,535).
+    pub(crate) fn new(channel_max: u16) -> Self {
+        let ids = if channel_max == 0 {
+            u32::from(u16::MAX)
+        } else {
+            u32::from(channel_max)
+        };
+        ChannelIds {
+            closed_by_broker: AtomicU32::new(0),
+            ids,
+            limit: (ids / 2).max(1),
+            recycle: watch::Sender::new(None),
+            reader_gone: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a channel the broker closed (its id is lost), and asks for the connection to be
+    /// recycled once they reach the limit.
+    pub(crate) fn closed_by_broker(&self) {
+        let closed = self.closed_by_broker.fetch_add(1, Ordering::AcqRel) + 1;
+        if closed == self.limit {
+            self.ask_recycle(format!(
+                "RabbitMQ closed {closed} channels on it, and amqprs never frees the id of such a channel (its channel_max is {})",
+                self.ids
+            ));
+        }
+    }
+
+    /// Looks at the error of a failed channel.open on `connection`: when amqprs's reader of a
+    /// connection that still reports itself open is gone (the ids ran out), nothing more can be done
+    /// on it, and it is recycled. (A connection that was lost or closed ends its reader too, but
+    /// reports itself closed; the supervisor sees that loss on its own.)
+    pub(crate) fn check_open_error(&self, connection: &Connection, error: &amqprs::error::Error) {
+        let gone = connection.is_open()
+            && matches!(error, amqprs::error::Error::ChannelOpenError(message)
+                if message.contains("register channel resource"));
+        if gone && !self.reader_gone.swap(true, Ordering::AcqRel) {
+            self.ask_recycle(format!(
+                "amqprs stopped reading it (its channel ids ran out after RabbitMQ closed {} channels on it): {error}",
+                self.closed_by_broker.load(Ordering::Acquire)
+            ));
+        }
+    }
+
+    fn ask_recycle(&self, why: String) {
+        self.recycle.send_if_modified(|recycle| {
+            if recycle.is_some() {
+                return false;
+            }
+            *recycle = Some(Arc::from(why));
+            true
+        });
+    }
+
+    /// Completes with the reason once the connection is to be recycled.
+    async fn recycle_asked(&self) -> Arc<str> {
+        let mut recycle = self.recycle.subscribe();
+        // The sender lives as long as `self`, so the wait ends only with a reason.
+        let why = recycle
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|why| why.clone());
+        why.unwrap_or_else(|| Arc::from("its channel ids ran low"))
+    }
 }
 
 /// One of the router's two connections, as it comes and goes.
@@ -143,6 +236,8 @@ pub(crate) struct Counters {
     pub confirm_timeouts: AtomicU64,
     pub publish_failures: AtomicU64,
     pub connection_losses: AtomicU64,
+    /// Live connections replaced because their channel ids ran low (see [`ChannelIds`]).
+    pub channel_id_recycles: AtomicU64,
     pub reconnects: AtomicU64,
     pub connect_failures: AtomicU64,
     pub delivered: AtomicU64,
@@ -178,10 +273,12 @@ pub(crate) struct OpChannel {
 pub(crate) type Reason = Arc<Mutex<Option<String>>>;
 
 /// The callback of channels that do not publish: records why the broker closed the channel or
-/// cancelled its consumer, and signals `ended`.
+/// cancelled its consumer, signals `ended`, and counts the channel's id as lost when the broker closed
+/// it.
 struct ReasonCallback {
     reason: Reason,
     ended: Arc<Notify>,
+    ids: Arc<ChannelIds>,
 }
 
 #[async_trait::async_trait]
@@ -193,6 +290,7 @@ impl amqprs::callbacks::ChannelCallback for ReasonCallback {
     ) -> std::result::Result<(), amqprs::error::Error> {
         *self.reason.lock().expect("reason lock") =
             Some(format!("{} {}", close.reply_code(), close.reply_text()));
+        self.ids.closed_by_broker();
         self.ended.notify_one();
         Ok(())
     }
@@ -461,6 +559,7 @@ impl Inner {
             }
         };
         let live = Live {
+            ids: Arc::new(ChannelIds::new(connection.channel_max())),
             connection,
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
         };
@@ -496,12 +595,17 @@ impl Inner {
         let callback = ReasonCallback {
             reason: reason.clone(),
             ended: ended.clone(),
+            ids: live.ids.clone(),
         };
+        let ids = live.ids.clone();
         // On a task of its own (see `detached`): a channel.open cut short while it registers its
         // responder panics the connection's reader, which takes the whole connection down. One that
         // opens after the timeout is dropped by the task, which closes it.
         let open = detached(async move {
-            let channel = connection.open_channel(None).await?;
+            let channel = connection
+                .open_channel(None)
+                .await
+                .inspect_err(|error| ids.check_open_error(&connection, error))?;
             channel.register_callback(callback).await?;
             Ok::<_, amqprs::error::Error>(channel)
         });
@@ -609,6 +713,22 @@ impl Inner {
             detached(connection.clone().close()),
         )
         .await;
+    }
+
+    /// Closes a connection being recycled. One whose reader is gone cannot close by handshake: amqprs
+    /// waits for the close-ok through that reader, and marks the connection closed first, which would
+    /// also stop its fallback. That fallback, run when the last handle to the connection is dropped,
+    /// sends connection.close without waiting for an answer, and RabbitMQ then closes the connection
+    /// and gives back what its consumers held; so such a connection is only let go.
+    async fn retire(&self, live: &Live) {
+        if live.ids.reader_gone.load(Ordering::Acquire) {
+            tracing::debug!(
+                generation = live.generation,
+                "the recycled connection is closed once its last handle is dropped"
+            );
+            return;
+        }
+        self.close_connection(&live.connection).await;
     }
 
     /// Declares the exchange, and the dead-letter exchange and queue with their bindings.
@@ -913,27 +1033,47 @@ pub(crate) async fn supervise(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let lost = tokio::select! {
-            () = connection_lost(&live.connection) => true,
-            _ = stop.wait_for(|stop| *stop) => false,
+        // `Some(why)` when the connection is to be recycled (see `ChannelIds`), `None` when lost.
+        let recycle = tokio::select! {
+            () = connection_lost(&live.connection) => None,
+            why = live.ids.recycle_asked() => Some(why),
+            _ = stop.wait_for(|stop| *stop) => return,
         };
-        if !lost {
-            return;
-        }
         {
             let Some(inner) = inner.upgrade() else { return };
             if *stop.borrow() {
                 // Close is past its drain and shuts the connections down itself.
                 return;
             }
-            bump(&inner.counters.connection_losses);
-            tracing::warn!(
-                url = %inner.settings.url.redacted,
-                connection = role.as_str(),
-                generation = live.generation,
-                "lost a connection to RabbitMQ; reconnecting"
-            );
-            inner.on_lost(role, &live, "the connection was lost").await;
+            match recycle {
+                None => {
+                    bump(&inner.counters.connection_losses);
+                    tracing::warn!(
+                        url = %inner.settings.url.redacted,
+                        connection = role.as_str(),
+                        generation = live.generation,
+                        "lost a connection to RabbitMQ; reconnecting"
+                    );
+                    inner.on_lost(role, &live, "the connection was lost").await;
+                }
+                Some(why) => {
+                    bump(&inner.counters.channel_id_recycles);
+                    tracing::warn!(
+                        url = %inner.settings.url.redacted,
+                        connection = role.as_str(),
+                        generation = live.generation,
+                        reason = %why,
+                        "recycling a connection to RabbitMQ before it runs out of channel ids; reconnecting"
+                    );
+                    // As for a loss: publishes waiting for a confirm are sent again on the next
+                    // connection, consumers are restored there, and closing this one gives back what
+                    // its consumers held unacknowledged.
+                    inner
+                        .on_lost(role, &live, &format!("the connection is recycled: {why}"))
+                        .await;
+                    inner.retire(&live).await;
+                }
+            }
         }
         let mut attempt = 0u32;
         live = loop {
@@ -1015,4 +1155,31 @@ pub(crate) async fn start(inner: &Arc<Inner>) -> Result<()> {
         tokio::spawn(supervise(weak, role, live, inner.stop.subscribe()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_is_recycled_once_the_broker_closed_half_of_its_channel_ids() {
+        // RabbitMQ's default channel_max.
+        let ids = ChannelIds::new(2047);
+        for _ in 0..1022 {
+            ids.closed_by_broker();
+        }
+        assert!(ids.recycle.borrow().is_none(), "1,022 closes leave room");
+        ids.closed_by_broker();
+        let why = tokio::time::timeout(Duration::from_secs(1), ids.recycle_asked())
+            .await
+            .expect("asked at the 1,023rd close");
+        assert!(why.contains("RabbitMQ closed 1023 channels"), "{why}");
+        assert!(why.contains("channel_max is 2047"), "{why}");
+        // Later closes keep the first reason.
+        ids.closed_by_broker();
+        assert_eq!(ids.recycle_asked().await, why);
+        // A broker without a limit, and one with a tiny one.
+        assert_eq!(ChannelIds::new(0).limit, 32767);
+        assert_eq!(ChannelIds::new(1).limit, 1);
+    }
 }

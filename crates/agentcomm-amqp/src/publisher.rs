@@ -15,7 +15,7 @@ use agentcomm_core::Envelope;
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::PublishOutcome;
 
-use crate::link::{Inner, Role, bump};
+use crate::link::{ChannelIds, Inner, Role, bump};
 
 /// What the broker said about one publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,6 +219,8 @@ impl Confirms {
 struct ConfirmCallback {
     confirms: Arc<Confirms>,
     returns: Arc<AtomicU64>,
+    /// Its connection's channel ids, one of which is lost when the broker closes the channel.
+    ids: Arc<ChannelIds>,
 }
 
 #[async_trait::async_trait]
@@ -235,6 +237,7 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
         );
         tracing::warn!(reason = %reason, "publishing channel closed by RabbitMQ");
         self.confirms.fail_all(&reason);
+        self.ids.closed_by_broker();
         Ok(())
     }
 
@@ -325,8 +328,7 @@ impl Publisher {
     /// every eighth of `confirm_timeout`, between 10 ms and 1 s: one timer per channel, not per
     /// publish).
     async fn open(
-        connection: &amqprs::connection::Connection,
-        generation: u64,
+        live: &crate::link::Live,
         timeout: Duration,
         confirm_timeout: Duration,
         returns: Arc<AtomicU64>,
@@ -334,17 +336,20 @@ impl Publisher {
         // On a task of its own (see `crate::link::detached`): the publish that opens the channel
         // may be dropped by its caller, and a channel.open or confirm.select cut short panics
         // amqprs. A channel that opens after the timeout is dropped by the task, which closes it.
-        let connection = connection.clone();
+        let connection = live.connection.clone();
+        let generation = live.generation;
+        let ids = live.ids.clone();
         let setup = crate::link::detached(async move {
-            let channel = connection
-                .open_channel(None)
-                .await
-                .map_err(|e| format!("could not open a publishing channel: {e}"))?;
+            let channel = connection.open_channel(None).await.map_err(|e| {
+                ids.check_open_error(&connection, &e);
+                format!("could not open a publishing channel: {e}")
+            })?;
             let confirms = Arc::new(Confirms::default());
             channel
                 .register_callback(ConfirmCallback {
                     confirms: confirms.clone(),
                     returns,
+                    ids,
                 })
                 .await
                 .map_err(|e| format!("could not register the confirm callback: {e}"))?;
@@ -574,8 +579,7 @@ impl Inner {
                     }
                 }
                 match Publisher::open(
-                    &live.connection,
-                    generation,
+                    &live,
                     self.settings.operation_timeout,
                     self.settings.confirm_timeout,
                     self.counters.returned.clone(),

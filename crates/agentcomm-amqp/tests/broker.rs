@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use agentcomm_amqp::{AmqpRouter, topology};
 use agentcomm_core::envelope::{Envelope, headers};
-use agentcomm_core::router::{NackAction, PublishOutcome, Router, SubscribeOptions, Subscription};
+use agentcomm_core::router::{
+    HealthStatus, NackAction, PublishOutcome, Router, SubscribeOptions, Subscription,
+};
 use agentcomm_core::{ChannelPattern, Error, parse_channel};
 
 use common::{Cleanup, Raw, STEP, broker_available, builder, unique, within};
@@ -880,6 +882,98 @@ async fn quorum_groups_work_and_mismatched_queues_fail_clearly() {
         Some(second_dead_letter_queue.as_str())
     );
     within("close", classic.close()).await.unwrap();
+}
+
+/// amqprs never frees the id of a channel the broker closes, and a connection has `channel_max`
+/// (2,047 on RabbitMQ) of them: a group queue that exists with other settings, whose subscribe (or
+/// restore, every 10 s) the broker refuses by closing the channel, must not use them up. Without the
+/// recycle, every channel.open on the consuming connection fails after that many refusals, and the
+/// consumers on it stop receiving, while the router still reports itself healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_channels_closed_by_the_broker_than_a_connection_has_ids_are_survived() {
+    use amqprs::channel::QueueDeclareArguments;
+
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-channel-ids");
+    let mismatched = topology::group_queue(&exchange, "mismatched");
+    let _cleanup = Cleanup::new(
+        &exchange,
+        &[mismatched.clone(), topology::group_queue(&exchange, "g")],
+    );
+    // The group queue, declared by another process without the router's dead-letter exchange.
+    let raw = Raw::open().await;
+    let channel_max = usize::from(raw.connection.channel_max());
+    within(
+        "declare",
+        raw.channel
+            .queue_declare(QueueDeclareArguments::durable_client_named(&mismatched)),
+    )
+    .await
+    .unwrap();
+    raw.close().await;
+    let router = connect(&exchange).await;
+    let mut member = ping_member(&router).await;
+
+    let started = Instant::now();
+    let refused_options = SubscribeOptions::new(pattern("Ping:*:*")).group("mismatched");
+    let (mut refused, mut other) = (0, Vec::new());
+    while refused <= channel_max {
+        let error = within(
+            "a refused subscribe",
+            router.subscribe(refused_options.clone()),
+        )
+        .await
+        .expect_err("the broker refuses the mismatched group queue")
+        .to_string();
+        if error.contains("PRECONDITION_FAILED") {
+            refused += 1;
+        } else {
+            // A subscribe that met the recycle may fail otherwise; a few at most.
+            other.push(error);
+            assert!(
+                other.len() <= 20,
+                "after {refused} refusals, subscribes fail otherwise: {other:#?}"
+            );
+        }
+    }
+    println!(
+        "{refused} channels closed by the broker in {:.1?}; other errors: {other:?}",
+        started.elapsed()
+    );
+
+    // Everything a user does still works: the member restored, a publish, a new subscription.
+    let deadline = Instant::now() + STEP;
+    let health = loop {
+        let health = within("health", router.health()).await;
+        if health.status == HealthStatus::Healthy && health.round_trip.is_some() {
+            break health;
+        }
+        assert!(Instant::now() < deadline, "never healthy again: {health:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(health.get("channel_id_recycles") >= 1, "{health:?}");
+    assert!(
+        health.get("channel_id_recycles") <= (refused / (channel_max / 2)) as u64,
+        "recycled more often than the ids require: {health:?}"
+    );
+    assert_eq!(health.get("connection_losses"), 0, "{health:?}");
+    let mut fresh = within(
+        "a new subscription",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    .expect("subscribing works again");
+    let outcome = within("publish", router.publish(envelope("Ping:event:s1", 7)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Accepted);
+    assert_eq!(take(&mut fresh, 1).await, [7], "the new subscription");
+    assert_eq!(take(&mut member, 1).await, [7], "the member, restored");
+    let health = within("health", router.health()).await;
+    assert!(health.get("consumers_restored") >= 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@
 //! | `unroutable` | pub/sub: publishes no subscriber received |
 //! | `delivered` | deliveries handed to subscriptions |
 //! | `acked`, `nacked` | settlements |
+//! | `acks_not_pending` | streams: acknowledgements whose entry was no longer pending: another member had claimed and acknowledged it first (handled twice) |
 //! | `redelivered` | deliveries handed out again (nack, abandon, recovery after a reconnect) |
 //! | `reclaimed` | streams: entries taken over from a consumer that stopped renewing them |
 //! | `dead_lettered` | streams: entries moved to their dead-letter channel after `max_deliveries` |
@@ -36,6 +37,7 @@ pub(crate) struct Counters {
     pub(crate) delivered: AtomicU64,
     pub(crate) acked: AtomicU64,
     pub(crate) nacked: AtomicU64,
+    pub(crate) acks_not_pending: AtomicU64,
     pub(crate) redelivered: AtomicU64,
     pub(crate) reclaimed: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
@@ -92,6 +94,7 @@ impl Counters {
             ("delivered", load(&self.delivered)),
             ("acked", load(&self.acked)),
             ("nacked", load(&self.nacked)),
+            ("acks_not_pending", load(&self.acks_not_pending)),
             ("redelivered", load(&self.redelivered)),
             ("reclaimed", load(&self.reclaimed)),
             ("dead_lettered", load(&self.dead_lettered)),

@@ -353,6 +353,8 @@ pub(crate) struct StreamSubscription {
     reading: AtomicU64,
     acks: AckBatcher,
     filtered_log: LogLimiter,
+    /// Acknowledgements of entries no longer pending (another member acknowledged them first).
+    not_pending_log: LogLimiter,
     /// Reuses the channel of the previous entry when the next one has the same.
     decoder: Mutex<FrameDecoder>,
 }
@@ -465,6 +467,7 @@ impl StreamSubscription {
             reading: AtomicU64::new(0),
             acks: AckBatcher::default(),
             filtered_log: LogLimiter::new(Duration::from_secs(5)),
+            not_pending_log: LogLimiter::new(Duration::from_secs(5)),
             decoder: Mutex::new(FrameDecoder::new()),
         });
         if let Err(error) = subscription.setup().await {
@@ -1170,6 +1173,34 @@ impl StreamSubscription {
         }
         if held.is_empty() || self.is_closed() {
             self.settled.notify_waiters();
+        }
+    }
+
+    /// Counts an `XACK` of `sent` entries that removed `removed` from the pending list. One that
+    /// removed fewer found entries no longer pending: another member had claimed them (this one was
+    /// out of reach, or its handler slower than `claim_idle` allows while its leases could not be
+    /// renewed) and acknowledged them first, so they were handled twice; or the group was deleted
+    /// and made again. The acknowledgement itself succeeded (the entry is settled), so it is counted
+    /// and logged rather than failed.
+    fn count_acks(&self, key: &str, group: &str, sent: u64, removed: u64) {
+        let counters = &self.shared.counters;
+        let removed = removed.min(sent);
+        counters.add(&counters.acked, removed);
+        let missed = sent - removed;
+        if missed == 0 {
+            return;
+        }
+        counters.add(&counters.acks_not_pending, missed);
+        if let Some(suppressed) = self.not_pending_log.allow() {
+            tracing::warn!(
+                stream = key,
+                group,
+                entries = missed,
+                suppressed,
+                "acknowledged entries that were no longer pending: another member of the group had \
+                 claimed and acknowledged them first, so they were handled twice (raise claim_idle if \
+                 handlers or outages last longer), or the group was made again"
+            );
         }
     }
 
@@ -2074,7 +2105,7 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                         .client_for(&key)
                         .xack::<Value, _, _, _>(key.as_ref(), group.as_str(), ids)
                         .await
-                        .map(drop)
+                        .map(|removed| removed.as_u64().unwrap_or(0))
                         .map_err(|e| map_error(&e, subscription.settings(), "acknowledging (XACK)"))
                 };
                 // Whether it worked or not, the entries are no longer their deliveries': when XACK
@@ -2082,10 +2113,10 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                 // and their slots given back together, once per batch.
                 let mut slots: Option<OwnedSemaphorePermit> = None;
                 subscription.unhold_all(&key, waiting.iter().map(|(id, _, _)| *id));
-                if result.is_ok() {
-                    let counters = &subscription.shared.counters;
-                    counters.add(&counters.acked, waiting.len() as u64);
+                if let Ok(removed) = result {
+                    subscription.count_acks(&key, group, waiting.len() as u64, removed);
                 }
+                let result = result.map(drop);
                 for (_, done, slot) in waiting {
                     match (&mut slots, slot) {
                         (Some(slots), Some(slot)) => slots.merge(slot),

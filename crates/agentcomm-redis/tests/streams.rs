@@ -1383,3 +1383,52 @@ async fn entries_given_back_unhandled_from_a_stopping_members_buffer_count_no_at
     heir_router.close().await.unwrap();
     publisher.close().await.unwrap();
 }
+
+/// An acknowledgement of an entry another member already acknowledged (it claimed the entry while
+/// this one was out of reach, and handled it too) finds nothing pending: the handler's work is done,
+/// so the ack succeeds, but the double handling is counted where a user looks for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_of_an_entry_another_member_acknowledged_first_is_counted() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let options = SubscribeOptions::new(ChannelPattern::parse("Twice:*:*").unwrap()).group("g");
+    let mut member = router.subscribe(options).await.unwrap();
+    for n in 0..3 {
+        router.publish(envelope("Twice:event:s1", n)).await.unwrap();
+    }
+    let mut deliveries = Vec::new();
+    for _ in 0..3 {
+        deliveries.push(next(&mut member).await);
+    }
+    deliveries.sort_by_key(number);
+    // What another member that claimed entry 1 and handled it would have done: acknowledge it.
+    let raw = raw_client().await;
+    let key = format!("{prefix}:stream:{{Twice}}");
+    let pending: Value = raw
+        .xpending(key.as_str(), "g", ("-", "+", 10))
+        .await
+        .unwrap();
+    let ids: Vec<String> = pending
+        .into_array()
+        .into_iter()
+        .filter_map(|entry| entry.into_array().first().and_then(Value::as_string))
+        .collect();
+    assert_eq!(ids.len(), 3, "three entries pending: {ids:?}");
+    let removed: u64 = raw.xack(key.as_str(), "g", ids[1].as_str()).await.unwrap();
+    assert_eq!(removed, 1);
+    for delivery in deliveries {
+        delivery.ack().await.unwrap();
+    }
+    let health = router.health().await;
+    assert_eq!(
+        (health.get("acked"), health.get("acks_not_pending")),
+        (2, 1),
+        "(acked, acks_not_pending)"
+    );
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}

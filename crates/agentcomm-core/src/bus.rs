@@ -14,8 +14,8 @@ use tokio::sync::oneshot;
 
 use crate::channel::{Channel, ChannelPattern, INBOX_PREFIX, REPLY_DIRECTION};
 use crate::codec::Codec;
-use crate::envelope::Envelope;
-use crate::error::{Error, Result};
+use crate::envelope::{Envelope, headers};
+use crate::error::{Error, RequestFailure, Result};
 use crate::message::Message;
 use crate::router::{PublishOutcome, SharedRouter, SubscribeOptions};
 
@@ -175,7 +175,8 @@ impl Bus {
         let envelope = self
             .envelope(channel, message)?
             .with_reply_to(reply_channel.canonical());
-        let request_id = envelope.id().to_string();
+        let request_envelope_id = envelope.id();
+        let request_id = request_envelope_id.to_string();
         let channel_name = envelope.channel().name().to_string();
         // The timeout bounds everything: subscribing the inbox, publishing and waiting for the reply.
         let asking = async {
@@ -210,6 +211,22 @@ impl Bus {
                 });
             }
         };
+        if let Some(reason) = reply.header(headers::REQUEST_FAILED) {
+            return Err(Error::RequestFailed(Box::new(RequestFailure {
+                class: Req::CLASS,
+                request_id: request_envelope_id,
+                agent: reply
+                    .header(headers::AGENT)
+                    .unwrap_or("unknown")
+                    .to_string(),
+                reason: reason.to_string(),
+                attempts: reply
+                    .header(headers::ATTEMPTS)
+                    .and_then(|attempts| attempts.parse().ok())
+                    .unwrap_or(0),
+                error: reply.header(headers::ERROR).unwrap_or("").to_string(),
+            })));
+        }
         if reply.class() != Resp::CLASS {
             // A frame of another class with this request's correlation id (a replier that did not go
             // through `Context::reply`, another language's client): not decoded as what it is not.

@@ -43,6 +43,12 @@ pub mod headers {
     /// dead-lettered with. Its next delivery is dead-lettered at once (with the `ERROR` and `ATTEMPTS`
     /// it carries), without running the handler again.
     pub const DEAD_LETTER_PENDING: &str = "agentcomm-dead-letter-pending";
+    /// Set on a reply that answers a request with its failure: the agent that received the request
+    /// dead-lettered it (the value is the dead letter's reason; `ERROR`, `ATTEMPTS` and `AGENT` say
+    /// more), so no reply will come. The requester's `request` returns
+    /// [`Error::RequestFailed`](crate::error::Error::RequestFailed) at once instead of waiting out its
+    /// timeout. The payload is empty.
+    pub const REQUEST_FAILED: &str = "agentcomm-request-failed";
 
     /// The handler failed on every attempt.
     pub const REASON_HANDLER_FAILED: &str = "handler-failed";

@@ -3,6 +3,7 @@
 //! Every message says what happened and what to do next. Backend crates wrap their client's errors in
 //! [`Error::Connection`] or [`Error::Backend`] instead of leaking the client's own types.
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::message::ValidationError;
@@ -87,6 +88,11 @@ pub enum Error {
         /// The request's reply_to.
         reply_to: String,
     },
+
+    /// The agent that received a request dead-lettered it instead of answering (its handler failed on
+    /// every attempt, refused it, or could not decode it): no reply will come.
+    #[error("{0}")]
+    RequestFailed(Box<RequestFailure>),
 
     /// A message failed its own validation rules.
     #[error("invalid {class}: {source}")]
@@ -367,6 +373,42 @@ fn is_secret_name(name: &str) -> bool {
     ["pass", "pwd", "secret", "token", "auth"]
         .iter()
         .any(|word| name.contains(word))
+}
+
+/// What a requester learns when the agent that received its request dead-lettered it
+/// ([`Error::RequestFailed`]): what the dead letter says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestFailure {
+    /// The request's message class.
+    pub class: &'static str,
+    /// The request's message id (the dead letter's `agentcomm-original-id`).
+    pub request_id: crate::envelope::MessageId,
+    /// The agent that dead-lettered it.
+    pub agent: String,
+    /// Why it was dead-lettered: one of the `headers::REASON_*` values.
+    pub reason: String,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// The error of the last attempt.
+    pub error: String,
+}
+
+impl fmt::Display for RequestFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let RequestFailure {
+            class,
+            request_id,
+            agent,
+            reason,
+            attempts,
+            error,
+        } = self;
+        write!(
+            f,
+            "the {class} request {request_id} failed in agent '{agent}' and was dead-lettered ({reason}, after {attempts} attempt(s)): {error}; its dead letter is on 'DeadLetter:{class}:*' with agentcomm-original-id {request_id}"
+        )
+    }
 }
 
 #[cfg(test)]

@@ -77,7 +77,7 @@ pub use bus::Bus;
 pub use channel::{Channel, ChannelPattern, parse_channel};
 pub use codec::Codec;
 pub use envelope::{Envelope, MessageId};
-pub use error::{Error, Result};
+pub use error::{Error, RequestFailure, Result};
 pub use memory::MemoryRouter;
 pub use message::{Message, ValidationError};
 pub use router::{Capabilities, Router};

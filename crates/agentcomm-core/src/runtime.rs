@@ -55,7 +55,7 @@ use tracing::Instrument;
 use crate::agent::{Agent, Context, HandlerError, Publisher, Rejection};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, DEFAULT_REQUEST_TIMEOUT};
-use crate::channel::{INBOX_PREFIX, REPLY_DIRECTION};
+use crate::channel::{INBOX_PREFIX, REPLY_DIRECTION, parse_channel};
 use crate::codec::Codec;
 use crate::envelope::{Envelope, MessageId, headers};
 use crate::error::{Error, Result};
@@ -1250,6 +1250,20 @@ impl<A: Agent> AgentShared<A> {
             .await;
     }
 
+    /// Tells the requester of a dead-lettered request that it failed, so that it does not wait out its
+    /// timeout. If this publish fails, the requester only waits for its timeout, as before.
+    async fn answer_with_failure(&self, reply: Envelope) {
+        let reply_to = reply.channel().name().to_string();
+        match self.bus.router().publish(reply).await {
+            Ok(_) => tracing::debug!(reply_to, "told the requester its request failed"),
+            Err(error) => tracing::warn!(
+                reply_to,
+                error = %error,
+                "could not tell the requester its request failed; it waits for its timeout"
+            ),
+        }
+    }
+
     async fn dead_letter(&self, delivery: Delivery, reason: &str, error: &str) {
         let attempts = delivery.envelope().attempt();
         self.dead_letter_as(delivery, reason, error, attempts).await;
@@ -1276,6 +1290,7 @@ impl<A: Agent> AgentShared<A> {
             .with_header(headers::ORIGINAL_ID, original.id().to_string())
             .with_header(headers::ORIGINAL_CHANNEL, original.channel().name());
         dead.headers_mut().remove(headers::DEAD_LETTER_PENDING);
+        let failure_reply = failure_reply(original, reason, error, attempts, A::NAME);
         tracing::error!(
             reason,
             error,
@@ -1291,6 +1306,9 @@ impl<A: Agent> AgentShared<A> {
                     tracing::warn!(
                         "the dead letter was not kept: nothing subscribes to DeadLetter channels and this backend does not store them"
                     );
+                }
+                if let Some(failure) = failure_reply {
+                    self.answer_with_failure(failure).await;
                 }
                 if let Err(error) = delivery.ack().await {
                     bump(&self.stats.ack_failures);
@@ -1319,6 +1337,30 @@ impl<A: Agent> AgentShared<A> {
             }
         }
     }
+}
+
+/// The reply that tells the requester of `request` (when it is one: its `reply_to` is a requester's
+/// inbox) that it was dead-lettered: on its reply channel, correlated, empty, with the dead letter's
+/// reason, error, attempts and agent in headers.
+fn failure_reply(
+    request: &Envelope,
+    reason: &str,
+    error: &str,
+    attempts: u32,
+    agent: &str,
+) -> Option<Envelope> {
+    let channel = parse_channel(request.reply_to()?).ok()?;
+    if channel.direction() != REPLY_DIRECTION || !channel.session().starts_with(INBOX_PREFIX) {
+        return None;
+    }
+    Some(
+        Envelope::new(channel, request.content_type().to_string(), Vec::new())
+            .with_correlation_id(request.id().to_string())
+            .with_header(headers::REQUEST_FAILED, reason)
+            .with_header(headers::ERROR, error)
+            .with_header(headers::ATTEMPTS, attempts.to_string())
+            .with_header(headers::AGENT, agent),
+    )
 }
 
 /// Whether `envelope` is a reply on its way to a requester's inbox: on direction `reply`, to an inbox

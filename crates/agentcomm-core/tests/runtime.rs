@@ -1090,12 +1090,87 @@ async fn replying_with_another_type_than_the_requester_waits_for_is_an_error() {
                 amount: 1.0,
                 user_id: "u".into(),
             },
-            Duration::from_millis(200),
+            WAIT * 12,
         )
         .await
         .unwrap_err();
-    assert!(matches!(error, Error::Timeout { .. }));
+    // The handler refused the request (permanently): the requester learns it at once.
+    match &error {
+        Error::RequestFailed(failure) => {
+            assert_eq!((failure.reason.as_str(), failure.attempts), ("rejected", 1))
+        }
+        other => panic!("expected RequestFailed, got {other:?}"),
+    }
+    assert!(
+        error.to_string().contains("replied with the wrong type"),
+        "{error}"
+    );
     assert_eq!(REPLIES.load(Ordering::SeqCst), 1);
+}
+
+#[agent(receives = [PaymentRequest], sends = [PaymentResponse])]
+struct LedgerDown;
+
+impl Handle<PaymentRequest> for LedgerDown {
+    async fn handle(&self, _: PaymentRequest, _: &Context<Self>) -> HandlerResult {
+        Err(HandlerError::msg("the ledger is down"))
+    }
+}
+
+/// A request whose handler fails on every attempt is dead-lettered; its requester is told so and
+/// fails at once, with what the dead letter says, instead of waiting out its timeout.
+#[tokio::test]
+async fn a_dead_lettered_request_fails_its_requester_at_once() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    runtime
+        .spawn_with(LedgerDown, fast_retries(2))
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    let asking = client.request_timeout::<PaymentRequest, PaymentResponse>(
+        "s1",
+        PaymentRequest {
+            amount: 1.0,
+            user_id: "u".into(),
+        },
+        Duration::from_secs(600),
+    );
+    // Bounded far below the request's own timeout: an answer, not a timeout, ends it.
+    let error = timeout(WAIT, asking)
+        .await
+        .expect("the requester was told before its timeout")
+        .unwrap_err();
+    let dead_letter = next(&mut dead).await;
+    let original_id = dead_letter
+        .envelope()
+        .header(headers::ORIGINAL_ID)
+        .unwrap()
+        .to_string();
+    match &error {
+        Error::RequestFailed(failure) => {
+            assert_eq!(
+                (
+                    failure.class,
+                    failure.agent.as_str(),
+                    failure.reason.as_str(),
+                    failure.attempts
+                ),
+                ("PaymentRequest", "LedgerDown", "handler-failed", 2)
+            );
+            assert_eq!(failure.request_id.to_string(), original_id);
+            assert!(
+                failure.error.contains("the ledger is down"),
+                "{}",
+                failure.error
+            );
+        }
+        other => panic!("expected RequestFailed, got {other:?}"),
+    }
+    assert!(
+        error.to_string().contains("'DeadLetter:PaymentRequest:*'"),
+        "{error}"
+    );
 }
 
 static JSON_SEEN: AtomicU32 = AtomicU32::new(0);

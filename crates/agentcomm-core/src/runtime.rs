@@ -1025,6 +1025,44 @@ async fn run_workers<A: Agent>(
     report
 }
 
+/// A handler's future, dropped inside a panic guard: a panic in the user's `Drop` code (of the
+/// future's state, when it finishes or when the stop deadline cuts it short) is logged and counted in
+/// `panicked` instead of taking the agent's worker down.
+struct DropGuarded<'a, F: Future + Unpin> {
+    future: Option<F>,
+    panicked: &'a AtomicU64,
+}
+
+impl<F: Future + Unpin> Future for DropGuarded<'_, F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let future = self
+            .future
+            .as_mut()
+            .expect("a handler's future is polled only until it is dropped");
+        std::pin::Pin::new(future).poll(cx)
+    }
+}
+
+impl<F: Future + Unpin> Drop for DropGuarded<'_, F> {
+    fn drop(&mut self) {
+        let Some(future) = self.future.take() else {
+            return;
+        };
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(future))) {
+            bump(self.panicked);
+            tracing::error!(
+                panic = %panic_text(panic.as_ref()),
+                "dropping the handler's future panicked (user code in a Drop); the agent goes on"
+            );
+        }
+    }
+}
+
 struct InFlight<'a>(&'a AtomicU64);
 
 impl Drop for InFlight<'_> {
@@ -1150,6 +1188,10 @@ impl<A: Agent> AgentShared<A> {
             Ok(Ok(handler)) => handler,
             Ok(Err(rejection)) => return Outcome::Rejected(rejection),
             Err(panic) => return Outcome::Panicked(panic_text(panic.as_ref())),
+        };
+        let handler = DropGuarded {
+            future: Some(handler),
+            panicked: &self.stats.panicked,
         };
         let mut guarded = std::pin::pin!(AssertUnwindSafe(handler).catch_unwind());
         // Most handlers finish at their first poll; the timer is only set up for those that do not.

@@ -637,3 +637,63 @@ async fn a_dead_letter_pending_header_from_elsewhere_is_not_obeyed() {
     })
     .await;
 }
+
+/// Panics when dropped: user state a handler holds while it waits.
+struct PanicsWhenDropped;
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        panic!("a guard of the handler panicked in its Drop")
+    }
+}
+
+#[agent(receives = [Job])]
+struct Stuck(Arc<AtomicUsize>);
+
+impl Handle<Job> for Stuck {
+    async fn handle(&self, job: Job, _: &Context<Self>) -> HandlerResult {
+        if job.id == 0 {
+            // Never finishes: the handler timeout drops this future, and with it the guard.
+            let _guard = PanicsWhenDropped;
+            std::future::pending::<()>().await;
+        }
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_panic_while_dropping_a_handlers_future_does_not_take_the_agent_down() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let agent = runtime
+        .spawn_with(
+            Stuck(handled.clone()),
+            fast_retries(1).handler_timeout(Some(Duration::from_millis(20))),
+        )
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    client.publish("s1", Job { id: 0 }).await.unwrap();
+    client.publish("s1", Job { id: 1 }).await.unwrap();
+    let letter = timeout(WAIT, dead.next()).await.unwrap().unwrap();
+    assert!(
+        letter
+            .envelope()
+            .header(headers::ERROR)
+            .unwrap_or_default()
+            .contains("timed out"),
+        "{:?}",
+        letter.envelope().header(headers::ERROR)
+    );
+    wait_for_health(&runtime, "the next job is handled", |_| {
+        handled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let health = agent.health();
+    assert_eq!(
+        (health.panicked, health.state),
+        (1, agentcomm_core::runtime::AgentState::Running)
+    );
+}

@@ -356,6 +356,10 @@ struct Inbox {
     pending: Arc<Mutex<HashMap<String, Waiting>>>,
     listeners: Arc<Mutex<HashMap<&'static str, Listener>>>,
     unmatched: Arc<AtomicU64>,
+    /// Held by the inbox only: when the bus goes (its last clone dropped), the listening tasks see it
+    /// closed and drop their subscriptions, instead of keeping them on the router for as long as it
+    /// lives (a router shared with other runtimes outlives this one).
+    gone: tokio::sync::watch::Sender<()>,
 }
 
 /// A reply class's subscription, made once by the first request of that class.
@@ -390,6 +394,7 @@ impl Inbox {
             pending: Arc::default(),
             listeners: Arc::default(),
             unmatched: Arc::default(),
+            gone: tokio::sync::watch::Sender::new(()),
         }
     }
 
@@ -414,8 +419,15 @@ impl Inbox {
         let pending = self.pending.clone();
         let listeners = self.listeners.clone();
         let unmatched = self.unmatched.clone();
+        let mut bus_gone = self.gone.subscribe();
         tokio::spawn(async move {
-            while let Some(delivery) = subscription.next().await {
+            loop {
+                let delivery = tokio::select! {
+                    delivery = subscription.next() => delivery,
+                    // Nothing is ever sent: this resolves (with an error) once the bus is dropped.
+                    _ = bus_gone.changed() => None,
+                };
+                let Some(delivery) = delivery else { break };
                 let envelope = delivery.envelope().clone();
                 let waiting = envelope
                     .correlation_id()

@@ -333,6 +333,52 @@ async fn a_request_is_told_at_once_when_its_inbox_closes_and_never_leaks_its_reg
     assert_eq!(runtime.bus().pending_requests(), 0);
 }
 
+/// A router shared by several runtimes outlives each of them: a runtime dropped without `shutdown`
+/// (which would close the router for all) must take its reply inbox's subscriptions with it, not leave
+/// one per runtime and reply class on the router for as long as it lives.
+#[tokio::test]
+async fn a_dropped_runtime_leaves_no_reply_inbox_on_a_shared_router() {
+    let router = MemoryRouter::new();
+    // Something receives the requests but never answers.
+    let _silent = router
+        .subscribe(SubscribeOptions::new(PaymentRequest::pattern()))
+        .await
+        .unwrap();
+    let subscriptions = || async { router.health().await.get("subscriptions") };
+    assert_eq!(subscriptions().await, 1);
+    for round in 0..3 {
+        let runtime = Runtime::new(router.clone());
+        let error = runtime
+            .publisher::<Client>()
+            .request_timeout::<PaymentRequest, PaymentResponse>(
+                &format!("s{round}"),
+                PaymentRequest {
+                    amount: 1.0,
+                    user_id: "u".into(),
+                },
+                Duration::from_millis(20),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+        assert_eq!(
+            subscriptions().await,
+            2,
+            "the request's inbox is subscribed"
+        );
+        drop(runtime);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while subscriptions().await != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the dropped runtime's reply inbox is still subscribed after 5 s ({} subscriptions)",
+                subscriptions().await
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn stopping_twice_waits_for_the_first_stop_and_gives_its_report() {
     let runtime = Runtime::new(MemoryRouter::new());

@@ -130,21 +130,25 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
         .map(|ty| quote_spanned!(ty.span()=> <#ty as #core::Message>::CLASS));
     // Every use of a listed type goes through a projection `<T as Message>::..` with the type's span, so
     // that a type which is not a Message yields one error (identical diagnostics are merged), not one per use.
+    // The generated functions' own variables keep the call-site span they are declared with: written
+    // inside `quote_spanned!` they would take the type's span, which names a different scope when the
+    // type comes from a `macro_rules!` argument (`cannot find value `ctx` in this scope`).
+    let (session, class, ctx, this) = (quote!(session), quote!(class), quote!(ctx), quote!(self));
     let patterns = receives.iter().map(|ty| {
         quote_spanned! {ty.span()=>
             #core::ChannelPattern::with_template(
                 <#ty as #core::Message>::TEMPLATE,
                 #core::Some(<#ty as #core::Message>::CLASS),
                 #core::None,
-                session,
+                #session,
             )?
         }
     });
     let dispatch_arms = receives.iter().map(|ty| {
         quote_spanned! {ty.span()=>
-            if class == <#ty as #core::Message>::CLASS {
-                let message = #core::decode_message::<#ty>(ctx.envelope())?;
-                return #core::Ok(#core::Box::pin(<Self as #core::Handle<#ty>>::handle(self, message, ctx)));
+            if #class == <#ty as #core::Message>::CLASS {
+                let message = #core::decode_message::<#ty>(#ctx.envelope())?;
+                return #core::Ok(#core::Box::pin(<Self as #core::Handle<#ty>>::handle(#this, message, #ctx)));
             }
         }
     });

@@ -93,10 +93,12 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
 
     let mut checks = field_checks(&input)?;
     if let Some(path) = &options.validate {
+        // `self` keeps the call-site span of the method's receiver (see `field_checks`).
+        let this = quote!(self);
         checks.push(quote_spanned! {path.span()=>
             {
                 let check: fn(&Self) -> ::agentcomm_core::__private::Result<(), ::agentcomm_core::__private::ValidationError> = #path;
-                check(self)?;
+                check(#this)?;
             }
         });
     }
@@ -193,19 +195,23 @@ fn field_checks(input: &DeriveInput) -> syn::Result<Vec<TokenStream>> {
         }
         Data::Union(_) => Vec::new(),
     };
+    // `self` is written with the call-site span of the `validate` method's receiver: inside
+    // `quote_spanned!` it would take the field's span, which names another scope when the field comes
+    // from a `macro_rules!` argument (`self` value is a keyword only available in methods ...).
+    let this = quote!(self);
     for field in fields {
         let ident = field.ident.as_ref().expect("named fields have names");
         let name = ident.unraw().to_string();
         for rule in field_rules(field)? {
             checks.push(match rule {
                 FieldRule::NonEmpty => quote_spanned! {ident.span()=>
-                    ::agentcomm_core::__private::rules::non_empty(#name, &self.#ident)?;
+                    ::agentcomm_core::__private::rules::non_empty(#name, &#this.#ident)?;
                 },
                 FieldRule::Min(bound) => quote_spanned! {bound.span()=>
-                    ::agentcomm_core::__private::rules::min(#name, &self.#ident, #bound)?;
+                    ::agentcomm_core::__private::rules::min(#name, &#this.#ident, #bound)?;
                 },
                 FieldRule::Max(bound) => quote_spanned! {bound.span()=>
-                    ::agentcomm_core::__private::rules::max(#name, &self.#ident, #bound)?;
+                    ::agentcomm_core::__private::rules::max(#name, &#this.#ident, #bound)?;
                 },
             });
         }

@@ -1,0 +1,108 @@
+//! The macros' generated code works wherever users write them: with the prelude's names (`Result`,
+//! `Option`, `Some`, `Ok`, `Box`, `Vec`, ...) shadowed by the user's own, and inside `macro_rules!`
+//! macros that pass the types and fields in as arguments. (This file fails to compile, rather than
+//! fail at run time, when that breaks.)
+
+use std::time::Duration;
+
+use agentcomm_core::prelude::{Context, Handle, HandlerResult, MemoryRouter, Runtime, agent};
+use agentcomm_core::{Error, Message};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// Names the generated code must not pick up from the caller's scope.
+#[allow(dead_code)]
+mod shadowing {
+    pub struct Result;
+    pub struct Option;
+    pub struct Some;
+    pub struct None;
+    pub struct Ok;
+    pub struct Err;
+    pub struct Box;
+    pub struct Vec;
+    pub struct ChannelPattern;
+}
+#[allow(unused_imports)]
+use shadowing::*;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A message type whose name and ruled field come from a macro's arguments.
+macro_rules! ruled_message {
+    ($name:ident { $field:ident : $ty:ty }) => {
+        #[derive(Debug, Clone, Serialize, Deserialize, agentcomm_core::Message)]
+        #[message(validate = $name::check)]
+        struct $name {
+            #[message(non_empty)]
+            $field: $ty,
+        }
+
+        impl $name {
+            fn check(&self) -> ::std::result::Result<(), agentcomm_core::ValidationError> {
+                if self.$field.len() > 8 {
+                    return ::std::result::Result::Err(agentcomm_core::ValidationError::new(
+                        stringify!($field),
+                        "short",
+                    ));
+                }
+                ::std::result::Result::Ok(())
+            }
+        }
+    };
+}
+
+ruled_message!(Label { text: String });
+
+/// An agent whose name and received type come from a macro's arguments (as plain identifiers, the
+/// way a macro that generates many agents passes them).
+macro_rules! forwarding_agent {
+    ($agent:ident receives $message:ident) => {
+        #[agent(receives = [$message])]
+        struct $agent {
+            seen: mpsc::UnboundedSender<String>,
+        }
+
+        impl Handle<$message> for $agent {
+            async fn handle(&self, message: $message, _ctx: &Context<Self>) -> HandlerResult {
+                let _ = self.seen.send(message.text);
+                ::std::result::Result::Ok(())
+            }
+        }
+    };
+}
+
+forwarding_agent!(LabelAgent receives Label);
+
+#[agent(sends = [Label])]
+struct Labeller;
+
+#[tokio::test]
+async fn macros_work_inside_macro_rules_and_with_shadowed_prelude_names() {
+    assert_eq!(<Label as agentcomm_core::Message>::CLASS, "Label");
+    let empty = Label { text: " ".into() };
+    let long = Label {
+        text: "far too long".into(),
+    };
+    let rules = [empty, long].map(|label| label.validate().unwrap_err().rule().to_string());
+    assert_eq!(rules, ["non_empty", "short"]);
+
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (seen, mut received) = mpsc::unbounded_channel();
+    runtime.spawn(LabelAgent { seen }).await.unwrap();
+    let publisher = runtime.publisher::<Labeller>();
+    let refused = publisher
+        .publish("s1", Label { text: "".into() })
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Error::Validation { .. }), "{refused:?}");
+    publisher
+        .publish("s1", Label { text: "ok".into() })
+        .await
+        .unwrap();
+    let text = tokio::time::timeout(WAIT, received.recv())
+        .await
+        .expect("the agent handled the label within 5 s");
+    assert_eq!(text.as_deref(), ::std::option::Option::Some("ok"));
+    runtime.shutdown(WAIT).await.unwrap();
+}

@@ -56,6 +56,7 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         Some(literal) => {
             let parts = template::parse(&literal.value())
                 .map_err(|message| syn::Error::new(literal.span(), message))?;
+            check_separators(&parts, literal, &class, &options)?;
             let parts = parts.iter().map(|part| match part {
                 Part::Literal(text) => {
                     quote!(::agentcomm_core::__private::TemplatePart::Literal(#text))
@@ -123,6 +124,69 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         }
     })
 }
+
+/// The class and the default direction are known now, and so is what the template splits channel names
+/// at: a class or direction containing its separator would make every channel of the type invalid at
+/// run time (each publish failing, `Message::pattern()` panicking), so it is refused here, on the
+/// literal to change.
+fn check_separators(
+    parts: &[Part],
+    channel: &LitStr,
+    class: &str,
+    options: &ContainerOptions,
+) -> syn::Result<()> {
+    let template = channel.value();
+    if let Some(separator) = template::separator_after(parts, &Part::Class)
+        && class.contains(separator)
+    {
+        let (span, fix) = match &options.name {
+            Some(name) => (
+                name.span(),
+                "choose a class name without it, or another separator after `{class}` in the template",
+            ),
+            None => (
+                channel.span(),
+                "put another separator after `{class}` in the template, or set a class name without it with #[message(name = \"...\")]",
+            ),
+        };
+        return Err(syn::Error::new(
+            span,
+            format!(
+                "the class `{class}` contains '{separator}', which separates `{{class}}` from the next component in channel template \"{template}\", so no channel of this type could be named; {fix}"
+            ),
+        ));
+    }
+    let direction = options
+        .direction
+        .as_ref()
+        .map_or_else(|| DEFAULT_DIRECTION.to_string(), LitStr::value);
+    if let Some(separator) = template::separator_after(parts, &Part::Direction)
+        && direction.contains(separator)
+    {
+        let (span, which, fix) = match &options.direction {
+            Some(literal) => (
+                literal.span(),
+                "the direction",
+                "choose a direction without it, or another separator after `{direction}` in the template",
+            ),
+            None => (
+                channel.span(),
+                "the default direction",
+                "put another separator after `{direction}` in the template, or set a direction without it with #[message(direction = \"...\")]",
+            ),
+        };
+        return Err(syn::Error::new(
+            span,
+            format!(
+                "{which} `{direction}` contains '{separator}', which separates `{{direction}}` from the next component in channel template \"{template}\", so the type's channels could not be named; {fix}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `agentcomm_core::Message::DIRECTION` when the type does not set one.
+const DEFAULT_DIRECTION: &str = "event";
 
 fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
     let mut options = ContainerOptions::default();

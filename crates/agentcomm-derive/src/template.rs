@@ -90,6 +90,18 @@ pub fn parse(template: &str) -> Result<Vec<Part>, String> {
     Ok(parts)
 }
 
+/// The character a component may not contain under a template: the first character of the literal
+/// text after its placeholder (the runtime splits a channel name back at it), as in
+/// `agentcomm_core::channel::ChannelTemplate::separator_after`. `None` when the placeholder is last,
+/// absent, or followed by `:` (which no component contains anyway).
+pub fn separator_after(parts: &[Part], placeholder: &Part) -> Option<char> {
+    let index = parts.iter().position(|part| part == placeholder)?;
+    match parts.get(index + 1) {
+        Some(Part::Literal(text)) => text.chars().next().filter(|c| *c != ':'),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +118,18 @@ mod tests {
             ]
         );
         assert_eq!(parse("{class}:{direction}:{session_id}").unwrap().len(), 5);
+    }
+
+    #[test]
+    fn a_components_separator_is_the_literal_after_it() {
+        let parts = parse("{class}.{direction}-x:{session_id}").unwrap();
+        assert_eq!(separator_after(&parts, &Part::Class), Some('.'));
+        assert_eq!(separator_after(&parts, &Part::Direction), Some('-'));
+        assert_eq!(separator_after(&parts, &Part::Session), None);
+        let parts = parse("{class}:{direction}:{session_id}").unwrap();
+        assert_eq!(separator_after(&parts, &Part::Class), None);
+        let parts = parse("payments.{session_id}").unwrap();
+        assert_eq!(separator_after(&parts, &Part::Direction), None);
     }
 
     #[test]

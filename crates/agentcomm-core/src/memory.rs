@@ -451,6 +451,11 @@ impl MemoryRouter {
                 Err(error) => error.into_inner().discard(),
             }
         }
+        if delivered == 0 && inner.closed.load(Ordering::Acquire) {
+            // The router closed while this publish waited for room (or between its check and its
+            // sends): every queue refused it because it closed, not because nobody subscribes.
+            return Err(Self::closed_error());
+        }
         inner
             .counters
             .delivered

@@ -171,3 +171,37 @@ async fn closing_the_router_counts_what_groups_still_held() {
         Error::Closed { .. }
     ));
 }
+
+/// A publish waiting for room when the router closes was delivered nowhere because the router closed:
+/// it fails with `Closed`, as operations after close do, instead of reporting `Unroutable` (no
+/// subscriber matched, which the caller would read as a missing consumer, and a request as "no agent
+/// found").
+#[tokio::test]
+async fn a_publish_waiting_for_room_fails_with_closed_when_the_router_closes() {
+    let router = MemoryRouter::with_config(
+        MemoryConfig::default()
+            .queue_capacity(1)
+            .publish_timeout(Duration::from_secs(30)),
+    );
+    let _full = subscribe(&router, pings()).await;
+    router.publish(ping("s0")).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let (waiting, ()) = tokio::join!(router.publish(ping("s1")), async {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while router.health().await.get("backpressure_waits") == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the second publish never waited for room"
+            );
+            tokio::task::yield_now().await;
+        }
+        router.close().await.unwrap();
+    });
+    let error = waiting.unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error:?}");
+    assert!(
+        started.elapsed() < WAIT,
+        "told at once, not after its timeout"
+    );
+    assert_eq!(router.health().await.get("unroutable"), 0);
+}

@@ -491,6 +491,13 @@ impl MemoryRouter {
         };
         let (stop_sender, stop_receiver) = async_channel::bounded(1);
         let mut routes = inner.routes.write().expect("routes lock");
+        // Again under the lock: `close()` sets the flag before it takes the routes, so a close that
+        // came after the check above either finds this queue in the routes and closes it, or has
+        // already set the flag. (Added to the routes close left behind, the subscription would stay
+        // open, its stream never ending, on a closed router.)
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Self::closed_error());
+        }
         let queue = match &options.distribution {
             Distribution::Group(name) => {
                 let queue = routes

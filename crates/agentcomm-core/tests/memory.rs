@@ -205,3 +205,31 @@ async fn a_publish_waiting_for_room_fails_with_closed_when_the_router_closes() {
     );
     assert_eq!(router.health().await.get("unroutable"), 0);
 }
+
+/// A subscribe racing `close()` either fails with `Closed` or gets a subscription that close ends:
+/// never a live subscription on a closed router, whose stream would wait forever (an agent spawned
+/// while the runtime shuts down would never stop). The race is narrow, so it is run many times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_racing_close_never_outlives_the_router() {
+    for round in 0..100_000 {
+        let router = MemoryRouter::new();
+        let subscribing = tokio::spawn({
+            let router = router.clone();
+            async move { router.subscribe(pings()).await }
+        });
+        router.close().await.unwrap();
+        let subscribed = subscribing.await.unwrap();
+        let live = router.health().await.get("subscriptions");
+        assert_eq!(
+            live, 0,
+            "round {round}: a subscription is live on the closed router"
+        );
+        match subscribed {
+            Ok(mut subscription) => assert!(
+                timeout(WAIT, subscription.next()).await.unwrap().is_none(),
+                "round {round}: the stream ended"
+            ),
+            Err(error) => assert!(matches!(error, Error::Closed { .. }), "{error:?}"),
+        }
+    }
+}

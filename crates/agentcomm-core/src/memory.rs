@@ -68,7 +68,7 @@ impl Default for MemoryConfig {
 }
 
 impl MemoryConfig {
-    /// Sets the queue capacity (at least 1).
+    /// Sets the queue capacity (at least 1; `usize::MAX` is as good as unbounded).
     pub fn queue_capacity(mut self, capacity: usize) -> Self {
         self.queue_capacity = capacity.max(1);
         self
@@ -473,7 +473,13 @@ impl MemoryRouter {
         if inner.closed.load(Ordering::Acquire) {
             return Err(Self::closed_error());
         }
-        let capacity = inner.config.queue_capacity.max(options.prefetch);
+        // A semaphore holds at most `MAX_PERMITS` (2^61 - 1) permits and panics beyond: a larger
+        // capacity (`usize::MAX` for "unbounded") is that many, which no process reaches anyway.
+        let capacity = inner
+            .config
+            .queue_capacity
+            .max(options.prefetch)
+            .clamp(1, Semaphore::MAX_PERMITS);
         let make_queue = |name: String, group: Option<String>| {
             let (sender, receiver) = async_channel::unbounded();
             Arc::new(Queue {

@@ -233,3 +233,29 @@ async fn a_subscribe_racing_close_never_outlives_the_router() {
         }
     }
 }
+
+/// `usize::MAX` as a queue capacity or a prefetch (the obvious way to ask for "unbounded") gives a
+/// working subscription, not a panic in the semaphore that bounds the queue.
+#[tokio::test]
+async fn an_unbounded_capacity_or_prefetch_subscribes_instead_of_panicking() {
+    let unbounded = MemoryRouter::with_config(MemoryConfig::default().queue_capacity(usize::MAX));
+    let huge_prefetch = MemoryRouter::new();
+    for (router, options) in [
+        (&unbounded, pings()),
+        (&huge_prefetch, pings().prefetch(usize::MAX)),
+    ] {
+        let mut subscription = subscribe(router, options).await;
+        for n in 0..3 {
+            router.publish(ping(&format!("s{n}"))).await.unwrap();
+        }
+        for _ in 0..3 {
+            timeout(WAIT, subscription.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .ack()
+                .await
+                .unwrap();
+        }
+    }
+}

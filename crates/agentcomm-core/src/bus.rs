@@ -169,6 +169,19 @@ impl Bus {
         timeout: Duration,
         agent: Option<&str>,
     ) -> Result<Resp> {
+        if timeout.is_zero() {
+            // Checked before anything is published: with no time to wait, the request would reach
+            // its agent, be handled, and its reply be dropped as unmatched, while the caller is told
+            // it timed out.
+            return Err(Error::Config {
+                variable: "request timeout".into(),
+                value: format!("{timeout:?}"),
+                expected: "a duration above zero, long enough for the reply to come back (the runtime's \
+                           default is 30 s: RuntimeBuilder::request_timeout sets it, request_timeout(..) \
+                           overrides it for one request)"
+                    .into(),
+            });
+        }
         let inbox = &self.inner.inbox;
         let reply_channel = Channel::for_message::<Resp>(REPLY_DIRECTION, &inbox.id)?;
         let channel = Channel::for_message::<Req>(Req::DIRECTION, session)?;

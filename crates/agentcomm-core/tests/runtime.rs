@@ -282,6 +282,46 @@ async fn a_request_nobody_receives_fails_at_once_and_a_silent_agent_times_out() 
     );
 }
 
+/// A request with no time to wait is refused before it is published: it would otherwise reach the
+/// agent, be handled (a payment made), and have its reply dropped while the caller reads "timed out".
+#[tokio::test]
+async fn a_request_with_a_zero_timeout_is_refused_before_it_is_published() {
+    let router = MemoryRouter::new();
+    let runtime = Runtime::builder(router.clone())
+        .request_timeout(Duration::ZERO)
+        .build();
+    let mut requests = router
+        .subscribe(SubscribeOptions::new(PaymentRequest::pattern()))
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    let request = || PaymentRequest {
+        amount: 1.0,
+        user_id: "u".into(),
+    };
+    let errors = [
+        client
+            .request::<PaymentRequest, PaymentResponse>("s1", request())
+            .await
+            .unwrap_err(),
+        client
+            .request_timeout::<PaymentRequest, PaymentResponse>("s1", request(), Duration::ZERO)
+            .await
+            .unwrap_err(),
+    ];
+    for error in errors {
+        assert!(matches!(error, Error::Config { .. }), "{error:?}");
+        let text = error.to_string();
+        assert!(
+            text.contains("request timeout='0ns' is not valid")
+                && text.contains("RuntimeBuilder::request_timeout"),
+            "{text}"
+        );
+    }
+    assert!(requests.try_next().is_none(), "nothing was published");
+    assert_eq!(router.health().await.get("published"), 0);
+}
+
 #[tokio::test]
 async fn a_request_is_told_at_once_when_its_inbox_closes_and_never_leaks_its_registration() {
     let router = MemoryRouter::new();

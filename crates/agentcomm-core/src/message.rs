@@ -31,6 +31,11 @@
 //! let error = bad.validate().unwrap_err();
 //! assert_eq!((error.field(), error.rule()), ("amount", "min"));
 //! ```
+//!
+//! The generated code names `::agentcomm_core`. A crate that renames the dependency in its Cargo.toml
+//! (`comm = { package = "agentcomm-core", .. }`), or reaches it through a re-export, says where it is
+//! with `crate = path` on each macro: `#[message(crate = comm)]`, `#[agent(crate = comm, receives =
+//! [..])]`.
 
 use std::borrow::Cow;
 use std::fmt;

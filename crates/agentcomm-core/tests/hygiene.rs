@@ -1,7 +1,7 @@
 //! The macros' generated code works wherever users write them: with the prelude's names (`Result`,
-//! `Option`, `Some`, `Ok`, `Box`, `Vec`, ...) shadowed by the user's own, and inside `macro_rules!`
-//! macros that pass the types and fields in as arguments. (This file fails to compile, rather than
-//! fail at run time, when that breaks.)
+//! `Option`, `Some`, `Ok`, `Box`, `Vec`, ...) shadowed by the user's own, inside `macro_rules!` macros
+//! that pass the types and fields in as arguments, and with agentcomm-core under another name
+//! (`crate = path`). (This file fails to compile, rather than fail at run time, when that breaks.)
 
 use std::time::Duration;
 
@@ -76,6 +76,50 @@ forwarding_agent!(LabelAgent receives Label);
 
 #[agent(sends = [Label])]
 struct Labeller;
+
+/// agentcomm-core under another name, as a crate that renames the dependency in its Cargo.toml
+/// (`comm = { package = "agentcomm-core", .. }`) sees it; both spellings of the key.
+mod renamed {
+    use ::agentcomm_core as comm;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Serialize, Deserialize, comm::Message)]
+    #[message(crate = comm, direction = "request")]
+    pub struct Order {
+        #[message(min = 1)]
+        pub quantity: u32,
+    }
+
+    #[comm::agent(crate = "comm", receives = [Order], sends = [Order])]
+    pub struct OrderDesk;
+
+    impl comm::Handle<Order> for OrderDesk {
+        async fn handle(&self, order: Order, ctx: &comm::Context<Self>) -> comm::HandlerResult {
+            ctx.reply(order).await?;
+            ::std::result::Result::Ok(())
+        }
+    }
+}
+
+#[tokio::test]
+async fn macros_work_with_agentcomm_core_under_another_name() {
+    use renamed::{Order, OrderDesk};
+    assert_eq!(<OrderDesk as agentcomm_core::Agent>::RECEIVES, ["Order"]);
+    assert_eq!(Order { quantity: 0 }.validate().unwrap_err().rule(), "min");
+    let runtime = Runtime::new(MemoryRouter::new());
+    runtime.spawn(OrderDesk).await.unwrap();
+    let answer: Order = tokio::time::timeout(
+        WAIT,
+        runtime
+            .publisher::<OrderDesk>()
+            .request("s1", Order { quantity: 3 }),
+    )
+    .await
+    .expect("answered within 5 s")
+    .unwrap();
+    assert_eq!(answer.quantity, 3);
+    runtime.shutdown(WAIT).await.unwrap();
+}
 
 #[tokio::test]
 async fn macros_work_inside_macro_rules_and_with_shadowed_prelude_names() {

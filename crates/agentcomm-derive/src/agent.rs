@@ -9,13 +9,14 @@ use syn::spanned::Spanned;
 use syn::{Item, LitStr, Token, Type};
 
 use crate::message::path_text;
-use crate::names::component_problem;
+use crate::names::{component_problem, parse_crate_path, private_path, respan};
 
 #[derive(Default)]
 struct AgentArgs {
     receives: Vec<Type>,
     sends: Vec<Type>,
     name: Option<LitStr>,
+    krate: Option<syn::Path>,
 }
 
 fn parse_args(input: ParseStream<'_>) -> syn::Result<AgentArgs> {
@@ -45,6 +46,7 @@ fn parse_args(input: ParseStream<'_>) -> syn::Result<AgentArgs> {
                 }
             }
             "name" => args.name = Some(input.parse()?),
+            "crate" => args.krate = Some(parse_crate_path(input)?),
             other => {
                 let hint = match other {
                     "receive" | "recieves" | "recv" | "handles" | "messages" => {
@@ -58,7 +60,7 @@ fn parse_args(input: ParseStream<'_>) -> syn::Result<AgentArgs> {
                 return Err(syn::Error::new(
                     key.span(),
                     format!(
-                        "unknown key `{other}` in #[agent(...)]{hint}; the keys are `receives = [..]`, `sends = [..]` and `name = \"..\"`"
+                        "unknown key `{other}` in #[agent(...)]{hint}; the keys are `receives = [..]`, `sends = [..]`, `name = \"..\"` and `crate = path`"
                     ),
                 ));
             }
@@ -118,7 +120,7 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
         }
         None => ident.unraw().to_string(),
     };
-    let core = quote!(::agentcomm_core::__private);
+    let core = private_path(args.krate.as_ref());
 
     let receives = &args.receives;
     let sends = &args.sends;
@@ -153,9 +155,11 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
         }
     });
     let sends_impls = sends.iter().map(|ty| {
+        // The whole trait path on the type, so that "`T` is not an agentcomm Message" points at `T`.
+        let sends = respan(quote!(#core::Sends), ty.span());
         quote_spanned! {ty.span()=>
             #[automatically_derived]
-            impl #impl_generics ::agentcomm_core::__private::Sends<#ty> for #ident #type_generics #where_clause {}
+            impl #impl_generics #sends<#ty> for #ident #type_generics #where_clause {}
         }
     });
     // Two impls that can never be used keep `Sends` from having a single impl, from which the compiler

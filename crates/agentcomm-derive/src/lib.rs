@@ -16,8 +16,9 @@ use proc_macro::TokenStream;
 /// Derives `agentcomm_core::Message`.
 ///
 /// Container attributes: `#[message(name = "Class", channel = "template", direction = "request",
-/// validate = path::to::fn)]`. Field attributes: `#[message(non_empty)]`, `#[message(min = 0)]`,
-/// `#[message(max = 100)]`.
+/// validate = path::to::fn, crate = path)]`. Field attributes: `#[message(non_empty)]`,
+/// `#[message(min = 0)]`, `#[message(max = 100)]`. `crate` says where agentcomm-core is when it is
+/// not `::agentcomm_core` (a dependency renamed in Cargo.toml, or a re-export).
 #[proc_macro_derive(Message, attributes(message))]
 pub fn derive_message(input: TokenStream) -> TokenStream {
     let input = syn::parse_macro_input!(input as syn::DeriveInput);
@@ -26,7 +27,8 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
         .into()
 }
 
-/// Declares an agent: `#[agent(receives = [A, B], sends = [C], name = "Optional")]` on a struct.
+/// Declares an agent: `#[agent(receives = [A, B], sends = [C], name = "Optional", crate = path)]` on
+/// a struct (`crate` as for `Message`).
 #[proc_macro_attribute]
 pub fn agent(args: TokenStream, item: TokenStream) -> TokenStream {
     let item = syn::parse_macro_input!(item as syn::Item);

@@ -6,7 +6,7 @@ use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Expr, Fields, LitStr, Path};
 
-use crate::names::{class_problem, component_problem};
+use crate::names::{class_problem, component_problem, parse_crate_path, private_path};
 use crate::template::{self, Part};
 
 #[derive(Default)]
@@ -15,6 +15,7 @@ struct ContainerOptions {
     channel: Option<LitStr>,
     direction: Option<LitStr>,
     validate: Option<Path>,
+    krate: Option<Path>,
 }
 
 enum FieldRule {
@@ -33,6 +34,7 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         ));
     }
     let options = container_options(&input)?;
+    let private = private_path(options.krate.as_ref());
 
     let class = match &options.name {
         Some(name) => name.value(),
@@ -59,15 +61,15 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
             check_separators(&parts, literal, &class, &options)?;
             let parts = parts.iter().map(|part| match part {
                 Part::Literal(text) => {
-                    quote!(::agentcomm_core::__private::TemplatePart::Literal(#text))
+                    quote!(#private::TemplatePart::Literal(#text))
                 }
-                Part::Class => quote!(::agentcomm_core::__private::TemplatePart::Class),
-                Part::Direction => quote!(::agentcomm_core::__private::TemplatePart::Direction),
-                Part::Session => quote!(::agentcomm_core::__private::TemplatePart::Session),
+                Part::Class => quote!(#private::TemplatePart::Class),
+                Part::Direction => quote!(#private::TemplatePart::Direction),
+                Part::Session => quote!(#private::TemplatePart::Session),
             });
             quote! {
-                const TEMPLATE: ::agentcomm_core::__private::ChannelTemplate =
-                    ::agentcomm_core::__private::ChannelTemplate::__from_checked_parts(#literal, &[#(#parts),*]);
+                const TEMPLATE: #private::ChannelTemplate =
+                    #private::ChannelTemplate::__from_checked_parts(#literal, &[#(#parts),*]);
             }
         }
         None => TokenStream::new(),
@@ -92,13 +94,13 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         None => TokenStream::new(),
     };
 
-    let mut checks = field_checks(&input)?;
+    let mut checks = field_checks(&input, &private)?;
     if let Some(path) = &options.validate {
         // `self` keeps the call-site span of the method's receiver (see `field_checks`).
         let this = quote!(self);
         checks.push(quote_spanned! {path.span()=>
             {
-                let check: fn(&Self) -> ::agentcomm_core::__private::Result<(), ::agentcomm_core::__private::ValidationError> = #path;
+                let check: fn(&Self) -> #private::Result<(), #private::ValidationError> = #path;
                 check(#this)?;
             }
         });
@@ -107,16 +109,16 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         TokenStream::new()
     } else {
         quote! {
-            fn validate(&self) -> ::agentcomm_core::__private::Result<(), ::agentcomm_core::__private::ValidationError> {
+            fn validate(&self) -> #private::Result<(), #private::ValidationError> {
                 #(#checks)*
-                ::agentcomm_core::__private::Ok(())
+                #private::Ok(())
             }
         }
     };
 
     Ok(quote! {
         #[automatically_derived]
-        impl ::agentcomm_core::__private::Message for #ident {
+        impl #private::Message for #ident {
             const CLASS: &'static str = #class;
             #template
             #direction
@@ -213,9 +215,15 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                 }
                 options.validate = Some(meta.value()?.parse()?);
                 Ok(())
+            } else if meta.path.is_ident("crate") {
+                if options.krate.is_some() {
+                    return Err(meta.error("this key is given twice"));
+                }
+                options.krate = Some(parse_crate_path(meta.value()?)?);
+                Ok(())
             } else {
                 Err(meta.error(format!(
-                    "unknown key `{}` in #[message(...)]; the keys are `name`, `channel`, `direction` and `validate`",
+                    "unknown key `{}` in #[message(...)]; the keys are `name`, `channel`, `direction`, `validate` and `crate`",
                     path_text(&meta.path)
                 )))
             }
@@ -224,7 +232,7 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
     Ok(options)
 }
 
-fn field_checks(input: &DeriveInput) -> syn::Result<Vec<TokenStream>> {
+fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<TokenStream>> {
     let mut checks = Vec::new();
     let fields = match &input.data {
         Data::Struct(data) => match &data.fields {
@@ -269,13 +277,13 @@ fn field_checks(input: &DeriveInput) -> syn::Result<Vec<TokenStream>> {
         for rule in field_rules(field)? {
             checks.push(match rule {
                 FieldRule::NonEmpty => quote_spanned! {ident.span()=>
-                    ::agentcomm_core::__private::rules::non_empty(#name, &#this.#ident)?;
+                    #private::rules::non_empty(#name, &#this.#ident)?;
                 },
                 FieldRule::Min(bound) => quote_spanned! {bound.span()=>
-                    ::agentcomm_core::__private::rules::min(#name, &#this.#ident, #bound)?;
+                    #private::rules::min(#name, &#this.#ident, #bound)?;
                 },
                 FieldRule::Max(bound) => quote_spanned! {bound.span()=>
-                    ::agentcomm_core::__private::rules::max(#name, &#this.#ident, #bound)?;
+                    #private::rules::max(#name, &#this.#ident, #bound)?;
                 },
             });
         }

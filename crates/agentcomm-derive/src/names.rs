@@ -1,5 +1,48 @@
 //! Checks of class names and directions, the same rules the runtime applies to channel components.
 
+use proc_macro2::TokenStream;
+use quote::quote;
+use syn::parse::ParseStream;
+
+/// Where the generated code finds agentcomm-core: `::agentcomm_core` unless the user says otherwise
+/// with `crate = path` (for a crate that renames the dependency in its Cargo.toml, or reaches
+/// agentcomm-core through a re-export).
+pub fn private_path(krate: Option<&syn::Path>) -> TokenStream {
+    match krate {
+        Some(path) => quote!(#path::__private),
+        None => quote!(::agentcomm_core::__private),
+    }
+}
+
+/// `tokens` with every span set to `span`: a path written by the macro but reported on a user's
+/// token (a diagnostic points at a path's first token).
+pub fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tree| {
+            if let proc_macro2::TokenTree::Group(group) = &tree {
+                let mut inner =
+                    proc_macro2::Group::new(group.delimiter(), respan(group.stream(), span));
+                inner.set_span(span);
+                tree = proc_macro2::TokenTree::Group(inner);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
+}
+
+/// The value of a `crate = ..` key: a path, or a string holding one (`crate = "comm"`, as serde's).
+pub fn parse_crate_path(input: ParseStream<'_>) -> syn::Result<syn::Path> {
+    if input.peek(syn::LitStr) {
+        let literal: syn::LitStr = input.parse()?;
+        literal.parse()
+    } else {
+        input.parse()
+    }
+}
+
 /// The longest component, as in `agentcomm_core::channel::MAX_COMPONENT_LEN`.
 const MAX_COMPONENT_LEN: usize = 80;
 

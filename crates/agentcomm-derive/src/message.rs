@@ -130,7 +130,8 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
 /// The class and the default direction are known now, and so is what the template splits channel names
 /// at: a class or direction containing its separator would make every channel of the type invalid at
 /// run time (each publish failing, `Message::pattern()` panicking), so it is refused here, on the
-/// literal to change.
+/// literal to change. So is a separator after the session that reply inbox sessions contain: every
+/// request waiting for a reply of this type would fail.
 fn check_separators(
     parts: &[Part],
     channel: &LitStr,
@@ -155,6 +156,16 @@ fn check_separators(
             span,
             format!(
                 "the class `{class}` contains '{separator}', which separates `{{class}}` from the next component in channel template \"{template}\", so no channel of this type could be named; {fix}"
+            ),
+        ));
+    }
+    if let Some(separator) = template::separator_after(parts, &Part::Session)
+        && INBOX_SESSION_CHARACTERS.contains(separator)
+    {
+        return Err(syn::Error::new(
+            channel.span(),
+            format!(
+                "'{separator}' after `{{session_id}}` in channel template \"{template}\" would be forbidden in sessions, but a request waits for its reply on the session `inbox-<32 hex digits>` (and UUID session ids contain '-'), so no request could get a reply of this type; put a character that is neither '-', a hex digit nor a letter of `inbox` after `{{session_id}}` (e.g. '.')"
             ),
         ));
     }
@@ -186,6 +197,10 @@ fn check_separators(
     }
     Ok(())
 }
+
+/// The characters of a reply inbox's session: `agentcomm_core::channel::INBOX_PREFIX` (`inbox-`) and a
+/// UUID in simple form (lowercase hex), as `agentcomm_core::bus` names it.
+const INBOX_SESSION_CHARACTERS: &str = "inbox-0123456789abcdef";
 
 /// `agentcomm_core::Message::DIRECTION` when the type does not set one.
 const DEFAULT_DIRECTION: &str = "event";

@@ -145,6 +145,11 @@ pub mod rules {
     use super::ValidationError;
 
     /// A value that can be empty.
+    #[diagnostic::on_unimplemented(
+        message = "`#[message(non_empty)]` cannot check a `{Self}`",
+        label = "`{Self}` has no notion of empty here",
+        note = "non_empty checks strings (blank counts as empty), Vec, VecDeque, HashMap, BTreeMap, HashSet, BTreeSet, Box of those, and Option of those (None counts as empty); check other types in a function named by #[message(validate = path)]"
+    )]
     pub trait IsEmpty {
         /// Whether it is empty.
         fn rule_is_empty(&self) -> bool;
@@ -164,7 +169,27 @@ pub mod rules {
             self.is_empty()
         }
     }
-    impl<K, V> IsEmpty for std::collections::HashMap<K, V> {
+    impl<T> IsEmpty for std::collections::VecDeque<T> {
+        fn rule_is_empty(&self) -> bool {
+            self.is_empty()
+        }
+    }
+    impl<T, S> IsEmpty for std::collections::HashSet<T, S> {
+        fn rule_is_empty(&self) -> bool {
+            self.is_empty()
+        }
+    }
+    impl<T> IsEmpty for std::collections::BTreeSet<T> {
+        fn rule_is_empty(&self) -> bool {
+            self.is_empty()
+        }
+    }
+    impl<T: IsEmpty + ?Sized> IsEmpty for Box<T> {
+        fn rule_is_empty(&self) -> bool {
+            (**self).rule_is_empty()
+        }
+    }
+    impl<K, V, S> IsEmpty for std::collections::HashMap<K, V, S> {
         fn rule_is_empty(&self) -> bool {
             self.is_empty()
         }

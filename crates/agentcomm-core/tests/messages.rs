@@ -156,6 +156,64 @@ fn field_rules_name_the_field_and_the_rule() {
     assert_eq!(Refund { cents: 0 }.validate().unwrap_err().rule(), "min");
 }
 
+/// `non_empty` takes the standard collections, not only `Vec` and the maps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Roster {
+    #[message(non_empty)]
+    players: std::collections::HashSet<String>,
+    #[message(non_empty)]
+    ranks: std::collections::BTreeSet<u32>,
+    #[message(non_empty)]
+    queue: std::collections::VecDeque<String>,
+    #[message(non_empty)]
+    motto: Box<str>,
+}
+
+#[test]
+fn non_empty_checks_sets_queues_and_boxed_strings() {
+    let full = Roster {
+        players: ["ann".to_string()].into(),
+        ranks: [1].into(),
+        queue: ["bob".to_string()].into(),
+        motto: "win".into(),
+    };
+    assert_eq!(full.validate(), Ok(()));
+    let cases = [
+        (
+            Roster {
+                players: Default::default(),
+                ..full.clone()
+            },
+            "players",
+        ),
+        (
+            Roster {
+                ranks: Default::default(),
+                ..full.clone()
+            },
+            "ranks",
+        ),
+        (
+            Roster {
+                queue: Default::default(),
+                ..full.clone()
+            },
+            "queue",
+        ),
+        (
+            Roster {
+                motto: " ".into(),
+                ..full.clone()
+            },
+            "motto",
+        ),
+    ];
+    for (roster, field) in cases {
+        let error = roster.validate().unwrap_err();
+        assert_eq!((error.field(), error.rule()), (field, "non_empty"));
+    }
+}
+
 #[test]
 fn a_validation_hook_runs_with_the_field_rules() {
     let error = Transfer {

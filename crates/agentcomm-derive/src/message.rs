@@ -289,17 +289,27 @@ fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<T
     for field in fields {
         let ident = field.ident.as_ref().expect("named fields have names");
         let name = ident.unraw().to_string();
+        // The field is passed to the rule as one local spanned on the field's name: an argument
+        // `&self.field` would mix that span with the receiver's, and a rule the field's type cannot
+        // take would then be reported on the derive instead of on the field.
+        let value = syn::Ident::new("value", ident.span());
         for rule in field_rules(field)? {
-            checks.push(match rule {
+            let check = match rule {
                 FieldRule::NonEmpty => quote_spanned! {ident.span()=>
-                    #private::rules::non_empty(#name, &#this.#ident)?;
+                    #private::rules::non_empty(#name, #value)?;
                 },
                 FieldRule::Min(bound) => quote_spanned! {bound.span()=>
-                    #private::rules::min(#name, &#this.#ident, #bound)?;
+                    #private::rules::min(#name, #value, #bound)?;
                 },
                 FieldRule::Max(bound) => quote_spanned! {bound.span()=>
-                    #private::rules::max(#name, &#this.#ident, #bound)?;
+                    #private::rules::max(#name, #value, #bound)?;
                 },
+            };
+            checks.push(quote! {
+                {
+                    let #value = &#this.#ident;
+                    #check
+                }
             });
         }
     }

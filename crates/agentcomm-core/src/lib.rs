@@ -131,7 +131,7 @@ pub mod __private {
     }
 
     /// A message type no value can have: every agent "sends" it so that `Sends` never has a single impl
-    /// (see the agent macro).
+    /// (see the impls below).
     #[derive(Debug, serde::Serialize, serde::Deserialize)]
     pub enum NeverSent {}
 
@@ -146,6 +146,18 @@ pub mod __private {
     impl Message for NeverSentEither {
         const CLASS: &'static str = "agentcomm.NeverSentEither";
     }
+
+    // Two impls that can never be used keep `Sends` from having a single impl for an agent, from which
+    // the compiler would infer the message type of `ctx.publish(..)` and report "mismatched types"
+    // instead of "agent `X` does not declare that it sends `Y`". They are blanket impls here rather
+    // than impls the agent macro writes next to each agent: the `diagnostic::` attribute they carry
+    // would there resolve in the user's module, where a module of their own named `diagnostic` (or
+    // `#[no_implicit_prelude]`) breaks it.
+    #[diagnostic::do_not_recommend]
+    impl<A: Agent> Sends<NeverSent> for A {}
+
+    #[diagnostic::do_not_recommend]
+    impl<A: Agent> Sends<NeverSentEither> for A {}
 
     /// Fails to compile unless `M` is a message.
     pub const fn assert_message<M: Message>() {}

@@ -1,5 +1,6 @@
 //! The macros' generated code works wherever users write them: with the prelude's names (`Result`,
-//! `Option`, `Some`, `Ok`, `Box`, `Vec`, ...) shadowed by the user's own, inside `macro_rules!` macros
+//! `Option`, `Some`, `Ok`, `Box`, `Vec`, ...) shadowed by the user's own, next to a module named
+//! `diagnostic`, in a `#[no_implicit_prelude]` module, inside `macro_rules!` macros
 //! that pass the types and fields in as arguments, and with agentcomm-core under another name
 //! (`crate = path`). (This file fails to compile, rather than fail at run time, when that breaks.)
 
@@ -25,6 +26,45 @@ mod shadowing {
 }
 #[allow(unused_imports)]
 use shadowing::*;
+
+/// A module of the user's named like the `diagnostic::` attribute namespace.
+#[allow(dead_code)]
+mod diagnostic {
+    pub fn report() {}
+}
+
+/// A module without any prelude: the generated code must name everything it uses from a crate root.
+#[no_implicit_prelude]
+#[allow(dead_code)]
+mod without_prelude {
+    #[derive(Debug, ::serde::Serialize, ::serde::Deserialize, ::agentcomm_core::Message)]
+    #[message(direction = "request", validate = Self::check)]
+    pub struct Bare {
+        #[message(non_empty)]
+        pub name: ::std::string::String,
+        #[message(min = 1)]
+        pub count: u32,
+    }
+
+    impl Bare {
+        fn check(&self) -> ::std::result::Result<(), ::agentcomm_core::ValidationError> {
+            ::std::result::Result::Ok(())
+        }
+    }
+
+    #[::agentcomm_core::agent(receives = [Bare], sends = [Bare])]
+    pub struct BareAgent;
+
+    impl ::agentcomm_core::Handle<Bare> for BareAgent {
+        async fn handle(
+            &self,
+            _bare: Bare,
+            _ctx: &::agentcomm_core::Context<Self>,
+        ) -> ::agentcomm_core::HandlerResult {
+            ::std::result::Result::Ok(())
+        }
+    }
+}
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -124,6 +164,10 @@ async fn macros_work_with_agentcomm_core_under_another_name() {
 #[tokio::test]
 async fn macros_work_inside_macro_rules_and_with_shadowed_prelude_names() {
     assert_eq!(<Label as agentcomm_core::Message>::CLASS, "Label");
+    assert_eq!(
+        <without_prelude::BareAgent as agentcomm_core::Agent>::SENDS,
+        ["Bare"]
+    );
     let empty = Label { text: " ".into() };
     let long = Label {
         text: "far too long".into(),

@@ -162,18 +162,6 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
             impl #impl_generics #sends<#ty> for #ident #type_generics #where_clause {}
         }
     });
-    // Two impls that can never be used keep `Sends` from having a single impl, from which the compiler
-    // would infer the message type of `ctx.publish(..)` and report "mismatched types" instead of
-    // "agent `X` does not declare that it sends `Y`".
-    let guard_impls = quote! {
-        #[automatically_derived]
-        #[diagnostic::do_not_recommend]
-        impl #impl_generics #core::Sends<#core::NeverSent> for #ident #type_generics #where_clause {}
-        #[automatically_derived]
-        #[diagnostic::do_not_recommend]
-        impl #impl_generics #core::Sends<#core::NeverSentEither> for #ident #type_generics #where_clause {}
-    };
-
     Ok(quote! {
         #item
 
@@ -201,6 +189,5 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
         }
 
         #(#sends_impls)*
-        #guard_impls
     })
 }

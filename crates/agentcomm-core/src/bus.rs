@@ -197,6 +197,12 @@ impl Bus {
             // Registered before publishing, so a quick reply finds its waiter; forgotten on every way
             // out, including this future being dropped.
             let (waiter, _registration) = inbox.expect(request_id.clone(), Resp::CLASS);
+            // The subscription may have ended since `listen`: its task forgets the listener, then
+            // drops the waiters registered by then. A waiter registered after that would wait out
+            // the whole timeout for replies nobody reads: the listener is gone by now, so look.
+            if !inbox.listening(Resp::CLASS) {
+                return Err(inbox_closed());
+            }
             let outcome = self.publish_envelope(envelope, agent).await?;
             if outcome.is_unroutable() {
                 return Err(Error::NoAgentFound {
@@ -204,10 +210,7 @@ impl Bus {
                     channel: channel_name.clone(),
                 });
             }
-            waiter.await.map_err(|_| Error::Closed {
-                what: "the reply inbox",
-                hint: "its subscription ended (the router closed or lost it) while the request was waiting; send the request again",
-            })
+            waiter.await.map_err(|_| inbox_closed())
         };
         let reply = match tokio::time::timeout(timeout, asking).await {
             Ok(reply) => reply?,
@@ -362,6 +365,14 @@ pub(crate) fn channel_of<M: Message>(direction: &str, session: &str) -> Result<C
     Ok(channel)
 }
 
+/// A request's reply inbox stopped listening while the request was under way.
+fn inbox_closed() -> Error {
+    Error::Closed {
+        what: "the reply inbox",
+        hint: "its subscription ended (the router closed or lost it) while the request was waiting; send the request again",
+    }
+}
+
 /// Where this bus's requests get their replies: one fan-out subscription per reply class, on
 /// `<ReplyClass>:reply:<inbox id>`.
 struct Inbox {
@@ -472,6 +483,16 @@ impl Inbox {
                 .retain(|_, waiting| waiting.class != Resp::CLASS);
         });
         Ok(())
+    }
+
+    /// Whether replies of `class` are being read now: a listener is registered and subscribed.
+    /// (One that replaced an ended one counts: it reads the same inbox channel.)
+    fn listening(&self, class: &'static str) -> bool {
+        self.listeners
+            .lock()
+            .expect("inbox lock")
+            .get(class)
+            .is_some_and(|listener| listener.initialized())
     }
 
     fn expect(

@@ -373,6 +373,87 @@ async fn a_request_is_told_at_once_when_its_inbox_closes_and_never_leaks_its_reg
     assert_eq!(runtime.bus().pending_requests(), 0);
 }
 
+/// A router that loses every reply inbox subscription as soon as it is made (a broker connection
+/// that keeps failing, say), and is otherwise the in-memory router.
+struct LosesInboxes(MemoryRouter);
+
+impl Router for LosesInboxes {
+    fn backend(&self) -> &str {
+        "loses-inboxes"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn publish(
+        &self,
+        envelope: Envelope,
+    ) -> agentcomm_core::router::BoxFuture<'_, Result<agentcomm_core::router::PublishOutcome>> {
+        self.0.publish(envelope)
+    }
+    fn subscribe(
+        &self,
+        options: SubscribeOptions,
+    ) -> agentcomm_core::router::BoxFuture<'_, Result<Subscription>> {
+        Box::pin(async move {
+            let inbox = options
+                .patterns
+                .iter()
+                .any(|pattern| pattern.direction() == Some("reply"));
+            let subscription = self.0.subscribe(options).await?;
+            if inbox {
+                subscription.close().await?;
+            }
+            Ok(subscription)
+        })
+    }
+    fn health(&self) -> agentcomm_core::router::BoxFuture<'_, agentcomm_core::router::Health> {
+        self.0.health()
+    }
+    fn close(&self) -> agentcomm_core::router::BoxFuture<'_, Result<()>> {
+        self.0.close()
+    }
+}
+
+/// A request whose inbox subscription ends while it starts is told at once, however the ending task
+/// and the request interleave: registered after the task dropped the waiters, it used to wait out its
+/// whole timeout for replies nobody read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_inbox_ends_as_it_starts_is_told_at_once() {
+    let memory = MemoryRouter::new();
+    // Takes the requests (so that they are routable) and never answers.
+    let mut requests = memory
+        .subscribe(SubscribeOptions::new(PaymentRequest::pattern()))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(delivery) = requests.next().await {
+            let _ = delivery.ack().await;
+        }
+    });
+    let runtime = Runtime::new(LosesInboxes(memory));
+    let client = runtime.publisher::<Client>();
+    for round in 0..200 {
+        let started = tokio::time::Instant::now();
+        let error = client
+            .request_timeout::<PaymentRequest, PaymentResponse>(
+                "s1",
+                PaymentRequest {
+                    amount: 1.0,
+                    user_id: "u".into(),
+                },
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, Error::Closed { .. }),
+            "round {round}: {error} (after {:?})",
+            started.elapsed()
+        );
+        assert_eq!(runtime.bus().pending_requests(), 0);
+    }
+}
+
 /// A router shared by several runtimes outlives each of them: a runtime dropped without `shutdown`
 /// (which would close the router for all) must take its reply inbox's subscriptions with it, not leave
 /// one per runtime and reply class on the router for as long as it lives.

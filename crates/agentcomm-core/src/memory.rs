@@ -424,7 +424,11 @@ impl MemoryRouter {
                 .backpressure_waits
                 .fetch_add(1, Ordering::Relaxed);
             let wait = inner.config.publish_timeout;
-            let deadline = tokio::time::Instant::now() + wait;
+            let now = tokio::time::Instant::now();
+            // `Duration::MAX` (wait as long as it takes) cannot be added to the clock: a century will do.
+            let deadline = now
+                .checked_add(wait)
+                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 60 * 60));
             for (queue, permit) in targets.iter_mut().filter(|(_, permit)| permit.is_none()) {
                 match tokio::time::timeout_at(deadline, queue.room.clone().acquire_owned()).await {
                     Ok(Ok(acquired)) => *permit = Some(acquired),

@@ -259,3 +259,32 @@ async fn an_unbounded_capacity_or_prefetch_subscribes_instead_of_panicking() {
         }
     }
 }
+
+/// A publish timeout too long to add to the clock (`Duration::MAX`, to wait as long as it takes) makes
+/// a publish to a full queue wait for room, not panic computing its deadline.
+#[tokio::test]
+async fn a_publish_timeout_of_duration_max_waits_instead_of_panicking() {
+    let router = MemoryRouter::with_config(
+        MemoryConfig::default()
+            .queue_capacity(1)
+            .publish_timeout(Duration::MAX),
+    );
+    let mut subscription = subscribe(&router, pings()).await;
+    router.publish(ping("s0")).await.unwrap();
+    let (waiting, ()) = tokio::join!(router.publish(ping("s1")), async {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while router.health().await.get("backpressure_waits") == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the second publish never waited for room"
+            );
+            tokio::task::yield_now().await;
+        }
+        // Room comes back: the waiting publish goes through.
+        let first = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
+        first.ack().await.unwrap();
+    });
+    assert_eq!(waiting.unwrap(), PublishOutcome::Delivered(1));
+    let second = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
+    assert_eq!(second.envelope().session(), "s1");
+}

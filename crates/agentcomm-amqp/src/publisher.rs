@@ -75,6 +75,9 @@ fn content(envelope: &Envelope, envelope_properties: bool) -> Result<Content> {
 struct Waiting {
     /// The envelope id, to match a basic.return (which carries the message, not its delivery tag).
     id: u128,
+    /// Where it was sent ([`route`]): one envelope may go to several places at once, and only the
+    /// copy sent where the return says was returned.
+    route: u64,
     returned: bool,
     /// When the publish times out if no confirm came.
     deadline: Instant,
@@ -87,6 +90,14 @@ struct Pending {
     /// The channel is gone: nothing may wait here any more. Kept under the same lock as the waiters,
     /// so that a publish never registers after [`Confirms::fail_all`] emptied the map.
     dead: bool,
+}
+
+/// A digest of the exchange and routing key a message was sent to, as a basic.return names them.
+fn route(exchange: &str, routing_key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (exchange, routing_key).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The confirm state of one publishing channel, shared with its amqprs callback.
@@ -144,15 +155,18 @@ impl Confirms {
         }
     }
 
-    /// Marks the publish of envelope `id` as returned (no queue was bound). Returns come rarely, in
-    /// publish order and before their ack: the first waiting publish of that id not yet returned is
-    /// this one. (A scan of what waits, rather than an index kept on every publish.)
-    fn returned(&self, id: u128) -> bool {
+    /// Marks the publish of envelope `id` to `route` as returned (no queue was bound). Returns come
+    /// rarely, in publish order and before their ack: the first waiting publish of that id to that
+    /// exchange and routing key not yet returned is this one. (A scan of what waits, rather than an
+    /// index kept on every publish.) The route counts: a copy of the same envelope sent elsewhere
+    /// with a smaller tag may still wait for its own confirm (a queue storing it) when this return
+    /// comes.
+    fn returned(&self, id: u128, route: u64) -> bool {
         let mut pending = self.pending.lock().expect("confirms lock");
         match pending
             .by_tag
             .values_mut()
-            .find(|waiting| waiting.id == id && !waiting.returned)
+            .find(|waiting| waiting.id == id && waiting.route == route && !waiting.returned)
         {
             Some(waiting) => {
                 waiting.returned = true;
@@ -167,6 +181,7 @@ impl Confirms {
         &self,
         tag: u64,
         id: u128,
+        route: u64,
         deadline: Instant,
         waiter: oneshot::Sender<Confirmed>,
     ) -> bool {
@@ -178,6 +193,7 @@ impl Confirms {
             tag,
             Waiting {
                 id,
+                route,
                 returned: false,
                 deadline,
                 waiter,
@@ -290,7 +306,8 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
                     .ok()
                     .map(|envelope| envelope.id().as_uuid().as_u128())
             });
-        if !id.is_some_and(|id| self.confirms.returned(id)) {
+        let route = route(ret.exchange(), ret.routing_key());
+        if !id.is_some_and(|id| self.confirms.returned(id, route)) {
             tracing::debug!(
                 routing_key = %ret.routing_key(),
                 reply = %ret.reply_text(),
@@ -430,7 +447,11 @@ impl Publisher {
             let tag = *next_tag;
             let (sender, receiver) = oneshot::channel();
             // Registered before sending: the ack may come back before basic_publish returns.
-            if !self.confirms.register(tag, message.id, deadline, sender) {
+            let route = route(message.exchange, message.routing_key);
+            if !self
+                .confirms
+                .register(tag, message.id, route, deadline, sender)
+            {
                 return None;
             }
             let mut arguments = BasicPublishArguments::new(message.exchange, message.routing_key);
@@ -832,7 +853,7 @@ mod tests {
             (4, now),
         ] {
             let (sender, receiver) = oneshot::channel();
-            assert!(confirms.register(tag, u128::from(tag), deadline, sender));
+            assert!(confirms.register(tag, u128::from(tag), 0, deadline, sender));
             waiters.push((tag, receiver));
         }
         confirms.expire(now);

@@ -230,6 +230,61 @@ async fn unroutable_publishes_are_reported_and_dead_letters_are_kept() {
     raw.close().await;
 }
 
+/// A basic.return names no delivery tag; it names the message, the exchange and the routing key. The
+/// same envelope (one id) sent at once to a channel a queue listens on and to one nobody does: the
+/// return of the second used to be matched by the id alone, so it marked whichever copy was first
+/// still waiting for its confirm (the routed one, whose confirm waits for the queue to store it).
+/// The copy nobody got was then reported accepted, lost without a word, and the delivered one
+/// unroutable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_return_marks_its_own_publish_when_one_envelope_goes_to_two_channels() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-return-route");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = connect(&exchange).await;
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Somebody:*:*"))),
+    )
+    .await
+    .unwrap();
+    let nobody = parse_channel("Nobody:request:s1").unwrap();
+    let mut batch = Vec::new();
+    for n in 0..50 {
+        let routed = envelope("Somebody:request:s1", n);
+        let unrouted = routed.clone().with_channel(nobody.clone());
+        batch.push(routed);
+        batch.push(unrouted);
+    }
+    let results = within("a batch", router.publish_batch(batch)).await;
+    let wrong: Vec<String> = results
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, result)| {
+            let expected = if i % 2 == 0 {
+                PublishOutcome::Accepted
+            } else {
+                PublishOutcome::Unroutable
+            };
+            match result {
+                Ok(outcome) if outcome == expected => None,
+                other => Some(format!("publish {i}: {other:?}, expected {expected:?}")),
+            }
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{} wrong: {wrong:?}", wrong.len());
+    assert_eq!(
+        take(&mut subscription, 50).await,
+        (0..50).collect::<Vec<_>>()
+    );
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("unroutable"), 50, "{health:?}");
+    assert_eq!(health.get("returned"), 50, "{health:?}");
+    within("close", router.close()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_members_compete_and_every_group_gets_everything() {
     if !broker_available().await {

@@ -566,6 +566,9 @@ impl Inner {
     async fn open_publisher(&self, deadline: Instant) -> Result<Arc<Publisher>> {
         let link = &self.publishing;
         loop {
+            if self.is_stopping() {
+                return Err(Self::closed_unconfirmed_error());
+            }
             let generation = link.connected.load(Ordering::Acquire);
             if generation == 0 {
                 self.wait_connected(Role::Publishing, Some(deadline))
@@ -611,7 +614,13 @@ impl Inner {
                         let mut slot = self.publisher.lock().expect("publisher lock");
                         // Stored only while its connection is still the live one, under the lock
                         // `on_lost` takes after clearing `connected`: no publisher outlives its
-                        // connection without its waiters being failed.
+                        // connection without its waiters being failed. Nor after close set `stop`
+                        // (then takes the slot under this lock): it would be left open after close.
+                        if self.is_stopping() {
+                            drop(slot);
+                            publisher.confirms.fail_all("the router closed");
+                            return Err(Self::closed_unconfirmed_error());
+                        }
                         if link.connected.load(Ordering::Acquire) == generation {
                             if let Some(replaced) = slot.replace(publisher.clone()) {
                                 replaced
@@ -697,6 +706,12 @@ impl Inner {
                     envelope.id()
                 ))))
             }
+            // Close gave up waiting for this confirm and failed the channel (`stop` is set before
+            // it does): the caller gets the error close promised, and nothing is sent again on a
+            // connection being closed.
+            Attempt::Lost | Attempt::NotSent if self.is_stopping() => {
+                Some(Err(Self::closed_unconfirmed_error()))
+            }
             Attempt::Lost | Attempt::NotSent => {
                 // The broker may or may not have it: send it again (at-least-once).
                 *losses += 1;
@@ -728,6 +743,19 @@ impl Inner {
                     after: self.settings.confirm_timeout,
                 }))
             }
+        }
+    }
+
+    /// Whether close is past waiting for the publishes under way: no channel is opened any more.
+    fn is_stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn closed_unconfirmed_error() -> Error {
+        Error::Closed {
+            what: "the RabbitMQ router",
+            hint: "it closed before RabbitMQ confirmed this message (after waiting close_timeout), \
+                   so it may or may not have been stored; publish it again through a new router",
         }
     }
 

@@ -799,6 +799,64 @@ async fn close_lets_handlers_reply_and_settle_and_waits_for_confirms() {
     raw.close().await;
 }
 
+/// Close waits `close_timeout` for the confirms of the publishes under way, then fails those still
+/// waiting: their callers get an error. Failing them used to look like a lost channel to each of
+/// them, so each was sent again: on a new publishing channel opened on the connection being closed,
+/// a second copy of the message possibly stored after close, and its caller told whatever that
+/// attempt came to (here: a channel that did not open in time), not that the router closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_close_gives_up_on_fails_as_closed_and_is_not_sent_again() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-close-gave-up");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .confirm_timeout(Duration::from_secs(10))
+            .operation_timeout(Duration::from_secs(1))
+            .close_timeout(Duration::from_millis(300))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    // A first publish opens the publishing channel (nothing is bound: it comes back unroutable).
+    within("a first publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    // The broker falls silent: the next publish waits for its confirm past close's patience.
+    proxy.blackhole(true);
+    let publishing = tokio::spawn({
+        let router = router.clone();
+        async move { router.publish(envelope(2)).await }
+    });
+    wait_until("the publish to wait for its confirm", async || {
+        router.health().await.get("unconfirmed") == 1
+    })
+    .await;
+    within("close", router.close()).await.unwrap();
+    let error = within("the publish close gave up on", publishing)
+        .await
+        .expect("the publishing task")
+        .unwrap_err();
+    let health = within("health", router.health()).await;
+    assert_eq!(
+        health.get("resent"),
+        0,
+        "sent again after close: {error}; {health:?}"
+    );
+    assert_eq!(health.get("publish_failures"), 1, "{health:?}");
+    assert!(matches!(error, Error::Closed { .. }), "{error}");
+    assert!(
+        error.to_string().contains("before RabbitMQ confirmed"),
+        "{error}"
+    );
+    proxy.blackhole(false);
+}
+
 /// A `Subscription::close()` cut short after its basic.cancel was sent (the broker answers slower
 /// than the agent's stop deadline) used to leave the subscription stuck: `closed` was set but its
 /// task was never told to stop, so its channel stayed open, closing again did nothing, and what it

@@ -203,7 +203,9 @@ impl AmqpRouterBuilder {
     }
 
     /// How long a publish (or a subscribe) waits for the connection to come back during an outage
-    /// before failing (default 30 s).
+    /// before failing (default 30 s); 0 fails at once. Opening the publishing channel on a live
+    /// connection is bounded by `operation_timeout` instead, so a short value does not stop
+    /// publishing while the broker is up.
     pub fn publish_outage_timeout(mut self, timeout: Duration) -> Self {
         self.publish_outage_timeout = timeout;
         self

@@ -542,23 +542,28 @@ impl Drop for InFlight<'_> {
 }
 
 impl Inner {
-    /// The publishing channel of the live publishing connection, opened on demand. Anything but the
-    /// fast path (a live channel) is bounded by `outage_deadline`, set on the first wait of this
-    /// publish to `publish_outage_timeout` from then: reconnecting, reopening a channel the broker
-    /// closed, declaring the topology again.
+    /// The publishing channel of the live publishing connection, opened on demand. Waiting for the
+    /// connection (an outage) is bounded by `outage_deadline`, set on the first wait of this publish
+    /// to `publish_outage_timeout` from then. Work on a live connection (opening the channel, and
+    /// declaring the topology again first after the broker closed one) is bounded by the operation
+    /// timeout of each step, however short the outage bound: a publish may be told to fail at once
+    /// during an outage, and must still open a channel when the broker is there.
     async fn publisher_for(&self, outage_deadline: &mut Option<Instant>) -> Result<Arc<Publisher>> {
         if let Some(publisher) = self.live_publisher() {
             return Ok(publisher);
         }
         let outage = self.settings.publish_outage_timeout;
-        let deadline = *outage_deadline.get_or_insert_with(|| Instant::now() + outage);
+        let started = Instant::now();
+        let deadline = *outage_deadline.get_or_insert_with(|| started + outage);
+        let bound = deadline.max(started + self.settings.operation_timeout * 2);
         // Boxed: the slow path's state is large, and would otherwise make every publish's future
         // (moved into a box per publish by the Router trait) as large.
         let opening = Box::pin(self.open_publisher(deadline));
-        match tokio::time::timeout_at(deadline, opening).await {
+        match tokio::time::timeout_at(bound, opening).await {
             Ok(result) => result,
             Err(_) => Err(self.connection_error(format!(
-                "no publishing channel could be opened within {outage:?} (the connection is up but RabbitMQ does not answer in time)"
+                "no publishing channel could be opened within {:?} (the connection is up but RabbitMQ does not answer in time)",
+                bound - started
             ))),
         }
     }

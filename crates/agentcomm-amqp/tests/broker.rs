@@ -1634,3 +1634,39 @@ async fn an_ack_cut_short_is_finished_as_an_ack() {
         "{cut} acks were cut short; {again} of those acknowledged messages came back: {health:?}"
     );
 }
+
+/// `publish_outage_timeout` bounds how long a publish waits for a lost connection to come back. It
+/// used to bound opening the publishing channel on a live connection as well: below the time that
+/// takes (0, to fail at once during an outage, or a few milliseconds), no publish ever succeeded,
+/// each failing with "RabbitMQ does not answer in time", though it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_outage_timeout_still_publishes_while_connected() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-zero-outage");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect",
+        builder(&exchange)
+            .publish_outage_timeout(Duration::ZERO)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    .unwrap();
+    for n in 1..=3 {
+        let outcome = within("publish", router.publish(envelope("Ping:event:s1", n))).await;
+        assert!(
+            matches!(outcome, Ok(PublishOutcome::Accepted)),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(take(&mut subscription, 3).await, [1, 2, 3]);
+    within("close", router.close()).await.unwrap();
+}

@@ -290,15 +290,6 @@ impl AmqpRouter {
             .collect()
     }
 
-    fn unconfirmed(&self) -> u64 {
-        self.inner
-            .publisher
-            .lock()
-            .expect("publisher lock")
-            .as_ref()
-            .map_or(0, |publisher| publisher.confirms.unconfirmed() as u64)
-    }
-
     /// A passive declaration of the exchange, timed. Its own deadline is inside the operation, so that
     /// a slow answer fails the operation (and retires the channel) instead of being left for the next
     /// request on that channel.
@@ -370,7 +361,7 @@ impl AmqpRouter {
         let inner = &self.inner;
         let subscriptions = self.unfinished_subscriptions();
         let open = subscriptions.iter().filter(|sub| !sub.is_closed()).count();
-        let unconfirmed = self.unconfirmed();
+        let unconfirmed = inner.unconfirmed();
         let connected = self.is_connected();
         let problems: Vec<(HealthStatus, String)> = [&inner.publishing, &inner.consuming]
             .into_iter()

@@ -396,6 +396,9 @@ pub(crate) struct Inner {
     pub publishing_closed: AtomicBool,
     /// Publishes started and not finished (close waits for them).
     pub publishes_in_flight: AtomicU64,
+    /// Publishes that lost their channel before the confirm and wait to be sent again (counted as
+    /// unconfirmed in health: their confirm is still owed).
+    pub publishes_to_resend: AtomicU64,
     pub publishes_done: Notify,
     pub stop: watch::Sender<bool>,
     /// Set once close's task has ended: `Some(true)` when it finished, `Some(false)` when it ended
@@ -422,6 +425,7 @@ impl Inner {
             closing: AtomicBool::new(false),
             publishing_closed: AtomicBool::new(false),
             publishes_in_flight: AtomicU64::new(0),
+            publishes_to_resend: AtomicU64::new(0),
             publishes_done: Notify::new(),
             stop: watch::Sender::new(false),
             closed: watch::Sender::new(None),

@@ -541,7 +541,37 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Counts a publish as waiting to be sent again (its channel lost before the confirm) until dropped:
+/// once sent again (its confirm then waits on the new channel), or finished, or cancelled.
+struct ToResend<'a>(&'a Inner);
+
+impl<'a> ToResend<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        inner.publishes_to_resend.fetch_add(1, Ordering::AcqRel);
+        ToResend(inner)
+    }
+}
+
+impl Drop for ToResend<'_> {
+    fn drop(&mut self) {
+        self.0.publishes_to_resend.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Inner {
+    /// Publishes whose confirm is owed: those waiting for it on the current channel (including
+    /// some whose caller has gone), and those whose channel was lost first, waiting to be sent
+    /// again (through an outage, too).
+    pub(crate) fn unconfirmed(&self) -> u64 {
+        let waiting = self
+            .publisher
+            .lock()
+            .expect("publisher lock")
+            .as_ref()
+            .map_or(0, |publisher| publisher.confirms.unconfirmed() as u64);
+        waiting + self.publishes_to_resend.load(Ordering::Acquire)
+    }
+
     /// The publishing channel of the live publishing connection, opened on demand. Waiting for the
     /// connection (an outage) is bounded by `outage_deadline`, set on the first wait of this publish
     /// to `publish_outage_timeout` from then. Work on a live connection (opening the channel, and
@@ -830,6 +860,7 @@ impl Inner {
             None
         };
         let mut outage_deadline = None;
+        let mut to_resend = (losses > 0).then(|| ToResend::new(self));
         loop {
             let publisher = self.publisher_for(&mut outage_deadline).await?;
             let content = match first.take() {
@@ -837,7 +868,11 @@ impl Inner {
                 None => content(envelope, full)?,
             };
             let outcome = match Attempt::sent(self.sending(&publisher, message, content).await) {
-                Ok(confirm) => Attempt::confirmed(confirm.await),
+                Ok(confirm) => {
+                    // Sent: its confirm now waits on this channel, and is counted there.
+                    to_resend = None;
+                    Attempt::confirmed(confirm.await)
+                }
                 Err(outcome) => outcome,
             };
             if let Some(result) = self.conclude(
@@ -848,6 +883,9 @@ impl Inner {
                 &mut losses,
             ) {
                 return result;
+            }
+            if to_resend.is_none() {
+                to_resend = Some(ToResend::new(self));
             }
         }
     }

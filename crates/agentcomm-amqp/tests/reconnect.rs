@@ -422,6 +422,56 @@ async fn a_publish_cut_off_before_its_confirm_is_sent_again_once_and_accepted() 
     within("close", router.close()).await.unwrap();
 }
 
+/// A publish whose channel was lost before its confirm waits to be sent again: its confirm is still
+/// owed. Health counted only what waits on the current channel, so through the outage, when those
+/// publishes are most at risk, `unconfirmed` said 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_counts_a_publish_waiting_to_be_sent_again_as_unconfirmed() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-resend-health");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = proxied_router(&proxy, &exchange).await;
+    // A first publish opens the publishing channel (nothing is bound: it comes back unroutable).
+    within("a first publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    proxy.blackhole(true);
+    let publishing = tokio::spawn({
+        let router = router.clone();
+        async move { router.publish(envelope(2)).await }
+    });
+    wait_until("the publish to wait for its confirm", async || {
+        router.health().await.get("unconfirmed") == 1
+    })
+    .await;
+    // The connection is cut and the broker unreachable for a while: the publish waits to be resent.
+    proxy.reject_for(Duration::from_secs(3));
+    proxy.cut_all();
+    proxy.blackhole(false);
+    wait_until(
+        "health to count it while the publishing connection is down",
+        async || {
+            let health = router.health().await;
+            health.detail.contains("publishing connection is down")
+                && health.get("resent") == 1
+                && health.get("unconfirmed") == 1
+        },
+    )
+    .await;
+    let outcome = within("the publish after the outage", publishing)
+        .await
+        .expect("the publishing task")
+        .expect("sent again and confirmed");
+    assert_eq!(outcome, PublishOutcome::Unroutable);
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("unconfirmed"), 0, "{health:?}");
+    assert_eq!(health.get("resent"), 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_from_a_lost_channel_is_never_settled_on_the_new_one() {
     if !broker_available().await {

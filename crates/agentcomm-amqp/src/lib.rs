@@ -178,7 +178,16 @@ impl AmqpRouter {
             if self.inner.publishing_closed.load(Ordering::Acquire) {
                 return Err(Inner::closed_error());
             }
-            let routing_key = topology::routing_key(envelope.channel())?;
+            let routing_key = match topology::routing_key(envelope.channel()) {
+                Ok(routing_key) => routing_key,
+                Err(error) => {
+                    // Counted as every failed publish is, though it never reached the broker.
+                    let counters = &self.inner.counters;
+                    link::bump(&counters.published);
+                    link::bump(&counters.publish_failures);
+                    return Err(error);
+                }
+            };
             self.inner
                 .publish_envelope(&envelope, &self.inner.settings.exchange, &routing_key)
                 .await

@@ -1670,3 +1670,27 @@ async fn a_zero_outage_timeout_still_publishes_while_connected() {
     assert_eq!(take(&mut subscription, 3).await, [1, 2, 3]);
     within("close", router.close()).await.unwrap();
 }
+
+/// Every failed publish counts in `publish_failures`, whatever the cause (docs/rabbitmq.md). One
+/// whose channel has no AMQP routing key (over 255 bytes once escaped) failed before the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_without_a_routing_key_counts_as_a_failure() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-no-key");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = connect(&exchange).await;
+    let dots = ".".repeat(80);
+    let channel = agentcomm_core::Channel::new(&dots, "request", &dots).unwrap();
+    let too_long = Envelope::new(channel, "application/json", br#"{"n":1}"#.to_vec());
+    let error = within("publish", router.publish(too_long))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("more than the 255 AMQP allows"), "{error}");
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("published"), 1, "{health:?}");
+    assert_eq!(health.get("publish_failures"), 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
+}

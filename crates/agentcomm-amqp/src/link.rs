@@ -371,6 +371,11 @@ impl amqprs::callbacks::ConnectionCallback for LinkCallback {
 /// The shared state of a router.
 pub(crate) struct Inner {
     pub settings: Settings,
+    /// The runtime the router connected on. The connections' tasks run there (amqprs spawns them
+    /// where a connection opens, and reconnections run there too); so do the publishing channel's,
+    /// whatever runtime a publish comes from: one that a caller keeps idle, or shuts down, must not
+    /// hold the confirms of every later publish.
+    pub runtime: tokio::runtime::Handle,
     pub publishing: Link,
     pub consuming: Link,
     next_generation: AtomicU64,
@@ -410,6 +415,7 @@ impl Inner {
     pub(crate) fn new(settings: Settings) -> Self {
         Inner {
             settings,
+            runtime: tokio::runtime::Handle::current(),
             publishing: Link::new(Role::Publishing),
             consuming: Link::new(Role::Consuming),
             next_generation: AtomicU64::new(1),

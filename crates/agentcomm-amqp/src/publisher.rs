@@ -343,20 +343,23 @@ impl Publisher {
     /// Opens a channel on `connection`, puts it in confirm mode, registers the callback and starts
     /// the sweeper that times out publishes whose confirm has not come by their deadline (checked
     /// every eighth of `confirm_timeout`, between 10 ms and 1 s: one timer per channel, not per
-    /// publish).
+    /// publish). Both on `runtime`, the router's (see [`Inner::runtime`]), not the caller's.
     async fn open(
+        runtime: &tokio::runtime::Handle,
         live: &crate::link::Live,
         timeout: Duration,
         confirm_timeout: Duration,
         returns: Arc<AtomicU64>,
     ) -> std::result::Result<Arc<Self>, String> {
-        // On a task of its own (see `crate::link::detached`): the publish that opens the channel
-        // may be dropped by its caller, and a channel.open or confirm.select cut short panics
-        // amqprs. A channel that opens after the timeout is dropped by the task, which closes it.
+        // On a task of its own (as `crate::link::detached` does, on the router's runtime: amqprs
+        // spawns the channel's dispatcher where the channel opens): the publish that opens the
+        // channel may be dropped by its caller, and a channel.open or confirm.select cut short
+        // panics amqprs. A channel that opens after the timeout is dropped by the task, which
+        // closes it.
         let connection = live.connection.clone();
         let generation = live.generation;
         let ids = live.ids.clone();
-        let setup = crate::link::detached(async move {
+        let setup = runtime.spawn(async move {
             let channel = connection.open_channel(None).await.map_err(|e| {
                 ids.check_open_error(&connection, &e);
                 format!("could not open a publishing channel: {e}")
@@ -383,7 +386,11 @@ impl Publisher {
         });
         let publisher = match tokio::time::timeout(timeout, setup).await {
             Ok(Ok(opened)) => opened?,
-            Ok(Err(error)) => return Err(error),
+            Ok(Err(error)) => {
+                return Err(format!(
+                    "opening a publishing channel ended early (the router's runtime is shutting down?): {error}"
+                ));
+            }
             Err(_) => {
                 return Err(format!(
                     "opening a publishing channel took more than {timeout:?}"
@@ -392,7 +399,7 @@ impl Publisher {
         };
         let confirms = Arc::downgrade(&publisher.confirms);
         let every = (confirm_timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             // The sweeper is all that bounds a wait for a confirm: if it stops for any reason but
             // the channel's end (its runtime shut down, with amqprs's dispatcher for this channel),
             // the channel is failed, so its waiters resend on a new one instead of waiting forever.
@@ -638,6 +645,7 @@ impl Inner {
                     }
                 }
                 match Publisher::open(
+                    &self.runtime,
                     &live,
                     self.settings.operation_timeout,
                     self.settings.confirm_timeout,

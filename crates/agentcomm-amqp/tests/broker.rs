@@ -1133,6 +1133,64 @@ async fn publishing_goes_on_after_the_runtime_of_the_first_publish_shut_down() {
     assert_eq!(take(&mut subscription, 3).await, vec![1, 2, 3]);
 }
 
+/// The publishing channel's tasks (amqprs's dispatcher of its confirms, and the sweeper that times
+/// them out) ran on the runtime of the publish that opened the channel. A runtime kept but idle (a
+/// current-thread runtime outside `block_on`, as a sync wrapper holds one) runs no task: later
+/// publishes from another runtime were sent, but no confirm was read and none timed out, so each
+/// waited for ever. They belong with the connection, on the runtime the router connected on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_goes_on_while_the_runtime_of_the_first_publish_is_idle() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-idle-runtime");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect",
+        builder(&exchange)
+            .confirm_timeout(Duration::from_secs(2))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    .unwrap();
+    // The first publish opens the publishing channel on a runtime that is then kept, idle.
+    let elsewhere = router.clone();
+    let (idle, first) = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let outcome = runtime.block_on(elsewhere.publish(envelope("Ping:event:s1", 1)));
+        (runtime, outcome)
+    })
+    .join()
+    .unwrap();
+    assert!(matches!(first, Ok(PublishOutcome::Accepted)), "{first:?}");
+    for n in 2..=3 {
+        // Bounded by the confirm timeout (2 s) either way: well within 10 s.
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            router.publish(envelope("Ping:event:s1", n)),
+        )
+        .await;
+        assert!(
+            matches!(outcome, Ok(Ok(PublishOutcome::Accepted))),
+            "publish {n}: {outcome:?}"
+        );
+    }
+    assert_eq!(take(&mut subscription, 3).await, [1, 2, 3]);
+    within("close", router.close()).await.unwrap();
+    tokio::task::spawn_blocking(move || drop(idle))
+        .await
+        .unwrap();
+}
+
 /// A `health()` dropped right after its first poll (a liveness endpoint's timeout, a `select!`) used
 /// to drop amqprs's passive declare while it registered its responder: the shared declaration
 /// channel's dispatcher panicked while the channel still said it was open, so every declaration

@@ -433,7 +433,22 @@ async fn health_counts_a_publish_waiting_to_be_sent_again_as_unconfirmed() {
     let proxy = start_proxy().await;
     let exchange = unique("t-resend-health");
     let _cleanup = Cleanup::new(&exchange, &[]);
-    let router = proxied_router(&proxy, &exchange).await;
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .reconnect(Backoff::new(
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+            ))
+            // A health call's round trip into the silence below gives up within these 1-2 s,
+            // well before the confirm timeout.
+            .operation_timeout(Duration::from_secs(1))
+            .confirm_timeout(Duration::from_secs(10))
+            .connect(),
+    )
+    .await
+    .unwrap();
     // A first publish opens the publishing channel (nothing is bound: it comes back unroutable).
     within("a first publish", router.publish(envelope(1)))
         .await
@@ -447,8 +462,9 @@ async fn health_counts_a_publish_waiting_to_be_sent_again_as_unconfirmed() {
         router.health().await.get("unconfirmed") == 1
     })
     .await;
-    // The connection is cut and the broker unreachable for a while: the publish waits to be resent.
-    proxy.reject_for(Duration::from_secs(3));
+    // The connection is cut and the broker unreachable for a while (long enough for a health call
+    // begun before the loss was noticed to finish within it): the publish waits to be resent.
+    proxy.reject_for(Duration::from_secs(8));
     proxy.cut_all();
     proxy.blackhole(false);
     wait_until(

@@ -732,6 +732,7 @@ impl Inner {
         routing_key: &str,
         publisher: &Publisher,
         losses: &mut u32,
+        lost: &mut bool,
     ) -> Option<Result<PublishOutcome>> {
         match outcome {
             Attempt::Confirmed(Confirmed::Ack { returned }) => {
@@ -769,9 +770,9 @@ impl Inner {
                             .unwrap_or_else(|| "connection lost".to_string())
                     ))));
                 }
-                if matches!(outcome, Attempt::Lost) {
-                    bump(&self.counters.resent);
-                }
+                // Counted in `resent` once it is sent again: a publish that gives up first (the
+                // outage outlasts its bound) was not.
+                *lost |= matches!(outcome, Attempt::Lost);
                 tracing::debug!(message_id = %envelope.id(), "the publishing channel was lost before the confirm; sending again");
                 None
             }
@@ -825,7 +826,8 @@ impl Inner {
         };
         let result = 'publish: {
             let Some(publisher) = self.live_publisher() else {
-                break 'publish Box::pin(self.publish_confirmed(envelope, &message, 0)).await;
+                break 'publish Box::pin(self.publish_confirmed(envelope, &message, 0, false))
+                    .await;
             };
             let content = match content(envelope, self.settings.envelope_properties) {
                 Ok(content) => content,
@@ -835,12 +837,19 @@ impl Inner {
                 Ok(confirm) => Attempt::confirmed(confirm.await),
                 Err(outcome) => outcome,
             };
-            let mut losses = 0;
-            match self.conclude(outcome, envelope, routing_key, &publisher, &mut losses) {
+            let (mut losses, mut lost) = (0, false);
+            match self.conclude(
+                outcome,
+                envelope,
+                routing_key,
+                &publisher,
+                &mut losses,
+                &mut lost,
+            ) {
                 Some(result) => result,
                 None => {
                     drop(publisher);
-                    Box::pin(self.publish_confirmed(envelope, &message, losses)).await
+                    Box::pin(self.publish_confirmed(envelope, &message, losses, lost)).await
                 }
             }
         };
@@ -850,13 +859,15 @@ impl Inner {
         result
     }
 
-    /// A publish that found no live channel, or lost its channel `losses` times: waits for a channel
-    /// (bounded by `publish_outage_timeout`), sends, and sends again after each loss.
+    /// A publish that found no live channel, or lost its channel `losses` times (`lost`: after it
+    /// was sent, so that sending it again counts in `resent`): waits for a channel (bounded by
+    /// `publish_outage_timeout`), sends, and sends again after each loss.
     async fn publish_confirmed(
         &self,
         envelope: &Envelope,
         message: &Outgoing<'_>,
         mut losses: u32,
+        mut lost: bool,
     ) -> Result<PublishOutcome> {
         let full = self.settings.envelope_properties;
         // A first attempt is encoded before waiting for a channel, so that a message that cannot be
@@ -879,6 +890,9 @@ impl Inner {
                 Ok(confirm) => {
                     // Sent: its confirm now waits on this channel, and is counted there.
                     to_resend = None;
+                    if std::mem::take(&mut lost) {
+                        bump(&self.counters.resent);
+                    }
                     Attempt::confirmed(confirm.await)
                 }
                 Err(outcome) => outcome,
@@ -889,6 +903,7 @@ impl Inner {
                 message.routing_key,
                 &publisher,
                 &mut losses,
+                &mut lost,
             ) {
                 return result;
             }

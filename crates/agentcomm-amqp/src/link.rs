@@ -229,7 +229,9 @@ impl Link {
 pub(crate) struct Counters {
     pub published: AtomicU64,
     pub confirmed: AtomicU64,
-    pub publish_nacks: AtomicU64,
+    /// Messages RabbitMQ nacked, counted where the nack is read: also those whose caller stopped
+    /// waiting for the confirm.
+    pub publish_nacks: Arc<AtomicU64>,
     pub unroutable: AtomicU64,
     pub returned: Arc<AtomicU64>,
     pub resent: AtomicU64,

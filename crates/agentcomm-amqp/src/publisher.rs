@@ -130,7 +130,9 @@ impl Confirms {
         }
     }
 
-    fn settle(&self, tag: u64, multiple: bool, ack: bool) {
+    /// Settles the waiters of `tag` (and below it with `multiple`); returns how many it settled, and
+    /// how many of those had no caller waiting any more.
+    fn settle(&self, tag: u64, multiple: bool, ack: bool) -> (u64, u64) {
         let mut done = Vec::new();
         {
             let mut pending = self.pending.lock().expect("confirms lock");
@@ -142,6 +144,8 @@ impl Confirms {
                 done.push(waiting);
             }
         }
+        let settled = done.len() as u64;
+        let mut orphaned = 0;
         for waiting in done {
             let confirmed = if ack {
                 Confirmed::Ack {
@@ -151,8 +155,11 @@ impl Confirms {
                 Confirmed::Nack
             };
             // The caller may have gone (its future dropped): nobody to tell.
-            let _ = waiting.waiter.send(confirmed);
+            if waiting.waiter.send(confirmed).is_err() {
+                orphaned += 1;
+            }
         }
+        (settled, orphaned)
     }
 
     /// Marks the publish of envelope `id` to `route` as returned (no queue was bound). Returns come
@@ -235,6 +242,7 @@ impl Confirms {
 struct ConfirmCallback {
     confirms: Arc<Confirms>,
     returns: Arc<AtomicU64>,
+    nacks: Arc<AtomicU64>,
     /// Its connection's channel ids, one of which is lost when the broker closes the channel.
     ids: Arc<ChannelIds>,
 }
@@ -274,7 +282,8 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
     }
 
     async fn publish_ack(&mut self, _channel: &Channel, ack: amqprs::Ack) {
-        self.confirms
+        let _ = self
+            .confirms
             .settle(ack.delivery_tag(), ack.mutiple(), true);
     }
 
@@ -284,8 +293,18 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
             multiple = nack.multiple(),
             "RabbitMQ nacked a publish"
         );
-        self.confirms
+        // Counted here, not by the publishes told of it: one whose caller stopped waiting is lost
+        // too, and nobody else would count it.
+        let (nacked, orphaned) = self
+            .confirms
             .settle(nack.delivery_tag(), nack.multiple(), false);
+        self.nacks.fetch_add(nacked, Ordering::Relaxed);
+        if orphaned > 0 {
+            tracing::warn!(
+                messages = orphaned,
+                "RabbitMQ refused messages whose publishers had stopped waiting for the confirm: they are lost"
+            );
+        }
     }
 
     async fn publish_return(
@@ -350,6 +369,7 @@ impl Publisher {
         timeout: Duration,
         confirm_timeout: Duration,
         returns: Arc<AtomicU64>,
+        nacks: Arc<AtomicU64>,
     ) -> std::result::Result<Arc<Self>, String> {
         // On a task of its own (as `crate::link::detached` does, on the router's runtime: amqprs
         // spawns the channel's dispatcher where the channel opens): the publish that opens the
@@ -369,6 +389,7 @@ impl Publisher {
                 .register_callback(ConfirmCallback {
                     confirms: confirms.clone(),
                     returns,
+                    nacks,
                     ids,
                 })
                 .await
@@ -650,6 +671,7 @@ impl Inner {
                     self.settings.operation_timeout,
                     self.settings.confirm_timeout,
                     self.counters.returned.clone(),
+                    self.counters.publish_nacks.clone(),
                 )
                 .await
                 {
@@ -743,8 +765,8 @@ impl Inner {
                 }
                 Some(Ok(PublishOutcome::Accepted))
             }
+            // Counted in `publish_nacks` where the nack was read.
             Attempt::Confirmed(Confirmed::Nack) => {
-                bump(&self.counters.publish_nacks);
                 Some(Err(self.backend_error(format!(
                     "RabbitMQ refused message {} on '{routing_key}' (basic.nack: it could not take responsibility for it, e.g. a full queue with overflow=reject-publish or an internal error); publish it again later",
                     envelope.id()

@@ -1083,6 +1083,63 @@ async fn a_message_the_broker_refuses_is_an_error_not_silence() {
     raw.close().await;
 }
 
+/// A publish whose caller stopped waiting once its frame was sent (a timeout around it) and that
+/// RabbitMQ then refuses is lost: that must be counted, not only logged. `publish_nacks` used to count
+/// only the nacks some caller was still waiting for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_whose_caller_stopped_waiting_is_counted() {
+    use amqprs::channel::{QueueBindArguments, QueueDeclareArguments};
+
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-nacked-alone");
+    let full = format!("{exchange}.full");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&full));
+    let router = connect(&exchange).await;
+    let raw = Raw::open().await;
+    let mut arguments = amqprs::FieldTable::new();
+    arguments.insert("x-max-length".try_into().unwrap(), amqprs::FieldValue::l(1));
+    arguments.insert(
+        "x-overflow".try_into().unwrap(),
+        amqprs::FieldValue::from("reject-publish"),
+    );
+    let mut declare = QueueDeclareArguments::durable_client_named(&full);
+    declare.arguments(arguments);
+    within("declare", raw.channel.queue_declare(declare))
+        .await
+        .unwrap();
+    within(
+        "bind",
+        raw.channel
+            .queue_bind(QueueBindArguments::new(&full, &exchange, "Full.*.*")),
+    )
+    .await
+    .unwrap();
+    let first = within("publish", router.publish(envelope("Full:event:s1", 1)))
+        .await
+        .unwrap();
+    assert_eq!(first, PublishOutcome::Accepted);
+    // Polled once: with the channel open, the frame goes out in that poll; then its caller leaves.
+    let cut = futures::FutureExt::now_or_never(router.publish(envelope("Full:event:s1", 2)));
+    assert!(cut.is_none(), "the publish was not cut short: {cut:?}");
+    let deadline = Instant::now() + STEP;
+    loop {
+        let health = within("health", router.health()).await;
+        if health.get("publish_nacks") == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refused message was never counted: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(raw.count(&full).await, Some(1));
+    within("close", router.close()).await.unwrap();
+    raw.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_goes_on_after_the_runtime_of_the_first_publish_shut_down() {
     if !broker_available().await {

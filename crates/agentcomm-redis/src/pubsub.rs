@@ -12,9 +12,10 @@
 //!   counted as `lagged`, and what the subscription lost of its own channels shows as gaps in the
 //!   publishers' sequences, counted exactly as `lost`.
 //! - As the subscriber polls, its subscription skips messages on Redis channels none of its own Redis
-//!   subscriptions cover (without decoding them), decodes the rest, checks sequence numbers
-//!   ([`crate::sequence`]: gaps counted as `lost`, repeats discarded as `duplicates`) and keeps what
-//!   its patterns match ([`ChannelPattern::matches`], the one matcher).
+//!   subscriptions cover (without decoding them), decodes the rest, keeps what its patterns match
+//!   ([`ChannelPattern::matches`], the one matcher) and checks their sequence numbers
+//!   ([`crate::sequence`]: gaps counted as `lost`, repeats discarded as `duplicates`); the numbers of
+//!   channels it does not deliver (a wildcard class listens to the whole prefix) are not followed.
 //! - A nacked or abandoned delivery is delivered again to its subscription, from memory (no broker
 //!   redelivery exists in pub/sub).
 //!
@@ -681,9 +682,18 @@ impl Reader {
                 return None;
             }
         };
-        self.last = None;
+        self.last = sequence.is_some().then_some((raw, message.channel));
+        // Matched before its number is followed: a Redis glob can be wider than the patterns (a
+        // wildcard class listens to the whole prefix), and the gaps and repeats of channels this
+        // subscription does not deliver are not its losses or duplicates.
+        if !self
+            .patterns
+            .iter()
+            .any(|pattern| pattern.matches(envelope.channel()))
+        {
+            return None;
+        }
         if let Some(sequence) = sequence {
-            self.last = Some((raw, message.channel));
             let (verdict, lost) =
                 self.tracker
                     .observe(envelope.channel().name(), &sequence, Instant::now());
@@ -692,13 +702,6 @@ impl Reader {
                 shared.counters.bump(&shared.counters.duplicates);
                 return None;
             }
-        }
-        if !self
-            .patterns
-            .iter()
-            .any(|pattern| pattern.matches(envelope.channel()))
-        {
-            return None;
         }
         shared.counters.bump(&shared.counters.delivered);
         Some(delivery(&self.subscription, shared, envelope))

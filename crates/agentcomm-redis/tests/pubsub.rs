@@ -501,3 +501,63 @@ async fn a_given_back_delivery_still_unread_when_the_subscription_is_dropped_cou
     assert_eq!(after.get("redelivered"), 1, "dropped, not delivered again");
     within(WAIT, "close", router.close()).await.unwrap();
 }
+
+/// A subscription with a wildcard class listens to every channel under the prefix (`<prefix>:*`), but
+/// its losses and repeats are those of the channels its patterns match. Before, it followed the
+/// sequences of every channel it heard, so a gap on a channel it never delivered was counted as `lost`
+/// (and made health `Degraded`), and a repeat there as a `duplicate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_class_subscription_counts_only_the_losses_of_its_own_channels() {
+    use fred::prelude::PubsubInterface;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("*:event:s1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let raw = raw_client().await;
+    // Frames numbered by a publisher of our own making, so that the gaps are known.
+    let publish = async |channel: &str, n: u32, sequence: &str| {
+        let frame = envelope(channel, n)
+            .to_frame_with_header("agentcomm-seq", sequence)
+            .unwrap();
+        let _: i64 = raw
+            .publish(format!("{prefix}:{channel}"), frame)
+            .await
+            .unwrap();
+    };
+    // On a channel the subscription hears (its Redis glob) but does not match: a gap of 3, then a
+    // repeat that does not follow its original.
+    publish("Other:request:s2", 1, "forged/1").await;
+    publish("Other:request:s2", 5, "forged/5").await;
+    // On its own channel: a gap of 1.
+    publish("Tick:event:s1", 1, "forged/1").await;
+    publish("Other:request:s2", 5, "forged/5").await;
+    publish("Tick:event:s1", 3, "forged/3").await;
+    for expected in [1, 3] {
+        let delivery = next(&mut subscription).await;
+        assert_eq!(
+            (delivery.envelope().channel().name(), number(&delivery)),
+            ("Tick:event:s1", expected)
+        );
+        delivery.ack().await.unwrap();
+    }
+    // Polled for three reorder windows (200 ms): every gap is settled by then.
+    assert_quiet(&mut subscription, Duration::from_millis(600)).await;
+    let health = router.health().await;
+    assert_eq!(
+        health.get("lost"),
+        1,
+        "only its own channel's gap: {health:?}"
+    );
+    assert_eq!(health.get("duplicates"), 0, "{health:?}");
+    assert_eq!(health.get("delivered"), 2, "{health:?}");
+    let _ = fred::prelude::ClientLike::quit(&raw).await;
+    router.close().await.unwrap();
+}

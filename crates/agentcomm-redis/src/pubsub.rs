@@ -284,6 +284,7 @@ impl PubSubHub {
             tracker: SequenceTracker::new(shared.settings.reorder_window),
             last_sweep: Instant::now(),
             done: false,
+            left: None,
             last: None,
             covered: None,
             decoder: FrameDecoder::new(),
@@ -547,6 +548,10 @@ struct Reader {
     tracker: SequenceTracker,
     last_sweep: Instant,
     done: bool,
+    /// Once the subscription is closed: how many messages of the client's channel it still reads, those
+    /// that waited for it when it saw the close. What comes later is not for it, though the channel
+    /// may go on carrying its Redis subscription for another subscription of the router.
+    left: Option<usize>,
     /// The frame and channel of the last message taken, when it carried a sequence number: Redis sends
     /// one copy per matching Redis subscription of the connection, one right after the other, and those
     /// copies are skipped without counting them as duplicates.
@@ -578,7 +583,15 @@ impl Reader {
             }
             let next = {
                 let mut messages = self.messages.lock().await;
-                match messages.try_recv() {
+                if self.left.is_none() && *self.stop.borrow() {
+                    self.left = Some(messages.len());
+                }
+                let received = match self.left {
+                    // Closed, and what waited for it at the close is read: the stream ends.
+                    Some(0) => Err(broadcast::error::TryRecvError::Empty),
+                    _ => messages.try_recv(),
+                };
+                match received {
                     Ok(message) => Next::Message(message),
                     Err(broadcast::error::TryRecvError::Lagged(missed)) => Next::Lagged(missed),
                     Err(broadcast::error::TryRecvError::Closed) => Next::Closed,
@@ -613,11 +626,19 @@ impl Reader {
             let shared = self.shared.upgrade()?;
             match next {
                 Next::Message(message) => {
+                    if let Some(left) = &mut self.left {
+                        *left = left.saturating_sub(1);
+                    }
                     if let Some(delivery) = self.accept(&shared, message) {
                         return Some(delivery);
                     }
                 }
-                Next::Lagged(missed) => self.lagged(&shared, missed),
+                Next::Lagged(missed) => {
+                    if let Some(left) = &mut self.left {
+                        *left = left.saturating_sub(usize::try_from(missed).unwrap_or(usize::MAX));
+                    }
+                    self.lagged(&shared, missed);
+                }
                 Next::Again(delivery) => return Some(delivery),
                 Next::Sweep => {
                     self.last_sweep = Instant::now();
@@ -625,7 +646,9 @@ impl Reader {
                     report_lost(&shared, lost);
                 }
                 Next::Stopped => {
-                    if *self.stop.borrow() && self.messages.lock().await.is_empty() {
+                    if *self.stop.borrow()
+                        && (self.left == Some(0) || self.messages.lock().await.is_empty())
+                    {
                         self.done = true;
                         return None;
                     }

@@ -561,3 +561,63 @@ async fn a_wildcard_class_subscription_counts_only_the_losses_of_its_own_channel
     let _ = fred::prelude::ClientLike::quit(&raw).await;
     router.close().await.unwrap();
 }
+
+/// A closed subscription delivers what had reached it and then ends, even while another subscription
+/// of the router keeps its Redis channel subscribed and messages keep coming. Before, it went on
+/// reading everything that arrived after its close until it once found nothing waiting: a consumer
+/// slower than the flow (an agent draining at stop) never saw its stream end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_subscription_ends_while_its_channel_keeps_flowing_for_another() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let pattern = ChannelPattern::parse("Feed:event:s1").unwrap();
+    // Keeps the Redis subscription of the channel (never read: it only holds the channel).
+    let _other = router
+        .subscribe(SubscribeOptions::new(pattern.clone()))
+        .await
+        .unwrap();
+    let mut closing = router
+        .subscribe(SubscribeOptions::new(pattern))
+        .await
+        .unwrap();
+    let flowing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let publishing = {
+        let (router, flowing) = (router.clone(), flowing.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while flowing.load(std::sync::atomic::Ordering::Relaxed) {
+                router.publish(envelope("Feed:event:s1", n)).await.unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    eventually(WAIT, "messages to wait for the subscription", async || {
+        closing.buffered() >= 10
+    })
+    .await;
+    closing.close().await.unwrap();
+    // Read more slowly than messages come (a handler taking 20 ms each): the stream still ends.
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut read = 0u32;
+        while let Some(delivery) = closing.next().await {
+            delivery.ack().await.unwrap();
+            read += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        read
+    })
+    .await;
+    flowing.store(false, std::sync::atomic::Ordering::Relaxed);
+    within(WAIT, "the publisher to stop", publishing)
+        .await
+        .unwrap();
+    let read =
+        drained.expect("the closed subscription's stream ends although its channel flows on");
+    assert!(read < 50, "it read {read} messages after its close");
+    router.close().await.unwrap();
+}

@@ -3,7 +3,7 @@
 //! 1–2% of the client's instructions. A keyed multiply-and-rotate hash is enough here: its seed is
 //! random per map, as the standard one's is, so colliding keys cannot be chosen without knowing it;
 //! the Streams maps hold at most a subscription's prefetch of ids Redis assigned, and the sequence
-//! tracks are forgotten after five idle minutes.
+//! tracks are bounded (beyond 1,024, those idle for five minutes are forgotten).
 
 use std::hash::{BuildHasher, Hasher, RandomState};
 

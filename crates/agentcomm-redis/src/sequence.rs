@@ -18,10 +18,13 @@ use std::time::{Duration, Instant};
 /// The header that carries a pub/sub message's sequence number. Removed before delivery.
 pub const SEQUENCE_HEADER: &str = "agentcomm-seq";
 
-/// A subscriber forgets a publisher's channel after this long without a message from it. A publish fred
-/// writes again after a reconnect comes within the publisher's command timeout (30 s by default), long
-/// before.
+/// When it follows more than [`KEEP_TRACKS`] sequences, a subscriber forgets a publisher's channel after
+/// this long without a message from it. A publish fred writes again after a reconnect comes within the
+/// publisher's command timeout (30 s by default), long before.
 const TRACK_IDLE: Duration = Duration::from_secs(300);
+/// Up to this many sequences are kept however long they stay idle; beyond it, those idle for
+/// [`TRACK_IDLE`] are forgotten.
+const KEEP_TRACKS: usize = 1024;
 /// Arrivals held past a gap before the gap is settled regardless of the window.
 const MAX_AHEAD: usize = 4096;
 
@@ -129,16 +132,21 @@ impl SequenceTracker {
         (verdict, lost)
     }
 
-    /// Settles every gap older than the window and forgets idle sequences; returns how many messages were
-    /// proved lost.
+    /// Settles every gap older than the window and, when more than [`KEEP_TRACKS`] sequences are
+    /// followed, forgets those idle for [`TRACK_IDLE`]; returns how many messages were proved lost.
+    ///
+    /// A sequence is not forgotten for being idle alone: the flow may only be paused (a subscriber cut
+    /// off for minutes while its publishers go on, a publisher that sends now and then), and its gap is
+    /// counted when it resumes.
     pub(crate) fn sweep(&mut self, now: Instant) -> u64 {
         self.last_sweep = now;
         let window = self.window;
         let mut lost = 0;
+        let forget = self.tracks.values().map(HashMap::len).sum::<usize>() > KEEP_TRACKS;
         self.tracks.retain(|_, channels| {
             channels.retain(|_, track| {
                 lost += settle(track, now, window);
-                now.duration_since(track.last_seen) < TRACK_IDLE
+                !forget || now.duration_since(track.last_seen) < TRACK_IDLE
             });
             !channels.is_empty()
         });
@@ -218,6 +226,46 @@ mod tests {
             tracker.observe("c", &header("p", 11), t0 + window * 5),
             (Verdict::New, 5)
         );
+    }
+
+    /// A flow that pauses longer than the idle time (a subscriber cut off for minutes while its
+    /// publishers go on, or a publisher that sends every ten minutes) still has its gap counted when
+    /// it resumes. Before, the sweep forgot every sequence idle for 5 minutes, however few were
+    /// followed, and the messages missing across the pause were never counted.
+    #[test]
+    fn a_gap_across_a_long_pause_is_still_counted() {
+        let window = Duration::from_millis(100);
+        let mut tracker = SequenceTracker::new(window);
+        let t0 = Instant::now();
+        tracker.observe("c", &header("p", 1), t0);
+        tracker.observe("d", &header("q", 7), t0);
+        // The subscriber sweeps all along while nothing comes.
+        let later = t0 + TRACK_IDLE * 3;
+        assert_eq!(tracker.sweep(later), 0);
+        // 2 to 4 were published meanwhile and never arrived.
+        assert_eq!(
+            tracker.observe("c", &header("p", 5), later),
+            (Verdict::New, 0)
+        );
+        assert_eq!(tracker.sweep(later + window * 2), 3);
+        assert_eq!(
+            tracker.observe("d", &header("q", 7), later),
+            (Verdict::Duplicate, 0)
+        );
+    }
+
+    /// Beyond [`KEEP_TRACKS`] sequences, those idle for [`TRACK_IDLE`] are forgotten (publishers that
+    /// restarted leave theirs behind): memory stays bounded.
+    #[test]
+    fn many_idle_sequences_are_forgotten() {
+        let mut tracker = SequenceTracker::new(Duration::from_millis(100));
+        let t0 = Instant::now();
+        for publisher in 0..KEEP_TRACKS + 10 {
+            tracker.observe("c", &header(&publisher.to_string(), 1), t0);
+        }
+        tracker.observe("c", &header("live", 1), t0 + TRACK_IDLE);
+        tracker.sweep(t0 + TRACK_IDLE * 2 - Duration::from_secs(1));
+        assert_eq!(tracker.tracks.len(), 1, "only the live one stays");
     }
 
     #[test]

@@ -477,11 +477,16 @@ async fn resubscribe_after_reconnects(
         let mut failures = 0u32;
         loop {
             let Some(hub) = hub.upgrade() else { return };
+            // Set by each round: the round before may have cleared it after this one's reconnection.
+            hub.resubscribing.store(true, Ordering::Release);
             let result = tokio::time::timeout(command_timeout, hub.resubscribe()).await;
             match result {
                 Ok(Ok(())) => {
-                    // A reconnection that came while resubscribing is served by the next round.
-                    hub.resubscribing.store(false, Ordering::Release);
+                    // A reconnection that came while resubscribing is served by the next round, and
+                    // health says the subscriber is restoring until then.
+                    if !reconnections.has_changed().unwrap_or(false) {
+                        hub.resubscribing.store(false, Ordering::Release);
+                    }
                     if failures > 0 {
                         tracing::info!(failures, "pub/sub subscriptions restored");
                     }
@@ -989,6 +994,128 @@ mod tests {
             matches!(got, Ok(Some(_))),
             "the first subscription received nothing; the publish was {outcome:?}"
         );
+    }
+
+    /// A reconnection that comes while the subscriptions are being restored gets a round of its own,
+    /// and health says the subscriber is restoring until that round is done. Before, the round that
+    /// was under way cleared the flag when it finished, and the next round (for a connection on which
+    /// nothing was subscribed yet) ran, and retried for as long as it failed, with the subscriber
+    /// reported as fully restored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reconnection_during_a_restore_keeps_health_saying_restoring() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let Ok(proxy) = agentcomm_testkit::proxy::FaultProxy::start(target).await else {
+            println!("skipped: no fault proxy");
+            return;
+        };
+        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+        let connected = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+            .mode(crate::DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_secs(10))
+            .connect()
+            .await;
+        let router = match connected {
+            Ok(router) => router,
+            Err(error) => {
+                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
+                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
+                }
+                println!("skipped: no Redis at {}", crate::connection::redact(&url));
+                return;
+            }
+        };
+        let within = async |what: &str, mut condition: Box<dyn FnMut() -> bool + Send + '_>| {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !condition() {
+                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let mut subscription = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:event:s1").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let shared = router.shared().clone();
+        let hub = shared.hub().await.unwrap();
+        let reconnects = || shared.counters.reconnects.load(Ordering::Relaxed);
+        // The first round waits for the counts (held here); a second reconnection comes meanwhile.
+        let held = hub.redis.lock().await;
+        proxy.cut_all();
+        // The pool's two connections and the subscriber reconnect.
+        within("the first reconnection", Box::new(|| reconnects() >= 3)).await;
+        proxy.cut_all();
+        within("the second reconnection", Box::new(|| reconnects() >= 6)).await;
+        within(
+            "the subscriber to be connected",
+            Box::new(|| hub.is_connected()),
+        )
+        .await;
+        // Something else takes the counts right after the first round, before the second one.
+        let queued = Arc::new(AtomicBool::new(false));
+        let holding = Arc::new(AtomicBool::new(false));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let other = {
+            let (hub, queued, holding) = (hub.clone(), queued.clone(), holding.clone());
+            tokio::spawn(async move {
+                let mut locking = Box::pin(hub.redis.lock());
+                assert!(futures::poll!(&mut locking).is_pending());
+                queued.store(true, Ordering::Release);
+                let counts = locking.await;
+                holding.store(true, Ordering::Release);
+                let _ = released.await;
+                drop(counts);
+            })
+        };
+        within(
+            "the other to wait for the counts",
+            Box::new(|| queued.load(Ordering::Acquire)),
+        )
+        .await;
+        drop(held);
+        // The first round is done once the other holds the counts; the second one waits.
+        within(
+            "the other to take the counts",
+            Box::new(|| holding.load(Ordering::Acquire)),
+        )
+        .await;
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while tokio::time::Instant::now() < until {
+            assert!(
+                hub.is_resubscribing(),
+                "health says restored while the second round waits"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let health = router.health().await;
+        assert!(health.detail.contains("restoring"), "{health:?}");
+        let _ = release.send(());
+        other.await.unwrap();
+        within(
+            "the second round to finish",
+            Box::new(|| !hub.is_resubscribing()),
+        )
+        .await;
+        let envelope = Envelope::new(
+            parse_channel("Ping:event:s1").unwrap(),
+            "application/json",
+            b"{}".to_vec(),
+        );
+        router.publish(envelope).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), subscription.next()).await;
+        let _ = router.close().await;
+        assert!(matches!(got, Ok(Some(_))), "restored and delivering");
     }
 
     #[test]

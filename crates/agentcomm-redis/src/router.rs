@@ -797,19 +797,20 @@ impl Shared {
         .map_err(|e| map_error(&e, &self.settings, "publishing to a stream"))
     }
 
-    /// The route of `channel` and the sequence header of its next message.
-    fn pubsub_route(&self, channel: &Channel) -> (Arc<ChannelRoute>, String) {
+    /// The route of `channel`, the number of its next message and that message's sequence header.
+    fn pubsub_route(&self, channel: &Channel) -> (Arc<ChannelRoute>, u64, String) {
         let header = |routes: &PubSubRoutes, route: &ChannelRoute| {
             let number = route.next.fetch_add(1, Ordering::Relaxed) + 1;
             let mut header = String::with_capacity(routes.publisher.len() + 20);
             header.push_str(&routes.publisher);
             let _ = write!(header, "{number}");
-            header
+            (number, header)
         };
         {
             let routes = self.pubsub_routes.read().expect("routes lock");
             if let Some(route) = routes.channels.get(channel.name()) {
-                return (route.clone(), header(&routes, route));
+                let (number, header) = header(&routes, route);
+                return (route.clone(), number, header);
             }
         }
         let mut routes = self.pubsub_routes.write().expect("routes lock");
@@ -833,15 +834,27 @@ impl Shared {
                 })
             })
             .clone();
-        let header = header(&routes, &route);
-        (route, header)
+        let (number, header) = header(&routes, &route);
+        (route, number, header)
     }
 
-    /// Numbers and encodes a message for pub/sub; returns its route and frame.
+    /// Numbers and encodes a message for pub/sub; returns its route and frame. A message that cannot be
+    /// encoded gives its number back (unless a later one was taken meanwhile): nothing is published, and
+    /// a gap would make every subscriber of the channel count it as lost.
     fn pubsub_frame(&self, envelope: &Envelope) -> Result<(Arc<ChannelRoute>, Bytes)> {
-        let (route, sequence) = self.pubsub_route(envelope.channel());
-        let frame = envelope.to_frame_with_header(SEQUENCE_HEADER, &sequence)?;
-        Ok((route, Bytes::from(frame)))
+        let (route, number, sequence) = self.pubsub_route(envelope.channel());
+        match envelope.to_frame_with_header(SEQUENCE_HEADER, &sequence) {
+            Ok(frame) => Ok((route, Bytes::from(frame))),
+            Err(error) => {
+                let _ = route.next.compare_exchange(
+                    number,
+                    number - 1,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                Err(error)
+            }
+        }
     }
 
     /// Publishes one envelope in this router's mode; dead letters are always also kept in their stream.

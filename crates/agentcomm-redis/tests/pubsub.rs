@@ -621,3 +621,56 @@ async fn a_closed_subscription_ends_while_its_channel_keeps_flowing_for_another(
     assert!(read < 50, "it read {read} messages after its close");
     router.close().await.unwrap();
 }
+
+/// A publish that fails before anything is sent (its JSON payload is not JSON) costs no sequence
+/// number: subscribers count no loss for it. Before, its number was taken before encoding, so every
+/// subscriber of the channel counted a lost message (and health said `Degraded`, pointing at the
+/// network) for a message that was never published, and whose publisher got the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_cannot_be_encoded_costs_no_number() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Bad:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let broken = || {
+        Envelope::new(
+            parse_channel("Bad:event:s1").unwrap(),
+            "application/json",
+            b"{not json".to_vec(),
+        )
+    };
+    router.publish(envelope("Bad:event:s1", 1)).await.unwrap();
+    let error = router.publish(broken()).await.unwrap_err();
+    assert!(matches!(error, Error::Codec { .. }), "{error}");
+    router.publish(envelope("Bad:event:s1", 2)).await.unwrap();
+    // In a batch too: the others go, numbered without a gap.
+    let results = router
+        .publish_batch(vec![
+            envelope("Bad:event:s1", 3),
+            broken(),
+            envelope("Bad:event:s1", 4),
+        ])
+        .await;
+    assert!(
+        results[0].is_ok() && results[1].is_err() && results[2].is_ok(),
+        "{results:?}"
+    );
+    for expected in 1..=4 {
+        let delivery = next(&mut subscription).await;
+        assert_eq!(number(&delivery), expected);
+        delivery.ack().await.unwrap();
+    }
+    // Three reorder windows without a message: a gap would have been settled as lost by now.
+    assert_quiet(&mut subscription, Duration::from_millis(600)).await;
+    let health = router.health().await;
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    router.close().await.unwrap();
+}

@@ -316,8 +316,12 @@ impl PubSubHub {
         settings: &crate::builder::Settings,
     ) -> Result<()> {
         let mut counts = self.redis.lock().await;
+        // After a reconnection and until the restore is done, what is counted may not be subscribed on
+        // the new connection: subscribed again here (Redis ignores a repeat), or this subscription
+        // would be confirmed live while it is not.
+        let restoring = self.is_resubscribing();
         for (done, subscription) in wanted.iter().enumerate() {
-            if counts.get(subscription).copied().unwrap_or(0) == 0 {
+            if restoring || counts.get(subscription).copied().unwrap_or(0) == 0 {
                 let result = match subscription {
                     RedisSubscription::Channel(name) => self.client.subscribe(name.as_str()).await,
                     RedisSubscription::Pattern(glob) => self.client.psubscribe(glob.as_str()).await,
@@ -1116,6 +1120,122 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(5), subscription.next()).await;
         let _ = router.close().await;
         assert!(matches!(got, Ok(Some(_))), "restored and delivering");
+    }
+
+    /// A subscribe that comes after the subscriber reconnected, before its subscriptions are restored,
+    /// subscribes itself to what it needs: the Redis subscription it shares with an older local one
+    /// does not exist yet on the new connection. Before, it only counted itself in, confirmed with a
+    /// `PING`, and returned "live" while Redis had no subscription for it: what was published next
+    /// reached nobody (`Unroutable`), and the new subscription, which knew no publisher yet, could not
+    /// count it as lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribe_before_the_restore_is_live_when_it_returns() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let Ok(proxy) = agentcomm_testkit::proxy::FaultProxy::start(target).await else {
+            println!("skipped: no fault proxy");
+            return;
+        };
+        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+        let connected = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+            .mode(crate::DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_secs(10))
+            .connect()
+            .await;
+        let router = match connected {
+            Ok(router) => router,
+            Err(error) => {
+                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
+                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
+                }
+                println!("skipped: no Redis at {}", crate::connection::redact(&url));
+                return;
+            }
+        };
+        let within = async |what: &str, mut condition: Box<dyn FnMut() -> bool + Send + '_>| {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !condition() {
+                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let pattern = ChannelPattern::parse("Ping:event:s1").unwrap();
+        let _older = router
+            .subscribe(SubscribeOptions::new(pattern.clone()))
+            .await
+            .unwrap();
+        let shared = router.shared().clone();
+        let hub = shared.hub().await.unwrap();
+        let wanted = vec![shared.keys.pubsub_subscription(&pattern)];
+        // In line for the counts, in this order: the new subscription's count, then something else
+        // that holds them for a while; the restore after the reconnection comes last.
+        let held = hub.redis.lock().await;
+        let mut adding = Box::pin(hub.add_redis(&wanted, &shared.settings));
+        assert!(futures::poll!(&mut adding).is_pending());
+        let queued = Arc::new(AtomicBool::new(false));
+        let holding = Arc::new(AtomicBool::new(false));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let other = {
+            let (hub, queued, holding) = (hub.clone(), queued.clone(), holding.clone());
+            tokio::spawn(async move {
+                let mut locking = Box::pin(hub.redis.lock());
+                assert!(futures::poll!(&mut locking).is_pending());
+                queued.store(true, Ordering::Release);
+                let counts = locking.await;
+                holding.store(true, Ordering::Release);
+                let _ = released.await;
+                drop(counts);
+            })
+        };
+        within(
+            "the other to wait for the counts",
+            Box::new(|| queued.load(Ordering::Acquire)),
+        )
+        .await;
+        proxy.cut_all();
+        within(
+            "the subscriber to reconnect",
+            Box::new(|| hub.is_connected() && hub.is_resubscribing()),
+        )
+        .await;
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(10), adding)
+            .await
+            .expect("the subscribe's count is taken")
+            .expect("and confirmed");
+        within(
+            "the other to hold the counts",
+            Box::new(|| holding.load(Ordering::Acquire)),
+        )
+        .await;
+        // The restore has not run: only the new subscription's own SUBSCRIBE can make it live.
+        assert!(hub.is_resubscribing());
+        let envelope = Envelope::new(
+            parse_channel("Ping:event:s1").unwrap(),
+            "application/json",
+            b"{}".to_vec(),
+        );
+        let outcome = router.publish(envelope).await;
+        let _ = release.send(());
+        other.await.unwrap();
+        hub.give_back(&wanted).await;
+        let _ = router.close().await;
+        assert!(
+            matches!(
+                outcome,
+                Ok(agentcomm_core::router::PublishOutcome::Delivered(1))
+            ),
+            "the subscription the subscribe confirmed is live: {outcome:?}"
+        );
     }
 
     #[test]

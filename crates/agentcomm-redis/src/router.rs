@@ -752,8 +752,20 @@ impl Shared {
             let Some(channel) = channel else {
                 return Ok(PublishOutcome::Accepted);
             };
-            let receivers = self.publish_to(target.client, channel, frame).await?;
-            return Ok(outcome_of(receivers, true, self.clustered()));
+            return match self.publish_to(target.client, channel, frame).await {
+                Ok(receivers) => Ok(outcome_of(receivers, true, self.clustered())),
+                // Stored: an error would make the caller publish it again, and store it twice. The
+                // live copy is lost, and its subscribers count the number it leaves out as lost.
+                Err(error) => {
+                    tracing::warn!(
+                        class = target.class.as_str(),
+                        error = %error,
+                        "a message was stored in its stream, but its pub/sub copy could not be \
+                         published; live subscribers count it as lost"
+                    );
+                    Ok(PublishOutcome::Accepted)
+                }
+            };
         }
         let reply = self
             .in_order(target, |sequence| {

@@ -674,3 +674,70 @@ async fn a_publish_that_cannot_be_encoded_costs_no_number() {
     assert_eq!(health.get("lost"), 0, "{health:?}");
     router.close().await.unwrap();
 }
+
+/// A dead letter in pub/sub mode is stored, then published; when its `PUBLISH` fails after the store
+/// worked, the publish reports `Accepted` (it is kept, the promise of a dead letter) and is stored
+/// once. Before, the error made the caller think nothing was kept: the runtime gives the message back
+/// to dead-letter it again when it returns, storing a second dead letter for one failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_stored_but_not_published_is_accepted_and_stored_once() {
+    use fred::prelude::{ClientLike, StreamsInterface};
+    use fred::types::{CustomCommand, Value};
+    if !redis_available().await {
+        return;
+    }
+    let Some(target) = loopback_target(&redis_url()) else {
+        println!("skipped: REDIS_URL is not a loopback redis:// URL");
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    // A user that may do everything on the test's keys but PUBLISH: the store works, the publish
+    // after it fails (NOPERM), as any error after the store would.
+    let raw = raw_client().await;
+    let user = format!("{prefix}-user");
+    let acl = |args: Vec<String>| {
+        raw.custom::<Value, _>(CustomCommand::new_static("ACL", None, false), args)
+    };
+    let created = acl(vec![
+        "SETUSER".into(),
+        user.clone(),
+        "on".into(),
+        ">secret-for-this-test".into(),
+        format!("~{prefix}:*"),
+        "&*".into(),
+        "+@all".into(),
+        "-publish".into(),
+    ])
+    .await;
+    if let Err(error) = created {
+        println!("skipped: cannot create an ACL user ({error})");
+        return;
+    }
+    let outcome = async {
+        let router = connected(
+            RedisRouter::builder(format!("redis://{user}:secret-for-this-test@{target}"))
+                .mode(DeliveryMode::PubSub)
+                .prefix(&prefix),
+        )
+        .await;
+        let dead = envelope("Job:request:s1", 3)
+            .with_channel(parse_channel("Job:request:s1").unwrap().dead_letter())
+            .with_header(headers::DEAD_LETTER_REASON, headers::REASON_HANDLER_FAILED);
+        let outcome = within(WAIT, "the dead letter's publish", router.publish(dead)).await;
+        router.close().await.unwrap();
+        outcome
+    }
+    .await;
+    let _ = acl(vec!["DELUSER".into(), user.clone()]).await;
+    let length: u64 = raw
+        .xlen(format!("{prefix}:stream:{{DeadLetter}}"))
+        .await
+        .unwrap();
+    let _ = raw.quit().await;
+    assert!(
+        matches!(outcome, Ok(PublishOutcome::Accepted)),
+        "stored, so kept: {outcome:?}"
+    );
+    assert_eq!(length, 1);
+}

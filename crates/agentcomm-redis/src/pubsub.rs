@@ -714,7 +714,18 @@ impl Reader {
                 return None;
             }
         };
+        // A glob (a wildcard class's `<prefix>:*`) also matches the channels of a longer prefix
+        // (`<prefix>:v2:...`), another router's: a message is this router's only when its Redis
+        // channel is its own channel's name under the prefix.
+        let own = message
+            .channel
+            .strip_prefix(shared.keys.prefix())
+            .and_then(|rest| rest.strip_prefix(':'))
+            == Some(envelope.channel().name());
         self.last = sequence.is_some().then_some((raw, message.channel));
+        if !own {
+            return None;
+        }
         // Matched before its number is followed: a Redis glob can be wider than the patterns (a
         // wildcard class listens to the whole prefix), and the gaps and repeats of channels this
         // subscription does not deliver are not its losses or duplicates.

@@ -741,3 +741,32 @@ async fn a_dead_letter_stored_but_not_published_is_accepted_and_stored_once() {
     );
     assert_eq!(length, 1);
 }
+
+/// Routers see each other only when they share a prefix, also when one prefix starts with the other
+/// and a colon (`app` and `app:v2`). A wildcard class subscribes to `<prefix>:*`, which Redis also
+/// matches with the other router's channels; before, their messages were delivered, since only the
+/// channel inside the frame was matched against the patterns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_class_does_not_receive_the_messages_of_a_longer_prefix() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let nested = format!("{prefix}:v2");
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let other = connect(&nested).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("*:event:s1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    other.publish(envelope("Ping:event:s1", 1)).await.unwrap();
+    router.publish(envelope("Ping:event:s1", 2)).await.unwrap();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(number(&delivery), 2, "only its own prefix's message");
+    delivery.ack().await.unwrap();
+    other.close().await.unwrap();
+    router.close().await.unwrap();
+}

@@ -1053,19 +1053,26 @@ impl StreamSubscription {
             subscription: self.clone(),
             key: key.clone(),
             id: entry_id,
+            counted: Handled::Never,
             _permit: Some(permit),
         };
         if redelivered {
             shared.counters.bump(&shared.counters.redelivered);
         }
         let delivery = Delivery::new(envelope, Box::new(ack)).redelivered(redelivered);
-        self.send(delivery, key, entry_id).await;
+        self.send(delivery, key, entry_id, Handled::Never).await;
     }
 
     /// Hands a delivery to the subscription. If it has closed meanwhile, a group gets the entry back
-    /// (dropping the delivery abandons it, which releases the entry); a fan-out subscription, which
-    /// asked for nothing more, just forgets it.
-    async fn send(self: &Arc<Self>, delivery: Delivery, key: &Arc<str>, id: EntryId) {
+    /// (`counted`: see [`StreamAck::counted`]); a fan-out subscription, which asked for nothing more,
+    /// just forgets it.
+    async fn send(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        key: &Arc<str>,
+        id: EntryId,
+        counted: Handled,
+    ) {
         match self.sender.send(delivery).await {
             Ok(()) => self.shared.counters.bump(&self.shared.counters.delivered),
             Err(async_channel::SendError(delivery)) if self.is_group() => {
@@ -1073,7 +1080,7 @@ impl StreamSubscription {
                 // that closing waits for it.
                 let envelope = delivery.envelope().clone();
                 delivery.discard();
-                self.release(key, id, &envelope, Handled::Never).await;
+                self.release(key, id, &envelope, counted).await;
             }
             Err(async_channel::SendError(delivery)) => {
                 delivery.discard();
@@ -1209,9 +1216,10 @@ impl StreamSubscription {
         self.unhold_all(key, [id]);
     }
 
-    /// Gives a held entry back to the group: marked idle, so another member claims it at once. One that
-    /// no handler saw (`Handled::Never`) gets its delivery counter back as it was before the read that
-    /// took it, so that the next member's claim does not count it as a second attempt.
+    /// Gives a held entry back to the group: marked idle, so another member claims it at once. One whose
+    /// delivery counter last counted a delivery no handler saw (`Handled::Never`) gets its counter back
+    /// as it was before that count, so that the next member's claim does not count it as a second
+    /// attempt.
     async fn release(&self, key: &Arc<str>, id: EntryId, envelope: &Envelope, handled: Handled) {
         if let Some(group) = &self.group {
             let idle = self.settings().claim_idle.as_millis().to_string();
@@ -1242,7 +1250,8 @@ impl StreamSubscription {
     }
 
     /// Delivers a held entry again after `delay` (nack, abandon or give-back); once the subscription
-    /// has closed, gives it back to the group instead.
+    /// has closed, gives it back to the group instead. `handled`: whether a handler may have seen this
+    /// delivery (`Never` only for a give-back).
     fn redeliver(
         self: &Arc<Self>,
         ack: StreamAck,
@@ -1252,6 +1261,12 @@ impl StreamSubscription {
         handled: Handled,
     ) {
         let subscription = self.clone();
+        let mut ack = ack;
+        // A delivery a handler may have seen is what the entry's counter last counted (abandon and
+        // requeue do not count again), unless a retry count is recorded below for the next one.
+        if handled == Handled::Maybe {
+            ack.counted = Handled::Maybe;
+        }
         let run = async move {
             if !delay.is_zero() {
                 let mut stop = subscription.stop.subscribe();
@@ -1262,7 +1277,7 @@ impl StreamSubscription {
             }
             if subscription.is_closed() {
                 subscription
-                    .release(&ack.key, ack.id, &envelope, handled)
+                    .release(&ack.key, ack.id, &envelope, ack.counted)
                     .await;
                 drop(ack);
                 return;
@@ -1280,17 +1295,22 @@ impl StreamSubscription {
                     vec![ack.id.to_string()],
                 )
                 .await;
-                if let Err(error) = result {
-                    tracing::debug!(error = %error, "could not record the attempt on the entry");
+                match result {
+                    // The counter now counts the delivery made below, which no handler saw yet.
+                    Ok((taken, _)) if !taken.is_empty() => ack.counted = Handled::Never,
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::debug!(error = %error, "could not record the attempt on the entry")
+                    }
                 }
             }
             subscription
                 .shared
                 .counters
                 .bump(&subscription.shared.counters.redelivered);
-            let (key, id) = (ack.key.clone(), ack.id);
+            let (key, id, counted) = (ack.key.clone(), ack.id, ack.counted);
             let delivery = Delivery::new(envelope, Box::new(ack)).redelivered(true);
-            subscription.send(delivery, &key, id).await;
+            subscription.send(delivery, &key, id, counted).await;
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
@@ -2498,6 +2518,11 @@ struct StreamAck {
     subscription: Arc<StreamSubscription>,
     key: Arc<str>,
     id: EntryId,
+    /// Whether a handler may have seen the delivery that the entry's delivery counter last counted:
+    /// `Never` for a delivery fresh from a read or claim (or after a recorded retry count), `Maybe`
+    /// once a delivery was abandoned or requeued (delivered again without a count). Only a give-back
+    /// of a `Never` entry takes that count back; otherwise a handler's attempt would be forgotten.
+    counted: Handled,
     /// Held until the delivery is settled: one prefetch slot.
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -2519,6 +2544,7 @@ impl Acknowledge for StreamAck {
             subscription: _,
             key,
             id,
+            counted: _,
             _permit: slot,
         } = this;
         let queued = {

@@ -1432,3 +1432,58 @@ async fn an_ack_of_an_entry_another_member_acknowledged_first_is_counted() {
     let _ = raw.quit().await;
     router.close().await.unwrap();
 }
+
+/// A delivery a handler saw and dropped unsettled goes back into its member's buffer with the same
+/// attempt; when that member then stops and gives its buffer back unhandled, the handler's attempt
+/// still counts: the next member gets the next attempt, so that a message that keeps being abandoned
+/// still reaches `max_deliveries` instead of looping at attempt 1 forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_delivery_given_back_from_the_buffer_still_counts_its_attempt() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let quick = || {
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .connect()
+    };
+    let options = SubscribeOptions::new(ChannelPattern::parse("Seen:*:*").unwrap()).group("g");
+    let publisher = within(WAIT, "connecting", quick()).await.unwrap();
+    let mut attempts = Vec::new();
+    for stop in 0..3 {
+        let router = within(WAIT, "connecting", quick()).await.unwrap();
+        let mut member = router.subscribe(options.clone()).await.unwrap();
+        if stop == 0 {
+            publisher
+                .publish(envelope("Seen:event:s1", 1))
+                .await
+                .unwrap();
+        }
+        let delivery = next(&mut member).await;
+        attempts.push(delivery.envelope().attempt());
+        // The handler gives up on it (dropped unsettled): it waits in the buffer again.
+        drop(delivery);
+        eventually(
+            WAIT,
+            "the abandoned delivery back in the buffer",
+            async || member.buffered() == 1,
+        )
+        .await;
+        if stop == 1 {
+            member.closer().close().await.unwrap();
+            while let Some(delivery) = member.try_next() {
+                delivery.give_back();
+            }
+        }
+        drop(member);
+        router.close().await.unwrap();
+    }
+    assert_eq!(
+        attempts,
+        [1, 2, 3],
+        "the attempt each member saw, each having dropped it unsettled"
+    );
+    publisher.close().await.unwrap();
+}

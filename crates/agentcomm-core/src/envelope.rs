@@ -45,9 +45,10 @@ pub mod headers {
     pub const DEAD_LETTER_PENDING: &str = "agentcomm-dead-letter-pending";
     /// Set on a reply that answers a request with its failure: the agent that received the request
     /// dead-lettered it (the value is the dead letter's reason; `ERROR`, `ATTEMPTS` and `AGENT` say
-    /// more), so no reply will come. The requester's `request` returns
-    /// [`Error::RequestFailed`](crate::error::Error::RequestFailed) at once instead of waiting out its
-    /// timeout. The payload is empty.
+    /// more), so no reply will come. Sent only by an agent that sends the reply's class (one that could
+    /// have answered), not by others that merely receive the request's class. The requester's
+    /// `request` returns [`Error::RequestFailed`](crate::error::Error::RequestFailed) at once instead
+    /// of waiting out its timeout. The payload is empty.
     pub const REQUEST_FAILED: &str = "agentcomm-request-failed";
 
     /// The handler failed on every attempt.

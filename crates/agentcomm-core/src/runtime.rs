@@ -1332,7 +1332,7 @@ impl<A: Agent> AgentShared<A> {
             .with_header(headers::ORIGINAL_ID, original.id().to_string())
             .with_header(headers::ORIGINAL_CHANNEL, original.channel().name());
         dead.headers_mut().remove(headers::DEAD_LETTER_PENDING);
-        let failure_reply = failure_reply(original, reason, error, attempts, A::NAME);
+        let failure_reply = failure_reply(original, reason, error, attempts, A::NAME, A::SENDS);
         tracing::error!(
             reason,
             error,
@@ -1384,15 +1384,23 @@ impl<A: Agent> AgentShared<A> {
 /// The reply that tells the requester of `request` (when it is one: its `reply_to` is a requester's
 /// inbox) that it was dead-lettered: on its reply channel, correlated, empty, with the dead letter's
 /// reason, error, attempts and agent in headers.
+///
+/// Only from an agent that could have answered it (`sends`, the agent's `SENDS`, has the reply's
+/// class): every agent type that receives a class gets its requests, and one that only observes them
+/// failing must not cut short the requester of the agent that answers.
 fn failure_reply(
     request: &Envelope,
     reason: &str,
     error: &str,
     attempts: u32,
     agent: &str,
+    sends: &[&str],
 ) -> Option<Envelope> {
     let channel = parse_channel(request.reply_to()?).ok()?;
-    if channel.direction() != REPLY_DIRECTION || !channel.session().starts_with(INBOX_PREFIX) {
+    if channel.direction() != REPLY_DIRECTION
+        || !channel.session().starts_with(INBOX_PREFIX)
+        || !sends.contains(&channel.class())
+    {
         return None;
     }
     Some(

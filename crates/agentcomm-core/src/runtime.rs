@@ -992,17 +992,23 @@ async fn run_workers<A: Agent>(
         let mut hasher = DefaultHasher::new();
         delivery.envelope().session().hash(&mut hasher);
         let worker = (hasher.finish() % workers as u64) as usize;
-        let sent = tokio::select! {
+        // Room in the worker's queue first, so that the delivery stays here if the deadline comes
+        // while waiting: no handler saw it, so it goes back unhandled (dropping it would count an
+        // attempt on a backend that counts deliveries).
+        let room = tokio::select! {
             biased;
             () = &mut deadline => {
+                delivery.give_back();
                 report.requeued += 1;
                 break;
             }
-            sent = senders[worker].send(delivery) => sent,
+            room = senders[worker].reserve() => room,
         };
-        if let Err(unsent) = sent {
+        if let Ok(room) = room {
+            room.send(delivery);
+        } else {
             // The worker is gone (its task failed): the delivery goes back to the backend unhandled.
-            unsent.0.give_back();
+            delivery.give_back();
             report.requeued += 1;
             tracing::error!(
                 agent = A::NAME,

@@ -697,3 +697,163 @@ async fn a_panic_while_dropping_a_handlers_future_does_not_take_the_agent_down()
         (1, agentcomm_core::runtime::AgentState::Running)
     );
 }
+
+/// How each delivery of a [`RecordsGiveBacks`] router went back unsettled: given back unhandled, or
+/// abandoned (dropped, which counts as an attempt on a backend that counts deliveries).
+#[derive(Default)]
+struct Returns {
+    given_back: std::sync::Mutex<Vec<u32>>,
+    abandoned: std::sync::Mutex<Vec<u32>>,
+}
+
+/// Settles the memory router's delivery it wraps, recording how it went back.
+struct Recording {
+    job: u32,
+    inner: std::sync::Mutex<Option<agentcomm_core::router::Delivery>>,
+    returns: Arc<Returns>,
+}
+
+impl Recording {
+    fn take(&self) -> agentcomm_core::router::Delivery {
+        self.inner.lock().unwrap().take().expect("settled once")
+    }
+}
+
+impl agentcomm_core::router::Acknowledge for Recording {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        let inner = self.take();
+        Box::pin(inner.ack())
+    }
+    fn nack(
+        self: Box<Self>,
+        _: Envelope,
+        action: agentcomm_core::router::NackAction,
+    ) -> BoxFuture<'static, Result<()>> {
+        let inner = self.take();
+        Box::pin(inner.nack(action))
+    }
+    fn abandon(self: Box<Self>, _: Envelope) {
+        self.returns.abandoned.lock().unwrap().push(self.job);
+        drop(self.take());
+    }
+    fn give_back(self: Box<Self>, _: Envelope) {
+        self.returns.given_back.lock().unwrap().push(self.job);
+        self.take().give_back();
+    }
+}
+
+struct Closes(agentcomm_core::router::SubscriptionCloser);
+
+impl agentcomm_core::router::SubscriptionControl for Closes {
+    fn close(&self) -> BoxFuture<'static, Result<()>> {
+        let closer = self.0.clone();
+        Box::pin(async move { closer.close().await })
+    }
+}
+
+/// A memory router whose deliveries record whether they were given back unhandled or abandoned.
+struct RecordsGiveBacks {
+    inner: MemoryRouter,
+    returns: Arc<Returns>,
+}
+
+impl Router for RecordsGiveBacks {
+    fn backend(&self) -> &str {
+        "records-give-backs"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        self.inner.publish(envelope)
+    }
+    fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
+        Box::pin(async move {
+            let mut inner = self.inner.subscribe(options.clone()).await?;
+            let (sender, receiver) = async_channel::bounded(1);
+            let control = Arc::new(Closes(inner.closer()));
+            let returns = self.returns.clone();
+            tokio::spawn(async move {
+                while let Some(delivery) = inner.next().await {
+                    let envelope = delivery.envelope().clone();
+                    let job = Codec::MessagePack
+                        .decode::<Job>("Job", envelope.payload())
+                        .map_or(u32::MAX, |job| job.id);
+                    let recording = Recording {
+                        job,
+                        inner: std::sync::Mutex::new(Some(delivery)),
+                        returns: returns.clone(),
+                    };
+                    let wrapped =
+                        agentcomm_core::router::Delivery::new(envelope, Box::new(recording));
+                    if let Err(unsent) = sender.send(wrapped).await {
+                        unsent.0.give_back();
+                        break;
+                    }
+                }
+            });
+            Ok(Subscription::new(receiver, control, &options))
+        })
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.inner.health()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.inner.close()
+    }
+}
+
+/// Never finishes a job.
+#[agent(receives = [Job])]
+struct Hangs(Arc<AtomicUsize>);
+
+impl Handle<Job> for Hangs {
+    async fn handle(&self, _: Job, _: &Context<Self>) -> HandlerResult {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+/// With several workers, the stop deadline can come while the dispatcher waits to hand a delivery to
+/// a worker whose queue is full. No handler has seen that delivery: it goes back unhandled, like the
+/// ones still buffered, so that a backend counting deliveries does not count it as an attempt. Only
+/// the delivery whose handler the deadline cut off is abandoned.
+#[tokio::test]
+async fn the_delivery_a_stop_deadline_catches_on_its_way_to_a_worker_is_given_back_unhandled() {
+    let returns = Arc::new(Returns::default());
+    let runtime = Runtime::new(RecordsGiveBacks {
+        inner: MemoryRouter::new(),
+        returns: returns.clone(),
+    });
+    let started = Arc::new(AtomicUsize::new(0));
+    // One session, so one worker: it hangs on job 0, job 1 waits in its queue (one place), job 2 in
+    // the dispatcher's hands, job 3 in the subscription's buffer.
+    let agent = runtime
+        .spawn_with(
+            Hangs(started.clone()),
+            AgentOptions::new().concurrency(2).prefetch(2),
+        )
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    for id in 0..4 {
+        client.publish("s1", Job { id }).await.unwrap();
+    }
+    timeout(WAIT, async {
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("job 0 started");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    agent.stop(Duration::from_millis(100)).await;
+    let mut given_back = returns.given_back.lock().unwrap().clone();
+    given_back.sort();
+    let abandoned = returns.abandoned.lock().unwrap().clone();
+    assert_eq!(
+        (abandoned, given_back),
+        (vec![0], vec![1, 2, 3]),
+        "(abandoned, given back unhandled)"
+    );
+}

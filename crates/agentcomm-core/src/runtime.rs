@@ -971,7 +971,10 @@ async fn run_workers<A: Agent>(
     phase: watch::Receiver<Phase>,
 ) -> ShutdownReport {
     let workers = shared.options.concurrency;
-    let per_worker = (shared.options.prefetch / workers).max(1);
+    // A worker's queue holds at most `MAX_PERMITS` (tokio panics beyond): a prefetch of `usize::MAX`
+    // (no bound, which the routers take) is as good as unbounded at that.
+    let per_worker =
+        (shared.options.prefetch / workers).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
     let mut senders = Vec::with_capacity(workers);
     let mut tasks = Vec::with_capacity(workers);
     for _ in 0..workers {

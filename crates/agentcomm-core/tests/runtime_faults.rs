@@ -857,3 +857,34 @@ async fn the_delivery_a_stop_deadline_catches_on_its_way_to_a_worker_is_given_ba
         "(abandoned, given back unhandled)"
     );
 }
+
+/// `usize::MAX` is the natural way to ask for no prefetch bound, and the memory router takes it: an
+/// agent with several workers must take it too, not fail to start its workers.
+#[tokio::test]
+async fn an_unbounded_prefetch_with_several_workers_handles_messages() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let handled = Arc::new(AtomicUsize::new(0));
+    let agent = runtime
+        .spawn_with(
+            Counter(handled.clone()),
+            AgentOptions::new().concurrency(2).prefetch(usize::MAX),
+        )
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    client.publish("s1", Job { id: 1 }).await.unwrap();
+    client.publish("s2", Job { id: 2 }).await.unwrap();
+    timeout(WAIT, async {
+        while handled.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{} of 2 handled; agent {:?}",
+            handled.load(Ordering::SeqCst),
+            agent.health().state
+        )
+    });
+}

@@ -435,7 +435,12 @@ impl StreamSubscription {
             Distribution::Group(name) => Some(name.clone()),
             _ => None,
         };
-        let (sender, receiver) = async_channel::bounded(options.prefetch);
+        // Every delivery in the buffer holds one of the `prefetch` slots, which bound it: the buffer
+        // needs no bound of its own (a bounded one allocates all its places at once, which for a
+        // prefetch of `usize::MAX`, "no bound", cannot be done). A semaphore holds at most
+        // `MAX_PERMITS`, as good as unbounded.
+        let prefetch = options.prefetch.clamp(1, Semaphore::MAX_PERMITS);
+        let (sender, receiver) = async_channel::unbounded();
         let (stop, _) = watch::channel(false);
         let consumer = format!("c-{}", uuid::Uuid::now_v7().simple());
         let subscription = Arc::new(StreamSubscription {
@@ -448,10 +453,10 @@ impl StreamSubscription {
             union: Mutex::new(options.patterns.clone()),
             sender,
             drain: receiver.clone(),
-            permits: Arc::new(Semaphore::new(options.prefetch)),
-            refill: (options.prefetch / 4)
+            permits: Arc::new(Semaphore::new(prefetch)),
+            refill: (prefetch / 4)
                 .clamp(1, shared.settings.read_batch)
-                .min(options.prefetch),
+                .min(prefetch),
             held: Mutex::new(HashSet::default()),
             settled: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),

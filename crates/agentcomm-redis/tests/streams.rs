@@ -1487,3 +1487,27 @@ async fn an_abandoned_delivery_given_back_from_the_buffer_still_counts_its_attem
     );
     publisher.close().await.unwrap();
 }
+
+/// A prefetch of `usize::MAX` asks for no bound (the memory router and RabbitMQ take it): a stream
+/// subscription takes it too, instead of panicking while it allocates its buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_with_an_unbounded_prefetch_receives() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut member = router
+        .subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Wide:*:*").unwrap())
+                .group("g")
+                .prefetch(usize::MAX),
+        )
+        .await
+        .unwrap();
+    router.publish(envelope("Wide:event:s1", 1)).await.unwrap();
+    let delivery = next(&mut member).await;
+    delivery.ack().await.unwrap();
+    router.close().await.unwrap();
+}

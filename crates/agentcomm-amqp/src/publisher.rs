@@ -601,22 +601,26 @@ impl Inner {
     }
 
     /// The publishing channel of the live publishing connection, opened on demand. Waiting for the
-    /// connection (an outage) is bounded by `outage_deadline`, set on the first wait of this publish
-    /// to `publish_outage_timeout` from then. Work on a live connection (opening the channel, and
-    /// declaring the topology again first after the broker closed one) is bounded by the operation
-    /// timeout of each step, however short the outage bound: a publish may be told to fail at once
-    /// during an outage, and must still open a channel when the broker is there.
+    /// connection (an outage) is bounded by `outage_deadline`, set when this publish first finds the
+    /// connection down to `publish_outage_timeout` from then (and cleared by its caller once the
+    /// publish was sent, so that a later outage gets the whole bound too): opening the channel on a
+    /// live connection, or waiting for a confirm, is not an outage. Work on a live connection
+    /// (opening the channel, and declaring the topology again first after the broker closed one) is
+    /// bounded by the operation timeout of each step, however short the outage bound: a publish may
+    /// be told to fail at once during an outage, and must still open a channel when the broker is
+    /// there.
     async fn publisher_for(&self, outage_deadline: &mut Option<Instant>) -> Result<Arc<Publisher>> {
         if let Some(publisher) = self.live_publisher() {
             return Ok(publisher);
         }
-        let outage = self.settings.publish_outage_timeout;
         let started = Instant::now();
-        let deadline = *outage_deadline.get_or_insert_with(|| started + outage);
-        let bound = deadline.max(started + self.settings.operation_timeout * 2);
+        // The wait for the connection ends by its own deadline, within the outage bound; this one
+        // also covers the work on the connection once it is there.
+        let bound =
+            started + self.settings.publish_outage_timeout + self.settings.operation_timeout * 2;
         // Boxed: the slow path's state is large, and would otherwise make every publish's future
         // (moved into a box per publish by the Router trait) as large.
-        let opening = Box::pin(self.open_publisher(deadline));
+        let opening = Box::pin(self.open_publisher(outage_deadline));
         match tokio::time::timeout_at(bound, opening).await {
             Ok(result) => result,
             Err(_) => Err(self.connection_error(format!(
@@ -626,7 +630,10 @@ impl Inner {
         }
     }
 
-    async fn open_publisher(&self, deadline: Instant) -> Result<Arc<Publisher>> {
+    async fn open_publisher(
+        &self,
+        outage_deadline: &mut Option<Instant>,
+    ) -> Result<Arc<Publisher>> {
         let link = &self.publishing;
         loop {
             if self.is_stopping() {
@@ -634,6 +641,8 @@ impl Inner {
             }
             let generation = link.connected.load(Ordering::Acquire);
             if generation == 0 {
+                let outage = self.settings.publish_outage_timeout;
+                let deadline = *outage_deadline.get_or_insert_with(|| Instant::now() + outage);
                 self.wait_connected(Role::Publishing, Some(deadline))
                     .await?;
                 continue;
@@ -910,8 +919,10 @@ impl Inner {
             };
             let outcome = match Attempt::sent(self.sending(&publisher, message, content).await) {
                 Ok(confirm) => {
-                    // Sent: its confirm now waits on this channel, and is counted there.
+                    // Sent: its confirm now waits on this channel, and is counted there. Whatever
+                    // outage it waited through is over: a later one gets the whole bound again.
                     to_resend = None;
+                    outage_deadline = None;
                     if std::mem::take(&mut lost) {
                         bump(&self.counters.resent);
                     }

@@ -544,6 +544,60 @@ async fn a_publish_that_gives_up_in_an_outage_is_not_counted_as_resent() {
     within("close", router.close()).await.unwrap();
 }
 
+/// `publish_outage_timeout` bounds how long a publish waits for a lost connection to come back. Its
+/// clock used to start when the publish first had no channel, which is also the first publish on a
+/// connection, opening the channel on a broker that is up: a publish that then waited longer than
+/// the bound for its confirm and lost its connection found its outage over before it began, and
+/// failed at once without waiting for the reconnect ("no publishing connection for 0.0s").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_opened_the_channel_still_waits_out_a_later_outage() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-outage-clock");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let outage = Duration::from_secs(2);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .reconnect(Backoff::new(
+                Duration::from_millis(50),
+                Duration::from_millis(200),
+            ))
+            // Opening the channel takes two round trips of 1.6 s below.
+            .operation_timeout(Duration::from_secs(8))
+            .confirm_timeout(Duration::from_secs(20))
+            .publish_outage_timeout(outage)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    // Each way 800 ms: the channel.open and the confirm.select take 1.6 s each, so the publish is
+    // sent 3.2 s after it began, and its confirm comes 4.8 s after it began at the earliest.
+    proxy.set_latency(Duration::from_millis(800));
+    let started = Instant::now();
+    let publishing = tokio::spawn({
+        let router = router.clone();
+        async move { router.publish(envelope(1)).await }
+    });
+    // Past the outage bound from the publish's start, once it waits for its confirm and before that
+    // can have come: the connection is lost, and comes back at once.
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    proxy.set_latency(Duration::ZERO);
+    proxy.cut_all();
+    let outcome = within("the publish after the cut", publishing)
+        .await
+        .expect("the publishing task");
+    assert!(
+        outcome.is_ok(),
+        "the publish did not wait for the reconnect ({:?} after it began): {outcome:?}",
+        started.elapsed()
+    );
+    within("close", router.close()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_from_a_lost_channel_is_never_settled_on_the_new_one() {
     if !broker_available().await {

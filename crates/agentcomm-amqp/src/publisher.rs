@@ -130,9 +130,10 @@ impl Confirms {
         }
     }
 
-    /// Settles the waiters of `tag` (and below it with `multiple`); returns how many it settled, and
-    /// how many of those had no caller waiting any more.
-    fn settle(&self, tag: u64, multiple: bool, ack: bool) -> (u64, u64) {
+    /// Settles the waiters of `tag` (and below it with `multiple`); a nack (`nacks` given) counts them
+    /// there before any is told, since a caller told of its nack returns its error at once and may
+    /// read health next. Returns how many had no caller waiting any more.
+    fn settle(&self, tag: u64, multiple: bool, nacks: Option<&AtomicU64>) -> u64 {
         let mut done = Vec::new();
         {
             let mut pending = self.pending.lock().expect("confirms lock");
@@ -144,22 +145,29 @@ impl Confirms {
                 done.push(waiting);
             }
         }
-        let settled = done.len() as u64;
+        if let Some(nacks) = nacks {
+            nacks.fetch_add(done.len() as u64, Ordering::Relaxed);
+        }
         let mut orphaned = 0;
         for waiting in done {
-            let confirmed = if ack {
-                Confirmed::Ack {
+            let confirmed = match nacks {
+                None => Confirmed::Ack {
                     returned: waiting.returned,
-                }
-            } else {
-                Confirmed::Nack
+                },
+                Some(_) => Confirmed::Nack,
             };
             // The caller may have gone (its future dropped): nobody to tell.
             if waiting.waiter.send(confirmed).is_err() {
                 orphaned += 1;
             }
         }
-        (settled, orphaned)
+        orphaned
+    }
+
+    /// Settles the waiters of a basic.nack and counts them in `nacks`; returns how many had no caller
+    /// waiting any more.
+    fn nacked(&self, tag: u64, multiple: bool, nacks: &AtomicU64) -> u64 {
+        self.settle(tag, multiple, Some(nacks))
     }
 
     /// Marks the publish of envelope `id` to `route` as returned (no queue was bound). Returns come
@@ -284,7 +292,7 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
     async fn publish_ack(&mut self, _channel: &Channel, ack: amqprs::Ack) {
         let _ = self
             .confirms
-            .settle(ack.delivery_tag(), ack.mutiple(), true);
+            .settle(ack.delivery_tag(), ack.mutiple(), None);
     }
 
     async fn publish_nack(&mut self, _channel: &Channel, nack: amqprs::Nack) {
@@ -295,10 +303,9 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
         );
         // Counted here, not by the publishes told of it: one whose caller stopped waiting is lost
         // too, and nobody else would count it.
-        let (nacked, orphaned) = self
+        let orphaned = self
             .confirms
-            .settle(nack.delivery_tag(), nack.multiple(), false);
-        self.nacks.fetch_add(nacked, Ordering::Relaxed);
+            .nacked(nack.delivery_tag(), nack.multiple(), &self.nacks);
         if orphaned > 0 {
             tracing::warn!(
                 messages = orphaned,
@@ -992,5 +999,49 @@ mod tests {
             }
         }
         assert_eq!(confirms.unconfirmed(), 2);
+    }
+
+    /// What `publish_nacks` says at the moment a publish is told of its nack.
+    struct CountWhenTold {
+        nacks: Arc<AtomicU64>,
+        seen: Mutex<Option<u64>>,
+    }
+
+    impl std::task::Wake for CountWhenTold {
+        fn wake(self: Arc<Self>) {
+            *self.seen.lock().unwrap() = Some(self.nacks.load(Ordering::Relaxed));
+        }
+    }
+
+    /// A caller told of its nack returns its error at once, and may read health next: the nack must
+    /// be counted by then, not after every publish it settles was told.
+    #[test]
+    fn a_nack_is_counted_before_its_publish_is_told() {
+        use std::future::Future;
+        use std::task::Context;
+
+        let confirms = Confirms::default();
+        let nacks = Arc::new(AtomicU64::new(0));
+        let (sender, mut receiver) = oneshot::channel();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert!(confirms.register(1, 1, 0, deadline, sender));
+        let observer = Arc::new(CountWhenTold {
+            nacks: nacks.clone(),
+            seen: Mutex::new(None),
+        });
+        let waker = std::task::Waker::from(observer.clone());
+        let mut context = Context::from_waker(&waker);
+        assert!(
+            std::pin::Pin::new(&mut receiver)
+                .poll(&mut context)
+                .is_pending()
+        );
+        assert_eq!(confirms.nacked(1, false, &nacks), 0);
+        assert_eq!(receiver.try_recv().ok(), Some(Confirmed::Nack));
+        assert_eq!(
+            *observer.seen.lock().unwrap(),
+            Some(1),
+            "publish_nacks when the publish was told"
+        );
     }
 }

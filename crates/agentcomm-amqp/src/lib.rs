@@ -175,18 +175,20 @@ impl AmqpRouter {
         envelope: Envelope,
     ) -> impl Future<Output = Result<PublishOutcome>> + Send + '_ {
         async move {
+            // A publish refused before it reaches `publish_envelope` is counted as every failed
+            // publish is, though it never reached the broker.
+            let refused = |error: Error| {
+                let counters = &self.inner.counters;
+                link::bump(&counters.published);
+                link::bump(&counters.publish_failures);
+                Err(error)
+            };
             if self.inner.publishing_closed.load(Ordering::Acquire) {
-                return Err(Inner::closed_error());
+                return refused(Inner::closed_error());
             }
             let routing_key = match topology::routing_key(envelope.channel()) {
                 Ok(routing_key) => routing_key,
-                Err(error) => {
-                    // Counted as every failed publish is, though it never reached the broker.
-                    let counters = &self.inner.counters;
-                    link::bump(&counters.published);
-                    link::bump(&counters.publish_failures);
-                    return Err(error);
-                }
+                Err(error) => return refused(error),
             };
             self.inner
                 .publish_envelope(&envelope, &self.inner.settings.exchange, &routing_key)

@@ -1809,3 +1809,33 @@ async fn a_publish_without_a_routing_key_counts_as_a_failure() {
     assert_eq!(health.get("publish_failures"), 1, "{health:?}");
     within("close", router.close()).await.unwrap();
 }
+
+/// Every failed publish counts in `publish_failures`, whatever the cause: also one refused because
+/// the router closed (a handler's reply after close's drain is one), which failed before the count
+/// like the one without a routing key did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_refused_after_close_counts_as_a_failure() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-closed-count");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = connect(&exchange).await;
+    within("close", router.close()).await.unwrap();
+    let error = within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error}");
+    let results = within(
+        "a batch",
+        router.publish_batch(vec![envelope("Ping:event:s1", 2)]),
+    )
+    .await;
+    assert!(
+        matches!(results[..], [Err(Error::Closed { .. })]),
+        "{results:?}"
+    );
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("published"), 2, "{health:?}");
+    assert_eq!(health.get("publish_failures"), 2, "{health:?}");
+}

@@ -528,8 +528,16 @@ async fn a_publish_that_gives_up_in_an_outage_is_not_counted_as_resent() {
         router.health().await.get("unconfirmed") == 1
     })
     .await;
-    // The connection is cut and the broker unreachable for longer than the publish waits.
+    // The connection is cut and the broker unreachable for longer than the publish waits. The proxy
+    // stops listening on a task of its own: under load, a reconnect 50 ms after the cut could still
+    // reach it, and the publish be sent again after all; so the cut waits for the refusals.
     proxy.reject_for(Duration::from_secs(3));
+    wait_until("the proxy to stop listening", async || {
+        tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .is_err()
+    })
+    .await;
     proxy.cut_all();
     proxy.blackhole(false);
     let error = within("the publish in the outage", publishing)

@@ -316,20 +316,20 @@ impl PubSubHub {
         settings: &crate::builder::Settings,
     ) -> Result<()> {
         let mut counts = self.redis.lock().await;
-        // After a reconnection and until the restore is done, what is counted may not be subscribed on
-        // the new connection: subscribed again here (Redis ignores a repeat), or this subscription
-        // would be confirmed live while it is not.
-        let restoring = self.is_resubscribing();
+        // Everything it needs is sent, also what another local subscription already counts (Redis
+        // ignores a repeat): what is counted may not be subscribed on the connection the PING below
+        // is answered on. After a reconnection that the restore round has not served yet, or one not
+        // even seen yet (a PING written while the subscriber is cut off waits for the new
+        // connection), a count alone would confirm this subscription live while Redis has nothing
+        // for it, and what is published until the restore round runs would reach nobody, uncounted.
         for (done, subscription) in wanted.iter().enumerate() {
-            if restoring || counts.get(subscription).copied().unwrap_or(0) == 0 {
-                let result = match subscription {
-                    RedisSubscription::Channel(name) => self.client.subscribe(name.as_str()).await,
-                    RedisSubscription::Pattern(glob) => self.client.psubscribe(glob.as_str()).await,
-                };
-                if let Err(error) = result {
-                    self.release(&mut counts, &wanted[..done]).await;
-                    return Err(map_error(&error, settings, "subscribing"));
-                }
+            let result = match subscription {
+                RedisSubscription::Channel(name) => self.client.subscribe(name.as_str()).await,
+                RedisSubscription::Pattern(glob) => self.client.psubscribe(glob.as_str()).await,
+            };
+            if let Err(error) = result {
+                self.release(&mut counts, &wanted[..done]).await;
+                return Err(map_error(&error, settings, "subscribing"));
             }
             *counts.entry(subscription.clone()).or_insert(0) += 1;
         }
@@ -1230,6 +1230,133 @@ mod tests {
         .await;
         // The restore has not run: only the new subscription's own SUBSCRIBE can make it live.
         assert!(hub.is_resubscribing());
+        let envelope = Envelope::new(
+            parse_channel("Ping:event:s1").unwrap(),
+            "application/json",
+            b"{}".to_vec(),
+        );
+        let outcome = router.publish(envelope).await;
+        let _ = release.send(());
+        other.await.unwrap();
+        hub.give_back(&wanted).await;
+        let _ = router.close().await;
+        assert!(
+            matches!(
+                outcome,
+                Ok(agentcomm_core::router::PublishOutcome::Delivered(1))
+            ),
+            "the subscription the subscribe confirmed is live: {outcome:?}"
+        );
+    }
+
+    /// A subscribe made while the subscriber is cut off, before its reconnection is even seen, must
+    /// also be live when it returns. Its `PING` waits for the new connection and is answered there;
+    /// a Redis subscription it shares with an older local one was then never sent on that
+    /// connection (the restore flag is set only once the reconnection is seen, after this subscribe
+    /// had decided what to send), so it returned "live" while Redis had nothing for it until the
+    /// restore round ran: what was published meanwhile reached nobody, and the new subscription,
+    /// which knew no publisher yet, could not count it as lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribe_while_disconnected_is_live_when_it_returns() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let Ok(proxy) = agentcomm_testkit::proxy::FaultProxy::start(target).await else {
+            println!("skipped: no fault proxy");
+            return;
+        };
+        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+        let connected = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+            .mode(crate::DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_secs(10))
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            ))
+            .connect()
+            .await;
+        let router = match connected {
+            Ok(router) => router,
+            Err(error) => {
+                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
+                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
+                }
+                println!("skipped: no Redis at {}", crate::connection::redact(&url));
+                return;
+            }
+        };
+        let within = async |what: &str, mut condition: Box<dyn FnMut() -> bool + Send + '_>| {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !condition() {
+                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let pattern = ChannelPattern::parse("Ping:event:s1").unwrap();
+        let _older = router
+            .subscribe(SubscribeOptions::new(pattern.clone()))
+            .await
+            .unwrap();
+        let shared = router.shared().clone();
+        let hub = shared.hub().await.unwrap();
+        let wanted = vec![shared.keys.pubsub_subscription(&pattern)];
+        // Cut off, and kept off: the reconnection has not happened, so nothing says "restoring".
+        proxy.reject_for(Duration::from_secs(30));
+        proxy.cut_all();
+        within(
+            "the subscriber to see the cut",
+            Box::new(|| !hub.is_connected()),
+        )
+        .await;
+        assert!(!hub.is_resubscribing());
+        // The new subscription's count: it takes the counts now, and its PING waits for a connection.
+        let mut adding = Box::pin(hub.add_redis(&wanted, &shared.settings));
+        assert!(futures::poll!(&mut adding).is_pending());
+        // Something else waits for the counts before the restore round, and holds them for a while.
+        let queued = Arc::new(AtomicBool::new(false));
+        let holding = Arc::new(AtomicBool::new(false));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let other = {
+            let (hub, queued, holding) = (hub.clone(), queued.clone(), holding.clone());
+            tokio::spawn(async move {
+                let mut locking = Box::pin(hub.redis.lock());
+                assert!(futures::poll!(&mut locking).is_pending());
+                queued.store(true, Ordering::Release);
+                let counts = locking.await;
+                holding.store(true, Ordering::Release);
+                let _ = released.await;
+                drop(counts);
+            })
+        };
+        within(
+            "the other to wait for the counts",
+            Box::new(|| queued.load(Ordering::Acquire)),
+        )
+        .await;
+        proxy.reject_for(Duration::ZERO);
+        tokio::time::timeout(Duration::from_secs(10), adding)
+            .await
+            .expect("the subscribe's PING is answered after the reconnection")
+            .expect("and confirmed");
+        within(
+            "the other to hold the counts",
+            Box::new(|| holding.load(Ordering::Acquire)),
+        )
+        .await;
+        within(
+            "the reconnection to be seen",
+            Box::new(|| hub.is_resubscribing()),
+        )
+        .await;
+        // The restore has not run: only the subscribe's own SUBSCRIBE can make it live.
         let envelope = Envelope::new(
             parse_channel("Ping:event:s1").unwrap(),
             "application/json",

@@ -336,7 +336,7 @@ impl Envelope {
 
     /// Encodes the envelope as a wire frame: a MessagePack map, or a JSON object when the payload is JSON.
     pub fn to_frame(&self) -> Result<Vec<u8>> {
-        self.encode_frame(None)
+        self.encode_frame(None::<(&str, fn() -> &'static str)>)
     }
 
     /// Encodes the envelope as [`to_frame`](Self::to_frame) does, with one more header (`name` set to
@@ -353,10 +353,36 @@ impl Envelope {
     /// # Ok::<(), agentcomm_core::Error>(())
     /// ```
     pub fn to_frame_with_header(&self, name: &str, value: &str) -> Result<Vec<u8>> {
+        self.to_frame_with_header_from(name, || value)
+    }
+
+    /// Encodes the envelope as [`to_frame_with_header`](Self::to_frame_with_header) does, with the
+    /// header's value made by `value` only once the envelope is known to encode: a value that must
+    /// not be used up by a message that is never sent (a publisher's next sequence number) is not
+    /// taken for one whose payload is refused.
+    ///
+    /// ```
+    /// use agentcomm_core::{Envelope, parse_channel};
+    ///
+    /// let broken = Envelope::new(parse_channel("A:request:s1")?, "application/json", b"{".to_vec());
+    /// let mut taken = false;
+    /// assert!(broken.to_frame_with_header_from("x-seq", || { taken = true; "1" }).is_err());
+    /// assert!(!taken);
+    /// # Ok::<(), agentcomm_core::Error>(())
+    /// ```
+    pub fn to_frame_with_header_from<V: AsRef<str>>(
+        &self,
+        name: &str,
+        value: impl FnOnce() -> V,
+    ) -> Result<Vec<u8>> {
         self.encode_frame(Some((name, value)))
     }
 
-    fn encode_frame(&self, extra: Option<(&str, &str)>) -> Result<Vec<u8>> {
+    fn encode_frame<V: AsRef<str>>(
+        &self,
+        extra: Option<(&str, impl FnOnce() -> V)>,
+    ) -> Result<Vec<u8>> {
+        // Everything that can refuse the envelope comes before `extra`'s value is made.
         if self.content_type == JSON_CONTENT_TYPE {
             let text = std::str::from_utf8(&self.payload).map_err(|e| {
                 Error::encode("envelope", format!("the JSON payload is not UTF-8: {e}"))
@@ -368,21 +394,23 @@ impl Envelope {
                         format!("the JSON payload is not valid JSON: {e}"),
                     )
                 })?;
+            let extra = extra.map(|(name, value)| (name, value()));
             let mut wire = self.wire(payload, true);
-            if let Some((name, value)) = extra {
+            if let Some((name, value)) = &extra {
                 wire.headers.retain(|(existing, _)| existing != name);
                 wire.headers
-                    .push((Cow::Borrowed(name), Cow::Borrowed(value)));
+                    .push((Cow::Borrowed(*name), Cow::Borrowed(value.as_ref())));
                 wire.headers.sort();
             }
             serde_json::to_vec(&wire).map_err(|e| Error::encode("envelope", e))
         } else {
+            let extra = extra.map(|(name, value)| (name, value()));
             let mut buffer = Vec::with_capacity(192 + self.payload.len());
             crate::frame_msgpack::write(
                 &self.wire(&self.payload[..], false),
                 self.class.is_none().then_some(&self.channel),
                 &self.headers,
-                extra,
+                extra.as_ref().map(|(name, value)| (*name, value.as_ref())),
                 &mut buffer,
             );
             Ok(buffer)

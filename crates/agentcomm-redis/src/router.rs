@@ -850,20 +850,32 @@ impl Shared {
         (route, number, header)
     }
 
-    /// Numbers and encodes a message for pub/sub; returns its route and frame. A message that cannot be
-    /// encoded gives its number back (unless a later one was taken meanwhile): nothing is published, and
-    /// a gap would make every subscriber of the channel count it as lost.
+    /// Numbers and encodes a message for pub/sub; returns its route and frame. The number is taken only
+    /// once the envelope is known to encode: a gap left by a message that is never published would make
+    /// every subscriber of the channel count it as lost. (Given back when it was taken before the
+    /// encoding failed after all, unless a later one was taken meanwhile.)
     fn pubsub_frame(&self, envelope: &Envelope) -> Result<(Arc<ChannelRoute>, Bytes)> {
-        let (route, number, sequence) = self.pubsub_route(envelope.channel());
-        match envelope.to_frame_with_header(SEQUENCE_HEADER, &sequence) {
-            Ok(frame) => Ok((route, Bytes::from(frame))),
-            Err(error) => {
-                let _ = route.next.compare_exchange(
-                    number,
-                    number - 1,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+        let mut numbered = None;
+        let encoded = envelope.to_frame_with_header_from(SEQUENCE_HEADER, || {
+            let (route, number, sequence) = self.pubsub_route(envelope.channel());
+            numbered = Some((route, number));
+            sequence
+        });
+        match (encoded, numbered) {
+            (Ok(frame), Some((route, _))) => Ok((route, Bytes::from(frame))),
+            (Ok(_), None) => Err(Error::Backend {
+                backend: "redis",
+                message: "a pub/sub frame was encoded without its sequence number".into(),
+            }),
+            (Err(error), numbered) => {
+                if let Some((route, number)) = numbered {
+                    let _ = route.next.compare_exchange(
+                        number,
+                        number - 1,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
                 Err(error)
             }
         }

@@ -770,3 +770,71 @@ async fn a_wildcard_class_does_not_receive_the_messages_of_a_longer_prefix() {
     other.close().await.unwrap();
     router.close().await.unwrap();
 }
+
+/// A publish that cannot be encoded costs no sequence number even while another task publishes on the
+/// same channel. 1946e59 gave the number back only when no later one had been taken meanwhile: a
+/// concurrent publish of the channel during the failed one's encoding (a large payload takes a while
+/// to be found invalid) kept the gap, and every subscriber counted a message as lost that was never
+/// published (health `Degraded`, pointing at the network).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_cannot_be_encoded_costs_no_number_beside_a_concurrent_publisher() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Bad:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let flowing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let publishing = {
+        let (router, flowing) = (router.clone(), flowing.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while flowing.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                router.publish(envelope("Bad:event:s1", n)).await.unwrap();
+            }
+            n
+        })
+    };
+    // Valid JSON for megabytes, then not: finding out takes long enough for the other task to publish.
+    let mut payload = b"[".to_vec();
+    for _ in 0..500_000 {
+        payload.extend_from_slice(b"1,");
+    }
+    payload.extend_from_slice(b"}");
+    for _ in 0..5 {
+        // Wait for the other task to be publishing, so that it runs during the encoding below.
+        let before = router.health().await.get("published");
+        eventually(WAIT, "the other task to publish", async || {
+            router.health().await.get("published") > before
+        })
+        .await;
+        let broken = Envelope::new(
+            parse_channel("Bad:event:s1").unwrap(),
+            "application/json",
+            payload.clone(),
+        );
+        let error = router.publish(broken).await.unwrap_err();
+        assert!(matches!(error, Error::Codec { .. }), "{error}");
+    }
+    flowing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let sent = within(WAIT, "the other task to stop", publishing)
+        .await
+        .unwrap();
+    for expected in 1..=sent {
+        let delivery = next(&mut subscription).await;
+        assert_eq!(number(&delivery), expected);
+        delivery.ack().await.unwrap();
+    }
+    // Three reorder windows without a message: a gap would have been settled as lost by now.
+    assert_quiet(&mut subscription, Duration::from_millis(600)).await;
+    let health = router.health().await;
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    router.close().await.unwrap();
+}

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use agentcomm_core::channel::ChannelPattern;
+use agentcomm_core::channel::{ChannelPattern, parse_channel};
 use agentcomm_core::envelope::{Envelope, FrameDecoder};
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::{
@@ -710,7 +710,17 @@ impl Reader {
             Err(error) => {
                 // Its copies for the connection's other matching Redis subscriptions follow: skipped.
                 self.last = Some((raw.clone(), message.channel.clone()));
-                shared.malformed(raw, &message.channel, &error);
+                // Only this router's: the glob `<prefix>:*` of a wildcard class also matches the
+                // channels of a longer prefix (`<prefix>:v2:...`), whose names, under this prefix,
+                // have more than a channel's three parts.
+                let own = message
+                    .channel
+                    .strip_prefix(shared.keys.prefix())
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .is_some_and(|name| parse_channel(name).is_ok());
+                if own {
+                    shared.malformed(raw, &message.channel, &error);
+                }
                 return None;
             }
         };

@@ -838,3 +838,50 @@ async fn a_publish_that_cannot_be_encoded_costs_no_number_beside_a_concurrent_pu
     assert_eq!(health.get("lost"), 0, "{health:?}");
     router.close().await.unwrap();
 }
+
+/// A malformed frame on a channel of a longer prefix (another router's: `<prefix>:v2:...`, which the
+/// glob `<prefix>:*` of a wildcard class also matches) is not this router's to dead-letter. abb0982
+/// keeps such routers' messages out, but only once decoded: a frame that does not decode was still
+/// counted as this router's `malformed` and stored as a dead letter under its prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_of_a_longer_prefix_is_not_this_routers() {
+    use fred::prelude::{PubsubInterface, StreamsInterface};
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("*:event:s1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let raw = raw_client().await;
+    let _: i64 = raw
+        .publish(format!("{prefix}:v2:Tick:event:s1"), "not a frame")
+        .await
+        .unwrap();
+    // One of its own, after: once its dead letter is stored, the other one was long seen.
+    let _: i64 = raw
+        .publish(format!("{prefix}:Tick:event:s1"), "not a frame either")
+        .await
+        .unwrap();
+    // The subscription reads as it is polled: a message behind both shows they were read.
+    router.publish(envelope("Tick:event:s1", 1)).await.unwrap();
+    assert_eq!(number(&next(&mut subscription).await), 1);
+    let stream = format!("{prefix}:stream:{{DeadLetter}}");
+    eventually(
+        WAIT,
+        "its own malformed frame to be dead-lettered",
+        async || raw.xlen::<u64, _>(stream.as_str()).await.unwrap_or(0) >= 1,
+    )
+    .await;
+    let health = router.health().await;
+    assert_eq!(health.get("malformed"), 1, "only its own: {health:?}");
+    let stored: u64 = raw.xlen(stream.as_str()).await.unwrap();
+    assert_eq!(stored, 1, "only its own frame is dead-lettered");
+    let _ = fred::prelude::ClientLike::quit(&raw).await;
+    router.close().await.unwrap();
+}

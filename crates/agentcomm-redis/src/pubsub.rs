@@ -109,6 +109,9 @@ pub(crate) struct PubSubSubscription {
     again: async_channel::Sender<Delivery>,
     /// Wakes the stream when the subscription closes.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Set with `stop` (see [`PubSubSubscription::signal_stop`]): the reader looks at it for every
+    /// message, and a load costs less than `stop.borrow()`, which takes the watch's lock.
+    stopping: AtomicBool,
 }
 
 impl PubSubHub {
@@ -219,6 +222,7 @@ impl PubSubHub {
             closed: AtomicBool::new(false),
             again,
             stop,
+            stopping: AtomicBool::new(false),
         });
         // Counted and confirmed on a task of its own, which this call can give up on (a timeout, or
         // its caller dropping it) without leaving a count half taken, or held by nobody: see `Claim`.
@@ -378,7 +382,7 @@ impl PubSubHub {
         if subscription.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        subscription.stop.send_replace(true);
+        subscription.signal_stop();
         subscription.again.close();
         self.open.fetch_sub(1, Ordering::Relaxed);
         self.subscriptions
@@ -406,7 +410,7 @@ impl PubSubHub {
             .collect();
         // Each stream ends now; unsubscribing is only manners, bounded by the deadline.
         for subscription in &open {
-            subscription.stop.send_replace(true);
+            subscription.signal_stop();
         }
         let removing = async {
             for subscription in &open {
@@ -518,6 +522,12 @@ async fn resubscribe_after_reconnects(
 }
 
 impl PubSubSubscription {
+    /// Tells the reader the subscription closed: its stream ends after what waited for it.
+    fn signal_stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.send_replace(true);
+    }
+
     /// Whether one of this subscription's Redis subscriptions covers `channel` (without decoding).
     fn covers(&self, channel: &str) -> bool {
         self.redis.iter().any(|redis| match redis {
@@ -592,7 +602,8 @@ impl Reader {
             }
             let next = {
                 let mut messages = self.messages.lock().await;
-                if self.left.is_none() && *self.stop.borrow() {
+                // Looked at for every message: an atomic load, not the watch's lock.
+                if self.left.is_none() && self.subscription.stopping.load(Ordering::Acquire) {
                     self.left = Some(messages.len());
                 }
                 let received = match self.left {
@@ -940,7 +951,7 @@ impl SubscriptionControl for PubSubControl {
                 hub.remove(&subscription).await;
             } else {
                 subscription.closed.store(true, Ordering::Release);
-                subscription.stop.send_replace(true);
+                subscription.signal_stop();
                 subscription.again.close();
             }
             Ok(())

@@ -320,6 +320,8 @@ impl PubSubHub {
         settings: &crate::builder::Settings,
     ) -> Result<()> {
         let mut counts = self.redis.lock().await;
+        // Reconnections from here on: see the end.
+        let mut reconnections = self.client.reconnect_rx();
         // Everything it needs is sent, also what another local subscription already counts (Redis
         // ignores a repeat): what is counted may not be subscribed on the connection the PING below
         // is answered on. After a reconnection that the restore round has not served yet, or one not
@@ -338,7 +340,8 @@ impl PubSubHub {
             *counts.entry(subscription.clone()).or_insert(0) += 1;
         }
         // fred resolves SUBSCRIBE when it is written, not when Redis confirms it. Redis answers the
-        // commands of one connection in order, so once this PING is answered the subscriptions are live.
+        // commands of one connection in order, so once this PING is answered the subscriptions are live
+        // on the connection that answered it.
         let confirmed = self.ping_subscriptions_node().await;
         if let Err(error) = confirmed {
             self.release(&mut counts, wanted).await;
@@ -347,6 +350,34 @@ impl PubSubHub {
                 settings,
                 "confirming a subscription (PING)",
             ));
+        }
+        // Unless the connection changed on the way: fred does not write a SUBSCRIBE again after a
+        // reconnection (it counts as done once written), but does write the PING again, and the new
+        // connection answers it. fred announces a reconnection before it writes anything on the new
+        // connection, so a PING answered there is answered after the announcement: then everything is
+        // sent again on the new connection and confirmed again.
+        while reconnected(&mut reconnections) {
+            let mut again = Ok(());
+            for subscription in wanted {
+                again = match subscription {
+                    RedisSubscription::Channel(name) => self.client.subscribe(name.as_str()).await,
+                    RedisSubscription::Pattern(glob) => self.client.psubscribe(glob.as_str()).await,
+                };
+                if again.is_err() {
+                    break;
+                }
+            }
+            if again.is_ok() {
+                again = self.ping_subscriptions_node().await;
+            }
+            if let Err(error) = again {
+                self.release(&mut counts, wanted).await;
+                return Err(map_error(
+                    &error,
+                    settings,
+                    "subscribing again after a reconnection",
+                ));
+            }
         }
         Ok(())
     }
@@ -465,6 +496,20 @@ impl PubSubHub {
             let _: fred::types::Value = self.client.ping(None).await?;
         }
         Ok(())
+    }
+}
+
+/// Whether `reconnections` announced a reconnection since it was last looked at (all announcements
+/// are taken).
+fn reconnected(reconnections: &mut broadcast::Receiver<fred::types::config::Server>) -> bool {
+    let mut any = false;
+    loop {
+        match reconnections.try_recv() {
+            Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => any = true,
+            Err(broadcast::error::TryRecvError::Empty | broadcast::error::TryRecvError::Closed) => {
+                return any;
+            }
+        }
     }
 }
 
@@ -1378,6 +1423,128 @@ mod tests {
         )
         .await;
         // The restore has not run: only the subscribe's own SUBSCRIBE can make it live.
+        let envelope = Envelope::new(
+            parse_channel("Ping:event:s1").unwrap(),
+            "application/json",
+            b"{}".to_vec(),
+        );
+        let outcome = router.publish(envelope).await;
+        let _ = release.send(());
+        other.await.unwrap();
+        hub.give_back(&wanted).await;
+        let _ = router.close().await;
+        assert!(
+            matches!(
+                outcome,
+                Ok(agentcomm_core::router::PublishOutcome::Delivered(1))
+            ),
+            "the subscription the subscribe confirmed is live: {outcome:?}"
+        );
+    }
+
+    /// A subscribe whose `SUBSCRIBE` is lost with a cut connection must not return as live. fred
+    /// resolves `SUBSCRIBE` once it is written and does not write it again after a reconnection, but
+    /// writes the `PING` that follows it again on the new connection, where it is answered: the
+    /// subscribe returned "live" while Redis had nothing for it until the restore round ran, and what
+    /// was published meanwhile reached nobody, uncounted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribe_whose_subscribe_is_cut_off_is_live_when_it_returns() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let Ok(proxy) = agentcomm_testkit::proxy::FaultProxy::start(target).await else {
+            println!("skipped: no fault proxy");
+            return;
+        };
+        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+        let connected = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+            .mode(crate::DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_secs(10))
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            ))
+            .connect()
+            .await;
+        let router = match connected {
+            Ok(router) => router,
+            Err(error) => {
+                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
+                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
+                }
+                println!("skipped: no Redis at {}", crate::connection::redact(&url));
+                return;
+            }
+        };
+        let within = async |what: &str, mut condition: Box<dyn FnMut() -> bool + Send + '_>| {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !condition() {
+                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        // Opens the subscriber; another channel.
+        let _other_channel = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Other:event:s1").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let shared = router.shared().clone();
+        let hub = shared.hub().await.unwrap();
+        let pattern = ChannelPattern::parse("Ping:event:s1").unwrap();
+        let wanted = vec![shared.keys.pubsub_subscription(&pattern)];
+        // Nothing reaches Redis: the SUBSCRIBE and the PING are written, and the PING waits.
+        proxy.blackhole(true);
+        let mut adding = Box::pin(hub.add_redis(&wanted, &shared.settings));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut adding)
+                .await
+                .is_err(),
+            "no answer comes through the black hole"
+        );
+        // Something else waits for the counts before the restore round, and holds them for a while.
+        let queued = Arc::new(AtomicBool::new(false));
+        let holding = Arc::new(AtomicBool::new(false));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let other = {
+            let (hub, queued, holding) = (hub.clone(), queued.clone(), holding.clone());
+            tokio::spawn(async move {
+                let mut locking = Box::pin(hub.redis.lock());
+                assert!(futures::poll!(&mut locking).is_pending());
+                queued.store(true, Ordering::Release);
+                let counts = locking.await;
+                holding.store(true, Ordering::Release);
+                let _ = released.await;
+                drop(counts);
+            })
+        };
+        within(
+            "the other to wait for the counts",
+            Box::new(|| queued.load(Ordering::Acquire)),
+        )
+        .await;
+        // The connection is cut with both commands in the black hole.
+        proxy.cut_all();
+        proxy.blackhole(false);
+        tokio::time::timeout(Duration::from_secs(10), adding)
+            .await
+            .expect("the subscribe's PING is answered after the reconnection")
+            .expect("and confirmed");
+        within(
+            "the other to hold the counts",
+            Box::new(|| holding.load(Ordering::Acquire)),
+        )
+        .await;
+        // The restore has not run: only the subscribe itself can have made it live.
         let envelope = Envelope::new(
             parse_channel("Ping:event:s1").unwrap(),
             "application/json",

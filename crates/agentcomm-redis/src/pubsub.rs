@@ -356,7 +356,20 @@ impl PubSubHub {
         // connection answers it. fred announces a reconnection before it writes anything on the new
         // connection, so a PING answered there is answered after the announcement: then everything is
         // sent again on the new connection and confirmed again.
+        let mut rounds = 0;
         while reconnected(&mut reconnections) {
+            // Bounded: it holds the counts, which closing and the restore rounds wait for.
+            rounds += 1;
+            if rounds > MAX_SUBSCRIBE_ROUNDS {
+                self.release(&mut counts, wanted).await;
+                return Err(Error::Connection {
+                    backend: "redis",
+                    url: redact(&settings.url),
+                    message: format!(
+                        "the pub/sub subscriber reconnected {MAX_SUBSCRIBE_ROUNDS} times while a                          subscription was being confirmed; the connection keeps dropping"
+                    ),
+                });
+            }
             let mut again = Ok(());
             for subscription in wanted {
                 again = match subscription {
@@ -498,6 +511,10 @@ impl PubSubHub {
         Ok(())
     }
 }
+
+/// How many times a subscribe sends its subscriptions again because the subscriber reconnected meanwhile
+/// before it gives up.
+const MAX_SUBSCRIBE_ROUNDS: u32 = 5;
 
 /// Whether `reconnections` announced a reconnection since it was last looked at (all announcements
 /// are taken).

@@ -704,6 +704,8 @@ async fn a_panic_while_dropping_a_handlers_future_does_not_take_the_agent_down()
 struct Returns {
     given_back: std::sync::Mutex<Vec<u32>>,
     abandoned: std::sync::Mutex<Vec<u32>>,
+    /// Deliveries put in the subscription's buffer (one place) so far.
+    buffered: AtomicUsize,
 }
 
 /// Settles the memory router's delivery it wraps, recording how it went back.
@@ -790,6 +792,7 @@ impl Router for RecordsGiveBacks {
                         unsent.0.give_back();
                         break;
                     }
+                    returns.buffered.fetch_add(1, Ordering::SeqCst);
                 }
             });
             Ok(Subscription::new(receiver, control, &options))
@@ -839,14 +842,15 @@ async fn the_delivery_a_stop_deadline_catches_on_its_way_to_a_worker_is_given_ba
     for id in 0..4 {
         client.publish("s1", Job { id }).await.unwrap();
     }
+    // Job 3 is in the buffer (its one place) once jobs 0 to 2 were taken from it: the worker has
+    // started job 0 and holds job 1 in its queue, so job 2 is in the dispatcher's hands.
     timeout(WAIT, async {
-        while started.load(Ordering::SeqCst) == 0 {
+        while started.load(Ordering::SeqCst) == 0 || returns.buffered.load(Ordering::SeqCst) < 4 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
-    .expect("job 0 started");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    .expect("job 0 started and job 3 buffered");
     agent.stop(Duration::from_millis(100)).await;
     let mut given_back = returns.given_back.lock().unwrap().clone();
     given_back.sort();

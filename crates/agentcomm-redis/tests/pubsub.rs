@@ -714,6 +714,8 @@ async fn a_dead_letter_stored_but_not_published_is_accepted_and_stored_once() {
         println!("skipped: cannot create an ACL user ({error})");
         return;
     }
+    // Deleted however the test ends, a panic included: the Redis is shared.
+    let _user_cleanup = DeleteUserOnDrop(user.clone());
     let outcome = async {
         let router = connected(
             RedisRouter::builder(format!("redis://{user}:secret-for-this-test@{target}"))
@@ -729,7 +731,6 @@ async fn a_dead_letter_stored_but_not_published_is_accepted_and_stored_once() {
         outcome
     }
     .await;
-    let _ = acl(vec!["DELUSER".into(), user.clone()]).await;
     let length: u64 = raw
         .xlen(format!("{prefix}:stream:{{DeadLetter}}"))
         .await
@@ -740,6 +741,36 @@ async fn a_dead_letter_stored_but_not_published_is_accepted_and_stored_once() {
         "stored, so kept: {outcome:?}"
     );
     assert_eq!(length, 1);
+}
+
+/// Deletes a test's ACL user from the shared Redis when dropped.
+struct DeleteUserOnDrop(String);
+
+impl Drop for DeleteUserOnDrop {
+    fn drop(&mut self) {
+        use fred::prelude::ClientLike;
+        use fred::types::{CustomCommand, Value};
+        let user = std::mem::take(&mut self.0);
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let raw = raw_client().await;
+                let _ = raw
+                    .custom::<Value, _>(
+                        CustomCommand::new_static("ACL", None, false),
+                        vec!["DELUSER".to_string(), user],
+                    )
+                    .await;
+                let _ = raw.quit().await;
+            });
+        })
+        .join();
+    }
 }
 
 /// Routers see each other only when they share a prefix, also when one prefix starts with the other

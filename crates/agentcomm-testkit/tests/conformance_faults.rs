@@ -1004,3 +1004,20 @@ async fn a_publish_that_does_not_wait_for_the_broker_is_caught_through_the_proxy
         other => panic!("a backend that waits for the broker passes: {other:?}"),
     }
 }
+
+/// "An acknowledged one does not come back" holds for at-least-once backends too: an ack that is
+/// not carried out fails the redelivery scenario although the backend does not claim no_duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ignored_acknowledgement_fails_nack_redelivery_where_duplicates_are_allowed() {
+    let at_least_once = MemoryBackend::new()
+        .declared_capabilities()
+        .no_duplicates(false);
+    let backend = FaultyBackend::new(Fault::AckIgnored).declaring(at_least_once);
+    let text = failure(Scenario::NackRedelivery, &backend).await;
+    assert!(
+        text.starts_with(
+            "messages [4, 9, 14] were acknowledged on their first delivery and came back within "
+        ),
+        "{text}"
+    );
+}

@@ -1007,17 +1007,20 @@ enum NackPlan {
     Requeue,
     Abandon,
     RetryLater,
+    /// Acknowledged on its first delivery: it must never come back.
+    Ack,
 }
 
 const RETRY_DELAY: Duration = Duration::from_millis(300);
 
 impl NackPlan {
     fn of(seq: u64) -> Self {
-        match seq % 4 {
+        match seq % 5 {
             0 => NackPlan::RetryNow,
             1 => NackPlan::Requeue,
             2 => NackPlan::Abandon,
-            _ => NackPlan::RetryLater,
+            3 => NackPlan::RetryLater,
+            _ => NackPlan::Ack,
         }
     }
 
@@ -1027,6 +1030,7 @@ impl NackPlan {
             NackPlan::Requeue => "nack(Requeue)",
             NackPlan::Abandon => "dropped unsettled",
             NackPlan::RetryLater => "nack(Retry { delay: 300ms })",
+            NackPlan::Ack => "ack()",
         }
     }
 
@@ -1049,12 +1053,13 @@ impl NackPlan {
                     .nack(NackAction::Retry { delay: RETRY_DELAY })
                     .await
             }
+            NackPlan::Ack => delivery.ack().await,
         }
     }
 }
 
 async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
-    let count = ctx.size(12) as u64;
+    let count = ctx.size(15) as u64;
     let channel = ctx.channel(&ctx.class("Nack"), &ctx.unique("d"), &ctx.unique("s"))?;
     let subscriber = ctx.connect().await?;
     let publisher = ctx.connect().await?;
@@ -1075,7 +1080,11 @@ async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
     let deadline = Instant::now() + ctx.wait;
     let mut quiet_until: Option<Instant> = None;
     loop {
-        let done = deliveries.len() as u64 == count && deliveries.values().all(|d| d.len() >= 2);
+        // Every message arrived, and every one given back came back.
+        let done = deliveries.len() as u64 == count
+            && deliveries
+                .iter()
+                .all(|(seq, d)| NackPlan::of(*seq) == NackPlan::Ack || d.len() >= 2);
         if done && quiet_until.is_none() {
             quiet_until = Some(Instant::now() + ctx.settle);
         }
@@ -1109,12 +1118,22 @@ async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
     }
     let mut not_redelivered = Vec::new();
     let mut extra = 0;
+    let mut acked_came_back = Vec::new();
     for seq in 0..count {
         let plan = NackPlan::of(seq);
         let Some(list) = deliveries.get(&seq) else {
             not_redelivered.push(format!("message {seq} never arrived"));
             continue;
         };
+        if plan == NackPlan::Ack {
+            // Nothing failed between its ack and now (no nack, no lost connection): a delivery that
+            // comes back after a plain ack is an ack the backend did not carry out, whatever
+            // no_duplicates says.
+            if list.len() > 1 {
+                acked_came_back.push(seq);
+            }
+            continue;
+        }
         if list.len() < 2 {
             not_redelivered.push(format!(
                 "message {seq} ({}) did not come back",
@@ -1172,6 +1191,13 @@ async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
             ),
         );
     }
+    if !acked_came_back.is_empty() {
+        problems.push(format!(
+            "messages {acked_came_back:?} were acknowledged on their first delivery and came back within {:?} \
+             (the acknowledgement was not carried out)",
+            ctx.settle
+        ));
+    }
     if extra > 0 && ctx.duplicates_fail() {
         problems.push(format!(
             "{extra} deliveries came back after they were acknowledged (the backend claims no_duplicates)"
@@ -1185,7 +1211,7 @@ async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
     failures(problems)?;
     Ok(format!(
         "{count} messages nacked (retry, requeue, dropped, retry after 300ms) each came back once with the right \
-         attempt; {extra} came back after their ack"
+         attempt, and the acknowledged ones did not; {extra} came back after the ack of their redelivery"
     ))
 }
 

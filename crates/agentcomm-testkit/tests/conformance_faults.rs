@@ -15,8 +15,9 @@ use agentcomm_core::channel::{ChannelPattern, ChannelTemplate};
 use agentcomm_core::envelope::Envelope;
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::{
-    Acknowledge, BoxFuture, Capabilities, Delivery, Health, NackAction, PublishOutcome, Router,
-    SharedRouter, SubscribeOptions, Subscription, SubscriptionCloser, SubscriptionControl,
+    Acknowledge, BoxFuture, Capabilities, Delivery, Distribution, Health, NackAction,
+    PublishOutcome, Router, SharedRouter, SubscribeOptions, Subscription, SubscriptionCloser,
+    SubscriptionControl,
 };
 use agentcomm_testkit::conformance::{ConformanceBackend, Scenario, ScenarioOutcome, try_run};
 use agentcomm_testkit::memory::{MemoryBackend, MemoryConnection};
@@ -60,6 +61,8 @@ enum Fault {
     AbandonLoses,
     /// Every retry is delivered twice (an at-least-once broker after a hiccup).
     DuplicateRetries,
+    /// Every 4th numbered message of a group goes to each of its members, the rest to one.
+    LeakyGroups,
 }
 
 struct FaultyConnection {
@@ -129,6 +132,24 @@ impl FaultyConnection {
     /// Subscribes with the subscribe-side faults; other faults get the bus's own subscription.
     async fn faulty_subscribe(&self, options: SubscribeOptions) -> Result<Subscription> {
         let mut asked = options.clone();
+        if self.fault == Fault::LeakyGroups && options.distribution != Distribution::FanOut {
+            let group = self.inner.subscribe(options.clone()).await?;
+            let leak = self.inner.subscribe(options.clone().fan_out()).await?;
+            let closers = vec![group.closer(), leak.closer()];
+            let leaked = leak.filter_map(|delivery| {
+                if seq_of(delivery.envelope()).is_some_and(|seq| seq % 4 == 0) {
+                    futures::future::ready(Some(delivery))
+                } else {
+                    delivery.discard();
+                    futures::future::ready(None)
+                }
+            });
+            return Ok(Subscription::from_stream(
+                futures::stream::select(group, leaked),
+                Arc::new(Closers(closers)),
+                &options,
+            ));
+        }
         match self.fault {
             Fault::FanOutGroups => asked = asked.fan_out(),
             Fault::PrefixSessions => {
@@ -223,6 +244,20 @@ impl FaultyConnection {
 }
 
 struct Closer(SubscriptionCloser);
+
+struct Closers(Vec<SubscriptionCloser>);
+
+impl SubscriptionControl for Closers {
+    fn close(&self) -> BoxFuture<'static, Result<()>> {
+        let closers = self.0.clone();
+        Box::pin(async move {
+            for closer in closers {
+                closer.close().await?;
+            }
+            Ok(())
+        })
+    }
+}
 
 impl SubscriptionControl for Closer {
     fn close(&self) -> BoxFuture<'static, Result<()>> {
@@ -1003,6 +1038,31 @@ async fn a_publish_that_does_not_wait_for_the_broker_is_caught_through_the_proxy
         ),
         other => panic!("a backend that waits for the broker passes: {other:?}"),
     }
+}
+
+/// An at-least-once backend may deliver a message again after a failure, but nothing fails in the
+/// group scenarios: a group that hands a quarter of the messages to every member must fail them,
+/// although it hands most messages to one member and does not claim no_duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_hands_some_messages_to_every_member_fails_where_duplicates_are_allowed() {
+    let at_least_once = MemoryBackend::new()
+        .declared_capabilities()
+        .no_duplicates(false);
+    let backend = FaultyBackend::new(Fault::LeakyGroups).declaring(at_least_once);
+    let text = failure(Scenario::GroupSplitsWork, &backend).await;
+    assert!(
+        text.starts_with("80 of 300 messages went to more than one member of group workers_"),
+        "{text}"
+    );
+    let text = failure(Scenario::TwoGroups, &backend).await;
+    assert!(
+        text.starts_with("group first_") && text.contains(": lost 0 of 200, duplicated 100"),
+        "{text}"
+    );
+    assert!(
+        text.contains("a group hands each message to one member once when nothing fails"),
+        "{text}"
+    );
 }
 
 /// "An acknowledged one does not come back" holds for at-least-once backends too: an ack that is

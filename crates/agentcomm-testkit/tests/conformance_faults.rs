@@ -1081,3 +1081,22 @@ async fn an_ignored_acknowledgement_fails_nack_redelivery_where_duplicates_are_a
         "{text}"
     );
 }
+
+/// Acknowledgements that resolve Ok and are not carried out fail close_while_in_flight on a
+/// persistent at-least-once backend too: the acknowledged messages come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_messages_that_come_back_fail_close_while_in_flight_where_duplicates_are_allowed()
+ {
+    let durable_at_least_once = MemoryBackend::new()
+        .declared_capabilities()
+        .persistent(true)
+        .no_duplicates(false);
+    let backend = FaultyBackend::new(Fault::AckIgnored).declaring(durable_at_least_once);
+    let text = failure(Scenario::CloseWhileInFlight, &backend).await;
+    assert!(
+        text.contains(
+            " messages the member whose connection closed had acknowledged were delivered again"
+        ),
+        "{text}"
+    );
+}

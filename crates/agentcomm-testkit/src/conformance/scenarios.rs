@@ -1626,6 +1626,34 @@ async fn close_while_in_flight(ctx: &Context<'_>) -> Outcome {
             sink.ack_failures.load(std::sync::atomic::Ordering::Relaxed)
         );
     }
+    // A delivery whose ack resolved Ok is settled for good: close() waits for what is outstanding,
+    // so neither the closing member nor the next one may get it again, even on an at-least-once
+    // backend. (A feeder records a delivery after settling it, so a later record of the same key
+    // is a later delivery.)
+    let mut acked_by_first: BTreeSet<Key> = BTreeSet::new();
+    let mut came_back: BTreeMap<Key, usize> = BTreeMap::new();
+    for arrival in sink.arrivals() {
+        if acked_by_first.contains(&arrival.key) {
+            came_back.insert(arrival.key, arrival.member);
+        }
+        if arrival.acked && arrival.member == 0 {
+            acked_by_first.insert(arrival.key);
+        }
+    }
+    if let Some(((publisher, seq), member)) = came_back.iter().next() {
+        fail!(
+            "{} of the {} messages the member whose connection closed had acknowledged were delivered again \
+             (first: publisher {publisher} seq {seq}, to the {}): an acknowledgement that resolved Ok was not \
+             carried out",
+            came_back.len(),
+            acked_by_first.len(),
+            if *member == 0 {
+                "same member"
+            } else {
+                "next member"
+            }
+        );
+    }
     Ok(format!(
         "{total} messages; the first member acknowledged {acked_before} before its connection closed mid-stream, \
          the next member got the rest: {}",

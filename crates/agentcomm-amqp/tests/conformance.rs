@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +31,38 @@ impl RabbitMq {
     }
 }
 
+impl RabbitMq {
+    /// A new connection to `url`, configured for the scenarios.
+    fn connect_to(&self, url: String) -> BoxFuture<'_, Option<SharedRouter>> {
+        Box::pin(async move {
+            let reachable = matches!(
+                tokio::time::timeout(
+                    Duration::from_secs(3),
+                    tokio::net::TcpStream::connect(common::broker_address()),
+                )
+                .await,
+                Ok(Ok(_))
+            );
+            if !reachable {
+                return None;
+            }
+            let connecting = AmqpRouter::builder(&url)
+                .exchange(&self.exchange)
+                .connect_timeout(Duration::from_secs(5))
+                .close_timeout(Duration::from_secs(5))
+                .connect();
+            let router = match tokio::time::timeout(Duration::from_secs(15), connecting).await {
+                Ok(Ok(router)) => router,
+                Ok(Err(error)) => panic!("RabbitMQ answers, but connecting failed: {error}"),
+                Err(_) => panic!("RabbitMQ answers, but connecting took more than 15 s"),
+            };
+            assert_eq!(router.capabilities(), self.declared_capabilities());
+            self.routers.lock().unwrap().push(router.clone());
+            Some(Arc::new(router) as SharedRouter)
+        })
+    }
+}
+
 impl ConformanceBackend for RabbitMq {
     fn name(&self) -> &str {
         "rabbitmq"
@@ -46,32 +79,20 @@ impl ConformanceBackend for RabbitMq {
     }
 
     fn connect(&self) -> BoxFuture<'_, Option<SharedRouter>> {
-        Box::pin(async move {
-            let reachable = matches!(
-                tokio::time::timeout(
-                    Duration::from_secs(3),
-                    tokio::net::TcpStream::connect(common::broker_address()),
-                )
-                .await,
-                Ok(Ok(_))
-            );
-            if !reachable {
-                return None;
-            }
-            let connecting = AmqpRouter::builder(&self.url)
-                .exchange(&self.exchange)
-                .connect_timeout(Duration::from_secs(5))
-                .close_timeout(Duration::from_secs(5))
-                .connect();
-            let router = match tokio::time::timeout(Duration::from_secs(15), connecting).await {
-                Ok(Ok(router)) => router,
-                Ok(Err(error)) => panic!("RabbitMQ answers, but connecting failed: {error}"),
-                Err(_) => panic!("RabbitMQ answers, but connecting took more than 15 s"),
-            };
-            assert_eq!(router.capabilities(), self.declared_capabilities());
-            self.routers.lock().unwrap().push(router.clone());
-            Some(Arc::new(router) as SharedRouter)
-        })
+        self.connect_to(self.url.clone())
+    }
+
+    /// The broker's address when it is on loopback (the fault proxy's only target).
+    fn broker_address(&self) -> Option<SocketAddr> {
+        let address = common::broker_address().to_socket_addrs().ok()?.next()?;
+        address.ip().is_loopback().then_some(address)
+    }
+
+    fn connect_through(&self, address: SocketAddr) -> BoxFuture<'_, Option<SharedRouter>> {
+        let url = self
+            .url
+            .replacen(&common::broker_address(), &address.to_string(), 1);
+        self.connect_to(url)
     }
 
     fn unreachable(&self) -> String {

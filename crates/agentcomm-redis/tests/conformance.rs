@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -86,6 +87,27 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// A new connection to `url`, configured for the scenarios.
+    fn connect_to(&self, url: String) -> BoxFuture<'_, Option<SharedRouter>> {
+        Box::pin(async move {
+            let connecting = RedisRouter::builder(&url)
+                .mode(self.mode)
+                .prefix(&self.prefix)
+                .connect_timeout(Duration::from_secs(3))
+                .read_block(Duration::from_millis(500))
+                .discovery_interval(Duration::from_millis(100))
+                .reorder_window(Duration::from_millis(200))
+                .idempotent_publish(self.idempotent)
+                .connect();
+            match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+                Ok(Ok(router)) => Some(Arc::new(router) as SharedRouter),
+                _ => None,
+            }
+        })
+    }
+}
+
 impl ConformanceBackend for Redis {
     fn name(&self) -> &str {
         match self.mode {
@@ -113,21 +135,23 @@ impl ConformanceBackend for Redis {
     }
 
     fn connect(&self) -> BoxFuture<'_, Option<SharedRouter>> {
-        Box::pin(async move {
-            let connecting = RedisRouter::builder(&self.url)
-                .mode(self.mode)
-                .prefix(&self.prefix)
-                .connect_timeout(Duration::from_secs(3))
-                .read_block(Duration::from_millis(500))
-                .discovery_interval(Duration::from_millis(100))
-                .reorder_window(Duration::from_millis(200))
-                .idempotent_publish(self.idempotent)
-                .connect();
-            match tokio::time::timeout(Duration::from_secs(10), connecting).await {
-                Ok(Ok(router)) => Some(Arc::new(router) as SharedRouter),
-                _ => None,
-            }
-        })
+        self.connect_to(self.url.clone())
+    }
+
+    /// The standalone Redis's address when it is on loopback (the fault proxy's only target); a
+    /// cluster redirects clients to its nodes' own addresses, past any proxy, so it has none.
+    fn broker_address(&self) -> Option<SocketAddr> {
+        if self.url.starts_with("redis-cluster://") || self.unreachable.is_some() {
+            return None;
+        }
+        common::loopback_target(&self.url)?
+            .to_socket_addrs()
+            .ok()?
+            .next()
+    }
+
+    fn connect_through(&self, address: SocketAddr) -> BoxFuture<'_, Option<SharedRouter>> {
+        self.connect_to(common::through(&self.url, address))
     }
 
     fn unreachable(&self) -> String {

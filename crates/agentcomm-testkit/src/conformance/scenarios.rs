@@ -522,7 +522,37 @@ async fn pattern_subscriptions(ctx: &Context<'_>) -> Outcome {
             Settle::Ack,
         )
         .await?;
-        watched.push((texts.join(" + "), expected, sink, feeder));
+        watched.push((texts.join(" + "), expected, sink, vec![feeder]));
+    }
+    // Groups whose members have a wildcard class: the classes are new (they get their first message
+    // after the members subscribed), and a group's patterns are the union of its members'. Each
+    // message the union matches reaches one member, once.
+    if ctx.capabilities.consumer_groups {
+        let groups: Vec<Vec<String>> = vec![
+            vec![format!("*:{dx}:*")],
+            vec![format!("*:*:{sx}"), format!("{b}:{dy}:*")],
+        ];
+        for (index, members) in groups.iter().enumerate() {
+            let group = ctx.unique(&format!("patterns{index}"));
+            let all = members
+                .iter()
+                .map(|t| pattern(t))
+                .collect::<Outcome<Vec<_>>>()?;
+            let mut expected = Tally::new("channel");
+            for (index, channel) in channels.iter().enumerate() {
+                if all.iter().any(|p| p.matches(channel)) {
+                    expected.expect_stream(index as u32, per_channel);
+                }
+            }
+            let name = format!("group {group} of members {}", members.join(" | "));
+            let sink = ctx.sink(name.clone());
+            let mut feeders = Vec::new();
+            for (member, text) in members.iter().enumerate() {
+                let options = SubscribeOptions::new(pattern(text)?).group(group.clone());
+                feeders.push(feed(ctx, &subscriber, options, &sink, member, Settle::Ack).await?);
+            }
+            watched.push((name, expected, sink, feeders));
+        }
     }
     let batches = channels
         .iter()
@@ -543,14 +573,20 @@ async fn pattern_subscriptions(ctx: &Context<'_>) -> Outcome {
         let waited = window.elapsed();
         sink.settle(ctx.settle).await;
         let report = sink.tally(expected, None);
-        if let Some(problem) = ctx.judge(
-            &format!("subscription {name}"),
-            &report,
-            sink.foreign(),
-            waited,
-            true,
-        ) {
+        let who = if name.starts_with("group ") {
+            name.clone()
+        } else {
+            format!("subscription {name}")
+        };
+        // Order is per consumer: a group's members share a channel's messages.
+        let ordered = !who.starts_with("group ");
+        if let Some(problem) = ctx.judge(&who, &report, sink.foreign(), waited, ordered) {
             problems.push(problem);
+        } else if report.duplicated() > 0 && who.starts_with("group ") {
+            // Nothing fails here: a group hands each message out once (see group_splits_work).
+            problems.push(format!(
+                "{who}: {report} within {waited:.1?}: a group hands each message to one member once"
+            ));
         }
         reports.push(report);
     }
@@ -563,8 +599,9 @@ async fn pattern_subscriptions(ctx: &Context<'_>) -> Outcome {
         fail!("{} ({})", problems.join("; "), legend.join(", "));
     }
     Ok(format!(
-        "{} subscriptions over {} channels, {} deliveries: {}",
-        subscriptions.len(),
+        "{} subscriptions ({} of them groups) over {} channels, {} deliveries: {}",
+        watched.len(),
+        watched.len() - subscriptions.len(),
         channels.len(),
         reports.iter().map(TallyReport::received).sum::<usize>(),
         totals(&reports)

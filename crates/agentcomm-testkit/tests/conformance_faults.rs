@@ -63,6 +63,9 @@ enum Fault {
     DuplicateRetries,
     /// Every 4th numbered message of a group goes to each of its members, the rest to one.
     LeakyGroups,
+    /// A group's patterns with a wildcard class see no class created after the group subscribed
+    /// (in this scenario's memory bus: none at all).
+    GroupsMissNewClasses,
 }
 
 struct FaultyConnection {
@@ -147,6 +150,33 @@ impl FaultyConnection {
             return Ok(Subscription::from_stream(
                 futures::stream::select(group, leaked),
                 Arc::new(Closers(closers)),
+                &options,
+            ));
+        }
+        if self.fault == Fault::GroupsMissNewClasses && options.distribution != Distribution::FanOut
+        {
+            let named: Vec<ChannelPattern> = options
+                .patterns
+                .iter()
+                .filter(|pattern| pattern.class().is_some())
+                .cloned()
+                .collect();
+            let subscription = self.inner.subscribe(options.clone()).await?;
+            let closer = subscription.closer();
+            let stream = subscription.filter_map(move |delivery| {
+                let channel = delivery.envelope().channel();
+                if named.iter().any(|pattern| pattern.matches(channel)) {
+                    futures::future::ready(Some(delivery))
+                } else {
+                    // Taken from the group and never delivered: lost to every member.
+                    let ack = delivery.ack();
+                    tokio::spawn(ack);
+                    futures::future::ready(None)
+                }
+            });
+            return Ok(Subscription::from_stream(
+                stream,
+                Arc::new(Closer(closer)),
                 &options,
             ));
         }
@@ -1099,4 +1129,17 @@ async fn acknowledged_messages_that_come_back_fail_close_while_in_flight_where_d
         ),
         "{text}"
     );
+}
+
+/// A group whose wildcard-class patterns miss classes created after it subscribed fails the
+/// pattern scenario.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_misses_new_classes_fails_pattern_subscriptions() {
+    let backend = FaultyBackend::new(Fault::GroupsMissNewClasses);
+    let text = failure(Scenario::PatternSubscriptions, &backend).await;
+    assert!(
+        text.starts_with("group patterns0_") && text.contains(": lost 12 of 12"),
+        "{text}"
+    );
+    assert!(text.contains("; group patterns1_"), "{text}");
 }

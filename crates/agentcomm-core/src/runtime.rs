@@ -55,7 +55,7 @@ use tracing::Instrument;
 use crate::agent::{Agent, Context, HandlerError, Publisher, Rejection};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, DEFAULT_REQUEST_TIMEOUT};
-use crate::channel::{INBOX_PREFIX, REPLY_DIRECTION, parse_channel};
+use crate::channel::{Channel, INBOX_PREFIX, REPLY_DIRECTION, parse_channel};
 use crate::codec::Codec;
 use crate::envelope::{Envelope, MessageId, headers};
 use crate::error::{Error, Result};
@@ -1406,10 +1406,7 @@ fn failure_reply(
     sends: &[&str],
 ) -> Option<Envelope> {
     let channel = parse_channel(request.reply_to()?).ok()?;
-    if channel.direction() != REPLY_DIRECTION
-        || !channel.session().starts_with(INBOX_PREFIX)
-        || !sends.contains(&channel.class())
-    {
+    if !is_inbox(&channel) || !sends.contains(&channel.class()) {
         return None;
     }
     Some(
@@ -1422,13 +1419,14 @@ fn failure_reply(
     )
 }
 
-/// Whether `envelope` is a reply on its way to a requester's inbox: on direction `reply`, to an inbox
-/// session, answering a request.
+/// Whether `channel` leads to a requester's inbox: direction `reply`, to an inbox session.
+fn is_inbox(channel: &Channel) -> bool {
+    channel.direction() == REPLY_DIRECTION && channel.session().starts_with(INBOX_PREFIX)
+}
+
+/// Whether `envelope` is a reply on its way to a requester's inbox, answering a request.
 fn is_inbox_reply(envelope: &Envelope) -> bool {
-    let channel = envelope.channel();
-    channel.direction() == REPLY_DIRECTION
-        && channel.session().starts_with(INBOX_PREFIX)
-        && envelope.correlation_id().is_some()
+    is_inbox(envelope.channel()) && envelope.correlation_id().is_some()
 }
 
 /// The text of a handler's error. Its `Display` is the user's code, run outside the handler's panic

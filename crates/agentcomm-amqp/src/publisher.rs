@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
 use amqprs::{BasicProperties, CloseChannel};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use agentcomm_core::Envelope;
@@ -558,38 +558,38 @@ impl Attempt {
     }
 }
 
-/// Counts a publish as in flight until dropped (finished or cancelled): close waits for them.
-struct InFlight<'a>(&'a Inner);
+/// Counts a publish in one of [`Inner`]'s counters until dropped (finished or cancelled); when the
+/// count falls to zero, `emptied` (if any) is told.
+struct Counted<'a> {
+    count: &'a AtomicU64,
+    emptied: Option<&'a Notify>,
+}
 
-impl<'a> InFlight<'a> {
-    fn new(inner: &'a Inner) -> Self {
-        inner.publishes_in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(inner)
+impl<'a> Counted<'a> {
+    fn new(count: &'a AtomicU64, emptied: Option<&'a Notify>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Counted { count, emptied }
+    }
+
+    /// A publish in flight: close waits for them.
+    fn in_flight(inner: &'a Inner) -> Self {
+        Counted::new(&inner.publishes_in_flight, Some(&inner.publishes_done))
+    }
+
+    /// A publish waiting to be sent again (its channel lost before the confirm): until sent again (its
+    /// confirm then waits on the new channel), or finished, or cancelled.
+    fn to_resend(inner: &'a Inner) -> Self {
+        Counted::new(&inner.publishes_to_resend, None)
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        if self.0.publishes_in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.publishes_done.notify_waiters();
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(emptied) = self.emptied
+        {
+            emptied.notify_waiters();
         }
-    }
-}
-
-/// Counts a publish as waiting to be sent again (its channel lost before the confirm) until dropped:
-/// once sent again (its confirm then waits on the new channel), or finished, or cancelled.
-struct ToResend<'a>(&'a Inner);
-
-impl<'a> ToResend<'a> {
-    fn new(inner: &'a Inner) -> Self {
-        inner.publishes_to_resend.fetch_add(1, Ordering::AcqRel);
-        ToResend(inner)
-    }
-}
-
-impl Drop for ToResend<'_> {
-    fn drop(&mut self) {
-        self.0.publishes_to_resend.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -855,7 +855,7 @@ impl Inner {
         exchange: &str,
         routing_key: &str,
     ) -> Result<PublishOutcome> {
-        let _in_flight = InFlight::new(self);
+        let _in_flight = Counted::in_flight(self);
         bump(&self.counters.published);
         let message = Outgoing {
             exchange,
@@ -917,7 +917,7 @@ impl Inner {
             None
         };
         let mut outage_deadline = None;
-        let mut to_resend = (losses > 0).then(|| ToResend::new(self));
+        let mut to_resend = (losses > 0).then(|| Counted::to_resend(self));
         loop {
             let publisher = self.publisher_for(&mut outage_deadline).await?;
             let content = match first.take() {
@@ -948,7 +948,7 @@ impl Inner {
                 return result;
             }
             if to_resend.is_none() {
-                to_resend = Some(ToResend::new(self));
+                to_resend = Some(Counted::to_resend(self));
             }
         }
     }

@@ -117,6 +117,43 @@ pub(crate) struct ChannelRoute {
     next: AtomicU64,
 }
 
+impl ChannelRoute {
+    /// Gives `number` back, unless a later one was taken meanwhile: the message that had it was never
+    /// published, and the gap it would leave would make every subscriber of the channel count a loss.
+    fn give_back(&self, number: u64) {
+        let _ =
+            self.next
+                .compare_exchange(number, number - 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// Whether Redis itself answered a command with an error (`NOPERM` for a channel the ACL user may not
+/// publish to, for one): the command did not run. fred's own errors (a timeout, a cut connection, too
+/// many write attempts) leave that open: the command may have run, or (a pipeline that timed out) may
+/// still be written after a reconnect, and a number given back for it would then be used twice.
+fn refused_by_redis(error: &fred::error::Error) -> bool {
+    use fred::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::Timeout | ErrorKind::IO | ErrorKind::Canceled
+    ) {
+        return false;
+    }
+    // Redis error replies start with an upper-case code: `NOPERM ..`, `ERR ..`, `READONLY ..`.
+    let code = error.details().split_whitespace().next().unwrap_or("");
+    code.len() >= 2 && code.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+/// Gives back the sequence numbers of pub/sub publishes that Redis refused, highest first, so that a
+/// run of refused publishes at the end of a channel's sequence leaves no gap. (One refused between two
+/// that went still leaves one: subscribers count it as lost, and its publisher got the error.)
+fn give_back_refused(mut refused: Vec<(Arc<ChannelRoute>, u64)>) {
+    refused.sort_by_key(|(_, number)| std::cmp::Reverse(*number));
+    for (route, number) in refused {
+        route.give_back(number);
+    }
+}
+
 /// The publisher's numbering of pub/sub channels: `<publisher id>/` and each channel's route.
 struct PubSubRoutes {
     publisher: String,
@@ -854,7 +891,7 @@ impl Shared {
     /// once the envelope is known to encode: a gap left by a message that is never published would make
     /// every subscriber of the channel count it as lost. (Given back when it was taken before the
     /// encoding failed after all, unless a later one was taken meanwhile.)
-    fn pubsub_frame(&self, envelope: &Envelope) -> Result<(Arc<ChannelRoute>, Bytes)> {
+    fn pubsub_frame(&self, envelope: &Envelope) -> Result<(Arc<ChannelRoute>, u64, Bytes)> {
         let mut numbered = None;
         let encoded = envelope.to_frame_with_header_from(SEQUENCE_HEADER, || {
             let (route, number, sequence) = self.pubsub_route(envelope.channel());
@@ -862,19 +899,14 @@ impl Shared {
             sequence
         });
         match (encoded, numbered) {
-            (Ok(frame), Some((route, _))) => Ok((route, Bytes::from(frame))),
+            (Ok(frame), Some((route, number))) => Ok((route, number, Bytes::from(frame))),
             (Ok(_), None) => Err(Error::Backend {
                 backend: "redis",
                 message: "a pub/sub frame was encoded without its sequence number".into(),
             }),
             (Err(error), numbered) => {
                 if let Some((route, number)) = numbered {
-                    let _ = route.next.compare_exchange(
-                        number,
-                        number - 1,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
+                    route.give_back(number);
                 }
                 Err(error)
             }
@@ -931,14 +963,23 @@ impl Shared {
                 ))
             }
             Direct::Publish => {
-                let (route, frame) = match self.pubsub_frame(envelope) {
+                let (route, number, frame) = match self.pubsub_frame(envelope) {
                     Ok(encoded) => encoded,
                     Err(error) => return failed(error),
                 };
                 let clustered = self.clustered();
+                let client = &self.pool.clients()[route.client];
                 Box::pin(futures::FutureExt::map(
-                    self.publish_to(route.client, route.channel.clone(), frame),
-                    move |receivers| receivers.map(|n| outcome_of(n, false, clustered)),
+                    client.publish::<i64, _, _>(route.channel.clone(), frame),
+                    move |receivers| match receivers {
+                        Ok(n) => Ok(outcome_of(n, false, clustered)),
+                        Err(error) => {
+                            if refused_by_redis(&error) {
+                                route.give_back(number);
+                            }
+                            Err(map_error(&error, &self.settings, "PUBLISH"))
+                        }
+                    },
                 ))
             }
         }
@@ -972,7 +1013,7 @@ impl Shared {
         if stored {
             // Published and stored with one script: replies in Streams mode, dead letters in pub/sub mode.
             let target = self.target(class).await?;
-            let (route, frame) = self.pubsub_frame(&envelope)?;
+            let (route, _, frame) = self.pubsub_frame(&envelope)?;
             return self
                 .stream_publish(&target, frame, Some(route.channel.clone()))
                 .await;
@@ -1025,16 +1066,19 @@ impl Shared {
                         target: Some(target),
                         channel: None,
                         frame: Bytes::from(frame),
+                        numbered: None,
                     }),
                 },
                 DeliveryMode::PubSub => {
-                    self.pubsub_frame(&envelope).map(|(route, frame)| Pending {
-                        index,
-                        client: route.client,
-                        target: None,
-                        channel: Some(route.channel.clone()),
-                        frame,
-                    })
+                    self.pubsub_frame(&envelope)
+                        .map(|(route, number, frame)| Pending {
+                            index,
+                            client: route.client,
+                            target: None,
+                            channel: Some(route.channel.clone()),
+                            frame,
+                            numbered: Some((route, number)),
+                        })
                 }
             };
             match pending {
@@ -1086,6 +1130,8 @@ impl Shared {
         // pipeline (a node answers a connection's commands in order), so that no `EVALSHA` of it meets
         // `NOSCRIPT` and is sent again after those behind it (out of order). Their replies are skipped.
         let mut script_loads = 0usize;
+        // Pub/sub publishes that never ran: their numbers are given back at the end.
+        let mut refused: Vec<(Arc<ChannelRoute>, u64)> = Vec::new();
         let first = std::future::poll_fn(|cx| {
             let _order = lock.lock().unwrap_or_else(PoisonError::into_inner);
             if idempotent {
@@ -1155,10 +1201,13 @@ impl Shared {
                     // A pipeline takes a command synchronously and answers at once; `None` (the answer not
                     // seen yet) still means the command is in the pipeline.
                     Some(Ok(())) | None => queued.push(slot),
-                    Some(Err(error)) => results.push((
-                        pending.index,
-                        Err(map_error(&error, &self.settings, "queuing a publish")),
-                    )),
+                    Some(Err(error)) => {
+                        refused.extend(pending.numbered.clone());
+                        results.push((
+                            pending.index,
+                            Err(map_error(&error, &self.settings, "queuing a publish")),
+                        ));
+                    }
                 }
             }
             let mut sending = Box::pin(pipeline.try_all::<Value>());
@@ -1172,29 +1221,32 @@ impl Shared {
             Poll::Pending => started.expect("the pipeline was started").await,
         };
         if queued.is_empty() {
+            give_back_refused(refused);
             return results;
         }
-        let replies: Vec<std::result::Result<Value, fred::error::Error>> =
-            if replies.len() == script_loads + queued.len() {
-                // The script loads' replies come first; a failed load shows in the publishes' own.
-                replies.into_iter().skip(script_loads).collect()
-            } else {
-                // The whole pipeline failed (fred answers one error for all): each publish gets it.
-                let counts = (replies.len(), queued.len());
-                let error = replies
-                    .into_iter()
-                    .find_map(|reply| reply.err())
-                    .unwrap_or_else(|| {
-                        fred::error::Error::new(
-                            fred::error::ErrorKind::Unknown,
-                            format!(
-                                "the pipeline's {} replies do not match its {} commands",
-                                counts.0, counts.1
-                            ),
-                        )
-                    });
-                queued.iter().map(|_| Err(error.clone())).collect()
-            };
+        // Whether each publish has a reply of its own (else the whole pipeline failed, and whether any
+        // of it ran is not known).
+        let replied = replies.len() == script_loads + queued.len();
+        let replies: Vec<std::result::Result<Value, fred::error::Error>> = if replied {
+            // The script loads' replies come first; a failed load shows in the publishes' own.
+            replies.into_iter().skip(script_loads).collect()
+        } else {
+            // The whole pipeline failed (fred answers one error for all): each publish gets it.
+            let counts = (replies.len(), queued.len());
+            let error = replies
+                .into_iter()
+                .find_map(|reply| reply.err())
+                .unwrap_or_else(|| {
+                    fred::error::Error::new(
+                        fred::error::ErrorKind::Unknown,
+                        format!(
+                            "the pipeline's {} replies do not match its {} commands",
+                            counts.0, counts.1
+                        ),
+                    )
+                });
+            queued.iter().map(|_| Err(error.clone())).collect()
+        };
         let streams = self.settings.mode == DeliveryMode::Streams;
         for (slot, reply) in queued.into_iter().zip(replies) {
             let pending = &batch[slot];
@@ -1210,10 +1262,19 @@ impl Shared {
                     // Not stored: again, alone.
                     self.publish_with_text(target, &pending.frame, None).await
                 }
-                (Err(error), _) => Err(map_error(&error, &self.settings, "publishing")),
+                (Err(error), _) => {
+                    if let Some(numbered) = &pending.numbered
+                        && replied
+                        && refused_by_redis(&error)
+                    {
+                        refused.push(numbered.clone());
+                    }
+                    Err(map_error(&error, &self.settings, "publishing"))
+                }
             };
             results.push((pending.index, result));
         }
+        give_back_refused(refused);
         results
     }
 
@@ -1416,6 +1477,8 @@ struct Pending {
     target: Option<Arc<StreamTarget>>,
     channel: Option<Str>,
     frame: Bytes,
+    /// A pub/sub publish's route and sequence number (given back if Redis refuses the publish).
+    numbered: Option<(Arc<ChannelRoute>, u64)>,
 }
 
 /// A hash that is the same in every process of one build (for markers other routers must find).

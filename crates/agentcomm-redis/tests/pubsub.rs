@@ -916,3 +916,105 @@ async fn a_malformed_frame_of_a_longer_prefix_is_not_this_routers() {
     let _ = fred::prelude::ClientLike::quit(&raw).await;
     router.close().await.unwrap();
 }
+
+/// A publish that Redis refuses (`NOPERM`: the ACL user may not publish to the channel), in a batch or
+/// alone, costs no sequence number: subscribers count no loss for it, and its publisher got the error.
+/// Before, a refused publish kept its number, and once the channel's next publish went through, every
+/// subscriber counted it as lost (health `Degraded`, pointing at the network) although its publisher
+/// knew it had failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_redis_refuses_costs_no_number() {
+    use fred::prelude::ClientLike;
+    use fred::types::{CustomCommand, Value};
+    if !redis_available().await {
+        return;
+    }
+    let Some(target) = loopback_target(&redis_url()) else {
+        println!("skipped: REDIS_URL is not a loopback redis:// URL");
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let raw = raw_client().await;
+    let user = format!("{prefix}-user");
+    let acl = |rules: &[&str]| {
+        let mut args = vec!["SETUSER".to_string(), user.clone()];
+        args.extend(rules.iter().map(|rule| rule.to_string()));
+        raw.custom::<Value, _>(CustomCommand::new_static("ACL", None, false), args)
+    };
+    let key_rule = format!("~{prefix}:*");
+    if let Err(error) = acl(&["on", ">secret-for-this-test", &key_rule, "&*", "+@all"]).await {
+        println!("skipped: cannot create an ACL user ({error})");
+        return;
+    }
+    // Deleted however the test ends, a panic included: the Redis is shared.
+    let _user_cleanup = DeleteUserOnDrop(user.clone());
+    let publisher = connected(
+        RedisRouter::builder(format!("redis://{user}:secret-for-this-test@{target}"))
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix),
+    )
+    .await;
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Acl:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let lost_after = async |subscription: &mut agentcomm_core::router::Subscription,
+                            expected: u32| {
+        let delivery = next(subscription).await;
+        assert_eq!(number(&delivery), expected);
+        delivery.ack().await.unwrap();
+        // Three reorder windows without a message: a gap would have been settled as lost by now.
+        assert_quiet(subscription, Duration::from_millis(600)).await;
+        router.health().await.get("lost")
+    };
+    publisher
+        .publish(envelope("Acl:event:s1", 1))
+        .await
+        .unwrap();
+    assert_eq!(lost_after(&mut subscription, 1).await, 0);
+    // Refused in a pipeline.
+    acl(&["resetchannels"]).await.unwrap();
+    let results = publisher
+        .publish_batch(vec![
+            envelope("Acl:event:s1", 2),
+            envelope("Acl:event:s1", 3),
+        ])
+        .await;
+    assert!(
+        results.iter().all(|result| result
+            .as_ref()
+            .is_err_and(|error| error.to_string().contains("NOPERM"))),
+        "{results:?}"
+    );
+    acl(&["allchannels"]).await.unwrap();
+    let results = publisher
+        .publish_batch(vec![envelope("Acl:event:s1", 4)])
+        .await;
+    assert!(results[0].is_ok(), "{results:?}");
+    assert_eq!(
+        lost_after(&mut subscription, 4).await,
+        0,
+        "the refused batch counted as lost"
+    );
+    // Refused alone.
+    acl(&["resetchannels"]).await.unwrap();
+    let refused = publisher.publish(envelope("Acl:event:s1", 5)).await;
+    assert!(refused.is_err(), "{refused:?}");
+    acl(&["allchannels"]).await.unwrap();
+    publisher
+        .publish(envelope("Acl:event:s1", 6))
+        .await
+        .unwrap();
+    assert_eq!(
+        lost_after(&mut subscription, 6).await,
+        0,
+        "the refused publish counted as lost"
+    );
+    publisher.close().await.unwrap();
+    router.close().await.unwrap();
+    let _ = raw.quit().await;
+}

@@ -25,7 +25,8 @@ const TRACK_IDLE: Duration = Duration::from_secs(300);
 /// Up to this many sequences are kept however long they stay idle; beyond it, those idle for
 /// [`TRACK_IDLE`] are forgotten.
 const KEEP_TRACKS: usize = 1024;
-/// Arrivals held past a gap before the gap is settled regardless of the window.
+/// Arrivals held past a gap before the gap is settled regardless of the window; also the most numbers
+/// below the first one seen that are remembered.
 const MAX_AHEAD: usize = 4096;
 
 pub(crate) fn new_publisher_id() -> String {
@@ -49,9 +50,11 @@ struct Track {
     ahead: BTreeSet<u64>,
     /// Since when the gap below the first of `ahead` is open.
     gap_since: Option<Instant>,
-    /// The first number seen, and when: numbers just below it may still arrive out of order.
+    /// The first number seen. Numbers below it were never expected: one that arrives (overtaken by
+    /// later ones, or a publish fred wrote again after a reconnect, however late) was not seen before
+    /// and is delivered, and kept in `early` so that a second copy of it is a duplicate.
     first: u64,
-    started: Instant,
+    /// Numbers below `first` that arrived (at most [`MAX_AHEAD`], the lowest forgotten first).
     early: BTreeSet<u64>,
     last_seen: Instant,
 }
@@ -95,7 +98,6 @@ impl SequenceTracker {
                     ahead: BTreeSet::new(),
                     gap_since: None,
                     first: seq,
-                    started: now,
                     early: BTreeSet::new(),
                     last_seen: now,
                 },
@@ -104,11 +106,13 @@ impl SequenceTracker {
         };
         track.last_seen = now;
         let verdict = if seq < track.base {
-            // Below the first number seen and soon after it: an earlier message overtaken by a later one.
-            if seq < track.first
-                && now.duration_since(track.started) < self.window
-                && track.early.insert(seq)
-            {
+            // Below the first number seen: an earlier message overtaken by a later one, or sent again,
+            // that this subscriber never saw, however long after the first one it comes. (Only what
+            // was seen is a duplicate.)
+            if seq < track.first && track.early.insert(seq) {
+                if track.early.len() > MAX_AHEAD {
+                    track.early.pop_first();
+                }
                 Verdict::New
             } else {
                 Verdict::Duplicate
@@ -254,6 +258,26 @@ mod tests {
         );
     }
 
+    /// A number below the first one seen that arrives after the reorder window was never seen: it is
+    /// delivered (and a second copy of it is a duplicate). Before, it was discarded as a duplicate.
+    #[test]
+    fn a_number_below_the_first_arriving_late_is_new() {
+        let window = Duration::from_millis(100);
+        let mut tracker = SequenceTracker::new(window);
+        let t0 = Instant::now();
+        tracker.observe("c", &header("p", 5), t0);
+        let late = t0 + window * 5;
+        assert_eq!(
+            tracker.observe("c", &header("p", 4), late),
+            (Verdict::New, 0)
+        );
+        assert_eq!(
+            tracker.observe("c", &header("p", 4), late),
+            (Verdict::Duplicate, 0)
+        );
+        assert_eq!(tracker.sweep(late + window * 2), 0);
+    }
+
     /// Beyond [`KEEP_TRACKS`] sequences, those idle for [`TRACK_IDLE`] are forgotten (publishers that
     /// restarted leave theirs behind): memory stays bounded.
     #[test]
@@ -287,7 +311,7 @@ mod tests {
             tracker.observe("a", &header("q", 4), now),
             (Verdict::New, 0)
         );
-        // Numbers just below the first seen, soon after: overtaken, not duplicates.
+        // Numbers below the first seen: overtaken, not duplicates.
         let mut tracker = SequenceTracker::new(Duration::from_secs(1));
         tracker.observe("a", &header("p", 5), now);
         assert_eq!(

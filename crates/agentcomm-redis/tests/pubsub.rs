@@ -1018,3 +1018,62 @@ async fn a_publish_redis_refuses_costs_no_number() {
     router.close().await.unwrap();
     let _ = raw.quit().await;
 }
+
+/// A message numbered below the first one a subscription heard from its publisher, arriving after the
+/// reorder window (overtaken by later ones, or written again by fred after a reconnect), was never seen
+/// by it: it is delivered, and only a second copy of it is a duplicate. Before, it was discarded and
+/// counted as a duplicate: a message lost with a false reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_message_below_the_first_number_heard_is_delivered() {
+    use agentcomm_redis::sequence::SEQUENCE_HEADER;
+    use fred::prelude::{ClientLike, PubsubInterface};
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Late:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let raw = raw_client().await;
+    // What an agentcomm publisher sends, numbered by hand.
+    let publish = async |number: u32| {
+        let frame = envelope("Late:event:s1", number)
+            .with_header(SEQUENCE_HEADER, format!("0123456789abcdef/{number}"))
+            .to_frame()
+            .unwrap();
+        let _: i64 = raw
+            .publish(format!("{prefix}:Late:event:s1"), bytes::Bytes::from(frame))
+            .await
+            .unwrap();
+    };
+    let received = async |subscription: &mut agentcomm_core::router::Subscription| {
+        let delivery = next(subscription).await;
+        let n = number(&delivery);
+        delivery.ack().await.unwrap();
+        n
+    };
+    publish(5).await;
+    assert_eq!(received(&mut subscription).await, 5);
+    // Well past the reorder window (200 ms).
+    assert_quiet(&mut subscription, Duration::from_millis(600)).await;
+    publish(4).await;
+    assert_eq!(received(&mut subscription).await, 4, "never seen before");
+    publish(4).await;
+    publish(6).await;
+    assert_eq!(
+        received(&mut subscription).await,
+        6,
+        "4 again is a duplicate"
+    );
+    let health = router.health().await;
+    assert_eq!(health.get("duplicates"), 1, "{health:?}");
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}
+

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use fred::bytes_utils::Str;
 use fred::clients::SubscriberClient;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
-use fred::types::Message;
+use fred::types::{Message, MessageKind};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::connection::{Role, map_error, redact, watch_client};
@@ -590,13 +590,35 @@ impl PubSubSubscription {
         self.stop.send_replace(true);
     }
 
-    /// Whether one of this subscription's Redis subscriptions covers `channel` (without decoding).
-    fn covers(&self, channel: &str) -> bool {
-        self.redis.iter().any(|redis| match redis {
-            RedisSubscription::Channel(name) => name == channel,
-            RedisSubscription::Pattern(glob) => glob_matches(glob.as_bytes(), channel.as_bytes()),
-        })
+    /// How this subscription's Redis subscriptions cover `channel` (without decoding).
+    fn covers(&self, channel: &str) -> Coverage {
+        let mut coverage = Coverage::None;
+        for redis in &self.redis {
+            match redis {
+                RedisSubscription::Channel(name) if name == channel => return Coverage::Channel,
+                RedisSubscription::Pattern(glob)
+                    if glob_matches(glob.as_bytes(), channel.as_bytes()) =>
+                {
+                    coverage = Coverage::Pattern;
+                }
+                _ => {}
+            }
+        }
+        coverage
     }
+}
+
+/// How a subscription's Redis subscriptions cover a Redis channel, which says which of the copies Redis
+/// sends the connection (one per matching Redis subscription, of any local subscription) it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coverage {
+    /// Not at all: none is for it.
+    None,
+    /// By a channel subscription: it keeps the `message` copy (sent first, once per publish) and
+    /// ignores the `pmessage` copies of globs.
+    Channel,
+    /// By globs only: it keeps the first `pmessage` copy and skips identical ones right behind it.
+    Pattern,
 }
 
 /// Whether `text` matches a Redis glob made by [`crate::keys`]: `*` and `\`-escapes (`?` and `[..]`
@@ -633,12 +655,13 @@ struct Reader {
     /// that waited for it when it saw the close. What comes later is not for it, though the channel
     /// may go on carrying its Redis subscription for another subscription of the router.
     left: Option<usize>,
-    /// The frame and channel of the last message taken, when it carried a sequence number: Redis sends
-    /// one copy per matching Redis subscription of the connection, one right after the other, and those
-    /// copies are skipped without counting them as duplicates.
+    /// The frame and channel of the last glob copy taken: Redis sends one copy per matching Redis
+    /// subscription of the connection, one right after the other, and those copies are skipped without
+    /// counting them as duplicates (whether they carry a sequence number or not). Forgotten at a
+    /// channel subscription's copy, which starts the copies of the next publish.
     last: Option<(Bytes, Str)>,
-    /// The last Redis channel seen, and whether this subscription's Redis subscriptions cover it.
-    covered: Option<(Str, bool)>,
+    /// The last Redis channel seen, and how this subscription's Redis subscriptions cover it.
+    covered: Option<(Str, Coverage)>,
     decoder: FrameDecoder,
 }
 
@@ -768,11 +791,20 @@ impl Reader {
                 covered
             }
         };
-        if !covered {
-            return None;
+        // Redis sends a channel subscription's copy first, then one per matching glob.
+        let glob_copy = message.kind == MessageKind::PMessage;
+        if !glob_copy {
+            self.last = None;
+        }
+        match covered {
+            Coverage::Channel if !glob_copy => {}
+            Coverage::Pattern if glob_copy => {}
+            // Not its copy: another subscription's channel or glob (or not its channel at all).
+            _ => return None,
         }
         let raw = message.value.into_bytes().unwrap_or_default();
-        if let Some((frame, channel)) = &self.last
+        if glob_copy
+            && let Some((frame, channel)) = &self.last
             && *channel == message.channel
             && *frame == raw
         {
@@ -782,7 +814,9 @@ impl Reader {
             Ok(decoded) => decoded,
             Err(error) => {
                 // Its copies for the connection's other matching Redis subscriptions follow: skipped.
-                self.last = Some((raw.clone(), message.channel.clone()));
+                if glob_copy {
+                    self.last = Some((raw.clone(), message.channel.clone()));
+                }
                 // Only this router's: the glob `<prefix>:*` of a wildcard class also matches the
                 // channels of a longer prefix (`<prefix>:v2:...`), whose names, under this prefix,
                 // have more than a channel's three parts.
@@ -805,7 +839,9 @@ impl Reader {
             .strip_prefix(shared.keys.prefix())
             .and_then(|rest| rest.strip_prefix(':'))
             == Some(envelope.channel().name());
-        self.last = sequence.is_some().then_some((raw, message.channel));
+        if glob_copy {
+            self.last = Some((raw, message.channel));
+        }
         if !own {
             return None;
         }

@@ -1077,3 +1077,51 @@ async fn a_late_message_below_the_first_number_heard_is_delivered() {
     router.close().await.unwrap();
 }
 
+/// A frame without a sequence number (published by another program) on a channel that one subscription
+/// of a router subscribes to by name and another by glob is delivered once to each. Redis sends the
+/// connection one copy per matching Redis subscription; before, only the copies of numbered frames were
+/// skipped, and both subscriptions got such a frame twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_without_a_number_matched_by_a_channel_and_a_glob_is_delivered_once_to_each() {
+    use fred::prelude::{ClientLike, PubsubInterface};
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let mut by_name = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Plain:event:s1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let mut by_glob = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Plain:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let raw = raw_client().await;
+    for n in 1..=2 {
+        let frame = envelope("Plain:event:s1", n).to_frame().unwrap();
+        let _: i64 = raw
+            .publish(
+                format!("{prefix}:Plain:event:s1"),
+                bytes::Bytes::from(frame),
+            )
+            .await
+            .unwrap();
+    }
+    for subscription in [&mut by_name, &mut by_glob] {
+        for expected in 1..=2 {
+            let delivery = next(subscription).await;
+            assert_eq!(number(&delivery), expected, "each frame once");
+            delivery.ack().await.unwrap();
+        }
+    }
+    assert_quiet(&mut by_name, Duration::from_millis(300)).await;
+    assert_quiet(&mut by_glob, Duration::from_millis(100)).await;
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}

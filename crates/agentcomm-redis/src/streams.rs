@@ -90,28 +90,39 @@ return {taken, kept}
 "#;
 
 /// Takes back entries pending for this consumer that it does not hold (their delivery was lost with a
-/// connection), without counting a delivery: a history read (`XREADGROUP .. 0`) would add one to every
-/// pending entry it returns, held ones included. For each id, only if it is still pending for this
-/// consumer: its entry (`XRANGE`), renewed with `XCLAIM .. JUSTID` (which does not count a delivery);
-/// one whose entry was trimmed is acknowledged and counted instead. KEYS: stream. ARGV: group,
-/// consumer, ids. Returns {entries as XRANGE gives them, number trimmed}.
+/// connection, or their handler's acknowledgement was), without counting a delivery for what no handler
+/// saw: a history read (`XREADGROUP .. 0`) would add one to every pending entry it returns, held ones
+/// included. For each id, only if it is still pending for this consumer: its entry (`XRANGE`), renewed
+/// with `XCLAIM .. JUSTID` (which does not count a delivery); one whose entry was trimmed is
+/// acknowledged and counted instead. An id written `+<id>` was seen by a handler (its `XACK` was lost):
+/// its counter gets that delivery (`RETRYCOUNT`), and its trimmed entry is not a loss. KEYS: stream.
+/// ARGV: group, consumer, ids. Returns {entries as XRANGE gives them, number trimmed, each entry's
+/// deliveries counting the coming one}.
 const RECOVER_SCRIPT: &str = r#"
-local entries, trimmed = {}, 0
+local entries, trimmed, counts = {}, 0, {}
 for i = 3, #ARGV do
-  local id = ARGV[i]
+  local id, seen = ARGV[i], false
+  if string.sub(id, 1, 1) == '+' then id = string.sub(id, 2); seen = true end
   local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   if #pending > 0 and pending[1][2] == ARGV[2] then
     local entry = redis.call('XRANGE', KEYS[1], id, id)
     if #entry > 0 then
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+      local count = pending[1][4]
+      if seen then
+        count = count + 1
+        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'RETRYCOUNT', count, 'JUSTID')
+      else
+        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+      end
       table.insert(entries, entry[1])
+      table.insert(counts, count)
     else
       redis.call('XACK', KEYS[1], ARGV[1], id)
-      trimmed = trimmed + 1
+      if not seen then trimmed = trimmed + 1 end
     end
   end
 end
-return {entries, trimmed}
+return {entries, trimmed, counts}
 "#;
 
 /// Claims entries idle for at least ARGV[3] ms: those whose entry was trimmed meanwhile are acknowledged
@@ -333,6 +344,10 @@ pub(crate) struct StreamSubscription {
     refill: usize,
     /// Entries read and not settled yet (delivered, buffered, or waiting for a prefetch slot).
     held: Mutex<HashSet<Held, FastState>>,
+    /// Entries a handler saw whose acknowledgement failed (an `XACK` lost with a connection): pending
+    /// for this consumer still, unless another member claimed them, so their recovery after the
+    /// reconnect counts the delivery the handler had (see [`RECOVER_SCRIPT`]).
+    unacked: Mutex<HashSet<Held, FastState>>,
     settled: tokio::sync::Notify,
     closed: AtomicBool,
     /// Set when closing gives the entries still held back to the group: their acks then fail, since
@@ -458,6 +473,7 @@ impl StreamSubscription {
                 .clamp(1, shared.settings.read_batch)
                 .min(prefetch),
             held: Mutex::new(HashSet::default()),
+            unacked: Mutex::new(HashSet::default()),
             settled: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
             released: AtomicBool::new(false),
@@ -1339,6 +1355,9 @@ impl StreamSubscription {
         let page = self.settings().read_batch.max(1) as u64;
         for key in keys {
             let mut from = "-".to_string();
+            // This consumer's pending entries of `key`: those of `unacked` not among them are no longer
+            // its own (another member claimed them, or the XACK went through after all).
+            let mut listed_all: HashSet<EntryId, FastState> = HashSet::default();
             loop {
                 if self.is_closed() {
                     return Ok(());
@@ -1364,16 +1383,24 @@ impl StreamSubscription {
                 };
                 from = format!("({last}");
                 let more = listed.len() as u64 >= page;
+                listed_all.extend(listed.iter().copied());
                 let mut args: Vec<String> = Vec::with_capacity(2 + listed.len());
                 args.push(group.clone());
                 args.push(self.consumer.clone());
                 {
                     let held = self.held.lock().expect("held lock");
+                    let unacked = self.unacked.lock().expect("unacked lock");
                     args.extend(
                         listed
                             .iter()
                             .filter(|id| !held.contains(&(key.clone(), **id)))
-                            .map(|id| id.text()),
+                            .map(|id| {
+                                if unacked.contains(&(key.clone(), *id)) {
+                                    format!("+{}", id.text())
+                                } else {
+                                    id.text()
+                                }
+                            }),
                     );
                 }
                 if args.len() > 2 {
@@ -1383,6 +1410,10 @@ impl StreamSubscription {
                     break;
                 }
             }
+            self.unacked
+                .lock()
+                .expect("unacked lock")
+                .retain(|(of, id)| of != key || listed_all.contains(id));
         }
         Ok(())
     }
@@ -1402,6 +1433,25 @@ impl StreamSubscription {
         let mut parts = reply.into_array().into_iter();
         let owned = parse_entries(parts.next().unwrap_or(Value::Null));
         let trimmed = parts.next().and_then(|count| count.as_u64()).unwrap_or(0);
+        let counts: Vec<u64> = parts
+            .next()
+            .map(|counts| {
+                counts
+                    .into_array()
+                    .into_iter()
+                    .map(|count| count.as_u64().unwrap_or(1).max(1))
+                    .collect()
+            })
+            .unwrap_or_default();
+        {
+            // Recovered: their deliveries are counted in Redis now.
+            let mut unacked = self.unacked.lock().expect("unacked lock");
+            for (id, _) in &owned {
+                if let Some(id) = EntryId::parse(id) {
+                    unacked.remove(&(key.clone(), id));
+                }
+            }
+        }
         if trimmed > 0 {
             // Pending for this consumer, not held: no handler had them. Gone before anyone handled them.
             self.shared
@@ -1417,7 +1467,9 @@ impl StreamSubscription {
         self.hold_ids(key, owned.iter().map(|(id, _)| id.as_str()));
         let mut fresh = false;
         let mut owned = owned.into_iter();
+        let mut counts = counts.into_iter();
         while let Some((id, frame)) = owned.next() {
+            let deliveries = counts.next();
             let Some(permit) = self.acquire().await else {
                 // Closing: the rest stays pending for the group.
                 for (id, _) in std::iter::once((id, frame)).chain(owned) {
@@ -1425,7 +1477,7 @@ impl StreamSubscription {
                 }
                 return Ok(());
             };
-            self.handle_entry(key, id, frame, None, true, permit, &mut fresh)
+            self.handle_entry(key, id, frame, deliveries, true, permit, &mut fresh)
                 .await;
         }
         Ok(())
@@ -2137,6 +2189,11 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                 // failed, they stay pending without renewal and come again after claim_idle. Unheld
                 // and their slots given back together, once per batch.
                 let mut slots: Option<OwnedSemaphorePermit> = None;
+                if result.is_err() && !released {
+                    // Seen by their handlers: recovered after the reconnect, they count that delivery.
+                    let mut unacked = subscription.unacked.lock().expect("unacked lock");
+                    unacked.extend(waiting.iter().map(|(id, _, _)| (key.clone(), *id)));
+                }
                 subscription.unhold_all(&key, waiting.iter().map(|(id, _, _)| *id));
                 if let Ok(removed) = result {
                     subscription.count_acks(&key, group, waiting.len() as u64, removed);
@@ -2401,6 +2458,17 @@ async fn reclaim_page(
     entries.sort_by_key(|(id, _)| EntryId::parse(id));
     // Held at once: none is left unrenewed while one before it is handled.
     subscription.hold_ids(key, entries.iter().map(|(id, _)| id.as_str()));
+    {
+        // The claim counted a delivery: nothing left to count for an acknowledgement this one lost.
+        let mut unacked = subscription.unacked.lock().expect("unacked lock");
+        if !unacked.is_empty() {
+            for (id, _) in &entries {
+                if let Some(id) = EntryId::parse(id) {
+                    unacked.remove(&(key.clone(), id));
+                }
+            }
+        }
+    }
     let mut fresh = false;
     let mut entries = entries.into_iter();
     while let Some((id, frame)) = entries.next() {

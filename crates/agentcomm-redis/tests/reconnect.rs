@@ -618,3 +618,70 @@ async fn a_lost_registry_is_written_again_after_a_reconnect() {
     let _ = fred::prelude::ClientLike::quit(&raw).await;
     router.close().await.unwrap();
 }
+
+/// An entry whose handler acknowledged it, but whose `XACK` was lost with a cut connection, comes again
+/// after the reconnect (at least once) as its second attempt, and Redis counts that delivery, so
+/// `max_deliveries` holds. Before, the recovery took it back without counting the delivery its handler
+/// had had: it came again as attempt 1 with its delivery counter still at 1, one attempt more than
+/// `max_deliveries` allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_whose_acknowledgement_was_lost_comes_again_as_its_next_attempt() {
+    use fred::prelude::StreamsInterface;
+    use fred::types::Value;
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let consumer = connect_through_proxy(
+        RedisRouter::builder(proxied)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_millis(500))
+            .read_block(Duration::from_millis(500)),
+    )
+    .await;
+    let publisher = connected(builder(DeliveryMode::Streams, &prefix)).await;
+    let mut subscription = consumer
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Ack:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    let channel = parse_channel("Ack:event:s1").unwrap();
+    publisher.publish(message(&channel, 1)).await.unwrap();
+    let first = next(&mut subscription).await;
+    assert_eq!(first.envelope().attempt(), 1);
+    // Cut off, and kept off until the acknowledgement has failed (it times out in fred's queue and is
+    // never written).
+    proxy.reject_for(Duration::from_secs(30));
+    proxy.cut_all();
+    let acked = within(
+        Duration::from_secs(10),
+        "the acknowledgement to fail",
+        first.ack(),
+    )
+    .await;
+    assert!(acked.is_err(), "the XACK never reached Redis: {acked:?}");
+    proxy.reject_for(Duration::ZERO);
+    let again = next(&mut subscription).await;
+    assert_eq!(number(again.envelope()), 1);
+    assert_eq!(
+        again.envelope().attempt(),
+        2,
+        "the delivery its handler had is counted"
+    );
+    // Counted in Redis too: a member that claims it next counts on from there.
+    let raw = raw_client().await;
+    let pending: Value = raw
+        .xpending(format!("{prefix}:stream:{{Ack}}"), "g", ("-", "+", 10))
+        .await
+        .unwrap();
+    let counts: Vec<u64> = pending
+        .into_array()
+        .into_iter()
+        .filter_map(|entry| entry.into_array().get(3).and_then(Value::as_u64))
+        .collect();
+    assert_eq!(counts, vec![2], "one entry pending, delivered twice");
+    again.ack().await.unwrap();
+    let _ = fred::prelude::ClientLike::quit(&raw).await;
+    consumer.close().await.unwrap();
+    publisher.close().await.unwrap();
+}

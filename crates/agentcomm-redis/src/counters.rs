@@ -11,6 +11,8 @@
 //! | `acks_not_pending` | streams: acknowledgements whose entry was no longer pending: another member had claimed and acknowledged it first (handled twice) |
 //! | `redelivered` | deliveries handed out again (nack, abandon, recovery after a reconnect) |
 //! | `reclaimed` | streams: entries taken over from a consumer that stopped renewing them |
+//! | `reclaim_rounds` | streams: rounds a group subscription made over its streams looking for entries left pending longer than `claim_idle` (one every `claim_idle / 2`, between 50 ms and 1 s, while it runs) |
+//! | `lease_renewals` | streams: renewals Redis answered of the entries a group subscription holds (one per stream every `claim_idle / 3`, while it holds some) |
 //! | `dead_lettered` | streams: entries moved to their dead-letter channel after `max_deliveries` |
 //! | `malformed` | frames that could not be decoded; moved to `DeadLetter:agentcomm.Malformed:unknown` |
 //! | `filtered` | streams: entries of a class stream no pattern of the group wanted (acknowledged, logged) |
@@ -40,6 +42,8 @@ pub(crate) struct Counters {
     pub(crate) acks_not_pending: AtomicU64,
     pub(crate) redelivered: AtomicU64,
     pub(crate) reclaimed: AtomicU64,
+    pub(crate) reclaim_rounds: AtomicU64,
+    pub(crate) lease_renewals: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) malformed: AtomicU64,
     pub(crate) filtered: AtomicU64,
@@ -97,6 +101,8 @@ impl Counters {
             ("acks_not_pending", load(&self.acks_not_pending)),
             ("redelivered", load(&self.redelivered)),
             ("reclaimed", load(&self.reclaimed)),
+            ("reclaim_rounds", load(&self.reclaim_rounds)),
+            ("lease_renewals", load(&self.lease_renewals)),
             ("dead_lettered", load(&self.dead_lettered)),
             ("malformed", load(&self.malformed)),
             ("filtered", load(&self.filtered)),

@@ -2261,6 +2261,10 @@ async fn renew_leases(subscription: Arc<StreamSubscription>) {
                 asked.clone(),
             )
             .await;
+            if result.is_ok() {
+                let counters = &subscription.shared.counters;
+                counters.bump(&counters.lease_renewals);
+            }
             match result {
                 // Kept: trimmed while held. The handler has the frame and settles it; the entry stays
                 // held (and the consumer's idle time was reset, so nobody counts it as lost).
@@ -2321,6 +2325,8 @@ async fn reclaim(subscription: Arc<StreamSubscription>) {
                 tracing::debug!(error = %error, stream = key.as_ref(), "reclaiming pending entries failed; trying again later");
             }
         }
+        let counters = &subscription.shared.counters;
+        counters.bump(&counters.reclaim_rounds);
     }
 }
 

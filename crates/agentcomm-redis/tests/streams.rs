@@ -1019,8 +1019,26 @@ async fn an_entry_trimmed_while_its_handler_works_is_not_counted_as_lost() {
         async || trimmed().await >= 1,
     )
     .await;
-    // Meanwhile, and for several claim_idle more, both members reclaim and the holder renews.
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // Meanwhile, and for several claim_idle more, both members reclaim and the holder renews: eight
+    // reclaim rounds each (one every 150 ms: four claim_idle) and as many renewals by the holder.
+    let progress = async |router: &RedisRouter| {
+        let health = router.health().await;
+        (health.get("reclaim_rounds"), health.get("lease_renewals"))
+    };
+    let (holder_rounds, holder_renewals) = progress(&holder_router).await;
+    let (other_rounds, _) = progress(&other_router).await;
+    eventually(
+        WAIT,
+        "both members to reclaim, and the holder to renew, for four claim_idle",
+        async || {
+            let (rounds, renewals) = progress(&holder_router).await;
+            let (others, _) = progress(&other_router).await;
+            rounds >= holder_rounds + 8
+                && renewals >= holder_renewals + 8
+                && others >= other_rounds + 8
+        },
+    )
+    .await;
     held.ack().await.unwrap();
     let health = holder_router.health().await;
     assert_eq!(health.get("acked"), 1, "{health:?}");

@@ -235,7 +235,9 @@ pub(crate) struct Counters {
     pub unroutable: AtomicU64,
     pub returned: Arc<AtomicU64>,
     pub resent: AtomicU64,
-    pub confirm_timeouts: AtomicU64,
+    /// Publishes whose confirm did not come in time, counted by the caller told of it, or by the
+    /// sweeper for a publish whose caller had stopped waiting after its frame went out.
+    pub confirm_timeouts: Arc<AtomicU64>,
     pub publish_failures: AtomicU64,
     pub connection_losses: AtomicU64,
     /// Live connections replaced because their channel ids ran low (see [`ChannelIds`]).
@@ -260,6 +262,48 @@ pub(crate) struct Counters {
 
 pub(crate) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Logs at most one warning per `every` for a problem that can repeat many times a second (messages
+/// lost one by one while the broker misbehaves), saying how many occurrences were left out in
+/// between. Only rare paths ask it: a lock is fine.
+pub(crate) struct LogLimiter {
+    every: Duration,
+    /// When the last warning was logged, and how many occurrences were left out since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter::new(Duration::from_secs(5))
+    }
+}
+
+impl LogLimiter {
+    pub(crate) fn new(every: Duration) -> Self {
+        LogLimiter {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `occurrences` happened: `Some(left out since the last warning)` when they are to be logged
+    /// now, `None` when they are only counted towards the next warning.
+    pub(crate) fn allow(&self, occurrences: u64) -> Option<u64> {
+        let mut state = self.state.lock().expect("log limiter lock");
+        let now = Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                state.1 += occurrences;
+                None
+            }
+            _ => {
+                let left_out = state.1;
+                *state = (Some(now), 0);
+                Some(left_out)
+            }
+        }
+    }
 }
 
 /// A channel used for declarations, bindings, deletions or a consumer, with the reason the broker gave
@@ -396,6 +440,9 @@ pub(crate) struct Inner {
     pub tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub next_subscription: AtomicU64,
     pub counters: Counters,
+    /// Warnings about messages lost with publishes whose caller had stopped waiting (shared by every
+    /// publishing channel of the router).
+    pub orphans_log: Arc<LogLimiter>,
     /// Set first by close: no new subscriptions.
     pub closing: AtomicBool,
     /// Set by close once its subscriptions are drained: no new publishes (handlers finishing during
@@ -430,6 +477,7 @@ impl Inner {
             tasks: Mutex::new(Vec::new()),
             next_subscription: AtomicU64::new(1),
             counters: Counters::default(),
+            orphans_log: Arc::default(),
             closing: AtomicBool::new(false),
             publishing_closed: AtomicBool::new(false),
             publishes_in_flight: AtomicU64::new(0),

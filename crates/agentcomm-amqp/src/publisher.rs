@@ -15,7 +15,7 @@ use agentcomm_core::Envelope;
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::PublishOutcome;
 
-use crate::link::{ChannelIds, Inner, Role, bump};
+use crate::link::{ChannelIds, Inner, LogLimiter, Role, bump};
 
 /// What the broker said about one publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +100,16 @@ fn route(exchange: &str, routing_key: &str) -> u64 {
     hasher.finish()
 }
 
+/// Where the publishing channels of a router report what happens to a publish whose caller stopped
+/// waiting (its future dropped once the frame was sent): nobody else would count or log it.
+#[derive(Default, Clone)]
+pub(crate) struct Orphans {
+    /// The router's `confirm_timeouts`.
+    pub confirm_timeouts: Arc<AtomicU64>,
+    /// The router's limiter of warnings about such messages.
+    pub log: Arc<LogLimiter>,
+}
+
 /// The confirm state of one publishing channel, shared with its amqprs callback.
 #[derive(Default)]
 pub(crate) struct Confirms {
@@ -107,12 +117,27 @@ pub(crate) struct Confirms {
     /// A copy of `Pending::dead` for the lock-free check on every publish.
     dead: AtomicBool,
     reason: Mutex<Option<String>>,
+    /// Every delivery tag below this one was sent: stored by each send once its frame is queued
+    /// (one atomic store, no lock). A waiter of a tag not below it belongs to a send dropped before
+    /// its frame went out, whose caller knows it gave up: only the others can be lost unseen.
+    sent_below: AtomicU64,
+    orphans: Orphans,
 }
 
 impl Confirms {
+    pub(crate) fn new(orphans: Orphans) -> Self {
+        Confirms {
+            orphans,
+            ..Confirms::default()
+        }
+    }
+
     /// Tells every publish waiting past its deadline that it timed out. Deadlines mostly follow tag
     /// order, but not strictly (each is taken when its attempt starts, before it waits for its tag):
     /// every waiter is checked, which is cheap at one pass per tick.
+    ///
+    /// A publish whose caller had stopped waiting after its frame went out is told by nobody: it is
+    /// counted in `confirm_timeouts` here, and logged (rate-limited) as maybe not stored.
     fn expire(&self, now: Instant) {
         let mut expired = Vec::new();
         {
@@ -123,10 +148,31 @@ impl Confirms {
                 .filter(|(_, waiting)| waiting.deadline <= now)
                 .map(|(tag, _)| *tag)
                 .collect();
-            expired.extend(late.iter().filter_map(|tag| pending.by_tag.remove(tag)));
+            expired.extend(
+                late.iter()
+                    .filter_map(|tag| pending.by_tag.remove(tag).map(|waiting| (*tag, waiting))),
+            );
         }
-        for waiting in expired {
-            let _ = waiting.waiter.send(Confirmed::TimedOut);
+        let sent_below = self.sent_below.load(Ordering::Acquire);
+        let (mut orphaned, mut first) = (0, None);
+        for (tag, waiting) in expired {
+            if waiting.waiter.send(Confirmed::TimedOut).is_err() && tag < sent_below {
+                orphaned += 1;
+                first.get_or_insert(waiting.id);
+            }
+        }
+        if let Some(id) = first {
+            self.orphans
+                .confirm_timeouts
+                .fetch_add(orphaned, Ordering::Relaxed);
+            if let Some(left_out) = self.orphans.log.allow(orphaned) {
+                tracing::warn!(
+                    messages = orphaned,
+                    message_id = %uuid::Uuid::from_u128(id),
+                    earlier_not_logged = left_out,
+                    "RabbitMQ did not confirm messages within confirm_timeout, and their publishers had stopped waiting (the publish future was dropped after sending): they may not have been stored, and nobody will send them again; counted in confirm_timeouts"
+                );
+            }
         }
     }
 
@@ -377,6 +423,7 @@ impl Publisher {
         confirm_timeout: Duration,
         returns: Arc<AtomicU64>,
         nacks: Arc<AtomicU64>,
+        orphans: Orphans,
     ) -> std::result::Result<Arc<Self>, String> {
         // On a task of its own (as `crate::link::detached` does, on the router's runtime: amqprs
         // spawns the channel's dispatcher where the channel opens): the publish that opens the
@@ -391,7 +438,7 @@ impl Publisher {
                 ids.check_open_error(&connection, &e);
                 format!("could not open a publishing channel: {e}")
             })?;
-            let confirms = Arc::new(Confirms::default());
+            let confirms = Arc::new(Confirms::new(orphans));
             channel
                 .register_callback(ConfirmCallback {
                     confirms: confirms.clone(),
@@ -501,6 +548,7 @@ impl Publisher {
             {
                 Ok(()) => {
                     *next_tag += 1;
+                    self.confirms.sent_below.store(*next_tag, Ordering::Release);
                     Some((tag, receiver))
                 }
                 Err(error) => {
@@ -688,6 +736,10 @@ impl Inner {
                     self.settings.confirm_timeout,
                     self.counters.returned.clone(),
                     self.counters.publish_nacks.clone(),
+                    Orphans {
+                        confirm_timeouts: self.counters.confirm_timeouts.clone(),
+                        log: self.orphans_log.clone(),
+                    },
                 )
                 .await
                 {
@@ -999,6 +1051,26 @@ mod tests {
             }
         }
         assert_eq!(confirms.unconfirmed(), 2);
+    }
+
+    /// A waiter nobody listens to any more is counted as a timed-out confirm only when its frame went
+    /// out: one whose send was dropped before that (its caller timed out queuing it, and was told)
+    /// is not a message that may be lost, nor counted twice.
+    #[test]
+    fn the_sweeper_counts_only_abandoned_publishes_that_were_sent() {
+        let orphans = Orphans::default();
+        let confirms = Confirms::new(orphans.clone());
+        let past = Instant::now() - Duration::from_millis(1);
+        for tag in [1, 2] {
+            let (sender, receiver) = oneshot::channel();
+            assert!(confirms.register(tag, u128::from(tag), 0, past, sender));
+            drop(receiver);
+        }
+        // Tag 1 was sent; tag 2's send was dropped before its frame was queued.
+        confirms.sent_below.store(2, Ordering::Release);
+        confirms.expire(Instant::now());
+        assert_eq!(confirms.unconfirmed(), 0);
+        assert_eq!(orphans.confirm_timeouts.load(Ordering::Relaxed), 1);
     }
 
     /// What `publish_nacks` says at the moment a publish is told of its nack.

@@ -16,7 +16,7 @@ use agentcomm_core::{ChannelPattern, Error, parse_channel};
 use agentcomm_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
 
-use common::{Cleanup, Raw, STEP, broker_address, broker_available, builder, unique, within};
+use common::{Cleanup, Logs, Raw, STEP, broker_address, broker_available, builder, unique, within};
 
 fn soak() -> usize {
     std::env::var("AGENTCOMM_SOAK")
@@ -738,6 +738,57 @@ async fn a_silent_broker_is_a_confirm_timeout_then_a_reconnect() {
         payloads.push(delivery.envelope().payload().to_vec());
         within("ack", delivery.ack()).await.unwrap();
     }
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("confirm_timeouts"), 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
+}
+
+/// A publish whose caller stopped waiting once its frame was sent (a timeout around it), and whose
+/// confirm then never comes, may be lost with nobody told: it must be counted in `confirm_timeouts`
+/// and logged as maybe not stored. It used to be neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_publish_whose_confirm_times_out_is_counted_and_logged() {
+    if !broker_available().await {
+        return;
+    }
+    let logs = Logs::capture();
+    let proxy = start_proxy().await;
+    let exchange = unique("t-orphan-timeout");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    // The confirm times out (1 s) long before missed heartbeats (10 s) end the connection, which
+    // would fail the channel instead.
+    let router = within(
+        "connect",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .heartbeat(Duration::from_secs(5))
+            .confirm_timeout(Duration::from_secs(1))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    // The publishing channel is open before the broker falls silent.
+    within("a publish", router.publish(envelope(0)))
+        .await
+        .unwrap();
+    proxy.blackhole(true);
+    let abandoned = envelope(1);
+    let id = abandoned.id().to_string();
+    // Polled once: with the channel open, the frame goes out in that poll; then its caller leaves.
+    let cut = futures::FutureExt::now_or_never(router.publish(abandoned));
+    assert!(cut.is_none(), "the publish was not cut short: {cut:?}");
+    wait_until("the abandoned publish to be counted", async || {
+        router.health().await.get("confirm_timeouts") == 1
+    })
+    .await;
+    let warned = logs.lines_with(&id);
+    assert!(
+        warned.iter().any(|line| line.contains("WARN")
+            && line.contains("may not have been stored")
+            && line.contains("confirm_timeouts")),
+        "no warning names message {id}: {warned:?}"
+    );
+    proxy.blackhole(false);
     let health = within("health", router.health()).await;
     assert_eq!(health.get("confirm_timeouts"), 1, "{health:?}");
     within("close", router.close()).await.unwrap();

@@ -260,3 +260,48 @@ impl Drop for Cleanup {
         let _ = cleaning.join();
     }
 }
+
+/// What this test binary logged at WARN and above, captured by a global subscriber installed on
+/// first use. Tests run side by side, so a test looks for lines that name its own message ids.
+pub struct Logs(std::sync::Mutex<Vec<u8>>);
+
+impl Logs {
+    /// The log of this test binary from now on.
+    pub fn capture() -> &'static Logs {
+        static LOGS: std::sync::OnceLock<&'static Logs> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let logs: &'static Logs = Box::leak(Box::new(Logs(std::sync::Mutex::new(Vec::new()))));
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(move || LogWriter(logs))
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in this test binary");
+            logs
+        })
+    }
+
+    /// The lines that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        let text = self.0.lock().expect("logs lock");
+        String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+struct LogWriter(&'static Logs);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.0.lock().expect("logs lock").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -194,7 +194,7 @@ impl Confirms {
         if let Some(nacks) = nacks {
             nacks.fetch_add(done.len() as u64, Ordering::Relaxed);
         }
-        let mut orphaned = 0;
+        let (mut orphaned, mut unroutable, mut first_unroutable) = (0, 0, None);
         for waiting in done {
             let confirmed = match nacks {
                 None => Confirmed::Ack {
@@ -205,7 +205,22 @@ impl Confirms {
             // The caller may have gone (its future dropped): nobody to tell.
             if waiting.waiter.send(confirmed).is_err() {
                 orphaned += 1;
+                if confirmed == (Confirmed::Ack { returned: true }) {
+                    unroutable += 1;
+                    first_unroutable.get_or_insert(waiting.id);
+                }
             }
+        }
+        // Counted in `returned` when the return came; nobody else hears that it reached no queue.
+        if let Some(id) = first_unroutable
+            && let Some(left_out) = self.orphans.log.allow(unroutable)
+        {
+            tracing::warn!(
+                messages = unroutable,
+                message_id = %uuid::Uuid::from_u128(id),
+                earlier_not_logged = left_out,
+                "messages reached no queue (RabbitMQ returned them: nothing is bound for their routing key) after their publishers had stopped waiting: they are lost; counted in returned"
+            );
         }
         orphaned
     }

@@ -12,7 +12,7 @@ use agentcomm_core::router::{
 };
 use agentcomm_core::{ChannelPattern, Error, parse_channel};
 
-use common::{Cleanup, Raw, STEP, broker_available, builder, unique, within};
+use common::{Cleanup, Logs, Raw, STEP, broker_available, builder, unique, within};
 
 fn envelope(channel: &str, n: u32) -> Envelope {
     Envelope::new(
@@ -1138,6 +1138,52 @@ async fn a_refused_message_whose_caller_stopped_waiting_is_counted() {
     assert_eq!(raw.count(&full).await, Some(1));
     within("close", router.close()).await.unwrap();
     raw.close().await;
+}
+
+/// A publish whose caller stopped waiting once its frame was sent, and that then reaches no queue,
+/// is lost with nobody told: it must be logged as lost (it is counted in `returned`). It used to be
+/// counted only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_message_whose_caller_stopped_waiting_is_logged_as_lost() {
+    if !broker_available().await {
+        return;
+    }
+    let logs = Logs::capture();
+    let exchange = unique("t-unroutable-alone");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = connect(&exchange).await;
+    // Opens the publishing channel.
+    let first = within("publish", router.publish(envelope("Nobody:event:s1", 1)))
+        .await
+        .unwrap();
+    assert_eq!(first, PublishOutcome::Unroutable);
+    let abandoned = envelope("Nobody:event:s1", 2);
+    let id = abandoned.id().to_string();
+    // Polled once: with the channel open, the frame goes out in that poll; then its caller leaves.
+    let cut = futures::FutureExt::now_or_never(router.publish(abandoned));
+    assert!(cut.is_none(), "the publish was not cut short: {cut:?}");
+    let deadline = Instant::now() + STEP;
+    loop {
+        let warned = logs.lines_with(&id);
+        if warned.iter().any(|line| {
+            line.contains("WARN") && line.contains("reached no queue") && line.contains("lost")
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no warning says message {id} was lost: {warned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("returned"), 2, "{health:?}");
+    assert_eq!(
+        health.get("unroutable"),
+        1,
+        "only the first caller was told: {health:?}"
+    );
+    within("close", router.close()).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

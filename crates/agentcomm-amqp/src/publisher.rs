@@ -110,6 +110,61 @@ pub(crate) struct Orphans {
     pub log: Arc<LogLimiter>,
 }
 
+/// Why RabbitMQ closed a publishing channel, when resending what was lost with it cannot succeed
+/// for some of those publishes (unlike a 404 for a deleted exchange, which declaring the topology
+/// again fixes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// 403 ACCESS_REFUSED: the user may not publish to `exchange` (`None`: the reply did not say
+    /// which exchange; then every publish lost with the channel is taken as refused).
+    AccessRefused { exchange: Option<String> },
+    /// 406 PRECONDITION_FAILED: a message over the broker's `max_message_size` (`max` bytes).
+    TooLarge { max: u64 },
+}
+
+impl Refusal {
+    /// Reads a channel.close: `reply_code`, and `reply_text` as RabbitMQ words it ("ACCESS_REFUSED -
+    /// access to exchange 'x' in vhost '/' refused for user 'u'", "PRECONDITION_FAILED - message size
+    /// 200 is larger than configured max size 100").
+    pub(crate) fn of(reply_code: u16, reply_text: &str) -> Option<Refusal> {
+        match reply_code {
+            403 => {
+                let exchange = reply_text
+                    .split_once("exchange '")
+                    .and_then(|(_, rest)| rest.rsplit_once("' in vhost"))
+                    .map(|(exchange, _)| exchange.to_string());
+                Some(Refusal::AccessRefused { exchange })
+            }
+            406 => {
+                let (_, rest) = reply_text.split_once("max size ")?;
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                Some(Refusal::TooLarge {
+                    max: digits.parse().ok()?,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// What becomes of the publishes lost with the channel, for the log.
+    fn next_step(refusal: Option<&Refusal>, reply_code: u16) -> &'static str {
+        match refusal {
+            Some(Refusal::AccessRefused { .. }) => {
+                "publishes to that exchange fail without being sent again (resending cannot succeed): grant the user write permission on it (rabbitmqctl set_permissions); other publishes lost with the channel are sent again"
+            }
+            Some(Refusal::TooLarge { .. }) => {
+                "messages over max_message_size fail without being sent again (resending cannot succeed): send smaller messages, or raise max_message_size in rabbitmq.conf; other publishes lost with the channel are sent again"
+            }
+            None if reply_code == 404 => {
+                "declaring the topology again (an exchange was deleted?), then sending again the publishes lost with the channel"
+            }
+            None => {
+                "sending again the publishes lost with the channel (each at most 10 times), as the cause may be passing; if it repeats, the reply says what to fix on the broker"
+            }
+        }
+    }
+}
+
 /// The confirm state of one publishing channel, shared with its amqprs callback.
 #[derive(Default)]
 pub(crate) struct Confirms {
@@ -117,6 +172,9 @@ pub(crate) struct Confirms {
     /// A copy of `Pending::dead` for the lock-free check on every publish.
     dead: AtomicBool,
     reason: Mutex<Option<String>>,
+    /// Set (before the waiters are failed) when the broker closed the channel for a reason resending
+    /// cannot fix for some publishes.
+    refusal: Mutex<Option<Refusal>>,
     /// Every delivery tag below this one was sent: stored by each send once its frame is queued
     /// (one atomic store, no lock). A waiter of a tag not below it belongs to a send dropped before
     /// its frame went out, whose caller knows it gave up: only the others can be lost unseen.
@@ -302,6 +360,10 @@ impl Confirms {
         self.reason.lock().expect("confirms lock").clone()
     }
 
+    pub(crate) fn refusal(&self) -> Option<Refusal> {
+        self.refusal.lock().expect("confirms lock").clone()
+    }
+
     pub(crate) fn unconfirmed(&self) -> usize {
         self.pending.lock().expect("confirms lock").by_tag.len()
     }
@@ -323,12 +385,17 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
         _channel: &Channel,
         close: CloseChannel,
     ) -> std::result::Result<(), amqprs::error::Error> {
-        let reason = format!(
-            "the broker closed the publishing channel: {} {}",
-            close.reply_code(),
-            close.reply_text()
+        let (code, text) = (close.reply_code(), close.reply_text());
+        let reason = format!("the broker closed the publishing channel: {code} {text}");
+        let refusal = Refusal::of(code, text);
+        tracing::warn!(
+            reply_code = code,
+            reply_text = %text,
+            next = Refusal::next_step(refusal.as_ref(), code),
+            "RabbitMQ closed the publishing channel"
         );
-        tracing::warn!(reason = %reason, "publishing channel closed by RabbitMQ");
+        // Before the waiters are failed: each reads it as it learns its channel was lost.
+        *self.confirms.refusal.lock().expect("confirms lock") = refusal;
         self.confirms.fail_all(&reason);
         self.ids.closed_by_broker();
         Ok(())
@@ -834,11 +901,12 @@ impl Inner {
         &self,
         outcome: Attempt,
         envelope: &Envelope,
-        routing_key: &str,
+        message: &Outgoing<'_>,
         publisher: &Publisher,
         losses: &mut u32,
         lost: &mut bool,
     ) -> Option<Result<PublishOutcome>> {
+        let routing_key = message.routing_key;
         match outcome {
             Attempt::Confirmed(Confirmed::Ack { returned }) => {
                 bump(&self.counters.confirmed);
@@ -862,6 +930,12 @@ impl Inner {
                 Some(Err(Self::closed_unconfirmed_error()))
             }
             Attempt::Lost | Attempt::NotSent => {
+                // Sent on a channel the broker closed for a reason resending cannot fix for it.
+                if matches!(outcome, Attempt::Lost)
+                    && let Some(error) = self.refused(publisher, envelope, message)
+                {
+                    return Some(Err(error));
+                }
                 // The broker may or may not have it: send it again (at-least-once).
                 *losses += 1;
                 if *losses > MAX_RESENDS {
@@ -891,6 +965,44 @@ impl Inner {
                     ),
                     after: self.settings.confirm_timeout,
                 }))
+            }
+        }
+    }
+
+    /// The error of a publish lost with a channel the broker closed for a reason that resending cannot
+    /// fix for this publish, naming the cause and the fix; `None` when it is to be sent again (the
+    /// reason is another one, or it concerns another publish lost with the same channel).
+    fn refused(
+        &self,
+        publisher: &Publisher,
+        envelope: &Envelope,
+        message: &Outgoing<'_>,
+    ) -> Option<Error> {
+        let refusal = publisher.confirms.refusal()?;
+        let reason = publisher.confirms.reason().unwrap_or_default();
+        let (id, routing_key) = (envelope.id(), message.routing_key);
+        match refusal {
+            Refusal::AccessRefused { exchange } => {
+                // RabbitMQ names the default exchange `amq.default`.
+                let target = match message.exchange {
+                    "" => "amq.default",
+                    exchange => exchange,
+                };
+                if exchange.as_deref().is_some_and(|refused| refused != target) {
+                    return None;
+                }
+                Some(self.backend_error(format!(
+                    "RabbitMQ refused message {id} on '{routing_key}' ({reason}): the user of the URL may not publish to exchange '{target}'. Grant it write permission on that exchange (rabbitmqctl set_permissions -p <vhost> <user> <configure> <write> <read>, the write pattern matching '{target}'), then publish again; not sent again meanwhile, since it cannot succeed"
+                )))
+            }
+            Refusal::TooLarge { max } => {
+                // Built again only here: the body was moved into the send.
+                let size = envelope.to_frame().map_or(0, |frame| frame.len() as u64);
+                (size > max).then(|| {
+                    self.backend_error(format!(
+                        "RabbitMQ refused message {id} on '{routing_key}' ({reason}): its frame is {size} bytes, more than the broker's max_message_size of {max} bytes. Send smaller messages (a large payload by reference), or raise max_message_size in rabbitmq.conf; not sent again, since it cannot succeed"
+                    ))
+                })
             }
         }
     }
@@ -946,7 +1058,7 @@ impl Inner {
             match self.conclude(
                 outcome,
                 envelope,
-                routing_key,
+                &message,
                 &publisher,
                 &mut losses,
                 &mut lost,
@@ -1007,7 +1119,7 @@ impl Inner {
             if let Some(result) = self.conclude(
                 outcome,
                 envelope,
-                message.routing_key,
+                message,
                 &publisher,
                 &mut losses,
                 &mut lost,
@@ -1086,6 +1198,41 @@ mod tests {
         confirms.expire(Instant::now());
         assert_eq!(confirms.unconfirmed(), 0);
         assert_eq!(orphans.confirm_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    /// RabbitMQ's replies for what resending cannot fix are read with what decides which publish
+    /// they concern (its exchange; the size limit); other codes are not refusals.
+    #[test]
+    fn a_broker_close_is_read_as_a_refusal_only_when_resending_cannot_fix_it() {
+        assert_eq!(
+            Refusal::of(
+                403,
+                "ACCESS_REFUSED - access to exchange 'pay' in vhost '/' refused for user 'app'"
+            ),
+            Some(Refusal::AccessRefused {
+                exchange: Some("pay".to_string())
+            })
+        );
+        assert_eq!(
+            Refusal::of(403, "ACCESS_REFUSED - something else"),
+            Some(Refusal::AccessRefused { exchange: None })
+        );
+        assert_eq!(
+            Refusal::of(
+                406,
+                "PRECONDITION_FAILED - message size 134217729 is larger than configured max size 134217728"
+            ),
+            Some(Refusal::TooLarge { max: 134_217_728 })
+        );
+        assert_eq!(
+            Refusal::of(406, "PRECONDITION_FAILED - unknown delivery tag 7"),
+            None
+        );
+        assert_eq!(
+            Refusal::of(404, "NOT_FOUND - no exchange 'pay' in vhost '/'"),
+            None
+        );
+        assert_eq!(Refusal::of(541, "INTERNAL_ERROR"), None);
     }
 
     /// What `publish_nacks` says at the moment a publish is told of its nack.

@@ -1186,6 +1186,110 @@ async fn an_unroutable_message_whose_caller_stopped_waiting_is_logged_as_lost() 
     within("close", router.close()).await.unwrap();
 }
 
+/// A user of the test broker made with `rabbitmqctl` for one test, deleted when dropped.
+struct TemporaryUser {
+    name: String,
+}
+
+impl TemporaryUser {
+    /// `None` (after printing why) when `rabbitmqctl` cannot manage the test broker from here.
+    fn create(name: &str, password: &str) -> Option<TemporaryUser> {
+        let created = std::process::Command::new("rabbitmqctl")
+            .args(["add_user", name, password])
+            .output();
+        match created {
+            Ok(output) if output.status.success() => Some(TemporaryUser {
+                name: name.to_string(),
+            }),
+            other => {
+                println!("skipped: rabbitmqctl could not add a user: {other:?}");
+                None
+            }
+        }
+    }
+
+    /// Sets the user's permissions on vhost `/` (regular expressions).
+    fn permit(&self, configure: &str, write: &str, read: &str) {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args([
+                "set_permissions",
+                "-p",
+                "/",
+                &self.name,
+                configure,
+                write,
+                read,
+            ])
+            .status()
+            .expect("rabbitmqctl set_permissions");
+        assert!(status.success(), "rabbitmqctl set_permissions failed");
+    }
+}
+
+impl Drop for TemporaryUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+/// A channel the broker closes for a reason no redeclaration fixes (403: the user may not write to
+/// the exchange) fails the publish at once, with an error and a log line naming the cause and the
+/// fix. It used to be sent again on 10 more channels, and then fail with only the broker's reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_user_may_not_make_fails_at_once_naming_the_fix() {
+    if !broker_available().await {
+        return;
+    }
+    let logs = Logs::capture();
+    let exchange = unique("t-refused");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let user = unique("t-agentcomm-user");
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let Some(temporary) = tokio::task::block_in_place(|| TemporaryUser::create(&user, &password))
+    else {
+        return;
+    };
+    // Enough to declare the topology (the dead-letter queue is bound, which takes write permission
+    // on it), but not to publish to the exchange.
+    let dead_letters = format!("^{}\\.dead-letters$", exchange.replace('.', "\\."));
+    tokio::task::block_in_place(|| temporary.permit(".*", &dead_letters, ".*"));
+    let url = format!("amqp://{user}:{password}@{}/%2f", common::broker_address());
+    let router = within(
+        "connect",
+        AmqpRouter::builder(url)
+            .exchange(&exchange)
+            .confirm_timeout(Duration::from_secs(10))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let refused = envelope("Secret:event:s1", 1);
+    let id = refused.id().to_string();
+    let error = within("a refused publish", router.publish(refused))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains(&id), "{error}");
+    assert!(error.contains("403 ACCESS_REFUSED"), "{error}");
+    assert!(error.contains("write permission"), "{error}");
+    assert!(error.contains("rabbitmqctl set_permissions"), "{error}");
+    assert!(!error.contains(&password), "{error}");
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("resent"), 0, "sent again: {health:?}");
+    assert_eq!(health.get("publish_failures"), 1, "{health:?}");
+    let warned = logs.lines_with(&format!("exchange '{exchange}'"));
+    assert!(
+        warned.iter().any(|line| line.contains("WARN")
+            && line.contains("reply_code=403")
+            && line.contains("write permission")),
+        "no warning names the cause and the fix: {warned:?}"
+    );
+    within("close", router.close()).await.unwrap();
+    drop(temporary);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_goes_on_after_the_runtime_of_the_first_publish_shut_down() {
     if !broker_available().await {

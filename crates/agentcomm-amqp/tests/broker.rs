@@ -26,6 +26,19 @@ fn pattern(text: &str) -> ChannelPattern {
     ChannelPattern::parse(text).expect("pattern")
 }
 
+/// Publishes `envelope()` and leaves once its frame went out: polled once (with the channel open,
+/// the frame goes out in that poll), then dropped. On a loaded machine the broker's answer can come
+/// back within that poll, and the caller is told: then it tries again. Returns how many callers were
+/// told.
+async fn publish_cut_short(router: &AmqpRouter, envelope: impl Fn() -> Envelope) -> u64 {
+    let mut told = 0;
+    while let Some(result) = futures::FutureExt::now_or_never(router.publish(envelope())) {
+        told += 1;
+        assert!(told < 10, "the publish was never cut short: {result:?}");
+    }
+    told
+}
+
 /// A router on the test broker with its own exchange.
 async fn connect(exchange: &str) -> AmqpRouter {
     within("connect", builder(exchange).connect())
@@ -1120,13 +1133,11 @@ async fn a_refused_message_whose_caller_stopped_waiting_is_counted() {
         .await
         .unwrap();
     assert_eq!(first, PublishOutcome::Accepted);
-    // Polled once: with the channel open, the frame goes out in that poll; then its caller leaves.
-    let cut = futures::FutureExt::now_or_never(router.publish(envelope("Full:event:s1", 2)));
-    assert!(cut.is_none(), "the publish was not cut short: {cut:?}");
+    let told = publish_cut_short(&router, || envelope("Full:event:s1", 2)).await;
     let deadline = Instant::now() + STEP;
     loop {
         let health = within("health", router.health()).await;
-        if health.get("publish_nacks") == 1 {
+        if health.get("publish_nacks") == told + 1 {
             break;
         }
         assert!(
@@ -1159,9 +1170,7 @@ async fn an_unroutable_message_whose_caller_stopped_waiting_is_logged_as_lost() 
     assert_eq!(first, PublishOutcome::Unroutable);
     let abandoned = envelope("Nobody:event:s1", 2);
     let id = abandoned.id().to_string();
-    // Polled once: with the channel open, the frame goes out in that poll; then its caller leaves.
-    let cut = futures::FutureExt::now_or_never(router.publish(abandoned));
-    assert!(cut.is_none(), "the publish was not cut short: {cut:?}");
+    let told = publish_cut_short(&router, || abandoned.clone()).await;
     let deadline = Instant::now() + STEP;
     loop {
         let warned = logs.lines_with(&id);
@@ -1177,11 +1186,11 @@ async fn an_unroutable_message_whose_caller_stopped_waiting_is_logged_as_lost() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let health = within("health", router.health()).await;
-    assert_eq!(health.get("returned"), 2, "{health:?}");
+    assert_eq!(health.get("returned"), told + 2, "{health:?}");
     assert_eq!(
         health.get("unroutable"),
-        1,
-        "only the first caller was told: {health:?}"
+        told + 1,
+        "only the callers still waiting were told: {health:?}"
     );
     within("close", router.close()).await.unwrap();
 }

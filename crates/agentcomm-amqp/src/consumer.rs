@@ -56,6 +56,9 @@ pub(crate) struct QueueSpec {
 pub(crate) struct AckState {
     pub inner: Arc<Inner>,
     pub queue: String,
+    /// The queue counts every requeue of a message (`x-delivery-count`, a quorum group queue) and
+    /// may dead-letter it at the delivery limit: a delivery given back unhandled must not count.
+    counts_requeues: bool,
     /// Bumped each time a consumer is set up or lost: deliveries of older consumers are stale.
     pub generation: AtomicU64,
     /// Deliveries handed out (and malformed frames being dead-lettered) not yet settled or dropped.
@@ -156,6 +159,8 @@ impl SubShared {
         SubShared {
             id,
             state: Arc::new(AckState {
+                counts_requeues: spec.kind == QueueKind::Group
+                    && inner.settings.queue_type == QueueType::Quorum,
                 inner,
                 queue: spec.name.clone(),
                 generation: AtomicU64::new(0),
@@ -432,7 +437,19 @@ fn deliver(
     // The payload stays in the message's buffer: the envelope holds a view into it, not a copy.
     let content = Bytes::from(message.content.unwrap_or_default());
     let redelivered = deliver.redelivered();
-    let handle = AmqpAck::new(consumer, deliver.delivery_tag());
+    let mut handle = AmqpAck::new(consumer, deliver.delivery_tag());
+    // Never requeued yet: RabbitMQ adds `x-delivery-count` at the first requeue.
+    handle.uncounted = shared.state.counts_requeues
+        && !message
+            .basic_properties
+            .as_ref()
+            .and_then(|properties| properties.headers())
+            .is_some_and(|headers| {
+                headers
+                    .as_ref()
+                    .keys()
+                    .any(|key| key.as_ref() == "x-delivery-count")
+            });
     match decoder.decode(content.clone()) {
         Ok(envelope) => {
             bump(&inner.counters.delivered);
@@ -895,6 +912,9 @@ struct AmqpAck {
     /// How far its settlement got: [`UNSETTLED`], [`REQUEUING`], [`ACKING`], [`RETRY_SENT`] or
     /// [`DONE`].
     progress: AtomicU8,
+    /// From a queue that counts requeues, and never requeued yet: given back unhandled, it goes back
+    /// as a copy (see [`AmqpAck::give_back`]).
+    uncounted: bool,
 }
 
 /// No settlement asked for: dropped like this (`Delivery::discard`), it is left to the broker, which
@@ -916,6 +936,7 @@ impl AmqpAck {
             consumer,
             tag,
             progress: AtomicU8::new(UNSETTLED),
+            uncounted: false,
         }
     }
 
@@ -1127,6 +1148,62 @@ impl Acknowledge for AmqpAck {
         // Given back by its drop (counted once, there), unless its channel is gone: then the broker
         // has put it back already.
         self.progress.store(REQUEUING, Ordering::Relaxed);
+    }
+
+    /// A quorum queue counts every requeue in `x-delivery-count`, and its delivery limit
+    /// dead-letters a message requeued that often, whether or not a handler ever saw it. A delivery
+    /// never requeued before is therefore given back as a copy sent to its own queue (a new message,
+    /// with no count), and the original acknowledged once the copy is confirmed: the give-back
+    /// counts nowhere (in `requeued` here). The copy waits at the back of the queue. One already
+    /// requeued is requeued as before: a copy would also drop the requeues handlers did cause.
+    fn give_back(self: Box<Self>, envelope: Envelope) {
+        if !self.uncounted {
+            return self.abandon(envelope);
+        }
+        // Until the copy is confirmed, a drop (the task stopped by its runtime shutting down)
+        // requeues it.
+        self.progress.store(REQUEUING, Ordering::Relaxed);
+        let runtime = self.inner().runtime.clone();
+        runtime.spawn(async move {
+            if !self.consumer.is_current() {
+                // Its channel is gone: the broker has put it back already.
+                return;
+            }
+            let inner = self.inner();
+            let queue = &self.consumer.state.queue;
+            match inner.requeue_now(queue, &envelope).await {
+                Ok(()) => {
+                    self.progress.store(RETRY_SENT, Ordering::Relaxed);
+                    let channel = &self.consumer.channel;
+                    match self
+                        .settle(
+                            "acknowledge the given-back",
+                            channel.basic_ack(BasicAckArguments::new(self.tag, false)),
+                        )
+                        .await
+                    {
+                        Ok(()) => bump(&inner.counters.requeued),
+                        Err(error) => tracing::warn!(
+                            queue = %queue,
+                            message_id = %envelope.id(),
+                            error = %error,
+                            "a delivery given back unhandled was sent back to its queue as a copy, but the original could not be acknowledged: it will be delivered twice"
+                        ),
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        queue = %queue,
+                        message_id = %envelope.id(),
+                        error = %error,
+                        "could not send a delivery given back unhandled to its queue as a copy; requeuing it instead, which RabbitMQ counts towards the delivery limit"
+                    );
+                    if let Err(error) = self.basic_requeue().await {
+                        tracing::warn!(error = %error, "could not requeue a delivery given back unhandled; RabbitMQ delivers it again when its channel closes");
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -952,6 +952,56 @@ async fn quorum_groups_work_and_mismatched_queues_fail_clearly() {
     within("close", classic.close()).await.unwrap();
 }
 
+/// A delivery handed back unhandled (`Delivery::give_back`, what the runtime does at a graceful stop
+/// with deliveries still buffered) is not an attempt: a quorum queue's `delivery_limit` must not
+/// dead-letter a message no handler ever saw, however often it was given back. RabbitMQ counts every
+/// requeue of a quorum queue's message in `x-delivery-count`, and a plain requeue used to be all a
+/// give-back did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_given_back_unhandled_is_not_an_attempt_for_a_quorum_delivery_limit() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-quorum-give-back");
+    let queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    let router = within(
+        "connect",
+        builder(&exchange)
+            .queue_type(agentcomm_amqp::QueueType::Quorum)
+            .delivery_limit(2)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut member = ping_member(&router).await;
+    within("publish", router.publish(envelope("Ping:event:s1", 7)))
+        .await
+        .unwrap();
+    // More give-backs than the limit allows deliveries.
+    for _ in 0..4 {
+        let delivery = within("a delivery", member.next()).await.unwrap();
+        assert_eq!(number(delivery.envelope()), 7);
+        delivery.give_back();
+    }
+    let delivery = within("the message after 4 give-backs", member.next())
+        .await
+        .unwrap();
+    assert_eq!(number(delivery.envelope()), 7);
+    within("ack", delivery.ack()).await.unwrap();
+    let dead_letters = router.dead_letter_queue().unwrap().to_string();
+    let raw = Raw::open().await;
+    assert_eq!(raw.count(&dead_letters).await, Some(0), "dead-lettered");
+    let health = within("health", router.health()).await;
+    assert_eq!(
+        health.get("abandoned"),
+        0,
+        "given back is not abandoned: {health:?}"
+    );
+    within("close", router.close()).await.unwrap();
+    raw.close().await;
+}
+
 /// amqprs never frees the id of a channel the broker closes, and a connection has `channel_max`
 /// (2,047 on RabbitMQ) of them: a group queue that exists with other settings, whose subscribe (or
 /// restore, every 10 s) the broker refuses by closing the channel, must not use them up. Without the

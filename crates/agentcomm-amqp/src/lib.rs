@@ -409,6 +409,10 @@ impl AmqpRouter {
             .counter("returned", load(&counters.returned))
             .counter("resent", load(&counters.resent))
             .counter("confirm_timeouts", load(&counters.confirm_timeouts))
+            .counter(
+                "abandoned_unconfirmed",
+                load(&counters.abandoned_unconfirmed),
+            )
             .counter("publish_failures", load(&counters.publish_failures))
             .counter("connection_losses", load(&counters.connection_losses))
             .counter("channel_id_recycles", load(&counters.channel_id_recycles))

@@ -238,6 +238,9 @@ pub(crate) struct Counters {
     /// Publishes whose confirm did not come in time, counted by the caller told of it, or by the
     /// sweeper for a publish whose caller had stopped waiting after its frame went out.
     pub confirm_timeouts: Arc<AtomicU64>,
+    /// Publishes whose caller had stopped waiting after sending, lost with their channel before the
+    /// confirm: nobody sends them again (see [`crate::publisher::Confirms::fail_all`]).
+    pub abandoned_unconfirmed: Arc<AtomicU64>,
     pub publish_failures: AtomicU64,
     pub connection_losses: AtomicU64,
     /// Live connections replaced because their channel ids ran low (see [`ChannelIds`]).

@@ -106,6 +106,8 @@ fn route(exchange: &str, routing_key: &str) -> u64 {
 pub(crate) struct Orphans {
     /// The router's `confirm_timeouts`.
     pub confirm_timeouts: Arc<AtomicU64>,
+    /// The router's `abandoned_unconfirmed`: lost with their channel before the confirm.
+    pub unconfirmed: Arc<AtomicU64>,
     /// The router's limiter of warnings about such messages.
     pub log: Arc<LogLimiter>,
 }
@@ -338,6 +340,9 @@ impl Confirms {
 
     /// The channel is gone: every waiter learns it by its sender being dropped, and sends again; later
     /// publishes find the channel dead and use the next one.
+    ///
+    /// A publish whose caller had stopped waiting after its frame went out is sent again by nobody:
+    /// it is counted in `abandoned_unconfirmed` here, and logged (rate-limited) as maybe not stored.
     pub(crate) fn fail_all(&self, reason: &str) {
         self.reason
             .lock()
@@ -349,7 +354,27 @@ impl Confirms {
             self.dead.store(true, Ordering::Release);
             std::mem::take(&mut pending.by_tag)
         };
+        let sent_below = self.sent_below.load(Ordering::Acquire);
+        let mut orphans = waiting
+            .iter()
+            .filter(|(tag, waiting)| **tag < sent_below && waiting.waiter.is_closed());
+        let first = orphans.next().map(|(_, waiting)| waiting.id);
+        let orphaned = first.map_or(0, |_| 1 + orphans.count() as u64);
         drop(waiting);
+        if let Some(id) = first {
+            self.orphans
+                .unconfirmed
+                .fetch_add(orphaned, Ordering::Relaxed);
+            if let Some(left_out) = self.orphans.log.allow(orphaned) {
+                tracing::warn!(
+                    messages = orphaned,
+                    message_id = %uuid::Uuid::from_u128(id),
+                    earlier_not_logged = left_out,
+                    reason,
+                    "the publishing channel was lost before RabbitMQ confirmed messages whose publishers had stopped waiting (the publish future was dropped after sending): they may not have been stored, and nobody will send them again; counted in abandoned_unconfirmed"
+                );
+            }
+        }
     }
 
     pub(crate) fn is_dead(&self) -> bool {
@@ -820,6 +845,7 @@ impl Inner {
                     self.counters.publish_nacks.clone(),
                     Orphans {
                         confirm_timeouts: self.counters.confirm_timeouts.clone(),
+                        unconfirmed: self.counters.abandoned_unconfirmed.clone(),
                         log: self.orphans_log.clone(),
                     },
                 )

@@ -794,6 +794,47 @@ async fn an_abandoned_publish_whose_confirm_times_out_is_counted_and_logged() {
     within("close", router.close()).await.unwrap();
 }
 
+/// A publish whose caller stopped waiting once its frame was sent is not sent again when its channel
+/// is lost before the confirm (nobody waits to send it): it may be lost, and must be counted in
+/// `abandoned_unconfirmed` and logged. It used to be neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_publish_lost_with_its_connection_is_counted_and_logged() {
+    if !broker_available().await {
+        return;
+    }
+    let logs = Logs::capture();
+    let proxy = start_proxy().await;
+    let exchange = unique("t-orphan-cut");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = proxied_router(&proxy, &exchange).await;
+    within("a publish", router.publish(envelope(0)))
+        .await
+        .unwrap();
+    // Held by the proxy, so that no confirm comes before the cut.
+    proxy.blackhole(true);
+    let abandoned = envelope(1);
+    let id = abandoned.id().to_string();
+    // Polled once: with the channel open, the frame goes out in that poll; then its caller leaves.
+    let cut = futures::FutureExt::now_or_never(router.publish(abandoned));
+    assert!(cut.is_none(), "the publish was not cut short: {cut:?}");
+    proxy.cut_all();
+    proxy.blackhole(false);
+    wait_until("the abandoned publish to be counted", async || {
+        router.health().await.get("abandoned_unconfirmed") == 1
+    })
+    .await;
+    let warned = logs.lines_with(&id);
+    assert!(
+        warned.iter().any(|line| line.contains("WARN")
+            && line.contains("may not have been stored")
+            && line.contains("abandoned_unconfirmed")),
+        "no warning names message {id}: {warned:?}"
+    );
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("confirm_timeouts"), 0, "{health:?}");
+    within("close", router.close()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_after_a_slow_retry_never_goes_to_a_replaced_channel() {
     use amqprs::channel::QueueDeleteArguments;

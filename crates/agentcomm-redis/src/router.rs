@@ -118,15 +118,47 @@ pub(crate) struct ChannelRoute {
     /// Unique in the process: names the route where holding it would cost (see
     /// [`Shared::publish_numbered`]).
     id: u64,
+    /// Numbers of messages never published (refused by Redis, or not encoded) that could not be given
+    /// back yet because a later number was taken: given back when every number above them is (see
+    /// [`ChannelRoute::give_back`]). Touched only when a publish fails.
+    unused: Mutex<Vec<u64>>,
 }
 
+/// The most numbers a channel route remembers as unused. One stays when a later number of its channel
+/// went out (a gap subscribers count as lost, and whose publisher got the error); beyond this many the
+/// lowest, the likeliest of those, are forgotten.
+const MAX_UNUSED_NUMBERS: usize = 64;
+
 impl ChannelRoute {
-    /// Gives `number` back, unless a later one was taken meanwhile: the message that had it was never
-    /// published, and the gap it would leave would make every subscriber of the channel count a loss.
+    /// Gives `number` back: the message that had it was never published, and the gap it would leave
+    /// would make every subscriber of the channel count a loss. The last number taken is given back at
+    /// once, and with it every unused one right below it; one below a number still out (another
+    /// publish, concurrent, that took the next number) waits in `unused` until that one is given back
+    /// too. Concurrent publishes refused together (an ACL that denies the channel) are answered in the
+    /// order of their numbers, the lowest first: giving back only the last one taken would leave a gap
+    /// for all the others.
     fn give_back(&self, number: u64) {
-        let _ =
-            self.next
-                .compare_exchange(number, number - 1, Ordering::Relaxed, Ordering::Relaxed);
+        let mut unused = self.unused.lock().unwrap_or_else(PoisonError::into_inner);
+        unused.push(number);
+        loop {
+            let last = self.next.load(Ordering::Relaxed);
+            let Some(at) = unused.iter().position(|&unused| unused == last) else {
+                break;
+            };
+            // Fails only when another publish took a number meanwhile: then the last is that one.
+            if self
+                .next
+                .compare_exchange(last, last - 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                unused.swap_remove(at);
+            }
+        }
+        if unused.len() > MAX_UNUSED_NUMBERS
+            && let Some((at, _)) = unused.iter().enumerate().min_by_key(|(_, n)| **n)
+        {
+            unused.swap_remove(at);
+        }
     }
 }
 
@@ -147,11 +179,11 @@ fn refused_by_redis(error: &fred::error::Error) -> bool {
     code.len() >= 2 && code.bytes().all(|b| b.is_ascii_uppercase())
 }
 
-/// Gives back the sequence numbers of pub/sub publishes that Redis refused, highest first, so that a
-/// run of refused publishes at the end of a channel's sequence leaves no gap. (One refused between two
-/// that went still leaves one: subscribers count it as lost, and its publisher got the error.)
-fn give_back_refused(mut refused: Vec<(Arc<ChannelRoute>, u64)>) {
-    refused.sort_by_key(|(_, number)| std::cmp::Reverse(*number));
+/// Gives back the sequence numbers of pub/sub publishes that Redis refused (see
+/// [`ChannelRoute::give_back`]), so that a run of refused publishes at the end of a channel's sequence
+/// leaves no gap. (One refused between two that went still leaves one: subscribers count it as lost,
+/// and its publisher got the error.)
+fn give_back_refused(refused: Vec<(Arc<ChannelRoute>, u64)>) {
     for (route, number) in refused {
         route.give_back(number);
     }
@@ -905,6 +937,7 @@ impl Shared {
                     client,
                     next: AtomicU64::new(0),
                     id: ROUTES.fetch_add(1, Ordering::Relaxed),
+                    unused: Mutex::new(Vec::new()),
                 })
             })
             .clone();

@@ -1014,6 +1014,22 @@ async fn a_publish_redis_refuses_costs_no_number() {
         0,
         "the refused publish counted as lost"
     );
+    // Refused concurrently: Redis answers them in the order of their numbers, the lowest first.
+    acl(&["resetchannels"]).await.unwrap();
+    let refused =
+        futures::future::join_all((7..=10).map(|n| publisher.publish(envelope("Acl:event:s1", n))))
+            .await;
+    assert!(refused.iter().all(Result::is_err), "{refused:?}");
+    acl(&["allchannels"]).await.unwrap();
+    publisher
+        .publish(envelope("Acl:event:s1", 11))
+        .await
+        .unwrap();
+    assert_eq!(
+        lost_after(&mut subscription, 11).await,
+        0,
+        "concurrent refused publishes counted as lost"
+    );
     publisher.close().await.unwrap();
     router.close().await.unwrap();
     let _ = raw.quit().await;

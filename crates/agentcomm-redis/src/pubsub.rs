@@ -92,6 +92,8 @@ pub(crate) struct PubSubHub {
     client: SubscriberClient,
     /// How many local subscriptions use each Redis subscription.
     redis: tokio::sync::Mutex<HashMap<RedisSubscription, usize>>,
+    /// The globs among them, for the readers (see [`ConnectionGlobs`]).
+    globs: Arc<ConnectionGlobs>,
     open: AtomicU64,
     next_id: AtomicU64,
     subscriptions: std::sync::Mutex<HashMap<u64, Arc<PubSubSubscription>>>,
@@ -104,6 +106,8 @@ pub(crate) struct PubSubHub {
 pub(crate) struct PubSubSubscription {
     id: u64,
     redis: Vec<RedisSubscription>,
+    /// The globs of the subscriber connection, the other subscriptions' included.
+    globs: Arc<ConnectionGlobs>,
     closed: AtomicBool,
     /// Deliveries given back (nack, abandon), delivered again before new messages.
     again: async_channel::Sender<Delivery>,
@@ -164,6 +168,7 @@ impl PubSubHub {
         let hub = Arc::new(PubSubHub {
             client,
             redis: tokio::sync::Mutex::new(HashMap::new()),
+            globs: Arc::default(),
             open: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             subscriptions: std::sync::Mutex::new(HashMap::new()),
@@ -219,6 +224,7 @@ impl PubSubHub {
         let subscription = Arc::new(PubSubSubscription {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             redis: redis.clone(),
+            globs: self.globs.clone(),
             closed: AtomicBool::new(false),
             again,
             stop,
@@ -339,6 +345,7 @@ impl PubSubHub {
             }
             *counts.entry(subscription.clone()).or_insert(0) += 1;
         }
+        self.globs.update(&counts);
         // fred resolves SUBSCRIBE when it is written, not when Redis confirms it. Redis answers the
         // commands of one connection in order, so once this PING is answered the subscriptions are live
         // on the connection that answered it.
@@ -418,6 +425,7 @@ impl PubSubHub {
                 tracing::debug!(error = %error, "could not unsubscribe; the connection closes anyway");
             }
         }
+        self.globs.update(counts);
     }
 
     /// Takes a subscription out: its stream ends after what it already received; Redis subscriptions
@@ -617,8 +625,56 @@ enum Coverage {
     /// By a channel subscription: it keeps the `message` copy (sent first, once per publish) and
     /// ignores the `pmessage` copies of globs.
     Channel,
-    /// By globs only: it keeps the first `pmessage` copy and skips identical ones right behind it.
+    /// By globs only: it keeps the first `pmessage` copy and skips the copies of the connection's other
+    /// matching globs right behind it.
     Pattern,
+}
+
+/// The globs the subscriber connection is subscribed to, every local subscription's: Redis sends the
+/// connection one `pmessage` copy of a publish per glob that matches its channel. A reader covering a
+/// channel by globs only keeps the first copy and skips the others: how many follow it says whether an
+/// identical frame right behind is a copy or a publish of its own (another program may publish the
+/// same bytes twice).
+#[derive(Default)]
+struct ConnectionGlobs {
+    globs: std::sync::Mutex<Vec<String>>,
+}
+
+impl ConnectionGlobs {
+    /// Takes the globs among `counts` (kept under the counts' lock, so in step with them).
+    fn update(&self, counts: &HashMap<RedisSubscription, usize>) {
+        let mut now: Vec<String> = counts
+            .keys()
+            .filter_map(|redis| match redis {
+                RedisSubscription::Pattern(glob) => Some(glob.clone()),
+                RedisSubscription::Channel(_) => None,
+            })
+            .collect();
+        now.sort();
+        *self.globs.lock().expect("globs lock") = now;
+    }
+
+    /// How many copies of one publish on `channel` Redis sends the connection for its globs (at least
+    /// one: a copy arrived).
+    fn copies(&self, channel: &str) -> usize {
+        self.globs
+            .lock()
+            .expect("globs lock")
+            .iter()
+            .filter(|glob| glob_matches(glob.as_bytes(), channel.as_bytes()))
+            .count()
+            .max(1)
+    }
+}
+
+/// The last glob copy a reader took (see [`Reader::last`]).
+struct LastCopy {
+    frame: Bytes,
+    channel: Str,
+    /// Whether it carried a sequence number: then a frame identical to it is always a copy.
+    numbered: bool,
+    /// How many of its copies were skipped so far.
+    skipped: usize,
 }
 
 /// Whether `text` matches a Redis glob made by [`crate::keys`]: `*` and `\`-escapes (`?` and `[..]`
@@ -655,11 +711,12 @@ struct Reader {
     /// that waited for it when it saw the close. What comes later is not for it, though the channel
     /// may go on carrying its Redis subscription for another subscription of the router.
     left: Option<usize>,
-    /// The frame and channel of the last glob copy taken: Redis sends one copy per matching Redis
-    /// subscription of the connection, one right after the other, and those copies are skipped without
-    /// counting them as duplicates (whether they carry a sequence number or not). Forgotten at a
+    /// The last glob copy taken: Redis sends one copy per matching glob of the connection, one right
+    /// after the other, and those copies are skipped without counting them as duplicates (whether they
+    /// carry a sequence number or not). A frame without a number identical to it is skipped only while
+    /// copies of it are still due: beyond, it is another publish of the same bytes. Forgotten at a
     /// channel subscription's copy, which starts the copies of the next publish.
-    last: Option<(Bytes, Str)>,
+    last: Option<LastCopy>,
     /// The last Redis channel seen, and how this subscription's Redis subscriptions cover it.
     covered: Option<(Str, Coverage)>,
     decoder: FrameDecoder,
@@ -804,10 +861,15 @@ impl Reader {
         }
         let raw = message.value.into_bytes().unwrap_or_default();
         if glob_copy
-            && let Some((frame, channel)) = &self.last
-            && *channel == message.channel
-            && *frame == raw
+            && let Some(last) = &mut self.last
+            && last.channel == message.channel
+            && last.frame == raw
+            // Counted only for an identical frame without a number (rare): the globs' lock is not
+            // taken per message.
+            && (last.numbered
+                || last.skipped + 1 < self.subscription.globs.copies(&message.channel))
         {
+            last.skipped += 1;
             return None;
         }
         let (envelope, sequence) = match self.decoder.decode_taking(raw.clone(), SEQUENCE_HEADER) {
@@ -815,7 +877,12 @@ impl Reader {
             Err(error) => {
                 // Its copies for the connection's other matching Redis subscriptions follow: skipped.
                 if glob_copy {
-                    self.last = Some((raw.clone(), message.channel.clone()));
+                    self.last = Some(LastCopy {
+                        frame: raw.clone(),
+                        channel: message.channel.clone(),
+                        numbered: false,
+                        skipped: 0,
+                    });
                 }
                 // Only this router's: the glob `<prefix>:*` of a wildcard class also matches the
                 // channels of a longer prefix (`<prefix>:v2:...`), whose names, under this prefix,
@@ -840,7 +907,12 @@ impl Reader {
             .and_then(|rest| rest.strip_prefix(':'))
             == Some(envelope.channel().name());
         if glob_copy {
-            self.last = Some((raw, message.channel));
+            self.last = Some(LastCopy {
+                frame: raw,
+                channel: message.channel,
+                numbered: sequence.is_some(),
+                skipped: 0,
+            });
         }
         if !own {
             return None;

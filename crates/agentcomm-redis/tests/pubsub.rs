@@ -1141,3 +1141,66 @@ async fn a_frame_without_a_number_matched_by_a_channel_and_a_glob_is_delivered_o
     let _ = raw.quit().await;
     router.close().await.unwrap();
 }
+
+/// A frame without a sequence number that another program publishes twice, the same bytes each time,
+/// reaches a subscription that covers its channel by globs once per publish, as it reaches one that
+/// subscribes by name; with two globs of the connection matching, the second glob's copies are still
+/// skipped. Before, a glob-covered subscription skipped a frame identical to the one it took last as a
+/// copy, however many globs matched: the second publish was dropped, uncounted and unlogged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_frame_published_twice_reaches_a_glob_subscription_twice() {
+    use fred::prelude::{ClientLike, PubsubInterface};
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let raw = raw_client().await;
+    // Each frame encoded once: a publish repeated sends the very same bytes.
+    let frames: Vec<bytes::Bytes> = (0..=4)
+        .map(|n| bytes::Bytes::from(envelope("Same:event:s1", n).to_frame().unwrap()))
+        .collect();
+    let publish = async |n: usize| {
+        let _: i64 = raw
+            .publish(format!("{prefix}:Same:event:s1"), frames[n].clone())
+            .await
+            .unwrap();
+    };
+    let mut wide = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Same:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    // One glob of the connection matches: one copy per publish.
+    publish(1).await;
+    publish(1).await;
+    publish(2).await;
+    for expected in [1, 1, 2] {
+        let delivery = next(&mut wide).await;
+        assert_eq!(number(&delivery), expected, "each publish once");
+        delivery.ack().await.unwrap();
+    }
+    // Two globs match: two copies per publish, one kept by each subscription.
+    let mut narrow = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Same:event:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    publish(3).await;
+    publish(3).await;
+    publish(4).await;
+    for subscription in [&mut wide, &mut narrow] {
+        for expected in [3, 3, 4] {
+            let delivery = next(subscription).await;
+            assert_eq!(number(&delivery), expected, "each publish once");
+            delivery.ack().await.unwrap();
+        }
+    }
+    assert_quiet(&mut wide, Duration::from_millis(300)).await;
+    assert_quiet(&mut narrow, Duration::from_millis(100)).await;
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}

@@ -521,14 +521,20 @@ impl AmqpRouter {
             tracing::warn!("some subscriptions did not finish closing in time");
         }
         inner.publishing_closed.store(true, Ordering::Release);
-        let left = inner
-            .publishes_finished(Instant::now() + settings.close_timeout)
-            .await;
+        let deadline = Instant::now() + settings.close_timeout;
+        let left = inner.publishes_finished(deadline).await;
         if left > 0 {
             tracing::warn!(
                 publishes = left,
                 "closing with publishes still waiting for their confirm; their callers get an error"
             );
+        }
+        // Publishes whose callers stopped waiting once their frame went out are owed a confirm
+        // too (same bound): those still unconfirmed then are counted and logged as the channel
+        // closes (`abandoned_unconfirmed`).
+        let publisher = inner.publisher.lock().expect("publisher lock").clone();
+        if let Some(publisher) = publisher {
+            publisher.confirms.owed_until(deadline).await;
         }
         inner.stop.send_replace(true);
         let publisher = inner.publisher.lock().expect("publisher lock").take();

@@ -182,6 +182,11 @@ pub(crate) struct Confirms {
     /// its frame went out, whose caller knows it gave up: only the others can be lost unseen.
     sent_below: AtomicU64,
     orphans: Orphans,
+    /// Set while the router's close waits for the confirms still owed here ([`Confirms::owed_until`]),
+    /// so that only then does settling a confirm pay for a wake-up (one atomic load otherwise).
+    draining: AtomicBool,
+    /// Told, while `draining`, whenever waiters leave the map.
+    settled: Notify,
 }
 
 impl Confirms {
@@ -213,6 +218,7 @@ impl Confirms {
                     .filter_map(|tag| pending.by_tag.remove(tag).map(|waiting| (*tag, waiting))),
             );
         }
+        self.wake_drain();
         let sent_below = self.sent_below.load(Ordering::Acquire);
         let (mut orphaned, mut first) = (0, None);
         for (tag, waiting) in expired {
@@ -251,6 +257,7 @@ impl Confirms {
                 done.push(waiting);
             }
         }
+        self.wake_drain();
         if let Some(nacks) = nacks {
             nacks.fetch_add(done.len() as u64, Ordering::Relaxed);
         }
@@ -354,6 +361,7 @@ impl Confirms {
             self.dead.store(true, Ordering::Release);
             std::mem::take(&mut pending.by_tag)
         };
+        self.wake_drain();
         let sent_below = self.sent_below.load(Ordering::Acquire);
         let mut orphans = waiting
             .iter()
@@ -379,6 +387,41 @@ impl Confirms {
 
     pub(crate) fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
+    }
+
+    /// Tells a close waiting in [`Confirms::owed_until`] that waiters left the map.
+    fn wake_drain(&self) {
+        if self.draining.load(Ordering::SeqCst) {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// How many frames sent on this channel still wait for their confirm. A waiter left by a send
+    /// dropped before its frame went out (its tag not below `sent_below`) is owed nothing.
+    fn owed(&self) -> usize {
+        let pending = self.pending.lock().expect("confirms lock");
+        let sent_below = self.sent_below.load(Ordering::Acquire);
+        pending.by_tag.range(..sent_below).count()
+    }
+
+    /// Waits until no frame sent on this channel waits for its confirm, or `deadline`; returns how
+    /// many still do. For the router's close: a publish whose caller stopped waiting once its frame
+    /// went out is not under way, yet its confirm is owed, and failing the channel before it comes
+    /// would report as maybe not stored (`abandoned_unconfirmed`) a message the broker has.
+    pub(crate) async fn owed_until(&self, deadline: Instant) -> usize {
+        self.draining.store(true, Ordering::SeqCst);
+        loop {
+            let settled = self.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            let owed = self.owed();
+            if owed == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return self.owed();
+            }
+        }
     }
 
     pub(crate) fn reason(&self) -> Option<String> {

@@ -835,6 +835,51 @@ async fn an_abandoned_publish_lost_with_its_connection_is_counted_and_logged() {
     within("close", router.close()).await.unwrap();
 }
 
+/// Close waits for the confirm of a publish whose caller stopped waiting once its frame went out, as
+/// it does for the publishes under way: the broker has the message. Close used to fail the channel
+/// at once, and so reported a message that was stored as maybe not stored (`abandoned_unconfirmed`
+/// and a warning) after every publish cut short just before a shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_waits_for_the_confirm_of_a_publish_whose_caller_stopped_waiting() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-close-orphan");
+    let queue = topology::group_queue(&exchange, "keep");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    // A group queue that keeps what is published while nobody consumes.
+    let declaring = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let subscription = within(
+        "subscribe",
+        declaring.subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap()).group("keep"),
+        ),
+    )
+    .await
+    .unwrap();
+    drop(subscription);
+    within("close", declaring.close()).await.unwrap();
+    let router = proxied_router(&proxy, &exchange).await;
+    within("a publish", router.publish(envelope(0)))
+        .await
+        .unwrap();
+    // Confirms now take at least 600 ms: far longer than close takes to reach the channel.
+    proxy.set_latency(Duration::from_millis(300));
+    let cut = futures::FutureExt::now_or_never(router.publish(envelope(1)));
+    assert!(cut.is_none(), "the publish was not cut short: {cut:?}");
+    within("close", router.close()).await.unwrap();
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("abandoned_unconfirmed"), 0, "{health:?}");
+    assert_eq!(health.get("confirm_timeouts"), 0, "{health:?}");
+    assert_eq!(health.get("confirmed"), 1, "{health:?}");
+    let raw = Raw::open().await;
+    assert_eq!(raw.count(&queue).await, Some(2), "both messages are stored");
+    raw.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_after_a_slow_retry_never_goes_to_a_replaced_channel() {
     use amqprs::channel::QueueDeleteArguments;

@@ -445,7 +445,7 @@ pub(crate) struct Inner {
     pub counters: Counters,
     /// Warnings about messages lost with publishes whose caller had stopped waiting (shared by every
     /// publishing channel of the router).
-    pub orphans_log: Arc<LogLimiter>,
+    pub orphans_log: Arc<crate::publisher::OrphanLogs>,
     /// Set first by close: no new subscriptions.
     pub closing: AtomicBool,
     /// Set by close once its subscriptions are drained: no new publishes (handlers finishing during

@@ -108,8 +108,24 @@ pub(crate) struct Orphans {
     pub confirm_timeouts: Arc<AtomicU64>,
     /// The router's `abandoned_unconfirmed`: lost with their channel before the confirm.
     pub unconfirmed: Arc<AtomicU64>,
-    /// The router's limiter of warnings about such messages.
-    pub log: Arc<LogLimiter>,
+    /// The router's limiters of warnings about such messages.
+    pub log: Arc<OrphanLogs>,
+}
+
+/// One limiter of warnings per way a publish whose caller stopped waiting can end badly: a kind
+/// logged often (say, messages returned unroutable every second) must not keep another kind (a
+/// confirm that never came) out of the log, nor have its lines count the other's in
+/// `earlier_not_logged`.
+#[derive(Default)]
+pub(crate) struct OrphanLogs {
+    /// No confirm within `confirm_timeout` (`confirm_timeouts`).
+    pub timed_out: LogLimiter,
+    /// Lost with the channel before the confirm (`abandoned_unconfirmed`).
+    pub channel_lost: LogLimiter,
+    /// Returned: no queue was bound (`returned`).
+    pub returned: LogLimiter,
+    /// Refused by the broker with basic.nack (`publish_nacks`).
+    pub nacked: LogLimiter,
 }
 
 /// Why RabbitMQ closed a publishing channel, when resending what was lost with it cannot succeed
@@ -231,7 +247,7 @@ impl Confirms {
             self.orphans
                 .confirm_timeouts
                 .fetch_add(orphaned, Ordering::Relaxed);
-            if let Some(left_out) = self.orphans.log.allow(orphaned) {
+            if let Some(left_out) = self.orphans.log.timed_out.allow(orphaned) {
                 tracing::warn!(
                     messages = orphaned,
                     message_id = %uuid::Uuid::from_u128(id),
@@ -261,7 +277,8 @@ impl Confirms {
         if let Some(nacks) = nacks {
             nacks.fetch_add(done.len() as u64, Ordering::Relaxed);
         }
-        let (mut orphaned, mut unroutable, mut first_unroutable) = (0, 0, None);
+        let (mut orphaned, mut unroutable, mut first_unroutable, mut first_nacked) =
+            (0, 0, None, None);
         for waiting in done {
             let confirmed = match nacks {
                 None => Confirmed::Ack {
@@ -272,21 +289,38 @@ impl Confirms {
             // The caller may have gone (its future dropped): nobody to tell.
             if waiting.waiter.send(confirmed).is_err() {
                 orphaned += 1;
-                if confirmed == (Confirmed::Ack { returned: true }) {
-                    unroutable += 1;
-                    first_unroutable.get_or_insert(waiting.id);
+                match confirmed {
+                    Confirmed::Ack { returned: true } => {
+                        unroutable += 1;
+                        first_unroutable.get_or_insert(waiting.id);
+                    }
+                    Confirmed::Nack => {
+                        first_nacked.get_or_insert(waiting.id);
+                    }
+                    _ => {}
                 }
             }
         }
         // Counted in `returned` when the return came; nobody else hears that it reached no queue.
         if let Some(id) = first_unroutable
-            && let Some(left_out) = self.orphans.log.allow(unroutable)
+            && let Some(left_out) = self.orphans.log.returned.allow(unroutable)
         {
             tracing::warn!(
                 messages = unroutable,
                 message_id = %uuid::Uuid::from_u128(id),
                 earlier_not_logged = left_out,
                 "messages reached no queue (RabbitMQ returned them: nothing is bound for their routing key) after their publishers had stopped waiting: they are lost; counted in returned"
+            );
+        }
+        // Counted in `publish_nacks` above; nobody else hears that the broker refused them.
+        if let Some(id) = first_nacked
+            && let Some(left_out) = self.orphans.log.nacked.allow(orphaned)
+        {
+            tracing::warn!(
+                messages = orphaned,
+                message_id = %uuid::Uuid::from_u128(id),
+                earlier_not_logged = left_out,
+                "RabbitMQ refused messages (basic.nack) whose publishers had stopped waiting for the confirm: they are lost; counted in publish_nacks"
             );
         }
         orphaned
@@ -373,7 +407,7 @@ impl Confirms {
             self.orphans
                 .unconfirmed
                 .fetch_add(orphaned, Ordering::Relaxed);
-            if let Some(left_out) = self.orphans.log.allow(orphaned) {
+            if let Some(left_out) = self.orphans.log.channel_lost.allow(orphaned) {
                 tracing::warn!(
                     messages = orphaned,
                     message_id = %uuid::Uuid::from_u128(id),
@@ -498,16 +532,9 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
             "RabbitMQ nacked a publish"
         );
         // Counted here, not by the publishes told of it: one whose caller stopped waiting is lost
-        // too, and nobody else would count it.
-        let orphaned = self
-            .confirms
+        // too, and nobody else would count it (nor log it: `settle` does, with its message id).
+        self.confirms
             .nacked(nack.delivery_tag(), nack.multiple(), &self.nacks);
-        if orphaned > 0 {
-            tracing::warn!(
-                messages = orphaned,
-                "RabbitMQ refused messages whose publishers had stopped waiting for the confirm: they are lost"
-            );
-        }
     }
 
     async fn publish_return(
@@ -1267,6 +1294,72 @@ mod tests {
         confirms.expire(Instant::now());
         assert_eq!(confirms.unconfirmed(), 0);
         assert_eq!(orphans.confirm_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    /// Where a unit test's warnings go (WARN and above).
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Each way a publish whose caller stopped waiting can end badly is logged with its message id,
+    /// however recently another way was: they used to share one limiter (one line per 5 s in all),
+    /// so a return logged first kept a lost confirm out of the log. A nack says which message it
+    /// lost, too.
+    #[test]
+    fn every_kind_of_abandoned_publish_lost_is_logged_though_another_just_was() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let orphans = Orphans::default();
+            let confirms = Confirms::new(orphans.clone());
+            let nacks = AtomicU64::new(0);
+            let later = Instant::now() + Duration::from_secs(60);
+            let past = Instant::now() - Duration::from_millis(1);
+            for (tag, deadline) in [(1, later), (2, later), (3, past), (4, later)] {
+                let (sender, receiver) = oneshot::channel();
+                assert!(confirms.register(tag, u128::from(tag), 0, deadline, sender));
+                drop(receiver);
+            }
+            confirms.sent_below.store(5, Ordering::Release);
+            // 1: returned, then acked; 2: nacked; 3: no confirm in time; 4: its channel lost.
+            assert!(confirms.returned(1, 0));
+            confirms.settle(1, false, None);
+            confirms.nacked(2, false, &nacks);
+            confirms.expire(Instant::now());
+            confirms.fail_all("the connection was lost");
+            assert_eq!(nacks.load(Ordering::Relaxed), 1);
+            assert_eq!(orphans.confirm_timeouts.load(Ordering::Relaxed), 1);
+            assert_eq!(orphans.unconfirmed.load(Ordering::Relaxed), 1);
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        for (tag, says) in [
+            (1, "reached no queue"),
+            (2, "basic.nack"),
+            (3, "did not confirm"),
+            (4, "channel was lost"),
+        ] {
+            let id = uuid::Uuid::from_u128(tag).to_string();
+            assert!(
+                text.lines()
+                    .any(|line| line.contains("WARN") && line.contains(&id) && line.contains(says)),
+                "no warning names message {id} ({says}):\n{text}"
+            );
+        }
     }
 
     /// RabbitMQ's replies for what resending cannot fix are read with what decides which publish

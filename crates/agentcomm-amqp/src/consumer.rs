@@ -1156,17 +1156,23 @@ impl Acknowledge for AmqpAck {
     /// with no count), and the original acknowledged once the copy is confirmed: the give-back
     /// counts nowhere (in `requeued` here). The copy waits at the back of the queue. One already
     /// requeued is requeued as before: a copy would also drop the requeues handlers did cause.
+    ///
+    /// Any other delivery is requeued, counted in `requeued`: it is not abandoned (no handler saw
+    /// it), unlike a delivery dropped unsettled.
     fn give_back(self: Box<Self>, envelope: Envelope) {
-        if !self.uncounted {
-            return self.abandon(envelope);
-        }
-        // Until the copy is confirmed, a drop (the task stopped by its runtime shutting down)
-        // requeues it.
+        // Until it is requeued, or its copy confirmed, a drop (the task stopped by its runtime
+        // shutting down) requeues it.
         self.progress.store(REQUEUING, Ordering::Relaxed);
         let runtime = self.inner().runtime.clone();
         runtime.spawn(async move {
             if !self.consumer.is_current() {
                 // Its channel is gone: the broker has put it back already.
+                return;
+            }
+            if !self.uncounted {
+                if let Err(error) = self.basic_requeue().await {
+                    tracing::warn!(error = %error, "could not requeue a delivery given back unhandled; RabbitMQ delivers it again when its channel closes");
+                }
                 return;
             }
             let inner = self.inner();

@@ -952,6 +952,46 @@ async fn quorum_groups_work_and_mismatched_queues_fail_clearly() {
     within("close", classic.close()).await.unwrap();
 }
 
+/// A delivery handed back unhandled (`Delivery::give_back`) from a classic queue is requeued and
+/// counted in `requeued`: no handler saw it, so it is not `abandoned`, which is what giving it back
+/// used to count it as (with a warning that a delivery was left unsettled), at every graceful stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_given_back_unhandled_from_a_classic_queue_is_requeued_not_abandoned() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-classic-give-back");
+    let queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    let router = connect(&exchange).await;
+    let mut member = ping_member(&router).await;
+    within("publish", router.publish(envelope("Ping:event:s1", 7)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", member.next()).await.unwrap();
+    delivery.give_back();
+    let again = within("the delivery given back", member.next())
+        .await
+        .unwrap();
+    assert_eq!(number(again.envelope()), 7);
+    assert!(again.is_redelivered(), "requeued, not sent again as a copy");
+    within("ack", again.ack()).await.unwrap();
+    let deadline = Instant::now() + STEP;
+    loop {
+        let health = within("health", router.health()).await;
+        assert_eq!(health.get("abandoned"), 0, "{health:?}");
+        if health.get("requeued") == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not counted as requeued: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    within("close", router.close()).await.unwrap();
+}
+
 /// A delivery handed back unhandled (`Delivery::give_back`, what the runtime does at a graceful stop
 /// with deliveries still buffered) is not an attempt: a quorum queue's `delivery_limit` must not
 /// dead-letter a message no handler ever saw, however often it was given back. RabbitMQ counts every

@@ -1014,8 +1014,19 @@ async fn a_delivery_given_back_unhandled_is_not_an_attempt_for_a_quorum_delivery
     )
     .await
     .unwrap();
-    let mut member = ping_member(&router).await;
-    within("publish", router.publish(envelope("Ping:event:s1", 7)))
+    // A prefetch of 1: the copy comes only once the original was acknowledged.
+    let mut member = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(pattern("Ping:*:*"))
+                .group("g")
+                .prefetch(1),
+        ),
+    )
+    .await
+    .unwrap();
+    let published = envelope("Ping:event:s1", 7);
+    within("publish", router.publish(published.clone()))
         .await
         .unwrap();
     // More give-backs than the limit allows deliveries.
@@ -1028,6 +1039,9 @@ async fn a_delivery_given_back_unhandled_is_not_an_attempt_for_a_quorum_delivery
         .await
         .unwrap();
     assert_eq!(number(delivery.envelope()), 7);
+    // The copy is the same message: its id, class and attempt are kept.
+    assert_eq!(delivery.envelope().id(), published.id());
+    assert_eq!(delivery.envelope().attempt(), published.attempt());
     within("ack", delivery.ack()).await.unwrap();
     let dead_letters = router.dead_letter_queue().unwrap().to_string();
     let raw = Raw::open().await;
@@ -1038,6 +1052,7 @@ async fn a_delivery_given_back_unhandled_is_not_an_attempt_for_a_quorum_delivery
         0,
         "given back is not abandoned: {health:?}"
     );
+    assert_eq!(health.get("requeued"), 4, "{health:?}");
     within("close", router.close()).await.unwrap();
     raw.close().await;
 }

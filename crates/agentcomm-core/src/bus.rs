@@ -193,16 +193,24 @@ impl Bus {
         let channel_name = envelope.channel().name().to_string();
         // The timeout bounds everything: subscribing the inbox, publishing and waiting for the reply.
         let asking = async {
-            inbox.listen::<Resp>(&self.inner.router).await?;
             // Registered before publishing, so a quick reply finds its waiter; forgotten on every way
-            // out, including this future being dropped.
-            let (waiter, _registration) = inbox.expect(request_id.clone(), Resp::CLASS);
-            // The subscription may have ended since `listen`: its task forgets the listener, then
-            // drops the waiters registered by then. A waiter registered after that would wait out
-            // the whole timeout for replies nobody reads: the listener is gone by now, so look.
-            if !inbox.listening(Resp::CLASS) {
-                return Err(inbox_closed());
-            }
+            // out, including this future being dropped. Registered only with a live listener, which
+            // drops it if its subscription ends: a waiter is never left waiting for replies nobody
+            // reads.
+            let mut attempts = 0;
+            let (waiter, _registration) = loop {
+                inbox.listen::<Resp>(&self.inner.router).await?;
+                if let Some(registered) = inbox.expect(request_id.clone(), Resp::CLASS) {
+                    break registered;
+                }
+                // The subscription ended after `listen` (or one replacing it is still being made):
+                // nothing was published yet, so waiting for the one made again is as good. Bounded,
+                // for a router that loses every subscription as soon as it makes it.
+                attempts += 1;
+                if attempts >= INBOX_ATTEMPTS {
+                    return Err(inbox_closed());
+                }
+            };
             let outcome = self.publish_envelope(envelope, agent).await?;
             if outcome.is_unroutable() {
                 return Err(Error::NoAgentFound {
@@ -373,12 +381,18 @@ fn inbox_closed() -> Error {
     }
 }
 
+/// How many times a request makes (or waits for) its inbox's subscription when each one ends before
+/// the request could register: after that it fails with [`Error::Closed`].
+const INBOX_ATTEMPTS: u32 = 3;
+
 /// Where this bus's requests get their replies: one fan-out subscription per reply class, on
 /// `<ReplyClass>:reply:<inbox id>`.
 struct Inbox {
     id: String,
     pending: Arc<Mutex<HashMap<String, Waiting>>>,
-    listeners: Arc<Mutex<HashMap<&'static str, Listener>>>,
+    listeners: Arc<Mutex<HashMap<&'static str, Arc<Listener>>>>,
+    /// Numbers the listeners, so that an ended one forgets only itself and its own waiters.
+    generations: AtomicU64,
     unmatched: Arc<AtomicU64>,
     /// Held by the inbox only: when the bus goes (its last clone dropped), the listening tasks see it
     /// closed and drop their subscriptions, instead of keeping them on the router for as long as it
@@ -386,12 +400,31 @@ struct Inbox {
     gone: tokio::sync::watch::Sender<()>,
 }
 
-/// A reply class's subscription, made once by the first request of that class.
-type Listener = Arc<tokio::sync::OnceCell<()>>;
+/// A reply class's subscription. It is made by a task of its own, not by the request that needed it
+/// first: a request dropped (cancelled, or cut short by its caller's timeout) while a broker router is
+/// half-way through subscribing would otherwise drop the router's future there, and leave what it had
+/// made so far (a Redis reader connection or SUBSCRIBE, a queue and its consumer) to nobody.
+struct Listener {
+    generation: u64,
+    state: tokio::sync::watch::Sender<Setup>,
+}
+
+/// Where a listener's subscription is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Setup {
+    /// Being made.
+    Making,
+    /// Made, and read by the listener's task.
+    Live,
+    /// Could not be made: the listener is forgotten, and the next request makes another.
+    Failed,
+}
 
 /// A request waiting for its reply.
 struct Waiting {
     class: &'static str,
+    /// The listener it was registered with, which drops it when its subscription ends.
+    generation: u64,
     reply: oneshot::Sender<Envelope>,
 }
 
@@ -417,34 +450,97 @@ impl Inbox {
             id: format!("{INBOX_PREFIX}{}", uuid::Uuid::now_v7().simple()),
             pending: Arc::default(),
             listeners: Arc::default(),
+            generations: AtomicU64::new(0),
             unmatched: Arc::default(),
             gone: tokio::sync::watch::Sender::new(()),
         }
     }
 
-    /// Makes sure replies of class `Resp` reach this inbox. The first request of a class subscribes;
-    /// the others wait for that subscription (only requests of that class wait).
+    /// Makes sure replies of class `Resp` reach this inbox. The first request of a class has the
+    /// subscription made; the others wait for it (only requests of that class wait). Returns once a
+    /// subscription was live; it may have ended since (see [`Inbox::expect`]).
     async fn listen<Resp: Message>(&self, router: &SharedRouter) -> Result<()> {
-        let cell = self
-            .listeners
-            .lock()
-            .expect("inbox lock")
-            .entry(Resp::CLASS)
-            .or_default()
-            .clone();
-        cell.get_or_try_init(|| self.subscribe::<Resp>(router))
-            .await?;
-        Ok(())
+        loop {
+            let (listener, made) = {
+                let mut listeners = self.listeners.lock().expect("inbox lock");
+                match listeners.get(Resp::CLASS) {
+                    Some(listener) => (listener.clone(), None),
+                    None => {
+                        let listener = Arc::new(Listener {
+                            generation: self.generations.fetch_add(1, Ordering::Relaxed),
+                            state: tokio::sync::watch::Sender::new(Setup::Making),
+                        });
+                        listeners.insert(Resp::CLASS, listener.clone());
+                        let made = self.spawn_listener::<Resp>(router, listener.clone());
+                        (listener, Some(made))
+                    }
+                }
+            };
+            if let Some(made) = made {
+                // The subscription's own error, for the request that asked for it.
+                return made.await.unwrap_or_else(|_| Err(inbox_closed()));
+            }
+            let mut state = listener.state.subscribe();
+            // The listener holds the sender, and this holds the listener: it cannot be dropped.
+            let setup = *state
+                .wait_for(|setup| *setup != Setup::Making)
+                .await
+                .map_err(|_| inbox_closed())?;
+            if setup == Setup::Live {
+                return Ok(());
+            }
+            // Failed for the request that made it (which was told why): make another.
+        }
     }
 
-    async fn subscribe<Resp: Message>(&self, router: &SharedRouter) -> Result<()> {
-        let pattern = ChannelPattern::for_message::<Resp>(Some(REPLY_DIRECTION), Some(&self.id))?;
-        let mut subscription = router.subscribe(SubscribeOptions::new(pattern)).await?;
+    /// Starts the task that subscribes `listener` for replies of class `Resp`, then reads them until
+    /// the subscription ends or the bus goes. The receiver gets how subscribing went.
+    fn spawn_listener<Resp: Message>(
+        &self,
+        router: &SharedRouter,
+        listener: Arc<Listener>,
+    ) -> oneshot::Receiver<Result<()>> {
+        let (made, made_receiver) = oneshot::channel();
+        let pattern = ChannelPattern::for_message::<Resp>(Some(REPLY_DIRECTION), Some(&self.id));
+        let router = router.clone();
         let pending = self.pending.clone();
         let listeners = self.listeners.clone();
         let unmatched = self.unmatched.clone();
         let mut bus_gone = self.gone.subscribe();
         tokio::spawn(async move {
+            let forget = || {
+                let mut listeners = listeners.lock().expect("inbox lock");
+                if listeners
+                    .get(Resp::CLASS)
+                    .is_some_and(|current| Arc::ptr_eq(current, &listener))
+                {
+                    listeners.remove(Resp::CLASS);
+                }
+            };
+            let subscribed = match pattern {
+                Ok(pattern) => router.subscribe(SubscribeOptions::new(pattern)).await,
+                Err(error) => Err(error),
+            };
+            // Not kept for as long as the subscription lives.
+            drop(router);
+            let mut subscription = match subscribed {
+                Ok(subscription) => subscription,
+                Err(error) => {
+                    forget();
+                    listener.state.send_replace(Setup::Failed);
+                    if let Err(Err(error)) = made.send(Err(error)) {
+                        tracing::warn!(
+                            class = Resp::CLASS,
+                            error = %error,
+                            "could not subscribe a reply inbox (the request that asked for it had already given up); the next request tries again"
+                        );
+                    }
+                    return;
+                }
+            };
+            listener.state.send_replace(Setup::Live);
+            // The request that asked for it may be gone: the subscription serves the next ones.
+            let _ = made.send(Ok(()));
             loop {
                 let delivery = tokio::select! {
                     delivery = subscription.next() => delivery,
@@ -475,42 +571,48 @@ impl Inbox {
                 }
             }
             // The subscription ended: the next request of this class subscribes again, and the ones
-            // waiting now are told at once instead of waiting out their timeout.
-            listeners.lock().expect("inbox lock").remove(Resp::CLASS);
-            pending
-                .lock()
-                .expect("inbox lock")
-                .retain(|_, waiting| waiting.class != Resp::CLASS);
+            // waiting on this subscription are told at once instead of waiting out their timeout.
+            // Only this listener's: one made again meanwhile, and the requests registered with it,
+            // are not this one's to end. Forgotten first: a request registers only with the listener
+            // it finds (under the same lock), so it either registered before (and is dropped here) or
+            // finds this one gone.
+            forget();
+            pending.lock().expect("inbox lock").retain(|_, waiting| {
+                waiting.class != Resp::CLASS || waiting.generation != listener.generation
+            });
         });
-        Ok(())
+        made_receiver
     }
 
-    /// Whether replies of `class` are being read now: a listener is registered and subscribed.
-    /// (One that replaced an ended one counts: it reads the same inbox channel.)
-    fn listening(&self, class: &'static str) -> bool {
-        self.listeners
-            .lock()
-            .expect("inbox lock")
-            .get(class)
-            .is_some_and(|listener| listener.initialized())
-    }
-
+    /// Registers a request waiting for a reply of `class` with the class's listener, if its
+    /// subscription is live now; `None` when it is not (ended since [`Inbox::listen`], or one replacing
+    /// it is still being made).
     fn expect(
         &self,
         request_id: String,
         class: &'static str,
-    ) -> (oneshot::Receiver<Envelope>, Registration<'_>) {
+    ) -> Option<(oneshot::Receiver<Envelope>, Registration<'_>)> {
+        // Under the listeners' lock: its listener cannot end between this look and the registration.
+        let listeners = self.listeners.lock().expect("inbox lock");
+        let listener = listeners.get(class)?;
+        if *listener.state.borrow() != Setup::Live {
+            return None;
+        }
         let (reply, receiver) = oneshot::channel();
-        self.pending
-            .lock()
-            .expect("inbox lock")
-            .insert(request_id.clone(), Waiting { class, reply });
-        (
+        self.pending.lock().expect("inbox lock").insert(
+            request_id.clone(),
+            Waiting {
+                class,
+                generation: listener.generation,
+                reply,
+            },
+        );
+        Some((
             receiver,
             Registration {
                 inbox: self,
                 request_id,
             },
-        )
+        ))
     }
 }

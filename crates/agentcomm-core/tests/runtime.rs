@@ -454,6 +454,175 @@ async fn a_request_whose_inbox_ends_as_it_starts_is_told_at_once() {
     }
 }
 
+/// The in-memory router, but each reply inbox subscription waits until the test lets it through, and
+/// the test can end the inbox subscriptions made so far (a broker connection lost, say).
+struct GatedInboxes {
+    inner: MemoryRouter,
+    /// How many inbox subscribes have started.
+    entered: tokio::sync::watch::Sender<u32>,
+    /// How many inbox subscribes may finish.
+    allowed: tokio::sync::watch::Sender<u32>,
+    made: std::sync::Mutex<Vec<agentcomm_core::router::SubscriptionCloser>>,
+}
+
+impl GatedInboxes {
+    fn new(inner: MemoryRouter) -> Arc<Self> {
+        Arc::new(GatedInboxes {
+            inner,
+            entered: tokio::sync::watch::Sender::new(0),
+            allowed: tokio::sync::watch::Sender::new(0),
+            made: std::sync::Mutex::default(),
+        })
+    }
+
+    async fn wait_entered(&self, count: u32) {
+        timeout(WAIT, self.entered.subscribe().wait_for(|n| *n >= count))
+            .await
+            .expect("the inbox subscribe starts")
+            .unwrap();
+    }
+
+    fn allow(&self, count: u32) {
+        self.allowed.send_replace(count);
+    }
+
+    async fn end_inboxes(&self) {
+        let closers: Vec<_> = self.made.lock().unwrap().drain(..).collect();
+        for closer in closers {
+            closer.close().await.unwrap();
+        }
+    }
+}
+
+impl Router for GatedInboxes {
+    fn backend(&self) -> &str {
+        "gated-inboxes"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn publish(
+        &self,
+        envelope: Envelope,
+    ) -> agentcomm_core::router::BoxFuture<'_, Result<agentcomm_core::router::PublishOutcome>> {
+        self.inner.publish(envelope)
+    }
+    fn subscribe(
+        &self,
+        options: SubscribeOptions,
+    ) -> agentcomm_core::router::BoxFuture<'_, Result<Subscription>> {
+        Box::pin(async move {
+            let inbox = options
+                .patterns
+                .iter()
+                .any(|pattern| pattern.direction() == Some("reply"));
+            if !inbox {
+                return self.inner.subscribe(options).await;
+            }
+            let mut number = 0;
+            self.entered.send_modify(|entered| {
+                *entered += 1;
+                number = *entered;
+            });
+            timeout(WAIT, self.allowed.subscribe().wait_for(|n| *n >= number))
+                .await
+                .expect("the test lets the inbox subscribe through")
+                .unwrap();
+            let subscription = self.inner.subscribe(options).await?;
+            self.made.lock().unwrap().push(subscription.closer());
+            Ok(subscription)
+        })
+    }
+    fn health(&self) -> agentcomm_core::router::BoxFuture<'_, agentcomm_core::router::Health> {
+        self.inner.health()
+    }
+    fn close(&self) -> agentcomm_core::router::BoxFuture<'_, Result<()>> {
+        self.inner.close()
+    }
+}
+
+/// A request waiting for its inbox's subscription, which is lost and being made again by another
+/// request when it gets to register, waits for the new one and is answered: it used to fail with
+/// `Closed` (the listener it found then was not subscribed yet), though nothing was lost.
+#[tokio::test]
+async fn a_request_whose_inbox_is_being_made_again_waits_for_it() {
+    let memory = MemoryRouter::new();
+    // Session "silent": taken (so that requests are routable), never answered.
+    let mut silent = memory
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("PaymentRequest:request:silent").unwrap(),
+        ))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some(delivery) = silent.next().await {
+            let _ = delivery.ack().await;
+        }
+    });
+    let router = GatedInboxes::new(memory);
+    let runtime = Runtime::new(router.clone());
+    runtime
+        .spawn_with(PaymentAgent, AgentOptions::new().session("s1"))
+        .await
+        .unwrap();
+    let client = runtime.publisher::<Client>();
+    let request = |session: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .request_timeout::<PaymentRequest, PaymentResponse>(
+                    session,
+                    PaymentRequest {
+                        amount: 1.0,
+                        user_id: "u".into(),
+                    },
+                    WAIT,
+                )
+                .await
+        }
+    };
+
+    // The first request has the inbox subscribed; it waits at the gate.
+    let first = tokio::spawn(request("silent"));
+    router.wait_entered(1).await;
+    // This one waits for that subscription.
+    let mut waiting = Box::pin(request("s1"));
+    assert!(futures::poll!(&mut waiting).is_pending());
+    // Subscribed; then lost, which the first request (still waiting for its reply) is told.
+    router.allow(1);
+    timeout(WAIT, async {
+        while runtime.bus().pending_requests() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the first request waits for its reply");
+    router.end_inboxes().await;
+    let lost = timeout(WAIT, first).await.unwrap().unwrap().unwrap_err();
+    assert!(matches!(lost, Error::Closed { .. }), "{lost:?}");
+    // A third request has the inbox subscribed again, and waits at the gate.
+    let third = tokio::spawn(request("s1"));
+    router.wait_entered(2).await;
+    // The waiting request gets on now, while the new subscription is being made.
+    let polled = futures::poll!(&mut waiting);
+    assert!(
+        polled.is_pending(),
+        "the request waits for the inbox being made again, instead of: {polled:?}"
+    );
+    router.allow(2);
+    let answer = timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert!(answer.success);
+    assert!(
+        timeout(WAIT, third)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .success
+    );
+    assert_eq!(runtime.bus().pending_requests(), 0);
+}
+
 /// A router shared by several runtimes outlives each of them: a runtime dropped without `shutdown`
 /// (which would close the router for all) must take its reply inbox's subscriptions with it, not leave
 /// one per runtime and reply class on the router for as long as it lives.

@@ -1529,3 +1529,64 @@ async fn a_subscription_with_an_unbounded_prefetch_receives() {
     delivery.ack().await.unwrap();
     router.close().await.unwrap();
 }
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, agentcomm_core::Message)]
+#[message(direction = "request")]
+struct InboxAsk {
+    n: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, agentcomm_core::Message)]
+struct InboxAnswer {
+    n: u64,
+}
+
+#[agent(sends = [InboxAsk])]
+struct InboxAsker;
+
+/// A request given up by its caller (a timeout around it, a `select!`) while its reply inbox is being
+/// subscribed, with replies read from a stream: that takes a reader connection of its own, made part
+/// way through. The set-up used to be dropped there with the request, and its reader kept reading for
+/// nobody, for as long as the process lived (a connection and a blocking XREAD each). Now it is
+/// finished on a task of its own and the inbox owns it: gone with the runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cancelled_while_its_inbox_is_made_leaves_no_reader_behind() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = within(
+        Duration::from_secs(10),
+        "connecting through the proxy",
+        RedisRouter::builder(proxied)
+            .mode(DeliveryMode::Streams)
+            .prefix(&prefix)
+            .read_block(Duration::from_millis(500))
+            .replies_over_pubsub(false)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let baseline = proxy.stats().live;
+    // Given up at different points of the set-up: from before it starts to after it is done.
+    for round in 0..30u64 {
+        let runtime = Runtime::new(router.clone());
+        let asked = tokio::time::timeout(
+            Duration::from_millis(round),
+            runtime
+                .publisher::<InboxAsker>()
+                .request_timeout::<InboxAsk, InboxAnswer>("s1", InboxAsk { n: round }, WAIT),
+        )
+        .await;
+        assert!(asked.is_err(), "nothing answers");
+        drop(runtime);
+    }
+    eventually(
+        WAIT,
+        "the dropped runtimes' reply inboxes leave no connection open",
+        async || proxy.stats().live <= baseline,
+    )
+    .await;
+    router.close().await.unwrap();
+}

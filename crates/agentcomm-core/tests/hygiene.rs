@@ -1,7 +1,8 @@
 //! The macros' generated code works wherever users write them: with the prelude's names (`Result`,
 //! `Option`, `Some`, `Ok`, `Box`, `Vec`, ...) shadowed by the user's own, next to a module named
 //! `diagnostic`, in a `#[no_implicit_prelude]` module, inside `macro_rules!` macros
-//! that pass the types and fields in as arguments, and with agentcomm-core under another name
+//! that pass the types and fields in as arguments, next to lowercase constants named like the variables
+//! they declare, and with agentcomm-core under another name
 //! (`crate = path`). (This file fails to compile, rather than fail at run time, when that breaks.)
 
 use std::time::Duration;
@@ -61,6 +62,53 @@ mod without_prelude {
             _bare: Bare,
             _ctx: &::agentcomm_core::Context<Self>,
         ) -> ::agentcomm_core::HandlerResult {
+            ::std::result::Result::Ok(())
+        }
+    }
+}
+
+/// Lowercase constants and statics named like every variable the macros declare (the names they used
+/// to declare, and the ones they declare now): a `let` or a parameter of such a name would be a pattern
+/// matching the constant, and the expansion would not compile.
+#[allow(dead_code, non_upper_case_globals)]
+mod constants {
+    use agentcomm_core::prelude::{Context, Handle, HandlerResult, agent};
+    use serde::{Deserialize, Serialize};
+
+    const session: u8 = 0;
+    const ctx: u8 = 0;
+    static class: u8 = 0;
+    const message: u8 = 0;
+    static check: u8 = 0;
+    const value: u8 = 0;
+    const __agentcomm_session: u8 = 0;
+    const __agentcomm_ctx: u8 = 0;
+    static __agentcomm_class: u8 = 0;
+    const __agentcomm_message: u8 = 0;
+    static __agentcomm_check: u8 = 0;
+    const __agentcomm_value: u8 = 0;
+
+    #[derive(Debug, Clone, Serialize, Deserialize, agentcomm_core::Message)]
+    #[message(direction = "request", validate = Self::valid)]
+    pub struct Guarded {
+        #[message(non_empty)]
+        pub name: String,
+        #[message(min = 1, max = 10)]
+        pub count: u32,
+    }
+
+    impl Guarded {
+        fn valid(&self) -> ::std::result::Result<(), agentcomm_core::ValidationError> {
+            ::std::result::Result::Ok(())
+        }
+    }
+
+    #[agent(receives = [Guarded], sends = [Guarded])]
+    pub struct GuardedAgent;
+
+    impl Handle<Guarded> for GuardedAgent {
+        async fn handle(&self, guarded: Guarded, context: &Context<Self>) -> HandlerResult {
+            context.reply(guarded).await?;
             ::std::result::Result::Ok(())
         }
     }
@@ -192,5 +240,32 @@ async fn macros_work_inside_macro_rules_and_with_shadowed_prelude_names() {
         .await
         .expect("the agent handled the label within 5 s");
     assert_eq!(text.as_deref(), ::std::option::Option::Some("ok"));
+    runtime.shutdown(WAIT).await.unwrap();
+}
+
+#[tokio::test]
+async fn macros_work_next_to_constants_named_like_their_variables() {
+    use constants::{Guarded, GuardedAgent};
+    let invalid = Guarded {
+        name: "n".into(),
+        count: 0,
+    };
+    assert_eq!(invalid.validate().unwrap_err().rule(), "min");
+    let runtime = Runtime::new(MemoryRouter::new());
+    runtime.spawn(GuardedAgent).await.unwrap();
+    let answer: Guarded = tokio::time::timeout(
+        WAIT,
+        runtime.publisher::<GuardedAgent>().request(
+            "s1",
+            Guarded {
+                name: "n".into(),
+                count: 3,
+            },
+        ),
+    )
+    .await
+    .expect("answered within 5 s")
+    .unwrap();
+    assert_eq!(answer.count, 3);
     runtime.shutdown(WAIT).await.unwrap();
 }

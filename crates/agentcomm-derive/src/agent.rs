@@ -9,7 +9,7 @@ use syn::spanned::Spanned;
 use syn::{Item, LitStr, Token, Type};
 
 use crate::message::path_text;
-use crate::names::{component_problem, parse_crate_path, private_path, respan};
+use crate::names::{self, component_problem, parse_crate_path, private_path, respan};
 
 #[derive(Default)]
 struct AgentArgs {
@@ -135,7 +135,14 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
     // The generated functions' own variables keep the call-site span they are declared with: written
     // inside `quote_spanned!` they would take the type's span, which names a different scope when the
     // type comes from a `macro_rules!` argument (`cannot find value `ctx` in this scope`).
-    let (session, class, ctx, this) = (quote!(session), quote!(class), quote!(ctx), quote!(self));
+    let ident_of = |name: &str| syn::Ident::new(name, Span::call_site());
+    let (session, class, ctx, message, this) = (
+        ident_of(names::SESSION),
+        ident_of(names::CLASS),
+        ident_of(names::CTX),
+        ident_of(names::MESSAGE),
+        quote!(self),
+    );
     let patterns = receives.iter().map(|ty| {
         quote_spanned! {ty.span()=>
             #core::ChannelPattern::with_template(
@@ -149,8 +156,8 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
     let dispatch_arms = receives.iter().map(|ty| {
         quote_spanned! {ty.span()=>
             if #class == <#ty as #core::Message>::CLASS {
-                let message = #core::decode_message::<#ty>(#ctx.envelope())?;
-                return #core::Ok(#core::Box::pin(<Self as #core::Handle<#ty>>::handle(#this, message, #ctx)));
+                let #message = #core::decode_message::<#ty>(#ctx.envelope())?;
+                return #core::Ok(#core::Box::pin(<Self as #core::Handle<#ty>>::handle(#this, #message, #ctx)));
             }
         }
     });
@@ -162,9 +169,7 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
             impl #impl_generics #sends<#ty> for #ident #type_generics #where_clause {}
         }
     });
-    Ok(quote! {
-        #item
-
+    let agent_impl = quote! {
         #[automatically_derived]
         impl #impl_generics #core::Agent for #ident #type_generics #where_clause {
             const NAME: &'static str = #name;
@@ -172,21 +177,30 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
             const SENDS: &'static [&'static str] = &[#(#sent_classes),*];
 
             fn __receive_patterns(
-                session: #core::Option<&str>,
+                #session: #core::Option<&str>,
             ) -> #core::Result<#core::Vec<#core::ChannelPattern>> {
-                let _ = session;
+                let _ = #session;
                 #core::Ok(::std::vec![#(#patterns),*])
             }
 
             fn __dispatch<'a>(
                 &'a self,
-                ctx: &'a #core::Context<Self>,
+                #ctx: &'a #core::Context<Self>,
             ) -> #core::Result<#core::BoxFuture<'a, #core::HandlerResult>, #core::Rejection> {
-                let class = ctx.envelope().class();
+                let #class = #ctx.envelope().class();
                 #(#dispatch_arms)*
-                #core::Err(#core::undeclared(<Self as #core::Agent>::NAME, class))
+                #core::Err(#core::undeclared(<Self as #core::Agent>::NAME, #class))
             }
         }
+    };
+    let agent_impl = names::shielded(
+        &[names::SESSION, names::CTX, names::CLASS, names::MESSAGE],
+        agent_impl,
+    );
+    Ok(quote! {
+        #item
+
+        #agent_impl
 
         #(#sends_impls)*
     })

@@ -6,7 +6,7 @@ use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Expr, Fields, LitStr, Path};
 
-use crate::names::{class_problem, component_problem, parse_crate_path, private_path};
+use crate::names::{self, class_problem, component_problem, parse_crate_path, private_path};
 use crate::template::{self, Part};
 
 #[derive(Default)]
@@ -98,10 +98,11 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
     if let Some(path) = &options.validate {
         // `self` keeps the call-site span of the method's receiver (see `field_checks`).
         let this = quote!(self);
+        let check = syn::Ident::new(names::CHECK, proc_macro2::Span::call_site());
         checks.push(quote_spanned! {path.span()=>
             {
-                let check: fn(&Self) -> #private::Result<(), #private::ValidationError> = #path;
-                check(#this)?;
+                let #check: fn(&Self) -> #private::Result<(), #private::ValidationError> = #path;
+                #check(#this)?;
             }
         });
     }
@@ -116,7 +117,7 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         }
     };
 
-    Ok(quote! {
+    let message_impl = quote! {
         #[automatically_derived]
         impl #private::Message for #ident {
             const CLASS: &'static str = #class;
@@ -124,7 +125,8 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
             #direction
             #validate
         }
-    })
+    };
+    Ok(names::shielded(&[names::CHECK, names::VALUE], message_impl))
 }
 
 /// The class and the default direction are known now, and so is what the template splits channel names
@@ -292,7 +294,7 @@ fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<T
         // The field is passed to the rule as one local spanned on the field's name: an argument
         // `&self.field` would mix that span with the receiver's, and a rule the field's type cannot
         // take would then be reported on the derive instead of on the field.
-        let value = syn::Ident::new("value", ident.span());
+        let value = syn::Ident::new(names::VALUE, ident.span());
         for rule in field_rules(field)? {
             let check = match rule {
                 FieldRule::NonEmpty => quote_spanned! {ident.span()=>

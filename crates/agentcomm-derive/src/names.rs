@@ -80,6 +80,41 @@ pub fn class_problem(class: &str) -> Option<String> {
     None
 }
 
+/// The names of the variables the generated code declares. A user's lowercase `const` or `static` of
+/// the same name in scope would turn a `let` or a parameter of that name into a pattern matching the
+/// constant (a type mismatch, or "cannot shadow"), so each name is also declared as a function in a
+/// block around the generated impl ([`shielded`]): that inner item hides the user's constant there,
+/// and a function is never a pattern. The prefix keeps the functions from hiding a user's own.
+pub const SESSION: &str = "__agentcomm_session";
+/// See [`SESSION`].
+pub const CTX: &str = "__agentcomm_ctx";
+/// See [`SESSION`].
+pub const CLASS: &str = "__agentcomm_class";
+/// See [`SESSION`].
+pub const MESSAGE: &str = "__agentcomm_message";
+/// See [`SESSION`].
+pub const CHECK: &str = "__agentcomm_check";
+/// See [`SESSION`].
+pub const VALUE: &str = "__agentcomm_value";
+
+/// `items` in an anonymous `const` block that first declares a function named after each of `names`,
+/// so that variables of those names in `items` are bindings whatever the caller's scope holds.
+pub fn shielded(names: &[&str], items: TokenStream) -> TokenStream {
+    let shields = names.iter().map(|name| {
+        let ident = syn::Ident::new(name, proc_macro2::Span::call_site());
+        quote! {
+            #[allow(dead_code, non_snake_case)]
+            fn #ident() {}
+        }
+    });
+    quote! {
+        const _: () = {
+            #(#shields)*
+            #items
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,14 +77,15 @@ impl Handle<Work> for Worker {
     }
 }
 
-/// Says when a handler starts, waits for the gate, then records that it finished. Work of another
-/// run (a backend whose names leak between runs) is acknowledged at once and not recorded.
+/// Says when a handler starts, waits for the gate, then records that it finished (waking whoever
+/// waits on `finished`). Work of another run (a backend whose names leak between runs) is
+/// acknowledged at once and not recorded.
 #[agent(name = "ConformanceGatedAgent", receives = [Work])]
 pub struct GatedAgent {
     pub run: String,
     pub started: mpsc::UnboundedSender<u64>,
     pub gate: Arc<Semaphore>,
-    pub finished: Arc<Mutex<Vec<u64>>>,
+    pub finished: Arc<watch::Sender<Vec<u64>>>,
 }
 
 impl Handle<Work> for GatedAgent {
@@ -94,7 +95,8 @@ impl Handle<Work> for GatedAgent {
         }
         let _ = self.started.send(work.seq);
         let _permit = self.gate.acquire().await?;
-        self.finished.lock().expect("finished lock").push(work.seq);
+        self.finished
+            .send_modify(|finished| finished.push(work.seq));
         Ok(())
     }
 }

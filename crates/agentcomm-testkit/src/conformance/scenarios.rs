@@ -2221,7 +2221,7 @@ struct GatedInstance {
     /// The handlers seen starting so far.
     seen_started: Vec<u64>,
     gate: Arc<Semaphore>,
-    finished: Arc<Mutex<Vec<u64>>>,
+    finished: Arc<watch::Sender<Vec<u64>>>,
 }
 
 impl GatedInstance {
@@ -2233,7 +2233,7 @@ impl GatedInstance {
     ) -> Outcome<Self> {
         let (started_sender, started) = mpsc::unbounded_channel();
         let gate = Arc::new(Semaphore::new(permits));
-        let finished = Arc::new(Mutex::new(Vec::new()));
+        let finished = Arc::new(watch::Sender::new(Vec::new()));
         ctx.phase("spawning an instance of the gated agent");
         let agent = bounded(
             ctx.wait,
@@ -2281,7 +2281,19 @@ impl GatedInstance {
     }
 
     fn finished(&self) -> Vec<u64> {
-        self.finished.lock().expect("finished lock").clone()
+        self.finished.borrow().clone()
+    }
+
+    /// Waits until every one of `seqs` has finished, woken by each handler that finishes; false when
+    /// `deadline` came first.
+    async fn wait_finished(&self, seqs: &BTreeSet<u64>, deadline: Instant) -> bool {
+        let mut finished = self.finished.subscribe();
+        tokio::time::timeout_at(
+            deadline,
+            finished.wait_for(|finished| seqs.iter().all(|seq| finished.contains(seq))),
+        )
+        .await
+        .is_ok_and(|waited| waited.is_ok())
     }
 }
 
@@ -2412,12 +2424,10 @@ async fn graceful_shutdown(ctx: &Context<'_>) -> Outcome {
             "waiting for the {} messages the stopped instances did not handle to reach the next one",
             expected.len()
         ));
-        let deadline = Instant::now() + ctx.wait;
-        while !expected.iter().all(|seq| third.finished().contains(seq))
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // Missing ones are reported below, with the whole picture.
+        third
+            .wait_finished(&expected, Instant::now() + ctx.wait)
+            .await;
         ctx.phase("listening for messages delivered again");
         tokio::time::sleep(ctx.settle).await;
         let handled_third = third.finished();

@@ -223,6 +223,47 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
     });
 }
 
+/// A client being connected, as fred's `init` does it, but with its connection task aborted if this
+/// is dropped before [`Connecting::keep`]: when the future connecting it fails, times out, or is itself
+/// dropped (its caller gave up: a timeout around `subscribe`, a `select!`). fred runs a client's
+/// connection on a task of its own from the start, which a dropped future does not stop, and a `QUIT`
+/// sent before that task has started is ignored: without this the connection, and what it then
+/// subscribes or reads, would stay open for nobody for as long as the process lives.
+pub(crate) struct Connecting<C: ClientLike + Clone> {
+    client: C,
+    task: Option<fred::types::ConnectHandle>,
+}
+
+impl<C: ClientLike + Clone> Connecting<C> {
+    /// Starts connecting `client`.
+    pub(crate) fn start(client: &C) -> Self {
+        Connecting {
+            client: client.clone(),
+            task: Some(client.connect()),
+        }
+    }
+
+    /// Waits until the first connection is made or fails. (An outcome reached before this is first
+    /// polled, which is at once, is seen only when it is a success: a failure that quick is reported
+    /// by the caller's timeout.)
+    pub(crate) async fn wait(&self) -> Result<(), fred::error::Error> {
+        self.client.wait_for_connect().await
+    }
+
+    /// The client is connected and owned elsewhere from now on, which quits it.
+    pub(crate) fn keep(mut self) {
+        self.task = None;
+    }
+}
+
+impl<C: ClientLike + Clone> Drop for Connecting<C> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,7 +40,7 @@ use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::types::{Message, MessageKind};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use crate::connection::{Role, map_error, redact, watch_client};
+use crate::connection::{Connecting, Role, map_error, redact, watch_client};
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
 use crate::sequence::{SEQUENCE_HEADER, SequenceTracker, Verdict};
@@ -126,9 +126,11 @@ impl PubSubHub {
             .fred_builder(Role::Subscriber)
             .build_subscriber_client()
             .map_err(|error| map_error(&error, settings, "creating the pub/sub subscriber"))?;
-        let connect = tokio::time::timeout(settings.connect_timeout * 2, client.init()).await;
+        // Stopped if this is dropped before the hub owns the client.
+        let connecting = Connecting::start(&client);
+        let connect = tokio::time::timeout(settings.connect_timeout * 2, connecting.wait()).await;
         match connect {
-            Ok(Ok(_task)) => {}
+            Ok(Ok(())) => connecting.keep(),
             Ok(Err(error)) => {
                 return Err(map_error(
                     &error,

@@ -41,7 +41,7 @@ use fred::types::Value;
 use fred::types::config::Options;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::connection::{Role, is_nogroup, map_error, redact, watch_client};
+use crate::connection::{Connecting, Role, is_nogroup, map_error, redact, watch_client};
 use crate::counters::LogLimiter;
 use crate::hashing::FastState;
 use crate::router::Shared;
@@ -491,7 +491,10 @@ impl StreamSubscription {
             not_pending_log: LogLimiter::new(Duration::from_secs(5)),
             decoder: Mutex::new(FrameDecoder::new()),
         });
-        if let Err(error) = subscription.setup().await {
+        let abandoned = Abandoned(Some(subscription.clone()));
+        let set_up = subscription.setup().await;
+        abandoned.disarm();
+        if let Err(error) = set_up {
             subscription.stop_now();
             subscription
                 .quit_readers(tokio::time::Instant::now() + Duration::from_secs(1))
@@ -520,6 +523,31 @@ impl StreamSubscription {
 
     fn is_group(&self) -> bool {
         self.group.is_some()
+    }
+
+    /// Undoes a set-up that did not finish, on a task of its own: stops the readers and tasks started
+    /// so far and quits the readers' connections, and takes a group member's patterns back out of the
+    /// group's union.
+    fn abandon(self: Arc<Self>) {
+        self.stop_now();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            self.quit_readers(tokio::time::Instant::now() + Duration::from_secs(1))
+                .await;
+            if let Some(group) = &self.group {
+                let shared = &self.shared;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    shared.pool.next().hdel::<i64, _, _>(
+                        shared.keys.group_members(group),
+                        self.consumer.as_str(),
+                    ),
+                )
+                .await;
+            }
+        });
     }
 
     fn settings(&self) -> &crate::builder::Settings {
@@ -670,8 +698,10 @@ impl StreamSubscription {
             .build()
             .map_err(|e| map_error(&e, self.settings(), "creating a stream reader"))?;
         let timeout = shared.settings.connect_timeout * 2;
-        match tokio::time::timeout(timeout, client.init()).await {
-            Ok(Ok(_)) => {}
+        // Stopped if this is dropped before the subscription owns the client (see `Abandoned`).
+        let connecting = Connecting::start(&client);
+        match tokio::time::timeout(timeout, connecting.wait()).await {
+            Ok(Ok(())) => connecting.keep(),
             Ok(Err(error)) => {
                 return Err(map_error(
                     &error,
@@ -2709,6 +2739,27 @@ impl SubscriptionControl for StreamControl {
             });
             Ok(())
         })
+    }
+}
+
+/// A subscription being set up, abandoned if this is dropped before [`Abandoned::disarm`]: its caller
+/// gave up (a timeout around `subscribe`, a `select!`, a reply inbox's request cancelled) while it
+/// connected readers and started tasks. Those run on tasks of their own, which a dropped future does
+/// not stop: without this a reader would go on reading (its connection and a blocking `XREAD` or
+/// `XREADGROUP`) for nobody for as long as the process lives.
+struct Abandoned(Option<Arc<StreamSubscription>>);
+
+impl Abandoned {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(subscription) = self.0.take() {
+            subscription.abandon();
+        }
     }
 }
 

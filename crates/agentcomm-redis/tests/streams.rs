@@ -1590,3 +1590,52 @@ async fn a_request_cancelled_while_its_inbox_is_made_leaves_no_reader_behind() {
     .await;
     router.close().await.unwrap();
 }
+
+/// A subscribe given up by its caller part way (a timeout around it, a `select!`) leaves nothing
+/// running: in Streams mode, fan-out and group subscriptions connect a reader each while they set up,
+/// and in pub/sub mode the first subscribe connects the subscriber. Those connections used to stay
+/// open for nobody (a reader reading for ever) when the subscribe was dropped after making them; then
+/// even closing the router left them open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_given_up_part_way_leaves_no_connection_behind() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    for mode in [DeliveryMode::Streams, DeliveryMode::PubSub] {
+        let prefix = unique_prefix();
+        let _cleanup = RemoveKeysOnDrop(prefix.clone());
+        let router = within(
+            Duration::from_secs(10),
+            "connecting through the proxy",
+            RedisRouter::builder(proxied.clone())
+                .mode(mode)
+                .prefix(&prefix)
+                .read_block(Duration::from_millis(500))
+                .connect(),
+        )
+        .await
+        .unwrap();
+        let mut kept = Vec::new();
+        // Given up at different points: from before anything is sent to after it is done.
+        for round in 0..30u64 {
+            let pattern = ChannelPattern::parse(&format!("Given{round}:*:*")).unwrap();
+            let mut options = SubscribeOptions::new(pattern);
+            if mode == DeliveryMode::Streams && round % 2 == 1 {
+                options = options.group("given-up");
+            }
+            let subscribed =
+                tokio::time::timeout(Duration::from_millis(round), router.subscribe(options)).await;
+            if let Ok(subscription) = subscribed {
+                kept.push(subscription.unwrap());
+            }
+        }
+        drop(kept);
+        router.close().await.unwrap();
+        eventually(
+            WAIT,
+            &format!("{mode:?}: the closed router leaves no connection open"),
+            async || proxy.stats().live == 0,
+        )
+        .await;
+    }
+}

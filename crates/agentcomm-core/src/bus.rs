@@ -390,7 +390,7 @@ const INBOX_ATTEMPTS: u32 = 3;
 struct Inbox {
     id: String,
     pending: Arc<Mutex<HashMap<String, Waiting>>>,
-    listeners: Arc<Mutex<HashMap<&'static str, Arc<Listener>>>>,
+    listeners: Arc<Listeners>,
     /// Numbers the listeners, so that an ended one forgets only itself and its own waiters.
     generations: AtomicU64,
     unmatched: Arc<AtomicU64>,
@@ -441,6 +441,42 @@ impl Drop for Registration<'_> {
             .lock()
             .expect("inbox lock")
             .remove(&self.request_id);
+    }
+}
+
+/// The listeners of an inbox, by reply class.
+type Listeners = Mutex<HashMap<&'static str, Arc<Listener>>>;
+
+/// Forgets `listener` as the listener of `class`, unless another has replaced it already.
+fn forget_listener(listeners: &Listeners, class: &'static str, listener: &Arc<Listener>) {
+    let mut listeners = listeners.lock().expect("inbox lock");
+    if listeners
+        .get(class)
+        .is_some_and(|current| Arc::ptr_eq(current, listener))
+    {
+        listeners.remove(class);
+    }
+}
+
+/// A listener's set-up that has not made its subscription live: dropped, it forgets the listener and
+/// marks it failed.
+struct UnfinishedSetup<'a> {
+    listeners: &'a Listeners,
+    listener: &'a Arc<Listener>,
+    class: &'static str,
+}
+
+impl UnfinishedSetup<'_> {
+    /// The subscription is live: nothing to undo.
+    fn finished(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for UnfinishedSetup<'_> {
+    fn drop(&mut self) {
+        forget_listener(self.listeners, self.class, self.listener);
+        self.listener.state.send_replace(Setup::Failed);
     }
 }
 
@@ -508,14 +544,13 @@ impl Inbox {
         let unmatched = self.unmatched.clone();
         let mut bus_gone = self.gone.subscribe();
         tokio::spawn(async move {
-            let forget = || {
-                let mut listeners = listeners.lock().expect("inbox lock");
-                if listeners
-                    .get(Resp::CLASS)
-                    .is_some_and(|current| Arc::ptr_eq(current, &listener))
-                {
-                    listeners.remove(Resp::CLASS);
-                }
+            // Until the subscription is live, a set-up that ends any other way (an error, a panic in
+            // the router, the runtime shutting down) forgets the listener and says so to the requests
+            // waiting for it, which make another instead of waiting out their timeout.
+            let unfinished = UnfinishedSetup {
+                listeners: &listeners,
+                listener: &listener,
+                class: Resp::CLASS,
             };
             let subscribed = match pattern {
                 Ok(pattern) => router.subscribe(SubscribeOptions::new(pattern)).await,
@@ -526,8 +561,7 @@ impl Inbox {
             let mut subscription = match subscribed {
                 Ok(subscription) => subscription,
                 Err(error) => {
-                    forget();
-                    listener.state.send_replace(Setup::Failed);
+                    drop(unfinished);
                     if let Err(Err(error)) = made.send(Err(error)) {
                         tracing::warn!(
                             class = Resp::CLASS,
@@ -538,6 +572,7 @@ impl Inbox {
                     return;
                 }
             };
+            unfinished.finished();
             listener.state.send_replace(Setup::Live);
             // The request that asked for it may be gone: the subscription serves the next ones.
             let _ = made.send(Ok(()));
@@ -576,7 +611,7 @@ impl Inbox {
             // are not this one's to end. Forgotten first: a request registers only with the listener
             // it finds (under the same lock), so it either registered before (and is dropped here) or
             // finds this one gone.
-            forget();
+            forget_listener(&listeners, Resp::CLASS, &listener);
             pending.lock().expect("inbox lock").retain(|_, waiting| {
                 waiting.class != Resp::CLASS || waiting.generation != listener.generation
             });

@@ -623,6 +623,84 @@ async fn a_request_whose_inbox_is_being_made_again_waits_for_it() {
     assert_eq!(runtime.bus().pending_requests(), 0);
 }
 
+/// The in-memory router, whose first reply inbox subscribe panics (a bug in a router).
+struct PanicsOnFirstInbox {
+    inner: MemoryRouter,
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+impl Router for PanicsOnFirstInbox {
+    fn backend(&self) -> &str {
+        "panics-on-first-inbox"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn publish(
+        &self,
+        envelope: Envelope,
+    ) -> agentcomm_core::router::BoxFuture<'_, Result<agentcomm_core::router::PublishOutcome>> {
+        self.inner.publish(envelope)
+    }
+    fn subscribe(
+        &self,
+        options: SubscribeOptions,
+    ) -> agentcomm_core::router::BoxFuture<'_, Result<Subscription>> {
+        Box::pin(async move {
+            let inbox = options
+                .patterns
+                .iter()
+                .any(|pattern| pattern.direction() == Some("reply"));
+            if inbox && !self.panicked.swap(true, Ordering::SeqCst) {
+                panic!("the router's subscribe panics (this is the test)");
+            }
+            self.inner.subscribe(options).await
+        })
+    }
+    fn health(&self) -> agentcomm_core::router::BoxFuture<'_, agentcomm_core::router::Health> {
+        self.inner.health()
+    }
+    fn close(&self) -> agentcomm_core::router::BoxFuture<'_, Result<()>> {
+        self.inner.close()
+    }
+}
+
+/// A reply inbox whose set-up died (the router panicked) is forgotten: the request that asked for it
+/// fails at once, and the next one subscribes again and is answered, instead of waiting for good for a
+/// subscription nobody is making.
+#[tokio::test]
+async fn an_inbox_whose_set_up_died_is_made_again_by_the_next_request() {
+    let runtime = Runtime::new(PanicsOnFirstInbox {
+        inner: MemoryRouter::new(),
+        panicked: std::sync::atomic::AtomicBool::new(false),
+    });
+    runtime.spawn(PaymentAgent).await.unwrap();
+    let client = runtime.publisher::<Client>();
+    let request = || {
+        client.request_timeout::<PaymentRequest, PaymentResponse>(
+            "s1",
+            PaymentRequest {
+                amount: 1.0,
+                user_id: "u".into(),
+            },
+            WAIT,
+        )
+    };
+    let started = tokio::time::Instant::now();
+    let (first, second) = tokio::join!(request(), request());
+    assert!(
+        matches!(first, Err(Error::Closed { .. })),
+        "the request whose set-up died: {first:?}"
+    );
+    assert!(second.unwrap().success, "the request that waited for it");
+    assert!(
+        started.elapsed() < WAIT,
+        "told within {:?}",
+        started.elapsed()
+    );
+    assert!(request().await.unwrap().success);
+}
+
 /// A router shared by several runtimes outlives each of them: a runtime dropped without `shutdown`
 /// (which would close the router for all) must take its reply inbox's subscriptions with it, not leave
 /// one per runtime and reply class on the router for as long as it lives.

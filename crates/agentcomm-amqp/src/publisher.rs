@@ -1249,8 +1249,20 @@ impl Inner {
 mod tests {
     use super::*;
 
+    /// Taken by every test here that reaches the publisher's warnings. A warning's callsite is
+    /// registered by the first thread that reaches it; one that registers it while another test is
+    /// installing its capturing subscriber could cache it as never enabled, and that test then
+    /// misses its line (it did, about one run in five).
+    fn logging_tests() -> std::sync::MutexGuard<'static, ()> {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     #[test]
     fn the_sweeper_times_out_every_waiter_past_its_deadline_whatever_its_tag() {
+        let _one_at_a_time = logging_tests();
         let confirms = Confirms::default();
         let now = Instant::now();
         let mut waiters = Vec::new();
@@ -1281,6 +1293,7 @@ mod tests {
     /// is not a message that may be lost, nor counted twice.
     #[test]
     fn the_sweeper_counts_only_abandoned_publishes_that_were_sent() {
+        let _one_at_a_time = logging_tests();
         let orphans = Orphans::default();
         let confirms = Confirms::new(orphans.clone());
         let past = Instant::now() - Duration::from_millis(1);
@@ -1317,6 +1330,7 @@ mod tests {
     /// lost, too.
     #[test]
     fn every_kind_of_abandoned_publish_lost_is_logged_though_another_just_was() {
+        let _one_at_a_time = logging_tests();
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -1413,6 +1427,7 @@ mod tests {
     /// be counted by then, not after every publish it settles was told.
     #[test]
     fn a_nack_is_counted_before_its_publish_is_told() {
+        let _one_at_a_time = logging_tests();
         use std::future::Future;
         use std::task::Context;
 

@@ -682,7 +682,6 @@ async fn a_publish_that_cannot_be_encoded_costs_no_number() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_stored_but_not_published_is_accepted_and_stored_once() {
     use fred::prelude::{ClientLike, StreamsInterface};
-    use fred::types::{CustomCommand, Value};
     if !redis_available().await {
         return;
     }
@@ -695,30 +694,12 @@ async fn a_dead_letter_stored_but_not_published_is_accepted_and_stored_once() {
     // A user that may do everything on the test's keys but PUBLISH: the store works, the publish
     // after it fails (NOPERM), as any error after the store would.
     let raw = raw_client().await;
-    let user = format!("{prefix}-user");
-    let acl = |args: Vec<String>| {
-        raw.custom::<Value, _>(CustomCommand::new_static("ACL", None, false), args)
-    };
-    let created = acl(vec![
-        "SETUSER".into(),
-        user.clone(),
-        "on".into(),
-        ">secret-for-this-test".into(),
-        format!("~{prefix}:*"),
-        "&*".into(),
-        "+@all".into(),
-        "-publish".into(),
-    ])
-    .await;
-    if let Err(error) = created {
-        println!("skipped: cannot create an ACL user ({error})");
+    let Some(user) = TestUser::create(&prefix, &["&*", "+@all", "-publish"]).await else {
         return;
-    }
-    // Deleted however the test ends, a panic included: the Redis is shared.
-    let _user_cleanup = DeleteUserOnDrop(user.clone());
+    };
     let outcome = async {
         let router = connected(
-            RedisRouter::builder(format!("redis://{user}:secret-for-this-test@{target}"))
+            RedisRouter::builder(user.url(&target))
                 .mode(DeliveryMode::PubSub)
                 .prefix(&prefix),
         )
@@ -743,14 +724,64 @@ async fn a_dead_letter_stored_but_not_published_is_accepted_and_stored_once() {
     assert_eq!(length, 1);
 }
 
-/// Deletes a test's ACL user from the shared Redis when dropped.
-struct DeleteUserOnDrop(String);
+/// An ACL user of the shared Redis for one test: its password, the test's keys and the given rules.
+/// Deleted when dropped, however the test ends (a panic included).
+struct TestUser {
+    name: String,
+}
 
-impl Drop for DeleteUserOnDrop {
+impl TestUser {
+    const PASSWORD: &str = "secret-for-this-test";
+
+    /// Creates the user of the test under `prefix`, with `rules` besides its password and keys; `None`,
+    /// after a skip line, where this Redis cannot have ACL users.
+    async fn create(prefix: &str, rules: &[&str]) -> Option<TestUser> {
+        let name = format!("{prefix}-user");
+        let password = format!(">{}", Self::PASSWORD);
+        let keys = format!("~{prefix}:*");
+        let mut all = vec!["on", password.as_str(), keys.as_str()];
+        all.extend_from_slice(rules);
+        let created = Self::acl(&name, &all).await;
+        let user = TestUser { name };
+        match created {
+            Ok(()) => Some(user),
+            Err(error) => {
+                println!("skipped: cannot create an ACL user ({error})");
+                None
+            }
+        }
+    }
+
+    /// Changes the user's rules (`ACL SETUSER`).
+    async fn set(&self, rules: &[&str]) {
+        Self::acl(&self.name, rules).await.expect("ACL SETUSER");
+    }
+
+    /// The URL of Redis at `target` as this user.
+    fn url(&self, target: &str) -> String {
+        format!("redis://{}:{}@{target}", self.name, Self::PASSWORD)
+    }
+
+    async fn acl(name: &str, rules: &[&str]) -> Result<(), fred::error::Error> {
+        use fred::prelude::ClientLike;
+        use fred::types::{CustomCommand, Value};
+        let raw = raw_client().await;
+        let mut args = vec!["SETUSER".to_string(), name.to_string()];
+        args.extend(rules.iter().map(|rule| rule.to_string()));
+        let set = raw
+            .custom::<Value, _>(CustomCommand::new_static("ACL", None, false), args)
+            .await
+            .map(drop);
+        let _ = raw.quit().await;
+        set
+    }
+}
+
+impl Drop for TestUser {
     fn drop(&mut self) {
         use fred::prelude::ClientLike;
         use fred::types::{CustomCommand, Value};
-        let user = std::mem::take(&mut self.0);
+        let user = std::mem::take(&mut self.name);
         let _ = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -924,8 +955,6 @@ async fn a_malformed_frame_of_a_longer_prefix_is_not_this_routers() {
 /// knew it had failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_redis_refuses_costs_no_number() {
-    use fred::prelude::ClientLike;
-    use fred::types::{CustomCommand, Value};
     if !redis_available().await {
         return;
     }
@@ -935,22 +964,11 @@ async fn a_publish_redis_refuses_costs_no_number() {
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let raw = raw_client().await;
-    let user = format!("{prefix}-user");
-    let acl = |rules: &[&str]| {
-        let mut args = vec!["SETUSER".to_string(), user.clone()];
-        args.extend(rules.iter().map(|rule| rule.to_string()));
-        raw.custom::<Value, _>(CustomCommand::new_static("ACL", None, false), args)
-    };
-    let key_rule = format!("~{prefix}:*");
-    if let Err(error) = acl(&["on", ">secret-for-this-test", &key_rule, "&*", "+@all"]).await {
-        println!("skipped: cannot create an ACL user ({error})");
+    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
         return;
-    }
-    // Deleted however the test ends, a panic included: the Redis is shared.
-    let _user_cleanup = DeleteUserOnDrop(user.clone());
+    };
     let publisher = connected(
-        RedisRouter::builder(format!("redis://{user}:secret-for-this-test@{target}"))
+        RedisRouter::builder(user.url(&target))
             .mode(DeliveryMode::PubSub)
             .prefix(&prefix),
     )
@@ -977,7 +995,7 @@ async fn a_publish_redis_refuses_costs_no_number() {
         .unwrap();
     assert_eq!(lost_after(&mut subscription, 1).await, 0);
     // Refused in a pipeline.
-    acl(&["resetchannels"]).await.unwrap();
+    user.set(&["resetchannels"]).await;
     let results = publisher
         .publish_batch(vec![
             envelope("Acl:event:s1", 2),
@@ -990,7 +1008,7 @@ async fn a_publish_redis_refuses_costs_no_number() {
             .is_err_and(|error| error.to_string().contains("NOPERM"))),
         "{results:?}"
     );
-    acl(&["allchannels"]).await.unwrap();
+    user.set(&["allchannels"]).await;
     let results = publisher
         .publish_batch(vec![envelope("Acl:event:s1", 4)])
         .await;
@@ -1001,10 +1019,10 @@ async fn a_publish_redis_refuses_costs_no_number() {
         "the refused batch counted as lost"
     );
     // Refused alone.
-    acl(&["resetchannels"]).await.unwrap();
+    user.set(&["resetchannels"]).await;
     let refused = publisher.publish(envelope("Acl:event:s1", 5)).await;
     assert!(refused.is_err(), "{refused:?}");
-    acl(&["allchannels"]).await.unwrap();
+    user.set(&["allchannels"]).await;
     publisher
         .publish(envelope("Acl:event:s1", 6))
         .await
@@ -1015,12 +1033,12 @@ async fn a_publish_redis_refuses_costs_no_number() {
         "the refused publish counted as lost"
     );
     // Refused concurrently: Redis answers them in the order of their numbers, the lowest first.
-    acl(&["resetchannels"]).await.unwrap();
+    user.set(&["resetchannels"]).await;
     let refused =
         futures::future::join_all((7..=10).map(|n| publisher.publish(envelope("Acl:event:s1", n))))
             .await;
     assert!(refused.iter().all(Result::is_err), "{refused:?}");
-    acl(&["allchannels"]).await.unwrap();
+    user.set(&["allchannels"]).await;
     publisher
         .publish(envelope("Acl:event:s1", 11))
         .await
@@ -1032,7 +1050,6 @@ async fn a_publish_redis_refuses_costs_no_number() {
     );
     publisher.close().await.unwrap();
     router.close().await.unwrap();
-    let _ = raw.quit().await;
 }
 
 /// A message numbered below the first one a subscription heard from its publisher, arriving after the

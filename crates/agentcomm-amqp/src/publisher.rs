@@ -194,7 +194,7 @@ pub(crate) struct Confirms {
     /// cannot fix for some publishes.
     refusal: Mutex<Option<Refusal>>,
     /// Every delivery tag below this one was sent: stored by each send once its frame is queued
-    /// (one atomic store, no lock). A waiter of a tag not below it belongs to a send dropped before
+    /// (under the `pending` lock: see [`Confirms::sent`]). A waiter of a tag not below it belongs to a send dropped before
     /// its frame went out, whose caller knows it gave up: only the others can be lost unseen.
     sent_below: AtomicU64,
     orphans: Orphans,
@@ -219,26 +219,38 @@ impl Confirms {
     ///
     /// A publish whose caller had stopped waiting after its frame went out is told by nobody: it is
     /// counted in `confirm_timeouts` here, and logged (rate-limited) as maybe not stored.
+    ///
+    /// Whether a waiter's frame went out is decided under the lock that registers waiters and that
+    /// the send path stores `sent_below` under ([`Confirms::sent`]), so it is the state of that one
+    /// moment: the waiter of a send dropped before its frame went out (its tag not below
+    /// `sent_below`, its receiver gone) is not counted, though a later send may reuse its tag and
+    /// move `sent_below` past it right after; the waiter of a send still under way then (not below
+    /// `sent_below`, its receiver there) is left for a later sweep, which sees whether its frame
+    /// went out. That send is bounded by the same deadline by its caller.
     fn expire(&self, now: Instant) {
         let mut expired = Vec::new();
         {
             let mut pending = self.pending.lock().expect("confirms lock");
+            let sent_below = self.sent_below.load(Ordering::Acquire);
             let late: Vec<u64> = pending
                 .by_tag
                 .iter()
-                .filter(|(_, waiting)| waiting.deadline <= now)
+                .filter(|(tag, waiting)| {
+                    waiting.deadline <= now && (**tag < sent_below || waiting.waiter.is_closed())
+                })
                 .map(|(tag, _)| *tag)
                 .collect();
-            expired.extend(
-                late.iter()
-                    .filter_map(|tag| pending.by_tag.remove(tag).map(|waiting| (*tag, waiting))),
-            );
+            expired.extend(late.iter().filter_map(|tag| {
+                pending
+                    .by_tag
+                    .remove(tag)
+                    .map(|waiting| (*tag < sent_below, waiting))
+            }));
         }
         self.wake_drain();
-        let sent_below = self.sent_below.load(Ordering::Acquire);
         let (mut orphaned, mut first) = (0, None);
-        for (tag, waiting) in expired {
-            if waiting.waiter.send(Confirmed::TimedOut).is_err() && tag < sent_below {
+        for (sent, waiting) in expired {
+            if waiting.waiter.send(Confirmed::TimedOut).is_err() && sent {
                 orphaned += 1;
                 first.get_or_insert(waiting.id);
             }
@@ -353,6 +365,13 @@ impl Confirms {
         }
     }
 
+    /// Every tag below `below` was sent: stored under the waiters' lock, so that the sweeper reads
+    /// it consistently with the waiters it takes ([`Confirms::expire`]).
+    fn sent(&self, below: u64) {
+        let _pending = self.pending.lock().expect("confirms lock");
+        self.sent_below.store(below, Ordering::Release);
+    }
+
     /// Registers the waiter of delivery tag `tag`, unless the channel is gone.
     fn register(
         &self,
@@ -396,10 +415,13 @@ impl Confirms {
             std::mem::take(&mut pending.by_tag)
         };
         self.wake_drain();
-        let sent_below = self.sent_below.load(Ordering::Acquire);
-        let mut orphans = waiting
-            .iter()
-            .filter(|(tag, waiting)| **tag < sent_below && waiting.waiter.is_closed());
+        // Once the channel is dead no tag is registered again, so `sent_below` passes a waiter's tag
+        // after this only when the send that registered that waiter still sends its frame. Read
+        // after the waiter was seen abandoned, not before: a send that completed and was then
+        // abandoned in between was sent, and is lost unseen.
+        let mut orphans = waiting.iter().filter(|(tag, waiting)| {
+            waiting.waiter.is_closed() && **tag < self.sent_below.load(Ordering::Acquire)
+        });
         let first = orphans.next().map(|(_, waiting)| waiting.id);
         let orphaned = first.map_or(0, |_| 1 + orphans.count() as u64);
         drop(waiting);
@@ -725,7 +747,7 @@ impl Publisher {
             {
                 Ok(()) => {
                     *next_tag += 1;
-                    self.confirms.sent_below.store(*next_tag, Ordering::Release);
+                    self.confirms.sent(*next_tag);
                     Some((tag, receiver))
                 }
                 Err(error) => {
@@ -1277,6 +1299,8 @@ mod tests {
             assert!(confirms.register(tag, u128::from(tag), 0, deadline, sender));
             waiters.push((tag, receiver));
         }
+        // All four were sent.
+        confirms.sent(5);
         confirms.expire(now);
         for (tag, mut receiver) in waiters {
             let told = receiver.try_recv().ok();
@@ -1307,6 +1331,44 @@ mod tests {
         confirms.expire(Instant::now());
         assert_eq!(confirms.unconfirmed(), 0);
         assert_eq!(orphans.confirm_timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    /// Whether a late waiter's frame went out is decided at one moment, under the lock the send path
+    /// stores `sent_below` under: a send still under way when the sweeper runs (registered, its
+    /// frame not out yet) is left to a later sweep, which counts it once its frame went out and its
+    /// caller then stopped waiting; a send dropped before its frame went out is not counted, though
+    /// the next send reuses its tag and sends.
+    #[test]
+    fn the_sweeper_counts_a_late_publish_by_whether_its_own_frame_went_out() {
+        let _one_at_a_time = logging_tests();
+        let orphans = Orphans::default();
+        let confirms = Confirms::new(orphans.clone());
+        let past = Instant::now() - Duration::from_millis(1);
+        let timeouts = || orphans.confirm_timeouts.load(Ordering::Relaxed);
+        // Tag 1: its send is under way when the sweeper runs.
+        let (sender, receiver) = oneshot::channel();
+        assert!(confirms.register(1, 1, 0, past, sender));
+        confirms.expire(Instant::now());
+        assert_eq!(confirms.unconfirmed(), 1, "left for a later sweep");
+        // Its frame goes out, then its caller stops waiting.
+        confirms.sent(2);
+        drop(receiver);
+        confirms.expire(Instant::now());
+        assert_eq!(confirms.unconfirmed(), 0);
+        assert_eq!(timeouts(), 1, "sent, then abandoned: counted");
+        // Tag 2: its send is dropped before its frame goes out...
+        let (sender, receiver) = oneshot::channel();
+        assert!(confirms.register(2, 2, 0, past, sender));
+        drop(receiver);
+        confirms.expire(Instant::now());
+        assert_eq!(confirms.unconfirmed(), 0);
+        // ...and the next send reuses its tag and sends.
+        let (sender, _receiver) = oneshot::channel();
+        let later = Instant::now() + Duration::from_secs(60);
+        assert!(confirms.register(2, 3, 0, later, sender));
+        confirms.sent(3);
+        confirms.expire(Instant::now());
+        assert_eq!(timeouts(), 1, "the dropped send is not counted");
     }
 
     /// Where a unit test's warnings go (WARN and above).

@@ -27,6 +27,7 @@ use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::{
     Acknowledge, BoxFuture, Delivery, NackAction, PublishOutcome, SubscriptionControl,
 };
+use amqprs::BasicProperties;
 use bytes::Bytes;
 
 use crate::builder::QueueType;
@@ -438,8 +439,9 @@ fn deliver(
     let content = Bytes::from(message.content.unwrap_or_default());
     let redelivered = deliver.redelivered();
     let mut handle = AmqpAck::new(consumer, deliver.delivery_tag());
-    // Never requeued yet: RabbitMQ adds `x-delivery-count` at the first requeue.
-    handle.uncounted = shared.state.counts_requeues
+    // Never requeued yet: RabbitMQ adds `x-delivery-count` at the first requeue. Its properties are
+    // kept for the copy a give-back sends.
+    if shared.state.counts_requeues
         && !message
             .basic_properties
             .as_ref()
@@ -449,7 +451,10 @@ fn deliver(
                     .as_ref()
                     .keys()
                     .any(|key| key.as_ref() == "x-delivery-count")
-            });
+            })
+    {
+        handle.uncounted = Some(Box::new(message.basic_properties.unwrap_or_default()));
+    }
     match decoder.decode(content.clone()) {
         Ok(envelope) => {
             bump(&inner.counters.delivered);
@@ -913,8 +918,8 @@ struct AmqpAck {
     /// [`DONE`].
     progress: AtomicU8,
     /// From a queue that counts requeues, and never requeued yet: given back unhandled, it goes back
-    /// as a copy (see [`AmqpAck::give_back`]).
-    uncounted: bool,
+    /// as a copy (see [`AmqpAck::give_back`]) with these, its AMQP properties.
+    uncounted: Option<Box<BasicProperties>>,
 }
 
 /// No settlement asked for: dropped like this (`Delivery::discard`), it is left to the broker, which
@@ -936,7 +941,7 @@ impl AmqpAck {
             consumer,
             tag,
             progress: AtomicU8::new(UNSETTLED),
-            uncounted: false,
+            uncounted: None,
         }
     }
 
@@ -1169,15 +1174,22 @@ impl Acknowledge for AmqpAck {
                 // Its channel is gone: the broker has put it back already.
                 return;
             }
-            if !self.uncounted {
+            let Some(properties) = self.uncounted.as_deref() else {
                 if let Err(error) = self.basic_requeue().await {
                     tracing::warn!(error = %error, "could not requeue a delivery given back unhandled; RabbitMQ delivers it again when its channel closes");
                 }
                 return;
-            }
+            };
             let inner = self.inner();
             let queue = &self.consumer.state.queue;
-            match inner.requeue_now(queue, &envelope).await {
+            let copied = match inner.give_back_copy(queue, &envelope, properties).await {
+                Ok(PublishOutcome::Unroutable) => Err(inner.backend_error(format!(
+                    "the queue '{queue}' no longer exists"
+                ))),
+                Ok(_) => Ok(()),
+                Err(error) => Err(error),
+            };
+            match copied {
                 Ok(()) => {
                     self.progress.store(RETRY_SENT, Ordering::Relaxed);
                     let channel = &self.consumer.channel;

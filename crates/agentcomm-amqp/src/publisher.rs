@@ -33,6 +33,26 @@ pub(crate) struct Outgoing<'a> {
     exchange: &'a str,
     routing_key: &'a str,
     id: u128,
+    /// The AMQP properties of the delivery this message is a copy of (a delivery given back
+    /// unhandled, see [`Inner::give_back_copy`]): sent with them instead of agentcomm's own, and not
+    /// counted as a publish (`published`, `confirmed`, `publish_failures`).
+    copy_of: Option<&'a BasicProperties>,
+}
+
+impl Outgoing<'_> {
+    /// What one send of `envelope` carries: [`content`], or for a copy the frame with the
+    /// original's properties.
+    fn content(&self, envelope: &Envelope, envelope_properties: bool) -> Result<Content> {
+        match self.copy_of {
+            None => content(envelope, envelope_properties),
+            Some(properties) => {
+                let mut properties = properties.clone();
+                // The frame is encoded again: its content type says how, as the original's did.
+                properties.with_content_type(frame_content_type(envelope));
+                Ok((properties, envelope.to_frame()?))
+            }
+        }
+    }
 }
 
 /// What one send of a message carries: its AMQP properties and the frame as body. Built once per
@@ -1027,7 +1047,9 @@ impl Inner {
         let routing_key = message.routing_key;
         match outcome {
             Attempt::Confirmed(Confirmed::Ack { returned }) => {
-                bump(&self.counters.confirmed);
+                if message.copy_of.is_none() {
+                    bump(&self.counters.confirmed);
+                }
                 if returned {
                     bump(&self.counters.unroutable);
                     return Some(Ok(PublishOutcome::Unroutable));
@@ -1152,23 +1174,53 @@ impl Inner {
         exchange: &str,
         routing_key: &str,
     ) -> Result<PublishOutcome> {
-        let _in_flight = Counted::in_flight(self);
-        bump(&self.counters.published);
         let message = Outgoing {
             exchange,
             routing_key,
             id: envelope.id().as_uuid().as_u128(),
+            copy_of: None,
         };
+        self.publish_message(envelope, &message).await
+    }
+
+    /// Sends `envelope` to `queue` (through the default exchange) as a copy of a delivery given
+    /// back unhandled, with that delivery's AMQP `properties` (a per-message TTL, a priority, other
+    /// publishers' headers: what a requeue would have kept), and waits for the confirm like
+    /// [`Inner::publish_envelope`]. Not counted as a publish: the give-back counts in `requeued`.
+    pub(crate) async fn give_back_copy(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+        properties: &BasicProperties,
+    ) -> Result<PublishOutcome> {
+        let message = Outgoing {
+            exchange: "",
+            routing_key: queue,
+            id: envelope.id().as_uuid().as_u128(),
+            copy_of: Some(properties),
+        };
+        self.publish_message(envelope, &message).await
+    }
+
+    async fn publish_message(
+        &self,
+        envelope: &Envelope,
+        message: &Outgoing<'_>,
+    ) -> Result<PublishOutcome> {
+        let _in_flight = Counted::in_flight(self);
+        let counted = message.copy_of.is_none();
+        if counted {
+            bump(&self.counters.published);
+        }
         let result = 'publish: {
             let Some(publisher) = self.live_publisher() else {
-                break 'publish Box::pin(self.publish_confirmed(envelope, &message, 0, false))
-                    .await;
+                break 'publish Box::pin(self.publish_confirmed(envelope, message, 0, false)).await;
             };
-            let content = match content(envelope, self.settings.envelope_properties) {
+            let content = match message.content(envelope, self.settings.envelope_properties) {
                 Ok(content) => content,
                 Err(error) => break 'publish Err(error),
             };
-            let outcome = match Attempt::sent(self.sending(&publisher, &message, content).await) {
+            let outcome = match Attempt::sent(self.sending(&publisher, message, content).await) {
                 Ok(confirm) => Attempt::confirmed(confirm.await),
                 Err(outcome) => outcome,
             };
@@ -1176,7 +1228,7 @@ impl Inner {
             match self.conclude(
                 outcome,
                 envelope,
-                &message,
+                message,
                 &publisher,
                 &mut losses,
                 &mut lost,
@@ -1184,11 +1236,11 @@ impl Inner {
                 Some(result) => result,
                 None => {
                     drop(publisher);
-                    Box::pin(self.publish_confirmed(envelope, &message, losses, lost)).await
+                    Box::pin(self.publish_confirmed(envelope, message, losses, lost)).await
                 }
             }
         };
-        if result.is_err() {
+        if counted && result.is_err() {
             bump(&self.counters.publish_failures);
         }
         result
@@ -1209,7 +1261,7 @@ impl Inner {
         // encoded fails at once; after a loss (the frame was encoded once already) the frame is
         // encoded again only when a channel is there, not held through an outage.
         let mut first = if losses == 0 {
-            Some(content(envelope, full)?)
+            Some(message.content(envelope, full)?)
         } else {
             None
         };
@@ -1219,7 +1271,7 @@ impl Inner {
             let publisher = self.publisher_for(&mut outage_deadline).await?;
             let content = match first.take() {
                 Some(content) => content,
-                None => content(envelope, full)?,
+                None => message.content(envelope, full)?,
             };
             let outcome = match Attempt::sent(self.sending(&publisher, message, content).await) {
                 Ok(confirm) => {

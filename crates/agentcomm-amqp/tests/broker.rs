@@ -1057,6 +1057,112 @@ async fn a_delivery_given_back_unhandled_is_not_an_attempt_for_a_quorum_delivery
     raw.close().await;
 }
 
+/// The copy a quorum queue's delivery given back unhandled goes back as keeps what a requeue would
+/// have kept of it: the AMQP properties its publisher set (a per-message TTL, a priority, headers of
+/// its own), not only agentcomm's. Nor is it a new publish: it counts in `requeued`, not
+/// `published`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_given_back_as_a_copy_keeps_its_amqp_properties() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-copy-props");
+    let queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    let router = within(
+        "connect",
+        builder(&exchange)
+            .queue_type(agentcomm_amqp::QueueType::Quorum)
+            .delivery_limit(2)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut member = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(pattern("Ping:*:*"))
+                .group("g")
+                .prefetch(1),
+        ),
+    )
+    .await
+    .unwrap();
+    // Published by another client, with properties agentcomm does not set itself.
+    let published = envelope("Ping:event:s1", 8);
+    let raw = Raw::open().await;
+    let mut own_headers = amqprs::FieldTable::new();
+    own_headers.insert("trace-id".try_into().unwrap(), "abc".into());
+    let mut properties = amqprs::BasicProperties::default();
+    properties
+        .with_content_type("application/json")
+        .with_delivery_mode(2)
+        .with_expiration("600000")
+        .with_priority(3)
+        .with_app_id("billing")
+        .with_headers(own_headers);
+    within(
+        "raw publish",
+        raw.channel.basic_publish(
+            properties,
+            published.to_frame().unwrap(),
+            amqprs::channel::BasicPublishArguments::new("", &queue),
+        ),
+    )
+    .await
+    .unwrap();
+    let delivery = within("a delivery", member.next()).await.unwrap();
+    assert_eq!(number(delivery.envelope()), 8);
+    delivery.give_back();
+    let deadline = Instant::now() + STEP;
+    loop {
+        let health = within("health", router.health()).await;
+        if health.get("requeued") == 1 {
+            assert_eq!(
+                health.get("published"),
+                0,
+                "a copy is no publish: {health:?}"
+            );
+            assert_eq!(health.get("confirmed"), 0, "{health:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not given back as a copy: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The member may hold the copy: dropped, it leaves it in the queue for the raw client.
+    drop(member);
+    let (copy, body) = within("the copy", raw.get(&queue)).await.expect("the copy");
+    assert_eq!(
+        Envelope::from_frame(&body).unwrap().id(),
+        published.id(),
+        "the same message"
+    );
+    assert_eq!(
+        copy.expiration().map(String::as_str),
+        Some("600000"),
+        "{copy:?}"
+    );
+    assert_eq!(copy.priority(), Some(3), "{copy:?}");
+    assert_eq!(
+        copy.app_id().map(String::as_str),
+        Some("billing"),
+        "{copy:?}"
+    );
+    let trace = copy.headers().and_then(|headers| {
+        headers
+            .as_ref()
+            .iter()
+            .find(|(key, _)| key.as_ref() == "trace-id")
+            .map(|(_, value)| value.clone())
+    });
+    assert_eq!(trace, Some(amqprs::FieldValue::from("abc")), "{copy:?}");
+    within("close", router.close()).await.unwrap();
+    raw.close().await;
+}
+
 /// amqprs never frees the id of a channel the broker closes, and a connection has `channel_max`
 /// (2,047 on RabbitMQ) of them: a group queue that exists with other settings, whose subscribe (or
 /// restore, every 10 s) the broker refuses by closing the channel, must not use them up. Without the

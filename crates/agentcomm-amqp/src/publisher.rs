@@ -933,19 +933,32 @@ impl Inner {
                 let previous = self.publisher.lock().expect("publisher lock").clone();
                 if let Some(previous) = previous.filter(|p| p.generation == generation) {
                     // The broker closed the channel on a live connection: a deleted exchange
-                    // (404) is the usual cause, so declare the topology again first.
-                    tracing::warn!(reason = ?previous.confirms.reason(), "reopening the publishing channel");
-                    match tokio::time::timeout(
-                        self.settings.operation_timeout,
-                        self.redeclare_topology(),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => {
-                            tracing::warn!(error = %error, "could not declare the topology again")
+                    // (404) is the usual cause, so declare the topology again first. Not after a
+                    // refusal (403 ACCESS_REFUSED, 406 over max_message_size): it concerned one
+                    // publish, and no declaration fixes it.
+                    let redeclare = previous.confirms.refusal().is_none();
+                    tracing::warn!(
+                        reason = ?previous.confirms.reason(),
+                        topology = if redeclare {
+                            "declared again first"
+                        } else {
+                            "not declared again (the broker refused a publish, which declaring cannot fix)"
+                        },
+                        "reopening the publishing channel"
+                    );
+                    if redeclare {
+                        match tokio::time::timeout(
+                            self.settings.operation_timeout,
+                            self.redeclare_topology(),
+                        )
+                        .await
+                        {
+                            Ok(Ok(())) => {}
+                            Ok(Err(error)) => {
+                                tracing::warn!(error = %error, "could not declare the topology again")
+                            }
+                            Err(_) => tracing::warn!("declaring the topology again took too long"),
                         }
-                        Err(_) => tracing::warn!("declaring the topology again took too long"),
                     }
                 }
                 match Publisher::open(

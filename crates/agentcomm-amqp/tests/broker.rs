@@ -1506,6 +1506,21 @@ async fn a_publish_the_user_may_not_make_fails_at_once_naming_the_fix() {
             && line.contains("write permission")),
         "no warning names the cause and the fix: {warned:?}"
     );
+    // The next publish reopens the channel without declaring the topology again first: no
+    // declaration fixes a refusal.
+    within(
+        "a second refused publish",
+        router.publish(envelope("Secret:event:s1", 2)),
+    )
+    .await
+    .unwrap_err();
+    let reopened = logs.lines_with("reopening the publishing channel");
+    assert!(
+        reopened
+            .iter()
+            .any(|line| line.contains(&exchange) && line.contains("not declared again")),
+        "the topology was declared again after a refusal: {reopened:?}"
+    );
     within("close", router.close()).await.unwrap();
     drop(temporary);
 }

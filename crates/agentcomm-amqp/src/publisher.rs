@@ -146,6 +146,9 @@ pub(crate) struct OrphanLogs {
     pub returned: LogLimiter,
     /// Refused by the broker with basic.nack (`publish_nacks`).
     pub nacked: LogLimiter,
+    /// Every basic.nack the broker sends, whoever waits for it: a broker that nacks every publish (a
+    /// disk alarm, a full queue with overflow=reject-publish) would otherwise log one line per nack.
+    pub broker_nacks: LogLimiter,
 }
 
 /// Why RabbitMQ closed a publishing channel, when resending what was lost with it cannot succeed
@@ -364,6 +367,20 @@ impl Confirms {
         self.settle(tag, multiple, Some(nacks))
     }
 
+    /// A basic.nack came from the broker: logged (at most one line per 5 s, with how many were left
+    /// out since the last), then settled with [`Confirms::nacked`].
+    fn broker_nacked(&self, tag: u64, multiple: bool, nacks: &AtomicU64) -> u64 {
+        if let Some(left_out) = self.orphans.log.broker_nacks.allow(1) {
+            tracing::warn!(
+                delivery_tag = tag,
+                multiple,
+                earlier_not_logged = left_out,
+                "RabbitMQ nacked a publish (it could not take responsibility for the message: a disk or memory alarm, a full queue with overflow=reject-publish, an internal error); counted in publish_nacks"
+            );
+        }
+        self.nacked(tag, multiple, nacks)
+    }
+
     /// Marks the publish of envelope `id` to `route` as returned (no queue was bound). Returns come
     /// rarely, in publish order and before their ack: the first waiting publish of that id to that
     /// exchange and routing key not yet returned is this one. (A scan of what waits, rather than an
@@ -568,15 +585,10 @@ impl amqprs::callbacks::ChannelCallback for ConfirmCallback {
     }
 
     async fn publish_nack(&mut self, _channel: &Channel, nack: amqprs::Nack) {
-        tracing::warn!(
-            delivery_tag = nack.delivery_tag(),
-            multiple = nack.multiple(),
-            "RabbitMQ nacked a publish"
-        );
         // Counted here, not by the publishes told of it: one whose caller stopped waiting is lost
         // too, and nobody else would count it (nor log it: `settle` does, with its message id).
         self.confirms
-            .nacked(nack.delivery_tag(), nack.multiple(), &self.nacks);
+            .broker_nacked(nack.delivery_tag(), nack.multiple(), &self.nacks);
     }
 
     async fn publish_return(
@@ -1501,6 +1513,51 @@ mod tests {
                 "no warning names message {id} ({says}):\n{text}"
             );
         }
+    }
+
+    /// A broker that nacks every publish (a disk alarm) does not flood the log: one line per 5 s
+    /// (here 50 ms), saying how many were left out, and every nack still counted.
+    #[test]
+    fn broker_nacks_are_logged_rate_limited_with_what_was_left_out() {
+        let _one_at_a_time = logging_tests();
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let nacks = AtomicU64::new(0);
+        tracing::subscriber::with_default(subscriber, || {
+            let orphans = Orphans {
+                log: Arc::new(OrphanLogs {
+                    broker_nacks: LogLimiter::new(Duration::from_millis(50)),
+                    ..OrphanLogs::default()
+                }),
+                ..Orphans::default()
+            };
+            let confirms = Confirms::new(orphans);
+            let later = Instant::now() + Duration::from_secs(60);
+            let mut receivers = Vec::new();
+            for tag in 1..=101 {
+                let (sender, receiver) = oneshot::channel();
+                assert!(confirms.register(tag, u128::from(tag), 0, later, sender));
+                receivers.push(receiver);
+            }
+            for tag in 1..=100 {
+                confirms.broker_nacked(tag, false, &nacks);
+            }
+            std::thread::sleep(Duration::from_millis(60));
+            confirms.broker_nacked(101, false, &nacks);
+        });
+        assert_eq!(nacks.load(Ordering::Relaxed), 101);
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("RabbitMQ nacked a publish"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[1].contains("earlier_not_logged=99"), "{text}");
     }
 
     /// RabbitMQ's replies for what resending cannot fix are read with what decides which publish

@@ -346,8 +346,11 @@ pub(crate) struct StreamSubscription {
     held: Mutex<HashSet<Held, FastState>>,
     /// Entries a handler saw whose acknowledgement failed (an `XACK` lost with a connection): pending
     /// for this consumer still, unless another member claimed them, so their recovery after the
-    /// reconnect counts the delivery the handler had (see [`RECOVER_SCRIPT`]).
+    /// reconnect counts the delivery the handler had (see [`RECOVER_SCRIPT`]). At most
+    /// [`UNACKED_CAP`] (see [`remember_unacked`]).
     unacked: Mutex<HashSet<Held, FastState>>,
+    /// Limits the warnings about entries [`remember_unacked`] forgot.
+    unacked_log: LogLimiter,
     settled: tokio::sync::Notify,
     closed: AtomicBool,
     /// Set when closing gives the entries still held back to the group: their acks then fail, since
@@ -489,6 +492,7 @@ impl StreamSubscription {
             acks: AckBatcher::default(),
             filtered_log: LogLimiter::new(Duration::from_secs(5)),
             not_pending_log: LogLimiter::new(Duration::from_secs(5)),
+            unacked_log: LogLimiter::new(Duration::from_secs(5)),
             decoder: Mutex::new(FrameDecoder::new()),
         });
         let abandoned = Abandoned(Some(subscription.clone()));
@@ -2221,8 +2225,27 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                 let mut slots: Option<OwnedSemaphorePermit> = None;
                 if result.is_err() && !released {
                     // Seen by their handlers: recovered after the reconnect, they count that delivery.
-                    let mut unacked = subscription.unacked.lock().expect("unacked lock");
-                    unacked.extend(waiting.iter().map(|(id, _, _)| (key.clone(), *id)));
+                    let forgotten = {
+                        let mut unacked = subscription.unacked.lock().expect("unacked lock");
+                        remember_unacked(
+                            &mut unacked,
+                            waiting.iter().map(|(id, _, _)| (key.clone(), *id)),
+                        )
+                    };
+                    if forgotten > 0
+                        && let Some(suppressed) = subscription.unacked_log.allow()
+                    {
+                        tracing::warn!(
+                            stream = key.as_ref(),
+                            forgotten,
+                            suppressed,
+                            cap = UNACKED_CAP,
+                            "acknowledgements keep failing without a reconnect (does the ACL user \
+                             lack XACK?); the oldest entries whose XACK failed are forgotten: if \
+                             taken back after a reconnect, they count one delivery fewer than \
+                             their handlers had"
+                        );
+                    }
                 }
                 subscription.unhold_all(&key, waiting.iter().map(|(id, _, _)| *id));
                 if let Ok(removed) = result {
@@ -2249,6 +2272,32 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
         futures::future::join_all(sends).await;
         drop(gate);
     }
+}
+
+/// The most entries whose `XACK` failed a subscription remembers (see `StreamSubscription::unacked`).
+/// A cut loses the acknowledgements of the entries held then, a few prefetches at most; the set is
+/// emptied of them when they are taken back. It only grows past that when acknowledgements keep failing
+/// without a reconnect (an ACL user that may not `XACK`), which must not cost memory without bound.
+const UNACKED_CAP: usize = 16_384;
+
+/// Adds `failed` to `unacked` and, past [`UNACKED_CAP`], forgets the oldest entries (lowest ids, of any
+/// stream). Returns how many were forgotten: should they be taken back after a reconnect, they count one
+/// delivery fewer than their handlers had (they come again one attempt lower than their next one).
+fn remember_unacked(
+    unacked: &mut HashSet<Held, FastState>,
+    failed: impl Iterator<Item = Held>,
+) -> usize {
+    unacked.extend(failed);
+    let excess = unacked.len().saturating_sub(UNACKED_CAP);
+    if excess == 0 {
+        return 0;
+    }
+    let mut oldest: Vec<Held> = unacked.iter().cloned().collect();
+    oldest.select_nth_unstable_by_key(excess - 1, |(_, id)| *id);
+    for held in &oldest[..excess] {
+        unacked.remove(held);
+    }
+    excess
 }
 
 /// Keeps the entries this consumer holds from being claimed by others: resets their idle time, for those
@@ -2766,6 +2815,49 @@ impl Drop for Abandoned {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Acknowledgements that keep failing without a reconnect (an ACL user that may not `XACK`) do not
+    /// grow the set of entries remembered for their recovery without bound: past the cap, the oldest
+    /// are forgotten and counted, and the newest kept.
+    #[test]
+    fn entries_whose_acknowledgement_failed_are_remembered_up_to_a_cap() {
+        let mut unacked: HashSet<Held, FastState> = HashSet::default();
+        let stream: Arc<str> = Arc::from("p:stream:{A}");
+        let other: Arc<str> = Arc::from("p:stream:{B}");
+        let mut forgotten = 0;
+        for batch in 0..(UNACKED_CAP as u64 / 100 + 10) {
+            let key = if batch.is_multiple_of(2) {
+                &stream
+            } else {
+                &other
+            };
+            forgotten += remember_unacked(
+                &mut unacked,
+                (0..100).map(|seq| (key.clone(), EntryId(batch, seq))),
+            );
+            assert!(unacked.len() <= UNACKED_CAP, "{} remembered", unacked.len());
+        }
+        let total = (UNACKED_CAP / 100 + 10) * 100;
+        assert_eq!(forgotten, total - UNACKED_CAP);
+        let last = UNACKED_CAP as u64 / 100 + 9;
+        let newest = if last.is_multiple_of(2) {
+            &stream
+        } else {
+            &other
+        };
+        assert!(unacked.contains(&(newest.clone(), EntryId(last, 99))));
+        assert!(!unacked.contains(&(stream.clone(), EntryId(0, 0))));
+        // Below the cap nothing is forgotten.
+        let mut few: HashSet<Held, FastState> = HashSet::default();
+        assert_eq!(
+            remember_unacked(
+                &mut few,
+                (0..10).map(|seq| (stream.clone(), EntryId(1, seq)))
+            ),
+            0
+        );
+        assert_eq!(few.len(), 10);
+    }
 
     #[test]
     fn read_replies_are_split_into_streams_and_entries() {

@@ -162,6 +162,16 @@ impl ChannelRoute {
     }
 }
 
+/// What a `publish_batch` append (`XADD` in a pipeline, without idempotent publishing) that failed on a
+/// timeout or a cut connection was doing: fred (10.x) does not mark a pipeline whose wait timed out as
+/// timed out, as it does a single command, so its commands may still be written after a reconnect;
+/// or they ran and the reply was lost. The message may be stored, and publishing it again may store it
+/// twice: the error says so, and names the fix.
+const UNCERTAIN_BATCH_APPEND: &str = "XADD in a publish_batch pipeline (the message may have been \
+     stored, or may still be stored once the connection is back, since fred can write a pipeline after \
+     its caller stopped waiting: publishing it again may store it twice unless idempotent_publish(true) \
+     is set)";
+
 /// Whether Redis itself answered a command with an error (`NOPERM` for a channel the ACL user may not
 /// publish to, for one): the command did not run. fred's own errors (a timeout, a cut connection, too
 /// many write attempts) leave that open: the command may have run, or (a pipeline that timed out) may
@@ -1331,6 +1341,11 @@ impl Shared {
                 (Err(error), Some(target)) if idempotent && is_noscript(&error) => {
                     // Not stored: again, alone.
                     self.publish_with_text(target, &pending.frame, None).await
+                }
+                (Err(error), Some(_)) if !idempotent && !refused_by_redis(&error) => {
+                    // fred does not mark a pipeline whose wait timed out as timed out (as it does a
+                    // single command): it may still be written after a reconnect, or ran already.
+                    Err(map_error(&error, &self.settings, UNCERTAIN_BATCH_APPEND))
                 }
                 (Err(error), _) => {
                     if let Some(numbered) = &pending.numbered

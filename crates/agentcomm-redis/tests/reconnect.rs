@@ -685,3 +685,58 @@ async fn an_entry_whose_acknowledgement_was_lost_comes_again_as_its_next_attempt
     consumer.close().await.unwrap();
     publisher.close().await.unwrap();
 }
+
+/// A `publish_batch` (Streams mode, without idempotent publishing) whose pipeline fred gave up waiting
+/// for while Redis was unreachable is written by fred once the connection is back (fred 10 does not
+/// mark a pipeline whose wait timed out as timed out, as it does a single command): its messages end
+/// up stored although each got an error. The error must say so, so that a caller does not retry
+/// blindly and store them twice; before, it only said the publish timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_given_up_while_redis_is_unreachable_says_its_messages_may_be_stored() {
+    use fred::prelude::StreamsInterface;
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let publisher = connect_through_proxy(
+        RedisRouter::builder(proxied)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let channel = parse_channel("Late:event:s1").unwrap();
+    // Registers the class: the batch sends nothing but its pipeline.
+    publisher.publish(message(&channel, 0)).await.unwrap();
+    proxy.reject_for(Duration::from_secs(30));
+    proxy.cut_all();
+    let results = within(
+        Duration::from_secs(10),
+        "the batch to fail",
+        publisher.publish_batch(vec![message(&channel, 1), message(&channel, 2)]),
+    )
+    .await;
+    proxy.reject_for(Duration::ZERO);
+    let raw = raw_client().await;
+    let stream = format!("{prefix}:stream:{{Late}}");
+    // What makes the wording matter: the failed batch is stored after all, once fred reconnects.
+    eventually(
+        Duration::from_secs(10),
+        "fred to write the batch it gave up on once reconnected",
+        async || raw.xlen::<u64, _>(stream.as_str()).await.unwrap_or(0) == 3,
+    )
+    .await;
+    assert_eq!(results.len(), 2);
+    for result in results {
+        let error = result
+            .expect_err("the batch timed out while Redis was unreachable")
+            .to_string();
+        assert!(
+            error.contains("may have been stored")
+                && error.contains("may store it twice unless idempotent_publish(true)"),
+            "the error says the message may be stored, and names the fix: {error}"
+        );
+    }
+    let _ = fred::prelude::ClientLike::quit(&raw).await;
+    publisher.close().await.unwrap();
+}

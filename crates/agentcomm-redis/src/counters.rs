@@ -11,7 +11,7 @@
 //! | `acks_not_pending` | streams: acknowledgements whose entry was no longer pending: another member had claimed and acknowledged it first (handled twice) |
 //! | `redelivered` | deliveries handed out again (nack, abandon, recovery after a reconnect) |
 //! | `reclaimed` | streams: entries taken over from a consumer that stopped renewing them |
-//! | `reclaim_rounds` | streams: rounds a group subscription made over its streams looking for entries left pending longer than `claim_idle` (one every `claim_idle / 2`, between 50 ms and 1 s, while it runs) |
+//! | `reclaim_rounds` | streams: rounds a group subscription made over its streams looking for entries left pending longer than `claim_idle` (one every `claim_idle / 2`, between 50 ms and 1 s, while it runs), counting only rounds in which every stream was looked at: a round in which listing or claiming failed on any stream (logged at debug) is not counted |
 //! | `lease_renewals` | streams: renewals Redis answered of the entries a group subscription holds (one per stream every `claim_idle / 3`, while it holds some) |
 //! | `dead_lettered` | streams: entries moved to their dead-letter channel after `max_deliveries` |
 //! | `malformed` | frames that could not be decoded; moved to `DeadLetter:agentcomm.Malformed:unknown` |

@@ -740,3 +740,60 @@ async fn a_batch_given_up_while_redis_is_unreachable_says_its_messages_may_be_st
     let _ = fred::prelude::ClientLike::quit(&raw).await;
     publisher.close().await.unwrap();
 }
+
+/// `reclaim_rounds` counts the rounds that looked at every stream: none while Redis is unreachable
+/// (each round fails), and again once it is back. Before, a round in which every stream failed was
+/// counted too, so the counter could not tell an operator (or a test waiting on it) that reclaiming
+/// was not happening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaim_rounds_that_fail_are_not_counted() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let consumer = connect_through_proxy(
+        RedisRouter::builder(proxied)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_millis(300))
+            .claim_idle(Duration::from_millis(200))
+            .read_block(Duration::from_millis(500)),
+    )
+    .await;
+    let channel = parse_channel("Rounds:event:s1").unwrap();
+    let mut subscription = consumer
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Rounds:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    // A stream to look at.
+    consumer.publish(message(&channel, 1)).await.unwrap();
+    next(&mut subscription).await.ack().await.unwrap();
+    let rounds = async || consumer.health().await.get("reclaim_rounds");
+    let start = rounds().await;
+    eventually(
+        Duration::from_secs(10),
+        "the group subscription to make reclaim rounds",
+        async || rounds().await >= start + 2,
+    )
+    .await;
+    proxy.reject_for(Duration::from_secs(30));
+    proxy.cut_all();
+    // Read once cut off: a round under way fails.
+    let before = rounds().await;
+    // A window of several rounds (one every 100 ms; each fails after the 300 ms command timeout).
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let during = rounds().await;
+    proxy.reject_for(Duration::ZERO);
+    assert_eq!(
+        during, before,
+        "no reclaim round is counted while Redis is unreachable"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "reclaim rounds to be counted again once Redis is back",
+        async || rounds().await >= during + 2,
+    )
+    .await;
+    drop(subscription);
+    consumer.close().await.unwrap();
+}

@@ -264,6 +264,49 @@ impl<C: ClientLike + Clone> Drop for Connecting<C> {
     }
 }
 
+/// A pool being connected, as [`Connecting`] does it for one client: each of its clients' connection
+/// tasks is aborted if this is dropped before [`ConnectingPool::keep`] (the router's `connect` failed,
+/// timed out, or was dropped by its caller). fred's own `Pool::connect` runs the clients' tasks under
+/// one task of its own, whose abort would not stop them: they are started one by one here.
+pub(crate) struct ConnectingPool {
+    tasks: Vec<fred::types::ConnectHandle>,
+}
+
+impl ConnectingPool {
+    /// Connects every client of `pool`, waiting up to `limit` until all are connected or one failed:
+    /// `None` when that took longer. The outcome is listened for before the connection tasks start, as
+    /// fred's own `init` does, so that a failure quicker than this task's next poll (a refused
+    /// connection) is not missed: with `fail_fast` fred reports it once and stops trying.
+    pub(crate) async fn connect(
+        pool: &fred::clients::Pool,
+        limit: std::time::Duration,
+    ) -> (Self, Option<Result<(), fred::error::Error>>) {
+        let mut waiting = std::pin::pin!(pool.wait_for_connect());
+        let early = futures::poll!(waiting.as_mut());
+        let connecting = ConnectingPool {
+            tasks: pool.connect_pool(),
+        };
+        let outcome = match early {
+            std::task::Poll::Ready(outcome) => Some(outcome),
+            std::task::Poll::Pending => tokio::time::timeout(limit, waiting).await.ok(),
+        };
+        (connecting, outcome)
+    }
+
+    /// The pool is connected and owned elsewhere from now on, which quits it.
+    pub(crate) fn keep(mut self) {
+        self.tasks.clear();
+    }
+}
+
+impl Drop for ConnectingPool {
+    fn drop(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

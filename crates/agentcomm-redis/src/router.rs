@@ -30,7 +30,7 @@ use fred::types::{Builder, ClusterHash, CustomCommand, Expiration, Key, SetOptio
 
 use crate::builder::{DeliveryMode, RedisRouterBuilder, Settings};
 use crate::connection::{
-    Role, fred_builder, fred_config, is_noscript, map_error, redact, watch_client,
+    ConnectingPool, Role, fred_builder, fred_config, is_noscript, map_error, redact, watch_client,
 };
 use crate::counters::{Counters, LogLimiter};
 use crate::keys::Keys;
@@ -332,16 +332,19 @@ impl RedisRouter {
             .build_pool(settings.pool_size)
             .map_err(|e| map_error(&e, &settings, "creating the connection pool"))?;
         let limit = settings.connect_timeout * 2;
-        match tokio::time::timeout(limit, pool.init()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => {
+        // Stopped if this fails, or is dropped by its caller, before the router owns the pool: fred runs
+        // each connection on a task of its own, which a dropped future does not stop.
+        let (connecting, outcome) = ConnectingPool::connect(&pool, limit).await;
+        match outcome {
+            Some(Ok(())) => {}
+            Some(Err(error)) => {
                 return Err(Error::Connection {
                     backend: "redis",
                     url: redact(&settings.url),
                     message: connect_failure(&error),
                 });
             }
-            Err(_) => {
+            None => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), pool.quit()).await;
                 return Err(Error::Connection {
                     backend: "redis",
@@ -384,6 +387,8 @@ impl RedisRouter {
                 }
             }
         };
+        // Quit by the router from now on (`close`, or its last clone dropped).
+        connecting.keep();
         let order = (0..pool.size()).map(|_| Mutex::new(())).collect();
         let shared = Arc::new(Shared {
             keys: Keys::new(&settings.prefix),

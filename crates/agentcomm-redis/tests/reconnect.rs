@@ -797,3 +797,35 @@ async fn reclaim_rounds_that_fail_are_not_counted() {
     drop(subscription);
     consumer.close().await.unwrap();
 }
+
+/// A `connect` given up part way (a timeout around it, a `select!`) leaves no connection open: fred
+/// runs each pool connection on a task of its own from the start, and those used to stay open for
+/// nobody, for as long as the process lived, when the connect future was dropped after starting them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_given_up_part_way_leaves_no_connection_behind() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let mut kept = Vec::new();
+    // Given up at different points: from before anything is sent to after it is done.
+    for round in 0..30u64 {
+        let connecting = RedisRouter::builder(proxied.clone())
+            .prefix(&prefix)
+            .pool_size(2)
+            .connect();
+        if let Ok(router) = tokio::time::timeout(Duration::from_millis(round), connecting).await {
+            kept.push(router.unwrap());
+        }
+    }
+    for router in kept {
+        router.close().await.unwrap();
+    }
+    eventually(
+        Duration::from_secs(10),
+        "no connection to stay open once every connect is given up or closed",
+        async || proxy.stats().live == 0,
+    )
+    .await;
+}

@@ -449,7 +449,9 @@ type Listeners = Mutex<HashMap<&'static str, Arc<Listener>>>;
 
 /// Forgets `listener` as the listener of `class`, unless another has replaced it already.
 fn forget_listener(listeners: &Listeners, class: &'static str, listener: &Arc<Listener>) {
-    let mut listeners = listeners.lock().expect("inbox lock");
+    let mut listeners = listeners
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if listeners
         .get(class)
         .is_some_and(|current| Arc::ptr_eq(current, listener))
@@ -458,25 +460,38 @@ fn forget_listener(listeners: &Listeners, class: &'static str, listener: &Arc<Li
     }
 }
 
-/// A listener's set-up that has not made its subscription live: dropped, it forgets the listener and
-/// marks it failed.
-struct UnfinishedSetup<'a> {
-    listeners: &'a Listeners,
-    listener: &'a Arc<Listener>,
+/// A listener's task, from before it first runs to its end. Dropped in whatever way the task ends
+/// (its subscription ended, the bus went, the subscribe failed or panicked, or the task was dropped
+/// with its Tokio runtime, even before it first ran), it forgets the listener, marks it failed if its
+/// subscription was not made, and drops the requests registered with it: the next request of its class
+/// makes another instead of waiting, until its timeout, for a task that is gone.
+struct ListenerTask {
+    listeners: Arc<Listeners>,
+    pending: Arc<Mutex<HashMap<String, Waiting>>>,
+    listener: Arc<Listener>,
     class: &'static str,
 }
 
-impl UnfinishedSetup<'_> {
-    /// The subscription is live: nothing to undo.
-    fn finished(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for UnfinishedSetup<'_> {
+impl Drop for ListenerTask {
     fn drop(&mut self) {
-        forget_listener(self.listeners, self.class, self.listener);
-        self.listener.state.send_replace(Setup::Failed);
+        // Forgotten first: a request registers only with the listener it finds (under the same lock),
+        // so it either registered before (and is dropped here) or finds this one gone. Only this
+        // listener's requests: one made again meanwhile, and those registered with it, are not this
+        // one's to end. (A lock poisoned elsewhere is not reason to panic in a drop.)
+        forget_listener(&self.listeners, self.class, &self.listener);
+        self.listener.state.send_if_modified(|setup| {
+            let unfinished = *setup == Setup::Making;
+            if unfinished {
+                *setup = Setup::Failed;
+            }
+            unfinished
+        });
+        let generation = self.listener.generation;
+        let class = self.class;
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, waiting| waiting.class != class || waiting.generation != generation);
     }
 }
 
@@ -497,22 +512,24 @@ impl Inbox {
     /// subscription was live; it may have ended since (see [`Inbox::expect`]).
     async fn listen<Resp: Message>(&self, router: &SharedRouter) -> Result<()> {
         loop {
-            let (listener, made) = {
+            let (listener, new) = {
                 let mut listeners = self.listeners.lock().expect("inbox lock");
                 match listeners.get(Resp::CLASS) {
-                    Some(listener) => (listener.clone(), None),
+                    Some(listener) => (listener.clone(), false),
                     None => {
                         let listener = Arc::new(Listener {
                             generation: self.generations.fetch_add(1, Ordering::Relaxed),
                             state: tokio::sync::watch::Sender::new(Setup::Making),
                         });
                         listeners.insert(Resp::CLASS, listener.clone());
-                        let made = self.spawn_listener::<Resp>(router, listener.clone());
-                        (listener, Some(made))
+                        (listener, true)
                     }
                 }
             };
-            if let Some(made) = made {
+            if new {
+                // Spawned with the lock released: a task that cannot be spawned (no Tokio runtime)
+                // is dropped at once, and forgets its listener under that lock.
+                let made = self.spawn_listener::<Resp>(router, listener);
                 // The subscription's own error, for the request that asked for it.
                 return made.await.unwrap_or_else(|_| Err(inbox_closed()));
             }
@@ -540,18 +557,18 @@ impl Inbox {
         let pattern = ChannelPattern::for_message::<Resp>(Some(REPLY_DIRECTION), Some(&self.id));
         let router = router.clone();
         let pending = self.pending.clone();
-        let listeners = self.listeners.clone();
         let unmatched = self.unmatched.clone();
         let mut bus_gone = self.gone.subscribe();
+        // Made here, not in the task: a task dropped before it first runs (its runtime ended) drops
+        // it too.
+        let task = ListenerTask {
+            listeners: self.listeners.clone(),
+            pending: self.pending.clone(),
+            listener,
+            class: Resp::CLASS,
+        };
         tokio::spawn(async move {
-            // Until the subscription is live, a set-up that ends any other way (an error, a panic in
-            // the router, the runtime shutting down) forgets the listener and says so to the requests
-            // waiting for it, which make another instead of waiting out their timeout.
-            let unfinished = UnfinishedSetup {
-                listeners: &listeners,
-                listener: &listener,
-                class: Resp::CLASS,
-            };
+            let listener = task.listener.clone();
             let subscribed = match pattern {
                 Ok(pattern) => router.subscribe(SubscribeOptions::new(pattern)).await,
                 Err(error) => Err(error),
@@ -561,7 +578,7 @@ impl Inbox {
             let mut subscription = match subscribed {
                 Ok(subscription) => subscription,
                 Err(error) => {
-                    drop(unfinished);
+                    drop(task);
                     if let Err(Err(error)) = made.send(Err(error)) {
                         tracing::warn!(
                             class = Resp::CLASS,
@@ -572,7 +589,6 @@ impl Inbox {
                     return;
                 }
             };
-            unfinished.finished();
             listener.state.send_replace(Setup::Live);
             // The request that asked for it may be gone: the subscription serves the next ones.
             let _ = made.send(Ok(()));
@@ -607,14 +623,7 @@ impl Inbox {
             }
             // The subscription ended: the next request of this class subscribes again, and the ones
             // waiting on this subscription are told at once instead of waiting out their timeout.
-            // Only this listener's: one made again meanwhile, and the requests registered with it,
-            // are not this one's to end. Forgotten first: a request registers only with the listener
-            // it finds (under the same lock), so it either registered before (and is dropped here) or
-            // finds this one gone.
-            forget_listener(&listeners, Resp::CLASS, &listener);
-            pending.lock().expect("inbox lock").retain(|_, waiting| {
-                waiting.class != Resp::CLASS || waiting.generation != listener.generation
-            });
+            drop(task);
         });
         made_receiver
     }

@@ -701,6 +701,105 @@ async fn an_inbox_whose_set_up_died_is_made_again_by_the_next_request() {
     assert!(request().await.unwrap().success);
 }
 
+/// A client kept across Tokio runtimes (a `static` one shared by `#[tokio::test]`s, each on a runtime of
+/// its own): the agents on a runtime that lives on, the client's requests made on others.
+struct AcrossRuntimes {
+    /// Runs the agents; it outlives the runtimes the requests are made on.
+    agents: tokio::runtime::Runtime,
+    runtime: Runtime,
+    client: Publisher<Client>,
+}
+
+impl AcrossRuntimes {
+    fn new() -> Self {
+        let agents = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let runtime = agents.block_on(async {
+            let runtime = Runtime::new(MemoryRouter::new());
+            runtime.spawn(PaymentAgent).await.unwrap();
+            runtime
+        });
+        let client = runtime.publisher::<Client>();
+        AcrossRuntimes {
+            agents,
+            runtime,
+            client,
+        }
+    }
+
+    fn request(&self) -> impl Future<Output = Result<PaymentResponse>> + Send + 'static {
+        let client = self.client.clone();
+        async move {
+            client
+                .request_timeout::<PaymentRequest, PaymentResponse>(
+                    "s1",
+                    PaymentRequest {
+                        amount: 1.0,
+                        user_id: "u".into(),
+                    },
+                    Duration::from_secs(2),
+                )
+                .await
+        }
+    }
+
+    /// A Tokio runtime of its own, as each `#[tokio::test]` has.
+    fn other_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn finish(self) {
+        let AcrossRuntimes {
+            agents,
+            runtime,
+            client,
+        } = self;
+        agents.block_on(async move {
+            drop(client);
+            runtime.shutdown(WAIT).await.unwrap();
+        });
+    }
+}
+
+/// A request given up on a Tokio runtime that then ends, before the task setting its reply inbox up
+/// first ran: that task is dropped without running, and the inbox must not go on waiting for it. The
+/// same client's next request, on another runtime, used to wait for that set-up until it timed out, as
+/// did every later request of that reply class.
+#[test]
+fn a_request_given_up_with_its_runtime_before_its_inbox_was_made_leaves_it_to_the_next() {
+    let setting = AcrossRuntimes::new();
+    let other = AcrossRuntimes::other_runtime();
+    other.block_on(async {
+        let mut request = std::pin::pin!(setting.request());
+        assert!(futures::poll!(&mut request).is_pending());
+    });
+    drop(other);
+    let answered = setting.agents.block_on(setting.request());
+    assert!(answered.unwrap().success);
+    setting.finish();
+}
+
+/// A client's reply inbox read by a task on a Tokio runtime that has ended since: the next request,
+/// on another runtime, has the inbox subscribed again. It used to register with the inbox whose task
+/// was gone, and wait for a reply nobody read until it timed out, as did every later request of that
+/// reply class.
+#[test]
+fn a_reply_inbox_read_on_an_ended_runtime_is_made_again() {
+    let setting = AcrossRuntimes::new();
+    let other = AcrossRuntimes::other_runtime();
+    assert!(other.block_on(setting.request()).unwrap().success);
+    drop(other);
+    let answered = setting.agents.block_on(setting.request());
+    assert!(answered.unwrap().success);
+    setting.finish();
+}
+
 /// A router shared by several runtimes outlives each of them: a runtime dropped without `shutdown`
 /// (which would close the router for all) must take its reply inbox's subscriptions with it, not leave
 /// one per runtime and reply class on the router for as long as it lives.

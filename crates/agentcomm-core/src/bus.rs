@@ -197,19 +197,22 @@ impl Bus {
             // out, including this future being dropped. Registered only with a live listener, which
             // drops it if its subscription ends: a waiter is never left waiting for replies nobody
             // reads.
+            // Most requests find their inbox live, and register at once: no more than a look under
+            // the listeners' lock.
             let mut attempts = 0;
             let (waiter, _registration) = loop {
-                inbox.listen::<Resp>(&self.inner.router).await?;
-                if let Some(registered) = inbox.expect(request_id.clone(), Resp::CLASS) {
+                if let Some(registered) = inbox.expect(&request_id, Resp::CLASS) {
                     break registered;
                 }
-                // The subscription ended after `listen` (or one replacing it is still being made):
-                // nothing was published yet, so waiting for the one made again is as good. Bounded,
-                // for a router that loses every subscription as soon as it makes it.
-                attempts += 1;
-                if attempts >= INBOX_ATTEMPTS {
+                // No live subscription: none made yet, one being made, or it ended after `listen`
+                // (and one replacing it may be being made). Nothing was published yet, so waiting for
+                // the one made again is as good. Bounded, for a router that loses every subscription
+                // as soon as it makes it.
+                if attempts == INBOX_ATTEMPTS {
                     return Err(inbox_closed());
                 }
+                attempts += 1;
+                inbox.listen::<Resp>(&self.inner.router).await?;
             };
             let outcome = self.publish_envelope(envelope, agent).await?;
             if outcome.is_unroutable() {
@@ -633,7 +636,7 @@ impl Inbox {
     /// it is still being made).
     fn expect(
         &self,
-        request_id: String,
+        request_id: &str,
         class: &'static str,
     ) -> Option<(oneshot::Receiver<Envelope>, Registration<'_>)> {
         // Under the listeners' lock: its listener cannot end between this look and the registration.
@@ -643,6 +646,7 @@ impl Inbox {
             return None;
         }
         let (reply, receiver) = oneshot::channel();
+        let request_id = request_id.to_string();
         self.pending.lock().expect("inbox lock").insert(
             request_id.clone(),
             Waiting {

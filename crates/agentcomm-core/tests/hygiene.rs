@@ -2,7 +2,7 @@
 //! `Option`, `Some`, `Ok`, `Box`, `Vec`, ...) shadowed by the user's own, next to a module named
 //! `diagnostic`, in a `#[no_implicit_prelude]` module, inside `macro_rules!` macros
 //! that pass the types and fields in as arguments, next to lowercase constants named like the variables
-//! they declare, and with agentcomm-core under another name
+//! they declare, where lints are forbidden, and with agentcomm-core under another name
 //! (`crate = path`). (This file fails to compile, rather than fail at run time, when that breaks.)
 
 use std::time::Duration;
@@ -109,6 +109,36 @@ mod constants {
     impl Handle<Guarded> for GuardedAgent {
         async fn handle(&self, guarded: Guarded, context: &Context<Self>) -> HandlerResult {
             context.reply(guarded).await?;
+            ::std::result::Result::Ok(())
+        }
+    }
+}
+
+/// Code whose lint levels are forbidden from being lowered (`forbid`, which no `allow` may override,
+/// not even one the macros generate): the expansion must not need any.
+#[forbid(dead_code, non_snake_case)]
+mod forbidding {
+    use agentcomm_core::prelude::{Context, Handle, HandlerResult, agent};
+
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, agentcomm_core::Message)]
+    #[message(direction = "request", validate = Self::valid)]
+    pub struct Strict {
+        #[message(non_empty)]
+        pub name: String,
+    }
+
+    impl Strict {
+        fn valid(&self) -> ::std::result::Result<(), agentcomm_core::ValidationError> {
+            ::std::result::Result::Ok(())
+        }
+    }
+
+    #[agent(receives = [Strict], sends = [Strict])]
+    pub struct StrictAgent;
+
+    impl Handle<Strict> for StrictAgent {
+        async fn handle(&self, strict: Strict, context: &Context<Self>) -> HandlerResult {
+            context.reply(strict).await?;
             ::std::result::Result::Ok(())
         }
     }
@@ -267,5 +297,23 @@ async fn macros_work_next_to_constants_named_like_their_variables() {
     .expect("answered within 5 s")
     .unwrap();
     assert_eq!(answer.count, 3);
+    runtime.shutdown(WAIT).await.unwrap();
+}
+
+#[tokio::test]
+async fn macros_work_where_lints_are_forbidden() {
+    use forbidding::{Strict, StrictAgent};
+    let runtime = Runtime::new(MemoryRouter::new());
+    runtime.spawn(StrictAgent).await.unwrap();
+    let answer: Strict = tokio::time::timeout(
+        WAIT,
+        runtime
+            .publisher::<StrictAgent>()
+            .request("s1", Strict { name: "n".into() }),
+    )
+    .await
+    .expect("answered within 5 s")
+    .unwrap();
+    assert_eq!(answer.name, "n");
     runtime.shutdown(WAIT).await.unwrap();
 }

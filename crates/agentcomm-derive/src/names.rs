@@ -102,8 +102,9 @@ pub const VALUE: &str = "__agentcomm_value";
 pub fn shielded(names: &[&str], items: TokenStream) -> TokenStream {
     let shields = names.iter().map(|name| {
         let ident = syn::Ident::new(name, proc_macro2::Span::call_site());
+        // No `#[allow(dead_code)]`: a name that starts with `_` is not reported unused, and an
+        // `allow` would be an error where the caller forbids that lint.
         quote! {
-            #[allow(dead_code, non_snake_case)]
             fn #ident() {}
         }
     });

@@ -1658,12 +1658,22 @@ impl Router for RedisRouter {
             }
             let id = shared.next_subscription.fetch_add(1, Ordering::Relaxed);
             let (subscription, handle) = StreamSubscription::start(shared, options, id).await?;
-            shared
-                .streams
-                .lock()
-                .expect("streams lock")
-                .insert(id, subscription);
-            Ok(handle)
+            {
+                // Kept only while the router is open, checked under the lock `close` drains the
+                // subscriptions under, after marking the router closed: either `close` finds this one,
+                // or this sees the router closed. Kept on a closed router, its reader would go on
+                // reading, on a connection of its own, for as long as the subscription is held.
+                let mut streams = shared.streams.lock().expect("streams lock");
+                if !shared.is_closed() {
+                    streams.insert(id, subscription);
+                    return Ok(handle);
+                }
+            }
+            drop(handle);
+            subscription
+                .finish(tokio::time::Instant::now() + Duration::from_secs(1))
+                .await;
+            Err(closed_error())
         })
     }
 

@@ -1639,3 +1639,62 @@ async fn a_subscribe_given_up_part_way_leaves_no_connection_behind() {
         .await;
     }
 }
+
+/// A Streams subscribe still setting up when the router is closed is not made: it fails with `Closed`,
+/// and the reader it was connecting is stopped. It used to be made once `close` had ended the router's
+/// subscriptions, and to go on reading, on a connection of its own, for as long as it was held (a
+/// reply inbox's: for as long as its bus lived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_under_way_when_the_router_closes_is_not_made() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = within(
+        Duration::from_secs(10),
+        "connecting through the proxy",
+        RedisRouter::builder(proxied)
+            .mode(DeliveryMode::Streams)
+            .prefix(&prefix)
+            .read_block(Duration::from_millis(500))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let baseline = proxy.stats().live;
+    // Slow enough that the router closes while the reader's connection is being made.
+    proxy.set_latency(Duration::from_millis(300));
+    let subscribing = tokio::spawn({
+        let router = router.clone();
+        async move {
+            router
+                .subscribe(SubscribeOptions::new(
+                    ChannelPattern::parse("Closing:*:*").unwrap(),
+                ))
+                .await
+        }
+    });
+    eventually(
+        WAIT,
+        "the subscription's reader starts connecting",
+        async || proxy.stats().live > baseline,
+    )
+    .await;
+    router.close().await.unwrap();
+    let subscribed = within(WAIT, "the subscribe ends", subscribing)
+        .await
+        .unwrap();
+    proxy.set_latency(Duration::ZERO);
+    assert!(
+        matches!(subscribed, Err(Error::Closed { .. })),
+        "a subscribe the router closed under is not made: {:?}",
+        subscribed.as_ref().map(|_| "a subscription")
+    );
+    eventually(
+        WAIT,
+        "the closed router leaves no connection open",
+        async || proxy.stats().live == 0,
+    )
+    .await;
+}

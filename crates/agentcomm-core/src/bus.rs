@@ -376,11 +376,13 @@ pub(crate) fn channel_of<M: Message>(direction: &str, session: &str) -> Result<C
     Ok(channel)
 }
 
-/// A request's reply inbox stopped listening while the request was under way.
+/// A request's reply inbox stopped listening while the request was under way: its subscription
+/// ended, or the task reading it was dropped with the Tokio runtime it ran on (the runtime of the
+/// request that first needed it, which need not be this request's).
 fn inbox_closed() -> Error {
     Error::Closed {
         what: "the reply inbox",
-        hint: "its subscription ended (the router closed or lost it) while the request was waiting; send the request again",
+        hint: "its subscription ended while the request was waiting: the router closed or lost it, or the Tokio runtime that read it ended (a client used from several runtimes, such as #[tokio::test]s sharing one, has its replies read on the runtime of its first request of that reply type: make that one on a runtime that outlives the others); send the request again",
     }
 }
 

@@ -800,6 +800,97 @@ fn a_reply_inbox_read_on_an_ended_runtime_is_made_again() {
     setting.finish();
 }
 
+/// Answers payment requests, but holds the one of user "hold" until told.
+#[agent(receives = [PaymentRequest], sends = [PaymentResponse])]
+struct HeldPayments {
+    asked: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+impl Handle<PaymentRequest> for HeldPayments {
+    async fn handle(&self, request: PaymentRequest, ctx: &Context<Self>) -> HandlerResult {
+        if request.user_id == "hold" {
+            self.asked.notify_one();
+            self.release.notified().await;
+        }
+        ctx.reply(PaymentResponse {
+            success: true,
+            transaction_id: request.user_id,
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// A client shared by several Tokio runtimes has its reply inbox read on the runtime of the request
+/// that first needed it. When that runtime ends, a request waiting on another runtime, which lives
+/// on, is told at once that its inbox closed, and the error says why: it used to blame the router
+/// ("the router closed or lost it"), which was open and fine.
+#[test]
+fn a_request_whose_inbox_ended_with_another_runtime_is_told_that_runtime_ended() {
+    let agents = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (asked, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let runtime = agents.block_on(async {
+        let runtime = Runtime::new(MemoryRouter::new());
+        runtime
+            .spawn(HeldPayments {
+                asked: asked.clone(),
+                release: release.clone(),
+            })
+            .await
+            .unwrap();
+        runtime
+    });
+    let client = runtime.publisher::<Client>();
+    let request = |user: &str| {
+        let client = client.clone();
+        let user_id = user.to_string();
+        async move {
+            client
+                .request_timeout::<PaymentRequest, PaymentResponse>(
+                    "s1",
+                    PaymentRequest {
+                        amount: 1.0,
+                        user_id,
+                    },
+                    Duration::from_secs(30),
+                )
+                .await
+        }
+    };
+    // The inbox is made, and read, on a runtime of its own, as a first #[tokio::test]'s.
+    let other = AcrossRuntimes::other_runtime();
+    assert!(other.block_on(request("first")).unwrap().success);
+    // A request on the runtime that lives on is registered with it and published...
+    let held = agents.spawn(request("hold"));
+    agents.block_on(async { timeout(WAIT, asked.notified()).await.unwrap() });
+    // ...when the runtime reading the inbox ends.
+    drop(other);
+    let error = agents
+        .block_on(async { timeout(WAIT, held).await })
+        .expect("told at once, not after its 30 s timeout")
+        .unwrap()
+        .unwrap_err();
+    match error {
+        Error::Closed { what, hint } => {
+            assert_eq!(what, "the reply inbox");
+            assert!(hint.contains("Tokio runtime"), "{hint}");
+        }
+        other => panic!("{other}"),
+    }
+    release.notify_one();
+    // The next request has the inbox made again, on its own runtime.
+    assert!(agents.block_on(request("next")).unwrap().success);
+    agents.block_on(async move {
+        drop(client);
+        runtime.shutdown(WAIT).await.unwrap();
+    });
+}
+
 /// A router shared by several runtimes outlives each of them: a runtime dropped without `shutdown`
 /// (which would close the router for all) must take its reply inbox's subscriptions with it, not leave
 /// one per runtime and reply class on the router for as long as it lives.

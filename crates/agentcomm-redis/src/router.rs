@@ -213,6 +213,8 @@ pub(crate) struct Shared {
     pub(crate) pool: Pool,
     pub(crate) counters: Arc<Counters>,
     closed: AtomicBool,
+    /// Woken when the router closes (after `closed` is set): see [`Shared::closing`].
+    closing: tokio::sync::Notify,
     started: Instant,
     publisher_id: String,
     /// Each class stream this router publishes to.
@@ -396,6 +398,7 @@ impl RedisRouter {
             pool,
             counters,
             closed: AtomicBool::new(false),
+            closing: tokio::sync::Notify::new(),
             started: Instant::now(),
             publisher_id: new_publisher_id(),
             targets: RwLock::new(HashMap::new()),
@@ -508,6 +511,18 @@ impl Shared {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the router is closed: at once if it already is.
+    pub(crate) async fn closing(&self) {
+        let notified = self.closing.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the flag is looked at, so that a close in between still wakes this.
+        notified.as_mut().enable();
+        if self.is_closed() {
+            return;
+        }
+        notified.await;
     }
 
     /// The pub/sub subscriber, connected on first use: the first subscription in pub/sub mode, the first
@@ -1530,6 +1545,7 @@ impl Shared {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.closing.notify_waiters();
         // One deadline for all the cleanup: with Redis gone, every command would wait its own timeout.
         let until = tokio::time::Instant::now() + self.settings.close_timeout;
         let hub = self.hub.lock().expect("hub lock").take();
@@ -1657,7 +1673,15 @@ impl Router for RedisRouter {
                 return hub.subscribe(shared, options).await;
             }
             let id = shared.next_subscription.fetch_add(1, Ordering::Relaxed);
-            let (subscription, handle) = StreamSubscription::start(shared, options, id).await?;
+            // A set-up still under way when the router closes is given up at once (dropping it undoes
+            // what it did so far: see `Abandoned`): its next command would go to the pool `close`
+            // quits, and wait out the command timeout there before failing.
+            let started = tokio::select! {
+                biased;
+                started = StreamSubscription::start(shared, options, id) => started,
+                () = shared.closing() => return Err(closed_error()),
+            };
+            let (subscription, handle) = started?;
             {
                 // Kept only while the router is open, checked under the lock `close` drains the
                 // subscriptions under, after marking the router closed: either `close` finds this one,

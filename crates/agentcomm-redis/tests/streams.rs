@@ -1698,3 +1698,62 @@ async fn a_subscribe_under_way_when_the_router_closes_is_not_made() {
     )
     .await;
 }
+
+/// A group subscribe that is still sending its set-up commands when the router closes fails with
+/// `Closed` at once. It used to send its next command to the pool that `close` had just quit, where it
+/// waited out the command timeout (30 s by default, once per command left), and then failed with a
+/// timeout, so that an application shutting down waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_sending_its_set_up_when_the_router_closes_fails_at_once() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = within(
+        Duration::from_secs(10),
+        "connecting through the proxy",
+        RedisRouter::builder(proxied)
+            .mode(DeliveryMode::Streams)
+            .prefix(&prefix)
+            .read_block(Duration::from_millis(500))
+            .command_timeout(Duration::from_secs(30))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    // Each command of the set-up takes 400 ms: the router closes while they are being sent.
+    proxy.set_latency(Duration::from_millis(200));
+    let sent = proxy.stats().bytes_to_target;
+    let subscribing = tokio::spawn({
+        let router = router.clone();
+        async move {
+            router
+                .subscribe(
+                    SubscribeOptions::new(ChannelPattern::parse("Closing:*:*").unwrap())
+                        .group("workers"),
+                )
+                .await
+        }
+    });
+    eventually(WAIT, "the subscribe sends its first command", async || {
+        proxy.stats().bytes_to_target > sent
+    })
+    .await;
+    within(WAIT, "closing", router.close()).await.unwrap();
+    let subscribed = within(WAIT, "the subscribe ends", subscribing)
+        .await
+        .unwrap();
+    proxy.set_latency(Duration::ZERO);
+    assert!(
+        matches!(subscribed, Err(Error::Closed { .. })),
+        "a subscribe the router closed under fails with Closed: {:?}",
+        subscribed.as_ref().map(|_| "a subscription")
+    );
+    eventually(
+        WAIT,
+        "the closed router leaves no connection open",
+        async || proxy.stats().live == 0,
+    )
+    .await;
+}

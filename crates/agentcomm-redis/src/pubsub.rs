@@ -1253,6 +1253,37 @@ mod tests {
     }
 
     /// Waits until `condition` holds, failing the test with `what` after 10 s.
+    /// A message on `Ping:event:s1`, the channel the subscribe tests subscribe to.
+    fn ping() -> Envelope {
+        Envelope::new(
+            parse_channel("Ping:event:s1").unwrap(),
+            "application/json",
+            b"{}".to_vec(),
+        )
+    }
+
+    /// Publishes a [`ping`] while `other` still holds the counts (so the restore round has not run),
+    /// then lets go, gives back the test's Redis subscriptions, closes, and asserts that the publish
+    /// reached the subscription the subscribe confirmed.
+    async fn assert_live_then_close(
+        router: &crate::RedisRouter,
+        other: NextInLine,
+        hub: &std::sync::Arc<super::PubSubHub>,
+        wanted: &[super::RedisSubscription],
+    ) {
+        let outcome = router.publish(ping()).await;
+        other.release().await;
+        hub.give_back(wanted).await;
+        let _ = router.close().await;
+        assert!(
+            matches!(
+                outcome,
+                Ok(agentcomm_core::router::PublishOutcome::Delivered(1))
+            ),
+            "the subscription the subscribe confirmed is live: {outcome:?}"
+        );
+    }
+
     async fn within(what: &str, mut condition: impl FnMut() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !condition() {
@@ -1302,11 +1333,7 @@ mod tests {
         assert_eq!(hub.redis.lock().await.get(&key).copied(), Some(2));
         third.close().await.unwrap();
         assert_eq!(hub.redis.lock().await.get(&key).copied(), Some(1));
-        let envelope = Envelope::new(
-            parse_channel("Ping:event:s1").unwrap(),
-            "application/json",
-            b"{}".to_vec(),
-        );
+        let envelope = ping();
         let outcome = router.publish(envelope).await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(5), first.next()).await;
         let _ = router.close().await;
@@ -1361,11 +1388,7 @@ mod tests {
         assert!(health.detail.contains("restoring"), "{health:?}");
         other.release().await;
         within("the second round to finish", || !hub.is_resubscribing()).await;
-        let envelope = Envelope::new(
-            parse_channel("Ping:event:s1").unwrap(),
-            "application/json",
-            b"{}".to_vec(),
-        );
+        let envelope = ping();
         router.publish(envelope).await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(5), subscription.next()).await;
         let _ = router.close().await;
@@ -1410,22 +1433,7 @@ mod tests {
         within("the other to hold the counts", || other.holds()).await;
         // The restore has not run: only the new subscription's own SUBSCRIBE can make it live.
         assert!(hub.is_resubscribing());
-        let envelope = Envelope::new(
-            parse_channel("Ping:event:s1").unwrap(),
-            "application/json",
-            b"{}".to_vec(),
-        );
-        let outcome = router.publish(envelope).await;
-        other.release().await;
-        hub.give_back(&wanted).await;
-        let _ = router.close().await;
-        assert!(
-            matches!(
-                outcome,
-                Ok(agentcomm_core::router::PublishOutcome::Delivered(1))
-            ),
-            "the subscription the subscribe confirmed is live: {outcome:?}"
-        );
+        assert_live_then_close(&router, other, &hub, &wanted).await;
     }
 
     /// A subscribe made while the subscriber is cut off, before its reconnection is even seen, must
@@ -1466,22 +1474,7 @@ mod tests {
         within("the other to hold the counts", || other.holds()).await;
         within("the reconnection to be seen", || hub.is_resubscribing()).await;
         // The restore has not run: only the subscribe's own SUBSCRIBE can make it live.
-        let envelope = Envelope::new(
-            parse_channel("Ping:event:s1").unwrap(),
-            "application/json",
-            b"{}".to_vec(),
-        );
-        let outcome = router.publish(envelope).await;
-        other.release().await;
-        hub.give_back(&wanted).await;
-        let _ = router.close().await;
-        assert!(
-            matches!(
-                outcome,
-                Ok(agentcomm_core::router::PublishOutcome::Delivered(1))
-            ),
-            "the subscription the subscribe confirmed is live: {outcome:?}"
-        );
+        assert_live_then_close(&router, other, &hub, &wanted).await;
     }
 
     /// A subscribe whose `SUBSCRIBE` is lost with a cut connection must not return as live. fred
@@ -1525,22 +1518,7 @@ mod tests {
             .expect("and confirmed");
         within("the other to hold the counts", || other.holds()).await;
         // The restore has not run: only the subscribe itself can have made it live.
-        let envelope = Envelope::new(
-            parse_channel("Ping:event:s1").unwrap(),
-            "application/json",
-            b"{}".to_vec(),
-        );
-        let outcome = router.publish(envelope).await;
-        other.release().await;
-        hub.give_back(&wanted).await;
-        let _ = router.close().await;
-        assert!(
-            matches!(
-                outcome,
-                Ok(agentcomm_core::router::PublishOutcome::Delivered(1))
-            ),
-            "the subscription the subscribe confirmed is live: {outcome:?}"
-        );
+        assert_live_then_close(&router, other, &hub, &wanted).await;
     }
 
     #[test]

@@ -443,10 +443,12 @@ impl Envelope {
             let payload = payload_of(wire.payload.get().as_bytes());
             Self::from_wire(wire, payload, reuse, take)
         } else {
-            let wire = crate::frame_msgpack::read(frame, reuse)
+            let (wire, taken) = crate::frame_msgpack::read(frame, reuse, take)
                 .map_err(|e| Error::decode("envelope", e))?;
             let payload = payload_of(wire.payload);
-            Self::from_wire(wire, payload, reuse, take)
+            // The taken header is not among the wire's headers: `from_wire` finds none to take.
+            let (envelope, _) = Self::from_wire(wire, payload, reuse, None)?;
+            Ok((envelope, taken.map(str::to_owned)))
         }
     }
 
@@ -1109,6 +1111,38 @@ mod tests {
         let decoded = decoder.decode(twice).unwrap();
         assert_eq!(decoded.headers().get("x").map(String::as_str), Some("2"));
         assert_eq!(decoded.headers().get("y").map(String::as_str), Some("kept"));
+    }
+
+    #[test]
+    fn a_frame_whose_only_header_is_taken_is_read_without_a_list_of_headers() {
+        let envelope = Envelope::new(
+            parse_channel("PaymentRequest:request:s1").unwrap(),
+            MSGPACK_CONTENT_TYPE,
+            b"\x80".as_slice(),
+        );
+        let frame = envelope
+            .to_frame_with_header("agentcomm-seq", "p/7")
+            .unwrap();
+        let (wire, taken) =
+            crate::frame_msgpack::read(&frame, None, Some("agentcomm-seq")).unwrap();
+        assert_eq!(taken, Some("p/7"));
+        assert_eq!(
+            wire.headers.capacity(),
+            0,
+            "no list allocated for no header"
+        );
+        // Not taken: an ordinary header.
+        let (wire, taken) = crate::frame_msgpack::read(&frame, None, Some("other")).unwrap();
+        assert_eq!(taken, None);
+        assert_eq!(wire.headers.len(), 1);
+        // With other headers: those are kept, the taken one is not among them.
+        let frame = sample(MSGPACK_CONTENT_TYPE, b"\x80")
+            .to_frame_with_header("agentcomm-seq", "p/8")
+            .unwrap();
+        let (wire, taken) =
+            crate::frame_msgpack::read(&frame, None, Some("agentcomm-seq")).unwrap();
+        assert_eq!(taken, Some("p/8"));
+        assert_eq!(wire.headers.len(), 2);
     }
 
     #[test]

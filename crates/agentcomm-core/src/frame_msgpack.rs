@@ -189,10 +189,13 @@ fn write_uint(out: &mut Vec<u8>, value: u64) {
 /// Reads a frame; the payload and strings borrow from `frame`, or from `hint`: a string equal to the
 /// hint's component (most frames come on the channel of the frame before) is the hint's own, and is
 /// not checked for UTF-8 again; so is a known content type. The id is parsed here when it is a UUID.
+/// The header named `take` is returned apart, not among the wire's headers (the last value when the
+/// frame repeats it): a frame whose only header is taken needs no list of headers.
 pub(crate) fn read<'a>(
     frame: &'a [u8],
     hint: Option<&'a Channel>,
-) -> Result<Wire<'a, &'a [u8]>, String> {
+    take: Option<&str>,
+) -> Result<(Wire<'a, &'a [u8]>, Option<&'a str>), String> {
     let mut reader = Reader {
         bytes: frame,
         at: 0,
@@ -211,6 +214,7 @@ pub(crate) fn read<'a>(
     let mut reply_to = None;
     let mut attempt = None;
     let mut headers = Vec::new();
+    let mut taken = None;
     let mut payload = None;
     let mut remaining = fields;
     while remaining > 0 {
@@ -250,14 +254,28 @@ pub(crate) fn read<'a>(
             b"attempt" => attempt = Some(reader.uint_u32("attempt")?),
             b"headers" => {
                 headers.clear();
+                taken = None;
                 let len = reader.map_len()?;
-                // Bounded by what is left of the frame (two bytes at least per header) and by a small
-                // cap, not by what a hostile length claims; more headers grow the list as they come.
-                headers.reserve(len.min((reader.bytes.len() - reader.at) / 2).min(64));
                 for _ in 0..len {
-                    let name = reader.str()?;
+                    let name = reader.str_bytes_or_nil()?;
                     let value = reader.str()?;
-                    headers.push((Cow::Borrowed(name), Cow::Borrowed(value)));
+                    // The taken header's name is `take`'s bytes: UTF-8 without a check.
+                    if let (Some(name), Some(take)) = (name, take)
+                        && name == take.as_bytes()
+                    {
+                        taken = Some(value);
+                        continue;
+                    }
+                    let Some(name) = name else {
+                        return Err("expected a string, found nil".to_string());
+                    };
+                    if headers.is_empty() {
+                        // Bounded by what is left of the frame (two bytes at least per header) and by
+                        // a small cap, not by what a hostile length claims; more headers grow the list
+                        // as they come.
+                        headers.reserve(len.min((reader.bytes.len() - reader.at) / 2 + 1).min(64));
+                    }
+                    headers.push((Cow::Borrowed(utf8(name)?), Cow::Borrowed(value)));
                 }
             }
             b"payload" => payload = Some(reader.bytes()?),
@@ -271,7 +289,7 @@ pub(crate) fn read<'a>(
             frame.len() - reader.at
         ));
     }
-    Ok(Wire {
+    let wire = Wire {
         v: v.unwrap_or(1),
         id: id.ok_or("missing field `id`")?,
         class: Cow::Borrowed(required(class, "class")?),
@@ -286,7 +304,8 @@ pub(crate) fn read<'a>(
         attempt: attempt.unwrap_or(1),
         headers,
         payload: payload.ok_or("missing field `payload`")?,
-    })
+    };
+    Ok((wire, taken))
 }
 
 fn utf8(bytes: &[u8]) -> Result<&str, String> {
@@ -402,6 +421,18 @@ impl<'a> Reader<'a> {
     fn str(&mut self) -> Result<&'a str, String> {
         self.optional_str()?
             .ok_or_else(|| "expected a string, found nil".to_string())
+    }
+
+    /// A string's bytes (not checked for UTF-8), or `None` for nil.
+    fn str_bytes_or_nil(&mut self) -> Result<Option<&'a [u8]>, String> {
+        let marker = self.byte()?;
+        if marker == 0xc0 {
+            return Ok(None);
+        }
+        let Some(len) = self.str_len(marker)? else {
+            return Err(format!("expected a string, found marker 0x{marker:02x}"));
+        };
+        self.take(len).map(Some)
     }
 
     /// A key's bytes, not checked for UTF-8.

@@ -35,7 +35,7 @@ use crate::connection::{
 use crate::counters::{Counters, LogLimiter};
 use crate::keys::Keys;
 use crate::pubsub::PubSubHub;
-use crate::sequence::{SEQUENCE_HEADER, new_publisher_id};
+use crate::sequence::{SEQUENCE_HEADER, SequenceText, new_publisher_id};
 use crate::streams::{FRAME_FIELD, StreamSubscription};
 
 /// Adds a frame to a class stream once per publisher sequence number, even when fred writes the command
@@ -932,13 +932,10 @@ impl Shared {
     }
 
     /// The route of `channel`, the number of its next message and that message's sequence header.
-    fn pubsub_route(&self, channel: &Channel) -> (Arc<ChannelRoute>, u64, String) {
+    fn pubsub_route(&self, channel: &Channel) -> (Arc<ChannelRoute>, u64, SequenceText) {
         let header = |routes: &PubSubRoutes, route: &ChannelRoute| {
             let number = route.next.fetch_add(1, Ordering::Relaxed) + 1;
-            let mut header = String::with_capacity(routes.publisher.len() + 20);
-            header.push_str(&routes.publisher);
-            let _ = write!(header, "{number}");
-            (number, header)
+            (number, SequenceText::new(&routes.publisher, number))
         };
         {
             let routes = self.pubsub_routes.read().expect("routes lock");

@@ -34,6 +34,66 @@ pub(crate) fn new_publisher_id() -> String {
     uuid[..16].to_string()
 }
 
+/// A [`SEQUENCE_HEADER`] value, `<publisher id>/<number>`, written on the stack: made for every pub/sub
+/// publish, it needs neither an allocation nor `fmt` (the publisher's prefix is 17 bytes, a number at
+/// most 20 digits; a longer prefix than [`SequenceText::CAPACITY`] allows is kept on the heap).
+pub(crate) enum SequenceText {
+    /// The text in the first `len` bytes.
+    Inline {
+        bytes: [u8; Self::CAPACITY],
+        len: u8,
+    },
+    /// A prefix too long for the inline buffer.
+    Heap(String),
+}
+
+impl SequenceText {
+    /// The most bytes held without an allocation.
+    pub(crate) const CAPACITY: usize = 48;
+
+    /// `prefix` (the publisher's id and `/`) followed by `number` in decimal.
+    pub(crate) fn new(prefix: &str, number: u64) -> Self {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut rest = number;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        let digits = &digits[at..];
+        let len = prefix.len() + digits.len();
+        if len > Self::CAPACITY {
+            let mut text = String::with_capacity(len);
+            text.push_str(prefix);
+            // Only ASCII digits.
+            text.extend(digits.iter().map(|digit| char::from(*digit)));
+            return SequenceText::Heap(text);
+        }
+        let mut bytes = [0u8; Self::CAPACITY];
+        bytes[..prefix.len()].copy_from_slice(prefix.as_bytes());
+        bytes[prefix.len()..len].copy_from_slice(digits);
+        SequenceText::Inline {
+            bytes,
+            len: len as u8,
+        }
+    }
+}
+
+impl AsRef<str> for SequenceText {
+    fn as_ref(&self) -> &str {
+        match self {
+            // A `str` prefix followed by ASCII digits: always UTF-8.
+            SequenceText::Inline { bytes, len } => std::str::from_utf8(&bytes[..usize::from(*len)])
+                .expect("a str followed by ASCII digits"),
+            SequenceText::Heap(text) => text,
+        }
+    }
+}
+
 /// What a subscriber makes of an arrival.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -290,6 +350,20 @@ mod tests {
         tracker.observe("c", &header("live", 1), t0 + TRACK_IDLE);
         tracker.sweep(t0 + TRACK_IDLE * 2 - Duration::from_secs(1));
         assert_eq!(tracker.tracks.len(), 1, "only the live one stays");
+    }
+
+    #[test]
+    fn sequence_texts_are_the_prefix_and_the_number_in_decimal() {
+        for number in [0, 1, 9, 10, 12_345, u64::MAX] {
+            let text = SequenceText::new("0123456789abcdef/", number);
+            assert_eq!(text.as_ref(), format!("0123456789abcdef/{number}"));
+            assert!(
+                matches!(text, SequenceText::Inline { .. }),
+                "a publisher's prefix and any number fit without an allocation"
+            );
+        }
+        let long = "p".repeat(SequenceText::CAPACITY);
+        assert_eq!(SequenceText::new(&long, 7).as_ref(), format!("{long}7"));
     }
 
     #[test]

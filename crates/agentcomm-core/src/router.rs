@@ -412,6 +412,8 @@ pub struct Subscription {
     stop: Option<Pin<Box<async_channel::Receiver<()>>>>,
     control: Arc<dyn SubscriptionControl>,
     description: Arc<str>,
+    /// The runtime it was made on, if any: a subscription dropped outside a runtime is closed there.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Subscription {
@@ -432,6 +434,7 @@ impl Subscription {
             stop: None,
             control,
             description: description.into(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -518,12 +521,25 @@ impl Drop for Subscription {
     /// Dropping a subscription closes it.
     fn drop(&mut self) {
         let closing = self.control.close();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(error) = closing.await {
-                    tracing::debug!(error = %error, "closing a dropped subscription failed");
-                }
-            });
+        // Dropped outside a runtime: closed on the one it was made on (a backend's close finishes on
+        // a task, which would otherwise never run, and leave the subscription open until its router
+        // closes).
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.runtime.clone());
+        match runtime {
+            Some(runtime) => {
+                runtime.spawn(async move {
+                    if let Err(error) = closing.await {
+                        tracing::debug!(error = %error, "closing a dropped subscription failed");
+                    }
+                });
+            }
+            None => tracing::warn!(
+                subscription = %self.description,
+                "a subscription made and dropped outside any Tokio runtime could not finish closing; \
+                 it ends when its router closes"
+            ),
         }
     }
 }

@@ -58,6 +58,8 @@ const CLAIM_GIVEN_UP: u8 = 3;
 /// finishes, or, if it already has, a task is started to do it.
 struct Claim {
     state: Arc<AtomicU8>,
+    /// The router's runtime, where the counts are given back.
+    runtime: tokio::runtime::Handle,
     hub: Arc<PubSubHub>,
     redis: Vec<RedisSubscription>,
 }
@@ -78,11 +80,11 @@ impl Drop for Claim {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
                 (state != CLAIM_TAKEN).then_some(CLAIM_GIVEN_UP)
             });
-        if before == Ok(CLAIM_DONE)
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
+        if before == Ok(CLAIM_DONE) {
+            // On the router's runtime: the subscribe may be dropped outside any.
             let (hub, redis) = (self.hub.clone(), std::mem::take(&mut self.redis));
-            runtime.spawn(async move { hub.give_back(&redis).await });
+            self.runtime
+                .spawn(async move { hub.give_back(&redis).await });
         }
     }
 }
@@ -258,6 +260,7 @@ impl PubSubHub {
         };
         let claim = Claim {
             state,
+            runtime: shared.runtime.clone(),
             hub: self.clone(),
             redis: redis.clone(),
         };
@@ -1060,10 +1063,8 @@ impl PubSubAck {
             give(shared, subscription, envelope);
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            lost_on_close(&shared, &envelope);
-            return;
-        };
+        // On the router's runtime: a delivery may be given back (dropped) outside any.
+        let runtime = shared.runtime.clone();
         runtime.spawn(async move {
             tokio::time::sleep(delay).await;
             give(shared, subscription, envelope);

@@ -236,6 +236,10 @@ pub(crate) struct Shared {
     duplicate_log: LogLimiter,
     /// Entries of each (stream, group) known trimmed before the group read them, as counted so far.
     group_trimmed: Mutex<HashMap<(Arc<str>, String), u64>>,
+    /// The runtime the router connected on: clean-up started where there may be no runtime (a drop
+    /// outside one: the last clone of the router, a subscription, a subscribe given up part way)
+    /// runs there, instead of panicking (`tokio::spawn`) or being skipped.
+    pub(crate) runtime: tokio::runtime::Handle,
 }
 
 /// A [`Router`] on Redis, in pub/sub or Streams mode ([`DeliveryMode`]).
@@ -276,13 +280,13 @@ impl Drop for CloseOnDrop {
             return;
         }
         let shared = self.0.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(error) = shared.close().await {
-                    tracing::debug!(error = %error, "closing a dropped router failed");
-                }
-            });
-        }
+        // On the router's own runtime: dropped outside one, it is closed all the same.
+        let runtime = shared.runtime.clone();
+        runtime.spawn(async move {
+            if let Err(error) = shared.close().await {
+                tracing::debug!(error = %error, "closing a dropped router failed");
+            }
+        });
     }
 }
 
@@ -416,6 +420,8 @@ impl RedisRouter {
             malformed_log: LogLimiter::new(Duration::from_secs(5)),
             duplicate_log: LogLimiter::new(Duration::from_secs(5)),
             group_trimmed: Mutex::new(HashMap::new()),
+            // An async fn that has spawned tasks already (`watch_client`): inside a runtime.
+            runtime: tokio::runtime::Handle::current(),
             settings,
         });
         // The pub/sub subscriber (a connection of its own, and fred's notification rings: about 51 MB
@@ -1447,7 +1453,7 @@ impl Shared {
         identity.push_str(channel);
         let _ = write!(identity, " {:016x}", stable_hash_bytes(&raw));
         let error = Error::decode("envelope", error);
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             shared
                 .dead_letter_malformed(raw, &source, &identity, &error)
                 .await;

@@ -532,11 +532,11 @@ impl StreamSubscription {
     /// Undoes a set-up that did not finish, on a task of its own: stops the readers and tasks started
     /// so far and quits the readers' connections, and takes a group member's patterns back out of the
     /// group's union.
+    /// On the router's runtime (see [`Shared::runtime`]): it is dropped wherever its caller drops it,
+    /// outside a runtime too.
     fn abandon(self: Arc<Self>) {
         self.stop_now();
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+        let runtime = self.shared.runtime.clone();
         runtime.spawn(async move {
             self.quit_readers(tokio::time::Instant::now() + Duration::from_secs(1))
                 .await;
@@ -780,8 +780,12 @@ impl StreamSubscription {
         self.acks.wake.notify_one();
         let readers = self.readers.lock().expect("readers lock").clone();
         for reader in readers {
-            // Interrupts a blocking read as if it timed out, so that no entry it took is lost.
-            tokio::spawn(async move { reader.interrupt().await });
+            // Interrupts a blocking read as if it timed out, so that no entry it took is lost. On the
+            // router's runtime: this runs in drops (a subscription's, an abandoned subscribe's), which
+            // may happen outside any runtime.
+            self.shared
+                .runtime
+                .spawn(async move { reader.interrupt().await });
         }
     }
 
@@ -1367,14 +1371,8 @@ impl StreamSubscription {
             let delivery = Delivery::new(envelope, Box::new(ack)).redelivered(true);
             subscription.send(delivery, &key, id, counted).await;
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(run);
-            }
-            Err(_) => tracing::warn!(
-                "a delivery was given back outside a Tokio runtime; its entry is delivered again after claim_idle"
-            ),
-        }
+        // On the router's runtime: a delivery may be given back (dropped) outside any.
+        self.shared.runtime.spawn(run);
     }
 
     /// Reads this consumer's own pending entries that it does not hold: entries whose delivery was lost

@@ -1757,3 +1757,101 @@ async fn a_subscribe_sending_its_set_up_when_the_router_closes_fails_at_once() {
     )
     .await;
 }
+
+/// Subscriptions are dropped wherever their owner drops them, outside any Tokio runtime too (a struct
+/// dropped by `main` after its runtime's `block_on` returned, a non-Tokio thread). A library must not
+/// panic in a drop, nor skip the clean-up there:
+/// - a made Streams subscription dropped outside a runtime used to panic (closing it interrupted its
+///   reader's blocking read with `tokio::spawn`); now it is closed on the router's runtime, and its
+///   reader's connection goes;
+/// - a group subscribe given up part way (after it registered the member's patterns) and dropped
+///   outside a runtime used to leave the member in the group's registry for good (the undoing was
+///   skipped without a runtime), making later members start the group's new streams early for a
+///   member that never was; now it is undone on the router's runtime.
+#[test]
+fn streams_subscriptions_dropped_outside_a_runtime_are_cleaned_up_without_panicking() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some((proxy, proxied)) = runtime.block_on(redis_proxy()) else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = runtime.block_on(within(
+        Duration::from_secs(10),
+        "connecting through the proxy",
+        RedisRouter::builder(proxied)
+            .mode(DeliveryMode::Streams)
+            .prefix(&prefix)
+            .read_block(Duration::from_millis(500))
+            .connect(),
+    ));
+    let router = router.unwrap();
+    let baseline = proxy.stats().live;
+
+    // A made subscription, dropped outside the runtime.
+    let subscription = runtime.block_on(within(
+        WAIT,
+        "subscribing",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Outside:*:*").unwrap(),
+        )),
+    ));
+    let subscription = subscription.unwrap();
+    assert!(proxy.stats().live > baseline, "its reader has a connection");
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(subscription)));
+    assert!(
+        dropped.is_ok(),
+        "a subscription dropped outside a runtime must not panic"
+    );
+    runtime.block_on(eventually(
+        WAIT,
+        "the subscription dropped outside a runtime closes its reader's connection",
+        async || proxy.stats().live <= baseline,
+    ));
+
+    // A group subscribe given up once it registered its member, dropped outside the runtime.
+    let members = format!("{prefix}:group:outside:members");
+    let raw = runtime.block_on(raw_client());
+    proxy.set_latency(Duration::from_millis(300));
+    let mut subscribing = {
+        let router = router.clone();
+        Box::pin(async move {
+            router
+                .subscribe(
+                    SubscribeOptions::new(ChannelPattern::parse("Outside:*:*").unwrap())
+                        .group("outside"),
+                )
+                .await
+        })
+    };
+    runtime.block_on(async {
+        tokio::select! {
+            subscribed = subscribing.as_mut() => {
+                panic!("the subscribe was to be given up part way: {:?}", subscribed.map(|_| ()))
+            }
+            () = eventually(WAIT, "the member registers its patterns", async || {
+                raw.hlen::<u64, _>(&members).await.unwrap() == 1
+            }) => {}
+        }
+    });
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(subscribing)));
+    assert!(
+        dropped.is_ok(),
+        "a subscribe given up outside a runtime must not panic"
+    );
+    runtime.block_on(async {
+        proxy.set_latency(Duration::ZERO);
+        eventually(
+            WAIT,
+            "the given-up member's patterns are taken back out of the group's registry",
+            async || raw.hlen::<u64, _>(&members).await.unwrap() == 0,
+        )
+        .await;
+        router.close().await.unwrap();
+        let _ = raw.quit().await;
+    });
+}

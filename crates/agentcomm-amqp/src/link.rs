@@ -232,7 +232,10 @@ pub(crate) struct Counters {
     /// Messages RabbitMQ nacked, counted where the nack is read: also those whose caller stopped
     /// waiting for the confirm.
     pub publish_nacks: Arc<AtomicU64>,
-    pub unroutable: AtomicU64,
+    /// Confirmed publishes that reached no queue (returned, then acked), counted by the caller told
+    /// of it, or by the channel for a publish whose caller had stopped waiting after its frame went
+    /// out: every such publish, as `publish_nacks` and `confirm_timeouts` count theirs.
+    pub unroutable: Arc<AtomicU64>,
     pub returned: Arc<AtomicU64>,
     pub resent: AtomicU64,
     /// Publishes whose confirm did not come in time, counted by the caller told of it, or by the

@@ -128,6 +128,8 @@ pub(crate) struct Orphans {
     pub confirm_timeouts: Arc<AtomicU64>,
     /// The router's `abandoned_unconfirmed`: lost with their channel before the confirm.
     pub unconfirmed: Arc<AtomicU64>,
+    /// The router's `unroutable`: returned (no queue was bound), then acked.
+    pub unroutable: Arc<AtomicU64>,
     /// The router's limiters of warnings about such messages.
     pub log: Arc<OrphanLogs>,
 }
@@ -142,7 +144,7 @@ pub(crate) struct OrphanLogs {
     pub timed_out: LogLimiter,
     /// Lost with the channel before the confirm (`abandoned_unconfirmed`).
     pub channel_lost: LogLimiter,
-    /// Returned: no queue was bound (`returned`).
+    /// Returned: no queue was bound (`unroutable`).
     pub returned: LogLimiter,
     /// Refused by the broker with basic.nack (`publish_nacks`).
     pub nacked: LogLimiter,
@@ -347,7 +349,11 @@ impl Confirms {
         }
         drop(pending);
         self.wake_drain();
-        // Counted in `returned` when the return came; nobody else hears that it reached no queue.
+        // Counted in `unroutable` here, as the caller would have counted it had it still waited (and
+        // in `returned` when the return came); nobody else hears that it reached no queue.
+        self.orphans
+            .unroutable
+            .fetch_add(unroutable, Ordering::Relaxed);
         if let Some(id) = first_unroutable
             && let Some(left_out) = self.orphans.log.returned.allow(unroutable)
         {
@@ -355,7 +361,7 @@ impl Confirms {
                 messages = unroutable,
                 message_id = %uuid::Uuid::from_u128(id),
                 earlier_not_logged = left_out,
-                "messages reached no queue (RabbitMQ returned them: nothing is bound for their routing key) after their publishers had stopped waiting: they are lost; counted in returned"
+                "messages reached no queue (RabbitMQ returned them: nothing is bound for their routing key) after their publishers had stopped waiting: they are lost; counted in unroutable"
             );
         }
         // Counted in `publish_nacks` above; nobody else hears that the broker refused them.
@@ -994,6 +1000,7 @@ impl Inner {
                     Orphans {
                         confirm_timeouts: self.counters.confirm_timeouts.clone(),
                         unconfirmed: self.counters.abandoned_unconfirmed.clone(),
+                        unroutable: self.counters.unroutable.clone(),
                         log: self.orphans_log.clone(),
                     },
                 )

@@ -949,13 +949,10 @@ impl AmqpAck {
     /// delivery was abandoned), on a task of its own, as it was asked: acknowledges the message when
     /// an ack was asked for or its retry's copy went out already, gives it back otherwise (counted in
     /// `abandoned`).
+    ///
+    /// On the router's runtime (see `Inner::runtime`): the delivery may be dropped outside any.
     fn finish_in_background(&self, progress: u8) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(
-                "a settlement was left unfinished outside a Tokio runtime; RabbitMQ redelivers the message when the channel closes"
-            );
-            return;
-        };
+        let runtime = self.inner().runtime.clone();
         let acknowledge = matches!(progress, ACKING | RETRY_SENT);
         if acknowledge {
             tracing::debug!(

@@ -2237,3 +2237,42 @@ async fn a_publish_refused_after_close_counts_as_a_failure() {
     assert_eq!(health.get("published"), 2, "{health:?}");
     assert_eq!(health.get("publish_failures"), 2, "{health:?}");
 }
+
+/// A delivery dropped unsettled outside any Tokio runtime (kept in a struct that `main` drops after
+/// its runtime's `block_on` returned) is given back to its queue at once, on the router's runtime,
+/// as one dropped inside a runtime is. It used to be left unacknowledged on the live channel (a
+/// warning said it would come back when the channel closed), out of every member's reach.
+#[test]
+fn a_delivery_dropped_outside_a_runtime_is_given_back_at_once() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if !runtime.block_on(broker_available()) {
+        return;
+    }
+    let exchange = unique("t-drop-outside");
+    let _cleanup = Cleanup::new(&exchange, &[topology::group_queue(&exchange, "g")]);
+    let router = runtime.block_on(connect(&exchange));
+    let mut subscription = runtime.block_on(ping_member(&router));
+    let delivery = runtime.block_on(async {
+        within("publish", router.publish(envelope("Ping:event:s1", 7)))
+            .await
+            .unwrap();
+        within("a delivery", subscription.next()).await.unwrap()
+    });
+    drop(delivery);
+    runtime.block_on(async {
+        let again = within("the dropped delivery, given back", subscription.next())
+            .await
+            .unwrap();
+        assert_eq!(number(again.envelope()), 7);
+        assert!(again.is_redelivered());
+        within("ack", again.ack()).await.unwrap();
+        let health = within("health", router.health()).await;
+        assert_eq!(health.get("abandoned"), 1, "{health:?}");
+        drop(subscription);
+        within("close", router.close()).await.unwrap();
+    });
+}

@@ -9,6 +9,7 @@
 //! | `delivered` | deliveries handed to subscriptions |
 //! | `acked`, `nacked` | settlements |
 //! | `acks_not_pending` | streams: acknowledgements whose entry was no longer pending: another member had claimed and acknowledged it first (handled twice) |
+//! | `acks_recovered` | streams: entries a handler acknowledged whose `XACK` was lost (a connection cut), acknowledged when they came back (recovery after the reconnect, or a claim after `claim_idle`) instead of being handled again; also counted in `acked` |
 //! | `redelivered` | deliveries handed out again (nack, abandon, recovery after a reconnect) |
 //! | `reclaimed` | streams: entries taken over from a consumer that stopped renewing them |
 //! | `reclaim_rounds` | streams: rounds a group subscription made over its streams looking for entries left pending longer than `claim_idle` (one every `claim_idle / 2`, between 50 ms and 1 s, while it runs), counting only rounds in which every stream was looked at: a round in which listing or claiming failed on any stream (logged at debug) is not counted |
@@ -40,6 +41,7 @@ pub(crate) struct Counters {
     pub(crate) acked: AtomicU64,
     pub(crate) nacked: AtomicU64,
     pub(crate) acks_not_pending: AtomicU64,
+    pub(crate) acks_recovered: AtomicU64,
     pub(crate) redelivered: AtomicU64,
     pub(crate) reclaimed: AtomicU64,
     pub(crate) reclaim_rounds: AtomicU64,
@@ -99,6 +101,7 @@ impl Counters {
             ("acked", load(&self.acked)),
             ("nacked", load(&self.nacked)),
             ("acks_not_pending", load(&self.acks_not_pending)),
+            ("acks_recovered", load(&self.acks_recovered)),
             ("redelivered", load(&self.redelivered)),
             ("reclaimed", load(&self.reclaimed)),
             ("reclaim_rounds", load(&self.reclaim_rounds)),

@@ -94,35 +94,36 @@ return {taken, kept}
 /// saw: a history read (`XREADGROUP .. 0`) would add one to every pending entry it returns, held ones
 /// included. For each id, only if it is still pending for this consumer: its entry (`XRANGE`), renewed
 /// with `XCLAIM .. JUSTID` (which does not count a delivery); one whose entry was trimmed is
-/// acknowledged and counted instead. An id written `+<id>` was seen by a handler (its `XACK` was lost):
-/// its counter gets that delivery (`RETRYCOUNT`), and its trimmed entry is not a loss. KEYS: stream.
-/// ARGV: group, consumer, ids. Returns {entries as XRANGE gives them, number trimmed, each entry's
-/// deliveries counting the coming one}.
+/// acknowledged and counted instead. An id written `+<id>` was acknowledged by its handler, whose `XACK`
+/// was lost: it is acknowledged now (`XACK`), not delivered again (its handler succeeded: handling it
+/// again would repeat its effects, and counting that delivery would dead-letter it at
+/// `max_deliveries(1)`), trimmed or not. KEYS: stream. ARGV: group, consumer, ids. Returns {entries as
+/// XRANGE gives them, number trimmed, each entry's deliveries counting the coming one, ids acknowledged
+/// for their handler}.
 const RECOVER_SCRIPT: &str = r#"
-local entries, trimmed, counts = {}, 0, {}
+local entries, trimmed, counts, acked = {}, 0, {}, {}
 for i = 3, #ARGV do
   local id, seen = ARGV[i], false
   if string.sub(id, 1, 1) == '+' then id = string.sub(id, 2); seen = true end
   local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   if #pending > 0 and pending[1][2] == ARGV[2] then
-    local entry = redis.call('XRANGE', KEYS[1], id, id)
-    if #entry > 0 then
-      local count = pending[1][4]
-      if seen then
-        count = count + 1
-        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'RETRYCOUNT', count, 'JUSTID')
-      else
-        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
-      end
-      table.insert(entries, entry[1])
-      table.insert(counts, count)
-    else
+    if seen then
       redis.call('XACK', KEYS[1], ARGV[1], id)
-      if not seen then trimmed = trimmed + 1 end
+      table.insert(acked, id)
+    else
+      local entry = redis.call('XRANGE', KEYS[1], id, id)
+      if #entry > 0 then
+        redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+        table.insert(entries, entry[1])
+        table.insert(counts, pending[1][4])
+      else
+        redis.call('XACK', KEYS[1], ARGV[1], id)
+        trimmed = trimmed + 1
+      end
     end
   end
 end
-return {entries, trimmed, counts}
+return {entries, trimmed, counts, acked}
 "#;
 
 /// Claims entries idle for at least ARGV[3] ms: those whose entry was trimmed meanwhile are acknowledged
@@ -344,10 +345,10 @@ pub(crate) struct StreamSubscription {
     refill: usize,
     /// Entries read and not settled yet (delivered, buffered, or waiting for a prefetch slot).
     held: Mutex<HashSet<Held, FastState>>,
-    /// Entries a handler saw whose acknowledgement failed (an `XACK` lost with a connection): pending
-    /// for this consumer still, unless another member claimed them, so their recovery after the
-    /// reconnect counts the delivery the handler had (see [`RECOVER_SCRIPT`]). At most
-    /// [`UNACKED_CAP`] (see [`remember_unacked`]).
+    /// Entries a handler acknowledged whose `XACK` failed (lost with a connection): pending for this
+    /// consumer still, unless another member claimed them, so when they come back (recovery after the
+    /// reconnect, see [`RECOVER_SCRIPT`], or a claim after `claim_idle`) they are acknowledged, not
+    /// handled again (nor dead-lettered). At most [`UNACKED_CAP`] (see [`remember_unacked`]).
     unacked: Mutex<HashSet<Held, FastState>>,
     /// Limits the warnings about entries [`remember_unacked`] forgot.
     unacked_log: LogLimiter,
@@ -1270,6 +1271,45 @@ impl StreamSubscription {
         }
     }
 
+    /// Counts `late` entries acknowledged when they came back after their handler's `XACK` was lost
+    /// (`acked`, and `acks_recovered`), instead of being handled again.
+    fn count_late_acks(&self, key: &str, late: u64) {
+        if late == 0 {
+            return;
+        }
+        let counters = &self.shared.counters;
+        counters.add(&counters.acked, late);
+        counters.add(&counters.acks_recovered, late);
+        tracing::info!(
+            stream = key,
+            entries = late,
+            "entries whose acknowledgement was lost with a connection came back and were acknowledged, \
+             not handled again (their handlers had succeeded)"
+        );
+    }
+
+    /// Acknowledges an entry its handler acknowledged already, whose `XACK` was lost, now that it came
+    /// back (claimed after `claim_idle`) instead of handling it again. Should this `XACK` fail too, it
+    /// is remembered again, and comes back again.
+    async fn ack_late(&self, key: &Arc<str>, id: EntryId) {
+        if let Some(group) = &self.group {
+            let acked = self
+                .shared
+                .client_for(key)
+                .xack::<Value, _, _, _>(key.as_ref(), group.as_str(), id.to_string())
+                .await;
+            match acked {
+                Ok(_) => self.count_late_acks(key, 1),
+                Err(error) => {
+                    tracing::warn!(error = %error, stream = key.as_ref(), entry = %id, "could not acknowledge an entry whose earlier acknowledgement was lost; it comes back, and is acknowledged then");
+                    let mut unacked = self.unacked.lock().expect("unacked lock");
+                    remember_unacked(&mut unacked, std::iter::once((key.clone(), id)));
+                }
+            }
+        }
+        self.unhold(key, id);
+    }
+
     /// Forgets a held entry.
     fn unhold(&self, key: &Arc<str>, id: EntryId) {
         self.unhold_all(key, [id]);
@@ -1475,15 +1515,28 @@ impl StreamSubscription {
                     .collect()
             })
             .unwrap_or_default();
+        let acked: Vec<EntryId> = parts
+            .next()
+            .map(|ids| {
+                ids.into_array()
+                    .into_iter()
+                    .filter_map(|id| id.as_string().as_deref().and_then(EntryId::parse))
+                    .collect()
+            })
+            .unwrap_or_default();
         {
-            // Recovered: their deliveries are counted in Redis now.
+            // Recovered: their deliveries are counted in Redis now. Acknowledged: done with.
             let mut unacked = self.unacked.lock().expect("unacked lock");
             for (id, _) in &owned {
                 if let Some(id) = EntryId::parse(id) {
                     unacked.remove(&(key.clone(), id));
                 }
             }
+            for id in &acked {
+                unacked.remove(&(key.clone(), *id));
+            }
         }
+        self.count_late_acks(key, acked.len() as u64);
         if trimmed > 0 {
             // Pending for this consumer, not held: no handler had them. Gone before anyone handled them.
             self.shared
@@ -2222,7 +2275,7 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                 // and their slots given back together, once per batch.
                 let mut slots: Option<OwnedSemaphorePermit> = None;
                 if result.is_err() && !released {
-                    // Seen by their handlers: recovered after the reconnect, they count that delivery.
+                    // Acknowledged by their handlers: when they come back, they are acknowledged.
                     let forgotten = {
                         let mut unacked = subscription.unacked.lock().expect("unacked lock");
                         remember_unacked(
@@ -2240,8 +2293,7 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                             cap = UNACKED_CAP,
                             "acknowledgements keep failing without a reconnect (does the ACL user \
                              lack XACK?); the oldest entries whose XACK failed are forgotten: if \
-                             taken back after a reconnect, they count one delivery fewer than \
-                             their handlers had"
+                             they come back, they are handled again"
                         );
                     }
                 }
@@ -2547,13 +2599,17 @@ async fn reclaim_page(
     entries.sort_by_key(|(id, _)| EntryId::parse(id));
     // Held at once: none is left unrenewed while one before it is handled.
     subscription.hold_ids(key, entries.iter().map(|(id, _)| id.as_str()));
+    // Entries this consumer's handlers acknowledged whose `XACK` was lost: acknowledged, not handled
+    // again (see `ack_late`).
+    let mut handled: HashSet<EntryId, FastState> = HashSet::default();
     {
-        // The claim counted a delivery: nothing left to count for an acknowledgement this one lost.
         let mut unacked = subscription.unacked.lock().expect("unacked lock");
         if !unacked.is_empty() {
             for (id, _) in &entries {
-                if let Some(id) = EntryId::parse(id) {
-                    unacked.remove(&(key.clone(), id));
+                if let Some(id) = EntryId::parse(id)
+                    && unacked.remove(&(key.clone(), id))
+                {
+                    handled.insert(id);
                 }
             }
         }
@@ -2568,6 +2624,11 @@ async fn reclaim_page(
             }
             break;
         };
+        if let Some(entry_id) = EntryId::parse(&id).filter(|id| handled.contains(id)) {
+            drop(permit);
+            subscription.ack_late(key, entry_id).await;
+            continue;
+        }
         let deliveries = counts.get(&id).copied().unwrap_or(1) + 1;
         subscription
             .shared

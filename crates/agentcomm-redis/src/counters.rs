@@ -5,6 +5,7 @@
 //! | `published` | publishes Redis confirmed |
 //! | `publish_duplicates` | streams: publishes fred wrote again after a reconnect, found stored already and not stored twice |
 //! | `publish_errors` | publishes that failed (the caller got the error) |
+//! | `publish_uncertain` | publishes of a `publish_batch` (pub/sub, or Streams without `idempotent_publish`) whose pipeline failed on a timeout or a cut connection: their caller got an error, yet they may have been published or stored, or may still be once the connection is back (fred can write a pipeline after its caller stopped waiting); publishing them again may deliver them twice. Also in `publish_errors` |
 //! | `unroutable` | pub/sub: publishes no subscriber received |
 //! | `delivered` | deliveries handed to subscriptions |
 //! | `acked`, `nacked` | settlements |
@@ -36,6 +37,7 @@ pub(crate) struct Counters {
     pub(crate) published: AtomicU64,
     pub(crate) publish_duplicates: AtomicU64,
     pub(crate) publish_errors: AtomicU64,
+    pub(crate) publish_uncertain: AtomicU64,
     pub(crate) unroutable: AtomicU64,
     pub(crate) delivered: AtomicU64,
     pub(crate) acked: AtomicU64,
@@ -96,6 +98,7 @@ impl Counters {
             ("published", load(&self.published)),
             ("publish_duplicates", load(&self.publish_duplicates)),
             ("publish_errors", load(&self.publish_errors)),
+            ("publish_uncertain", load(&self.publish_uncertain)),
             ("unroutable", load(&self.unroutable)),
             ("delivered", load(&self.delivered)),
             ("acked", load(&self.acked)),

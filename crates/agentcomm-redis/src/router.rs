@@ -172,6 +172,14 @@ const UNCERTAIN_BATCH_APPEND: &str = "XADD in a publish_batch pipeline (the mess
      its caller stopped waiting: publishing it again may store it twice unless idempotent_publish(true) \
      is set)";
 
+/// [`UNCERTAIN_BATCH_APPEND`] for a pub/sub `PUBLISH` in a `publish_batch` pipeline: the message may
+/// have been published, or may still be once the connection is back. Publishing it again takes a new
+/// sequence number, so subscribers cannot tell the two copies apart: the error says so.
+const UNCERTAIN_BATCH_PUBLISH: &str = "PUBLISH in a publish_batch pipeline (the message may have \
+     been published, or may still be published once the connection is back, since fred can write a \
+     pipeline after its caller stopped waiting: publishing it again may deliver it twice, as a new \
+     message subscribers cannot tell from the first)";
+
 /// Whether Redis itself answered a command with an error (`NOPERM` for a channel the ACL user may not
 /// publish to, for one): the command did not run. fred's own errors (a timeout, a cut connection, too
 /// many write attempts) leave that open: the command may have run, or (a pipeline that timed out) may
@@ -1368,7 +1376,13 @@ impl Shared {
                 (Err(error), Some(_)) if !idempotent && !refused_by_redis(&error) => {
                     // fred does not mark a pipeline whose wait timed out as timed out (as it does a
                     // single command): it may still be written after a reconnect, or ran already.
+                    self.counters.bump(&self.counters.publish_uncertain);
                     Err(map_error(&error, &self.settings, UNCERTAIN_BATCH_APPEND))
+                }
+                (Err(error), None) if !streams && !refused_by_redis(&error) => {
+                    // The same for a pub/sub PUBLISH. Its number is not given back: it may be used.
+                    self.counters.bump(&self.counters.publish_uncertain);
+                    Err(map_error(&error, &self.settings, UNCERTAIN_BATCH_PUBLISH))
                 }
                 (Err(error), _) => {
                     if let Some(numbered) = &pending.numbered

@@ -744,7 +744,70 @@ async fn a_batch_given_up_while_redis_is_unreachable_says_its_messages_may_be_st
             "the error says the message may be stored, and names the fix: {error}"
         );
     }
+    let health = publisher.health().await;
+    assert_eq!(health.get("publish_uncertain"), 2, "{health:?}");
     let _ = fred::prelude::ClientLike::quit(&raw).await;
+    publisher.close().await.unwrap();
+}
+
+/// The same in pub/sub mode: a `publish_batch` whose pipeline fred gave up waiting for while Redis was
+/// unreachable is published once the connection is back, and reaches subscribers, although each of its
+/// messages got an error. A caller that publishes them again delivers them twice (a retry takes a new
+/// sequence number: subscribers cannot tell the copies apart). The error must say so, and the
+/// publishes are counted in `publish_uncertain`; before, the error only said the publish timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pubsub_batch_given_up_while_redis_is_unreachable_says_its_messages_may_be_delivered() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let publisher = connect_through_proxy(
+        RedisRouter::builder(proxied)
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let subscriber = connected(builder(DeliveryMode::PubSub, &prefix)).await;
+    let mut subscription = subscriber
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Late:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let channel = parse_channel("Late:event:s1").unwrap();
+    publisher.publish(message(&channel, 0)).await.unwrap();
+    let first = next(&mut subscription).await;
+    assert_eq!(number(first.envelope()), 0);
+    first.ack().await.unwrap();
+    proxy.reject_for(Duration::from_secs(30));
+    proxy.cut_all();
+    let results = within(
+        Duration::from_secs(10),
+        "the batch to fail",
+        publisher.publish_batch(vec![message(&channel, 1), message(&channel, 2)]),
+    )
+    .await;
+    proxy.reject_for(Duration::ZERO);
+    // What makes the wording matter: the failed batch is published after all, once fred reconnects.
+    for expected in [1, 2] {
+        let delivery = next(&mut subscription).await;
+        assert_eq!(number(delivery.envelope()), expected);
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(results.len(), 2);
+    for result in results {
+        let error = result
+            .expect_err("the batch timed out while Redis was unreachable")
+            .to_string();
+        assert!(
+            error.contains("may have been published") && error.contains("may deliver it twice"),
+            "the error says the message may be delivered, and what a retry does: {error}"
+        );
+    }
+    let health = publisher.health().await;
+    assert_eq!(health.get("publish_uncertain"), 2, "{health:?}");
+    subscriber.close().await.unwrap();
     publisher.close().await.unwrap();
 }
 

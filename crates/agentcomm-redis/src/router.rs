@@ -502,6 +502,17 @@ impl Shared {
         (hasher.finish() % self.pool.clients().len() as u64) as usize
     }
 
+    /// The Streams subscriptions running now, for the crate's own tests.
+    #[cfg(test)]
+    pub(crate) fn stream_subscriptions(&self) -> Vec<Arc<StreamSubscription>> {
+        self.streams
+            .lock()
+            .expect("streams lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub(crate) fn forget_stream(&self, id: u64) {
         self.streams.lock().expect("streams lock").remove(&id);
     }

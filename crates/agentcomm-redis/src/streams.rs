@@ -3038,4 +3038,192 @@ mod tests {
             assert_eq!(EntryId::parse(&id.text()), Some(id));
         }
     }
+
+    /// A group subscription (`max_deliveries(1)`, `claim_idle` as given) holding nothing, and one entry
+    /// its handler acknowledged whose `XACK` was lost, in the state `send_acks` leaves such an entry:
+    /// pending for this consumer, no longer held, remembered in `unacked`. (A real lost `XACK` needs a
+    /// cut of the pool's connection alone: a cut of every connection makes the reader recover the entry
+    /// first, so the other paths it can come back by are reached here this way.)
+    struct LostAck {
+        router: crate::RedisRouter,
+        subscription: Subscription,
+        inner: Arc<StreamSubscription>,
+        raw: Client,
+        key: Arc<str>,
+        id: EntryId,
+    }
+
+    impl LostAck {
+        /// `None` when there is no Redis (a failure instead with `AGENTCOMM_REQUIRE_BROKERS=1`).
+        /// `before_release` runs once the entry is remembered in `unacked`, before it is unheld.
+        async fn start(
+            claim_idle: Duration,
+            before_release: impl AsyncFnOnce(&Client, &str, EntryId),
+        ) -> Option<Self> {
+            use agentcomm_core::router::Router;
+            use fred::interfaces::ClientLike;
+            let url =
+                std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+            let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+            let connecting = crate::RedisRouter::builder(&url)
+                .mode(crate::DeliveryMode::Streams)
+                .prefix(&prefix)
+                .claim_idle(claim_idle)
+                .max_deliveries(1)
+                .read_block(Duration::from_millis(200))
+                .connect();
+            let router = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+                Ok(Ok(router)) => router,
+                _ if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") => {
+                    panic!(
+                        "AGENTCOMM_REQUIRE_BROKERS=1, but there is no Redis at {}",
+                        redact(&url)
+                    )
+                }
+                _ => {
+                    println!("skipped: no Redis at {}", redact(&url));
+                    return None;
+                }
+            };
+            let raw =
+                fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
+                    .build()
+                    .unwrap();
+            raw.init().await.unwrap();
+            let mut subscription = router
+                .subscribe(
+                    SubscribeOptions::new(ChannelPattern::parse("Lost:*:*").unwrap()).group("g"),
+                )
+                .await
+                .unwrap();
+            router
+                .publish(Envelope::new(
+                    agentcomm_core::channel::Channel::new("Lost", "event", "s1").unwrap(),
+                    "application/msgpack",
+                    vec![0x80],
+                ))
+                .await
+                .unwrap();
+            let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+                .await
+                .expect("a delivery within 10 s")
+                .expect("a delivery");
+            let key: Arc<str> = Arc::from(router.shared().keys.stream("Lost"));
+            let inner = router
+                .shared()
+                .stream_subscriptions()
+                .into_iter()
+                .next()
+                .expect("the subscription is registered");
+            let id = pending_of(&raw, &key, "g", &inner.consumer, "-", 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .next()
+                .expect("the entry is pending");
+            // What a failed XACK leaves (see `send_acks`): remembered first, then unheld, so that no
+            // claim finds it unheld and not remembered. The delivery was settled (its slot is not
+            // given back here: one slot fewer does not matter to these tests).
+            inner.unacked.lock().unwrap().insert((key.clone(), id));
+            before_release(&raw, &key, id).await;
+            inner.unhold(&key, id);
+            std::mem::forget(delivery);
+            Some(Self {
+                router,
+                subscription,
+                inner,
+                raw,
+                key,
+                id,
+            })
+        }
+
+        fn counter(&self, name: &str) -> u64 {
+            self.router
+                .shared()
+                .counters
+                .snapshot()
+                .into_iter()
+                .find(|(counter, _)| *counter == name)
+                .map(|(_, value)| value)
+                .expect("a counter of that name")
+        }
+
+        /// The entries pending in the group, for any consumer.
+        async fn pending(&self) -> usize {
+            let pending: Value = self
+                .raw
+                .xpending(self.key.as_ref(), "g", ("-", "+", 10))
+                .await
+                .unwrap();
+            pending.into_array().len()
+        }
+
+        /// Waits (10 s at most) until `done` holds.
+        async fn wait_for(&self, what: &str, mut done: impl AsyncFnMut(&Self) -> bool) {
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !done(self).await {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "timed out after 10 s waiting for {what}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        async fn end(self) {
+            let (raw, key) = (self.raw.clone(), self.key.clone());
+            self.end_keeping_keys().await;
+            Self::remove_keys(&raw, &key).await;
+        }
+
+        /// Drops the subscription and closes the router (the raw client stays connected).
+        async fn end_keeping_keys(self) {
+            use agentcomm_core::router::Router;
+            drop(self.subscription);
+            self.router.close().await.unwrap();
+        }
+
+        /// Removes the keys of the prefix `key` has, and quits `raw`.
+        async fn remove_keys(raw: &Client, key: &str) {
+            use fred::interfaces::{ClientLike, KeysInterface};
+            let prefix = key.split(":stream:").next().unwrap();
+            let keys: Vec<String> = raw
+                .custom(
+                    fred::types::CustomCommand::new_static(
+                        "KEYS",
+                        fred::types::ClusterHash::Random,
+                        false,
+                    ),
+                    vec![format!("{prefix}:*")],
+                )
+                .await
+                .unwrap();
+            if !keys.is_empty() {
+                let _: i64 = raw.del(keys).await.unwrap();
+            }
+            let _ = raw.quit().await;
+        }
+    }
+
+    /// An entry whose `XACK` was lost, claimed back after `claim_idle` by its own consumer (no
+    /// reconnect made its reader recover it first), is acknowledged, not handled again: with
+    /// `max_deliveries(1)` it would otherwise be dead-lettered although its handler succeeded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_whose_ack_was_lost_claimed_back_after_claim_idle_is_acknowledged() {
+        let Some(lost) = LostAck::start(Duration::from_millis(100), async |_, _, _| {}).await
+        else {
+            return;
+        };
+        lost.wait_for("the entry to be acknowledged", async |lost| {
+            lost.counter("acks_recovered") == 1 && lost.pending().await == 0
+        })
+        .await;
+        assert_eq!(lost.counter("dead_lettered"), 0);
+        assert_eq!(lost.counter("reclaimed"), 0, "not handled again");
+        assert_eq!(lost.counter("acked"), 1);
+        let remembered = (lost.key.clone(), lost.id);
+        assert!(!lost.inner.unacked.lock().unwrap().contains(&remembered));
+        lost.end().await;
+    }
 }

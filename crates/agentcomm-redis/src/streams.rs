@@ -2581,7 +2581,24 @@ async fn reclaim_page(
         .map_err(|e| map_error(&e, settings, "claiming pending entries"))?;
     let mut parts = reply.into_array().into_iter();
     let claimed = parts.next().unwrap_or(Value::Null);
-    let trimmed = parts.next().unwrap_or(Value::Null).into_array();
+    let mut trimmed = parts.next().unwrap_or(Value::Null).into_array();
+    {
+        // Trimmed, but acknowledged by this consumer's handlers (their `XACK` was lost): handled, not
+        // lost. The script acknowledged them: counted as late acknowledgements.
+        let mut unacked = subscription.unacked.lock().expect("unacked lock");
+        let before = trimmed.len();
+        if !unacked.is_empty() {
+            trimmed.retain(|id| {
+                let Some(id) = id.as_string().as_deref().and_then(EntryId::parse) else {
+                    return true;
+                };
+                !unacked.remove(&(key.clone(), id))
+            });
+        }
+        let late = (before - trimmed.len()) as u64;
+        drop(unacked);
+        subscription.count_late_acks(key, late);
+    }
     if !trimmed.is_empty() {
         subscription
             .shared
@@ -3221,6 +3238,29 @@ mod tests {
         .await;
         assert_eq!(lost.counter("dead_lettered"), 0);
         assert_eq!(lost.counter("reclaimed"), 0, "not handled again");
+        assert_eq!(lost.counter("acked"), 1);
+        let remembered = (lost.key.clone(), lost.id);
+        assert!(!lost.inner.unacked.lock().unwrap().contains(&remembered));
+        lost.end().await;
+    }
+
+    /// An entry whose `XACK` was lost and whose entry was then trimmed, found by a claim after
+    /// `claim_idle`, is acknowledged as handled (`acks_recovered`), not counted and logged as an entry
+    /// trimmed before anyone handled it (`trimmed`, a loss): its handler succeeded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_whose_ack_was_lost_then_trimmed_is_not_counted_as_lost() {
+        let trim = async |raw: &Client, key: &str, id: EntryId| {
+            let _: u64 = raw.xdel(key, id.to_string()).await.unwrap();
+        };
+        let Some(lost) = LostAck::start(Duration::from_millis(100), trim).await else {
+            return;
+        };
+        lost.wait_for("the entry to be acknowledged", async |lost| {
+            lost.pending().await == 0
+        })
+        .await;
+        assert_eq!(lost.counter("trimmed"), 0, "its handler had it: not lost");
+        assert_eq!(lost.counter("acks_recovered"), 1);
         assert_eq!(lost.counter("acked"), 1);
         let remembered = (lost.key.clone(), lost.id);
         assert!(!lost.inner.unacked.lock().unwrap().contains(&remembered));

@@ -10,7 +10,7 @@
 //! | `delivered` | deliveries handed to subscriptions |
 //! | `acked`, `nacked` | settlements |
 //! | `acks_not_pending` | streams: acknowledgements whose entry was no longer pending: another member had claimed and acknowledged it first (handled twice) |
-//! | `acks_recovered` | streams: entries a handler acknowledged whose `XACK` was lost (a connection cut), acknowledged when they came back (recovery after the reconnect, or a claim after `claim_idle`) instead of being handled again; also counted in `acked` |
+//! | `acks_recovered` | streams: entries a handler acknowledged whose `XACK` was lost (a connection cut), acknowledged when they came back (recovery after the reconnect, or a claim after `claim_idle`), or when their subscription closed, instead of being handled again; also counted in `acked` |
 //! | `redelivered` | deliveries handed out again (nack, abandon, recovery after a reconnect) |
 //! | `reclaimed` | streams: entries taken over from a consumer that stopped renewing them |
 //! | `reclaim_rounds` | streams: rounds a group subscription made over its streams looking for entries left pending longer than `claim_idle` (one every `claim_idle / 2`, between 50 ms and 1 s, while it runs), counting only rounds in which every stream was looked at: a round in which listing or claiming failed on any stream (logged at debug) is not counted |

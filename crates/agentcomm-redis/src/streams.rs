@@ -899,6 +899,37 @@ impl StreamSubscription {
                     continue;
                 }
             };
+            // Those its handlers acknowledged whose `XACK` was lost: acknowledged now, not given back
+            // to be handled again by another member (nor dead-lettered at `max_deliveries(1)`).
+            let late: HashSet<EntryId, FastState> = {
+                let unacked = self.unacked.lock().expect("unacked lock");
+                ids.iter()
+                    .filter(|id| unacked.contains(&(key.clone(), **id)))
+                    .copied()
+                    .collect()
+            };
+            let mut ids = ids;
+            if !late.is_empty() {
+                let texts: Vec<String> = late.iter().map(ToString::to_string).collect();
+                match client
+                    .xack::<Value, _, _, _>(key.as_ref(), group.as_str(), texts)
+                    .await
+                {
+                    Ok(removed) => {
+                        let mut unacked = self.unacked.lock().expect("unacked lock");
+                        for id in &late {
+                            unacked.remove(&(key.clone(), *id));
+                        }
+                        drop(unacked);
+                        ids.retain(|id| !late.contains(id));
+                        self.count_late_acks(&key, removed.as_u64().unwrap_or(0));
+                    }
+                    Err(error) => tracing::debug!(
+                        error = %error,
+                        "could not acknowledge entries whose acknowledgement was lost; they are given back, and handled again"
+                    ),
+                }
+            }
             for chunk in ids.chunks(500) {
                 let ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
                 if let Err(error) =
@@ -3265,5 +3296,32 @@ mod tests {
         let remembered = (lost.key.clone(), lost.id);
         assert!(!lost.inner.unacked.lock().unwrap().contains(&remembered));
         lost.end().await;
+    }
+
+    /// A subscription closing with an entry whose `XACK` was lost acknowledges it, rather than giving
+    /// it back to the group with the entries no handler finished (where another member would handle
+    /// it again at once, or dead-letter it with `max_deliveries(1)`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscription_closing_acknowledges_an_entry_whose_ack_was_lost() {
+        let Some(lost) = LostAck::start(Duration::from_secs(30), async |_, _, _| {}).await else {
+            return;
+        };
+        let (raw, key, counters) = (
+            lost.raw.clone(),
+            lost.key.clone(),
+            lost.router.shared().clone(),
+        );
+        lost.end_keeping_keys().await;
+        let pending: Value = raw
+            .xpending(key.as_ref(), "g", ("-", "+", 10))
+            .await
+            .unwrap();
+        assert!(
+            pending.into_array().is_empty(),
+            "acknowledged, not given back to the group"
+        );
+        let recovered = counters.counters.acks_recovered.load(Ordering::Relaxed);
+        assert_eq!(recovered, 1);
+        LostAck::remove_keys(&raw, &key).await;
     }
 }

@@ -1330,7 +1330,9 @@ impl StreamSubscription {
                 .xack::<Value, _, _, _>(key.as_ref(), group.as_str(), id.to_string())
                 .await;
             match acked {
-                Ok(_) => self.count_late_acks(key, 1),
+                // 0: no longer pending (the recovery after a reconnect, or another member, acknowledged
+                // it meanwhile): counted there, not here.
+                Ok(removed) => self.count_late_acks(key, removed.as_u64().unwrap_or(0).min(1)),
                 Err(error) => {
                     tracing::warn!(error = %error, stream = key.as_ref(), entry = %id, "could not acknowledge an entry whose earlier acknowledgement was lost; it comes back, and is acknowledged then");
                     let mut unacked = self.unacked.lock().expect("unacked lock");
@@ -3323,5 +3325,24 @@ mod tests {
         let recovered = counters.counters.acks_recovered.load(Ordering::Relaxed);
         assert_eq!(recovered, 1);
         LostAck::remove_keys(&raw, &key).await;
+    }
+
+    /// A late acknowledgement that finds its entry no longer pending (recovery, or another member,
+    /// acknowledged it first) does not count it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_acknowledgement_of_an_entry_no_longer_pending_is_not_counted() {
+        let Some(lost) = LostAck::start(Duration::from_secs(30), async |_, _, _| {}).await else {
+            return;
+        };
+        let _: u64 = lost
+            .raw
+            .xack(lost.key.as_ref(), "g", lost.id.to_string())
+            .await
+            .unwrap();
+        lost.inner.unacked.lock().unwrap().clear();
+        lost.inner.ack_late(&lost.key, lost.id).await;
+        assert_eq!(lost.counter("acks_recovered"), 0);
+        assert_eq!(lost.counter("acked"), 0);
+        lost.end().await;
     }
 }

@@ -1855,3 +1855,59 @@ fn streams_subscriptions_dropped_outside_a_runtime_are_cleaned_up_without_panick
         let _ = raw.quit().await;
     });
 }
+
+/// The other clean-ups of a drop outside any Tokio runtime: a group delivery dropped unsettled there
+/// is given back at once on the router's runtime (it used to be left pending until `claim_idle`, with
+/// a warning), and a router whose last clone is dropped there is closed on its runtime, its
+/// connections with it (its close used to be skipped: the connections stayed open).
+#[test]
+fn a_delivery_and_a_router_dropped_outside_a_runtime_are_given_back_and_closed() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some((proxy, proxied)) = runtime.block_on(redis_proxy()) else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = runtime.block_on(within(
+        Duration::from_secs(10),
+        "connecting through the proxy",
+        RedisRouter::builder(proxied)
+            .mode(DeliveryMode::Streams)
+            .prefix(&prefix)
+            .read_block(Duration::from_millis(500))
+            .connect(),
+    ));
+    let router = router.unwrap();
+    let mut subscription = runtime
+        .block_on(router.subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Dropped:*:*").unwrap()).group("g"),
+        ))
+        .unwrap();
+    let delivery = runtime.block_on(async {
+        router
+            .publish(envelope("Dropped:event:s1", 7))
+            .await
+            .unwrap();
+        next(&mut subscription).await
+    });
+    // Outside the runtime: given back at once (claim_idle is 30 s, the wait 10 s).
+    drop(delivery);
+    runtime.block_on(async {
+        let again = next(&mut subscription).await;
+        assert_eq!(number(&again), 7);
+        assert!(again.is_redelivered());
+        again.ack().await.unwrap();
+    });
+    drop(subscription);
+    assert!(proxy.stats().live > 0, "the router has connections");
+    drop(router);
+    runtime.block_on(eventually(
+        WAIT,
+        "the router dropped outside a runtime closes its connections",
+        async || proxy.stats().live == 0,
+    ));
+}

@@ -1612,6 +1612,35 @@ impl StreamSubscription {
         }
     }
 
+    /// `count` prefetch slots to claim entries with, or `None` once the subscription stops.
+    ///
+    /// A reader in its blocking read holds every slot that was free when the read started (up to
+    /// `read_batch`), for as long as `read_block` when nothing new comes: waiting that out would
+    /// leave entries that a stopping member gave back (marked idle so that they are claimed at once)
+    /// waiting seconds, and get one slot per read at worst. So when the slots are not free, this
+    /// takes its place in line first, then interrupts the readers' blocking reads (as if they timed
+    /// out: nothing a read took is lost): the slots a read gives back go to the first in line.
+    async fn slots_for_claim(&self, count: usize) -> Option<OwnedSemaphorePermit> {
+        let count = u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+        let mut stop = self.stop.subscribe();
+        let mut acquire = std::pin::pin!(self.permits.clone().acquire_many_owned(count));
+        // Polled once: in line now (or served at once, when the slots are free).
+        if let std::task::Poll::Ready(permit) = futures::poll!(acquire.as_mut()) {
+            return permit.ok();
+        }
+        let readers = self.readers.lock().expect("readers lock").clone();
+        for reader in readers {
+            tokio::select! {
+                () = reader.interrupt() => {}
+                () = stopped(&mut stop) => return None,
+            }
+        }
+        tokio::select! {
+            permit = acquire => permit.ok(),
+            () = stopped(&mut stop) => None,
+        }
+    }
+
     /// One prefetch slot, or `None` once the subscription stops.
     async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
         let mut stop = self.stop.subscribe();
@@ -2586,22 +2615,29 @@ async fn reclaim_page(
     if counts.is_empty() {
         return Ok(page);
     }
-    // Wait for a prefetch slot in line with the reader (the semaphore is fair): taking only free slots
-    // would starve reclaiming while new entries keep the prefetch full.
-    let Some(first) = subscription.acquire().await else {
+    // Wait for prefetch slots in line with the reader (the semaphore is fair): taking only free slots
+    // would starve reclaiming while new entries keep the prefetch full. As many as the reader waits
+    // for (`refill`) at most, then whatever else is free.
+    let wanted = counts.len().min(subscription.refill);
+    let Some(mut permits) = subscription.slots_for_claim(wanted).await else {
         page.progressed = true;
         return Ok(page);
     };
-    let mut permits = vec![first];
-    while permits.len() < counts.len() {
-        match subscription.permits.clone().try_acquire_owned() {
-            Ok(permit) => permits.push(permit),
-            Err(_) => break,
-        }
+    let more = counts
+        .len()
+        .saturating_sub(permits.num_permits())
+        .min(subscription.permits.available_permits());
+    if more > 0
+        && let Ok(extra) = subscription
+            .permits
+            .clone()
+            .try_acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX))
+    {
+        permits.merge(extra);
     }
     let mut ids: Vec<String> = counts.keys().cloned().collect();
     ids.sort_by_key(|id| EntryId::parse(id));
-    ids.truncate(permits.len());
+    ids.truncate(permits.num_permits());
     let mut args: Vec<String> = vec![
         group.to_string(),
         subscription.consumer.clone(),
@@ -2667,7 +2703,7 @@ async fn reclaim_page(
     let mut fresh = false;
     let mut entries = entries.into_iter();
     while let Some((id, frame)) = entries.next() {
-        let Some(permit) = permits.pop() else {
+        let Some(permit) = permits.split(1) else {
             // More came back than slots were taken (not expected: as many were asked): left pending.
             for (id, _) in std::iter::once((id, frame)).chain(entries) {
                 subscription.unhold_text(key, &id);

@@ -1402,6 +1402,69 @@ async fn entries_given_back_unhandled_from_a_stopping_members_buffer_count_no_at
     publisher.close().await.unwrap();
 }
 
+/// A member whose reader waits in a blocking read holds every free prefetch slot for that read: the
+/// entries a stopping member gives back (marked idle, to be claimed at once) used to wait for that
+/// read to time out (`read_block`, 5 s by default) before the member's reclaim round got a slot.
+/// They are claimed at the next round now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_member_claims_given_back_entries_without_waiting_out_its_blocking_read() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    // Long enough that the heir's read, which started before the holder stopped, is still waiting when
+    // the bound below runs out.
+    let read_block = Duration::from_secs(15);
+    let quick = || {
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .read_block(read_block)
+            .connect()
+    };
+    let options = SubscribeOptions::new(ChannelPattern::parse("Idle:*:*").unwrap())
+        .group("g")
+        .prefetch(50);
+    let holder_router = within(WAIT, "connecting", quick()).await.unwrap();
+    let holder = holder_router.subscribe(options.clone()).await.unwrap();
+    for n in 0..8 {
+        holder_router
+            .publish(envelope("Idle:event:s1", n))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "the holder to buffer all eight", async || {
+        holder.buffered() == 8
+    })
+    .await;
+    let heir_router = within(WAIT, "connecting", quick()).await.unwrap();
+    let mut heir = heir_router.subscribe(options).await.unwrap();
+    // The heir's reader is in its blocking read (nothing new to read) once a few reclaim rounds went
+    // by: each found only entries the holder renews.
+    eventually(WAIT, "the heir's reclaim rounds", async || {
+        heir_router.health().await.get("reclaim_rounds") >= 3
+    })
+    .await;
+    drop(holder);
+    holder_router.close().await.unwrap();
+    let mut seen = Vec::new();
+    within(
+        read_block / 3,
+        "the eight given-back entries, long before the heir's blocking read times out",
+        async {
+            while seen.len() < 8 {
+                let delivery = heir.next().await.unwrap();
+                seen.push((number(&delivery), delivery.envelope().attempt()));
+                delivery.ack().await.unwrap();
+            }
+        },
+    )
+    .await;
+    seen.sort();
+    assert_eq!(seen, (0..8).map(|n| (n, 1)).collect::<Vec<_>>());
+    heir_router.close().await.unwrap();
+}
+
 /// An acknowledgement of an entry another member already acknowledged (it claimed the entry while
 /// this one was out of reach, and handled it too) finds nothing pending: the handler's work is done,
 /// so the ack succeeds, but the double handling is counted where a user looks for it.

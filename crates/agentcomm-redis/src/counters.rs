@@ -14,6 +14,7 @@
 //! | `redelivered` | deliveries handed out again (nack, abandon, recovery after a reconnect) |
 //! | `reclaimed` | streams: entries taken over from a consumer that stopped renewing them |
 //! | `reclaim_rounds` | streams: rounds a group subscription made over its streams looking for entries left pending longer than `claim_idle` (one every `claim_idle / 2`, between 50 ms and 1 s, while it runs), counting only rounds in which every stream was looked at: a round in which listing or claiming failed on any stream (logged at debug) is not counted |
+//! | `read_interrupts` | streams: blocking reads a reclaim round interrupted (`CLIENT UNBLOCK .. TIMEOUT`) to get the prefetch slots they held for entries to claim: at most one per reader and round, and none for entries the round before could not claim either (a live member holds them, trimmed) |
 //! | `lease_renewals` | streams: renewals Redis answered of the entries a group subscription holds (one per stream every `claim_idle / 3`, while it holds some) |
 //! | `dead_lettered` | streams: entries moved to their dead-letter channel after `max_deliveries` |
 //! | `malformed` | frames that could not be decoded; moved to `DeadLetter:agentcomm.Malformed:unknown` |
@@ -47,6 +48,7 @@ pub(crate) struct Counters {
     pub(crate) redelivered: AtomicU64,
     pub(crate) reclaimed: AtomicU64,
     pub(crate) reclaim_rounds: AtomicU64,
+    pub(crate) read_interrupts: AtomicU64,
     pub(crate) lease_renewals: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) malformed: AtomicU64,
@@ -108,6 +110,7 @@ impl Counters {
             ("redelivered", load(&self.redelivered)),
             ("reclaimed", load(&self.reclaimed)),
             ("reclaim_rounds", load(&self.reclaim_rounds)),
+            ("read_interrupts", load(&self.read_interrupts)),
             ("lease_renewals", load(&self.lease_renewals)),
             ("dead_lettered", load(&self.dead_lettered)),
             ("malformed", load(&self.malformed)),

@@ -374,6 +374,11 @@ pub(crate) struct StreamSubscription {
     filtered_log: LogLimiter,
     /// Acknowledgements of entries no longer pending (another member acknowledged them first).
     not_pending_log: LogLimiter,
+    /// Per stream, the idle entries a reclaim round asked for and could neither claim nor count trimmed
+    /// (trimmed while a live member holds them), and when: they stay idle until that member settles
+    /// them (or is gone for `claim_idle`), so rounds that find only these do not interrupt the reader's
+    /// blocking read for them (see [`UNCLAIMABLE_RETRY`]).
+    unclaimable: Mutex<HashMap<Arc<str>, Unclaimable>>,
     /// Reuses the channel of the previous entry when the next one has the same.
     decoder: Mutex<FrameDecoder>,
 }
@@ -493,6 +498,7 @@ impl StreamSubscription {
             acks: AckBatcher::default(),
             filtered_log: LogLimiter::new(Duration::from_secs(5)),
             not_pending_log: LogLimiter::new(Duration::from_secs(5)),
+            unclaimable: Mutex::new(HashMap::new()),
             unacked_log: LogLimiter::new(Duration::from_secs(5)),
             decoder: Mutex::new(FrameDecoder::new()),
         });
@@ -1630,6 +1636,8 @@ impl StreamSubscription {
         }
         let readers = self.readers.lock().expect("readers lock").clone();
         for reader in readers {
+            let counters = &self.shared.counters;
+            counters.bump(&counters.read_interrupts);
             tokio::select! {
                 () = reader.interrupt() => {}
                 () = stopped(&mut stop) => return None,
@@ -2536,15 +2544,60 @@ async fn reclaim_key(
     // Entries no one may take fill a page without being taken: this consumer's own held ones, and
     // trimmed ones a live member still holds. The next pages are looked at until something is taken,
     // so that a dead consumer's later entries are not left behind them (bounded per round).
+    let previous = subscription
+        .unclaimable
+        .lock()
+        .expect("unclaimable lock")
+        .remove(key)
+        .unwrap_or_default();
+    let mut unclaimable = Unclaimable::default();
     let mut from = "-".to_string();
+    let mut result = Ok(());
     for _ in 0..RECLAIM_PAGES {
-        let page = reclaim_page(subscription, group, key, idle_ms, &from).await?;
+        let page = match reclaim_page(
+            subscription,
+            group,
+            key,
+            idle_ms,
+            &from,
+            &previous,
+            &mut unclaimable,
+        )
+        .await
+        {
+            Ok(page) => page,
+            Err(error) => {
+                result = Err(error);
+                break;
+            }
+        };
         match page.last {
             Some(last) if !page.progressed && page.full => from = format!("({last}"),
             _ => break,
         }
     }
-    Ok(())
+    if !unclaimable.is_empty() {
+        subscription
+            .unclaimable
+            .lock()
+            .expect("unclaimable lock")
+            .insert(key.clone(), unclaimable);
+    }
+    result
+}
+
+/// Idle entries a reclaim round could not claim, with when it last tried (see
+/// [`StreamSubscription::unclaimable`]).
+type Unclaimable = HashMap<EntryId, tokio::time::Instant, FastState>;
+
+/// How long after a reclaim round could not claim an entry (a live member holds it, trimmed) later
+/// rounds that find it interrupt no blocking read for it: `max(claim_idle, read_block)`. Its owner
+/// cannot be judged gone sooner than `claim_idle`, and until then only its trimmed count waits (the
+/// entry is gone): interrupting the read every round (every `claim_idle / 2`, at most 1 s) would cost a
+/// `CLIENT UNBLOCK` and a read per round for as long as that member holds it. Rounds that find free
+/// slots try it anyway.
+fn unclaimable_retry(settings: &crate::builder::Settings) -> Duration {
+    settings.claim_idle.max(settings.read_block)
 }
 
 /// How many pages of idle pending entries one reclaim round looks at, at most, per stream.
@@ -2561,12 +2614,16 @@ struct ReclaimPage {
 }
 
 /// Lists up to `read_batch` entries idle for at least `idle_ms`, from `from`, and claims those it may.
+/// `previous`: the entries rounds before could not claim (see [`StreamSubscription::unclaimable`]);
+/// those this one cannot claim, or leaves untried, are added to `unclaimable`.
 async fn reclaim_page(
     subscription: &Arc<StreamSubscription>,
     group: &str,
     key: &Arc<str>,
     idle_ms: u64,
     from: &str,
+    previous: &Unclaimable,
+    unclaimable: &mut Unclaimable,
 ) -> Result<ReclaimPage> {
     let client = subscription.shared.client_for(key);
     let settings = subscription.settings();
@@ -2619,9 +2676,34 @@ async fn reclaim_page(
     // would starve reclaiming while new entries keep the prefetch full. As many as the reader waits
     // for (`refill`) at most, then whatever else is free.
     let wanted = counts.len().min(subscription.refill);
-    let Some(mut permits) = subscription.slots_for_claim(wanted).await else {
-        page.progressed = true;
-        return Ok(page);
+    // Entries a round before could not claim (a live member holds them, trimmed) are tried only with
+    // free slots, until `unclaimable_retry` passed: see there.
+    let now = tokio::time::Instant::now();
+    let retry = unclaimable_retry(settings);
+    let known = |id: &EntryId| {
+        previous
+            .get(id)
+            .is_some_and(|at| now.saturating_duration_since(*at) < retry)
+    };
+    let mut permits = if counts
+        .keys()
+        .all(|id| EntryId::parse(id).is_some_and(|id| known(&id)))
+    {
+        let Ok(permits) = subscription.permits.clone().try_acquire_owned() else {
+            for id in counts.keys().filter_map(|id| EntryId::parse(id)) {
+                if let Some(at) = previous.get(&id) {
+                    unclaimable.insert(id, *at);
+                }
+            }
+            return Ok(page);
+        };
+        permits
+    } else {
+        let Some(permits) = subscription.slots_for_claim(wanted).await else {
+            page.progressed = true;
+            return Ok(page);
+        };
+        permits
     };
     let more = counts
         .len()
@@ -2638,6 +2720,7 @@ async fn reclaim_page(
     let mut ids: Vec<String> = counts.keys().cloned().collect();
     ids.sort_by_key(|id| EntryId::parse(id));
     ids.truncate(permits.num_permits());
+    let asked: Vec<EntryId> = ids.iter().filter_map(|id| EntryId::parse(id)).collect();
     let mut args: Vec<String> = vec![
         group.to_string(),
         subscription.consumer.clone(),
@@ -2651,6 +2734,21 @@ async fn reclaim_page(
     let mut parts = reply.into_array().into_iter();
     let claimed = parts.next().unwrap_or(Value::Null);
     let mut trimmed = parts.next().unwrap_or(Value::Null).into_array();
+    // Asked for, and neither claimed nor trimmed: see `StreamSubscription::unclaimable`. Those left
+    // unasked (too few slots) keep when they were last tried.
+    for id in counts.keys().filter_map(|id| EntryId::parse(id)) {
+        if let Some(at) = previous.get(&id)
+            && !asked.contains(&id)
+        {
+            unclaimable.insert(id, *at);
+        }
+    }
+    let mut left: HashSet<EntryId, FastState> = asked.into_iter().collect();
+    for id in &trimmed {
+        if let Some(id) = id.as_string().as_deref().and_then(EntryId::parse) {
+            left.remove(&id);
+        }
+    }
     {
         // Trimmed, but acknowledged by this consumer's handlers (their `XACK` was lost): handled, not
         // lost. The script acknowledged them: counted as late acknowledgements.
@@ -2681,6 +2779,12 @@ async fn reclaim_page(
         );
     }
     let mut entries = parse_entries(claimed);
+    for (id, _) in &entries {
+        if let Some(id) = EntryId::parse(id) {
+            left.remove(&id);
+        }
+    }
+    unclaimable.extend(left.into_iter().map(|id| (id, now)));
     page.progressed = !trimmed.is_empty() || !entries.is_empty();
     entries.sort_by_key(|(id, _)| EntryId::parse(id));
     // Held at once: none is left unrenewed while one before it is handled.

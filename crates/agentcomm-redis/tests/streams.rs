@@ -1465,6 +1465,93 @@ async fn an_idle_member_claims_given_back_entries_without_waiting_out_its_blocki
     heir_router.close().await.unwrap();
 }
 
+/// Entries trimmed while a live member holds them cannot be renewed (`XCLAIM` does not take a deleted
+/// entry): they stay idle in the pending list until that member settles them, and every reclaim round
+/// of the other members lists them and cannot claim them. An idle member's reader holds every free slot in its
+/// blocking read (again after every read that brought something: here a steady trickle on a class only
+/// it reads); the rounds must not interrupt that read for these entries every round (a `CLIENT UNBLOCK`
+/// and a new read each time, for as long as the holder works on it), only when they are new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaim_rounds_do_not_interrupt_the_read_again_for_an_entry_they_could_not_claim() {
+    use fred::types::Value;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    // Reclaiming looks every 150 ms; the reads would block for 15 s.
+    let settings = || {
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .read_block(Duration::from_secs(15))
+    };
+    let holder_router = connected(settings()).await;
+    let other_router = connected(settings()).await;
+    let raw = raw_client().await;
+    let key = format!("{prefix}:stream:{{Unclaimed}}");
+    let options = SubscribeOptions::new(ChannelPattern::parse("Unclaimed:*:*").unwrap())
+        .group("g")
+        .prefetch(10);
+    let mut holder = holder_router.subscribe(options).await.unwrap();
+    // Three, more than the slots a reader leaves free when the one it delivered is settled.
+    let mut held = Vec::new();
+    for n in 0..3 {
+        holder_router
+            .publish(envelope("Unclaimed:request:s1", n))
+            .await
+            .unwrap();
+        held.push(next(&mut holder).await);
+    }
+    let mut other = other_router
+        .subscribe(
+            SubscribeOptions::patterns(vec![
+                ChannelPattern::parse("Unclaimed:*:*").unwrap(),
+                ChannelPattern::parse("Trickle:*:*").unwrap(),
+            ])
+            .group("g")
+            .prefetch(10),
+        )
+        .await
+        .unwrap();
+    let _: Value = raw.xtrim(key.as_str(), ("MAXLEN", 0i64)).await.unwrap();
+    // The other member's rounds find the entry idle once claim_idle passed, then every round: twelve
+    // rounds are 1.8 s, the first two of which may find nothing. Meanwhile it gets a message after
+    // another, so that its reader takes every free slot again.
+    let rounds = async || other_router.health().await.get("reclaim_rounds");
+    let start = rounds().await;
+    let mut n = 0;
+    eventually(
+        WAIT,
+        "twelve reclaim rounds of the other member",
+        async || {
+            n += 1;
+            other_router
+                .publish(envelope("Trickle:event:s1", n))
+                .await
+                .unwrap();
+            let delivery = next(&mut other).await;
+            assert_eq!(number(&delivery), n);
+            delivery.ack().await.unwrap();
+            rounds().await >= start + 12
+        },
+    )
+    .await;
+    let interrupts = other_router.health().await.get("read_interrupts");
+    // Once per entry at most (a round may find one idle before the others).
+    assert!(
+        interrupts <= 3,
+        "the other member interrupted its read {interrupts} times for entries it could not claim"
+    );
+    // Nothing was lost or counted lost: the holder still settles it.
+    for delivery in held {
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(other_router.health().await.get("trimmed"), 0);
+    let _ = raw.quit().await;
+    holder_router.close().await.unwrap();
+    other_router.close().await.unwrap();
+}
+
 /// An acknowledgement of an entry another member already acknowledged (it claimed the entry while
 /// this one was out of reach, and handled it too) finds nothing pending: the handler's work is done,
 /// so the ack succeeds, but the double handling is counted where a user looks for it.

@@ -747,16 +747,21 @@ async fn replies_go_to_waiting_inboxes_over_pubsub_and_stay_in_their_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_a_read_returned_beyond_the_free_slots_stay_this_members() {
+    use fred::types::Value;
     if !redis_available().await {
         return;
     }
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let quick = || {
+    // The first member renews what it holds every 100 ms. The second one takes what was not renewed
+    // for 2 s: a member whose renewals stall longer than the other's claim_idle is taken for gone (by
+    // design), and a test process starved of CPU (a loaded machine) stalls for a few hundred ms.
+    let with_claim_idle = |claim_idle: Duration| {
         builder(DeliveryMode::Streams, &prefix)
-            .claim_idle(Duration::from_millis(300))
+            .claim_idle(claim_idle)
             .connect()
     };
+    let quick = || with_claim_idle(Duration::from_millis(300));
     let first_router = within(WAIT, "connecting", quick()).await.unwrap();
     let options = SubscribeOptions::patterns(vec![
         ChannelPattern::parse("X:*:*").unwrap(),
@@ -789,10 +794,35 @@ async fn entries_a_read_returned_beyond_the_free_slots_stay_this_members() {
     one.ack().await.unwrap();
     let three = next(&mut first).await;
     assert_eq!(number(&three), 3);
-    // Another member joins: the waiting entry must not look abandoned to it.
-    let second_router = within(WAIT, "connecting", quick()).await.unwrap();
+    // The waiting entry is renewed: its idle time in the pending list drops, however slow the machine.
+    let raw = raw_client().await;
+    let y_key = format!("{prefix}:stream:{{Y}}");
+    let mut last_idle = None;
+    eventually(
+        WAIT,
+        "the entry waiting for a slot to be renewed",
+        async || {
+            let pending: Value = raw
+                .xpending(y_key.as_str(), "g", ("-", "+", 10u64))
+                .await
+                .unwrap();
+            let pending = pending.into_array();
+            assert_eq!(pending.len(), 1, "entry 4 pending: {pending:?}");
+            let idle = pending[0].clone().into_array()[2].as_u64().unwrap();
+            let renewed = last_idle.is_some_and(|last| idle < last);
+            last_idle = Some(idle);
+            renewed
+        },
+    )
+    .await;
+    let _ = raw.quit().await;
+    // Another member joins: the waiting entry must not look abandoned to it (watched longer than its
+    // claim_idle, and a few of its reclaim rounds).
+    let second_router = within(WAIT, "connecting", with_claim_idle(Duration::from_secs(2)))
+        .await
+        .unwrap();
     let mut second = second_router.subscribe(options).await.unwrap();
-    assert_quiet(&mut second, Duration::from_millis(1_000)).await;
+    assert_quiet(&mut second, Duration::from_millis(2_500)).await;
     two.ack().await.unwrap();
     three.ack().await.unwrap();
     let four = next(&mut first).await;

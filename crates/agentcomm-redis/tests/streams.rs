@@ -1938,6 +1938,46 @@ async fn a_subscribe_sending_its_set_up_when_the_router_closes_fails_at_once() {
     .await;
 }
 
+/// For the tests that drop things outside any Tokio runtime: a runtime of their own, and a Streams
+/// router made on it through a fault proxy (whose live connections show what was closed).
+struct OutsideRuntime {
+    runtime: tokio::runtime::Runtime,
+    proxy: agentcomm_testkit::proxy::FaultProxy,
+    prefix: String,
+    _cleanup: RemoveKeysOnDrop,
+    router: RedisRouter,
+}
+
+impl OutsideRuntime {
+    /// `None` when no Redis answers (the test is skipped).
+    fn connect() -> Option<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (proxy, proxied) = runtime.block_on(redis_proxy())?;
+        let prefix = unique_prefix();
+        let _cleanup = RemoveKeysOnDrop(prefix.clone());
+        let router = runtime.block_on(within(
+            Duration::from_secs(10),
+            "connecting through the proxy",
+            RedisRouter::builder(proxied)
+                .mode(DeliveryMode::Streams)
+                .prefix(&prefix)
+                .read_block(Duration::from_millis(500))
+                .connect(),
+        ));
+        Some(Self {
+            runtime,
+            proxy,
+            prefix,
+            _cleanup,
+            router: router.unwrap(),
+        })
+    }
+}
+
 /// Subscriptions are dropped wherever their owner drops them, outside any Tokio runtime too (a struct
 /// dropped by `main` after its runtime's `block_on` returned, a non-Tokio thread). A library must not
 /// panic in a drop, nor skip the clean-up there:
@@ -1950,26 +1990,16 @@ async fn a_subscribe_sending_its_set_up_when_the_router_closes_fails_at_once() {
 ///   member that never was; now it is undone on the router's runtime.
 #[test]
 fn streams_subscriptions_dropped_outside_a_runtime_are_cleaned_up_without_panicking() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let Some((proxy, proxied)) = runtime.block_on(redis_proxy()) else {
+    let Some(OutsideRuntime {
+        runtime,
+        proxy,
+        prefix,
+        _cleanup,
+        router,
+    }) = OutsideRuntime::connect()
+    else {
         return;
     };
-    let prefix = unique_prefix();
-    let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = runtime.block_on(within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
-        RedisRouter::builder(proxied)
-            .mode(DeliveryMode::Streams)
-            .prefix(&prefix)
-            .read_block(Duration::from_millis(500))
-            .connect(),
-    ));
-    let router = router.unwrap();
     let baseline = proxy.stats().live;
 
     // A made subscription, dropped outside the runtime.
@@ -2042,26 +2072,16 @@ fn streams_subscriptions_dropped_outside_a_runtime_are_cleaned_up_without_panick
 /// connections with it (its close used to be skipped: the connections stayed open).
 #[test]
 fn a_delivery_and_a_router_dropped_outside_a_runtime_are_given_back_and_closed() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let Some((proxy, proxied)) = runtime.block_on(redis_proxy()) else {
+    let Some(OutsideRuntime {
+        runtime,
+        proxy,
+        _cleanup,
+        router,
+        ..
+    }) = OutsideRuntime::connect()
+    else {
         return;
     };
-    let prefix = unique_prefix();
-    let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = runtime.block_on(within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
-        RedisRouter::builder(proxied)
-            .mode(DeliveryMode::Streams)
-            .prefix(&prefix)
-            .read_block(Duration::from_millis(500))
-            .connect(),
-    ));
-    let router = router.unwrap();
     let mut subscription = runtime
         .block_on(router.subscribe(
             SubscribeOptions::new(ChannelPattern::parse("Dropped:*:*").unwrap()).group("g"),

@@ -1253,13 +1253,24 @@ impl StreamSubscription {
     }
 
     /// Holds the entries `ids` (as Redis writes them) of `key`: their leases are renewed from now on.
-    fn hold_ids<'a>(&self, key: &Arc<str>, ids: impl IntoIterator<Item = &'a str>) {
+    /// Returns those it held now; the others were held already, by another path of this subscription
+    /// (recovery reserves what it takes back before its script runs), whose handler has them or will:
+    /// the caller leaves them to it rather than deliver them a second time.
+    fn hold_ids<'a>(
+        &self,
+        key: &Arc<str>,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> HashSet<EntryId, FastState> {
         let mut held = self.held.lock().expect("held lock");
+        let mut new = HashSet::default();
         for id in ids {
-            if let Some(id) = EntryId::parse(id) {
-                held.insert((key.clone(), id));
+            if let Some(id) = EntryId::parse(id)
+                && held.insert((key.clone(), id))
+            {
+                new.insert(id);
             }
         }
+        new
     }
 
     /// [`StreamSubscription::unhold`] for an id as Redis writes it.
@@ -1495,27 +1506,13 @@ impl StreamSubscription {
                 from = format!("({last}");
                 let more = listed.len() as u64 >= page;
                 listed_all.extend(listed.iter().copied());
-                let mut args: Vec<String> = Vec::with_capacity(2 + listed.len());
-                args.push(group.clone());
-                args.push(self.consumer.clone());
-                {
-                    let held = self.held.lock().expect("held lock");
-                    let unacked = self.unacked.lock().expect("unacked lock");
-                    args.extend(
-                        listed
-                            .iter()
-                            .filter(|id| !held.contains(&(key.clone(), **id)))
-                            .map(|id| {
-                                if unacked.contains(&(key.clone(), *id)) {
-                                    format!("+{}", id.text())
-                                } else {
-                                    id.text()
-                                }
-                            }),
-                    );
-                }
-                if args.len() > 2 {
-                    self.recover_entries(reader, key, args).await?;
+                let (ids, reserved) = self.reserve_for_recovery(key, &listed);
+                if !ids.is_empty() {
+                    let mut args: Vec<String> = Vec::with_capacity(2 + ids.len());
+                    args.push(group.clone());
+                    args.push(self.consumer.clone());
+                    args.extend(ids);
+                    self.recover_entries(reader, key, args, reserved).await?;
                 }
                 if !more {
                     break;
@@ -1529,18 +1526,62 @@ impl StreamSubscription {
         Ok(())
     }
 
+    /// Of this consumer's pending entries of `key` that `listed` names, those it does not hold, as
+    /// [`RECOVER_SCRIPT`] takes them (`+<id>` for one whose handler acknowledged it, see `unacked`),
+    /// and those of them now held: held here, in the same lock as the check, before the script runs.
+    /// The subscription's claim round may claim one of them (pending for this consumer, idle for
+    /// `claim_idle` after an outage as long) in the round trip between the listing and the script:
+    /// whichever of the two holds an entry first delivers it, and the other finds it held and leaves
+    /// it (see [`StreamSubscription::hold_ids`]), so that one handler never gets it twice.
+    fn reserve_for_recovery(
+        &self,
+        key: &Arc<str>,
+        listed: &[EntryId],
+    ) -> (Vec<String>, Vec<EntryId>) {
+        let mut held = self.held.lock().expect("held lock");
+        let unacked = self.unacked.lock().expect("unacked lock");
+        let mut ids = Vec::with_capacity(listed.len());
+        let mut reserved = Vec::with_capacity(listed.len());
+        for id in listed {
+            if !held.insert((key.clone(), *id)) {
+                continue;
+            }
+            reserved.push(*id);
+            if unacked.contains(&(key.clone(), *id)) {
+                ids.push(format!("+{}", id.text()));
+            } else {
+                ids.push(id.text());
+            }
+        }
+        (ids, reserved)
+    }
+
     /// Runs [`RECOVER_SCRIPT`] (`args`: group, consumer, ids) and delivers what it took back.
+    /// `reserved`: the ids asked for, held by [`StreamSubscription::reserve_for_recovery`]; those the
+    /// script did not take back (acknowledged, trimmed, no longer this consumer's) are unheld here.
     async fn recover_entries(
         self: &Arc<Self>,
         reader: &Reader,
         key: &Arc<str>,
         args: Vec<String>,
+        reserved: Vec<EntryId>,
     ) -> Result<()> {
-        let reply: Value = reader
+        let reply: Value = match reader
             .client
             .eval(RECOVER_SCRIPT, vec![key.as_ref()], args)
             .await
-            .map_err(|e| map_error(&e, self.settings(), "taking back pending entries"))?;
+        {
+            Ok(reply) => reply,
+            Err(error) => {
+                // Nothing taken back: they stay pending for this consumer, for the next recovery.
+                self.unhold_all(key, reserved);
+                return Err(map_error(
+                    &error,
+                    self.settings(),
+                    "taking back pending entries",
+                ));
+            }
+        };
         let mut parts = reply.into_array().into_iter();
         let owned = parse_entries(parts.next().unwrap_or(Value::Null));
         let trimmed = parts.next().and_then(|count| count.as_u64()).unwrap_or(0);
@@ -1587,8 +1628,15 @@ impl StreamSubscription {
                 "pending entries were trimmed before they were handled (raise `stream_max_len`, or consume faster)"
             );
         }
-        // Held at once, like a read's entries: none is left unrenewed while one before it is handled.
-        self.hold_ids(key, owned.iter().map(|(id, _)| id.as_str()));
+        // Held already (reserved before the script ran), like a read's entries: none is left
+        // unrenewed while one before it is handled. Those not taken back are no longer held.
+        {
+            let taken: HashSet<EntryId, FastState> = owned
+                .iter()
+                .filter_map(|(id, _)| EntryId::parse(id))
+                .collect();
+            self.unhold_all(key, reserved.into_iter().filter(|id| !taken.contains(id)));
+        }
         let mut fresh = false;
         let mut owned = owned.into_iter();
         let mut counts = counts.into_iter();
@@ -2787,8 +2835,23 @@ async fn reclaim_page(
     unclaimable.extend(left.into_iter().map(|id| (id, now)));
     page.progressed = !trimmed.is_empty() || !entries.is_empty();
     entries.sort_by_key(|(id, _)| EntryId::parse(id));
-    // Held at once: none is left unrenewed while one before it is handled.
-    subscription.hold_ids(key, entries.iter().map(|(id, _)| id.as_str()));
+    // Held at once: none is left unrenewed while one before it is handled. One held already was
+    // claimed here in the round trip between recovery's listing of this consumer's pending entries
+    // (after a reconnect) and its script: recovery delivers it. It is left to recovery, still held
+    // (unholding it would stop renewing the lease recovery's handler relies on). The delivery this
+    // claim counted in Redis stays counted: recovery's attempt number includes it.
+    let newly = subscription.hold_ids(key, entries.iter().map(|(id, _)| id.as_str()));
+    entries.retain(|(id, _)| {
+        let new = EntryId::parse(id).is_some_and(|id| newly.contains(&id));
+        if !new {
+            tracing::debug!(
+                stream = key.as_ref(),
+                entry = id.as_str(),
+                "claimed an entry that recovery takes back at the same time; left to recovery"
+            );
+        }
+        new
+    });
     // Entries this consumer's handlers acknowledged whose `XACK` was lost: acknowledged, not handled
     // again (see `ack_late`).
     let mut handled: HashSet<EntryId, FastState> = HashSet::default();
@@ -3229,7 +3292,7 @@ mod tests {
         }
     }
 
-    /// A group subscription (`max_deliveries(1)`, `claim_idle` as given) holding nothing, and one entry
+    /// A group subscription (`max_deliveries(1)` unless [`LostAck::start_with`] says otherwise, `claim_idle` as given) holding nothing, and one entry
     /// its handler acknowledged whose `XACK` was lost, in the state `send_acks` leaves such an entry:
     /// pending for this consumer, no longer held, remembered in `unacked`. (A real lost `XACK` needs a
     /// cut of the pool's connection alone: a cut of every connection makes the reader recover the entry
@@ -3250,6 +3313,15 @@ mod tests {
             claim_idle: Duration,
             before_release: impl AsyncFnOnce(&Client, &str, EntryId),
         ) -> Option<Self> {
+            Self::start_with(claim_idle, 1, before_release).await
+        }
+
+        /// [`LostAck::start`] with another `max_deliveries`.
+        async fn start_with(
+            claim_idle: Duration,
+            max_deliveries: u32,
+            before_release: impl AsyncFnOnce(&Client, &str, EntryId),
+        ) -> Option<Self> {
             use agentcomm_core::router::Router;
             use fred::interfaces::ClientLike;
             let url =
@@ -3259,7 +3331,7 @@ mod tests {
                 .mode(crate::DeliveryMode::Streams)
                 .prefix(&prefix)
                 .claim_idle(claim_idle)
-                .max_deliveries(1)
+                .max_deliveries(max_deliveries)
                 .read_block(Duration::from_millis(200))
                 .connect();
             let router = match tokio::time::timeout(Duration::from_secs(5), connecting).await {
@@ -3465,6 +3537,119 @@ mod tests {
         let recovered = counters.counters.acks_recovered.load(Ordering::Relaxed);
         assert_eq!(recovered, 1);
         LostAck::remove_keys(&raw, &key).await;
+    }
+
+    /// A delivery lost with a connection (pending for this consumer, not held, not acknowledged), seen
+    /// by recovery and by the subscription's claim round at once (an outage longer than `claim_idle`):
+    /// `LostAck`'s entry, forgotten as acknowledged. `claim_idle` is long, so only the rounds a test
+    /// runs by hand claim it. Returns the reader recovery runs on.
+    async fn lost_delivery() -> Option<(LostAck, Arc<Reader>)> {
+        let lost = LostAck::start_with(Duration::from_secs(30), 5, async |_, _, _| {}).await?;
+        lost.inner.unacked.lock().unwrap().clear();
+        let reader = lost.inner.readers.lock().unwrap()[0].clone();
+        Some((lost, reader))
+    }
+
+    /// Runs recovery's script for what `reserve_for_recovery` gave, as `recover_pending` does.
+    async fn recover_reserved(
+        lost: &LostAck,
+        reader: &Reader,
+        (ids, reserved): (Vec<String>, Vec<EntryId>),
+    ) {
+        let mut args = vec!["g".to_string(), lost.inner.consumer.clone()];
+        args.extend(ids);
+        lost.inner
+            .recover_entries(reader, &lost.key, args, reserved)
+            .await
+            .unwrap();
+    }
+
+    /// Acknowledges the deliveries waiting for the handler now (the paths that send them have
+    /// returned), and counts them.
+    async fn waiting(lost: &mut LostAck) -> usize {
+        use futures::FutureExt;
+        let mut count = 0;
+        while let Some(Some(delivery)) = lost.subscription.next().now_or_never() {
+            delivery.ack().await.unwrap();
+            count += 1;
+        }
+        count
+    }
+
+    /// Recovery has listed a lost delivery when the claim round lists it too: the claim round leaves
+    /// it (recovery holds it from its listing on), and it reaches the handler once, by recovery.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_round_between_recoverys_listing_and_its_script_does_not_deliver_again() {
+        let Some((mut lost, reader)) = lost_delivery().await else {
+            return;
+        };
+        let reserved = lost.inner.reserve_for_recovery(&lost.key, &[lost.id]);
+        assert_eq!(reserved.1, vec![lost.id]);
+        let mut unclaimable = Unclaimable::default();
+        reclaim_page(
+            &lost.inner,
+            "g",
+            &lost.key,
+            0,
+            "-",
+            &Unclaimable::default(),
+            &mut unclaimable,
+        )
+        .await
+        .unwrap();
+        recover_reserved(&lost, &reader, reserved).await;
+        assert_eq!(waiting(&mut lost).await, 1, "delivered once");
+        assert_eq!(lost.counter("reclaimed"), 0);
+        assert_eq!(lost.counter("dead_lettered"), 0);
+        lost.end().await;
+    }
+
+    /// The claim round claimed a lost delivery before recovery listed it, and holds it only after:
+    /// whichever path holds it first delivers it, the other leaves it held, whatever the order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_round_holding_after_recoverys_listing_leaves_the_entry_to_recovery() {
+        let Some((mut lost, reader)) = lost_delivery().await else {
+            return;
+        };
+        // The claim round's `XCLAIM` (counting a delivery), before recovery's listing.
+        let claimed: Value = lost
+            .raw
+            .xclaim(
+                lost.key.as_ref(),
+                "g",
+                lost.inner.consumer.as_str(),
+                0,
+                lost.id.to_string(),
+                None,
+                None,
+                None,
+                false,
+                false,
+            )
+            .await
+            .unwrap();
+        assert_eq!(claimed.into_array().len(), 1);
+        let reserved = lost.inner.reserve_for_recovery(&lost.key, &[lost.id]);
+        // The claim round's reply comes now: the entry is recovery's.
+        let text = lost.id.to_string();
+        assert!(
+            lost.inner.hold_ids(&lost.key, [text.as_str()]).is_empty(),
+            "held by recovery already: the claim round leaves it"
+        );
+        recover_reserved(&lost, &reader, reserved).await;
+        assert_eq!(waiting(&mut lost).await, 1, "delivered once, by recovery");
+        assert_eq!(lost.counter("reclaimed"), 0);
+        // The other order: the claim round holds first, recovery leaves it.
+        let (mut other, _) = lost_delivery().await.unwrap();
+        let text = other.id.to_string();
+        assert_eq!(other.inner.hold_ids(&other.key, [text.as_str()]).len(), 1);
+        let reserved = other.inner.reserve_for_recovery(&other.key, &[other.id]);
+        assert!(reserved.0.is_empty() && reserved.1.is_empty());
+        assert_eq!(waiting(&mut other).await, 0, "the claim round delivers it");
+        // What the claim round's handler would do when done (no delivery here to settle it).
+        other.inner.unhold(&other.key, other.id);
+        lost.end().await;
+        other.end().await;
     }
 
     /// A late acknowledgement that finds its entry no longer pending (recovery, or another member,

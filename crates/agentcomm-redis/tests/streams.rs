@@ -31,6 +31,18 @@ fn number(delivery: &agentcomm_core::router::Delivery) -> u32 {
         .unwrap()
 }
 
+/// A router's builder through the fault proxy at `proxied`: `mode`, `prefix`, reads blocking 500 ms.
+fn through(
+    proxied: String,
+    mode: DeliveryMode,
+    prefix: &str,
+) -> agentcomm_redis::RedisRouterBuilder {
+    RedisRouter::builder(proxied)
+        .mode(mode)
+        .prefix(prefix)
+        .read_block(Duration::from_millis(500))
+}
+
 async fn connect(prefix: &str) -> RedisRouter {
     connected(builder(DeliveryMode::Streams, prefix)).await
 }
@@ -904,19 +916,13 @@ async fn a_reconnect_counts_no_delivery_for_an_entry_its_member_still_holds() {
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let member_router = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
-        RedisRouter::builder(proxied)
-            .prefix(&prefix)
-            .read_block(Duration::from_millis(500))
+    let member_router = connected(
+        through(proxied, DeliveryMode::Streams, &prefix)
             .claim_idle(Duration::from_millis(600))
             .max_deliveries(2)
-            .close_timeout(Duration::from_millis(500))
-            .connect(),
+            .close_timeout(Duration::from_millis(500)),
     )
-    .await
-    .unwrap();
+    .await;
     let heir_router = connected(
         builder(DeliveryMode::Streams, &prefix)
             .claim_idle(Duration::from_millis(600))
@@ -1736,18 +1742,9 @@ async fn a_request_cancelled_while_its_inbox_is_made_leaves_no_reader_behind() {
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
-        RedisRouter::builder(proxied)
-            .mode(DeliveryMode::Streams)
-            .prefix(&prefix)
-            .read_block(Duration::from_millis(500))
-            .replies_over_pubsub(false)
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let router =
+        connected(through(proxied, DeliveryMode::Streams, &prefix).replies_over_pubsub(false))
+            .await;
     let baseline = proxy.stats().live;
     // Given up at different points of the set-up: from before it starts to after it is done.
     for round in 0..30u64 {
@@ -1784,17 +1781,7 @@ async fn a_subscribe_given_up_part_way_leaves_no_connection_behind() {
     for mode in [DeliveryMode::Streams, DeliveryMode::PubSub] {
         let prefix = unique_prefix();
         let _cleanup = RemoveKeysOnDrop(prefix.clone());
-        let router = within(
-            Duration::from_secs(10),
-            "connecting through the proxy",
-            RedisRouter::builder(proxied.clone())
-                .mode(mode)
-                .prefix(&prefix)
-                .read_block(Duration::from_millis(500))
-                .connect(),
-        )
-        .await
-        .unwrap();
+        let router = connected(through(proxied.clone(), mode, &prefix)).await;
         let mut kept = Vec::new();
         // Given up at different points: from before anything is sent to after it is done.
         for round in 0..30u64 {
@@ -1831,17 +1818,7 @@ async fn a_subscribe_under_way_when_the_router_closes_is_not_made() {
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
-        RedisRouter::builder(proxied)
-            .mode(DeliveryMode::Streams)
-            .prefix(&prefix)
-            .read_block(Duration::from_millis(500))
-            .connect(),
-    )
-    .await
-    .unwrap();
+    let router = connected(through(proxied, DeliveryMode::Streams, &prefix)).await;
     let baseline = proxy.stats().live;
     // Slow enough that the router closes while the reader's connection is being made.
     proxy.set_latency(Duration::from_millis(300));
@@ -1890,18 +1867,10 @@ async fn a_subscribe_sending_its_set_up_when_the_router_closes_fails_at_once() {
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = within(
-        Duration::from_secs(10),
-        "connecting through the proxy",
-        RedisRouter::builder(proxied)
-            .mode(DeliveryMode::Streams)
-            .prefix(&prefix)
-            .read_block(Duration::from_millis(500))
-            .command_timeout(Duration::from_secs(30))
-            .connect(),
+    let router = connected(
+        through(proxied, DeliveryMode::Streams, &prefix).command_timeout(Duration::from_secs(30)),
     )
-    .await
-    .unwrap();
+    .await;
     // Each command of the set-up takes 400 ms: the router closes while they are being sent.
     proxy.set_latency(Duration::from_millis(200));
     let sent = proxy.stats().bytes_to_target;
@@ -1959,21 +1928,13 @@ impl OutsideRuntime {
         let (proxy, proxied) = runtime.block_on(redis_proxy())?;
         let prefix = unique_prefix();
         let _cleanup = RemoveKeysOnDrop(prefix.clone());
-        let router = runtime.block_on(within(
-            Duration::from_secs(10),
-            "connecting through the proxy",
-            RedisRouter::builder(proxied)
-                .mode(DeliveryMode::Streams)
-                .prefix(&prefix)
-                .read_block(Duration::from_millis(500))
-                .connect(),
-        ));
+        let router = runtime.block_on(connected(through(proxied, DeliveryMode::Streams, &prefix)));
         Some(Self {
             runtime,
             proxy,
             prefix,
             _cleanup,
-            router: router.unwrap(),
+            router,
         })
     }
 }

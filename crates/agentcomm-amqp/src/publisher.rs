@@ -1526,6 +1526,18 @@ mod tests {
     #[derive(Clone, Default)]
     struct Captured(Arc<Mutex<Vec<u8>>>);
 
+    impl Captured {
+        /// A subscriber that writes warnings (WARN and above) here, without colours.
+        fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + use<> {
+            let writer = self.clone();
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish()
+        }
+    }
+
     impl std::io::Write for Captured {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(bytes);
@@ -1545,12 +1557,7 @@ mod tests {
     fn every_kind_of_abandoned_publish_lost_is_logged_though_another_just_was() {
         let _one_at_a_time = logging_tests();
         let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
+        let subscriber = captured.subscriber();
         tracing::subscriber::with_default(subscriber, || {
             let orphans = Orphans::default();
             let confirms = Confirms::new(orphans.clone());
@@ -1595,12 +1602,7 @@ mod tests {
     fn broker_nacks_are_logged_rate_limited_with_what_was_left_out() {
         let _one_at_a_time = logging_tests();
         let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
+        let subscriber = captured.subscriber();
         let nacks = AtomicU64::new(0);
         tracing::subscriber::with_default(subscriber, || {
             let orphans = Orphans {

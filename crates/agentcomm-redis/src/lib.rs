@@ -47,6 +47,8 @@ mod pubsub;
 mod router;
 pub mod sequence;
 mod streams;
+#[cfg(test)]
+mod unit_redis;
 
 /// The fred crate this backend is built on, for its types in the builder (`TlsConnector`).
 pub use fred;

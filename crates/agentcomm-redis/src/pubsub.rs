@@ -1140,10 +1140,6 @@ mod tests {
     use agentcomm_core::router::{Router, SubscribeOptions};
     use std::time::Duration;
 
-    fn redis_url() -> String {
-        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-    }
-
     /// A pub/sub router on `url` under a prefix of its own, built by `configure`; `None`, with the
     /// skip line printed, when Redis cannot be reached (a failure under AGENTCOMM_REQUIRE_BROKERS=1).
     /// `shown` is the URL the skip line names (REDIS_URL, not a proxy in front of it).
@@ -1152,17 +1148,14 @@ mod tests {
         shown: &str,
         configure: impl FnOnce(crate::RedisRouterBuilder) -> crate::RedisRouterBuilder,
     ) -> Option<crate::RedisRouter> {
-        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+        let prefix = crate::unit_redis::prefix();
         let builder = crate::RedisRouter::builder(url)
             .mode(crate::DeliveryMode::PubSub)
             .prefix(&prefix);
         match configure(builder).connect().await {
             Ok(router) => Some(router),
             Err(error) => {
-                if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
-                    panic!("AGENTCOMM_REQUIRE_BROKERS=1, but Redis is unreachable: {error}");
-                }
-                println!("skipped: no Redis at {}", crate::connection::redact(shown));
+                crate::unit_redis::unreachable(shown, error);
                 None
             }
         }
@@ -1174,7 +1167,7 @@ mod tests {
     async fn proxied_router(
         quick_reconnect: bool,
     ) -> Option<(agentcomm_testkit::proxy::FaultProxy, crate::RedisRouter)> {
-        let url = redis_url();
+        let url = crate::unit_redis::url();
         let Some(target) = url
             .strip_prefix("redis://")
             .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
@@ -1300,7 +1293,7 @@ mod tests {
     /// with nothing counted or logged.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_subscribe_that_gives_up_waiting_leaves_the_counts_of_others_alone() {
-        let url = redis_url();
+        let url = crate::unit_redis::url();
         let Some(router) = pubsub_router(&url, &url, |builder| {
             builder.command_timeout(Duration::from_millis(300))
         })

@@ -1745,7 +1745,7 @@ mod tests {
     /// The publish script against a real Redis (REDIS_URL); skipped when there is none.
     #[tokio::test]
     async fn the_publish_script_stores_each_sequence_number_once() {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let url = crate::unit_redis::url();
         let client = Builder::from_config(Config::from_url(&url).unwrap())
             .build()
             .unwrap();
@@ -1753,16 +1753,10 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(3), client.init()).await,
             Ok(Ok(_))
         ) {
-            if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
-                panic!(
-                    "AGENTCOMM_REQUIRE_BROKERS=1, but there is no Redis at {}",
-                    redact(&url)
-                );
-            }
-            println!("skipped: no Redis at {}", redact(&url));
+            crate::unit_redis::unreachable(&url, "no answer within 3 s");
             return;
         }
-        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
+        let prefix = crate::unit_redis::prefix();
         let keys = vec![
             format!("{prefix}:stream:{{A}}"),
             format!("{prefix}:dedup:{{A}}:p"),
@@ -1812,28 +1806,13 @@ mod tests {
     /// direct path (which must leave the due refresh to the full path, not skip it).
     #[tokio::test]
     async fn a_due_registry_refresh_lists_the_class_again() {
-        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let prefix = format!("agentcomm-unit-{}", uuid::Uuid::now_v7().simple());
-        let router = match tokio::time::timeout(
-            Duration::from_secs(5),
-            RedisRouter::builder(&url)
-                .mode(DeliveryMode::Streams)
-                .prefix(&prefix)
-                .connect(),
-        )
-        .await
-        {
-            Ok(Ok(router)) => router,
-            _ if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") => {
-                panic!(
-                    "AGENTCOMM_REQUIRE_BROKERS=1, but there is no Redis at {}",
-                    redact(&url)
-                )
-            }
-            _ => {
-                println!("skipped: no Redis at {}", redact(&url));
-                return;
-            }
+        let url = crate::unit_redis::url();
+        let prefix = crate::unit_redis::prefix();
+        let builder = RedisRouter::builder(&url)
+            .mode(DeliveryMode::Streams)
+            .prefix(&prefix);
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
         };
         let shared = router.shared.clone();
         let registry = shared.keys.registry();

@@ -952,6 +952,35 @@ async fn quorum_groups_work_and_mismatched_queues_fail_clearly() {
     within("close", classic.close()).await.unwrap();
 }
 
+/// A router on an exchange of its own (named after `name`) with quorum queues and a `delivery_limit`
+/// of 2, and one member of group `g` on `Ping:*:*` with a prefetch of 1: the group's queue, the
+/// clean-up guard, the router and the member.
+async fn quorum_group_of_one(name: &str) -> (String, Cleanup, AmqpRouter, Subscription) {
+    let exchange = unique(name);
+    let queue = topology::group_queue(&exchange, "g");
+    let cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    let router = within(
+        "connect",
+        builder(&exchange)
+            .queue_type(agentcomm_amqp::QueueType::Quorum)
+            .delivery_limit(2)
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let member = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(pattern("Ping:*:*"))
+                .group("g")
+                .prefetch(1),
+        ),
+    )
+    .await
+    .unwrap();
+    (queue, cleanup, router, member)
+}
+
 /// A delivery handed back unhandled (`Delivery::give_back`) from a classic queue is requeued and
 /// counted in `requeued`: no handler saw it, so it is not `abandoned`, which is what giving it back
 /// used to count it as (with a warning that a delivery was left unsettled), at every graceful stop.
@@ -1002,29 +1031,8 @@ async fn a_delivery_given_back_unhandled_is_not_an_attempt_for_a_quorum_delivery
     if !broker_available().await {
         return;
     }
-    let exchange = unique("t-quorum-give-back");
-    let queue = topology::group_queue(&exchange, "g");
-    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
-    let router = within(
-        "connect",
-        builder(&exchange)
-            .queue_type(agentcomm_amqp::QueueType::Quorum)
-            .delivery_limit(2)
-            .connect(),
-    )
-    .await
-    .unwrap();
     // A prefetch of 1: the copy comes only once the original was acknowledged.
-    let mut member = within(
-        "subscribe",
-        router.subscribe(
-            SubscribeOptions::new(pattern("Ping:*:*"))
-                .group("g")
-                .prefetch(1),
-        ),
-    )
-    .await
-    .unwrap();
+    let (_queue, _cleanup, router, mut member) = quorum_group_of_one("t-quorum-give-back").await;
     let published = envelope("Ping:event:s1", 7);
     within("publish", router.publish(published.clone()))
         .await
@@ -1066,28 +1074,7 @@ async fn a_delivery_given_back_as_a_copy_keeps_its_amqp_properties() {
     if !broker_available().await {
         return;
     }
-    let exchange = unique("t-copy-props");
-    let queue = topology::group_queue(&exchange, "g");
-    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
-    let router = within(
-        "connect",
-        builder(&exchange)
-            .queue_type(agentcomm_amqp::QueueType::Quorum)
-            .delivery_limit(2)
-            .connect(),
-    )
-    .await
-    .unwrap();
-    let mut member = within(
-        "subscribe",
-        router.subscribe(
-            SubscribeOptions::new(pattern("Ping:*:*"))
-                .group("g")
-                .prefetch(1),
-        ),
-    )
-    .await
-    .unwrap();
+    let (queue, _cleanup, router, mut member) = quorum_group_of_one("t-copy-props").await;
     // Published by another client, with properties agentcomm does not set itself.
     let published = envelope("Ping:event:s1", 8);
     let raw = Raw::open().await;

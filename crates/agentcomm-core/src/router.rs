@@ -348,6 +348,16 @@ impl Delivery {
         self.envelope = Some(envelope);
     }
 
+    /// Takes the delivery apart without settling it: its envelope and the backend's handle, the
+    /// inverse of [`Delivery::new`]. For a router that wraps another: its own [`Acknowledge`] settles
+    /// the inner delivery through the handle with the envelope the runtime gives it (the next
+    /// attempt, headers the runtime added), which [`Delivery::nack`] on the inner delivery would
+    /// replace with the inner one's. The caller must call exactly one method of the handle: dropped
+    /// uncalled, it neither settles the message nor hands it back.
+    pub fn into_parts(mut self) -> (Envelope, Box<dyn Acknowledge>) {
+        self.take()
+    }
+
     fn take(&mut self) -> (Envelope, Box<dyn Acknowledge>) {
         (
             self.envelope.take().expect("a delivery is settled once"),

@@ -1150,3 +1150,194 @@ async fn a_harness_without_a_time_limit_still_stops_its_agents_gracefully() {
     let report = h.shutdown().await.unwrap();
     assert_eq!(report.handled, 1, "{report:?}");
 }
+
+/// Refuses every job for good, and counts its runs (a permanent failure must run once).
+#[agent(receives = [Job])]
+struct RefusesForGood(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Handle<Job> for RefusesForGood {
+    async fn handle(&self, _: Job, _: &Context<Self>) -> HandlerResult {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(HandlerError::permanent("the card was charged already"))
+    }
+}
+
+/// A memory router whose first dead-letter publish fails, like a broker hiccup.
+struct FirstDeadLetterFails {
+    inner: MemoryRouter,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Router for FirstDeadLetterFails {
+    fn backend(&self) -> &str {
+        "memory-first-dead-letter-fails"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        if envelope.channel().class() == "DeadLetter"
+            && !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Box::pin(async {
+                Err(Error::Backend {
+                    backend: "memory-first-dead-letter-fails",
+                    message: "connection reset while publishing".into(),
+                })
+            });
+        }
+        self.inner.publish(envelope)
+    }
+    fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
+        self.inner.subscribe(options)
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.inner.health()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.inner.close()
+    }
+}
+
+/// The runtime gives back a message whose dead letter could not be published marked so that it is
+/// dead-lettered when it comes again, without running its handler again. Under the harness it must
+/// behave the same: a handler that refused a charge for good must not be run a second time.
+#[tokio::test]
+async fn a_message_given_back_marked_by_the_runtime_comes_back_marked_under_the_harness() {
+    let h = TestHarness::with_router(FirstDeadLetterFails {
+        inner: MemoryRouter::new(),
+        failed: std::sync::atomic::AtomicBool::new(false),
+    })
+    .await
+    .unwrap();
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let options = AgentOptions::new()
+        .group(format!("refuses.{}", h.id()))
+        .backoff(Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(5),
+        ));
+    h.spawn_with(RefusesForGood(runs.clone()), options).await;
+    h.send("s1", Job { id: 1 }).await;
+    let letter = h.expect_dead_letter::<Job>().reason("rejected").await;
+    h.assert_nothing_else_published().await;
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the handler failed for good once; it ran again"
+    );
+    assert_eq!(letter.attempts(), Some(1));
+    assert_eq!(letter.error(), Some("the card was charged already"));
+}
+
+/// How the runtime handed each delivery back: `give_back` (no handler saw it) or `abandon`.
+type HandBacks = Arc<std::sync::Mutex<Vec<&'static str>>>;
+
+/// A memory router that records how its deliveries are handed back unsettled.
+struct RecordsHandBacks {
+    inner: MemoryRouter,
+    hand_backs: HandBacks,
+}
+
+struct RecordingAck {
+    inner: Box<dyn agentcomm_core::router::Acknowledge>,
+    hand_backs: HandBacks,
+}
+
+impl agentcomm_core::router::Acknowledge for RecordingAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        self.inner.ack()
+    }
+    fn nack(
+        self: Box<Self>,
+        envelope: Envelope,
+        action: agentcomm_core::router::NackAction,
+    ) -> BoxFuture<'static, Result<()>> {
+        self.inner.nack(envelope, action)
+    }
+    fn abandon(self: Box<Self>, envelope: Envelope) {
+        self.hand_backs.lock().unwrap().push("abandon");
+        self.inner.abandon(envelope);
+    }
+    fn give_back(self: Box<Self>, envelope: Envelope) {
+        self.hand_backs.lock().unwrap().push("give_back");
+        self.inner.give_back(envelope);
+    }
+}
+
+impl Router for RecordsHandBacks {
+    fn backend(&self) -> &str {
+        "memory-records-hand-backs"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        self.inner.publish(envelope)
+    }
+    fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
+        Box::pin(async move {
+            let subscription = self.inner.subscribe(options.clone()).await?;
+            let closer = subscription.closer();
+            let hand_backs = self.hand_backs.clone();
+            let deliveries = futures::StreamExt::map(subscription, move |delivery| {
+                let (envelope, inner) = delivery.into_parts();
+                agentcomm_core::router::Delivery::new(
+                    envelope,
+                    Box::new(RecordingAck {
+                        inner,
+                        hand_backs: hand_backs.clone(),
+                    }),
+                )
+            });
+            Ok(Subscription::from_stream(
+                deliveries,
+                Arc::new(CloseWith(closer)),
+                &options,
+            ))
+        })
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.inner.health()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.inner.close()
+    }
+}
+
+struct CloseWith(agentcomm_core::router::SubscriptionCloser);
+
+impl agentcomm_core::router::SubscriptionControl for CloseWith {
+    fn close(&self) -> BoxFuture<'static, Result<()>> {
+        let closer = self.0.clone();
+        Box::pin(async move { closer.close().await })
+    }
+}
+
+/// An agent stopped with deliveries still buffered gives them back as unseen (a backend that
+/// counts deliveries, such as Redis Streams, does not count them as attempts) and abandons only the
+/// one its handler was cut off on. Under the harness the backend must be told the same.
+#[tokio::test]
+async fn deliveries_given_back_unseen_reach_the_backend_as_given_back_under_the_harness() {
+    let hand_backs = HandBacks::default();
+    let h = TestHarness::with_router(RecordsHandBacks {
+        inner: MemoryRouter::new(),
+        hand_backs: hand_backs.clone(),
+    })
+    .await
+    .unwrap();
+    let agent = h.spawn_with(Stuck, AgentOptions::new().fan_out()).await;
+    for id in 0..3 {
+        h.send("s1", Job { id }).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while agent.health().in_flight == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no handler started");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let report = agent.stop(Duration::from_millis(100)).await;
+    assert_eq!((report.aborted, report.requeued), (1, 2), "{report:?}");
+    let mut recorded = hand_backs.lock().unwrap().clone();
+    recorded.sort_unstable();
+    assert_eq!(recorded, ["abandon", "give_back", "give_back"]);
+}

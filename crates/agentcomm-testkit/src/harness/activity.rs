@@ -452,7 +452,9 @@ impl Drop for Unsettled {
 }
 
 /// Settles the real delivery, noting retries on the way. Counted as unsettled until the real
-/// settlement is done (or, dropped unsettled, handed back).
+/// settlement is done (or, dropped unsettled, handed back). The real delivery is settled with the
+/// envelope the runtime gives: a message given back marked (its dead letter could not be published)
+/// must come back marked, as it does without the harness.
 struct TrackedAck {
     delivery: Delivery,
     route: Route,
@@ -487,16 +489,23 @@ impl Acknowledge for TrackedAck {
         if let NackAction::Retry { delay } = &action {
             unsettled.0.retry_scheduled(envelope.id(), route, *delay);
         }
-        // The real delivery makes the same next attempt from the same envelope.
-        drop(envelope);
+        // The runtime's envelope (already the next attempt), not the real delivery's.
+        let (_, handle) = delivery.into_parts();
         Box::pin(async move {
-            let result = delivery.nack(action).await;
+            let result = handle.nack(envelope, action).await;
             drop(unsettled);
             result
         })
     }
 
-    fn abandon(self: Box<Self>, _envelope: Envelope) {
-        // Dropping the real delivery unsettled hands it back to its backend.
+    fn abandon(self: Box<Self>, envelope: Envelope) {
+        let (_, handle) = self.delivery.into_parts();
+        handle.abandon(envelope);
+    }
+
+    fn give_back(self: Box<Self>, envelope: Envelope) {
+        // Not an attempt where the backend counts deliveries: the real delivery is given back too.
+        let (_, handle) = self.delivery.into_parts();
+        handle.give_back(envelope);
     }
 }

@@ -429,7 +429,18 @@ impl MemoryRouter {
             let deadline = now
                 .checked_add(wait)
                 .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 60 * 60));
-            for (queue, permit) in targets.iter_mut().filter(|(_, permit)| permit.is_none()) {
+            // Room is waited for in one order (the queues' ids) by every publish, holding no room
+            // in a queue further along it: a publish holding room in A while it waits for C, and
+            // another holding C while it waits for A, would wait for each other until both time out.
+            targets.sort_unstable_by_key(|(queue, _)| queue.id);
+            for index in 0..targets.len() {
+                if targets[index].1.is_some() {
+                    continue;
+                }
+                for (_, later) in &mut targets[index + 1..] {
+                    *later = None;
+                }
+                let (queue, permit) = &mut targets[index];
                 match tokio::time::timeout_at(deadline, queue.room.clone().acquire_owned()).await {
                     Ok(Ok(acquired)) => *permit = Some(acquired),
                     // The queue closed meanwhile: it is skipped.

@@ -288,3 +288,88 @@ async fn a_publish_timeout_of_duration_max_waits_instead_of_panicking() {
     let second = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
     assert_eq!(second.envelope().session(), "s1");
 }
+
+fn on(class: &str) -> Envelope {
+    Envelope::new(
+        parse_channel(&format!("{class}:event:s1")).unwrap(),
+        "application/json",
+        &b"{}"[..],
+    )
+}
+
+fn fan_out_on(classes: &[&str]) -> SubscribeOptions {
+    let patterns = classes
+        .iter()
+        .map(|class| ChannelPattern::parse(&format!("{class}:*:*")).unwrap())
+        .collect();
+    SubscribeOptions::patterns(patterns).prefetch(1)
+}
+
+/// Reads and acknowledges everything, and sends on the classes it read.
+fn consume(mut subscription: Subscription) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(delivery) = subscription.next().await {
+            let _ = sender.send(delivery.envelope().channel().class().to_string());
+            delivery.ack().await.unwrap();
+        }
+    });
+    receiver
+}
+
+/// Waits (without letting the paused clock run) until `count` publishes have waited for room.
+async fn waits_for_room(router: &MemoryRouter, count: u64) {
+    for _ in 0..10_000 {
+        if router.health().await.get("backpressure_waits") >= count {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("{count} publishes never waited for room");
+}
+
+/// Two publishes to the same full queues, each holding room the other waits for, must not block
+/// each other while the consumers keep reading: room is waited for in one order by every publish,
+/// without holding room further along it. (Before, the first held room in queue A waiting for C,
+/// the second held C waiting for A, and both failed at their publish timeout, saying the consumers
+/// were not keeping up.)
+#[tokio::test(start_paused = true)]
+async fn two_publishes_waiting_for_room_in_the_same_queues_do_not_block_each_other() {
+    let router = MemoryRouter::with_config(
+        MemoryConfig::default()
+            .queue_capacity(1)
+            .publish_timeout(Duration::from_secs(3600)),
+    );
+    let a = subscribe(&router, fan_out_on(&["Ping"])).await;
+    let mut b = subscribe(&router, fan_out_on(&["Ping", "Pong"])).await;
+    let mut c = subscribe(&router, fan_out_on(&["Ping", "Pang"])).await;
+    // B and C are full; A has room.
+    router.publish(on("Pong")).await.unwrap();
+    router.publish(on("Pang")).await.unwrap();
+    // The first Ping takes A's room and waits for B's.
+    let first = tokio::spawn({
+        let router = router.clone();
+        async move { router.publish(on("Ping")).await }
+    });
+    waits_for_room(&router, 1).await;
+    // C's room comes back; the second Ping takes it, finds A's taken, and waits.
+    c.next().await.unwrap().ack().await.unwrap();
+    let second = tokio::spawn({
+        let router = router.clone();
+        async move { router.publish(on("Ping")).await }
+    });
+    waits_for_room(&router, 2).await;
+    // B's room comes back; from here on every queue is read as fast as it fills.
+    b.next().await.unwrap().ack().await.unwrap();
+    let (mut read_a, mut read_b, mut read_c) = (consume(a), consume(b), consume(c));
+    let (first, second) = timeout(WAIT, async { (first.await, second.await) })
+        .await
+        .expect("the two publishes blocked each other");
+    assert_eq!(first.unwrap().unwrap(), PublishOutcome::Delivered(3));
+    assert_eq!(second.unwrap().unwrap(), PublishOutcome::Delivered(3));
+    for read in [&mut read_a, &mut read_b, &mut read_c] {
+        for _ in 0..2 {
+            assert_eq!(timeout(WAIT, read.recv()).await.unwrap().unwrap(), "Ping");
+        }
+    }
+}

@@ -12,7 +12,8 @@
 //!   [`MemoryRouter::remove_group`] deletes one; health counts `groups_without_members`.
 //! - A delivery dropped unsettled, or nacked, goes back to its queue.
 //! - Messages that can no longer be delivered (a subscription dropped with messages unread, group
-//!   queues when the router closes) are counted in health as `dropped` and logged.
+//!   queues when the router closes, retries waiting out their delay when their queue closes) are
+//!   counted in health as `dropped` and logged, when that happens.
 //!
 //! ```
 //! use agentcomm_core::prelude::*;
@@ -127,6 +128,32 @@ struct Queue {
     room: Arc<Semaphore>,
     members: AtomicUsize,
     router: Weak<MemoryInner>,
+    /// Retries waiting out their delay, by number: closing the queue counts them as dropped at once
+    /// (they can no longer come back), instead of when their delay ends.
+    delayed: std::sync::Mutex<HashMap<u64, Delivery>>,
+    next_delayed: AtomicU64,
+}
+
+/// A retry's wait on its task: when the delay is over, or when the task is dropped first (its Tokio
+/// runtime ended), the retry goes back into its queue, or is counted as dropped if the queue closed.
+struct DelayedRetry {
+    queue: Arc<Queue>,
+    number: u64,
+}
+
+impl Drop for DelayedRetry {
+    fn drop(&mut self) {
+        let delivery = self
+            .queue
+            .delayed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.number);
+        // Not there: the queue closed meanwhile and counted it.
+        if let Some(delivery) = delivery {
+            self.queue.put_back(delivery);
+        }
+    }
 }
 
 impl Queue {
@@ -164,10 +191,18 @@ impl Queue {
             self.lost(delivery, "no Tokio runtime to wait for its retry delay");
             return;
         };
-        let queue = self.clone();
+        let number = self.next_delayed.fetch_add(1, Ordering::Relaxed);
+        self.delayed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(number, delivery);
+        let wait = DelayedRetry {
+            queue: self.clone(),
+            number,
+        };
         runtime.spawn(async move {
             tokio::time::sleep(delay).await;
-            queue.put_back(delivery);
+            drop(wait);
         });
     }
 
@@ -200,10 +235,36 @@ impl Queue {
         delivery.discard();
     }
 
-    /// Stops taking messages: publishers waiting for room give up, the buffer stays readable.
+    /// Stops taking messages: publishers waiting for room give up, the buffer stays readable. Retries
+    /// waiting out their delay can no longer come back: they are counted as dropped now.
     fn close(&self) {
         self.sender.close();
         self.room.close();
+        let delayed: Vec<Delivery> = self
+            .delayed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain()
+            .map(|(_, delivery)| delivery)
+            .collect();
+        let count = delayed.len();
+        if count == 0 {
+            return;
+        }
+        for delivery in delayed {
+            delivery.discard();
+        }
+        if let Some(router) = self.router.upgrade() {
+            router
+                .counters
+                .dropped
+                .fetch_add(count as u64, Ordering::Relaxed);
+        }
+        tracing::warn!(
+            queue = %self.name,
+            dropped = count,
+            "{count} messages waiting out their retry delay were dropped: their queue closed (the in-memory router is not persistent)"
+        );
     }
 
     /// Drops what is still queued, counting and logging it; returns how many.
@@ -508,6 +569,8 @@ impl MemoryRouter {
                 room: Arc::new(Semaphore::new(capacity)),
                 members: AtomicUsize::new(0),
                 router: Arc::downgrade(&self.inner),
+                delayed: std::sync::Mutex::default(),
+                next_delayed: AtomicU64::new(0),
             })
         };
         let (stop_sender, stop_receiver) = async_channel::bounded(1);

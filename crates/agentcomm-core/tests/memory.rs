@@ -373,3 +373,65 @@ async fn two_publishes_waiting_for_room_in_the_same_queues_do_not_block_each_oth
         }
     }
 }
+
+/// Messages waiting out their retry delay inside the router when it closes can never come back:
+/// they are counted as dropped when it closes, like what the queues held, not when their delay
+/// ends (which may be after the process has gone, with nothing counted or logged).
+#[tokio::test]
+async fn closing_the_router_counts_the_retries_waiting_out_their_delay() {
+    let router = MemoryRouter::new();
+    let mut member = subscribe(&router, pings().group("workers")).await;
+    let mut fan_out = subscribe(&router, pings()).await;
+    router.publish(ping("s1")).await.unwrap();
+    for subscription in [&mut member, &mut fan_out] {
+        let delivery = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
+        delivery
+            .nack(NackAction::Retry {
+                delay: Duration::from_secs(60),
+            })
+            .await
+            .unwrap();
+    }
+    router.close().await.unwrap();
+    let health = router.health().await;
+    assert_eq!(
+        (health.get("dropped"), health.get("redelivered")),
+        (2, 0),
+        "both retries are lost with the router"
+    );
+    assert!(timeout(WAIT, fan_out.next()).await.unwrap().is_none());
+}
+
+/// A retry waiting out its delay when its Tokio runtime ends is put back at once, not lost: the
+/// router (shared with another runtime) still delivers it.
+#[test]
+fn a_retry_whose_runtime_ends_during_its_delay_is_put_back_at_once() {
+    let router = MemoryRouter::new();
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut member = first.block_on(async {
+        let mut member = subscribe(&router, pings().group("workers")).await;
+        router.publish(ping("s1")).await.unwrap();
+        let delivery = timeout(WAIT, member.next()).await.unwrap().unwrap();
+        delivery
+            .nack(NackAction::Retry {
+                delay: Duration::from_secs(3600),
+            })
+            .await
+            .unwrap();
+        member
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let again = timeout(WAIT, member.next()).await.unwrap().unwrap();
+        assert_eq!(again.envelope().attempt(), 2);
+        again.ack().await.unwrap();
+        assert_eq!(router.health().await.get("dropped"), 0);
+    });
+}

@@ -219,9 +219,13 @@ impl SubscribeOptions {
     /// Checks the options before a backend acts on them.
     pub fn check(&self) -> Result<()> {
         if self.patterns.is_empty() {
-            return Err(Error::InvalidAgent {
-                agent: "subscription".into(),
-                reason: "a subscription needs at least one pattern".into(),
+            return Err(Error::Config {
+                variable: "subscription patterns".into(),
+                value: "[]".into(),
+                expected:
+                    "at least one pattern: SubscribeOptions::new(pattern), or a non-empty list \
+                           to SubscribeOptions::patterns"
+                        .into(),
             });
         }
         if let Distribution::Group(name) = &self.distribution

@@ -119,7 +119,8 @@ pub struct AgentOptions {
     pub max_attempts: u32,
     /// Delay between attempts.
     pub backoff: Backoff,
-    /// A handler running longer than this fails (and is retried); `None` lets it run forever.
+    /// A handler running longer than this fails (and is retried); `None` lets it run forever. Zero is
+    /// refused when the agent is spawned.
     pub handler_timeout: Option<Duration>,
 }
 
@@ -186,7 +187,8 @@ impl AgentOptions {
         self
     }
 
-    /// Sets the handler time limit (`None`: no limit).
+    /// Sets the handler time limit, above zero (`None`: no limit; zero is refused when the agent is
+    /// spawned).
     pub fn handler_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.handler_timeout = timeout;
         self
@@ -335,6 +337,16 @@ impl Runtime {
                 reason:
                     "it receives nothing, so there is nothing to run: declare `receives = [...]`, \
                          or use `runtime.publisher::<Agent>()` to only send"
+                        .into(),
+            });
+        }
+        if options.handler_timeout == Some(Duration::ZERO) {
+            return Err(Error::Config {
+                variable: "AgentOptions::handler_timeout".into(),
+                value: format!("{:?}", options.handler_timeout),
+                expected:
+                    "a limit above zero (every handler that waits for anything would time out), \
+                           or None for no limit"
                         .into(),
             });
         }
@@ -1256,7 +1268,9 @@ impl<A: Agent> AgentShared<A> {
                 tracing::error!(panic = %text, "the handler panicked; handled as a failure");
                 format!("handler panicked: {text}")
             }
-            Outcome::TimedOut(limit) => format!("handler timed out after {limit:?}"),
+            Outcome::TimedOut(limit) => format!(
+                "handler timed out after {limit:?} (the limit AgentOptions::handler_timeout sets)"
+            ),
         };
         bump(&stats.failed);
         let attempt = delivery.envelope().attempt();

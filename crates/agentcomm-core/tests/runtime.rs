@@ -1255,7 +1255,38 @@ async fn handlers_that_run_too_long_fail_and_are_retried() {
     let letter = next(&mut dead).await;
     assert_eq!(
         letter.envelope().header(headers::ERROR),
-        Some("handler timed out after 30ms")
+        Some("handler timed out after 30ms (the limit AgentOptions::handler_timeout sets)")
+    );
+}
+
+/// A handler time limit of zero would fail every handler that waits for anything: refused when the
+/// agent is spawned, naming the setting, instead of showing up as timeouts and dead letters.
+#[tokio::test]
+async fn a_handler_time_limit_of_zero_is_refused_with_the_fix() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (worker, _) = Worker::new();
+    let options = AgentOptions::new().handler_timeout(Some(Duration::ZERO));
+    let error = runtime.spawn_with(worker, options).await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "AgentOptions::handler_timeout='Some(0ns)' is not valid: a limit above zero (every handler that \
+         waits for anything would time out), or None for no limit"
+    );
+    assert!(runtime.agents().is_empty());
+}
+
+/// A subscription without patterns is refused with what to give instead.
+#[tokio::test]
+async fn a_subscription_without_patterns_is_refused_with_the_fix() {
+    let router = MemoryRouter::new();
+    let error = router
+        .subscribe(SubscribeOptions::patterns(Vec::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "subscription patterns='[]' is not valid: at least one pattern: SubscribeOptions::new(pattern), \
+         or a non-empty list to SubscribeOptions::patterns"
     );
 }
 

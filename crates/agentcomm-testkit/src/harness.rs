@@ -474,7 +474,7 @@ impl TestHarness {
 
     /// Sends `message` as a request to `session` and waits (up to the harness timeout) for the reply,
     /// which it matches so that it does not count as unexpected. Panics when no reply comes, listing
-    /// what arrived instead.
+    /// what arrived instead, or at once when the agent dead-lettered the request, with its error.
     pub async fn request<Req: Message, Resp: Message>(
         &self,
         session: &str,
@@ -511,13 +511,51 @@ impl TestHarness {
             ),
         })?;
         let request_id = request.id().to_string();
-        self.expect::<Resp>()
+        let what = format!("the reply to {} {}", Req::CLASS, request.id());
+        // Any envelope correlated with the request ends the wait: the reply, or the failure reply the
+        // runtime sends when the agent dead-letters the request (which `Publisher::request` turns
+        // into `Error::RequestFailed` at once). Only then is it decoded.
+        let seen = self
+            .expect_envelope()
             .session(&inbox)
             .direction(REPLY_DIRECTION)
             .where_envelope(move |envelope| envelope.correlation_id() == Some(request_id.as_str()))
-            .described_as(format!("the reply to {} {}", Req::CLASS, request.id()))
+            .described_as(what.clone())
             .result()
-            .await
+            .await?;
+        let envelope = seen.envelope();
+        if let Some(reason) = envelope.header(headers::REQUEST_FAILED) {
+            return Err(ExpectationFailed {
+                message: format!(
+                    "expected {what}, but the request failed in agent '{}' and was dead-lettered ({reason}, \
+                     after {} attempt(s)): {}; its dead letter is on 'DeadLetter:{}:*' with \
+                     agentcomm-original-id {}",
+                    envelope.header(headers::AGENT).unwrap_or("unknown"),
+                    envelope.header(headers::ATTEMPTS).unwrap_or("?"),
+                    envelope.header(headers::ERROR).unwrap_or(""),
+                    Req::CLASS,
+                    request.id(),
+                ),
+            });
+        }
+        match decode_message::<Resp>(envelope) {
+            Ok(message) => Ok(Received {
+                message,
+                envelope: envelope.clone(),
+                position: seen.position(),
+                publish_order: seen.publish_order(),
+                at: seen.at(),
+            }),
+            Err(rejection) => Err(ExpectationFailed {
+                message: format!(
+                    "expected {what}, but the reply that came ({} on '{}') could not be decoded as {}: {}",
+                    envelope.class(),
+                    envelope.channel().name(),
+                    Resp::CLASS,
+                    rejection.error
+                ),
+            }),
+        }
     }
 
     // ----- observing ----------------------------------------------------------------------------

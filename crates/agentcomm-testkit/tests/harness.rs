@@ -1341,3 +1341,48 @@ async fn deliveries_given_back_unseen_reach_the_backend_as_given_back_under_the_
     recorded.sort_unstable();
     assert_eq!(recorded, ["abandon", "give_back", "give_back"]);
 }
+
+/// Declines every payment for good.
+#[agent(receives = [PaymentRequest], sends = [PaymentResponse])]
+struct Declines;
+
+impl Handle<PaymentRequest> for Declines {
+    async fn handle(&self, _: PaymentRequest, _: &Context<Self>) -> HandlerResult {
+        Err(HandlerError::permanent("the card was declined"))
+    }
+}
+
+/// A request its agent dead-letters fails at once with the agent's error, as `Publisher::request`
+/// does, instead of waiting out the harness timeout and calling the failure reply undecodable.
+#[tokio::test]
+async fn a_request_its_agent_dead_letters_fails_at_once_with_the_agents_error() {
+    let h = TestHarness::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .await
+        .unwrap();
+    h.spawn(Declines).await;
+    let started = std::time::Instant::now();
+    let failure = h
+        .try_request::<PaymentRequest, PaymentResponse>("s1", payment(5.0, "u1"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        failure.starts_with("expected the reply to PaymentRequest ")
+            && failure.contains(
+                ", but the request failed in agent 'Declines' and was dead-lettered (rejected, after 1 \
+                 attempt(s)): the card was declined"
+            ),
+        "{failure}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "waited {:?} for a reply that had failed",
+        started.elapsed()
+    );
+    h.expect_dead_letter::<PaymentRequest>()
+        .reason("rejected")
+        .await;
+    h.assert_nothing_else_published().await;
+}

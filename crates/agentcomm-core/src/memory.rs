@@ -236,8 +236,9 @@ impl Queue {
     }
 
     /// Stops taking messages: publishers waiting for room give up, the buffer stays readable. Retries
-    /// waiting out their delay can no longer come back: they are counted as dropped now.
-    fn close(&self) {
+    /// waiting out their delay can no longer come back: they are counted as dropped now, and their
+    /// number returned.
+    fn close(&self) -> usize {
         self.sender.close();
         self.room.close();
         let delayed: Vec<Delivery> = self
@@ -249,7 +250,7 @@ impl Queue {
             .collect();
         let count = delayed.len();
         if count == 0 {
-            return;
+            return 0;
         }
         for delivery in delayed {
             delivery.discard();
@@ -265,6 +266,7 @@ impl Queue {
             dropped = count,
             "{count} messages waiting out their retry delay were dropped: their queue closed (the in-memory router is not persistent)"
         );
+        count
     }
 
     /// Drops what is still queued, counting and logging it; returns how many.
@@ -446,9 +448,9 @@ impl MemoryRouter {
         }
     }
 
-    /// Deletes a group and drops what is queued for it (counted and logged as dropped); returns how
-    /// many messages were dropped, or `None` when there is no such group. Members still subscribed see
-    /// their stream end.
+    /// Deletes a group and drops what is queued for it and its retries waiting out their delay
+    /// (counted and logged as dropped); returns how many messages were dropped, or `None` when
+    /// there is no such group. Members still subscribed see their stream end.
     pub fn remove_group(&self, name: &str) -> Option<usize> {
         let queue = self
             .inner
@@ -457,8 +459,8 @@ impl MemoryRouter {
             .expect("routes lock")
             .groups
             .remove(name)?;
-        queue.close();
-        Some(queue.drain_lost(&format!("group '{name}' was removed")))
+        let delayed = queue.close();
+        Some(delayed + queue.drain_lost(&format!("group '{name}' was removed")))
     }
 
     async fn publish_one(&self, envelope: Envelope) -> Result<PublishOutcome> {

@@ -435,3 +435,26 @@ fn a_retry_whose_runtime_ends_during_its_delay_is_put_back_at_once() {
         assert_eq!(router.health().await.get("dropped"), 0);
     });
 }
+
+/// Removing a group drops its retries waiting out their delay too, and says how many it dropped.
+#[tokio::test]
+async fn removing_a_group_counts_its_retries_waiting_out_their_delay() {
+    let router = MemoryRouter::new();
+    let mut member = subscribe(&router, pings().group("workers")).await;
+    router.publish(ping("s1")).await.unwrap();
+    router.publish(ping("s2")).await.unwrap();
+    let delivery = timeout(WAIT, member.next()).await.unwrap().unwrap();
+    delivery
+        .nack(NackAction::Retry {
+            delay: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    drop(member);
+    assert_eq!(
+        router.remove_group("workers"),
+        Some(2),
+        "the one queued and the one waiting to be retried"
+    );
+    assert_eq!(router.health().await.get("dropped"), 2);
+}

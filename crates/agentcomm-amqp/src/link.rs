@@ -1204,7 +1204,8 @@ pub(crate) async fn supervise(
 }
 
 /// Starts the router's connections: the first ones are made here (their failure is the caller's
-/// error; the consuming one declares the topology, so a misconfiguration shows at once);
+/// error; the consuming one declares the topology, so a misconfiguration shows at once), and the
+/// publishing channel opened on the publishing one (see [`Inner::open_publisher_at_connect`]);
 /// reconnections run in the background.
 pub(crate) async fn start(inner: &Arc<Inner>) -> Result<()> {
     let consuming = inner.establish(Role::Consuming).await?;
@@ -1220,6 +1221,7 @@ pub(crate) async fn start(inner: &Arc<Inner>) -> Result<()> {
         let weak = Arc::downgrade(inner);
         tokio::spawn(supervise(weak, role, live, inner.stop.subscribe()));
     }
+    inner.open_publisher_at_connect().await;
     Ok(())
 }
 

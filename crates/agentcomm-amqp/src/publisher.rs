@@ -903,7 +903,8 @@ impl Inner {
         waiting + self.publishes_to_resend.load(Ordering::Acquire)
     }
 
-    /// The publishing channel of the live publishing connection, opened on demand. Waiting for the
+    /// The publishing channel of the live publishing connection (opened at connect, and on demand
+    /// after a reconnect or a channel lost). Waiting for the
     /// connection (an outage) is bounded by `outage_deadline`, set when this publish first finds the
     /// connection down to `publish_outage_timeout` from then (and cleared by its caller once the
     /// publish was sent, so that a later outage gets the whole bound too): opening the channel on a
@@ -931,6 +932,27 @@ impl Inner {
                 bound - started
             ))),
         }
+    }
+
+    /// Opens the publishing channel once the router has connected, so that its first publishes do
+    /// not wait for it: opening it (channel.open, confirm.select, the broker's set-up of the
+    /// channel) is two round trips, and every publish started meanwhile waited behind it. In the
+    /// payments bench at 64 in flight, the first 64 messages took a median 2.6 ms more than the
+    /// round's median latency (plain amqprs: 0.2 ms); at 1 in flight the first message took
+    /// 1.95 ms, against 0.39 ms with the channel opened here. If it cannot be opened now (the
+    /// connection was lost again at once, the broker does not answer in time), the first publish
+    /// opens it as after a reconnect, and reports what fails then.
+    pub(crate) async fn open_publisher_at_connect(&self) {
+        // No outage to wait out: the connection was made just now.
+        let mut outage_deadline = Some(Instant::now());
+        let bound = self.settings.operation_timeout * 2;
+        let opened = tokio::time::timeout(bound, self.open_publisher(&mut outage_deadline)).await;
+        let error = match opened {
+            Ok(Ok(_)) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("not opened within {bound:?}"),
+        };
+        tracing::debug!(error = %error, "the publishing channel was not opened at connect; the first publish opens it");
     }
 
     async fn open_publisher(

@@ -20,7 +20,8 @@
 //!   `class.direction.session` (components escaped, see [`topology`]); a pattern is a binding key with
 //!   `*` wildcards. A fan-out subscription gets its own queue; a group shares one durable queue
 //!   `<exchange>.group.<name>` (competing consumers), bound to the union of its members' patterns.
-//! - **Publishing**: persistent messages, published mandatory on a channel in confirm mode; a publish
+//! - **Publishing**: persistent messages, published mandatory on a channel in confirm mode (opened
+//!   by `connect`, so that the first publishes do not wait for it); a publish
 //!   resolves with [`PublishOutcome::Accepted`](agentcomm_core::router::PublishOutcome) once the broker
 //!   confirms it, [`Unroutable`](agentcomm_core::router::PublishOutcome::Unroutable) when no queue was
 //!   bound (basic.return), an error on basic.nack or when no confirm comes within the confirm timeout.

@@ -192,10 +192,21 @@ impl Queue {
             return;
         };
         let number = self.next_delayed.fetch_add(1, Ordering::Relaxed);
-        self.delayed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(number, delivery);
+        {
+            let mut delayed = self
+                .delayed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Checked under the lock: `close()` closes the sender before it takes the retries, so a
+            // retry added after that finds the queue closed, and is counted now instead of when its
+            // delay ends (maybe never: the process may be gone by then).
+            if self.sender.is_closed() {
+                drop(delayed);
+                self.lost(delivery, "its subscription is closed");
+                return;
+            }
+            delayed.insert(number, delivery);
+        }
         let wait = DelayedRetry {
             queue: self.clone(),
             number,

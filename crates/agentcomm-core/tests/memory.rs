@@ -458,3 +458,65 @@ async fn removing_a_group_counts_its_retries_waiting_out_their_delay() {
     );
     assert_eq!(router.health().await.get("dropped"), 2);
 }
+
+/// A delivery still held when its queue closes (a fan-out subscriber reading its buffer after the
+/// router closed, a group member's message in flight) and nacked for a retry afterwards can never
+/// come back: it is counted as dropped when it is nacked, not when its delay ends (which may be
+/// after the process has gone, with nothing counted or logged), and only once.
+#[tokio::test(start_paused = true)]
+async fn a_retry_nacked_after_its_queue_closed_is_counted_as_dropped_at_once() {
+    let router = MemoryRouter::new();
+    let mut member = subscribe(&router, pings().group("workers")).await;
+    let mut fan_out = subscribe(&router, pings()).await;
+    router.publish(ping("s1")).await.unwrap();
+    let mut held = Vec::new();
+    for subscription in [&mut member, &mut fan_out] {
+        held.push(timeout(WAIT, subscription.next()).await.unwrap().unwrap());
+    }
+    router.close().await.unwrap();
+    for delivery in held {
+        delivery
+            .nack(NackAction::Retry {
+                delay: Duration::from_secs(60),
+            })
+            .await
+            .unwrap();
+    }
+    let health = router.health().await;
+    assert_eq!(
+        (health.get("dropped"), health.get("redelivered")),
+        (2, 0),
+        "both retries were lost when they were nacked, before their delay ended"
+    );
+    // Once their delay would have ended, they are not counted a second time.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let health = router.health().await;
+    assert_eq!((health.get("dropped"), health.get("redelivered")), (2, 0));
+}
+
+/// A retry counted as dropped when its queue closed is not counted again when its delay ends.
+#[tokio::test(start_paused = true)]
+async fn a_retry_dropped_at_close_is_not_counted_again_when_its_delay_ends() {
+    let router = MemoryRouter::new();
+    let mut member = subscribe(&router, pings().group("workers")).await;
+    let mut fan_out = subscribe(&router, pings()).await;
+    router.publish(ping("s1")).await.unwrap();
+    for subscription in [&mut member, &mut fan_out] {
+        let delivery = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
+        delivery
+            .nack(NackAction::Retry {
+                delay: Duration::from_secs(60),
+            })
+            .await
+            .unwrap();
+    }
+    router.close().await.unwrap();
+    assert_eq!(router.health().await.get("dropped"), 2);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let health = router.health().await;
+    assert_eq!(
+        (health.get("dropped"), health.get("redelivered")),
+        (2, 0),
+        "counted once, at close"
+    );
+}

@@ -357,7 +357,9 @@ impl Delivery {
     /// the inner delivery through the handle with the envelope the runtime gives it (the next
     /// attempt, headers the runtime added), which [`Delivery::nack`] on the inner delivery would
     /// replace with the inner one's. The caller must call exactly one method of the handle: dropped
-    /// uncalled, it neither settles the message nor hands it back.
+    /// uncalled, it neither settles the message nor hands it back. The redelivered flag is not one
+    /// of the parts: read [`Delivery::is_redelivered`] first and pass it to
+    /// [`Delivery::redelivered`] on the delivery made from them, or it reads `false`.
     pub fn into_parts(mut self) -> (Envelope, Box<dyn Acknowledge>) {
         self.take()
     }

@@ -284,11 +284,29 @@ impl PubSubHub {
             });
         }
         // Nothing waits from here to the subscription's registration, which now owns the counts.
-        self.open.fetch_add(1, Ordering::Relaxed);
-        self.subscriptions
-            .lock()
-            .expect("subscriptions lock")
-            .insert(subscription.id, subscription.clone());
+        {
+            // Registered only while the hub is open, checked under the lock `close` lists the
+            // subscriptions under, after it set `stop`: either `close` finds this one and ends it, or
+            // this sees the hub closing. Registered after that list, it would be left out of the close,
+            // and returned as live on a closed router.
+            let mut subscriptions = self.subscriptions.lock().expect("subscriptions lock");
+            if !*self.stop.borrow() {
+                self.open.fetch_add(1, Ordering::Relaxed);
+                subscriptions.insert(subscription.id, subscription.clone());
+                drop(subscriptions);
+            } else {
+                drop(subscriptions);
+                subscription.closed.store(true, Ordering::Release);
+                subscription.signal_stop();
+                subscription.again.close();
+                // Its counts are not given back: the hub's connection is being quit, and a command
+                // written to a quit client waits out the command timeout.
+                return Err(Error::Closed {
+                    what: "the Redis router",
+                    hint: "it was closed while this subscription was being confirmed; connect a new one",
+                });
+            }
+        }
         let reader = Reader {
             messages: messages.clone(),
             again: again_receiver.clone(),
@@ -1513,6 +1531,114 @@ mod tests {
         within("the other to hold the counts", || other.holds()).await;
         // The restore has not run: only the subscribe itself can have made it live.
         assert_live_then_close(&router, other, &hub, &wanted).await;
+    }
+
+    /// A pub/sub subscribe whose confirmation is answered while the subscriber closes must fail with
+    /// `Closed`, as in Streams mode. Before, it was registered after `close` had listed the
+    /// subscriptions to end, and returned a live-looking subscription of a closed router.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribe_confirmed_while_the_router_closes_fails_with_closed() {
+        use std::sync::atomic::Ordering;
+        let Some((proxy, router)) = proxied_router(false).await else {
+            return;
+        };
+        let _first = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:event:s1").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let hub = router.shared().hub().await.unwrap();
+        let first = hub
+            .subscriptions
+            .lock()
+            .unwrap()
+            .values()
+            .next()
+            .cloned()
+            .unwrap();
+        // The second subscribe's SUBSCRIBE and PING wait in the black hole. (The hub's own subscribe:
+        // the router's gives up at once when the router closes, but may finish just as it does.)
+        proxy.blackhole(true);
+        let shared = router.shared().clone();
+        let mut second = Box::pin(hub.subscribe(
+            &shared,
+            SubscribeOptions::new(ChannelPattern::parse("Pong:event:s1").unwrap()),
+        ));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut second)
+                .await
+                .is_err(),
+            "no answer comes through the black hole"
+        );
+        // The router closes: it has listed the subscriptions to end once the first one is told.
+        let closing = tokio::spawn({
+            let router = router.clone();
+            async move { router.close().await }
+        });
+        within("close to list the subscriptions", || {
+            first.stopping.load(Ordering::Acquire)
+        })
+        .await;
+        proxy.blackhole(false);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("the subscribe ends");
+        closing.await.unwrap().unwrap();
+        match outcome {
+            Err(agentcomm_core::error::Error::Closed { .. }) => {}
+            Err(other) => panic!("expected Closed, got {other}"),
+            Ok(_) => {
+                panic!("a subscribe that raced close returned a subscription of a closed router")
+            }
+        }
+        assert_eq!(hub.subscription_count(), 0, "nothing stays registered");
+    }
+
+    /// A pub/sub subscribe still waiting for its Redis subscriptions when the router closes fails with
+    /// `Closed` at once. Before, its `SUBSCRIBE` went to the subscriber connection `close` had quit,
+    /// where fred keeps a command until the command timeout: it failed with `Timeout` only then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribe_under_way_when_the_router_closes_fails_with_closed_at_once() {
+        let url = crate::unit_redis::url();
+        let Some(router) = pubsub_router(&url, &url, |builder| {
+            builder
+                .command_timeout(Duration::from_secs(10))
+                .close_timeout(Duration::from_millis(300))
+        })
+        .await
+        else {
+            return;
+        };
+        let _first = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:event:s1").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let hub = router.shared().hub().await.unwrap();
+        // The second subscribe waits for the counts, held here until the router has closed.
+        let held = hub.redis.lock().await;
+        let mut second = Box::pin(router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Pong:event:s1").unwrap(),
+        )));
+        assert!(futures::poll!(&mut second).is_pending());
+        router.close().await.unwrap();
+        drop(held);
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(3), second)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the subscribe still waits {:?} after the close",
+                    started.elapsed()
+                )
+            });
+        assert!(
+            matches!(outcome, Err(agentcomm_core::error::Error::Closed { .. })),
+            "{:?}",
+            outcome.map(|_| ())
+        );
     }
 
     #[test]

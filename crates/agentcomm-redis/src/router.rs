@@ -1697,8 +1697,14 @@ impl Router for RedisRouter {
             let shared = &self.shared;
             shared.check_open()?;
             if shared.serves_over_pubsub(&options) {
-                let hub = shared.hub().await?;
-                return hub.subscribe(shared, options).await;
+                // Given up at once when the router closes (dropping it gives back what it took: see
+                // `Claim`): its commands would go to the subscriber connection `close` quits, where
+                // fred keeps them until the command timeout.
+                return tokio::select! {
+                    biased;
+                    subscribed = async { shared.hub().await?.subscribe(shared, options).await } => subscribed,
+                    () = shared.closing() => Err(closed_error()),
+                };
             }
             let id = shared.next_subscription.fetch_add(1, Ordering::Relaxed);
             // A set-up still under way when the router closes is given up at once (dropping it undoes

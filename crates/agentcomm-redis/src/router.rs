@@ -223,6 +223,11 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     /// Woken when the router closes (after `closed` is set): see [`Shared::closing`].
     closing: tokio::sync::Notify,
+    /// Publishes under way that may still send a command after an await (see [`InFlight`]): `close`
+    /// waits for them before it quits the pool.
+    in_flight: AtomicU64,
+    /// Woken when the last of them ends.
+    settled: tokio::sync::Notify,
     started: Instant,
     publisher_id: String,
     /// Each class stream this router publishes to.
@@ -411,6 +416,8 @@ impl RedisRouter {
             counters,
             closed: AtomicBool::new(false),
             closing: tokio::sync::Notify::new(),
+            in_flight: AtomicU64::new(0),
+            settled: tokio::sync::Notify::new(),
             started: Instant::now(),
             publisher_id: new_publisher_id(),
             targets: RwLock::new(HashMap::new()),
@@ -728,6 +735,33 @@ impl Shared {
         Ok(target)
     }
 
+    /// Counts a publish in until the guard is dropped, or fails with `Closed` once the router closes.
+    /// Counted in before the flag is looked at, and `close` sets the flag before it looks at the count
+    /// (both sequentially consistent): either `close` waits for this publish, or this sees it closed.
+    fn enter(&self) -> Result<InFlight<'_>> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(self);
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(closed_error());
+        }
+        Ok(guard)
+    }
+
+    /// Resolves once no publish counted in by [`Shared::enter`] is under way.
+    async fn publishes_settled(&self) {
+        loop {
+            let notified = self.settled.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the count is looked at, so that the last publish ending in between
+            // still wakes this.
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.is_closed() {
             Err(closed_error())
@@ -1025,7 +1059,8 @@ impl Shared {
 
     /// Publishes one envelope in this router's mode; dead letters are always also kept in their stream.
     pub(crate) async fn publish_envelope(&self, envelope: Envelope) -> Result<PublishOutcome> {
-        self.check_open()?;
+        // Its commands may be sent after awaits (a registration, a script load): `close` waits for it.
+        let _in_flight = self.enter()?;
         let result = self.publish_one(envelope).await;
         self.count_publish(&result);
         result
@@ -1157,9 +1192,10 @@ impl Shared {
 
     /// Publishes several envelopes in one pipeline per connection.
     async fn publish_pipelined(&self, envelopes: Vec<Envelope>) -> Vec<Result<PublishOutcome>> {
-        if self.check_open().is_err() {
+        // Registrations come before the pipeline is sent: `close` waits for the whole batch.
+        let Ok(_in_flight) = self.enter() else {
             return envelopes.iter().map(|_| Err(closed_error())).collect();
-        }
+        };
         let careful = envelopes.iter().any(|e| {
             let stored = self.settings.mode == DeliveryMode::Streams
                 || e.channel().class() == DEAD_LETTER_CLASS;
@@ -1170,7 +1206,9 @@ impl Shared {
             // the rare path, one by one.
             let mut results = Vec::with_capacity(envelopes.len());
             for envelope in envelopes {
-                results.push(self.publish_envelope(envelope).await);
+                let result = self.publish_one(envelope).await;
+                self.count_publish(&result);
+                results.push(result);
             }
             return results;
         }
@@ -1570,7 +1608,8 @@ impl Shared {
     }
 
     async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        // Sequentially consistent: see `Shared::enter`.
+        if self.closed.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         self.closing.notify_waiters();
@@ -1592,7 +1631,7 @@ impl Shared {
         let finishing = futures::future::join_all(streams.iter().map(|s| s.finish(until)));
         let _ = tokio::time::timeout_at(
             until + Duration::from_millis(200),
-            futures::future::join(closing_hub, finishing),
+            futures::future::join3(closing_hub, finishing, self.publishes_settled()),
         )
         .await;
         let quit = tokio::time::timeout(Duration::from_secs(1), self.pool.quit()).await;
@@ -1601,6 +1640,17 @@ impl Shared {
         }
         tracing::info!(url = %redact(&self.settings.url), "Redis router closed");
         Ok(())
+    }
+}
+
+/// A publish counted in by [`Shared::enter`]; counted out when dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.settled.notify_waiters();
+        }
     }
 }
 
@@ -1805,6 +1855,74 @@ mod tests {
         let ttl: i64 = client.pttl(&keys[1]).await.unwrap();
         assert!(ttl > 0, "the mark expires when idle");
         let _: i64 = client.del(keys.clone()).await.unwrap();
+        let _ = client.quit().await;
+    }
+
+    /// A publish under way when the router closes (here: listing its class in the registry again, as
+    /// after a reconnect) is waited for by `close`, and confirmed. Before, `close` quit the pool at
+    /// once, the publish's next command went to the quit connection, where fred keeps a command until
+    /// the command timeout, and the publish failed with `Timeout` only then (30 s by default), its
+    /// message not stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_under_way_when_the_router_closes_is_waited_for() {
+        let url = crate::unit_redis::url();
+        let prefix = crate::unit_redis::prefix();
+        let builder = RedisRouter::builder(&url)
+            .mode(DeliveryMode::Streams)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_secs(10));
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
+        };
+        let shared = router.shared.clone();
+        let publish = || {
+            router.publish(Envelope::new(
+                agentcomm_core::channel::Channel::new("A", "event", "s1").unwrap(),
+                "application/msgpack",
+                vec![0x80],
+            ))
+        };
+        publish().await.unwrap();
+        // The next publish lists the class again, and waits for the registration, held here.
+        let target = shared.registered_target("A").expect("registered");
+        shared.registry_generation.fetch_add(1, Ordering::AcqRel);
+        let held = target.registering.lock().await;
+        let mut publishing = publish();
+        assert!(futures::poll!(&mut publishing).is_pending());
+        let closing = tokio::spawn({
+            let router = router.clone();
+            async move { router.close().await }
+        });
+        tokio::time::timeout(Duration::from_secs(10), shared.closing())
+            .await
+            .expect("the router starts closing");
+        drop(held);
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(3), publishing)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the publish still waits {:?} after the close",
+                    started.elapsed()
+                )
+            });
+        closing.await.unwrap().unwrap();
+        assert_eq!(outcome.unwrap(), PublishOutcome::Accepted);
+        let client = Builder::from_config(Config::from_url(&url).unwrap())
+            .build()
+            .unwrap();
+        client.init().await.unwrap();
+        let stream = shared.keys.stream("A");
+        let length: i64 = client.xlen(&stream).await.unwrap();
+        assert_eq!(length, 2, "both messages are stored");
+        let keys: Vec<String> = client
+            .custom(
+                fred::types::CustomCommand::new_static("KEYS", ClusterHash::Random, false),
+                vec![format!("{prefix}:*")],
+            )
+            .await
+            .unwrap();
+        let _: i64 = client.del(keys).await.unwrap();
         let _ = client.quit().await;
     }
 

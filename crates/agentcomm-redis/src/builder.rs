@@ -15,7 +15,20 @@ pub const DELIVERY_MODE_VAR: &str = "REDIS_DELIVERY_MODE";
 /// The URL forms a [`RedisRouter`] accepts.
 pub const ACCEPTED_URLS: &str = "redis://[[user]:password@]host[:port][/db], rediss:// (TLS), \
      redis-sentinel://host:port/db?sentinelServiceName=name[&node=host:port], \
-     redis-cluster://host:port[?node=host:port], or unix:///path/to/redis.sock";
+     redis-cluster://host:port[?node=host:port], rediss-sentinel:// and rediss-cluster:// (TLS), \
+     or unix:///path/to/redis.sock";
+
+/// The URL schemes a [`RedisRouter`] accepts (in any letter case): fred reads any other as a single
+/// server's.
+pub(crate) const ACCEPTED_SCHEMES: &[&str] = &[
+    "redis",
+    "rediss",
+    "redis-sentinel",
+    "rediss-sentinel",
+    "redis-cluster",
+    "rediss-cluster",
+    "unix",
+];
 
 /// How messages travel through Redis. Both modes implement the same [`agentcomm_core::Router`]
 /// contract; they differ in what they guarantee (see [`agentcomm_core::router::Capabilities`]).
@@ -188,12 +201,7 @@ impl RedisRouterBuilder {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let non_empty = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let url = non_empty(REDIS_URL_VAR).unwrap_or_else(|| DEFAULT_REDIS_URL.to_string());
-        check_url(
-            REDIS_URL_VAR,
-            &url,
-            &["redis", "rediss", "redis-sentinel", "redis-cluster", "unix"],
-            ACCEPTED_URLS,
-        )?;
+        check_url(REDIS_URL_VAR, &url, ACCEPTED_SCHEMES, ACCEPTED_URLS)?;
         let mut builder = Self::new(url);
         if let Some(mode) = non_empty(DELIVERY_MODE_VAR) {
             builder = builder.mode(DeliveryMode::parse(&mode)?);

@@ -14,11 +14,14 @@ use fred::interfaces::{ClientLike, EventInterface};
 use fred::types::Builder;
 use fred::types::config::{Config, ConnectionConfig, PerformanceConfig, ReconnectPolicy};
 
-use crate::builder::{ACCEPTED_URLS, Settings};
+use crate::builder::{ACCEPTED_SCHEMES, ACCEPTED_URLS, Settings};
 use crate::counters::Counters;
 
 /// The fred configuration for `settings`, or a configuration error naming the URL without its password.
 pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
+    // fred reads a URL of any other scheme as a single server's (`http://`, a mistyped
+    // `redis-clustr://`): refused here, naming the accepted forms.
+    agentcomm_core::config::check_url("Redis URL", &settings.url, ACCEPTED_SCHEMES, ACCEPTED_URLS)?;
     // The scheme in any letter case, as the configuration reads it.
     let unix = settings
         .url
@@ -361,6 +364,54 @@ mod tests {
             fred_config(&settings).unwrap().tls.is_some(),
             "the connector is used"
         );
+    }
+
+    /// A URL whose scheme is none of the accepted ones is refused, naming the accepted forms. Before,
+    /// fred read any other scheme as a single server's: `http://` connected, and a mistyped
+    /// `redis-clustr://` connected to the first node as if it were a lone server, silently.
+    #[test]
+    fn a_url_of_another_scheme_is_refused_with_the_accepted_forms() {
+        for url in [
+            "http://127.0.0.1:6379",
+            "redis-clustr://127.0.0.1:7000",
+            "redis+cluster://127.0.0.1:7000",
+        ] {
+            let error = match fred_config(&Settings::for_tests(url)) {
+                Ok(config) => panic!("{url} was taken as {:?}", config.server),
+                Err(error) => error.to_string(),
+            };
+            assert!(
+                error.contains("is not supported") && error.contains("accepted: redis://"),
+                "{url}: {error}"
+            );
+        }
+    }
+
+    /// TLS to a cluster or through Sentinel (`rediss-cluster://`, `rediss-sentinel://`, which fred
+    /// reads) is accepted from `REDIS_URL` too. Before, `from_env` refused both: a TLS cluster could
+    /// not be reached from the environment at all (`rediss://` is a single server).
+    #[test]
+    fn tls_cluster_and_sentinel_urls_are_accepted_from_the_environment() {
+        for url in [
+            "rediss-cluster://:pw@10.0.0.1:7000?node=10.0.0.2:7000",
+            "rediss-sentinel://:pw@10.0.0.1:26379/0?sentinelServiceName=m",
+        ] {
+            let builder = crate::RedisRouterBuilder::from_lookup(|name| {
+                (name == "REDIS_URL").then(|| url.to_string())
+            })
+            .unwrap_or_else(|error| panic!("{url}: {error}"));
+            let config = fred_config(builder.settings()).unwrap();
+            assert!(config.tls.is_some(), "{url}: TLS");
+            assert!(
+                matches!(
+                    config.server,
+                    fred::types::config::ServerConfig::Clustered { .. }
+                        | fred::types::config::ServerConfig::Sentinel { .. }
+                ),
+                "{url}: {:?}",
+                config.server
+            );
+        }
     }
 
     #[test]

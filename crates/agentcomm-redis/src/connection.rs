@@ -257,6 +257,11 @@ impl<C: ClientLike + Clone> Connecting<C> {
     pub(crate) fn keep(mut self) {
         self.task = None;
     }
+
+    /// Like [`Connecting::keep`], handing over the connection task (see [`watch_connection_task`]).
+    pub(crate) fn keep_task(mut self) -> Option<fred::types::ConnectHandle> {
+        self.task.take()
+    }
 }
 
 impl<C: ClientLike + Clone> Drop for Connecting<C> {
@@ -296,9 +301,46 @@ impl ConnectingPool {
         (connecting, outcome)
     }
 
-    /// The pool is connected and owned elsewhere from now on, which quits it.
-    pub(crate) fn keep(mut self) {
-        self.tasks.clear();
+    /// The pool is connected and owned elsewhere from now on, which quits it. Hands over the clients'
+    /// connection tasks (see [`watch_connection_task`]).
+    pub(crate) fn keep(mut self) -> Vec<fred::types::ConnectHandle> {
+        std::mem::take(&mut self.tasks)
+    }
+}
+
+/// Runs `ended` when a client's connection task ends. fred ends it when the client quits, and when its
+/// reconnect policy runs out of attempts (`max_reconnect_attempts`): the client then never connects
+/// again, and keeps every command written to it until the command timeout.
+pub(crate) fn watch_connection_task(
+    task: fred::types::ConnectHandle,
+    ended: impl FnOnce() + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let _ = task.await;
+        ended();
+    });
+}
+
+/// The error of a router whose connection gave up reconnecting ([`watch_connection_task`]).
+pub(crate) fn gave_up_error(settings: &Settings) -> Error {
+    let message = match settings.max_reconnect_attempts {
+        Some(0) => "the connection to Redis was lost and max_reconnect_attempts(Some(0)) never \
+                    reconnects; connect a new router, or allow reconnections"
+            .to_string(),
+        Some(attempts) => format!(
+            "gave up reconnecting to Redis after {attempts} attempts in a row \
+             (max_reconnect_attempts); connect a new router, or raise max_reconnect_attempts (None: \
+             never give up)"
+        ),
+        // fred stops for good only on a configuration error.
+        None => "the client stopped reconnecting to Redis for good (a configuration error, in the \
+                 logs); connect a new router"
+            .to_string(),
+    };
+    Error::Connection {
+        backend: "redis",
+        url: redact(&settings.url),
+        message,
     }
 }
 

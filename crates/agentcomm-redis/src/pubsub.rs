@@ -40,7 +40,9 @@ use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::types::{Message, MessageKind};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use crate::connection::{Connecting, Role, map_error, redact, watch_client};
+use crate::connection::{
+    Connecting, Role, gave_up_error, map_error, redact, watch_client, watch_connection_task,
+};
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
 use crate::sequence::{SEQUENCE_HEADER, SequenceTracker, Verdict};
@@ -103,6 +105,9 @@ pub(crate) struct PubSubHub {
     resubscribing: Arc<AtomicBool>,
     /// Ends the resubscribing task.
     stop: tokio::sync::watch::Sender<bool>,
+    /// Set when the subscriber gave up reconnecting (`max_reconnect_attempts`): it never connects
+    /// again, and its subscriptions were ended.
+    gave_up: AtomicBool,
 }
 
 pub(crate) struct PubSubSubscription {
@@ -132,7 +137,7 @@ impl PubSubHub {
         let connecting = Connecting::start(&client);
         let connect = tokio::time::timeout(settings.connect_timeout * 2, connecting.wait()).await;
         match connect {
-            Ok(Ok(())) => connecting.keep(),
+            Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 return Err(map_error(
                     &error,
@@ -168,6 +173,7 @@ impl PubSubHub {
                 },
             );
         }
+        let task = connecting.keep_task();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let hub = Arc::new(PubSubHub {
             client,
@@ -178,7 +184,17 @@ impl PubSubHub {
             subscriptions: std::sync::Mutex::new(HashMap::new()),
             resubscribing,
             stop,
+            gave_up: AtomicBool::new(false),
         });
+        if let Some(task) = task {
+            let hub = Arc::downgrade(&hub);
+            let url = redact(&settings.url);
+            watch_connection_task(task, move || {
+                if let Some(hub) = hub.upgrade() {
+                    hub.given_up(&url);
+                }
+            });
+        }
         tokio::spawn(resubscribe_after_reconnects(
             Arc::downgrade(&hub),
             reconnections,
@@ -191,6 +207,39 @@ impl PubSubHub {
 
     pub(crate) fn is_connected(&self) -> bool {
         self.client.is_connected()
+    }
+
+    /// Whether the subscriber gave up reconnecting.
+    pub(crate) fn gave_up(&self) -> bool {
+        self.gave_up.load(Ordering::Acquire)
+    }
+
+    /// The subscriber's connection task ended: unless the hub closed it, the subscriber gave up
+    /// reconnecting and never receives again. Every subscription ends (after what it already
+    /// received), rather than waiting for ever; new ones are refused.
+    fn given_up(&self, url: &str) {
+        if *self.stop.borrow() {
+            return;
+        }
+        self.gave_up.store(true, Ordering::Release);
+        let open: Vec<Arc<PubSubSubscription>> = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .values()
+            .cloned()
+            .collect();
+        for subscription in &open {
+            subscription.closed.store(true, Ordering::Release);
+            subscription.signal_stop();
+            subscription.again.close();
+        }
+        tracing::error!(
+            url,
+            subscriptions = open.len(),
+            "the pub/sub subscriber gave up reconnecting (max_reconnect_attempts); its subscriptions \
+             have ended: connect a new router"
+        );
     }
 
     pub(crate) fn is_resubscribing(&self) -> bool {
@@ -206,6 +255,9 @@ impl PubSubHub {
         shared: &Arc<Shared>,
         options: SubscribeOptions,
     ) -> Result<Subscription> {
+        if self.gave_up() {
+            return Err(gave_up_error(&shared.settings));
+        }
         if let Distribution::Group(_) = options.distribution {
             return Err(Error::Unsupported {
                 backend: "redis-pubsub".into(),

@@ -30,7 +30,8 @@ use fred::types::{Builder, ClusterHash, CustomCommand, Expiration, Key, SetOptio
 
 use crate::builder::{DeliveryMode, RedisRouterBuilder, Settings};
 use crate::connection::{
-    ConnectingPool, Role, fred_builder, fred_config, is_noscript, map_error, redact, watch_client,
+    ConnectingPool, Role, fred_builder, fred_config, gave_up_error, is_noscript, map_error, redact,
+    watch_client, watch_connection_task,
 };
 use crate::counters::{Counters, LogLimiter};
 use crate::keys::Keys;
@@ -228,6 +229,9 @@ pub(crate) struct Shared {
     in_flight: AtomicU64,
     /// Woken when the last of them ends.
     settled: tokio::sync::Notify,
+    /// Set when a pool connection gave up reconnecting (`max_reconnect_attempts`): the pool is broken
+    /// for good, and what is published fails at once instead of waiting out the command timeout.
+    gave_up: AtomicBool,
     started: Instant,
     publisher_id: String,
     /// Each class stream this router publishes to.
@@ -407,7 +411,7 @@ impl RedisRouter {
             }
         };
         // Quit by the router from now on (`close`, or its last clone dropped).
-        connecting.keep();
+        let tasks = connecting.keep();
         let order = (0..pool.size()).map(|_| Mutex::new(())).collect();
         let shared = Arc::new(Shared {
             keys: Keys::new(&settings.prefix),
@@ -418,6 +422,7 @@ impl RedisRouter {
             closing: tokio::sync::Notify::new(),
             in_flight: AtomicU64::new(0),
             settled: tokio::sync::Notify::new(),
+            gave_up: AtomicBool::new(false),
             started: Instant::now(),
             publisher_id: new_publisher_id(),
             targets: RwLock::new(HashMap::new()),
@@ -439,6 +444,24 @@ impl RedisRouter {
             runtime: tokio::runtime::Handle::current(),
             settings,
         });
+        for task in tasks {
+            let shared = Arc::downgrade(&shared);
+            watch_connection_task(task, move || {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                if shared.is_closed() {
+                    return;
+                }
+                shared.gave_up.store(true, Ordering::Release);
+                shared.counters.mark_trouble();
+                tracing::error!(
+                    url = %redact(&shared.settings.url),
+                    error = %gave_up_error(&shared.settings),
+                    "a pool connection gave up reconnecting; publishing fails from now on"
+                );
+            });
+        }
         // The pub/sub subscriber (a connection of its own, and fred's notification rings: about 51 MB
         // at the default `broadcast_capacity`) starts with the first subscription, so that a router
         // that only publishes never holds it. Its connection problems are errors of that subscribe.
@@ -744,7 +767,16 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             return Err(closed_error());
         }
+        self.check_connectable()?;
         Ok(guard)
+    }
+
+    /// Fails when a pool connection gave up reconnecting (see [`Shared::gave_up`]).
+    fn check_connectable(&self) -> Result<()> {
+        if self.gave_up.load(Ordering::Acquire) {
+            return Err(gave_up_error(&self.settings));
+        }
+        Ok(())
     }
 
     /// Resolves once no publish counted in by [`Shared::enter`] is under way.
@@ -766,7 +798,7 @@ impl Shared {
         if self.is_closed() {
             Err(closed_error())
         } else {
-            Ok(())
+            self.check_connectable()
         }
     }
 
@@ -1551,13 +1583,18 @@ impl Shared {
             .iter()
             .filter_map(|stream| stream.read_failure())
             .max_by_key(|(failing_for, _)| *failing_for);
+        let gave_up =
+            self.gave_up.load(Ordering::Acquire) || hub.as_ref().is_some_and(|hub| hub.gave_up());
         let connected = !closed
+            && !gave_up
             && pool_connected
             && subscriber_connected
             && readers_connected
             && round_trip.is_some();
         let (status, detail) = if closed {
             (HealthStatus::Unhealthy, "closed".to_string())
+        } else if gave_up {
+            (HealthStatus::Unhealthy, gave_up_error(settings).to_string())
         } else if round_trip.is_none() {
             (
                 HealthStatus::Unhealthy,

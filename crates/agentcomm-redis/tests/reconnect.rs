@@ -899,3 +899,69 @@ async fn a_connect_given_up_part_way_leaves_no_connection_behind() {
     )
     .await;
 }
+
+/// With `max_reconnect_attempts(Some(n))`, a router whose connections ran out of attempts says so: its
+/// pub/sub subscriptions end, health is `Unhealthy` and names the setting, and a publish fails at once
+/// with the fix. Before, fred's connection tasks ended for good while every subscription waited
+/// forever, health said "reconnecting with backoff", and each publish waited out the command timeout
+/// (fred keeps the commands of a client whose task ended) before failing with `Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_gave_up_reconnecting_says_so_and_ends_its_subscriptions() {
+    let Some((proxy, url)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connected(
+        RedisRouter::builder(&url)
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            ))
+            .max_reconnect_attempts(Some(2))
+            .command_timeout(Duration::from_secs(10)),
+    )
+    .await;
+    let channel = parse_channel("Ping:event:s1").unwrap();
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Ping:event:s1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    // Redis stays out of reach for longer than the two attempts take.
+    proxy.reject_for(Duration::from_secs(600));
+    proxy.cut_all();
+    let end = within(
+        Duration::from_secs(5),
+        "the subscription to end",
+        subscription.next(),
+    )
+    .await;
+    assert!(end.is_none(), "nothing was published");
+    // Every connection (the pool's two and the subscriber) runs out of attempts at its own time.
+    eventually(Duration::from_secs(10), "health to say why", async || {
+        let health = router.health().await;
+        health.status == agentcomm_core::router::HealthStatus::Unhealthy
+            && health.detail.contains("max_reconnect_attempts")
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let error = router
+        .publish(message(&channel, 1))
+        .await
+        .expect_err("nothing can be published");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the publish failed after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        error.to_string().contains("max_reconnect_attempts"),
+        "{error}"
+    );
+    proxy.reject_for(Duration::ZERO);
+    router.close().await.unwrap();
+}

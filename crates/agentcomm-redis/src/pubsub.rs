@@ -797,6 +797,17 @@ struct Reader {
     decoder: FrameDecoder,
 }
 
+impl Drop for Reader {
+    /// The subscription's stream ended or was dropped: a gap still open in a sequence is a loss (the
+    /// message missing below ones it received will never come to it), counted even when younger than
+    /// the reorder window.
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            report_lost(&shared, self.tracker.finish(Instant::now()));
+        }
+    }
+}
+
 /// What waiting for the next message produced.
 enum Next {
     Message(Message),

@@ -218,6 +218,21 @@ impl SequenceTracker {
     }
 }
 
+impl SequenceTracker {
+    /// Settles every gap still open, however young: the subscription that follows these sequences
+    /// ends, and will never receive what is missing below numbers it received. Returns how many
+    /// messages that is.
+    pub(crate) fn finish(&mut self, now: Instant) -> u64 {
+        let mut lost = 0;
+        for channels in self.tracks.values_mut() {
+            for track in channels.values_mut() {
+                lost += settle(track, now, Duration::ZERO);
+            }
+        }
+        lost
+    }
+}
+
 /// Closes the gap of `track` if it stayed open longer than `window` (or too much arrived past it).
 fn settle(track: &mut Track, now: Instant, window: Duration) -> u64 {
     let mut lost = 0;
@@ -350,6 +365,20 @@ mod tests {
         tracker.observe("c", &header("live", 1), t0 + TRACK_IDLE);
         tracker.sweep(t0 + TRACK_IDLE * 2 - Duration::from_secs(1));
         assert_eq!(tracker.tracks.len(), 1, "only the live one stays");
+    }
+
+    #[test]
+    fn finishing_settles_every_open_gap() {
+        let mut tracker = SequenceTracker::new(Duration::from_secs(60));
+        let now = Instant::now();
+        for seq in [1, 3, 6] {
+            tracker.observe("c", &header("p", seq), now);
+        }
+        tracker.observe("d", &header("q", 1), now);
+        tracker.observe("d", &header("q", 2), now);
+        assert_eq!(tracker.sweep(now), 0, "within the window");
+        assert_eq!(tracker.finish(now), 3, "2, 4 and 5");
+        assert_eq!(tracker.finish(now), 0, "counted once");
     }
 
     #[test]

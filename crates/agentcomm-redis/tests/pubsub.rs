@@ -1221,3 +1221,54 @@ async fn the_same_frame_published_twice_reaches_a_glob_subscription_twice() {
     let _ = raw.quit().await;
     router.close().await.unwrap();
 }
+
+/// A gap still open in a publisher's sequence when a subscription ends is counted as `lost`: the
+/// message missing from it was published before ones the subscription received, and it will never
+/// receive it. Before, a gap younger than the reorder window at the close was forgotten with the
+/// subscription, and received + `lost` fell short of what was published before the last message
+/// received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_still_open_when_a_subscription_ends_is_counted_as_lost() {
+    use agentcomm_redis::sequence::SEQUENCE_HEADER;
+    use fred::prelude::{ClientLike, PubsubInterface};
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    // A window longer than the test: no sweep settles the gap before the close.
+    let router =
+        connected(builder(DeliveryMode::PubSub, &prefix).reorder_window(Duration::from_secs(60)))
+            .await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Gap:event:s1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let raw = raw_client().await;
+    // What an agentcomm publisher sends, numbered by hand: 2 never comes.
+    for number in [1, 3] {
+        let frame = envelope("Gap:event:s1", number)
+            .with_header(SEQUENCE_HEADER, format!("0123456789abcdef/{number}"))
+            .to_frame()
+            .unwrap();
+        let _: i64 = raw
+            .publish(format!("{prefix}:Gap:event:s1"), bytes::Bytes::from(frame))
+            .await
+            .unwrap();
+    }
+    for expected in [1, 3] {
+        let delivery = next(&mut subscription).await;
+        assert_eq!(number(&delivery), expected);
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(router.health().await.get("lost"), 0, "within the window");
+    subscription.close().await.unwrap();
+    let end = within(Duration::from_secs(5), "the end", subscription.next()).await;
+    assert!(end.is_none());
+    let health = router.health().await;
+    assert_eq!(health.get("lost"), 1, "{health:?}");
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}

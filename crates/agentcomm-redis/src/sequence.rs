@@ -143,7 +143,9 @@ impl SequenceTracker {
         let Some((publisher, number)) = header.rsplit_once('/') else {
             return (Verdict::New, 0);
         };
-        let Ok(seq) = number.parse::<u64>() else {
+        // No publisher reaches the largest number (its successor would overflow): a frame of
+        // another program, taken as unnumbered.
+        let Some(seq) = number.parse::<u64>().ok().filter(|seq| *seq < u64::MAX) else {
             return (Verdict::New, 0);
         };
         let channels = match self.tracks.get_mut(publisher) {
@@ -365,6 +367,26 @@ mod tests {
         tracker.observe("c", &header("live", 1), t0 + TRACK_IDLE);
         tracker.sweep(t0 + TRACK_IDLE * 2 - Duration::from_secs(1));
         assert_eq!(tracker.tracks.len(), 1, "only the live one stays");
+    }
+
+    /// A number no publisher reaches (`u64::MAX`, in a frame of another program) is taken as no number.
+    /// Before, it overflowed the next expected number: a panic in a debug build, and in a release
+    /// build a sequence that started again at 0.
+    #[test]
+    fn the_largest_number_is_taken_as_none() {
+        let mut tracker = SequenceTracker::new(Duration::from_millis(100));
+        let now = Instant::now();
+        let largest = header("p", u64::MAX);
+        assert_eq!(tracker.observe("c", &largest, now), (Verdict::New, 0));
+        assert_eq!(tracker.observe("c", &largest, now), (Verdict::New, 0));
+        assert_eq!(
+            tracker.observe("c", &header("p", 1), now),
+            (Verdict::New, 0)
+        );
+        assert_eq!(
+            tracker.observe("c", &header("p", 1), now),
+            (Verdict::Duplicate, 0)
+        );
     }
 
     #[test]

@@ -274,8 +274,8 @@ impl RedisRouterBuilder {
         self
     }
 
-    /// How long [`agentcomm_core::Router::close`] waits for delivered messages to be settled
-    /// (default 10 s).
+    /// How long [`agentcomm_core::Router::close`] waits for delivered messages to be settled and for
+    /// publishes under way to be confirmed (default 10 s).
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.settings.close_timeout = timeout;
         self

@@ -5,6 +5,7 @@
 //! reconnections and errors. Only the pub/sub subscriber gets a large message channel: fred preallocates
 //! every broadcast channel of a client at that size.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -232,25 +233,38 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
 /// connection on a task of its own from the start, which a dropped future does not stop, and a `QUIT`
 /// sent before that task has started is ignored: without this the connection, and what it then
 /// subscribes or reads, would stay open for nobody for as long as the process lives.
-pub(crate) struct Connecting<C: ClientLike + Clone> {
-    client: C,
+pub(crate) struct Connecting {
     task: Option<fred::types::ConnectHandle>,
+    /// The first connection's outcome, listened for before the task started.
+    outcome: std::pin::Pin<Box<dyn Future<Output = Result<(), fred::error::Error>> + Send>>,
 }
 
-impl<C: ClientLike + Clone> Connecting<C> {
-    /// Starts connecting `client`.
-    pub(crate) fn start(client: &C) -> Self {
+impl Connecting {
+    /// Starts connecting `client`. fred's connect notice is listened for first, as fred's own `init`
+    /// does: fred announces the outcome once, to whoever listens then, and its `wait_for_connect`
+    /// listens only when first polled, after looking at the client's state. An outcome announced
+    /// before that (a quick failure, or a success in between) would be missed, and the caller would
+    /// wait out its timeout.
+    pub(crate) fn start<C: ClientLike + Clone + Send + Sync + 'static>(client: &C) -> Self {
+        let waiting = client.clone();
+        let mut outcome: std::pin::Pin<
+            Box<dyn Future<Output = Result<(), fred::error::Error>> + Send>,
+        > = Box::pin(async move { waiting.wait_for_connect().await });
+        // Polled once to listen (not connected yet: it subscribes and waits); polled for real by
+        // `wait`, which registers its own waker.
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(early) = outcome.as_mut().poll(&mut context) {
+            outcome = Box::pin(std::future::ready(early));
+        }
         Connecting {
-            client: client.clone(),
             task: Some(client.connect()),
+            outcome,
         }
     }
 
-    /// Waits until the first connection is made or fails. (An outcome reached before this is first
-    /// polled, which is at once, is seen only when it is a success: a failure that quick is reported
-    /// by the caller's timeout.)
-    pub(crate) async fn wait(&self) -> Result<(), fred::error::Error> {
-        self.client.wait_for_connect().await
+    /// Waits until the first connection is made or fails.
+    pub(crate) async fn wait(&mut self) -> Result<(), fred::error::Error> {
+        self.outcome.as_mut().await
     }
 
     /// The client is connected and owned elsewhere from now on, which quits it.
@@ -264,7 +278,7 @@ impl<C: ClientLike + Clone> Connecting<C> {
     }
 }
 
-impl<C: ClientLike + Clone> Drop for Connecting<C> {
+impl Drop for Connecting {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
@@ -406,6 +420,33 @@ mod tests {
             fred_config(&settings).unwrap().tls.is_some(),
             "the connector is used"
         );
+    }
+
+    /// A first connection that fails before anyone waits for it is still reported: the outcome is
+    /// listened for before the connection task starts. Before, `wait` subscribed to fred's connect
+    /// notice only when first polled: an outcome announced before that was missed, and the caller
+    /// waited out its own timeout (a pub/sub subscribe or a stream reader failed after 20 s with "could
+    /// not connect"; for a success announced between fred's state check and that subscription, too,
+    /// which happened under load in about one run in six of the crate's unit tests).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connect_outcome_announced_before_the_wait_is_not_missed() {
+        // Nothing listens on port 1: the connection is refused at once.
+        let settings = Settings::for_tests("redis://127.0.0.1:1");
+        let config = fred_config(&settings).unwrap();
+        let client = fred_builder(&settings, config, Role::Commands)
+            .build()
+            .unwrap();
+        let mut errors = client.error_rx();
+        let mut connecting = Connecting::start(&client);
+        // The failure is announced before anything waits for the outcome.
+        tokio::time::timeout(Duration::from_secs(5), errors.recv())
+            .await
+            .expect("the connection fails")
+            .expect("its error");
+        let outcome = tokio::time::timeout(Duration::from_secs(2), connecting.wait())
+            .await
+            .expect("the outcome announced before the wait is seen");
+        assert!(outcome.is_err(), "refused");
     }
 
     /// A URL whose scheme is none of the accepted ones is refused, naming the accepted forms. Before,

@@ -134,7 +134,7 @@ impl PubSubHub {
             .build_subscriber_client()
             .map_err(|error| map_error(&error, settings, "creating the pub/sub subscriber"))?;
         // Stopped if this is dropped before the hub owns the client.
-        let connecting = Connecting::start(&client);
+        let mut connecting = Connecting::start(&client);
         let connect = tokio::time::timeout(settings.connect_timeout * 2, connecting.wait()).await;
         match connect {
             Ok(Ok(())) => {}

@@ -710,7 +710,7 @@ impl StreamSubscription {
             .map_err(|e| map_error(&e, self.settings(), "creating a stream reader"))?;
         let timeout = shared.settings.connect_timeout * 2;
         // Stopped if this is dropped before the subscription owns the client (see `Abandoned`).
-        let connecting = Connecting::start(&client);
+        let mut connecting = Connecting::start(&client);
         match tokio::time::timeout(timeout, connecting.wait()).await {
             Ok(Ok(())) => connecting.keep(),
             Ok(Err(error)) => {

@@ -1560,12 +1560,18 @@ impl Shared {
         let backend = backend_name(settings.mode);
         let closed = self.is_closed();
         let started = Instant::now();
-        let ping = tokio::time::timeout(
-            Duration::from_secs(2).min(settings.command_timeout),
-            self.pool.next().ping::<Value>(None),
-        )
-        .await;
-        let round_trip = matches!(ping, Ok(Ok(_))).then(|| started.elapsed());
+        // Not on a closed pool, or one that gave up: fred keeps a command written to a client that
+        // quit until the command timeout, and the ping would wait out its limit.
+        let round_trip = if closed || self.gave_up.load(Ordering::Acquire) {
+            None
+        } else {
+            let ping = tokio::time::timeout(
+                Duration::from_secs(2).min(settings.command_timeout),
+                self.pool.next().ping::<Value>(None),
+            )
+            .await;
+            matches!(ping, Ok(Ok(_))).then(|| started.elapsed())
+        };
         let pool_connected = self.pool.clients().iter().all(|c| c.is_connected());
         let hub = self.ready_hub();
         let subscriber_connected = hub.as_ref().is_none_or(|hub| hub.is_connected());
@@ -1961,6 +1967,27 @@ mod tests {
             .unwrap();
         let _: i64 = client.del(keys).await.unwrap();
         let _ = client.quit().await;
+    }
+
+    /// The health of a closed router answers at once. Before, it pinged the pool `close` had quit,
+    /// where fred keeps a command until the command timeout, and waited the ping's 2 s limit.
+    #[tokio::test]
+    async fn the_health_of_a_closed_router_answers_at_once() {
+        let url = crate::unit_redis::url();
+        let builder = RedisRouter::builder(&url).prefix(crate::unit_redis::prefix());
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
+        };
+        router.close().await.unwrap();
+        let started = Instant::now();
+        let health = router.health().await;
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "health took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(health.status, HealthStatus::Unhealthy);
+        assert_eq!(health.detail, "closed");
     }
 
     /// A class is listed in the registry again when its refresh is due, also when publishes take the

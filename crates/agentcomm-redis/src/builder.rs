@@ -240,7 +240,7 @@ impl RedisRouterBuilder {
     /// Gives up reconnecting after this many attempts in a row (default `None`: never gives up).
     /// `Some(0)` never reconnects: the first lost connection is final. A router whose pool or pub/sub
     /// subscriber connection gave up reports `Unhealthy`, fails publishes at once with
-    /// [`Error::Connection`], and ends its pub/sub subscriptions: connect a new one.
+    /// [`Error::Connection`], and ends its subscriptions: connect a new one.
     pub fn max_reconnect_attempts(mut self, attempts: Option<u32>) -> Self {
         self.settings.max_reconnect_attempts = attempts;
         self

@@ -455,10 +455,26 @@ impl RedisRouter {
                 }
                 shared.gave_up.store(true, Ordering::Release);
                 shared.counters.mark_trouble();
+                // Stream subscriptions stop reading (their readers' connections share the policy,
+                // and their acknowledgements go through the pool): each one's stream ends after
+                // what it already holds, rather than waiting for ever. What they had not settled
+                // stays pending in Redis for the other members of its group.
+                let streams: Vec<Arc<StreamSubscription>> = shared
+                    .streams
+                    .lock()
+                    .expect("streams lock")
+                    .values()
+                    .cloned()
+                    .collect();
+                for stream in &streams {
+                    stream.stop_now();
+                }
                 tracing::error!(
                     url = %redact(&shared.settings.url),
                     error = %gave_up_error(&shared.settings),
-                    "a pool connection gave up reconnecting; publishing fails from now on"
+                    stream_subscriptions = streams.len(),
+                    "a pool connection gave up reconnecting; publishing fails and stream \
+                     subscriptions end from now on"
                 );
             });
         }

@@ -778,7 +778,7 @@ impl StreamSubscription {
     }
 
     /// Stops reading; what was delivered may still be settled.
-    fn stop_now(&self) {
+    pub(crate) fn stop_now(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }

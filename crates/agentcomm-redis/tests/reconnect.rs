@@ -907,6 +907,17 @@ async fn a_connect_given_up_part_way_leaves_no_connection_behind() {
 /// (fred keeps the commands of a client whose task ended) before failing with `Timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_that_gave_up_reconnecting_says_so_and_ends_its_subscriptions() {
+    gave_up_reconnecting(DeliveryMode::PubSub).await;
+}
+
+/// The same in Streams mode: the subscriptions end (their entries stay pending in Redis for the
+/// group's other members). Before, they waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streams_router_that_gave_up_reconnecting_ends_its_subscriptions() {
+    gave_up_reconnecting(DeliveryMode::Streams).await;
+}
+
+async fn gave_up_reconnecting(mode: DeliveryMode) {
     let Some((proxy, url)) = redis_proxy().await else {
         return;
     };
@@ -914,7 +925,8 @@ async fn a_router_that_gave_up_reconnecting_says_so_and_ends_its_subscriptions()
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connected(
         RedisRouter::builder(&url)
-            .mode(DeliveryMode::PubSub)
+            .mode(mode)
+            .read_block(Duration::from_millis(500))
             .prefix(&prefix)
             .reconnect(agentcomm_core::backoff::Backoff::new(
                 Duration::from_millis(20),

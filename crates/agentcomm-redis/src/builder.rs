@@ -216,7 +216,8 @@ impl RedisRouterBuilder {
     }
 
     /// The prefix of every key and channel (default `agentcomm`). Routers see each other's messages only
-    /// when they share it.
+    /// when they share it. It may not contain `{` or `}` (Redis Cluster hash tags: `connect` fails with
+    /// [`Error::Config`]).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.settings.prefix = prefix.into();
         self

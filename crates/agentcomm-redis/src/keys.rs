@@ -82,6 +82,24 @@ impl Keys {
     }
 }
 
+/// Checks a router's prefix: no `{` or `}`. Redis Cluster hashes a key by the text between its first
+/// `{` and the next `}`; a brace in the prefix would take that place from the `{<class>}` tag, and a
+/// class's stream and its publishers' marks (`<prefix>:stream:{A}`, `<prefix>:dedup:{A}:..`) would
+/// hash to different slots: the publish script, which touches both, would fail with `CROSSSLOT`.
+pub(crate) fn check_prefix(prefix: &str) -> agentcomm_core::error::Result<()> {
+    if prefix.contains(['{', '}']) {
+        return Err(agentcomm_core::error::Error::Config {
+            variable: "Redis key prefix".into(),
+            value: prefix.to_string(),
+            expected:
+                "a prefix without '{' or '}': they would override the Redis Cluster hash tags \
+                       agentcomm puts in its keys (`{<class>}`)"
+                    .into(),
+        });
+    }
+    Ok(())
+}
+
 /// One Redis-level subscription.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum RedisSubscription {

@@ -349,6 +349,7 @@ impl RedisRouter {
     }
 
     pub(crate) async fn connect_with(settings: Settings) -> Result<Self> {
+        crate::keys::check_prefix(&settings.prefix)?;
         let config = fred_config(&settings)?;
         let builder = fred_builder(&settings, config.clone(), Role::Commands);
         let pool = builder
@@ -2004,6 +2005,34 @@ mod tests {
         );
         assert_eq!(health.status, HealthStatus::Unhealthy);
         assert_eq!(health.detail, "closed");
+    }
+
+    /// A prefix with a brace is refused at connect, naming why. With `a{b`, the stream of class `A`
+    /// and its publishers' marks hashed to two slots (Redis Cluster takes the text between the first
+    /// `{` and the next `}`), so every idempotent publish to a cluster failed with `CROSSSLOT`.
+    /// Before, any prefix was taken.
+    #[tokio::test]
+    async fn a_prefix_with_a_brace_is_refused() {
+        let keys = Keys::new("a{b");
+        assert_ne!(
+            fred::util::redis_keyslot(keys.stream("A").as_bytes()),
+            fred::util::redis_keyslot(keys.dedup("A", "p").as_bytes()),
+            "the reason"
+        );
+        let url = crate::unit_redis::url();
+        for prefix in ["a{b", "a}b", "{tenant}"] {
+            let outcome = RedisRouter::builder(&url).prefix(prefix).connect().await;
+            match outcome {
+                Err(Error::Config { expected, .. }) => {
+                    assert!(expected.contains("hash tags"), "{expected}")
+                }
+                Err(other) => panic!("{prefix}: {other}"),
+                Ok(router) => {
+                    router.close().await.unwrap();
+                    panic!("{prefix} was taken");
+                }
+            }
+        }
     }
 
     /// A class is listed in the registry again when its refresh is due, also when publishes take the

@@ -208,6 +208,16 @@ fn give_back_refused(refused: Vec<(Arc<ChannelRoute>, u64)>) {
     }
 }
 
+/// Gives back the pub/sub number of a stored publish (a reply, a dead letter in pub/sub mode) whose
+/// command Redis refused: it was neither stored nor published, and its publisher got the error.
+fn give_back_if_refused(numbered: Option<&(Arc<ChannelRoute>, u64)>, error: &fred::error::Error) {
+    if let Some((route, number)) = numbered
+        && refused_by_redis(error)
+    {
+        route.give_back(*number);
+    }
+}
+
 /// The publisher's numbering of pub/sub channels: `<publisher id>/` and each channel's route.
 struct PubSubRoutes {
     publisher: String,
@@ -969,16 +979,26 @@ impl Shared {
         )
     }
 
-    /// Appends `frame` to the stream of `target` (and publishes it to `channel`, for replies).
+    /// Appends `frame` to the stream of `target` (and publishes it to `channel`, for replies, and dead
+    /// letters in pub/sub mode: `numbered` is then the frame's pub/sub route and number, given back when
+    /// Redis refuses the command, which then neither stored nor published it).
     async fn stream_publish(
         &self,
         target: &StreamTarget,
         frame: Bytes,
         channel: Option<Str>,
+        numbered: Option<&(Arc<ChannelRoute>, u64)>,
     ) -> Result<PublishOutcome> {
         let client = &self.pool.clients()[target.client];
         if !self.settings.idempotent_publish {
-            self.append(target, frame.clone()).await?;
+            let fields = vec![(FRAME_FIELD, Value::Bytes(frame.clone()))];
+            let added: std::result::Result<Value, fred::error::Error> = client
+                .xadd(target.stream.clone(), false, target.cap(), "*", fields)
+                .await;
+            if let Err(error) = added {
+                give_back_if_refused(numbered, &error);
+                return Err(map_error(&error, &self.settings, "XADD"));
+            }
             let Some(channel) = channel else {
                 return Ok(PublishOutcome::Accepted);
             };
@@ -1009,12 +1029,15 @@ impl Shared {
         match reply {
             // Redis lost its script cache (a restart, another cluster node): nothing was stored.
             Err(error) if is_noscript(&error) => {
-                self.publish_with_text(target, &frame, channel.as_ref())
+                self.publish_with_text(target, &frame, channel.as_ref(), numbered)
                     .await
             }
             reply => reply
                 .map(|reply| self.script_outcome(target, reply))
-                .map_err(|e| map_error(&e, &self.settings, "publishing to a stream")),
+                .map_err(|e| {
+                    give_back_if_refused(numbered, &e);
+                    map_error(&e, &self.settings, "publishing to a stream")
+                }),
         }
     }
 
@@ -1025,6 +1048,7 @@ impl Shared {
         target: &StreamTarget,
         frame: &Bytes,
         channel: Option<&Str>,
+        numbered: Option<&(Arc<ChannelRoute>, u64)>,
     ) -> Result<PublishOutcome> {
         let client = &self.pool.clients()[target.client];
         self.in_order(target, |sequence| {
@@ -1036,7 +1060,10 @@ impl Shared {
         })
         .await
         .map(|reply| self.script_outcome(target, reply))
-        .map_err(|e| map_error(&e, &self.settings, "publishing to a stream"))
+        .map_err(|e| {
+            give_back_if_refused(numbered, &e);
+            map_error(&e, &self.settings, "publishing to a stream")
+        })
     }
 
     /// The route of `channel`, the number of its next message and that message's sequence header.
@@ -1214,14 +1241,15 @@ impl Shared {
         if !self.publishes_to_channel(envelope.channel()) {
             let target = self.target(class).await?;
             let frame = Bytes::from(envelope.to_frame()?);
-            return self.stream_publish(&target, frame, None).await;
+            return self.stream_publish(&target, frame, None, None).await;
         }
         if stored {
             // Published and stored with one script: replies in Streams mode, dead letters in pub/sub mode.
             let target = self.target(class).await?;
-            let (route, _, frame) = self.pubsub_frame(&envelope)?;
+            let (route, number, frame) = self.pubsub_frame(&envelope)?;
+            let channel = route.channel.clone();
             return self
-                .stream_publish(&target, frame, Some(route.channel.clone()))
+                .stream_publish(&target, frame, Some(channel), Some(&(route, number)))
                 .await;
         }
         self.direct_command(&envelope, Direct::Publish).await
@@ -1469,7 +1497,8 @@ impl Shared {
                 )),
                 (Err(error), Some(target)) if idempotent && is_noscript(&error) => {
                     // Not stored: again, alone.
-                    self.publish_with_text(target, &pending.frame, None).await
+                    self.publish_with_text(target, &pending.frame, None, None)
+                        .await
                 }
                 (Err(error), Some(_)) if !idempotent && !refused_by_redis(&error) => {
                     // fred does not mark a pipeline whose wait timed out as timed out (as it does a

@@ -1272,3 +1272,62 @@ async fn a_gap_still_open_when_a_subscription_ends_is_counted_as_lost() {
     let _ = raw.quit().await;
     router.close().await.unwrap();
 }
+
+/// In Streams mode a reply is stored and published over pub/sub, numbered for the inboxes; when Redis
+/// refuses to store it (here `NOPERM` for `XADD`), it is never published, and its number is given back
+/// as for a refused pub/sub publish. Before, the number stayed taken: the inbox counted a message as
+/// `lost` whose publisher had got the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_redis_refuses_to_store_costs_no_number() {
+    if !redis_available().await {
+        return;
+    }
+    let Some(target) = loopback_target(&redis_url()) else {
+        println!("skipped: REDIS_URL is not a loopback redis:// URL");
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
+        return;
+    };
+    let publisher = connected(
+        RedisRouter::builder(user.url(&target))
+            .mode(DeliveryMode::Streams)
+            .prefix(&prefix),
+    )
+    .await;
+    let router = connected(builder(DeliveryMode::Streams, &prefix)).await;
+    let mut inbox = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Ack:reply:inbox-1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let received = async |inbox: &mut agentcomm_core::router::Subscription| {
+        let delivery = next(inbox).await;
+        let n = number(&delivery);
+        delivery.ack().await.unwrap();
+        n
+    };
+    publisher
+        .publish(envelope("Ack:reply:inbox-1", 1))
+        .await
+        .unwrap();
+    assert_eq!(received(&mut inbox).await, 1);
+    user.set(&["-xadd"]).await;
+    let refused = publisher.publish(envelope("Ack:reply:inbox-1", 2)).await;
+    assert!(refused.is_err(), "{refused:?}");
+    user.set(&["+xadd"]).await;
+    publisher
+        .publish(envelope("Ack:reply:inbox-1", 3))
+        .await
+        .unwrap();
+    assert_eq!(received(&mut inbox).await, 3);
+    // Three reorder windows without a message: a gap would have been settled as lost by now.
+    assert_quiet(&mut inbox, Duration::from_millis(600)).await;
+    let health = router.health().await;
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    publisher.close().await.unwrap();
+    router.close().await.unwrap();
+}

@@ -3,7 +3,7 @@
 //! | variable | values | default |
 //! |---|---|---|
 //! | `MESSAGING_BACKEND` | `memory`, `redis`, `rabbitmq` | `memory` |
-//! | `REDIS_URL` | `redis://`, `rediss://`, `redis-sentinel://`, `redis-cluster://` URL | `redis://127.0.0.1:6379` |
+//! | `REDIS_URL` | `redis://`, `rediss://`, `redis-sentinel://`, `redis-cluster://` (`rediss-` for TLS), `unix://` URL | `redis://127.0.0.1:6379` |
 //! | `RABBITMQ_URL` | `amqp://` or `amqps://` URL | `amqp://guest:guest@127.0.0.1:5672/%2f` |
 //! | `LOG_LEVEL` | `TRACE`, `DEBUG`, `INFO`, `WARNING`, `ERROR` (`CRITICAL` is read as `ERROR`) | `INFO` |
 //!
@@ -169,8 +169,17 @@ impl Config {
         check_url(
             REDIS_URL_VAR,
             &redis_url,
-            &["redis", "rediss", "redis-sentinel", "redis-cluster", "unix"],
-            "redis://[:password@]host:port[/db], rediss://, redis-sentinel:// or redis-cluster://",
+            &[
+                "redis",
+                "rediss",
+                "redis-sentinel",
+                "rediss-sentinel",
+                "redis-cluster",
+                "rediss-cluster",
+                "unix",
+            ],
+            "redis://[:password@]host:port[/db], rediss://, redis-sentinel://, redis-cluster://, \
+             rediss-sentinel:// or rediss-cluster:// (TLS), or unix:///path/to/redis.sock",
         )?;
         let rabbitmq_url =
             non_empty(RABBITMQ_URL_VAR).unwrap_or_else(|| DEFAULT_RABBITMQ_URL.into());
@@ -401,6 +410,21 @@ mod tests {
         let config = Config::from_lookup(lookup(&[])).unwrap();
         assert_eq!(config, Config::default());
         assert_eq!(config.backend(), Backend::Memory);
+    }
+
+    /// TLS to a Redis cluster or through Sentinel (`rediss-cluster://`, `rediss-sentinel://`, which the
+    /// Redis backend reads) is accepted. Before, both were refused: a TLS cluster could not be named
+    /// in `REDIS_URL` at all (`rediss://` is a single server).
+    #[test]
+    fn tls_redis_cluster_and_sentinel_urls_are_accepted() {
+        for url in [
+            "rediss-cluster://:pw@10.0.0.1:7000?node=10.0.0.2:7000",
+            "rediss-sentinel://:pw@10.0.0.1:26379/0?sentinelServiceName=m",
+        ] {
+            let config = Config::from_lookup(lookup(&[("REDIS_URL", url)]))
+                .unwrap_or_else(|error| panic!("{url}: {error}"));
+            assert_eq!(config.redis_url(), url);
+        }
     }
 
     #[test]

@@ -401,6 +401,14 @@ impl PubSubHub {
         settings: &crate::builder::Settings,
     ) -> Result<()> {
         let mut counts = self.redis.lock().await;
+        // Closing: its connection is quit, where fred would keep a command until the command timeout
+        // (and this task the hub with it).
+        if *self.stop.borrow() {
+            return Err(Error::Closed {
+                what: "the Redis router",
+                hint: "it was closed while this subscription was being set up; connect a new one",
+            });
+        }
         // Reconnections from here on: see the end.
         let mut reconnections = self.client.reconnect_rx();
         // Everything it needs is sent, also what another local subscription already counts (Redis
@@ -492,6 +500,11 @@ impl PubSubHub {
                 continue;
             }
             counts.remove(redis);
+            // Closing: the connection is quit anyway, and fred would keep the command until the
+            // command timeout.
+            if *self.stop.borrow() {
+                continue;
+            }
             let result = match redis {
                 RedisSubscription::Channel(name) => self.client.unsubscribe(name.as_str()).await,
                 RedisSubscription::Pattern(glob) => self.client.punsubscribe(glob.as_str()).await,
@@ -1701,6 +1714,41 @@ mod tests {
             "{:?}",
             outcome.map(|_| ())
         );
+    }
+
+    /// Once the router closed, nothing keeps the subscriber (and its fred rings, some 51 MB at the
+    /// default capacity) alive. Before, the set-up task of a subscribe given up by the close sent its
+    /// `SUBSCRIBE` to the quit subscriber, where fred keeps a command until the command timeout (30 s by
+    /// default), holding the hub all that time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_subscriber_is_freed_at_once() {
+        let url = crate::unit_redis::url();
+        let Some(router) = pubsub_router(&url, &url, |builder| {
+            builder.close_timeout(Duration::from_millis(300))
+        })
+        .await
+        else {
+            return;
+        };
+        let _first = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:event:s1").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let hub = router.shared().hub().await.unwrap();
+        // A second subscribe waits for the counts, held here until the router has closed.
+        let held = hub.redis.lock().await;
+        let mut second = Box::pin(router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Pong:event:s1").unwrap(),
+        )));
+        assert!(futures::poll!(&mut second).is_pending());
+        router.close().await.unwrap();
+        drop(held);
+        assert!(second.await.is_err());
+        let freed = std::sync::Arc::downgrade(&hub);
+        drop(hub);
+        within("the subscriber to be freed", || freed.upgrade().is_none()).await;
     }
 
     #[test]

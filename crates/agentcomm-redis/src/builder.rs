@@ -262,7 +262,9 @@ impl RedisRouterBuilder {
         self
     }
 
-    /// The limit on opening a connection, TLS handshake included (default 10 s).
+    /// The limit on opening a connection, TLS handshake included, and on each command that sets it up
+    /// (`AUTH`, `HELLO`, `SELECT`): connecting, or a subscriber's connection, fails after at most
+    /// twice this (default 10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.settings.connect_timeout = timeout.max(Duration::from_millis(1));
         self

@@ -456,7 +456,8 @@ impl PubSubHub {
                     backend: "redis",
                     url: redact(&settings.url),
                     message: format!(
-                        "the pub/sub subscriber reconnected {MAX_SUBSCRIBE_ROUNDS} times while a                          subscription was being confirmed; the connection keeps dropping"
+                        "the pub/sub subscriber reconnected {MAX_SUBSCRIBE_ROUNDS} times while a \
+                         subscription was being confirmed; the connection keeps dropping"
                     ),
                 });
             }

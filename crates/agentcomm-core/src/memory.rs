@@ -260,22 +260,12 @@ impl Queue {
             .map(|(_, delivery)| delivery)
             .collect();
         let count = delayed.len();
-        if count == 0 {
-            return 0;
-        }
         for delivery in delayed {
             delivery.discard();
         }
-        if let Some(router) = self.router.upgrade() {
-            router
-                .counters
-                .dropped
-                .fetch_add(count as u64, Ordering::Relaxed);
-        }
-        tracing::warn!(
-            queue = %self.name,
-            dropped = count,
-            "{count} messages waiting out their retry delay were dropped: their queue closed (the in-memory router is not persistent)"
+        self.count_dropped(
+            count,
+            "messages waiting out their retry delay were dropped: their queue closed",
         );
         count
     }
@@ -287,20 +277,27 @@ impl Queue {
             delivery.discard();
             count += 1;
         }
-        if count > 0 {
-            if let Some(router) = self.router.upgrade() {
-                router
-                    .counters
-                    .dropped
-                    .fetch_add(count as u64, Ordering::Relaxed);
-            }
-            tracing::warn!(
-                queue = %self.name,
-                dropped = count,
-                "{count} queued messages were dropped: {why} (the in-memory router is not persistent)"
-            );
-        }
+        self.count_dropped(count, &format!("queued messages were dropped: {why}"));
         count
+    }
+
+    /// Counts `count` messages (discarded already) in health's `dropped` and logs them, when there are
+    /// any: `what` says which and why.
+    fn count_dropped(&self, count: usize, what: &str) {
+        if count == 0 {
+            return;
+        }
+        if let Some(router) = self.router.upgrade() {
+            router
+                .counters
+                .dropped
+                .fetch_add(count as u64, Ordering::Relaxed);
+        }
+        tracing::warn!(
+            queue = %self.name,
+            dropped = count,
+            "{count} {what} (the in-memory router is not persistent)"
+        );
     }
 
     fn full_error(&self, after: Duration) -> Error {

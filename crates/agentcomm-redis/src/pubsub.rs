@@ -1672,6 +1672,36 @@ mod tests {
         assert_eq!(hub.subscription_count(), 0, "nothing stays registered");
     }
 
+    /// Subscribes once, then starts a second subscribe and closes the router while that one waits for
+    /// the subscription counts (held by the test until the close returned): the first subscription,
+    /// the hub, and the second subscribe, under way.
+    async fn second_subscribe_under_way_at_close(
+        router: &crate::RedisRouter,
+    ) -> (
+        agentcomm_core::router::Subscription,
+        std::sync::Arc<super::PubSubHub>,
+        futures::future::BoxFuture<
+            '_,
+            agentcomm_core::error::Result<agentcomm_core::router::Subscription>,
+        >,
+    ) {
+        let first = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:event:s1").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let hub = router.shared().hub().await.unwrap();
+        let held = hub.redis.lock().await;
+        let mut second = router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Pong:event:s1").unwrap(),
+        ));
+        assert!(futures::poll!(&mut second).is_pending());
+        router.close().await.unwrap();
+        drop(held);
+        (first, hub, second)
+    }
+
     /// A pub/sub subscribe still waiting for its Redis subscriptions when the router closes fails with
     /// `Closed` at once. Before, its `SUBSCRIBE` went to the subscriber connection `close` had quit,
     /// where fred keeps a command until the command timeout: it failed with `Timeout` only then.
@@ -1686,21 +1716,7 @@ mod tests {
         else {
             return;
         };
-        let _first = router
-            .subscribe(SubscribeOptions::new(
-                ChannelPattern::parse("Ping:event:s1").unwrap(),
-            ))
-            .await
-            .unwrap();
-        let hub = router.shared().hub().await.unwrap();
-        // The second subscribe waits for the counts, held here until the router has closed.
-        let held = hub.redis.lock().await;
-        let mut second = Box::pin(router.subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Pong:event:s1").unwrap(),
-        )));
-        assert!(futures::poll!(&mut second).is_pending());
-        router.close().await.unwrap();
-        drop(held);
+        let (_first, _hub, second) = second_subscribe_under_way_at_close(&router).await;
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(Duration::from_secs(3), second)
             .await
@@ -1731,21 +1747,7 @@ mod tests {
         else {
             return;
         };
-        let _first = router
-            .subscribe(SubscribeOptions::new(
-                ChannelPattern::parse("Ping:event:s1").unwrap(),
-            ))
-            .await
-            .unwrap();
-        let hub = router.shared().hub().await.unwrap();
-        // A second subscribe waits for the counts, held here until the router has closed.
-        let held = hub.redis.lock().await;
-        let mut second = Box::pin(router.subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Pong:event:s1").unwrap(),
-        )));
-        assert!(futures::poll!(&mut second).is_pending());
-        router.close().await.unwrap();
-        drop(held);
+        let (_first, hub, second) = second_subscribe_under_way_at_close(&router).await;
         assert!(second.await.is_err());
         let freed = std::sync::Arc::downgrade(&hub);
         drop(hub);

@@ -20,17 +20,16 @@ use crate::counters::Counters;
 
 /// The fred configuration for `settings`, or a configuration error naming the URL without its password.
 pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
-    // fred reads a URL of any other scheme as a single server's (`http://`, a mistyped
-    // `redis-clustr://`): refused here, naming the accepted forms.
-    agentcomm_core::config::check_url("Redis URL", &settings.url, ACCEPTED_SCHEMES, ACCEPTED_URLS)?;
+    // fred's URL parser trims surrounding whitespace (a URL read from a file keeps its newline).
+    let raw = settings.url.trim();
+    check_scheme(raw, &settings.url)?;
     // The scheme in any letter case, as the configuration reads it.
-    let unix = settings
-        .url
+    let unix = raw
         .get(..7)
         .is_some_and(|scheme| scheme.eq_ignore_ascii_case("unix://"));
     let url = match unix {
-        true => format!("redis+unix://{}", &settings.url[7..]),
-        false => settings.url.clone(),
+        true => format!("redis+unix://{}", &raw[7..]),
+        false => raw.to_string(),
     };
     let mut config = Config::from_url(&url).map_err(|error| Error::Config {
         variable: "Redis URL".into(),
@@ -45,6 +44,48 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
     }
     Ok(config)
 }
+
+/// Refuses a URL whose scheme fred would misread: fred reads any scheme it does not know as a single
+/// server's (`http://`, a mistyped `redis-clustr://` connected to a cluster's first node as a lone
+/// server). Only the scheme is checked: fred's parser checks the rest, with errors of its own. (The
+/// host check `REDIS_URL` gets refuses forms fred reads, such as an `@` in a Sentinel password in the
+/// query; the builder took them before its URLs were checked.) `shown` is the URL as given, for the
+/// error, without its password.
+fn check_scheme(url: &str, shown: &str) -> Result<(), Error> {
+    let fail = |why: String| Error::Config {
+        variable: "Redis URL".into(),
+        value: redact(shown),
+        expected: format!("{why}; accepted: {ACCEPTED_URLS}"),
+    };
+    let Some((scheme, _)) = url.split_once("://") else {
+        return Err(fail("it is not a URL (no '://')".into()));
+    };
+    let lower = scheme.to_ascii_lowercase();
+    if ACCEPTED_SCHEMES.contains(&lower.as_str()) || FRED_SCHEMES.contains(&lower.as_str()) {
+        return Ok(());
+    }
+    // Shown only when it is a scheme: the text before a mangled URL's first `://` may hold a password.
+    let is_scheme = scheme
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    Err(fail(match is_scheme {
+        true => format!("the scheme '{scheme}' is not supported"),
+        false => "the scheme is not supported".into(),
+    }))
+}
+
+/// Schemes fred reads besides [`ACCEPTED_SCHEMES`], which the builder took before its URLs were
+/// checked: fred's own form of a Unix socket URL, and Valkey's names of the same forms.
+const FRED_SCHEMES: &[&str] = &[
+    "redis+unix",
+    "valkey",
+    "valkeys",
+    "valkey-cluster",
+    "valkeys-cluster",
+    "valkey-sentinel",
+    "valkeys-sentinel",
+    "valkey+unix",
+];
 
 /// Installs ring as rustls's process-wide crypto provider unless the application installed one: rustls
 /// panics on the first TLS connection when it cannot choose a provider (an application that also pulls
@@ -467,6 +508,28 @@ mod tests {
                 error.contains("is not supported") && error.contains("accepted: redis://"),
                 "{url}: {error}"
             );
+        }
+    }
+
+    /// The URL forms fred reads that the builder took before its URLs were checked are still taken:
+    /// fred's own `redis+unix://` and the `valkey` schemes, a URL with surrounding whitespace (read from
+    /// a file with its newline: fred's URL parser trims it), and a Sentinel password with `@` and `:`
+    /// in the query. The scheme check refused the first ones, and its host check the others (it took
+    /// the text after the query's `@` as the host).
+    #[test]
+    fn the_url_forms_fred_reads_are_still_taken_by_the_builder() {
+        for url in [
+            "redis+unix:///run/redis.sock",
+            "REDIS+UNIX:///run/redis.sock",
+            "valkey://127.0.0.1:6379",
+            "valkeys-cluster://127.0.0.1:7000",
+            "redis://127.0.0.1:6379\n",
+            " redis://127.0.0.1:6379 ",
+            "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=m&sentinelPassword=p@ss:word",
+        ] {
+            if let Err(error) = fred_config(&Settings::for_tests(url)) {
+                panic!("{url:?} was refused: {error}");
+            }
         }
     }
 

@@ -11,7 +11,8 @@
 //! | marker of a malformed frame already dead-lettered | `<prefix>:malformed:<hash>` (1 h) |
 //!
 //! The braces are Redis Cluster hash tags: a class's stream and its publishers' marks hash to the same
-//! slot, so the publish script may touch both; different classes spread over the cluster.
+//! slot, so the publish script may touch both; different classes spread over the cluster
+//! (unless the prefix has a hash tag of its own: see [`check_prefix`]).
 
 use agentcomm_core::channel::{Channel, ChannelPattern};
 
@@ -82,22 +83,25 @@ impl Keys {
     }
 }
 
-/// Checks a router's prefix: no `{` or `}`. Redis Cluster hashes a key by the text between its first
-/// `{` and the next `}`; a brace in the prefix would take that place from the `{<class>}` tag, and a
-/// class's stream and its publishers' marks (`<prefix>:stream:{A}`, `<prefix>:dedup:{A}:..`) would
-/// hash to different slots: the publish script, which touches both, would fail with `CROSSSLOT`.
+/// Checks a router's prefix. Redis Cluster hashes a key by the text between its first `{` and the next
+/// `}` (the whole key when nothing is between them). A prefix without `{` leaves that to the `{<class>}`
+/// tag; a prefix with a tag of its own (`{tenant}`) puts every key of the router in one slot. Both keep
+/// a class's stream and its publishers' marks (`<prefix>:stream:{A}`, `<prefix>:dedup:{A}:..`) in one
+/// slot. Any other `{` (`a{b`, `{}`) makes them hash to different slots: the publish script, which
+/// touches both, would fail with `CROSSSLOT`.
 pub(crate) fn check_prefix(prefix: &str) -> agentcomm_core::error::Result<()> {
-    if prefix.contains(['{', '}']) {
-        return Err(agentcomm_core::error::Error::Config {
+    let Some(open) = prefix.find('{') else {
+        return Ok(());
+    };
+    match prefix[open + 1..].find('}') {
+        Some(between) if between > 0 => Ok(()),
+        _ => Err(agentcomm_core::error::Error::Config {
             variable: "Redis key prefix".into(),
             value: prefix.to_string(),
-            expected:
-                "a prefix without '{' or '}': they would override the Redis Cluster hash tags \
-                       agentcomm puts in its keys (`{<class>}`)"
-                    .into(),
-        });
+            expected: "a prefix without '{', or whose first '{' closes with a '}' after some text                        (a hash tag of its own, `{tenant}`: every key in one slot); another '{'                        would take the place of the Redis Cluster hash tag agentcomm puts in its keys                        (`{<class>}`), and a class's stream and its marks would hash to different slots"
+                .into(),
+        }),
     }
-    Ok(())
 }
 
 /// One Redis-level subscription.

@@ -2036,24 +2036,24 @@ mod tests {
         assert_eq!(health.detail, "closed");
     }
 
-    /// A prefix with a brace is refused at connect, naming why. With `a{b`, the stream of class `A`
-    /// and its publishers' marks hashed to two slots (Redis Cluster takes the text between the first
-    /// `{` and the next `}`), so every idempotent publish to a cluster failed with `CROSSSLOT`.
-    /// Before, any prefix was taken.
+    /// A prefix whose brace takes the place of the `{<class>}` tag is refused at connect, naming why.
+    /// With `a{b`, the stream of class `A` and its publishers' marks hashed to two slots (Redis Cluster
+    /// takes the text between the first `{` and the next `}`; with nothing between, the whole key),
+    /// so every idempotent publish to a cluster failed with `CROSSSLOT`. Before, any prefix was taken.
     #[tokio::test]
     async fn a_prefix_with_a_brace_is_refused() {
-        let keys = Keys::new("a{b");
-        assert_ne!(
-            fred::util::redis_keyslot(keys.stream("A").as_bytes()),
-            fred::util::redis_keyslot(keys.dedup("A", "p").as_bytes()),
-            "the reason"
-        );
         let url = crate::unit_redis::url();
-        for prefix in ["a{b", "a}b", "{tenant}"] {
+        for prefix in ["a{b", "{}", "x{}y", "a{"] {
+            let keys = Keys::new(prefix);
+            assert_ne!(
+                fred::util::redis_keyslot(keys.stream("A").as_bytes()),
+                fred::util::redis_keyslot(keys.dedup("A", "p").as_bytes()),
+                "the reason, for {prefix}"
+            );
             let outcome = RedisRouter::builder(&url).prefix(prefix).connect().await;
             match outcome {
                 Err(Error::Config { expected, .. }) => {
-                    assert!(expected.contains("hash tags"), "{expected}")
+                    assert!(expected.contains("hash tag"), "{expected}")
                 }
                 Err(other) => panic!("{prefix}: {other}"),
                 Ok(router) => {
@@ -2061,6 +2061,41 @@ mod tests {
                     panic!("{prefix} was taken");
                 }
             }
+        }
+    }
+
+    /// A prefix with a hash tag of its own (`{tenant}`: every key of the router in one slot, a common
+    /// way to keep one tenant's keys on one node) or with a `}` alone leaves a class's stream and its
+    /// publishers' marks in one slot, and is taken, as before. e70c390 refused every brace.
+    #[tokio::test]
+    async fn a_prefix_with_a_hash_tag_of_its_own_is_taken() {
+        let url = crate::unit_redis::url();
+        let unique = crate::unit_redis::prefix();
+        for prefix in [
+            format!("{{{unique}}}"),
+            format!("{unique}}}b"),
+            format!("{unique}{{v1}}:x"),
+        ] {
+            let keys = Keys::new(&prefix);
+            for class in ["A", "PaymentRequest"] {
+                assert_eq!(
+                    fred::util::redis_keyslot(keys.stream(class).as_bytes()),
+                    fred::util::redis_keyslot(keys.dedup(class, "p").as_bytes()),
+                    "{prefix}: one slot for the stream of {class} and its marks"
+                );
+            }
+            let builder = RedisRouter::builder(&url)
+                .prefix(&prefix)
+                .mode(DeliveryMode::Streams);
+            let router = match builder.connect().await {
+                Ok(router) => router,
+                Err(error @ Error::Config { .. }) => panic!("{prefix} was refused: {error}"),
+                Err(other) => {
+                    crate::unit_redis::unreachable(&url, other);
+                    return;
+                }
+            };
+            router.close().await.unwrap();
         }
     }
 

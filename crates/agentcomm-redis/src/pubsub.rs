@@ -337,12 +337,14 @@ impl PubSubHub {
         }
         // Nothing waits from here to the subscription's registration, which now owns the counts.
         {
-            // Registered only while the hub is open, checked under the lock `close` lists the
-            // subscriptions under, after it set `stop`: either `close` finds this one and ends it, or
-            // this sees the hub closing. Registered after that list, it would be left out of the close,
-            // and returned as live on a closed router.
+            // Registered only while the hub is open and its subscriber has not given up, checked under
+            // the lock `close` and `given_up` list the subscriptions under, after they set `stop` or
+            // `gave_up`: either they find this one and end it, or this sees them. Registered after
+            // that list, it would be left out, and returned as live on a closed router, or on a
+            // connection that never comes back.
             let mut subscriptions = self.subscriptions.lock().expect("subscriptions lock");
-            if !*self.stop.borrow() {
+            let closing = *self.stop.borrow();
+            if !closing && !self.gave_up() {
                 self.open.fetch_add(1, Ordering::Relaxed);
                 subscriptions.insert(subscription.id, subscription.clone());
                 drop(subscriptions);
@@ -351,8 +353,11 @@ impl PubSubHub {
                 subscription.closed.store(true, Ordering::Release);
                 subscription.signal_stop();
                 subscription.again.close();
-                // Its counts are not given back: the hub's connection is being quit, and a command
-                // written to a quit client waits out the command timeout.
+                // Its counts are not given back: the hub's connection is being quit, or never comes
+                // back, and a command written to such a client waits out the command timeout.
+                if !closing {
+                    return Err(gave_up_error(&shared.settings));
+                }
                 return Err(Error::Closed {
                     what: "the Redis router",
                     hint: "it was closed while this subscription was being confirmed; connect a new one",
@@ -1752,6 +1757,54 @@ mod tests {
         let freed = std::sync::Arc::downgrade(&hub);
         drop(hub);
         within("the subscriber to be freed", || freed.upgrade().is_none()).await;
+    }
+
+    /// A pub/sub subscribe confirmed just as the subscriber gives up reconnecting fails, as one that
+    /// starts after it does. Before, it was registered after the give-up had ended the subscriptions it
+    /// listed, and returned a subscription that nothing ended, waiting for ever on a connection that
+    /// never comes back. (The give-up is announced here while the subscribe's `PING` is held.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribe_confirmed_as_the_subscriber_gives_up_fails() {
+        let Some((proxy, router)) = proxied_router(false).await else {
+            return;
+        };
+        let _first = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:event:s1").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let hub = router.shared().hub().await.unwrap();
+        // The second subscribe's PSUBSCRIBE and PING wait in the black hole once it counted its glob.
+        proxy.blackhole(true);
+        let mut second = Box::pin(router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Pong:*:s1").unwrap(),
+        )));
+        assert!(futures::poll!(&mut second).is_pending());
+        within("the subscribe to count its glob", || {
+            hub.globs
+                .globs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|glob| glob.contains("Pong"))
+        })
+        .await;
+        hub.given_up("redis://127.0.0.1:6379");
+        proxy.blackhole(false);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("the subscribe ends");
+        match outcome {
+            Err(agentcomm_core::error::Error::Connection { message, .. }) => {
+                assert!(message.contains("connect a new router"), "{message}")
+            }
+            Err(other) => panic!("expected the give-up's error, got {other}"),
+            Ok(_) => panic!(
+                "a subscribe confirmed as the subscriber gave up returned a subscription nothing ends"
+            ),
+        }
+        router.close().await.unwrap();
     }
 
     #[test]

@@ -222,15 +222,20 @@ impl PubSubHub {
             return;
         }
         self.gave_up.store(true, Ordering::Release);
+        // Taken out, as `remove` would (which, once `closed` is set, does nothing): health no longer
+        // counts them. Their Redis subscriptions are not given back: a command written to a client
+        // that gave up waits out the command timeout.
         let open: Vec<Arc<PubSubSubscription>> = self
             .subscriptions
             .lock()
             .expect("subscriptions lock")
-            .values()
-            .cloned()
+            .drain()
+            .map(|(_, subscription)| subscription)
             .collect();
         for subscription in &open {
-            subscription.closed.store(true, Ordering::Release);
+            if !subscription.closed.swap(true, Ordering::AcqRel) {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+            }
             subscription.signal_stop();
             subscription.again.close();
         }

@@ -207,11 +207,11 @@ impl SequenceTracker {
     pub(crate) fn sweep(&mut self, now: Instant) -> u64 {
         self.last_sweep = now;
         let window = self.window;
-        let mut lost = 0;
+        let mut lost = 0u64;
         let forget = self.tracks.values().map(HashMap::len).sum::<usize>() > KEEP_TRACKS;
         self.tracks.retain(|_, channels| {
             channels.retain(|_, track| {
-                lost += settle(track, now, window);
+                lost = lost.saturating_add(settle(track, now, window));
                 !forget || now.duration_since(track.last_seen) < TRACK_IDLE
             });
             !channels.is_empty()
@@ -225,10 +225,10 @@ impl SequenceTracker {
     /// ends, and will never receive what is missing below numbers it received. Returns how many
     /// messages that is.
     pub(crate) fn finish(&mut self, now: Instant) -> u64 {
-        let mut lost = 0;
+        let mut lost = 0u64;
         for channels in self.tracks.values_mut() {
             for track in channels.values_mut() {
-                lost += settle(track, now, Duration::ZERO);
+                lost = lost.saturating_add(settle(track, now, Duration::ZERO));
             }
         }
         lost
@@ -387,6 +387,24 @@ mod tests {
             tracker.observe("c", &header("p", 1), now),
             (Verdict::Duplicate, 0)
         );
+    }
+
+    /// Gaps of several sequences are added without overflowing: frames of another program may carry
+    /// any number, and a gap of almost `u64::MAX` on two channels overflowed the sum (a panic in a
+    /// debug build, in the reader's drop, where `finish` runs).
+    #[test]
+    fn the_gaps_of_several_sequences_add_up_without_overflowing() {
+        let now = Instant::now();
+        let gaps = || {
+            let mut tracker = SequenceTracker::new(Duration::from_millis(500));
+            for channel in ["c", "d"] {
+                tracker.observe(channel, &header("p", 0), now);
+                tracker.observe(channel, &header("p", u64::MAX - 1), now);
+            }
+            tracker
+        };
+        assert_eq!(gaps().finish(now), u64::MAX);
+        assert_eq!(gaps().sweep(now + Duration::from_secs(1)), u64::MAX);
     }
 
     #[test]

@@ -980,3 +980,71 @@ async fn gave_up_reconnecting(mode: DeliveryMode) {
     proxy.reject_for(Duration::ZERO);
     router.close().await.unwrap();
 }
+
+/// A bounded policy (`max_reconnect_attempts(Some(n))`) whose connections come back within their
+/// attempts is not taken for a give-up: attempts that fail while Redis is out of reach, and the
+/// reconnection under way, end nothing. After each of three outages the subscription receives
+/// again, and health never names the setting. (fred counts the attempts in a row and starts again
+/// from zero after each reconnection; only its connection task ending is taken for a give-up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_policy_that_reconnects_in_time_keeps_its_subscriptions() {
+    let Some((proxy, url)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connected(
+        RedisRouter::builder(&url)
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            ))
+            .max_reconnect_attempts(Some(50))
+            .command_timeout(Duration::from_secs(10)),
+    )
+    .await;
+    let channel = parse_channel("Ping:event:s1").unwrap();
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Ping:event:s1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    for outage in 1..=3u64 {
+        // Several attempts fail while the proxy is not listening (each 20-50 ms apart).
+        proxy.reject_for(Duration::from_millis(300));
+        proxy.cut_all();
+        let resumed = async {
+            loop {
+                let _ = router.publish(message(&channel, outage as usize)).await;
+                let next = tokio::time::timeout(Duration::from_millis(200), subscription.next());
+                match next.await {
+                    Ok(Some(delivery)) => {
+                        let _ = delivery.ack().await;
+                        return;
+                    }
+                    Ok(None) => panic!("the subscription ended after outage {outage}"),
+                    Err(_) => {}
+                }
+            }
+        };
+        within(
+            Duration::from_secs(15),
+            "the subscription to receive again",
+            resumed,
+        )
+        .await;
+        let health = router.health().await;
+        assert!(
+            !health.detail.contains("max_reconnect_attempts"),
+            "outage {outage}: {health:?}"
+        );
+        assert!(
+            health.get("reconnects") >= outage && health.get("connection_errors") > 0,
+            "outage {outage}: {health:?}"
+        );
+    }
+    router.close().await.unwrap();
+}

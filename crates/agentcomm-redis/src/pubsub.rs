@@ -419,6 +419,11 @@ impl PubSubHub {
                 hint: "it was closed while this subscription was being set up; connect a new one",
             });
         }
+        // Gave up reconnecting (while this waited for the counts): likewise, the connection never
+        // comes back.
+        if self.gave_up() {
+            return Err(gave_up_error(settings));
+        }
         // Reconnections from here on: see the end.
         let mut reconnections = self.client.reconnect_rx();
         // Everything it needs is sent, also what another local subscription already counts (Redis
@@ -1809,6 +1814,69 @@ mod tests {
                 "a subscribe confirmed as the subscriber gave up returned a subscription nothing ends"
             ),
         }
+        router.close().await.unwrap();
+    }
+
+    /// A pub/sub subscribe under way when the subscriber gives up reconnecting fails at once with the
+    /// give-up's error. Before, its `SUBSCRIBE` went to the client that gave up, where fred keeps a
+    /// command until the command timeout: it failed with `Timeout` only then (30 s by default).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribe_under_way_when_the_subscriber_gives_up_fails_at_once() {
+        let url = crate::unit_redis::url();
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
+            .await
+            .expect("a fault proxy");
+        let proxied = format!("redis://{}", proxy.local_addr());
+        let Some(router) = pubsub_router(&proxied, &url, |builder| {
+            builder
+                .max_reconnect_attempts(Some(0))
+                .command_timeout(Duration::from_secs(10))
+        })
+        .await
+        else {
+            return;
+        };
+        let _first = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:event:s1").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let hub = router.shared().hub().await.unwrap();
+        // The second subscribe waits for the counts, held here until the subscriber gave up.
+        let held = hub.redis.lock().await;
+        let mut second = Box::pin(router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Pong:event:s1").unwrap(),
+        )));
+        assert!(futures::poll!(&mut second).is_pending());
+        proxy.reject_for(Duration::from_secs(600));
+        proxy.cut_all();
+        within("the subscriber to give up", || hub.gave_up()).await;
+        drop(held);
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(3), second)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the subscribe still waits {:?} after the give-up",
+                    started.elapsed()
+                )
+            });
+        match outcome {
+            Err(agentcomm_core::error::Error::Connection { message, .. }) => {
+                assert!(message.contains("max_reconnect_attempts"), "{message}")
+            }
+            Err(other) => panic!("expected the give-up's error, got {other}"),
+            Ok(_) => panic!("subscribed on a subscriber that gave up"),
+        }
+        proxy.reject_for(Duration::ZERO);
         router.close().await.unwrap();
     }
 

@@ -516,9 +516,9 @@ impl PubSubHub {
                 continue;
             }
             counts.remove(redis);
-            // Closing: the connection is quit anyway, and fred would keep the command until the
-            // command timeout.
-            if *self.stop.borrow() {
+            // Closing, or given up reconnecting: the connection is quit anyway, or never comes back,
+            // and fred would keep the command until the command timeout.
+            if *self.stop.borrow() || self.gave_up() {
                 continue;
             }
             let result = match redis {
@@ -1877,6 +1877,72 @@ mod tests {
             Err(other) => panic!("expected the give-up's error, got {other}"),
             Ok(_) => panic!("subscribed on a subscriber that gave up"),
         }
+        proxy.reject_for(Duration::ZERO);
+        router.close().await.unwrap();
+    }
+
+    /// A pub/sub subscribe whose confirmation the give-up cuts off fails at once. Before, its set-up
+    /// unsubscribed what it had subscribed on the client that gave up, where fred keeps a command until
+    /// the command timeout: the subscribe (and the counts, which every other subscribe and the close
+    /// wait for) waited that long.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscribe_the_give_up_cuts_off_fails_at_once() {
+        let url = crate::unit_redis::url();
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
+            .await
+            .expect("a fault proxy");
+        let proxied = format!("redis://{}", proxy.local_addr());
+        let Some(router) = pubsub_router(&proxied, &url, |builder| {
+            builder
+                .max_reconnect_attempts(Some(0))
+                .command_timeout(Duration::from_secs(10))
+        })
+        .await
+        else {
+            return;
+        };
+        let _first = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:event:s1").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let hub = router.shared().hub().await.unwrap();
+        // The second subscribe's PSUBSCRIBE and PING wait in the black hole once it counted its glob.
+        proxy.blackhole(true);
+        let mut second = Box::pin(router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Pong:*:s1").unwrap(),
+        )));
+        assert!(futures::poll!(&mut second).is_pending());
+        within("the subscribe to count its glob", || {
+            hub.globs
+                .globs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|glob| glob.contains("Pong"))
+        })
+        .await;
+        proxy.reject_for(Duration::from_secs(600));
+        proxy.cut_all();
+        within("the subscriber to give up", || hub.gave_up()).await;
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(3), second)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the subscribe still waits {:?} after the give-up",
+                    started.elapsed()
+                )
+            });
+        assert!(outcome.is_err(), "subscribed on a subscriber that gave up");
         proxy.reject_for(Duration::ZERO);
         router.close().await.unwrap();
     }

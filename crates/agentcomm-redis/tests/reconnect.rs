@@ -653,6 +653,14 @@ async fn an_entry_whose_acknowledgement_was_lost_is_acknowledged_when_it_comes_b
     // never written).
     proxy.reject_for(Duration::from_secs(30));
     proxy.cut_all();
+    // The proxy cuts its connections on its own tasks: until they are closed, an XACK written now
+    // could still pass through (under load it did, once).
+    eventually(
+        Duration::from_secs(10),
+        "the proxy to have cut every connection",
+        async || proxy.stats().live == 0,
+    )
+    .await;
     let acked = within(
         Duration::from_secs(10),
         "the acknowledgement to fail",

@@ -129,6 +129,15 @@ pub const DEFAULT_EXCHANGE: &str = "agentcomm";
 /// the result must fit an AMQP short string.
 const MAX_CONNECTION_NAME_LEN: usize = 240;
 
+/// The URL `RABBITMQ_URL` names: trimmed (surrounding whitespace, such as a value copied with its
+/// newline, is not part of a URL), or the default when unset or blank.
+fn url_from_env(value: Option<String>) -> String {
+    value
+        .map(|url| url.trim().to_string())
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| DEFAULT_RABBITMQ_URL.to_string())
+}
+
 impl AmqpRouterBuilder {
     /// A builder for the broker at `url` with the defaults: exchange `agentcomm`, classic queues,
     /// confirms within 15 s, publishes waiting up to 30 s through an outage, reconnects from 100 ms
@@ -156,13 +165,9 @@ impl AmqpRouterBuilder {
 
     /// A builder for the URL in `RABBITMQ_URL`, or `amqp://guest:guest@127.0.0.1:5672/%2f` when unset.
     pub fn from_env() -> Self {
-        let url = std::env::var(RABBITMQ_URL_VAR)
-            .ok()
-            .filter(|url| !url.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_RABBITMQ_URL.to_string());
         AmqpRouterBuilder {
             url_variable: RABBITMQ_URL_VAR,
-            ..Self::new(url)
+            ..Self::new(url_from_env(std::env::var(RABBITMQ_URL_VAR).ok()))
         }
     }
 
@@ -498,5 +503,16 @@ mod tests {
         let debug = format!("{builder:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
         assert!(debug.contains("amqp://app:***@mq:5672/prod"), "{debug}");
+    }
+
+    /// A `RABBITMQ_URL` copied with its newline (or with spaces around it) names the same broker;
+    /// before, it was refused as "the scheme ' amqp' is not supported" or not a URL.
+    #[test]
+    fn a_url_from_the_environment_is_taken_without_surrounding_whitespace() {
+        let url = url_from_env(Some("  amqp://app:pw@mq:5672/prod\n".into()));
+        assert_eq!(url, "amqp://app:pw@mq:5672/prod");
+        assert!(AmqpRouterBuilder::new(url).settings().is_ok());
+        assert_eq!(url_from_env(Some(" \n".into())), DEFAULT_RABBITMQ_URL);
+        assert_eq!(url_from_env(None), DEFAULT_RABBITMQ_URL);
     }
 }

@@ -160,7 +160,12 @@ impl Config {
 
     /// Reads the variables through `lookup` (for tests and other sources).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let non_empty = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        // Surrounding whitespace (a value copied with its newline) is not part of any value.
+        let non_empty = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
         let backend = match non_empty(BACKEND_VAR) {
             Some(value) => Backend::parse(&value)?,
             None => Backend::Memory,
@@ -425,6 +430,22 @@ mod tests {
                 .unwrap_or_else(|error| panic!("{url}: {error}"));
             assert_eq!(config.redis_url(), url);
         }
+    }
+
+    /// Values copied with their newline (or with spaces around them) are taken without it; before, a
+    /// URL with a leading space was refused ("the scheme ' redis' is not supported") and one with a
+    /// trailing newline kept it.
+    #[test]
+    fn values_are_taken_without_surrounding_whitespace() {
+        let config = Config::from_lookup(lookup(&[
+            ("MESSAGING_BACKEND", " redis\n"),
+            ("REDIS_URL", " redis://:pw@cache.internal:6380/2\n"),
+            ("RABBITMQ_URL", "amqp://app:pw@mq.internal:5672/prod \n"),
+        ]))
+        .unwrap();
+        assert_eq!(config.backend(), Backend::Redis);
+        assert_eq!(config.redis_url(), "redis://:pw@cache.internal:6380/2");
+        assert_eq!(config.rabbitmq_url(), "amqp://app:pw@mq.internal:5672/prod");
     }
 
     #[test]

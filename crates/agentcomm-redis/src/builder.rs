@@ -199,7 +199,12 @@ impl RedisRouterBuilder {
 
     /// Like [`RedisRouterBuilder::from_env`], reading variables through `lookup`.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let non_empty = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        // Surrounding whitespace (a value copied with its newline) is not part of any value.
+        let non_empty = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
         let url = non_empty(REDIS_URL_VAR).unwrap_or_else(|| DEFAULT_REDIS_URL.to_string());
         check_url(REDIS_URL_VAR, &url, ACCEPTED_SCHEMES, ACCEPTED_URLS)?;
         let mut builder = Self::new(url);
@@ -449,5 +454,16 @@ mod tests {
             error.starts_with("REDIS_URL='http://:***@host' is not valid"),
             "{error}"
         );
+    }
+
+    /// A `REDIS_URL` copied with its newline (or with spaces around it) names the same server; before,
+    /// `from_env` refused it ("the scheme ' redis' is not supported") although the builder took it.
+    #[test]
+    fn a_url_from_the_environment_is_taken_without_surrounding_whitespace() {
+        let builder = RedisRouterBuilder::from_lookup(|name| {
+            (name == "REDIS_URL").then(|| " redis://:pw@10.1.2.3:6380/2\n".to_string())
+        })
+        .unwrap();
+        assert_eq!(builder.settings().url, "redis://:pw@10.1.2.3:6380/2");
     }
 }

@@ -1277,6 +1277,23 @@ mod tests {
     async fn proxied_router(
         quick_reconnect: bool,
     ) -> Option<(agentcomm_testkit::proxy::FaultProxy, crate::RedisRouter)> {
+        proxied_router_with(|builder| {
+            if quick_reconnect {
+                builder.reconnect(agentcomm_core::backoff::Backoff::new(
+                    Duration::from_millis(20),
+                    Duration::from_millis(50),
+                ))
+            } else {
+                builder
+            }
+        })
+        .await
+    }
+
+    /// [`proxied_router`] with the builder changed further by `configure`.
+    async fn proxied_router_with(
+        configure: impl FnOnce(crate::RedisRouterBuilder) -> crate::RedisRouterBuilder,
+    ) -> Option<(agentcomm_testkit::proxy::FaultProxy, crate::RedisRouter)> {
         let url = crate::unit_redis::url();
         let Some(target) = url
             .strip_prefix("redis://")
@@ -1291,15 +1308,7 @@ mod tests {
         };
         let proxied = format!("redis://{}", proxy.local_addr());
         let router = pubsub_router(&proxied, &url, |builder| {
-            let builder = builder.command_timeout(Duration::from_secs(10));
-            if quick_reconnect {
-                builder.reconnect(agentcomm_core::backoff::Backoff::new(
-                    Duration::from_millis(20),
-                    Duration::from_millis(50),
-                ))
-            } else {
-                builder
-            }
+            configure(builder.command_timeout(Duration::from_secs(10)))
         })
         .await?;
         Some((proxy, router))
@@ -1823,24 +1832,8 @@ mod tests {
     /// command until the command timeout: it failed with `Timeout` only then (30 s by default).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_subscribe_under_way_when_the_subscriber_gives_up_fails_at_once() {
-        let url = crate::unit_redis::url();
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
-            return;
-        };
-        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
-            .await
-            .expect("a fault proxy");
-        let proxied = format!("redis://{}", proxy.local_addr());
-        let Some(router) = pubsub_router(&proxied, &url, |builder| {
-            builder
-                .max_reconnect_attempts(Some(0))
-                .command_timeout(Duration::from_secs(10))
-        })
-        .await
+        let Some((proxy, router)) =
+            proxied_router_with(|builder| builder.max_reconnect_attempts(Some(0))).await
         else {
             return;
         };
@@ -1887,24 +1880,8 @@ mod tests {
     /// wait for) waited that long.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_subscribe_the_give_up_cuts_off_fails_at_once() {
-        let url = crate::unit_redis::url();
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
-            return;
-        };
-        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
-            .await
-            .expect("a fault proxy");
-        let proxied = format!("redis://{}", proxy.local_addr());
-        let Some(router) = pubsub_router(&proxied, &url, |builder| {
-            builder
-                .max_reconnect_attempts(Some(0))
-                .command_timeout(Duration::from_secs(10))
-        })
-        .await
+        let Some((proxy, router)) =
+            proxied_router_with(|builder| builder.max_reconnect_attempts(Some(0))).await
         else {
             return;
         };

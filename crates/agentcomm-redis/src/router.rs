@@ -1855,22 +1855,26 @@ impl Router for RedisRouter {
                 () = shared.closing() => return Err(closed_error()),
             };
             let (subscription, handle) = started?;
-            {
-                // Kept only while the router is open, checked under the lock `close` drains the
-                // subscriptions under, after marking the router closed: either `close` finds this one,
-                // or this sees the router closed. Kept on a closed router, its reader would go on
-                // reading, on a connection of its own, for as long as the subscription is held.
+            let refused = {
+                // Kept only while the router is open and its pool has not given up reconnecting,
+                // checked under the lock `close` and the give-up drain the subscriptions under, after
+                // they mark the router: either they find this one and stop it, or this sees the mark.
+                // Kept otherwise, its reader would go on reading, on a connection of its own, for as
+                // long as the subscription is held (after a give-up: a stream that never ends).
                 let mut streams = shared.streams.lock().expect("streams lock");
-                if !shared.is_closed() {
-                    streams.insert(id, subscription);
-                    return Ok(handle);
+                match shared.check_open() {
+                    Ok(()) => {
+                        streams.insert(id, subscription);
+                        return Ok(handle);
+                    }
+                    Err(refused) => refused,
                 }
-            }
+            };
             drop(handle);
             subscription
                 .finish(tokio::time::Instant::now() + Duration::from_secs(1))
                 .await;
-            Err(closed_error())
+            Err(refused)
         })
     }
 
@@ -2004,14 +2008,7 @@ mod tests {
         let stream = shared.keys.stream("A");
         let length: i64 = client.xlen(&stream).await.unwrap();
         assert_eq!(length, 2, "both messages are stored");
-        let keys: Vec<String> = client
-            .custom(
-                fred::types::CustomCommand::new_static("KEYS", ClusterHash::Random, false),
-                vec![format!("{prefix}:*")],
-            )
-            .await
-            .unwrap();
-        let _: i64 = client.del(keys).await.unwrap();
+        delete_keys(&client, &prefix).await;
         let _ = client.quit().await;
     }
 
@@ -2139,6 +2136,12 @@ mod tests {
         target.publishes.store(256, Ordering::Relaxed);
         publish().await.unwrap();
         assert!(listed(client.clone(), registry.clone()).await);
+        delete_keys(&client, &prefix).await;
+        router.close().await.unwrap();
+    }
+
+    /// Deletes the keys a test made under `prefix`.
+    async fn delete_keys(client: &Client, prefix: &str) {
         let keys: Vec<String> = client
             .custom(
                 fred::types::CustomCommand::new_static("KEYS", ClusterHash::Random, false),
@@ -2146,7 +2149,63 @@ mod tests {
             )
             .await
             .unwrap();
-        let _: i64 = client.del(keys).await.unwrap();
+        if !keys.is_empty() {
+            let _: i64 = client.del(keys).await.unwrap();
+        }
+    }
+
+    /// A stream subscription whose set-up ends after a pool connection gave up reconnecting is
+    /// refused with the give-up's error. Before, the give-up ended the subscriptions it found, and
+    /// one still setting up was kept after it, its reader reading on a connection of its own: a
+    /// stream that never ended and, its connections gone too, never delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // held on purpose: the subscription cannot be kept meanwhile
+    async fn a_stream_subscription_set_up_as_the_pool_gives_up_is_refused() {
+        let url = crate::unit_redis::url();
+        let prefix = crate::unit_redis::prefix();
+        let builder = RedisRouter::builder(&url)
+            .mode(DeliveryMode::Streams)
+            .prefix(&prefix)
+            .max_reconnect_attempts(Some(3));
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
+        };
+        let shared = router.shared.clone();
+        let first_id = shared.next_subscription.load(Ordering::Acquire);
+        // Holding the lock the subscriptions are kept under, the give-up is made to come while the
+        // subscription sets up: after its open check, before it is kept.
+        let streams = shared.streams.lock().expect("streams lock");
+        let subscribing = tokio::spawn({
+            let router = router.clone();
+            async move {
+                let pattern = agentcomm_core::ChannelPattern::parse("A:*:*").unwrap();
+                router
+                    .subscribe(SubscribeOptions::new(pattern).group("g"))
+                    .await
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared.next_subscription.load(Ordering::Acquire) == first_id {
+            assert!(Instant::now() < deadline, "the subscription never started");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // What the give-up does first; it then finds no subscription to end (this one is not kept).
+        shared.gave_up.store(true, Ordering::Release);
+        drop(streams);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), subscribing)
+            .await
+            .expect("the subscribe answers")
+            .unwrap();
+        match outcome {
+            Err(Error::Connection { message, .. }) => {
+                assert!(message.contains("max_reconnect_attempts"), "{message}")
+            }
+            Err(other) => panic!("another error: {other}"),
+            Ok(_) => panic!("a subscription set up after the give-up was kept"),
+        }
+        assert!(shared.streams.lock().expect("streams lock").is_empty());
+        let client = shared.pool.next().clone();
+        delete_keys(&client, &prefix).await;
         router.close().await.unwrap();
     }
 }

@@ -44,6 +44,30 @@ pub enum DeliveryMode {
     PubSub,
 }
 
+/// The largest [`RedisRouterBuilder::broadcast_capacity`]: 1,048,576 messages, about 730 MB of fred's
+/// rings when the pub/sub subscriber starts.
+pub const MAX_BROADCAST_CAPACITY: usize = 1 << 20;
+
+impl Settings {
+    /// Refuses settings that cannot work, naming the setting and the fix.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.broadcast_capacity > MAX_BROADCAST_CAPACITY {
+            return Err(Error::Config {
+                variable: "broadcast_capacity".into(),
+                value: self.broadcast_capacity.to_string(),
+                expected: format!(
+                    "at most {MAX_BROADCAST_CAPACITY}: fred fills its notification rings with this \
+                     capacity when the pub/sub subscriber starts, about 0.7 KB per unit, which would \
+                     be about {:.1} GB here; keep the default (65,536) or a value that fits the \
+                     bursts (what does not fit is counted as lost)",
+                    self.broadcast_capacity as f64 * 700.0 / 1e9
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl DeliveryMode {
     /// Parses `streams` or `pubsub` (also `pub/sub`, `pub-sub`; any case).
     pub fn parse(text: &str) -> Result<Self> {
@@ -229,8 +253,8 @@ impl RedisRouterBuilder {
         self
     }
 
-    /// How many connections publish and acknowledge (default 2). Each subscription reads on a
-    /// connection of its own besides.
+    /// How many connections publish and acknowledge (default 2; from 1 to 64, a value outside taken as
+    /// the nearest of the two). Each subscription reads on a connection of its own besides.
     pub fn pool_size(mut self, size: usize) -> Self {
         self.settings.pool_size = size.clamp(1, 64);
         self
@@ -375,7 +399,9 @@ impl RedisRouterBuilder {
     /// not only messages) with this capacity, and fills them when the subscriber is created: about 0.7 KB
     /// per unit of capacity. Measured, a pub/sub router's resident memory grows by about 51 MB at the
     /// default, 16 MB at 16,384, 10 MB at 8,192 and 5 MB at 1,024. Lower it where many routers share a
-    /// process and bursts stay small; what a smaller ring cannot hold is counted, as above.
+    /// process and bursts stay small; what a smaller ring cannot hold is counted, as above. From 32
+    /// (a smaller value is taken as 32) to [`MAX_BROADCAST_CAPACITY`]: above it, `connect` fails with
+    /// [`Error::Config`] rather than the first subscribe taking gigabytes.
     pub fn broadcast_capacity(mut self, capacity: usize) -> Self {
         self.settings.broadcast_capacity = capacity.max(32);
         self
@@ -394,7 +420,7 @@ impl RedisRouterBuilder {
         &self.settings
     }
 
-    /// Connects. Fails with [`Error::Config`] for a URL that cannot be used and with
+    /// Connects. Fails with [`Error::Config`] for a URL or a setting that cannot be used and with
     /// [`Error::Connection`] (the URL without its password) when Redis cannot be reached in time.
     pub async fn connect(self) -> Result<RedisRouter> {
         RedisRouter::connect_with(self.settings).await
@@ -454,6 +480,31 @@ mod tests {
             error.starts_with("REDIS_URL='http://:***@host' is not valid"),
             "{error}"
         );
+    }
+
+    /// A broadcast capacity that would take gigabytes at the first subscribe is refused at connect,
+    /// naming the setting and its bound; before, it was taken, and fred filled its rings with it when
+    /// the pub/sub subscriber started (about 0.7 KB per unit). The bound itself is taken.
+    #[tokio::test]
+    async fn a_broadcast_capacity_beyond_the_bound_is_refused_at_connect() {
+        let error = RedisRouterBuilder::new("redis://:pw@127.0.0.1:1")
+            .broadcast_capacity(MAX_BROADCAST_CAPACITY + 1)
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(matches!(error, Error::Config { .. }), "{error}");
+        let text = error.to_string();
+        assert!(
+            text.starts_with("broadcast_capacity='1048577' is not valid: at most 1048576"),
+            "{text}"
+        );
+        let mut settings = RedisRouterBuilder::new(DEFAULT_REDIS_URL)
+            .broadcast_capacity(MAX_BROADCAST_CAPACITY)
+            .settings()
+            .clone();
+        assert!(settings.check().is_ok());
+        settings.broadcast_capacity = usize::MAX;
+        assert!(settings.check().unwrap_err().to_string().contains("GB"));
     }
 
     /// A `REDIS_URL` copied with its newline (or with spaces around it) names the same server; before,

@@ -53,5 +53,7 @@ mod unit_redis;
 /// The fred crate this backend is built on, for its types in the builder (`TlsConnector`).
 pub use fred;
 
-pub use builder::{ACCEPTED_URLS, DELIVERY_MODE_VAR, DeliveryMode, RedisRouterBuilder};
+pub use builder::{
+    ACCEPTED_URLS, DELIVERY_MODE_VAR, DeliveryMode, MAX_BROADCAST_CAPACITY, RedisRouterBuilder,
+};
 pub use router::RedisRouter;

@@ -360,6 +360,7 @@ impl RedisRouter {
 
     pub(crate) async fn connect_with(settings: Settings) -> Result<Self> {
         crate::keys::check_prefix(&settings.prefix)?;
+        settings.check()?;
         let config = fred_config(&settings)?;
         let builder = fred_builder(&settings, config.clone(), Role::Commands);
         let pool = builder

@@ -37,7 +37,8 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// Starts at `initial` and doubles up to `max`, with 20% jitter.
+    /// Starts at `initial` and doubles up to `max`, with 20% jitter. A `max` below `initial` is taken
+    /// as `initial`: every delay is then `initial` (check the order of the two arguments).
     pub fn new(initial: Duration, max: Duration) -> Self {
         Backoff {
             initial,

@@ -1144,6 +1144,13 @@ impl Seen {
         self.envelope.channel().class() == DEAD_LETTER_CLASS
     }
 
+    /// Whether it is the failure reply the runtime sends a requester when the agent dead-letters its
+    /// request: on the reply's channel, but empty, with the reason in headers
+    /// (`agentcomm-request-failed`), not a message of the reply's type.
+    pub fn is_failure_reply(&self) -> bool {
+        self.envelope.header(headers::REQUEST_FAILED).is_some()
+    }
+
     /// Decodes the payload as `M`.
     pub fn decode<M: Message>(&self) -> Result<M> {
         decode_message::<M>(&self.envelope).map_err(|rejection| rejection.error)
@@ -1215,12 +1222,16 @@ impl Traffic {
         )
     }
 
-    /// Every message of type `M` (dead letters excluded), decoded, in order. Panics if one cannot be
-    /// decoded.
+    /// Every message of type `M` (dead letters and failure replies excluded), decoded, in order.
+    /// Panics if one cannot be decoded.
     pub fn of<M: Message>(&self) -> Vec<M> {
         self.0
             .iter()
-            .filter(|seen| !seen.is_dead_letter() && seen.envelope.class() == M::CLASS)
+            .filter(|seen| {
+                !seen.is_dead_letter()
+                    && !seen.is_failure_reply()
+                    && seen.envelope.class() == M::CLASS
+            })
             .map(|seen| {
                 seen.decode::<M>().unwrap_or_else(|error| {
                     panic!(

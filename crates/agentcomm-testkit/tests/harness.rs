@@ -1384,5 +1384,16 @@ async fn a_request_its_agent_dead_letters_fails_at_once_with_the_agents_error() 
     h.expect_dead_letter::<PaymentRequest>()
         .reason("rejected")
         .await;
+    // The failure reply is on the reply's channel, but it is no PaymentResponse: `of` leaves it out
+    // (it panicked, "cannot be decoded as PaymentResponse").
+    let published = h.published();
+    assert_eq!(
+        published
+            .iter()
+            .filter(|seen| seen.is_failure_reply())
+            .count(),
+        1
+    );
+    assert!(published.of::<PaymentResponse>().is_empty());
     h.assert_nothing_else_published().await;
 }

@@ -14,6 +14,8 @@
 //! - Messages that can no longer be delivered (a subscription dropped with messages unread, group
 //!   queues when the router closes, retries waiting out their delay when their queue closes) are
 //!   counted in health as `dropped` and logged, when that happens.
+//! - Health shows what waits: `queued` (in the queues, not yet handed out) and `retries_waiting`
+//!   (nacked for a retry, waiting out its delay before it is queued again).
 //!
 //! ```
 //! use agentcomm_core::prelude::*;
@@ -680,11 +682,15 @@ impl Router for MemoryRouter {
         let counters = &inner.counters;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let routes = inner.routes.read().expect("routes lock");
-        let queued: usize = routes
-            .fan_outs
-            .iter()
-            .chain(routes.groups.values())
-            .map(|q| q.receiver.len())
+        let queues = || routes.fan_outs.iter().chain(routes.groups.values());
+        let queued: usize = queues().map(|q| q.receiver.len()).sum();
+        let retries_waiting: usize = queues()
+            .map(|q| {
+                q.delayed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .len()
+            })
             .sum();
         let idle_groups = routes
             .groups
@@ -707,6 +713,7 @@ impl Router for MemoryRouter {
         .counter("dropped", load(&counters.dropped))
         .counter("backpressure_waits", load(&counters.backpressure_waits))
         .counter("queued", queued as u64)
+        .counter("retries_waiting", retries_waiting as u64)
         .counter("subscriptions", routes.fan_outs.len() as u64)
         .counter("groups", routes.groups.len() as u64)
         .counter("groups_without_members", idle_groups as u64)

@@ -374,6 +374,36 @@ async fn two_publishes_waiting_for_room_in_the_same_queues_do_not_block_each_oth
     }
 }
 
+/// Health counts the retries waiting out their delay (`retries_waiting`) until they are queued
+/// again. Before, a message in its delay showed nowhere: not queued, not delivered, not dropped.
+#[tokio::test(start_paused = true)]
+async fn health_counts_the_retries_waiting_out_their_delay() {
+    let router = MemoryRouter::new();
+    let mut subscription = subscribe(&router, pings().group("workers")).await;
+    router.publish(ping("s1")).await.unwrap();
+    let delivery = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
+    delivery
+        .nack(NackAction::Retry {
+            delay: Duration::from_secs(60),
+        })
+        .await
+        .unwrap();
+    let health = router.health().await;
+    assert_eq!(
+        (health.get("retries_waiting"), health.get("queued")),
+        (1, 0),
+        "{health:?}"
+    );
+    // The paused clock runs on to the end of the delay; the retry is queued and handed out again.
+    let again = timeout(Duration::from_secs(120), subscription.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.is_redelivered());
+    assert_eq!(router.health().await.get("retries_waiting"), 0);
+    again.ack().await.unwrap();
+}
+
 /// Messages waiting out their retry delay inside the router when it closes can never come back:
 /// they are counted as dropped when it closes, like what the queues held, not when their delay
 /// ends (which may be after the process has gone, with nothing counted or logged).

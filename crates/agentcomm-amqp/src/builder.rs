@@ -129,6 +129,11 @@ pub const DEFAULT_EXCHANGE: &str = "agentcomm";
 /// the result must fit an AMQP short string.
 const MAX_CONNECTION_NAME_LEN: usize = 240;
 
+/// The longest timeout the router works with: `Duration::MAX` ("as long as it takes", as agentcomm's
+/// other settings read it) cannot be added to the clock, nor to the other timeouts in the bounds of
+/// a subscribe or a close, so longer ones are taken as this (thirty years).
+pub(crate) const LONGEST_TIMEOUT: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
 /// The URL `RABBITMQ_URL` names: trimmed (surrounding whitespace, such as a value copied with its
 /// newline, is not part of a URL), or the default when unset or blank.
 fn url_from_env(value: Option<String>) -> String {
@@ -189,7 +194,8 @@ impl AmqpRouterBuilder {
     }
 
     /// How long a publish waits for the broker's confirm once sent (default 15 s); past it the
-    /// publish fails with [`Error::Timeout`].
+    /// publish fails with [`Error::Timeout`]. Like every timeout here, `Duration::MAX` means as long
+    /// as it takes (any value is taken as at most thirty years).
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
         self.confirm_timeout = timeout;
         self
@@ -385,14 +391,17 @@ impl AmqpRouterBuilder {
                 self.connect_timeout
                     .or(url.connection_timeout)
                     .unwrap_or(Duration::from_secs(10)),
-            )?,
+            )?
+            .min(LONGEST_TIMEOUT),
             url,
             exchange: self.exchange,
             prefetch: self.prefetch,
-            confirm_timeout: positive("confirm_timeout", self.confirm_timeout)?,
-            operation_timeout: positive("operation_timeout", self.operation_timeout)?,
-            publish_outage_timeout: self.publish_outage_timeout,
-            close_timeout: self.close_timeout,
+            confirm_timeout: positive("confirm_timeout", self.confirm_timeout)?
+                .min(LONGEST_TIMEOUT),
+            operation_timeout: positive("operation_timeout", self.operation_timeout)?
+                .min(LONGEST_TIMEOUT),
+            publish_outage_timeout: self.publish_outage_timeout.min(LONGEST_TIMEOUT),
+            close_timeout: self.close_timeout.min(LONGEST_TIMEOUT),
             reconnect: self.reconnect,
             heartbeat,
             queue_type: self.queue_type,
@@ -458,6 +467,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.starts_with("confirm_timeout="), "{error}");
+        let longest = AmqpRouterBuilder::new("amqp://u:pw@h")
+            .confirm_timeout(Duration::MAX)
+            .operation_timeout(Duration::MAX)
+            .publish_outage_timeout(Duration::MAX)
+            .close_timeout(Duration::MAX)
+            .connect_timeout(Duration::MAX)
+            .settings()
+            .unwrap();
+        for timeout in [
+            longest.confirm_timeout,
+            longest.operation_timeout,
+            longest.publish_outage_timeout,
+            longest.close_timeout,
+            longest.connect_timeout,
+        ] {
+            assert_eq!(timeout, LONGEST_TIMEOUT);
+        }
         for url in ["amqp://u:pw@h/?heartbeat=1", "amqp://u:pw@h/?heartbeat=0"] {
             let settings = AmqpRouterBuilder::new(url).settings().unwrap();
             assert_eq!(settings.heartbeat, 2, "{url}");

@@ -1337,3 +1337,102 @@ async fn a_reply_during_the_close_drain_survives_a_network_blip() {
     within("ack", delivery.ack()).await.unwrap();
     within("close", listener.close()).await.unwrap();
 }
+
+/// What one router with `setting` at `Duration::MAX` does, start to close: a fan-out subscription,
+/// a publish and its delivery, a cut and a publish after the reconnect (the slow path that opens a
+/// publishing channel), a delayed retry of it (which declares a retry queue), and close.
+async fn exercise_longest(proxy: &FaultProxy, setting: &str) {
+    let exchange = unique("t-longest");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let builder = AmqpRouter::builder(proxied_url(proxy))
+        .exchange(&exchange)
+        .reconnect(Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_millis(500),
+        ))
+        .heartbeat(Duration::from_secs(2));
+    let builder = match setting {
+        "confirm_timeout" => builder.confirm_timeout(Duration::MAX),
+        "operation_timeout" => builder.operation_timeout(Duration::MAX),
+        "publish_outage_timeout" => builder.publish_outage_timeout(Duration::MAX),
+        "close_timeout" => builder.close_timeout(Duration::MAX),
+        "connect_timeout" => builder.connect_timeout(Duration::MAX),
+        other => panic!("no setting {other}"),
+    };
+    let router = within("connect", builder.connect()).await.expect("connect");
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Payment:*:*").unwrap(),
+        )),
+    )
+    .await
+    .expect("subscribe");
+    let outcome = within("publish", router.publish(envelope(1))).await;
+    assert_eq!(outcome.expect("publish"), PublishOutcome::Accepted);
+    let delivery = within("delivery", subscription.next()).await.unwrap();
+    within("ack", delivery.ack()).await.unwrap();
+
+    let reconnects = router.health().await.get("reconnects");
+    proxy.cut_all();
+    wait_until("both connections back", async || {
+        let health = router.health().await;
+        health.get("reconnects") >= reconnects + 2 && health.get("consumers_restored") >= 1
+    })
+    .await;
+    let outcome = within("publish after the reconnect", router.publish(envelope(2))).await;
+    assert_eq!(
+        outcome.expect("publish after the reconnect"),
+        PublishOutcome::Accepted
+    );
+    let delivery = within("delivery after the reconnect", subscription.next())
+        .await
+        .unwrap();
+    within(
+        "retry",
+        delivery.nack(NackAction::Retry {
+            delay: Duration::from_millis(20),
+        }),
+    )
+    .await
+    .expect("retry");
+    let delivery = within("the retried delivery", subscription.next())
+        .await
+        .unwrap();
+    assert_eq!(delivery.envelope().payload().as_ref(), br#"{"n":2}"#);
+    within("ack", delivery.ack()).await.unwrap();
+    within("close", router.close()).await.expect("close");
+}
+
+/// `Duration::MAX` for any of the router's timeouts, which the rest of agentcomm reads as "as long
+/// as it takes", was accepted by the builder and then panicked on an overflow adding it to the
+/// clock or multiplying it: `operation_timeout` in `connect` itself, `confirm_timeout` in every
+/// publish, `publish_outage_timeout` in every subscribe (and in a publish after a reconnect and a
+/// delayed retry), `close_timeout` in `close`. Each setting on a router of its own, and each run on
+/// caught so that a panic names its setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_timeouts_mean_as_long_as_it_takes_and_panic_nowhere() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let mut failed = Vec::new();
+    for setting in [
+        "confirm_timeout",
+        "operation_timeout",
+        "publish_outage_timeout",
+        "close_timeout",
+        "connect_timeout",
+    ] {
+        let run = std::panic::AssertUnwindSafe(exercise_longest(&proxy, setting));
+        if let Err(panic) = futures::FutureExt::catch_unwind(run).await {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
+                .unwrap_or_default();
+            failed.push(format!("{setting}=Duration::MAX: {message}"));
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}

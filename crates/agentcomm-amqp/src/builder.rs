@@ -134,6 +134,10 @@ const MAX_CONNECTION_NAME_LEN: usize = 240;
 /// a subscribe or a close, so longer ones are taken as this (thirty years).
 pub(crate) const LONGEST_TIMEOUT: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
 
+/// The longest `x-expires` RabbitMQ takes: ten years in milliseconds (a longer one fails the queue's
+/// declaration with "PRECONDITION_FAILED - invalid arg 'x-expires' ... value_too_large").
+pub(crate) const LONGEST_QUEUE_EXPIRY: Duration = Duration::from_millis(315_360_000_000);
+
 /// The URL `RABBITMQ_URL` names: trimmed (surrounding whitespace, such as a value copied with its
 /// newline, is not part of a URL), or the default when unset or blank.
 fn url_from_env(value: Option<String>) -> String {
@@ -283,7 +287,9 @@ impl AmqpRouterBuilder {
     }
 
     /// How long a fan-out subscription's queue outlives a lost connection (default 60 s): messages
-    /// published during a shorter outage are delivered after the reconnect.
+    /// published during a shorter outage are delivered after the reconnect. At most ten years, the
+    /// longest `x-expires` RabbitMQ takes: a longer value (`Duration::MAX` for "never") is taken as
+    /// that.
     pub fn fan_out_expiry(mut self, expiry: Duration) -> Self {
         self.fan_out_expiry = expiry;
         self
@@ -408,7 +414,8 @@ impl AmqpRouterBuilder {
             dead_letter_exchange,
             dead_letter_queue: self.dead_letters.keep.then_some(dead_letter_queue),
             delivery_limit: self.dead_letters.delivery_limit,
-            fan_out_expiry: positive("fan_out_expiry", self.fan_out_expiry)?,
+            fan_out_expiry: positive("fan_out_expiry", self.fan_out_expiry)?
+                .min(LONGEST_QUEUE_EXPIRY),
             connection_name,
             envelope_properties: self.envelope_properties,
         })
@@ -484,6 +491,11 @@ mod tests {
         ] {
             assert_eq!(timeout, LONGEST_TIMEOUT);
         }
+        let never = AmqpRouterBuilder::new("amqp://u:pw@h")
+            .fan_out_expiry(Duration::MAX)
+            .settings()
+            .unwrap();
+        assert_eq!(never.fan_out_expiry, LONGEST_QUEUE_EXPIRY);
         for url in ["amqp://u:pw@h/?heartbeat=1", "amqp://u:pw@h/?heartbeat=0"] {
             let settings = AmqpRouterBuilder::new(url).settings().unwrap();
             assert_eq!(settings.heartbeat, 2, "{url}");

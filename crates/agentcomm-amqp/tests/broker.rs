@@ -2272,3 +2272,36 @@ fn a_delivery_dropped_outside_a_runtime_is_given_back_at_once() {
         within("close", router.close()).await.unwrap();
     });
 }
+
+/// RabbitMQ refuses an `x-expires` above ten years (315,360,000,000 ms: found on the test broker by
+/// declaring queues with a bisected value), and a fan-out subscription's queue carries
+/// `fan_out_expiry` there: a longer expiry (`Duration::MAX` for "never") was accepted by the
+/// builder, then every fan-out subscribe failed with "406 PRECONDITION_FAILED - invalid arg
+/// 'x-expires' ... {value_too_large,...}", an error that does not name the setting. The longest
+/// expiry RabbitMQ takes is used instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_expiry_beyond_what_rabbitmq_takes_is_capped_not_refused_by_every_subscribe() {
+    if !broker_available().await {
+        return;
+    }
+    for expiry in [Duration::from_secs(20 * 365 * 24 * 3600), Duration::MAX] {
+        let exchange = unique("t-expiry");
+        let _cleanup = Cleanup::new(&exchange, &[]);
+        let router = within(
+            "connect",
+            builder(&exchange).fan_out_expiry(expiry).connect(),
+        )
+        .await
+        .expect("connect");
+        let mut subscription = within(
+            "subscribe",
+            router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("fan_out_expiry {expiry:?}: {error}"));
+        let outcome = within("publish", router.publish(envelope("Ping:request:s1", 1))).await;
+        assert_eq!(outcome.unwrap(), PublishOutcome::Accepted);
+        assert_eq!(take(&mut subscription, 1).await, [1]);
+        within("close", router.close()).await.unwrap();
+    }
+}

@@ -233,7 +233,9 @@ impl AmqpRouterBuilder {
         self
     }
 
-    /// The delays between reconnection attempts (exponential backoff with jitter).
+    /// The delays between reconnection attempts (exponential backoff with jitter), also between
+    /// attempts to restore a consumer. Its first delay must be at least 1 ms (`connect` refuses
+    /// less): the delays grow from the first, and one of 0 would retry in a tight loop.
     pub fn reconnect(mut self, backoff: Backoff) -> Self {
         self.reconnect = backoff;
         self
@@ -370,6 +372,13 @@ impl AmqpRouterBuilder {
                 "a RabbitMQ heartbeat below 2 s (0 = none) is not supported: using 2 s, so that a dead connection is noticed"
             );
         }
+        if self.reconnect.initial() < Duration::from_millis(1) {
+            return Err(Error::Config {
+                variable: "reconnect".into(),
+                value: format!("{:?}", self.reconnect),
+                expected: "a backoff whose first delay is at least 1 ms: the delays grow from the first, so one that starts at 0 stays at 0, and reconnecting (and restoring consumers) would retry in a tight loop while RabbitMQ is down; e.g. Backoff::new(Duration::from_millis(100), Duration::from_secs(10)), the default".into(),
+            });
+        }
         if let Some(limit) = self.dead_letters.delivery_limit
             && self.queue_type != QueueType::Quorum
         {
@@ -500,6 +509,32 @@ mod tests {
             let settings = AmqpRouterBuilder::new(url).settings().unwrap();
             assert_eq!(settings.heartbeat, 2, "{url}");
         }
+    }
+
+    /// The delays of a backoff grow from its first: one that starts at 0 stays at 0, and a router
+    /// with it retried in a tight loop while RabbitMQ was down (903 failed attempts, each with its
+    /// warning, in a 1 s refusal through the fault proxy).
+    #[test]
+    fn a_reconnect_backoff_that_starts_at_zero_is_refused() {
+        for initial in [Duration::ZERO, Duration::from_micros(999)] {
+            let error = AmqpRouterBuilder::new("amqp://u:pw@h")
+                .reconnect(Backoff::new(initial, Duration::from_secs(1)))
+                .settings()
+                .unwrap_err()
+                .to_string();
+            assert!(error.starts_with("reconnect="), "{error}");
+            assert!(error.contains("at least 1 ms"), "{error}");
+            assert!(error.contains("tight loop"), "{error}");
+        }
+        assert!(
+            AmqpRouterBuilder::new("amqp://u:pw@h")
+                .reconnect(Backoff::new(
+                    Duration::from_millis(1),
+                    Duration::from_millis(1)
+                ))
+                .settings()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -269,7 +269,8 @@ impl AmqpRouterBuilder {
         self
     }
 
-    /// The dead-letter exchange (default `<exchange>.dlx`).
+    /// The dead-letter exchange (default `<exchange>.dlx`); not the main exchange (`connect`
+    /// refuses that: one is a fanout exchange, the other a topic exchange).
     pub fn dead_letter_exchange(mut self, name: impl Into<String>) -> Self {
         self.dead_letters.exchange = Some(name.into());
         self
@@ -340,6 +341,13 @@ impl AmqpRouterBuilder {
             },
             other => other,
         })?;
+        if dead_letter_exchange == self.exchange {
+            return Err(Error::Config {
+                variable: "dead_letter_exchange".into(),
+                value: dead_letter_exchange,
+                expected: "an exchange other than the main one: the dead-letter exchange is a fanout exchange and the main one a topic exchange, so RabbitMQ refuses to declare one name as both; leave it unset for '<exchange>.dlx'".into(),
+            });
+        }
         let dead_letter_queue = self
             .dead_letters
             .queue
@@ -532,6 +540,32 @@ mod tests {
                     Duration::from_millis(1),
                     Duration::from_millis(1)
                 ))
+                .settings()
+                .is_ok()
+        );
+    }
+
+    /// The dead-letter exchange is a fanout, the main one a topic exchange: naming both the same
+    /// failed at the broker with "406 PRECONDITION_FAILED - inequivalent arg 'type' for exchange
+    /// ..." and the hint "delete it, or use the same exchange type", which would have the user
+    /// delete the main exchange.
+    #[test]
+    fn the_dead_letter_exchange_cannot_be_the_main_one() {
+        let error = AmqpRouterBuilder::new("amqp://u:pw@h")
+            .exchange("payments")
+            .dead_letter_exchange("payments")
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("dead_letter_exchange='payments'"),
+            "{error}"
+        );
+        assert!(error.contains("other than the main one"), "{error}");
+        assert!(
+            AmqpRouterBuilder::new("amqp://u:pw@h")
+                .exchange("payments")
+                .dead_letter_exchange("payments.dead")
                 .settings()
                 .is_ok()
         );

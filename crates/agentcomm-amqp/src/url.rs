@@ -172,11 +172,14 @@ impl AmqpUrl {
                     })?)
                 }
                 "connection_timeout" => {
-                    let ms: u64 = value.parse().map_err(|_| {
+                    // 0 is refused here, where the error can name the URL parameter: the
+                    // builder's check of its timeouts would name `connect_timeout`, a setting the
+                    // user never wrote.
+                    let ms: u64 = value.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
                         invalid(
                             variable,
                             url,
-                            "connection_timeout must be a number of milliseconds",
+                            "connection_timeout must be a number of milliseconds above 0",
                         )
                     })?;
                     parsed.connection_timeout = Some(Duration::from_millis(ms));
@@ -291,6 +294,10 @@ mod tests {
             (
                 "amqp://u:secret@h/?heartbeat=x",
                 "heartbeat must be a number",
+            ),
+            (
+                "amqp://u:secret@h/?connection_timeout=0",
+                "connection_timeout must be a number of milliseconds above 0",
             ),
             ("amqp://u:secret@h/%zz", "bad %-escape"),
             ("amqp://u:secret@h/?cacertfile=/x", "only apply to amqps://"),

@@ -1223,6 +1223,57 @@ impl Acknowledge for AmqpAck {
 }
 
 impl Inner {
+    /// Binds the queue of every subscription consuming now to its binding keys again, once the
+    /// exchange was declared again after the broker said it was gone (404): deleting an exchange
+    /// deletes every binding to it, and nothing else would restore them while the consumers live
+    /// on. Bindings are idempotent, so those that were still there are left as they were. Each on
+    /// the declaration channel, bounded by the operation timeout; one that fails (its queue was
+    /// deleted too, say) is logged, and the others are still bound (a failed request retires the
+    /// channel, and the next one opens another).
+    pub(crate) async fn rebind_subscriptions(&self) {
+        let subscriptions: Vec<Arc<SubShared>> = self
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|sub| !sub.is_closed() && sub.live.lock().expect("live lock").is_some())
+            .collect();
+        let mut bound = std::collections::HashSet::new();
+        for sub in &subscriptions {
+            for key in &sub.spec.bindings {
+                // Members of one group share a queue and often its keys.
+                if !bound.insert((sub.spec.name.as_str(), key.as_str())) {
+                    continue;
+                }
+                let bind = QueueBindArguments::new(&sub.spec.name, &self.settings.exchange, key);
+                let what = format!("binding queue '{}' to '{key}' again", sub.spec.name);
+                let rebound = self
+                    .with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
+                        self.operation(&what, &op.reason, &op.channel, move |channel| async move {
+                            channel.queue_bind(bind).await
+                        })
+                        .await
+                    })
+                    .await;
+                if let Err(error) = rebound {
+                    tracing::warn!(
+                        queue = %sub.spec.name,
+                        binding = %key,
+                        error = %error,
+                        "could not bind a subscription's queue again after its exchange was declared again; publishes may be unroutable until its consumer is restored"
+                    );
+                }
+            }
+        }
+        if !bound.is_empty() {
+            tracing::info!(
+                bindings = bound.len(),
+                "bound the subscriptions' queues again after declaring the exchange again"
+            );
+        }
+    }
+
     /// Sends `envelope` to `queue` after `delay`: through a retry queue whose TTL is the delay's bucket
     /// and which dead-letters back to `queue` only (the default exchange, the queue's own name), so no
     /// other subscription gets a copy.

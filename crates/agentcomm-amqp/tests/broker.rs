@@ -2305,3 +2305,47 @@ async fn a_fan_out_expiry_beyond_what_rabbitmq_takes_is_capped_not_refused_by_ev
         within("close", router.close()).await.unwrap();
     }
 }
+
+/// Deleting an exchange deletes its bindings. A router whose exchange was deleted (by hand in the
+/// management UI, by a script that resets the topology) declared the exchange again when its next
+/// publish failed with 404, and sent that publish again, but not the bindings of its subscriptions:
+/// from then on every publish came back `Unroutable` and the subscribers, still consuming their
+/// queues, got nothing until the process restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_bound_again_when_the_exchange_is_declared_again() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-rebind");
+    let group_queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&group_queue));
+    let router = connect(&exchange).await;
+    let mut group = ping_member(&router).await;
+    let mut fan_out = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    .unwrap();
+    let outcome = within("publish", router.publish(envelope("Ping:request:s1", 1))).await;
+    assert_eq!(outcome.unwrap(), PublishOutcome::Accepted);
+    assert_eq!(take(&mut group, 1).await, [1]);
+    assert_eq!(take(&mut fan_out, 1).await, [1]);
+
+    let raw = Raw::open().await;
+    within(
+        "delete the exchange",
+        raw.channel
+            .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(&exchange)),
+    )
+    .await
+    .expect("exchange.delete");
+    raw.close().await;
+
+    // The first publish finds the exchange gone (404), which declares it again.
+    let outcome = within("publish", router.publish(envelope("Ping:request:s1", 2))).await;
+    assert_eq!(outcome.unwrap(), PublishOutcome::Accepted);
+    assert_eq!(take(&mut group, 1).await, [2]);
+    assert_eq!(take(&mut fan_out, 1).await, [2]);
+    within("close", router.close()).await.unwrap();
+}

@@ -305,7 +305,7 @@ impl AmqpRouter {
     /// A passive declaration of the exchange, timed. Its own deadline is inside the operation, so that
     /// a slow answer fails the operation (and retires the channel) instead of being left for the next
     /// request on that channel.
-    async fn round_trip(&self) -> Option<Duration> {
+    async fn round_trip(&self) -> Result<Duration> {
         const PROBE_LIMIT: Duration = Duration::from_secs(2);
         let inner = &self.inner;
         let probe = inner.with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
@@ -323,7 +323,7 @@ impl AmqpRouter {
                 .await
                 .map(|()| started.elapsed())
         });
-        probe.await.ok()
+        probe.await
     }
 
     /// What is wrong with one connection, if anything: its status and a sentence.
@@ -446,8 +446,26 @@ impl AmqpRouter {
                     .sum::<u64>(),
             )
             .counter("blocked", u64::from(blocked));
-        if connected && let Some(round_trip) = self.round_trip().await {
-            health = health.round_trip(round_trip);
+        if connected {
+            match self.round_trip().await {
+                Ok(round_trip) => health = health.round_trip(round_trip),
+                // Someone deleted the exchange, and with it every binding to it: publishes are
+                // unroutable until it is declared and the queues bound again.
+                Err(Error::Backend { message, .. }) if message.contains("NOT_FOUND") => {
+                    inner.repair_topology();
+                    health.status = health.status.max(HealthStatus::Degraded);
+                    let gone = format!(
+                        "RabbitMQ says the exchange '{}' does not exist (deleted?): declaring it and binding the subscriptions' queues again",
+                        inner.settings.exchange
+                    );
+                    health.detail = if health.detail == "ok" {
+                        gone
+                    } else {
+                        format!("{}; {gone}", health.detail)
+                    };
+                }
+                Err(_) => {}
+            }
         }
         health
     }

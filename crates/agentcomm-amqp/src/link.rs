@@ -460,6 +460,9 @@ pub(crate) struct Inner {
     /// unconfirmed in health: their confirm is still owed).
     pub publishes_to_resend: AtomicU64,
     pub publishes_done: Notify,
+    /// Set while the topology is being declared again after the health probe found the exchange
+    /// gone ([`Inner::repair_topology`]).
+    repairing: AtomicBool,
     pub stop: watch::Sender<bool>,
     /// Set once close's task has ended: `Some(true)` when it finished, `Some(false)` when it ended
     /// otherwise (a panic, its runtime shutting down). What every `close()` waits for.
@@ -489,6 +492,7 @@ impl Inner {
             publishes_in_flight: AtomicU64::new(0),
             publishes_to_resend: AtomicU64::new(0),
             publishes_done: Notify::new(),
+            repairing: AtomicBool::new(false),
             stop: watch::Sender::new(false),
             closed: watch::Sender::new(None),
         }
@@ -863,6 +867,36 @@ impl Inner {
             self.declare_topology(op).await
         })
         .await
+    }
+
+    /// The health probe found the exchange gone (someone deleted it): declares the topology again
+    /// and binds the subscriptions' queues again ([`Inner::rebind_subscriptions`]), in the
+    /// background, once at a time. A router that only consumes never publishes into the 404 that
+    /// repairs it otherwise, and its subscribers would wait for ever.
+    pub(crate) fn repair_topology(self: &Arc<Self>) {
+        if self.repairing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = self.clone();
+        self.runtime.spawn(async move {
+            tracing::warn!(
+                exchange = %inner.settings.exchange,
+                "RabbitMQ says the exchange does not exist (deleted?): declaring it again and binding the subscriptions' queues again"
+            );
+            match tokio::time::timeout(
+                inner.settings.operation_timeout,
+                inner.redeclare_topology(),
+            )
+            .await
+            {
+                Ok(Ok(())) => inner.rebind_subscriptions().await,
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %error, "could not declare the topology again")
+                }
+                Err(_) => tracing::warn!("declaring the topology again took too long"),
+            }
+            inner.repairing.store(false, Ordering::Release);
+        });
     }
 
     /// Runs `f` with the declaration channel of the live consuming connection, opening one if needed.

@@ -2349,3 +2349,58 @@ async fn subscriptions_are_bound_again_when_the_exchange_is_declared_again() {
     assert_eq!(take(&mut fan_out, 1).await, [2]);
     within("close", router.close()).await.unwrap();
 }
+
+/// A router that only consumes never publishes into the 404 that makes a router declare its
+/// exchange again: when someone deleted the exchange, its subscriptions' bindings were gone for
+/// good (every publish from elsewhere unroutable) and its health said `ok`. Its health probe (a
+/// passive declaration of the exchange) now notices, says so, and declares the exchange and the
+/// bindings again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consuming_router_whose_exchange_was_deleted_binds_again_once_its_health_notices() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-rebind-health");
+    let group_queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&group_queue));
+    let consumer = connect(&exchange).await;
+    let publisher = connect(&exchange).await;
+    let mut group = ping_member(&consumer).await;
+    let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", 1))).await;
+    assert_eq!(outcome.unwrap(), PublishOutcome::Accepted);
+    assert_eq!(take(&mut group, 1).await, [1]);
+
+    let raw = Raw::open().await;
+    within(
+        "delete the exchange",
+        raw.channel
+            .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(&exchange)),
+    )
+    .await
+    .expect("exchange.delete");
+    raw.close().await;
+
+    let health = within("health", consumer.health()).await;
+    assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+    assert!(health.detail.contains("does not exist"), "{health:?}");
+    // The publisher declares the exchange again at its first 404; the consumer binds its queue.
+    let deadline = Instant::now() + STEP;
+    let mut n = 2;
+    loop {
+        let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", n)))
+            .await
+            .unwrap();
+        if outcome == PublishOutcome::Accepted {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {outcome:?} after {STEP:?}: the consumer's queue was never bound again"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(take(&mut group, 1).await, [n]);
+    within("close", publisher.close()).await.unwrap();
+    within("close", consumer.close()).await.unwrap();
+}

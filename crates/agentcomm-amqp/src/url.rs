@@ -74,6 +74,23 @@ impl AmqpUrl {
             .split_once("://")
             .ok_or_else(|| invalid(variable, url, "it is not a URL"))?;
         let tls = scheme.eq_ignore_ascii_case("amqps");
+        // A '?' or '#' in the user name or password, not percent-encoded, ends the authority early:
+        // the rest of the password would be read as a query or a fragment, and its start as a host
+        // and port ("the port is not a number", or worse `user:12#...@host` taken as host `user`,
+        // port 12). An '@' between such a '?' or '#' and the next '/' gives it away.
+        if let Some(at) = rest.find(['?', '#'])
+            && !rest[..at].contains('/')
+            && rest[at + 1..]
+                .split('/')
+                .next()
+                .is_some_and(|part| part.contains('@'))
+        {
+            return Err(invalid(
+                variable,
+                url,
+                "an '@' follows a '?' or '#' before the host: a '?' or '#' in the user name or password must be percent-encoded (%3F, %23)",
+            ));
+        }
         let (rest, query) = match rest.split_once('?') {
             Some((rest, query)) => (rest, Some(query)),
             None => (rest, None),
@@ -282,6 +299,11 @@ mod tests {
         assert_eq!(AmqpUrl::parse("url", "amqp://h").unwrap().vhost, "/");
         assert_eq!(AmqpUrl::parse("url", "amqp://h/").unwrap().vhost, "/");
         assert_eq!(AmqpUrl::parse("url", "amqp://h/v").unwrap().vhost, "v");
+        // Encoded, they are part of the password; an '@' in the query is not in the authority.
+        let url = AmqpUrl::parse("url", "amqp://u:a%3Fb%23c@h/v").unwrap();
+        assert_eq!((url.password.as_str(), url.host.as_str()), ("a?b#c", "h"));
+        let url = AmqpUrl::parse("url", "amqps://h/v?cacertfile=/certs/ops@corp/ca.pem").unwrap();
+        assert_eq!(url.host, "h");
     }
 
     #[test]
@@ -303,6 +325,15 @@ mod tests {
             ("amqp://u:secret@h/?cacertfile=/x", "only apply to amqps://"),
             ("amqps://u:secret@h/?certfile=/x", "must be given together"),
             ("amqp://u:secret@:5672", "the host is missing"),
+            (
+                "amqp://u:sec?ret@h:5672/v",
+                "must be percent-encoded (%3F, %23)",
+            ),
+            (
+                "amqp://u:12#secret@h/v",
+                "must be percent-encoded (%3F, %23)",
+            ),
+            ("amqp://u:sec#ret@h", "must be percent-encoded (%3F, %23)"),
         ] {
             let error = AmqpUrl::parse("RABBITMQ_URL", url).unwrap_err().to_string();
             assert!(error.contains(expected), "{url}: {error}");

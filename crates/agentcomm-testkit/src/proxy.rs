@@ -306,6 +306,11 @@ impl FaultProxy {
     /// flight). Bytes held by latency or [`blackhole`](Self::blackhole) are
     /// discarded. Connections accepted afterwards are proxied normally.
     ///
+    /// The sockets are closed by the proxy's tasks, shortly after this returns;
+    /// but from the moment it returns nothing more is forwarded on a cut
+    /// connection, in either direction: bytes written after the call never
+    /// reach the other side, even before the sockets are closed.
+    ///
     /// "Live" means accepted by the proxy: a client whose TCP handshake has
     /// completed but that the proxy has not yet picked up from the listen
     /// queue is not cut. Tests should exchange data (or otherwise observe the
@@ -578,12 +583,14 @@ async fn run_connection(
                 &mut client_read,
                 &mut upstream_write,
                 &shared,
+                generation,
                 &shared.counters.bytes_to_target
             ),
             pump(
                 &mut upstream_read,
                 &mut client_write,
                 &shared,
+                generation,
                 &shared.counters.bytes_to_client
             ),
         )
@@ -656,11 +663,13 @@ struct Chunk {
 /// Forwards one direction. The read side keeps reading (stamping chunks with
 /// their due time) while the write side waits for latency / blackhole, so
 /// latency does not limit throughput and order is preserved. EOF is passed on
-/// as a write shutdown (half-close).
+/// as a write shutdown (half-close). Nothing is forwarded once the connection's
+/// cut `generation` is over: see [`FaultProxy::cut_all`].
 async fn pump(
     reader: &mut OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
     shared: &Shared,
+    generation: u64,
     forwarded: &AtomicU64,
 ) -> io::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Chunk>(QUEUE_CHUNKS);
@@ -690,6 +699,16 @@ async fn pump(
             }
             // Blackhole: hold the chunk until it is lifted.
             wait_for(&mut control, |c| !c.blackhole).await;
+            // Cut: the connection's task closes the sockets, on its own time. Until then this side
+            // must not forward what it still holds, nor bytes the client wrote after `cut_all`
+            // returned (read after it, so the new generation is seen here): wait to be dropped.
+            let cut = {
+                let c = control.borrow();
+                c.shutdown || c.cut_generation != generation
+            };
+            if cut {
+                std::future::pending::<()>().await;
+            }
             writer.write_all(&chunk.data).await?;
             bump(forwarded, chunk.data.len() as u64);
         }

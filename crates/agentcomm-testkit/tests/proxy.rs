@@ -167,6 +167,70 @@ async fn cut_all_ends_live_connections_and_new_ones_work() {
     assert_eq!(stats.live, 1);
 }
 
+/// A target that keeps every byte it receives, over all its connections.
+async fn recording_server() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind recorder");
+    let addr = listener.local_addr().expect("recorder addr");
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// Nothing passes a cut connection once `cut_all` returned: neither what the blackhole held, nor
+/// what the client writes next, although the proxy's tasks close the sockets a moment later. Tests
+/// cut and then act at once (a publish that must fail, an acknowledgement that must be lost); the
+/// proxy used to forward the held chunk when the blackhole was lifted right after the cut (if the
+/// connection's task saw both changes at once, it picked the forwarding at random), and bytes
+/// written right after the cut until its task got to close the sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_passes_a_cut_connection_once_cut_all_returned() {
+    for round in 0..20 {
+        let (target, received) = recording_server().await;
+        let proxy = within("start proxy", FaultProxy::start(target))
+            .await
+            .expect("start proxy");
+        let mut client = connect(&proxy).await;
+        within("write", client.write_all(b"<live>"))
+            .await
+            .expect("write");
+        wait_until("the first bytes to pass", || {
+            received.lock().unwrap().len() == 6
+        })
+        .await;
+        proxy.blackhole(true);
+        within("write", client.write_all(b"<held>"))
+            .await
+            .expect("write");
+        // Time for the proxy to read the held bytes into its queue (read later, they must not
+        // pass either).
+        sleep(POLL).await;
+        proxy.cut_all();
+        proxy.blackhole(false);
+        // The socket may be closed already: a failed write is fine, a forwarded one is not.
+        let _ = client.write_all(b"<after>").await;
+        assert_closed(&mut client).await;
+        wait_until("the cut to be counted", || proxy.stats().live == 0).await;
+        assert_eq!(
+            String::from_utf8_lossy(&received.lock().unwrap()),
+            "<live>",
+            "round {round}: bytes passed the cut"
+        );
+    }
+}
+
 #[tokio::test]
 async fn cut_all_closes_cleanly_and_reset_all_resets() {
     let proxy = start_proxy().await;

@@ -366,7 +366,10 @@ async fn a_pubsub_publish_fred_writes_again_after_a_cut_is_delivered_once() {
     };
     let mut sent = fred::prelude::EventInterface::message_rx(&raw);
     let channel = parse_channel("Echo:event:s1").unwrap();
-    proxy.set_latency(Duration::from_millis(500));
+    // The reply to the PUBLISH is held this long on its way back: the delivery must be read and the
+    // connection cut within it, or fred has its reply and publishes nothing again. 500 ms was too
+    // short on a loaded 2-core machine.
+    proxy.set_latency(Duration::from_secs(3));
     let publishing = {
         let publisher = publisher.clone();
         let envelope = message(&channel, 7);

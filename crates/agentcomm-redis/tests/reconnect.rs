@@ -302,14 +302,15 @@ async fn a_stream_publish_fred_writes_again_after_a_cut_is_stored_once() {
     let raw = raw_client().await;
     let key = format!("{prefix}:stream:{{Replay}}");
     // The next XADD reaches Redis, but its reply is held in the proxy; the connection is cut while it
-    // is, and fred writes the command again on the new connection.
-    proxy.set_latency(Duration::from_millis(500));
+    // is, and fred writes the command again on the new connection. The test must see the entry and
+    // cut within the latency: 500 ms was too short on a loaded 2-core machine.
+    proxy.set_latency(Duration::from_secs(3));
     let publishing = {
         let publisher = publisher.clone();
         let envelope = message(&channel, 1);
         tokio::spawn(async move { publisher.publish(envelope).await })
     };
-    eventually(Duration::from_secs(5), "Redis to store it", async || {
+    eventually(Duration::from_secs(10), "Redis to store it", async || {
         stream_length(&raw, &key).await == 2
     })
     .await;

@@ -87,7 +87,11 @@ impl Backoff {
         } else {
             capped
         };
-        Duration::from_secs_f64(jittered.max(0.0))
+        // In seconds as an f64, `Duration::MAX` rounds up to 2^64 s, one more than a Duration holds:
+        // a delay capped there would not convert back. Nor may rounding make a delay above `max`.
+        Duration::try_from_secs_f64(jittered.max(0.0))
+            .unwrap_or(self.max)
+            .min(self.max)
     }
 }
 
@@ -115,5 +119,33 @@ mod tests {
                 .delay(u32::MAX),
             Duration::from_millis(1000)
         );
+    }
+
+    /// `Duration::MAX` as the longest delay ("back off as far as it goes"): in seconds as an f64 it
+    /// is 2^64, which `Duration::from_secs_f64` refuses, so a delay that reached it panicked, in a
+    /// reconnect loop from the 22nd failed attempt with a multiplier of 10, from the 65th with the default
+    /// one and a first delay of 1 s.
+    #[test]
+    fn a_longest_delay_of_duration_max_does_not_panic() {
+        let cases = [
+            Backoff::new(Duration::from_millis(100), Duration::MAX)
+                .multiplier(10.0)
+                .jitter(0.0),
+            Backoff::new(Duration::from_secs(1), Duration::MAX).jitter(0.0),
+            Backoff::new(Duration::MAX, Duration::MAX).jitter(0.0),
+        ];
+        for backoff in cases {
+            for attempt in [1, 2, 20, 21, 64, 65, 66, u32::MAX] {
+                let delay = std::panic::catch_unwind(|| backoff.delay(attempt))
+                    .unwrap_or_else(|_| panic!("{backoff:?}: delay({attempt}) panicked"));
+                assert!(delay >= backoff.initial(), "{backoff:?}: {delay:?}");
+            }
+            assert_eq!(backoff.delay(u32::MAX), Duration::MAX, "{backoff:?}");
+        }
+        // With jitter, every delay still converts and stays at most the longest.
+        let jittered = Backoff::new(Duration::MAX, Duration::MAX).jitter(0.5);
+        for attempt in 1..100 {
+            assert!(jittered.delay(attempt) >= Duration::MAX / 3);
+        }
     }
 }

@@ -234,8 +234,10 @@ impl AmqpRouterBuilder {
     }
 
     /// The delays between reconnection attempts (exponential backoff with jitter), also between
-    /// attempts to restore a consumer. Its first delay must be at least 1 ms (`connect` refuses
-    /// less): the delays grow from the first, and one of 0 would retry in a tight loop.
+    /// attempts to restore a consumer. The delays grow from the first, so one of 0 would retry in a
+    /// tight loop while RabbitMQ is down: a backoff whose first delay is below 1 ms is taken as one
+    /// starting at 1 ms and doubling up to its longest delay (with a warning), as the Redis backend
+    /// takes it.
     pub fn reconnect(mut self, backoff: Backoff) -> Self {
         self.reconnect = backoff;
         self
@@ -380,13 +382,17 @@ impl AmqpRouterBuilder {
                 "a RabbitMQ heartbeat below 2 s (0 = none) is not supported: using 2 s, so that a dead connection is noticed"
             );
         }
-        if self.reconnect.initial() < Duration::from_millis(1) {
-            return Err(Error::Config {
-                variable: "reconnect".into(),
-                value: format!("{:?}", self.reconnect),
-                expected: "a backoff whose first delay is at least 1 ms: the delays grow from the first, so one that starts at 0 stays at 0, and reconnecting (and restoring consumers) would retry in a tight loop while RabbitMQ is down; e.g. Backoff::new(Duration::from_millis(100), Duration::from_secs(10)), the default".into(),
-            });
-        }
+        let reconnect = if self.reconnect.initial() < Duration::from_millis(1) {
+            let used = Backoff::new(Duration::from_millis(1), self.reconnect.max());
+            tracing::warn!(
+                asked = ?self.reconnect,
+                used = ?used,
+                "a reconnect backoff whose first delay is below 1 ms would retry in a tight loop while RabbitMQ is down (the delays grow from the first): starting at 1 ms, doubling up to its longest delay"
+            );
+            used
+        } else {
+            self.reconnect
+        };
         if let Some(limit) = self.dead_letters.delivery_limit
             && self.queue_type != QueueType::Quorum
         {
@@ -425,7 +431,7 @@ impl AmqpRouterBuilder {
                 .min(LONGEST_TIMEOUT),
             publish_outage_timeout: self.publish_outage_timeout.min(LONGEST_TIMEOUT),
             close_timeout: self.close_timeout.min(LONGEST_TIMEOUT),
-            reconnect: self.reconnect,
+            reconnect,
             heartbeat,
             queue_type: self.queue_type,
             dead_letter_exchange,
@@ -521,28 +527,36 @@ mod tests {
 
     /// The delays of a backoff grow from its first: one that starts at 0 stays at 0, and a router
     /// with it retried in a tight loop while RabbitMQ was down (903 failed attempts, each with its
-    /// warning, in a 1 s refusal through the fault proxy).
+    /// warning, in a 1 s refusal through the fault proxy, as the first review measured). Refusing
+    /// it broke routers that connected with it before (the Redis backend takes it, starting at
+    /// 1 ms): it starts at 1 ms and grows instead.
     #[test]
-    fn a_reconnect_backoff_that_starts_at_zero_is_refused() {
+    fn a_reconnect_backoff_that_starts_below_1_ms_starts_at_1_ms_and_grows() {
         for initial in [Duration::ZERO, Duration::from_micros(999)] {
-            let error = AmqpRouterBuilder::new("amqp://u:pw@h")
+            let settings = AmqpRouterBuilder::new("amqp://u:pw@h")
                 .reconnect(Backoff::new(initial, Duration::from_secs(1)))
                 .settings()
-                .unwrap_err()
-                .to_string();
-            assert!(error.starts_with("reconnect="), "{error}");
-            assert!(error.contains("at least 1 ms"), "{error}");
-            assert!(error.contains("tight loop"), "{error}");
+                .unwrap_or_else(|error| panic!("{initial:?}: {error}"));
+            let backoff = settings.reconnect;
+            assert_eq!(backoff.initial(), Duration::from_millis(1), "{backoff:?}");
+            assert_eq!(backoff.max(), Duration::from_secs(1), "{backoff:?}");
+            // Doubling, at most a fifth off by jitter: 16 ms at the fifth attempt.
+            assert!(backoff.delay(5) >= Duration::from_millis(12), "{backoff:?}");
         }
-        assert!(
-            AmqpRouterBuilder::new("amqp://u:pw@h")
-                .reconnect(Backoff::new(
-                    Duration::from_millis(1),
-                    Duration::from_millis(1)
-                ))
-                .settings()
-                .is_ok()
-        );
+        // From 0 to 0: a delay of 1 ms every time, not none.
+        let settings = AmqpRouterBuilder::new("amqp://u:pw@h")
+            .reconnect(Backoff::new(Duration::ZERO, Duration::ZERO))
+            .settings()
+            .unwrap();
+        assert!(settings.reconnect.delay(3) >= Duration::from_micros(800));
+        // From 1 ms, the backoff is taken as it is.
+        let exact =
+            Backoff::new(Duration::from_millis(1), Duration::from_millis(1)).multiplier(3.0);
+        let settings = AmqpRouterBuilder::new("amqp://u:pw@h")
+            .reconnect(exact)
+            .settings()
+            .unwrap();
+        assert_eq!(settings.reconnect, exact);
     }
 
     /// The dead-letter exchange is a fanout, the main one a topic exchange: naming both the same

@@ -66,6 +66,16 @@ fn percent_decode(text: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Whether `text` (what follows a '?') reads as query parameters: `key=value` pairs joined by '&',
+/// each key of lowercase letters and '_'.
+fn reads_as_query(text: &str) -> bool {
+    text.split('&').all(|pair| {
+        pair.split_once('=').is_some_and(|(key, _)| {
+            !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        })
+    })
+}
+
 impl AmqpUrl {
     /// Parses `url`; errors name `variable` and never show the password.
     pub(crate) fn parse(variable: &str, url: &str) -> Result<Self> {
@@ -77,13 +87,14 @@ impl AmqpUrl {
         // A '?' or '#' in the user name or password, not percent-encoded, ends the authority early:
         // the rest of the password would be read as a query or a fragment, and its start as a host
         // and port ("the port is not a number", or worse `user:12#...@host` taken as host `user`,
-        // port 12). An '@' between such a '?' or '#' and the next '/' gives it away.
+        // port 12). An '@' between such a '?' or '#' and the next '/' gives it away, unless the
+        // user part already ended before it (an '@' there), or what comes between the '?' and the
+        // '@' reads as query parameters: `amqps://h?cacertfile=ca@corp.pem` names a file.
         if let Some(at) = rest.find(['?', '#'])
-            && !rest[..at].contains('/')
-            && rest[at + 1..]
-                .split('/')
-                .next()
-                .is_some_and(|part| part.contains('@'))
+            && !rest[..at].contains(['/', '@'])
+            && let Some(part) = rest[at + 1..].split('/').next()
+            && let Some((before_at, _)) = part.split_once('@')
+            && !(rest[at..].starts_with('?') && reads_as_query(before_at))
         {
             return Err(invalid(
                 variable,
@@ -304,6 +315,30 @@ mod tests {
         assert_eq!((url.password.as_str(), url.host.as_str()), ("a?b#c", "h"));
         let url = AmqpUrl::parse("url", "amqps://h/v?cacertfile=/certs/ops@corp/ca.pem").unwrap();
         assert_eq!(url.host, "h");
+        // Nor one in a query parameter without a path before it, which parsed before the check of
+        // '?' and '#' in passwords came, and was refused by it.
+        for (url, user, host, port) in [
+            ("amqps://u:p@h?cacertfile=ca@corp.pem", "u", "h", 5671),
+            ("amqps://h:5671?cacertfile=ca@corp.pem", "guest", "h", 5671),
+            (
+                "amqps://h?heartbeat=5&certfile=me@corp.pem&keyfile=k.pem",
+                "guest",
+                "h",
+                5671,
+            ),
+        ] {
+            let parsed =
+                AmqpUrl::parse("url", url).unwrap_or_else(|error| panic!("{url}: {error}"));
+            assert_eq!(
+                (parsed.user.as_str(), parsed.host.as_str(), parsed.port),
+                (user, host, port)
+            );
+        }
+        let url = AmqpUrl::parse("url", "amqps://h?certfile=me@corp.pem&keyfile=k.pem").unwrap();
+        assert_eq!(
+            url.client_cert.as_deref(),
+            Some(std::path::Path::new("me@corp.pem"))
+        );
     }
 
     #[test]
@@ -334,6 +369,7 @@ mod tests {
                 "must be percent-encoded (%3F, %23)",
             ),
             ("amqp://u:sec#ret@h", "must be percent-encoded (%3F, %23)"),
+            ("amqp://u:secret?=x@h", "must be percent-encoded (%3F, %23)"),
         ] {
             let error = AmqpUrl::parse("RABBITMQ_URL", url).unwrap_err().to_string();
             assert!(error.contains(expected), "{url}: {error}");

@@ -414,6 +414,16 @@ impl AmqpRouterBuilder {
                 ),
             });
         }
+        // `?connection_timeout=0` is refused naming the URL parameter (the check below would name
+        // `connect_timeout`, a setting the user never wrote), but only when it is used: the
+        // builder's connect_timeout takes precedence over it.
+        if self.connect_timeout.is_none() && url.connection_timeout == Some(Duration::ZERO) {
+            return Err(crate::url::invalid(
+                self.url_variable,
+                &self.url,
+                "connection_timeout must be a number of milliseconds above 0",
+            ));
+        }
         Ok(Settings {
             connect_timeout: positive(
                 "connect_timeout",
@@ -557,6 +567,36 @@ mod tests {
             .settings()
             .unwrap();
         assert_eq!(settings.reconnect, exact);
+    }
+
+    /// `?connection_timeout=0` is refused naming that URL parameter, but a `connect_timeout` set on
+    /// the builder takes precedence over the URL's, so with one the URL connected before and must
+    /// still (0810095 refused it while parsing the URL).
+    #[test]
+    fn a_connection_timeout_of_0_in_the_url_is_refused_unless_the_builder_sets_one() {
+        let url = "amqp://u:secret@h/?connection_timeout=0";
+        let error = AmqpRouterBuilder::new(url)
+            .settings()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("connection_timeout must be a number of milliseconds above 0"),
+            "{error}"
+        );
+        assert!(
+            error.starts_with("RabbitMQ URL='amqp://u:***@h/"),
+            "{error}"
+        );
+        assert!(!error.contains("secret"), "{error}");
+        let settings = AmqpRouterBuilder::new(url)
+            .connect_timeout(Duration::from_secs(5))
+            .settings()
+            .unwrap_or_else(|error| panic!("{error}"));
+        assert_eq!(settings.connect_timeout, Duration::from_secs(5));
+        let settings = AmqpRouterBuilder::new("amqp://u:pw@h/?connection_timeout=1500")
+            .settings()
+            .unwrap();
+        assert_eq!(settings.connect_timeout, Duration::from_millis(1500));
     }
 
     /// The dead-letter exchange is a fanout, the main one a topic exchange: naming both the same

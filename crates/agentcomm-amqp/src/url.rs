@@ -40,7 +40,7 @@ impl std::fmt::Debug for AmqpUrl {
     }
 }
 
-fn invalid(variable: &str, url: &str, why: impl Into<String>) -> Error {
+pub(crate) fn invalid(variable: &str, url: &str, why: impl Into<String>) -> Error {
     Error::Config {
         variable: variable.to_string(),
         value: redact_url(url),
@@ -200,10 +200,9 @@ impl AmqpUrl {
                     })?)
                 }
                 "connection_timeout" => {
-                    // 0 is refused here, where the error can name the URL parameter: the
-                    // builder's check of its timeouts would name `connect_timeout`, a setting the
-                    // user never wrote.
-                    let ms: u64 = value.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                    // 0 is refused by the builder, naming this parameter, when it is used: a
+                    // connect_timeout set on the builder takes precedence over it.
+                    let ms: u64 = value.parse().map_err(|_| {
                         invalid(
                             variable,
                             url,
@@ -353,7 +352,7 @@ mod tests {
                 "heartbeat must be a number",
             ),
             (
-                "amqp://u:secret@h/?connection_timeout=0",
+                "amqp://u:secret@h/?connection_timeout=x",
                 "connection_timeout must be a number of milliseconds above 0",
             ),
             ("amqp://u:secret@h/%zz", "bad %-escape"),

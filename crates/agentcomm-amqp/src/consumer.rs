@@ -1230,15 +1230,9 @@ impl Inner {
     /// the declaration channel, bounded by the operation timeout; one that fails (its queue was
     /// deleted too, say) is logged, and the others are still bound (a failed request retires the
     /// channel, and the next one opens another).
-    pub(crate) async fn rebind_subscriptions(&self) {
-        let subscriptions: Vec<Arc<SubShared>> = self
-            .subscriptions
-            .lock()
-            .expect("subscriptions lock")
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .filter(|sub| !sub.is_closed() && sub.live.lock().expect("live lock").is_some())
-            .collect();
+    /// `quiet`: a success is logged at debug level only (the periodic check).
+    pub(crate) async fn rebind_subscriptions(&self, quiet: bool) {
+        let subscriptions = self.consuming_subscriptions();
         let mut bound = std::collections::HashSet::new();
         for sub in &subscriptions {
             for key in &sub.spec.bindings {
@@ -1266,12 +1260,33 @@ impl Inner {
                 }
             }
         }
-        if !bound.is_empty() {
+        if quiet {
+            tracing::debug!(
+                bindings = bound.len(),
+                "bound the subscriptions' queues again"
+            );
+        } else if !bound.is_empty() {
             tracing::info!(
                 bindings = bound.len(),
                 "bound the subscriptions' queues again after declaring the exchange again"
             );
         }
+    }
+
+    /// The subscriptions open and consuming now.
+    fn consuming_subscriptions(&self) -> Vec<Arc<SubShared>> {
+        self.subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|sub| !sub.is_closed() && sub.live.lock().expect("live lock").is_some())
+            .collect()
+    }
+
+    /// Whether any subscription is open and consuming now.
+    pub(crate) fn has_consuming_subscriptions(&self) -> bool {
+        !self.consuming_subscriptions().is_empty()
     }
 
     /// Sends `envelope` to `queue` after `delay`: through a retry queue whose TTL is the delay's bucket

@@ -883,20 +883,22 @@ impl Inner {
                 exchange = %inner.settings.exchange,
                 "RabbitMQ says the exchange does not exist (deleted?): declaring it again and binding the subscriptions' queues again"
             );
-            match tokio::time::timeout(
-                inner.settings.operation_timeout,
-                inner.redeclare_topology(),
-            )
-            .await
-            {
-                Ok(Ok(())) => inner.rebind_subscriptions().await,
-                Ok(Err(error)) => {
-                    tracing::warn!(error = %error, "could not declare the topology again")
-                }
-                Err(_) => tracing::warn!("declaring the topology again took too long"),
-            }
+            inner.redeclare_and_rebind(false).await;
             inner.repairing.store(false, Ordering::Release);
         });
+    }
+
+    /// Declares the topology again, then binds the subscriptions' queues again. `quiet`: the
+    /// periodic check, which logs a success at debug level only.
+    async fn redeclare_and_rebind(&self, quiet: bool) {
+        match tokio::time::timeout(self.settings.operation_timeout, self.redeclare_topology()).await
+        {
+            Ok(Ok(())) => self.rebind_subscriptions(quiet).await,
+            Ok(Err(error)) => {
+                tracing::warn!(error = %error, "could not declare the topology again")
+            }
+            Err(_) => tracing::warn!("declaring the topology again took too long"),
+        }
     }
 
     /// Runs `f` with the declaration channel of the live consuming connection, opening one if needed.
@@ -1237,6 +1239,39 @@ pub(crate) async fn supervise(
     }
 }
 
+/// How often a router with subscriptions declares its topology and binds their queues again.
+pub(crate) const REBIND_EVERY: Duration = Duration::from_secs(15);
+
+/// Every [`REBIND_EVERY`], while the router has consuming subscriptions: declares the topology and
+/// binds their queues again (both idempotent). Deleting the exchange deletes every binding to it;
+/// the router that meets the 404 declares it again (and binds its own subscriptions), and from then
+/// on every other router's probe finds the exchange there, though their queues are no longer bound:
+/// with publishers and consumers in different processes, a busy publisher re-creates it within
+/// milliseconds, and the consumers' queues would stay unbound for good. Holds the router only while
+/// it works, and ends with it.
+async fn keep_bound(inner: Weak<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(REBIND_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once: the topology was just declared.
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.is_closing()
+            || inner.consuming.connected.load(Ordering::Acquire) == 0
+            || !inner.has_consuming_subscriptions()
+            || inner.repairing.swap(true, Ordering::AcqRel)
+        {
+            continue;
+        }
+        inner.redeclare_and_rebind(true).await;
+        inner.repairing.store(false, Ordering::Release);
+    }
+}
+
 /// Starts the router's connections: the first ones are made here (their failure is the caller's
 /// error; the consuming one declares the topology, so a misconfiguration shows at once), and the
 /// publishing channel opened on the publishing one (see [`Inner::open_publisher_at_connect`]);
@@ -1255,6 +1290,7 @@ pub(crate) async fn start(inner: &Arc<Inner>) -> Result<()> {
         let weak = Arc::downgrade(inner);
         tokio::spawn(supervise(weak, role, live, inner.stop.subscribe()));
     }
+    tokio::spawn(keep_bound(Arc::downgrade(inner), inner.stop.subscribe()));
     inner.open_publisher_at_connect().await;
     Ok(())
 }

@@ -1007,7 +1007,7 @@ impl Inner {
                             // Deleting an exchange deleted the bindings of the subscriptions'
                             // queues to it too: without them, every publish from now on would be
                             // unroutable while the subscribers wait for ever.
-                            Ok(Ok(())) => self.rebind_subscriptions().await,
+                            Ok(Ok(())) => self.rebind_subscriptions(false).await,
                             Ok(Err(error)) => {
                                 tracing::warn!(error = %error, "could not declare the topology again")
                             }

@@ -2404,3 +2404,59 @@ async fn a_consuming_router_whose_exchange_was_deleted_binds_again_once_its_heal
     within("close", publisher.close()).await.unwrap();
     within("close", consumer.close()).await.unwrap();
 }
+
+/// The split of the test above, with the publisher first: a busy publisher meets the 404 of the
+/// deleted exchange first and declares it again, so the consumer's health probe (a passive
+/// declaration of the exchange) finds it there and said "ok" for ever, while its queue stayed
+/// unbound and every publish came back `Unroutable` (28 of 28 over 5 s, measured). The consumer now
+/// binds its queues again within a check period of its own (15 s), health probed or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consuming_router_binds_again_when_a_publisher_declared_the_deleted_exchange_first() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-rebind-split");
+    let group_queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&group_queue));
+    let consumer = connect(&exchange).await;
+    let publisher = connect(&exchange).await;
+    let mut group = ping_member(&consumer).await;
+    let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", 1))).await;
+    assert_eq!(outcome.unwrap(), PublishOutcome::Accepted);
+    assert_eq!(take(&mut group, 1).await, [1]);
+
+    let raw = Raw::open().await;
+    within(
+        "delete the exchange",
+        raw.channel
+            .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(&exchange)),
+    )
+    .await
+    .expect("exchange.delete");
+    raw.close().await;
+
+    // The publisher meets the 404 and declares the exchange again; nothing is bound to it.
+    let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", 2))).await;
+    assert_eq!(outcome.unwrap(), PublishOutcome::Unroutable);
+    // Within one check period (15 s) and some slack for a loaded machine.
+    let limit = Duration::from_secs(45);
+    let deadline = Instant::now() + limit;
+    let mut n = 3;
+    loop {
+        let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", n)))
+            .await
+            .unwrap();
+        if outcome == PublishOutcome::Accepted {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {outcome:?} after {limit:?}: the consumer's queue was never bound again"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(take(&mut group, 1).await, [n]);
+    within("close", publisher.close()).await.unwrap();
+    within("close", consumer.close()).await.unwrap();
+}

@@ -2,7 +2,8 @@
 //!
 //! Derive [`Message`] on a serde type; the derive gives it a class name (the type's name unless
 //! `#[message(name = "...")]` says otherwise), a channel template (checked when it compiles), a default
-//! direction and optional validation rules:
+//! direction and optional validation rules (`non_empty`, `min = ..`, `max = ..` on fields; on an `Option`
+//! field `min` and `max` bound the value inside, and a `None` passes them):
 //!
 //! ```
 //! use agentcomm_core::prelude::*;

@@ -214,6 +214,63 @@ fn non_empty_checks_sets_queues_and_boxed_strings() {
     }
 }
 
+/// Optional fields with bounds: the bound is of the type inside, and an absent value passes. Before, a
+/// bound of the inner type did not compile (`expected Option<f64>, found floating-point number`, with
+/// the hint to wrap it in `Some`), and the hinted `min = Some(0.05)` refused every offer without a
+/// discount (`None` is below every `Some`) while `max = Some(..)` let it through.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Offer {
+    #[message(min = 0.05, max = 0.5)]
+    discount: Option<f64>,
+    #[message(min = 1)]
+    quantity: std::option::Option<u32>,
+}
+
+#[test]
+fn bounds_on_an_optional_field_check_its_value_and_let_none_pass() {
+    let none = Offer {
+        discount: None,
+        quantity: None,
+    };
+    assert_eq!(none.validate(), Ok(()), "an absent value breaks no bound");
+    let within = Offer {
+        discount: Some(0.2),
+        quantity: Some(3),
+    };
+    assert_eq!(within.validate(), Ok(()));
+    let cases = [
+        (
+            Offer {
+                discount: Some(0.01),
+                ..within.clone()
+            },
+            ("discount", "min"),
+            "must be at least 0.05, got 0.01",
+        ),
+        (
+            Offer {
+                discount: Some(0.9),
+                ..within.clone()
+            },
+            ("discount", "max"),
+            "must be at most 0.5, got 0.9",
+        ),
+        (
+            Offer {
+                quantity: Some(0),
+                ..within.clone()
+            },
+            ("quantity", "min"),
+            "must be at least 1, got 0",
+        ),
+    ];
+    for (offer, broken, detail) in cases {
+        let error = offer.validate().unwrap_err();
+        assert_eq!((error.field(), error.rule()), broken, "{offer:?}");
+        assert_eq!(error.detail(), Some(detail), "{offer:?}");
+    }
+}
+
 #[test]
 fn a_validation_hook_runs_with_the_field_rules() {
     let error = Transfer {

@@ -4,7 +4,7 @@ use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::ext::IdentExt;
 use syn::spanned::Spanned;
-use syn::{Data, DeriveInput, Expr, Fields, LitStr, Path};
+use syn::{Data, DeriveInput, Expr, Fields, LitStr, Path, PathArguments, Type};
 
 use crate::names::{self, class_problem, component_problem, parse_crate_path, private_path};
 use crate::template::{self, Part};
@@ -295,10 +295,24 @@ fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<T
         // `&self.field` would mix that span with the receiver's, and a rule the field's type cannot
         // take would then be reported on the derive instead of on the field.
         let value = syn::Ident::new(names::VALUE, ident.span());
+        let optional = is_option(&field.ty);
         for rule in field_rules(field)? {
             let check = match rule {
                 FieldRule::NonEmpty => quote_spanned! {ident.span()=>
                     #private::rules::non_empty(#name, #value)?;
+                },
+                // An optional field's bound applies to its value when it has one: compared as an
+                // `Option`, `None` is below every `Some`, so `min = Some(..)` would refuse every message
+                // without the field and `max = Some(..)` would let it through.
+                FieldRule::Min(bound) if optional => quote_spanned! {bound.span()=>
+                    if let #private::Some(#value) = #value {
+                        #private::rules::min(#name, #value, #bound)?;
+                    }
+                },
+                FieldRule::Max(bound) if optional => quote_spanned! {bound.span()=>
+                    if let #private::Some(#value) = #value {
+                        #private::rules::max(#name, #value, #bound)?;
+                    }
                 },
                 FieldRule::Min(bound) => quote_spanned! {bound.span()=>
                     #private::rules::min(#name, #value, #bound)?;
@@ -316,6 +330,19 @@ fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<T
         }
     }
     Ok(checks)
+}
+
+/// Whether `ty` is written `Option<..>` (or `std::option::Option<..>`, ...): its `min` and `max`
+/// bounds are then of the type inside, and checked only when the field holds a value.
+fn is_option(ty: &Type) -> bool {
+    let Type::Path(path) = ty else {
+        return false;
+    };
+    path.qself.is_none()
+        && path.path.segments.last().is_some_and(|last| {
+            last.ident == "Option"
+                && matches!(&last.arguments, PathArguments::AngleBracketed(arguments) if arguments.args.len() == 1)
+        })
 }
 
 fn field_rules(field: &syn::Field) -> syn::Result<Vec<FieldRule>> {

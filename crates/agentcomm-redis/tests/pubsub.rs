@@ -1331,3 +1331,65 @@ async fn a_reply_redis_refuses_to_store_costs_no_number() {
     publisher.close().await.unwrap();
     router.close().await.unwrap();
 }
+
+/// docs/wire-format.md shows a program in another language joining the bus: its JSON frame, published
+/// with a plain `PUBLISH` where its Python example publishes, reaches an agentcomm subscription of a
+/// router with the default settings. Before, the example published to the bare channel name
+/// (`PaymentRequest:request:session456`), which no agentcomm subscriber listens on (their Redis
+/// channels carry the router's prefix, `agentcomm:` by default): PUBLISH reached 0 receivers and the
+/// message was silently lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wire_format_example_frame_published_where_the_doc_says_reaches_a_subscriber() {
+    use fred::prelude::{ClientLike, PubsubInterface};
+    if !redis_available().await {
+        return;
+    }
+    const DOC: &str = include_str!("../../../docs/wire-format.md");
+    const SESSION: &str = "session456";
+    let key = DOC
+        .split_once("redis.publish(\"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(key, _)| key)
+        .expect("the doc publishes with redis.publish(\"<key>\", frame)");
+    let frame = DOC
+        .split_once("```json\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(frame, _)| frame)
+        .expect("the doc shows a JSON frame");
+    assert!(key.ends_with(SESSION) && frame.contains(SESSION), "{key}");
+    // A session of this test's own: the shared Redis may carry the payment example's session456.
+    let session = format!("wire-doc-{}", uuid::Uuid::now_v7().simple());
+    let (key, frame) = (
+        key.replace(SESSION, &session),
+        frame.replace(SESSION, &session),
+    );
+
+    // The router's defaults, as a user's program has them: the doc names no prefix.
+    let router = connected(RedisRouter::builder(redis_url()).mode(DeliveryMode::PubSub)).await;
+    let pattern = format!("PaymentRequest:request:{session}");
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse(&pattern).unwrap(),
+        ))
+        .await
+        .unwrap();
+    let raw = raw_client().await;
+    let receivers: i64 = raw.publish(&key, frame).await.unwrap();
+    assert!(
+        receivers >= 1,
+        "PUBLISH to '{key}' (the doc's key) reached no subscriber of channel {pattern}"
+    );
+    let delivery = next(&mut subscription).await;
+    let envelope = delivery.envelope();
+    assert_eq!(
+        (envelope.class(), envelope.channel().name()),
+        ("PaymentRequest", pattern.as_str())
+    );
+    assert_eq!(
+        std::str::from_utf8(envelope.payload()).unwrap(),
+        r#"{"amount":100.0,"user_id":"user123","payment_method":"credit_card"}"#
+    );
+    delivery.ack().await.unwrap();
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}

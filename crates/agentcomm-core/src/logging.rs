@@ -7,7 +7,8 @@
 //! ```
 //!
 //! * `timestamp` is RFC 3339 in UTC with milliseconds, `level` is one of `TRACE`, `DEBUG`,
-//!   `INFO`, `WARN`, `ERROR`, `message` is the event's message (an empty string when the
+//!   `INFO`, `WARNING`, `ERROR` (Python's logging names: a warning is `WARNING`, not
+//!   `tracing`'s `WARN`), `message` is the event's message (an empty string when the
 //!   event has none), `target` is the event's target (usually its module path), and `file`
 //!   and `line` give where the event was emitted (`null` when unknown).
 //! * The fields of the event and of the spans it is in are flattened into the object. The
@@ -19,6 +20,32 @@
 //!   `&dyn Error` become their message followed by their sources, separated by `": "`.
 //! * Events forwarded from the `log` crate by `tracing-log` take `target`, `file` and `line`
 //!   from the `log` record.
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use tracing_subscriber::layer::SubscriberExt;
+//!
+//! #[derive(Clone, Default)]
+//! struct Lines(Arc<Mutex<Vec<u8>>>);
+//! impl std::io::Write for Lines {
+//!     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+//!         self.0.lock().unwrap().extend_from_slice(bytes);
+//!         Ok(bytes.len())
+//!     }
+//!     fn flush(&mut self) -> std::io::Result<()> { Ok(()) }
+//! }
+//!
+//! let lines = Lines::default();
+//! let writer = lines.clone();
+//! let subscriber = tracing_subscriber::registry()
+//!     .with(agentcomm_core::logging::json_layer(move || writer.clone()));
+//! tracing::subscriber::with_default(subscriber, || {
+//!     tracing::warn!(attempt = 3, "retrying");
+//! });
+//! let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+//! assert!(text.contains(r#""level":"WARNING","message":"retrying""#), "{text}");
+//! assert!(text.ends_with("\"attempt\":3}\n"), "{text}");
+//! ```
 //!
 //! [`init`] installs this as the global subscriber, writing to standard output or a rolling
 //! file through a background thread, and returns a [`LogGuard`] that must be kept alive:

@@ -275,11 +275,27 @@ pub fn check_url(variable: &str, url: &str, schemes: &[&str], accepted: &str) ->
             Ok(())
         };
     }
-    // The host starts after the last '@' (a password may contain '/' when not percent-encoded).
-    let after_userinfo = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    let host_port = after_userinfo.split(['/', '?', '#']).next().unwrap_or("");
+    // The host starts after the last '@' (a password may contain '/' or '?' when not
+    // percent-encoded), unless that '@' is in the query (`sentinelPassword=p@ss`): then it starts
+    // after the last '@' before the query, or right after the scheme. The URL is taken when either
+    // reading finds a host; the first one's complaint is reported otherwise.
+    let after_last_at = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let before_query = rest.split_once('?').map_or(rest, |(before, _)| before);
+    let after_last_at_before_query = before_query
+        .rsplit_once('@')
+        .map_or(before_query, |(_, host)| host);
+    match host_problem(after_last_at) {
+        None => Ok(()),
+        Some(_) if host_problem(after_last_at_before_query).is_none() => Ok(()),
+        Some(problem) => Err(fail(problem)),
+    }
+}
+
+/// What is wrong with the hosts at the start of `authority` (the URL after its user info), if anything.
+fn host_problem(authority: &str) -> Option<&'static str> {
+    let host_port = authority.split(['/', '?', '#']).next().unwrap_or("");
     if host_port.is_empty() || host_port.starts_with(':') {
-        return Err(fail("the host is missing"));
+        return Some("the host is missing");
     }
     // Sentinel and cluster URLs may list several hosts.
     for host in host_port.split(',') {
@@ -289,10 +305,10 @@ pub fn check_url(variable: &str, url: &str, schemes: &[&str], accepted: &str) ->
         };
         if port.is_some_and(|port| port.parse::<u16>().is_err()) {
             // The port text is not shown: a mangled URL may have put part of a password there.
-            return Err(fail("the port is not a number from 0 to 65535"));
+            return Some("the port is not a number from 0 to 65535");
         }
     }
-    Ok(())
+    None
 }
 
 /// Parses `KEY=value` lines; `#` starts a comment, `export ` is allowed, values may be quoted.
@@ -503,6 +519,42 @@ mod tests {
             assert!(error.starts_with(expected), "{name}={value}: {error}");
             assert!(!error.contains("pw"), "{error}");
         }
+    }
+
+    /// An `@` in the query (a Sentinel password, `sentinelPassword=p@ss:w0rd`, which fred reads) is not
+    /// where the host starts. Before, the host was taken after the URL's last `@`, so `REDIS_URL`
+    /// refused this URL, which `RedisRouter::builder` takes, with "the port is not a number": a
+    /// Sentinel deployment with such a password could not be configured from the environment.
+    #[test]
+    fn an_at_sign_in_the_query_is_not_taken_for_the_host() {
+        for (variable, url) in [
+            (
+                "REDIS_URL",
+                "redis-sentinel://sentinel-a:26379,sentinel-b:26379/0?sentinelServiceName=m&sentinelPassword=p@ss:w0rd",
+            ),
+            (
+                "REDIS_URL",
+                "rediss-sentinel://:pw@sentinel-a:26379/0?sentinelServiceName=m&sentinelPassword=p@ss:w0rd",
+            ),
+        ] {
+            if let Err(error) = Config::from_lookup(lookup(&[(variable, url)])) {
+                panic!("{variable}: {error}");
+            }
+        }
+        // Still refused: a bad port before the query, and a password with a '?' does not hide one.
+        for url in [
+            "redis-sentinel://h:2637x/0?sentinelPassword=p@ss:w0rd",
+            "redis://:pa?ss@cache:63x9/0",
+        ] {
+            let error = Config::from_lookup(lookup(&[("REDIS_URL", url)]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("the port is not a number"), "{url}: {error}");
+        }
+        // A password with a '?' (not percent-encoded) still leaves the host after its '@'.
+        assert!(
+            Config::from_lookup(lookup(&[("REDIS_URL", "redis://:pa?ss@cache:6379/0")])).is_ok()
+        );
     }
 
     #[test]

@@ -159,6 +159,11 @@ pub mod __private {
     #[diagnostic::do_not_recommend]
     impl<A: Agent> Sends<NeverSentEither> for A {}
 
+    /// Marks that agent `Self` lists `M` in `receives`: implemented once per listed type by
+    /// `#[agent(...)]`, so that one type listed twice through two paths (`[Ping, msgs::Ping]`) is a
+    /// compile error (conflicting implementations) rather than a refused spawn.
+    pub trait ListedInReceives<M: ?Sized> {}
+
     /// Fails to compile unless `M` is a message.
     pub const fn assert_message<M: Message>() {}
 

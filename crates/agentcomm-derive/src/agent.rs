@@ -169,6 +169,16 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
             impl #impl_generics #sends<#ty> for #ident #type_generics #where_clause {}
         }
     });
+    // One marker impl per received type: a type listed twice through two paths, which `check_unique`
+    // cannot see, conflicts here (E0119 on the second entry) instead of being refused at spawn as two
+    // types of one class name.
+    let listed_impls = receives.iter().map(|ty| {
+        let listed = respan(quote!(#core::ListedInReceives), ty.span());
+        quote_spanned! {ty.span()=>
+            #[automatically_derived]
+            impl #impl_generics #listed<#ty> for #ident #type_generics #where_clause {}
+        }
+    });
     let agent_impl = quote! {
         #[automatically_derived]
         impl #impl_generics #core::Agent for #ident #type_generics #where_clause {
@@ -203,5 +213,7 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
         #agent_impl
 
         #(#sends_impls)*
+
+        #(#listed_impls)*
     })
 }

@@ -153,7 +153,18 @@ impl Config {
                 });
             }
         };
-        let mut config = Self::from_lookup(|name| process_or_file(name, &file))?;
+        Self::from_file_and(path, file, |name| std::env::var(name).ok())
+    }
+
+    /// The configuration from the variables of the env file at `path`, with `process`'s taking
+    /// precedence.
+    fn from_file_and(
+        path: &Path,
+        file: HashMap<String, String>,
+        process: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self> {
+        let mut config = Self::from_lookup(|name| prefer(process(name), file.get(name)))
+            .map_err(|error| name_the_file(error, path, &file, &process))?;
         config.file = file;
         Ok(config)
     }
@@ -253,6 +264,44 @@ fn prefer(process: Option<String>, file: Option<&String>) -> Option<String> {
     process
         .filter(set)
         .or_else(|| file.filter(|value| set(value)).cloned())
+}
+
+/// `error` about a variable whose value came from the env file at `path` (the process environment
+/// does not set it), with the variable named as `NAME (from <path>)`: a user who finds the variable
+/// unset in their shell learns where the bad value is.
+fn name_the_file(
+    error: Error,
+    path: &Path,
+    file: &HashMap<String, String>,
+    process: &dyn Fn(&str) -> Option<String>,
+) -> Error {
+    let from_file = |name: &str| {
+        process(name)
+            .filter(|value| !value.trim().is_empty())
+            .is_none()
+            && prefer(None, file.get(name)).is_some()
+    };
+    let located = |name: &str| format!("{name} (from {})", path.display());
+    match error {
+        Error::Config {
+            variable,
+            value,
+            expected,
+        } if from_file(&variable) => Error::Config {
+            variable: located(&variable),
+            value,
+            expected,
+        },
+        Error::Logging(logging::LoggingError::InvalidLevel { variable, value })
+            if from_file(&variable) =>
+        {
+            Error::Logging(logging::LoggingError::InvalidLevel {
+                variable: located(&variable),
+                value,
+            })
+        }
+        other => other,
+    }
 }
 
 /// Checks that `url` has one of `schemes` and a host; the error names the variable and the accepted forms.
@@ -621,6 +670,45 @@ mod tests {
             Some("pubsub")
         );
         assert_eq!(config.var("AGENTCOMM_TEST_ABSENT_VARIABLE"), None);
+    }
+
+    /// A bad value read from the env file names the file. Before, the error was the same as for the
+    /// process environment ("MESSAGING_BACKEND='kafka' is not valid: .."), and a user whose shell has
+    /// no MESSAGING_BACKEND could not tell where 'kafka' came from.
+    #[test]
+    fn a_bad_value_from_the_env_file_names_the_file() {
+        let path = Path::new("/srv/app/.env");
+        let file =
+            parse_env_file("MESSAGING_BACKEND=kafka\nLOG_LEVEL=loud\nREDIS_URL=localhost:6379\n");
+        let unset = |_: &str| None;
+        let load = |process: &dyn Fn(&str) -> Option<String>| {
+            Config::from_file_and(path, file.clone(), process)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            load(&unset),
+            "MESSAGING_BACKEND (from /srv/app/.env)='kafka' is not valid: accepted values are memory, redis, rabbitmq"
+        );
+        let backend_set = |name: &str| (name == "MESSAGING_BACKEND").then(|| "redis".to_string());
+        let error = load(&backend_set);
+        assert!(
+            error.starts_with("REDIS_URL (from /srv/app/.env)='localhost:6379' is not valid"),
+            "{error}"
+        );
+        let urls_set = |name: &str| match name {
+            "MESSAGING_BACKEND" => Some("memory".to_string()),
+            "REDIS_URL" => Some("redis://cache:6379".to_string()),
+            _ => None,
+        };
+        let error = load(&urls_set);
+        assert!(
+            error.starts_with("LOG_LEVEL (from /srv/app/.env)='loud' is not a log level"),
+            "{error}"
+        );
+        // A bad value from the process environment is reported as before.
+        let process_bad = |name: &str| (name == "MESSAGING_BACKEND").then(|| "amqq".to_string());
+        assert!(load(&process_bad).starts_with("MESSAGING_BACKEND='amqq' is not valid"));
     }
 
     #[test]

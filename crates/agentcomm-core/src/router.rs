@@ -572,7 +572,18 @@ impl Stream for Subscription {
             }
         }
         match &mut this.source {
-            Source::Channel(receiver) => receiver.as_mut().poll_next(cx),
+            Source::Channel(receiver) => {
+                // async-channel knows nothing of Tokio's cooperative budget: a subscription that always
+                // has a delivery ready (an agent answering its own class, a backlog) would never give
+                // the thread back, and on a current-thread runtime the timers, the other agents and
+                // `shutdown` would never run again. Each delivery spends a unit of the task's budget.
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                let next = receiver.as_mut().poll_next(cx);
+                if next.is_ready() {
+                    coop.made_progress();
+                }
+                next
+            }
             Source::Stream(stream) => stream
                 .get_mut()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -1893,3 +1893,54 @@ async fn a_request_dead_lettered_by_an_agent_that_cannot_answer_it_still_gets_it
         }
     );
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+struct Echoed {
+    n: u64,
+}
+
+/// Answers every `Echoed` with another on the same session, which it receives again: a loop that always
+/// has a delivery ready.
+#[agent(receives = [Echoed], sends = [Echoed])]
+struct SelfFeeding;
+
+impl Handle<Echoed> for SelfFeeding {
+    async fn handle(&self, message: Echoed, ctx: &Context<Self>) -> HandlerResult {
+        ctx.reply(Echoed { n: message.n + 1 }).await?;
+        Ok(())
+    }
+}
+
+/// An agent whose subscription always has a delivery ready gives the thread back now and then: on a
+/// current-thread runtime (what `#[tokio::test]` gives) a timer still fires and `shutdown` finishes.
+/// Before, the in-memory subscription never returned `Pending` (async-channel spends no Tokio budget),
+/// so the agent's task kept the thread: a 200 ms sleep next to it did not return within 10 s.
+#[test]
+fn an_agent_that_always_has_a_delivery_ready_lets_the_rest_of_its_runtime_run() {
+    let (done, finished) = std::sync::mpsc::channel();
+    // Its own thread, so that a starved runtime fails this test instead of hanging it.
+    std::thread::spawn(move || {
+        let threaded = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let outcome = threaded.block_on(async {
+            let runtime = Runtime::new(MemoryRouter::new());
+            let agent = runtime.spawn(SelfFeeding).await.unwrap();
+            runtime.bus().publish("s1", &Echoed { n: 0 }).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let handled = agent.health().handled;
+            let stopped = runtime.shutdown(Duration::from_secs(2)).await;
+            (
+                handled,
+                stopped.map(|_| ()).map_err(|error| error.to_string()),
+            )
+        });
+        let _ = done.send(outcome);
+    });
+    let (handled, stopped) = finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the runtime did not get its thread back within 10 s");
+    assert!(handled > 0, "the agent ran: {handled}");
+    assert_eq!(stopped, Ok(()));
+}

@@ -248,4 +248,44 @@ pub mod rules {
             Ok(())
         }
     }
+
+    /// The bound of a `min` or `max` rule on an `Option<T>` field (`V`): a `T`, compared with the value
+    /// inside when there is one (`None` breaks no bound), or an `Option<T>`, compared with the field as
+    /// an `Option` (`None` is below every `Some`), as such a bound always was.
+    #[diagnostic::on_unimplemented(
+        message = "a `min` or `max` bound on a field of type `{V}` is neither of the type inside it nor of the field's type",
+        label = "this bound is a `{Self}`"
+    )]
+    pub trait OptionalBound<V>: Sized {
+        /// The value of `field` to compare with the bound, if any.
+        fn bounded(field: &V) -> Option<&Self>;
+    }
+    impl<T> OptionalBound<Option<T>> for T {
+        fn bounded(field: &Option<T>) -> Option<&T> {
+            field.as_ref()
+        }
+    }
+    impl<T> OptionalBound<Option<T>> for Option<T> {
+        fn bounded(field: &Option<T>) -> Option<&Option<T>> {
+            Some(field)
+        }
+    }
+
+    /// `min = bound` on an `Option` field.
+    pub fn min_optional<V, B: OptionalBound<V> + PartialOrd + std::fmt::Debug>(
+        field: &'static str,
+        value: &V,
+        bound: B,
+    ) -> Result<(), ValidationError> {
+        B::bounded(value).map_or(Ok(()), |value| min(field, value, bound))
+    }
+
+    /// `max = bound` on an `Option` field.
+    pub fn max_optional<V, B: OptionalBound<V> + PartialOrd + std::fmt::Debug>(
+        field: &'static str,
+        value: &V,
+        bound: B,
+    ) -> Result<(), ValidationError> {
+        B::bounded(value).map_or(Ok(()), |value| max(field, value, bound))
+    }
 }

@@ -271,6 +271,45 @@ fn bounds_on_an_optional_field_check_its_value_and_let_none_pass() {
     }
 }
 
+/// A bound written as an `Option`, what an optional field needed before its bounds applied to the value
+/// inside (`max = Some(0.5)`, as the compiler hinted): such programs compiled and must still compile and
+/// keep their meaning, the Options compared (`None` is below every `Some`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct OfferBoundByOptions {
+    #[message(max = Some(0.5))]
+    discount: Option<f64>,
+    #[message(min = Some(1))]
+    quantity: Option<u32>,
+}
+
+#[test]
+fn a_bound_written_as_an_option_still_compiles_and_compares_options() {
+    let fine = OfferBoundByOptions {
+        discount: None,
+        quantity: Some(2),
+    };
+    assert_eq!(fine.validate(), Ok(()));
+    let error = OfferBoundByOptions {
+        discount: Some(0.9),
+        ..fine.clone()
+    }
+    .validate()
+    .unwrap_err();
+    assert_eq!((error.field(), error.rule()), ("discount", "max"));
+    assert_eq!(
+        error.detail(),
+        Some("must be at most Some(0.5), got Some(0.9)")
+    );
+    let error = OfferBoundByOptions {
+        quantity: None,
+        ..fine
+    }
+    .validate()
+    .unwrap_err();
+    assert_eq!((error.field(), error.rule()), ("quantity", "min"));
+    assert_eq!(error.detail(), Some("must be at least Some(1), got None"));
+}
+
 #[test]
 fn a_validation_hook_runs_with_the_field_rules() {
     let error = Transfer {

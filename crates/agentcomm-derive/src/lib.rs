@@ -18,7 +18,8 @@ use proc_macro::TokenStream;
 /// Container attributes: `#[message(name = "Class", channel = "template", direction = "request",
 /// validate = path::to::fn, crate = path)]`. Field attributes: `#[message(non_empty)]`,
 /// `#[message(min = 0)]`, `#[message(max = 100)]`; on an `Option` field, `min` and `max` bound the value
-/// inside and pass `None` (`non_empty` counts `None` as empty). `crate` says where agentcomm-core is when it is
+/// inside and pass `None` (a bound written as an `Option`, `Some(..)`, compares the `Option`s as
+/// before; `non_empty` counts `None` as empty). `crate` says where agentcomm-core is when it is
 /// not `::agentcomm_core` (a dependency renamed in Cargo.toml, or a re-export).
 #[proc_macro_derive(Message, attributes(message))]
 pub fn derive_message(input: TokenStream) -> TokenStream {

@@ -303,16 +303,13 @@ fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<T
                 },
                 // An optional field's bound applies to its value when it has one: compared as an
                 // `Option`, `None` is below every `Some`, so `min = Some(..)` would refuse every message
-                // without the field and `max = Some(..)` would let it through.
+                // without the field and `max = Some(..)` would let it through. A bound written as an
+                // `Option` (`max = Some(0.5)`, what such a field needed before) is still compared as one.
                 FieldRule::Min(bound) if optional => quote_spanned! {bound.span()=>
-                    if let #private::Some(#value) = #value {
-                        #private::rules::min(#name, #value, #bound)?;
-                    }
+                    #private::rules::min_optional(#name, #value, #bound)?;
                 },
                 FieldRule::Max(bound) if optional => quote_spanned! {bound.span()=>
-                    if let #private::Some(#value) = #value {
-                        #private::rules::max(#name, #value, #bound)?;
-                    }
+                    #private::rules::max_optional(#name, #value, #bound)?;
                 },
                 FieldRule::Min(bound) => quote_spanned! {bound.span()=>
                     #private::rules::min(#name, #value, #bound)?;

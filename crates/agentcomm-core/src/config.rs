@@ -328,14 +328,25 @@ pub fn check_url(variable: &str, url: &str, schemes: &[&str], accepted: &str) ->
     // percent-encoded), unless that '@' is in the query (`sentinelPassword=p@ss`): then it starts
     // after the last '@' before the query, or right after the scheme. The URL is taken when either
     // reading finds a host; the first one's complaint is reported otherwise.
+    // The second reading is only tried when every '@' after the '?' is in a parameter's value
+    // (`name=p@ss`): an '@' with no `=` before it in its piece (`admin:12?34@cache:63x9`) is the end of
+    // a password holding a '?', and the host after it is the one to check.
     let after_last_at = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-    let before_query = rest.split_once('?').map_or(rest, |(before, _)| before);
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
     let after_last_at_before_query = before_query
         .rsplit_once('@')
         .map_or(before_query, |(_, host)| host);
+    let ats_in_values = query
+        .split('&')
+        .filter(|piece| piece.contains('@'))
+        .all(|piece| {
+            piece
+                .find('=')
+                .is_some_and(|eq| eq < piece.find('@').unwrap_or(0))
+        });
     match host_problem(after_last_at) {
         None => Ok(()),
-        Some(_) if host_problem(after_last_at_before_query).is_none() => Ok(()),
+        Some(_) if ats_in_values && host_problem(after_last_at_before_query).is_none() => Ok(()),
         Some(problem) => Err(fail(problem)),
     }
 }
@@ -603,6 +614,27 @@ mod tests {
         // A password with a '?' (not percent-encoded) still leaves the host after its '@'.
         assert!(
             Config::from_lookup(lookup(&[("REDIS_URL", "redis://:pa?ss@cache:6379/0")])).is_ok()
+        );
+    }
+
+    /// A password holding a '?' whose start reads as `host:port` (`admin:12?34@cache:63x9`) does not
+    /// hide the bad port after its '@': the '@' is not in a query parameter's value, so the URL is not
+    /// read as host `admin`, port `12` and a query `34@cache..`. That URL was refused before the
+    /// Sentinel reading was added, and was taken after it.
+    #[test]
+    fn a_password_with_a_question_mark_does_not_hide_a_bad_port() {
+        for url in [
+            "redis://admin:12?34@cache:63x9/0",
+            "redis://admin:6379?x@cache:63x9",
+        ] {
+            let error = Config::from_lookup(lookup(&[("REDIS_URL", url)]))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("the port is not a number"), "{url}: {error}");
+        }
+        assert!(
+            Config::from_lookup(lookup(&[("REDIS_URL", "redis://admin:12?34@cache:6379/0")]))
+                .is_ok()
         );
     }
 

@@ -2332,15 +2332,7 @@ async fn subscriptions_are_bound_again_when_the_exchange_is_declared_again() {
     assert_eq!(take(&mut group, 1).await, [1]);
     assert_eq!(take(&mut fan_out, 1).await, [1]);
 
-    let raw = Raw::open().await;
-    within(
-        "delete the exchange",
-        raw.channel
-            .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(&exchange)),
-    )
-    .await
-    .expect("exchange.delete");
-    raw.close().await;
+    delete_exchange(&exchange).await;
 
     // The first publish finds the exchange gone (404), which declares it again.
     let outcome = within("publish", router.publish(envelope("Ping:request:s1", 2))).await;
@@ -2348,6 +2340,57 @@ async fn subscriptions_are_bound_again_when_the_exchange_is_declared_again() {
     assert_eq!(take(&mut group, 1).await, [2]);
     assert_eq!(take(&mut fan_out, 1).await, [2]);
     within("close", router.close()).await.unwrap();
+}
+
+/// Deletes `exchange` behind the routers' backs (with its bindings), as an operator might.
+async fn delete_exchange(exchange: &str) {
+    let raw = Raw::open().await;
+    within(
+        "delete the exchange",
+        raw.channel
+            .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(exchange)),
+    )
+    .await
+    .expect("exchange.delete");
+    raw.close().await;
+}
+
+/// A consuming router (one group member, "g") and a publishing one on `exchange`, a message through,
+/// then the exchange deleted.
+async fn split_routers_losing_their_exchange(
+    exchange: &str,
+) -> (Cleanup, AmqpRouter, AmqpRouter, Subscription) {
+    let group_queue = topology::group_queue(exchange, "g");
+    let cleanup = Cleanup::new(exchange, std::slice::from_ref(&group_queue));
+    let consumer = connect(exchange).await;
+    let publisher = connect(exchange).await;
+    let mut group = ping_member(&consumer).await;
+    let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", 1))).await;
+    assert_eq!(outcome.unwrap(), PublishOutcome::Accepted);
+    assert_eq!(take(&mut group, 1).await, [1]);
+    delete_exchange(exchange).await;
+    (cleanup, consumer, publisher, group)
+}
+
+/// Publishes messages numbered from `first` until one is accepted (the consumer's queue is bound
+/// again), within `limit`; returns the number of the accepted one.
+async fn publish_until_accepted(publisher: &AmqpRouter, first: u32, limit: Duration) -> u32 {
+    let deadline = Instant::now() + limit;
+    let mut n = first;
+    loop {
+        let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", n)))
+            .await
+            .unwrap();
+        if outcome == PublishOutcome::Accepted {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {outcome:?} after {limit:?}: the consumer's queue was never bound again"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A router that only consumes never publishes into the 404 that makes a router declare its
@@ -2361,45 +2404,14 @@ async fn a_consuming_router_whose_exchange_was_deleted_binds_again_once_its_heal
         return;
     }
     let exchange = unique("t-rebind-health");
-    let group_queue = topology::group_queue(&exchange, "g");
-    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&group_queue));
-    let consumer = connect(&exchange).await;
-    let publisher = connect(&exchange).await;
-    let mut group = ping_member(&consumer).await;
-    let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", 1))).await;
-    assert_eq!(outcome.unwrap(), PublishOutcome::Accepted);
-    assert_eq!(take(&mut group, 1).await, [1]);
-
-    let raw = Raw::open().await;
-    within(
-        "delete the exchange",
-        raw.channel
-            .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(&exchange)),
-    )
-    .await
-    .expect("exchange.delete");
-    raw.close().await;
+    let (_cleanup, consumer, publisher, mut group) =
+        split_routers_losing_their_exchange(&exchange).await;
 
     let health = within("health", consumer.health()).await;
     assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
     assert!(health.detail.contains("does not exist"), "{health:?}");
     // The publisher declares the exchange again at its first 404; the consumer binds its queue.
-    let deadline = Instant::now() + STEP;
-    let mut n = 2;
-    loop {
-        let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", n)))
-            .await
-            .unwrap();
-        if outcome == PublishOutcome::Accepted {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still {outcome:?} after {STEP:?}: the consumer's queue was never bound again"
-        );
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let n = publish_until_accepted(&publisher, 2, STEP).await;
     assert_eq!(take(&mut group, 1).await, [n]);
     within("close", publisher.close()).await.unwrap();
     within("close", consumer.close()).await.unwrap();
@@ -2416,46 +2428,14 @@ async fn a_consuming_router_binds_again_when_a_publisher_declared_the_deleted_ex
         return;
     }
     let exchange = unique("t-rebind-split");
-    let group_queue = topology::group_queue(&exchange, "g");
-    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&group_queue));
-    let consumer = connect(&exchange).await;
-    let publisher = connect(&exchange).await;
-    let mut group = ping_member(&consumer).await;
-    let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", 1))).await;
-    assert_eq!(outcome.unwrap(), PublishOutcome::Accepted);
-    assert_eq!(take(&mut group, 1).await, [1]);
-
-    let raw = Raw::open().await;
-    within(
-        "delete the exchange",
-        raw.channel
-            .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(&exchange)),
-    )
-    .await
-    .expect("exchange.delete");
-    raw.close().await;
+    let (_cleanup, consumer, publisher, mut group) =
+        split_routers_losing_their_exchange(&exchange).await;
 
     // The publisher meets the 404 and declares the exchange again; nothing is bound to it.
     let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", 2))).await;
     assert_eq!(outcome.unwrap(), PublishOutcome::Unroutable);
     // Within one check period (15 s) and some slack for a loaded machine.
-    let limit = Duration::from_secs(45);
-    let deadline = Instant::now() + limit;
-    let mut n = 3;
-    loop {
-        let outcome = within("publish", publisher.publish(envelope("Ping:request:s1", n)))
-            .await
-            .unwrap();
-        if outcome == PublishOutcome::Accepted {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still {outcome:?} after {limit:?}: the consumer's queue was never bound again"
-        );
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let n = publish_until_accepted(&publisher, 3, Duration::from_secs(45)).await;
     assert_eq!(take(&mut group, 1).await, [n]);
     within("close", publisher.close()).await.unwrap();
     within("close", consumer.close()).await.unwrap();

@@ -176,7 +176,9 @@ pub enum Error {
     /// A configuration value is wrong.
     #[error("{variable}='{value}' is not valid: {expected}")]
     Config {
-        /// The environment variable or setting.
+        /// The environment variable or setting; for a value [`Config::load`](crate::config::Config::load)
+        /// read from an env file (the process environment not setting it), followed by the file:
+        /// `MESSAGING_BACKEND (from ./.env)`.
         variable: String,
         /// The value that was given (with any password replaced by `***`).
         value: String,

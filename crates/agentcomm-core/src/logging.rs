@@ -103,7 +103,8 @@ pub enum LoggingError {
     /// A level setting (normally the `LOG_LEVEL` environment variable) holds an unknown level.
     #[error("{variable}='{value}' is not a log level. Accepted values: {ACCEPTED_LEVELS}")]
     InvalidLevel {
-        /// The setting that held the value, e.g. `LOG_LEVEL`.
+        /// The setting that held the value, e.g. `LOG_LEVEL`; `LOG_LEVEL (from ./.env)` for a value
+        /// [`Config::load`](crate::config::Config::load) read from an env file.
         variable: String,
         /// The rejected value.
         value: String,

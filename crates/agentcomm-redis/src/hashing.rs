@@ -1,9 +1,11 @@
 //! A fast hasher for the maps touched once or more per message: Streams' held entries and waiting
-//! acknowledgements, pub/sub's sequence tracks (by publisher, then channel). The standard SipHash was
-//! 1–2% of the client's instructions. A keyed multiply-and-rotate hash is enough here: its seed is
-//! random per map, as the standard one's is, so colliding keys cannot be chosen without knowing it;
-//! the Streams maps hold at most a subscription's prefetch of ids Redis assigned, and the sequence
-//! tracks are bounded (beyond 1,024, those idle for five minutes are forgotten).
+//! acknowledgements, pub/sub's sequence tracks (by publisher, then channel), and a publisher's routes
+//! (pub/sub, by channel) and stream targets (by class). The standard SipHash was 1–2% of the client's
+//! instructions. A keyed multiply-and-rotate hash is enough here: its seed is random per map, as the
+//! standard one's is, so colliding keys cannot be chosen without knowing it; and every such map is
+//! bounded: the Streams maps hold at most a subscription's prefetch of ids Redis assigned, the
+//! sequence tracks forget those idle for five minutes beyond 1,024, a publisher's routes are cleared
+//! at `MAX_PUBLISHER_CHANNELS`, and its targets are one per class it publishes.
 
 use std::hash::{BuildHasher, Hasher, RandomState};
 

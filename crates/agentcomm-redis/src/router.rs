@@ -34,6 +34,7 @@ use crate::connection::{
     watch_client, watch_connection_task,
 };
 use crate::counters::{Counters, LogLimiter};
+use crate::hashing::FastState;
 use crate::keys::Keys;
 use crate::pubsub::PubSubHub;
 use crate::sequence::{SEQUENCE_HEADER, SequenceText, new_publisher_id};
@@ -221,7 +222,7 @@ fn give_back_if_refused(numbered: Option<&(Arc<ChannelRoute>, u64)>, error: &fre
 /// The publisher's numbering of pub/sub channels: `<publisher id>/` and each channel's route.
 struct PubSubRoutes {
     publisher: String,
-    channels: HashMap<String, Arc<ChannelRoute>>,
+    channels: HashMap<String, Arc<ChannelRoute>, FastState>,
 }
 
 /// The state every clone of a router, and every subscription, shares.
@@ -245,7 +246,7 @@ pub(crate) struct Shared {
     started: Instant,
     publisher_id: String,
     /// Each class stream this router publishes to.
-    targets: RwLock<HashMap<String, Arc<StreamTarget>>>,
+    targets: RwLock<HashMap<String, Arc<StreamTarget>, FastState>>,
     /// One lock per pool connection: sequence numbers of idempotent publishes are taken, and their
     /// commands handed to fred, under it, so that they reach Redis in the order of their numbers.
     order: Vec<Mutex<()>>,
@@ -437,12 +438,12 @@ impl RedisRouter {
             gave_up: AtomicBool::new(false),
             started: Instant::now(),
             publisher_id: new_publisher_id(),
-            targets: RwLock::new(HashMap::new()),
+            targets: RwLock::new(HashMap::default()),
             order,
             registry_generation,
             pubsub_routes: RwLock::new(PubSubRoutes {
                 publisher: format!("{}/", new_publisher_id()),
-                channels: HashMap::new(),
+                channels: HashMap::default(),
             }),
             script_sha,
             hub: Mutex::new(None),

@@ -423,6 +423,11 @@ pub trait SubscriptionControl: Send + Sync + 'static {
 /// the broker client delivers into deliveries as the subscriber polls it, with no task in between
 /// ([`Subscription::from_stream`]; the broker's prefetch is then the bound). The stream ends (`None`) once
 /// the subscription is closed and drained, or the router is closed.
+///
+/// Inside a Tokio task, reading spends the task's cooperative budget, as Tokio's own channels do: a
+/// task that always finds a delivery waiting still gives its thread back now and then. So
+/// `next().now_or_never()` in a loop may stop after about 128 deliveries with more waiting; use
+/// [`Subscription::try_next`] to take what is waiting without waiting.
 pub struct Subscription {
     source: Source,
     stop: Option<Pin<Box<async_channel::Receiver<()>>>>,

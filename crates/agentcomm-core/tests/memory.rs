@@ -34,6 +34,12 @@ fn pings() -> SubscribeOptions {
     SubscribeOptions::new(ChannelPattern::parse("Ping:*:*").unwrap()).prefetch(1)
 }
 
+/// Takes the next delivery of `subscription` and gives it back for a retry after `delay`.
+async fn take_and_retry(subscription: &mut Subscription, delay: Duration) {
+    let delivery = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
+    delivery.nack(NackAction::Retry { delay }).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_publish_that_times_out_is_delivered_nowhere() {
     let router = small(2);
@@ -381,13 +387,7 @@ async fn health_counts_the_retries_waiting_out_their_delay() {
     let router = MemoryRouter::new();
     let mut subscription = subscribe(&router, pings().group("workers")).await;
     router.publish(ping("s1")).await.unwrap();
-    let delivery = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
-    delivery
-        .nack(NackAction::Retry {
-            delay: Duration::from_secs(60),
-        })
-        .await
-        .unwrap();
+    take_and_retry(&mut subscription, Duration::from_secs(60)).await;
     let health = router.health().await;
     assert_eq!(
         (health.get("retries_waiting"), health.get("queued")),
@@ -414,13 +414,7 @@ async fn closing_the_router_counts_the_retries_waiting_out_their_delay() {
     let mut fan_out = subscribe(&router, pings()).await;
     router.publish(ping("s1")).await.unwrap();
     for subscription in [&mut member, &mut fan_out] {
-        let delivery = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
-        delivery
-            .nack(NackAction::Retry {
-                delay: Duration::from_secs(60),
-            })
-            .await
-            .unwrap();
+        take_and_retry(subscription, Duration::from_secs(60)).await;
     }
     router.close().await.unwrap();
     let health = router.health().await;
@@ -444,13 +438,7 @@ fn a_retry_whose_runtime_ends_during_its_delay_is_put_back_at_once() {
     let mut member = first.block_on(async {
         let mut member = subscribe(&router, pings().group("workers")).await;
         router.publish(ping("s1")).await.unwrap();
-        let delivery = timeout(WAIT, member.next()).await.unwrap().unwrap();
-        delivery
-            .nack(NackAction::Retry {
-                delay: Duration::from_secs(3600),
-            })
-            .await
-            .unwrap();
+        take_and_retry(&mut member, Duration::from_secs(3600)).await;
         member
     });
     drop(first);
@@ -473,13 +461,7 @@ async fn removing_a_group_counts_its_retries_waiting_out_their_delay() {
     let mut member = subscribe(&router, pings().group("workers")).await;
     router.publish(ping("s1")).await.unwrap();
     router.publish(ping("s2")).await.unwrap();
-    let delivery = timeout(WAIT, member.next()).await.unwrap().unwrap();
-    delivery
-        .nack(NackAction::Retry {
-            delay: Duration::from_secs(60),
-        })
-        .await
-        .unwrap();
+    take_and_retry(&mut member, Duration::from_secs(60)).await;
     drop(member);
     assert_eq!(
         router.remove_group("workers"),
@@ -532,13 +514,7 @@ async fn a_retry_dropped_at_close_is_not_counted_again_when_its_delay_ends() {
     let mut fan_out = subscribe(&router, pings()).await;
     router.publish(ping("s1")).await.unwrap();
     for subscription in [&mut member, &mut fan_out] {
-        let delivery = timeout(WAIT, subscription.next()).await.unwrap().unwrap();
-        delivery
-            .nack(NackAction::Retry {
-                delay: Duration::from_secs(60),
-            })
-            .await
-            .unwrap();
+        take_and_retry(subscription, Duration::from_secs(60)).await;
     }
     router.close().await.unwrap();
     assert_eq!(router.health().await.get("dropped"), 2);

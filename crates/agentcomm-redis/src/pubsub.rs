@@ -1397,6 +1397,68 @@ mod tests {
         );
     }
 
+    /// Subscribes `router` to `Ping:event:s1`, which starts its subscriber; returns the subscription
+    /// and the subscriber's hub.
+    async fn first_subscription(
+        router: &crate::RedisRouter,
+    ) -> (
+        agentcomm_core::router::Subscription,
+        std::sync::Arc<super::PubSubHub>,
+    ) {
+        let first = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:event:s1").unwrap(),
+            ))
+            .await
+            .unwrap();
+        (first, router.shared().hub().await.unwrap())
+    }
+
+    /// A subscribe to `Pong:*:s1` whose PSUBSCRIBE and PING wait in `proxy`'s black hole (turned on
+    /// here), returned once it has counted its glob.
+    async fn a_pattern_subscribe_held_in_the_blackhole<'a>(
+        proxy: &agentcomm_testkit::proxy::FaultProxy,
+        router: &'a crate::RedisRouter,
+        hub: &super::PubSubHub,
+    ) -> agentcomm_core::router::BoxFuture<
+        'a,
+        agentcomm_core::Result<agentcomm_core::router::Subscription>,
+    > {
+        proxy.blackhole(true);
+        let mut second = router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Pong:*:s1").unwrap(),
+        ));
+        assert!(futures::poll!(&mut second).is_pending());
+        within("the subscribe to count its glob", || {
+            hub.globs
+                .globs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|glob| glob.contains("Pong"))
+        })
+        .await;
+        second
+    }
+
+    /// What `second` answers, which must come within 3 s of the give-up.
+    async fn answered_soon_after_the_give_up(
+        second: agentcomm_core::router::BoxFuture<
+            '_,
+            agentcomm_core::Result<agentcomm_core::router::Subscription>,
+        >,
+    ) -> agentcomm_core::Result<agentcomm_core::router::Subscription> {
+        let started = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(3), second)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the subscribe still waits {:?} after the give-up",
+                    started.elapsed()
+                )
+            })
+    }
+
     async fn within(what: &str, mut condition: impl FnMut() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !condition() {
@@ -1643,13 +1705,7 @@ mod tests {
         let Some((proxy, router)) = proxied_router(false).await else {
             return;
         };
-        let _first = router
-            .subscribe(SubscribeOptions::new(
-                ChannelPattern::parse("Ping:event:s1").unwrap(),
-            ))
-            .await
-            .unwrap();
-        let hub = router.shared().hub().await.unwrap();
+        let (_first, hub) = first_subscription(&router).await;
         let first = hub
             .subscriptions
             .lock()
@@ -1788,28 +1844,8 @@ mod tests {
         let Some((proxy, router)) = proxied_router(false).await else {
             return;
         };
-        let _first = router
-            .subscribe(SubscribeOptions::new(
-                ChannelPattern::parse("Ping:event:s1").unwrap(),
-            ))
-            .await
-            .unwrap();
-        let hub = router.shared().hub().await.unwrap();
-        // The second subscribe's PSUBSCRIBE and PING wait in the black hole once it counted its glob.
-        proxy.blackhole(true);
-        let mut second = Box::pin(router.subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Pong:*:s1").unwrap(),
-        )));
-        assert!(futures::poll!(&mut second).is_pending());
-        within("the subscribe to count its glob", || {
-            hub.globs
-                .globs
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|glob| glob.contains("Pong"))
-        })
-        .await;
+        let (_first, hub) = first_subscription(&router).await;
+        let second = a_pattern_subscribe_held_in_the_blackhole(&proxy, &router, &hub).await;
         hub.given_up("redis://127.0.0.1:6379");
         proxy.blackhole(false);
         let outcome = tokio::time::timeout(Duration::from_secs(10), second)
@@ -1837,32 +1873,18 @@ mod tests {
         else {
             return;
         };
-        let _first = router
-            .subscribe(SubscribeOptions::new(
-                ChannelPattern::parse("Ping:event:s1").unwrap(),
-            ))
-            .await
-            .unwrap();
-        let hub = router.shared().hub().await.unwrap();
+        let (_first, hub) = first_subscription(&router).await;
         // The second subscribe waits for the counts, held here until the subscriber gave up.
         let held = hub.redis.lock().await;
-        let mut second = Box::pin(router.subscribe(SubscribeOptions::new(
+        let mut second = router.subscribe(SubscribeOptions::new(
             ChannelPattern::parse("Pong:event:s1").unwrap(),
-        )));
+        ));
         assert!(futures::poll!(&mut second).is_pending());
         proxy.reject_for(Duration::from_secs(600));
         proxy.cut_all();
         within("the subscriber to give up", || hub.gave_up()).await;
         drop(held);
-        let started = std::time::Instant::now();
-        let outcome = tokio::time::timeout(Duration::from_secs(3), second)
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the subscribe still waits {:?} after the give-up",
-                    started.elapsed()
-                )
-            });
+        let outcome = answered_soon_after_the_give_up(second).await;
         match outcome {
             Err(agentcomm_core::error::Error::Connection { message, .. }) => {
                 assert!(message.contains("max_reconnect_attempts"), "{message}")
@@ -1885,40 +1907,12 @@ mod tests {
         else {
             return;
         };
-        let _first = router
-            .subscribe(SubscribeOptions::new(
-                ChannelPattern::parse("Ping:event:s1").unwrap(),
-            ))
-            .await
-            .unwrap();
-        let hub = router.shared().hub().await.unwrap();
-        // The second subscribe's PSUBSCRIBE and PING wait in the black hole once it counted its glob.
-        proxy.blackhole(true);
-        let mut second = Box::pin(router.subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Pong:*:s1").unwrap(),
-        )));
-        assert!(futures::poll!(&mut second).is_pending());
-        within("the subscribe to count its glob", || {
-            hub.globs
-                .globs
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|glob| glob.contains("Pong"))
-        })
-        .await;
+        let (_first, hub) = first_subscription(&router).await;
+        let second = a_pattern_subscribe_held_in_the_blackhole(&proxy, &router, &hub).await;
         proxy.reject_for(Duration::from_secs(600));
         proxy.cut_all();
         within("the subscriber to give up", || hub.gave_up()).await;
-        let started = std::time::Instant::now();
-        let outcome = tokio::time::timeout(Duration::from_secs(3), second)
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the subscribe still waits {:?} after the give-up",
-                    started.elapsed()
-                )
-            });
+        let outcome = answered_soon_after_the_give_up(second).await;
         assert!(outcome.is_err(), "subscribed on a subscriber that gave up");
         proxy.reject_for(Duration::ZERO);
         router.close().await.unwrap();

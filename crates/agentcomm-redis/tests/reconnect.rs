@@ -932,25 +932,36 @@ async fn a_streams_router_that_gave_up_reconnecting_ends_its_subscriptions() {
     gave_up_reconnecting(DeliveryMode::Streams).await;
 }
 
+/// A router in `mode` that gives up after `attempts` reconnection attempts in a row, 20-50 ms apart
+/// (stream reads block 500 ms at most, so a reader notices an ended connection soon).
+async fn bounded_policy_router(
+    url: &str,
+    prefix: &str,
+    mode: DeliveryMode,
+    attempts: u32,
+) -> RedisRouter {
+    connected(
+        RedisRouter::builder(url)
+            .mode(mode)
+            .read_block(Duration::from_millis(500))
+            .prefix(prefix)
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            ))
+            .max_reconnect_attempts(Some(attempts))
+            .command_timeout(Duration::from_secs(10)),
+    )
+    .await
+}
+
 async fn gave_up_reconnecting(mode: DeliveryMode) {
     let Some((proxy, url)) = redis_proxy().await else {
         return;
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = connected(
-        RedisRouter::builder(&url)
-            .mode(mode)
-            .read_block(Duration::from_millis(500))
-            .prefix(&prefix)
-            .reconnect(agentcomm_core::backoff::Backoff::new(
-                Duration::from_millis(20),
-                Duration::from_millis(50),
-            ))
-            .max_reconnect_attempts(Some(2))
-            .command_timeout(Duration::from_secs(10)),
-    )
-    .await;
+    let router = bounded_policy_router(&url, &prefix, mode, 2).await;
     let channel = parse_channel("Ping:event:s1").unwrap();
     let mut subscription = router
         .subscribe(SubscribeOptions::new(
@@ -1008,18 +1019,7 @@ async fn a_bounded_policy_that_reconnects_in_time_keeps_its_subscriptions() {
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = connected(
-        RedisRouter::builder(&url)
-            .mode(DeliveryMode::PubSub)
-            .prefix(&prefix)
-            .reconnect(agentcomm_core::backoff::Backoff::new(
-                Duration::from_millis(20),
-                Duration::from_millis(50),
-            ))
-            .max_reconnect_attempts(Some(50))
-            .command_timeout(Duration::from_secs(10)),
-    )
-    .await;
+    let router = bounded_policy_router(&url, &prefix, DeliveryMode::PubSub, 50).await;
     let channel = parse_channel("Ping:event:s1").unwrap();
     let mut subscription = router
         .subscribe(SubscribeOptions::new(

@@ -890,7 +890,7 @@ impl Inner {
 
     /// Declares the topology again, then binds the subscriptions' queues again. `quiet`: the
     /// periodic check, which logs a success at debug level only.
-    async fn redeclare_and_rebind(&self, quiet: bool) {
+    pub(crate) async fn redeclare_and_rebind(&self, quiet: bool) {
         match tokio::time::timeout(self.settings.operation_timeout, self.redeclare_topology()).await
         {
             Ok(Ok(())) => self.rebind_subscriptions(quiet).await,

@@ -998,21 +998,10 @@ impl Inner {
                         "reopening the publishing channel"
                     );
                     if redeclare {
-                        match tokio::time::timeout(
-                            self.settings.operation_timeout,
-                            self.redeclare_topology(),
-                        )
-                        .await
-                        {
-                            // Deleting an exchange deleted the bindings of the subscriptions'
-                            // queues to it too: without them, every publish from now on would be
-                            // unroutable while the subscribers wait for ever.
-                            Ok(Ok(())) => self.rebind_subscriptions(false).await,
-                            Ok(Err(error)) => {
-                                tracing::warn!(error = %error, "could not declare the topology again")
-                            }
-                            Err(_) => tracing::warn!("declaring the topology again took too long"),
-                        }
+                        // Deleting an exchange deleted the bindings of the subscriptions' queues
+                        // to it too: without them, every publish from now on would be unroutable
+                        // while the subscribers wait for ever. So they are bound again too.
+                        self.redeclare_and_rebind(false).await;
                     }
                 }
                 match Publisher::open(

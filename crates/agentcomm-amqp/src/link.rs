@@ -460,8 +460,8 @@ pub(crate) struct Inner {
     /// unconfirmed in health: their confirm is still owed).
     pub publishes_to_resend: AtomicU64,
     pub publishes_done: Notify,
-    /// Set while the topology is being declared again after the health probe found the exchange
-    /// gone ([`Inner::repair_topology`]).
+    /// Set while the topology is being declared again and the queues bound again, by the health
+    /// probe's repair ([`Inner::repair_topology`]) or the periodic check (`keep_bound`): one at a time.
     repairing: AtomicBool,
     pub stop: watch::Sender<bool>,
     /// Set once close's task has ended: `Some(true)` when it finished, `Some(false)` when it ended

@@ -17,7 +17,8 @@ pub async fn router_from_config(config: &Config) -> Result<SharedRouter> {
         Backend::Redis => {
             let mut builder = RedisRouter::builder(config.redis_url());
             if let Some(mode) = config.var(agentcomm_redis::DELIVERY_MODE_VAR) {
-                builder = builder.mode(DeliveryMode::parse(&mode)?);
+                let mode = DeliveryMode::parse(&mode).map_err(|error| config.locate(error))?;
+                builder = builder.mode(mode);
             }
             Arc::new(builder.connect().await?)
         }

@@ -60,26 +60,49 @@ async fn the_game_example_starts_a_match_for_every_pair_of_players() {
 /// Lines logs come out, though the process environment names no level.
 #[test]
 fn the_log_level_in_dot_env_reaches_the_logs() {
-    let dir = std::env::temp_dir().join(format!("agentcomm-dotenv-{}", uuid_like()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join(".env"),
+    let output = payment_with_dot_env(
         "LOG_LEVEL=INFO\nMESSAGING_BACKEND=memory\n",
-    )
-    .unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_payment"))
-        .current_dir(&dir)
-        .env_remove("LOG_LEVEL")
-        .env_remove("MESSAGING_BACKEND")
-        .output()
-        .unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
+        &["LOG_LEVEL", "MESSAGING_BACKEND"],
+    );
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(
         stdout.contains("\"level\":\"INFO\"") && stdout.contains("\"message\":\"agent started\""),
         "{stdout}"
     );
+}
+
+/// A bad `REDIS_DELIVERY_MODE` in `.env` (a variable the Redis crate reads, not the configuration):
+/// the error names the file, as it does for `MESSAGING_BACKEND` or `LOG_LEVEL`. It is refused before
+/// any connection is made, so no Redis is needed.
+#[test]
+fn a_bad_delivery_mode_in_dot_env_names_the_file() {
+    let output = payment_with_dot_env(
+        "MESSAGING_BACKEND=redis\nREDIS_DELIVERY_MODE=kafka\n",
+        &["MESSAGING_BACKEND", "REDIS_DELIVERY_MODE"],
+    );
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("REDIS_DELIVERY_MODE (from .env)='kafka' is not valid"),
+        "{stderr}"
+    );
+}
+
+/// The payment binary run in a directory of its own whose `.env` holds `dot_env`, with `unset` removed
+/// from its environment (so that the file's values are the ones read).
+fn payment_with_dot_env(dot_env: &str, unset: &[&str]) -> std::process::Output {
+    let dir = std::env::temp_dir().join(format!("agentcomm-dotenv-{}", uuid_like()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(".env"), dot_env).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_payment"));
+    command.current_dir(&dir);
+    for name in unset {
+        command.env_remove(name);
+    }
+    let output = command.output().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    output
 }
 
 /// A name of this test run's own, for its temporary directory.

@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tracing_subscriber::filter::LevelFilter;
 
@@ -103,6 +103,8 @@ pub struct Config {
     log_level: LevelFilter,
     /// What the env file said, for variables other crates read (`REDIS_DELIVERY_MODE`, ...).
     file: HashMap<String, String>,
+    /// The env file's path, for errors about those variables ([`Config::locate`]).
+    path: Option<PathBuf>,
 }
 
 impl fmt::Debug for Config {
@@ -124,6 +126,7 @@ impl Default for Config {
             rabbitmq_url: DEFAULT_RABBITMQ_URL.into(),
             log_level: LevelFilter::INFO,
             file: HashMap::new(),
+            path: None,
         }
     }
 }
@@ -166,6 +169,7 @@ impl Config {
         let mut config = Self::from_lookup(|name| prefer(process(name), file.get(name)))
             .map_err(|error| name_the_file(error, path, &file, &process))?;
         config.file = file;
+        config.path = Some(path.to_path_buf());
         Ok(config)
     }
 
@@ -216,6 +220,7 @@ impl Config {
             rabbitmq_url,
             log_level,
             file: HashMap::new(),
+            path: None,
         })
     }
 
@@ -243,6 +248,28 @@ impl Config {
     /// file this configuration was loaded with.
     pub fn var(&self, name: &str) -> Option<String> {
         process_or_file(name, &self.file)
+    }
+
+    /// `error`, about a variable read through [`var`](Self::var), with the env file named when the
+    /// value came from it (the process environment does not set the variable): `variable` becomes
+    /// `NAME (from <file>)`, as in the errors about the variables this configuration reads itself.
+    ///
+    /// ```
+    /// # use agentcomm_core::config::Config;
+    /// # fn parse_mode(value: &str) -> agentcomm_core::Result<()> { Ok(()) }
+    /// let config = Config::load()?;
+    /// if let Some(mode) = config.var("REDIS_DELIVERY_MODE") {
+    ///     parse_mode(&mode).map_err(|error| config.locate(error))?;
+    /// }
+    /// # Ok::<(), agentcomm_core::Error>(())
+    /// ```
+    pub fn locate(&self, error: Error) -> Error {
+        match &self.path {
+            Some(path) => name_the_file(error, path, &self.file, &|name: &str| {
+                std::env::var(name).ok()
+            }),
+            None => error,
+        }
     }
 
     /// Sets the backend.
@@ -741,6 +768,36 @@ mod tests {
         // A bad value from the process environment is reported as before.
         let process_bad = |name: &str| (name == "MESSAGING_BACKEND").then(|| "amqq".to_string());
         assert!(load(&process_bad).starts_with("MESSAGING_BACKEND='amqq' is not valid"));
+    }
+
+    /// A bad value of another crate's variable (read through `var`) names the env file it came from
+    /// once passed through `locate`, and only then: a value from the process environment, or a
+    /// configuration read without a file, leaves the error as it was.
+    #[test]
+    fn locate_names_the_env_file_of_another_crates_variable() {
+        let path = Path::new("/srv/app/.env");
+        let file = parse_env_file("AGENTCOMM_TEST_ONLY_MODE=kafka\n");
+        let config = Config::from_file_and(path, file, |_| None).unwrap();
+        let bad = |variable: &str| Error::Config {
+            variable: variable.into(),
+            value: "kafka".into(),
+            expected: "streams or pubsub".into(),
+        };
+        assert_eq!(
+            config.locate(bad("AGENTCOMM_TEST_ONLY_MODE")).to_string(),
+            "AGENTCOMM_TEST_ONLY_MODE (from /srv/app/.env)='kafka' is not valid: streams or pubsub"
+        );
+        // Not in the file: as it was.
+        assert_eq!(
+            config.locate(bad("AGENTCOMM_TEST_ONLY_OTHER")).to_string(),
+            "AGENTCOMM_TEST_ONLY_OTHER='kafka' is not valid: streams or pubsub"
+        );
+        // Read from the environment alone: no file to name.
+        let from_env = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(
+            from_env.locate(bad("AGENTCOMM_TEST_ONLY_MODE")).to_string(),
+            "AGENTCOMM_TEST_ONLY_MODE='kafka' is not valid: streams or pubsub"
+        );
     }
 
     #[test]

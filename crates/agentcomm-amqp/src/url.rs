@@ -102,6 +102,26 @@ impl AmqpUrl {
                 "an '@' follows a '?' or '#' before the host: a '?' or '#' in the user name or password must be percent-encoded (%3F, %23)",
             ));
         }
+        // A '/' in the user name or password, not percent-encoded, ends the authority early in the
+        // same way: `user:12/secret@host` read as host `user`, port 12 and virtual host `secret@host`
+        // (logging in as guest). An '@' after the authority's end, with none in it, gives it away,
+        // unless it stands in query parameters. An '@' in a virtual host is refused with it: `%40`.
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if !rest[..authority_end].contains('@')
+            && let Some(at) = rest[authority_end..].find('@')
+        {
+            let before_at = &rest[authority_end..authority_end + at];
+            let in_query = before_at.find(['?', '#']).is_some_and(|mark| {
+                before_at[mark..].starts_with('?') && reads_as_query(&before_at[mark + 1..])
+            });
+            if !in_query {
+                return Err(invalid(
+                    variable,
+                    url,
+                    "an '@' follows a '/' before the host: a '/' in the user name or password must be percent-encoded (%2F), and an '@' in the virtual host (%40)",
+                ));
+            }
+        }
         let (rest, query) = match rest.split_once('?') {
             Some((rest, query)) => (rest, Some(query)),
             None => (rest, None),
@@ -312,6 +332,11 @@ mod tests {
         // Encoded, they are part of the password; an '@' in the query is not in the authority.
         let url = AmqpUrl::parse("url", "amqp://u:a%3Fb%23c@h/v").unwrap();
         assert_eq!((url.password.as_str(), url.host.as_str()), ("a?b#c", "h"));
+        let url = AmqpUrl::parse("url", "amqp://u:a%2Fb@h/team%40prod").unwrap();
+        assert_eq!(
+            (url.password.as_str(), url.host.as_str(), url.vhost.as_str()),
+            ("a/b", "h", "team@prod")
+        );
         let url = AmqpUrl::parse("url", "amqps://h/v?cacertfile=/certs/ops@corp/ca.pem").unwrap();
         assert_eq!(url.host, "h");
         // Nor one in a query parameter without a path before it, which parsed before the check of
@@ -369,6 +394,16 @@ mod tests {
             ),
             ("amqp://u:sec#ret@h", "must be percent-encoded (%3F, %23)"),
             ("amqp://u:secret?=x@h", "must be percent-encoded (%3F, %23)"),
+            ("amqp://u:sec/ret@h/v", "must be percent-encoded (%2F)"),
+            ("amqp://u:se/cr?et@h/v", "must be percent-encoded (%2F)"),
+            ("amqp://u:se/cr#et@h/v", "must be percent-encoded (%2F)"),
+            ("amqp://u:se/cret@h", "must be percent-encoded (%2F)"),
+            ("amqp://u:12/secret@h", "must be percent-encoded (%2F)"),
+            (
+                "amqp://u:se/cret@h:5672/v?heartbeat=5",
+                "must be percent-encoded (%2F)",
+            ),
+            ("amqp://h/team@prod", "an '@' in the virtual host (%40)"),
         ] {
             let error = AmqpUrl::parse("RABBITMQ_URL", url).unwrap_err().to_string();
             assert!(error.contains(expected), "{url}: {error}");

@@ -34,7 +34,11 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
     let mut config = Config::from_url(&url).map_err(|error| Error::Config {
         variable: "Redis URL".into(),
         value: redact(&settings.url),
-        expected: format!("{}; accepted: {ACCEPTED_URLS}", error.details()),
+        expected: format!(
+            "{}{}; accepted: {ACCEPTED_URLS}",
+            error.details(),
+            unencoded_password_hint(&url)
+        ),
     })?;
     if let Some(connector) = &settings.tls {
         config.tls = Some(connector.clone().into());
@@ -43,6 +47,35 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
         install_crypto_provider();
     }
     Ok(config)
+}
+
+/// A hint for a URL fred could not read whose password (it seems) holds a `/`, `?` or `#` that is not
+/// percent-encoded: its authority ends there, so fred reads a port, host or database out of the
+/// password ("InvalidPort", "Invalid integer string"), naming nothing the user wrote. Given when an `@`
+/// comes after the authority's end and none is in it, unless that `@` stands in query parameters (a
+/// Sentinel password).
+fn unencoded_password_hint(url: &str) -> &'static str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let tail = &rest[authority_end..];
+    let in_query = |before_at: &str| {
+        before_at.find(['?', '#']).is_some_and(|mark| {
+            before_at[mark..].starts_with('?')
+                && before_at[mark + 1..].split('&').all(|pair| {
+                    pair.split_once('=').is_some_and(|(key, _)| {
+                        !key.is_empty()
+                            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    })
+                })
+        })
+    };
+    if !rest[..authority_end].contains('@')
+        && tail.find('@').is_some_and(|at| !in_query(&tail[..at]))
+    {
+        " (a '/', '?' or '#' in the password must be percent-encoded: %2F, %3F, %23)"
+    } else {
+        ""
+    }
 }
 
 /// Refuses a URL whose scheme fred would misread: fred reads any scheme it does not know as a single
@@ -490,6 +523,14 @@ mod tests {
         assert!(outcome.is_err(), "refused");
     }
 
+    /// The error `fred_config` gives for `url`; panics if it takes it.
+    fn refused(url: &str) -> String {
+        match fred_config(&Settings::for_tests(url)) {
+            Ok(config) => panic!("{url} was taken as {:?}", config.server),
+            Err(error) => error.to_string(),
+        }
+    }
+
     /// A URL whose scheme is none of the accepted ones is refused, naming the accepted forms. Before,
     /// fred read any other scheme as a single server's: `http://` connected, and a mistyped
     /// `redis-clustr://` connected to the first node as if it were a lone server, silently.
@@ -500,14 +541,41 @@ mod tests {
             "redis-clustr://127.0.0.1:7000",
             "redis+cluster://127.0.0.1:7000",
         ] {
-            let error = match fred_config(&Settings::for_tests(url)) {
-                Ok(config) => panic!("{url} was taken as {:?}", config.server),
-                Err(error) => error.to_string(),
-            };
+            let error = refused(url);
             assert!(
                 error.contains("is not supported") && error.contains("accepted: redis://"),
                 "{url}: {error}"
             );
+        }
+    }
+
+    /// A password holding an unencoded `/`, `?` or `#` ends the URL's authority early, and fred's
+    /// error named a port or a number ("InvalidPort", "Invalid integer string"): the error now says to
+    /// percent-encode them, and shows no password. The hint is not given where the `@` stands in
+    /// query parameters, or where the authority has one.
+    #[test]
+    fn a_password_with_an_unencoded_slash_question_mark_or_hash_is_named_in_the_error() {
+        let hint = "must be percent-encoded: %2F, %3F, %23";
+        for url in [
+            "redis://u:12/secret@h",
+            "redis://u:se/cret@h:6379/0",
+            "redis://:12/secret@h",
+            "redis://u:se?cret@h:6379",
+            "redis://u:se#cret@h:6379",
+        ] {
+            let error = refused(url);
+            assert!(error.contains(hint), "{url}: {error}");
+            assert!(
+                !error.contains("secret") && !error.contains("cret@"),
+                "{error}"
+            );
+        }
+        for url in [
+            "redis://u:pw@h:99999",
+            "redis-sentinel://h:26379/x?sentinelServiceName=m&sentinelPassword=p@ss",
+        ] {
+            let error = refused(url);
+            assert!(!error.contains(hint), "{url}: {error}");
         }
     }
 

@@ -271,7 +271,9 @@ impl RedisRouterBuilder {
     /// Gives up reconnecting after this many attempts in a row (default `None`: never gives up).
     /// `Some(0)` never reconnects: the first lost connection is final. A router whose pool or pub/sub
     /// subscriber connection gave up reports `Unhealthy`, fails publishes at once with
-    /// [`Error::Connection`], and ends its subscriptions: connect a new one.
+    /// [`Error::Connection`], and ends its subscriptions: connect a new one. A Streams subscription
+    /// whose own reading connection gave up ends alone (health `Unhealthy` until it is dropped):
+    /// subscribe again.
     pub fn max_reconnect_attempts(mut self, attempts: Option<u32>) -> Self {
         self.settings.max_reconnect_attempts = attempts;
         self

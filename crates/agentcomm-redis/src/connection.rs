@@ -341,12 +341,8 @@ impl Connecting {
         self.outcome.as_mut().await
     }
 
-    /// The client is connected and owned elsewhere from now on, which quits it.
-    pub(crate) fn keep(mut self) {
-        self.task = None;
-    }
-
-    /// Like [`Connecting::keep`], handing over the connection task (see [`watch_connection_task`]).
+    /// The client is connected and owned elsewhere from now on, which quits it; hands over the
+    /// connection task (see [`watch_connection_task`]).
     pub(crate) fn keep_task(mut self) -> Option<fred::types::ConnectHandle> {
         self.task.take()
     }

@@ -593,6 +593,11 @@ impl Shared {
         self.config.server.is_clustered()
     }
 
+    /// Whether a pool connection gave up reconnecting (see [`Shared::gave_up`]).
+    pub(crate) fn pool_gave_up(&self) -> bool {
+        self.gave_up.load(Ordering::Acquire)
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -1639,6 +1644,9 @@ impl Shared {
             .max_by_key(|(failing_for, _)| *failing_for);
         let gave_up =
             self.gave_up.load(Ordering::Acquire) || hub.as_ref().is_some_and(|hub| hub.gave_up());
+        let reader_gave_up = streams
+            .iter()
+            .any(|stream| stream.reader_gave_up_reconnecting());
         let connected = !closed
             && !gave_up
             && pool_connected
@@ -1649,6 +1657,11 @@ impl Shared {
             (HealthStatus::Unhealthy, "closed".to_string())
         } else if gave_up {
             (HealthStatus::Unhealthy, gave_up_error(settings).to_string())
+        } else if reader_gave_up {
+            (
+                HealthStatus::Unhealthy,
+                crate::streams::reader_gave_up_error(settings),
+            )
         } else if round_trip.is_none() {
             (
                 HealthStatus::Unhealthy,

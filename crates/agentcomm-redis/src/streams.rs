@@ -41,7 +41,9 @@ use fred::types::Value;
 use fred::types::config::Options;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::connection::{Connecting, Role, is_nogroup, map_error, redact, watch_client};
+use crate::connection::{
+    Connecting, Role, is_nogroup, map_error, redact, watch_client, watch_connection_task,
+};
 use crate::counters::LogLimiter;
 use crate::hashing::FastState;
 use crate::router::Shared;
@@ -354,6 +356,8 @@ pub(crate) struct StreamSubscription {
     unacked_log: LogLimiter,
     settled: tokio::sync::Notify,
     closed: AtomicBool,
+    /// Set when a reader's connection gave up reconnecting (see [`StreamSubscription::reader_gave_up`]).
+    reader_gave_up: AtomicBool,
     /// Set when closing gives the entries still held back to the group: their acks then fail, since
     /// another member may already have them.
     released: AtomicBool,
@@ -485,6 +489,7 @@ impl StreamSubscription {
             unacked: Mutex::new(HashSet::default()),
             settled: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
+            reader_gave_up: AtomicBool::new(false),
             released: AtomicBool::new(false),
             stop,
             readers: Mutex::new(Vec::new()),
@@ -711,8 +716,8 @@ impl StreamSubscription {
         let timeout = shared.settings.connect_timeout * 2;
         // Stopped if this is dropped before the subscription owns the client (see `Abandoned`).
         let mut connecting = Connecting::start(&client);
-        match tokio::time::timeout(timeout, connecting.wait()).await {
-            Ok(Ok(())) => connecting.keep(),
+        let task = match tokio::time::timeout(timeout, connecting.wait()).await {
+            Ok(Ok(())) => connecting.keep_task(),
             Ok(Err(error)) => {
                 return Err(map_error(
                     &error,
@@ -728,6 +733,17 @@ impl StreamSubscription {
                     message: format!("a stream reader could not connect within {timeout:?}"),
                 });
             }
+        };
+        // A reader's connection that runs out of reconnection attempts (`max_reconnect_attempts`)
+        // never reads again, while the pool's connections may be fine: the subscription ends, as when
+        // the pool gives up, instead of waiting for ever with health saying "reconnecting".
+        if let Some(task) = task {
+            let subscription = Arc::downgrade(self);
+            watch_connection_task(task, move || {
+                if let Some(subscription) = subscription.upgrade() {
+                    subscription.reader_gave_up();
+                }
+            });
         }
         let rescan = Arc::new(AtomicBool::new(false));
         let flag = rescan.clone();
@@ -775,6 +791,30 @@ impl StreamSubscription {
 
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// A reader's connection task ended. Unless this subscription stopped first (closing quits the
+    /// readers), or the router closed or its pool gave up (which stop every subscription and say so),
+    /// the reader gave up reconnecting: the subscription ends after what it already received, and
+    /// health says why until it is dropped. What it had not settled stays pending for its group's
+    /// other members.
+    fn reader_gave_up(&self) {
+        if self.is_closed() || self.shared.is_closed() || self.shared.pool_gave_up() {
+            return;
+        }
+        self.reader_gave_up.store(true, Ordering::Release);
+        self.shared.counters.mark_trouble();
+        tracing::error!(
+            url = %redact(&self.settings().url),
+            error = %reader_gave_up_error(self.settings()),
+            "a stream subscription's reading connection gave up reconnecting; the subscription ends"
+        );
+        self.stop_now();
+    }
+
+    /// Whether the subscription ended because a reader's connection gave up reconnecting (for health).
+    pub(crate) fn reader_gave_up_reconnecting(&self) -> bool {
+        self.reader_gave_up.load(Ordering::Acquire)
     }
 
     /// Stops reading; what was delivered may still be settled.
@@ -2116,6 +2156,20 @@ impl StreamSubscription {
             reader.interrupt().await;
         }
     }
+}
+
+/// What health says of a subscription whose reader gave up reconnecting, with the fix.
+pub(crate) fn reader_gave_up_error(settings: &crate::builder::Settings) -> String {
+    let attempts = match settings.max_reconnect_attempts {
+        Some(0) => "max_reconnect_attempts(Some(0)) never reconnects".to_string(),
+        Some(attempts) => format!("after {attempts} attempts in a row (max_reconnect_attempts)"),
+        None => "a configuration error, in the logs".to_string(),
+    };
+    format!(
+        "a stream subscription's reading connection to Redis at {} gave up reconnecting ({attempts}); \
+         the subscription ended: subscribe again, or raise max_reconnect_attempts (None: never give up)",
+        redact(&settings.url)
+    )
 }
 
 /// Reads new entries until the subscription stops.
@@ -3655,5 +3709,92 @@ mod tests {
         assert_eq!(lost.counter("acks_recovered"), 0);
         assert_eq!(lost.counter("acked"), 0);
         lost.end().await;
+    }
+
+    /// A subscription whose own reading connection gives up reconnecting (`max_reconnect_attempts`)
+    /// while the pool's connections stay up ends, and health says why and names the setting; the
+    /// router still publishes. Before, fred's connection task of the reader ended for good, every read
+    /// waited out its timeout and was tried again for ever, the subscription never received nor ended,
+    /// and health said "some connections are reconnecting".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscription_whose_reader_gave_up_reconnecting_ends_and_health_says_why() {
+        use agentcomm_core::router::{HealthStatus, Router};
+        let url = crate::unit_redis::url();
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
+            .await
+            .expect("start the fault proxy");
+        let prefix = crate::unit_redis::prefix();
+        let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+            .mode(crate::DeliveryMode::Streams)
+            .prefix(&prefix)
+            .read_block(Duration::from_millis(200))
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            ))
+            .max_reconnect_attempts(Some(2))
+            .command_timeout(Duration::from_secs(10));
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
+        };
+        let mut subscription = router
+            .subscribe(SubscribeOptions::new(ChannelPattern::parse("Gone:*:*").unwrap()).group("g"))
+            .await
+            .unwrap();
+        let inner = router
+            .shared()
+            .stream_subscriptions()
+            .into_iter()
+            .next()
+            .expect("the subscription is registered");
+        let reader = inner.readers.lock().unwrap()[0].clone();
+        // New connections are refused from now on: the pool's stay up, the reader's alone is dropped
+        // and cannot come back within its two attempts.
+        proxy.reject_for(Duration::from_secs(600));
+        let gave_up =
+            tokio::time::timeout(Duration::from_secs(5), reader.client.force_reconnection())
+                .await
+                .expect("the reader's reconnection to end within 5 s");
+        assert!(
+            gave_up.is_err(),
+            "the reader reconnected through a closed proxy"
+        );
+        let end = tokio::time::timeout(Duration::from_secs(5), subscription.next())
+            .await
+            .expect("the subscription to end within 5 s");
+        assert!(end.is_none(), "nothing was published");
+        let health = router.health().await;
+        assert_eq!(health.status, HealthStatus::Unhealthy, "{health:?}");
+        assert!(
+            health.detail.contains("reading connection")
+                && health.detail.contains("max_reconnect_attempts"),
+            "{health:?}"
+        );
+        // The pool did not give up: publishing works.
+        router
+            .publish(Envelope::new(
+                agentcomm_core::channel::Channel::new("Gone", "event", "s1").unwrap(),
+                "application/msgpack",
+                vec![0x80],
+            ))
+            .await
+            .expect("the pool still publishes");
+        drop(subscription);
+        proxy.reject_for(Duration::ZERO);
+        let key = router.shared().keys.stream("Gone");
+        router.close().await.unwrap();
+        let raw =
+            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
+                .build()
+                .unwrap();
+        raw.init().await.unwrap();
+        LostAck::remove_keys(&raw, &key).await;
     }
 }

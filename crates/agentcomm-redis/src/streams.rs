@@ -416,6 +416,26 @@ impl Reader {
         }
     }
 
+    /// A blocking read went unanswered for `read_block` plus the command timeout, which Redis never
+    /// lets happen: the connection stopped answering (a silent network failure, nothing closed). fred
+    /// does not check a connection blocked in a read for unresponsiveness, and queues every later
+    /// command behind the lost read, until TCP gives up on the connection (many minutes): it is made
+    /// again now, in the background (fred's reconnect policy applies; the reconnection makes the
+    /// reader recover what the lost reads took). Not while fred is reconnecting already.
+    fn replace_silent_connection(&self) {
+        if !self.client.is_connected() {
+            return;
+        }
+        tracing::warn!(
+            "a stream read got no answer within read_block plus the command timeout; the reader's \
+             connection stopped answering and is made again"
+        );
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = client.force_reconnection().await;
+        });
+    }
+
     /// Interrupts this reader's blocking read as if it timed out (`CLIENT UNBLOCK .. TIMEOUT`), so no
     /// entry it took is lost; waits at most 2 s for Redis to answer.
     async fn interrupt(&self) {
@@ -2371,6 +2391,9 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                     break;
                 }
                 recover = true;
+                if *error.kind() == fred::error::ErrorKind::Timeout {
+                    reader.replace_silent_connection();
+                }
                 let error = map_error(&error, settings, "reading a stream");
                 backoff(&subscription, &reader, &mut failures, &error).await;
             }
@@ -3789,6 +3812,81 @@ mod tests {
         drop(subscription);
         proxy.reject_for(Duration::ZERO);
         let key = router.shared().keys.stream("Gone");
+        router.close().await.unwrap();
+        let raw =
+            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
+                .build()
+                .unwrap();
+        raw.init().await.unwrap();
+        LostAck::remove_keys(&raw, &key).await;
+    }
+
+    /// A reader whose connection stops answering (a silent network failure: nothing is closed, and
+    /// nothing comes back) connects again once a blocking read went unanswered for `read_block` plus
+    /// the command timeout, and receives again once the network does. fred does not check a
+    /// connection blocked in a read for unresponsiveness: before, every later read (and a group's
+    /// recovery) waited behind the lost one on the dead connection, for as long as TCP took to give
+    /// up on it (many minutes; for ever behind the proxy's black hole, which holds the bytes), while
+    /// the pool reconnected and publishing worked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_whose_connection_stops_answering_connects_again() {
+        use agentcomm_core::router::Router;
+        let url = crate::unit_redis::url();
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
+            .await
+            .expect("start the fault proxy");
+        let prefix = crate::unit_redis::prefix();
+        // Nothing but the reader talks to Redis while the black hole lasts: a fan-out subscription
+        // (no leases, no reclaim rounds) whose trimming checks wait an hour.
+        let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+            .mode(crate::DeliveryMode::Streams)
+            .prefix(&prefix)
+            .read_block(Duration::from_millis(200))
+            .command_timeout(Duration::from_secs(1))
+            .discovery_interval(Duration::from_secs(3600))
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            ));
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
+        };
+        let mut subscription = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Quiet:*:*").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let accepted = proxy.stats().accepted;
+        proxy.blackhole(true);
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while proxy.stats().accepted == accepted {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the reader did not connect again within 10 s of its connection going silent"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy.blackhole(false);
+        let channel = agentcomm_core::channel::Channel::new("Quiet", "event", "s1").unwrap();
+        router
+            .publish(Envelope::new(channel, "application/msgpack", vec![0x80]))
+            .await
+            .unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("a delivery");
+        delivery.ack().await.unwrap();
+        drop(subscription);
+        let key = router.shared().keys.stream("Quiet");
         router.close().await.unwrap();
         let raw =
             fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())

@@ -24,7 +24,8 @@ pub enum Codec {
     /// MessagePack, struct-as-map (`rmp_serde::to_vec_named`). Compact and fast; the default.
     #[default]
     MessagePack,
-    /// JSON. Readable with any tool; larger and slower.
+    /// JSON. Readable with any tool; larger and slower. JSON has no NaN or infinity: a message holding
+    /// one is refused when it is encoded (MessagePack carries them).
     Json,
 }
 
@@ -67,9 +68,16 @@ impl Codec {
                     .map_err(|e| Error::encode(class, e))?;
                 Ok(Bytes::from(buffer))
             }
-            Codec::Json => serde_json::to_vec(message)
-                .map(Bytes::from)
-                .map_err(|e| Error::encode(class, e)),
+            Codec::Json => {
+                let json = serde_json::to_vec(message).map_err(|e| Error::encode(class, e))?;
+                // serde_json writes NaN and the infinities as `null`: the receiver would then fail to
+                // decode an `f64` field, or read `None` from an `Option<f64>` that held a number. A
+                // payload with a `null` in it is checked again, for such numbers, and refused.
+                if json.windows(4).any(|window| window == b"null") {
+                    finite::check(message).map_err(|e| Error::encode(class, e))?;
+                }
+                Ok(Bytes::from(json))
+            }
         }
     }
 
@@ -80,6 +88,291 @@ impl Codec {
                 rmp_serde::from_slice(payload).map_err(|e| Error::decode(class, e))
             }
             Codec::Json => serde_json::from_slice(payload).map_err(|e| Error::decode(class, e)),
+        }
+    }
+}
+
+/// Finds a NaN or an infinite number in a value about to be written as JSON, which has neither.
+mod finite {
+    use std::fmt;
+
+    use serde::ser::{self, Serialize};
+
+    /// Why a value cannot be written as JSON: the number, and the field it is in when it is in one.
+    #[derive(Debug)]
+    pub(super) struct NotFinite(String);
+
+    impl fmt::Display for NotFinite {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for NotFinite {}
+
+    impl ser::Error for NotFinite {
+        fn custom<T: fmt::Display>(message: T) -> Self {
+            NotFinite(message.to_string())
+        }
+    }
+
+    /// Fails on the first NaN or infinity in `value`, naming its field.
+    pub(super) fn check<T: Serialize + ?Sized>(value: &T) -> Result<(), NotFinite> {
+        value.serialize(Checker { field: None })
+    }
+
+    /// Walks a value without writing it; `field` is the struct field it is in, if any.
+    #[derive(Clone, Copy)]
+    struct Checker {
+        field: Option<&'static str>,
+    }
+
+    impl Checker {
+        fn number(self, finite: bool, text: &dyn fmt::Display) -> Result<(), NotFinite> {
+            if finite {
+                return Ok(());
+            }
+            let place = match self.field {
+                Some(field) => format!(" in field `{field}`"),
+                None => String::new(),
+            };
+            Err(NotFinite(format!(
+                "{text}{place} cannot be written as JSON (it has no NaN or infinity, and serde_json \
+                 would write null, which the receiver cannot read back as that number); publish with \
+                 the MessagePack codec (the default), or refuse such values with \
+                 #[message(min = .., max = ..)] on the field"
+            )))
+        }
+
+        fn inside<T: Serialize + ?Sized>(self, value: &T) -> Result<(), NotFinite> {
+            value.serialize(self)
+        }
+
+        fn in_field<T: Serialize + ?Sized>(
+            self,
+            field: &'static str,
+            value: &T,
+        ) -> Result<(), NotFinite> {
+            value.serialize(Checker { field: Some(field) })
+        }
+    }
+
+    impl ser::Serializer for Checker {
+        type Ok = ();
+        type Error = NotFinite;
+        type SerializeSeq = Self;
+        type SerializeTuple = Self;
+        type SerializeTupleStruct = Self;
+        type SerializeTupleVariant = Self;
+        type SerializeMap = Self;
+        type SerializeStruct = Self;
+        type SerializeStructVariant = Self;
+
+        fn serialize_f32(self, v: f32) -> Result<(), NotFinite> {
+            self.number(v.is_finite(), &v)
+        }
+        fn serialize_f64(self, v: f64) -> Result<(), NotFinite> {
+            self.number(v.is_finite(), &v)
+        }
+        fn serialize_bool(self, _: bool) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_i8(self, _: i8) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_i16(self, _: i16) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_i32(self, _: i32) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_i64(self, _: i64) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_i128(self, _: i128) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_u8(self, _: u8) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_u16(self, _: u16) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_u32(self, _: u32) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_u64(self, _: u64) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_u128(self, _: u128) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_char(self, _: char) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_str(self, _: &str) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_bytes(self, _: &[u8]) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_none(self) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), NotFinite> {
+            self.inside(value)
+        }
+        fn serialize_unit(self) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_unit_struct(self, _: &'static str) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_unit_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+        ) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            value: &T,
+        ) -> Result<(), NotFinite> {
+            self.inside(value)
+        }
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            value: &T,
+        ) -> Result<(), NotFinite> {
+            self.inside(value)
+        }
+        fn serialize_seq(self, _: Option<usize>) -> Result<Self, NotFinite> {
+            Ok(self)
+        }
+        fn serialize_tuple(self, _: usize) -> Result<Self, NotFinite> {
+            Ok(self)
+        }
+        fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self, NotFinite> {
+            Ok(self)
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self, NotFinite> {
+            Ok(self)
+        }
+        fn serialize_map(self, _: Option<usize>) -> Result<Self, NotFinite> {
+            Ok(self)
+        }
+        fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self, NotFinite> {
+            Ok(self)
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Self, NotFinite> {
+            Ok(self)
+        }
+    }
+
+    impl ser::SerializeSeq for Checker {
+        type Ok = ();
+        type Error = NotFinite;
+        fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
+            self.inside(value)
+        }
+        fn end(self) -> Result<(), NotFinite> {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTuple for Checker {
+        type Ok = ();
+        type Error = NotFinite;
+        fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
+            self.inside(value)
+        }
+        fn end(self) -> Result<(), NotFinite> {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTupleStruct for Checker {
+        type Ok = ();
+        type Error = NotFinite;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
+            self.inside(value)
+        }
+        fn end(self) -> Result<(), NotFinite> {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTupleVariant for Checker {
+        type Ok = ();
+        type Error = NotFinite;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
+            self.inside(value)
+        }
+        fn end(self) -> Result<(), NotFinite> {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeMap for Checker {
+        type Ok = ();
+        type Error = NotFinite;
+        // A float key is refused by serde_json itself.
+        fn serialize_key<T: Serialize + ?Sized>(&mut self, _: &T) -> Result<(), NotFinite> {
+            Ok(())
+        }
+        fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
+            self.inside(value)
+        }
+        fn end(self) -> Result<(), NotFinite> {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeStruct for Checker {
+        type Ok = ();
+        type Error = NotFinite;
+        fn serialize_field<T: Serialize + ?Sized>(
+            &mut self,
+            field: &'static str,
+            value: &T,
+        ) -> Result<(), NotFinite> {
+            self.in_field(field, value)
+        }
+        fn end(self) -> Result<(), NotFinite> {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeStructVariant for Checker {
+        type Ok = ();
+        type Error = NotFinite;
+        fn serialize_field<T: Serialize + ?Sized>(
+            &mut self,
+            field: &'static str,
+            value: &T,
+        ) -> Result<(), NotFinite> {
+            self.in_field(field, value)
+        }
+        fn end(self) -> Result<(), NotFinite> {
+            Ok(())
         }
     }
 }
@@ -153,6 +446,75 @@ mod tests {
                 .decode::<PaymentV1>("Payment", &named)
                 .is_ok()
         );
+    }
+
+    /// JSON has no NaN or infinity: serde_json writes them as `null`, which turned an `Option<f64>`
+    /// holding a number into `None` on the receiver, and made an `f64` field undecodable there (the
+    /// message dead-lettered, while its publish had succeeded).
+    #[test]
+    fn json_refuses_numbers_it_cannot_carry_instead_of_writing_null() {
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        struct Reading {
+            sensor: String,
+            value: f64,
+            peak: Option<f32>,
+            history: Vec<f64>,
+            missing: Option<f64>,
+        }
+        let finite = Reading {
+            sensor: "null".into(),
+            value: -0.5,
+            peak: Some(1.5),
+            history: vec![1.0, f64::MAX],
+            missing: None,
+        };
+        let encoded = Codec::Json.encode("Reading", &finite).unwrap();
+        let read: Reading = Codec::Json.decode("Reading", &encoded).unwrap();
+        assert_eq!(read, finite);
+
+        let cases = [
+            (
+                "value",
+                Reading {
+                    value: f64::NAN,
+                    ..finite.clone()
+                },
+            ),
+            (
+                "peak",
+                Reading {
+                    peak: Some(f32::INFINITY),
+                    ..finite.clone()
+                },
+            ),
+            (
+                "history",
+                Reading {
+                    history: vec![1.0, f64::NEG_INFINITY],
+                    ..finite.clone()
+                },
+            ),
+            (
+                "missing",
+                Reading {
+                    missing: Some(f64::NAN),
+                    ..finite.clone()
+                },
+            ),
+        ];
+        for (field, reading) in cases {
+            let error = Codec::Json.encode("Reading", &reading).unwrap_err();
+            let text = error.to_string();
+            assert!(text.contains(&format!("field `{field}`")), "{text}");
+            assert!(
+                text.contains("MessagePack"),
+                "the error names the fix: {text}"
+            );
+            // MessagePack carries them.
+            let encoded = Codec::MessagePack.encode("Reading", &reading).unwrap();
+            let read: Reading = Codec::MessagePack.decode("Reading", &encoded).unwrap();
+            assert_eq!(format!("{read:?}"), format!("{reading:?}"));
+        }
     }
 
     #[test]

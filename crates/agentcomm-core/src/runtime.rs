@@ -56,7 +56,7 @@ use crate::agent::{Agent, Context, HandlerError, Publisher, Rejection};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, DEFAULT_REQUEST_TIMEOUT};
 use crate::channel::{Channel, INBOX_PREFIX, REPLY_DIRECTION, parse_channel};
-use crate::codec::Codec;
+use crate::codec::{Codec, MSGPACK_CONTENT_TYPE};
 use crate::envelope::{Envelope, MessageId, headers};
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -1423,8 +1423,11 @@ fn failure_reply(
     if !is_inbox(&channel) || !sends.contains(&channel.class()) {
         return None;
     }
+    // A MessagePack frame whatever the request's codec: a JSON frame carries its payload inline, and an
+    // empty payload is no JSON, so a broker could not frame the reply (and the requester would wait
+    // out its timeout). The requester reads the header before the payload.
     Some(
-        Envelope::new(channel, request.content_type().to_string(), Vec::new())
+        Envelope::new(channel, MSGPACK_CONTENT_TYPE, Vec::new())
             .with_correlation_id(request.id().to_string())
             .with_header(headers::REQUEST_FAILED, reason)
             .with_header(headers::ERROR, error)

@@ -892,3 +892,81 @@ async fn an_unbounded_prefetch_with_several_workers_handles_messages() {
         )
     });
 }
+
+/// A memory router that sends every envelope through its wire frame first, as every broker does
+/// (Redis and RabbitMQ publish `Envelope::to_frame`, their subscribers read `Envelope::from_frame`):
+/// an envelope that has no frame cannot be published.
+struct Framing(MemoryRouter);
+
+impl Router for Framing {
+    fn backend(&self) -> &str {
+        "memory-framing"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        let framed = envelope
+            .to_frame()
+            .and_then(|frame| Envelope::from_frame(&frame));
+        match framed {
+            Ok(envelope) => self.0.publish(envelope),
+            Err(error) => Box::pin(async move { Err(error) }),
+        }
+    }
+    fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
+        self.0.subscribe(options)
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.0.health()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.0.close()
+    }
+}
+
+/// Answers nothing: every attempt fails.
+#[agent(receives = [Ask], sends = [Answer])]
+struct AnswererDown;
+
+impl Handle<Ask> for AnswererDown {
+    async fn handle(&self, _: Ask, _: &Context<Self>) -> HandlerResult {
+        Err(HandlerError::msg("the answers are down"))
+    }
+}
+
+/// The failure reply of a dead-lettered request has an empty payload. Made with the request's
+/// content type, it had no frame when the request was JSON (an empty payload is not JSON): on a
+/// broker its publish failed, and a requester of a runtime speaking JSON waited out its whole
+/// timeout instead of failing at once with `RequestFailed`.
+#[tokio::test]
+async fn a_json_request_dead_lettered_on_a_broker_fails_its_requester_at_once() {
+    let runtime = Runtime::builder(Framing(MemoryRouter::new()))
+        .codec(Codec::Json)
+        .build();
+    runtime
+        .spawn_with(AnswererDown, fast_retries(2))
+        .await
+        .unwrap();
+    let asker = runtime.publisher::<Asker>();
+    let asking = asker.request_timeout::<Ask, Answer>("s1", Ask { n: 1 }, Duration::from_secs(600));
+    // Bounded far below the request's own timeout: an answer, not a timeout, ends it.
+    let error = timeout(WAIT, asking)
+        .await
+        .expect("the requester was told before its timeout")
+        .unwrap_err();
+    match &error {
+        Error::RequestFailed(failure) => {
+            assert_eq!(
+                (
+                    failure.agent.as_str(),
+                    failure.reason.as_str(),
+                    failure.attempts
+                ),
+                ("AnswererDown", "handler-failed", 2)
+            );
+            assert!(failure.error.contains("the answers are down"), "{error}");
+        }
+        other => panic!("expected RequestFailed, got {other:?}"),
+    }
+}

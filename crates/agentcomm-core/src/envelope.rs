@@ -304,6 +304,12 @@ impl Envelope {
         self
     }
 
+    /// Relabels the payload (its bytes unchanged).
+    pub(crate) fn with_content_type(mut self, content_type: &'static str) -> Self {
+        self.content_type = Cow::Borrowed(content_type);
+        self
+    }
+
     /// Sets the attempt number (from 1).
     pub fn with_attempt(mut self, attempt: u32) -> Self {
         self.attempt = attempt.max(1);

@@ -56,7 +56,7 @@ use crate::agent::{Agent, Context, HandlerError, Publisher, Rejection};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, DEFAULT_REQUEST_TIMEOUT};
 use crate::channel::{Channel, INBOX_PREFIX, REPLY_DIRECTION, parse_channel};
-use crate::codec::{Codec, MSGPACK_CONTENT_TYPE};
+use crate::codec::{BINARY_CONTENT_TYPE, Codec, JSON_CONTENT_TYPE, MSGPACK_CONTENT_TYPE};
 use crate::envelope::{Envelope, MessageId, headers};
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -1355,6 +1355,14 @@ impl<A: Agent> AgentShared<A> {
             .with_header(headers::ORIGINAL_ID, original.id().to_string())
             .with_header(headers::ORIGINAL_CHANNEL, original.channel().name());
         dead.headers_mut().remove(headers::DEAD_LETTER_PENDING);
+        // A payload labelled JSON that is not JSON (undecodable: a frame from elsewhere) has no JSON
+        // frame, which carries the payload inline: kept as it is, its dead letter could never be
+        // published on a broker, and the message would come back forever. Its bytes go as raw bytes.
+        if dead.content_type() == JSON_CONTENT_TYPE
+            && serde_json::from_slice::<&serde_json::value::RawValue>(dead.payload()).is_err()
+        {
+            dead = dead.with_content_type(BINARY_CONTENT_TYPE);
+        }
         let failure_reply = failure_reply(original, reason, error, attempts, A::NAME, A::SENDS);
         tracing::error!(
             reason,

@@ -970,3 +970,54 @@ async fn a_json_request_dead_lettered_on_a_broker_fails_its_requester_at_once() 
         other => panic!("expected RequestFailed, got {other:?}"),
     }
 }
+
+/// A frame from another program whose payload is not what its content type says (MessagePack bytes
+/// labelled `application/json`) is undecodable, and dead-lettered at once. Its dead letter kept the
+/// label and the bytes, and so had no frame (a JSON frame carries its payload inline): on a broker
+/// its publish failed every time, and the message came back again and again, never dead-lettered
+/// and never acknowledged.
+#[tokio::test]
+async fn a_payload_that_is_not_the_json_its_label_says_is_dead_lettered_on_a_broker() {
+    let memory = MemoryRouter::new();
+    let runtime = Runtime::new(Framing(memory.clone()));
+    let mut dead = memory
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("DeadLetter:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let agent = runtime.spawn_with(Answerer, fast_retries(3)).await.unwrap();
+    // The frame of a MessagePack message, relabelled `application/json` (a fixstr of 16 bytes in place
+    // of one of 19): a MessagePack frame takes any payload bytes, so a broker's subscriber reads it.
+    let payload = Codec::MessagePack.encode("Ask", &Ask { n: 1 }).unwrap();
+    let channel = parse_channel("Ask:request:s1").unwrap();
+    let mut frame = Envelope::new(channel, "application/msgpack", payload.clone())
+        .to_frame()
+        .unwrap();
+    let at = frame
+        .windows(20)
+        .position(|w| w == b"\xb3application/msgpack")
+        .unwrap();
+    frame.splice(at..at + 20, *b"\xb0application/json");
+    let mislabelled = Envelope::from_frame(&frame).unwrap();
+    assert_eq!(mislabelled.content_type(), "application/json");
+    memory.publish(mislabelled).await.unwrap();
+    let letter = timeout(WAIT, dead.next())
+        .await
+        .expect("dead-lettered, not given back forever")
+        .unwrap();
+    let envelope = letter.envelope();
+    assert_eq!(
+        envelope.header(headers::DEAD_LETTER_REASON),
+        Some("undecodable")
+    );
+    assert_eq!(
+        envelope.payload(),
+        &payload,
+        "the bytes are kept as they came"
+    );
+    assert_eq!(envelope.content_type(), "application/octet-stream");
+    letter.ack().await.unwrap();
+    let health = agent.health();
+    assert_eq!((health.dead_lettered, health.retried), (1, 0), "{health:?}");
+}

@@ -3,7 +3,9 @@
 //! Derive [`Message`] on a serde type; the derive gives it a class name (the type's name unless
 //! `#[message(name = "...")]` says otherwise), a channel template (checked when it compiles), a default
 //! direction and optional validation rules (`non_empty`, `min = ..`, `max = ..` on fields; on an `Option`
-//! field `min` and `max` bound the value inside, and a `None` passes them):
+//! field `min` and `max` bound the value inside, and a `None` passes them; `nested` on a field whose type
+//! is a message, or an `Option`, `Vec`, `Box` or map of messages, checks their rules too, and the error
+//! names the path, `items[2].sku`):
 //!
 //! ```
 //! use agentcomm_core::prelude::*;
@@ -204,6 +206,102 @@ pub mod rules {
         fn rule_is_empty(&self) -> bool {
             self.as_ref().is_none_or(IsEmpty::rule_is_empty)
         }
+    }
+
+    /// A value whose own rules a `nested` field rule checks: a [`Message`](super::Message), and the
+    /// `Option`, `Vec`, `VecDeque`, slice, array, `Box` and map (values) of those.
+    #[diagnostic::on_unimplemented(
+        message = "`#[message(nested)]` cannot check a `{Self}`",
+        label = "`{Self}` is not a Message, nor a container of Messages",
+        note = "nested checks the rules of a field whose type derives Message, and of Option, Vec, VecDeque, slices, arrays, Box and the values of HashMap and BTreeMap of those; check other types in a function named by #[message(validate = path)]"
+    )]
+    pub trait Nested {
+        /// Checks the value's rules; `path` names it (`items[2]`) in the error.
+        fn rule_nested(&self, path: NestedPath<'_>) -> Result<(), ValidationError>;
+    }
+    /// The path of a nested value, made only for an error.
+    pub type NestedPath<'a> = &'a dyn Fn() -> String;
+
+    /// [`Nested`] for a derived message (the derive implements it with this): its rules, the error's
+    /// field prefixed with `path`.
+    pub fn nested_message<M: super::Message>(
+        message: &M,
+        path: NestedPath<'_>,
+    ) -> Result<(), ValidationError> {
+        message.validate().map_err(|error| ValidationError {
+            field: format!("{}.{}", path(), error.field).into(),
+            ..error
+        })
+    }
+    impl<T: Nested> Nested for Option<T> {
+        fn rule_nested(&self, path: NestedPath<'_>) -> Result<(), ValidationError> {
+            self.as_ref()
+                .map_or(Ok(()), |value| value.rule_nested(path))
+        }
+    }
+    impl<T: Nested + ?Sized> Nested for Box<T> {
+        fn rule_nested(&self, path: NestedPath<'_>) -> Result<(), ValidationError> {
+            (**self).rule_nested(path)
+        }
+    }
+    /// The items of a sequence, each named by its index.
+    fn nested_items<'a, T: Nested + 'a>(
+        items: impl IntoIterator<Item = &'a T>,
+        path: NestedPath<'_>,
+    ) -> Result<(), ValidationError> {
+        for (index, item) in items.into_iter().enumerate() {
+            item.rule_nested(&|| format!("{}[{index}]", path()))?;
+        }
+        Ok(())
+    }
+    impl<T: Nested> Nested for [T] {
+        fn rule_nested(&self, path: NestedPath<'_>) -> Result<(), ValidationError> {
+            nested_items(self, path)
+        }
+    }
+    impl<T: Nested, const N: usize> Nested for [T; N] {
+        fn rule_nested(&self, path: NestedPath<'_>) -> Result<(), ValidationError> {
+            nested_items(self, path)
+        }
+    }
+    impl<T: Nested> Nested for Vec<T> {
+        fn rule_nested(&self, path: NestedPath<'_>) -> Result<(), ValidationError> {
+            nested_items(self, path)
+        }
+    }
+    impl<T: Nested> Nested for std::collections::VecDeque<T> {
+        fn rule_nested(&self, path: NestedPath<'_>) -> Result<(), ValidationError> {
+            nested_items(self, path)
+        }
+    }
+    /// The values of a map, each named by its key.
+    fn nested_values<'a, K: std::fmt::Debug + 'a, V: Nested + 'a>(
+        entries: impl IntoIterator<Item = (&'a K, &'a V)>,
+        path: NestedPath<'_>,
+    ) -> Result<(), ValidationError> {
+        for (key, value) in entries {
+            value.rule_nested(&|| format!("{}[{key:?}]", path()))?;
+        }
+        Ok(())
+    }
+    impl<K: std::fmt::Debug, V: Nested, S> Nested for std::collections::HashMap<K, V, S> {
+        fn rule_nested(&self, path: NestedPath<'_>) -> Result<(), ValidationError> {
+            nested_values(self, path)
+        }
+    }
+    impl<K: std::fmt::Debug, V: Nested> Nested for std::collections::BTreeMap<K, V> {
+        fn rule_nested(&self, path: NestedPath<'_>) -> Result<(), ValidationError> {
+            nested_values(self, path)
+        }
+    }
+
+    /// `nested`: the rules of the field's own type, the error naming the path to the value that broke
+    /// one (`items[2].sku`).
+    pub fn nested<T: Nested + ?Sized>(
+        field: &'static str,
+        value: &T,
+    ) -> Result<(), ValidationError> {
+        value.rule_nested(&|| field.to_string())
     }
 
     /// `non_empty`.

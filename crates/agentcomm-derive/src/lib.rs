@@ -19,7 +19,9 @@ use proc_macro::TokenStream;
 /// validate = path::to::fn, crate = path)]`. Field attributes: `#[message(non_empty)]`,
 /// `#[message(min = 0)]`, `#[message(max = 100)]`; on an `Option` field, `min` and `max` bound the value
 /// inside and pass `None` (a bound written as an `Option`, `Some(..)`, compares the `Option`s as
-/// before; `non_empty` counts `None` as empty). `crate` says where agentcomm-core is when it is
+/// before; `non_empty` counts `None` as empty); `#[message(nested)]` on a field whose type is a Message
+/// (or an `Option`, `Vec`, `VecDeque`, slice, array, `Box`, or the values of a map, of Messages)
+/// checks that type's rules too, naming the path in the error (`items[2].sku`). `crate` says where agentcomm-core is when it is
 /// not `::agentcomm_core` (a dependency renamed in Cargo.toml, or a re-export).
 #[proc_macro_derive(Message, attributes(message))]
 pub fn derive_message(input: TokenStream) -> TokenStream {

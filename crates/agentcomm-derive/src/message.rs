@@ -20,6 +20,7 @@ struct ContainerOptions {
 
 enum FieldRule {
     NonEmpty,
+    Nested,
     Min(Expr),
     Max(Expr),
 }
@@ -124,6 +125,16 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
             #template
             #direction
             #validate
+        }
+
+        #[automatically_derived]
+        impl #private::rules::Nested for #ident {
+            fn rule_nested(
+                &self,
+                path: #private::rules::NestedPath<'_>,
+            ) -> #private::Result<(), #private::ValidationError> {
+                #private::rules::nested_message(self, path)
+            }
         }
     };
     Ok(names::shielded(&[names::CHECK, names::VALUE], message_impl))
@@ -301,6 +312,9 @@ fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<T
                 FieldRule::NonEmpty => quote_spanned! {ident.span()=>
                     #private::rules::non_empty(#name, #value)?;
                 },
+                FieldRule::Nested => quote_spanned! {ident.span()=>
+                    #private::rules::nested(#name, #value)?;
+                },
                 // An optional field's bound applies to its value when it has one: compared as an
                 // `Option`, `None` is below every `Some`, so `min = Some(..)` would refuse every message
                 // without the field and `max = Some(..)` would let it through. A bound written as an
@@ -348,13 +362,15 @@ fn field_rules(field: &syn::Field) -> syn::Result<Vec<FieldRule>> {
         attribute.parse_nested_meta(|meta| {
             if meta.path.is_ident("non_empty") {
                 rules.push(FieldRule::NonEmpty);
+            } else if meta.path.is_ident("nested") {
+                rules.push(FieldRule::Nested);
             } else if meta.path.is_ident("min") {
                 rules.push(FieldRule::Min(meta.value()?.parse()?));
             } else if meta.path.is_ident("max") {
                 rules.push(FieldRule::Max(meta.value()?.parse()?));
             } else {
                 return Err(meta.error(format!(
-                    "unknown field rule `{}`; the rules are `non_empty`, `min = ..` and `max = ..`",
+                    "unknown field rule `{}`; the rules are `non_empty`, `nested`, `min = ..` and `max = ..`",
                     path_text(&meta.path)
                 )));
             }

@@ -44,6 +44,11 @@ pub enum DeliveryMode {
     PubSub,
 }
 
+/// The longest `connect_timeout`, `close_timeout` and `reorder_window` taken (a year): a longer one,
+/// `Duration::MAX` for "as long as it takes", is taken as this. Added to the clock, a longer one
+/// overflowed it: a panic in `connect`, in `close`, or in a pub/sub subscription's stream.
+const LONGEST_WAIT: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 /// The largest [`RedisRouterBuilder::broadcast_capacity`]: 1,048,576 messages, about 730 MB of fred's
 /// rings when the pub/sub subscriber starts.
 pub const MAX_BROADCAST_CAPACITY: usize = 1 << 20;
@@ -296,9 +301,9 @@ impl RedisRouterBuilder {
 
     /// The limit on opening a connection, TLS handshake included, and on each command that sets it up
     /// (`AUTH`, `HELLO`, `SELECT`): connecting, or a subscriber's connection, fails after at most
-    /// twice this (default 10 s).
+    /// twice this (default 10 s; from 1 ms to a year, a value outside taken as the nearest of the two).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.connect_timeout = timeout.max(Duration::from_millis(1));
+        self.settings.connect_timeout = timeout.clamp(Duration::from_millis(1), LONGEST_WAIT);
         self
     }
 
@@ -310,9 +315,10 @@ impl RedisRouterBuilder {
     }
 
     /// How long [`agentcomm_core::Router::close`] waits for delivered messages to be settled and for
-    /// publishes under way to be confirmed (default 10 s).
+    /// publishes under way to be confirmed (default 10 s; at most a year, a longer value taken as a
+    /// year).
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.close_timeout = timeout;
+        self.settings.close_timeout = timeout.min(LONGEST_WAIT);
         self
     }
 
@@ -410,9 +416,10 @@ impl RedisRouterBuilder {
     }
 
     /// Pub/sub: how long a gap in a publisher's sequence may stay open (the message arriving out of
-    /// order) before it is counted as `lost` (default 500 ms).
+    /// order) before it is counted as `lost` (default 500 ms; at most a year, a longer value taken as
+    /// a year).
     pub fn reorder_window(mut self, window: Duration) -> Self {
-        self.settings.reorder_window = window;
+        self.settings.reorder_window = window.min(LONGEST_WAIT);
         self
     }
 

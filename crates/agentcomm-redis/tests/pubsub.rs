@@ -1393,3 +1393,43 @@ async fn the_wire_format_example_frame_published_where_the_doc_says_reaches_a_su
     let _ = raw.quit().await;
     router.close().await.unwrap();
 }
+
+/// `Duration::MAX` ("as long as it takes") for the connect and close timeouts and the reorder window
+/// is taken (as a year). Before, each was added to the clock and overflowed it: `connect` panicked
+/// (twice the connect timeout), `close` panicked, and a subscription's stream panicked as soon as it
+/// waited for a message (its next sweep of the sequences).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_durations_are_taken_without_a_panic() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connected(
+        builder(DeliveryMode::PubSub, &prefix)
+            .connect_timeout(Duration::MAX)
+            .close_timeout(Duration::MAX)
+            .reorder_window(Duration::MAX),
+    )
+    .await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Long:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    // Published once the subscription waits for it.
+    let publisher = router.clone();
+    let publishing = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        publisher
+            .publish(envelope("Long:event:s1", 1))
+            .await
+            .unwrap();
+    });
+    let delivery = next(&mut subscription).await;
+    assert_eq!(number(&delivery), 1);
+    delivery.ack().await.unwrap();
+    publishing.await.unwrap();
+    within(WAIT, "closing", router.close()).await.unwrap();
+}

@@ -517,8 +517,11 @@ impl PubSubHub {
             }
             counts.remove(redis);
             // Closing, or given up reconnecting: the connection is quit anyway, or never comes back,
-            // and fred would keep the command until the command timeout.
-            if *self.stop.borrow() || self.gave_up() {
+            // and fred would keep the command until the command timeout. Cut off (reconnecting): the
+            // subscription went with the connection, and the restore round after the reconnection
+            // (which waits for these counts) subscribes only to what is still counted; fred would keep
+            // the command until the connection is back, or the command timeout, and the close with it.
+            if *self.stop.borrow() || self.gave_up() || !self.client.is_connected() {
                 continue;
             }
             let result = match redis {

@@ -1063,3 +1063,83 @@ async fn a_bounded_policy_that_reconnects_in_time_keeps_its_subscriptions() {
     }
     router.close().await.unwrap();
 }
+
+/// Closing a pub/sub subscription while the subscriber is cut off from Redis returns at once, and the
+/// router's other subscriptions come back with the connection. Before, the close waited for its
+/// `UNSUBSCRIBE`, which fred holds until the connection is back or the command timeout (30 s by
+/// default) runs out: stopping an agent during an outage took that long, and held up the restore of
+/// the other subscriptions meanwhile. A connection that is gone holds no subscription to take back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_pubsub_subscription_while_cut_off_returns_at_once() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect_through_proxy(
+        RedisRouter::builder(proxied)
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_secs(10))
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            )),
+    )
+    .await;
+    let mut kept = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Kept:event:s1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let closed = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Closed:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    proxy.reject_for(Duration::from_secs(30));
+    proxy.cut_all();
+    eventually(
+        Duration::from_secs(5),
+        "the router sees the cut",
+        async || !router.health().await.connected,
+    )
+    .await;
+    let started = std::time::Instant::now();
+    within(Duration::from_secs(20), "closing", closed.close())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closing a subscription while cut off took {:?}",
+        started.elapsed()
+    );
+    proxy.reject_for(Duration::ZERO);
+    eventually(
+        Duration::from_secs(10),
+        "the router is back, its subscriptions restored",
+        async || {
+            let health = router.health().await;
+            health.connected && !health.detail.contains("restoring")
+        },
+    )
+    .await;
+    router
+        .publish(Envelope::new(
+            parse_channel("Kept:event:s1").unwrap(),
+            "application/json",
+            b"{}".to_vec(),
+        ))
+        .await
+        .unwrap();
+    within(
+        Duration::from_secs(10),
+        "the kept subscription's message",
+        kept.next(),
+    )
+    .await
+    .expect("the kept subscription still runs");
+    router.close().await.unwrap();
+}

@@ -75,6 +75,15 @@ const DEDUP_TTL_MS: i64 = 3_600_000;
 const REGISTRY_REFRESH: Duration = Duration::from_secs(60);
 /// How many channels a publisher numbers before it starts afresh under a new publisher id.
 const MAX_PUBLISHER_CHANNELS: usize = 100_000;
+/// A pub/sub `publish_batch` is numbered, encoded and sent in pipelines of at most this many
+/// messages, or of about [`PUBSUB_CHUNK_BYTES`]: a message takes its sequence number when it is
+/// encoded, and a publish of its channel that takes a later number meanwhile goes out at once.
+/// Encoding a whole large batch before sending any of it kept its first numbers out longer than the
+/// subscribers' reorder window: they counted them as lost, then discarded them as repeats when they
+/// came.
+const PUBSUB_CHUNK_MESSAGES: usize = 256;
+/// See [`PUBSUB_CHUNK_MESSAGES`].
+const PUBSUB_CHUNK_BYTES: usize = 256 * 1024;
 /// How long a malformed frame's marker keeps other subscriptions from dead-lettering it again.
 const MALFORMED_MARKER_TTL_MS: i64 = 3_600_000;
 
@@ -1274,7 +1283,8 @@ impl Shared {
         }
     }
 
-    /// Publishes several envelopes in one pipeline per connection.
+    /// Publishes several envelopes in one pipeline per connection (pub/sub: one per connection and
+    /// chunk of the batch).
     async fn publish_pipelined(&self, envelopes: Vec<Envelope>) -> Vec<Result<PublishOutcome>> {
         // Registrations come before the pipeline is sent: `close` waits for the whole batch.
         let Ok(_in_flight) = self.enter() else {
@@ -1298,9 +1308,27 @@ impl Shared {
         }
         let mut results: Vec<Option<Result<PublishOutcome>>> = Vec::new();
         results.resize_with(envelopes.len(), || None);
-        // Encode first: an envelope that cannot be encoded fails alone.
+        // Encode first: an envelope that cannot be encoded fails alone. Pub/sub sends what is encoded
+        // chunk by chunk (see `PUBSUB_CHUNK_MESSAGES`).
+        let pubsub = self.settings.mode == DeliveryMode::PubSub;
+        let total = envelopes.len();
+        let (mut chunk_messages, mut chunk_bytes) = (0usize, 0usize);
         let mut by_client: HashMap<usize, Vec<Pending>> = HashMap::new();
+        // Set when a chunk failed on a timeout or the connection: the rest is not sent (each chunk
+        // would wait out the command timeout in turn), and can be published again safely.
+        let mut cut_off = false;
         for (index, envelope) in envelopes.into_iter().enumerate() {
+            if cut_off {
+                results[index] = Some(Err(Error::Connection {
+                    backend: "redis",
+                    url: redact(&self.settings.url),
+                    message: "not published: an earlier part of this publish_batch failed on a \
+                              timeout or a lost connection, so the rest was not sent; publish it \
+                              again once Redis is reachable"
+                        .into(),
+                }));
+                continue;
+            }
             let pending = match self.settings.mode {
                 DeliveryMode::Streams => match self.target(envelope.channel().class()).await {
                     Err(error) => Err(error),
@@ -1326,16 +1354,30 @@ impl Shared {
                 }
             };
             match pending {
-                Ok(pending) => by_client.entry(pending.client).or_default().push(pending),
+                Ok(pending) => {
+                    chunk_messages += 1;
+                    chunk_bytes += pending.frame.len();
+                    by_client.entry(pending.client).or_default().push(pending);
+                }
                 Err(error) => results[index] = Some(Err(error)),
             }
-        }
-        let batches = by_client
-            .into_iter()
-            .map(|(client, batch)| self.run_pipeline(client, batch));
-        for batch in futures::future::join_all(batches).await {
-            for (index, result) in batch {
-                results[index] = Some(result);
+            let full = pubsub
+                && (chunk_messages >= PUBSUB_CHUNK_MESSAGES || chunk_bytes >= PUBSUB_CHUNK_BYTES);
+            if !full && index + 1 < total {
+                continue;
+            }
+            (chunk_messages, chunk_bytes) = (0, 0);
+            let batches = std::mem::take(&mut by_client)
+                .into_iter()
+                .map(|(client, batch)| self.run_pipeline(client, batch));
+            for batch in futures::future::join_all(batches).await {
+                for (index, result) in batch {
+                    cut_off |= matches!(
+                        result,
+                        Err(Error::Timeout { .. } | Error::Connection { .. })
+                    );
+                    results[index] = Some(result);
+                }
             }
         }
         let results: Vec<Result<PublishOutcome>> = results

@@ -1143,3 +1143,54 @@ async fn closing_a_pubsub_subscription_while_cut_off_returns_at_once() {
     .expect("the kept subscription still runs");
     router.close().await.unwrap();
 }
+
+/// A large pub/sub batch published while Redis is unreachable fails in about one command timeout, not
+/// one per chunk of it: once a chunk failed on the timeout, the rest is not sent, and its error says
+/// so (publishing it again is safe). The chunk that was sent keeps its "may have been published"
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_pubsub_batch_during_an_outage_fails_in_one_command_timeout() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let publisher = connect_through_proxy(
+        RedisRouter::builder(proxied)
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let channel = parse_channel("Outage:event:s1").unwrap();
+    publisher.publish(message(&channel, 0)).await.unwrap();
+    proxy.reject_for(Duration::from_secs(30));
+    proxy.cut_all();
+    // Ten chunks of 256.
+    let batch = (1..=2_560).map(|n| message(&channel, n)).collect();
+    let started = std::time::Instant::now();
+    let results = within(
+        Duration::from_secs(20),
+        "the batch to fail",
+        publisher.publish_batch(batch),
+    )
+    .await;
+    let took = started.elapsed();
+    proxy.reject_for(Duration::ZERO);
+    assert!(
+        took < Duration::from_millis(2_500),
+        "the batch took {took:?}"
+    );
+    assert_eq!(results.len(), 2_560);
+    let errors: Vec<String> = results
+        .into_iter()
+        .map(|result| result.expect_err("Redis is unreachable").to_string())
+        .collect();
+    assert!(
+        errors[0].contains("may have been published"),
+        "{}",
+        errors[0]
+    );
+    let last = errors.last().unwrap();
+    assert!(last.contains("the rest was not sent"), "{last}");
+    publisher.close().await.unwrap();
+}

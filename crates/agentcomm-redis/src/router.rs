@@ -1168,7 +1168,11 @@ impl Shared {
         Box::pin(async move {
             match self.direct(&envelope) {
                 Some(direct) => {
-                    self.check_open()?;
+                    // Counted in, as every publish: `close` waits for it before it quits the pool.
+                    // Only looking at the flag, a publish that passed it as `close` began handed its
+                    // command to a pool being quit: `Timeout` after the command timeout, or a
+                    // "cannot reach Redis" error, instead of `Closed`.
+                    let _in_flight = self.enter()?;
                     let result = self.direct_command(&envelope, direct).await;
                     self.count_publish(&result);
                     result

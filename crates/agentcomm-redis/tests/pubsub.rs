@@ -1495,3 +1495,52 @@ async fn a_large_batch_beside_other_publishes_of_its_channel_loses_nothing() {
     assert_eq!(health.get("duplicates"), 0, "{health:?}");
     router.close().await.unwrap();
 }
+
+/// Publishes racing `close` fail with `Closed`, never with `Timeout` or a connection error. Before, a
+/// publish that found the router open just as `close` began handed its `PUBLISH` to the pool `close`
+/// then quit without waiting for it: it failed after the command timeout with `Timeout`, or at once
+/// with "cannot reach redis", although Redis was fine and the application had closed the router
+/// (about one round in a hundred here, so the race is run many times).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_racing_close_fail_with_closed() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let mut wrong = Vec::new();
+    for round in 0..400u64 {
+        let router = connected(
+            builder(DeliveryMode::PubSub, &prefix).command_timeout(Duration::from_millis(300)),
+        )
+        .await;
+        let publishers: Vec<_> = (0..4)
+            .map(|publisher| {
+                let router = router.clone();
+                tokio::spawn(async move {
+                    let channel = parse_channel(&format!("Race:event:s{publisher}")).unwrap();
+                    for n in 0..200 {
+                        let message = Envelope::new(
+                            channel.clone(),
+                            "application/octet-stream",
+                            vec![b'x'; 2_000 + n],
+                        );
+                        if let Err(error) = router.publish(message).await {
+                            return Some(error);
+                        }
+                    }
+                    None
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_micros(200 * (round % 10))).await;
+        router.close().await.unwrap();
+        for publisher in publishers {
+            match publisher.await.unwrap() {
+                None | Some(agentcomm_core::Error::Closed { .. }) => {}
+                Some(error) => wrong.push(error.to_string()),
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{} publishes: {wrong:?}", wrong.len());
+}

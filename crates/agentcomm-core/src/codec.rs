@@ -98,13 +98,68 @@ mod finite {
 
     use serde::ser::{self, Serialize};
 
-    /// Why a value cannot be written as JSON: the number, and the field it is in when it is in one.
+    /// Why a value cannot be written as JSON: the number and where it is, or a `Serialize` impl's own
+    /// error.
     #[derive(Debug)]
-    pub(super) struct NotFinite(String);
+    pub(super) enum NotFinite {
+        /// A NaN or an infinity; `path` from the innermost step out (built as the error goes up).
+        Number { text: String, path: Vec<Step> },
+        /// An error of the value's own `Serialize` impl.
+        Custom(String),
+    }
+
+    /// One step of the way from the message to the number, as the JSON has it.
+    #[derive(Debug)]
+    pub(super) enum Step {
+        /// A struct field, or a map key.
+        Name(String),
+        /// An enum variant.
+        Variant(&'static str),
+        /// An element of a sequence or a tuple.
+        Index(usize),
+    }
+
+    impl NotFinite {
+        /// The same error, one step further out.
+        fn within(mut self, step: Step) -> Self {
+            if let NotFinite::Number { path, .. } = &mut self {
+                path.push(step);
+            }
+            self
+        }
+    }
 
     impl fmt::Display for NotFinite {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(&self.0)
+            let (text, path) = match self {
+                NotFinite::Custom(message) => return f.write_str(message),
+                NotFinite::Number { text, path } => (text, path),
+            };
+            f.write_str(text)?;
+            if !path.is_empty() {
+                f.write_str(" in field `")?;
+                for (at, step) in path.iter().rev().enumerate() {
+                    match step {
+                        Step::Name(name) if at == 0 => f.write_str(name)?,
+                        Step::Variant(name) if at == 0 => f.write_str(name)?,
+                        Step::Name(name) => write!(f, ".{name}")?,
+                        Step::Variant(name) => write!(f, ".{name}")?,
+                        Step::Index(index) => write!(f, "[{index}]")?,
+                    }
+                }
+                f.write_str("`")?;
+            }
+            f.write_str(
+                " cannot be written as JSON (it has no NaN or infinity, and serde_json would write \
+                 null, which the receiver cannot read back as that number); publish with the \
+                 MessagePack codec (the default), or ",
+            )?;
+            // Validation rules apply to the message's own fields, not to elements or nested values.
+            if let [Step::Name(_)] = path.as_slice() {
+                f.write_str("refuse such values with #[message(min = .., max = ..)] on the field")
+            } else {
+                f.write_str("keep such values out of the message before publishing it")
+            }
         }
     }
 
@@ -112,67 +167,78 @@ mod finite {
 
     impl ser::Error for NotFinite {
         fn custom<T: fmt::Display>(message: T) -> Self {
-            NotFinite(message.to_string())
+            NotFinite::Custom(message.to_string())
         }
     }
 
-    /// Fails on the first NaN or infinity in `value`, naming its field.
+    /// Fails on the first NaN or infinity in `value`, naming where it is.
     pub(super) fn check<T: Serialize + ?Sized>(value: &T) -> Result<(), NotFinite> {
-        value.serialize(Checker { field: None })
+        value.serialize(Checker)
     }
 
-    /// Walks a value without writing it; `field` is the struct field it is in, if any.
-    #[derive(Clone, Copy)]
-    struct Checker {
-        field: Option<&'static str>,
+    fn named<T: Serialize + ?Sized>(name: &str, value: &T) -> Result<(), NotFinite> {
+        value
+            .serialize(Checker)
+            .map_err(|e| e.within(Step::Name(name.to_owned())))
     }
 
-    impl Checker {
-        fn number(self, finite: bool, text: &dyn fmt::Display) -> Result<(), NotFinite> {
-            if finite {
-                return Ok(());
-            }
-            let place = match self.field {
-                Some(field) => format!(" in field `{field}`"),
-                None => String::new(),
-            };
-            Err(NotFinite(format!(
-                "{text}{place} cannot be written as JSON (it has no NaN or infinity, and serde_json \
-                 would write null, which the receiver cannot read back as that number); publish with \
-                 the MessagePack codec (the default), or refuse such values with \
-                 #[message(min = .., max = ..)] on the field"
-            )))
-        }
+    /// Walks a value without writing it.
+    struct Checker;
 
-        fn inside<T: Serialize + ?Sized>(self, value: &T) -> Result<(), NotFinite> {
-            value.serialize(self)
-        }
+    /// Walks the elements of a sequence, a tuple or a tuple variant, counting them.
+    struct Elements {
+        variant: Option<&'static str>,
+        next: usize,
+    }
 
-        fn in_field<T: Serialize + ?Sized>(
-            self,
+    impl Elements {
+        fn element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
+            let index = self.next;
+            self.next += 1;
+            value.serialize(Checker).map_err(|e| {
+                let e = e.within(Step::Index(index));
+                match self.variant {
+                    Some(variant) => e.within(Step::Variant(variant)),
+                    None => e,
+                }
+            })
+        }
+    }
+
+    /// Walks the fields of a struct or struct variant, and the entries of a map.
+    struct Fields {
+        variant: Option<&'static str>,
+    }
+
+    impl Fields {
+        fn field<T: Serialize + ?Sized>(
+            &mut self,
             field: &'static str,
             value: &T,
         ) -> Result<(), NotFinite> {
-            value.serialize(Checker { field: Some(field) })
+            named(field, value).map_err(|e| match self.variant {
+                Some(variant) => e.within(Step::Variant(variant)),
+                None => e,
+            })
         }
     }
 
     impl ser::Serializer for Checker {
         type Ok = ();
         type Error = NotFinite;
-        type SerializeSeq = Self;
-        type SerializeTuple = Self;
-        type SerializeTupleStruct = Self;
-        type SerializeTupleVariant = Self;
-        type SerializeMap = Self;
-        type SerializeStruct = Self;
-        type SerializeStructVariant = Self;
+        type SerializeSeq = Elements;
+        type SerializeTuple = Elements;
+        type SerializeTupleStruct = Elements;
+        type SerializeTupleVariant = Elements;
+        type SerializeMap = Fields;
+        type SerializeStruct = Fields;
+        type SerializeStructVariant = Fields;
 
         fn serialize_f32(self, v: f32) -> Result<(), NotFinite> {
-            self.number(v.is_finite(), &v)
+            number(v.is_finite(), &v)
         }
         fn serialize_f64(self, v: f64) -> Result<(), NotFinite> {
-            self.number(v.is_finite(), &v)
+            number(v.is_finite(), &v)
         }
         fn serialize_bool(self, _: bool) -> Result<(), NotFinite> {
             Ok(())
@@ -220,7 +286,7 @@ mod finite {
             Ok(())
         }
         fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), NotFinite> {
-            self.inside(value)
+            value.serialize(self)
         }
         fn serialize_unit(self) -> Result<(), NotFinite> {
             Ok(())
@@ -241,112 +307,148 @@ mod finite {
             _: &'static str,
             value: &T,
         ) -> Result<(), NotFinite> {
-            self.inside(value)
+            value.serialize(self)
         }
         fn serialize_newtype_variant<T: Serialize + ?Sized>(
             self,
             _: &'static str,
             _: u32,
-            _: &'static str,
+            variant: &'static str,
             value: &T,
         ) -> Result<(), NotFinite> {
-            self.inside(value)
+            value
+                .serialize(Checker)
+                .map_err(|e| e.within(Step::Variant(variant)))
         }
-        fn serialize_seq(self, _: Option<usize>) -> Result<Self, NotFinite> {
-            Ok(self)
+        fn serialize_seq(self, _: Option<usize>) -> Result<Elements, NotFinite> {
+            Ok(Elements {
+                variant: None,
+                next: 0,
+            })
         }
-        fn serialize_tuple(self, _: usize) -> Result<Self, NotFinite> {
-            Ok(self)
+        fn serialize_tuple(self, _: usize) -> Result<Elements, NotFinite> {
+            self.serialize_seq(None)
         }
-        fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self, NotFinite> {
-            Ok(self)
+        fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Elements, NotFinite> {
+            self.serialize_seq(None)
         }
         fn serialize_tuple_variant(
             self,
             _: &'static str,
             _: u32,
-            _: &'static str,
+            variant: &'static str,
             _: usize,
-        ) -> Result<Self, NotFinite> {
-            Ok(self)
+        ) -> Result<Elements, NotFinite> {
+            Ok(Elements {
+                variant: Some(variant),
+                next: 0,
+            })
         }
-        fn serialize_map(self, _: Option<usize>) -> Result<Self, NotFinite> {
-            Ok(self)
+        fn serialize_map(self, _: Option<usize>) -> Result<Fields, NotFinite> {
+            Ok(Fields { variant: None })
         }
-        fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self, NotFinite> {
-            Ok(self)
+        fn serialize_struct(self, _: &'static str, _: usize) -> Result<Fields, NotFinite> {
+            Ok(Fields { variant: None })
         }
         fn serialize_struct_variant(
             self,
             _: &'static str,
             _: u32,
-            _: &'static str,
+            variant: &'static str,
             _: usize,
-        ) -> Result<Self, NotFinite> {
-            Ok(self)
+        ) -> Result<Fields, NotFinite> {
+            Ok(Fields {
+                variant: Some(variant),
+            })
         }
     }
 
-    impl ser::SerializeSeq for Checker {
+    fn number(finite: bool, text: &dyn fmt::Display) -> Result<(), NotFinite> {
+        if finite {
+            return Ok(());
+        }
+        Err(NotFinite::Number {
+            text: text.to_string(),
+            path: Vec::new(),
+        })
+    }
+
+    impl ser::SerializeSeq for Elements {
         type Ok = ();
         type Error = NotFinite;
         fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
-            self.inside(value)
+            self.element(value)
         }
         fn end(self) -> Result<(), NotFinite> {
             Ok(())
         }
     }
 
-    impl ser::SerializeTuple for Checker {
+    impl ser::SerializeTuple for Elements {
         type Ok = ();
         type Error = NotFinite;
         fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
-            self.inside(value)
+            self.element(value)
         }
         fn end(self) -> Result<(), NotFinite> {
             Ok(())
         }
     }
 
-    impl ser::SerializeTupleStruct for Checker {
+    impl ser::SerializeTupleStruct for Elements {
         type Ok = ();
         type Error = NotFinite;
         fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
-            self.inside(value)
+            self.element(value)
         }
         fn end(self) -> Result<(), NotFinite> {
             Ok(())
         }
     }
 
-    impl ser::SerializeTupleVariant for Checker {
+    impl ser::SerializeTupleVariant for Elements {
         type Ok = ();
         type Error = NotFinite;
         fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
-            self.inside(value)
+            self.element(value)
         }
         fn end(self) -> Result<(), NotFinite> {
             Ok(())
         }
     }
 
-    impl ser::SerializeMap for Checker {
+    impl ser::SerializeMap for Fields {
         type Ok = ();
         type Error = NotFinite;
-        // A float key is refused by serde_json itself.
+        // A non-finite float key is refused by serde_json itself.
         fn serialize_key<T: Serialize + ?Sized>(&mut self, _: &T) -> Result<(), NotFinite> {
             Ok(())
         }
         fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), NotFinite> {
-            self.inside(value)
+            value.serialize(Checker)
+        }
+        // Maps, and the fields of a struct with a `#[serde(flatten)]` field, come here: the key
+        // names the way to the number (as JSON writes it), made only when there is one.
+        fn serialize_entry<K: Serialize + ?Sized, V: Serialize + ?Sized>(
+            &mut self,
+            key: &K,
+            value: &V,
+        ) -> Result<(), NotFinite> {
+            value.serialize(Checker).map_err(|e| {
+                let key = match serde_json::to_value(key) {
+                    Ok(serde_json::Value::String(key)) => key,
+                    Ok(other) => other.to_string(),
+                    Err(_) => "?".to_owned(),
+                };
+                e.within(Step::Name(key))
+            })
         }
         fn end(self) -> Result<(), NotFinite> {
             Ok(())
         }
     }
 
-    impl ser::SerializeStruct for Checker {
+    impl ser::SerializeStruct for Fields {
         type Ok = ();
         type Error = NotFinite;
         fn serialize_field<T: Serialize + ?Sized>(
@@ -354,14 +456,14 @@ mod finite {
             field: &'static str,
             value: &T,
         ) -> Result<(), NotFinite> {
-            self.in_field(field, value)
+            self.field(field, value)
         }
         fn end(self) -> Result<(), NotFinite> {
             Ok(())
         }
     }
 
-    impl ser::SerializeStructVariant for Checker {
+    impl ser::SerializeStructVariant for Fields {
         type Ok = ();
         type Error = NotFinite;
         fn serialize_field<T: Serialize + ?Sized>(
@@ -369,7 +471,7 @@ mod finite {
             field: &'static str,
             value: &T,
         ) -> Result<(), NotFinite> {
-            self.in_field(field, value)
+            self.field(field, value)
         }
         fn end(self) -> Result<(), NotFinite> {
             Ok(())
@@ -488,7 +590,7 @@ mod tests {
                 },
             ),
             (
-                "history",
+                "history[1]",
                 Reading {
                     history: vec![1.0, f64::NEG_INFINITY],
                     ..finite.clone()
@@ -515,6 +617,93 @@ mod tests {
             let read: Reading = Codec::MessagePack.decode("Reading", &encoded).unwrap();
             assert_eq!(format!("{read:?}"), format!("{reading:?}"));
         }
+    }
+
+    /// The error says where the number is, as the JSON would have had it: through nested structs,
+    /// sequences, maps, enum variants and `#[serde(flatten)]` (whose fields were named by none), and
+    /// points at validation rules only for the message's own fields, the only ones they apply to.
+    #[test]
+    fn json_names_the_way_to_a_number_it_cannot_carry() {
+        #[derive(Serialize)]
+        struct Line {
+            price: Option<f64>,
+        }
+        #[derive(Serialize)]
+        enum Shape {
+            Circle(f32),
+            Point(f32, f32),
+            Box { width: f64 },
+        }
+        #[derive(Serialize)]
+        struct Extra {
+            weight: f64,
+        }
+        #[derive(Serialize)]
+        struct Order {
+            note: Option<String>,
+            total: f64,
+            lines: Vec<Line>,
+            scores: std::collections::BTreeMap<String, f64>,
+            shape: Shape,
+            pair: (u8, f32),
+            #[serde(flatten)]
+            extra: Extra,
+        }
+        let order = || Order {
+            note: None,
+            total: 1.0,
+            lines: vec![Line { price: None }, Line { price: Some(2.0) }],
+            scores: [("alice".to_owned(), 1.0)].into(),
+            shape: Shape::Circle(1.0),
+            pair: (1, 1.0),
+            extra: Extra { weight: 1.0 },
+        };
+        let mut cases: Vec<(&str, Order)> = Vec::new();
+        let mut o = order();
+        o.total = f64::NAN;
+        cases.push(("total", o));
+        let mut o = order();
+        o.lines[1].price = Some(f64::INFINITY);
+        cases.push(("lines[1].price", o));
+        let mut o = order();
+        o.scores.insert("bob".into(), f64::NEG_INFINITY);
+        cases.push(("scores.bob", o));
+        let mut o = order();
+        o.shape = Shape::Circle(f32::NAN);
+        cases.push(("shape.Circle", o));
+        let mut o = order();
+        o.shape = Shape::Point(0.0, f32::NAN);
+        cases.push(("shape.Point[1]", o));
+        let mut o = order();
+        o.shape = Shape::Box { width: f64::NAN };
+        cases.push(("shape.Box.width", o));
+        let mut o = order();
+        o.pair.1 = f32::INFINITY;
+        cases.push(("pair[1]", o));
+        let mut o = order();
+        o.extra.weight = f64::NAN;
+        cases.push(("weight", o));
+        for (path, o) in cases {
+            let text = Codec::Json.encode("Order", &o).unwrap_err().to_string();
+            assert!(
+                text.contains(&format!("in field `{path}` ")),
+                "{path}: {text}"
+            );
+            let own_field = !path.contains(['.', '[']);
+            assert_eq!(text.contains("#[message(min"), own_field, "{path}: {text}");
+        }
+        // Not in a field: the message itself, or an enum message's variant.
+        let text = Codec::Json.encode("F", &f64::NAN).unwrap_err().to_string();
+        assert!(
+            text.starts_with("could not encode F: NaN cannot be written"),
+            "{text}"
+        );
+        let text = Codec::Json
+            .encode("S", &Shape::Circle(f32::NAN))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("in field `Circle` "), "{text}");
+        assert!(!text.contains("#[message(min"), "{text}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | [`refuse_for`](FaultProxy::refuse_for)   | accepts new connections and closes them at once (connect succeeds, then EOF) |
 //! | [`set_latency`](FaultProxy::set_latency) | delays every forwarded chunk, both directions                     |
 //! | [`blackhole`](FaultProxy::blackhole)     | holds all bytes in both directions without closing                |
+//! | [`silence_live`](FaultProxy::silence_live) | the live connections carry nothing more, for good, and are not closed; new ones work |
 //!
 //! A broker that is stopped cleanly closes with FIN; one whose process or host dies, or a firewall
 //! in between, shows as a reset or as silence (a blackhole); a broker that is down refuses connects.
@@ -94,6 +95,8 @@ struct Control {
     cut_resets: bool,
     latency: Duration,
     blackhole: bool,
+    /// Bumped by `silence_live`; a connection accepted before the bump forwards nothing more.
+    silence_generation: u64,
     refuse_until: Option<Instant>,
     reject_until: Option<Instant>,
     shutdown: bool,
@@ -388,6 +391,19 @@ impl FaultProxy {
         info!(proxy = %self.local_addr, on, "fault proxy: blackhole");
     }
 
+    /// The connections live now stop carrying bytes, for good, in both directions, and are not
+    /// closed: not even when one side closes its end (that end's FIN is not passed on either). This is
+    /// a network that lost the connections' state (a NAT or firewall that dropped it, a partition):
+    /// each side waits for the other for ever, unless it checks. Unlike
+    /// [`blackhole`](Self::blackhole), what was held is never delivered, and connections accepted
+    /// afterwards are proxied normally. The silenced connections close with the proxy.
+    pub fn silence_live(&self) {
+        self.shared
+            .control
+            .send_modify(|c| c.silence_generation = c.silence_generation.wrapping_add(1));
+        info!(proxy = %self.local_addr, "fault proxy: live connections silenced");
+    }
+
     /// Returns a snapshot of the proxy's counters.
     pub fn stats(&self) -> ProxyStats {
         let c = &self.shared.counters;
@@ -487,7 +503,7 @@ async fn accept_loop(
                     let (refusing, generation) = {
                         let c = shared.control.borrow();
                         let refusing = c.refuse_until.is_some_and(|until| Instant::now() < until);
-                        (refusing, c.cut_generation)
+                        (refusing, Generations { cut: c.cut_generation, silence: c.silence_generation })
                     };
                     if refusing {
                         bump(&shared.counters.refused, 1);
@@ -552,15 +568,15 @@ async fn run_connection(
     targets: Arc<[SocketAddr]>,
     connect_timeout: Duration,
     shared: Arc<Shared>,
-    generation: u64,
+    generation: Generations,
 ) {
     let _live = LiveGuard::new(&shared);
     let mut control = shared.control.subscribe();
-    let ends = |c: &Control| c.shutdown || c.cut_generation != generation;
+    let ends = |c: &Control| c.shutdown || c.cut_generation != generation.cut;
     let upstream = tokio::select! {
         upstream = connect_target(&targets, connect_timeout) => upstream,
         stop = wait_for(&mut control, ends) => {
-            note_stop(&shared, peer, stop, generation);
+            note_stop(&shared, peer, stop, generation.cut);
             return;
         }
     };
@@ -603,8 +619,8 @@ async fn run_connection(
         stop = wait_for(&mut control, ends) => {
             let reset = stop
                 .as_ref()
-                .is_some_and(|c| c.cut_generation != generation && c.cut_resets);
-            note_stop(&shared, peer, stop, generation);
+                .is_some_and(|c| c.cut_generation != generation.cut && c.cut_resets);
+            note_stop(&shared, peer, stop, generation.cut);
             if reset {
                 // Whole again, so that dropping does not first shut the write half down (a FIN);
                 // closing a socket whose linger is zero then sends RST. A zero linger never blocks
@@ -654,6 +670,14 @@ async fn connect_target(
     })
 }
 
+/// What a connection saw when it was accepted: it is cut once `cut_all` or `reset_all` bumped
+/// [`Control::cut_generation`], and silent once `silence_live` bumped [`Control::silence_generation`].
+#[derive(Debug, Clone, Copy)]
+struct Generations {
+    cut: u64,
+    silence: u64,
+}
+
 struct Chunk {
     data: Vec<u8>,
     /// When the chunk may be written (`None` = no latency).
@@ -664,12 +688,13 @@ struct Chunk {
 /// their due time) while the write side waits for latency / blackhole, so
 /// latency does not limit throughput and order is preserved. EOF is passed on
 /// as a write shutdown (half-close). Nothing is forwarded once the connection's
-/// cut `generation` is over: see [`FaultProxy::cut_all`].
+/// cut `generation` is over (see [`FaultProxy::cut_all`]), nor, EOF included, once it is silenced
+/// (see [`FaultProxy::silence_live`]).
 async fn pump(
     reader: &mut OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
     shared: &Shared,
-    generation: u64,
+    generation: Generations,
     forwarded: &AtomicU64,
 ) -> io::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Chunk>(QUEUE_CHUNKS);
@@ -704,13 +729,18 @@ async fn pump(
             // returned (read after it, so the new generation is seen here): wait to be dropped.
             let cut = {
                 let c = control.borrow();
-                c.shutdown || c.cut_generation != generation
+                c.shutdown
+                    || c.cut_generation != generation.cut
+                    || c.silence_generation != generation.silence
             };
             if cut {
                 std::future::pending::<()>().await;
             }
             writer.write_all(&chunk.data).await?;
             bump(forwarded, chunk.data.len() as u64);
+        }
+        if control.borrow().silence_generation != generation.silence {
+            std::future::pending::<()>().await;
         }
         writer.shutdown().await
     };

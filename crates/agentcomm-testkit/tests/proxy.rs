@@ -441,6 +441,43 @@ async fn blackhole_holds_bytes_until_lifted() {
     echo_ok(&mut client, b"after").await;
 }
 
+/// A silenced connection carries nothing more, ever (not even its client's close), while a new
+/// connection works.
+#[tokio::test]
+async fn silence_live_mutes_live_connections_for_good_and_spares_new_ones() {
+    let proxy = start_proxy().await;
+    let mut client = connect(&proxy).await;
+    echo_ok(&mut client, b"before").await;
+
+    proxy.silence_live();
+    within("write", client.write_all(b"lost"))
+        .await
+        .expect("write");
+    let mut buf = [0u8; 4];
+    let silent = timeout(Duration::from_millis(300), client.read_exact(&mut buf)).await;
+    // Timing out (rather than EOF or an error) shows the connection is open.
+    assert!(
+        silent.is_err(),
+        "data or EOF came through a silenced connection"
+    );
+
+    let mut fresh = connect(&proxy).await;
+    echo_ok(&mut fresh, b"new").await;
+    // Unlike the black hole, nothing held is delivered later, and the connection stays open.
+    let still = timeout(Duration::from_millis(300), client.read_exact(&mut buf)).await;
+    assert!(still.is_err(), "a silenced connection spoke again");
+    // The client's close does not reach the echo server either (which would close its end too).
+    within("shutdown", client.shutdown())
+        .await
+        .expect("shutdown");
+    let after = timeout(Duration::from_millis(300), client.read(&mut buf)).await;
+    assert!(
+        after.is_err(),
+        "the close came through a silenced connection"
+    );
+    assert_eq!(proxy.stats().live, 2);
+}
+
 #[tokio::test]
 async fn start_refuses_non_loopback_targets() {
     for target in [

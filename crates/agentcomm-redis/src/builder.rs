@@ -309,6 +309,13 @@ impl RedisRouterBuilder {
 
     /// The limit on every command, waiting for a reconnection included (default 30 s). A publish that
     /// cannot be confirmed in time fails with [`Error::Timeout`].
+    ///
+    /// It also bounds how long a connection that silently stopped answering (a NAT or firewall that
+    /// dropped it, a partition: nothing is closed) goes unnoticed: a command unanswered for
+    /// `max(command_timeout, 2 s)` makes its connection again. The pub/sub subscriber, which writes
+    /// nothing of its own, is checked with a `PING` that often while it has subscriptions: a silent
+    /// subscriber connection is made again, and its subscriptions restored, within about
+    /// `2 × max(command_timeout, 2 s) + 1 s` (61 s by default).
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.settings.command_timeout = timeout.max(Duration::from_millis(1));
         self

@@ -192,13 +192,19 @@ pub(crate) fn fred_builder(settings: &Settings, config: Config, role: Role) -> B
         ..ConnectionConfig::default()
     };
     // A connection that stops answering (a network black hole) is closed and reconnected instead of
-    // waiting forever; blocking reads are excluded by fred.
-    connection.unresponsive.max_timeout =
-        Some(settings.command_timeout.max(Duration::from_secs(2)));
+    // waiting forever; blocking reads are excluded by fred, and a connection that writes nothing is
+    // never checked (the pub/sub subscriber sends PINGs for that: `pubsub::check_liveness`).
+    connection.unresponsive.max_timeout = Some(unresponsive_limit(settings.command_timeout));
     connection.unresponsive.interval = Duration::from_millis(500);
     builder.set_connection_config(connection);
     builder.with_config(|config| config.fail_fast = true);
     builder
+}
+
+/// How long fred lets a command go unanswered before it closes the connection and reconnects
+/// (checked every 500 ms). The pub/sub subscriber's liveness check waits as long for its `PING`.
+pub(crate) fn unresponsive_limit(command_timeout: Duration) -> Duration {
+    command_timeout.max(Duration::from_secs(2))
 }
 
 /// The error for a fred failure of `operation` (a timeout names the command timeout).

@@ -5,6 +5,10 @@
 //!   channel and glob in use and confirms with a `PING`, retrying with backoff until it succeeds; health
 //!   says `Degraded` meanwhile (fred's own `manage_subscriptions` only logs a failure, and stops for good
 //!   when it misses a reconnection event).
+//! - While there are subscriptions, another task checks that the subscriber connection still answers
+//!   (see [`check_liveness`]): a subscriber writes nothing, so a connection the network silently
+//!   stopped carrying (a NAT or firewall that dropped its state, a partition: nothing is closed) would
+//!   otherwise never be found out, and its subscriptions would wait for ever, deaf, with nothing counted.
 //! - The client's message channel is a broadcast ring sized for bursts
 //!   ([`Settings::broadcast_capacity`], 65,536 instead of fred's 32); every subscription has its own
 //!   cursor in it, so a slow subscription never holds up the others. A subscription that falls more
@@ -41,7 +45,8 @@ use fred::types::{Message, MessageKind};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::connection::{
-    Connecting, Role, gave_up_error, map_error, redact, watch_client, watch_connection_task,
+    Connecting, Role, gave_up_error, map_error, redact, unresponsive_limit, watch_client,
+    watch_connection_task,
 };
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
@@ -195,6 +200,15 @@ impl PubSubHub {
                 }
             });
         }
+        tokio::spawn(check_liveness(
+            Arc::downgrade(&hub),
+            reconnections.clone(),
+            stopped.clone(),
+            // How often, and how long a PING may go unanswered: fred's own limit, so that a
+            // connection that goes silent is found out within about twice this, plus half a second
+            // (fred looks every 500 ms).
+            unresponsive_limit(settings.command_timeout),
+        ));
         tokio::spawn(resubscribe_after_reconnects(
             Arc::downgrade(&hub),
             reconnections,
@@ -642,6 +656,83 @@ fn reconnected(reconnections: &mut broadcast::Receiver<fred::types::config::Serv
                 return any;
             }
         }
+    }
+}
+
+/// How long after fred's own limit the check waits for fred to find an unanswered connection, before
+/// it makes the connection again itself: fred looks every 500 ms.
+const LIVENESS_MARGIN: Duration = Duration::from_secs(1);
+
+/// Checks, every `limit` while the hub has subscriptions, that the subscriber connection still answers
+/// a `PING`. The subscriber otherwise writes nothing, and fred finds a connection unresponsive only
+/// when a command written to it goes unanswered (pub/sub commands not even then): a connection the
+/// network silently stopped carrying was never found out, and its subscriptions received nothing, for
+/// ever, with nothing counted or logged and health `Healthy`. The `PING` is such a command: fred closes
+/// a connection that leaves it unanswered for `limit`, and reconnects (counted in `reconnects` and
+/// `connection_errors`); the restore round then subscribes again, and the publishers' sequence numbers
+/// count what was published meanwhile as `lost`. Should the connection still stand a second after
+/// that, having carried no message meanwhile, it is made again here, with a warning. No check runs
+/// while the subscriber reconnects or restores its subscriptions (fred, and the restore round's own
+/// `PING`, look after it then); the task ends when the hub closes, gives up reconnecting, or is
+/// dropped.
+async fn check_liveness(
+    hub: Weak<PubSubHub>,
+    reconnections: tokio::sync::watch::Receiver<u64>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+    limit: Duration,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(limit) => {}
+            _ = stopped.wait_for(|stopped| *stopped) => return,
+        }
+        let Some(hub) = hub.upgrade() else { return };
+        if hub.gave_up() {
+            return;
+        }
+        if hub.subscription_count() == 0 || !hub.is_connected() || hub.is_resubscribing() {
+            continue;
+        }
+        let before = *reconnections.borrow();
+        // Says whether messages came in meanwhile: then the connection carries, only slowly.
+        let heard = hub.client.message_rx();
+        let started = tokio::time::Instant::now();
+        let answered = tokio::select! {
+            answered = tokio::time::timeout(limit, hub.ping_subscriptions_node()) => {
+                matches!(answered, Ok(Ok(())))
+            }
+            _ = stopped.wait_for(|stopped| *stopped) => return,
+        };
+        if answered {
+            continue;
+        }
+        // fred's own check closes the connection once the PING is unanswered for `limit`.
+        tokio::select! {
+            () = tokio::time::sleep_until(started + limit + LIVENESS_MARGIN) => {}
+            _ = stopped.wait_for(|stopped| *stopped) => return,
+        }
+        if hub.gave_up() {
+            return;
+        }
+        // fred closed it (its warning, "Unresponsive connection.", is logged and counted by
+        // `watch_client`), or it was reconnecting anyway: the restore round follows. Or messages came
+        // in: the connection carries, and fred's check (which any message read resets) stays quiet.
+        if *reconnections.borrow() != before || !hub.is_connected() || !heard.is_empty() {
+            continue;
+        }
+        tracing::warn!(
+            after = ?limit + LIVENESS_MARGIN,
+            subscriptions = hub.subscription_count(),
+            "the pub/sub subscriber's connection did not answer a PING (the network stopped carrying \
+             it, and nothing was closed); it is made again and its subscriptions restored, and what \
+             was published meanwhile is counted as lost when later messages arrive"
+        );
+        // In the background (fred's reconnect policy applies): this task must not wait on it
+        // through a close.
+        let client = hub.client.clone();
+        tokio::spawn(async move {
+            let _ = client.force_reconnection().await;
+        });
     }
 }
 
@@ -1919,6 +2010,117 @@ mod tests {
         assert!(outcome.is_err(), "subscribed on a subscriber that gave up");
         proxy.reject_for(Duration::ZERO);
         router.close().await.unwrap();
+    }
+
+    /// A subscriber whose connection the network silently stops carrying (a NAT or firewall that
+    /// dropped its state, a partition: nothing is closed, nothing comes back) connects again and
+    /// receives again, and what was published while it was deaf is counted as lost. Before, the
+    /// subscriber wrote nothing on its connection, so neither fred nor agentcomm ever found it out:
+    /// the subscription received nothing for ever while a publisher published on, with nothing
+    /// counted, and health `Healthy`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_whose_connection_goes_silent_connects_again_and_counts_the_loss() {
+        use std::sync::atomic::Ordering;
+        let prefix = crate::unit_redis::prefix();
+        // fred's limit for an unanswered command is then 2 s.
+        let Some((proxy, router)) = proxied_router_with(|builder| {
+            builder
+                .prefix(&prefix)
+                .command_timeout(Duration::from_secs(1))
+                .reconnect(agentcomm_core::backoff::Backoff::new(
+                    Duration::from_millis(20),
+                    Duration::from_millis(50),
+                ))
+        })
+        .await
+        else {
+            return;
+        };
+        // The publisher reaches Redis directly, not through the proxy.
+        let url = crate::unit_redis::url();
+        let Some(publisher) = pubsub_router(&url, &url, |builder| builder.prefix(&prefix)).await
+        else {
+            return;
+        };
+        let pattern = ChannelPattern::parse("Ping:event:s1").unwrap();
+        let mut subscription = router
+            .subscribe(SubscribeOptions::new(pattern))
+            .await
+            .unwrap();
+        let counters = router.shared().counters.clone();
+        let numbered = |number: u32| {
+            Envelope::new(
+                parse_channel("Ping:event:s1").unwrap(),
+                "application/json",
+                number.to_string().into_bytes(),
+            )
+        };
+        let number_of = |delivery: &agentcomm_core::router::Delivery| -> u32 {
+            std::str::from_utf8(delivery.envelope().payload())
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        publisher.publish(numbered(0)).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), subscription.next())
+            .await
+            .expect("the first message")
+            .expect("a delivery");
+        assert_eq!(number_of(&first), 0);
+        first.ack().await.unwrap();
+        let reconnects = counters.reconnects.load(Ordering::Relaxed);
+        proxy.silence_live();
+        // Published while the subscriber's connection carries nothing, and on until it hears again.
+        let started = tokio::time::Instant::now();
+        let mut number = 0;
+        let heard = loop {
+            number += 1;
+            publisher.publish(numbered(number)).await.unwrap();
+            if let Ok(Some(delivery)) =
+                tokio::time::timeout(Duration::from_millis(100), subscription.next()).await
+            {
+                break delivery;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the subscription received nothing within 20 s of its connection going silent, \
+                 while {number} messages were published"
+            );
+        };
+        let resumed_at = number_of(&heard);
+        heard.ack().await.unwrap();
+        assert!(
+            counters.reconnects.load(Ordering::Relaxed) > reconnects,
+            "the subscriber connected again"
+        );
+        // What was published from the silence to the restore is lost, and counted once a later
+        // message showed the gap and the reorder window passed (the subscription counts as it is
+        // read: what came after is read meanwhile).
+        assert!(
+            resumed_at > 1,
+            "some messages were published into the silence"
+        );
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while counters.lost.load(Ordering::Relaxed) < u64::from(resumed_at - 1) {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "lost {} of the {} messages published into the silence",
+                counters.lost.load(Ordering::Relaxed),
+                resumed_at - 1
+            );
+            if let Ok(Some(delivery)) =
+                tokio::time::timeout(Duration::from_millis(50), subscription.next()).await
+            {
+                delivery.ack().await.unwrap();
+            }
+        }
+        assert_eq!(
+            counters.lost.load(Ordering::Relaxed),
+            u64::from(resumed_at - 1)
+        );
+        drop(subscription);
+        let _ = publisher.close().await;
+        let _ = router.close().await;
     }
 
     #[test]

@@ -2391,7 +2391,12 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                     break;
                 }
                 recover = true;
-                if *error.kind() == fred::error::ErrorKind::Timeout {
+                // Not when the reader reconnected since the read was written (`rescan`): a read that
+                // waited out an outage in fred's queue is answered on the new connection, `read_block`
+                // after it was made, which may be past its limit. The connection answers.
+                if *error.kind() == fred::error::ErrorKind::Timeout
+                    && !reader.rescan.load(Ordering::Acquire)
+                {
                     reader.replace_silent_connection();
                 }
                 let error = map_error(&error, settings, "reading a stream");
@@ -3887,6 +3892,104 @@ mod tests {
         delivery.ack().await.unwrap();
         drop(subscription);
         let key = router.shared().keys.stream("Quiet");
+        router.close().await.unwrap();
+        let raw =
+            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
+                .build()
+                .unwrap();
+        raw.init().await.unwrap();
+        LostAck::remove_keys(&raw, &key).await;
+    }
+
+    /// A read written while the reader was reconnecting after an ordinary outage, and answered late
+    /// for that reason, does not make the freshly made connection again: Redis answered, the connection
+    /// is fine. Before, a Redis outage longer than the command timeout often ended in a second
+    /// reconnection of the reader, logged as "the reader's connection stopped answering" (not true)
+    /// and counted in `reconnects`: the read that waited out the outage in fred's queue was written
+    /// on the new connection and blocked there for `read_block`, past its own timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_late_because_of_a_reconnection_does_not_reconnect_again() {
+        use agentcomm_core::router::Router;
+        use fred::interfaces::EventInterface;
+        let url = crate::unit_redis::url();
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
+            .await
+            .expect("start the fault proxy");
+        let prefix = crate::unit_redis::prefix();
+        // A fan-out subscription on a quiet stream: every read blocks for the whole `read_block`.
+        let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+            .mode(crate::DeliveryMode::Streams)
+            .prefix(&prefix)
+            .read_block(Duration::from_secs(1))
+            .command_timeout(Duration::from_secs(1))
+            .discovery_interval(Duration::from_secs(3600))
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            ));
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
+        };
+        let mut subscription = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Outage:*:*").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let inner = router
+            .shared()
+            .stream_subscriptions()
+            .into_iter()
+            .next()
+            .expect("the subscription is registered");
+        let reader = inner.readers.lock().unwrap()[0].clone();
+        let reconnections = Arc::new(AtomicU64::new(0));
+        let mut events = reader.client.reconnect_rx();
+        let counting = reconnections.clone();
+        tokio::spawn(async move {
+            while events.recv().await.is_ok() {
+                counting.fetch_add(1, Ordering::AcqRel);
+            }
+        });
+        // Redis is unreachable for 1.5 s: the read written after the cut waits in fred's queue, is
+        // written once the reader reconnected (about 1.5 s), and its answer comes `read_block` later
+        // (about 2.5 s), after its limit of `read_block` plus the command timeout (about 2 s).
+        let outage = tokio::time::Instant::now();
+        proxy.reject_for(Duration::from_millis(1500));
+        proxy.cut_all();
+        let until = outage + Duration::from_secs(10);
+        while reconnections.load(Ordering::Acquire) == 0 {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "the reader did not reconnect within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Past the late read's limit, and past a reconnection it would have asked for.
+        tokio::time::sleep_until(outage + Duration::from_millis(3500)).await;
+        let channel = agentcomm_core::channel::Channel::new("Outage", "event", "s1").unwrap();
+        router
+            .publish(Envelope::new(channel, "application/msgpack", vec![0x80]))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("a delivery");
+        assert_eq!(
+            reconnections.load(Ordering::Acquire),
+            1,
+            "the reader reconnected again after a read that was late only because of the outage"
+        );
+        drop(subscription);
+        let key = router.shared().keys.stream("Outage");
         router.close().await.unwrap();
         let raw =
             fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())

@@ -192,8 +192,9 @@ pub(crate) fn fred_builder(settings: &Settings, config: Config, role: Role) -> B
         ..ConnectionConfig::default()
     };
     // A connection that stops answering (a network black hole) is closed and reconnected instead of
-    // waiting forever; blocking reads are excluded by fred, and a connection that writes nothing is
-    // never checked (the pub/sub subscriber sends PINGs for that: `pubsub::check_liveness`).
+    // waiting forever; blocking reads are excluded by fred (the Streams readers check theirs), and a
+    // connection that writes nothing is never checked (the pub/sub subscriber sends PINGs for that:
+    // `pubsub::check_liveness`).
     connection.unresponsive.max_timeout = Some(unresponsive_limit(settings.command_timeout));
     connection.unresponsive.interval = Duration::from_millis(500);
     builder.set_connection_config(connection);
@@ -201,8 +202,11 @@ pub(crate) fn fred_builder(settings: &Settings, config: Config, role: Role) -> B
     builder
 }
 
-/// How long fred lets a command go unanswered before it closes the connection and reconnects
-/// (checked every 500 ms). The pub/sub subscriber's liveness check waits as long for its `PING`.
+/// How long a connection may leave a command unanswered before it is taken for dead and made again:
+/// fred's check of every connection not blocked in a read (every 500 ms), the Streams readers' own
+/// check of their blocking reads (beyond `read_block`), and the pub/sub subscriber's liveness check,
+/// which waits as long for its `PING`. Never under 2 s: a command timeout set short for quick failures
+/// must not turn every slow moment of Redis into reconnections.
 pub(crate) fn unresponsive_limit(command_timeout: Duration) -> Duration {
     command_timeout.max(Duration::from_secs(2))
 }

@@ -42,7 +42,8 @@ use fred::types::config::Options;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::connection::{
-    Connecting, Role, is_nogroup, map_error, redact, watch_client, watch_connection_task,
+    Connecting, Role, is_nogroup, map_error, redact, unresponsive_limit, watch_client,
+    watch_connection_task,
 };
 use crate::counters::LogLimiter;
 use crate::hashing::FastState;
@@ -416,7 +417,7 @@ impl Reader {
         }
     }
 
-    /// A blocking read went unanswered for `read_block` plus the command timeout, which Redis never
+    /// A blocking read went unanswered for `read_block` plus [`unresponsive_limit`], which Redis never
     /// lets happen: the connection stopped answering (a silent network failure, nothing closed). fred
     /// does not check a connection blocked in a read for unresponsiveness, and queues every later
     /// command behind the lost read, until TCP gives up on the connection (many minutes): it is made
@@ -427,7 +428,7 @@ impl Reader {
             return;
         }
         tracing::warn!(
-            "a stream read got no answer within read_block plus the command timeout; the reader's \
+            "a stream read got no answer within read_block plus max(command_timeout, 2 s); the reader's \
              connection stopped answering and is made again"
         );
         let client = self.client.clone();
@@ -2200,7 +2201,9 @@ pub(crate) fn reader_gave_up_error(settings: &crate::builder::Settings) -> Strin
 async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
     let settings = &subscription.shared.settings;
     let options = Options {
-        timeout: Some(settings.read_block + settings.command_timeout),
+        // Past this without an answer the connection is taken for dead and made again (see
+        // `Reader::replace_silent_connection`), by the rule fred applies to the other connections.
+        timeout: Some(settings.read_block + unresponsive_limit(settings.command_timeout)),
         // A read cut off by a lost connection fails instead of being written again by fred: the entries
         // Redis handed out in the lost reply are recovered first, in order, before anything newer.
         max_attempts: Some(1),
@@ -3828,8 +3831,8 @@ mod tests {
 
     /// A reader whose connection stops answering (a silent network failure: nothing is closed, and
     /// nothing comes back) connects again once a blocking read went unanswered for `read_block` plus
-    /// the command timeout, and receives again once the network does. fred does not check a
-    /// connection blocked in a read for unresponsiveness: before, every later read (and a group's
+    /// the command timeout (at least 2 s), and receives again once the network does. fred does not
+    /// check a connection blocked in a read for unresponsiveness: before, every later read (and a group's
     /// recovery) waited behind the lost one on the dead connection, for as long as TCP took to give
     /// up on it (many minutes; for ever behind the proxy's black hole, which holds the bytes), while
     /// the pool reconnected and publishing worked.
@@ -3928,7 +3931,7 @@ mod tests {
             .mode(crate::DeliveryMode::Streams)
             .prefix(&prefix)
             .read_block(Duration::from_secs(1))
-            .command_timeout(Duration::from_secs(1))
+            .command_timeout(Duration::from_secs(2))
             .discovery_interval(Duration::from_secs(3600))
             .reconnect(agentcomm_core::backoff::Backoff::new(
                 Duration::from_millis(20),
@@ -3958,11 +3961,11 @@ mod tests {
                 counting.fetch_add(1, Ordering::AcqRel);
             }
         });
-        // Redis is unreachable for 1.5 s: the read written after the cut waits in fred's queue, is
-        // written once the reader reconnected (about 1.5 s), and its answer comes `read_block` later
-        // (about 2.5 s), after its limit of `read_block` plus the command timeout (about 2 s).
+        // Redis is unreachable for 2.5 s: the read written after the cut waits in fred's queue, is
+        // written once the reader reconnected (about 2.5 s), and its answer comes `read_block` later
+        // (about 3.5 s), after its limit of `read_block` plus the command timeout (about 3 s).
         let outage = tokio::time::Instant::now();
-        proxy.reject_for(Duration::from_millis(1500));
+        proxy.reject_for(Duration::from_millis(2500));
         proxy.cut_all();
         let until = outage + Duration::from_secs(10);
         while reconnections.load(Ordering::Acquire) == 0 {
@@ -3973,7 +3976,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Past the late read's limit, and past a reconnection it would have asked for.
-        tokio::time::sleep_until(outage + Duration::from_millis(3500)).await;
+        tokio::time::sleep_until(outage + Duration::from_millis(5000)).await;
         let channel = agentcomm_core::channel::Channel::new("Outage", "event", "s1").unwrap();
         router
             .publish(Envelope::new(channel, "application/msgpack", vec![0x80]))
@@ -3990,6 +3993,81 @@ mod tests {
         );
         drop(subscription);
         let key = router.shared().keys.stream("Outage");
+        router.close().await.unwrap();
+        let raw =
+            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
+                .build()
+                .unwrap();
+        raw.init().await.unwrap();
+        LostAck::remove_keys(&raw, &key).await;
+    }
+
+    /// A Redis that answers late for a moment, by more than the command timeout but less than the
+    /// limit fred applies to every other connection (`max(command_timeout, 2 s)` without an answer),
+    /// does not make the reader's connection again: with `max_reconnect_attempts(Some(0))` that ended
+    /// the subscription (health: "gave up reconnecting") while the pool rode through the same moment.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_answered_late_within_the_unresponsive_limit_keeps_the_connection() {
+        use agentcomm_core::router::Router;
+        let url = crate::unit_redis::url();
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
+            .await
+            .expect("start the fault proxy");
+        let prefix = crate::unit_redis::prefix();
+        let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+            .mode(crate::DeliveryMode::Streams)
+            .prefix(&prefix)
+            .read_block(Duration::from_millis(500))
+            .command_timeout(Duration::from_millis(500))
+            .discovery_interval(Duration::from_secs(3600))
+            .max_reconnect_attempts(Some(0));
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
+        };
+        let mut subscription = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Late:*:*").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let inner = router
+            .shared()
+            .stream_subscriptions()
+            .into_iter()
+            .next()
+            .expect("the subscription is registered");
+        // For 3 s every read on the quiet stream is answered after about 1.3 s: read_block, and 0.8 s
+        // more on the way, past read_block + command_timeout (1 s).
+        proxy.set_latency(Duration::from_millis(400));
+        let spike = tokio::time::Instant::now();
+        while spike.elapsed() < Duration::from_secs(3) {
+            assert!(
+                !inner.reader_gave_up_reconnecting(),
+                "the subscription ended after {:?} of a Redis answering 0.8 s late",
+                spike.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy.set_latency(Duration::ZERO);
+        let channel = agentcomm_core::channel::Channel::new("Late", "event", "s1").unwrap();
+        router
+            .publish(Envelope::new(channel, "application/msgpack", vec![0x80]))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("a delivery: the subscription did not end");
+        assert!(!inner.reader_gave_up_reconnecting());
+        drop(subscription);
+        let key = router.shared().keys.stream("Late");
         router.close().await.unwrap();
         let raw =
             fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())

@@ -627,10 +627,26 @@ impl PubSubHub {
     /// and `PSUBSCRIBE` to the node of the slot of the client's id; a plain `PING` could go to another
     /// node and be answered before the subscriptions are registered.
     async fn ping_subscriptions_node(&self) -> std::result::Result<(), fred::error::Error> {
+        self.ping_subscriptions_node_within(None).await
+    }
+
+    /// [`PubSubHub::ping_subscriptions_node`], failed by fred after `timeout` (`None`: the command
+    /// timeout).
+    async fn ping_subscriptions_node_within(
+        &self,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<(), fred::error::Error> {
         if self.client.is_clustered() {
             let slot = fred::util::redis_keyslot(self.client.id().as_bytes());
             let options = fred::types::config::Options {
                 cluster_hash: Some(fred::types::ClusterHash::Custom(slot)),
+                timeout,
+                ..Default::default()
+            };
+            let _: fred::types::Value = self.client.with_options(&options).ping(None).await?;
+        } else if timeout.is_some() {
+            let options = fred::types::config::Options {
+                timeout,
                 ..Default::default()
             };
             let _: fred::types::Value = self.client.with_options(&options).ping(None).await?;
@@ -671,7 +687,9 @@ const LIVENESS_MARGIN: Duration = Duration::from_secs(1);
 /// a connection that leaves it unanswered for `limit`, and reconnects (counted in `reconnects` and
 /// `connection_errors`); the restore round then subscribes again, and the publishers' sequence numbers
 /// count what was published meanwhile as `lost`. Should the connection still stand a second after
-/// that, having carried no message meanwhile, it is made again here, with a warning. No check runs
+/// that, having neither answered the `PING` nor carried a message meanwhile, it is made again here,
+/// with a warning. An answer is waited for that long whatever the command timeout: a connection that
+/// answers late, but before fred's limit, is kept. No check runs
 /// while the subscriber reconnects or restores its subscriptions (fred, and the restore round's own
 /// `PING`, look after it then); the task ends when the hub closes, gives up reconnecting, or is
 /// dropped.
@@ -696,20 +714,25 @@ async fn check_liveness(
         let before = *reconnections.borrow();
         // Says whether messages came in meanwhile: then the connection carries, only slowly.
         let heard = hub.client.message_rx();
+        // The answer is waited for until the check would act, not only for `limit` (nor for fred's
+        // command timeout, which may be shorter): an answer that comes late, but before fred found the
+        // connection unresponsive, shows that the connection carries.
+        let wait = limit + LIVENESS_MARGIN;
         let started = tokio::time::Instant::now();
         let answered = tokio::select! {
-            answered = tokio::time::timeout(limit, hub.ping_subscriptions_node()) => {
-                matches!(answered, Ok(Ok(())))
+            answered = tokio::time::timeout(wait, hub.ping_subscriptions_node_within(Some(wait))) => {
+                answered
             }
             _ = stopped.wait_for(|stopped| *stopped) => return,
         };
-        if answered {
-            continue;
-        }
-        // fred's own check closes the connection once the PING is unanswered for `limit`.
-        tokio::select! {
-            () = tokio::time::sleep_until(started + limit + LIVENESS_MARGIN) => {}
-            _ = stopped.wait_for(|stopped| *stopped) => return,
+        match answered {
+            Ok(Ok(())) => continue,
+            // fred's own check closes the connection once the PING is unanswered for `limit`.
+            Ok(Err(_)) => tokio::select! {
+                () = tokio::time::sleep_until(started + wait) => {}
+                _ = stopped.wait_for(|stopped| *stopped) => return,
+            },
+            Err(_) => {}
         }
         if hub.gave_up() {
             return;
@@ -2120,6 +2143,66 @@ mod tests {
         );
         drop(subscription);
         let _ = publisher.close().await;
+        let _ = router.close().await;
+    }
+
+    /// A subscriber connection that answers the liveness `PING` late, but within fred's own limit for
+    /// an unanswered command (`max(command_timeout, 2 s)`), is kept: no reconnection, no warning, and
+    /// nothing published meanwhile is lost. Before, with a `command_timeout` under 2 s, the `PING`
+    /// failed with fred's command timeout, its late answer was not looked at, and, no message having
+    /// arrived meanwhile, the check made the live connection again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_connection_that_answers_the_liveness_ping_late_is_kept() {
+        use std::sync::atomic::Ordering;
+        let prefix = crate::unit_redis::prefix();
+        // fred's limit for an unanswered command is then 2 s; the round trip below takes 0.4 s.
+        let Some((proxy, router)) = proxied_router_with(|builder| {
+            builder
+                .prefix(&prefix)
+                .command_timeout(Duration::from_millis(300))
+        })
+        .await
+        else {
+            return;
+        };
+        let pattern = ChannelPattern::parse("Late:event:s1").unwrap();
+        let mut subscription = router
+            .subscribe(SubscribeOptions::new(pattern))
+            .await
+            .unwrap();
+        let counters = router.shared().counters.clone();
+        let reconnects = counters.reconnects.load(Ordering::Relaxed);
+        let errors = counters.connection_errors.load(Ordering::Relaxed);
+        // Longer than the check's period (2 s), so that one of its PINGs is answered in 0.4 s.
+        proxy.set_latency(Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        proxy.set_latency(Duration::ZERO);
+        // Then the check would have made the connection again within 3 s of that PING.
+        let until = tokio::time::Instant::now() + Duration::from_secs(4);
+        while tokio::time::Instant::now() < until {
+            assert_eq!(
+                counters.reconnects.load(Ordering::Relaxed),
+                reconnects,
+                "the subscriber reconnected, though its connection answered in 0.4 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(counters.connection_errors.load(Ordering::Relaxed), errors);
+        // And it still receives.
+        router
+            .publish(Envelope::new(
+                parse_channel("Late:event:s1").unwrap(),
+                "application/json",
+                b"1".to_vec(),
+            ))
+            .await
+            .unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(5), subscription.next())
+            .await
+            .expect("a message after the slow PING")
+            .expect("a delivery");
+        delivery.ack().await.unwrap();
+        drop(subscription);
         let _ = router.close().await;
     }
 

@@ -44,9 +44,10 @@ pub enum DeliveryMode {
     PubSub,
 }
 
-/// The longest `connect_timeout`, `close_timeout` and `reorder_window` taken (a year): a longer one,
-/// `Duration::MAX` for "as long as it takes", is taken as this. Added to the clock, a longer one
-/// overflowed it: a panic in `connect`, in `close`, or in a pub/sub subscription's stream.
+/// The longest duration any setting of the builder takes (a year): a longer one, `Duration::MAX` for
+/// "as long as it takes", is taken as this. Added to the clock or to another setting, a longer one
+/// overflowed it: a panic in `connect`, in `close`, in a pub/sub subscription's stream, or in a Streams
+/// subscription's reader or lease renewals (which then delivered nothing).
 const LONGEST_WAIT: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// The largest [`RedisRouterBuilder::broadcast_capacity`]: 1,048,576 messages, about 730 MB of fred's
@@ -307,8 +308,9 @@ impl RedisRouterBuilder {
         self
     }
 
-    /// The limit on every command, waiting for a reconnection included (default 30 s). A publish that
-    /// cannot be confirmed in time fails with [`Error::Timeout`].
+    /// The limit on every command, waiting for a reconnection included (default 30 s; from 1 ms to a
+    /// year, a value outside taken as the nearest of the two). A publish that cannot be confirmed in
+    /// time fails with [`Error::Timeout`].
     ///
     /// It also bounds how long a connection that silently stopped answering (a NAT or firewall that
     /// dropped it, a partition: nothing is closed) goes unnoticed: a command unanswered for
@@ -317,7 +319,7 @@ impl RedisRouterBuilder {
     /// subscriber connection is made again, and its subscriptions restored, within about
     /// `2 × max(command_timeout, 2 s) + 1 s` (61 s by default).
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.command_timeout = timeout.max(Duration::from_millis(1));
+        self.settings.command_timeout = timeout.clamp(Duration::from_millis(1), LONGEST_WAIT);
         self
     }
 
@@ -356,9 +358,10 @@ impl RedisRouterBuilder {
 
     /// Streams: how long an entry may stay unacknowledged by a consumer that stopped renewing it before
     /// another member of its group takes it over (default 30 s). Live consumers renew what they hold,
-    /// so slow handlers are not robbed.
+    /// so slow handlers are not robbed. From 100 ms to a year, a value outside taken as the nearest of
+    /// the two.
     pub fn claim_idle(mut self, idle: Duration) -> Self {
-        self.settings.claim_idle = idle.max(Duration::from_millis(100));
+        self.settings.claim_idle = idle.clamp(Duration::from_millis(100), LONGEST_WAIT);
         self
     }
 
@@ -370,10 +373,10 @@ impl RedisRouterBuilder {
         self
     }
 
-    /// Streams: how long one blocking read waits for new entries (default 5 s). Closing a subscription
-    /// interrupts it.
+    /// Streams: how long one blocking read waits for new entries (default 5 s; from 1 ms to a year, a
+    /// value outside taken as the nearest of the two). Closing a subscription interrupts it.
     pub fn read_block(mut self, block: Duration) -> Self {
-        self.settings.read_block = block.max(Duration::from_millis(1));
+        self.settings.read_block = block.clamp(Duration::from_millis(1), LONGEST_WAIT);
         self
     }
 
@@ -385,9 +388,10 @@ impl RedisRouterBuilder {
 
     /// Streams: how often subscriptions with a wildcard class look for streams of new classes, and every
     /// subscription checks whether entries it had not read yet were trimmed (default 1 s). A stream found
-    /// late is read from its first entry, so nothing is missed.
+    /// late is read from its first entry, so nothing is missed. From 10 ms to a year, a value outside
+    /// taken as the nearest of the two.
     pub fn discovery_interval(mut self, interval: Duration) -> Self {
-        self.settings.discovery_interval = interval.max(Duration::from_millis(10));
+        self.settings.discovery_interval = interval.clamp(Duration::from_millis(10), LONGEST_WAIT);
         self
     }
 

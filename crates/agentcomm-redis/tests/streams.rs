@@ -2072,3 +2072,41 @@ fn a_delivery_and_a_router_dropped_outside_a_runtime_are_given_back_and_closed()
         async || proxy.stats().live == 0,
     ));
 }
+
+/// `Duration::MAX` ("as long as it takes") for the command timeout, the blocking read, the claim idle
+/// time and the discovery interval is taken (as a year), as it is for the connect and close timeouts.
+/// Before, a Streams subscription's tasks added them to the clock or to each other and panicked: its
+/// reader (`read_block` plus the command timeout) and its lease renewals (now plus a third of
+/// `claim_idle`). The subscription then delivered nothing, with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_stream_durations_are_taken_without_a_panic() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connected(
+        builder(DeliveryMode::Streams, &prefix)
+            .command_timeout(Duration::MAX)
+            .read_block(Duration::MAX)
+            .claim_idle(Duration::MAX)
+            .discovery_interval(Duration::MAX),
+    )
+    .await;
+    // A group: its leases are renewed, its idle entries looked for.
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Longest:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    router
+        .publish(envelope("Longest:event:s1", 1))
+        .await
+        .unwrap();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(number(&delivery), 1);
+    delivery.ack().await.unwrap();
+    within(WAIT, "closing the subscription", subscription.close())
+        .await
+        .unwrap();
+    within(WAIT, "closing", router.close()).await.unwrap();
+}

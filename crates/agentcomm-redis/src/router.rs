@@ -7,7 +7,7 @@ use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -244,6 +244,8 @@ pub(crate) struct Shared {
     closed: AtomicBool,
     /// Woken when the router closes (after `closed` is set): see [`Shared::closing`].
     closing: tokio::sync::Notify,
+    /// When `close` stops waiting for the publishes under way and quits the pool (set as it begins).
+    close_deadline: OnceLock<tokio::time::Instant>,
     /// Publishes under way that may still send a command after an await (see [`InFlight`]): `close`
     /// waits for them before it quits the pool.
     in_flight: AtomicU64,
@@ -442,6 +444,7 @@ impl RedisRouter {
             counters,
             closed: AtomicBool::new(false),
             closing: tokio::sync::Notify::new(),
+            close_deadline: OnceLock::new(),
             in_flight: AtomicU64::new(0),
             settled: tokio::sync::Notify::new(),
             gave_up: AtomicBool::new(false),
@@ -1321,7 +1324,15 @@ impl Shared {
         // Set when a chunk failed on a timeout or the connection: the rest is not sent (each chunk
         // would wait out the command timeout in turn), and can be published again safely.
         let mut cut_off = false;
+        // Set when a chunk ended after `close` stopped waiting for this batch: the rest is not sent
+        // and fails with `Closed`. Sent, the next chunk would go to the pool `close` quits, where fred
+        // keeps it until the command timeout: `Timeout`, and the rest "cannot reach redis".
+        let mut closing = false;
         for (index, envelope) in envelopes.into_iter().enumerate() {
+            if closing {
+                results[index] = Some(Err(closed_error()));
+                continue;
+            }
             if cut_off {
                 results[index] = Some(Err(Error::Connection {
                     backend: "redis",
@@ -1383,6 +1394,10 @@ impl Shared {
                     results[index] = Some(result);
                 }
             }
+            closing = self
+                .close_deadline
+                .get()
+                .is_some_and(|deadline| tokio::time::Instant::now() >= *deadline);
         }
         let results: Vec<Result<PublishOutcome>> = results
             .into_iter()
@@ -1765,6 +1780,7 @@ impl Shared {
         self.closing.notify_waiters();
         // One deadline for all the cleanup: with Redis gone, every command would wait its own timeout.
         let until = tokio::time::Instant::now() + self.settings.close_timeout;
+        let _ = self.close_deadline.set(until);
         let hub = self.hub.lock().expect("hub lock").take();
         let streams: Vec<Arc<StreamSubscription>> = self
             .streams

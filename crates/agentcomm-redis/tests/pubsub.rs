@@ -1544,3 +1544,70 @@ async fn publishes_racing_close_fail_with_closed() {
     }
     assert!(wrong.is_empty(), "{} publishes: {wrong:?}", wrong.len());
 }
+
+/// A large batch still under way when `close` stops waiting for it (`close_timeout`) sends no more of
+/// itself: the rest fails at once with `Closed`, and what it says went out is what the subscriber
+/// gets. Before, its next chunk went to the pool `close` had quit, where fred keeps a command until
+/// the command timeout: the batch took 30 s, that chunk failed with `Timeout` ("may have been
+/// published"), and the rest with "cannot reach redis .. publish it again once Redis is reachable",
+/// although Redis was fine and the application had closed the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_still_under_way_when_close_stops_waiting_fails_the_rest_with_closed() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let publisher =
+        connected(builder(DeliveryMode::PubSub, &prefix).close_timeout(Duration::from_millis(500)))
+            .await;
+    let receiver = connected(builder(DeliveryMode::PubSub, &prefix)).await;
+    let mut subscription = receiver
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Closing:event:s1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    // Far more than is sent in the half second `close` waits.
+    const BATCH: u32 = 200_000;
+    let batch: Vec<Envelope> = (0..BATCH)
+        .map(|n| envelope("Closing:event:s1", n))
+        .collect();
+    let publishing = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move { publisher.publish_batch(batch).await })
+    };
+    let mut received = 0usize;
+    while received < 1_000 {
+        next(&mut subscription).await.ack().await.unwrap();
+        received += 1;
+    }
+    within(Duration::from_secs(10), "closing", publisher.close())
+        .await
+        .unwrap();
+    let results = within(Duration::from_secs(10), "the rest of the batch", publishing)
+        .await
+        .unwrap();
+    let sent = results.iter().filter(|result| result.is_ok()).count();
+    let closed = results
+        .iter()
+        .filter(|result| matches!(result, Err(agentcomm_core::Error::Closed { .. })))
+        .count();
+    let other: Vec<String> = results
+        .iter()
+        .filter_map(|result| result.as_ref().err())
+        .filter(|error| !matches!(error, agentcomm_core::Error::Closed { .. }))
+        .take(3)
+        .map(ToString::to_string)
+        .collect();
+    assert!(other.is_empty(), "{other:?}");
+    assert!(closed > 0, "the whole batch was sent after close");
+    assert_eq!(sent + closed, BATCH as usize);
+    // What the results say went out arrives, and nothing else.
+    while received < sent {
+        next(&mut subscription).await.ack().await.unwrap();
+        received += 1;
+    }
+    assert_quiet(&mut subscription, Duration::from_millis(300)).await;
+    receiver.close().await.unwrap();
+}

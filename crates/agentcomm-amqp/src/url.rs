@@ -67,9 +67,10 @@ fn percent_decode(text: &str) -> Option<String> {
 }
 
 /// Whether `text` (what follows a '?') reads as query parameters: `key=value` pairs joined by '&',
-/// each key of lowercase letters and '_'.
+/// each key of lowercase letters and '_'. Empty pieces (`a=1&&b=2`, a leading or trailing '&') are
+/// skipped, as the parameters are read.
 fn reads_as_query(text: &str) -> bool {
-    text.split('&').all(|pair| {
+    text.split('&').filter(|pair| !pair.is_empty()).all(|pair| {
         pair.split_once('=').is_some_and(|(key, _)| {
             !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
         })
@@ -356,6 +357,20 @@ mod tests {
             assert_eq!(
                 (parsed.user.as_str(), parsed.host.as_str(), parsed.port),
                 (user, host, port)
+            );
+        }
+        // With empty pieces between the parameters (a template's empty part), which the parameters
+        // are read past: an '@' in a later value was refused as if it followed a password's '/'.
+        for url in [
+            "amqps://h/v?heartbeat=5&&cacertfile=/certs/ops@corp/ca.pem",
+            "amqps://h/v?&cacertfile=/certs/ops@corp/ca.pem",
+            "amqps://h?heartbeat=5&&cacertfile=/certs/ops@corp/ca.pem",
+        ] {
+            let parsed =
+                AmqpUrl::parse("url", url).unwrap_or_else(|error| panic!("{url}: {error}"));
+            assert_eq!(
+                (parsed.host.as_str(), parsed.ca_cert.as_deref()),
+                ("h", Some(std::path::Path::new("/certs/ops@corp/ca.pem")))
             );
         }
         let url = AmqpUrl::parse("url", "amqps://h?certfile=me@corp.pem&keyfile=k.pem").unwrap();

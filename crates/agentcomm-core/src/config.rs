@@ -95,7 +95,7 @@ impl fmt::Display for Backend {
 }
 
 /// The configuration read from the environment. `Debug` hides passwords.
-#[derive(Clone, PartialEq)]
+#[derive(Clone)]
 pub struct Config {
     backend: Backend,
     redis_url: String,
@@ -115,6 +115,26 @@ impl fmt::Debug for Config {
             .field("rabbitmq_url", &redact_url(&self.rabbitmq_url))
             .field("log_level", &self.log_level)
             .finish()
+    }
+}
+
+/// Compares what the configuration says, not where the env file that said it lies: the path is kept
+/// only to name the file in errors ([`Config::locate`]).
+impl PartialEq for Config {
+    fn eq(&self, other: &Self) -> bool {
+        let Config {
+            backend,
+            redis_url,
+            rabbitmq_url,
+            log_level,
+            file,
+            path: _,
+        } = self;
+        *backend == other.backend
+            && *redis_url == other.redis_url
+            && *rabbitmq_url == other.rabbitmq_url
+            && *log_level == other.log_level
+            && *file == other.file
     }
 }
 
@@ -798,6 +818,28 @@ mod tests {
             from_env.locate(bad("AGENTCOMM_TEST_ONLY_MODE")).to_string(),
             "AGENTCOMM_TEST_ONLY_MODE='kafka' is not valid: streams or pubsub"
         );
+    }
+
+    /// Where the env file lies is not part of what a configuration says: one loaded where there is
+    /// no env file equals the defaults (and one read from the environment alone), and two files that
+    /// say the same thing give equal configurations. Before, the path kept for `locate` made them
+    /// differ.
+    #[test]
+    fn the_env_files_path_does_not_change_equality() {
+        let no_file = Config::from_file_and(Path::new("/srv/app/.env"), HashMap::new(), |_| None);
+        assert_eq!(no_file.unwrap(), Config::default());
+        let text = "MESSAGING_BACKEND=redis\nREDIS_DELIVERY_MODE=pubsub\n";
+        let one = Config::from_file_and(Path::new("/a/.env"), parse_env_file(text), |_| None);
+        let other = Config::from_file_and(Path::new("/b/.env"), parse_env_file(text), |_| None);
+        assert_eq!(one.unwrap(), other.unwrap());
+        // What the file says still counts.
+        let pubsub = Config::from_file_and(Path::new("/a/.env"), parse_env_file(text), |_| None);
+        let streams = Config::from_file_and(
+            Path::new("/a/.env"),
+            parse_env_file("MESSAGING_BACKEND=redis\nREDIS_DELIVERY_MODE=streams\n"),
+            |_| None,
+        );
+        assert_ne!(pubsub.unwrap(), streams.unwrap());
     }
 
     #[test]

@@ -223,13 +223,18 @@ pub mod rules {
     pub type NestedPath<'a> = &'a dyn Fn() -> String;
 
     /// [`Nested`] for a derived message (the derive implements it with this): its rules, the error's
-    /// field prefixed with `path`.
+    /// field prefixed with `path` (the path alone for an error that names no field, about the whole
+    /// message).
     pub fn nested_message<M: super::Message>(
         message: &M,
         path: NestedPath<'_>,
     ) -> Result<(), ValidationError> {
         message.validate().map_err(|error| ValidationError {
-            field: format!("{}.{}", path(), error.field).into(),
+            field: match error.field.as_ref() {
+                "" => path(),
+                field => format!("{}.{field}", path()),
+            }
+            .into(),
             ..error
         })
     }

@@ -428,6 +428,43 @@ fn nested_messages_are_checked_and_the_error_names_the_path() {
     );
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(validate = Self::check)]
+struct Range {
+    low: u32,
+    high: u32,
+}
+
+impl Range {
+    /// An error about the whole message: it names no field.
+    fn check(&self) -> Result<(), ValidationError> {
+        match self.low <= self.high {
+            true => Ok(()),
+            false => Err(ValidationError::new("", "low_above_high")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Report {
+    #[message(nested)]
+    ranges: Vec<Range>,
+}
+
+/// A nested message's error that names no field (its type's `validate` speaks of the whole message)
+/// is named by the path to that message. Before, the path ended in a dot: `ranges[1].`.
+#[test]
+fn a_nested_error_about_the_whole_message_is_named_by_its_path() {
+    let report = Report {
+        ranges: vec![Range { low: 1, high: 2 }, Range { low: 3, high: 2 }],
+    };
+    let error = report.validate().unwrap_err();
+    assert_eq!(
+        (error.field(), error.rule()),
+        ("ranges[1]", "low_above_high")
+    );
+}
+
 /// A nested rule that breaks refuses the publish, as the message's own rules do.
 #[tokio::test]
 async fn a_message_with_an_invalid_nested_message_is_not_published() {

@@ -105,12 +105,12 @@ impl AmqpUrl {
         }
         // A '/' in the user name or password, not percent-encoded, ends the authority early in the
         // same way: `user:12/secret@host` read as host `user`, port 12 and virtual host `secret@host`
-        // (logging in as guest). An '@' after the authority's end, with none in it, gives it away,
-        // unless it stands in query parameters. An '@' in a virtual host is refused with it: `%40`.
+        // (logging in as guest). An '@' after the authority's end gives it away, unless it stands in
+        // query parameters, also where the authority has one: a password with an unencoded '@'
+        // before its '/' (`user:p@ss/word@host`) was read as host `ss` and virtual host `word@host`,
+        // and `user:p@ss#word@host` as host `ss`. An '@' in a virtual host is refused with it: `%40`.
         let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if !rest[..authority_end].contains('@')
-            && let Some(at) = rest[authority_end..].find('@')
-        {
+        if let Some(at) = rest[authority_end..].find('@') {
             let before_at = &rest[authority_end..authority_end + at];
             let in_query = before_at.find(['?', '#']).is_some_and(|mark| {
                 before_at[mark..].starts_with('?') && reads_as_query(&before_at[mark + 1..])
@@ -119,7 +119,14 @@ impl AmqpUrl {
                 return Err(invalid(
                     variable,
                     url,
-                    "an '@' follows a '/' before the host: a '/' in the user name or password must be percent-encoded (%2F), and an '@' in the virtual host (%40)",
+                    match before_at.starts_with('/') {
+                        true => {
+                            "an '@' follows a '/' before the host: a '/' in the user name or password must be percent-encoded (%2F), and an '@' in the virtual host (%40)"
+                        }
+                        false => {
+                            "an '@' follows a '?' or '#' before the host: a '?' or '#' in the user name or password must be percent-encoded (%3F, %23)"
+                        }
+                    },
                 ));
             }
         }
@@ -419,6 +426,20 @@ mod tests {
                 "must be percent-encoded (%2F)",
             ),
             ("amqp://h/team@prod", "an '@' in the virtual host (%40)"),
+            // An '@' in the password before its '/', '?' or '#': read as host `ss` before.
+            (
+                "amqp://u:p@ss/wordsecret@h",
+                "must be percent-encoded (%2F)",
+            ),
+            (
+                "amqp://u:p@ss/wordsecret@h:5672",
+                "must be percent-encoded (%2F)",
+            ),
+            (
+                "amqp://u:p@ss#wordsecret@h",
+                "must be percent-encoded (%3F, %23)",
+            ),
+            ("amqp://u:p@h/team@prod", "an '@' in the virtual host (%40)"),
         ] {
             let error = AmqpUrl::parse("RABBITMQ_URL", url).unwrap_err().to_string();
             assert!(error.contains(expected), "{url}: {error}");

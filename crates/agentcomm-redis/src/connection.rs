@@ -52,8 +52,9 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
 /// A hint for a URL fred could not read whose password (it seems) holds a `/`, `?` or `#` that is not
 /// percent-encoded: its authority ends there, so fred reads a port, host or database out of the
 /// password ("InvalidPort", "Invalid integer string"), naming nothing the user wrote. Given when an `@`
-/// comes after the authority's end and none is in it, unless that `@` stands in query parameters (a
-/// Sentinel password).
+/// comes after the authority's end, unless that `@` stands in query parameters (a Sentinel password);
+/// also when the authority has one, a password with an unencoded `@` before its `/`
+/// (`u:p@ss/word@host`).
 fn unencoded_password_hint(url: &str) -> &'static str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -69,9 +70,7 @@ fn unencoded_password_hint(url: &str) -> &'static str {
                 })
         })
     };
-    if !rest[..authority_end].contains('@')
-        && tail.find('@').is_some_and(|at| !in_query(&tail[..at]))
-    {
+    if tail.find('@').is_some_and(|at| !in_query(&tail[..at])) {
         " (a '/', '?' or '#' in the password must be percent-encoded: %2F, %3F, %23)"
     } else {
         ""
@@ -557,8 +556,9 @@ mod tests {
 
     /// A password holding an unencoded `/`, `?` or `#` ends the URL's authority early, and fred's
     /// error named a port or a number ("InvalidPort", "Invalid integer string"): the error now says to
-    /// percent-encode them, and shows no password. The hint is not given where the `@` stands in
-    /// query parameters, or where the authority has one.
+    /// percent-encode them, and shows no password. The hint is not given where no `@` follows the
+    /// authority's end, or where it stands in query parameters; it is where the authority has an `@`
+    /// of its own too (a password with an unencoded `@` before its `/`).
     #[test]
     fn a_password_with_an_unencoded_slash_question_mark_or_hash_is_named_in_the_error() {
         let hint = "must be percent-encoded: %2F, %3F, %23";
@@ -568,6 +568,8 @@ mod tests {
             "redis://:12/secret@h",
             "redis://u:se?cret@h:6379",
             "redis://u:se#cret@h:6379",
+            // An unencoded '@' before the '/': fred read host `se` and database `cret@h:6379`.
+            "redis://u:p@se/cret@h:6379",
         ] {
             let error = refused(url);
             assert!(error.contains(hint), "{url}: {error}");

@@ -67,12 +67,16 @@ fn percent_decode(text: &str) -> Option<String> {
 }
 
 /// Whether `text` (what follows a '?') reads as query parameters: `key=value` pairs joined by '&',
-/// each key of lowercase letters and '_'. Empty pieces (`a=1&&b=2`, a leading or trailing '&') are
-/// skipped, as the parameters are read.
+/// each key of letters, digits, '_', '-' and '.' (other clients' parameters are taken and ignored,
+/// whatever their names' case). Empty pieces (`a=1&&b=2`, a leading or trailing '&') are skipped, as
+/// the parameters are read.
 fn reads_as_query(text: &str) -> bool {
     text.split('&').filter(|pair| !pair.is_empty()).all(|pair| {
         pair.split_once('=').is_some_and(|(key, _)| {
-            !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            !key.is_empty()
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
         })
     })
 }
@@ -372,6 +376,10 @@ mod tests {
             "amqps://h/v?heartbeat=5&&cacertfile=/certs/ops@corp/ca.pem",
             "amqps://h/v?&cacertfile=/certs/ops@corp/ca.pem",
             "amqps://h?heartbeat=5&&cacertfile=/certs/ops@corp/ca.pem",
+            // Other clients' parameters, whose names need not be lowercase letters.
+            "amqps://h/v?tls13=1&cacertfile=/certs/ops@corp/ca.pem",
+            "amqps://u:p@h/v?Verify=verify_peer&cacertfile=/certs/ops@corp/ca.pem",
+            "amqps://h?x-client.name=a&cacertfile=/certs/ops@corp/ca.pem",
         ] {
             let parsed =
                 AmqpUrl::parse("url", url).unwrap_or_else(|error| panic!("{url}: {error}"));

@@ -62,12 +62,15 @@ fn unencoded_password_hint(url: &str) -> &'static str {
     let in_query = |before_at: &str| {
         before_at.find(['?', '#']).is_some_and(|mark| {
             before_at[mark..].starts_with('?')
-                && before_at[mark + 1..].split('&').all(|pair| {
-                    pair.split_once('=').is_some_and(|(key, _)| {
-                        !key.is_empty()
-                            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && before_at[mark + 1..]
+                    .split('&')
+                    .filter(|pair| !pair.is_empty())
+                    .all(|pair| {
+                        pair.split_once('=').is_some_and(|(key, _)| {
+                            !key.is_empty()
+                                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                        })
                     })
-                })
         })
     };
     if tail.find('@').is_some_and(|at| !in_query(&tail[..at])) {
@@ -581,6 +584,8 @@ mod tests {
         for url in [
             "redis://u:pw@h:99999",
             "redis-sentinel://h:26379/x?sentinelServiceName=m&sentinelPassword=p@ss",
+            // Empty pieces between the parameters are read past, as fred does.
+            "redis-sentinel://h:99999/0?sentinelServiceName=m&&sentinelPassword=p@ss",
         ] {
             let error = refused(url);
             assert!(!error.contains(hint), "{url}: {error}");

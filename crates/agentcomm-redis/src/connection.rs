@@ -31,6 +31,21 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
         true => format!("redis+unix://{}", &raw[7..]),
         false => raw.to_string(),
     };
+    // A password with an unencoded '?' or '#' that fred can still read is read wrongly, silently:
+    // `redis://u:12#secret@h` as host `u`, port 12 and no password. An '@' after the authority's end
+    // (outside query parameters) is never part of a server URL, so such a URL is refused; a Unix
+    // socket's path may hold one.
+    let socket = url
+        .split_once("://")
+        .is_some_and(|(scheme, _)| scheme.to_ascii_lowercase().ends_with("+unix"));
+    let hint = unencoded_password_hint(&url);
+    if !socket && !hint.is_empty() {
+        return Err(Error::Config {
+            variable: "Redis URL".into(),
+            value: redact(&settings.url),
+            expected: format!("an '@' follows the host's end{hint}; accepted: {ACCEPTED_URLS}"),
+        });
+    }
     let mut config = Config::from_url(&url).map_err(|error| Error::Config {
         variable: "Redis URL".into(),
         value: redact(&settings.url),
@@ -68,7 +83,9 @@ fn unencoded_password_hint(url: &str) -> &'static str {
                     .all(|pair| {
                         pair.split_once('=').is_some_and(|(key, _)| {
                             !key.is_empty()
-                                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                                && key.bytes().all(|b| {
+                                    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
+                                })
                         })
                     })
         })
@@ -573,6 +590,11 @@ mod tests {
             "redis://u:se#cret@h:6379",
             // An unencoded '@' before the '/': fred read host `se` and database `cret@h:6379`.
             "redis://u:p@se/cret@h:6379",
+            // Taken by fred, wrongly: host `u`, port 12, no password; host `se`, password `p`.
+            "redis://u:12#secret@h",
+            "redis://u:12?secret@h:6379",
+            "redis://u:p@se#cret@h:6379",
+            "rediss://:12#secret@h",
         ] {
             let error = refused(url);
             assert!(error.contains(hint), "{url}: {error}");
@@ -607,6 +629,9 @@ mod tests {
             "redis://127.0.0.1:6379\n",
             " redis://127.0.0.1:6379 ",
             "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=m&sentinelPassword=p@ss:word",
+            // A socket's path may hold an '@'.
+            "unix:///run/user@1000/redis.sock",
+            "redis+unix:///run/user@1000/redis.sock",
         ] {
             if let Err(error) = fred_config(&Settings::for_tests(url)) {
                 panic!("{url:?} was refused: {error}");

@@ -67,26 +67,28 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
 /// A hint for a URL fred could not read whose password (it seems) holds a `/`, `?` or `#` that is not
 /// percent-encoded: its authority ends there, so fred reads a port, host or database out of the
 /// password ("InvalidPort", "Invalid integer string"), naming nothing the user wrote. Given when an `@`
-/// comes after the authority's end, unless that `@` stands in query parameters (a Sentinel password);
-/// also when the authority has one, a password with an unencoded `@` before its `/`
-/// (`u:p@ss/word@host`).
+/// comes after the authority's end, unless that `@` stands in the value of a query parameter fred reads
+/// (a Sentinel user name, password or service name), with no `#` before it; also when the authority
+/// has one, a password with an unencoded `@` before its `/` (`u:p@ss/word@host`). Any `key=value`
+/// before the `@` was not enough: the password `12?a=b` in `redis://u:12?a=b@h` was read as host `u`,
+/// port 12, and a bare parameter (`&flag&`) before a Sentinel password made a URL fred reads refused.
 fn unencoded_password_hint(url: &str) -> &'static str {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let tail = &rest[authority_end..];
     let in_query = |before_at: &str| {
-        before_at.find(['?', '#']).is_some_and(|mark| {
-            before_at[mark..].starts_with('?')
-                && before_at[mark + 1..]
-                    .split('&')
-                    .filter(|pair| !pair.is_empty())
-                    .all(|pair| {
-                        pair.split_once('=').is_some_and(|(key, _)| {
-                            !key.is_empty()
-                                && key.bytes().all(|b| {
-                                    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
-                                })
-                        })
+        before_at.split_once('?').is_some_and(|(path, query)| {
+            !path.contains('#')
+                && !query.contains('#')
+                && query
+                    .rsplit('&')
+                    .next()
+                    .and_then(|piece| piece.split_once('='))
+                    .is_some_and(|(key, _)| {
+                        matches!(
+                            key,
+                            "sentinelServiceName" | "sentinelUsername" | "sentinelPassword"
+                        )
                     })
         })
     };
@@ -595,6 +597,11 @@ mod tests {
             "redis://u:12?secret@h:6379",
             "redis://u:p@se#cret@h:6379",
             "rediss://:12#secret@h",
+            // A password whose end after the '?' reads as a parameter: host `u`, port 12, before.
+            "redis://u:12?se=cret@h",
+            "redis://u:6379?a=b&se=cret@h:6380/0",
+            // A '#' in a Sentinel password: fred read the password `p`.
+            "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=p#se@cret",
         ] {
             let error = refused(url);
             assert!(error.contains(hint), "{url}: {error}");
@@ -632,6 +639,9 @@ mod tests {
             // A socket's path may hold an '@'.
             "unix:///run/user@1000/redis.sock",
             "redis+unix:///run/user@1000/redis.sock",
+            // A parameter without a value, which fred reads past, before a Sentinel password.
+            "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=m&tls&sentinelPassword=p@ss",
+            "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=m&sentinelUsername=u@corp&sentinelPassword=p@ss",
         ] {
             if let Err(error) = fred_config(&Settings::for_tests(url)) {
                 panic!("{url:?} was refused: {error}");

@@ -314,7 +314,9 @@ impl RedisRouterBuilder {
     ///
     /// It also bounds how long a connection that silently stopped answering (a NAT or firewall that
     /// dropped it, a partition: nothing is closed) goes unnoticed: a command unanswered for
-    /// `max(command_timeout, 2 s)` makes its connection again. The pub/sub subscriber, which writes
+    /// `max(command_timeout, 2 s)` makes its connection again (a Streams reader's blocking read:
+    /// unanswered for `read_block` plus that, or about twice as long just after a reconnection, see
+    /// `docs/redis.md`). The pub/sub subscriber, which writes
     /// nothing of its own, is checked with a `PING` that often while it has subscriptions: a silent
     /// subscriber connection is made again, and its subscriptions restored, within about
     /// `2 × max(command_timeout, 2 s) + 1 s` (61 s by default).

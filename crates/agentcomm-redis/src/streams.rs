@@ -437,6 +437,39 @@ impl Reader {
         });
     }
 
+    /// A read timed out after the reader reconnected: it may have waited for the reconnection in fred's
+    /// queue, and be answered late on a connection that works, or the new connection went silent too.
+    /// With that read unanswered, fred does not check the connection for unresponsiveness (it counts
+    /// as blocked), and the group's recovery, which only queues behind the read, would fail with
+    /// timeouts for ever without making it again. A `PING` written behind the read is answered on a
+    /// working connection as soon as the read is (within `read_block`); unanswered for `within` (the
+    /// read's limit), the connection is made again. In the background: the read loop goes on.
+    fn replace_if_silent(
+        self: &Arc<Self>,
+        subscription: &Arc<StreamSubscription>,
+        within: Duration,
+    ) {
+        let reader = self.clone();
+        let subscription = Arc::downgrade(subscription);
+        tokio::spawn(async move {
+            let options = Options {
+                timeout: Some(within),
+                max_attempts: Some(1),
+                ..Options::default()
+            };
+            let answer: std::result::Result<fred::types::Value, fred::error::Error> =
+                reader.client.with_options(&options).ping(None).await;
+            if let Err(error) = answer
+                && *error.kind() == fred::error::ErrorKind::Timeout
+                && subscription
+                    .upgrade()
+                    .is_some_and(|subscription| !subscription.is_closed())
+            {
+                reader.replace_silent_connection();
+            }
+        });
+    }
+
     /// Interrupts this reader's blocking read as if it timed out (`CLIENT UNBLOCK .. TIMEOUT`), so no
     /// entry it took is lost; waits at most 2 s for Redis to answer.
     async fn interrupt(&self) {
@@ -2394,13 +2427,17 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                     break;
                 }
                 recover = true;
-                // Not when the reader reconnected since the read was written (`rescan`): a read that
-                // waited out an outage in fred's queue is answered on the new connection, `read_block`
-                // after it was made, which may be past its limit. The connection answers.
-                if *error.kind() == fred::error::ErrorKind::Timeout
-                    && !reader.rescan.load(Ordering::Acquire)
-                {
-                    reader.replace_silent_connection();
+                if *error.kind() == fred::error::ErrorKind::Timeout {
+                    if reader.rescan.load(Ordering::Acquire) {
+                        // The reader reconnected since the read was written: a read that waited out
+                        // an outage in fred's queue is answered on the new connection `read_block`
+                        // after it was made, which may be past its limit; or the new connection went
+                        // silent too. A `PING` tells the two apart.
+                        reader
+                            .replace_if_silent(&subscription, options.timeout.unwrap_or_default());
+                    } else {
+                        reader.replace_silent_connection();
+                    }
                 }
                 let error = map_error(&error, settings, "reading a stream");
                 backoff(&subscription, &reader, &mut failures, &error).await;
@@ -4071,6 +4108,100 @@ mod tests {
         assert!(!inner.reader_gave_up_reconnecting());
         drop(subscription);
         let key = router.shared().keys.stream("Late");
+        router.close().await.unwrap();
+        let raw =
+            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
+                .build()
+                .unwrap();
+        raw.init().await.unwrap();
+        LostAck::remove_keys(&raw, &key).await;
+    }
+
+    /// A group reader whose new connection goes silent just after a reconnection (an outage, then a
+    /// network that drops the fresh connection's state) is made again all the same. The read written
+    /// on it is late, as a read that waited for the reconnection is, so it does not by itself make the
+    /// connection again; before, nothing else did: with that read unanswered fred takes the connection
+    /// for blocked and does not check it, and the group's recovery that follows failed with a timeout
+    /// every command timeout, for ever, the subscription delivering nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_reader_whose_new_connection_goes_silent_connects_again() {
+        use agentcomm_core::router::Router;
+        use fred::interfaces::EventInterface;
+        let url = crate::unit_redis::url();
+        let Some(target) = url
+            .strip_prefix("redis://")
+            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+        else {
+            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+            return;
+        };
+        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
+            .await
+            .expect("start the fault proxy");
+        let prefix = crate::unit_redis::prefix();
+        let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+            .mode(crate::DeliveryMode::Streams)
+            .prefix(&prefix)
+            .read_block(Duration::from_secs(1))
+            .command_timeout(Duration::from_secs(2))
+            .discovery_interval(Duration::from_secs(3600))
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            ));
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
+        };
+        let mut subscription = router
+            .subscribe(
+                SubscribeOptions::new(ChannelPattern::parse("Relapse:*:*").unwrap()).group("g"),
+            )
+            .await
+            .unwrap();
+        let inner = router
+            .shared()
+            .stream_subscriptions()
+            .into_iter()
+            .next()
+            .expect("the subscription is registered");
+        let reader = inner.readers.lock().unwrap()[0].clone();
+        let mut events = reader.client.reconnect_rx();
+        proxy.reject_for(Duration::from_millis(1200));
+        proxy.cut_all();
+        tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("the reader reconnects within 10 s")
+            .expect("a reconnection");
+        // The reader recovers and writes its next read on the new connection; then it goes silent.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.silence_live();
+        // The read's limit is read_block + 2 s (3 s), and the PING's as long again.
+        tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("the reader connects again within 10 s of its new connection going silent")
+            .expect("a reconnection");
+        // Published by a router of its own: the pool's connections went silent too.
+        let publisher = crate::unit_redis::connect(
+            crate::RedisRouter::builder(url.clone())
+                .mode(crate::DeliveryMode::Streams)
+                .prefix(&prefix),
+            &url,
+        )
+        .await
+        .expect("a publisher");
+        let channel = agentcomm_core::channel::Channel::new("Relapse", "event", "s1").unwrap();
+        publisher
+            .publish(Envelope::new(channel, "application/msgpack", vec![0x80]))
+            .await
+            .unwrap();
+        publisher.close().await.unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("a delivery");
+        delivery.ack().await.unwrap();
+        drop(subscription);
+        let key = router.shared().keys.stream("Relapse");
         router.close().await.unwrap();
         let raw =
             fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())

@@ -1412,17 +1412,7 @@ mod tests {
         configure: impl FnOnce(crate::RedisRouterBuilder) -> crate::RedisRouterBuilder,
     ) -> Option<(agentcomm_testkit::proxy::FaultProxy, crate::RedisRouter)> {
         let url = crate::unit_redis::url();
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
-            return None;
-        };
-        let Ok(proxy) = agentcomm_testkit::proxy::FaultProxy::start(target).await else {
-            println!("skipped: no fault proxy");
-            return None;
-        };
+        let proxy = crate::unit_redis::loopback_proxy(&url).await?;
         let proxied = format!("redis://{}", proxy.local_addr());
         let router = pubsub_router(&proxied, &url, |builder| {
             configure(builder.command_timeout(Duration::from_secs(10)))

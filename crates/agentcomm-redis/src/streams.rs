@@ -3782,6 +3782,39 @@ mod tests {
         lost.end().await;
     }
 
+    /// A Streams router's builder through `proxy`, under a prefix of its own, that reconnects at once
+    /// (20–50 ms) and checks for new streams only hourly: nothing but its readers talks to Redis.
+    fn quiet_streams_builder(
+        proxy: &agentcomm_testkit::proxy::FaultProxy,
+        read_block: Duration,
+        command_timeout: Duration,
+    ) -> crate::RedisRouterBuilder {
+        crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+            .mode(crate::DeliveryMode::Streams)
+            .prefix(crate::unit_redis::prefix())
+            .read_block(read_block)
+            .command_timeout(command_timeout)
+            .discovery_interval(Duration::from_secs(3600))
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(50),
+            ))
+    }
+
+    /// Closes `router`, then removes the keys of its prefix (found from the stream of `class`) with a
+    /// client of its own to the Redis at `url`.
+    async fn close_and_remove_keys(router: crate::RedisRouter, url: &str, class: &str) {
+        use agentcomm_core::router::Router;
+        let key = router.shared().keys.stream(class);
+        router.close().await.unwrap();
+        let raw =
+            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(url).unwrap())
+                .build()
+                .unwrap();
+        raw.init().await.unwrap();
+        LostAck::remove_keys(&raw, &key).await;
+    }
+
     /// A subscription whose own reading connection gives up reconnecting (`max_reconnect_attempts`)
     /// while the pool's connections stay up ends, and health says why and names the setting; the
     /// router still publishes. Before, fred's connection task of the reader ended for good, every read
@@ -3791,16 +3824,9 @@ mod tests {
     async fn a_subscription_whose_reader_gave_up_reconnecting_ends_and_health_says_why() {
         use agentcomm_core::router::{HealthStatus, Router};
         let url = crate::unit_redis::url();
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+        let Some(proxy) = crate::unit_redis::loopback_proxy(&url).await else {
             return;
         };
-        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
-            .await
-            .expect("start the fault proxy");
         let prefix = crate::unit_redis::prefix();
         let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
             .mode(crate::DeliveryMode::Streams)
@@ -3859,14 +3885,7 @@ mod tests {
             .expect("the pool still publishes");
         drop(subscription);
         proxy.reject_for(Duration::ZERO);
-        let key = router.shared().keys.stream("Gone");
-        router.close().await.unwrap();
-        let raw =
-            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
-                .build()
-                .unwrap();
-        raw.init().await.unwrap();
-        LostAck::remove_keys(&raw, &key).await;
+        close_and_remove_keys(router, &url, "Gone").await;
     }
 
     /// A reader whose connection stops answering (a silent network failure: nothing is closed, and
@@ -3880,29 +3899,13 @@ mod tests {
     async fn a_reader_whose_connection_stops_answering_connects_again() {
         use agentcomm_core::router::Router;
         let url = crate::unit_redis::url();
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+        let Some(proxy) = crate::unit_redis::loopback_proxy(&url).await else {
             return;
         };
-        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
-            .await
-            .expect("start the fault proxy");
-        let prefix = crate::unit_redis::prefix();
         // Nothing but the reader talks to Redis while the black hole lasts: a fan-out subscription
         // (no leases, no reclaim rounds) whose trimming checks wait an hour.
-        let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
-            .mode(crate::DeliveryMode::Streams)
-            .prefix(&prefix)
-            .read_block(Duration::from_millis(200))
-            .command_timeout(Duration::from_secs(1))
-            .discovery_interval(Duration::from_secs(3600))
-            .reconnect(agentcomm_core::backoff::Backoff::new(
-                Duration::from_millis(20),
-                Duration::from_millis(50),
-            ));
+        let builder =
+            quiet_streams_builder(&proxy, Duration::from_millis(200), Duration::from_secs(1));
         let Some(router) = crate::unit_redis::connect(builder, &url).await else {
             return;
         };
@@ -3934,14 +3937,7 @@ mod tests {
             .expect("a delivery");
         delivery.ack().await.unwrap();
         drop(subscription);
-        let key = router.shared().keys.stream("Quiet");
-        router.close().await.unwrap();
-        let raw =
-            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
-                .build()
-                .unwrap();
-        raw.init().await.unwrap();
-        LostAck::remove_keys(&raw, &key).await;
+        close_and_remove_keys(router, &url, "Quiet").await;
     }
 
     /// A read written while the reader was reconnecting after an ordinary outage, and answered late
@@ -3955,28 +3951,11 @@ mod tests {
         use agentcomm_core::router::Router;
         use fred::interfaces::EventInterface;
         let url = crate::unit_redis::url();
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+        let Some(proxy) = crate::unit_redis::loopback_proxy(&url).await else {
             return;
         };
-        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
-            .await
-            .expect("start the fault proxy");
-        let prefix = crate::unit_redis::prefix();
         // A fan-out subscription on a quiet stream: every read blocks for the whole `read_block`.
-        let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
-            .mode(crate::DeliveryMode::Streams)
-            .prefix(&prefix)
-            .read_block(Duration::from_secs(1))
-            .command_timeout(Duration::from_secs(2))
-            .discovery_interval(Duration::from_secs(3600))
-            .reconnect(agentcomm_core::backoff::Backoff::new(
-                Duration::from_millis(20),
-                Duration::from_millis(50),
-            ));
+        let builder = quiet_streams_builder(&proxy, Duration::from_secs(1), Duration::from_secs(2));
         let Some(router) = crate::unit_redis::connect(builder, &url).await else {
             return;
         };
@@ -4032,14 +4011,7 @@ mod tests {
             "the reader reconnected again after a read that was late only because of the outage"
         );
         drop(subscription);
-        let key = router.shared().keys.stream("Outage");
-        router.close().await.unwrap();
-        let raw =
-            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
-                .build()
-                .unwrap();
-        raw.init().await.unwrap();
-        LostAck::remove_keys(&raw, &key).await;
+        close_and_remove_keys(router, &url, "Outage").await;
     }
 
     /// A Redis that answers late for a moment, by more than the command timeout but less than the
@@ -4050,16 +4022,9 @@ mod tests {
     async fn a_read_answered_late_within_the_unresponsive_limit_keeps_the_connection() {
         use agentcomm_core::router::Router;
         let url = crate::unit_redis::url();
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+        let Some(proxy) = crate::unit_redis::loopback_proxy(&url).await else {
             return;
         };
-        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
-            .await
-            .expect("start the fault proxy");
         let prefix = crate::unit_redis::prefix();
         let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
             .mode(crate::DeliveryMode::Streams)
@@ -4107,14 +4072,7 @@ mod tests {
             .expect("a delivery: the subscription did not end");
         assert!(!inner.reader_gave_up_reconnecting());
         drop(subscription);
-        let key = router.shared().keys.stream("Late");
-        router.close().await.unwrap();
-        let raw =
-            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
-                .build()
-                .unwrap();
-        raw.init().await.unwrap();
-        LostAck::remove_keys(&raw, &key).await;
+        close_and_remove_keys(router, &url, "Late").await;
     }
 
     /// A group reader whose new connection goes silent just after a reconnection (an outage, then a
@@ -4128,27 +4086,10 @@ mod tests {
         use agentcomm_core::router::Router;
         use fred::interfaces::EventInterface;
         let url = crate::unit_redis::url();
-        let Some(target) = url
-            .strip_prefix("redis://")
-            .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-        else {
-            println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+        let Some(proxy) = crate::unit_redis::loopback_proxy(&url).await else {
             return;
         };
-        let proxy = agentcomm_testkit::proxy::FaultProxy::start(target)
-            .await
-            .expect("start the fault proxy");
-        let prefix = crate::unit_redis::prefix();
-        let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
-            .mode(crate::DeliveryMode::Streams)
-            .prefix(&prefix)
-            .read_block(Duration::from_secs(1))
-            .command_timeout(Duration::from_secs(2))
-            .discovery_interval(Duration::from_secs(3600))
-            .reconnect(agentcomm_core::backoff::Backoff::new(
-                Duration::from_millis(20),
-                Duration::from_millis(50),
-            ));
+        let builder = quiet_streams_builder(&proxy, Duration::from_secs(1), Duration::from_secs(2));
         let Some(router) = crate::unit_redis::connect(builder, &url).await else {
             return;
         };
@@ -4184,7 +4125,7 @@ mod tests {
         let publisher = crate::unit_redis::connect(
             crate::RedisRouter::builder(url.clone())
                 .mode(crate::DeliveryMode::Streams)
-                .prefix(&prefix),
+                .prefix(router.shared().settings.prefix.clone()),
             &url,
         )
         .await
@@ -4201,13 +4142,6 @@ mod tests {
             .expect("a delivery");
         delivery.ack().await.unwrap();
         drop(subscription);
-        let key = router.shared().keys.stream("Relapse");
-        router.close().await.unwrap();
-        let raw =
-            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
-                .build()
-                .unwrap();
-        raw.init().await.unwrap();
-        LostAck::remove_keys(&raw, &key).await;
+        close_and_remove_keys(router, &url, "Relapse").await;
     }
 }

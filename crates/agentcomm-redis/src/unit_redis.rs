@@ -42,3 +42,20 @@ pub(crate) async fn connect(builder: RedisRouterBuilder, url: &str) -> Option<Re
         }
     }
 }
+
+/// A fault proxy in front of the Redis at `url`, when that is a plain loopback `redis://` URL (the
+/// proxy only forwards to loopback); `None`, after a skip line, otherwise.
+pub(crate) async fn loopback_proxy(url: &str) -> Option<agentcomm_testkit::proxy::FaultProxy> {
+    let Some(target) = url
+        .strip_prefix("redis://")
+        .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
+    else {
+        println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+        return None;
+    };
+    Some(
+        agentcomm_testkit::proxy::FaultProxy::start(target)
+            .await
+            .expect("start the fault proxy"),
+    )
+}

@@ -451,12 +451,8 @@ impl Reader {
     ) {
         let reader = self.clone();
         let subscription = Arc::downgrade(subscription);
+        let options = self.silence_probe_options(within);
         tokio::spawn(async move {
-            let options = Options {
-                timeout: Some(within),
-                max_attempts: Some(1),
-                ..Options::default()
-            };
             let answer: std::result::Result<fred::types::Value, fred::error::Error> =
                 reader.client.with_options(&options).ping(None).await;
             if let Err(error) = answer
@@ -468,6 +464,30 @@ impl Reader {
                 reader.replace_silent_connection();
             }
         });
+    }
+
+    /// The options of [`Reader::replace_if_silent`]'s `PING`: one attempt, failed after `within`, and
+    /// on a cluster sent to the node of the reader's stream (a reader reads one stream there), the
+    /// connection its read waits on. fred sends a `PING` without them to any node, whose answer says
+    /// nothing about the read's connection: a silent one would never be made again.
+    fn silence_probe_options(&self, within: Duration) -> Options {
+        let cluster_hash = if self.client.is_clustered() {
+            self.keys
+                .lock()
+                .expect("reader keys lock")
+                .first()
+                .map(|key| {
+                    fred::types::ClusterHash::Custom(fred::util::redis_keyslot(key.as_bytes()))
+                })
+        } else {
+            None
+        };
+        Options {
+            timeout: Some(within),
+            max_attempts: Some(1),
+            cluster_hash,
+            ..Options::default()
+        }
     }
 
     /// Interrupts this reader's blocking read as if it timed out (`CLIENT UNBLOCK .. TIMEOUT`), so no
@@ -4073,6 +4093,38 @@ mod tests {
         assert!(!inner.reader_gave_up_reconnecting());
         drop(subscription);
         close_and_remove_keys(router, &url, "Late").await;
+    }
+
+    /// On a cluster, the `PING` that tells a late read from a silent connection goes to the node of the
+    /// reader's stream, where its read waits: fred sends a `PING` without a hash to any node, so a
+    /// reader whose node went silent just after a reconnection was never made again.
+    #[test]
+    fn the_silence_probe_goes_to_the_node_of_the_readers_stream() {
+        let reader = |url: &str, key: &str| Reader {
+            client: fred::prelude::Builder::from_config(
+                fred::prelude::Config::from_url(url).unwrap(),
+            )
+            .build()
+            .unwrap(),
+            keys: Mutex::new(vec![Arc::from(key)]),
+            rescan: Arc::new(AtomicBool::new(false)),
+            failing: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        };
+        let key = "app:stream:{Orders}";
+        let options = reader("redis-cluster://127.0.0.1:1", key)
+            .silence_probe_options(Duration::from_secs(3));
+        assert_eq!(
+            options.cluster_hash,
+            Some(fred::types::ClusterHash::Custom(fred::util::redis_keyslot(
+                key.as_bytes()
+            )))
+        );
+        assert_eq!(options.timeout, Some(Duration::from_secs(3)));
+        assert_eq!(options.max_attempts, Some(1));
+        let options =
+            reader("redis://127.0.0.1:1", key).silence_probe_options(Duration::from_secs(3));
+        assert_eq!(options.cluster_hash, None);
     }
 
     /// A group reader whose new connection goes silent just after a reconnection (an outage, then a

@@ -93,7 +93,8 @@ fn unencoded_password_hint(url: &str) -> &'static str {
         })
     };
     if tail.find('@').is_some_and(|at| !in_query(&tail[..at])) {
-        " (a '/', '?' or '#' in the password must be percent-encoded: %2F, %3F, %23)"
+        " (a '/', '?' or '#' in the password must be percent-encoded: %2F, %3F, %23; so must an '@' \
+         in a query value other than sentinelServiceName, sentinelUsername or sentinelPassword: %40)"
     } else {
         ""
     }
@@ -555,6 +556,23 @@ mod tests {
         match fred_config(&Settings::for_tests(url)) {
             Ok(config) => panic!("{url} was taken as {:?}", config.server),
             Err(error) => error.to_string(),
+        }
+    }
+
+    /// An '@' in the value of a query parameter fred does not read (another client's, such as
+    /// redis-py's `client_name`) is refused, as it cannot be told from a password with an unencoded
+    /// `?` (`redis://u:12?a=b@h`); the error says to write it `%40`, which is taken. Before, it only
+    /// spoke of a password the URL may not have, naming no fix.
+    #[test]
+    fn an_at_sign_in_another_clients_query_value_is_named_in_the_error() {
+        let error = refused("redis://:s3cr3t@h:6379/0?client_name=svc@h1");
+        assert!(error.contains("'@' in a query value"), "{error}");
+        assert!(error.contains("%40"), "{error}");
+        assert!(!error.contains("s3cr3t"), "{error}");
+        if let Err(error) = fred_config(&Settings::for_tests(
+            "redis://:s3cr3t@h:6379/0?client_name=svc%40h1",
+        )) {
+            panic!("the encoded form was refused: {error}");
         }
     }
 

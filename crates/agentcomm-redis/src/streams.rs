@@ -3821,6 +3821,35 @@ mod tests {
             ))
     }
 
+    /// The one Streams subscription `router` has.
+    fn only_stream_subscription(router: &crate::RedisRouter) -> Arc<StreamSubscription> {
+        router
+            .shared()
+            .stream_subscriptions()
+            .into_iter()
+            .next()
+            .expect("the subscription is registered")
+    }
+
+    /// Publishes an empty message of `class` (session `s1`) through `publisher`, then waits up to 10 s
+    /// for the next delivery of `subscription`.
+    async fn publish_and_receive(
+        publisher: &crate::RedisRouter,
+        subscription: &mut agentcomm_core::router::Subscription,
+        class: &str,
+    ) -> Delivery {
+        use agentcomm_core::router::Router;
+        let channel = agentcomm_core::channel::Channel::new(class, "event", "s1").unwrap();
+        publisher
+            .publish(Envelope::new(channel, "application/msgpack", vec![0x80]))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("a delivery")
+    }
+
     /// Closes `router`, then removes the keys of its prefix (found from the stream of `class`) with a
     /// client of its own to the Redis at `url`.
     async fn close_and_remove_keys(router: crate::RedisRouter, url: &str, class: &str) {
@@ -3865,12 +3894,7 @@ mod tests {
             .subscribe(SubscribeOptions::new(ChannelPattern::parse("Gone:*:*").unwrap()).group("g"))
             .await
             .unwrap();
-        let inner = router
-            .shared()
-            .stream_subscriptions()
-            .into_iter()
-            .next()
-            .expect("the subscription is registered");
+        let inner = only_stream_subscription(&router);
         let reader = inner.readers.lock().unwrap()[0].clone();
         // New connections are refused from now on: the pool's stay up, the reader's alone is dropped
         // and cannot come back within its two attempts.
@@ -3946,15 +3970,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         proxy.blackhole(false);
-        let channel = agentcomm_core::channel::Channel::new("Quiet", "event", "s1").unwrap();
-        router
-            .publish(Envelope::new(channel, "application/msgpack", vec![0x80]))
-            .await
-            .unwrap();
-        let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
-            .await
-            .expect("a delivery within 10 s")
-            .expect("a delivery");
+        let delivery = publish_and_receive(&router, &mut subscription, "Quiet").await;
         delivery.ack().await.unwrap();
         drop(subscription);
         close_and_remove_keys(router, &url, "Quiet").await;
@@ -3985,12 +4001,7 @@ mod tests {
             ))
             .await
             .unwrap();
-        let inner = router
-            .shared()
-            .stream_subscriptions()
-            .into_iter()
-            .next()
-            .expect("the subscription is registered");
+        let inner = only_stream_subscription(&router);
         let reader = inner.readers.lock().unwrap()[0].clone();
         let reconnections = Arc::new(AtomicU64::new(0));
         let mut events = reader.client.reconnect_rx();
@@ -4016,15 +4027,7 @@ mod tests {
         }
         // Past the late read's limit, and past a reconnection it would have asked for.
         tokio::time::sleep_until(outage + Duration::from_millis(5000)).await;
-        let channel = agentcomm_core::channel::Channel::new("Outage", "event", "s1").unwrap();
-        router
-            .publish(Envelope::new(channel, "application/msgpack", vec![0x80]))
-            .await
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(10), subscription.next())
-            .await
-            .expect("a delivery within 10 s")
-            .expect("a delivery");
+        publish_and_receive(&router, &mut subscription, "Outage").await;
         assert_eq!(
             reconnections.load(Ordering::Acquire),
             1,
@@ -4062,12 +4065,7 @@ mod tests {
             ))
             .await
             .unwrap();
-        let inner = router
-            .shared()
-            .stream_subscriptions()
-            .into_iter()
-            .next()
-            .expect("the subscription is registered");
+        let inner = only_stream_subscription(&router);
         // For 3 s every read on the quiet stream is answered after about 1.3 s: read_block, and 0.8 s
         // more on the way, past read_block + command_timeout (1 s).
         proxy.set_latency(Duration::from_millis(400));
@@ -4151,12 +4149,7 @@ mod tests {
             )
             .await
             .unwrap();
-        let inner = router
-            .shared()
-            .stream_subscriptions()
-            .into_iter()
-            .next()
-            .expect("the subscription is registered");
+        let inner = only_stream_subscription(&router);
         let reader = inner.readers.lock().unwrap()[0].clone();
         let mut events = reader.client.reconnect_rx();
         proxy.reject_for(Duration::from_millis(1200));

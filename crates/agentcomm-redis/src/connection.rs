@@ -224,6 +224,23 @@ pub(crate) fn fred_builder(settings: &Settings, config: Config, role: Role) -> B
     builder
 }
 
+/// Options for a command that names no key (a `PING`) and must reach the connection of the node that
+/// holds `key`'s slot: fred sends such a command to any node of a cluster. On one server the slot
+/// changes nothing. `timeout` replaces the command timeout when given.
+pub(crate) fn on_node_of(
+    client: &impl ClientLike,
+    key: &[u8],
+    timeout: Option<Duration>,
+) -> fred::types::config::Options {
+    fred::types::config::Options {
+        cluster_hash: client
+            .is_clustered()
+            .then(|| fred::types::ClusterHash::Custom(fred::util::redis_keyslot(key))),
+        timeout,
+        ..Default::default()
+    }
+}
+
 /// How long a connection may leave a command unanswered before it is taken for dead and made again:
 /// fred's check of every connection not blocked in a read (every 500 ms), the Streams readers' own
 /// check of their blocking reads (beyond `read_block`), and the pub/sub subscriber's liveness check,

@@ -45,8 +45,8 @@ use fred::types::{Message, MessageKind};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::connection::{
-    Connecting, Role, gave_up_error, map_error, redact, unresponsive_limit, watch_client,
-    watch_connection_task,
+    Connecting, Role, gave_up_error, map_error, on_node_of, redact, unresponsive_limit,
+    watch_client, watch_connection_task,
 };
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
@@ -636,23 +636,8 @@ impl PubSubHub {
         &self,
         timeout: Option<Duration>,
     ) -> std::result::Result<(), fred::error::Error> {
-        if self.client.is_clustered() {
-            let slot = fred::util::redis_keyslot(self.client.id().as_bytes());
-            let options = fred::types::config::Options {
-                cluster_hash: Some(fred::types::ClusterHash::Custom(slot)),
-                timeout,
-                ..Default::default()
-            };
-            let _: fred::types::Value = self.client.with_options(&options).ping(None).await?;
-        } else if timeout.is_some() {
-            let options = fred::types::config::Options {
-                timeout,
-                ..Default::default()
-            };
-            let _: fred::types::Value = self.client.with_options(&options).ping(None).await?;
-        } else {
-            let _: fred::types::Value = self.client.ping(None).await?;
-        }
+        let options = on_node_of(&self.client, self.client.id().as_bytes(), timeout);
+        let _: fred::types::Value = self.client.with_options(&options).ping(None).await?;
         Ok(())
     }
 }

@@ -42,7 +42,7 @@ use fred::types::config::Options;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::connection::{
-    Connecting, Role, is_nogroup, map_error, redact, unresponsive_limit, watch_client,
+    Connecting, Role, is_nogroup, map_error, on_node_of, redact, unresponsive_limit, watch_client,
     watch_connection_task,
 };
 use crate::counters::LogLimiter;
@@ -471,23 +471,16 @@ impl Reader {
     /// connection its read waits on. fred sends a `PING` without them to any node, whose answer says
     /// nothing about the read's connection: a silent one would never be made again.
     fn silence_probe_options(&self, within: Duration) -> Options {
-        let cluster_hash = if self.client.is_clustered() {
-            self.keys
-                .lock()
-                .expect("reader keys lock")
-                .first()
-                .map(|key| {
-                    fred::types::ClusterHash::Custom(fred::util::redis_keyslot(key.as_bytes()))
-                })
-        } else {
-            None
+        let keys = self.keys.lock().expect("reader keys lock");
+        let mut options = match keys.first() {
+            Some(key) => on_node_of(&self.client, key.as_bytes(), Some(within)),
+            None => Options {
+                timeout: Some(within),
+                ..Options::default()
+            },
         };
-        Options {
-            timeout: Some(within),
-            max_attempts: Some(1),
-            cluster_hash,
-            ..Options::default()
-        }
+        options.max_attempts = Some(1);
+        options
     }
 
     /// Interrupts this reader's blocking read as if it timed out (`CLIENT UNBLOCK .. TIMEOUT`), so no

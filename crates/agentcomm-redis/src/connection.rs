@@ -49,11 +49,8 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
     let mut config = Config::from_url(&url).map_err(|error| Error::Config {
         variable: "Redis URL".into(),
         value: redact(&settings.url),
-        expected: format!(
-            "{}{}; accepted: {ACCEPTED_URLS}",
-            error.details(),
-            unencoded_password_hint(&url)
-        ),
+        // Only a socket's URL gets here with a hint (any other is refused above).
+        expected: format!("{}{hint}; accepted: {ACCEPTED_URLS}", error.details()),
     })?;
     if let Some(connector) = &settings.tls {
         config.tls = Some(connector.clone().into());

@@ -4018,8 +4018,10 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Past the late read's limit, and past a reconnection it would have asked for.
-        tokio::time::sleep_until(outage + Duration::from_millis(5000)).await;
+        // Past the late read's limit (about 3 s after the cut), and past the limit of the PING that
+        // its timeout writes behind it (as long again, about 6 s): a reconnection either would ask
+        // for is counted. A working connection answers that PING as soon as the late read.
+        tokio::time::sleep_until(outage + Duration::from_millis(7500)).await;
         publish_and_receive(&router, &mut subscription, "Outage").await;
         assert_eq!(
             reconnections.load(Ordering::Acquire),

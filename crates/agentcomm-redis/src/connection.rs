@@ -65,33 +65,39 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
 /// percent-encoded: its authority ends there, so fred reads a port, host or database out of the
 /// password ("InvalidPort", "Invalid integer string"), naming nothing the user wrote. Given when an `@`
 /// comes after the authority's end, unless that `@` stands in the value of a query parameter fred reads
-/// (a Sentinel user name, password or service name), with no `#` before it; also when the authority
-/// has one, a password with an unencoded `@` before its `/` (`u:p@ss/word@host`). Any `key=value`
-/// before the `@` was not enough: the password `12?a=b` in `redis://u:12?a=b@h` was read as host `u`,
-/// port 12, and a bare parameter (`&flag&`) before a Sentinel password made a URL fred reads refused.
+/// (a Sentinel URL's user name, password or service name), with no `#` before it; also when the
+/// authority has one, a password with an unencoded `@` before its `/` (`u:p@ss/word@host`). Any
+/// `key=value` before the `@` was not enough: the password `12?a=b` in `redis://u:12?a=b@h` was read
+/// as host `u`, port 12, and a bare parameter (`&flag&`) before a Sentinel password made a URL fred
+/// reads refused.
 fn unencoded_password_hint(url: &str) -> &'static str {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let tail = &rest[authority_end..];
+    // fred reads the Sentinel parameters of a Sentinel URL only: elsewhere such a value is no reason
+    // to take an '@' (`redis://u:12?sentinelPassword=x@h` is host `u`, port 12, no password).
+    let sentinel = scheme.to_ascii_lowercase().ends_with("-sentinel");
     let in_query = |before_at: &str| {
-        before_at.split_once('?').is_some_and(|(path, query)| {
-            !path.contains('#')
-                && !query.contains('#')
-                && query
-                    .rsplit('&')
-                    .next()
-                    .and_then(|piece| piece.split_once('='))
-                    .is_some_and(|(key, _)| {
-                        matches!(
-                            key,
-                            "sentinelServiceName" | "sentinelUsername" | "sentinelPassword"
-                        )
-                    })
-        })
+        sentinel
+            && before_at.split_once('?').is_some_and(|(path, query)| {
+                !path.contains('#')
+                    && !query.contains('#')
+                    && query
+                        .rsplit('&')
+                        .next()
+                        .and_then(|piece| piece.split_once('='))
+                        .is_some_and(|(key, _)| {
+                            matches!(
+                                key,
+                                "sentinelServiceName" | "sentinelUsername" | "sentinelPassword"
+                            )
+                        })
+            })
     };
     if tail.find('@').is_some_and(|at| !in_query(&tail[..at])) {
         " (a '/', '?' or '#' in the password must be percent-encoded: %2F, %3F, %23; so must an '@' \
-         in a query value other than sentinelServiceName, sentinelUsername or sentinelPassword: %40)"
+         in a query value other than a Sentinel URL's sentinelServiceName, sentinelUsername or \
+         sentinelPassword: %40)"
     } else {
         ""
     }
@@ -634,6 +640,11 @@ mod tests {
             "redis://u:6379?a=b&se=cret@h:6380/0",
             // A '#' in a Sentinel password: fred read the password `p`.
             "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=p#se@cret",
+            // A password whose end reads as a Sentinel parameter, in a URL that is not a Sentinel's
+            // (fred reads none there): taken as host `u`, port 12, no password, before.
+            "redis://u:12?sentinelPassword=se@cret:6379",
+            "redis-cluster://u:12?sentinelServiceName=se@cret:7000",
+            "rediss://u:12?sentinelUsername=se@cret",
         ] {
             let error = refused(url);
             assert!(error.contains(hint), "{url}: {error}");

@@ -7,8 +7,8 @@ use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
-use std::task::Poll;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use agentcomm_core::channel::{Channel, DEAD_LETTER_CLASS, REPLY_DIRECTION};
@@ -126,6 +126,9 @@ pub(crate) struct ChannelRoute {
     pub(crate) channel: Str,
     pub(crate) client: usize,
     next: AtomicU64,
+    /// The publisher id its numbers go with, and `/`: the one of the router's numbering when the route
+    /// was made (a restart of the numbering makes new routes).
+    publisher: String,
     /// Unique in the process: names the route where holding it would cost (see
     /// [`Shared::publish_numbered`]).
     id: u64,
@@ -258,8 +261,9 @@ pub(crate) struct Shared {
     publisher_id: String,
     /// Each class stream this router publishes to.
     targets: RwLock<HashMap<String, Arc<StreamTarget>, FastState>>,
-    /// One lock per pool connection: sequence numbers of idempotent publishes are taken, and their
-    /// commands handed to fred, under it, so that they reach Redis in the order of their numbers.
+    /// One lock per pool connection: sequence numbers of idempotent publishes, and of single pub/sub
+    /// publishes, are taken, and their commands handed to fred, under it, so that they reach Redis in
+    /// the order of their numbers.
     order: Vec<Mutex<()>>,
     /// Bumped when a pool connection reconnects: every class is listed in the registry again.
     registry_generation: Arc<AtomicU64>,
@@ -1085,17 +1089,12 @@ impl Shared {
         })
     }
 
-    /// The route of `channel`, the number of its next message and that message's sequence header.
-    fn pubsub_route(&self, channel: &Channel) -> (Arc<ChannelRoute>, u64, SequenceText) {
-        let header = |routes: &PubSubRoutes, route: &ChannelRoute| {
-            let number = route.next.fetch_add(1, Ordering::Relaxed) + 1;
-            (number, SequenceText::new(&routes.publisher, number))
-        };
+    /// The route of `channel`, made on its first use.
+    fn channel_route(&self, channel: &Channel) -> Arc<ChannelRoute> {
         {
             let routes = self.pubsub_routes.read().expect("routes lock");
             if let Some(route) = routes.channels.get(channel.name()) {
-                let (number, header) = header(&routes, route);
-                return (route.clone(), number, header);
+                return route.clone();
             }
         }
         let mut routes = self.pubsub_routes.write().expect("routes lock");
@@ -1108,7 +1107,8 @@ impl Shared {
         }
         let name = self.keys.pubsub_channel(channel);
         let client = self.client_index(&name);
-        let route = routes
+        let publisher = routes.publisher.clone();
+        routes
             .channels
             .entry(channel.name().to_string())
             .or_insert_with(|| {
@@ -1117,13 +1117,37 @@ impl Shared {
                     channel: Str::from(name),
                     client,
                     next: AtomicU64::new(0),
+                    publisher,
                     id: ROUTES.fetch_add(1, Ordering::Relaxed),
                     unused: Mutex::new(Vec::new()),
                 })
             })
-            .clone();
-        let (number, header) = header(&routes, &route);
-        (route, number, header)
+            .clone()
+    }
+
+    /// The route of `channel` and its next number, with the number's header; taken under the order
+    /// lock of the route's connection when `in_order` (held by the guard returned).
+    fn pubsub_route(
+        &self,
+        channel: &Channel,
+        in_order: bool,
+    ) -> (
+        Arc<ChannelRoute>,
+        u64,
+        SequenceText,
+        Option<MutexGuard<'_, ()>>,
+    ) {
+        // Looked up first: the routes' lock is never held while the order lock is taken (a publish
+        // that fails on its first poll, under the order lock, takes the routes' lock).
+        let route = self.channel_route(channel);
+        let order = in_order.then(|| {
+            self.order[route.client]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        });
+        let number = route.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let header = SequenceText::new(&route.publisher, number);
+        (route, number, header, order)
     }
 
     /// Numbers and encodes a message for pub/sub; returns its route and frame. The number is taken only
@@ -1131,14 +1155,28 @@ impl Shared {
     /// every subscriber of the channel count it as lost. (Given back when it was taken before the
     /// encoding failed after all, unless a later one was taken meanwhile.)
     fn pubsub_frame(&self, envelope: &Envelope) -> Result<(Arc<ChannelRoute>, u64, Bytes)> {
+        self.pubsub_frame_under(envelope, false)
+            .map(|(route, number, frame, _)| (route, number, frame))
+    }
+
+    /// [`pubsub_frame`](Self::pubsub_frame), the number taken under the order lock of the route's
+    /// connection when `in_order`: the guard returned holds it, until the command is handed to fred.
+    #[allow(clippy::type_complexity)]
+    fn pubsub_frame_under(
+        &self,
+        envelope: &Envelope,
+        in_order: bool,
+    ) -> Result<(Arc<ChannelRoute>, u64, Bytes, Option<MutexGuard<'_, ()>>)> {
         let mut numbered = None;
+        let mut order = None;
         let encoded = envelope.to_frame_with_header_from(SEQUENCE_HEADER, || {
-            let (route, number, sequence) = self.pubsub_route(envelope.channel());
+            let (route, number, sequence, guard) = self.pubsub_route(envelope.channel(), in_order);
             numbered = Some((route, number));
+            order = guard;
             sequence
         });
         match (encoded, numbered) {
-            (Ok(frame), Some((route, number))) => Ok((route, number, Bytes::from(frame))),
+            (Ok(frame), Some((route, number))) => Ok((route, number, Bytes::from(frame), order)),
             (Ok(_), None) => Err(Error::Backend {
                 backend: "redis",
                 message: "a pub/sub frame was encoded without its sequence number".into(),
@@ -1185,8 +1223,8 @@ impl Shared {
         })
     }
 
-    /// The command of a [direct](Self::direct) publish: numbered (pub/sub) and encoded now, sent when
-    /// polled.
+    /// The command of a [direct](Self::direct) publish: numbered (pub/sub) and encoded now; a pub/sub
+    /// publish is also handed to fred now (see below), an append when polled.
     fn direct_command(
         &self,
         envelope: &Envelope,
@@ -1207,16 +1245,31 @@ impl Shared {
                 ))
             }
             Direct::Publish => {
-                let (route, number, frame) = match self.pubsub_frame(envelope) {
+                let (route, number, frame, order) = match self.pubsub_frame_under(envelope, true) {
                     Ok(encoded) => encoded,
                     Err(error) => return failed(error),
                 };
                 let clustered = self.clustered();
                 let numbered = (route.id, number);
-                Box::pin(futures::FutureExt::map(
-                    self.publish_numbered(route.client, route.channel.clone(), frame, numbered),
-                    move |receivers| receivers.map(|n| outcome_of(n, false, clustered)),
-                ))
+                let mut publishing: BoxFuture<'_, Result<PublishOutcome>> =
+                    Box::pin(futures::FutureExt::map(
+                        self.publish_numbered(route.client, route.channel.clone(), frame, numbered),
+                        move |receivers| receivers.map(|n| outcome_of(n, false, clustered)),
+                    ));
+                // fred takes the command on the first poll: polled here, still under the order lock
+                // the number was taken under, so that the connection's publishes reach Redis in the
+                // order of their numbers. Taken and handed over apart, a publish could be overtaken by
+                // later numbers (its thread preempted in between): subscribers waited for it only as
+                // long as the reorder window, then counted it as lost, and discarded it when it came.
+                // The caller polls again at once, with its own waker.
+                let first = publishing
+                    .as_mut()
+                    .poll(&mut Context::from_waker(Waker::noop()));
+                drop(order);
+                match first {
+                    Poll::Ready(result) => Box::pin(std::future::ready(result)),
+                    Poll::Pending => publishing,
+                }
             }
         }
     }

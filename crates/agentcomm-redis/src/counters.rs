@@ -23,6 +23,7 @@
 //! | `dropped` | messages given back after their subscription closed (pub/sub, fan-out streams) |
 //! | `lagged` | pub/sub: messages a subscription skipped in the subscriber's channel because it fell more than `broadcast_capacity` behind (every channel of the router: what it lost of its own channels is in `lost`) |
 //! | `lost` | pub/sub: messages missing from a publisher's sequence (published while disconnected, cut off in transit, skipped by a subscription that fell behind) |
+//! | `late` | pub/sub: messages that arrived after their gap had been counted in `lost` (later than `reorder_window`): delivered out of order, and taken off `lost` |
 //! | `duplicates` | pub/sub: repeats discarded (a publish fred wrote again after a reconnect) |
 //! | `reconnects`, `connection_errors` | connection events of all the router's clients |
 
@@ -57,6 +58,7 @@ pub(crate) struct Counters {
     pub(crate) dropped: AtomicU64,
     pub(crate) lagged: AtomicU64,
     pub(crate) lost: AtomicU64,
+    pub(crate) late: AtomicU64,
     pub(crate) duplicates: AtomicU64,
     pub(crate) reconnects: AtomicU64,
     pub(crate) connection_errors: AtomicU64,
@@ -83,6 +85,11 @@ impl Counters {
             self.add(counter, by);
             self.mark_trouble();
         }
+    }
+
+    /// Takes one off `counter`: something counted as lost came after all.
+    pub(crate) fn unlose(&self, counter: &AtomicU64) {
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Whether something went wrong within [`TROUBLE_MEMORY`].
@@ -119,6 +126,7 @@ impl Counters {
             ("dropped", load(&self.dropped)),
             ("lagged", load(&self.lagged)),
             ("lost", load(&self.lost)),
+            ("late", load(&self.late)),
             ("duplicates", load(&self.duplicates)),
             ("reconnects", load(&self.reconnects)),
             ("connection_errors", load(&self.connection_errors)),

@@ -1149,9 +1149,13 @@ impl Reader {
                 self.tracker
                     .observe(envelope.channel().name(), &sequence, Instant::now());
             report_lost(shared, lost);
-            if verdict == Verdict::Duplicate {
-                shared.counters.bump(&shared.counters.duplicates);
-                return None;
+            match verdict {
+                Verdict::Duplicate => {
+                    shared.counters.bump(&shared.counters.duplicates);
+                    return None;
+                }
+                Verdict::Late => report_late(shared),
+                Verdict::New => {}
             }
         }
         shared.counters.bump(&shared.counters.delivered);
@@ -1246,6 +1250,17 @@ fn report_lost(shared: &Shared, lost: u64) {
              DeliveryMode::Streams for durable delivery"
         );
     }
+}
+
+/// A message whose gap was counted as lost arrived after all: it is delivered, and taken off `lost`.
+#[cold]
+fn report_late(shared: &Shared) {
+    shared.counters.bump(&shared.counters.late);
+    shared.counters.unlose(&shared.counters.lost);
+    tracing::info!(
+        "a pub/sub message arrived after it was counted as lost (later than reorder_window); it is \
+         delivered out of order and taken off the lost count"
+    );
 }
 
 struct PubSubAck {

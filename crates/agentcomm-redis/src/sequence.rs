@@ -101,6 +101,9 @@ pub(crate) enum Verdict {
     New,
     /// Seen before: discard it.
     Duplicate,
+    /// Not seen before, but its gap was counted as lost already (it came later than the reorder
+    /// window): deliver it, and take it off the count of lost messages.
+    Late,
 }
 
 struct Track {
@@ -116,6 +119,9 @@ struct Track {
     first: u64,
     /// Numbers below `first` that arrived (at most [`MAX_AHEAD`], the lowest forgotten first).
     early: BTreeSet<u64>,
+    /// Numbers counted as lost (at most [`MAX_AHEAD`], the lowest forgotten first): one that arrives
+    /// after all is [`Verdict::Late`], not a duplicate: it was never delivered.
+    lost: BTreeSet<u64>,
     last_seen: Instant,
 }
 
@@ -161,6 +167,7 @@ impl SequenceTracker {
                     gap_since: None,
                     first: seq,
                     early: BTreeSet::new(),
+                    lost: BTreeSet::new(),
                     last_seen: now,
                 },
             );
@@ -176,6 +183,8 @@ impl SequenceTracker {
                     track.early.pop_first();
                 }
                 Verdict::New
+            } else if track.lost.remove(&seq) {
+                Verdict::Late
             } else {
                 Verdict::Duplicate
             }
@@ -247,6 +256,14 @@ fn settle(track: &mut Track, now: Instant, window: Duration) -> u64 {
             break;
         };
         lost += first - track.base;
+        // Remembered, so that one arriving after all is delivered (late) rather than discarded as a
+        // duplicate; of a long gap (a reconnection) only its last numbers, the likeliest to come.
+        track
+            .lost
+            .extend(track.base.max(first.saturating_sub(MAX_AHEAD as u64))..first);
+        while track.lost.len() > MAX_AHEAD {
+            track.lost.pop_first();
+        }
         track.base = first;
         while track.ahead.remove(&track.base) {
             track.base += 1;
@@ -295,8 +312,13 @@ mod tests {
         assert_eq!(tracker.observe("c", &header("p", 4), t0), (Verdict::New, 0));
         assert_eq!(tracker.observe("c", &header("p", 2), t0), (Verdict::New, 0));
         assert_eq!(tracker.sweep(t0 + window / 2), 0);
-        // 3 never comes.
+        // 3 does not come within the window.
         assert_eq!(tracker.sweep(t0 + window * 2), 1);
+        // When it comes after all, it was never delivered: late, not a repeat; a second copy is one.
+        assert_eq!(
+            tracker.observe("c", &header("p", 3), t0 + window * 3),
+            (Verdict::Late, 0)
+        );
         assert_eq!(
             tracker.observe("c", &header("p", 3), t0 + window * 3),
             (Verdict::Duplicate, 0)
@@ -306,6 +328,35 @@ mod tests {
         assert_eq!(
             tracker.observe("c", &header("p", 11), t0 + window * 5),
             (Verdict::New, 5)
+        );
+    }
+
+    /// Of a gap longer than [`MAX_AHEAD`] (a subscriber cut off for a while), only the last numbers are
+    /// remembered as lost: those may still come late; one below them is taken for a repeat.
+    #[test]
+    fn of_a_long_gap_the_last_numbers_counted_lost_are_remembered() {
+        let window = Duration::from_millis(100);
+        let mut tracker = SequenceTracker::new(window);
+        let t0 = Instant::now();
+        tracker.observe("c", &header("p", 1), t0);
+        let last = MAX_AHEAD as u64 * 2;
+        tracker.observe("c", &header("p", last + 1), t0);
+        assert_eq!(tracker.sweep(t0 + window * 2), last - 1);
+        let now = t0 + window * 3;
+        for seq in [last, last - MAX_AHEAD as u64 + 1] {
+            assert_eq!(
+                tracker.observe("c", &header("p", seq), now),
+                (Verdict::Late, 0),
+                "{seq}"
+            );
+        }
+        assert_eq!(
+            tracker.observe("c", &header("p", last - MAX_AHEAD as u64), now),
+            (Verdict::Duplicate, 0)
+        );
+        assert_eq!(
+            tracker.observe("c", &header("p", 1), now),
+            (Verdict::Duplicate, 0)
         );
     }
 

@@ -1052,14 +1052,36 @@ async fn a_publish_redis_refuses_costs_no_number() {
     router.close().await.unwrap();
 }
 
+/// Publishes with a plain client what an agentcomm publisher sends for message `number` on `channel`,
+/// numbered by hand (publisher `0123456789abcdef`).
+async fn publish_numbered(raw: &fred::prelude::Client, prefix: &str, channel: &str, number: u32) {
+    use agentcomm_redis::sequence::SEQUENCE_HEADER;
+    use fred::prelude::PubsubInterface;
+    let frame = envelope(channel, number)
+        .with_header(SEQUENCE_HEADER, format!("0123456789abcdef/{number}"))
+        .to_frame()
+        .unwrap();
+    let _: i64 = raw
+        .publish(format!("{prefix}:{channel}"), bytes::Bytes::from(frame))
+        .await
+        .unwrap();
+}
+
+/// The number of the next delivery, acknowledged.
+async fn received(subscription: &mut agentcomm_core::router::Subscription) -> u32 {
+    let delivery = next(subscription).await;
+    let n = number(&delivery);
+    delivery.ack().await.unwrap();
+    n
+}
+
 /// A message numbered below the first one a subscription heard from its publisher, arriving after the
 /// reorder window (overtaken by later ones, or written again by fred after a reconnect), was never seen
 /// by it: it is delivered, and only a second copy of it is a duplicate. Before, it was discarded and
 /// counted as a duplicate: a message lost with a false reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_message_below_the_first_number_heard_is_delivered() {
-    use agentcomm_redis::sequence::SEQUENCE_HEADER;
-    use fred::prelude::{ClientLike, PubsubInterface};
+    use fred::prelude::ClientLike;
     if !redis_available().await {
         return;
     }
@@ -1073,23 +1095,8 @@ async fn a_late_message_below_the_first_number_heard_is_delivered() {
         .await
         .unwrap();
     let raw = raw_client().await;
-    // What an agentcomm publisher sends, numbered by hand.
-    let publish = async |number: u32| {
-        let frame = envelope("Late:event:s1", number)
-            .with_header(SEQUENCE_HEADER, format!("0123456789abcdef/{number}"))
-            .to_frame()
-            .unwrap();
-        let _: i64 = raw
-            .publish(format!("{prefix}:Late:event:s1"), bytes::Bytes::from(frame))
-            .await
-            .unwrap();
-    };
-    let received = async |subscription: &mut agentcomm_core::router::Subscription| {
-        let delivery = next(subscription).await;
-        let n = number(&delivery);
-        delivery.ack().await.unwrap();
-        n
-    };
+    let publish =
+        async |number: u32| publish_numbered(&raw, &prefix, "Late:event:s1", number).await;
     publish(5).await;
     assert_eq!(received(&mut subscription).await, 5);
     // Well past the reorder window (200 ms).
@@ -1106,6 +1113,59 @@ async fn a_late_message_below_the_first_number_heard_is_delivered() {
     let health = router.health().await;
     assert_eq!(health.get("duplicates"), 1, "{health:?}");
     assert_eq!(health.get("lost"), 0, "{health:?}");
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}
+
+/// A message that arrives after its gap was counted as lost (later than the reorder window: a publish
+/// fred wrote again after a reconnect, a publisher's thread stalled) was never delivered: it is
+/// delivered late, taken off `lost` and counted as `late`; only a second copy is a duplicate. Before,
+/// it was discarded as a duplicate while `lost` kept counting it: a message dropped with a false reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_arriving_after_its_gap_was_counted_lost_is_delivered_late() {
+    use fred::prelude::ClientLike;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router =
+        connected(builder(DeliveryMode::PubSub, &prefix).reorder_window(Duration::from_millis(50)))
+            .await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Tardy:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let raw = raw_client().await;
+    let publish =
+        async |number: u32| publish_numbered(&raw, &prefix, "Tardy:event:s1", number).await;
+    publish(1).await;
+    assert_eq!(received(&mut subscription).await, 1);
+    publish(3).await;
+    assert_eq!(received(&mut subscription).await, 3);
+    // Sweeps run while the subscription is read: 2 stays missing past the window (50 ms).
+    assert_quiet(&mut subscription, Duration::from_millis(300)).await;
+    let health = router.health().await;
+    assert_eq!(health.get("lost"), 1, "{health:?}");
+    publish(2).await;
+    assert_eq!(
+        received(&mut subscription).await,
+        2,
+        "a message counted as lost that comes after all was never delivered"
+    );
+    publish(2).await;
+    publish(4).await;
+    assert_eq!(
+        received(&mut subscription).await,
+        4,
+        "2 again is a duplicate"
+    );
+    let health = router.health().await;
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    assert_eq!(health.get("late"), 1, "{health:?}");
+    assert_eq!(health.get("duplicates"), 1, "{health:?}");
     let _ = raw.quit().await;
     router.close().await.unwrap();
 }
@@ -1229,8 +1289,7 @@ async fn the_same_frame_published_twice_reaches_a_glob_subscription_twice() {
 /// received.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_still_open_when_a_subscription_ends_is_counted_as_lost() {
-    use agentcomm_redis::sequence::SEQUENCE_HEADER;
-    use fred::prelude::{ClientLike, PubsubInterface};
+    use fred::prelude::ClientLike;
     if !redis_available().await {
         return;
     }
@@ -1247,21 +1306,12 @@ async fn a_gap_still_open_when_a_subscription_ends_is_counted_as_lost() {
         .await
         .unwrap();
     let raw = raw_client().await;
-    // What an agentcomm publisher sends, numbered by hand: 2 never comes.
+    // 2 never comes.
     for number in [1, 3] {
-        let frame = envelope("Gap:event:s1", number)
-            .with_header(SEQUENCE_HEADER, format!("0123456789abcdef/{number}"))
-            .to_frame()
-            .unwrap();
-        let _: i64 = raw
-            .publish(format!("{prefix}:Gap:event:s1"), bytes::Bytes::from(frame))
-            .await
-            .unwrap();
+        publish_numbered(&raw, &prefix, "Gap:event:s1", number).await;
     }
     for expected in [1, 3] {
-        let delivery = next(&mut subscription).await;
-        assert_eq!(number(&delivery), expected);
-        delivery.ack().await.unwrap();
+        assert_eq!(received(&mut subscription).await, expected);
     }
     assert_eq!(router.health().await.get("lost"), 0, "within the window");
     subscription.close().await.unwrap();

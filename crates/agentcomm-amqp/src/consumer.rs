@@ -153,6 +153,11 @@ pub(crate) struct SubShared {
     stopped: watch::Sender<bool>,
     /// Set once the subscription's task has cleaned up: it holds nothing any more.
     finished: AtomicBool,
+    /// While its consumer is lost and restoring it has failed: how many times in a row, and the last
+    /// error. Cleared once a consumer is installed again. Health reads it: the connections can be up
+    /// while a subscription consumes nothing (its queue re-declared with other arguments, a
+    /// permission revoked), and the messages pile up in its queue.
+    restore_failures: Mutex<Option<(u32, String)>>,
 }
 
 impl SubShared {
@@ -177,7 +182,17 @@ impl SubShared {
             stop: watch::Sender::new(false),
             stopped: watch::Sender::new(false),
             finished: AtomicBool::new(false),
+            restore_failures: Mutex::new(None),
         }
+    }
+
+    /// How many times in a row restoring this subscription's lost consumer failed, and the last
+    /// error; `None` while it consumes (or restoring it has not failed yet).
+    pub(crate) fn restore_failures(&self) -> Option<(u32, String)> {
+        self.restore_failures
+            .lock()
+            .expect("restore failures lock")
+            .clone()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -283,6 +298,7 @@ impl SubShared {
         receiver: mpsc::UnboundedReceiver<ConsumerMessage>,
     ) {
         *self.live.lock().expect("live lock") = Some(consumer.clone());
+        *self.restore_failures.lock().expect("restore failures lock") = None;
         let mut feed = self.feed();
         feed.receiver = Some(receiver);
         feed.consumer = Some(consumer.clone());
@@ -506,6 +522,14 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
                 }
                 failures = failures.saturating_add(1);
                 bump(&inner.counters.consumer_failures);
+                {
+                    let mut failed = shared
+                        .restore_failures
+                        .lock()
+                        .expect("restore failures lock");
+                    let times = failed.as_ref().map_or(0, |(times, _)| *times) + 1;
+                    *failed = Some((times, error.to_string()));
+                }
                 let delay = inner.settings.reconnect.delay(failures);
                 tracing::warn!(
                     queue = %shared.spec.name,

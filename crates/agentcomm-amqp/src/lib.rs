@@ -375,10 +375,25 @@ impl AmqpRouter {
         let open = subscriptions.iter().filter(|sub| !sub.is_closed()).count();
         let unconfirmed = inner.unconfirmed();
         let connected = self.is_connected();
-        let problems: Vec<(HealthStatus, String)> = [&inner.publishing, &inner.consuming]
+        let mut problems: Vec<(HealthStatus, String)> = [&inner.publishing, &inner.consuming]
             .into_iter()
             .filter_map(|link| self.link_problem(link))
             .collect();
+        // A subscription whose lost consumer cannot be restored consumes nothing while both
+        // connections are up: its messages pile up in its queue.
+        let mut without_consumer = 0u64;
+        for sub in subscriptions.iter().filter(|sub| !sub.is_closed()) {
+            if let Some((times, error)) = sub.restore_failures() {
+                without_consumer += 1;
+                problems.push((
+                    HealthStatus::Degraded,
+                    format!(
+                        "the consumer of queue '{}' was lost and restoring it failed {times} times in a row (last error: {error}); it is tried again with backoff, and messages wait in the queue meanwhile",
+                        sub.spec.name
+                    ),
+                ));
+            }
+        }
         let blocked = [&inner.publishing, &inner.consuming]
             .iter()
             .any(|link| link.blocked.lock().expect("blocked lock").is_some());
@@ -430,6 +445,7 @@ impl AmqpRouter {
             .counter("malformed", load(&counters.malformed))
             .counter("consumers_restored", load(&counters.consumers_restored))
             .counter("consumer_failures", load(&counters.consumer_failures))
+            .counter("consumers_not_restored", without_consumer)
             .counter("fan_out_queues_lost", load(&counters.fan_out_queues_lost))
             .counter("retries_dropped", load(&counters.retries_dropped))
             .counter("fan_out_dropped", load(&counters.fan_out_dropped))

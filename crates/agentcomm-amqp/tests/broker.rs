@@ -2440,3 +2440,108 @@ async fn a_consuming_router_binds_again_when_a_publisher_declared_the_deleted_ex
     within("close", publisher.close()).await.unwrap();
     within("close", consumer.close()).await.unwrap();
 }
+
+/// A subscription whose consumer the broker cancelled (its queue deleted) and which cannot be
+/// restored (the queue was declared again by someone else with other settings) consumes nothing
+/// while both connections are up: health said `ok`, healthy, and only `consumer_failures` and the
+/// log told that the subscription's messages were piling up. It is degraded now, naming the queue
+/// and the error, and healthy again once the consumer is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_whose_consumer_cannot_be_restored_makes_health_degraded() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-unrestored");
+    let queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    let router = within(
+        "connect",
+        builder(&exchange)
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(300),
+                Duration::from_millis(600),
+            ))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut member = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*")).group("g")),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    assert_eq!(take(&mut member, 1).await, [1]);
+    assert_eq!(
+        within("health", router.health()).await.status,
+        HealthStatus::Healthy
+    );
+
+    // Deleted (the broker cancels the consumer), then declared again, not durable, before the
+    // router restores its consumer: every restore now fails with PRECONDITION_FAILED.
+    let raw = Raw::open().await;
+    within(
+        "delete the queue",
+        raw.channel
+            .queue_delete(amqprs::channel::QueueDeleteArguments::new(&queue)),
+    )
+    .await
+    .expect("queue.delete");
+    within(
+        "declare it again with other settings",
+        raw.channel
+            .queue_declare(amqprs::channel::QueueDeclareArguments::new(&queue)),
+    )
+    .await
+    .expect("queue.declare");
+    let deadline = tokio::time::Instant::now() + STEP;
+    let health = loop {
+        let health = within("health", router.health()).await;
+        if health.get("consumer_failures") >= 2 {
+            break health;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restore never failed: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(router.is_connected(), "both connections are up");
+    assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+    assert!(health.detail.contains(&queue), "{health:?}");
+    assert!(health.detail.contains("inequivalent"), "{health:?}");
+    assert_eq!(health.get("consumers_not_restored"), 1, "{health:?}");
+
+    // Once the queue can be declared as the router wants it, the consumer comes back.
+    let channel = within("a raw channel", raw.connection.open_channel(None))
+        .await
+        .expect("channel");
+    within(
+        "delete the other queue",
+        channel.queue_delete(amqprs::channel::QueueDeleteArguments::new(&queue)),
+    )
+    .await
+    .expect("queue.delete");
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let health = within("health", router.health()).await;
+        if health.status == HealthStatus::Healthy {
+            assert_eq!(health.get("consumers_not_restored"), 0, "{health:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumer never came back: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    within("publish", router.publish(envelope("Ping:event:s1", 2)))
+        .await
+        .unwrap();
+    assert_eq!(take(&mut member, 1).await, [2]);
+    raw.close().await;
+    within("close", router.close()).await.unwrap();
+}

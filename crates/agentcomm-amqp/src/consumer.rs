@@ -669,7 +669,10 @@ async fn cleanup(shared: &SubShared, consumer: Option<Arc<ConsumerHandle>>) {
             drop(feed);
             shared.in_hand() + buffered as u64
         };
-        delete_fan_out_queue(inner, &shared.spec.name, readable).await;
+        // During an outage, the deletion waits for the reconnect within the same close timeout:
+        // the queue left behind would keep its bindings until it expires (`fan_out_expiry`), and
+        // every publish matching them would be confirmed `Accepted`, then dropped with it, uncounted.
+        delete_fan_out_queue(inner, &shared.spec.name, readable, deadline).await;
     }
     let mut feed = shared.feed();
     feed.finished = true;
@@ -682,7 +685,8 @@ async fn cleanup(shared: &SubShared, consumer: Option<Arc<ConsumerHandle>>) {
 /// retries still waiting there have nowhere to go back to (counted in `retries_dropped`), and
 /// messages still in the queue (not read, or given back when its channel closed) have nobody to go
 /// to (counted in `fan_out_dropped`), except the `readable` ones its reader holds or can still read.
-async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64) {
+/// Waits for the consuming connection until `deadline` when it is down.
+async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64, deadline: Instant) {
     let retry_prefix = format!("{name}.retry.");
     let retry_queues: Vec<String> = inner
         .declared_queues
@@ -693,7 +697,7 @@ async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64) {
         .cloned()
         .collect();
     let deleted = inner
-        .with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
+        .with_op_channel(Some(deadline), async |op: &OpChannel| {
             let (mut dropped, mut unread) = (0u64, 0u64);
             for queue in retry_queues.iter().map(String::as_str).chain([name]) {
                 let delete = QueueDeleteArguments::new(queue);
@@ -747,7 +751,12 @@ async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64) {
             }
         }
         Err(error) => {
-            tracing::debug!(queue = name, error = %error, "could not delete a fan-out queue; it expires by itself");
+            tracing::warn!(
+                queue = name,
+                error = %error,
+                expiry = ?inner.settings.fan_out_expiry,
+                "could not delete the queue of a closed fan-out subscription: until it expires (fan_out_expiry), publishes matching its bindings are confirmed as accepted and dropped with it"
+            );
         }
     }
 }

@@ -1436,3 +1436,67 @@ async fn the_longest_timeouts_mean_as_long_as_it_takes_and_panic_nowhere() {
     }
     assert!(failed.is_empty(), "{failed:#?}");
 }
+
+/// A fan-out subscription closed while the consuming connection is down had its queue deletion
+/// tried once, at once, and given up (logged at debug level): the queue stayed bound until it expired
+/// (`fan_out_expiry`, 60 s), and every publish matching it meanwhile was confirmed `Accepted`, then
+/// dropped with the queue, counted nowhere. The deletion now waits for the reconnect within the
+/// close timeout, so those publishes are `Unroutable`, as for any closed subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_subscription_closed_during_an_outage_leaves_no_queue_accepting_messages() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-fan-out-outage");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = proxied_router(&proxy, &exchange).await;
+    let subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Payment:*:*").unwrap(),
+        )),
+    )
+    .await
+    .unwrap();
+    let outcome = within("a first publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Accepted);
+
+    // Both connections are lost, and the broker stays unreachable for a moment.
+    proxy.reject_for(Duration::from_millis(1500));
+    wait_until("the proxy to stop listening", async || {
+        tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .is_err()
+    })
+    .await;
+    proxy.cut_all();
+    wait_until("the loss to be noticed", async || !router.is_connected()).await;
+    within("close the subscription", subscription.close())
+        .await
+        .unwrap();
+    drop(subscription);
+    wait_until("the reconnect", async || router.is_connected()).await;
+
+    // Well within fan_out_expiry (60 s): nothing is bound any more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 2;
+    loop {
+        let outcome = within("a publish", router.publish(envelope(n))).await;
+        if outcome
+            .as_ref()
+            .is_ok_and(|outcome| *outcome == PublishOutcome::Unroutable)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the closed subscription's queue still takes messages: {outcome:?}"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    within("close", router.close()).await.unwrap();
+}

@@ -245,7 +245,13 @@ impl AmqpRouter {
             subscriptions.push(Arc::downgrade(&shared));
         }
         let (ready_sender, ready) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(consumer::run(shared.clone(), ready_sender));
+        // On the router's runtime, not the caller's: the task restores the consumer after every
+        // loss, and amqprs runs the consumer channel's dispatcher where the channel opens (in this
+        // task). On a runtime that shuts down (a `block_on` helper that subscribed), both would end
+        // with it, and the stream, read elsewhere, would wait for ever.
+        let task = inner
+            .runtime
+            .spawn(consumer::run(shared.clone(), ready_sender));
         // Closes the subscription on every way out but the one that hands it to the caller,
         // including this future being dropped while it waits for the consumer.
         let unclaimed = Unclaimed(Some(shared));

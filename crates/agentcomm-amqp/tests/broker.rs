@@ -2545,3 +2545,45 @@ async fn a_subscription_whose_consumer_cannot_be_restored_makes_health_degraded(
     raw.close().await;
     within("close", router.close()).await.unwrap();
 }
+
+/// A subscription made on a short-lived runtime (a `block_on` helper, a set-up step on a runtime of
+/// its own) and read on the main one: its task, and amqprs's dispatcher of its consumer channel,
+/// ran on the runtime of the `subscribe` call. Once that runtime shut down, nothing forwarded its
+/// deliveries nor restored its consumer: the stream waited for ever, while the broker kept
+/// delivering to the consumer (held unacknowledged), and health counted one subscription fewer,
+/// nothing else. They belong with the connection, on the runtime the router connected on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_goes_on_after_the_runtime_that_made_it_shut_down() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-sub-runtime");
+    let queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    let router = connect(&exchange).await;
+    let elsewhere = router.clone();
+    let mut member = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async { within("subscribe", ping_member(&elsewhere)).await })
+    })
+    .join()
+    .unwrap();
+    for n in 1..=3 {
+        let outcome = within("publish", router.publish(envelope("Ping:event:s1", n)))
+            .await
+            .unwrap();
+        assert_eq!(outcome, PublishOutcome::Accepted);
+    }
+    let got = tokio::time::timeout(Duration::from_secs(10), take(&mut member, 3)).await;
+    assert!(
+        matches!(&got, Ok(numbers) if numbers == &[1, 2, 3]),
+        "the subscription stopped delivering once the runtime that made it shut down: {got:?}"
+    );
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("subscriptions"), 1, "{health:?}");
+    drop(member);
+    within("close", router.close()).await.unwrap();
+}

@@ -1324,8 +1324,15 @@ impl Inner {
         };
         let mut outage_deadline = None;
         let mut to_resend = (losses > 0).then(|| Counted::to_resend(self));
+        // Whether a frame of this message went out on a channel lost before its confirm: then the
+        // broker may have it, and a failure to send it again must not read as "never sent".
+        let mut sent_before = lost;
         loop {
-            let publisher = self.publisher_for(&mut outage_deadline).await?;
+            let publisher = match self.publisher_for(&mut outage_deadline).await {
+                Ok(publisher) => publisher,
+                Err(error) if sent_before => return Err(self.maybe_stored(error, envelope)),
+                Err(error) => return Err(error),
+            };
             let content = match first.take() {
                 Some(content) => content,
                 None => message.content(envelope, full)?,
@@ -1353,9 +1360,39 @@ impl Inner {
             ) {
                 return result;
             }
+            sent_before |= lost;
             if to_resend.is_none() {
                 to_resend = Some(Counted::to_resend(self));
             }
+        }
+    }
+
+    /// The error of a publish that could not be sent again after its channel was lost with the
+    /// frame sent and no confirm: the broker may have the message, which the error of a publish
+    /// never sent (an outage outlasting its bound, the router closed) does not say.
+    fn maybe_stored(&self, error: Error, envelope: &Envelope) -> Error {
+        let note = |message: String| {
+            format!(
+                "{message} (message {} had been sent before its connection was lost, without a confirm: it may or may not have been stored)",
+                envelope.id()
+            )
+        };
+        match error {
+            Error::Closed { .. } => Self::closed_unconfirmed_error(),
+            Error::Connection {
+                backend,
+                url,
+                message,
+            } => Error::Connection {
+                backend,
+                url,
+                message: note(message),
+            },
+            Error::Backend { backend, message } => Error::Backend {
+                backend,
+                message: note(message),
+            },
+            other => other,
         }
     }
 

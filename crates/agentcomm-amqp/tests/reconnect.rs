@@ -1500,3 +1500,79 @@ async fn a_fan_out_subscription_closed_during_an_outage_leaves_no_queue_acceptin
     }
     within("close", router.close()).await.unwrap();
 }
+
+/// A publish whose frame went out, whose connection was then lost before the confirm, and which
+/// waits through the outage to be sent again, may well be stored already. When the outage outlasted
+/// its bound, or the router closed meanwhile, its caller was told what a publish never sent is told:
+/// "no publishing connection ... gave up", or closed, "connect a new AmqpRouter", with nothing
+/// saying the broker may have the message. Both errors say so now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_sent_before_an_outage_it_gives_up_in_says_it_may_be_stored() {
+    if !broker_available().await {
+        return;
+    }
+    for closing in [false, true] {
+        let proxy = start_proxy().await;
+        let exchange = unique("t-maybe-stored");
+        let _cleanup = Cleanup::new(&exchange, &[]);
+        let router = within(
+            "connect through the proxy",
+            AmqpRouter::builder(proxied_url(&proxy))
+                .exchange(&exchange)
+                .reconnect(Backoff::new(
+                    Duration::from_millis(50),
+                    Duration::from_millis(200),
+                ))
+                .operation_timeout(Duration::from_secs(1))
+                .confirm_timeout(Duration::from_secs(10))
+                .publish_outage_timeout(if closing {
+                    Duration::from_secs(15)
+                } else {
+                    Duration::from_millis(500)
+                })
+                .close_timeout(Duration::from_millis(500))
+                .connect(),
+        )
+        .await
+        .unwrap();
+        within("a first publish", router.publish(envelope(1)))
+            .await
+            .unwrap();
+        // The frame leaves the client; no confirm comes back.
+        proxy.blackhole(true);
+        let publishing = tokio::spawn({
+            let router = router.clone();
+            async move { router.publish(envelope(2)).await }
+        });
+        wait_until("the publish to wait for its confirm", async || {
+            router.health().await.get("unconfirmed") == 1
+        })
+        .await;
+        proxy.reject_for(Duration::from_secs(20));
+        wait_until("the proxy to stop listening", async || {
+            tokio::net::TcpStream::connect(proxy.local_addr())
+                .await
+                .is_err()
+        })
+        .await;
+        proxy.cut_all();
+        proxy.blackhole(false);
+        if closing {
+            wait_until("the loss to be noticed", async || !router.is_connected()).await;
+            within("close", router.close()).await.unwrap();
+        }
+        let error = within("the publish in the outage", publishing)
+            .await
+            .expect("the publishing task")
+            .unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("may or may not have been stored"),
+            "closing: {closing}: {text}"
+        );
+        if !closing {
+            assert!(matches!(error, Error::Connection { .. }), "{error}");
+            within("close", router.close()).await.unwrap();
+        }
+    }
+}

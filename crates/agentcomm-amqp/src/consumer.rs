@@ -478,7 +478,12 @@ fn deliver(
         }
         Err(error) => {
             let routing_key = deliver.routing_key().clone();
-            tokio::spawn(dead_letter_malformed(handle, content, routing_key, error));
+            // On the router's runtime: the reader may poll from one that ends as soon as it has
+            // its delivery (a `block_on` helper), which would drop this task unrun, the frame
+            // neither dead-lettered nor acknowledged.
+            inner
+                .runtime
+                .spawn(dead_letter_malformed(handle, content, routing_key, error));
             None
         }
     }

@@ -2587,3 +2587,62 @@ async fn a_subscription_goes_on_after_the_runtime_that_made_it_shut_down() {
     drop(member);
     within("close", router.close()).await.unwrap();
 }
+
+/// A frame that is not an envelope, read by a subscriber polling from a short-lived runtime (a
+/// `block_on` helper): its dead-lettering was spawned on that runtime and ended with it, unrun. The
+/// frame was neither dead-lettered nor acknowledged: held by the consumer until its channel closed,
+/// then delivered and lost the same way again. It is dead-lettered on the router's runtime now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_read_from_a_short_lived_runtime_is_still_dead_lettered() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-malformed-runtime");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = connect(&exchange).await;
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    .unwrap();
+    let mut dead_letters = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("DeadLetter:*:*"))),
+    )
+    .await
+    .unwrap();
+    let raw = Raw::open().await;
+    raw.publish(&exchange, "Ping.event.s1", b"\xc1 not a frame")
+        .await;
+    within("publish", router.publish(envelope("Ping:event:s1", 2)))
+        .await
+        .unwrap();
+    // Both wait in the subscription's buffer before anything reads it.
+    let deadline = Instant::now() + STEP;
+    while subscription.buffered() < 2 {
+        assert!(Instant::now() < deadline, "the two messages never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let subscription = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                assert_eq!(take(&mut subscription, 1).await, [2]);
+                subscription
+            })
+    })
+    .join()
+    .unwrap();
+    let dead = tokio::time::timeout(Duration::from_secs(10), dead_letters.next()).await;
+    let dead = dead
+        .expect("the malformed frame was never dead-lettered")
+        .expect("the dead-letter stream ended");
+    assert_eq!(dead.envelope().payload().as_ref(), b"\xc1 not a frame");
+    within("ack", dead.ack()).await.unwrap();
+    drop(subscription);
+    within("close", router.close()).await.unwrap();
+    raw.close().await;
+}

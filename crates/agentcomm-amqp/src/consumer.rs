@@ -677,7 +677,13 @@ async fn cleanup(shared: &SubShared, consumer: Option<Arc<ConsumerHandle>>) {
         // During an outage, the deletion waits for the reconnect within the same close timeout:
         // the queue left behind would keep its bindings until it expires (`fan_out_expiry`), and
         // every publish matching them would be confirmed `Accepted`, then dropped with it, uncounted.
-        delete_fan_out_queue(inner, &shared.spec.name, readable, deadline).await;
+        // Not when the whole router closes: its close does not wait out an outage.
+        let reconnect_by = if inner.is_closing() {
+            Instant::now()
+        } else {
+            deadline
+        };
+        delete_fan_out_queue(inner, &shared.spec.name, readable, reconnect_by).await;
     }
     let mut feed = shared.feed();
     feed.finished = true;

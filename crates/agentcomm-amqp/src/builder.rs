@@ -173,6 +173,9 @@ impl AmqpRouterBuilder {
     }
 
     /// A builder for the URL in `RABBITMQ_URL`, or `amqp://guest:guest@127.0.0.1:5672/%2f` when unset.
+    /// Reads the process environment only: a `RABBITMQ_URL` set only in a `.env` file is taken as
+    /// unset. To honour one, load it with [`Config::load`](agentcomm_core::config::Config::load) and
+    /// use `AmqpRouter::builder(config.rabbitmq_url())`.
     pub fn from_env() -> Self {
         AmqpRouterBuilder {
             url_variable: RABBITMQ_URL_VAR,

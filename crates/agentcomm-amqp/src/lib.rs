@@ -112,7 +112,8 @@ impl AmqpRouter {
     }
 
     /// Connects to `RABBITMQ_URL` (or `amqp://guest:guest@127.0.0.1:5672/%2f` when unset) with the
-    /// default settings.
+    /// default settings. The process environment only, not a `.env` file (see
+    /// [`AmqpRouterBuilder::from_env`]).
     pub async fn from_env() -> Result<Self> {
         AmqpRouterBuilder::from_env().connect().await
     }

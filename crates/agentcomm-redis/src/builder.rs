@@ -222,7 +222,10 @@ impl RedisRouterBuilder {
     }
 
     /// Reads `REDIS_URL` (default `redis://127.0.0.1:6379`) and `REDIS_DELIVERY_MODE` (`streams`, the
-    /// default, or `pubsub`).
+    /// default, or `pubsub`) from the process environment. A `.env` file is not read: a variable set
+    /// only there is taken as unset. To honour one, load it with
+    /// [`Config::load`](agentcomm_core::config::Config::load) and pass its variables:
+    /// `RedisRouterBuilder::from_lookup(|name| config.var(name))`.
     pub fn from_env() -> Result<Self> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }

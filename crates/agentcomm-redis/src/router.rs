@@ -359,7 +359,8 @@ impl RedisRouter {
     }
 
     /// Connects to `REDIS_URL` (default `redis://127.0.0.1:6379`) in the mode `REDIS_DELIVERY_MODE`
-    /// says (`streams`, the default, or `pubsub`).
+    /// says (`streams`, the default, or `pubsub`), both from the process environment, not from a `.env`
+    /// file (see [`RedisRouterBuilder::from_env`]).
     pub async fn from_env() -> Result<Self> {
         RedisRouterBuilder::from_env()?.connect().await
     }

@@ -571,8 +571,8 @@ pub enum AgentState {
 pub struct AgentHealth {
     /// The agent's name.
     pub name: &'static str,
-    /// Healthy while running; degraded when stopping or when its subscription ended on its own;
-    /// unhealthy when stopped.
+    /// Healthy while running; degraded when stopping; unhealthy when stopped, or when its subscription
+    /// ended on its own (the router closed or lost it: the agent receives nothing more).
     pub status: HealthStatus,
     /// Its state.
     pub state: AgentState,

@@ -297,6 +297,12 @@ impl Runtime {
     }
 
     /// A runtime builder on a router already shared.
+    ///
+    /// [`shutdown`](Runtime::shutdown) closes the router, for every other holder too: another runtime
+    /// on the same router, or on a clone of it (clones of a `MemoryRouter`, a `RedisRouter` or an
+    /// `AmqpRouter` share its bus or connections), then fails every publish with [`Error::Closed`] and
+    /// its agents receive nothing more. To leave the router to the others, stop this runtime's agents
+    /// instead (`for agent in runtime.agents() { agent.stop(deadline).await; }`) and drop the runtime.
     pub fn builder_shared(router: SharedRouter) -> RuntimeBuilder {
         RuntimeBuilder {
             router,
@@ -499,7 +505,8 @@ impl Runtime {
     }
 
     /// Stops every agent still running (each stops taking messages, finishes what it holds within
-    /// `deadline`, and acknowledges it), then closes the router. Agents whose stop was over before
+    /// `deadline`, and acknowledges it), then closes the router, also for any other runtime that shares
+    /// it (see [`builder_shared`](Runtime::builder_shared)). Agents whose stop was over before
     /// are not counted again; an agent whose stop is under way is waited for, and its report
     /// counted.
     pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {

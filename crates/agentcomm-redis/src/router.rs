@@ -526,8 +526,19 @@ impl RedisRouter {
 
 /// What a failed first connection says, with the fix when TLS refused the server's certificate.
 fn connect_failure(error: &fred::error::Error) -> String {
-    let details = error.details();
-    let hint = if !details.contains("InvalidCertificate") {
+    // Redis ends some replies with a full stop, and `Error::Connection` adds one after the message.
+    let details = error.details().trim_end_matches('.');
+    // Redis was reached, so "check that the broker is running" does not help: say what does.
+    let refused_login = matches!(error.kind(), fred::error::ErrorKind::Auth)
+        || details.starts_with("NOAUTH")
+        || details.starts_with("WRONGPASS");
+    let hint = if refused_login {
+        Some(
+            "Redis refused the login: put the password it requires in the URL, and the user when it \
+             is not `default`: redis://:password@host:port or redis://user:password@host:port, with a \
+             `/`, `?` or `#` in the password written %2F, %3F, %23",
+        )
+    } else if !details.contains("InvalidCertificate") {
         None
     } else if details.contains("UnknownIssuer") {
         Some(

@@ -953,21 +953,9 @@ impl Shared {
         })
     }
 
-    /// `PUBLISH` of `frame` to `channel` on pool connection `client`: how many received it.
-    fn publish_to(
-        &self,
-        client: usize,
-        channel: Str,
-        frame: Bytes,
-    ) -> impl Future<Output = Result<i64>> + Send + '_ {
-        futures::FutureExt::map(
-            self.pool.clients()[client].publish::<i64, _, _>(channel, frame),
-            move |receivers| receivers.map_err(|e| map_error(&e, &self.settings, "PUBLISH")),
-        )
-    }
-
-    /// [`publish_to`](Self::publish_to) of a numbered pub/sub frame (`numbered`: its route's id and its
-    /// number): a number Redis refused is given back ([`publish_failed`](Self::publish_failed)).
+    /// `PUBLISH` of a numbered pub/sub frame on pool connection `client` (`numbered`: its route's id
+    /// and its number): how many received it; a number Redis refused is given back
+    /// ([`publish_failed`](Self::publish_failed)).
     ///
     /// Its own layer under the caller's [`map`](futures::FutureExt::map), taking the route by id rather
     /// than its `Arc`: built this way, fred's command future is written into the publish's box in place;
@@ -1014,33 +1002,37 @@ impl Shared {
         )
     }
 
-    /// Appends `frame` to the stream of `target` (and publishes it to `channel`, for replies, and dead
-    /// letters in pub/sub mode: `numbered` is then the frame's pub/sub route and number, given back when
-    /// Redis refuses the command, which then neither stored nor published it).
+    /// Appends `envelope` to the stream of `target`; with `publish`, also publishes it to its pub/sub
+    /// channel (replies in Streams mode, dead letters in pub/sub mode). Its pub/sub number is taken under
+    /// the order lock its `PUBLISH` (or the script that publishes it) is handed to fred under, as a
+    /// direct publish's: taken when the envelope was encoded, before the `XADD` went out, a concurrent
+    /// publish to the same channel could take the next number and overtake it, and every subscriber
+    /// counted the overtaken one as lost once the reorder window passed, then discarded it.
     async fn stream_publish(
         &self,
         target: &StreamTarget,
-        frame: Bytes,
-        channel: Option<Str>,
-        numbered: Option<&(Arc<ChannelRoute>, u64)>,
+        envelope: &Envelope,
+        publish: bool,
     ) -> Result<PublishOutcome> {
         let client = &self.pool.clients()[target.client];
         if !self.settings.idempotent_publish {
-            let fields = vec![(FRAME_FIELD, Value::Bytes(frame.clone()))];
+            // Without a sequence number: stream readers drop it. The live copy is numbered below.
+            let frame = Bytes::from(envelope.to_frame()?);
+            let fields = vec![(FRAME_FIELD, Value::Bytes(frame))];
             let added: std::result::Result<Value, fred::error::Error> = client
                 .xadd(target.stream.clone(), false, target.cap(), "*", fields)
                 .await;
             if let Err(error) = added {
-                give_back_if_refused(numbered, &error);
                 return Err(map_error(&error, &self.settings, "XADD"));
             }
-            let Some(channel) = channel else {
+            if !publish {
                 return Ok(PublishOutcome::Accepted);
-            };
-            return match self.publish_to(target.client, channel, frame).await {
-                Ok(receivers) => Ok(outcome_of(receivers, true, self.clustered())),
+            }
+            return match self.publish_in_order(envelope, true).await {
+                Ok(outcome) => Ok(outcome),
                 // Stored: an error would make the caller publish it again, and store it twice. The
-                // live copy is lost, and its subscribers count the number it leaves out as lost.
+                // live copy is lost (its number is given back when Redis refused it; otherwise its
+                // subscribers count the number it leaves out as lost).
                 Err(error) => {
                     tracing::warn!(
                         class = target.class.as_str(),
@@ -1052,25 +1044,55 @@ impl Shared {
                 }
             };
         }
+        // A stream-only frame is encoded before the lock is taken; one that is also published is
+        // numbered, and so encoded, under it.
+        let mut plain = match publish {
+            true => None,
+            false => Some(Bytes::from(envelope.to_frame()?)),
+        };
+        let mut encoded = None;
         let reply = self
             .in_order(target, |sequence| {
-                client.evalsha::<Value, _, _, _>(
-                    self.script_sha.clone(),
-                    vec![target.stream.clone(), target.dedup.clone()],
-                    Self::script_args(target, sequence, &frame, channel.as_ref()),
-                )
+                let frame = match plain.take() {
+                    Some(frame) => Ok((frame, None)),
+                    None => self
+                        .pubsub_frame(envelope)
+                        .map(|(route, number, frame)| (frame, Some((route, number)))),
+                };
+                let command = frame.as_ref().ok().map(|(frame, numbered)| {
+                    let channel = numbered.as_ref().map(|(route, _)| &route.channel);
+                    client.evalsha::<Value, _, _, _>(
+                        self.script_sha.clone(),
+                        vec![target.stream.clone(), target.dedup.clone()],
+                        Self::script_args(target, sequence, frame, channel),
+                    )
+                });
+                encoded = Some(frame);
+                // Not encoded: nothing is sent (the stream's number it took leaves nothing behind).
+                futures::future::OptionFuture::from(command)
             })
             .await;
+        let (frame, numbered, reply) = match (encoded, reply) {
+            (Some(Ok((frame, numbered))), Some(reply)) => (frame, numbered, reply),
+            (Some(Err(error)), _) => return Err(error),
+            _ => {
+                return Err(Error::Backend {
+                    backend: "redis",
+                    message: "a stream publish was encoded but not sent".into(),
+                });
+            }
+        };
+        let channel = numbered.as_ref().map(|(route, _)| route.channel.clone());
         match reply {
             // Redis lost its script cache (a restart, another cluster node): nothing was stored.
             Err(error) if is_noscript(&error) => {
-                self.publish_with_text(target, &frame, channel.as_ref(), numbered)
+                self.publish_with_text(target, &frame, channel.as_ref(), numbered.as_ref())
                     .await
             }
             reply => reply
                 .map(|reply| self.script_outcome(target, reply))
                 .map_err(|e| {
-                    give_back_if_refused(numbered, &e);
+                    give_back_if_refused(numbered.as_ref(), &e);
                     map_error(&e, &self.settings, "publishing to a stream")
                 }),
         }
@@ -1236,7 +1258,8 @@ impl Shared {
     }
 
     /// The command of a [direct](Self::direct) publish: numbered (pub/sub) and encoded now; a pub/sub
-    /// publish is also handed to fred now (see below), an append when polled.
+    /// publish is also handed to fred now ([`publish_in_order`](Self::publish_in_order)), an append
+    /// when polled.
     fn direct_command(
         &self,
         envelope: &Envelope,
@@ -1256,33 +1279,41 @@ impl Shared {
                     |added| added.map(|()| PublishOutcome::Accepted),
                 ))
             }
-            Direct::Publish => {
-                let (route, number, frame, order) = match self.pubsub_frame_under(envelope, true) {
-                    Ok(encoded) => encoded,
-                    Err(error) => return failed(error),
-                };
-                let clustered = self.clustered();
-                let numbered = (route.id, number);
-                let mut publishing: BoxFuture<'_, Result<PublishOutcome>> =
-                    Box::pin(futures::FutureExt::map(
-                        self.publish_numbered(route.client, route.channel.clone(), frame, numbered),
-                        move |receivers| receivers.map(|n| outcome_of(n, false, clustered)),
-                    ));
-                // fred takes the command on the first poll: polled here, still under the order lock
-                // the number was taken under, so that the connection's publishes reach Redis in the
-                // order of their numbers. Taken and handed over apart, a publish could be overtaken by
-                // later numbers (its thread preempted in between): subscribers waited for it only as
-                // long as the reorder window, then counted it as lost, and discarded it when it came.
-                // The caller polls again at once, with its own waker.
-                let first = publishing
-                    .as_mut()
-                    .poll(&mut Context::from_waker(Waker::noop()));
-                drop(order);
-                match first {
-                    Poll::Ready(result) => Box::pin(std::future::ready(result)),
-                    Poll::Pending => publishing,
-                }
-            }
+            Direct::Publish => self.publish_in_order(envelope, false),
+        }
+    }
+
+    /// A pub/sub publish of `envelope` (`stored`: also kept in its stream), numbered and encoded now, and
+    /// handed to fred now, under the order lock its number is taken under (see below).
+    fn publish_in_order(
+        &self,
+        envelope: &Envelope,
+        stored: bool,
+    ) -> BoxFuture<'_, Result<PublishOutcome>> {
+        let (route, number, frame, order) = match self.pubsub_frame_under(envelope, true) {
+            Ok(encoded) => encoded,
+            Err(error) => return Box::pin(std::future::ready(Err(error))),
+        };
+        let clustered = self.clustered();
+        let numbered = (route.id, number);
+        let mut publishing: BoxFuture<'_, Result<PublishOutcome>> =
+            Box::pin(futures::FutureExt::map(
+                self.publish_numbered(route.client, route.channel.clone(), frame, numbered),
+                move |receivers| receivers.map(|n| outcome_of(n, stored, clustered)),
+            ));
+        // fred takes the command on the first poll: polled here, still under the order lock
+        // the number was taken under, so that the connection's publishes reach Redis in the
+        // order of their numbers. Taken and handed over apart, a publish could be overtaken by
+        // later numbers (its thread preempted in between): subscribers waited for it only as
+        // long as the reorder window, then counted it as lost, and discarded it when it came.
+        // The caller polls again at once, with its own waker.
+        let first = publishing
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()));
+        drop(order);
+        match first {
+            Poll::Ready(result) => Box::pin(std::future::ready(result)),
+            Poll::Pending => publishing,
         }
     }
 
@@ -1328,17 +1359,12 @@ impl Shared {
         let stored = self.settings.mode == DeliveryMode::Streams || class == DEAD_LETTER_CLASS;
         if !self.publishes_to_channel(envelope.channel()) {
             let target = self.target(class).await?;
-            let frame = Bytes::from(envelope.to_frame()?);
-            return self.stream_publish(&target, frame, None, None).await;
+            return self.stream_publish(&target, &envelope, false).await;
         }
         if stored {
-            // Published and stored with one script: replies in Streams mode, dead letters in pub/sub mode.
+            // Stored and published: replies in Streams mode, dead letters in pub/sub mode.
             let target = self.target(class).await?;
-            let (route, number, frame) = self.pubsub_frame(&envelope)?;
-            let channel = route.channel.clone();
-            return self
-                .stream_publish(&target, frame, Some(channel), Some(&(route, number)))
-                .await;
+            return self.stream_publish(&target, &envelope, true).await;
         }
         self.direct_command(&envelope, Direct::Publish).await
     }

@@ -2110,3 +2110,80 @@ async fn the_longest_stream_durations_are_taken_without_a_panic() {
         .unwrap();
     within(WAIT, "closing", router.close()).await.unwrap();
 }
+
+/// Concurrent replies of one router to one reply inbox (stored in their stream and published to the
+/// inbox's channel) reach Redis in the order of their sequence numbers. Before, a reply took its number
+/// when it was encoded, before its `XADD` went out, and its `PUBLISH` followed the `XADD`'s answer (the
+/// idempotent script: after the number, taken apart): a later reply could overtake it, and the inbox,
+/// once the reorder window passed, counted it as lost and then discarded it as a duplicate. A zero
+/// window shows any overtaking as such a loss.
+async fn concurrent_replies_reach_the_inbox_in_the_order_of_their_numbers(idempotent: bool) {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let requester =
+        connected(builder(DeliveryMode::Streams, &prefix).reorder_window(Duration::ZERO)).await;
+    let responder =
+        connected(builder(DeliveryMode::Streams, &prefix).idempotent_publish(idempotent)).await;
+    let mut inbox = requester
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Race:reply:inbox-1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    const TASKS: u32 = 8;
+    const EACH: u32 = 150;
+    let total = (TASKS * EACH) as usize;
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let responder = responder.clone();
+            tokio::spawn(async move {
+                for index in 0..EACH {
+                    responder
+                        .publish(envelope("Race:reply:inbox-1", task * EACH + index))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut seen = HashSet::new();
+    // Until everything came, or nothing more came for two seconds (what was discarded never comes).
+    while seen.len() < total {
+        match tokio::time::timeout(Duration::from_secs(2), inbox.next()).await {
+            Ok(Some(delivery)) => {
+                seen.insert(number(&delivery));
+                delivery.ack().await.unwrap();
+            }
+            Ok(None) => panic!("the inbox ended early"),
+            Err(_) => break,
+        }
+    }
+    let health = requester.health().await;
+    assert_eq!(
+        seen.len(),
+        total,
+        "delivered {} of {total}: {health:?}",
+        seen.len()
+    );
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    assert_eq!(health.get("duplicates"), 0, "{health:?}");
+    drop(inbox);
+    requester.close().await.unwrap();
+    responder.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_replies_reach_the_inbox_in_order() {
+    concurrent_replies_reach_the_inbox_in_the_order_of_their_numbers(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_idempotent_replies_reach_the_inbox_in_order() {
+    concurrent_replies_reach_the_inbox_in_the_order_of_their_numbers(true).await;
+}

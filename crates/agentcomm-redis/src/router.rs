@@ -176,6 +176,31 @@ impl ChannelRoute {
     }
 }
 
+/// Encodes `envelope` for pub/sub with the next number of `route`, its channel's route; the caller holds
+/// the order lock of the route's connection. The number is taken only once the envelope is known to
+/// encode, and given back if the encoding failed after all (see [`Shared::pubsub_frame`]).
+fn frame_on_route(route: &ChannelRoute, envelope: &Envelope) -> Result<(u64, Bytes)> {
+    let mut numbered = None;
+    let encoded = envelope.to_frame_with_header_from(SEQUENCE_HEADER, || {
+        let number = route.next.fetch_add(1, Ordering::Relaxed) + 1;
+        numbered = Some(number);
+        SequenceText::new(&route.publisher, number)
+    });
+    match (encoded, numbered) {
+        (Ok(frame), Some(number)) => Ok((number, Bytes::from(frame))),
+        (Ok(_), None) => Err(Error::Backend {
+            backend: "redis",
+            message: "a pub/sub frame was encoded without its sequence number".into(),
+        }),
+        (Err(error), numbered) => {
+            if let Some(number) = numbered {
+                route.give_back(number);
+            }
+            Err(error)
+        }
+    }
+}
+
 /// What a `publish_batch` append (`XADD` in a pipeline, without idempotent publishing) that failed on a
 /// timeout or a cut connection was doing: fred (10.x) does not mark a pipeline whose wait timed out as
 /// timed out, as it does a single command, so its commands may still be written after a reconnect;
@@ -261,9 +286,9 @@ pub(crate) struct Shared {
     publisher_id: String,
     /// Each class stream this router publishes to.
     targets: RwLock<HashMap<String, Arc<StreamTarget>, FastState>>,
-    /// One lock per pool connection: sequence numbers of idempotent publishes, and of single pub/sub
-    /// publishes, are taken, and their commands handed to fred, under it, so that they reach Redis in
-    /// the order of their numbers.
+    /// One lock per pool connection: sequence numbers of idempotent publishes, and of pub/sub publishes
+    /// (single or in a batch), are taken, and their commands handed to fred, under it, so that they
+    /// reach Redis in the order of their numbers.
     order: Vec<Mutex<()>>,
     /// Bumped when a pool connection reconnects: every class is listed in the registry again.
     registry_generation: Arc<AtomicU64>,
@@ -1406,8 +1431,9 @@ impl Shared {
         }
         let mut results: Vec<Option<Result<PublishOutcome>>> = Vec::new();
         results.resize_with(envelopes.len(), || None);
-        // Encode first: an envelope that cannot be encoded fails alone. Pub/sub sends what is encoded
-        // chunk by chunk (see `PUBSUB_CHUNK_MESSAGES`).
+        // An envelope that cannot be encoded fails alone. Streams encodes the whole batch first; pub/sub
+        // numbers, encodes and sends it chunk by chunk (see `PUBSUB_CHUNK_MESSAGES`), each chunk under
+        // the order lock of its connection (see `run_pipeline`).
         let pubsub = self.settings.mode == DeliveryMode::PubSub;
         let total = envelopes.len();
         let (mut chunk_messages, mut chunk_bytes) = (0usize, 0usize);
@@ -1443,26 +1469,32 @@ impl Shared {
                         client: target.client,
                         target: Some(target),
                         channel: None,
+                        size: frame.len(),
                         frame: Bytes::from(frame),
                         numbered: None,
+                        unnumbered: None,
                     }),
                 },
                 DeliveryMode::PubSub => {
-                    self.pubsub_frame(&envelope)
-                        .map(|(route, number, frame)| Pending {
-                            index,
-                            client: route.client,
-                            target: None,
-                            channel: Some(route.channel.clone()),
-                            frame,
-                            numbered: Some((route, number)),
-                        })
+                    // Numbered and encoded by `run_pipeline`, under the order lock its chunk is handed
+                    // to fred under; its size is estimated until then.
+                    let route = self.channel_route(envelope.channel());
+                    Ok(Pending {
+                        index,
+                        client: route.client,
+                        target: None,
+                        channel: Some(route.channel.clone()),
+                        frame: Bytes::new(),
+                        size: frame_size_estimate(&envelope),
+                        numbered: None,
+                        unnumbered: Some((route, envelope)),
+                    })
                 }
             };
             match pending {
                 Ok(pending) => {
                     chunk_messages += 1;
-                    chunk_bytes += pending.frame.len();
+                    chunk_bytes += pending.size;
                     by_client.entry(pending.client).or_default().push(pending);
                 }
                 Err(error) => results[index] = Some(Err(error)),
@@ -1507,12 +1539,14 @@ impl Shared {
         results
     }
 
-    /// Sends one connection's share of a batch as one pipeline. Numbers are taken and the pipeline is
-    /// handed to fred under the connection's order lock (see [`Shared::in_order`]).
+    /// Sends one connection's share of a batch as one pipeline. Numbers are taken (pub/sub: and the
+    /// frames that carry them encoded) and the pipeline is handed to fred under the connection's order
+    /// lock (see [`Shared::in_order`]), which fred's pipeline takes on its first poll (`try_all` sends
+    /// all its commands at once, before its first await).
     async fn run_pipeline(
         &self,
         position: usize,
-        batch: Vec<Pending>,
+        mut batch: Vec<Pending>,
     ) -> Vec<(usize, Result<PublishOutcome>)> {
         let client = &self.pool.clients()[position];
         let pipeline = client.pipeline();
@@ -1546,7 +1580,22 @@ impl Shared {
                     }
                 }
             }
-            for (slot, pending) in batch.iter().enumerate() {
+            for (slot, pending) in batch.iter_mut().enumerate() {
+                if let Some((route, envelope)) = pending.unnumbered.take() {
+                    // Numbered here, under the lock the pipeline is handed to fred under: a publish of
+                    // the channel elsewhere (alone, another batch) cannot take a later number and reach
+                    // Redis first.
+                    match frame_on_route(&route, &envelope) {
+                        Ok((number, frame)) => {
+                            pending.frame = frame;
+                            pending.numbered = Some((route, number));
+                        }
+                        Err(error) => {
+                            results.push((pending.index, Err(error)));
+                            continue;
+                        }
+                    }
+                }
                 let queuing: Option<std::result::Result<(), fred::error::Error>> =
                     match (&pending.target, &pending.channel) {
                         (Some(target), _) if idempotent => {
@@ -1911,15 +1960,40 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// One publish of a batch, encoded.
+/// One publish of a batch.
 struct Pending {
     index: usize,
     client: usize,
     target: Option<Arc<StreamTarget>>,
     channel: Option<Str>,
+    /// Its frame: a pub/sub one is empty until [`Shared::run_pipeline`] numbers and encodes it.
     frame: Bytes,
+    /// The frame's length, or (pub/sub, not encoded yet) an estimate of it: what it adds to its chunk.
+    size: usize,
     /// A pub/sub publish's route and sequence number (given back if Redis refuses the publish).
     numbered: Option<(Arc<ChannelRoute>, u64)>,
+    /// A pub/sub publish not numbered yet: its channel's route and the envelope.
+    unnumbered: Option<(Arc<ChannelRoute>, Envelope)>,
+}
+
+/// About how long `envelope`'s frame will be: a pub/sub batch is cut into chunks of about
+/// [`PUBSUB_CHUNK_BYTES`] before it is encoded, since a message is encoded only with its sequence
+/// number, under the order lock its chunk is handed to fred under.
+fn frame_size_estimate(envelope: &Envelope) -> usize {
+    // The id, timestamp, attempt, content type, sequence header and the field names.
+    const FIXED: usize = 160;
+    let headers: usize = envelope
+        .headers()
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + 2)
+        .sum();
+    FIXED
+        + envelope.payload().len()
+        + envelope.channel().name().len()
+        + envelope.content_type().len()
+        + envelope.correlation_id().map_or(0, str::len)
+        + envelope.reply_to().map_or(0, str::len)
+        + headers
 }
 
 /// A hash that is the same in every process of one build (for markers other routers must find).

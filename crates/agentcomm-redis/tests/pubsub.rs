@@ -1728,3 +1728,92 @@ async fn concurrent_publishes_of_one_channel_reach_redis_in_the_order_of_their_n
     subscriber.close().await.unwrap();
     publisher.close().await.unwrap();
 }
+
+/// Concurrent batches of one router to one channel, beside single publishes of it, reach Redis in the
+/// order of their sequence numbers. Before, a batch took its numbers while it encoded a chunk, outside
+/// the connection's order lock, and handed the chunk's pipeline to fred only after: a single publish,
+/// or another batch, could take later numbers and reach Redis first. Every subscriber then waited for
+/// the overtaken numbers only as long as the reorder window, counted them as lost, and discarded them
+/// as duplicates when they came. A zero window shows any overtaking as such a loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_batches_and_publishes_of_one_channel_reach_redis_in_the_order_of_their_numbers()
+{
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let subscriber =
+        connected(builder(DeliveryMode::PubSub, &prefix).reorder_window(Duration::ZERO)).await;
+    let publisher = connect(&prefix).await;
+    let mut subscription = subscriber
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Race:event:s2").unwrap(),
+        ))
+        .await
+        .unwrap();
+    // Each batch task sends BATCHES batches of BATCH messages; each single task EACH publishes.
+    const BATCH_TASKS: u32 = 4;
+    const BATCHES: u32 = 20;
+    const BATCH: u32 = 40;
+    const SINGLE_TASKS: u32 = 4;
+    const EACH: u32 = 300;
+    let batched = BATCH_TASKS * BATCHES * BATCH;
+    let total = (batched + SINGLE_TASKS * EACH) as usize;
+    let mut tasks = Vec::new();
+    for task in 0..BATCH_TASKS {
+        let publisher = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            for batch in 0..BATCHES {
+                let first = (task * BATCHES + batch) * BATCH;
+                let envelopes = (first..first + BATCH)
+                    .map(|n| envelope("Race:event:s2", n))
+                    .collect();
+                for result in publisher.publish_batch(envelopes).await {
+                    result.unwrap();
+                }
+            }
+        }));
+    }
+    for task in 0..SINGLE_TASKS {
+        let publisher = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            for index in 0..EACH {
+                publisher
+                    .publish(envelope("Race:event:s2", batched + task * EACH + index))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut seen = std::collections::HashMap::<u32, u32>::new();
+    // Until everything came, or nothing more came for two seconds (what was discarded never comes).
+    while seen.len() < total {
+        match tokio::time::timeout(Duration::from_secs(2), subscription.next()).await {
+            Ok(Some(delivery)) => {
+                *seen.entry(number(&delivery)).or_default() += 1;
+                delivery.ack().await.unwrap();
+            }
+            Ok(None) => panic!("the subscription ended early"),
+            Err(_) => break,
+        }
+    }
+    // Nothing more comes: a message delivered twice would show here.
+    assert_quiet(&mut subscription, Duration::from_millis(200)).await;
+    let health = subscriber.health().await;
+    assert_eq!(
+        seen.len(),
+        total,
+        "delivered {} of {total}: {health:?}",
+        seen.len()
+    );
+    let twice: Vec<_> = seen.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    assert_eq!(health.get("duplicates"), 0, "{health:?}");
+    subscriber.close().await.unwrap();
+    publisher.close().await.unwrap();
+}

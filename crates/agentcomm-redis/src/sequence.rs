@@ -10,7 +10,8 @@
 //! Publishes of one channel may overtake each other on their way (concurrent publishes), so a gap is
 //! counted as lost only when it stays open longer than the reorder window.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::Range;
 
 use crate::hashing::FastState;
 use std::time::{Duration, Instant};
@@ -121,8 +122,93 @@ struct Track {
     early: BTreeSet<u64>,
     /// Numbers counted as lost (at most [`MAX_AHEAD`], the lowest forgotten first): one that arrives
     /// after all is [`Verdict::Late`], not a duplicate: it was never delivered.
-    lost: BTreeSet<u64>,
+    lost: LostNumbers,
     last_seen: Instant,
+}
+
+/// The numbers a track counted as lost, kept as its gaps: a gap costs one range however long it is, so
+/// a subscriber that was cut off keeps a few bytes per publisher channel, not a number each (a set of
+/// 4,096 numbers took 80 KB, kept for as long as the track, on each of up to 1,024 tracks of every
+/// subscription; and settling a gap inserted up to 4,096 numbers, so that `finish` with 4,095 long
+/// gaps open stalled the subscription's drop for seconds). At most [`MAX_AHEAD`] numbers, the lowest forgotten first: of a longer gap (a
+/// reconnection) only its last numbers, the likeliest to come late.
+#[derive(Default)]
+struct LostNumbers {
+    /// Disjoint, none empty, in ascending order.
+    gaps: VecDeque<Range<u64>>,
+    /// How many numbers `gaps` holds.
+    count: usize,
+}
+
+impl LostNumbers {
+    /// Remembers `gap`, above every number remembered; makes room first, so that at most
+    /// [`MAX_AHEAD`] numbers (and as many gaps) are ever held.
+    fn add(&mut self, gap: Range<u64>) {
+        debug_assert!(self.gaps.back().is_none_or(|last| last.end <= gap.start));
+        let kept = (gap.end.saturating_sub(gap.start)).min(MAX_AHEAD as u64);
+        if kept == 0 {
+            return;
+        }
+        let gap = gap.end - kept..gap.end;
+        // At most MAX_AHEAD: fits a usize.
+        let kept = kept as usize;
+        let mut excess = (self.count + kept).saturating_sub(MAX_AHEAD);
+        while excess > 0 {
+            let Some(lowest) = self.gaps.front_mut() else {
+                break;
+            };
+            // A gap held is at most MAX_AHEAD long.
+            let len = (lowest.end - lowest.start) as usize;
+            if len <= excess {
+                self.gaps.pop_front();
+                self.count -= len;
+                excess -= len;
+            } else {
+                lowest.start += excess as u64;
+                self.count -= excess;
+                excess = 0;
+            }
+        }
+        self.gaps.push_back(gap);
+        self.count += kept;
+    }
+
+    /// Forgets `seq`; whether it was remembered.
+    fn take(&mut self, seq: u64) -> bool {
+        // The gap that would hold it: the last one starting at or below it.
+        let Some(at) = self
+            .gaps
+            .partition_point(|gap| gap.start <= seq)
+            .checked_sub(1)
+        else {
+            return false;
+        };
+        let gap = self.gaps[at].clone();
+        if seq >= gap.end {
+            return false;
+        }
+        self.count -= 1;
+        match (gap.start < seq, seq + 1 < gap.end) {
+            (false, false) => {
+                self.gaps.remove(at);
+            }
+            (true, false) => self.gaps[at].end = seq,
+            (false, true) => self.gaps[at].start = seq + 1,
+            (true, true) => {
+                self.gaps[at].end = seq;
+                self.gaps.insert(at + 1, seq + 1..gap.end);
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+impl LostNumbers {
+    /// The memory taken by what is remembered, not counting the track itself.
+    fn held_bytes(&self) -> usize {
+        self.gaps.capacity() * std::mem::size_of::<Range<u64>>()
+    }
 }
 
 /// The subscriber side: follows every (publisher, channel) sequence seen.
@@ -167,7 +253,7 @@ impl SequenceTracker {
                     gap_since: None,
                     first: seq,
                     early: BTreeSet::new(),
-                    lost: BTreeSet::new(),
+                    lost: LostNumbers::default(),
                     last_seen: now,
                 },
             );
@@ -183,7 +269,7 @@ impl SequenceTracker {
                     track.early.pop_first();
                 }
                 Verdict::New
-            } else if track.lost.remove(&seq) {
+            } else if track.lost.take(seq) {
                 Verdict::Late
             } else {
                 Verdict::Duplicate
@@ -257,13 +343,8 @@ fn settle(track: &mut Track, now: Instant, window: Duration) -> u64 {
         };
         lost += first - track.base;
         // Remembered, so that one arriving after all is delivered (late) rather than discarded as a
-        // duplicate; of a long gap (a reconnection) only its last numbers, the likeliest to come.
-        track
-            .lost
-            .extend(track.base.max(first.saturating_sub(MAX_AHEAD as u64))..first);
-        while track.lost.len() > MAX_AHEAD {
-            track.lost.pop_first();
-        }
+        // duplicate.
+        track.lost.add(track.base..first);
         track.base = first;
         while track.ahead.remove(&track.base) {
             track.base += 1;
@@ -358,6 +439,74 @@ mod tests {
             tracker.observe("c", &header("p", 1), now),
             (Verdict::Duplicate, 0)
         );
+    }
+
+    /// A subscriber cut off for a while counts a long gap on every publisher channel it follows; what
+    /// it remembers of them to tell a late arrival costs a few bytes per channel, however long the gaps.
+    /// Before, each track kept a set of the last 4,096 numbers of its gap (80 KB), for as long as the
+    /// track: up to 80 MB for the 1,024 tracks a subscription keeps however idle, and as much again
+    /// for each of the router's subscriptions.
+    #[test]
+    fn long_gaps_cost_little_memory() {
+        let window = Duration::from_millis(100);
+        let mut tracker = SequenceTracker::new(window);
+        let t0 = Instant::now();
+        for channel in 0..KEEP_TRACKS {
+            let channel = channel.to_string();
+            tracker.observe(&channel, &header("p", 1), t0);
+            tracker.observe(&channel, &header("p", 1_000_000), t0);
+        }
+        assert_eq!(tracker.sweep(t0 + window * 2), KEEP_TRACKS as u64 * 999_998);
+        let held: usize = tracker
+            .tracks
+            .values()
+            .flat_map(HashMap::values)
+            .map(|track| track.lost.held_bytes())
+            .sum();
+        assert!(
+            held <= KEEP_TRACKS * 128,
+            "{held} bytes remembered for {KEEP_TRACKS} gaps"
+        );
+        // Still told apart: the last numbers of each gap are late, older ones taken for repeats.
+        assert_eq!(
+            tracker.observe("7", &header("p", 999_999), t0 + window * 3),
+            (Verdict::Late, 0)
+        );
+        assert_eq!(
+            tracker.observe("7", &header("p", 2), t0 + window * 3),
+            (Verdict::Duplicate, 0)
+        );
+    }
+
+    /// Numbers of several gaps arrive late in any order, splitting the gaps they come from; each is
+    /// late once. Beyond [`MAX_AHEAD`] numbers remembered, the lowest are forgotten.
+    #[test]
+    fn late_numbers_split_their_gaps_and_the_lowest_are_forgotten() {
+        let mut lost = LostNumbers::default();
+        lost.add(10..20);
+        lost.add(30..31);
+        lost.add(40..50);
+        for seq in [15, 14, 16, 10, 19, 30, 49, 40] {
+            assert!(lost.take(seq), "{seq}");
+            assert!(!lost.take(seq), "{seq} again");
+        }
+        for seq in [9, 20, 29, 31, 39, 50, u64::MAX] {
+            assert!(!lost.take(seq), "{seq} was never lost");
+        }
+        assert_eq!(lost.count, 21 - 8);
+        assert_eq!(lost.gaps, [11..14, 17..19, 41..49]);
+        // Room is made by forgetting the lowest: all of 11..14, 17..19, and 41.
+        lost.add(100..100 + MAX_AHEAD as u64 - 7);
+        assert_eq!(lost.count, MAX_AHEAD);
+        assert_eq!(lost.gaps.front(), Some(&(42..49)));
+        assert!(!lost.take(41) && lost.take(42));
+        // A gap longer than MAX_AHEAD keeps only its last numbers, and forgets all before.
+        lost.add(10_000..20_000);
+        assert_eq!(lost.count, MAX_AHEAD);
+        assert_eq!(lost.gaps.len(), 1);
+        assert_eq!(lost.gaps[0], 20_000 - MAX_AHEAD as u64..20_000);
+        lost.add(30_000..30_000);
+        assert_eq!(lost.gaps.len(), 1, "an empty gap is not kept");
     }
 
     /// A flow that pauses longer than the idle time (a subscriber cut off for minutes while its

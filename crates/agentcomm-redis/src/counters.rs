@@ -22,7 +22,7 @@
 //! | `trimmed` | streams: entries trimmed (`stream_max_len`) before a subscription read them, or while pending |
 //! | `dropped` | messages given back after their subscription closed (pub/sub, fan-out streams) |
 //! | `lagged` | pub/sub: messages a subscription skipped in the subscriber's channel because it fell more than `broadcast_capacity` behind (every channel of the router: what it lost of its own channels is in `lost`) |
-//! | `lost` | pub/sub: messages missing from a publisher's sequence (published while disconnected, cut off in transit, skipped by a subscription that fell behind) |
+//! | `lost` | pub/sub: messages missing from a publisher's sequence (published while disconnected, cut off in transit, skipped by a subscription that fell behind); it goes down by one when such a message arrives after all (see `late`), so that it says how many never came: export it as a gauge, not as a monotonic counter |
 //! | `late` | pub/sub: messages that arrived after their gap had been counted in `lost` (later than `reorder_window`): delivered out of order, and taken off `lost` |
 //! | `duplicates` | pub/sub: repeats discarded (a publish fred wrote again after a reconnect) |
 //! | `reconnects`, `connection_errors` | connection events of all the router's clients |

@@ -1257,10 +1257,13 @@ fn report_lost(shared: &Shared, lost: u64) {
 fn report_late(shared: &Shared) {
     shared.counters.bump(&shared.counters.late);
     shared.counters.unlose(&shared.counters.lost);
-    tracing::info!(
-        "a pub/sub message arrived after it was counted as lost (later than reorder_window); it is \
-         delivered out of order and taken off the lost count"
-    );
+    if let Some(suppressed) = shared.late_log.allow() {
+        tracing::info!(
+            suppressed,
+            "a pub/sub message arrived after it was counted as lost (later than reorder_window); it is \
+             delivered out of order and taken off the lost count (`late` counts them)"
+        );
+    }
 }
 
 struct PubSubAck {

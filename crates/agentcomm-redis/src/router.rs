@@ -302,6 +302,9 @@ pub(crate) struct Shared {
     next_subscription: AtomicU64,
     malformed_log: LogLimiter,
     duplicate_log: LogLimiter,
+    /// Pub/sub messages delivered after their gap was counted as lost (a burst of replays after a
+    /// reconnect would otherwise log a line each).
+    pub(crate) late_log: LogLimiter,
     /// Entries of each (stream, group) known trimmed before the group read them, as counted so far.
     group_trimmed: Mutex<HashMap<(Arc<str>, String), u64>>,
     /// The runtime the router connected on: clean-up started where there may be no runtime (a drop
@@ -494,6 +497,7 @@ impl RedisRouter {
             next_subscription: AtomicU64::new(1),
             malformed_log: LogLimiter::new(Duration::from_secs(5)),
             duplicate_log: LogLimiter::new(Duration::from_secs(5)),
+            late_log: LogLimiter::new(Duration::from_secs(5)),
             group_trimmed: Mutex::new(HashMap::new()),
             // An async fn that has spawned tasks already (`watch_client`): inside a runtime.
             runtime: tokio::runtime::Handle::current(),

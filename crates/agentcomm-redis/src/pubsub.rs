@@ -1393,7 +1393,7 @@ mod tests {
 
     /// A pub/sub router reaching the loopback Redis at REDIS_URL through a fault proxy, with a 10 s
     /// command timeout (and, with `quick_reconnect`, reconnections every 20-50 ms); `None`, with the
-    /// skip line printed, when REDIS_URL is not a plain loopback URL or Redis cannot be reached.
+    /// skip line printed, when REDIS_URL is not on loopback or Redis cannot be reached.
     async fn proxied_router(
         quick_reconnect: bool,
     ) -> Option<(agentcomm_testkit::proxy::FaultProxy, crate::RedisRouter)> {
@@ -1415,8 +1415,7 @@ mod tests {
         configure: impl FnOnce(crate::RedisRouterBuilder) -> crate::RedisRouterBuilder,
     ) -> Option<(agentcomm_testkit::proxy::FaultProxy, crate::RedisRouter)> {
         let url = crate::unit_redis::url();
-        let proxy = crate::unit_redis::loopback_proxy(&url).await?;
-        let proxied = format!("redis://{}", proxy.local_addr());
+        let (proxy, proxied) = crate::unit_redis::loopback_proxy(&url).await?;
         let router = pubsub_router(&proxied, &url, |builder| {
             configure(builder.command_timeout(Duration::from_secs(10)))
         })

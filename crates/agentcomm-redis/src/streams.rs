@@ -3795,14 +3795,14 @@ mod tests {
         lost.end().await;
     }
 
-    /// A Streams router's builder through `proxy`, under a prefix of its own, that reconnects at once
+    /// A Streams router's builder for `proxied` (a URL through a fault proxy), under a prefix of its own, that reconnects at once
     /// (20–50 ms) and checks for new streams only hourly: nothing but its readers talks to Redis.
     fn quiet_streams_builder(
-        proxy: &agentcomm_testkit::proxy::FaultProxy,
+        proxied: &str,
         read_block: Duration,
         command_timeout: Duration,
     ) -> crate::RedisRouterBuilder {
-        crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+        crate::RedisRouter::builder(proxied)
             .mode(crate::DeliveryMode::Streams)
             .prefix(crate::unit_redis::prefix())
             .read_block(read_block)
@@ -3866,11 +3866,11 @@ mod tests {
     async fn a_subscription_whose_reader_gave_up_reconnecting_ends_and_health_says_why() {
         use agentcomm_core::router::{HealthStatus, Router};
         let url = crate::unit_redis::url();
-        let Some(proxy) = crate::unit_redis::loopback_proxy(&url).await else {
+        let Some((proxy, proxied)) = crate::unit_redis::loopback_proxy(&url).await else {
             return;
         };
         let prefix = crate::unit_redis::prefix();
-        let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+        let builder = crate::RedisRouter::builder(&proxied)
             .mode(crate::DeliveryMode::Streams)
             .prefix(&prefix)
             .read_block(Duration::from_millis(200))
@@ -3936,13 +3936,13 @@ mod tests {
     async fn a_reader_whose_connection_stops_answering_connects_again() {
         use agentcomm_core::router::Router;
         let url = crate::unit_redis::url();
-        let Some(proxy) = crate::unit_redis::loopback_proxy(&url).await else {
+        let Some((proxy, proxied)) = crate::unit_redis::loopback_proxy(&url).await else {
             return;
         };
         // Nothing but the reader talks to Redis while the black hole lasts: a fan-out subscription
         // (no leases, no reclaim rounds) whose trimming checks wait an hour.
         let builder =
-            quiet_streams_builder(&proxy, Duration::from_millis(200), Duration::from_secs(1));
+            quiet_streams_builder(&proxied, Duration::from_millis(200), Duration::from_secs(1));
         let Some(router) = crate::unit_redis::connect(builder, &url).await else {
             return;
         };
@@ -3980,11 +3980,12 @@ mod tests {
         use agentcomm_core::router::Router;
         use fred::interfaces::EventInterface;
         let url = crate::unit_redis::url();
-        let Some(proxy) = crate::unit_redis::loopback_proxy(&url).await else {
+        let Some((proxy, proxied)) = crate::unit_redis::loopback_proxy(&url).await else {
             return;
         };
         // A fan-out subscription on a quiet stream: every read blocks for the whole `read_block`.
-        let builder = quiet_streams_builder(&proxy, Duration::from_secs(1), Duration::from_secs(2));
+        let builder =
+            quiet_streams_builder(&proxied, Duration::from_secs(1), Duration::from_secs(2));
         let Some(router) = crate::unit_redis::connect(builder, &url).await else {
             return;
         };
@@ -4040,11 +4041,11 @@ mod tests {
     async fn a_read_answered_late_within_the_unresponsive_limit_keeps_the_connection() {
         use agentcomm_core::router::Router;
         let url = crate::unit_redis::url();
-        let Some(proxy) = crate::unit_redis::loopback_proxy(&url).await else {
+        let Some((proxy, proxied)) = crate::unit_redis::loopback_proxy(&url).await else {
             return;
         };
         let prefix = crate::unit_redis::prefix();
-        let builder = crate::RedisRouter::builder(format!("redis://{}", proxy.local_addr()))
+        let builder = crate::RedisRouter::builder(&proxied)
             .mode(crate::DeliveryMode::Streams)
             .prefix(&prefix)
             .read_block(Duration::from_millis(500))
@@ -4131,10 +4132,11 @@ mod tests {
         use agentcomm_core::router::Router;
         use fred::interfaces::EventInterface;
         let url = crate::unit_redis::url();
-        let Some(proxy) = crate::unit_redis::loopback_proxy(&url).await else {
+        let Some((proxy, proxied)) = crate::unit_redis::loopback_proxy(&url).await else {
             return;
         };
-        let builder = quiet_streams_builder(&proxy, Duration::from_secs(1), Duration::from_secs(2));
+        let builder =
+            quiet_streams_builder(&proxied, Duration::from_secs(1), Duration::from_secs(2));
         let Some(router) = crate::unit_redis::connect(builder, &url).await else {
             return;
         };

@@ -43,19 +43,22 @@ pub(crate) async fn connect(builder: RedisRouterBuilder, url: &str) -> Option<Re
     }
 }
 
-/// A fault proxy in front of the Redis at `url`, when that is a plain loopback `redis://` URL (the
-/// proxy only forwards to loopback); `None`, after a skip line, otherwise.
-pub(crate) async fn loopback_proxy(url: &str) -> Option<agentcomm_testkit::proxy::FaultProxy> {
-    let Some(target) = url
-        .strip_prefix("redis://")
-        .filter(|rest| rest.starts_with("127.0.0.1:") && !rest.contains(['@', '/']))
-    else {
-        println!("skipped: REDIS_URL is not a plain loopback redis:// URL");
+/// A fault proxy in front of the Redis at `url`, when it is on loopback (the proxy only forwards to
+/// loopback), and `url` pointed through it (credentials and database kept); `None`, after a skip line,
+/// otherwise.
+pub(crate) async fn loopback_proxy(
+    url: &str,
+) -> Option<(agentcomm_testkit::proxy::FaultProxy, String)> {
+    use agentcomm_testkit::proxy::{FaultProxy, loopback_address, url_through};
+    let Some(target) = loopback_address(url, 6379) else {
+        println!(
+            "skipped: REDIS_URL is not on loopback, and the fault proxy only targets loopback"
+        );
         return None;
     };
-    Some(
-        agentcomm_testkit::proxy::FaultProxy::start(target)
-            .await
-            .expect("start the fault proxy"),
-    )
+    let proxy = FaultProxy::start(target)
+        .await
+        .expect("start the fault proxy");
+    let proxied = url_through(url, proxy.local_addr());
+    Some((proxy, proxied))
 }

@@ -747,3 +747,62 @@ async fn pump(
     tokio::try_join!(read_side, write_side)?;
     Ok(())
 }
+
+/// `scheme://[userinfo@]host[:port][/rest]`: what comes before the host (scheme and userinfo), the
+/// host and port, and the rest (path, query).
+fn url_parts(url: &str) -> Option<(String, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, host_port) = match authority.rsplit_once('@') {
+        Some((userinfo, host_port)) => (format!("{userinfo}@"), host_port),
+        None => (String::new(), authority),
+    };
+    Some((format!("{scheme}://{userinfo}"), host_port, tail))
+}
+
+/// The address of the broker a URL (`redis://`, `amqp://`, ...) names, when it is on loopback: the only
+/// target a [`FaultProxy`] forwards to. `default_port` when the URL names none; `None` for a host off
+/// the machine, a name that does not resolve, or text that is not a URL.
+///
+/// ```
+/// use agentcomm_testkit::proxy::loopback_address;
+/// assert_eq!(loopback_address("redis://:pw@localhost/0", 6379).map(|a| a.port()), Some(6379));
+/// assert_eq!(loopback_address("amqp://guest:guest@127.0.0.1:5673/%2f", 5672).map(|a| a.port()), Some(5673));
+/// assert_eq!(loopback_address("redis://10.1.2.3:6379", 6379), None);
+/// ```
+pub fn loopback_address(url: &str, default_port: u16) -> Option<SocketAddr> {
+    let (_, host_port, _) = url_parts(url)?;
+    // A port after the last ':' that is not inside an IPv6 literal's brackets.
+    let has_port = host_port
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.contains(']'));
+    let host_port = if has_port {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:{default_port}")
+    };
+    std::net::ToSocketAddrs::to_socket_addrs(&host_port)
+        .ok()?
+        .find(|address| address.ip().is_loopback())
+}
+
+/// `url` pointing at `address` instead of its host and port (a [`FaultProxy`]'s
+/// [`local_addr`](FaultProxy::local_addr)), its scheme, credentials, path and query kept; `url`
+/// unchanged when it is not a URL.
+///
+/// ```
+/// use agentcomm_testkit::proxy::url_through;
+/// let proxy = "127.0.0.1:40000".parse().unwrap();
+/// assert_eq!(
+///     url_through("amqp://guest:guest@127.0.0.1:5672/%2f", proxy),
+///     "amqp://guest:guest@127.0.0.1:40000/%2f"
+/// );
+/// assert_eq!(url_through("redis://:pw@localhost/0", proxy), "redis://:pw@127.0.0.1:40000/0");
+/// ```
+pub fn url_through(url: &str, address: SocketAddr) -> String {
+    match url_parts(url) {
+        Some((head, _, tail)) => format!("{head}{address}{tail}"),
+        None => url.to_string(),
+    }
+}

@@ -6,7 +6,7 @@
 //! `AGENTCOMM_REQUIRE_BROKERS=1`. Each uses a namespace of its own (a Redis key prefix, a RabbitMQ
 //! exchange) and deletes what it created when it ends, failed or not.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use agentcomm_core::router::{BoxFuture, Capabilities, SharedRouter};
 use agentcomm_redis::fred::prelude::{ClientLike, KeysInterface};
 use agentcomm_redis::{DeliveryMode, RedisRouter};
 use agentcomm_testkit::conformance::{ConformanceBackend, Scenario, ScenarioOutcome, try_run};
+use agentcomm_testkit::proxy::{loopback_address, url_through};
 use agentcomm_testkit::{TestHarness, broker_unavailable};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -176,7 +177,7 @@ fn unique(label: &str) -> String {
     format!("testkit-{label}-{}", uuid::Uuid::now_v7().simple())
 }
 
-/// `scheme://[userinfo@]host:port[/rest]`: the host and port, and `url` with them replaced.
+/// `scheme://[userinfo@]host:port[/rest]`: what comes before the host, the host and port, and the rest.
 fn authority(url: &str) -> Option<(String, String, String)> {
     let (scheme, rest) = url.split_once("://")?;
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -190,29 +191,6 @@ fn authority(url: &str) -> Option<(String, String, String)> {
         host_port.to_string(),
         tail.to_string(),
     ))
-}
-
-/// The broker's address when it is on loopback (the fault proxy only forwards there).
-fn loopback_address(url: &str, default_port: u16) -> Option<SocketAddr> {
-    let (_, host_port, _) = authority(url)?;
-    let host_port = if host_port
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| !p.contains(']'))
-    {
-        host_port
-    } else {
-        format!("{host_port}:{default_port}")
-    };
-    host_port
-        .to_socket_addrs()
-        .ok()?
-        .find(|address| address.ip().is_loopback())
-}
-
-/// `url` pointing at `address` instead, credentials and path kept.
-fn through(url: &str, address: SocketAddr) -> String {
-    let (head, _, tail) = authority(url).expect("a broker URL");
-    format!("{head}{address}{tail}")
 }
 
 /// Deletes every key under a prefix when dropped (the test's runtime may be gone: its own thread and
@@ -369,7 +347,7 @@ impl ConformanceBackend for RedisStreams {
         loopback_address(&redis_url(), 6379)
     }
     fn connect_through(&self, address: SocketAddr) -> BoxFuture<'_, Option<SharedRouter>> {
-        Box::pin(self.connect_to(through(&redis_url(), address)))
+        Box::pin(self.connect_to(url_through(&redis_url(), address)))
     }
 }
 
@@ -541,7 +519,7 @@ impl ConformanceBackend for RabbitMq {
         loopback_address(&rabbitmq_url(), 5672)
     }
     fn connect_through(&self, address: SocketAddr) -> BoxFuture<'_, Option<SharedRouter>> {
-        Box::pin(self.connect_to(through(&rabbitmq_url(), address)))
+        Box::pin(self.connect_to(url_through(&rabbitmq_url(), address)))
     }
 }
 
@@ -605,11 +583,11 @@ async fn rabbitmq_publishes_resolve_only_once_rabbitmq_has_them() {
 fn broker_urls_are_pointed_through_another_address_with_their_credentials() {
     let proxy: SocketAddr = "127.0.0.1:40000".parse().unwrap();
     assert_eq!(
-        through("amqp://guest:guest@127.0.0.1:5672/%2f", proxy),
+        url_through("amqp://guest:guest@127.0.0.1:5672/%2f", proxy),
         "amqp://guest:guest@127.0.0.1:40000/%2f"
     );
     assert_eq!(
-        through("redis://127.0.0.1:6379", proxy),
+        url_through("redis://127.0.0.1:6379", proxy),
         "redis://127.0.0.1:40000"
     );
     assert_eq!(

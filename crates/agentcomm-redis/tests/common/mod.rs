@@ -104,33 +104,14 @@ pub async fn eventually(limit: Duration, what: &str, mut condition: impl AsyncFn
     }
 }
 
-/// The `host:port` of a `redis://` URL, when it is a loopback address (the fault proxy only targets
-/// loopback).
+/// The `host:port` of a Redis URL, when it is on loopback (the fault proxy only targets loopback).
 pub fn loopback_target(url: &str) -> Option<String> {
-    let rest = url.strip_prefix("redis://")?;
-    let authority = rest.split(['/', '?']).next()?;
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host_port = if host_port.contains(':') {
-        host_port.to_string()
-    } else {
-        format!("{host_port}:6379")
-    };
-    let host = host_port.rsplit_once(':')?.0;
-    matches!(host, "127.0.0.1" | "localhost" | "[::1]").then_some(host_port)
+    agentcomm_testkit::proxy::loopback_address(url, 6379).map(|address| address.to_string())
 }
 
 /// `url` with its host and port replaced by `address` (credentials and database kept).
 pub fn through(url: &str, address: std::net::SocketAddr) -> String {
-    let rest = url.strip_prefix("redis://").unwrap_or(url);
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(index) => rest.split_at(index),
-        None => (rest, ""),
-    };
-    let credentials = authority
-        .rsplit_once('@')
-        .map(|(credentials, _)| format!("{credentials}@"))
-        .unwrap_or_default();
-    format!("redis://{credentials}{address}{tail}")
+    agentcomm_testkit::proxy::url_through(url, address)
 }
 
 /// A fault proxy in front of the Redis of REDIS_URL and the URL through it; `None` (after the one

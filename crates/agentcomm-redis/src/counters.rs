@@ -17,6 +17,7 @@
 //! | `read_interrupts` | streams: blocking reads a reclaim round interrupted (`CLIENT UNBLOCK .. TIMEOUT`) to get the prefetch slots they held for entries to claim: at most one per reader and round, and none for entries the round before could not claim either (a live member holds them, trimmed) |
 //! | `lease_renewals` | streams: renewals Redis answered of the entries a group subscription holds (one per stream every `claim_idle / 3`, while it holds some) |
 //! | `dead_lettered` | streams: entries moved to their dead-letter channel after `max_deliveries` |
+//! | `dead_letters_left` | streams: dead letters of dead letters (channel `DeadLetter:DeadLetter:<session>`) that reached `max_deliveries`: acknowledged and left in their stream (until trimmed) instead of dead-lettered again into the stream they came from, which would loop |
 //! | `malformed` | frames that could not be decoded; moved to `DeadLetter:agentcomm.Malformed:unknown` |
 //! | `filtered` | streams: entries of a class stream no pattern of the group wanted (acknowledged, logged) |
 //! | `trimmed` | streams: entries trimmed (`stream_max_len`) before a subscription read them, or while pending |
@@ -52,6 +53,7 @@ pub(crate) struct Counters {
     pub(crate) read_interrupts: AtomicU64,
     pub(crate) lease_renewals: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
+    pub(crate) dead_letters_left: AtomicU64,
     pub(crate) malformed: AtomicU64,
     pub(crate) filtered: AtomicU64,
     pub(crate) trimmed: AtomicU64,
@@ -120,6 +122,7 @@ impl Counters {
             ("read_interrupts", load(&self.read_interrupts)),
             ("lease_renewals", load(&self.lease_renewals)),
             ("dead_lettered", load(&self.dead_lettered)),
+            ("dead_letters_left", load(&self.dead_letters_left)),
             ("malformed", load(&self.malformed)),
             ("filtered", load(&self.filtered)),
             ("trimmed", load(&self.trimmed)),

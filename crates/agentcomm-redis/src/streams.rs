@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentcomm_core::channel::ChannelPattern;
+use agentcomm_core::channel::{ChannelPattern, DEAD_LETTER_CLASS};
 use agentcomm_core::envelope::{Envelope, FrameDecoder, MessageId, headers};
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::{
@@ -1296,6 +1296,25 @@ impl StreamSubscription {
     async fn dead_letter(&self, key: &Arc<str>, id: EntryId, envelope: Envelope, deliveries: u64) {
         let shared = &self.shared;
         let max = shared.settings.max_deliveries;
+        let channel = envelope.channel();
+        if channel.class() == DEAD_LETTER_CLASS && channel.direction() == DEAD_LETTER_CLASS {
+            // The dead letter of a dead letter: its own dead letter would have the same channel and go
+            // into the stream it came from, to be read and fail again, for ever. It is left where it
+            // is: acknowledged for this group, kept in the stream until trimmed.
+            shared.counters.bump(&shared.counters.dead_letters_left);
+            tracing::error!(
+                message_id = %envelope.id(),
+                channel = channel.name(),
+                deliveries,
+                stream = key.as_ref(),
+                entry = %id,
+                "a dead letter of a dead letter was delivered {deliveries} times without being \
+                 acknowledged (max_deliveries is {max}); it is not dead-lettered again, which would \
+                 loop: it stays in its stream (until trimmed), acknowledged for this group"
+            );
+            self.ack_entry(key, id).await;
+            return;
+        }
         let error = format!(
             "delivered {deliveries} times without being acknowledged (max_deliveries is {max}): \
              its consumers may be crashing or timing out on it"

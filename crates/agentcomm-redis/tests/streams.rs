@@ -219,6 +219,29 @@ async fn nack_retry_carries_the_attempt_and_abandon_redelivers() {
     router.close().await.unwrap();
 }
 
+/// Makes the group of `options` exist, then has its only member leave (the router keeps `others`
+/// subscriptions), so that what is published next waits for a consumer.
+async fn group_left_by_its_member(router: &RedisRouter, options: &SubscribeOptions, others: u64) {
+    let member = router.subscribe(options.clone()).await.unwrap();
+    member.close().await.unwrap();
+    drop(member);
+    eventually(WAIT, "the member to have left", async || {
+        router.health().await.get("subscriptions") == others
+    })
+    .await;
+}
+
+/// Has consumer `dead-1` of group `g`, which never acknowledges, take up to `count` new entries of
+/// `key`.
+async fn taken_by_a_dead_consumer(raw: &fred::prelude::Client, key: &str, count: u64) {
+    use fred::prelude::StreamsInterface;
+    let taken: fred::types::Value = raw
+        .xreadgroup("g", "dead-1", Some(count), None, false, key, ">")
+        .await
+        .unwrap();
+    assert!(!taken.is_null(), "the dead consumer took the entries");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
     use fred::prelude::{ClientLike, StreamsInterface};
@@ -235,20 +258,14 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
     )
     .await;
     let options = SubscribeOptions::new(ChannelPattern::parse("Poison:*:*").unwrap()).group("g");
-    let member = survivor.subscribe(options.clone()).await.unwrap();
     let mut dead_letters = survivor
         .subscribe(SubscribeOptions::new(
             ChannelPattern::parse("DeadLetter:Poison:*").unwrap(),
         ))
         .await
         .unwrap();
-    // Pause the live member so that the dead one takes the entries.
-    member.close().await.unwrap();
-    drop(member);
-    eventually(WAIT, "the member to have left", async || {
-        survivor.health().await.get("subscriptions") == 1
-    })
-    .await;
+    // No live member, so that the dead one takes the entries.
+    group_left_by_its_member(&survivor, &options, 1).await;
     survivor
         .publish(envelope("Poison:request:s1", 1))
         .await
@@ -259,11 +276,7 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
         .unwrap();
     let key = format!("{prefix}:stream:{{Poison}}");
     let raw = raw_client().await;
-    let taken: Value = raw
-        .xreadgroup("g", "dead-1", Some(2), None, false, key.as_str(), ">")
-        .await
-        .unwrap();
-    assert!(!taken.is_null(), "the dead consumer took the entries");
+    taken_by_a_dead_consumer(&raw, &key, 2).await;
     // A second dead consumer claimed entry 2 as well: it was delivered twice already.
     let pending: Value = raw.xrange(key.as_str(), "-", "+", None).await.unwrap();
     let second_id = pending.into_array()[1].clone().into_array()[0]
@@ -313,6 +326,57 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
     assert_eq!(health.get("dead_lettered"), 1, "{health:?}");
     let _ = raw.quit().await;
     survivor.close().await.unwrap();
+}
+
+/// A dead letter of a dead letter (`DeadLetter:DeadLetter:<session>`) that reaches `max_deliveries` is
+/// not dead-lettered again: its dead letter has the same channel, goes into the stream it came from, and
+/// a group consuming dead letters would read it and fail again, for ever. It is acknowledged and left in
+/// its stream, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_of_a_dead_letter_is_not_dead_lettered_again() {
+    use fred::prelude::{ClientLike, StreamsInterface};
+    use fred::types::Value;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connected(
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .max_deliveries(1),
+    )
+    .await;
+    let options =
+        SubscribeOptions::new(ChannelPattern::parse("DeadLetter:*:*").unwrap()).group("g");
+    // No live member, so that a dead consumer takes the entry.
+    group_left_by_its_member(&router, &options, 0).await;
+    router
+        .publish(envelope("DeadLetter:DeadLetter:s1", 1))
+        .await
+        .unwrap();
+    let key = format!("{prefix}:stream:{{DeadLetter}}");
+    let raw = raw_client().await;
+    taken_by_a_dead_consumer(&raw, &key, 1).await;
+    // Its next delivery, a claim after claim_idle, would be its second: past max_deliveries = 1.
+    let mut heir = router.subscribe(options).await.unwrap();
+    eventually(WAIT, "the entry to be given up", async || {
+        router.health().await.get("dead_letters_left") == 1
+    })
+    .await;
+    assert_quiet(&mut heir, Duration::from_millis(1000)).await;
+    let health = router.health().await;
+    assert_eq!(health.get("dead_lettered"), 0, "{health:?}");
+    let length: u64 = raw.xlen(key.as_str()).await.unwrap();
+    assert_eq!(length, 1, "left in its stream, and nothing added to it");
+    let pending: Value = raw.xpending(key.as_str(), "g", ()).await.unwrap();
+    assert_eq!(
+        pending.into_array().first().and_then(Value::as_u64),
+        Some(0),
+        "acknowledged"
+    );
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,7 +31,7 @@ use amqprs::BasicProperties;
 use bytes::Bytes;
 
 use crate::builder::QueueType;
-use crate::link::{Inner, Live, OpChannel, Reason, Role, bump};
+use crate::link::{Inner, LinkState, Live, OpChannel, Reason, Role, bump};
 use crate::topology::{retry_bucket_ms, retry_queue};
 
 /// How a subscription's queue is shared.
@@ -677,27 +677,55 @@ async fn cleanup(shared: &SubShared, consumer: Option<Arc<ConsumerHandle>>) {
         // During an outage, the deletion waits for the reconnect within the same close timeout:
         // the queue left behind would keep its bindings until it expires (`fan_out_expiry`), and
         // every publish matching them would be confirmed `Accepted`, then dropped with it, uncounted.
-        // Not when the whole router closes: its close does not wait out an outage.
-        let reconnect_by = if inner.is_closing() {
-            Instant::now()
-        } else {
-            deadline
-        };
-        delete_fan_out_queue(inner, &shared.spec.name, readable, reconnect_by).await;
+        // The stream ends first: its reader (an agent stopping reads it to its end) has no part in
+        // the deletion, and is not to wait out an outage for it.
+        if !matches!(*inner.consuming.state.borrow(), LinkState::Connected(_)) {
+            end_stream(shared);
+            reconnected_or_closing(shared, deadline).await;
+        }
+        delete_fan_out_queue(inner, &shared.spec.name, readable).await;
     }
+    end_stream(shared);
+    tracing::debug!(queue = %shared.spec.name, "subscription closed");
+}
+
+/// Ends the subscription's stream once its reader has read what is buffered.
+fn end_stream(shared: &SubShared) {
     let mut feed = shared.feed();
     feed.finished = true;
     feed.wake();
-    drop(feed);
-    tracing::debug!(queue = %shared.spec.name, "subscription closed");
+}
+
+/// Waits until the consuming connection is back, `deadline`, or the whole router starts closing:
+/// its close does not wait out an outage (`close` wakes `feed_changed` once `closing` is set).
+async fn reconnected_or_closing(shared: &SubShared, deadline: Instant) {
+    let inner = &shared.state.inner;
+    let mut state = inner.consuming.state.subscribe();
+    loop {
+        let woken = shared.feed_changed.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if inner.is_closing() || !matches!(*state.borrow_and_update(), LinkState::Connecting { .. })
+        {
+            return;
+        }
+        tokio::select! {
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = woken => {}
+            () = tokio::time::sleep_until(deadline) => return,
+        }
+    }
 }
 
 /// Deletes a closed fan-out subscription's queue and the retry queues this router declared for it:
 /// retries still waiting there have nowhere to go back to (counted in `retries_dropped`), and
 /// messages still in the queue (not read, or given back when its channel closed) have nobody to go
 /// to (counted in `fan_out_dropped`), except the `readable` ones its reader holds or can still read.
-/// Waits for the consuming connection until `deadline` when it is down.
-async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64, deadline: Instant) {
+async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64) {
     let retry_prefix = format!("{name}.retry.");
     let retry_queues: Vec<String> = inner
         .declared_queues
@@ -708,7 +736,7 @@ async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64, deadline
         .cloned()
         .collect();
     let deleted = inner
-        .with_op_channel(Some(deadline), async |op: &OpChannel| {
+        .with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
             let (mut dropped, mut unread) = (0u64, 0u64);
             for queue in retry_queues.iter().map(String::as_str).chain([name]) {
                 let delete = QueueDeleteArguments::new(queue);

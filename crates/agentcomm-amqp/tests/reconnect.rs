@@ -1576,3 +1576,74 @@ async fn a_publish_sent_before_an_outage_it_gives_up_in_says_it_may_be_stored() 
         }
     }
 }
+
+/// A fan-out subscription closed on its own during an outage waits, within its close timeout, for
+/// the reconnect to delete its queue. Neither its reader nor the router's close is to wait with
+/// it: its stream ended only once that wait was over (an agent stopping read it to its end, so a
+/// runtime's shutdown in an outage took the whole close timeout, for ever with `Duration::MAX`),
+/// and the router's close, closed after it, waited for the subscription's task as long, though a
+/// router closing in an outage does not wait for the reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_subscription_closed_during_an_outage_holds_neither_its_stream_nor_the_close() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-fan-out-outage-close");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            // After the first failed attempt, the next is 30 s away: nothing changes in the
+            // connection's state meanwhile that could end a wait for the reconnect by chance.
+            .reconnect(Backoff::new(Duration::from_secs(30), Duration::from_secs(30)).jitter(0.0))
+            .close_timeout(Duration::from_secs(60))
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Payment:*:*").unwrap(),
+        )),
+    )
+    .await
+    .unwrap();
+    let outcome = within("a first publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Accepted);
+    let delivery = within("the first delivery", subscription.next())
+        .await
+        .expect("a delivery");
+    within("ack", delivery.ack()).await.unwrap();
+
+    // The broker stays unreachable for longer than the test.
+    proxy.reject_for(Duration::from_secs(120));
+    wait_until("the proxy to stop listening", async || {
+        tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .is_err()
+    })
+    .await;
+    proxy.cut_all();
+    wait_until("the loss to be noticed", async || !router.is_connected()).await;
+    within("close the subscription", subscription.close())
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), subscription.next())
+        .await
+        .map(|next| next.is_some());
+    assert!(
+        matches!(ended, Ok(false)),
+        "the stream of a subscription closed during an outage did not end (Ok(false) is the end): {ended:?}"
+    );
+    drop(subscription);
+    let closed = tokio::time::timeout(Duration::from_secs(5), router.close()).await;
+    assert!(
+        matches!(closed, Ok(Ok(()))),
+        "the router's close waited for the outage to end: {closed:?}"
+    );
+}

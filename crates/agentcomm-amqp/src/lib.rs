@@ -272,6 +272,8 @@ impl AmqpRouter {
         match tokio::time::timeout(bound, ready).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(error))) => return Err(error),
+            // Stopped by a close that began after the check above.
+            Ok(Err(_)) if inner.is_closing() => return Err(Inner::closed_error()),
             Ok(Err(_)) => {
                 return Err(
                     inner.backend_error("the subscription stopped before its consumer was live")

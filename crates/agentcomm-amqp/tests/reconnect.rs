@@ -1629,7 +1629,11 @@ async fn a_fan_out_subscription_closed_during_an_outage_holds_neither_its_stream
     })
     .await;
     proxy.cut_all();
-    wait_until("the loss to be noticed", async || !router.is_connected()).await;
+    wait_until(
+        "the consuming connection's loss to be noticed",
+        async || consuming_down(&router).await,
+    )
+    .await;
     within("close the subscription", subscription.close())
         .await
         .unwrap();
@@ -1646,4 +1650,65 @@ async fn a_fan_out_subscription_closed_during_an_outage_holds_neither_its_stream
         matches!(closed, Ok(Ok(()))),
         "the router's close waited for the outage to end: {closed:?}"
     );
+}
+
+/// A subscribe waiting for the consuming connection when the router's close begins is stopped by
+/// that close. Its caller was told "the subscription stopped before its consumer was live", a
+/// backend error, instead of the `Error::Closed` every other call after close gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_waiting_out_an_outage_when_the_router_closes_fails_as_closed() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-subscribe-close");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = proxied_router(&proxy, &exchange).await;
+    proxy.reject_for(Duration::from_secs(60));
+    wait_until("the proxy to stop listening", async || {
+        tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .is_err()
+    })
+    .await;
+    proxy.cut_all();
+    wait_until(
+        "the consuming connection's loss to be noticed",
+        async || consuming_down(&router).await,
+    )
+    .await;
+    let subscribing = tokio::spawn({
+        let router = router.clone();
+        async move {
+            router
+                .subscribe(SubscribeOptions::new(
+                    ChannelPattern::parse("Payment:*:*").unwrap(),
+                ))
+                .await
+                .err()
+        }
+    });
+    wait_until("the subscription to wait for the connection", async || {
+        assert!(
+            !subscribing.is_finished(),
+            "the subscribe ended before the close"
+        );
+        router.health().await.get("subscriptions") == 1
+    })
+    .await;
+    within("close", router.close()).await.unwrap();
+    let error = within("the subscribe", subscribing)
+        .await
+        .expect("the subscribing task")
+        .expect("a subscribe stopped by the close");
+    assert!(matches!(error, Error::Closed { .. }), "{error}");
+}
+
+/// Whether the router's consuming connection is down (reconnecting), as health reports it.
+async fn consuming_down(router: &AmqpRouter) -> bool {
+    router
+        .health()
+        .await
+        .detail
+        .contains("the consuming connection is down")
 }

@@ -274,10 +274,15 @@ impl AmqpRouter {
             Ok(Ok(Err(error))) => return Err(error),
             // Stopped by a close that began after the check above.
             Ok(Err(_)) if inner.is_closing() => return Err(Inner::closed_error()),
+            // The task never ran, or did not finish: on the router's runtime, which a router kept
+            // past the runtime it connected on (a `block_on` helper, a test's) no longer has.
             Ok(Err(_)) => {
-                return Err(
-                    inner.backend_error("the subscription stopped before its consumer was live")
-                );
+                return Err(inner.backend_error(
+                    "the subscription's task ended before its consumer was live: it panicked, or \
+                     the runtime the router connected on has shut down (the router's connections \
+                     and tasks run there: keep that runtime running while the router is used, or \
+                     connect the router on the runtime that uses it)",
+                ));
             }
             Err(_) => {
                 return Err(Error::Timeout {

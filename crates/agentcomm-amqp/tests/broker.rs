@@ -2646,3 +2646,42 @@ async fn a_malformed_frame_read_from_a_short_lived_runtime_is_still_dead_lettere
     within("close", router.close()).await.unwrap();
     raw.close().await;
 }
+
+/// A router kept past the runtime it connected on (connected in a `block_on` helper, or in a test's
+/// runtime and used from another): its connections and tasks ended with that runtime. A subscribe
+/// then fails at once (its task, spawned on that runtime, never runs), and was told only "the
+/// subscription stopped before its consumer was live", with nothing naming the cause or the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_on_a_router_whose_runtime_shut_down_names_the_runtime() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-gone-runtime");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let elsewhere = exchange.clone();
+    let router = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move { within("connect", builder(&elsewhere).connect()).await })
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let Err(error) = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    else {
+        panic!("a subscribe on a router whose runtime is gone succeeded");
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("the runtime the router connected on"),
+        "{error}"
+    );
+    within("close", router.close()).await.unwrap();
+}

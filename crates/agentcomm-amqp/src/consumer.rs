@@ -614,14 +614,17 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
     cleanup(&shared, last_consumer).await;
 }
 
-/// Marks the subscription's task as ended when dropped: a close waiting for it is let go, and
-/// health stops counting it.
+/// Marks the subscription's task as ended when dropped: a close waiting for it is let go, health
+/// stops counting it, and its stream ends after what it buffered. Its cleanup ends the stream too,
+/// but a task dropped before it finished (its runtime, the router's, shut down; a panic) does not
+/// get there, and a reader on another runtime would wait for ever.
 struct SignalOnDrop<'a>(&'a SubShared);
 
 impl Drop for SignalOnDrop<'_> {
     fn drop(&mut self) {
         self.0.stopped.send_replace(true);
         self.0.finished.store(true, Ordering::Release);
+        end_stream(self.0);
     }
 }
 

@@ -2685,3 +2685,56 @@ async fn a_subscribe_on_a_router_whose_runtime_shut_down_names_the_runtime() {
     );
     within("close", router.close()).await.unwrap();
 }
+
+/// A subscription read on one runtime of a router connected on another: its task runs on the
+/// router's runtime (76574df). When that runtime shuts down, the task is dropped before it can end
+/// the stream, and the stream, read elsewhere, waited for ever instead of ending: the reader never
+/// learnt that nothing more would come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_ends_when_the_runtime_the_router_connected_on_shuts_down() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-router-runtime-ends");
+    let queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    let (connected, router) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let elsewhere = exchange.clone();
+    let thread = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let router = within("connect", builder(&elsewhere).connect())
+                    .await
+                    .unwrap();
+                connected.send(router).unwrap();
+                // The router's tasks run while this runtime waits here.
+                let _ = stopped.await;
+            });
+    });
+    let router = tokio::task::spawn_blocking(move || router.recv().unwrap())
+        .await
+        .unwrap();
+    let mut member = ping_member(&router).await;
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    assert_eq!(take(&mut member, 1).await, [1]);
+
+    stop.send(()).unwrap();
+    tokio::task::spawn_blocking(move || thread.join().unwrap())
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), member.next())
+        .await
+        .map(|next| next.is_some());
+    assert!(
+        matches!(next, Ok(false)),
+        "the stream did not end once the router's runtime shut down (Ok(false) is the end): {next:?}"
+    );
+    drop(member);
+    within("close", router.close()).await.unwrap();
+}

@@ -671,7 +671,7 @@ impl Inner {
         // On a task of its own (see `detached`): a channel.open cut short while it registers its
         // responder panics the connection's reader, which takes the whole connection down. One that
         // opens after the timeout is dropped by the task, which closes it.
-        let open = detached(async move {
+        let open = detached(&self.runtime, async move {
             let channel = connection
                 .open_channel(None)
                 .await
@@ -741,7 +741,7 @@ impl Inner {
             let why = reason.lock().expect("reason lock").clone().unwrap_or(error);
             self.backend_error(format!("{what} failed: {why}{}", hint_for(&why)))
         };
-        match tokio::time::timeout(limit, detached(request(channel.clone()))).await {
+        match tokio::time::timeout(limit, detached(&self.runtime, request(channel.clone()))).await {
             Ok(Ok(Ok(value))) => Ok(value),
             Ok(Ok(Err(error))) => Err(failed(error.to_string())),
             Ok(Err(error)) => Err(failed(error)),
@@ -758,7 +758,7 @@ impl Inner {
         // The handshake runs to its end in a task of its own: amqprs's dispatcher panics on a
         // close-ok whose waiter was dropped, so a slow close is left to finish (or to end with its
         // connection) instead of being cancelled.
-        let closing = tokio::spawn(channel.close());
+        let closing = self.runtime.spawn(channel.close());
         let why = match tokio::time::timeout(self.settings.operation_timeout, closing).await {
             Ok(Ok(Ok(()))) => return,
             Ok(Ok(Err(error))) => error.to_string(),
@@ -771,7 +771,8 @@ impl Inner {
     /// [`close_channel`](Self::close_channel) in the background, for paths that must not wait.
     pub(crate) fn close_channel_later(self: &Arc<Self>, channel: Channel) {
         let inner = self.clone();
-        tokio::spawn(async move { inner.close_channel(channel).await });
+        self.runtime
+            .spawn(async move { inner.close_channel(channel).await });
     }
 
     /// Closes `connection`, waiting at most the operation timeout.
@@ -780,7 +781,7 @@ impl Inner {
         // panic the connection's reader.
         let _ = tokio::time::timeout(
             self.settings.operation_timeout,
-            detached(connection.clone().close()),
+            detached(&self.runtime, connection.clone().close()),
         )
         .await;
     }
@@ -1054,10 +1055,16 @@ impl Drop for RetireOnDrop<'_> {
 /// dispatcher. A spawned task runs to its end even when its handle is dropped, so neither a caller's
 /// timeout nor a `select!` can cut a request short. For rare requests only (declarations, cancels,
 /// opening and closing): the ack and publish paths send no request that waits for a reply.
+///
+/// On `runtime`, the router's: a channel.open starts amqprs's dispatcher of the channel where it
+/// runs, and a request on a caller's runtime (a health check or a retry from a `block_on` helper)
+/// would end with that runtime, leaving a channel whose answers have nowhere to go.
 pub(crate) async fn detached<T: Send + 'static>(
+    runtime: &tokio::runtime::Handle,
     request: impl Future<Output = T> + Send + 'static,
 ) -> std::result::Result<T, String> {
-    tokio::spawn(request)
+    runtime
+        .spawn(request)
         .await
         .map_err(|error| format!("the request's task ended early: {error}"))
 }

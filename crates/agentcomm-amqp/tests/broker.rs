@@ -2738,3 +2738,49 @@ async fn a_subscription_ends_when_the_runtime_the_router_connected_on_shuts_down
     drop(member);
     within("close", router.close()).await.unwrap();
 }
+
+/// The declaration channel, when it has to be opened again (a request on it failed, or was cut
+/// short), was opened by whoever needed it next, on that caller's runtime, and amqprs runs the
+/// channel's dispatcher where the channel opens. A health check from a short-lived runtime (a
+/// `block_on` helper) left the channel with a dispatcher that ended with that runtime: the next
+/// request's answer had nowhere to go, so that request failed after its timeout, and amqprs's reader,
+/// unable to hand the frame over, could end the whole consuming connection. Requests and channels
+/// belong on the router's runtime, as its connections do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_declaration_channel_opened_from_a_short_lived_runtime_outlives_it() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-op-runtime");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = connect(&exchange).await;
+    // A health check given up while its probe is under way retires the declaration channel: the
+    // probe's answer is still to come on it.
+    let mut retired = false;
+    for _ in 0..10 {
+        if futures::FutureExt::now_or_never(router.health()).is_none() {
+            retired = true;
+            break;
+        }
+    }
+    assert!(retired, "the health probe always answered within one poll");
+    let elsewhere = router.clone();
+    let health = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async { within("health", elsewhere.health()).await })
+    })
+    .join()
+    .unwrap();
+    assert!(health.round_trip.is_some(), "{health:?}");
+    for _ in 0..3 {
+        let health = within("health", router.health()).await;
+        assert!(
+            health.round_trip.is_some() && health.get("connection_losses") == 0,
+            "the declaration channel died with the runtime that opened it: {health:?}"
+        );
+    }
+    within("close", router.close()).await.unwrap();
+}

@@ -35,6 +35,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use crate::__private::ListedInSends;
 use crate::bus::{Bus, channel_of};
 use crate::channel::{Channel, ChannelPattern, RESPONSE_DIRECTION, parse_channel};
 use crate::envelope::{Envelope, MessageId};
@@ -64,13 +65,15 @@ pub trait Agent: Send + Sync + Sized + 'static {
     ) -> Result<BoxFuture<'a, HandlerResult>, Rejection>;
 }
 
-/// Marks that agent `Self` declares it sends `M`. Implemented by `#[agent(sends = [...])]`.
+/// Marks that agent `Self` declares it sends `M`. Implemented by `#[agent(sends = [...])]` only: an
+/// impl written by hand does not compile, so that the declaration (and the agent's [`Agent::SENDS`],
+/// which the runtime reads) stays the one list of what the agent sends.
 #[diagnostic::on_unimplemented(
     message = "agent `{Self}` does not declare that it sends `{M}`",
     label = "`{M}` is not in the `sends` list of `{Self}`",
     note = "add it to the agent's declaration: `#[agent(sends = [..., {M}])]` on `{Self}`"
 )]
-pub trait Sends<M: Message>: Agent {}
+pub trait Sends<M: Message>: Agent + ListedInSends<M> {}
 
 /// Handles one received message type. Implement it for every type in `receives`.
 #[diagnostic::on_unimplemented(

@@ -159,6 +159,23 @@ pub mod __private {
     #[diagnostic::do_not_recommend]
     impl<A: Agent> Sends<NeverSentEither> for A {}
 
+    #[diagnostic::do_not_recommend]
+    impl<A: Agent> ListedInSends<NeverSent> for A {}
+
+    #[diagnostic::do_not_recommend]
+    impl<A: Agent> ListedInSends<NeverSentEither> for A {}
+
+    /// Marks that agent `Self` lists `M` in `sends`: implemented once per listed type by
+    /// `#[agent(...)]`, and required by [`Sends`], so that `impl Sends<M> for MyAgent {}` written by
+    /// hand, which would let the agent send a type its declaration and its `SENDS` do not name, does
+    /// not compile.
+    #[diagnostic::on_unimplemented(
+        message = "`Sends<{M}>` is implemented by `#[agent(sends = [..])]` only, not by hand",
+        label = "`{M}` is not in the `sends` list of `{Self}`",
+        note = "remove the `impl Sends<{M}> for {Self}` and add `{M}` to the agent's declaration: `#[agent(sends = [..., {M}])]` on `{Self}`"
+    )]
+    pub trait ListedInSends<M: ?Sized> {}
+
     /// Marks that agent `Self` lists `M` in `receives`: implemented once per listed type by
     /// `#[agent(...)]`, so that one type listed twice through two paths (`[Ping, msgs::Ping]`) is a
     /// compile error (conflicting implementations) rather than a refused spawn.

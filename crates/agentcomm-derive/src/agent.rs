@@ -164,9 +164,13 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
     let sends_impls = sends.iter().map(|ty| {
         // The whole trait path on the type, so that "`T` is not an agentcomm Message" points at `T`.
         let sends = respan(quote!(#core::Sends), ty.span());
+        // `Sends` requires this marker, which only the macro writes: an `impl Sends<T>` by hand fails.
+        let listed = respan(quote!(#core::ListedInSends), ty.span());
         quote_spanned! {ty.span()=>
             #[automatically_derived]
             impl #impl_generics #sends<#ty> for #ident #type_generics #where_clause {}
+            #[automatically_derived]
+            impl #impl_generics #listed<#ty> for #ident #type_generics #where_clause {}
         }
     });
     // One marker impl per received type: a type listed twice through two paths, which `check_unique`

@@ -48,7 +48,7 @@ impl Bus {
         }
     }
 
-    /// The router.
+    /// The router: publishes raw envelopes, without any agent's contract.
     pub fn router(&self) -> &SharedRouter {
         &self.inner.router
     }

@@ -316,7 +316,9 @@ impl Runtime {
         &self.inner.bus
     }
 
-    /// The router.
+    /// The router: publishes raw envelopes, like [`Runtime::bus`] without any agent's contract (for
+    /// tests, tools and backends). Agents publish through their [`Context`], clients through
+    /// [`Runtime::publisher`], which check what an agent declares it sends.
     pub fn router(&self) -> &SharedRouter {
         self.inner.bus.router()
     }

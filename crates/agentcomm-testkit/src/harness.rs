@@ -321,7 +321,8 @@ impl TestHarness {
         &self.router
     }
 
-    /// The bus the harness publishes through.
+    /// The bus the harness publishes through: it publishes any message, without an agent's contract
+    /// (the test plays the world outside the agents).
     pub fn bus(&self) -> &Bus {
         self.runtime.bus()
     }

@@ -1813,6 +1813,8 @@ async fn concurrent_publishes_of_one_channel_reach_redis_in_the_order_of_their_n
     );
     assert_eq!(health.get("lost"), 0, "{health:?}");
     assert_eq!(health.get("duplicates"), 0, "{health:?}");
+    // An overtaken message is delivered late (52b77d7), and taken off `lost`.
+    assert_eq!(health.get("late"), 0, "overtaken: {health:?}");
     subscriber.close().await.unwrap();
     publisher.close().await.unwrap();
 }
@@ -1822,7 +1824,9 @@ async fn concurrent_publishes_of_one_channel_reach_redis_in_the_order_of_their_n
 /// the connection's order lock, and handed the chunk's pipeline to fred only after: a single publish,
 /// or another batch, could take later numbers and reach Redis first. Every subscriber then waited for
 /// the overtaken numbers only as long as the reorder window, counted them as lost, and discarded them
-/// as duplicates when they came. A zero window shows any overtaking as such a loss.
+/// as duplicates when they came. A zero window shows any overtaking as such a loss; since 52b77d7 an
+/// overtaken message is delivered after all and taken off `lost`, counted as `late`: `late` is what
+/// shows it now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_batches_and_publishes_of_one_channel_reach_redis_in_the_order_of_their_numbers()
 {
@@ -1902,6 +1906,7 @@ async fn concurrent_batches_and_publishes_of_one_channel_reach_redis_in_the_orde
     assert!(twice.is_empty(), "delivered more than once: {twice:?}");
     assert_eq!(health.get("lost"), 0, "{health:?}");
     assert_eq!(health.get("duplicates"), 0, "{health:?}");
+    assert_eq!(health.get("late"), 0, "overtaken: {health:?}");
     subscriber.close().await.unwrap();
     publisher.close().await.unwrap();
 }

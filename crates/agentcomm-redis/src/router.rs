@@ -240,7 +240,12 @@ fn refused_by_redis(error: &fred::error::Error) -> bool {
 /// [`ChannelRoute::give_back`]), so that a run of refused publishes at the end of a channel's sequence
 /// leaves no gap. (One refused between two that went still leaves one: subscribers count it as lost,
 /// and its publisher got the error.)
-fn give_back_refused(refused: Vec<(Arc<ChannelRoute>, u64)>) {
+///
+/// The highest number first: each is then the last one taken when given back, and goes at once. Given
+/// back lowest first, each waited in `unused` for those above it, and a run longer than
+/// [`MAX_UNUSED_NUMBERS`] (a whole chunk refused: up to 256) lost its lowest numbers there for good.
+fn give_back_refused(mut refused: Vec<(Arc<ChannelRoute>, u64)>) {
+    refused.sort_unstable_by(|(_, a), (_, b)| b.cmp(a));
     for (route, number) in refused {
         route.give_back(number);
     }

@@ -1052,6 +1052,78 @@ async fn a_publish_redis_refuses_costs_no_number() {
     router.close().await.unwrap();
 }
 
+/// A batch that Redis refuses whole (`NOPERM`), of more messages than a channel route remembers as
+/// unused (64), costs no sequence number either. The refused numbers were given back lowest first:
+/// each waited, as unused, for the ones above it, and past 64 the lowest were forgotten, so the last
+/// give-back only reached down to the forgotten ones. The channel's next publish then left a gap of
+/// those, and every subscriber counted them as lost although their publisher got the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_batch_redis_refuses_costs_no_number() {
+    if !redis_available().await {
+        return;
+    }
+    let Some(target) = loopback_target(&redis_url()) else {
+        println!("skipped: REDIS_URL is not a loopback redis:// URL");
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
+        return;
+    };
+    let publisher = connected(
+        RedisRouter::builder(user.url(&target))
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix),
+    )
+    .await;
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Acl:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    publisher
+        .publish(envelope("Acl:event:s1", 0))
+        .await
+        .unwrap();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(number(&delivery), 0);
+    delivery.ack().await.unwrap();
+    // More than the 64 unused numbers a route remembers, fewer than a chunk (256).
+    const REFUSED: u32 = 100;
+    user.set(&["resetchannels"]).await;
+    let results = publisher
+        .publish_batch((1..=REFUSED).map(|n| envelope("Acl:event:s1", n)).collect())
+        .await;
+    assert!(
+        results.iter().all(|result| result
+            .as_ref()
+            .is_err_and(|error| error.to_string().contains("NOPERM"))),
+        "{:?}",
+        &results[..3]
+    );
+    user.set(&["allchannels"]).await;
+    publisher
+        .publish(envelope("Acl:event:s1", REFUSED + 1))
+        .await
+        .unwrap();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(number(&delivery), REFUSED + 1);
+    delivery.ack().await.unwrap();
+    // Three reorder windows without a message: a gap would have been settled as lost by now.
+    assert_quiet(&mut subscription, Duration::from_millis(600)).await;
+    let health = router.health().await;
+    assert_eq!(
+        health.get("lost"),
+        0,
+        "the refused batch counted as lost: {health:?}"
+    );
+    publisher.close().await.unwrap();
+    router.close().await.unwrap();
+}
+
 /// Publishes with a plain client what an agentcomm publisher sends for message `number` on `channel`,
 /// numbered by hand (publisher `0123456789abcdef`).
 async fn publish_numbered(raw: &fred::prelude::Client, prefix: &str, channel: &str, number: u32) {

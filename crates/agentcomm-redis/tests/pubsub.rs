@@ -1982,3 +1982,98 @@ async fn concurrent_batches_and_publishes_of_one_channel_reach_redis_in_the_orde
     subscriber.close().await.unwrap();
     publisher.close().await.unwrap();
 }
+
+/// Concurrent batches that each span channels of several pool connections, beside single publishes of
+/// those channels, reach Redis in the order of their numbers on every channel, and none waits on
+/// another: each connection's part of a chunk is numbered and handed to fred under that connection's
+/// own order lock (one at a time, none held across an await), whichever order the batches name the
+/// channels in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_batches_across_pool_connections_reach_redis_in_the_order_of_their_numbers() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let subscriber =
+        connected(builder(DeliveryMode::PubSub, &prefix).reorder_window(Duration::ZERO)).await;
+    let publisher = connected(builder(DeliveryMode::PubSub, &prefix).pool_size(4)).await;
+    let mut subscription = subscriber
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Spread:event:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    // Eight channels: spread over the four connections.
+    const CHANNELS: u32 = 8;
+    const BATCH_TASKS: u32 = 4;
+    const BATCHES: u32 = 20;
+    const BATCH: u32 = 48;
+    const SINGLE_TASKS: u32 = 4;
+    const EACH: u32 = 200;
+    let channel = |n: u32| format!("Spread:event:s{}", n % CHANNELS);
+    let batched = BATCH_TASKS * BATCHES * BATCH;
+    let total = (batched + SINGLE_TASKS * EACH) as usize;
+    let mut tasks = Vec::new();
+    for task in 0..BATCH_TASKS {
+        let publisher = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            for batch in 0..BATCHES {
+                let first = (task * BATCHES + batch) * BATCH;
+                // Odd tasks name the channels the other way round.
+                let envelopes = (first..first + BATCH)
+                    .map(|n| {
+                        let on = if task % 2 == 0 {
+                            n
+                        } else {
+                            CHANNELS - 1 - n % CHANNELS
+                        };
+                        envelope(&channel(on), n)
+                    })
+                    .collect();
+                for result in publisher.publish_batch(envelopes).await {
+                    result.unwrap();
+                }
+            }
+        }));
+    }
+    for task in 0..SINGLE_TASKS {
+        let publisher = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            for index in 0..EACH {
+                let n = batched + task * EACH + index;
+                publisher.publish(envelope(&channel(n), n)).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        within(WAIT, "the publishing tasks", task).await.unwrap();
+    }
+    let mut seen = std::collections::HashMap::<u32, u32>::new();
+    // Until everything came, or nothing more came for two seconds.
+    while seen.len() < total {
+        match tokio::time::timeout(Duration::from_secs(2), subscription.next()).await {
+            Ok(Some(delivery)) => {
+                *seen.entry(number(&delivery)).or_default() += 1;
+                delivery.ack().await.unwrap();
+            }
+            Ok(None) => panic!("the subscription ended early"),
+            Err(_) => break,
+        }
+    }
+    assert_quiet(&mut subscription, Duration::from_millis(200)).await;
+    let health = subscriber.health().await;
+    assert_eq!(
+        seen.len(),
+        total,
+        "delivered {} of {total}: {health:?}",
+        seen.len()
+    );
+    let twice: Vec<_> = seen.iter().filter(|(_, count)| **count > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    assert_eq!(health.get("duplicates"), 0, "{health:?}");
+    assert_eq!(health.get("late"), 0, "overtaken: {health:?}");
+    subscriber.close().await.unwrap();
+    publisher.close().await.unwrap();
+}

@@ -49,7 +49,9 @@ use crate::streams::{FRAME_FIELD, StreamSubscription};
 /// [`Shared::in_order`]), and Redis runs a connection's commands in order, replays included: so a number
 /// not above the mark was run already, and this run is a replay. Numbers that never reach Redis (a
 /// command fred gave up on) leave nothing behind. Returns false for a replay, else the number of pub/sub
-/// receivers.
+/// receivers; when Redis refuses the `PUBLISH` (an ACL user that may not publish), a one-element array
+/// with its error: the frame is stored by then, and a script that failed would not undo the `XADD`, so
+/// its publisher, told the publish failed, would publish it again and store it twice.
 const PUBLISH_SCRIPT: &str = r#"
 local seq = tonumber(ARGV[1])
 local last = redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2], 'GET')
@@ -63,7 +65,11 @@ else
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'f', ARGV[4])
 end
 if ARGV[5] ~= '' then
-  return redis.call('PUBLISH', ARGV[5], ARGV[4])
+  local published = redis.pcall('PUBLISH', ARGV[5], ARGV[4])
+  if type(published) == 'table' and published.err then
+    return {published.err}
+  end
+  return published
 end
 return 0
 "#;
@@ -259,6 +265,19 @@ fn give_back_if_refused(numbered: Option<&(Arc<ChannelRoute>, u64)>, error: &fre
     {
         route.give_back(*number);
     }
+}
+
+/// Logs a message stored in its stream whose pub/sub copy was not published (a reply in Streams mode, a
+/// dead letter in pub/sub mode): its publish still reports it accepted, since publishing it again would
+/// store it twice.
+#[cold]
+fn stored_not_published(target: &StreamTarget, error: &dyn std::fmt::Display) {
+    tracing::warn!(
+        class = target.class.as_str(),
+        error = %error,
+        "a message was stored in its stream, but its pub/sub copy could not be published; live \
+         subscribers miss it (and count it as lost unless Redis refused the publish)"
+    );
 }
 
 /// The publisher's numbering of pub/sub channels: `<publisher id>/` and each channel's route.
@@ -947,9 +966,26 @@ impl Shared {
     }
 
     /// What the publish script's reply says: `Null` is a replay fred wrote again after a reconnect, stored
-    /// by its first run.
-    fn script_outcome(&self, target: &StreamTarget, reply: Value) -> PublishOutcome {
+    /// by its first run; an array, a frame stored whose `PUBLISH` Redis refused: accepted (publishing it
+    /// again would store it twice), its pub/sub number (`numbered`) given back, since it did not run.
+    fn script_outcome(
+        &self,
+        target: &StreamTarget,
+        reply: Value,
+        numbered: Option<&(Arc<ChannelRoute>, u64)>,
+    ) -> PublishOutcome {
         match reply {
+            Value::Array(refused) => {
+                if let Some((route, number)) = numbered {
+                    route.give_back(*number);
+                }
+                let error = refused
+                    .first()
+                    .and_then(Value::as_string)
+                    .unwrap_or_default();
+                stored_not_published(target, &error);
+                PublishOutcome::Accepted
+            }
             Value::Null => {
                 self.counters.bump(&self.counters.publish_duplicates);
                 if let Some(suppressed) = self.duplicate_log.allow() {
@@ -1068,12 +1104,7 @@ impl Shared {
                 // live copy is lost (its number is given back when Redis refused it; otherwise its
                 // subscribers count the number it leaves out as lost).
                 Err(error) => {
-                    tracing::warn!(
-                        class = target.class.as_str(),
-                        error = %error,
-                        "a message was stored in its stream, but its pub/sub copy could not be \
-                         published; live subscribers count it as lost"
-                    );
+                    stored_not_published(target, &error);
                     Ok(PublishOutcome::Accepted)
                 }
             };
@@ -1124,7 +1155,7 @@ impl Shared {
                     .await
             }
             reply => reply
-                .map(|reply| self.script_outcome(target, reply))
+                .map(|reply| self.script_outcome(target, reply, numbered.as_ref()))
                 .map_err(|e| {
                     give_back_if_refused(numbered.as_ref(), &e);
                     map_error(&e, &self.settings, "publishing to a stream")
@@ -1150,7 +1181,7 @@ impl Shared {
             )
         })
         .await
-        .map(|reply| self.script_outcome(target, reply))
+        .map(|reply| self.script_outcome(target, reply, numbered))
         .map_err(|e| {
             give_back_if_refused(numbered, &e);
             map_error(&e, &self.settings, "publishing to a stream")
@@ -1705,7 +1736,9 @@ impl Shared {
         for (slot, reply) in queued.into_iter().zip(replies) {
             let pending = &batch[slot];
             let result = match (reply, &pending.target) {
-                (Ok(reply), Some(target)) if idempotent => Ok(self.script_outcome(target, reply)),
+                (Ok(reply), Some(target)) if idempotent => {
+                    Ok(self.script_outcome(target, reply, None))
+                }
                 (Ok(_), _) if streams => Ok(PublishOutcome::Accepted),
                 (Ok(reply), _) => Ok(outcome_of(
                     reply.as_i64().unwrap_or(0),

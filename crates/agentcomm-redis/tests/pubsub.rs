@@ -1542,6 +1542,79 @@ async fn a_reply_redis_refuses_to_store_costs_no_number() {
     router.close().await.unwrap();
 }
 
+/// A reply in Streams mode is stored, then published to the requester's inbox; when Redis stores it but
+/// refuses its `PUBLISH` (here `NOPERM`: the user may not publish), the publish reports `Accepted`, it
+/// is stored once, and its number is given back (the inbox counts nothing as lost), with or without
+/// `idempotent_publish`. Before, with `idempotent_publish`, the publish script's `PUBLISH` failed after
+/// its `XADD` had stored the reply, and the publish failed: a caller that published it again stored it
+/// twice.
+async fn a_reply_stored_but_refused_its_publish_is_accepted_once(idempotent: bool) {
+    use fred::prelude::{ClientLike, StreamsInterface};
+    if !redis_available().await {
+        return;
+    }
+    let Some(target) = loopback_target(&redis_url()) else {
+        println!("skipped: REDIS_URL is not a loopback redis:// URL");
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
+        return;
+    };
+    let publisher = connected(
+        RedisRouter::builder(user.url(&target))
+            .mode(DeliveryMode::Streams)
+            .idempotent_publish(idempotent)
+            .prefix(&prefix),
+    )
+    .await;
+    let router = connected(builder(DeliveryMode::Streams, &prefix)).await;
+    let mut inbox = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Kept:reply:inbox-1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    publisher
+        .publish(envelope("Kept:reply:inbox-1", 1))
+        .await
+        .unwrap();
+    assert_eq!(received(&mut inbox).await, 1);
+    user.set(&["-publish"]).await;
+    let refused = publisher.publish(envelope("Kept:reply:inbox-1", 2)).await;
+    assert!(
+        matches!(refused, Ok(PublishOutcome::Accepted)),
+        "stored, so kept: {refused:?}"
+    );
+    user.set(&["+publish"]).await;
+    publisher
+        .publish(envelope("Kept:reply:inbox-1", 3))
+        .await
+        .unwrap();
+    assert_eq!(received(&mut inbox).await, 3);
+    // Three reorder windows without a message: a gap would have been settled as lost by now.
+    assert_quiet(&mut inbox, Duration::from_millis(600)).await;
+    let health = router.health().await;
+    assert_eq!(health.get("lost"), 0, "{health:?}");
+    let raw = raw_client().await;
+    let length: u64 = raw.xlen(format!("{prefix}:stream:{{Kept}}")).await.unwrap();
+    let _ = raw.quit().await;
+    assert_eq!(length, 3, "each reply stored once");
+    publisher.close().await.unwrap();
+    router.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_stored_but_refused_its_publish_is_accepted_once_and_costs_no_number() {
+    a_reply_stored_but_refused_its_publish_is_accepted_once(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_reply_stored_but_refused_its_publish_is_accepted_once() {
+    a_reply_stored_but_refused_its_publish_is_accepted_once(true).await;
+}
+
 /// docs/wire-format.md shows a program in another language joining the bus: its JSON frame, published
 /// with a plain `PUBLISH` where its Python example publishes, reaches an agentcomm subscription of a
 /// router with the default settings. Before, the example published to the bare channel name

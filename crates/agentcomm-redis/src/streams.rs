@@ -1192,7 +1192,8 @@ impl StreamSubscription {
             self.ack_entry(key, entry_id).await;
             return;
         };
-        // Replies are stored with the sequence number they carry over pub/sub: taken out.
+        // A reply (a dead letter in pub/sub mode) stored by the publish script (`idempotent_publish`)
+        // carries the sequence number of its pub/sub copy: taken out. Stored by `XADD`, it has none.
         let decoded = self
             .decoder
             .lock()

@@ -2180,7 +2180,8 @@ async fn the_longest_stream_durations_are_taken_without_a_panic() {
 /// when it was encoded, before its `XADD` went out, and its `PUBLISH` followed the `XADD`'s answer (the
 /// idempotent script: after the number, taken apart): a later reply could overtake it, and the inbox,
 /// once the reorder window passed, counted it as lost and then discarded it as a duplicate. A zero
-/// window shows any overtaking as such a loss.
+/// window shows any overtaking: since 52b77d7 as `late` (the reply is delivered late, and taken off
+/// `lost`).
 async fn concurrent_replies_reach_the_inbox_in_the_order_of_their_numbers(idempotent: bool) {
     if !redis_available().await {
         return;

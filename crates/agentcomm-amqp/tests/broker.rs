@@ -2613,17 +2613,23 @@ async fn a_malformed_frame_read_from_a_short_lived_runtime_is_still_dead_lettere
     .await
     .unwrap();
     let raw = Raw::open().await;
+    // Both wait in the subscription's buffer before anything reads it, the malformed frame first:
+    // published on two connections, they could arrive in either order, and a reader that got 2 first
+    // would never read the frame. So 2 is published once the frame is buffered.
+    let buffered = async |count: usize| {
+        let deadline = Instant::now() + STEP;
+        while subscription.buffered() < count {
+            assert!(Instant::now() < deadline, "{count} messages never arrived");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     raw.publish(&exchange, "Ping.event.s1", b"\xc1 not a frame")
         .await;
+    buffered(1).await;
     within("publish", router.publish(envelope("Ping:event:s1", 2)))
         .await
         .unwrap();
-    // Both wait in the subscription's buffer before anything reads it.
-    let deadline = Instant::now() + STEP;
-    while subscription.buffered() < 2 {
-        assert!(Instant::now() < deadline, "the two messages never arrived");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    buffered(2).await;
     let subscription = std::thread::spawn(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -379,6 +379,57 @@ async fn a_dead_letter_of_a_dead_letter_is_not_dead_lettered_again() {
     router.close().await.unwrap();
 }
 
+/// A first-level dead letter (`DeadLetter:<class>:<session>`) that a group consuming dead letters fails
+/// on until `max_deliveries` is still dead-lettered, once, to `DeadLetter:DeadLetter:<session>`: only a
+/// dead letter of a dead letter is left in its stream. (A check on the channel's class alone would
+/// leave every dead letter a consumer crashes on, and nothing else would notice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_level_dead_letter_is_still_dead_lettered_once() {
+    use fred::prelude::ClientLike;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connected(
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .max_deliveries(1),
+    )
+    .await;
+    let options =
+        SubscribeOptions::new(ChannelPattern::parse("DeadLetter:*:*").unwrap()).group("g");
+    group_left_by_its_member(&router, &options, 0).await;
+    router
+        .publish(envelope("DeadLetter:Poison:s1", 7))
+        .await
+        .unwrap();
+    let key = format!("{prefix}:stream:{{DeadLetter}}");
+    let raw = raw_client().await;
+    taken_by_a_dead_consumer(&raw, &key, 1).await;
+    // Its claim would be its second delivery: past max_deliveries = 1, so it is dead-lettered, and
+    // its dead letter, new in the same stream, reaches the group's live member.
+    let mut heir = router.subscribe(options).await.unwrap();
+    let dead = next(&mut heir).await;
+    let envelope = dead.envelope();
+    assert_eq!(envelope.channel().name(), "DeadLetter:DeadLetter:s1");
+    assert_eq!(number(&dead), 7);
+    assert_eq!(
+        envelope.header(headers::ORIGINAL_CHANNEL),
+        Some("DeadLetter:Poison:s1")
+    );
+    dead.ack().await.unwrap();
+    assert_quiet(&mut heir, Duration::from_millis(700)).await;
+    let health = router.health().await;
+    assert_eq!(
+        (health.get("dead_lettered"), health.get("dead_letters_left")),
+        (1, 0),
+        "{health:?}"
+    );
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_entries_are_dead_lettered_and_reading_goes_on() {
     if !redis_available().await {

@@ -89,10 +89,7 @@ impl ConformanceBackend for RabbitMq {
     }
 
     fn connect_through(&self, address: SocketAddr) -> BoxFuture<'_, Option<SharedRouter>> {
-        let url = self
-            .url
-            .replacen(&common::broker_address(), &address.to_string(), 1);
-        self.connect_to(url)
+        self.connect_to(common::through(&self.url, address))
     }
 
     fn unreachable(&self) -> String {

@@ -28,9 +28,28 @@ fn soak() -> usize {
 
 /// The broker URL, pointed at the proxy.
 fn proxied_url(proxy: &FaultProxy) -> String {
-    let url = common::url();
-    let address = broker_address();
-    url.replacen(&address, &proxy.local_addr().to_string(), 1)
+    common::through(&common::url(), proxy.local_addr())
+}
+
+/// A RABBITMQ_URL without a port (RabbitMQ's default, 5672) still goes through the proxy: pointed
+/// at it by replacing the text `host:port`, it went straight to RabbitMQ, and every cut, refusal and
+/// black hole of these tests missed the router.
+#[test]
+fn a_broker_url_without_a_port_is_pointed_through_the_proxy() {
+    let proxy: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    for (url, expected) in [
+        (
+            "amqp://guest:guest@localhost/%2f",
+            "amqp://guest:guest@127.0.0.1:40000/%2f",
+        ),
+        (
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "amqp://guest:guest@127.0.0.1:40000/%2f",
+        ),
+        ("amqp://[::1]", "amqp://127.0.0.1:40000"),
+    ] {
+        assert_eq!(common::through(url, proxy), expected, "{url}");
+    }
 }
 
 /// A router through the proxy that reconnects fast and notices a silent broker within seconds.

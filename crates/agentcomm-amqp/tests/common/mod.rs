@@ -37,6 +37,13 @@ pub fn broker_address() -> String {
     }
 }
 
+/// `url` pointing at `address` (a fault proxy) instead of its host and port, credentials and vhost
+/// kept; also when the URL names no port (`amqp://guest:guest@localhost/%2f`), whose `host:port`
+/// from [`broker_address`] does not appear in it as text.
+pub fn through(url: &str, address: std::net::SocketAddr) -> String {
+    agentcomm_testkit::proxy::url_through(url, address)
+}
+
 /// Whether RabbitMQ answers; when it does not, prints the one skip line, or panics when
 /// `AGENTCOMM_REQUIRE_BROKERS=1`.
 pub async fn broker_available() -> bool {

@@ -55,7 +55,7 @@ use tracing::Instrument;
 use crate::agent::{Agent, Context, HandlerError, Publisher, Rejection};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, DEFAULT_REQUEST_TIMEOUT};
-use crate::channel::{Channel, INBOX_PREFIX, REPLY_DIRECTION, parse_channel};
+use crate::channel::{Channel, DEAD_LETTER_CLASS, INBOX_PREFIX, REPLY_DIRECTION, parse_channel};
 use crate::codec::{BINARY_CONTENT_TYPE, Codec, JSON_CONTENT_TYPE, MSGPACK_CONTENT_TYPE};
 use crate::envelope::{Envelope, MessageId, headers};
 use crate::error::{Error, Result};
@@ -368,6 +368,22 @@ impl Runtime {
                 reason: format!(
                     "two received types have the class name '{class}', so a delivery could not be told \
                      apart; give one of them another name with #[message(name = \"...\")]"
+                ),
+            });
+        }
+        if A::RECEIVES.contains(&DEAD_LETTER_CLASS) {
+            // Only a `Message` written by hand can have this class (the derive refuses it). Such an
+            // agent receives every dead letter, and dead-letters what it fails on, or cannot decode (a
+            // dead letter carries its original class), to `DeadLetter:DeadLetter:<session>`, where it
+            // receives it again: a loop, one publish each turn.
+            return Err(Error::InvalidAgent {
+                agent: A::NAME.to_string(),
+                reason: format!(
+                    "it receives the class '{DEAD_LETTER_CLASS}', that of dead-letter channels: what it \
+                     fails on would be dead-lettered where it receives it again, for ever; read dead \
+                     letters with a subscription of the router instead \
+                     (`runtime.router().subscribe(SubscribeOptions::new(ChannelPattern::parse(\"DeadLetter:*:*\")?))`), \
+                     and settle each dead letter it reads"
                 ),
             });
         }

@@ -1944,3 +1944,39 @@ fn an_agent_that_always_has_a_delivery_ready_lets_the_rest_of_its_runtime_run() 
     assert!(handled > 0, "the agent ran: {handled}");
     assert_eq!(stopped, Ok(()));
 }
+
+/// A message type written by hand (not derived, which refuses the class) with the class of dead-letter
+/// channels.
+#[derive(Debug, Serialize, Deserialize)]
+struct HandWrittenDeadLetter {
+    note: String,
+}
+
+impl Message for HandWrittenDeadLetter {
+    const CLASS: &'static str = "DeadLetter";
+}
+
+#[agent(receives = [HandWrittenDeadLetter])]
+struct DeadLetterReader;
+
+impl Handle<HandWrittenDeadLetter> for DeadLetterReader {
+    async fn handle(&self, _: HandWrittenDeadLetter, _: &Context<Self>) -> HandlerResult {
+        Err(HandlerError::msg("cannot handle a dead letter"))
+    }
+}
+
+/// An agent receiving the class `DeadLetter` is refused at spawn: its own dead letters
+/// (`DeadLetter:DeadLetter:<session>`) would come back to it, and every dead letter whose payload it
+/// cannot decode or handle (all of them carry their original class) would be dead-lettered again where
+/// it receives them, for ever, a publish each time.
+#[tokio::test]
+async fn an_agent_receiving_dead_letters_is_refused_it_would_loop() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let error = runtime.spawn(DeadLetterReader).await.unwrap_err();
+    assert!(matches!(error, Error::InvalidAgent { .. }), "{error:?}");
+    let text = error.to_string();
+    assert!(
+        text.contains("'DeadLetter'") && text.contains("subscribe"),
+        "the error names the class and the fix: {text}"
+    );
+}

@@ -589,7 +589,8 @@ fn connect_failure(error: &fred::error::Error) -> String {
         Some(
             "Redis refused the login: put the password it requires in the URL, and the user when it \
              is not `default`: redis://:password@host:port or redis://user:password@host:port, with a \
-             `/`, `?` or `#` in the password written %2F, %3F, %23",
+             `%`, `/`, `?` or `#` in the password written %25, %2F, %3F, %23 (the URL's password is \
+             percent-decoded: a `%41` in it is sent as `A`)",
         )
     } else if !details.contains("InvalidCertificate") {
         None
@@ -2174,6 +2175,27 @@ impl Router for RedisRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The URL's password is percent-decoded (fred): a password with a `%` followed by two hex digits
+    /// is sent changed unless its `%` is written %25, so the hint of a refused login says so, with the
+    /// other characters that must be encoded.
+    #[test]
+    fn a_refused_login_says_how_to_write_a_percent_in_the_password() {
+        use fred::error::{Error as FredError, ErrorKind};
+        for error in [
+            FredError::new(
+                ErrorKind::Auth,
+                "WRONGPASS invalid username-password pair or user is disabled.",
+            ),
+            FredError::new(ErrorKind::Unknown, "NOAUTH Authentication required."),
+        ] {
+            let text = connect_failure(&error);
+            assert!(
+                text.contains("Redis refused the login") && text.contains("%25"),
+                "{text}"
+            );
+        }
+    }
 
     /// The publish script against a real Redis (REDIS_URL); skipped when there is none.
     #[tokio::test]

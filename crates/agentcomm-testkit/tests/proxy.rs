@@ -582,3 +582,37 @@ async fn dropping_the_proxy_stops_its_tasks() {
         sleep(POLL).await;
     }
 }
+
+/// The broker URLs the fault proxy is put in front of: IPv6 literals with and without a port, an `@`
+/// in the password, a fragment, TLS; and what it cannot be put in front of (a host off the machine, a
+/// Unix socket, text that is not a URL).
+#[test]
+fn broker_urls_are_read_and_pointed_through_the_proxy() {
+    use agentcomm_testkit::proxy::{loopback_address, url_through};
+    let v6: SocketAddr = "[::1]:6379".parse().unwrap();
+    let v4: SocketAddr = "127.0.0.1:6380".parse().unwrap();
+    assert_eq!(loopback_address("redis://[::1]:6379", 6379), Some(v6));
+    assert_eq!(loopback_address("redis://[::1]", 6379), Some(v6));
+    assert_eq!(loopback_address("redis://:p@ss@[::1]/0", 6379), Some(v6));
+    assert_eq!(
+        loopback_address("rediss://u:pw@127.0.0.1:6380/0#x", 6379),
+        Some(v4)
+    );
+    assert_eq!(loopback_address("redis://10.1.2.3", 6379), None);
+    assert_eq!(loopback_address("unix:///run/redis.sock", 6379), None);
+    assert_eq!(loopback_address("127.0.0.1:6379", 6379), None);
+
+    let proxy: SocketAddr = "[::1]:40000".parse().unwrap();
+    for (url, expected) in [
+        ("redis://[::1]", "redis://[::1]:40000"),
+        ("redis://:p@ss@[::1]:6379/0", "redis://:p@ss@[::1]:40000/0"),
+        ("redis://localhost:6379#frag", "redis://[::1]:40000#frag"),
+        (
+            "rediss://u:pw@127.0.0.1:6380?x=a@b",
+            "rediss://u:pw@[::1]:40000?x=a@b",
+        ),
+        ("not a url", "not a url"),
+    ] {
+        assert_eq!(url_through(url, proxy), expected, "{url}");
+    }
+}

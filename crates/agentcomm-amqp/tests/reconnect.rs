@@ -52,6 +52,21 @@ fn a_broker_url_without_a_port_is_pointed_through_the_proxy() {
     }
 }
 
+/// The proxy's target, from RABBITMQ_URL: an IPv6 literal without a port gets RabbitMQ's (a `:`
+/// inside the brackets is not a port), as does a host followed by a fragment.
+#[test]
+fn the_broker_address_of_an_ipv6_url_without_a_port_has_the_default_port() {
+    for (url, expected) in [
+        ("amqp://guest:guest@[::1]/%2f", "[::1]:5672"),
+        ("amqp://[::1]:5673", "[::1]:5673"),
+        ("amqp://guest:guest@localhost", "localhost:5672"),
+        ("amqp://localhost#x", "localhost:5672"),
+        ("amqp://127.0.0.1:5673/%2f", "127.0.0.1:5673"),
+    ] {
+        assert_eq!(common::address_of(url), expected, "{url}");
+    }
+}
+
 /// A router through the proxy that reconnects fast and notices a silent broker within seconds.
 async fn proxied_router(proxy: &FaultProxy, exchange: &str) -> AmqpRouter {
     within(

@@ -26,11 +26,19 @@ pub fn url() -> String {
 
 /// `host:port` of the broker URL.
 pub fn broker_address() -> String {
-    let url = url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
-    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    address_of(&url())
+}
+
+/// `host:port` of an AMQP URL, port 5672 when it names none. The port is after the last `:` outside
+/// an IPv6 literal's brackets: `amqp://[::1]` has none.
+pub fn address_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    if host_port.contains(':') {
+    if host_port
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.contains(']'))
+    {
         host_port.to_string()
     } else {
         format!("{host_port}:5672")

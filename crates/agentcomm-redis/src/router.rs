@@ -139,15 +139,16 @@ pub(crate) struct ChannelRoute {
     /// [`Shared::publish_numbered`]).
     id: u64,
     /// Numbers of messages never published (refused by Redis, or not encoded) that could not be given
-    /// back yet because a later number was taken: given back when every number above them is (see
-    /// [`ChannelRoute::give_back`]). Touched only when a publish fails.
-    unused: Mutex<Vec<u64>>,
+    /// back yet because a later number was taken, as runs (lowest, highest): given back when every
+    /// number above them is (see [`ChannelRoute::give_back`]). Touched only when a publish fails.
+    unused: Mutex<Vec<(u64, u64)>>,
 }
 
-/// The most numbers a channel route remembers as unused. One stays when a later number of its channel
-/// went out (a gap subscribers count as lost, and whose publisher got the error); beyond this many the
-/// lowest, the likeliest of those, are forgotten.
-const MAX_UNUSED_NUMBERS: usize = 64;
+/// The most runs of numbers a channel route remembers as unused. One stays when a later number of its
+/// channel went out (a gap subscribers count as lost, and whose publisher got the error); beyond this
+/// many the lowest, the likeliest of those, are forgotten. Runs, not numbers: a refused batch (up to a
+/// chunk, 256) answered while a later one of its channel is still out waits whole, as one run.
+const MAX_UNUSED_RUNS: usize = 64;
 
 impl ChannelRoute {
     /// Gives `number` back: the message that had it was never published, and the gap it would leave
@@ -159,23 +160,34 @@ impl ChannelRoute {
     /// for all the others.
     fn give_back(&self, number: u64) {
         let mut unused = self.unused.lock().unwrap_or_else(PoisonError::into_inner);
-        unused.push(number);
+        let below = unused.iter().position(|&(_, high)| high + 1 == number);
+        let above = unused.iter().position(|&(low, _)| low == number + 1);
+        match (below, above) {
+            (Some(below), Some(above)) => {
+                // Updated before the swap, which may move it: its new place keeps the run.
+                unused[below].1 = unused[above].1;
+                unused.swap_remove(above);
+            }
+            (Some(below), None) => unused[below].1 = number,
+            (None, Some(above)) => unused[above].0 = number,
+            (None, None) => unused.push((number, number)),
+        }
         loop {
             let last = self.next.load(Ordering::Relaxed);
-            let Some(at) = unused.iter().position(|&unused| unused == last) else {
+            let Some(at) = unused.iter().position(|&(_, high)| high == last) else {
                 break;
             };
             // Fails only when another publish took a number meanwhile: then the last is that one.
             if self
                 .next
-                .compare_exchange(last, last - 1, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(last, unused[at].0 - 1, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
             {
                 unused.swap_remove(at);
             }
         }
-        if unused.len() > MAX_UNUSED_NUMBERS
-            && let Some((at, _)) = unused.iter().enumerate().min_by_key(|(_, n)| **n)
+        if unused.len() > MAX_UNUSED_RUNS
+            && let Some((at, _)) = unused.iter().enumerate().min_by_key(|(_, run)| run.1)
         {
             unused.swap_remove(at);
         }
@@ -248,8 +260,7 @@ fn refused_by_redis(error: &fred::error::Error) -> bool {
 /// and its publisher got the error.)
 ///
 /// The highest number first: each is then the last one taken when given back, and goes at once. Given
-/// back lowest first, each waited in `unused` for those above it, and a run longer than
-/// [`MAX_UNUSED_NUMBERS`] (a whole chunk refused: up to 256) lost its lowest numbers there for good.
+/// back lowest first, each waited in `unused` for those above it.
 fn give_back_refused(mut refused: Vec<(Arc<ChannelRoute>, u64)>) {
     refused.sort_unstable_by(|(_, a), (_, b)| b.cmp(a));
     for (route, number) in refused {
@@ -2195,6 +2206,63 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// A channel route with `taken` numbers taken.
+    fn route_with(taken: u64) -> ChannelRoute {
+        ChannelRoute {
+            channel: Str::from_static("c"),
+            client: 0,
+            next: AtomicU64::new(taken),
+            publisher: "p/".into(),
+            id: 0,
+            unused: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Two refused batches of one channel (1..=100, then 101..=200), the first answered first: its
+    /// numbers wait for the second's, which then take them all back. Kept one by one, the route forgot
+    /// all but 64 of the first batch's: 1..=36 stayed a gap that subscribers counted as lost.
+    #[test]
+    fn two_refused_runs_answered_lowest_first_are_all_given_back() {
+        let route = route_with(200);
+        for number in (1..=100).rev() {
+            route.give_back(number);
+        }
+        assert_eq!(
+            route.next.load(Ordering::Relaxed),
+            200,
+            "a later number is out"
+        );
+        for number in (101..=200).rev() {
+            route.give_back(number);
+        }
+        assert_eq!(
+            route.next.load(Ordering::Relaxed),
+            0,
+            "numbers left as a gap"
+        );
+        assert!(route.unused.lock().unwrap().is_empty());
+    }
+
+    /// Numbers given back in any order, with one still out, wait; once it is given back, all go, and a
+    /// number taken meanwhile (a publish that went out) keeps those below it as a gap.
+    #[test]
+    fn unused_numbers_join_into_runs_in_any_order() {
+        let route = route_with(10);
+        for number in [3, 1, 2, 6, 5, 4, 7, 9, 8] {
+            route.give_back(number);
+        }
+        assert_eq!(route.next.load(Ordering::Relaxed), 10);
+        route.give_back(10);
+        assert_eq!(route.next.load(Ordering::Relaxed), 0);
+        let route = route_with(4);
+        route.give_back(2);
+        route.give_back(3);
+        // 4 went out: 2 and 3 stay a gap.
+        route.next.fetch_add(1, Ordering::Relaxed);
+        route.give_back(5);
+        assert_eq!(route.next.load(Ordering::Relaxed), 4);
     }
 
     /// The publish script against a real Redis (REDIS_URL); skipped when there is none.

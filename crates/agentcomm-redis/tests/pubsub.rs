@@ -1124,6 +1124,86 @@ async fn a_long_batch_redis_refuses_costs_no_number() {
     router.close().await.unwrap();
 }
 
+/// Two batches Redis refuses (`NOPERM`), sent concurrently to one channel, cost no sequence number
+/// either. The first takes numbers 1..=100 and the second 101..=200 on the same connection, so the
+/// first is answered first: its numbers, below those the second still has out, wait as unused. A route
+/// remembered at most 64 unused numbers, one by one: it forgot 1..=36, and once the second batch gave
+/// its numbers back the channel's next publish left those out, counted as lost by every subscriber
+/// although their publisher got the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_batches_redis_refuses_cost_no_number() {
+    if !redis_available().await {
+        return;
+    }
+    let Some(target) = loopback_target(&redis_url()) else {
+        println!("skipped: REDIS_URL is not a loopback redis:// URL");
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
+        return;
+    };
+    let publisher = connected(
+        RedisRouter::builder(user.url(&target))
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix),
+    )
+    .await;
+    let router = connect(&prefix).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Acl:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    publisher
+        .publish(envelope("Acl:event:s1", 0))
+        .await
+        .unwrap();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(number(&delivery), 0);
+    delivery.ack().await.unwrap();
+    // Each batch longer than the 64 unused numbers a route remembers, shorter than a chunk (256).
+    const REFUSED: u32 = 100;
+    user.set(&["resetchannels"]).await;
+    let batch = |first: u32| {
+        publisher.publish_batch(
+            (first..first + REFUSED)
+                .map(|n| envelope("Acl:event:s1", n))
+                .collect(),
+        )
+    };
+    // Polled in one task, in this order: both are numbered before either is answered.
+    let (first, second) = futures::future::join(batch(1), batch(1 + REFUSED)).await;
+    assert!(
+        first.iter().chain(&second).all(|result| result
+            .as_ref()
+            .is_err_and(|error| error.to_string().contains("NOPERM"))),
+        "{:?} {:?}",
+        &first[..2],
+        &second[..2]
+    );
+    user.set(&["allchannels"]).await;
+    publisher
+        .publish(envelope("Acl:event:s1", 2 * REFUSED + 1))
+        .await
+        .unwrap();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(number(&delivery), 2 * REFUSED + 1);
+    delivery.ack().await.unwrap();
+    // Three reorder windows without a message: a gap would have been settled as lost by now.
+    assert_quiet(&mut subscription, Duration::from_millis(600)).await;
+    let health = router.health().await;
+    assert_eq!(
+        health.get("lost"),
+        0,
+        "the concurrent refused batches counted as lost: {health:?}"
+    );
+    publisher.close().await.unwrap();
+    router.close().await.unwrap();
+}
+
 /// Publishes with a plain client what an agentcomm publisher sends for message `number` on `channel`,
 /// numbered by hand (publisher `0123456789abcdef`).
 async fn publish_numbered(raw: &fred::prelude::Client, prefix: &str, channel: &str, number: u32) {

@@ -153,6 +153,9 @@ pub(crate) struct SubShared {
     stopped: watch::Sender<bool>,
     /// Set once the subscription's task has cleaned up: it holds nothing any more.
     finished: AtomicBool,
+    /// Set once a declaration of its queue was sent: only then may the queue exist, and only then
+    /// does a closed fan-out subscription have a queue to delete.
+    declared: AtomicBool,
     /// While its consumer is lost and restoring it has failed: how many times in a row, and the last
     /// error. Cleared once a consumer is installed again. Health reads it: the connections can be up
     /// while a subscription consumes nothing (its queue re-declared with other arguments, a
@@ -182,6 +185,7 @@ impl SubShared {
             stop: watch::Sender::new(false),
             stopped: watch::Sender::new(false),
             finished: AtomicBool::new(false),
+            declared: AtomicBool::new(false),
             restore_failures: Mutex::new(None),
         }
     }
@@ -668,7 +672,9 @@ async fn cleanup(shared: &SubShared, consumer: Option<Arc<ConsumerHandle>>) {
     if let Some(consumer) = consumer {
         inner.close_channel(consumer.channel.clone()).await;
     }
-    if shared.spec.kind == QueueKind::FanOut {
+    // A subscription that never sent its queue's declaration (its subscribe gave up waiting out an
+    // outage, or was stopped by the router's close) has no queue: nothing to wait for or delete.
+    if shared.spec.kind == QueueKind::FanOut && shared.declared.load(Ordering::Acquire) {
         // What the reader holds or can still read went back to the queue when the channel closed,
         // yet it is not lost: it is not counted as dropped with the queue.
         let readable = {
@@ -839,6 +845,7 @@ async fn setup(
             // `x-expires` (plus the delete at close) already bounds their life.
             .durable(true)
             .arguments(inner.queue_arguments(queue_type, expires));
+        shared.declared.store(true, Ordering::Release);
         inner
             .operation(
                 &format!("declaring queue '{}'", spec.name),

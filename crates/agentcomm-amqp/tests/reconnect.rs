@@ -1746,3 +1746,70 @@ async fn consuming_down(router: &AmqpRouter) -> bool {
         .detail
         .contains("the consuming connection is down")
 }
+
+/// A fan-out subscribe that gives up waiting out an outage never declared its queue. Its task still
+/// cleaned up as for a queue left behind: it waited, within its close timeout, for the reconnect to
+/// delete that queue, and when the router closed first it warned that the queue "could not be
+/// deleted" and that publishes matching its bindings were accepted and dropped, about a queue that
+/// never existed (one such warning per subscribe that failed in the outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_subscribe_that_failed_in_an_outage_has_no_queue_to_delete() {
+    if !broker_available().await {
+        return;
+    }
+    let logs = Logs::capture();
+    let proxy = start_proxy().await;
+    let exchange = unique("t-fan-out-never-declared");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .reconnect(Backoff::new(
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+            ))
+            .publish_outage_timeout(Duration::from_millis(300))
+            .close_timeout(Duration::from_secs(5))
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    proxy.reject_for(Duration::from_secs(60));
+    wait_until("the proxy to stop listening", async || {
+        tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .is_err()
+    })
+    .await;
+    proxy.cut_all();
+    wait_until(
+        "the consuming connection's loss to be noticed",
+        async || consuming_down(&router).await,
+    )
+    .await;
+    let subscribed = within(
+        "the subscribe",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Payment:*:*").unwrap(),
+        )),
+    )
+    .await;
+    assert!(
+        matches!(subscribed, Err(Error::Connection { .. })),
+        "a subscribe in an outage longer than publish_outage_timeout: {:?}",
+        subscribed.err()
+    );
+    // Closed in the outage: the subscription's task, still waiting for the reconnect to delete a
+    // queue, is woken by the close and tries at once.
+    within("close", router.close()).await.unwrap();
+    let warned: Vec<String> = logs
+        .lines_with(&format!("{exchange}.fanout."))
+        .into_iter()
+        .filter(|line| line.contains("could not delete the queue"))
+        .collect();
+    assert!(
+        warned.is_empty(),
+        "a warning about a queue the failed subscribe never declared: {warned:?}"
+    );
+}

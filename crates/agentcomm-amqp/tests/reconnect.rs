@@ -1507,7 +1507,14 @@ async fn a_fan_out_subscription_closed_during_an_outage_leaves_no_queue_acceptin
     })
     .await;
     proxy.cut_all();
-    wait_until("the loss to be noticed", async || !router.is_connected()).await;
+    // The consuming connection's loss (not only the publishing one's, which alone makes
+    // is_connected false): a cleanup on a consuming connection not yet seen lost deletes at once,
+    // fails, and leaves the queue.
+    wait_until(
+        "the consuming connection's loss to be noticed",
+        async || consuming_down(&router).await,
+    )
+    .await;
     within("close the subscription", subscription.close())
         .await
         .unwrap();

@@ -505,16 +505,22 @@ impl AmqpRouter {
     /// The close runs on a task of its own: one cut short (a shutdown under a timeout, a second
     /// signal in a `select!`) still finishes, and every call, first or later, waits for that same
     /// end. Bounded by what the close itself is bounded by.
+    ///
+    /// That task runs on the router's runtime, not the caller's: a close cut short on a runtime that
+    /// then ends (a `block_on` helper under a timeout) would be dropped half done, the router left
+    /// closing for ever with its connections open, and every later close failing at once. When the
+    /// router's runtime is gone, or shuts down before the task runs (it is dropped unrun, and nothing
+    /// reports an end), the close runs on the caller's.
     async fn close_now(&self) -> Result<()> {
         let inner = &self.inner;
         let mut closed = inner.closed.subscribe();
         if !inner.closing.swap(true, Ordering::AcqRel) {
+            let task = inner.runtime.spawn(self.clone().close_task());
             let router = self.clone();
             tokio::spawn(async move {
-                // However the task ends, a close waiting for it is let go, and told how it ended.
-                let _closed = ClosedOnDrop(&router.inner.closed);
-                router.close_in_background().await;
-                router.inner.closed.send_replace(Some(true));
+                if task.await.is_err() && router.inner.closed.borrow().is_none() {
+                    router.close_task().await;
+                }
             });
         }
         let settings = &inner.settings;
@@ -537,6 +543,14 @@ impl AmqpRouter {
                 after: bound,
             }),
         }
+    }
+
+    /// The task of [`close_now`](Self::close_now).
+    async fn close_task(self) {
+        // However the task ends, a close waiting for it is let go, and told how it ended.
+        let _closed = ClosedOnDrop(&self.inner.closed);
+        self.close_in_background().await;
+        self.inner.closed.send_replace(Some(true));
     }
 
     /// Closes in two phases: new subscriptions are refused at once (`closing`, set by the caller),

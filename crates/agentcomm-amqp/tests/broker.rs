@@ -2790,3 +2790,56 @@ async fn the_declaration_channel_opened_from_a_short_lived_runtime_outlives_it()
     }
     within("close", router.close()).await.unwrap();
 }
+
+/// A close cut short on a runtime that then ends (a `block_on` helper under a timeout, as a
+/// synchronous shutdown hook does) is to go on closing, as one cut short anywhere else does. Its
+/// task ran on the caller's runtime and was dropped with it half done: the router stayed closing
+/// for ever, its connections open, and every later close failed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_cut_short_on_a_runtime_that_then_ends_still_finishes() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-close-elsewhere");
+    let queue = topology::group_queue(&exchange, "g");
+    let _cleanup = Cleanup::new(&exchange, std::slice::from_ref(&queue));
+    let router = within(
+        "connect",
+        builder(&exchange)
+            .close_timeout(Duration::from_secs(10))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut member = ping_member(&router).await;
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    // In the handler's hands: the close waits for it.
+    let delivery = within("a delivery", member.next())
+        .await
+        .expect("a delivery");
+    let elsewhere = router.clone();
+    let cut_short = tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                tokio::time::timeout(Duration::from_millis(300), elsewhere.close())
+                    .await
+                    .is_err()
+            })
+    })
+    .await
+    .unwrap();
+    assert!(cut_short, "the close did not wait for the delivery in hand");
+    within("ack", delivery.ack()).await.unwrap();
+    let closed = within("the close", router.close()).await;
+    assert!(
+        closed.is_ok(),
+        "the close cut short on a runtime that ended did not finish: {closed:?}"
+    );
+    assert!(!router.is_connected(), "the connections are still open");
+    drop(member);
+}

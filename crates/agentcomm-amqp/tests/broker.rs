@@ -2843,3 +2843,82 @@ async fn a_close_cut_short_on_a_runtime_that_then_ends_still_finishes() {
     assert!(!router.is_connected(), "the connections are still open");
     drop(member);
 }
+
+/// Everything on one current-thread runtime, the router's and the caller's (`#[tokio::test]`'s
+/// default flavor). The subscription tasks (76574df), the requests and channel opens and closes
+/// (12428f1) and the close run on the router's runtime while the caller awaits them from the same
+/// thread: none may wait on another in a way that needs a second thread. The other tests all run on
+/// two workers, where such a wait goes unnoticed. The scenario runs on a thread of its own, watched
+/// from here: a blocked current-thread runtime cannot even time itself out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_used_wholly_on_a_current_thread_runtime_works_and_closes() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-current-thread");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let passed = std::panic::catch_unwind(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(on_one_thread(&exchange));
+        });
+        let _ = done.send(passed.is_ok());
+    });
+    let outcome = tokio::time::timeout(STEP * 2, finished).await;
+    assert!(
+        matches!(outcome, Ok(Ok(true))),
+        "the scenario on a current-thread runtime failed (its panic is above) or hung: {outcome:?}"
+    );
+}
+
+async fn on_one_thread(exchange: &str) {
+    let router = connect(exchange).await;
+    let mut fan_out = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(pattern("Ping:*:*"))),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", fan_out.next())
+        .await
+        .expect("a delivery");
+    // Through the declaration channel: the retry queue is declared there.
+    within(
+        "retry",
+        delivery.nack(NackAction::Retry {
+            delay: Duration::from_millis(200),
+        }),
+    )
+    .await
+    .unwrap();
+    let retried = within("the retry", fan_out.next())
+        .await
+        .expect("the retry");
+    assert_eq!(retried.envelope().attempt(), 2);
+    within("ack", retried.ack()).await.unwrap();
+    let health = within("health", router.health()).await;
+    assert_eq!(health.status, HealthStatus::Healthy, "{health:?}");
+    assert!(health.round_trip.is_some(), "{health:?}");
+    within("close the subscription", fan_out.close())
+        .await
+        .unwrap();
+    assert!(
+        within("the end of the stream", fan_out.next())
+            .await
+            .is_none()
+    );
+    // Its queue and retry queue were deleted before its stream ended: nothing takes the next one.
+    let outcome = within("publish", router.publish(envelope("Ping:event:s1", 2)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Unroutable);
+    within("close", router.close()).await.unwrap();
+    assert!(!router.is_connected());
+}

@@ -948,6 +948,59 @@ async fn a_malformed_frame_of_a_longer_prefix_is_not_this_routers() {
     router.close().await.unwrap();
 }
 
+/// Receives the next delivery, checks that it is message `expected` and acknowledges it, then waits
+/// three reorder windows with nothing arriving (a gap would have been settled as lost by then): the
+/// router's health after that.
+async fn lost_after(
+    router: &RedisRouter,
+    subscription: &mut agentcomm_core::router::Subscription,
+    expected: u32,
+) -> agentcomm_core::router::Health {
+    assert_eq!(received(subscription).await, expected);
+    assert_quiet(subscription, Duration::from_millis(600)).await;
+    router.health().await
+}
+
+/// What the ACL tests share: an ACL user of the test's own (every channel and command allowed until the
+/// test changes its rules), a router in `mode` connected as that user (`idempotent`: with
+/// `idempotent_publish`), and a router of the default user subscribed to `pattern`; `None`, after the
+/// skip line, without Redis, off loopback, or where this Redis cannot have ACL users.
+async fn acl_routers(
+    prefix: &str,
+    mode: DeliveryMode,
+    idempotent: bool,
+    pattern: &str,
+) -> Option<(
+    TestUser,
+    RedisRouter,
+    RedisRouter,
+    agentcomm_core::router::Subscription,
+)> {
+    if !redis_available().await {
+        return None;
+    }
+    let Some(target) = loopback_target(&redis_url()) else {
+        println!("skipped: REDIS_URL is not a loopback redis:// URL");
+        return None;
+    };
+    let user = TestUser::create(prefix, &["&*", "+@all"]).await?;
+    let publisher = connected(
+        RedisRouter::builder(user.url(&target))
+            .mode(mode)
+            .idempotent_publish(idempotent)
+            .prefix(prefix),
+    )
+    .await;
+    let router = connected(builder(mode, prefix)).await;
+    let subscription = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse(pattern).unwrap(),
+        ))
+        .await
+        .unwrap();
+    Some((user, publisher, router, subscription))
+}
+
 /// A publish that Redis refuses (`NOPERM`: the ACL user may not publish to the channel), in a batch or
 /// alone, costs no sequence number: subscribers count no loss for it, and its publisher got the error.
 /// Before, a refused publish kept its number, and once the channel's next publish went through, every
@@ -955,45 +1008,21 @@ async fn a_malformed_frame_of_a_longer_prefix_is_not_this_routers() {
 /// knew it had failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_redis_refuses_costs_no_number() {
-    if !redis_available().await {
-        return;
-    }
-    let Some(target) = loopback_target(&redis_url()) else {
-        println!("skipped: REDIS_URL is not a loopback redis:// URL");
-        return;
-    };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
+    let Some((user, publisher, router, mut subscription)) =
+        acl_routers(&prefix, DeliveryMode::PubSub, false, "Acl:*:*").await
+    else {
         return;
-    };
-    let publisher = connected(
-        RedisRouter::builder(user.url(&target))
-            .mode(DeliveryMode::PubSub)
-            .prefix(&prefix),
-    )
-    .await;
-    let router = connect(&prefix).await;
-    let mut subscription = router
-        .subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Acl:*:*").unwrap(),
-        ))
-        .await
-        .unwrap();
-    let lost_after = async |subscription: &mut agentcomm_core::router::Subscription,
-                            expected: u32| {
-        let delivery = next(subscription).await;
-        assert_eq!(number(&delivery), expected);
-        delivery.ack().await.unwrap();
-        // Three reorder windows without a message: a gap would have been settled as lost by now.
-        assert_quiet(subscription, Duration::from_millis(600)).await;
-        router.health().await.get("lost")
     };
     publisher
         .publish(envelope("Acl:event:s1", 1))
         .await
         .unwrap();
-    assert_eq!(lost_after(&mut subscription, 1).await, 0);
+    assert_eq!(
+        lost_after(&router, &mut subscription, 1).await.get("lost"),
+        0
+    );
     // Refused in a pipeline.
     user.set(&["resetchannels"]).await;
     let results = publisher
@@ -1014,7 +1043,7 @@ async fn a_publish_redis_refuses_costs_no_number() {
         .await;
     assert!(results[0].is_ok(), "{results:?}");
     assert_eq!(
-        lost_after(&mut subscription, 4).await,
+        lost_after(&router, &mut subscription, 4).await.get("lost"),
         0,
         "the refused batch counted as lost"
     );
@@ -1028,7 +1057,7 @@ async fn a_publish_redis_refuses_costs_no_number() {
         .await
         .unwrap();
     assert_eq!(
-        lost_after(&mut subscription, 6).await,
+        lost_after(&router, &mut subscription, 6).await.get("lost"),
         0,
         "the refused publish counted as lost"
     );
@@ -1044,7 +1073,7 @@ async fn a_publish_redis_refuses_costs_no_number() {
         .await
         .unwrap();
     assert_eq!(
-        lost_after(&mut subscription, 11).await,
+        lost_after(&router, &mut subscription, 11).await.get("lost"),
         0,
         "concurrent refused publishes counted as lost"
     );
@@ -1059,31 +1088,13 @@ async fn a_publish_redis_refuses_costs_no_number() {
 /// those, and every subscriber counted them as lost although their publisher got the error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_batch_redis_refuses_costs_no_number() {
-    if !redis_available().await {
-        return;
-    }
-    let Some(target) = loopback_target(&redis_url()) else {
-        println!("skipped: REDIS_URL is not a loopback redis:// URL");
-        return;
-    };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
+    let Some((user, publisher, router, mut subscription)) =
+        acl_routers(&prefix, DeliveryMode::PubSub, false, "Acl:*:*").await
+    else {
         return;
     };
-    let publisher = connected(
-        RedisRouter::builder(user.url(&target))
-            .mode(DeliveryMode::PubSub)
-            .prefix(&prefix),
-    )
-    .await;
-    let router = connect(&prefix).await;
-    let mut subscription = router
-        .subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Acl:*:*").unwrap(),
-        ))
-        .await
-        .unwrap();
     publisher
         .publish(envelope("Acl:event:s1", 0))
         .await
@@ -1109,12 +1120,7 @@ async fn a_long_batch_redis_refuses_costs_no_number() {
         .publish(envelope("Acl:event:s1", REFUSED + 1))
         .await
         .unwrap();
-    let delivery = next(&mut subscription).await;
-    assert_eq!(number(&delivery), REFUSED + 1);
-    delivery.ack().await.unwrap();
-    // Three reorder windows without a message: a gap would have been settled as lost by now.
-    assert_quiet(&mut subscription, Duration::from_millis(600)).await;
-    let health = router.health().await;
+    let health = lost_after(&router, &mut subscription, REFUSED + 1).await;
     assert_eq!(
         health.get("lost"),
         0,
@@ -1132,31 +1138,13 @@ async fn a_long_batch_redis_refuses_costs_no_number() {
 /// although their publisher got the error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_concurrent_batches_redis_refuses_cost_no_number() {
-    if !redis_available().await {
-        return;
-    }
-    let Some(target) = loopback_target(&redis_url()) else {
-        println!("skipped: REDIS_URL is not a loopback redis:// URL");
-        return;
-    };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
+    let Some((user, publisher, router, mut subscription)) =
+        acl_routers(&prefix, DeliveryMode::PubSub, false, "Acl:*:*").await
+    else {
         return;
     };
-    let publisher = connected(
-        RedisRouter::builder(user.url(&target))
-            .mode(DeliveryMode::PubSub)
-            .prefix(&prefix),
-    )
-    .await;
-    let router = connect(&prefix).await;
-    let mut subscription = router
-        .subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Acl:*:*").unwrap(),
-        ))
-        .await
-        .unwrap();
     publisher
         .publish(envelope("Acl:event:s1", 0))
         .await
@@ -1189,12 +1177,7 @@ async fn two_concurrent_batches_redis_refuses_cost_no_number() {
         .publish(envelope("Acl:event:s1", 2 * REFUSED + 1))
         .await
         .unwrap();
-    let delivery = next(&mut subscription).await;
-    assert_eq!(number(&delivery), 2 * REFUSED + 1);
-    delivery.ack().await.unwrap();
-    // Three reorder windows without a message: a gap would have been settled as lost by now.
-    assert_quiet(&mut subscription, Duration::from_millis(600)).await;
-    let health = router.health().await;
+    let health = lost_after(&router, &mut subscription, 2 * REFUSED + 1).await;
     assert_eq!(
         health.get("lost"),
         0,
@@ -1569,36 +1552,12 @@ async fn a_gap_still_open_when_a_subscription_ends_is_counted_as_lost() {
 /// `lost` whose publisher had got the error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_redis_refuses_to_store_costs_no_number() {
-    if !redis_available().await {
-        return;
-    }
-    let Some(target) = loopback_target(&redis_url()) else {
-        println!("skipped: REDIS_URL is not a loopback redis:// URL");
-        return;
-    };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
+    let Some((user, publisher, router, mut inbox)) =
+        acl_routers(&prefix, DeliveryMode::Streams, false, "Ack:reply:inbox-1").await
+    else {
         return;
-    };
-    let publisher = connected(
-        RedisRouter::builder(user.url(&target))
-            .mode(DeliveryMode::Streams)
-            .prefix(&prefix),
-    )
-    .await;
-    let router = connected(builder(DeliveryMode::Streams, &prefix)).await;
-    let mut inbox = router
-        .subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Ack:reply:inbox-1").unwrap(),
-        ))
-        .await
-        .unwrap();
-    let received = async |inbox: &mut agentcomm_core::router::Subscription| {
-        let delivery = next(inbox).await;
-        let n = number(&delivery);
-        delivery.ack().await.unwrap();
-        n
     };
     publisher
         .publish(envelope("Ack:reply:inbox-1", 1))
@@ -1613,10 +1572,7 @@ async fn a_reply_redis_refuses_to_store_costs_no_number() {
         .publish(envelope("Ack:reply:inbox-1", 3))
         .await
         .unwrap();
-    assert_eq!(received(&mut inbox).await, 3);
-    // Three reorder windows without a message: a gap would have been settled as lost by now.
-    assert_quiet(&mut inbox, Duration::from_millis(600)).await;
-    let health = router.health().await;
+    let health = lost_after(&router, &mut inbox, 3).await;
     assert_eq!(health.get("lost"), 0, "{health:?}");
     publisher.close().await.unwrap();
     router.close().await.unwrap();
@@ -1630,32 +1586,18 @@ async fn a_reply_redis_refuses_to_store_costs_no_number() {
 /// twice.
 async fn a_reply_stored_but_refused_its_publish_is_accepted_once(idempotent: bool) {
     use fred::prelude::{ClientLike, StreamsInterface};
-    if !redis_available().await {
-        return;
-    }
-    let Some(target) = loopback_target(&redis_url()) else {
-        println!("skipped: REDIS_URL is not a loopback redis:// URL");
-        return;
-    };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
+    let Some((user, publisher, router, mut inbox)) = acl_routers(
+        &prefix,
+        DeliveryMode::Streams,
+        idempotent,
+        "Kept:reply:inbox-1",
+    )
+    .await
+    else {
         return;
     };
-    let publisher = connected(
-        RedisRouter::builder(user.url(&target))
-            .mode(DeliveryMode::Streams)
-            .idempotent_publish(idempotent)
-            .prefix(&prefix),
-    )
-    .await;
-    let router = connected(builder(DeliveryMode::Streams, &prefix)).await;
-    let mut inbox = router
-        .subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Kept:reply:inbox-1").unwrap(),
-        ))
-        .await
-        .unwrap();
     publisher
         .publish(envelope("Kept:reply:inbox-1", 1))
         .await
@@ -1672,10 +1614,7 @@ async fn a_reply_stored_but_refused_its_publish_is_accepted_once(idempotent: boo
         .publish(envelope("Kept:reply:inbox-1", 3))
         .await
         .unwrap();
-    assert_eq!(received(&mut inbox).await, 3);
-    // Three reorder windows without a message: a gap would have been settled as lost by now.
-    assert_quiet(&mut inbox, Duration::from_millis(600)).await;
-    let health = router.health().await;
+    let health = lost_after(&router, &mut inbox, 3).await;
     assert_eq!(health.get("lost"), 0, "{health:?}");
     let raw = raw_client().await;
     let length: u64 = raw.xlen(format!("{prefix}:stream:{{Kept}}")).await.unwrap();

@@ -1958,18 +1958,7 @@ async fn concurrent_publishes_of_one_channel_reach_redis_in_the_order_of_their_n
     for task in tasks {
         task.await.unwrap();
     }
-    let mut seen = std::collections::HashSet::new();
-    // Until everything came, or nothing more came for two seconds (what was discarded never comes).
-    while seen.len() < total {
-        match tokio::time::timeout(Duration::from_secs(2), subscription.next()).await {
-            Ok(Some(delivery)) => {
-                seen.insert(number(&delivery));
-                delivery.ack().await.unwrap();
-            }
-            Ok(None) => panic!("the subscription ended early"),
-            Err(_) => break,
-        }
-    }
+    let seen = arrivals(&mut subscription, total, number).await;
     let health = subscriber.health().await;
     assert_eq!(
         seen.len(),
@@ -2047,18 +2036,7 @@ async fn concurrent_batches_and_publishes_of_one_channel_reach_redis_in_the_orde
     for task in tasks {
         task.await.unwrap();
     }
-    let mut seen = std::collections::HashMap::<u32, u32>::new();
-    // Until everything came, or nothing more came for two seconds (what was discarded never comes).
-    while seen.len() < total {
-        match tokio::time::timeout(Duration::from_secs(2), subscription.next()).await {
-            Ok(Some(delivery)) => {
-                *seen.entry(number(&delivery)).or_default() += 1;
-                delivery.ack().await.unwrap();
-            }
-            Ok(None) => panic!("the subscription ended early"),
-            Err(_) => break,
-        }
-    }
+    let seen = arrivals(&mut subscription, total, number).await;
     // Nothing more comes: a message delivered twice would show here.
     assert_quiet(&mut subscription, Duration::from_millis(200)).await;
     let health = subscriber.health().await;
@@ -2143,18 +2121,7 @@ async fn concurrent_batches_across_pool_connections_reach_redis_in_the_order_of_
     for task in tasks {
         within(WAIT, "the publishing tasks", task).await.unwrap();
     }
-    let mut seen = std::collections::HashMap::<u32, u32>::new();
-    // Until everything came, or nothing more came for two seconds.
-    while seen.len() < total {
-        match tokio::time::timeout(Duration::from_secs(2), subscription.next()).await {
-            Ok(Some(delivery)) => {
-                *seen.entry(number(&delivery)).or_default() += 1;
-                delivery.ack().await.unwrap();
-            }
-            Ok(None) => panic!("the subscription ended early"),
-            Err(_) => break,
-        }
-    }
+    let seen = arrivals(&mut subscription, total, number).await;
     assert_quiet(&mut subscription, Duration::from_millis(200)).await;
     let health = subscriber.health().await;
     assert_eq!(

@@ -2268,18 +2268,7 @@ async fn concurrent_replies_reach_the_inbox_in_the_order_of_their_numbers(idempo
     for task in tasks {
         task.await.unwrap();
     }
-    let mut seen = HashSet::new();
-    // Until everything came, or nothing more came for two seconds (what was discarded never comes).
-    while seen.len() < total {
-        match tokio::time::timeout(Duration::from_secs(2), inbox.next()).await {
-            Ok(Some(delivery)) => {
-                seen.insert(number(&delivery));
-                delivery.ack().await.unwrap();
-            }
-            Ok(None) => panic!("the inbox ended early"),
-            Err(_) => break,
-        }
-    }
+    let seen = arrivals(&mut inbox, total, number).await;
     let health = requester.health().await;
     assert_eq!(
         seen.len(),

@@ -90,6 +90,28 @@ pub async fn assert_quiet(subscription: &mut Subscription, quiet: Duration) {
     }
 }
 
+/// Reads `subscription`, acknowledging each delivery, until `total` different messages came or nothing
+/// more came for two seconds (what was discarded never comes): how many times each message (by
+/// `number`) was delivered.
+pub async fn arrivals(
+    subscription: &mut Subscription,
+    total: usize,
+    number: impl Fn(&Delivery) -> u32,
+) -> std::collections::HashMap<u32, u32> {
+    let mut seen = std::collections::HashMap::new();
+    while seen.len() < total {
+        match tokio::time::timeout(Duration::from_secs(2), subscription.next()).await {
+            Ok(Some(delivery)) => {
+                *seen.entry(number(&delivery)).or_default() += 1;
+                delivery.ack().await.unwrap();
+            }
+            Ok(None) => panic!("the subscription ended early"),
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
 /// Waits until `condition` holds, checking every 20 ms, up to `limit`.
 pub async fn eventually(limit: Duration, what: &str, mut condition: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;

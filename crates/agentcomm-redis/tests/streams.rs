@@ -328,6 +328,38 @@ async fn entries_of_a_dead_consumer_are_reclaimed_then_dead_lettered() {
     survivor.close().await.unwrap();
 }
 
+/// A router with `claim_idle` 300 ms and `max_deliveries(1)`, whose group `g` consumes dead letters;
+/// message `n` published on `channel` (a dead-letter channel) was taken by a consumer that never
+/// acknowledges, and the group's live member (returned, with the router, a plain client and the
+/// stream's key) subscribed after: its claim would be the entry's second delivery.
+async fn dead_letter_taken_by_a_dead_consumer(
+    prefix: &str,
+    channel: &str,
+    n: u32,
+) -> (
+    RedisRouter,
+    fred::prelude::Client,
+    String,
+    agentcomm_core::router::Subscription,
+) {
+    let router = connected(
+        builder(DeliveryMode::Streams, prefix)
+            .claim_idle(Duration::from_millis(300))
+            .max_deliveries(1),
+    )
+    .await;
+    let options =
+        SubscribeOptions::new(ChannelPattern::parse("DeadLetter:*:*").unwrap()).group("g");
+    // No live member, so that the dead consumer takes the entry.
+    group_left_by_its_member(&router, &options, 0).await;
+    router.publish(envelope(channel, n)).await.unwrap();
+    let key = format!("{prefix}:stream:{{DeadLetter}}");
+    let raw = raw_client().await;
+    taken_by_a_dead_consumer(&raw, &key, 1).await;
+    let heir = router.subscribe(options).await.unwrap();
+    (router, raw, key, heir)
+}
+
 /// A dead letter of a dead letter (`DeadLetter:DeadLetter:<session>`) that reaches `max_deliveries` is
 /// not dead-lettered again: its dead letter has the same channel, goes into the stream it came from, and
 /// a group consuming dead letters would read it and fail again, for ever. It is acknowledged and left in
@@ -341,25 +373,9 @@ async fn a_dead_letter_of_a_dead_letter_is_not_dead_lettered_again() {
     }
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = connected(
-        builder(DeliveryMode::Streams, &prefix)
-            .claim_idle(Duration::from_millis(300))
-            .max_deliveries(1),
-    )
-    .await;
-    let options =
-        SubscribeOptions::new(ChannelPattern::parse("DeadLetter:*:*").unwrap()).group("g");
-    // No live member, so that a dead consumer takes the entry.
-    group_left_by_its_member(&router, &options, 0).await;
-    router
-        .publish(envelope("DeadLetter:DeadLetter:s1", 1))
-        .await
-        .unwrap();
-    let key = format!("{prefix}:stream:{{DeadLetter}}");
-    let raw = raw_client().await;
-    taken_by_a_dead_consumer(&raw, &key, 1).await;
     // Its next delivery, a claim after claim_idle, would be its second: past max_deliveries = 1.
-    let mut heir = router.subscribe(options).await.unwrap();
+    let (router, raw, key, mut heir) =
+        dead_letter_taken_by_a_dead_consumer(&prefix, "DeadLetter:DeadLetter:s1", 1).await;
     eventually(WAIT, "the entry to be given up", async || {
         router.health().await.get("dead_letters_left") == 1
     })
@@ -391,25 +407,10 @@ async fn a_first_level_dead_letter_is_still_dead_lettered_once() {
     }
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = connected(
-        builder(DeliveryMode::Streams, &prefix)
-            .claim_idle(Duration::from_millis(300))
-            .max_deliveries(1),
-    )
-    .await;
-    let options =
-        SubscribeOptions::new(ChannelPattern::parse("DeadLetter:*:*").unwrap()).group("g");
-    group_left_by_its_member(&router, &options, 0).await;
-    router
-        .publish(envelope("DeadLetter:Poison:s1", 7))
-        .await
-        .unwrap();
-    let key = format!("{prefix}:stream:{{DeadLetter}}");
-    let raw = raw_client().await;
-    taken_by_a_dead_consumer(&raw, &key, 1).await;
     // Its claim would be its second delivery: past max_deliveries = 1, so it is dead-lettered, and
     // its dead letter, new in the same stream, reaches the group's live member.
-    let mut heir = router.subscribe(options).await.unwrap();
+    let (router, raw, _key, mut heir) =
+        dead_letter_taken_by_a_dead_consumer(&prefix, "DeadLetter:Poison:s1", 7).await;
     let dead = next(&mut heir).await;
     let envelope = dead.envelope();
     assert_eq!(envelope.channel().name(), "DeadLetter:DeadLetter:s1");

@@ -1149,29 +1149,51 @@ impl AmqpAck {
         Ok(())
     }
 
+    /// Publishes `envelope` (the next attempt) to the retry queue for `delay`, then acknowledges the
+    /// original. When the retry queue cannot be used (it cannot be declared: a queue of that name
+    /// with other arguments, a permission missing), the envelope is sent straight back to its queue
+    /// instead, counted in `retries_undelayed`, and the caller gets an error naming the cause: the
+    /// retry comes back at once, not after `delay`. When that fails too, the original is requeued
+    /// unchanged, and the caller gets an error saying so.
     async fn retry(&self, envelope: Envelope, delay: Duration) -> Result<()> {
         let inner = self.inner();
         let queue = &self.consumer.state.queue;
         let scheduled = match inner.schedule_retry(queue, &envelope, delay).await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(None),
             Err(error) => {
                 tracing::warn!(
                     queue = %queue,
+                    message_id = %envelope.id(),
                     error = %error,
                     "could not schedule a delayed retry; sending the message back to its queue at once"
                 );
-                inner.requeue_now(queue, &envelope).await.map_err(|_| error)
+                match inner.requeue_now(queue, &envelope).await {
+                    Ok(()) => Ok(Some(error)),
+                    Err(_) => Err(error),
+                }
             }
         };
         match scheduled {
-            Ok(()) => {
+            Ok(undelayed) => {
                 self.progress.store(RETRY_SENT, Ordering::Relaxed);
                 bump(&inner.counters.retried);
+                if undelayed.is_some() {
+                    bump(&inner.counters.retries_undelayed);
+                }
                 self.basic_ack().await.map_err(|error| {
                     inner.backend_error(format!(
-                        "the retry was scheduled, but the original could not be acknowledged ({error}): it will be delivered twice"
+                        "the retry of message {} was sent, but the original could not be acknowledged ({error}): it will be delivered twice",
+                        envelope.id()
                     ))
-                })
+                })?;
+                match undelayed {
+                    None => Ok(()),
+                    Some(cause) => Err(inner.backend_error(format!(
+                        "could not schedule the retry after {delay:?} ({cause}); message {} was sent back to its queue '{queue}' at once instead, as attempt {}",
+                        envelope.id(),
+                        envelope.attempt()
+                    ))),
+                }
             }
             Err(error) => {
                 self.basic_requeue().await?;

@@ -452,6 +452,7 @@ impl AmqpRouter {
             .counter("acked", load(&counters.acked))
             .counter("requeued", load(&counters.requeued))
             .counter("retried", load(&counters.retried))
+            .counter("retries_undelayed", load(&counters.retries_undelayed))
             .counter("abandoned", load(&counters.abandoned))
             .counter("settle_failures", load(&counters.settle_failures))
             .counter("stale", load(&counters.stale))

@@ -254,6 +254,9 @@ pub(crate) struct Counters {
     pub acked: AtomicU64,
     pub requeued: AtomicU64,
     pub retried: AtomicU64,
+    /// Retries whose delay could not be scheduled (the retry queue could not be declared or took
+    /// nothing), sent straight back to their queue instead: also in `retried`.
+    pub retries_undelayed: AtomicU64,
     pub abandoned: AtomicU64,
     pub settle_failures: AtomicU64,
     pub stale: AtomicU64,

@@ -572,6 +572,68 @@ async fn a_delayed_retry_returns_to_its_own_queue_only_after_the_delay() {
     within("close", router.close()).await.unwrap();
 }
 
+/// A `nack(Retry)` whose retry queue cannot be declared (here a queue of that name exists with
+/// other arguments: RabbitMQ refuses the declaration, 406) sends the message straight back to its
+/// queue. That used to return `Ok`, a delayed retry as far as its caller could tell, while the retry
+/// came back at once (a handler failing on every attempt ran them all back to back), with only a
+/// warning in the log. The caller now gets an error naming the cause, and health counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_delay_cannot_be_scheduled_says_so_and_is_counted() {
+    if !broker_available().await {
+        return;
+    }
+    let exchange = unique("t-retry-undelayed");
+    let group_queue = topology::group_queue(&exchange, "g");
+    let retry_queue = topology::retry_queue(&group_queue, 5000);
+    let _cleanup = Cleanup::new(&exchange, &[group_queue.clone(), retry_queue.clone()]);
+    // The retry queue, declared by someone else without its TTL and dead-lettering.
+    let raw = Raw::open().await;
+    within(
+        "declare the retry queue with other arguments",
+        raw.channel.queue_declare(
+            amqprs::channel::QueueDeclareArguments::durable_client_named(&retry_queue),
+        ),
+    )
+    .await
+    .expect("declare");
+    raw.close().await;
+    let router = connect(&exchange).await;
+    let mut member = ping_member(&router).await;
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", member.next()).await.unwrap();
+    let id = delivery.envelope().id();
+    let nacked_at = Instant::now();
+    let error = within(
+        "retry",
+        delivery.nack(NackAction::Retry {
+            delay: Duration::from_secs(5),
+        }),
+    )
+    .await
+    .expect_err("a retry sent back at once, told it was delayed");
+    let text = error.to_string();
+    assert!(text.contains("PRECONDITION_FAILED"), "{text}");
+    assert!(text.contains("at once"), "{text}");
+    assert!(text.contains(&id.to_string()), "{text}");
+    // It comes back at once (well before its 5 s), as the next attempt, and only once.
+    let again = within("the retry", member.next()).await.unwrap();
+    let waited = nacked_at.elapsed();
+    assert!(
+        waited < Duration::from_secs(4),
+        "came back after {waited:?}"
+    );
+    assert_eq!(again.envelope().id(), id);
+    assert_eq!(again.envelope().attempt(), 2);
+    within("ack", again.ack()).await.unwrap();
+    assert_quiet(&mut member, Duration::from_millis(300)).await;
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("retries_undelayed"), 1, "{health:?}");
+    assert_eq!(health.get("retried"), 1, "{health:?}");
+    within("close", router.close()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_that_are_not_envelopes_are_dead_lettered_and_counted() {
     if !broker_available().await {

@@ -399,10 +399,15 @@ impl AmqpRouter {
         for sub in subscriptions.iter().filter(|sub| !sub.is_closed()) {
             if let Some((times, error)) = sub.restore_failures() {
                 without_consumer += 1;
+                let failed = if times == 1 {
+                    "once".to_string()
+                } else {
+                    format!("{times} times in a row")
+                };
                 problems.push((
                     HealthStatus::Degraded,
                     format!(
-                        "the consumer of queue '{}' was lost and restoring it failed {times} times in a row (last error: {error}); it is tried again with backoff, and messages wait in the queue meanwhile",
+                        "the consumer of queue '{}' was lost and restoring it failed {failed} (last error: {error}); it is tried again with backoff, and messages wait in the queue meanwhile",
                         sub.spec.name
                     ),
                 ));

@@ -48,6 +48,11 @@ impl Role {
     }
 }
 
+/// `n` and the noun that goes with it: "1 attempt", "3 attempts".
+pub(crate) fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Where a connection is.
 #[derive(Clone)]
 pub(crate) enum LinkState {
@@ -575,9 +580,10 @@ impl Inner {
                     Err(_) => {
                         let (attempt, last_error, since) = last;
                         return Err(self.connection_error(format!(
-                            "no {} connection for {:.1?} (reconnecting: {attempt} attempts failed, last: {last_error}); gave up after {:?}",
+                            "no {} connection for {:.1?} (reconnecting: {} failed, last: {last_error}); gave up after {:?}",
                             role.as_str(),
                             since.elapsed(),
+                            plural(u64::from(attempt), "attempt", "attempts"),
                             self.settings.publish_outage_timeout
                         )));
                     }

@@ -31,7 +31,7 @@ use amqprs::BasicProperties;
 use bytes::Bytes;
 
 use crate::builder::QueueType;
-use crate::link::{Inner, LinkState, Live, OpChannel, Reason, Role, bump};
+use crate::link::{Inner, LinkState, Live, OpChannel, Reason, Role, Wait, bump};
 use crate::topology::{retry_bucket_ms, retry_queue};
 
 /// How a subscription's queue is shared.
@@ -502,15 +502,23 @@ pub(crate) async fn run(shared: Arc<SubShared>, ready: oneshot::Sender<Result<()
     let mut ready = Some(ready);
     let mut failures = 0u32;
     let mut stop = shared.stop.subscribe();
-    let first_deadline = Instant::now() + inner.settings.publish_outage_timeout;
+    // The first setup (the `subscribe` call waits for it) is bounded like a publish in an outage.
+    let first_wait = Wait::up_to(
+        "publish_outage_timeout",
+        inner.settings.publish_outage_timeout,
+    );
     let mut last_consumer: Option<Arc<ConsumerHandle>> = None;
     loop {
         if shared.is_closed() {
             break;
         }
-        let deadline = ready.is_some().then_some(first_deadline);
+        let wait = if ready.is_some() {
+            first_wait
+        } else {
+            Wait::Forever
+        };
         let live = tokio::select! {
-            live = inner.wait_connected(Role::Consuming, deadline) => live,
+            live = inner.wait_connected(Role::Consuming, wait) => live,
             _ = stop.wait_for(|stop| *stop) => break,
         };
         let live = match live {
@@ -692,7 +700,16 @@ async fn cleanup(shared: &SubShared, consumer: Option<Arc<ConsumerHandle>>) {
             end_stream(shared);
             reconnected_or_closing(shared, deadline).await;
         }
-        delete_fan_out_queue(inner, &shared.spec.name, readable).await;
+        let wait = if inner.is_closing() {
+            Wait::Not("the router is closing, and its close does not wait out an outage")
+        } else {
+            Wait::Until {
+                deadline,
+                setting: "close_timeout",
+                bound: inner.settings.close_timeout,
+            }
+        };
+        delete_fan_out_queue(inner, &shared.spec.name, readable, wait).await;
     }
     end_stream(shared);
     tracing::debug!(queue = %shared.spec.name, "subscription closed");
@@ -734,7 +751,8 @@ async fn reconnected_or_closing(shared: &SubShared, deadline: Instant) {
 /// retries still waiting there have nowhere to go back to (counted in `retries_dropped`), and
 /// messages still in the queue (not read, or given back when its channel closed) have nobody to go
 /// to (counted in `fan_out_dropped`), except the `readable` ones its reader holds or can still read.
-async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64) {
+/// `wait`: how long it may still wait for the consuming connection.
+async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64, wait: Wait) {
     let retry_prefix = format!("{name}.retry.");
     let retry_queues: Vec<String> = inner
         .declared_queues
@@ -745,7 +763,7 @@ async fn delete_fan_out_queue(inner: &Inner, name: &str, readable: u64) {
         .cloned()
         .collect();
     let deleted = inner
-        .with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
+        .with_op_channel(wait, async |op: &OpChannel| {
             let (mut dropped, mut unread) = (0u64, 0u64);
             for queue in retry_queues.iter().map(String::as_str).chain([name]) {
                 let delete = QueueDeleteArguments::new(queue);
@@ -909,8 +927,9 @@ async fn setup(
 /// A fan-out queue expires when its consumer is gone longer than `fan_out_expiry`: say so when a
 /// reconnect finds it gone, since what was published meanwhile is lost.
 async fn check_fan_out_queue_survived(inner: &Inner, name: &str) {
+    let wait = Wait::Not("a fan-out queue is checked only on a live connection");
     let found = inner
-        .with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
+        .with_op_channel(wait, async |op: &OpChannel| {
             let mut passive = QueueDeclareArguments::new(name);
             passive.passive(true);
             inner
@@ -1346,8 +1365,9 @@ impl Inner {
                 }
                 let bind = QueueBindArguments::new(&sub.spec.name, &self.settings.exchange, key);
                 let what = format!("binding queue '{}' to '{key}' again", sub.spec.name);
+                let wait = Wait::Not("a lost consumer binds its queue again once it is restored");
                 let rebound = self
-                    .with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
+                    .with_op_channel(wait, async |op: &OpChannel| {
                         self.operation(&what, &op.reason, &op.channel, move |channel| async move {
                             channel.queue_bind(bind).await
                         })
@@ -1460,8 +1480,11 @@ impl Inner {
         );
         let mut declare = QueueDeclareArguments::durable_client_named(name);
         declare.arguments(arguments);
-        let deadline = Instant::now() + self.settings.publish_outage_timeout;
-        self.with_op_channel(Some(deadline), async |op: &OpChannel| {
+        let wait = Wait::up_to(
+            "publish_outage_timeout",
+            self.settings.publish_outage_timeout,
+        );
+        self.with_op_channel(wait, async |op: &OpChannel| {
             self.operation(
                 &format!("declaring retry queue '{name}'"),
                 &op.reason,

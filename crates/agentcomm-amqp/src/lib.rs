@@ -72,7 +72,7 @@ use agentcomm_core::router::{
 pub use builder::{AmqpRouterBuilder, DEFAULT_EXCHANGE, DeadLetterSettings, QueueType};
 
 use consumer::{Control, DeliveryStream, QueueKind, QueueSpec, SubShared};
-use link::{BACKEND, Inner, Link, LinkState, OpChannel};
+use link::{BACKEND, Inner, Link, LinkState, OpChannel, Wait};
 
 /// The most publishes of one batch waiting for their confirm at once.
 const BATCH_IN_FLIGHT: usize = 1024;
@@ -322,7 +322,8 @@ impl AmqpRouter {
     async fn round_trip(&self) -> Result<Duration> {
         const PROBE_LIMIT: Duration = Duration::from_secs(2);
         let inner = &self.inner;
-        let probe = inner.with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
+        let wait = Wait::Not("the health probe does not wait for a reconnect");
+        let probe = inner.with_op_channel(wait, async |op: &OpChannel| {
             let started = Instant::now();
             let mut passive = ExchangeDeclareArguments::new(&inner.settings.exchange, "topic");
             passive.passive(true);

@@ -48,6 +48,33 @@ impl Role {
     }
 }
 
+/// How long a request waits for its lost connection to come back, and what its error names when
+/// it gives up.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Wait {
+    /// Until the connection is back or the router closes.
+    Forever,
+    /// Not at all: fails at once while the connection is down, with this reason in its error.
+    Not(&'static str),
+    /// Until `deadline`, which the setting named `setting` (of length `bound`) set.
+    Until {
+        deadline: Instant,
+        setting: &'static str,
+        bound: Duration,
+    },
+}
+
+impl Wait {
+    /// Waits up to `bound` from now, the value of the setting named `setting`.
+    pub(crate) fn up_to(setting: &'static str, bound: Duration) -> Wait {
+        Wait::Until {
+            deadline: Instant::now() + bound,
+            setting,
+            bound,
+        }
+    }
+}
+
 /// `n` and the noun that goes with it: "1 attempt", "3 attempts".
 pub(crate) fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
@@ -555,13 +582,9 @@ impl Inner {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// The live connection of `role`; while reconnecting, waits until `deadline` (forever when
-    /// `None`).
-    pub(crate) async fn wait_connected(
-        &self,
-        role: Role,
-        deadline: Option<Instant>,
-    ) -> Result<Live> {
+    /// The live connection of `role`; while reconnecting, waits as `wait` says. The error of a wait
+    /// that gives up names what ended it: the setting whose bound ran out, or why it did not wait.
+    pub(crate) async fn wait_connected(&self, role: Role, wait: Wait) -> Result<Live> {
         let mut state = self.link(role).state.subscribe();
         loop {
             let last = match &*state.borrow_and_update() {
@@ -573,22 +596,29 @@ impl Inner {
                     since,
                 } => (*attempt, last_error.clone(), *since),
             };
+            let (attempt, last_error, since) = last;
+            let down = format!(
+                "no {} connection for {:.1?} (reconnecting: {} failed, last: {last_error})",
+                role.as_str(),
+                since.elapsed(),
+                plural(u64::from(attempt), "attempt", "attempts"),
+            );
             let changed = state.changed();
-            let result = match deadline {
-                Some(deadline) => match tokio::time::timeout_at(deadline, changed).await {
+            let result = match wait {
+                Wait::Forever => changed.await,
+                Wait::Not(why) => return Err(self.connection_error(format!("{down}; {why}"))),
+                Wait::Until {
+                    deadline,
+                    setting,
+                    bound,
+                } => match tokio::time::timeout_at(deadline, changed).await {
                     Ok(result) => result,
                     Err(_) => {
-                        let (attempt, last_error, since) = last;
                         return Err(self.connection_error(format!(
-                            "no {} connection for {:.1?} (reconnecting: {} failed, last: {last_error}); gave up after {:?}",
-                            role.as_str(),
-                            since.elapsed(),
-                            plural(u64::from(attempt), "attempt", "attempts"),
-                            self.settings.publish_outage_timeout
+                            "{down}; gave up after {bound:?} ({setting})"
                         )));
                     }
                 },
-                None => changed.await,
             };
             if result.is_err() {
                 return Err(Self::closed_error());
@@ -873,10 +903,9 @@ impl Inner {
     /// Declares the exchange and dead-letter topology again (after the broker closed a channel with
     /// NOT_FOUND, say, because someone deleted the exchange).
     pub(crate) async fn redeclare_topology(&self) -> Result<()> {
-        self.with_op_channel(Some(Instant::now()), async |op: &OpChannel| {
-            self.declare_topology(op).await
-        })
-        .await
+        let wait = Wait::Not("the topology is declared again on the next connection");
+        self.with_op_channel(wait, async |op: &OpChannel| self.declare_topology(op).await)
+            .await
     }
 
     /// The health probe found the exchange gone (someone deleted it): declares the topology again
@@ -916,10 +945,10 @@ impl Inner {
     /// new one.
     pub(crate) async fn with_op_channel<T>(
         &self,
-        deadline: Option<Instant>,
+        wait: Wait,
         f: impl AsyncFnOnce(&OpChannel) -> Result<T>,
     ) -> Result<T> {
-        let live = self.wait_connected(Role::Consuming, deadline).await?;
+        let live = self.wait_connected(Role::Consuming, wait).await?;
         let mut slot = self.topology.lock().await;
         let usable = slot
             .as_ref()

@@ -15,7 +15,7 @@ use agentcomm_core::Envelope;
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::PublishOutcome;
 
-use crate::link::{ChannelIds, Inner, LogLimiter, Role, bump};
+use crate::link::{ChannelIds, Inner, LogLimiter, Role, Wait, bump};
 
 /// What the broker said about one publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -905,7 +905,7 @@ impl Inner {
 
     /// The publishing channel of the live publishing connection (opened at connect, and on demand
     /// after a reconnect or a channel lost). Waiting for the
-    /// connection (an outage) is bounded by `outage_deadline`, set when this publish first finds the
+    /// connection (an outage) is bounded by `outage`, set when this publish first finds the
     /// connection down to `publish_outage_timeout` from then (and cleared by its caller once the
     /// publish was sent, so that a later outage gets the whole bound too): opening the channel on a
     /// live connection, or waiting for a confirm, is not an outage. Work on a live connection
@@ -913,7 +913,7 @@ impl Inner {
     /// bounded by the operation timeout of each step, however short the outage bound: a publish may
     /// be told to fail at once during an outage, and must still open a channel when the broker is
     /// there.
-    async fn publisher_for(&self, outage_deadline: &mut Option<Instant>) -> Result<Arc<Publisher>> {
+    async fn publisher_for(&self, outage: &mut Option<Wait>) -> Result<Arc<Publisher>> {
         if let Some(publisher) = self.live_publisher() {
             return Ok(publisher);
         }
@@ -924,7 +924,7 @@ impl Inner {
             started + self.settings.publish_outage_timeout + self.settings.operation_timeout * 2;
         // Boxed: the slow path's state is large, and would otherwise make every publish's future
         // (moved into a box per publish by the Router trait) as large.
-        let opening = Box::pin(self.open_publisher(outage_deadline));
+        let opening = Box::pin(self.open_publisher(outage));
         match tokio::time::timeout_at(bound, opening).await {
             Ok(result) => result,
             Err(_) => Err(self.connection_error(format!(
@@ -944,9 +944,11 @@ impl Inner {
     /// opens it as after a reconnect, and reports what fails then.
     pub(crate) async fn open_publisher_at_connect(&self) {
         // No outage to wait out: the connection was made just now.
-        let mut outage_deadline = Some(Instant::now());
+        let mut outage = Some(Wait::Not(
+            "the publishing channel is opened at connect only on a live connection",
+        ));
         let bound = self.settings.operation_timeout * 2;
-        let opened = tokio::time::timeout(bound, self.open_publisher(&mut outage_deadline)).await;
+        let opened = tokio::time::timeout(bound, self.open_publisher(&mut outage)).await;
         let error = match opened {
             Ok(Ok(_)) => return,
             Ok(Err(error)) => error.to_string(),
@@ -955,10 +957,7 @@ impl Inner {
         tracing::debug!(error = %error, "the publishing channel was not opened at connect; the first publish opens it");
     }
 
-    async fn open_publisher(
-        &self,
-        outage_deadline: &mut Option<Instant>,
-    ) -> Result<Arc<Publisher>> {
+    async fn open_publisher(&self, outage: &mut Option<Wait>) -> Result<Arc<Publisher>> {
         let link = &self.publishing;
         loop {
             if self.is_stopping() {
@@ -966,10 +965,10 @@ impl Inner {
             }
             let generation = link.connected.load(Ordering::Acquire);
             if generation == 0 {
-                let outage = self.settings.publish_outage_timeout;
-                let deadline = *outage_deadline.get_or_insert_with(|| Instant::now() + outage);
-                self.wait_connected(Role::Publishing, Some(deadline))
-                    .await?;
+                let bound = self.settings.publish_outage_timeout;
+                let wait =
+                    *outage.get_or_insert_with(|| Wait::up_to("publish_outage_timeout", bound));
+                self.wait_connected(Role::Publishing, wait).await?;
                 continue;
             }
             if let Some(publisher) = self.current_publisher(generation) {
@@ -1322,13 +1321,13 @@ impl Inner {
         } else {
             None
         };
-        let mut outage_deadline = None;
+        let mut outage = None;
         let mut to_resend = (losses > 0).then(|| Counted::to_resend(self));
         // Whether a frame of this message went out on a channel lost before its confirm: then the
         // broker may have it, and a failure to send it again must not read as "never sent".
         let mut sent_before = lost;
         loop {
-            let publisher = match self.publisher_for(&mut outage_deadline).await {
+            let publisher = match self.publisher_for(&mut outage).await {
                 Ok(publisher) => publisher,
                 Err(error) if sent_before => return Err(self.maybe_stored(error, envelope)),
                 Err(error) => return Err(error),
@@ -1342,7 +1341,7 @@ impl Inner {
                     // Sent: its confirm now waits on this channel, and is counted there. Whatever
                     // outage it waited through is over: a later one gets the whole bound again.
                     to_resend = None;
-                    outage_deadline = None;
+                    outage = None;
                     if std::mem::take(&mut lost) {
                         bump(&self.counters.resent);
                     }

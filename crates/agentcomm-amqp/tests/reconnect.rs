@@ -1542,6 +1542,79 @@ async fn a_fan_out_subscription_closed_during_an_outage_leaves_no_queue_acceptin
     within("close", router.close()).await.unwrap();
 }
 
+/// A fan-out subscription closed during an outage that outlasts its `close_timeout` gives up
+/// deleting its queue, with a warning carrying the error. That error said "gave up after 30s": the
+/// value of `publish_outage_timeout`, which had nothing to do with it (the close gave up after
+/// 300 ms). It names the setting that ended the wait now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_queue_deletion_given_up_in_an_outage_names_close_timeout() {
+    if !broker_available().await {
+        return;
+    }
+    let logs = Logs::capture();
+    let proxy = start_proxy().await;
+    let exchange = unique("t-fan-out-close-timeout");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .reconnect(Backoff::new(
+                Duration::from_millis(50),
+                Duration::from_millis(500),
+            ))
+            .publish_outage_timeout(Duration::from_secs(30))
+            .close_timeout(Duration::from_millis(300))
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    let subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Payment:*:*").unwrap(),
+        )),
+    )
+    .await
+    .unwrap();
+    proxy.reject_for(Duration::from_secs(60));
+    wait_until("the proxy to stop listening", async || {
+        tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .is_err()
+    })
+    .await;
+    proxy.cut_all();
+    wait_until(
+        "the consuming connection's loss to be noticed",
+        async || consuming_down(&router).await,
+    )
+    .await;
+    within("close the subscription", subscription.close())
+        .await
+        .unwrap();
+    drop(subscription);
+    let queue = format!("{exchange}.fanout.");
+    let mut warned = Vec::new();
+    wait_until("the warning that the queue was not deleted", async || {
+        warned = logs
+            .lines_with(&queue)
+            .into_iter()
+            .filter(|line| line.contains("could not delete the queue"))
+            .collect();
+        !warned.is_empty()
+    })
+    .await;
+    proxy.reject_for(Duration::ZERO);
+    within("close", router.close()).await.unwrap();
+    let line = &warned[0];
+    assert!(
+        line.contains("gave up after 300ms (close_timeout)"),
+        "{line}"
+    );
+    assert!(!line.contains("30s"), "{line}");
+}
+
 /// A publish whose frame went out, whose connection was then lost before the confirm, and which
 /// waits through the outage to be sent again, may well be stored already. When the outage outlasted
 /// its bound, or the router closed meanwhile, its caller was told what a publish never sent is told:

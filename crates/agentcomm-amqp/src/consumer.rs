@@ -22,7 +22,7 @@ use futures::Stream;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use agentcomm_core::envelope::{Envelope, FrameDecoder};
+use agentcomm_core::envelope::{Envelope, FrameDecoder, MessageId};
 use agentcomm_core::error::{Error, Result};
 use agentcomm_core::router::{
     Acknowledge, BoxFuture, Delivery, NackAction, PublishOutcome, SubscriptionControl,
@@ -1021,6 +1021,10 @@ struct AmqpAck {
     /// From a queue that counts requeues, and never requeued yet: given back unhandled, it goes back
     /// as a copy (see [`AmqpAck::give_back`]) with these, its AMQP properties.
     uncounted: Option<Box<BasicProperties>>,
+    /// The message's id, once a settlement that sends a copy (`nack(Retry)`, a give-back as a copy)
+    /// was asked for: a message whose copy went out and whose original is then not acknowledged
+    /// comes twice, and the warning names it.
+    copied: Option<MessageId>,
 }
 
 /// No settlement asked for: dropped like this (`Delivery::discard`), it is left to the broker, which
@@ -1043,6 +1047,7 @@ impl AmqpAck {
             tag,
             progress: AtomicU8::new(UNSETTLED),
             uncounted: None,
+            copied: None,
         }
     }
 
@@ -1072,14 +1077,22 @@ impl AmqpAck {
         // drop does not start another.
         let handle = AmqpAck::new(self.consumer.clone(), self.tag);
         handle.progress.store(DONE, Ordering::Relaxed);
+        let retried = (progress == RETRY_SENT).then_some(self.copied).flatten();
         runtime.spawn(async move {
             let finished = if acknowledge {
                 handle.basic_ack().await
             } else {
                 handle.basic_requeue().await
             };
-            if let Err(error) = finished {
-                tracing::warn!(error = %error, "could not finish a settlement that was cut short; RabbitMQ redelivers the message when the channel closes");
+            match (finished, retried) {
+                (Ok(()), _) => {}
+                (Err(error), Some(id)) => tracing::warn!(
+                    queue = %handle.consumer.state.queue,
+                    message_id = %id,
+                    error = %error,
+                    "a copy of a message went back to its queue (a retry, or a delivery given back as a copy), but the settlement was cut short and the original could not be acknowledged: RabbitMQ delivers the original again, so the message comes twice"
+                ),
+                (Err(error), None) => tracing::warn!(error = %error, "could not finish a settlement that was cut short; RabbitMQ redelivers the message when the channel closes"),
             }
         });
     }
@@ -1091,8 +1104,20 @@ impl Drop for AmqpAck {
     /// unacknowledged on a live channel, held out of everyone's reach until that channel closes.
     fn drop(&mut self) {
         let progress = self.progress.load(Ordering::Relaxed);
-        if !matches!(progress, UNSETTLED | DONE) && self.consumer.is_current() {
-            self.finish_in_background(progress);
+        if !matches!(progress, UNSETTLED | DONE) {
+            if self.consumer.is_current() {
+                self.finish_in_background(progress);
+            } else if progress == RETRY_SENT {
+                // Its channel is gone with the original unacknowledged: RabbitMQ delivers it again,
+                // and the retry's copy comes too. A nack not cut short tells its caller so; this
+                // one has no caller left to tell.
+                bump(&self.inner().counters.stale);
+                tracing::warn!(
+                    queue = %self.consumer.state.queue,
+                    message_id = %self.copied.map(|id| id.to_string()).unwrap_or_default(),
+                    "a copy of a message went back to its queue (a retry, or a delivery given back as a copy), but the settlement was cut short and the channel the original came on was gone before it was acknowledged: RabbitMQ delivers the original again, so the message comes twice"
+                );
+            }
         }
         self.consumer.state.release();
     }
@@ -1119,6 +1144,9 @@ impl AmqpAck {
         frame: impl Future<Output = std::result::Result<(), amqprs::error::Error>>,
     ) -> Result<()> {
         if !self.consumer.is_current() {
+            // Failed with an error the caller hears about: nothing is left for `Drop` (which
+            // would otherwise count and log a retry's original as cut short, a second time).
+            self.progress.store(DONE, Ordering::Relaxed);
             return Err(self.stale(what));
         }
         let inner = self.inner();
@@ -1250,12 +1278,15 @@ impl Acknowledge for AmqpAck {
     }
 
     fn nack(
-        self: Box<Self>,
+        mut self: Box<Self>,
         envelope: Envelope,
         action: NackAction,
     ) -> BoxFuture<'static, Result<()>> {
         // Asked for now: if this future is dropped before it is done, the message is given back.
         self.progress.store(REQUEUING, Ordering::Relaxed);
+        if matches!(action, NackAction::Retry { .. }) {
+            self.copied = Some(envelope.id());
+        }
         Box::pin(async move {
             // Checked before scheduling a retry too: a retry of a stale delivery would be a
             // duplicate of its redelivery.
@@ -1284,10 +1315,11 @@ impl Acknowledge for AmqpAck {
     ///
     /// Any other delivery is requeued, counted in `requeued`: it is not abandoned (no handler saw
     /// it), unlike a delivery dropped unsettled.
-    fn give_back(self: Box<Self>, envelope: Envelope) {
+    fn give_back(mut self: Box<Self>, envelope: Envelope) {
         // Until it is requeued, or its copy confirmed, a drop (the task stopped by its runtime
         // shutting down) requeues it.
         self.progress.store(REQUEUING, Ordering::Relaxed);
+        self.copied = Some(envelope.id());
         let runtime = self.inner().runtime.clone();
         runtime.spawn(async move {
             if !self.consumer.is_current() {
@@ -1501,5 +1533,157 @@ impl Inner {
             .insert(name.to_string(), Instant::now());
         self.remember_queue(name);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentcomm_core::ChannelPattern;
+    use agentcomm_core::router::{Router, SubscribeOptions};
+    use agentcomm_testkit::proxy::{FaultProxy, loopback_address, url_through};
+
+    /// A `nack(Retry)` cut short once the retry's copy went out (its caller's timeout, a `select!`,
+    /// while the ack frame waits for a stalled connection's writer) leaves the original to its drop.
+    /// When the channel the original came on is gone by then, RabbitMQ delivers the original again
+    /// and the copy comes too: the message comes twice. The drop said nothing (a nack not cut short
+    /// tells its caller). It now counts it in `stale` and warns, naming the message.
+    ///
+    /// In here, not in `tests/`: only a stalled writer with a full frame buffer (8,192 frames) keeps
+    /// the ack frame from going out in the poll that sent the copy, which a test cannot bring about
+    /// through the proxy. So the delivery's handle is set up as the cut-short nack leaves it, on a
+    /// real consumer whose connection is then cut through the fault proxy.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_cut_short_on_a_channel_then_lost_is_counted_and_named() {
+        let url = std::env::var(agentcomm_core::config::RABBITMQ_URL_VAR)
+            .ok()
+            .filter(|url| !url.trim().is_empty())
+            .unwrap_or_else(|| agentcomm_core::config::DEFAULT_RABBITMQ_URL.to_string());
+        let reachable = match loopback_address(&url, 5672) {
+            Some(address) => tokio::net::TcpStream::connect(address).await.is_ok(),
+            None => false,
+        };
+        if !reachable {
+            assert_ne!(
+                std::env::var("AGENTCOMM_REQUIRE_BROKERS").as_deref(),
+                Ok("1"),
+                "AGENTCOMM_REQUIRE_BROKERS=1 but no RabbitMQ on this machine"
+            );
+            println!("skipped: no RabbitMQ on this machine");
+            return;
+        }
+        let broker = loopback_address(&url, 5672).expect("the broker's address");
+        let proxy = FaultProxy::start(broker).await.expect("proxy");
+        let exchange = format!("t-retry-cut-lost-{}", uuid::Uuid::now_v7().simple());
+        let bound = Duration::from_secs(20);
+        let router = tokio::time::timeout(
+            bound,
+            crate::AmqpRouter::builder(url_through(&url, proxy.local_addr()))
+                .exchange(&exchange)
+                .without_dead_letter_queue()
+                .reconnect(agentcomm_core::backoff::Backoff::new(
+                    Duration::from_millis(50),
+                    Duration::from_millis(500),
+                ))
+                .connect(),
+        )
+        .await
+        .expect("connect in time")
+        .expect("connect");
+        let subscription = tokio::time::timeout(
+            bound,
+            router.subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Ping:*:*").expect("pattern"),
+            )),
+        )
+        .await
+        .expect("subscribe in time")
+        .expect("subscribe");
+        let inner = router.inner.clone();
+        let shared = inner
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .iter()
+            .find_map(std::sync::Weak::upgrade)
+            .expect("the subscription");
+        let consumer = shared
+            .live
+            .lock()
+            .expect("live lock")
+            .clone()
+            .expect("its consumer");
+        // What a nack(Retry) cut short after its copy went out leaves behind.
+        let id = MessageId::new();
+        let mut handle = AmqpAck::new(consumer, 1);
+        handle.copied = Some(id);
+        handle.progress.store(RETRY_SENT, Ordering::Relaxed);
+        let generation = shared.state.generation.load(Ordering::Acquire);
+        proxy.cut_all();
+        let deadline = Instant::now() + bound;
+        while shared.state.generation.load(Ordering::Acquire) == generation {
+            assert!(
+                Instant::now() < deadline,
+                "the consumer's loss went unnoticed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stale = inner.counters.stale.load(Ordering::Relaxed);
+        let logged = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer({
+                let logged = logged.clone();
+                move || Sink(logged.clone())
+            })
+            .finish();
+        tracing::subscriber::with_default(subscriber, || drop(handle));
+        let logged = String::from_utf8(logged.lock().expect("log lock").clone()).expect("utf-8");
+        assert_eq!(inner.counters.stale.load(Ordering::Relaxed), stale + 1);
+        assert!(
+            logged.contains(&id.to_string()) && logged.contains("comes twice"),
+            "{logged:?}"
+        );
+        drop(subscription);
+        let _ = tokio::time::timeout(bound, router.close()).await;
+        let _ = tokio::time::timeout(bound, delete_exchanges(&url, &exchange)).await;
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log lock").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Deletes the test's exchange and its dead-letter exchange (what the router declared durable).
+    async fn delete_exchanges(url: &str, exchange: &str) {
+        let url = crate::url::AmqpUrl::parse("RABBITMQ_URL", url).expect("the broker URL");
+        let mut arguments = amqprs::connection::OpenConnectionArguments::new(
+            &url.host,
+            url.port,
+            &url.user,
+            &url.password,
+        );
+        arguments.virtual_host(&url.vhost);
+        let Ok(connection) = amqprs::connection::Connection::open(&arguments).await else {
+            return;
+        };
+        if let Ok(channel) = connection.open_channel(None).await {
+            for name in [exchange.to_string(), format!("{exchange}.dlx")] {
+                let _ = channel
+                    .exchange_delete(amqprs::channel::ExchangeDeleteArguments::new(&name))
+                    .await;
+            }
+            let _ = channel.close().await;
+        }
+        let _ = connection.close().await;
     }
 }

@@ -1,8 +1,10 @@
 //! Agents: the long-running parts of a system, with declared contracts.
 //!
-//! `#[agent(receives = [A, B], sends = [C])]` on a struct implements [`Agent`] and [`Sends<C>`]; each
-//! received type needs an `impl Handle<A> for TheAgent`. Sending a type that is not declared, or
-//! receiving one without a handler, does not compile:
+//! `#[agent(receives = [A, B], sends = [C])]` on a struct implements [`Agent`], [`Receives<A>`] and
+//! [`Sends<C>`]; each received type needs an `impl Handle<A> for TheAgent`. Sending a type that is not
+//! declared, receiving one without a handler, or handling one that is not received (the runtime
+//! subscribes to and dispatches only the types in `receives`, so that handler would never run) does
+//! not compile:
 //!
 //! ```
 //! use agentcomm_core::prelude::*;
@@ -35,7 +37,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::time::Duration;
 
-use crate::__private::ListedInSends;
+use crate::__private::{ListedInReceives, ListedInSends};
 use crate::bus::{Bus, channel_of};
 use crate::channel::{Channel, ChannelPattern, RESPONSE_DIRECTION, parse_channel};
 use crate::envelope::{Envelope, MessageId};
@@ -75,13 +77,49 @@ pub trait Agent: Send + Sync + Sized + 'static {
 )]
 pub trait Sends<M: Message>: Agent + ListedInSends<M> {}
 
-/// Handles one received message type. Implement it for every type in `receives`.
+/// Holds when agent `Self` lists `M` in `receives`: a bound for code generic over the message type,
+/// such as one handler for several received types:
+///
+/// ```
+/// use agentcomm_core::prelude::*;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize, Message)]
+/// struct Joined { player: String }
+///
+/// #[derive(Debug, Serialize, Deserialize, Message)]
+/// struct Left { player: String }
+///
+/// #[agent(receives = [Joined, Left])]
+/// struct Auditor;
+///
+/// impl<M: Message + std::fmt::Debug> Handle<M> for Auditor
+/// where
+///     Self: Receives<M>,
+/// {
+///     async fn handle(&self, message: M, _ctx: &Context<Self>) -> HandlerResult {
+///         println!("{message:?}");
+///         Ok(())
+///     }
+/// }
+/// ```
+///
+/// It follows from the declaration alone (`#[agent(receives = [..])]` implements the hidden marker it
+/// stands for), so it cannot be implemented by hand, and a handler generic over `M` without the bound
+/// does not compile: it would claim types the runtime never subscribes to.
+pub trait Receives<M: Message>: Agent + ListedInReceives<M> {}
+
+impl<A: Agent + ListedInReceives<M>, M: Message> Receives<M> for A {}
+
+/// Handles one received message type. Implement it for every type in `receives`, and only for those:
+/// the runtime subscribes to, and dispatches, the listed types alone, so an `impl Handle<M>` for a type
+/// the agent does not list would never run; it does not compile.
 #[diagnostic::on_unimplemented(
     message = "agent `{Self}` receives `{M}` but has no handler for it",
     label = "`{Self}` has no `impl Handle<{M}>`",
     note = "add `impl Handle<{M}> for {Self} {{ async fn handle(&self, message: {M}, ctx: &Context<Self>) -> HandlerResult {{ .. }} }}`, or remove `{M}` from `receives`"
 )]
-pub trait Handle<M: Message>: Agent {
+pub trait Handle<M: Message>: Agent + Receives<M> {
     /// Handles one message. `Ok` acknowledges it; an error retries it with backoff up to the agent's
     /// maximum attempts, then dead-letters it ([`HandlerError::permanent`] dead-letters at once).
     fn handle(&self, message: M, ctx: &Context<Self>)

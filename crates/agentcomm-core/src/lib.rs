@@ -72,7 +72,7 @@ pub mod message;
 pub mod router;
 pub mod runtime;
 
-pub use agent::{Agent, Context, Handle, HandlerError, HandlerResult, Publisher, Sends};
+pub use agent::{Agent, Context, Handle, HandlerError, HandlerResult, Publisher, Receives, Sends};
 pub use bus::Bus;
 pub use channel::{Channel, ChannelPattern, parse_channel};
 pub use codec::Codec;
@@ -92,7 +92,9 @@ pub use agentcomm_derive::agent;
 
 /// What most users need, in one import: `use agentcomm_core::prelude::*;`.
 pub mod prelude {
-    pub use crate::agent::{Agent, Context, Handle, HandlerError, HandlerResult, Publisher, Sends};
+    pub use crate::agent::{
+        Agent, Context, Handle, HandlerError, HandlerResult, Publisher, Receives, Sends,
+    };
     pub use crate::channel::{Channel, ChannelPattern, parse_channel};
     pub use crate::codec::Codec;
     pub use crate::envelope::Envelope;
@@ -178,7 +180,17 @@ pub mod __private {
 
     /// Marks that agent `Self` lists `M` in `receives`: implemented once per listed type by
     /// `#[agent(...)]`, so that one type listed twice through two paths (`[Ping, msgs::Ping]`) is a
-    /// compile error (conflicting implementations) rather than a refused spawn.
+    /// compile error (conflicting implementations) rather than a refused spawn; and required by
+    /// [`Receives`](crate::Receives), which [`Handle`] requires, so that a handler for a type the
+    /// agent does not list, which the runtime would never subscribe to nor call, does not compile
+    /// (nor does an `impl Receives<M>` written by hand to let one through). Its message is the one
+    /// users see in both cases: the compiler reports the innermost unmet bound.
+    #[diagnostic::on_unimplemented(
+        message = "agent `{Self}` does not receive `{M}`: a handler for it would never run",
+        label = "`{M}` is not in the `receives` list of `{Self}`",
+        note = "add `{M}` to the agent's declaration: `#[agent(receives = [..., {M}])]` on `{Self}` (the runtime subscribes to and dispatches only the types listed there), or remove the handler",
+        note = "a handler generic over the message type needs the bound `where Self: Receives<M>`"
+    )]
     pub trait ListedInReceives<M: ?Sized> {}
 
     /// Fails to compile unless `M` is a message.

@@ -32,7 +32,8 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 }
 
 /// Declares an agent: `#[agent(receives = [A, B], sends = [C], name = "Optional", crate = path)]` on
-/// a struct (`crate` as for `Message`).
+/// a struct (`crate` as for `Message`). Each type in `receives` needs an `impl Handle<T>`, and a
+/// handler for a type not in `receives` does not compile (the runtime would never call it).
 #[proc_macro_attribute]
 pub fn agent(args: TokenStream, item: TokenStream) -> TokenStream {
     let item = syn::parse_macro_input!(item as syn::Item);

@@ -316,12 +316,21 @@ impl AmqpRouter {
             .collect()
     }
 
-    /// A passive declaration of the exchange, timed. Its own deadline is inside the operation, so that
-    /// a slow answer fails the operation (and retires the channel) instead of being left for the next
-    /// request on that channel.
+    /// A passive declaration of the exchange, timed, given up after 2 s or the operation timeout,
+    /// whichever is shorter, counted from the call: the wait for the declaration channel (held by
+    /// another request, or by other health calls, one after the other, while the broker is silent),
+    /// opening it, and the request. Bounded only per step, a health call waited for every request
+    /// queued before it, an opening (the operation timeout) and its own request (2 s).
+    ///
+    /// The request's deadline is inside the operation, so that a slow answer fails the operation
+    /// (and retires the channel) instead of being left for the next request on that channel; a call
+    /// cut short while it waits for the channel, or opens it, leaves nothing behind (see
+    /// `with_op_channel`).
     async fn round_trip(&self) -> Result<Duration> {
         const PROBE_LIMIT: Duration = Duration::from_secs(2);
         let inner = &self.inner;
+        let limit = PROBE_LIMIT.min(inner.settings.operation_timeout);
+        let deadline = Instant::now() + limit;
         let wait = Wait::Not("the health probe does not wait for a reconnect");
         let probe = inner.with_op_channel(wait, async |op: &OpChannel| {
             let started = Instant::now();
@@ -329,7 +338,7 @@ impl AmqpRouter {
             passive.passive(true);
             inner
                 .operation_within(
-                    PROBE_LIMIT,
+                    deadline.saturating_duration_since(started),
                     "the health probe",
                     &op.reason,
                     &op.channel,
@@ -338,7 +347,13 @@ impl AmqpRouter {
                 .await
                 .map(|()| started.elapsed())
         });
-        probe.await
+        match tokio::time::timeout_at(deadline, probe).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                operation: "the declaration channel for the health probe".into(),
+                after: limit,
+            }),
+        }
     }
 
     /// What is wrong with one connection, if anything: its status and a sentence.

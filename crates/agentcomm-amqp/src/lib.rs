@@ -161,9 +161,12 @@ impl AmqpRouter {
         &self.inner.settings.dead_letter_exchange
     }
 
-    /// Whether both connections (publishing and consuming) are up now.
+    /// Whether both connections (publishing and consuming) are up now. Not once the runtime the router
+    /// connected on has shut down: the connections ended with it.
     pub fn is_connected(&self) -> bool {
-        self.inner.publishing.is_connected() && self.inner.consuming.is_connected()
+        self.inner.publishing.is_connected()
+            && self.inner.consuming.is_connected()
+            && !self.inner.supervisors_gone()
     }
 
     /// One publish. An `async` block rather than an `async fn`, which would copy the envelope into
@@ -405,10 +408,22 @@ impl AmqpRouter {
         let open = subscriptions.iter().filter(|sub| !sub.is_closed()).count();
         let unconfirmed = inner.unconfirmed();
         let connected = self.is_connected();
-        let mut problems: Vec<(HealthStatus, String)> = [&inner.publishing, &inner.consuming]
-            .into_iter()
-            .filter_map(|link| self.link_problem(link))
-            .collect();
+        let mut problems: Vec<(HealthStatus, String)> = if inner.supervisors_gone() {
+            // Both connections still read as connected: their state is what it was when the
+            // runtime ended.
+            vec![(
+                HealthStatus::Unhealthy,
+                "the runtime the router connected on has shut down, and the connections, which \
+                 ran there, ended with it; nothing reconnects them (keep that runtime running while \
+                 the router is used, or connect the router on the runtime that uses it)"
+                    .to_string(),
+            )]
+        } else {
+            [&inner.publishing, &inner.consuming]
+                .into_iter()
+                .filter_map(|link| self.link_problem(link))
+                .collect()
+        };
         // A subscription whose lost consumer cannot be restored consumes nothing while both
         // connections are up: its messages pile up in its queue.
         let mut without_consumer = 0u64;

@@ -479,6 +479,9 @@ pub(crate) struct Inner {
     /// Durable queues this router declared (dead-letter, group and retry queues).
     pub declared_queues: Mutex<std::collections::BTreeSet<String>>,
     pub tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The tasks that watch the two connections and reconnect them ([`supervise`]), on the router's
+    /// runtime. They end only once close stops them; before that, only with that runtime (or a panic).
+    supervisors: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub next_subscription: AtomicU64,
     pub counters: Counters,
     /// Warnings about messages lost with publishes whose caller had stopped waiting (shared by every
@@ -519,6 +522,7 @@ impl Inner {
             subscriptions: Mutex::new(Vec::new()),
             declared_queues: Mutex::new(std::collections::BTreeSet::new()),
             tasks: Mutex::new(Vec::new()),
+            supervisors: Mutex::new(Vec::new()),
             next_subscription: AtomicU64::new(1),
             counters: Counters::default(),
             orphans_log: Arc::default(),
@@ -580,6 +584,20 @@ impl Inner {
 
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
+    }
+
+    /// Whether a task that watches and reconnects a connection has ended although close did not
+    /// stop it: the runtime the router connected on has shut down (or the task panicked). The
+    /// connections' own tasks (amqprs's reader and writer) ran there too, so the connections still
+    /// look open and connected, but nothing reads from them, and nothing reconnects them.
+    pub(crate) fn supervisors_gone(&self) -> bool {
+        !*self.stop.borrow()
+            && self
+                .supervisors
+                .lock()
+                .expect("supervisors lock")
+                .iter()
+                .any(|task| task.is_finished())
     }
 
     /// The live connection of `role`; while reconnecting, waits as `wait` says. The error of a wait
@@ -1333,7 +1351,12 @@ pub(crate) async fn start(inner: &Arc<Inner>) -> Result<()> {
     for (role, live) in [(Role::Consuming, consuming), (Role::Publishing, publishing)] {
         inner.link(role).on_connected(&live);
         let weak = Arc::downgrade(inner);
-        tokio::spawn(supervise(weak, role, live, inner.stop.subscribe()));
+        let supervisor = tokio::spawn(supervise(weak, role, live, inner.stop.subscribe()));
+        inner
+            .supervisors
+            .lock()
+            .expect("supervisors lock")
+            .push(supervisor);
     }
     tokio::spawn(keep_bound(Arc::downgrade(inner), inner.stop.subscribe()));
     inner.open_publisher_at_connect().await;

@@ -2998,3 +2998,51 @@ async fn on_one_thread(exchange: &str) {
     within("close", router.close()).await.unwrap();
     assert!(!router.is_connected());
 }
+
+/// A router kept past the runtime it connected on has lost its connections with that runtime, and
+/// nothing reconnects them (the tasks that would ran there too). Its health said "ok", healthy and
+/// connected, with no round trip: both connections still read as connected, and the failed probe
+/// said nothing.
+#[test]
+fn health_says_so_when_the_runtime_the_router_connected_on_has_shut_down() {
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if !main.block_on(broker_available()) {
+        return;
+    }
+    let exchange = unique("t-runtime-gone-health");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let short = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let router = short.block_on(async {
+        let router = connect(&exchange).await;
+        let health = within("health on the router's runtime", router.health()).await;
+        assert_eq!(health.status, HealthStatus::Healthy, "{health:?}");
+        router
+    });
+    drop(short);
+    // The router moves in: dropped inside a runtime also when an assertion fails (amqprs's drop of a
+    // connection that looks open spawns its close).
+    main.block_on(async move {
+        let health = within(
+            "health after the router's runtime shut down",
+            router.health(),
+        )
+        .await;
+        assert_eq!(health.status, HealthStatus::Unhealthy, "{health:?}");
+        assert!(!health.connected, "{health:?}");
+        assert!(
+            health
+                .detail
+                .contains("the runtime the router connected on has shut down"),
+            "{health:?}"
+        );
+        assert!(!router.is_connected());
+        let _ = within("close", router.close()).await;
+    });
+}

@@ -546,9 +546,18 @@ async fn health_counts_a_publish_waiting_to_be_sent_again_as_unconfirmed() {
         router.health().await.get("unconfirmed") == 1
     })
     .await;
-    // The connection is cut and the broker unreachable for a while (long enough for a health call
-    // begun before the loss was noticed to finish within it): the publish waits to be resent.
-    proxy.reject_for(Duration::from_secs(8));
+    // The connection is cut and the broker unreachable until health has counted the publish waiting
+    // to be resent: the outage ends below, once seen, not at a set time that a slow health call or a
+    // busy machine could outlast. The proxy stops listening on a task of its own: under load, a
+    // reconnect 50 ms after the cut could still reach it, and the publish be sent again before any
+    // health call saw the outage; so the cut waits for the refusals.
+    proxy.reject_for(Duration::from_secs(120));
+    wait_until("the proxy to stop listening", async || {
+        tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .is_err()
+    })
+    .await;
     proxy.cut_all();
     proxy.blackhole(false);
     wait_until(
@@ -560,6 +569,7 @@ async fn health_counts_a_publish_waiting_to_be_sent_again_as_unconfirmed() {
         },
     )
     .await;
+    proxy.reject_for(Duration::ZERO);
     let outcome = within("the publish after the outage", publishing)
         .await
         .expect("the publishing task")

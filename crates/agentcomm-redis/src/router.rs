@@ -139,16 +139,36 @@ pub(crate) struct ChannelRoute {
     /// [`Shared::publish_numbered`]).
     id: u64,
     /// Numbers of messages never published (refused by Redis, or not encoded) that could not be given
-    /// back yet because a later number was taken, as runs (lowest, highest): given back when every
-    /// number above them is (see [`ChannelRoute::give_back`]). Touched only when a publish fails.
-    unused: Mutex<Vec<(u64, u64)>>,
+    /// back yet because a later number was taken, as runs: given back when every number above them is
+    /// (see [`ChannelRoute::give_back`]). Touched only when a publish fails.
+    unused: Mutex<Vec<UnusedRun>>,
+    /// How long a run of `unused` can still be waiting for a number above it (see
+    /// [`ChannelRoute::give_back`]): twice the command timeout and 5 s.
+    stale_after: Duration,
 }
 
-/// The most runs of numbers a channel route remembers as unused. One stays when a later number of its
-/// channel went out (a gap subscribers count as lost, and whose publisher got the error); beyond this
-/// many the lowest, the likeliest of those, are forgotten. Runs, not numbers: a refused batch (up to a
-/// chunk, 256) answered while a later one of its channel is still out waits whole, as one run.
+/// Numbers `low..=high` of a channel route, never published, waiting for those above them to be given
+/// back; `since`: when the run last changed.
+struct UnusedRun {
+    low: u64,
+    high: u64,
+    since: Instant,
+}
+
+/// How many runs of unused numbers a channel route keeps before it looks for stale ones. A run stays
+/// for good when a later number of its channel went out (a gap subscribers count as lost, and whose
+/// publisher got the error); the number just above a run was out when the run last changed, and its
+/// publisher hears back within the command timeout (twice that for a stored publish sent again after
+/// `NOSCRIPT`), so a run unchanged for longer than [`ChannelRoute::stale_after`] is such a gap, and is
+/// forgotten. One not that old may still be given back: concurrent publishes refused together whose
+/// callers take their errors in another order than their numbers' (each task as the runtime polls it)
+/// leave many separate runs, every one of them given back in the end.
 const MAX_UNUSED_RUNS: usize = 64;
+
+/// The most runs of unused numbers a channel route keeps, stale or not: beyond this many (all younger
+/// than [`ChannelRoute::stale_after`], so as many separate runs refused within that time) the lowest
+/// is forgotten. At most 128 KiB a route.
+const MAX_UNUSED_RUNS_HELD: usize = 4096;
 
 impl ChannelRoute {
     /// Gives `number` back: the message that had it was never published, and the gap it would leave
@@ -159,35 +179,57 @@ impl ChannelRoute {
     /// order of their numbers, the lowest first: giving back only the last one taken would leave a gap
     /// for all the others.
     fn give_back(&self, number: u64) {
+        let now = Instant::now();
         let mut unused = self.unused.lock().unwrap_or_else(PoisonError::into_inner);
-        let below = unused.iter().position(|&(_, high)| high + 1 == number);
-        let above = unused.iter().position(|&(low, _)| low == number + 1);
+        let below = unused.iter().position(|run| run.high + 1 == number);
+        let above = unused.iter().position(|run| run.low == number + 1);
         match (below, above) {
             (Some(below), Some(above)) => {
                 // Updated before the swap, which may move it: its new place keeps the run.
-                unused[below].1 = unused[above].1;
+                unused[below].high = unused[above].high;
+                unused[below].since = now;
                 unused.swap_remove(above);
             }
-            (Some(below), None) => unused[below].1 = number,
-            (None, Some(above)) => unused[above].0 = number,
-            (None, None) => unused.push((number, number)),
+            (Some(below), None) => {
+                unused[below].high = number;
+                unused[below].since = now;
+            }
+            (None, Some(above)) => {
+                unused[above].low = number;
+                unused[above].since = now;
+            }
+            (None, None) => unused.push(UnusedRun {
+                low: number,
+                high: number,
+                since: now,
+            }),
         }
         loop {
             let last = self.next.load(Ordering::Relaxed);
-            let Some(at) = unused.iter().position(|&(_, high)| high == last) else {
+            let Some(at) = unused.iter().position(|run| run.high == last) else {
                 break;
             };
             // Fails only when another publish took a number meanwhile: then the last is that one.
             if self
                 .next
-                .compare_exchange(last, unused[at].0 - 1, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(
+                    last,
+                    unused[at].low - 1,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
             {
                 unused.swap_remove(at);
             }
         }
-        if unused.len() > MAX_UNUSED_RUNS
-            && let Some((at, _)) = unused.iter().enumerate().min_by_key(|(_, run)| run.1)
+        if unused.len() > MAX_UNUSED_RUNS {
+            // Stale runs only (see MAX_UNUSED_RUNS): forgetting one that could still be given back
+            // would leave its numbers as a gap for good.
+            unused.retain(|run| now.saturating_duration_since(run.since) <= self.stale_after);
+        }
+        if unused.len() > MAX_UNUSED_RUNS_HELD
+            && let Some((at, _)) = unused.iter().enumerate().min_by_key(|(_, run)| run.high)
         {
             unused.swap_remove(at);
         }
@@ -1231,6 +1273,11 @@ impl Shared {
                     publisher,
                     id: ROUTES.fetch_add(1, Ordering::Relaxed),
                     unused: Mutex::new(Vec::new()),
+                    stale_after: self
+                        .settings
+                        .command_timeout
+                        .saturating_mul(2)
+                        .saturating_add(Duration::from_secs(5)),
                 })
             })
             .clone()
@@ -2217,6 +2264,7 @@ mod tests {
             publisher: "p/".into(),
             id: 0,
             unused: Mutex::new(Vec::new()),
+            stale_after: Duration::from_secs(65),
         }
     }
 
@@ -2263,6 +2311,53 @@ mod tests {
         route.next.fetch_add(1, Ordering::Relaxed);
         route.give_back(5);
         assert_eq!(route.next.load(Ordering::Relaxed), 4);
+    }
+
+    /// Refused numbers given back in an order that leaves more separate runs waiting than the route
+    /// keeps for good (64): 1, 3, .., 129 while 2, 4, .., 130 are still out, then those. Every run was
+    /// still to be given back; the lowest one, forgotten past the 64th, stayed a gap that subscribers
+    /// counted as lost although its publisher got the error.
+    #[test]
+    fn more_than_64_separate_refused_runs_are_all_given_back() {
+        let route = route_with(130);
+        for number in (1..=130).step_by(2) {
+            route.give_back(number);
+        }
+        assert_eq!(route.next.load(Ordering::Relaxed), 130, "130 is still out");
+        for number in (2..=130).step_by(2) {
+            route.give_back(number);
+        }
+        assert_eq!(
+            route.next.load(Ordering::Relaxed),
+            0,
+            "numbers left as a gap"
+        );
+        assert!(route.unused.lock().unwrap().is_empty());
+    }
+
+    /// Past 64 runs, those unchanged for longer than `stale_after` (below a number that went out: a gap
+    /// for good) are forgotten, and only those; past 4,096 the lowest is, however young.
+    #[test]
+    fn stale_unused_runs_are_forgotten_past_64_and_any_past_4096() {
+        let route = route_with(20_000);
+        let long_ago = Instant::now() - Duration::from_secs(120);
+        for number in (2..=126).step_by(2) {
+            route.give_back(number);
+        }
+        for run in route.unused.lock().unwrap().iter_mut() {
+            run.since = long_ago;
+        }
+        route.give_back(1_000);
+        assert_eq!(route.unused.lock().unwrap().len(), 64, "none forgotten");
+        route.give_back(1_002);
+        let kept: Vec<u64> = route.unused.lock().unwrap().iter().map(|r| r.low).collect();
+        assert_eq!(kept.len(), 2, "only the stale ones forgotten: {kept:?}");
+        for number in (3_000..3_000 + 2 * 4_095).step_by(2) {
+            route.give_back(number);
+        }
+        let unused = route.unused.lock().unwrap();
+        assert_eq!(unused.len(), 4_096);
+        assert!(unused.iter().all(|run| run.low != 1_000), "the lowest went");
     }
 
     /// The publish script against a real Redis (REDIS_URL); skipped when there is none.

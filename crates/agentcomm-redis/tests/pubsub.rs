@@ -1187,6 +1187,66 @@ async fn two_concurrent_batches_redis_refuses_cost_no_number() {
     router.close().await.unwrap();
 }
 
+/// Concurrent publishes Redis refuses (`NOPERM`) whose callers see the refusal in an order that leaves
+/// more than 64 separate runs of given-back numbers waiting at once cost no sequence number either:
+/// 130 publishes, numbered 1..=130 in order, whose callers take their errors 1, 3, .., 129 first (each
+/// waits as a run of its own for the number above it, still out), then 2, 4, .., 130. A route
+/// remembered at most 64 runs and forgot the lowest: once all came back, that one stayed a gap every
+/// subscriber counted as lost, although its publisher got the error.
+///
+/// On one thread: fred's task sends nothing while this one hands the publishes over, so no answer can
+/// come before all 130 are numbered.
+#[tokio::test(flavor = "current_thread")]
+async fn refused_publishes_answered_as_more_than_64_runs_cost_no_number() {
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let Some((user, publisher, router, mut subscription)) =
+        acl_routers(&prefix, DeliveryMode::PubSub, false, "Acl:*:*").await
+    else {
+        return;
+    };
+    publisher
+        .publish(envelope("Acl:event:s1", 0))
+        .await
+        .unwrap();
+    assert_eq!(received(&mut subscription).await, 0);
+    const REFUSED: u32 = 130;
+    user.set(&["resetchannels"]).await;
+    let mut publishes: Vec<_> = (1..=REFUSED)
+        .map(|n| publisher.publish(envelope("Acl:event:s1", n)))
+        .collect();
+    // A publish takes its number and is handed to fred on its first poll: all of them, in order.
+    for publish in &mut publishes {
+        assert!(futures::poll!(publish).is_pending());
+    }
+    // The odd-numbered ones' callers first, then the even ones'.
+    let order = (0..publishes.len())
+        .step_by(2)
+        .chain((1..publishes.len()).step_by(2));
+    for at in order {
+        let refused = within(WAIT, "a refused publish", &mut publishes[at]).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|error| error.to_string().contains("NOPERM")),
+            "{refused:?}"
+        );
+    }
+    user.set(&["allchannels"]).await;
+    publisher
+        .publish(envelope("Acl:event:s1", REFUSED + 1))
+        .await
+        .unwrap();
+    let health = lost_after(&router, &mut subscription, REFUSED + 1).await;
+    assert_eq!(
+        health.get("lost"),
+        0,
+        "refused publishes counted as lost: {health:?}"
+    );
+    publisher.close().await.unwrap();
+    router.close().await.unwrap();
+}
+
 /// Publishes with a plain client what an agentcomm publisher sends for message `number` on `channel`,
 /// numbered by hand (publisher `0123456789abcdef`).
 async fn publish_numbered(raw: &fred::prelude::Client, prefix: &str, channel: &str, number: u32) {

@@ -22,7 +22,8 @@ use bytes::Bytes;
 use fred::bytes_utils::Str;
 use fred::clients::{Client, Pool};
 use fred::interfaces::{
-    ClientLike, KeysInterface, LuaInterface, PubsubInterface, SetsInterface, StreamsInterface,
+    ClientLike, EventInterface, KeysInterface, LuaInterface, PubsubInterface, SetsInterface,
+    StreamsInterface,
 };
 use fred::types::config::Config;
 use fred::types::streams::XCap;
@@ -312,11 +313,81 @@ fn give_back_refused(mut refused: Vec<(Arc<ChannelRoute>, u64)>) {
 
 /// Gives back the pub/sub number of a stored publish (a reply, a dead letter in pub/sub mode) whose
 /// command Redis refused: it was neither stored nor published, and its publisher got the error.
-fn give_back_if_refused(numbered: Option<&(Arc<ChannelRoute>, u64)>, error: &fred::error::Error) {
+/// `reconnected`: its connection reconnected after the command was handed to fred, which may then
+/// have written it twice (see [`Reconnections`]): the number is kept.
+fn give_back_if_refused(
+    numbered: Option<&(Arc<ChannelRoute>, u64)>,
+    error: &fred::error::Error,
+    reconnected: bool,
+) {
     if let Some((route, number)) = numbered
+        && !reconnected
         && refused_by_redis(error)
     {
         route.give_back(*number);
+    }
+}
+
+/// The reconnections of one pool connection, as far as a refused publish needs them. fred writes a
+/// command cut off by a lost connection again after the reconnect (`max_command_attempts`): when its
+/// first write ran and only the reply was lost, Redis may refuse the second (an ACL changed in
+/// between), and that refusal does not mean the command did not run. Its number went out, and given
+/// back it was used twice: the channel's next publish took it, and every subscriber dropped that
+/// message as a repeat. So a refused number is given back only when its connection did not reconnect
+/// after the command was handed to fred.
+///
+/// fred announces a reconnection (`reconnect_rx`) before it writes the commands it kept, so the
+/// announcement is in `events` before the reply to such a command can reach its caller: [`Self::since`]
+/// sees it. A publish reads only `seen` ([`Self::handed`]); the events are read on a refusal, and by
+/// the pool watcher after each reconnection, so that an old one does not count against a later
+/// publish.
+struct Reconnections {
+    /// Reconnections read from `events`.
+    seen: AtomicU64,
+    events: Mutex<tokio::sync::broadcast::Receiver<fred::types::config::Server>>,
+}
+
+impl Reconnections {
+    /// Counts the reconnections of `client` from now on.
+    fn of(client: &Client) -> Self {
+        Reconnections {
+            seen: AtomicU64::new(0),
+            events: Mutex::new(client.reconnect_rx()),
+        }
+    }
+
+    /// The count to hand a command to fred with, read before it is handed over.
+    fn handed(&self) -> u64 {
+        self.seen.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection reconnected since [`handed`](Self::handed) returned `handed`.
+    fn since(&self, handed: u64) -> bool {
+        self.read() != handed
+    }
+
+    /// Reads the announcements fred sent so far; the count after them.
+    fn read(&self) -> u64 {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let mut events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut new = 0u64;
+        loop {
+            match events.try_recv() {
+                Ok(_) => new += 1,
+                Err(TryRecvError::Lagged(missed)) => new += missed.max(1),
+                Err(TryRecvError::Empty) => break,
+                // fred replaced its channel (quitting): nothing tells any more, so every refusal
+                // keeps its number.
+                Err(TryRecvError::Closed) => {
+                    new += 1;
+                    break;
+                }
+            }
+        }
+        if new > 0 {
+            self.seen.fetch_add(new, Ordering::AcqRel);
+        }
+        self.seen.load(Ordering::Acquire)
     }
 }
 
@@ -367,6 +438,8 @@ pub(crate) struct Shared {
     /// (single or in a batch), are taken, and their commands handed to fred, under it, so that they
     /// reach Redis in the order of their numbers.
     order: Vec<Mutex<()>>,
+    /// One per pool connection: whether a refused command may have been written twice.
+    reconnections: Arc<Vec<Reconnections>>,
     /// Bumped when a pool connection reconnects: every class is listed in the registry again.
     registry_generation: Arc<AtomicU64>,
     pubsub_routes: RwLock<PubSubRoutes>,
@@ -512,10 +585,14 @@ impl RedisRouter {
         }
         let counters = Arc::new(Counters::default());
         let registry_generation = Arc::new(AtomicU64::new(1));
-        for client in pool.clients() {
+        let reconnections: Arc<Vec<Reconnections>> =
+            Arc::new(pool.clients().iter().map(Reconnections::of).collect());
+        for (at, client) in pool.clients().iter().enumerate() {
             let generation = registry_generation.clone();
+            let reconnections = reconnections.clone();
             watch_client(client, "pool", counters.clone(), &settings.url, move || {
                 generation.fetch_add(1, Ordering::AcqRel);
+                reconnections[at].read();
             });
         }
         let script_sha = {
@@ -562,6 +639,7 @@ impl RedisRouter {
             publisher_id: new_publisher_id(),
             targets: RwLock::new(HashMap::default()),
             order,
+            reconnections,
             registry_generation,
             pubsub_routes: RwLock::new(PubSubRoutes {
                 publisher: format!("{}/", new_publisher_id()),
@@ -1079,7 +1157,7 @@ impl Shared {
 
     /// `PUBLISH` of a numbered pub/sub frame on pool connection `client` (`numbered`: its route's id
     /// and its number): how many received it; a number Redis refused is given back
-    /// ([`publish_failed`](Self::publish_failed)).
+    /// ([`publish_failed`](Self::publish_failed)) unless the connection reconnected meanwhile.
     ///
     /// Its own layer under the caller's [`map`](futures::FutureExt::map), taking the route by id rather
     /// than its `Arc`: built this way, fred's command future is written into the publish's box in place;
@@ -1092,6 +1170,8 @@ impl Shared {
         frame: Bytes,
         numbered: (u64, u64),
     ) -> impl Future<Output = Result<i64>> + Send + '_ {
+        // Read before fred has the command (it takes it on the first poll).
+        let numbered = (numbered.0, numbered.1, self.reconnections[client].handed());
         futures::FutureExt::map(
             self.pool.clients()[client].publish::<i64, _, _>(channel, frame),
             move |receivers| receivers.map_err(|e| self.publish_failed(numbered, &e)),
@@ -1170,6 +1250,8 @@ impl Shared {
             false => Some(Bytes::from(envelope.to_frame()?)),
         };
         let mut encoded = None;
+        // Read before fred has the command: see `Reconnections`.
+        let handed = self.reconnections[target.client].handed();
         let reply = self
             .in_order(target, |sequence| {
                 let frame = match plain.take() {
@@ -1205,26 +1287,30 @@ impl Shared {
         match reply {
             // Redis lost its script cache (a restart, another cluster node): nothing was stored.
             Err(error) if is_noscript(&error) => {
-                self.publish_with_text(target, &frame, channel.as_ref(), numbered.as_ref())
+                self.publish_with_text(target, &frame, channel.as_ref(), numbered.as_ref(), handed)
                     .await
             }
             reply => reply
                 .map(|reply| self.script_outcome(target, reply, numbered.as_ref()))
                 .map_err(|e| {
-                    give_back_if_refused(numbered.as_ref(), &e);
+                    let reconnected = self.reconnections[target.client].since(handed);
+                    give_back_if_refused(numbered.as_ref(), &e, reconnected);
                     map_error(&e, &self.settings, "publishing to a stream")
                 }),
         }
     }
 
     /// An idempotent publish that met `NOSCRIPT`, sent again with the script's text (`EVAL`, which
-    /// loads it) under a fresh number: its old one may be below the mark by now.
+    /// loads it) under a fresh number: its old one may be below the mark by now. `handed`: the
+    /// [`Reconnections::handed`] of its connection when its first command was handed to fred (that
+    /// one may have run before a restart of Redis, and met `NOSCRIPT` when written again).
     async fn publish_with_text(
         &self,
         target: &StreamTarget,
         frame: &Bytes,
         channel: Option<&Str>,
         numbered: Option<&(Arc<ChannelRoute>, u64)>,
+        handed: u64,
     ) -> Result<PublishOutcome> {
         let client = &self.pool.clients()[target.client];
         self.in_order(target, |sequence| {
@@ -1235,9 +1321,14 @@ impl Shared {
             )
         })
         .await
-        .map(|reply| self.script_outcome(target, reply, numbered))
+        .map(|reply| {
+            // Stored by this run, its PUBLISH refused: the first command may have published it.
+            let numbered = numbered.filter(|_| !self.reconnections[target.client].since(handed));
+            self.script_outcome(target, reply, numbered)
+        })
         .map_err(|e| {
-            give_back_if_refused(numbered, &e);
+            let reconnected = self.reconnections[target.client].since(handed);
+            give_back_if_refused(numbered, &e, reconnected);
             map_error(&e, &self.settings, "publishing to a stream")
         })
     }
@@ -1442,18 +1533,25 @@ impl Shared {
     }
 
     /// The error of a pub/sub publish that failed; its number (`numbered`: the id of its route, the
-    /// number) is given back if Redis refused it: the publish did not run. The route is looked up by
-    /// its id (a scan, on this error path only); a route dropped meanwhile (the publisher's numbering
-    /// restarted) needs nothing given back.
+    /// number, and its connection's [`Reconnections::handed`]) is given back if Redis refused it: the
+    /// publish did not run, unless its connection reconnected since it was handed to fred (fred may
+    /// have written it twice, the first time with success). The route is looked up by its id (a scan,
+    /// on this error path only); a route dropped meanwhile (the publisher's numbering restarted) needs
+    /// nothing given back.
     #[cold]
     #[inline(never)]
-    fn publish_failed(&self, (route, number): (u64, u64), error: &fred::error::Error) -> Error {
+    fn publish_failed(
+        &self,
+        (route, number, handed): (u64, u64, u64),
+        error: &fred::error::Error,
+    ) -> Error {
         if refused_by_redis(error) {
             let routes = self.pubsub_routes.read().expect("routes lock");
             if let Some(route) = routes
                 .channels
                 .values()
                 .find(|candidate| candidate.id == route)
+                && !self.reconnections[route.client].since(handed)
             {
                 route.give_back(number);
             }
@@ -1661,6 +1759,8 @@ impl Shared {
         let mut script_loads = 0usize;
         // Pub/sub publishes that never ran: their numbers are given back at the end.
         let mut refused: Vec<(Arc<ChannelRoute>, u64)> = Vec::new();
+        // Read before fred has the pipeline: see `Reconnections`.
+        let handed = self.reconnections[position].handed();
         let first = std::future::poll_fn(|cx| {
             let _order = lock.lock().unwrap_or_else(PoisonError::into_inner);
             if idempotent {
@@ -1792,6 +1892,9 @@ impl Shared {
             queued.iter().map(|_| Err(error.clone())).collect()
         };
         let streams = self.settings.mode == DeliveryMode::Streams;
+        // Whether the connection reconnected since the pipeline was handed to fred, which may then
+        // have written some of it twice: looked up at the first refusal.
+        let mut reconnected = None;
         for (slot, reply) in queued.into_iter().zip(replies) {
             let pending = &batch[slot];
             let result = match (reply, &pending.target) {
@@ -1806,7 +1909,7 @@ impl Shared {
                 )),
                 (Err(error), Some(target)) if idempotent && is_noscript(&error) => {
                     // Not stored: again, alone.
-                    self.publish_with_text(target, &pending.frame, None, None)
+                    self.publish_with_text(target, &pending.frame, None, None, 0)
                         .await
                 }
                 (Err(error), Some(_)) if !idempotent && !refused_by_redis(&error) => {
@@ -1824,6 +1927,8 @@ impl Shared {
                     if let Some(numbered) = &pending.numbered
                         && replied
                         && refused_by_redis(&error)
+                        && !*reconnected
+                            .get_or_insert_with(|| self.reconnections[position].since(handed))
                     {
                         refused.push(numbered.clone());
                     }

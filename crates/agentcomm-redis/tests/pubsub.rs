@@ -1250,12 +1250,8 @@ async fn refused_publishes_answered_as_more_than_64_runs_cost_no_number() {
 /// A `PUBLISH` that ran, whose reply was lost with its connection, and that Redis refuses when fred
 /// writes it again after the reconnect (the ACL changed in between) went out: its number must not be
 /// used again. Given back as refused, the channel's next publish took it, and every subscriber dropped
-/// that message as a repeat of the first: a publish that succeeded, never delivered.
-///
-/// Fails today ("a published message dropped as a repeat: .. duplicates: 1"): fred does not say
-/// whether a refused command had been written before, so `refused_by_redis` cannot tell this refusal
-/// from one of a first write. Run it with `--ignored` once that is dealt with.
-#[ignore = "known: a number given back after a refused replay is used twice (see the comment)"]
+/// that message as a repeat of the first: a publish that succeeded, never delivered (health
+/// `Healthy`, `duplicates` 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_that_ran_then_was_refused_when_written_again_keeps_its_number() {
     let Some((proxy, _)) = redis_proxy().await else {
@@ -1285,7 +1281,7 @@ async fn a_publish_that_ran_then_was_refused_when_written_again_keeps_its_number
         .unwrap();
     assert_eq!(received(&mut subscription).await, 1);
     // The reply of the next publish is held long enough to cut the connection before it arrives.
-    proxy.set_latency(Duration::from_millis(400));
+    proxy.set_latency(Duration::from_secs(1));
     let second = tokio::spawn({
         let publisher = publisher.clone();
         async move { publisher.publish(envelope("Acl:event:s1", 2)).await }

@@ -2465,6 +2465,62 @@ mod tests {
         assert!(unused.iter().all(|run| run.low != 1_000), "the lowest went");
     }
 
+    /// Threads taking numbers under one lock (as publishes do under their connection's), each number
+    /// either going out or refused, the refused ones given back in bunches, out of order and outside
+    /// the lock (as callers do when polled): a number that went out is never taken again, and once
+    /// every refused number is back the route's last number is the highest that went out.
+    #[test]
+    fn numbers_that_went_out_are_never_taken_again() {
+        use std::collections::HashSet;
+        let route = Arc::new(route_with(0));
+        let order = Arc::new(Mutex::new(()));
+        let out = Arc::new(Mutex::new(HashSet::new()));
+        let threads: Vec<_> = (0..4u64)
+            .map(|thread| {
+                let (route, order, out) = (route.clone(), order.clone(), out.clone());
+                std::thread::spawn(move || {
+                    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ thread;
+                    let mut random = move || {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        state
+                    };
+                    let mut refused = Vec::new();
+                    for _ in 0..5_000 {
+                        let number = {
+                            let _order = order.lock().unwrap();
+                            route.next.fetch_add(1, Ordering::Relaxed) + 1
+                        };
+                        // Refused more often than not, so that long runs form.
+                        if random() % 8 < 5 {
+                            refused.push(number);
+                        } else {
+                            assert!(
+                                out.lock().unwrap().insert(number),
+                                "{number} went out twice"
+                            );
+                        }
+                        if refused.len() > (random() % 16) as usize {
+                            while !refused.is_empty() {
+                                let at = (random() % refused.len() as u64) as usize;
+                                route.give_back(refused.swap_remove(at));
+                            }
+                        }
+                    }
+                    for number in refused {
+                        route.give_back(number);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let highest = out.lock().unwrap().iter().copied().max().unwrap_or(0);
+        assert_eq!(route.next.load(Ordering::Relaxed), highest);
+    }
+
     /// The publish script against a real Redis (REDIS_URL); skipped when there is none.
     #[tokio::test]
     async fn the_publish_script_stores_each_sequence_number_once() {

@@ -362,7 +362,12 @@ pub fn check_url(variable: &str, url: &str, schemes: &[&str], accepted: &str) ->
         return Err(fail("it is not a URL (no '://')"));
     };
     if !schemes.contains(&scheme.to_ascii_lowercase().as_str()) {
-        return Err(fail(&format!("the scheme '{scheme}' is not supported")));
+        // Named only when it is a scheme: the text before a later "://" (a URL without its scheme,
+        // with a URL in its query) holds the password.
+        return Err(fail(&match crate::error::is_scheme(scheme) {
+            true => format!("the scheme '{scheme}' is not supported"),
+            false => "it does not start with a scheme (such as redis:// or amqp://)".to_string(),
+        }));
     }
     if scheme.eq_ignore_ascii_case("unix") {
         return if rest.is_empty() {

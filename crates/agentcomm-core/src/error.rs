@@ -253,7 +253,12 @@ impl Error {
 /// );
 /// ```
 pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
+    // What precedes the first "://" is a scheme only when it reads as one: in a URL without its
+    // scheme, that "://" may be a later one (`user:pw@host/0?next=http://proxy`), after the password.
+    let scheme_end = url
+        .find("://")
+        .filter(|&end| is_scheme(url[..end].trim_start()));
+    let Some(scheme_end) = scheme_end else {
         // Not a URL (a typo): it may hold credentials anywhere.
         return if url.contains(['@', '?']) {
             "***".to_string()
@@ -285,6 +290,14 @@ pub fn redact_url(url: &str) -> String {
         return hidden();
     }
     format!("{head}{userinfo}{after_userinfo}?{query}")
+}
+
+/// Whether `text` reads as a URL scheme: a letter, then letters, digits, `+`, `-` or `.` (RFC 3986).
+pub(crate) fn is_scheme(text: &str) -> bool {
+    text.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 /// `user:***`, `***` for a lone token, nothing for nothing.
@@ -465,6 +478,15 @@ mod tests {
             "***"
         );
         assert_eq!(redact_url("localhost:6379"), "localhost:6379");
+        // Without its scheme, with a URL in its query: that URL's "://" is not the scheme's.
+        assert_eq!(
+            redact_url("user:TypoSecret@cache:6379/0?client=http://proxy"),
+            "***"
+        );
+        assert_eq!(
+            redact_url(" redis://:s3cret@cache:6379"),
+            " redis://:***@cache:6379"
+        );
         // A password with both '@' and '?' in it, unencoded; one with '?' then `name=`; an '&' in a
         // secret; other names of secrets.
         assert_eq!(

@@ -1,0 +1,181 @@
+//! "Credentials never appear in logs or `Debug` output": every URL form a password can take, in
+//! `REDIS_URL`, `RABBITMQ_URL` or (by mistake) `MESSAGING_BACKEND`, printed through every path
+//! agentcomm-core has for it (`redact_url`, `Debug` of the configuration, `Display` and `Debug` of
+//! its errors, and a JSON log line with the error as a field): no piece of the secret may show.
+
+use std::sync::{Arc, Mutex};
+
+use agentcomm_core::config::Config;
+use agentcomm_core::error::redact_url;
+use tracing_subscriber::layer::SubscriberExt;
+
+/// The pieces of every secret below: none of them may appear anywhere.
+const PIECES: [&str; 3] = ["Qz7k", "Wm4p", "Xc5v"];
+
+/// URLs holding a secret made of [`PIECES`], in every shape a redaction may misread.
+fn redis_urls() -> Vec<String> {
+    let mut urls = Vec::new();
+    for password in [
+        "Qz7kWm4pXc5v",
+        // Percent-encoded '@', ':', '/', '?', '#'.
+        "Qz7k%40Wm4p%3AXc5v",
+        "Qz7k%2FWm4p%3FXc5v%23",
+        // Unencoded '@', ':', '/', '?', '#'.
+        "Qz7k@Wm4p@Xc5v",
+        "Qz7k:Wm4p:Xc5v",
+        "Qz7k/Wm4p/Xc5v",
+        "Qz7k?Wm4p?Xc5v",
+        "Qz7k#Wm4p#Xc5v",
+        "Qz7k?Wm4p=Xc5v",
+        "Qz7k/Wm4p?Xc5v#",
+    ] {
+        for template in [
+            "redis://user:{}@cache:6379/0",
+            "redis://:{}@cache:6379",
+            "rediss://user:{}@[::1]:6380/2",
+            "redis-cluster://user:{}@10.0.0.1:7000?node=10.0.0.2:7000&node=10.0.0.3:7000",
+            "rediss-cluster://:{}@[fe80::1]:7000?node=[fe80::2]:7000",
+            "redis-sentinel://user:{}@s1:26379,s2:26379/0?sentinelServiceName=main",
+            "redis-sentinel://s1:26379,[::1]:26379/0?sentinelServiceName=main&sentinelPassword={}",
+            "redis-sentinel://s1:26379/0?sentinelPassword={}&sentinelServiceName=main&node=s2:26379",
+            "redis-sentinel://user:{}@s1:26379/0?sentinelServiceName=main&sentinelUsername=u&sentinelPassword={}",
+            // A user name alone may itself be a token.
+            "redis://{}@cache:6379/0",
+            // Ports that do not parse: the URL is refused, its error shows it.
+            "redis://user:{}@cache:99999/0",
+            "redis://user:{}@cache:6379/notadb",
+        ] {
+            // In a lone user part, the text before a ':' is the user name, not a secret.
+            if !(template.contains("//{}@") && password.contains(':')) {
+                urls.push(template.replace("{}", password));
+            }
+        }
+    }
+    urls
+}
+
+fn amqp_urls() -> Vec<String> {
+    let mut urls = Vec::new();
+    for password in [
+        "Qz7kWm4pXc5v",
+        "Qz7k%40Wm4p%3AXc5v",
+        "Qz7k@Wm4p@Xc5v",
+        "Qz7k:Wm4p:Xc5v",
+        "Qz7k/Wm4p/Xc5v",
+        "Qz7k?Wm4p?Xc5v",
+        "Qz7k#Wm4p#Xc5v",
+    ] {
+        for template in [
+            "amqp://app:{}@mq:5672/%2f",
+            "amqps://app:{}@[::1]:5671/prod?heartbeat=10",
+            "amqp://{}@mq/prod",
+            "amqp://app:{}@mq:99999/prod",
+            "amqps://app:pw@mq/prod?certfile=/c.pem&keyfile=/k.pem&password={}",
+        ] {
+            if !(template.contains("//{}@") && password.contains(':')) {
+                urls.push(template.replace("{}", password));
+            }
+        }
+    }
+    urls
+}
+
+/// Text that is not a URL at all (typos), holding the same secret.
+fn mangled() -> Vec<String> {
+    [
+        "redis:/user:Qz7kWm4pXc5v@cache:6379/0",
+        "redis//:Qz7kWm4pXc5v@cache:6379",
+        "amqp:app:Qz7kWm4pXc5v@mq/prod",
+        // The scheme forgotten, another URL in the query: the first "://" is not the scheme's.
+        "user:Qz7kWm4pXc5v@cache:6379/0?client=http://proxy",
+        ":Qz7kWm4pXc5v@cache:6379/0#see=https://docs",
+        "app:Qz7kWm4pXc5v@mq:5672/prod?redirect=amqp://other",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A writer the JSON layer writes into.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a log line shows of `error` (as a `Display` field and as a `Debug` field).
+fn logged(error: &agentcomm_core::Error) -> String {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::registry()
+        .with(agentcomm_core::logging::json_layer(move || writer.clone()));
+    tracing::subscriber::with_default(subscriber, || {
+        tracing::warn!(error = %error, debug = ?error, "configuration refused");
+    });
+    String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+}
+
+/// Every text agentcomm-core shows of `url` read from `variable`.
+fn shown(variable: &str, url: &str) -> Vec<(&'static str, String)> {
+    let mut texts = vec![("redact_url", redact_url(url))];
+    let lookup = |name: &str| (name == variable).then(|| url.to_string());
+    match Config::from_lookup(lookup) {
+        Ok(config) => texts.push(("Config Debug", format!("{config:?}"))),
+        Err(error) => {
+            texts.push(("error Display", error.to_string()));
+            texts.push(("error Debug", format!("{error:?}")));
+            texts.push(("log line", logged(&error)));
+        }
+    }
+    texts
+}
+
+fn leaks(variable: &str, urls: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for url in urls {
+        for (path, text) in shown(variable, url) {
+            if PIECES.iter().any(|piece| text.contains(piece)) {
+                found.push(format!("{variable}={url:?} through {path}: {text}"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_redis_url_shows_its_password_through_core() {
+    let found = leaks("REDIS_URL", &redis_urls());
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+#[test]
+fn no_rabbitmq_url_shows_its_password_through_core() {
+    let found = leaks("RABBITMQ_URL", &amqp_urls());
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+#[test]
+fn a_url_in_the_backend_variable_shows_no_password() {
+    let mut urls = redis_urls();
+    urls.extend(amqp_urls());
+    let found = leaks("MESSAGING_BACKEND", &urls);
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+/// Text that is not a URL, whose first "://" comes after the secret (a URL without its scheme with
+/// another URL in its query), was shown whole: `redact_url` took everything before that "://" for
+/// the scheme, and `check_url` named it as "the scheme '...' is not supported".
+#[test]
+fn a_mangled_url_shows_no_password() {
+    let mut found = Vec::new();
+    for variable in ["REDIS_URL", "RABBITMQ_URL", "MESSAGING_BACKEND"] {
+        found.extend(leaks(variable, &mangled()));
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}

@@ -214,10 +214,22 @@ impl AmqpUrl {
             .filter(|pair| !pair.is_empty())
         {
             let (key, value) = pair.split_once('=').ok_or_else(|| {
+                // Named only where the redacted URL shows it: after a secret parameter
+                // (`password=ab&cd`), a piece without '=' is taken for the rest of its value and
+                // hidden there.
+                let redacted = redact_url(url);
+                let shown = redacted
+                    .split_once('?')
+                    .is_some_and(|(_, query)| query.split('&').any(|piece| piece == pair));
                 invalid(
                     variable,
                     url,
-                    format!("the query parameter '{pair}' has no '=value'"),
+                    match shown {
+                        true => format!("the query parameter '{pair}' has no '=value'"),
+                        false => "a query parameter has no '=value' (a '&' in a value must be \
+                                  percent-encoded: %26)"
+                            .to_string(),
+                    },
                 )
             })?;
             let value = decode(value, key)?;
@@ -402,6 +414,11 @@ mod tests {
             ("amqp://u:secret@h:99999/", "the port is not a number"),
             ("amqp://u:secret@h/a/b", "one path segment"),
             ("amqp://u:secret@h/?heartbeat", "has no '=value'"),
+            // The end of a key's password with an '&' in it: not named (the URL hides it).
+            (
+                "amqps://u:p@h/?password=KeyPass&wordsecret",
+                "a query parameter has no '=value' (a '&' in a value must be percent-encoded: %26)",
+            ),
             (
                 "amqp://u:secret@h/?heartbeat=x",
                 "heartbeat must be a number",

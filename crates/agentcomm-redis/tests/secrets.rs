@@ -1,0 +1,245 @@
+//! "Credentials never appear in logs or `Debug` output": every Redis URL form a password can take,
+//! printed through every path the router has for it (`Debug` of the builder and of the router, its
+//! health, `Display` and `Debug` of its errors, and every JSON log line written meanwhile, fred's
+//! own included): no piece of the secret may show.
+//!
+//! The unreachable URLs need no Redis (port 1 refuses at once). The accepted ones use a
+//! `redis-server` the test starts with that password (skipped without the binary).
+
+mod common;
+
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use agentcomm_core::router::Router;
+use agentcomm_redis::{DeliveryMode, RedisRouter, RedisRouterBuilder};
+use common::*;
+use tracing_subscriber::layer::SubscriberExt;
+
+/// The pieces of every secret below: none of them may appear anywhere.
+const PIECES: [&str; 3] = ["Qz7k", "Wm4p", "Xc5v"];
+
+/// Passwords made of [`PIECES`], as they are written in a URL.
+const PASSWORDS: [&str; 10] = [
+    "Qz7kWm4pXc5v",
+    "Qz7k%40Wm4p%3AXc5v",
+    "Qz7k%2FWm4p%3FXc5v%23",
+    "Qz7k@Wm4p@Xc5v",
+    "Qz7k:Wm4p:Xc5v",
+    "Qz7k/Wm4p/Xc5v",
+    "Qz7k?Wm4p?Xc5v",
+    "Qz7k#Wm4p#Xc5v",
+    "Qz7k?Wm4p=Xc5v",
+    "Qz7k&Wm4p=Xc5v",
+];
+
+/// URLs of servers that cannot be reached (port 1), holding a secret in every place a URL can.
+fn unreachable_urls() -> Vec<String> {
+    let mut urls = Vec::new();
+    for password in PASSWORDS {
+        for template in [
+            "redis://user:{}@127.0.0.1:1/0",
+            "redis://:{}@127.0.0.1:1",
+            "redis://{}@127.0.0.1:1/0",
+            "redis://user:{}@[::1]:1/2",
+            "redis-cluster://user:{}@127.0.0.1:1?node=127.0.0.1:2&node=[::1]:3",
+            "redis-sentinel://user:{}@127.0.0.1:1,[::1]:2/0?sentinelServiceName=main",
+            "redis-sentinel://127.0.0.1:1,127.0.0.1:2/0?sentinelServiceName=main&sentinelPassword={}",
+            "redis-sentinel://127.0.0.1:1/0?sentinelPassword={}&sentinelServiceName=main&node=127.0.0.1:2",
+            "redis-sentinel://user:{}@127.0.0.1:1/0?sentinelServiceName=main&sentinelUsername=u&sentinelPassword={}",
+            // URLs fred refuses: their error shows them.
+            "redis://user:{}@127.0.0.1:99999/0",
+            "redis://user:{}@127.0.0.1:1/notadb",
+            "redis-cluster://user:{}@127.0.0.1:1?node=127.0.0.1",
+            "redis-sentinel://user:{}@127.0.0.1:1/0",
+        ] {
+            // In a lone user part, the text before a ':' is the user name, not a secret; in a
+            // query, a `name=value` after an '&' is another parameter to every client (fred reads
+            // the password up to the '&').
+            let lone_user = template.contains("//{}@") && password.contains(':');
+            let split_query = template.contains("={}") && password.contains('&');
+            if !lone_user && !split_query {
+                urls.push(template.replace("{}", password));
+            }
+        }
+    }
+    urls.extend(
+        [
+            "redis:/user:Qz7kWm4pXc5v@127.0.0.1:1/0",
+            "user:Qz7kWm4pXc5v@127.0.0.1:1/0?client=http://proxy",
+            "http://user:Qz7kWm4pXc5v@127.0.0.1:1",
+        ]
+        .map(String::from),
+    );
+    urls
+}
+
+/// A writer the JSON layer writes into.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Runs `test` on a runtime of one thread (every task fred spawns runs there) with a JSON log layer
+/// at TRACE, `log` records (fred's) included; returns what it returned and the log lines.
+fn logged<T>(test: impl std::future::Future<Output = T>) -> (T, String) {
+    static LOG_BRIDGE: Once = Once::new();
+    LOG_BRIDGE.call_once(|| {
+        let _ = tracing_log::LogTracer::init();
+    });
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new("trace"))
+        .with(agentcomm_core::logging::json_layer(move || writer.clone()));
+    let outcome = tracing::subscriber::with_default(subscriber, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let outcome = runtime.block_on(test);
+        // Lets the tasks that log a failure after it was returned do so.
+        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+        outcome
+    });
+    (outcome, lines.text())
+}
+
+fn quick(url: &str) -> RedisRouterBuilder {
+    RedisRouter::builder(url)
+        .connect_timeout(Duration::from_millis(500))
+        .command_timeout(Duration::from_millis(500))
+        .max_reconnect_attempts(Some(0))
+        .prefix(unique_prefix())
+}
+
+/// The texts in `texts` that show a piece of the secret, labelled.
+fn leaking(url: &str, texts: &[(&str, String)]) -> Vec<String> {
+    texts
+        .iter()
+        .filter(|(_, text)| PIECES.iter().any(|piece| text.contains(piece)))
+        .map(|(path, text)| format!("{url:?} through {path}: {text}"))
+        .collect()
+}
+
+#[test]
+fn no_unreachable_url_shows_its_password() {
+    let mut found = Vec::new();
+    for url in unreachable_urls() {
+        let mut texts = vec![("builder Debug", format!("{:?}", quick(&url)))];
+        let env =
+            RedisRouterBuilder::from_lookup(|name| (name == "REDIS_URL").then(|| url.clone()));
+        match env {
+            Ok(builder) => {
+                texts.push(("builder from the environment Debug", format!("{builder:?}")))
+            }
+            Err(error) => {
+                texts.push(("REDIS_URL error Display", error.to_string()));
+                texts.push(("REDIS_URL error Debug", format!("{error:?}")));
+            }
+        }
+        for mode in [DeliveryMode::Streams, DeliveryMode::PubSub] {
+            let (shown, lines) = logged(async {
+                match quick(&url).mode(mode).connect().await {
+                    Ok(router) => {
+                        let debug = format!("{router:?}");
+                        let _ = router.close().await;
+                        vec![("router Debug", debug)]
+                    }
+                    Err(error) => vec![
+                        ("connect error Display", error.to_string()),
+                        ("connect error Debug", format!("{error:?}")),
+                    ],
+                }
+            });
+            texts.extend(shown);
+            texts.push(("log lines", lines));
+        }
+        found.extend(leaking(&url, &texts));
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+/// A Redis of the test's own that wants `password` (as the server reads it, decoded).
+fn server_with(password: &str) -> Option<servers::Spawned> {
+    if let Some(reason) = servers::missing_tools() {
+        servers::skip(&reason);
+        return None;
+    }
+    let port = servers::free_ports(1)[0];
+    Some(
+        servers::start(
+            servers::server_dir("secrets"),
+            port,
+            &[
+                "--port".into(),
+                port.to_string(),
+                "--requirepass".into(),
+                password.into(),
+            ],
+        )
+        .expect("a redis-server with a password"),
+    )
+}
+
+/// A router connected with a password (plain, and with percent-encoded delimiters) shows it
+/// nowhere: not in its `Debug`, its health, or the log lines of its life (connecting, closing).
+#[test]
+fn a_connected_router_shows_its_password_nowhere() {
+    let Some(server) = server_with("Qz7k@Wm4p:Xc5v/?#") else {
+        return;
+    };
+    let port = server.port;
+    let mut found = Vec::new();
+    for (url, mode) in [
+        (
+            format!("redis://:Qz7k%40Wm4p%3AXc5v%2F%3F%23@127.0.0.1:{port}/0"),
+            DeliveryMode::Streams,
+        ),
+        (
+            format!("redis://default:Qz7k%40Wm4p%3AXc5v%2F%3F%23@[::ffff:127.0.0.1]:{port}"),
+            DeliveryMode::PubSub,
+        ),
+    ] {
+        let (texts, lines) = logged(async {
+            let router = within(
+                Duration::from_secs(20),
+                "connecting",
+                RedisRouter::builder(&url)
+                    .mode(mode)
+                    .prefix(unique_prefix())
+                    .connect(),
+            )
+            .await
+            .unwrap_or_else(|error| panic!("the password is taken: {error}"));
+            let health = router.health().await;
+            let texts = vec![
+                ("router Debug", format!("{router:?}")),
+                ("health Debug", format!("{health:?}")),
+            ];
+            router.close().await.expect("close");
+            texts
+        });
+        // The capture works: the router's own line, and fred's (through the `log` bridge).
+        assert!(lines.contains("connected to Redis"), "{lines}");
+        assert!(lines.contains("\"target\":\"fred::"), "{lines}");
+        found.extend(leaking(&url, &texts));
+        found.extend(leaking(&url, &[("log lines", lines)]));
+    }
+    drop(server);
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}

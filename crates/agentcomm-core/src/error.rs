@@ -347,7 +347,8 @@ fn looks_like_hosts(authority: &str) -> bool {
                 .is_some_and(|(_, port)| port.is_empty() || numeric_port(port.strip_prefix(':')));
         }
         match host.rsplit_once(':') {
-            Some((_, port)) => numeric_port(Some(port)),
+            // A port after no host name is a password's start (`redis://:2024?token=x@host`).
+            Some((name, port)) => !name.is_empty() && numeric_port(Some(port)),
             None => true,
         }
     })
@@ -482,6 +483,12 @@ mod tests {
         assert_eq!(
             redact_url("user:TypoSecret@cache:6379/0?client=http://proxy"),
             "***"
+        );
+        // A password of digits, a '?' and a secret parameter's `name=`: what precedes the '?' is
+        // no host (nothing before its port), so it is hidden with the rest.
+        assert_eq!(
+            redact_url("redis://:2024?token=Tail@cache:6379"),
+            "redis://***"
         );
         assert_eq!(
             redact_url(" redis://:s3cret@cache:6379"),

@@ -179,3 +179,26 @@ fn a_mangled_url_shows_no_password() {
     }
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
+
+/// A password without a user name (`redis://:password@host`, the usual Redis form) that starts with
+/// digits followed by a '?' and what reads as a secret parameter (`48271?token=...`): the digits
+/// were shown, taken for the port of an empty host (`redis://:48271?token=***`).
+#[test]
+fn the_digits_of_a_password_are_not_taken_for_a_port_without_a_host() {
+    let mut found = Vec::new();
+    for url in [
+        "redis://:48271?token=Qz7k@cache:6379/0",
+        "rediss://:48271?password=Qz7k@[::1]:6380",
+        "redis-sentinel://:48271?sentinelPassword=Qz7k@s1:26379/0?sentinelServiceName=m",
+        "amqp://:48271?password=Qz7k@mq/prod",
+    ] {
+        for variable in ["REDIS_URL", "RABBITMQ_URL"] {
+            for (path, text) in shown(variable, url) {
+                if text.contains("48271") || text.contains("Qz7k") {
+                    found.push(format!("{variable}={url:?} through {path}: {text}"));
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}

@@ -243,3 +243,92 @@ fn a_connected_router_shows_its_password_nowhere() {
     drop(server);
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
+
+/// Through a Sentinel that wants a password of its own (`sentinelPassword`, with an '@') in front
+/// of a primary that wants another (percent-encoded in the user part): neither shows in the
+/// router's `Debug`, its health or the log lines of its life.
+#[test]
+fn a_router_through_a_sentinel_with_passwords_shows_neither() {
+    if let Some(reason) = servers::missing_tools() {
+        servers::skip(&reason);
+        return;
+    }
+    let service = "agentcomm-secrets";
+    let ports = servers::free_ports(2);
+    let primary = servers::start(
+        servers::server_dir("secrets-primary"),
+        ports[0],
+        &[
+            "--port".into(),
+            ports[0].to_string(),
+            "--requirepass".into(),
+            "Qz7k@Wm4p:Xc5v".into(),
+        ],
+    )
+    .expect("the Sentinel's primary");
+    let dir = servers::server_dir("secrets-sentinel");
+    let config = dir.join("sentinel.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "sentinel monitor {service} 127.0.0.1 {} 1\nsentinel auth-pass {service} Qz7k@Wm4p:Xc5v\nrequirepass Xc5v@Qz7k\n",
+            ports[0]
+        ),
+    )
+    .expect("write sentinel.conf");
+    let sentinel = servers::start_from(
+        Some(&config),
+        dir,
+        ports[1],
+        &["--sentinel".into(), "--port".into(), ports[1].to_string()],
+    )
+    .expect("the Sentinel");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let args = [
+            "-p",
+            &ports[1].to_string(),
+            "-a",
+            "Xc5v@Qz7k",
+            "--no-auth-warning",
+            "sentinel",
+            "get-master-addr-by-name",
+            service,
+        ]
+        .map(String::from);
+        let answer = servers::redis_cli(&args, Duration::from_secs(5)).expect("ask the Sentinel");
+        if String::from_utf8_lossy(&answer.stdout).contains(&ports[0].to_string()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Sentinel did not name its primary within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!(
+        "redis-sentinel://:Qz7k%40Wm4p%3AXc5v@127.0.0.1:{}/0?sentinelServiceName={service}&sentinelPassword=Xc5v@Qz7k",
+        ports[1]
+    );
+    let (texts, lines) = logged(async {
+        let router = within(
+            Duration::from_secs(20),
+            "connecting through the Sentinel",
+            RedisRouter::builder(&url).prefix(unique_prefix()).connect(),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("both passwords are taken: {error}"));
+        let health = router.health().await;
+        let texts = vec![
+            ("router Debug", format!("{router:?}")),
+            ("health Debug", format!("{health:?}")),
+        ];
+        router.close().await.expect("close");
+        texts
+    });
+    assert!(lines.contains("connected to Redis"), "{lines}");
+    let mut found = leaking(&url, &texts);
+    found.extend(leaking(&url, &[("log lines", lines)]));
+    drop((sentinel, primary));
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}

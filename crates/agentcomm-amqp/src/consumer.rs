@@ -32,6 +32,7 @@ use bytes::Bytes;
 
 use crate::builder::QueueType;
 use crate::link::{Inner, LinkState, Live, OpChannel, Reason, Role, Wait, bump};
+use crate::publisher::Unconfirmed;
 use crate::topology::{retry_bucket_ms, retry_queue};
 
 /// How a subscription's queue is shared.
@@ -1202,25 +1203,50 @@ impl AmqpAck {
     /// instead, counted in `retries_undelayed`, and the caller gets an error naming the cause: the
     /// retry comes back at once, not after `delay`. When that fails too, the original is requeued
     /// unchanged, and the caller gets an error saying so.
+    ///
+    /// A copy RabbitMQ did not confirm but may have stored all the same (its confirm timed out, or
+    /// its channel was lost and sending it again gave up) is not followed by another: the original
+    /// is requeued unchanged, counted in `copies_unconfirmed`, and the caller gets an error saying
+    /// that the message comes again at once and may come a second time, from that copy. Sending
+    /// another copy instead would go the way the first one could not (it would likely wait as long
+    /// and end as uncertain), and the message could come three times.
     async fn retry(&self, envelope: Envelope, delay: Duration) -> Result<()> {
         let inner = self.inner();
         let queue = &self.consumer.state.queue;
-        let scheduled = match inner.schedule_retry(queue, &envelope, delay).await {
+        let id = envelope.id();
+        // Where the next attempt went: to the retry queue (`Ok(None)`); straight back to `queue`
+        // instead (`Ok(Some(why not to the retry queue))`); nowhere for sure (`Err`, with where a
+        // copy may be when RabbitMQ may have stored one).
+        let sent = match inner.schedule_retry(queue, &envelope, delay).await {
             Ok(()) => Ok(None),
-            Err(error) => {
+            Err(failed) if failed.maybe_stored => Err((
+                failed.error,
+                Some(format!(
+                    "its retry may come too, after {delay:?}, as attempt {}",
+                    envelope.attempt()
+                )),
+            )),
+            Err(failed) => {
                 tracing::warn!(
                     queue = %queue,
-                    message_id = %envelope.id(),
-                    error = %error,
+                    message_id = %id,
+                    error = %failed.error,
                     "could not schedule a delayed retry; sending the message back to its queue at once"
                 );
                 match inner.requeue_now(queue, &envelope).await {
-                    Ok(()) => Ok(Some(error)),
-                    Err(_) => Err(error),
+                    Ok(()) => Ok(Some(failed.error)),
+                    Err(again) if again.maybe_stored => Err((
+                        again.error,
+                        Some(format!(
+                            "the copy sent straight back may come too, as attempt {}",
+                            envelope.attempt()
+                        )),
+                    )),
+                    Err(_) => Err((failed.error, None)),
                 }
             }
         };
-        match scheduled {
+        match sent {
             Ok(undelayed) => {
                 self.progress.store(RETRY_SENT, Ordering::Relaxed);
                 bump(&inner.counters.retried);
@@ -1229,23 +1255,32 @@ impl AmqpAck {
                 }
                 self.basic_ack().await.map_err(|error| {
                     inner.backend_error(format!(
-                        "the retry of message {} was sent, but the original could not be acknowledged ({error}): it will be delivered twice",
-                        envelope.id()
+                        "the retry of message {id} was sent, but the original could not be acknowledged ({error}): it will be delivered twice"
                     ))
                 })?;
                 match undelayed {
                     None => Ok(()),
                     Some(cause) => Err(inner.backend_error(format!(
-                        "could not schedule the retry after {delay:?} ({cause}); message {} was sent back to its queue '{queue}' at once instead, as attempt {}",
-                        envelope.id(),
+                        "could not schedule the retry after {delay:?} ({cause}); message {id} was sent back to its queue '{queue}' at once instead, as attempt {}",
                         envelope.attempt()
                     ))),
                 }
             }
-            Err(error) => {
+            Err((error, None)) => {
                 self.basic_requeue().await?;
                 Err(inner.backend_error(format!(
                     "could not schedule the retry ({error}); the message was requeued unchanged instead"
+                )))
+            }
+            Err((error, Some(copy))) => {
+                // Counted before the caller is told, whatever becomes of the original.
+                bump(&inner.counters.copies_unconfirmed);
+                let given_back = match self.basic_requeue().await {
+                    Ok(()) => "the original was requeued unchanged instead of sending another copy, so it comes again at once".to_string(),
+                    Err(requeue) => format!("the original could not be requeued ({requeue})"),
+                };
+                Err(inner.backend_error(format!(
+                    "message {id} may come twice: its retry was not confirmed ({error}), but RabbitMQ may have stored it all the same; {given_back}, and {copy}"
                 )))
             }
         }
@@ -1335,11 +1370,11 @@ impl Acknowledge for AmqpAck {
             let inner = self.inner();
             let queue = &self.consumer.state.queue;
             let copied = match inner.give_back_copy(queue, &envelope, properties).await {
-                Ok(PublishOutcome::Unroutable) => Err(inner.backend_error(format!(
-                    "the queue '{queue}' no longer exists"
-                ))),
+                Ok(PublishOutcome::Unroutable) => Err(Unconfirmed::not_stored(
+                    inner.backend_error(format!("the queue '{queue}' no longer exists")),
+                )),
                 Ok(_) => Ok(()),
-                Err(error) => Err(error),
+                Err(failed) => Err(failed),
             };
             match copied {
                 Ok(()) => {
@@ -1361,11 +1396,23 @@ impl Acknowledge for AmqpAck {
                         ),
                     }
                 }
-                Err(error) => {
+                Err(failed) if failed.maybe_stored => {
+                    bump(&inner.counters.copies_unconfirmed);
                     tracing::warn!(
                         queue = %queue,
                         message_id = %envelope.id(),
-                        error = %error,
+                        error = %failed.error,
+                        "a delivery given back unhandled was sent back to its queue as a copy that RabbitMQ did not confirm but may have stored all the same; requeuing the original instead (which RabbitMQ counts towards the delivery limit), so the message may come twice"
+                    );
+                    if let Err(error) = self.basic_requeue().await {
+                        tracing::warn!(error = %error, "could not requeue a delivery given back unhandled; RabbitMQ delivers it again when its channel closes");
+                    }
+                }
+                Err(failed) => {
+                    tracing::warn!(
+                        queue = %queue,
+                        message_id = %envelope.id(),
+                        error = %failed.error,
                         "could not send a delivery given back unhandled to its queue as a copy; requeuing it instead, which RabbitMQ counts towards the delivery limit"
                     );
                     if let Err(error) = self.basic_requeue().await {
@@ -1448,20 +1495,23 @@ impl Inner {
     /// Sends `envelope` to `queue` after `delay`: through a retry queue whose TTL is the delay's bucket
     /// and which dead-letters back to `queue` only (the default exchange, the queue's own name), so no
     /// other subscription gets a copy.
+    /// A failure tells whether the retry queue may have the envelope all the same.
     pub(crate) async fn schedule_retry(
         &self,
         queue: &str,
         envelope: &Envelope,
         delay: Duration,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), Unconfirmed> {
         let ttl = retry_bucket_ms(delay);
         if ttl == 0 {
             return self.requeue_now(queue, envelope).await;
         }
         let name = retry_queue(queue, ttl);
         for _ in 0..2 {
-            self.ensure_retry_queue(&name, queue, ttl).await?;
-            match self.publish_envelope(envelope, "", &name).await? {
+            self.ensure_retry_queue(&name, queue, ttl)
+                .await
+                .map_err(Unconfirmed::not_stored)?;
+            match self.publish_to_queue(envelope, &name).await? {
                 PublishOutcome::Unroutable => {
                     // The retry queue expired or was deleted since we declared it: declare it again.
                     self.retry_queues.lock().expect("retry lock").remove(&name);
@@ -1469,16 +1519,21 @@ impl Inner {
                 _ => return Ok(()),
             }
         }
-        Err(self.backend_error(format!(
+        Err(Unconfirmed::not_stored(self.backend_error(format!(
             "the retry queue '{name}' does not take messages (it was deleted as soon as it was declared?)"
-        )))
+        ))))
     }
 
-    /// Sends `envelope` straight back to `queue` (the default exchange routes by queue name).
-    pub(crate) async fn requeue_now(&self, queue: &str, envelope: &Envelope) -> Result<()> {
-        match self.publish_envelope(envelope, "", queue).await? {
-            PublishOutcome::Unroutable => Err(self.backend_error(format!(
-                "the queue '{queue}' no longer exists, so the retry has nowhere to go"
+    /// Sends `envelope` straight back to `queue` (the default exchange routes by queue name). A
+    /// failure tells whether `queue` may have it all the same.
+    pub(crate) async fn requeue_now(
+        &self,
+        queue: &str,
+        envelope: &Envelope,
+    ) -> std::result::Result<(), Unconfirmed> {
+        match self.publish_to_queue(envelope, queue).await? {
+            PublishOutcome::Unroutable => Err(Unconfirmed::not_stored(self.backend_error(
+                format!("the queue '{queue}' no longer exists, so the retry has nowhere to go"),
             ))),
             _ => Ok(()),
         }

@@ -489,6 +489,7 @@ impl AmqpRouter {
             .counter("requeued", load(&counters.requeued))
             .counter("retried", load(&counters.retried))
             .counter("retries_undelayed", load(&counters.retries_undelayed))
+            .counter("copies_unconfirmed", load(&counters.copies_unconfirmed))
             .counter("abandoned", load(&counters.abandoned))
             .counter("settle_failures", load(&counters.settle_failures))
             .counter("stale", load(&counters.stale))

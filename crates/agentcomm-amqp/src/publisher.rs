@@ -28,6 +28,47 @@ pub(crate) enum Confirmed {
     TimedOut,
 }
 
+/// A publish that failed: its error, and whether RabbitMQ may have stored the message all the same
+/// (a frame of it went out and was neither confirmed nor refused: its confirm timed out, or its
+/// channel was lost and sending it again failed). Then whoever sends it somewhere else instead
+/// (a retry sent straight back, say) may make it come twice.
+pub(crate) struct Unconfirmed {
+    pub error: Error,
+    pub maybe_stored: bool,
+}
+
+impl Unconfirmed {
+    /// A failure before any frame of the message went out (a declaration refused, say).
+    pub(crate) fn not_stored(error: Error) -> Self {
+        Unconfirmed {
+            error,
+            maybe_stored: false,
+        }
+    }
+}
+
+/// How one publish's sends went so far: what RabbitMQ may have of its message, and the channels it
+/// lost.
+#[derive(Default)]
+struct Sends {
+    /// Frames of it that went out (queued to the connection's writer).
+    sent: u32,
+    /// The last one was refused (basic.nack, or its channel closed by a refusal): not stored. A
+    /// refusal ends the publish, so only the last frame can have been refused.
+    refused: bool,
+    /// Times its channel was lost before the send or before the confirm.
+    losses: u32,
+    /// Its channel was lost after the send, and it was not sent again yet (then sending it again
+    /// counts in `resent`).
+    lost: bool,
+}
+
+impl Sends {
+    fn maybe_stored(&self) -> bool {
+        self.sent > 1 || (self.sent == 1 && !self.refused)
+    }
+}
+
 /// Where a message goes, and its id (to match basic.return with its publish).
 pub(crate) struct Outgoing<'a> {
     exchange: &'a str,
@@ -1097,8 +1138,7 @@ impl Inner {
         envelope: &Envelope,
         message: &Outgoing<'_>,
         publisher: &Publisher,
-        losses: &mut u32,
-        lost: &mut bool,
+        sends: &mut Sends,
     ) -> Option<Result<PublishOutcome>> {
         let routing_key = message.routing_key;
         match outcome {
@@ -1114,6 +1154,7 @@ impl Inner {
             }
             // Counted in `publish_nacks` where the nack was read.
             Attempt::Confirmed(Confirmed::Nack) => {
+                sends.refused = true;
                 Some(Err(self.backend_error(format!(
                     "RabbitMQ refused message {} on '{routing_key}' (basic.nack: it could not take responsibility for it, e.g. a full queue with overflow=reject-publish or an internal error); publish it again later",
                     envelope.id()
@@ -1130,15 +1171,16 @@ impl Inner {
                 if matches!(outcome, Attempt::Lost)
                     && let Some(error) = self.refused(publisher, envelope, message)
                 {
+                    sends.refused = true;
                     return Some(Err(error));
                 }
                 // The broker may or may not have it: send it again (at-least-once).
-                *losses += 1;
-                if *losses > MAX_RESENDS {
+                sends.losses += 1;
+                if sends.losses > MAX_RESENDS {
                     return Some(Err(self.backend_error(format!(
                         "message {} on '{routing_key}' was not confirmed: its channel was lost {} times ({})",
                         envelope.id(),
-                        *losses,
+                        sends.losses,
                         publisher
                             .confirms
                             .reason()
@@ -1147,7 +1189,7 @@ impl Inner {
                 }
                 // Counted in `resent` once it is sent again: a publish that gives up first (the
                 // outage outlasts its bound) was not.
-                *lost |= matches!(outcome, Attempt::Lost);
+                sends.lost |= matches!(outcome, Attempt::Lost);
                 tracing::debug!(message_id = %envelope.id(), "the publishing channel was lost before the confirm; sending again");
                 None
             }
@@ -1236,19 +1278,38 @@ impl Inner {
             id: envelope.id().as_uuid().as_u128(),
             copy_of: None,
         };
+        self.publish_message(envelope, &message)
+            .await
+            .map_err(|failed| failed.error)
+    }
+
+    /// Publishes `envelope` to `queue` (through the default exchange) like
+    /// [`Inner::publish_envelope`], telling of a failure whether RabbitMQ may have stored the message
+    /// all the same.
+    pub(crate) async fn publish_to_queue(
+        &self,
+        envelope: &Envelope,
+        queue: &str,
+    ) -> std::result::Result<PublishOutcome, Unconfirmed> {
+        let message = Outgoing {
+            exchange: "",
+            routing_key: queue,
+            id: envelope.id().as_uuid().as_u128(),
+            copy_of: None,
+        };
         self.publish_message(envelope, &message).await
     }
 
     /// Sends `envelope` to `queue` (through the default exchange) as a copy of a delivery given
     /// back unhandled, with that delivery's AMQP `properties` (a per-message TTL, a priority, other
     /// publishers' headers: what a requeue would have kept), and waits for the confirm like
-    /// [`Inner::publish_envelope`]. Not counted as a publish: the give-back counts in `requeued`.
+    /// [`Inner::publish_to_queue`]. Not counted as a publish: the give-back counts in `requeued`.
     pub(crate) async fn give_back_copy(
         &self,
         queue: &str,
         envelope: &Envelope,
         properties: &BasicProperties,
-    ) -> Result<PublishOutcome> {
+    ) -> std::result::Result<PublishOutcome, Unconfirmed> {
         let message = Outgoing {
             exchange: "",
             routing_key: queue,
@@ -1262,70 +1323,69 @@ impl Inner {
         &self,
         envelope: &Envelope,
         message: &Outgoing<'_>,
-    ) -> Result<PublishOutcome> {
+    ) -> std::result::Result<PublishOutcome, Unconfirmed> {
         let _in_flight = Counted::in_flight(self);
         let counted = message.copy_of.is_none();
         if counted {
             bump(&self.counters.published);
         }
+        let mut sends = Sends::default();
         let result = 'publish: {
             let Some(publisher) = self.live_publisher() else {
-                break 'publish Box::pin(self.publish_confirmed(envelope, message, 0, false)).await;
+                break 'publish Box::pin(self.publish_confirmed(envelope, message, &mut sends))
+                    .await;
             };
             let content = match message.content(envelope, self.settings.envelope_properties) {
                 Ok(content) => content,
                 Err(error) => break 'publish Err(error),
             };
             let outcome = match Attempt::sent(self.sending(&publisher, message, content).await) {
-                Ok(confirm) => Attempt::confirmed(confirm.await),
+                Ok(confirm) => {
+                    sends.sent += 1;
+                    Attempt::confirmed(confirm.await)
+                }
                 Err(outcome) => outcome,
             };
-            let (mut losses, mut lost) = (0, false);
-            match self.conclude(
-                outcome,
-                envelope,
-                message,
-                &publisher,
-                &mut losses,
-                &mut lost,
-            ) {
+            match self.conclude(outcome, envelope, message, &publisher, &mut sends) {
                 Some(result) => result,
                 None => {
                     drop(publisher);
-                    Box::pin(self.publish_confirmed(envelope, message, losses, lost)).await
+                    Box::pin(self.publish_confirmed(envelope, message, &mut sends)).await
                 }
             }
         };
         if counted && result.is_err() {
             bump(&self.counters.publish_failures);
         }
-        result
+        result.map_err(|error| Unconfirmed {
+            error,
+            maybe_stored: sends.maybe_stored(),
+        })
     }
 
-    /// A publish that found no live channel, or lost its channel `losses` times (`lost`: after it
-    /// was sent, so that sending it again counts in `resent`): waits for a channel (bounded by
-    /// `publish_outage_timeout`), sends, and sends again after each loss.
+    /// A publish that found no live channel, or lost its channel `sends.losses` times
+    /// (`sends.lost`: after it was sent, so that sending it again counts in `resent`): waits for a
+    /// channel (bounded by `publish_outage_timeout`), sends, and sends again after each loss.
     async fn publish_confirmed(
         &self,
         envelope: &Envelope,
         message: &Outgoing<'_>,
-        mut losses: u32,
-        mut lost: bool,
+        sends: &mut Sends,
     ) -> Result<PublishOutcome> {
         let full = self.settings.envelope_properties;
         // A first attempt is encoded before waiting for a channel, so that a message that cannot be
         // encoded fails at once; after a loss (the frame was encoded once already) the frame is
         // encoded again only when a channel is there, not held through an outage.
-        let mut first = if losses == 0 {
+        let mut first = if sends.losses == 0 {
             Some(message.content(envelope, full)?)
         } else {
             None
         };
         let mut outage = None;
-        let mut to_resend = (losses > 0).then(|| Counted::to_resend(self));
+        let mut to_resend = (sends.losses > 0).then(|| Counted::to_resend(self));
         // Whether a frame of this message went out on a channel lost before its confirm: then the
         // broker may have it, and a failure to send it again must not read as "never sent".
-        let mut sent_before = lost;
+        let mut sent_before = sends.lost;
         loop {
             let publisher = match self.publisher_for(&mut outage).await {
                 Ok(publisher) => publisher,
@@ -1342,24 +1402,18 @@ impl Inner {
                     // outage it waited through is over: a later one gets the whole bound again.
                     to_resend = None;
                     outage = None;
-                    if std::mem::take(&mut lost) {
+                    sends.sent += 1;
+                    if std::mem::take(&mut sends.lost) {
                         bump(&self.counters.resent);
                     }
                     Attempt::confirmed(confirm.await)
                 }
                 Err(outcome) => outcome,
             };
-            if let Some(result) = self.conclude(
-                outcome,
-                envelope,
-                message,
-                &publisher,
-                &mut losses,
-                &mut lost,
-            ) {
+            if let Some(result) = self.conclude(outcome, envelope, message, &publisher, sends) {
                 return result;
             }
-            sent_before |= lost;
+            sent_before |= sends.lost;
             if to_resend.is_none() {
                 to_resend = Some(Counted::to_resend(self));
             }

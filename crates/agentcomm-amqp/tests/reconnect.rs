@@ -1953,3 +1953,86 @@ async fn a_fan_out_subscribe_that_failed_in_an_outage_has_no_queue_to_delete() {
         "a warning about a queue the failed subscribe never declared: {warned:?}"
     );
 }
+
+/// A `nack(Retry)` whose copy to the retry queue went out but was not confirmed in time (here every
+/// byte through the proxy is 600 ms late, and `confirm_timeout` is 500 ms) may have been stored all
+/// the same: this one was. The retry then sent another copy straight back to the group queue, which
+/// timed out the same way (and was stored too), requeued the original, and told its caller only
+/// "the message was requeued unchanged instead": the message came three times, twice silently. Now
+/// no second copy is sent: the original is requeued, counted in `copies_unconfirmed`, and the error
+/// says that the message comes again at once and may come a second time, from the retry queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_copy_may_be_stored_sends_no_second_copy_and_says_it_may_come_twice() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-retry-unconfirmed");
+    let queue = topology::group_queue(&exchange, "g");
+    let delay = Duration::from_secs(5);
+    let retry_queue = topology::retry_queue(&queue, topology::retry_bucket_ms(delay));
+    let _cleanup = Cleanup::new(&exchange, &[queue.clone(), retry_queue]);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .confirm_timeout(Duration::from_millis(500))
+            .operation_timeout(Duration::from_secs(10))
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap()).group("g"),
+        ),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", subscription.next()).await.unwrap();
+    let id = delivery.envelope().id();
+    // Every confirm now comes at least 1.2 s after its publish: far beyond confirm_timeout, while
+    // the publish itself reaches RabbitMQ, which stores it.
+    proxy.set_latency(Duration::from_millis(600));
+    let nacked_at = Instant::now();
+    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
+        .await
+        .expect_err("a retry whose copy was not confirmed");
+    proxy.set_latency(Duration::ZERO);
+    let text = error.to_string();
+    assert!(text.contains("may come twice"), "{text}");
+    assert!(text.contains(&id.to_string()), "{text}");
+    assert!(text.contains("requeued unchanged"), "{text}");
+    assert!(text.contains("after 5s, as attempt 2"), "{text}");
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("copies_unconfirmed"), 1, "{health:?}");
+    assert_eq!(health.get("confirm_timeouts"), 1, "{health:?}");
+    assert_eq!(health.get("requeued"), 1, "{health:?}");
+    assert_eq!(health.get("retried"), 0, "{health:?}");
+    // The original comes again at once, as it was.
+    let again = within("the original again", subscription.next())
+        .await
+        .unwrap();
+    assert_eq!(again.envelope().id(), id);
+    assert_eq!(again.envelope().attempt(), 1, "{:?}", again.envelope());
+    assert!(again.is_redelivered());
+    within("ack", again.ack()).await.unwrap();
+    // The copy RabbitMQ stored comes after its delay, and nothing else comes.
+    let copy = within("the stored retry", subscription.next())
+        .await
+        .unwrap();
+    let waited = nacked_at.elapsed();
+    assert_eq!(copy.envelope().id(), id);
+    assert_eq!(copy.envelope().attempt(), 2);
+    assert!(waited >= delay, "the retry came after {waited:?}");
+    within("ack", copy.ack()).await.unwrap();
+    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_secs(1), subscription.next()).await
+    {
+        panic!("a third delivery: {:?}", extra.envelope());
+    }
+    within("close", router.close()).await.unwrap();
+}

@@ -619,16 +619,21 @@ impl Inner {
                 } => (*attempt, last_error.clone(), *since),
             };
             let (attempt, last_error, since) = last;
-            let down = format!(
-                "no {} connection for {:.1?} (reconnecting: {} failed, last: {last_error})",
-                role.as_str(),
-                since.elapsed(),
-                plural(u64::from(attempt), "attempt", "attempts"),
-            );
+            // When it gives up: how long the connection has been down by then.
+            let down = || {
+                format!(
+                    "no {} connection for {:.1?} (reconnecting: {} failed, last: {last_error})",
+                    role.as_str(),
+                    since.elapsed(),
+                    plural(u64::from(attempt), "attempt", "attempts"),
+                )
+            };
             let changed = state.changed();
             let result = match wait {
                 Wait::Forever => changed.await,
-                Wait::Not(why) => return Err(self.connection_error(format!("{down}; {why}"))),
+                Wait::Not(why) => {
+                    return Err(self.connection_error(format!("{}; {why}", down())));
+                }
                 Wait::Until {
                     deadline,
                     setting,
@@ -637,7 +642,8 @@ impl Inner {
                     Ok(result) => result,
                     Err(_) => {
                         return Err(self.connection_error(format!(
-                            "{down}; gave up after {bound:?} ({setting})"
+                            "{}; gave up after {bound:?} ({setting})",
+                            down()
                         )));
                     }
                 },

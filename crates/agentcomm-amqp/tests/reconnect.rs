@@ -2036,3 +2036,71 @@ async fn a_retry_whose_copy_may_be_stored_sends_no_second_copy_and_says_it_may_c
     }
     within("close", router.close()).await.unwrap();
 }
+
+/// The error of a publish that gave up waiting out an outage says how long the connection has been
+/// down: "no publishing connection for 1.0s ...; gave up after 1s". That figure was taken when the
+/// connection's state last changed before the wait (the last reconnect attempt that failed), not
+/// when the publish gave up: with reconnects 10 s apart, a publish that waited 1 s said the
+/// connection had been down for a few milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_gives_up_in_an_outage_says_how_long_it_has_lasted_by_then() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-outage-length");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let bound = Duration::from_secs(1);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .reconnect(Backoff::new(Duration::from_secs(10), Duration::from_secs(10)).jitter(0.0))
+            .publish_outage_timeout(bound)
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    within("a first publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    proxy.reject_for(Duration::from_secs(60));
+    wait_until("the proxy to stop listening", async || {
+        tokio::net::TcpStream::connect(proxy.local_addr())
+            .await
+            .is_err()
+    })
+    .await;
+    proxy.cut_all();
+    // The first reconnect attempt failed; the next is 10 s away, so nothing changes while the
+    // publish below waits.
+    wait_until("the first reconnect attempt to fail", async || {
+        let detail = router.health().await.detail;
+        detail.contains("the publishing connection is down") && detail.contains("(attempt 1;")
+    })
+    .await;
+    let error = within("a publish in the outage", router.publish(envelope(2)))
+        .await
+        .unwrap_err();
+    proxy.reject_for(Duration::ZERO);
+    let text = error.to_string();
+    assert!(
+        text.contains("gave up after 1s (publish_outage_timeout)"),
+        "{text}"
+    );
+    assert!(text.contains("1 attempt failed"), "{text}");
+    let down = text
+        .split("no publishing connection for ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("no outage length in: {text}"));
+    let down = if let Some(ms) = down.strip_suffix("ms") {
+        ms.parse::<f64>().unwrap() / 1000.0
+    } else if let Some(s) = down.strip_suffix('s') {
+        s.parse::<f64>().unwrap()
+    } else {
+        0.0
+    };
+    assert!(down >= bound.as_secs_f64(), "{text}");
+    within("close", router.close()).await.unwrap();
+}

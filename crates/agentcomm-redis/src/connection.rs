@@ -457,6 +457,15 @@ pub(crate) fn watch_connection_task(
     });
 }
 
+/// How many reconnection attempts failed before giving up: "1 attempt", "3 attempts in a row".
+pub(crate) fn attempts_in_a_row(attempts: u32) -> String {
+    if attempts == 1 {
+        "1 attempt".to_string()
+    } else {
+        format!("{attempts} attempts in a row")
+    }
+}
+
 /// The error of a router whose connection gave up reconnecting ([`watch_connection_task`]).
 pub(crate) fn gave_up_error(settings: &Settings) -> Error {
     let message = match settings.max_reconnect_attempts {
@@ -464,9 +473,9 @@ pub(crate) fn gave_up_error(settings: &Settings) -> Error {
                     reconnects; connect a new router, or allow reconnections"
             .to_string(),
         Some(attempts) => format!(
-            "gave up reconnecting to Redis after {attempts} attempts in a row \
-             (max_reconnect_attempts); connect a new router, or raise max_reconnect_attempts (None: \
-             never give up)"
+            "gave up reconnecting to Redis after {} (max_reconnect_attempts); connect a new \
+             router, or raise max_reconnect_attempts (None: never give up)",
+            attempts_in_a_row(attempts)
         ),
         // fred stops for good only on a configuration error.
         None => "the client stopped reconnecting to Redis for good (a configuration error, in the \
@@ -492,6 +501,23 @@ impl Drop for ConnectingPool {
 mod tests {
     use super::*;
     use agentcomm_core::backoff::Backoff;
+
+    /// With `max_reconnect_attempts(Some(1))` the router's error and a stream reader's health detail
+    /// read "after 1 attempts in a row".
+    #[test]
+    fn the_gave_up_errors_count_their_attempts_in_words_that_agree() {
+        let mut settings = Settings::for_tests("redis://127.0.0.1:6379");
+        for (attempts, expected) in [(1, "after 1 attempt ("), (3, "after 3 attempts in a row (")] {
+            settings.max_reconnect_attempts = Some(attempts);
+            for text in [
+                gave_up_error(&settings).to_string(),
+                crate::streams::reader_gave_up_error(&settings),
+            ] {
+                assert!(text.contains(expected), "{text}");
+                assert!(!text.contains("1 attempts"), "{text}");
+            }
+        }
+    }
 
     #[test]
     fn sentinel_passwords_are_redacted_too() {

@@ -2249,7 +2249,10 @@ impl StreamSubscription {
 pub(crate) fn reader_gave_up_error(settings: &crate::builder::Settings) -> String {
     let attempts = match settings.max_reconnect_attempts {
         Some(0) => "max_reconnect_attempts(Some(0)) never reconnects".to_string(),
-        Some(attempts) => format!("after {attempts} attempts in a row (max_reconnect_attempts)"),
+        Some(attempts) => format!(
+            "after {} (max_reconnect_attempts)",
+            crate::connection::attempts_in_a_row(attempts)
+        ),
         None => "a configuration error, in the logs".to_string(),
     };
     format!(

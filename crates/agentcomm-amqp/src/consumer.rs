@@ -1026,6 +1026,10 @@ struct AmqpAck {
     /// was asked for: a message whose copy went out and whose original is then not acknowledged
     /// comes twice, and the warning names it.
     copied: Option<MessageId>,
+    /// A copy of it (a retry, one sent straight back, a delivery given back as a copy) went out and
+    /// was not confirmed yet: cut short now, the original is given back, and RabbitMQ may store the
+    /// copy too. Cleared once the copy's publish is over.
+    copy_out: AtomicBool,
 }
 
 /// No settlement asked for: dropped like this (`Delivery::discard`), it is left to the broker, which
@@ -1049,6 +1053,7 @@ impl AmqpAck {
             progress: AtomicU8::new(UNSETTLED),
             uncounted: None,
             copied: None,
+            copy_out: AtomicBool::new(false),
         }
     }
 
@@ -1105,6 +1110,15 @@ impl Drop for AmqpAck {
     /// unacknowledged on a live channel, held out of everyone's reach until that channel closes.
     fn drop(&mut self) {
         let progress = self.progress.load(Ordering::Relaxed);
+        if self.copy_out.load(Ordering::Relaxed) {
+            // Whether RabbitMQ stores the copy nobody waits for now cannot be known: say so.
+            bump(&self.inner().counters.copies_unconfirmed);
+            tracing::warn!(
+                queue = %self.consumer.state.queue,
+                message_id = %self.copied.map(|id| id.to_string()).unwrap_or_default(),
+                "a settlement that sends a copy of a message to a queue (a retry, or a delivery given back as a copy) was cut short before RabbitMQ confirmed the copy: the original goes back to its queue, and RabbitMQ may store the copy too, so the message may come twice"
+            );
+        }
         if !matches!(progress, UNSETTLED | DONE) {
             if self.consumer.is_current() {
                 self.finish_in_background(progress);
@@ -1217,7 +1231,12 @@ impl AmqpAck {
         // Where the next attempt went: to the retry queue (`Ok(None)`); straight back to `queue`
         // instead (`Ok(Some(why not to the retry queue))`); nowhere for sure (`Err`, with where a
         // copy may be when RabbitMQ may have stored one).
-        let sent = match inner.schedule_retry(queue, &envelope, delay).await {
+        let scheduled = inner
+            .schedule_retry(queue, &envelope, delay, &self.copy_out)
+            .await;
+        // Its publish is over: a failure that may have been stored is counted below.
+        self.copy_out.store(false, Ordering::Relaxed);
+        let sent = match scheduled {
             Ok(()) => Ok(None),
             Err(failed) if failed.maybe_stored => Err((
                 failed.error,
@@ -1233,7 +1252,9 @@ impl AmqpAck {
                     error = %failed.error,
                     "could not schedule a delayed retry; sending the message back to its queue at once"
                 );
-                match inner.requeue_now(queue, &envelope).await {
+                let requeued = inner.requeue_now(queue, &envelope, &self.copy_out).await;
+                self.copy_out.store(false, Ordering::Relaxed);
+                match requeued {
                     Ok(()) => Ok(Some(failed.error)),
                     Err(again) if again.maybe_stored => Err((
                         again.error,
@@ -1369,7 +1390,12 @@ impl Acknowledge for AmqpAck {
             };
             let inner = self.inner();
             let queue = &self.consumer.state.queue;
-            let copied = match inner.give_back_copy(queue, &envelope, properties).await {
+            let copied = inner
+                .give_back_copy(queue, &envelope, properties, &self.copy_out)
+                .await;
+            // Its publish is over: a failure that may have been stored is counted below.
+            self.copy_out.store(false, Ordering::Relaxed);
+            let copied = match copied {
                 Ok(PublishOutcome::Unroutable) => Err(Unconfirmed::not_stored(
                     inner.backend_error(format!("the queue '{queue}' no longer exists")),
                 )),
@@ -1495,24 +1521,28 @@ impl Inner {
     /// Sends `envelope` to `queue` after `delay`: through a retry queue whose TTL is the delay's bucket
     /// and which dead-letters back to `queue` only (the default exchange, the queue's own name), so no
     /// other subscription gets a copy.
-    /// A failure tells whether the retry queue may have the envelope all the same.
+    /// A failure tells whether the retry queue may have the envelope all the same. `copy_out` is set
+    /// while a frame of it that went out waits for its confirm.
     pub(crate) async fn schedule_retry(
         &self,
         queue: &str,
         envelope: &Envelope,
         delay: Duration,
+        copy_out: &AtomicBool,
     ) -> std::result::Result<(), Unconfirmed> {
         let ttl = retry_bucket_ms(delay);
         if ttl == 0 {
-            return self.requeue_now(queue, envelope).await;
+            return self.requeue_now(queue, envelope, copy_out).await;
         }
         let name = retry_queue(queue, ttl);
         for _ in 0..2 {
             self.ensure_retry_queue(&name, queue, ttl)
                 .await
                 .map_err(Unconfirmed::not_stored)?;
-            match self.publish_to_queue(envelope, &name).await? {
+            match self.publish_to_queue(envelope, &name, copy_out).await? {
                 PublishOutcome::Unroutable => {
+                    // Returned: not stored.
+                    copy_out.store(false, Ordering::Relaxed);
                     // The retry queue expired or was deleted since we declared it: declare it again.
                     self.retry_queues.lock().expect("retry lock").remove(&name);
                 }
@@ -1525,13 +1555,15 @@ impl Inner {
     }
 
     /// Sends `envelope` straight back to `queue` (the default exchange routes by queue name). A
-    /// failure tells whether `queue` may have it all the same.
+    /// failure tells whether `queue` may have it all the same. `copy_out` is set while a frame of it
+    /// that went out waits for its confirm.
     pub(crate) async fn requeue_now(
         &self,
         queue: &str,
         envelope: &Envelope,
+        copy_out: &AtomicBool,
     ) -> std::result::Result<(), Unconfirmed> {
-        match self.publish_to_queue(envelope, queue).await? {
+        match self.publish_to_queue(envelope, queue, copy_out).await? {
             PublishOutcome::Unroutable => Err(Unconfirmed::not_stored(self.backend_error(
                 format!("the queue '{queue}' no longer exists, so the retry has nowhere to go"),
             ))),

@@ -290,8 +290,9 @@ pub(crate) struct Counters {
     /// nothing), sent straight back to their queue instead: also in `retried`.
     pub retries_undelayed: AtomicU64,
     /// Copies (a retry, a delivery given back as a copy) RabbitMQ did not confirm but may have
-    /// stored all the same (a confirm timeout; the channel lost and sending again given up), whose
-    /// original was given back instead: the message may come twice.
+    /// stored all the same (a confirm timeout; the channel lost and sending again given up; the
+    /// settlement cut short before the confirm), whose original was given back instead: the message
+    /// may come twice.
     pub copies_unconfirmed: AtomicU64,
     pub abandoned: AtomicU64,
     pub settle_failures: AtomicU64,

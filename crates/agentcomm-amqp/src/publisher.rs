@@ -64,6 +64,14 @@ struct Sends {
 }
 
 impl Sends {
+    /// A frame of `message` went out.
+    fn went_out(&mut self, message: &Outgoing<'_>) {
+        self.sent += 1;
+        if let Some(went_out) = message.went_out {
+            went_out.store(true, Ordering::Relaxed);
+        }
+    }
+
     fn maybe_stored(&self) -> bool {
         self.sent > 1 || (self.sent == 1 && !self.refused)
     }
@@ -78,6 +86,8 @@ pub(crate) struct Outgoing<'a> {
     /// unhandled, see [`Inner::give_back_copy`]): sent with them instead of agentcomm's own, and not
     /// counted as a publish (`published`, `confirmed`, `publish_failures`).
     copy_of: Option<&'a BasicProperties>,
+    /// Set when a frame of it goes out (its caller, cut short, then knows RabbitMQ may store it).
+    went_out: Option<&'a AtomicBool>,
 }
 
 impl Outgoing<'_> {
@@ -1277,6 +1287,7 @@ impl Inner {
             routing_key,
             id: envelope.id().as_uuid().as_u128(),
             copy_of: None,
+            went_out: None,
         };
         self.publish_message(envelope, &message)
             .await
@@ -1285,17 +1296,19 @@ impl Inner {
 
     /// Publishes `envelope` to `queue` (through the default exchange) like
     /// [`Inner::publish_envelope`], telling of a failure whether RabbitMQ may have stored the message
-    /// all the same.
+    /// all the same. `went_out` is set as soon as a frame of it goes out.
     pub(crate) async fn publish_to_queue(
         &self,
         envelope: &Envelope,
         queue: &str,
+        went_out: &AtomicBool,
     ) -> std::result::Result<PublishOutcome, Unconfirmed> {
         let message = Outgoing {
             exchange: "",
             routing_key: queue,
             id: envelope.id().as_uuid().as_u128(),
             copy_of: None,
+            went_out: Some(went_out),
         };
         self.publish_message(envelope, &message).await
     }
@@ -1309,12 +1322,14 @@ impl Inner {
         queue: &str,
         envelope: &Envelope,
         properties: &BasicProperties,
+        went_out: &AtomicBool,
     ) -> std::result::Result<PublishOutcome, Unconfirmed> {
         let message = Outgoing {
             exchange: "",
             routing_key: queue,
             id: envelope.id().as_uuid().as_u128(),
             copy_of: Some(properties),
+            went_out: Some(went_out),
         };
         self.publish_message(envelope, &message).await
     }
@@ -1341,7 +1356,7 @@ impl Inner {
             };
             let outcome = match Attempt::sent(self.sending(&publisher, message, content).await) {
                 Ok(confirm) => {
-                    sends.sent += 1;
+                    sends.went_out(message);
                     Attempt::confirmed(confirm.await)
                 }
                 Err(outcome) => outcome,
@@ -1402,7 +1417,7 @@ impl Inner {
                     // outage it waited through is over: a later one gets the whole bound again.
                     to_resend = None;
                     outage = None;
-                    sends.sent += 1;
+                    sends.went_out(message);
                     if std::mem::take(&mut sends.lost) {
                         bump(&self.counters.resent);
                     }

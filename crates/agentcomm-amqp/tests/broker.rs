@@ -634,6 +634,63 @@ async fn a_retry_whose_delay_cannot_be_scheduled_says_so_and_is_counted() {
     within("close", router.close()).await.unwrap();
 }
 
+/// A `nack(Retry)` cut short (its future dropped: a caller's timeout, a `select!`) once its copy was
+/// on its way to the retry queue, before the confirm, gives the original back, and RabbitMQ stores
+/// the copy too: the message came twice, with nothing saying so but the warning of a delivery left
+/// unsettled. That is counted in `copies_unconfirmed` now, and logged with the message id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_cut_short_while_its_copy_is_unconfirmed_says_the_message_may_come_twice() {
+    if !broker_available().await {
+        return;
+    }
+    let logs = Logs::capture();
+    let exchange = unique("t-retry-cut-copying");
+    let group_queue = topology::group_queue(&exchange, "g");
+    let delay = Duration::from_secs(1);
+    let retry_queue = topology::retry_queue(&group_queue, topology::retry_bucket_ms(delay));
+    let _cleanup = Cleanup::new(&exchange, &[group_queue, retry_queue]);
+    let router = connect(&exchange).await;
+    let mut member = ping_member(&router).await;
+    // A first retry declares the retry queue, so that the next one sends its copy at its first poll.
+    within("publish", router.publish(envelope("Ping:event:s1", 1)))
+        .await
+        .unwrap();
+    let first = within("a delivery", member.next()).await.unwrap();
+    within("a first retry", first.nack(NackAction::Retry { delay }))
+        .await
+        .unwrap();
+    let retried = within("the first retry", member.next()).await.unwrap();
+    within("ack", retried.ack()).await.unwrap();
+    within("publish", router.publish(envelope("Ping:event:s1", 2)))
+        .await
+        .unwrap();
+    let delivery = within("a delivery", member.next()).await.unwrap();
+    let id = delivery.envelope().id();
+    // Polled once: the copy's frame goes out, and the retry is dropped while it waits for the confirm.
+    let cut = futures::FutureExt::now_or_never(delivery.nack(NackAction::Retry { delay }));
+    assert!(cut.is_none(), "the retry was not cut short: {cut:?}");
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("copies_unconfirmed"), 1, "{health:?}");
+    assert_eq!(health.get("abandoned"), 1, "{health:?}");
+    let warned = logs.lines_with(&id.to_string());
+    assert!(
+        warned.iter().any(|line| line.contains("may come twice")),
+        "{warned:?}"
+    );
+    // Both come: the original, given back, and the copy RabbitMQ stored, after its delay.
+    let mut attempts = Vec::new();
+    for _ in 0..2 {
+        let again = within("the message again", member.next()).await.unwrap();
+        assert_eq!(again.envelope().id(), id);
+        attempts.push(again.envelope().attempt());
+        within("ack", again.ack()).await.unwrap();
+    }
+    attempts.sort_unstable();
+    assert_eq!(attempts, [1, 2]);
+    assert_quiet(&mut member, Duration::from_millis(500)).await;
+    within("close", router.close()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_that_are_not_envelopes_are_dead_lettered_and_counted() {
     if !broker_available().await {

@@ -319,43 +319,65 @@ impl AmqpRouter {
             .collect()
     }
 
-    /// A passive declaration of the exchange, timed, given up after 2 s or the operation timeout,
-    /// whichever is shorter, counted from the call: the wait for the declaration channel (held by
-    /// another request, or by other health calls, one after the other, while the broker is silent),
-    /// opening it, and the request. Bounded only per step, a health call waited for every request
-    /// queued before it, an opening (the operation timeout) and its own request (2 s).
+    /// A passive declaration of the exchange, timed. The call answers within 2 s or the operation
+    /// timeout, whichever is shorter, counted from the call: the wait for the declaration channel
+    /// (held by another request, or by other health calls, one after the other, while the broker is
+    /// silent), opening it, and the request. Bounded only per step, a health call waited for every
+    /// request queued before it, an opening (the operation timeout) and its own request (2 s).
     ///
-    /// The request's deadline is inside the operation, so that a slow answer fails the operation
-    /// (and retires the channel) instead of being left for the next request on that channel; a call
-    /// cut short while it waits for the channel, or opens it, leaves nothing behind (see
+    /// The call's deadline bounds the wait, not the work: the probe runs on a task of its own, which
+    /// gives up waiting for the channel at that deadline, but finishes what it began on the channel:
+    /// an opening goes on (up to the operation timeout) and the channel is kept, and a request begun
+    /// before the deadline has the whole limit for its answer. Given only what was left of the
+    /// call's time, a request queued behind another timed out on a slow link and retired a good
+    /// channel, and once opening and asking took longer than the limit, every probe did so. A
+    /// request that does time out still retires the channel (its reply is still to come, see
     /// `with_op_channel`).
     async fn round_trip(&self) -> Result<Duration> {
         const PROBE_LIMIT: Duration = Duration::from_secs(2);
-        let inner = &self.inner;
-        let limit = PROBE_LIMIT.min(inner.settings.operation_timeout);
+        let limit = PROBE_LIMIT.min(self.inner.settings.operation_timeout);
         let deadline = Instant::now() + limit;
-        let wait = Wait::Not("the health probe does not wait for a reconnect");
-        let probe = inner.with_op_channel(wait, async |op: &OpChannel| {
-            let started = Instant::now();
-            let mut passive = ExchangeDeclareArguments::new(&inner.settings.exchange, "topic");
-            passive.passive(true);
+        let inner = self.inner.clone();
+        let probe = self.inner.runtime.spawn(async move {
+            let wait = Wait::Not("the health probe does not wait for a reconnect");
+            let inner = &inner;
             inner
-                .operation_within(
-                    deadline.saturating_duration_since(started),
-                    "the health probe",
-                    &op.reason,
-                    &op.channel,
-                    move |channel| async move { channel.exchange_declare(passive).await },
-                )
+                .with_op_channel_queued_until(wait, Some(deadline), async |op: &OpChannel| {
+                    if Instant::now() >= deadline {
+                        // The caller is gone (the opening took its time): ask nothing, and
+                        // keep the channel.
+                        return Ok(None);
+                    }
+                    let started = Instant::now();
+                    let mut passive =
+                        ExchangeDeclareArguments::new(&inner.settings.exchange, "topic");
+                    passive.passive(true);
+                    inner
+                        .operation_within(
+                            limit,
+                            "the health probe",
+                            &op.reason,
+                            &op.channel,
+                            move |channel| async move { channel.exchange_declare(passive).await },
+                        )
+                        .await
+                        .map(|()| Some(started.elapsed()))
+                })
                 .await
-                .map(|()| started.elapsed())
         });
+        let gave_up = || Error::Timeout {
+            operation: "the health probe (waiting for the declaration channel, opening it, or \
+                        RabbitMQ's answer)"
+                .into(),
+            after: limit,
+        };
         match tokio::time::timeout_at(deadline, probe).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout {
-                operation: "the declaration channel for the health probe".into(),
-                after: limit,
-            }),
+            Ok(Ok(Ok(Some(round_trip)))) => Ok(round_trip),
+            Ok(Ok(Ok(None))) | Err(_) => Err(gave_up()),
+            Ok(Ok(Err(error))) => Err(error),
+            Ok(Err(error)) => Err(self
+                .inner
+                .backend_error(format!("the health probe's task ended early: {error}"))),
         }
     }
 

@@ -977,8 +977,29 @@ impl Inner {
         wait: Wait,
         f: impl AsyncFnOnce(&OpChannel) -> Result<T>,
     ) -> Result<T> {
+        self.with_op_channel_queued_until(wait, None, f).await
+    }
+
+    /// [`with_op_channel`](Self::with_op_channel), giving up at `queued_until` (if any) while the
+    /// channel is busy with the requests before it: given up then, it has touched nothing.
+    pub(crate) async fn with_op_channel_queued_until<T>(
+        &self,
+        wait: Wait,
+        queued_until: Option<Instant>,
+        f: impl AsyncFnOnce(&OpChannel) -> Result<T>,
+    ) -> Result<T> {
         let live = self.wait_connected(Role::Consuming, wait).await?;
-        let mut slot = self.topology.lock().await;
+        let queued = Instant::now();
+        let mut slot = match queued_until {
+            None => self.topology.lock().await,
+            Some(until) => tokio::time::timeout_at(until, self.topology.lock())
+                .await
+                .map_err(|_| Error::Timeout {
+                    operation: "the declaration channel, busy with the requests before this one"
+                        .into(),
+                    after: queued.elapsed(),
+                })?,
+        };
         let usable = slot
             .as_ref()
             .is_some_and(|op| op.generation == live.generation && op.channel.is_open());

@@ -506,6 +506,57 @@ async fn health_answers_within_the_operation_timeout_while_rabbitmq_is_silent() 
     within("close", router.close()).await.unwrap();
 }
 
+/// On a slow link, a health call that waited for the declaration channel behind another still
+/// answers in time, and leaves the channel usable. Its request was given only what was left of the
+/// call's time: it timed out, and retired a good channel; with opening and asking then taking longer
+/// than the limit, every later call opened a channel and retired it, and the probe never had a round
+/// trip again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_calls_queued_on_a_slow_link_keep_the_declaration_channel() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-health-slow");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .operation_timeout(Duration::from_secs(1))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    // A round trip takes about 0.6 s, within the 1 s limit; opening a channel and then asking takes
+    // about 1.2 s, beyond it.
+    proxy.set_latency(Duration::from_millis(300));
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let router = router.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let health = router.health().await;
+                (started.elapsed(), health)
+            })
+        })
+        .collect();
+    for call in calls {
+        let (took, health) = within("a health call", call).await.expect("the call");
+        // The bound is the operation timeout; the second on top of it is slack for a busy machine.
+        assert!(
+            took < Duration::from_secs(2),
+            "a health call took {took:?} with an operation timeout of 1 s: {health:?}"
+        );
+    }
+    wait_until("a health call with a round trip", async || {
+        router.health().await.round_trip.is_some()
+    })
+    .await;
+    proxy.set_latency(Duration::ZERO);
+    within("close", router.close()).await.unwrap();
+}
+
 /// A publish whose channel was lost before its confirm waits to be sent again: its confirm is still
 /// owed. Health counted only what waits on the current channel, so through the outage, when those
 /// publishes are most at risk, `unconfirmed` said 0.

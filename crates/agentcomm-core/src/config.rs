@@ -362,11 +362,31 @@ pub fn check_url(variable: &str, url: &str, schemes: &[&str], accepted: &str) ->
         return Err(fail("it is not a URL (no '://')"));
     };
     if !schemes.contains(&scheme.to_ascii_lowercase().as_str()) {
-        // Named only when it is a scheme: the text before a later "://" (a URL without its scheme,
-        // with a URL in its query) holds the password.
-        return Err(fail(&match crate::error::is_scheme(scheme) {
-            true => format!("the scheme '{scheme}' is not supported"),
-            false => "it does not start with a scheme (such as redis:// or amqp://)".to_string(),
+        // Named only when it is a scheme, maybe with quotes or a variable name before it: the text
+        // before a later "://" (a URL without its scheme, with a URL in its query) holds the password.
+        return Err(fail(&match crate::error::split_scheme(scheme) {
+            Some((prefix, name, suffix))
+                if (!prefix.is_empty() || !suffix.is_empty())
+                    && schemes.contains(&name.to_ascii_lowercase().as_str()) =>
+            {
+                let before = match prefix.is_empty() {
+                    true => String::new(),
+                    false => {
+                        format!("'{prefix}' before '{name}' (and any closing quote or bracket)")
+                    }
+                };
+                let after = match suffix.is_empty() {
+                    true => "",
+                    false => "the space between the scheme and '://'",
+                };
+                let and = match before.is_empty() || after.is_empty() {
+                    true => "",
+                    false => " and ",
+                };
+                format!("it must start with '{name}://': remove {before}{and}{after}")
+            }
+            Some(_) => format!("the scheme '{scheme}' is not supported"),
+            None => "it does not start with a scheme (such as redis:// or amqp://)".to_string(),
         }));
     }
     if scheme.eq_ignore_ascii_case("unix") {

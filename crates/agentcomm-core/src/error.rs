@@ -255,9 +255,10 @@ impl Error {
 pub fn redact_url(url: &str) -> String {
     // What precedes the first "://" is a scheme only when it reads as one: in a URL without its
     // scheme, that "://" may be a later one (`user:pw@host/0?next=http://proxy`), after the password.
+    // Text a value often carries by mistake around it (quotes, `REDIS_URL=`) is shown with the scheme.
     let scheme_end = url
         .find("://")
-        .filter(|&end| is_scheme(url[..end].trim_start()));
+        .filter(|&end| split_scheme(&url[..end]).is_some());
     let Some(scheme_end) = scheme_end else {
         // Not a URL (a typo): it may hold credentials anywhere.
         return if url.contains(['@', '?']) {
@@ -298,6 +299,38 @@ pub(crate) fn is_scheme(text: &str) -> bool {
         && text
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
+/// The text before a URL's "://" as (what precedes the scheme, the scheme, what follows it), when it
+/// is a scheme, possibly with text around it that a value often carries by mistake and that cannot
+/// hold a credential: whitespace, quotes or brackets (`"redis`, `<amqp`, `redis `), after a variable
+/// name ending in `URL` and a `=` (`REDIS_URL=redis`, `export REDIS_URL='redis`). Anything else
+/// (`user:pw@host/0?next=http`, a URL without its scheme with a URL in its query) is no scheme.
+pub(crate) fn split_scheme(before: &str) -> Option<(&str, &str, &str)> {
+    let trimmed = before.trim_end();
+    let start = trimmed
+        .char_indices()
+        .rfind(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        .map_or(0, |(at, c)| at + c.len_utf8());
+    let (prefix, scheme) = trimmed.split_at(start);
+    let wrapping = |text: &str| {
+        text.chars()
+            .all(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '(' | '['))
+    };
+    let name_then_wrapping = |text: &str| {
+        let text = text.trim_start();
+        let text = text.strip_prefix("export ").unwrap_or(text);
+        text.split_once('=').is_some_and(|(name, after)| {
+            let name = name.trim_end();
+            name.ends_with("URL")
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                && wrapping(after)
+        })
+    };
+    (is_scheme(scheme) && (wrapping(prefix) || name_then_wrapping(prefix)))
+        .then(|| (prefix, scheme, &before[trimmed.len()..]))
 }
 
 /// `user:***`, `***` for a lone token, nothing for nothing.

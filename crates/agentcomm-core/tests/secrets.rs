@@ -202,3 +202,65 @@ fn the_digits_of_a_password_are_not_taken_for_a_port_without_a_host() {
     }
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
+
+/// A URL pasted with quotes, brackets or its variable's name around it (a docker-compose
+/// `- REDIS_URL="redis://..."` keeps its quotes; `REDIS_URL=REDIS_URL=...`) was hidden whole (`***`)
+/// and refused as "it does not start with a scheme", which it seems to: the user saw neither the host
+/// nor what to remove. It shows as before those were hidden, without the password, and the error
+/// names what to remove.
+#[test]
+fn a_url_with_quotes_or_its_name_around_it_shows_its_host_and_what_to_remove() {
+    for (variable, url, value, fix) in [
+        (
+            "REDIS_URL",
+            "\"redis://:Qz7kWm4pXc5v@cache:6379/2\"",
+            "\"redis://:***@cache:6379/2\"",
+            "it must start with 'redis://': remove '\"' before 'redis' (and any closing quote or bracket)",
+        ),
+        (
+            "REDIS_URL",
+            "'rediss-sentinel://s1:26379,[::1]:26379/0?sentinelServiceName=m&sentinelPassword=Qz7k@Wm4p'",
+            "'rediss-sentinel://s1:26379,[::1]:26379/0?sentinelServiceName=m&sentinelPassword=***",
+            "remove ''' before 'rediss-sentinel'",
+        ),
+        (
+            "REDIS_URL",
+            "REDIS_URL=redis://user:Qz7k@Wm4p@cache:6379",
+            "REDIS_URL=redis://user:***@cache:6379",
+            "remove 'REDIS_URL=' before 'redis'",
+        ),
+        (
+            "RABBITMQ_URL",
+            "<amqps://app:Qz7kWm4pXc5v@mq:5671/prod?heartbeat=10>",
+            "<amqps://app:***@mq:5671/prod?heartbeat=10>",
+            "remove '<' before 'amqps'",
+        ),
+        (
+            "RABBITMQ_URL",
+            "amqp ://app:Qz7kWm4pXc5v@mq/%2f",
+            "amqp ://app:***@mq/%2f",
+            "remove the space between the scheme and '://'",
+        ),
+    ] {
+        let lookup = |name: &str| (name == variable).then(|| url.to_string());
+        let error = Config::from_lookup(lookup).expect_err(url);
+        let text = error.to_string();
+        assert!(
+            text.starts_with(&format!("{variable}='{value}' is not valid: ")),
+            "{text}"
+        );
+        assert!(text.contains(fix), "{text}");
+        assert_eq!(redact_url(url), value);
+    }
+    // Text before the "://" that may hold a secret is still no scheme: hidden, and not named.
+    for url in [
+        "user:Qz7kWm4pXc5v@cache:6379/0?client=http://proxy",
+        ":Qz7k@h REDIS_URL=redis://cache:6379",
+        "u:Qz7k@h=redis://cache:6379",
+        "\":Qz7k@h\"://cache",
+        "redis_url=:Qz7k@cache://cache",
+    ] {
+        let found = leaks("REDIS_URL", &[url.to_string()]);
+        assert!(found.is_empty(), "{}", found.join("\n"));
+    }
+}

@@ -112,8 +112,17 @@ fn logged<T>(test: impl std::future::Future<Output = T>) -> (T, String) {
             .build()
             .unwrap();
         let outcome = runtime.block_on(test);
-        // Lets the tasks that log a failure after it was returned do so.
-        runtime.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+        // The tasks fred spawned may log a failure after `test` returned: every one of them must end
+        // (and log what it logs) before the lines are read, or a leak in a late line would be missed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while runtime.metrics().num_alive_tasks() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of fred's tasks still run 10 s after the test returned",
+                runtime.metrics().num_alive_tasks()
+            );
+            runtime.block_on(async { tokio::time::sleep(Duration::from_millis(1)).await });
+        }
         outcome
     });
     (outcome, lines.text())

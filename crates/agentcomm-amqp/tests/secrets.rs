@@ -88,11 +88,23 @@ fn logged<T>(test: impl std::future::Future<Output = T>) -> (T, String) {
         .with(tracing_subscriber::EnvFilter::new("trace"))
         .with(agentcomm_core::logging::json_layer(move || writer.clone()));
     let outcome = tracing::subscriber::with_default(subscriber, || {
-        tokio::runtime::Builder::new_current_thread()
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap()
-            .block_on(test)
+            .unwrap();
+        let outcome = runtime.block_on(test);
+        // The tasks amqprs and the router spawned may log after `test` returned: every one of them
+        // must end (and log what it logs) before the lines are read, or a leak there would be missed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while runtime.metrics().num_alive_tasks() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} spawned tasks still run 10 s after the test returned",
+                runtime.metrics().num_alive_tasks()
+            );
+            runtime.block_on(async { tokio::time::sleep(Duration::from_millis(1)).await });
+        }
+        outcome
     });
     let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
     (outcome, text)

@@ -1099,16 +1099,22 @@ impl Shared {
 
     /// What the publish script's reply says: `Null` is a replay fred wrote again after a reconnect, stored
     /// by its first run; an array, a frame stored whose `PUBLISH` Redis refused: accepted (publishing it
-    /// again would store it twice), its pub/sub number (`numbered`) given back, since it did not run.
+    /// again would store it twice), its pub/sub number (`numbered`) given back, since it did not run,
+    /// unless the connection reconnected since the [`Reconnections::handed`] `handed`: then an earlier
+    /// run, whose reply was lost, may have published it (and its mark on the stream, which makes a
+    /// replay a `Null`, been lost since: a restart of Redis without persistence, an eviction).
     fn script_outcome(
         &self,
         target: &StreamTarget,
         reply: Value,
         numbered: Option<&(Arc<ChannelRoute>, u64)>,
+        handed: u64,
     ) -> PublishOutcome {
         match reply {
             Value::Array(refused) => {
-                if let Some((route, number)) = numbered {
+                if let Some((route, number)) = numbered
+                    && !self.reconnections[target.client].since(handed)
+                {
                     route.give_back(*number);
                 }
                 let error = refused
@@ -1291,7 +1297,7 @@ impl Shared {
                     .await
             }
             reply => reply
-                .map(|reply| self.script_outcome(target, reply, numbered.as_ref()))
+                .map(|reply| self.script_outcome(target, reply, numbered.as_ref(), handed))
                 .map_err(|e| {
                     let reconnected = self.reconnections[target.client].since(handed);
                     give_back_if_refused(numbered.as_ref(), &e, reconnected);
@@ -1321,11 +1327,8 @@ impl Shared {
             )
         })
         .await
-        .map(|reply| {
-            // Stored by this run, its PUBLISH refused: the first command may have published it.
-            let numbered = numbered.filter(|_| !self.reconnections[target.client].since(handed));
-            self.script_outcome(target, reply, numbered)
-        })
+        // Stored by this run, its PUBLISH refused: the first command may have published it.
+        .map(|reply| self.script_outcome(target, reply, numbered, handed))
         .map_err(|e| {
             let reconnected = self.reconnections[target.client].since(handed);
             give_back_if_refused(numbered, &e, reconnected);
@@ -1899,7 +1902,7 @@ impl Shared {
             let pending = &batch[slot];
             let result = match (reply, &pending.target) {
                 (Ok(reply), Some(target)) if idempotent => {
-                    Ok(self.script_outcome(target, reply, None))
+                    Ok(self.script_outcome(target, reply, None, handed))
                 }
                 (Ok(_), _) if streams => Ok(PublishOutcome::Accepted),
                 (Ok(reply), _) => Ok(outcome_of(

@@ -1319,6 +1319,100 @@ async fn a_publish_that_ran_then_was_refused_when_written_again_keeps_its_number
     router.close().await.unwrap();
 }
 
+/// The same for a stored publish (a reply, with `idempotent_publish`): the publish script ran, stored
+/// and published it, its reply was lost with its connection, and its publisher's mark on the stream was
+/// gone when fred wrote it again (a restart of Redis without persistence, an eviction of the key under
+/// `allkeys-*` memory policies: here deleted): the script stored it again and Redis refused its
+/// `PUBLISH`. That refusal does not mean the number did not go out. Given back, the reply's next publish
+/// took it, and the inbox dropped it as a repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_publish_that_ran_then_was_refused_when_run_again_keeps_its_number() {
+    use fred::prelude::{ClientLike, KeysInterface, StreamsInterface};
+    use fred::types::{CustomCommand, Value};
+    let Some((proxy, _)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let Some(user) = TestUser::create(&prefix, &["&*", "+@all"]).await else {
+        return;
+    };
+    let publisher = connected(
+        RedisRouter::builder(user.url(&proxy.local_addr().to_string()))
+            .mode(DeliveryMode::Streams)
+            .idempotent_publish(true)
+            .prefix(&prefix),
+    )
+    .await;
+    let router = connected(builder(DeliveryMode::Streams, &prefix)).await;
+    let mut inbox = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Again:reply:inbox-1").unwrap(),
+        ))
+        .await
+        .unwrap();
+    publisher
+        .publish(envelope("Again:reply:inbox-1", 1))
+        .await
+        .unwrap();
+    assert_eq!(received(&mut inbox).await, 1);
+    // As in the test above: the reply of the next publish is held for good once the inbox has it.
+    proxy.set_latency(Duration::from_secs(2));
+    let second = tokio::spawn({
+        let publisher = publisher.clone();
+        async move { publisher.publish(envelope("Again:reply:inbox-1", 2)).await }
+    });
+    assert_eq!(received(&mut inbox).await, 2, "it ran");
+    proxy.blackhole(true);
+    proxy.set_latency(Duration::ZERO);
+    let raw = raw_client().await;
+    let marks: Vec<String> = raw
+        .custom(
+            CustomCommand::new_static("KEYS", None, false),
+            vec![format!("{prefix}:dedup:*")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(marks.len(), 1, "the publisher's mark: {marks:?}");
+    let _: Value = raw.del(marks).await.unwrap();
+    let _ = raw.quit().await;
+    user.set(&["-publish"]).await;
+    proxy.cut_all();
+    proxy.blackhole(false);
+    // Run again after the reconnect: stored again, its PUBLISH refused, so reported accepted.
+    let second = within(WAIT, "the second publish", second).await.unwrap();
+    assert!(
+        matches!(second, Ok(PublishOutcome::Accepted)),
+        "the reply came before the cut: {second:?}"
+    );
+    user.set(&["+publish"]).await;
+    for n in [3, 4] {
+        publisher
+            .publish(envelope("Again:reply:inbox-1", n))
+            .await
+            .unwrap();
+    }
+    // One connection, in order: 3 comes before 4, unless it was dropped as a repeat of 2.
+    let third = received(&mut inbox).await;
+    let health = router.health().await;
+    assert_eq!(
+        third, 3,
+        "a published reply dropped as a repeat: {health:?}"
+    );
+    let raw = raw_client().await;
+    let length: u64 = raw
+        .xlen(format!("{prefix}:stream:{{Again}}"))
+        .await
+        .unwrap();
+    let _ = raw.quit().await;
+    assert_eq!(
+        length, 5,
+        "the second reply stored twice: run again after the reconnect"
+    );
+    publisher.close().await.unwrap();
+    router.close().await.unwrap();
+}
+
 /// Publishes with a plain client what an agentcomm publisher sends for message `number` on `channel`,
 /// numbered by hand (publisher `0123456789abcdef`).
 async fn publish_numbered(raw: &fred::prelude::Client, prefix: &str, channel: &str, number: u32) {

@@ -72,7 +72,7 @@ use agentcomm_core::router::{
 pub use builder::{AmqpRouterBuilder, DEFAULT_EXCHANGE, DeadLetterSettings, QueueType};
 
 use consumer::{Control, DeliveryStream, QueueKind, QueueSpec, SubShared};
-use link::{BACKEND, Inner, Link, LinkState, OpChannel, Wait};
+use link::{BACKEND, Inner, Link, LinkState, OpChannel, ProbeWatch, Unanswered, Wait};
 
 /// The most publishes of one batch waiting for their confirm at once.
 const BATCH_IN_FLIGHT: usize = 1024;
@@ -333,52 +333,123 @@ impl AmqpRouter {
     /// channel, and once opening and asking took longer than the limit, every probe did so. A
     /// request that does time out still retires the channel (its reply is still to come, see
     /// `with_op_channel`).
-    async fn round_trip(&self) -> Result<Duration> {
+    ///
+    /// A call whose time ran out tells a silent RabbitMQ from a busy channel: its probe held the
+    /// channel at once and nothing it asked was answered ([`Probe::Unanswered`]), or it waited for
+    /// the channel and tells nothing ([`Probe::GaveUp`]). The probe's task leaves what it found in
+    /// `probe_unanswered` for the calls after it (see [`probe_problem`](Self::probe_problem)).
+    async fn round_trip(&self) -> Probe {
         const PROBE_LIMIT: Duration = Duration::from_secs(2);
         let limit = PROBE_LIMIT.min(self.inner.settings.operation_timeout);
         let deadline = Instant::now() + limit;
         let inner = self.inner.clone();
+        let watch = Arc::new(ProbeWatch::default());
+        let watching = watch.clone();
         let probe = self.inner.runtime.spawn(async move {
             let wait = Wait::Not("the health probe does not wait for a reconnect");
-            let inner = &inner;
-            inner
-                .with_op_channel_queued_until(wait, Some(deadline), async |op: &OpChannel| {
-                    if Instant::now() >= deadline {
-                        // The caller is gone (the opening took its time): ask nothing, and
-                        // keep the channel.
-                        return Ok(None);
-                    }
-                    let started = Instant::now();
-                    let mut passive =
-                        ExchangeDeclareArguments::new(&inner.settings.exchange, "topic");
-                    passive.passive(true);
-                    inner
-                        .operation_within(
-                            limit,
-                            "the health probe",
-                            &op.reason,
-                            &op.channel,
-                            move |channel| async move { channel.exchange_declare(passive).await },
-                        )
-                        .await
-                        .map(|()| Some(started.elapsed()))
-                })
-                .await
+            let (inner, watch) = (&inner, &*watching);
+            let asked = Instant::now();
+            let result = inner
+                .with_op_channel_queued_until(
+                    wait,
+                    Some(deadline),
+                    Some(watch),
+                    async |op: &OpChannel| {
+                        if Instant::now() >= deadline {
+                            // The caller is gone (the opening took its time): ask nothing, and
+                            // keep the channel.
+                            return Ok(None);
+                        }
+                        let started = Instant::now();
+                        let mut passive =
+                            ExchangeDeclareArguments::new(&inner.settings.exchange, "topic");
+                        passive.passive(true);
+                        let answer =
+                            inner
+                                .operation_within(
+                                    limit,
+                                    "the health probe",
+                                    &op.reason,
+                                    &op.channel,
+                                    move |channel| async move {
+                                        channel.exchange_declare(passive).await
+                                    },
+                                )
+                                .await;
+                        // A refusal (the exchange is gone) is an answer too.
+                        if !matches!(answer, Err(Error::Timeout { .. })) {
+                            watch.answered.store(true, Ordering::Release);
+                        }
+                        answer.map(|()| Some(started.elapsed()))
+                    },
+                )
+                .await;
+            // What the next health calls go by: RabbitMQ answered this probe, or left it unanswered
+            // for the whole limit (its opening, bounded by the operation timeout, or its request).
+            // A probe that never got the channel (busy with the requests before it) tells nothing.
+            let mut unanswered = inner.probe_unanswered.lock().expect("probe lock");
+            if watch.answered.load(Ordering::Acquire) {
+                *unanswered = None;
+            } else if watch.held.load(Ordering::Acquire)
+                && matches!(result, Err(Error::Timeout { .. }))
+            {
+                *unanswered = Some(Unanswered {
+                    generation: watch.generation.load(Ordering::Acquire),
+                    asked,
+                    limit,
+                });
+            }
+            drop(unanswered);
+            result
         });
-        let gave_up = || Error::Timeout {
-            operation: "the health probe (waiting for the declaration channel, opening it, or \
-                        RabbitMQ's answer)"
-                .into(),
-            after: limit,
-        };
         match tokio::time::timeout_at(deadline, probe).await {
-            Ok(Ok(Ok(Some(round_trip)))) => Ok(round_trip),
-            Ok(Ok(Ok(None))) | Err(_) => Err(gave_up()),
-            Ok(Ok(Err(error))) => Err(error),
-            Ok(Err(error)) => Err(self
-                .inner
-                .backend_error(format!("the health probe's task ended early: {error}"))),
+            Ok(Ok(Ok(Some(round_trip)))) => Probe::Answered(round_trip),
+            Ok(Ok(Err(error))) if !matches!(error, Error::Timeout { .. }) => Probe::Failed(error),
+            Ok(Err(error)) => Probe::Failed(
+                self.inner
+                    .backend_error(format!("the health probe's task ended early: {error}")),
+            ),
+            // The call's time is up (the probe's own timeouts end with it: waiting for the channel
+            // at the same deadline, its request at the same limit from a moment later). RabbitMQ
+            // owed an answer for all of it only if the probe held the channel at once, and nothing
+            // it asked was answered since; a probe that waited for the channel (busy with other
+            // requests, or with other probes) asked late, or not at all.
+            Ok(Ok(Ok(None) | Err(_))) | Err(_) => {
+                if watch.held.load(Ordering::Acquire)
+                    && !watch.waited.load(Ordering::Acquire)
+                    && !watch.answered.load(Ordering::Acquire)
+                {
+                    Probe::Unanswered(limit)
+                } else {
+                    Probe::GaveUp
+                }
+            }
         }
+    }
+
+    /// The health problem of a probe RabbitMQ did not answer within its limit: this call's own, or
+    /// the last one's on the live consuming connection when no probe was answered since.
+    fn probe_problem(&self, probe: &Probe) -> Option<String> {
+        let stalled = "the broker or the network to it may be stalled (a connection silent for two \
+                       heartbeats is taken as lost, and reconnected)";
+        if let Probe::Unanswered(limit) = probe {
+            return Some(format!(
+                "RabbitMQ did not answer the health probe within {limit:?}: {stalled}"
+            ));
+        }
+        if matches!(probe, Probe::Answered(_)) {
+            return None;
+        }
+        let last = (*self.inner.probe_unanswered.lock().expect("probe lock"))?;
+        let live = self.inner.consuming.connected.load(Ordering::Acquire);
+        (live == last.generation).then(|| {
+            format!(
+                "RabbitMQ did not answer the health probe asked {:.1?} ago within {:?}, and has \
+                 answered none since: {stalled}",
+                last.asked.elapsed(),
+                last.limit
+            )
+        })
     }
 
     /// What is wrong with one connection, if anything: its status and a sentence.
@@ -537,24 +608,23 @@ impl AmqpRouter {
             )
             .counter("blocked", u64::from(blocked));
         if connected {
-            match self.round_trip().await {
-                Ok(round_trip) => health = health.round_trip(round_trip),
+            let probe = self.round_trip().await;
+            match &probe {
+                Probe::Answered(round_trip) => health = health.round_trip(*round_trip),
                 // Someone deleted the exchange, and with it every binding to it: publishes are
                 // unroutable until it is declared and the queues bound again.
-                Err(Error::Backend { message, .. }) if message.contains("NOT_FOUND") => {
+                Probe::Failed(Error::Backend { message, .. }) if message.contains("NOT_FOUND") => {
                     inner.repair_topology();
-                    health.status = health.status.max(HealthStatus::Degraded);
                     let gone = format!(
                         "RabbitMQ says the exchange '{}' does not exist (deleted?): declaring it and binding the subscriptions' queues again",
                         inner.settings.exchange
                     );
-                    health.detail = if health.detail == "ok" {
-                        gone
-                    } else {
-                        format!("{}; {gone}", health.detail)
-                    };
+                    degrade(&mut health, gone);
                 }
-                Err(_) => {}
+                Probe::Failed(_) | Probe::Unanswered(_) | Probe::GaveUp => {}
+            }
+            if let Some(silent) = self.probe_problem(&probe) {
+                degrade(&mut health, silent);
             }
         }
         health
@@ -676,6 +746,30 @@ impl AmqpRouter {
         }
         tracing::info!(url = %settings.url.redacted, "RabbitMQ router closed");
     }
+}
+
+/// How a health call's probe ended, when the call stopped waiting for it.
+enum Probe {
+    /// RabbitMQ answered, after this long.
+    Answered(Duration),
+    /// It failed (RabbitMQ refused it, the channel was lost, its task ended).
+    Failed(Error),
+    /// It held the declaration channel from the start and RabbitMQ answered nothing it asked
+    /// within the limit.
+    Unanswered(Duration),
+    /// The call's time ran out while it waited for the channel, busy with other requests, or
+    /// after it asked late because of that wait: it tells nothing of RabbitMQ.
+    GaveUp,
+}
+
+/// Makes `health` at least degraded, adding `problem` to its detail.
+fn degrade(health: &mut Health, problem: String) {
+    health.status = health.status.max(HealthStatus::Degraded);
+    health.detail = if health.detail == "ok" {
+        problem
+    } else {
+        format!("{}; {problem}", health.detail)
+    };
 }
 
 /// Lets the router's closes go when dropped: as ended before finishing, unless the close task said

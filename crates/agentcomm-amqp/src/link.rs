@@ -460,6 +460,30 @@ impl amqprs::callbacks::ConnectionCallback for LinkCallback {
     async fn secret_updated(&mut self, _connection: &Connection) {}
 }
 
+/// How far one health probe got on the declaration channel, for its caller to read when it stops
+/// waiting, and for the probe's task to tell a silent broker from a busy channel.
+#[derive(Default)]
+pub(crate) struct ProbeWatch {
+    /// It holds the declaration channel (opening it, or asking).
+    pub held: AtomicBool,
+    /// It had to wait for the channel, busy with requests before it.
+    pub waited: AtomicBool,
+    /// RabbitMQ answered something it asked: the channel's opening, or the probe itself.
+    pub answered: AtomicBool,
+    /// The generation of the consuming connection it holds the channel on.
+    pub generation: AtomicU64,
+}
+
+/// A health probe RabbitMQ did not answer within its limit.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Unanswered {
+    /// The generation of the consuming connection it asked on.
+    pub generation: u64,
+    /// When it held the channel and began asking (opening the channel, or the probe's request).
+    pub asked: Instant,
+    pub limit: Duration,
+}
+
 /// The shared state of a router.
 pub(crate) struct Inner {
     pub settings: Settings,
@@ -503,6 +527,10 @@ pub(crate) struct Inner {
     /// unconfirmed in health: their confirm is still owed).
     pub publishes_to_resend: AtomicU64,
     pub publishes_done: Notify,
+    /// The last health probe RabbitMQ left unanswered for its whole limit (its request, or the
+    /// opening of the declaration channel for it): the consuming connection's generation, when it
+    /// asked, and the limit. Cleared by the next probe RabbitMQ answers.
+    pub probe_unanswered: Mutex<Option<Unanswered>>,
     /// Set while the topology is being declared again and the queues bound again, by the health
     /// probe's repair ([`Inner::repair_topology`]) or the periodic check (`keep_bound`): one at a time.
     repairing: AtomicBool,
@@ -536,6 +564,7 @@ impl Inner {
             publishes_in_flight: AtomicU64::new(0),
             publishes_to_resend: AtomicU64::new(0),
             publishes_done: Notify::new(),
+            probe_unanswered: Mutex::new(None),
             repairing: AtomicBool::new(false),
             stop: watch::Sender::new(false),
             closed: watch::Sender::new(None),
@@ -977,34 +1006,52 @@ impl Inner {
         wait: Wait,
         f: impl AsyncFnOnce(&OpChannel) -> Result<T>,
     ) -> Result<T> {
-        self.with_op_channel_queued_until(wait, None, f).await
+        self.with_op_channel_queued_until(wait, None, None, f).await
     }
 
     /// [`with_op_channel`](Self::with_op_channel), giving up at `queued_until` (if any) while the
-    /// channel is busy with the requests before it: given up then, it has touched nothing.
+    /// channel is busy with the requests before it: given up then, it has touched nothing. `watch`
+    /// (the health probe's) is told whether it waited for the channel, when it holds it, and when
+    /// RabbitMQ answered its opening.
     pub(crate) async fn with_op_channel_queued_until<T>(
         &self,
         wait: Wait,
         queued_until: Option<Instant>,
+        watch: Option<&ProbeWatch>,
         f: impl AsyncFnOnce(&OpChannel) -> Result<T>,
     ) -> Result<T> {
         let live = self.wait_connected(Role::Consuming, wait).await?;
         let queued = Instant::now();
-        let mut slot = match queued_until {
-            None => self.topology.lock().await,
-            Some(until) => tokio::time::timeout_at(until, self.topology.lock())
-                .await
-                .map_err(|_| Error::Timeout {
-                    operation: "the declaration channel, busy with the requests before this one"
-                        .into(),
-                    after: queued.elapsed(),
-                })?,
+        let (mut slot, waited) = match self.topology.try_lock() {
+            Ok(slot) => (slot, false),
+            Err(_) => {
+                let slot = match queued_until {
+                    None => self.topology.lock().await,
+                    Some(until) => tokio::time::timeout_at(until, self.topology.lock())
+                        .await
+                        .map_err(|_| Error::Timeout {
+                            operation:
+                                "the declaration channel, busy with the requests before this one"
+                                    .into(),
+                            after: queued.elapsed(),
+                        })?,
+                };
+                (slot, true)
+            }
         };
+        if let Some(watch) = watch {
+            watch.waited.store(waited, Ordering::Release);
+            watch.generation.store(live.generation, Ordering::Release);
+            watch.held.store(true, Ordering::Release);
+        }
         let usable = slot
             .as_ref()
             .is_some_and(|op| op.generation == live.generation && op.channel.is_open());
         if !usable {
             *slot = Some(self.open_op_channel(&live).await?);
+            if let Some(watch) = watch {
+                watch.answered.store(true, Ordering::Release);
+            }
         }
         // Armed until `f` finishes well. A request cut short (its caller gave up, or it timed out)
         // goes on in its own task, and its reply is still to come: a next request of the same kind

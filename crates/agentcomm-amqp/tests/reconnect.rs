@@ -11,7 +11,7 @@ use std::time::Duration;
 use agentcomm_amqp::{AmqpRouter, topology};
 use agentcomm_core::backoff::Backoff;
 use agentcomm_core::envelope::{Envelope, MessageId};
-use agentcomm_core::router::{NackAction, PublishOutcome, Router, SubscribeOptions};
+use agentcomm_core::router::{HealthStatus, NackAction, PublishOutcome, Router, SubscribeOptions};
 use agentcomm_core::{ChannelPattern, Error, parse_channel};
 use agentcomm_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
@@ -506,6 +506,73 @@ async fn health_answers_within_the_operation_timeout_while_rabbitmq_is_silent() 
     within("close", router.close()).await.unwrap();
 }
 
+/// While RabbitMQ answers nothing (a stalled broker or network; the heartbeat takes two intervals,
+/// 40 s with the defaults, to give the connection up), health says so: degraded, with no round trip,
+/// from the first call whose probe found the channel free, and on every call after it until a probe
+/// is answered again, including calls whose probes only waited for the channel behind the
+/// unanswered ones. It said `Healthy`, "ok", throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_degraded_while_rabbitmq_does_not_answer_the_probe() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-health-unanswered");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .operation_timeout(Duration::from_secs(1))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let before = within("health", router.health()).await;
+    assert_eq!(before.status, HealthStatus::Healthy, "{before:?}");
+    assert!(before.round_trip.is_some(), "{before:?}");
+    proxy.blackhole(true);
+    let first = within("health", router.health()).await;
+    assert_eq!(first.status, HealthStatus::Degraded, "{first:?}");
+    assert!(first.connected, "{first:?}");
+    assert!(first.round_trip.is_none(), "{first:?}");
+    assert!(
+        first
+            .detail
+            .contains("RabbitMQ did not answer the health probe within 1s"),
+        "{first:?}"
+    );
+    // Calls at once, one after the other: the first of them waits for an opening of the channel
+    // (the first probe's request timed out and retired it), the others for that one.
+    for round in 0..2 {
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let router = router.clone();
+                tokio::spawn(async move { router.health().await })
+            })
+            .collect();
+        for call in calls {
+            let health = within("a health call", call).await.expect("the call");
+            assert_eq!(
+                health.status,
+                HealthStatus::Degraded,
+                "round {round}: {health:?}"
+            );
+            assert!(
+                health.detail.contains("did not answer the health probe"),
+                "round {round}: {health:?}"
+            );
+        }
+    }
+    proxy.blackhole(false);
+    wait_until("a healthy health call with a round trip", async || {
+        let health = router.health().await;
+        health.status == HealthStatus::Healthy && health.round_trip.is_some()
+    })
+    .await;
+    within("close", router.close()).await.unwrap();
+}
+
 /// On a slow link, a health call that waited for the declaration channel behind another still
 /// answers in time, and leaves the channel usable. Its request was given only what was left of the
 /// call's time: it timed out, and retired a good channel; with opening and asking then taking longer
@@ -548,6 +615,9 @@ async fn health_calls_queued_on_a_slow_link_keep_the_declaration_channel() {
             took < Duration::from_secs(2),
             "a health call took {took:?} with an operation timeout of 1 s: {health:?}"
         );
+        // The second call's probe asked only once the first one's was answered, too late for its
+        // call: RabbitMQ answers, and the call only waited for a busy channel.
+        assert_eq!(health.status, HealthStatus::Healthy, "{health:?}");
     }
     wait_until("a health call with a round trip", async || {
         router.health().await.round_trip.is_some()

@@ -2225,3 +2225,79 @@ async fn a_publish_that_gives_up_in_an_outage_says_how_long_it_has_lasted_by_the
     assert!(down >= bound.as_secs_f64(), "{text}");
     within("close", router.close()).await.unwrap();
 }
+
+/// A handler that keeps failing, settled as the core runtime does with `max_attempts` 2 (a retry at
+/// attempt 1, a dead letter at attempt 2), while every confirm on the publishing connection times
+/// out (a stalled or alarmed broker that still stores what it reads). Each `nack(Retry)` leaves a
+/// copy RabbitMQ may store and requeues the original unchanged, still attempt 1, so the handler
+/// runs again at once, and again after each confirm timeout: max_attempts no longer bounds it, and
+/// every round's copy comes back as attempt 2. In 10 s with a 500 ms confirm timeout and 600 ms
+/// latency: 7 deliveries at attempt 1 (6 of them during the stall), and 7 at attempt 2 (7 dead
+/// letters for one message), where at most 2 attempt-2 deliveries (the stored copy, and the retry of the
+/// original once the stall is over) would be one possible duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails: a retry whose copy may be stored requeues the original with its attempt unchanged; see /tmp/reviews/review3-amqp.md"]
+async fn a_handler_failing_while_confirms_time_out_does_not_multiply_its_message() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-poison-stall");
+    let queue = topology::group_queue(&exchange, "g");
+    let delay = Duration::from_secs(1);
+    let retry_queue = topology::retry_queue(&queue, topology::retry_bucket_ms(delay));
+    let _cleanup = Cleanup::new(&exchange, &[queue.clone(), retry_queue]);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .confirm_timeout(Duration::from_millis(500))
+            .operation_timeout(Duration::from_secs(10))
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap()).group("g"),
+        ),
+    )
+    .await
+    .unwrap();
+    within("publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    proxy.set_latency(Duration::from_millis(600));
+    let (mut first_attempts, mut second_attempts) = (0, 0);
+    let stall = Instant::now() + Duration::from_secs(10);
+    let mut stalled = true;
+    loop {
+        if stalled && Instant::now() >= stall {
+            proxy.set_latency(Duration::ZERO);
+            stalled = false;
+        }
+        let Ok(Some(delivery)) =
+            tokio::time::timeout(Duration::from_secs(4), subscription.next()).await
+        else {
+            if stalled {
+                continue;
+            }
+            break;
+        };
+        if delivery.envelope().attempt() < 2 {
+            first_attempts += 1;
+            let _ = delivery.nack(NackAction::Retry { delay }).await;
+        } else {
+            second_attempts += 1;
+            let _ = delivery.ack().await;
+        }
+    }
+    let health = within("health", router.health()).await;
+    assert!(
+        second_attempts <= 2,
+        "{first_attempts} deliveries at attempt 1 and {second_attempts} at attempt 2 for one message \
+         with max_attempts 2: {health:?}"
+    );
+    within("close", router.close()).await.unwrap();
+}

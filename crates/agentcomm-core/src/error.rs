@@ -343,8 +343,10 @@ fn redact_userinfo(userinfo: &str) -> String {
     }
 }
 
-/// The query with the values of secret parameters hidden (and the pieces after them that have no
-/// `=`, which a secret with an `&` in it would leave), and whether an `@` is still shown.
+/// The query with the values of secret parameters hidden, and whether an `@` is still shown. A secret
+/// with an unencoded `&` in it leaves its rest as pieces after it (`sentinelPassword=ab&cd=ef`): after
+/// a secret, a piece without `=` is dropped, and one with `=` is hidden whole (`***`) unless its name
+/// is one a client of ours reads ([`KNOWN_PARAMETERS`]), which ends the secret.
 fn redact_query(query: &str) -> (String, bool) {
     let mut out = String::with_capacity(query.len());
     let mut in_secret = false;
@@ -355,6 +357,14 @@ fn redact_query(query: &str) -> (String, bool) {
                 format!("{name}=***")
             }
             None if in_secret => continue,
+            Some((name, _))
+                if in_secret
+                    && !KNOWN_PARAMETERS
+                        .iter()
+                        .any(|known| known.eq_ignore_ascii_case(name)) =>
+            {
+                "***".to_string()
+            }
             _ => {
                 in_secret = false;
                 parameter.to_string()
@@ -368,6 +378,27 @@ fn redact_query(query: &str) -> (String, bool) {
     let visible_at = out.contains('@');
     (out, visible_at)
 }
+
+/// The query parameters our clients read (fred's for Redis, the RabbitMQ URI's for AMQP) and a few
+/// common ones: after a secret parameter, a piece of another name may be the rest of the secret.
+const KNOWN_PARAMETERS: &[&str] = &[
+    "sentinelServiceName",
+    "sentinelUsername",
+    "node",
+    "db",
+    "protocol",
+    "heartbeat",
+    "connection_timeout",
+    "channel_max",
+    "frame_max",
+    "auth_mechanism",
+    "cacertfile",
+    "certfile",
+    "keyfile",
+    "verify",
+    "fail_if_no_peer_cert",
+    "server_name_indication",
+];
 
 /// Whether `authority` (up to its path) is hosts: names or addresses, each with a numeric port if any
 /// (`h1:26379,h2:26379`, `[::1]:6379`, nothing for `unix:///path`).
@@ -500,9 +531,25 @@ mod tests {
             "amqps://app:***@mq:5671/prod?cacertfile=/ca.pem&keyfile=/k.pem&password=***"
         );
         assert_eq!(
-            redact_url("amqp://mq/prod?auth_token=T0k&x=y@z"),
+            redact_url("amqp://mq/prod?heartbeat=10&x=y@z"),
             "amqp://***",
             "an '@' in a parameter that is not hidden: nothing shown"
+        );
+        // A secret with an unencoded '&' and a later '=' leaves its rest as a piece of its own: hidden
+        // whole, up to a parameter a client reads.
+        assert_eq!(
+            redact_url("amqp://mq/prod?auth_token=T0k&x=y@z"),
+            "amqp://mq/prod?auth_token=***&***"
+        );
+        assert_eq!(
+            redact_url(
+                "redis-sentinel://h:26379/0?sentinelPassword=Ab1&Cd2=Ef3&Gh4&node=h2:1&sentinelServiceName=m"
+            ),
+            "redis-sentinel://h:26379/0?sentinelPassword=***&***&node=h2:1&sentinelServiceName=m"
+        );
+        assert_eq!(
+            redact_url("amqp://u@mq/prod?password=Ab1&Cd2=Ef3&HEARTBEAT=10"),
+            "amqp://***@mq/prod?password=***&***&HEARTBEAT=10"
         );
         // Not URLs at all (typos): hidden whole when they may hold credentials.
         assert_eq!(redact_url("redis:/:TypoSecret@cache:6379/0"), "***");

@@ -413,9 +413,16 @@ impl AmqpRouter {
             // at the same deadline, its request at the same limit from a moment later). RabbitMQ
             // owed an answer for all of it only if the probe held the channel at once, and nothing
             // it asked was answered since; a probe that waited for the channel (busy with other
-            // requests, or with other probes) asked late, or not at all.
+            // requests, or with other probes) asked late, or not at all. So did one whose task ran
+            // late (the runtime's threads busy: a blocking handler, a starved machine): it held a
+            // free channel at once, but with less than half the call's time left, or none (then it
+            // asked nothing), and tells nothing of RabbitMQ either.
             Ok(Ok(Ok(None) | Err(_))) | Err(_) => {
-                if watch.held.load(Ordering::Acquire)
+                let held_early = watch
+                    .held_at
+                    .get()
+                    .is_some_and(|at| deadline.saturating_duration_since(*at) >= limit / 2);
+                if held_early
                     && !watch.waited.load(Ordering::Acquire)
                     && !watch.answered.load(Ordering::Acquire)
                 {

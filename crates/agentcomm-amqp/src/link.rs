@@ -466,6 +466,9 @@ impl amqprs::callbacks::ConnectionCallback for LinkCallback {
 pub(crate) struct ProbeWatch {
     /// It holds the declaration channel (opening it, or asking).
     pub held: AtomicBool,
+    /// When it began to hold the channel: a probe whose task ran late (the runtime's threads busy)
+    /// holds it at once, yet late in its call's time, or after it (and then asks nothing).
+    pub held_at: std::sync::OnceLock<Instant>,
     /// It had to wait for the channel, busy with requests before it.
     pub waited: AtomicBool,
     /// RabbitMQ answered something it asked: the channel's opening, or the probe itself.
@@ -1042,6 +1045,7 @@ impl Inner {
         if let Some(watch) = watch {
             watch.waited.store(waited, Ordering::Release);
             watch.generation.store(live.generation, Ordering::Release);
+            let _ = watch.held_at.set(Instant::now());
             watch.held.store(true, Ordering::Release);
         }
         let usable = slot

@@ -3103,3 +3103,44 @@ fn health_says_so_when_the_runtime_the_router_connected_on_has_shut_down() {
         let _ = within("close", router.close()).await;
     });
 }
+
+/// A health call whose probe's task ran only once the call's time was up (the runtime's thread was
+/// busy: a handler blocking it, a starved machine) asked RabbitMQ nothing, and so learned nothing of
+/// it. Health said degraded, "RabbitMQ did not answer the health probe", of a broker never asked.
+#[test]
+fn health_does_not_blame_rabbitmq_for_a_probe_that_ran_too_late_to_ask() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        if !broker_available().await {
+            return;
+        }
+        let exchange = unique("t-health-late-probe");
+        let _cleanup = Cleanup::new(&exchange, &[]);
+        let router = within(
+            "connect",
+            builder(&exchange)
+                .operation_timeout(Duration::from_millis(300))
+                .connect(),
+        )
+        .await
+        .unwrap();
+        let before = within("health", router.health()).await;
+        assert_eq!(before.status, HealthStatus::Healthy, "{before:?}");
+        // Runs before the probe's task (spawned later): holds the only thread past the probe's
+        // limit (300 ms), so the probe finds its call's time up and asks nothing.
+        let blocker = tokio::spawn(async {
+            std::thread::sleep(Duration::from_millis(600));
+        });
+        let health = within("health", router.health()).await;
+        blocker.await.unwrap();
+        assert!(
+            !health.detail.contains("did not answer the health probe"),
+            "{health:?}"
+        );
+        assert_eq!(health.status, HealthStatus::Healthy, "{health:?}");
+        within("close", router.close()).await.unwrap();
+    });
+}

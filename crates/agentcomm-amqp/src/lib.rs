@@ -438,7 +438,8 @@ impl AmqpRouter {
     /// the last one's on the live consuming connection when no probe was answered since.
     fn probe_problem(&self, probe: &Probe) -> Option<String> {
         let stalled = "the broker or the network to it may be stalled (a connection silent for two \
-                       heartbeats is taken as lost, and reconnected)";
+                       heartbeats is taken as lost, and reconnected), or this process too busy to \
+                       read the answer in time (its runtime's threads blocked)";
         if let Probe::Unanswered(limit) = probe {
             return Some(format!(
                 "RabbitMQ did not answer the health probe within {limit:?}: {stalled}"

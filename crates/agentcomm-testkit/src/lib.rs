@@ -10,6 +10,8 @@
 //! - [`memory`]: connections to one in-memory bus, so the in-memory router runs the suite too.
 //! - [`tally`]: the counting of lost, duplicated and reordered messages, for your own tests.
 //! - [`proxy`]: a fault-injecting TCP proxy to break broker connections on command.
+//! - [`logs`]: capture the JSON log lines written while a future runs, and find which piece of a
+//!   secret they (or any other text) show.
 //!
 //! See `docs/testing.md` for a walk-through.
 
@@ -17,6 +19,7 @@
 
 pub mod conformance;
 pub mod harness;
+pub mod logs;
 pub mod memory;
 pub mod proxy;
 pub mod tally;

@@ -6,12 +6,11 @@
 //! The unreachable URLs need no broker (port 1 refuses at once); the refused login uses the shared
 //! RabbitMQ (a wrong password for `guest`), skipped when it is not there.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentcomm_amqp::{AmqpRouter, AmqpRouterBuilder};
 use agentcomm_core::router::Router;
-use tracing_subscriber::layer::SubscriberExt;
+use agentcomm_testkit::logs;
 
 /// The pieces of every secret below: none of them may appear anywhere.
 const PIECES: [&str; 3] = ["Qz7k", "Wm4p", "Xc5v"];
@@ -65,51 +64,6 @@ fn unreachable_urls() -> Vec<String> {
     urls
 }
 
-/// A writer the JSON layer writes into.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Runs `test` on a runtime of one thread with a JSON log layer at TRACE; returns what it returned
-/// and the log lines.
-fn logged<T>(test: impl std::future::Future<Output = T>) -> (T, String) {
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_subscriber::EnvFilter::new("trace"))
-        .with(agentcomm_core::logging::json_layer(move || writer.clone()));
-    let outcome = tracing::subscriber::with_default(subscriber, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let outcome = runtime.block_on(test);
-        // The tasks amqprs and the router spawned may log after `test` returned: every one of them
-        // must end (and log what it logs) before the lines are read, or a leak there would be missed.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while runtime.metrics().num_alive_tasks() > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} spawned tasks still run 10 s after the test returned",
-                runtime.metrics().num_alive_tasks()
-            );
-            runtime.block_on(async { tokio::time::sleep(Duration::from_millis(1)).await });
-        }
-        outcome
-    });
-    let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).into_owned();
-    (outcome, text)
-}
-
 fn quick(url: &str) -> AmqpRouterBuilder {
     AmqpRouter::builder(url)
         .connect_timeout(Duration::from_secs(2))
@@ -133,18 +87,14 @@ async fn shown(builder: AmqpRouterBuilder) -> Vec<(&'static str, String)> {
 }
 
 fn leaking(url: &str, texts: &[(&str, String)]) -> Vec<String> {
-    texts
-        .iter()
-        .filter(|(_, text)| PIECES.iter().any(|piece| text.contains(piece)))
-        .map(|(path, text)| format!("{url:?} through {path}: {text}"))
-        .collect()
+    logs::leaks(&format!("{url:?}"), &PIECES, texts)
 }
 
 #[test]
 fn no_unreachable_url_shows_its_password() {
     let mut found = Vec::new();
     for url in unreachable_urls() {
-        let (mut texts, lines) = logged(shown(quick(&url)));
+        let (mut texts, lines) = logs::capture(shown(quick(&url)));
         if url.contains("?password=") && !url.contains(":99999") {
             // The capture works: the parameter this client does not read is logged (by name).
             assert!(
@@ -185,7 +135,7 @@ fn a_bad_key_file_shows_none_of_its_content() {
             key.display(),
             key.display()
         );
-        let (mut texts, lines) = logged(shown(quick(&url)));
+        let (mut texts, lines) = logs::capture(shown(quick(&url)));
         texts.push(("log lines", lines));
         found.extend(leaking(&url, &texts));
     }
@@ -203,7 +153,7 @@ fn a_refused_login_shows_its_password_nowhere() {
     let mut found = Vec::new();
     for password in PASSWORDS {
         let url = format!("amqp://guest:{password}@{address}/%2f");
-        let (mut texts, lines) = logged(shown(quick(&url)));
+        let (mut texts, lines) = logs::capture(shown(quick(&url)));
         texts.push(("log lines", lines));
         found.extend(leaking(&url, &texts));
     }

@@ -3,11 +3,9 @@
 //! agentcomm-core has for it (`redact_url`, `Debug` of the configuration, `Display` and `Debug` of
 //! its errors, and a JSON log line with the error as a field): no piece of the secret may show.
 
-use std::sync::{Arc, Mutex};
-
 use agentcomm_core::config::Config;
 use agentcomm_core::error::redact_url;
-use tracing_subscriber::layer::SubscriberExt;
+use agentcomm_testkit::logs;
 
 /// The pieces of every secret below: none of them may appear anywhere.
 const PIECES: [&str; 3] = ["Qz7k", "Wm4p", "Xc5v"];
@@ -95,30 +93,12 @@ fn mangled() -> Vec<String> {
     .to_vec()
 }
 
-/// A writer the JSON layer writes into.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// What a log line shows of `error` (as a `Display` field and as a `Debug` field).
 fn logged(error: &agentcomm_core::Error) -> String {
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::registry()
-        .with(agentcomm_core::logging::json_layer(move || writer.clone()));
-    tracing::subscriber::with_default(subscriber, || {
+    let ((), lines) = logs::capture(async {
         tracing::warn!(error = %error, debug = ?error, "configuration refused");
     });
-    String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+    lines
 }
 
 /// Every text agentcomm-core shows of `url` read from `variable`.
@@ -139,11 +119,8 @@ fn shown(variable: &str, url: &str) -> Vec<(&'static str, String)> {
 fn leaks(variable: &str, urls: &[String]) -> Vec<String> {
     let mut found = Vec::new();
     for url in urls {
-        for (path, text) in shown(variable, url) {
-            if PIECES.iter().any(|piece| text.contains(piece)) {
-                found.push(format!("{variable}={url:?} through {path}: {text}"));
-            }
-        }
+        let subject = format!("{variable}={url:?}");
+        found.extend(logs::leaks(&subject, &PIECES, &shown(variable, url)));
     }
     found
 }
@@ -193,11 +170,12 @@ fn the_digits_of_a_password_are_not_taken_for_a_port_without_a_host() {
         "amqp://:48271?password=Qz7k@mq/prod",
     ] {
         for variable in ["REDIS_URL", "RABBITMQ_URL"] {
-            for (path, text) in shown(variable, url) {
-                if text.contains("48271") || text.contains("Qz7k") {
-                    found.push(format!("{variable}={url:?} through {path}: {text}"));
-                }
-            }
+            let subject = format!("{variable}={url:?}");
+            found.extend(logs::leaks(
+                &subject,
+                &["48271", "Qz7k"],
+                &shown(variable, url),
+            ));
         }
     }
     assert!(found.is_empty(), "{}", found.join("\n"));

@@ -8,13 +8,13 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex, Once};
+use std::sync::Once;
 use std::time::Duration;
 
 use agentcomm_core::router::Router;
 use agentcomm_redis::{DeliveryMode, RedisRouter, RedisRouterBuilder};
+use agentcomm_testkit::logs;
 use common::*;
-use tracing_subscriber::layer::SubscriberExt;
 
 /// The pieces of every secret below: none of them may appear anywhere.
 const PIECES: [&str; 3] = ["Qz7k", "Wm4p", "Xc5v"];
@@ -74,58 +74,15 @@ fn unreachable_urls() -> Vec<String> {
     urls
 }
 
-/// A writer the JSON layer writes into.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 /// Runs `test` on a runtime of one thread (every task fred spawns runs there) with a JSON log layer
-/// at TRACE, `log` records (fred's) included; returns what it returned and the log lines.
+/// at TRACE, `log` records (fred's) included, until fred's tasks have ended; returns what it returned
+/// and the log lines.
 fn logged<T>(test: impl std::future::Future<Output = T>) -> (T, String) {
     static LOG_BRIDGE: Once = Once::new();
     LOG_BRIDGE.call_once(|| {
         let _ = tracing_log::LogTracer::init();
     });
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_subscriber::EnvFilter::new("trace"))
-        .with(agentcomm_core::logging::json_layer(move || writer.clone()));
-    let outcome = tracing::subscriber::with_default(subscriber, || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let outcome = runtime.block_on(test);
-        // The tasks fred spawned may log a failure after `test` returned: every one of them must end
-        // (and log what it logs) before the lines are read, or a leak in a late line would be missed.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while runtime.metrics().num_alive_tasks() > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} of fred's tasks still run 10 s after the test returned",
-                runtime.metrics().num_alive_tasks()
-            );
-            runtime.block_on(async { tokio::time::sleep(Duration::from_millis(1)).await });
-        }
-        outcome
-    });
-    (outcome, lines.text())
+    logs::capture(test)
 }
 
 fn quick(url: &str) -> RedisRouterBuilder {
@@ -138,11 +95,7 @@ fn quick(url: &str) -> RedisRouterBuilder {
 
 /// The texts in `texts` that show a piece of the secret, labelled.
 fn leaking(url: &str, texts: &[(&str, String)]) -> Vec<String> {
-    texts
-        .iter()
-        .filter(|(_, text)| PIECES.iter().any(|piece| text.contains(piece)))
-        .map(|(path, text)| format!("{url:?} through {path}: {text}"))
-        .collect()
+    logs::leaks(&format!("{url:?}"), &PIECES, texts)
 }
 
 #[test]

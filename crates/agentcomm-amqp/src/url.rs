@@ -213,14 +213,14 @@ impl AmqpUrl {
             .split('&')
             .filter(|pair| !pair.is_empty())
         {
+            // A piece is named (in an error or a log line) only where the redacted URL shows it:
+            // after a secret parameter (`password=ab&cd=ef`), a piece may be the rest of its value,
+            // and is hidden there.
+            let shown = parsed
+                .redacted
+                .split_once('?')
+                .is_some_and(|(_, query)| query.split('&').any(|piece| piece == pair));
             let (key, value) = pair.split_once('=').ok_or_else(|| {
-                // Named only where the redacted URL shows it: after a secret parameter
-                // (`password=ab&cd`), a piece without '=' is taken for the rest of its value and
-                // hidden there.
-                let redacted = redact_url(url);
-                let shown = redacted
-                    .split_once('?')
-                    .is_some_and(|(_, query)| query.split('&').any(|piece| piece == pair));
                 invalid(
                     variable,
                     url,
@@ -261,9 +261,13 @@ impl AmqpUrl {
                 "server_name_indication" => parsed.server_name = Some(value),
                 // Other clients' parameters (channel_max, auth_mechanism, verify, ...) are accepted and
                 // ignored, so that one URL serves every client of the system.
-                _ => tracing::debug!(
+                _ if shown => tracing::debug!(
                     parameter = key,
                     "ignoring an AMQP URL parameter this client does not use"
+                ),
+                _ => tracing::debug!(
+                    "ignoring an AMQP URL parameter this client does not use (its name is hidden: \
+                     after a secret parameter, it may be the rest of a password with an '&')"
                 ),
             }
         }

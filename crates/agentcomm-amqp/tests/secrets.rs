@@ -16,7 +16,7 @@ use agentcomm_testkit::logs;
 const PIECES: [&str; 3] = ["Qz7k", "Wm4p", "Xc5v"];
 
 /// Passwords made of [`PIECES`], as they are written in a URL.
-const PASSWORDS: [&str; 9] = [
+const PASSWORDS: [&str; 10] = [
     "Qz7kWm4pXc5v",
     "Qz7k%40Wm4p%3AXc5v",
     "Qz7k%2FWm4p%3FXc5v%23",
@@ -26,6 +26,7 @@ const PASSWORDS: [&str; 9] = [
     "Qz7k?Wm4p?Xc5v",
     "Qz7k#Wm4p#Xc5v",
     "Qz7k&Wm4p&Xc5v",
+    "Qz7k&Wm4p=Xc5v",
 ];
 
 /// URLs of brokers that cannot be reached (port 1), holding a secret in every place a URL can.

@@ -136,6 +136,25 @@ fn no_unreachable_url_shows_its_password() {
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
+/// Connects `builder` (which must succeed: `taken` says what that proves), and returns the router's
+/// and its health's `Debug` output before it closes.
+async fn connected_texts(
+    builder: RedisRouterBuilder,
+    what: &str,
+    taken: &str,
+) -> Vec<(&'static str, String)> {
+    let router = within(Duration::from_secs(20), what, builder.connect())
+        .await
+        .unwrap_or_else(|error| panic!("{taken}: {error}"));
+    let health = router.health().await;
+    let texts = vec![
+        ("router Debug", format!("{router:?}")),
+        ("health Debug", format!("{health:?}")),
+    ];
+    router.close().await.expect("close");
+    texts
+}
+
 /// A Redis of the test's own that wants `password` (as the server reads it, decoded).
 fn server_with(password: &str) -> Option<servers::Spawned> {
     if let Some(reason) = servers::missing_tools() {
@@ -177,25 +196,13 @@ fn a_connected_router_shows_its_password_nowhere() {
             DeliveryMode::PubSub,
         ),
     ] {
-        let (texts, lines) = logged(async {
-            let router = within(
-                Duration::from_secs(20),
-                "connecting",
-                RedisRouter::builder(&url)
-                    .mode(mode)
-                    .prefix(unique_prefix())
-                    .connect(),
-            )
-            .await
-            .unwrap_or_else(|error| panic!("the password is taken: {error}"));
-            let health = router.health().await;
-            let texts = vec![
-                ("router Debug", format!("{router:?}")),
-                ("health Debug", format!("{health:?}")),
-            ];
-            router.close().await.expect("close");
-            texts
-        });
+        let (texts, lines) = logged(connected_texts(
+            RedisRouter::builder(&url)
+                .mode(mode)
+                .prefix(unique_prefix()),
+            "connecting",
+            "the password is taken",
+        ));
         // The capture works: the router's own line, and fred's (through the `log` bridge).
         assert!(lines.contains("connected to Redis"), "{lines}");
         assert!(lines.contains("\"target\":\"fred::"), "{lines}");
@@ -272,22 +279,11 @@ fn a_router_through_a_sentinel_with_passwords_shows_neither() {
         "redis-sentinel://:Qz7k%40Wm4p%3AXc5v@127.0.0.1:{}/0?sentinelServiceName={service}&sentinelPassword=Xc5v@Qz7k",
         ports[1]
     );
-    let (texts, lines) = logged(async {
-        let router = within(
-            Duration::from_secs(20),
-            "connecting through the Sentinel",
-            RedisRouter::builder(&url).prefix(unique_prefix()).connect(),
-        )
-        .await
-        .unwrap_or_else(|error| panic!("both passwords are taken: {error}"));
-        let health = router.health().await;
-        let texts = vec![
-            ("router Debug", format!("{router:?}")),
-            ("health Debug", format!("{health:?}")),
-        ];
-        router.close().await.expect("close");
-        texts
-    });
+    let (texts, lines) = logged(connected_texts(
+        RedisRouter::builder(&url).prefix(unique_prefix()),
+        "connecting through the Sentinel",
+        "both passwords are taken",
+    ));
     assert!(lines.contains("connected to Redis"), "{lines}");
     let mut found = leaking(&url, &texts);
     found.extend(leaking(&url, &[("log lines", lines)]));

@@ -2447,8 +2447,15 @@ mod tests {
     /// for good) are forgotten, and only those; past 4,096 the lowest is, however young.
     #[test]
     fn stale_unused_runs_are_forgotten_past_64_and_any_past_4096() {
-        let route = route_with(20_000);
-        let long_ago = Instant::now() - Duration::from_secs(120);
+        // A short `stale_after`, so that "long ago" is seconds back: an `Instant` cannot go back
+        // further than the machine's boot, and a test run soon after it would panic.
+        let route = ChannelRoute {
+            stale_after: Duration::from_secs(2),
+            ..route_with(20_000)
+        };
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(3))
+            .expect("the machine booted at least 3 s ago");
         for number in (2..=126).step_by(2) {
             route.give_back(number);
         }

@@ -41,11 +41,10 @@ pub async fn redis_available() -> bool {
             true
         }
         _ => {
-            let reason = format!("no Redis at {}", agentcomm_core::error::redact_url(&url));
-            if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
-                panic!("AGENTCOMM_REQUIRE_BROKERS=1, but {reason}");
-            }
-            println!("skipped: {reason}");
+            servers::skip(&format!(
+                "no Redis at {}",
+                agentcomm_core::error::redact_url(&url)
+            ));
             false
         }
     }

@@ -423,7 +423,7 @@ fn numeric_port(port: Option<&str>) -> bool {
 }
 
 /// Whether a query parameter's name (percent-decoded, in any case) speaks of a password, secret,
-/// token or auth.
+/// token, auth, credential, API key or access key.
 fn is_secret_name(name: &str) -> bool {
     let mut decoded = Vec::with_capacity(name.len());
     let bytes = name.as_bytes();
@@ -450,9 +450,24 @@ fn is_secret_name(name: &str) -> bool {
         }
     }
     let name = String::from_utf8_lossy(&decoded).to_ascii_lowercase();
-    ["pass", "pwd", "secret", "token", "auth"]
-        .iter()
-        .any(|word| name.contains(word))
+    [
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "auth",
+        "credential",
+        "apikey",
+        "api_key",
+        "api-key",
+        "api key",
+        "accesskey",
+        "access_key",
+        "access-key",
+        "access key",
+    ]
+    .iter()
+    .any(|word| name.contains(word))
 }
 
 /// What a requester learns when the agent that received its request dead-lettered it
@@ -550,6 +565,15 @@ mod tests {
         assert_eq!(
             redact_url("amqp://u@mq/prod?password=Ab1&Cd2=Ef3&HEARTBEAT=10"),
             "amqp://***@mq/prod?password=***&***&HEARTBEAT=10"
+        );
+        // API keys and credentials by their usual names, however spelled.
+        assert_eq!(
+            redact_url("redis://cache:6379/0?apikey=K3y&ApiKey=K3y&api_key=K3y&db=1"),
+            "redis://cache:6379/0?apikey=***&ApiKey=***&api_key=***&db=1"
+        );
+        assert_eq!(
+            redact_url("amqp://mq/prod?access-key=K3y&Credentials=C&heartbeat=5"),
+            "amqp://mq/prod?access-key=***&Credentials=***&heartbeat=5"
         );
         // Not URLs at all (typos): hidden whole when they may hold credentials.
         assert_eq!(redact_url("redis:/:TypoSecret@cache:6379/0"), "***");

@@ -32,7 +32,7 @@ use bytes::Bytes;
 
 use crate::builder::QueueType;
 use crate::link::{Inner, LinkState, Live, OpChannel, Reason, Role, Wait, bump};
-use crate::publisher::Unconfirmed;
+use crate::publisher::{Confirmed, LateConfirm, Unconfirmed};
 use crate::topology::{retry_bucket_ms, retry_queue};
 
 /// How a subscription's queue is shared.
@@ -1028,8 +1028,12 @@ struct AmqpAck {
     copied: Option<MessageId>,
     /// A copy of it (a retry, one sent straight back, a delivery given back as a copy) went out and
     /// was not confirmed yet: cut short now, the original is given back, and RabbitMQ may store the
-    /// copy too. Cleared once the copy's publish is over.
+    /// copy too. Cleared once the copy's publish is over, and set again while the original is held
+    /// for the copy's late confirm.
     copy_out: AtomicBool,
+    /// For a `nack(Retry)`: where the publisher reports the confirm of the retry's copy should it
+    /// come after `confirm_timeout` (see [`AmqpAck::hold_for_late_confirm`]).
+    late: Option<Box<LateConfirm>>,
 }
 
 /// No settlement asked for: dropped like this (`Delivery::discard`), it is left to the broker, which
@@ -1054,6 +1058,7 @@ impl AmqpAck {
             uncounted: None,
             copied: None,
             copy_out: AtomicBool::new(false),
+            late: None,
         }
     }
 
@@ -1218,21 +1223,29 @@ impl AmqpAck {
     /// retry comes back at once, not after `delay`. When that fails too, the original is requeued
     /// unchanged, and the caller gets an error saying so.
     ///
-    /// A copy RabbitMQ did not confirm but may have stored all the same (its confirm timed out, or
-    /// its channel was lost and sending it again gave up) is not followed by another: the original
+    /// A copy RabbitMQ did not confirm in time but may have stored all the same is not followed by
+    /// another (it would go the way the first one could not, and the message could come three
+    /// times). When its frame went out and its confirm is still awaited (a confirm timeout), the
+    /// original is held unacknowledged until RabbitMQ's answer comes (see
+    /// [`AmqpAck::hold_for_late_confirm`]), and the caller gets an error saying so at once. When it
+    /// cannot come any more (the copy's channel was lost and sending it again gave up), the original
     /// is requeued unchanged, counted in `copies_unconfirmed`, and the caller gets an error saying
-    /// that the message comes again at once and may come a second time, from that copy. Sending
-    /// another copy instead would go the way the first one could not (it would likely wait as long
-    /// and end as uncertain), and the message could come three times.
-    async fn retry(&self, envelope: Envelope, delay: Duration) -> Result<()> {
-        let inner = self.inner();
-        let queue = &self.consumer.state.queue;
+    /// that the message comes again at once and may come a second time, from that copy.
+    ///
+    /// Requeuing the original at once after every confirm timeout multiplied a failing message
+    /// while confirms were slow: it came back with its attempt unchanged, so `max_attempts` never
+    /// stopped it, and each round left one more copy at the next attempt (7 deliveries at attempt 1
+    /// and 7 dead letters for one message in 10 s of 600 ms latency with a 500 ms confirm timeout).
+    async fn retry(self: Box<Self>, envelope: Envelope, delay: Duration) -> Result<()> {
+        let inner = self.consumer.state.inner.clone();
+        let queue = self.consumer.state.queue.clone();
         let id = envelope.id();
+        let late = self.late.as_deref();
         // Where the next attempt went: to the retry queue (`Ok(None)`); straight back to `queue`
         // instead (`Ok(Some(why not to the retry queue))`); nowhere for sure (`Err`, with where a
         // copy may be when RabbitMQ may have stored one).
         let scheduled = inner
-            .schedule_retry(queue, &envelope, delay, &self.copy_out)
+            .schedule_retry(&queue, &envelope, delay, &self.copy_out, late)
             .await;
         // Its publish is over: a failure that may have been stored is counted below.
         self.copy_out.store(false, Ordering::Relaxed);
@@ -1240,10 +1253,10 @@ impl AmqpAck {
             Ok(()) => Ok(None),
             Err(failed) if failed.maybe_stored => Err((
                 failed.error,
-                Some(format!(
-                    "its retry may come too, after {delay:?}, as attempt {}",
-                    envelope.attempt()
-                )),
+                Some(CopySent {
+                    delay: Some(delay),
+                    attempt: envelope.attempt(),
+                }),
             )),
             Err(failed) => {
                 tracing::warn!(
@@ -1252,16 +1265,18 @@ impl AmqpAck {
                     error = %failed.error,
                     "could not schedule a delayed retry; sending the message back to its queue at once"
                 );
-                let requeued = inner.requeue_now(queue, &envelope, &self.copy_out).await;
+                let requeued = inner
+                    .requeue_now(&queue, &envelope, &self.copy_out, late)
+                    .await;
                 self.copy_out.store(false, Ordering::Relaxed);
                 match requeued {
                     Ok(()) => Ok(Some(failed.error)),
                     Err(again) if again.maybe_stored => Err((
                         again.error,
-                        Some(format!(
-                            "the copy sent straight back may come too, as attempt {}",
-                            envelope.attempt()
-                        )),
+                        Some(CopySent {
+                            delay: None,
+                            attempt: envelope.attempt(),
+                        }),
                     )),
                     Err(_) => Err((failed.error, None)),
                 }
@@ -1294,6 +1309,126 @@ impl AmqpAck {
                 )))
             }
             Err((error, Some(copy))) => {
+                let waiting = self.late.as_deref().and_then(LateConfirm::take);
+                let fate = match waiting {
+                    Some((mut receiver, earlier_frames)) => match receiver.try_recv() {
+                        Err(oneshot::error::TryRecvError::Empty) => {
+                            return self.hold_for_late_confirm(
+                                receiver,
+                                earlier_frames,
+                                id,
+                                copy,
+                                &error,
+                            );
+                        }
+                        Ok(confirmed) => CopyFate::of(Ok(confirmed), earlier_frames),
+                        Err(oneshot::error::TryRecvError::Closed) => {
+                            CopyFate::of(Err(()), earlier_frames)
+                        }
+                    },
+                    None => CopyFate::Unknown("no confirm came in time"),
+                };
+                self.settle_for_copy(fate, id, copy, Some(error)).await
+            }
+        }
+    }
+
+    /// The retry's copy went out and its confirm did not come within `confirm_timeout`: the
+    /// original stays unacknowledged (it keeps its prefetch slot, and counts in `in_flight`) until
+    /// RabbitMQ's answer comes, on a task of its own, and the caller is told so now. The answer,
+    /// whenever it comes, settles the original ([`AmqpAck::settle_for_copy`]): acknowledged when
+    /// the copy was stored (the copy carries the retry on: no duplicate), requeued unchanged when
+    /// RabbitMQ refused it, and requeued, counted in `copies_unconfirmed` and logged as maybe
+    /// coming twice when the answer cannot come any more: the copy's channel or connection was lost
+    /// first, or the publisher's hold ended (`publish_outage_timeout`, at least `confirm_timeout`,
+    /// after the timeout).
+    ///
+    /// The router's close waits for the held original like any delivery in hand (up to
+    /// `close_timeout`, while its channel is open), then for the copy's confirm like any owed
+    /// confirm (up to `close_timeout` again), then fails it: by then the subscription's channel is
+    /// closed and RabbitMQ gave the original back, and the copy may be stored too (counted and
+    /// logged as above).
+    fn hold_for_late_confirm(
+        self: Box<Self>,
+        receiver: oneshot::Receiver<Confirmed>,
+        earlier_frames: bool,
+        id: MessageId,
+        copy: CopySent,
+        error: &Error,
+    ) -> Result<()> {
+        let inner = self.consumer.state.inner.clone();
+        let hold = self
+            .late
+            .as_deref()
+            .map_or(Duration::ZERO, LateConfirm::hold);
+        // Until the answer settles it, a drop (the task stopped by its runtime shutting down) gives
+        // the original back and counts the copy as unconfirmed.
+        self.copy_out.store(true, Ordering::Relaxed);
+        self.progress.store(REQUEUING, Ordering::Relaxed);
+        let told = inner.backend_error(format!(
+            "RabbitMQ did not confirm the retry of message {id} in time ({error}), but may still store it: the original is held unacknowledged until RabbitMQ confirms or refuses the copy (for at most {hold:?} more, or until the router closes). If the copy is confirmed, the original is acknowledged and {}; if it is refused, the original is requeued unchanged; if no answer comes, the original is requeued and the message may come twice (logged, and counted in copies_unconfirmed)",
+            copy.comes()
+        ));
+        inner.runtime.clone().spawn(async move {
+            let fate = CopyFate::of(receiver.await.map_err(|_| ()), earlier_frames);
+            let stored = matches!(fate, CopyFate::Stored);
+            let queue = self.consumer.state.queue.clone();
+            match self.settle_for_copy(fate, id, copy, None).await {
+                Ok(()) if stored => tracing::info!(
+                    queue = %queue,
+                    message_id = %id,
+                    "RabbitMQ confirmed a retry's copy after confirm_timeout: the original it held is acknowledged, and the copy carries the retry"
+                ),
+                Ok(()) => {}
+                Err(error) => tracing::warn!(
+                    queue = %queue,
+                    message_id = %id,
+                    error = %error,
+                    "settled a delivery held for its retry's late confirm"
+                ),
+            }
+        });
+        Err(told)
+    }
+
+    /// Settles the original of a retry whose copy's confirm did not come in time, once what became
+    /// of the copy is known (`fate`). `error` is the publish's own error when the caller of the nack
+    /// still waits (it is told the result), `None` when the original was held for a late confirm.
+    async fn settle_for_copy(
+        &self,
+        fate: CopyFate,
+        id: MessageId,
+        copy: CopySent,
+        error: Option<Error>,
+    ) -> Result<()> {
+        let inner = self.inner();
+        // Known now: a drop from here on is not a copy cut short.
+        self.copy_out.store(false, Ordering::Relaxed);
+        let cause = error.map_or_else(
+            || "its confirm came after confirm_timeout".to_string(),
+            |error| error.to_string(),
+        );
+        match fate {
+            CopyFate::Stored => {
+                self.progress.store(RETRY_SENT, Ordering::Relaxed);
+                bump(&inner.counters.retried);
+                bump(&inner.counters.copies_confirmed_late);
+                if copy.delay.is_none() {
+                    bump(&inner.counters.retries_undelayed);
+                }
+                self.basic_ack().await.map_err(|ack| {
+                    inner.backend_error(format!(
+                        "RabbitMQ stored the retry of message {id} ({cause}), but the original could not be acknowledged ({ack}): it will be delivered twice"
+                    ))
+                })
+            }
+            CopyFate::NotStored(why) => {
+                self.basic_requeue().await?;
+                Err(inner.backend_error(format!(
+                    "the retry of message {id} was not stored ({why}); the original was requeued unchanged instead"
+                )))
+            }
+            CopyFate::Unknown(why) => {
                 // Counted before the caller is told, whatever becomes of the original.
                 bump(&inner.counters.copies_unconfirmed);
                 let given_back = match self.basic_requeue().await {
@@ -1301,9 +1436,84 @@ impl AmqpAck {
                     Err(requeue) => format!("the original could not be requeued ({requeue})"),
                 };
                 Err(inner.backend_error(format!(
-                    "message {id} may come twice: its retry was not confirmed ({error}), but RabbitMQ may have stored it all the same; {given_back}, and {copy}"
+                    "message {id} may come twice: its retry was not confirmed ({cause}; {why}), but RabbitMQ may have stored it all the same; {given_back}, and {}",
+                    copy.may_come()
                 )))
             }
+        }
+    }
+}
+
+/// Where a retry's copy went whose confirm did not come in time.
+struct CopySent {
+    /// To the retry queue, to come back after this delay; `None`: straight back to its queue.
+    delay: Option<Duration>,
+    /// Its attempt.
+    attempt: u32,
+}
+
+impl CopySent {
+    /// What happens to the copy once it is known to be stored.
+    fn comes(&self) -> String {
+        match self.delay {
+            Some(delay) => format!(
+                "the retry comes after {delay:?}, as attempt {}",
+                self.attempt
+            ),
+            None => format!(
+                "the copy sent straight back comes, as attempt {}",
+                self.attempt
+            ),
+        }
+    }
+
+    /// What may happen to the copy when nobody knows whether it was stored.
+    fn may_come(&self) -> String {
+        match self.delay {
+            Some(delay) => format!(
+                "its retry may come too, after {delay:?}, as attempt {}",
+                self.attempt
+            ),
+            None => format!(
+                "the copy sent straight back may come too, as attempt {}",
+                self.attempt
+            ),
+        }
+    }
+}
+
+/// What became of a retry's copy whose confirm did not come within `confirm_timeout`.
+enum CopyFate {
+    /// RabbitMQ confirmed it (late): the copy carries the retry.
+    Stored,
+    /// RabbitMQ refused it, or returned it: not stored.
+    NotStored(&'static str),
+    /// Nobody will know: it may be stored.
+    Unknown(&'static str),
+}
+
+impl CopyFate {
+    /// Reads the late confirm (`Err`: it cannot come any more, its channel lost or the router
+    /// closed). `earlier_frames`: an earlier frame of the copy went out on a channel lost before
+    /// its confirm, and may be stored whatever the last one's confirm says.
+    fn of(confirm: std::result::Result<Confirmed, ()>, earlier_frames: bool) -> CopyFate {
+        match confirm {
+            Ok(Confirmed::Ack { returned: false }) => CopyFate::Stored,
+            Ok(Confirmed::Ack { returned: true } | Confirmed::Nack) if earlier_frames => {
+                CopyFate::Unknown(
+                    "RabbitMQ refused its last frame, but an earlier one went out on a channel lost before its confirm",
+                )
+            }
+            Ok(Confirmed::Ack { returned: true }) => {
+                CopyFate::NotStored("RabbitMQ returned it: its queue no longer exists")
+            }
+            Ok(Confirmed::Nack) => CopyFate::NotStored("RabbitMQ refused it with basic.nack"),
+            Ok(Confirmed::TimedOut) => CopyFate::Unknown(
+                "no confirm came within publish_outage_timeout (at least confirm_timeout) after the timeout either",
+            ),
+            Err(()) => CopyFate::Unknown(
+                "its publishing channel or connection was lost, or the router closed, before RabbitMQ confirmed it",
+            ),
         }
     }
 }
@@ -1342,6 +1552,13 @@ impl Acknowledge for AmqpAck {
         self.progress.store(REQUEUING, Ordering::Relaxed);
         if matches!(action, NackAction::Retry { .. }) {
             self.copied = Some(envelope.id());
+            // How long the original may be held for the copy's late confirm: as long as a publish
+            // rides out an outage, and at least as long as it waits for a confirm.
+            let settings = &self.inner().settings;
+            let hold = settings
+                .publish_outage_timeout
+                .max(settings.confirm_timeout);
+            self.late = Some(Box::new(LateConfirm::new(hold)));
         }
         Box::pin(async move {
             // Checked before scheduling a retry too: a retry of a stale delivery would be a
@@ -1529,17 +1746,21 @@ impl Inner {
         envelope: &Envelope,
         delay: Duration,
         copy_out: &AtomicBool,
+        late: Option<&LateConfirm>,
     ) -> std::result::Result<(), Unconfirmed> {
         let ttl = retry_bucket_ms(delay);
         if ttl == 0 {
-            return self.requeue_now(queue, envelope, copy_out).await;
+            return self.requeue_now(queue, envelope, copy_out, late).await;
         }
         let name = retry_queue(queue, ttl);
         for _ in 0..2 {
             self.ensure_retry_queue(&name, queue, ttl)
                 .await
                 .map_err(Unconfirmed::not_stored)?;
-            match self.publish_to_queue(envelope, &name, copy_out).await? {
+            match self
+                .publish_to_queue(envelope, &name, copy_out, late)
+                .await?
+            {
                 PublishOutcome::Unroutable => {
                     // Returned: not stored.
                     copy_out.store(false, Ordering::Relaxed);
@@ -1562,8 +1783,12 @@ impl Inner {
         queue: &str,
         envelope: &Envelope,
         copy_out: &AtomicBool,
+        late: Option<&LateConfirm>,
     ) -> std::result::Result<(), Unconfirmed> {
-        match self.publish_to_queue(envelope, queue, copy_out).await? {
+        match self
+            .publish_to_queue(envelope, queue, copy_out, late)
+            .await?
+        {
             PublishOutcome::Unroutable => Err(Unconfirmed::not_stored(self.backend_error(
                 format!("the queue '{queue}' no longer exists, so the retry has nowhere to go"),
             ))),
@@ -1629,6 +1854,29 @@ mod tests {
     use agentcomm_core::ChannelPattern;
     use agentcomm_core::router::{Router, SubscribeOptions};
     use agentcomm_testkit::proxy::{FaultProxy, loopback_address, url_through};
+
+    /// What a retry's late confirm decides for the original: acknowledged only when the copy is
+    /// known to be stored; requeued as not stored only when nothing else of it may be stored (an
+    /// earlier frame sent on a channel lost before its confirm may be); given back as maybe coming
+    /// twice whenever nobody can know.
+    #[test]
+    fn a_late_confirm_acknowledges_the_original_only_when_the_copy_is_known_stored() {
+        let fate = |confirm, earlier| match CopyFate::of(confirm, earlier) {
+            CopyFate::Stored => "stored",
+            CopyFate::NotStored(_) => "not stored",
+            CopyFate::Unknown(_) => "unknown",
+        };
+        let stored = Ok(Confirmed::Ack { returned: false });
+        let returned = Ok(Confirmed::Ack { returned: true });
+        assert_eq!(fate(stored, false), "stored");
+        assert_eq!(fate(stored, true), "stored");
+        assert_eq!(fate(returned, false), "not stored");
+        assert_eq!(fate(Ok(Confirmed::Nack), false), "not stored");
+        assert_eq!(fate(returned, true), "unknown");
+        assert_eq!(fate(Ok(Confirmed::Nack), true), "unknown");
+        assert_eq!(fate(Ok(Confirmed::TimedOut), false), "unknown");
+        assert_eq!(fate(Err(()), false), "unknown");
+    }
 
     /// A `nack(Retry)` cut short once the retry's copy went out (its caller's timeout, a `select!`,
     /// while the ack frame waits for a stalled connection's writer) leaves the original to its drop.

@@ -591,6 +591,10 @@ impl AmqpRouter {
             .counter("retried", load(&counters.retried))
             .counter("retries_undelayed", load(&counters.retries_undelayed))
             .counter("copies_unconfirmed", load(&counters.copies_unconfirmed))
+            .counter(
+                "copies_confirmed_late",
+                load(&counters.copies_confirmed_late),
+            )
             .counter("abandoned", load(&counters.abandoned))
             .counter("settle_failures", load(&counters.settle_failures))
             .counter("stale", load(&counters.stale))

@@ -290,10 +290,14 @@ pub(crate) struct Counters {
     /// nothing), sent straight back to their queue instead: also in `retried`.
     pub retries_undelayed: AtomicU64,
     /// Copies (a retry, a delivery given back as a copy) RabbitMQ did not confirm but may have
-    /// stored all the same (a confirm timeout; the channel lost and sending again given up; the
-    /// settlement cut short before the confirm), whose original was given back instead: the message
-    /// may come twice.
+    /// stored all the same, whose original was given back instead: the message may come twice. For
+    /// a retry: its confirm timed out and no late answer came either (the channel lost first, the
+    /// hold over), or the channel was lost and sending again given up, or the settlement was cut
+    /// short before the confirm.
     pub copies_unconfirmed: AtomicU64,
+    /// Retries whose copy's confirm came after `confirm_timeout`, while the original was held for
+    /// it: the original was acknowledged then, and the copy carries the retry (also in `retried`).
+    pub copies_confirmed_late: AtomicU64,
     pub abandoned: AtomicU64,
     pub settle_failures: AtomicU64,
     pub stale: AtomicU64,

@@ -70,6 +70,11 @@ impl Sends {
         if let Some(went_out) = message.went_out {
             went_out.store(true, Ordering::Relaxed);
         }
+        if self.sent > 1
+            && let Some(late) = message.late
+        {
+            late.earlier_frames.store(true, Ordering::Relaxed);
+        }
     }
 
     fn maybe_stored(&self) -> bool {
@@ -88,6 +93,53 @@ pub(crate) struct Outgoing<'a> {
     copy_of: Option<&'a BasicProperties>,
     /// Set when a frame of it goes out (its caller, cut short, then knows RabbitMQ may store it).
     went_out: Option<&'a AtomicBool>,
+    /// Where to hear of a confirm that comes after the publish timed out waiting for it (see
+    /// [`LateConfirm`]); `None`: such a confirm is dropped, as for any publish.
+    late: Option<&'a LateConfirm>,
+}
+
+/// What a caller that asks for it hears of the confirm of its message's last frame when that
+/// confirm comes after `confirm_timeout` (the publish failed with a timeout by then, and the caller
+/// was told): a retry holds its original delivery unacknowledged until it knows whether the copy was
+/// stored, instead of guessing.
+///
+/// The receiver resolves with the late basic.ack (`Confirmed::Ack`, `returned` when no queue took
+/// it) or basic.nack (`Confirmed::Nack`); with `Confirmed::TimedOut` when `hold` passed after the
+/// timeout without either; and fails (sender dropped) when the channel or its connection is lost
+/// first, or the router closes: then whether RabbitMQ stored the message cannot be known.
+pub(crate) struct LateConfirm {
+    /// How long past the publish's timeout the publisher keeps listening for the confirm.
+    hold: Duration,
+    /// The receiver of the last frame that went out, put there once the frame is queued.
+    receiver: Mutex<Option<oneshot::Receiver<Confirmed>>>,
+    /// More than one frame of the message went out (its channel was lost after a send, and it was
+    /// sent again): an earlier one may be stored whatever the last one's confirm says.
+    earlier_frames: AtomicBool,
+}
+
+impl LateConfirm {
+    pub(crate) fn new(hold: Duration) -> Self {
+        LateConfirm {
+            hold,
+            receiver: Mutex::new(None),
+            earlier_frames: AtomicBool::new(false),
+        }
+    }
+
+    /// The receiver of the last frame's late confirm (taken: at most once), and whether an earlier
+    /// frame went out too.
+    pub(crate) fn take(&self) -> Option<(oneshot::Receiver<Confirmed>, bool)> {
+        let receiver = self.receiver.lock().expect("late confirm lock").take()?;
+        Some((receiver, self.earlier_frames.load(Ordering::Relaxed)))
+    }
+
+    pub(crate) fn hold(&self) -> Duration {
+        self.hold
+    }
+
+    fn put(&self, receiver: oneshot::Receiver<Confirmed>) {
+        *self.receiver.lock().expect("late confirm lock") = Some(receiver);
+    }
 }
 
 impl Outgoing<'_> {
@@ -150,14 +202,22 @@ struct Waiting {
     /// copy sent where the return says was returned.
     route: u64,
     returned: bool,
-    /// When the publish times out if no confirm came.
+    /// When the publish times out if no confirm came (for a waiter in [`Pending::late`]: when
+    /// its caller is told that no confirm came within its hold either).
     deadline: Instant,
     waiter: oneshot::Sender<Confirmed>,
+    /// Who hears of a confirm that comes after `deadline`, and how much longer it listens (see
+    /// [`LateConfirm`]).
+    late: Option<(oneshot::Sender<Confirmed>, Duration)>,
 }
 
 #[derive(Default)]
 struct Pending {
     by_tag: BTreeMap<u64, Waiting>,
+    /// Publishes that timed out and whose caller listens for a late confirm ([`LateConfirm`]),
+    /// by delivery tag: settled by the confirms like the others, told `TimedOut` at their hold's
+    /// end, and dropped (their caller learns the channel was lost) with the channel.
+    late: BTreeMap<u64, Waiting>,
     /// The channel is gone: nothing may wait here any more. Kept under the same lock as the waiters,
     /// so that a publish never registers after [`Confirms::fail_all`] emptied the map.
     dead: bool,
@@ -303,8 +363,13 @@ impl Confirms {
     /// move `sent_below` past it right after; the waiter of a send still under way then (not below
     /// `sent_below`, its receiver there) is left for a later sweep, which sees whether its frame
     /// went out. That send is bounded by the same deadline by its caller.
+    ///
+    /// A timed-out publish whose frame went out and whose caller listens for a late confirm
+    /// ([`LateConfirm`]) moves to [`Pending::late`], where the confirm still settles it, for its
+    /// hold; at the hold's end its caller is told `TimedOut` there too.
     fn expire(&self, now: Instant) {
         let mut expired = Vec::new();
+        let mut held_too_long = Vec::new();
         {
             let mut pending = self.pending.lock().expect("confirms lock");
             let sent_below = self.sent_below.load(Ordering::Acquire);
@@ -316,14 +381,44 @@ impl Confirms {
                 })
                 .map(|(tag, _)| *tag)
                 .collect();
-            expired.extend(late.iter().filter_map(|tag| {
-                pending
-                    .by_tag
-                    .remove(tag)
-                    .map(|waiting| (*tag < sent_below, waiting))
-            }));
+            for tag in late {
+                let Some(mut waiting) = pending.by_tag.remove(&tag) else {
+                    continue;
+                };
+                let sent = tag < sent_below;
+                if sent
+                    && let Some((listener, hold)) = waiting.late.take()
+                    && !listener.is_closed()
+                {
+                    pending.late.insert(
+                        tag,
+                        Waiting {
+                            id: waiting.id,
+                            route: waiting.route,
+                            returned: waiting.returned,
+                            deadline: now + hold,
+                            waiter: listener,
+                            late: None,
+                        },
+                    );
+                }
+                expired.push((sent, waiting));
+            }
+            if !pending.late.is_empty() {
+                let over: Vec<u64> = pending
+                    .late
+                    .iter()
+                    .filter(|(_, waiting)| waiting.deadline <= now || waiting.waiter.is_closed())
+                    .map(|(tag, _)| *tag)
+                    .collect();
+                held_too_long.extend(over.iter().filter_map(|tag| pending.late.remove(tag)));
+            }
         }
         self.wake_drain();
+        for waiting in held_too_long {
+            // Its caller was told of the timeout already, and counted it.
+            let _ = waiting.waiter.send(Confirmed::TimedOut);
+        }
         let (mut orphaned, mut first) = (0, None);
         for (sent, waiting) in expired {
             if waiting.waiter.send(Confirmed::TimedOut).is_err() && sent {
@@ -363,6 +458,7 @@ impl Confirms {
     /// never polls it from inside the wake), so no publish runs under this lock.
     fn settle(&self, tag: u64, multiple: bool, nacks: Option<&AtomicU64>) -> u64 {
         let mut done = Vec::new();
+        let mut late_done = Vec::new();
         let mut pending = self.pending.lock().expect("confirms lock");
         if multiple {
             let later = pending.by_tag.split_off(&(tag + 1));
@@ -371,8 +467,28 @@ impl Confirms {
         } else if let Some(waiting) = pending.by_tag.remove(&tag) {
             done.push(waiting);
         }
+        if !pending.late.is_empty() {
+            if multiple {
+                let later = pending.late.split_off(&(tag + 1));
+                let settled = std::mem::replace(&mut pending.late, later);
+                late_done.extend(settled.into_values());
+            } else if let Some(waiting) = pending.late.remove(&tag) {
+                late_done.push(waiting);
+            }
+        }
         if let Some(nacks) = nacks {
-            nacks.fetch_add(done.len() as u64, Ordering::Relaxed);
+            nacks.fetch_add((done.len() + late_done.len()) as u64, Ordering::Relaxed);
+        }
+        for waiting in late_done {
+            let confirmed = match nacks {
+                None => Confirmed::Ack {
+                    returned: waiting.returned,
+                },
+                Some(_) => Confirmed::Nack,
+            };
+            // Its caller was told of the timeout, and counted it, already; one that stopped
+            // listening since has nothing left to decide.
+            let _ = waiting.waiter.send(confirmed);
         }
         let (mut orphaned, mut unroutable, mut first_unroutable, mut first_nacked) =
             (0, 0, None, None);
@@ -456,10 +572,12 @@ impl Confirms {
     /// with a smaller tag may still wait for its own confirm (a queue storing it) when this return
     /// comes.
     fn returned(&self, id: u128, route: u64) -> bool {
-        let mut pending = self.pending.lock().expect("confirms lock");
+        let mut guard = self.pending.lock().expect("confirms lock");
+        let pending = &mut *guard;
         match pending
             .by_tag
             .values_mut()
+            .chain(pending.late.values_mut())
             .find(|waiting| waiting.id == id && waiting.route == route && !waiting.returned)
         {
             Some(waiting) => {
@@ -478,6 +596,7 @@ impl Confirms {
     }
 
     /// Registers the waiter of delivery tag `tag`, unless the channel is gone.
+    #[cfg(test)]
     fn register(
         &self,
         tag: u64,
@@ -485,6 +604,20 @@ impl Confirms {
         route: u64,
         deadline: Instant,
         waiter: oneshot::Sender<Confirmed>,
+    ) -> bool {
+        self.register_with_late(tag, id, route, deadline, waiter, None)
+    }
+
+    /// Registers the waiter of delivery tag `tag`, and who hears of its confirm if it comes after
+    /// `deadline` (for how long), unless the channel is gone.
+    fn register_with_late(
+        &self,
+        tag: u64,
+        id: u128,
+        route: u64,
+        deadline: Instant,
+        waiter: oneshot::Sender<Confirmed>,
+        late: Option<(oneshot::Sender<Confirmed>, Duration)>,
     ) -> bool {
         let mut pending = self.pending.lock().expect("confirms lock");
         if pending.dead {
@@ -498,6 +631,7 @@ impl Confirms {
                 returned: false,
                 deadline,
                 waiter,
+                late,
             },
         );
         true
@@ -513,11 +647,16 @@ impl Confirms {
             .lock()
             .expect("confirms lock")
             .get_or_insert_with(|| reason.to_string());
-        let waiting = {
+        // The callers listening for a late confirm learn that the channel was lost as their
+        // senders drop, with these.
+        let (waiting, _late) = {
             let mut pending = self.pending.lock().expect("confirms lock");
             pending.dead = true;
             self.dead.store(true, Ordering::Release);
-            std::mem::take(&mut pending.by_tag)
+            (
+                std::mem::take(&mut pending.by_tag),
+                std::mem::take(&mut pending.late),
+            )
         };
         self.wake_drain();
         // Once the channel is dead no tag is registered again, so `sent_below` passes a waiter's tag
@@ -557,12 +696,13 @@ impl Confirms {
         }
     }
 
-    /// How many frames sent on this channel still wait for their confirm. A waiter left by a send
-    /// dropped before its frame went out (its tag not below `sent_below`) is owed nothing.
+    /// How many frames sent on this channel still wait for their confirm, including those whose
+    /// caller listens for a late one (a retry holding its original until it knows). A waiter left
+    /// by a send dropped before its frame went out (its tag not below `sent_below`) is owed nothing.
     fn owed(&self) -> usize {
         let pending = self.pending.lock().expect("confirms lock");
         let sent_below = self.sent_below.load(Ordering::Acquire);
-        pending.by_tag.range(..sent_below).count()
+        pending.by_tag.range(..sent_below).count() + pending.late.len()
     }
 
     /// Waits until no frame sent on this channel waits for its confirm, or `deadline`; returns how
@@ -827,11 +967,18 @@ impl Publisher {
             }
             let tag = *next_tag;
             let (sender, receiver) = oneshot::channel();
+            let (late, mut late_receiver) = match message.late {
+                Some(slot) => {
+                    let (sender, receiver) = oneshot::channel();
+                    (Some((sender, slot.hold)), Some(receiver))
+                }
+                None => (None, None),
+            };
             // Registered before sending: the ack may come back before basic_publish returns.
             let route = route(message.exchange, message.routing_key);
             if !self
                 .confirms
-                .register(tag, message.id, route, deadline, sender)
+                .register_with_late(tag, message.id, route, deadline, sender, late)
             {
                 return None;
             }
@@ -848,6 +995,9 @@ impl Publisher {
                 Ok(()) => {
                     *next_tag += 1;
                     self.confirms.sent(*next_tag);
+                    if let (Some(slot), Some(late)) = (message.late, late_receiver.take()) {
+                        slot.put(late);
+                    }
                     Some((tag, receiver))
                 }
                 Err(error) => {
@@ -1288,6 +1438,7 @@ impl Inner {
             id: envelope.id().as_uuid().as_u128(),
             copy_of: None,
             went_out: None,
+            late: None,
         };
         self.publish_message(envelope, &message)
             .await
@@ -1296,12 +1447,14 @@ impl Inner {
 
     /// Publishes `envelope` to `queue` (through the default exchange) like
     /// [`Inner::publish_envelope`], telling of a failure whether RabbitMQ may have stored the message
-    /// all the same. `went_out` is set as soon as a frame of it goes out.
+    /// all the same. `went_out` is set as soon as a frame of it goes out; `late` (if any) hears of
+    /// a confirm that comes after the publish timed out.
     pub(crate) async fn publish_to_queue(
         &self,
         envelope: &Envelope,
         queue: &str,
         went_out: &AtomicBool,
+        late: Option<&LateConfirm>,
     ) -> std::result::Result<PublishOutcome, Unconfirmed> {
         let message = Outgoing {
             exchange: "",
@@ -1309,6 +1462,7 @@ impl Inner {
             id: envelope.id().as_uuid().as_u128(),
             copy_of: None,
             went_out: Some(went_out),
+            late,
         };
         self.publish_message(envelope, &message).await
     }
@@ -1330,6 +1484,7 @@ impl Inner {
             id: envelope.id().as_uuid().as_u128(),
             copy_of: Some(properties),
             went_out: Some(went_out),
+            late: None,
         };
         self.publish_message(envelope, &message).await
     }
@@ -1524,6 +1679,128 @@ mod tests {
             }
         }
         assert_eq!(confirms.unconfirmed(), 2);
+    }
+
+    /// Registers tag `tag` (sent) with a caller listening for its late confirm for `hold`, its
+    /// deadline past: the publish's waiter, and the late confirm's receiver.
+    fn register_late(
+        confirms: &Confirms,
+        tag: u64,
+        hold: Duration,
+    ) -> (oneshot::Receiver<Confirmed>, oneshot::Receiver<Confirmed>) {
+        let (sender, receiver) = oneshot::channel();
+        let (late_sender, late_receiver) = oneshot::channel();
+        let past = Instant::now() - Duration::from_millis(1);
+        assert!(confirms.register_with_late(
+            tag,
+            u128::from(tag),
+            0,
+            past,
+            sender,
+            Some((late_sender, hold)),
+        ));
+        confirms.sent(tag + 1);
+        (receiver, late_receiver)
+    }
+
+    /// A confirm that comes after its publish timed out is not dropped when its caller listens for
+    /// it (a retry holding its original until it knows whether the copy was stored): a late ack, a
+    /// late nack (counted in `publish_nacks` like any) and a multiple ack covering it each reach
+    /// that caller, once its publish was told of the timeout, and only then. Close waits for them
+    /// as owed confirms.
+    #[test]
+    fn a_confirm_after_the_timeout_reaches_a_caller_listening_for_it() {
+        let _one_at_a_time = logging_tests();
+        let confirms = Confirms::default();
+        let nacks = AtomicU64::new(0);
+        let hold = Duration::from_secs(60);
+        let (mut acked, mut acked_late) = register_late(&confirms, 1, hold);
+        let (mut nacked, mut nacked_late) = register_late(&confirms, 2, hold);
+        let (mut covered, mut covered_late) = register_late(&confirms, 3, hold);
+        // A caller that stopped listening has nothing held: its entry goes at the next sweep.
+        let (_, gone_late) = register_late(&confirms, 4, hold);
+        drop(gone_late);
+        confirms.expire(Instant::now());
+        for waiter in [&mut acked, &mut nacked, &mut covered] {
+            assert_eq!(waiter.try_recv().ok(), Some(Confirmed::TimedOut));
+        }
+        assert!(acked_late.try_recv().is_err(), "told before any confirm");
+        assert_eq!(
+            confirms.unconfirmed(),
+            0,
+            "not counted as unconfirmed publishes"
+        );
+        assert_eq!(confirms.owed(), 3, "owed to the callers listening");
+        confirms.settle(1, false, None);
+        confirms.nacked(2, false, &nacks);
+        confirms.settle(3, true, None);
+        assert_eq!(
+            acked_late.try_recv().ok(),
+            Some(Confirmed::Ack { returned: false })
+        );
+        assert_eq!(nacked_late.try_recv().ok(), Some(Confirmed::Nack));
+        assert_eq!(
+            covered_late.try_recv().ok(),
+            Some(Confirmed::Ack { returned: false })
+        );
+        assert_eq!(nacks.load(Ordering::Relaxed), 1);
+        assert_eq!(confirms.owed(), 0);
+    }
+
+    /// A caller listening for a late confirm is not held for ever: at the end of its hold it is
+    /// told `TimedOut`, and when the channel is lost (or the router closes) first its receiver
+    /// fails, since the confirm cannot come any more. A publish whose frame never went out has no
+    /// late confirm to wait for.
+    #[test]
+    fn a_late_confirm_is_awaited_for_its_hold_and_until_the_channel_is_lost() {
+        let _one_at_a_time = logging_tests();
+        let confirms = Confirms::default();
+        let (_, mut held) = register_late(&confirms, 1, Duration::from_millis(50));
+        let (_, mut lost) = register_late(&confirms, 2, Duration::from_secs(60));
+        let now = Instant::now();
+        confirms.expire(now);
+        confirms.expire(now + Duration::from_millis(49));
+        assert!(held.try_recv().is_err(), "held for 50 ms");
+        confirms.expire(now + Duration::from_millis(50));
+        assert_eq!(held.try_recv().ok(), Some(Confirmed::TimedOut));
+        assert!(matches!(
+            lost.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        confirms.fail_all("the connection was lost");
+        assert!(matches!(
+            lost.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        // Tag 3 registered, its frame never sent (`sent_below` stays at 3).
+        let other = Confirms::default();
+        other.sent(3);
+        let (sender, waiter) = oneshot::channel();
+        let (late_sender, mut late_receiver) = oneshot::channel();
+        let past = Instant::now() - Duration::from_millis(1);
+        assert!(other.register_with_late(
+            3,
+            3,
+            0,
+            past,
+            sender,
+            Some((late_sender, Duration::from_secs(60)))
+        ));
+        other.expire(Instant::now());
+        assert!(
+            matches!(
+                late_receiver.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            ),
+            "left for a later sweep while its send may still go out"
+        );
+        drop(waiter);
+        other.expire(Instant::now());
+        assert!(matches!(
+            late_receiver.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        assert_eq!(other.owed(), 0);
     }
 
     /// The waiters of one confirm are all told before a publish woken by it can register its next

@@ -625,8 +625,9 @@ pub struct AgentHealth {
     pub rejected: u64,
     /// Acknowledgements that failed (the broker may deliver those messages again).
     pub ack_failures: u64,
-    /// Nacks that failed: retries that could not be scheduled. On a backend that is not persistent
-    /// those messages are lost.
+    /// Nacks that returned an error: retries that did not go as asked. The backend's error, logged,
+    /// says what became of the message (on RabbitMQ: sent back to its queue at once, held until a
+    /// late confirm of its retry, requeued unchanged, or delivered again after a reconnect).
     pub nack_failures: u64,
     /// Deliveries that were retries (attempt above 1). `retried - retries_received` is how many
     /// scheduled retries have not come back yet.
@@ -1312,7 +1313,9 @@ impl<A: Agent> AgentShared<A> {
             );
             if let Err(nack_error) = delivery.nack(NackAction::Retry { delay }).await {
                 bump(&stats.nack_failures);
-                tracing::error!(error = %nack_error, "could not schedule the retry; the broker keeps the message only if it is persistent");
+                // The backend's error says what became of the message instead (sent back at once,
+                // held for a late confirm, requeued unchanged, delivered again after a reconnect).
+                tracing::warn!(error = %nack_error, "the retry did not go as asked; the error says what becomes of the message");
             }
         } else {
             Box::pin(self.dead_letter(delivery, headers::REASON_HANDLER_FAILED, &error)).await;
@@ -1430,7 +1433,7 @@ impl<A: Agent> AgentShared<A> {
                 tracing::error!(error = %publish_error, retry_in_ms = delay.as_millis() as u64, "could not publish the dead letter; the message is given back, to be dead-lettered when it comes again");
                 if let Err(error) = delivery.nack(NackAction::Retry { delay }).await {
                     bump(&self.stats.nack_failures);
-                    tracing::error!(error = %error, "could not give the message back either; the broker keeps it only if it is persistent");
+                    tracing::error!(error = %error, "could not give the message back either; the error says what becomes of it");
                 }
             }
         }

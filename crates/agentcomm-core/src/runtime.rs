@@ -527,7 +527,33 @@ impl Runtime {
     /// it (see [`builder_shared`](Runtime::builder_shared)). Agents whose stop was over before
     /// are not counted again; an agent whose stop is under way is waited for, and its report
     /// counted.
+    ///
+    /// Like [`AgentHandle::stop`], the shutdown runs on a task of its own: a caller that stops waiting
+    /// for it (a timeout around `shutdown`, or a handler of one of this runtime's agents, dropped at
+    /// the stop deadline) does not leave it half done, with its agents stopped and its router open.
     pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
+        let Ok(tokio) = tokio::runtime::Handle::try_current() else {
+            // Awaited outside Tokio (`futures::executor::block_on`): there is no task to run it on,
+            // and no agent to stop either (agents run on Tokio tasks); it runs here.
+            return self.shutdown_here(deadline).await;
+        };
+        let runtime = self.clone();
+        match tokio
+            .spawn(async move { runtime.shutdown_here(deadline).await })
+            .await
+        {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => Err(Error::Closed {
+                what: "the runtime's shutdown",
+                hint: "its task was cancelled: the Tokio runtime it ran on is shutting down, so the \
+                       router may not have been closed; shut down before the Tokio runtime ends",
+            }),
+        }
+    }
+
+    /// The work of [`Runtime::shutdown`], in the caller's task.
+    async fn shutdown_here(&self, deadline: Duration) -> Result<ShutdownReport> {
         let agents = self.agents();
         let reports =
             futures::future::join_all(agents.iter().map(|agent| agent.stop(deadline))).await;

@@ -1,5 +1,5 @@
-//! Stopping agents: a stop whose caller stops waiting, an agent that stops itself, and what the
-//! runtime reports about agents stopped on purpose.
+//! Stopping agents: a stop or a shutdown whose caller stops waiting, an agent that stops itself or
+//! its runtime, and what the runtime reports about agents stopped on purpose.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -142,4 +142,93 @@ async fn an_agent_stopped_on_purpose_leaves_the_runtime_healthy_and_unlisted() {
     // Shutdown stops the replacement only; the old agent's stop is not counted again.
     let report = runtime.shutdown(Duration::from_secs(1)).await.unwrap();
     assert_eq!(report.handled, 0, "{report:?}");
+}
+
+/// Waits until the runtime's router says it is closed (a memory router reports itself disconnected
+/// once closed).
+async fn wait_for_router_closed(runtime: &Runtime, what: &str) {
+    let waited = timeout(Duration::from_secs(10), async {
+        while runtime.router().health().await.connected {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "waited 10 s for the router to close: {what}"
+    );
+}
+
+#[tokio::test]
+async fn a_shutdown_whose_caller_gave_up_still_closes_the_router() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let (started, mut started_rx) = mpsc::unbounded_channel();
+    let agent = runtime.spawn(Worker { started }).await.unwrap();
+    runtime
+        .publisher::<Client>()
+        .publish("s1", Job { sleep_ms: 300 })
+        .await
+        .unwrap();
+    started_rx.recv().await.unwrap();
+    // The caller bounds its shutdown by less than the handler takes: its future is dropped while the
+    // agent finishes its message.
+    let cut_off = timeout(
+        Duration::from_millis(50),
+        runtime.shutdown(Duration::from_secs(5)),
+    )
+    .await;
+    assert!(cut_off.is_err(), "the shutdown was cut off by its caller");
+    // The shutdown goes on without its caller: the handler finishes, then the router closes (before,
+    // the agents stopped and the router stayed open, publishes going on into it).
+    wait_for_router_closed(&runtime, "after a shutdown whose caller gave up").await;
+    assert_eq!(agent.health().handled, 1, "{:?}", agent.health());
+    let error = runtime
+        .publisher::<Client>()
+        .publish("s1", Job { sleep_ms: 0 })
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error}");
+}
+
+/// Shuts its whole runtime down when told to quit.
+#[agent(receives = [Quit])]
+struct ShutsDown {
+    runtime: Arc<OnceLock<Runtime>>,
+}
+
+impl Handle<Quit> for ShutsDown {
+    async fn handle(&self, _quit: Quit, _ctx: &Context<Self>) -> HandlerResult {
+        if let Some(runtime) = self.runtime.get() {
+            runtime.shutdown(Duration::from_millis(200)).await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_runtime_shut_down_from_a_handler_of_its_own_agent_closes_its_router() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let cell = Arc::new(OnceLock::new());
+    cell.set(runtime.clone()).unwrap();
+    let agent = runtime.spawn(ShutsDown { runtime: cell }).await.unwrap();
+    runtime
+        .publisher::<Boss>()
+        .publish("s1", Quit {})
+        .await
+        .unwrap();
+    // The handler waits for a shutdown that waits for the handler, until the stop deadline drops the
+    // handler, and with it the shutdown's caller: the shutdown still closes the router.
+    wait_for_router_closed(&runtime, "after a shutdown called from a handler").await;
+    assert_eq!(agent.health().state, AgentState::Stopped);
+}
+
+/// A runtime without agents, shut down outside any Tokio runtime: its router closes (the shutdown has
+/// no task to run on there, and needs none).
+#[test]
+fn a_runtime_without_agents_shuts_down_outside_tokio() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let report = futures::executor::block_on(runtime.shutdown(Duration::from_secs(1))).unwrap();
+    assert_eq!(report, agentcomm_core::runtime::ShutdownReport::default());
+    let health = futures::executor::block_on(runtime.router().health());
+    assert!(!health.connected, "{health:?}");
 }

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use crate::__private::{ListedInReceives, ListedInSends};
 use crate::bus::{Bus, channel_of};
-use crate::channel::{Channel, ChannelPattern, RESPONSE_DIRECTION, parse_channel};
+use crate::channel::{Channel, ChannelPattern, ChannelTemplate, RESPONSE_DIRECTION, parse_channel};
 use crate::envelope::{Envelope, MessageId};
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -53,6 +53,10 @@ pub trait Agent: Send + Sync + Sized + 'static {
     const RECEIVES: &'static [&'static str];
     /// The classes it sends.
     const SENDS: &'static [&'static str];
+    /// The channel templates of the types it sends, in the order of [`Agent::SENDS`] (the default
+    /// template for a class without one here). Generated; not for direct use.
+    #[doc(hidden)]
+    const __SENDS_TEMPLATES: &'static [ChannelTemplate] = &[];
 
     /// The patterns the agent subscribes to, for one session or all. Generated; not for direct use.
     #[doc(hidden)]

@@ -55,7 +55,9 @@ use tracing::Instrument;
 use crate::agent::{Agent, Context, HandlerError, Publisher, Rejection};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, DEFAULT_REQUEST_TIMEOUT};
-use crate::channel::{Channel, DEAD_LETTER_CLASS, INBOX_PREFIX, REPLY_DIRECTION, parse_channel};
+use crate::channel::{
+    Channel, ChannelTemplate, DEAD_LETTER_CLASS, INBOX_PREFIX, REPLY_DIRECTION, parse_channel,
+};
 use crate::codec::{BINARY_CONTENT_TYPE, Codec, JSON_CONTENT_TYPE, MSGPACK_CONTENT_TYPE};
 use crate::envelope::{Envelope, MessageId, headers};
 use crate::error::{Error, Result};
@@ -1417,7 +1419,7 @@ impl<A: Agent> AgentShared<A> {
         {
             dead = dead.with_content_type(BINARY_CONTENT_TYPE);
         }
-        let failure_reply = failure_reply(original, reason, error, attempts, A::NAME, A::SENDS);
+        let failure_reply = failure_reply::<A>(original, reason, error, attempts);
         tracing::error!(
             reason,
             error,
@@ -1470,21 +1472,37 @@ impl<A: Agent> AgentShared<A> {
 /// inbox) that it was dead-lettered: on its reply channel, correlated, empty, with the dead letter's
 /// reason, error, attempts and agent in headers.
 ///
-/// Only from an agent that could have answered it (`sends`, the agent's `SENDS`, has the reply's
-/// class): every agent type that receives a class gets its requests, and one that only observes them
-/// failing must not cut short the requester of the agent that answers.
-fn failure_reply(
+/// Only from an agent that could have answered it (the agent's `SENDS` has the reply's class): every
+/// agent type that receives a class gets its requests, and one that only observes them failing must
+/// not cut short the requester of the agent that answers.
+///
+/// The channel is named with the reply type's template, as [`Context::reply`] names it: `reply_to`
+/// is in canonical form, and a broker that routes by name (Redis pub/sub) delivers to the requester's
+/// inbox only what is published under the name it subscribed to.
+fn failure_reply<A: Agent>(
     request: &Envelope,
     reason: &str,
     error: &str,
     attempts: u32,
-    agent: &str,
-    sends: &[&str],
 ) -> Option<Envelope> {
-    let channel = parse_channel(request.reply_to()?).ok()?;
-    if !is_inbox(&channel) || !sends.contains(&channel.class()) {
+    let target = parse_channel(request.reply_to()?).ok()?;
+    if !is_inbox(&target) {
         return None;
     }
+    let sent = A::SENDS.iter().position(|class| *class == target.class())?;
+    let template = A::__SENDS_TEMPLATES
+        .get(sent)
+        .unwrap_or(&ChannelTemplate::DEFAULT);
+    // A `reply_to` from another client that the template cannot name (a session holding the
+    // template's separator) keeps its canonical name: backends that route by components still
+    // deliver it.
+    let channel = Channel::with_template(
+        template,
+        target.class(),
+        target.direction(),
+        target.session(),
+    )
+    .unwrap_or(target);
     // A MessagePack frame whatever the request's codec: a JSON frame carries its payload inline, and an
     // empty payload is no JSON, so a broker could not frame the reply (and the requester would wait
     // out its timeout). The requester reads the header before the payload.
@@ -1494,7 +1512,7 @@ fn failure_reply(
             .with_header(headers::REQUEST_FAILED, reason)
             .with_header(headers::ERROR, error)
             .with_header(headers::ATTEMPTS, attempts.to_string())
-            .with_header(headers::AGENT, agent),
+            .with_header(headers::AGENT, A::NAME),
     )
 }
 

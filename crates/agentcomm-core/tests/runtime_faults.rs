@@ -1021,3 +1021,110 @@ async fn a_payload_that_is_not_the_json_its_label_says_is_dead_lettered_on_a_bro
     let health = agent.health();
     assert_eq!((health.dead_lettered, health.retried), (1, 0), "{health:?}");
 }
+
+/// A memory router that routes by channel name where a subscription names one channel, like Redis
+/// pub/sub: a subscription to an exact pattern listens to the name its template renders, and a
+/// message with its components but published under another name never reaches it.
+struct ByName {
+    inner: MemoryRouter,
+    /// The exact subscriptions: the canonical channel, and the name they listen to.
+    exact: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl Router for ByName {
+    fn backend(&self) -> &str {
+        "memory-by-name"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        let channel = envelope.channel();
+        let misnamed = self.exact.lock().unwrap().iter().any(|(canonical, name)| {
+            *canonical == channel.canonical() && name.as_str() != channel.name()
+        });
+        if misnamed {
+            return Box::pin(async { Ok(PublishOutcome::Unroutable) });
+        }
+        self.inner.publish(envelope)
+    }
+    fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
+        for pattern in options.patterns.iter().filter(|pattern| pattern.is_exact()) {
+            let (class, direction, session) = (
+                pattern.class().unwrap(),
+                pattern.direction().unwrap(),
+                pattern.session().unwrap(),
+            );
+            let name = pattern.template().render(class, direction, session);
+            self.exact.lock().unwrap().push((pattern.to_string(), name));
+        }
+        self.inner.subscribe(options)
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.inner.health()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.inner.close()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(direction = "request")]
+struct Quote {
+    n: u32,
+}
+
+/// A reply type whose channels are named with a template of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(direction = "response", channel = "quotes.{direction}.{session_id}")]
+struct Quoted {
+    n: u32,
+}
+
+#[agent(sends = [Quote])]
+struct QuoteAsker;
+
+/// Quotes nothing: every attempt fails.
+#[agent(receives = [Quote], sends = [Quoted])]
+struct QuoterDown;
+
+impl Handle<Quote> for QuoterDown {
+    async fn handle(&self, _: Quote, _: &Context<Self>) -> HandlerResult {
+        Err(HandlerError::msg("the quotes are down"))
+    }
+}
+
+/// The failure reply of a dead-lettered request was published on the canonical name of the
+/// request's `reply_to` (`Quoted:reply:inbox-..`), not the name the reply type's template gives
+/// (`quotes.reply.inbox-..`), which the requester's inbox listens to and `Context::reply` uses: on a
+/// broker routing by name (Redis pub/sub) it reached no one, and the requester waited out its whole
+/// timeout instead of failing at once with `RequestFailed`.
+#[tokio::test]
+async fn a_dead_lettered_request_whose_reply_type_has_a_template_fails_its_requester_at_once() {
+    let runtime = Runtime::builder(ByName {
+        inner: MemoryRouter::new(),
+        exact: std::sync::Mutex::default(),
+    })
+    .build();
+    runtime
+        .spawn_with(QuoterDown, fast_retries(2))
+        .await
+        .unwrap();
+    let asker = runtime.publisher::<QuoteAsker>();
+    let asking =
+        asker.request_timeout::<Quote, Quoted>("s1", Quote { n: 1 }, Duration::from_secs(600));
+    // Bounded far below the request's own timeout: an answer, not a timeout, ends it.
+    let error = timeout(WAIT, asking)
+        .await
+        .expect("the requester was told before its timeout")
+        .unwrap_err();
+    match &error {
+        Error::RequestFailed(failure) => {
+            assert_eq!(
+                (failure.agent.as_str(), failure.reason.as_str()),
+                ("QuoterDown", "handler-failed")
+            );
+        }
+        other => panic!("expected RequestFailed, got {other:?}"),
+    }
+}

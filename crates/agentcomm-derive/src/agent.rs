@@ -130,6 +130,9 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
     let sent_classes = sends
         .iter()
         .map(|ty| quote_spanned!(ty.span()=> <#ty as #core::Message>::CLASS));
+    let sent_templates = sends
+        .iter()
+        .map(|ty| quote_spanned!(ty.span()=> <#ty as #core::Message>::TEMPLATE));
     // Every use of a listed type goes through a projection `<T as Message>::..` with the type's span, so
     // that a type which is not a Message yields one error (identical diagnostics are merged), not one per use.
     // The generated functions' own variables keep the call-site span they are declared with: written
@@ -189,6 +192,7 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
             const NAME: &'static str = #name;
             const RECEIVES: &'static [&'static str] = &[#(#received_classes),*];
             const SENDS: &'static [&'static str] = &[#(#sent_classes),*];
+            const __SENDS_TEMPLATES: &'static [#core::ChannelTemplate] = &[#(#sent_templates),*];
 
             fn __receive_patterns(
                 #session: #core::Option<&str>,

@@ -13,7 +13,8 @@
 //! - A delivery dropped unsettled, or nacked, goes back to its queue.
 //! - Messages that can no longer be delivered (a subscription dropped with messages unread, group
 //!   queues when the router closes, retries waiting out their delay when their queue closes) are
-//!   counted in health as `dropped` and logged, when that happens.
+//!   counted in health as `dropped` and logged, when that happens; health says `Degraded` for a
+//!   minute after.
 //! - Health shows what waits: `queued` (in the queues, not yet handed out) and `retries_waiting`
 //!   (nacked for a retry, waiting out its delay before it is queued again).
 //!
@@ -106,6 +107,30 @@ struct Counters {
     redelivered: AtomicU64,
     dropped: AtomicU64,
     backpressure_waits: AtomicU64,
+    /// When a message was last dropped: health says `Degraded` for [`DROP_MEMORY`] after.
+    last_drop: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// How long health says `Degraded` after a message was dropped.
+const DROP_MEMORY: Duration = Duration::from_secs(60);
+
+impl Counters {
+    /// Counts `count` messages dropped now.
+    fn dropped(&self, count: u64) {
+        self.dropped.fetch_add(count, Ordering::Relaxed);
+        *self
+            .last_drop
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::time::Instant::now());
+    }
+
+    /// Whether a message was dropped within [`DROP_MEMORY`].
+    fn dropped_lately(&self) -> bool {
+        self.last_drop
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() < DROP_MEMORY)
+    }
 }
 
 #[derive(Default)]
@@ -234,7 +259,7 @@ impl Queue {
 
     fn lost(&self, delivery: Delivery, why: &str) {
         if let Some(router) = self.router.upgrade() {
-            router.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            router.counters.dropped(1);
         }
         let envelope = delivery.envelope();
         tracing::warn!(
@@ -290,10 +315,7 @@ impl Queue {
             return;
         }
         if let Some(router) = self.router.upgrade() {
-            router
-                .counters
-                .dropped
-                .fetch_add(count as u64, Ordering::Relaxed);
+            router.counters.dropped(count as u64);
         }
         tracing::warn!(
             queue = %self.name,
@@ -697,27 +719,32 @@ impl Router for MemoryRouter {
             .values()
             .filter(|q| q.members.load(Ordering::Acquire) == 0)
             .count();
-        let health = Health::new(
-            "memory",
-            if closed {
-                HealthStatus::Unhealthy
-            } else {
-                HealthStatus::Healthy
-            },
-        )
-        .connected(!closed)
-        .counter("published", load(&counters.published))
-        .counter("delivered", load(&counters.delivered))
-        .counter("unroutable", load(&counters.unroutable))
-        .counter("redelivered", load(&counters.redelivered))
-        .counter("dropped", load(&counters.dropped))
-        .counter("backpressure_waits", load(&counters.backpressure_waits))
-        .counter("queued", queued as u64)
-        .counter("retries_waiting", retries_waiting as u64)
-        .counter("subscriptions", routes.fan_outs.len() as u64)
-        .counter("groups", routes.groups.len() as u64)
-        .counter("groups_without_members", idle_groups as u64)
-        .detail(if closed { "closed" } else { "ok" });
+        let (status, detail) = if closed {
+            (HealthStatus::Unhealthy, "closed")
+        } else if counters.dropped_lately() {
+            (
+                HealthStatus::Degraded,
+                "messages were dropped in the last minute (left unread in a subscription dropped or \
+                 closed, given back or retried after their queue closed, or in a removed group): see \
+                 the `dropped` counter and the WARN logs",
+            )
+        } else {
+            (HealthStatus::Healthy, "ok")
+        };
+        let health = Health::new("memory", status)
+            .connected(!closed)
+            .counter("published", load(&counters.published))
+            .counter("delivered", load(&counters.delivered))
+            .counter("unroutable", load(&counters.unroutable))
+            .counter("redelivered", load(&counters.redelivered))
+            .counter("dropped", load(&counters.dropped))
+            .counter("backpressure_waits", load(&counters.backpressure_waits))
+            .counter("queued", queued as u64)
+            .counter("retries_waiting", retries_waiting as u64)
+            .counter("subscriptions", routes.fan_outs.len() as u64)
+            .counter("groups", routes.groups.len() as u64)
+            .counter("groups_without_members", idle_groups as u64)
+            .detail(detail);
         Box::pin(async move { health })
     }
 

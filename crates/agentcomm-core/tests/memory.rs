@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use agentcomm_core::memory::MemoryConfig;
 use agentcomm_core::prelude::*;
-use agentcomm_core::router::{NackAction, PublishOutcome, SubscribeOptions, Subscription};
+use agentcomm_core::router::{
+    HealthStatus, NackAction, PublishOutcome, SubscribeOptions, Subscription,
+};
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -115,6 +117,29 @@ async fn messages_left_unread_in_a_dropped_subscription_are_counted() {
     let health = router.health().await;
     assert_eq!((health.get("dropped"), health.get("subscriptions")), (5, 0));
     assert!(router.publish(ping("after")).await.unwrap().is_unroutable());
+}
+
+/// Health said `Healthy` and `ok` after messages were dropped (only the `dropped` counter moved),
+/// where a report is `Degraded` when something is wrong, "dropping messages" among the examples: a
+/// health check reading the status alone never saw the loss.
+#[tokio::test(start_paused = true)]
+async fn health_is_degraded_for_a_minute_after_messages_were_dropped() {
+    let router = MemoryRouter::new();
+    assert_eq!(router.health().await.status, HealthStatus::Healthy);
+    let subscription = subscribe(&router, pings()).await;
+    router.publish(ping("s1")).await.unwrap();
+    drop(subscription);
+    let health = router.health().await;
+    assert_eq!(health.get("dropped"), 1);
+    assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+    assert!(health.detail.contains("dropped"), "{}", health.detail);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let health = router.health().await;
+    assert_eq!(
+        (health.status, health.detail.as_str(), health.get("dropped")),
+        (HealthStatus::Healthy, "ok", 1),
+        "the counter keeps the count; the status mends"
+    );
 }
 
 #[tokio::test]

@@ -110,10 +110,12 @@ pub struct AgentOptions {
     /// RabbitMQ queue, a Redis Streams group) a group outlives its agents' stop, with what waits in it:
     /// name agents apart.
     pub distribution: Option<Distribution>,
-    /// How many messages are handled at once. Messages of one session are always handled in order: each
-    /// session is served by one worker, so a message waits while its session's worker is busy and, when
-    /// that worker's queue is full, the agent stops taking new messages until it has room (the
-    /// backpressure reaches the broker).
+    /// How many messages are handled at once. Messages of one session are handled in the order they
+    /// arrive: each session is served by one worker, so a message waits while its session's worker is
+    /// busy and, when that worker's queue is full, the agent stops taking new messages until it has
+    /// room (the backpressure reaches the broker). A message that fails and is retried arrives again
+    /// after its backoff delay, behind those of its session that came meanwhile: it is handled after
+    /// them.
     pub concurrency: usize,
     /// How many deliveries may wait unsettled.
     pub prefetch: usize,
@@ -165,7 +167,8 @@ impl AgentOptions {
         self
     }
 
-    /// Handles up to `concurrency` messages at once (at least 1); one session's stay in order.
+    /// Handles up to `concurrency` messages at once (at least 1); one session's are handled in the
+    /// order they arrive (a retry arrives again after its delay: see [`AgentOptions::concurrency`]).
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency.max(1);
         self

@@ -500,7 +500,6 @@ impl MemoryRouter {
         if inner.closed.load(Ordering::Acquire) {
             return Err(Self::closed_error());
         }
-        inner.counters.published.fetch_add(1, Ordering::Relaxed);
         // First room in every queue the message goes to, then the sends: a publish that times out
         // waiting for room is delivered nowhere.
         let mut targets: Vec<(Arc<Queue>, Option<OwnedSemaphorePermit>)> = Vec::new();
@@ -566,6 +565,9 @@ impl MemoryRouter {
             // sends): every queue refused it because it closed, not because nobody subscribes.
             return Err(Self::closed_error());
         }
+        // Counted once it went through: a publish that timed out, or met the router closing, was
+        // not published (its caller got the error).
+        inner.counters.published.fetch_add(1, Ordering::Relaxed);
         inner
             .counters
             .delivered

@@ -330,7 +330,10 @@ impl Queue {
                 "the group has no member (were its agents stopped?): start one, or delete the group with \
                  MemoryRouter::remove_group(\"{group}\")"
             ),
-            _ => "its consumer is not keeping up".to_string(),
+            _ => "its consumer is not keeping up: give it more workers (AgentOptions::concurrency) or \
+                  instances, more room (MemoryConfig::queue_capacity) or a longer wait \
+                  (MemoryConfig::publish_timeout), or publish more slowly"
+                .to_string(),
         };
         Error::Timeout {
             operation: format!(

@@ -66,6 +66,14 @@ async fn a_publish_that_times_out_is_delivered_nowhere() {
         error.to_string().contains("its consumer is not keeping up"),
         "{error}"
     );
+    // It names the ways out, not only the cause.
+    for fix in [
+        "AgentOptions::concurrency",
+        "MemoryConfig::queue_capacity",
+        "MemoryConfig::publish_timeout",
+    ] {
+        assert!(error.to_string().contains(fix), "{fix}: {error}");
+    }
     // Room comes back; the timed-out message must not appear anywhere.
     for _ in 0..2 {
         timeout(WAIT, slow.next())

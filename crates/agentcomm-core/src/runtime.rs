@@ -243,6 +243,11 @@ impl RuntimeBuilder {
 }
 
 /// Runs agents on a router.
+///
+/// Dropping every clone of a runtime does not stop its agents, nor close its router: each agent runs
+/// on its own task until it is stopped ([`AgentHandle::stop`], through a handle kept), its router
+/// closes, or the Tokio runtime ends, taking messages all along. End with
+/// [`shutdown`](Runtime::shutdown).
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<RuntimeInner>,

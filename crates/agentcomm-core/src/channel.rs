@@ -48,6 +48,11 @@ pub const REPLY_DIRECTION: &str = "reply";
 /// patterns match such a channel leave what arrives there to its requester.
 pub const INBOX_PREFIX: &str = "inbox-";
 
+/// Whether `channel` leads to a requester's inbox: direction `reply`, to an inbox session.
+pub(crate) fn is_inbox(channel: &Channel) -> bool {
+    channel.direction() == REPLY_DIRECTION && channel.session().starts_with(INBOX_PREFIX)
+}
+
 /// One piece of a [`ChannelTemplate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TemplatePart {

@@ -250,6 +250,12 @@ impl Envelope {
         self.correlation_id.as_deref()
     }
 
+    /// Whether this is a reply on its way to a requester's inbox, answering a request: direction
+    /// `reply`, a session beginning with `inbox-`, and a correlation id.
+    pub(crate) fn is_inbox_reply(&self) -> bool {
+        crate::channel::is_inbox(self.channel()) && self.correlation_id().is_some()
+    }
+
     /// Where a reply should go: a channel in canonical form.
     pub fn reply_to(&self) -> Option<&str> {
         self.reply_to.as_deref()

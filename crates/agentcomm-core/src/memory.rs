@@ -10,6 +10,11 @@
 //!   [`Error::Timeout`] and is delivered nowhere: a publish is all or nothing.
 //! - A group outlives its members, like a durable queue: messages for it wait until a member comes.
 //!   [`MemoryRouter::remove_group`] deletes one; health counts `groups_without_members`.
+//! - A reply on its way to a requester's inbox (direction `reply`, a session beginning with `inbox-`,
+//!   a correlation id) does not go to a subscription made
+//!   [`without_inbox_replies`](SubscribeOptions::without_inbox_replies), as agents' are, unless one of
+//!   its patterns names the `reply` direction: agents, which would skip it, never hold it in their
+//!   queues.
 //! - A delivery dropped unsettled, or nacked, goes back to its queue.
 //! - Messages that can no longer be delivered (a subscription dropped with messages unread, group
 //!   queues when the router closes, retries waiting out their delay when their queue closes) are
@@ -43,7 +48,7 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::channel::ChannelPattern;
+use crate::channel::{ChannelPattern, REPLY_DIRECTION};
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
 use crate::router::{
@@ -150,6 +155,9 @@ struct Queue {
     group: Option<String>,
     capacity: usize,
     patterns: RwLock<Vec<ChannelPattern>>,
+    /// Whether a reply to a requester's inbox that only a wildcard direction matches goes here: set
+    /// when any member's subscription asked for them ([`SubscribeOptions::inbox_replies`]).
+    inbox_replies: AtomicBool,
     sender: async_channel::Sender<Delivery>,
     receiver: async_channel::Receiver<Delivery>,
     room: Arc<Semaphore>,
@@ -184,12 +192,22 @@ impl Drop for DelayedRetry {
 }
 
 impl Queue {
+    /// Whether `envelope` goes to this queue. A reply on its way to a requester's inbox goes to an
+    /// agent's queue (subscribed without inbox replies) only where a pattern names the `reply`
+    /// direction: the agent would only skip it, and queued there it took room that every later
+    /// publish to that queue waits for. A stopped agent's group filled with the replies of other
+    /// agents' requests until every reply publish timed out, and an agent replying with the class it
+    /// receives waited for room in its own full queue.
     fn matches(&self, envelope: &Envelope) -> bool {
+        let inbox_reply = !self.inbox_replies.load(Ordering::Relaxed) && envelope.is_inbox_reply();
         self.patterns
             .read()
             .expect("queue patterns lock")
             .iter()
-            .any(|pattern| pattern.matches(envelope.channel()))
+            .any(|pattern| {
+                pattern.matches(envelope.channel())
+                    && (!inbox_reply || pattern.direction() == Some(REPLY_DIRECTION))
+            })
     }
 
     fn delivery(self: &Arc<Self>, envelope: Envelope, permit: OwnedSemaphorePermit) -> Delivery {
@@ -603,6 +621,7 @@ impl MemoryRouter {
                 group,
                 capacity,
                 patterns: RwLock::new(options.patterns.clone()),
+                inbox_replies: AtomicBool::new(options.inbox_replies),
                 sender,
                 receiver,
                 room: Arc::new(Semaphore::new(capacity)),
@@ -635,6 +654,9 @@ impl MemoryRouter {
                     }
                 }
                 drop(patterns);
+                if options.inbox_replies {
+                    queue.inbox_replies.store(true, Ordering::Relaxed);
+                }
                 queue
             }
             _ => {

@@ -170,6 +170,15 @@ pub struct SubscribeOptions {
     /// buffer). The backend stops reading when it is full: that is the backpressure. (The in-memory
     /// router bounds each queue by its `queue_capacity`, or by this when it is larger.)
     pub prefetch: usize,
+    /// Whether replies on their way to a requester's inbox (direction `reply`, a session beginning
+    /// with `inbox-`, a correlation id) are delivered where only a wildcard direction matches them
+    /// (the default, `true`). Agents subscribe without them ([`without_inbox_replies`]): they would
+    /// only skip them. A pattern that names the `reply` direction gets them either way. The in-memory
+    /// router honours it, so that such replies take no room in agents' queues; brokers whose
+    /// bindings cannot tell them apart may still deliver them (the agent runtime skips them there).
+    ///
+    /// [`without_inbox_replies`]: SubscribeOptions::without_inbox_replies
+    pub inbox_replies: bool,
 }
 
 impl SubscribeOptions {
@@ -182,6 +191,7 @@ impl SubscribeOptions {
             patterns: vec![pattern],
             distribution: Distribution::FanOut,
             prefetch: Self::DEFAULT_PREFETCH,
+            inbox_replies: true,
         }
     }
 
@@ -202,6 +212,13 @@ impl SubscribeOptions {
     /// Gets a copy of every message (the default).
     pub fn fan_out(mut self) -> Self {
         self.distribution = Distribution::FanOut;
+        self
+    }
+
+    /// Leaves out replies on their way to a requester's inbox that only a wildcard direction of the
+    /// patterns matches (see [`SubscribeOptions::inbox_replies`]), as agents subscribe.
+    pub fn without_inbox_replies(mut self) -> Self {
+        self.inbox_replies = false;
         self
     }
 

@@ -55,9 +55,7 @@ use tracing::Instrument;
 use crate::agent::{Agent, Context, HandlerError, Publisher, Rejection};
 use crate::backoff::Backoff;
 use crate::bus::{Bus, DEFAULT_REQUEST_TIMEOUT};
-use crate::channel::{
-    Channel, ChannelTemplate, DEAD_LETTER_CLASS, INBOX_PREFIX, REPLY_DIRECTION, parse_channel,
-};
+use crate::channel::{Channel, ChannelTemplate, DEAD_LETTER_CLASS, parse_channel};
 use crate::codec::{BINARY_CONTENT_TYPE, Codec, JSON_CONTENT_TYPE, MSGPACK_CONTENT_TYPE};
 use crate::envelope::{Envelope, MessageId, headers};
 use crate::error::{Error, Result};
@@ -420,7 +418,10 @@ impl Runtime {
             });
         }
         let patterns = A::__receive_patterns(options.session.as_deref())?;
-        let mut subscribe = SubscribeOptions::patterns(patterns).prefetch(options.prefetch);
+        // Replies to requesters' inboxes are theirs: an agent skips them, so it asks not to get them.
+        let mut subscribe = SubscribeOptions::patterns(patterns)
+            .prefetch(options.prefetch)
+            .without_inbox_replies();
         subscribe.distribution = distribution;
         let subscription = router.subscribe(subscribe).await?;
         let stats = Arc::new(AgentStats::default());
@@ -1207,7 +1208,7 @@ impl<A: Agent> AgentShared<A> {
 
     async fn process(&self, delivery: Delivery) {
         let stats = &self.stats;
-        if is_inbox_reply(delivery.envelope()) {
+        if delivery.envelope().is_inbox_reply() {
             // A reply on its way to a requester's inbox, matched by this agent's `<Class>:*:*`: it is
             // the requester's, not this agent's (and an agent that replies with a class it receives
             // would otherwise answer its own replies). Anything else on direction `reply` (a reply
@@ -1494,7 +1495,7 @@ fn failure_reply<A: Agent>(
     attempts: u32,
 ) -> Option<Envelope> {
     let target = parse_channel(request.reply_to()?).ok()?;
-    if !is_inbox(&target) {
+    if !crate::channel::is_inbox(&target) {
         return None;
     }
     let sent = A::SENDS.iter().position(|class| *class == target.class())?;
@@ -1522,16 +1523,6 @@ fn failure_reply<A: Agent>(
             .with_header(headers::ATTEMPTS, attempts.to_string())
             .with_header(headers::AGENT, A::NAME),
     )
-}
-
-/// Whether `channel` leads to a requester's inbox: direction `reply`, to an inbox session.
-fn is_inbox(channel: &Channel) -> bool {
-    channel.direction() == REPLY_DIRECTION && channel.session().starts_with(INBOX_PREFIX)
-}
-
-/// Whether `envelope` is a reply on its way to a requester's inbox, answering a request.
-fn is_inbox_reply(envelope: &Envelope) -> bool {
-    is_inbox(envelope.channel()) && envelope.correlation_id().is_some()
 }
 
 /// The text of a handler's error. Its `Display` is the user's code, run outside the handler's panic

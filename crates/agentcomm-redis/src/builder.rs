@@ -254,7 +254,8 @@ impl RedisRouterBuilder {
     }
 
     /// The prefix of every key and channel (default `agentcomm`). Routers see each other's messages only
-    /// when they share it. A `{` in it must close with a `}` after some text (`{tenant}`, a Redis
+    /// when they share it. An empty prefix is refused by `connect` ([`Error::Config`]): keys and
+    /// channels would start with a bare `:`. A `{` in it must close with a `}` after some text (`{tenant}`, a Redis
     /// Cluster hash tag of its own: every key in one slot); `a{b` or `{}` would break the `{<class>}`
     /// tags of its keys, and `connect` fails with [`Error::Config`].
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {

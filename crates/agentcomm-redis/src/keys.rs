@@ -90,6 +90,17 @@ impl Keys {
 /// slot. Any other `{` (`a{b`, `{}`) makes them hash to different slots: the publish script, which
 /// touches both, would fail with `CROSSSLOT`.
 pub(crate) fn check_prefix(prefix: &str) -> agentcomm_core::error::Result<()> {
+    // An empty prefix is no "no prefix": every key and channel would start with a bare ':'
+    // (`:stream:{A}`, `:A:event:s1`), which no other program expects.
+    if prefix.is_empty() {
+        return Err(agentcomm_core::error::Error::Config {
+            variable: "Redis key prefix".into(),
+            value: String::new(),
+            expected: "a non-empty prefix (every key and channel would start with a bare ':'): \
+                       keep the default `agentcomm`, or name the application"
+                .into(),
+        });
+    }
     let Some(open) = prefix.find('{') else {
         return Ok(());
     };
@@ -98,7 +109,11 @@ pub(crate) fn check_prefix(prefix: &str) -> agentcomm_core::error::Result<()> {
         _ => Err(agentcomm_core::error::Error::Config {
             variable: "Redis key prefix".into(),
             value: prefix.to_string(),
-            expected: "a prefix without '{', or whose first '{' closes with a '}' after some text                        (a hash tag of its own, `{tenant}`: every key in one slot); another '{'                        would take the place of the Redis Cluster hash tag agentcomm puts in its keys                        (`{<class>}`), and a class's stream and its marks would hash to different slots"
+            expected: "a prefix without '{', or whose first '{' closes with a '}' after some \
+                       text (a hash tag of its own, `{tenant}`: every key in one slot); another \
+                       '{' would take the place of the Redis Cluster hash tag agentcomm puts in \
+                       its keys (`{<class>}`), and a class's stream and its marks would hash to \
+                       different slots"
                 .into(),
         }),
     }
@@ -146,6 +161,31 @@ mod tests {
             keys.dedup("PaymentRequest", "ab12"),
             "test-1:dedup:{PaymentRequest}:ab12"
         );
+    }
+
+    #[test]
+    fn refused_prefixes_say_why_in_one_readable_sentence() {
+        for prefix in ["", "a{b", "{}"] {
+            let error = check_prefix(prefix).unwrap_err();
+            assert!(
+                matches!(error, agentcomm_core::error::Error::Config { .. }),
+                "{prefix:?}: {error:?}"
+            );
+            let text = error.to_string();
+            assert!(
+                !text.contains("  "),
+                "{prefix:?}: a run of spaces in {text:?}"
+            );
+        }
+        assert!(
+            check_prefix("")
+                .unwrap_err()
+                .to_string()
+                .contains("non-empty")
+        );
+        for prefix in ["agentcomm", "{tenant}", "a:b", "tests-echo-1"] {
+            check_prefix(prefix).unwrap();
+        }
     }
 
     #[test]

@@ -253,10 +253,59 @@ pub(crate) fn unresponsive_limit(command_timeout: Duration) -> Duration {
     command_timeout.max(Duration::from_secs(2))
 }
 
+/// fred's details of a failure, as a person reads them: fred keeps an I/O error as its `Debug` text
+/// (`Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }`), which is turned back
+/// into what the I/O error displays (`Connection refused (os error 111)`). Other details are kept.
+pub(crate) fn readable_details(details: &str) -> String {
+    /// The value of `field: ` up to the next `, ` or the closing ` }` (a quoted one unescaped).
+    fn field<'a>(text: &'a str, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+        let start = text.find(&format!("{name}: "))? + name.len() + 2;
+        let rest = &text[start..];
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => return Some(value.into()),
+                    '\\' => match chars.next()? {
+                        'n' => value.push('\n'),
+                        't' => value.push('\t'),
+                        other => value.push(other),
+                    },
+                    c => value.push(c),
+                }
+            }
+            return None;
+        }
+        let end = rest.find(", ").or_else(|| rest.rfind(" }"))?;
+        Some(rest[..end].into())
+    }
+    let details = details.trim();
+    if details.starts_with("Os { ") {
+        if let (Some(code), Some(message)) = (field(details, "code"), field(details, "message")) {
+            return format!("{message} (os error {code})");
+        }
+    } else if details.starts_with("Custom { ") {
+        if let Some(error) = field(details, "error") {
+            return error.into_owned();
+        }
+    } else if details.starts_with("Error { ") {
+        if let Some(message) = field(details, "message") {
+            return message.into_owned();
+        }
+    } else if let Some(kind) = details
+        .strip_prefix("Kind(")
+        .and_then(|rest| rest.strip_suffix(')'))
+    {
+        return format!("I/O error: {kind}");
+    }
+    details.to_string()
+}
+
 /// The error for a fred failure of `operation` (a timeout names the command timeout).
 pub(crate) fn map_error(error: &fred::error::Error, settings: &Settings, operation: &str) -> Error {
     let url = &settings.url;
-    let details = error.details();
+    let details = readable_details(error.details());
     match error.kind() {
         ErrorKind::IO
         | ErrorKind::Canceled

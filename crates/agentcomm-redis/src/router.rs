@@ -743,9 +743,10 @@ fn connect_failure(error: &fred::error::Error) -> String {
     } else {
         None
     };
+    let details = crate::connection::readable_details(details);
     match hint {
         Some(hint) => format!("{details} ({hint})"),
-        None => details.to_string(),
+        None => details,
     }
 }
 
@@ -2361,6 +2362,43 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// fred keeps an I/O error as its `Debug` text; a failed connect showed it to the user as
+    /// `Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }`. It reads as the
+    /// I/O error displays instead.
+    #[test]
+    fn a_failed_connect_reads_like_the_io_error() {
+        use fred::error::{Error as FredError, ErrorKind};
+        let refused = std::io::Error::from_raw_os_error(111);
+        let lookup = std::io::Error::other(
+            "failed to lookup address information: Name or service not known",
+        );
+        let timed_out = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        for (io, expected) in [
+            (refused, "Connection refused (os error 111)"),
+            (
+                lookup,
+                "failed to lookup address information: Name or service not known",
+            ),
+            (timed_out, "I/O error: TimedOut"),
+        ] {
+            // What fred's `From<io::Error>` makes of it.
+            let error = FredError::from(io);
+            assert_eq!(error.kind(), &ErrorKind::IO);
+            assert_eq!(connect_failure(&error), expected);
+        }
+        // Details that are not an I/O error's `Debug` text stay as they are.
+        let text = connect_failure(&FredError::new(
+            ErrorKind::Unknown,
+            "ERR DB index is out of range",
+        ));
+        assert_eq!(text, "ERR DB index is out of range");
+        let quoted = std::io::Error::other("a \"quoted\" word, and a comma");
+        assert_eq!(
+            connect_failure(&FredError::from(quoted)),
+            "a \"quoted\" word, and a comma"
+        );
     }
 
     /// A channel route with `taken` numbers taken.

@@ -19,7 +19,8 @@ pub(crate) fn prefix() -> String {
 /// Redis at `shown` could not be reached (`why`): panics under `AGENTCOMM_REQUIRE_BROKERS=1`, else
 /// prints the skip line; the caller then returns.
 pub(crate) fn unreachable(shown: &str, why: impl std::fmt::Display) {
-    if std::env::var("AGENTCOMM_REQUIRE_BROKERS").is_ok_and(|v| v.trim() == "1") {
+    // The testkit's rule, so that `true` and `yes` mean what they mean to every other broker test.
+    if agentcomm_testkit::require_brokers() {
         panic!(
             "AGENTCOMM_REQUIRE_BROKERS=1, but there is no Redis at {}: {why}",
             redact(shown)

@@ -50,7 +50,10 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
         variable: "Redis URL".into(),
         value: redact(&settings.url),
         // Only a socket's URL gets here with a hint (any other is refused above).
-        expected: format!("{}{hint}; accepted: {ACCEPTED_URLS}", error.details()),
+        expected: format!(
+            "{}{hint}; accepted: {ACCEPTED_URLS}",
+            readable_url_details(error.details())
+        ),
     })?;
     if let Some(connector) = &settings.tls {
         config.tls = Some(connector.clone().into());
@@ -251,6 +254,30 @@ pub(crate) fn on_node_of(
 /// must not turn every slow moment of Redis into reconnections.
 pub(crate) fn unresponsive_limit(command_timeout: Duration) -> Duration {
     command_timeout.max(Duration::from_secs(2))
+}
+
+/// fred's reason for refusing a URL, as a person reads it: fred gives the `url` crate's error as its
+/// `Debug` name (`InvalidPort`), a number that does not parse as "Invalid integer string.", and ends
+/// some reasons with a full stop, which the error's `; accepted: ..` then followed.
+fn readable_url_details(details: &str) -> String {
+    let details = details.trim().trim_end_matches('.');
+    let text = match details {
+        "EmptyHost" => "the host is empty",
+        "IdnaError" => "the host is not a valid international domain name",
+        "InvalidPort" => "the port is not a number from 0 to 65535",
+        "InvalidIpv4Address" => "the host is not a valid IPv4 address",
+        "InvalidIpv6Address" => "the host is not a valid IPv6 address",
+        "InvalidDomainCharacter" => "the host holds a character no host name may hold",
+        "RelativeUrlWithoutBase" => "it is not a URL (no scheme)",
+        "Invalid integer string" => {
+            "a number in it does not parse (the database after the host's '/' is a number from 0 \
+             to 255, a port from 0 to 65535)"
+        }
+        "Invalid or missing host" => "the host is missing or not valid",
+        "Invalid database path" => "after the host comes at most one '/' and a database number",
+        other => other,
+    };
+    text.to_string()
 }
 
 /// fred's details of a failure, as a person reads them: fred keeps an I/O error as its `Debug` text
@@ -668,6 +695,39 @@ mod tests {
             "redis://:s3cr3t@h:6379/0?client_name=svc%40h1",
         )) {
             panic!("the encoded form was refused: {error}");
+        }
+    }
+
+    /// What fred says of a URL it cannot read reaches the user in words: it gave the `url` crate's
+    /// error as its `Debug` name (`InvalidPort; accepted: ..`) and a bad database as "Invalid integer
+    /// string.; accepted: ..".
+    #[test]
+    fn a_url_fred_cannot_read_is_refused_in_words() {
+        for (url, expected) in [
+            (
+                "redis://127.0.0.1:99999",
+                "the port is not a number from 0 to 65535",
+            ),
+            ("redis://", "the host is missing or not valid"),
+            (
+                "redis://127.0.0.1:6379/abc",
+                "a number in it does not parse",
+            ),
+            (
+                "redis://127.0.0.1:6379/300",
+                "a number in it does not parse",
+            ),
+            (
+                "redis://127.0.0.1:6379/0/1",
+                "after the host comes at most one '/' and a database number",
+            ),
+        ] {
+            let error = refused(url);
+            assert!(
+                error.contains(&format!("is not valid: {expected}")),
+                "{url}: {error}"
+            );
+            assert!(!error.contains(".;"), "{url}: {error}");
         }
     }
 

@@ -137,8 +137,10 @@ pub type HandlerResult = std::result::Result<(), HandlerError>;
 ///
 /// `?` converts any `std::error::Error` into it as a transient failure, retried; except agentcomm's own
 /// errors about what this handler sends that it can only meet again (an invalid channel, a message
-/// that cannot be encoded), which are permanent: dead-lettered at once as `rejected`. (A validation
-/// error stays transient: it may come from a reply another service sent, which may mend.)
+/// that cannot be encoded), which are permanent: dead-lettered at once as `rejected`. The runtime also
+/// dead-letters at once a failure that is `Context::reply`'s [`Error::UnexpectedReply`] (a reply of
+/// another class than the request's `reply_to` names). (A validation error stays transient: it may
+/// come from a reply another service sent, which may mend.)
 pub struct HandlerError {
     error: Box<dyn std::error::Error + Send + Sync>,
     permanent: bool,

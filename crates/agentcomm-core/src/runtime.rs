@@ -1319,7 +1319,9 @@ impl<A: Agent> AgentShared<A> {
                 .await;
                 return;
             }
-            Outcome::Failed(error) if error.is_permanent() => {
+            Outcome::Failed(error)
+                if error.is_permanent() || replied_with_another_class(&error, &delivery) =>
+            {
                 bump(&stats.failed);
                 Box::pin(self.dead_letter(delivery, headers::REASON_REJECTED, &describe(&error)))
                     .await;
@@ -1474,6 +1476,21 @@ impl<A: Agent> AgentShared<A> {
                 }
             }
         }
+    }
+}
+
+/// Whether the handler failed because its reply to the delivered request was of another class than
+/// the request's `reply_to` names ([`Error::UnexpectedReply`] from `Context::reply`, passed on with
+/// `?`): the request names the class its requester waits for and the reply type is the handler's
+/// code's, so every attempt would fail the same way, after doing the handler's work again. (The same
+/// error about a reply the handler's own request received names another `reply_to`, that of the
+/// handler's inbox, and stays transient: the service that sent it may mend.)
+fn replied_with_another_class(error: &crate::agent::HandlerError, delivery: &Delivery) -> bool {
+    match error.error().downcast_ref::<Error>() {
+        Some(Error::UnexpectedReply { reply_to, .. }) => {
+            delivery.envelope().reply_to() == Some(reply_to.as_str())
+        }
+        _ => false,
     }
 }
 

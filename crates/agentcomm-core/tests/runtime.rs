@@ -1736,6 +1736,68 @@ async fn replying_with_another_type_than_the_requester_waits_for_is_an_error() {
     assert_eq!(REPLIES.load(Ordering::SeqCst), 1);
 }
 
+static WRONG_REPLIES_WITH_QUESTION_MARK: AtomicUsize = AtomicUsize::new(0);
+
+/// Replies with the wrong type and passes the error on with `?`, as handlers do.
+#[agent(receives = [PaymentRequest], sends = [Unexpected])]
+struct WrongReplierWithQuestionMark;
+
+impl Handle<PaymentRequest> for WrongReplierWithQuestionMark {
+    async fn handle(&self, _: PaymentRequest, ctx: &Context<Self>) -> HandlerResult {
+        // Whatever the handler did before (charged a card, wrote a row) is done again on every attempt.
+        WRONG_REPLIES_WITH_QUESTION_MARK.fetch_add(1, Ordering::SeqCst);
+        ctx.reply(Unexpected {
+            note: "oops".into(),
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// The request's `reply_to` names the class its requester waits for, and the handler's reply type is
+/// its code's: a reply of another class fails the same way on every attempt. Passed on with `?`, it
+/// was retried `max_attempts` times (the handler's work done again each time) before its dead letter;
+/// it is dead-lettered at once, as `rejected`, like agentcomm's other errors about what a handler sends.
+#[tokio::test]
+async fn a_reply_of_the_wrong_type_passed_on_with_a_question_mark_is_not_retried() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    runtime
+        .spawn_with(WrongReplierWithQuestionMark, fast_retries(4))
+        .await
+        .unwrap();
+    let error = runtime
+        .publisher::<Client>()
+        .request_timeout::<PaymentRequest, PaymentResponse>(
+            "s1",
+            PaymentRequest {
+                amount: 1.0,
+                user_id: "u".into(),
+            },
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    let letter = next(&mut dead).await;
+    let envelope = letter.envelope();
+    assert_eq!(
+        envelope.header(headers::DEAD_LETTER_REASON),
+        Some(headers::REASON_REJECTED),
+        "{:?}",
+        envelope.headers()
+    );
+    assert_eq!(envelope.header(headers::ATTEMPTS), Some("1"));
+    assert!(
+        envelope
+            .header(headers::ERROR)
+            .is_some_and(|error| error.contains("expects a reply of class 'PaymentResponse'")),
+        "{:?}",
+        envelope.headers()
+    );
+    assert_eq!(WRONG_REPLIES_WITH_QUESTION_MARK.load(Ordering::SeqCst), 1);
+}
+
 #[agent(receives = [PaymentRequest], sends = [PaymentResponse])]
 struct LedgerDown;
 

@@ -349,12 +349,20 @@ impl TestHarness {
     /// groups; otherwise each gets every message), so that tests sharing a broker do not take each
     /// other's messages. Panics if it cannot start.
     pub async fn spawn<A: Agent>(&self, agent: A) -> AgentHandle {
+        match self.try_spawn(agent).await {
+            Ok(handle) => handle,
+            Err(error) => panic!("could not spawn agent {}: {error}", A::NAME),
+        }
+    }
+
+    /// Starts `agent` as [`TestHarness::spawn`] does, or says why it cannot.
+    pub async fn try_spawn<A: Agent>(&self, agent: A) -> Result<AgentHandle> {
         let options = if self.router().capabilities().consumer_groups {
             AgentOptions::new().group(format!("{}.{}", A::NAME, self.id))
         } else {
             AgentOptions::new().fan_out()
         };
-        self.spawn_with(agent, options).await
+        self.try_spawn_with(agent, options).await
     }
 
     /// Starts `agent` with `options`, exactly as given. Panics if it cannot start.
@@ -403,6 +411,12 @@ impl TestHarness {
     /// envelope sent. Panics if it cannot be published.
     pub async fn send<M: Message>(&self, session: &str, message: M) -> Envelope {
         self.send_to(M::DIRECTION, session, message).await
+    }
+
+    /// Publishes `message` to `session` in its default direction as [`TestHarness::send`] does, or
+    /// says why it cannot (an invalid message, a broken connection, ...).
+    pub async fn try_send<M: Message>(&self, session: &str, message: M) -> Result<Envelope> {
+        self.try_send_to(M::DIRECTION, session, message).await
     }
 
     /// Publishes `message` on `direction` and `session`. Panics if it cannot be published.

@@ -504,6 +504,31 @@ async fn a_harness_limited_to_its_sessions_ignores_other_traffic() {
     assert!(other.published().len() >= 3);
 }
 
+/// docs/testing.md says `spawn`, `send` and `request` panic on failure and "their `try_` forms return
+/// it"; only `try_spawn_with`, `try_send_to` and `try_request` existed, so a user's `h.try_send(..)` or
+/// `h.try_spawn(..)` did not compile. Both exist now and return the error.
+#[tokio::test]
+async fn try_spawn_and_try_send_return_the_error_instead_of_panicking() {
+    let h = TestHarness::new().await;
+    h.try_spawn(PaymentAgent).await.expect("spawned");
+    let request = h.try_send("s1", payment(5.0, "u1")).await.expect("sent");
+    let response = h.expect::<PaymentResponse>().session("s1").await;
+    assert_eq!(
+        response.envelope.correlation_id(),
+        Some(request.id().to_string().as_str())
+    );
+    h.assert_nothing_else_published().await;
+    // The runtime's router closed under the harness: both fail, neither panics.
+    h.runtime()
+        .shutdown(Duration::from_secs(1))
+        .await
+        .expect("the runtime shuts down");
+    let error = h.try_send("s1", payment(5.0, "u1")).await.unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error:?}");
+    let error = h.try_spawn(PaymentAgent).await.unwrap_err();
+    assert!(matches!(error, Error::Closed { .. }), "{error:?}");
+}
+
 #[tokio::test]
 async fn send_refuses_invalid_messages_with_the_reason() {
     #[derive(Debug, Serialize, Deserialize, Message)]

@@ -163,10 +163,15 @@ impl Config {
         Self::load_with_file(Path::new(".env"))
     }
 
-    /// Reads an env file (if it exists), with the process environment taking precedence over it.
+    /// Reads an env file (if it exists), with the process environment taking precedence over it. A
+    /// line of the file that names one of agentcomm's variables but has no `=` (`REDIS_URL
+    /// redis://..`) is an [`Error::Config`] naming the line, rather than a line skipped.
     pub fn load_with_file(path: &Path) -> Result<Self> {
         let file = match std::fs::read_to_string(path) {
-            Ok(text) => parse_env_file(&text),
+            Ok(text) => {
+                line_without_equals(path, &text)?;
+                parse_env_file(&text)
+            }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
             Err(error) => {
                 return Err(Error::Config {
@@ -304,6 +309,46 @@ impl Config {
 /// value, and a blank value in the file is no value.
 fn process_or_file(name: &str, file: &HashMap<String, String>) -> Option<String> {
     prefer(std::env::var(name).ok(), file.get(name))
+}
+
+/// The variables of agentcomm's own, whose lines in an env file are checked.
+const CHECKED_VARIABLES: [&str; 5] = [
+    BACKEND_VAR,
+    REDIS_URL_VAR,
+    RABBITMQ_URL_VAR,
+    logging::LOG_LEVEL_ENV,
+    "REDIS_DELIVERY_MODE",
+];
+
+/// Refuses an env file line that names one of agentcomm's variables but has no `=`
+/// (`REDIS_URL redis://prod:6379`, `LOG_LEVEL: DEBUG`): [`parse_env_file`] skips such a line, and the
+/// program silently ran on the variable's default (the local Redis, say). The error names the file,
+/// the line and the variable, never the value (it may hold a password). Lines naming other
+/// variables are left alone: the file may be another tool's too.
+fn line_without_equals(path: &Path, text: &str) -> Result<()> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        if line.is_empty() || line.starts_with('#') || line.contains('=') {
+            continue;
+        }
+        let name = line
+            .split(|c: char| c.is_whitespace() || c == ':')
+            .next()
+            .unwrap_or("");
+        if CHECKED_VARIABLES.contains(&name) {
+            return Err(Error::Config {
+                variable: format!("{} line {}", path.display(), index + 1),
+                value: name.to_string(),
+                expected: format!(
+                    "`{name}=value`: the line has no '=', so it would be ignored and {name}'s \
+                     default used"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn prefer(process: Option<String>, file: Option<&String>) -> Option<String> {
@@ -774,6 +819,47 @@ mod tests {
             Some("pubsub")
         );
         assert_eq!(config.var("AGENTCOMM_TEST_ABSENT_VARIABLE"), None);
+    }
+
+    /// A line of agentcomm's own variable without '=' (`REDIS_URL redis://..`, `LOG_LEVEL: DEBUG`) was
+    /// skipped without a word, and the program ran on the default (the local Redis): it is refused,
+    /// naming the file, the line and the fix, and not the value.
+    #[test]
+    fn an_env_file_line_without_equals_is_refused_naming_the_line() {
+        let path = std::env::temp_dir().join(format!(
+            "agentcomm-config-noequals-{}.env",
+            std::process::id()
+        ));
+        for (text, line, name) in [
+            (
+                "# production\nMESSAGING_BACKEND=redis\nREDIS_URL redis://:s3cr3t@prod:6379\n",
+                3,
+                "REDIS_URL",
+            ),
+            ("export LOG_LEVEL: DEBUG\n", 1, "LOG_LEVEL"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let result = Config::load_with_file(&path);
+            std::fs::remove_file(&path).unwrap();
+            let error = result.unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("line {line}='{name}'"))
+                    && error.contains(&format!("`{name}=value`")),
+                "{error}"
+            );
+            assert!(!error.contains("s3cr3t"), "{error}");
+        }
+        // Another tool's line without '=' is left alone.
+        std::fs::write(&path, "SOMETHING_ELSE\nAGENTCOMM_TEST_ONLY_VARIABLE=x\n").unwrap();
+        let config = Config::load_with_file(&path);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            config
+                .unwrap()
+                .var("AGENTCOMM_TEST_ONLY_VARIABLE")
+                .as_deref(),
+            Some("x")
+        );
     }
 
     /// A bad value read from the env file names the file. Before, the error was the same as for the

@@ -1412,7 +1412,6 @@ impl AmqpAck {
             CopyFate::Stored => {
                 self.progress.store(RETRY_SENT, Ordering::Relaxed);
                 bump(&inner.counters.retried);
-                bump(&inner.counters.copies_confirmed_late);
                 if copy.delay.is_none() {
                     bump(&inner.counters.retries_undelayed);
                 }
@@ -1420,7 +1419,11 @@ impl AmqpAck {
                     inner.backend_error(format!(
                         "RabbitMQ stored the retry of message {id} ({cause}), but the original could not be acknowledged ({ack}): it will be delivered twice"
                     ))
-                })
+                })?;
+                // Only once acknowledged: an original whose channel closed while it was held comes
+                // again with the copy (counted in `stale`, and logged, by the failure above).
+                bump(&inner.counters.copies_confirmed_late);
+                Ok(())
             }
             CopyFate::NotStored(why) => {
                 self.basic_requeue().await?;

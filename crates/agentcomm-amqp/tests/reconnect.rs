@@ -2401,6 +2401,83 @@ async fn close_resolves_a_retry_held_for_a_late_confirm() {
     within("close", again.close()).await.unwrap();
 }
 
+/// A late confirm that comes once the held original's channel is closed (here its subscription
+/// closed meanwhile) cannot acknowledge it any more: RabbitMQ gives the original back with its
+/// channel, and the stored copy comes too, so the message comes twice. That is counted in `stale`
+/// and logged with the message id, and not in `copies_confirmed_late`, which counts originals
+/// acknowledged for their copy (it counted this one too: it was bumped before the acknowledgement
+/// was tried). A member of the group then gets the message as it was, and the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_confirm_after_the_original_s_channel_closed_is_not_counted_as_acknowledging_it() {
+    if !broker_available().await {
+        return;
+    }
+    let logs = Logs::capture();
+    let delay = Duration::from_secs(2);
+    let SlowConfirms {
+        proxy,
+        router,
+        mut subscription,
+        exchange,
+        _cleanup,
+        ..
+    } = group_subscriber_with_slow_confirms("t-retry-late-stale", delay, |builder| {
+        builder
+            .confirm_timeout(Duration::from_millis(200))
+            .operation_timeout(Duration::from_millis(1500))
+            .close_timeout(Duration::from_millis(100))
+    })
+    .await;
+    let delivery = within("a delivery", subscription.next()).await.unwrap();
+    let id = delivery.envelope().id();
+    // The copy reaches RabbitMQ 400 ms after its send, after its confirm timeout (200 ms).
+    proxy.set_latency(Duration::from_millis(400));
+    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
+        .await
+        .expect_err("a retry whose copy was not confirmed in time");
+    // Its confirm, read by the proxy from now on, comes back 10 s later; the subscription's
+    // cancel gets no answer either, so the subscription closes its channel (after the 1.5 s
+    // operation timeout) long before the confirm comes.
+    proxy.set_latency(Duration::from_secs(10));
+    assert!(error.to_string().contains("held unacknowledged"), "{error}");
+    within("close the subscription", subscription.close())
+        .await
+        .unwrap();
+    wait_until("the late confirm to find the original's channel gone", async || {
+        router.health().await.get("stale") == 1
+    })
+    .await;
+    proxy.set_latency(Duration::ZERO);
+    wait_until("the duplicate to be logged", async || {
+        logs.lines_with(&id.to_string())
+            .iter()
+            .any(|line| line.contains("delivered twice"))
+    })
+    .await;
+    let health = within("health", router.health()).await;
+    assert_eq!(
+        health.get("copies_confirmed_late"),
+        0,
+        "the original was not acknowledged: {health:?}"
+    );
+    assert_eq!(health.get("acked"), 0, "{health:?}");
+    assert_eq!(health.get("retried"), 1, "the copy carries a retry: {health:?}");
+    // Through a router of its own: bytes already held by the proxy's 10 s latency still hold up
+    // the first one's connections.
+    let again = within("connect", builder(&exchange).connect())
+        .await
+        .unwrap();
+    let mut member = within("subscribe", again.subscribe(group_g()))
+        .await
+        .unwrap();
+    let mut attempts = attempts_until_quiet(&mut member, id, delay + Duration::from_secs(3)).await;
+    attempts.sort_unstable();
+    assert_eq!(attempts, [1, 2]);
+    within("close", again.close()).await.unwrap();
+    proxy.shutdown().await;
+    within("close", router.close()).await.unwrap();
+}
+
 /// The error of a publish that gave up waiting out an outage says how long the connection has been
 /// down: "no publishing connection for 1.0s ...; gave up after 1s". That figure was taken when the
 /// connection's state last changed before the wait (the last reconnect attempt that failed), not

@@ -571,15 +571,23 @@ impl Confirms {
     /// index kept on every publish.) The route counts: a copy of the same envelope sent elsewhere
     /// with a smaller tag may still wait for its own confirm (a queue storing it) when this return
     /// comes.
+    ///
+    /// The oldest across both maps: a publish held for its late confirm ([`Pending::late`]) may
+    /// have a smaller tag than one of the same id and route still waiting in time (a redelivered
+    /// original retried again), and marking the newer one made the held copy's ack read as stored.
     fn returned(&self, id: u128, route: u64) -> bool {
         let mut guard = self.pending.lock().expect("confirms lock");
         let pending = &mut *guard;
-        match pending
-            .by_tag
-            .values_mut()
-            .chain(pending.late.values_mut())
-            .find(|waiting| waiting.id == id && waiting.route == route && !waiting.returned)
-        {
+        let matches =
+            |waiting: &&mut Waiting| waiting.id == id && waiting.route == route && !waiting.returned;
+        let in_time = pending.by_tag.iter_mut().find(|(_, w)| matches(w));
+        let held = pending.late.iter_mut().find(|(_, w)| matches(w));
+        let oldest = match (in_time, held) {
+            (Some(in_time), Some(held)) if held.0 < in_time.0 => Some(held.1),
+            (Some(in_time), _) => Some(in_time.1),
+            (None, held) => held.map(|(_, waiting)| waiting),
+        };
+        match oldest {
             Some(waiting) => {
                 waiting.returned = true;
                 true
@@ -1801,6 +1809,38 @@ mod tests {
             Err(oneshot::error::TryRecvError::Closed)
         ));
         assert_eq!(other.owed(), 0);
+    }
+
+    /// A basic.return names the message, not its delivery tag: it belongs to the oldest publish of
+    /// that id and route not returned yet (returns come in publish order). A retry's copy timed out
+    /// and held for its late confirm (in [`Pending::late`], tag 1) and a newer copy of the same
+    /// message to the same queue still waiting on time (tag 2, a redelivered original retried
+    /// again) both match: the return is tag 1's. Marking tag 2 instead made tag 1's late ack read
+    /// as stored (its original acknowledged while the copy was in no queue: lost) and tag 2's read
+    /// as returned (sent again: a duplicate).
+    #[test]
+    fn a_return_goes_to_the_oldest_matching_publish_even_one_held_for_its_late_confirm() {
+        let _one_at_a_time = logging_tests();
+        let confirms = Confirms::default();
+        let (_, mut held) = register_late(&confirms, 1, Duration::from_secs(60));
+        confirms.expire(Instant::now());
+        let (sender, mut newer) = oneshot::channel();
+        let later = Instant::now() + Duration::from_secs(60);
+        // The same message (id 1) to the same route as tag 1.
+        assert!(confirms.register(2, 1, 0, later, sender));
+        confirms.sent(3);
+        assert!(confirms.returned(1, 0));
+        confirms.settle(2, true, None);
+        assert_eq!(
+            held.try_recv().ok(),
+            Some(Confirmed::Ack { returned: true }),
+            "the held copy was the one returned"
+        );
+        assert_eq!(
+            newer.try_recv().ok(),
+            Some(Confirmed::Ack { returned: false }),
+            "the newer copy was stored"
+        );
     }
 
     /// The waiters of one confirm are all told before a publish woken by it can register its next

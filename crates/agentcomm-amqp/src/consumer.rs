@@ -1404,8 +1404,9 @@ impl AmqpAck {
         let inner = self.inner();
         // Known now: a drop from here on is not a copy cut short.
         self.copy_out.store(false, Ordering::Relaxed);
+        // Held: the late answer (if any) is `fate`; the cause is the timeout only.
         let cause = error.map_or_else(
-            || "its confirm came after confirm_timeout".to_string(),
+            || "no confirm came within confirm_timeout".to_string(),
             |error| error.to_string(),
         );
         match fate {
@@ -1417,7 +1418,7 @@ impl AmqpAck {
                 }
                 self.basic_ack().await.map_err(|ack| {
                     inner.backend_error(format!(
-                        "RabbitMQ stored the retry of message {id} ({cause}), but the original could not be acknowledged ({ack}): it will be delivered twice"
+                        "RabbitMQ confirmed the retry of message {id} late ({cause}), so it stored it, but the original could not be acknowledged ({ack}): it will be delivered twice"
                     ))
                 })?;
                 // Only once acknowledged: an original whose channel closed while it was held comes

@@ -578,8 +578,9 @@ impl Confirms {
     fn returned(&self, id: u128, route: u64) -> bool {
         let mut guard = self.pending.lock().expect("confirms lock");
         let pending = &mut *guard;
-        let matches =
-            |waiting: &&mut Waiting| waiting.id == id && waiting.route == route && !waiting.returned;
+        let matches = |waiting: &&mut Waiting| {
+            waiting.id == id && waiting.route == route && !waiting.returned
+        };
         let in_time = pending.by_tag.iter_mut().find(|(_, w)| matches(w));
         let held = pending.late.iter_mut().find(|(_, w)| matches(w));
         let oldest = match (in_time, held) {

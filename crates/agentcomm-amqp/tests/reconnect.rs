@@ -2278,6 +2278,18 @@ async fn a_retry_held_for_a_late_confirm_gives_the_original_back_when_the_copy_i
         },
     )
     .await;
+    // Saying why: no confirm came, not even late (it said "its confirm came after
+    // confirm_timeout" there, next to "the channel was lost before RabbitMQ confirmed it").
+    let line = logs
+        .lines_with(&id.to_string())
+        .into_iter()
+        .find(|line| line.contains("may come twice"))
+        .unwrap();
+    assert!(
+        line.contains("its retry was not confirmed (no confirm came within confirm_timeout; its publishing channel or connection was lost"),
+        "{line}"
+    );
+    assert!(!line.contains("came after"), "{line}");
     // Nothing is lost: the original comes again as attempt 1, then the stored copy as attempt 2.
     let attempts =
         attempts_until_quiet(&mut subscription, id, delay + Duration::from_secs(3)).await;
@@ -2443,9 +2455,10 @@ async fn a_late_confirm_after_the_original_s_channel_closed_is_not_counted_as_ac
     within("close the subscription", subscription.close())
         .await
         .unwrap();
-    wait_until("the late confirm to find the original's channel gone", async || {
-        router.health().await.get("stale") == 1
-    })
+    wait_until(
+        "the late confirm to find the original's channel gone",
+        async || router.health().await.get("stale") == 1,
+    )
     .await;
     proxy.set_latency(Duration::ZERO);
     wait_until("the duplicate to be logged", async || {
@@ -2461,7 +2474,11 @@ async fn a_late_confirm_after_the_original_s_channel_closed_is_not_counted_as_ac
         "the original was not acknowledged: {health:?}"
     );
     assert_eq!(health.get("acked"), 0, "{health:?}");
-    assert_eq!(health.get("retried"), 1, "the copy carries a retry: {health:?}");
+    assert_eq!(
+        health.get("retried"),
+        1,
+        "the copy carries a retry: {health:?}"
+    );
     // Through a router of its own: bytes already held by the proxy's 10 s latency still hold up
     // the first one's connections.
     let again = within("connect", builder(&exchange).connect())

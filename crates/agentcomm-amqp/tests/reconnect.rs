@@ -2629,3 +2629,62 @@ async fn a_handler_failing_while_confirms_time_out_does_not_multiply_its_message
     assert_eq!(health.get("copies_confirmed_late"), 1, "{health:?}");
     within("close", router.close()).await.unwrap();
 }
+
+/// The hold bounds the multiplying only by its length: when confirms stay late longer than the
+/// hold (`publish_outage_timeout`, at least `confirm_timeout`), each hold ends with the original
+/// requeued unchanged (attempt 1 again, counted in `copies_unconfirmed`) while its copy is stored
+/// all the same, and the handler's next failure sends another copy. Here, 20 s of 1.5 s latency
+/// with a 1 s hold: 5 deliveries at attempt 1 and 5 at attempt 2 (5 dead letters) for one message,
+/// `copies_unconfirmed` 4. With the defaults (15 s confirm timeout, 30 s hold) a stall of 5 minutes
+/// leaves about 6 copies of each message that keeps failing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known defect: a stall longer than the hold still multiplies a failing message, once per hold"]
+async fn a_handler_failing_through_a_stall_longer_than_the_hold_does_not_multiply_its_message() {
+    if !broker_available().await {
+        return;
+    }
+    const MAX_ATTEMPTS: u32 = 2;
+    let delay = Duration::from_secs(1);
+    let SlowConfirms {
+        proxy,
+        router,
+        mut subscription,
+        _cleanup,
+        ..
+    } = group_subscriber_with_slow_confirms("t-poison-long", delay, |builder| {
+        builder.publish_outage_timeout(Duration::from_secs(1))
+    })
+    .await;
+    proxy.set_latency(Duration::from_millis(1500));
+    let mut attempts = Vec::new();
+    let stall = Instant::now() + Duration::from_secs(20);
+    let mut stalled = true;
+    loop {
+        if stalled && Instant::now() >= stall {
+            proxy.set_latency(Duration::ZERO);
+            stalled = false;
+        }
+        let Ok(Some(delivery)) =
+            tokio::time::timeout(Duration::from_secs(6), subscription.next()).await
+        else {
+            if stalled {
+                continue;
+            }
+            break;
+        };
+        let attempt = delivery.envelope().attempt();
+        attempts.push(attempt);
+        if attempt < MAX_ATTEMPTS {
+            let _ = delivery.nack(NackAction::Retry { delay }).await;
+        } else {
+            let _ = delivery.ack().await;
+        }
+    }
+    let health = within("health", router.health()).await;
+    assert_eq!(
+        attempts,
+        (1..=MAX_ATTEMPTS).collect::<Vec<_>>(),
+        "attempts of one message with max_attempts {MAX_ATTEMPTS}: {health:?}"
+    );
+    within("close", router.close()).await.unwrap();
+}

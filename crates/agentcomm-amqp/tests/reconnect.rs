@@ -2436,19 +2436,19 @@ async fn a_late_confirm_after_the_original_s_channel_closed_is_not_counted_as_ac
     } = group_subscriber_with_slow_confirms("t-retry-late-stale", delay, |builder| {
         builder
             .confirm_timeout(Duration::from_millis(200))
-            .operation_timeout(Duration::from_millis(1500))
+            .operation_timeout(Duration::from_secs(3))
             .close_timeout(Duration::from_millis(100))
     })
     .await;
     let delivery = within("a delivery", subscription.next()).await.unwrap();
     let id = delivery.envelope().id();
-    // The copy reaches RabbitMQ 400 ms after its send, after its confirm timeout (200 ms).
-    proxy.set_latency(Duration::from_millis(400));
+    // The copy reaches RabbitMQ 800 ms after its send, well after its confirm timeout (200 ms).
+    proxy.set_latency(Duration::from_millis(800));
     let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
         .await
         .expect_err("a retry whose copy was not confirmed in time");
     // Its confirm, read by the proxy from now on, comes back 10 s later; the subscription's
-    // cancel gets no answer either, so the subscription closes its channel (after the 1.5 s
+    // cancel gets no answer either, so the subscription closes its channel (after the 3 s
     // operation timeout) long before the confirm comes.
     proxy.set_latency(Duration::from_secs(10));
     assert!(error.to_string().contains("held unacknowledged"), "{error}");

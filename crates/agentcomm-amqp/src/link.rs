@@ -292,8 +292,8 @@ pub(crate) struct Counters {
     /// Copies (a retry, a delivery given back as a copy) RabbitMQ did not confirm but may have
     /// stored all the same, whose original was given back instead: the message may come twice. For
     /// a retry: its confirm timed out and no late answer came either (the channel lost first, the
-    /// hold over), or the channel was lost and sending again given up, or the settlement was cut
-    /// short before the confirm.
+    /// router closed), or the channel was lost and sending again given up, or the settlement was
+    /// cut short before the confirm.
     pub copies_unconfirmed: AtomicU64,
     /// Retries whose copy's confirm came after `confirm_timeout`, while the original was held for
     /// it: the original was acknowledged then, and the copy carries the retry (also in `retried`).

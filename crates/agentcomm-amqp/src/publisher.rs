@@ -133,10 +133,6 @@ impl LateConfirm {
         Some((receiver, self.earlier_frames.load(Ordering::Relaxed)))
     }
 
-    pub(crate) fn hold(&self) -> Duration {
-        self.hold
-    }
-
     fn put(&self, receiver: oneshot::Receiver<Confirmed>) {
         *self.receiver.lock().expect("late confirm lock") = Some(receiver);
     }

@@ -442,10 +442,14 @@ impl Runtime {
             options,
             stats: stats.clone(),
         });
-        let task = tokio::spawn(run(shared, subscription, phase));
+        // Kept for the agent's stop, which may be awaited outside Tokio (`futures::executor::block_on`
+        // on a thread of its own): it runs on the Tokio runtime the agent runs on.
+        let tokio = tokio::runtime::Handle::current();
+        let task = tokio.spawn(run(shared, subscription, phase));
         let handle = AgentHandle {
             inner: Arc::new(AgentHandleInner {
                 name: A::NAME,
+                tokio,
                 group: claim.as_ref().map(|claim| {
                     (
                         claim.group.clone(),
@@ -542,10 +546,16 @@ impl Runtime {
     /// Like [`AgentHandle::stop`], the shutdown runs on a task of its own: a caller that stops waiting
     /// for it (a timeout around `shutdown`, or a handler of one of this runtime's agents, dropped at
     /// the stop deadline) does not leave it half done, with its agents stopped and its router open.
+    /// Awaited outside Tokio, it runs on the Tokio runtime its agents run on (in place when it has
+    /// none).
     pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
-        let Ok(tokio) = tokio::runtime::Handle::try_current() else {
-            // Awaited outside Tokio (`futures::executor::block_on`): there is no task to run it on,
-            // and no agent to stop either (agents run on Tokio tasks); it runs here.
+        // Awaited outside Tokio (`futures::executor::block_on` on a thread of its own), it runs on
+        // the Tokio runtime its agents run on; with no agents, and no Tokio, there is no task to run
+        // it on, and it runs here.
+        let tokio = tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| Some(self.agents().first()?.inner.tokio.clone()));
+        let Some(tokio) = tokio else {
             return self.shutdown_here(deadline).await;
         };
         let runtime = self.clone();
@@ -716,6 +726,8 @@ struct AgentHandleInner {
     closer: SubscriptionCloser,
     phase: watch::Sender<Phase>,
     task: tokio::sync::Mutex<Option<JoinHandle<ShutdownReport>>>,
+    /// The Tokio runtime the agent's task runs on, where its stop runs.
+    tokio: tokio::runtime::Handle,
     /// The report of the stop, once it is done, for every caller of `stop`.
     done: watch::Sender<Option<ShutdownReport>>,
 }
@@ -790,15 +802,18 @@ impl AgentHandle {
     ///
     /// The stop runs on a task of its own: a caller that stops waiting for it (a timeout around
     /// `stop`, or a handler of this very agent, dropped at the deadline) does not leave it half done,
-    /// and every caller gets its report.
+    /// and every caller gets its report. That task runs on the Tokio runtime the agent runs on, so the
+    /// stop may be awaited outside Tokio too (`futures::executor::block_on`); once that Tokio runtime
+    /// has ended, the agent with it, the stop returns an empty report at once.
     pub async fn stop(&self, deadline: Duration) -> ShutdownReport {
         let mut done = self.inner.done.subscribe();
         if let Some(task) = self.inner.task.lock().await.take() {
             let inner = self.inner.clone();
-            tokio::spawn(async move {
-                // Should this task end any other way (a panic, its runtime shutting down), the
-                // callers still get a report rather than wait forever.
-                let guard = ReportOnDrop(inner.clone());
+            // Should this task end any other way (a panic, its runtime shutting down, or never
+            // running: a task spawned on a Tokio runtime that has ended is dropped unpolled), the
+            // callers still get a report rather than wait forever.
+            let guard = ReportOnDrop(inner.clone());
+            self.inner.tokio.spawn(async move {
                 let report = inner.stop_task(task, deadline).await;
                 inner.done.send_replace(Some(report));
                 drop(guard);

@@ -232,3 +232,74 @@ fn a_runtime_without_agents_shuts_down_outside_tokio() {
     let health = futures::executor::block_on(runtime.router().health());
     assert!(!health.connected, "{health:?}");
 }
+
+/// Runs `work` on a thread of its own, outside any Tokio runtime, and gives its result, or panics
+/// when it takes more than 10 s (a stop that waits for a report nobody sends never ends).
+fn outside_tokio<T: Send + 'static>(what: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(work());
+    });
+    receiver
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|error| panic!("{what}: no result within 10 s ({error})"))
+}
+
+/// A runtime whose agents run on a Tokio runtime, shut down from a thread outside it (a signal
+/// thread, a `Drop`, a synchronous caller with `futures::executor::block_on`): its agents stop on
+/// the Tokio runtime they run on, and its router closes. It panicked there (`AgentHandle::stop`
+/// spawned its task with `tokio::spawn`, which needs to be inside Tokio).
+#[test]
+fn a_runtime_with_agents_shuts_down_from_a_thread_outside_tokio() {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (started, mut started_rx) = mpsc::unbounded_channel();
+    let (runtime, agent) = tokio.block_on(async {
+        let runtime = Runtime::new(MemoryRouter::new());
+        let agent = runtime.spawn(Worker { started }).await.unwrap();
+        runtime
+            .publisher::<Client>()
+            .publish("s1", Job { sleep_ms: 200 })
+            .await
+            .unwrap();
+        started_rx.recv().await.unwrap();
+        (runtime, agent)
+    });
+    let shut_down = runtime.clone();
+    let report = outside_tokio("a shutdown outside Tokio", move || {
+        futures::executor::block_on(shut_down.shutdown(Duration::from_secs(5)))
+    })
+    .unwrap();
+    assert_eq!(report.handled, 1, "{report:?}");
+    assert_eq!(agent.health().state, AgentState::Stopped);
+    let health = futures::executor::block_on(runtime.router().health());
+    assert!(!health.connected, "{health:?}");
+}
+
+/// An agent whose Tokio runtime has ended, stopped from outside Tokio: the stop's task can no longer
+/// run (a task spawned on an ended runtime is dropped unpolled), and the stop says so with an empty
+/// report instead of waiting for ever.
+#[test]
+fn an_agent_whose_tokio_runtime_ended_stops_at_once() {
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (started, _started_rx) = mpsc::unbounded_channel();
+    let agent = tokio.block_on(async {
+        Runtime::new(MemoryRouter::new())
+            .spawn(Worker { started })
+            .await
+            .unwrap()
+    });
+    drop(tokio);
+    let stopped = agent.clone();
+    let report = outside_tokio("a stop after Tokio ended", move || {
+        futures::executor::block_on(stopped.stop(Duration::from_secs(1)))
+    });
+    assert_eq!(report, agentcomm_core::runtime::ShutdownReport::default());
+    assert_eq!(agent.health().state, AgentState::Stopped);
+}

@@ -330,20 +330,24 @@ fn line_without_equals(path: &Path, text: &str) -> Result<()> {
     for (index, line) in text.lines().enumerate() {
         let line = line.trim();
         let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
-        if line.is_empty() || line.starts_with('#') || line.contains('=') {
+        if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let name = line
+        // What comes before the first '=' is the name [`parse_env_file`] reads. A value holding '='
+        // itself (`REDIS_URL redis://h:6379/?timeout=5`, a base64 password ending in '=') gives a
+        // name that is not the variable's, and the line is ignored as surely as one without '='.
+        let before = line.split_once('=').map_or(line, |(name, _)| name).trim();
+        let name = before
             .split(|c: char| c.is_whitespace() || c == ':')
             .next()
             .unwrap_or("");
-        if CHECKED_VARIABLES.contains(&name) {
+        if CHECKED_VARIABLES.contains(&name) && before != name {
             return Err(Error::Config {
                 variable: format!("{} line {}", path.display(), index + 1),
                 value: name.to_string(),
                 expected: format!(
-                    "`{name}=value`: the line has no '=', so it would be ignored and {name}'s \
-                     default used"
+                    "`{name}=value`: the line has no '=' right after the name, so it would be \
+                     ignored and {name}'s default used"
                 ),
             });
         }
@@ -837,6 +841,18 @@ mod tests {
                 "REDIS_URL",
             ),
             ("export LOG_LEVEL: DEBUG\n", 1, "LOG_LEVEL"),
+            // A value holding '=' of its own: the line was read as the variable
+            // `REDIS_URL redis://:c2VjcmV0` and ignored, the check passing it by.
+            (
+                "REDIS_URL redis://:s3cr3t=@prod:6379/?timeout=5\n",
+                1,
+                "REDIS_URL",
+            ),
+            (
+                "MESSAGING_BACKEND: rabbitmq # was=redis\n",
+                1,
+                "MESSAGING_BACKEND",
+            ),
         ] {
             std::fs::write(&path, text).unwrap();
             let result = Config::load_with_file(&path);
@@ -848,6 +864,18 @@ mod tests {
                 "{error}"
             );
             assert!(!error.contains("s3cr3t"), "{error}");
+        }
+        // Spaces around the '=' are no mistake, whatever the value holds.
+        std::fs::write(&path, "REDIS_URL = redis://h:6379/?timeout=5\n").unwrap();
+        let config = Config::load_with_file(&path);
+        std::fs::remove_file(&path).unwrap();
+        let config = config.unwrap();
+        // (The process environment, which takes precedence, may set it.)
+        if std::env::var_os("REDIS_URL").is_none() {
+            assert_eq!(
+                config.var("REDIS_URL").as_deref(),
+                Some("redis://h:6379/?timeout=5")
+            );
         }
         // Another tool's line without '=' is left alone.
         std::fs::write(&path, "SOMETHING_ELSE\nAGENTCOMM_TEST_ONLY_VARIABLE=x\n").unwrap();

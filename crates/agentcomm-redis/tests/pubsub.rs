@@ -2370,3 +2370,70 @@ async fn concurrent_batches_across_pool_connections_reach_redis_in_the_order_of_
     subscriber.close().await.unwrap();
     publisher.close().await.unwrap();
 }
+
+/// A request of the agents in [`a_dead_lettered_request_fails_its_requester_at_once_on_pubsub`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Message)]
+#[message(direction = "request")]
+struct PriceAsked {
+    n: u32,
+}
+
+/// Its reply, on channels named with a template of its own.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Message)]
+#[message(direction = "response", channel = "prices.{direction}.{session_id}")]
+struct PriceGiven {
+    n: u32,
+}
+
+#[agent(sends = [PriceAsked])]
+struct PriceAsker;
+
+/// Refuses every request for good: each is dead-lettered at its first attempt.
+#[agent(receives = [PriceAsked], sends = [PriceGiven])]
+struct PricesDown;
+
+impl Handle<PriceAsked> for PricesDown {
+    async fn handle(&self, _: PriceAsked, _: &Context<Self>) -> HandlerResult {
+        Err(HandlerError::permanent(std::io::Error::other(
+            "the prices are down",
+        )))
+    }
+}
+
+/// Redis pub/sub delivers by name: the reply telling a requester that its request was dead-lettered
+/// reaches the requester's inbox only under the name the reply type's template gives
+/// (`prices.reply.inbox-..`), which the inbox subscribes to. Published under the canonical name of
+/// the request's `reply_to` (`PriceGiven:reply:inbox-..`), it reached no one, and the requester
+/// waited out its whole timeout instead of failing at once with `RequestFailed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_request_fails_its_requester_at_once_on_pubsub() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let runtime = Runtime::builder(connect(&prefix).await).build();
+    runtime
+        .spawn_with(PricesDown, AgentOptions::new().fan_out())
+        .await
+        .unwrap();
+    let asker = runtime.publisher::<PriceAsker>();
+    let asking = asker.request_timeout::<PriceAsked, PriceGiven>(
+        "s1",
+        PriceAsked { n: 1 },
+        Duration::from_secs(600),
+    );
+    // Bounded far below the request's own timeout: the failure reply, not a timeout, ends it.
+    let error = tokio::time::timeout(WAIT, asking)
+        .await
+        .expect("the requester was told before its timeout")
+        .unwrap_err();
+    match &error {
+        Error::RequestFailed(failure) => assert_eq!(
+            (failure.agent.as_str(), failure.reason.as_str()),
+            ("PricesDown", "rejected")
+        ),
+        other => panic!("expected RequestFailed, got {other:?}"),
+    }
+    runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+}

@@ -14,7 +14,8 @@
 //!   a correlation id) does not go to a subscription made
 //!   [`without_inbox_replies`](SubscribeOptions::without_inbox_replies), as agents' are, unless one of
 //!   its patterns names the `reply` direction: agents, which would skip it, never hold it in their
-//!   queues.
+//!   queues. A group takes such a reply only while a member subscribed with them reads it: a group
+//!   without members never holds one.
 //! - A delivery dropped unsettled, or nacked, goes back to its queue.
 //! - Messages that can no longer be delivered (a subscription dropped with messages unread, group
 //!   queues when the router closes, retries waiting out their delay when their queue closes) are
@@ -155,9 +156,10 @@ struct Queue {
     group: Option<String>,
     capacity: usize,
     patterns: RwLock<Vec<ChannelPattern>>,
-    /// Whether a reply to a requester's inbox that only a wildcard direction matches goes here: set
-    /// when any member's subscription asked for them ([`SubscribeOptions::inbox_replies`]).
-    inbox_replies: AtomicBool,
+    /// How many of its members' subscriptions asked for replies to requesters' inboxes that only a
+    /// wildcard direction matches ([`SubscribeOptions::inbox_replies`]): they go here while any
+    /// does.
+    inbox_reply_members: AtomicUsize,
     sender: async_channel::Sender<Delivery>,
     receiver: async_channel::Receiver<Delivery>,
     room: Arc<Semaphore>,
@@ -199,7 +201,7 @@ impl Queue {
     /// agents' requests until every reply publish timed out, and an agent replying with the class it
     /// receives waited for room in its own full queue.
     fn matches(&self, envelope: &Envelope) -> bool {
-        let inbox_reply = !self.inbox_replies.load(Ordering::Relaxed) && envelope.is_inbox_reply();
+        let inbox_reply = !self.wants_inbox_replies() && envelope.is_inbox_reply();
         self.patterns
             .read()
             .expect("queue patterns lock")
@@ -208,6 +210,16 @@ impl Queue {
                 pattern.matches(envelope.channel())
                     && (!inbox_reply || pattern.direction() == Some(REPLY_DIRECTION))
             })
+    }
+
+    /// Whether inbox replies that only a wildcard direction matches go here: while a subscription
+    /// reading this queue asked for them. A group without members takes none: a reply is its
+    /// requester's, who waits for it now, and queued for a member that may never come it only took
+    /// room. (Set for good once a member had asked, a stopped agent's group that a subscription
+    /// taking them joined for a while went on taking other agents' replies after it left, until it
+    /// was full and every reply publish timed out.)
+    fn wants_inbox_replies(&self) -> bool {
+        self.inbox_reply_members.load(Ordering::Acquire) > 0
     }
 
     fn delivery(self: &Arc<Self>, envelope: Envelope, permit: OwnedSemaphorePermit) -> Delivery {
@@ -400,6 +412,8 @@ impl Acknowledge for MemoryAck {
 struct MemoryControl {
     router: Weak<MemoryInner>,
     queue: Arc<Queue>,
+    /// Whether this subscription asked for inbox replies ([`SubscribeOptions::inbox_replies`]).
+    inbox_replies: bool,
     stop: async_channel::Sender<()>,
     closed: AtomicBool,
 }
@@ -411,6 +425,11 @@ impl MemoryControl {
         }
         self.stop.close();
         if self.queue.group.is_some() {
+            if self.inbox_replies {
+                self.queue
+                    .inbox_reply_members
+                    .fetch_sub(1, Ordering::AcqRel);
+            }
             let members = self.queue.members.fetch_sub(1, Ordering::AcqRel) - 1;
             if members == 0 && self.router.upgrade().is_none() {
                 // The last member of a group whose router is gone: nobody can join or read again.
@@ -621,7 +640,7 @@ impl MemoryRouter {
                 group,
                 capacity,
                 patterns: RwLock::new(options.patterns.clone()),
-                inbox_replies: AtomicBool::new(options.inbox_replies),
+                inbox_reply_members: AtomicUsize::new(0),
                 sender,
                 receiver,
                 room: Arc::new(Semaphore::new(capacity)),
@@ -654,9 +673,6 @@ impl MemoryRouter {
                     }
                 }
                 drop(patterns);
-                if options.inbox_replies {
-                    queue.inbox_replies.store(true, Ordering::Relaxed);
-                }
                 queue
             }
             _ => {
@@ -670,12 +686,16 @@ impl MemoryRouter {
                 queue
             }
         };
+        if options.inbox_replies {
+            queue.inbox_reply_members.fetch_add(1, Ordering::AcqRel);
+        }
         queue.members.fetch_add(1, Ordering::AcqRel);
         drop(routes);
         let group = queue.group.is_some();
         let control = Arc::new(MemoryControl {
             router: Arc::downgrade(&self.inner),
             queue: queue.clone(),
+            inbox_replies: options.inbox_replies,
             stop: stop_sender,
             closed: AtomicBool::new(false),
         });

@@ -1234,3 +1234,46 @@ async fn a_dead_lettered_request_whose_reply_type_has_a_template_fails_its_reque
         other => panic!("expected RequestFailed, got {other:?}"),
     }
 }
+
+/// A stopped agent's group that a subscription of its own (made with the default
+/// `SubscribeOptions`, which takes inbox replies) joined for a while, to drain it: once that member
+/// left, the group still took every inbox reply of its class (the group's flag stayed as its
+/// member had set it), filled up, and other agents' requests failed as before 197a525.
+#[tokio::test]
+async fn a_group_a_default_subscription_joined_and_left_takes_no_inbox_replies_again() {
+    let router = MemoryRouter::with_config(
+        MemoryConfig::default()
+            .queue_capacity(4)
+            .publish_timeout(Duration::from_millis(200)),
+    );
+    let runtime = Runtime::new(router.clone());
+    runtime.spawn(Answerer).await.unwrap();
+    let auditor = runtime
+        .spawn_with(Auditor, AgentOptions::new().prefetch(4))
+        .await
+        .unwrap();
+    auditor.stop(WAIT).await;
+    // Someone drains the stopped auditor's group for a while, then leaves.
+    let drain = router
+        .subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Answer:*:*").unwrap()).group("Auditor"),
+        )
+        .await
+        .unwrap();
+    drain.closer().close().await.unwrap();
+    drop(drain);
+    let asker = runtime.publisher::<Asker>();
+    for n in 0..20 {
+        let answer: Answer = asker
+            .request_timeout("s1", Ask { n }, WAIT)
+            .await
+            .unwrap_or_else(|error| panic!("request {n}: {error}"));
+        assert_eq!(answer.n, n);
+    }
+    let health = router.health().await;
+    assert_eq!(
+        health.counters.get("queued"),
+        Some(&0),
+        "no inbox reply waits in the auditor's group: {health:?}"
+    );
+}

@@ -304,8 +304,37 @@ pub(crate) fn readable_details(details: &str) -> String {
             }
             return None;
         }
-        let end = rest.find(", ").or_else(|| rest.rfind(" }"))?;
-        Some(rest[..end].into())
+        Some(rest[..unquoted_end(rest)?].into())
+    }
+    /// Where an unquoted value at the start of `rest` ends: at the first `, ` or ` }` outside the
+    /// brackets and strings of the value itself. (The first `, ` anywhere cut a nested value short: a
+    /// TLS error read `InvalidCertificate(NotValidForNameContext { expected: IpAddress(V4(Ipv4Addr([127`,
+    /// without the names the certificate presents.)
+    fn unquoted_end(rest: &str) -> Option<usize> {
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for (index, c) in rest.char_indices() {
+            if in_string {
+                match c {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '"' => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                '"' => in_string = true,
+                '(' | '[' | '{' => depth += 1,
+                ')' | ']' | '}' if depth > 0 => depth -= 1,
+                _ if depth == 0
+                    && (rest[index..].starts_with(", ") || rest[index..].starts_with(" }")) =>
+                {
+                    return Some(index);
+                }
+                _ => {}
+            }
+        }
+        None
     }
     let details = details.trim();
     if details.starts_with("Os { ") {
@@ -577,6 +606,49 @@ impl Drop for ConnectingPool {
 mod tests {
     use super::*;
     use agentcomm_core::backoff::Backoff;
+
+    /// An I/O error wrapping an error whose `Debug` nests brackets and commas (rustls' certificate
+    /// errors: `InvalidCertificate(NotValidForNameContext { expected: .., presented: [..] })`) reads
+    /// as that whole `Debug`; it was cut at its first `, `, losing the names the certificate
+    /// presents.
+    #[test]
+    fn a_nested_io_error_is_read_whole() {
+        #[derive(Debug)]
+        #[allow(dead_code)]
+        struct NotValidForNameContext {
+            expected: (u8, [u8; 4]),
+            presented: Vec<String>,
+        }
+        #[derive(Debug)]
+        #[allow(dead_code)]
+        enum Refused {
+            InvalidCertificate(NotValidForNameContext),
+        }
+        impl std::fmt::Display for Refused {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{self:?}")
+            }
+        }
+        impl std::error::Error for Refused {}
+        let inner = Refused::InvalidCertificate(NotValidForNameContext {
+            expected: (4, [127, 0, 0, 1]),
+            presented: vec!["DnsName(\"agentcomm.invalid\")".into(), "b, c }".into()],
+        });
+        let expected = format!("{inner:?}");
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, inner);
+        assert_eq!(readable_details(&format!("{io:?}")), expected);
+        // The simple cases stay as they were.
+        let refused = std::io::Error::from_raw_os_error(111);
+        assert_eq!(
+            readable_details(&format!("{refused:?}")),
+            refused.to_string()
+        );
+        let other = std::io::Error::other("a \"quoted\" word, and a comma");
+        assert_eq!(
+            readable_details(&format!("{other:?}")),
+            "a \"quoted\" word, and a comma"
+        );
+    }
 
     /// With `max_reconnect_attempts(Some(1))` the router's error and a stream reader's health detail
     /// read "after 1 attempts in a row".

@@ -552,9 +552,9 @@ impl Runtime {
         // Awaited outside Tokio (`futures::executor::block_on` on a thread of its own), it runs on
         // the Tokio runtime its agents run on; with no agents, and no Tokio, there is no task to run
         // it on, and it runs here.
-        let tokio = tokio::runtime::Handle::try_current()
-            .ok()
-            .or_else(|| Some(self.agents().first()?.inner.tokio.clone()));
+        let current = tokio::runtime::Handle::try_current().ok();
+        let outside_tokio = current.is_none();
+        let tokio = current.or_else(|| Some(self.agents().first()?.inner.tokio.clone()));
         let Some(tokio) = tokio else {
             return self.shutdown_here(deadline).await;
         };
@@ -565,6 +565,9 @@ impl Runtime {
         {
             Ok(result) => result,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // The agents' Tokio runtime has ended (and its agents with it): their stops report at
+            // once, and the router is closed here.
+            Err(_) if outside_tokio => self.shutdown_here(deadline).await,
             Err(_) => Err(Error::Closed {
                 what: "the runtime's shutdown",
                 hint: "its task was cancelled: the Tokio runtime it ran on is shutting down, so the \

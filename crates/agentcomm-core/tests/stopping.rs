@@ -303,3 +303,29 @@ fn an_agent_whose_tokio_runtime_ended_stops_at_once() {
     assert_eq!(report, agentcomm_core::runtime::ShutdownReport::default());
     assert_eq!(agent.health().state, AgentState::Stopped);
 }
+
+/// A runtime whose agents' Tokio runtime has ended, shut down from outside Tokio: its shutdown
+/// cannot run on that Tokio runtime any more, and runs in place, closing the router (it said that
+/// its task was cancelled, and left the router open).
+#[test]
+fn a_runtime_whose_tokio_runtime_ended_still_closes_its_router() {
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (started, _started_rx) = mpsc::unbounded_channel();
+    let runtime = tokio.block_on(async {
+        let runtime = Runtime::new(MemoryRouter::new());
+        runtime.spawn(Worker { started }).await.unwrap();
+        runtime
+    });
+    drop(tokio);
+    let shut_down = runtime.clone();
+    let report = outside_tokio("a shutdown after Tokio ended", move || {
+        futures::executor::block_on(shut_down.shutdown(Duration::from_secs(1)))
+    })
+    .unwrap();
+    assert_eq!(report, agentcomm_core::runtime::ShutdownReport::default());
+    let health = futures::executor::block_on(runtime.router().health());
+    assert!(!health.connected, "{health:?}");
+}

@@ -683,7 +683,11 @@ pub struct AgentHealth {
     /// scheduled retries have not come back yet.
     pub retries_received: u64,
     /// Replies routed to a requester's inbox (`<Class>:reply:<inbox>`) that this agent's patterns
-    /// matched: acknowledged without running the handler, since they are their requester's.
+    /// matched: acknowledged without running the handler, since they are their requester's. 0
+    /// on the in-memory router, which does not deliver them to agents (unless a subscription asking
+    /// for them joined the agent's group: see
+    /// [`SubscribeOptions::without_inbox_replies`](crate::router::SubscribeOptions::without_inbox_replies));
+    /// brokers whose bindings cannot leave them out deliver them, and they are counted here.
     pub replies_skipped: u64,
     /// Handlers running now.
     pub in_flight: u64,

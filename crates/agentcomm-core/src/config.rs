@@ -320,8 +320,8 @@ const CHECKED_VARIABLES: [&str; 5] = [
     "REDIS_DELIVERY_MODE",
 ];
 
-/// Refuses an env file line that names one of agentcomm's variables but has no `=`
-/// (`REDIS_URL redis://prod:6379`, `LOG_LEVEL: DEBUG`): [`parse_env_file`] skips such a line, and the
+/// Refuses an env file line that names one of agentcomm's variables but has no `=` right after the
+/// name (`REDIS_URL redis://prod:6379`, `LOG_LEVEL: DEBUG`): [`parse_env_file`] skips such a line, and the
 /// program silently ran on the variable's default (the local Redis, say). The error names the file,
 /// the line and the variable, never the value (it may hold a password). Lines naming other
 /// variables are left alone: the file may be another tool's too.
@@ -333,6 +333,9 @@ fn line_without_equals(path: &Path, text: &str) -> Result<()> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        // A name alone (`REDIS_URL`) passes the variable on from the environment in docker's
+        // `--env-file`, which the file may be written for: agentcomm reads the environment first, so
+        // no value is lost, and it is left alone.
         // What comes before the first '=' is the name [`parse_env_file`] reads. A value holding '='
         // itself (`REDIS_URL redis://h:6379/?timeout=5`, a base64 password ending in '=') gives a
         // name that is not the variable's, and the line is ignored as surely as one without '='.
@@ -877,6 +880,12 @@ mod tests {
                 Some("redis://h:6379/?timeout=5")
             );
         }
+        // A name alone is docker's `--env-file` way of passing the variable on from the environment,
+        // where agentcomm reads it first anyway: no value was lost.
+        std::fs::write(&path, "export REDIS_URL\nLOG_LEVEL\n").unwrap();
+        let config = Config::load_with_file(&path);
+        std::fs::remove_file(&path).unwrap();
+        config.unwrap();
         // Another tool's line without '=' is left alone.
         std::fs::write(&path, "SOMETHING_ELSE\nAGENTCOMM_TEST_ONLY_VARIABLE=x\n").unwrap();
         let config = Config::load_with_file(&path);

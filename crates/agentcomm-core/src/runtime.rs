@@ -547,7 +547,9 @@ impl Runtime {
     /// for it (a timeout around `shutdown`, or a handler of one of this runtime's agents, dropped at
     /// the stop deadline) does not leave it half done, with its agents stopped and its router open.
     /// Awaited outside Tokio, it runs on the Tokio runtime its agents run on (in place when it has
-    /// none).
+    /// none, or when that runtime has ended); should that runtime not run it within `deadline` (a
+    /// current_thread runtime runs tasks only inside its `block_on`), the shutdown returns
+    /// [`Error::Timeout`], and runs there once the runtime is driven again.
     pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
         // Awaited outside Tokio (`futures::executor::block_on` on a thread of its own), it runs on
         // the Tokio runtime its agents run on; with no agents, and no Tokio, there is no task to run
@@ -559,10 +561,25 @@ impl Runtime {
             return self.shutdown_here(deadline).await;
         };
         let runtime = self.clone();
-        match tokio
-            .spawn(async move { runtime.shutdown_here(deadline).await })
-            .await
-        {
+        let (started, start) = futures::channel::oneshot::channel::<()>();
+        let task = tokio.spawn(async move {
+            let _ = started.send(());
+            runtime.shutdown_here(deadline).await
+        });
+        if outside_tokio && !started_within(start, deadline).await {
+            // A current_thread Tokio runtime runs its tasks only while its `block_on` runs: one that
+            // nobody drives never runs the shutdown (nor its agents), and waiting for it never ended.
+            // The task stays: it runs if the runtime is driven again.
+            return Err(Error::Timeout {
+                operation: "the runtime's shutdown to start on its agents' Tokio runtime, which did \
+                            not run it (a current_thread runtime runs tasks only inside its \
+                            `block_on`): await the shutdown inside that runtime, or while it is \
+                            driven; it runs there if the runtime is driven again"
+                    .to_string(),
+                after: deadline,
+            });
+        }
+        match task.await {
             Ok(result) => result,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             // The agents' Tokio runtime has ended (and its agents with it): their stops report at
@@ -594,6 +611,35 @@ impl Runtime {
         );
         Ok(total)
     }
+}
+
+/// Whether `start` is sent (or dropped: its task ended without running) within `deadline`, waited for
+/// outside Tokio, with no Tokio timer: a thread of its own keeps the time, and ends as soon as the
+/// answer came.
+async fn started_within(start: futures::channel::oneshot::Receiver<()>, deadline: Duration) -> bool {
+    let (timed_out, time_up) = futures::channel::oneshot::channel::<()>();
+    let (answered, answer) = std::sync::mpsc::channel::<()>();
+    let timer = std::thread::Builder::new()
+        .name("agentcomm-shutdown-timer".into())
+        .spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = answer.recv_timeout(deadline) {
+                let _ = timed_out.send(());
+            }
+        });
+    if timer.is_err() {
+        // No thread for the timer: wait as before.
+        let _ = start.await;
+        return true;
+    }
+    let started = match futures::future::select(start, time_up).await {
+        futures::future::Either::Left(_) => true,
+        futures::future::Either::Right((time_up, start)) => {
+            // The timer's sender dropped without sending means the answer came first after all.
+            time_up.is_err() || start.now_or_never().is_some()
+        }
+    };
+    let _ = answered.send(());
+    started
 }
 
 /// The health of a runtime: the router's and each agent's.

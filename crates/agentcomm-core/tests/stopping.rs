@@ -329,3 +329,39 @@ fn a_runtime_whose_tokio_runtime_ended_still_closes_its_router() {
     let health = futures::executor::block_on(runtime.router().health());
     assert!(!health.connected, "{health:?}");
 }
+
+/// A runtime whose agents run on a current_thread Tokio runtime that is alive but not being driven
+/// (its `block_on` returned; a synchronous `main` shutting down after it), shut down from outside
+/// Tokio: the shutdown's task can never run there, and the caller is told so once its deadline has
+/// passed, instead of waiting for ever (the deadline bounded nothing).
+#[test]
+fn a_shutdown_on_a_tokio_runtime_nobody_drives_answers_after_its_deadline() {
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (started, _started_rx) = mpsc::unbounded_channel();
+    let runtime = tokio.block_on(async {
+        let runtime = Runtime::new(MemoryRouter::new());
+        runtime.spawn(Worker { started }).await.unwrap();
+        runtime
+    });
+    let shut_down = runtime.clone();
+    let result = outside_tokio("a shutdown on an undriven Tokio runtime", move || {
+        futures::executor::block_on(shut_down.shutdown(Duration::from_millis(500)))
+    });
+    let error = result.expect_err("nothing ran the shutdown").to_string();
+    assert!(error.contains("block_on"), "{error}");
+    // Driven again, the runtime runs the shutdown that was left to it: the agents stop and the
+    // router closes.
+    tokio.block_on(async {
+        timeout(Duration::from_secs(10), async {
+            while runtime.router().health().await.connected {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the router closes once the runtime runs again");
+    });
+    drop(tokio);
+}

@@ -549,7 +549,8 @@ impl Runtime {
     /// Awaited outside Tokio, it runs on the Tokio runtime its agents run on (in place when it has
     /// none, or when that runtime has ended); should that runtime not run it within `deadline` (a
     /// current_thread runtime runs tasks only inside its `block_on`), the shutdown returns
-    /// [`Error::Timeout`], and runs there once the runtime is driven again.
+    /// [`Error::Timeout`], and runs there once the runtime is driven again. Run in place, it cannot
+    /// close a router whose close needs Tokio (Redis's): it returns [`Error::Closed`] then.
     pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
         // Awaited outside Tokio (`futures::executor::block_on` on a thread of its own), it runs on
         // the Tokio runtime its agents run on; with no agents, and no Tokio, there is no task to run
@@ -558,7 +559,7 @@ impl Runtime {
         let outside_tokio = current.is_none();
         let tokio = current.or_else(|| Some(self.agents().first()?.inner.tokio.clone()));
         let Some(tokio) = tokio else {
-            return self.shutdown_here(deadline).await;
+            return self.shutdown_outside_tokio(deadline).await;
         };
         let runtime = self.clone();
         let (started, start) = futures::channel::oneshot::channel::<()>();
@@ -584,12 +585,43 @@ impl Runtime {
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             // The agents' Tokio runtime has ended (and its agents with it): their stops report at
             // once, and the router is closed here.
-            Err(_) if outside_tokio => self.shutdown_here(deadline).await,
+            Err(_) if outside_tokio => self.shutdown_outside_tokio(deadline).await,
             Err(_) => Err(Error::Closed {
                 what: "the runtime's shutdown",
                 hint: "its task was cancelled: the Tokio runtime it ran on is shutting down, so the \
                        router may not have been closed; shut down before the Tokio runtime ends",
             }),
+        }
+    }
+
+    /// The work of [`Runtime::shutdown`] in place, outside Tokio (no Tokio runtime, or its agents' has
+    /// ended). A router whose close needs Tokio (the Redis router's timers) panicked there ('there is
+    /// no reactor running'): the caller gets an error instead, saying so.
+    async fn shutdown_outside_tokio(&self, deadline: Duration) -> Result<ShutdownReport> {
+        match std::panic::AssertUnwindSafe(self.shutdown_here(deadline))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => {
+                let text = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| text.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                // Any other panic is not this one's to hide.
+                if !text.contains("Tokio") {
+                    std::panic::resume_unwind(panic);
+                }
+                tracing::warn!(panic = %text, "the router could not be closed outside Tokio");
+                Err(Error::Closed {
+                    what: "the runtime's shutdown",
+                    hint: "the router's close needs a Tokio runtime, and the shutdown ran outside \
+                           Tokio (its agents' Tokio runtime had ended, or there was none), so the \
+                           router may not have been closed; shut down inside Tokio, before the \
+                           Tokio runtime ends",
+                })
+            }
         }
     }
 

@@ -365,3 +365,63 @@ fn a_shutdown_on_a_tokio_runtime_nobody_drives_answers_after_its_deadline() {
     });
     drop(tokio);
 }
+
+/// A router whose close needs Tokio (a timer around its cleanup, as the Redis router's has), around
+/// the in-memory one.
+struct TimedCloseRouter(MemoryRouter);
+
+impl agentcomm_core::Router for TimedCloseRouter {
+    fn backend(&self) -> &str {
+        "timed-close"
+    }
+    fn capabilities(&self) -> agentcomm_core::Capabilities {
+        self.0.capabilities()
+    }
+    fn publish(
+        &self,
+        envelope: Envelope,
+    ) -> futures::future::BoxFuture<'_, agentcomm_core::Result<agentcomm_core::router::PublishOutcome>>
+    {
+        self.0.publish(envelope)
+    }
+    fn subscribe(
+        &self,
+        options: agentcomm_core::router::SubscribeOptions,
+    ) -> futures::future::BoxFuture<'_, agentcomm_core::Result<agentcomm_core::router::Subscription>>
+    {
+        self.0.subscribe(options)
+    }
+    fn health(&self) -> futures::future::BoxFuture<'_, agentcomm_core::router::Health> {
+        self.0.health()
+    }
+    fn close(&self) -> futures::future::BoxFuture<'_, agentcomm_core::Result<()>> {
+        Box::pin(async move {
+            tokio::time::timeout(Duration::from_secs(1), self.0.close())
+                .await
+                .unwrap_or(Ok(()))
+        })
+    }
+}
+
+/// A runtime on a router whose close needs Tokio, shut down from outside Tokio after its agents'
+/// Tokio runtime ended: the shutdown, run in place, cannot close that router, and says so with an
+/// error (it panicked inside the router's close, 'there is no reactor running').
+#[test]
+fn a_shutdown_in_place_on_a_router_needing_tokio_answers_with_an_error() {
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (started, _started_rx) = mpsc::unbounded_channel();
+    let runtime = tokio.block_on(async {
+        let runtime = Runtime::new(TimedCloseRouter(MemoryRouter::new()));
+        runtime.spawn(Worker { started }).await.unwrap();
+        runtime
+    });
+    drop(tokio);
+    let result = outside_tokio("a shutdown in place on a router needing Tokio", move || {
+        futures::executor::block_on(runtime.shutdown(Duration::from_secs(1)))
+    });
+    let error = result.expect_err("the router could not be closed").to_string();
+    assert!(error.contains("Tokio"), "{error}");
+}

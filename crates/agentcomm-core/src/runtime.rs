@@ -465,6 +465,7 @@ impl Runtime {
                 phase: phase_sender,
                 task: tokio::sync::Mutex::new(Some(task)),
                 done: watch::Sender::new(None),
+                stop_started: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         self.inner
@@ -567,7 +568,7 @@ impl Runtime {
             let _ = started.send(());
             runtime.shutdown_here(deadline).await
         });
-        if outside_tokio && !started_within(start, deadline).await {
+        if outside_tokio && within(start, deadline).await.is_none() {
             // A current_thread Tokio runtime runs its tasks only while its `block_on` runs: one that
             // nobody drives never runs the shutdown (nor its agents), and waiting for it never ended.
             // The task stays: it runs if the runtime is driven again.
@@ -645,14 +646,13 @@ impl Runtime {
     }
 }
 
-/// Whether `start` is sent (or dropped: its task ended without running) within `deadline`, waited for
-/// outside Tokio, with no Tokio timer: a thread of its own keeps the time, and ends as soon as the
-/// answer came.
-async fn started_within(start: futures::channel::oneshot::Receiver<()>, deadline: Duration) -> bool {
+/// `future`'s output, or `None` when `deadline` passed first: waited for outside Tokio, with no Tokio
+/// timer (a thread of its own keeps the time, and ends as soon as the answer came).
+async fn within<F: std::future::Future>(future: F, deadline: Duration) -> Option<F::Output> {
     let (timed_out, time_up) = futures::channel::oneshot::channel::<()>();
     let (answered, answer) = std::sync::mpsc::channel::<()>();
     let timer = std::thread::Builder::new()
-        .name("agentcomm-shutdown-timer".into())
+        .name("agentcomm-stop-timer".into())
         .spawn(move || {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = answer.recv_timeout(deadline) {
                 let _ = timed_out.send(());
@@ -660,18 +660,15 @@ async fn started_within(start: futures::channel::oneshot::Receiver<()>, deadline
         });
     if timer.is_err() {
         // No thread for the timer: wait as before.
-        let _ = start.await;
-        return true;
+        return Some(future.await);
     }
-    let started = match futures::future::select(start, time_up).await {
-        futures::future::Either::Left(_) => true,
-        futures::future::Either::Right((time_up, start)) => {
-            // The timer's sender dropped without sending means the answer came first after all.
-            time_up.is_err() || start.now_or_never().is_some()
-        }
+    let future = std::pin::pin!(future);
+    let output = match futures::future::select(future, time_up).await {
+        futures::future::Either::Left((output, _)) => Some(output),
+        futures::future::Either::Right((_, mut future)) => (&mut future).now_or_never(),
     };
     let _ = answered.send(());
-    started
+    output
 }
 
 /// The health of a runtime: the router's and each agent's.
@@ -815,6 +812,8 @@ struct AgentHandleInner {
     tokio: tokio::runtime::Handle,
     /// The report of the stop, once it is done, for every caller of `stop`.
     done: watch::Sender<Option<ShutdownReport>>,
+    /// Whether the stop's task began to run on the agent's Tokio runtime.
+    stop_started: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for AgentHandle {
@@ -889,7 +888,9 @@ impl AgentHandle {
     /// `stop`, or a handler of this very agent, dropped at the deadline) does not leave it half done,
     /// and every caller gets its report. That task runs on the Tokio runtime the agent runs on, so the
     /// stop may be awaited outside Tokio too (`futures::executor::block_on`); once that Tokio runtime
-    /// has ended, the agent with it, the stop returns an empty report at once.
+    /// has ended, the agent with it, the stop returns an empty report at once; should that runtime
+    /// not run the stop within `deadline` (a current_thread runtime runs tasks only inside its
+    /// `block_on`), it returns an empty report then, and the agent stops once the runtime runs again.
     pub async fn stop(&self, deadline: Duration) -> ShutdownReport {
         let mut done = self.inner.done.subscribe();
         if let Some(task) = self.inner.task.lock().await.take() {
@@ -899,14 +900,35 @@ impl AgentHandle {
             // callers still get a report rather than wait forever.
             let guard = ReportOnDrop(inner.clone());
             self.inner.tokio.spawn(async move {
+                inner.stop_started.store(true, Ordering::Release);
                 let report = inner.stop_task(task, deadline).await;
                 inner.done.send_replace(Some(report));
                 drop(guard);
             });
         }
         // Whichever call took the task, the report comes when its stop is over.
-        let report = done.wait_for(Option::is_some).await.map(|report| *report);
-        report.ok().flatten().unwrap_or_default()
+        let mut report = std::pin::pin!(async move {
+            let report = done.wait_for(Option::is_some).await.map(|report| *report);
+            report.ok().flatten().unwrap_or_default()
+        });
+        if tokio::runtime::Handle::try_current().is_err() {
+            // Outside Tokio, the stop's task runs only while the agent's Tokio runtime is driven (a
+            // current_thread runtime only inside its `block_on`): one that did not start within the
+            // deadline may never run, and its caller waited for ever. It gets an empty report then
+            // (the agent, frozen with its runtime, stops once that runtime runs again).
+            if let Some(report) = within(&mut report, deadline).await {
+                return report;
+            }
+            if !self.inner.stop_started.load(Ordering::Acquire) {
+                tracing::warn!(
+                    agent = self.inner.name,
+                    "the agent's stop did not start within its deadline: its Tokio runtime does not \
+                     run it (await the stop inside that runtime)"
+                );
+                return ShutdownReport::default();
+            }
+        }
+        report.await
     }
 }
 

@@ -425,3 +425,29 @@ fn a_shutdown_in_place_on_a_router_needing_tokio_answers_with_an_error() {
     let error = result.expect_err("the router could not be closed").to_string();
     assert!(error.contains("Tokio"), "{error}");
 }
+
+/// An agent whose current_thread Tokio runtime is alive but not driven, stopped from outside Tokio:
+/// the stop's task cannot run before the runtime is driven again, and the caller gets an empty report
+/// once the deadline has passed (it waited for ever); driven again, the runtime stops the agent.
+#[test]
+fn a_stop_on_a_tokio_runtime_nobody_drives_answers_after_its_deadline() {
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (started, _started_rx) = mpsc::unbounded_channel();
+    let agent = tokio.block_on(async {
+        Runtime::new(MemoryRouter::new())
+            .spawn(Worker { started })
+            .await
+            .unwrap()
+    });
+    let stopped = agent.clone();
+    let report = outside_tokio("a stop on an undriven Tokio runtime", move || {
+        futures::executor::block_on(stopped.stop(Duration::from_millis(500)))
+    });
+    assert_eq!(report, agentcomm_core::runtime::ShutdownReport::default());
+    tokio.block_on(wait_for("the agent stops once its runtime runs again", || {
+        agent.health().state == AgentState::Stopped
+    }));
+}

@@ -329,7 +329,7 @@ fn line_without_equals(path: &Path, text: &str) -> Result<()> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (index, line) in text.lines().enumerate() {
         let line = line.trim();
-        let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+        let line = without_export(line);
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
@@ -495,6 +495,15 @@ fn host_problem(authority: &str) -> Option<&'static str> {
     None
 }
 
+/// `line` without a leading `export` and the whitespace after it: a tab there too (`export\tNAME=..`),
+/// which was read as part of the name, so the value was ignored and the line check passed it by.
+fn without_export(line: &str) -> &str {
+    match line.strip_prefix("export") {
+        Some(rest) if rest.starts_with(char::is_whitespace) => rest.trim_start(),
+        _ => line,
+    }
+}
+
 /// Parses `KEY=value` lines; `#` starts a comment, `export ` is allowed, values may be quoted.
 pub fn parse_env_file(text: &str) -> HashMap<String, String> {
     let mut values = HashMap::new();
@@ -505,7 +514,7 @@ pub fn parse_env_file(text: &str) -> HashMap<String, String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let line = line.strip_prefix("export ").unwrap_or(line);
+        let line = without_export(line);
         let Some((key, value)) = line.split_once('=') else {
             continue;
         };
@@ -1000,5 +1009,20 @@ mod tests {
         assert_eq!(values["LOG_LEVEL"], "DEBUG");
         assert_eq!(values["X"], "1");
         assert_eq!(values.len(), 4);
+    }
+
+    /// `export` followed by a tab, or by more than one space, is `export` all the same: the name was
+    /// read as `export\tREDIS_URL`, so REDIS_URL's value was ignored, and the line check, which
+    /// took the name for `export`, let it pass.
+    #[test]
+    fn export_followed_by_any_whitespace_is_read() {
+        let values = parse_env_file("export\tREDIS_URL=redis://h:1\nexport  LOG_LEVEL=DEBUG\n");
+        assert_eq!(values.get("REDIS_URL").map(String::as_str), Some("redis://h:1"));
+        assert_eq!(values.get("LOG_LEVEL").map(String::as_str), Some("DEBUG"));
+        let error = line_without_equals(Path::new(".env"), "export\tREDIS_URL redis://h:1\n")
+            .expect_err("a line of REDIS_URL without '=' is refused");
+        assert!(error.to_string().contains("REDIS_URL"), "{error}");
+        // A variable whose name begins with `export` stays that name.
+        assert_eq!(parse_env_file("exporter=1\n")["exporter"], "1");
     }
 }

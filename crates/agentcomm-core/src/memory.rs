@@ -14,8 +14,9 @@
 //!   a correlation id) does not go to a subscription made
 //!   [`without_inbox_replies`](SubscribeOptions::without_inbox_replies), as agents' are, unless one of
 //!   its patterns names the `reply` direction: agents, which would skip it, never hold it in their
-//!   queues. A group takes such a reply only while a member subscribed with them reads it: a group
-//!   without members never holds one.
+//!   queues. A group that such a subscription has read takes such a reply only while a member
+//!   subscribed with them reads it; a group only ever read by subscriptions with them (a monitor's)
+//!   takes them like everything else, also while it has no member.
 //! - A delivery dropped unsettled, or nacked, goes back to its queue.
 //! - Messages that can no longer be delivered (a subscription dropped with messages unread, group
 //!   queues when the router closes, retries waiting out their delay when their queue closes) are
@@ -160,6 +161,10 @@ struct Queue {
     /// wildcard direction matches ([`SubscribeOptions::inbox_replies`]): they go here while any
     /// does.
     inbox_reply_members: AtomicUsize,
+    /// Whether a member subscribed without inbox replies (an agent) ever read this queue. A group only
+    /// ever read by members that asked for them (a monitor of every class) takes them also while it
+    /// has no member, as it takes everything else.
+    had_member_without_inbox_replies: AtomicBool,
     sender: async_channel::Sender<Delivery>,
     receiver: async_channel::Receiver<Delivery>,
     room: Arc<Semaphore>,
@@ -213,13 +218,18 @@ impl Queue {
     }
 
     /// Whether inbox replies that only a wildcard direction matches go here: while a subscription
-    /// reading this queue asked for them. A group without members takes none: a reply is its
-    /// requester's, who waits for it now, and queued for a member that may never come it only took
-    /// room. (Set for good once a member had asked, a stopped agent's group that a subscription
+    /// reading this queue asked for them. An agent's group without such a member takes none: a reply
+    /// is its requester's, who waits for it now, and queued for a member that may never come it only
+    /// took room. (Set for good once a member had asked, a stopped agent's group that a subscription
     /// taking them joined for a while went on taking other agents' replies after it left, until it
-    /// was full and every reply publish timed out.)
+    /// was full and every reply publish timed out.) A group no agent ever read (a monitor's, every
+    /// member asking for them) takes them always, also while its reader restarts, like everything
+    /// else it takes.
     fn wants_inbox_replies(&self) -> bool {
         self.inbox_reply_members.load(Ordering::Acquire) > 0
+            || !self
+                .had_member_without_inbox_replies
+                .load(Ordering::Acquire)
     }
 
     fn delivery(self: &Arc<Self>, envelope: Envelope, permit: OwnedSemaphorePermit) -> Delivery {
@@ -641,6 +651,7 @@ impl MemoryRouter {
                 capacity,
                 patterns: RwLock::new(options.patterns.clone()),
                 inbox_reply_members: AtomicUsize::new(0),
+                had_member_without_inbox_replies: AtomicBool::new(false),
                 sender,
                 receiver,
                 room: Arc::new(Semaphore::new(capacity)),
@@ -688,6 +699,10 @@ impl MemoryRouter {
         };
         if options.inbox_replies {
             queue.inbox_reply_members.fetch_add(1, Ordering::AcqRel);
+        } else {
+            queue
+                .had_member_without_inbox_replies
+                .store(true, Ordering::Release);
         }
         queue.members.fetch_add(1, Ordering::AcqRel);
         drop(routes);

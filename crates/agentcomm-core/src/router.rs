@@ -174,8 +174,9 @@ pub struct SubscribeOptions {
     /// with `inbox-`, a correlation id) are delivered where only a wildcard direction matches them
     /// (the default, `true`). Agents subscribe without them ([`without_inbox_replies`]): they would
     /// only skip them. A pattern that names the `reply` direction gets them either way. The in-memory
-    /// router honours it, so that such replies take no room in agents' queues (a group gets them
-    /// while one of its members asked for them, and a group without members never); brokers whose
+    /// router honours it, so that such replies take no room in agents' queues (a group that a
+    /// subscription without them has read gets them while one of its members asked for them; a group
+    /// only ever read by subscriptions with them gets them always); brokers whose
     /// bindings cannot tell them apart may still deliver them (the agent runtime skips them there).
     ///
     /// [`without_inbox_replies`]: SubscribeOptions::without_inbox_replies

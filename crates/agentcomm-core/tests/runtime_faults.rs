@@ -1277,3 +1277,37 @@ async fn a_group_a_default_subscription_joined_and_left_takes_no_inbox_replies_a
         "no inbox reply waits in the auditor's group: {health:?}"
     );
 }
+
+/// A group made only by subscriptions that asked for inbox replies (a monitor reading every class,
+/// with the default `SubscribeOptions`) outlives its members like a durable queue, inbox replies
+/// included: while its one reader restarts, a request's reply waits for it, as the request does.
+/// (256805d took a group's inbox replies only while an asking member read it: the restarting
+/// monitor found the request and lost its reply.)
+#[tokio::test]
+async fn a_monitor_group_keeps_inbox_replies_while_its_reader_restarts() {
+    let router = MemoryRouter::new();
+    let runtime = Runtime::new(router.clone());
+    runtime.spawn(Answerer).await.unwrap();
+    let monitor = || {
+        router.subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("*:*:*").unwrap()).group("monitor"),
+        )
+    };
+    let first = monitor().await.unwrap();
+    first.closer().close().await.unwrap();
+    drop(first);
+    let answer: Answer = runtime
+        .publisher::<Asker>()
+        .request_timeout("s1", Ask { n: 7 }, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(answer.n, 7);
+    let mut again = monitor().await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(delivery) = again.try_next() {
+        seen.push(delivery.envelope().channel().to_string());
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(seen.len(), 2, "the request and its reply: {seen:?}");
+    assert!(seen[1].starts_with("Answer:reply:"), "{seen:?}");
+}

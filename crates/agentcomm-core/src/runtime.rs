@@ -548,7 +548,7 @@ impl Runtime {
     /// for it (a timeout around `shutdown`, or a handler of one of this runtime's agents, dropped at
     /// the stop deadline) does not leave it half done, with its agents stopped and its router open.
     /// Awaited outside Tokio, it runs on the Tokio runtime its agents run on (in place when it has
-    /// none, or when that runtime has ended); should that runtime not run it within `deadline` (a
+    /// none, or when that runtime has ended); should that runtime not run it within `deadline` (1 s at least; a
     /// current_thread runtime runs tasks only inside its `block_on`), the shutdown returns
     /// [`Error::Timeout`], and runs there once the runtime is driven again. Run in place, it cannot
     /// close a router whose close needs Tokio (Redis's): it returns [`Error::Closed`] then.
@@ -568,7 +568,7 @@ impl Runtime {
             let _ = started.send(());
             runtime.shutdown_here(deadline).await
         });
-        if outside_tokio && within(start, deadline).await.is_none() {
+        if outside_tokio && within(start, deadline.max(START_WAIT_FLOOR)).await.is_none() {
             // A current_thread Tokio runtime runs its tasks only while its `block_on` runs: one that
             // nobody drives never runs the shutdown (nor its agents), and waiting for it never ended.
             // The task stays: it runs if the runtime is driven again.
@@ -645,6 +645,11 @@ impl Runtime {
         Ok(total)
     }
 }
+
+/// How long a shutdown or stop awaited outside Tokio waits at least for its task to start on the
+/// agents' Tokio runtime, whatever its deadline: a zero deadline ("stop now") on a runtime whose
+/// workers were busy for a moment gave up before the task (which went on all the same) began.
+const START_WAIT_FLOOR: Duration = Duration::from_secs(1);
 
 /// `future`'s output, or `None` when `deadline` passed first: waited for outside Tokio, with no Tokio
 /// timer (a thread of its own keeps the time, and ends as soon as the answer came).
@@ -889,7 +894,7 @@ impl AgentHandle {
     /// and every caller gets its report. That task runs on the Tokio runtime the agent runs on, so the
     /// stop may be awaited outside Tokio too (`futures::executor::block_on`); once that Tokio runtime
     /// has ended, the agent with it, the stop returns an empty report at once; should that runtime
-    /// not run the stop within `deadline` (a current_thread runtime runs tasks only inside its
+    /// not run the stop within `deadline` (1 s at least; a current_thread runtime runs tasks only inside its
     /// `block_on`), it returns an empty report then, and the agent stops once the runtime runs again.
     pub async fn stop(&self, deadline: Duration) -> ShutdownReport {
         let mut done = self.inner.done.subscribe();
@@ -916,7 +921,7 @@ impl AgentHandle {
             // current_thread runtime only inside its `block_on`): one that did not start within the
             // deadline may never run, and its caller waited for ever. It gets an empty report then
             // (the agent, frozen with its runtime, stops once that runtime runs again).
-            if let Some(report) = within(&mut report, deadline).await {
+            if let Some(report) = within(&mut report, deadline.max(START_WAIT_FLOOR)).await {
                 return report;
             }
             if !self.inner.stop_started.load(Ordering::Acquire) {

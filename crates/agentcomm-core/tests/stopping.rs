@@ -451,3 +451,37 @@ fn a_stop_on_a_tokio_runtime_nobody_drives_answers_after_its_deadline() {
         agent.health().state == AgentState::Stopped
     }));
 }
+
+/// A shutdown with a zero deadline ("now"), outside Tokio, on a multi-thread Tokio runtime whose one
+/// worker is busy for a moment: the runtime is driven, and runs the shutdown once its worker is free;
+/// the caller gets its report, not a timeout for a start that came a little later.
+#[test]
+fn a_shutdown_now_on_a_busy_tokio_runtime_is_waited_for() {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (started, _started_rx) = mpsc::unbounded_channel();
+    let (runtime, agent) = tokio.block_on(async {
+        let runtime = Runtime::new(MemoryRouter::new());
+        let agent = runtime.spawn(Worker { started }).await.unwrap();
+        (runtime, agent)
+    });
+    let (busy, is_busy) = std::sync::mpsc::channel();
+    tokio.spawn(async move {
+        let _ = busy.send(());
+        // Blocks the one worker on purpose, as a handler doing blocking work would.
+        std::thread::sleep(Duration::from_millis(600));
+    });
+    is_busy.recv().unwrap();
+    let shut_down = runtime.clone();
+    let report = outside_tokio("a shutdown now on a busy runtime", move || {
+        futures::executor::block_on(shut_down.shutdown(Duration::ZERO))
+    })
+    .unwrap();
+    assert_eq!(report, agentcomm_core::runtime::ShutdownReport::default());
+    assert_eq!(agent.health().state, AgentState::Stopped);
+    let health = futures::executor::block_on(runtime.router().health());
+    assert!(!health.connected, "{health:?}");
+}

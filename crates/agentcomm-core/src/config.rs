@@ -1017,7 +1017,10 @@ mod tests {
     #[test]
     fn export_followed_by_any_whitespace_is_read() {
         let values = parse_env_file("export\tREDIS_URL=redis://h:1\nexport  LOG_LEVEL=DEBUG\n");
-        assert_eq!(values.get("REDIS_URL").map(String::as_str), Some("redis://h:1"));
+        assert_eq!(
+            values.get("REDIS_URL").map(String::as_str),
+            Some("redis://h:1")
+        );
         assert_eq!(values.get("LOG_LEVEL").map(String::as_str), Some("DEBUG"));
         let error = line_without_equals(Path::new(".env"), "export\tREDIS_URL redis://h:1\n")
             .expect_err("a line of REDIS_URL without '=' is refused");

@@ -548,10 +548,10 @@ impl Runtime {
     /// for it (a timeout around `shutdown`, or a handler of one of this runtime's agents, dropped at
     /// the stop deadline) does not leave it half done, with its agents stopped and its router open.
     /// Awaited outside Tokio, it runs on the Tokio runtime its agents run on (in place when it has
-    /// none, or when that runtime has ended); should that runtime not run it within `deadline` (1 s at least; a
-    /// current_thread runtime runs tasks only inside its `block_on`), the shutdown returns
-    /// [`Error::Timeout`], and runs there once the runtime is driven again. Run in place, it cannot
-    /// close a router whose close needs Tokio (Redis's): it returns [`Error::Closed`] then.
+    /// none, or when that runtime has ended); should that runtime not run it within `deadline` (1 s
+    /// at least; a current_thread runtime runs tasks only inside its `block_on`), the shutdown
+    /// returns [`Error::Timeout`], and runs there once the runtime is driven again. Run in place, it
+    /// cannot close a router whose close needs Tokio (Redis's): it returns [`Error::Closed`] then.
     pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
         // Awaited outside Tokio (`futures::executor::block_on` on a thread of its own), it runs on
         // the Tokio runtime its agents run on; with no agents, and no Tokio, there is no task to run
@@ -568,16 +568,21 @@ impl Runtime {
             let _ = started.send(());
             runtime.shutdown_here(deadline).await
         });
-        if outside_tokio && within(start, deadline.max(START_WAIT_FLOOR)).await.is_none() {
+        if outside_tokio
+            && within(start, deadline.max(START_WAIT_FLOOR))
+                .await
+                .is_none()
+        {
             // A current_thread Tokio runtime runs its tasks only while its `block_on` runs: one that
             // nobody drives never runs the shutdown (nor its agents), and waiting for it never ended.
             // The task stays: it runs if the runtime is driven again.
             return Err(Error::Timeout {
-                operation: "the runtime's shutdown to start on its agents' Tokio runtime, which did \
+                operation:
+                    "the runtime's shutdown to start on its agents' Tokio runtime, which did \
                             not run it (a current_thread runtime runs tasks only inside its \
                             `block_on`): await the shutdown inside that runtime, or while it is \
                             driven; it runs there if the runtime is driven again"
-                    .to_string(),
+                        .to_string(),
                 after: deadline,
             });
         }
@@ -894,8 +899,9 @@ impl AgentHandle {
     /// and every caller gets its report. That task runs on the Tokio runtime the agent runs on, so the
     /// stop may be awaited outside Tokio too (`futures::executor::block_on`); once that Tokio runtime
     /// has ended, the agent with it, the stop returns an empty report at once; should that runtime
-    /// not run the stop within `deadline` (1 s at least; a current_thread runtime runs tasks only inside its
-    /// `block_on`), it returns an empty report then, and the agent stops once the runtime runs again.
+    /// not run the stop within `deadline` (1 s at least; a current_thread runtime runs tasks only
+    /// inside its `block_on`), it returns an empty report then, and the agent stops once the runtime
+    /// runs again.
     pub async fn stop(&self, deadline: Duration) -> ShutdownReport {
         let mut done = self.inner.done.subscribe();
         if let Some(task) = self.inner.task.lock().await.take() {

@@ -380,8 +380,10 @@ impl agentcomm_core::Router for TimedCloseRouter {
     fn publish(
         &self,
         envelope: Envelope,
-    ) -> futures::future::BoxFuture<'_, agentcomm_core::Result<agentcomm_core::router::PublishOutcome>>
-    {
+    ) -> futures::future::BoxFuture<
+        '_,
+        agentcomm_core::Result<agentcomm_core::router::PublishOutcome>,
+    > {
         self.0.publish(envelope)
     }
     fn subscribe(
@@ -422,7 +424,9 @@ fn a_shutdown_in_place_on_a_router_needing_tokio_answers_with_an_error() {
     let result = outside_tokio("a shutdown in place on a router needing Tokio", move || {
         futures::executor::block_on(runtime.shutdown(Duration::from_secs(1)))
     });
-    let error = result.expect_err("the router could not be closed").to_string();
+    let error = result
+        .expect_err("the router could not be closed")
+        .to_string();
     assert!(error.contains("Tokio"), "{error}");
 }
 
@@ -447,9 +451,10 @@ fn a_stop_on_a_tokio_runtime_nobody_drives_answers_after_its_deadline() {
         futures::executor::block_on(stopped.stop(Duration::from_millis(500)))
     });
     assert_eq!(report, agentcomm_core::runtime::ShutdownReport::default());
-    tokio.block_on(wait_for("the agent stops once its runtime runs again", || {
-        agent.health().state == AgentState::Stopped
-    }));
+    tokio.block_on(wait_for(
+        "the agent stops once its runtime runs again",
+        || agent.health().state == AgentState::Stopped,
+    ));
 }
 
 /// A shutdown with a zero deadline ("now"), outside Tokio, on a multi-thread Tokio runtime whose one

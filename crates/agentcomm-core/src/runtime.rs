@@ -601,32 +601,18 @@ impl Runtime {
     }
 
     /// The work of [`Runtime::shutdown`] in place, outside Tokio (no Tokio runtime, or its agents' has
-    /// ended). A router whose close needs Tokio (the Redis router's timers) panicked there ('there is
-    /// no reactor running'): the caller gets an error instead, saying so.
+    /// ended), on a Tokio runtime of its own for the length of the shutdown: a router's close may need
+    /// Tokio (the Redis router's timers), and panicked outside it ('there is no reactor running').
+    /// The caller, outside Tokio, is blocked meanwhile, as awaiting the shutdown blocks it anyway.
     async fn shutdown_outside_tokio(&self, deadline: Duration) -> Result<ShutdownReport> {
-        match std::panic::AssertUnwindSafe(self.shutdown_here(deadline))
-            .catch_unwind()
-            .await
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
         {
-            Ok(result) => result,
-            Err(panic) => {
-                let text = panic
-                    .downcast_ref::<&str>()
-                    .map(|text| text.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                // Any other panic is not this one's to hide.
-                if !text.contains("Tokio") {
-                    std::panic::resume_unwind(panic);
-                }
-                tracing::warn!(panic = %text, "the router could not be closed outside Tokio");
-                Err(Error::Closed {
-                    what: "the runtime's shutdown",
-                    hint: "the router's close needs a Tokio runtime, and the shutdown ran outside \
-                           Tokio (its agents' Tokio runtime had ended, or there was none), so the \
-                           router may not have been closed; shut down inside Tokio, before the \
-                           Tokio runtime ends",
-                })
+            Ok(tokio) => tokio.block_on(self.shutdown_here(deadline)),
+            Err(error) => {
+                tracing::warn!(error = %error, "could not start a Tokio runtime to close the router on; closing it in place");
+                self.shutdown_here(deadline).await
             }
         }
     }

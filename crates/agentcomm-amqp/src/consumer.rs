@@ -1364,7 +1364,12 @@ impl AmqpAck {
             "RabbitMQ did not confirm the retry of message {id} in time ({error}), but may still store it: the original is held unacknowledged until RabbitMQ confirms or refuses the copy, its publishing connection is lost, or the router closes. If the copy is confirmed, the original is acknowledged and {}; if it is refused, the original is requeued unchanged; if no answer comes, the original is requeued and the message may come twice (logged, and counted in copies_unconfirmed)",
             copy.comes()
         ));
+        // Shown in health (`held_for_late_confirm`) until the answer settles it, or the task is
+        // dropped: the hold has no end of its own, and `in_flight` alone does not tell a held
+        // original from a handler at work.
+        let held = HeldForLateConfirm::new(inner.clone());
         inner.runtime.clone().spawn(async move {
+            let _held = held;
             let fate = CopyFate::of(receiver.await.map_err(|_| ()), earlier_frames);
             let stored = matches!(fate, CopyFate::Stored);
             let queue = self.consumer.state.queue.clone();
@@ -1451,6 +1456,28 @@ impl AmqpAck {
 /// latency with a 1 s hold). RabbitMQ's own `consumer_timeout` (30 minutes by default) bounds how
 /// long it lets a delivery stay unacknowledged.
 const HOLD_UNTIL_ANSWERED: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// Counts one original in `held_for_late_confirm` from its creation to its drop.
+struct HeldForLateConfirm(Arc<Inner>);
+
+impl HeldForLateConfirm {
+    fn new(inner: Arc<Inner>) -> Self {
+        inner
+            .counters
+            .held_for_late_confirm
+            .fetch_add(1, Ordering::Relaxed);
+        HeldForLateConfirm(inner)
+    }
+}
+
+impl Drop for HeldForLateConfirm {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .held_for_late_confirm
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Where a retry's copy went whose confirm did not come in time.
 struct CopySent {

@@ -595,6 +595,10 @@ impl AmqpRouter {
                 "copies_confirmed_late",
                 load(&counters.copies_confirmed_late),
             )
+            .counter(
+                "held_for_late_confirm",
+                load(&counters.held_for_late_confirm),
+            )
             .counter("abandoned", load(&counters.abandoned))
             .counter("settle_failures", load(&counters.settle_failures))
             .counter("stale", load(&counters.stale))

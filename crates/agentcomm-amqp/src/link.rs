@@ -298,6 +298,9 @@ pub(crate) struct Counters {
     /// Retries whose copy's confirm came after `confirm_timeout`, while the original was held for
     /// it: the original was acknowledged then, and the copy carries the retry (also in `retried`).
     pub copies_confirmed_late: AtomicU64,
+    /// A gauge, not a count: retries' originals held now for their copy's late confirm
+    /// (`AmqpAck::hold_for_late_confirm`). Each keeps its prefetch slot until RabbitMQ answers.
+    pub held_for_late_confirm: AtomicU64,
     pub abandoned: AtomicU64,
     pub settle_failures: AtomicU64,
     pub stale: AtomicU64,

@@ -2341,6 +2341,46 @@ async fn a_retry_held_for_a_late_confirm_outlasts_publish_outage_timeout() {
     within("close", router.close()).await.unwrap();
 }
 
+/// An original held for its copy's late confirm is shown in health while it is held
+/// (`held_for_late_confirm`), and no longer once RabbitMQ answered: the hold has no end of its own,
+/// and during a stall every failing handler holds one more prefetch slot, a subscription with all
+/// of them held getting nothing, while `in_flight` alone cannot tell that from handlers at work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_shows_an_original_held_for_its_copy_s_late_confirm_while_it_is_held() {
+    if !broker_available().await {
+        return;
+    }
+    let delay = Duration::from_secs(2);
+    let SlowConfirms {
+        proxy,
+        router,
+        mut subscription,
+        _cleanup,
+        ..
+    } = group_subscriber_with_slow_confirms("t-retry-late-gauge", delay, |builder| builder).await;
+    let delivery = within("a delivery", subscription.next()).await.unwrap();
+    let id = delivery.envelope().id();
+    proxy.set_latency(Duration::from_secs(2));
+    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
+        .await
+        .expect_err("a retry whose copy was not confirmed in time");
+    assert!(error.to_string().contains("held unacknowledged"), "{error}");
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("copies_confirmed_late"), 0, "{health:?}");
+    assert_eq!(health.get("held_for_late_confirm"), 1, "{health:?}");
+    wait_until("the late confirm to acknowledge the original", async || {
+        router.health().await.get("copies_confirmed_late") == 1
+    })
+    .await;
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("held_for_late_confirm"), 0, "{health:?}");
+    proxy.set_latency(Duration::ZERO);
+    let attempts =
+        attempts_until_quiet(&mut subscription, id, delay + Duration::from_secs(3)).await;
+    assert_eq!(attempts, [2]);
+    within("close", router.close()).await.unwrap();
+}
+
 /// A router closed while a retry holds its original for the copy's late confirm does not wait for
 /// that confirm longer than its close timeouts, and loses nothing silently: here the connections go
 /// silent (RabbitMQ stored the copy, its confirm never comes), close returns, the held original is

@@ -1361,7 +1361,7 @@ impl AmqpAck {
         self.copy_out.store(true, Ordering::Relaxed);
         self.progress.store(REQUEUING, Ordering::Relaxed);
         let told = inner.backend_error(format!(
-            "RabbitMQ did not confirm the retry of message {id} in time ({error}), but may still store it: the original is held unacknowledged until RabbitMQ confirms or refuses the copy, its publishing connection is lost, or the router closes. If the copy is confirmed, the original is acknowledged and {}; if it is refused, the original is requeued unchanged; if no answer comes, the original is requeued and the message may come twice (logged, and counted in copies_unconfirmed)",
+            "RabbitMQ did not confirm the retry of message {id} in time ({error}), but may still store it: the original is held unacknowledged until RabbitMQ confirms or refuses the copy, its publishing channel or connection is lost, or the router closes. If the copy is confirmed, the original is acknowledged and {} (unless the original's own channel closed meanwhile, as RabbitMQ's consumer_timeout does: then the original comes again too); if it is refused, the original is requeued unchanged; if no answer comes, the original is requeued and the message may come twice (logged, and counted in copies_unconfirmed)",
             copy.comes()
         ));
         // Shown in health (`held_for_late_confirm`) until the answer settles it, or the task is

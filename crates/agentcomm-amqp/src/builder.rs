@@ -97,6 +97,7 @@ pub struct AmqpRouterBuilder {
     pub(crate) operation_timeout: Duration,
     pub(crate) connect_timeout: Option<Duration>,
     pub(crate) publish_outage_timeout: Duration,
+    pub(crate) retry_hold_timeout: Duration,
     pub(crate) close_timeout: Duration,
     pub(crate) reconnect: Backoff,
     pub(crate) heartbeat: Option<Duration>,
@@ -115,12 +116,18 @@ impl fmt::Debug for AmqpRouterBuilder {
             .field("prefetch", &self.prefetch)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("publish_outage_timeout", &self.publish_outage_timeout)
+            .field("retry_hold_timeout", &self.retry_hold_timeout)
             .field("reconnect", &self.reconnect)
             .field("queue_type", &self.queue_type)
             .field("dead_letters", &self.dead_letters)
             .finish_non_exhaustive()
     }
 }
+
+/// How long a retry's original is held for its copy's late confirm unless set: below RabbitMQ's
+/// default `consumer_timeout` (30 minutes), which closes a consumer's channel holding a delivery
+/// longer, with every other delivery in hand on it.
+pub(crate) const DEFAULT_RETRY_HOLD_TIMEOUT: Duration = Duration::from_secs(25 * 60);
 
 /// The exchange used when none is set.
 pub const DEFAULT_EXCHANGE: &str = "agentcomm";
@@ -161,6 +168,7 @@ impl AmqpRouterBuilder {
             operation_timeout: Duration::from_secs(10),
             connect_timeout: None,
             publish_outage_timeout: Duration::from_secs(30),
+            retry_hold_timeout: DEFAULT_RETRY_HOLD_TIMEOUT,
             close_timeout: Duration::from_secs(10),
             reconnect: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
             heartbeat: None,
@@ -226,6 +234,20 @@ impl AmqpRouterBuilder {
     /// publishing while the broker is up.
     pub fn publish_outage_timeout(mut self, timeout: Duration) -> Self {
         self.publish_outage_timeout = timeout;
+        self
+    }
+
+    /// How long a retry's original is held unacknowledged for its copy's late confirm (default 25
+    /// minutes). A `nack(Retry)` publishes a copy of the message for its next attempt; when that
+    /// copy's confirm does not come within `confirm_timeout`, RabbitMQ may store it all the same, so
+    /// the original is held until RabbitMQ's answer: acknowledged once the copy is confirmed,
+    /// requeued if it is refused. When this time passes first, the original is requeued and the
+    /// message may come twice (counted in `copies_unconfirmed`). Keep it below RabbitMQ's
+    /// `consumer_timeout` (30 minutes by default), which otherwise closes the consumer's channel and
+    /// sends back every delivery it holds; a shorter hold means more duplicates through a long
+    /// stall, a longer one holds the prefetch slots of failing messages longer.
+    pub fn retry_hold_timeout(mut self, timeout: Duration) -> Self {
+        self.retry_hold_timeout = timeout;
         self
     }
 
@@ -443,6 +465,7 @@ impl AmqpRouterBuilder {
             operation_timeout: positive("operation_timeout", self.operation_timeout)?
                 .min(LONGEST_TIMEOUT),
             publish_outage_timeout: self.publish_outage_timeout.min(LONGEST_TIMEOUT),
+            retry_hold_timeout: self.retry_hold_timeout.min(LONGEST_TIMEOUT),
             close_timeout: self.close_timeout.min(LONGEST_TIMEOUT),
             reconnect,
             heartbeat,
@@ -468,6 +491,7 @@ pub(crate) struct Settings {
     pub operation_timeout: Duration,
     pub connect_timeout: Duration,
     pub publish_outage_timeout: Duration,
+    pub retry_hold_timeout: Duration,
     pub close_timeout: Duration,
     pub reconnect: Backoff,
     pub heartbeat: u16,
@@ -497,6 +521,8 @@ mod tests {
         );
         assert_eq!(settings.heartbeat, 20);
         assert_eq!(settings.queue_type, QueueType::Classic);
+        // Below RabbitMQ's default consumer_timeout (30 minutes).
+        assert_eq!(settings.retry_hold_timeout, Duration::from_secs(25 * 60));
 
         let error = AmqpRouterBuilder::new("amqp://u:pw@h")
             .exchange("amq.topic")
@@ -514,6 +540,7 @@ mod tests {
             .confirm_timeout(Duration::MAX)
             .operation_timeout(Duration::MAX)
             .publish_outage_timeout(Duration::MAX)
+            .retry_hold_timeout(Duration::MAX)
             .close_timeout(Duration::MAX)
             .connect_timeout(Duration::MAX)
             .settings()
@@ -522,6 +549,7 @@ mod tests {
             longest.confirm_timeout,
             longest.operation_timeout,
             longest.publish_outage_timeout,
+            longest.retry_hold_timeout,
             longest.close_timeout,
             longest.connect_timeout,
         ] {

@@ -1340,7 +1340,7 @@ impl AmqpAck {
     /// the copy was stored (the copy carries the retry on: no duplicate), requeued unchanged when
     /// RabbitMQ refused it, and requeued, counted in `copies_unconfirmed` and logged as maybe
     /// coming twice when the answer cannot come any more: the copy's channel or connection was lost
-    /// first, or the router closed (see [`HOLD_UNTIL_ANSWERED`]).
+    /// first, the router closed, or `retry_hold_timeout` passed.
     ///
     /// The router's close waits for the held original like any delivery in hand (up to
     /// `close_timeout`, while its channel is open), then for the copy's confirm like any owed
@@ -1360,13 +1360,14 @@ impl AmqpAck {
         // the original back and counts the copy as unconfirmed.
         self.copy_out.store(true, Ordering::Relaxed);
         self.progress.store(REQUEUING, Ordering::Relaxed);
+        let hold = inner.settings.retry_hold_timeout;
         let told = inner.backend_error(format!(
-            "RabbitMQ did not confirm the retry of message {id} in time ({error}), but may still store it: the original is held unacknowledged until RabbitMQ confirms or refuses the copy, its publishing channel or connection is lost, or the router closes. If the copy is confirmed, the original is acknowledged and {} (unless the original's own channel closed meanwhile, as RabbitMQ's consumer_timeout does: then the original comes again too); if it is refused, the original is requeued unchanged; if no answer comes, the original is requeued and the message may come twice (logged, and counted in copies_unconfirmed)",
+            "RabbitMQ did not confirm the retry of message {id} in time ({error}), but may still store it: the original is held unacknowledged until RabbitMQ confirms or refuses the copy, its publishing channel or connection is lost, the router closes, or retry_hold_timeout ({hold:?}) passes. If the copy is confirmed, the original is acknowledged and {} (unless the original's own channel closed meanwhile, as RabbitMQ's consumer_timeout does: then the original comes again too); if it is refused, the original is requeued unchanged; if no answer comes, the original is requeued and the message may come twice (logged, and counted in copies_unconfirmed)",
             copy.comes()
         ));
         // Shown in health (`held_for_late_confirm`) until the answer settles it, or the task is
-        // dropped: the hold has no end of its own, and `in_flight` alone does not tell a held
-        // original from a handler at work.
+        // dropped: the hold may last up to `retry_hold_timeout` (25 minutes by default), and
+        // `in_flight` alone does not tell a held original from a handler at work.
         let held = HeldForLateConfirm::new(inner.clone());
         inner.runtime.clone().spawn(async move {
             let _held = held;
@@ -1447,15 +1448,6 @@ impl AmqpAck {
         }
     }
 }
-
-/// How long a retry's original is held for its copy's late confirm: in effect until RabbitMQ answers
-/// (on a live channel it always does, once a stall or an alarm ends), the publishing channel or
-/// connection is lost (heartbeats end a dead one), or the router closes. A shorter hold multiplied a
-/// handler failing through a longer stall: each hold ended with the original requeued at its old
-/// attempt while its copy was stored all the same (5 dead letters for one message in 20 s of 1.5 s
-/// latency with a 1 s hold). RabbitMQ's own `consumer_timeout` (30 minutes by default) bounds how
-/// long it lets a delivery stay unacknowledged.
-const HOLD_UNTIL_ANSWERED: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// Counts one original in `held_for_late_confirm` from its creation to its drop.
 struct HeldForLateConfirm(Arc<Inner>);
@@ -1544,7 +1536,7 @@ impl CopyFate {
             }
             Ok(Confirmed::Nack) => CopyFate::NotStored("RabbitMQ refused it with basic.nack"),
             Ok(Confirmed::TimedOut) => {
-                CopyFate::Unknown("no confirm came while the original was held for it")
+                CopyFate::Unknown("no confirm came within retry_hold_timeout either")
             }
             Err(()) => CopyFate::Unknown(
                 "its publishing channel or connection was lost, or the router closed, before RabbitMQ confirmed it",
@@ -1587,8 +1579,13 @@ impl Acknowledge for AmqpAck {
         self.progress.store(REQUEUING, Ordering::Relaxed);
         if matches!(action, NackAction::Retry { .. }) {
             self.copied = Some(envelope.id());
-            // The original may be held for the copy's late confirm until RabbitMQ answers.
-            self.late = Some(Box::new(LateConfirm::new(HOLD_UNTIL_ANSWERED)));
+            // The original may be held for the copy's late confirm until RabbitMQ answers, for
+            // up to `retry_hold_timeout` only (below RabbitMQ's consumer_timeout, which would
+            // close the consumer's channel and send back all it holds). A hold that ended with
+            // `publish_outage_timeout` multiplied a handler failing through a longer stall: the
+            // original came back at its old attempt while its copy was stored all the same.
+            let hold = self.inner().settings.retry_hold_timeout;
+            self.late = Some(Box::new(LateConfirm::new(hold)));
         }
         Box::pin(async move {
             // Checked before scheduling a retry too: a retry of a stale delivery would be a

@@ -299,7 +299,7 @@ pub(crate) struct Counters {
     /// it: the original was acknowledged then, and the copy carries the retry (also in `retried`).
     pub copies_confirmed_late: AtomicU64,
     /// A gauge, not a count: retries' originals held now for their copy's late confirm
-    /// (`AmqpAck::hold_for_late_confirm`). Each keeps its prefetch slot until RabbitMQ answers.
+    /// (`AmqpAck::hold_for_late_confirm`). Each keeps its prefetch slot until RabbitMQ answers (or `retry_hold_timeout`).
     pub held_for_late_confirm: AtomicU64,
     pub abandoned: AtomicU64,
     pub settle_failures: AtomicU64,

@@ -2298,8 +2298,8 @@ async fn a_retry_held_for_a_late_confirm_gives_the_original_back_when_the_copy_i
     within("close", router.close()).await.unwrap();
 }
 
-/// The original is held for its copy's late confirm until RabbitMQ answers, however long past
-/// `publish_outage_timeout` (here 500 ms, while the confirm takes 4 s): the late ack then
+/// The original is held for its copy's late confirm until RabbitMQ answers (up to
+/// `retry_hold_timeout`, 25 minutes by default), however long past `publish_outage_timeout` (here 500 ms, while the confirm takes 4 s): the late ack then
 /// acknowledges it, and the message comes once more, as the copy's retry. A hold that ended with
 /// `publish_outage_timeout` requeued the original unchanged while its copy was stored: the
 /// message came at attempt 1 again, counted in `copies_unconfirmed`.
@@ -2342,7 +2342,7 @@ async fn a_retry_held_for_a_late_confirm_outlasts_publish_outage_timeout() {
 }
 
 /// An original held for its copy's late confirm is shown in health while it is held
-/// (`held_for_late_confirm`), and no longer once RabbitMQ answered: the hold has no end of its own,
+/// (`held_for_late_confirm`), and no longer once RabbitMQ answered: the hold lasts up to 25 minutes,
 /// and during a stall every failing handler holds one more prefetch slot, a subscription with all
 /// of them held getting nothing, while `in_flight` alone cannot tell that from handlers at work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2387,6 +2387,51 @@ async fn health_shows_an_original_held_for_its_copy_s_late_confirm_while_it_is_h
     let attempts =
         attempts_until_quiet(&mut subscription, id, delay + Duration::from_secs(3)).await;
     assert_eq!(attempts, [2]);
+    within("close", router.close()).await.unwrap();
+}
+
+/// The hold ends with `retry_hold_timeout` (here 500 ms, while the copy's confirm takes 4 s): the
+/// original is then requeued unchanged, counted in `copies_unconfirmed` as maybe coming twice, and the
+/// copy, stored, comes after its delay; its confirm, when it comes, settles nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_held_for_a_late_confirm_gives_the_original_back_after_retry_hold_timeout() {
+    if !broker_available().await {
+        return;
+    }
+    let delay = Duration::from_secs(5);
+    let SlowConfirms {
+        proxy,
+        router,
+        mut subscription,
+        _cleanup,
+        ..
+    } = group_subscriber_with_slow_confirms("t-retry-hold-ends", delay, |builder| {
+        builder.retry_hold_timeout(Duration::from_millis(500))
+    })
+    .await;
+    let delivery = within("a delivery", subscription.next()).await.unwrap();
+    let id = delivery.envelope().id();
+    proxy.set_latency(Duration::from_secs(2));
+    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
+        .await
+        .expect_err("a retry whose copy was not confirmed in time");
+    let text = error.to_string();
+    assert!(
+        text.contains("held unacknowledged") && text.contains("retry_hold_timeout (500ms)"),
+        "{text}"
+    );
+    wait_until("the held original to be given back", async || {
+        router.health().await.get("copies_unconfirmed") == 1
+    })
+    .await;
+    proxy.set_latency(Duration::ZERO);
+    let mut attempts =
+        attempts_until_quiet(&mut subscription, id, delay + Duration::from_secs(3)).await;
+    attempts.sort_unstable();
+    assert_eq!(attempts, [1, 2], "the original again, then the copy");
+    let health = within("health", router.health()).await;
+    assert_eq!(health.get("copies_confirmed_late"), 0, "{health:?}");
+    assert_eq!(health.get("held_for_late_confirm"), 0, "{health:?}");
     within("close", router.close()).await.unwrap();
 }
 

@@ -2129,6 +2129,23 @@ async fn group_subscriber_with_slow_confirms(
     }
 }
 
+/// Nacks the next delivery of `subscription` for a retry after `delay` while the proxy makes every
+/// confirm late (2 s each way, past the tests' 500 ms confirm timeout): its id, and the nack's error
+/// (the original held for the copy's late confirm).
+async fn retry_with_confirms_late(
+    proxy: &FaultProxy,
+    subscription: &mut Subscription,
+    delay: Duration,
+) -> (MessageId, String) {
+    let delivery = within("a delivery", subscription.next()).await.unwrap();
+    let id = delivery.envelope().id();
+    proxy.set_latency(Duration::from_secs(2));
+    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
+        .await
+        .expect_err("a retry whose copy was not confirmed in time");
+    (id, error.to_string())
+}
+
 /// A member of group "g" of `Payment:*:*`.
 fn group_g() -> SubscribeOptions {
     SubscribeOptions::new(ChannelPattern::parse("Payment:*:*").unwrap()).group("g")
@@ -2299,8 +2316,9 @@ async fn a_retry_held_for_a_late_confirm_gives_the_original_back_when_the_copy_i
 }
 
 /// The original is held for its copy's late confirm until RabbitMQ answers (up to
-/// `retry_hold_timeout`, 25 minutes by default), however long past `publish_outage_timeout` (here 500 ms, while the confirm takes 4 s): the late ack then
-/// acknowledges it, and the message comes once more, as the copy's retry. A hold that ended with
+/// `retry_hold_timeout`, 25 minutes by default), however long past `publish_outage_timeout` (here
+/// 500 ms, while the confirm takes 4 s): the late ack then acknowledges it, and the message comes
+/// once more, as the copy's retry. A hold that ended with
 /// `publish_outage_timeout` requeued the original unchanged while its copy was stored: the
 /// message came at attempt 1 again, counted in `copies_unconfirmed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2319,13 +2337,7 @@ async fn a_retry_held_for_a_late_confirm_outlasts_publish_outage_timeout() {
         builder.publish_outage_timeout(Duration::from_millis(500))
     })
     .await;
-    let delivery = within("a delivery", subscription.next()).await.unwrap();
-    let id = delivery.envelope().id();
-    proxy.set_latency(Duration::from_secs(2));
-    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
-        .await
-        .expect_err("a retry whose copy was not confirmed in time");
-    let text = error.to_string();
+    let (id, text) = retry_with_confirms_late(&proxy, &mut subscription, delay).await;
     assert!(text.contains("held unacknowledged"), "{text}");
     assert!(!text.contains("at most"), "{text}");
     wait_until("the late confirm to acknowledge the original", async || {
@@ -2358,13 +2370,7 @@ async fn health_shows_an_original_held_for_its_copy_s_late_confirm_while_it_is_h
         _cleanup,
         ..
     } = group_subscriber_with_slow_confirms("t-retry-late-gauge", delay, |builder| builder).await;
-    let delivery = within("a delivery", subscription.next()).await.unwrap();
-    let id = delivery.envelope().id();
-    proxy.set_latency(Duration::from_secs(2));
-    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
-        .await
-        .expect_err("a retry whose copy was not confirmed in time");
-    let text = error.to_string();
+    let (id, text) = retry_with_confirms_late(&proxy, &mut subscription, delay).await;
     assert!(text.contains("held unacknowledged"), "{text}");
     // The hold ends with the publishing channel too (the broker closing it, say for another
     // publish's 404), not only with its connection; and a confirmed copy acknowledges nothing once
@@ -2409,13 +2415,7 @@ async fn a_retry_held_for_a_late_confirm_gives_the_original_back_after_retry_hol
         builder.retry_hold_timeout(Duration::from_millis(500))
     })
     .await;
-    let delivery = within("a delivery", subscription.next()).await.unwrap();
-    let id = delivery.envelope().id();
-    proxy.set_latency(Duration::from_secs(2));
-    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
-        .await
-        .expect_err("a retry whose copy was not confirmed in time");
-    let text = error.to_string();
+    let (id, text) = retry_with_confirms_late(&proxy, &mut subscription, delay).await;
     assert!(
         text.contains("held unacknowledged") && text.contains("retry_hold_timeout (500ms)"),
         "{text}"

@@ -551,7 +551,7 @@ impl Runtime {
     /// none, or when that runtime has ended); should that runtime not run it within `deadline` (1 s
     /// at least; a current_thread runtime runs tasks only inside its `block_on`), the shutdown
     /// returns [`Error::Timeout`], and runs there once the runtime is driven again. Run in place, it
-    /// cannot close a router whose close needs Tokio (Redis's): it returns [`Error::Closed`] then.
+    /// runs on a Tokio runtime of its own, which a router's close may need (Redis's timers).
     pub async fn shutdown(&self, deadline: Duration) -> Result<ShutdownReport> {
         // Awaited outside Tokio (`futures::executor::block_on` on a thread of its own), it runs on
         // the Tokio runtime its agents run on; with no agents, and no Tokio, there is no task to run

@@ -837,22 +837,23 @@ impl StreamSubscription {
             .expect("readers lock")
             .push(reader.clone());
         self.reading.fetch_add(1, Ordering::AcqRel);
+        // Counted out when the loop ends, and also when its task is dropped unfinished, even unpolled
+        // (its Tokio runtime ended): `finish` waits for this count, and waited out the close timeout.
+        let reading = CountedTask(self.clone(), |s| &s.reading);
         let subscription = self.clone();
         self.spawn(async move {
-            read_loop(subscription.clone(), reader).await;
-            subscription.reading.fetch_sub(1, Ordering::AcqRel);
-            subscription.done.notify_waiters();
+            let _reading = reading;
+            read_loop(subscription, reader).await;
         });
         Ok(())
     }
 
     fn spawn(self: &Arc<Self>, task: impl Future<Output = ()> + Send + 'static) {
         self.running.fetch_add(1, Ordering::AcqRel);
-        let subscription = self.clone();
+        let running = CountedTask(self.clone(), |s| &s.running);
         tokio::spawn(async move {
+            let _running = running;
             task.await;
-            subscription.running.fetch_sub(1, Ordering::AcqRel);
-            subscription.done.notify_waiters();
         });
     }
 
@@ -2242,6 +2243,21 @@ impl StreamSubscription {
             }
             reader.interrupt().await;
         }
+    }
+}
+
+/// A task of a stream subscription counted in one of its counters (`reading`, `running`): counted
+/// out, and [`StreamSubscription::finish`] woken, when the task ends or is dropped unfinished (its
+/// Tokio runtime ended).
+struct CountedTask(
+    Arc<StreamSubscription>,
+    fn(&StreamSubscription) -> &AtomicU64,
+);
+
+impl Drop for CountedTask {
+    fn drop(&mut self) {
+        (self.1)(&self.0).fetch_sub(1, Ordering::AcqRel);
+        self.0.done.notify_waiters();
     }
 }
 

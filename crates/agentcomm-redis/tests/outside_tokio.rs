@@ -1,0 +1,101 @@
+//! A Redis runtime shut down from a thread outside Tokio after the Tokio runtime its agents ran on
+//! ended: the shutdown closes the router in place, on a Tokio runtime of its own.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use agentcomm_core::prelude::*;
+use agentcomm_redis::DeliveryMode;
+use common::*;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Message)]
+struct Tick {
+    n: u64,
+}
+
+#[agent(receives = [Tick])]
+struct Ticker;
+
+impl Handle<Tick> for Ticker {
+    async fn handle(&self, _tick: Tick, _ctx: &Context<Self>) -> HandlerResult {
+        Ok(())
+    }
+}
+
+/// Runs `work` on a thread of its own, outside any Tokio runtime; panics after 30 s.
+fn outside_tokio<T: Send + 'static>(what: &str, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(work());
+    });
+    receiver
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|error| panic!("{what}: no result within 30 s ({error})"))
+}
+
+/// An agent on a Redis router in `mode`, spawned on a Tokio runtime that then ends; the runtime is
+/// shut down from a plain thread with a 1 s deadline. The shutdown closes the router, and takes far
+/// less than the router's close timeout (10 s): the stream subscription's reader task, dropped with
+/// the ended runtime, was never counted out, and the close waited for it until its timeout.
+fn shut_down_after_tokio_ended(mode: DeliveryMode, multi_thread: bool) {
+    let tokio = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let prefix = unique_prefix();
+    let Some(runtime) = tokio.block_on(async {
+        if !redis_available().await {
+            return None;
+        }
+        let router = connected(builder(mode, &prefix).close_timeout(Duration::from_secs(10))).await;
+        let runtime = Runtime::new(router);
+        runtime
+            .spawn_with(Ticker, AgentOptions::new().fan_out())
+            .await
+            .unwrap();
+        Some(runtime)
+    }) else {
+        return;
+    };
+    drop(tokio);
+    let shut_down = runtime.clone();
+    let began = Instant::now();
+    let report = outside_tokio("the shutdown", move || {
+        futures::executor::block_on(shut_down.shutdown(Duration::from_secs(1)))
+    })
+    .expect("the shutdown closed the router");
+    let took = began.elapsed();
+    assert_eq!(report, agentcomm_core::runtime::ShutdownReport::default());
+    assert!(
+        took < Duration::from_secs(5),
+        "{mode:?}: the shutdown took {took:?}"
+    );
+    let health = outside_tokio("health after the shutdown", move || {
+        futures::executor::block_on(runtime.router().health())
+    });
+    assert!(!health.connected, "{health:?}");
+}
+
+#[test]
+fn a_streams_runtime_shuts_down_promptly_after_its_current_thread_tokio_ended() {
+    shut_down_after_tokio_ended(DeliveryMode::Streams, false);
+}
+
+#[test]
+fn a_streams_runtime_shuts_down_promptly_after_its_multi_thread_tokio_ended() {
+    shut_down_after_tokio_ended(DeliveryMode::Streams, true);
+}
+
+#[test]
+fn a_pubsub_runtime_shuts_down_promptly_after_its_tokio_ended() {
+    shut_down_after_tokio_ended(DeliveryMode::PubSub, true);
+}

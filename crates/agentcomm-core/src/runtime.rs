@@ -566,7 +566,7 @@ impl Runtime {
         let (started, start) = futures::channel::oneshot::channel::<()>();
         let task = tokio.spawn(async move {
             let _ = started.send(());
-            runtime.shutdown_here(deadline).await
+            runtime.shutdown_here(deadline, false).await
         });
         if outside_tokio
             && within(start, deadline.max(START_WAIT_FLOOR))
@@ -609,19 +609,28 @@ impl Runtime {
             .enable_all()
             .build()
         {
-            Ok(tokio) => tokio.block_on(self.shutdown_here(deadline)),
+            // No agent runs on this Tokio runtime: each stop's task runs on its agent's own, which
+            // may be alive but not driven (agents spawned from more than one Tokio runtime), so the
+            // wait for each stop to start is bounded as it is outside Tokio.
+            Ok(tokio) => tokio.block_on(self.shutdown_here(deadline, true)),
             Err(error) => {
                 tracing::warn!(error = %error, "could not start a Tokio runtime to close the router on; closing it in place");
-                self.shutdown_here(deadline).await
+                self.shutdown_here(deadline, true).await
             }
         }
     }
 
     /// The work of [`Runtime::shutdown`], in the caller's task.
-    async fn shutdown_here(&self, deadline: Duration) -> Result<ShutdownReport> {
+    /// `elsewhere`: the caller is on none of the agents' Tokio runtimes (see
+    /// [`AgentHandle::stop_from`]).
+    async fn shutdown_here(&self, deadline: Duration, elsewhere: bool) -> Result<ShutdownReport> {
         let agents = self.agents();
-        let reports =
-            futures::future::join_all(agents.iter().map(|agent| agent.stop(deadline))).await;
+        let reports = futures::future::join_all(
+            agents
+                .iter()
+                .map(|agent| agent.stop_from(deadline, elsewhere)),
+        )
+        .await;
         let mut total = ShutdownReport::default();
         for report in reports {
             total.add(&report);
@@ -889,6 +898,13 @@ impl AgentHandle {
     /// inside its `block_on`), it returns an empty report then, and the agent stops once the runtime
     /// runs again.
     pub async fn stop(&self, deadline: Duration) -> ShutdownReport {
+        self.stop_from(deadline, false).await
+    }
+
+    /// [`AgentHandle::stop`]; `elsewhere`: the caller is inside a Tokio runtime that is not the
+    /// agent's (a shutdown run in place on a Tokio runtime of its own), so the wait for the stop's
+    /// task to start is bounded as outside Tokio: the agent's runtime may not be driven.
+    async fn stop_from(&self, deadline: Duration, elsewhere: bool) -> ShutdownReport {
         let mut done = self.inner.done.subscribe();
         if let Some(task) = self.inner.task.lock().await.take() {
             let inner = self.inner.clone();
@@ -908,7 +924,7 @@ impl AgentHandle {
             let report = done.wait_for(Option::is_some).await.map(|report| *report);
             report.ok().flatten().unwrap_or_default()
         });
-        if tokio::runtime::Handle::try_current().is_err() {
+        if elsewhere || tokio::runtime::Handle::try_current().is_err() {
             // Outside Tokio, the stop's task runs only while the agent's Tokio runtime is driven (a
             // current_thread runtime only inside its `block_on`): one that did not start within the
             // deadline may never run, and its caller waited for ever. It gets an empty report then

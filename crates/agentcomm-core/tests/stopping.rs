@@ -500,3 +500,46 @@ fn a_shutdown_now_on_a_busy_tokio_runtime_is_waited_for() {
     let health = futures::executor::block_on(runtime.router().health());
     assert!(!health.connected, "{health:?}");
 }
+
+/// A runtime with agents spawned from two Tokio runtimes, shut down from outside Tokio after the
+/// first ended while the second (current_thread) is alive but not driven: the shutdown runs in place
+/// on a Tokio runtime of its own, and its wait for the second agent's stop to start is bounded as
+/// outside Tokio. It waited for ever there: inside that temporary runtime the stop was taken to be
+/// inside Tokio, and waited unbounded for a task that the undriven runtime never ran.
+#[test]
+fn a_shutdown_in_place_does_not_wait_for_ever_for_an_agent_on_an_undriven_tokio_runtime() {
+    let ended = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let undriven = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (started, _started_rx) = mpsc::unbounded_channel();
+    let runtime = Runtime::new(MemoryRouter::new());
+    ended.block_on(async {
+        runtime
+            .spawn(Worker {
+                started: started.clone(),
+            })
+            .await
+            .unwrap();
+    });
+    let agent = undriven.block_on(async { runtime.spawn(Worker { started }).await.unwrap() });
+    drop(ended);
+    let shut_down = runtime.clone();
+    let report = outside_tokio(
+        "a shutdown with an agent on an undriven runtime",
+        move || futures::executor::block_on(shut_down.shutdown(Duration::from_millis(500))),
+    )
+    .expect("the router closed");
+    assert_eq!(report, agentcomm_core::runtime::ShutdownReport::default());
+    let health = futures::executor::block_on(runtime.router().health());
+    assert!(!health.connected, "{health:?}");
+    // Driven again, that runtime runs the stop left to it.
+    undriven.block_on(wait_for(
+        "the agent stops once its runtime runs again",
+        || agent.health().state == AgentState::Stopped,
+    ));
+}

@@ -242,10 +242,13 @@ impl AmqpRouterBuilder {
     /// copy's confirm does not come within `confirm_timeout`, RabbitMQ may store it all the same, so
     /// the original is held until RabbitMQ's answer: acknowledged once the copy is confirmed,
     /// requeued if it is refused. When this time passes first, the original is requeued and the
-    /// message may come twice (counted in `copies_unconfirmed`). Keep it below RabbitMQ's
-    /// `consumer_timeout` (30 minutes by default), which otherwise closes the consumer's channel and
-    /// sends back every delivery it holds; a shorter hold means more duplicates through a long
-    /// stall, a longer one holds the prefetch slots of failing messages longer.
+    /// message may come twice (counted in `copies_unconfirmed`). The hold starts when the copy's
+    /// confirm timed out, while RabbitMQ's `consumer_timeout` (30 minutes by default) counts from the
+    /// delivery: keep this below `consumer_timeout` minus your longest handler run and
+    /// `confirm_timeout` (the defaults leave a handler at most 4 minutes 45 s), or RabbitMQ closes the
+    /// consumer's channel and sends back every delivery it holds. A shorter hold means more
+    /// duplicates through a long stall, a longer one holds the prefetch slots of failing messages
+    /// longer; 0 holds nothing (the original is requeued at once, as when no answer can come).
     pub fn retry_hold_timeout(mut self, timeout: Duration) -> Self {
         self.retry_hold_timeout = timeout;
         self

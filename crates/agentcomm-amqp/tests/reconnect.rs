@@ -2129,21 +2129,38 @@ async fn group_subscriber_with_slow_confirms(
     }
 }
 
-/// Nacks the next delivery of `subscription` for a retry after `delay` while the proxy makes every
-/// confirm late (2 s each way, past the tests' 500 ms confirm timeout): its id, and the nack's error
-/// (the original held for the copy's late confirm).
+/// Nacks the next delivery of `subscription` for a retry after `delay` while the proxy delays every
+/// byte by `latency` each way (past the confirm timeout, the copy's confirm comes late): its id, and
+/// the nack's error (the original held for the copy's late confirm).
 async fn retry_with_confirms_late(
     proxy: &FaultProxy,
     subscription: &mut Subscription,
     delay: Duration,
+    latency: Duration,
 ) -> (MessageId, String) {
     let delivery = within("a delivery", subscription.next()).await.unwrap();
     let id = delivery.envelope().id();
-    proxy.set_latency(Duration::from_secs(2));
+    proxy.set_latency(latency);
     let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
         .await
         .expect_err("a retry whose copy was not confirmed in time");
     (id, error.to_string())
+}
+
+/// The attempts, sorted, in which a member of group "g" on a router of its own (not through the
+/// proxy) gets message `id` of `exchange` until nothing more comes for `delay` and 3 s; the router is
+/// closed after.
+async fn attempts_of_a_new_member(exchange: &str, id: MessageId, delay: Duration) -> Vec<u32> {
+    let again = within("connect", builder(exchange).connect())
+        .await
+        .unwrap();
+    let mut member = within("subscribe", again.subscribe(group_g()))
+        .await
+        .unwrap();
+    let mut attempts = attempts_until_quiet(&mut member, id, delay + Duration::from_secs(3)).await;
+    attempts.sort_unstable();
+    within("close", again.close()).await.unwrap();
+    attempts
 }
 
 /// A member of group "g" of `Payment:*:*`.
@@ -2258,15 +2275,12 @@ async fn a_retry_held_for_a_late_confirm_gives_the_original_back_when_the_copy_i
         ..
     } = group_subscriber_with_slow_confirms("t-retry-late-lost", delay, |builder| builder).await;
     let raw = Raw::open().await;
-    let delivery = within("a delivery", subscription.next()).await.unwrap();
-    let id = delivery.envelope().id();
     // Declares the retry queue first (a round trip of 1.2 s), then the copy: its frame reaches
     // RabbitMQ 600 ms after it was sent, its confirm comes back 600 ms later.
-    proxy.set_latency(Duration::from_millis(600));
-    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
-        .await
-        .expect_err("a retry whose copy was not confirmed in time");
-    assert!(error.to_string().contains("held unacknowledged"), "{error}");
+    let (id, error) =
+        retry_with_confirms_late(&proxy, &mut subscription, delay, Duration::from_millis(600))
+            .await;
+    assert!(error.contains("held unacknowledged"), "{error}");
     wait_until("RabbitMQ to store the copy", async || {
         raw.count(&retry_queue).await == Some(1)
     })
@@ -2337,7 +2351,8 @@ async fn a_retry_held_for_a_late_confirm_outlasts_publish_outage_timeout() {
         builder.publish_outage_timeout(Duration::from_millis(500))
     })
     .await;
-    let (id, text) = retry_with_confirms_late(&proxy, &mut subscription, delay).await;
+    let (id, text) =
+        retry_with_confirms_late(&proxy, &mut subscription, delay, Duration::from_secs(2)).await;
     assert!(text.contains("held unacknowledged"), "{text}");
     assert!(!text.contains("at most"), "{text}");
     wait_until("the late confirm to acknowledge the original", async || {
@@ -2370,7 +2385,8 @@ async fn health_shows_an_original_held_for_its_copy_s_late_confirm_while_it_is_h
         _cleanup,
         ..
     } = group_subscriber_with_slow_confirms("t-retry-late-gauge", delay, |builder| builder).await;
-    let (id, text) = retry_with_confirms_late(&proxy, &mut subscription, delay).await;
+    let (id, text) =
+        retry_with_confirms_late(&proxy, &mut subscription, delay, Duration::from_secs(2)).await;
     assert!(text.contains("held unacknowledged"), "{text}");
     // The hold ends with the publishing channel too (the broker closing it, say for another
     // publish's 404), not only with its connection; and a confirmed copy acknowledges nothing once
@@ -2415,7 +2431,8 @@ async fn a_retry_held_for_a_late_confirm_gives_the_original_back_after_retry_hol
         builder.retry_hold_timeout(Duration::from_millis(500))
     })
     .await;
-    let (id, text) = retry_with_confirms_late(&proxy, &mut subscription, delay).await;
+    let (id, text) =
+        retry_with_confirms_late(&proxy, &mut subscription, delay, Duration::from_secs(2)).await;
     assert!(
         text.contains("held unacknowledged") && text.contains("retry_hold_timeout (500ms)"),
         "{text}"
@@ -2462,14 +2479,11 @@ async fn close_resolves_a_retry_held_for_a_late_confirm() {
     })
     .await;
     let raw = Raw::open().await;
-    let delivery = within("a delivery", subscription.next()).await.unwrap();
-    let id = delivery.envelope().id();
     // Declares the retry queue before the copy (within the 1 s operation timeout).
-    proxy.set_latency(Duration::from_millis(300));
-    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
-        .await
-        .expect_err("a retry whose copy was not confirmed in time");
-    assert!(error.to_string().contains("held unacknowledged"), "{error}");
+    let (id, error) =
+        retry_with_confirms_late(&proxy, &mut subscription, delay, Duration::from_millis(300))
+            .await;
+    assert!(error.contains("held unacknowledged"), "{error}");
     wait_until("RabbitMQ to store the copy", async || {
         raw.count(&retry_queue).await == Some(1)
     })
@@ -2491,17 +2505,8 @@ async fn close_resolves_a_retry_held_for_a_late_confirm() {
     .await;
     // RabbitMQ gives the original back once its connection is gone.
     proxy.shutdown().await;
-    let again = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
-    let mut member = within("subscribe", again.subscribe(group_g()))
-        .await
-        .unwrap();
-    let mut attempts = attempts_until_quiet(&mut member, id, delay + Duration::from_secs(3)).await;
-    attempts.sort_unstable();
-    assert_eq!(attempts, [1, 2]);
+    assert_eq!(attempts_of_a_new_member(&exchange, id, delay).await, [1, 2]);
     raw.close().await;
-    within("close", again.close()).await.unwrap();
 }
 
 /// A late confirm that comes once the held original's channel is closed (here its subscription
@@ -2531,18 +2536,15 @@ async fn a_late_confirm_after_the_original_s_channel_closed_is_not_counted_as_ac
             .close_timeout(Duration::from_millis(100))
     })
     .await;
-    let delivery = within("a delivery", subscription.next()).await.unwrap();
-    let id = delivery.envelope().id();
     // The copy reaches RabbitMQ 800 ms after its send, well after its confirm timeout (200 ms).
-    proxy.set_latency(Duration::from_millis(800));
-    let error = within("the retry", delivery.nack(NackAction::Retry { delay }))
-        .await
-        .expect_err("a retry whose copy was not confirmed in time");
+    let (id, error) =
+        retry_with_confirms_late(&proxy, &mut subscription, delay, Duration::from_millis(800))
+            .await;
     // Its confirm, read by the proxy from now on, comes back 10 s later; the subscription's
     // cancel gets no answer either, so the subscription closes its channel (after the 3 s
     // operation timeout) long before the confirm comes.
     proxy.set_latency(Duration::from_secs(10));
-    assert!(error.to_string().contains("held unacknowledged"), "{error}");
+    assert!(error.contains("held unacknowledged"), "{error}");
     within("close the subscription", subscription.close())
         .await
         .unwrap();
@@ -2572,16 +2574,7 @@ async fn a_late_confirm_after_the_original_s_channel_closed_is_not_counted_as_ac
     );
     // Through a router of its own: bytes already held by the proxy's 10 s latency still hold up
     // the first one's connections.
-    let again = within("connect", builder(&exchange).connect())
-        .await
-        .unwrap();
-    let mut member = within("subscribe", again.subscribe(group_g()))
-        .await
-        .unwrap();
-    let mut attempts = attempts_until_quiet(&mut member, id, delay + Duration::from_secs(3)).await;
-    attempts.sort_unstable();
-    assert_eq!(attempts, [1, 2]);
-    within("close", again.close()).await.unwrap();
+    assert_eq!(attempts_of_a_new_member(&exchange, id, delay).await, [1, 2]);
     proxy.shutdown().await;
     within("close", router.close()).await.unwrap();
 }

@@ -42,17 +42,24 @@ async fn wait_for(what: &str, condition: impl Fn() -> bool) {
     assert!(waited.is_ok(), "waited 10 s for {what}");
 }
 
-#[tokio::test]
-async fn a_stop_whose_caller_gave_up_still_finishes_and_later_stops_get_its_report() {
+/// A runtime on the in-memory router whose `Worker` has started a job of `sleep_ms`: the runtime and
+/// the worker's handle.
+async fn busy_worker(sleep_ms: u64) -> (Runtime, AgentHandle) {
     let runtime = Runtime::new(MemoryRouter::new());
     let (started, mut started_rx) = mpsc::unbounded_channel();
     let agent = runtime.spawn(Worker { started }).await.unwrap();
     runtime
         .publisher::<Client>()
-        .publish("s1", Job { sleep_ms: 1_000 })
+        .publish("s1", Job { sleep_ms })
         .await
         .unwrap();
     started_rx.recv().await.unwrap();
+    (runtime, agent)
+}
+
+#[tokio::test]
+async fn a_stop_whose_caller_gave_up_still_finishes_and_later_stops_get_its_report() {
+    let (runtime, agent) = busy_worker(1_000).await;
     // The caller bounds its stop by less than the handler takes: its future is dropped mid-stop.
     let cut_off = timeout(
         Duration::from_millis(100),
@@ -161,15 +168,7 @@ async fn wait_for_router_closed(runtime: &Runtime, what: &str) {
 
 #[tokio::test]
 async fn a_shutdown_whose_caller_gave_up_still_closes_the_router() {
-    let runtime = Runtime::new(MemoryRouter::new());
-    let (started, mut started_rx) = mpsc::unbounded_channel();
-    let agent = runtime.spawn(Worker { started }).await.unwrap();
-    runtime
-        .publisher::<Client>()
-        .publish("s1", Job { sleep_ms: 300 })
-        .await
-        .unwrap();
-    started_rx.recv().await.unwrap();
+    let (runtime, agent) = busy_worker(300).await;
     // The caller bounds its shutdown by less than the handler takes: its future is dropped while the
     // agent finishes its message.
     let cut_off = timeout(
@@ -256,18 +255,7 @@ fn a_runtime_with_agents_shuts_down_from_a_thread_outside_tokio() {
         .enable_all()
         .build()
         .unwrap();
-    let (started, mut started_rx) = mpsc::unbounded_channel();
-    let (runtime, agent) = tokio.block_on(async {
-        let runtime = Runtime::new(MemoryRouter::new());
-        let agent = runtime.spawn(Worker { started }).await.unwrap();
-        runtime
-            .publisher::<Client>()
-            .publish("s1", Job { sleep_ms: 200 })
-            .await
-            .unwrap();
-        started_rx.recv().await.unwrap();
-        (runtime, agent)
-    });
+    let (runtime, agent) = tokio.block_on(busy_worker(200));
     let shut_down = runtime.clone();
     let report = outside_tokio("a shutdown outside Tokio", move || {
         futures::executor::block_on(shut_down.shutdown(Duration::from_secs(5)))

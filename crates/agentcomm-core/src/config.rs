@@ -167,9 +167,14 @@ impl Config {
     /// line of the file that names one of agentcomm's variables but has no `=` (`REDIS_URL
     /// redis://..`) is an [`Error::Config`] naming the line, rather than a line skipped.
     pub fn load_with_file(path: &Path) -> Result<Self> {
+        Self::load_with_file_and(path, |name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load_with_file`] with `process` standing for the process environment.
+    fn load_with_file_and(path: &Path, process: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let file = match std::fs::read_to_string(path) {
             Ok(text) => {
-                line_without_equals(path, &text)?;
+                line_without_equals(path, &text, &process)?;
                 parse_env_file(&text)
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
@@ -181,7 +186,7 @@ impl Config {
                 });
             }
         };
-        Self::from_file_and(path, file, |name| std::env::var(name).ok())
+        Self::from_file_and(path, file, process)
     }
 
     /// The configuration from the variables of the env file at `path`, with `process`'s taking
@@ -324,8 +329,13 @@ const CHECKED_VARIABLES: [&str; 5] = [
 /// name (`REDIS_URL redis://prod:6379`, `LOG_LEVEL: DEBUG`): [`parse_env_file`] skips such a line, and the
 /// program silently ran on the variable's default (the local Redis, say). The error names the file,
 /// the line and the variable, never the value (it may hold a password). Lines naming other
-/// variables are left alone: the file may be another tool's too.
-fn line_without_equals(path: &Path, text: &str) -> Result<()> {
+/// variables are left alone: the file may be another tool's too, and so are lines for a variable the
+/// process environment sets (it takes precedence: the line would not be used), with a warning.
+fn line_without_equals(
+    path: &Path,
+    text: &str,
+    process: &impl Fn(&str) -> Option<String>,
+) -> Result<()> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (index, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -345,6 +355,16 @@ fn line_without_equals(path: &Path, text: &str) -> Result<()> {
             .next()
             .unwrap_or("");
         if CHECKED_VARIABLES.contains(&name) && before != name {
+            if prefer(process(name), None).is_some() {
+                tracing::warn!(
+                    file = %path.display(),
+                    line = index + 1,
+                    variable = name,
+                    "the env file's line for this variable has no '=' right after the name and \
+                     is ignored; the process environment sets the variable, which is used"
+                );
+                continue;
+            }
             return Err(Error::Config {
                 variable: format!("{} line {}", path.display(), index + 1),
                 value: name.to_string(),
@@ -867,7 +887,7 @@ mod tests {
             ),
         ] {
             std::fs::write(&path, text).unwrap();
-            let result = Config::load_with_file(&path);
+            let result = Config::load_with_file_and(&path, |_| None);
             std::fs::remove_file(&path).unwrap();
             let error = result.unwrap_err().to_string();
             assert!(
@@ -906,6 +926,34 @@ mod tests {
                 .as_deref(),
             Some("x")
         );
+    }
+
+    /// The process environment takes precedence over the env file: a malformed line for a variable it
+    /// sets would not be used, and must not stop a program whose deployment sets the variable (it did:
+    /// "the line has no '='" for a `REDIS_URL` the environment gave). The process's value is used.
+    #[test]
+    fn a_line_without_equals_for_a_variable_the_environment_sets_is_passed_over() {
+        let path = std::env::temp_dir().join(format!(
+            "agentcomm-config-noequals-set-{}.env",
+            std::process::id()
+        ));
+        std::fs::write(
+            &path,
+            "MESSAGING_BACKEND=redis\nREDIS_URL redis://:s3cr3t@prod:6379\n",
+        )
+        .unwrap();
+        let process =
+            |name: &str| (name == "REDIS_URL").then(|| "redis://from-env:6379".to_string());
+        let config = Config::load_with_file_and(&path, process);
+        // Set but blank is not set (as everywhere else): the line is refused again.
+        let blank = Config::load_with_file_and(&path, |name: &str| {
+            (name == "REDIS_URL").then(|| " ".to_string())
+        });
+        std::fs::remove_file(&path).unwrap();
+        let config = config.unwrap();
+        assert_eq!(config.redis_url(), "redis://from-env:6379");
+        let error = blank.unwrap_err().to_string();
+        assert!(error.contains("line 2='REDIS_URL'"), "{error}");
     }
 
     /// A bad value read from the env file names the file. Before, the error was the same as for the
@@ -1022,8 +1070,12 @@ mod tests {
             Some("redis://h:1")
         );
         assert_eq!(values.get("LOG_LEVEL").map(String::as_str), Some("DEBUG"));
-        let error = line_without_equals(Path::new(".env"), "export\tREDIS_URL redis://h:1\n")
-            .expect_err("a line of REDIS_URL without '=' is refused");
+        let error = line_without_equals(
+            Path::new(".env"),
+            "export\tREDIS_URL redis://h:1\n",
+            &|_| None,
+        )
+        .expect_err("a line of REDIS_URL without '=' is refused");
         assert!(error.to_string().contains("REDIS_URL"), "{error}");
         // A variable whose name begins with `export` stays that name.
         assert_eq!(parse_env_file("exporter=1\n")["exporter"], "1");

@@ -35,6 +35,7 @@
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::__private::{ListedInReceives, ListedInSends};
@@ -139,7 +140,8 @@ pub type HandlerResult = std::result::Result<(), HandlerError>;
 /// errors about what this handler sends that it can only meet again (an invalid channel, a message
 /// that cannot be encoded), which are permanent: dead-lettered at once as `rejected`. The runtime also
 /// dead-letters at once a failure that is `Context::reply`'s [`Error::UnexpectedReply`] (a reply of
-/// another class than the request's `reply_to` names). (A validation error stays transient: it may
+/// another class than the request's `reply_to` names), and tells the requester at once
+/// ([`Error::RequestFailed`]). (A validation error stays transient: it may
 /// come from a reply another service sent, which may mend.)
 pub struct HandlerError {
     error: Box<dyn std::error::Error + Send + Sync>,
@@ -237,6 +239,8 @@ impl fmt::Display for Rejection {
 pub struct Context<A: Agent> {
     envelope: Envelope,
     bus: Bus,
+    /// Whether a reply to the message's `reply_to` was published.
+    replied: AtomicBool,
     _agent: PhantomData<fn() -> A>,
 }
 
@@ -245,8 +249,14 @@ impl<A: Agent> Context<A> {
         Context {
             envelope,
             bus,
+            replied: AtomicBool::new(false),
             _agent: PhantomData,
         }
+    }
+
+    /// Whether [`Context::reply`] published a reply to the request's `reply_to`.
+    pub(crate) fn replied(&self) -> bool {
+        self.replied.load(Ordering::Relaxed)
     }
 
     /// Gives the envelope back (the runtime lends it to the handler's context for the call).
@@ -364,7 +374,11 @@ impl<A: Agent> Context<A> {
             .bus
             .envelope(channel, &message)?
             .with_correlation_id(self.envelope.id().to_string());
-        self.bus.publish_envelope(envelope, Some(A::NAME)).await
+        let outcome = self.bus.publish_envelope(envelope, Some(A::NAME)).await?;
+        if self.envelope.reply_to().is_some() {
+            self.replied.store(true, Ordering::Relaxed);
+        }
+        Ok(outcome)
     }
 
     /// Sends a request to `session` and waits up to `timeout` for the correlated reply.

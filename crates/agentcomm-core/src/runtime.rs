@@ -769,6 +769,10 @@ pub struct AgentHealth {
     /// [`SubscribeOptions::without_inbox_replies`](crate::router::SubscribeOptions::without_inbox_replies));
     /// brokers whose bindings cannot leave them out deliver them, and they are counted here.
     pub replies_skipped: u64,
+    /// Requests (messages with a requester's inbox as `reply_to`) whose handler returned `Ok` without
+    /// replying, though this agent sends the class the requester waits for: each requester waits out
+    /// its timeout. Each is logged at WARN.
+    pub requests_unanswered: u64,
     /// Handlers running now.
     pub in_flight: u64,
 }
@@ -787,6 +791,7 @@ struct AgentStats {
     nack_failures: AtomicU64,
     retries_received: AtomicU64,
     replies_skipped: AtomicU64,
+    requests_unanswered: AtomicU64,
     in_flight: AtomicU64,
     state: AtomicU8,
     ended_on_its_own: std::sync::atomic::AtomicBool,
@@ -881,6 +886,7 @@ impl AgentHandle {
             nack_failures: load(&stats.nack_failures),
             retries_received: load(&stats.retries_received),
             replies_skipped: load(&stats.replies_skipped),
+            requests_unanswered: load(&stats.requests_unanswered),
             in_flight: load(&stats.in_flight),
         }
     }
@@ -1394,10 +1400,33 @@ impl<A: Agent> AgentShared<A> {
             // given back to the backend always has its envelope.
             let loan = Loan::new(delivery, self.bus.clone());
             let outcome = self.run_handler(loan.context()).await;
+            if matches!(outcome, Outcome::Handled) && !loan.context().replied() {
+                self.check_answered(loan.context().envelope());
+            }
             self.settle(loan.end(), outcome).await;
         }
         .instrument(span)
         .await
+    }
+
+    /// A request this agent could have answered (its `SENDS` has the class its requester waits for)
+    /// whose handler returned `Ok` without replying: its requester waits out its timeout, which is
+    /// counted and logged here, where the cause is known.
+    fn check_answered(&self, request: &Envelope) {
+        let Some(reply_to) = request.reply_to() else {
+            return;
+        };
+        let Ok(target) = parse_channel(reply_to) else {
+            return;
+        };
+        if crate::channel::is_inbox(&target) && A::SENDS.contains(&target.class()) {
+            bump(&self.stats.requests_unanswered);
+            tracing::warn!(
+                reply_to,
+                "the handler returned Ok without replying to the request (Context::reply); its \
+                 requester waits for its timeout"
+            );
+        }
     }
 
     async fn run_handler(&self, context: &Context<A>) -> Outcome {
@@ -1454,9 +1483,22 @@ impl<A: Agent> AgentShared<A> {
                 .await;
                 return;
             }
-            Outcome::Failed(error)
-                if error.is_permanent() || replied_with_another_class(&error, &delivery) =>
-            {
+            Outcome::Failed(error) if replied_with_another_class(&error, &delivery) => {
+                bump(&stats.failed);
+                // The handler tried to answer: its requester is told at once, though this agent does
+                // not send the class it waits for.
+                let attempts = delivery.envelope().attempt();
+                Box::pin(self.dead_letter_as(
+                    delivery,
+                    headers::REASON_REJECTED,
+                    &describe(&error),
+                    attempts,
+                    Answerer::Tried,
+                ))
+                .await;
+                return;
+            }
+            Outcome::Failed(error) if error.is_permanent() => {
                 bump(&stats.failed);
                 Box::pin(self.dead_letter(delivery, headers::REASON_REJECTED, &describe(&error)))
                     .await;
@@ -1513,7 +1555,7 @@ impl<A: Agent> AgentShared<A> {
             reason,
             "publishing again the dead letter of a message whose dead letter could not be published"
         );
-        self.dead_letter_as(delivery, &reason, &error, attempts)
+        self.dead_letter_as(delivery, &reason, &error, attempts, Answerer::IfItSends)
             .await;
     }
 
@@ -1533,7 +1575,8 @@ impl<A: Agent> AgentShared<A> {
 
     async fn dead_letter(&self, delivery: Delivery, reason: &str, error: &str) {
         let attempts = delivery.envelope().attempt();
-        self.dead_letter_as(delivery, reason, error, attempts).await;
+        self.dead_letter_as(delivery, reason, error, attempts, Answerer::IfItSends)
+            .await;
     }
 
     /// Publishes the dead letter of `delivery` after `attempts` attempts, then acknowledges it; if the
@@ -1544,6 +1587,7 @@ impl<A: Agent> AgentShared<A> {
         reason: &str,
         error: &str,
         attempts: u32,
+        answerer: Answerer,
     ) {
         let original = delivery.envelope();
         let mut dead = original
@@ -1565,7 +1609,7 @@ impl<A: Agent> AgentShared<A> {
         {
             dead = dead.with_content_type(BINARY_CONTENT_TYPE);
         }
-        let failure_reply = failure_reply::<A>(original, reason, error, attempts);
+        let failure_reply = failure_reply::<A>(original, reason, error, attempts, answerer);
         tracing::error!(
             reason,
             error,
@@ -1614,6 +1658,15 @@ impl<A: Agent> AgentShared<A> {
     }
 }
 
+/// Which agents tell a dead-lettered request's requester that it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answerer {
+    /// Only one whose `SENDS` has the class the requester waits for.
+    IfItSends,
+    /// This one: its handler tried to answer (with another class than the requester waits for).
+    Tried,
+}
+
 /// Whether the handler failed because its reply to the delivered request was of another class than
 /// the request's `reply_to` names ([`Error::UnexpectedReply`] from `Context::reply`, passed on with
 /// `?`): the request names the class its requester waits for and the reply type is the handler's
@@ -1633,27 +1686,32 @@ fn replied_with_another_class(error: &crate::agent::HandlerError, delivery: &Del
 /// inbox) that it was dead-lettered: on its reply channel, correlated, empty, with the dead letter's
 /// reason, error, attempts and agent in headers.
 ///
-/// Only from an agent that could have answered it (the agent's `SENDS` has the reply's class): every
-/// agent type that receives a class gets its requests, and one that only observes them failing must
-/// not cut short the requester of the agent that answers.
+/// Only from an agent that could have answered it (the agent's `SENDS` has the reply's class), or whose
+/// handler tried to ([`Answerer::Tried`]): every agent type that receives a class gets its requests, and
+/// one that only observes them failing must not cut short the requester of the agent that answers.
 ///
 /// The channel is named with the reply type's template, as [`Context::reply`] names it: `reply_to`
 /// is in canonical form, and a broker that routes by name (Redis pub/sub) delivers to the requester's
-/// inbox only what is published under the name it subscribed to.
+/// inbox only what is published under the name it subscribed to. An agent that does not send the class
+/// does not know its template and uses the default one.
 fn failure_reply<A: Agent>(
     request: &Envelope,
     reason: &str,
     error: &str,
     attempts: u32,
+    answerer: Answerer,
 ) -> Option<Envelope> {
     let target = parse_channel(request.reply_to()?).ok()?;
     if !crate::channel::is_inbox(&target) {
         return None;
     }
-    let sent = A::SENDS.iter().position(|class| *class == target.class())?;
-    let template = A::__SENDS_TEMPLATES
-        .get(sent)
-        .unwrap_or(&ChannelTemplate::DEFAULT);
+    let template = match A::SENDS.iter().position(|class| *class == target.class()) {
+        Some(sent) => A::__SENDS_TEMPLATES
+            .get(sent)
+            .unwrap_or(&ChannelTemplate::DEFAULT),
+        None if answerer == Answerer::Tried => &ChannelTemplate::DEFAULT,
+        None => return None,
+    };
     // A `reply_to` from another client that the template cannot name (a session holding the
     // template's separator) keeps its canonical name: backends that route by components still
     // deliver it.

@@ -1758,6 +1758,7 @@ impl Handle<PaymentRequest> for WrongReplierWithQuestionMark {
 /// its code's: a reply of another class fails the same way on every attempt. Passed on with `?`, it
 /// was retried `max_attempts` times (the handler's work done again each time) before its dead letter;
 /// it is dead-lettered at once, as `rejected`, like agentcomm's other errors about what a handler sends.
+/// The requester is told at once (it waited out its timeout, though the agent meant to answer it).
 #[tokio::test]
 async fn a_reply_of_the_wrong_type_passed_on_with_a_question_mark_is_not_retried() {
     let runtime = Runtime::new(MemoryRouter::new());
@@ -1774,11 +1775,23 @@ async fn a_reply_of_the_wrong_type_passed_on_with_a_question_mark_is_not_retried
                 amount: 1.0,
                 user_id: "u".into(),
             },
-            Duration::from_millis(200),
+            Duration::from_secs(20),
         )
         .await
         .unwrap_err();
-    assert!(matches!(error, Error::Timeout { .. }), "{error:?}");
+    match &error {
+        Error::RequestFailed(failure) => {
+            assert_eq!(failure.reason, headers::REASON_REJECTED);
+            assert_eq!(failure.agent, "WrongReplierWithQuestionMark");
+            assert!(
+                failure
+                    .error
+                    .contains("expects a reply of class 'PaymentResponse'"),
+                "{failure:?}"
+            );
+        }
+        other => panic!("expected RequestFailed at once, got {other:?}"),
+    }
     let letter = next(&mut dead).await;
     let envelope = letter.envelope();
     assert_eq!(
@@ -1796,6 +1809,48 @@ async fn a_reply_of_the_wrong_type_passed_on_with_a_question_mark_is_not_retried
         envelope.headers()
     );
     assert_eq!(WRONG_REPLIES_WITH_QUESTION_MARK.load(Ordering::SeqCst), 1);
+}
+
+/// Declares the reply class, and forgets to reply.
+#[agent(receives = [PaymentRequest], sends = [PaymentResponse])]
+struct SilentPayments;
+
+impl Handle<PaymentRequest> for SilentPayments {
+    async fn handle(&self, _: PaymentRequest, _: &Context<Self>) -> HandlerResult {
+        Ok(())
+    }
+}
+
+/// A handler that returns `Ok` without replying to a request leaves its requester waiting out its
+/// timeout, with nothing on the agent's side to say why: it is counted in `requests_unanswered` and
+/// logged. A handler that replies, and a message that is no request, are not counted.
+#[tokio::test]
+async fn a_request_handled_without_a_reply_is_counted() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let silent = runtime.spawn(SilentPayments).await.unwrap();
+    let answering = runtime.spawn(PaymentAgent).await.unwrap();
+    let client = runtime.publisher::<Client>();
+    let request = || PaymentRequest {
+        amount: 1.0,
+        user_id: "u".into(),
+    };
+    // The two agent types each get the request; PaymentAgent answers it.
+    client
+        .request_timeout::<PaymentRequest, PaymentResponse>(
+            "s1",
+            request(),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    // Not a request: nobody waits for a reply.
+    client.publish("s1", request()).await.unwrap();
+    wait_until("both messages are handled by both agents", || {
+        silent.health().handled == 2 && answering.health().handled == 2
+    })
+    .await;
+    assert_eq!(silent.health().requests_unanswered, 1);
+    assert_eq!(answering.health().requests_unanswered, 0);
 }
 
 #[agent(receives = [PaymentRequest], sends = [PaymentResponse])]

@@ -241,7 +241,9 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                         "this key is given twice; call both checks from one function",
                     ));
                 }
-                options.validate = Some(meta.value()?.parse()?);
+                let path: Path = meta.value()?.parse()?;
+                check_not_itself(&path, &input.ident)?;
+                options.validate = Some(path);
                 Ok(())
             } else if meta.path.is_ident("crate") {
                 if options.krate.is_some() {
@@ -258,6 +260,27 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
         })?;
     }
     Ok(options)
+}
+
+/// Refuses a `validate` path that names the type's own `validate`: without an inherent method of that
+/// name, `Self::validate` is `Message::validate`, the very method the derive writes, which would then
+/// call itself until the stack overflows (the process aborts at the first publish or decode). With
+/// one, `message.validate()` would call it instead of the derived checks, skipping the field rules.
+fn check_not_itself(path: &Path, ident: &syn::Ident) -> syn::Result<()> {
+    let segments: Vec<_> = path.segments.iter().collect();
+    let [.., owner, last] = segments.as_slice() else {
+        return Ok(());
+    };
+    if last.ident == "validate" && (owner.ident == "Self" || owner.ident == *ident) {
+        return Err(syn::Error::new(
+            last.ident.span(),
+            format!(
+                "`{}` names the method `Message::validate` that this derive writes, which would call itself for ever (or, with a method `validate` of your own, hide the field rules from `message.validate()`); name your check otherwise, e.g. `fn check(&self) -> Result<(), ValidationError>` with #[message(validate = Self::check)]",
+                path_text(path)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<TokenStream>> {

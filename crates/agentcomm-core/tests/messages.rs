@@ -332,6 +332,33 @@ fn a_validation_hook_runs_with_the_field_rules() {
     );
 }
 
+/// The hook's path written as a string, as serde writes its paths (and as `crate = ".."` is accepted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(validate = "Self::check")]
+struct Gift {
+    to: String,
+}
+
+impl Gift {
+    fn check(&self) -> Result<(), ValidationError> {
+        if self.to == "nobody" {
+            return Err(ValidationError::new("to", "somebody"));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_validation_hook_may_be_named_by_a_string() {
+    let error = Gift {
+        to: "nobody".into(),
+    }
+    .validate()
+    .unwrap_err();
+    assert_eq!((error.field(), error.rule()), ("to", "somebody"));
+    assert!(Gift { to: "a".into() }.validate().is_ok());
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
 struct Item {
     #[message(non_empty)]

@@ -9,7 +9,7 @@ use syn::spanned::Spanned;
 use syn::{Item, LitStr, Token, Type};
 
 use crate::message::path_text;
-use crate::names::{self, component_problem, parse_crate_path, private_path, respan};
+use crate::names::{self, component_problem, parse_path_value, private_path, respan};
 
 #[derive(Default)]
 struct AgentArgs {
@@ -46,7 +46,7 @@ fn parse_args(input: ParseStream<'_>) -> syn::Result<AgentArgs> {
                 }
             }
             "name" => args.name = Some(input.parse()?),
-            "crate" => args.krate = Some(parse_crate_path(input)?),
+            "crate" => args.krate = Some(parse_path_value(input)?),
             other => {
                 let hint = match other {
                     "receive" | "recieves" | "recv" | "handles" | "messages" => {

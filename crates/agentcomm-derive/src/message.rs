@@ -6,7 +6,7 @@ use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Expr, Fields, LitStr, Path, PathArguments, Type};
 
-use crate::names::{self, class_problem, component_problem, parse_crate_path, private_path};
+use crate::names::{self, class_problem, component_problem, parse_path_value, private_path};
 use crate::template::{self, Part};
 
 #[derive(Default)]
@@ -241,7 +241,7 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                         "this key is given twice; call both checks from one function",
                     ));
                 }
-                let path: Path = meta.value()?.parse()?;
+                let path = parse_path_value(meta.value()?)?;
                 check_not_itself(&path, &input.ident)?;
                 options.validate = Some(path);
                 Ok(())
@@ -249,7 +249,7 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                 if options.krate.is_some() {
                     return Err(meta.error("this key is given twice"));
                 }
-                options.krate = Some(parse_crate_path(meta.value()?)?);
+                options.krate = Some(parse_path_value(meta.value()?)?);
                 Ok(())
             } else {
                 Err(meta.error(format!(

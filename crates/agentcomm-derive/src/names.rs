@@ -33,8 +33,9 @@ pub fn respan(tokens: TokenStream, span: proc_macro2::Span) -> TokenStream {
         .collect()
 }
 
-/// The value of a `crate = ..` key: a path, or a string holding one (`crate = "comm"`, as serde's).
-pub fn parse_crate_path(input: ParseStream<'_>) -> syn::Result<syn::Path> {
+/// The value of a `crate = ..` or `validate = ..` key: a path, or a string holding one (`crate =
+/// "comm"`, `validate = "Self::check"`, as serde writes its paths).
+pub fn parse_path_value(input: ParseStream<'_>) -> syn::Result<syn::Path> {
     if input.peek(syn::LitStr) {
         let literal: syn::LitStr = input.parse()?;
         literal.parse()

@@ -302,6 +302,21 @@ fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<T
             }
         },
         Data::Enum(data) => {
+            // The derive declares `message` as its helper attribute, so the compiler accepts it on a
+            // variant too; the derive reads none there.
+            if let Some(attribute) = data
+                .variants
+                .iter()
+                .flat_map(|variant| &variant.attrs)
+                .find(|a| a.path().is_ident("message"))
+            {
+                return Err(syn::Error::new(
+                    attribute.span(),
+                    "#[message(...)] on an enum's variant has no effect: the class, channel and direction \
+                     are the whole enum's (put them on the enum), and rules are for the fields of a \
+                     struct; check the variants in a function named by #[message(validate = path)]",
+                ));
+            }
             let ruled = data
                 .variants
                 .iter()

@@ -34,6 +34,15 @@ fn parse_args(input: ParseStream<'_>) -> syn::Result<AgentArgs> {
         input.parse::<Token![=]>()?;
         match key_text.as_str() {
             "receives" | "sends" => {
+                if !input.peek(syn::token::Bracket) {
+                    let example = match input.fork().parse::<Type>() {
+                        Ok(ty) => quote!(#ty).to_string().replace(' ', ""),
+                        Err(_) => "Type".into(),
+                    };
+                    return Err(input.error(format!(
+                        "`{key_text}` takes a list in square brackets, even of one type: `{key_text} = [{example}]`"
+                    )));
+                }
                 let content;
                 syn::bracketed!(content in input);
                 let types: Punctuated<Type, Token![,]> = Punctuated::parse_terminated(&content)?;

@@ -262,8 +262,8 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
     Ok(options)
 }
 
-/// Refuses a `validate` path that names the type's own `validate`: without an inherent method of that
-/// name, `Self::validate` is `Message::validate`, the very method the derive writes, which would then
+/// Refuses a `validate` path that names the type's own `validate`: `Message::validate`, and, without an
+/// inherent method of that name, `Self::validate`, is the very method the derive writes, which would then
 /// call itself until the stack overflows (the process aborts at the first publish or decode). With
 /// one, `message.validate()` would call it instead of the derived checks, skipping the field rules.
 fn check_not_itself(path: &Path, ident: &syn::Ident) -> syn::Result<()> {
@@ -271,7 +271,9 @@ fn check_not_itself(path: &Path, ident: &syn::Ident) -> syn::Result<()> {
     let [.., owner, last] = segments.as_slice() else {
         return Ok(());
     };
-    if last.ident == "validate" && (owner.ident == "Self" || owner.ident == *ident) {
+    if last.ident == "validate"
+        && (owner.ident == "Self" || owner.ident == "Message" || owner.ident == *ident)
+    {
         return Err(syn::Error::new(
             last.ident.span(),
             format!(

@@ -25,4 +25,12 @@ impl Refund {
     }
 }
 
+// The trait's method, named through the trait.
+#[derive(Serialize, Deserialize, Message)]
+#[message(validate = agentcomm_core::Message::validate)]
+struct Tip {
+    #[message(min = 1)]
+    amount: i64,
+}
+
 fn main() {}

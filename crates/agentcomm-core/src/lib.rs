@@ -193,6 +193,22 @@ pub mod __private {
     )]
     pub trait ListedInReceives<M: ?Sized> {}
 
+    /// Whether two class names are one (`==` on `str` is not `const`).
+    pub const fn same_class(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut index = 0;
+        while index < a.len() {
+            if a[index] != b[index] {
+                return false;
+            }
+            index += 1;
+        }
+        true
+    }
+
     /// Fails to compile unless `M` is a message.
     pub const fn assert_message<M: Message>() {}
 

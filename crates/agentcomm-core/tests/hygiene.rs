@@ -53,7 +53,13 @@ mod without_prelude {
         }
     }
 
-    #[::agentcomm_core::agent(receives = [Bare], sends = [Bare])]
+    /// A second type, so that the agent's check of its received and sent classes is generated here.
+    #[derive(Debug, ::serde::Serialize, ::serde::Deserialize, ::agentcomm_core::Message)]
+    pub struct BareNote {
+        pub text: ::std::string::String,
+    }
+
+    #[::agentcomm_core::agent(receives = [Bare], sends = [Bare, BareNote])]
     pub struct BareAgent;
 
     impl ::agentcomm_core::Handle<Bare> for BareAgent {
@@ -244,7 +250,7 @@ async fn macros_work_inside_macro_rules_and_with_shadowed_prelude_names() {
     assert_eq!(<Label as agentcomm_core::Message>::CLASS, "Label");
     assert_eq!(
         <without_prelude::BareAgent as agentcomm_core::Agent>::SENDS,
-        ["Bare"]
+        ["Bare", "BareNote"]
     );
     let empty = Label { text: " ".into() };
     let long = Label {

@@ -195,6 +195,43 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
             impl #impl_generics #listed<#ty> for #ident #type_generics #where_clause {}
         }
     });
+    // A received type and a different sent type of one class name (`v1::Order` and `v2::Order`, both
+    // `Order` by default) share their channels: the agent would receive what it sends, decoded as the
+    // received type, and an agent that sends on what it receives would loop for ever. The classes are
+    // known when the crate compiles, so the check is a constant; one type (written the same way, or
+    // through an alias or another path) has one `__DEFINED_AT`.
+    let type_text = |ty: &Type| quote!(#ty).to_string().replace(' ', "");
+    let mut class_checks = Vec::new();
+    for received in receives {
+        for sent in sends {
+            if type_text(sent) == type_text(received) {
+                continue;
+            }
+            let text = format!(
+                "agent `{name}` receives `{}` and sends `{}`, two types of one class name, so it would receive what it sends (and one that sends on what it receives would loop for ever); give one of them another class with #[message(name = \"...\")]",
+                type_text(received),
+                type_text(sent)
+            )
+            // A literal `panic!` reads braces (an agent name may hold some) as formatting.
+            .replace('{', "{{")
+            .replace('}', "}}");
+            // Each projection on its own type's span, as above, so that a type which is not a Message
+            // still yields one error.
+            let of = |ty: &Type, item: &str| {
+                let item = syn::Ident::new(item, Span::call_site());
+                quote_spanned!(ty.span()=> <#ty as #core::Message>::#item)
+            };
+            let (received_class, sent_class) = (of(received, "CLASS"), of(sent, "CLASS"));
+            let (received_at, sent_at) = (of(received, "__DEFINED_AT"), of(sent, "__DEFINED_AT"));
+            class_checks.push(quote_spanned! {sent.span()=>
+                const _: () = if #core::same_class(#received_class, #sent_class)
+                    && !#core::same_class(#received_at, #sent_at)
+                {
+                    ::core::panic!(#text)
+                };
+            });
+        }
+    }
     let agent_impl = quote! {
         #[automatically_derived]
         impl #impl_generics #core::Agent for #ident #type_generics #where_clause {
@@ -232,5 +269,7 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
         #(#sends_impls)*
 
         #(#listed_impls)*
+
+        #(#class_checks)*
     })
 }

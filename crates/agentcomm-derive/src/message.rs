@@ -118,10 +118,24 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         }
     };
 
+    // The name's own location: types that a `macro_rules!` macro defines in one invocation still differ.
+    let ident_text = ident.unraw().to_string();
+    let defined_at = quote_spanned! {ident.span()=>
+        ::core::concat!(
+            ::core::module_path!(),
+            "::",
+            #ident_text,
+            "@",
+            ::core::line!(),
+            ":",
+            ::core::column!()
+        )
+    };
     let message_impl = quote! {
         #[automatically_derived]
         impl #private::Message for #ident {
             const CLASS: &'static str = #class;
+            const __DEFINED_AT: &'static str = #defined_at;
             #template
             #direction
             #validate

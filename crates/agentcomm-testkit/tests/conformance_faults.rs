@@ -66,6 +66,9 @@ enum Fault {
     /// A group's patterns with a wildcard class see no class created after the group subscribed
     /// (in this scenario's memory bus: none at all).
     GroupsMissNewClasses,
+    /// `nack(Retry)` publishes the message to its channel again, after the delay, and acknowledges
+    /// the original: every subscription of the channel gets the retry.
+    RetryToChannel,
 }
 
 struct FaultyConnection {
@@ -202,7 +205,8 @@ impl FaultyConnection {
             | Fault::LoseBufferOnClose
             | Fault::AckIgnored
             | Fault::AbandonLoses
-            | Fault::DuplicateRetries => {}
+            | Fault::DuplicateRetries
+            | Fault::RetryToChannel => {}
             _ => return self.inner.subscribe(options).await,
         }
         let subscription = self.inner.subscribe(asked).await?;
@@ -345,6 +349,11 @@ impl Acknowledge for FaultyAck {
             (Fault::DuplicateRetries, action @ NackAction::Retry { .. }) => Box::pin(async move {
                 self.bus.publish(envelope).await?;
                 self.delivery.nack(action).await
+            }),
+            (Fault::RetryToChannel, NackAction::Retry { delay }) => Box::pin(async move {
+                self.delivery.ack().await?;
+                tokio::time::sleep(delay).await;
+                self.bus.publish(envelope).await.map(|_| ())
             }),
             (_, action) => Box::pin(self.delivery.nack(action)),
         }
@@ -1109,6 +1118,31 @@ async fn an_ignored_acknowledgement_fails_nack_redelivery_where_duplicates_are_a
     assert!(
         text.starts_with(
             "messages [4, 9, 14] were acknowledged on their first delivery and came back within "
+        ),
+        "{text}"
+    );
+}
+
+/// A retry published to the channel again reaches the channel's other subscriptions, which did not
+/// ask for it: that fails nack_redelivery on an at-least-once backend too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_reaches_every_subscription_of_the_channel_fails_nack_redelivery() {
+    let at_least_once = MemoryBackend::new()
+        .declared_capabilities()
+        .no_duplicates(false);
+    let backend = FaultyBackend::new(Fault::RetryToChannel).declaring(at_least_once);
+    let text = failure(Scenario::NackRedelivery, &backend).await;
+    assert!(
+        text.starts_with(
+            "a fan-out subscriber of the same channel: lost 0 of 15, duplicated 6 (first duplicate: publisher 0 \
+             seq 0), reordered 0 within "
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "what another subscription gave back came to this one too (a redelivery goes to the subscription \
+             that gave the message back, not to every subscription of the channel); another group (nack_other_"
         ),
         "{text}"
     );

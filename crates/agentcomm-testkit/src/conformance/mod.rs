@@ -198,7 +198,8 @@ scenarios! {
     /// 1,000 messages over 16 sessions arrive in order per session (backends that promise order).
     OrderPerChannel => order_is_kept_per_channel,
     /// A nacked (retry, requeue) or abandoned delivery comes back, with the attempt count and the retry
-    /// delay respected, and an acknowledged one does not (backends with redelivery).
+    /// delay respected, to the subscription that gave it back only (the channel's other subscriptions
+    /// get each message once), and an acknowledged one does not (backends with redelivery).
     NackRedelivery => nack_then_redelivery,
     /// Through the runtime: a handler that always fails is tried `max_attempts` times, then its message
     /// is dead-lettered with the reason, attempts, agent and original id (backends with redelivery).

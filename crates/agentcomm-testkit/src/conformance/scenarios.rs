@@ -1105,6 +1105,25 @@ async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
         options = options.group(ctx.unique("nack"));
     }
     let mut subscription = subscribe(ctx, &subscriber, options).await?;
+    // Other subscriptions of the channel, which acknowledge everything: what the subscription above
+    // gives back comes back to it alone (a retry published to the channel again reaches them too).
+    let mut bystanders = Vec::new();
+    let mut others = vec![(
+        "a fan-out subscriber of the same channel".to_string(),
+        SubscribeOptions::new(exact(&channel)?),
+    )];
+    if ctx.capabilities.consumer_groups {
+        let group = ctx.unique("nack_other");
+        others.push((
+            format!("another group ({group}) of the same channel"),
+            SubscribeOptions::new(exact(&channel)?).group(group),
+        ));
+    }
+    for (who, options) in others {
+        let sink = ctx.sink(who.clone());
+        let feeder = feed(ctx, &subscriber, options, &sink, 0, Settle::Ack).await?;
+        bystanders.push((who, sink, feeder));
+    }
     for seq in 0..count {
         publish_one(ctx, &publisher, ctx.numbered(&channel, 0, seq)).await?;
     }
@@ -1245,10 +1264,30 @@ async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
             "{foreign} deliveries without this run's headers arrived"
         ));
     }
+    let window = ctx.window();
+    for (who, sink, _) in &bystanders {
+        sink.wait_distinct(count as usize, window.remaining()).await;
+        let waited = window.elapsed();
+        sink.settle(ctx.settle).await;
+        let report = sink.tally(&expected_streams("publisher", 1, count), None);
+        if let Some(problem) = ctx.judge(who, &report, sink.foreign(), waited, true) {
+            problems.push(problem);
+        } else if report.duplicated() > 0 {
+            // It acknowledged everything at once and no connection was lost: a copy came from the
+            // other subscription's nacks, whatever no_duplicates says.
+            problems.push(format!(
+                "{who}: {report} within {waited:.1?}: what another subscription gave back came to this one too \
+                 (a redelivery goes to the subscription that gave the message back, not to every subscription \
+                 of the channel)"
+            ));
+        }
+    }
     failures(problems)?;
     Ok(format!(
         "{count} messages nacked (retry, requeue, dropped, retry after 300ms) each came back once with the right \
-         attempt, and the acknowledged ones did not; {extra} came back after the ack of their redelivery"
+         attempt, and the acknowledged ones did not; {extra} came back after the ack of their redelivery; {} \
+         other subscription(s) of the channel got each message once",
+        bystanders.len()
     ))
 }
 

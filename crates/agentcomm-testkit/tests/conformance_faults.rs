@@ -69,6 +69,9 @@ enum Fault {
     /// `nack(Retry)` publishes the message to its channel again, after the delay, and acknowledges
     /// the original: every subscription of the channel gets the retry.
     RetryToChannel,
+    /// A fan-out subscription with several patterns delivers a message once per pattern that matches
+    /// it (one broker subscription per pattern, as with Redis `PSUBSCRIBE`).
+    CopyPerPattern,
 }
 
 struct FaultyConnection {
@@ -152,6 +155,26 @@ impl FaultyConnection {
             });
             return Ok(Subscription::from_stream(
                 futures::stream::select(group, leaked),
+                Arc::new(Closers(closers)),
+                &options,
+            ));
+        }
+        if self.fault == Fault::CopyPerPattern
+            && options.distribution == Distribution::FanOut
+            && options.patterns.len() > 1
+        {
+            let mut streams = Vec::new();
+            let mut closers = Vec::new();
+            for pattern in &options.patterns {
+                let one = self
+                    .inner
+                    .subscribe(SubscribeOptions::new(pattern.clone()))
+                    .await?;
+                closers.push(one.closer());
+                streams.push(one);
+            }
+            return Ok(Subscription::from_stream(
+                futures::stream::select_all(streams),
                 Arc::new(Closers(closers)),
                 &options,
             ));
@@ -1118,6 +1141,27 @@ async fn an_ignored_acknowledgement_fails_nack_redelivery_where_duplicates_are_a
     assert!(
         text.starts_with(
             "messages [4, 9, 14] were acknowledged on their first delivery and came back within "
+        ),
+        "{text}"
+    );
+}
+
+/// A subscription whose patterns overlap gets a message they both match once, on an at-least-once
+/// backend too: nothing failed that could make it come twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_delivered_once_per_matching_pattern_fails_pattern_subscriptions() {
+    let at_least_once = MemoryBackend::new()
+        .declared_capabilities()
+        .no_duplicates(false);
+    let backend = FaultyBackend::new(Fault::CopyPerPattern).declaring(at_least_once);
+    let text = failure(Scenario::PatternSubscriptions, &backend).await;
+    assert!(text.starts_with("subscription "), "{text}");
+    assert!(
+        text.contains(
+            ": lost 0 of 12, duplicated 3 (first duplicate: channel 0 seq 0), reordered "
+        ) && text.contains(
+            ": a subscription gets each message it matches once, also one that several of its \
+                 patterns match"
         ),
         "{text}"
     );

@@ -182,7 +182,8 @@ scenarios! {
     /// 100 messages with every envelope field and header set arrive equal to what was sent.
     EnvelopeFields => publish_subscribe_keeps_every_envelope_field,
     /// Patterns with wildcards in every position, and several patterns in one subscription, get exactly
-    /// the channels [`ChannelPattern::matches`](agentcomm_core::ChannelPattern::matches) says, once each;
+    /// the channels [`ChannelPattern::matches`](agentcomm_core::ChannelPattern::matches) says, once each
+    /// (also where several patterns match, whether or not `no_duplicates` is claimed);
     /// groups with a wildcard class get the messages of classes created after they subscribed, once.
     PatternSubscriptions => pattern_subscriptions_match_by_component,
     /// A message type with its own channel template is routed by its rendered name like a default one.

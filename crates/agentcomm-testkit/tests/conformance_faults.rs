@@ -72,6 +72,8 @@ enum Fault {
     /// A fan-out subscription with several patterns delivers a message once per pattern that matches
     /// it (one broker subscription per pattern, as with Redis `PSUBSCRIBE`).
     CopyPerPattern,
+    /// `nack(Retry)` waits only 60% of the delay asked for.
+    ShortRetryDelay,
 }
 
 struct FaultyConnection {
@@ -229,7 +231,8 @@ impl FaultyConnection {
             | Fault::AckIgnored
             | Fault::AbandonLoses
             | Fault::DuplicateRetries
-            | Fault::RetryToChannel => {}
+            | Fault::RetryToChannel
+            | Fault::ShortRetryDelay => {}
             _ => return self.inner.subscribe(options).await,
         }
         let subscription = self.inner.subscribe(asked).await?;
@@ -373,6 +376,11 @@ impl Acknowledge for FaultyAck {
                 self.bus.publish(envelope).await?;
                 self.delivery.nack(action).await
             }),
+            (Fault::ShortRetryDelay, NackAction::Retry { delay }) => {
+                Box::pin(self.delivery.nack(NackAction::Retry {
+                    delay: delay * 6 / 10,
+                }))
+            }
             (Fault::RetryToChannel, NackAction::Retry { delay }) => Box::pin(async move {
                 self.delivery.ack().await?;
                 tokio::time::sleep(delay).await;
@@ -1163,6 +1171,22 @@ async fn a_message_delivered_once_per_matching_pattern_fails_pattern_subscriptio
             ": a subscription gets each message it matches once, also one that several of its \
                  patterns match"
         ),
+        "{text}"
+    );
+}
+
+/// A retry that comes back well before its delay fails nack_redelivery, not only one that ignores
+/// the delay altogether.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_waits_only_part_of_its_delay_fails_nack_redelivery() {
+    let text = failure(
+        Scenario::NackRedelivery,
+        &FaultyBackend::new(Fault::ShortRetryDelay),
+    )
+    .await;
+    assert!(text.starts_with("message 3 came back 18"), "{text}");
+    assert!(
+        text.contains("after nack(Retry { delay: 300ms }): the delay was not respected"),
         "{text}"
     );
 }

@@ -1234,8 +1234,10 @@ async fn nack_redelivery(ctx: &Context<'_>) -> Outcome {
             _ => {}
         }
         if plan == NackPlan::RetryLater {
+            // Measured from before the nack to after the arrival, so a backend that waits the delay
+            // never comes in under it; a tenth is left for a broker's coarser timers (a message TTL).
             let after = at.duration_since(given_back[&seq]);
-            if after < RETRY_DELAY / 2 {
+            if after < RETRY_DELAY * 9 / 10 {
                 problems.push(format!(
                     "message {seq} came back {after:?} after nack(Retry {{ delay: 300ms }}): the delay was not respected"
                 ));

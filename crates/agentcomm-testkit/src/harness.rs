@@ -247,7 +247,7 @@ struct Observing {
 
 impl fmt::Debug for TestHarness {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = self.recorder.state.lock().expect("recorder lock");
+        let state = self.recorder.lock();
         f.debug_struct("TestHarness")
             .field("id", &self.id)
             .field("backend", &self.router.backend())
@@ -751,13 +751,13 @@ impl TestHarness {
 
     /// Everything seen so far, in arrival order (the test's own sends included, marked).
     pub fn published(&self) -> Traffic {
-        let state = self.recorder.state.lock().expect("recorder lock");
+        let state = self.recorder.lock();
         Traffic(state.records.iter().map(Record::seen).collect())
     }
 
     /// What was seen that no expectation has matched, apart from the test's own sends.
     pub fn unmatched(&self) -> Traffic {
-        let state = self.recorder.state.lock().expect("recorder lock");
+        let state = self.recorder.lock();
         Traffic(
             state
                 .records
@@ -848,13 +848,7 @@ impl TestHarness {
     /// Fails when one of the harness's subscriptions has ended: what was published since cannot
     /// have been seen, so "nothing else" cannot be asserted.
     fn assert_still_watching(&self, expected: &str) {
-        let ended = self
-            .recorder
-            .state
-            .lock()
-            .expect("recorder lock")
-            .ended
-            .clone();
+        let ended = self.recorder.lock().ended.clone();
         if let Some(reason) = ended {
             panic!(
                 "expected {expected}, but the harness stopped watching: {reason}; what was published \
@@ -865,13 +859,7 @@ impl TestHarness {
 
     /// Fails when one of the harness's subscriptions was given the same attempt of a message twice.
     fn assert_no_duplicates(&self, expected: &str) {
-        let duplicates = self
-            .recorder
-            .state
-            .lock()
-            .expect("recorder lock")
-            .duplicates
-            .clone();
+        let duplicates = self.recorder.lock().duplicates.clone();
         if let Some(first) = duplicates.first() {
             panic!(
                 "expected {expected}, but {} delivered again: the first, {} {} on '{}' (attempt {}), \
@@ -1041,18 +1029,12 @@ impl Recorder {
     }
 
     fn mark_sent(&self, id: MessageId) {
-        *self
-            .state
-            .lock()
-            .expect("recorder lock")
-            .sent
-            .entry(id)
-            .or_default() += 1;
+        *self.lock().sent.entry(id).or_default() += 1;
     }
 
     fn record(&self, envelope: Envelope, observer: usize) {
         self.activity.seen(&envelope.id());
-        let mut state = self.state.lock().expect("recorder lock");
+        let mut state = self.lock();
         let copies = state
             .copies
             .entry((observer, envelope.id(), envelope.attempt()))
@@ -1091,7 +1073,7 @@ impl Recorder {
     }
 
     fn ended(&self, reason: String) {
-        let mut state = self.state.lock().expect("recorder lock");
+        let mut state = self.lock();
         // A router closed through the harness (by the test, or by the runtime's shutdown) can publish
         // nothing more: its observer ending hides nothing.
         if state.stopping || state.ended.is_some() || self.activity.router_closed() {
@@ -1102,8 +1084,17 @@ impl Recorder {
         self.version.send_modify(|version| *version += 1);
     }
 
+    /// What was seen. A panic under the lock (a test's predicate panicking while an expectation
+    /// checks it) leaves the state as it was: the harness goes on, and above all its `Drop`, which
+    /// runs while that panic unwinds, must not panic again (that aborts the test binary).
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecorderState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn stopping(&self) {
-        self.state.lock().expect("recorder lock").stopping = true;
+        self.lock().stopping = true;
     }
 }
 
@@ -1677,7 +1668,7 @@ impl<'h, T> Expectation<'h, T> {
         loop {
             changes.borrow_and_update();
             let ended = {
-                let mut state = recorder.state.lock().expect("recorder lock");
+                let mut state = recorder.lock();
                 while cursor < state.records.len() {
                     let record = &state.records[cursor];
                     let position = record.position;

@@ -1422,3 +1422,24 @@ async fn a_request_its_agent_dead_letters_fails_at_once_with_the_agents_error() 
     assert!(published.of::<PaymentResponse>().is_empty());
     h.assert_nothing_else_published().await;
 }
+
+/// A predicate that panics (an `unwrap` in it) fails the test with its own message. It panicked
+/// while the harness held the lock on what it had seen: dropping the harness then panicked again on
+/// that lock, and a panic while unwinding aborts the whole test binary.
+#[tokio::test]
+#[should_panic(expected = "the predicate's own panic")]
+async fn a_panicking_predicate_fails_the_test_with_its_own_message() {
+    let h = TestHarness::new().await;
+    h.spawn(PaymentAgent).await;
+    h.send(
+        "s1",
+        PaymentRequest {
+            amount: 5.0,
+            user_id: "u".into(),
+        },
+    )
+    .await;
+    h.expect::<PaymentResponse>()
+        .matching(|_| panic!("the predicate's own panic"))
+        .await;
+}

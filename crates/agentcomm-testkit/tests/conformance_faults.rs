@@ -727,6 +727,43 @@ async fn an_unreachable_broker_is_skipped_unless_brokers_are_required() {
     );
 }
 
+/// A backend whose first connection works and whose next `connect()` gives `None` (it allows one
+/// connection, or its broker went away mid-scenario) fails: the broker was there, so this is not a
+/// skip, and without `AGENTCOMM_REQUIRE_BROKERS=1` a skip passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_that_gives_none_after_one_succeeded_fails_instead_of_skipping() {
+    struct OneConnection {
+        memory: MemoryBackend,
+        made: AtomicU64,
+    }
+    impl ConformanceBackend for OneConnection {
+        fn name(&self) -> &str {
+            "one-connection"
+        }
+        fn declared_capabilities(&self) -> Capabilities {
+            self.memory.declared_capabilities()
+        }
+        fn connect(&self) -> BoxFuture<'_, Option<SharedRouter>> {
+            if self.made.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.memory.connect()
+            } else {
+                Box::pin(async { None })
+            }
+        }
+    }
+    let backend = OneConnection {
+        memory: MemoryBackend::new(),
+        made: AtomicU64::new(0),
+    };
+    let text = failure_of(Scenario::ConcurrentPublishers, &backend).await;
+    assert_eq!(
+        text,
+        "connect() gave None after an earlier connect() of this scenario had succeeded: the broker was \
+         reachable, so this is a failure, not a skip (a backend that allows one connection only, or a broker \
+         that went away mid-scenario)"
+    );
+}
+
 #[test]
 fn every_scenario_has_a_distinct_test_name() {
     let mut names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();

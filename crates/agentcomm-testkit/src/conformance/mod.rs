@@ -67,6 +67,7 @@ pub trait ConformanceBackend: Send + Sync + 'static {
     /// A **new** connection to the same broker (scenarios open several and close them independently).
     /// `None` when the broker cannot be reached: the scenario prints one `skipped: ...` line
     /// ([`unreachable`](Self::unreachable)) and passes, or fails when `AGENTCOMM_REQUIRE_BROKERS=1`.
+    /// A `None` after a connection of the same scenario succeeded fails the scenario.
     fn connect(&self) -> BoxFuture<'_, Option<SharedRouter>>;
 
     /// The sentence printed after `skipped: ` when [`connect`](Self::connect) gives `None`, e.g.

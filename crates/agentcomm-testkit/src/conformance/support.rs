@@ -228,14 +228,26 @@ impl<'a> Context<'a> {
     }
 
     /// A new connection, checked to report the declared capabilities; closed when the scenario ends.
+    /// `None` from the backend skips the scenario only while it has no connection yet: once one
+    /// worked, the broker was there, and a skip would pass what may be a backend that allows one
+    /// connection only.
     pub async fn connect(&self) -> Outcome<SharedRouter> {
         self.phase("connecting");
         let connection = tokio::time::timeout(self.wait, self.backend.connect_dyn())
             .await
             .map_err(|_| {
                 Failure::Failed(format!("connect() did not finish within {:?}", self.wait))
-            })?
-            .ok_or(Failure::Unreachable)?;
+            })?;
+        let Some(connection) = connection else {
+            if self.connections.lock().expect("context lock").is_empty() {
+                return Err(Failure::Unreachable);
+            }
+            fail!(
+                "connect() gave None after an earlier connect() of this scenario had succeeded: the broker was \
+                 reachable, so this is a failure, not a skip (a backend that allows one connection only, or a \
+                 broker that went away mid-scenario)"
+            );
+        };
         self.connections
             .lock()
             .expect("context lock")

@@ -113,6 +113,8 @@ pub(crate) struct PubSubHub {
     /// Set when the subscriber gave up reconnecting (`max_reconnect_attempts`): it never connects
     /// again, and its subscriptions were ended.
     gave_up: AtomicBool,
+    /// `gave_up`, for subscribes waiting for their confirmation to wait on.
+    gave_up_signal: tokio::sync::watch::Sender<bool>,
 }
 
 pub(crate) struct PubSubSubscription {
@@ -190,6 +192,7 @@ impl PubSubHub {
             resubscribing,
             stop,
             gave_up: AtomicBool::new(false),
+            gave_up_signal: tokio::sync::watch::Sender::new(false),
         });
         if let Some(task) = task {
             let hub = Arc::downgrade(&hub);
@@ -236,6 +239,7 @@ impl PubSubHub {
             return;
         }
         self.gave_up.store(true, Ordering::Release);
+        self.gave_up_signal.send_replace(true);
         // Taken out, as `remove` would (which, once `closed` is set, does nothing): health no longer
         // counts them. Their Redis subscriptions are not given back: a command written to a client
         // that gave up waits out the command timeout.
@@ -335,15 +339,37 @@ impl PubSubHub {
             hub: self.clone(),
             redis: redis.clone(),
         };
-        let taken = match tokio::time::timeout(shared.settings.command_timeout, adding).await {
-            Ok(Ok(Ok(()))) => claim.take(),
-            Ok(Ok(Err(error))) => return Err(error),
-            Ok(Err(error)) => {
+        // A close or a give-up meanwhile ends the wait: a command fred had not written yet when the
+        // connection went would otherwise keep the task (and this subscribe) until the command timeout.
+        let (mut stopping, mut giving_up) =
+            (self.stop.subscribe(), self.gave_up_signal.subscribe());
+        let waited = tokio::time::timeout(shared.settings.command_timeout, async {
+            tokio::select! {
+                biased;
+                added = adding => Some(added),
+                _ = giving_up.wait_for(|gave_up| *gave_up) => None,
+                _ = stopping.wait_for(|stop| *stop) => None,
+            }
+        });
+        let taken = match waited.await {
+            Ok(Some(Ok(Ok(())))) => claim.take(),
+            Ok(Some(Ok(Err(error)))) => return Err(error),
+            Ok(Some(Err(error))) => {
                 return Err(Error::Backend {
                     backend: "redis",
                     message: format!("subscribing stopped unexpectedly: {error}"),
                 });
             }
+            // Dropping the claim gives the counts up: the task gives them back when it is done (on a
+            // connection that is quit or never comes back, without unsubscribing).
+            Ok(None) if *self.stop.borrow() => {
+                return Err(Error::Closed {
+                    what: "the Redis router",
+                    hint: "it was closed while this subscription was being confirmed; connect a \
+                           new one",
+                });
+            }
+            Ok(None) => return Err(gave_up_error(&shared.settings)),
             // Taken if the task got them just as the time ran out.
             Err(_) => claim.take(),
         };

@@ -1526,6 +1526,37 @@ impl StreamSubscription {
         self.unhold(key, id);
     }
 
+    /// Gives entries a read took back to the group when the subscription stops before they were handed
+    /// to anyone (they waited for a prefetch slot): marked idle, with their delivery counter as it was
+    /// before that read, as a delivery given back from the buffer is (see [`Handled::Never`]). Left
+    /// pending as they were, the next member's claim counted a second attempt for them: with
+    /// `max_deliveries(1)`, a dead letter of an entry no handler ever saw.
+    async fn release_unread(&self, entries: impl IntoIterator<Item = (Arc<str>, String)>) {
+        let mut by_key: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+        for (key, id) in entries {
+            by_key.entry(key).or_default().push(id);
+        }
+        for (key, ids) in by_key {
+            if let Some(group) = &self.group {
+                let idle = self.settings().claim_idle.as_millis().to_string();
+                let result = claim_owned(
+                    self.shared.client_for(&key),
+                    &key,
+                    group,
+                    &self.consumer,
+                    Some(&idle),
+                    Some("unread"),
+                    ids.clone(),
+                )
+                .await;
+                if let Err(error) = result {
+                    tracing::debug!(error = %error, "could not give back entries a read took for no handler; they are claimed after claim_idle");
+                }
+            }
+            self.unhold_all(&key, ids.iter().filter_map(|id| EntryId::parse(id)));
+        }
+    }
+
     /// Delivers a held entry again after `delay` (nack, abandon or give-back); once the subscription
     /// has closed, gives it back to the group instead. `handled`: whether a handler may have seen this
     /// delivery (`Never` only for a give-back).
@@ -2412,14 +2443,14 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                 let handling = async {
                     let mut fresh = false;
                     let mut entries = batch.into_iter();
+                    let mut stopped_at = None;
                     for (key, id, frame) in entries.by_ref() {
                         let permit = match permits.split(1) {
                             Some(permit) => permit,
                             None => match subscription.acquire().await {
                                 Some(permit) => permit,
                                 None => {
-                                    // Closing: the rest stays pending and is given back by `finish`.
-                                    subscription.unhold_text(&key, &id);
+                                    stopped_at = Some((key, id));
                                     break;
                                 }
                             },
@@ -2428,9 +2459,11 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                             .handle_entry(&key, id, frame, None, false, permit, &mut fresh)
                             .await;
                     }
-                    for (key, id, _) in entries {
-                        subscription.unhold_text(&key, &id);
-                    }
+                    // Closing: this entry and the rest waited for a slot, unseen by any handler.
+                    let rest = stopped_at
+                        .into_iter()
+                        .chain(entries.map(|(key, id, _)| (key, id)));
+                    subscription.release_unread(rest).await;
                 };
                 match ahead.as_mut() {
                     // The read-ahead is polled while this batch is handled, so that its reply, should

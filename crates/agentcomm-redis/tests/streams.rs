@@ -961,6 +961,75 @@ async fn entries_a_read_returned_beyond_the_free_slots_stay_this_members() {
     second_router.close().await.unwrap();
 }
 
+/// A read over two streams can take more entries than the member has free slots (`COUNT` applies per
+/// stream); the extra one waits for a slot. A member that closes meanwhile gives it back unhandled: the
+/// member that takes it over gets it as its first attempt. It used to be left pending with the read
+/// counted, so the next member's claim made it a second attempt: with `max_deliveries(1)`, dead-lettered
+/// without any handler having seen it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_waiting_for_a_slot_when_its_member_closes_counts_no_attempt() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let quick = || {
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(500))
+            .max_deliveries(1)
+            .connect()
+    };
+    let options = SubscribeOptions::patterns(vec![
+        ChannelPattern::parse("X:*:*").unwrap(),
+        ChannelPattern::parse("Y:*:*").unwrap(),
+    ])
+    .group("g")
+    .prefetch(1);
+    let router = within(WAIT, "connecting", quick()).await.unwrap();
+    let mut member = router.subscribe(options.clone()).await.unwrap();
+    router.publish(envelope("X:event:s1", 1)).await.unwrap();
+    let one = next(&mut member).await;
+    // The only slot is taken; then one entry on each stream. When the slot frees, the next read takes
+    // both: 2 is delivered, 3 waits for a slot.
+    router.publish(envelope("X:event:s1", 2)).await.unwrap();
+    router.publish(envelope("Y:event:s1", 3)).await.unwrap();
+    one.ack().await.unwrap();
+    let two = next(&mut member).await;
+    assert_eq!(number(&two), 2);
+    let raw = raw_client().await;
+    let y_key = format!("{prefix}:stream:{{Y}}");
+    let pending: Value = raw
+        .xpending(y_key.as_str(), "g", ("-", "+", 10u64))
+        .await
+        .unwrap();
+    assert_eq!(pending.into_array().len(), 1, "3 read with 2");
+    member.closer().close().await.unwrap();
+    two.ack().await.unwrap();
+    drop(member);
+    router.close().await.unwrap();
+    let heir_router = within(WAIT, "connecting", quick()).await.unwrap();
+    let mut heir = heir_router.subscribe(options).await.unwrap();
+    eventually(WAIT, "3 to be delivered or dead-lettered", async || {
+        let health = heir_router.health().await;
+        health.get("delivered") + health.get("dead_lettered") > 0
+    })
+    .await;
+    assert_eq!(
+        heir_router.health().await.get("dead_lettered"),
+        0,
+        "3 was dead-lettered: its member's read counted as an attempt"
+    );
+    let three = next(&mut heir).await;
+    assert_eq!(
+        (number(&three), three.envelope().attempt()),
+        (3, 1),
+        "(message, attempt) after its member closed before handing it out"
+    );
+    three.ack().await.unwrap();
+    let _ = raw.quit().await;
+    heir_router.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joining_gets_what_a_wildcard_member_of_its_group_was_owed_on_a_new_class() {
     if !redis_available().await {

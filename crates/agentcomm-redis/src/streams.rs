@@ -1526,11 +1526,11 @@ impl StreamSubscription {
         self.unhold(key, id);
     }
 
-    /// Gives entries a read took back to the group when the subscription stops before they were handed
-    /// to anyone (they waited for a prefetch slot): marked idle, with their delivery counter as it was
-    /// before that read, as a delivery given back from the buffer is (see [`Handled::Never`]). Left
-    /// pending as they were, the next member's claim counted a second attempt for them: with
-    /// `max_deliveries(1)`, a dead letter of an entry no handler ever saw.
+    /// Gives entries a read (or recovery) took back to the group when the subscription stops before
+    /// they were handed to anyone (they waited for a prefetch slot): marked idle, with their delivery
+    /// counter as it was before that read, as a delivery given back from the buffer is (see
+    /// [`Handled::Never`]). Left pending as they were, the next member's claim counted a second attempt
+    /// for them: with `max_deliveries(1)`, a dead letter of an entry no handler ever saw.
     async fn release_unread(&self, entries: impl IntoIterator<Item = (Arc<str>, String)>) {
         let mut by_key: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         for (key, id) in entries {
@@ -1802,10 +1802,10 @@ impl StreamSubscription {
         while let Some((id, frame)) = owned.next() {
             let deliveries = counts.next();
             let Some(permit) = self.acquire().await else {
-                // Closing: the rest stays pending for the group.
-                for (id, _) in std::iter::once((id, frame)).chain(owned) {
-                    self.unhold_text(key, &id);
-                }
+                // Closing: the rest goes back to the group unhandled.
+                let rest = std::iter::once((id, frame)).chain(owned);
+                self.release_unread(rest.map(|(id, _)| (key.clone(), id)))
+                    .await;
                 return Ok(());
             };
             self.handle_entry(key, id, frame, deliveries, true, permit, &mut fresh)
@@ -3846,6 +3846,43 @@ mod tests {
         other.inner.unhold(&other.key, other.id);
         lost.end().await;
         other.end().await;
+    }
+
+    /// Recovery took back an entry whose read reply was lost (its delivery counter counts that read),
+    /// and the subscription stopped before a prefetch slot came for it: it goes back to the group with
+    /// the read uncounted and marked idle, as the give-back of a buffered delivery does, so the next
+    /// member gets it as the attempt recovery would have delivered. Left as it was, the next member's
+    /// claim counted one more: with `max_deliveries(1)`, a dead letter no handler had seen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_entry_recovery_took_back_for_a_stopping_subscription_goes_back_unread() {
+        let Some((lost, reader)) = lost_delivery().await else {
+            return;
+        };
+        let reserved = lost.inner.reserve_for_recovery(&lost.key, &[lost.id]);
+        // Stopping, with every prefetch slot taken (handlers at work): no slot comes any more. (Taken
+        // once the reader stopped, which gives back the slots of its last read.)
+        lost.inner.stop_now();
+        lost.wait_for("the reader to stop", async |lost| {
+            lost.inner.reading.load(Ordering::Acquire) == 0
+        })
+        .await;
+        let free = lost.inner.permits.available_permits() as u32;
+        let _slots = lost.inner.permits.clone().try_acquire_many_owned(free);
+        recover_reserved(&lost, &reader, reserved).await;
+        let pending: Value = lost
+            .raw
+            .xpending(lost.key.as_ref(), "g", ("-", "+", 10))
+            .await
+            .unwrap();
+        let entry = pending.into_array()[0].clone().into_array();
+        let (idle, deliveries) = (entry[2].as_u64().unwrap(), entry[3].as_u64().unwrap());
+        assert_eq!(
+            deliveries, 0,
+            "the delivery counter of an entry no handler saw"
+        );
+        assert!(idle >= 30_000, "marked idle for another member: {idle} ms");
+        assert_eq!(lost.inner.held_count(), 0);
+        lost.end().await;
     }
 
     /// A late acknowledgement that finds its entry no longer pending (recovery, or another member,

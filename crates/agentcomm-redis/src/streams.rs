@@ -1234,7 +1234,7 @@ impl StreamSubscription {
             }
             None => {
                 // Left pending: reclaimed after claim_idle, when the patterns can be read again.
-                self.unhold(key, entry_id);
+                self.leave_unread(key, entry_id).await;
                 return;
             }
         }
@@ -1555,6 +1555,30 @@ impl StreamSubscription {
             }
             self.unhold_all(&key, ids.iter().filter_map(|id| EntryId::parse(id)));
         }
+    }
+
+    /// Leaves a held entry pending for this consumer, unhandled (the group's patterns could not be
+    /// read), with its delivery counter as it was before the read or claim that took it: claimed again
+    /// after `claim_idle`, it comes as the same attempt. Each claim used to count one more, so an entry
+    /// that waited out a few rounds of such an outage was dead-lettered (`max_deliveries`) once the
+    /// patterns could be read, without a handler ever seeing it.
+    async fn leave_unread(&self, key: &Arc<str>, id: EntryId) {
+        if let Some(group) = &self.group {
+            let result = claim_owned(
+                self.shared.client_for(key),
+                key,
+                group,
+                &self.consumer,
+                None,
+                Some("unread"),
+                vec![id.to_string()],
+            )
+            .await;
+            if let Err(error) = result {
+                tracing::debug!(error = %error, "could not take back the delivery count of an entry left unhandled; its next claim counts one attempt more");
+            }
+        }
+        self.unhold(key, id);
     }
 
     /// Delivers a held entry again after `delay` (nack, abandon or give-back); once the subscription

@@ -1030,6 +1030,75 @@ async fn an_entry_waiting_for_a_slot_when_its_member_closes_counts_no_attempt() 
     heir_router.close().await.unwrap();
 }
 
+/// An entry only another member of the group wants, while the group's patterns cannot be read, stays
+/// pending and is claimed again after `claim_idle`, unhandled, for as long as that lasts. Each of those
+/// claims used to count a delivery: once the patterns could be read again, the entry was dead-lettered
+/// (`max_deliveries(1)` here) without any handler having seen it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_left_pending_while_the_groups_patterns_cannot_be_read_counts_no_attempt() {
+    use fred::prelude::KeysInterface;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connected(
+        builder(DeliveryMode::Streams, &prefix)
+            .claim_idle(Duration::from_millis(300))
+            .max_deliveries(1),
+    )
+    .await;
+    let mut member = router
+        .subscribe(
+            SubscribeOptions::new(ChannelPattern::parse("Split:event:s1").unwrap()).group("g"),
+        )
+        .await
+        .unwrap();
+    // The group's patterns cannot be read: their hash is not a hash.
+    let raw = raw_client().await;
+    let members = format!("{prefix}:group:g:members");
+    let _: i64 = raw.del(members.as_str()).await.unwrap();
+    let _: Value = raw
+        .set(members.as_str(), "not a hash", None, None, false)
+        .await
+        .unwrap();
+    router.publish(envelope("Split:event:s2", 1)).await.unwrap();
+    // Read, then claimed again twice, each time left unhandled.
+    eventually(WAIT, "the entry to be claimed again twice", async || {
+        router.health().await.get("reclaimed") >= 2
+    })
+    .await;
+    // Another member, which wants it, is in the group's patterns now.
+    let _: i64 = raw.del(members.as_str()).await.unwrap();
+    let _: i64 = raw
+        .hset(members.as_str(), ("other", "@1\nSplit:event:s2"))
+        .await
+        .unwrap();
+    eventually(
+        WAIT,
+        "the entry to be delivered or dead-lettered",
+        async || {
+            let health = router.health().await;
+            health.get("delivered") + health.get("dead_lettered") > 0
+        },
+    )
+    .await;
+    assert_eq!(
+        router.health().await.get("dead_lettered"),
+        0,
+        "dead-lettered: the claims that left it unhandled counted as attempts"
+    );
+    let delivery = next(&mut member).await;
+    assert_eq!(
+        (number(&delivery), delivery.envelope().attempt()),
+        (1, 1),
+        "(message, attempt)"
+    );
+    delivery.ack().await.unwrap();
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joining_gets_what_a_wildcard_member_of_its_group_was_owed_on_a_new_class() {
     if !redis_available().await {

@@ -2150,7 +2150,19 @@ impl Shared {
             futures::future::join3(closing_hub, finishing, self.publishes_settled()),
         )
         .await;
-        let quit = tokio::time::timeout(Duration::from_secs(1), self.pool.quit()).await;
+        // A subscription whose finishing the deadline cut short (Redis stopped answering) did not quit
+        // its readers yet: their connections would stay open for as long as the subscription is held.
+        let quitting_readers = futures::future::join_all(
+            streams
+                .iter()
+                .map(|s| s.quit_readers(tokio::time::Instant::now() + Duration::from_secs(1))),
+        );
+        let quit = tokio::time::timeout(Duration::from_secs(1), async {
+            futures::future::join(self.pool.quit(), quitting_readers)
+                .await
+                .0
+        })
+        .await;
         if !matches!(quit, Ok(Ok(()))) {
             tracing::debug!("the connection pool did not quit cleanly");
         }

@@ -904,7 +904,7 @@ impl StreamSubscription {
         }
     }
 
-    async fn quit_readers(&self, until: tokio::time::Instant) {
+    pub(crate) async fn quit_readers(&self, until: tokio::time::Instant) {
         let readers: Vec<_> = self
             .readers
             .lock()

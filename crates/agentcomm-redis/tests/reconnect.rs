@@ -599,6 +599,42 @@ async fn closing_is_bounded_when_redis_stops_answering() {
     }
 }
 
+/// Closing while Redis does not answer gives up waiting at its deadline; a stream subscription's
+/// reading connection used to be left open then (its finishing, which quits it, was cut short), idle
+/// for as long as the subscription was held. It is quit with the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_while_redis_stops_answering_leaves_no_reader_connection_open() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect_through_proxy(
+        RedisRouter::builder(proxied)
+            .prefix(&prefix)
+            .read_block(Duration::from_millis(500))
+            .close_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    let subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Held:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    proxy.blackhole(true);
+    within(Duration::from_secs(8), "close", router.close())
+        .await
+        .unwrap();
+    proxy.blackhole(false);
+    // The subscription is still held: its reader's connection must be closed all the same.
+    eventually(
+        Duration::from_secs(5),
+        "every connection to be closed",
+        async || proxy.stats().live == 0,
+    )
+    .await;
+    drop(subscription);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_registry_is_written_again_after_a_reconnect() {
     use fred::prelude::{KeysInterface, SetsInterface};

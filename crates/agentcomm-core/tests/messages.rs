@@ -593,3 +593,25 @@ mod raw_identifiers {
         assert_eq!(error.field(), "ref");
     }
 }
+
+/// A message that is its own agent: it receives itself and sends another type.
+#[derive(Debug, Serialize, Deserialize, Message)]
+#[agent(receives = [Self], sends = [Refund])]
+struct Relay {
+    hops: u32,
+}
+
+impl Handle<Relay> for Relay {
+    async fn handle(&self, _: Relay, _: &Context<Self>) -> HandlerResult {
+        Ok(())
+    }
+}
+
+/// The agent macro's check that received and sent types have different classes names `Self` too;
+/// it compiled to a constant outside the agent's impl, where `Self` means nothing.
+#[test]
+fn an_agent_that_receives_itself_may_send_another_type() {
+    assert_eq!(<Relay as Agent>::RECEIVES, ["Relay"]);
+    assert_eq!(<Relay as Agent>::SENDS, ["payments.Refund"]);
+    let _ = Relay { hops: 0 }.hops;
+}

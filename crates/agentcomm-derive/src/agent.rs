@@ -219,7 +219,13 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
             // still yields one error.
             let of = |ty: &Type, item: &str| {
                 let item = syn::Ident::new(item, Span::call_site());
-                quote_spanned!(ty.span()=> <#ty as #core::Message>::#item)
+                // `Self` (an agent that is a message itself) means nothing in a constant outside the
+                // impl: the agent's name stands for it (agents have no generics).
+                if type_text(ty) == "Self" {
+                    quote_spanned!(ty.span()=> <#ident as #core::Message>::#item)
+                } else {
+                    quote_spanned!(ty.span()=> <#ty as #core::Message>::#item)
+                }
             };
             let (received_class, sent_class) = (of(received, "CLASS"), of(sent, "CLASS"));
             let (received_at, sent_at) = (of(received, "__DEFINED_AT"), of(sent, "__DEFINED_AT"));

@@ -1483,22 +1483,13 @@ impl<A: Agent> AgentShared<A> {
                 .await;
                 return;
             }
-            Outcome::Failed(error) if replied_with_another_class(&error, &delivery) => {
-                bump(&stats.failed);
-                // The handler tried to answer: its requester is told at once, though this agent does
-                // not send the class it waits for.
-                let attempts = delivery.envelope().attempt();
-                Box::pin(self.dead_letter_as(
-                    delivery,
-                    headers::REASON_REJECTED,
-                    &describe(&error),
-                    attempts,
-                    Answerer::Tried,
-                ))
-                .await;
-                return;
-            }
-            Outcome::Failed(error) if error.is_permanent() => {
+            // A reply of another class than the requester waits for: this agent does not send that
+            // class, so it is not the one that answers the requester (another agent type receiving
+            // the request's class may be, and may answer it a moment later). Its dead letter says why;
+            // the requester is not told, as for any agent that cannot answer it.
+            Outcome::Failed(error)
+                if error.is_permanent() || replied_with_another_class(&error, &delivery) =>
+            {
                 bump(&stats.failed);
                 Box::pin(self.dead_letter(delivery, headers::REASON_REJECTED, &describe(&error)))
                     .await;
@@ -1555,7 +1546,7 @@ impl<A: Agent> AgentShared<A> {
             reason,
             "publishing again the dead letter of a message whose dead letter could not be published"
         );
-        self.dead_letter_as(delivery, &reason, &error, attempts, Answerer::IfItSends)
+        self.dead_letter_as(delivery, &reason, &error, attempts)
             .await;
     }
 
@@ -1575,8 +1566,7 @@ impl<A: Agent> AgentShared<A> {
 
     async fn dead_letter(&self, delivery: Delivery, reason: &str, error: &str) {
         let attempts = delivery.envelope().attempt();
-        self.dead_letter_as(delivery, reason, error, attempts, Answerer::IfItSends)
-            .await;
+        self.dead_letter_as(delivery, reason, error, attempts).await;
     }
 
     /// Publishes the dead letter of `delivery` after `attempts` attempts, then acknowledges it; if the
@@ -1587,7 +1577,6 @@ impl<A: Agent> AgentShared<A> {
         reason: &str,
         error: &str,
         attempts: u32,
-        answerer: Answerer,
     ) {
         let original = delivery.envelope();
         let mut dead = original
@@ -1609,7 +1598,7 @@ impl<A: Agent> AgentShared<A> {
         {
             dead = dead.with_content_type(BINARY_CONTENT_TYPE);
         }
-        let failure_reply = failure_reply::<A>(original, reason, error, attempts, answerer);
+        let failure_reply = failure_reply::<A>(original, reason, error, attempts);
         tracing::error!(
             reason,
             error,
@@ -1658,15 +1647,6 @@ impl<A: Agent> AgentShared<A> {
     }
 }
 
-/// Which agents tell a dead-lettered request's requester that it failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Answerer {
-    /// Only one whose `SENDS` has the class the requester waits for.
-    IfItSends,
-    /// This one: its handler tried to answer (with another class than the requester waits for).
-    Tried,
-}
-
 /// Whether the handler failed because its reply to the delivered request was of another class than
 /// the request's `reply_to` names ([`Error::UnexpectedReply`] from `Context::reply`, passed on with
 /// `?`): the request names the class its requester waits for and the reply type is the handler's
@@ -1686,32 +1666,28 @@ fn replied_with_another_class(error: &crate::agent::HandlerError, delivery: &Del
 /// inbox) that it was dead-lettered: on its reply channel, correlated, empty, with the dead letter's
 /// reason, error, attempts and agent in headers.
 ///
-/// Only from an agent that could have answered it (the agent's `SENDS` has the reply's class), or whose
-/// handler tried to ([`Answerer::Tried`]): every agent type that receives a class gets its requests, and
-/// one that only observes them failing must not cut short the requester of the agent that answers.
+/// Only from an agent that could have answered it (the agent's `SENDS` has the reply's class): every
+/// agent type that receives a class gets its requests, and one that only observes them failing (or
+/// whose handler replied with another class) must not cut short the requester of the agent that
+/// answers.
 ///
 /// The channel is named with the reply type's template, as [`Context::reply`] names it: `reply_to`
 /// is in canonical form, and a broker that routes by name (Redis pub/sub) delivers to the requester's
-/// inbox only what is published under the name it subscribed to. An agent that does not send the class
-/// does not know its template and uses the default one.
+/// inbox only what is published under the name it subscribed to.
 fn failure_reply<A: Agent>(
     request: &Envelope,
     reason: &str,
     error: &str,
     attempts: u32,
-    answerer: Answerer,
 ) -> Option<Envelope> {
     let target = parse_channel(request.reply_to()?).ok()?;
     if !crate::channel::is_inbox(&target) {
         return None;
     }
-    let template = match A::SENDS.iter().position(|class| *class == target.class()) {
-        Some(sent) => A::__SENDS_TEMPLATES
-            .get(sent)
-            .unwrap_or(&ChannelTemplate::DEFAULT),
-        None if answerer == Answerer::Tried => &ChannelTemplate::DEFAULT,
-        None => return None,
-    };
+    let sent = A::SENDS.iter().position(|class| *class == target.class())?;
+    let template = A::__SENDS_TEMPLATES
+        .get(sent)
+        .unwrap_or(&ChannelTemplate::DEFAULT);
     // A `reply_to` from another client that the template cannot name (a session holding the
     // template's separator) keeps its canonical name: backends that route by components still
     // deliver it.

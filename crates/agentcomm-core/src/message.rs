@@ -66,9 +66,10 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The direction used when a message is published without one (`#[message(direction = "...")]`).
     const DIRECTION: &'static str = "event";
 
-    /// Where the derive met the type (module, name, line and column): two derived types differ here even
-    /// when they have one class name, which `#[agent(...)]` refuses between what an agent receives and
-    /// what it sends. Empty for a type that implements `Message` by hand. Generated; not for direct use.
+    /// Where the derive met the type (file, module, name, line and column): two derived types differ
+    /// here even when they have one class name (two versions of one crate's type too), which
+    /// `#[agent(...)]` refuses between what an agent receives and what it sends. Empty for a type that
+    /// implements `Message` by hand. Generated; not for direct use.
     #[doc(hidden)]
     const __DEFINED_AT: &'static str = "";
 

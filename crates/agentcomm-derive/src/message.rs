@@ -119,9 +119,14 @@ pub fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
     };
 
     // The name's own location: types that a `macro_rules!` macro defines in one invocation still differ.
+    // The file too: two versions of one crate in a build (`orders_v1 = { package = "orders", version =
+    // "1" }` beside version 2) have one module path, and their `Order` often the same line and column;
+    // their sources are two files. Only compared while compiling, never kept in the binary.
     let ident_text = ident.unraw().to_string();
     let defined_at = quote_spanned! {ident.span()=>
         ::core::concat!(
+            ::core::file!(),
+            ":",
             ::core::module_path!(),
             "::",
             #ident_text,

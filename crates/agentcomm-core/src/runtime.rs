@@ -770,8 +770,11 @@ pub struct AgentHealth {
     /// brokers whose bindings cannot leave them out deliver them, and they are counted here.
     pub replies_skipped: u64,
     /// Requests (messages with a requester's inbox as `reply_to`) whose handler returned `Ok` without
-    /// replying, though this agent sends the class the requester waits for: each requester waits out
-    /// its timeout. Each is logged at WARN.
+    /// replying through [`Context::reply`](crate::agent::Context::reply), though this agent sends the
+    /// class the requester waits for. Its requester waits out its timeout unless another agent answers
+    /// it: every agent type that receives the request's class is counted here when it does not reply,
+    /// also when another one does, and so is a retry whose earlier attempt replied. Each is logged at
+    /// WARN.
     pub requests_unanswered: u64,
     /// Handlers running now.
     pub in_flight: u64,
@@ -1423,8 +1426,8 @@ impl<A: Agent> AgentShared<A> {
             bump(&self.stats.requests_unanswered);
             tracing::warn!(
                 reply_to,
-                "the handler returned Ok without replying to the request (Context::reply); its \
-                 requester waits for its timeout"
+                "the handler returned Ok without replying to the request (Context::reply); unless \
+                 another agent answers it, its requester waits for its timeout"
             );
         }
     }

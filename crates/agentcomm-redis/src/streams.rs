@@ -353,12 +353,6 @@ pub(crate) struct StreamSubscription {
     /// reconnect, see [`RECOVER_SCRIPT`], or a claim after `claim_idle`) they are acknowledged, not
     /// handled again (nor dead-lettered). At most [`UNACKED_CAP`] (see [`remember_unacked`]).
     unacked: Mutex<HashSet<Held, FastState>>,
-    /// Entries left pending for this consumer unhandled with the read that took them uncounted (see
-    /// [`StreamSubscription::leave_unread`]): recovery after a reconnect leaves them alone (it takes
-    /// a delivery counter to count a read whose reply was lost; theirs does not), and a claim after
-    /// `claim_idle` takes them as the next attempt. At most [`UNACKED_CAP`]; one forgotten is taken
-    /// back by recovery.
-    left_unread: Mutex<HashSet<Held, FastState>>,
     /// Limits the warnings about entries [`remember_unacked`] forgot.
     unacked_log: LogLimiter,
     settled: tokio::sync::Notify,
@@ -560,7 +554,6 @@ impl StreamSubscription {
                 .min(prefetch),
             held: Mutex::new(HashSet::default()),
             unacked: Mutex::new(HashSet::default()),
-            left_unread: Mutex::new(HashSet::default()),
             settled: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
             reader_gave_up: AtomicBool::new(false),
@@ -1241,7 +1234,7 @@ impl StreamSubscription {
             }
             None => {
                 // Left pending: reclaimed after claim_idle, when the patterns can be read again.
-                self.leave_unread(key, entry_id).await;
+                self.unhold(key, entry_id);
                 return;
             }
         }
@@ -1564,39 +1557,6 @@ impl StreamSubscription {
         }
     }
 
-    /// Leaves a held entry pending for this consumer, unhandled (the group's patterns could not be
-    /// read), with its delivery counter as it was before the read or claim that took it: claimed again
-    /// after `claim_idle`, it comes as the same attempt. Each claim used to count one more, so an entry
-    /// that waited out a few rounds of such an outage was dead-lettered (`max_deliveries`) once the
-    /// patterns could be read, without a handler ever seeing it.
-    async fn leave_unread(&self, key: &Arc<str>, id: EntryId) {
-        if let Some(group) = &self.group {
-            let result = claim_owned(
-                self.shared.client_for(key),
-                key,
-                group,
-                &self.consumer,
-                None,
-                Some("unread"),
-                vec![id.to_string()],
-            )
-            .await;
-            match result {
-                // Remembered before it is unheld, so that recovery never finds it unheld and not
-                // remembered.
-                Ok((taken, _)) if taken.contains(&id.to_string()) => {
-                    let mut left = self.left_unread.lock().expect("left unread lock");
-                    remember_unacked(&mut left, std::iter::once((key.clone(), id)));
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::debug!(error = %error, "could not take back the delivery count of an entry left unhandled; its next claim counts one attempt more");
-                }
-            }
-        }
-        self.unhold(key, id);
-    }
-
     /// Delivers a held entry again after `delay` (nack, abandon or give-back); once the subscription
     /// has closed, gives it back to the group instead. `handled`: whether a handler may have seen this
     /// delivery (`Never` only for a give-back).
@@ -1721,10 +1681,6 @@ impl StreamSubscription {
                 .lock()
                 .expect("unacked lock")
                 .retain(|(of, id)| of != key || listed_all.contains(id));
-            self.left_unread
-                .lock()
-                .expect("left unread lock")
-                .retain(|(of, id)| of != key || listed_all.contains(id));
         }
         Ok(())
     }
@@ -1743,12 +1699,10 @@ impl StreamSubscription {
     ) -> (Vec<String>, Vec<EntryId>) {
         let mut held = self.held.lock().expect("held lock");
         let unacked = self.unacked.lock().expect("unacked lock");
-        let left_unread = self.left_unread.lock().expect("left unread lock");
         let mut ids = Vec::with_capacity(listed.len());
         let mut reserved = Vec::with_capacity(listed.len());
         for id in listed {
-            // Left pending unhandled, not lost with a connection: for a claim after `claim_idle`.
-            if left_unread.contains(&(key.clone(), *id)) || !held.insert((key.clone(), *id)) {
+            if !held.insert((key.clone(), *id)) {
                 continue;
             }
             reserved.push(*id);
@@ -3094,12 +3048,6 @@ async fn reclaim_page(
     // (unholding it would stop renewing the lease recovery's handler relies on). The delivery this
     // claim counted in Redis stays counted: recovery's attempt number includes it.
     let newly = subscription.hold_ids(key, entries.iter().map(|(id, _)| id.as_str()));
-    // Claimed (counted) now: no longer left with the read uncounted.
-    subscription
-        .left_unread
-        .lock()
-        .expect("left unread lock")
-        .retain(|(of, id)| of != key || !newly.contains(id));
     entries.retain(|(id, _)| {
         let new = EntryId::parse(id).is_some_and(|id| newly.contains(&id));
         if !new {
@@ -3934,66 +3882,6 @@ mod tests {
         );
         assert!(idle >= 30_000, "marked idle for another member: {idle} ms");
         assert_eq!(lost.inner.held_count(), 0);
-        lost.end().await;
-    }
-
-    /// An entry left pending because the group's patterns could not be read has the read that took it
-    /// uncounted; recovery after a reconnect (which takes a delivery counter to count a read whose
-    /// reply was lost) leaves it to the claim after `claim_idle`, which counts the next attempt. Taken
-    /// back by recovery, which counts no delivery, it came again as the attempt its last handler
-    /// already had (one delivery more before `max_deliveries`), and a stop before a slot came for it
-    /// took one more off its counter.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_entry_left_unread_is_not_taken_back_by_recovery_as_an_earlier_attempt() {
-        use futures::FutureExt;
-        let Some((mut lost, reader)) = lost_delivery().await else {
-            return;
-        };
-        // Its handler had attempt 1; a claim took it as attempt 2 and found the group's patterns
-        // unreadable: left pending with that claim uncounted.
-        claim_owned(
-            &lost.raw,
-            &lost.key,
-            "g",
-            &lost.inner.consumer,
-            None,
-            Some("2"),
-            vec![lost.id.to_string()],
-        )
-        .await
-        .unwrap();
-        let id_text = lost.id.to_string();
-        assert!(
-            lost.inner
-                .hold_ids(&lost.key, [id_text.as_str()])
-                .contains(&lost.id)
-        );
-        lost.inner.leave_unread(&lost.key, lost.id).await;
-        // A reconnect: recovery runs.
-        lost.inner
-            .recover_pending(&reader, std::slice::from_ref(&lost.key))
-            .await
-            .unwrap();
-        // `claim_idle` later, a claim round.
-        let mut unclaimable = Unclaimable::default();
-        reclaim_page(
-            &lost.inner,
-            "g",
-            &lost.key,
-            0,
-            "-",
-            &Unclaimable::default(),
-            &mut unclaimable,
-        )
-        .await
-        .unwrap();
-        let mut attempts = Vec::new();
-        while let Some(Some(delivery)) = lost.subscription.next().now_or_never() {
-            attempts.push(delivery.envelope().attempt());
-            delivery.ack().await.unwrap();
-        }
-        assert_eq!(attempts, vec![2], "the attempts delivered");
-        assert!(lost.inner.left_unread.lock().unwrap().is_empty());
         lost.end().await;
     }
 

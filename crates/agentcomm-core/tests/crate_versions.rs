@@ -18,3 +18,21 @@ fn the_same_type_of_two_versions_of_a_crate_is_told_apart() {
         "an agent receiving orders_v1::Order and sending orders_v2::Order would compile, and loop"
     );
 }
+
+/// The two fixture crates are workspace members (path dependencies inside the workspace) whose
+/// libraries have one name: `cargo doc` of the workspace stopped with "document output filename
+/// collision" unless they are left out of the documentation.
+#[test]
+fn the_fixture_crates_are_left_out_of_the_documentation() {
+    for manifest in [
+        include_str!("fixtures/orders-v1/Cargo.toml"),
+        include_str!("fixtures/orders-v2/Cargo.toml"),
+    ] {
+        assert!(
+            manifest
+                .lines()
+                .any(|line| line.replace(' ', "") == "doc=false"),
+            "{manifest}"
+        );
+    }
+}

@@ -140,8 +140,9 @@ pub type HandlerResult = std::result::Result<(), HandlerError>;
 /// errors about what this handler sends that it can only meet again (an invalid channel, a message
 /// that cannot be encoded), which are permanent: dead-lettered at once as `rejected`. The runtime also
 /// dead-letters at once a failure that is `Context::reply`'s [`Error::UnexpectedReply`] (a reply of
-/// another class than the request's `reply_to` names); its requester is not told, as this agent does
-/// not send the class it waits for (another agent type receiving the request may answer it). (A
+/// another class than the request's `reply_to` names); its requester is told ([`Error::RequestFailed`])
+/// only if this agent also sends the class it waits for, as for any dead-lettered request (otherwise
+/// another agent type receiving the request may answer it). (A
 /// validation error stays transient: it may come from a reply another service sent, which may mend.)
 pub struct HandlerError {
     error: Box<dyn std::error::Error + Send + Sync>,

@@ -1486,10 +1486,10 @@ impl<A: Agent> AgentShared<A> {
                 .await;
                 return;
             }
-            // A reply of another class than the requester waits for: this agent does not send that
-            // class, so it is not the one that answers the requester (another agent type receiving
-            // the request's class may be, and may answer it a moment later). Its dead letter says why;
-            // the requester is not told, as for any agent that cannot answer it.
+            // A reply of another class than the requester waits for: the requester is told (by
+            // `failure_reply`) only if this agent sends that class too; otherwise it is not the one
+            // that answers the requester (another agent type receiving the request's class may be,
+            // and may answer it a moment later). Its dead letter says why.
             Outcome::Failed(error)
                 if error.is_permanent() || replied_with_another_class(&error, &delivery) =>
             {
@@ -1671,8 +1671,8 @@ fn replied_with_another_class(error: &crate::agent::HandlerError, delivery: &Del
 ///
 /// Only from an agent that could have answered it (the agent's `SENDS` has the reply's class): every
 /// agent type that receives a class gets its requests, and one that only observes them failing (or
-/// whose handler replied with another class) must not cut short the requester of the agent that
-/// answers.
+/// whose handler replied with another class, the only one it sends) must not cut short the requester
+/// of the agent that answers.
 ///
 /// The channel is named with the reply type's template, as [`Context::reply`] names it: `reply_to`
 /// is in canonical form, and a broker that routes by name (Redis pub/sub) delivers to the requester's

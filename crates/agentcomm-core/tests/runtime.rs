@@ -1871,6 +1871,51 @@ async fn a_wrong_class_reply_from_another_agent_does_not_cut_short_the_right_ans
     assert_eq!(answer.unwrap().transaction_id, "TXN-u");
 }
 
+/// Sends both the class its requesters wait for and another one, and replies with the other one by
+/// mistake, passing the error on with `?`.
+#[agent(receives = [PaymentRequest], sends = [PaymentResponse, Unexpected])]
+struct MixedUpPayments;
+
+impl Handle<PaymentRequest> for MixedUpPayments {
+    async fn handle(&self, _: PaymentRequest, ctx: &Context<Self>) -> HandlerResult {
+        ctx.reply(Unexpected {
+            note: "meant a PaymentResponse".into(),
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// An agent that sends the class its requester waits for is the one that answers it, also when its
+/// handler replied with another class: the request is dead-lettered at once, as `rejected`, and the
+/// requester is told at once (`Error::RequestFailed`) rather than left to its timeout. (The README,
+/// docs/wire-format.md and `HandlerError` said such a requester is never told.)
+#[tokio::test]
+async fn a_wrong_class_reply_from_an_agent_that_sends_the_right_class_fails_its_requester_at_once()
+{
+    let runtime = Runtime::new(MemoryRouter::new());
+    runtime.spawn(MixedUpPayments).await.unwrap();
+    let client = runtime.publisher::<Client>();
+    let asking = client.request_timeout::<PaymentRequest, PaymentResponse>(
+        "s1",
+        PaymentRequest {
+            amount: 1.0,
+            user_id: "u".into(),
+        },
+        Duration::from_secs(600),
+    );
+    let error = timeout(WAIT, asking)
+        .await
+        .expect("the requester was told before its timeout")
+        .unwrap_err();
+    match &error {
+        Error::RequestFailed(failure) => {
+            assert_eq!(failure.reason, headers::REASON_REJECTED, "{failure:?}");
+        }
+        other => panic!("expected RequestFailed, got {other:?}"),
+    }
+}
+
 /// Declares the reply class, and forgets to reply.
 #[agent(receives = [PaymentRequest], sends = [PaymentResponse])]
 struct SilentPayments;

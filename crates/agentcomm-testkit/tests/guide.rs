@@ -57,7 +57,20 @@ async fn a_payment_is_answered_in_its_session() {
 /// The guide's first Rust block after "## Testing an agent" is the example above, unchanged.
 #[test]
 fn the_guide_shows_this_example() {
-    let guide = include_str!("../../../docs/testing.md");
+    let example = example_of(include_str!("../../../docs/testing.md"));
+    assert!(
+        include_str!("guide.rs")
+            .replace("\r\n", "\n")
+            .contains(&example),
+        "the example under \"Testing an agent\" in docs/testing.md is no longer the one in \
+         tests/guide.rs: copy it here, so that it runs\n{example}"
+    );
+}
+
+/// The first Rust block under "## Testing an agent" in `guide`, with `\n` line ends whatever the
+/// checkout's (git may check the files out with `\r\n`).
+fn example_of(guide: &str) -> String {
+    let guide = guide.replace("\r\n", "\n");
     let start = guide
         .find("## Testing an agent")
         .and_then(|section| {
@@ -69,10 +82,13 @@ fn the_guide_shows_this_example() {
     let length = guide[start..]
         .find("```\n")
         .expect("the guide's example block ends");
-    let example = &guide[start..start + length];
-    assert!(
-        include_str!("guide.rs").contains(example),
-        "the example under \"Testing an agent\" in docs/testing.md is no longer the one in \
-         tests/guide.rs: copy it here, so that it runs\n{example}"
-    );
+    guide[start..start + length].to_string()
+}
+
+/// A checkout with `\r\n` line ends (git's `core.autocrlf` on Windows) finds the same example: the
+/// check compared bytes, and failed there though nothing had changed.
+#[test]
+fn the_example_is_found_with_crlf_line_ends() {
+    let guide = include_str!("../../../docs/testing.md");
+    assert_eq!(example_of(&guide.replace('\n', "\r\n")), example_of(guide));
 }

@@ -1416,16 +1416,10 @@ impl<A: Agent> AgentShared<A> {
     /// whose handler returned `Ok` without replying: its requester waits out its timeout, which is
     /// counted and logged here, where the cause is known.
     fn check_answered(&self, request: &Envelope) {
-        let Some(reply_to) = request.reply_to() else {
-            return;
-        };
-        let Ok(target) = parse_channel(reply_to) else {
-            return;
-        };
-        if crate::channel::is_inbox(&target) && A::SENDS.contains(&target.class()) {
+        if answerable_inbox::<A>(request).is_some() {
             bump(&self.stats.requests_unanswered);
             tracing::warn!(
-                reply_to,
+                reply_to = request.reply_to(),
                 "the handler returned Ok without replying to the request (Context::reply); unless \
                  another agent answers it, its requester waits for its timeout"
             );
@@ -1665,6 +1659,18 @@ fn replied_with_another_class(error: &crate::agent::HandlerError, delivery: &Del
     }
 }
 
+/// The requester's inbox that `request`'s `reply_to` names, with the index in `A::SENDS` of the class
+/// the requester waits for, when agent `A` could answer it (it sends that class): the agents that are
+/// expected to answer a request, and may tell its requester it failed.
+fn answerable_inbox<A: Agent>(request: &Envelope) -> Option<(Channel, usize)> {
+    let target = parse_channel(request.reply_to()?).ok()?;
+    if !crate::channel::is_inbox(&target) {
+        return None;
+    }
+    let sent = A::SENDS.iter().position(|class| *class == target.class())?;
+    Some((target, sent))
+}
+
 /// The reply that tells the requester of `request` (when it is one: its `reply_to` is a requester's
 /// inbox) that it was dead-lettered: on its reply channel, correlated, empty, with the dead letter's
 /// reason, error, attempts and agent in headers.
@@ -1683,11 +1689,7 @@ fn failure_reply<A: Agent>(
     error: &str,
     attempts: u32,
 ) -> Option<Envelope> {
-    let target = parse_channel(request.reply_to()?).ok()?;
-    if !crate::channel::is_inbox(&target) {
-        return None;
-    }
-    let sent = A::SENDS.iter().position(|class| *class == target.class())?;
+    let (target, sent) = answerable_inbox::<A>(request)?;
     let template = A::__SENDS_TEMPLATES
         .get(sent)
         .unwrap_or(&ChannelTemplate::DEFAULT);

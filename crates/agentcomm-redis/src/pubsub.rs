@@ -362,13 +362,7 @@ impl PubSubHub {
             }
             // Dropping the claim gives the counts up: the task gives them back when it is done (on a
             // connection that is quit or never comes back, without unsubscribing).
-            Ok(None) if *self.stop.borrow() => {
-                return Err(Error::Closed {
-                    what: "the Redis router",
-                    hint: "it was closed while this subscription was being confirmed; connect a \
-                           new one",
-                });
-            }
+            Ok(None) if *self.stop.borrow() => return Err(closed_while_confirming()),
             Ok(None) => return Err(gave_up_error(&shared.settings)),
             // Taken if the task got them just as the time ran out.
             Err(_) => claim.take(),
@@ -403,10 +397,7 @@ impl PubSubHub {
                 if !closing {
                     return Err(gave_up_error(&shared.settings));
                 }
-                return Err(Error::Closed {
-                    what: "the Redis router",
-                    hint: "it was closed while this subscription was being confirmed; connect a new one",
-                });
+                return Err(closed_while_confirming());
             }
         }
         let reader = Reader {
@@ -1200,6 +1191,14 @@ impl Reader {
              messages (its consumer is too slow; raise `broadcast_capacity`, consume faster, or use \
              DeliveryMode::Streams); its own losses are counted as `lost`"
         );
+    }
+}
+
+/// The error of a subscribe whose router closed before its subscription was confirmed and registered.
+fn closed_while_confirming() -> Error {
+    Error::Closed {
+        what: "the Redis router",
+        hint: "it was closed while this subscription was being confirmed; connect a new one",
     }
 }
 

@@ -1499,21 +1499,8 @@ impl StreamSubscription {
     /// attempt.
     async fn release(&self, key: &Arc<str>, id: EntryId, envelope: &Envelope, handled: Handled) {
         if let Some(group) = &self.group {
-            let idle = self.settings().claim_idle.as_millis().to_string();
-            let unread = (handled == Handled::Never).then_some("unread");
-            let result = claim_owned(
-                self.shared.client_for(key),
-                key,
-                group,
-                &self.consumer,
-                Some(&idle),
-                unread,
-                vec![id.to_string()],
-            )
-            .await;
-            if let Err(error) = result {
-                tracing::debug!(error = %error, "could not mark a given-back entry idle; it is claimed after claim_idle");
-            }
+            self.mark_idle(group, key, vec![id.to_string()], handled == Handled::Never)
+                .await;
         } else {
             self.shared.counters.lose(&self.shared.counters.dropped, 1);
             tracing::warn!(
@@ -1538,22 +1525,29 @@ impl StreamSubscription {
         }
         for (key, ids) in by_key {
             if let Some(group) = &self.group {
-                let idle = self.settings().claim_idle.as_millis().to_string();
-                let result = claim_owned(
-                    self.shared.client_for(&key),
-                    &key,
-                    group,
-                    &self.consumer,
-                    Some(&idle),
-                    Some("unread"),
-                    ids.clone(),
-                )
-                .await;
-                if let Err(error) = result {
-                    tracing::debug!(error = %error, "could not give back entries a read took for no handler; they are claimed after claim_idle");
-                }
+                self.mark_idle(group, &key, ids.clone(), true).await;
             }
             self.unhold_all(&key, ids.iter().filter_map(|id| EntryId::parse(id)));
+        }
+    }
+
+    /// Marks entries of `key` this consumer holds idle in `group`, so that another member claims them at
+    /// once; `unread`: with their delivery counter as it was before the delivery no handler saw. If
+    /// Redis does not take it, they are claimed after `claim_idle` (logged).
+    async fn mark_idle(&self, group: &str, key: &Arc<str>, ids: Vec<String>, unread: bool) {
+        let idle = self.settings().claim_idle.as_millis().to_string();
+        let result = claim_owned(
+            self.shared.client_for(key),
+            key,
+            group,
+            &self.consumer,
+            Some(&idle),
+            unread.then_some("unread"),
+            ids,
+        )
+        .await;
+        if let Err(error) = result {
+            tracing::debug!(error = %error, "could not mark given-back entries idle; they are claimed after claim_idle");
         }
     }
 

@@ -5,7 +5,8 @@
 //! direction and optional validation rules (`non_empty`, `min = ..`, `max = ..` on fields; on an `Option`
 //! field `min` and `max` bound the value inside, and a `None` passes them; `nested` on a field whose type
 //! is a message, or an `Option`, `Vec`, `Box` or map of messages, checks their rules too, and the error
-//! names the path, `items[2].sku`):
+//! names the path, `items[2].sku`; a field is named as serde names it on the wire, after
+//! `#[serde(rename = "..")]` or `#[serde(rename_all = "..")]`, as in serde's own errors):
 //!
 //! ```
 //! use agentcomm_core::prelude::*;
@@ -237,9 +238,12 @@ pub mod rules {
         path: NestedPath<'_>,
     ) -> Result<(), ValidationError> {
         message.validate().map_err(|error| ValidationError {
-            field: match error.field.as_ref() {
-                "" => path(),
-                field => format!("{}.{field}", path()),
+            // A path is empty for a field serde flattens into the message: its fields are the
+            // message's own on the wire.
+            field: match (path(), error.field.as_ref()) {
+                (path, "") => path,
+                (path, field) if path.is_empty() => field.to_string(),
+                (path, field) => format!("{path}.{field}"),
             }
             .into(),
             ..error

@@ -615,3 +615,69 @@ fn an_agent_that_receives_itself_may_send_another_type() {
     assert_eq!(<Relay as Agent>::SENDS, ["payments.Refund"]);
     let _ = Relay { hops: 0 }.hops;
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+struct LineItem {
+    #[message(non_empty)]
+    sku_code: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+struct WebOrder {
+    #[message(non_empty)]
+    user_id: String,
+    #[serde(rename = "amt")]
+    #[message(min = 1)]
+    amount_cents: u64,
+    #[message(nested)]
+    line_items: Vec<LineItem>,
+    #[serde(rename(serialize = "kind", deserialize = "kind"))]
+    #[message(non_empty)]
+    r#type: String,
+}
+
+/// A rule's error names the field as the message holds it on the wire, after serde's renames, as
+/// serde's own errors do: a sender in another language reads `userId` in a dead letter's reason, not
+/// the Rust name `user_id`. Before, every error named the Rust field.
+#[test]
+fn field_rules_name_the_field_as_serde_does_on_the_wire() {
+    let json = r#"{"userId":"","amt":5,"lineItems":[{"skuCode":"a"}],"kind":"web"}"#;
+    let order: WebOrder = serde_json::from_str(json).unwrap();
+    let error = order.validate().unwrap_err();
+    assert_eq!((error.field(), error.rule()), ("userId", "non_empty"));
+    let named = |change: &dyn Fn(&mut WebOrder)| {
+        let mut order: WebOrder = serde_json::from_str(json).unwrap();
+        order.user_id = "u1".into();
+        change(&mut order);
+        order.validate().unwrap_err().field().to_string()
+    };
+    assert_eq!(named(&|o| o.amount_cents = 0), "amt");
+    assert_eq!(
+        named(&|o| o.line_items[0].sku_code.clear()),
+        "lineItems[0].skuCode"
+    );
+    assert_eq!(named(&|o| o.r#type.clear()), "kind");
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Address {
+    #[message(non_empty)]
+    country: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Parcel {
+    #[serde(flatten)]
+    #[message(nested)]
+    address: Address,
+}
+
+/// A field serde flattens holds its fields at the message's top level on the wire, and its rules'
+/// errors name them there (`country`, not `address.country`).
+#[test]
+fn a_flattened_fields_rules_name_its_fields_at_the_top() {
+    let parcel: Parcel = serde_json::from_str(r#"{"country":""}"#).unwrap();
+    assert_eq!(parcel.validate().unwrap_err().field(), "country");
+}

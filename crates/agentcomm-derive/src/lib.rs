@@ -9,6 +9,7 @@
 mod agent;
 mod message;
 mod names;
+mod serde_names;
 mod template;
 
 use proc_macro::TokenStream;
@@ -21,7 +22,9 @@ use proc_macro::TokenStream;
 /// inside and pass `None` (a bound written as an `Option`, `Some(..)`, compares the `Option`s as
 /// before; `non_empty` counts `None` as empty); `#[message(nested)]` on a field whose type is a Message
 /// (or an `Option`, `Vec`, `VecDeque`, slice, array, `Box`, or the values of a map, of Messages)
-/// checks that type's rules too, naming the path in the error (`items[2].sku`). `crate` says where agentcomm-core is when it is
+/// checks that type's rules too, naming the path in the error (`items[2].sku`). Errors name a field
+/// as serde does on the wire (`#[serde(rename = "..")]` and `#[serde(rename_all = "..")]` apply, and
+/// the fields of a `#[serde(flatten)]` field are named alone). `crate` says where agentcomm-core is when it is
 /// not `::agentcomm_core` (a dependency renamed in Cargo.toml, or a re-export).
 #[proc_macro_derive(Message, attributes(message))]
 pub fn derive_message(input: TokenStream) -> TokenStream {

@@ -7,6 +7,7 @@ use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Expr, Fields, LitStr, Path, PathArguments, Type};
 
 use crate::names::{self, class_problem, component_problem, parse_path_value, private_path};
+use crate::serde_names;
 use crate::template::{self, Part};
 
 #[derive(Default)]
@@ -360,7 +361,8 @@ fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<T
     let this = quote!(self);
     for field in fields {
         let ident = field.ident.as_ref().expect("named fields have names");
-        let name = ident.unraw().to_string();
+        // The name on the wire, as serde's own errors give it (`userId` under `rename_all = "camelCase"`).
+        let name = serde_names::wire_name(&input.attrs, field);
         // The field is passed to the rule as one local spanned on the field's name: an argument
         // `&self.field` would mix that span with the receiver's, and a rule the field's type cannot
         // take would then be reported on the derive instead of on the field.
@@ -371,9 +373,16 @@ fn field_checks(input: &DeriveInput, private: &TokenStream) -> syn::Result<Vec<T
                 FieldRule::NonEmpty => quote_spanned! {ident.span()=>
                     #private::rules::non_empty(#name, #value)?;
                 },
-                FieldRule::Nested => quote_spanned! {ident.span()=>
-                    #private::rules::nested(#name, #value)?;
-                },
+                FieldRule::Nested => {
+                    let path = if serde_names::is_flattened(field) {
+                        String::new()
+                    } else {
+                        name.clone()
+                    };
+                    quote_spanned! {ident.span()=>
+                        #private::rules::nested(#path, #value)?;
+                    }
+                }
                 // An optional field's bound applies to its value when it has one: compared as an
                 // `Option`, `None` is below every `Some`, so `min = Some(..)` would refuse every message
                 // without the field and `max = Some(..)` would let it through. A bound written as an

@@ -201,6 +201,18 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
     // known when the crate compiles, so the check is a constant; one type (written the same way, or
     // through an alias or another path) has one `__DEFINED_AT`.
     let type_text = |ty: &Type| quote!(#ty).to_string().replace(' ', "");
+    // Each projection on its own type's span, as above, so that a type which is not a Message
+    // still yields one error.
+    let of = |ty: &Type, item: &str| {
+        let item = syn::Ident::new(item, Span::call_site());
+        // `Self` (an agent that is a message itself) means nothing in a constant outside the
+        // impl: the agent's name stands for it (agents have no generics).
+        if type_text(ty) == "Self" {
+            quote_spanned!(ty.span()=> <#ident as #core::Message>::#item)
+        } else {
+            quote_spanned!(ty.span()=> <#ty as #core::Message>::#item)
+        }
+    };
     let mut class_checks = Vec::new();
     for received in receives {
         for sent in sends {
@@ -215,23 +227,38 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
             // A literal `panic!` reads braces (an agent name may hold some) as formatting.
             .replace('{', "{{")
             .replace('}', "}}");
-            // Each projection on its own type's span, as above, so that a type which is not a Message
-            // still yields one error.
-            let of = |ty: &Type, item: &str| {
-                let item = syn::Ident::new(item, Span::call_site());
-                // `Self` (an agent that is a message itself) means nothing in a constant outside the
-                // impl: the agent's name stands for it (agents have no generics).
-                if type_text(ty) == "Self" {
-                    quote_spanned!(ty.span()=> <#ident as #core::Message>::#item)
-                } else {
-                    quote_spanned!(ty.span()=> <#ty as #core::Message>::#item)
-                }
-            };
             let (received_class, sent_class) = (of(received, "CLASS"), of(sent, "CLASS"));
             let (received_at, sent_at) = (of(received, "__DEFINED_AT"), of(sent, "__DEFINED_AT"));
             class_checks.push(quote_spanned! {sent.span()=>
                 const _: () = if #core::same_class(#received_class, #sent_class)
                     && !#core::same_class(#received_at, #sent_at)
+                {
+                    ::core::panic!(#text)
+                };
+            });
+        }
+    }
+    // Two received types of one class: the runtime dispatches a delivery by its class, so it could not
+    // tell them apart. `spawn` refuses such an agent (also for `Message`s written by hand); a derived
+    // one is refused when it compiles. One type listed twice (through an alias) is the
+    // `ListedInReceives` impls' error.
+    for (index, first) in receives.iter().enumerate() {
+        for second in &receives[index + 1..] {
+            if type_text(first) == type_text(second) {
+                continue;
+            }
+            let text = format!(
+                "agent `{name}` receives `{}` and `{}`, two types of one class name, so a delivery could not be told apart; give one of them another class with #[message(name = \"...\")]",
+                type_text(first),
+                type_text(second)
+            )
+            .replace('{', "{{")
+            .replace('}', "}}");
+            let (first_class, second_class) = (of(first, "CLASS"), of(second, "CLASS"));
+            let (first_at, second_at) = (of(first, "__DEFINED_AT"), of(second, "__DEFINED_AT"));
+            class_checks.push(quote_spanned! {second.span()=>
+                const _: () = if #core::same_class(#first_class, #second_class)
+                    && !#core::same_class(#first_at, #second_at)
                 {
                     ::core::panic!(#text)
                 };

@@ -213,29 +213,40 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
             quote_spanned!(ty.span()=> <#ty as #core::Message>::#item)
         }
     };
+    // The constant refusing `first` and `second` (different types as written) when they have one class
+    // but are not one type, with `problem` (what would go wrong) in the error.
+    let class_check = |first: &Type, second: &Type, problem: String| {
+        if type_text(first) == type_text(second) {
+            return None;
+        }
+        let text = format!(
+            "agent `{name}` {problem}; give one of them another class with #[message(name = \"...\")]"
+        )
+        // A literal `panic!` reads braces (an agent name may hold some) as formatting.
+        .replace('{', "{{")
+        .replace('}', "}}");
+        let (first_class, second_class) = (of(first, "CLASS"), of(second, "CLASS"));
+        let (first_at, second_at) = (of(first, "__DEFINED_AT"), of(second, "__DEFINED_AT"));
+        Some(quote_spanned! {second.span()=>
+            const _: () = if #core::same_class(#first_class, #second_class)
+                && !#core::same_class(#first_at, #second_at)
+            {
+                ::core::panic!(#text)
+            };
+        })
+    };
     let mut class_checks = Vec::new();
     for received in receives {
         for sent in sends {
-            if type_text(sent) == type_text(received) {
-                continue;
-            }
-            let text = format!(
-                "agent `{name}` receives `{}` and sends `{}`, two types of one class name, so it would receive what it sends (and one that sends on what it receives would loop for ever); give one of them another class with #[message(name = \"...\")]",
-                type_text(received),
-                type_text(sent)
-            )
-            // A literal `panic!` reads braces (an agent name may hold some) as formatting.
-            .replace('{', "{{")
-            .replace('}', "}}");
-            let (received_class, sent_class) = (of(received, "CLASS"), of(sent, "CLASS"));
-            let (received_at, sent_at) = (of(received, "__DEFINED_AT"), of(sent, "__DEFINED_AT"));
-            class_checks.push(quote_spanned! {sent.span()=>
-                const _: () = if #core::same_class(#received_class, #sent_class)
-                    && !#core::same_class(#received_at, #sent_at)
-                {
-                    ::core::panic!(#text)
-                };
-            });
+            class_checks.extend(class_check(
+                received,
+                sent,
+                format!(
+                    "receives `{}` and sends `{}`, two types of one class name, so it would receive what it sends (and one that sends on what it receives would loop for ever)",
+                    type_text(received),
+                    type_text(sent)
+                ),
+            ));
         }
     }
     // Two received types of one class: the runtime dispatches a delivery by its class, so it could not
@@ -244,25 +255,15 @@ pub fn expand(args: TokenStream, item: Item) -> syn::Result<TokenStream> {
     // `ListedInReceives` impls' error.
     for (index, first) in receives.iter().enumerate() {
         for second in &receives[index + 1..] {
-            if type_text(first) == type_text(second) {
-                continue;
-            }
-            let text = format!(
-                "agent `{name}` receives `{}` and `{}`, two types of one class name, so a delivery could not be told apart; give one of them another class with #[message(name = \"...\")]",
-                type_text(first),
-                type_text(second)
-            )
-            .replace('{', "{{")
-            .replace('}', "}}");
-            let (first_class, second_class) = (of(first, "CLASS"), of(second, "CLASS"));
-            let (first_at, second_at) = (of(first, "__DEFINED_AT"), of(second, "__DEFINED_AT"));
-            class_checks.push(quote_spanned! {second.span()=>
-                const _: () = if #core::same_class(#first_class, #second_class)
-                    && !#core::same_class(#first_at, #second_at)
-                {
-                    ::core::panic!(#text)
-                };
-            });
+            class_checks.extend(class_check(
+                first,
+                second,
+                format!(
+                    "receives `{}` and `{}`, two types of one class name, so a delivery could not be told apart",
+                    type_text(first),
+                    type_text(second)
+                ),
+            ));
         }
     }
     let agent_impl = quote! {

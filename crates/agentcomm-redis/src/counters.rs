@@ -18,7 +18,7 @@
 //! | `lease_renewals` | streams: renewals Redis answered of the entries a group subscription holds (one per stream every `claim_idle / 3`, while it holds some) |
 //! | `dead_lettered` | streams: entries moved to their dead-letter channel after `max_deliveries` |
 //! | `dead_letters_left` | streams: dead letters of dead letters (channel `DeadLetter:DeadLetter:<session>`) that reached `max_deliveries`: acknowledged and left in their stream (until trimmed) instead of dead-lettered again into the stream they came from, which would loop |
-//! | `malformed` | frames that could not be decoded; moved to `DeadLetter:agentcomm.Malformed:unknown` |
+//! | `malformed` | frames that could not be decoded (pub/sub: or that name another channel than the one they came on); moved to `DeadLetter:agentcomm.Malformed:unknown` |
 //! | `filtered` | streams: entries of a class stream no pattern of the group wanted (acknowledged, logged) |
 //! | `trimmed` | streams: entries trimmed (`stream_max_len`) before a subscription read them, or while pending |
 //! | `dropped` | messages given back after their subscription closed (pub/sub, fan-out streams) |

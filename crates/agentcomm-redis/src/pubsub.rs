@@ -1140,6 +1140,15 @@ impl Reader {
             .strip_prefix(shared.keys.prefix())
             .and_then(|rest| rest.strip_prefix(':'))
             == Some(envelope.channel().name());
+        if !own {
+            misnamed(
+                shared,
+                &raw,
+                &message.channel,
+                covered,
+                envelope.channel().name(),
+            );
+        }
         if glob_copy {
             self.last = Some(LastCopy {
                 frame: raw,
@@ -1192,6 +1201,38 @@ impl Reader {
              DeliveryMode::Streams); its own losses are counted as `lost`"
         );
     }
+}
+
+/// A frame that decoded on `channel` but names another channel (`named`): a frame's `channel` is the
+/// name of the Redis channel it is published on, under the prefix, and no agentcomm publisher sends
+/// one that says otherwise. Another program's mistake (the canonical name where a template renders
+/// another, say) is dead-lettered as malformed, counted and logged, instead of being skipped without a
+/// trace: none of the channel's subscribers would ever receive it. Only on this router's channels: its
+/// exact channel (`Coverage::Channel`), or a glob's match whose name under the prefix is a channel
+/// (a wildcard class's `<prefix>:*` also hears a longer prefix's channels, another router's).
+#[cold]
+#[inline(never)]
+fn misnamed(shared: &Arc<Shared>, raw: &Bytes, channel: &Str, covered: Coverage, named: &str) {
+    let Some(name) = channel
+        .strip_prefix(shared.keys.prefix())
+        .and_then(|rest| rest.strip_prefix(':'))
+    else {
+        return;
+    };
+    if covered != Coverage::Channel && parse_channel(name).is_err() {
+        return;
+    }
+    let error = Error::InvalidChannelFormat {
+        channel: named.to_string(),
+        expected: name.to_string(),
+        detail: Some(format!(
+            "the frame names channel '{named}' but was published on the Redis channel '{}'; a \
+             frame's `channel` must be the name of the Redis channel it is published on, without \
+             the prefix (docs/wire-format.md)",
+            &**channel
+        )),
+    };
+    shared.malformed(raw.clone(), channel, &error);
 }
 
 /// The error of a subscribe whose router closed before its subscription was confirmed and registered.

@@ -954,6 +954,70 @@ async fn a_malformed_frame_of_a_longer_prefix_is_not_this_routers() {
     router.close().await.unwrap();
 }
 
+/// A frame another program publishes on a channel of this router, but that names another channel (a
+/// mistake such as the canonical name where the type's template renders another), reaches none of the
+/// channel's subscriptions: it is dead-lettered as malformed, once, counted by each subscription that
+/// read it and logged, like a frame that does not decode. Before, every subscription skipped it
+/// without a trace: nothing counted, nothing logged, health `Healthy`, the message gone. A well-named
+/// message of a longer prefix (another router's), which the wildcard class's glob also hears, is still
+/// skipped quietly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_naming_another_channel_than_its_own_is_dead_lettered() {
+    use fred::prelude::{PubsubInterface, StreamsInterface};
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let other = connect(&format!("{prefix}:v2")).await;
+    let mut subscriptions = Vec::new();
+    // By name, by a glob of the class, and by the wildcard class's glob of the whole prefix.
+    for pattern in ["Named:event:s1", "Named:*:*", "*:event:*"] {
+        subscriptions.push(
+            router
+                .subscribe(SubscribeOptions::new(
+                    ChannelPattern::parse(pattern).unwrap(),
+                ))
+                .await
+                .unwrap(),
+        );
+    }
+    let raw = raw_client().await;
+    let misnamed = envelope("Named:event:s2", 1).to_frame().unwrap();
+    let receivers: i64 = raw
+        .publish(format!("{prefix}:Named:event:s1"), misnamed)
+        .await
+        .unwrap();
+    assert_eq!(receivers, 3, "Redis sent it to every subscription");
+    other.publish(envelope("Named:event:s1", 2)).await.unwrap();
+    // One of its own behind both: read by every subscription, so the other two were read before.
+    router.publish(envelope("Named:event:s1", 3)).await.unwrap();
+    for subscription in &mut subscriptions {
+        assert_eq!(received(subscription).await, 3);
+    }
+    let stream = format!("{prefix}:stream:{{DeadLetter}}");
+    eventually(WAIT, "the misnamed frame to be dead-lettered", async || {
+        raw.xlen::<u64, _>(stream.as_str()).await.unwrap_or(0) >= 1
+    })
+    .await;
+    let health = router.health().await;
+    assert_eq!(
+        health.get("malformed"),
+        3,
+        "once per subscription that read it: {health:?}"
+    );
+    assert_eq!(
+        health.status,
+        agentcomm_core::router::HealthStatus::Degraded
+    );
+    let stored: u64 = raw.xlen(stream.as_str()).await.unwrap();
+    assert_eq!(stored, 1, "dead-lettered once");
+    let _ = fred::prelude::ClientLike::quit(&raw).await;
+    other.close().await.unwrap();
+    router.close().await.unwrap();
+}
+
 /// Receives the next delivery, checks that it is message `expected` and acknowledges it, then waits
 /// three reorder windows with nothing arriving (a gap would have been settled as lost by then): the
 /// router's health after that.

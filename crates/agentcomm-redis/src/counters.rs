@@ -5,7 +5,7 @@
 //! | `published` | publishes Redis confirmed |
 //! | `publish_duplicates` | streams: publishes fred wrote again after a reconnect, found stored already and not stored twice |
 //! | `publish_errors` | publishes that failed (the caller got the error) |
-//! | `publish_uncertain` | publishes of a `publish_batch` (pub/sub, or Streams without `idempotent_publish`) whose pipeline failed on a timeout or a cut connection: their caller got an error, yet they may have been published or stored, or may still be once the connection is back (fred can write a pipeline after its caller stopped waiting); publishing them again may deliver them twice. Also in `publish_errors` |
+//! | `publish_uncertain` | publishes of a `publish_batch` (pub/sub, or Streams without `idempotent_publish`) whose pipeline failed on a timeout or a cut connection: their caller got an error, yet they may have been published or stored, or may still be once the connection is back (fred can write a pipeline after its caller stopped waiting); publishing them again may deliver them twice. Also pub/sub `PUBLISH`es sent alone that failed so (Redis may have run one before its answer came too late or was lost). Also in `publish_errors`, except the live copies of stored messages (a reply in Streams mode, a dead letter in pub/sub mode), whose publish reports `Accepted` |
 //! | `unroutable` | pub/sub: publishes no subscriber received |
 //! | `delivered` | deliveries handed to subscriptions |
 //! | `acked`, `nacked` | settlements |

@@ -280,6 +280,13 @@ const UNCERTAIN_BATCH_PUBLISH: &str = "PUBLISH in a publish_batch pipeline (the 
      pipeline after its caller stopped waiting: publishing it again may deliver it twice, as a new \
      message subscribers cannot tell from the first)";
 
+/// [`UNCERTAIN_BATCH_PUBLISH`] for a single pub/sub `PUBLISH` that failed on a timeout or a cut
+/// connection: written before its caller stopped waiting, Redis ran it (its answer came too late, or
+/// was lost with the connection), and subscribers received it, although its caller got an error.
+const UNCERTAIN_PUBLISH: &str = "PUBLISH (the message may have been published: Redis may have run \
+     it before its answer was lost or came too late; publishing it again may deliver it twice, as a \
+     new message subscribers cannot tell from the first)";
+
 /// Whether Redis itself answered a command with an error (`NOPERM` for a channel the ACL user may not
 /// publish to, for one): the command did not run. fred's own errors (a timeout, a cut connection, too
 /// many write attempts) leave that open: the command may have run, or (a pipeline that timed out) may
@@ -1559,6 +1566,15 @@ impl Shared {
             {
                 route.give_back(number);
             }
+        } else if matches!(
+            error.kind(),
+            fred::error::ErrorKind::Timeout
+                | fred::error::ErrorKind::IO
+                | fred::error::ErrorKind::Canceled
+        ) {
+            // It may have run (see `refused_by_redis`): the error says so, as a batch's does.
+            self.counters.bump(&self.counters.publish_uncertain);
+            return map_error(error, &self.settings, UNCERTAIN_PUBLISH);
         }
         map_error(error, &self.settings, "PUBLISH")
     }

@@ -862,6 +862,62 @@ async fn a_pubsub_batch_given_up_while_redis_is_unreachable_says_its_messages_ma
     publisher.close().await.unwrap();
 }
 
+/// A single pub/sub publish whose answer comes later than the command timeout was run by Redis all the
+/// same: its subscribers receive it, although its caller got an error. A caller that publishes it again
+/// delivers it twice (a retry takes a new sequence number). The error must say so, as a batch's does,
+/// and the publish is counted in `publish_uncertain`; before, the error only said that Redis did not
+/// answer in time, and nothing was counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_pubsub_publish_that_times_out_says_it_may_be_delivered() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let publisher = connect_through_proxy(
+        RedisRouter::builder(proxied)
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let subscriber = connected(builder(DeliveryMode::PubSub, &prefix)).await;
+    let mut subscription = subscriber
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Slow:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let channel = parse_channel("Slow:event:s1").unwrap();
+    publisher.publish(message(&channel, 0)).await.unwrap();
+    let first = next(&mut subscription).await;
+    assert_eq!(number(first.envelope()), 0);
+    first.ack().await.unwrap();
+    // The connection carries, slowly: the PUBLISH reaches Redis, its answer comes too late.
+    proxy.set_latency(Duration::from_secs(2));
+    let error = within(
+        Duration::from_secs(10),
+        "the publish to time out",
+        publisher.publish(message(&channel, 1)),
+    )
+    .await
+    .expect_err("its answer comes after the command timeout")
+    .to_string();
+    // What makes the wording matter: it was published.
+    let delivery = next(&mut subscription).await;
+    assert_eq!(number(delivery.envelope()), 1);
+    delivery.ack().await.unwrap();
+    proxy.set_latency(Duration::ZERO);
+    assert!(
+        error.contains("may have been published") && error.contains("may deliver it twice"),
+        "the error says the message may be delivered, and what a retry does: {error}"
+    );
+    let health = publisher.health().await;
+    assert_eq!(health.get("publish_uncertain"), 1, "{health:?}");
+    assert_eq!(health.get("publish_errors"), 1, "{health:?}");
+    subscriber.close().await.unwrap();
+    publisher.close().await.unwrap();
+}
+
 /// `reclaim_rounds` counts the rounds that looked at every stream: none while Redis is unreachable
 /// (each round fails), and again once it is back. Before, a round in which every stream failed was
 /// counted too, so the counter could not tell an operator (or a test waiting on it) that reclaiming

@@ -17,6 +17,11 @@ pub const JSON_CONTENT_TYPE: &str = "application/json";
 /// The content type of payloads that are raw bytes, such as a malformed frame kept in a dead letter.
 pub const BINARY_CONTENT_TYPE: &str = "application/octet-stream";
 
+/// How deep the values of a MessagePack payload may nest: as deep as serde_json lets a JSON payload
+/// go. rmp-serde's own limit (1024) let a payload of about a kilobyte overflow the stack of the task
+/// decoding it, which aborts the whole process.
+const MAX_DEPTH: usize = 128;
+
 /// How a message is turned into payload bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -81,11 +86,21 @@ impl Codec {
         }
     }
 
-    /// Decodes a message.
+    /// Decodes a message. MessagePack values nested deeper than 128 levels (even in a field the message
+    /// does not have) are refused rather than risking the stack of the decoding task, as serde_json
+    /// refuses JSON nested that deep.
     pub fn decode<M: DeserializeOwned>(self, class: &str, payload: &[u8]) -> Result<M> {
         match self {
             Codec::MessagePack => {
-                rmp_serde::from_slice(payload).map_err(|e| Error::decode(class, e))
+                let mut deserializer = rmp_serde::Deserializer::from_read_ref(payload);
+                deserializer.set_max_depth(MAX_DEPTH);
+                M::deserialize(&mut deserializer).map_err(|e| match e {
+                    rmp_serde::decode::Error::DepthLimitExceeded => Error::decode(
+                        class,
+                        format!("values nested deeper than {MAX_DEPTH} levels"),
+                    ),
+                    e => Error::decode(class, e),
+                })
             }
             Codec::Json => serde_json::from_slice(payload).map_err(|e| Error::decode(class, e)),
         }
@@ -704,6 +719,64 @@ mod tests {
             .to_string();
         assert!(text.contains("in field `Circle` "), "{text}");
         assert!(!text.contains("#[message(min"), "{text}");
+    }
+
+    /// A payload of about a kilobyte, an unknown field holding arrays nested a thousand deep, overflowed
+    /// the stack of a tokio worker (2 MiB) in a debug build while rmp-serde skipped it (its own limit
+    /// is 1024 levels): the process aborted, and a broker redelivering the message crashed it again.
+    /// It is refused, as serde_json refuses JSON nested that deep, and a payload nested as deep as JSON
+    /// allows is still read.
+    #[test]
+    fn deeply_nested_payloads_are_refused_not_a_stack_overflow() {
+        fn nested_msgpack(depth: usize) -> Vec<u8> {
+            let mut payload = Codec::MessagePack
+                .encode(
+                    "Payment",
+                    &PaymentV1 {
+                        amount: 1.0,
+                        user_id: "u1".into(),
+                    },
+                )
+                .unwrap()
+                .to_vec();
+            // One more entry in the map: "x" => [[[...nil...]]].
+            payload[0] += 1;
+            payload.extend_from_slice(&[0xa1, b'x']);
+            payload.extend(std::iter::repeat_n(0x91, depth));
+            payload.push(0xc0);
+            payload
+        }
+        let decode = |payload: Vec<u8>| {
+            // The stack of a tokio worker thread.
+            std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || Codec::MessagePack.decode::<PaymentV1>("Payment", &payload))
+                .unwrap()
+                .join()
+                .unwrap()
+        };
+        let error = decode(nested_msgpack(1000)).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "could not decode Payment: values nested deeper than 128 levels"
+        );
+        let json = format!(
+            r#"{{"amount":1.0,"user_id":"u1","x":{}null{}}}"#,
+            "[".repeat(1000),
+            "]".repeat(1000)
+        );
+        assert!(
+            Codec::Json
+                .decode::<serde_json::Value>("Payment", json.as_bytes())
+                .is_err()
+        );
+        // As deep as JSON reads.
+        let read = decode(nested_msgpack(120)).unwrap();
+        assert_eq!(read.user_id, "u1");
+        let value: serde_json::Value = Codec::MessagePack
+            .decode("Value", &nested_msgpack(120)[..])
+            .unwrap();
+        assert_eq!(value["user_id"], "u1");
     }
 
     #[test]

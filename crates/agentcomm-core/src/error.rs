@@ -273,6 +273,9 @@ pub fn redact_url(url: &str) -> String {
         // The user part ends at the last '@': a password may contain '/', '#' or '@' unencoded.
         return match rest.rfind('@') {
             Some(at) => format!("{head}{}{}", redact_userinfo(&rest[..at]), &rest[at..]),
+            // No '@' and no host: the user part left without its host (`redis://:password`,
+            // `amqp://guest:password`) reads as `host:port` with a port that is no number.
+            None if !looks_like_hosts(rest) => hidden(),
             None => url.to_string(),
         };
     };

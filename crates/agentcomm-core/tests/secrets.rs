@@ -242,3 +242,49 @@ fn a_url_with_quotes_or_its_name_around_it_shows_its_host_and_what_to_remove() {
         assert!(found.is_empty(), "{}", found.join("\n"));
     }
 }
+
+/// A URL whose host was forgotten (`redis://:password`, `amqp://guest:password`: what is left of the
+/// user part reads as a host and a port that is no number) was refused with the password shown whole:
+/// "REDIS_URL='redis://:Qz7kWm4pXc5v' is not valid: the host is missing".
+#[test]
+fn a_url_without_its_host_shows_no_password() {
+    let mut found = Vec::new();
+    for password in [
+        "Qz7kWm4pXc5v",
+        "Qz7k%40Wm4p%3AXc5v",
+        "Qz7k:Wm4p:Xc5v",
+        "Qz7k/Wm4p/Xc5v",
+        "Qz7k#Wm4p#Xc5v",
+    ] {
+        for (variable, template) in [
+            ("REDIS_URL", "redis://:{}"),
+            ("REDIS_URL", "redis://user:{}"),
+            ("REDIS_URL", "rediss://user:{}/0"),
+            ("RABBITMQ_URL", "amqp://guest:{}"),
+            ("RABBITMQ_URL", "amqps://app:{}/prod"),
+        ] {
+            let url = template.replace("{}", password);
+            found.extend(leaks(variable, std::slice::from_ref(&url)));
+            found.extend(leaks("MESSAGING_BACKEND", &[url]));
+        }
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+    // The error still says what is wrong.
+    let error =
+        Config::from_lookup(|name| (name == "REDIS_URL").then(|| "redis://:Qz7kWm4pXc5v".into()))
+            .unwrap_err()
+            .to_string();
+    assert!(
+        error.starts_with("REDIS_URL='redis://***' is not valid: the host is missing"),
+        "{error}"
+    );
+    // A host with a port, or none, is shown as it was.
+    for url in [
+        "redis://cache:6379/0",
+        "redis://cache",
+        "unix:///run/redis.sock",
+        "amqp://mq/%2f",
+    ] {
+        assert_eq!(redact_url(url), url);
+    }
+}

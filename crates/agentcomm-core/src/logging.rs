@@ -289,7 +289,7 @@ impl LogConfig {
     /// `agentcomm_core=debug,info`), replacing any earlier level or filter.
     ///
     /// A plain level name accepted by [`parse_level`] (such as `WARNING`) is taken as that
-    /// level. The directives are checked by [`init`], which returns
+    /// level, alone or in a directive (`agentcomm_core=debug,WARNING`). The directives are checked by [`init`], which returns
     /// [`LoggingError::InvalidFilter`] if they are not valid.
     #[must_use]
     pub fn filter(mut self, directives: impl Into<String>) -> Self {
@@ -357,7 +357,33 @@ fn parse_filter(directives: &str) -> Result<EnvFilter, LoggingError> {
     if directives.trim().is_empty() {
         return Err(invalid("it is empty".to_owned()));
     }
-    EnvFilter::try_new(directives).map_err(|e| invalid(e.to_string()))
+    EnvFilter::try_new(with_tracing_level_names(directives)).map_err(|e| invalid(e.to_string()))
+}
+
+/// `directives` with the level names [`parse_level`] accepts and `EnvFilter` does not (Python's
+/// `WARNING` and `CRITICAL`) written as `EnvFilter` reads them. It took a bare `WARNING` in a list
+/// (`agentcomm_core=debug,WARNING`) for the name of a target, which left every other target's
+/// events, errors included, unlogged; and it refused `agentcomm_core=WARNING`.
+fn with_tracing_level_names(directives: &str) -> String {
+    let directives: Vec<String> = directives
+        .split(',')
+        .map(|directive| {
+            let (target, level) = match directive.rsplit_once('=') {
+                Some((target, level)) => (Some(target), level),
+                None => (None, directive),
+            };
+            let level = match level.trim().to_ascii_uppercase().as_str() {
+                "WARNING" => "warn",
+                "CRITICAL" => "error",
+                _ => return directive.to_owned(),
+            };
+            match target {
+                Some(target) => format!("{target}={level}"),
+                None => level.to_owned(),
+            }
+        })
+        .collect();
+    directives.join(",")
 }
 
 /// The level for a `LOG_LEVEL` value: `INFO` when unset or empty.
@@ -1239,6 +1265,49 @@ mod tests {
             info!(target: "quiet", "dropped");
             debug!("dropped");
             warn!(target: "quiet", "kept too");
+        });
+        let messages: Vec<&str> = lines
+            .iter()
+            .map(|o| o["message"].as_str().unwrap())
+            .collect();
+        assert_eq!(messages, ["kept", "kept too"]);
+    }
+
+    /// `WARNING` (the level name of LOG_LEVEL) in a list of directives was taken for a target: only
+    /// `chatty`'s events were logged, other targets' warnings and errors never. `quiet=CRITICAL` was
+    /// refused.
+    #[test]
+    fn filter_directives_accept_the_level_names_of_log_level() {
+        for directives in [
+            "chatty=debug,WARNING",
+            "chatty=debug, warning",
+            "chatty=debug,quiet=Warning,info",
+        ] {
+            let filter = LogConfig::new().filter(directives).build_filter().unwrap();
+            let lines = capture_with(filter, || {
+                debug!(target: "chatty", "kept");
+                info!(target: "quiet", "dropped");
+                warn!(target: "quiet", "kept too");
+                error!(target: "quiet", "kept as well");
+            });
+            let messages: Vec<&str> = lines
+                .iter()
+                .map(|o| o["message"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                messages,
+                ["kept", "kept too", "kept as well"],
+                "{directives}"
+            );
+        }
+        let filter = LogConfig::new()
+            .filter("quiet=CRITICAL,debug")
+            .build_filter()
+            .unwrap();
+        let lines = capture_with(filter, || {
+            warn!(target: "quiet", "dropped");
+            error!(target: "quiet", "kept");
+            debug!(target: "chatty", "kept too");
         });
         let messages: Vec<&str> = lines
             .iter()

@@ -62,8 +62,9 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Number, Value};
 use tracing::field::{Field, Visit};
@@ -418,6 +419,7 @@ pub struct LogGuard {
     worker: Option<WorkerGuard>,
     finished: mpsc::Receiver<()>,
     flush_timeout: Duration,
+    progress: Arc<Progress>,
 }
 
 impl fmt::Debug for LogGuard {
@@ -430,18 +432,126 @@ impl fmt::Debug for LogGuard {
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        // Queues a shutdown message behind the pending lines and waits up to one second
-        // for the worker to reach it.
+        let deadline = Instant::now().checked_add(self.flush_timeout);
+        // tracing-appender's guard queues a shutdown message behind the pending lines, but gives up
+        // after 0.1 s when every place is taken (printing so to standard output, among the lines),
+        // and then the writer thread never ends. So the lines pending now are waited for first.
+        let pending = self.progress.queued.load(Ordering::SeqCst);
+        if !self.progress.wait_for(pending, deadline) {
+            self.warn_unwritten();
+            // Dropped, it would print its complaint to standard output; the writer thread goes on
+            // writing until the program ends.
+            std::mem::forget(self.worker.take());
+            return;
+        }
+        // Queues the shutdown message and waits up to one second for the worker to reach it.
         drop(self.worker.take());
         // The worker drops its writer (`TrackedWriter`) only after writing and flushing
-        // everything before the shutdown message, which may take longer than one second.
-        if let Err(mpsc::RecvTimeoutError::Timeout) = self.finished.recv_timeout(self.flush_timeout)
-        {
-            eprintln!(
-                "agentcomm logging: pending log lines were not written within {:?}; some may be lost",
-                self.flush_timeout
-            );
+        // everything before the shutdown message.
+        let left = deadline.map_or(Duration::MAX, |deadline| {
+            deadline.saturating_duration_since(Instant::now())
+        });
+        if let Err(mpsc::RecvTimeoutError::Timeout) = self.finished.recv_timeout(left) {
+            self.warn_unwritten();
         }
+    }
+}
+
+impl LogGuard {
+    fn warn_unwritten(&self) {
+        eprintln!(
+            "agentcomm logging: pending log lines were not written within {:?}; some may be lost",
+            self.flush_timeout
+        );
+    }
+}
+
+/// How many lines were handed to the writer thread, and how many it has dealt with (written, or
+/// sent to the fallback): what [`LogGuard`] waits for when it is dropped.
+#[derive(Default)]
+struct Progress {
+    queued: AtomicU64,
+    done: Mutex<u64>,
+    changed: Condvar,
+    /// Whether the guard waits on `changed` (set with `done` locked): the writer thread wakes it only
+    /// then, not with a system call per line.
+    waiting: AtomicBool,
+}
+
+impl Progress {
+    fn line_done(&self) {
+        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        *done += 1;
+        if self.waiting.load(Ordering::SeqCst) {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits until `lines` lines are dealt with, or `deadline` (none: no limit); whether they are.
+    fn wait_for(&self, lines: u64, deadline: Option<Instant>) -> bool {
+        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        self.waiting.store(true, Ordering::SeqCst);
+        while *done < lines {
+            done = match deadline {
+                None => self
+                    .changed
+                    .wait(done)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    self.changed
+                        .wait_timeout(done, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+        true
+    }
+}
+
+/// The writer of the subscriber [`init`] installs: the channel to the writer thread, counting the
+/// lines it takes.
+struct QueueWriter {
+    inner: NonBlocking,
+    progress: Arc<Progress>,
+}
+
+/// One line's writer, made by [`QueueWriter`].
+struct QueueLine<'a> {
+    inner: NonBlocking,
+    progress: &'a Progress,
+}
+
+impl<'a> MakeWriter<'a> for QueueWriter {
+    type Writer = QueueLine<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        QueueLine {
+            inner: self.inner.make_writer(),
+            progress: &self.progress,
+        }
+    }
+}
+
+impl Write for QueueLine<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        // One message to the writer thread, which deals with it in one `write_all`.
+        self.inner.write_all(buf)?;
+        self.progress.queued.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -454,6 +564,7 @@ struct TrackedWriter<W> {
     failed: bool,
     /// The output ends with part of a line (a write failed part-way).
     fragment: bool,
+    progress: Arc<Progress>,
     _finished: mpsc::Sender<()>,
 }
 
@@ -464,6 +575,19 @@ impl<W: Write> Write for TrackedWriter<W> {
     }
 
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let result = self.write_or_fall_back(buf);
+        self.progress.line_done();
+        result
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> TrackedWriter<W> {
+    /// Writes `buf` (one line) to the output, or to the fallback if the output fails.
+    fn write_or_fall_back(&mut self, buf: &[u8]) -> io::Result<()> {
         if let Err(error) = self.write_line(buf) {
             if !self.failed {
                 self.failed = true;
@@ -478,12 +602,6 @@ impl<W: Write> Write for TrackedWriter<W> {
         Ok(())
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<W: Write> TrackedWriter<W> {
     /// Writes `line` to the output. When a write fails part-way (a full disk takes the first bytes,
     /// then refuses), the fragment is ended with a newline before the next line, so that only the
     /// fragment is broken, not the line after it too.
@@ -517,13 +635,15 @@ fn spawn_writer<W: Write + Send + 'static>(
     writer: W,
     fallback: Box<dyn Write + Send>,
     flush_timeout: Duration,
-) -> (NonBlocking, LogGuard) {
+) -> (QueueWriter, LogGuard) {
     let (finished_tx, finished_rx) = mpsc::channel();
+    let progress = Arc::new(Progress::default());
     let tracked = TrackedWriter {
         inner: writer,
         fallback,
         failed: false,
         fragment: false,
+        progress: Arc::clone(&progress),
         _finished: finished_tx,
     };
     let (non_blocking, worker) = NonBlockingBuilder::default()
@@ -534,13 +654,18 @@ fn spawn_writer<W: Write + Send + 'static>(
         worker: Some(worker),
         finished: finished_rx,
         flush_timeout,
+        progress: Arc::clone(&progress),
     };
-    (non_blocking, guard)
+    let writer = QueueWriter {
+        inner: non_blocking,
+        progress,
+    };
+    (writer, guard)
 }
 
 /// The subscriber [`init`] installs.
 type JsonSubscriber = tracing_subscriber::layer::Layered<
-    JsonLayer<NonBlocking>,
+    JsonLayer<QueueWriter>,
     tracing_subscriber::layer::Layered<EnvFilter, Registry>,
 >;
 
@@ -1557,7 +1682,7 @@ mod tests {
         let (writer, guard) = spawn_writer(
             SlowWriter(Arc::clone(&out)),
             Box::new(io::sink()),
-            Duration::from_secs(60),
+            Duration::from_secs(20),
         );
         let subscriber = Registry::default().with(json_layer(writer));
         tracing::subscriber::with_default(subscriber, || {
@@ -1568,6 +1693,80 @@ mod tests {
         drop(guard);
         let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
         assert_eq!(parse_lines(&text).len(), N);
+    }
+
+    /// Holds its first line until `open` is set, as an output nobody reads for a while (a full
+    /// pipe) would; takes everything at once after that.
+    struct StalledWriter {
+        out: Arc<Mutex<Vec<u8>>>,
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl Write for StalledWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (open, opened) = &*self.open;
+            drop(
+                opened
+                    .wait_while(open.lock().unwrap(), |open| !*open)
+                    .unwrap(),
+            );
+            self.out.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The guard dropped while every one of the 128,000 places for pending lines was taken (an output
+    /// stalled for a while under a burst of lines): tracing-appender's guard gives up queueing its
+    /// shutdown message after 0.1 s, printing "Failed to send shutdown signal" to standard output,
+    /// among the JSON lines. The writer thread then never ended, and our guard waited the whole
+    /// flush timeout, then warned that lines may be lost, although every line had been written within
+    /// a second of the output resuming.
+    #[test]
+    fn guard_dropped_with_every_place_taken_returns_once_the_lines_are_written() {
+        // tracing-appender's default number of places.
+        const N: usize = 128_000 + 1;
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let (writer, guard) = spawn_writer(
+            StalledWriter {
+                out: Arc::clone(&out),
+                open: Arc::clone(&open),
+            },
+            Box::new(io::sink()),
+            Duration::from_secs(20),
+        );
+        let subscriber = Registry::default().with(json_layer(writer));
+        // The global subscriber `init` installs keeps its writer for as long as the program runs.
+        let kept = Arc::new(subscriber);
+        let subscriber = Arc::clone(&kept);
+        tracing::subscriber::with_default(subscriber, || {
+            // The writer thread holds the first line; the others take every place.
+            for i in 0..N {
+                info!(i);
+            }
+        });
+        let started = std::time::Instant::now();
+        let resume = std::thread::spawn(move || {
+            // The output resumes a while after the guard starts being dropped (a slow reader: part
+            // of the scenario, not a wait for a condition).
+            std::thread::sleep(Duration::from_millis(500));
+            let (flag, opened) = &*open;
+            *flag.lock().unwrap() = true;
+            opened.notify_all();
+        });
+        drop(guard);
+        let elapsed = started.elapsed();
+        resume.join().unwrap();
+        drop(kept);
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), N);
+        assert!(
+            elapsed < Duration::from_secs(10),
+            "the guard waited {elapsed:?} for lines written within a second"
+        );
     }
 
     /// A writer that always fails.

@@ -524,6 +524,15 @@ fn without_export(line: &str) -> &str {
     }
 }
 
+/// `value` up to a `#` after whitespace, which starts a comment: after a tab too (`DEBUG\t# verbose`),
+/// which was kept in the value. A `#` right after other text (`pa#ss`) is part of the value.
+fn without_comment(value: &str) -> &str {
+    value
+        .char_indices()
+        .find(|&(at, c)| c == '#' && value[..at].ends_with(char::is_whitespace))
+        .map_or(value, |(at, _)| &value[..at])
+}
+
 /// Parses `KEY=value` lines; `#` starts a comment, `export ` is allowed, values may be quoted.
 pub fn parse_env_file(text: &str) -> HashMap<String, String> {
     let mut values = HashMap::new();
@@ -554,7 +563,7 @@ pub fn parse_env_file(text: &str) -> HashMap<String, String> {
                 .find_map(|q| value.strip_prefix(q).and_then(|v| v.strip_suffix(q)))
             {
                 Some(inner) => inner.to_string(),
-                None => value.split(" #").next().unwrap_or("").trim().to_string(),
+                None => without_comment(value).trim().to_string(),
             },
         };
         values.insert(key.trim().to_string(), value);
@@ -1057,6 +1066,19 @@ mod tests {
         assert_eq!(values["LOG_LEVEL"], "DEBUG");
         assert_eq!(values["X"], "1");
         assert_eq!(values.len(), 4);
+    }
+
+    /// A comment after a tab was kept in the value: `LOG_LEVEL=DEBUG\t# verbose` was refused as the
+    /// level 'DEBUG\t# verbose', and a variable read through `Config::var` held the comment.
+    #[test]
+    fn a_comment_after_a_tab_is_no_part_of_the_value() {
+        let values = parse_env_file(
+            "LOG_LEVEL=DEBUG\t# verbose\nREDIS_DELIVERY_MODE=pubsub\t\t#fan-out\nK=a#b\nP=x \t # y\n",
+        );
+        assert_eq!(values["LOG_LEVEL"], "DEBUG");
+        assert_eq!(values["REDIS_DELIVERY_MODE"], "pubsub");
+        assert_eq!(values["K"], "a#b", "a '#' right after text is kept");
+        assert_eq!(values["P"], "x");
     }
 
     /// `export` followed by a tab, or by more than one space, is `export` all the same: the name was

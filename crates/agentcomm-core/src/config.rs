@@ -330,7 +330,8 @@ const CHECKED_VARIABLES: [&str; 5] = [
 /// program silently ran on the variable's default (the local Redis, say). The error names the file,
 /// the line and the variable, never the value (it may hold a password). Lines naming other
 /// variables are left alone: the file may be another tool's too, and so are lines for a variable the
-/// process environment sets (it takes precedence: the line would not be used), with a warning.
+/// process environment sets (it takes precedence: the line would not be used), with a warning
+/// (kept until logging starts when no subscriber listens yet).
 fn line_without_equals(
     path: &Path,
     text: &str,
@@ -356,13 +357,19 @@ fn line_without_equals(
             .unwrap_or("");
         if CHECKED_VARIABLES.contains(&name) && before != name {
             if prefer(process(name), None).is_some() {
-                tracing::warn!(
-                    file = %path.display(),
-                    line = index + 1,
-                    variable = name,
-                    "the env file's line for this variable has no '=' right after the name and \
-                     is ignored; the process environment sets the variable, which is used"
-                );
+                let (file, line, variable) =
+                    (path.display().to_string(), index + 1, name.to_string());
+                // `Config::load` usually runs before logging starts: the warning then waits for it.
+                logging::warn_now_or_at_init(move || {
+                    // Not `file` and `line`: every log line has those (where it was logged).
+                    tracing::warn!(
+                        env_file = file,
+                        env_line = line,
+                        variable = variable.as_str(),
+                        "the env file's line for this variable has no '=' right after the name and \
+                         is ignored; the process environment sets the variable, which is used"
+                    );
+                });
                 continue;
             }
             return Err(Error::Config {

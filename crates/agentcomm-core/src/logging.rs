@@ -755,7 +755,40 @@ pub fn init(config: LogConfig) -> Result<LogGuard, LoggingError> {
     // Libraries that log through the `log` crate (fred's connection and reconnection messages) reach
     // the same lines. Left alone when the program already installed a `log` logger of its own.
     let _ = tracing_log::LogTracer::init();
+    for warning in std::mem::take(&mut *early_warnings()) {
+        warning();
+    }
     Ok(guard)
+}
+
+/// The most warnings kept for [`init`] ([`warn_now_or_at_init`]): a program that never starts logging
+/// does not keep collecting them.
+const MAX_EARLY_WARNINGS: usize = 64;
+
+/// A warning raised before any subscriber listened.
+type EarlyWarning = Box<dyn FnOnce() + Send>;
+
+fn early_warnings() -> std::sync::MutexGuard<'static, Vec<EarlyWarning>> {
+    static EARLY: Mutex<Vec<EarlyWarning>> = Mutex::new(Vec::new());
+    EARLY.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `warning` (a `tracing::warn!`) now if a subscriber listens (the global one or this thread's),
+/// otherwise keeps it for [`init`], which runs it once its subscriber is installed: the documented
+/// flow reads the configuration (`Config::load`) before it starts logging, and a warning about the
+/// configuration would otherwise reach nobody.
+pub(crate) fn warn_now_or_at_init(warning: impl FnOnce() + Send + 'static) {
+    let listening = tracing::dispatcher::get_default(|dispatch| {
+        !dispatch.is::<tracing::subscriber::NoSubscriber>()
+    });
+    if listening {
+        warning();
+        return;
+    }
+    let mut early = early_warnings();
+    if early.len() < MAX_EARLY_WARNINGS {
+        early.push(Box::new(warning));
+    }
 }
 
 /// Installs JSON Lines logging to standard output at the level given by `LOG_LEVEL`

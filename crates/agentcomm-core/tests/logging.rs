@@ -123,3 +123,67 @@ fn init_installs_the_global_subscriber_once() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Set (to an env file's path) in the child process of
+/// `a_configuration_warning_raised_before_logging_starts_is_logged_when_it_starts`.
+const EARLY_CHILD_MARKER: &str = "AGENTCOMM_LOGGING_TEST_EARLY_ENV_FILE";
+
+/// Only does something in that child: reads the configuration first, then starts logging, as the
+/// examples and the README do.
+#[test]
+fn child_loading_the_configuration_before_logging() {
+    let Some(path) = std::env::var_os(EARLY_CHILD_MARKER) else {
+        return;
+    };
+    let config = agentcomm_core::config::Config::load_with_file(std::path::Path::new(&path));
+    let guard = logging::try_init_from_env().unwrap();
+    println!("REDIS_URL in use: {}", config.unwrap().redis_url());
+    drop(guard);
+}
+
+/// `Config::load` warns about an env file line it passes over (no '=' after the name, for a variable
+/// the process environment sets), and the documented flow loads the configuration before logging
+/// starts. Before, that warning went to no subscriber and was lost; it is now logged once `init` runs.
+#[test]
+fn a_configuration_warning_raised_before_logging_starts_is_logged_when_it_starts() {
+    let path = std::env::temp_dir().join(format!(
+        "agentcomm-logging-early-{}.env",
+        std::process::id()
+    ));
+    std::fs::write(&path, "REDIS_URL redis://file-host:6379\n").unwrap();
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_loading_the_configuration_before_logging",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(EARLY_CHILD_MARKER, &path)
+        .env("REDIS_URL", "redis://env-host:6379")
+        .env_remove("LOG_LEVEL")
+        .output()
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        stdout.contains("REDIS_URL in use: redis://env-host:6379"),
+        "{stdout}"
+    );
+    let warnings: Vec<Value> = json_lines(&stdout)
+        .into_iter()
+        .filter(|line| line["level"] == "WARNING")
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stdout}");
+    let warning = &warnings[0];
+    assert!(
+        warning["message"]
+            .as_str()
+            .unwrap()
+            .contains("no '=' right after the name"),
+        "{warning}"
+    );
+    assert_eq!(warning["variable"], "REDIS_URL", "{warning}");
+    assert_eq!(warning["env_line"], 1, "{warning}");
+    assert_eq!(warning["env_file"], path.display().to_string(), "{warning}");
+}

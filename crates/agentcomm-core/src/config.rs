@@ -165,7 +165,9 @@ impl Config {
 
     /// Reads an env file (if it exists), with the process environment taking precedence over it. A
     /// line of the file that names one of agentcomm's variables but has no `=` (`REDIS_URL
-    /// redis://..`) is an [`Error::Config`] naming the line, rather than a line skipped.
+    /// redis://..`) is an [`Error::Config`] naming the line, rather than a line skipped; so is a line
+    /// naming one in other letter case (`redis_url=..`: names are case-sensitive), unless the
+    /// variable is set all the same (then a warning).
     pub fn load_with_file(path: &Path) -> Result<Self> {
         Self::load_with_file_and(path, |name| std::env::var(name).ok())
     }
@@ -174,8 +176,10 @@ impl Config {
     fn load_with_file_and(path: &Path, process: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let file = match std::fs::read_to_string(path) {
             Ok(text) => {
+                let file = parse_env_file(&text);
                 line_without_equals(path, &text, &process)?;
-                parse_env_file(&text)
+                name_in_other_case(path, &text, &file, &process)?;
+                file
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
             Err(error) => {
@@ -381,6 +385,62 @@ fn line_without_equals(
                 ),
             });
         }
+    }
+    Ok(())
+}
+
+/// Refuses an env file line whose name is one of agentcomm's variables in other letter case
+/// (`redis_url=redis://prod:6379`, as a case-insensitive settings library would read it): names are
+/// case-sensitive here, so the line is not read and the program would silently run on the variable's
+/// default. Where the variable is set all the same (by the process environment, or by another line
+/// of the file), the line is passed over with a warning. Errors name the file, the line and the
+/// variable, never the value.
+fn name_in_other_case(
+    path: &Path,
+    text: &str,
+    file: &HashMap<String, String>,
+    process: &impl Fn(&str) -> Option<String>,
+) -> Result<()> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    for (index, line) in text.lines().enumerate() {
+        let line = without_export(line.trim());
+        let Some((name, _)) = line.split_once('=') else {
+            continue;
+        };
+        let name = name.trim();
+        let Some(variable) = CHECKED_VARIABLES
+            .iter()
+            .find(|variable| variable.eq_ignore_ascii_case(name) && **variable != name)
+        else {
+            continue;
+        };
+        if prefer(process(variable), file.get(*variable)).is_some() {
+            let (env_file, env_line, written, variable) = (
+                path.display().to_string(),
+                index + 1,
+                name.to_string(),
+                variable.to_string(),
+            );
+            logging::warn_now_or_at_init(move || {
+                tracing::warn!(
+                    env_file,
+                    env_line,
+                    written = written.as_str(),
+                    variable = variable.as_str(),
+                    "the env file's line names this variable in other letter case and is not \
+                     read (names are case-sensitive); the variable is set elsewhere, which is used"
+                );
+            });
+            continue;
+        }
+        return Err(Error::Config {
+            variable: format!("{} line {}", path.display(), index + 1),
+            value: name.to_string(),
+            expected: format!(
+                "`{variable}=value`: names are case-sensitive, so `{name}` is not read and \
+                 {variable}'s default would be used"
+            ),
+        });
     }
     Ok(())
 }
@@ -970,6 +1030,51 @@ mod tests {
         assert_eq!(config.redis_url(), "redis://from-env:6379");
         let error = blank.unwrap_err().to_string();
         assert!(error.contains("line 2='REDIS_URL'"), "{error}");
+    }
+
+    /// A line naming one of agentcomm's variables in other letter case (`redis_url=`, as a
+    /// case-insensitive settings library reads it) is not read: the program ran on the local Redis
+    /// with nothing said. It is refused, naming the line and the variable and not the value, unless the
+    /// variable is set all the same (by the environment or another line), when it is passed over.
+    #[test]
+    fn a_variable_named_in_other_letter_case_is_refused_unless_set_elsewhere() {
+        let path =
+            std::env::temp_dir().join(format!("agentcomm-config-case-{}.env", std::process::id()));
+        let load = |text: &str, process: &dyn Fn(&str) -> Option<String>| {
+            std::fs::write(&path, text).unwrap();
+            let config = Config::load_with_file_and(&path, process);
+            std::fs::remove_file(&path).unwrap();
+            config
+        };
+        let nothing = |_: &str| None;
+        let error = load(
+            "MESSAGING_BACKEND=redis\nexport redis_url = redis://:s3cr3t@prod:6379\n",
+            &nothing,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("line 2='redis_url'"), "{error}");
+        assert!(error.contains("`REDIS_URL=value`"), "{error}");
+        assert!(
+            !error.contains("s3cr3t") && !error.contains("prod"),
+            "{error}"
+        );
+        let error = load("Log_Level=debug\n", &nothing).unwrap_err().to_string();
+        assert!(error.contains("`LOG_LEVEL=value`"), "{error}");
+        // Set elsewhere: passed over, and the value set is used.
+        let config = load("redis_url=redis://a:1\nREDIS_URL=redis://b:2\n", &nothing).unwrap();
+        assert_eq!(config.redis_url(), "redis://b:2");
+        let from_env =
+            |name: &str| (name == "REDIS_URL").then(|| "redis://from-env:6379".to_string());
+        let config = load("redis_url=redis://a:1\n", &from_env).unwrap();
+        assert_eq!(config.redis_url(), "redis://from-env:6379");
+        // Other variables, comments and the right letter case are left alone.
+        let config = load(
+            "# redis_url=redis://a:1\nother_tool=1\nLOG_LEVEL=debug\n",
+            &nothing,
+        )
+        .unwrap();
+        assert_eq!(config.log_level(), LevelFilter::DEBUG);
     }
 
     /// A bad value read from the env file names the file. Before, the error was the same as for the

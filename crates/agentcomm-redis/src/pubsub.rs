@@ -951,7 +951,8 @@ impl Drop for Reader {
     /// the reorder window.
     fn drop(&mut self) {
         if let Some(shared) = self.shared.upgrade() {
-            report_lost(&shared, self.tracker.finish(Instant::now()));
+            let lost = self.tracker.finish(Instant::now());
+            report_lost(&shared, lost, &self.tracker.take_lost_on());
         }
     }
 }
@@ -1039,7 +1040,7 @@ impl Reader {
                 Next::Sweep => {
                     self.last_sweep = Instant::now();
                     let lost = self.tracker.sweep(self.last_sweep);
-                    report_lost(&shared, lost);
+                    report_lost(&shared, lost, &self.tracker.take_lost_on());
                 }
                 Next::Stopped => {
                     if *self.stop.borrow()
@@ -1065,7 +1066,7 @@ impl Reader {
             {
                 self.last_sweep = Instant::now();
                 let lost = self.tracker.sweep(self.last_sweep);
-                report_lost(&shared, lost);
+                report_lost(&shared, lost, &self.tracker.take_lost_on());
             }
         }
     }
@@ -1174,7 +1175,7 @@ impl Reader {
             let (verdict, lost) =
                 self.tracker
                     .observe(envelope.channel().name(), &sequence, Instant::now());
-            report_lost(shared, lost);
+            report_lost(shared, lost, &[envelope.channel().name()]);
             match verdict {
                 Verdict::Duplicate => {
                     shared.counters.bump(&shared.counters.duplicates);
@@ -1306,11 +1307,20 @@ fn delivery(
     )
 }
 
-fn report_lost(shared: &Shared, lost: u64) {
+/// Counts and logs `lost` messages missing from the sequences of `channels` (the channels' names, at
+/// most [`MAX_LOST_CHANNELS`](crate::sequence::MAX_LOST_CHANNELS) of them), so that an operator sees
+/// which flow lost them.
+fn report_lost(shared: &Shared, lost: u64, channels: &[impl AsRef<str>]) {
     if lost > 0 {
         shared.counters.lose(&shared.counters.lost, lost);
+        let channels = channels
+            .iter()
+            .map(AsRef::as_ref)
+            .collect::<Vec<_>>()
+            .join(", ");
         tracing::warn!(
             lost,
+            channels,
             "pub/sub messages were lost (missing from their publisher's sequence: published while \
              this subscriber was disconnected, cut off in transit, or overrun); use \
              DeliveryMode::Streams for durable delivery"

@@ -218,6 +218,20 @@ pub(crate) struct SequenceTracker {
     /// fast hash: two lookups per message, and SipHash was 1.6% of a pub/sub client's instructions.
     tracks: HashMap<String, HashMap<String, Track, FastState>, FastState>,
     last_sweep: Instant,
+    /// The channels of the gaps the last [`sweep`](Self::sweep) or [`finish`](Self::finish) settled as
+    /// lost (at most [`MAX_LOST_CHANNELS`]), for the warning to name them.
+    lost_on: Vec<String>,
+}
+
+/// How many channels [`SequenceTracker::take_lost_on`] names at most.
+pub(crate) const MAX_LOST_CHANNELS: usize = 8;
+
+/// Adds `channel` to `lost_on` unless it is there or the list is full.
+#[cold]
+fn note_lost_on(lost_on: &mut Vec<String>, channel: &str) {
+    if lost_on.len() < MAX_LOST_CHANNELS && !lost_on.iter().any(|known| known == channel) {
+        lost_on.push(channel.to_string());
+    }
 }
 
 impl SequenceTracker {
@@ -226,6 +240,7 @@ impl SequenceTracker {
             window,
             tracks: HashMap::default(),
             last_sweep: Instant::now(),
+            lost_on: Vec::new(),
         }
     }
 
@@ -303,15 +318,26 @@ impl SequenceTracker {
         self.last_sweep = now;
         let window = self.window;
         let mut lost = 0u64;
+        let lost_on = &mut self.lost_on;
         let forget = self.tracks.values().map(HashMap::len).sum::<usize>() > KEEP_TRACKS;
         self.tracks.retain(|_, channels| {
-            channels.retain(|_, track| {
-                lost = lost.saturating_add(settle(track, now, window));
+            channels.retain(|channel, track| {
+                let settled = settle(track, now, window);
+                if settled > 0 {
+                    note_lost_on(lost_on, channel);
+                }
+                lost = lost.saturating_add(settled);
                 !forget || now.duration_since(track.last_seen) < TRACK_IDLE
             });
             !channels.is_empty()
         });
         lost
+    }
+
+    /// The channels of the gaps settled as lost since this was last called, for the warning that
+    /// counts them (at most [`MAX_LOST_CHANNELS`]).
+    pub(crate) fn take_lost_on(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.lost_on)
     }
 }
 
@@ -322,8 +348,12 @@ impl SequenceTracker {
     pub(crate) fn finish(&mut self, now: Instant) -> u64 {
         let mut lost = 0u64;
         for channels in self.tracks.values_mut() {
-            for track in channels.values_mut() {
-                lost = lost.saturating_add(settle(track, now, Duration::ZERO));
+            for (channel, track) in channels.iter_mut() {
+                let settled = settle(track, now, Duration::ZERO);
+                if settled > 0 {
+                    note_lost_on(&mut self.lost_on, channel);
+                }
+                lost = lost.saturating_add(settled);
             }
         }
         lost

@@ -2501,3 +2501,61 @@ async fn a_dead_lettered_request_fails_its_requester_at_once_on_pubsub() {
     }
     runtime.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// The warning that counts lost pub/sub messages names the channels they were missing from, so that
+/// an operator can tell which flow lost them. Before, it gave the count alone.
+#[test]
+fn the_loss_warning_names_the_channel_of_the_gap() {
+    let (ran, lines) = agentcomm_testkit::logs::capture(async {
+        if !redis_available().await {
+            return false;
+        }
+        let prefix = unique_prefix();
+        let _cleanup = RemoveKeysOnDrop(prefix.clone());
+        let router = connected(
+            builder(DeliveryMode::PubSub, &prefix).reorder_window(Duration::from_millis(100)),
+        )
+        .await;
+        let mut subscription = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Gap:*:*").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let raw = raw_client().await;
+        // 2 never comes on this channel; the other channel has no gap.
+        for number in [1, 3] {
+            publish_numbered(&raw, &prefix, "Gap:event:s1", number).await;
+        }
+        publish_numbered(&raw, &prefix, "Gap:event:s2", 1).await;
+        for _ in 0..3 {
+            received(&mut subscription).await;
+        }
+        // The sweep after the window settles the gap.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while router.health().await.get("lost") == 0 {
+            assert!(std::time::Instant::now() < deadline, "no loss counted");
+            tokio::time::timeout(Duration::from_millis(50), subscription.next())
+                .await
+                .ok();
+        }
+        let _ = fred::prelude::ClientLike::quit(&raw).await;
+        router.close().await.unwrap();
+        true
+    });
+    if !ran {
+        return;
+    }
+    let warning = lines
+        .lines()
+        .find(|line| line.contains("pub/sub messages were lost"))
+        .unwrap_or_else(|| panic!("no loss warning in:\n{lines}"));
+    assert!(
+        warning.contains(r#""lost":1,"#) || warning.contains(r#""lost":1}"#),
+        "{warning}"
+    );
+    assert!(
+        warning.contains(r#""channels":"Gap:event:s1""#),
+        "{warning}"
+    );
+}

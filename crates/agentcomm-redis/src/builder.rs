@@ -16,7 +16,7 @@ pub const DELIVERY_MODE_VAR: &str = "REDIS_DELIVERY_MODE";
 pub const ACCEPTED_URLS: &str = "redis://[[user]:password@]host[:port][/db], rediss:// (TLS), \
      redis-sentinel://host:port/db?sentinelServiceName=name[&node=host:port], \
      redis-cluster://host:port[?node=host:port], rediss-sentinel:// and rediss-cluster:// (TLS), \
-     or unix:///path/to/redis.sock";
+     or unix:///path/to/redis.sock[?db=number]";
 
 /// The URL schemes a [`RedisRouter`] accepts (in any letter case): fred reads any other as a single
 /// server's.

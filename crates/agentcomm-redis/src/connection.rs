@@ -55,6 +55,11 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
             readable_url_details(error.details())
         ),
     })?;
+    config.database = url_meaning(&url, config.database).map_err(|why| Error::Config {
+        variable: "Redis URL".into(),
+        value: redact(&settings.url),
+        expected: format!("{why}; accepted: {ACCEPTED_URLS}"),
+    })?;
     if let Some(connector) = &settings.tls {
         config.tls = Some(connector.clone().into());
     }
@@ -62,6 +67,77 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
         install_crypto_provider();
     }
     Ok(config)
+}
+
+/// The database `url` (which fred read as `database`) selects, or why the URL means something fred
+/// would not do, silently. fred reads no query parameter of a single server's or a Unix socket's URL,
+/// only `node` of a cluster's, and only `node` and the `sentinel..` ones of a Sentinel's: a `db=3`
+/// (the form of other clients) connected to database 0, a `node=` or `sentinelServiceName=` under the
+/// wrong scheme connected to the one host as a lone server, a `password=` was never sent; and a
+/// cluster's URL lost its database (a cluster has only database 0). A Unix socket's URL has no room
+/// for a database in its path: its `db` parameter chooses one, as other clients read it. Other
+/// parameters (another client's `client_name`) are left to fred, which reads past them.
+fn url_meaning(url: &str, database: Option<u8>) -> Result<Option<u8>, String> {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let scheme = scheme.to_ascii_lowercase();
+    let (cluster, sentinel, unix) = (
+        scheme.ends_with("-cluster"),
+        scheme.ends_with("-sentinel"),
+        scheme.ends_with("+unix"),
+    );
+    let rest = rest.split_once('#').map_or(rest, |(before, _)| before);
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut database = database;
+    if cluster {
+        let path = before_query.find('/').map_or("", |at| &before_query[at..]);
+        if !matches!(path, "" | "/" | "/0") {
+            return Err(format!(
+                "a Redis Cluster has only database 0, and '{path}' would be ignored: remove it \
+                 (routers sharing a cluster are kept apart by their prefix)"
+            ));
+        }
+    }
+    for parameter in query.split('&').filter(|piece| !piece.is_empty()) {
+        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+        let single = match (cluster, sentinel) {
+            (true, _) => "a cluster's",
+            (_, true) => "a Sentinel",
+            _ if unix => "a Unix socket's",
+            _ => "a single server's",
+        };
+        let why = match name {
+            "db" | "database" if unix => {
+                database = Some(value.parse().map_err(|_| {
+                    format!("'{name}={value}' is not a database number from 0 to 255")
+                })?);
+                continue;
+            }
+            "db" | "database" if cluster => {
+                "a Redis Cluster has only database 0: remove it".to_string()
+            }
+            "db" | "database" => {
+                "the database is the number after the host: redis://host:port/3".to_string()
+            }
+            "password" | "username" | "user" | "pass" => {
+                "credentials go before the host: redis://user:password@host:port (a Sentinel's own \
+                 in sentinelUsername and sentinelPassword)"
+                    .to_string()
+            }
+            "node" if !cluster && !sentinel => {
+                "it names other nodes of a cluster or other Sentinels: use redis-cluster:// or \
+                 redis-sentinel://"
+                    .to_string()
+            }
+            "sentinelServiceName" | "sentinelUsername" | "sentinelPassword" if !sentinel => {
+                "it is read only from a Sentinel URL: use redis-sentinel://".to_string()
+            }
+            _ => continue,
+        };
+        return Err(format!(
+            "the query parameter '{name}' is not read from {single} URL, and would be ignored: {why}"
+        ));
+    }
+    Ok(database)
 }
 
 /// A hint for a URL fred could not read whose password (it seems) holds a `/`, `?` or `#` that is not
@@ -923,6 +999,81 @@ mod tests {
                 "{url}: {:?}",
                 config.server
             );
+        }
+    }
+
+    /// What a URL asks for that fred would not do is refused, naming the fix: a database on a
+    /// cluster's URL, a `db=` parameter (other clients' form), credentials in the query, and a
+    /// cluster's or Sentinel's parameters under another scheme. Before, each was taken and ignored:
+    /// the router used database 0, sent no password, or connected to the one host as a lone server.
+    #[test]
+    fn url_parts_fred_would_ignore_are_refused_with_the_fix() {
+        for (url, expected) in [
+            (
+                "redis-cluster://127.0.0.1:7000/3",
+                "a Redis Cluster has only database 0",
+            ),
+            (
+                "rediss-cluster://:pw@127.0.0.1:7000/1?node=h:7001",
+                "has only database 0",
+            ),
+            ("redis-cluster://127.0.0.1:7000?db=2", "has only database 0"),
+            ("redis://127.0.0.1:6379?db=3", "redis://host:port/3"),
+            (
+                "redis://:s3cr3t@127.0.0.1:6379/0?client_name=a&database=3",
+                "'database'",
+            ),
+            (
+                "redis-sentinel://h:26379?sentinelServiceName=m&db=1",
+                "redis://host:port/3",
+            ),
+            (
+                "redis://127.0.0.1:6379?password=s3cr3t",
+                "credentials go before the host",
+            ),
+            (
+                "redis://127.0.0.1:6379/0?node=127.0.0.1:6380",
+                "use redis-cluster://",
+            ),
+            ("unix:///run/redis.sock?node=h:1", "use redis-cluster://"),
+            (
+                "redis://127.0.0.1:26379/0?sentinelServiceName=m",
+                "use redis-sentinel://",
+            ),
+            (
+                "redis-cluster://h:7000?sentinelPassword=s3cr3t",
+                "use redis-sentinel://",
+            ),
+            (
+                "unix:///run/redis.sock?db=x",
+                "'db=x' is not a database number",
+            ),
+        ] {
+            let error = refused(url);
+            assert!(error.contains(expected), "{url}: {error}");
+            assert!(!error.contains("s3cr3t"), "{error}");
+        }
+        for (url, database) in [
+            ("redis-cluster://127.0.0.1:7000/0?node=127.0.0.1:7001", None),
+            ("redis-cluster://127.0.0.1:7000/", None),
+            (
+                "redis://127.0.0.1:6379/4?client_name=svc&protocol=resp3",
+                Some(4),
+            ),
+            (
+                "redis-sentinel://h:26379/2?sentinelServiceName=m&node=h2:26379",
+                Some(2),
+            ),
+            // A Unix socket's database, as other clients write it: fred had no way to choose one.
+            ("unix:///run/redis.sock?db=5", Some(5)),
+            (
+                "redis+unix://:pw@localhost/run/redis.sock?database=6",
+                Some(6),
+            ),
+        ] {
+            let config = fred_config(&Settings::for_tests(url))
+                .unwrap_or_else(|error| panic!("{url} was refused: {error}"));
+            assert_eq!(config.database, database, "{url}");
         }
     }
 

@@ -251,13 +251,23 @@ pub(crate) enum Role {
 /// The reconnect policy for `settings`: fred's exponential policy takes a whole-number multiplier and a
 /// jitter in milliseconds that it adds; the builder's `Backoff` multiplier is rounded (at least 1, which
 /// makes the delay constant) and the jitter is a fifth of the first delay.
+///
+/// fred caps the delay with its jitter added (`min(max, delay + jitter)`): once the delay reached its
+/// longest, every attempt of every connection came exactly `max` apart, in step with every other
+/// process that lost Redis at the same moment, the herd that jitter is there to break up. So each
+/// policy takes its own longest delay, shortened at random by up to the `Backoff`'s jitter (20% by
+/// default: from 8 to 10 s), as `Backoff::delay` shortens a capped delay.
 pub(crate) fn reconnect_policy(settings: &Settings) -> Option<ReconnectPolicy> {
     if settings.max_reconnect_attempts == Some(0) {
         return None;
     }
     let backoff = settings.reconnect;
     let initial_ms = backoff.initial().as_millis().clamp(1, u32::MAX as u128) as u32;
-    let max_ms = backoff.max().as_millis().clamp(1, u32::MAX as u128) as u32;
+    // `delay(u32::MAX)` is the longest delay with the backoff's jitter taken off at random.
+    let max_ms = backoff
+        .delay(u32::MAX)
+        .as_millis()
+        .clamp(initial_ms as u128, u32::MAX as u128) as u32;
     let exact = backoff.jitter(0.0);
     let first = exact.delay(1).as_secs_f64();
     let multiplier = if first > 0.0 && exact.delay(2) < backoff.max() {
@@ -1087,6 +1097,30 @@ mod tests {
                 config.server
             );
         }
+    }
+
+    /// With the defaults, connections that have been failing for a while do not retry in step: each
+    /// policy's longest delay is its own, from 8 to 10 s. Before, fred's cap took the jitter off
+    /// (`min(max, delay + jitter)`), and every connection of every router retried exactly every 10 s.
+    #[test]
+    fn the_longest_reconnect_delay_keeps_a_jitter() {
+        let settings = Settings::for_tests("redis://127.0.0.1:6379");
+        let longest: Vec<u64> = (0..32)
+            .map(|_| {
+                let mut policy = reconnect_policy(&settings).expect("reconnects forever");
+                // 50 ms doubling: capped from the ninth attempt on.
+                (0..40)
+                    .map(|_| policy.next_delay().unwrap())
+                    .last()
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            longest.iter().all(|ms| (8_000..=10_000).contains(ms)),
+            "{longest:?}"
+        );
+        let distinct: std::collections::HashSet<_> = longest.iter().collect();
+        assert!(distinct.len() > 8, "in step: {longest:?}");
     }
 
     #[test]

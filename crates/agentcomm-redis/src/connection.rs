@@ -483,6 +483,28 @@ pub(crate) fn map_error(error: &fred::error::Error, settings: &Settings, operati
     }
 }
 
+/// The error of a connection that could not be set up (`operation`). fred waits for the answers to
+/// its setup commands (`PING`, `AUTH`, `SELECT`) at most `connect_timeout`: a timeout there names that
+/// setting and is a connection error. [`map_error`] named the command timeout: a subscriber behind a
+/// firewall that drops packets failed after 1 s "timed out after 30s".
+pub(crate) fn connect_error(
+    error: &fred::error::Error,
+    settings: &Settings,
+    operation: &str,
+) -> Error {
+    match error.kind() {
+        ErrorKind::Timeout => Error::Connection {
+            backend: "redis",
+            url: redact(&settings.url),
+            message: format!(
+                "{operation} got no answer within connect_timeout ({:?})",
+                settings.connect_timeout
+            ),
+        },
+        _ => map_error(error, settings, operation),
+    }
+}
+
 /// Whether a fred error says the script cache does not have our script (Redis restarted).
 pub(crate) fn is_noscript(error: &fred::error::Error) -> bool {
     error.details().starts_with("NOSCRIPT")

@@ -45,8 +45,8 @@ use fred::types::{Message, MessageKind};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::connection::{
-    Connecting, Role, gave_up_error, map_error, on_node_of, redact, unresponsive_limit,
-    watch_client, watch_connection_task,
+    Connecting, Role, connect_error, gave_up_error, map_error, on_node_of, redact,
+    unresponsive_limit, watch_client, watch_connection_task,
 };
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
@@ -146,7 +146,7 @@ impl PubSubHub {
         match connect {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                return Err(map_error(
+                return Err(connect_error(
                     &error,
                     settings,
                     "connecting the pub/sub subscriber",

@@ -31,8 +31,8 @@ use fred::types::{Builder, ClusterHash, CustomCommand, Expiration, Key, SetOptio
 
 use crate::builder::{DeliveryMode, RedisRouterBuilder, Settings};
 use crate::connection::{
-    ConnectingPool, Role, fred_builder, fred_config, gave_up_error, is_noscript, map_error, redact,
-    watch_client, watch_connection_task,
+    ConnectingPool, Role, connect_error, fred_builder, fred_config, gave_up_error, is_noscript,
+    map_error, redact, watch_client, watch_connection_task,
 };
 use crate::counters::{Counters, LogLimiter};
 use crate::hashing::FastState;
@@ -574,6 +574,9 @@ impl RedisRouter {
         let (connecting, outcome) = ConnectingPool::connect(&pool, limit).await;
         match outcome {
             Some(Ok(())) => {}
+            Some(Err(error)) if matches!(error.kind(), fred::error::ErrorKind::Timeout) => {
+                return Err(connect_error(&error, &settings, "connecting"));
+            }
             Some(Err(error)) => {
                 return Err(Error::Connection {
                     backend: "redis",
@@ -2737,6 +2740,44 @@ mod tests {
         );
         assert_eq!(health.status, HealthStatus::Unhealthy);
         assert_eq!(health.detail, "closed");
+    }
+
+    /// A server that accepts the connection and never answers (a black hole: a firewall dropping the
+    /// replies, a wrong port of another service) fails `connect` within about `connect_timeout`, with a
+    /// connection error that names the setting and no password. Before, it read "Request timed out".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_never_answers_fails_connect_naming_connect_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let started = Instant::now();
+        let error = tokio::time::timeout(
+            Duration::from_secs(10),
+            RedisRouter::builder(format!("redis://:Bl4ckH0le@127.0.0.1:{port}"))
+                .connect_timeout(Duration::from_millis(300))
+                .connect(),
+        )
+        .await
+        .expect("connect ends")
+        .expect_err("nothing answers");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(matches!(error, Error::Connection { .. }), "{error:?}");
+        let text = error.to_string();
+        assert!(
+            text.contains("no answer within connect_timeout (300ms)"),
+            "{text}"
+        );
+        assert!(!text.contains("Bl4ckH0le"), "{text}");
+        held.abort();
     }
 
     /// A prefix whose brace takes the place of the `{<class>}` tag is refused at connect, naming why.

@@ -42,8 +42,8 @@ use fred::types::config::Options;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::connection::{
-    Connecting, Role, is_nogroup, map_error, on_node_of, redact, unresponsive_limit, watch_client,
-    watch_connection_task,
+    Connecting, Role, connect_error, is_nogroup, map_error, on_node_of, redact, unresponsive_limit,
+    watch_client, watch_connection_task,
 };
 use crate::counters::LogLimiter;
 use crate::hashing::FastState;
@@ -786,7 +786,7 @@ impl StreamSubscription {
         let task = match tokio::time::timeout(timeout, connecting.wait()).await {
             Ok(Ok(())) => connecting.keep_task(),
             Ok(Err(error)) => {
-                return Err(map_error(
+                return Err(connect_error(
                     &error,
                     self.settings(),
                     "connecting a stream reader",

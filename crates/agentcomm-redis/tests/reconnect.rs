@@ -1286,3 +1286,53 @@ async fn a_large_pubsub_batch_during_an_outage_fails_in_one_command_timeout() {
     assert!(last.contains("the rest was not sent"), "{last}");
     publisher.close().await.unwrap();
 }
+
+/// A pub/sub subscriber connection that Redis never answers (the first `subscribe` after the network
+/// started dropping packets) fails that `subscribe` within about `connect_timeout`, with a connection
+/// error naming that setting. Before, it failed after 1 s saying "timed out after 30s" (the command
+/// timeout, which plays no part there): a user tuning `command_timeout` changed nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_connection_nobody_answers_names_connect_timeout() {
+    let Some((proxy, url)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect_through_proxy(
+        RedisRouter::builder(url)
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .connect_timeout(Duration::from_millis(500))
+            .close_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    proxy.blackhole(true);
+    let started = std::time::Instant::now();
+    let error = within(
+        Duration::from_secs(10),
+        "the subscribe to fail",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Hole:*:*").unwrap(),
+        )),
+    )
+    .await
+    .expect_err("the subscriber connection gets no answer");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(error, agentcomm_core::Error::Connection { .. }),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains(
+            "connecting the pub/sub subscriber got no answer within connect_timeout (500ms)"
+        ),
+        "{error}"
+    );
+    proxy.blackhole(false);
+    proxy.cut_all();
+    router.close().await.unwrap();
+}

@@ -294,7 +294,8 @@ impl RedisRouterBuilder {
     /// TLS with your own settings (custom CA, client certificate), for `rediss://` URLs: a rustls
     /// `ClientConfig` converts into a connector (`TlsConnector::from(config)`). Without it, `rediss://`
     /// uses the system's root certificates. If the application installed no rustls crypto provider, ring's
-    /// is installed.
+    /// is installed. With a Unix socket's URL, `connect` fails with [`Error::Config`]: that connection
+    /// is not encrypted.
     pub fn tls_connector(mut self, connector: fred::types::config::TlsConnector) -> Self {
         self.settings.tls = Some(connector);
         self

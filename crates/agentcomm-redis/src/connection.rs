@@ -61,6 +61,16 @@ pub(crate) fn fred_config(settings: &Settings) -> Result<Config, Error> {
         expected: format!("{why}; accepted: {ACCEPTED_URLS}"),
     })?;
     if let Some(connector) = &settings.tls {
+        // fred would connect over TCP with TLS to a host made of the socket's path.
+        if socket {
+            return Err(Error::Config {
+                variable: "Redis URL".into(),
+                value: redact(&settings.url),
+                expected: "a Unix socket's connection is not encrypted, and tls_connector(..) was \
+                           given: remove it, or connect over rediss://"
+                    .into(),
+            });
+        }
         config.tls = Some(connector.clone().into());
     }
     if config.tls.is_some() {
@@ -824,6 +834,26 @@ mod tests {
             fred_config(&settings).unwrap().tls.is_some(),
             "the connector is used"
         );
+    }
+
+    /// A TLS connector given with a Unix socket's URL is refused, naming both: fred took it and
+    /// connected over TCP with TLS to a host made of the socket's path.
+    #[test]
+    fn a_tls_connector_with_a_unix_socket_is_refused() {
+        let client = fred::rustls::ClientConfig::builder()
+            .with_root_certificates(fred::rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        for url in [
+            "unix:///run/redis.sock",
+            "redis+unix://:pw@localhost/run/redis.sock",
+        ] {
+            let mut settings = Settings::for_tests(url);
+            settings.tls = Some(fred::types::config::TlsConnector::from(client.clone()));
+            match fred_config(&settings) {
+                Ok(config) => panic!("{url} was taken as {:?}", config.server),
+                Err(error) => assert!(error.to_string().contains("tls_connector"), "{error}"),
+            }
+        }
     }
 
     /// A first connection that fails before anyone waits for it is still reported: the outcome is

@@ -239,7 +239,14 @@ impl RedisRouterBuilder {
                 .filter(|v| !v.is_empty())
         };
         let url = non_empty(REDIS_URL_VAR).unwrap_or_else(|| DEFAULT_REDIS_URL.to_string());
-        check_url(REDIS_URL_VAR, &url, ACCEPTED_SCHEMES, ACCEPTED_URLS)?;
+        // fred's own forms, which the builder takes (`redis+unix://`, the `valkey` schemes), are
+        // checked by `connect` as the builder's are: `REDIS_URL` refused them.
+        let fred_form = url.split_once("://").is_some_and(|(scheme, _)| {
+            crate::connection::FRED_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str())
+        });
+        if !fred_form {
+            check_url(REDIS_URL_VAR, &url, ACCEPTED_SCHEMES, ACCEPTED_URLS)?;
+        }
         let mut builder = Self::new(url);
         if let Some(mode) = non_empty(DELIVERY_MODE_VAR) {
             builder = builder.mode(DeliveryMode::parse(&mode)?);
@@ -534,6 +541,27 @@ mod tests {
         assert!(settings.check().is_ok());
         settings.broadcast_capacity = usize::MAX;
         assert!(settings.check().unwrap_err().to_string().contains("GB"));
+    }
+
+    /// The URL forms fred reads that the builder takes are taken from `REDIS_URL` too, as
+    /// docs/redis.md says ("refused, by the builder as by REDIS_URL"): before, `valkey://` and
+    /// `redis+unix://` were refused there ("the scheme 'valkey' is not supported").
+    #[test]
+    fn the_fred_url_forms_the_builder_takes_are_taken_from_the_environment() {
+        for url in [
+            "valkey://:pw@10.1.2.3:6380/2",
+            "valkeys-cluster://10.0.0.1:7000?node=10.0.0.2:7000",
+            "redis+unix:///run/redis.sock",
+        ] {
+            let builder = RedisRouterBuilder::from_lookup(|name| {
+                (name == "REDIS_URL").then(|| url.to_string())
+            })
+            .unwrap_or_else(|error| panic!("{url}: {error}"));
+            assert!(
+                crate::connection::fred_config(builder.settings()).is_ok(),
+                "{url}"
+            );
+        }
     }
 
     /// A `REDIS_URL` copied with its newline (or with spaces around it) names the same server; before,

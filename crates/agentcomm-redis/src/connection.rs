@@ -223,7 +223,7 @@ fn check_scheme(url: &str, shown: &str) -> Result<(), Error> {
 
 /// Schemes fred reads besides [`ACCEPTED_SCHEMES`], which the builder took before its URLs were
 /// checked: fred's own form of a Unix socket URL, and Valkey's names of the same forms.
-const FRED_SCHEMES: &[&str] = &[
+pub(crate) const FRED_SCHEMES: &[&str] = &[
     "redis+unix",
     "valkey",
     "valkeys",

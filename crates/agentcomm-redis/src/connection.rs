@@ -542,6 +542,7 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
             tokio::select! {
                 event = reconnects.recv() => match event {
                     Ok(server) => {
+                        counters.connection_error(None);
                         counters.bump(&counters.reconnects);
                         on_reconnect();
                         tracing::info!(role, url = %url, server = %server, "reconnected to Redis");
@@ -555,6 +556,7 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
                 },
                 event = errors.recv() => match event {
                     Ok((error, server)) => {
+                        counters.connection_error(Some(connection_problem(&error)));
                         counters.bump(&counters.connection_errors);
                         counters.mark_trouble();
                         tracing::warn!(
@@ -574,6 +576,24 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
             }
         }
     });
+}
+
+/// What health says of a failed connection attempt: fred's details, with the fix when Redis refused
+/// the login (it answers, so "check that it is running" would mislead: a password rotated on the
+/// server while the router ran).
+pub(crate) fn connection_problem(error: &fred::error::Error) -> String {
+    let details = readable_details(error.details());
+    let details = details.trim_end_matches('.');
+    let refused_login = matches!(error.kind(), ErrorKind::Auth)
+        || details.starts_with("NOAUTH")
+        || details.starts_with("WRONGPASS");
+    match refused_login {
+        true => format!(
+            "Redis refused the login ({details}): put the password it requires now in the URL, and \
+             connect a new router"
+        ),
+        false => details.to_string(),
+    }
 }
 
 /// A client being connected, as fred's `init` does it, but with its connection task aborted if this

@@ -65,6 +65,9 @@ pub(crate) struct Counters {
     pub(crate) reconnects: AtomicU64,
     pub(crate) connection_errors: AtomicU64,
     last_trouble: Mutex<Option<Instant>>,
+    /// What the last failed connection attempt of any client said (nothing secret: fred's details),
+    /// until a client reconnects: health names it while Redis cannot be used.
+    last_connection_error: Mutex<Option<String>>,
 }
 
 impl Counters {
@@ -95,6 +98,19 @@ impl Counters {
     }
 
     /// Whether something went wrong within [`TROUBLE_MEMORY`].
+    /// Remembers what a failed connection attempt said (`None`: a client reconnected).
+    pub(crate) fn connection_error(&self, error: Option<String>) {
+        *self.last_connection_error.lock().expect("counters lock") = error;
+    }
+
+    /// What the last failed connection attempt said, unless a client reconnected since.
+    pub(crate) fn last_connection_error(&self) -> Option<String> {
+        self.last_connection_error
+            .lock()
+            .expect("counters lock")
+            .clone()
+    }
+
     pub(crate) fn recent_trouble(&self) -> bool {
         self.last_trouble
             .lock()

@@ -2093,13 +2093,18 @@ impl Shared {
                 crate::streams::reader_gave_up_error(settings),
             )
         } else if round_trip.is_none() {
-            (
-                HealthStatus::Unhealthy,
-                format!(
+            let detail = match self.counters.last_connection_error() {
+                // Redis may answer and refuse: say what the last attempt to reconnect met.
+                Some(error) => format!(
+                    "Redis at {} cannot be used: {error}; reconnecting with backoff",
+                    redact(&settings.url)
+                ),
+                None => format!(
                     "Redis at {} does not answer; reconnecting with backoff (check that it is running and reachable)",
                     redact(&settings.url)
                 ),
-            )
+            };
+            (HealthStatus::Unhealthy, detail)
         } else if !pool_connected || !subscriber_connected || !readers_connected {
             (
                 HealthStatus::Degraded,

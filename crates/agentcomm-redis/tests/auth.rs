@@ -81,3 +81,73 @@ async fn a_missing_or_wrong_password_is_an_error_that_names_the_url_password() {
         .await
         .expect("close");
 }
+
+/// A password changed on the server while a router runs (a rotation, an ACL change): once its
+/// connections are cut, every reconnection is refused. Health says so, naming the fix, and shows
+/// neither password. Before, it said "Redis does not answer ... check that it is running and
+/// reachable", although Redis answered every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_names_a_login_refused_on_reconnection() {
+    if let Some(reason) = servers::missing_tools() {
+        servers::skip(&reason);
+        return;
+    }
+    const ROTATED: &str = "auth-test-rotated";
+    let port = servers::free_ports(1)[0];
+    let _server = servers::start(
+        servers::server_dir("auth-rotated"),
+        port,
+        &[
+            "--port".into(),
+            port.to_string(),
+            "--requirepass".into(),
+            PASSWORD.into(),
+        ],
+    )
+    .expect("a redis-server with a password");
+    let router = within(
+        Duration::from_secs(20),
+        "the connection",
+        RedisRouter::builder(format!("redis://:{PASSWORD}@127.0.0.1:{port}"))
+            .prefix(unique_prefix())
+            .command_timeout(Duration::from_secs(2))
+            .connect(),
+    )
+    .await
+    .expect("the right password connects");
+    let cli = |password: &str, command: &[&str]| {
+        let mut args: Vec<String> = ["-p", &port.to_string(), "-a", password, "--no-auth-warning"]
+            .iter()
+            .map(|arg| arg.to_string())
+            .collect();
+        args.extend(command.iter().map(|arg| arg.to_string()));
+        let output = servers::redis_cli(&args, Duration::from_secs(5)).expect("redis-cli");
+        assert!(output.status.success(), "redis-cli {command:?}: {output:?}");
+    };
+    cli(PASSWORD, &["CONFIG", "SET", "requirepass", ROTATED]);
+    cli(ROTATED, &["CLIENT", "KILL", "TYPE", "normal"]);
+    eventually(
+        Duration::from_secs(10),
+        "health to name the refused login",
+        async || {
+            let health = agentcomm_core::router::Router::health(&router).await;
+            assert!(
+                !health.detail.contains(PASSWORD) && !health.detail.contains(ROTATED),
+                "{}",
+                health.detail
+            );
+            health.status == agentcomm_core::router::HealthStatus::Unhealthy
+                && health.detail.contains("WRONGPASS")
+                && health
+                    .detail
+                    .contains("put the password it requires now in the URL")
+        },
+    )
+    .await;
+    let _ = within(
+        Duration::from_secs(20),
+        "close",
+        agentcomm_core::router::Router::close(&router),
+    )
+    .await;
+}

@@ -574,15 +574,22 @@ impl RedisRouter {
         let (connecting, outcome) = ConnectingPool::connect(&pool, limit).await;
         match outcome {
             Some(Ok(())) => {}
-            Some(Err(error)) if matches!(error.kind(), fred::error::ErrorKind::Timeout) => {
-                return Err(connect_error(&error, &settings, "connecting"));
-            }
             Some(Err(error)) => {
-                return Err(Error::Connection {
-                    backend: "redis",
-                    url: redact(&settings.url),
-                    message: connect_failure(&error),
-                });
+                let hint = protocol_hint(&error, config.tls.is_some());
+                let mut refused = match error.kind() {
+                    fred::error::ErrorKind::Timeout => {
+                        connect_error(&error, &settings, "connecting")
+                    }
+                    _ => Error::Connection {
+                        backend: "redis",
+                        url: redact(&settings.url),
+                        message: connect_failure(&error),
+                    },
+                };
+                if let (Error::Connection { message, .. }, Some(hint)) = (&mut refused, hint) {
+                    message.push_str(&format!(" ({hint})"));
+                }
+                return Err(refused);
             }
             None => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), pool.quit()).await;
@@ -757,6 +764,31 @@ fn connect_failure(error: &fred::error::Error) -> String {
     match hint {
         Some(hint) => format!("{details} ({hint})"),
         None => details,
+    }
+}
+
+/// The likely cause of a first connection that met a server speaking something else than `redis://`
+/// or `rediss://` expects: a TLS port resets a plain connection; a plain Redis port waits for the rest
+/// of a TLS handshake it reads as a command, until the connect timeout; another service answers what
+/// fred cannot decode, or what rustls does not take for TLS. Each said only "Connection reset by
+/// peer", "no answer", "Invalid frame type" or "InvalidMessage(InvalidContentType)".
+fn protocol_hint(error: &fred::error::Error, tls: bool) -> Option<&'static str> {
+    let details = error.details();
+    let timeout = matches!(error.kind(), fred::error::ErrorKind::Timeout);
+    let reset = details.contains("ConnectionReset") || details.contains("Connection reset");
+    match tls {
+        true if timeout => Some(
+            "a plain Redis port waits for more of a TLS handshake it cannot read: if the port is \
+             not a TLS one, use redis://",
+        ),
+        true if details.contains("InvalidContentType") || details.contains("CorruptMessage") => {
+            Some("the server does not answer TLS: for a plain Redis port use redis://")
+        }
+        false if reset => Some("a TLS port resets a plain connection: if it is one, use rediss://"),
+        false if details.contains("Invalid frame type") => Some(
+            "the server does not answer as Redis does: check the port (a TLS port needs rediss://)",
+        ),
+        _ => None,
     }
 }
 

@@ -116,3 +116,63 @@ async fn a_certificate_for_another_name_is_a_clear_error() {
     );
     assert!(!text.contains(PASSWORD), "the password leaked: {text}");
 }
+
+/// A URL whose TLS does not match the port's fails within its connect timeout with an error that
+/// names the scheme to use: `redis://` to a TLS port (Redis resets the connection), `rediss://` to
+/// the plain shared Redis (which waits for the rest of a handshake it reads as a command). Before,
+/// they said only "Connection reset by peer" and "Request timed out".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheme_that_does_not_match_the_port_names_the_other_one() {
+    let Some(server) = tls_redis() else {
+        return;
+    };
+    if !redis_available().await {
+        return;
+    }
+    let plain = agentcomm_testkit::proxy::loopback_address(&redis_url(), 6379)
+        .expect("the shared Redis on loopback");
+    // Another service (an HTTP server) on the port.
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_port = other.local_addr().unwrap().port();
+    let answering = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = other.accept().await {
+            let mut request = [0u8; 512];
+            let _ = socket.read(&mut request).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    for (url, expected) in [
+        (
+            format!("redis://:{PASSWORD}@127.0.0.1:{}", server.server.port),
+            "use rediss://",
+        ),
+        (format!("rediss://{plain}"), "use redis://"),
+        (
+            format!("redis://127.0.0.1:{other_port}"),
+            "does not answer as Redis does",
+        ),
+        (
+            format!("rediss://127.0.0.1:{other_port}"),
+            "does not answer TLS",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let error = within(
+            Duration::from_secs(10),
+            "the refused connection",
+            RedisRouter::builder(&url)
+                .connect_timeout(Duration::from_secs(1))
+                .connect(),
+        )
+        .await
+        .expect_err("the scheme does not match the port");
+        assert!(started.elapsed() < Duration::from_secs(4), "{url}");
+        let text = error.to_string();
+        assert!(text.contains(expected), "{url}: {text}");
+        assert!(!text.contains(PASSWORD), "the password leaked: {text}");
+    }
+    answering.abort();
+}

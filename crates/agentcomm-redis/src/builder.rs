@@ -281,7 +281,8 @@ impl RedisRouterBuilder {
     /// takes the first and longest delay from `backoff`, its multiplier rounded to a whole number (at
     /// least 1), and adds a random jitter of up to a fifth of the first delay. Each connection's
     /// longest delay is `backoff`'s shortened at random by up to its jitter (default 20%: from 8 to
-    /// 10 s), so that connections that lost Redis together do not keep retrying in step.
+    /// 10 s; by half at most), so that connections that lost Redis together do not keep retrying in
+    /// step.
     pub fn reconnect(mut self, backoff: Backoff) -> Self {
         self.settings.reconnect = backoff;
         self

@@ -266,16 +266,19 @@ pub(crate) enum Role {
 /// longest, every attempt of every connection came exactly `max` apart, in step with every other
 /// process that lost Redis at the same moment, the herd that jitter is there to break up. So each
 /// policy takes its own longest delay, shortened at random by up to the `Backoff`'s jitter (20% by
-/// default: from 8 to 10 s), as `Backoff::delay` shortens a capped delay.
+/// default: from 8 to 10 s), as `Backoff::delay` shortens a capped delay, and by half at most.
 pub(crate) fn reconnect_policy(settings: &Settings) -> Option<ReconnectPolicy> {
     if settings.max_reconnect_attempts == Some(0) {
         return None;
     }
     let backoff = settings.reconnect;
     let initial_ms = backoff.initial().as_millis().clamp(1, u32::MAX as u128) as u32;
-    // `delay(u32::MAX)` is the longest delay with the backoff's jitter taken off at random.
+    // `delay(u32::MAX)` is the longest delay with the backoff's jitter taken off at random; never
+    // under half the longest: a full jitter (1.0) would leave some connections retrying every few
+    // milliseconds for as long as Redis is away, as this delay stays the same for a connection.
     let max_ms = backoff
         .delay(u32::MAX)
+        .max(backoff.max() / 2)
         .as_millis()
         .clamp(initial_ms as u128, u32::MAX as u128) as u32;
     let exact = backoff.jitter(0.0);
@@ -1193,6 +1196,17 @@ mod tests {
         );
         let distinct: std::collections::HashSet<_> = longest.iter().collect();
         assert!(distinct.len() > 8, "in step: {longest:?}");
+        // A full jitter shortens it by half at most: no connection retries every few milliseconds.
+        let mut settings = settings;
+        settings.reconnect = settings.reconnect.jitter(1.0);
+        for _ in 0..32 {
+            let mut policy = reconnect_policy(&settings).unwrap();
+            let longest = (0..40)
+                .map(|_| policy.next_delay().unwrap())
+                .last()
+                .unwrap();
+            assert!((5_000..=10_000).contains(&longest), "{longest}");
+        }
     }
 
     #[test]

@@ -1220,6 +1220,15 @@ fn misnamed(shared: &Arc<Shared>, raw: &Bytes, channel: &Str, covered: Coverage,
     else {
         return;
     };
+    // Well named for a longer prefix (`<prefix>:<more>:<named>`: another router's, which a wildcard
+    // class's glob hears too), whatever its name under this prefix reads as: a template without `:`
+    // (`prices.{direction}.{session_id}`) under `<prefix>:eu:v2` reads as a channel under `<prefix>`.
+    if name
+        .strip_suffix(named)
+        .is_some_and(|longer| longer.ends_with(':'))
+    {
+        return;
+    }
     if covered != Coverage::Channel && parse_channel(name).is_err() {
         return;
     }

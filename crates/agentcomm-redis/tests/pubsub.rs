@@ -1018,6 +1018,69 @@ async fn a_frame_naming_another_channel_than_its_own_is_dead_lettered() {
     router.close().await.unwrap();
 }
 
+/// A router whose prefix begins a longer one (`<prefix>` and `<prefix>:eu:v2`, another router's) hears
+/// the longer prefix's messages through a wildcard class's glob `<prefix>:*`. One of a type named with a
+/// template without `:` (`prices.{direction}.{session_id}`) comes on
+/// `<prefix>:eu:v2:prices.response.s1`, whose name under the shorter prefix, `eu:v2:prices.response.s1`,
+/// reads as a channel, yet it is well named: for the longer prefix. It is the other router's, and must
+/// be skipped quietly, as before. It was dead-lettered as a misnamed frame into this router's dead
+/// letters (every such message the other router published), counted as `malformed`, and health said
+/// `Degraded`. A frame that really names another channel than this router's one it came on still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_longer_prefixs_templated_message_is_not_taken_for_a_misnamed_frame() {
+    use fred::prelude::{PubsubInterface, StreamsInterface};
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let other = connect(&format!("{prefix}:eu:v2")).await;
+    let mut everything = router
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("*:response:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let templated =
+        Channel::with_template(&PriceGiven::TEMPLATE, PriceGiven::CLASS, "response", "s1").unwrap();
+    let theirs = Envelope::new(templated, "application/json", b"{\"n\":1}".to_vec());
+    assert_eq!(
+        other.publish(theirs).await.unwrap(),
+        PublishOutcome::Delivered(1),
+        "this router's glob heard it"
+    );
+    // Behind it, a frame on one of this router's channels that names another: dead-lettered.
+    let raw = raw_client().await;
+    let misnamed = envelope("Named:response:s2", 2).to_frame().unwrap();
+    let _: i64 = raw
+        .publish(format!("{prefix}:Named:response:s1"), misnamed)
+        .await
+        .unwrap();
+    // One of its own behind both: received, so the other two were read before.
+    router
+        .publish(envelope("Named:response:s1", 3))
+        .await
+        .unwrap();
+    assert_eq!(received(&mut everything).await, 3);
+    let stream = format!("{prefix}:stream:{{DeadLetter}}");
+    eventually(WAIT, "the misnamed frame to be dead-lettered", async || {
+        raw.xlen::<u64, _>(stream.as_str()).await.unwrap_or(0) >= 1
+    })
+    .await;
+    let health = router.health().await;
+    assert_eq!(
+        health.get("malformed"),
+        1,
+        "only the misnamed frame: {health:?}"
+    );
+    let stored: u64 = raw.xlen(stream.as_str()).await.unwrap();
+    assert_eq!(stored, 1, "only the misnamed frame is dead-lettered");
+    let _ = fred::prelude::ClientLike::quit(&raw).await;
+    other.close().await.unwrap();
+    router.close().await.unwrap();
+}
+
 /// Receives the next delivery, checks that it is message `expected` and acknowledges it, then waits
 /// three reorder windows with nothing arriving (a gap would have been settled as lost by then): the
 /// router's health after that.

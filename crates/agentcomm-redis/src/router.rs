@@ -1603,11 +1603,12 @@ impl Shared {
             }
         } else if matches!(
             error.kind(),
-            fred::error::ErrorKind::Timeout
-                | fred::error::ErrorKind::IO
-                | fred::error::ErrorKind::Canceled
+            fred::error::ErrorKind::Timeout | fred::error::ErrorKind::IO
         ) {
-            // It may have run (see `refused_by_redis`): the error says so, as a batch's does.
+            // It may have run (see `refused_by_redis`): the error says so, as a batch's does. Not a
+            // `Canceled`: fred answers a single command so only when it drops it unwritten (its client
+            // quit, or gave up reconnecting, with the command still queued), so it certainly did not
+            // run, and a caller told it may have would not publish it again.
             self.counters.bump(&self.counters.publish_uncertain);
             return map_error(error, &self.settings, UNCERTAIN_PUBLISH);
         }

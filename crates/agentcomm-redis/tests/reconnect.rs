@@ -918,6 +918,63 @@ async fn a_single_pubsub_publish_that_times_out_says_it_may_be_delivered() {
     publisher.close().await.unwrap();
 }
 
+/// A publish handed to fred while its connection is down waits behind the reconnection; when fred runs
+/// out of reconnection attempts (`max_reconnect_attempts`), it drops the commands it never wrote, and the
+/// publish fails with fred's `Canceled`: it was certainly not published. Its error must not say that it
+/// may have been published (a caller who believes it does not publish it again, and the message is
+/// lost), nor count it in `publish_uncertain`, as it did since a single publish's `Canceled` was taken
+/// for a cut connection like a timeout's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_fred_dropped_unwritten_does_not_say_it_may_have_been_published() {
+    let Some((proxy, url)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    // Two attempts 2.5 s apart, well within the command timeout: fred gives up before the publish times
+    // out.
+    let publisher = connected(
+        RedisRouter::builder(&url)
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(2500),
+                Duration::from_millis(2500),
+            ))
+            .max_reconnect_attempts(Some(2))
+            .command_timeout(Duration::from_secs(30)),
+    )
+    .await;
+    let channel = parse_channel("Gone:event:s1").unwrap();
+    publisher.publish(message(&channel, 0)).await.unwrap();
+    proxy.reject_for(Duration::from_secs(600));
+    proxy.cut_all();
+    // The publisher saw its connection go: a publish now waits behind the reconnection.
+    eventually(
+        Duration::from_secs(10),
+        "the publisher to see its connection go",
+        async || !publisher.health().await.connected,
+    )
+    .await;
+    let error = within(
+        Duration::from_secs(20),
+        "fred to give up",
+        publisher.publish(message(&channel, 1)),
+    )
+    .await
+    .expect_err("Redis is out of reach")
+    .to_string();
+    assert!(
+        !error.contains("may have been published"),
+        "fred never wrote it: {error}"
+    );
+    let health = publisher.health().await;
+    assert_eq!(health.get("publish_uncertain"), 0, "{health:?}");
+    assert_eq!(health.get("publish_errors"), 1, "{health:?}");
+    proxy.reject_for(Duration::ZERO);
+    publisher.close().await.unwrap();
+}
+
 /// `reclaim_rounds` counts the rounds that looked at every stream: none while Redis is unreachable
 /// (each round fails), and again once it is back. Before, a round in which every stream failed was
 /// counted too, so the counter could not tell an operator (or a test waiting on it) that reclaiming

@@ -304,6 +304,14 @@ fn refused_by_redis(error: &fred::error::Error) -> bool {
     code.len() >= 2 && code.bytes().all(|b| b.is_ascii_uppercase())
 }
 
+/// Whether a pipelined command that failed with `error` may have run, or may still run after a
+/// reconnect: neither refused by Redis ([`refused_by_redis`]) nor dropped by fred unwritten (`Canceled`:
+/// fred answers so only for commands still in its queue when its client quits or gives up
+/// reconnecting).
+fn may_have_run(error: &fred::error::Error) -> bool {
+    !refused_by_redis(error) && error.kind() != &fred::error::ErrorKind::Canceled
+}
+
 /// Gives back the sequence numbers of pub/sub publishes that Redis refused (see
 /// [`ChannelRoute::give_back`]), so that a run of refused publishes at the end of a channel's sequence
 /// leaves no gap. (One refused between two that went still leaves one: subscribers count it as lost,
@@ -1968,13 +1976,13 @@ impl Shared {
                     self.publish_with_text(target, &pending.frame, None, None, 0)
                         .await
                 }
-                (Err(error), Some(_)) if !idempotent && !refused_by_redis(&error) => {
+                (Err(error), Some(_)) if !idempotent && may_have_run(&error) => {
                     // fred does not mark a pipeline whose wait timed out as timed out (as it does a
                     // single command): it may still be written after a reconnect, or ran already.
                     self.counters.bump(&self.counters.publish_uncertain);
                     Err(map_error(&error, &self.settings, UNCERTAIN_BATCH_APPEND))
                 }
-                (Err(error), None) if !streams && !refused_by_redis(&error) => {
+                (Err(error), None) if !streams && may_have_run(&error) => {
                     // The same for a pub/sub PUBLISH. Its number is not given back: it may be used.
                     self.counters.bump(&self.counters.publish_uncertain);
                     Err(map_error(&error, &self.settings, UNCERTAIN_BATCH_PUBLISH))

@@ -274,8 +274,14 @@ pub fn redact_url(url: &str) -> String {
         return match rest.rfind('@') {
             Some(at) => format!("{head}{}{}", redact_userinfo(&rest[..at]), &rest[at..]),
             // No '@' and no host: the user part left without its host (`redis://:password`,
-            // `amqp://guest:password`) reads as `host:port` with a port that is no number.
-            None if !looks_like_hosts(rest) => hidden(),
+            // `amqp://guest:password`) reads as `host:port` with a port that is no number. A closing
+            // quote or bracket, or a space, after the port is no part of it (`"redis://cache:6379"`).
+            None if !looks_like_hosts(rest.trim_end_matches(|c: char| {
+                c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '>' | ')')
+            })) =>
+            {
+                hidden()
+            }
             None => url.to_string(),
         };
     };

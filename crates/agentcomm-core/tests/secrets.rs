@@ -288,3 +288,37 @@ fn a_url_without_its_host_shows_no_password() {
         assert_eq!(redact_url(url), url);
     }
 }
+
+/// A URL without a password, with quotes or brackets left around it (docker-compose keeps the quotes
+/// of `- REDIS_URL="redis://cache:6379"`) or a trailing space, and no path: the closing quote was read
+/// into the port, and the URL was hidden whole (`"redis://***`), so the error told the user to remove
+/// the quote but no longer showed which host they had set. It shows as written.
+#[test]
+fn a_url_without_a_password_in_quotes_still_shows_its_host() {
+    for url in [
+        "\"redis://cache:6379\"",
+        "'redis://cache:6379'",
+        "<amqp://mq:5672>",
+        "(redis://cache:6379)",
+        "redis://cache:6379 ",
+    ] {
+        assert_eq!(redact_url(url), url);
+    }
+    let error =
+        Config::from_lookup(|name| (name == "REDIS_URL").then(|| "\"redis://cache:6379\"".into()))
+            .unwrap_err()
+            .to_string();
+    assert!(
+        error.starts_with("REDIS_URL='\"redis://cache:6379\"' is not valid: "),
+        "{error}"
+    );
+    // A password left without its host, in quotes, is still hidden.
+    for url in [
+        "\"redis://:Qz7kWm4pXc5v\"",
+        "'amqp://guest:Qz7kWm4pXc5v'",
+        "<redis://user:Qz7k:Wm4p>",
+    ] {
+        let found = leaks("REDIS_URL", &[url.to_string()]);
+        assert!(found.is_empty(), "{}", found.join("\n"));
+    }
+}

@@ -681,3 +681,29 @@ fn a_flattened_fields_rules_name_its_fields_at_the_top() {
     let parcel: Parcel = serde_json::from_str(r#"{"country":""}"#).unwrap();
     assert_eq!(parcel.validate().unwrap_err().field(), "country");
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[serde(rename_all(serialize = "kebab-case", deserialize = "camelCase"))]
+struct Migrating {
+    #[serde(rename(serialize = "amount", deserialize = "amt"))]
+    #[message(min = 1)]
+    amount_cents: u64,
+    #[message(non_empty)]
+    user_id: String,
+}
+
+/// A field serde names differently when it reads a message than when it writes one: a rule's error
+/// (a dead letter's reason, on the receiving side) names it as the message that broke the rule held
+/// it, which is also the name serde's own errors give ("missing field `amt`"). Before, the written
+/// name was given: the sender read `amount` in the reason for a payload holding `amt`.
+#[test]
+fn field_rules_name_the_field_as_serde_reads_it() {
+    let missing = serde_json::from_str::<Migrating>(r#"{"userId":"u1"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(missing.contains("`amt`"), "{missing}");
+    let read: Migrating = serde_json::from_str(r#"{"amt":0,"userId":"u1"}"#).unwrap();
+    assert_eq!(read.validate().unwrap_err().field(), "amt");
+    let read: Migrating = serde_json::from_str(r#"{"amt":5,"userId":""}"#).unwrap();
+    assert_eq!(read.validate().unwrap_err().field(), "userId");
+}

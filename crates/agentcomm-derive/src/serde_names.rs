@@ -26,8 +26,10 @@ pub fn wire_name(container: &[Attribute], field: &Field) -> String {
     }
 }
 
-/// The string of `key` in serde's attributes: `key = "value"`, or `key(serialize = "value", ..)`
-/// (the serialized name, or the deserialized one when only that is given).
+/// The string of `key` in serde's attributes as serde reads a message: `key = "value"`, or
+/// `key(deserialize = "value", ..)`. A rule's error is about a message that was read (a dead
+/// letter's reason), and serde's own errors give that name ("missing field"); a
+/// `serialize`-only name is not the one the message held.
 fn serde_value(attributes: &[Attribute], key: &str) -> Option<String> {
     let mut found = None;
     for attribute in attributes.iter().filter(|a| a.path().is_ident("serde")) {
@@ -56,7 +58,7 @@ fn serde_value(attributes: &[Attribute], key: &str) -> Option<String> {
                             _ => None,
                         })
                     };
-                    if let Some(value) = side("serialize").or_else(|| side("deserialize")) {
+                    if let Some(value) = side("deserialize") {
                         found = Some(value);
                     }
                 }
@@ -176,6 +178,12 @@ mod tests {
             struct S { #[serde(rename(deserialize = "in_name"))] r#type: String }
         });
         assert_eq!(wire_name(&attrs, &field), "in_name");
+        // A name only for writing is not the one a message read held.
+        let (attrs, field) = field_of(syn::parse_quote! {
+            #[serde(rename_all(serialize = "kebab-case", deserialize = "camelCase"))]
+            struct S { #[serde(rename(serialize = "out_name"))] user_id: String }
+        });
+        assert_eq!(wire_name(&attrs, &field), "userId");
         let (attrs, field) = field_of(syn::parse_quote! {
             #[derive(Clone)]
             struct S { #[serde(with = "module", bound = "T: Clone")] r#type: String }

@@ -22,6 +22,90 @@ pub const BINARY_CONTENT_TYPE: &str = "application/octet-stream";
 /// decoding it, which aborts the whole process.
 const MAX_DEPTH: usize = 128;
 
+/// The shortest MessagePack payload read for its depth before it is decoded. rmp-serde's own limit
+/// counts maps and arrays, but not the one-entry map holding an enum's variant: a type such as
+/// `enum Filter { Not(Box<Filter>), .. }` read `{"Not":{"Not":..}}` with no limit, and a payload of
+/// some kilobytes overflowed the stack. Each such level takes two bytes at least, so a shorter
+/// payload stays far from that, and the hot path of small messages does not pay for the reading.
+const SCAN_FROM: usize = 256;
+
+/// Whether the first value of the MessagePack `payload` holds maps and arrays nested `max` deep or
+/// more (what rmp-serde and serde_json refuse), enum variants' maps included; read without recursion.
+/// A truncated or malformed payload is left for the decoder to report.
+fn nests_deeper_than(payload: &[u8], max: usize) -> bool {
+    // The entries left to read in each map or array that is open, the innermost last.
+    let mut open: Vec<u64> = Vec::new();
+    let mut at = 0;
+    while let Some(&marker) = payload.get(at) {
+        at += 1;
+        // A big-endian length of `size` bytes at `at`, and `at` moved past it.
+        let mut length = |size: usize| -> Option<u64> {
+            let bytes = payload.get(at..at + size)?;
+            at += size;
+            Some(bytes.iter().fold(0, |n, &b| n << 8 | u64::from(b)))
+        };
+        // The entries of a map or an array, or the bytes of any other value after its marker.
+        let (entries, skip) = match marker {
+            0x80..=0x8f => (Some(2 * u64::from(marker & 0x0f)), Some(0)),
+            0x90..=0x9f => (Some(u64::from(marker & 0x0f)), Some(0)),
+            0xdc => (length(2), Some(0)),
+            0xdd => (length(4), Some(0)),
+            0xde => (length(2).map(|n| 2 * n), Some(0)),
+            0xdf => (length(4).map(|n| 2 * n), Some(0)),
+            0xa0..=0xbf => (None, Some(u64::from(marker & 0x1f))),
+            // str8, bin8; str16, bin16; str32, bin32.
+            0xd9 | 0xc4 => (None, length(1)),
+            0xda | 0xc5 => (None, length(2)),
+            0xdb | 0xc6 => (None, length(4)),
+            // ext8, ext16, ext32: the length, then a type byte.
+            0xc7 => (None, length(1).map(|n| n + 1)),
+            0xc8 => (None, length(2).map(|n| n + 1)),
+            0xc9 => (None, length(4).map(|n| n + 1)),
+            // fixext 1, 2, 4, 8, 16, with their type byte.
+            0xd4 => (None, Some(2)),
+            0xd5 => (None, Some(3)),
+            0xd6 => (None, Some(5)),
+            0xd7 => (None, Some(9)),
+            0xd8 => (None, Some(17)),
+            0xcc | 0xd0 => (None, Some(1)),
+            0xcd | 0xd1 => (None, Some(2)),
+            0xca | 0xce | 0xd2 => (None, Some(4)),
+            0xcb | 0xcf | 0xd3 => (None, Some(8)),
+            // fixints, nil, booleans (and the unused 0xc1).
+            _ => (None, Some(0)),
+        };
+        if matches!(marker, 0x80..=0x9f | 0xdc..=0xdf) {
+            let Some(entries) = entries else {
+                return false;
+            };
+            if open.len() + 1 >= max {
+                return true;
+            }
+            if entries > 0 {
+                open.push(entries);
+                continue;
+            }
+        } else {
+            let Some(skip) = skip.and_then(|skip| usize::try_from(skip).ok()) else {
+                return false;
+            };
+            at = at.saturating_add(skip);
+        }
+        // One value read: the entry of the innermost open map or array, which may end it.
+        loop {
+            let Some(left) = open.last_mut() else {
+                return false;
+            };
+            *left -= 1;
+            if *left > 0 {
+                break;
+            }
+            open.pop();
+        }
+    }
+    false
+}
+
 /// How a message is turned into payload bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -87,11 +171,17 @@ impl Codec {
     }
 
     /// Decodes a message. MessagePack values nested deeper than 128 levels (even in a field the message
-    /// does not have) are refused rather than risking the stack of the decoding task, as serde_json
+    /// does not have; an enum's variant is a level, as its object is in JSON) are refused rather than risking the stack of the decoding task, as serde_json
     /// refuses JSON nested that deep.
     pub fn decode<M: DeserializeOwned>(self, class: &str, payload: &[u8]) -> Result<M> {
         match self {
             Codec::MessagePack => {
+                if payload.len() >= SCAN_FROM && nests_deeper_than(payload, MAX_DEPTH) {
+                    return Err(Error::decode(
+                        class,
+                        format!("values nested deeper than {MAX_DEPTH} levels"),
+                    ));
+                }
                 let mut deserializer = rmp_serde::Deserializer::from_read_ref(payload);
                 deserializer.set_max_depth(MAX_DEPTH);
                 M::deserialize(&mut deserializer).map_err(|e| match e {
@@ -777,6 +867,126 @@ mod tests {
             .decode("Value", &nested_msgpack(120)[..])
             .unwrap();
         assert_eq!(value["user_id"], "u1");
+    }
+
+    /// A type whose enum holds itself (`Not(Box<Filter>)`) is written `{"Not":{"Not":..}}`, and
+    /// rmp-serde does not count a variant's map against its depth limit: a payload of 25 KB, a chain
+    /// of 5,000 `Not`s, overflowed the stack of the thread decoding it (the process aborted, and a
+    /// broker redelivering the message crashed it again). It is refused as JSON nested that deep is;
+    /// a chain as deep as JSON allows is still read.
+    #[test]
+    fn enums_nested_deeper_than_json_allows_are_refused_not_a_stack_overflow() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        enum Filter {
+            Not(Box<Filter>),
+            Eq(String),
+        }
+        fn chain(depth: usize) -> Vec<u8> {
+            let mut payload = Vec::new();
+            for _ in 0..depth {
+                // {"Not": ..}
+                payload.extend_from_slice(&[0x81, 0xa3, b'N', b'o', b't']);
+            }
+            // {"Eq": "x"}
+            payload.extend_from_slice(&[0x81, 0xa2, b'E', b'q', 0xa1, b'x']);
+            payload
+        }
+        let decode = |payload: Vec<u8>| {
+            // The stack of a tokio worker thread.
+            std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || Codec::MessagePack.decode::<Filter>("Filter", &payload))
+                .unwrap()
+                .join()
+                .unwrap()
+        };
+        let error = decode(chain(5000)).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "could not decode Filter: values nested deeper than 128 levels"
+        );
+        let mut expected = Filter::Eq("x".into());
+        for _ in 0..100 {
+            expected = Filter::Not(Box::new(expected));
+        }
+        let payload = Codec::MessagePack.encode("Filter", &expected).unwrap();
+        assert_eq!(payload[..], chain(100)[..]);
+        assert_eq!(decode(chain(100)).unwrap(), expected);
+        // As in JSON, where each variant is an object.
+        let json = format!(
+            r#"{}{{"Eq":"x"}}{}"#,
+            r#"{"Not":"#.repeat(200),
+            "}".repeat(200)
+        );
+        assert!(
+            Codec::Json
+                .decode::<Filter>("Filter", json.as_bytes())
+                .is_err()
+        );
+    }
+
+    /// A long payload is read for its depth before it is decoded: every kind of MessagePack value in
+    /// it (strings and binaries of each length form, numbers of each width, maps and arrays of 16-bit
+    /// lengths, nil, booleans) is stepped over as it is, and a message nested as deep as JSON allows
+    /// is read as it was written.
+    #[test]
+    fn long_payloads_of_every_kind_of_value_are_read() {
+        let mut value = serde_json::json!({
+            "text": "t".repeat(40),
+            "long_text": "l".repeat(300),
+            "huge_text": "h".repeat(70_000),
+            "numbers": [1, 200, -1000, 40_000, 3_000_000_000u64, u64::MAX, -1, -100, -40_000, -3_000_000_000i64, i64::MIN, 0.5, 1e300],
+            "flags": [true, false, null],
+            "many": (0..20).collect::<Vec<u32>>(),
+            "wide": (0..20).map(|i| (format!("k{i}"), serde_json::Value::from(i))).collect::<serde_json::Map<_, _>>(),
+        });
+        for _ in 0..100 {
+            value = serde_json::json!([value]);
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Blobs {
+            #[serde(with = "serde_bytes_like")]
+            short: Vec<u8>,
+            #[serde(with = "serde_bytes_like")]
+            long: Vec<u8>,
+            #[serde(with = "serde_bytes_like")]
+            huge: Vec<u8>,
+            deep: serde_json::Value,
+        }
+        /// Writes bytes as MessagePack's bin type.
+        mod serde_bytes_like {
+            pub fn serialize<S: serde::Serializer>(
+                bytes: &[u8],
+                serializer: S,
+            ) -> Result<S::Ok, S::Error> {
+                serializer.serialize_bytes(bytes)
+            }
+            pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+                deserializer: D,
+            ) -> Result<Vec<u8>, D::Error> {
+                struct Bytes;
+                impl serde::de::Visitor<'_> for Bytes {
+                    type Value = Vec<u8>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("bytes")
+                    }
+                    fn visit_bytes<E>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+                        Ok(bytes.to_vec())
+                    }
+                }
+                deserializer.deserialize_bytes(Bytes)
+            }
+        }
+        let blobs = Blobs {
+            short: vec![0xdd; 10],
+            long: vec![0xdf; 300],
+            huge: vec![0x91; 70_000],
+            deep: value,
+        };
+        let payload = Codec::MessagePack.encode("Blobs", &blobs).unwrap();
+        assert!(payload.len() > SCAN_FROM);
+        let read: Blobs = Codec::MessagePack.decode("Blobs", &payload).unwrap();
+        assert_eq!(read, blobs);
     }
 
     #[test]

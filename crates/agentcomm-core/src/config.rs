@@ -166,8 +166,9 @@ impl Config {
     /// Reads an env file (if it exists), with the process environment taking precedence over it. A
     /// line of the file that names one of agentcomm's variables but has no `=` (`REDIS_URL
     /// redis://..`) is an [`Error::Config`] naming the line, rather than a line skipped; so is a line
-    /// naming one in other letter case (`redis_url=..`: names are case-sensitive), unless the
-    /// variable is set all the same (then a warning).
+    /// naming `MESSAGING_BACKEND`, `REDIS_URL` or `RABBITMQ_URL` in other letter case (`redis_url=..`:
+    /// names are case-sensitive), unless the variable is set all the same (then, and for the other
+    /// variables, a warning).
     pub fn load_with_file(path: &Path) -> Result<Self> {
         Self::load_with_file_and(path, |name| std::env::var(name).ok())
     }
@@ -389,11 +390,12 @@ fn line_without_equals(
     Ok(())
 }
 
-/// Refuses an env file line whose name is one of agentcomm's variables in other letter case
-/// (`redis_url=redis://prod:6379`, as a case-insensitive settings library would read it): names are
-/// case-sensitive here, so the line is not read and the program would silently run on the variable's
-/// default. Where the variable is set all the same (by the process environment, or by another line
-/// of the file), the line is passed over with a warning. Errors name the file, the line and the
+/// Refuses an env file line whose name is one of agentcomm's variables that pick the broker in other
+/// letter case (`redis_url=redis://prod:6379`, as a case-insensitive settings library would read it):
+/// names are case-sensitive here, so the line is not read and the program would silently run on the
+/// local broker. Where the variable is set all the same (by the process environment, or by another
+/// line of the file), or is `LOG_LEVEL` or `REDIS_DELIVERY_MODE` (whose defaults are safe, and whose
+/// lowercase names another tool sharing the file may use), the line is passed over with a warning. Errors name the file, the line and the
 /// variable, never the value.
 fn name_in_other_case(
     path: &Path,
@@ -414,13 +416,22 @@ fn name_in_other_case(
         else {
             continue;
         };
-        if prefer(process(variable), file.get(*variable)).is_some() {
+        let set_elsewhere = prefer(process(variable), file.get(*variable)).is_some();
+        // Only where the default picks the broker: a shared file's `log_level=` (another tool's,
+        // say) does not stop the program, whose default level is harmless; it is warned about.
+        let picks_the_broker = matches!(*variable, BACKEND_VAR | REDIS_URL_VAR | RABBITMQ_URL_VAR);
+        if set_elsewhere || !picks_the_broker {
             let (env_file, env_line, written, variable) = (
                 path.display().to_string(),
                 index + 1,
                 name.to_string(),
                 variable.to_string(),
             );
+            let used = if set_elsewhere {
+                "the variable is set elsewhere, which is used"
+            } else {
+                "the variable's default is used"
+            };
             logging::warn_now_or_at_init(move || {
                 tracing::warn!(
                     env_file,
@@ -428,7 +439,7 @@ fn name_in_other_case(
                     written = written.as_str(),
                     variable = variable.as_str(),
                     "the env file's line names this variable in other letter case and is not \
-                     read (names are case-sensitive); the variable is set elsewhere, which is used"
+                     read (names are case-sensitive); {used}"
                 );
             });
             continue;
@@ -1059,8 +1070,14 @@ mod tests {
             !error.contains("s3cr3t") && !error.contains("prod"),
             "{error}"
         );
-        let error = load("Log_Level=debug\n", &nothing).unwrap_err().to_string();
-        assert!(error.contains("`LOG_LEVEL=value`"), "{error}");
+        let error = load("Messaging_Backend=redis\n", &nothing)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`MESSAGING_BACKEND=value`"), "{error}");
+        // Where the default does not pick the broker (a shared file's `log_level=`, another tool's),
+        // the line is passed over with a warning.
+        let config = load("log_level=debug\nredis_delivery_mode=pubsub\n", &nothing).unwrap();
+        assert_eq!(config.log_level(), LevelFilter::INFO);
         // Set elsewhere: passed over, and the value set is used.
         let config = load("redis_url=redis://a:1\nREDIS_URL=redis://b:2\n", &nothing).unwrap();
         assert_eq!(config.redis_url(), "redis://b:2");

@@ -287,6 +287,24 @@ const UNCERTAIN_PUBLISH: &str = "PUBLISH (the message may have been published: R
      it before its answer was lost or came too late; publishing it again may deliver it twice, as a \
      new message subscribers cannot tell from the first)";
 
+/// [`UNCERTAIN_BATCH_APPEND`] for a single `XADD` (without idempotent publishing) that failed on a
+/// timeout or a cut connection: Redis may have run it before its answer came too late or was lost.
+const UNCERTAIN_APPEND: &str = "XADD (the message may have been stored: Redis may have run it \
+     before its answer was lost or came too late; publishing it again may store it twice unless \
+     idempotent_publish(true) is set)";
+
+/// Whether a single command that failed with `error` may have run all the same: its answer came too
+/// late (`Timeout`) or was lost with the connection (`IO`). Not a `Canceled`: fred answers a single
+/// command so only when it drops it unwritten (its client quit, or gave up reconnecting, with the
+/// command still queued), so it certainly did not run, and a caller told it may have would not
+/// publish it again.
+fn single_may_have_run(error: &fred::error::Error) -> bool {
+    matches!(
+        error.kind(),
+        fred::error::ErrorKind::Timeout | fred::error::ErrorKind::IO
+    )
+}
+
 /// Whether Redis itself answered a command with an error (`NOPERM` for a channel the ACL user may not
 /// publish to, for one): the command did not run. fred's own errors (a timeout, a cut connection, too
 /// many write attempts) leave that open: the command may have run, or (a pipeline that timed out) may
@@ -1206,9 +1224,7 @@ impl Shared {
             fields,
         );
         futures::FutureExt::map(added, move |added| {
-            added
-                .map(drop)
-                .map_err(|e| map_error(&e, &self.settings, "XADD"))
+            added.map(drop).map_err(|e| self.append_failed(&e))
         })
     }
 
@@ -1284,7 +1300,7 @@ impl Shared {
                 .xadd(target.stream.clone(), false, target.cap(), "*", fields)
                 .await;
             if let Err(error) = added {
-                return Err(map_error(&error, &self.settings, "XADD"));
+                return Err(self.append_failed(&error));
             }
             if !publish {
                 return Ok(PublishOutcome::Accepted);
@@ -1586,6 +1602,18 @@ impl Shared {
         }
     }
 
+    /// The error of a single `XADD` (without idempotent publishing) that failed: one that may have
+    /// stored the message says so, and counts in `publish_uncertain`, as a batch's does.
+    #[cold]
+    #[inline(never)]
+    fn append_failed(&self, error: &fred::error::Error) -> Error {
+        if single_may_have_run(error) {
+            self.counters.bump(&self.counters.publish_uncertain);
+            return map_error(error, &self.settings, UNCERTAIN_APPEND);
+        }
+        map_error(error, &self.settings, "XADD")
+    }
+
     /// The error of a pub/sub publish that failed; its number (`numbered`: the id of its route, the
     /// number, and its connection's [`Reconnections::handed`]) is given back if Redis refused it: the
     /// publish did not run, unless its connection reconnected since it was handed to fred (fred may
@@ -1609,14 +1637,8 @@ impl Shared {
             {
                 route.give_back(number);
             }
-        } else if matches!(
-            error.kind(),
-            fred::error::ErrorKind::Timeout | fred::error::ErrorKind::IO
-        ) {
-            // It may have run (see `refused_by_redis`): the error says so, as a batch's does. Not a
-            // `Canceled`: fred answers a single command so only when it drops it unwritten (its client
-            // quit, or gave up reconnecting, with the command still queued), so it certainly did not
-            // run, and a caller told it may have would not publish it again.
+        } else if single_may_have_run(error) {
+            // The error says so, as a batch's does.
             self.counters.bump(&self.counters.publish_uncertain);
             return map_error(error, &self.settings, UNCERTAIN_PUBLISH);
         }

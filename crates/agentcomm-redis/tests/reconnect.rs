@@ -918,6 +918,59 @@ async fn a_single_pubsub_publish_that_times_out_says_it_may_be_delivered() {
     publisher.close().await.unwrap();
 }
 
+/// The same for a Streams publish (`XADD` without idempotent publishing): its answer comes after the
+/// command timeout, yet Redis stored it, and the group receives it; a caller that publishes it again
+/// stores it twice. Before, the error only said that Redis did not answer in time, and nothing was
+/// counted, while a batch's `XADD` said "may have been stored".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_stream_publish_that_times_out_says_it_may_be_stored() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let publisher = connect_through_proxy(
+        RedisRouter::builder(proxied)
+            .mode(DeliveryMode::Streams)
+            .prefix(&prefix)
+            .command_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let subscriber = connected(builder(DeliveryMode::Streams, &prefix)).await;
+    let mut subscription = subscriber
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Slow:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    let channel = parse_channel("Slow:event:s1").unwrap();
+    // The first publish registers the stream; the next ones are a single XADD each.
+    publisher.publish(message(&channel, 0)).await.unwrap();
+    let first = next(&mut subscription).await;
+    assert_eq!(number(first.envelope()), 0);
+    first.ack().await.unwrap();
+    proxy.set_latency(Duration::from_secs(2));
+    let error = within(
+        Duration::from_secs(10),
+        "the publish to time out",
+        publisher.publish(message(&channel, 1)),
+    )
+    .await
+    .expect_err("its answer comes after the command timeout")
+    .to_string();
+    let delivery = next(&mut subscription).await;
+    assert_eq!(number(delivery.envelope()), 1, "stored all the same");
+    delivery.ack().await.unwrap();
+    proxy.set_latency(Duration::ZERO);
+    assert!(
+        error.contains("may have been stored") && error.contains("store it twice"),
+        "the error says the message may be stored, and what a retry does: {error}"
+    );
+    let health = publisher.health().await;
+    assert_eq!(health.get("publish_uncertain"), 1, "{health:?}");
+    assert_eq!(health.get("publish_errors"), 1, "{health:?}");
+    subscriber.close().await.unwrap();
+    publisher.close().await.unwrap();
+}
+
 /// A publish handed to fred while its connection is down waits behind the reconnection; when fred runs
 /// out of reconnection attempts (`max_reconnect_attempts`), it drops the commands it never wrote, and the
 /// publish fails with fred's `Canceled`: it was certainly not published. Its error must not say that it

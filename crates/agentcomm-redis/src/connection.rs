@@ -122,6 +122,10 @@ fn url_meaning(url: &str, database: Option<u8>) -> Result<Option<u8>, String> {
                 })?);
                 continue;
             }
+            // The database the URL selects anyway (`?db=0`, `redis://h/2?db=2`): nothing is ignored.
+            "db" | "database" if value.parse::<u8>().ok() == Some(database.unwrap_or(0)) => {
+                continue;
+            }
             "db" | "database" if cluster => {
                 "a Redis Cluster has only database 0: remove it".to_string()
             }
@@ -1159,6 +1163,38 @@ mod tests {
             let config = fred_config(&Settings::for_tests(url))
                 .unwrap_or_else(|error| panic!("{url} was refused: {error}"));
             assert_eq!(config.database, database, "{url}");
+        }
+    }
+
+    /// A `db` parameter that names the database the URL selects anyway is nothing fred ignores:
+    /// `redis://h:6379?db=0` (a URL copied from another client's settings) and `redis://h/2?db=2`
+    /// connected to that database before `db` parameters were checked, and are taken. One that names
+    /// another database is still refused.
+    #[test]
+    fn a_db_parameter_naming_the_database_the_url_selects_is_taken() {
+        for (url, database) in [
+            ("redis://127.0.0.1:6379?db=0", None),
+            ("redis://127.0.0.1:6379/2?db=2", Some(2)),
+            (
+                "rediss://127.0.0.1:6380/0?database=0&protocol=resp3",
+                Some(0),
+            ),
+            ("redis-cluster://127.0.0.1:7000?db=0", None),
+            (
+                "redis-sentinel://h:26379/1?sentinelServiceName=m&db=1",
+                Some(1),
+            ),
+        ] {
+            let config = fred_config(&Settings::for_tests(url))
+                .unwrap_or_else(|error| panic!("{url} was refused: {error}"));
+            assert_eq!(config.database, database, "{url}");
+        }
+        for url in [
+            "redis://127.0.0.1:6379/2?db=0",
+            "redis://127.0.0.1:6379?db=0&db=3",
+            "redis-cluster://127.0.0.1:7000?db=1",
+        ] {
+            refused(url);
         }
     }
 

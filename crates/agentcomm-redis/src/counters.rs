@@ -97,7 +97,6 @@ impl Counters {
         let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
-    /// Whether something went wrong within [`TROUBLE_MEMORY`].
     /// Remembers what a failed connection attempt said (`None`: a client reconnected).
     pub(crate) fn connection_error(&self, error: Option<String>) {
         *self.last_connection_error.lock().expect("counters lock") = error;
@@ -111,6 +110,7 @@ impl Counters {
             .clone()
     }
 
+    /// Whether something went wrong within [`TROUBLE_MEMORY`].
     pub(crate) fn recent_trouble(&self) -> bool {
         self.last_trouble
             .lock()

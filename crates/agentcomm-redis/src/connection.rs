@@ -129,8 +129,16 @@ fn url_meaning(url: &str, database: Option<u8>) -> Result<Option<u8>, String> {
             "db" | "database" if cluster => {
                 "a Redis Cluster has only database 0: remove it".to_string()
             }
+            "db" | "database" if sentinel => "the database is the number after the host: \
+                 redis-sentinel://host:port/3?sentinelServiceName=name"
+                .to_string(),
             "db" | "database" => {
                 "the database is the number after the host: redis://host:port/3".to_string()
+            }
+            "password" | "username" | "user" | "pass" if unix => {
+                "credentials go before the host, which is then any name: \
+                 redis+unix://user:password@localhost/path/to/redis.sock"
+                    .to_string()
             }
             "password" | "username" | "user" | "pass" => {
                 "credentials go before the host: redis://user:password@host:port (a Sentinel's own \
@@ -1114,7 +1122,7 @@ mod tests {
             ),
             (
                 "redis-sentinel://h:26379?sentinelServiceName=m&db=1",
-                "redis://host:port/3",
+                "redis-sentinel://host:port/3?sentinelServiceName=name",
             ),
             (
                 "redis://127.0.0.1:6379?password=s3cr3t",
@@ -1195,6 +1203,31 @@ mod tests {
             "redis-cluster://127.0.0.1:7000?db=1",
         ] {
             refused(url);
+        }
+    }
+
+    /// The fix a refused query parameter names fits the URL's form: a Unix socket's credentials go
+    /// before a host fred reads past (`redis://user:password@host:port` would be a TCP server), and a
+    /// Sentinel URL's database is the number after its host, in the Sentinel form.
+    #[test]
+    fn a_refused_parameter_names_the_fix_for_the_urls_form() {
+        for (url, expected) in [
+            (
+                "unix:///run/redis.sock?db=3&pass=s3cr3t",
+                "redis+unix://user:password@localhost/path/to/redis.sock",
+            ),
+            (
+                "unix:///run/redis.sock?password=s3cr3t",
+                "redis+unix://user:password@localhost/path/to/redis.sock",
+            ),
+            (
+                "redis-sentinel://h:26379?sentinelServiceName=m&db=2",
+                "redis-sentinel://host:port/3?sentinelServiceName=name",
+            ),
+        ] {
+            let error = refused(url);
+            assert!(error.contains(expected), "{url}: {error}");
+            assert!(!error.contains("s3cr3t"), "{error}");
         }
     }
 

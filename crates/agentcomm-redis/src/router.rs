@@ -803,8 +803,11 @@ fn protocol_hint(error: &fred::error::Error, tls: bool) -> Option<&'static str> 
     let timeout = matches!(error.kind(), fred::error::ErrorKind::Timeout);
     let reset = details.contains("ConnectionReset") || details.contains("Connection reset");
     match tls {
+        // A TLS port behind a firewall that drops packets, or too busy to answer in time, times out
+        // as well: the hint names that first, so as not to send such a user to plain redis://.
         true if timeout => Some(
-            "a plain Redis port waits for more of a TLS handshake it cannot read: if the port is \
+            "the host may be unreachable (a firewall dropping packets) or too slow to answer; a \
+             plain Redis port also waits for more of a TLS handshake it cannot read: if the port is \
              not a TLS one, use redis://",
         ),
         true if details.contains("InvalidContentType") || details.contains("CorruptMessage") => {
@@ -2466,6 +2469,23 @@ mod tests {
     /// fred keeps an I/O error as its `Debug` text; a failed connect showed it to the user as
     /// `Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }`. It reads as the
     /// I/O error displays instead.
+    /// A `rediss://` first connection that times out is not only a plain Redis port: a TLS port behind
+    /// a firewall dropping packets, or too busy, times out alike. The hint names those first and
+    /// keeps the `redis://` advice conditional. Before, it named only the plain port, sending a TLS
+    /// user whose network was down to switch TLS off.
+    #[test]
+    fn a_tls_connection_that_times_out_is_not_only_blamed_on_the_port() {
+        use fred::error::{Error as FredError, ErrorKind};
+        let timeout = FredError::new(ErrorKind::Timeout, "Request timed out.");
+        let hint = protocol_hint(&timeout, true).expect("a hint");
+        assert!(hint.contains("unreachable"), "{hint}");
+        assert!(
+            hint.contains("if the port is not a TLS one, use redis://"),
+            "{hint}"
+        );
+        assert_eq!(protocol_hint(&timeout, false), None);
+    }
+
     #[test]
     fn a_failed_connect_reads_like_the_io_error() {
         use fred::error::{Error as FredError, ErrorKind};

@@ -472,7 +472,7 @@ pub(crate) fn readable_details(details: &str) -> String {
 /// The error for a fred failure of `operation` (a timeout names the command timeout).
 pub(crate) fn map_error(error: &fred::error::Error, settings: &Settings, operation: &str) -> Error {
     let url = &settings.url;
-    let details = readable_details(error.details());
+    let details = readable_details(without_echoed_arguments(error.details()));
     match error.kind() {
         ErrorKind::IO
         | ErrorKind::Canceled
@@ -578,7 +578,12 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
                             role,
                             url = %url,
                             server = ?server.map(|s| s.to_string()),
-                            error = %error,
+                            // As fred displays it, without the password a server may echo.
+                            error = %format_args!(
+                                "{}: {}",
+                                error.kind().to_str(),
+                                without_echoed_arguments(error.details())
+                            ),
                             "Redis connection problem; reconnecting with backoff"
                         );
                     }
@@ -593,11 +598,20 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
     });
 }
 
+/// `details` without what the server echoed of a command it does not know: a server without `AUTH`
+/// (a proxy that has none, a Redis with it renamed away) answers the login with "unknown command
+/// 'AUTH', with args beginning with: '<password>'" (Redis 6.0 quotes with backticks).
+pub(crate) fn without_echoed_arguments(details: &str) -> &str {
+    details
+        .find(", with args beginning with:")
+        .map_or(details, |at| &details[..at])
+}
+
 /// What health says of a failed connection attempt: fred's details, with the fix when Redis refused
 /// the login (it answers, so "check that it is running" would mislead: a password rotated on the
 /// server while the router ran).
 pub(crate) fn connection_problem(error: &fred::error::Error) -> String {
-    let details = readable_details(error.details());
+    let details = readable_details(without_echoed_arguments(error.details()));
     let details = details.trim_end_matches('.');
     let refused_login = matches!(error.kind(), ErrorKind::Auth)
         || details.starts_with("NOAUTH")

@@ -754,7 +754,8 @@ impl RedisRouter {
 /// What a failed first connection says, with the fix when TLS refused the server's certificate.
 fn connect_failure(error: &fred::error::Error) -> String {
     // Redis ends some replies with a full stop, and `Error::Connection` adds one after the message.
-    let details = error.details().trim_end_matches('.');
+    let details =
+        crate::connection::without_echoed_arguments(error.details()).trim_end_matches('.');
     // Redis was reached, so "check that the broker is running" does not help: say what does.
     let refused_login = matches!(error.kind(), fred::error::ErrorKind::Auth)
         || details.starts_with("NOAUTH")

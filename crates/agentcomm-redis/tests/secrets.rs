@@ -290,3 +290,103 @@ fn a_router_through_a_sentinel_with_passwords_shows_neither() {
     drop((sentinel, primary));
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
+
+/// The password of [`a_server_echoing_the_refused_auth_shows_no_password`].
+const ECHOED: &str = "echo-test-Qz7kWm4p";
+
+/// A server that does not know `AUTH` (a proxy without it, or a Redis with it renamed away) answers
+/// "unknown command 'AUTH', with args beginning with: '<password>'". Neither the error of `connect`,
+/// nor health while reconnections meet that server, nor the warning logged for each of them shows
+/// the password. Before, all three did.
+#[test]
+fn a_server_echoing_the_refused_auth_shows_no_password() {
+    if let Some(reason) = servers::missing_tools() {
+        servers::skip(&reason);
+        return;
+    }
+    let port = servers::free_ports(1)[0];
+    let without_auth = |name: &str| {
+        servers::start(
+            servers::server_dir(name),
+            port,
+            &[
+                "--port".into(),
+                port.to_string(),
+                "--rename-command".into(),
+                "AUTH".into(),
+                "".into(),
+            ],
+        )
+        .expect("a redis-server without AUTH")
+    };
+    let url = format!("redis://:{ECHOED}@127.0.0.1:{port}");
+    let ((), lines) = logged(async {
+        // The first connection.
+        let server = without_auth("auth-echo-first");
+        let text = within(
+            Duration::from_secs(20),
+            "the refused connection",
+            RedisRouter::builder(&url)
+                .connect_timeout(Duration::from_secs(3))
+                .max_reconnect_attempts(Some(0))
+                .connect(),
+        )
+        .await
+        .expect_err("a server without AUTH refuses the login")
+        .to_string();
+        assert!(text.contains("unknown command"), "{text}");
+        assert!(!text.contains(ECHOED), "the password leaked: {text}");
+        drop(server);
+        // Reconnections: the router connected to a Redis with the password, which is replaced by
+        // one without AUTH on the same port.
+        let server = servers::start(
+            servers::server_dir("auth-echo-before"),
+            port,
+            &[
+                "--port".into(),
+                port.to_string(),
+                "--requirepass".into(),
+                ECHOED.into(),
+            ],
+        )
+        .expect("a redis-server with a password");
+        let router = within(
+            Duration::from_secs(20),
+            "the connection",
+            RedisRouter::builder(&url)
+                .prefix(unique_prefix())
+                .command_timeout(Duration::from_secs(2))
+                .connect(),
+        )
+        .await
+        .expect("the right password connects");
+        drop(server);
+        let _server = without_auth("auth-echo-after");
+        eventually(
+            Duration::from_secs(15),
+            "health to name the unknown AUTH",
+            async || {
+                let health = router.health().await;
+                assert!(
+                    !health.detail.contains(ECHOED),
+                    "the password leaked: {}",
+                    health.detail
+                );
+                health.detail.contains("unknown command")
+            },
+        )
+        .await;
+        let _ = within(Duration::from_secs(20), "close", router.close()).await;
+    });
+    let warnings: Vec<&str> = lines
+        .lines()
+        .filter(|line| line.contains("Redis connection problem"))
+        .collect();
+    assert!(
+        warnings.iter().any(|line| line.contains("unknown command")),
+        "the reconnections were logged: {lines}"
+    );
+    for line in warnings {
+        assert!(!line.contains(ECHOED), "the password leaked: {line}");
+    }
+}

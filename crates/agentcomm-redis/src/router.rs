@@ -297,12 +297,15 @@ const UNCERTAIN_APPEND: &str = "XADD (the message may have been stored: Redis ma
 /// late (`Timeout`) or was lost with the connection (`IO`). Not a `Canceled`: fred answers a single
 /// command so only when it drops it unwritten (its client quit, or gave up reconnecting, with the
 /// command still queued), so it certainly did not run, and a caller told it may have would not
-/// publish it again.
+/// publish it again. But a command fred wrote before its connection was cut is kept to be written
+/// again after the reconnection, and when fred gives up reconnecting it drops it: its caller gets
+/// "channel closed" (fred's `Unknown`, from the dropped answer channel), and Redis may have run it.
 fn single_may_have_run(error: &fred::error::Error) -> bool {
-    matches!(
-        error.kind(),
-        fred::error::ErrorKind::Timeout | fred::error::ErrorKind::IO
-    )
+    match error.kind() {
+        fred::error::ErrorKind::Timeout | fred::error::ErrorKind::IO => true,
+        fred::error::ErrorKind::Unknown => error.details() == "channel closed",
+        _ => false,
+    }
 }
 
 /// Whether Redis itself answered a command with an error (`NOPERM` for a channel the ACL user may not
@@ -2445,6 +2448,21 @@ impl Router for RedisRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A single command fred wrote, then dropped when it gave up reconnecting, fails with the error of
+    /// its dropped answer channel: Redis may have run it. One fred never wrote fails with `Canceled`.
+    #[tokio::test]
+    async fn a_written_command_fred_dropped_may_have_run() {
+        let (answer, waiting) = tokio::sync::oneshot::channel::<()>();
+        drop(answer);
+        let dropped = fred::error::Error::from(waiting.await.unwrap_err());
+        assert!(single_may_have_run(&dropped), "{dropped:?}");
+        assert!(!single_may_have_run(&fred::error::Error::new_canceled()));
+        assert!(!single_may_have_run(&fred::error::Error::new(
+            fred::error::ErrorKind::Unknown,
+            "Client is not initialized."
+        )));
+    }
 
     /// The URL's password is percent-decoded (fred): a password with a `%` followed by two hex digits
     /// is sent changed unless its `%` is written %25, so the hint of a refused login says so, with the

@@ -1053,6 +1053,77 @@ async fn dropped_unwritten(batch: bool) {
     publisher.close().await.unwrap();
 }
 
+/// A publish fred wrote before its connection was cut, whose answer the cut lost: Redis ran it (its
+/// subscribers receive it). fred keeps such a command to write again after the reconnection; when it
+/// runs out of reconnection attempts it drops it, and the caller gets fred's "channel closed", not a
+/// `Canceled` (that is only for commands never written). Its error must say that it may have been
+/// published, and count in `publish_uncertain`, as a timeout's does: it said only that the publish
+/// failed, and a caller that published it again delivered it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_publish_fred_dropped_when_giving_up_says_it_may_have_been_published() {
+    let Some((proxy, url)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    // Two attempts 2.5 s apart, well within the command timeout: fred gives up before the publish times
+    // out.
+    let publisher = connected(
+        RedisRouter::builder(&url)
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_millis(2500),
+                Duration::from_millis(2500),
+            ))
+            .max_reconnect_attempts(Some(2))
+            .command_timeout(Duration::from_secs(30)),
+    )
+    .await;
+    let subscriber = connected(builder(DeliveryMode::PubSub, &prefix)).await;
+    let mut subscription = subscriber
+        .subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Ran:*:*").unwrap(),
+        ))
+        .await
+        .unwrap();
+    let channel = parse_channel("Ran:event:s1").unwrap();
+    publisher.publish(message(&channel, 0)).await.unwrap();
+    let first = next(&mut subscription).await;
+    assert_eq!(number(first.envelope()), 0);
+    first.ack().await.unwrap();
+    // The PUBLISH reaches Redis after 2 s, and its answer would come 2 s later: the connection is cut
+    // as soon as the subscriber has the message, and reconnections are refused.
+    proxy.set_latency(Duration::from_secs(2));
+    let (result, ()) = tokio::join!(
+        within(
+            Duration::from_secs(25),
+            "fred to give up",
+            publisher.publish(message(&channel, 1)),
+        ),
+        async {
+            let delivery = next(&mut subscription).await;
+            proxy.reject_for(Duration::from_secs(600));
+            proxy.cut_all();
+            assert_eq!(number(delivery.envelope()), 1, "Redis ran the publish");
+            delivery.ack().await.unwrap();
+        }
+    );
+    let error = result
+        .expect_err("its answer was lost, and Redis is out of reach")
+        .to_string();
+    assert!(
+        error.contains("may have been published") && error.contains("may deliver it twice"),
+        "Redis ran it: {error}"
+    );
+    let health = publisher.health().await;
+    assert_eq!(health.get("publish_uncertain"), 1, "{health:?}");
+    assert_eq!(health.get("publish_errors"), 1, "{health:?}");
+    proxy.set_latency(Duration::ZERO);
+    proxy.reject_for(Duration::ZERO);
+    subscriber.close().await.unwrap();
+    publisher.close().await.unwrap();
+}
+
 /// `reclaim_rounds` counts the rounds that looked at every stream: none while Redis is unreachable
 /// (each round fails), and again once it is back. Before, a round in which every stream failed was
 /// counted too, so the counter could not tell an operator (or a test waiting on it) that reclaiming

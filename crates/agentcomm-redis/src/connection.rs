@@ -140,10 +140,19 @@ fn url_meaning(url: &str, database: Option<u8>) -> Result<Option<u8>, String> {
                  redis+unix://user:password@localhost/path/to/redis.sock"
                     .to_string()
             }
-            "password" | "username" | "user" | "pass" => {
-                "credentials go before the host: redis://user:password@host:port (a Sentinel's own \
-                 in sentinelUsername and sentinelPassword)"
+            "password" | "username" | "user" | "pass" if sentinel => {
+                "the server's credentials go before the host: \
+                 redis-sentinel://user:password@host:port/0?sentinelServiceName=name (the Sentinels' \
+                 own in sentinelUsername and sentinelPassword)"
                     .to_string()
+            }
+            "password" | "username" | "user" | "pass" if cluster => {
+                "credentials go before the first node: \
+                 redis-cluster://user:password@host:port?node=host2:port2"
+                    .to_string()
+            }
+            "password" | "username" | "user" | "pass" => {
+                "credentials go before the host: redis://user:password@host:port".to_string()
             }
             "node" if !cluster && !sentinel => {
                 "it names other nodes of a cluster or other Sentinels: use redis-cluster:// or \
@@ -1237,6 +1246,16 @@ mod tests {
             (
                 "redis-sentinel://h:26379?sentinelServiceName=m&db=2",
                 "redis-sentinel://host:port/3?sentinelServiceName=name",
+            ),
+            // A Sentinel's or a cluster's credentials in a parameter were told the single-server form,
+            // which drops the Sentinels or the other nodes.
+            (
+                "redis-sentinel://h:26379?sentinelServiceName=m&password=s3cr3t",
+                "redis-sentinel://user:password@host:port/0?sentinelServiceName=name",
+            ),
+            (
+                "redis-cluster://h:7000?password=s3cr3t",
+                "redis-cluster://user:password@host:port?node=host2:port2",
             ),
         ] {
             let error = refused(url);

@@ -1006,4 +1006,263 @@ mod tests {
             Some(Codec::Json)
         );
     }
+
+    /// A recursive reader of the first MessagePack value of `payload`, as rmp-serde reads it: `Deep`
+    /// when a map or an array starts with `max - 1` others open (nesting `max` deep), `Bad` when the
+    /// payload ends or a length cannot be read before that.
+    #[derive(Debug, PartialEq)]
+    enum Stop {
+        Deep,
+        Bad,
+    }
+
+    fn reference(payload: &[u8], at: &mut usize, open: usize, max: usize) -> Result<(), Stop> {
+        let mut take = |n: usize| -> Result<u64, Stop> {
+            let end = at.checked_add(n).ok_or(Stop::Bad)?;
+            let bytes = payload.get(*at..end).ok_or(Stop::Bad)?;
+            *at = end;
+            Ok(bytes.iter().fold(0u64, |v, &b| (v << 8) | u64::from(b)))
+        };
+        let marker = take(1)? as u8;
+        let (entries, skip): (u64, u64) = match marker {
+            0x80..=0x8f => (2 * u64::from(marker & 0xf), 0),
+            0x90..=0x9f => (u64::from(marker & 0xf), 0),
+            0xdc => (take(2)?, 0),
+            0xdd => (take(4)?, 0),
+            0xde => (2 * take(2)?, 0),
+            0xdf => (2 * take(4)?, 0),
+            0xa0..=0xbf => (u64::MAX, u64::from(marker & 0x1f)),
+            0xd9 | 0xc4 => (u64::MAX, take(1)?),
+            0xda | 0xc5 => (u64::MAX, take(2)?),
+            0xdb | 0xc6 => (u64::MAX, take(4)?),
+            0xc7 => (u64::MAX, take(1)? + 1),
+            0xc8 => (u64::MAX, take(2)? + 1),
+            0xc9 => (u64::MAX, take(4)? + 1),
+            0xd4 => (u64::MAX, 2),
+            0xd5 => (u64::MAX, 3),
+            0xd6 => (u64::MAX, 5),
+            0xd7 => (u64::MAX, 9),
+            0xd8 => (u64::MAX, 17),
+            0xcc | 0xd0 => (u64::MAX, 1),
+            0xcd | 0xd1 => (u64::MAX, 2),
+            0xca | 0xce | 0xd2 => (u64::MAX, 4),
+            0xcb | 0xcf | 0xd3 => (u64::MAX, 8),
+            _ => (u64::MAX, 0),
+        };
+        if entries == u64::MAX {
+            // A scalar: its bytes need not all be there for the reader to go on (it stops at the end).
+            *at = at.saturating_add(usize::try_from(skip).unwrap_or(usize::MAX));
+            return Ok(());
+        }
+        if open + 1 >= max {
+            return Err(Stop::Deep);
+        }
+        for _ in 0..entries {
+            if *at >= payload.len() {
+                return Err(Stop::Bad);
+            }
+            reference(payload, at, open + 1, max)?;
+        }
+        Ok(())
+    }
+
+    /// A small random number generator (xorshift), seeded, so that a failure can be replayed.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// Writes a random valid MessagePack value of at most `depth` levels of maps and arrays, with
+    /// every kind of marker.
+    fn random_value(rng: &mut Rng, out: &mut Vec<u8>, depth: usize, ext: bool, exact: bool) {
+        let be = |out: &mut Vec<u8>, n: u64, size: usize| {
+            out.extend_from_slice(&n.to_be_bytes()[8 - size..]);
+        };
+        let kind = match (depth, exact) {
+            (0, _) => rng.below(20),
+            (_, true) => 20 + rng.below(8),
+            _ => rng.below(28),
+        };
+        match kind {
+            0 => out.push(rng.below(0x80) as u8),
+            1 => out.push(0xe0 | rng.below(0x20) as u8),
+            2 => out.push([0xc0, 0xc2, 0xc3][rng.below(3) as usize]),
+            3 => {
+                let (marker, size) = [
+                    (0xcc, 1),
+                    (0xcd, 2),
+                    (0xce, 4),
+                    (0xcf, 8),
+                    (0xd0, 1),
+                    (0xd1, 2),
+                    (0xd2, 4),
+                    (0xd3, 8),
+                    (0xca, 4),
+                    (0xcb, 8),
+                ][rng.below(10) as usize];
+                out.push(marker);
+                for _ in 0..size {
+                    // Bytes that would be markers of containers, were they read as such.
+                    out.push([0xdd, 0xdf, 0x9f, 0x8f, 0xff][rng.below(5) as usize]);
+                }
+            }
+            4..=9 => {
+                let len = [rng.below(32), rng.below(300), rng.below(70_000)][rng.below(3) as usize]
+                    as usize;
+                let (marker, size) = match (kind, len) {
+                    (4, 0..=31) => (0xa0 | len as u8, 0),
+                    (4 | 5, 0..=255) => (0xd9, 1),
+                    (4..=6, 0..=65_535) => (0xda, 2),
+                    (4..=7, _) => (0xdb, 4),
+                    (8, 0..=255) => (0xc4, 1),
+                    (8 | 9, 0..=65_535) => (0xc5, 2),
+                    _ => (0xc6, 4),
+                };
+                out.push(marker);
+                be(out, len as u64, size);
+                out.extend((0..len).map(|i| [0x91, 0xdc, 0x81, 0xde][i % 4]));
+            }
+            10..=11 if ext => {
+                let len = [1usize, 2, 4, 8, 16, rng.below(300) as usize, 3][rng.below(7) as usize];
+                match (kind, len) {
+                    (10, 1) => out.push(0xd4),
+                    (10, 2) => out.push(0xd5),
+                    (10, 4) => out.push(0xd6),
+                    (10, 8) => out.push(0xd7),
+                    (10, 16) => out.push(0xd8),
+                    (_, 0..=255) if rng.below(2) == 0 => {
+                        out.push(0xc7);
+                        be(out, len as u64, 1);
+                    }
+                    (_, 0..=65_535) if rng.below(2) == 0 => {
+                        out.push(0xc8);
+                        be(out, len as u64, 2);
+                    }
+                    _ => {
+                        out.push(0xc9);
+                        be(out, len as u64, 4);
+                    }
+                }
+                out.push(rng.below(256) as u8);
+                out.extend((0..len).map(|i| [0x91, 0xdd, 0x81][i % 3]));
+            }
+            10..=19 => out.push(rng.below(0x80) as u8),
+            _ => {
+                let map = rng.below(2) == 0;
+                // Mostly one entry, to go deep; sometimes none, sometimes more.
+                let entries = match exact {
+                    true => [1, 1, 1, 2, 3, 20][rng.below(6) as usize],
+                    false => [1, 1, 1, 0, 2, 3, 20][rng.below(7) as usize],
+                };
+                let form = rng.below(3);
+                match (map, form, entries) {
+                    (true, 0, 0..=15) => out.push(0x80 | entries as u8),
+                    (false, 0, 0..=15) => out.push(0x90 | entries as u8),
+                    (true, 1, _) => {
+                        out.push(0xde);
+                        be(out, entries, 2);
+                    }
+                    (false, 1, _) => {
+                        out.push(0xdc);
+                        be(out, entries, 2);
+                    }
+                    (true, _, _) => {
+                        out.push(0xdf);
+                        be(out, entries, 4);
+                    }
+                    (false, _, _) => {
+                        out.push(0xdd);
+                        be(out, entries, 4);
+                    }
+                }
+                let values = if map { 2 * entries } else { entries };
+                // One entry goes as deep as allowed, the others stay shallow.
+                let deep = rng.below(values.max(1));
+                for index in 0..values {
+                    let depth = if index == deep {
+                        depth - 1
+                    } else {
+                        rng.below(3).min(depth as u64 - 1) as usize
+                    };
+                    random_value(rng, out, depth, ext, exact && index == deep);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nests_deeper_than_agrees_with_a_recursive_reader() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let verdict = |payload: &[u8], max: usize| {
+            let mut at = 0;
+            reference(payload, &mut at, 0, max) == Err(Stop::Deep)
+        };
+        let mut checked = 0;
+        let mut deep_by_rmp = 0;
+        for round in 0..400 {
+            let mut payload = Vec::new();
+            let depth = if round % 2 == 0 {
+                rng.below(12) as usize
+            } else {
+                120 + rng.below(15) as usize
+            };
+            random_value(&mut rng, &mut payload, depth, round % 3 != 0, round % 4 < 2);
+            // Trailing bytes: a second value, or garbage.
+            if rng.below(2) == 0 {
+                random_value(&mut rng, &mut payload, 3, true, false);
+            }
+            let mut variants = vec![payload.clone()];
+            // Truncated, and with a byte changed.
+            let cut = rng.below(payload.len() as u64 + 1) as usize;
+            variants.push(payload[..cut].to_vec());
+            let mut changed = payload.clone();
+            let at = rng.below(changed.len() as u64) as usize;
+            changed[at] = rng.below(256) as u8;
+            variants.push(changed);
+            variants.push((0..rng.below(400)).map(|_| rng.below(256) as u8).collect());
+            for payload in &variants {
+                for max in (1..=14).chain(118..=138) {
+                    assert_eq!(
+                        nests_deeper_than(payload, max),
+                        verdict(payload, max),
+                        "round {round} max {max}: {:02x?}",
+                        &payload[..payload.len().min(400)]
+                    );
+                    checked += 1;
+                }
+            }
+            // A valid value without extensions, against rmp-serde's own limit.
+            if round % 3 == 0 {
+                for max in [2, 5, 10, 127, 128, 129] {
+                    let mut deserializer = rmp_serde::Deserializer::from_read_ref(&payload[..]);
+                    deserializer.set_max_depth(max);
+                    let by_rmp = serde::de::IgnoredAny::deserialize(&mut deserializer);
+                    deep_by_rmp += usize::from(max == 128 && by_rmp.is_err());
+                    assert_eq!(
+                        matches!(by_rmp, Err(rmp_serde::decode::Error::DepthLimitExceeded)),
+                        nests_deeper_than(&payload, max),
+                        "round {round} max {max} {by_rmp:?}"
+                    );
+                    assert!(
+                        matches!(
+                            by_rmp,
+                            Ok(_) | Err(rmp_serde::decode::Error::DepthLimitExceeded)
+                        ),
+                        "{by_rmp:?}"
+                    );
+                }
+            }
+        }
+        assert!(checked > 50_000);
+        // Some payloads went past the limit.
+        assert!(deep_by_rmp > 5, "{deep_by_rmp}");
+    }
 }

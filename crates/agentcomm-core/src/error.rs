@@ -275,9 +275,17 @@ pub fn redact_url(url: &str) -> String {
             Some(at) => format!("{head}{}{}", redact_userinfo(&rest[..at]), &rest[at..]),
             // No '@' and no host: the user part left without its host (`redis://:password`,
             // `amqp://guest:password`) reads as `host:port` with a port that is no number. A closing
-            // quote or bracket, or a space, after the port is no part of it (`"redis://cache:6379"`).
+            // quote or bracket, or a space, after the port is no part of it (`"redis://cache:6379"`),
+            // when the quote or bracket was opened before the scheme: else it may end a password of
+            // digits (`amqp://guest:2024)`), which would read as a port.
             None if !looks_like_hosts(rest.trim_end_matches(|c: char| {
-                c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '>' | ')')
+                let opener = match c {
+                    '>' => '<',
+                    ')' => '(',
+                    c => c,
+                };
+                c.is_whitespace()
+                    || (matches!(c, '"' | '\'' | '`' | '>' | ')') && head.contains(opener))
             })) =>
             {
                 hidden()

@@ -322,3 +322,25 @@ fn a_url_without_a_password_in_quotes_still_shows_its_host() {
         assert!(found.is_empty(), "{}", found.join("\n"));
     }
 }
+
+/// A URL whose host was forgotten, with a password of digits that ends in a closing quote or bracket
+/// and nothing opened before the scheme (`amqp://guest:2024)`): aa091d0 dropped that closing character
+/// before reading the rest as `host:port`, so the password read as a port and the URL was shown
+/// whole. The closing character is dropped only when its opening one comes before the scheme.
+#[test]
+fn a_password_of_digits_ending_in_a_closing_character_is_hidden() {
+    for (url, shown) in [
+        ("amqp://guest:2024)", "amqp://***"),
+        ("redis://admin:8675309\"", "redis://***"),
+        ("amqp://guest:31337>", "amqp://***"),
+        ("redis://admin:4711'", "redis://***"),
+        // Opened before the scheme: the URL's own wrapping, shown.
+        ("(amqp://mq:5672)", "(amqp://mq:5672)"),
+        (
+            "REDIS_URL='redis://cache:6379'",
+            "REDIS_URL='redis://cache:6379'",
+        ),
+    ] {
+        assert_eq!(redact_url(url), shown, "{url}");
+    }
+}

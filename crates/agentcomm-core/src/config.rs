@@ -166,7 +166,7 @@ impl Config {
     /// Reads an env file (if it exists), with the process environment taking precedence over it. A
     /// line of the file that names one of agentcomm's variables but has no `=` (`REDIS_URL
     /// redis://..`) is an [`Error::Config`] naming the line, rather than a line skipped; so is a line
-    /// naming `MESSAGING_BACKEND`, `REDIS_URL` or `RABBITMQ_URL` in other letter case (`redis_url=..`:
+    /// naming `MESSAGING_BACKEND`, `REDIS_URL`, `RABBITMQ_URL` or `REDIS_DELIVERY_MODE` in other letter case (`redis_url=..`:
     /// names are case-sensitive), unless the variable is set all the same (then, and for the other
     /// variables, a warning).
     pub fn load_with_file(path: &Path) -> Result<Self> {
@@ -393,9 +393,10 @@ fn line_without_equals(
 /// Refuses an env file line whose name is one of agentcomm's variables that pick the broker in other
 /// letter case (`redis_url=redis://prod:6379`, as a case-insensitive settings library would read it):
 /// names are case-sensitive here, so the line is not read and the program would silently run on the
-/// local broker. Where the variable is set all the same (by the process environment, or by another
-/// line of the file), or is `LOG_LEVEL` or `REDIS_DELIVERY_MODE` (whose defaults are safe, and whose
-/// lowercase names another tool sharing the file may use), the line is passed over with a warning. Errors name the file, the line and the
+/// local broker (or, for `REDIS_DELIVERY_MODE`, in another delivery mode than the programs it talks
+/// to). Where the variable is set all the same (by the process environment, or by another line of the
+/// file), or is `LOG_LEVEL` (whose default is harmless, and whose lowercase name another tool sharing
+/// the file may use), the line is passed over with a warning. Errors name the file, the line and the
 /// variable, never the value.
 fn name_in_other_case(
     path: &Path,
@@ -417,9 +418,14 @@ fn name_in_other_case(
             continue;
         };
         let set_elsewhere = prefer(process(variable), file.get(*variable)).is_some();
-        // Only where the default picks the broker: a shared file's `log_level=` (another tool's,
-        // say) does not stop the program, whose default level is harmless; it is warned about.
-        let picks_the_broker = matches!(*variable, BACKEND_VAR | REDIS_URL_VAR | RABBITMQ_URL_VAR);
+        // Only where the default picks the broker or how messages travel on it (programs sharing a
+        // Redis in different delivery modes do not hear each other): a shared file's `log_level=`
+        // (another tool's, say) does not stop the program, whose default level is harmless; it is
+        // warned about.
+        let picks_the_broker = matches!(
+            *variable,
+            BACKEND_VAR | REDIS_URL_VAR | RABBITMQ_URL_VAR | "REDIS_DELIVERY_MODE"
+        );
         if set_elsewhere || !picks_the_broker {
             let (env_file, env_line, written, variable) = (
                 path.display().to_string(),
@@ -1076,8 +1082,14 @@ mod tests {
         assert!(error.contains("`MESSAGING_BACKEND=value`"), "{error}");
         // Where the default does not pick the broker (a shared file's `log_level=`, another tool's),
         // the line is passed over with a warning.
-        let config = load("log_level=debug\nredis_delivery_mode=pubsub\n", &nothing).unwrap();
+        let config = load("log_level=debug\n", &nothing).unwrap();
         assert_eq!(config.log_level(), LevelFilter::INFO);
+        // The delivery mode is refused: a program on the default (Streams) beside ones in pub/sub
+        // mode would not hear them.
+        let error = load("redis_delivery_mode=pubsub\n", &nothing)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`REDIS_DELIVERY_MODE=value`"), "{error}");
         // Set elsewhere: passed over, and the value set is used.
         let config = load("redis_url=redis://a:1\nREDIS_URL=redis://b:2\n", &nothing).unwrap();
         assert_eq!(config.redis_url(), "redis://b:2");

@@ -819,18 +819,8 @@ async fn a_pubsub_batch_given_up_while_redis_is_unreachable_says_its_messages_ma
             .command_timeout(Duration::from_millis(500)),
     )
     .await;
-    let subscriber = connected(builder(DeliveryMode::PubSub, &prefix)).await;
-    let mut subscription = subscriber
-        .subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Late:*:*").unwrap(),
-        ))
-        .await
-        .unwrap();
-    let channel = parse_channel("Late:event:s1").unwrap();
-    publisher.publish(message(&channel, 0)).await.unwrap();
-    let first = next(&mut subscription).await;
-    assert_eq!(number(first.envelope()), 0);
-    first.ack().await.unwrap();
+    let (subscriber, mut subscription, channel) =
+        flowing(&publisher, DeliveryMode::PubSub, &prefix, "Late").await;
     proxy.reject_for(Duration::from_secs(30));
     proxy.cut_all();
     let results = within(
@@ -880,18 +870,8 @@ async fn a_single_pubsub_publish_that_times_out_says_it_may_be_delivered() {
             .command_timeout(Duration::from_millis(500)),
     )
     .await;
-    let subscriber = connected(builder(DeliveryMode::PubSub, &prefix)).await;
-    let mut subscription = subscriber
-        .subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Slow:*:*").unwrap(),
-        ))
-        .await
-        .unwrap();
-    let channel = parse_channel("Slow:event:s1").unwrap();
-    publisher.publish(message(&channel, 0)).await.unwrap();
-    let first = next(&mut subscription).await;
-    assert_eq!(number(first.envelope()), 0);
-    first.ack().await.unwrap();
+    let (subscriber, mut subscription, channel) =
+        flowing(&publisher, DeliveryMode::PubSub, &prefix, "Slow").await;
     // The connection carries, slowly: the PUBLISH reaches Redis, its answer comes too late.
     proxy.set_latency(Duration::from_secs(2));
     let error = within(
@@ -936,17 +916,9 @@ async fn a_single_stream_publish_that_times_out_says_it_may_be_stored() {
             .command_timeout(Duration::from_millis(500)),
     )
     .await;
-    let subscriber = connected(builder(DeliveryMode::Streams, &prefix)).await;
-    let mut subscription = subscriber
-        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Slow:*:*").unwrap()).group("g"))
-        .await
-        .unwrap();
-    let channel = parse_channel("Slow:event:s1").unwrap();
     // The first publish registers the stream; the next ones are a single XADD each.
-    publisher.publish(message(&channel, 0)).await.unwrap();
-    let first = next(&mut subscription).await;
-    assert_eq!(number(first.envelope()), 0);
-    first.ack().await.unwrap();
+    let (subscriber, mut subscription, channel) =
+        flowing(&publisher, DeliveryMode::Streams, &prefix, "Slow").await;
     proxy.set_latency(Duration::from_secs(2));
     let error = within(
         Duration::from_secs(10),
@@ -1079,18 +1051,8 @@ async fn a_written_publish_fred_dropped_when_giving_up_says_it_may_have_been_pub
             .command_timeout(Duration::from_secs(30)),
     )
     .await;
-    let subscriber = connected(builder(DeliveryMode::PubSub, &prefix)).await;
-    let mut subscription = subscriber
-        .subscribe(SubscribeOptions::new(
-            ChannelPattern::parse("Ran:*:*").unwrap(),
-        ))
-        .await
-        .unwrap();
-    let channel = parse_channel("Ran:event:s1").unwrap();
-    publisher.publish(message(&channel, 0)).await.unwrap();
-    let first = next(&mut subscription).await;
-    assert_eq!(number(first.envelope()), 0);
-    first.ack().await.unwrap();
+    let (subscriber, mut subscription, channel) =
+        flowing(&publisher, DeliveryMode::PubSub, &prefix, "Ran").await;
     // The PUBLISH reaches Redis after 2 s, and its answer would come 2 s later: the connection is cut
     // as soon as the subscriber has the message, and reconnections are refused.
     proxy.set_latency(Duration::from_secs(2));
@@ -1541,4 +1503,32 @@ async fn a_subscriber_connection_nobody_answers_names_connect_timeout() {
     proxy.blackhole(false);
     proxy.cut_all();
     router.close().await.unwrap();
+}
+
+/// A subscriber of `class`'s channels, connected directly (in Streams mode with group "g"), and
+/// `publisher`'s first message on `<class>:event:s1` published and received: the flow works before a
+/// test breaks it.
+async fn flowing(
+    publisher: &RedisRouter,
+    mode: DeliveryMode,
+    prefix: &str,
+    class: &str,
+) -> (
+    RedisRouter,
+    agentcomm_core::router::Subscription,
+    agentcomm_core::channel::Channel,
+) {
+    let subscriber = connected(builder(mode, prefix)).await;
+    let pattern = ChannelPattern::parse(&format!("{class}:*:*")).unwrap();
+    let options = match mode {
+        DeliveryMode::Streams => SubscribeOptions::new(pattern).group("g"),
+        _ => SubscribeOptions::new(pattern),
+    };
+    let mut subscription = subscriber.subscribe(options).await.unwrap();
+    let channel = parse_channel(&format!("{class}:event:s1")).unwrap();
+    publisher.publish(message(&channel, 0)).await.unwrap();
+    let first = next(&mut subscription).await;
+    assert_eq!(number(first.envelope()), 0);
+    first.ack().await.unwrap();
+    (subscriber, subscription, channel)
 }

@@ -859,43 +859,11 @@ async fn a_pubsub_batch_given_up_while_redis_is_unreachable_says_its_messages_ma
 /// answer in time, and nothing was counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_pubsub_publish_that_times_out_says_it_may_be_delivered() {
-    let Some((proxy, proxied)) = redis_proxy().await else {
-        return;
-    };
-    let prefix = unique_prefix();
-    let publisher = connect_through_proxy(
-        RedisRouter::builder(proxied)
-            .mode(DeliveryMode::PubSub)
-            .prefix(&prefix)
-            .command_timeout(Duration::from_millis(500)),
+    single_publish_times_out(
+        DeliveryMode::PubSub,
+        ["may have been published", "may deliver it twice"],
     )
     .await;
-    let (subscriber, mut subscription, channel) =
-        flowing(&publisher, DeliveryMode::PubSub, &prefix, "Slow").await;
-    // The connection carries, slowly: the PUBLISH reaches Redis, its answer comes too late.
-    proxy.set_latency(Duration::from_secs(2));
-    let error = within(
-        Duration::from_secs(10),
-        "the publish to time out",
-        publisher.publish(message(&channel, 1)),
-    )
-    .await
-    .expect_err("its answer comes after the command timeout")
-    .to_string();
-    // What makes the wording matter: it was published.
-    let delivery = next(&mut subscription).await;
-    assert_eq!(number(delivery.envelope()), 1);
-    delivery.ack().await.unwrap();
-    proxy.set_latency(Duration::ZERO);
-    assert!(
-        error.contains("may have been published") && error.contains("may deliver it twice"),
-        "the error says the message may be delivered, and what a retry does: {error}"
-    );
-    let health = publisher.health().await;
-    assert_eq!(health.get("publish_uncertain"), 1, "{health:?}");
-    assert_eq!(health.get("publish_errors"), 1, "{health:?}");
-    subscriber.close().await.unwrap();
-    publisher.close().await.unwrap();
 }
 
 /// The same for a Streams publish (`XADD` without idempotent publishing): its answer comes after the
@@ -904,6 +872,17 @@ async fn a_single_pubsub_publish_that_times_out_says_it_may_be_delivered() {
 /// counted, while a batch's `XADD` said "may have been stored".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_stream_publish_that_times_out_says_it_may_be_stored() {
+    single_publish_times_out(
+        DeliveryMode::Streams,
+        ["may have been stored", "store it twice"],
+    )
+    .await;
+}
+
+/// A publish in `mode` whose answer comes after the command timeout (the connection carries, slowly:
+/// Redis runs it): its subscriber receives it, its error says each of `says`, and it counts once in
+/// `publish_uncertain` and in `publish_errors`.
+async fn single_publish_times_out(mode: DeliveryMode, says: [&str; 2]) {
     let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
@@ -911,14 +890,13 @@ async fn a_single_stream_publish_that_times_out_says_it_may_be_stored() {
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let publisher = connect_through_proxy(
         RedisRouter::builder(proxied)
-            .mode(DeliveryMode::Streams)
+            .mode(mode)
             .prefix(&prefix)
             .command_timeout(Duration::from_millis(500)),
     )
     .await;
-    // The first publish registers the stream; the next ones are a single XADD each.
-    let (subscriber, mut subscription, channel) =
-        flowing(&publisher, DeliveryMode::Streams, &prefix, "Slow").await;
+    // In Streams mode the first publish registers the stream; the next ones are a single XADD each.
+    let (subscriber, mut subscription, channel) = flowing(&publisher, mode, &prefix, "Slow").await;
     proxy.set_latency(Duration::from_secs(2));
     let error = within(
         Duration::from_secs(10),
@@ -928,13 +906,14 @@ async fn a_single_stream_publish_that_times_out_says_it_may_be_stored() {
     .await
     .expect_err("its answer comes after the command timeout")
     .to_string();
+    // What makes the wording matter: it was published (stored) all the same.
     let delivery = next(&mut subscription).await;
-    assert_eq!(number(delivery.envelope()), 1, "stored all the same");
+    assert_eq!(number(delivery.envelope()), 1);
     delivery.ack().await.unwrap();
     proxy.set_latency(Duration::ZERO);
     assert!(
-        error.contains("may have been stored") && error.contains("store it twice"),
-        "the error says the message may be stored, and what a retry does: {error}"
+        says.iter().all(|said| error.contains(said)),
+        "the error says the message may have gone, and what a retry does ({says:?}): {error}"
     );
     let health = publisher.health().await;
     assert_eq!(health.get("publish_uncertain"), 1, "{health:?}");

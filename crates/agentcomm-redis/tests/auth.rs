@@ -14,6 +14,24 @@ use common::*;
 
 const PASSWORD: &str = "auth-test-secret";
 
+/// A redis-server of its own on a free loopback port (its files in `name`'s directory), requiring
+/// [`PASSWORD`]: the port, and the server, which stops when dropped.
+fn password_server(name: &str) -> (u16, servers::Spawned) {
+    let port = servers::free_ports(1)[0];
+    let server = servers::start(
+        servers::server_dir(name),
+        port,
+        &[
+            "--port".into(),
+            port.to_string(),
+            "--requirepass".into(),
+            PASSWORD.into(),
+        ],
+    )
+    .expect("a redis-server with a password");
+    (port, server)
+}
+
 /// The error of a connection Redis must refuse (one attempt, bounded).
 async fn refused(url: &str) -> String {
     let error = within(
@@ -35,18 +53,7 @@ async fn a_missing_or_wrong_password_is_an_error_that_names_the_url_password() {
         servers::skip(&reason);
         return;
     }
-    let port = servers::free_ports(1)[0];
-    let _server = servers::start(
-        servers::server_dir("auth"),
-        port,
-        &[
-            "--port".into(),
-            port.to_string(),
-            "--requirepass".into(),
-            PASSWORD.into(),
-        ],
-    )
-    .expect("a redis-server with a password");
+    let (port, _server) = password_server("auth");
 
     for (url, what) in [
         (format!("redis://127.0.0.1:{port}"), "NOAUTH"),
@@ -93,18 +100,7 @@ async fn health_names_a_login_refused_on_reconnection() {
         return;
     }
     const ROTATED: &str = "auth-test-rotated";
-    let port = servers::free_ports(1)[0];
-    let _server = servers::start(
-        servers::server_dir("auth-rotated"),
-        port,
-        &[
-            "--port".into(),
-            port.to_string(),
-            "--requirepass".into(),
-            PASSWORD.into(),
-        ],
-    )
-    .expect("a redis-server with a password");
+    let (port, _server) = password_server("auth-rotated");
     let router = within(
         Duration::from_secs(20),
         "the connection",

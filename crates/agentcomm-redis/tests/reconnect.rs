@@ -941,19 +941,13 @@ async fn a_batch_fred_dropped_unwritten_does_not_say_it_may_have_been_published(
     dropped_unwritten(true).await;
 }
 
-/// A publish (`batch`: a `publish_batch` of two) handed to fred behind a reconnection fred gives up.
-async fn dropped_unwritten(batch: bool) {
-    let Some((proxy, url)) = redis_proxy().await else {
-        return;
-    };
-    let prefix = unique_prefix();
-    let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    // Two attempts 2.5 s apart, well within the command timeout: fred gives up before the publish times
-    // out.
-    let publisher = connected(
-        RedisRouter::builder(&url)
+/// A pub/sub publisher at `url` that gives up reconnecting after two attempts 2.5 s apart, well
+/// within its command timeout (30 s): fred gives up before a publish waiting for it times out.
+async fn giving_up_publisher(url: &str, prefix: &str) -> RedisRouter {
+    connected(
+        RedisRouter::builder(url)
             .mode(DeliveryMode::PubSub)
-            .prefix(&prefix)
+            .prefix(prefix)
             .reconnect(agentcomm_core::backoff::Backoff::new(
                 Duration::from_millis(2500),
                 Duration::from_millis(2500),
@@ -961,7 +955,17 @@ async fn dropped_unwritten(batch: bool) {
             .max_reconnect_attempts(Some(2))
             .command_timeout(Duration::from_secs(30)),
     )
-    .await;
+    .await
+}
+
+/// A publish (`batch`: a `publish_batch` of two) handed to fred behind a reconnection fred gives up.
+async fn dropped_unwritten(batch: bool) {
+    let Some((proxy, url)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let publisher = giving_up_publisher(&url, &prefix).await;
     let channel = parse_channel("Gone:event:s1").unwrap();
     publisher.publish(message(&channel, 0)).await.unwrap();
     proxy.reject_for(Duration::from_secs(600));
@@ -1016,20 +1020,7 @@ async fn a_written_publish_fred_dropped_when_giving_up_says_it_may_have_been_pub
         return;
     };
     let prefix = unique_prefix();
-    // Two attempts 2.5 s apart, well within the command timeout: fred gives up before the publish times
-    // out.
-    let publisher = connected(
-        RedisRouter::builder(&url)
-            .mode(DeliveryMode::PubSub)
-            .prefix(&prefix)
-            .reconnect(agentcomm_core::backoff::Backoff::new(
-                Duration::from_millis(2500),
-                Duration::from_millis(2500),
-            ))
-            .max_reconnect_attempts(Some(2))
-            .command_timeout(Duration::from_secs(30)),
-    )
-    .await;
+    let publisher = giving_up_publisher(&url, &prefix).await;
     let (subscriber, mut subscription, channel) =
         flowing(&publisher, DeliveryMode::PubSub, &prefix, "Ran").await;
     // The PUBLISH reaches Redis after 2 s, and its answer would come 2 s later: the connection is cut

@@ -241,10 +241,7 @@ impl RedisRouterBuilder {
         let url = non_empty(REDIS_URL_VAR).unwrap_or_else(|| DEFAULT_REDIS_URL.to_string());
         // fred's own forms, which the builder takes (`redis+unix://`, the `valkey` schemes), are
         // checked by `connect` as the builder's are: `REDIS_URL` refused them.
-        let fred_form = url.split_once("://").is_some_and(|(scheme, _)| {
-            crate::connection::FRED_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str())
-        });
-        if !fred_form {
+        if !crate::connection::has_fred_scheme(&url) {
             check_url(REDIS_URL_VAR, &url, ACCEPTED_SCHEMES, ACCEPTED_URLS)?;
         }
         let mut builder = Self::new(url);

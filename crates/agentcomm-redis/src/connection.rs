@@ -228,8 +228,7 @@ fn check_scheme(url: &str, shown: &str) -> Result<(), Error> {
     let Some((scheme, _)) = url.split_once("://") else {
         return Err(fail("it is not a URL (no '://')".into()));
     };
-    let lower = scheme.to_ascii_lowercase();
-    if ACCEPTED_SCHEMES.contains(&lower.as_str()) || FRED_SCHEMES.contains(&lower.as_str()) {
+    if ACCEPTED_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) || has_fred_scheme(url) {
         return Ok(());
     }
     // Shown only when it is a scheme: the text before a mangled URL's first `://` may hold a password.
@@ -244,7 +243,7 @@ fn check_scheme(url: &str, shown: &str) -> Result<(), Error> {
 
 /// Schemes fred reads besides [`ACCEPTED_SCHEMES`], which the builder took before its URLs were
 /// checked: fred's own form of a Unix socket URL, and Valkey's names of the same forms.
-pub(crate) const FRED_SCHEMES: &[&str] = &[
+const FRED_SCHEMES: &[&str] = &[
     "redis+unix",
     "valkey",
     "valkeys",
@@ -254,6 +253,12 @@ pub(crate) const FRED_SCHEMES: &[&str] = &[
     "valkeys-sentinel",
     "valkey+unix",
 ];
+
+/// Whether `url`'s scheme (in any letter case) is one of [`FRED_SCHEMES`].
+pub(crate) fn has_fred_scheme(url: &str) -> bool {
+    url.split_once("://")
+        .is_some_and(|(scheme, _)| FRED_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()))
+}
 
 /// Installs ring as rustls's process-wide crypto provider unless the application installed one: rustls
 /// panics on the first TLS connection when it cannot choose a provider (an application that also pulls

@@ -342,13 +342,7 @@ fn line_without_equals(
     text: &str,
     process: &impl Fn(&str) -> Option<String>,
 ) -> Result<()> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    for (index, line) in text.lines().enumerate() {
-        let line = line.trim();
-        let line = without_export(line);
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
+    for (number, line) in setting_lines(text) {
         // A name alone (`REDIS_URL`) passes the variable on from the environment in docker's
         // `--env-file`, which the file may be written for: agentcomm reads the environment first, so
         // no value is lost, and it is left alone.
@@ -362,8 +356,7 @@ fn line_without_equals(
             .unwrap_or("");
         if CHECKED_VARIABLES.contains(&name) && before != name {
             if prefer(process(name), None).is_some() {
-                let (file, line, variable) =
-                    (path.display().to_string(), index + 1, name.to_string());
+                let (file, line, variable) = (path.display().to_string(), number, name.to_string());
                 // `Config::load` usually runs before logging starts: the warning then waits for it.
                 logging::warn_now_or_at_init(move || {
                     // Not `file` and `line`: every log line has those (where it was logged).
@@ -377,14 +370,15 @@ fn line_without_equals(
                 });
                 continue;
             }
-            return Err(Error::Config {
-                variable: format!("{} line {}", path.display(), index + 1),
-                value: name.to_string(),
-                expected: format!(
+            return Err(line_refused(
+                path,
+                number,
+                name,
+                format!(
                     "`{name}=value`: the line has no '=' right after the name, so it would be \
                      ignored and {name}'s default used"
                 ),
-            });
+            ));
         }
     }
     Ok(())
@@ -404,9 +398,7 @@ fn name_in_other_case(
     file: &HashMap<String, String>,
     process: &impl Fn(&str) -> Option<String>,
 ) -> Result<()> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    for (index, line) in text.lines().enumerate() {
-        let line = without_export(line.trim());
+    for (number, line) in setting_lines(text) {
         let Some((name, _)) = line.split_once('=') else {
             continue;
         };
@@ -429,7 +421,7 @@ fn name_in_other_case(
         if set_elsewhere || !picks_the_broker {
             let (env_file, env_line, written, variable) = (
                 path.display().to_string(),
-                index + 1,
+                number,
                 name.to_string(),
                 variable.to_string(),
             );
@@ -450,16 +442,37 @@ fn name_in_other_case(
             });
             continue;
         }
-        return Err(Error::Config {
-            variable: format!("{} line {}", path.display(), index + 1),
-            value: name.to_string(),
-            expected: format!(
+        return Err(line_refused(
+            path,
+            number,
+            name,
+            format!(
                 "`{variable}=value`: names are case-sensitive, so `{name}` is not read and \
                  {variable}'s default would be used"
             ),
-        });
+        ));
     }
     Ok(())
+}
+
+/// The lines of an env file that may set a variable, numbered from 1: without a byte order mark,
+/// trimmed, without `export `; blank lines and comments left out.
+fn setting_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    text.lines()
+        .enumerate()
+        .map(|(index, line)| (index + 1, without_export(line.trim())))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+}
+
+/// The error refusing line `number` of the env file at `path`, which names `name`: never its value
+/// (it may hold a password).
+fn line_refused(path: &Path, number: usize, name: &str, expected: String) -> Error {
+    Error::Config {
+        variable: format!("{} line {number}", path.display()),
+        value: name.to_string(),
+        expected,
+    }
 }
 
 fn prefer(process: Option<String>, file: Option<&String>) -> Option<String> {

@@ -127,15 +127,43 @@ impl Codec {
         }
     }
 
-    /// The codec for a content type, if it is one of ours.
+    /// The codec for a content type, if it is one of ours. As media types are (RFC 9110), the type is
+    /// read without regard to letter case and with its parameters: `application/json;
+    /// charset=utf-8` is JSON, while a charset other than UTF-8 (which JSON requires) is not read.
     pub fn from_content_type(content_type: &str) -> Option<Codec> {
         match content_type {
-            MSGPACK_CONTENT_TYPE | "application/x-msgpack" | "application/vnd.msgpack" => {
-                Some(Codec::MessagePack)
-            }
+            MSGPACK_CONTENT_TYPE => Some(Codec::MessagePack),
             JSON_CONTENT_TYPE => Some(Codec::Json),
-            _ => None,
+            _ => Self::from_media_type(content_type),
         }
+    }
+
+    /// [`Codec::from_content_type`] for anything but the two content types agentcomm writes.
+    #[cold]
+    fn from_media_type(content_type: &str) -> Option<Codec> {
+        let mut parts = content_type.split(';');
+        let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+        let codec = match essence.as_str() {
+            MSGPACK_CONTENT_TYPE | "application/x-msgpack" | "application/vnd.msgpack" => {
+                Codec::MessagePack
+            }
+            JSON_CONTENT_TYPE => Codec::Json,
+            _ => return None,
+        };
+        for parameter in parts.map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, value) = parameter.split_once('=')?;
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            if name.trim().eq_ignore_ascii_case("charset")
+                && !(value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8"))
+            {
+                return None;
+            }
+        }
+        Some(codec)
     }
 
     /// Parses a codec name as written in configuration: `msgpack`/`messagepack` or `json`.
@@ -1005,6 +1033,37 @@ mod tests {
             Codec::from_content_type(Codec::Json.content_type()),
             Some(Codec::Json)
         );
+    }
+
+    #[test]
+    fn content_types_are_read_as_media_types() {
+        for (content_type, codec) in [
+            ("application/msgpack", Some(Codec::MessagePack)),
+            ("application/x-msgpack", Some(Codec::MessagePack)),
+            ("application/vnd.msgpack", Some(Codec::MessagePack)),
+            ("application/json", Some(Codec::Json)),
+            // As other programs and HTTP tooling write them.
+            ("application/json; charset=utf-8", Some(Codec::Json)),
+            ("application/json;charset=UTF-8", Some(Codec::Json)),
+            ("Application/JSON", Some(Codec::Json)),
+            ("application/json; charset=\"utf-8\"", Some(Codec::Json)),
+            (" application/msgpack ; version=1", Some(Codec::MessagePack)),
+            // JSON is UTF-8; another charset would be decoded wrongly, so it is not read.
+            ("application/json; charset=iso-8859-1", None),
+            ("application/json; charset=utf-16", None),
+            ("application/json; charset", None),
+            ("application/jsonx", None),
+            ("application/json-seq", None),
+            ("text/json", None),
+            ("", None),
+            (";", None),
+        ] {
+            assert_eq!(
+                Codec::from_content_type(content_type),
+                codec,
+                "{content_type:?}"
+            );
+        }
     }
 
     /// A recursive reader of the first MessagePack value of `payload`, as rmp-serde reads it: `Deep`

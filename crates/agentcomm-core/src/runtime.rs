@@ -73,7 +73,8 @@ pub fn decode_message<M: Message>(envelope: &Envelope) -> Result<M, Rejection> {
         error: Error::decode(
             M::CLASS,
             format!(
-                "content type '{}' is not one agentcomm reads (application/msgpack, application/json)",
+                "content type '{}' is not one agentcomm reads (application/msgpack, or \
+                 application/json in UTF-8)",
                 envelope.content_type()
             ),
         ),

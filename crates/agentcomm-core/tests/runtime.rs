@@ -1124,6 +1124,42 @@ async fn a_panicking_handler_is_caught_retried_and_the_agent_keeps_running() {
     assert_eq!(health.state, AgentState::Running);
 }
 
+/// Another program's JSON, labelled as HTTP tooling labels it (`application/json; charset=utf-8`),
+/// reaches the handler; a charset JSON does not allow is dead-lettered naming the content type.
+#[tokio::test]
+async fn json_with_a_charset_parameter_is_handled() {
+    let runtime = Runtime::new(MemoryRouter::new());
+    let mut dead = dead_letters(runtime.router()).await;
+    let (worker, mut attempts) = Worker::new();
+    let agent = runtime.spawn_with(worker, fast_retries(5)).await.unwrap();
+    let channel = Job::channel("event", "s1").unwrap();
+    let json = br#"{"id":4,"behaviour":"Succeed"}"#;
+
+    let labelled = Envelope::new(
+        channel.clone(),
+        "application/json; charset=utf-8",
+        &json[..],
+    );
+    runtime.router().publish(labelled).await.unwrap();
+    assert_eq!(recv(&mut attempts).await, (4, 1));
+    wait_until("job 4 is handled", || agent.health().handled == 1).await;
+
+    let latin1 = Envelope::new(channel, "application/json; charset=iso-8859-1", &json[..]);
+    runtime.router().publish(latin1).await.unwrap();
+    let letter = next(&mut dead).await;
+    assert_eq!(
+        letter.envelope().header(headers::DEAD_LETTER_REASON),
+        Some(headers::REASON_UNDECODABLE)
+    );
+    assert!(
+        letter.envelope().header(headers::ERROR).unwrap().contains(
+            "content type 'application/json; charset=iso-8859-1' is not one agentcomm reads"
+        ),
+        "{:?}",
+        letter.envelope().header(headers::ERROR)
+    );
+}
+
 #[tokio::test]
 async fn undecodable_invalid_and_undeclared_messages_are_dead_lettered_at_once() {
     let runtime = Runtime::new(MemoryRouter::new());

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentcomm_core::error::Error;
+use fred::clients::Pool;
 use fred::error::ErrorKind;
 use fred::interfaces::{ClientLike, EventInterface};
 use fred::types::Builder;
@@ -353,6 +354,16 @@ pub(crate) fn fred_builder(settings: &Settings, config: Config, role: Role) -> B
     builder.set_connection_config(connection);
     builder.with_config(|config| config.fail_fast = true);
     builder
+}
+
+/// The router's pool of command connections. Each connection is built with a reconnect policy of its
+/// own: fred's `build_pool` gives every connection a copy of one policy, and so one longest delay, with
+/// which a pool's connections kept retrying in step.
+pub(crate) fn fred_pool(settings: &Settings, config: &Config) -> Result<Pool, fred::error::Error> {
+    let clients = (0..settings.pool_size)
+        .map(|_| fred_builder(settings, config.clone(), Role::Commands).build())
+        .collect::<Result<Vec<_>, _>>()?;
+    Pool::from_clients(clients)
 }
 
 /// Options for a command that names no key (a `PING`) and must reach the connection of the node that
@@ -1314,6 +1325,31 @@ mod tests {
                 .unwrap();
             assert!((5_000..=10_000).contains(&longest), "{longest}");
         }
+    }
+
+    /// Each connection of the pool has its own longest delay: fred's `build_pool` copied one policy
+    /// into every connection, so a router's pool retried in step.
+    #[test]
+    fn each_pool_connection_has_its_own_longest_delay() {
+        let mut settings = Settings::for_tests("redis://127.0.0.1:6379");
+        settings.pool_size = 8;
+        let config = fred_config(&settings).unwrap();
+        let pool = fred_pool(&settings, &config).unwrap();
+        assert_eq!(pool.clients().len(), 8);
+        let longest: std::collections::HashSet<u64> = pool
+            .clients()
+            .iter()
+            .map(|client| {
+                let mut policy = client
+                    .client_reconnect_policy()
+                    .expect("reconnects forever");
+                (0..40)
+                    .map(|_| policy.next_delay().unwrap())
+                    .last()
+                    .unwrap()
+            })
+            .collect();
+        assert!(longest.len() > 1, "in step: {longest:?}");
     }
 
     #[test]

@@ -31,8 +31,8 @@ use fred::types::{Builder, ClusterHash, CustomCommand, Expiration, Key, SetOptio
 
 use crate::builder::{DeliveryMode, RedisRouterBuilder, Settings};
 use crate::connection::{
-    ConnectingPool, Role, connect_error, fred_builder, fred_config, gave_up_error, is_noscript,
-    map_error, redact, watch_client, watch_connection_task,
+    ConnectingPool, Role, connect_error, fred_builder, fred_config, fred_pool, gave_up_error,
+    is_noscript, map_error, redact, watch_client, watch_connection_task,
 };
 use crate::counters::{Counters, LogLimiter};
 use crate::hashing::FastState;
@@ -593,9 +593,7 @@ impl RedisRouter {
         crate::keys::check_prefix(&settings.prefix)?;
         settings.check()?;
         let config = fred_config(&settings)?;
-        let builder = fred_builder(&settings, config.clone(), Role::Commands);
-        let pool = builder
-            .build_pool(settings.pool_size)
+        let pool = fred_pool(&settings, &config)
             .map_err(|e| map_error(&e, &settings, "creating the connection pool"))?;
         let limit = settings.connect_timeout * 2;
         // Stopped if this fails, or is dropped by its caller, before the router owns the pool: fred runs

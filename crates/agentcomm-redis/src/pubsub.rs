@@ -952,7 +952,8 @@ impl Drop for Reader {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.upgrade() {
             let lost = self.tracker.finish(Instant::now());
-            report_lost(&shared, lost, &self.tracker.take_lost_on());
+            let (channels, more) = self.tracker.take_lost_on();
+            report_lost(&shared, lost, &channels, more);
         }
     }
 }
@@ -1040,7 +1041,8 @@ impl Reader {
                 Next::Sweep => {
                     self.last_sweep = Instant::now();
                     let lost = self.tracker.sweep(self.last_sweep);
-                    report_lost(&shared, lost, &self.tracker.take_lost_on());
+                    let (channels, more) = self.tracker.take_lost_on();
+                    report_lost(&shared, lost, &channels, more);
                 }
                 Next::Stopped => {
                     if *self.stop.borrow()
@@ -1066,7 +1068,8 @@ impl Reader {
             {
                 self.last_sweep = Instant::now();
                 let lost = self.tracker.sweep(self.last_sweep);
-                report_lost(&shared, lost, &self.tracker.take_lost_on());
+                let (channels, more) = self.tracker.take_lost_on();
+                report_lost(&shared, lost, &channels, more);
             }
         }
     }
@@ -1175,7 +1178,7 @@ impl Reader {
             let (verdict, lost) =
                 self.tracker
                     .observe(envelope.channel().name(), &sequence, Instant::now());
-            report_lost(shared, lost, &[envelope.channel().name()]);
+            report_lost(shared, lost, &[envelope.channel().name()], false);
             match verdict {
                 Verdict::Duplicate => {
                     shared.counters.bump(&shared.counters.duplicates);
@@ -1317,16 +1320,19 @@ fn delivery(
 }
 
 /// Counts and logs `lost` messages missing from the sequences of `channels` (the channels' names, at
-/// most [`MAX_LOST_CHANNELS`](crate::sequence::MAX_LOST_CHANNELS) of them), so that an operator sees
-/// which flow lost them.
-fn report_lost(shared: &Shared, lost: u64, channels: &[impl AsRef<str>]) {
+/// most [`MAX_LOST_CHANNELS`](crate::sequence::MAX_LOST_CHANNELS) of them, and `more` when there
+/// were others), so that an operator sees which flow lost them.
+fn report_lost(shared: &Shared, lost: u64, channels: &[impl AsRef<str>], more: bool) {
     if lost > 0 {
         shared.counters.lose(&shared.counters.lost, lost);
-        let channels = channels
+        let mut channels = channels
             .iter()
             .map(AsRef::as_ref)
             .collect::<Vec<_>>()
             .join(", ");
+        if more {
+            channels.push_str(", and others");
+        }
         tracing::warn!(
             lost,
             channels,

@@ -221,16 +221,23 @@ pub(crate) struct SequenceTracker {
     /// The channels of the gaps the last [`sweep`](Self::sweep) or [`finish`](Self::finish) settled as
     /// lost (at most [`MAX_LOST_CHANNELS`]), for the warning to name them.
     lost_on: Vec<String>,
+    /// Whether gaps on other channels than `lost_on`'s were settled too (the list was full).
+    lost_on_more: bool,
 }
 
 /// How many channels [`SequenceTracker::take_lost_on`] names at most.
 pub(crate) const MAX_LOST_CHANNELS: usize = 8;
 
-/// Adds `channel` to `lost_on` unless it is there or the list is full.
+/// Adds `channel` to `lost_on` unless it is there; when the list is full, notes in `more` that
+/// there were others.
 #[cold]
-fn note_lost_on(lost_on: &mut Vec<String>, channel: &str) {
-    if lost_on.len() < MAX_LOST_CHANNELS && !lost_on.iter().any(|known| known == channel) {
-        lost_on.push(channel.to_string());
+fn note_lost_on(lost_on: &mut Vec<String>, more: &mut bool, channel: &str) {
+    if !lost_on.iter().any(|known| known == channel) {
+        if lost_on.len() < MAX_LOST_CHANNELS {
+            lost_on.push(channel.to_string());
+        } else {
+            *more = true;
+        }
     }
 }
 
@@ -241,6 +248,7 @@ impl SequenceTracker {
             tracks: HashMap::default(),
             last_sweep: Instant::now(),
             lost_on: Vec::new(),
+            lost_on_more: false,
         }
     }
 
@@ -319,12 +327,13 @@ impl SequenceTracker {
         let window = self.window;
         let mut lost = 0u64;
         let lost_on = &mut self.lost_on;
+        let more = &mut self.lost_on_more;
         let forget = self.tracks.values().map(HashMap::len).sum::<usize>() > KEEP_TRACKS;
         self.tracks.retain(|_, channels| {
             channels.retain(|channel, track| {
                 let settled = settle(track, now, window);
                 if settled > 0 {
-                    note_lost_on(lost_on, channel);
+                    note_lost_on(lost_on, more, channel);
                 }
                 lost = lost.saturating_add(settled);
                 !forget || now.duration_since(track.last_seen) < TRACK_IDLE
@@ -335,9 +344,12 @@ impl SequenceTracker {
     }
 
     /// The channels of the gaps settled as lost since this was last called, for the warning that
-    /// counts them (at most [`MAX_LOST_CHANNELS`]).
-    pub(crate) fn take_lost_on(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.lost_on)
+    /// counts them (at most [`MAX_LOST_CHANNELS`]), and whether there were more.
+    pub(crate) fn take_lost_on(&mut self) -> (Vec<String>, bool) {
+        (
+            std::mem::take(&mut self.lost_on),
+            std::mem::take(&mut self.lost_on_more),
+        )
     }
 }
 
@@ -351,7 +363,7 @@ impl SequenceTracker {
             for (channel, track) in channels.iter_mut() {
                 let settled = settle(track, now, Duration::ZERO);
                 if settled > 0 {
-                    note_lost_on(&mut self.lost_on, channel);
+                    note_lost_on(&mut self.lost_on, &mut self.lost_on_more, channel);
                 }
                 lost = lost.saturating_add(settled);
             }
@@ -440,6 +452,38 @@ mod tests {
             tracker.observe("c", &header("p", 11), t0 + window * 5),
             (Verdict::New, 5)
         );
+    }
+
+    /// The warning names up to [`MAX_LOST_CHANNELS`] channels of the gaps it counts, and says when
+    /// there were others (it named eight and left the rest unsaid).
+    #[test]
+    fn the_channels_of_the_gaps_are_named_and_others_are_said() {
+        let window = Duration::from_millis(100);
+        let mut tracker = SequenceTracker::new(window);
+        let t0 = Instant::now();
+        let channels: Vec<String> = (0..MAX_LOST_CHANNELS + 2)
+            .map(|i| format!("A:event:s{i}"))
+            .collect();
+        for channel in &channels {
+            tracker.observe(channel, &header("p", 1), t0);
+            tracker.observe(channel, &header("p", 3), t0);
+        }
+        assert_eq!(tracker.sweep(t0 + window * 2), channels.len() as u64);
+        let (named, more) = tracker.take_lost_on();
+        assert_eq!(named.len(), MAX_LOST_CHANNELS);
+        assert!(
+            named.iter().all(|name| channels.contains(name)),
+            "{named:?}"
+        );
+        assert!(more, "ten channels lost messages, eight were named");
+        assert_eq!(tracker.take_lost_on(), (Vec::new(), false));
+        // Eight or fewer: all named, no others.
+        for channel in &channels[..3] {
+            tracker.observe(channel, &header("p", 5), t0 + window * 3);
+        }
+        assert_eq!(tracker.sweep(t0 + window * 6), 3);
+        let (named, more) = tracker.take_lost_on();
+        assert_eq!((named.len(), more), (3, false));
     }
 
     /// Of a gap longer than [`MAX_AHEAD`] (a subscriber cut off for a while), only the last numbers are

@@ -1122,12 +1122,36 @@ async fn run<A: Agent>(
     };
     if shared.stats.state.load(Ordering::Acquire) == STATE_RUNNING {
         shared.stats.ended_on_its_own.store(true, Ordering::Release);
-        tracing::error!(
-            agent = A::NAME,
-            "the agent's subscription ended without a stop (the router was closed, or a worker failed); the agent no longer receives"
-        );
+        log_ended_on_its_own(A::NAME, shared.bus.router().clone());
     }
     report
+}
+
+/// How long the line saying an agent's subscription ended waits for the router's health, which
+/// says why (a broker the backend gave up reconnecting to, a closed router).
+const ENDED_HEALTH_WAIT: Duration = Duration::from_secs(5);
+
+/// Logs that `agent`'s subscription ended without a stop, with the router's account of why: the
+/// subscription itself ends with no reason. On a task of its own, so that a router slow to answer
+/// does not hold up the agent's end.
+#[cold]
+fn log_ended_on_its_own(agent: &'static str, router: SharedRouter) {
+    tokio::spawn(async move {
+        let router = match tokio::time::timeout(ENDED_HEALTH_WAIT, router.health()).await {
+            Ok(health) => format!("{:?}: {}", health.status, health.detail),
+            Err(_) => format!(
+                "its health did not answer within {}s",
+                ENDED_HEALTH_WAIT.as_secs()
+            ),
+        };
+        tracing::error!(
+            agent,
+            router,
+            "the agent's subscription ended without a stop (the router was closed, gave up \
+             reconnecting, or a worker failed; `router` says what the router reports); the agent no \
+             longer receives"
+        );
+    });
 }
 
 /// Where an agent loop takes its deliveries from: the subscription, or a worker's queue.

@@ -163,3 +163,52 @@ fn warn_and_error_lines_keep_their_context_at_the_warning_level() {
         }
     }
 }
+
+/// An agent whose subscription ends without a stop (its router closed under it, or a backend that gave
+/// up reconnecting) says so at ERROR with the router's account of why: the subscription itself ends
+/// without a reason, and the line said only what it might have been.
+#[test]
+fn a_subscription_that_ends_on_its_own_is_logged_with_the_routers_reason() {
+    let buffer = Buffer::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::WARN)
+        .with(json_layer(buffer.clone()));
+    let text = || String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let agents = Runtime::new(MemoryRouter::new());
+            agents.spawn(Biller).await.unwrap();
+            agents.router().close().await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !text().contains("ended without a stop") {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "nothing logged:\n{}",
+                    text()
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    });
+    let text = text();
+    let line: Value = text
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect(line))
+        .find(|line| {
+            line["message"]
+                .as_str()
+                .unwrap()
+                .contains("ended without a stop")
+        })
+        .unwrap();
+    assert_eq!(
+        (line["level"].as_str(), line["agent"].as_str()),
+        (Some("ERROR"), Some("Biller")),
+        "{line}"
+    );
+    assert_eq!(line["router"], "Unhealthy: closed", "{line}");
+}

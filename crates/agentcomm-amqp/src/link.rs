@@ -16,7 +16,6 @@ use amqprs::channel::{
     Channel, ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
-use amqprs::security::SecurityCredentials;
 use amqprs::{FieldTable, FieldValue};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -706,7 +705,7 @@ impl Inner {
             .virtual_host(&url.vhost)
             .heartbeat(settings.heartbeat)
             .connection_name(&name)
-            .credentials(SecurityCredentials::new_plain(&url.user, &url.password));
+            .credentials(url.auth_mechanism.credentials(&url.user, &url.password));
         if url.tls {
             #[cfg(feature = "tls")]
             {
@@ -1238,7 +1237,12 @@ pub(crate) fn hint_for(reason: &str) -> &'static str {
 
 fn describe_open_error(error: &amqprs::error::Error) -> String {
     let text = error.to_string();
-    if text.contains("ACCESS_REFUSED") || text.contains("403") {
+    if text.contains("authentication '") && text.contains("is not supported by server") {
+        format!(
+            "{text} (RabbitMQ does not offer the URL's auth_mechanism: EXTERNAL needs the \
+             rabbitmq_auth_mechanism_ssl plugin and EXTERNAL in the broker's auth_mechanisms)"
+        )
+    } else if text.contains("ACCESS_REFUSED") || text.contains("403") {
         format!(
             "{text} (the user name or password is wrong, or the user may not use this virtual host)"
         )

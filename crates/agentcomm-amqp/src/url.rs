@@ -1,6 +1,6 @@
 //! Parsing `amqp://` and `amqps://` URLs (the RabbitMQ URI spec), with percent-decoding.
 //!
-//! `amqp[s]://[user[:password]@]host[:port][/vhost][?heartbeat=S&connection_timeout=MS&cacertfile=PATH&certfile=PATH&keyfile=PATH&server_name_indication=NAME]`
+//! `amqp[s]://[user[:password]@]host[:port][/vhost][?heartbeat=S&connection_timeout=MS&auth_mechanism=plain|amqplain|external&cacertfile=PATH&certfile=PATH&keyfile=PATH&server_name_indication=NAME]`
 //!
 //! amqprs's own URI parser (feature `urispec`) neither percent-decodes the virtual host (so the usual
 //! `/%2f` would name a vhost called `%2f`) nor survives a query parameter without `=`; this one does both.
@@ -10,10 +10,34 @@ use std::time::Duration;
 
 use agentcomm_core::config::check_url;
 use agentcomm_core::error::{Error, Result, redact_url};
+use amqprs::security::SecurityCredentials;
 
 /// The accepted URL forms, for error messages.
 pub(crate) const ACCEPTED: &str =
     "amqp://user:password@host:port/vhost or amqps://... (vhost '/' is written %2f)";
+
+/// How the client logs in (the URL's `auth_mechanism`, RabbitMQ's SASL mechanisms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub(crate) enum AuthMechanism {
+    /// User name and password (`PLAIN`), the default.
+    #[default]
+    Plain,
+    /// User name and password in an AMQP table (`AMQPLAIN`).
+    AmqPlain,
+    /// The client certificate's identity (`EXTERNAL`, RabbitMQ's `rabbitmq_auth_mechanism_ssl`).
+    External,
+}
+
+impl AuthMechanism {
+    /// The credentials amqprs sends for this mechanism.
+    pub(crate) fn credentials(self, user: &str, password: &str) -> SecurityCredentials {
+        match self {
+            AuthMechanism::Plain => SecurityCredentials::new_plain(user, password),
+            AuthMechanism::AmqPlain => SecurityCredentials::new_amqplain(user, password),
+            AuthMechanism::External => SecurityCredentials::new_external(),
+        }
+    }
+}
 
 /// A parsed broker URL. `Debug` hides the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -26,6 +50,7 @@ pub(crate) struct AmqpUrl {
     pub password: String,
     pub heartbeat: Option<u16>,
     pub connection_timeout: Option<Duration>,
+    pub auth_mechanism: AuthMechanism,
     pub ca_cert: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
@@ -202,6 +227,7 @@ impl AmqpUrl {
             password,
             heartbeat: None,
             connection_timeout: None,
+            auth_mechanism: AuthMechanism::Plain,
             ca_cert: None,
             client_cert: None,
             client_key: None,
@@ -255,11 +281,28 @@ impl AmqpUrl {
                     })?;
                     parsed.connection_timeout = Some(Duration::from_millis(ms));
                 }
+                // Ignored before: `auth_mechanism=external` logged in with PLAIN, as guest/guest
+                // when the URL has no user (the certificate's identity never asked for).
+                "auth_mechanism" => {
+                    parsed.auth_mechanism = match value.to_ascii_lowercase().as_str() {
+                        "plain" => AuthMechanism::Plain,
+                        "amqplain" => AuthMechanism::AmqPlain,
+                        "external" => AuthMechanism::External,
+                        _ => {
+                            return Err(invalid(
+                                variable,
+                                url,
+                                "auth_mechanism must be plain, amqplain or external (given once: \
+                                 this client offers one mechanism)",
+                            ));
+                        }
+                    }
+                }
                 "cacertfile" => parsed.ca_cert = Some(PathBuf::from(value)),
                 "certfile" => parsed.client_cert = Some(PathBuf::from(value)),
                 "keyfile" => parsed.client_key = Some(PathBuf::from(value)),
                 "server_name_indication" => parsed.server_name = Some(value),
-                // Other clients' parameters (channel_max, auth_mechanism, verify, ...) are accepted and
+                // Other clients' parameters (channel_max, frame_max, verify, ...) are accepted and
                 // ignored, so that one URL serves every client of the system.
                 _ if shown => tracing::debug!(
                     parameter = key,
@@ -276,6 +319,16 @@ impl AmqpUrl {
                 variable,
                 url,
                 "cacertfile/certfile only apply to amqps:// URLs",
+            ));
+        }
+        if parsed.auth_mechanism == AuthMechanism::External
+            && (!tls || parsed.client_cert.is_none())
+        {
+            return Err(invalid(
+                variable,
+                url,
+                "auth_mechanism=external logs in with a client certificate: use amqps:// with \
+                 certfile and keyfile",
             ));
         }
         if parsed.client_cert.is_some() != parsed.client_key.is_some() {
@@ -473,6 +526,42 @@ mod tests {
             let error = AmqpUrl::parse("RABBITMQ_URL", url).unwrap_err().to_string();
             assert!(error.contains(expected), "{url}: {error}");
             assert!(error.starts_with("RABBITMQ_URL="), "{error}");
+            assert!(!error.contains("secret"), "{error}");
+        }
+    }
+
+    /// `auth_mechanism` was taken as another client's parameter and ignored: `external` logged in
+    /// with PLAIN, as guest/guest when the URL named no user, instead of with the certificate.
+    #[test]
+    fn the_auth_mechanism_is_taken_or_refused() {
+        let tls = "amqps://h/v?certfile=/c.pem&keyfile=/k.pem";
+        for (query, expected) in [
+            ("", AuthMechanism::Plain),
+            ("&auth_mechanism=plain", AuthMechanism::Plain),
+            ("&auth_mechanism=AMQPLAIN", AuthMechanism::AmqPlain),
+            ("&auth_mechanism=external", AuthMechanism::External),
+            ("&auth_mechanism=EXTERNAL", AuthMechanism::External),
+        ] {
+            let url = format!("{tls}{query}");
+            let parsed = AmqpUrl::parse("url", &url).unwrap_or_else(|error| panic!("{error}"));
+            assert_eq!(parsed.auth_mechanism, expected, "{url}");
+        }
+        for (url, expected) in [
+            (
+                "amqps://u:secret@h/?auth_mechanism=scram-sha-256",
+                "auth_mechanism must be plain, amqplain or external",
+            ),
+            (
+                "amqp://u:secret@h/?auth_mechanism=external",
+                "use amqps:// with certfile and keyfile",
+            ),
+            (
+                "amqps://u:secret@h/?auth_mechanism=external",
+                "use amqps:// with certfile and keyfile",
+            ),
+        ] {
+            let error = AmqpUrl::parse("RABBITMQ_URL", url).unwrap_err().to_string();
+            assert!(error.contains(expected), "{url}: {error}");
             assert!(!error.contains("secret"), "{error}");
         }
     }

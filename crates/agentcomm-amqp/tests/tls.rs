@@ -267,3 +267,51 @@ async fn a_certificate_for_another_name_names_the_fix_and_the_fix_works() {
     assert_eq!(outcome, PublishOutcome::Unroutable);
     within("close", router.close()).await.unwrap();
 }
+
+/// `auth_mechanism=external` logs in with the client certificate (SASL EXTERNAL), never with a
+/// user name and password. It was taken as another client's parameter and ignored: the router
+/// logged in with PLAIN as guest/guest (the URL named no user), and connected as a user the
+/// operator never meant it to be. The test broker does not offer EXTERNAL, so the connection must
+/// be refused, naming the mechanism and what the broker needs for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_mechanism_external_logs_in_with_the_certificate_not_as_guest() {
+    if !broker_available().await {
+        return;
+    }
+    let terminator = tls_terminator().await;
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["agentcomm-client".to_string()])
+            .expect("a client certificate");
+    let cert_file = std::env::temp_dir().join(format!("{}.pem", unique("agentcomm-client")));
+    let key_file = std::env::temp_dir().join(format!("{}.key", unique("agentcomm-client")));
+    std::fs::write(&cert_file, cert.pem()).expect("write the client certificate");
+    std::fs::write(&key_file, signing_key.serialize_pem()).expect("write the client key");
+    // The broker's user and password left out, as for a certificate login.
+    let authority = format!("127.0.0.1:{}", terminator.port);
+    let url = format!(
+        "amqps://{authority}/%2f?cacertfile={}&certfile={}&keyfile={}&auth_mechanism=external&connection_timeout=3000",
+        terminator.ca_file.display(),
+        cert_file.display(),
+        key_file.display(),
+    );
+    let exchange = unique("t-tls-external");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let connected = within(
+        "connect with auth_mechanism=external",
+        AmqpRouter::builder(&url).exchange(&exchange).connect(),
+    )
+    .await;
+    let _ = std::fs::remove_file(&cert_file);
+    let _ = std::fs::remove_file(&key_file);
+    let text = match connected {
+        Ok(router) => {
+            let _ = within("close", router.close()).await;
+            panic!("connected without EXTERNAL, which the test broker does not offer: as guest");
+        }
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        text.contains("EXTERNAL") && text.contains("rabbitmq_auth_mechanism_ssl"),
+        "the error names the mechanism and what RabbitMQ needs for it: {text}"
+    );
+}

@@ -452,7 +452,15 @@ impl AmqpRouterBuilder {
                 "connection_timeout must be a number of milliseconds above 0",
             ));
         }
+        let connect_timeout_source = match (self.connect_timeout, url.connection_timeout) {
+            (Some(_), _) => "connect_timeout",
+            (None, Some(_)) => "the URL's connection_timeout",
+            (None, None) => {
+                "the default; raise it with connect_timeout, or connection_timeout in the URL"
+            }
+        };
         Ok(Settings {
+            connect_timeout_source,
             connect_timeout: positive(
                 "connect_timeout",
                 self.connect_timeout
@@ -493,6 +501,8 @@ pub(crate) struct Settings {
     pub confirm_timeout: Duration,
     pub operation_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Where `connect_timeout` came from, for the error of a connection that did not open in time.
+    pub connect_timeout_source: &'static str,
     pub publish_outage_timeout: Duration,
     pub retry_hold_timeout: Duration,
     pub close_timeout: Duration,

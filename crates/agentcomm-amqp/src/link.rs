@@ -728,9 +728,10 @@ impl Inner {
             Ok(Err(error)) => return Err(self.connection_error(describe_open_error(&error))),
             Err(_) => {
                 return Err(self.connection_error(format!(
-                    "the {} connection did not open within {:?}",
+                    "the {} connection did not open within {:?} ({})",
                     role.as_str(),
-                    settings.connect_timeout
+                    settings.connect_timeout,
+                    settings.connect_timeout_source
                 )));
             }
         };

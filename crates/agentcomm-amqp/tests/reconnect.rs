@@ -2770,3 +2770,39 @@ async fn a_handler_failing_through_a_stall_longer_than_the_hold_does_not_multipl
     );
     within("close", router.close()).await.unwrap();
 }
+
+/// A connection that does not open in time names the setting that bounded it: `connect_timeout`,
+/// or the URL's `connection_timeout` (the builder's name and the URL's differ). It said only "did
+/// not open within 500ms", leaving the user to find which of the two to raise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_open_in_time_names_the_setting_that_bounded_it() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    // Accepted, and never answered: the AMQP handshake stalls.
+    proxy.blackhole(true);
+    let exchange = unique("t-connect-timeout");
+    let url = proxied_url(&proxy);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    for (builder, expected) in [
+        (
+            AmqpRouter::builder(&url).connect_timeout(Duration::from_millis(500)),
+            "did not open within 500ms (connect_timeout)",
+        ),
+        (
+            AmqpRouter::builder(format!("{url}{separator}connection_timeout=500")),
+            "did not open within 500ms (the URL's connection_timeout)",
+        ),
+    ] {
+        let error = within(
+            "a connect that times out",
+            builder.exchange(&exchange).connect(),
+        )
+        .await
+        .expect_err("a black-holed broker cannot be connected to");
+        let text = error.to_string();
+        assert!(text.contains(expected), "{text}");
+    }
+    proxy.shutdown().await;
+}

@@ -893,6 +893,13 @@ impl Inner {
         .await;
     }
 
+    /// Closes `connection`, waiting until `deadline` at most; past it, the close goes on in the
+    /// background. It is begun even when the deadline has passed.
+    pub(crate) async fn close_connection_by(&self, connection: &Connection, deadline: Instant) {
+        let closing = self.runtime.spawn(connection.clone().close());
+        let _ = tokio::time::timeout_at(deadline, closing).await;
+    }
+
     /// Closes a connection being recycled. One whose reader is gone cannot close by handshake: amqprs
     /// waits for the close-ok through that reader, and marks the connection closed first, which would
     /// also stop its fallback. That fallback, run when the last handle to the connection is dropped,

@@ -2806,3 +2806,44 @@ async fn a_connection_that_does_not_open_in_time_names_the_setting_that_bounded_
     }
     proxy.shutdown().await;
 }
+
+/// Closing a router whose broker went silent (the network lost the connections' state: nothing
+/// answers, nothing is closed) shuts its channels and connections down within one
+/// `operation_timeout`. One after the other, each with a timeout of its own, they took four (40 s
+/// with the defaults), past a container's usual grace period, with `close_timeout` at 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_shuts_a_silent_broker_s_connections_within_one_operation_timeout() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-close-silent");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let operation_timeout = Duration::from_secs(1);
+    let router = within(
+        "connect through the proxy",
+        AmqpRouter::builder(proxied_url(&proxy))
+            .exchange(&exchange)
+            .operation_timeout(operation_timeout)
+            .close_timeout(Duration::from_secs(1))
+            .connect(),
+    )
+    .await
+    .unwrap();
+    // The publishing channel is open and used.
+    let outcome = within("publish", router.publish(envelope(1)))
+        .await
+        .unwrap();
+    assert_eq!(outcome, PublishOutcome::Unroutable);
+    proxy.silence_live();
+    let started = Instant::now();
+    within("close", router.close()).await.unwrap();
+    let took = started.elapsed();
+    // Nothing is in flight: only the channels and connections to close. Half a timeout of slack.
+    assert!(
+        took < operation_timeout * 3 / 2,
+        "close took {took:?} with an operation timeout of {operation_timeout:?}"
+    );
+    assert!(!router.is_connected());
+    proxy.shutdown().await;
+}

@@ -355,6 +355,9 @@ impl AmqpRouterBuilder {
 
     pub(crate) fn settings(self) -> Result<Settings> {
         let url = AmqpUrl::parse(self.url_variable, &self.url)?;
+        if let Some(warning) = url.unknown_parameters() {
+            tracing::warn!("{warning}");
+        }
         check_exchange_name(&self.exchange)?;
         let dead_letter_exchange = self
             .dead_letters

@@ -57,7 +57,34 @@ pub(crate) struct AmqpUrl {
     pub server_name: Option<String>,
     /// The URL as given, with the password replaced by `***`.
     pub redacted: String,
+    /// Parameters neither this client nor the other AMQP clients it knows read (a typo, the
+    /// builder's `connect_timeout` written in the URL): ignored, with a warning at connect.
+    pub unknown: Vec<String>,
 }
+
+/// The URL parameters of other AMQP clients (RabbitMQ's URI spec, the Erlang, Python and Rust
+/// clients) that this one does not use: ignored quietly, so that one URL serves every client.
+const OTHER_CLIENTS: &[&str] = &[
+    "channel_max",
+    "frame_max",
+    "verify",
+    "fail_if_no_peer_cert",
+    "depth",
+    "password",
+    "connection_attempts",
+    "retry_delay",
+    "socket_timeout",
+    "stack_timeout",
+    "blocked_connection_timeout",
+    "locale",
+    "ssl_options",
+    "tcp_options",
+    "client_properties",
+    "backpressure_detection",
+];
+
+/// The parameters this client reads, for the warning about the others.
+const READ: &str = "heartbeat, connection_timeout, auth_mechanism, cacertfile, certfile, keyfile, server_name_indication";
 
 impl std::fmt::Debug for AmqpUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,6 +260,7 @@ impl AmqpUrl {
             client_key: None,
             server_name: None,
             redacted: redact_url(url),
+            unknown: Vec::new(),
         };
         for pair in query
             .unwrap_or("")
@@ -304,6 +332,7 @@ impl AmqpUrl {
                 "server_name_indication" => parsed.server_name = Some(value),
                 // Other clients' parameters (channel_max, frame_max, verify, ...) are accepted and
                 // ignored, so that one URL serves every client of the system.
+                _ if shown && !OTHER_CLIENTS.contains(&key) => parsed.unknown.push(key.to_string()),
                 _ if shown => tracing::debug!(
                     parameter = key,
                     "ignoring an AMQP URL parameter this client does not use"
@@ -339,6 +368,25 @@ impl AmqpUrl {
             ));
         }
         Ok(parsed)
+    }
+
+    /// The warning for parameters no AMQP client this one knows reads (see [`AmqpUrl::unknown`]),
+    /// if any: a misspelt `heartbeat` or the builder's `connect_timeout` was dropped without a word
+    /// above debug level.
+    pub(crate) fn unknown_parameters(&self) -> Option<String> {
+        (!self.unknown.is_empty()).then(|| {
+            format!(
+                "ignoring the URL parameter{} {} of {}: not one this client reads ({READ}) nor one \
+                 another AMQP client is known to; check the spelling (names are case-sensitive)",
+                if self.unknown.len() == 1 { "" } else { "s" },
+                self.unknown
+                    .iter()
+                    .map(|name| format!("'{name}'"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.redacted,
+            )
+        })
     }
 
     /// Replaces the password in `text` (an error from the client) by `***`, however short it is. A
@@ -563,6 +611,39 @@ mod tests {
             let error = AmqpUrl::parse("RABBITMQ_URL", url).unwrap_err().to_string();
             assert!(error.contains(expected), "{url}: {error}");
             assert!(!error.contains("secret"), "{error}");
+        }
+    }
+
+    /// A parameter no AMQP client reads was ignored at debug level: `?connect_timeout=2000` (the
+    /// builder's name for `connection_timeout`) or `?Heartbeat=5` left the defaults in force, and
+    /// nothing said so.
+    #[test]
+    fn unknown_parameters_are_named_in_a_warning() {
+        let url = AmqpUrl::parse(
+            "url",
+            "amqp://u:secret@h/v?connect_timeout=2000&Heartbeat=5&channel_max=10&verify=verify_peer",
+        )
+        .unwrap();
+        let warning = url.unknown_parameters().expect("a warning");
+        assert!(
+            warning.starts_with(
+                "ignoring the URL parameters 'connect_timeout', 'Heartbeat' of amqp://u:***@h/v?"
+            ),
+            "{warning}"
+        );
+        assert!(
+            warning.contains("connection_timeout, auth_mechanism"),
+            "{warning}"
+        );
+        assert!(!warning.contains("secret"), "{warning}");
+        // Other clients' parameters, and the end of a secret one, are ignored quietly.
+        for quiet in [
+            "amqp://h/v?channel_max=10&frame_max=4096&verify=verify_none&connection_attempts=3",
+            "amqps://h/v?password=Key&Pa=ss",
+            "amqp://h/v?heartbeat=5",
+        ] {
+            let url = AmqpUrl::parse("url", quiet).unwrap();
+            assert_eq!(url.unknown_parameters(), None, "{quiet}");
         }
     }
 

@@ -477,11 +477,19 @@ impl AmqpRouter {
                 } else {
                     HealthStatus::Degraded
                 };
+                // A failed attempt's error already names the URL and says what to check (and a
+                // refused login, what to check instead of whether RabbitMQ runs): the advice is
+                // added only to a loss, which names neither.
+                let url = &inner.settings.url.redacted;
+                let advice = if last_error.contains(url.as_str()) {
+                    String::new()
+                } else {
+                    format!("; check that RabbitMQ at {url} is running")
+                };
                 Some((
                     status,
                     format!(
-                        "the {role} connection is down for {down:.1?}, reconnecting (attempt {attempt}; last error: {last_error}); check that RabbitMQ at {} is running",
-                        inner.settings.url.redacted
+                        "the {role} connection is down for {down:.1?}, reconnecting (attempt {attempt}; last error: {last_error}){advice}"
                     ),
                 ))
             }

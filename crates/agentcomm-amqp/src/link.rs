@@ -1263,6 +1263,7 @@ fn describe_open_error(error: &amqprs::error::Error) -> String {
     } else if text.contains("reset by peer")
         || text.contains("unexpected end of file")
         || text.contains("early eof")
+        || text.contains("peer shutdown")
     {
         format!(
             "{text} (the broker dropped the connection during the handshake: RabbitMQ does that on a failed login, \

@@ -2847,3 +2847,54 @@ async fn close_shuts_a_silent_broker_s_connections_within_one_operation_timeout(
     assert!(!router.is_connected());
     proxy.shutdown().await;
 }
+
+/// While a connection cannot be made again, health names the URL once per connection, in the last
+/// attempt's error, which says what to check. The detail added "check that RabbitMQ at <url> is
+/// running" after it, repeating the URL and, after a refused login (a password rotated on the
+/// broker), contradicting the error's own advice to check the user name and password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_during_a_failing_reconnect_gives_its_advice_once_per_connection() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = start_proxy().await;
+    let exchange = unique("t-health-advice");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = proxied_router(&proxy, &exchange).await;
+    // Accepted and dropped during the handshake, as RabbitMQ drops a refused login.
+    proxy.refuse_for(Duration::from_secs(30));
+    proxy.cut_all();
+    wait_until("both connections failing to reconnect", async || {
+        let detail = router.health().await.detail;
+        detail.matches("last error: cannot reach").count() == 2
+    })
+    .await;
+    let health = router.health().await;
+    assert_eq!(health.status, HealthStatus::Degraded, "{}", health.detail);
+    assert_eq!(
+        health.detail.matches(router.url()).count(),
+        2,
+        "the URL once per connection: {}",
+        health.detail
+    );
+    assert_eq!(
+        health.detail.to_lowercase().matches("check that").count(),
+        2,
+        "the advice once per connection: {}",
+        health.detail
+    );
+    // amqprs reads the drop as a reset or as a clean end ("peer shutdown"): both say what a
+    // dropped handshake means.
+    assert_eq!(
+        health
+            .detail
+            .matches("check the user name and password")
+            .count(),
+        2,
+        "{}",
+        health.detail
+    );
+    proxy.refuse_for(Duration::ZERO);
+    within("close", router.close()).await.unwrap();
+    proxy.shutdown().await;
+}

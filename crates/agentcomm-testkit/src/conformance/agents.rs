@@ -115,3 +115,40 @@ impl Handle<EchoRequest> for EchoAgent {
         Ok(())
     }
 }
+
+/// Answers requests like [`EchoAgent`], but fails every request whose `seq` is in `fail`, and holds
+/// each of the others, once it has said so in `started`, until its `seq` is in `released`. Requests
+/// of another run (a backend whose names leak between runs) are acknowledged at once and not
+/// answered.
+#[agent(name = "ConformanceGatedEchoAgent", receives = [EchoRequest], sends = [EchoResponse])]
+pub struct GatedEchoAgent {
+    pub run: String,
+    pub fail: Vec<u64>,
+    pub started: Arc<watch::Sender<Vec<u64>>>,
+    pub released: watch::Receiver<Vec<u64>>,
+}
+
+impl Handle<EchoRequest> for GatedEchoAgent {
+    async fn handle(&self, request: EchoRequest, ctx: &Context<Self>) -> HandlerResult {
+        if request.run != self.run {
+            return Ok(());
+        }
+        if self.fail.contains(&request.seq) {
+            return Err(HandlerError::msg(
+                "conformance: this request fails on purpose",
+            ));
+        }
+        self.started
+            .send_modify(|started| started.push(request.seq));
+        self.released
+            .clone()
+            .wait_for(|released| released.contains(&request.seq))
+            .await?;
+        ctx.reply(EchoResponse {
+            run: request.run,
+            seq: request.seq,
+        })
+        .await?;
+        Ok(())
+    }
+}

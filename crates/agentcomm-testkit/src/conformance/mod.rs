@@ -236,6 +236,11 @@ scenarios! {
     GracefulShutdown => graceful_shutdown_waits_for_in_flight_handlers,
     /// Through the runtime: concurrent requests each get their own reply.
     RequestReply => request_reply_round_trips,
+    /// Through the runtime: a request nobody receives fails at once where the backend reports
+    /// unroutable messages (otherwise its timeout names its class); one its agent dead-letters fails at
+    /// once with the agent's error; requests cancelled while handled leave nothing waiting and their
+    /// late replies are counted; a group of two members answers each request once.
+    RequestFailures => request_failures_are_told_and_cancelled_requests_leave_nothing,
     /// Messages published while no consumer is connected reach the group's consumer when it connects
     /// (persistent backends with consumer groups).
     PersistentWithoutConsumer => messages_published_without_a_consumer_wait_for_one,

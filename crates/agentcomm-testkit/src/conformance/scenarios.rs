@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use agentcomm_core::Agent;
 use agentcomm_core::backoff::Backoff;
 use agentcomm_core::channel::{Channel, ChannelPattern};
 use agentcomm_core::codec::{BINARY_CONTENT_TYPE, Codec, JSON_CONTENT_TYPE, MSGPACK_CONTENT_TYPE};
@@ -22,7 +23,8 @@ use tokio::time::Instant;
 
 use super::Scenario;
 use super::agents::{
-    EchoAgent, EchoRequest, EchoResponse, FailingAgent, GatedAgent, Templated, Work, Worker,
+    EchoAgent, EchoRequest, EchoResponse, FailingAgent, GatedAgent, GatedEchoAgent, Templated,
+    Work, Worker,
 };
 use super::support::{
     Context, During, Failure, Feeder, Outcome, RUN_HEADER, SEQ_HEADER, STREAM_HEADER, Settle, Sink,
@@ -53,6 +55,7 @@ pub async fn run(scenario: Scenario, ctx: &Context<'_>) -> Outcome {
         Scenario::MalformedFrames => malformed_frames(ctx).await,
         Scenario::GracefulShutdown => graceful_shutdown(ctx).await,
         Scenario::RequestReply => request_reply(ctx).await,
+        Scenario::RequestFailures => request_failures(ctx).await,
         Scenario::PersistentWithoutConsumer => persistent_without_consumer(ctx).await,
         Scenario::Unroutable => unroutable(ctx).await,
         Scenario::CloseRefusesFurtherUse => close_refuses_further_use(ctx).await,
@@ -2559,6 +2562,222 @@ async fn request_reply(ctx: &Context<'_>) -> Outcome {
     }
     Ok(format!(
         "{count} concurrent requests each got their own reply"
+    ))
+}
+
+/// The `seq` of the request [`request_failures`]'s agent fails.
+const FAILING_REQUEST: u64 = 1_000_000;
+
+async fn request_failures(ctx: &Context<'_>) -> Outcome {
+    let count = ctx.size(8) as u64;
+    let connection = ctx.connect().await?;
+    let runtime = Runtime::builder_shared(connection.clone()).build();
+    let bus = runtime.bus();
+    let mut problems = Vec::new();
+    let request = |seq: u64| EchoRequest {
+        run: ctx.run.clone(),
+        seq,
+    };
+    // Each request on a session of its own, so that the agent handles them all at once (one session's
+    // are handled in order).
+    let session = |seq: u64| ctx.unique(&format!("asked{seq}"));
+
+    // Nobody receives the class yet: a backend that can tell says so at once; one that cannot lets the
+    // request wait its timeout, and the timeout names the request's class.
+    ctx.phase("a request nobody receives");
+    let short = Duration::from_millis(500).max(ctx.settle);
+    let began = Instant::now();
+    let unanswered = bounded(
+        ctx.wait,
+        "a request nobody receives",
+        bus.request::<EchoRequest, EchoResponse>(&session(0), &request(0), short),
+    )
+    .await?;
+    let unrouted = ctx.capabilities.reports_unroutable;
+    let no_agent = match unanswered {
+        // A backend that does not claim it may still tell, when it can be sure.
+        Err(Error::NoAgentFound { class, .. }) if class == EchoRequest::CLASS => {
+            format!("NoAgentFound after {:.2?}", began.elapsed())
+        }
+        Err(Error::Timeout { operation, .. })
+            if !unrouted && operation.contains(EchoRequest::CLASS) =>
+        {
+            "timed out naming its class".to_string()
+        }
+        other => {
+            problems.push(format!(
+            "a request nobody receives ended with {other:?} after {:.2?}; expected {}",
+            began.elapsed(),
+            if unrouted {
+                "NoAgentFound naming its class at once (the backend reports unroutable messages)"
+            } else {
+                "a Timeout naming its class"
+            }
+        ));
+            String::new()
+        }
+    };
+
+    let started = Arc::new(watch::Sender::new(Vec::new()));
+    let (release, released) = watch::channel(Vec::new());
+    let options = |ctx: &Context<'_>| {
+        let options = AgentOptions::new()
+            .concurrency(count as usize)
+            .prefetch(count as usize)
+            .max_attempts(1);
+        if ctx.capabilities.consumer_groups {
+            options.group(ctx.unique("asked"))
+        } else {
+            options.fan_out()
+        }
+    };
+    let agent = |ctx: &Context<'_>| GatedEchoAgent {
+        run: ctx.run.clone(),
+        fail: vec![FAILING_REQUEST],
+        started: started.clone(),
+        released: released.clone(),
+    };
+    let first = runtime
+        .spawn_with(agent(ctx), options(ctx))
+        .await
+        .during("spawning the answering agent")?;
+
+    // A request its agent dead-letters: its requester is told at once, not at its timeout.
+    ctx.phase("a request its agent dead-letters");
+    let began = Instant::now();
+    let failed = bounded(
+        ctx.wait,
+        "a request its agent dead-letters",
+        bus.request::<EchoRequest, EchoResponse>(
+            &session(FAILING_REQUEST),
+            &request(FAILING_REQUEST),
+            ctx.wait * 4,
+        ),
+    )
+    .await;
+    match failed {
+        Ok(Err(Error::RequestFailed(failure)))
+            if failure.class == EchoRequest::CLASS
+                && failure.agent == GatedEchoAgent::NAME
+                && failure.error.contains("fails on purpose") => {}
+        Ok(other) => problems.push(format!(
+            "a request its agent dead-letters ended with {other:?} after {:.2?}; expected RequestFailed \
+             from {} with the handler's error",
+            began.elapsed(),
+            GatedEchoAgent::NAME
+        )),
+        Err(_) => problems.push(format!(
+            "a request its agent dead-letters was not told within {:.2?}: its requester waits for its \
+             timeout",
+            ctx.wait
+        )),
+    }
+
+    // Requests cancelled while their agent handles them leave nothing waiting, and their replies,
+    // coming late, are counted as unmatched.
+    ctx.phase("requests cancelled while their agent handles them");
+    let unmatched_before = bus.unmatched_replies();
+    let cancelled = futures::future::join_all((0..count).map(|seq| {
+        let session = session(seq);
+        let request = request(seq);
+        let mut handled = started.subscribe();
+        let release = &release;
+        async move {
+            let asking = bus.request::<EchoRequest, EchoResponse>(&session, &request, ctx.wait * 4);
+            let outcome = tokio::select! {
+                reply = asking => Some(reply),
+                _ = handled.wait_for(|started| started.contains(&seq)) => None,
+            };
+            // The request is dropped (cancelled) by now: its agent may answer.
+            release.send_modify(|released| released.push(seq));
+            outcome
+        }
+    }));
+    let ended: Vec<String> = bounded(
+        ctx.wait,
+        "cancelling requests while their agent handles them",
+        cancelled,
+    )
+    .await?
+    .into_iter()
+    .enumerate()
+    .filter_map(|(seq, outcome)| Some(format!("request {seq}: {:?}", outcome?)))
+    .collect();
+    if !ended.is_empty() {
+        fail!("requests held by their agent ended before it answered them: {ended:?}");
+    }
+    if bus.pending_requests() != 0 {
+        problems.push(format!(
+            "{} of {count} cancelled requests are still registered as waiting",
+            bus.pending_requests()
+        ));
+    }
+    let late_limit = Instant::now() + ctx.wait;
+    while bus.unmatched_replies() < unmatched_before + count && Instant::now() < late_limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let late = bus.unmatched_replies() - unmatched_before;
+    if late != count {
+        problems.push(format!(
+            "{late} of the {count} replies to cancelled requests were counted as unmatched within {:.2?}",
+            ctx.wait
+        ));
+    }
+
+    // Several members of the answering agent's group: each request is answered once, by one of them.
+    let mut second = None;
+    if ctx.capabilities.consumer_groups {
+        ctx.phase("requests to a group of two members");
+        second = Some(
+            runtime
+                .spawn_with(agent(ctx), options(ctx))
+                .await
+                .during("spawning the group's second member")?,
+        );
+    }
+    ctx.phase("requests after the cancelled ones");
+    release.send_modify(|released| released.extend(count..count * 2));
+    let unmatched_before = bus.unmatched_replies();
+    let replies = futures::future::join_all((0..count * 2).map(|seq| {
+        let session = session(seq);
+        let request = request(seq);
+        async move {
+            bus.request::<EchoRequest, EchoResponse>(&session, &request, ctx.wait)
+                .await
+        }
+    }))
+    .await;
+    for (seq, reply) in replies.into_iter().enumerate() {
+        match reply {
+            Ok(reply) if reply.seq == seq as u64 && reply.run == ctx.run => {}
+            Ok(reply) => problems.push(format!(
+                "request {seq} got the reply to request {} of run {}",
+                reply.seq, reply.run
+            )),
+            Err(error) => problems.push(format!("request {seq} after the cancelled ones: {error}")),
+        }
+    }
+    ctx.phase("listening for duplicate replies");
+    tokio::time::sleep(ctx.settle).await;
+    let extra = bus.unmatched_replies() - unmatched_before;
+    if extra != 0 {
+        problems.push(format!(
+            "{extra} replies beyond one per request arrived (a request answered by several members)"
+        ));
+    }
+    first.stop(Duration::from_secs(5)).await;
+    if let Some(second) = second {
+        second.stop(Duration::from_secs(5)).await;
+    }
+    failures(problems)?;
+    Ok(format!(
+        "no agent: {no_agent}; dead-lettered: told at once; {count} cancelled: none left waiting, their late replies counted; {} requests to {} answered once each",
+        count * 2,
+        if ctx.capabilities.consumer_groups {
+            "a group of two"
+        } else {
+            "one agent"
+        }
     ))
 }
 

@@ -241,6 +241,10 @@ scenarios! {
     /// once with the agent's error; requests cancelled while handled leave nothing waiting and their
     /// late replies are counted; a group of two members answers each request once.
     RequestFailures => request_failures_are_told_and_cancelled_requests_leave_nothing,
+    /// Through the runtime and the fault proxy: after the requester's connection is cut, its requests
+    /// get their replies again once it is back (backends that offer
+    /// [`ConformanceBackend::broker_address`]).
+    RequestsAcrossACut => requests_get_replies_again_after_a_cut,
     /// Messages published while no consumer is connected reach the group's consumer when it connects
     /// (persistent backends with consumer groups).
     PersistentWithoutConsumer => messages_published_without_a_consumer_wait_for_one,

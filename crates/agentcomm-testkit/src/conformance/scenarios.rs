@@ -56,6 +56,7 @@ pub async fn run(scenario: Scenario, ctx: &Context<'_>) -> Outcome {
         Scenario::GracefulShutdown => graceful_shutdown(ctx).await,
         Scenario::RequestReply => request_reply(ctx).await,
         Scenario::RequestFailures => request_failures(ctx).await,
+        Scenario::RequestsAcrossACut => requests_across_a_cut(ctx).await,
         Scenario::PersistentWithoutConsumer => persistent_without_consumer(ctx).await,
         Scenario::Unroutable => unroutable(ctx).await,
         Scenario::CloseRefusesFurtherUse => close_refuses_further_use(ctx).await,
@@ -2778,6 +2779,87 @@ async fn request_failures(ctx: &Context<'_>) -> Outcome {
         } else {
             "one agent"
         }
+    ))
+}
+
+async fn requests_across_a_cut(ctx: &Context<'_>) -> Outcome {
+    let Some(address) = ctx.broker_address() else {
+        return Ok("not checked: the backend offers no fault proxy target \
+                   (ConformanceBackend::broker_address or connect_through gave None)"
+            .to_string());
+    };
+    let proxy = bounded(
+        ctx.wait,
+        "starting the fault proxy",
+        crate::proxy::FaultProxy::start(address),
+    )
+    .await?
+    .during(format!("starting the fault proxy to {address}"))?;
+    let Some(through) = ctx.connect_through(proxy.local_addr()).await? else {
+        return Ok("not checked: connect_through gave None".to_string());
+    };
+    let session = ctx.unique("cut");
+    let answering = Runtime::builder_shared(ctx.connect().await?).build();
+    let agent = answering
+        .spawn_with(EchoAgent, agent_options(ctx, &session, "cut"))
+        .await
+        .during("spawning the echo agent")?;
+    let asking = Runtime::builder_shared(through).build();
+    let bus = asking.bus();
+    let request = |seq: u64| EchoRequest {
+        run: ctx.run.clone(),
+        seq,
+    };
+    ctx.phase("a request before the cut");
+    let first = bounded(
+        ctx.wait,
+        "a request before the cut",
+        bus.request::<EchoRequest, EchoResponse>(&session, &request(0), ctx.wait),
+    )
+    .await?;
+    if let Err(error) = first {
+        fail!("a request before the cut failed: {error}");
+    }
+    proxy.cut_all();
+    // Each request waits a few seconds at most; the requester's connection comes back, and with it its
+    // reply inbox: some request within the scenario's wait gets its reply.
+    ctx.phase("requests after the requester's connection was cut");
+    let per_request = (ctx.wait / 10).max(Duration::from_secs(2));
+    let deadline = Instant::now() + ctx.wait;
+    let mut failed = Vec::new();
+    let mut seq = 1;
+    let answered = loop {
+        let reply = bus
+            .request::<EchoRequest, EchoResponse>(&session, &request(seq), per_request)
+            .await;
+        match reply {
+            Ok(reply) if reply.seq == seq && reply.run == ctx.run => break true,
+            Ok(reply) => failed.push(format!("request {seq} got the reply to {}", reply.seq)),
+            Err(error) => failed.push(format!("request {seq}: {error}")),
+        }
+        seq += 1;
+        if Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    agent.stop(Duration::from_secs(5)).await;
+    drop(proxy);
+    if !answered {
+        fail!(
+            "after the requester's connection was cut, no request got its reply within {:.2?}: {} failed, last: {}",
+            ctx.wait,
+            failed.len(),
+            failed.last().map(String::as_str).unwrap_or("-")
+        );
+    }
+    Ok(format!(
+        "after a cut of the requester's connection, request {seq} got its reply ({} before it failed{})",
+        failed.len(),
+        failed
+            .first()
+            .map(|first| format!(", first: {first}"))
+            .unwrap_or_default()
     ))
 }
 

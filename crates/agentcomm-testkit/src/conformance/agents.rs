@@ -152,3 +152,42 @@ impl Handle<EchoRequest> for GatedEchoAgent {
         Ok(())
     }
 }
+
+/// A reply type with its own channel template (no class in the name, dots between parts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(
+    name = "ConformanceTemplatedEchoResponse",
+    direction = "response",
+    channel = "conformance_echo.{direction}.{session_id}"
+)]
+pub struct TemplatedEchoResponse {
+    pub run: String,
+    pub seq: u64,
+}
+
+/// A request answered with a [`TemplatedEchoResponse`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[message(name = "ConformanceTemplatedEchoRequest", direction = "request")]
+pub struct TemplatedEchoRequest {
+    pub run: String,
+    pub seq: u64,
+}
+
+/// Replies to each request with a templated reply of the same run and sequence number.
+#[agent(
+    name = "ConformanceTemplatedEchoAgent",
+    receives = [TemplatedEchoRequest],
+    sends = [TemplatedEchoResponse]
+)]
+pub struct TemplatedEchoAgent;
+
+impl Handle<TemplatedEchoRequest> for TemplatedEchoAgent {
+    async fn handle(&self, request: TemplatedEchoRequest, ctx: &Context<Self>) -> HandlerResult {
+        ctx.reply(TemplatedEchoResponse {
+            run: request.run,
+            seq: request.seq,
+        })
+        .await?;
+        Ok(())
+    }
+}

@@ -234,7 +234,8 @@ scenarios! {
     /// Through the runtime: stopping an agent waits for its running handler, which finishes and
     /// acknowledges its message.
     GracefulShutdown => graceful_shutdown_waits_for_in_flight_handlers,
-    /// Through the runtime: concurrent requests each get their own reply.
+    /// Through the runtime: concurrent requests each get their own reply, also when the reply type has
+    /// a channel template of its own.
     RequestReply => request_reply_round_trips,
     /// Through the runtime: a request nobody receives fails at once where the backend reports
     /// unroutable messages (otherwise its timeout names its class); one its agent dead-letters fails at

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use super::Scenario;
 use super::agents::{
     EchoAgent, EchoRequest, EchoResponse, FailingAgent, GatedAgent, GatedEchoAgent, Templated,
-    Work, Worker,
+    TemplatedEchoAgent, TemplatedEchoRequest, TemplatedEchoResponse, Work, Worker,
 };
 use super::support::{
     Context, During, Failure, Feeder, Outcome, RUN_HEADER, SEQ_HEADER, STREAM_HEADER, Settle, Sink,
@@ -2554,15 +2554,48 @@ async fn request_reply(ctx: &Context<'_>) -> Outcome {
         }
     }
     agent.stop(Duration::from_secs(5)).await;
+    // A reply type with a channel template of its own: the inbox is named with it.
+    let templated = runtime
+        .spawn_with(
+            TemplatedEchoAgent,
+            agent_options(ctx, &session, "templated_echo"),
+        )
+        .await
+        .during("spawning the templated echo agent")?;
+    let templated_count = count.min(5);
+    let templated_replies = futures::future::join_all((0..templated_count).map(|seq| {
+        let request = TemplatedEchoRequest {
+            run: ctx.run.clone(),
+            seq,
+        };
+        let session = session.clone();
+        async move {
+            bus.request::<TemplatedEchoRequest, TemplatedEchoResponse>(&session, &request, ctx.wait)
+                .await
+        }
+    }))
+    .await;
+    for (seq, reply) in templated_replies.into_iter().enumerate() {
+        match reply {
+            Ok(reply) if reply.seq == seq as u64 && reply.run == ctx.run => {}
+            Ok(reply) => problems.push(format!(
+                "templated request {seq} got the reply to request {} of run {}",
+                reply.seq, reply.run
+            )),
+            Err(error) => problems.push(format!("templated request {seq}: {error}")),
+        }
+    }
+    templated.stop(Duration::from_secs(5)).await;
     if !problems.is_empty() {
         fail!(
-            "{} of {count} requests went wrong; first: {}",
+            "{} of {} requests went wrong; first: {}",
             problems.len(),
+            count + templated_count,
             problems[0]
         );
     }
     Ok(format!(
-        "{count} concurrent requests each got their own reply"
+        "{count} concurrent requests each got their own reply, and {templated_count} whose reply type has a channel template"
     ))
 }
 

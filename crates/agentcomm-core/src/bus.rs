@@ -228,7 +228,7 @@ impl Bus {
             Err(_) => {
                 return Err(Error::Timeout {
                     operation: format!(
-                        "the {} reply to {} {request_id} on '{channel_name}' (is an agent that receives {} running and replying? Its handler may also have failed: a dead letter with agentcomm-original-id {request_id} on 'DeadLetter:{}:*' says why)",
+                        "the {} reply to {} {request_id} on '{channel_name}' (is an agent that receives {} running and replying? Its handler may also have failed: a dead letter with agentcomm-original-id {request_id} on 'DeadLetter:{}:*' says why. Or the reply was lost on its way: a backend that delivers replies at most once, such as Redis, drops one that comes while this requester's connection is reconnecting, and its replier logs 'no subscriber matched'; send the request again)",
                         Resp::CLASS,
                         Req::CLASS,
                         Req::CLASS,

@@ -115,6 +115,9 @@ pub(crate) struct PubSubHub {
     gave_up: AtomicBool,
     /// `gave_up`, for subscribes waiting for their confirmation to wait on.
     gave_up_signal: tokio::sync::watch::Sender<bool>,
+    /// Woken when a restore round ends with every Redis subscription confirmed (`resubscribing`
+    /// cleared), for requests waiting for their reply inbox (see [`PubSubHub::restored_within`]).
+    restored: tokio::sync::Notify,
 }
 
 pub(crate) struct PubSubSubscription {
@@ -193,6 +196,7 @@ impl PubSubHub {
             stop,
             gave_up: AtomicBool::new(false),
             gave_up_signal: tokio::sync::watch::Sender::new(false),
+            restored: tokio::sync::Notify::new(),
         });
         if let Some(task) = task {
             let hub = Arc::downgrade(&hub);
@@ -240,6 +244,7 @@ impl PubSubHub {
         }
         self.gave_up.store(true, Ordering::Release);
         self.gave_up_signal.send_replace(true);
+        self.restored.notify_waiters();
         // Taken out, as `remove` would (which, once `closed` is set, does nothing): health no longer
         // counts them. Their Redis subscriptions are not given back: a command written to a client
         // that gave up waits out the command timeout.
@@ -267,6 +272,28 @@ impl PubSubHub {
 
     pub(crate) fn is_resubscribing(&self) -> bool {
         self.resubscribing.load(Ordering::Acquire)
+    }
+
+    /// Waits, for `limit` at most, until the subscriber is connected with every Redis subscription
+    /// confirmed (or gave up, or closed). A request's reply inbox is one of them: a reply published
+    /// while it is being restored after a reconnection reaches nobody (Redis pub/sub keeps nothing),
+    /// and its requester would wait out its whole timeout. Returns whether it is.
+    pub(crate) async fn restored_within(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.restored.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.gave_up() || *self.stop.borrow() {
+                return false;
+            }
+            if self.client.is_connected() && !self.is_resubscribing() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
     }
 
     pub(crate) fn subscription_count(&self) -> usize {
@@ -591,6 +618,7 @@ impl PubSubHub {
     /// Ends every subscription and disconnects, by `until` at the latest.
     pub(crate) async fn close(&self, until: tokio::time::Instant) {
         self.stop.send_replace(true);
+        self.restored.notify_waiters();
         let open: Vec<Arc<PubSubSubscription>> = self
             .subscriptions
             .lock()
@@ -787,6 +815,7 @@ async fn resubscribe_after_reconnects(
                     // health says the subscriber is restoring until then.
                     if !reconnections.has_changed().unwrap_or(false) {
                         hub.resubscribing.store(false, Ordering::Release);
+                        hub.restored.notify_waiters();
                     }
                     if failures > 0 {
                         tracing::info!(failures, "pub/sub subscriptions restored");
@@ -1768,6 +1797,55 @@ mod tests {
         let got = tokio::time::timeout(Duration::from_secs(5), subscription.next()).await;
         let _ = router.close().await;
         assert!(matches!(got, Ok(Some(_))), "restored and delivering");
+    }
+
+    /// A request (an envelope with a `reply_to`) published while the subscriber is restoring its
+    /// subscriptions after a reconnection waits until they are restored, its reply inbox among them.
+    /// Before, the pool (reconnected first) sent it at once, and its reply, published while the inbox
+    /// was not subscribed again, reached nobody: the first request after a cut often timed out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_waits_until_its_reply_inbox_is_restored() {
+        let Some((proxy, router)) = proxied_router(true).await else {
+            return;
+        };
+        let inbox = ChannelPattern::parse("Pong:reply:inbox-restored").unwrap();
+        let mut replies = router
+            .subscribe(SubscribeOptions::new(inbox.clone()))
+            .await
+            .unwrap();
+        let hub = router.shared().hub().await.unwrap();
+        // The restore round after the reconnection waits for the counts held here.
+        let held = hub.redis.lock().await;
+        proxy.cut_all();
+        within("the subscriber to reconnect", || {
+            hub.is_connected() && hub.is_resubscribing()
+        })
+        .await;
+        let request = ping().with_reply_to("Pong:reply:inbox-restored");
+        let mut publishing = Box::pin(router.publish(request));
+        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while tokio::time::Instant::now() < until {
+            assert!(
+                futures::poll!(&mut publishing).is_pending(),
+                "the request went out while its reply inbox was being restored"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), publishing)
+            .await
+            .expect("the request goes out once the inbox is restored")
+            .unwrap();
+        // The inbox is subscribed again: a reply reaches it.
+        let reply = Envelope::new(
+            parse_channel("Pong:reply:inbox-restored").unwrap(),
+            "application/json",
+            b"{}".to_vec(),
+        );
+        router.publish(reply).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), replies.next()).await;
+        let _ = router.close().await;
+        assert!(matches!(got, Ok(Some(_))), "the reply reached the inbox");
     }
 
     /// A subscribe that comes after the subscriber reconnected, before its subscriptions are restored,

@@ -929,6 +929,21 @@ impl Shared {
         Err(closed_error())
     }
 
+    /// Holds a request (an envelope with a `reply_to`), for `command_timeout` at most, while this
+    /// router's pub/sub subscriber reconnects or restores its subscriptions: the requester's reply
+    /// inbox is one of them, and a reply published before it is restored reaches nobody. Without
+    /// this, the first request after a cut of the requester's connection often went out on the pool
+    /// (reconnected first) and its reply was lost while the subscriber was still subscribing again.
+    /// After `command_timeout` the request goes out all the same.
+    #[cold]
+    async fn inbox_restored(&self) {
+        if let Some(hub) = self.ready_hub()
+            && (hub.is_resubscribing() || !hub.is_connected())
+        {
+            hub.restored_within(self.settings.command_timeout).await;
+        }
+    }
+
     /// The pub/sub subscriber when it is connected.
     fn ready_hub(&self) -> Option<Arc<PubSubHub>> {
         self.hub.lock().expect("hub lock").clone()
@@ -1531,6 +1546,10 @@ impl Shared {
     /// fred's command future and nothing else.
     fn publish_lazily(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
         Box::pin(async move {
+            if envelope.reply_to().is_some() {
+                // Boxed: the publish future stays the size it was for every other publish.
+                Box::pin(self.inbox_restored()).await;
+            }
             match self.direct(&envelope) {
                 Some(direct) => {
                     // Counted in, as every publish: `close` waits for it before it quits the pool.

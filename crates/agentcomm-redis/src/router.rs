@@ -458,6 +458,8 @@ pub(crate) struct Shared {
     closing: tokio::sync::Notify,
     /// When `close` stops waiting for the publishes under way and quits the pool (set as it begins).
     close_deadline: OnceLock<tokio::time::Instant>,
+    /// How the close's task stands (see [`Shared::close`]): [`CLOSE_RUNNING`] until it ends.
+    close_ended: tokio::sync::watch::Sender<u8>,
     /// Publishes under way that may still send a command after an await (see [`InFlight`]): `close`
     /// waits for them before it quits the pool.
     in_flight: AtomicU64,
@@ -676,6 +678,7 @@ impl RedisRouter {
             closed: AtomicBool::new(false),
             closing: tokio::sync::Notify::new(),
             close_deadline: OnceLock::new(),
+            close_ended: tokio::sync::watch::Sender::new(CLOSE_RUNNING),
             in_flight: AtomicU64::new(0),
             settled: tokio::sync::Notify::new(),
             gave_up: AtomicBool::new(false),
@@ -2233,12 +2236,55 @@ impl Shared {
         health
     }
 
-    async fn close(&self) -> Result<()> {
+    /// Closes, and returns once closed.
+    ///
+    /// The close runs on a task of its own, on the router's runtime, and every call, first or later,
+    /// waits for that same end: a close cut short (a shutdown under a timeout, a second signal in a
+    /// `select!`) still finishes, and a second close called meanwhile does not return before the
+    /// first one's work is done. (Before, a second call returned `Ok` at once, while subscriptions
+    /// were still finishing; and a close cut short left the router half closed for good: its
+    /// subscriptions' tasks and the pool's connections stayed, and every later close returned at
+    /// once.) Should the router's runtime not run the task (it shut down), the close runs here;
+    /// should that runtime be alive but not driven, the wait ends after `close_timeout` + 3 s with
+    /// `Error::Timeout`, and the close runs once the runtime is driven again.
+    async fn close(self: &Arc<Self>) -> Result<()> {
+        let mut ended = self.close_ended.subscribe();
         // Sequentially consistent: see `Shared::enter`.
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
+        if !self.closed.swap(true, Ordering::SeqCst) {
+            self.closing.notify_waiters();
+            let abandoned = CloseAbandoned(self.clone());
+            self.runtime.spawn(async move {
+                let shared = abandoned.0.clone();
+                shared.close_work().await;
+                shared.close_ended.send_replace(CLOSE_FINISHED);
+                drop(abandoned);
+            });
         }
-        self.closing.notify_waiters();
+        // Above what the close's own bounded steps take (its deadline, 0.2 s, 1 s to quit): a router
+        // whose runtime is alive but not driven (a current_thread runtime outside its `block_on`)
+        // does not run the task, and its caller would otherwise wait for ever.
+        let bound = self.settings.close_timeout + Duration::from_secs(3);
+        let ended = tokio::time::timeout(bound, ended.wait_for(|state| *state != CLOSE_RUNNING))
+            .await
+            .map(|state| state.is_ok_and(|state| *state == CLOSE_FINISHED));
+        let Ok(finished) = ended else {
+            return Err(Error::Timeout {
+                operation: "the Redis router to close (it goes on closing in the background, on \
+                            the runtime the router connected on)"
+                    .into(),
+                after: bound,
+            });
+        };
+        if !finished {
+            // Its task was dropped unfinished (the router's runtime shut down): closed here.
+            self.close_work().await;
+            self.close_ended.send_replace(CLOSE_FINISHED);
+        }
+        Ok(())
+    }
+
+    /// The work of [`Shared::close`], once `closed` is set.
+    async fn close_work(&self) {
         // One deadline for all the cleanup: with Redis gone, every command would wait its own timeout.
         let until = tokio::time::Instant::now() + self.settings.close_timeout;
         let _ = self.close_deadline.set(until);
@@ -2278,7 +2324,29 @@ impl Shared {
             tracing::debug!("the connection pool did not quit cleanly");
         }
         tracing::info!(url = %redact(&self.settings.url), "Redis router closed");
-        Ok(())
+    }
+}
+
+/// [`Shared::close_ended`] while the close's task runs.
+const CLOSE_RUNNING: u8 = 0;
+/// [`Shared::close_ended`] once the close's work is done.
+const CLOSE_FINISHED: u8 = 1;
+/// [`Shared::close_ended`] when the close's task was dropped before its work was done.
+const CLOSE_ABANDONED: u8 = 2;
+
+/// Tells the router's closes that its close task ended without finishing, when dropped first (the
+/// task panicked, or its runtime shut down, even before running it).
+struct CloseAbandoned(Arc<Shared>);
+
+impl Drop for CloseAbandoned {
+    fn drop(&mut self) {
+        self.0.close_ended.send_if_modified(|state| {
+            if *state != CLOSE_RUNNING {
+                return false;
+            }
+            *state = CLOSE_ABANDONED;
+            true
+        });
     }
 }
 

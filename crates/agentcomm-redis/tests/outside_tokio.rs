@@ -99,3 +99,47 @@ fn a_streams_runtime_shuts_down_promptly_after_its_multi_thread_tokio_ended() {
 fn a_pubsub_runtime_shuts_down_promptly_after_its_tokio_ended() {
     shut_down_after_tokio_ended(DeliveryMode::PubSub, true);
 }
+
+/// A router connected on a current_thread Tokio runtime that is alive but not driven (outside its
+/// `block_on`), closed from another runtime: the close, which runs on the router's runtime, cannot
+/// run there, and `close` says so after its bound (`close_timeout` + 3 s) instead of waiting for
+/// ever; the router is closed all the same once its runtime is driven again.
+#[test]
+fn a_close_on_a_router_whose_runtime_nobody_drives_answers_after_its_bound() {
+    let origin = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let available = origin.block_on(redis_available());
+    if !available {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = origin.block_on(connected(
+        builder(DeliveryMode::Streams, &prefix).close_timeout(Duration::from_millis(500)),
+    ));
+    let closing = router.clone();
+    let (result, took) = outside_tokio("closing from another runtime", move || {
+        let other = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let started = Instant::now();
+        let result = other.block_on(Router::close(&closing));
+        (result, started.elapsed())
+    });
+    assert!(
+        matches!(result, Err(agentcomm_core::Error::Timeout { .. })),
+        "{result:?}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    // Driven again, the router's runtime runs the close.
+    origin
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), Router::close(&router)).await
+        })
+        .expect("the close ends once its runtime is driven")
+        .unwrap();
+}

@@ -255,6 +255,11 @@ scenarios! {
     /// Closing a connection ends its subscriptions' streams, refuses further operations with
     /// `Error::Closed`, and leaves other connections working.
     CloseRefusesFurtherUse => close_ends_subscriptions_and_refuses_further_operations,
+    /// A second `close()` called while the first waits for a held delivery returns only once the
+    /// connection is closed; a `close()` cut short after it began (a shutdown under a timeout) is
+    /// finished by closing again: publish then fails with `Error::Closed`, and (through the fault
+    /// proxy) no connection to the broker is left open.
+    CloseTwiceOrCutShort => a_close_called_twice_or_cut_short_still_closes,
     /// A publish resolves only once the broker has the message: a message whose publish resolved
     /// reaches its subscriber even when the publisher's connection closes or is cut right after;
     /// through the fault proxy, a publish whose bytes are held back does not resolve `Ok` (backends

@@ -60,6 +60,7 @@ pub async fn run(scenario: Scenario, ctx: &Context<'_>) -> Outcome {
         Scenario::PersistentWithoutConsumer => persistent_without_consumer(ctx).await,
         Scenario::Unroutable => unroutable(ctx).await,
         Scenario::CloseRefusesFurtherUse => close_refuses_further_use(ctx).await,
+        Scenario::CloseTwiceOrCutShort => close_twice_or_cut_short(ctx).await,
         Scenario::PublishConfirms => publish_confirms(ctx).await,
     }
 }
@@ -3110,6 +3111,157 @@ async fn close_refuses_further_use(ctx: &Context<'_>) -> Outcome {
         "close() ended {} subscription stream(s) after what they held ({held} buffered in the fan-out one); publish and subscribe then \
          failed with Error::Closed; other connections kept working",
         subscriptions.len()
+    ))
+}
+
+/// A connection subscribed to `channel` (in a group where the backend has groups) that holds one
+/// delivery, unsettled, so that its `close()` has something to wait for.
+async fn holding_one(
+    ctx: &Context<'_>,
+    connection: &SharedRouter,
+    publisher: &SharedRouter,
+    channel: &Channel,
+    seq: u64,
+) -> Outcome<(Subscription, Delivery)> {
+    let options = SubscribeOptions::new(exact(channel)?);
+    let options = if ctx.capabilities.consumer_groups {
+        options.group(ctx.unique(&format!("close_twice_{seq}")))
+    } else {
+        options
+    };
+    let mut subscription = subscribe(ctx, connection, options).await?;
+    publish_one(ctx, publisher, ctx.numbered(channel, 0, seq)).await?;
+    match bounded(ctx.wait, "receiving", subscription.next()).await? {
+        Some(delivery) => Ok((subscription, delivery)),
+        None => fail!("the subscription ended before its connection closed"),
+    }
+}
+
+async fn close_twice_or_cut_short(ctx: &Context<'_>) -> Outcome {
+    let channel = ctx.channel(&ctx.class("CloseTwice"), &ctx.unique("d"), &ctx.unique("s"))?;
+    let publisher = ctx.connect().await?;
+    let mut problems = Vec::new();
+    let is_closed = |result: &agentcomm_core::Result<PublishOutcome>| {
+        matches!(result, Err(Error::Closed { .. }))
+    };
+
+    // 1. Two closes at once while a delivery is held: the second returns no earlier than the first.
+    let twice = ctx.connect().await?;
+    let (_subscription, held) = holding_one(ctx, &twice, &publisher, &channel, 0).await?;
+    ctx.phase("closing twice at once while a delivery is held");
+    let first = tokio::spawn({
+        let connection = twice.clone();
+        async move { connection.close().await }
+    });
+    // Time for the first close to begin waiting (these sleeps create the condition checked).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = tokio::spawn({
+        let connection = twice.clone();
+        async move { connection.close().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if second.is_finished() && !first.is_finished() {
+        problems.push(
+            "a second close() returned while the first was still closing (waiting for a held \
+             delivery): a caller of close() must be able to rely on the connection being closed"
+                .to_string(),
+        );
+    }
+    drop(held);
+    for (name, close) in [("the first close()", first), ("the second close()", second)] {
+        match bounded(ctx.wait, name, close).await? {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => problems.push(format!("{name} failed: {error}")),
+            Err(error) => problems.push(format!("{name}'s task failed: {error}")),
+        }
+    }
+
+    // 2. A close cut short right after it began, then closed again.
+    let proxy = match ctx.broker_address() {
+        None => None,
+        Some(address) => Some(
+            bounded(
+                ctx.wait,
+                "starting the fault proxy",
+                crate::proxy::FaultProxy::start(address),
+            )
+            .await?
+            .during(format!("starting the fault proxy to {address}"))?,
+        ),
+    };
+    let through = match &proxy {
+        Some(proxy) => ctx.connect_through(proxy.local_addr()).await?,
+        None => None,
+    };
+    let (cut, proxy) = match through {
+        Some(connection) => (connection, proxy),
+        None => (ctx.connect().await?, None),
+    };
+    let (mut subscription, held) = holding_one(ctx, &cut, &publisher, &channel, 1).await?;
+    ctx.phase("closing, cut short right after it began");
+    {
+        let mut closing = std::pin::pin!(cut.close());
+        let _ = futures::poll!(closing.as_mut());
+    }
+    drop(held);
+    ctx.phase("closing again after a close cut short");
+    if let Err(error) = bounded(ctx.wait, "close() after one cut short", cut.close()).await? {
+        problems.push(format!("close() after one cut short failed: {error}"));
+    }
+    let published = bounded(
+        ctx.wait,
+        "publish after close",
+        cut.publish(ctx.numbered(&channel, 0, 99)),
+    )
+    .await?;
+    if !is_closed(&published) {
+        problems.push(format!(
+            "publish after a close cut short and a second close gave {published:?}, expected Err(Error::Closed)"
+        ));
+    }
+    let health = bounded(ctx.wait, "health after close", cut.health()).await?;
+    if health.connected {
+        problems.push(format!(
+            "health() after a close cut short and a second close says connected ({:?}: {})",
+            health.status, health.detail
+        ));
+    }
+    let ended = tokio::time::timeout(ctx.wait, async {
+        while let Some(delivery) = subscription.next().await {
+            delivery.discard();
+        }
+    })
+    .await;
+    if ended.is_err() {
+        problems.push(format!(
+            "the subscription's stream did not end within {:?} after a close cut short and a second close",
+            ctx.wait
+        ));
+    }
+    let connections = match &proxy {
+        None => "not counted (no fault proxy: ConformanceBackend::broker_address or connect_through gave None)"
+            .to_string(),
+        Some(proxy) => {
+            ctx.phase("waiting for every connection through the fault proxy to close");
+            let deadline = Instant::now() + ctx.wait;
+            while proxy.stats().live > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let live = proxy.stats().live;
+            if live > 0 {
+                problems.push(format!(
+                    "{live} connection(s) to the broker still open {:?} after a close cut short and a second \
+                     close() returned",
+                    ctx.wait
+                ));
+            }
+            "every connection through the fault proxy closed".to_string()
+        }
+    };
+    failures(problems)?;
+    Ok(format!(
+        "a second close() waited for the first; a close cut short was finished by closing again: publish \
+         failed with Error::Closed, health said disconnected, the stream ended; {connections}"
     ))
 }
 

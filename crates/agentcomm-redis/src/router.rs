@@ -2307,6 +2307,11 @@ impl Shared {
             futures::future::join3(closing_hub, finishing, self.publishes_settled()),
         )
         .await;
+        // A subscription whose finishing the deadline cut short before it released its entries has
+        // tasks waiting for that release: they end now.
+        for stream in &streams {
+            stream.give_up_finishing();
+        }
         // A subscription whose finishing the deadline cut short (Redis stopped answering) did not quit
         // its readers yet: their connections would stay open for as long as the subscription is held.
         let quitting_readers = futures::future::join_all(

@@ -994,6 +994,19 @@ impl StreamSubscription {
         }
     }
 
+    /// Lets the lease renewer and the acknowledgement sender end when [`finish`](Self::finish) was cut
+    /// short before it released the entries (the router's close stopped waiting for it: Redis stopped
+    /// answering, with an `XACK` under way). Both wait for that release, and waited for ever,
+    /// holding the router's state and connections. Acknowledgements from now on fail, as after a
+    /// release; what is still pending is claimed by the group's other members after `claim_idle`.
+    pub(crate) fn give_up_finishing(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.acks.wake.notify_one();
+        self.settled.notify_waiters();
+    }
+
     /// Gives every entry still pending for this consumer back to the group, marked idle so that
     /// another member claims it at once. Asks Redis rather than trusting local bookkeeping, so that
     /// nothing waits for `claim_idle` after a clean close.
@@ -3896,6 +3909,65 @@ mod tests {
         assert_eq!(lost.counter("acks_recovered"), 0);
         assert_eq!(lost.counter("acked"), 0);
         lost.end().await;
+    }
+
+    /// A router closed while Redis does not answer, with an acknowledgement under way, gives up on
+    /// finishing its subscription at the close's deadline; the subscription's lease renewer and
+    /// acknowledgement sender then end once their commands time out. Before, both waited for the
+    /// release the cut-short finishing never made: for ever, holding the router's state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_close_given_up_during_an_outage_leaves_no_task_running() {
+        use agentcomm_core::router::Router;
+        let url = crate::unit_redis::url();
+        let Some((proxy, proxied)) = crate::unit_redis::loopback_proxy(&url).await else {
+            return;
+        };
+        let builder =
+            quiet_streams_builder(&proxied, Duration::from_millis(200), Duration::from_secs(1))
+                .close_timeout(Duration::from_millis(200));
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
+        };
+        let mut subscription = router
+            .subscribe(
+                SubscribeOptions::new(ChannelPattern::parse("Outage:*:*").unwrap()).group("g"),
+            )
+            .await
+            .unwrap();
+        let delivery = publish_and_receive(&router, &mut subscription, "Outage").await;
+        let inner = only_stream_subscription(&router);
+        proxy.blackhole(true);
+        let acking = tokio::spawn(delivery.ack());
+        // The XACK is written (and held by the proxy) before the close begins.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::timeout(Duration::from_secs(5), router.close())
+            .await
+            .expect("close within 5 s")
+            .unwrap();
+        let ack = tokio::time::timeout(Duration::from_secs(5), acking)
+            .await
+            .expect("the acknowledgement fails within 5 s")
+            .unwrap();
+        assert!(ack.is_err(), "Redis never answered it: {ack:?}");
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while inner.running.load(Ordering::Acquire) > 0 {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "{} task(s) of the closed subscription still running 10 s after their commands \
+                 timed out (released: {})",
+                inner.running.load(Ordering::Acquire),
+                inner.released.load(Ordering::Acquire)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        proxy.blackhole(false);
+        drop(subscription);
+        let raw =
+            fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).unwrap())
+                .build()
+                .unwrap();
+        raw.init().await.unwrap();
+        LostAck::remove_keys(&raw, &router.shared().keys.stream("Outage")).await;
     }
 
     /// A Streams router's builder for `proxied` (a URL through a fault proxy), under a prefix of its own, that reconnects at once

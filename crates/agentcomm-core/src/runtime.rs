@@ -1089,6 +1089,22 @@ impl<A: Agent> Loan<A> {
 
 impl<A: Agent> Drop for Loan<A> {
     fn drop(&mut self) {
+        if let Some(context) = &self.context {
+            // Dropped with the envelope still lent: the handler was cut off mid-run (the stop
+            // deadline, the agent's task aborted or its Tokio runtime ending). Said here, where the
+            // message is known: the stop's own line names only the agent.
+            let envelope = context.envelope();
+            tracing::warn!(
+                agent = A::NAME,
+                message_id = %envelope.id(),
+                class = envelope.class(),
+                session = envelope.session(),
+                channel = envelope.channel().name(),
+                attempt = envelope.attempt(),
+                "a handler was cut off before it finished (the agent's stop deadline passed, or its \
+                 task ended); its message goes back to the backend unsettled"
+            );
+        }
         self.give_back();
     }
 }

@@ -164,6 +164,70 @@ fn warn_and_error_lines_keep_their_context_at_the_warning_level() {
     }
 }
 
+#[derive(Debug, Serialize, Deserialize, Message)]
+struct Slow {}
+
+/// Never finishes its handler: only a stop deadline ends it.
+#[agent(receives = [Slow])]
+struct Stuck {
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+impl Handle<Slow> for Stuck {
+    async fn handle(&self, _slow: Slow, _ctx: &Context<Self>) -> HandlerResult {
+        let _ = self.started.send(());
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+/// A handler cut off by the stop deadline is logged with the message it held (id, class, session,
+/// channel, agent): before, the only line said "stop deadline reached with a handler still
+/// running" with the agent's name, and which message went back unsettled was not known.
+#[test]
+fn a_handler_cut_off_by_the_stop_deadline_is_logged_with_its_message() {
+    let buffer = Buffer::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::WARN)
+        .with(json_layer(buffer.clone()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let agents = Runtime::new(MemoryRouter::new());
+            let (started, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+            let stuck = agents.spawn(Stuck { started }).await.unwrap();
+            agents.bus().publish("s-stuck", &Slow {}).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), started_rx.recv())
+                .await
+                .expect("the handler starts within 5 s");
+            let report = stuck.stop(Duration::from_millis(100)).await;
+            assert_eq!(report.aborted, 1, "{report:?}");
+            agents.shutdown(Duration::from_secs(1)).await.unwrap();
+        })
+    });
+    let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let line: Value = text
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect(line))
+        .find(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|message| message.starts_with("a handler was cut off"))
+        })
+        .unwrap_or_else(|| panic!("no line about the handler cut off in:\n{text}"));
+    assert!(
+        line["message_id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{line}"
+    );
+    assert_eq!(line["agent"], "Stuck", "{line}");
+    assert_eq!(line["class"], "Slow", "{line}");
+    assert_eq!(line["session"], "s-stuck", "{line}");
+    assert_eq!(line["channel"], "Slow:event:s-stuck", "{line}");
+}
+
 /// An agent whose subscription ends without a stop (its router closed under it, or a backend that gave
 /// up reconnecting) says so at ERROR with the router's account of why: the subscription itself ends
 /// without a reason, and the line said only what it might have been.

@@ -100,6 +100,20 @@ pub(crate) fn invalid(variable: &str, url: &str, why: impl Into<String>) -> Erro
     }
 }
 
+/// Whether amqprs can send `value` (a user name or password) in its AMQPLAIN response: it writes
+/// the value as an AMQP long string (four length bytes, big-endian, then the text) into a `String`,
+/// and panics (with the password's bytes in the panic message) when the result is not UTF-8, as it
+/// is not when a length byte is 128 or more (a length of 128 to 255 bytes, among others). The
+/// text around each value is ASCII, so each value can be checked on its own.
+fn amqplain_carries(value: &str) -> bool {
+    let Ok(length) = u32::try_from(value.len()) else {
+        return false;
+    };
+    let mut encoded = length.to_be_bytes().to_vec();
+    encoded.extend_from_slice(value.as_bytes());
+    std::str::from_utf8(&encoded).is_ok()
+}
+
 /// Decodes `%XX` escapes.
 fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
@@ -360,6 +374,17 @@ impl AmqpUrl {
                  certfile and keyfile",
             ));
         }
+        if parsed.auth_mechanism == AuthMechanism::AmqPlain
+            && !(amqplain_carries(&parsed.user) && amqplain_carries(&parsed.password))
+        {
+            return Err(invalid(
+                variable,
+                url,
+                "auth_mechanism=amqplain cannot carry this user name or password (amqprs writes \
+                 each with its length into a text that must be UTF-8, which some lengths, 128 to \
+                 255 bytes among them, are not): use auth_mechanism=plain, the default",
+            ));
+        }
         if parsed.client_cert.is_some() != parsed.client_key.is_some() {
             return Err(invalid(
                 variable,
@@ -611,6 +636,39 @@ mod tests {
             let error = AmqpUrl::parse("RABBITMQ_URL", url).unwrap_err().to_string();
             assert!(error.contains(expected), "{url}: {error}");
             assert!(!error.contains("secret"), "{error}");
+        }
+    }
+
+    /// amqprs panics while connecting with AMQPLAIN when a user name or password has a length
+    /// whose bytes are not UTF-8 (128 to 255 bytes, 400, ...), its panic message listing the
+    /// password's bytes: such a URL is refused before connecting; PLAIN carries any length.
+    #[test]
+    fn amqplain_refuses_a_user_or_password_amqprs_cannot_carry() {
+        for (user, password) in [
+            ("guest".to_string(), "p".repeat(200)),
+            ("u".repeat(128), "guest".to_string()),
+            ("guest".to_string(), "p".repeat(400)),
+        ] {
+            let url = format!("amqp://{user}:{password}@h/?auth_mechanism=amqplain");
+            let error = AmqpUrl::parse("url", &url).unwrap_err().to_string();
+            assert!(
+                error.contains("auth_mechanism=amqplain cannot carry")
+                    && error.contains("use auth_mechanism=plain"),
+                "{error}"
+            );
+            assert!(!error.contains(&password), "{error}");
+            let plain = url.replace("amqplain", "plain");
+            assert!(AmqpUrl::parse("url", &plain).is_ok(), "{plain}");
+        }
+        for (user, password) in [
+            ("guest", "guest".to_string()),
+            ("guest", "p".repeat(127)),
+            ("guest", "p".repeat(256)),
+            ("guest", String::new()),
+        ] {
+            let url = format!("amqp://{user}:{password}@h/?auth_mechanism=amqplain");
+            let parsed = AmqpUrl::parse("url", &url).unwrap_or_else(|error| panic!("{error}"));
+            assert_eq!(parsed.auth_mechanism, AuthMechanism::AmqPlain);
         }
     }
 

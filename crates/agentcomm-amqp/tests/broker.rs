@@ -3146,3 +3146,48 @@ fn health_does_not_blame_rabbitmq_for_a_probe_that_ran_too_late_to_ask() {
         within("close", router.close()).await.unwrap();
     });
 }
+
+/// `auth_mechanism=amqplain` logs in with the URL's user and password; one whose user name or
+/// password amqprs cannot put in its AMQPLAIN table (a length of 128 to 255 bytes) is refused with
+/// a configuration error naming the fix, instead of panicking the task that connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqplain_logs_in_and_a_password_it_cannot_carry_is_refused() {
+    if !broker_available().await {
+        return;
+    }
+    let address = common::broker_address();
+    let exchange = unique("amqplain");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let router = within(
+        "connect with amqplain",
+        AmqpRouter::builder(format!(
+            "amqp://guest:guest@{address}/%2f?auth_mechanism=amqplain"
+        ))
+        .exchange(&exchange)
+        .connect(),
+    )
+    .await
+    .expect("guest/guest over AMQPLAIN");
+    assert_eq!(router.health().await.status, HealthStatus::Healthy);
+    within("close", router.close()).await.unwrap();
+
+    let long = "p".repeat(200);
+    let connecting = tokio::spawn(
+        AmqpRouter::builder(format!(
+            "amqp://guest:{long}@{address}/%2f?auth_mechanism=amqplain"
+        ))
+        .connect(),
+    );
+    let error = within("connect with a long password", connecting)
+        .await
+        .expect("connecting panicked")
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, Error::Config { .. }), "{text}");
+    assert!(
+        text.contains("auth_mechanism=amqplain cannot carry")
+            && text.contains("use auth_mechanism=plain"),
+        "{text}"
+    );
+    assert!(!text.contains(&long), "{text}");
+}

@@ -259,6 +259,17 @@ impl AmqpUrl {
                 decode(path, "virtual host")?
             }
         };
+        // An AMQP short string: amqprs panics on a longer one while connecting.
+        if vhost.len() > 255 {
+            return Err(invalid(
+                variable,
+                url,
+                format!(
+                    "the virtual host is {} bytes long; AMQP allows at most 255",
+                    vhost.len()
+                ),
+            ));
+        }
         let mut parsed = AmqpUrl {
             tls,
             host,
@@ -637,6 +648,23 @@ mod tests {
             assert!(error.contains(expected), "{url}: {error}");
             assert!(!error.contains("secret"), "{error}");
         }
+    }
+
+    /// A virtual host is an AMQP short string: amqprs panicked on a longer one while connecting.
+    #[test]
+    fn a_virtual_host_longer_than_255_bytes_is_refused() {
+        let long = "v".repeat(256);
+        let error = AmqpUrl::parse("url", &format!("amqp://h/{long}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("the virtual host is 256 bytes long; AMQP allows at most 255"),
+            "{error}"
+        );
+        // Counted once decoded: `%2f` is one byte.
+        let longest = format!("amqp://h/{}%2f", "v".repeat(254));
+        let parsed = AmqpUrl::parse("url", &longest).unwrap_or_else(|error| panic!("{error}"));
+        assert_eq!(parsed.vhost.len(), 255);
     }
 
     /// amqprs panics while connecting with AMQPLAIN when a user name or password has a length

@@ -62,8 +62,8 @@ pub(crate) struct AmqpUrl {
     pub unknown: Vec<String>,
 }
 
-/// The URL parameters of other AMQP clients (RabbitMQ's URI spec, the Erlang, Python and Rust
-/// clients) that this one does not use: ignored quietly, so that one URL serves every client.
+/// The URL parameters of other AMQP clients (RabbitMQ's URI spec, the Erlang, Python, Node.js and
+/// Rust clients) that this one does not use: ignored quietly, so that one URL serves every client.
 const OTHER_CLIENTS: &[&str] = &[
     "channel_max",
     "frame_max",
@@ -81,6 +81,9 @@ const OTHER_CLIENTS: &[&str] = &[
     "tcp_options",
     "client_properties",
     "backpressure_detection",
+    // Node.js amqplib writes these two in camel case (and reads `heartbeat` and `locale`).
+    "frameMax",
+    "channelMax",
 ];
 
 /// The parameters this client reads, for the warning about the others.
@@ -725,6 +728,8 @@ mod tests {
         // Other clients' parameters, and the end of a secret one, are ignored quietly.
         for quiet in [
             "amqp://h/v?channel_max=10&frame_max=4096&verify=verify_none&connection_attempts=3",
+            // A URL shared with a Node.js service (amqplib).
+            "amqp://h/v?frameMax=0x1000&channelMax=100&heartbeat=30&locale=en_US",
             "amqps://h/v?password=Key&Pa=ss",
             "amqp://h/v?heartbeat=5",
         ] {

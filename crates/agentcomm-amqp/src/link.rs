@@ -25,6 +25,7 @@ use agentcomm_core::error::{Error, Result};
 use crate::builder::{QueueType, Settings};
 use crate::publisher::Publisher;
 use crate::topology::DEAD_LETTER_BINDING;
+use crate::url::AuthMechanism;
 
 /// The backend name in errors, logs and health.
 pub(crate) const BACKEND: &str = "rabbitmq";
@@ -725,7 +726,9 @@ impl Inner {
         .await
         {
             Ok(Ok(connection)) => connection,
-            Ok(Err(error)) => return Err(self.connection_error(describe_open_error(&error))),
+            Ok(Err(error)) => {
+                return Err(self.connection_error(describe_open_error(&error, url.auth_mechanism)));
+            }
             Err(_) => {
                 return Err(self.connection_error(format!(
                     "the {} connection did not open within {:?} ({})",
@@ -1243,12 +1246,31 @@ pub(crate) fn hint_for(reason: &str) -> &'static str {
     }
 }
 
-fn describe_open_error(error: &amqprs::error::Error) -> String {
+/// Where a refused certificate login (`auth_mechanism=external`) is to be looked for: the URL's user
+/// name and password are not sent.
+const EXTERNAL_LOGIN: &str = "with auth_mechanism=external RabbitMQ logs in the user the client \
+     certificate names (its subject's distinguished name, or its common name with \
+     ssl_cert_login_from = common_name): check that this user exists and may use this virtual host";
+
+fn describe_open_error(error: &amqprs::error::Error, mechanism: AuthMechanism) -> String {
     let text = error.to_string();
+    let external = mechanism == AuthMechanism::External;
     if text.contains("authentication '") && text.contains("is not supported by server") {
         format!(
             "{text} (RabbitMQ does not offer the URL's auth_mechanism: EXTERNAL needs the \
              rabbitmq_auth_mechanism_ssl plugin and EXTERNAL in the broker's auth_mechanisms)"
+        )
+    } else if external
+        && (text.contains("ACCESS_REFUSED")
+            || text.contains("403")
+            || text.contains("reset by peer")
+            || text.contains("unexpected end of file")
+            || text.contains("early eof")
+            || text.contains("peer shutdown"))
+    {
+        format!(
+            "{text} (the broker refused the login or dropped the connection during the handshake, \
+             as RabbitMQ does on a failed login: {EXTERNAL_LOGIN})"
         )
     } else if text.contains("ACCESS_REFUSED") || text.contains("403") {
         format!(

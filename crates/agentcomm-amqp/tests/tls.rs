@@ -34,6 +34,11 @@ async fn tls_terminator() -> TlsTerminator {
 
 /// A terminator whose certificate names only `name`.
 async fn tls_terminator_for(name: &str) -> TlsTerminator {
+    tls_terminator_to(name, broker_address()).await
+}
+
+/// A terminator whose certificate names only `name`, forwarding to `upstream` (`host:port`).
+async fn tls_terminator_to(name: &str, upstream: String) -> TlsTerminator {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rcgen::CertifiedKey { cert, signing_key } =
         rcgen::generate_simple_self_signed(vec![name.to_string()]).expect("certificate");
@@ -48,7 +53,7 @@ async fn tls_terminator_for(name: &str) -> TlsTerminator {
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let broker = broker_address();
+    let broker = upstream;
     let task = tokio::spawn(async move {
         while let Ok((inbound, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
@@ -314,4 +319,75 @@ async fn auth_mechanism_external_logs_in_with_the_certificate_not_as_guest() {
         text.contains("EXTERNAL") && text.contains("rabbitmq_auth_mechanism_ssl"),
         "the error names the mechanism and what RabbitMQ needs for it: {text}"
     );
+}
+
+/// A broker on 127.0.0.1 that offers EXTERNAL and PLAIN, then drops the connection after the
+/// client's answer, as RabbitMQ does on a refused login (amqprs does not ask to be told why). Its
+/// `host:port`; it stops with the test's runtime.
+async fn broker_refusing_every_login() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut header = [0u8; 8];
+                if socket.read_exact(&mut header).await.is_err() {
+                    return;
+                }
+                // connection.start: class 10, method 10, version 0-9, no server properties.
+                let mut payload = vec![0, 10, 0, 10, 0, 9];
+                payload.extend_from_slice(&0u32.to_be_bytes());
+                for text in ["EXTERNAL PLAIN", "en_US"] {
+                    payload.extend_from_slice(&(text.len() as u32).to_be_bytes());
+                    payload.extend_from_slice(text.as_bytes());
+                }
+                let mut frame = vec![1, 0, 0];
+                frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                frame.extend_from_slice(&payload);
+                frame.push(0xCE);
+                if socket.write_all(&frame).await.is_err() {
+                    return;
+                }
+                // The start-ok, then the login is refused: the connection is dropped.
+                let mut answer = [0u8; 1024];
+                let _ = socket.read(&mut answer).await;
+            });
+        }
+    });
+    address
+}
+
+/// A certificate login RabbitMQ refuses (the certificate names no user it knows) was reported with
+/// the hint for a password login: "check the user name and password", neither of which EXTERNAL
+/// sends, and "or the port speaks TLS and the URL is amqp://", with an amqps:// URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_certificate_login_names_the_certificate_s_user_not_a_password() {
+    let terminator = tls_terminator_to("127.0.0.1", broker_refusing_every_login().await).await;
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["agentcomm-client".to_string()])
+            .expect("a client certificate");
+    let cert_file = std::env::temp_dir().join(format!("{}.pem", unique("agentcomm-client")));
+    let key_file = std::env::temp_dir().join(format!("{}.key", unique("agentcomm-client")));
+    std::fs::write(&cert_file, cert.pem()).expect("write the client certificate");
+    std::fs::write(&key_file, signing_key.serialize_pem()).expect("write the client key");
+    let url = format!(
+        "amqps://127.0.0.1:{}/%2f?cacertfile={}&certfile={}&keyfile={}&auth_mechanism=external&connection_timeout=3000",
+        terminator.port,
+        terminator.ca_file.display(),
+        cert_file.display(),
+        key_file.display(),
+    );
+    let connected = within("a refused certificate login", AmqpRouter::connect(&url)).await;
+    let _ = std::fs::remove_file(&cert_file);
+    let _ = std::fs::remove_file(&key_file);
+    let text = connected.map(|_| ()).unwrap_err().to_string();
+    assert!(
+        text.contains(
+            "with auth_mechanism=external RabbitMQ logs in the user the client certificate names"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("check the user name and password"), "{text}");
+    assert!(!text.contains("the URL is amqp://"), "{text}");
 }

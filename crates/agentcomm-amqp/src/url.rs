@@ -725,6 +725,17 @@ mod tests {
             "{warning}"
         );
         assert!(!warning.contains("secret"), "{warning}");
+        // After `auth_mechanism` too: it was hidden as a secret (its name has "auth" in it), and
+        // hid the parameters after it, whose typos went unsaid.
+        let url =
+            AmqpUrl::parse("url", "amqp://u:secret@h/v?auth_mechanism=plain&hearbeat=5").unwrap();
+        let warning = url.unknown_parameters().expect("a warning");
+        assert!(
+            warning.starts_with(
+                "ignoring the URL parameter 'hearbeat' of amqp://u:***@h/v?auth_mechanism=plain&hearbeat=5:"
+            ),
+            "{warning}"
+        );
         // Other clients' parameters, and the end of a secret one, are ignored quietly.
         for quiet in [
             "amqp://h/v?channel_max=10&frame_max=4096&verify=verify_none&connection_attempts=3",

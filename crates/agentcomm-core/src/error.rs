@@ -369,19 +369,14 @@ fn redact_query(query: &str) -> (String, bool) {
     let mut in_secret = false;
     for (index, parameter) in query.split('&').enumerate() {
         let shown = match parameter.split_once('=') {
-            Some((name, _)) if is_secret_name(name) => {
+            // A parameter a client reads is no secret, though its name may look like one
+            // (`auth_mechanism`): hidden, it took the parameters after it along.
+            Some((name, _)) if is_secret_name(name) && !is_known_parameter(name) => {
                 in_secret = true;
                 format!("{name}=***")
             }
             None if in_secret => continue,
-            Some((name, _))
-                if in_secret
-                    && !KNOWN_PARAMETERS
-                        .iter()
-                        .any(|known| known.eq_ignore_ascii_case(name)) =>
-            {
-                "***".to_string()
-            }
+            Some((name, _)) if in_secret && !is_known_parameter(name) => "***".to_string(),
             _ => {
                 in_secret = false;
                 parameter.to_string()
@@ -416,6 +411,13 @@ const KNOWN_PARAMETERS: &[&str] = &[
     "fail_if_no_peer_cert",
     "server_name_indication",
 ];
+
+/// Whether `name` is one of [`KNOWN_PARAMETERS`], in any letter case.
+fn is_known_parameter(name: &str) -> bool {
+    KNOWN_PARAMETERS
+        .iter()
+        .any(|known| known.eq_ignore_ascii_case(name))
+}
 
 /// Whether `authority` (up to its path) is hosts: names or addresses, each with a numeric port if any
 /// (`h1:26379,h2:26379`, `[::1]:6379`, nothing for `unix:///path`).
@@ -582,6 +584,11 @@ mod tests {
         assert_eq!(
             redact_url("amqp://u@mq/prod?password=Ab1&Cd2=Ef3&HEARTBEAT=10"),
             "amqp://***@mq/prod?password=***&***&HEARTBEAT=10"
+        );
+        // `auth_mechanism` names a mechanism, not a secret: shown, and so is what follows it.
+        assert_eq!(
+            redact_url("amqps://u:pw@mq/prod?auth_mechanism=external&hearbeat=5&auth=T0k"),
+            "amqps://u:***@mq/prod?auth_mechanism=external&hearbeat=5&auth=***"
         );
         // API keys and credentials by their usual names, however spelled.
         assert_eq!(

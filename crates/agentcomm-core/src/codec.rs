@@ -157,7 +157,9 @@ impl Codec {
                 .strip_prefix('"')
                 .and_then(|v| v.strip_suffix('"'))
                 .unwrap_or(value);
-            if name.trim().eq_ignore_ascii_case("charset")
+            // A charset means nothing to MessagePack (`charset=binary` is seen); JSON is UTF-8.
+            if codec == Codec::Json
+                && name.trim().eq_ignore_ascii_case("charset")
                 && !(value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8"))
             {
                 return None;
@@ -1048,6 +1050,10 @@ mod tests {
             ("Application/JSON", Some(Codec::Json)),
             ("application/json; charset=\"utf-8\"", Some(Codec::Json)),
             (" application/msgpack ; version=1", Some(Codec::MessagePack)),
+            (
+                "application/msgpack; charset=binary",
+                Some(Codec::MessagePack),
+            ),
             // JSON is UTF-8; another charset would be decoded wrongly, so it is not read.
             ("application/json; charset=iso-8859-1", None),
             ("application/json; charset=utf-16", None),

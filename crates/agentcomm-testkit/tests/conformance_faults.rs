@@ -767,10 +767,10 @@ async fn a_connect_that_gives_none_after_one_succeeded_fails_instead_of_skipping
 #[test]
 fn every_scenario_has_a_distinct_test_name() {
     let mut names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
-    assert_eq!(names.len(), 26);
+    assert_eq!(names.len(), 28);
     names.sort_unstable();
     names.dedup();
-    assert_eq!(names.len(), 26);
+    assert_eq!(names.len(), 28);
     assert!(names.contains(&"concurrent_publishers_lose_nothing"));
 }
 

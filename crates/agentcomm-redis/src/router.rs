@@ -2264,23 +2264,43 @@ impl Shared {
         // whose runtime is alive but not driven (a current_thread runtime outside its `block_on`)
         // does not run the task, and its caller would otherwise wait for ever.
         let bound = self.settings.close_timeout + Duration::from_secs(3);
-        let ended = tokio::time::timeout(bound, ended.wait_for(|state| *state != CLOSE_RUNNING))
-            .await
-            .map(|state| state.is_ok_and(|state| *state == CLOSE_FINISHED));
-        let Ok(finished) = ended else {
-            return Err(Error::Timeout {
-                operation: "the Redis router to close (it goes on closing in the background, on \
-                            the runtime the router connected on)"
-                    .into(),
-                after: bound,
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let ended =
+                tokio::time::timeout_at(deadline, ended.wait_for(|state| *state != CLOSE_RUNNING))
+                    .await
+                    .map(|state| state.map_or(CLOSE_FINISHED, |state| *state));
+            let Ok(state) = ended else {
+                return Err(Error::Timeout {
+                    operation:
+                        "the Redis router to close (it goes on closing in the background, on \
+                                the runtime the router connected on)"
+                            .into(),
+                    after: bound,
+                });
+            };
+            if state == CLOSE_FINISHED {
+                return Ok(());
+            }
+            // Its task was dropped unfinished (the router's runtime shut down): closed here, by one
+            // call only; the others wait for it as they waited for the task. (Each closing in place,
+            // every call but the one that found the subscriptions returned while they were still
+            // finishing.) Should this call be cut short in turn, the next one takes over.
+            let claimed = self.close_ended.send_if_modified(|state| {
+                if *state != CLOSE_ABANDONED {
+                    return false;
+                }
+                *state = CLOSE_RUNNING;
+                true
             });
-        };
-        if !finished {
-            // Its task was dropped unfinished (the router's runtime shut down): closed here.
-            self.close_work().await;
-            self.close_ended.send_replace(CLOSE_FINISHED);
+            if claimed {
+                let abandoned = CloseAbandoned(self.clone());
+                self.close_work().await;
+                self.close_ended.send_replace(CLOSE_FINISHED);
+                drop(abandoned);
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     /// The work of [`Shared::close`], once `closed` is set.

@@ -143,3 +143,80 @@ fn a_close_on_a_router_whose_runtime_nobody_drives_answers_after_its_bound() {
         .expect("the close ends once its runtime is driven")
         .unwrap();
 }
+
+/// Two closes at once on a router whose Tokio runtime ended, with a delivery still held: the close
+/// runs in place, on the callers' runtime, and neither call returns before it is over (here at
+/// `close_timeout`: the held delivery's settling needed the ended runtime). Before, each call closed
+/// in place on its own: the one that found the subscription waited for the delivery, and the other
+/// returned `Ok` within about a second, the router still closing.
+#[test]
+fn two_closes_after_the_routers_runtime_ended_both_wait_for_the_close() {
+    let origin = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if !origin.block_on(redis_available()) {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let (router, subscription, held) = origin.block_on(async {
+        let router = connected(
+            builder(DeliveryMode::Streams, &prefix).close_timeout(Duration::from_secs(4)),
+        )
+        .await;
+        let pattern = agentcomm_core::channel::ChannelPattern::parse("Tick:*:*").unwrap();
+        let mut subscription = router
+            .subscribe(agentcomm_core::router::SubscribeOptions::new(pattern).group("g"))
+            .await
+            .unwrap();
+        let channel = agentcomm_core::channel::Channel::new("Tick", "event", "s1").unwrap();
+        router
+            .publish(agentcomm_core::envelope::Envelope::new(
+                channel,
+                "application/msgpack",
+                vec![0x80],
+            ))
+            .await
+            .unwrap();
+        let held = next(&mut subscription).await;
+        (router, subscription, held)
+    });
+    drop(origin);
+    let (early, took) = outside_tokio("closing twice", move || {
+        let other = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        other.block_on(async move {
+            let closes: Vec<_> = (0..2)
+                .map(|_| {
+                    let router = router.clone();
+                    tokio::spawn(async move { Router::close(&router).await })
+                })
+                .collect();
+            // Both closes wait for the held delivery: none returns within these 2.5 s.
+            let until = Instant::now() + Duration::from_millis(2500);
+            while Instant::now() < until && !closes.iter().any(|close| close.is_finished()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let early = closes.iter().filter(|close| close.is_finished()).count();
+            let started = Instant::now();
+            for close in closes {
+                tokio::time::timeout(Duration::from_secs(10), close)
+                    .await
+                    .expect("the closes end by the close timeout")
+                    .unwrap()
+                    .unwrap();
+            }
+            drop((held, subscription));
+            (early, started.elapsed())
+        })
+    });
+    assert_eq!(
+        early, 0,
+        "a close returned while the router was still closing (a delivery held)"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}

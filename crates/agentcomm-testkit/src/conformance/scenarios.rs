@@ -3203,7 +3203,11 @@ async fn close_twice_or_cut_short(ctx: &Context<'_>) -> Outcome {
         let mut closing = std::pin::pin!(cut.close());
         let _ = futures::poll!(closing.as_mut());
     }
-    drop(held);
+    // Settled by an acknowledgement, not dropped: a delivery given back before the close stopped its
+    // subscription (the close's own task may not have run yet) is delivered again into `subscription`,
+    // unread here until the close is over, and the close then waits its whole close timeout for it.
+    // Whether the acknowledgement still counts (the close may have released it) is not checked.
+    let _ = bounded(ctx.wait, "acknowledging the held delivery", held.ack()).await?;
     ctx.phase("closing again after a close cut short");
     if let Err(error) = bounded(ctx.wait, "close() after one cut short", cut.close()).await? {
         problems.push(format!("close() after one cut short failed: {error}"));

@@ -574,28 +574,32 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
     url: &str,
     on_reconnect: impl Fn() + Send + Sync + 'static,
 ) {
+    watch_client_with(client, role, counters, url, on_reconnect, || {});
+}
+
+/// [`watch_client`], also calling `on_error` on each connection error fred reports (its connection
+/// ended, or a reconnection attempt failed: a reconnection follows, or fred gives up). fred still says
+/// the client is connected until its next attempt begins, after the reconnect policy's delay.
+pub(crate) fn watch_client_with<C: ClientLike + EventInterface>(
+    client: &C,
+    role: &'static str,
+    counters: Arc<Counters>,
+    url: &str,
+    on_reconnect: impl Fn() + Send + Sync + 'static,
+    on_error: impl Fn() + Send + Sync + 'static,
+) {
     let mut reconnects = client.reconnect_rx();
     let mut errors = client.error_rx();
     let url = redact(url);
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                event = reconnects.recv() => match event {
-                    Ok(server) => {
-                        counters.connection_error(None);
-                        counters.bump(&counters.reconnects);
-                        on_reconnect();
-                        tracing::info!(role, url = %url, server = %server, "reconnected to Redis");
-                    }
-                    // Missed reconnection events (fred's small channel overran): still reconnected.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
-                        counters.add(&counters.reconnects, missed);
-                        on_reconnect();
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                },
+                // Errors first: an error and the reconnection after it, both waiting, are seen in
+                // that order.
+                biased;
                 event = errors.recv() => match event {
                     Ok((error, server)) => {
+                        on_error();
                         counters.connection_error(Some(connection_problem(&error)));
                         counters.bump(&counters.connection_errors);
                         counters.mark_trouble();
@@ -613,8 +617,23 @@ pub(crate) fn watch_client<C: ClientLike + EventInterface>(
                         );
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        on_error();
                         counters.add(&counters.connection_errors, missed);
                         counters.mark_trouble();
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+                event = reconnects.recv() => match event {
+                    Ok(server) => {
+                        counters.connection_error(None);
+                        counters.bump(&counters.reconnects);
+                        on_reconnect();
+                        tracing::info!(role, url = %url, server = %server, "reconnected to Redis");
+                    }
+                    // Missed reconnection events (fred's small channel overran): still reconnected.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        counters.add(&counters.reconnects, missed);
+                        on_reconnect();
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },

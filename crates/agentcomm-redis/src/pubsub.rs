@@ -46,7 +46,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::connection::{
     Connecting, Role, connect_error, gave_up_error, map_error, on_node_of, redact,
-    unresponsive_limit, watch_client, watch_connection_task,
+    unresponsive_limit, watch_client_with, watch_connection_task,
 };
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
@@ -172,7 +172,8 @@ impl PubSubHub {
         let (reconnected, reconnections) = tokio::sync::watch::channel(0u64);
         {
             let flag = resubscribing.clone();
-            watch_client(
+            let lost = resubscribing.clone();
+            watch_client_with(
                 &client,
                 "pub/sub subscriber",
                 shared.counters.clone(),
@@ -181,6 +182,11 @@ impl PubSubHub {
                     flag.store(true, Ordering::Release);
                     reconnected.send_modify(|count| *count += 1);
                 },
+                // Set as soon as the connection is lost: fred says it is connected until its next
+                // attempt, after the reconnect delay, and a request sent meanwhile (on the pool,
+                // which often reconnects first) had its reply published before its inbox was
+                // subscribed again. The restore round after the reconnection clears it.
+                move || lost.store(true, Ordering::Release),
             );
         }
         let task = connecting.keep_task();
@@ -1848,6 +1854,75 @@ mod tests {
         assert!(matches!(got, Ok(Some(_))), "the reply reached the inbox");
     }
 
+    /// A request published after the subscriber lost its connection, while fred waits out its reconnect
+    /// delay (it still says the client is connected then), also waits until the reply inbox is
+    /// restored. Before, only a reconnection marked the subscriber as restoring: the request went out
+    /// as soon as the pool reconnected, often first, and its reply was published before the inbox
+    /// was subscribed again (the first request after a cut timed out in about half the runs).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_made_before_the_subscriber_reconnects_waits_for_its_reply_inbox() {
+        let Some((proxy, router)) = proxied_router_with(|builder| {
+            builder.reconnect(agentcomm_core::backoff::Backoff::new(
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+            ))
+        })
+        .await
+        else {
+            return;
+        };
+        let inbox = ChannelPattern::parse("Pong:reply:inbox-lost").unwrap();
+        let mut replies = router
+            .subscribe(SubscribeOptions::new(inbox.clone()))
+            .await
+            .unwrap();
+        let hub = router.shared().hub().await.unwrap();
+        let mut errors = fred::interfaces::EventInterface::error_rx(&hub.client);
+        // The restore round after the reconnection waits for the counts held here.
+        let held = hub.redis.lock().await;
+        proxy.cut_all();
+        tokio::time::timeout(Duration::from_secs(5), errors.recv())
+            .await
+            .expect("the subscriber sees its connection end")
+            .unwrap();
+        // The router's own watcher sees the same event (at most a moment later).
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            while !hub.is_resubscribing() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(
+            hub.is_connected(),
+            "fred says connected until its next attempt"
+        );
+        let request = ping().with_reply_to("Pong:reply:inbox-lost");
+        let mut publishing = Box::pin(router.publish(request));
+        // Past the pool's reconnection (1 s): the request stays held while the inbox is not restored.
+        let until = tokio::time::Instant::now() + Duration::from_millis(1600);
+        while tokio::time::Instant::now() < until {
+            assert!(
+                futures::poll!(&mut publishing).is_pending(),
+                "the request went out before its reply inbox was restored"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), publishing)
+            .await
+            .expect("the request goes out once the inbox is restored")
+            .unwrap();
+        let reply = Envelope::new(
+            parse_channel("Pong:reply:inbox-lost").unwrap(),
+            "application/json",
+            b"{}".to_vec(),
+        );
+        router.publish(reply).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), replies.next()).await;
+        let _ = router.close().await;
+        assert!(matches!(got, Ok(Some(_))), "the reply reached the inbox");
+    }
+
     /// A subscribe that comes after the subscriber reconnected, before its subscriptions are restored,
     /// subscribes itself to what it needs: the Redis subscription it shares with an older local one
     /// does not exist yet on the new connection. Before, it only counted itself in, confirmed with a
@@ -1909,11 +1984,12 @@ mod tests {
         let shared = router.shared().clone();
         let hub = shared.hub().await.unwrap();
         let wanted = vec![shared.keys.pubsub_subscription(&pattern)];
-        // Cut off, and kept off: the reconnection has not happened, so nothing says "restoring".
+        // Cut off, and kept off: the reconnection has not happened. (The lost connection already
+        // marks the subscriber as restoring, as a request needs; the subscribe must be live either
+        // way, and the flag is only set by the router's watcher, a moment after fred saw the cut.)
         proxy.reject_for(Duration::from_secs(30));
         proxy.cut_all();
         within("the subscriber to see the cut", || !hub.is_connected()).await;
-        assert!(!hub.is_resubscribing());
         // The new subscription's count: it takes the counts now, and its PING waits for a connection.
         let mut adding = Box::pin(hub.add_redis(&wanted, &shared.settings));
         assert!(futures::poll!(&mut adding).is_pending());

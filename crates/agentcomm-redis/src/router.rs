@@ -2203,7 +2203,7 @@ impl Shared {
         } else if resubscribing {
             (
                 HealthStatus::Degraded,
-                "the pub/sub subscriber reconnected and is restoring its subscriptions".to_string(),
+                "the pub/sub subscriber lost its connection, or reconnected and is restoring its subscriptions".to_string(),
             )
         } else if let Some((failing_for, error)) = read_failure {
             (

@@ -1827,14 +1827,33 @@ mod tests {
             hub.is_connected() && hub.is_resubscribing()
         })
         .await;
-        let request = ping().with_reply_to("Pong:reply:inbox-restored");
+        request_held_until_restored(
+            &router,
+            held,
+            &mut replies,
+            "Pong:reply:inbox-restored",
+            Duration::from_millis(300),
+            "the request went out while its reply inbox was being restored",
+        )
+        .await;
+    }
+
+    /// Publishes a request answered on `inbox` and checks that it stays held for `held_for` (else
+    /// fails with `too_early`), goes out once the restore waiting for `held` (the hub's counts) ends,
+    /// and that a reply then reaches the inbox through `replies`; closes `router`.
+    async fn request_held_until_restored(
+        router: &crate::RedisRouter,
+        held: tokio::sync::MutexGuard<'_, super::HashMap<crate::keys::RedisSubscription, usize>>,
+        replies: &mut agentcomm_core::router::Subscription,
+        inbox: &str,
+        held_for: Duration,
+        too_early: &str,
+    ) {
+        let request = ping().with_reply_to(inbox);
         let mut publishing = Box::pin(router.publish(request));
-        let until = tokio::time::Instant::now() + Duration::from_millis(300);
+        let until = tokio::time::Instant::now() + held_for;
         while tokio::time::Instant::now() < until {
-            assert!(
-                futures::poll!(&mut publishing).is_pending(),
-                "the request went out while its reply inbox was being restored"
-            );
+            assert!(futures::poll!(&mut publishing).is_pending(), "{too_early}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         drop(held);
@@ -1844,7 +1863,7 @@ mod tests {
             .unwrap();
         // The inbox is subscribed again: a reply reaches it.
         let reply = Envelope::new(
-            parse_channel("Pong:reply:inbox-restored").unwrap(),
+            parse_channel(inbox).unwrap(),
             "application/json",
             b"{}".to_vec(),
         );
@@ -1896,31 +1915,16 @@ mod tests {
             hub.is_connected(),
             "fred says connected until its next attempt"
         );
-        let request = ping().with_reply_to("Pong:reply:inbox-lost");
-        let mut publishing = Box::pin(router.publish(request));
         // Past the pool's reconnection (1 s): the request stays held while the inbox is not restored.
-        let until = tokio::time::Instant::now() + Duration::from_millis(1600);
-        while tokio::time::Instant::now() < until {
-            assert!(
-                futures::poll!(&mut publishing).is_pending(),
-                "the request went out before its reply inbox was restored"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        drop(held);
-        tokio::time::timeout(Duration::from_secs(5), publishing)
-            .await
-            .expect("the request goes out once the inbox is restored")
-            .unwrap();
-        let reply = Envelope::new(
-            parse_channel("Pong:reply:inbox-lost").unwrap(),
-            "application/json",
-            b"{}".to_vec(),
-        );
-        router.publish(reply).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), replies.next()).await;
-        let _ = router.close().await;
-        assert!(matches!(got, Ok(Some(_))), "the reply reached the inbox");
+        request_held_until_restored(
+            &router,
+            held,
+            &mut replies,
+            "Pong:reply:inbox-lost",
+            Duration::from_millis(1600),
+            "the request went out before its reply inbox was restored",
+        )
+        .await;
     }
 
     /// A subscribe that comes after the subscriber reconnected, before its subscriptions are restored,

@@ -2544,16 +2544,14 @@ async fn request_reply(ctx: &Context<'_>) -> Outcome {
     }))
     .await;
     let mut problems = Vec::new();
-    for (seq, reply) in replies.into_iter().enumerate() {
-        match reply {
-            Ok(reply) if reply.seq == seq as u64 && reply.run == ctx.run => {}
-            Ok(reply) => problems.push(format!(
-                "request {seq} got the reply to request {} of run {}",
-                reply.seq, reply.run
-            )),
-            Err(error) => problems.push(format!("request {seq}: {error}")),
-        }
-    }
+    check_replies(
+        ctx,
+        replies,
+        |r| (r.seq, &r.run),
+        "request",
+        "",
+        &mut problems,
+    );
     agent.stop(Duration::from_secs(5)).await;
     // A reply type with a channel template of its own: the inbox is named with it.
     let templated = runtime
@@ -2576,16 +2574,14 @@ async fn request_reply(ctx: &Context<'_>) -> Outcome {
         }
     }))
     .await;
-    for (seq, reply) in templated_replies.into_iter().enumerate() {
-        match reply {
-            Ok(reply) if reply.seq == seq as u64 && reply.run == ctx.run => {}
-            Ok(reply) => problems.push(format!(
-                "templated request {seq} got the reply to request {} of run {}",
-                reply.seq, reply.run
-            )),
-            Err(error) => problems.push(format!("templated request {seq}: {error}")),
-        }
-    }
+    check_replies(
+        ctx,
+        templated_replies,
+        |r| (r.seq, &r.run),
+        "templated request",
+        "",
+        &mut problems,
+    );
     templated.stop(Duration::from_secs(5)).await;
     if !problems.is_empty() {
         fail!(
@@ -2598,6 +2594,32 @@ async fn request_reply(ctx: &Context<'_>) -> Outcome {
     Ok(format!(
         "{count} concurrent requests each got their own reply, and {templated_count} whose reply type has a channel template"
     ))
+}
+
+/// Notes in `problems` each of `replies` (to requests numbered from 0, in order) that failed or answers
+/// another request (`answers`: the `seq` and `run` a reply echoes). `what` names a request in the notes
+/// ("request 3"), `failed_when` follows it in a failure's note.
+fn check_replies<R>(
+    ctx: &Context<'_>,
+    replies: Vec<Result<R, Error>>,
+    answers: impl Fn(&R) -> (u64, &str),
+    what: &str,
+    failed_when: &str,
+    problems: &mut Vec<String>,
+) {
+    for (seq, reply) in replies.into_iter().enumerate() {
+        match reply {
+            Ok(reply) => {
+                let (answered, run) = answers(&reply);
+                if answered != seq as u64 || run != ctx.run {
+                    problems.push(format!(
+                        "{what} {seq} got the reply to request {answered} of run {run}"
+                    ));
+                }
+            }
+            Err(error) => problems.push(format!("{what} {seq}{failed_when}: {error}")),
+        }
+    }
 }
 
 /// The `seq` of the request [`request_failures`]'s agent fails.
@@ -2782,16 +2804,14 @@ async fn request_failures(ctx: &Context<'_>) -> Outcome {
         }
     }))
     .await;
-    for (seq, reply) in replies.into_iter().enumerate() {
-        match reply {
-            Ok(reply) if reply.seq == seq as u64 && reply.run == ctx.run => {}
-            Ok(reply) => problems.push(format!(
-                "request {seq} got the reply to request {} of run {}",
-                reply.seq, reply.run
-            )),
-            Err(error) => problems.push(format!("request {seq} after the cancelled ones: {error}")),
-        }
-    }
+    check_replies(
+        ctx,
+        replies,
+        |r| (r.seq, &r.run),
+        "request",
+        " after the cancelled ones",
+        &mut problems,
+    );
     ctx.phase("listening for duplicate replies");
     tokio::time::sleep(ctx.settle).await;
     let extra = bus.unmatched_replies() - unmatched_before;

@@ -273,6 +273,46 @@ async fn a_certificate_for_another_name_names_the_fix_and_the_fix_works() {
     within("close", router.close()).await.unwrap();
 }
 
+/// A self-signed client certificate and its key, written to files for a URL's `certfile=` and
+/// `keyfile=`; the files are removed when it is dropped.
+struct ClientCertificate {
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+}
+
+impl ClientCertificate {
+    fn new() -> Self {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["agentcomm-client".to_string()])
+                .expect("a client certificate");
+        let name = unique("agentcomm-client");
+        let cert_file = std::env::temp_dir().join(format!("{name}.pem"));
+        let key_file = std::env::temp_dir().join(format!("{name}.key"));
+        std::fs::write(&cert_file, cert.pem()).expect("write the client certificate");
+        std::fs::write(&key_file, signing_key.serialize_pem()).expect("write the client key");
+        Self {
+            cert_file,
+            key_file,
+        }
+    }
+
+    /// `certfile=..&keyfile=..`
+    fn url_parameters(&self) -> String {
+        format!(
+            "certfile={}&keyfile={}",
+            self.cert_file.display(),
+            self.key_file.display()
+        )
+    }
+}
+
+impl Drop for ClientCertificate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.cert_file);
+        let _ = std::fs::remove_file(&self.key_file);
+    }
+}
+
 /// `auth_mechanism=external` logs in with the client certificate (SASL EXTERNAL), never with a
 /// user name and password. It was taken as another client's parameter and ignored: the router
 /// logged in with PLAIN as guest/guest (the URL named no user), and connected as a user the
@@ -284,20 +324,13 @@ async fn auth_mechanism_external_logs_in_with_the_certificate_not_as_guest() {
         return;
     }
     let terminator = tls_terminator().await;
-    let rcgen::CertifiedKey { cert, signing_key } =
-        rcgen::generate_simple_self_signed(vec!["agentcomm-client".to_string()])
-            .expect("a client certificate");
-    let cert_file = std::env::temp_dir().join(format!("{}.pem", unique("agentcomm-client")));
-    let key_file = std::env::temp_dir().join(format!("{}.key", unique("agentcomm-client")));
-    std::fs::write(&cert_file, cert.pem()).expect("write the client certificate");
-    std::fs::write(&key_file, signing_key.serialize_pem()).expect("write the client key");
+    let client = ClientCertificate::new();
     // The broker's user and password left out, as for a certificate login.
     let authority = format!("127.0.0.1:{}", terminator.port);
     let url = format!(
-        "amqps://{authority}/%2f?cacertfile={}&certfile={}&keyfile={}&auth_mechanism=external&connection_timeout=3000",
+        "amqps://{authority}/%2f?cacertfile={}&{}&auth_mechanism=external&connection_timeout=3000",
         terminator.ca_file.display(),
-        cert_file.display(),
-        key_file.display(),
+        client.url_parameters(),
     );
     let exchange = unique("t-tls-external");
     let _cleanup = Cleanup::new(&exchange, &[]);
@@ -306,8 +339,7 @@ async fn auth_mechanism_external_logs_in_with_the_certificate_not_as_guest() {
         AmqpRouter::builder(&url).exchange(&exchange).connect(),
     )
     .await;
-    let _ = std::fs::remove_file(&cert_file);
-    let _ = std::fs::remove_file(&key_file);
+    drop(client);
     let text = match connected {
         Ok(router) => {
             let _ = within("close", router.close()).await;
@@ -364,23 +396,15 @@ async fn broker_refusing_every_login() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_certificate_login_names_the_certificate_s_user_not_a_password() {
     let terminator = tls_terminator_to("127.0.0.1", broker_refusing_every_login().await).await;
-    let rcgen::CertifiedKey { cert, signing_key } =
-        rcgen::generate_simple_self_signed(vec!["agentcomm-client".to_string()])
-            .expect("a client certificate");
-    let cert_file = std::env::temp_dir().join(format!("{}.pem", unique("agentcomm-client")));
-    let key_file = std::env::temp_dir().join(format!("{}.key", unique("agentcomm-client")));
-    std::fs::write(&cert_file, cert.pem()).expect("write the client certificate");
-    std::fs::write(&key_file, signing_key.serialize_pem()).expect("write the client key");
+    let client = ClientCertificate::new();
     let url = format!(
-        "amqps://127.0.0.1:{}/%2f?cacertfile={}&certfile={}&keyfile={}&auth_mechanism=external&connection_timeout=3000",
+        "amqps://127.0.0.1:{}/%2f?cacertfile={}&{}&auth_mechanism=external&connection_timeout=3000",
         terminator.port,
         terminator.ca_file.display(),
-        cert_file.display(),
-        key_file.display(),
+        client.url_parameters(),
     );
     let connected = within("a refused certificate login", AmqpRouter::connect(&url)).await;
-    let _ = std::fs::remove_file(&cert_file);
-    let _ = std::fs::remove_file(&key_file);
+    drop(client);
     let text = connected.map(|_| ()).unwrap_err().to_string();
     assert!(
         text.contains(

@@ -10,6 +10,7 @@ use agentcomm_core::logging::json_layer;
 use agentcomm_core::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 
 #[derive(Debug, Serialize, Deserialize, Message)]
@@ -50,9 +51,19 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buffer {
     }
 }
 
-/// Runs a Biller through one good and one failing charge (retried once, then dead-lettered) with
-/// logs at `level`, and returns the log's lines and its text.
-fn charge_and_log(level: tracing_subscriber::filter::LevelFilter) -> (Vec<Value>, String) {
+impl Buffer {
+    /// What was logged so far.
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// Runs `body` on a current-thread runtime with JSON logs at `level` written to a buffer (given to
+/// `body`, which may read what was logged so far), and returns the log's text.
+fn run_logged<F: std::future::Future<Output = ()>>(
+    level: LevelFilter,
+    body: impl FnOnce(Buffer) -> F,
+) -> String {
     let buffer = Buffer::default();
     let subscriber = tracing_subscriber::registry()
         .with(level)
@@ -61,36 +72,40 @@ fn charge_and_log(level: tracing_subscriber::filter::LevelFilter) -> (Vec<Value>
         .enable_all()
         .build()
         .unwrap();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let agents = Runtime::new(MemoryRouter::new());
-            let options = AgentOptions::new().max_attempts(2).backoff(
-                Backoff::new(Duration::from_millis(1), Duration::from_millis(1)).jitter(0.0),
+    tracing::subscriber::with_default(subscriber, || runtime.block_on(body(buffer.clone())));
+    buffer.text()
+}
+
+/// Runs a Biller through one good and one failing charge (retried once, then dead-lettered) with
+/// logs at `level`, and returns the log's lines and its text.
+fn charge_and_log(level: LevelFilter) -> (Vec<Value>, String) {
+    let text = run_logged(level, |_| async {
+        let agents = Runtime::new(MemoryRouter::new());
+        let options = AgentOptions::new()
+            .max_attempts(2)
+            .backoff(Backoff::new(Duration::from_millis(1), Duration::from_millis(1)).jitter(0.0));
+        let biller = agents.spawn_with(Biller, options).await.unwrap();
+        agents
+            .bus()
+            .publish("s-ok", &Charge { fail: false })
+            .await
+            .unwrap();
+        agents
+            .bus()
+            .publish("s-bad", &Charge { fail: true })
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while biller.health().dead_lettered < 1 || biller.health().handled < 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the agent did not finish: {:?}",
+                biller.health()
             );
-            let biller = agents.spawn_with(Biller, options).await.unwrap();
-            agents
-                .bus()
-                .publish("s-ok", &Charge { fail: false })
-                .await
-                .unwrap();
-            agents
-                .bus()
-                .publish("s-bad", &Charge { fail: true })
-                .await
-                .unwrap();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while biller.health().dead_lettered < 1 || biller.health().handled < 1 {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the agent did not finish: {:?}",
-                    biller.health()
-                );
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            agents.shutdown(Duration::from_secs(1)).await.unwrap();
-        })
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        agents.shutdown(Duration::from_secs(1)).await.unwrap();
     });
-    let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
     let lines = text
         .lines()
         .map(|line| serde_json::from_str(line).expect(line))
@@ -100,7 +115,7 @@ fn charge_and_log(level: tracing_subscriber::filter::LevelFilter) -> (Vec<Value>
 
 #[test]
 fn publish_receive_retry_and_dead_letter_are_logged_with_their_context() {
-    let (lines, text) = charge_and_log(tracing_subscriber::filter::LevelFilter::DEBUG);
+    let (lines, text) = charge_and_log(LevelFilter::DEBUG);
     let find = |message: &str, session: &str| {
         lines
             .iter()
@@ -149,7 +164,7 @@ fn publish_receive_retry_and_dead_letter_are_logged_with_their_context() {
 /// dead-letter lines must still say which message, session and agent they are about.
 #[test]
 fn warn_and_error_lines_keep_their_context_at_the_warning_level() {
-    let (lines, text) = charge_and_log(tracing_subscriber::filter::LevelFilter::WARN);
+    let (lines, text) = charge_and_log(LevelFilter::WARN);
     for message in ["handler failed; retrying", "dead-lettered"] {
         let line = lines
             .iter()
@@ -186,29 +201,18 @@ impl Handle<Slow> for Stuck {
 /// running" with the agent's name, and which message went back unsettled was not known.
 #[test]
 fn a_handler_cut_off_by_the_stop_deadline_is_logged_with_its_message() {
-    let buffer = Buffer::default();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_subscriber::filter::LevelFilter::WARN)
-        .with(json_layer(buffer.clone()));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let agents = Runtime::new(MemoryRouter::new());
-            let (started, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
-            let stuck = agents.spawn(Stuck { started }).await.unwrap();
-            agents.bus().publish("s-stuck", &Slow {}).await.unwrap();
-            tokio::time::timeout(Duration::from_secs(5), started_rx.recv())
-                .await
-                .expect("the handler starts within 5 s");
-            let report = stuck.stop(Duration::from_millis(100)).await;
-            assert_eq!(report.aborted, 1, "{report:?}");
-            agents.shutdown(Duration::from_secs(1)).await.unwrap();
-        })
+    let text = run_logged(LevelFilter::WARN, |_| async {
+        let agents = Runtime::new(MemoryRouter::new());
+        let (started, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
+        let stuck = agents.spawn(Stuck { started }).await.unwrap();
+        agents.bus().publish("s-stuck", &Slow {}).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), started_rx.recv())
+            .await
+            .expect("the handler starts within 5 s");
+        let report = stuck.stop(Duration::from_millis(100)).await;
+        assert_eq!(report.aborted, 1, "{report:?}");
+        agents.shutdown(Duration::from_secs(1)).await.unwrap();
     });
-    let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
     let line: Value = text
         .lines()
         .map(|line| serde_json::from_str::<Value>(line).expect(line))
@@ -233,32 +237,20 @@ fn a_handler_cut_off_by_the_stop_deadline_is_logged_with_its_message() {
 /// without a reason, and the line said only what it might have been.
 #[test]
 fn a_subscription_that_ends_on_its_own_is_logged_with_the_routers_reason() {
-    let buffer = Buffer::default();
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_subscriber::filter::LevelFilter::WARN)
-        .with(json_layer(buffer.clone()));
-    let text = || String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let agents = Runtime::new(MemoryRouter::new());
-            agents.spawn(Biller).await.unwrap();
-            agents.router().close().await.unwrap();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while !text().contains("ended without a stop") {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "nothing logged:\n{}",
-                    text()
-                );
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
+    let text = run_logged(LevelFilter::WARN, |buffer| async move {
+        let agents = Runtime::new(MemoryRouter::new());
+        agents.spawn(Biller).await.unwrap();
+        agents.router().close().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !buffer.text().contains("ended without a stop") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing logged:\n{}",
+                buffer.text()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     });
-    let text = text();
     let line: Value = text
         .lines()
         .map(|line| serde_json::from_str::<Value>(line).expect(line))

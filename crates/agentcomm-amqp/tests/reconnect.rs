@@ -18,7 +18,9 @@ use agentcomm_core::{ChannelPattern, Error, parse_channel};
 use agentcomm_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
 
-use common::{Cleanup, Logs, Raw, STEP, broker_address, broker_available, builder, unique, within};
+use common::{
+    Cleanup, Logs, Raw, broker_address, broker_available, builder, unique, wait_until, within,
+};
 
 fn soak() -> usize {
     std::env::var("AGENTCOMM_SOAK")
@@ -101,18 +103,6 @@ fn envelope(n: u64) -> Envelope {
         "application/json",
         format!(r#"{{"n":{n}}}"#).into_bytes(),
     )
-}
-
-/// Waits until `condition` holds, failing with `what` after [`STEP`].
-async fn wait_until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + STEP;
-    while Instant::now() < deadline {
-        if condition().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out after {STEP:?} waiting for {what}");
 }
 
 #[derive(Default)]

@@ -94,6 +94,18 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     }
 }
 
+/// Waits until `condition` holds, failing the test with `what` after [`STEP`].
+pub async fn wait_until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    while tokio::time::Instant::now() < deadline {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {STEP:?} waiting for {what}");
+}
+
 /// A plain amqprs connection to the test broker, for what agentcomm does not do.
 pub struct Raw {
     pub connection: Connection,

@@ -8,8 +8,9 @@ use agentcomm_core::config::{DEFAULT_RABBITMQ_URL, RABBITMQ_URL_VAR};
 use agentcomm_core::error::{Error, Result, redact_url};
 
 use crate::AmqpRouter;
+use crate::credentials::{Credentials, CredentialsError, CredentialsProvider};
 use crate::topology::{check_exchange_name, check_queue_name};
-use crate::url::AmqpUrl;
+use crate::url::{AmqpUrl, AuthMechanism};
 
 /// The kind of queue groups share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -106,6 +107,7 @@ pub struct AmqpRouterBuilder {
     pub(crate) fan_out_expiry: Duration,
     pub(crate) connection_name: Option<String>,
     pub(crate) envelope_properties: bool,
+    pub(crate) credentials: Option<CredentialsProvider>,
 }
 
 impl fmt::Debug for AmqpRouterBuilder {
@@ -120,6 +122,7 @@ impl fmt::Debug for AmqpRouterBuilder {
             .field("reconnect", &self.reconnect)
             .field("queue_type", &self.queue_type)
             .field("dead_letters", &self.dead_letters)
+            .field("credentials", &self.credentials)
             .finish_non_exhaustive()
     }
 }
@@ -177,6 +180,7 @@ impl AmqpRouterBuilder {
             fan_out_expiry: Duration::from_secs(60),
             connection_name: None,
             envelope_properties: false,
+            credentials: None,
         }
     }
 
@@ -346,6 +350,49 @@ impl AmqpRouterBuilder {
         self
     }
 
+    /// Asks `provider` for the user name and password at every connection attempt, the first
+    /// connect and every reconnect of both connections, instead of taking the URL's: a password
+    /// rotated in the meantime (by Vault, or in a Kubernetes secret) is used from the next
+    /// attempt on, without restarting the process. A login RabbitMQ refuses is an attempt like any
+    /// other: the next one, after the reconnect backoff, asks the provider again.
+    ///
+    /// The provider is an `async` closure (or any closure returning a future). Each call is
+    /// bounded by `connect_timeout`: one that fails, panics or does not answer in time fails that
+    /// attempt, which is logged (with the provider's error text, never the credentials) and tried
+    /// again with the backoff; at `connect` it is the error `connect` returns. Read a file or a
+    /// secret store without blocking (`spawn_blocking`, an async client): the provider runs on the
+    /// router's runtime. The URL's user name still shows in logs and errors; its password, if it
+    /// has one, is not used. Not with `auth_mechanism=external`, which logs in with the client
+    /// certificate (`connect` refuses the two together).
+    ///
+    /// ```no_run
+    /// use agentcomm_amqp::{AmqpRouter, Credentials, CredentialsError};
+    ///
+    /// # async fn run() -> agentcomm_core::Result<()> {
+    /// let router = AmqpRouter::builder("amqp://mq.internal:5672/%2f")
+    ///     .credentials_provider(|| async {
+    ///         // A Kubernetes secret mounted as a file, read again at every attempt.
+    ///         let password = tokio::task::spawn_blocking(|| {
+    ///             std::fs::read_to_string("/run/secrets/rabbitmq-password")
+    ///         })
+    ///         .await??;
+    ///         Ok::<_, CredentialsError>(Credentials::new("payments", password.trim()))
+    ///     })
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn credentials_provider<F, Fut, E>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Credentials, E>> + Send + 'static,
+        E: Into<CredentialsError>,
+    {
+        self.credentials = Some(CredentialsProvider::new(provider));
+        self
+    }
+
     /// Checks every setting and connects; fails when the broker cannot be reached or the topology
     /// cannot be declared, with the URL (without its password) in the error.
     pub async fn connect(self) -> Result<AmqpRouter> {
@@ -424,6 +471,13 @@ impl AmqpRouterBuilder {
         } else {
             self.reconnect
         };
+        if self.credentials.is_some() && url.auth_mechanism == AuthMechanism::External {
+            return Err(Error::Config {
+                variable: "credentials_provider".into(),
+                value: "set".into(),
+                expected: "no credentials provider with auth_mechanism=external, which logs in with the client certificate and sends no password: remove the provider, or the URL's auth_mechanism".into(),
+            });
+        }
         if let Some(limit) = self.dead_letters.delivery_limit
             && self.queue_type != QueueType::Quorum
         {
@@ -491,6 +545,7 @@ impl AmqpRouterBuilder {
                 .min(LONGEST_QUEUE_EXPIRY),
             connection_name,
             envelope_properties: self.envelope_properties,
+            credentials: self.credentials,
         })
     }
 }
@@ -518,6 +573,8 @@ pub(crate) struct Settings {
     pub fan_out_expiry: Duration,
     pub connection_name: String,
     pub envelope_properties: bool,
+    /// Asked for the user name and password at every connection attempt, when set.
+    pub credentials: Option<CredentialsProvider>,
 }
 
 #[cfg(test)]
@@ -711,6 +768,41 @@ mod tests {
         let debug = format!("{builder:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
         assert!(debug.contains("amqp://app:***@mq:5672/prod"), "{debug}");
+    }
+
+    /// The provider's passwords are not known until it is asked, and neither the builder's nor
+    /// the provider's `Debug` asks it; the URL's password stays hidden as before.
+    #[test]
+    fn debug_with_a_credentials_provider_hides_every_password() {
+        let builder = AmqpRouterBuilder::new("amqp://app:url-s3cret@mq:5672/prod")
+            .credentials_provider(|| async {
+                Ok::<_, String>(Credentials::new("app", "rotated-s3cret"))
+            });
+        let debug = format!("{builder:?}");
+        assert!(!debug.contains("url-s3cret"), "{debug}");
+        assert!(!debug.contains("rotated-s3cret"), "{debug}");
+        assert!(
+            debug.contains("credentials: Some(CredentialsProvider(..))"),
+            "{debug}"
+        );
+        let settings = format!("{:?}", builder.settings().unwrap());
+        assert!(!settings.contains("rotated-s3cret"), "{settings}");
+        assert!(!settings.contains("url-s3cret"), "{settings}");
+    }
+
+    /// A certificate login sends no password: a provider would never be asked, which is refused
+    /// rather than ignored.
+    #[test]
+    fn a_credentials_provider_is_refused_with_a_certificate_login() {
+        let error = AmqpRouterBuilder::new(
+            "amqps://mq/%2f?auth_mechanism=external&certfile=/c.pem&keyfile=/k.pem",
+        )
+        .credentials_provider(|| async { Ok::<_, String>(Credentials::new("app", "pw")) })
+        .settings()
+        .unwrap_err()
+        .to_string();
+        assert!(error.starts_with("credentials_provider='set'"), "{error}");
+        assert!(error.contains("auth_mechanism=external"), "{error}");
     }
 
     /// A `RABBITMQ_URL` copied with its newline (or with spaces around it) names the same broker;

@@ -47,6 +47,7 @@
 
 mod builder;
 mod consumer;
+mod credentials;
 mod link;
 mod publisher;
 #[cfg(feature = "tls")]
@@ -70,6 +71,7 @@ use agentcomm_core::router::{
 };
 
 pub use builder::{AmqpRouterBuilder, DEFAULT_EXCHANGE, DeadLetterSettings, QueueType};
+pub use credentials::{Credentials, CredentialsError};
 
 use consumer::{Control, DeliveryStream, QueueKind, QueueSpec, SubShared};
 use link::{BACKEND, Inner, Link, LinkState, OpChannel, ProbeWatch, Unanswered, Wait};

@@ -25,7 +25,7 @@ use agentcomm_core::error::{Error, Result};
 use crate::builder::{QueueType, Settings};
 use crate::publisher::Publisher;
 use crate::topology::DEAD_LETTER_BINDING;
-use crate::url::AuthMechanism;
+use crate::url::{AuthMechanism, amqplain_carries, scrub};
 
 /// The backend name in errors, logs and health.
 pub(crate) const BACKEND: &str = "rabbitmq";
@@ -700,13 +700,45 @@ impl Inner {
         let settings = &self.settings;
         let url = &settings.url;
         let name = format!("{} ({})", settings.connection_name, role.as_str());
-        let mut arguments =
-            OpenConnectionArguments::new(&url.host, url.port, &url.user, &url.password);
+        let asked = match &settings.credentials {
+            Some(provider) => Some(
+                provider
+                    .ask(
+                        &self.runtime,
+                        settings.connect_timeout,
+                        settings.connect_timeout_source,
+                    )
+                    .await
+                    .map_err(|why| {
+                        self.connection_error(format!(
+                            "the {} connection was not opened: {why}",
+                            role.as_str()
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
+        let (user, password) = match &asked {
+            Some(credentials) => (credentials.user(), credentials.password()),
+            None => (url.user.as_str(), url.password.as_str()),
+        };
+        if asked.is_some()
+            && url.auth_mechanism == AuthMechanism::AmqPlain
+            && !(amqplain_carries(user) && amqplain_carries(password))
+        {
+            return Err(self.connection_error(
+                "auth_mechanism=amqplain cannot carry the user name or password the credentials \
+                 provider gave (amqprs writes each with its length into a text that must be UTF-8, \
+                 which some lengths, 128 to 255 bytes among them, are not): use \
+                 auth_mechanism=plain, the default",
+            ));
+        }
+        let mut arguments = OpenConnectionArguments::new(&url.host, url.port, user, password);
         arguments
             .virtual_host(&url.vhost)
             .heartbeat(settings.heartbeat)
             .connection_name(&name)
-            .credentials(url.auth_mechanism.credentials(&url.user, &url.password));
+            .credentials(url.auth_mechanism.credentials(user, password));
         if url.tls {
             #[cfg(feature = "tls")]
             {
@@ -727,7 +759,14 @@ impl Inner {
         {
             Ok(Ok(connection)) => connection,
             Ok(Err(error)) => {
-                return Err(self.connection_error(describe_open_error(&error, url.auth_mechanism)));
+                let mut text = scrub(&describe_open_error(&error, url.auth_mechanism), password);
+                if asked.is_some() {
+                    text.push_str(&format!(
+                        " (logging in as '{user}', from the credentials provider, which is asked \
+                         again on the next attempt)"
+                    ));
+                }
+                return Err(self.connection_error(text));
             }
             Err(_) => {
                 return Err(self.connection_error(format!(

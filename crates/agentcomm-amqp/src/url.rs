@@ -108,7 +108,7 @@ pub(crate) fn invalid(variable: &str, url: &str, why: impl Into<String>) -> Erro
 /// and panics (with the password's bytes in the panic message) when the result is not UTF-8, as it
 /// is not when a length byte is 128 or more (a length of 128 to 255 bytes, among others). The
 /// text around each value is ASCII, so each value can be checked on its own.
-fn amqplain_carries(value: &str) -> bool {
+pub(crate) fn amqplain_carries(value: &str) -> bool {
     let Ok(length) = u32::try_from(value.len()) else {
         return false;
     };
@@ -432,27 +432,32 @@ impl AmqpUrl {
     /// password of fewer than 4 characters is replaced only where it stands alone (not inside a longer
     /// run of letters and digits), so that a one-letter password does not garble every word.
     pub(crate) fn scrub(&self, text: &str) -> String {
-        let password = self.password.as_str();
-        if password.is_empty() {
-            return text.to_string();
-        }
-        if password.chars().count() >= 4 {
-            return text.replace(password, "***");
-        }
-        let word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
-        let mut scrubbed = String::with_capacity(text.len());
-        let mut rest = text;
-        while let Some(at) = rest.find(password) {
-            let (before, after) = (&rest[..at], &rest[at + password.len()..]);
-            scrubbed.push_str(before);
-            let inside_a_word = (word(before.chars().next_back()) && word(password.chars().next()))
-                || (word(after.chars().next()) && word(password.chars().next_back()));
-            scrubbed.push_str(if inside_a_word { password } else { "***" });
-            rest = after;
-        }
-        scrubbed.push_str(rest);
-        scrubbed
+        scrub(text, &self.password)
     }
+}
+
+/// Replaces `password` in `text` by `***`, as [`AmqpUrl::scrub`] does with the URL's password (also
+/// for a password a credentials provider gave).
+pub(crate) fn scrub(text: &str, password: &str) -> String {
+    if password.is_empty() {
+        return text.to_string();
+    }
+    if password.chars().count() >= 4 {
+        return text.replace(password, "***");
+    }
+    let word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+    let mut scrubbed = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(password) {
+        let (before, after) = (&rest[..at], &rest[at + password.len()..]);
+        scrubbed.push_str(before);
+        let inside_a_word = (word(before.chars().next_back()) && word(password.chars().next()))
+            || (word(after.chars().next()) && word(password.chars().next_back()));
+        scrubbed.push_str(if inside_a_word { password } else { "***" });
+        rest = after;
+    }
+    scrubbed.push_str(rest);
+    scrubbed
 }
 
 #[cfg(test)]

@@ -1,0 +1,165 @@
+//! Credentials asked for at every connection attempt, so that a rotated password is picked up on
+//! the next reconnect (see [`AmqpRouterBuilder::credentials_provider`](crate::AmqpRouterBuilder::credentials_provider)).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A user name and password for one connection attempt. `Debug` shows the user name, never the
+/// password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    user: String,
+    password: String,
+}
+
+impl Credentials {
+    /// The credentials of `user` with `password`.
+    pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Credentials {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    /// The user name.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub(crate) fn password(&self) -> &str {
+        &self.password
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+/// The error a credentials provider returns: anything that converts into a boxed error (a
+/// `String`, an `std::io::Error`, an `anyhow::Error`...). Its text is logged and put in the
+/// router's errors, so it must not carry a secret.
+pub type CredentialsError = Box<dyn std::error::Error + Send + Sync>;
+
+type Asked = Pin<Box<dyn Future<Output = Result<Credentials, CredentialsError>> + Send>>;
+
+/// The provider set on the builder, shared by the router's two connections.
+#[derive(Clone)]
+pub(crate) struct CredentialsProvider(Arc<dyn Fn() -> Asked + Send + Sync>);
+
+impl fmt::Debug for CredentialsProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CredentialsProvider(..)")
+    }
+}
+
+impl CredentialsProvider {
+    pub(crate) fn new<F, Fut, E>(provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Credentials, E>> + Send + 'static,
+        E: Into<CredentialsError>,
+    {
+        CredentialsProvider(Arc::new(move || {
+            let asked = provider();
+            Box::pin(async move { asked.await.map_err(Into::into) })
+        }))
+    }
+
+    /// Asks the provider once, on a task of its own on `runtime` (so that a panic in it is an error
+    /// here, not the end of the reconnect loop), for at most `timeout` (the task is aborted then).
+    /// The error says what went wrong, with the provider's own error text.
+    pub(crate) async fn ask(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        timeout: Duration,
+        timeout_source: &str,
+    ) -> Result<Credentials, String> {
+        let provider = self.0.clone();
+        let mut task = runtime.spawn(async move { provider().await });
+        match tokio::time::timeout(timeout, &mut task).await {
+            Ok(Ok(Ok(credentials))) => Ok(credentials),
+            Ok(Ok(Err(error))) => Err(format!("the credentials provider failed: {error}")),
+            Ok(Err(error)) if error.is_panic() => Err("the credentials provider panicked".into()),
+            Ok(Err(error)) => Err(format!(
+                "the credentials provider's task ended early: {error}"
+            )),
+            Err(_) => {
+                task.abort();
+                Err(format!(
+                    "the credentials provider did not answer within {timeout:?} ({timeout_source})"
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_the_user_but_never_the_password() {
+        let credentials = Credentials::new("app", "s3cret-rotated");
+        let debug = format!("{credentials:?}");
+        assert!(!debug.contains("s3cret-rotated"), "{debug}");
+        assert!(debug.contains("\"app\""), "{debug}");
+        let provider = CredentialsProvider::new(|| async {
+            Ok::<_, String>(Credentials::new("app", "s3cret-rotated"))
+        });
+        let debug = format!("{provider:?}");
+        assert!(!debug.contains("s3cret-rotated"), "{debug}");
+    }
+
+    #[tokio::test]
+    async fn a_provider_that_fails_hangs_or_panics_is_an_error_not_a_hang() {
+        let runtime = tokio::runtime::Handle::current();
+        let bound = Duration::from_millis(200);
+        let failing = CredentialsProvider::new(|| async { Err::<Credentials, _>("vault sealed") });
+        let error = failing
+            .ask(&runtime, bound, "connect_timeout")
+            .await
+            .unwrap_err();
+        assert_eq!(error, "the credentials provider failed: vault sealed");
+
+        let hung = CredentialsProvider::new(std::future::pending::<Result<Credentials, String>>);
+        let started = tokio::time::Instant::now();
+        let error = tokio::time::timeout(
+            Duration::from_secs(5),
+            hung.ask(&runtime, bound, "connect_timeout"),
+        )
+        .await
+        .expect("bounded by its timeout")
+        .unwrap_err();
+        assert!(started.elapsed() >= bound, "{error}");
+        assert_eq!(
+            error,
+            "the credentials provider did not answer within 200ms (connect_timeout)"
+        );
+
+        let panicking = CredentialsProvider::new(|| async {
+            panic!("a bug in the provider");
+            #[allow(unreachable_code)]
+            Ok::<_, String>(Credentials::new("app", "pw"))
+        });
+        let error = panicking
+            .ask(&runtime, bound, "connect_timeout")
+            .await
+            .unwrap_err();
+        assert_eq!(error, "the credentials provider panicked");
+
+        let fine =
+            CredentialsProvider::new(|| async { Ok::<_, String>(Credentials::new("a", "b")) });
+        assert_eq!(
+            fine.ask(&runtime, bound, "connect_timeout").await.unwrap(),
+            Credentials::new("a", "b")
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! A password rotated while the router runs: with a credentials provider, the reconnect after a
+//! cut logs in with whatever the provider gives at that attempt. Needs `rabbitmqctl` on the
+//! broker's machine to make a throwaway user (skips without it, unless AGENTCOMM_REQUIRE_BROKERS=1).
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentcomm_amqp::{AmqpRouter, Credentials};
+use agentcomm_core::ChannelPattern;
+use agentcomm_core::backoff::Backoff;
+use agentcomm_core::envelope::Envelope;
+use agentcomm_core::parse_channel;
+use agentcomm_core::router::{PublishOutcome, Router, SubscribeOptions, Subscription};
+use agentcomm_testkit::proxy::FaultProxy;
+use tokio::time::Instant;
+
+use common::{Cleanup, Logs, broker_address, broker_available, unique, wait_until, within};
+
+/// Runs `rabbitmqctl` with `arguments`: `Err` with what went wrong when it cannot be run or fails.
+/// Never prints a password: the caller's arguments are not in the error.
+fn rabbitmqctl(arguments: &[&str]) -> Result<(), String> {
+    let output = Command::new("rabbitmqctl")
+        .args(arguments)
+        .output()
+        .map_err(|error| format!("rabbitmqctl cannot be run: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "rabbitmqctl {} failed ({}): {}",
+            arguments[0],
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// A RabbitMQ user this test made, deleted when dropped: also when the test fails halfway.
+struct ThrowawayUser {
+    name: String,
+}
+
+impl ThrowawayUser {
+    /// Adds `name` with `password` and every permission on the default virtual host; `None`
+    /// (after the skip line) when rabbitmqctl is missing or not permitted here.
+    fn add(name: &str, password: &str) -> Option<Self> {
+        if let Err(why) = rabbitmqctl(&["add_user", name, password]) {
+            agentcomm_testkit::broker_unavailable(format!("cannot add a RabbitMQ user: {why}"));
+            return None;
+        }
+        let user = ThrowawayUser {
+            name: name.to_string(),
+        };
+        rabbitmqctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"])
+            .expect("permissions for the throwaway user");
+        Some(user)
+    }
+
+    fn change_password(&self, password: &str) {
+        rabbitmqctl(&["change_password", &self.name, password]).expect("change_password");
+    }
+}
+
+impl Drop for ThrowawayUser {
+    fn drop(&mut self) {
+        if let Err(why) = rabbitmqctl(&["delete_user", &self.name]) {
+            eprintln!("could not delete the test user {}: {why}", self.name);
+        }
+    }
+}
+
+fn envelope(n: u64) -> Envelope {
+    Envelope::new(
+        parse_channel("Rotation:request:s1").expect("channel"),
+        "application/json",
+        format!(r#"{{"n":{n}}}"#).into_bytes(),
+    )
+}
+
+/// Publishes `n` and checks that `subscription` gets it.
+async fn round_trip(router: &AmqpRouter, subscription: &mut Subscription, n: u64) {
+    let outcome = within("a publish", router.publish(envelope(n)))
+        .await
+        .expect("publish");
+    assert_eq!(outcome, PublishOutcome::Accepted);
+    let delivery = within("the delivery", subscription.next())
+        .await
+        .expect("a delivery");
+    assert_eq!(
+        delivery.envelope().payload().as_ref(),
+        format!(r#"{{"n":{n}}}"#).as_bytes()
+    );
+    within("ack", delivery.ack()).await.expect("ack");
+}
+
+/// The user's password is changed and the connection cut: while the provider still gives the old
+/// password, every reconnect is refused (and each refusal asks the provider again); once it gives
+/// the new one, the router reconnects with it, and its subscription and publishes work again.
+/// Neither password shows in the logs, the errors or `Debug`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_password_is_used_from_the_next_reconnect_on() {
+    if !broker_available().await {
+        return;
+    }
+    let logs = Logs::capture();
+    let name = unique("agentcomm-rotation");
+    let old = unique("old-pw");
+    let new = unique("new-pw");
+    let Some(user) = ThrowawayUser::add(&name, &old) else {
+        return;
+    };
+    let proxy = within("the proxy", FaultProxy::start(broker_address()))
+        .await
+        .expect("proxy");
+    let exchange = unique("t-rotation");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+
+    // What the provider gives, as a secret store would after the rotation, and how often it was
+    // asked.
+    let current = Arc::new(Mutex::new(old.clone()));
+    let asked = Arc::new(AtomicU32::new(0));
+    let provider = {
+        let (name, current, asked) = (name.clone(), current.clone(), asked.clone());
+        move || {
+            asked.fetch_add(1, Ordering::SeqCst);
+            let password = current.lock().expect("password lock").clone();
+            let name = name.clone();
+            async move { Ok::<_, String>(Credentials::new(name, password)) }
+        }
+    };
+    // The URL names the user with the old password: a router that kept it could not come back.
+    let url = format!("amqp://{name}:{old}@{}/%2f", proxy.local_addr());
+    let router = within(
+        "connect with the provider's credentials",
+        AmqpRouter::builder(url)
+            .exchange(&exchange)
+            .credentials_provider(provider)
+            .reconnect(Backoff::new(
+                Duration::from_millis(50),
+                Duration::from_millis(300),
+            ))
+            .heartbeat(Duration::from_secs(2))
+            .confirm_timeout(Duration::from_secs(5))
+            .publish_outage_timeout(Duration::from_secs(15))
+            .close_timeout(Duration::from_secs(5))
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "once per connection");
+    let debug = format!("{router:?}");
+    assert!(!debug.contains(&old), "{debug}");
+    let mut subscription = within(
+        "subscribe",
+        router.subscribe(SubscribeOptions::new(
+            ChannelPattern::parse("Rotation:*:*").expect("pattern"),
+        )),
+    )
+    .await
+    .expect("subscribe");
+    round_trip(&router, &mut subscription, 1).await;
+
+    // The rotation: the live connections keep their login, the next ones need the new password.
+    user.change_password(&new);
+    let before = asked.load(Ordering::SeqCst);
+    proxy.cut_all();
+    wait_until("the disconnect", async || !router.is_connected()).await;
+    // The provider still gives the old password: refused, attempt after attempt, each asking it.
+    wait_until("three refused logins", async || {
+        router.health().await.get("connect_failures") >= 3
+    })
+    .await;
+    assert!(!router.is_connected());
+    assert!(
+        asked.load(Ordering::SeqCst) >= before + 3,
+        "each attempt asks the provider"
+    );
+    let health = within("health", router.health()).await;
+    assert!(
+        health.detail.contains(&format!(
+            "logging in as '{name}', from the credentials provider"
+        )),
+        "{health:?}"
+    );
+    assert!(!health.detail.contains(&old), "{health:?}");
+
+    // The secret store has the new password: the next attempt uses it.
+    *current.lock().expect("password lock") = new.clone();
+    wait_until("the reconnect with the new password", async || {
+        router.is_connected()
+    })
+    .await;
+    round_trip(&router, &mut subscription, 2).await;
+    let health = within("health", router.health()).await;
+    assert!(health.get("reconnects") >= 2, "{health:?}");
+
+    let refused = logs.lines_with("reconnecting to RabbitMQ failed");
+    assert!(
+        refused
+            .iter()
+            .any(|line| line.contains("from the credentials provider")),
+        "{refused:#?}"
+    );
+    for secret in [&old, &new] {
+        let leaked = logs.lines_with(secret);
+        assert!(leaked.is_empty(), "{leaked:#?}");
+    }
+    within("close", router.close()).await.expect("close");
+}
+
+/// A provider that does not answer fails the connect within `connect_timeout`, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_never_answers_fails_the_connect_in_time() {
+    if !broker_available().await {
+        return;
+    }
+    let started = Instant::now();
+    let error = within(
+        "a connect with a hung provider",
+        AmqpRouter::builder(common::url())
+            .exchange(unique("t-hung-provider"))
+            .connect_timeout(Duration::from_millis(500))
+            .credentials_provider(std::future::pending::<Result<Credentials, String>>)
+            .connect(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("the credentials provider did not answer within 500ms (connect_timeout)"),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{error}");
+}
+
+/// amqprs's AMQPLAIN encoding panics (printing the password's bytes) on a password of 128 to 255
+/// bytes: the URL's is checked when the URL is read, the provider's at each attempt, before it is
+/// sent.
+#[tokio::test]
+async fn amqplain_refuses_a_provider_password_it_cannot_carry_without_panicking() {
+    let long = "p".repeat(130);
+    let provided = long.clone();
+    let error = within(
+        "a connect with amqplain",
+        AmqpRouter::builder(format!(
+            "{}?auth_mechanism=amqplain",
+            common::url().split('?').next().unwrap_or_default()
+        ))
+        .exchange(unique("t-amqplain-provider"))
+        .credentials_provider(move || {
+            let password = provided.clone();
+            async move { Ok::<_, String>(Credentials::new("app", password)) }
+        })
+        .connect(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("auth_mechanism=amqplain cannot carry the user name or password the credentials provider gave"),
+        "{error}"
+    );
+    assert!(!error.contains(&long), "{error}");
+}

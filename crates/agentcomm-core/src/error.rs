@@ -162,6 +162,17 @@ pub enum Error {
         hint: &'static str,
     },
 
+    /// A shutdown was no longer waited for: the process was asked to stop again (a second Ctrl-C or
+    /// SIGTERM during [`Runtime::shutdown_on_signal`](crate::runtime::Runtime::shutdown_on_signal)).
+    #[error(
+        "asked to stop again ({signal}) while shutting down: stopped waiting for the handlers still \
+         running; what they hold is delivered again where the backend redelivers unacknowledged messages"
+    )]
+    Interrupted {
+        /// The second signal: `SIGINT` (Ctrl-C) or `SIGTERM`.
+        signal: &'static str,
+    },
+
     /// The backend cannot do what was asked.
     #[error("{backend} does not support {feature}: {fix}")]
     Unsupported {

@@ -601,6 +601,55 @@ impl Runtime {
         }
     }
 
+    /// Waits until the process is asked to stop (Ctrl-C, that is SIGINT, or on Unix SIGTERM, which
+    /// `docker stop`, systemd and Kubernetes send), then shuts the runtime down as
+    /// [`shutdown`](Runtime::shutdown) does: agents stop taking messages, handlers have until
+    /// `deadline` to finish and acknowledge, and the router is closed. The end of a service's `main`:
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use agentcomm_core::prelude::*;
+    /// # async fn run(runtime: Runtime) -> agentcomm_core::Result<()> {
+    /// // Agents spawned; now serve until stopped.
+    /// let report = runtime.shutdown_on_signal(Duration::from_secs(25)).await?;
+    /// println!("stopped: {report:?}");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Choose `deadline` below the time whatever stops the process waits before killing it
+    /// (Kubernetes' `terminationGracePeriodSeconds`, 30 s unless set; `docker stop`, 10 s), so that
+    /// the router is closed before the kill. A second signal while the shutdown runs returns
+    /// [`Error::Interrupted`] at once, without waiting for the handlers still running (the shutdown
+    /// goes on in the background until the process ends): a second Ctrl-C ends a program that would
+    /// otherwise wait for its deadline. Once this is called, Ctrl-C and SIGTERM no longer end the
+    /// process by themselves (Tokio's signal handlers stay installed): return from `main` when it
+    /// returns.
+    ///
+    /// Needs a Tokio runtime with its I/O driver (`#[tokio::main]`, or `Builder::enable_all`), as
+    /// Tokio's signals do; outside Tokio it fails with [`Error::Unsupported`].
+    pub async fn shutdown_on_signal(&self, deadline: Duration) -> Result<ShutdownReport> {
+        let mut signals = StopSignals::listen()?;
+        let signal = signals.next().await;
+        tracing::info!(
+            signal,
+            deadline_ms = deadline.as_millis() as u64,
+            "asked to stop: shutting down, handlers have until the deadline to finish"
+        );
+        tokio::select! {
+            result = self.shutdown(deadline) => result,
+            again = signals.next() => {
+                tracing::warn!(
+                    signal = again,
+                    "asked to stop again while shutting down: no longer waiting for the handlers \
+                     still running (what they hold is delivered again where the backend redelivers \
+                     unacknowledged messages)"
+                );
+                Err(Error::Interrupted { signal: again })
+            }
+        }
+    }
+
     /// The work of [`Runtime::shutdown`] in place, outside Tokio (no Tokio runtime, or its agents' has
     /// ended), on a Tokio runtime of its own for the length of the shutdown: a router's close may need
     /// Tokio (the Redis router's timers), and panicked outside it ('there is no reactor running').
@@ -644,6 +693,59 @@ impl Runtime {
             "runtime shut down"
         );
         Ok(total)
+    }
+}
+
+/// The signals that ask the process to stop, as Tokio reports them: Ctrl-C, and on Unix SIGTERM.
+#[derive(Debug)]
+struct StopSignals {
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Starts listening (from now on the process no longer ends on these signals by itself).
+    fn listen() -> Result<Self> {
+        let unsupported = || Error::Unsupported {
+            backend: "this thread".to_string(),
+            feature: "listening for stop signals (Ctrl-C, SIGTERM)",
+            fix: "call shutdown_on_signal inside a Tokio runtime with its I/O driver \
+                  (#[tokio::main], or Builder::enable_all)",
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(unsupported());
+        }
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt()).map_err(|_| unsupported())?,
+                terminate: signal(SignalKind::terminate()).map_err(|_| unsupported())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// The next signal's name; never, should Tokio's signal driver end.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                Some(()) = self.interrupt.recv() => "SIGINT",
+                Some(()) = self.terminate.recv() => "SIGTERM",
+                else => std::future::pending().await,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            match tokio::signal::ctrl_c().await {
+                Ok(()) => "Ctrl-C",
+                Err(_) => std::future::pending().await,
+            }
+        }
     }
 }
 

@@ -11,26 +11,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
-struct Job {
-    sleep_ms: u64,
-}
-
-#[agent(sends = [Job])]
-struct Client;
-
-#[agent(receives = [Job])]
-struct Worker {
-    started: mpsc::UnboundedSender<()>,
-}
-
-impl Handle<Job> for Worker {
-    async fn handle(&self, job: Job, _ctx: &Context<Self>) -> HandlerResult {
-        let _ = self.started.send(());
-        tokio::time::sleep(Duration::from_millis(job.sleep_ms)).await;
-        Ok(())
-    }
-}
+mod common;
+use common::{Client, Job, Worker, busy_worker};
 
 async fn wait_for(what: &str, condition: impl Fn() -> bool) {
     let waited = timeout(Duration::from_secs(10), async {
@@ -40,21 +22,6 @@ async fn wait_for(what: &str, condition: impl Fn() -> bool) {
     })
     .await;
     assert!(waited.is_ok(), "waited 10 s for {what}");
-}
-
-/// A runtime on the in-memory router whose `Worker` has started a job of `sleep_ms`: the runtime and
-/// the worker's handle.
-async fn busy_worker(sleep_ms: u64) -> (Runtime, AgentHandle) {
-    let runtime = Runtime::new(MemoryRouter::new());
-    let (started, mut started_rx) = mpsc::unbounded_channel();
-    let agent = runtime.spawn(Worker { started }).await.unwrap();
-    runtime
-        .publisher::<Client>()
-        .publish("s1", Job { sleep_ms })
-        .await
-        .unwrap();
-    started_rx.recv().await.unwrap();
-    (runtime, agent)
 }
 
 #[tokio::test]

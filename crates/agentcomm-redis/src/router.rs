@@ -300,13 +300,22 @@ const UNCERTAIN_APPEND: &str = "XADD (the message may have been stored: Redis ma
 /// publish it again. But a command fred wrote before its connection was cut is kept to be written
 /// again after the reconnection, and when fred gives up reconnecting it drops it: its caller gets
 /// "channel closed" (fred's `Unknown`, from the dropped answer channel), and Redis may have run it.
+/// Nor when fred gives up writing it again after a reconnection (`max_command_attempts` used up):
+/// "Too many failed write attempts." (fred's `Unknown`) comes for a command written at least once, on
+/// a connection cut before its answer came, so Redis may have run it too.
 fn single_may_have_run(error: &fred::error::Error) -> bool {
     match error.kind() {
         fred::error::ErrorKind::Timeout | fred::error::ErrorKind::IO => true,
-        fred::error::ErrorKind::Unknown => error.details() == "channel closed",
+        fred::error::ErrorKind::Unknown => {
+            error.details() == "channel closed" || error.details() == FRED_WRITE_ATTEMPTS_USED_UP
+        }
         _ => false,
     }
 }
+
+/// What fred (10.x, `Command::decr_check_attempted`) answers a command it was to write once more
+/// than `max_command_attempts` allows.
+const FRED_WRITE_ATTEMPTS_USED_UP: &str = "Too many failed write attempts.";
 
 /// Whether Redis itself answered a command with an error (`NOPERM` for a channel the ACL user may not
 /// publish to, for one): the command did not run. fred's own errors (a timeout, a cut connection, too
@@ -2568,6 +2577,10 @@ mod tests {
         let dropped = fred::error::Error::from(waiting.await.unwrap_err());
         assert!(single_may_have_run(&dropped), "{dropped:?}");
         assert!(!single_may_have_run(&fred::error::Error::new_canceled()));
+        assert!(single_may_have_run(&fred::error::Error::new(
+            fred::error::ErrorKind::Unknown,
+            FRED_WRITE_ATTEMPTS_USED_UP
+        )));
         assert!(!single_may_have_run(&fred::error::Error::new(
             fred::error::ErrorKind::Unknown,
             "Client is not initialized."
@@ -2875,6 +2888,84 @@ mod tests {
         assert!(ttl > 0, "the mark expires when idle");
         let _: i64 = client.del(keys.clone()).await.unwrap();
         let _ = client.quit().await;
+    }
+
+    /// A publish fred wrote, whose connection is made again before the answer came (a forced
+    /// reconnection; fred does the same on a Sentinel failover or a cluster's new layout): Redis ran
+    /// it, and with its write attempts used up fred answers "Too many failed write attempts." The
+    /// error must say that it may have been published, and count in `publish_uncertain`, as a
+    /// timeout's does: it said only that the publish failed, and a caller that published it again
+    /// delivered it twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_fred_will_not_write_again_says_it_may_have_been_published() {
+        let url = crate::unit_redis::url();
+        let prefix = crate::unit_redis::prefix();
+        let Some(subscriber) = crate::unit_redis::connect(
+            RedisRouter::builder(&url)
+                .mode(DeliveryMode::PubSub)
+                .prefix(&prefix),
+            &url,
+        )
+        .await
+        else {
+            return;
+        };
+        let Some((proxy, proxied)) = crate::unit_redis::loopback_proxy(&url).await else {
+            return;
+        };
+        let builder = RedisRouter::builder(&proxied)
+            .mode(DeliveryMode::PubSub)
+            .prefix(&prefix)
+            .pool_size(1)
+            .max_command_attempts(1);
+        let Some(publisher) = crate::unit_redis::connect(builder, &proxied).await else {
+            return;
+        };
+        let pattern = agentcomm_core::ChannelPattern::parse("Once:*:*").unwrap();
+        let mut subscription = subscriber
+            .subscribe(SubscribeOptions::new(pattern))
+            .await
+            .unwrap();
+        // The PUBLISH reaches Redis after 1 s, and its answer would come 1 s later: the connection is
+        // made again as soon as the subscriber has the message.
+        proxy.set_latency(Duration::from_secs(1));
+        let publishing = publisher.publish(Envelope::new(
+            agentcomm_core::channel::Channel::new("Once", "event", "s1").unwrap(),
+            "application/msgpack",
+            vec![0x80],
+        ));
+        let reconnecting = async {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+                .await
+                .expect("Redis ran the publish")
+                .expect("a delivery");
+            let client = publisher.shared.pool.clients()[0].clone();
+            tokio::spawn(async move { client.force_reconnection().await });
+            delivery.ack().await.unwrap();
+        };
+        let (result, ()) = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures::future::join(publishing, reconnecting),
+        )
+        .await
+        .expect("fred answers the publish");
+        let error = result
+            .expect_err("its answer was lost, and fred may not write it again")
+            .to_string();
+        assert!(
+            error.contains("Too many failed write attempts"),
+            "fred's write attempts were used up: {error}"
+        );
+        assert!(
+            error.contains("may have been published") && error.contains("may deliver it twice"),
+            "Redis ran it: {error}"
+        );
+        let health = publisher.health().await;
+        assert_eq!(health.get("publish_uncertain"), 1, "{health:?}");
+        proxy.set_latency(Duration::ZERO);
+        drop(subscription);
+        subscriber.close().await.unwrap();
+        publisher.close().await.unwrap();
     }
 
     /// A publish under way when the router closes (here: listing its class in the registry again, as

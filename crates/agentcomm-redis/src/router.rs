@@ -720,10 +720,11 @@ impl RedisRouter {
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
-                if shared.is_closed() {
+                // The first pool connection to give up stops the whole router, and says so once:
+                // when Redis is out of reach they all give up together, for the same cause.
+                if shared.is_closed() || shared.gave_up.swap(true, Ordering::AcqRel) {
                     return;
                 }
-                shared.gave_up.store(true, Ordering::Release);
                 shared.counters.mark_trouble();
                 // Stream subscriptions stop reading (their readers' connections share the policy,
                 // and their acknowledgements go through the pool): each one's stream ends after
@@ -743,8 +744,9 @@ impl RedisRouter {
                     url = %redact(&shared.settings.url),
                     error = %gave_up_error(&shared.settings),
                     stream_subscriptions = streams.len(),
-                    "a pool connection gave up reconnecting; publishing fails and stream \
-                     subscriptions end from now on"
+                    pool_connections = shared.pool.size(),
+                    "a pool connection gave up reconnecting; publishing fails on all the pool's \
+                     connections and stream subscriptions end from now on"
                 );
             });
         }

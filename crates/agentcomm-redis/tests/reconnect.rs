@@ -1237,6 +1237,52 @@ async fn gave_up_reconnecting(mode: DeliveryMode) {
     router.close().await.unwrap();
 }
 
+/// When Redis goes out of reach, every pool connection gives up together, for the same cause: the
+/// router says so on one ERROR line, naming how many connections the pool has. Before, each pool
+/// connection wrote its own line.
+#[test]
+fn a_pool_that_gives_up_together_says_so_once() {
+    let (ran, lines) = agentcomm_testkit::logs::capture(async {
+        let Some((proxy, url)) = redis_proxy().await else {
+            return false;
+        };
+        let prefix = unique_prefix();
+        let router = connected(
+            RedisRouter::builder(&url)
+                .mode(DeliveryMode::PubSub)
+                .prefix(&prefix)
+                .pool_size(4)
+                .max_reconnect_attempts(Some(0)),
+        )
+        .await;
+        proxy.reject_for(Duration::from_secs(600));
+        proxy.cut_all();
+        // Each of the four connections sees the cut and, never reconnecting, gives up at once.
+        eventually(
+            Duration::from_secs(10),
+            "every pool connection to see the cut",
+            async || router.health().await.get("connection_errors") >= 4,
+        )
+        .await;
+        router.close().await.unwrap();
+        proxy.reject_for(Duration::ZERO);
+        true
+    });
+    if !ran {
+        return;
+    }
+    let gave_up = lines
+        .lines()
+        .filter(|line| line.contains("a pool connection gave up reconnecting"))
+        .collect::<Vec<_>>();
+    assert_eq!(gave_up.len(), 1, "one line for the pool:\n{lines}");
+    assert!(
+        gave_up[0].contains(r#""pool_connections":4"#),
+        "{}",
+        gave_up[0]
+    );
+}
+
 /// A bounded policy (`max_reconnect_attempts(Some(n))`) whose connections come back within their
 /// attempts is not taken for a give-up: attempts that fail while Redis is out of reach, and the
 /// reconnection under way, end nothing. After each of three outages the subscription receives

@@ -184,3 +184,78 @@ impl LogLimiter {
         }
     }
 }
+
+/// A warning about a loss that may repeat (a subscription that loses messages after every cut, or
+/// keeps falling behind): the first written at once, then at most one per `every`, each carrying what
+/// was lost since the line before, so that sustained loss does not flood the log. The health counters
+/// count every loss as it comes, whatever is written.
+pub(crate) struct SummedLog {
+    every: Duration,
+    last: Option<Instant>,
+    /// What was lost since the last line, and in how many occurrences.
+    count: u64,
+    times: u64,
+}
+
+impl SummedLog {
+    pub(crate) fn new(every: Duration) -> Self {
+        SummedLog {
+            every,
+            last: None,
+            count: 0,
+            times: 0,
+        }
+    }
+
+    /// Adds `count` (0: nothing new, only whether what waits is due). When a line is due now:
+    /// `Some((lost since the last line, occurrences not written on a line of their own))`.
+    pub(crate) fn add(&mut self, count: u64, now: Instant) -> Option<(u64, u64)> {
+        if count > 0 {
+            self.count = self.count.saturating_add(count);
+            self.times += 1;
+        }
+        if self.count == 0
+            || self
+                .last
+                .is_some_and(|last| now.duration_since(last) < self.every)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        let folded = self.times - u64::from(count > 0);
+        self.times = 0;
+        Some((std::mem::take(&mut self.count), folded))
+    }
+
+    /// What waits for a line, due or not (the subscription ends):
+    /// `Some((lost since the last line, occurrences not written on a line of their own))`.
+    pub(crate) fn take(&mut self) -> Option<(u64, u64)> {
+        let folded = std::mem::take(&mut self.times);
+        (self.count > 0).then(|| (std::mem::take(&mut self.count), folded))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first loss is written at once; those within `every` wait, and are written summed once
+    /// `every` has passed, even with nothing new lost then (a sweep), or when the warnings end.
+    #[test]
+    fn a_summed_log_writes_the_first_at_once_and_sums_the_rest() {
+        let every = Duration::from_secs(5);
+        let start = Instant::now();
+        let mut log = SummedLog::new(every);
+        assert_eq!(log.add(1, start), Some((1, 0)));
+        assert_eq!(log.add(2, start + Duration::from_secs(1)), None);
+        assert_eq!(log.add(3, start + Duration::from_secs(2)), None);
+        assert_eq!(log.add(0, start + Duration::from_secs(4)), None);
+        assert_eq!(log.add(0, start + every), Some((5, 2)));
+        assert_eq!(log.add(0, start + every * 3), None, "nothing waits");
+        // After a quiet spell, a loss is written at once again.
+        assert_eq!(log.add(4, start + every * 3), Some((4, 0)));
+        assert_eq!(log.add(1, start + every * 3), None);
+        assert_eq!(log.take(), Some((1, 1)));
+        assert_eq!(log.take(), None);
+    }
+}

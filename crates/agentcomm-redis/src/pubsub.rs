@@ -48,9 +48,10 @@ use crate::connection::{
     Connecting, Role, connect_error, gave_up_error, map_error, on_node_of, redact,
     unresponsive_limit, watch_client_with, watch_connection_task,
 };
+use crate::counters::SummedLog;
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
-use crate::sequence::{SEQUENCE_HEADER, SequenceTracker, Verdict};
+use crate::sequence::{SEQUENCE_HEADER, SequenceTracker, Verdict, note_lost_on};
 
 /// Where a subscribe's counting of its Redis subscriptions stands: under way, done (the counts are
 /// held and wait for the subscribe to take them), taken by the subscribe, or given up by it (the
@@ -447,6 +448,7 @@ impl PubSubHub {
             last: None,
             covered: None,
             decoder: FrameDecoder::new(),
+            losses: Losses::default(),
         };
         let control = Arc::new(PubSubControl {
             hub: Arc::downgrade(self),
@@ -978,6 +980,84 @@ struct Reader {
     /// The last Redis channel seen, and how this subscription's Redis subscriptions cover it.
     covered: Option<(Str, Coverage)>,
     decoder: FrameDecoder,
+    /// What this subscription lost and did not log yet (see [`LOSS_LOG_EVERY`]).
+    losses: Losses,
+}
+
+/// How often a subscription logs its losses at most (each kind: its missing messages, and its falling
+/// behind): the first at once, then one line per this, counting what was lost since the line before,
+/// so that a subscription that keeps losing (after every cut, or a consumer that stays too slow) does
+/// not flood the log. The counters in health count every loss as it comes.
+const LOSS_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// A subscription's loss warnings waiting for their line: the messages missing from their sequences
+/// (and the channels they were missing from), and those skipped when it fell behind.
+struct Losses {
+    lost: SummedLog,
+    channels: Vec<String>,
+    more: bool,
+    lagged: SummedLog,
+}
+
+impl Default for Losses {
+    fn default() -> Self {
+        Losses {
+            lost: SummedLog::new(LOSS_LOG_EVERY),
+            channels: Vec::new(),
+            more: false,
+            lagged: SummedLog::new(LOSS_LOG_EVERY),
+        }
+    }
+}
+
+impl Losses {
+    /// Counts `lost` messages missing from the sequences of `channels` (`more`: of others too), and
+    /// logs what is due: everything when `ending` (the subscription ends; nothing comes later).
+    fn lost(
+        &mut self,
+        shared: &Shared,
+        lost: u64,
+        channels: &[impl AsRef<str>],
+        more: bool,
+        ending: bool,
+    ) {
+        shared.counters.lose(&shared.counters.lost, lost);
+        if lost > 0 {
+            for channel in channels {
+                note_lost_on(&mut self.channels, &mut self.more, channel.as_ref());
+            }
+            self.more |= more;
+        }
+        let due = self.lost.add(lost, Instant::now());
+        if let Some((lost, suppressed)) = due.or_else(|| ending.then(|| self.lost.take()).flatten())
+        {
+            warn_lost(
+                lost,
+                suppressed,
+                &std::mem::take(&mut self.channels),
+                std::mem::take(&mut self.more),
+            );
+        }
+    }
+
+    /// Counts `missed` messages skipped by falling behind, and logs what is due (everything when
+    /// `ending`).
+    fn lagged(&mut self, shared: &Shared, missed: u64, ending: bool) {
+        shared.counters.lose(&shared.counters.lagged, missed);
+        let due = self.lagged.add(missed, Instant::now());
+        if let Some((missed, suppressed)) =
+            due.or_else(|| ending.then(|| self.lagged.take()).flatten())
+        {
+            tracing::warn!(
+                missed,
+                suppressed,
+                capacity = shared.settings.broadcast_capacity,
+                "a pub/sub subscription fell behind the subscriber's message channel and skipped its oldest \
+                 messages (its consumer is too slow; raise `broadcast_capacity`, consume faster, or use \
+                 DeliveryMode::Streams); its own losses are counted as `lost`"
+            );
+        }
+    }
 }
 
 impl Drop for Reader {
@@ -988,7 +1068,8 @@ impl Drop for Reader {
         if let Some(shared) = self.shared.upgrade() {
             let lost = self.tracker.finish(Instant::now());
             let (channels, more) = self.tracker.take_lost_on();
-            report_lost(&shared, lost, &channels, more);
+            self.losses.lost(&shared, lost, &channels, more, true);
+            self.losses.lagged(&shared, 0, true);
         }
     }
 }
@@ -1077,7 +1158,8 @@ impl Reader {
                     self.last_sweep = Instant::now();
                     let lost = self.tracker.sweep(self.last_sweep);
                     let (channels, more) = self.tracker.take_lost_on();
-                    report_lost(&shared, lost, &channels, more);
+                    self.losses.lost(&shared, lost, &channels, more, false);
+                    self.losses.lagged(&shared, 0, false);
                 }
                 Next::Stopped => {
                     if *self.stop.borrow()
@@ -1104,7 +1186,8 @@ impl Reader {
                 self.last_sweep = Instant::now();
                 let lost = self.tracker.sweep(self.last_sweep);
                 let (channels, more) = self.tracker.take_lost_on();
-                report_lost(&shared, lost, &channels, more);
+                self.losses.lost(&shared, lost, &channels, more, false);
+                self.losses.lagged(&shared, 0, false);
             }
         }
     }
@@ -1213,7 +1296,8 @@ impl Reader {
             let (verdict, lost) =
                 self.tracker
                     .observe(envelope.channel().name(), &sequence, Instant::now());
-            report_lost(shared, lost, &[envelope.channel().name()], false);
+            self.losses
+                .lost(shared, lost, &[envelope.channel().name()], false, false);
             match verdict {
                 Verdict::Duplicate => {
                     shared.counters.bump(&shared.counters.duplicates);
@@ -1230,15 +1314,8 @@ impl Reader {
     fn lagged(&mut self, shared: &Shared, missed: u64) {
         // The skipped messages belong to every channel of the router; the sequences (kept, not reset)
         // count exactly what this subscription lost of its own as `lost`.
-        shared.counters.lose(&shared.counters.lagged, missed);
+        self.losses.lagged(shared, missed, false);
         self.last = None;
-        tracing::warn!(
-            missed,
-            capacity = shared.settings.broadcast_capacity,
-            "a pub/sub subscription fell behind the subscriber's message channel and skipped its oldest \
-             messages (its consumer is too slow; raise `broadcast_capacity`, consume faster, or use \
-             DeliveryMode::Streams); its own losses are counted as `lost`"
-        );
     }
 }
 
@@ -1354,28 +1431,23 @@ fn delivery(
     )
 }
 
-/// Counts and logs `lost` messages missing from the sequences of `channels` (the channels' names, at
-/// most [`MAX_LOST_CHANNELS`](crate::sequence::MAX_LOST_CHANNELS) of them, and `more` when there
-/// were others), so that an operator sees which flow lost them.
-fn report_lost(shared: &Shared, lost: u64, channels: &[impl AsRef<str>], more: bool) {
-    if lost > 0 {
-        shared.counters.lose(&shared.counters.lost, lost);
-        let mut channels = channels
-            .iter()
-            .map(AsRef::as_ref)
-            .collect::<Vec<_>>()
-            .join(", ");
-        if more {
-            channels.push_str(", and others");
-        }
-        tracing::warn!(
-            lost,
-            channels,
-            "pub/sub messages were lost (missing from their publisher's sequence: published while \
-             this subscriber was disconnected, cut off in transit, or overrun); use \
-             DeliveryMode::Streams for durable delivery"
-        );
+/// Logs `lost` messages missing from the sequences of `channels` (the channels' names, at most
+/// [`MAX_LOST_CHANNELS`](crate::sequence::MAX_LOST_CHANNELS) of them, and `more` when there were
+/// others), so that an operator sees which flow lost them; `suppressed`: the losses since the last
+/// line that had no line of their own (see [`LOSS_LOG_EVERY`]), counted in `lost`.
+fn warn_lost(lost: u64, suppressed: u64, channels: &[String], more: bool) {
+    let mut channels = channels.join(", ");
+    if more {
+        channels.push_str(", and others");
     }
+    tracing::warn!(
+        lost,
+        suppressed,
+        channels,
+        "pub/sub messages were lost (missing from their publisher's sequence: published while \
+         this subscriber was disconnected, cut off in transit, or overrun); use \
+         DeliveryMode::Streams for durable delivery"
+    );
 }
 
 /// A message whose gap was counted as lost arrived after all: it is delivered, and taken off `lost`.

@@ -231,7 +231,7 @@ pub(crate) const MAX_LOST_CHANNELS: usize = 8;
 /// Adds `channel` to `lost_on` unless it is there; when the list is full, notes in `more` that
 /// there were others.
 #[cold]
-fn note_lost_on(lost_on: &mut Vec<String>, more: &mut bool, channel: &str) {
+pub(crate) fn note_lost_on(lost_on: &mut Vec<String>, more: &mut bool, channel: &str) {
     if !lost_on.iter().any(|known| known == channel) {
         if lost_on.len() < MAX_LOST_CHANNELS {
             lost_on.push(channel.to_string());

@@ -2565,6 +2565,41 @@ async fn a_dead_lettered_request_fails_its_requester_at_once_on_pubsub() {
     runtime.shutdown(Duration::from_secs(5)).await.unwrap();
 }
 
+/// A pub/sub router (reorder window 100 ms) and its subscription to `class`'s channels.
+async fn losing_subscription(
+    prefix: &str,
+    class: &str,
+) -> (RedisRouter, agentcomm_core::router::Subscription) {
+    let router =
+        connected(builder(DeliveryMode::PubSub, prefix).reorder_window(Duration::from_millis(100)))
+            .await;
+    let pattern = ChannelPattern::parse(&format!("{class}:*:*")).unwrap();
+    let subscription = router
+        .subscribe(SubscribeOptions::new(pattern))
+        .await
+        .unwrap();
+    (router, subscription)
+}
+
+/// Waits (10 s at most) until `router` counted `lost` messages as lost, reading `subscription` so
+/// that its sweeps run.
+async fn lost_counted(
+    router: &RedisRouter,
+    subscription: &mut agentcomm_core::router::Subscription,
+    lost: u64,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while router.health().await.get("lost") < lost {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{lost} lost not counted"
+        );
+        tokio::time::timeout(Duration::from_millis(50), subscription.next())
+            .await
+            .ok();
+    }
+}
+
 /// The warning that counts lost pub/sub messages names the channels they were missing from, so that
 /// an operator can tell which flow lost them. Before, it gave the count alone.
 #[test]
@@ -2575,16 +2610,7 @@ fn the_loss_warning_names_the_channel_of_the_gap() {
         }
         let prefix = unique_prefix();
         let _cleanup = RemoveKeysOnDrop(prefix.clone());
-        let router = connected(
-            builder(DeliveryMode::PubSub, &prefix).reorder_window(Duration::from_millis(100)),
-        )
-        .await;
-        let mut subscription = router
-            .subscribe(SubscribeOptions::new(
-                ChannelPattern::parse("Gap:*:*").unwrap(),
-            ))
-            .await
-            .unwrap();
+        let (router, mut subscription) = losing_subscription(&prefix, "Gap").await;
         let raw = raw_client().await;
         // 2 never comes on this channel; the other channel has no gap.
         for number in [1, 3] {
@@ -2595,13 +2621,7 @@ fn the_loss_warning_names_the_channel_of_the_gap() {
             received(&mut subscription).await;
         }
         // The sweep after the window settles the gap.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while router.health().await.get("lost") == 0 {
-            assert!(std::time::Instant::now() < deadline, "no loss counted");
-            tokio::time::timeout(Duration::from_millis(50), subscription.next())
-                .await
-                .ok();
-        }
+        lost_counted(&router, &mut subscription, 1).await;
         let _ = fred::prelude::ClientLike::quit(&raw).await;
         router.close().await.unwrap();
         true
@@ -2621,4 +2641,122 @@ fn the_loss_warning_names_the_channel_of_the_gap() {
         warning.contains(r#""channels":"Gap:event:s1""#),
         "{warning}"
     );
+}
+
+/// The JSON lines among `lines` that contain `text`.
+fn lines_with<'a>(lines: &'a str, text: &str) -> Vec<&'a str> {
+    lines.lines().filter(|line| line.contains(text)).collect()
+}
+
+/// Whether the JSON log line `line` has the field `name` with the number `value`.
+fn shows(line: &str, name: &str, value: u64) -> bool {
+    let field = format!(r#""{name}":{value}"#);
+    line.contains(&format!("{field},")) || line.contains(&format!("{field}}}"))
+}
+
+/// A subscription that keeps losing messages logs its first loss at once, and the later ones (within
+/// 5 s) on one line, whose `lost` counts all of them, when the subscription ends; health counts each
+/// as it comes. Before, every loss had its line: a subscriber that lost messages after every cut, or
+/// all the time, flooded the log.
+#[test]
+fn repeated_losses_are_logged_once_then_summed() {
+    let (ran, lines) = agentcomm_testkit::logs::capture(async {
+        if !redis_available().await {
+            return false;
+        }
+        let prefix = unique_prefix();
+        let _cleanup = RemoveKeysOnDrop(prefix.clone());
+        let (router, mut subscription) = losing_subscription(&prefix, "Leak").await;
+        let raw = raw_client().await;
+        publish_numbered(&raw, &prefix, "Leak:event:s1", 1).await;
+        assert_eq!(received(&mut subscription).await, 1);
+        // Four losses one after the other: every other number never comes.
+        for (lost, number) in [3, 5, 7, 9].into_iter().enumerate() {
+            publish_numbered(&raw, &prefix, "Leak:event:s1", number).await;
+            assert_eq!(received(&mut subscription).await, number);
+            lost_counted(&router, &mut subscription, lost as u64 + 1).await;
+        }
+        assert_eq!(router.health().await.get("lost"), 4);
+        drop(subscription);
+        let _ = fred::prelude::ClientLike::quit(&raw).await;
+        router.close().await.unwrap();
+        true
+    });
+    if !ran {
+        return;
+    }
+    let warnings = lines_with(&lines, "pub/sub messages were lost");
+    assert_eq!(warnings.len(), 2, "one line, then one summing up:\n{lines}");
+    assert!(shows(warnings[0], "lost", 1), "{}", warnings[0]);
+    assert!(shows(warnings[0], "suppressed", 0), "{}", warnings[0]);
+    assert!(shows(warnings[1], "lost", 3), "{}", warnings[1]);
+    assert!(shows(warnings[1], "suppressed", 3), "{}", warnings[1]);
+    assert!(
+        warnings[1].contains(r#""channels":"Leak:event:s1""#),
+        "{}",
+        warnings[1]
+    );
+}
+
+/// A consumer that keeps falling behind logs its first lag at once, and the later ones (within 5 s)
+/// on one line whose `missed` sums them, when the subscription ends; health's `lagged` counts every
+/// skipped message. Before, every lag had its line.
+#[test]
+fn repeated_lags_are_logged_once_then_summed() {
+    let (ran, lines) = agentcomm_testkit::logs::capture(async {
+        if !redis_available().await {
+            return false;
+        }
+        let prefix = unique_prefix();
+        let _cleanup = RemoveKeysOnDrop(prefix.clone());
+        let router = connected(builder(DeliveryMode::PubSub, &prefix).broadcast_capacity(32)).await;
+        let pattern = || SubscribeOptions::new(ChannelPattern::parse("Slow:*:*").unwrap());
+        let mut slow = router.subscribe(pattern()).await.unwrap();
+        let mut fast = router.subscribe(pattern()).await.unwrap();
+        let (got, mut fast_got) = tokio::sync::mpsc::unbounded_channel();
+        let fast_reader = tokio::spawn(async move {
+            for _ in 0..120 {
+                got.send(received(&mut fast).await).unwrap();
+            }
+        });
+        let raw = raw_client().await;
+        for round in 0..3u32 {
+            // 40 unnumbered messages into a ring of 32: the fast subscription reads them as they
+            // come, so they are all in the ring before the slow one reads.
+            for n in 0..40 {
+                let frame = envelope("Slow:event:s1", round * 100 + n)
+                    .to_frame()
+                    .unwrap();
+                let _: i64 = fred::prelude::PubsubInterface::publish(
+                    &raw,
+                    format!("{prefix}:Slow:event:s1"),
+                    bytes::Bytes::from(frame),
+                )
+                .await
+                .unwrap();
+            }
+            for n in 0..40 {
+                let number = within(WAIT, "the fast reader", fast_got.recv()).await;
+                assert_eq!(number, Some(round * 100 + n));
+            }
+            // The slow one skips the 8 oldest, and reads the 32 left.
+            for n in 8..40 {
+                assert_eq!(received(&mut slow).await, round * 100 + n);
+            }
+        }
+        assert_eq!(router.health().await.get("lagged"), 24);
+        drop(slow);
+        fast_reader.await.unwrap();
+        let _ = fred::prelude::ClientLike::quit(&raw).await;
+        router.close().await.unwrap();
+        true
+    });
+    if !ran {
+        return;
+    }
+    let warnings = lines_with(&lines, "fell behind the subscriber's message channel");
+    assert_eq!(warnings.len(), 2, "one line, then one summing up:\n{lines}");
+    assert!(shows(warnings[0], "missed", 8), "{}", warnings[0]);
+    assert!(shows(warnings[1], "missed", 16), "{}", warnings[1]);
+    assert!(shows(warnings[1], "suppressed", 2), "{}", warnings[1]);
 }

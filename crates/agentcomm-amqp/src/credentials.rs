@@ -74,7 +74,9 @@ impl CredentialsProvider {
     }
 
     /// Asks the provider once, on a task of its own on `runtime` (so that a panic in it is an error
-    /// here, not the end of the reconnect loop), for at most `timeout` (the task is aborted then).
+    /// here, not the end of the reconnect loop), for at most `timeout`. The task is aborted when
+    /// the time is up, and also when this call is dropped before the answer (a `connect` cut short
+    /// by the caller's timeout): a provider that hangs is never left running with nobody waiting.
     /// The error says what went wrong, with the provider's own error text.
     pub(crate) async fn ask(
         &self,
@@ -83,21 +85,27 @@ impl CredentialsProvider {
         timeout_source: &str,
     ) -> Result<Credentials, String> {
         let provider = self.0.clone();
-        let mut task = runtime.spawn(async move { provider().await });
-        match tokio::time::timeout(timeout, &mut task).await {
+        let mut task = AbortOnDrop(runtime.spawn(async move { provider().await }));
+        match tokio::time::timeout(timeout, &mut task.0).await {
             Ok(Ok(Ok(credentials))) => Ok(credentials),
             Ok(Ok(Err(error))) => Err(format!("the credentials provider failed: {error}")),
             Ok(Err(error)) if error.is_panic() => Err("the credentials provider panicked".into()),
             Ok(Err(error)) => Err(format!(
                 "the credentials provider's task ended early: {error}"
             )),
-            Err(_) => {
-                task.abort();
-                Err(format!(
-                    "the credentials provider did not answer within {timeout:?} ({timeout_source})"
-                ))
-            }
+            Err(_) => Err(format!(
+                "the credentials provider did not answer within {timeout:?} ({timeout_source})"
+            )),
         }
+    }
+}
+
+/// Aborts its task when dropped (a finished task is left as it is).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -161,5 +169,40 @@ mod tests {
             fine.ask(&runtime, bound, "connect_timeout").await.unwrap(),
             Credentials::new("a", "b")
         );
+    }
+
+    /// A provider that hangs, whose caller stops waiting before `connect_timeout` (a `connect` under
+    /// a shorter timeout of the caller's): its call is dropped with the wait, not left running.
+    #[tokio::test]
+    async fn a_call_whose_caller_stops_waiting_is_dropped_with_it() {
+        /// Tells when the provider's call is dropped.
+        struct Dropped(Option<tokio::sync::oneshot::Sender<()>>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                if let Some(dropped) = self.0.take() {
+                    let _ = dropped.send(());
+                }
+            }
+        }
+        let (dropped, was_dropped) = tokio::sync::oneshot::channel();
+        let dropped = std::sync::Mutex::new(Some(dropped));
+        let hung = CredentialsProvider::new(move || {
+            let dropped = Dropped(dropped.lock().expect("dropped lock").take());
+            async move {
+                let _held = dropped;
+                std::future::pending::<Result<Credentials, String>>().await
+            }
+        });
+        let runtime = tokio::runtime::Handle::current();
+        let cut_short = tokio::time::timeout(
+            Duration::from_millis(100),
+            hung.ask(&runtime, Duration::from_secs(3600), "connect_timeout"),
+        )
+        .await;
+        assert!(cut_short.is_err(), "the provider never answers");
+        tokio::time::timeout(Duration::from_secs(5), was_dropped)
+            .await
+            .expect("the provider's call is dropped once nobody waits for it")
+            .expect("dropped, not forgotten");
     }
 }

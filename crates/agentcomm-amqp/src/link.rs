@@ -733,6 +733,18 @@ impl Inner {
                  auth_mechanism=plain, the default",
             ));
         }
+        if asked.is_some()
+            && url.auth_mechanism == AuthMechanism::Plain
+            && (user.contains('\0') || password.contains('\0'))
+        {
+            // Not sent: RabbitMQ would refuse the login as wrong, and write all of it, the
+            // password's bytes included, to its log.
+            return Err(self.connection_error(
+                "auth_mechanism=plain cannot carry a user name or password with a NUL character \
+                 (PLAIN separates the two with it), and the credentials provider gave one: check \
+                 what it reads (a secret with binary content?)",
+            ));
+        }
         let mut arguments = OpenConnectionArguments::new(&url.host, url.port, user, password);
         arguments
             .virtual_host(&url.vhost)

@@ -237,32 +237,51 @@ async fn a_provider_that_never_answers_fails_the_connect_in_time() {
     assert!(started.elapsed() < Duration::from_secs(5), "{error}");
 }
 
+/// The error of a connect to `url` whose provider gives `user` and `password`.
+async fn connect_error(url: String, user: &str, password: &str) -> String {
+    let credentials = Credentials::new(user, password);
+    within(
+        "a connect with the provider's credentials",
+        AmqpRouter::builder(url)
+            .exchange(unique("t-provided"))
+            .credentials_provider(move || {
+                let credentials = credentials.clone();
+                async move { Ok::<_, String>(credentials) }
+            })
+            .connect(),
+    )
+    .await
+    .unwrap_err()
+    .to_string()
+}
+
 /// amqprs's AMQPLAIN encoding panics (printing the password's bytes) on a password of 128 to 255
 /// bytes: the URL's is checked when the URL is read, the provider's at each attempt, before it is
 /// sent.
 #[tokio::test]
 async fn amqplain_refuses_a_provider_password_it_cannot_carry_without_panicking() {
     let long = "p".repeat(130);
-    let provided = long.clone();
-    let error = within(
-        "a connect with amqplain",
-        AmqpRouter::builder(format!(
-            "{}?auth_mechanism=amqplain",
-            common::url().split('?').next().unwrap_or_default()
-        ))
-        .exchange(unique("t-amqplain-provider"))
-        .credentials_provider(move || {
-            let password = provided.clone();
-            async move { Ok::<_, String>(Credentials::new("app", password)) }
-        })
-        .connect(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let url = format!(
+        "{}?auth_mechanism=amqplain",
+        common::url().split('?').next().unwrap_or_default()
+    );
+    let error = connect_error(url, "app", &long).await;
     assert!(
         error.contains("auth_mechanism=amqplain cannot carry the user name or password the credentials provider gave"),
         "{error}"
     );
     assert!(!error.contains(&long), "{error}");
+}
+
+/// PLAIN separates the user name and password with NUL: a password with one is refused before it
+/// is sent (RabbitMQ would refuse the login as a wrong password, after its 3 s delay, and write the
+/// whole login, the password's bytes included, to its log).
+#[tokio::test]
+async fn a_provider_password_with_a_nul_is_refused_before_it_is_sent() {
+    let error = connect_error(common::url(), "guest", "gu\0est-s3cret").await;
+    assert!(
+        error.contains("auth_mechanism=plain cannot carry a user name or password with a NUL"),
+        "{error}"
+    );
+    assert!(!error.contains("s3cret"), "{error}");
 }

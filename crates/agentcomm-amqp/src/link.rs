@@ -30,6 +30,11 @@ use crate::url::{AuthMechanism, amqplain_carries, scrub};
 /// The backend name in errors, logs and health.
 pub(crate) const BACKEND: &str = "rabbitmq";
 
+/// Above this many bytes of user name, password and connection name together, a login may be over
+/// the 4,096 bytes RabbitMQ 3 reads before the frame size is agreed (amqprs adds about 150 bytes of
+/// its own).
+const LONGEST_LOGIN: usize = 3_900;
+
 /// What a connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Role {
@@ -777,6 +782,16 @@ impl Inner {
                         " (logging in as '{user}', from the credentials provider, which is asked \
                          again on the next attempt)"
                     ));
+                    // The login frame carries both, the connection name and about 150 bytes more.
+                    let login = user.len() + password.len();
+                    if login + name.len() > LONGEST_LOGIN {
+                        text.push_str(&format!(
+                            " (the user name and password take {login} bytes: RabbitMQ reads the \
+                             login before the frame size is agreed, and drops a connection whose \
+                             login frame is over its limit (4,096 bytes in RabbitMQ 3), with \
+                             frame_too_large in its log: a shorter password or token is needed)"
+                        ));
+                    }
                 }
                 return Err(self.connection_error(text));
             }

@@ -285,3 +285,23 @@ async fn a_provider_password_with_a_nul_is_refused_before_it_is_sent() {
     );
     assert!(!error.contains("s3cret"), "{error}");
 }
+
+/// A long password (a token) RabbitMQ cannot read in its login frame: the error says so, rather
+/// than only that the user name or password may be wrong (RabbitMQ drops such a connection just
+/// as it drops a failed login).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_password_too_long_for_the_login_frame_is_named_in_the_error() {
+    if !broker_available().await {
+        return;
+    }
+    let name = unique("agentcomm-long-login");
+    let password = "t".repeat(5000);
+    let Some(_user) = ThrowawayUser::add(&name, &password) else {
+        return;
+    };
+    let error = connect_error(common::url(), &name, &password).await;
+    assert!(error.contains("frame_too_large"), "{error}");
+    let login = format!("take {} bytes", name.len() + password.len());
+    assert!(error.contains(&login), "{error}");
+    assert!(!error.contains(&password), "{error}");
+}

@@ -706,21 +706,27 @@ impl Inner {
         let url = &settings.url;
         let name = format!("{} ({})", settings.connection_name, role.as_str());
         let asked = match &settings.credentials {
-            Some(provider) => Some(
-                provider
-                    .ask(
-                        &self.runtime,
-                        settings.connect_timeout,
-                        settings.connect_timeout_source,
-                    )
-                    .await
-                    .map_err(|why| {
-                        self.connection_error(format!(
-                            "the {} connection was not opened: {why}",
-                            role.as_str()
-                        ))
-                    })?,
-            ),
+            Some(provider) => {
+                let asking = provider.ask(
+                    &self.runtime,
+                    settings.connect_timeout,
+                    settings.connect_timeout_source,
+                );
+                // Close does not wait for a reconnect: one still asking the provider then lets
+                // it go (its call is aborted) rather than asking on, then logging in, up to two
+                // connect_timeouts after the router closed.
+                let mut stop = self.stop.subscribe();
+                let asked = tokio::select! {
+                    asked = asking => asked,
+                    _ = stop.wait_for(|stop| *stop) => return Err(Self::closed_error()),
+                };
+                Some(asked.map_err(|why| {
+                    self.connection_error(format!(
+                        "the {} connection was not opened: {why}",
+                        role.as_str()
+                    ))
+                })?)
+            }
             None => None,
         };
         let (user, password) = match &asked {
@@ -1460,6 +1466,8 @@ pub(crate) async fn supervise(
                     );
                     break new_live;
                 }
+                // Closed while this attempt asked the credentials provider.
+                Err(_) if *stop.borrow() => return,
                 Err(error) => {
                     bump(&strong.counters.connect_failures);
                     let delay = strong.settings.reconnect.delay(attempt);

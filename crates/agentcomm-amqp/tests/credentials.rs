@@ -305,3 +305,90 @@ async fn a_provider_password_too_long_for_the_login_frame_is_named_in_the_error(
     assert!(error.contains(&login), "{error}");
     assert!(!error.contains(&password), "{error}");
 }
+
+/// Counts the provider's calls that are still running: one is dropped when it ends or is aborted.
+struct Running(Arc<AtomicU32>);
+
+impl Running {
+    fn new(running: &Arc<AtomicU32>) -> Self {
+        running.fetch_add(1, Ordering::SeqCst);
+        Running(running.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The user name and password of `url` (`guest`/`guest` when it has none).
+fn url_login(url: &str) -> (String, String) {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .and_then(|(login, _)| login.split_once(':'))
+        .map_or(("guest".into(), "guest".into()), |(user, password)| {
+            (user.into(), password.into())
+        })
+}
+
+/// Closing the router while a reconnect waits for a provider that hangs lets that call go at once:
+/// it is not left running, then followed by a login, for up to the connect_timeout after close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_lets_a_hung_provider_call_go() {
+    if !broker_available().await {
+        return;
+    }
+    let proxy = within("the proxy", FaultProxy::start(broker_address()))
+        .await
+        .expect("proxy");
+    let exchange = unique("t-close-hung-provider");
+    let _cleanup = Cleanup::new(&exchange, &[]);
+    let (user, password) = url_login(&common::url());
+    // The first two calls (one per connection) answer; the ones after the cut hang.
+    let asked = Arc::new(AtomicU32::new(0));
+    let running = Arc::new(AtomicU32::new(0));
+    let provider = {
+        let (asked, running) = (asked.clone(), running.clone());
+        move || {
+            let first = asked.fetch_add(1, Ordering::SeqCst) < 2;
+            let credentials = Credentials::new(user.clone(), password.clone());
+            let running = Running::new(&running);
+            async move {
+                let _running = running;
+                if !first {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, String>(credentials)
+            }
+        }
+    };
+    let router = within(
+        "connect",
+        AmqpRouter::builder(common::through(&common::url(), proxy.local_addr()))
+            .exchange(&exchange)
+            .connect_timeout(Duration::from_secs(120))
+            .reconnect(Backoff::new(
+                Duration::from_millis(50),
+                Duration::from_millis(300),
+            ))
+            .close_timeout(Duration::from_secs(5))
+            .credentials_provider(provider)
+            .connect(),
+    )
+    .await
+    .expect("connect");
+    proxy.cut_all();
+    wait_until("both reconnects waiting for the provider", async || {
+        running.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    within("close", router.close()).await.expect("close");
+    wait_until("the hung calls let go after close", async || {
+        running.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    assert_eq!(asked.load(Ordering::SeqCst), 4, "no call after close");
+}

@@ -227,6 +227,8 @@ impl AmqpRouterBuilder {
     }
 
     /// How long opening a connection may take (default: the URL's `connection_timeout`, else 10 s).
+    /// A [credentials provider](Self::credentials_provider)'s call has a bound of its own, of the
+    /// same length, before it.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = Some(timeout);
         self
@@ -356,14 +358,22 @@ impl AmqpRouterBuilder {
     /// attempt on, without restarting the process. A login RabbitMQ refuses is an attempt like any
     /// other: the next one, after the reconnect backoff, asks the provider again.
     ///
-    /// The provider is an `async` closure (or any closure returning a future). Each call is
-    /// bounded by `connect_timeout`: one that fails, panics or does not answer in time fails that
-    /// attempt, which is logged (with the provider's error text, never the credentials) and tried
-    /// again with the backoff; at `connect` it is the error `connect` returns. Read a file or a
-    /// secret store without blocking (`spawn_blocking`, an async client): the provider runs on the
-    /// router's runtime. The URL's user name still shows in logs and errors; its password, if it
-    /// has one, is not used. Not with `auth_mechanism=external`, which logs in with the client
-    /// certificate (`connect` refuses the two together).
+    /// The provider is a closure returning a future (`|| async { ... }`). One that uses a client
+    /// it captures clones it into the future (`move || { let client = client.clone(); async move
+    /// { ... } }`): an `async` closure that captures anything is not `Fn`, and is refused. Each
+    /// call is bounded by `connect_timeout`, before and apart from the connection's own bound (so
+    /// an attempt can take up to twice as long): one that fails, panics or does not answer in time
+    /// fails that attempt, which is logged (with the provider's error text, never the credentials)
+    /// and tried again with the backoff; at `connect` it is the error `connect` returns. A call
+    /// nobody waits for any more (`connect` cut short, the router closed) is aborted. Read a file
+    /// or a secret store without blocking (`spawn_blocking`, an async client): the provider runs
+    /// on the router's runtime. The URL's user name still shows in logs and errors; its password,
+    /// if it has one, is not used. Not with `auth_mechanism=external`, which logs in with the
+    /// client certificate (`connect` refuses the two together).
+    ///
+    /// It is asked at every attempt, also every retry while the broker is unreachable: a provider
+    /// that creates credentials when read (Vault's RabbitMQ secrets engine makes a new user per
+    /// read) keeps them until their lease runs low rather than making a user per attempt.
     ///
     /// ```no_run
     /// use agentcomm_amqp::{AmqpRouter, Credentials, CredentialsError};

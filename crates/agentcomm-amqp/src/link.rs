@@ -25,7 +25,7 @@ use agentcomm_core::error::{Error, Result};
 use crate::builder::{QueueType, Settings};
 use crate::publisher::Publisher;
 use crate::topology::DEAD_LETTER_BINDING;
-use crate::url::{AuthMechanism, amqplain_carries, scrub};
+use crate::url::{AuthMechanism, amqplain_carries, plain_carries, scrub};
 
 /// The backend name in errors, logs and health.
 pub(crate) const BACKEND: &str = "rabbitmq";
@@ -746,7 +746,7 @@ impl Inner {
         }
         if asked.is_some()
             && url.auth_mechanism == AuthMechanism::Plain
-            && (user.contains('\0') || password.contains('\0'))
+            && !(plain_carries(user) && plain_carries(password))
         {
             // Not sent: RabbitMQ would refuse the login as wrong, and write all of it, the
             // password's bytes included, to its log.

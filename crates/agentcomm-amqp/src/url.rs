@@ -117,6 +117,13 @@ pub(crate) fn amqplain_carries(value: &str) -> bool {
     std::str::from_utf8(&encoded).is_ok()
 }
 
+/// Whether a PLAIN login can carry `value` (a user name or password): PLAIN separates the two with
+/// a NUL, and RabbitMQ refuses a login with one more as invalid, writing all of it, the password's
+/// bytes included, to its log.
+pub(crate) fn plain_carries(value: &str) -> bool {
+    !value.contains('\0')
+}
+
 /// Decodes `%XX` escapes.
 fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
@@ -397,6 +404,16 @@ impl AmqpUrl {
                 "auth_mechanism=amqplain cannot carry this user name or password (amqprs writes \
                  each with its length into a text that must be UTF-8, which some lengths, 128 to \
                  255 bytes among them, are not): use auth_mechanism=plain, the default",
+            ));
+        }
+        if parsed.auth_mechanism == AuthMechanism::Plain
+            && !(plain_carries(&parsed.user) && plain_carries(&parsed.password))
+        {
+            return Err(invalid(
+                variable,
+                url,
+                "auth_mechanism=plain cannot carry a user name or password with a NUL character \
+                 (%00; PLAIN separates the two with it): remove it",
             ));
         }
         if parsed.client_cert.is_some() != parsed.client_key.is_some() {
@@ -706,6 +723,28 @@ mod tests {
             let parsed = AmqpUrl::parse("url", &url).unwrap_or_else(|error| panic!("{error}"));
             assert_eq!(parsed.auth_mechanism, AuthMechanism::AmqPlain);
         }
+    }
+
+    /// A `%00` in the user name or password was sent in a PLAIN login, where NUL separates the two:
+    /// RabbitMQ refused it as a wrong password and wrote the whole login, password included, to its
+    /// log. AMQPLAIN writes each with its length, and carries it.
+    #[test]
+    fn plain_refuses_a_user_or_password_with_a_nul() {
+        for url in [
+            "amqp://guest:s3cret%00@h/",
+            "amqp://gu%00est:guest@h/?auth_mechanism=plain",
+        ] {
+            let error = AmqpUrl::parse("url", url).unwrap_err().to_string();
+            assert!(
+                error.contains(
+                    "auth_mechanism=plain cannot carry a user name or password with a NUL"
+                ),
+                "{error}"
+            );
+            assert!(!error.contains("s3cret"), "{error}");
+        }
+        let amqplain = "amqp://guest:s3cret%00@h/?auth_mechanism=amqplain";
+        assert!(AmqpUrl::parse("url", amqplain).is_ok(), "{amqplain}");
     }
 
     /// A parameter no AMQP client reads was ignored at debug level: `?connect_timeout=2000` (the

@@ -44,8 +44,8 @@ impl fmt::Debug for Credentials {
 }
 
 /// The error a credentials provider returns: anything that converts into a boxed error (a
-/// `String`, an `std::io::Error`, an `anyhow::Error`...). Its text is logged and put in the
-/// router's errors, so it must not carry a secret.
+/// `String`, an `std::io::Error`, an `anyhow::Error`...). Its text, followed by its causes'
+/// (`source()`), is logged and put in the router's errors, so it must not carry a secret.
 pub type CredentialsError = Box<dyn std::error::Error + Send + Sync>;
 
 type Asked = Pin<Box<dyn Future<Output = Result<Credentials, CredentialsError>> + Send>>;
@@ -88,7 +88,10 @@ impl CredentialsProvider {
         let mut task = AbortOnDrop(runtime.spawn(async move { provider().await }));
         match tokio::time::timeout(timeout, &mut task.0).await {
             Ok(Ok(Ok(credentials))) => Ok(credentials),
-            Ok(Ok(Err(error))) => Err(format!("the credentials provider failed: {error}")),
+            Ok(Ok(Err(error))) => Err(format!(
+                "the credentials provider failed: {}",
+                with_causes(&*error)
+            )),
             Ok(Err(error)) if error.is_panic() => Err("the credentials provider panicked".into()),
             Ok(Err(error)) => Err(format!(
                 "the credentials provider's task ended early: {error}"
@@ -98,6 +101,19 @@ impl CredentialsProvider {
             )),
         }
     }
+}
+
+/// `error`'s text followed by its causes' (`source()`), as anyhow's `{:#}` shows them: the cause is
+/// often what names the fix ("connection refused" under "error sending request").
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(": ");
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    text
 }
 
 /// Aborts its task when dropped (a finished task is left as it is).
@@ -112,6 +128,22 @@ impl<T> Drop for AbortOnDrop<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error whose cause is in `source()`, as most client libraries' are.
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("reading the secret from vault")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
 
     #[test]
     fn debug_shows_the_user_but_never_the_password() {
@@ -136,6 +168,19 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(error, "the credentials provider failed: vault sealed");
+
+        let wrapped = CredentialsProvider::new(|| async {
+            let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+            Err::<Credentials, _>(Wrapped(cause))
+        });
+        let error = wrapped
+            .ask(&runtime, bound, "connect_timeout")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            "the credentials provider failed: reading the secret from vault: refused"
+        );
 
         let hung = CredentialsProvider::new(std::future::pending::<Result<Credentials, String>>);
         let started = tokio::time::Instant::now();

@@ -48,7 +48,7 @@ use crate::connection::{
     Connecting, Role, connect_error, gave_up_error, map_error, on_node_of, redact,
     unresponsive_limit, watch_client_with, watch_connection_task,
 };
-use crate::counters::SummedLog;
+use crate::counters::{Counters, SummedLog};
 use crate::keys::RedisSubscription;
 use crate::router::Shared;
 use crate::sequence::{SEQUENCE_HEADER, SequenceTracker, Verdict, note_lost_on};
@@ -448,7 +448,7 @@ impl PubSubHub {
             last: None,
             covered: None,
             decoder: FrameDecoder::new(),
-            losses: Losses::default(),
+            losses: Losses::new(shared.settings.broadcast_capacity),
         };
         let control = Arc::new(PubSubControl {
             hub: Arc::downgrade(self),
@@ -997,31 +997,36 @@ struct Losses {
     channels: Vec<String>,
     more: bool,
     lagged: SummedLog,
+    /// The router's `broadcast_capacity`, named on the lag warning: kept here, because a subscription
+    /// dropped after its router is gone still writes what it held.
+    capacity: usize,
 }
 
-impl Default for Losses {
-    fn default() -> Self {
+impl Losses {
+    fn new(capacity: usize) -> Self {
         Losses {
             lost: SummedLog::new(LOSS_LOG_EVERY),
             channels: Vec::new(),
             more: false,
             lagged: SummedLog::new(LOSS_LOG_EVERY),
+            capacity,
         }
     }
-}
 
-impl Losses {
-    /// Counts `lost` messages missing from the sequences of `channels` (`more`: of others too), and
-    /// logs what is due: everything when `ending` (the subscription ends; nothing comes later).
+    /// Counts `lost` messages missing from the sequences of `channels` (`more`: of others too) in
+    /// `counters` (`None`: the router is gone), and logs what is due: everything when `ending` (the
+    /// subscription ends; nothing comes later).
     fn lost(
         &mut self,
-        shared: &Shared,
+        counters: Option<&Counters>,
         lost: u64,
         channels: &[impl AsRef<str>],
         more: bool,
         ending: bool,
     ) {
-        shared.counters.lose(&shared.counters.lost, lost);
+        if let Some(counters) = counters {
+            counters.lose(&counters.lost, lost);
+        }
         if lost > 0 {
             for channel in channels {
                 note_lost_on(&mut self.channels, &mut self.more, channel.as_ref());
@@ -1040,10 +1045,12 @@ impl Losses {
         }
     }
 
-    /// Counts `missed` messages skipped by falling behind, and logs what is due (everything when
-    /// `ending`).
-    fn lagged(&mut self, shared: &Shared, missed: u64, ending: bool) {
-        shared.counters.lose(&shared.counters.lagged, missed);
+    /// Counts `missed` messages skipped by falling behind (in `counters`, unless the router is gone),
+    /// and logs what is due (everything when `ending`).
+    fn lagged(&mut self, counters: Option<&Counters>, missed: u64, ending: bool) {
+        if let Some(counters) = counters {
+            counters.lose(&counters.lagged, missed);
+        }
         let due = self.lagged.add(missed, Instant::now());
         if let Some((missed, suppressed)) =
             due.or_else(|| ending.then(|| self.lagged.take()).flatten())
@@ -1051,7 +1058,7 @@ impl Losses {
             tracing::warn!(
                 missed,
                 suppressed,
-                capacity = shared.settings.broadcast_capacity,
+                capacity = self.capacity,
                 "a pub/sub subscription fell behind the subscriber's message channel and skipped its oldest \
                  messages (its consumer is too slow; raise `broadcast_capacity`, consume faster, or use \
                  DeliveryMode::Streams); its own losses are counted as `lost`"
@@ -1063,14 +1070,15 @@ impl Losses {
 impl Drop for Reader {
     /// The subscription's stream ended or was dropped: a gap still open in a sequence is a loss (the
     /// message missing below ones it received will never come to it), counted even when younger than
-    /// the reorder window.
+    /// the reorder window. With the lines it held, it is logged even when the router is gone (closed
+    /// and dropped before the subscription): no other line has them.
     fn drop(&mut self) {
-        if let Some(shared) = self.shared.upgrade() {
-            let lost = self.tracker.finish(Instant::now());
-            let (channels, more) = self.tracker.take_lost_on();
-            self.losses.lost(&shared, lost, &channels, more, true);
-            self.losses.lagged(&shared, 0, true);
-        }
+        let shared = self.shared.upgrade();
+        let counters = shared.as_deref().map(|shared| &*shared.counters);
+        let lost = self.tracker.finish(Instant::now());
+        let (channels, more) = self.tracker.take_lost_on();
+        self.losses.lost(counters, lost, &channels, more, true);
+        self.losses.lagged(counters, 0, true);
     }
 }
 
@@ -1158,8 +1166,9 @@ impl Reader {
                     self.last_sweep = Instant::now();
                     let lost = self.tracker.sweep(self.last_sweep);
                     let (channels, more) = self.tracker.take_lost_on();
-                    self.losses.lost(&shared, lost, &channels, more, false);
-                    self.losses.lagged(&shared, 0, false);
+                    self.losses
+                        .lost(Some(&shared.counters), lost, &channels, more, false);
+                    self.losses.lagged(Some(&shared.counters), 0, false);
                 }
                 Next::Stopped => {
                     if *self.stop.borrow()
@@ -1186,8 +1195,9 @@ impl Reader {
                 self.last_sweep = Instant::now();
                 let lost = self.tracker.sweep(self.last_sweep);
                 let (channels, more) = self.tracker.take_lost_on();
-                self.losses.lost(&shared, lost, &channels, more, false);
-                self.losses.lagged(&shared, 0, false);
+                self.losses
+                    .lost(Some(&shared.counters), lost, &channels, more, false);
+                self.losses.lagged(Some(&shared.counters), 0, false);
             }
         }
     }
@@ -1299,8 +1309,13 @@ impl Reader {
             // Most messages close no gap: for them nothing but this branch (no clock read, no
             // limiter); what waits for its line is written by the sweeps.
             if lost > 0 {
-                self.losses
-                    .lost(shared, lost, &[envelope.channel().name()], false, false);
+                self.losses.lost(
+                    Some(&shared.counters),
+                    lost,
+                    &[envelope.channel().name()],
+                    false,
+                    false,
+                );
             }
             match verdict {
                 Verdict::Duplicate => {
@@ -1318,7 +1333,7 @@ impl Reader {
     fn lagged(&mut self, shared: &Shared, missed: u64) {
         // The skipped messages belong to every channel of the router; the sequences (kept, not reset)
         // count exactly what this subscription lost of its own as `lost`.
-        self.losses.lagged(shared, missed, false);
+        self.losses.lagged(Some(&shared.counters), missed, false);
         self.last = None;
     }
 }

@@ -2760,3 +2760,47 @@ fn repeated_lags_are_logged_once_then_summed() {
     assert!(shows(warnings[1], "missed", 16), "{}", warnings[1]);
     assert!(shows(warnings[1], "suppressed", 2), "{}", warnings[1]);
 }
+
+/// A subscription that outlives its router (dropped without `close`, as when a program or a runtime
+/// ends and drops what it holds in any order) still writes, when it is dropped, the loss line it
+/// held and the gaps it had open: they are in no other line. Before, both were dropped silently
+/// once the router was gone.
+#[test]
+fn a_held_loss_line_is_written_when_the_router_went_first() {
+    let (ran, lines) = agentcomm_testkit::logs::capture(async {
+        if !redis_available().await {
+            return false;
+        }
+        let prefix = unique_prefix();
+        let _cleanup = RemoveKeysOnDrop(prefix.clone());
+        let (router, mut subscription) = losing_subscription(&prefix, "Orphan").await;
+        let raw = raw_client().await;
+        publish_numbered(&raw, &prefix, "Orphan:event:s1", 1).await;
+        assert_eq!(received(&mut subscription).await, 1);
+        // 2 is logged at once, 4 is held.
+        for (lost, number) in [3, 5].into_iter().enumerate() {
+            publish_numbered(&raw, &prefix, "Orphan:event:s1", number).await;
+            assert_eq!(received(&mut subscription).await, number);
+            lost_counted(&router, &mut subscription, lost as u64 + 1).await;
+        }
+        // 6 to 8 are still open (no sweep runs until the stream is read again).
+        publish_numbered(&raw, &prefix, "Orphan:event:s1", 9).await;
+        assert_eq!(received(&mut subscription).await, 9);
+        router.close().await.unwrap();
+        drop(router);
+        drop(subscription);
+        let _ = fred::prelude::ClientLike::quit(&raw).await;
+        true
+    });
+    if !ran {
+        return;
+    }
+    let warnings = lines_with(&lines, "pub/sub messages were lost");
+    assert_eq!(warnings.len(), 2, "the first loss, then the rest:\n{lines}");
+    assert!(shows(warnings[0], "lost", 1), "{}", warnings[0]);
+    assert!(
+        shows(warnings[1], "lost", 4),
+        "4, and 6 to 8: {}",
+        warnings[1]
+    );
+}

@@ -1257,11 +1257,16 @@ fn a_pool_that_gives_up_together_says_so_once() {
         .await;
         proxy.reject_for(Duration::from_secs(600));
         proxy.cut_all();
-        // Each of the four connections sees the cut and, never reconnecting, gives up at once.
+        // Each of the four connections sees the cut and, never reconnecting, gives up at once. The
+        // router must have given up before it is closed: a give-up after the close writes nothing.
         eventually(
             Duration::from_secs(10),
-            "every pool connection to see the cut",
-            async || router.health().await.get("connection_errors") >= 4,
+            "every pool connection to see the cut, and the router to give up",
+            async || {
+                let health = router.health().await;
+                health.get("connection_errors") >= 4
+                    && health.detail.contains("max_reconnect_attempts")
+            },
         )
         .await;
         router.close().await.unwrap();

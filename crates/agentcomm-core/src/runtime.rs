@@ -626,8 +626,9 @@ impl Runtime {
     /// process by themselves (Tokio's signal handlers stay installed): return from `main` when it
     /// returns.
     ///
-    /// Needs a Tokio runtime with its I/O driver (`#[tokio::main]`, or `Builder::enable_all`), as
-    /// Tokio's signals do; outside Tokio it fails with [`Error::Unsupported`].
+    /// On Unix, it works on any Tokio runtime (also one built without its I/O driver) and outside
+    /// Tokio: the signals are listened for on a thread of its own. On Windows, it listens for Ctrl-C
+    /// only, and outside Tokio fails with [`Error::Unsupported`].
     pub async fn shutdown_on_signal(&self, deadline: Duration) -> Result<ShutdownReport> {
         let mut signals = StopSignals::listen()?;
         let signal = signals.next().await;
@@ -703,30 +704,63 @@ struct StopSignals {
     interrupt: tokio::signal::unix::Signal,
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
+    /// Ends, when dropped, the Tokio runtime of our own that delivers the signals (see `listen`).
+    #[cfg(unix)]
+    _delivery: tokio::sync::oneshot::Sender<()>,
 }
 
 impl StopSignals {
     /// Starts listening (from now on the process no longer ends on these signals by itself).
+    ///
+    /// On Unix, Tokio delivers a signal through the I/O driver of a runtime that is driven, and its
+    /// `signal` panics on a runtime built without one (`enable_time` only): the signals are
+    /// registered with a current_thread runtime of our own, driven on a thread of its own while they
+    /// are listened for, so that the caller's runtime may be any, or none.
     fn listen() -> Result<Self> {
-        let unsupported = || Error::Unsupported {
-            backend: "this thread".to_string(),
-            feature: "listening for stop signals (Ctrl-C, SIGTERM)",
-            fix: "call shutdown_on_signal inside a Tokio runtime with its I/O driver \
-                  (#[tokio::main], or Builder::enable_all)",
-        };
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(unsupported());
-        }
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
+            let failed = |error: std::io::Error| Error::Unsupported {
+                backend: format!("this process ({error})"),
+                feature: "listening for stop signals (Ctrl-C, SIGTERM)",
+                fix: "raise the process's limit of open files (ulimit -n) if it ran out of them, \
+                      or call Runtime::shutdown on a signal of your own",
+            };
+            let tokio = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .map_err(failed)?;
+            let (interrupt, terminate) = {
+                let _entered = tokio.enter();
+                (
+                    signal(SignalKind::interrupt()).map_err(failed)?,
+                    signal(SignalKind::terminate()).map_err(failed)?,
+                )
+            };
+            let (delivery, ended) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name("agentcomm-signals".to_string())
+                .spawn(move || {
+                    let _ = tokio.block_on(ended);
+                })
+                .map_err(failed)?;
             Ok(Self {
-                interrupt: signal(SignalKind::interrupt()).map_err(|_| unsupported())?,
-                terminate: signal(SignalKind::terminate()).map_err(|_| unsupported())?,
+                interrupt,
+                terminate,
+                _delivery: delivery,
             })
         }
         #[cfg(not(unix))]
-        Ok(Self {})
+        {
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(Error::Unsupported {
+                    backend: "this thread".to_string(),
+                    feature: "listening for stop signals (Ctrl-C, SIGTERM)",
+                    fix: "call shutdown_on_signal inside a Tokio runtime (#[tokio::main])",
+                });
+            }
+            Ok(Self {})
+        }
     }
 
     /// The next signal's name; never, should Tokio's signal driver end.

@@ -164,12 +164,18 @@ pub enum Error {
 
     /// A shutdown was no longer waited for: the process was asked to stop again (a second Ctrl-C or
     /// SIGTERM during [`Runtime::shutdown_on_signal`](crate::runtime::Runtime::shutdown_on_signal)).
+    /// The shutdown goes on in the background, but once the process ends, the messages its handlers
+    /// still hold, and those buffered for them, are lost on the in-memory router and Redis pub/sub,
+    /// and delivered again on RabbitMQ (when the connection closes) and Redis Streams (once
+    /// another consumer claims them, after `claim_idle`).
     #[error(
         "asked to stop again ({signal}) while shutting down: stopped waiting for the handlers still \
-         running; what they hold is delivered again where the backend redelivers unacknowledged messages"
+         running, and the router may not be closed; once the process ends, the messages they hold \
+         are lost on the in-memory router and Redis pub/sub, and delivered again on RabbitMQ and \
+         Redis Streams"
     )]
     Interrupted {
-        /// The second signal: `SIGINT` (Ctrl-C) or `SIGTERM`.
+        /// The second signal: `SIGINT` (Ctrl-C) or `SIGTERM`; on Windows, `Ctrl-C`.
         signal: &'static str,
     },
 

@@ -635,18 +635,15 @@ impl Runtime {
         tracing::info!(
             signal,
             deadline_ms = deadline.as_millis() as u64,
-            "asked to stop: shutting down, handlers have until the deadline to finish"
+            "asked to stop: shutting down, handlers have until the deadline to finish (a second \
+             Ctrl-C or SIGTERM stops waiting for them)"
         );
         tokio::select! {
             result = self.shutdown(deadline) => result,
             again = signals.next() => {
-                tracing::warn!(
-                    signal = again,
-                    "asked to stop again while shutting down: no longer waiting for the handlers \
-                     still running (what they hold is delivered again where the backend redelivers \
-                     unacknowledged messages)"
-                );
-                Err(Error::Interrupted { signal: again })
+                let interrupted = Error::Interrupted { signal: again };
+                tracing::warn!(signal = again, "{interrupted}");
+                Err(interrupted)
             }
         }
     }

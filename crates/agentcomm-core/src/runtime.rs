@@ -622,9 +622,11 @@ impl Runtime {
     /// the router is closed before the kill. A second signal while the shutdown runs returns
     /// [`Error::Interrupted`] at once, without waiting for the handlers still running (the shutdown
     /// goes on in the background until the process ends): a second Ctrl-C ends a program that would
-    /// otherwise wait for its deadline. Once this is called, Ctrl-C and SIGTERM no longer end the
-    /// process by themselves (Tokio's signal handlers stay installed): return from `main` when it
-    /// returns.
+    /// otherwise wait for its deadline. The signals are listened for from the first poll of the
+    /// future this returns, not from the call: before, Ctrl-C and SIGTERM end the process at once,
+    /// without a shutdown, so await it as soon as the agents are spawned. From then on they no
+    /// longer end the process by themselves (Tokio's signal handlers stay installed): return from
+    /// `main` when it returns.
     ///
     /// On Unix, it works on any Tokio runtime (also one built without its I/O driver) and outside
     /// Tokio: the signals are listened for on a thread of its own. On Windows, it listens for Ctrl-C

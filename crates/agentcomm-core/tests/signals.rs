@@ -14,12 +14,18 @@ use tokio::time::timeout;
 mod common;
 use common::{Client, Job, busy_worker};
 
-/// Sends `signal` (`TERM`, `INT`) to this process.
+/// Sends `signal` (`TERM`, `INT`) to this process, with the shell's `kill` (a builtin: images
+/// without procps, such as rust:slim, have no `kill` program).
 fn send(signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args(["-s", signal, &std::process::id().to_string()])
+    let status = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "kill -s \"$0\" \"$1\"",
+            signal,
+            &std::process::id().to_string(),
+        ])
         .status()
-        .expect("run kill");
+        .expect("run sh");
     assert!(status.success(), "kill -s {signal} failed");
 }
 

@@ -725,12 +725,14 @@ impl StopSignals {
                 fix: "raise the process's limit of open files (ulimit -n) if it ran out of them, \
                       or call Runtime::shutdown on a signal of your own",
             };
-            let tokio = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()
-                .map_err(failed)?;
+            let tokio = Detached(Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .map_err(failed)?,
+            ));
             let (interrupt, terminate) = {
-                let _entered = tokio.enter();
+                let _entered = tokio.0.as_ref().map(tokio::runtime::Runtime::enter);
                 (
                     signal(SignalKind::interrupt()).map_err(failed)?,
                     signal(SignalKind::terminate()).map_err(failed)?,
@@ -740,7 +742,9 @@ impl StopSignals {
             std::thread::Builder::new()
                 .name("agentcomm-signals".to_string())
                 .spawn(move || {
-                    let _ = tokio.block_on(ended);
+                    if let Some(tokio) = &tokio.0 {
+                        let _ = tokio.block_on(ended);
+                    }
                 })
                 .map_err(failed)?;
             Ok(Self {
@@ -778,6 +782,20 @@ impl StopSignals {
                 Ok(()) => "Ctrl-C",
                 Err(_) => std::future::pending().await,
             }
+        }
+    }
+}
+
+/// A Tokio runtime that ends in the background when dropped: dropped where blocking is not allowed
+/// (in an async fn, as on an error of [`StopSignals::listen`]), a runtime's own drop panics.
+#[cfg(unix)]
+struct Detached(Option<tokio::runtime::Runtime>);
+
+#[cfg(unix)]
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(tokio) = self.0.take() {
+            tokio.shutdown_background();
         }
     }
 }

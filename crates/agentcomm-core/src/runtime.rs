@@ -619,10 +619,12 @@ impl Runtime {
     ///
     /// Choose `deadline` below the time whatever stops the process waits before killing it
     /// (Kubernetes' `terminationGracePeriodSeconds`, 30 s unless set; `docker stop`, 10 s), so that
-    /// the router is closed before the kill. A second signal while the shutdown runs returns
-    /// [`Error::Interrupted`] at once, without waiting for the handlers still running (the shutdown
-    /// goes on in the background until the process ends): a second Ctrl-C ends a program that would
-    /// otherwise wait for its deadline. The signals are listened for from the first poll of the
+    /// the router is closed before the kill. A second signal while the shutdown runs, one second or
+    /// more after the first, returns [`Error::Interrupted`] at once, without waiting for the handlers
+    /// still running (the shutdown goes on in the background until the process ends): a second
+    /// Ctrl-C ends a program that would otherwise wait for its deadline. One within a second of the
+    /// first is taken for the same request to stop (a terminal's Ctrl-C and a process manager
+    /// forwarding it, or SIGINT and SIGTERM sent together), and the shutdown goes on. The signals are listened for from the first poll of the
     /// future this returns, not from the call: before, Ctrl-C and SIGTERM end the process at once,
     /// without a shutdown, so await it as soon as the agents are spawned. From then on they no
     /// longer end the process by themselves (Tokio's signal handlers stay installed): return from
@@ -634,6 +636,7 @@ impl Runtime {
     pub async fn shutdown_on_signal(&self, deadline: Duration) -> Result<ShutdownReport> {
         let mut signals = StopSignals::listen()?;
         let signal = signals.next().await;
+        let first_at = std::time::Instant::now();
         tracing::info!(
             signal,
             deadline_ms = deadline.as_millis() as u64,
@@ -642,7 +645,19 @@ impl Runtime {
         );
         tokio::select! {
             result = self.shutdown(deadline) => result,
-            again = signals.next() => {
+            again = async {
+                loop {
+                    let again = signals.next().await;
+                    if first_at.elapsed() >= SECOND_SIGNAL_AFTER {
+                        break again;
+                    }
+                    tracing::info!(
+                        signal = again,
+                        "asked to stop again within a second of the first signal: taken for the \
+                         same request, the shutdown goes on"
+                    );
+                }
+            } => {
                 let interrupted = Error::Interrupted { signal: again };
                 tracing::warn!(signal = again, "{interrupted}");
                 Err(interrupted)
@@ -799,6 +814,11 @@ impl Drop for Detached {
         }
     }
 }
+
+/// How long after the first signal [`Runtime::shutdown_on_signal`] takes another for a second request
+/// to stop: one sooner is the same request (SIGINT and SIGTERM sent together, a terminal's Ctrl-C and
+/// a process manager forwarding it), and skipped the graceful shutdown.
+const SECOND_SIGNAL_AFTER: Duration = Duration::from_secs(1);
 
 /// How long a shutdown or stop awaited outside Tokio waits at least for its task to start on the
 /// agents' Tokio runtime, whatever its deadline: a zero deadline ("stop now") on a runtime whose

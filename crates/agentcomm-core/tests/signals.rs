@@ -69,6 +69,7 @@ async fn sigterm_shuts_down_gracefully_and_a_second_signal_stops_waiting() {
     let mut stopping = std::pin::pin!(runtime.shutdown_on_signal(Duration::from_secs(60)));
     assert!(futures::poll!(stopping.as_mut()).is_pending());
     send("TERM");
+    let first_sent = tokio::time::Instant::now();
     let began_stopping = timeout(Duration::from_secs(10), async {
         loop {
             tokio::select! {
@@ -85,6 +86,8 @@ async fn sigterm_shuts_down_gracefully_and_a_second_signal_stops_waiting() {
         began_stopping.is_ok(),
         "SIGTERM did not start the shutdown within 10 s"
     );
+    // A second signal counts from a second after the first (sooner, it is the same request).
+    tokio::time::sleep_until(first_sent + Duration::from_millis(1_100)).await;
     send("INT");
     let interrupted = timeout(Duration::from_secs(5), stopping)
         .await
@@ -98,6 +101,25 @@ async fn sigterm_shuts_down_gracefully_and_a_second_signal_stops_waiting() {
         AgentState::Stopping,
         "the handler still runs"
     );
+}
+
+/// SIGINT and SIGTERM sent together (a terminal's Ctrl-C and a process manager forwarding it) are one
+/// request to stop: the shutdown stays graceful. The second was taken for a second request, which
+/// stopped waiting for the handlers at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_signals_sent_together_still_shut_down_gracefully() {
+    let _alone = ALONE.lock().await;
+    let (runtime, agent) = busy_worker(500).await;
+    let mut stopping = std::pin::pin!(runtime.shutdown_on_signal(Duration::from_secs(10)));
+    assert!(futures::poll!(stopping.as_mut()).is_pending());
+    send("INT");
+    send("TERM");
+    let report = timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the shutdown ends within 10 s")
+        .expect("a graceful shutdown, not Interrupted");
+    assert_eq!((report.handled, report.aborted), (1, 0), "{report:?}");
+    assert_eq!(agent.health().state, AgentState::Stopped);
 }
 
 /// A Tokio runtime built without its I/O driver (`enable_time` only), on which Tokio's own signals

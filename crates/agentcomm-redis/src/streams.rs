@@ -386,6 +386,8 @@ pub(crate) struct StreamSubscription {
     unclaimable: Mutex<HashMap<Arc<str>, Unclaimable>>,
     /// Reuses the channel of the previous entry when the next one has the same.
     decoder: Mutex<FrameDecoder>,
+    /// Held while [`finish`](Self::finish) runs; `true` once it ran to its end.
+    finishing: tokio::sync::Mutex<bool>,
 }
 
 /// A connection that reads some of a subscription's streams with blocking reads.
@@ -573,6 +575,7 @@ impl StreamSubscription {
             unclaimable: Mutex::new(HashMap::new()),
             unacked_log: LogLimiter::new(Duration::from_secs(5)),
             decoder: Mutex::new(FrameDecoder::new()),
+            finishing: tokio::sync::Mutex::new(false),
         });
         let abandoned = Abandoned(Some(subscription.clone()));
         let set_up = subscription.setup().await;
@@ -949,8 +952,24 @@ impl StreamSubscription {
     /// Stops, waits until every entry read is settled (delivered ones, and those still in the
     /// subscription's buffer, which stay readable), gives back what is left, and leaves the group; all
     /// by `until`.
+    ///
+    /// Once: a subscription closed before its router is finished by its own close's task and by the
+    /// router's close. The later call waits for the earlier one to end instead of running the steps
+    /// again, side by side: the router's close quits the pool's connections once its own call
+    /// returns, while the other call still left the group on them (fred then dropped its commands
+    /// with the warning "Skip command with canceled error after calling quit"). A call cut short
+    /// (its future dropped) leaves the steps to the next call.
     pub(crate) async fn finish(self: &Arc<Self>, until: tokio::time::Instant) {
         self.stop_now();
+        let mut finished = self.finishing.lock().await;
+        if !*finished {
+            self.finish_steps(until).await;
+            *finished = true;
+        }
+    }
+
+    /// The steps of [`finish`](Self::finish).
+    async fn finish_steps(self: &Arc<Self>, until: tokio::time::Instant) {
         // First the readers: what their last read took is held before anything else ends.
         self.wait_until(until, || self.reading.load(Ordering::Acquire) == 0)
             .await;

@@ -255,15 +255,17 @@ impl Error {
 /// (`scheme://user:password@host`, or a lone token `scheme://token@host`), and the values of query
 /// parameters whose names speak of a password, secret, token or auth (`sentinelPassword=`,
 /// `password=`), names compared percent-decoded and in any case. What cannot be told apart safely is
-/// hidden whole: an `@` in the query outside such a parameter, or a `?` right after something that is
-/// not a host (a password with a `?` or `@` in it, unencoded), hides everything after `scheme://`; a
-/// text that is not a URL is hidden whole when it has an `@` or a `?`.
+/// hidden whole: an `@` in the query outside such a parameter hides everything after `scheme://`; a
+/// text that is not a URL is hidden whole when it has an `@` or a `?`. A `host:port` whose port is no
+/// number, with no `@` before it, may be a user and a password left without their host
+/// (`amqp://guest:password`): what follows the `:` is hidden, the host (or user name) is shown.
 ///
 /// ```
 /// use agentcomm_core::error::redact_url;
 /// assert_eq!(redact_url("redis://:s3cret@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
 /// assert_eq!(redact_url("amqp://guest:guest@localhost:5672/%2f"), "amqp://guest:***@localhost:5672/%2f");
 /// assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+/// assert_eq!(redact_url("redis://localhost:abc/0"), "redis://localhost:***");
 /// assert_eq!(
 ///     redact_url("redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=Pa@ss"),
 ///     "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=***"
@@ -286,6 +288,24 @@ pub fn redact_url(url: &str) -> String {
     };
     let (head, rest) = url.split_at(scheme_end + 3);
     let hidden = || format!("{head}***");
+    // Text without an '@' that is no `host:port`: what precedes its first ':' is a host or a user
+    // name, neither of them secret; what follows it may be a password (a bracketed IPv6 address
+    // is shown whole).
+    let host_or_user = |text: &str| {
+        let ipv6 = text
+            .strip_prefix('[')
+            .and_then(|inner| inner.split_once("]:"))
+            .filter(|(address, _)| {
+                address
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+            })
+            .map(|(address, _)| address.len() + 2);
+        match ipv6.or_else(|| text.find(':')) {
+            Some(colon) => format!("{head}{}:***", &text[..colon]),
+            None => hidden(),
+        }
+    };
     let Some(question) = rest.find('?') else {
         // The user part ends at the last '@': a password may contain '/', '#' or '@' unencoded.
         return match rest.rfind('@') {
@@ -305,7 +325,7 @@ pub fn redact_url(url: &str) -> String {
                     || (matches!(c, '"' | '\'' | '`' | '>' | ')') && head.contains(opener))
             })) =>
             {
-                hidden()
+                host_or_user(rest)
             }
             None => url.to_string(),
         };
@@ -321,8 +341,11 @@ pub fn redact_url(url: &str) -> String {
         None => (String::new(), before_query),
     };
     if !looks_like_hosts(after_userinfo.trim_start_matches('@')) {
-        // `app:pass?word@host`: what precedes the '?' is a password, not a host.
-        return hidden();
+        // `app:pass?word@host`: what follows the ':' before the '?' is a password, not a port.
+        return match before_query.contains('@') {
+            false => host_or_user(before_query),
+            true => hidden(),
+        };
     }
     format!("{head}{userinfo}{after_userinfo}?{query}")
 }
@@ -630,10 +653,10 @@ mod tests {
             "***"
         );
         // A password of digits, a '?' and a secret parameter's `name=`: what precedes the '?' is
-        // no host (nothing before its port), so it is hidden with the rest.
+        // no host (nothing before its port), so what follows its ':' is hidden with the rest.
         assert_eq!(
             redact_url("redis://:2024?token=Tail@cache:6379"),
-            "redis://***"
+            "redis://:***"
         );
         assert_eq!(
             redact_url(" redis://:s3cret@cache:6379"),
@@ -647,7 +670,7 @@ mod tests {
         );
         assert_eq!(
             redact_url("amqp://app:ab?token=cd@mq:5672/prod"),
-            "amqp://***"
+            "amqp://app:***"
         );
         assert_eq!(
             redact_url(
@@ -666,6 +689,31 @@ mod tests {
             "unix:///tmp/redis.sock",
         ] {
             assert_eq!(redact_url(url), url);
+        }
+    }
+
+    /// A URL without a password whose port is no number was hidden whole (`redis://***`), so the
+    /// error about its port did not show which host it named. Only what follows the ':' is hidden: it
+    /// may be a password left without its host (`amqp://guest:password`).
+    #[test]
+    fn a_port_that_is_no_number_hides_only_what_follows_the_colon() {
+        for (url, shown) in [
+            ("redis://localhost:abc", "redis://localhost:***"),
+            ("redis://localhost:abc/0", "redis://localhost:***"),
+            (
+                "redis://cache.internal:6379x/0?protocol=resp3",
+                "redis://cache.internal:***",
+            ),
+            ("redis://[::1]:abc", "redis://[::1]:***"),
+            ("redis-cluster://h1:6379,h2:x", "redis-cluster://h1:***"),
+            ("amqp://guest:Qz7kWm4p", "amqp://guest:***"),
+            ("amqp://guest:Qz7k/Wm4p?heartbeat=5", "amqp://guest:***"),
+            ("redis://:Qz7kWm4p", "redis://:***"),
+            ("redis://[app:Qz7k]:Wm4p", "redis://[app:***"),
+            // A port out of range is still a number: shown (the parser says what is wrong with it).
+            ("redis://127.0.0.1:99999", "redis://127.0.0.1:99999"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
         }
     }
 

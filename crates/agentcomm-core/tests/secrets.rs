@@ -275,7 +275,7 @@ fn a_url_without_its_host_shows_no_password() {
             .unwrap_err()
             .to_string();
     assert!(
-        error.starts_with("REDIS_URL='redis://***' is not valid: the host is missing"),
+        error.starts_with("REDIS_URL='redis://:***' is not valid: the host is missing"),
         "{error}"
     );
     // A host with a port, or none, is shown as it was.
@@ -330,10 +330,10 @@ fn a_url_without_a_password_in_quotes_still_shows_its_host() {
 #[test]
 fn a_password_of_digits_ending_in_a_closing_character_is_hidden() {
     for (url, shown) in [
-        ("amqp://guest:2024)", "amqp://***"),
-        ("redis://admin:8675309\"", "redis://***"),
-        ("amqp://guest:31337>", "amqp://***"),
-        ("redis://admin:4711'", "redis://***"),
+        ("amqp://guest:2024)", "amqp://guest:***"),
+        ("redis://admin:8675309\"", "redis://admin:***"),
+        ("amqp://guest:31337>", "amqp://guest:***"),
+        ("redis://admin:4711'", "redis://admin:***"),
         // Opened before the scheme: the URL's own wrapping, shown.
         ("(amqp://mq:5672)", "(amqp://mq:5672)"),
         (

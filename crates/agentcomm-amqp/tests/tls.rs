@@ -358,36 +358,26 @@ async fn auth_mechanism_external_logs_in_with_the_certificate_not_as_guest() {
 /// `host:port`; it stops with the test's runtime.
 async fn broker_refusing_every_login() -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut header = [0u8; 8];
-                if socket.read_exact(&mut header).await.is_err() {
-                    return;
-                }
-                // connection.start: class 10, method 10, version 0-9, no server properties.
-                let mut payload = vec![0, 10, 0, 10, 0, 9];
-                payload.extend_from_slice(&0u32.to_be_bytes());
-                for text in ["EXTERNAL PLAIN", "en_US"] {
-                    payload.extend_from_slice(&(text.len() as u32).to_be_bytes());
-                    payload.extend_from_slice(text.as_bytes());
-                }
-                let mut frame = vec![1, 0, 0];
-                frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-                frame.extend_from_slice(&payload);
-                frame.push(0xCE);
-                if socket.write_all(&frame).await.is_err() {
-                    return;
-                }
-                // The start-ok, then the login is refused: the connection is dropped.
-                let mut answer = [0u8; 1024];
-                let _ = socket.read(&mut answer).await;
-            });
+    after_protocol_header(|mut socket| async move {
+        // connection.start: class 10, method 10, version 0-9, no server properties.
+        let mut payload = vec![0, 10, 0, 10, 0, 9];
+        payload.extend_from_slice(&0u32.to_be_bytes());
+        for text in ["EXTERNAL PLAIN", "en_US"] {
+            payload.extend_from_slice(&(text.len() as u32).to_be_bytes());
+            payload.extend_from_slice(text.as_bytes());
         }
-    });
-    address
+        let mut frame = vec![1, 0, 0];
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame.push(0xCE);
+        if socket.write_all(&frame).await.is_err() {
+            return;
+        }
+        // The start-ok, then the login is refused: the connection is dropped.
+        let mut answer = [0u8; 1024];
+        let _ = socket.read(&mut answer).await;
+    })
+    .await
 }
 
 /// A certificate login RabbitMQ refuses (the certificate names no user it knows) was reported with

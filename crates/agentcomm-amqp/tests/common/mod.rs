@@ -285,6 +285,31 @@ impl Drop for Cleanup {
     }
 }
 
+/// A server of the test's own on 127.0.0.1 that reads the AMQP protocol header of every connection
+/// and hands the connection to `serve` (a fake broker, or a port that is not one). Its `host:port`;
+/// it stops with the test's runtime.
+pub async fn after_protocol_header<F, Fut>(serve: F) -> String
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let serve = serve.clone();
+            tokio::spawn(async move {
+                let mut header = [0u8; 8];
+                if socket.read_exact(&mut header).await.is_ok() {
+                    serve(socket).await;
+                }
+            });
+        }
+    });
+    address
+}
+
 /// What this test binary logged at WARN and above, captured by a global subscriber installed on
 /// first use. Tests run side by side, so a test looks for lines that name its own message ids.
 pub struct Logs(std::sync::Mutex<Vec<u8>>);

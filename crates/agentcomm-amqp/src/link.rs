@@ -782,28 +782,35 @@ impl Inner {
         {
             Ok(Ok(connection)) => connection,
             Ok(Err(error)) => {
-                let mut text = scrub(&describe_open_error(&error, url.auth_mechanism), password);
-                if asked.is_some() {
-                    text.push_str(&format!(
+                let provided = if asked.is_some() {
+                    let mut provided = format!(
                         " (logging in as '{user}', from the credentials provider, which is asked \
                          again on the next attempt)"
-                    ));
+                    );
                     // The login frame carries both, the connection name and about 150 bytes more.
                     let login = user.len() + password.len();
                     if login + name.len() > LONGEST_LOGIN {
-                        text.push_str(&format!(
+                        provided.push_str(&format!(
                             " (the user name and password take {login} bytes: RabbitMQ reads the \
                              login before the frame size is agreed, and drops a connection whose \
                              login frame is over its limit (4,096 bytes in RabbitMQ 3), with \
                              frame_too_large in its log: a shorter password or token is needed)"
                         ));
                     }
-                }
-                return Err(self.connection_error(text));
+                    provided
+                } else {
+                    String::new()
+                };
+                return Err(self.open_error(&error, user, password, &provided).await);
             }
             Err(_) => {
                 return Err(self.connection_error(format!(
-                    "the {} connection did not open within {:?} ({})",
+                    "the {} connection did not open within {:?} ({}): nothing answered. Either the \
+                     TCP connection did not complete (a wrong host, a firewall dropping it), or \
+                     the port accepted it and did not answer the AMQP handshake, as a port that is \
+                     not RabbitMQ's does (Redis's 6379, for one): check the URL's host and port \
+                     (RabbitMQ listens on 5672, or 5671 for amqps); a longer timeout helps only a \
+                     broker that is slow to answer",
                     role.as_str(),
                     settings.connect_timeout,
                     settings.connect_timeout_source
@@ -836,6 +843,86 @@ impl Inner {
             return Err(error);
         }
         Ok(live)
+    }
+
+    /// The error of a failed `Connection::open` logging in as `user` with `password` (`provided`:
+    /// the note on a login from the credentials provider, or nothing). A broker that was reached
+    /// and refused the login or the virtual host is a [`Error::Backend`] saying so, not a
+    /// connection error telling to check that RabbitMQ runs; a peer that is not RabbitMQ is named
+    /// as such.
+    async fn open_error(
+        &self,
+        error: &amqprs::error::Error,
+        user: &str,
+        password: &str,
+        provided: &str,
+    ) -> Error {
+        let url = &self.settings.url;
+        // What may carry a password is scrubbed; the redacted URL is added after, as in
+        // `connection_error`, so that a user whose password is their name is not hidden there too.
+        let hide = |text: &str| url.scrub(&scrub(text, password));
+        let (text, user, provided) = (hide(&error.to_string()), hide(user), hide(provided));
+        let at = format!("RabbitMQ at {}", url.redacted);
+        let vhost = &url.vhost;
+        let refused = |what: String| Error::Backend {
+            backend: BACKEND,
+            message: format!("{what}{provided}"),
+        };
+        if url.auth_mechanism != AuthMechanism::External {
+            if let Some(reply) = close_reply(&text) {
+                return refused(
+                    if reply.contains("NOT_ALLOWED") && reply.contains("not found") {
+                        format!(
+                            "the virtual host '{vhost}' does not exist on {at}: create it with \
+                         `rabbitmqctl add_vhost {vhost}`, or fix the URL's path (the virtual host \
+                         after the port, %2f for the default '/') (RabbitMQ said: {reply})"
+                        )
+                    } else if reply.contains("NOT_ALLOWED") {
+                        format!(
+                            "{at} refused user '{user}' the virtual host '{vhost}': grant it with \
+                         `rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*'`, or fix the \
+                         URL's path (RabbitMQ said: {reply})"
+                        )
+                    } else if reply.contains("ACCESS_REFUSED") {
+                        format!(
+                            "{at} refused the login of user '{user}': check the user name and password \
+                         in the URL (RabbitMQ said: {reply})"
+                        )
+                    } else {
+                        format!("{at} refused the connection: {reply}")
+                    },
+                );
+            }
+            if !url.tls && dropped(&text) {
+                match speaks_amqp(&url.host, url.port, self.settings.connect_timeout).await {
+                    Some(Peer::Amqp) => {
+                        return refused(format!(
+                            "{at} refused the login of user '{user}': it closed the connection once \
+                             the user name and password were sent, as RabbitMQ does when either is \
+                             wrong (or the user is guest, from another host than localhost): check \
+                             the user name and password in the URL; RabbitMQ's log says which \
+                             ({text})"
+                        ));
+                    }
+                    Some(Peer::Tls) => {
+                        return self.connection_error(format!(
+                            "{}:{} answers with TLS, not plain AMQP: use amqps:// ({text})",
+                            url.host, url.port
+                        ));
+                    }
+                    Some(Peer::Other(how)) => {
+                        return self.connection_error(format!(
+                            "{}:{} does not speak AMQP 0-9-1 (it {how}): is it the right port? \
+                             RabbitMQ listens on 5672, or 5671 for amqps ({text})",
+                            url.host, url.port
+                        ));
+                    }
+                    None => {}
+                }
+            }
+        }
+        let described = hide(&describe_open_error(error, url.auth_mechanism));
+        self.connection_error(format!("{described}{provided}"))
     }
 
     /// Opens a channel on `live` (a consuming connection) with a callback recording why the broker
@@ -1366,6 +1453,57 @@ fn describe_open_error(error: &amqprs::error::Error, mechanism: AuthMechanism) -
     } else {
         text
     }
+}
+
+/// Whether an open failed because the peer closed or reset the connection during the handshake.
+fn dropped(text: &str) -> bool {
+    text.contains("reset by peer")
+        || text.contains("unexpected end of file")
+        || text.contains("early eof")
+        || text.contains("peer shutdown")
+        || text.contains("connection interrupted")
+}
+
+/// The reply text of the connection.close a broker answered an open with, from amqprs's error
+/// (which carries only the frame's `Debug` form: `reply_text: ShortStr(41, "NOT_ALLOWED - ...")`).
+fn close_reply(text: &str) -> Option<String> {
+    let start = text.find("reply_text: ShortStr(")?;
+    let rest = &text[start..];
+    let quoted = &rest[rest.find('"')? + 1..];
+    let end = quoted.find("\"), class_id").or_else(|| quoted.rfind('"'))?;
+    Some(quoted[..end].replace("\\\"", "\"").replace("\\\\", "\\"))
+}
+
+/// What answered at an address whose peer dropped the connection during the handshake.
+enum Peer {
+    /// It answers the AMQP 0-9-1 protocol header with a method frame: an AMQP broker.
+    Amqp,
+    /// It answers with a TLS record (a TLS port, reached with amqp://).
+    Tls,
+    /// It answers otherwise, or closes at once (what it did).
+    Other(&'static str),
+}
+
+/// Sends the AMQP 0-9-1 protocol header to `host:port` on a connection of its own and looks at the
+/// first byte of the answer (bounded by `bound`, at most 3 s); `None` when that cannot tell (no
+/// connection, a reset, no answer in time). RabbitMQ answers with connection.start at once.
+async fn speaks_amqp(host: &str, port: u16, bound: Duration) -> Option<Peer> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        stream.write_all(b"AMQP\x00\x00\x09\x01").await.ok()?;
+        let mut first = [0u8; 1];
+        Some(match stream.read(&mut first).await.ok()? {
+            0 => Peer::Other("closed the connection without answering the AMQP protocol header"),
+            _ if first[0] == 1 => Peer::Amqp,
+            _ if first[0] == 0x15 || first[0] == 0x16 => Peer::Tls,
+            _ => Peer::Other("answered the AMQP protocol header with something else"),
+        })
+    };
+    tokio::time::timeout(bound.min(Duration::from_secs(3)), probe)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Completes when `connection` is lost (network failure, heartbeat timeout, or closed by the broker).

@@ -201,6 +201,9 @@ impl ChannelIds {
     }
 }
 
+/// Why a connection of the router is down, until an attempt to reconnect it fails.
+pub(crate) const LOST: &str = "the connection was lost";
+
 /// One of the router's two connections, as it comes and goes.
 pub(crate) struct Link {
     pub role: Role,
@@ -868,30 +871,30 @@ impl Inner {
             backend: BACKEND,
             message: format!("{what}{provided}"),
         };
+        // Where the user name and password came from, to be checked there.
+        let check = if provided.is_empty() {
+            "check the user name and password in the URL"
+        } else {
+            "check the user name and password the credentials provider gives"
+        };
         if url.auth_mechanism != AuthMechanism::External {
             if let Some(reply) = close_reply(&text) {
-                return refused(
-                    if reply.contains("NOT_ALLOWED") && reply.contains("not found") {
-                        format!(
-                            "the virtual host '{vhost}' does not exist on {at}: create it with \
+                let what = if reply.contains("NOT_ALLOWED") && reply.contains("not found") {
+                    format!(
+                        "the virtual host '{vhost}' does not exist on {at}: create it with \
                          `rabbitmqctl add_vhost {vhost}`, or fix the URL's path (the virtual host \
                          after the port, %2f for the default '/') (RabbitMQ said: {reply})"
-                        )
-                    } else if reply.contains("NOT_ALLOWED") {
-                        format!(
-                            "{at} refused user '{user}' the virtual host '{vhost}': grant it with \
-                         `rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*'`, or fix the \
-                         URL's path (RabbitMQ said: {reply})"
-                        )
-                    } else if reply.contains("ACCESS_REFUSED") {
-                        format!(
-                            "{at} refused the login of user '{user}': check the user name and password \
-                         in the URL (RabbitMQ said: {reply})"
-                        )
-                    } else {
-                        format!("{at} refused the connection: {reply}")
-                    },
-                );
+                    )
+                } else if reply.contains("ACCESS_REFUSED") {
+                    format!(
+                        "{at} refused the login of user '{user}': {check} (RabbitMQ said: {reply})"
+                    )
+                } else {
+                    // A user without permission on the virtual host, a connection limit: RabbitMQ's
+                    // reply names it.
+                    format!("{at} refused the connection: {reply}")
+                };
+                return refused(what);
             }
             if !url.tls && dropped(&text) {
                 match speaks_amqp(&url.host, url.port, self.settings.connect_timeout).await {
@@ -899,9 +902,8 @@ impl Inner {
                         return refused(format!(
                             "{at} refused the login of user '{user}': it closed the connection once \
                              the user name and password were sent, as RabbitMQ does when either is \
-                             wrong (or the user is guest, from another host than localhost): check \
-                             the user name and password in the URL; RabbitMQ's log says which \
-                             ({text})"
+                             wrong (or the user is guest, from another host than localhost): \
+                             {check}; RabbitMQ's log says which ({text})"
                         ));
                     }
                     Some(Peer::Tls) => {
@@ -1486,15 +1488,20 @@ enum Peer {
 
 /// Sends the AMQP 0-9-1 protocol header to `host:port` on a connection of its own and looks at the
 /// first byte of the answer (bounded by `bound`, at most 3 s); `None` when that cannot tell (no
-/// connection, a reset, no answer in time). RabbitMQ answers with connection.start at once.
+/// connection, no answer in time). RabbitMQ answers with connection.start at once, and never
+/// closes or resets a connection before.
 async fn speaks_amqp(host: &str, port: u16, bound: Duration) -> Option<Peer> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let probe = async {
         let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
-        stream.write_all(b"AMQP\x00\x00\x09\x01").await.ok()?;
+        // A peer that closes at once may fail the write or reset the read: both are its answer.
+        let _ = stream.write_all(b"AMQP\x00\x00\x09\x01").await;
         let mut first = [0u8; 1];
-        Some(match stream.read(&mut first).await.ok()? {
-            0 => Peer::Other("closed the connection without answering the AMQP protocol header"),
+        Some(match stream.read(&mut first).await.unwrap_or(0) {
+            0 => Peer::Other(
+                "closed the connection without answering the AMQP protocol header, as a port \
+                 that is not RabbitMQ's may, or a proxy or load balancer whose RabbitMQ is down",
+            ),
             _ if first[0] == 1 => Peer::Amqp,
             _ if first[0] == 0x15 || first[0] == 0x16 => Peer::Tls,
             _ => Peer::Other("answered the AMQP protocol header with something else"),
@@ -1554,7 +1561,7 @@ pub(crate) async fn supervise(
                         generation = live.generation,
                         "lost a connection to RabbitMQ; reconnecting"
                     );
-                    inner.on_lost(role, &live, "the connection was lost").await;
+                    inner.on_lost(role, &live, LOST).await;
                 }
                 Some(why) => {
                     bump(&inner.counters.channel_id_recycles);

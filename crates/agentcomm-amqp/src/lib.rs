@@ -479,14 +479,15 @@ impl AmqpRouter {
                 } else {
                     HealthStatus::Degraded
                 };
-                // A failed attempt's error already names the URL and says what to check (and a
-                // refused login, what to check instead of whether RabbitMQ runs): the advice is
-                // added only to a loss, which names neither.
+                // The advice is added only to a loss, which names neither the URL nor what to
+                // check. A failed attempt's error says what to check itself: whether RabbitMQ runs
+                // for one that could not reach it, something else for one that it refused (the
+                // login, a declaration) or did not answer in time.
                 let url = &inner.settings.url.redacted;
-                let advice = if last_error.contains(url.as_str()) {
-                    String::new()
-                } else {
+                let advice = if **last_error == *link::LOST {
                     format!("; check that RabbitMQ at {url} is running")
+                } else {
+                    String::new()
                 };
                 Some((
                     status,

@@ -472,6 +472,7 @@ impl AmqpRouter {
                 attempt,
                 last_error,
                 since,
+                ..
             } => {
                 let down = since.elapsed();
                 let status = if down > inner.settings.publish_outage_timeout {

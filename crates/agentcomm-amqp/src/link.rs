@@ -92,6 +92,9 @@ pub(crate) enum LinkState {
     Connecting {
         attempt: u32,
         last_error: Arc<str>,
+        /// Whether RabbitMQ answered the last attempt and refused it (a login, a declaration):
+        /// then the error of a wait that gives up is not a connection error.
+        refused: bool,
         since: Instant,
     },
     /// Connected.
@@ -221,6 +224,7 @@ impl Link {
             state: watch::Sender::new(LinkState::Connecting {
                 attempt: 0,
                 last_error: Arc::from("not connected yet"),
+                refused: false,
                 since: Instant::now(),
             }),
             connected: AtomicU64::new(0),
@@ -663,10 +667,19 @@ impl Inner {
                 LinkState::Connecting {
                     attempt,
                     last_error,
+                    refused,
                     since,
-                } => (*attempt, last_error.clone(), *since),
+                } => (*attempt, last_error.clone(), *refused, *since),
             };
-            let (attempt, last_error, since) = last;
+            let (attempt, last_error, refused, since) = last;
+            // "cannot reach RabbitMQ ... check that it is running" only when it was not reached.
+            let failed = |text: String| {
+                if refused {
+                    self.backend_error(text)
+                } else {
+                    self.connection_error(text)
+                }
+            };
             // When it gives up: how long the connection has been down by then.
             let down = || {
                 format!(
@@ -680,7 +693,7 @@ impl Inner {
             let result = match wait {
                 Wait::Forever => changed.await,
                 Wait::Not(why) => {
-                    return Err(self.connection_error(format!("{}; {why}", down())));
+                    return Err(failed(format!("{}; {why}", down())));
                 }
                 Wait::Until {
                     deadline,
@@ -689,7 +702,7 @@ impl Inner {
                 } => match tokio::time::timeout_at(deadline, changed).await {
                     Ok(result) => result,
                     Err(_) => {
-                        return Err(self.connection_error(format!(
+                        return Err(failed(format!(
                             "{}; gave up after {bound:?} ({setting})",
                             down()
                         )));
@@ -1302,6 +1315,7 @@ impl Inner {
                 *state = LinkState::Connecting {
                     attempt: 0,
                     last_error: Arc::from(why),
+                    refused: false,
                     since: Instant::now(),
                 };
                 true
@@ -1631,6 +1645,7 @@ pub(crate) async fn supervise(
                         *state = LinkState::Connecting {
                             attempt,
                             last_error: Arc::from(error.to_string()),
+                            refused: matches!(error, Error::Backend { .. }),
                             since,
                         };
                         true

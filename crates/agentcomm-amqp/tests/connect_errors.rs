@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use agentcomm_amqp::{AmqpRouter, Credentials};
 use agentcomm_core::backoff::Backoff;
+use agentcomm_core::envelope::Envelope;
+use agentcomm_core::parse_channel;
 use agentcomm_core::router::Router;
 use agentcomm_testkit::proxy::FaultProxy;
 use amqprs::channel::{ExchangeDeclareArguments, ExchangeDeleteArguments};
@@ -193,6 +195,7 @@ async fn proxied_router(
         AmqpRouter::builder(format!("amqp://guest:unused-pw@{}/%2f", proxy.local_addr()))
             .exchange(exchange)
             .close_timeout(Duration::from_secs(5))
+            .publish_outage_timeout(Duration::from_secs(1))
             .credentials_provider(move || {
                 let (user, password) = login();
                 async move { Ok::<_, String>(Credentials::new(user, password)) }
@@ -220,8 +223,8 @@ async fn health_after_a_failed_reconnect(router: &AmqpRouter, proxy: &FaultProxy
     detail
 }
 
-/// Health named a reconnection RabbitMQ refused the login of "cannot reach rabbitmq ... Check that
-/// the broker is running".
+/// Health, and a publish that gave up waiting, named a reconnection RabbitMQ refused the login of
+/// "cannot reach rabbitmq ... Check that the broker is running".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_names_a_login_refused_on_reconnection() {
     if !broker_available().await {
@@ -252,6 +255,26 @@ async fn health_names_a_login_refused_on_reconnection() {
     );
     not_about_reachability(&detail);
     assert!(!detail.contains(&wrong), "the password leaked: {detail}");
+    // A publish gives up after publish_outage_timeout, saying why it could not wait longer.
+    let envelope = Envelope::new(
+        parse_channel("Refused:request:s1").expect("channel"),
+        "application/json",
+        b"{}".to_vec(),
+    );
+    let text = within(
+        "a publish while logins are refused",
+        router.publish(envelope),
+    )
+    .await
+    .expect_err("no connection to publish on")
+    .to_string();
+    println!("the publish: {text}");
+    assert!(
+        text.contains("gave up after 1s") && text.contains("refused the login of user 'guest'"),
+        "{text}"
+    );
+    not_about_reachability(&text);
+    assert!(!text.contains(&wrong), "the password leaked: {text}");
     refuse.store(false, Ordering::SeqCst);
     within("close", router.close()).await.unwrap();
 }

@@ -89,9 +89,34 @@ fn a_bad_delivery_mode_in_dot_env_names_the_file() {
     );
 }
 
+/// A `MESSAGING_BACKEND` that is not UTF-8 (a mangled deployment file) is refused, naming the
+/// variable: it was read as unset, and the program ran on the in-memory router without a word.
+#[cfg(unix)]
+#[test]
+fn a_backend_variable_that_is_not_utf8_is_refused_not_taken_for_unset() {
+    use std::os::unix::ffi::OsStrExt;
+    let backend = std::ffi::OsStr::from_bytes(b"re\xffdis");
+    let output = payment_with("", &[], &[("MESSAGING_BACKEND", backend)]);
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("MESSAGING_BACKEND='re\u{FFFD}dis' is not valid"),
+        "{stderr}"
+    );
+}
+
 /// The payment binary run in a directory of its own whose `.env` holds `dot_env`, with `unset` removed
 /// from its environment (so that the file's values are the ones read).
 fn payment_with_dot_env(dot_env: &str, unset: &[&str]) -> std::process::Output {
+    payment_with(dot_env, unset, &[])
+}
+
+/// [`payment_with_dot_env`], with `set` added to its environment.
+fn payment_with(
+    dot_env: &str,
+    unset: &[&str],
+    set: &[(&str, &std::ffi::OsStr)],
+) -> std::process::Output {
     let dir = std::env::temp_dir().join(format!("agentcomm-dotenv-{}", uuid_like()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(".env"), dot_env).unwrap();
@@ -99,6 +124,9 @@ fn payment_with_dot_env(dot_env: &str, unset: &[&str]) -> std::process::Output {
     command.current_dir(&dir);
     for name in unset {
         command.env_remove(name);
+    }
+    for (name, value) in set {
+        command.env(name, value);
     }
     let output = command.output().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();

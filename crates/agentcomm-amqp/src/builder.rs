@@ -191,7 +191,9 @@ impl AmqpRouterBuilder {
     pub fn from_env() -> Self {
         AmqpRouterBuilder {
             url_variable: RABBITMQ_URL_VAR,
-            ..Self::new(url_from_env(std::env::var(RABBITMQ_URL_VAR).ok()))
+            ..Self::new(url_from_env(agentcomm_core::config::env_var(
+                RABBITMQ_URL_VAR,
+            )))
         }
     }
 

@@ -154,7 +154,7 @@ impl Default for Config {
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        Self::from_lookup(env_var)
     }
 
     /// Reads `.env` in the current directory (if there is one), with the process environment taking
@@ -170,7 +170,7 @@ impl Config {
     /// names are case-sensitive), unless the variable is set all the same (then, and for the other
     /// variables, a warning).
     pub fn load_with_file(path: &Path) -> Result<Self> {
-        Self::load_with_file_and(path, |name| std::env::var(name).ok())
+        Self::load_with_file_and(path, env_var)
     }
 
     /// [`Config::load_with_file`] with `process` standing for the process environment.
@@ -300,9 +300,7 @@ impl Config {
     /// ```
     pub fn locate(&self, error: Error) -> Error {
         match &self.path {
-            Some(path) => name_the_file(error, path, &self.file, &|name: &str| {
-                std::env::var(name).ok()
-            }),
+            Some(path) => name_the_file(error, path, &self.file, &|name: &str| env_var(name)),
             None => error,
         }
     }
@@ -314,11 +312,19 @@ impl Config {
     }
 }
 
+/// A variable of the process environment, as agentcomm reads it: a value that is not UTF-8 is read
+/// with each invalid byte sequence replaced by `\u{FFFD}` (so that a checked value, such as
+/// `MESSAGING_BACKEND`'s, is refused with an error naming the variable), not taken for unset, which
+/// fell back to the default without a word (the in-memory router for a backend meant to be Redis).
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|value| value.to_string_lossy().into_owned())
+}
+
 /// A variable from the process environment, or else from the env file. An empty (or blank) value counts
 /// as unset, as everywhere in the configuration: a blank process variable does not hide the file's
 /// value, and a blank value in the file is no value.
 fn process_or_file(name: &str, file: &HashMap<String, String>) -> Option<String> {
-    prefer(std::env::var(name).ok(), file.get(name))
+    prefer(env_var(name), file.get(name))
 }
 
 /// The variables of agentcomm's own, whose lines in an env file are checked.

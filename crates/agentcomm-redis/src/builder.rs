@@ -227,7 +227,7 @@ impl RedisRouterBuilder {
     /// [`Config::load`](agentcomm_core::config::Config::load) and pass its variables:
     /// `RedisRouterBuilder::from_lookup(|name| config.var(name))`.
     pub fn from_env() -> Result<Self> {
-        Self::from_lookup(|name| std::env::var(name).ok())
+        Self::from_lookup(agentcomm_core::config::env_var)
     }
 
     /// Like [`RedisRouterBuilder::from_env`], reading variables through `lookup`.

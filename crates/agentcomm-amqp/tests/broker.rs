@@ -1526,54 +1526,6 @@ async fn an_unroutable_message_whose_caller_stopped_waiting_is_logged_as_lost() 
     within("close", router.close()).await.unwrap();
 }
 
-/// A user of the test broker made with `rabbitmqctl` for one test, deleted when dropped.
-struct TemporaryUser {
-    name: String,
-}
-
-impl TemporaryUser {
-    /// `None` (after printing why) when `rabbitmqctl` cannot manage the test broker from here.
-    fn create(name: &str, password: &str) -> Option<TemporaryUser> {
-        let created = std::process::Command::new("rabbitmqctl")
-            .args(["add_user", name, password])
-            .output();
-        match created {
-            Ok(output) if output.status.success() => Some(TemporaryUser {
-                name: name.to_string(),
-            }),
-            other => {
-                println!("skipped: rabbitmqctl could not add a user: {other:?}");
-                None
-            }
-        }
-    }
-
-    /// Sets the user's permissions on vhost `/` (regular expressions).
-    fn permit(&self, configure: &str, write: &str, read: &str) {
-        let status = std::process::Command::new("rabbitmqctl")
-            .args([
-                "set_permissions",
-                "-p",
-                "/",
-                &self.name,
-                configure,
-                write,
-                read,
-            ])
-            .status()
-            .expect("rabbitmqctl set_permissions");
-        assert!(status.success(), "rabbitmqctl set_permissions failed");
-    }
-}
-
-impl Drop for TemporaryUser {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_user", &self.name])
-            .output();
-    }
-}
-
 /// A channel the broker closes for a reason no redeclaration fixes (403: the user may not write to
 /// the exchange) fails the publish at once, with an error and a log line naming the cause and the
 /// fix. It used to be sent again on 10 more channels, and then fail with only the broker's reply.
@@ -1587,7 +1539,8 @@ async fn a_publish_the_user_may_not_make_fails_at_once_naming_the_fix() {
     let _cleanup = Cleanup::new(&exchange, &[]);
     let user = unique("t-agentcomm-user");
     let password = uuid::Uuid::new_v4().simple().to_string();
-    let Some(temporary) = tokio::task::block_in_place(|| TemporaryUser::create(&user, &password))
+    let Some(temporary) =
+        tokio::task::block_in_place(|| common::ThrowawayUser::add(&user, &password))
     else {
         return;
     };

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,60 +17,9 @@ use agentcomm_core::router::{PublishOutcome, Router, SubscribeOptions, Subscript
 use agentcomm_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
 
-use common::{Cleanup, Logs, broker_address, broker_available, unique, wait_until, within};
-
-/// Runs `rabbitmqctl` with `arguments`: `Err` with what went wrong when it cannot be run or fails.
-/// Never prints a password: the caller's arguments are not in the error.
-fn rabbitmqctl(arguments: &[&str]) -> Result<(), String> {
-    let output = Command::new("rabbitmqctl")
-        .args(arguments)
-        .output()
-        .map_err(|error| format!("rabbitmqctl cannot be run: {error}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "rabbitmqctl {} failed ({}): {}",
-            arguments[0],
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
-    }
-}
-
-/// A RabbitMQ user this test made, deleted when dropped: also when the test fails halfway.
-struct ThrowawayUser {
-    name: String,
-}
-
-impl ThrowawayUser {
-    /// Adds `name` with `password` and every permission on the default virtual host; `None`
-    /// (after the skip line) when rabbitmqctl is missing or not permitted here.
-    fn add(name: &str, password: &str) -> Option<Self> {
-        if let Err(why) = rabbitmqctl(&["add_user", name, password]) {
-            agentcomm_testkit::broker_unavailable(format!("cannot add a RabbitMQ user: {why}"));
-            return None;
-        }
-        let user = ThrowawayUser {
-            name: name.to_string(),
-        };
-        rabbitmqctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"])
-            .expect("permissions for the throwaway user");
-        Some(user)
-    }
-
-    fn change_password(&self, password: &str) {
-        rabbitmqctl(&["change_password", &self.name, password]).expect("change_password");
-    }
-}
-
-impl Drop for ThrowawayUser {
-    fn drop(&mut self) {
-        if let Err(why) = rabbitmqctl(&["delete_user", &self.name]) {
-            eprintln!("could not delete the test user {}: {why}", self.name);
-        }
-    }
-}
+use common::{
+    Cleanup, Logs, ThrowawayUser, broker_address, broker_available, unique, wait_until, within,
+};
 
 fn envelope(n: u64) -> Envelope {
     Envelope::new(

@@ -354,3 +354,99 @@ impl std::io::Write for LogWriter {
         Ok(())
     }
 }
+
+/// How long one `rabbitmqctl` call may take (it starts an Erlang VM: seconds, and over a minute on a
+/// loaded machine): one that hangs fails its test instead of holding the suite.
+const RABBITMQCTL_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs `rabbitmqctl` with `arguments`, killed after [`RABBITMQCTL_LIMIT`]: `Err` with what went
+/// wrong when it cannot be run, fails or hangs. Never names a password: only the first argument
+/// (the command) is in the error.
+pub fn rabbitmqctl(arguments: &[&str]) -> Result<(), String> {
+    let mut child = std::process::Command::new("rabbitmqctl")
+        .args(arguments)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("rabbitmqctl cannot be run: {error}"))?;
+    let deadline = std::time::Instant::now() + RABBITMQCTL_LIMIT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "rabbitmqctl {} did not end within {RABBITMQCTL_LIMIT:?}",
+                    arguments[0]
+                ));
+            }
+            Err(error) => return Err(format!("rabbitmqctl {}: {error}", arguments[0])),
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    Err(format!(
+        "rabbitmqctl {} failed ({status}): {}",
+        arguments[0],
+        stderr.trim()
+    ))
+}
+
+/// A RabbitMQ user a test made with `rabbitmqctl`, deleted when dropped: also when the test fails
+/// halfway.
+pub struct ThrowawayUser {
+    name: String,
+}
+
+impl ThrowawayUser {
+    /// Adds `name` with `password` and every permission on the default virtual host; `None` (after
+    /// the skip line; a failure with AGENTCOMM_REQUIRE_BROKERS=1) when rabbitmqctl is missing or not
+    /// permitted here.
+    pub fn add(name: &str, password: &str) -> Option<Self> {
+        if let Err(why) = rabbitmqctl(&["add_user", name, password]) {
+            agentcomm_testkit::broker_unavailable(format!("cannot add a RabbitMQ user: {why}"));
+            return None;
+        }
+        let user = ThrowawayUser {
+            name: name.to_string(),
+        };
+        user.permit(".*", ".*", ".*");
+        Some(user)
+    }
+
+    /// Sets the user's permissions on the default virtual host (regular expressions).
+    pub fn permit(&self, configure: &str, write: &str, read: &str) {
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &self.name,
+            configure,
+            write,
+            read,
+        ])
+        .expect("permissions for the throwaway user");
+    }
+
+    /// Gives the user another password.
+    pub fn change_password(&self, password: &str) {
+        rabbitmqctl(&["change_password", &self.name, password]).expect("change_password");
+    }
+}
+
+impl Drop for ThrowawayUser {
+    fn drop(&mut self) {
+        if let Err(why) = rabbitmqctl(&["delete_user", &self.name]) {
+            eprintln!("could not delete the test user {}: {why}", self.name);
+        }
+    }
+}

@@ -382,8 +382,21 @@ impl<A: Agent> Context<A> {
         Ok(outcome)
     }
 
-    /// Sends a request to `session` and waits up to `timeout` for the correlated reply.
+    /// Sends a request to `session` and waits for the correlated reply, up to the runtime's request
+    /// timeout (`RuntimeBuilder::request_timeout`), as [`Publisher::request`] does.
     pub fn request<Req: Message, Resp: Message>(
+        &self,
+        session: &str,
+        message: Req,
+    ) -> BoxFuture<'_, Result<Resp>>
+    where
+        A: Sends<Req>,
+    {
+        self.request_timeout(session, message, self.bus.request_timeout())
+    }
+
+    /// Sends a request to `session` and waits up to `timeout` for the correlated reply.
+    pub fn request_timeout<Req: Message, Resp: Message>(
         &self,
         session: &str,
         message: Req,

@@ -2247,3 +2247,76 @@ async fn an_agent_receiving_dead_letters_is_refused_it_would_loop() {
         "the error names the class and the fix: {text}"
     );
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+struct Ask {
+    /// `None`: `Context::request`, with the runtime's timeout; else `request_timeout` with this.
+    timeout_ms: Option<u64>,
+}
+
+#[agent(sends = [Ask])]
+struct AskClient;
+
+/// Asks for a payment from its handler, and reports how the request ended.
+#[agent(receives = [Ask], sends = [PaymentRequest])]
+struct Asker {
+    outcomes: mpsc::UnboundedSender<Result<PaymentResponse>>,
+}
+
+impl Handle<Ask> for Asker {
+    async fn handle(&self, ask: Ask, ctx: &Context<Self>) -> HandlerResult {
+        let request = PaymentRequest {
+            amount: 1.0,
+            user_id: "u1".into(),
+        };
+        let outcome = match ask.timeout_ms {
+            None => ctx.request("pay", request).await,
+            Some(ms) => {
+                ctx.request_timeout("pay", request, Duration::from_millis(ms))
+                    .await
+            }
+        };
+        let _ = self.outcomes.send(outcome);
+        Ok(())
+    }
+}
+
+/// Takes payment requests and never answers them.
+#[agent(receives = [PaymentRequest], sends = [PaymentResponse])]
+struct Silent;
+
+impl Handle<PaymentRequest> for Silent {
+    async fn handle(&self, _request: PaymentRequest, _ctx: &Context<Self>) -> HandlerResult {
+        Ok(())
+    }
+}
+
+/// A handler's `Context::request` waits the runtime's request timeout, as `Publisher::request` does,
+/// and `request_timeout` the one it is given.
+#[tokio::test]
+async fn a_handler_requests_with_the_runtimes_timeout_or_its_own() {
+    let runtime = Runtime::builder(MemoryRouter::new())
+        .request_timeout(Duration::from_millis(300))
+        .build();
+    let (outcomes, mut outcomes_rx) = mpsc::unbounded_channel();
+    runtime.spawn(Asker { outcomes }).await.unwrap();
+    let silent = runtime.spawn(Silent).await.unwrap();
+    let client = runtime.publisher::<AskClient>();
+    for (session, timeout_ms, waited) in [("a1", None, 300), ("a2", Some(100), 100)] {
+        client.publish(session, Ask { timeout_ms }).await.unwrap();
+        let outcome = timeout(WAIT, outcomes_rx.recv()).await.unwrap().unwrap();
+        assert!(
+            matches!(&outcome, Err(Error::Timeout { after, .. }) if *after == Duration::from_millis(waited)),
+            "{timeout_ms:?}: {outcome:?}"
+        );
+    }
+    silent.stop(Duration::from_secs(1)).await;
+    runtime.spawn(PaymentAgent).await.unwrap();
+    client
+        .publish("a3", Ask { timeout_ms: None })
+        .await
+        .unwrap();
+    let outcome = timeout(WAIT, outcomes_rx.recv()).await.unwrap().unwrap();
+    assert!(outcome.unwrap().success);
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}

@@ -23,8 +23,9 @@ impl Handle<PaymentRequest> for PaymentAgent {
         ctx.reply(AuditEvent { note: "a".into() }).await?;
         ctx.send_to("s2", AuditEvent { note: "b".into() }).await?;
         ctx.publish_to("reply", "s2", AuditEvent { note: "c".into() }).await?;
+        let _: PaymentResponse = ctx.request("s2", AuditEvent { note: "d".into() }).await?;
         let _: PaymentResponse = ctx
-            .request("s2", AuditEvent { note: "d".into() }, Duration::from_secs(1))
+            .request_timeout("s2", AuditEvent { note: "e".into() }, Duration::from_secs(1))
             .await?;
         Ok(())
     }

@@ -509,11 +509,12 @@ pub(crate) fn map_error(error: &fred::error::Error, settings: &Settings, operati
             url: redact(url),
             message: format!("{operation} failed: {details}"),
         },
-        ErrorKind::Auth => Error::Connection {
+        // Redis was reached: not "cannot reach redis .. check that the broker is running".
+        ErrorKind::Auth => Error::Backend {
             backend: "redis",
-            url: redact(url),
             message: format!(
-                "{operation} was refused ({details}); check the user and password in the URL"
+                "Redis at {} refused {operation} ({details}): check the user and password in the URL",
+                redact(url)
             ),
         },
         ErrorKind::Timeout => Error::Timeout {
@@ -651,16 +652,22 @@ pub(crate) fn without_echoed_arguments(details: &str) -> &str {
         .map_or(details, |at| &details[..at])
 }
 
+/// Whether Redis answered and refused the login (no password where one is required, a wrong one, an
+/// unknown user).
+pub(crate) fn is_refused_login(error: &fred::error::Error) -> bool {
+    let details = without_echoed_arguments(error.details()).trim_start();
+    matches!(error.kind(), ErrorKind::Auth)
+        || details.starts_with("NOAUTH")
+        || details.starts_with("WRONGPASS")
+}
+
 /// What health says of a failed connection attempt: fred's details, with the fix when Redis refused
 /// the login (it answers, so "check that it is running" would mislead: a password rotated on the
 /// server while the router ran).
 pub(crate) fn connection_problem(error: &fred::error::Error) -> String {
     let details = readable_details(without_echoed_arguments(error.details()));
     let details = details.trim_end_matches('.');
-    let refused_login = matches!(error.kind(), ErrorKind::Auth)
-        || details.starts_with("NOAUTH")
-        || details.starts_with("WRONGPASS");
-    match refused_login {
+    match is_refused_login(error) {
         true => format!(
             "Redis refused the login ({details}): put the password it requires now in the URL, and \
              connect a new router"

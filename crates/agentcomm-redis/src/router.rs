@@ -618,6 +618,16 @@ impl RedisRouter {
                     fred::error::ErrorKind::Timeout => {
                         connect_error(&error, &settings, "connecting")
                     }
+                    // Redis was reached: "cannot reach redis .. check that the broker is running"
+                    // would send the user the wrong way.
+                    _ if crate::connection::is_refused_login(&error) => Error::Backend {
+                        backend: "redis",
+                        message: format!(
+                            "Redis at {} answered {}",
+                            redact(&settings.url),
+                            connect_failure(&error)
+                        ),
+                    },
                     _ => Error::Connection {
                         backend: "redis",
                         url: redact(&settings.url),
@@ -772,10 +782,7 @@ fn connect_failure(error: &fred::error::Error) -> String {
     let details =
         crate::connection::without_echoed_arguments(error.details()).trim_end_matches('.');
     // Redis was reached, so "check that the broker is running" does not help: say what does.
-    let refused_login = matches!(error.kind(), fred::error::ErrorKind::Auth)
-        || details.starts_with("NOAUTH")
-        || details.starts_with("WRONGPASS");
-    let hint = if refused_login {
+    let hint = if crate::connection::is_refused_login(error) {
         Some(
             "Redis refused the login: put the password it requires in the URL, and the user when it \
              is not `default`: redis://:password@host:port or redis://user:password@host:port, with a \

@@ -73,6 +73,10 @@ async fn a_missing_or_wrong_password_is_an_error_that_names_the_url_password() {
             text.contains("Redis refused the login") && text.contains("redis://:password@host"),
             "the error must name the fix (the password in the URL): {text}"
         );
+        assert!(
+            !text.contains("cannot reach") && !text.contains("Check that the broker is running"),
+            "Redis answered: the error must not say it could not be reached: {text}"
+        );
         assert!(!text.contains(".."), "no doubled full stop: {text}");
         assert!(!text.contains(PASSWORD), "the password leaked: {text}");
     }

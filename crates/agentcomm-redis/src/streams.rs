@@ -3330,9 +3330,11 @@ impl SubscriptionControl for StreamControl {
         let subscription = self.subscription.clone();
         subscription.stop_now();
         Box::pin(async move {
-            // Finishing (waiting for settlements, leaving the group) goes on in the background.
+            // Finishing (waiting for settlements, leaving the group) goes on in the background, on
+            // the router's runtime: the router's close waits for it, and a runtime of the caller's
+            // that is no longer driven would hold it, half done, until that close gave up.
             let finishing = subscription.clone();
-            tokio::spawn(async move {
+            subscription.shared.runtime.spawn(async move {
                 let until = tokio::time::Instant::now() + finishing.shared.settings.close_timeout;
                 finishing.finish(until).await;
                 finishing.shared.forget_stream(finishing.id);

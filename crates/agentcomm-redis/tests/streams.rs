@@ -2364,3 +2364,75 @@ async fn concurrent_replies_reach_the_inbox_in_order() {
 async fn concurrent_idempotent_replies_reach_the_inbox_in_order() {
     concurrent_replies_reach_the_inbox_in_the_order_of_their_numbers(true).await;
 }
+
+/// A subscription closed on a runtime of the application's that is then no longer driven (a
+/// `current_thread` runtime outside its `block_on`): its finishing ran on a task of that runtime,
+/// which stopped at its first wait for Redis, holding the subscription's finishing. The router's close,
+/// which now waits for that finishing instead of running it again, waited until its deadline and quit:
+/// the member stayed in its group, and the entries it held were given back only after `claim_idle`.
+/// The finishing runs on the router's runtime, like the router's close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_closed_on_a_runtime_no_longer_driven_leaves_its_group_when_the_router_closes()
+ {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let raw = raw_client().await;
+    let members_key = format!("{prefix}:group:idle:members");
+    let router =
+        connected(builder(DeliveryMode::Streams, &prefix).close_timeout(Duration::from_secs(2)))
+            .await;
+    let pattern = ChannelPattern::parse("*:event:idle").unwrap();
+    let subscription = router
+        .subscribe(SubscribeOptions::new(pattern).group("idle"))
+        .await
+        .unwrap();
+    // A stream the member knows: its finishing asks Redis what it holds there before it leaves.
+    let channel = parse_channel("Idle:event:idle").unwrap();
+    router
+        .publish(Envelope::new(channel, "application/json", b"{}".to_vec()))
+        .await
+        .unwrap();
+    let mut subscription = subscription;
+    within(Duration::from_secs(5), "the entry", subscription.next())
+        .await
+        .expect("a delivery")
+        .ack()
+        .await
+        .unwrap();
+    let members: u64 = raw.hlen(&members_key).await.unwrap();
+    assert_eq!(members, 1, "the member joined its group");
+    // Closed on a runtime of its own, which runs the tasks it spawned only while it is driven.
+    let idle = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            subscription.close().await.unwrap();
+            drop(subscription);
+            for _ in 0..16 {
+                tokio::task::yield_now().await;
+            }
+        });
+        runtime
+    })
+    .join()
+    .unwrap();
+    within(
+        Duration::from_secs(10),
+        "the router to close",
+        agentcomm_core::Router::close(&router),
+    )
+    .await
+    .unwrap();
+    let members: u64 = raw.hlen(&members_key).await.unwrap();
+    assert_eq!(
+        members, 0,
+        "the member left its group when the router closed"
+    );
+    std::thread::spawn(move || drop(idle)).join().unwrap();
+    let _ = raw.quit().await;
+}

@@ -609,30 +609,80 @@ async fn closing_while_redis_stops_answering_leaves_no_reader_connection_open() 
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = connect_through_proxy(
-        RedisRouter::builder(proxied)
-            .prefix(&prefix)
-            .read_block(Duration::from_millis(500))
-            .close_timeout(Duration::from_secs(1)),
-    )
-    .await;
+    let router = closing_within_a_second(proxied, &prefix).await;
     let subscription = router
         .subscribe(SubscribeOptions::new(ChannelPattern::parse("Held:*:*").unwrap()).group("g"))
         .await
         .unwrap();
     proxy.blackhole(true);
+    // The subscription is still held: its reader's connection must be closed all the same.
+    close_while_redis_is_silent(&proxy, &router).await;
+    drop(subscription);
+}
+
+/// A router through the fault proxy whose close gives up after a second.
+async fn closing_within_a_second(proxied: String, prefix: &str) -> RedisRouter {
+    connect_through_proxy(
+        RedisRouter::builder(proxied)
+            .prefix(prefix)
+            .read_block(Duration::from_millis(500))
+            .close_timeout(Duration::from_secs(1)),
+    )
+    .await
+}
+
+/// Closes `router`, whose Redis the proxy black-holes: the close returns within its deadline, and
+/// every connection is closed once the proxy passes traffic again.
+async fn close_while_redis_is_silent(
+    proxy: &agentcomm_testkit::proxy::FaultProxy,
+    router: &RedisRouter,
+) {
+    let started = std::time::Instant::now();
     within(Duration::from_secs(8), "close", router.close())
         .await
         .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     proxy.blackhole(false);
-    // The subscription is still held: its reader's connection must be closed all the same.
     eventually(
         Duration::from_secs(5),
         "every connection to be closed",
         async || proxy.stats().live == 0,
     )
     .await;
+}
+
+/// A subscription closed while Redis does not answer: its finishing waits for Redis, and the router's
+/// close, which waits for that finishing instead of running it again, still gives up at its deadline
+/// and quits every connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_after_a_subscription_whose_finishing_hangs_is_bounded() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = closing_within_a_second(proxied, &prefix).await;
+    let channel = parse_channel("Hung:event:s1").unwrap();
+    router.publish(message(&channel, 1)).await.unwrap();
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Hung:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    router.publish(message(&channel, 2)).await.unwrap();
+    within(Duration::from_secs(10), "the entry", subscription.next())
+        .await
+        .expect("a delivery")
+        .ack()
+        .await
+        .unwrap();
+    proxy.blackhole(true);
+    subscription.close().await.unwrap();
     drop(subscription);
+    close_while_redis_is_silent(&proxy, &router).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

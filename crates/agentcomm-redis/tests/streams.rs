@@ -2436,3 +2436,63 @@ async fn a_subscription_closed_on_a_runtime_no_longer_driven_leaves_its_group_wh
     std::thread::spawn(move || drop(idle)).join().unwrap();
     let _ = raw.quit().await;
 }
+
+/// A subscription closed before its router with a delivery still in its handler's hands: the
+/// router's close waits for the finishing that close started (it no longer runs its own beside it),
+/// and that finishing waits for the delivery to be settled: acknowledged while the router closes, the
+/// entry is acknowledged in Redis, not given back to be handled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_made_while_the_router_closes_after_its_subscription_is_sent() {
+    use fred::prelude::StreamsInterface;
+    use fred::types::Value;
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let raw = raw_client().await;
+    let router = connected(builder(DeliveryMode::Streams, &prefix)).await;
+    let mut subscription = router
+        .subscribe(SubscribeOptions::new(ChannelPattern::parse("Late:*:*").unwrap()).group("g"))
+        .await
+        .unwrap();
+    let channel = parse_channel("Late:event:s1").unwrap();
+    router
+        .publish(Envelope::new(channel, "application/json", b"{}".to_vec()))
+        .await
+        .unwrap();
+    let delivery = within(WAIT, "the entry", subscription.next())
+        .await
+        .expect("a delivery");
+    subscription.close().await.unwrap();
+    let closing = tokio::spawn({
+        let router = router.clone();
+        async move { agentcomm_core::Router::close(&router).await }
+    });
+    // The router's close has begun: it waits for the delivery, in the handler's hands.
+    eventually(WAIT, "the router to be closing", async || {
+        router
+            .publish(Envelope::new(
+                parse_channel("Probe:event:s2").unwrap(),
+                "application/json",
+                b"{}".to_vec(),
+            ))
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(!closing.is_finished(), "the close waits for the delivery");
+    delivery.ack().await.unwrap();
+    within(WAIT, "the router to close", closing)
+        .await
+        .unwrap()
+        .unwrap();
+    let key = format!("{prefix}:stream:{{Late}}");
+    let pending: Value = raw.xpending(key.as_str(), "g", ()).await.unwrap();
+    assert_eq!(
+        pending.into_array().first().and_then(Value::as_u64),
+        Some(0),
+        "acknowledged before the router quit"
+    );
+    let _ = raw.quit().await;
+}

@@ -717,6 +717,73 @@ mod tests {
         }
     }
 
+    /// What the rule for a port that is no number shows (the text before the first ':') is never a
+    /// password, whatever shape the URL has: a password with ':', '@', '/', '#' or '?' in it, encoded
+    /// or not; a password without a user (Redis's `redis://:pw@host` and `redis://pw@host`); in the
+    /// query; IPv6 hosts; Unix sockets; several sentinel or cluster hosts; RabbitMQ's URLs.
+    #[test]
+    fn what_a_port_that_is_no_number_shows_holds_no_password() {
+        for (url, shown) in [
+            ("redis://:Qz7k@host:abc", "redis://:***@host:abc"),
+            ("redis://Qz7k@host", "redis://***@host"),
+            ("redis://Qz7k@host:abc", "redis://***@host:abc"),
+            ("redis://:Qz7k", "redis://:***"),
+            ("amqp://user:Qz:7k@host", "amqp://user:***@host"),
+            ("amqp://user:Qz:7k", "amqp://user:***"),
+            ("amqp://user:Qz%3A7k", "amqp://user:***"),
+            ("redis://user:Qz@7k@host:abc", "redis://user:***@host:abc"),
+            ("redis://user:Qz%407k", "redis://user:***"),
+            ("redis://user:Qz/7k", "redis://user:***"),
+            ("amqp://user:Qz#7k", "amqp://user:***"),
+            ("redis://user:Qz?7k@host", "redis://***"),
+            ("redis://user:Qz?password=7k@host", "redis://user:***"),
+            ("redis://host:abc?password=Qz7k", "redis://host:***"),
+            (
+                "redis://host:6379?password=Qz7k",
+                "redis://host:6379?password=***",
+            ),
+            ("redis://[::1]:Qz7k", "redis://[::1]:***"),
+            ("redis://[fe80::1%25eth0]:Qz7k", "redis://[fe80:***"),
+            ("redis://user:Qz7k@[::1]:abc", "redis://user:***@[::1]:abc"),
+            ("redis://[user:Qz7k]@host", "redis://[user:***@host"),
+            (
+                "unix://:Qz7k@/tmp/redis.sock",
+                "unix://:***@/tmp/redis.sock",
+            ),
+            (
+                "unix:///tmp/redis.sock?password=Qz7k",
+                "unix:///tmp/redis.sock?password=***",
+            ),
+            (
+                "redis-sentinel://:Qz7k@h1:26379,h2:26379/mymaster/0",
+                "redis-sentinel://:***@h1:26379,h2:26379/mymaster/0",
+            ),
+            (
+                "redis-sentinel://h1:26379,:Qz7k/m",
+                "redis-sentinel://h1:***",
+            ),
+            (
+                "redis-sentinel://h1:26379,user:Qz7k",
+                "redis-sentinel://h1:***",
+            ),
+            (
+                "redis-sentinel://h1:26379,h2:x/m?sentinelPassword=Qz7k",
+                "redis-sentinel://h1:***",
+            ),
+            ("redis-cluster://h1:Qz7k,h2:6379", "redis-cluster://h1:***"),
+            (
+                "amqps://user:Qz:7k@mq:5671/vh",
+                "amqps://user:***@mq:5671/vh",
+            ),
+            ("amqp://user:Qz7k?heartbeat=5", "amqp://user:***"),
+            ("amqp://user:Qz7k ", "amqp://user:***"),
+            ("REDIS_URL=redis://user:Qz7k", "REDIS_URL=redis://user:***"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+            assert!(!redact_url(url).contains("Qz"), "{url}");
+        }
+    }
+
     #[test]
     fn no_part_of_a_password_survives_whatever_punctuation_it_holds() {
         let punctuation: Vec<char> = (b'!'..=b'~')

@@ -895,8 +895,9 @@ impl Inner {
                 let what = if reply.contains("NOT_ALLOWED") && reply.contains("not found") {
                     format!(
                         "the virtual host '{vhost}' does not exist on {at}: create it with \
-                         `rabbitmqctl add_vhost {vhost}`, or fix the URL's path (the virtual host \
-                         after the port, %2f for the default '/') (RabbitMQ said: {reply})"
+                         `rabbitmqctl add_vhost {}`, or fix the URL's path (the virtual host \
+                         after the port, %2f for the default '/') (RabbitMQ said: {reply})",
+                        shell_word(vhost)
                     )
                 } else if reply.contains("ACCESS_REFUSED") {
                     format!(
@@ -1468,6 +1469,17 @@ fn describe_open_error(error: &amqprs::error::Error, mechanism: AuthMechanism) -
         )
     } else {
         text
+    }
+}
+
+/// `word` as one word for a POSIX shell, to be pasted into a command: as it is when it has nothing
+/// a shell reads specially, otherwise in single quotes (a virtual host may have spaces, quotes, `$`).
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
     }
 }
 

@@ -79,27 +79,40 @@ async fn a_missing_virtual_host_is_named_with_the_command_that_creates_it() {
     if !broker_available().await {
         return;
     }
-    let vhost = unique("agentcomm-no-such-vhost");
-    let text = refused(
-        &format!("amqp://guest:guest@{}/{vhost}", broker_address()),
-        Duration::from_secs(5),
-    )
-    .await;
-    assert!(
-        text.contains(&format!(
-            "the virtual host '{vhost}' does not exist on RabbitMQ at amqp://guest:***@{}/{vhost}",
-            broker_address()
-        )),
-        "{text}"
-    );
-    assert!(
-        text.contains(&format!("rabbitmqctl add_vhost {vhost}")),
-        "{text}"
-    );
-    assert!(text.contains("fix the URL's path"), "{text}");
-    not_about_reachability(&text);
-    for debug in ["MethodHeader", "ShortStr", "class_id"] {
-        assert!(!text.contains(debug), "amqprs's Debug output: {text}");
+    let plain = unique("agentcomm-no-such-vhost");
+    // A virtual host a shell would split, expand or end the quotes of, pasted as it is.
+    let id = unique("");
+    let odd = format!("agentcomm no-such vhost's $HOME{id}");
+    for (vhost, path, command) in [
+        (
+            plain.clone(),
+            plain.clone(),
+            format!("rabbitmqctl add_vhost {plain}"),
+        ),
+        (
+            odd.clone(),
+            format!("agentcomm%20no-such%20vhost%27s%20%24HOME{id}"),
+            format!(r"rabbitmqctl add_vhost 'agentcomm no-such vhost'\''s $HOME{id}'"),
+        ),
+    ] {
+        let text = refused(
+            &format!("amqp://guest:guest@{}/{path}", broker_address()),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            text.contains(&format!(
+                "the virtual host '{vhost}' does not exist on RabbitMQ at amqp://guest:***@{}/{path}",
+                broker_address()
+            )),
+            "{text}"
+        );
+        assert!(text.contains(&format!("`{command}`")), "{text}");
+        assert!(text.contains("fix the URL's path"), "{text}");
+        not_about_reachability(&text);
+        for debug in ["MethodHeader", "ShortStr", "class_id"] {
+            assert!(!text.contains(debug), "amqprs's Debug output: {text}");
+        }
     }
 }
 

@@ -926,10 +926,22 @@ impl Inner {
                             url.host, url.port
                         ));
                     }
-                    Some(Peer::Other(how)) => {
+                    Some(Peer::Other) => {
                         return self.connection_error(format!(
-                            "{}:{} does not speak AMQP 0-9-1 (it {how}): is it the right port? \
-                             RabbitMQ listens on 5672, or 5671 for amqps ({text})",
+                            "{}:{} does not speak AMQP 0-9-1 (it answered the AMQP protocol header \
+                             with something else): is it the right port? RabbitMQ listens on \
+                             5672, or 5671 for amqps ({text})",
+                            url.host, url.port
+                        ));
+                    }
+                    // More often a proxy or load balancer whose RabbitMQ is down or restarting
+                    // than a wrong port: not told to change a port that may have worked so far.
+                    Some(Peer::Closed) => {
+                        return self.connection_error(format!(
+                            "{}:{} closed the connection without answering the AMQP protocol \
+                             header, as a proxy or load balancer in front of a RabbitMQ that is \
+                             down or restarting does (or a port that is not RabbitMQ's: it \
+                             listens on 5672, or 5671 for amqps) ({text})",
                             url.host, url.port
                         ));
                     }
@@ -1508,8 +1520,10 @@ enum Peer {
     Amqp,
     /// It answers with a TLS record (a TLS port, reached with amqp://).
     Tls,
-    /// It answers otherwise, or closes at once (what it did).
-    Other(&'static str),
+    /// It answers otherwise.
+    Other,
+    /// It closes the connection without answering.
+    Closed,
 }
 
 /// Sends the AMQP 0-9-1 protocol header to `host:port` on a connection of its own and looks at the
@@ -1524,13 +1538,10 @@ async fn speaks_amqp(host: &str, port: u16, bound: Duration) -> Option<Peer> {
         let _ = stream.write_all(b"AMQP\x00\x00\x09\x01").await;
         let mut first = [0u8; 1];
         Some(match stream.read(&mut first).await.unwrap_or(0) {
-            0 => Peer::Other(
-                "closed the connection without answering the AMQP protocol header, as a port \
-                 that is not RabbitMQ's may, or a proxy or load balancer whose RabbitMQ is down",
-            ),
+            0 => Peer::Closed,
             _ if first[0] == 1 => Peer::Amqp,
             _ if first[0] == 0x15 || first[0] == 0x16 => Peer::Tls,
-            _ => Peer::Other("answered the AMQP protocol header with something else"),
+            _ => Peer::Other,
         })
     };
     tokio::time::timeout(bound.min(Duration::from_secs(3)), probe)

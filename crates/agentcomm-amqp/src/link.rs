@@ -891,7 +891,9 @@ impl Inner {
             "check the user name and password the credentials provider gives"
         };
         if url.auth_mechanism != AuthMechanism::External {
-            if let Some(reply) = close_reply(&text) {
+            // Scrubbed again once unescaped: in amqprs's Debug text, a password with a `"` or `\`
+            // in it is written escaped, which the scrub above does not match.
+            if let Some(reply) = close_reply(&text).map(|reply| hide(&reply)) {
                 let what = if reply.contains("NOT_ALLOWED") && reply.contains("not found") {
                     format!(
                         "the virtual host '{vhost}' does not exist on {at}: create it with \

@@ -20,8 +20,8 @@ use amqprs::channel::{ExchangeDeclareArguments, ExchangeDeleteArguments};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::{
-    Cleanup, Raw, after_protocol_header, broker_address, broker_available, unique, wait_until,
-    within,
+    Cleanup, Raw, after_protocol_header, broker_address, broker_available, connection_start,
+    method_frame, unique, wait_until, within,
 };
 
 /// The error text of a connect to `url` that must fail.
@@ -175,6 +175,54 @@ async fn a_port_that_answers_but_not_as_amqp_is_named_at_once() {
             started.elapsed()
         );
     }
+}
+
+/// A fake broker that answers every login with a connection.close whose reply text is `reply`,
+/// as RabbitMQ answers a login it refuses, or a virtual host it does not let the user in.
+async fn broker_closing_with(reply: String) -> String {
+    after_protocol_header(move |mut socket| {
+        let reply = reply.clone();
+        async move {
+            // connection.close: class 10, method 50, 403, the reply text, about start-ok (10, 11).
+            let mut close = vec![0, 10, 0, 50, 0x01, 0x93, reply.len() as u8];
+            close.extend_from_slice(reply.as_bytes());
+            close.extend_from_slice(&[0, 10, 0, 11]);
+            for frame in [connection_start("PLAIN AMQPLAIN"), method_frame(&close)] {
+                if socket.write_all(&frame).await.is_err() {
+                    return;
+                }
+                // The start-ok, then the close-ok.
+                let mut answer = [0u8; 1024];
+                let _ = socket.read(&mut answer).await;
+            }
+        }
+    })
+    .await
+}
+
+/// A password with a `"` in it was scrubbed from amqprs's Debug text of the broker's close, where
+/// it is escaped (`\"`), and then shown unescaped in the reply quoted from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_with_a_quote_in_the_broker_s_reply_is_hidden() {
+    let password = format!("pa\"ss-{}", unique("pw"));
+    let address = broker_closing_with(format!(
+        "ACCESS_REFUSED - no login with password {password}"
+    ))
+    .await;
+    let text = refused(
+        &format!("amqp://app:{}@{address}/%2f", password.replace('"', "%22")),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        text.contains("refused the login of user 'app'") && text.contains("RabbitMQ said:"),
+        "{text}"
+    );
+    assert!(!text.contains(&password), "the password leaked: {text}");
+    assert!(
+        !text.contains(&password.replace('"', "\\\"")),
+        "the password leaked: {text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

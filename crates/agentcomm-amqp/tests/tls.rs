@@ -359,18 +359,11 @@ async fn auth_mechanism_external_logs_in_with_the_certificate_not_as_guest() {
 async fn broker_refusing_every_login() -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     after_protocol_header(|mut socket| async move {
-        // connection.start: class 10, method 10, version 0-9, no server properties.
-        let mut payload = vec![0, 10, 0, 10, 0, 9];
-        payload.extend_from_slice(&0u32.to_be_bytes());
-        for text in ["EXTERNAL PLAIN", "en_US"] {
-            payload.extend_from_slice(&(text.len() as u32).to_be_bytes());
-            payload.extend_from_slice(text.as_bytes());
-        }
-        let mut frame = vec![1, 0, 0];
-        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&payload);
-        frame.push(0xCE);
-        if socket.write_all(&frame).await.is_err() {
+        if socket
+            .write_all(&connection_start("EXTERNAL PLAIN"))
+            .await
+            .is_err()
+        {
             return;
         }
         // The start-ok, then the login is refused: the connection is dropped.

@@ -310,6 +310,27 @@ where
     address
 }
 
+/// An AMQP 0-9-1 method frame on channel 0 carrying `payload` (class, method, arguments), for the
+/// fake brokers above.
+pub fn method_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![1, 0, 0];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame.push(0xCE);
+    frame
+}
+
+/// The frame of a connection.start offering `mechanisms` (version 0-9, no server properties).
+pub fn connection_start(mechanisms: &str) -> Vec<u8> {
+    let mut payload = vec![0, 10, 0, 10, 0, 9];
+    payload.extend_from_slice(&0u32.to_be_bytes());
+    for text in [mechanisms, "en_US"] {
+        payload.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        payload.extend_from_slice(text.as_bytes());
+    }
+    method_frame(&payload)
+}
+
 /// What this test binary logged at WARN and above, captured by a global subscriber installed on
 /// first use. Tests run side by side, so a test looks for lines that name its own message ids.
 pub struct Logs(std::sync::Mutex<Vec<u8>>);

@@ -5,7 +5,7 @@
 //! BENCH_MESSAGES scales the message counts, default 40,000 at 64 in flight and 3,000 at 1;
 //! BENCH_ROUNDS rounds, default 5, each running every client once, back to back: the figures are the
 //! medians over the rounds, and the ratios the medians of each round's ratio to plain fred;
-//! BENCH_CASES picks cases, e.g. `streams-64`).
+//! BENCH_CASES picks cases, e.g. `streams-64`; BENCH_WORKERS sets Tokio's worker threads, default 2).
 //!
 //! The same work on both sides, as a user of plain fred would write it: the publisher encodes a
 //! PaymentRequest with MessagePack and publishes it (PUBLISH, or XADD into a stream); the subscriber
@@ -475,8 +475,15 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // BENCH_WORKERS: Tokio worker threads (default 2, the machine's cores), to see what a message's
+    // hand-off between threads costs (1: every task on one worker).
+    let workers: usize = std::env::var("BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .unwrap();

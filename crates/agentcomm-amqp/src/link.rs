@@ -905,9 +905,16 @@ impl Inner {
                     format!(
                         "{at} refused the login of user '{user}': {check} (RabbitMQ said: {reply})"
                     )
+                } else if reply.contains("NOT_ALLOWED") && reply.contains("access to vhost") {
+                    format!(
+                        "{at} refused user '{user}' the virtual host '{vhost}': grant it with \
+                         `rabbitmqctl set_permissions -p {} {} '.*' '.*' '.*'` (or narrower \
+                         patterns), or use a user that has it (RabbitMQ said: {reply})",
+                        shell_word(vhost),
+                        shell_word(&user)
+                    )
                 } else {
-                    // A user without permission on the virtual host, a connection limit: RabbitMQ's
-                    // reply names it.
+                    // A connection limit, and what else RabbitMQ may refuse: its reply names it.
                     format!("{at} refused the connection: {reply}")
                 };
                 return refused(what);

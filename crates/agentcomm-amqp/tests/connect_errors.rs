@@ -20,8 +20,8 @@ use amqprs::channel::{ExchangeDeclareArguments, ExchangeDeleteArguments};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::{
-    Cleanup, Raw, after_protocol_header, broker_address, broker_available, connection_start,
-    method_frame, unique, wait_until, within,
+    Cleanup, Raw, ThrowawayUser, after_protocol_header, broker_address, broker_available,
+    connection_start, method_frame, unique, wait_until, within,
 };
 
 /// The error text of a connect to `url` that must fail.
@@ -114,6 +114,36 @@ async fn a_missing_virtual_host_is_named_with_the_command_that_creates_it() {
             assert!(!text.contains(debug), "amqprs's Debug output: {text}");
         }
     }
+}
+
+/// A user without permission on the virtual host is told the command that grants it: RabbitMQ's
+/// NOT_ALLOWED reply was passed on alone ("refused the connection: NOT_ALLOWED - access to vhost '/'
+/// refused for user ..."), with no fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_without_permission_on_the_virtual_host_is_told_how_to_grant_it() {
+    if !broker_available().await {
+        return;
+    }
+    let name = unique("t-agentcomm-noperm");
+    let password = unique("pw");
+    let Some(user) = tokio::task::block_in_place(|| ThrowawayUser::add(&name, &password)) else {
+        return;
+    };
+    tokio::task::block_in_place(|| user.clear_permissions());
+    let text = refused(
+        &format!("amqp://{name}:{password}@{}/%2f", broker_address()),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        text.contains(&format!(
+            "refused user '{name}' the virtual host '/': grant it with `rabbitmqctl set_permissions -p / {name} '.*' '.*' '.*'`"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains(&password), "the password leaked: {text}");
+    not_about_reachability(&text);
+    drop(user);
 }
 
 /// A listener on loopback whose every connection gets `answer` (written after the AMQP protocol

@@ -458,6 +458,11 @@ impl ThrowawayUser {
         .expect("permissions for the throwaway user");
     }
 
+    /// Takes away every permission of the user on the default virtual host.
+    pub fn clear_permissions(&self) {
+        rabbitmqctl(&["clear_permissions", "-p", "/", &self.name]).expect("clear_permissions");
+    }
+
     /// Gives the user another password.
     pub fn change_password(&self, password: &str) {
         rabbitmqctl(&["change_password", &self.name, password]).expect("change_password");

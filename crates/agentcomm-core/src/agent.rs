@@ -536,13 +536,7 @@ impl<A: Agent> Publisher<A> {
     where
         A: Sends<Req>,
     {
-        let timeout = self.bus.request_timeout();
-        Box::pin(self.bus.request_owned::<Req, Resp>(
-            session.to_string(),
-            message,
-            timeout,
-            Some(A::NAME),
-        ))
+        self.request_timeout(session, message, self.bus.request_timeout())
     }
 
     /// Sends a request and waits up to `timeout` for the reply.

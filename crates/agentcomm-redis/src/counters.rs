@@ -227,6 +227,17 @@ impl SummedLog {
         Some((std::mem::take(&mut self.count), folded))
     }
 
+    /// [`SummedLog::add`], and when `ending` (nothing comes later) what waits, due or not.
+    pub(crate) fn add_or_end(
+        &mut self,
+        count: u64,
+        now: Instant,
+        ending: bool,
+    ) -> Option<(u64, u64)> {
+        self.add(count, now)
+            .or_else(|| if ending { self.take() } else { None })
+    }
+
     /// What waits for a line, due or not (the subscription ends):
     /// `Some((lost since the last line, occurrences not written on a line of their own))`.
     pub(crate) fn take(&mut self) -> Option<(u64, u64)> {

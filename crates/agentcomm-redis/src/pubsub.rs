@@ -1033,9 +1033,7 @@ impl Losses {
             }
             self.more |= more;
         }
-        let due = self.lost.add(lost, Instant::now());
-        if let Some((lost, suppressed)) = due.or_else(|| ending.then(|| self.lost.take()).flatten())
-        {
+        if let Some((lost, suppressed)) = self.lost.add_or_end(lost, Instant::now(), ending) {
             warn_lost(
                 lost,
                 suppressed,
@@ -1051,10 +1049,7 @@ impl Losses {
         if let Some(counters) = counters {
             counters.lose(&counters.lagged, missed);
         }
-        let due = self.lagged.add(missed, Instant::now());
-        if let Some((missed, suppressed)) =
-            due.or_else(|| ending.then(|| self.lagged.take()).flatten())
-        {
+        if let Some((missed, suppressed)) = self.lagged.add_or_end(missed, Instant::now(), ending) {
             tracing::warn!(
                 missed,
                 suppressed,

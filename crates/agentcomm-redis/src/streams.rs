@@ -33,6 +33,7 @@ use agentcomm_core::router::{
     SubscriptionControl,
 };
 use bytes::Bytes;
+use fred::bytes_utils::Str;
 use fred::clients::Client;
 use fred::interfaces::{
     ClientInterface, ClientLike, HashesInterface, LuaInterface, StreamsInterface,
@@ -257,11 +258,38 @@ impl EntryId {
     /// The id as Redis writes it, as `to_string` makes it, without the formatting machinery (one per
     /// acknowledgement).
     fn text(self) -> String {
-        let mut out = String::with_capacity(41);
-        push_decimal(&mut out, self.0);
-        out.push('-');
-        push_decimal(&mut out, self.1);
-        out
+        let mut out = Vec::with_capacity(41);
+        self.write(&mut out);
+        String::from_utf8(out).expect("ASCII digits and a dash")
+    }
+
+    /// Appends the id as Redis writes it.
+    fn write(self, out: &mut Vec<u8>) {
+        push_decimal(out, self.0);
+        out.push(b'-');
+        push_decimal(out, self.1);
+    }
+
+    /// The ids as Redis writes them, for one command (an `XACK` of a batch): printed into one buffer
+    /// that they all view, not one allocation each (the frame reader's buffer is not held for them
+    /// either: ids kept from a read's reply would keep that buffer shared until the `XACK` came back,
+    /// which makes fred read and parse its next replies in smaller pieces).
+    fn texts(ids: impl ExactSizeIterator<Item = EntryId>) -> Vec<Str> {
+        let mut buffer = Vec::with_capacity(ids.len() * 41);
+        let mut ends = Vec::with_capacity(ids.len());
+        for id in ids {
+            id.write(&mut buffer);
+            ends.push(buffer.len());
+        }
+        let buffer = Bytes::from(buffer);
+        let mut start = 0;
+        ends.into_iter()
+            .map(|end| {
+                let text = buffer.slice(start..end);
+                start = end;
+                Str::from_inner(text).expect("ASCII digits and a dash")
+            })
+            .collect()
     }
 }
 
@@ -302,7 +330,7 @@ fn decimal(digits: &[u8]) -> Option<u64> {
     })
 }
 
-fn push_decimal(out: &mut String, mut value: u64) {
+fn push_decimal(out: &mut Vec<u8>, mut value: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -313,7 +341,7 @@ fn push_decimal(out: &mut String, mut value: u64) {
             break;
         }
     }
-    out.push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+    out.extend_from_slice(&digits[at..]);
 }
 
 impl std::fmt::Display for EntryId {
@@ -324,7 +352,7 @@ impl std::fmt::Display for EntryId {
 
 /// One entry as read from a stream: its id and frame (`None` when the entry was deleted or trimmed while
 /// it was pending).
-type Entry = (String, Option<Bytes>);
+type Entry = (Str, Option<Bytes>);
 
 /// A held entry: its stream key and id.
 type Held = (Arc<str>, EntryId);
@@ -1189,7 +1217,7 @@ impl StreamSubscription {
     async fn handle_entry(
         self: &Arc<Self>,
         key: &Arc<str>,
-        id: String,
+        id: Str,
         frame: Option<Bytes>,
         deliveries: Option<u64>,
         redelivered: bool,
@@ -1200,7 +1228,7 @@ impl StreamSubscription {
         let Some(entry_id) = EntryId::parse(&id) else {
             tracing::warn!(
                 stream = key.as_ref(),
-                entry = id,
+                entry = &*id,
                 "an entry id that is not <ms>-<seq>; skipped"
             );
             return;
@@ -1218,7 +1246,7 @@ impl StreamSubscription {
             shared.counters.lose(&shared.counters.trimmed, 1);
             tracing::warn!(
                 stream = key.as_ref(),
-                entry = id,
+                entry = &*id,
                 "a pending entry was trimmed from its stream before it was handled (raise \
                  `stream_max_len`, or consume faster)"
             );
@@ -1550,10 +1578,10 @@ impl StreamSubscription {
     /// counter as it was before that read, as a delivery given back from the buffer is (see
     /// [`Handled::Never`]). Left pending as they were, the next member's claim counted a second attempt
     /// for them: with `max_deliveries(1)`, a dead letter of an entry no handler ever saw.
-    async fn release_unread(&self, entries: impl IntoIterator<Item = (Arc<str>, String)>) {
+    async fn release_unread(&self, entries: impl IntoIterator<Item = (Arc<str>, Str)>) {
         let mut by_key: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         for (key, id) in entries {
-            by_key.entry(key).or_default().push(id);
+            by_key.entry(key).or_default().push(id.to_string());
         }
         for (key, ids) in by_key {
             if let Some(group) = &self.group {
@@ -2146,7 +2174,8 @@ pub(crate) fn parse_entries(entries: Value) -> Vec<Entry> {
         .into_iter()
         .filter_map(|entry| {
             let mut parts = entry.into_array().into_iter();
-            let id = parts.next()?.as_string()?;
+            // Kept as Redis sent it (a view into the reply, no copy): the acknowledgement sends it back.
+            let id = parts.next()?.into_bytes_str()?;
             let frame = match parts.next() {
                 Some(Value::Array(fields)) => {
                     let mut fields = fields.into_iter();
@@ -2405,7 +2434,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
             Ok(reply) => {
                 failures = 0;
                 reader.succeeded();
-                let mut batch: Vec<(Arc<str>, String, Option<Bytes>)> = Vec::new();
+                let mut batch: Vec<(Arc<str>, Str, Option<Bytes>)> = Vec::new();
                 for (key, entries) in parse_read_reply(reply) {
                     let Some(key) = keys.iter().find(|k| k.as_ref() == key).cloned() else {
                         continue;
@@ -2612,7 +2641,7 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
                                 .into(),
                     })
                 } else {
-                    let ids: Vec<String> = waiting.iter().map(|(id, _, _)| id.text()).collect();
+                    let ids = EntryId::texts(waiting.iter().map(|(id, _, _)| *id));
                     subscription
                         .shared
                         .client_for(&key)
@@ -3073,13 +3102,13 @@ async fn reclaim_page(
     // (after a reconnect) and its script: recovery delivers it. It is left to recovery, still held
     // (unholding it would stop renewing the lease recovery's handler relies on). The delivery this
     // claim counted in Redis stays counted: recovery's attempt number includes it.
-    let newly = subscription.hold_ids(key, entries.iter().map(|(id, _)| id.as_str()));
+    let newly = subscription.hold_ids(key, entries.iter().map(|(id, _)| &**id));
     entries.retain(|(id, _)| {
         let new = EntryId::parse(id).is_some_and(|id| newly.contains(&id));
         if !new {
             tracing::debug!(
                 stream = key.as_ref(),
-                entry = id.as_str(),
+                entry = &**id,
                 "claimed an entry that recovery takes back at the same time; left to recovery"
             );
         }
@@ -3115,14 +3144,14 @@ async fn reclaim_page(
             subscription.ack_late(key, entry_id).await;
             continue;
         }
-        let deliveries = counts.get(&id).copied().unwrap_or(1) + 1;
+        let deliveries = counts.get(&*id).copied().unwrap_or(1) + 1;
         subscription
             .shared
             .counters
             .bump(&subscription.shared.counters.reclaimed);
         tracing::info!(
             stream = key.as_ref(),
-            entry = id,
+            entry = &*id,
             deliveries,
             "claimed an entry another consumer left pending"
         );
@@ -3438,9 +3467,9 @@ mod tests {
         assert_eq!(
             entries,
             &vec![
-                ("1-0".to_string(), Some(Bytes::from_static(b"\x80"))),
-                ("2-0".to_string(), None),
-                ("3-0".to_string(), Some(Bytes::new())),
+                (Str::from("1-0"), Some(Bytes::from_static(b"\x80"))),
+                (Str::from("2-0"), None),
+                (Str::from("3-0"), Some(Bytes::new())),
             ]
         );
         assert!(parse_read_reply(Value::Null).is_empty());
@@ -3525,6 +3554,23 @@ mod tests {
             assert_eq!(id.text(), id.to_string());
             assert_eq!(EntryId::parse(&id.text()), Some(id));
         }
+        // A batch's ids, printed into one buffer, each its own string.
+        let batch = [
+            EntryId(0, 0),
+            EntryId(1_764_130_000_000, 9),
+            EntryId(u64::MAX, u64::MAX),
+        ];
+        let texts = EntryId::texts(batch.into_iter());
+        let texts: Vec<&str> = texts.iter().map(|text| &**text).collect();
+        assert_eq!(
+            texts,
+            [
+                "0-0",
+                "1764130000000-9",
+                "18446744073709551615-18446744073709551615"
+            ]
+        );
+        assert!(EntryId::texts(std::iter::empty()).is_empty());
     }
 
     /// A group subscription (`max_deliveries(1)` unless [`LostAck::start_with`] says otherwise, `claim_idle` as given) holding nothing, and one entry

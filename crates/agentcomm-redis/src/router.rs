@@ -94,6 +94,12 @@ const PUBSUB_CHUNK_BYTES: usize = 256 * 1024;
 /// How long a malformed frame's marker keeps other subscriptions from dead-lettering it again.
 const MALFORMED_MARKER_TTL_MS: i64 = 3_600_000;
 
+/// The one field of a stream entry, its frame: the field's name is fred's static key (not copied for
+/// every `XADD`), and one pair is no list to allocate.
+fn frame_field(frame: Bytes) -> (Key, Value) {
+    (Key::from_static_str(FRAME_FIELD), Value::Bytes(frame))
+}
+
 /// Where one class's messages go, computed once per router: its keys, the pool connection that writes
 /// them (always the same, so that a stream's publishes stay in order), and its next sequence number.
 struct StreamTarget {
@@ -1256,7 +1262,7 @@ impl Shared {
         target: &StreamTarget,
         frame: Bytes,
     ) -> impl Future<Output = Result<()>> + Send + use<'a> {
-        let fields = vec![(FRAME_FIELD, Value::Bytes(frame))];
+        let fields = frame_field(frame);
         let added = self.pool.clients()[target.client].xadd::<Value, _, _, _, _>(
             target.stream.clone(),
             false,
@@ -1336,7 +1342,7 @@ impl Shared {
         if !self.settings.idempotent_publish {
             // Without a sequence number: stream readers drop it. The live copy is numbered below.
             let frame = Bytes::from(envelope.to_frame()?);
-            let fields = vec![(FRAME_FIELD, Value::Bytes(frame))];
+            let fields = frame_field(frame);
             let added: std::result::Result<Value, fred::error::Error> = client
                 .xadd(target.stream.clone(), false, target.cap(), "*", fields)
                 .await;
@@ -1962,7 +1968,7 @@ impl Shared {
                                 false,
                                 target.cap(),
                                 "*",
-                                vec![(FRAME_FIELD, Value::Bytes(pending.frame.clone()))],
+                                frame_field(pending.frame.clone()),
                             )),
                         ),
                         (None, Some(channel)) => {

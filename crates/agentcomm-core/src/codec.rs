@@ -118,6 +118,36 @@ pub enum Codec {
     Json,
 }
 
+thread_local! {
+    /// Where [`Codec::encode`] writes before copying out (see [`encode_in_scratch`]).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The largest scratch buffer a thread keeps between encodes: one large message does not hold its
+/// size for the thread's life.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+/// Runs `encode` on this thread's scratch buffer, emptied, and copies what it wrote into an allocation
+/// of exactly its length: `Bytes` takes such a buffer as it is, while one with room to spare costs it a
+/// second allocation (its shared header), and a buffer grown as it is written costs more than one. An
+/// encode inside an encode (a `Serialize` that encodes) finds the buffer taken and uses its own.
+fn encode_in_scratch(encode: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<Bytes> {
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buffer) => {
+            buffer.clear();
+            let encoded = encode(&mut buffer).map(|()| Bytes::copy_from_slice(&buffer));
+            if buffer.capacity() > SCRATCH_KEEP {
+                *buffer = Vec::new();
+            }
+            encoded
+        }
+        Err(_) => {
+            let mut buffer = Vec::new();
+            encode(&mut buffer).map(|()| Bytes::from(buffer))
+        }
+    })
+}
+
 impl Codec {
     /// The content type written in envelopes encoded with this codec.
     pub fn content_type(self) -> &'static str {
@@ -180,23 +210,22 @@ impl Codec {
     /// Encodes a message.
     pub fn encode<M: Serialize + ?Sized>(self, class: &str, message: &M) -> Result<Bytes> {
         match self {
-            Codec::MessagePack => {
-                let mut buffer = Vec::with_capacity(128);
+            Codec::MessagePack => encode_in_scratch(|buffer| {
                 message
-                    .serialize(&mut rmp_serde::Serializer::new(&mut buffer).with_struct_map())
+                    .serialize(&mut rmp_serde::Serializer::new(buffer).with_struct_map())
+                    .map_err(|e| Error::encode(class, e))
+            }),
+            Codec::Json => encode_in_scratch(|buffer| {
+                serde_json::to_writer(&mut *buffer, message)
                     .map_err(|e| Error::encode(class, e))?;
-                Ok(Bytes::from(buffer))
-            }
-            Codec::Json => {
-                let json = serde_json::to_vec(message).map_err(|e| Error::encode(class, e))?;
                 // serde_json writes NaN and the infinities as `null`: the receiver would then fail to
                 // decode an `f64` field, or read `None` from an `Option<f64>` that held a number. A
                 // payload with a `null` in it is checked again, for such numbers, and refused.
-                if json.windows(4).any(|window| window == b"null") {
+                if buffer.windows(4).any(|window| window == b"null") {
                     finite::check(message).map_err(|e| Error::encode(class, e))?;
                 }
-                Ok(Bytes::from(json))
-            }
+                Ok(())
+            }),
         }
     }
 
@@ -623,6 +652,76 @@ mod tests {
     struct PaymentV1 {
         amount: f64,
         user_id: String,
+    }
+
+    /// A message whose `Serialize` encodes another message with the codec (a payload carried as bytes):
+    /// the inner encode finds the thread's scratch buffer taken by the outer one.
+    struct Wrapper(PaymentV1);
+
+    impl Serialize for Wrapper {
+        fn serialize<S: serde::Serializer>(
+            &self,
+            serializer: S,
+        ) -> std::result::Result<S::Ok, S::Error> {
+            let inner = Codec::MessagePack
+                .encode("PaymentV1", &self.0)
+                .map_err(serde::ser::Error::custom)?;
+            serializer.serialize_bytes(&inner)
+        }
+    }
+
+    fn decoded_copy(payment: &PaymentV1) -> PaymentV1 {
+        PaymentV1 {
+            amount: payment.amount,
+            user_id: payment.user_id.clone(),
+        }
+    }
+
+    #[test]
+    fn an_encode_inside_an_encode_gets_its_own_buffer() {
+        let payment = PaymentV1 {
+            amount: 12.5,
+            user_id: "user-1".into(),
+        };
+        let outer = Codec::MessagePack
+            .encode("Wrapper", &Wrapper(payment))
+            .unwrap();
+        let inner: serde_bytes::ByteBuf = rmp_serde::from_slice(&outer).unwrap();
+        let decoded: PaymentV1 = Codec::MessagePack.decode("PaymentV1", &inner).unwrap();
+        assert_eq!(
+            decoded,
+            PaymentV1 {
+                amount: 12.5,
+                user_id: "user-1".into()
+            }
+        );
+        // The same inside a JSON encode.
+        let json = Codec::Json
+            .encode("Wrapper", &Wrapper(decoded_copy(&decoded)))
+            .unwrap();
+        let bytes: Vec<u8> = serde_json::from_slice(&json).unwrap();
+        assert_eq!(bytes, inner.into_vec());
+        // Encodes after it, on the same thread, are whole and independent of each other.
+        let first = Codec::MessagePack.encode("PaymentV1", &decoded).unwrap();
+        let big = PaymentV1 {
+            amount: 1.0,
+            user_id: "x".repeat(100_000),
+        };
+        let large = Codec::MessagePack.encode("PaymentV1", &big).unwrap();
+        let second = Codec::MessagePack.encode("PaymentV1", &decoded).unwrap();
+        assert_eq!(first, second);
+        assert_eq!(
+            Codec::MessagePack
+                .decode::<PaymentV1>("PaymentV1", &large)
+                .unwrap(),
+            big
+        );
+        assert_eq!(
+            Codec::MessagePack
+                .decode::<PaymentV1>("PaymentV1", &first)
+                .unwrap(),
+            decoded
+        );
     }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]

@@ -537,7 +537,9 @@ type AckWaiter = (
 #[derive(Default)]
 struct AckQueue {
     closed: bool,
-    waiting: HashMap<Arc<str>, Vec<AckWaiter>, FastState>,
+    /// In the order they came, with their stream: grouped by stream when a batch is sent, not for each
+    /// acknowledgement (nearly always one stream).
+    waiting: Vec<(Arc<str>, AckWaiter)>,
 }
 
 /// Acknowledgements waiting to be sent: one `XACK` per stream for all that came together.
@@ -2628,7 +2630,7 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
         }
         let gate = subscription.acks.gate.read().await;
         let released = subscription.released.load(Ordering::Acquire);
-        let sends = batch.into_iter().map(|(key, waiting)| {
+        let sends = by_stream(batch).into_iter().map(|(key, waiting)| {
             let subscription = &subscription;
             let group = &group;
             async move {
@@ -2702,6 +2704,18 @@ async fn send_acks(subscription: Arc<StreamSubscription>) {
         futures::future::join_all(sends).await;
         drop(gate);
     }
+}
+
+/// Acknowledgements grouped by stream, each group in the order they came.
+fn by_stream(batch: Vec<(Arc<str>, AckWaiter)>) -> Vec<(Arc<str>, Vec<AckWaiter>)> {
+    let mut groups: Vec<(Arc<str>, Vec<AckWaiter>)> = Vec::new();
+    for (key, waiter) in batch {
+        match groups.iter_mut().find(|(known, _)| *known == key) {
+            Some((_, waiting)) => waiting.push(waiter),
+            None => groups.push((key, vec![waiter])),
+        }
+    }
+    groups
 }
 
 /// The most entries whose `XACK` failed a subscription remembers (see `StreamSubscription::unacked`).
@@ -3292,11 +3306,7 @@ impl Acknowledge for StreamAck {
                 drop(slot);
                 false
             } else {
-                queue
-                    .waiting
-                    .entry(key.clone())
-                    .or_default()
-                    .push((id, done, slot));
+                queue.waiting.push((key.clone(), (id, done, slot)));
                 true
             }
         };
@@ -3518,6 +3528,27 @@ mod tests {
             vec![(keys[1].clone(), parse("7-0"))]
         );
         assert!(read_reply_entries(&Value::Null, &keys).is_empty());
+    }
+
+    #[test]
+    fn acknowledgements_are_grouped_by_stream_in_the_order_they_came() {
+        let waiter = |ms| {
+            let (done, _) = tokio::sync::oneshot::channel();
+            (EntryId(ms, 0), done, None)
+        };
+        let (a, b): (Arc<str>, Arc<str>) = ("p:stream:{A}".into(), "p:stream:{B}".into());
+        let batch = vec![
+            (a.clone(), waiter(1)),
+            (b.clone(), waiter(2)),
+            (Arc::from("p:stream:{A}"), waiter(3)),
+            (b.clone(), waiter(4)),
+        ];
+        let groups: Vec<(Arc<str>, Vec<u64>)> = by_stream(batch)
+            .into_iter()
+            .map(|(key, waiting)| (key, waiting.iter().map(|(id, _, _)| id.0).collect()))
+            .collect();
+        assert_eq!(groups, vec![(a, vec![1, 3]), (b, vec![2, 4])]);
+        assert!(by_stream(Vec::new()).is_empty());
     }
 
     #[test]

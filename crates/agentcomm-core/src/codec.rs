@@ -132,20 +132,26 @@ const SCRATCH_KEEP: usize = 64 * 1024;
 /// second allocation (its shared header), and a buffer grown as it is written costs more than one. An
 /// encode inside an encode (a `Serialize` that encodes) finds the buffer taken and uses its own.
 fn encode_in_scratch(encode: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<Bytes> {
-    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut buffer) => {
-            buffer.clear();
-            let encoded = encode(&mut buffer).map(|()| Bytes::copy_from_slice(&buffer));
-            if buffer.capacity() > SCRATCH_KEEP {
-                *buffer = Vec::new();
-            }
-            encoded
+    let mut encode = Some(encode);
+    // `try_with`: an encode in a thread-local's destructor, after the buffer is gone, is not a panic.
+    let in_scratch = SCRATCH.try_with(|scratch| {
+        let mut buffer = scratch.try_borrow_mut().ok()?;
+        let encode = encode.take()?;
+        buffer.clear();
+        let encoded = encode(&mut buffer).map(|()| Bytes::copy_from_slice(&buffer));
+        if buffer.capacity() > SCRATCH_KEEP {
+            *buffer = Vec::new();
         }
-        Err(_) => {
+        Some(encoded)
+    });
+    match (in_scratch, encode) {
+        (Ok(Some(encoded)), _) => encoded,
+        (_, Some(encode)) => {
             let mut buffer = Vec::new();
             encode(&mut buffer).map(|()| Bytes::from(buffer))
         }
-    })
+        (_, None) => unreachable!("the encode ran in the scratch buffer"),
+    }
 }
 
 impl Codec {
@@ -722,6 +728,41 @@ mod tests {
                 .unwrap(),
             decoded
         );
+    }
+
+    /// Encodes in its destructor, which runs as its thread ends, after the scratch buffer's (thread-locals
+    /// are destroyed in the reverse order of their first use).
+    struct EncodesOnExit(std::sync::mpsc::Sender<Result<Bytes>>);
+
+    impl Drop for EncodesOnExit {
+        fn drop(&mut self) {
+            let payment = PaymentV1 {
+                amount: 1.5,
+                user_id: "user-9".into(),
+            };
+            let _ = self
+                .0
+                .send(Codec::MessagePack.encode("PaymentV1", &payment));
+        }
+    }
+
+    thread_local! {
+        static ON_EXIT: std::cell::RefCell<Option<EncodesOnExit>> = const { std::cell::RefCell::new(None) };
+    }
+
+    #[test]
+    fn an_encode_while_a_thread_ends_works_without_the_scratch_buffer() {
+        let (sender, encoded) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            ON_EXIT.with(|slot| *slot.borrow_mut() = Some(EncodesOnExit(sender)));
+            // The scratch buffer's first use: destroyed before `ON_EXIT`.
+            Codec::MessagePack.encode("PaymentV1", &1u8).unwrap();
+        })
+        .join()
+        .unwrap();
+        let encoded = encoded.recv().unwrap().unwrap();
+        let decoded: PaymentV1 = Codec::MessagePack.decode("PaymentV1", &encoded).unwrap();
+        assert_eq!(decoded.user_id, "user-9");
     }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]

@@ -255,8 +255,8 @@ impl EntryId {
         Some(EntryId(decimal(ms)?, seq.map_or(Some(0), decimal)?))
     }
 
-    /// The id as Redis writes it, as `to_string` makes it, without the formatting machinery (one per
-    /// acknowledgement).
+    /// The id as Redis writes it, as `to_string` makes it, without the formatting machinery (for the
+    /// commands that name entries one by one; an `XACK` batch takes [`EntryId::texts`]).
     fn text(self) -> String {
         let mut out = Vec::with_capacity(41);
         self.write(&mut out);
@@ -2176,7 +2176,7 @@ pub(crate) fn parse_entries(entries: Value) -> Vec<Entry> {
         .into_iter()
         .filter_map(|entry| {
             let mut parts = entry.into_array().into_iter();
-            // Kept as Redis sent it (a view into the reply, no copy): the acknowledgement sends it back.
+            // A view into the reply, as the frame is, not a copy.
             let id = parts.next()?.into_bytes_str()?;
             let frame = match parts.next() {
                 Some(Value::Array(fields)) => {

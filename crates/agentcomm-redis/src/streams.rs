@@ -1435,10 +1435,12 @@ impl StreamSubscription {
 
     /// Holds every entry a read's `reply` brought from one of `keys` (the streams read): their leases
     /// are renewed from now on.
-    fn hold_read(&self, reply: &Value, keys: &[Arc<str>]) {
-        let entries = read_reply_entries(reply, keys);
+    fn hold_read(&self, entries: &[ReadEntry]) {
         if !entries.is_empty() {
-            self.held.lock().expect("held lock").extend(entries);
+            self.held
+                .lock()
+                .expect("held lock")
+                .extend(held_of(entries));
         }
     }
 
@@ -2104,55 +2106,26 @@ async fn claim_owned(
     Ok((taken, ids()))
 }
 
-/// Splits an `XREAD`/`XREADGROUP`/`XCLAIM` reply into (stream, entries).
-pub(crate) fn parse_read_reply(reply: Value) -> Vec<(String, Vec<Entry>)> {
-    let mut streams = Vec::new();
-    match reply {
-        Value::Array(items) => {
-            for item in items {
-                let mut parts = item.into_array().into_iter();
-                let (Some(key), Some(entries)) = (parts.next(), parts.next()) else {
-                    continue;
-                };
-                let Some(key) = key.as_string() else { continue };
-                streams.push((key, parse_entries(entries)));
-            }
-        }
-        Value::Map(map) => {
-            for (key, entries) in map.inner() {
-                let Some(key) = key.as_str() else { continue };
-                streams.push((key.to_string(), parse_entries(entries)));
-            }
-        }
-        _ => {}
-    }
-    streams
-}
-
-/// Every entry of an `XREADGROUP` reply from one of `keys` (the streams read), read without taking the
-/// reply apart (it is parsed when its batch is handled).
-fn read_reply_entries(reply: &Value, keys: &[Arc<str>]) -> Vec<Held> {
+/// The entries of an `XREAD`/`XREADGROUP` reply (an array of `[stream, entries]`, or a map in RESP3)
+/// from the streams `keys` (the streams read; another stream's are left out), each with its stream's
+/// key from `keys`, in the order of the reply: taken apart once, when the reply comes, for the read to
+/// hold its entries and for their batch to be handled.
+fn read_entries(reply: Value, keys: &[Arc<str>]) -> Vec<ReadEntry> {
     let mut out = Vec::new();
-    let mut add = |key: &[u8], entries: &Value| {
-        let (Some(key), Value::Array(entries)) =
-            (keys.iter().find(|k| k.as_bytes() == key), entries)
-        else {
-            return;
-        };
-        for entry in entries {
-            if let Value::Array(parts) = entry
-                && let Some(id) = parts.first().and_then(Value::as_str)
-                && let Some(id) = EntryId::parse(&id)
-            {
-                out.push((key.clone(), id));
-            }
+    let mut add = |key: &[u8], entries: Value| {
+        if let Some(key) = keys.iter().find(|k| k.as_bytes() == key) {
+            out.extend(
+                parse_entries(entries)
+                    .into_iter()
+                    .map(|(id, frame)| (key.clone(), id, frame)),
+            );
         }
     };
     match reply {
         Value::Array(streams) => {
             for stream in streams {
-                if let Value::Array(parts) = stream
-                    && let [key, entries, ..] = parts.as_slice()
+                let mut parts = stream.into_array().into_iter();
+                if let (Some(key), Some(entries)) = (parts.next(), parts.next())
                     && let Some(key) = key.as_bytes()
                 {
                     add(key, entries);
@@ -2160,13 +2133,20 @@ fn read_reply_entries(reply: &Value, keys: &[Arc<str>]) -> Vec<Held> {
             }
         }
         Value::Map(map) => {
-            for (key, entries) in map.iter() {
+            for (key, entries) in map.inner() {
                 add(key.as_bytes(), entries);
             }
         }
         _ => {}
     }
     out
+}
+
+/// What a read holds of its entries: those whose id is `<ms>-<seq>` (another is skipped when handled).
+fn held_of(entries: &[ReadEntry]) -> impl Iterator<Item = Held> + '_ {
+    entries
+        .iter()
+        .filter_map(|(key, id, _)| Some((key.clone(), EntryId::parse(id)?)))
 }
 
 /// Parses `[[id, [field, value, ...]], ...]`.
@@ -2206,8 +2186,11 @@ pub(crate) fn parse_entries(entries: Value) -> Vec<Entry> {
         .collect()
 }
 
-/// The reply of a stream read.
-type ReadReply = std::result::Result<Value, fred::error::Error>;
+/// One entry of a stream read: the stream (one of those read), the id, the frame (see [`Entry`]).
+type ReadEntry = (Arc<str>, Str, Option<Bytes>);
+
+/// The entries of a stream read, in the order of its reply.
+type ReadReply = std::result::Result<Vec<ReadEntry>, fred::error::Error>;
 
 /// A read written to Redis ahead, while the entries of the read before it are handled.
 struct ReadAhead {
@@ -2268,7 +2251,7 @@ impl StreamSubscription {
                 let (subscription, keys) = (self.clone(), keys.to_vec());
                 Box::pin(async move {
                     let ids = vec![">"; names.len()];
-                    let reply = client
+                    let reply: std::result::Result<Value, _> = client
                         .xreadgroup(
                             group.as_str(),
                             consumer.as_str(),
@@ -2283,10 +2266,9 @@ impl StreamSubscription {
                     // all are held from now on (their leases renewed), so that no other member claims
                     // one while the entries before it are handled (a command made for one may be slow),
                     // while it waits for a slot, or while the batch before this read-ahead is handled.
-                    if let Ok(reply) = &reply {
-                        subscription.hold_read(reply, &keys);
-                    }
-                    reply
+                    let entries = read_entries(reply?, &keys);
+                    subscription.hold_read(&entries);
+                    Ok(entries)
                 })
             }
             None => {
@@ -2303,7 +2285,13 @@ impl StreamSubscription {
                         })
                         .collect()
                 };
-                Box::pin(async move { client.xread(Some(count), Some(block_ms), names, ids).await })
+                let keys = keys.to_vec();
+                Box::pin(async move {
+                    let reply: Value = client
+                        .xread(Some(count), Some(block_ms), names, ids)
+                        .await?;
+                    Ok(read_entries(reply, &keys))
+                })
             }
         }
     }
@@ -2436,17 +2424,7 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
             Ok(reply) => {
                 failures = 0;
                 reader.succeeded();
-                let mut batch: Vec<(Arc<str>, Str, Option<Bytes>)> = Vec::new();
-                for (key, entries) in parse_read_reply(reply) {
-                    let Some(key) = keys.iter().find(|k| k.as_ref() == key).cloned() else {
-                        continue;
-                    };
-                    batch.extend(
-                        entries
-                            .into_iter()
-                            .map(|(id, frame)| (key.clone(), id, frame)),
-                    );
-                }
+                let batch = reply;
                 // COUNT applies per stream: a read over several streams may return more entries than
                 // slots (the read held them all when its reply came).
                 let overflow = batch.len() > permits.num_permits();
@@ -3452,7 +3430,7 @@ mod tests {
     }
 
     #[test]
-    fn read_replies_are_split_into_streams_and_entries() {
+    fn read_replies_are_split_into_entries_of_the_streams_read() {
         let reply = Value::Array(vec![Value::Array(vec![
             Value::from("p:stream:{A}"),
             Value::Array(vec![
@@ -3470,30 +3448,32 @@ mod tests {
                 ]),
             ]),
         ])]);
-        let streams = parse_read_reply(reply);
-        assert_eq!(streams.len(), 1);
-        let (key, entries) = &streams[0];
-        assert_eq!(key, "p:stream:{A}");
+        let keys: Vec<Arc<str>> = vec!["p:stream:{A}".into()];
         assert_eq!(
-            entries,
-            &vec![
-                (Str::from("1-0"), Some(Bytes::from_static(b"\x80"))),
-                (Str::from("2-0"), None),
-                (Str::from("3-0"), Some(Bytes::new())),
+            read_entries(reply, &keys),
+            vec![
+                (
+                    keys[0].clone(),
+                    Str::from("1-0"),
+                    Some(Bytes::from_static(b"\x80"))
+                ),
+                (keys[0].clone(), Str::from("2-0"), None),
+                (keys[0].clone(), Str::from("3-0"), Some(Bytes::new())),
             ]
         );
-        assert!(parse_read_reply(Value::Null).is_empty());
+        assert!(read_entries(Value::Null, &keys).is_empty());
     }
 
     #[test]
-    fn a_read_ahead_reply_names_the_entries_to_hold_without_being_taken_apart() {
+    fn a_read_holds_the_entries_of_the_streams_it_asked_for() {
         let entry = |id: &str| Value::Array(vec![Value::from(id), Value::Null]);
         let reply = Value::Array(vec![
             Value::Array(vec![
                 Value::from("p:stream:{A}"),
                 Value::Array(vec![entry("1-0"), entry("1-1")]),
             ]),
-            // A stream this read did not ask for, and an entry whose id is not <ms>-<seq>: not held.
+            // A stream this read did not ask for: left out. An entry whose id is not <ms>-<seq>: kept
+            // for its batch (which skips it), not held.
             Value::Array(vec![
                 Value::from("p:stream:{Other}"),
                 Value::Array(vec![entry("5-0")]),
@@ -3504,30 +3484,39 @@ mod tests {
             ]),
         ]);
         let keys: Vec<Arc<str>> = vec!["p:stream:{A}".into(), "p:stream:{B}".into()];
+        let entries = read_entries(reply, &keys);
+        let ids: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|(key, id, _)| (key.as_ref(), &**id))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("p:stream:{A}", "1-0"),
+                ("p:stream:{A}", "1-1"),
+                ("p:stream:{B}", "2-0"),
+                ("p:stream:{B}", "not-an-id"),
+            ]
+        );
+        let mut held: Vec<Held> = held_of(&entries).collect();
+        held.sort();
         let parse = |text| EntryId::parse(text).unwrap();
         assert_eq!(
-            read_reply_entries(&reply, &keys),
+            held,
             vec![
                 (keys[0].clone(), parse("1-0")),
                 (keys[0].clone(), parse("1-1")),
                 (keys[1].clone(), parse("2-0")),
             ]
         );
-        // The reply is still whole for its batch.
-        let streams = parse_read_reply(reply);
-        assert_eq!(streams.len(), 3);
-        assert_eq!(streams[0].1.len(), 2);
         // RESP3 answers with a map.
         let mut map = fred::types::Map::new();
         map.insert(
             fred::types::Key::from("p:stream:{B}"),
             Value::Array(vec![entry("7-0")]),
         );
-        assert_eq!(
-            read_reply_entries(&Value::Map(map), &keys),
-            vec![(keys[1].clone(), parse("7-0"))]
-        );
-        assert!(read_reply_entries(&Value::Null, &keys).is_empty());
+        let entries = read_entries(Value::Map(map), &keys);
+        assert_eq!(entries, vec![(keys[1].clone(), Str::from("7-0"), None)]);
     }
 
     #[test]

@@ -2496,3 +2496,50 @@ async fn an_acknowledgement_made_while_the_router_closes_after_its_subscription_
     );
     let _ = raw.quit().await;
 }
+
+/// A group member reading two streams acknowledges deliveries of both at once: the acknowledgements
+/// go out in one batch, one `XACK` for each stream with that stream's ids. Every entry of both streams
+/// is then acknowledged in Redis (none left pending, to be delivered again after `claim_idle`).
+#[tokio::test]
+async fn acknowledgements_of_two_streams_sent_together_each_reach_their_stream() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let options = SubscribeOptions::new(ChannelPattern::parse("*:event:s1").unwrap()).group("g");
+    let mut member = router.subscribe(options).await.unwrap();
+    for n in 0..10 {
+        router.publish(envelope("PairA:event:s1", n)).await.unwrap();
+        router.publish(envelope("PairB:event:s1", n)).await.unwrap();
+    }
+    let mut deliveries = Vec::new();
+    for _ in 0..20 {
+        deliveries.push(next(&mut member).await);
+    }
+    // Interleaved by stream, and all queued before the task that sends them runs (this runtime has one
+    // thread): one batch with both streams in it.
+    deliveries.sort_by_key(number);
+    let acked =
+        futures::future::join_all(deliveries.into_iter().map(|delivery| delivery.ack())).await;
+    assert!(acked.iter().all(Result::is_ok), "{acked:?}");
+    let raw = raw_client().await;
+    for class in ["PairA", "PairB"] {
+        let key = format!("{prefix}:stream:{{{class}}}");
+        let pending: Value = raw.xpending(key.as_str(), "g", ()).await.unwrap();
+        assert_eq!(
+            pending.into_array().first().and_then(Value::as_u64),
+            Some(0),
+            "{class}'s entries all acknowledged"
+        );
+    }
+    let health = router.health().await;
+    assert_eq!(
+        (health.get("acked"), health.get("acks_not_pending")),
+        (20, 0),
+        "(acked, acks_not_pending)"
+    );
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}

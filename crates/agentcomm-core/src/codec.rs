@@ -138,11 +138,14 @@ fn encode_in_scratch(encode: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<
         let mut buffer = scratch.try_borrow_mut().ok()?;
         let encode = encode.take()?;
         buffer.clear();
-        let encoded = encode(&mut buffer).map(|()| Bytes::copy_from_slice(&buffer));
+        let encoded = encode(&mut buffer);
         if buffer.capacity() > SCRATCH_KEEP {
-            *buffer = Vec::new();
+            // Not kept: handed over as it is (shrunk in place), not copied.
+            let mut taken = std::mem::take(&mut *buffer);
+            taken.shrink_to_fit();
+            return Some(encoded.map(|()| Bytes::from(taken)));
         }
-        Some(encoded)
+        Some(encoded.map(|()| Bytes::copy_from_slice(&buffer)))
     });
     match (in_scratch, encode) {
         (Ok(Some(encoded)), _) => encoded,

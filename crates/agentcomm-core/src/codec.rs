@@ -119,7 +119,7 @@ pub enum Codec {
 }
 
 thread_local! {
-    /// Where [`Codec::encode`] writes before copying out (see [`encode_in_scratch`]).
+    /// Where [`Codec::encode`] writes (see [`encode_in_scratch`]).
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -129,8 +129,10 @@ const SCRATCH_KEEP: usize = 64 * 1024;
 
 /// Runs `encode` on this thread's scratch buffer, emptied, and copies what it wrote into an allocation
 /// of exactly its length: `Bytes` takes such a buffer as it is, while one with room to spare costs it a
-/// second allocation (its shared header), and a buffer grown as it is written costs more than one. An
-/// encode inside an encode (a `Serialize` that encodes) finds the buffer taken and uses its own.
+/// second allocation (its shared header), and a buffer grown as it is written costs more than one. A
+/// buffer grown past [`SCRATCH_KEEP`], which the thread does not keep, is handed over instead of
+/// copied. An encode inside an encode (a `Serialize` that encodes) finds the buffer taken and uses its
+/// own.
 fn encode_in_scratch(encode: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<Bytes> {
     let mut encode = Some(encode);
     // `try_with`: an encode in a thread-local's destructor, after the buffer is gone, is not a panic.

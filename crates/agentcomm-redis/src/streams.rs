@@ -1433,8 +1433,9 @@ impl StreamSubscription {
         self.unhold(key, id);
     }
 
-    /// Holds every entry a read's `reply` brought from one of `keys` (the streams read): their leases
-    /// are renewed from now on.
+    /// Holds the entries a read brought (taken apart by [`read_entries`], so only the streams it read;
+    /// an id that is not `<ms>-<seq>` is not held, see [`held_of`]): their leases are renewed from now
+    /// on.
     fn hold_read(&self, entries: &[ReadEntry]) {
         if !entries.is_empty() {
             self.held

@@ -2422,10 +2422,9 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
             }
         };
         match result {
-            Ok(reply) => {
+            Ok(batch) => {
                 failures = 0;
                 reader.succeeded();
-                let batch = reply;
                 // COUNT applies per stream: a read over several streams may return more entries than
                 // slots (the read held them all when its reply came).
                 let overflow = batch.len() > permits.num_permits();

@@ -41,6 +41,7 @@
 mod builder;
 mod connection;
 mod counters;
+mod handoff;
 mod hashing;
 mod keys;
 mod pubsub;

@@ -47,6 +47,7 @@ use crate::connection::{
     watch_client, watch_connection_task,
 };
 use crate::counters::LogLimiter;
+use crate::handoff::Handoff;
 use crate::hashing::FastState;
 use crate::router::Shared;
 use crate::sequence::SEQUENCE_HEADER;
@@ -366,10 +367,9 @@ pub(crate) struct StreamSubscription {
     wildcard_class: bool,
     /// The patterns of every member of the group.
     union: Mutex<Vec<ChannelPattern>>,
-    sender: async_channel::Sender<Delivery>,
-    /// A receiver of our own, to give back what waits in the buffer once the subscriber dropped its
-    /// subscription (nobody will read it).
-    drain: async_channel::Receiver<Delivery>,
+    /// Where deliveries wait for the subscriber (see [`crate::handoff`]). Once the subscriber dropped
+    /// its subscription, what waits there is given back (nobody will read it).
+    handoff: Arc<Handoff<Delivery>>,
     permits: Arc<Semaphore>,
     /// How many prefetch slots must be free before the reader reads again: reading one entry per
     /// settled delivery would cost a read per message once the prefetch is full.
@@ -567,46 +567,56 @@ impl StreamSubscription {
         // prefetch of `usize::MAX`, "no bound", cannot be done). A semaphore holds at most
         // `MAX_PERMITS`, as good as unbounded.
         let prefetch = options.prefetch.clamp(1, Semaphore::MAX_PERMITS);
-        let (sender, receiver) = async_channel::unbounded();
         let (stop, _) = watch::channel(false);
         let consumer = format!("c-{}", uuid::Uuid::now_v7().simple());
-        let subscription = Arc::new(StreamSubscription {
-            id,
-            shared: shared.clone(),
-            group,
-            consumer,
-            wildcard_class: options.patterns.iter().any(|p| p.class().is_none()),
-            patterns: options.patterns.clone(),
-            union: Mutex::new(options.patterns.clone()),
-            sender,
-            drain: receiver.clone(),
-            permits: Arc::new(Semaphore::new(prefetch)),
-            refill: (prefetch / 4)
-                .clamp(1, shared.settings.read_batch)
-                .min(prefetch),
-            held: Mutex::new(HashSet::default()),
-            unacked: Mutex::new(HashSet::default()),
-            settled: tokio::sync::Notify::new(),
-            closed: AtomicBool::new(false),
-            reader_gave_up: AtomicBool::new(false),
-            released: AtomicBool::new(false),
-            stop,
-            readers: Mutex::new(Vec::new()),
-            cursors: Mutex::new(HashMap::new()),
-            counted: Mutex::new(HashMap::new()),
-            trim_reported: Mutex::new(HashMap::new()),
-            known: Mutex::new(HashSet::new()),
-            running: AtomicU64::new(0),
-            done: tokio::sync::Notify::new(),
-            reading: AtomicU64::new(0),
-            acks: AckBatcher::default(),
-            filtered_log: LogLimiter::new(Duration::from_secs(5)),
-            not_pending_log: LogLimiter::new(Duration::from_secs(5)),
-            unclaimable: Mutex::new(HashMap::new()),
-            unacked_log: LogLimiter::new(Duration::from_secs(5)),
-            decoder: Mutex::new(FrameDecoder::new()),
-            finishing: tokio::sync::Mutex::new(false),
+        let mut receiver = None;
+        let subscription = Arc::new_cyclic(|this: &std::sync::Weak<StreamSubscription>| {
+            let this = this.clone();
+            // A subscription dropped while closing: what waits for it can be given back now.
+            let (handoff, handoff_receiver) = Handoff::new(move || {
+                if let Some(subscription) = this.upgrade() {
+                    subscription.settled.notify_waiters();
+                }
+            });
+            receiver = Some(handoff_receiver);
+            StreamSubscription {
+                id,
+                shared: shared.clone(),
+                group,
+                consumer,
+                wildcard_class: options.patterns.iter().any(|p| p.class().is_none()),
+                patterns: options.patterns.clone(),
+                union: Mutex::new(options.patterns.clone()),
+                handoff,
+                permits: Arc::new(Semaphore::new(prefetch)),
+                refill: (prefetch / 4)
+                    .clamp(1, shared.settings.read_batch)
+                    .min(prefetch),
+                held: Mutex::new(HashSet::default()),
+                unacked: Mutex::new(HashSet::default()),
+                settled: tokio::sync::Notify::new(),
+                closed: AtomicBool::new(false),
+                reader_gave_up: AtomicBool::new(false),
+                released: AtomicBool::new(false),
+                stop,
+                readers: Mutex::new(Vec::new()),
+                cursors: Mutex::new(HashMap::new()),
+                counted: Mutex::new(HashMap::new()),
+                trim_reported: Mutex::new(HashMap::new()),
+                known: Mutex::new(HashSet::new()),
+                running: AtomicU64::new(0),
+                done: tokio::sync::Notify::new(),
+                reading: AtomicU64::new(0),
+                acks: AckBatcher::default(),
+                filtered_log: LogLimiter::new(Duration::from_secs(5)),
+                not_pending_log: LogLimiter::new(Duration::from_secs(5)),
+                unclaimable: Mutex::new(HashMap::new()),
+                unacked_log: LogLimiter::new(Duration::from_secs(5)),
+                decoder: Mutex::new(FrameDecoder::new()),
+                finishing: tokio::sync::Mutex::new(false),
+            }
         });
+        let receiver = receiver.expect("made with the subscription");
         let abandoned = Abandoned(Some(subscription.clone()));
         let set_up = subscription.setup().await;
         abandoned.disarm();
@@ -633,7 +643,7 @@ impl StreamSubscription {
         let control = Arc::new(StreamControl {
             subscription: subscription.clone(),
         });
-        let handle = Subscription::new(receiver, control, &options);
+        let handle = Subscription::from_stream(receiver, control, &options);
         Ok((subscription, handle))
     }
 
@@ -923,7 +933,7 @@ impl StreamSubscription {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.sender.close();
+        self.handoff.close();
         self.stop.send_replace(true);
         self.acks.wake.notify_one();
         let readers = self.readers.lock().expect("readers lock").clone();
@@ -1005,11 +1015,9 @@ impl StreamSubscription {
             .await;
         loop {
             let settled = self.settled.notified();
-            if self.sender.receiver_count() <= 1 {
-                // The subscription was dropped: what waits in its buffer is given back, unhandled.
-                while let Ok(delivery) = self.drain.try_recv() {
-                    delivery.give_back();
-                }
+            // Once the subscription was dropped, what waits in its buffer is given back, unhandled.
+            for delivery in self.handoff.take_unread() {
+                delivery.give_back();
             }
             let held = self.held_count();
             if held == 0 {
@@ -1225,7 +1233,7 @@ impl StreamSubscription {
         redelivered: bool,
         permit: OwnedSemaphorePermit,
         fresh: &mut bool,
-    ) {
+    ) -> Option<(Delivery, EntryId)> {
         let shared = &self.shared;
         let Some(entry_id) = EntryId::parse(&id) else {
             tracing::warn!(
@@ -1233,7 +1241,7 @@ impl StreamSubscription {
                 entry = &*id,
                 "an entry id that is not <ms>-<seq>; skipped"
             );
-            return;
+            return None;
         };
         if !self.is_group() {
             self.cursors
@@ -1253,7 +1261,7 @@ impl StreamSubscription {
                  `stream_max_len`, or consume faster)"
             );
             self.ack_entry(key, entry_id).await;
-            return;
+            return None;
         };
         // A reply (a dead letter in pub/sub mode) stored by the publish script (`idempotent_publish`)
         // carries the sequence number of its pub/sub copy: taken out. Stored by `XADD`, it has none.
@@ -1274,7 +1282,7 @@ impl StreamSubscription {
                 } else {
                     self.unhold(key, entry_id);
                 }
-                return;
+                return None;
             }
         };
         match self.wants(&envelope, fresh).await {
@@ -1292,18 +1300,18 @@ impl StreamSubscription {
                     }
                     self.ack_entry(key, entry_id).await;
                 }
-                return;
+                return None;
             }
             None => {
                 // Left pending: reclaimed after claim_idle, when the patterns can be read again.
                 self.unhold(key, entry_id);
-                return;
+                return None;
             }
         }
         let deliveries = deliveries.unwrap_or(1);
         if deliveries > u64::from(shared.settings.max_deliveries) {
             self.dead_letter(key, entry_id, envelope, deliveries).await;
-            return;
+            return None;
         }
         let attempt = envelope
             .attempt()
@@ -1327,34 +1335,61 @@ impl StreamSubscription {
         if redelivered {
             shared.counters.bump(&shared.counters.redelivered);
         }
-        let delivery = Delivery::new(envelope, Box::new(ack)).redelivered(redelivered);
-        self.send(delivery, key, entry_id, Handled::Never).await;
+        Some((
+            Delivery::new(envelope, Box::new(ack)).redelivered(redelivered),
+            entry_id,
+        ))
     }
 
-    /// Hands a delivery to the subscription. If it has closed meanwhile, a group gets the entry back
-    /// (`counted`: see [`StreamAck::counted`]); a fan-out subscription, which asked for nothing more,
-    /// just forgets it.
+    /// Hands deliveries to the subscription, in order; `entries` are their stream keys and ids, in the
+    /// same order. If it has closed meanwhile, a group gets the entries back (`counted`: see
+    /// [`StreamAck::counted`]); a fan-out subscription, which asked for nothing more, just forgets
+    /// them.
     async fn send(
         self: &Arc<Self>,
-        delivery: Delivery,
-        key: &Arc<str>,
-        id: EntryId,
+        deliveries: Vec<Delivery>,
+        entries: Vec<Held>,
         counted: Handled,
     ) {
-        match self.sender.send(delivery).await {
-            Ok(()) => self.shared.counters.bump(&self.shared.counters.delivered),
-            Err(async_channel::SendError(delivery)) if self.is_group() => {
+        if deliveries.is_empty() {
+            return;
+        }
+        let count = deliveries.len() as u64;
+        let Err(deliveries) = self.handoff.send_all(deliveries) else {
+            self.shared
+                .counters
+                .add(&self.shared.counters.delivered, count);
+            return;
+        };
+        for (delivery, (key, id)) in deliveries.into_iter().zip(entries) {
+            if self.is_group() {
                 // Given back now (not through `abandon`, which would do it in the background), so
                 // that closing waits for it.
                 let envelope = delivery.envelope().clone();
                 delivery.discard();
-                self.release(key, id, &envelope, counted).await;
-            }
-            Err(async_channel::SendError(delivery)) => {
+                self.release(&key, id, &envelope, counted).await;
+            } else {
                 delivery.discard();
-                self.unhold(key, id);
+                self.unhold(&key, id);
             }
         }
+    }
+
+    /// [`send`](Self::send) for what a read brought and nobody has seen yet, leaving both lists empty.
+    async fn send_ready(self: &Arc<Self>, ready: &mut Vec<Delivery>, entries: &mut Vec<Held>) {
+        let (ready, entries) = (std::mem::take(ready), std::mem::take(entries));
+        self.send(ready, entries, Handled::Never).await;
+    }
+
+    /// [`send`](Self::send) for one delivery.
+    async fn send_one(
+        self: &Arc<Self>,
+        delivery: Delivery,
+        key: Arc<str>,
+        id: EntryId,
+        counted: Handled,
+    ) {
+        self.send(vec![delivery], vec![(key, id)], counted).await;
     }
 
     async fn dead_letter(&self, key: &Arc<str>, id: EntryId, envelope: Envelope, deliveries: u64) {
@@ -1677,7 +1712,7 @@ impl StreamSubscription {
                 .bump(&subscription.shared.counters.redelivered);
             let (key, id, counted) = (ack.key.clone(), ack.id, ack.counted);
             let delivery = Delivery::new(envelope, Box::new(ack)).redelivered(true);
-            subscription.send(delivery, &key, id, counted).await;
+            subscription.send_one(delivery, key, id, counted).await;
         };
         // On the router's runtime: a delivery may be given back (dropped) outside any.
         self.shared.runtime.spawn(run);
@@ -1867,8 +1902,13 @@ impl StreamSubscription {
                     .await;
                 return Ok(());
             };
-            self.handle_entry(key, id, frame, deliveries, true, permit, &mut fresh)
-                .await;
+            if let Some((delivery, id)) = self
+                .handle_entry(key, id, frame, deliveries, true, permit, &mut fresh)
+                .await
+            {
+                self.send_one(delivery, key.clone(), id, Handled::Never)
+                    .await;
+            }
         }
         Ok(())
     }
@@ -2479,21 +2519,44 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                     let mut fresh = false;
                     let mut entries = batch.into_iter();
                     let mut stopped_at = None;
+                    // Handed over together at the end of the batch (one lock, one wake), or as they
+                    // come while the subscriber waits for them.
+                    let mut ready = Vec::new();
+                    let mut ready_entries = Vec::new();
                     for (key, id, frame) in entries.by_ref() {
                         let permit = match permits.split(1) {
                             Some(permit) => permit,
-                            None => match subscription.acquire().await {
-                                Some(permit) => permit,
-                                None => {
-                                    stopped_at = Some((key, id));
-                                    break;
+                            None => {
+                                // What is ready goes first: settling it frees the slots waited for.
+                                subscription
+                                    .send_ready(&mut ready, &mut ready_entries)
+                                    .await;
+                                match subscription.acquire().await {
+                                    Some(permit) => permit,
+                                    None => {
+                                        stopped_at = Some((key, id));
+                                        break;
+                                    }
                                 }
-                            },
+                            }
                         };
-                        subscription
+                        let Some((delivery, id)) = subscription
                             .handle_entry(&key, id, frame, None, false, permit, &mut fresh)
-                            .await;
+                            .await
+                        else {
+                            continue;
+                        };
+                        ready.push(delivery);
+                        ready_entries.push((key, id));
+                        if subscription.handoff.subscriber_waits() {
+                            subscription
+                                .send_ready(&mut ready, &mut ready_entries)
+                                .await;
+                        }
                     }
+                    subscription
+                        .send_ready(&mut ready, &mut ready_entries)
+                        .await;
                     // Closing: this entry and the rest waited for a slot, unseen by any handler.
                     let rest = stopped_at
                         .into_iter()
@@ -3147,9 +3210,14 @@ async fn reclaim_page(
             deliveries,
             "claimed an entry another consumer left pending"
         );
-        subscription
+        if let Some((delivery, id)) = subscription
             .handle_entry(key, id, frame, Some(deliveries), true, permit, &mut fresh)
-            .await;
+            .await
+        {
+            subscription
+                .send_one(delivery, key.clone(), id, Handled::Never)
+                .await;
+        }
     }
     Ok(page)
 }

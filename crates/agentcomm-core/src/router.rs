@@ -515,7 +515,13 @@ impl Subscription {
                 let stream = stream
                     .get_mut()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                futures::FutureExt::now_or_never(futures::StreamExt::next(stream)).flatten()
+                // Spends no cooperative budget, as the channel source's `try_recv` does not: a loop
+                // taking what waits (a drain at shutdown) would otherwise stop after the budget's 128
+                // units with deliveries still waiting, for a stream that spends it (Tokio's channels).
+                futures::FutureExt::now_or_never(tokio::task::unconstrained(
+                    futures::StreamExt::next(stream),
+                ))
+                .flatten()
             }
         }
     }
@@ -838,5 +844,41 @@ mod tests {
         assert!(subscription.next().await.is_none(), "the stream ended");
         assert_eq!(acked.load(Ordering::SeqCst), 3);
         assert_eq!(subscription.description(), "fan-out on Ping:*:*");
+    }
+
+    #[tokio::test]
+    async fn try_next_takes_everything_waiting_in_a_stream_that_spends_the_budget() {
+        let acked = Arc::new(AtomicUsize::new(0));
+        let channel = parse_channel("Ping:event:s1").unwrap();
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..300 {
+            let envelope = Envelope::new(
+                channel.clone(),
+                "application/json",
+                format!("{i}").into_bytes(),
+            );
+            sender
+                .send(Delivery::new(
+                    envelope,
+                    Box::new(CountingAck(acked.clone())),
+                ))
+                .unwrap();
+        }
+        drop(sender);
+        // Tokio's receiver spends a unit of the task's budget per message.
+        let stream = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+        let options = SubscribeOptions::new(ChannelPattern::parse("Ping:*:*").unwrap());
+        let mut subscription = Subscription::from_stream(stream, Arc::new(NoControl), &options);
+        // In a task of its own, with a fresh budget: nothing here awaits.
+        let taken = tokio::spawn(async move {
+            let mut taken = 0;
+            while subscription.try_next().is_some() {
+                taken += 1;
+            }
+            taken
+        })
+        .await
+        .unwrap();
+        assert_eq!(taken, 300, "everything waiting was taken");
     }
 }

@@ -1628,6 +1628,56 @@ async fn entries_given_back_unhandled_from_a_stopping_members_buffer_count_no_at
     publisher.close().await.unwrap();
 }
 
+/// `try_next` takes everything that waits, however much: a subscriber draining its buffer with it
+/// (the agent runtime gives back what is buffered that way when it stops, and counts it) must not stop
+/// after the cooperative budget's 128 units with deliveries still waiting, as the buffer's stream
+/// did when polled for `try_next` (the channel it replaced was read without spending the budget).
+#[tokio::test]
+async fn try_next_takes_everything_buffered_beyond_the_cooperative_budget() {
+    if !redis_available().await {
+        return;
+    }
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    // Room for all 300 and more: the reader reads again once a quarter of the prefetch is free.
+    let options = SubscribeOptions::new(ChannelPattern::parse("Drained:*:*").unwrap())
+        .group("g")
+        .prefetch(1000);
+    let mut member = router.subscribe(options).await.unwrap();
+    for n in 0..300 {
+        router
+            .publish(envelope("Drained:event:s1", n))
+            .await
+            .unwrap();
+    }
+    eventually(WAIT, "the member to buffer all 300", async || {
+        member.buffered() == 300
+    })
+    .await;
+    // In a task of its own, with a fresh budget: nothing here awaits.
+    let (taken, member) = tokio::spawn(async move {
+        let mut taken = Vec::new();
+        while let Some(delivery) = member.try_next() {
+            taken.push(delivery);
+        }
+        (taken, member)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        taken.iter().map(number).collect::<Vec<_>>(),
+        (0..300).collect::<Vec<_>>(),
+        "all taken, in order"
+    );
+    assert_eq!(member.buffered(), 0);
+    for delivery in taken {
+        delivery.ack().await.unwrap();
+    }
+    drop(member);
+    router.close().await.unwrap();
+}
+
 /// A member whose reader waits in a blocking read holds every free prefetch slot for that read: the
 /// entries a stopping member gives back (marked idle, to be claimed at once) used to wait for that
 /// read to time out (`read_block`, 5 s by default) before the member's reclaim round got a slot.

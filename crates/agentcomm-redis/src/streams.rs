@@ -2540,10 +2540,24 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                                 }
                             }
                         };
-                        let Some((delivery, id)) = subscription
-                            .handle_entry(&key, id, frame, None, false, permit, &mut fresh)
-                            .await
-                        else {
+                        let handled = {
+                            let handling = subscription
+                                .handle_entry(&key, id, frame, None, false, permit, &mut fresh);
+                            let mut handling = std::pin::pin!(handling);
+                            match futures::poll!(handling.as_mut()) {
+                                std::task::Poll::Ready(handled) => handled,
+                                std::task::Poll::Pending => {
+                                    // The entry waits for Redis (a filtered entry's acknowledgement,
+                                    // a dead letter, the group's patterns): what is ready goes now,
+                                    // rather than wait with it while the subscriber may be idle.
+                                    subscription
+                                        .send_ready(&mut ready, &mut ready_entries)
+                                        .await;
+                                    handling.await
+                                }
+                            }
+                        };
+                        let Some((delivery, id)) = handled else {
                             continue;
                         };
                         ready.push(delivery);

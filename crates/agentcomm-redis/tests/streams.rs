@@ -1628,6 +1628,52 @@ async fn entries_given_back_unhandled_from_a_stopping_members_buffer_count_no_at
     publisher.close().await.unwrap();
 }
 
+/// A delivery a read made ready goes to the subscriber before the read loop waits for Redis over a later
+/// entry of the same read (here the acknowledgements of entries no member wants): it used to wait
+/// for every one of them, to the end of the batch, while the subscriber waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_does_not_wait_for_the_acknowledgements_of_filtered_entries_read_with_it() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let options = SubscribeOptions::new(ChannelPattern::parse("Lat:wanted:*").unwrap())
+        .group("g")
+        .prefetch(100);
+    // The group exists, with nobody reading: the member below gets everything in one read.
+    let first = router.subscribe(options.clone()).await.unwrap();
+    first.close().await.unwrap();
+    drop(first);
+    router.publish(envelope("Lat:wanted:s1", 0)).await.unwrap();
+    for n in 1..=40 {
+        router.publish(envelope("Lat:other:s1", n)).await.unwrap();
+    }
+    // Every command of the member takes a round trip of at least 50 ms.
+    proxy.set_latency(Duration::from_millis(25));
+    let member_router = connected(through(proxied, DeliveryMode::Streams, &prefix)).await;
+    let mut member = member_router.subscribe(options).await.unwrap();
+    eventually(WAIT, "the member to filter an entry", async || {
+        member_router.health().await.get("filtered") >= 1
+    })
+    .await;
+    let delivery = next(&mut member).await;
+    assert_eq!(number(&delivery), 0);
+    assert!(
+        member_router.health().await.get("filtered") < 40,
+        "the delivery came before the 40 acknowledgements of the filtered entries"
+    );
+    delivery.ack().await.unwrap();
+    eventually(WAIT, "the member to filter the rest", async || {
+        member_router.health().await.get("filtered") == 40
+    })
+    .await;
+    drop(member);
+    member_router.close().await.unwrap();
+    router.close().await.unwrap();
+}
+
 /// `try_next` takes everything that waits, however much: a subscriber draining its buffer with it
 /// (the agent runtime gives back what is buffered that way when it stops, and counts it) must not stop
 /// after the cooperative budget's 128 units with deliveries still waiting, as the buffer's stream

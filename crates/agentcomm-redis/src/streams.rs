@@ -358,6 +358,14 @@ type Entry = (Str, Option<Bytes>);
 /// A held entry: its stream key and id.
 type Held = (Arc<str>, EntryId);
 
+/// Deliveries [`StreamSubscription::handle_entry`] made and nobody has handed to the subscriber yet, with
+/// their entries, in order.
+#[derive(Default)]
+struct Ready {
+    deliveries: Vec<Delivery>,
+    entries: Vec<Held>,
+}
+
 pub(crate) struct StreamSubscription {
     pub(crate) id: u64,
     shared: Arc<Shared>,
@@ -1199,17 +1207,12 @@ impl StreamSubscription {
     /// whether the union was read after the entry was: a member that joined before the entry was
     /// published is then in it. `None`: the union could not be read, so nothing may be filtered.
     async fn wants(&self, envelope: &Envelope, fresh: &mut bool) -> Option<bool> {
-        if self.patterns.iter().any(|p| p.matches(envelope.channel())) {
+        if self.wants_now(envelope) {
             return Some(true);
         }
         let Some(group) = &self.group else {
             return Some(false);
         };
-        let matches =
-            |union: &Vec<ChannelPattern>| union.iter().any(|p| p.matches(envelope.channel()));
-        if matches(&self.union.lock().expect("union lock")) {
-            return Some(true);
-        }
         if !*fresh {
             if let Err(error) = self.refresh_union(group).await {
                 tracing::warn!(error = %error, "could not read the group's patterns; the entry stays pending and is tried again");
@@ -1217,12 +1220,29 @@ impl StreamSubscription {
             }
             *fresh = true;
         }
-        Some(matches(&self.union.lock().expect("union lock")))
+        Some(self.union_matches(envelope))
     }
 
-    /// Delivers one entry read from `key`, or settles it when it cannot be delivered. A group's entry
-    /// must be held already (by its read, recovery or claim). `fresh`: see
-    /// [`StreamSubscription::wants`].
+    /// [`wants`](Self::wants) without reading the group's patterns again: `false` may be a `true`
+    /// with the patterns of a member that joined since they were last read.
+    fn wants_now(&self, envelope: &Envelope) -> bool {
+        self.patterns.iter().any(|p| p.matches(envelope.channel()))
+            || (self.group.is_some() && self.union_matches(envelope))
+    }
+
+    fn union_matches(&self, envelope: &Envelope) -> bool {
+        self.union
+            .lock()
+            .expect("union lock")
+            .iter()
+            .any(|p| p.matches(envelope.channel()))
+    }
+
+    /// Makes one entry read from `key` a delivery, added to `ready`, or settles it when it cannot be
+    /// delivered. A group's entry must be held already (by its read, recovery or claim). `fresh`: see
+    /// [`StreamSubscription::wants`]. What `ready` holds is handed over before anything here waits
+    /// (for Redis: a filtered entry's acknowledgement, a dead letter, the group's patterns), so that a
+    /// subscriber with nothing to do does not wait with it.
     #[allow(clippy::too_many_arguments)]
     async fn handle_entry(
         self: &Arc<Self>,
@@ -1233,7 +1253,8 @@ impl StreamSubscription {
         redelivered: bool,
         permit: OwnedSemaphorePermit,
         fresh: &mut bool,
-    ) -> Option<(Delivery, EntryId)> {
+        ready: &mut Ready,
+    ) {
         let shared = &self.shared;
         let Some(entry_id) = EntryId::parse(&id) else {
             tracing::warn!(
@@ -1241,7 +1262,7 @@ impl StreamSubscription {
                 entry = &*id,
                 "an entry id that is not <ms>-<seq>; skipped"
             );
-            return None;
+            return;
         };
         if !self.is_group() {
             self.cursors
@@ -1260,8 +1281,9 @@ impl StreamSubscription {
                 "a pending entry was trimmed from its stream before it was handled (raise \
                  `stream_max_len`, or consume faster)"
             );
+            self.send_ready(ready).await;
             self.ack_entry(key, entry_id).await;
-            return None;
+            return;
         };
         // A reply (a dead letter in pub/sub mode) stored by the publish script (`idempotent_publish`)
         // carries the sequence number of its pub/sub copy: taken out. Stored by `XADD`, it has none.
@@ -1274,6 +1296,7 @@ impl StreamSubscription {
             Ok((envelope, _)) => envelope,
             Err(error) => {
                 let source = format!("{key} {id}");
+                self.send_ready(ready).await;
                 if shared
                     .dead_letter_malformed(frame, &source, &source, &error)
                     .await
@@ -1282,10 +1305,16 @@ impl StreamSubscription {
                 } else {
                     self.unhold(key, entry_id);
                 }
-                return None;
+                return;
             }
         };
-        match self.wants(&envelope, fresh).await {
+        let wanted = if self.wants_now(&envelope) {
+            Some(true)
+        } else {
+            self.send_ready(ready).await;
+            self.wants(&envelope, fresh).await
+        };
+        match wanted {
             Some(true) => {}
             Some(false) => {
                 if self.is_group() {
@@ -1300,18 +1329,19 @@ impl StreamSubscription {
                     }
                     self.ack_entry(key, entry_id).await;
                 }
-                return None;
+                return;
             }
             None => {
                 // Left pending: reclaimed after claim_idle, when the patterns can be read again.
                 self.unhold(key, entry_id);
-                return None;
+                return;
             }
         }
         let deliveries = deliveries.unwrap_or(1);
         if deliveries > u64::from(shared.settings.max_deliveries) {
+            self.send_ready(ready).await;
             self.dead_letter(key, entry_id, envelope, deliveries).await;
-            return None;
+            return;
         }
         let attempt = envelope
             .attempt()
@@ -1335,10 +1365,10 @@ impl StreamSubscription {
         if redelivered {
             shared.counters.bump(&shared.counters.redelivered);
         }
-        Some((
-            Delivery::new(envelope, Box::new(ack)).redelivered(redelivered),
-            entry_id,
-        ))
+        ready
+            .deliveries
+            .push(Delivery::new(envelope, Box::new(ack)).redelivered(redelivered));
+        ready.entries.push((key.clone(), entry_id));
     }
 
     /// Hands deliveries to the subscription, in order; `entries` are their stream keys and ids, in the
@@ -1375,10 +1405,14 @@ impl StreamSubscription {
         }
     }
 
-    /// [`send`](Self::send) for what a read brought and nobody has seen yet, leaving both lists empty.
-    async fn send_ready(self: &Arc<Self>, ready: &mut Vec<Delivery>, entries: &mut Vec<Held>) {
-        let (ready, entries) = (std::mem::take(ready), std::mem::take(entries));
-        self.send(ready, entries, Handled::Never).await;
+    /// [`send`](Self::send) for what [`handle_entry`](Self::handle_entry) made ready, leaving it
+    /// empty.
+    async fn send_ready(self: &Arc<Self>, ready: &mut Ready) {
+        let Ready {
+            deliveries,
+            entries,
+        } = std::mem::take(ready);
+        self.send(deliveries, entries, Handled::Never).await;
     }
 
     /// [`send`](Self::send) for one delivery.
@@ -1902,13 +1936,12 @@ impl StreamSubscription {
                     .await;
                 return Ok(());
             };
-            if let Some((delivery, id)) = self
-                .handle_entry(key, id, frame, deliveries, true, permit, &mut fresh)
-                .await
-            {
-                self.send_one(delivery, key.clone(), id, Handled::Never)
-                    .await;
-            }
+            let mut ready = Ready::default();
+            self.handle_entry(
+                key, id, frame, deliveries, true, permit, &mut fresh, &mut ready,
+            )
+            .await;
+            self.send_ready(&mut ready).await;
         }
         Ok(())
     }
@@ -2519,18 +2552,16 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                     let mut fresh = false;
                     let mut entries = batch.into_iter();
                     let mut stopped_at = None;
-                    // Handed over together at the end of the batch (one lock, one wake), or as they
-                    // come while the subscriber waits for them.
-                    let mut ready = Vec::new();
-                    let mut ready_entries = Vec::new();
+                    // Handed over together at the end of the batch (one lock, one wake), as they
+                    // come while the subscriber waits for them, and before anything that waits:
+                    // nothing made ready waits with the read loop (see `handle_entry`).
+                    let mut ready = Ready::default();
                     for (key, id, frame) in entries.by_ref() {
                         let permit = match permits.split(1) {
                             Some(permit) => permit,
                             None => {
-                                // What is ready goes first: settling it frees the slots waited for.
-                                subscription
-                                    .send_ready(&mut ready, &mut ready_entries)
-                                    .await;
+                                // Settling what is ready frees the slots waited for.
+                                subscription.send_ready(&mut ready).await;
                                 match subscription.acquire().await {
                                     Some(permit) => permit,
                                     None => {
@@ -2540,37 +2571,16 @@ async fn read_loop(subscription: Arc<StreamSubscription>, reader: Arc<Reader>) {
                                 }
                             }
                         };
-                        let handled = {
-                            let handling = subscription
-                                .handle_entry(&key, id, frame, None, false, permit, &mut fresh);
-                            let mut handling = std::pin::pin!(handling);
-                            match futures::poll!(handling.as_mut()) {
-                                std::task::Poll::Ready(handled) => handled,
-                                std::task::Poll::Pending => {
-                                    // The entry waits for Redis (a filtered entry's acknowledgement,
-                                    // a dead letter, the group's patterns): what is ready goes now,
-                                    // rather than wait with it while the subscriber may be idle.
-                                    subscription
-                                        .send_ready(&mut ready, &mut ready_entries)
-                                        .await;
-                                    handling.await
-                                }
-                            }
-                        };
-                        let Some((delivery, id)) = handled else {
-                            continue;
-                        };
-                        ready.push(delivery);
-                        ready_entries.push((key, id));
+                        subscription
+                            .handle_entry(
+                                &key, id, frame, None, false, permit, &mut fresh, &mut ready,
+                            )
+                            .await;
                         if subscription.handoff.subscriber_waits() {
-                            subscription
-                                .send_ready(&mut ready, &mut ready_entries)
-                                .await;
+                            subscription.send_ready(&mut ready).await;
                         }
                     }
-                    subscription
-                        .send_ready(&mut ready, &mut ready_entries)
-                        .await;
+                    subscription.send_ready(&mut ready).await;
                     // Closing: this entry and the rest waited for a slot, unseen by any handler.
                     let rest = stopped_at
                         .into_iter()
@@ -3224,14 +3234,20 @@ async fn reclaim_page(
             deliveries,
             "claimed an entry another consumer left pending"
         );
-        if let Some((delivery, id)) = subscription
-            .handle_entry(key, id, frame, Some(deliveries), true, permit, &mut fresh)
-            .await
-        {
-            subscription
-                .send_one(delivery, key.clone(), id, Handled::Never)
-                .await;
-        }
+        let mut ready = Ready::default();
+        subscription
+            .handle_entry(
+                key,
+                id,
+                frame,
+                Some(deliveries),
+                true,
+                permit,
+                &mut fresh,
+                &mut ready,
+            )
+            .await;
+        subscription.send_ready(&mut ready).await;
     }
     Ok(page)
 }

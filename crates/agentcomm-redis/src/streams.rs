@@ -1311,7 +1311,12 @@ impl StreamSubscription {
         let wanted = if self.wants_now(&envelope) {
             Some(true)
         } else {
-            self.send_ready(ready).await;
+            // A group reads its members' patterns again, or acknowledges the entry nobody wants: both
+            // wait for Redis. A fan-out subscription passes over it without waiting, and what is ready
+            // stays for the batch's one hand-over.
+            if self.is_group() {
+                self.send_ready(ready).await;
+            }
             self.wants(&envelope, fresh).await
         };
         match wanted {
@@ -4215,6 +4220,72 @@ mod tests {
                 .unwrap();
         raw.init().await.unwrap();
         LostAck::remove_keys(&raw, &key).await;
+    }
+
+    /// A fan-out subscription passes over an entry it does not want (another channel of its class
+    /// stream) without waiting for anything: the deliveries its batch made ready before it stay for
+    /// the batch's one hand-over. They used to be handed over at each such entry, as before a group's
+    /// wait for Redis: on a stream mixing wanted and unwanted channels, a lock (and a wake) per run of
+    /// wanted entries instead of one per batch.
+    #[tokio::test]
+    async fn a_fan_out_subscription_keeps_what_is_ready_over_an_entry_it_passes_over() {
+        use agentcomm_core::router::Router;
+        let url = crate::unit_redis::url();
+        let prefix = crate::unit_redis::prefix();
+        let builder = crate::RedisRouter::builder(&url)
+            .mode(crate::DeliveryMode::Streams)
+            .prefix(&prefix);
+        let Some(router) = crate::unit_redis::connect(builder, &url).await else {
+            return;
+        };
+        let mut subscription = router
+            .subscribe(SubscribeOptions::new(
+                ChannelPattern::parse("Mixed:wanted:*").unwrap(),
+            ))
+            .await
+            .unwrap();
+        let inner = only_stream_subscription(&router);
+        let key: Arc<str> = Arc::from(router.shared().keys.stream("Mixed"));
+        let frame = |channel: &str| {
+            let envelope = Envelope::new(
+                agentcomm_core::parse_channel(channel).unwrap(),
+                "application/msgpack",
+                vec![0x80],
+            );
+            Some(Bytes::from(envelope.to_frame().unwrap()))
+        };
+        // Slots of their own: the reader may hold the subscription's for its blocking read.
+        let slots = Arc::new(Semaphore::new(2));
+        let mut fresh = false;
+        let mut ready = Ready::default();
+        // Ids below any Redis makes for this stream: the reader's cursor is not moved past them.
+        for (id, channel) in [("0-1", "Mixed:wanted:s1"), ("0-2", "Mixed:other:s1")] {
+            let slot = slots.clone().acquire_owned().await.unwrap();
+            inner
+                .handle_entry(
+                    &key,
+                    Str::from(id),
+                    frame(channel),
+                    None,
+                    false,
+                    slot,
+                    &mut fresh,
+                    &mut ready,
+                )
+                .await;
+        }
+        assert_eq!(
+            ready.deliveries.len(),
+            1,
+            "the wanted entry's delivery waits for the end of the batch"
+        );
+        assert_eq!(subscription.buffered(), 0, "nothing handed over yet");
+        inner.send_ready(&mut ready).await;
+        let delivery = subscription.try_next().expect("handed over at the end");
+        assert_eq!(delivery.envelope().channel().name(), "Mixed:wanted:s1");
+        delivery.ack().await.unwrap();
+        drop(subscription);
+        close_and_remove_keys(router, &url, "Mixed").await;
     }
 
     /// A subscription whose own reading connection gives up reconnecting (`max_reconnect_attempts`)

@@ -1684,6 +1684,69 @@ async fn a_delivery_does_not_wait_for_the_acknowledgements_of_filtered_entries_r
     router.close().await.unwrap();
 }
 
+/// The same for malformed entries read after a delivery: each one's dead letter (a marker, a publish
+/// and an acknowledgement, all waiting for Redis) comes after the delivery was handed over, not
+/// before. Only the filtered entries' wait had a test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_does_not_wait_for_the_dead_letters_of_malformed_entries_read_with_it() {
+    let Some((proxy, proxied)) = redis_proxy().await else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let _cleanup = RemoveKeysOnDrop(prefix.clone());
+    let router = connect(&prefix).await;
+    let options = SubscribeOptions::new(ChannelPattern::parse("Bad:*:*").unwrap())
+        .group("g")
+        .prefetch(100);
+    // The group exists, with nobody reading (see the test above).
+    let setup = connect(&prefix).await;
+    drop(setup.subscribe(options.clone()).await.unwrap());
+    setup.close().await.unwrap();
+    router.publish(envelope("Bad:event:s1", 0)).await.unwrap();
+    let raw = raw_client().await;
+    use fred::prelude::{ClientLike, StreamsInterface};
+    for n in 1..=10 {
+        let _: String = raw
+            .xadd(
+                format!("{prefix}:stream:{{Bad}}"),
+                false,
+                None,
+                "*",
+                vec![("f", format!("not a frame {n}"))],
+            )
+            .await
+            .unwrap();
+    }
+    // Every command of the member takes a round trip of at least 50 ms.
+    proxy.set_latency(Duration::from_millis(25));
+    let member_router = connected(through(proxied, DeliveryMode::Streams, &prefix)).await;
+    let mut member = member_router.subscribe(options).await.unwrap();
+    eventually(WAIT, "the member to find a malformed entry", async || {
+        member_router.health().await.get("malformed") >= 1
+    })
+    .await;
+    assert_eq!(
+        member.buffered(),
+        1,
+        "the delivery waits in the subscription's buffer, not with the read loop"
+    );
+    assert!(
+        member_router.health().await.get("malformed") < 10,
+        "checked before the 10 malformed entries were dead-lettered"
+    );
+    let delivery = next(&mut member).await;
+    assert_eq!(number(&delivery), 0);
+    delivery.ack().await.unwrap();
+    eventually(WAIT, "the member to dead-letter the rest", async || {
+        member_router.health().await.get("malformed") == 10
+    })
+    .await;
+    drop(member);
+    member_router.close().await.unwrap();
+    let _ = raw.quit().await;
+    router.close().await.unwrap();
+}
+
 /// `try_next` takes everything that waits, however much: a subscriber draining its buffer with it
 /// (the agent runtime gives back what is buffered that way when it stops, and counts it) must not stop
 /// after the cooperative budget's 128 units with deliveries still waiting, as the buffer's stream

@@ -1628,19 +1628,24 @@ async fn entries_given_back_unhandled_from_a_stopping_members_buffer_count_no_at
     publisher.close().await.unwrap();
 }
 
-/// A delivery a read made ready goes to the subscriber before the read loop waits for Redis over a later
-/// entry of the same read (here the acknowledgements of entries no member wants): it used to wait
-/// for every one of them, to the end of the batch, while the subscriber waited for it; and with the
-/// subscriber busy when it was made, it waited at least for the next entry's round trip.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_does_not_wait_for_the_acknowledgements_of_filtered_entries_read_with_it() {
+/// Publishes one delivery on `wanted` and then calls `add_more`, which adds `more` entries behind it that
+/// the member must wait for Redis over (each raising the health counter `counter` once done); with every
+/// command of the member taking at least 50 ms, checks that the delivery was handed to the subscription
+/// before the first of those waits ended and before the last one began.
+async fn delivery_is_handed_over_before_the_waits_of_entries_read_with_it(
+    pattern: &str,
+    wanted: &str,
+    counter: &str,
+    more: u64,
+    add_more: impl AsyncFnOnce(&str, &RedisRouter),
+) {
     let Some((proxy, proxied)) = redis_proxy().await else {
         return;
     };
     let prefix = unique_prefix();
     let _cleanup = RemoveKeysOnDrop(prefix.clone());
     let router = connect(&prefix).await;
-    let options = SubscribeOptions::new(ChannelPattern::parse("Lat:wanted:*").unwrap())
+    let options = SubscribeOptions::new(ChannelPattern::parse(pattern).unwrap())
         .group("g")
         .prefetch(100);
     // The group exists, with nobody reading: the member below gets everything in one read. Made
@@ -1649,19 +1654,19 @@ async fn a_delivery_does_not_wait_for_the_acknowledgements_of_filtered_entries_r
     let setup = connect(&prefix).await;
     drop(setup.subscribe(options.clone()).await.unwrap());
     setup.close().await.unwrap();
-    router.publish(envelope("Lat:wanted:s1", 0)).await.unwrap();
-    for n in 1..=40 {
-        router.publish(envelope("Lat:other:s1", n)).await.unwrap();
-    }
+    router.publish(envelope(wanted, 0)).await.unwrap();
+    add_more(&prefix, &router).await;
     // Every command of the member takes a round trip of at least 50 ms.
     proxy.set_latency(Duration::from_millis(25));
     let member_router = connected(through(proxied, DeliveryMode::Streams, &prefix)).await;
     let mut member = member_router.subscribe(options).await.unwrap();
-    eventually(WAIT, "the member to filter an entry", async || {
-        member_router.health().await.get("filtered") >= 1
-    })
+    eventually(
+        WAIT,
+        &format!("the member's first {counter} entry"),
+        async || member_router.health().await.get(counter) >= 1,
+    )
     .await;
-    // Handed over before the read loop waited for Redis over the first filtered entry, although the
+    // Handed over before the read loop waited for Redis over the first entry behind it, although the
     // subscriber was not waiting for it then (it was not polling).
     assert_eq!(
         member.buffered(),
@@ -1669,19 +1674,41 @@ async fn a_delivery_does_not_wait_for_the_acknowledgements_of_filtered_entries_r
         "the delivery waits in the subscription's buffer, not with the read loop"
     );
     assert!(
-        member_router.health().await.get("filtered") < 40,
-        "checked before the 40 acknowledgements of the filtered entries were made"
+        member_router.health().await.get(counter) < more,
+        "checked before all {more} {counter} entries were dealt with"
     );
     let delivery = next(&mut member).await;
     assert_eq!(number(&delivery), 0);
     delivery.ack().await.unwrap();
-    eventually(WAIT, "the member to filter the rest", async || {
-        member_router.health().await.get("filtered") == 40
-    })
+    eventually(
+        WAIT,
+        &format!("the member's last {counter} entry"),
+        async || member_router.health().await.get(counter) == more,
+    )
     .await;
     drop(member);
     member_router.close().await.unwrap();
     router.close().await.unwrap();
+}
+
+/// A delivery a read made ready goes to the subscriber before the read loop waits for Redis over a later
+/// entry of the same read (here the acknowledgements of entries no member wants): it used to wait
+/// for every one of them, to the end of the batch, while the subscriber waited for it; and with the
+/// subscriber busy when it was made, it waited at least for the next entry's round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_does_not_wait_for_the_acknowledgements_of_filtered_entries_read_with_it() {
+    delivery_is_handed_over_before_the_waits_of_entries_read_with_it(
+        "Lat:wanted:*",
+        "Lat:wanted:s1",
+        "filtered",
+        40,
+        async |_, router| {
+            for n in 1..=40 {
+                router.publish(envelope("Lat:other:s1", n)).await.unwrap();
+            }
+        },
+    )
+    .await;
 }
 
 /// The same for malformed entries read after a delivery: each one's dead letter (a marker, a publish
@@ -1689,62 +1716,29 @@ async fn a_delivery_does_not_wait_for_the_acknowledgements_of_filtered_entries_r
 /// before. Only the filtered entries' wait had a test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_does_not_wait_for_the_dead_letters_of_malformed_entries_read_with_it() {
-    let Some((proxy, proxied)) = redis_proxy().await else {
-        return;
-    };
-    let prefix = unique_prefix();
-    let _cleanup = RemoveKeysOnDrop(prefix.clone());
-    let router = connect(&prefix).await;
-    let options = SubscribeOptions::new(ChannelPattern::parse("Bad:*:*").unwrap())
-        .group("g")
-        .prefetch(100);
-    // The group exists, with nobody reading (see the test above).
-    let setup = connect(&prefix).await;
-    drop(setup.subscribe(options.clone()).await.unwrap());
-    setup.close().await.unwrap();
-    router.publish(envelope("Bad:event:s1", 0)).await.unwrap();
-    let raw = raw_client().await;
-    use fred::prelude::{ClientLike, StreamsInterface};
-    for n in 1..=10 {
-        let _: String = raw
-            .xadd(
-                format!("{prefix}:stream:{{Bad}}"),
-                false,
-                None,
-                "*",
-                vec![("f", format!("not a frame {n}"))],
-            )
-            .await
-            .unwrap();
-    }
-    // Every command of the member takes a round trip of at least 50 ms.
-    proxy.set_latency(Duration::from_millis(25));
-    let member_router = connected(through(proxied, DeliveryMode::Streams, &prefix)).await;
-    let mut member = member_router.subscribe(options).await.unwrap();
-    eventually(WAIT, "the member to find a malformed entry", async || {
-        member_router.health().await.get("malformed") >= 1
-    })
+    delivery_is_handed_over_before_the_waits_of_entries_read_with_it(
+        "Bad:*:*",
+        "Bad:event:s1",
+        "malformed",
+        10,
+        async |prefix, _| {
+            let raw = raw_client().await;
+            for n in 1..=10 {
+                let _: String = raw
+                    .xadd(
+                        format!("{prefix}:stream:{{Bad}}"),
+                        false,
+                        None,
+                        "*",
+                        vec![("f", format!("not a frame {n}"))],
+                    )
+                    .await
+                    .unwrap();
+            }
+            let _ = raw.quit().await;
+        },
+    )
     .await;
-    assert_eq!(
-        member.buffered(),
-        1,
-        "the delivery waits in the subscription's buffer, not with the read loop"
-    );
-    assert!(
-        member_router.health().await.get("malformed") < 10,
-        "checked before the 10 malformed entries were dead-lettered"
-    );
-    let delivery = next(&mut member).await;
-    assert_eq!(number(&delivery), 0);
-    delivery.ack().await.unwrap();
-    eventually(WAIT, "the member to dead-letter the rest", async || {
-        member_router.health().await.get("malformed") == 10
-    })
-    .await;
-    drop(member);
-    member_router.close().await.unwrap();
-    let _ = raw.quit().await;
-    router.close().await.unwrap();
 }
 
 /// `try_next` takes everything that waits, however much: a subscriber draining its buffer with it

@@ -1422,6 +1422,7 @@ async fn run_workers<A: Agent>(
         }));
     }
     let mut report = ShutdownReport::default();
+    let mut worker_failed = false;
     let deadline = deadline_passed(phase);
     tokio::pin!(deadline);
     while let Some(delivery) = next_before_deadline(subscription, deadline.as_mut()).await {
@@ -1451,10 +1452,17 @@ async fn run_workers<A: Agent>(
                 worker,
                 "an agent worker stopped unexpectedly; the agent stops taking messages"
             );
+            worker_failed = true;
             break;
         }
     }
-    report.requeued += subscription.give_back_buffered();
+    // A stop closed the subscription before its deadline came; a failed worker did not. A backend
+    // that hands a delivery given back to the same subscription again while it is open (the
+    // in-memory router, Redis pub/sub) would feed the loop below for ever: closed first, as a stop
+    // does, or left to drop what it holds if it cannot be.
+    if !worker_failed || close_after_worker_failure::<A>(subscription).await {
+        report.requeued += subscription.give_back_buffered();
+    }
     drop(senders);
     for task in tasks {
         match task.await {
@@ -1465,6 +1473,30 @@ async fn run_workers<A: Agent>(
         }
     }
     report
+}
+
+/// How long an agent whose worker failed waits for its subscription to close.
+const CLOSE_AFTER_WORKER_FAILURE: Duration = Duration::from_secs(10);
+
+/// Closes the subscription of an agent whose worker failed, before what it buffered is given back;
+/// returns whether it closed. If it did not, what it buffered is not given back one by one (that
+/// could go on for ever) but dropped with it, which hands it back to the backend as abandoned.
+async fn close_after_worker_failure<A: Agent>(subscription: &Subscription) -> bool {
+    let error = match tokio::time::timeout(CLOSE_AFTER_WORKER_FAILURE, subscription.close()).await {
+        Ok(Ok(())) => return true,
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!(
+            "it did not close within {}s",
+            CLOSE_AFTER_WORKER_FAILURE.as_secs()
+        ),
+    };
+    tracing::error!(
+        agent = A::NAME,
+        error,
+        "could not close the subscription of an agent whose worker failed; what it buffered is \
+         dropped with it (the backend gets it back as abandoned)"
+    );
+    false
 }
 
 /// A handler's future, dropped inside a panic guard: a panic in the user's `Drop` code (of the

@@ -1311,3 +1311,96 @@ async fn a_monitor_group_keeps_inbox_replies_while_its_reader_restarts() {
     assert_eq!(seen.len(), 2, "the request and its reply: {seen:?}");
     assert!(seen[1].starts_with("Answer:reply:"), "{seen:?}");
 }
+
+/// A layer of the user's logging that panics at the first "received" line it sees: the one way a test
+/// can make an agent's worker task fail outside the guards around its handlers (a backend whose
+/// acknowledgement panics is another).
+struct PanicsOnFirstReceived(std::sync::atomic::AtomicBool);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PanicsOnFirstReceived {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(bool);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" && format!("{value:?}") == "received" {
+                    self.0 = true;
+                }
+            }
+        }
+        let mut message = Message(false);
+        event.record(&mut message);
+        if message.0 && !self.0.swap(true, Ordering::SeqCst) {
+            panic!("a logging layer panicked");
+        }
+    }
+}
+
+/// An agent with several workers whose worker task fails stops taking messages, gives back what it
+/// buffered, and can be stopped; the next agent of its kind handles its messages. It used to give
+/// its buffered messages back while its subscription was still open: the in-memory router handed
+/// each one straight back to it, and the agent span in that loop for ever, stop or no stop.
+#[test]
+fn an_agent_whose_worker_fails_leaves_its_messages_to_the_next_one() {
+    let (finished, outcome) = std::sync::mpsc::channel();
+    // A runtime on one thread of its own, where the panicking layer is the default: a loop that never
+    // awaits would hold up the whole runtime, so the test watches it from outside.
+    std::thread::spawn(move || {
+        use tracing_subscriber::layer::SubscriberExt;
+        let layer = PanicsOnFirstReceived(std::sync::atomic::AtomicBool::new(false));
+        let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+        let tokio = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let result = tokio.block_on(async {
+            let runtime = Runtime::new(MemoryRouter::new());
+            let first = Arc::new(AtomicUsize::new(0));
+            let agent = runtime
+                .spawn_with(
+                    Counter(first.clone()),
+                    AgentOptions::new().concurrency(2).prefetch(8),
+                )
+                .await
+                .unwrap();
+            let client = runtime.publisher::<Client>();
+            // One session: both go to the worker that fails on the first.
+            for id in 0..2 {
+                client.publish("s1", Job { id }).await.unwrap();
+            }
+            let ended = timeout(WAIT, async {
+                while agent.health().status != agentcomm_core::router::HealthStatus::Unhealthy {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .is_ok();
+            agent.stop(Duration::from_secs(1)).await;
+            let next = Arc::new(AtomicUsize::new(0));
+            runtime.spawn(Counter(next.clone())).await.unwrap();
+            let _ = timeout(WAIT, async {
+                while next.load(Ordering::SeqCst) < 2 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            (
+                ended,
+                first.load(Ordering::SeqCst),
+                next.load(Ordering::SeqCst),
+            )
+        });
+        let _ = finished.send(result);
+    });
+    let (ended, first, next) = outcome
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the agent whose worker failed stopped, and the next one ran");
+    assert!(
+        ended,
+        "the agent whose worker failed says it no longer receives"
+    );
+    assert_eq!(
+        (first, next),
+        (0, 2),
+        "jobs handled by the agent whose worker failed, and by the next one"
+    );
+}

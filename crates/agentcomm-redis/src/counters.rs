@@ -207,6 +207,11 @@ impl SummedLog {
         }
     }
 
+    /// Whether something was added since the last line: a line is still due for it.
+    pub(crate) fn waiting(&self) -> bool {
+        self.count > 0
+    }
+
     /// Adds `count` (0: nothing new, only whether what waits is due). When a line is due now:
     /// `Some((lost since the last line, occurrences not written on a line of their own))`.
     pub(crate) fn add(&mut self, count: u64, now: Instant) -> Option<(u64, u64)> {
@@ -258,10 +263,16 @@ mod tests {
         let start = Instant::now();
         let mut log = SummedLog::new(every);
         assert_eq!(log.add(1, start), Some((1, 0)));
+        assert!(!log.waiting(), "written");
         assert_eq!(log.add(2, start + Duration::from_secs(1)), None);
+        assert!(
+            log.waiting(),
+            "a line is due for it: a waiting subscriber needs a timer"
+        );
         assert_eq!(log.add(3, start + Duration::from_secs(2)), None);
         assert_eq!(log.add(0, start + Duration::from_secs(4)), None);
         assert_eq!(log.add(0, start + every), Some((5, 2)));
+        assert!(!log.waiting(), "written");
         assert_eq!(log.add(0, start + every * 3), None, "nothing waits");
         // After a quiet spell, a loss is written at once again.
         assert_eq!(log.add(4, start + every * 3), Some((4, 0)));

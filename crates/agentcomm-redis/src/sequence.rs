@@ -223,6 +223,8 @@ pub(crate) struct SequenceTracker {
     lost_on: Vec<String>,
     /// Whether gaps on other channels than `lost_on`'s were settled too (the list was full).
     lost_on_more: bool,
+    /// How many tracks have a gap open: while none has, a sweep has nothing to settle.
+    open_gaps: usize,
 }
 
 /// How many channels [`SequenceTracker::take_lost_on`] names at most.
@@ -249,7 +251,14 @@ impl SequenceTracker {
             last_sweep: Instant::now(),
             lost_on: Vec::new(),
             lost_on_more: false,
+            open_gaps: 0,
         }
+    }
+
+    /// Whether a gap is open in some sequence: one a [`sweep`](Self::sweep) may settle as lost once it is
+    /// older than the window. Without one, a subscriber waiting for messages needs no timer to sweep.
+    pub(crate) fn has_open_gaps(&self) -> bool {
+        self.open_gaps > 0
     }
 
     /// Records the arrival of `header` (a [`SEQUENCE_HEADER`] value) on `channel`. Returns the verdict and
@@ -283,6 +292,7 @@ impl SequenceTracker {
             return (Verdict::New, 0);
         };
         track.last_seen = now;
+        let was_open = track.gap_since.is_some();
         let verdict = if seq < track.base {
             // Below the first number seen: an earlier message overtaken by a later one, or sent again,
             // that this subscriber never saw, however long after the first one it comes. (Only what
@@ -313,6 +323,11 @@ impl SequenceTracker {
             Verdict::Duplicate
         };
         let lost = settle(track, now, self.window);
+        match (was_open, track.gap_since.is_some()) {
+            (false, true) => self.open_gaps += 1,
+            (true, false) => self.open_gaps -= 1,
+            _ => {}
+        }
         (verdict, lost)
     }
 
@@ -329,6 +344,7 @@ impl SequenceTracker {
         let lost_on = &mut self.lost_on;
         let more = &mut self.lost_on_more;
         let forget = self.tracks.values().map(HashMap::len).sum::<usize>() > KEEP_TRACKS;
+        let mut open_gaps = 0;
         self.tracks.retain(|_, channels| {
             channels.retain(|channel, track| {
                 let settled = settle(track, now, window);
@@ -336,10 +352,15 @@ impl SequenceTracker {
                     note_lost_on(lost_on, more, channel);
                 }
                 lost = lost.saturating_add(settled);
-                !forget || now.duration_since(track.last_seen) < TRACK_IDLE
+                let keep = !forget || now.duration_since(track.last_seen) < TRACK_IDLE;
+                if keep && track.gap_since.is_some() {
+                    open_gaps += 1;
+                }
+                keep
             });
             !channels.is_empty()
         });
+        self.open_gaps = open_gaps;
         lost
     }
 
@@ -368,6 +389,8 @@ impl SequenceTracker {
                 lost = lost.saturating_add(settled);
             }
         }
+        // A window of zero settles every gap.
+        self.open_gaps = 0;
         lost
     }
 }
@@ -679,6 +702,42 @@ mod tests {
         };
         assert_eq!(gaps().finish(now), u64::MAX);
         assert_eq!(gaps().sweep(now + Duration::from_secs(1)), u64::MAX);
+    }
+
+    /// Whether a gap is open decides whether a waiting subscriber arms a timer to sweep: it must say
+    /// yes from the first gap to the last one closed, however they close (the missing message
+    /// arriving, a sweep settling it as lost, the end).
+    #[test]
+    fn open_gaps_are_known_until_each_is_closed() {
+        let window = Duration::from_secs(1);
+        let mut tracker = SequenceTracker::new(window);
+        let now = Instant::now();
+        tracker.observe("c", &header("p", 1), now);
+        tracker.observe("c", &header("p", 2), now);
+        assert!(!tracker.has_open_gaps(), "in order");
+        tracker.observe("c", &header("p", 4), now);
+        tracker.observe("d", &header("p", 1), now);
+        tracker.observe("d", &header("p", 3), now);
+        assert!(tracker.has_open_gaps(), "3 and 2 missing");
+        tracker.observe("c", &header("p", 3), now);
+        assert!(tracker.has_open_gaps(), "2 still missing on d");
+        assert_eq!(tracker.sweep(now), 0, "within the window");
+        assert!(
+            tracker.has_open_gaps(),
+            "a sweep within the window leaves it open"
+        );
+        tracker.observe("d", &header("q", 1), now);
+        tracker.observe("d", &header("q", 5), now);
+        assert_eq!(
+            tracker.sweep(now + window),
+            4,
+            "2 on d from p, 2 to 4 from q"
+        );
+        assert!(!tracker.has_open_gaps(), "settled by the sweep");
+        tracker.observe("c", &header("p", 7), now + window);
+        assert!(tracker.has_open_gaps(), "5 and 6 missing");
+        assert_eq!(tracker.finish(now + window), 2);
+        assert!(!tracker.has_open_gaps(), "settled by the end");
     }
 
     #[test]

@@ -1302,6 +1302,7 @@ async fn run<A: Agent>(
     mut subscription: Subscription,
     phase: watch::Receiver<Phase>,
 ) -> ShutdownReport {
+    let _panic = EndedByPanic(shared.clone());
     let report = if shared.options.concurrency <= 1 {
         let mut report = ShutdownReport::default();
         shared.serve(&mut subscription, phase, &mut report).await;
@@ -1314,6 +1315,28 @@ async fn run<A: Agent>(
         log_ended_on_its_own(A::NAME, shared.bus.router().clone());
     }
     report
+}
+
+/// Marks an agent whose task panicked (outside the guards around its handlers: the user's logging
+/// layer, a backend's settlement) as ended on its own, as a failed worker marks it: with one worker,
+/// whose loop is the agent's task, or a panic in the loop handing deliveries to the workers, health
+/// said Healthy until the agent was stopped, and nothing said it no longer received.
+struct EndedByPanic<A: Agent>(Arc<AgentShared<A>>);
+
+impl<A: Agent> Drop for EndedByPanic<A> {
+    fn drop(&mut self) {
+        let stats = &self.0.stats;
+        if std::thread::panicking() && stats.state.load(Ordering::Acquire) == STATE_RUNNING {
+            stats.ended_on_its_own.store(true, Ordering::Release);
+            // Logged at once, without the router's health (which the line of a subscription that
+            // ended waits for on a task of its own); the panic hook has reported the panic itself.
+            tracing::error!(
+                agent = A::NAME,
+                "the agent's task panicked outside its handlers; the agent no longer receives \
+                 (what its subscription held goes back to the backend as its drop hands it back)"
+            );
+        }
+    }
 }
 
 /// How long the line saying an agent's subscription ended waits for the router's health, which

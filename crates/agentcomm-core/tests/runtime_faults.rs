@@ -1335,12 +1335,11 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PanicsOnFirstRecei
     }
 }
 
-/// An agent with several workers whose worker task fails stops taking messages, gives back what it
-/// buffered, and can be stopped; the next agent of its kind handles its messages. It used to give
-/// its buffered messages back while its subscription was still open: the in-memory router handed
-/// each one straight back to it, and the agent span in that loop for ever, stop or no stop.
-#[test]
-fn an_agent_whose_worker_fails_leaves_its_messages_to_the_next_one() {
+/// Runs an agent spawned with `options` on a runtime of its own whose logging panics at the agent's
+/// first "received" line, with two jobs of one session waiting for it; then stops it and spawns the
+/// next agent of its kind. Returns whether the agent said it no longer receives (before its stop),
+/// and how many jobs it and the next one handled.
+fn an_agent_whose_task_fails(options: AgentOptions) -> (bool, usize, usize) {
     let (finished, outcome) = std::sync::mpsc::channel();
     // A runtime on one thread of its own, where the panicking layer is the default: a loop that never
     // awaits would hold up the whole runtime, so the test watches it from outside.
@@ -1356,14 +1355,11 @@ fn an_agent_whose_worker_fails_leaves_its_messages_to_the_next_one() {
             let runtime = Runtime::new(MemoryRouter::new());
             let first = Arc::new(AtomicUsize::new(0));
             let agent = runtime
-                .spawn_with(
-                    Counter(first.clone()),
-                    AgentOptions::new().concurrency(2).prefetch(8),
-                )
+                .spawn_with(Counter(first.clone()), options)
                 .await
                 .unwrap();
             let client = runtime.publisher::<Client>();
-            // One session: both go to the worker that fails on the first.
+            // One session: with several workers, both go to the worker that fails on the first.
             for id in 0..2 {
                 client.publish("s1", Job { id }).await.unwrap();
             }
@@ -1391,9 +1387,19 @@ fn an_agent_whose_worker_fails_leaves_its_messages_to_the_next_one() {
         });
         let _ = finished.send(result);
     });
-    let (ended, first, next) = outcome
+    outcome
         .recv_timeout(Duration::from_secs(30))
-        .expect("the agent whose worker failed stopped, and the next one ran");
+        .expect("the agent whose task failed stopped, and the next one ran")
+}
+
+/// An agent with several workers whose worker task fails stops taking messages, gives back what it
+/// buffered, and can be stopped; the next agent of its kind handles its messages. It used to give
+/// its buffered messages back while its subscription was still open: the in-memory router handed
+/// each one straight back to it, and the agent span in that loop for ever, stop or no stop.
+#[test]
+fn an_agent_whose_worker_fails_leaves_its_messages_to_the_next_one() {
+    let (ended, first, next) =
+        an_agent_whose_task_fails(AgentOptions::new().concurrency(2).prefetch(8));
     assert!(
         ended,
         "the agent whose worker failed says it no longer receives"
@@ -1402,5 +1408,22 @@ fn an_agent_whose_worker_fails_leaves_its_messages_to_the_next_one() {
         (first, next),
         (0, 2),
         "jobs handled by the agent whose worker failed, and by the next one"
+    );
+}
+
+/// The same with one worker, whose loop is the agent's task itself: a panic there ended the task,
+/// and the agent's health said Healthy until it was stopped (nothing was logged either), although
+/// it no longer received anything.
+#[test]
+fn an_agent_whose_only_task_fails_says_it_no_longer_receives() {
+    let (ended, first, next) = an_agent_whose_task_fails(AgentOptions::new().concurrency(1));
+    assert!(
+        ended,
+        "the agent whose task failed says it no longer receives"
+    );
+    assert_eq!(
+        (first, next),
+        (0, 2),
+        "jobs handled by the agent whose task failed, and by the next one"
     );
 }

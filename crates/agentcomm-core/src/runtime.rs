@@ -1328,13 +1328,19 @@ impl<A: Agent> Drop for EndedByPanic<A> {
         let stats = &self.0.stats;
         if std::thread::panicking() && stats.state.load(Ordering::Acquire) == STATE_RUNNING {
             stats.ended_on_its_own.store(true, Ordering::Release);
-            // Logged at once, without the router's health (which the line of a subscription that
-            // ended waits for on a task of its own); the panic hook has reported the panic itself.
-            tracing::error!(
-                agent = A::NAME,
-                "the agent's task panicked outside its handlers; the agent no longer receives \
-                 (what its subscription held goes back to the backend as its drop hands it back)"
-            );
+            // Logged from a task of its own, not here: this runs while the panic unwinds, and a
+            // second panic now (the user's logging layer may be what panicked) would abort the
+            // process. The panic hook has reported the panic itself.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async {
+                    tracing::error!(
+                        agent = A::NAME,
+                        "the agent's task panicked outside its handlers; the agent no longer \
+                         receives (what its subscription held goes back to the backend as its drop \
+                         hands it back)"
+                    );
+                });
+            }
         }
     }
 }

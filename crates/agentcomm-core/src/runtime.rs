@@ -1451,7 +1451,9 @@ async fn run_workers<A: Agent>(
         }));
     }
     let mut report = ShutdownReport::default();
-    let mut worker_failed = false;
+    // The delivery whose worker was found gone: it goes back after the subscription is closed, or a
+    // backend that hands it straight back would have it read and given back a second time.
+    let mut worker_failed: Option<Delivery> = None;
     let deadline = deadline_passed(phase);
     tokio::pin!(deadline);
     while let Some(delivery) = next_before_deadline(subscription, deadline.as_mut()).await {
@@ -1474,14 +1476,12 @@ async fn run_workers<A: Agent>(
             room.send(delivery);
         } else {
             // The worker is gone (its task failed): the delivery goes back to the backend unhandled.
-            delivery.give_back();
-            report.requeued += 1;
             tracing::error!(
                 agent = A::NAME,
                 worker,
                 "an agent worker stopped unexpectedly; the agent stops taking messages"
             );
-            worker_failed = true;
+            worker_failed = Some(delivery);
             break;
         }
     }
@@ -1489,8 +1489,15 @@ async fn run_workers<A: Agent>(
     // that hands a delivery given back to the same subscription again while it is open (the
     // in-memory router, Redis pub/sub) would feed the loop below for ever: closed first, as a stop
     // does, or left to drop what it holds if it cannot be.
-    if !worker_failed || close_after_worker_failure::<A>(subscription).await {
-        report.requeued += subscription.give_back_buffered();
+    match worker_failed {
+        None => report.requeued += subscription.give_back_buffered(),
+        Some(delivery) => {
+            if close_after_worker_failure::<A>(subscription).await {
+                report.requeued += subscription.give_back_buffered();
+            }
+            delivery.give_back();
+            report.requeued += 1;
+        }
     }
     drop(senders);
     for task in tasks {

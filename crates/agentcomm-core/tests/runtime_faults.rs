@@ -1312,47 +1312,104 @@ async fn a_monitor_group_keeps_inbox_replies_while_its_reader_restarts() {
     assert!(seen[1].starts_with("Answer:reply:"), "{seen:?}");
 }
 
-/// A layer of the user's logging that panics at the first "received" line it sees: the one way a test
-/// can make an agent's worker task fail outside the guards around its handlers (a backend whose
-/// acknowledgement panics is another).
-struct PanicsOnFirstReceived(std::sync::atomic::AtomicBool);
+/// A delivery whose first acknowledgement (of all those `armed` is shared by) panics: a backend's
+/// bug, and a way for a test to make an agent's task fail outside the guards around its handlers.
+struct PanicsOnFirstAck {
+    inner: std::sync::Mutex<Option<agentcomm_core::router::Delivery>>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PanicsOnFirstReceived {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        struct Message(bool);
-        impl tracing::field::Visit for Message {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                if field.name() == "message" && format!("{value:?}") == "received" {
-                    self.0 = true;
-                }
-            }
-        }
-        let mut message = Message(false);
-        event.record(&mut message);
-        if message.0 && !self.0.swap(true, Ordering::SeqCst) {
-            panic!("a logging layer panicked");
-        }
+impl PanicsOnFirstAck {
+    fn take(&self) -> agentcomm_core::router::Delivery {
+        self.inner.lock().unwrap().take().expect("settled once")
     }
 }
 
-/// Runs an agent spawned with `options` on a runtime of its own whose logging panics at the agent's
-/// first "received" line, with two jobs of one session waiting for it; then stops it and spawns the
-/// next agent of its kind. Returns whether the agent said it no longer receives (before its stop),
-/// and how many jobs it and the next one handled.
-fn an_agent_whose_task_fails(options: AgentOptions) -> (bool, usize, usize) {
+impl agentcomm_core::router::Acknowledge for PanicsOnFirstAck {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        // Dropped unsettled as the panic unwinds: the in-memory router puts it back.
+        let inner = self.take();
+        if self.armed.swap(false, Ordering::SeqCst) {
+            panic!("the backend's acknowledgement panicked");
+        }
+        Box::pin(inner.ack())
+    }
+    fn nack(
+        self: Box<Self>,
+        _: Envelope,
+        action: agentcomm_core::router::NackAction,
+    ) -> BoxFuture<'static, Result<()>> {
+        Box::pin(self.take().nack(action))
+    }
+    fn abandon(self: Box<Self>, _: Envelope) {
+        drop(self.take());
+    }
+    fn give_back(self: Box<Self>, _: Envelope) {
+        self.take().give_back();
+    }
+}
+
+/// A memory router whose first acknowledgement panics. Its subscriptions are the memory router's,
+/// read where the subscriber polls (no task in between), so that a delivery given back to an open
+/// one is there to be read again at once, as on the memory router itself.
+struct AckPanics {
+    inner: MemoryRouter,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Router for AckPanics {
+    fn backend(&self) -> &str {
+        "ack-panics"
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn publish(&self, envelope: Envelope) -> BoxFuture<'_, Result<PublishOutcome>> {
+        self.inner.publish(envelope)
+    }
+    fn subscribe(&self, options: SubscribeOptions) -> BoxFuture<'_, Result<Subscription>> {
+        Box::pin(async move {
+            let inner = self.inner.subscribe(options.clone()).await?;
+            let control = Arc::new(Closes(inner.closer()));
+            let armed = self.armed.clone();
+            let deliveries = futures::StreamExt::map(inner, move |delivery| {
+                let envelope = delivery.envelope().clone();
+                let wrapped = PanicsOnFirstAck {
+                    inner: std::sync::Mutex::new(Some(delivery)),
+                    armed: armed.clone(),
+                };
+                agentcomm_core::router::Delivery::new(envelope, Box::new(wrapped))
+            });
+            Ok(Subscription::from_stream(deliveries, control, &options))
+        })
+    }
+    fn health(&self) -> BoxFuture<'_, Health> {
+        self.inner.health()
+    }
+    fn close(&self) -> BoxFuture<'_, Result<()>> {
+        self.inner.close()
+    }
+}
+
+/// Runs an agent spawned with `options` on a router whose first acknowledgement panics (the agent's
+/// first job's, after its handler ran), with two jobs of one session waiting for it; then stops it
+/// and spawns the next agent of its kind. Returns whether the agent said it no longer receives (before its stop),
+/// how many jobs it and the next one handled, and how many deliveries its stop report says it gave
+/// back unhandled.
+fn an_agent_whose_task_fails(options: AgentOptions, next_gets: usize) -> (bool, usize, usize, u64) {
     let (finished, outcome) = std::sync::mpsc::channel();
-    // A runtime on one thread of its own, where the panicking layer is the default: a loop that never
-    // awaits would hold up the whole runtime, so the test watches it from outside.
+    // A runtime on one thread of its own: a loop that never awaits would hold up the whole runtime,
+    // so the test watches it from outside.
     std::thread::spawn(move || {
-        use tracing_subscriber::layer::SubscriberExt;
-        let layer = PanicsOnFirstReceived(std::sync::atomic::AtomicBool::new(false));
-        let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
         let tokio = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let result = tokio.block_on(async {
-            let runtime = Runtime::new(MemoryRouter::new());
+            let runtime = Runtime::new(AckPanics {
+                inner: MemoryRouter::new(),
+                armed: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            });
             let first = Arc::new(AtomicUsize::new(0));
             let agent = runtime
                 .spawn_with(Counter(first.clone()), options)
@@ -1370,11 +1427,11 @@ fn an_agent_whose_task_fails(options: AgentOptions) -> (bool, usize, usize) {
             })
             .await
             .is_ok();
-            agent.stop(Duration::from_secs(1)).await;
+            let report = agent.stop(Duration::from_secs(1)).await;
             let next = Arc::new(AtomicUsize::new(0));
             runtime.spawn(Counter(next.clone())).await.unwrap();
             let _ = timeout(WAIT, async {
-                while next.load(Ordering::SeqCst) < 2 {
+                while next.load(Ordering::SeqCst) < next_gets {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             })
@@ -1383,6 +1440,7 @@ fn an_agent_whose_task_fails(options: AgentOptions) -> (bool, usize, usize) {
                 ended,
                 first.load(Ordering::SeqCst),
                 next.load(Ordering::SeqCst),
+                report.requeued,
             )
         });
         let _ = finished.send(result);
@@ -1398,16 +1456,17 @@ fn an_agent_whose_task_fails(options: AgentOptions) -> (bool, usize, usize) {
 /// each one straight back to it, and the agent span in that loop for ever, stop or no stop.
 #[test]
 fn an_agent_whose_worker_fails_leaves_its_messages_to_the_next_one() {
-    let (ended, first, next) =
-        an_agent_whose_task_fails(AgentOptions::new().concurrency(2).prefetch(8));
+    let (ended, first, next, _) =
+        an_agent_whose_task_fails(AgentOptions::new().concurrency(2).prefetch(8), 2);
     assert!(
         ended,
         "the agent whose worker failed says it no longer receives"
     );
     assert_eq!(
         (first, next),
-        (0, 2),
-        "jobs handled by the agent whose worker failed, and by the next one"
+        (1, 2),
+        "jobs handled by the agent whose worker failed (job 0, not acknowledged), and by the next \
+         one (job 0 again and job 1)"
     );
 }
 
@@ -1416,14 +1475,35 @@ fn an_agent_whose_worker_fails_leaves_its_messages_to_the_next_one() {
 /// it no longer received anything.
 #[test]
 fn an_agent_whose_only_task_fails_says_it_no_longer_receives() {
-    let (ended, first, next) = an_agent_whose_task_fails(AgentOptions::new().concurrency(1));
+    let (ended, first, next, _) = an_agent_whose_task_fails(AgentOptions::new().concurrency(1), 2);
     assert!(
         ended,
         "the agent whose task failed says it no longer receives"
     );
     assert_eq!(
         (first, next),
-        (0, 2),
-        "jobs handled by the agent whose task failed, and by the next one"
+        (1, 2),
+        "jobs handled by the agent whose task failed (job 0, not acknowledged), and by the next one \
+         (job 0 again and job 1)"
+    );
+}
+
+/// A fan-out agent whose worker fails gives each delivery it still held back once. The one it was
+/// handing to the gone worker went back before the subscription was closed: the in-memory router
+/// handed it straight back, and it was given back (and counted) a second time. Here job 1 waited in
+/// the failed worker's queue and came back; job 0, whose acknowledgement panicked, came back too.
+#[test]
+fn a_fan_out_agent_whose_worker_fails_gives_each_delivery_back_once() {
+    let (ended, first, next, requeued) =
+        an_agent_whose_task_fails(AgentOptions::new().concurrency(2).prefetch(8).fan_out(), 0);
+    assert!(
+        ended,
+        "the agent whose worker failed says it no longer receives"
+    );
+    // A fan-out subscription's messages go with it: the next agent has none of them.
+    assert_eq!((first, next), (1, 0), "jobs handled");
+    assert_eq!(
+        requeued, 2,
+        "deliveries given back unhandled, for 2 messages"
     );
 }

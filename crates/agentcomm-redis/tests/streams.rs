@@ -1629,9 +1629,9 @@ async fn entries_given_back_unhandled_from_a_stopping_members_buffer_count_no_at
 }
 
 /// Publishes one delivery on `wanted` and then calls `add_more`, which adds `more` entries behind it that
-/// the member must wait for Redis over (each raising the health counter `counter` once done); with every
-/// command of the member taking at least 50 ms, checks that the delivery was handed to the subscription
-/// before the first of those waits ended and before the last one began.
+/// the member must wait for Redis over (each raising the health counter `counter` when the member comes
+/// to it, before its wait); with every command of the member taking at least 50 ms, checks that the
+/// delivery was in the subscription's buffer once the first of them was counted, and before the last.
 async fn delivery_is_handed_over_before_the_waits_of_entries_read_with_it(
     pattern: &str,
     wanted: &str,

@@ -5,6 +5,8 @@
 //!
 //! The unreachable URLs need no Redis (port 1 refuses at once). The accepted ones use a
 //! `redis-server` the test starts with that password (skipped without the binary).
+//!
+//! A test binary of its own (not in `tests/integration`): it installs a process-wide `log` bridge.
 
 mod common;
 

@@ -1,15 +1,13 @@
 //! Streams mode against a real Redis (REDIS_URL, default redis://127.0.0.1:6379).
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::common::*;
 use agentcomm_core::envelope::{Envelope, MALFORMED_CLASS, headers};
 use agentcomm_core::prelude::*;
 use agentcomm_core::router::{HealthStatus, NackAction, PublishOutcome, SubscribeOptions};
 use agentcomm_redis::{DeliveryMode, RedisRouter};
-use common::*;
 use fred::prelude::{ClientLike, HashesInterface, LuaInterface, StreamsInterface};
 use fred::types::Value;
 

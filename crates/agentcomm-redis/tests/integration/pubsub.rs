@@ -1,14 +1,12 @@
 //! Pub/sub mode against a real Redis (REDIS_URL, default redis://127.0.0.1:6379).
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use agentcomm_core::envelope::{Envelope, headers};
 use agentcomm_core::prelude::*;
 use agentcomm_core::router::{NackAction, PublishOutcome, SubscribeOptions};
 use agentcomm_redis::{DeliveryMode, RedisRouter};
-use common::*;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -2005,7 +2003,7 @@ async fn the_wire_format_example_frame_published_where_the_doc_says_reaches_a_su
     if !redis_available().await {
         return;
     }
-    const DOC: &str = include_str!("../../../docs/wire-format.md");
+    const DOC: &str = include_str!("../../../../docs/wire-format.md");
     const SESSION: &str = "session456";
     let key = DOC
         .split_once("redis.publish(\"")

@@ -1,13 +1,11 @@
 //! A Redis runtime shut down from a thread outside Tokio after the Tokio runtime its agents ran on
 //! ended: the shutdown closes the router in place, on a Tokio runtime of its own.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use agentcomm_core::prelude::*;
 use agentcomm_redis::DeliveryMode;
-use common::*;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Message)]
 struct Tick {

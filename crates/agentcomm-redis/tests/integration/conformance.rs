@@ -2,7 +2,7 @@
 //! redis://127.0.0.1:6379), and again on a three-node Redis Cluster this binary starts on loopback
 //! (`common::servers`). Each mode declares exactly what its router claims.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, OnceLock};

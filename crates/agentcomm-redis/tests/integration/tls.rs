@@ -5,13 +5,11 @@
 //! Needs the `redis-server` binary (Debian's redis-server is built with TLS). Without it the tests print
 //! one `skipped:` line and pass, unless AGENTCOMM_REQUIRE_BROKERS=1.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use agentcomm_core::prelude::*;
 use agentcomm_redis::RedisRouter;
-use common::*;
 
 /// A TLS Redis of the test's own, or `None` (with the `skipped:` line) when none can be started.
 fn tls_redis() -> Option<servers::TlsRedis> {

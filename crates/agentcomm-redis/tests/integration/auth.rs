@@ -5,12 +5,10 @@
 //! Needs the `redis-server` binary. Without it the test prints one `skipped:` line and passes, unless
 //! AGENTCOMM_REQUIRE_BROKERS=1.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use agentcomm_redis::RedisRouter;
-use common::*;
 
 const PASSWORD: &str = "auth-test-secret";
 

@@ -2,18 +2,16 @@
 //!
 //! The sizes scale with AGENTCOMM_SOAK (10,000 messages and 5 cuts at factor 1).
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use agentcomm_core::envelope::Envelope;
 use agentcomm_core::prelude::*;
 use agentcomm_core::router::SubscribeOptions;
 use agentcomm_redis::{DeliveryMode, RedisRouter};
-use common::*;
 use futures::StreamExt;
 
 const CUTS: u64 = 5;

@@ -4,12 +4,10 @@
 //! Needs the `redis-server` and `redis-cli` binaries; without them the test prints one `skipped:` line
 //! and passes, unless AGENTCOMM_REQUIRE_BROKERS=1.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use agentcomm_redis::RedisRouter;
-use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_url_finds_the_primary_and_carries_messages_in_both_modes() {

@@ -5,6 +5,10 @@
 //!
 //! The unreachable URLs need no broker (port 1 refuses at once); the refused login uses the shared
 //! RabbitMQ (a wrong password for `guest`), skipped when it is not there.
+//!
+//! A test binary of its own (not in `tests/integration`): it asserts on lines captured by a subscriber
+//! of its own thread, and tracing caches each log line's interest process-wide, so a test without a
+//! subscriber that reaches the same line first can make it never fire (tokio-rs/tracing#3611).
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Reconnection through the testkit's fault proxy: cuts, refusals and a black hole between the router
 //! and RabbitMQ. Scenario sizes scale with AGENTCOMM_SOAK (a factor, default 1).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +18,7 @@ use agentcomm_core::{ChannelPattern, Error, parse_channel};
 use agentcomm_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
 
-use common::{
+use crate::common::{
     Cleanup, Logs, Raw, broker_address, broker_available, builder, unique, wait_until, within,
 };
 

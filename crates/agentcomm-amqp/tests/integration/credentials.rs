@@ -2,7 +2,7 @@
 //! cut logs in with whatever the provider gives at that attempt. Needs `rabbitmqctl` on the
 //! broker's machine to make a throwaway user (skips without it, unless AGENTCOMM_REQUIRE_BROKERS=1).
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use agentcomm_core::router::{PublishOutcome, Router, SubscribeOptions, Subscript
 use agentcomm_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
 
-use common::{
+use crate::common::{
     Cleanup, Logs, ThrowawayUser, broker_address, broker_available, unique, wait_until, within,
 };
 

@@ -1,6 +1,6 @@
 //! The RabbitMQ router against a real broker (RABBITMQ_URL): what a user checks.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use agentcomm_core::router::{
 };
 use agentcomm_core::{ChannelPattern, Error, parse_channel};
 
-use common::{Cleanup, Logs, Raw, STEP, broker_available, builder, unique, within};
+use crate::common::{Cleanup, Logs, Raw, STEP, broker_available, builder, unique, within};
 
 fn envelope(channel: &str, n: u32) -> Envelope {
     Envelope::new(

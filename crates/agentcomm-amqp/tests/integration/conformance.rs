@@ -1,7 +1,7 @@
 //! The testkit's conformance suite against a real RabbitMQ (RABBITMQ_URL, default
 //! amqp://guest:guest@127.0.0.1:5672/%2f), with the capabilities the router declares.
 
-mod common;
+use crate::common;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};

@@ -4,8 +4,6 @@
 //! RabbitMQ (a wrong password for guest, a virtual host that does not exist: nothing is changed on
 //! the broker); the wrong ports are listeners of the test's own on loopback.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,7 +17,7 @@ use agentcomm_testkit::proxy::FaultProxy;
 use amqprs::channel::{ExchangeDeclareArguments, ExchangeDeleteArguments};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{
+use crate::common::{
     Cleanup, Raw, ThrowawayUser, after_protocol_header, broker_address, broker_available,
     connection_start, method_frame, unique, wait_until, within,
 };

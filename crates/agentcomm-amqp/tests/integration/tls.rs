@@ -2,15 +2,13 @@
 //! for the test) in front of the real RabbitMQ (RABBITMQ_URL), so the client's TLS handshake, certificate
 //! check and AMQP over TLS are all real; the shared broker keeps its configuration.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use agentcomm_amqp::AmqpRouter;
 use agentcomm_core::envelope::Envelope;
 use agentcomm_core::prelude::*;
 use agentcomm_core::router::{PublishOutcome, SubscribeOptions};
-use common::*;
 
 /// A TLS listener on 127.0.0.1 that forwards what it decrypts to the broker; stops when dropped.
 struct TlsTerminator {

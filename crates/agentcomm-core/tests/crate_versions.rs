@@ -3,6 +3,8 @@
 //! one module path (`orders`) and here the same line and column. `#[agent(...)]` refuses an agent that
 //! receives one and sends the other (it would receive its own output) by comparing where the derive
 //! met each type, so the two must differ there.
+//!
+//! A test binary of its own (not in `tests/integration`): the published crate leaves it out (`exclude`).
 
 use agentcomm_core::Message;
 

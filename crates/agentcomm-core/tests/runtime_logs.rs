@@ -1,5 +1,10 @@
 //! The runtime logs publish, receive, retry and dead-letter as JSON Lines carrying the message id,
 //! class, session and agent.
+//!
+//! A test binary of its own (not in `tests/integration`): it asserts on lines captured by a subscriber
+//! of its own thread, and tracing caches each log line's interest process-wide, so a test without a
+//! subscriber that reaches the same line first (any runtime test) can make it never fire
+//! (tokio-rs/tracing#3611).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

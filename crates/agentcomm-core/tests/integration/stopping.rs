@@ -11,8 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-mod common;
-use common::{Client, Job, Worker, busy_worker};
+use crate::common::{Client, Job, Worker, busy_worker};
 
 async fn wait_for(what: &str, condition: impl Fn() -> bool) {
     let waited = timeout(Duration::from_secs(10), async {

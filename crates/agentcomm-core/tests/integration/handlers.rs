@@ -42,9 +42,13 @@ mod agents {
     use agentcomm_core::prelude::agent;
     use tokio::sync::mpsc;
 
-    use crate::msgs::Moved as Relocated;
+    use crate::handlers::msgs::Moved as Relocated;
 
-    #[agent(receives = [crate::msgs::Joined, crate::msgs::nested::Left, Relocated])]
+    #[agent(receives = [
+        crate::handlers::msgs::Joined,
+        crate::handlers::msgs::nested::Left,
+        Relocated
+    ])]
     pub struct Lobby {
         pub seen: mpsc::UnboundedSender<String>,
     }
@@ -53,8 +57,8 @@ mod agents {
 mod handlers {
     use agentcomm_core::prelude::{Context, Handle, HandlerResult};
 
-    use crate::agents::Lobby;
-    use crate::msgs::{self, nested::Left};
+    use crate::handlers::agents::Lobby;
+    use crate::handlers::msgs::{self, nested::Left};
 
     type MovedAlias = msgs::Moved;
 
@@ -72,7 +76,7 @@ mod handlers {
         }
     }
 
-    impl Handle<MovedAlias> for crate::agents::Lobby {
+    impl Handle<MovedAlias> for crate::handlers::agents::Lobby {
         async fn handle(&self, moved: MovedAlias, _ctx: &Context<Self>) -> HandlerResult {
             let _ = self.seen.send(format!("moved {}", moved.player));
             Ok(())

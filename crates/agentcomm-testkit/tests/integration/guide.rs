@@ -57,13 +57,13 @@ async fn a_payment_is_answered_in_its_session() {
 /// The guide's first Rust block after "## Testing an agent" is the example above, unchanged.
 #[test]
 fn the_guide_shows_this_example() {
-    let example = example_of(include_str!("../../../docs/testing.md"));
+    let example = example_of(include_str!("../../../../docs/testing.md"));
     assert!(
         include_str!("guide.rs")
             .replace("\r\n", "\n")
             .contains(&example),
         "the example under \"Testing an agent\" in docs/testing.md is no longer the one in \
-         tests/guide.rs: copy it here, so that it runs\n{example}"
+         tests/integration/guide.rs: copy it here, so that it runs\n{example}"
     );
 }
 
@@ -89,6 +89,6 @@ fn example_of(guide: &str) -> String {
 /// check compared bytes, and failed there though nothing had changed.
 #[test]
 fn the_example_is_found_with_crlf_line_ends() {
-    let guide = include_str!("../../../docs/testing.md");
+    let guide = include_str!("../../../../docs/testing.md");
     assert_eq!(example_of(&guide.replace('\n', "\r\n")), example_of(guide));
 }

@@ -33,8 +33,8 @@ pub use harness::{DeadLetter, Expectation, ExpectationFailed, Received, TestHarn
 
 /// `docs/testing.md`, whose Rust examples compile (and run, where they do not need a broker) as
 /// doctests of this crate, so that the guide cannot drift from the API. Its first example is a
-/// `#[tokio::test]`, which a doctest never calls: `tests/guide.rs` runs it, and checks that it is
-/// still the guide's.
+/// `#[tokio::test]`, which a doctest never calls: `tests/integration/guide.rs` runs it, and checks
+/// that it is still the guide's.
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/testing.md")]
 pub struct TestingGuide;

@@ -325,7 +325,7 @@ impl SequenceTracker {
         let lost = settle(track, now, self.window);
         match (was_open, track.gap_since.is_some()) {
             (false, true) => self.open_gaps += 1,
-            (true, false) => self.open_gaps -= 1,
+            (true, false) => self.open_gaps = self.open_gaps.saturating_sub(1),
             _ => {}
         }
         (verdict, lost)

@@ -974,6 +974,18 @@ struct AgentStats {
     ended_on_its_own: std::sync::atomic::AtomicBool,
 }
 
+impl AgentStats {
+    /// Marks an agent that nobody is stopping as ended on its own (its subscription ended, or its task
+    /// failed); returns whether it did.
+    fn mark_ended_on_its_own(&self) -> bool {
+        if self.state.load(Ordering::Acquire) != STATE_RUNNING {
+            return false;
+        }
+        self.ended_on_its_own.store(true, Ordering::Release);
+        true
+    }
+}
+
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
@@ -1310,8 +1322,7 @@ async fn run<A: Agent>(
     } else {
         run_workers(shared.clone(), &mut subscription, phase).await
     };
-    if shared.stats.state.load(Ordering::Acquire) == STATE_RUNNING {
-        shared.stats.ended_on_its_own.store(true, Ordering::Release);
+    if shared.stats.mark_ended_on_its_own() {
         log_ended_on_its_own(A::NAME, shared.bus.router().clone());
     }
     report
@@ -1325,9 +1336,7 @@ struct EndedByPanic<A: Agent>(Arc<AgentShared<A>>);
 
 impl<A: Agent> Drop for EndedByPanic<A> {
     fn drop(&mut self) {
-        let stats = &self.0.stats;
-        if std::thread::panicking() && stats.state.load(Ordering::Acquire) == STATE_RUNNING {
-            stats.ended_on_its_own.store(true, Ordering::Release);
+        if std::thread::panicking() && self.0.stats.mark_ended_on_its_own() {
             // Logged from a task of its own, not here: this runs while the panic unwinds, and a
             // second panic now (the user's logging layer may be what panicked) would abort the
             // process. The panic hook has reported the panic itself.
